@@ -1,0 +1,126 @@
+//! The HTTP API's routes and responses, without I/O.
+//!
+//! `route` turns a method and path into a [`Route`]; the runtime executes it. Bearer tokens are
+//! compared in constant time; error bodies are JSON `{"error": …}` and never contain a secret.
+
+use hmac::digest::CtOutput;
+use hmac::{Hmac, Mac};
+use percent_encoding::percent_decode_str;
+use serde_json::{json, Value};
+use sha2::Sha256;
+
+use crate::job::JobId;
+use crate::secret::Secret;
+
+/// What a request asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `GET /v1/sources`
+    ListSources,
+    /// `GET /v1/jobs/{id}`
+    Job(JobId),
+    /// `GET /v1/sources/{name}/backups`
+    Backups(String),
+    /// `GET /v1/backups/{key…}`
+    Artifact(String),
+    /// `POST /v1/sources/{name}/exports` (signed webhook)
+    StartExport(String),
+    /// `GET /` or `/healthz`: liveness, no auth.
+    Health,
+    /// Known path, wrong method.
+    MethodNotAllowed(&'static str),
+    /// Nothing here.
+    NotFound,
+}
+
+/// Routes a request.
+pub fn route(method: &str, path: &str) -> Route {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let get = method.eq_ignore_ascii_case("GET") || method.eq_ignore_ascii_case("HEAD");
+    let post = method.eq_ignore_ascii_case("POST");
+    let only = |ok: bool, allowed: &'static str, r: Route| if ok { r } else { Route::MethodNotAllowed(allowed) };
+    match segments.as_slice() {
+        [""] | ["healthz"] => only(get, "GET", Route::Health),
+        ["v1", "sources"] => only(get, "GET", Route::ListSources),
+        ["v1", "jobs", id] => match JobId::parse(id) {
+            Some(id) => only(get, "GET", Route::Job(id)),
+            None => Route::NotFound,
+        },
+        ["v1", "sources", name, "backups"] => only(get, "GET", Route::Backups(decode(name))),
+        ["v1", "sources", name, "exports"] => only(post, "POST", Route::StartExport(decode(name))),
+        ["v1", "backups", rest @ ..] if !rest.is_empty() && rest.iter().all(|s| !s.is_empty()) => {
+            let key = rest.iter().map(|s| decode(s)).collect::<Vec<_>>().join("/");
+            if key.split('/').any(|s| s == ".." || s == ".") {
+                Route::NotFound
+            } else {
+                only(get, "GET", Route::Artifact(key))
+            }
+        }
+        _ => Route::NotFound,
+    }
+}
+
+fn decode(segment: &str) -> String {
+    percent_decode_str(segment).decode_utf8_lossy().into_owned()
+}
+
+/// Checks `Authorization: Bearer <token>` against the configured token in constant time.
+pub fn bearer_ok(header: Option<&str>, token: &Secret) -> bool {
+    if token.is_empty() {
+        return false;
+    }
+    let Some(presented) = header.and_then(|h| h.strip_prefix("Bearer ")).map(str::trim) else { return false };
+    // Compare MACs of both values under a fixed key: equal-length outputs, constant-time equality.
+    digest(presented) == digest(token.expose())
+}
+
+fn digest(value: &str) -> Option<CtOutput<Hmac<Sha256>>> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(b"ferry-bearer-compare").ok()?;
+    mac.update(value.as_bytes());
+    Some(mac.finalize())
+}
+
+/// A JSON error body.
+pub fn error_body(message: &str) -> Value {
+    json!({ "error": message })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_the_documented_api() {
+        assert_eq!(route("GET", "/v1/sources"), Route::ListSources);
+        assert_eq!(route("GET", "/v1/jobs/0123456789abcdef"), Route::Job(JobId::new("0123456789abcdef")));
+        assert_eq!(route("GET", "/v1/jobs/nope"), Route::NotFound);
+        assert_eq!(route("GET", "/v1/sources/app-db/backups"), Route::Backups("app-db".into()));
+        assert_eq!(route("POST", "/v1/sources/app-db/exports"), Route::StartExport("app-db".into()));
+        assert_eq!(
+            route("GET", "/v1/backups/app-db/2026-11-23T101500Z-0123456789abcdef/x%20y.sql"),
+            Route::Artifact("app-db/2026-11-23T101500Z-0123456789abcdef/x y.sql".into())
+        );
+        assert_eq!(route("GET", "/"), Route::Health);
+    }
+
+    #[test]
+    fn wrong_methods_and_unknown_paths_are_refused() {
+        assert_eq!(route("GET", "/v1/sources/app-db/exports"), Route::MethodNotAllowed("POST"));
+        assert_eq!(route("DELETE", "/v1/sources"), Route::MethodNotAllowed("GET"));
+        assert_eq!(route("GET", "/v2/sources"), Route::NotFound);
+        assert_eq!(route("GET", "/v1/backups/"), Route::NotFound);
+        assert_eq!(route("GET", "/v1/backups/a//b"), Route::NotFound);
+        assert_eq!(route("GET", "/v1/backups/a/../b"), Route::NotFound);
+        assert_eq!(route("GET", "/v1/backups/a/%2E%2E/b"), Route::NotFound);
+    }
+
+    #[test]
+    fn bearer_tokens_must_match_exactly() {
+        let token = Secret::new("t0ken");
+        assert!(bearer_ok(Some("Bearer t0ken"), &token));
+        for bad in [None, Some("t0ken"), Some("Bearer t0ke"), Some("Bearer t0ken2"), Some("Bearer "), Some("Basic t0ken")] {
+            assert!(!bearer_ok(bad, &token), "{bad:?}");
+        }
+        assert!(!bearer_ok(Some("Bearer "), &Secret::new("")), "an unset token never matches");
+    }
+}

@@ -1,0 +1,488 @@
+//! Source configuration: what to back up, when, and with which credentials.
+//!
+//! Sources are declared in `wrangler.toml` as the `FERRY_SOURCES` var (an array of tables, or the
+//! same as a JSON string). Parsing is strict: an unknown field, a missing field or a bad value is
+//! an error that names the source and the field, and a Worker with a bad config refuses to run
+//! anything. Secrets are never in the config, only the *names* of the Worker secrets that hold
+//! them.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use url::Url;
+
+use crate::providers::d1::{D1Config, DumpOptions};
+use crate::retry::RetryPolicy;
+use crate::schedule::Schedule;
+
+/// Smallest multipart part R2 accepts (every part but the last).
+pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+/// Largest single request R2 accepts (a put or one part): 5 GiB − 5 MiB.
+pub const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024 - 5 * 1024 * 1024;
+/// Default part size: big enough for few parts, small enough to buffer in a 128 MB isolate.
+pub const DEFAULT_PART_SIZE: u64 = 8 * 1024 * 1024;
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Every declared source, in declaration order.
+    pub sources: Vec<SourceConfig>,
+}
+
+/// One database to back up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceConfig {
+    /// Unique, URL- and key-safe name; the R2 prefix and the Durable Object name.
+    pub name: String,
+    /// When scheduled backups run (UTC).
+    pub schedule: Schedule,
+    /// Size of each multipart part when streaming artifacts into R2.
+    pub part_size: u64,
+    /// How transient failures are retried.
+    pub retry: RetryPolicy,
+    /// How long to wait between status polls of a running export.
+    pub poll_interval: Duration,
+    /// How long an export may run before the job is failed.
+    pub export_timeout: Duration,
+    /// The provider and its settings.
+    pub provider: ProviderConfig,
+}
+
+/// Provider-specific settings, one variant per `kind`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProviderConfig {
+    /// Cloudflare D1 (REST export).
+    D1(D1Config),
+}
+
+impl SourceConfig {
+    /// The `kind` string of this source.
+    pub fn kind(&self) -> &'static str {
+        match self.provider {
+            ProviderConfig::D1(_) => "d1",
+        }
+    }
+
+    /// Names of the Worker secrets this source needs.
+    pub fn secret_names(&self) -> Vec<&str> {
+        match &self.provider {
+            ProviderConfig::D1(d1) => vec![d1.token_secret.as_str()],
+        }
+    }
+}
+
+impl Config {
+    /// The source called `name`.
+    pub fn source(&self, name: &str) -> Option<&SourceConfig> {
+        self.sources.iter().find(|s| s.name == name)
+    }
+
+    /// Parses `FERRY_SOURCES`: an array of source tables, or a JSON string holding one.
+    pub fn from_value(value: &Value) -> Result<Self, ConfigError> {
+        let owned;
+        let value = match value {
+            Value::String(s) => {
+                owned = serde_json::from_str::<Value>(s).map_err(|e| {
+                    ConfigError::top(format!("FERRY_SOURCES is not valid JSON: {e}"))
+                })?;
+                &owned
+            }
+            other => other,
+        };
+        let items = value
+            .as_array()
+            .ok_or_else(|| ConfigError::top("FERRY_SOURCES must be an array of source tables"))?;
+        let mut sources: Vec<SourceConfig> = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let source = parse_source(i, item)?;
+            if sources.iter().any(|s| s.name == source.name) {
+                return Err(ConfigError::field(&source.name, "name", "is used by another source"));
+            }
+            sources.push(source);
+        }
+        Ok(Self { sources })
+    }
+}
+
+/// A configuration problem, naming the source and the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// The source's name (or `#index` when it has none), if the problem is inside one.
+    pub source_name: Option<String>,
+    /// The offending field.
+    pub field: Option<String>,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn top(problem: impl Into<String>) -> Self {
+        Self { source_name: None, field: None, problem: problem.into() }
+    }
+
+    fn field(source: &str, field: &str, problem: impl Into<String>) -> Self {
+        Self { source_name: Some(source.to_string()), field: Some(field.to_string()), problem: problem.into() }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("invalid configuration: ")?;
+        if let Some(s) = &self.source_name {
+            write!(f, "source {s:?}: ")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, "field {field:?} ")?;
+        }
+        f.write_str(&self.problem)
+    }
+}
+
+/// Reads fields of one table, remembering which were used so leftovers can be refused.
+struct Fields<'a> {
+    source: String,
+    prefix: &'static str,
+    map: &'a Map<String, Value>,
+    used: BTreeSet<&'static str>,
+}
+
+impl<'a> Fields<'a> {
+    fn new(source: String, prefix: &'static str, map: &'a Map<String, Value>) -> Self {
+        Self { source, prefix, map, used: BTreeSet::new() }
+    }
+
+    fn path(&self, key: &str) -> String {
+        format!("{}{}", self.prefix, key)
+    }
+
+    fn err(&self, key: &str, problem: impl Into<String>) -> ConfigError {
+        ConfigError::field(&self.source, &self.path(key), problem)
+    }
+
+    fn raw(&mut self, key: &'static str) -> Option<&'a Value> {
+        self.used.insert(key);
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    fn string(&mut self, key: &'static str) -> Result<Option<String>, ConfigError> {
+        match self.raw(key) {
+            None => Ok(None),
+            Some(Value::String(s)) if s.trim().is_empty() => Err(self.err(key, "must not be empty")),
+            Some(Value::String(s)) => Ok(Some(s.trim().to_string())),
+            Some(_) => Err(self.err(key, "must be a string")),
+        }
+    }
+
+    fn required_string(&mut self, key: &'static str) -> Result<String, ConfigError> {
+        self.string(key)?.ok_or_else(|| self.err(key, "is required"))
+    }
+
+    fn bool(&mut self, key: &'static str) -> Result<Option<bool>, ConfigError> {
+        match self.raw(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(self.err(key, "must be true or false")),
+        }
+    }
+
+    fn uint(&mut self, key: &'static str, min: u64, max: u64) -> Result<Option<u64>, ConfigError> {
+        match self.raw(key) {
+            None => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
+                _ => Err(self.err(key, format!("must be a whole number from {min} to {max}"))),
+            },
+        }
+    }
+
+    fn strings(&mut self, key: &'static str) -> Result<Vec<String>, ConfigError> {
+        match self.raw(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| match v.as_str() {
+                    Some(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+                    _ => Err(self.err(key, "must be an array of non-empty strings")),
+                })
+                .collect(),
+            Some(_) => Err(self.err(key, "must be an array of strings")),
+        }
+    }
+
+    fn table(&mut self, key: &'static str) -> Result<Option<&'a Map<String, Value>>, ConfigError> {
+        match self.raw(key) {
+            None => Ok(None),
+            Some(Value::Object(m)) => Ok(Some(m)),
+            Some(_) => Err(self.err(key, "must be a table")),
+        }
+    }
+
+    fn url(&mut self, key: &'static str) -> Result<Option<Url>, ConfigError> {
+        let Some(s) = self.string(key)? else { return Ok(None) };
+        let url = Url::parse(&s).map_err(|e| self.err(key, format!("is not a valid URL ({e})")))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(self.err(key, "must be an http:// or https:// URL"));
+        }
+        Ok(Some(url))
+    }
+
+    /// Fails on any field that no reader asked for.
+    fn finish(self) -> Result<(), ConfigError> {
+        match self.map.keys().find(|k| !self.used.contains(k.as_str())) {
+            Some(k) => Err(self.err(k, "is not a known field")),
+            None => Ok(()),
+        }
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    (1..=63).contains(&bytes.len())
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn valid_secret_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError> {
+    let label = format!("#{}", index + 1);
+    let map = value
+        .as_object()
+        .ok_or_else(|| ConfigError { source_name: Some(label.clone()), field: None, problem: "must be a table".into() })?;
+    let mut f = Fields::new(label, "", map);
+    let name = f.required_string("name")?;
+    if !valid_name(&name) {
+        return Err(f.err("name", "must be 1-63 characters of a-z, 0-9, '-', '_' or '.', starting with a letter or digit"));
+    }
+    f.source = name.clone();
+    let kind = f.required_string("kind")?;
+    let schedule_text = f.required_string("schedule")?;
+    let schedule = Schedule::parse(&schedule_text).map_err(|e| f.err("schedule", format!("is {e}")))?;
+    let part_size_mib = f.uint("part_size_mib", MIN_PART_SIZE >> 20, MAX_PART_SIZE >> 20)?;
+    let part_size = part_size_mib.map_or(DEFAULT_PART_SIZE, |m| m << 20);
+    let poll_interval = Duration::from_millis(f.uint("poll_interval_ms", 100, 600_000)?.unwrap_or(1_000));
+    let export_timeout =
+        Duration::from_secs(60 * f.uint("export_timeout_minutes", 1, 7 * 24 * 60)?.unwrap_or(6 * 60));
+    let retry = match f.table("retry")? {
+        None => RetryPolicy::default(),
+        Some(m) => parse_retry(&f.source, m)?,
+    };
+    let api_base = f.url("api_base")?;
+    let provider = match kind.as_str() {
+        "d1" => ProviderConfig::D1(parse_d1(&mut f, api_base)?),
+        other => return Err(f.err("kind", format!("must be \"d1\" (got {other:?})"))),
+    };
+    f.finish()?;
+    Ok(SourceConfig { name, schedule, part_size, retry, poll_interval, export_timeout, provider })
+}
+
+fn parse_retry(source: &str, map: &Map<String, Value>) -> Result<RetryPolicy, ConfigError> {
+    let mut f = Fields::new(source.to_string(), "retry.", map);
+    let d = RetryPolicy::default();
+    let max_attempts = f.uint("max_attempts", 0, 100)?.map_or(d.max_attempts, |n| n as u32);
+    let base = f.uint("base_ms", 1, 3_600_000)?.map_or(d.base, Duration::from_millis);
+    let max_delay = f.uint("max_delay_ms", 1, 86_400_000)?.map_or(d.max_delay, Duration::from_millis);
+    if max_delay < base {
+        return Err(f.err("max_delay_ms", "must not be smaller than retry.base_ms"));
+    }
+    f.finish()?;
+    Ok(RetryPolicy { max_attempts, base, max_delay })
+}
+
+fn parse_d1(f: &mut Fields<'_>, api_base: Option<Url>) -> Result<D1Config, ConfigError> {
+    let account_id = f.required_string("account_id")?;
+    if account_id.len() > 32 {
+        return Err(f.err("account_id", "must be at most 32 characters"));
+    }
+    let database_id = f.required_string("database_id")?;
+    let token_secret = f.required_string("token_secret")?;
+    if !valid_secret_name(&token_secret) {
+        return Err(f.err("token_secret", "must be the name of a Worker secret (letters, digits, '_'), not the token itself"));
+    }
+    let dump_options = match f.table("dump_options")? {
+        None => DumpOptions::default(),
+        Some(m) => {
+            let mut d = Fields::new(f.source.clone(), "dump_options.", m);
+            let opts = DumpOptions {
+                tables: d.strings("tables")?,
+                no_data: d.bool("no_data")?.unwrap_or(false),
+                no_schema: d.bool("no_schema")?.unwrap_or(false),
+            };
+            if opts.no_data && opts.no_schema {
+                return Err(d.err("no_schema", "cannot be combined with no_data (the dump would be empty)"));
+            }
+            d.finish()?;
+            opts
+        }
+    };
+    let api_base = match api_base {
+        Some(url) => url,
+        None => Url::parse(D1Config::DEFAULT_API_BASE).map_err(|e| f.err("api_base", e.to_string()))?,
+    };
+    Ok(D1Config {
+        api_base,
+        account_id,
+        database_id,
+        token_secret,
+        dump_options,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn d1(extra: Value) -> Value {
+        let mut base = json!({
+            "name": "app-db", "kind": "d1", "schedule": "0 3 * * *",
+            "account_id": "acc", "database_id": "db-uuid", "token_secret": "D1_TOKEN"
+        });
+        if let (Some(b), Some(e)) = (base.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                b.insert(k.clone(), v.clone());
+            }
+        }
+        base
+    }
+
+    fn err(v: Value) -> ConfigError {
+        Config::from_value(&json!([v])).unwrap_err()
+    }
+
+    #[test]
+    fn parses_a_minimal_d1_source_with_defaults() {
+        let c = Config::from_value(&json!([d1(json!({}))])).unwrap();
+        let s = &c.sources[0];
+        assert_eq!(s.name, "app-db");
+        assert_eq!(s.kind(), "d1");
+        assert_eq!(s.schedule.as_str(), "0 3 * * *");
+        assert_eq!(s.part_size, DEFAULT_PART_SIZE);
+        assert_eq!(s.secret_names(), vec!["D1_TOKEN"]);
+        let ProviderConfig::D1(d) = &s.provider;
+        assert_eq!(d.api_base.as_str(), "https://api.cloudflare.com/client/v4");
+        assert_eq!(d.dump_options, DumpOptions::default());
+    }
+
+    #[test]
+    fn accepts_the_config_as_a_json_string() {
+        let text = serde_json::to_string(&json!([d1(json!({}))])).unwrap();
+        assert_eq!(Config::from_value(&Value::String(text)).unwrap().sources.len(), 1);
+        let e = Config::from_value(&Value::String("[{".into())).unwrap_err();
+        assert!(e.to_string().contains("not valid JSON"), "{e}");
+    }
+
+    #[test]
+    fn parses_every_optional_field() {
+        let c = Config::from_value(&json!([d1(json!({
+            "api_base": "http://127.0.0.1:9000/client/v4",
+            "part_size_mib": 5, "poll_interval_ms": 250, "export_timeout_minutes": 10,
+            "retry": {"max_attempts": 3, "base_ms": 10, "max_delay_ms": 100},
+            "dump_options": {"tables": ["users", "orders"], "no_data": true}
+        }))]))
+        .unwrap();
+        let s = &c.sources[0];
+        assert_eq!(s.part_size, 5 * 1024 * 1024);
+        assert_eq!(s.poll_interval, Duration::from_millis(250));
+        assert_eq!(s.export_timeout, Duration::from_secs(600));
+        assert_eq!(s.retry, RetryPolicy { max_attempts: 3, base: Duration::from_millis(10), max_delay: Duration::from_millis(100) });
+        let ProviderConfig::D1(d) = &s.provider;
+        assert_eq!(d.api_base.as_str(), "http://127.0.0.1:9000/client/v4");
+        assert_eq!(d.dump_options.tables, vec!["users", "orders"]);
+        assert!(d.dump_options.no_data && !d.dump_options.no_schema);
+    }
+
+    #[test]
+    fn missing_field_names_source_and_field() {
+        let mut v = d1(json!({}));
+        v.as_object_mut().unwrap().remove("database_id");
+        let e = err(v);
+        assert_eq!(e.source_name.as_deref(), Some("app-db"));
+        assert_eq!(e.field.as_deref(), Some("database_id"));
+        assert_eq!(e.to_string(), "invalid configuration: source \"app-db\": field \"database_id\" is required");
+    }
+
+    #[test]
+    fn bad_schedule_is_named() {
+        let e = err(d1(json!({"schedule": "every night"})));
+        assert_eq!(e.field.as_deref(), Some("schedule"));
+        assert!(e.to_string().contains("5-field cron"), "{e}");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_name() {
+        let e = err(d1(json!({"shedule": "* * * * *"})));
+        assert_eq!(e.field.as_deref(), Some("shedule"));
+        let e = err(d1(json!({"dump_options": {"tabels": ["x"]}})));
+        assert_eq!(e.field.as_deref(), Some("dump_options.tabels"));
+        let e = err(d1(json!({"retry": {"attempts": 1}})));
+        assert_eq!(e.field.as_deref(), Some("retry.attempts"));
+    }
+
+    #[test]
+    fn unknown_kind_is_refused() {
+        let e = err(d1(json!({"kind": "mongo"})));
+        assert_eq!(e.field.as_deref(), Some("kind"));
+    }
+
+    #[test]
+    fn part_size_must_respect_r2_rules() {
+        assert_eq!(err(d1(json!({"part_size_mib": 4}))).field.as_deref(), Some("part_size_mib"));
+        assert_eq!(err(d1(json!({"part_size_mib": 6000}))).field.as_deref(), Some("part_size_mib"));
+        assert_eq!(err(d1(json!({"part_size_mib": "8"}))).field.as_deref(), Some("part_size_mib"));
+    }
+
+    #[test]
+    fn token_secret_must_be_a_secret_name_not_a_token() {
+        let e = err(d1(json!({"token_secret": "Bearer abc.def"})));
+        assert_eq!(e.field.as_deref(), Some("token_secret"));
+    }
+
+    #[test]
+    fn api_base_must_be_http_url() {
+        assert_eq!(err(d1(json!({"api_base": "ftp://x"}))).field.as_deref(), Some("api_base"));
+        assert_eq!(err(d1(json!({"api_base": "not a url"}))).field.as_deref(), Some("api_base"));
+    }
+
+    #[test]
+    fn no_data_with_no_schema_is_refused() {
+        let e = err(d1(json!({"dump_options": {"no_data": true, "no_schema": true}})));
+        assert_eq!(e.field.as_deref(), Some("dump_options.no_schema"));
+    }
+
+    #[test]
+    fn duplicate_and_malformed_names_are_refused() {
+        let e = Config::from_value(&json!([d1(json!({})), d1(json!({}))])).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("name"));
+        assert!(e.to_string().contains("another source"));
+        for bad in ["", "App", "a/b", "-x", "x y"] {
+            assert_eq!(err(d1(json!({"name": bad}))).field.as_deref(), Some("name"), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_source_without_a_name_is_named_by_position() {
+        let mut v = d1(json!({}));
+        v.as_object_mut().unwrap().remove("name");
+        let e = Config::from_value(&json!([d1(json!({"name": "ok"})), v])).unwrap_err();
+        assert_eq!(e.source_name.as_deref(), Some("#2"));
+        assert_eq!(e.field.as_deref(), Some("name"));
+    }
+
+    #[test]
+    fn top_level_must_be_an_array() {
+        let e = Config::from_value(&json!({"name": "x"})).unwrap_err();
+        assert!(e.to_string().contains("array"));
+        assert_eq!(e.source_name, None);
+    }
+
+    #[test]
+    fn retry_max_delay_must_not_undercut_base() {
+        let e = err(d1(json!({"retry": {"base_ms": 1000, "max_delay_ms": 10}})));
+        assert_eq!(e.field.as_deref(), Some("retry.max_delay_ms"));
+    }
+}

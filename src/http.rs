@@ -1,0 +1,215 @@
+//! Requests and responses as plain values.
+//!
+//! The core describes the HTTP exchanges it wants; the runtime performs them with `Fetch` and
+//! hands the answers back. Header values that carry credentials are redacted from `Debug`.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::DateTime;
+
+use crate::error::StepError;
+use crate::time::Timestamp;
+
+/// HTTP methods the providers need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Method {
+    /// GET
+    Get,
+    /// POST
+    Post,
+}
+
+impl Method {
+    /// The method's name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Get => "GET",
+            Self::Post => "POST",
+        }
+    }
+}
+
+/// A request the runtime should send.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HttpRequest {
+    /// Method.
+    pub method: Method,
+    /// Absolute URL.
+    pub url: String,
+    /// Header name/value pairs.
+    pub headers: Vec<(String, String)>,
+    /// Body, if any.
+    pub body: Option<Vec<u8>>,
+}
+
+/// Headers whose values are credentials and must never be printed.
+const SENSITIVE: [&str; 7] = [
+    "authorization",
+    "x-auth-key",
+    "x-auth-token",
+    "dg-auth",
+    "x-dgraph-accesstoken",
+    "dxpcloud-authorization",
+    "cookie",
+];
+
+impl HttpRequest {
+    /// A GET with no headers.
+    pub fn get(url: impl Into<String>) -> Self {
+        Self { method: Method::Get, url: url.into(), headers: Vec::new(), body: None }
+    }
+
+    /// A POST of a JSON value.
+    pub fn post_json(url: impl Into<String>, body: &serde_json::Value) -> Self {
+        Self {
+            method: Method::Post,
+            url: url.into(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: Some(body.to_string().into_bytes()),
+        }
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.headers.push((name.to_ascii_lowercase(), value.into()));
+        self
+    }
+
+    /// The value of a header (case-insensitive).
+    pub fn header_value(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+impl fmt::Debug for HttpRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let headers: Vec<(&str, &str)> = self
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                let shown = if SENSITIVE.contains(&k.to_ascii_lowercase().as_str()) { "[redacted]" } else { v };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("HttpRequest")
+            .field("method", &self.method)
+            .field("url", &self.url)
+            .field("headers", &headers)
+            .field("body_len", &self.body.as_ref().map(Vec::len))
+            .finish()
+    }
+}
+
+/// A response the runtime received (body fully read; only used for small API answers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// Header name/value pairs (names lower-case).
+    pub headers: Vec<(String, String)>,
+    /// Body bytes.
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// A response with a JSON body (tests and emulation).
+    pub fn json(status: u16, body: &serde_json::Value) -> Self {
+        Self {
+            status,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.to_string().into_bytes(),
+        }
+    }
+
+    /// Adds a header.
+    pub fn with_header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_ascii_lowercase(), value.to_string()));
+        self
+    }
+
+    /// The value of a header (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// The body as text, cut to `max` characters, for error messages.
+    pub fn snippet(&self, max: usize) -> String {
+        let text = String::from_utf8_lossy(&self.body);
+        let trimmed = text.trim();
+        match trimmed.char_indices().nth(max) {
+            Some((i, _)) => format!("{}…", &trimmed[..i]),
+            None => trimmed.to_string(),
+        }
+    }
+
+    /// The `Retry-After` delay relative to `now`: delta-seconds or an HTTP-date.
+    pub fn retry_after(&self, now: Timestamp) -> Option<Duration> {
+        parse_retry_after(self.header("retry-after")?, now)
+    }
+}
+
+/// Parses a `Retry-After` value: delta-seconds or an HTTP-date (relative to `now`).
+pub fn parse_retry_after(value: &str, now: Timestamp) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = DateTime::parse_from_rfc2822(value).ok()?;
+    let when = Timestamp::from_millis(when.timestamp_millis());
+    Some(when.since(now))
+}
+
+/// The class of a non-success status: 429, 408 and 5xx are transient, other 4xx permanent.
+pub fn status_error(resp: &HttpResponse, now: Timestamp, message: String) -> StepError {
+    match resp.status {
+        429 | 408 | 500..=599 => StepError::Transient { message, retry_after: resp.retry_after(now) },
+        _ => StepError::Permanent { message },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_redacts_credentials() {
+        let r = HttpRequest::get("https://x").header("Authorization", "Bearer s3cr3t").header("Accept", "text/plain");
+        let shown = format!("{r:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("[redacted]") && shown.contains("text/plain"), "{shown}");
+    }
+
+    #[test]
+    fn retry_after_accepts_seconds_and_http_dates() {
+        let now = Timestamp::parse_rfc3339("2015-10-21T07:27:00Z").unwrap();
+        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now), Some(Duration::from_secs(60)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn statuses_are_classified() {
+        let now = Timestamp::from_secs(0);
+        let r = |s| HttpResponse { status: s, headers: vec![], body: vec![] };
+        for s in [429, 408, 500, 502, 503, 504] {
+            assert!(status_error(&r(s), now, String::new()).is_retryable(), "{s}");
+        }
+        for s in [400, 401, 403, 404, 409, 422] {
+            assert!(!status_error(&r(s), now, String::new()).is_retryable(), "{s}");
+        }
+        let limited = r(429).with_header("Retry-After", "3");
+        assert_eq!(
+            status_error(&limited, now, "x".into()),
+            StepError::Transient { message: "x".into(), retry_after: Some(Duration::from_secs(3)) }
+        );
+    }
+
+    #[test]
+    fn snippet_is_trimmed_and_cut() {
+        let r = HttpResponse { status: 500, headers: vec![], body: b"  <html>oops</html>  ".to_vec() };
+        assert_eq!(r.snippet(100), "<html>oops</html>");
+        assert_eq!(r.snippet(6), "<html>…");
+    }
+}

@@ -1,0 +1,437 @@
+//! The export job: one backup of one source, as a state machine.
+//!
+//! A job moves `queued → exporting → transferring → committed | failed`. Its transition function
+//! [`Job::handle`] takes the job, one [`Event`] and a [`Context`] (now, a random number for jitter,
+//! the source's config and credentials) and returns the next job and one [`Action`] for the
+//! runtime to perform: send a request, copy a file into R2, write the manifest, sleep until a
+//! time, or nothing. The runtime persists the job after every step, so a job resumes wherever it
+//! was after the Worker or its Durable Object restarts; a spurious or repeated wake-up is a no-op.
+//!
+//! Only `committed` is a backup. `failed` carries the provider's own message, and any file it had
+//! already copied is handed back for deletion, so a failure never leaves something that looks
+//! like a backup.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::SourceConfig;
+use crate::error::StepError;
+use crate::http::{HttpRequest, HttpResponse};
+use crate::manifest::{self, Artifact, Manifest};
+use crate::providers::{Credentials, Download, Progress, ProviderState};
+use crate::time::Timestamp;
+
+/// A job's id: 16 lower-case hex characters from the runtime's random source.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(String);
+
+impl JobId {
+    /// Wraps an id (tests and storage).
+    pub fn new(id: impl Into<String>) -> Self {
+        Self(id.into())
+    }
+
+    /// An id from 8 random bytes.
+    pub fn from_random(bytes: [u8; 8]) -> Self {
+        Self(hex::encode(bytes))
+    }
+
+    /// Parses an id from a URL, refusing anything that is not 16 lower-case hex characters.
+    pub fn parse(s: &str) -> Option<Self> {
+        (s.len() == 16 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))).then(|| Self(s.into()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What started a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// The source's cron schedule.
+    Cron,
+    /// A signed `POST /v1/sources/{name}/exports`.
+    Webhook,
+}
+
+/// Where a job is. Only `Committed` is a usable backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Recorded, not started. Not a backup yet.
+    Queued,
+    /// The provider is producing the export. Not a backup yet.
+    Exporting,
+    /// Files are being copied into R2. Not a backup yet.
+    Transferring,
+    /// Every file and the manifest are in R2.
+    Committed,
+    /// Stopped for good; `error` says why.
+    Failed,
+}
+
+impl Phase {
+    /// True for `Committed` and `Failed`.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Committed | Self::Failed)
+    }
+}
+
+/// One export job, as persisted in the source's Durable Object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// Id.
+    pub id: JobId,
+    /// Source name.
+    pub source: String,
+    /// Provider kind.
+    pub kind: String,
+    /// What started it.
+    pub trigger: Trigger,
+    /// The webhook delivery id, for webhook jobs.
+    pub webhook_id: Option<String>,
+    /// The schedule fire time this job serves, for cron jobs.
+    pub scheduled_for: Option<Timestamp>,
+    /// Where it is.
+    pub phase: Phase,
+    /// When it was recorded.
+    pub started_at: Timestamp,
+    /// When it last changed.
+    pub updated_at: Timestamp,
+    /// When it committed or failed (while committing: when the last file landed).
+    pub finished_at: Option<Timestamp>,
+    /// When the next step is due (`None` once terminal).
+    pub next_step_at: Option<Timestamp>,
+    /// Steps with I/O started so far (requests, copies, commits).
+    pub attempts: u32,
+    /// Consecutive failed tries of the current step.
+    pub retries: u32,
+    /// The latest transient error while retrying.
+    pub last_error: Option<String>,
+    /// Why the job failed.
+    pub error: Option<String>,
+    /// The provider's protocol state and references.
+    pub provider: ProviderState,
+    /// Files the provider produced, to copy in order.
+    pub downloads: Vec<Download>,
+    /// Files already stored in R2 (in `downloads` order).
+    pub artifacts: Vec<Artifact>,
+}
+
+/// Something that happened, fed into [`Job::handle`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The alarm fired (or a trigger asked the job to proceed).
+    Wake,
+    /// The answer to the last [`Action::Send`].
+    Response(HttpResponse),
+    /// The last [`Action::Send`] never got an answer (network error, timeout).
+    Unreachable(String),
+    /// The last [`Action::Copy`] stored its file.
+    Copied(Artifact),
+    /// The last [`Action::Copy`] failed; nothing of it is left in R2.
+    CopyFailed(StepError),
+    /// The manifest of the last [`Action::Commit`] is stored.
+    Committed,
+    /// Writing the manifest failed.
+    CommitFailed(String),
+}
+
+/// What the runtime must do next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send this request, then feed back `Response` or `Unreachable`.
+    Send(HttpRequest),
+    /// Stream a file into R2, then feed back `Copied` or `CopyFailed`.
+    Copy(CopyOrder),
+    /// Write the manifest (last), then feed back `Committed` or `CommitFailed`.
+    Commit {
+        /// Where the manifest goes.
+        key: String,
+        /// What it says.
+        manifest: Box<Manifest>,
+    },
+    /// The job failed: delete these objects it had stored (best effort). Nothing follows.
+    Discard(Vec<String>),
+    /// Nothing to do until this time: arm the alarm and feed back `Wake` then.
+    Sleep(Timestamp),
+    /// The job is over.
+    Done,
+}
+
+/// One file to stream from the provider into R2.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CopyOrder {
+    /// The GET that yields the file.
+    pub request: HttpRequest,
+    /// Target key.
+    pub key: String,
+    /// The provider's file name.
+    pub filename: String,
+    /// Content type to store.
+    pub content_type: String,
+    /// Multipart part size for this source.
+    pub part_size: u64,
+}
+
+/// The inputs of a transition besides the event.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// The current time.
+    pub now: Timestamp,
+    /// A random number in `[0, 1)` for backoff jitter.
+    pub jitter: f64,
+    /// The source's configuration.
+    pub source: &'a SourceConfig,
+    /// The secrets the source names.
+    pub creds: &'a Credentials,
+}
+
+impl Job {
+    /// A new job, due at once.
+    pub fn new(
+        id: JobId,
+        source: &SourceConfig,
+        trigger: Trigger,
+        webhook_id: Option<String>,
+        scheduled_for: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Self {
+        Self {
+            id,
+            source: source.name.clone(),
+            kind: source.kind().to_string(),
+            trigger,
+            webhook_id,
+            scheduled_for,
+            phase: Phase::Queued,
+            started_at: now,
+            updated_at: now,
+            finished_at: None,
+            next_step_at: Some(now),
+            attempts: 0,
+            retries: 0,
+            last_error: None,
+            error: None,
+            provider: ProviderState::new(source),
+            downloads: Vec::new(),
+            artifacts: Vec::new(),
+        }
+    }
+
+    /// The job's R2 folder.
+    pub fn folder(&self) -> String {
+        manifest::folder(&self.source, self.started_at, &self.id)
+    }
+
+    /// The job as shown by the HTTP API: signed download URLs are credentials and are left out.
+    pub fn public_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        if let Some(list) = v.get_mut("downloads").and_then(serde_json::Value::as_array_mut) {
+            for d in list {
+                if let Some(obj) = d.as_object_mut() {
+                    obj.remove("url");
+                }
+            }
+        }
+        v
+    }
+
+    /// The transition function: `(job, event, context) → (job, action)`.
+    pub fn handle(mut self, event: Event, cx: &Context<'_>) -> (Self, Action) {
+        self.updated_at = cx.now;
+        match (self.phase, event) {
+            (_, Event::Wake) => self.wake(cx),
+            (Phase::Exporting, Event::Response(resp)) => self.on_response(&resp, cx),
+            (Phase::Exporting | Phase::Transferring, Event::Unreachable(msg)) => {
+                self.retry(StepError::transient(msg), cx)
+            }
+            (Phase::Transferring, Event::Copied(artifact)) => {
+                self.artifacts.push(artifact);
+                self.step_succeeded(cx.now)
+            }
+            (Phase::Transferring, Event::CopyFailed(err)) => self.step_failed(err, cx),
+            (Phase::Transferring, Event::Committed) => {
+                self.phase = Phase::Committed;
+                self.next_step_at = None;
+                self.retries = 0;
+                self.last_error = None;
+                (self, Action::Done)
+            }
+            (Phase::Transferring, Event::CommitFailed(msg)) => self.retry(StepError::transient(msg), cx),
+            // An answer that does not belong to the current phase (a duplicate delivery after a
+            // restart): ignore it and carry on from the persisted state.
+            (_, _) => self.idle(cx.now),
+        }
+    }
+
+    fn idle(self, now: Timestamp) -> (Self, Action) {
+        if self.phase.is_terminal() {
+            return (self, Action::Done);
+        }
+        let at = self.next_step_at.unwrap_or(now);
+        (self, Action::Sleep(at))
+    }
+
+    fn wake(mut self, cx: &Context<'_>) -> (Self, Action) {
+        if self.phase.is_terminal() {
+            return (self, Action::Done);
+        }
+        if let Some(at) = self.next_step_at {
+            if at > cx.now {
+                return (self, Action::Sleep(at));
+            }
+        }
+        if self.phase == Phase::Queued {
+            self.phase = Phase::Exporting;
+        }
+        match self.phase {
+            Phase::Exporting => {
+                if cx.now.since(self.started_at) > cx.source.export_timeout {
+                    let limit = humanize(cx.source.export_timeout);
+                    return self.fail(format!("the export did not finish within {limit}"), cx.now);
+                }
+                match self.provider.next_request(cx.source, cx.creds) {
+                    Ok(req) => {
+                        self.attempts += 1;
+                        (self, Action::Send(req))
+                    }
+                    Err(e) => self.step_failed(e, cx),
+                }
+            }
+            Phase::Transferring => match self.downloads.get(self.artifacts.len()).cloned() {
+                Some(download) => self.copy(&download, cx),
+                None => self.commit(cx),
+            },
+            Phase::Queued | Phase::Committed | Phase::Failed => self.idle(cx.now),
+        }
+    }
+
+    fn copy(mut self, download: &Download, cx: &Context<'_>) -> (Self, Action) {
+        let request = match self.provider.download_request(cx.source, download, cx.creds) {
+            Ok(r) => r,
+            Err(e) => return self.step_failed(e, cx),
+        };
+        let taken: Vec<&str> = self.artifacts.iter().map(|a| a.key.rsplit('/').next().unwrap_or("")).collect();
+        let key = format!("{}{}", self.folder(), manifest::object_name(&download.filename, &taken));
+        self.attempts += 1;
+        let order = CopyOrder {
+            request,
+            key,
+            filename: download.filename.clone(),
+            content_type: download.content_type.clone(),
+            part_size: cx.source.part_size,
+        };
+        (self, Action::Copy(order))
+    }
+
+    fn commit(mut self, cx: &Context<'_>) -> (Self, Action) {
+        let now = cx.now;
+        let folder = self.folder();
+        self.finished_at = Some(now);
+        self.attempts += 1;
+        let manifest = Manifest {
+            source: self.source.clone(),
+            kind: self.kind.clone(),
+            job_id: self.id.clone(),
+            trigger: self.trigger,
+            started_at: self.started_at,
+            finished_at: now,
+            provider: self.provider.references(cx.source),
+            artifacts: self.artifacts.clone(),
+        };
+        (self, Action::Commit { key: manifest::manifest_key(&folder), manifest: Box::new(manifest) })
+    }
+
+    fn on_response(mut self, resp: &HttpResponse, cx: &Context<'_>) -> (Self, Action) {
+        match self.provider.on_response(cx.source, resp, cx.now) {
+            Ok(Progress::Pending { poll_after }) => {
+                self.retries = 0;
+                self.last_error = None;
+                let at = cx.now.plus(poll_after.unwrap_or(cx.source.poll_interval));
+                self.next_step_at = Some(at);
+                (self, Action::Sleep(at))
+            }
+            Ok(Progress::Ready(downloads)) if downloads.is_empty() => {
+                self.fail("the provider reported a finished export with no files".into(), cx.now)
+            }
+            Ok(Progress::Ready(downloads)) => {
+                self.phase = Phase::Transferring;
+                self.downloads = downloads;
+                self.step_succeeded(cx.now)
+            }
+            Ok(Progress::Failed(message)) => self.fail(message, cx.now),
+            Err(e) => self.step_failed(e, cx),
+        }
+    }
+
+    fn step_succeeded(mut self, now: Timestamp) -> (Self, Action) {
+        self.retries = 0;
+        self.last_error = None;
+        self.next_step_at = Some(now);
+        (self, Action::Sleep(now))
+    }
+
+    fn step_failed(self, err: StepError, cx: &Context<'_>) -> (Self, Action) {
+        if err.is_retryable() {
+            self.retry(err, cx)
+        } else {
+            let message = err.message().to_string();
+            self.fail(message, cx.now)
+        }
+    }
+
+    fn retry(mut self, err: StepError, cx: &Context<'_>) -> (Self, Action) {
+        self.retries += 1;
+        let policy = cx.source.retry;
+        if self.retries > policy.max_attempts {
+            let tries = self.retries;
+            return self.fail(format!("{} (gave up after {tries} tries)", err.message()), cx.now);
+        }
+        let hint = match &err {
+            StepError::Transient { retry_after, .. } => *retry_after,
+            StepError::Permanent { .. } => None,
+        };
+        let at = cx.now.plus(policy.delay_with_hint(self.retries, cx.jitter, hint));
+        self.last_error = Some(err.message().to_string());
+        self.next_step_at = Some(at);
+        (self, Action::Sleep(at))
+    }
+
+    fn fail(mut self, message: String, now: Timestamp) -> (Self, Action) {
+        self.phase = Phase::Failed;
+        self.error = Some(message);
+        self.finished_at = Some(now);
+        self.next_step_at = None;
+        self.downloads.clear();
+        let stored: Vec<String> = self.artifacts.drain(..).map(|a| a.key).collect();
+        let action = if stored.is_empty() { Action::Done } else { Action::Discard(stored) };
+        (self, action)
+    }
+}
+
+fn humanize(d: Duration) -> String {
+    let s = d.as_secs();
+    if s % 3600 == 0 {
+        format!("{} h", s / 3600)
+    } else if s % 60 == 0 {
+        format!("{} min", s / 60)
+    } else {
+        format!("{s} s")
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,383 @@
+//! Exhaustive tests of the job state machine, driven by a virtual clock and canned D1 answers.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::*;
+use crate::config::Config;
+use crate::secret::Secret;
+
+fn source(extra: Value) -> SourceConfig {
+    let mut v = json!({
+        "name": "app-db", "kind": "d1", "schedule": "0 3 * * *", "account_id": "acc",
+        "database_id": "db-1", "token_secret": "D1_TOKEN", "api_base": "http://127.0.0.1:9/client/v4",
+        "retry": {"max_attempts": 3, "base_ms": 1000, "max_delay_ms": 8000}
+    });
+    for (k, val) in extra.as_object().unwrap() {
+        v[k] = val.clone();
+    }
+    Config::from_value(&json!([v])).unwrap().sources.remove(0)
+}
+
+fn creds() -> Credentials {
+    let mut c = Credentials::new();
+    c.insert("D1_TOKEN", Secret::new("tok"));
+    c
+}
+
+fn t0() -> Timestamp {
+    Timestamp::parse_rfc3339("2026-11-23T10:00:00Z").unwrap()
+}
+
+/// A job plus a virtual clock, stepped like the runtime steps it.
+struct Harness {
+    job: Job,
+    src: SourceConfig,
+    creds: Credentials,
+    now: Timestamp,
+    jitter: f64,
+}
+
+impl Harness {
+    fn new(src: SourceConfig) -> Self {
+        let job = Job::new(JobId::new("0123456789abcdef"), &src, Trigger::Webhook, Some("msg_1".into()), None, t0());
+        Self { job, src, creds: creds(), now: t0(), jitter: 0.0 }
+    }
+
+    fn d1() -> Self {
+        Self::new(source(json!({})))
+    }
+
+    fn feed(&mut self, event: Event) -> Action {
+        let cx = Context { now: self.now, jitter: self.jitter, source: &self.src, creds: &self.creds };
+        let (job, action) = self.job.clone().handle(event, &cx);
+        self.job = job;
+        action
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now = self.now.plus(d);
+    }
+
+    /// Sleeps until the job's next step and wakes it.
+    fn wake_when_due(&mut self) -> Action {
+        if let Some(at) = self.job.next_step_at {
+            if at > self.now {
+                self.now = at;
+            }
+        }
+        self.feed(Event::Wake)
+    }
+}
+
+fn d1_active() -> HttpResponse {
+    HttpResponse::json(202, &json!({"success": true, "result": {"success": true, "type": "export", "at_bookmark": "bm-1", "status": "active", "messages": ["Generating db-1-bm-1.sql"]}}))
+}
+
+fn d1_complete() -> HttpResponse {
+    HttpResponse::json(200, &json!({"success": true, "result": {"success": true, "type": "export", "at_bookmark": "bm-1", "status": "complete", "messages": [],
+        "result": {"filename": "db-1-bm-1.sql", "signed_url": "http://127.0.0.1:9/__signed/abc/db-1-bm-1.sql"}}}))
+}
+
+fn d1_error(msg: &str) -> HttpResponse {
+    HttpResponse::json(200, &json!({"success": true, "result": {"success": true, "at_bookmark": "bm-1", "status": "error", "error": msg, "messages": []}}))
+}
+
+fn artifact(key: &str) -> Artifact {
+    Artifact { key: key.into(), filename: "db-1-bm-1.sql".into(), size: 42, sha256: "00".repeat(32), content_type: "application/sql".into(), parts: 1 }
+}
+
+fn expect_send(a: Action) -> HttpRequest {
+    match a {
+        Action::Send(r) => r,
+        other => panic!("expected Send, got {other:?}"),
+    }
+}
+
+fn expect_copy(a: Action) -> CopyOrder {
+    match a {
+        Action::Copy(c) => c,
+        other => panic!("expected Copy, got {other:?}"),
+    }
+}
+
+/// Drives a D1 job from queued up to its copy order.
+fn to_copy(h: &mut Harness) -> CopyOrder {
+    let start = expect_send(h.wake_when_due());
+    assert!(start.header_value("authorization").is_some());
+    assert_eq!(h.feed(Event::Response(d1_active())), Action::Sleep(h.now.plus(Duration::from_secs(1))));
+    expect_send(h.wake_when_due());
+    assert_eq!(h.feed(Event::Response(d1_complete())), Action::Sleep(h.now));
+    assert_eq!(h.job.phase, Phase::Transferring);
+    expect_copy(h.wake_when_due())
+}
+
+#[test]
+fn d1_job_runs_queued_exporting_transferring_committed() {
+    let mut h = Harness::d1();
+    assert_eq!(h.job.phase, Phase::Queued);
+    let start = expect_send(h.wake_when_due());
+    assert_eq!(h.job.phase, Phase::Exporting);
+    let body: Value = serde_json::from_slice(start.body.as_deref().unwrap()).unwrap();
+    assert!(body.get("current_bookmark").is_none());
+
+    h.feed(Event::Response(d1_active()));
+    let poll = expect_send(h.wake_when_due());
+    let body: Value = serde_json::from_slice(poll.body.as_deref().unwrap()).unwrap();
+    assert_eq!(body["current_bookmark"], "bm-1");
+
+    h.feed(Event::Response(d1_complete()));
+    let order = expect_copy(h.wake_when_due());
+    assert_eq!(order.key, "app-db/2026-11-23T100000Z-0123456789abcdef/db-1-bm-1.sql");
+    assert_eq!(order.request.url, "http://127.0.0.1:9/__signed/abc/db-1-bm-1.sql");
+    assert!(order.request.header_value("authorization").is_none(), "signed URLs take no auth");
+    assert_eq!(order.part_size, crate::config::DEFAULT_PART_SIZE);
+
+    h.advance(Duration::from_secs(3));
+    assert_eq!(h.feed(Event::Copied(artifact(&order.key))), Action::Sleep(h.now));
+    let Action::Commit { key, manifest } = h.wake_when_due() else { panic!("expected commit") };
+    assert_eq!(key, "app-db/2026-11-23T100000Z-0123456789abcdef/manifest.json");
+    assert_eq!(manifest.source, "app-db");
+    assert_eq!(manifest.kind, "d1");
+    assert_eq!(manifest.trigger, Trigger::Webhook);
+    assert_eq!(manifest.started_at, t0());
+    assert_eq!(manifest.finished_at, h.now);
+    assert_eq!(manifest.provider["at_bookmark"], "bm-1");
+    assert_eq!(manifest.artifacts, vec![artifact(&order.key)]);
+
+    assert_eq!(h.feed(Event::Committed), Action::Done);
+    assert_eq!(h.job.phase, Phase::Committed);
+    assert_eq!(h.job.finished_at, Some(h.now));
+    assert_eq!(h.job.next_step_at, None);
+    assert_eq!(h.job.attempts, 4, "start, poll, copy, commit");
+    assert_eq!(h.feed(Event::Wake), Action::Done, "a committed job ignores further alarms");
+}
+
+#[test]
+fn early_wake_sleeps_until_the_step_is_due() {
+    let mut h = Harness::d1();
+    expect_send(h.wake_when_due());
+    let Action::Sleep(at) = h.feed(Event::Response(d1_active())) else { panic!() };
+    assert_eq!(h.feed(Event::Wake), Action::Sleep(at));
+    assert_eq!(h.job.attempts, 1, "nothing was sent");
+}
+
+#[test]
+fn poll_interval_comes_from_the_source() {
+    let mut h = Harness::new(source(json!({"poll_interval_ms": 250})));
+    expect_send(h.wake_when_due());
+    assert_eq!(h.feed(Event::Response(d1_active())), Action::Sleep(t0().plus(Duration::from_millis(250))));
+}
+
+#[test]
+fn transient_failures_back_off_within_bounds_and_reset_on_success() {
+    let mut h = Harness::d1();
+    h.jitter = 0.5;
+    expect_send(h.wake_when_due());
+    let e503 = HttpResponse::json(503, &json!({"success": false, "errors": [{"code": 1, "message": "busy"}]}));
+    let mut previous = Duration::ZERO;
+    for retry in 1..=3u32 {
+        let before = h.now;
+        let Action::Sleep(at) = h.feed(Event::Response(e503.clone())) else { panic!() };
+        let delay = at.since(before);
+        let full = Duration::from_secs(1 << (retry - 1)).min(Duration::from_secs(8));
+        assert!(delay >= full / 2 && delay <= full, "retry {retry}: {delay:?}");
+        assert!(delay > previous);
+        previous = delay;
+        assert_eq!(h.job.retries, retry);
+        assert_eq!(h.job.last_error.as_deref(), Some("D1 API error (HTTP 503): 1: busy"));
+        assert_eq!(h.job.phase, Phase::Exporting);
+        expect_send(h.wake_when_due());
+    }
+    h.feed(Event::Response(d1_active()));
+    assert_eq!(h.job.retries, 0);
+    assert_eq!(h.job.last_error, None);
+}
+
+#[test]
+fn retries_give_up_after_max_attempts_with_the_last_message() {
+    let mut h = Harness::d1();
+    for _ in 0..3 {
+        expect_send(h.wake_when_due());
+        assert!(matches!(h.feed(Event::Unreachable("connection refused".into())), Action::Sleep(_)));
+    }
+    expect_send(h.wake_when_due());
+    assert_eq!(h.feed(Event::Unreachable("connection refused".into())), Action::Done);
+    assert_eq!(h.job.phase, Phase::Failed);
+    assert_eq!(h.job.error.as_deref(), Some("connection refused (gave up after 4 tries)"));
+}
+
+#[test]
+fn rate_limit_waits_for_retry_after() {
+    let mut h = Harness::d1();
+    expect_send(h.wake_when_due());
+    let limited = HttpResponse::json(429, &json!({"success": false, "errors": [{"code": 971, "message": "slow down"}]}))
+        .with_header("retry-after", "30");
+    assert_eq!(h.feed(Event::Response(limited)), Action::Sleep(t0().plus(Duration::from_secs(30))));
+}
+
+#[test]
+fn permanent_error_fails_at_once_with_the_providers_message() {
+    let mut h = Harness::d1();
+    expect_send(h.wake_when_due());
+    let denied = HttpResponse::json(403, &json!({"success": false, "errors": [{"code": 10000, "message": "Authentication error"}]}));
+    assert_eq!(h.feed(Event::Response(denied)), Action::Done);
+    assert_eq!(h.job.phase, Phase::Failed);
+    assert_eq!(h.job.error.as_deref(), Some("D1 API error (HTTP 403): 10000: Authentication error"));
+    assert_eq!(h.job.finished_at, Some(h.now));
+}
+
+#[test]
+fn export_error_status_fails_with_d1_error() {
+    let mut h = Harness::d1();
+    expect_send(h.wake_when_due());
+    h.feed(Event::Response(d1_active()));
+    expect_send(h.wake_when_due());
+    assert_eq!(h.feed(Event::Response(d1_error("disk on fire"))), Action::Done);
+    assert_eq!(h.job.phase, Phase::Failed);
+    let err = h.job.error.clone().unwrap();
+    assert!(err.starts_with("D1 export failed: disk on fire"), "{err}");
+    assert!(err.contains("Generating db-1-bm-1.sql"), "D1's messages are kept: {err}");
+}
+
+#[test]
+fn missing_secret_fails_naming_it() {
+    let mut h = Harness::d1();
+    h.creds = Credentials::new();
+    assert_eq!(h.wake_when_due(), Action::Done);
+    assert_eq!(h.job.error.as_deref(), Some("the Worker secret D1_TOKEN is not set (wrangler secret put D1_TOKEN)"));
+    assert_eq!(h.job.attempts, 0, "nothing was sent");
+}
+
+#[test]
+fn export_that_outlives_its_timeout_fails() {
+    let mut h = Harness::new(source(json!({"export_timeout_minutes": 1})));
+    expect_send(h.wake_when_due());
+    for _ in 0..59 {
+        h.feed(Event::Response(d1_active()));
+        expect_send(h.wake_when_due());
+    }
+    h.feed(Event::Response(d1_active()));
+    h.advance(Duration::from_secs(5));
+    assert_eq!(h.wake_when_due(), Action::Done);
+    assert_eq!(h.job.error.as_deref(), Some("the export did not finish within 1 min"));
+}
+
+#[test]
+fn copy_failures_retry_then_fail_and_discard_nothing_when_nothing_landed() {
+    let mut h = Harness::d1();
+    to_copy(&mut h);
+    assert!(matches!(h.feed(Event::CopyFailed(StepError::transient("reset by peer"))), Action::Sleep(_)));
+    expect_copy(h.wake_when_due());
+    assert_eq!(h.feed(Event::CopyFailed(StepError::permanent("signed URL refused (HTTP 403)"))), Action::Done);
+    assert_eq!(h.job.phase, Phase::Failed);
+    assert_eq!(h.job.error.as_deref(), Some("signed URL refused (HTTP 403)"));
+    assert!(h.job.downloads.is_empty());
+}
+
+#[test]
+fn failure_after_some_files_landed_discards_them() {
+    let mut h = Harness::d1();
+    let order = to_copy(&mut h);
+    // Pretend the provider produced two files.
+    h.job.downloads.push(Download { url: "http://x/2".into(), filename: "second.gz".into(), content_type: "application/gzip".into(), authenticated: false });
+    h.feed(Event::Copied(artifact(&order.key)));
+    let second = expect_copy(h.wake_when_due());
+    assert!(second.key.ends_with("/second.gz"));
+    assert_eq!(h.feed(Event::CopyFailed(StepError::permanent("gone"))), Action::Discard(vec![order.key]));
+    assert!(h.job.artifacts.is_empty(), "a failed job lists no artifacts");
+}
+
+#[test]
+fn same_filenames_get_distinct_keys() {
+    let mut h = Harness::d1();
+    let order = to_copy(&mut h);
+    h.job.downloads.push(Download { url: "http://x/2".into(), filename: "db-1-bm-1.sql".into(), content_type: "application/sql".into(), authenticated: false });
+    h.feed(Event::Copied(artifact(&order.key)));
+    let second = expect_copy(h.wake_when_due());
+    assert_ne!(second.key, order.key);
+    assert!(second.key.ends_with("/2-db-1-bm-1.sql"), "{}", second.key);
+}
+
+#[test]
+fn commit_failures_are_retried() {
+    let mut h = Harness::d1();
+    let order = to_copy(&mut h);
+    h.feed(Event::Copied(artifact(&order.key)));
+    assert!(matches!(h.wake_when_due(), Action::Commit { .. }));
+    assert!(matches!(h.feed(Event::CommitFailed("R2 said 500".into())), Action::Sleep(_)));
+    assert_eq!(h.job.phase, Phase::Transferring);
+    assert!(matches!(h.wake_when_due(), Action::Commit { .. }));
+    assert_eq!(h.feed(Event::Committed), Action::Done);
+    assert_eq!(h.job.phase, Phase::Committed);
+}
+
+#[test]
+fn events_that_do_not_fit_the_phase_are_ignored() {
+    let mut h = Harness::d1();
+    // A copy result while exporting (a duplicate from before a restart) changes nothing.
+    expect_send(h.wake_when_due());
+    let before = h.job.clone();
+    assert!(matches!(h.feed(Event::Copied(artifact("x"))), Action::Sleep(_)));
+    assert_eq!(h.job.artifacts, before.artifacts);
+    assert!(matches!(h.feed(Event::Committed), Action::Sleep(_)));
+    assert_eq!(h.job.phase, Phase::Exporting);
+    // A response after the job failed is ignored too.
+    h.feed(Event::Response(d1_error("x")));
+    assert_eq!(h.feed(Event::Response(d1_complete())), Action::Done);
+    assert_eq!(h.job.phase, Phase::Failed);
+}
+
+#[test]
+fn d1_export_resumes_after_restart() {
+    // Persist the job mid-export, "restart" by reloading it from JSON, and finish from there.
+    let mut h = Harness::d1();
+    expect_send(h.wake_when_due());
+    h.feed(Event::Response(d1_active()));
+    let stored = serde_json::to_string(&h.job).unwrap();
+    h.job = serde_json::from_str(&stored).unwrap();
+    h.advance(Duration::from_secs(20));
+    let poll = expect_send(h.wake_when_due());
+    let body: Value = serde_json::from_slice(poll.body.as_deref().unwrap()).unwrap();
+    assert_eq!(body["current_bookmark"], "bm-1", "resumes the same export task");
+    h.feed(Event::Response(d1_complete()));
+    // Restart again mid-transfer: the copy is simply ordered again.
+    let order = expect_copy(h.wake_when_due());
+    h.job = serde_json::from_str(&serde_json::to_string(&h.job).unwrap()).unwrap();
+    let again = expect_copy(h.wake_when_due());
+    assert_eq!(again, order);
+    h.feed(Event::Copied(artifact(&order.key)));
+    assert!(matches!(h.wake_when_due(), Action::Commit { .. }));
+    h.feed(Event::Committed);
+    assert_eq!(h.job.phase, Phase::Committed);
+}
+
+#[test]
+fn public_json_hides_signed_urls() {
+    let mut h = Harness::d1();
+    to_copy(&mut h);
+    let shown = h.job.public_json().to_string();
+    assert!(!shown.contains("__signed"), "{shown}");
+    assert!(shown.contains("db-1-bm-1.sql"));
+    assert!(!format!("{:?}", h.job).contains("tok"), "no secret in the job");
+}
+
+#[test]
+fn job_ids_parse_strictly() {
+    assert_eq!(JobId::from_random([0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef]).as_str(), "0123456789abcdef");
+    assert!(JobId::parse("0123456789abcdef").is_some());
+    for bad in ["", "0123456789ABCDEF", "0123456789abcde", "../../etc/passwd", "0123456789abcdeg"] {
+        assert!(JobId::parse(bad).is_none(), "{bad}");
+    }
+}
+
+#[test]
+fn phases_serialize_as_documented() {
+    let names: Vec<String> = [Phase::Queued, Phase::Exporting, Phase::Transferring, Phase::Committed, Phase::Failed]
+        .iter()
+        .map(|p| serde_json::to_value(p).unwrap().as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["queued", "exporting", "transferring", "committed", "failed"]);
+    assert_eq!(serde_json::to_value(Trigger::Cron).unwrap(), "cron");
+}

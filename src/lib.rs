@@ -1,0 +1,39 @@
+//! Ferry: a Cloudflare Worker that backs up managed databases into R2.
+//!
+//! # Layout
+//!
+//! Everything outside `runtime` is a pure core: no I/O, no clock, no `worker` types. Time comes in
+//! as a [`time::Timestamp`] argument, and requests go out as [`http::HttpRequest`] values, so the
+//! whole protocol, state machine and policy is tested natively with `cargo test`.
+//!
+//! - [`config`]: the `FERRY_SOURCES` declaration, parsed strictly, errors naming source and field.
+//! - [`schedule`]: cron expressions (`croner`) and which sources are due in a trigger's window.
+//! - [`webhook`]: Standard Webhooks signature verification for on-demand exports.
+//! - [`job`]: the export job state machine, `(job, event, context) → (job, action)`.
+//! - [`ledger`]: a source's bookkeeping: single flight, webhook replay, cron idempotency.
+//! - [`providers`]: one module per provider protocol (`providers::d1`), behind one small enum.
+//! - [`manifest`]: the R2 layout and the manifest written last as the commit marker.
+//! - [`api`]: routes and auth checks of the HTTP API.
+//! - [`http`], [`error`], [`retry`], [`secret`], [`time`]: values shared by the above.
+//! - `runtime` (wasm32 only): the thin shell over `worker`. It executes the core's actions with
+//!   `Fetch`, keeps each source's jobs in a Durable Object, arms alarms and streams into R2.
+
+#![warn(missing_docs)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod job;
+pub mod ledger;
+pub mod manifest;
+pub mod providers;
+pub mod retry;
+pub mod schedule;
+pub mod secret;
+pub mod time;
+pub mod webhook;
+
+#[cfg(target_arch = "wasm32")]
+mod runtime;

@@ -1,0 +1,176 @@
+//! The R2 layout and the manifest that commits a backup.
+//!
+//! Every job writes into its own folder, `{source}/{started_at:YYYY-MM-DDTHHMMSSZ}-{job_id}/`: the
+//! provider's files first, then `manifest.json`, written last as the commit marker. A folder
+//! without a manifest is not a backup and is never listed or served as one.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::job::{JobId, Trigger};
+use crate::time::Timestamp;
+
+/// Name of the commit marker in each backup folder.
+pub const MANIFEST_NAME: &str = "manifest.json";
+
+/// One file of a backup as it landed in R2.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Artifact {
+    /// Full R2 key.
+    pub key: String,
+    /// The provider's file name.
+    pub filename: String,
+    /// Bytes stored.
+    pub size: u64,
+    /// Lower-case hex SHA-256 of the bytes stored.
+    pub sha256: String,
+    /// Content type stored with the object.
+    pub content_type: String,
+    /// Multipart parts used (1 for a single put).
+    #[serde(default = "one")]
+    pub parts: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// The commit record of one backup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Source name.
+    pub source: String,
+    /// Provider kind (`d1`, …).
+    pub kind: String,
+    /// The job that made it.
+    pub job_id: JobId,
+    /// What started the job.
+    pub trigger: Trigger,
+    /// When the job started (also in the folder name).
+    pub started_at: Timestamp,
+    /// When the last artifact was stored.
+    pub finished_at: Timestamp,
+    /// The provider's references: ids, bookmarks, filenames.
+    pub provider: Value,
+    /// Every file of the backup.
+    pub artifacts: Vec<Artifact>,
+}
+
+/// `{source}/{stamp}-{job_id}/`
+pub fn folder(source: &str, started_at: Timestamp, job_id: &JobId) -> String {
+    format!("{source}/{}-{}/", started_at.folder_stamp(), job_id)
+}
+
+/// The key of the manifest in `folder`.
+pub fn manifest_key(folder: &str) -> String {
+    format!("{folder}{MANIFEST_NAME}")
+}
+
+/// True for keys of the form `{source}/{folder}/manifest.json`.
+pub fn is_manifest_key(key: &str) -> bool {
+    key.split('/').count() == 3 && key.ends_with(&format!("/{MANIFEST_NAME}"))
+}
+
+/// The folder (with trailing slash) an artifact key lives in: `{source}/{folder}/`.
+pub fn folder_of(key: &str) -> Option<&str> {
+    let mut slashes = key.match_indices('/');
+    let _ = slashes.next()?;
+    let (i, _) = slashes.next()?;
+    let rest = &key[i + 1..];
+    (!rest.is_empty()).then(|| &key[..=i])
+}
+
+/// A safe object name for a provider's file name: its last path segment, with anything but
+/// `A-Z a-z 0-9 . _ -` replaced, never hidden, never the manifest's name, never clashing with
+/// `taken`.
+pub fn object_name(filename: &str, taken: &[&str]) -> String {
+    let last = filename.rsplit(['/', '\\']).next().unwrap_or("");
+    let mut name: String = last
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
+        .collect();
+    name = name.trim_start_matches('.').to_string();
+    if name.is_empty() {
+        name = "artifact".into();
+    }
+    if name.len() > 200 {
+        name.truncate(200);
+    }
+    if name == MANIFEST_NAME {
+        name = format!("artifact-{name}");
+    }
+    let base = name.clone();
+    let mut n = 2;
+    while taken.contains(&name.as_str()) {
+        name = format!("{n}-{base}");
+        n += 1;
+    }
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folder_and_keys_follow_the_layout() {
+        let t = Timestamp::parse_rfc3339("2026-11-23T10:15:00.250Z").unwrap();
+        let f = folder("app-db", t, &JobId::new("0123456789abcdef"));
+        assert_eq!(f, "app-db/2026-11-23T101500Z-0123456789abcdef/");
+        assert_eq!(manifest_key(&f), "app-db/2026-11-23T101500Z-0123456789abcdef/manifest.json");
+        assert!(is_manifest_key(&manifest_key(&f)));
+        assert!(!is_manifest_key("app-db/x/y/manifest.json"));
+        assert!(!is_manifest_key("app-db/x/dump.sql"));
+    }
+
+    #[test]
+    fn folder_of_takes_the_first_two_segments() {
+        assert_eq!(folder_of("a/f/dump.sql"), Some("a/f/"));
+        assert_eq!(folder_of("a/f/"), None);
+        assert_eq!(folder_of("a/dump.sql"), None);
+        assert_eq!(folder_of("a/f/sub/x"), Some("a/f/"));
+    }
+
+    #[test]
+    fn object_names_are_safe_and_unique() {
+        assert_eq!(object_name("db-bm.sql", &[]), "db-bm.sql");
+        assert_eq!(object_name("../../etc/passwd", &[]), "passwd");
+        assert_eq!(object_name("a b?.sql", &[]), "a_b_.sql");
+        assert_eq!(object_name(".hidden", &[]), "hidden");
+        assert_eq!(object_name("", &[]), "artifact");
+        assert_eq!(object_name("manifest.json", &[]), "artifact-manifest.json");
+        assert_eq!(object_name("x.gz", &["x.gz"]), "2-x.gz");
+        assert_eq!(object_name("x.gz", &["x.gz", "2-x.gz"]), "3-x.gz");
+    }
+
+    #[test]
+    fn manifest_serializes_with_the_documented_fields() {
+        let m = Manifest {
+            source: "app-db".into(),
+            kind: "d1".into(),
+            job_id: JobId::new("0123456789abcdef"),
+            trigger: Trigger::Webhook,
+            started_at: Timestamp::from_secs(1_795_429_500),
+            finished_at: Timestamp::from_secs(1_795_429_510),
+            provider: serde_json::json!({"at_bookmark": "b"}),
+            artifacts: vec![Artifact {
+                key: "app-db/f/x.sql".into(),
+                filename: "x.sql".into(),
+                size: 3,
+                sha256: "ab".into(),
+                content_type: "application/sql".into(),
+                parts: 1,
+            }],
+        };
+        let v = serde_json::to_value(&m).unwrap();
+        for field in ["source", "kind", "job_id", "trigger", "started_at", "finished_at", "provider", "artifacts"] {
+            assert!(v.get(field).is_some(), "{field}");
+        }
+        assert_eq!(v["trigger"], "webhook");
+        assert_eq!(v["started_at"], "2026-11-23T10:25:00.000Z");
+        for field in ["key", "filename", "size", "sha256", "content_type"] {
+            assert!(v["artifacts"][0].get(field).is_some(), "{field}");
+        }
+        assert_eq!(serde_json::from_value::<Manifest>(v).unwrap(), m);
+    }
+}
