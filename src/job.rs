@@ -7,9 +7,9 @@
 //! time, or nothing. The runtime persists the job after every step, so a job resumes wherever it
 //! was after the Worker or its Durable Object restarts; a spurious or repeated wake-up is a no-op.
 //!
-//! Only `committed` is a backup. `failed` carries the provider's own message, and any file it had
-//! already copied is handed back for deletion, so a failure never leaves something that looks
-//! like a backup.
+//! Only `committed` is a backup. `failed` carries the provider's own message, and a job that
+//! fails after it began copying hands its folder back for deletion, so a failure never leaves
+//! something that looks like a backup.
 
 use std::fmt;
 use std::time::Duration;
@@ -163,8 +163,12 @@ pub enum Action {
         /// What it says.
         manifest: Box<Manifest>,
     },
-    /// The job failed: delete these objects it had stored (best effort). Nothing follows.
-    Discard(Vec<String>),
+    /// The job failed after it began copying: delete everything under this folder (stored
+    /// files, unfinished staging objects) so nothing half-written remains. Nothing follows.
+    Discard {
+        /// The job's R2 folder, with trailing slash.
+        folder: String,
+    },
     /// Nothing to do until this time: arm the alarm and feed back `Wake` then.
     Sleep(Timestamp),
     /// The job is over.
@@ -411,13 +415,14 @@ impl Job {
     }
 
     fn fail(mut self, message: String, now: Timestamp) -> (Self, Action) {
+        let was_copying = self.phase == Phase::Transferring;
         self.phase = Phase::Failed;
         self.error = Some(message);
         self.finished_at = Some(now);
         self.next_step_at = None;
         self.downloads.clear();
-        let stored: Vec<String> = self.artifacts.drain(..).map(|a| a.key).collect();
-        let action = if stored.is_empty() { Action::Done } else { Action::Discard(stored) };
+        self.artifacts.clear();
+        let action = if was_copying { Action::Discard { folder: self.folder() } } else { Action::Done };
         (self, action)
     }
 }

@@ -265,12 +265,15 @@ fn export_that_outlives_its_timeout_fails() {
 }
 
 #[test]
-fn copy_failures_retry_then_fail_and_discard_nothing_when_nothing_landed() {
+fn copy_failures_retry_then_fail_and_discard_the_folder() {
     let mut h = Harness::d1();
     to_copy(&mut h);
     assert!(matches!(h.feed(Event::CopyFailed(StepError::transient("reset by peer"))), Action::Sleep(_)));
     expect_copy(h.wake_when_due());
-    assert_eq!(h.feed(Event::CopyFailed(StepError::permanent("signed URL refused (HTTP 403)"))), Action::Done);
+    assert_eq!(
+        h.feed(Event::CopyFailed(StepError::permanent("signed URL refused (HTTP 403)"))),
+        Action::Discard { folder: "app-db/2026-11-23T100000Z-0123456789abcdef/".into() }
+    );
     assert_eq!(h.job.phase, Phase::Failed);
     assert_eq!(h.job.error.as_deref(), Some("signed URL refused (HTTP 403)"));
     assert!(h.job.downloads.is_empty());
@@ -285,7 +288,9 @@ fn failure_after_some_files_landed_discards_them() {
     h.feed(Event::Copied(artifact(&order.key)));
     let second = expect_copy(h.wake_when_due());
     assert!(second.key.ends_with("/second.gz"));
-    assert_eq!(h.feed(Event::CopyFailed(StepError::permanent("gone"))), Action::Discard(vec![order.key]));
+    let folder = h.job.folder();
+    assert!(order.key.starts_with(&folder));
+    assert_eq!(h.feed(Event::CopyFailed(StepError::permanent("gone"))), Action::Discard { folder });
     assert!(h.job.artifacts.is_empty(), "a failed job lists no artifacts");
 }
 

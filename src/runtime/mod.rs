@@ -1,0 +1,111 @@
+//! The thin shell over the Workers runtime (wasm32 only).
+//!
+//! Entry points live here; the work is in `api` (the Worker's HTTP API), `source_object` (one
+//! Durable Object per source, running jobs from its alarm), `net` (outgoing fetch with timeouts)
+//! and `store` (streaming into R2). None of them decide anything the core can decide: they read
+//! the clock, call `Job::handle`, and perform the action it returns.
+
+mod api;
+mod net;
+mod source_object;
+mod store;
+
+
+use wasm_bindgen::JsValue;
+use worker::{console_error, console_log, event, Context, Env, Request, Response, ScheduleContext, ScheduledEvent};
+
+use crate::config::{Config, ConfigError};
+use crate::providers::Credentials;
+use crate::schedule::Window;
+use crate::secret::Secret;
+use crate::time::Timestamp;
+
+/// The R2 bucket binding.
+pub(crate) const BUCKET: &str = "BACKUPS";
+/// The Durable Object namespace binding.
+pub(crate) const SOURCES: &str = "SOURCES";
+
+#[event(fetch)]
+async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
+    api::handle(req, &env).await
+}
+
+#[event(scheduled)]
+async fn scheduled(event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
+    // The glue discards this handler's result, so every error is logged here.
+    let config = match load_config(&env) {
+        Ok(c) => c,
+        Err(e) => {
+            console_error!("cron {}: not running anything: {e}", event.cron());
+            return;
+        }
+    };
+    let scheduled = Timestamp::from_millis(event.schedule() as i64);
+    let window = Window::for_trigger(&event.cron(), scheduled);
+    for source in &config.sources {
+        let outcome = match source.schedule.fires_in(window.start, window.end) {
+            Some(fire) => source_object::trigger_cron(&env, &source.name, fire).await,
+            // Not due: make sure a job in flight still has its alarm (recovers lost alarms).
+            None => source_object::kick(&env, &source.name).await,
+        };
+        match outcome {
+            Ok(line) => console_log!("cron {}: {}: {line}", event.cron(), source.name),
+            Err(e) => console_error!("cron {}: {}: {e}", event.cron(), source.name),
+        }
+    }
+}
+
+/// Parses `FERRY_SOURCES` from the environment.
+pub(crate) fn load_config(env: &Env) -> Result<Config, ConfigError> {
+    let raw = js_sys::Reflect::get(env.as_ref(), &JsValue::from_str("FERRY_SOURCES")).unwrap_or(JsValue::UNDEFINED);
+    if raw.is_undefined() || raw.is_null() {
+        return Config::from_value(&serde_json::Value::Array(Vec::new()));
+    }
+    let value: serde_json::Value = match raw.as_string() {
+        Some(s) => serde_json::Value::String(s),
+        None => serde_wasm_bindgen::from_value(raw).map_err(|e| ConfigError {
+            source_name: None,
+            field: None,
+            problem: format!("FERRY_SOURCES could not be read: {e}"),
+        })?,
+    };
+    Config::from_value(&value)
+}
+
+/// A Worker secret, or `None` when it is not set.
+pub(crate) fn secret(env: &Env, name: &str) -> Option<Secret> {
+    env.secret(name).ok().map(|s| Secret::new(s.to_string())).filter(|s| !s.is_empty())
+}
+
+/// The secrets a source names (missing ones are left out; the job reports them).
+pub(crate) fn credentials(env: &Env, names: &[&str]) -> Credentials {
+    let mut creds = Credentials::new();
+    for name in names {
+        if let Some(value) = secret(env, name) {
+            creds.insert(*name, value);
+        }
+    }
+    creds
+}
+
+/// Now, from `Date.now()` (`std::time` panics on wasm32).
+pub(crate) fn now() -> Timestamp {
+    Timestamp::from_millis(js_sys::Date::now() as i64)
+}
+
+/// A number in `[0, 1)` for backoff jitter.
+pub(crate) fn jitter() -> f64 {
+    js_sys::Math::random()
+}
+
+/// Eight random bytes for a job id.
+pub(crate) fn random_bytes() -> [u8; 8] {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        // Fall back to Math.random: ids need uniqueness, not secrecy.
+        for b in &mut bytes {
+            *b = (js_sys::Math::random() * 256.0) as u8;
+        }
+    }
+    bytes
+}

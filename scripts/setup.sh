@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs everything Ferry needs to build, run and test, idempotently: the wasm target,
+# worker-build and the wasm-bindgen CLI at the versions the lockfile pins, the npm tooling
+# (wrangler, esbuild, binaryen) and pytest. What is already there at the right version is skipped.
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+cd "$FERRY_ROOT"
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)"; exit 1; }
+command -v node >/dev/null || { echo "node (>= 20.3) and npm are required"; exit 1; }
+command -v python3 >/dev/null || { echo "python3 is required for the emulators and tests"; exit 1; }
+
+if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown; then
+  say "adding the wasm32-unknown-unknown target"
+  rustup target add wasm32-unknown-unknown
+fi
+
+# The wasm-bindgen CLI must match the wasm-bindgen crate in Cargo.lock exactly.
+bindgen_version=$(awk '/^name = "wasm-bindgen"$/{getline; gsub(/version = |"/, ""); print; exit}' Cargo.lock)
+if [ "$(wasm-bindgen --version 2>/dev/null | awk '{print $2}')" != "$bindgen_version" ]; then
+  say "installing wasm-bindgen-cli $bindgen_version (compiles once, a few minutes)"
+  cargo install wasm-bindgen-cli --version "=$bindgen_version" --locked \
+    || cargo install wasm-bindgen-cli --version "=$bindgen_version"
+fi
+if [ "$(worker-build --version 2>/dev/null | awk '{print $2}')" != "$WORKER_BUILD_VERSION" ]; then
+  say "installing worker-build $WORKER_BUILD_VERSION (compiles once, a few minutes)"
+  cargo install worker-build --version "=$WORKER_BUILD_VERSION" --locked \
+    || cargo install worker-build --version "=$WORKER_BUILD_VERSION"
+fi
+
+if [ ! -x node_modules/.bin/wrangler ] || ! cmp -s package-lock.json node_modules/.package-lock.json 2>/dev/null; then
+  say "installing npm tooling (wrangler, esbuild, binaryen) from package-lock.json"
+  npm ci --no-audit --no-fund --loglevel=error
+fi
+
+if ! python3 -c 'import pytest' 2>/dev/null; then
+  say "installing pytest"
+  python3 -m pip install --quiet 'pytest>=8,<9'
+fi
+say "toolchain ready"

@@ -1,0 +1,187 @@
+//! The Worker's HTTP API: status for operators, signed webhooks for on-demand exports.
+//!
+//! Routing and checks come from the core (`crate::api`, `crate::webhook`); this module reads the
+//! request, calls the source objects and R2, and writes JSON. A bad signature is refused before
+//! anything else is touched.
+
+use futures_util::future::join_all;
+use serde_json::{json, Value};
+use worker::{Env, Method, Request, Response, ResponseBody};
+
+use super::source_object::{call, trigger_webhook};
+use super::{load_config, now, secret, store, BUCKET};
+use crate::api::{bearer_ok, error_body, route, Route};
+use crate::config::Config;
+use crate::manifest::{folder_of, is_manifest_key, manifest_key, Manifest};
+use crate::webhook::{verify, WebhookError, WebhookHeaders, WebhookSecret};
+
+/// Largest webhook body accepted.
+const MAX_WEBHOOK_BODY: usize = 64 * 1024;
+/// Default and largest page of `GET /v1/sources/{name}/backups`.
+const BACKUPS_PAGE: usize = 100;
+
+fn json(status: u16, body: &Value) -> worker::Result<Response> {
+    Ok(Response::from_json(body)?.with_status(status))
+}
+
+fn error(status: u16, message: &str) -> worker::Result<Response> {
+    json(status, &error_body(message))
+}
+
+/// Handles one request to the Worker.
+pub(crate) async fn handle(req: Request, env: &Env) -> worker::Result<Response> {
+    let method = req.method().to_string();
+    let path = req.path();
+    match route(&method, &path) {
+        Route::Health => json(200, &json!({ "service": "ferry", "version": env!("CARGO_PKG_VERSION") })),
+        Route::NotFound => error(404, "not found"),
+        Route::MethodNotAllowed(allowed) => {
+            let mut resp = error(405, &format!("use {allowed}"))?;
+            resp.headers_mut().set("allow", allowed)?;
+            Ok(resp)
+        }
+        Route::StartExport(name) => start_export(req, env, &name).await,
+        other => {
+            let Some(token) = secret(env, "FERRY_API_TOKEN") else {
+                return error(503, "FERRY_API_TOKEN is not set: wrangler secret put FERRY_API_TOKEN");
+            };
+            if !bearer_ok(req.headers().get("authorization")?.as_deref(), &token) {
+                let mut resp = error(401, "missing or wrong bearer token")?;
+                resp.headers_mut().set("www-authenticate", "Bearer")?;
+                return Ok(resp);
+            }
+            let config = match load_config(env) {
+                Ok(c) => c,
+                Err(e) => return error(500, &e.to_string()),
+            };
+            match other {
+                Route::ListSources => list_sources(env, &config).await,
+                Route::Job(id) => find_job(env, &config, id.as_str()).await,
+                Route::Backups(name) => list_backups(&req, env, &config, &name).await,
+                Route::Artifact(key) => artifact(env, &key).await,
+                _ => error(404, "not found"),
+            }
+        }
+    }
+}
+
+async fn start_export(mut req: Request, env: &Env, name: &str) -> worker::Result<Response> {
+    let Some(raw_secret) = secret(env, "FERRY_WEBHOOK_SECRET") else {
+        return error(503, "FERRY_WEBHOOK_SECRET is not set: wrangler secret put FERRY_WEBHOOK_SECRET");
+    };
+    let key = match WebhookSecret::parse(&raw_secret) {
+        Ok(k) => k,
+        Err(e) => return error(500, &e.to_string()),
+    };
+    let body = req.bytes().await?;
+    if body.len() > MAX_WEBHOOK_BODY {
+        return error(413, "webhook body is larger than 64 KiB");
+    }
+    let headers = req.headers();
+    let (id, ts, sig) = (headers.get("webhook-id")?, headers.get("webhook-timestamp")?, headers.get("webhook-signature")?);
+    let hdrs = WebhookHeaders { id: id.as_deref(), timestamp: ts.as_deref(), signature: sig.as_deref() };
+    let verified = match verify(&key, hdrs, &body, now()) {
+        Ok(v) => v,
+        Err(WebhookError::BadSecret) => return error(500, &WebhookError::BadSecret.to_string()),
+        Err(e) => return error(401, &format!("webhook signature refused: {e}")),
+    };
+    if !body.is_empty() && serde_json::from_slice::<Value>(&body).map(|v| !v.is_object()).unwrap_or(true) {
+        return error(400, "the webhook body must be empty or a JSON object");
+    }
+    let config = match load_config(env) {
+        Ok(c) => c,
+        Err(e) => return error(500, &e.to_string()),
+    };
+    if config.source(name).is_none() {
+        return error(404, &format!("no source named {name:?}"));
+    }
+    let (status, value) = trigger_webhook(env, name, verified.id()).await?;
+    let mut resp = json(status, &value)?;
+    if value.get("replayed").and_then(Value::as_bool) == Some(true) {
+        resp.headers_mut().set("idempotent-replayed", "true")?;
+    }
+    Ok(resp)
+}
+
+async fn list_sources(env: &Env, config: &Config) -> worker::Result<Response> {
+    let now = now();
+    let statuses = join_all(config.sources.iter().map(|s| call(env, &s.name, Method::Get, "/status", None))).await;
+    let mut sources = Vec::new();
+    for (source, status) in config.sources.iter().zip(statuses) {
+        let (current, last) = match status {
+            Ok((_, v)) => (v["current_job_id"].clone(), v["last_job"].clone()),
+            Err(e) => (Value::Null, json!({ "error": e.to_string() })),
+        };
+        sources.push(json!({
+            "name": source.name,
+            "kind": source.kind(),
+            "schedule": source.schedule.as_str(),
+            "next_run": source.schedule.next_after(now),
+            "current_job_id": current,
+            "last_job": last,
+        }));
+    }
+    json(200, &json!({ "sources": sources }))
+}
+
+async fn find_job(env: &Env, config: &Config, id: &str) -> worker::Result<Response> {
+    let path = format!("/job/{id}");
+    let answers = join_all(config.sources.iter().map(|s| call(env, &s.name, Method::Get, &path, None))).await;
+    for answer in answers {
+        if let Ok((200, job)) = answer {
+            return json(200, &job);
+        }
+    }
+    error(404, &format!("no job {id}"))
+}
+
+async fn list_backups(req: &Request, env: &Env, config: &Config, name: &str) -> worker::Result<Response> {
+    if config.source(name).is_none() {
+        return error(404, &format!("no source named {name:?}"));
+    }
+    let limit = req
+        .url()?
+        .query_pairs()
+        .find(|(k, _)| k == "limit")
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+        .unwrap_or(BACKUPS_PAGE)
+        .clamp(1, 1000);
+    let bucket = env.bucket(BUCKET)?;
+    let mut keys: Vec<String> =
+        store::list_keys(&bucket, &format!("{name}/")).await?.into_iter().filter(|k| is_manifest_key(k)).collect();
+    // Folder names start with the job's start time, so reverse key order is newest first.
+    keys.sort_unstable_by(|a, b| b.cmp(a));
+    keys.truncate(limit);
+    let manifests: Vec<Manifest> =
+        join_all(keys.iter().map(|k| store::read_manifest(&bucket, k))).await.into_iter().flatten().collect();
+    json(200, &json!({ "source": name, "backups": manifests }))
+}
+
+async fn artifact(env: &Env, key: &str) -> worker::Result<Response> {
+    // Only files of committed backups are served: the folder's manifest must list them.
+    let Some(folder) = folder_of(key) else { return error(404, "no such backup file") };
+    let bucket = env.bucket(BUCKET)?;
+    let manifest_key = manifest_key(folder);
+    let listed = key == manifest_key
+        || store::read_manifest(&bucket, &manifest_key)
+            .await
+            .is_some_and(|m| m.artifacts.iter().any(|a| a.key == key));
+    if !listed {
+        return error(404, "no such backup file");
+    }
+    let Some(object) = bucket.get(key.to_string()).execute().await? else {
+        return error(404, "no such backup file");
+    };
+    let headers = worker::Headers::new();
+    object.write_http_metadata(headers.clone())?;
+    headers.set("content-length", &object.size().to_string())?;
+    headers.set("etag", &object.http_etag())?;
+    if let Some(sha) = object.custom_metadata()?.get("sha256") {
+        headers.set("x-ferry-sha256", sha)?;
+    }
+    let body = match object.body() {
+        Some(b) => b.response_body()?,
+        None => ResponseBody::Empty,
+    };
+    Ok(Response::from_body(body)?.with_headers(headers))
+}

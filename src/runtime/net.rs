@@ -1,0 +1,89 @@
+//! Outgoing HTTP with timeouts.
+//!
+//! `fetch` has no timeout of its own, so every request races an `AbortController` against a
+//! `Delay`; a download also gives up when no bytes arrive for a while.
+
+use std::time::Duration;
+
+use futures_util::future::{select, Either};
+use futures_util::StreamExt;
+use worker::{AbortController, ByteStream, Delay, Fetch, Headers, Method, Request, RequestInit, Response};
+
+use crate::http::{HttpRequest, HttpResponse};
+
+/// How long an API call may take end to end.
+pub(crate) const API_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a download may wait for its response headers.
+pub(crate) const HEADERS_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a download may go without receiving a byte.
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Largest API answer read into memory.
+const MAX_API_BODY: usize = 4 * 1024 * 1024;
+
+fn to_request(req: &HttpRequest) -> Result<Request, String> {
+    let headers = Headers::new();
+    for (k, v) in &req.headers {
+        headers.set(k, v).map_err(|e| format!("bad header {k}: {e}"))?;
+    }
+    let mut init = RequestInit::new();
+    init.with_method(match req.method {
+        crate::http::Method::Get => Method::Get,
+        crate::http::Method::Post => Method::Post,
+    });
+    init.with_headers(headers);
+    if let Some(body) = &req.body {
+        init.with_body(Some(js_sys::Uint8Array::from(body.as_slice()).into()));
+    }
+    Request::new_with_init(&req.url, &init).map_err(|e| format!("invalid request to {}: {e}", host(&req.url)))
+}
+
+/// The host of a URL, for messages that must not echo signed query strings.
+pub(crate) fn host(url: &str) -> String {
+    url::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_string)).unwrap_or_else(|| "?".into())
+}
+
+/// Sends a request; the response body is not read. Errors are network failures and timeouts.
+pub(crate) async fn send(req: &HttpRequest, timeout: Duration) -> Result<Response, String> {
+    let request = to_request(req)?;
+    let controller = AbortController::default();
+    let signal = controller.signal();
+    let fetch = Fetch::Request(request);
+    let sending = Box::pin(fetch.send_with_signal(&signal));
+    let delay = Box::pin(Delay::from(timeout));
+    let outcome = match select(sending, delay).await {
+        Either::Left((Ok(resp), _)) => Ok(resp),
+        Either::Left((Err(e), _)) => Err(format!("request to {} failed: {e}", host(&req.url))),
+        Either::Right(((), _)) => Err(format!("request to {} timed out after {} s", host(&req.url), timeout.as_secs())),
+    };
+    if outcome.is_err() {
+        controller.abort();
+    }
+    outcome
+}
+
+/// Sends an API request and reads its (small) answer.
+pub(crate) async fn exchange(req: &HttpRequest) -> Result<HttpResponse, String> {
+    let mut resp = send(req, API_TIMEOUT).await?;
+    let status = resp.status_code();
+    let headers: Vec<(String, String)> = resp.headers().entries().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
+    let mut stream = resp.stream().map_err(|e| format!("reading the answer from {}: {e}", host(&req.url)))?;
+    let mut body = Vec::new();
+    while let Some(chunk) = next_chunk(&mut stream, API_TIMEOUT).await? {
+        if body.len() + chunk.len() > MAX_API_BODY {
+            return Err(format!("the answer from {} is larger than {MAX_API_BODY} bytes", host(&req.url)));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(HttpResponse { status, headers, body })
+}
+
+/// The next chunk of a body, `None` at its end; fails when nothing arrives within `idle`.
+pub(crate) async fn next_chunk(stream: &mut ByteStream, idle: Duration) -> Result<Option<Vec<u8>>, String> {
+    let delay = Box::pin(Delay::from(idle));
+    match select(stream.next(), delay).await {
+        Either::Left((Some(Ok(chunk)), _)) => Ok(Some(chunk)),
+        Either::Left((Some(Err(e)), _)) => Err(format!("the connection broke: {e}")),
+        Either::Left((None, _)) => Ok(None),
+        Either::Right(((), _)) => Err(format!("no data received for {} s", idle.as_secs())),
+    }
+}

@@ -1,0 +1,341 @@
+//! One Durable Object per source: the single-flight lock and the job runner.
+//!
+//! Triggers only record the job (and the ledger) in one storage write and arm the alarm; the
+//! alarm does the work one step at a time, persisting the job after every step, so an evicted or
+//! restarted object resumes where it stopped. Cron ticks also "kick" each object, re-arming the
+//! alarm of a job in flight should it ever have been lost.
+
+use std::cell::Cell;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use wasm_bindgen::JsValue;
+use worker::{
+    console_error, console_log, durable_object, DurableObject, Env, Method, Request, RequestInit, Response,
+    State, Storage,
+};
+
+use super::{credentials, jitter, load_config, now, random_bytes, store, BUCKET, SOURCES};
+use crate::config::SourceConfig;
+use crate::job::{Action, Context, Event, Job, JobId, Trigger};
+use crate::ledger::{Admission, Ledger, TriggerRequest};
+use crate::time::Timestamp;
+
+const LEDGER: &str = "ledger";
+const SOURCE: &str = "source";
+/// Steps run back to back in one alarm before yielding to a fresh alarm.
+const MAX_INLINE_STEPS: u32 = 16;
+/// A safety alarm armed before every step: if the isolate dies mid-step, the job resumes.
+const WATCHDOG: Duration = Duration::from_secs(90);
+
+fn job_key(id: &JobId) -> String {
+    format!("job:{id}")
+}
+
+/// The Durable Object class (`SOURCES` binding).
+#[durable_object]
+pub struct SourceObject {
+    state: State,
+    env: Env,
+    /// In memory only: an instance that restarted is, rightly, not busy.
+    busy: Cell<bool>,
+}
+
+impl DurableObject for SourceObject {
+    fn new(state: State, env: Env) -> Self {
+        Self { state, env, busy: Cell::new(false) }
+    }
+
+    async fn fetch(&self, mut req: Request) -> worker::Result<Response> {
+        if let Some(name) = req.headers().get("x-ferry-source")? {
+            self.remember_source(&name).await?;
+        }
+        let path = req.path();
+        match (req.method(), path.as_str()) {
+            (Method::Post, "/trigger") => {
+                let body: TriggerRequest = req.json().await?;
+                self.trigger(body).await
+            }
+            (Method::Get, "/status") => self.status().await,
+            (Method::Post, "/kick") => self.kick().await,
+            (Method::Get, p) if p.starts_with("/job/") => {
+                match JobId::parse(&p["/job/".len()..]) {
+                    Some(id) => match self.load_job(&id).await? {
+                        Some(job) => Response::from_json(&job.public_json()),
+                        None => Response::error("no such job", 404),
+                    },
+                    None => Response::error("no such job", 404),
+                }
+            }
+            _ => Response::error("not found", 404),
+        }
+    }
+
+    async fn alarm(&self) -> worker::Result<Response> {
+        if self.busy.replace(true) {
+            // A step is still running in this instance; it re-arms the alarm when it ends.
+            return Response::ok("busy");
+        }
+        let result = self.run().await;
+        self.busy.set(false);
+        if let Err(e) = &result {
+            console_error!("alarm: {e}");
+            // Storage or R2 failed outside any step: try again shortly rather than lose the job.
+            let _ = self.storage().set_alarm(Duration::from_secs(5)).await;
+        }
+        Response::ok("ok")
+    }
+}
+
+impl SourceObject {
+    fn storage(&self) -> Storage {
+        self.state.storage()
+    }
+
+    async fn remember_source(&self, name: &str) -> worker::Result<()> {
+        if self.storage().get::<String>(SOURCE).await?.as_deref() != Some(name) {
+            self.storage().put(SOURCE, name.to_string()).await?;
+        }
+        Ok(())
+    }
+
+    async fn source_name(&self) -> worker::Result<Option<String>> {
+        match self.storage().get::<String>(SOURCE).await? {
+            Some(n) => Ok(Some(n)),
+            None => Ok(self.state.id().name()),
+        }
+    }
+
+    async fn load_ledger(&self) -> worker::Result<Ledger> {
+        match self.storage().get::<String>(LEDGER).await? {
+            Some(text) => serde_json::from_str(&text).map_err(|e| worker::Error::RustError(format!("ledger: {e}"))),
+            None => Ok(Ledger::default()),
+        }
+    }
+
+    async fn load_job(&self, id: &JobId) -> worker::Result<Option<Job>> {
+        match self.storage().get::<String>(&job_key(id)).await? {
+            Some(text) => serde_json::from_str(&text).map(Some).map_err(|e| worker::Error::RustError(format!("job: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes the job and the ledger together (one implicit transaction).
+    async fn save(&self, job: &Job, ledger: Option<&Ledger>) -> worker::Result<()> {
+        // A plain JS object of JSON strings: `putMultiple` ignores a JS `Map`.
+        let entries = js_sys::Object::new();
+        let set = |key: &str, text: String| {
+            js_sys::Reflect::set(&entries, &JsValue::from_str(key), &JsValue::from_str(&text))
+                .map(|_| ())
+                .map_err(|_| worker::Error::RustError(format!("cannot stage {key}")))
+        };
+        set(&job_key(&job.id), serde_json::to_string(job).map_err(|e| worker::Error::RustError(e.to_string()))?)?;
+        if let Some(l) = ledger {
+            set(LEDGER, serde_json::to_string(l).map_err(|e| worker::Error::RustError(e.to_string()))?)?;
+        }
+        self.storage().put_multiple_raw(entries).await
+    }
+
+    fn source_config(&self, name: &str) -> Result<SourceConfig, String> {
+        let config = load_config(&self.env).map_err(|e| e.to_string())?;
+        config.source(name).cloned().ok_or_else(|| format!("source {name:?} is no longer configured"))
+    }
+
+    async fn trigger(&self, req: TriggerRequest) -> worker::Result<Response> {
+        let Some(name) = self.source_name().await? else { return Response::error("unknown source", 400) };
+        let source = match self.source_config(&name) {
+            Ok(s) => s,
+            Err(e) => return json_response(500, &json!({ "error": e })),
+        };
+        let mut ledger = self.load_ledger().await?;
+        match ledger.admit(&req) {
+            Admission::Start => {
+                let now = now();
+                let job = Job::new(
+                    JobId::from_random(random_bytes()),
+                    &source,
+                    req.trigger,
+                    req.webhook_id.clone(),
+                    req.scheduled_for,
+                    now,
+                );
+                let evicted = ledger.record_start(&job.id, &req, now);
+                self.save(&job, Some(&ledger)).await?;
+                if !evicted.is_empty() {
+                    let keys: Vec<String> = evicted.iter().map(job_key).collect();
+                    self.storage().delete_multiple(keys).await?;
+                }
+                self.storage().set_alarm(now.to_datetime()).await?;
+                json_response(202, &json!({ "job": job.public_json() }))
+            }
+            Admission::Replay(id) => {
+                let job = self.load_job(&id).await?.map(|j| j.public_json());
+                let mut resp = json_response(202, &json!({ "job": job, "replayed": true }))?;
+                resp.headers_mut().set("idempotent-replayed", "true")?;
+                Ok(resp)
+            }
+            Admission::Busy(id) => json_response(
+                409,
+                &json!({ "error": format!("source {name:?} already has a job in flight"), "job_id": id }),
+            ),
+            Admission::AlreadyServed(at) => {
+                json_response(200, &json!({ "skipped": format!("the fire time {at} was already served") }))
+            }
+        }
+    }
+
+    async fn status(&self) -> worker::Result<Response> {
+        let ledger = self.load_ledger().await?;
+        let last = match ledger.last_job() {
+            Some(id) => self.load_job(id).await?.map(|j| j.public_json()),
+            None => None,
+        };
+        json_response(200, &json!({ "current_job_id": ledger.current, "last_job": last }))
+    }
+
+    async fn kick(&self) -> worker::Result<Response> {
+        let ledger = self.load_ledger().await?;
+        if ledger.current.is_some() && self.storage().get_alarm().await?.is_none() {
+            self.storage().set_alarm(Duration::from_millis(1)).await?;
+            return Response::ok("re-armed the alarm of the job in flight");
+        }
+        Response::ok(if ledger.current.is_some() { "job in flight" } else { "idle" })
+    }
+
+    /// Runs the job in flight until it sleeps or ends.
+    async fn run(&self) -> worker::Result<()> {
+        let mut ledger = self.load_ledger().await?;
+        let Some(id) = ledger.current.clone() else { return Ok(()) };
+        let Some(mut job) = self.load_job(&id).await? else {
+            console_error!("job {id} has no record; releasing the source");
+            ledger.record_finish(&id);
+            let text = serde_json::to_string(&ledger).map_err(|e| worker::Error::RustError(e.to_string()))?;
+            return self.storage().put(LEDGER, text).await;
+        };
+        let name = job.source.clone();
+        let source = match self.source_config(&name) {
+            Ok(s) => s,
+            Err(e) => {
+                // Without a valid config nothing can run; check again in a minute.
+                console_error!("job {id}: {e}");
+                self.storage().set_alarm(Duration::from_secs(60)).await?;
+                return Ok(());
+            }
+        };
+        let creds = credentials(&self.env, &source.secret_names());
+        let bucket = self.env.bucket(BUCKET)?;
+        let mut event = Event::Wake;
+        let mut steps = 0;
+        loop {
+            let now = now();
+            let cx = Context { now, jitter: jitter(), source: &source, creds: &creds };
+            let (next, action) = job.handle(event, &cx);
+            job = next;
+            if job.phase.is_terminal() {
+                ledger.record_finish(&job.id);
+                self.save(&job, Some(&ledger)).await?;
+            } else {
+                self.save(&job, None).await?;
+            }
+            if matches!(action, Action::Send(_) | Action::Copy(_) | Action::Commit { .. }) {
+                self.storage().set_alarm(now.plus(WATCHDOG).to_datetime()).await?;
+            }
+            event = match action {
+                Action::Send(req) => match super::net::exchange(&req).await {
+                    Ok(resp) => Event::Response(resp),
+                    Err(e) => Event::Unreachable(e),
+                },
+                Action::Copy(order) => {
+                    let result = store::copy(&bucket, &self.storage(), &order, &job.id).await;
+                    match result {
+                        Ok(artifact) => {
+                            console_log!("job {}: stored {} ({} bytes, {} parts)", job.id, artifact.key, artifact.size, artifact.parts);
+                            Event::Copied(artifact)
+                        }
+                        Err(e) => Event::CopyFailed(e),
+                    }
+                }
+                Action::Commit { key, manifest } => match store::write_manifest(&bucket, &key, &manifest).await {
+                    Ok(()) => Event::Committed,
+                    Err(e) => Event::CommitFailed(e),
+                },
+                Action::Discard { folder } => {
+                    match store::discard(&bucket, &self.storage(), &folder).await {
+                        Ok(n) => console_log!("job {}: failed; removed {n} objects under {folder}", job.id),
+                        Err(e) => console_error!("job {}: failed; cleaning {folder} failed: {e}", job.id),
+                    }
+                    break;
+                }
+                Action::Sleep(at) => {
+                    steps += 1;
+                    if at <= now && steps < MAX_INLINE_STEPS {
+                        Event::Wake
+                    } else {
+                        self.storage().set_alarm(at.max(now).to_datetime()).await?;
+                        return Ok(());
+                    }
+                }
+                Action::Done => break,
+            };
+        }
+        if let Some(error) = &job.error {
+            console_error!("job {} of {name}: failed: {error}", job.id);
+        } else {
+            console_log!("job {} of {name}: {:?}", job.id, job.phase);
+        }
+        self.storage().delete_alarm().await?;
+        Ok(())
+    }
+}
+
+fn json_response(status: u16, body: &Value) -> worker::Result<Response> {
+    Ok(Response::from_json(body)?.with_status(status))
+}
+
+fn stub_request(name: &str, method: Method, path: &str, body: Option<&Value>) -> worker::Result<Request> {
+    let headers = worker::Headers::new();
+    headers.set("x-ferry-source", name)?;
+    headers.set("content-type", "application/json")?;
+    let mut init = RequestInit::new();
+    init.with_method(method).with_headers(headers);
+    if let Some(b) = body {
+        init.with_body(Some(JsValue::from_str(&b.to_string())));
+    }
+    Request::new_with_init(&format!("https://source{path}"), &init)
+}
+
+/// Sends a request to a source's object; returns its status and JSON body.
+pub(crate) async fn call(env: &Env, name: &str, method: Method, path: &str, body: Option<&Value>) -> worker::Result<(u16, Value)> {
+    let stub = env.durable_object(SOURCES)?.get_by_name(name)?;
+    let mut resp = stub.fetch_with_request(stub_request(name, method, path, body)?).await?;
+    let status = resp.status_code();
+    let text = resp.text().await?;
+    let value = serde_json::from_str(&text).unwrap_or_else(|_| json!({ "message": text }));
+    Ok((status, value))
+}
+
+/// Starts (or replays) a webhook job.
+pub(crate) async fn trigger_webhook(env: &Env, name: &str, webhook_id: &str) -> worker::Result<(u16, Value)> {
+    let req = TriggerRequest { trigger: Trigger::Webhook, webhook_id: Some(webhook_id.to_string()), scheduled_for: None };
+    let body = serde_json::to_value(&req).map_err(|e| worker::Error::RustError(e.to_string()))?;
+    call(env, name, Method::Post, "/trigger", Some(&body)).await
+}
+
+/// Starts the cron job serving `fire`; returns a line for the log.
+pub(crate) async fn trigger_cron(env: &Env, name: &str, fire: Timestamp) -> Result<String, String> {
+    let req = TriggerRequest { trigger: Trigger::Cron, webhook_id: None, scheduled_for: Some(fire) };
+    let body = serde_json::to_value(&req).map_err(|e| e.to_string())?;
+    let (status, value) = call(env, name, Method::Post, "/trigger", Some(&body)).await.map_err(|e| e.to_string())?;
+    match status {
+        202 => Ok(format!("due at {fire}: started job {}", value["job"]["id"].as_str().unwrap_or("?"))),
+        409 => Ok(format!("due at {fire}: skipped, job {} is still in flight", value["job_id"].as_str().unwrap_or("?"))),
+        200 => Ok(format!("due at {fire}: {}", value["skipped"].as_str().unwrap_or("skipped"))),
+        _ => Err(format!("due at {fire}: HTTP {status}: {value}")),
+    }
+}
+
+/// Re-arms a lost alarm of a job in flight.
+pub(crate) async fn kick(env: &Env, name: &str) -> Result<String, String> {
+    let (_, value) = call(env, name, Method::Post, "/kick", None).await.map_err(|e| e.to_string())?;
+    Ok(format!("not due ({})", value["message"].as_str().unwrap_or("ok")))
+}

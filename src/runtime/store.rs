@@ -1,0 +1,365 @@
+//! Streaming artifacts into R2, committing manifests, cleaning up failures.
+//!
+//! A download is read chunk by chunk, hashed with SHA-256 on the way, and never held whole:
+//! - small (it ends before one part is full): one `put` with R2's server-side `sha256` check and
+//!   the hash in the object's custom metadata;
+//! - otherwise: a multipart upload of equal `part_size` parts (R2's rule: all but the last equal,
+//!   at least 5 MiB, at most 10,000) into a staging key. Custom metadata is fixed when a multipart
+//!   upload is created, before the hash is known, so the staged object is then copied inside R2
+//!   to its final key with the hash in its metadata, R2 re-verifying the hash on the way, and the
+//!   staging key is deleted.
+//!
+//! Every open multipart upload is recorded in the Durable Object's storage before its first part,
+//! so an attempt interrupted by a restart is aborted by the next one; any failure aborts it too.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use worker::{Bucket, Data, HttpMetadata, MultipartUpload, Object, Range, ResponseBody, Storage, UploadedPart};
+
+use super::net;
+use crate::config::MAX_PART_SIZE;
+use crate::error::StepError;
+use crate::http::status_error;
+use crate::job::{CopyOrder, JobId};
+use crate::manifest::{Artifact, Manifest};
+use crate::time::Timestamp;
+
+/// Durable Object storage key of the open multipart upload, if any.
+const OPEN_UPLOAD: &str = "open_upload";
+/// R2's limit on parts per upload.
+const MAX_PARTS: u64 = 10_000;
+
+/// A multipart upload that has been created and not yet completed or aborted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct OpenUpload {
+    key: String,
+    upload_id: String,
+}
+
+/// Where an artifact is staged while its multipart upload runs.
+fn staging_key(key: &str) -> String {
+    match key.rsplit_once('/') {
+        Some((folder, name)) => format!("{folder}/.staging/{name}"),
+        None => format!(".staging/{key}"),
+    }
+}
+
+fn r2_err(what: &str, e: worker::Error) -> StepError {
+    StepError::transient(format!("R2 {what} failed: {e}"))
+}
+
+/// Aborts a multipart upload left open by an interrupted attempt.
+pub(crate) async fn abort_leftover(bucket: &Bucket, storage: &Storage) {
+    if let Ok(Some(text)) = storage.get::<String>(OPEN_UPLOAD).await {
+        if let Ok(open) = serde_json::from_str::<OpenUpload>(&text) {
+            if let Ok(upload) = bucket.resume_multipart_upload(open.key.clone(), open.upload_id.clone()) {
+                let _ = upload.abort().await;
+            }
+        }
+        let _ = storage.delete(OPEN_UPLOAD).await;
+    }
+}
+
+/// Metadata stored on every artifact.
+fn artifact_metadata(order: &CopyOrder, job: &JobId, sha256: &str) -> HashMap<String, String> {
+    HashMap::from([
+        ("sha256".to_string(), sha256.to_string()),
+        ("job_id".to_string(), job.to_string()),
+        ("filename".to_string(), order.filename.clone()),
+    ])
+}
+
+fn content_type(order: &CopyOrder) -> HttpMetadata {
+    HttpMetadata { content_type: Some(order.content_type.clone()), ..HttpMetadata::default() }
+}
+
+/// One download in progress.
+struct Transfer<'a> {
+    bucket: &'a Bucket,
+    storage: &'a Storage,
+    order: &'a CopyOrder,
+    staging: String,
+    multipart: Option<(MultipartUpload, Vec<UploadedPart>)>,
+}
+
+impl Transfer<'_> {
+    async fn upload_part(&mut self, part: Vec<u8>) -> Result<(), StepError> {
+        if self.multipart.is_none() {
+            let upload = self
+                .bucket
+                .create_multipart_upload(self.staging.clone())
+                .http_metadata(content_type(self.order))
+                .execute()
+                .await
+                .map_err(|e| r2_err("create multipart upload", e))?;
+            let open = OpenUpload { key: self.staging.clone(), upload_id: upload.upload_id().await };
+            let text = serde_json::to_string(&open).map_err(|e| StepError::permanent(e.to_string()))?;
+            self.storage.put(OPEN_UPLOAD, text).await.map_err(|e| r2_err("recording the upload", e))?;
+            self.multipart = Some((upload, Vec::new()));
+        }
+        let Some((upload, parts)) = self.multipart.as_mut() else { return Ok(()) };
+        let number = parts.len() as u64 + 1;
+        if number > MAX_PARTS {
+            return Err(StepError::permanent(format!(
+                "{} needs more than {MAX_PARTS} parts of {} MiB; raise part_size_mib",
+                self.order.filename,
+                self.order.part_size >> 20
+            )));
+        }
+        let uploaded = upload.upload_part(number as u16, part).await.map_err(|e| r2_err("upload part", e))?;
+        parts.push(uploaded);
+        Ok(())
+    }
+
+    /// Aborts whatever is open and removes the staging object (best effort).
+    async fn clean_up(&mut self) {
+        if let Some((upload, _)) = self.multipart.take() {
+            let _ = upload.abort().await;
+        }
+        let _ = self.storage.delete(OPEN_UPLOAD).await;
+        let _ = self.bucket.delete(self.staging.clone()).await;
+    }
+
+    async fn run(&mut self, job: &JobId) -> Result<Artifact, StepError> {
+        let order = self.order;
+        let mut resp = net::send(&order.request, net::HEADERS_TIMEOUT).await.map_err(StepError::transient)?;
+        let status = resp.status_code();
+        if !(200..300).contains(&status) {
+            let mut stream = resp.stream().map_err(|e| StepError::transient(e.to_string()))?;
+            let first = net::next_chunk(&mut stream, net::IDLE_TIMEOUT).await.ok().flatten().unwrap_or_default();
+            let text: String = String::from_utf8_lossy(&first).chars().take(200).collect();
+            let message = format!("download of {} was refused (HTTP {status}): {}", order.filename, text.trim());
+            let http = crate::http::HttpResponse { status, headers: Vec::new(), body: Vec::new() };
+            return Err(status_error(&http, Timestamp::from_millis(0), message));
+        }
+        // A length is only trustworthy for bytes received as sent (no transparent decoding).
+        let encoded = resp.headers().get("content-encoding").ok().flatten().is_some_and(|e| e != "identity");
+        let declared = if encoded {
+            None
+        } else {
+            resp.headers().get("content-length").ok().flatten().and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let part_size = order.part_size.clamp(crate::config::MIN_PART_SIZE, MAX_PART_SIZE) as usize;
+        let mut stream = resp.stream().map_err(|e| StepError::transient(e.to_string()))?;
+        let mut hasher = Sha256::new();
+        let mut total: u64 = 0;
+        let mut buf: Vec<u8> = Vec::with_capacity(part_size.min(declared.unwrap_or(1 << 20) as usize));
+        while let Some(chunk) = net::next_chunk(&mut stream, net::IDLE_TIMEOUT)
+            .await
+            .map_err(|e| StepError::transient(format!("download of {}: {e}", order.filename)))?
+        {
+            hasher.update(&chunk);
+            total += chunk.len() as u64;
+            let mut rest: &[u8] = &chunk;
+            while !rest.is_empty() {
+                let room = part_size - buf.len();
+                let take = room.min(rest.len());
+                buf.extend_from_slice(&rest[..take]);
+                rest = &rest[take..];
+                if buf.len() == part_size {
+                    let part = std::mem::replace(&mut buf, Vec::with_capacity(part_size));
+                    self.upload_part(part).await?;
+                }
+            }
+        }
+        if let Some(expected) = declared {
+            if total != expected {
+                return Err(StepError::transient(format!(
+                    "download of {} ended after {total} of {expected} bytes",
+                    order.filename
+                )));
+            }
+        }
+        let digest = hasher.finalize().to_vec();
+        let sha256 = hex::encode(&digest);
+        let metadata = artifact_metadata(order, job, &sha256);
+        let (stored, parts) = match self.multipart.take() {
+            None => {
+                let object = self
+                    .bucket
+                    .put(order.key.clone(), Data::Bytes(buf))
+                    .http_metadata(content_type(order))
+                    .custom_metadata(metadata)
+                    .sha256(digest)
+                    .execute()
+                    .await
+                    .map_err(|e| r2_err("put", e))?
+                    .ok_or_else(|| StepError::transient("R2 put was refused by a precondition"))?;
+                (object.size(), 1)
+            }
+            Some((upload, parts)) => {
+                self.multipart = Some((upload, parts));
+                if !buf.is_empty() {
+                    self.upload_part(buf).await?;
+                }
+                let Some((upload, parts)) = self.multipart.take() else {
+                    return Err(StepError::permanent("multipart upload vanished"));
+                };
+                let count = parts.len() as u32;
+                let staged = upload.complete(parts).await.map_err(|e| r2_err("complete multipart upload", e))?;
+                let _ = self.storage.delete(OPEN_UPLOAD).await;
+                if staged.size() != total {
+                    return Err(StepError::transient(format!(
+                        "R2 stored {} bytes of {total} for {}",
+                        staged.size(),
+                        order.filename
+                    )));
+                }
+                let object = copy_object(self.bucket, &self.staging, order, total, digest, metadata).await?;
+                let _ = self.bucket.delete(self.staging.clone()).await;
+                (object.size(), count)
+            }
+        };
+        if stored != total {
+            return Err(StepError::transient(format!("R2 stored {stored} bytes of {total} for {}", order.filename)));
+        }
+        Ok(Artifact {
+            key: order.key.clone(),
+            filename: order.filename.clone(),
+            size: total,
+            sha256,
+            content_type: order.content_type.clone(),
+            parts,
+        })
+    }
+}
+
+/// Streams one download into R2 at `order.key`. On failure nothing of it is left behind.
+pub(crate) async fn copy(bucket: &Bucket, storage: &Storage, order: &CopyOrder, job: &JobId) -> Result<Artifact, StepError> {
+    abort_leftover(bucket, storage).await;
+    let mut transfer = Transfer { bucket, storage, order, staging: staging_key(&order.key), multipart: None };
+    let _ = bucket.delete(transfer.staging.clone()).await;
+    match transfer.run(job).await {
+        Ok(artifact) => Ok(artifact),
+        Err(e) => {
+            transfer.clean_up().await;
+            let _ = bucket.delete(order.key.clone()).await;
+            Err(e)
+        }
+    }
+}
+
+fn body_data(object: &Object) -> Result<Data, StepError> {
+    let body = object.body().ok_or_else(|| StepError::transient("R2 returned no body"))?;
+    Ok(match body.response_body().map_err(|e| r2_err("read", e))? {
+        ResponseBody::Stream(s) => Data::ReadableStream(s),
+        ResponseBody::Body(b) => Data::Bytes(b),
+        ResponseBody::Empty => Data::Empty,
+    })
+}
+
+/// Copies the staged object to its final key inside R2 (streams of known length, no wasm copy),
+/// with the hash in its metadata.
+async fn copy_object(
+    bucket: &Bucket,
+    from: &str,
+    order: &CopyOrder,
+    size: u64,
+    digest: Vec<u8>,
+    metadata: HashMap<String, String>,
+) -> Result<Object, StepError> {
+    if size <= MAX_PART_SIZE {
+        let staged = bucket
+            .get(from.to_string())
+            .execute()
+            .await
+            .map_err(|e| r2_err("get", e))?
+            .ok_or_else(|| StepError::transient("the staged object disappeared"))?;
+        return bucket
+            .put(order.key.clone(), body_data(&staged)?)
+            .http_metadata(content_type(order))
+            .custom_metadata(metadata)
+            .sha256(digest)
+            .execute()
+            .await
+            .map_err(|e| r2_err("put", e))?
+            .ok_or_else(|| StepError::transient("R2 put was refused by a precondition"));
+    }
+    // Beyond one request's limit: copy range by range into a multipart upload that carries the
+    // metadata from the start.
+    let upload = bucket
+        .create_multipart_upload(order.key.clone())
+        .http_metadata(content_type(order))
+        .custom_metadata(metadata)
+        .execute()
+        .await
+        .map_err(|e| r2_err("create multipart upload", e))?;
+    let mut parts = Vec::new();
+    let mut offset = 0u64;
+    let mut number = 1u16;
+    while offset < size {
+        let length = order.part_size.min(size - offset);
+        let piece = bucket
+            .get(from.to_string())
+            .range(Range::OffsetWithLength { offset, length })
+            .execute()
+            .await
+            .map_err(|e| r2_err("get range", e))?
+            .ok_or_else(|| StepError::transient("the staged object disappeared"))?;
+        match upload.upload_part(number, body_data(&piece)?).await {
+            Ok(p) => parts.push(p),
+            Err(e) => {
+                let _ = upload.abort().await;
+                return Err(r2_err("upload part", e));
+            }
+        }
+        offset += length;
+        number += 1;
+    }
+    upload.complete(parts).await.map_err(|e| r2_err("complete multipart upload", e))
+}
+
+/// Writes a manifest, the commit marker, after every artifact is stored.
+pub(crate) async fn write_manifest(bucket: &Bucket, key: &str, manifest: &Manifest) -> Result<(), String> {
+    let body = serde_json::to_vec_pretty(manifest).map_err(|e| e.to_string())?;
+    let digest = Sha256::digest(&body).to_vec();
+    let metadata = HashMap::from([("sha256".to_string(), hex::encode(&digest))]);
+    bucket
+        .put(key.to_string(), Data::Bytes(body))
+        .http_metadata(HttpMetadata { content_type: Some("application/json".into()), ..HttpMetadata::default() })
+        .custom_metadata(metadata)
+        .sha256(digest)
+        .execute()
+        .await
+        .map_err(|e| format!("R2 put of the manifest failed: {e}"))?
+        .ok_or_else(|| "R2 refused the manifest put".to_string())?;
+    Ok(())
+}
+
+/// Every key under `prefix`, following R2's cursor.
+pub(crate) async fn list_keys(bucket: &Bucket, prefix: &str) -> worker::Result<Vec<String>> {
+    let mut keys = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut list = bucket.list().prefix(prefix.to_string()).limit(1000);
+        if let Some(c) = cursor.take() {
+            list = list.cursor(c);
+        }
+        let page = list.execute().await?;
+        keys.extend(page.objects().iter().map(Object::key));
+        match (page.truncated(), page.cursor()) {
+            (true, Some(c)) => cursor = Some(c),
+            _ => break,
+        }
+    }
+    Ok(keys)
+}
+
+/// Deletes everything under a failed job's folder and aborts its open upload (best effort).
+pub(crate) async fn discard(bucket: &Bucket, storage: &Storage, folder: &str) -> Result<usize, String> {
+    abort_leftover(bucket, storage).await;
+    let keys = list_keys(bucket, folder).await.map_err(|e| e.to_string())?;
+    for batch in keys.chunks(1000) {
+        bucket.delete_multiple(batch.to_vec()).await.map_err(|e| e.to_string())?;
+    }
+    Ok(keys.len())
+}
+
+/// Reads and parses one manifest.
+pub(crate) async fn read_manifest(bucket: &Bucket, key: &str) -> Option<Manifest> {
+    let object = bucket.get(key.to_string()).execute().await.ok()??;
+    let bytes = object.body()?.bytes().await.ok()?;
+    serde_json::from_slice(&bytes).ok()
+}

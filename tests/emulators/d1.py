@@ -1,0 +1,765 @@
+#!/usr/bin/env python3
+"""Local emulator of the Cloudflare D1 REST export API (provider-apis.md §1.1, §1.3, §1.4, §6.1).
+
+Run::
+
+    python3 tests/emulators/d1.py --port 0 --account ACCOUNT --token TOKEN \\
+        --database DBID=/path/to/db.sqlite [--database ...] \\
+        [--host 127.0.0.1] [--cancel-after 30] [--active-polls 2] [--url-ttl 3600] [--hold-ms 0]
+
+It prints one line ``READY <port>`` once it listens.
+
+What is emulated
+----------------
+* ``POST /client/v4/accounts/{a}/d1/database/{id}/export`` — the polling export
+  state machine: the first call (no ``current_bookmark``) snapshots a dump of the
+  SQLite file and answers **202** ``status:"active"`` with a fixed ``at_bookmark``;
+  later calls with that bookmark answer 202 until ``active_polls`` polls have been
+  made in total, then **200** ``status:"complete"`` with ``result:{filename,
+  signed_url}`` (or ``status:"error"``, or wrangler's ``{success:false, error}``
+  PollingFailure shape).  ``messages`` carries only the log lines that are new
+  since the previous poll ("Generating <f>", "Uploaded part 2", "Uploaded part 1",
+  ..., "Finished uploading <f> in N parts.").  One export per database at a time:
+  a call without a bookmark while a task is active returns that task.  An active
+  task that is not polled within ``cancel_after`` seconds is cancelled.
+* ``GET /client/v4/accounts/{a}/d1/database/{id-or-name}`` (with ``fields=``) and
+  ``GET /client/v4/accounts/{a}/d1/database`` (``name``, ``page``, ``per_page``).
+* ``GET /__signed/<token>/<filename>`` — the unauthenticated signed download URL,
+  valid ``url_ttl`` seconds from issue, then 403 with an S3-style XML error.
+* The response envelope ``{success, errors, messages, result}``, integer error
+  codes ≥ 1000, ``Authorization: Bearer`` or ``X-Auth-Email``+``X-Auth-Key``
+  authentication, the ``Ratelimit``/``Ratelimit-Policy`` headers, and the
+  documented "exceed the limit → 429 and block every call" rate limiting, scaled
+  down through the ``rate_limit`` switch.
+
+Documented quirks reproduced
+----------------------------
+* The dump is miniflare's dumpSql algorithm (see ``d1_dump.py``), including the
+  ``tables`` filter applying to index/trigger/view names themselves, the
+  ``CREATE TABLE IF NOT EXISTS`` rewrite for quoted names, and the refusal of
+  virtual tables ("D1 Export error: cannot export databases with Virtual Tables
+  (fts5)"), which ends the task with 200 ``status:"error"``.
+* "Uploaded part" lines are reported out of order (2 before 1).
+* ``at_bookmark`` never changes during a task; ``filename`` is
+  ``<database_id>-<at_bookmark>.sql`` as in wrangler's test mock.
+* A ``Retry-After`` on 429 (delta-seconds, or an HTTP-date on request).
+* Non-JSON (WAF-style) bodies on demand, for the client's "malformed response" path.
+
+Fault switches live under ``/__control`` (``POST`` merges JSON into the switches,
+``POST /__control/reset`` restores the defaults and forgets all tasks, ``GET
+/__control/state`` reports switches, tasks, recent requests and counters).  The
+outcome switches ``export_error`` and ``polling_failure`` are sampled when a task
+is created; the pacing switches (``active_polls``, ``cancel_after``, ...) are read
+live.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import email.utils
+import gzip
+import json
+import math
+import os
+import re
+import secrets
+import signal
+import sqlite3
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from contextlib import closing
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from d1_dump import DumpError, dump_sql  # noqa: E402
+
+API_PREFIX = "/client/v4"
+RATELIMIT_HEADERS = (
+    ("Ratelimit", '"default";r=50;t=30'),
+    ("Ratelimit-Policy", '"burst";q=100;w=60'),
+)
+DOWNLOAD_CHUNK = 64 * 1024
+PART_SIZE = 5 * 1024 * 1024
+REQUEST_LOG_SIZE = 500
+
+RE_EXPORT = re.compile(r"^/client/v4/accounts/([^/]+)/d1/database/([^/]+)/export/?$")
+RE_DATABASE = re.compile(r"^/client/v4/accounts/([^/]+)/d1/database/([^/]+)/?$")
+RE_DATABASES = re.compile(r"^/client/v4/accounts/([^/]+)/d1/database/?$")
+RE_SIGNED = re.compile(r"^/__signed/([^/]+)/(.+)$")
+
+FAIL_NEXT_DEFAULTS = {"status": 500, "retry_after": None, "body": None,
+                      "code": 7500, "message": "Internal error (injected by the D1 emulator)"}
+
+
+class ApiError(Exception):
+    """A failure answered with the Cloudflare failure envelope."""
+
+    def __init__(self, status: int, code: int, message: str, headers=()):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, list(headers)
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: list = field(default_factory=list)
+
+
+def envelope(result, errors=(), success=True) -> dict:
+    return {"success": success, "errors": list(errors), "messages": [], "result": result}
+
+
+def json_reply(status: int, payload, headers=()) -> Reply:
+    return Reply(status, json.dumps(payload).encode(), "application/json", list(headers))
+
+
+def failure_reply(status: int, code: int, message: str, headers=()) -> Reply:
+    body = envelope(None, [{"code": code, "message": message}], success=False)
+    return json_reply(status, body, headers)
+
+
+def xml_error(status: int, code: str, message: str) -> Reply:
+    body = f"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{message}</Message></Error>"
+    return Reply(status, body.encode(), "application/xml")
+
+
+def fmt_seconds(value: float) -> str:
+    return f"{value:g}"
+
+
+@dataclass
+class Database:
+    uuid: str
+    path: str
+    created_at: str
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).stem
+
+    def connect(self) -> sqlite3.Connection:
+        uri = Path(self.path).resolve().as_uri() + "?mode=ro"
+        return sqlite3.connect(uri, uri=True)
+
+    def info(self) -> dict:
+        num_tables = 0
+        try:
+            with closing(self.connect()) as conn:
+                num_tables = conn.execute(
+                    "SELECT count(*) FROM sqlite_schema WHERE type='table' "
+                    "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT LIKE '\\_cf\\_%' ESCAPE '\\'"
+                ).fetchone()[0]
+        except sqlite3.Error:
+            pass
+        size = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+        return {"uuid": self.uuid, "name": self.name, "created_at": self.created_at,
+                "version": "production", "num_tables": num_tables, "file_size": size}
+
+
+@dataclass
+class Task:
+    database_id: str
+    at_bookmark: str
+    filename: str
+    fate: str                      # "complete" | "error" | "polling_failure"
+    error: str | None
+    dump: bytes | None
+    log: list                      # every message line the task will ever emit
+    uploads: int                   # number of "Uploaded part" lines in log
+    created: float
+    last_poll: float
+    polls: int = 1
+    delivered: int = 0             # log lines already sent
+    status: str = "active"         # active | complete | error | polling_failure | cancelled
+    signed_url: str | None = None
+
+    def take_new_lines(self, upto: int) -> list:
+        upto = max(self.delivered, min(upto, len(self.log)))
+        lines = self.log[self.delivered:upto]
+        self.delivered = upto
+        return lines
+
+    def summary(self) -> dict:
+        return {"database_id": self.database_id, "at_bookmark": self.at_bookmark,
+                "status": self.status, "polls": self.polls, "filename": self.filename,
+                "dump_size": len(self.dump) if self.dump is not None else None,
+                "error": self.error if self.status != "complete" else None}
+
+
+@dataclass
+class SignedObject:
+    task: Task
+    expires: float  # time.monotonic() deadline
+
+
+class Emulator:
+    """All emulator state; every method is called with HTTP-level inputs."""
+
+    def __init__(self, account: str, token: str, databases: dict, defaults: dict):
+        self.account = account
+        self.token = token
+        self.databases = databases
+        self.defaults = defaults
+        self.lock = threading.RLock()
+        self.bookmark_counter = 0
+        self._reset_state()
+
+    # ----- state and control -------------------------------------------------
+    def _reset_state(self):
+        self.switches = copy.deepcopy(self.defaults)
+        self.tasks: dict[str, Task] = {}
+        self.signed: dict[str, SignedObject] = {}
+        self.requests = deque(maxlen=REQUEST_LOG_SIZE)
+        self.downloads = 0
+        self.export_calls = 0
+        self.api_calls = deque()
+        self.blocked_until = 0.0
+
+    def reset(self) -> dict:
+        with self.lock:
+            self._reset_state()
+            return {"switches": self.switches}
+
+    def update_switches(self, changes) -> dict:
+        if not isinstance(changes, dict):
+            raise ApiError(400, 10400, "control body must be a JSON object")
+        unknown = sorted(set(changes) - set(self.defaults))
+        if unknown:
+            raise ApiError(400, 10400, f"unknown switch(es): {', '.join(unknown)}")
+        if "fail_next" in changes and not isinstance(changes["fail_next"], list):
+            raise ApiError(400, 10400, "fail_next must be a list")
+        if changes.get("rate_limit") is not None and not isinstance(changes["rate_limit"], dict):
+            raise ApiError(400, 10400, "rate_limit must be an object or null")
+        with self.lock:
+            self.switches.update(copy.deepcopy(changes))
+            return {"switches": self.switches}
+
+    def state(self) -> dict:
+        with self.lock:
+            now = time.monotonic()
+            for task in self.tasks.values():
+                self._maybe_cancel(task, now)
+            return {"switches": self.switches,
+                    "tasks": [t.summary() for t in self.tasks.values()],
+                    "requests": list(self.requests),
+                    "downloads": self.downloads,
+                    "export_calls": self.export_calls}
+
+    def record_request(self, method: str, path: str, status: int):
+        with self.lock:
+            self.requests.append({"method": method, "path": path, "status": status, "t": time.time()})
+
+    # ----- API gatekeeping ---------------------------------------------------
+    def check_rate_limit(self):
+        """Count one API call; raise 429 once the scaled-down limit is exceeded."""
+        with self.lock:
+            rule = self.switches.get("rate_limit")
+            if not rule:
+                return
+            now = time.monotonic()
+            window = float(rule.get("window", 300))
+            block = float(rule.get("block", 300))
+            if now < self.blocked_until:
+                raise self._rate_limited(self.blocked_until - now, rule)
+            self.api_calls.append(now)
+            while self.api_calls and self.api_calls[0] <= now - window:
+                self.api_calls.popleft()
+            if len(self.api_calls) > int(rule.get("limit", 1200)):
+                self.blocked_until = now + block
+                self.api_calls.clear()
+                raise self._rate_limited(block, rule)
+
+    def _rate_limited(self, remaining: float, rule: dict) -> ApiError:
+        if rule.get("retry_after_http_date") or self.switches.get("retry_after_http_date"):
+            retry_after = email.utils.formatdate(time.time() + math.ceil(remaining), usegmt=True)
+        else:
+            retry_after = str(max(1, math.ceil(remaining)))
+        return ApiError(429, 10429, "Rate limited. Please wait and consider throttling your request speed",
+                        [("Retry-After", retry_after)])
+
+    def pop_fail_next(self) -> Reply | None:
+        with self.lock:
+            queue = self.switches.get("fail_next") or []
+            if not queue:
+                return None
+            spec = {**FAIL_NEXT_DEFAULTS, **queue.pop(0)}
+        headers = []
+        retry_after = spec["retry_after"]
+        if spec["status"] == 429 and retry_after is None:
+            retry_after = "1"
+        if retry_after is not None:
+            headers.append(("Retry-After", str(retry_after)))
+        if spec["body"] is not None:
+            return Reply(int(spec["status"]), str(spec["body"]).encode(), "text/html", headers)
+        return failure_reply(int(spec["status"]), int(spec["code"]), spec["message"], headers)
+
+    def authorise(self, headers):
+        auth = headers.get("Authorization", "")
+        if auth.startswith("Bearer ") and secrets.compare_digest(auth[7:].strip(), self.token):
+            return
+        email_, key = headers.get("X-Auth-Email"), headers.get("X-Auth-Key")
+        if email_ and key and secrets.compare_digest(key, self.token):
+            return
+        raise ApiError(403, 10000, "Authentication error")
+
+    def check_account(self, account: str):
+        if account != self.account:
+            raise ApiError(404, 7404, f"Could not route to account {account}: not found")
+
+    def find_database(self, ident: str, by_name: bool = False) -> Database:
+        db = self.databases.get(ident)
+        if db is None and by_name:
+            db = next((d for d in self.databases.values() if d.name == ident), None)
+        if db is None:
+            raise ApiError(404, 7404, f"The database {ident} could not be found")
+        return db
+
+    # ----- database metadata -------------------------------------------------
+    def get_database(self, account: str, ident: str, query: dict) -> Reply:
+        self.check_account(account)
+        info = self.find_database(ident, by_name=True).info()
+        fields = query.get("fields", [""])[0]
+        if fields:
+            wanted = [f.strip() for f in fields.split(",") if f.strip()]
+            info = {k: v for k, v in info.items() if k in wanted}
+        return json_reply(200, envelope(info))
+
+    def list_databases(self, account: str, query: dict) -> Reply:
+        self.check_account(account)
+        try:
+            page = int(query.get("page", ["1"])[0])
+            per_page = int(query.get("per_page", ["1000"])[0])
+        except ValueError:
+            raise ApiError(400, 7400, "page and per_page must be integers")
+        if page < 1 or not 10 <= per_page <= 10000:
+            raise ApiError(400, 7400, "page must be >= 1 and per_page between 10 and 10000")
+        name = query.get("name", [""])[0]
+        items = [d.info() for d in self.databases.values() if name in d.name]
+        chunk = items[(page - 1) * per_page: page * per_page]
+        reply = envelope(chunk)
+        reply["result_info"] = {"page": page, "per_page": per_page, "count": len(chunk),
+                                "total_count": len(items)}
+        return json_reply(200, reply)
+
+    # ----- export --------------------------------------------------------------
+    def export(self, account: str, database_id: str, body: bytes, host: str) -> Reply:
+        self.check_account(account)
+        db = self.find_database(database_id)
+        request = parse_export_body(body)
+        hold_ms = float(self.switches.get("hold_ms") or 0)
+        if hold_ms > 0:
+            time.sleep(hold_ms / 1000.0)
+        bookmark = request.get("current_bookmark")
+        with self.lock:
+            now = time.monotonic()
+            if bookmark is None:
+                return self._start_or_join(db, request.get("dump_options") or {}, now)
+            task = self.tasks.get(bookmark)
+            if task is None or task.database_id != db.uuid:
+                raise ApiError(400, 7500, "Unknown export bookmark")
+            return self._poll(task, now, host)
+
+    def _active_task(self, database_id: str, now: float) -> Task | None:
+        for task in self.tasks.values():
+            self._maybe_cancel(task, now)
+            if task.database_id == database_id and task.status == "active":
+                return task
+        return None
+
+    def _start_or_join(self, db: Database, options: dict, now: float) -> Reply:
+        task = self._active_task(db.uuid, now)
+        if task is not None:
+            task.last_poll = now
+            return self._active_reply(task, task.take_new_lines(task.delivered))
+        task = self._create_task(db, options, now)
+        self.tasks[task.at_bookmark] = task
+        return self._active_reply(task, task.take_new_lines(1))
+
+    def _new_bookmark(self) -> str:
+        self.bookmark_counter += 1
+        return f"{self.bookmark_counter:08x}-00000000-00004f6d-{secrets.token_hex(16)}"
+
+    def _create_task(self, db: Database, options: dict, now: float) -> Task:
+        bookmark = self._new_bookmark()
+        filename = f"{db.uuid}-{bookmark}.sql"
+        dump, error = snapshot_dump(db, options)
+        fate = "complete"
+        if error is None and self.switches.get("export_error"):
+            error = str(self.switches["export_error"])
+        if error is not None:
+            fate = "error"
+        elif self.switches.get("polling_failure"):
+            fate, error = "polling_failure", str(self.switches["polling_failure"])
+        log = [f"Generating {filename}"]
+        uploads = 0
+        if fate == "error":
+            log.append(error)
+        else:
+            parts = max(2, math.ceil(len(dump) / PART_SIZE))
+            order = [2, 1] + list(range(3, parts + 1))
+            log += [f"Uploaded part {n}" for n in order]
+            uploads = parts
+            log.append(f"Finished uploading {filename} in {parts} parts.")
+        return Task(db.uuid, bookmark, filename, fate, error, dump, log, uploads,
+                    created=now, last_poll=now)
+
+    def _maybe_cancel(self, task: Task, now: float):
+        cancel_after = float(self.switches.get("cancel_after", 30))
+        if task.status == "active" and now - task.last_poll > cancel_after:
+            task.status = "cancelled"
+            task.error = f"Export cancelled: not polled for {fmt_seconds(cancel_after)} seconds"
+
+    def _poll(self, task: Task, now: float, host: str) -> Reply:
+        self._maybe_cancel(task, now)
+        if task.status != "active":
+            return self._final_reply(task, task.take_new_lines(len(task.log)))
+        task.polls += 1
+        task.last_poll = now
+        active_polls = max(1, int(self.switches.get("active_polls", 2)))
+        if task.polls <= active_polls:
+            return self._active_reply(task, task.take_new_lines(self._revealed(task, active_polls)))
+        task.status = task.fate
+        if task.fate == "complete":
+            self._issue_signed_url(task, now, host)
+        return self._final_reply(task, task.take_new_lines(len(task.log)))
+
+    @staticmethod
+    def _revealed(task: Task, active_polls: int) -> int:
+        """How many log lines are visible after the task's current (active) poll."""
+        if active_polls <= 1:
+            return 1
+        return 1 + (task.uploads * (task.polls - 1)) // (active_polls - 1)
+
+    def _issue_signed_url(self, task: Task, now: float, host: str):
+        token = secrets.token_urlsafe(24)
+        self.signed[token] = SignedObject(task, now + float(self.switches.get("url_ttl", 3600)))
+        task.signed_url = f"http://{host}/__signed/{token}/{task.filename}"
+
+    @staticmethod
+    def _active_reply(task: Task, lines: list) -> Reply:
+        result = {"success": True, "type": "export", "at_bookmark": task.at_bookmark,
+                  "status": "active", "messages": lines}
+        return json_reply(202, envelope(result))
+
+    @staticmethod
+    def _final_reply(task: Task, lines: list) -> Reply:
+        if task.status == "polling_failure":
+            return json_reply(200, envelope({"success": False, "error": task.error}))
+        result = {"success": True, "type": "export", "at_bookmark": task.at_bookmark}
+        if task.status == "complete":
+            result.update(status="complete", messages=lines,
+                          result={"filename": task.filename, "signed_url": task.signed_url})
+        elif task.status == "cancelled":
+            result.update(status="error", error=task.error, messages=[])
+        else:
+            result.update(status="error", error=task.error, messages=lines)
+        return json_reply(200, envelope(result))
+
+    # ----- signed download -----------------------------------------------------
+    def open_download(self, token: str, filename: str):
+        """Return (Reply-for-error, None) or (None, (body, switches))."""
+        with self.lock:
+            obj = self.signed.get(token)
+            if obj is None or obj.task.filename != filename:
+                return xml_error(404, "NoSuchKey", "The specified key does not exist."), None
+            if time.monotonic() > obj.expires:
+                return xml_error(403, "AccessDenied", "Request has expired"), None
+            fail = self.switches.get("download_fail_status")
+            if fail:
+                return xml_error(int(fail), "InternalError", "We encountered an internal error. Please try again."), None
+            self.downloads += 1
+            return None, (obj.task.dump, dict(self.switches))
+
+
+def parse_export_body(body: bytes) -> dict:
+    try:
+        request = json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, 7400, "Malformed JSON in request body")
+    if not isinstance(request, dict):
+        raise ApiError(400, 7400, "Request body must be a JSON object")
+    if request.get("output_format") != "polling":
+        raise ApiError(400, 7400, "output_format: must be \"polling\"")
+    bookmark = request.get("current_bookmark")
+    if bookmark == "":
+        request["current_bookmark"] = None
+    elif bookmark is not None and not isinstance(bookmark, str):
+        raise ApiError(400, 7400, "current_bookmark must be a string")
+    options = request.get("dump_options")
+    if options is not None:
+        validate_dump_options(options)
+    return request
+
+
+def validate_dump_options(options):
+    if not isinstance(options, dict):
+        raise ApiError(400, 7400, "dump_options must be an object")
+    for flag in ("no_data", "no_schema"):
+        if options.get(flag) is not None and not isinstance(options[flag], bool):
+            raise ApiError(400, 7400, f"dump_options.{flag} must be a boolean")
+    tables = options.get("tables")
+    if tables is not None and (not isinstance(tables, list) or not all(isinstance(t, str) for t in tables)):
+        raise ApiError(400, 7400, "dump_options.tables must be an array of strings")
+
+
+def snapshot_dump(db: Database, options: dict):
+    """Dump the database now; return (bytes, None) or (None, error text)."""
+    try:
+        with closing(db.connect()) as conn:
+            sql = dump_sql(conn, tables=options.get("tables") or None,
+                           no_data=bool(options.get("no_data")),
+                           no_schema=bool(options.get("no_schema")))
+        return sql.encode("utf-8"), None
+    except DumpError as exc:
+        return None, str(exc)
+    except sqlite3.Error as exc:
+        return None, f"D1 Export error: {exc}"
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "d1-emulator"
+    emulator: Emulator  # set on the subclass built by make_server
+
+    # ----- plumbing --------------------------------------------------------------
+    def log_message(self, format, *args):  # noqa: A002 - silence default access log
+        pass
+
+    def send_response(self, code, message=None):
+        self._status = code
+        super().send_response(code, message)
+
+    def read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline().strip():
+                        pass
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def write_reply(self, reply: Reply):
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.content_type)
+        self.send_header("Content-Length", str(len(reply.body)))
+        for name, value in reply.headers:
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(reply.body)
+
+    def host(self) -> str:
+        host, port = self.server.server_address[:2]
+        return self.headers.get("Host") or f"{host}:{port}"
+
+    def dispatch(self):
+        self._status = 0
+        path = urlsplit(self.path).path
+        try:
+            body = self.read_body()  # always drain it, so keep-alive connections stay in sync
+            if path.startswith(API_PREFIX + "/"):
+                self.handle_api(path, body)
+            elif path.startswith("/__signed/"):
+                self.handle_download(path)
+            elif path.startswith("/__control"):
+                self.handle_control(path, body)
+            else:
+                self.write_reply(xml_error(404, "NoSuchKey", "Not found"))
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception:  # an emulator bug: make it loud but keep serving
+            traceback.print_exc()
+            if not self._status:
+                self.write_reply(failure_reply(500, 10500, "D1 emulator internal error"))
+        finally:
+            if not path.startswith("/__control"):
+                self.emulator.record_request(self.command, path, self._status)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = dispatch
+
+    # ----- routes ------------------------------------------------------------------
+    def handle_api(self, path: str, body: bytes):
+        emu = self.emulator
+        try:
+            reply = self.route_api(emu, path, body)
+        except ApiError as exc:
+            reply = failure_reply(exc.status, exc.code, exc.message, exc.headers)
+        reply.headers = list(RATELIMIT_HEADERS) + reply.headers
+        self.write_reply(reply)
+
+    def route_api(self, emu: Emulator, path: str, body: bytes) -> Reply:
+        query = parse_qs(urlsplit(self.path).query)
+        export = RE_EXPORT.match(path)
+        if export:
+            with emu.lock:
+                emu.export_calls += 1
+        emu.check_rate_limit()
+        if export:
+            if self.command != "POST":
+                raise ApiError(405, 10405, "Method not allowed")
+            canned = emu.pop_fail_next()
+            if canned is not None:
+                return canned
+            emu.authorise(self.headers)
+            return emu.export(export.group(1), export.group(2), body, self.host())
+        database = RE_DATABASE.match(path)
+        if database and self.command == "GET":
+            emu.authorise(self.headers)
+            return emu.get_database(database.group(1), database.group(2), query)
+        databases = RE_DATABASES.match(path)
+        if databases and self.command == "GET":
+            emu.authorise(self.headers)
+            return emu.list_databases(databases.group(1), query)
+        if database or databases:
+            raise ApiError(405, 10405, "Method not allowed")
+        raise ApiError(404, 7000, "No route for that URI")
+
+    def handle_control(self, path: str, body: bytes):
+        emu = self.emulator
+        try:
+            if path == "/__control/state" and self.command == "GET":
+                reply = json_reply(200, emu.state())
+            elif path == "/__control/reset" and self.command == "POST":
+                reply = json_reply(200, emu.reset())
+            elif path == "/__control" and self.command == "POST":
+                try:
+                    changes = json.loads(body or b"{}")
+                except ValueError:
+                    raise ApiError(400, 10400, "control body must be JSON")
+                reply = json_reply(200, emu.update_switches(changes))
+            else:
+                raise ApiError(404, 7000, "No such control endpoint")
+        except ApiError as exc:
+            reply = failure_reply(exc.status, exc.code, exc.message)
+        self.write_reply(reply)
+
+    def handle_download(self, path: str):
+        match = RE_SIGNED.match(path)
+        if not match or self.command not in ("GET", "HEAD"):
+            self.write_reply(xml_error(404, "NoSuchKey", "The specified key does not exist."))
+            return
+        error, opened = self.emulator.open_download(match.group(1), match.group(2))
+        if error is not None:
+            self.write_reply(error)
+            return
+        dump, switches = opened
+        self.stream_dump(dump, switches)
+
+    def stream_dump(self, dump: bytes, switches: dict):
+        body = gzip.compress(dump) if switches.get("gzip") else dump
+        chunked = bool(switches.get("no_content_length"))
+        delay = float(switches.get("download_delay_ms") or 0) / 1000.0
+        self.send_response(200)
+        self.send_header("Content-Type", "application/sql")
+        if switches.get("gzip"):
+            self.send_header("Content-Encoding", "gzip")
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        for offset in range(0, len(body), DOWNLOAD_CHUNK):
+            if offset and delay > 0:
+                time.sleep(delay)
+            chunk = body[offset:offset + DOWNLOAD_CHUNK]
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+            self.wfile.flush()
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
+
+
+# ----- startup -------------------------------------------------------------------------
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Cloudflare D1 REST export API emulator")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--account", required=True)
+    parser.add_argument("--database", action="append", default=[], metavar="DBID=PATH",
+                        help="a database id and its SQLite file (repeatable)")
+    parser.add_argument("--token", required=True)
+    parser.add_argument("--cancel-after", type=float, default=30.0)
+    parser.add_argument("--active-polls", type=int, default=2)
+    parser.add_argument("--url-ttl", type=float, default=3600.0)
+    parser.add_argument("--hold-ms", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    for spec in args.database:
+        if "=" not in spec:
+            parser.error(f"--database expects DBID=PATH, got {spec!r}")
+    return args
+
+
+def default_switches(args) -> dict:
+    return {
+        "active_polls": args.active_polls,
+        "cancel_after": args.cancel_after,
+        "url_ttl": args.url_ttl,
+        "hold_ms": args.hold_ms,
+        "export_error": None,
+        "polling_failure": None,
+        "fail_next": [],
+        "rate_limit": None,
+        "retry_after_http_date": False,
+        "gzip": False,
+        "no_content_length": False,
+        "download_delay_ms": 0,
+        "download_fail_status": None,
+    }
+
+
+def make_server(argv) -> ThreadingHTTPServer:
+    args = parse_args(argv)
+    created = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+    databases = {}
+    for spec in args.database:
+        uuid, path = spec.split("=", 1)
+        databases[uuid] = Database(uuid, path, created)
+    emulator = Emulator(args.account, args.token, databases, default_switches(args))
+    handler = type("BoundHandler", (Handler,), {"emulator": emulator})
+    server = ThreadingHTTPServer((args.host, args.port), handler)
+    server.daemon_threads = True
+    server.emulator = emulator
+    return server
+
+
+def serve(argv):
+    """Start the emulator in a background thread; return (server, thread)."""
+    server = make_server(argv)
+    thread = threading.Thread(target=server.serve_forever, name="d1-emulator", daemon=True)
+    thread.start()
+    return server, thread
+
+
+def main(argv=None):
+    server = make_server(sys.argv[1:] if argv is None else argv)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    print(f"READY {server.server_address[1]}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,643 @@
+"""Tests for the D1 REST export emulator (tests/emulators/d1.py) and its dump generator.
+
+The emulator runs as a subprocess on a free port, exactly as the end-to-end
+tests use it; every request goes through urllib / http.client to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import gzip
+import http.client
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "emulators"))
+from d1_dump import DumpError, VIRTUAL_TABLE_ERROR, dump_sql, js_number_to_string, quote_string  # noqa: E402
+
+EMULATOR = Path(__file__).resolve().parent / "emulators" / "d1.py"
+ACCOUNT = "0123456789abcdef0123456789abcdef"
+TOKEN = "test-token-abc"
+MAIN_ID = "11111111-2222-3333-4444-555555555555"
+FTS_ID = "66666666-7777-8888-9999-000000000000"
+EMPTY_ID = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
+BIG_ID = "bbbbbbbb-0000-0000-0000-000000000000"
+
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never use a proxy
+
+
+def fts5_available() -> bool:
+    try:
+        sqlite3.connect(":memory:").execute("CREATE VIRTUAL TABLE t USING fts5(a)")
+        return True
+    except sqlite3.OperationalError:
+        return False
+
+
+# ----- databases -----------------------------------------------------------------------
+MAIN_SCHEMA = '''
+CREATE TABLE items(id INTEGER PRIMARY KEY, qty INTEGER, price REAL, label TEXT, data BLOB, note TEXT);
+CREATE TABLE "Quoted ""T""" (k TEXT, v REAL);
+CREATE TABLE seq(id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT);
+CREATE TABLE _cf_KV(key TEXT PRIMARY KEY, value BLOB);
+CREATE INDEX idx_items_label ON items(label);
+CREATE VIEW v_items AS SELECT id, label FROM items;
+CREATE TRIGGER trg_seq AFTER INSERT ON seq BEGIN UPDATE items SET qty = qty WHERE 0; END;
+'''
+
+ITEMS = [
+    (1, 3, 1.5, "it's", b"\x00\xff\x10\xab", None),
+    (2, -7, 1e21, "a\r\nb", b"", "x"),
+    (3, 0, 0.1, "line1\nline2", None, "cr\ronly"),
+    (4, 2**53, 1.2345e-7, "back\\nslash and\nnewline", b"ABC", 'q"uote'),
+    (5, None, -0.30000000000000004, "", None, "unicode é ✓"),
+]
+
+
+def build_main_db(path: Path):
+    with closing(sqlite3.connect(path)) as conn:
+        conn.executescript(MAIN_SCHEMA)
+        conn.executemany("INSERT INTO items VALUES(?,?,?,?,?,?)", ITEMS)
+        conn.executemany('INSERT INTO "Quoted ""T""" VALUES(?,?)', [("k'1", 2.5), ("k2", None)])
+        conn.executemany("INSERT INTO seq(name) VALUES(?)", [("a",), ("b",), ("c",)])
+        conn.execute("DELETE FROM seq WHERE name='b'")
+        conn.execute("INSERT INTO _cf_KV VALUES('secret', x'00')")
+        conn.commit()
+
+
+@pytest.fixture(scope="session")
+def dbs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("d1")
+    paths = {"main": root / "maindb.sqlite", "fts": root / "ftsdb.sqlite",
+             "empty": root / "emptydb.sqlite", "big": root / "bigdb.sqlite"}
+    build_main_db(paths["main"])
+    with closing(sqlite3.connect(paths["fts"])) as conn:
+        conn.execute("CREATE TABLE plain(x)")
+        if fts5_available():
+            conn.execute("CREATE VIRTUAL TABLE docs USING fts5(body)")
+            conn.execute("INSERT INTO docs VALUES('hello')")
+        conn.commit()
+    sqlite3.connect(paths["empty"]).close()
+    with closing(sqlite3.connect(paths["big"])) as conn:
+        conn.execute("CREATE TABLE blobs(id INTEGER PRIMARY KEY, payload TEXT)")
+        conn.executemany("INSERT INTO blobs(payload) VALUES(?)", [("z" * 1000,) for _ in range(300)])
+        conn.commit()
+    return paths
+
+
+@pytest.fixture(scope="session")
+def server(dbs):
+    cmd = [sys.executable, str(EMULATOR), "--port", "0", "--account", ACCOUNT, "--token", TOKEN,
+           "--database", f"{MAIN_ID}={dbs['main']}", "--database", f"{FTS_ID}={dbs['fts']}",
+           "--database", f"{EMPTY_ID}={dbs['empty']}", "--database", f"{BIG_ID}={dbs['big']}",
+           "--active-polls", "2", "--cancel-after", "30", "--url-ttl", "3600"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        match = re.fullmatch(r"READY (\d+)\n", line)
+        assert match, f"unexpected first line {line!r}"
+        yield f"127.0.0.1:{match.group(1)}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(autouse=True)
+def fresh(server):
+    control(server, "/__control/reset")
+
+
+# ----- HTTP helpers --------------------------------------------------------------------
+class Resp:
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def request(url, method="GET", body=None, headers=None) -> Resp:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with OPENER.open(req, timeout=10) as r:
+            return Resp(r.status, r.headers, r.read())
+    except urllib.error.HTTPError as e:
+        return Resp(e.code, e.headers, e.read())
+
+
+def control(server, path="/__control", body=None) -> dict:
+    method = "GET" if path.endswith("/state") else "POST"
+    resp = request(f"http://{server}{path}", method, body if body is not None else ({} if method == "POST" else None))
+    assert resp.status == 200, resp.body
+    return resp.json()
+
+
+def auth_headers():
+    return {"Authorization": f"Bearer {TOKEN}"}
+
+
+def export_call(server, db_id=MAIN_ID, bookmark=None, options=None, headers=None, account=ACCOUNT, body=None):
+    if body is None:
+        body = {"output_format": "polling", "dump_options": options or {"no_schema": False, "no_data": False, "tables": []}}
+        if bookmark is not None:
+            body["current_bookmark"] = bookmark
+    url = f"http://{server}/client/v4/accounts/{account}/d1/database/{db_id}/export"
+    return request(url, "POST", body, auth_headers() if headers is None else headers)
+
+
+def run_export(server, db_id=MAIN_ID, options=None, max_polls=20):
+    """Poll like wrangler does until a 200; return all responses."""
+    responses = [export_call(server, db_id, options=options)]
+    while responses[-1].status == 202:
+        assert len(responses) < max_polls
+        bookmark = responses[-1].json()["result"]["at_bookmark"]
+        responses.append(export_call(server, db_id, bookmark=bookmark, options=options))
+    return responses
+
+
+def download(url, headers=None):
+    return request(url, headers=headers)
+
+
+def exported_sql(server, db_id=MAIN_ID, options=None) -> str:
+    final = run_export(server, db_id, options)[-1].json()["result"]
+    assert final["status"] == "complete", final
+    resp = download(final["result"]["signed_url"])
+    assert resp.status == 200
+    return resp.body.decode()
+
+
+def local_dump(path, **kwargs) -> str:
+    with closing(sqlite3.connect(path)) as conn:
+        return dump_sql(conn, **kwargs)
+
+
+# ----- export protocol -----------------------------------------------------------------
+def test_export_polls_active_then_complete(server):
+    responses = run_export(server)
+    assert [r.status for r in responses] == [202, 202, 200]
+    bodies = [r.json() for r in responses]
+    for body in bodies:
+        assert body["success"] is True and body["errors"] == [] and body["messages"] == []
+        assert body["result"]["success"] is True and body["result"]["type"] == "export"
+    bookmarks = {b["result"]["at_bookmark"] for b in bodies}
+    assert len(bookmarks) == 1
+    bookmark = bookmarks.pop()
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{8}-[0-9a-f]{8}-[0-9a-f]{32}", bookmark)
+    assert [b["result"]["status"] for b in bodies] == ["active", "active", "complete"]
+    filename = f"{MAIN_ID}-{bookmark}.sql"
+    messages = [b["result"]["messages"] for b in bodies]
+    assert messages == [[f"Generating {filename}"], ["Uploaded part 2", "Uploaded part 1"],
+                        [f"Finished uploading {filename} in 2 parts."]]
+    final = bodies[-1]["result"]
+    assert final["result"]["filename"] == filename
+    assert re.fullmatch(rf"http://{re.escape(server)}/__signed/[A-Za-z0-9_-]+/{re.escape(filename)}",
+                        final["result"]["signed_url"])
+    assert "error" not in final
+    assert responses[0].headers["Ratelimit"] == '"default";r=50;t=30'
+    assert responses[0].headers["Ratelimit-Policy"] == '"burst";q=100;w=60'
+    # Polling a completed task again keeps answering complete with the same URL and no new lines.
+    again = export_call(server, bookmark=bookmark)
+    assert again.status == 200
+    assert again.json()["result"]["status"] == "complete"
+    assert again.json()["result"]["messages"] == []
+    assert again.json()["result"]["result"] == final["result"]
+
+
+def test_active_polls_switch_spreads_messages(server):
+    control(server, body={"active_polls": 4})
+    responses = run_export(server)
+    assert [r.status for r in responses] == [202, 202, 202, 202, 200]
+    lines = [line for r in responses for line in r.json()["result"]["messages"]]
+    assert len(lines) == len(set(lines)) == 4  # every line exactly once
+
+
+def test_start_while_active_returns_same_task(server):
+    first = export_call(server).json()["result"]
+    second = export_call(server)
+    assert second.status == 202
+    assert second.json()["result"]["at_bookmark"] == first["at_bookmark"]
+    assert second.json()["result"]["messages"] == []
+    tasks = control(server, "/__control/state")["tasks"]
+    assert len(tasks) == 1 and tasks[0]["status"] == "active"
+
+
+def test_download_matches_dump_and_restores(server, dbs, tmp_path):
+    sql = exported_sql(server)
+    assert sql == local_dump(dbs["main"])
+    assert sql.startswith("PRAGMA defer_foreign_keys=TRUE;\n") and not sql.endswith("\n")
+    lines = sql.split("\n")
+    assert not any(line.startswith(("BEGIN", "COMMIT")) for line in lines) and "_cf_KV" not in sql
+    assert 'CREATE TABLE IF NOT EXISTS "Quoted ""T""" (k TEXT, v REAL);' in lines
+    assert "INSERT INTO \"items\" (\"id\",\"qty\",\"price\",\"label\",\"data\",\"note\") " \
+           "VALUES(1,3,1.5,'it''s',X'00ff10ab',NULL);" in lines
+    assert "replace(replace('a\\r\\nb','\\r',char(13)),'\\n',char(10))" in sql
+    seq_at = lines.index("DELETE FROM sqlite_sequence;")
+    assert lines[seq_at + 1] == 'INSERT INTO "sqlite_sequence" ("name","seq") VALUES(\'seq\',3);'
+    assert all(not line.startswith("INSERT INTO \"seq\"") for line in lines[seq_at:])
+
+    restored = tmp_path / "restored.sqlite"
+    with closing(sqlite3.connect(restored)) as conn:
+        conn.executescript(sql)
+    with closing(sqlite3.connect(dbs["main"])) as a, closing(sqlite3.connect(restored)) as b:
+        for table in ("items", 'Quoted "T"', "seq", "sqlite_sequence", "v_items"):
+            quoted = '"' + table.replace('"', '""') + '"'
+            columns = [c[1] for c in a.execute(f"PRAGMA table_info({quoted})")]
+            types = ", ".join(f'typeof("{c}")' for c in columns)
+            query = f"SELECT *, {types} FROM {quoted} ORDER BY 1"
+            assert a.execute(query).fetchall() == b.execute(query).fetchall(), table
+        schema = "SELECT type, name FROM sqlite_schema ORDER BY name"
+        original = [row for row in a.execute(schema) if "_cf_KV" not in row[1]]
+        assert original == b.execute(schema).fetchall()
+
+
+def test_download_headers_and_state(server):
+    final = run_export(server)[-1].json()["result"]
+    resp = download(final["result"]["signed_url"])
+    assert resp.status == 200
+    assert resp.headers["Content-Type"] == "application/sql"
+    assert int(resp.headers["Content-Length"]) == len(resp.body)
+    assert resp.headers.get("Content-Encoding") is None
+    state = control(server, "/__control/state")
+    assert state["downloads"] == 1 and state["export_calls"] == 3
+    task = state["tasks"][0]
+    assert task["status"] == "complete" and task["polls"] == 3 and task["dump_size"] == len(resp.body)
+    assert [r["status"] for r in state["requests"]] == [202, 202, 200, 200]
+    assert state["switches"]["active_polls"] == 2
+    # Unknown token, or right token with a wrong filename.
+    token_url = final["result"]["signed_url"]
+    assert download(re.sub(r"/__signed/[^/]+/", "/__signed/nope/", token_url)).status == 404
+    assert download(token_url + "x").status == 404
+
+
+def test_signed_url_expires(server):
+    control(server, body={"url_ttl": 0.4})
+    url = run_export(server)[-1].json()["result"]["result"]["signed_url"]
+    assert download(url).status == 200
+    time.sleep(0.6)
+    resp = download(url)
+    assert resp.status == 403
+    assert b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>" in resp.body
+
+
+def test_auto_cancel_when_not_polled(server):
+    control(server, body={"cancel_after": 0.3})
+    bookmark = export_call(server).json()["result"]["at_bookmark"]
+    time.sleep(0.5)
+    resp = export_call(server, bookmark=bookmark)
+    assert resp.status == 200
+    result = resp.json()["result"]
+    assert result["status"] == "error"
+    assert result["error"] == "Export cancelled: not polled for 0.3 seconds"
+    assert result["messages"] == [] and "result" not in result
+    assert control(server, "/__control/state")["tasks"][0]["status"] == "cancelled"
+    # The database is free again: a new export gets a new bookmark.
+    fresh_task = export_call(server).json()["result"]
+    assert fresh_task["status"] == "active" and fresh_task["at_bookmark"] != bookmark
+
+
+def test_regular_polling_is_not_cancelled(server):
+    control(server, body={"cancel_after": 0.5, "active_polls": 4})
+    bookmark = export_call(server).json()["result"]["at_bookmark"]
+    statuses = []
+    for _ in range(4):
+        time.sleep(0.2)
+        statuses.append(export_call(server, bookmark=bookmark).json()["result"]["status"])
+    assert statuses == ["active", "active", "active", "complete"]
+
+
+def test_export_error_switch(server):
+    control(server, body={"export_error": "Export failed: out of cheese"})
+    responses = run_export(server)
+    assert [r.status for r in responses] == [202, 202, 200]
+    final = responses[-1].json()
+    assert final["success"] is True
+    result = final["result"]
+    assert result["status"] == "error" and result["error"] == "Export failed: out of cheese"
+    assert "result" not in result
+    lines = [line for r in responses for line in r.json()["result"]["messages"]]
+    assert lines[0].startswith("Generating ") and lines[1:] == ["Export failed: out of cheese"]
+
+
+def test_polling_failure_switch(server):
+    control(server, body={"polling_failure": "Export went sideways"})
+    responses = run_export(server)
+    assert responses[-1].status == 200
+    assert responses[-1].json() == {"success": True, "errors": [], "messages": [],
+                                    "result": {"success": False, "error": "Export went sideways"}}
+
+
+@pytest.mark.skipif(not fts5_available(), reason="this sqlite3 build lacks fts5")
+def test_virtual_table_refused(server, dbs):
+    responses = run_export(server, FTS_ID)
+    result = responses[-1].json()["result"]
+    assert responses[-1].status == 200
+    assert result["status"] == "error" and result["error"] == VIRTUAL_TABLE_ERROR
+    with closing(sqlite3.connect(dbs["fts"])) as conn:
+        with pytest.raises(DumpError, match=re.escape(VIRTUAL_TABLE_ERROR)):
+            dump_sql(conn)
+        # Only selected tables are checked, so filtering the virtual table out exports fine.
+        assert dump_sql(conn, tables=["plain"]) == "PRAGMA defer_foreign_keys=TRUE;\nCREATE TABLE plain(x);"
+
+
+# ----- failures, auth, validation ----------------------------------------------------------
+def test_fail_next_503_then_429_then_normal(server):
+    control(server, body={"fail_next": [{"status": 503, "retry_after": "2", "code": 7500, "message": "busy"},
+                                        {"status": 429}]})
+    first = export_call(server)
+    assert first.status == 503 and first.headers["Retry-After"] == "2"
+    assert first.json() == {"success": False, "errors": [{"code": 7500, "message": "busy"}],
+                            "messages": [], "result": None}
+    second = export_call(server)
+    assert second.status == 429 and second.headers["Retry-After"] == "1"
+    assert second.json()["success"] is False and second.json()["errors"][0]["code"] >= 1000
+    assert export_call(server).status == 202
+    assert control(server, "/__control/state")["export_calls"] == 3
+
+
+def test_malformed_body(server):
+    control(server, body={"fail_next": [{"status": 403, "body": "<html><body>Attention Required!</body></html>"}]})
+    resp = export_call(server)
+    assert resp.status == 403 and resp.headers["Content-Type"] == "text/html"
+    with pytest.raises(ValueError):
+        json.loads(resp.body)
+
+
+def test_rate_limit_blocks_every_call(server):
+    control(server, body={"rate_limit": {"limit": 3, "window": 10, "block": 1}})
+    get_url = f"http://{server}/client/v4/accounts/{ACCOUNT}/d1/database/{MAIN_ID}"
+    assert [export_call(server).status for _ in range(3)] == [202, 202, 202]
+    limited = export_call(server)
+    assert limited.status == 429 and limited.headers["Retry-After"] == "1"
+    assert request(get_url, headers=auth_headers()).status == 429  # every call is blocked
+    time.sleep(1.1)
+    assert request(get_url, headers=auth_headers()).status == 200
+
+
+def test_rate_limit_http_date(server):
+    control(server, body={"rate_limit": {"limit": 1, "window": 10, "block": 30}, "retry_after_http_date": True})
+    assert export_call(server).status == 202
+    limited = export_call(server)
+    assert limited.status == 429
+    when = email.utils.parsedate_to_datetime(limited.headers["Retry-After"])
+    assert 25 <= when.timestamp() - time.time() <= 35
+
+
+def test_authentication(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-Auth-Email": "a@b.c", "X-Auth-Key": "wrong"},
+                    {"X-Auth-Key": TOKEN}):
+        resp = export_call(server, headers=headers)
+        assert resp.status == 403
+        assert resp.json() == {"success": False, "errors": [{"code": 10000, "message": "Authentication error"}],
+                               "messages": [], "result": None}
+    assert export_call(server, headers={"X-Auth-Email": "a@b.c", "X-Auth-Key": TOKEN}).status == 202
+
+
+def test_request_validation(server):
+    unknown_db = export_call(server, db_id="no-such-db")
+    assert unknown_db.status == 404 and unknown_db.json()["errors"][0]["code"] == 7404
+    assert export_call(server, account="f" * 32).status == 404
+    missing = export_call(server, body={"dump_options": {}})
+    assert missing.status == 400 and missing.json()["success"] is False
+    assert export_call(server, body={"output_format": "file"}).status == 400
+    bad = export_call(server, bookmark="00000001-00000000-00004f6d-deadbeef")
+    assert bad.status == 400
+    assert bad.json()["errors"] == [{"code": 7500, "message": "Unknown export bookmark"}]
+
+
+def test_hold_ms(server):
+    control(server, body={"hold_ms": 300})
+    started = time.monotonic()
+    assert export_call(server).status == 202
+    assert time.monotonic() - started >= 0.3
+
+
+def test_get_database(server, dbs):
+    base = f"http://{server}/client/v4/accounts/{ACCOUNT}/d1/database"
+    by_id = request(f"{base}/{MAIN_ID}", headers=auth_headers())
+    assert by_id.status == 200
+    info = by_id.json()["result"]
+    assert info["uuid"] == MAIN_ID and info["name"] == "maindb" and info["version"] == "production"
+    assert info["num_tables"] == 3 and info["file_size"] == os.path.getsize(dbs["main"])
+    assert "created_at" in info
+    by_name = request(f"{base}/maindb?fields=uuid,name", headers=auth_headers())
+    assert by_name.json()["result"] == {"uuid": MAIN_ID, "name": "maindb"}
+    assert request(f"{base}/nope", headers=auth_headers()).status == 404
+    assert request(f"{base}/{MAIN_ID}").status == 403
+    listing = request(f"{base}?per_page=10&page=1", headers=auth_headers()).json()
+    assert listing["result_info"] == {"page": 1, "per_page": 10, "count": 4, "total_count": 4}
+
+
+# ----- dump options through the API ----------------------------------------------------------
+def test_dump_options_through_api(server, dbs):
+    no_data = exported_sql(server, options={"no_data": True})
+    assert no_data == local_dump(dbs["main"], no_data=True)
+    assert "INSERT INTO" not in no_data and "CREATE INDEX idx_items_label" in no_data
+
+    no_schema = exported_sql(server, options={"no_schema": True})
+    assert no_schema == local_dump(dbs["main"], no_schema=True)
+    body = no_schema.split("\n")[1:]
+    assert body and all(line.startswith("INSERT INTO ") for line in body)
+    assert 'INSERT INTO "sqlite_sequence" ("name","seq") VALUES(\'seq\',3);' in body
+
+    only_items = exported_sql(server, options={"tables": ["items"]})
+    assert "CREATE TABLE items(" in only_items
+    assert "CREATE INDEX" not in only_items and "sqlite_sequence" not in only_items  # the index-name quirk
+    with_index = exported_sql(server, options={"tables": ["items", "idx_items_label"]})
+    assert with_index.endswith("CREATE INDEX idx_items_label ON items(label);")
+
+
+def test_empty_database_dump(server):
+    assert exported_sql(server, EMPTY_ID) == "PRAGMA defer_foreign_keys=TRUE;"
+
+
+# ----- signed URL transport switches -----------------------------------------------------------
+def raw_get(url):
+    host, path = re.match(r"http://([^/]+)(/.*)", url).groups()
+    conn = http.client.HTTPConnection(host, timeout=10)
+    conn.request("GET", path)
+    resp = conn.getresponse()
+    return conn, resp
+
+
+def test_no_content_length_gives_chunked(server, dbs):
+    control(server, body={"no_content_length": True})
+    url = run_export(server, BIG_ID)[-1].json()["result"]["result"]["signed_url"]
+    conn, resp = raw_get(url)
+    with closing(conn):
+        assert resp.status == 200
+        assert resp.getheader("Transfer-Encoding") == "chunked"
+        assert resp.getheader("Content-Length") is None
+        assert resp.read().decode() == local_dump(dbs["big"])
+
+
+def test_gzip_switch(server, dbs):
+    control(server, body={"gzip": True})
+    url = run_export(server)[-1].json()["result"]["result"]["signed_url"]
+    resp = download(url)
+    assert resp.headers["Content-Encoding"] == "gzip"
+    assert int(resp.headers["Content-Length"]) == len(resp.body)
+    assert gzip.decompress(resp.body).decode() == local_dump(dbs["main"])
+
+
+def test_gzip_and_chunked_together(server, dbs):
+    control(server, body={"gzip": True, "no_content_length": True})
+    url = run_export(server, BIG_ID)[-1].json()["result"]["result"]["signed_url"]
+    conn, resp = raw_get(url)
+    with closing(conn):
+        assert resp.getheader("Content-Encoding") == "gzip"
+        assert resp.getheader("Transfer-Encoding") == "chunked"
+        assert gzip.decompress(resp.read()).decode() == local_dump(dbs["big"])
+
+
+def test_download_delay_and_failure(server, dbs):
+    control(server, body={"download_delay_ms": 100})
+    url = run_export(server, BIG_ID)[-1].json()["result"]["result"]["signed_url"]
+    size = len(local_dump(dbs["big"]).encode())
+    assert size > 3 * 64 * 1024
+    started = time.monotonic()
+    assert download(url).status == 200
+    assert time.monotonic() - started >= 0.1 * (size // (64 * 1024)) - 0.05
+    control(server, body={"download_delay_ms": 0, "download_fail_status": 500})
+    assert download(url).status == 500
+    assert control(server, "/__control/state")["downloads"] == 1
+
+
+def test_client_killed_mid_download_does_not_break_server(server):
+    control(server, body={"download_delay_ms": 200})
+    url = run_export(server, BIG_ID)[-1].json()["result"]["result"]["signed_url"]
+    conn, resp = raw_get(url)
+    resp.read(1000)
+    conn.close()
+    control(server, body={"download_delay_ms": 0})
+    assert download(url).status == 200
+
+
+def test_control_rejects_unknown_switch(server):
+    resp = request(f"http://{server}/__control", "POST", {"no_such_switch": 1})
+    assert resp.status == 400
+
+
+# ----- dump generator unit tests ------------------------------------------------------------
+@pytest.mark.parametrize("value, expected", [
+    (3, "3"), (-7, "-7"), (0, "0"), (-0.0, "0"), (1.5, "1.5"), (100.0, "100"), (0.1, "0.1"),
+    (0.1 + 0.2, "0.30000000000000004"), (1e20, "100000000000000000000"), (1e21, "1e+21"),
+    (123456789012345680000, "123456789012345680000"), (1.5e300, "1.5e+300"), (-1.5e300, "-1.5e+300"),
+    (0.000001, "0.000001"), (1e-7, "1e-7"), (1.2345e-7, "1.2345e-7"), (123e-20, "1.23e-18"),
+    (5e-324, "5e-324"), (1.7976931348623157e308, "1.7976931348623157e+308"),
+    (2**53, "9007199254740992"), (2**53 + 1, "9007199254740992"), (2**63 - 1, "9223372036854776000"),
+    (float("inf"), "Infinity"), (float("-inf"), "-Infinity"), (float("nan"), "NaN"),
+])
+def test_js_number_to_string(value, expected):
+    assert js_number_to_string(value) == expected
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("plain", "'plain'"),
+    ("it's", "'it''s'"),
+    ("a\r\nb", "replace(replace('a\\r\\nb','\\r',char(13)),'\\n',char(10))"),
+    ("x\ny", "replace('x\\ny','\\n',char(10))"),
+    ("x\ry", "replace('x\\ry','\\r',char(13))"),
+    ("lit\\n\n", "replace('lit\\n\\012','\\012',char(10))"),
+    ("\\n\\012\n", "replace('\\n\\012(\\n0)','(\\n0)',char(10))"),
+])
+def test_quote_string(value, expected):
+    assert quote_string(value) == expected
+
+
+def memory_db(script: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(script)
+    return conn
+
+
+def test_dump_matches_wrangler_example():
+    conn = memory_db("""
+        CREATE TABLE foo(id INTEGER PRIMARY KEY, value TEXT);
+        INSERT INTO foo VALUES (1, 'xxx'), (2, 'yyy'), (3, 'zzz');
+        CREATE TABLE bar(id INTEGER PRIMARY KEY, value TEXT);
+        INSERT INTO bar VALUES (1, 'aaa');
+    """)
+    assert dump_sql(conn) == "\n".join([
+        "PRAGMA defer_foreign_keys=TRUE;",
+        "CREATE TABLE foo(id INTEGER PRIMARY KEY, value TEXT);",
+        'INSERT INTO "foo" ("id","value") VALUES(1,\'xxx\');',
+        'INSERT INTO "foo" ("id","value") VALUES(2,\'yyy\');',
+        'INSERT INTO "foo" ("id","value") VALUES(3,\'zzz\');',
+        "CREATE TABLE bar(id INTEGER PRIMARY KEY, value TEXT);",
+        'INSERT INTO "bar" ("id","value") VALUES(1,\'aaa\');',
+    ])
+    assert dump_sql(conn, no_data=True) == "\n".join([
+        "PRAGMA defer_foreign_keys=TRUE;",
+        "CREATE TABLE foo(id INTEGER PRIMARY KEY, value TEXT);",
+        "CREATE TABLE bar(id INTEGER PRIMARY KEY, value TEXT);",
+    ])
+    assert dump_sql(conn, no_schema=True, tables=["bar"]) == \
+        'PRAGMA defer_foreign_keys=TRUE;\nINSERT INTO "bar" ("id","value") VALUES(1,\'aaa\');'
+    assert dump_sql(memory_db("")) == "PRAGMA defer_foreign_keys=TRUE;"
+
+
+def test_dump_special_tables_and_ordering():
+    conn = memory_db("""
+        CREATE TABLE 'single q'(a);
+        CREATE TABLE "w""eird"("c""ol" BLOB);
+        CREATE TABLE [bracketed](a);
+        CREATE TABLE auto(id INTEGER PRIMARY KEY AUTOINCREMENT, n);
+        CREATE TABLE _cf_METADATA(k);
+        CREATE VIEW zview AS SELECT 1;
+        CREATE INDEX aidx ON auto(n);
+        CREATE TRIGGER trg AFTER INSERT ON auto BEGIN SELECT 1; END;
+        INSERT INTO "w""eird" VALUES (x'DEADBEEF');
+        INSERT INTO auto(n) VALUES (NULL);
+        INSERT INTO _cf_METADATA VALUES (1);
+        ANALYZE;
+    """)
+    lines = dump_sql(conn).split("\n")
+    assert lines[:4] == [
+        "PRAGMA defer_foreign_keys=TRUE;",
+        "CREATE TABLE IF NOT EXISTS 'single q'(a);",
+        'CREATE TABLE IF NOT EXISTS "w""eird"("c""ol" BLOB);',
+        'INSERT INTO "w""eird" ("c""ol") VALUES(X\'deadbeef\');',
+    ]
+    assert lines[4] == "CREATE TABLE [bracketed](a);"  # only ' and " quoting triggers IF NOT EXISTS
+    assert "ANALYZE sqlite_schema;" in lines
+    assert lines[lines.index("ANALYZE sqlite_schema;") + 1].startswith('INSERT INTO "sqlite_stat1" ("tbl","idx","stat") VALUES(')
+    # _cf_* tables are skipped (their name can still show up in sqlite_stat1 rows).
+    assert not any(line.startswith(("CREATE TABLE _cf_", 'INSERT INTO "_cf_')) for line in lines)
+    # sqlite_sequence comes after every other table, then index < trigger < view.
+    tail = lines[lines.index("DELETE FROM sqlite_sequence;"):]
+    assert tail == [
+        "DELETE FROM sqlite_sequence;",
+        'INSERT INTO "sqlite_sequence" ("name","seq") VALUES(\'auto\',1);',
+        "CREATE INDEX aidx ON auto(n);",
+        "CREATE TRIGGER trg AFTER INSERT ON auto BEGIN SELECT 1; END;",
+        "CREATE VIEW zview AS SELECT 1;",
+    ]
+    # no_schema keeps the sqlite_sequence/sqlite_stat rows but drops DELETE/ANALYZE.
+    no_schema = dump_sql(conn, no_schema=True)
+    assert "DELETE FROM sqlite_sequence;" not in no_schema and "ANALYZE" not in no_schema
+    assert 'INSERT INTO "sqlite_sequence"' in no_schema
+    # The tables filter applies to index/trigger/view names, not their parent table.
+    assert dump_sql(conn, tables=["zview", "trg"], no_data=True).split("\n") == [
+        "PRAGMA defer_foreign_keys=TRUE;",
+        "CREATE TRIGGER trg AFTER INSERT ON auto BEGIN SELECT 1; END;",
+        "CREATE VIEW zview AS SELECT 1;",
+    ]
