@@ -173,7 +173,8 @@ async fn artifact(env: &Env, key: &str) -> worker::Result<Response> {
         return error(404, "no such backup file");
     };
     let headers = worker::Headers::new();
-    object.write_http_metadata(headers.clone())?;
+    let content_type = object.http_metadata().content_type.unwrap_or_else(|| "application/octet-stream".into());
+    headers.set("content-type", &content_type)?;
     headers.set("content-length", &object.size().to_string())?;
     headers.set("etag", &object.http_etag())?;
     if let Some(sha) = object.custom_metadata()?.get("sha256") {

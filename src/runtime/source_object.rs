@@ -25,8 +25,9 @@ const LEDGER: &str = "ledger";
 const SOURCE: &str = "source";
 /// Steps run back to back in one alarm before yielding to a fresh alarm.
 const MAX_INLINE_STEPS: u32 = 16;
-/// A safety alarm armed before every step: if the isolate dies mid-step, the job resumes.
-const WATCHDOG: Duration = Duration::from_secs(90);
+/// A safety alarm armed before every step and kept armed while it runs: if the isolate dies
+/// mid-step, the job resumes this soon after the object comes back.
+const WATCHDOG: Duration = Duration::from_secs(15);
 
 fn job_key(id: &JobId) -> String {
     format!("job:{id}")
@@ -73,7 +74,9 @@ impl DurableObject for SourceObject {
 
     async fn alarm(&self) -> worker::Result<Response> {
         if self.busy.replace(true) {
-            // A step is still running in this instance; it re-arms the alarm when it ends.
+            // A step is still running in this instance: keep the watchdog armed; the step
+            // re-arms the real alarm when it ends.
+            self.storage().set_alarm(WATCHDOG).await?;
             return Response::ok("busy");
         }
         let result = self.run().await;

@@ -1,0 +1,288 @@
+"""Shared harness for Ferry's end-to-end tests.
+
+Starts the provider emulators and the built Worker under ``wrangler dev`` (real workerd, local R2
+and Durable Objects, each run with its own ``--persist-to`` folder), all on 127.0.0.1, and offers
+small helpers: signed webhooks, the bearer-authenticated API, cron runs at a chosen time, and
+waiting for a job to finish. Nothing here reaches the internet.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WRANGLER = ROOT / "node_modules" / ".bin" / "wrangler"
+API_TOKEN = "test-api-token-0123456789"
+WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+D1_TOKEN = "test-d1-token"
+TERMINAL = ("committed", "failed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_built() -> None:
+    """Builds the Worker once if the bundle is missing (the test script builds it first)."""
+    if not (ROOT / "build" / "index.js").exists():
+        subprocess.run(["bash", str(ROOT / "scripts" / "build.sh"), "--dev"], check=True)
+
+
+def sign(body: bytes, msg_id: str, timestamp: int, secret: str = WEBHOOK_SECRET) -> str:
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+class Http:
+    """A tiny HTTP client returning (status, headers, body) and never raising on 4xx/5xx."""
+
+    def __init__(self, base: str):
+        self.base = base
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None, timeout=30):
+        req = urllib.request.Request(self.base + path, data=body, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+        except urllib.error.HTTPError as e:
+            return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+class Process:
+    """A child process in its own process group, logging to a file."""
+
+    def __init__(self, args: list[str], log: Path, cwd: Path | None = None, env: dict | None = None):
+        self.log_path = log
+        self.log = open(log, "ab")
+        self.proc = subprocess.Popen(
+            args, cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, kill: bool = False) -> None:
+        if self.alive():
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self.log.close()
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        noise = ("Request.cf", "getaddrinfo", "GetAddrInfoReqWrap", "callbackTrampoline")
+        return "\n".join([l for l in lines if not any(x in l for x in noise)][-n:])
+
+
+class D1Emulator:
+    """The D1 REST emulator (tests/emulators/d1.py) serving SQLite files as D1 databases."""
+
+    def __init__(self, workdir: Path, databases: dict[str, Path], account: str = "test-account", **opts):
+        self.account = account
+        self.databases = databases
+        args = [sys.executable, str(ROOT / "tests" / "emulators" / "d1.py"), "--port", "0",
+                "--account", account, "--token", D1_TOKEN]
+        for db_id, path in databases.items():
+            args += ["--database", f"{db_id}={path}"]
+        for k, v in opts.items():
+            args += [f"--{k.replace('_', '-')}", str(v)]
+        log = workdir / "d1-emulator.log"
+        self.process = Process(args, log)
+        deadline = time.time() + 15
+        self.port = None
+        while time.time() < deadline and self.port is None:
+            for line in log.read_text().splitlines():
+                if line.startswith("READY "):
+                    self.port = int(line.split()[1])
+            time.sleep(0.05)
+        if self.port is None:
+            raise RuntimeError("D1 emulator did not start:\n" + self.process.tail())
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api_base = f"{self.url}/client/v4"
+        self.http = Http(self.url)
+
+    def control(self, **switches) -> None:
+        status, _, body = self.http.request("POST", "/__control", json.dumps(switches).encode(),
+                                            {"content-type": "application/json"})
+        assert status == 200, body
+
+    def reset(self) -> None:
+        assert self.http.request("POST", "/__control/reset", b"{}")[0] == 200
+
+    def state(self) -> dict:
+        return json.loads(self.http.request("GET", "/__control/state")[2])
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def d1_source(name: str, emulator: D1Emulator, database_id: str, schedule: str = "0 0 1 1 *", **extra) -> dict:
+    source = {
+        "name": name, "kind": "d1", "schedule": schedule, "account_id": emulator.account,
+        "database_id": database_id, "token_secret": "D1_API_TOKEN", "api_base": emulator.api_base,
+        "poll_interval_ms": 200,
+        "retry": {"max_attempts": 4, "base_ms": 200, "max_delay_ms": 1000},
+    }
+    source.update(extra)
+    return source
+
+
+def toml_string(value: str) -> str:
+    # A JSON string literal is a valid TOML basic string for this content.
+    return json.dumps(value)
+
+
+class Ferry:
+    """The built Worker under ``wrangler dev``, configured with the given sources."""
+
+    def __init__(self, workdir: Path, sources: list | str, secrets: dict | None = None, crons=("*/5 * * * *",)):
+        ensure_built()
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.persist = workdir / "state"
+        raw = sources if isinstance(sources, str) else json.dumps(sources)
+        self.secrets = {"FERRY_API_TOKEN": API_TOKEN, "FERRY_WEBHOOK_SECRET": WEBHOOK_SECRET, "D1_API_TOKEN": D1_TOKEN}
+        self.secrets.update(secrets or {})
+        (workdir / "wrangler.toml").write_text(f"""name = "ferry-test"
+main = {toml_string(str(ROOT / "build" / "index.js"))}
+compatibility_date = "2026-05-01"
+[[r2_buckets]]
+binding = "BACKUPS"
+bucket_name = "ferry-backups"
+[durable_objects]
+bindings = [{{ name = "SOURCES", class_name = "SourceObject" }}]
+[[migrations]]
+tag = "v1"
+new_sqlite_classes = ["SourceObject"]
+[triggers]
+crons = {json.dumps(list(crons))}
+[vars]
+FERRY_SOURCES = {toml_string(raw)}
+""")
+        (workdir / ".dev.vars").write_text("".join(f"{k}={json.dumps(v)}\n" for k, v in self.secrets.items()))
+        self.process: Process | None = None
+        self.port = free_port()
+        self.http = Http(f"http://127.0.0.1:{self.port}")
+        self.start()
+
+    def start(self) -> None:
+        env = dict(os.environ, WRANGLER_SEND_METRICS="false", CI="true",
+                   WRANGLER_LOG_PATH=str(self.workdir / "wrangler-logs"))
+        args = [str(WRANGLER), "dev", "--config", str(self.workdir / "wrangler.toml"), "--ip", "127.0.0.1",
+                "--port", str(self.port), "--persist-to", str(self.persist), "--test-scheduled",
+                "--inspector-port", "0", "--show-interactive-dev-session=false", "--log-level", "info"]
+        self.process = Process(args, self.workdir / "wrangler.log", cwd=self.workdir, env=env)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if not self.process.alive():
+                raise RuntimeError("wrangler dev exited:\n" + self.process.tail())
+            try:
+                if self.http.request("GET", "/", timeout=2)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError("wrangler dev did not become ready:\n" + self.process.tail())
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process:
+            self.process.stop(kill=kill)
+            self.process = None
+
+    def restart(self, kill: bool = True) -> None:
+        self.stop(kill=kill)
+        self.start()
+
+    def log(self) -> str:
+        return self.process.tail(80) if self.process else ""
+
+    # --- the HTTP API ---------------------------------------------------------------------
+
+    def api(self, path: str, token: str | None = API_TOKEN):
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        return self.http.request("GET", path, headers=headers)
+
+    def api_json(self, path: str):
+        status, _, body = self.api(path)
+        assert status == 200, (path, status, body)
+        return json.loads(body)
+
+    def webhook(self, source: str, body: bytes = b"{}", msg_id: str | None = None, timestamp: int | None = None,
+                signature: str | None = None, headers: dict | None = None):
+        msg_id = msg_id or f"msg_{time.time_ns()}"
+        timestamp = int(time.time()) if timestamp is None else timestamp
+        signature = sign(body, msg_id, timestamp) if signature is None else signature
+        h = {"webhook-id": msg_id, "webhook-timestamp": str(timestamp), "webhook-signature": signature,
+             "content-type": "application/json"}
+        if headers is not None:
+            h = headers
+        status, hdrs, raw = self.http.request("POST", f"/v1/sources/{urllib.parse.quote(source)}/exports", body, h)
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            payload = {"raw": raw.decode(errors="replace")}
+        return status, hdrs, payload
+
+    def scheduled(self, cron: str, at_ms: int | None = None) -> None:
+        """Fires the Worker's scheduled handler; with `at_ms`, as if at that time."""
+        query = {"cron": cron}
+        if at_ms is None:
+            path = "/__scheduled?" + urllib.parse.urlencode(query)
+        else:
+            query["time"] = str(at_ms)
+            path = "/cdn-cgi/handler/scheduled?" + urllib.parse.urlencode(query)
+        status, _, body = self.http.request("GET", path)
+        assert status == 200, body
+
+    def source(self, name: str) -> dict:
+        for s in self.api_json("/v1/sources")["sources"]:
+            if s["name"] == name:
+                return s
+        raise KeyError(name)
+
+    def job(self, job_id: str) -> dict:
+        return self.api_json(f"/v1/jobs/{job_id}")
+
+    def wait_job(self, job_id: str, phases=TERMINAL, timeout: float = 60) -> dict:
+        deadline = time.time() + timeout
+        job = None
+        while time.time() < deadline:
+            job = self.job(job_id)
+            if job["phase"] in phases:
+                return job
+            time.sleep(0.2)
+        raise AssertionError(f"job {job_id} did not reach {phases}: {job}\n{self.log()}")
+
+    def backups(self, source: str) -> list:
+        return self.api_json(f"/v1/sources/{source}/backups")["backups"]
+
+    def artifact(self, key: str):
+        status, headers, body = self.api("/v1/backups/" + urllib.parse.quote(key))
+        assert status == 200, (key, status, body)
+        return headers, body

@@ -1,0 +1,352 @@
+"""End to end: D1 backups by the built Worker under `wrangler dev`, against the D1 emulator.
+
+Every test drives the real Worker (workerd, local R2 and Durable Objects) over HTTP and checks
+what landed in R2 through Ferry's own API.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from emulators.d1_dump import dump_sql
+from harness import API_TOKEN, D1_TOKEN, D1Emulator, Ferry, d1_source
+
+BIG_PART_MIB = 5
+
+
+def make_app_db(path: Path) -> Path:
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE users (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, score REAL, avatar BLOB);
+        CREATE TABLE "order items" (id INTEGER PRIMARY KEY, user_id INTEGER REFERENCES users(id), note TEXT);
+        CREATE INDEX idx_items_user ON "order items"(user_id);
+        CREATE VIEW top_users AS SELECT name FROM users WHERE score > 50;
+    """)
+    rows = [("alice", 99.5, b"\x00\x01\xff"), ("bob", None, None), ("O'Brien", 12.0, b""),
+            ("line\r\nbreak", 1e300, b"\xde\xad\xbe\xef"), ("ünïcødé ✓", -0.25, None)]
+    db.executemany("INSERT INTO users (name, score, avatar) VALUES (?, ?, ?)", rows)
+    db.executemany('INSERT INTO "order items" (user_id, note) VALUES (?, ?)',
+                   [(1, "first"), (2, "it's\nmultiline"), (3, None), (1, "x" * 1000)])
+    db.commit()
+    db.close()
+    return path
+
+
+def make_big_db(path: Path, mib: int) -> Path:
+    """A database whose dump is several times the multipart part size."""
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE blobs (id INTEGER PRIMARY KEY, data TEXT)")
+    row = 10 * 1024
+    count = mib * 1024 * 1024 // row + 7
+    db.executemany("INSERT INTO blobs (data) VALUES (?)", ((os.urandom(row // 2).hex(),) for _ in range(count)))
+    db.commit()
+    db.close()
+    return path
+
+
+def rows_of(db: sqlite3.Connection) -> dict:
+    tables = [r[0] for r in db.execute("SELECT name FROM sqlite_schema WHERE type='table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+    return {t: db.execute(f'SELECT * FROM "{t}" ORDER BY rowid').fetchall() for t in tables}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    work = tmp_path_factory.mktemp("d1-e2e")
+    app = make_app_db(work / "app.sqlite")
+    big = make_big_db(work / "big.sqlite", mib=3 * BIG_PART_MIB + 2)
+    small = make_app_db(work / "small.sqlite")
+    dbs = {name: (big if name == "big-uuid" else app if name == "app-uuid" else small)
+           for name in ["app-uuid", "big-uuid", "every-five-uuid", "daily-uuid", "half-hour-uuid", "yearly-uuid",
+                        "locked-uuid", "busy-uuid", "failing-uuid", "flaky-uuid"]}
+    emulator = D1Emulator(work, dbs, active_polls=2, cancel_after=30)
+    sources = [
+        d1_source("every-five", emulator, "every-five-uuid", "*/5 * * * *"),
+        d1_source("daily", emulator, "daily-uuid", "0 3 * * *"),
+        d1_source("half-hour", emulator, "half-hour-uuid", "30 * * * *"),
+        d1_source("yearly", emulator, "yearly-uuid", "0 0 1 1 *"),
+        d1_source("app-db", emulator, "app-uuid"),
+        d1_source("big", emulator, "big-uuid", part_size_mib=BIG_PART_MIB),
+        d1_source("locked-out", emulator, "locked-uuid", token_secret="WRONG_D1_TOKEN"),
+        d1_source("busy", emulator, "busy-uuid"),
+        d1_source("failing", emulator, "failing-uuid"),
+        d1_source("flaky", emulator, "flaky-uuid"),
+    ]
+    ferry = Ferry(work / "ferry", sources, secrets={"WRONG_D1_TOKEN": "not-the-token"})
+    yield {"ferry": ferry, "emulator": emulator, "work": work, "app": app, "big": big, "small": small, "sources": sources}
+    ferry.stop()
+    emulator.stop()
+
+
+@pytest.fixture(autouse=True)
+def clean_switches(world):
+    world["emulator"].reset()
+    yield
+
+
+def expected_dump(path: Path) -> bytes:
+    db = sqlite3.connect(path)
+    try:
+        return dump_sql(db).encode()
+    finally:
+        db.close()
+
+
+def check_backup(ferry: Ferry, job: dict, expected: bytes) -> dict:
+    """The job's manifest is listed, and its one artifact reads back byte for byte."""
+    assert job["phase"] == "committed", job
+    manifests = [m for m in ferry.backups(job["source"]) if m["job_id"] == job["id"]]
+    assert len(manifests) == 1, manifests
+    manifest = manifests[0]
+    assert manifest["source"] == job["source"] and manifest["kind"] == "d1"
+    (art,) = manifest["artifacts"]
+    headers, body = ferry.artifact(art["key"])
+    assert body == expected, "artifact differs from the emulator's dump"
+    digest = hashlib.sha256(body).hexdigest()
+    assert art["sha256"] == digest
+    assert headers["x-ferry-sha256"] == digest, "sha256 in the object's custom metadata"
+    assert art["size"] == len(expected)
+    assert art["key"].startswith(f"{job['source']}/") and art["key"].endswith("/" + art["filename"])
+    assert headers["content-type"] == "application/sql"
+    return manifest
+
+
+def test_cron_run_backs_up_exactly_the_due_sources(world):
+    ferry, emulator = world["ferry"], world["emulator"]
+    # A tick of the Worker's */5 trigger at 03:00 UTC: "*/5 * * * *" and "0 3 * * *" are due,
+    # "30 * * * *" and "0 0 1 1 *" are not (nor the webhook-only sources).
+    tick = 1893466800000  # 2030-01-01T03:00:00Z
+    ferry.scheduled("*/5 * * * *", at_ms=tick)
+    due = {"every-five", "daily"}
+    jobs = {}
+    deadline = time.time() + 30
+    while time.time() < deadline and len(jobs) < len(due):
+        for s in ferry.api_json("/v1/sources")["sources"]:
+            if s["name"] in due and s["last_job"]:
+                jobs[s["name"]] = s["last_job"]["id"]
+        time.sleep(0.2)
+    assert set(jobs) == due
+    for name, job_id in jobs.items():
+        job = ferry.wait_job(job_id)
+        assert job["trigger"] == "cron"
+        assert job["scheduled_for"] == "2030-01-01T03:00:00.000Z"
+        check_backup(ferry, job, expected_dump(world["small"]))
+    for s in ferry.api_json("/v1/sources")["sources"]:
+        if s["name"] in {"half-hour", "yearly"}:
+            assert s["last_job"] is None, s
+    # Only the due sources' databases were exported.
+    exported = {t["database_id"] for t in emulator.state()["tasks"]}
+    assert exported == {"every-five-uuid", "daily-uuid"}
+    # The same tick again (cron is at-least-once) starts nothing new.
+    ferry.scheduled("*/5 * * * *", at_ms=tick)
+    time.sleep(1)
+    for name, job_id in jobs.items():
+        assert ferry.source(name)["last_job"]["id"] == job_id
+    # The plain wrangler endpoint reaches the same handler.
+    ferry.scheduled("*/5 * * * *")
+
+
+def test_signed_webhook_backs_up_one_source_byte_identical_and_restorable(world, tmp_path):
+    ferry = world["ferry"]
+    status, headers, payload = ferry.webhook("app-db")
+    assert status == 202, payload
+    job = payload["job"]
+    assert job["phase"] == "queued" and job["trigger"] == "webhook" and job["source"] == "app-db"
+    job = ferry.wait_job(job["id"])
+    expected = expected_dump(world["app"])
+    manifest = check_backup(ferry, job, expected)
+    assert manifest["trigger"] == "webhook"
+    assert manifest["provider"]["database_id"] == "app-uuid"
+    assert manifest["provider"]["at_bookmark"] == job["provider"]["at_bookmark"]
+    assert manifest["started_at"] <= manifest["finished_at"]
+    assert job["provider"]["messages"][0].startswith("Generating")
+    assert job["attempts"] >= 4 and job["provider"]["polls"] >= 3, "202 active at least once, then 200"
+    # Restore the stored dump into a fresh SQLite database: the same rows come back.
+    _, body = ferry.artifact(manifest["artifacts"][0]["key"])
+    restored = sqlite3.connect(tmp_path / "restored.sqlite")
+    restored.executescript(body.decode())
+    original = sqlite3.connect(world["app"])
+    assert rows_of(restored) == rows_of(original)
+    assert restored.execute("SELECT name FROM sqlite_schema WHERE name='idx_items_user'").fetchone()
+    # Nothing secret in what the API shows.
+    for path in ["/v1/sources", f"/v1/jobs/{job['id']}", "/v1/sources/app-db/backups"]:
+        text = ferry.api(path)[2].decode()
+        for secret in (API_TOKEN, D1_TOKEN, "__signed"):
+            assert secret not in text, (path, secret)
+
+
+def test_dump_several_times_the_part_size_goes_through_multipart_intact(world):
+    ferry = world["ferry"]
+    status, _, payload = ferry.webhook("big")
+    assert status == 202, payload
+    job = ferry.wait_job(payload["job"]["id"], timeout=120)
+    expected = expected_dump(world["big"])
+    part = BIG_PART_MIB * 1024 * 1024
+    assert len(expected) > 3 * part
+    manifest = check_backup(ferry, job, expected)
+    art = manifest["artifacts"][0]
+    assert art["parts"] == -(-len(expected) // part), art
+
+
+def test_bad_stale_and_replayed_signatures_change_nothing(world):
+    ferry, emulator = world["ferry"], world["emulator"]
+    before = ferry.source("yearly")["last_job"]
+    now = int(time.time())
+    good = ferry.webhook  # for brevity
+    cases = {
+        "wrong signature": dict(signature="v1,Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc="),
+        "empty signature": dict(signature="v1,"),
+        "truncated signature": dict(signature="v1,g0hM9SsE+OTPJTGt"),
+        "stale timestamp": dict(timestamp=now - 301),
+        "future timestamp": dict(timestamp=now + 301),
+        "missing headers": dict(headers={"content-type": "application/json"}),
+    }
+    for label, kwargs in cases.items():
+        status, _, payload = good("yearly", **kwargs)
+        assert status == 401, (label, payload)
+        assert "error" in payload
+    # A signature over a different body does not verify either.
+    msg_id, ts = "msg_tampered", now
+    from harness import sign
+    status, _, _ = ferry.webhook("yearly", body=b'{"x":2}', msg_id=msg_id, timestamp=ts, signature=sign(b'{"x":1}', msg_id, ts))
+    assert status == 401
+    assert ferry.source("yearly")["last_job"] == before
+    assert emulator.state()["export_calls"] == 0, "no provider call for refused webhooks"
+
+    # A replayed delivery returns the first job and starts nothing new.
+    status, _, first = ferry.webhook("yearly", msg_id="msg_replay_1")
+    assert status == 202
+    job = ferry.wait_job(first["job"]["id"])
+    calls = emulator.state()["export_calls"]
+    status, headers, again = ferry.webhook("yearly", msg_id="msg_replay_1")
+    assert status == 202 and headers.get("idempotent-replayed") == "true"
+    assert again["job"]["id"] == job["id"]
+    time.sleep(1)
+    assert emulator.state()["export_calls"] == calls
+    assert len([b for b in ferry.backups("yearly") if b["job_id"] == job["id"]]) == 1
+
+
+def test_unknown_source_is_404_after_the_signature_check(world):
+    ferry = world["ferry"]
+    assert ferry.webhook("no-such-source")[0] == 404
+    assert ferry.webhook("no-such-source", signature="v1,")[0] == 401
+
+
+def test_second_trigger_during_a_running_job_gets_409(world):
+    ferry, emulator = world["ferry"], world["emulator"]
+    emulator.control(active_polls=100000)  # the export stays active
+    status, _, first = ferry.webhook("busy")
+    assert status == 202
+    job_id = first["job"]["id"]
+    ferry.wait_job(job_id, phases=("exporting",))
+    status, _, second = ferry.webhook("busy")
+    assert status == 409, second
+    assert second["job_id"] == job_id
+    # A cron tick that finds the source busy skips it as well.
+    assert ferry.source("busy")["current_job_id"] == job_id
+    emulator.control(active_polls=1)  # let it finish
+    job = ferry.wait_job(job_id)
+    assert job["phase"] == "committed"
+    assert ferry.source("busy")["current_job_id"] is None
+    assert ferry.webhook("busy")[0] == 202, "the source is free again"
+
+
+def test_export_error_leaves_a_failed_job_with_d1_message_and_no_manifest(world):
+    ferry, emulator = world["ferry"], world["emulator"]
+    message = "D1 Export error: cannot export databases with Virtual Tables (fts5)"
+    emulator.control(export_error=message)
+    status, _, payload = ferry.webhook("failing")
+    assert status == 202
+    job = ferry.wait_job(payload["job"]["id"])
+    assert job["phase"] == "failed"
+    assert message in job["error"], job["error"]
+    assert job["artifacts"] == []
+    assert ferry.backups("failing") == []
+
+
+def test_provider_permanent_error_fails_the_job_with_its_message(world):
+    ferry = world["ferry"]
+    status, _, payload = ferry.webhook("locked-out")
+    job = ferry.wait_job(payload["job"]["id"])
+    assert job["phase"] == "failed"
+    assert "Authentication error" in job["error"] and "403" in job["error"], job["error"]
+    assert ferry.backups("locked-out") == []
+
+
+def test_transient_failures_are_retried_with_backoff(world):
+    ferry, emulator = world["ferry"], world["emulator"]
+    emulator.control(fail_next=[{"status": 503}, {"status": 429, "retry_after": "1"}, {"status": 502, "body": "<html>bad gateway</html>"}])
+    status, _, payload = ferry.webhook("flaky")
+    job = ferry.wait_job(payload["job"]["id"])
+    assert job["phase"] == "committed", job
+    statuses = [r["status"] for r in emulator.state()["requests"] if "/export" in r["path"]]
+    assert statuses[:3] == [503, 429, 502], statuses
+    check_backup(ferry, job, expected_dump(world["small"]))
+
+
+def test_download_failure_fails_the_job_without_a_half_written_backup(world):
+    ferry, emulator = world["ferry"], world["emulator"]
+    emulator.control(download_fail_status=403)
+    status, _, payload = ferry.webhook("failing")
+    job = ferry.wait_job(payload["job"]["id"])
+    assert job["phase"] == "failed"
+    assert "refused (HTTP 403)" in job["error"], job["error"]
+    assert ferry.backups("failing") == []
+
+
+def test_api_needs_the_bearer_token(world):
+    ferry = world["ferry"]
+    for path in ["/v1/sources", "/v1/jobs/0123456789abcdef", "/v1/sources/app-db/backups", "/v1/backups/app-db/x/y"]:
+        assert ferry.api(path, token=None)[0] == 401
+        assert ferry.api(path, token="wrong")[0] == 401
+    assert ferry.api("/v1/jobs/0123456789abcdef")[0] == 404
+    assert ferry.api("/v1/sources/nope/backups")[0] == 404
+    assert ferry.api("/v1/backups/app-db/not-a-backup/file.sql")[0] == 404
+
+
+def test_killed_worker_finishes_the_job_after_restart(world, tmp_path):
+    emulator = world["emulator"]
+    sources = [d1_source("restartable", emulator, "big-uuid", part_size_mib=BIG_PART_MIB)]
+    ferry = Ferry(tmp_path / "ferry", sources)
+    try:
+        emulator.control(download_delay_ms=40)  # about 12 s for the whole dump
+        status, _, payload = ferry.webhook("restartable")
+        job_id = payload["job"]["id"]
+        ferry.wait_job(job_id, phases=("transferring",), timeout=60)
+        deadline = time.time() + 30
+        while emulator.state()["downloads"] < 1 and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(2)  # well into the download, a part or so uploaded
+        ferry.stop(kill=True)
+        emulator.control(download_delay_ms=0)
+        ferry.start()
+        job = ferry.wait_job(job_id, timeout=90)
+        assert job["phase"] == "committed", job
+        assert emulator.state()["downloads"] >= 2, "the copy was restarted after the kill"
+        check_backup(ferry, job, expected_dump(world["big"]))
+    finally:
+        ferry.stop()
+
+
+def test_malformed_config_names_the_field_and_runs_nothing(world, tmp_path):
+    emulator = world["emulator"]
+    bad = [d1_source("good", emulator, "app-uuid"), d1_source("broken", emulator, "app-uuid", schedule="every night")]
+    ferry = Ferry(tmp_path / "ferry", bad)
+    try:
+        status, _, body = ferry.api("/v1/sources")
+        assert status == 500
+        error = json.loads(body)["error"]
+        assert 'source "broken"' in error and 'field "schedule"' in error, error
+        status, _, payload = ferry.webhook("good")
+        assert status == 500 and payload["error"] == error
+        ferry.scheduled("*/5 * * * *", at_ms=1893466800000)
+        time.sleep(1)
+        assert emulator.state()["export_calls"] == 0
+    finally:
+        ferry.stop()
