@@ -13,7 +13,10 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 use url::Url;
 
+use crate::providers::aura::{AuraConfig, AuraMode};
 use crate::providers::d1::{D1Config, DumpOptions};
+use crate::providers::dgraph::{DgraphAcl, DgraphConfig, DgraphFormat};
+use crate::providers::dxp::{DxpAuth, DxpConfig};
 use crate::retry::RetryPolicy;
 use crate::schedule::Schedule;
 
@@ -55,6 +58,12 @@ pub struct SourceConfig {
 pub enum ProviderConfig {
     /// Cloudflare D1 (REST export).
     D1(D1Config),
+    /// Dgraph Cloud (`/admin/slash` export).
+    Dgraph(DgraphConfig),
+    /// Neo4j Aura (snapshots and a logical export over the Query API).
+    Aura(AuraConfig),
+    /// Liferay DXP Cloud (backup service downloads).
+    Dxp(DxpConfig),
 }
 
 impl SourceConfig {
@@ -62,6 +71,9 @@ impl SourceConfig {
     pub fn kind(&self) -> &'static str {
         match self.provider {
             ProviderConfig::D1(_) => "d1",
+            ProviderConfig::Dgraph(_) => "dgraph",
+            ProviderConfig::Aura(_) => "aura",
+            ProviderConfig::Dxp(_) => "dxp",
         }
     }
 
@@ -69,6 +81,20 @@ impl SourceConfig {
     pub fn secret_names(&self) -> Vec<&str> {
         match &self.provider {
             ProviderConfig::D1(d1) => vec![d1.token_secret.as_str()],
+            ProviderConfig::Dgraph(d) => {
+                let mut names = vec![d.api_key_secret.as_str()];
+                names.extend(d.acl.as_ref().map(|a| a.password_secret.as_str()));
+                names
+            }
+            ProviderConfig::Aura(a) => {
+                let mut names = vec![a.client_id_secret.as_str(), a.client_secret_secret.as_str()];
+                names.extend(a.db_password_secret.as_deref());
+                names
+            }
+            ProviderConfig::Dxp(d) => vec![match &d.auth {
+                DxpAuth::Basic { password_secret, .. } => password_secret.as_str(),
+                DxpAuth::UserToken { secret } | DxpAuth::MasterToken { secret } => secret.as_str(),
+            }],
         }
     }
 }
@@ -264,7 +290,13 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
     let schedule = Schedule::parse(&schedule_text).map_err(|e| f.err("schedule", format!("is {e}")))?;
     let part_size_mib = f.uint("part_size_mib", MIN_PART_SIZE >> 20, MAX_PART_SIZE >> 20)?;
     let part_size = part_size_mib.map_or(DEFAULT_PART_SIZE, |m| m << 20);
-    let poll_interval = Duration::from_millis(f.uint("poll_interval_ms", 100, 600_000)?.unwrap_or(1_000));
+    // D1 cancels an export that is not polled promptly; Aura's own CLI polls every 20 s.
+    let default_poll = match kind.as_str() {
+        "aura" => 10_000,
+        "dgraph" => 2_000,
+        _ => 1_000,
+    };
+    let poll_interval = Duration::from_millis(f.uint("poll_interval_ms", 100, 600_000)?.unwrap_or(default_poll));
     let export_timeout =
         Duration::from_secs(60 * f.uint("export_timeout_minutes", 1, 7 * 24 * 60)?.unwrap_or(6 * 60));
     let retry = match f.table("retry")? {
@@ -274,7 +306,10 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
     let api_base = f.url("api_base")?;
     let provider = match kind.as_str() {
         "d1" => ProviderConfig::D1(parse_d1(&mut f, api_base)?),
-        other => return Err(f.err("kind", format!("must be \"d1\" (got {other:?})"))),
+        "dgraph" => ProviderConfig::Dgraph(parse_dgraph(&mut f, api_base)?),
+        "aura" => ProviderConfig::Aura(parse_aura(&mut f, api_base)?),
+        "dxp" => ProviderConfig::Dxp(parse_dxp(&mut f, api_base)?),
+        other => return Err(f.err("kind", format!("must be one of \"d1\", \"dgraph\", \"aura\", \"dxp\" (got {other:?})"))),
     };
     f.finish()?;
     Ok(SourceConfig { name, schedule, part_size, retry, poll_interval, export_timeout, provider })
@@ -291,6 +326,116 @@ fn parse_retry(source: &str, map: &Map<String, Value>) -> Result<RetryPolicy, Co
     }
     f.finish()?;
     Ok(RetryPolicy { max_attempts, base, max_delay })
+}
+
+fn secret_name(f: &mut Fields<'_>, key: &'static str) -> Result<Option<String>, ConfigError> {
+    match f.string(key)? {
+        Some(name) if !valid_secret_name(&name) => {
+            Err(f.err(key, "must be the name of a Worker secret (letters, digits, '_'), not the secret itself"))
+        }
+        other => Ok(other),
+    }
+}
+
+fn required_secret_name(f: &mut Fields<'_>, key: &'static str) -> Result<String, ConfigError> {
+    secret_name(f, key)?.ok_or_else(|| f.err(key, "is required"))
+}
+
+fn default_url(f: &Fields<'_>, key: &str, url: &str) -> Result<Url, ConfigError> {
+    Url::parse(url).map_err(|e| f.err(key, format!("is not a valid URL ({e})")))
+}
+
+fn parse_dgraph(f: &mut Fields<'_>, api_base: Option<Url>) -> Result<DgraphConfig, ConfigError> {
+    let endpoint = f.url("endpoint")?;
+    let endpoint = api_base.or(endpoint).ok_or_else(|| f.err("endpoint", "is required (the backend URL)"))?;
+    let api_key_secret = required_secret_name(f, "api_key_secret")?;
+    let format = match f.string("format")?.as_deref() {
+        None | Some("json") => DgraphFormat::Json,
+        Some("rdf") => DgraphFormat::Rdf,
+        Some(other) => return Err(f.err("format", format!("must be \"json\" or \"rdf\" (got {other:?})"))),
+    };
+    let namespace = match f.raw("namespace") {
+        None => None,
+        Some(v) => match v.as_i64() {
+            Some(n) if n >= -1 => Some(n),
+            _ => return Err(f.err("namespace", "must be a namespace id, or -1 for every namespace")),
+        },
+    };
+    let user_id = f.string("user_id")?;
+    let password_secret = secret_name(f, "password_secret")?;
+    let login_namespace = match f.raw("login_namespace") {
+        None => 0,
+        Some(v) => v.as_i64().filter(|n| *n >= 0).ok_or_else(|| f.err("login_namespace", "must be a namespace id"))?,
+    };
+    let acl = match (user_id, password_secret) {
+        (Some(user_id), Some(password_secret)) => Some(DgraphAcl { user_id, password_secret, login_namespace }),
+        (None, None) => None,
+        (Some(_), None) => return Err(f.err("password_secret", "is required with user_id (ACL login)")),
+        (None, Some(_)) => return Err(f.err("user_id", "is required with password_secret (ACL login)")),
+    };
+    Ok(DgraphConfig { endpoint, api_key_secret, format, namespace, acl })
+}
+
+fn parse_aura(f: &mut Fields<'_>, api_base: Option<Url>) -> Result<AuraConfig, ConfigError> {
+    let instance_id = f.required_string("instance_id")?;
+    if instance_id.len() != 8 || !instance_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(f.err("instance_id", "must be the 8 hex characters of an Aura instance id"));
+    }
+    let client_id_secret = required_secret_name(f, "client_id_secret")?;
+    let client_secret_secret = required_secret_name(f, "client_secret_secret")?;
+    let mode = match f.string("mode")?.as_deref() {
+        None | Some("both") => AuraMode::Both,
+        Some("snapshot") => AuraMode::Snapshot,
+        Some("logical") => AuraMode::Logical,
+        Some(other) => return Err(f.err("mode", format!("must be \"snapshot\", \"logical\" or \"both\" (got {other:?})"))),
+    };
+    let api_base = match api_base {
+        Some(u) => u,
+        None => default_url(f, "api_base", AuraConfig::DEFAULT_API_BASE)?,
+    };
+    let query_api_base = match f.url("query_api_base")? {
+        Some(u) => u,
+        None => default_url(f, "query_api_base", &format!("https://{}.databases.neo4j.io", instance_id.to_ascii_lowercase()))?,
+    };
+    let database = f.string("database")?.unwrap_or_else(|| "neo4j".into());
+    let db_user = f.string("db_user")?.unwrap_or_else(|| "neo4j".into());
+    let db_password_secret = secret_name(f, "db_password_secret")?;
+    if mode != AuraMode::Snapshot && db_password_secret.is_none() {
+        return Err(f.err("db_password_secret", "is required for the logical export (mode \"logical\" or \"both\")"));
+    }
+    let page_size = f.uint("page_size", 1, 50_000)?.unwrap_or(1000) as u32;
+    Ok(AuraConfig {
+        api_base,
+        instance_id: instance_id.to_ascii_lowercase(),
+        client_id_secret,
+        client_secret_secret,
+        mode,
+        query_api_base,
+        database,
+        db_user,
+        db_password_secret,
+        page_size,
+    })
+}
+
+fn parse_dxp(f: &mut Fields<'_>, api_base: Option<Url>) -> Result<DxpConfig, ConfigError> {
+    let api_base = api_base.ok_or_else(|| f.err("api_base", "is required: the backup service URL, e.g. https://backup-<project>-<env>.lfr.cloud"))?;
+    let user = f.string("user")?;
+    let password_secret = secret_name(f, "password_secret")?;
+    let user_token_secret = secret_name(f, "user_token_secret")?;
+    let master_token_secret = secret_name(f, "master_token_secret")?;
+    let auth = match (user, password_secret, user_token_secret, master_token_secret) {
+        (Some(user), Some(password_secret), None, None) => DxpAuth::Basic { user, password_secret },
+        (None, None, Some(secret), None) => DxpAuth::UserToken { secret },
+        (None, None, None, Some(secret)) => DxpAuth::MasterToken { secret },
+        (Some(_), None, None, None) => return Err(f.err("password_secret", "is required with user (Basic auth)")),
+        (None, Some(_), None, None) => return Err(f.err("user", "is required with password_secret (Basic auth)")),
+        (None, None, None, None) => {
+            return Err(f.err("user_token_secret", "or master_token_secret, or user with password_secret, is required"))
+        }
+        _ => return Err(f.err("user_token_secret", "conflicts with another auth mode: give exactly one of user+password_secret, user_token_secret, master_token_secret")),
+    };
+    Ok(DxpConfig { api_base, auth })
 }
 
 fn parse_d1(f: &mut Fields<'_>, api_base: Option<Url>) -> Result<D1Config, ConfigError> {
@@ -363,7 +508,7 @@ mod tests {
         assert_eq!(s.schedule.as_str(), "0 3 * * *");
         assert_eq!(s.part_size, DEFAULT_PART_SIZE);
         assert_eq!(s.secret_names(), vec!["D1_TOKEN"]);
-        let ProviderConfig::D1(d) = &s.provider;
+        let ProviderConfig::D1(d) = &s.provider else { panic!() };
         assert_eq!(d.api_base.as_str(), "https://api.cloudflare.com/client/v4");
         assert_eq!(d.dump_options, DumpOptions::default());
     }
@@ -390,7 +535,7 @@ mod tests {
         assert_eq!(s.poll_interval, Duration::from_millis(250));
         assert_eq!(s.export_timeout, Duration::from_secs(600));
         assert_eq!(s.retry, RetryPolicy { max_attempts: 3, base: Duration::from_millis(10), max_delay: Duration::from_millis(100) });
-        let ProviderConfig::D1(d) = &s.provider;
+        let ProviderConfig::D1(d) = &s.provider else { panic!() };
         assert_eq!(d.api_base.as_str(), "http://127.0.0.1:9000/client/v4");
         assert_eq!(d.dump_options.tables, vec!["users", "orders"]);
         assert!(d.dump_options.no_data && !d.dump_options.no_schema);
@@ -421,6 +566,88 @@ mod tests {
         assert_eq!(e.field.as_deref(), Some("dump_options.tabels"));
         let e = err(d1(json!({"retry": {"attempts": 1}})));
         assert_eq!(e.field.as_deref(), Some("retry.attempts"));
+    }
+
+    fn source(v: Value) -> Result<SourceConfig, ConfigError> {
+        Config::from_value(&json!([v])).map(|mut c| c.sources.remove(0))
+    }
+
+    #[test]
+    fn parses_dgraph_sources_with_and_without_acl() {
+        let s = source(json!({"name": "graph", "kind": "dgraph", "schedule": "0 4 * * *",
+            "endpoint": "https://blue-sky.us-east-1.aws.cloud.dgraph.io", "api_key_secret": "DGRAPH_KEY"})).unwrap();
+        let ProviderConfig::Dgraph(d) = &s.provider else { panic!() };
+        assert_eq!(d.format, DgraphFormat::Json);
+        assert_eq!(d.namespace, None);
+        assert!(d.acl.is_none());
+        assert_eq!(s.secret_names(), vec!["DGRAPH_KEY"]);
+        let s = source(json!({"name": "graph", "kind": "dgraph", "schedule": "0 4 * * *", "endpoint": "https://x.io",
+            "api_key_secret": "K", "format": "rdf", "namespace": -1, "user_id": "groot", "password_secret": "P"})).unwrap();
+        let ProviderConfig::Dgraph(d) = &s.provider else { panic!() };
+        assert_eq!(d.format, DgraphFormat::Rdf);
+        assert_eq!(d.namespace, Some(-1));
+        assert_eq!(d.acl.as_ref().map(|a| (a.user_id.as_str(), a.login_namespace)), Some(("groot", 0)));
+        assert_eq!(s.secret_names(), vec!["K", "P"]);
+        let e = source(json!({"name": "graph", "kind": "dgraph", "schedule": "0 4 * * *", "endpoint": "https://x.io",
+            "api_key_secret": "K", "user_id": "groot"})).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("password_secret"));
+        let e = source(json!({"name": "graph", "kind": "dgraph", "schedule": "0 4 * * *", "api_key_secret": "K"})).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("endpoint"));
+        let e = source(json!({"name": "graph", "kind": "dgraph", "schedule": "0 4 * * *", "endpoint": "https://x.io",
+            "api_key_secret": "K", "format": "csv"})).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("format"));
+    }
+
+    #[test]
+    fn parses_aura_sources_with_defaults_and_modes() {
+        let s = source(json!({"name": "g", "kind": "aura", "schedule": "0 4 * * *", "instance_id": "2F49C2B3",
+            "client_id_secret": "AURA_ID", "client_secret_secret": "AURA_SECRET", "db_password_secret": "NEO_PW"})).unwrap();
+        let ProviderConfig::Aura(a) = &s.provider else { panic!() };
+        assert_eq!(a.mode, AuraMode::Both);
+        assert_eq!(a.instance_id, "2f49c2b3");
+        assert_eq!(a.api_base.as_str(), "https://api.neo4j.io/");
+        assert_eq!(a.query_api_base.as_str(), "https://2f49c2b3.databases.neo4j.io/");
+        assert_eq!((a.database.as_str(), a.db_user.as_str(), a.page_size), ("neo4j", "neo4j", 1000));
+        assert_eq!(s.secret_names(), vec!["AURA_ID", "AURA_SECRET", "NEO_PW"]);
+        let snap = source(json!({"name": "g", "kind": "aura", "schedule": "0 4 * * *", "instance_id": "2f49c2b3",
+            "client_id_secret": "A", "client_secret_secret": "B", "mode": "snapshot"})).unwrap();
+        let ProviderConfig::Aura(a) = &snap.provider else { panic!() };
+        assert_eq!(a.mode, AuraMode::Snapshot);
+        let e = source(json!({"name": "g", "kind": "aura", "schedule": "0 4 * * *", "instance_id": "2f49c2b3",
+            "client_id_secret": "A", "client_secret_secret": "B", "mode": "logical"})).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("db_password_secret"));
+        let e = source(json!({"name": "g", "kind": "aura", "schedule": "0 4 * * *", "instance_id": "xyz",
+            "client_id_secret": "A", "client_secret_secret": "B", "mode": "snapshot"})).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("instance_id"));
+    }
+
+    #[test]
+    fn parses_dxp_sources_with_exactly_one_auth_mode() {
+        let base = json!({"name": "portal", "kind": "dxp", "schedule": "0 4 * * *", "api_base": "https://backup-acme-prd.lfr.cloud"});
+        let with = |extra: Value| {
+            let mut v = base.clone();
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            source(v)
+        };
+        let s = with(json!({"user": "ops@acme.com", "password_secret": "DXP_PW"})).unwrap();
+        let ProviderConfig::Dxp(d) = &s.provider else { panic!() };
+        assert_eq!(d.auth, DxpAuth::Basic { user: "ops@acme.com".into(), password_secret: "DXP_PW".into() });
+        let s = with(json!({"user_token_secret": "DXP_TOKEN"})).unwrap();
+        let ProviderConfig::Dxp(d) = &s.provider else { panic!() };
+        assert_eq!(d.auth, DxpAuth::UserToken { secret: "DXP_TOKEN".into() });
+        assert_eq!(s.secret_names(), vec!["DXP_TOKEN"]);
+        let s = with(json!({"master_token_secret": "LCP"})).unwrap();
+        let ProviderConfig::Dxp(d) = &s.provider else { panic!() };
+        assert_eq!(d.auth, DxpAuth::MasterToken { secret: "LCP".into() });
+        assert_eq!(with(json!({})).unwrap_err().field.as_deref(), Some("user_token_secret"));
+        assert_eq!(with(json!({"user": "u"})).unwrap_err().field.as_deref(), Some("password_secret"));
+        assert!(with(json!({"user_token_secret": "A", "master_token_secret": "B"})).is_err());
+        let mut no_base = base.clone();
+        no_base.as_object_mut().unwrap().remove("api_base");
+        no_base["user_token_secret"] = json!("T");
+        assert_eq!(source(no_base).unwrap_err().field.as_deref(), Some("api_base"));
     }
 
     #[test]

@@ -20,7 +20,8 @@ use crate::config::SourceConfig;
 use crate::error::StepError;
 use crate::http::{HttpRequest, HttpResponse};
 use crate::manifest::{self, Artifact, Manifest};
-use crate::providers::{Credentials, Download, Progress, ProviderState};
+use crate::providers::aura::GraphExport;
+use crate::providers::{Credentials, Download, Origin, Progress, ProviderState, StepInput};
 use crate::time::Timestamp;
 
 /// A job's id: 16 lower-case hex characters from the runtime's random source.
@@ -80,12 +81,14 @@ pub enum Phase {
     Committed,
     /// Stopped for good; `error` says why.
     Failed,
+    /// Nothing to back up (for example that backup was already copied); `note` says why.
+    Skipped,
 }
 
 impl Phase {
-    /// True for `Committed` and `Failed`.
+    /// True for `Committed`, `Failed` and `Skipped`.
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Committed | Self::Failed)
+        matches!(self, Self::Committed | Self::Failed | Self::Skipped)
     }
 }
 
@@ -122,6 +125,12 @@ pub struct Job {
     pub last_error: Option<String>,
     /// Why the job failed.
     pub error: Option<String>,
+    /// Why the job was skipped.
+    #[serde(default)]
+    pub note: Option<String>,
+    /// The trigger's parameters (a webhook's JSON body; `{}` for cron).
+    #[serde(default)]
+    pub params: serde_json::Value,
     /// The provider's protocol state and references.
     pub provider: ProviderState,
     /// Files the provider produced, to copy in order.
@@ -175,11 +184,20 @@ pub enum Action {
     Done,
 }
 
+/// Where the bytes of a copy come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CopySource {
+    /// The body of this GET.
+    Http(HttpRequest),
+    /// A graph Ferry reads page by page and writes itself.
+    Graph(Box<GraphExport>),
+}
+
 /// One file to stream from the provider into R2.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CopyOrder {
-    /// The GET that yields the file.
-    pub request: HttpRequest,
+    /// Where its bytes come from.
+    pub source: CopySource,
     /// Target key.
     pub key: String,
     /// The provider's file name.
@@ -201,6 +219,14 @@ pub struct Context<'a> {
     pub source: &'a SourceConfig,
     /// The secrets the source names.
     pub creds: &'a Credentials,
+    /// Dedupe keys of what this source already copied.
+    pub seen: &'a [String],
+}
+
+impl<'a> Context<'a> {
+    fn input(&self, params: &'a serde_json::Value) -> StepInput<'a> {
+        StepInput { source: self.source, creds: self.creds, now: self.now, params, seen: self.seen }
+    }
 }
 
 impl Job {
@@ -211,6 +237,19 @@ impl Job {
         trigger: Trigger,
         webhook_id: Option<String>,
         scheduled_for: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Self {
+        Self::with_params(id, source, trigger, webhook_id, scheduled_for, serde_json::json!({}), now)
+    }
+
+    /// A new job with trigger parameters (a webhook's JSON body), due at once.
+    pub fn with_params(
+        id: JobId,
+        source: &SourceConfig,
+        trigger: Trigger,
+        webhook_id: Option<String>,
+        scheduled_for: Option<Timestamp>,
+        params: serde_json::Value,
         now: Timestamp,
     ) -> Self {
         Self {
@@ -229,6 +268,8 @@ impl Job {
             retries: 0,
             last_error: None,
             error: None,
+            note: None,
+            params,
             provider: ProviderState::new(source),
             downloads: Vec::new(),
             artifacts: Vec::new(),
@@ -240,17 +281,15 @@ impl Job {
         manifest::folder(&self.source, self.started_at, &self.id)
     }
 
-    /// The job as shown by the HTTP API: signed download URLs are credentials and are left out.
+    /// The job as shown by the HTTP API: signed URLs and access tokens (`secret_*` fields) are
+    /// credentials and are left out.
     pub fn public_json(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
-        if let Some(list) = v.get_mut("downloads").and_then(serde_json::Value::as_array_mut) {
-            for d in list {
-                if let Some(obj) = d.as_object_mut() {
-                    obj.remove("url");
-                }
-            }
-        }
-        v
+        crate::providers::redact(serde_json::to_value(self).unwrap_or(serde_json::Value::Null))
+    }
+
+    /// What this job copied that must not be copied again, once it committed.
+    pub fn dedupe_key(&self) -> Option<String> {
+        (self.phase == Phase::Committed).then(|| self.provider.dedupe_key()).flatten()
     }
 
     /// The transition function: `(job, event, context) → (job, action)`.
@@ -307,7 +346,14 @@ impl Job {
                     let limit = humanize(cx.source.export_timeout);
                     return self.fail(format!("the export did not finish within {limit}"), cx.now);
                 }
-                match self.provider.next_request(cx.source, cx.creds) {
+                let params = self.params.clone();
+                let input = cx.input(&params);
+                match self.provider.advance(&input) {
+                    Ok(Some(progress)) => return self.apply(progress, cx),
+                    Ok(None) => {}
+                    Err(e) => return self.step_failed(e, cx),
+                }
+                match self.provider.next_request(&input) {
                     Ok(req) => {
                         self.attempts += 1;
                         (self, Action::Send(req))
@@ -319,20 +365,27 @@ impl Job {
                 Some(download) => self.copy(&download, cx),
                 None => self.commit(cx),
             },
-            Phase::Queued | Phase::Committed | Phase::Failed => self.idle(cx.now),
+            Phase::Queued | Phase::Committed | Phase::Failed | Phase::Skipped => self.idle(cx.now),
         }
     }
 
     fn copy(mut self, download: &Download, cx: &Context<'_>) -> (Self, Action) {
-        let request = match self.provider.download_request(cx.source, download, cx.creds) {
-            Ok(r) => r,
+        let prepared = match &download.origin {
+            Origin::Url { secret_url, authenticated } => self
+                .provider
+                .download_request(cx.source, secret_url, *authenticated, cx.creds)
+                .map(CopySource::Http),
+            Origin::Graph => GraphExport::for_source(cx.source, cx.creds, cx.now).map(|g| CopySource::Graph(Box::new(g))),
+        };
+        let source = match prepared {
+            Ok(s) => s,
             Err(e) => return self.step_failed(e, cx),
         };
         let taken: Vec<&str> = self.artifacts.iter().map(|a| a.key.rsplit('/').next().unwrap_or("")).collect();
         let key = format!("{}{}", self.folder(), manifest::object_name(&download.filename, &taken));
         self.attempts += 1;
         let order = CopyOrder {
-            request,
+            source,
             key,
             filename: download.filename.clone(),
             content_type: download.content_type.clone(),
@@ -360,24 +413,35 @@ impl Job {
     }
 
     fn on_response(mut self, resp: &HttpResponse, cx: &Context<'_>) -> (Self, Action) {
-        match self.provider.on_response(cx.source, resp, cx.now) {
-            Ok(Progress::Pending { poll_after }) => {
+        let params = self.params.clone();
+        match self.provider.on_response(&cx.input(&params), resp) {
+            Ok(progress) => self.apply(progress, cx),
+            Err(e) => self.step_failed(e, cx),
+        }
+    }
+
+    fn apply(mut self, progress: Progress, cx: &Context<'_>) -> (Self, Action) {
+        match progress {
+            Progress::Pending { poll_after } => {
                 self.retries = 0;
                 self.last_error = None;
                 let at = cx.now.plus(poll_after.unwrap_or(cx.source.poll_interval));
                 self.next_step_at = Some(at);
                 (self, Action::Sleep(at))
             }
-            Ok(Progress::Ready(downloads)) if downloads.is_empty() => {
-                self.fail("the provider reported a finished export with no files".into(), cx.now)
-            }
-            Ok(Progress::Ready(downloads)) => {
+            Progress::Ready(downloads) => {
                 self.phase = Phase::Transferring;
                 self.downloads = downloads;
                 self.step_succeeded(cx.now)
             }
-            Ok(Progress::Failed(message)) => self.fail(message, cx.now),
-            Err(e) => self.step_failed(e, cx),
+            Progress::Failed(message) => self.fail(message, cx.now),
+            Progress::Skip(reason) => {
+                self.phase = Phase::Skipped;
+                self.note = Some(reason);
+                self.finished_at = Some(cx.now);
+                self.next_step_at = None;
+                (self, Action::Done)
+            }
         }
     }
 

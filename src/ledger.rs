@@ -40,7 +40,13 @@ pub struct Ledger {
     pub webhooks: Vec<SeenWebhook>,
     /// The latest schedule fire time a cron job was started for.
     pub last_scheduled_for: Option<Timestamp>,
+    /// Dedupe keys of committed jobs (e.g. DXP backup ids), newest last.
+    #[serde(default)]
+    pub copied: Vec<String>,
 }
+
+/// How many dedupe keys a source remembers.
+pub const MAX_COPIED: usize = 1000;
 
 /// A request to start a job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +57,9 @@ pub struct TriggerRequest {
     pub webhook_id: Option<String>,
     /// The schedule fire time being served, for cron.
     pub scheduled_for: Option<Timestamp>,
+    /// Parameters from the webhook body (`{}` when none).
+    #[serde(default)]
+    pub params: serde_json::Value,
 }
 
 /// The ledger's decision on a trigger.
@@ -101,10 +110,17 @@ impl Ledger {
         self.jobs.drain(..excess).collect()
     }
 
-    /// Marks `job` as no longer in flight.
-    pub fn record_finish(&mut self, job: &JobId) {
+    /// Marks `job` as no longer in flight, remembering what it copied (`dedupe_key`).
+    pub fn record_finish(&mut self, job: &JobId, dedupe_key: Option<String>) {
         if self.current.as_ref() == Some(job) {
             self.current = None;
+        }
+        if let Some(key) = dedupe_key {
+            if !self.copied.contains(&key) {
+                self.copied.push(key);
+                let excess = self.copied.len().saturating_sub(MAX_COPIED);
+                self.copied.drain(..excess);
+            }
         }
     }
 
@@ -119,11 +135,11 @@ mod tests {
     use super::*;
 
     fn webhook(id: &str) -> TriggerRequest {
-        TriggerRequest { trigger: Trigger::Webhook, webhook_id: Some(id.into()), scheduled_for: None }
+        TriggerRequest { trigger: Trigger::Webhook, webhook_id: Some(id.into()), scheduled_for: None, params: serde_json::json!({}) }
     }
 
     fn cron(at: i64) -> TriggerRequest {
-        TriggerRequest { trigger: Trigger::Cron, webhook_id: None, scheduled_for: Some(Timestamp::from_secs(at)) }
+        TriggerRequest { trigger: Trigger::Cron, webhook_id: None, scheduled_for: Some(Timestamp::from_secs(at)), params: serde_json::json!({}) }
     }
 
     fn id(n: u8) -> JobId {
@@ -137,7 +153,7 @@ mod tests {
         l.record_start(&id(1), &webhook("a"), Timestamp::from_secs(0));
         assert_eq!(l.admit(&webhook("b")), Admission::Busy(id(1)));
         assert_eq!(l.admit(&cron(60)), Admission::Busy(id(1)));
-        l.record_finish(&id(1));
+        l.record_finish(&id(1), None);
         assert_eq!(l.admit(&webhook("b")), Admission::Start);
         assert_eq!(l.last_job(), Some(&id(1)));
     }
@@ -147,7 +163,7 @@ mod tests {
         let mut l = Ledger::default();
         l.record_start(&id(1), &webhook("a"), Timestamp::from_secs(0));
         assert_eq!(l.admit(&webhook("a")), Admission::Replay(id(1)));
-        l.record_finish(&id(1));
+        l.record_finish(&id(1), None);
         assert_eq!(l.admit(&webhook("a")), Admission::Replay(id(1)));
     }
 
@@ -155,7 +171,7 @@ mod tests {
     fn webhook_ids_are_forgotten_after_a_day() {
         let mut l = Ledger::default();
         l.record_start(&id(1), &webhook("a"), Timestamp::from_secs(0));
-        l.record_finish(&id(1));
+        l.record_finish(&id(1), None);
         l.record_start(&id(2), &webhook("b"), Timestamp::from_secs(24 * 3600 + 1));
         assert_eq!(l.webhooks.len(), 1);
         assert_eq!(l.webhooks[0].id, "b");
@@ -165,7 +181,7 @@ mod tests {
     fn a_cron_fire_time_is_served_once() {
         let mut l = Ledger::default();
         l.record_start(&id(1), &cron(600), Timestamp::from_secs(600));
-        l.record_finish(&id(1));
+        l.record_finish(&id(1), None);
         assert_eq!(l.admit(&cron(600)), Admission::AlreadyServed(Timestamp::from_secs(600)));
         assert_eq!(l.admit(&cron(300)), Admission::AlreadyServed(Timestamp::from_secs(600)));
         assert_eq!(l.admit(&cron(660)), Admission::Start);
@@ -179,17 +195,27 @@ mod tests {
         let mut evicted = Vec::new();
         for n in 0..(MAX_JOBS as u8 + 2) {
             evicted.extend(l.record_start(&id(n), &webhook(&n.to_string()), Timestamp::from_secs(0)));
-            l.record_finish(&id(n));
+            l.record_finish(&id(n), None);
         }
         assert_eq!(evicted, vec![id(0), id(1)]);
         assert_eq!(l.jobs.len(), MAX_JOBS);
     }
 
     #[test]
+    fn dedupe_keys_of_committed_jobs_are_remembered_once() {
+        let mut l = Ledger::default();
+        l.record_start(&id(1), &webhook("a"), Timestamp::from_secs(0));
+        l.record_finish(&id(1), Some("dxpcloud-abc-202611230000".into()));
+        l.record_start(&id(2), &webhook("b"), Timestamp::from_secs(0));
+        l.record_finish(&id(2), Some("dxpcloud-abc-202611230000".into()));
+        assert_eq!(l.copied, vec!["dxpcloud-abc-202611230000".to_string()]);
+    }
+
+    #[test]
     fn finishing_another_job_does_not_clear_the_current_one() {
         let mut l = Ledger::default();
         l.record_start(&id(1), &webhook("a"), Timestamp::from_secs(0));
-        l.record_finish(&id(9));
+        l.record_finish(&id(9), None);
         assert_eq!(l.current, Some(id(1)));
     }
 }

@@ -29,6 +29,9 @@ pub struct Artifact {
     /// Multipart parts used (1 for a single put).
     #[serde(default = "one")]
     pub parts: u32,
+    /// Provider-specific facts about the file (e.g. node and relationship counts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<Value>,
 }
 
 fn one() -> u32 {
@@ -160,6 +163,7 @@ mod tests {
                 sha256: "ab".into(),
                 content_type: "application/sql".into(),
                 parts: 1,
+                details: None,
             }],
         };
         let v = serde_json::to_value(&m).unwrap();

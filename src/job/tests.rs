@@ -50,7 +50,7 @@ impl Harness {
     }
 
     fn feed(&mut self, event: Event) -> Action {
-        let cx = Context { now: self.now, jitter: self.jitter, source: &self.src, creds: &self.creds };
+        let cx = Context { now: self.now, jitter: self.jitter, source: &self.src, creds: &self.creds, seen: &[] };
         let (job, action) = self.job.clone().handle(event, &cx);
         self.job = job;
         action
@@ -85,7 +85,7 @@ fn d1_error(msg: &str) -> HttpResponse {
 }
 
 fn artifact(key: &str) -> Artifact {
-    Artifact { key: key.into(), filename: "db-1-bm-1.sql".into(), size: 42, sha256: "00".repeat(32), content_type: "application/sql".into(), parts: 1 }
+    Artifact { key: key.into(), filename: "db-1-bm-1.sql".into(), size: 42, sha256: "00".repeat(32), content_type: "application/sql".into(), parts: 1, details: None }
 }
 
 fn expect_send(a: Action) -> HttpRequest {
@@ -130,8 +130,9 @@ fn d1_job_runs_queued_exporting_transferring_committed() {
     h.feed(Event::Response(d1_complete()));
     let order = expect_copy(h.wake_when_due());
     assert_eq!(order.key, "app-db/2026-11-23T100000Z-0123456789abcdef/db-1-bm-1.sql");
-    assert_eq!(order.request.url, "http://127.0.0.1:9/__signed/abc/db-1-bm-1.sql");
-    assert!(order.request.header_value("authorization").is_none(), "signed URLs take no auth");
+    let CopySource::Http(request) = &order.source else { panic!("expected a download") };
+    assert_eq!(request.url, "http://127.0.0.1:9/__signed/abc/db-1-bm-1.sql");
+    assert!(request.header_value("authorization").is_none(), "signed URLs take no auth");
     assert_eq!(order.part_size, crate::config::DEFAULT_PART_SIZE);
 
     h.advance(Duration::from_secs(3));
@@ -284,7 +285,7 @@ fn failure_after_some_files_landed_discards_them() {
     let mut h = Harness::d1();
     let order = to_copy(&mut h);
     // Pretend the provider produced two files.
-    h.job.downloads.push(Download { url: "http://x/2".into(), filename: "second.gz".into(), content_type: "application/gzip".into(), authenticated: false });
+    h.job.downloads.push(Download::url("http://x/2", "second.gz", "application/gzip", false));
     h.feed(Event::Copied(artifact(&order.key)));
     let second = expect_copy(h.wake_when_due());
     assert!(second.key.ends_with("/second.gz"));
@@ -298,7 +299,7 @@ fn failure_after_some_files_landed_discards_them() {
 fn same_filenames_get_distinct_keys() {
     let mut h = Harness::d1();
     let order = to_copy(&mut h);
-    h.job.downloads.push(Download { url: "http://x/2".into(), filename: "db-1-bm-1.sql".into(), content_type: "application/sql".into(), authenticated: false });
+    h.job.downloads.push(Download::url("http://x/2", "db-1-bm-1.sql", "application/sql", false));
     h.feed(Event::Copied(artifact(&order.key)));
     let second = expect_copy(h.wake_when_due());
     assert_ne!(second.key, order.key);
@@ -379,10 +380,10 @@ fn job_ids_parse_strictly() {
 
 #[test]
 fn phases_serialize_as_documented() {
-    let names: Vec<String> = [Phase::Queued, Phase::Exporting, Phase::Transferring, Phase::Committed, Phase::Failed]
+    let names: Vec<String> = [Phase::Queued, Phase::Exporting, Phase::Transferring, Phase::Committed, Phase::Failed, Phase::Skipped]
         .iter()
         .map(|p| serde_json::to_value(p).unwrap().as_str().unwrap().to_string())
         .collect();
-    assert_eq!(names, ["queued", "exporting", "transferring", "committed", "failed"]);
+    assert_eq!(names, ["queued", "exporting", "transferring", "committed", "failed", "skipped"]);
     assert_eq!(serde_json::to_value(Trigger::Cron).unwrap(), "cron");
 }

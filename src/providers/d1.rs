@@ -151,12 +151,7 @@ pub fn on_export_response(state: &mut D1State, resp: &HttpResponse, now: Timesta
                 .filter(|f| !f.is_empty())
                 .map_or_else(|| "dump.sql".to_string(), str::to_string);
             state.filename = Some(filename.clone());
-            Ok(Progress::Ready(vec![Download {
-                url: url.to_string(),
-                filename,
-                content_type: "application/sql".into(),
-                authenticated: false,
-            }]))
+            Ok(Progress::Ready(vec![Download::url(url, filename, "application/sql", false)]))
         }
         Some("error") => {
             let error = result.get("error").and_then(Value::as_str).unwrap_or("export failed");
@@ -266,12 +261,7 @@ mod tests {
         let p = on_export_response(&mut s, &done, now()).unwrap();
         assert_eq!(
             p,
-            Progress::Ready(vec![Download {
-                url: "https://r2.example/x.sql?sig=1".into(),
-                filename: "x.sql".into(),
-                content_type: "application/sql".into(),
-                authenticated: false
-            }])
+            Progress::Ready(vec![Download::url("https://r2.example/x.sql?sig=1", "x.sql", "application/sql", false)])
         );
         assert_eq!(s.polls, 2);
         assert_eq!(s.messages, vec!["Generating x.sql", "Uploaded part 2", "Finished uploading x.sql in 2 parts."]);

@@ -1,10 +1,19 @@
 //! The providers Ferry exports from, behind one small protocol.
 //!
-//! Every provider is a little state machine persisted with the job: it says which request to send
-//! next, folds each answer into its state, and finally hands over the files to copy into R2. The
-//! job engine (`job.rs`) owns everything else: retries, deadlines, the copy and the manifest.
+//! Every provider is a little state machine persisted with the job. At each step it either
+//! decides something without I/O ([`ProviderState::advance`]) or names the next request
+//! ([`ProviderState::next_request`]) and folds the answer in ([`ProviderState::on_response`]).
+//! When the export is ready it hands over the files to copy into R2: plain downloads, or a file
+//! Ferry generates itself (the Aura graph export). The job engine (`job.rs`) owns everything
+//! else: retries, deadlines, the copy and the manifest.
+//!
+//! Provider state may hold short-lived credentials (access tokens) between steps; such fields
+//! are named `secret_*` and are removed from everything the API shows (see [`redact`]).
 
+pub mod aura;
 pub mod d1;
+pub mod dgraph;
+pub mod dxp;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -42,20 +51,44 @@ impl Credentials {
     }
 }
 
+/// Where the bytes of a file come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "from", rename_all = "snake_case")]
+pub enum Origin {
+    /// A GET. Signed URLs are credentials: never shown in API responses.
+    Url {
+        /// The URL.
+        secret_url: String,
+        /// Whether the GET needs the provider's credentials (signed URLs do not).
+        authenticated: bool,
+    },
+    /// The Neo4j graph, read through the Query API and written by Ferry as gzip JSON Lines.
+    Graph,
+}
+
 /// A finished export file to copy into R2.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Download {
-    /// Where to GET it. Signed URLs are credentials: never shown in API responses.
-    pub url: String,
     /// The provider's file name, used as the object's name in the backup folder.
     pub filename: String,
     /// Content type to store.
     pub content_type: String,
-    /// Whether the GET needs the provider's credentials (signed URLs do not).
-    pub authenticated: bool,
+    /// Where its bytes come from.
+    pub origin: Origin,
 }
 
-/// What a provider answer means for the job.
+impl Download {
+    /// A file behind a URL.
+    pub fn url(url: impl Into<String>, filename: impl Into<String>, content_type: &str, authenticated: bool) -> Self {
+        Self {
+            filename: filename.into(),
+            content_type: content_type.into(),
+            origin: Origin::Url { secret_url: url.into(), authenticated },
+        }
+    }
+}
+
+/// What a provider step means for the job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Progress {
     /// Not done; ask again after `poll_after` (or the source's poll interval).
@@ -63,10 +96,27 @@ pub enum Progress {
         /// Provider-specific delay; `None` means the source's `poll_interval`.
         poll_after: Option<Duration>,
     },
-    /// The export is complete: copy these files.
+    /// The export is complete: copy these files (possibly none, e.g. a snapshot-only backup).
     Ready(Vec<Download>),
     /// The provider reported that the export failed, with its own words.
     Failed(String),
+    /// Nothing to back up this time (for example the newest backup was already copied).
+    Skip(String),
+}
+
+/// What a step may consult besides the source's config.
+#[derive(Debug, Clone, Copy)]
+pub struct StepInput<'a> {
+    /// The source's configuration.
+    pub source: &'a SourceConfig,
+    /// Its secrets.
+    pub creds: &'a Credentials,
+    /// Now.
+    pub now: Timestamp,
+    /// The trigger's parameters (the webhook body, or `{}`).
+    pub params: &'a Value,
+    /// Dedupe keys of what this source already copied (see [`ProviderState::dedupe_key`]).
+    pub seen: &'a [String],
 }
 
 /// Per-provider protocol state, persisted with the job.
@@ -75,6 +125,12 @@ pub enum Progress {
 pub enum ProviderState {
     /// Cloudflare D1.
     D1(d1::D1State),
+    /// Dgraph Cloud.
+    Dgraph(dgraph::DgraphState),
+    /// Neo4j Aura.
+    Aura(aura::AuraState),
+    /// Liferay DXP Cloud.
+    Dxp(dxp::DxpState),
 }
 
 impl ProviderState {
@@ -82,52 +138,140 @@ impl ProviderState {
     pub fn new(source: &SourceConfig) -> Self {
         match &source.provider {
             ProviderConfig::D1(_) => Self::D1(d1::D1State::default()),
+            ProviderConfig::Dgraph(_) => Self::Dgraph(dgraph::DgraphState::default()),
+            ProviderConfig::Aura(_) => Self::Aura(aura::AuraState::default()),
+            ProviderConfig::Dxp(_) => Self::Dxp(dxp::DxpState::default()),
+        }
+    }
+
+    /// A decision that needs no request, if one is due now.
+    pub fn advance(&mut self, input: &StepInput<'_>) -> Result<Option<Progress>, StepError> {
+        match (self, &input.source.provider) {
+            (Self::Aura(state), ProviderConfig::Aura(cfg)) => Ok(state.advance(cfg, input.now)),
+            (Self::Dxp(state), ProviderConfig::Dxp(cfg)) => state.advance(cfg, input),
+            _ => Ok(None),
         }
     }
 
     /// The next request of the export protocol.
-    pub fn next_request(&self, source: &SourceConfig, creds: &Credentials) -> Result<HttpRequest, StepError> {
-        match (self, &source.provider) {
-            (Self::D1(state), ProviderConfig::D1(cfg)) => {
-                Ok(d1::export_request(cfg, state, creds.get(&cfg.token_secret)?))
-            }
+    pub fn next_request(&self, input: &StepInput<'_>) -> Result<HttpRequest, StepError> {
+        let creds = input.creds;
+        match (self, &input.source.provider) {
+            (Self::D1(state), ProviderConfig::D1(cfg)) => Ok(d1::export_request(cfg, state, creds.get(&cfg.token_secret)?)),
+            (Self::Dgraph(state), ProviderConfig::Dgraph(cfg)) => state.next_request(cfg, creds),
+            (Self::Aura(state), ProviderConfig::Aura(cfg)) => state.next_request(cfg, creds),
+            (Self::Dxp(state), ProviderConfig::Dxp(cfg)) => state.next_request(cfg, creds),
+            _ => Err(mismatch()),
         }
     }
 
     /// Folds the answer to [`ProviderState::next_request`] into the state.
-    pub fn on_response(
-        &mut self,
-        _source: &SourceConfig,
-        resp: &HttpResponse,
-        now: Timestamp,
-    ) -> Result<Progress, StepError> {
-        match self {
-            Self::D1(state) => d1::on_export_response(state, resp, now),
+    pub fn on_response(&mut self, input: &StepInput<'_>, resp: &HttpResponse) -> Result<Progress, StepError> {
+        let now = input.now;
+        match (self, &input.source.provider) {
+            (Self::D1(state), ProviderConfig::D1(_)) => d1::on_export_response(state, resp, now),
+            (Self::Dgraph(state), ProviderConfig::Dgraph(cfg)) => state.on_response(cfg, resp, now),
+            (Self::Aura(state), ProviderConfig::Aura(cfg)) => state.on_response(cfg, resp, now),
+            (Self::Dxp(state), ProviderConfig::Dxp(cfg)) => state.on_response(cfg, resp, input),
+            _ => Err(mismatch()),
         }
     }
 
-    /// The GET that fetches one finished file.
-    pub fn download_request(
-        &self,
-        source: &SourceConfig,
-        download: &Download,
-        creds: &Credentials,
-    ) -> Result<HttpRequest, StepError> {
-        let req = HttpRequest::get(download.url.clone());
-        if !download.authenticated {
+    /// The GET that fetches one finished file behind a URL.
+    pub fn download_request(&self, source: &SourceConfig, url: &str, authenticated: bool, creds: &Credentials) -> Result<HttpRequest, StepError> {
+        let req = HttpRequest::get(url.to_string());
+        if !authenticated {
             return Ok(req);
         }
         match &source.provider {
-            ProviderConfig::D1(cfg) => {
-                Ok(req.header("authorization", format!("Bearer {}", creds.get(&cfg.token_secret)?.expose())))
-            }
+            ProviderConfig::Dxp(cfg) => dxp::authorize(cfg, req, creds),
+            ProviderConfig::D1(cfg) => Ok(req.header("authorization", format!("Bearer {}", creds.get(&cfg.token_secret)?.expose()))),
+            ProviderConfig::Dgraph(_) | ProviderConfig::Aura(_) => Ok(req),
         }
     }
 
-    /// The provider's references for the manifest (ids, bookmarks, filenames).
+    /// The provider's references for the manifest (ids, bookmarks, filenames, snapshots).
     pub fn references(&self, source: &SourceConfig) -> Value {
-        match (self, &source.provider) {
+        let refs = match (self, &source.provider) {
             (Self::D1(state), ProviderConfig::D1(cfg)) => state.references(cfg),
+            (Self::Dgraph(state), ProviderConfig::Dgraph(cfg)) => state.references(cfg),
+            (Self::Aura(state), ProviderConfig::Aura(cfg)) => state.references(cfg),
+            (Self::Dxp(state), ProviderConfig::Dxp(cfg)) => state.references(cfg),
+            _ => Value::Null,
+        };
+        redact(refs)
+    }
+
+    /// What identifies the provider's artifact, so a source never copies it twice (DXP backup
+    /// ids); `None` for providers that produce a fresh export every time.
+    pub fn dedupe_key(&self) -> Option<String> {
+        match self {
+            Self::Dxp(state) => state.backup_id.clone(),
+            Self::D1(_) | Self::Dgraph(_) | Self::Aura(_) => None,
         }
+    }
+}
+
+fn mismatch() -> StepError {
+    StepError::permanent("the job's provider state does not match the source's kind (was the source's kind changed?)")
+}
+
+/// Removes every `secret_*` field, at any depth, from a JSON value shown to users.
+pub fn redact(mut value: Value) -> Value {
+    fn walk(v: &mut Value) {
+        match v {
+            Value::Object(map) => {
+                map.retain(|k, _| !k.starts_with("secret_"));
+                map.values_mut().for_each(walk);
+            }
+            Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    walk(&mut value);
+    value
+}
+
+/// The first GraphQL/Aura-style error messages of a JSON body, joined; `None` when there are none.
+pub(crate) fn error_messages(body: &Value) -> Option<String> {
+    let list = body.get("errors")?.as_array()?;
+    let messages: Vec<String> = list
+        .iter()
+        .map(|e| match e.get("message").and_then(Value::as_str) {
+            Some(m) => m.to_string(),
+            None => e.to_string(),
+        })
+        .collect();
+    (!messages.is_empty()).then(|| messages.join("; "))
+}
+
+/// The last path segment of a URL (without query), for file names.
+pub(crate) fn url_file_name(url: &str) -> String {
+    let path = url.split(['?', '#']).next().unwrap_or("");
+    path.rsplit('/').next().unwrap_or("").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn redact_removes_secret_fields_at_any_depth() {
+        let v = json!({"a": 1, "secret_token": "x", "list": [{"secret_url": "u", "b": 2}], "o": {"secret_jwt": "j"}});
+        assert_eq!(redact(v), json!({"a": 1, "list": [{"b": 2}], "o": {}}));
+    }
+
+    #[test]
+    fn url_file_name_takes_the_last_segment_without_query() {
+        assert_eq!(url_file_name("https://s3/x/dgraph.r1.u0101.0000/g01.json.gz?X-Amz=1"), "g01.json.gz");
+        assert_eq!(url_file_name("https://s3/"), "");
+    }
+
+    #[test]
+    fn error_messages_joins_graphql_errors() {
+        assert_eq!(error_messages(&json!({"errors": [{"message": "a"}, {"message": "b"}]})), Some("a; b".into()));
+        assert_eq!(error_messages(&json!({"errors": []})), None);
+        assert_eq!(error_messages(&json!({"data": 1})), None);
     }
 }

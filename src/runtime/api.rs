@@ -85,9 +85,14 @@ async fn start_export(mut req: Request, env: &Env, name: &str) -> worker::Result
         Err(WebhookError::BadSecret) => return error(500, &WebhookError::BadSecret.to_string()),
         Err(e) => return error(401, &format!("webhook signature refused: {e}")),
     };
-    if !body.is_empty() && serde_json::from_slice::<Value>(&body).map(|v| !v.is_object()).unwrap_or(true) {
-        return error(400, "the webhook body must be empty or a JSON object");
-    }
+    let params = if body.is_empty() {
+        json!({})
+    } else {
+        match serde_json::from_slice::<Value>(&body) {
+            Ok(v) if v.is_object() => v,
+            _ => return error(400, "the webhook body must be empty or a JSON object"),
+        }
+    };
     let config = match load_config(env) {
         Ok(c) => c,
         Err(e) => return error(500, &e.to_string()),
@@ -95,7 +100,7 @@ async fn start_export(mut req: Request, env: &Env, name: &str) -> worker::Result
     if config.source(name).is_none() {
         return error(404, &format!("no source named {name:?}"));
     }
-    let (status, value) = trigger_webhook(env, name, verified.id()).await?;
+    let (status, value) = trigger_webhook(env, name, verified.id(), params).await?;
     let mut resp = json(status, &value)?;
     if value.get("replayed").and_then(Value::as_bool) == Some(true) {
         resp.headers_mut().set("idempotent-replayed", "true")?;

@@ -154,12 +154,13 @@ impl SourceObject {
         match ledger.admit(&req) {
             Admission::Start => {
                 let now = now();
-                let job = Job::new(
+                let job = Job::with_params(
                     JobId::from_random(random_bytes()),
                     &source,
                     req.trigger,
                     req.webhook_id.clone(),
                     req.scheduled_for,
+                    req.params.clone(),
                     now,
                 );
                 let evicted = ledger.record_start(&job.id, &req, now);
@@ -211,7 +212,7 @@ impl SourceObject {
         let Some(id) = ledger.current.clone() else { return Ok(()) };
         let Some(mut job) = self.load_job(&id).await? else {
             console_error!("job {id} has no record; releasing the source");
-            ledger.record_finish(&id);
+            ledger.record_finish(&id, None);
             let text = serde_json::to_string(&ledger).map_err(|e| worker::Error::RustError(e.to_string()))?;
             return self.storage().put(LEDGER, text).await;
         };
@@ -229,13 +230,14 @@ impl SourceObject {
         let bucket = self.env.bucket(BUCKET)?;
         let mut event = Event::Wake;
         let mut steps = 0;
+        let seen = ledger.copied.clone();
         loop {
             let now = now();
-            let cx = Context { now, jitter: jitter(), source: &source, creds: &creds };
+            let cx = Context { now, jitter: jitter(), source: &source, creds: &creds, seen: &seen };
             let (next, action) = job.handle(event, &cx);
             job = next;
             if job.phase.is_terminal() {
-                ledger.record_finish(&job.id);
+                ledger.record_finish(&job.id, job.dedupe_key());
                 self.save(&job, Some(&ledger)).await?;
             } else {
                 self.save(&job, None).await?;
@@ -283,6 +285,8 @@ impl SourceObject {
         }
         if let Some(error) = &job.error {
             console_error!("job {} of {name}: failed: {error}", job.id);
+        } else if let Some(note) = &job.note {
+            console_log!("job {} of {name}: skipped: {note}", job.id);
         } else {
             console_log!("job {} of {name}: {:?}", job.id, job.phase);
         }
@@ -318,15 +322,15 @@ pub(crate) async fn call(env: &Env, name: &str, method: Method, path: &str, body
 }
 
 /// Starts (or replays) a webhook job.
-pub(crate) async fn trigger_webhook(env: &Env, name: &str, webhook_id: &str) -> worker::Result<(u16, Value)> {
-    let req = TriggerRequest { trigger: Trigger::Webhook, webhook_id: Some(webhook_id.to_string()), scheduled_for: None };
+pub(crate) async fn trigger_webhook(env: &Env, name: &str, webhook_id: &str, params: Value) -> worker::Result<(u16, Value)> {
+    let req = TriggerRequest { trigger: Trigger::Webhook, webhook_id: Some(webhook_id.to_string()), scheduled_for: None, params };
     let body = serde_json::to_value(&req).map_err(|e| worker::Error::RustError(e.to_string()))?;
     call(env, name, Method::Post, "/trigger", Some(&body)).await
 }
 
 /// Starts the cron job serving `fire`; returns a line for the log.
 pub(crate) async fn trigger_cron(env: &Env, name: &str, fire: Timestamp) -> Result<String, String> {
-    let req = TriggerRequest { trigger: Trigger::Cron, webhook_id: None, scheduled_for: Some(fire) };
+    let req = TriggerRequest { trigger: Trigger::Cron, webhook_id: None, scheduled_for: Some(fire), params: json!({}) };
     let body = serde_json::to_value(&req).map_err(|e| e.to_string())?;
     let (status, value) = call(env, name, Method::Post, "/trigger", Some(&body)).await.map_err(|e| e.to_string())?;
     match status {

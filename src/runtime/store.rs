@@ -1,6 +1,7 @@
 //! Streaming artifacts into R2, committing manifests, cleaning up failures.
 //!
-//! A download is read chunk by chunk, hashed with SHA-256 on the way, and never held whole:
+//! An artifact (a download, or the graph export Ferry writes itself) is taken chunk by chunk,
+//! hashed with SHA-256 on the way, and never held whole:
 //! - small (it ends before one part is full): one `put` with R2's server-side `sha256` check and
 //!   the hash in the object's custom metadata;
 //! - otherwise: a multipart upload of equal `part_size` parts (R2's rule: all but the last equal,
@@ -22,7 +23,8 @@ use super::net;
 use crate::config::MAX_PART_SIZE;
 use crate::error::StepError;
 use crate::http::status_error;
-use crate::job::{CopyOrder, JobId};
+use crate::job::{CopyOrder, CopySource, JobId};
+use crate::providers::aura::GraphExport;
 use crate::manifest::{Artifact, Manifest};
 use crate::time::Timestamp;
 
@@ -75,16 +77,54 @@ fn content_type(order: &CopyOrder) -> HttpMetadata {
     HttpMetadata { content_type: Some(order.content_type.clone()), ..HttpMetadata::default() }
 }
 
-/// One download in progress.
+/// One artifact on its way into R2: hashed, buffered one part at a time, uploaded.
 struct Transfer<'a> {
     bucket: &'a Bucket,
     storage: &'a Storage,
     order: &'a CopyOrder,
     staging: String,
+    part_size: usize,
+    hasher: Sha256,
+    total: u64,
+    buf: Vec<u8>,
     multipart: Option<(MultipartUpload, Vec<UploadedPart>)>,
 }
 
-impl Transfer<'_> {
+impl<'a> Transfer<'a> {
+    fn new(bucket: &'a Bucket, storage: &'a Storage, order: &'a CopyOrder) -> Self {
+        let part_size = order.part_size.clamp(crate::config::MIN_PART_SIZE, MAX_PART_SIZE) as usize;
+        Self {
+            bucket,
+            storage,
+            order,
+            staging: staging_key(&order.key),
+            part_size,
+            hasher: Sha256::new(),
+            total: 0,
+            buf: Vec::new(),
+            multipart: None,
+        }
+    }
+
+    /// Takes the next bytes of the artifact; uploads a part each time one is full.
+    async fn push(&mut self, mut chunk: &[u8]) -> Result<(), StepError> {
+        self.hasher.update(chunk);
+        self.total += chunk.len() as u64;
+        while !chunk.is_empty() {
+            if self.buf.capacity() == 0 {
+                self.buf.reserve_exact(self.part_size.min(chunk.len().max(1 << 20)));
+            }
+            let take = (self.part_size - self.buf.len()).min(chunk.len());
+            self.buf.extend_from_slice(&chunk[..take]);
+            chunk = &chunk[take..];
+            if self.buf.len() == self.part_size {
+                let part = std::mem::take(&mut self.buf);
+                self.upload_part(part).await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn upload_part(&mut self, part: Vec<u8>) -> Result<(), StepError> {
         if self.multipart.is_none() {
             let upload = self
@@ -122,95 +162,42 @@ impl Transfer<'_> {
         let _ = self.bucket.delete(self.staging.clone()).await;
     }
 
-    async fn run(&mut self, job: &JobId) -> Result<Artifact, StepError> {
+    /// Stores what was pushed at the final key, with its hash in the metadata.
+    async fn finish(&mut self, job: &JobId, details: Option<serde_json::Value>) -> Result<Artifact, StepError> {
         let order = self.order;
-        let mut resp = net::send(&order.request, net::HEADERS_TIMEOUT).await.map_err(StepError::transient)?;
-        let status = resp.status_code();
-        if !(200..300).contains(&status) {
-            let mut stream = resp.stream().map_err(|e| StepError::transient(e.to_string()))?;
-            let first = net::next_chunk(&mut stream, net::IDLE_TIMEOUT).await.ok().flatten().unwrap_or_default();
-            let text: String = String::from_utf8_lossy(&first).chars().take(200).collect();
-            let message = format!("download of {} was refused (HTTP {status}): {}", order.filename, text.trim());
-            let http = crate::http::HttpResponse { status, headers: Vec::new(), body: Vec::new() };
-            return Err(status_error(&http, Timestamp::from_millis(0), message));
-        }
-        // A length is only trustworthy for bytes received as sent (no transparent decoding).
-        let encoded = resp.headers().get("content-encoding").ok().flatten().is_some_and(|e| e != "identity");
-        let declared = if encoded {
-            None
-        } else {
-            resp.headers().get("content-length").ok().flatten().and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        let part_size = order.part_size.clamp(crate::config::MIN_PART_SIZE, MAX_PART_SIZE) as usize;
-        let mut stream = resp.stream().map_err(|e| StepError::transient(e.to_string()))?;
-        let mut hasher = Sha256::new();
-        let mut total: u64 = 0;
-        let mut buf: Vec<u8> = Vec::with_capacity(part_size.min(declared.unwrap_or(1 << 20) as usize));
-        while let Some(chunk) = net::next_chunk(&mut stream, net::IDLE_TIMEOUT)
-            .await
-            .map_err(|e| StepError::transient(format!("download of {}: {e}", order.filename)))?
-        {
-            hasher.update(&chunk);
-            total += chunk.len() as u64;
-            let mut rest: &[u8] = &chunk;
-            while !rest.is_empty() {
-                let room = part_size - buf.len();
-                let take = room.min(rest.len());
-                buf.extend_from_slice(&rest[..take]);
-                rest = &rest[take..];
-                if buf.len() == part_size {
-                    let part = std::mem::replace(&mut buf, Vec::with_capacity(part_size));
-                    self.upload_part(part).await?;
-                }
-            }
-        }
-        if let Some(expected) = declared {
-            if total != expected {
-                return Err(StepError::transient(format!(
-                    "download of {} ended after {total} of {expected} bytes",
-                    order.filename
-                )));
-            }
-        }
-        let digest = hasher.finalize().to_vec();
+        let total = self.total;
+        let digest = std::mem::take(&mut self.hasher).finalize().to_vec();
         let sha256 = hex::encode(&digest);
         let metadata = artifact_metadata(order, job, &sha256);
-        let (stored, parts) = match self.multipart.take() {
-            None => {
-                let object = self
-                    .bucket
-                    .put(order.key.clone(), Data::Bytes(buf))
-                    .http_metadata(content_type(order))
-                    .custom_metadata(metadata)
-                    .sha256(digest)
-                    .execute()
-                    .await
-                    .map_err(|e| r2_err("put", e))?
-                    .ok_or_else(|| StepError::transient("R2 put was refused by a precondition"))?;
-                (object.size(), 1)
+        let buf = std::mem::take(&mut self.buf);
+        let (stored, parts) = if self.multipart.is_none() {
+            let object = self
+                .bucket
+                .put(order.key.clone(), Data::Bytes(buf))
+                .http_metadata(content_type(order))
+                .custom_metadata(metadata)
+                .sha256(digest)
+                .execute()
+                .await
+                .map_err(|e| r2_err("put", e))?
+                .ok_or_else(|| StepError::transient("R2 put was refused by a precondition"))?;
+            (object.size(), 1)
+        } else {
+            if !buf.is_empty() {
+                self.upload_part(buf).await?;
             }
-            Some((upload, parts)) => {
-                self.multipart = Some((upload, parts));
-                if !buf.is_empty() {
-                    self.upload_part(buf).await?;
-                }
-                let Some((upload, parts)) = self.multipart.take() else {
-                    return Err(StepError::permanent("multipart upload vanished"));
-                };
-                let count = parts.len() as u32;
-                let staged = upload.complete(parts).await.map_err(|e| r2_err("complete multipart upload", e))?;
-                let _ = self.storage.delete(OPEN_UPLOAD).await;
-                if staged.size() != total {
-                    return Err(StepError::transient(format!(
-                        "R2 stored {} bytes of {total} for {}",
-                        staged.size(),
-                        order.filename
-                    )));
-                }
-                let object = copy_object(self.bucket, &self.staging, order, total, digest, metadata).await?;
-                let _ = self.bucket.delete(self.staging.clone()).await;
-                (object.size(), count)
+            let Some((upload, parts)) = self.multipart.take() else {
+                return Err(StepError::permanent("multipart upload vanished"));
+            };
+            let count = parts.len() as u32;
+            let staged = upload.complete(parts).await.map_err(|e| r2_err("complete multipart upload", e))?;
+            let _ = self.storage.delete(OPEN_UPLOAD).await;
+            if staged.size() != total {
+                return Err(StepError::transient(format!("R2 stored {} bytes of {total} for {}", staged.size(), order.filename)));
             }
+            let object = copy_object(self.bucket, &self.staging, order, total, digest, metadata).await?;
+            let _ = self.bucket.delete(self.staging.clone()).await;
+            (object.size(), count)
         };
         if stored != total {
             return Err(StepError::transient(format!("R2 stored {stored} bytes of {total} for {}", order.filename)));
@@ -222,16 +209,73 @@ impl Transfer<'_> {
             sha256,
             content_type: order.content_type.clone(),
             parts,
+            details,
         })
     }
 }
 
-/// Streams one download into R2 at `order.key`. On failure nothing of it is left behind.
+/// Streams a GET's body into the transfer.
+async fn download_into(t: &mut Transfer<'_>, request: &crate::http::HttpRequest, job: &JobId) -> Result<Artifact, StepError> {
+    let order = t.order;
+    let mut resp = net::send(request, net::HEADERS_TIMEOUT).await.map_err(StepError::transient)?;
+    let status = resp.status_code();
+    if !(200..300).contains(&status) {
+        let mut stream = resp.stream().map_err(|e| StepError::transient(e.to_string()))?;
+        let first = net::next_chunk(&mut stream, net::IDLE_TIMEOUT).await.ok().flatten().unwrap_or_default();
+        let text: String = String::from_utf8_lossy(&first).chars().take(200).collect();
+        let message = format!("download of {} was refused (HTTP {status}): {}", order.filename, text.trim());
+        let http = crate::http::HttpResponse { status, headers: Vec::new(), body: Vec::new() };
+        return Err(status_error(&http, Timestamp::from_millis(0), message));
+    }
+    // A length is only trustworthy for bytes received as sent (no transparent decoding).
+    let encoded = resp.headers().get("content-encoding").ok().flatten().is_some_and(|e| e != "identity");
+    let declared = if encoded {
+        None
+    } else {
+        resp.headers().get("content-length").ok().flatten().and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    let mut stream = resp.stream().map_err(|e| StepError::transient(e.to_string()))?;
+    while let Some(chunk) = net::next_chunk(&mut stream, net::IDLE_TIMEOUT)
+        .await
+        .map_err(|e| StepError::transient(format!("download of {}: {e}", order.filename)))?
+    {
+        t.push(&chunk).await?;
+    }
+    if let Some(expected) = declared {
+        if t.total != expected {
+            return Err(StepError::transient(format!(
+                "download of {} ended after {} of {expected} bytes",
+                order.filename, t.total
+            )));
+        }
+    }
+    t.finish(job, None).await
+}
+
+/// Pages through a Neo4j graph and streams the gzip JSON Lines into the transfer.
+async fn graph_into(t: &mut Transfer<'_>, spec: &GraphExport, job: &JobId) -> Result<Artifact, StepError> {
+    let mut writer = spec.start();
+    while let Some(request) = writer.next_request() {
+        let resp = net::exchange(&request).await.map_err(StepError::transient)?;
+        writer.on_response(&resp, super::now())?;
+        let out = writer.take_output();
+        t.push(&out).await?;
+    }
+    let (rest, details) = writer.finish()?;
+    t.push(&rest).await?;
+    t.finish(job, Some(details)).await
+}
+
+/// Streams one artifact into R2 at `order.key`. On failure nothing of it is left behind.
 pub(crate) async fn copy(bucket: &Bucket, storage: &Storage, order: &CopyOrder, job: &JobId) -> Result<Artifact, StepError> {
     abort_leftover(bucket, storage).await;
-    let mut transfer = Transfer { bucket, storage, order, staging: staging_key(&order.key), multipart: None };
+    let mut transfer = Transfer::new(bucket, storage, order);
     let _ = bucket.delete(transfer.staging.clone()).await;
-    match transfer.run(job).await {
+    let result = match &order.source {
+        CopySource::Http(request) => download_into(&mut transfer, request, job).await,
+        CopySource::Graph(spec) => graph_into(&mut transfer, spec, job).await,
+    };
+    match result {
         Ok(artifact) => Ok(artifact),
         Err(e) => {
             transfer.clean_up().await;

@@ -1,0 +1,532 @@
+//! Neo4j Aura: an on-demand snapshot through the Aura API, and a logical export of the graph
+//! through the Neo4j Query API, written by Ferry as gzip-compressed JSON Lines.
+//!
+//! Quirks the code relies on (see `provider-apis.md` §3):
+//! - The token comes from `POST /oauth/token` (no `/v1`) with Basic client credentials and
+//!   `grant_type=client_credentials`. It is cached until a minute before `expires_in` runs out,
+//!   and fetched again when a call is refused with 401 or 403 (Aura answers an *expired* token
+//!   with 403, not 401).
+//! - Snapshots go `Pending → InProgress → Completed | Failed`. The Aura API has **no way to
+//!   download a snapshot**, so a snapshot is recorded in the manifest (id, time, status), and the
+//!   data itself is copied by the logical export.
+//! - The Query API (`POST /db/{db}/query/v2`, Basic auth with a *database* user) answers 202 even
+//!   when a statement failed: any non-empty `errors` array is a failure, whatever the status.
+//!   Element ids are only promised stable within a transaction; the export pages by element id
+//!   with bounded queries, which is exact for a graph that is not written to during the export.
+//!
+//! # The export format (`graph.jsonl.gz`)
+//! One JSON object per line, gzip-compressed:
+//! - first `{"type":"header","format":"ferry-neo4j-jsonl","version":1,"database":…,"exported_at":…}`;
+//! - every node `{"type":"node","id":…,"labels":[…],"properties":{…}}`;
+//! - every relationship `{"type":"relationship","id":…,"rel_type":…,"start":…,"end":…,"properties":{…}}`;
+//! - last `{"type":"footer","nodes":N,"relationships":M}`: a file without it is incomplete.
+//!
+//! Ids are the source database's element ids, used only to connect relationships on restore.
+//! Properties are the Query API's plain JSON values (temporal and spatial values arrive as
+//! strings and are restored as strings).
+
+use std::fmt;
+use std::io::Write as _;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use flate2::write::GzEncoder;
+use flate2::Compression;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use url::Url;
+
+use crate::config::{ProviderConfig, SourceConfig};
+use crate::error::StepError;
+use crate::http::{status_error, HttpRequest, HttpResponse};
+use crate::providers::{Credentials, Download, Origin, Progress};
+use crate::time::Timestamp;
+
+/// Refetch the token this long before it expires.
+const TOKEN_MARGIN: Duration = Duration::from_secs(60);
+/// Token refetches allowed after a 401/403 before the job fails.
+const MAX_AUTH_RETRIES: u32 = 2;
+/// The export's file name in the backup folder.
+pub const GRAPH_FILE: &str = "graph.jsonl.gz";
+
+/// Node page query: bounded, ordered by element id, resumable from the last id seen.
+pub const NODES_QUERY: &str = "MATCH (n) WHERE elementId(n) > $after RETURN elementId(n) AS id, labels(n) AS labels, properties(n) AS props ORDER BY id LIMIT $limit";
+/// Relationship page query.
+pub const RELATIONSHIPS_QUERY: &str = "MATCH ()-[r]->() WHERE elementId(r) > $after RETURN elementId(r) AS id, type(r) AS type, elementId(startNode(r)) AS start, elementId(endNode(r)) AS end, properties(r) AS props ORDER BY id LIMIT $limit";
+
+/// An Aura source's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuraConfig {
+    /// The Aura API (`https://api.neo4j.io`).
+    pub api_base: Url,
+    /// The instance (8 hex characters).
+    pub instance_id: String,
+    /// Name of the Worker secret holding the Aura API client id.
+    pub client_id_secret: String,
+    /// Name of the Worker secret holding the Aura API client secret.
+    pub client_secret_secret: String,
+    /// What to back up.
+    pub mode: AuraMode,
+    /// The instance's Query API (`https://<instance>.databases.neo4j.io`).
+    pub query_api_base: Url,
+    /// The database to export.
+    pub database: String,
+    /// The database user for the Query API.
+    pub db_user: String,
+    /// Name of the Worker secret holding that user's password.
+    pub db_password_secret: Option<String>,
+    /// Nodes or relationships per Query API page.
+    pub page_size: u32,
+}
+
+impl AuraConfig {
+    /// The public Aura API.
+    pub const DEFAULT_API_BASE: &'static str = "https://api.neo4j.io";
+}
+
+/// What an Aura backup consists of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuraMode {
+    /// Only an on-demand snapshot (kept by Aura, recorded in the manifest).
+    Snapshot,
+    /// Only the logical export into R2.
+    Logical,
+    /// Both (the default).
+    Both,
+}
+
+/// Progress of one Aura job, persisted with the job.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuraState {
+    /// The cached bearer token (never shown).
+    pub secret_access_token: Option<String>,
+    /// When that token expires.
+    pub token_expires_at: Option<Timestamp>,
+    /// Tokens fetched by this job.
+    pub token_fetches: u32,
+    /// Consecutive 401/403 answers.
+    pub auth_retries: u32,
+    /// The snapshot's id.
+    pub snapshot_id: Option<String>,
+    /// Its latest status.
+    pub snapshot_status: Option<String>,
+    /// When Aura says it was taken.
+    pub snapshot_timestamp: Option<String>,
+    /// Its profile (`AdHoc`).
+    pub snapshot_profile: Option<String>,
+    /// Whether Aura would let it be exported from the console.
+    pub snapshot_exportable: Option<bool>,
+    /// Snapshot status polls answered.
+    pub polls: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Token,
+    CreateSnapshot,
+    PollSnapshot,
+}
+
+fn api_url(base: &Url, path: &[&str]) -> String {
+    let mut url = base.clone();
+    if let Ok(mut segs) = url.path_segments_mut() {
+        segs.pop_if_empty().extend(path);
+    }
+    url.to_string()
+}
+
+/// Aura's error text: `errors[].message` (with `reason`) or the `{"error": …}` variant.
+fn aura_error(resp: &HttpResponse) -> String {
+    let Ok(body) = serde_json::from_slice::<Value>(&resp.body) else { return resp.snippet(200) };
+    if let Some(list) = body.get("errors").and_then(Value::as_array) {
+        let parts: Vec<String> = list
+            .iter()
+            .map(|e| {
+                let msg = e.get("message").and_then(Value::as_str).unwrap_or("(no message)");
+                match e.get("reason").and_then(Value::as_str) {
+                    Some(r) => format!("{msg} ({r})"),
+                    None => msg.to_string(),
+                }
+            })
+            .collect();
+        if !parts.is_empty() {
+            return parts.join("; ");
+        }
+    }
+    match body.get("error").and_then(Value::as_str) {
+        Some(e) => e.to_string(),
+        None => resp.snippet(200),
+    }
+}
+
+impl AuraState {
+    fn stage(&self) -> Stage {
+        if self.secret_access_token.is_none() {
+            Stage::Token
+        } else if self.snapshot_id.is_none() {
+            Stage::CreateSnapshot
+        } else {
+            Stage::PollSnapshot
+        }
+    }
+
+    fn files(cfg: &AuraConfig) -> Vec<Download> {
+        match cfg.mode {
+            AuraMode::Snapshot => Vec::new(),
+            AuraMode::Logical | AuraMode::Both => vec![Download {
+                filename: GRAPH_FILE.into(),
+                content_type: "application/gzip".into(),
+                origin: Origin::Graph,
+            }],
+        }
+    }
+
+    /// Decides without I/O: a logical-only backup goes straight to the copy, and a token about
+    /// to expire is dropped so the next request fetches a fresh one.
+    pub fn advance(&mut self, cfg: &AuraConfig, now: Timestamp) -> Option<Progress> {
+        if cfg.mode == AuraMode::Logical {
+            return Some(Progress::Ready(Self::files(cfg)));
+        }
+        if let Some(expires) = self.token_expires_at {
+            if now.plus(TOKEN_MARGIN) >= expires {
+                self.secret_access_token = None;
+                self.token_expires_at = None;
+            }
+        }
+        None
+    }
+
+    /// The next Aura API call.
+    pub fn next_request(&self, cfg: &AuraConfig, creds: &Credentials) -> Result<HttpRequest, StepError> {
+        match self.stage() {
+            Stage::Token => {
+                let id = creds.get(&cfg.client_id_secret)?.expose();
+                let secret = creds.get(&cfg.client_secret_secret)?.expose();
+                Ok(HttpRequest {
+                    method: crate::http::Method::Post,
+                    url: api_url(&cfg.api_base, &["oauth", "token"]),
+                    headers: vec![
+                        ("authorization".into(), format!("Basic {}", STANDARD.encode(format!("{id}:{secret}")))),
+                        ("content-type".into(), "application/x-www-form-urlencoded".into()),
+                    ],
+                    body: Some(b"grant_type=client_credentials".to_vec()),
+                })
+            }
+            Stage::CreateSnapshot | Stage::PollSnapshot => {
+                let token = self.secret_access_token.clone().unwrap_or_default();
+                let path: Vec<&str> = match &self.snapshot_id {
+                    None => vec!["v1", "instances", &cfg.instance_id, "snapshots"],
+                    Some(sid) => vec!["v1", "instances", &cfg.instance_id, "snapshots", sid],
+                };
+                let url = api_url(&cfg.api_base, &path);
+                let req = match self.snapshot_id {
+                    None => HttpRequest { method: crate::http::Method::Post, url, headers: Vec::new(), body: None },
+                    Some(_) => HttpRequest::get(url),
+                };
+                Ok(req.header("authorization", format!("Bearer {token}")).header("content-type", "application/json"))
+            }
+        }
+    }
+
+    /// Folds one answer in.
+    pub fn on_response(&mut self, cfg: &AuraConfig, resp: &HttpResponse, now: Timestamp) -> Result<Progress, StepError> {
+        let stage = self.stage();
+        if stage == Stage::Token {
+            return self.on_token(resp, now);
+        }
+        if resp.status == 401 || resp.status == 403 {
+            if self.auth_retries < MAX_AUTH_RETRIES {
+                self.auth_retries += 1;
+                self.secret_access_token = None;
+                self.token_expires_at = None;
+                return Ok(Progress::Pending { poll_after: Some(Duration::ZERO) });
+            }
+            return Err(StepError::permanent(format!(
+                "the Aura API refused the token (HTTP {}): {}",
+                resp.status,
+                aura_error(resp)
+            )));
+        }
+        if !(200..300).contains(&resp.status) {
+            return Err(status_error(resp, now, format!("the Aura API answered HTTP {}: {}", resp.status, aura_error(resp))));
+        }
+        self.auth_retries = 0;
+        let body: Value = serde_json::from_slice(&resp.body).map_err(|_| {
+            StepError::permanent(format!("Aura API: received a malformed response (HTTP {}): {}", resp.status, resp.snippet(200)))
+        })?;
+        let data = body.get("data").filter(|d| d.is_object()).ok_or_else(|| malformed("no data"))?;
+        match stage {
+            Stage::Token => unreachable_stage(),
+            Stage::CreateSnapshot => {
+                let sid = data.get("snapshot_id").and_then(Value::as_str).ok_or_else(|| malformed("no snapshot_id"))?;
+                self.snapshot_id = Some(sid.to_string());
+                self.snapshot_status = Some("Pending".into());
+                Ok(Progress::Pending { poll_after: None })
+            }
+            Stage::PollSnapshot => {
+                self.polls += 1;
+                let status = data.get("status").and_then(Value::as_str).unwrap_or("Unknown").to_string();
+                self.snapshot_status = Some(status.clone());
+                self.snapshot_timestamp = data.get("timestamp").and_then(Value::as_str).map(str::to_string);
+                self.snapshot_profile = data.get("profile").and_then(Value::as_str).map(str::to_string);
+                self.snapshot_exportable = data.get("exportable").and_then(Value::as_bool);
+                match status.as_str() {
+                    "Completed" => Ok(Progress::Ready(Self::files(cfg))),
+                    "Failed" => Ok(Progress::Failed(format!(
+                        "Aura snapshot {} of instance {} failed",
+                        self.snapshot_id.as_deref().unwrap_or("?"),
+                        cfg.instance_id
+                    ))),
+                    _ => Ok(Progress::Pending { poll_after: None }),
+                }
+            }
+        }
+    }
+
+    fn on_token(&mut self, resp: &HttpResponse, now: Timestamp) -> Result<Progress, StepError> {
+        match resp.status {
+            200..=299 => {}
+            401 => {
+                return Err(StepError::permanent(format!(
+                    "the Aura API refused the client credentials (HTTP 401): {}",
+                    aura_error(resp)
+                )))
+            }
+            429 | 500..=599 => {
+                return Err(status_error(resp, now, format!("the Aura token endpoint answered HTTP {}: {}", resp.status, aura_error(resp))))
+            }
+            s => return Err(StepError::permanent(format!("the Aura token endpoint answered HTTP {s}: {}", aura_error(resp)))),
+        }
+        let body: Value = serde_json::from_slice(&resp.body).map_err(|_| malformed("token answer is not JSON"))?;
+        let token = body.get("access_token").and_then(Value::as_str).ok_or_else(|| malformed("no access_token"))?;
+        let lifetime = body.get("expires_in").and_then(Value::as_u64).unwrap_or(3600);
+        self.secret_access_token = Some(token.to_string());
+        self.token_expires_at = Some(now.plus(Duration::from_secs(lifetime)));
+        self.token_fetches += 1;
+        Ok(Progress::Pending { poll_after: Some(Duration::ZERO) })
+    }
+
+    /// What the manifest records.
+    pub fn references(&self, cfg: &AuraConfig) -> Value {
+        let snapshot = self.snapshot_id.as_ref().map(|id| {
+            json!({
+                "snapshot_id": id,
+                "status": self.snapshot_status,
+                "timestamp": self.snapshot_timestamp,
+                "profile": self.snapshot_profile,
+                "exportable": self.snapshot_exportable,
+            })
+        });
+        json!({
+            "instance_id": cfg.instance_id,
+            "mode": cfg.mode,
+            "database": cfg.database,
+            "snapshot": snapshot,
+        })
+    }
+}
+
+fn unreachable_stage() -> Result<Progress, StepError> {
+    Err(StepError::permanent("internal: token answers are handled before this point"))
+}
+
+fn malformed(what: &str) -> StepError {
+    StepError::permanent(format!("Aura API: received a malformed response ({what})"))
+}
+
+/// What a logical export reads: where the Query API is and how to log in. Built at copy time.
+#[derive(Clone, PartialEq, Eq)]
+pub struct GraphExport {
+    url: String,
+    authorization: String,
+    database: String,
+    page_size: u32,
+    exported_at: Timestamp,
+}
+
+impl fmt::Debug for GraphExport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GraphExport").field("url", &self.url).field("database", &self.database).finish_non_exhaustive()
+    }
+}
+
+impl GraphExport {
+    /// The export of an Aura source's database.
+    pub fn for_source(source: &SourceConfig, creds: &Credentials, now: Timestamp) -> Result<Self, StepError> {
+        let ProviderConfig::Aura(cfg) = &source.provider else {
+            return Err(StepError::permanent("only Aura sources have a graph to export"));
+        };
+        let secret = cfg
+            .db_password_secret
+            .as_deref()
+            .ok_or_else(|| StepError::permanent("db_password_secret is required for the logical export"))?;
+        let pair = format!("{}:{}", cfg.db_user, creds.get(secret)?.expose());
+        Ok(Self {
+            url: api_url(&cfg.query_api_base, &["db", &cfg.database, "query", "v2"]),
+            authorization: format!("Basic {}", STANDARD.encode(pair)),
+            database: cfg.database.clone(),
+            page_size: cfg.page_size,
+            exported_at: now,
+        })
+    }
+
+    /// Starts writing the file.
+    pub fn start(&self) -> GraphWriter {
+        let mut writer = GraphWriter {
+            spec: self.clone(),
+            phase: GraphPhase::Nodes,
+            after: String::new(),
+            nodes: 0,
+            relationships: 0,
+            encoder: GzEncoder::new(Vec::new(), Compression::default()),
+            error: None,
+        };
+        writer.line(&json!({
+            "type": "header", "format": "ferry-neo4j-jsonl", "version": 1,
+            "database": self.database, "exported_at": self.exported_at,
+        }));
+        writer
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GraphPhase {
+    Nodes,
+    Relationships,
+    Done,
+}
+
+/// The running export: pages through nodes then relationships and gzips JSON Lines as it goes,
+/// so memory holds one page and the compressor's window, however large the graph.
+pub struct GraphWriter {
+    spec: GraphExport,
+    phase: GraphPhase,
+    after: String,
+    nodes: u64,
+    relationships: u64,
+    encoder: GzEncoder<Vec<u8>>,
+    error: Option<String>,
+}
+
+impl GraphWriter {
+    fn line(&mut self, value: &Value) {
+        let mut text = value.to_string();
+        text.push('\n');
+        if let Err(e) = self.encoder.write_all(text.as_bytes()) {
+            self.error = Some(e.to_string());
+        }
+    }
+
+    /// The next page query, or `None` when every page has been read.
+    pub fn next_request(&self) -> Option<HttpRequest> {
+        let statement = match self.phase {
+            GraphPhase::Nodes => NODES_QUERY,
+            GraphPhase::Relationships => RELATIONSHIPS_QUERY,
+            GraphPhase::Done => return None,
+        };
+        let body = json!({ "statement": statement, "parameters": { "after": self.after, "limit": self.spec.page_size } });
+        Some(
+            HttpRequest::post_json(self.spec.url.clone(), &body)
+                .header("accept", "application/json")
+                .header("authorization", self.spec.authorization.clone()),
+        )
+    }
+
+    /// Writes one page's rows.
+    pub fn on_response(&mut self, resp: &HttpResponse, now: Timestamp) -> Result<(), StepError> {
+        let rows = query_rows(resp, now)?;
+        let count = rows.len();
+        for row in rows {
+            let id = row.get("id").and_then(Value::as_str).ok_or_else(|| query_malformed("a row without id"))?.to_string();
+            let props = row.get("props").cloned().unwrap_or_else(|| json!({}));
+            match self.phase {
+                GraphPhase::Nodes => {
+                    let labels = row.get("labels").cloned().unwrap_or_else(|| json!([]));
+                    self.line(&json!({ "type": "node", "id": id, "labels": labels, "properties": props }));
+                    self.nodes += 1;
+                }
+                GraphPhase::Relationships => {
+                    self.line(&json!({
+                        "type": "relationship", "id": id, "rel_type": row.get("type"),
+                        "start": row.get("start"), "end": row.get("end"), "properties": props,
+                    }));
+                    self.relationships += 1;
+                }
+                GraphPhase::Done => {}
+            }
+            self.after = id;
+        }
+        if count < self.spec.page_size as usize {
+            self.phase = match self.phase {
+                GraphPhase::Nodes => GraphPhase::Relationships,
+                GraphPhase::Relationships | GraphPhase::Done => GraphPhase::Done,
+            };
+            self.after.clear();
+        }
+        match self.error.take() {
+            Some(e) => Err(StepError::permanent(format!("compressing the graph export failed: {e}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Compressed bytes produced so far (drained).
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(self.encoder.get_mut())
+    }
+
+    /// Writes the footer and ends the gzip stream: the last bytes and the counts.
+    pub fn finish(mut self) -> Result<(Vec<u8>, Value), StepError> {
+        let (nodes, relationships) = (self.nodes, self.relationships);
+        self.line(&json!({ "type": "footer", "nodes": nodes, "relationships": relationships }));
+        if let Some(e) = self.error.take() {
+            return Err(StepError::permanent(format!("compressing the graph export failed: {e}")));
+        }
+        let rest = self.encoder.finish().map_err(|e| StepError::permanent(format!("compressing the graph export failed: {e}")))?;
+        let details = json!({ "format": "ferry-neo4j-jsonl", "nodes": nodes, "relationships": relationships });
+        Ok((rest, details))
+    }
+}
+
+/// The rows of a Query API answer as objects keyed by field name.
+pub fn query_rows(resp: &HttpResponse, now: Timestamp) -> Result<Vec<serde_json::Map<String, Value>>, StepError> {
+    let body: Option<Value> = serde_json::from_slice(&resp.body).ok();
+    if let Some(errors) = body.as_ref().and_then(|b| b.get("errors")).and_then(Value::as_array).filter(|e| !e.is_empty()) {
+        let first = &errors[0];
+        let code = first.get("code").and_then(Value::as_str).unwrap_or("");
+        let message = first.get("message").and_then(Value::as_str).unwrap_or("(no message)");
+        let text = format!("Neo4j Query API error {code}: {message}");
+        return Err(if resp.status == 401 || code.starts_with("Neo.ClientError.Security") {
+            StepError::permanent(format!("{text} (check db_user and db_password_secret)"))
+        } else if code.starts_with("Neo.TransientError") || resp.status >= 500 || resp.status == 429 {
+            StepError::Transient { message: text, retry_after: resp.retry_after(now) }
+        } else {
+            StepError::permanent(text)
+        });
+    }
+    if !(200..300).contains(&resp.status) {
+        return Err(status_error(resp, now, format!("the Neo4j Query API answered HTTP {}: {}", resp.status, resp.snippet(200))));
+    }
+    let body = body.ok_or_else(|| query_malformed(&resp.snippet(200)))?;
+    let fields: Vec<String> = body
+        .pointer("/data/fields")
+        .and_then(Value::as_array)
+        .ok_or_else(|| query_malformed("no data.fields"))?
+        .iter()
+        .filter_map(|f| f.as_str().map(str::to_string))
+        .collect();
+    let values = body.pointer("/data/values").and_then(Value::as_array).ok_or_else(|| query_malformed("no data.values"))?;
+    Ok(values
+        .iter()
+        .filter_map(Value::as_array)
+        .map(|row| fields.iter().cloned().zip(row.iter().cloned()).collect())
+        .collect())
+}
+
+fn query_malformed(what: &str) -> StepError {
+    StepError::permanent(format!("Neo4j Query API: received a malformed response ({what})"))
+}
+
+#[cfg(test)]
+mod tests;

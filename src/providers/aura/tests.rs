@@ -1,0 +1,199 @@
+use std::io::Read as _;
+
+use flate2::read::GzDecoder;
+
+use super::*;
+use crate::config::Config;
+use crate::secret::Secret;
+
+fn source(mode: &str, page_size: u32) -> SourceConfig {
+    Config::from_value(&json!([{
+        "name": "graph", "kind": "aura", "schedule": "0 4 * * *", "instance_id": "2f49c2b3",
+        "client_id_secret": "AURA_ID", "client_secret_secret": "AURA_SECRET", "db_password_secret": "NEO_PW",
+        "api_base": "http://127.0.0.1:9", "query_api_base": "http://127.0.0.1:9", "mode": mode, "page_size": page_size,
+    }]))
+    .unwrap()
+    .sources
+    .remove(0)
+}
+
+fn cfg(s: &SourceConfig) -> &AuraConfig {
+    match &s.provider {
+        ProviderConfig::Aura(c) => c,
+        _ => panic!(),
+    }
+}
+
+fn creds() -> Credentials {
+    let mut c = Credentials::new();
+    c.insert("AURA_ID", Secret::new("id"));
+    c.insert("AURA_SECRET", Secret::new("secret"));
+    c.insert("NEO_PW", Secret::new("pw"));
+    c
+}
+
+fn t(s: i64) -> Timestamp {
+    Timestamp::from_secs(s)
+}
+
+fn token(ttl: u64) -> HttpResponse {
+    HttpResponse::json(200, &json!({"access_token": "tok-1", "expires_in": ttl, "token_type": "bearer"}))
+}
+
+fn snapshot(status: &str) -> HttpResponse {
+    HttpResponse::json(200, &json!({"data": {"snapshot_id": "afdb4e9d", "instance_id": "2f49c2b3", "profile": "AdHoc",
+        "status": status, "timestamp": "2026-11-23T04:00:10Z", "exportable": true}}))
+}
+
+#[test]
+fn token_then_snapshot_then_polls_until_completed() {
+    let s = source("both", 1000);
+    let c = cfg(&s);
+    let mut st = AuraState::default();
+    assert_eq!(st.advance(c, t(0)), None);
+    let req = st.next_request(c, &creds()).unwrap();
+    assert_eq!(req.url, "http://127.0.0.1:9/oauth/token");
+    assert_eq!(req.header_value("authorization"), Some(format!("Basic {}", STANDARD.encode("id:secret")).as_str()));
+    assert_eq!(req.body.as_deref(), Some(&b"grant_type=client_credentials"[..]));
+    assert_eq!(st.on_response(c, &token(3600), t(0)).unwrap(), Progress::Pending { poll_after: Some(Duration::ZERO) });
+    let create = st.next_request(c, &creds()).unwrap();
+    assert_eq!((create.method, create.url.as_str()), (crate::http::Method::Post, "http://127.0.0.1:9/v1/instances/2f49c2b3/snapshots"));
+    assert_eq!(create.header_value("authorization"), Some("Bearer tok-1"));
+    let created = HttpResponse::json(202, &json!({"data": {"snapshot_id": "afdb4e9d"}}));
+    assert_eq!(st.on_response(c, &created, t(1)).unwrap(), Progress::Pending { poll_after: None });
+    let poll = st.next_request(c, &creds()).unwrap();
+    assert_eq!(poll.url, "http://127.0.0.1:9/v1/instances/2f49c2b3/snapshots/afdb4e9d");
+    assert_eq!(st.on_response(c, &snapshot("Pending"), t(2)).unwrap(), Progress::Pending { poll_after: None });
+    assert_eq!(st.on_response(c, &snapshot("InProgress"), t(3)).unwrap(), Progress::Pending { poll_after: None });
+    let Progress::Ready(files) = st.on_response(c, &snapshot("Completed"), t(4)).unwrap() else { panic!() };
+    assert_eq!(files.len(), 1);
+    assert_eq!(files[0].origin, Origin::Graph);
+    let refs = st.references(c);
+    assert_eq!(refs["snapshot"]["snapshot_id"], "afdb4e9d");
+    assert_eq!(refs["snapshot"]["status"], "Completed");
+    assert_eq!(refs["snapshot"]["timestamp"], "2026-11-23T04:00:10Z");
+    assert_eq!(st.token_fetches, 1);
+}
+
+#[test]
+fn snapshot_only_mode_commits_without_files_and_failed_snapshot_fails() {
+    let s = source("snapshot", 1000);
+    let c = cfg(&s);
+    let mut st = AuraState { secret_access_token: Some("tok".into()), token_expires_at: Some(t(3600)), snapshot_id: Some("afdb4e9d".into()), ..Default::default() };
+    assert_eq!(st.on_response(c, &snapshot("Completed"), t(1)).unwrap(), Progress::Ready(vec![]));
+    let Progress::Failed(msg) = st.on_response(c, &snapshot("Failed"), t(1)).unwrap() else { panic!() };
+    assert_eq!(msg, "Aura snapshot afdb4e9d of instance 2f49c2b3 failed");
+}
+
+#[test]
+fn logical_only_mode_needs_no_management_call() {
+    let s = source("logical", 1000);
+    assert_eq!(AuraState::default().advance(cfg(&s), t(0)).unwrap(), Progress::Ready(AuraState::files(cfg(&s))));
+}
+
+#[test]
+fn token_is_cached_until_a_minute_before_expiry() {
+    let s = source("both", 1000);
+    let c = cfg(&s);
+    let mut st = AuraState::default();
+    st.on_response(c, &token(3600), t(0)).unwrap();
+    assert_eq!(st.advance(c, t(3539)), None);
+    assert!(st.secret_access_token.is_some(), "still valid for more than a minute");
+    st.advance(c, t(3540));
+    assert!(st.secret_access_token.is_none(), "refetched shortly before expiry");
+}
+
+#[test]
+fn expired_token_403_refetches_then_gives_up() {
+    let s = source("both", 1000);
+    let c = cfg(&s);
+    let mut st = AuraState::default();
+    st.on_response(c, &token(3600), t(0)).unwrap();
+    let expired = HttpResponse::json(403, &json!({"error": "Forbidden"}));
+    assert_eq!(st.on_response(c, &expired, t(1)).unwrap(), Progress::Pending { poll_after: Some(Duration::ZERO) });
+    assert!(st.secret_access_token.is_none());
+    st.on_response(c, &token(3600), t(1)).unwrap();
+    assert_eq!(st.on_response(c, &expired, t(2)).unwrap(), Progress::Pending { poll_after: Some(Duration::ZERO) });
+    st.on_response(c, &token(3600), t(2)).unwrap();
+    let e = st.on_response(c, &expired, t(3)).unwrap_err();
+    assert!(!e.is_retryable());
+    assert_eq!(e.message(), "the Aura API refused the token (HTTP 403): Forbidden");
+}
+
+#[test]
+fn token_and_api_errors_are_classified() {
+    let s = source("both", 1000);
+    let c = cfg(&s);
+    let bad = HttpResponse::json(401, &json!({"errors": [{"message": "Invalid credentials", "reason": "unauthorized"}]}));
+    let e = AuraState::default().on_response(c, &bad, t(0)).unwrap_err();
+    assert_eq!(e.message(), "the Aura API refused the client credentials (HTTP 401): Invalid credentials (unauthorized)");
+    let limited = HttpResponse::json(429, &json!({})).with_header("retry-after", "7");
+    let e = AuraState::default().on_response(c, &limited, t(0)).unwrap_err();
+    assert_eq!(e, StepError::Transient { message: "the Aura token endpoint answered HTTP 429: {}".into(), retry_after: Some(Duration::from_secs(7)) });
+    let mut st = AuraState { secret_access_token: Some("tok".into()), ..Default::default() };
+    let missing = HttpResponse::json(404, &json!({"errors": [{"message": "DB not found: 2f49c2b3", "reason": "db-not-found"}]}));
+    let e = st.on_response(c, &missing, t(0)).unwrap_err();
+    assert!(!e.is_retryable() && e.message().contains("DB not found: 2f49c2b3 (db-not-found)"), "{}", e.message());
+    assert!(st.on_response(c, &HttpResponse::json(503, &json!({})), t(0)).unwrap_err().is_retryable());
+}
+
+fn page(fields: &[&str], rows: Vec<Value>) -> HttpResponse {
+    HttpResponse::json(202, &json!({"data": {"fields": fields, "values": rows}, "bookmarks": ["FB:x"]}))
+}
+
+fn gunzip_lines(bytes: &[u8]) -> Vec<Value> {
+    let mut text = String::new();
+    GzDecoder::new(bytes).read_to_string(&mut text).unwrap();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn graph_export_pages_nodes_then_relationships_into_gzip_json_lines() {
+    let s = source("logical", 2);
+    let spec = GraphExport::for_source(&s, &creds(), t(100)).unwrap();
+    assert!(!format!("{spec:?}").contains("pw"), "no password in Debug");
+    let mut w = spec.start();
+    let mut out = Vec::new();
+    let node_fields = ["id", "labels", "props"];
+    let rel_fields = ["id", "type", "start", "end", "props"];
+    let answers = [
+        page(&node_fields, vec![json!(["4:a:1", ["Person"], {"name": "Ada"}]), json!(["4:a:2", [], {}])]),
+        page(&node_fields, vec![json!(["4:a:3", ["City", "Capital"], {"name": "Paris", "pop": 2.1}])]),
+        page(&rel_fields, vec![json!(["5:a:1", "LIVES_IN", "4:a:1", "4:a:3", {"since": 2020}])]),
+    ];
+    let expected_after = ["", "4:a:2", ""];
+    for (answer, after) in answers.iter().zip(expected_after) {
+        let req = w.next_request().unwrap();
+        assert_eq!(req.url, "http://127.0.0.1:9/db/neo4j/query/v2");
+        assert_eq!(req.header_value("authorization"), Some(format!("Basic {}", STANDARD.encode("neo4j:pw")).as_str()));
+        let body: Value = serde_json::from_slice(req.body.as_deref().unwrap()).unwrap();
+        assert_eq!(body["parameters"], json!({"after": after, "limit": 2}));
+        w.on_response(answer, t(101)).unwrap();
+        out.extend(w.take_output());
+    }
+    assert!(w.next_request().is_none());
+    let (rest, details) = w.finish().unwrap();
+    out.extend(rest);
+    assert_eq!(details, json!({"format": "ferry-neo4j-jsonl", "nodes": 3, "relationships": 1}));
+    let lines = gunzip_lines(&out);
+    assert_eq!(lines.len(), 6);
+    assert_eq!(lines[0]["type"], "header");
+    assert_eq!(lines[0]["exported_at"], "1970-01-01T00:01:40.000Z");
+    assert_eq!(lines[1], json!({"type": "node", "id": "4:a:1", "labels": ["Person"], "properties": {"name": "Ada"}}));
+    assert_eq!(lines[3]["labels"], json!(["City", "Capital"]));
+    assert_eq!(lines[4], json!({"type": "relationship", "id": "5:a:1", "rel_type": "LIVES_IN", "start": "4:a:1", "end": "4:a:3", "properties": {"since": 2020}}));
+    assert_eq!(lines[5], json!({"type": "footer", "nodes": 3, "relationships": 1}));
+}
+
+#[test]
+fn query_api_errors_are_failures_whatever_the_status() {
+    let auth = HttpResponse::json(401, &json!({"errors": [{"code": "Neo.ClientError.Security.Unauthorized", "message": "The client is unauthorized"}]}));
+    let e = query_rows(&auth, t(0)).unwrap_err();
+    assert!(!e.is_retryable() && e.message().contains("db_password_secret"));
+    let syntax = HttpResponse::json(202, &json!({"errors": [{"code": "Neo.ClientError.Statement.SyntaxError", "message": "Invalid input"}]}));
+    assert!(!query_rows(&syntax, t(0)).unwrap_err().is_retryable());
+    let transient = HttpResponse::json(202, &json!({"errors": [{"code": "Neo.TransientError.General.DatabaseUnavailable", "message": "busy"}]}));
+    assert!(query_rows(&transient, t(0)).unwrap_err().is_retryable());
+    let html = HttpResponse { status: 200, headers: vec![], body: b"<html>502 Bad Gateway</html>".to_vec() };
+    assert!(query_rows(&html, t(0)).unwrap_err().message().contains("malformed"));
+}

@@ -1,0 +1,444 @@
+//! Dgraph Cloud: the `export` mutation on a backend's `/admin/slash`, then `exportStatus` polls.
+//!
+//! Quirks the code relies on (see `provider-apis.md` §2):
+//! - GraphQL errors come back in `errors[]` with HTTP 200; they fail the job with their messages,
+//!   except an expired or missing ACL access token, which is refreshed (`login` with
+//!   `refreshToken`) or obtained again with the password, then the call is retried.
+//! - The admin key goes in `X-Auth-Token`; with ACL the access JWT in `X-Dgraph-AccessToken`.
+//!   ACL `login` is a *mutation* on `/admin` (not `/admin/slash`).
+//! - `exportStatus.status` is `Queued`/`Running` → `Success`/`Failed`; an unknown value is treated
+//!   as still running until the source's export timeout. The documented example says `taskID`
+//!   where the selection says `taskId`: both are accepted, as is the legacy synchronous answer
+//!   `export { signedUrls }`.
+//! - Files are gzip served as-is from signed URLs (48 h, no auth) and are stored byte for byte,
+//!   named after the URL's last path segment (`g01.json.gz`, `g01.schema.gz`, …).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use url::Url;
+
+use crate::error::StepError;
+use crate::http::{status_error, HttpRequest, HttpResponse};
+use crate::providers::{error_messages, url_file_name, Credentials, Download, Progress};
+use crate::time::Timestamp;
+
+/// How many ACL logins one job may make before giving up.
+const MAX_LOGINS: u32 = 4;
+
+const LOGIN: &str = "mutation login($userId: String, $password: String, $namespace: Int, $refreshToken: String) { login(userId: $userId, password: $password, namespace: $namespace, refreshToken: $refreshToken) { response { accessJWT refreshJWT } } }";
+const EXPORT: &str = "mutation($format: String, $namespace: Int) { export(format: $format, namespace: $namespace) { response { code message } exportId taskId } }";
+const STATUS: &str = "query($exportId: String!, $taskId: String!) { exportStatus(exportId: $exportId, taskId: $taskId) { kind lastUpdated signedUrls status } }";
+
+/// A Dgraph source's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DgraphConfig {
+    /// The backend's base URL (`https://<deployment>.cloud.dgraph.io`).
+    pub endpoint: Url,
+    /// Name of the Worker secret holding an admin API key.
+    pub api_key_secret: String,
+    /// Export format.
+    pub format: DgraphFormat,
+    /// Namespace to export (`-1`: all, needs a Galaxy guardian); `None`: the user's own.
+    pub namespace: Option<i64>,
+    /// ACL login, for backends with ACL / multi-tenancy.
+    pub acl: Option<DgraphAcl>,
+}
+
+/// A Guardian's credentials for ACL login.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DgraphAcl {
+    /// `userId`.
+    pub user_id: String,
+    /// Name of the Worker secret holding the password.
+    pub password_secret: String,
+    /// Namespace to log in to (0: Galaxy).
+    pub login_namespace: i64,
+}
+
+/// Export format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DgraphFormat {
+    /// JSON (the default).
+    Json,
+    /// RDF N-Quads.
+    Rdf,
+}
+
+impl DgraphFormat {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Json => "json",
+            Self::Rdf => "rdf",
+        }
+    }
+}
+
+/// Progress of one Dgraph export, persisted with the job.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DgraphState {
+    /// ACL access token (never shown).
+    pub secret_access_jwt: Option<String>,
+    /// ACL refresh token (never shown).
+    pub secret_refresh_jwt: Option<String>,
+    /// ACL logins made.
+    pub logins: u32,
+    /// The export's id.
+    pub export_id: Option<String>,
+    /// The export task's id.
+    pub task_id: Option<String>,
+    /// The last reported status.
+    pub status: Option<String>,
+    /// Status polls answered.
+    pub polls: u32,
+    /// Names of the exported files.
+    pub files: Vec<String>,
+}
+
+/// Which call the state asks for next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Login,
+    Export,
+    Status,
+}
+
+fn admin_url(cfg: &DgraphConfig, slash: bool) -> String {
+    let mut url = cfg.endpoint.clone();
+    if let Ok(mut segs) = url.path_segments_mut() {
+        segs.pop_if_empty().push("admin");
+        if slash {
+            segs.push("slash");
+        }
+    }
+    url.to_string()
+}
+
+impl DgraphState {
+    fn stage(&self, cfg: &DgraphConfig) -> Stage {
+        if cfg.acl.is_some() && self.secret_access_jwt.is_none() {
+            Stage::Login
+        } else if self.task_id.is_none() {
+            Stage::Export
+        } else {
+            Stage::Status
+        }
+    }
+
+    /// The next GraphQL call.
+    pub fn next_request(&self, cfg: &DgraphConfig, creds: &Credentials) -> Result<HttpRequest, StepError> {
+        let key = creds.get(&cfg.api_key_secret)?.expose().to_string();
+        let (url, body) = match self.stage(cfg) {
+            Stage::Login => {
+                let Some(acl) = &cfg.acl else { return Err(StepError::permanent("no ACL configured")) };
+                let variables = match &self.secret_refresh_jwt {
+                    Some(refresh) => json!({ "refreshToken": refresh }),
+                    None => json!({
+                        "userId": acl.user_id,
+                        "password": creds.get(&acl.password_secret)?.expose(),
+                        "namespace": acl.login_namespace,
+                    }),
+                };
+                (admin_url(cfg, false), json!({ "query": LOGIN, "variables": variables }))
+            }
+            Stage::Export => {
+                let mut variables = json!({ "format": cfg.format.as_str() });
+                if let Some(ns) = cfg.namespace {
+                    variables["namespace"] = json!(ns);
+                }
+                (admin_url(cfg, true), json!({ "query": EXPORT, "variables": variables }))
+            }
+            Stage::Status => (
+                admin_url(cfg, true),
+                json!({ "query": STATUS, "variables": { "exportId": self.export_id.clone().unwrap_or_default(), "taskId": self.task_id } }),
+            ),
+        };
+        let mut req = HttpRequest::post_json(url, &body).header("x-auth-token", key);
+        if let Some(jwt) = &self.secret_access_jwt {
+            req = req.header("x-dgraph-accesstoken", jwt.clone());
+        }
+        Ok(req)
+    }
+
+    /// Folds one answer in.
+    pub fn on_response(&mut self, cfg: &DgraphConfig, resp: &HttpResponse, now: Timestamp) -> Result<Progress, StepError> {
+        if resp.status == 401 || resp.status == 403 {
+            return Err(StepError::permanent(format!(
+                "Dgraph refused the credentials (HTTP {}): {}",
+                resp.status,
+                resp.snippet(200)
+            )));
+        }
+        if !(200..300).contains(&resp.status) {
+            return Err(status_error(resp, now, format!("Dgraph answered HTTP {}: {}", resp.status, resp.snippet(200))));
+        }
+        let body: Value = serde_json::from_slice(&resp.body).map_err(|_| {
+            StepError::permanent(format!("Dgraph: received a malformed response (HTTP {}): {}", resp.status, resp.snippet(200)))
+        })?;
+        let stage = self.stage(cfg);
+        if let Some(errors) = error_messages(&body) {
+            return self.on_errors(cfg, stage, errors);
+        }
+        let data = body.get("data").filter(|d| d.is_object()).ok_or_else(|| malformed("no data"))?;
+        match stage {
+            Stage::Login => {
+                let response = data.pointer("/login/response").ok_or_else(|| malformed("login without response"))?;
+                let access = response.get("accessJWT").and_then(Value::as_str).ok_or_else(|| malformed("no accessJWT"))?;
+                self.secret_access_jwt = Some(access.to_string());
+                self.secret_refresh_jwt = response.get("refreshJWT").and_then(Value::as_str).map(str::to_string);
+                self.logins += 1;
+                Ok(Progress::Pending { poll_after: Some(Duration::ZERO) })
+            }
+            Stage::Export => {
+                let export = data.get("export").ok_or_else(|| malformed("no export"))?;
+                if let Some(urls) = export.get("signedUrls").and_then(Value::as_array) {
+                    // The legacy synchronous form: the files are ready at once.
+                    self.status = Some("Success".into());
+                    self.task_id = Some(String::new());
+                    return self.ready(urls);
+                }
+                let code = export.pointer("/response/code").and_then(Value::as_str).unwrap_or("Success");
+                if code != "Success" {
+                    let message = export.pointer("/response/message").and_then(Value::as_str).unwrap_or(code);
+                    return Ok(Progress::Failed(format!("Dgraph export was not queued: {message}")));
+                }
+                let task = export.get("taskId").or_else(|| export.get("taskID")).and_then(Value::as_str);
+                let task = task.ok_or_else(|| malformed("export without taskId"))?;
+                self.task_id = Some(task.to_string());
+                self.export_id = export.get("exportId").and_then(Value::as_str).map(str::to_string);
+                self.status = Some("Queued".into());
+                Ok(Progress::Pending { poll_after: None })
+            }
+            Stage::Status => {
+                let status = data.get("exportStatus").ok_or_else(|| malformed("no exportStatus"))?;
+                self.polls += 1;
+                let value = status.get("status").and_then(Value::as_str).unwrap_or("Unknown").to_string();
+                self.status = Some(value.clone());
+                match value.as_str() {
+                    "Success" => {
+                        let urls = status.get("signedUrls").and_then(Value::as_array).cloned().unwrap_or_default();
+                        self.ready(&urls)
+                    }
+                    "Failed" => Ok(Progress::Failed(format!(
+                        "Dgraph export task {} failed",
+                        self.task_id.as_deref().unwrap_or("?")
+                    ))),
+                    // Queued, Running, and any value Dgraph may add: keep polling until the
+                    // source's export timeout.
+                    _ => Ok(Progress::Pending { poll_after: None }),
+                }
+            }
+        }
+    }
+
+    fn on_errors(&mut self, cfg: &DgraphConfig, stage: Stage, errors: String) -> Result<Progress, StepError> {
+        let lower = errors.to_ascii_lowercase();
+        let token_problem = ["expired", "unauthenticated", "accessjwt", "access token", "invalid jwt", "refresh token"]
+            .iter()
+            .any(|p| lower.contains(p));
+        if cfg.acl.is_some() && self.logins < MAX_LOGINS {
+            if stage == Stage::Login && self.secret_refresh_jwt.is_some() {
+                // The refresh token was refused: log in with the password instead.
+                self.secret_refresh_jwt = None;
+                return Ok(Progress::Pending { poll_after: Some(Duration::ZERO) });
+            }
+            if stage != Stage::Login && token_problem {
+                self.secret_access_jwt = None;
+                return Ok(Progress::Pending { poll_after: Some(Duration::ZERO) });
+            }
+        }
+        let what = match stage {
+            Stage::Login => "Dgraph ACL login failed",
+            Stage::Export => "Dgraph export failed",
+            Stage::Status => "Dgraph export status failed",
+        };
+        Ok(Progress::Failed(format!("{what}: {errors}")))
+    }
+
+    fn ready(&mut self, urls: &[Value]) -> Result<Progress, StepError> {
+        let urls: Vec<&str> = urls.iter().filter_map(Value::as_str).collect();
+        if urls.is_empty() {
+            return Ok(Progress::Failed("Dgraph reported a successful export without any file".into()));
+        }
+        let downloads: Vec<Download> = urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| {
+                let name = url_file_name(url);
+                let name = if name.is_empty() { format!("file-{}.gz", i + 1) } else { name };
+                Download::url(*url, name, "application/gzip", false)
+            })
+            .collect();
+        self.files = downloads.iter().map(|d| d.filename.clone()).collect();
+        Ok(Progress::Ready(downloads))
+    }
+
+    /// What the manifest records.
+    pub fn references(&self, cfg: &DgraphConfig) -> Value {
+        json!({
+            "endpoint": cfg.endpoint.as_str(),
+            "format": cfg.format,
+            "namespace": cfg.namespace,
+            "export_id": self.export_id,
+            "task_id": self.task_id,
+            "status": self.status,
+            "files": self.files,
+        })
+    }
+}
+
+fn malformed(what: &str) -> StepError {
+    StepError::permanent(format!("Dgraph: received a malformed response ({what})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+
+    fn cfg(acl: bool) -> DgraphConfig {
+        DgraphConfig {
+            endpoint: Url::parse("http://127.0.0.1:9/backends/blue").unwrap(),
+            api_key_secret: "KEY".into(),
+            format: DgraphFormat::Json,
+            namespace: Some(-1),
+            acl: acl.then(|| DgraphAcl { user_id: "groot".into(), password_secret: "PW".into(), login_namespace: 0 }),
+        }
+    }
+
+    fn creds() -> Credentials {
+        let mut c = Credentials::new();
+        c.insert("KEY", Secret::new("admin-key"));
+        c.insert("PW", Secret::new("password"));
+        c
+    }
+
+    fn now() -> Timestamp {
+        Timestamp::from_secs(0)
+    }
+
+    fn body(req: &HttpRequest) -> Value {
+        serde_json::from_slice(req.body.as_deref().unwrap()).unwrap()
+    }
+
+    fn ok(data: Value) -> HttpResponse {
+        HttpResponse::json(200, &json!({ "data": data }))
+    }
+
+    fn queued() -> HttpResponse {
+        ok(json!({"export": {"response": {"code": "Success", "message": "Export queued with ID 0x9d2e"}, "exportId": "exports/2026-11-23/0x1-1", "taskId": "0x9d2e"}}))
+    }
+
+    fn status(s: &str, urls: &[&str]) -> HttpResponse {
+        ok(json!({"exportStatus": {"kind": "Export", "lastUpdated": "2026-11-23T00:00:00Z", "signedUrls": urls, "status": s}}))
+    }
+
+    #[test]
+    fn exports_then_polls_until_success_and_lists_every_file() {
+        let (c, mut s) = (cfg(false), DgraphState::default());
+        let req = s.next_request(&c, &creds()).unwrap();
+        assert_eq!(req.url, "http://127.0.0.1:9/backends/blue/admin/slash");
+        assert_eq!(req.header_value("x-auth-token"), Some("admin-key"));
+        assert!(req.header_value("x-dgraph-accesstoken").is_none());
+        assert_eq!(body(&req)["variables"], json!({"format": "json", "namespace": -1}));
+        assert!(body(&req)["query"].as_str().unwrap().contains("export(format: $format, namespace: $namespace)"));
+        assert_eq!(s.on_response(&c, &queued(), now()).unwrap(), Progress::Pending { poll_after: None });
+        let poll = s.next_request(&c, &creds()).unwrap();
+        assert_eq!(body(&poll)["variables"], json!({"exportId": "exports/2026-11-23/0x1-1", "taskId": "0x9d2e"}));
+        assert_eq!(s.on_response(&c, &status("Queued", &[]), now()).unwrap(), Progress::Pending { poll_after: None });
+        assert_eq!(s.on_response(&c, &status("Running", &[]), now()).unwrap(), Progress::Pending { poll_after: None });
+        // Unknown values keep the job polling.
+        assert_eq!(s.on_response(&c, &status("Paused", &[]), now()).unwrap(), Progress::Pending { poll_after: None });
+        let urls = ["https://s3/x/dgraph.r9.u1123.0000/g01.json.gz?sig=1", "https://s3/x/dgraph.r9.u1123.0000/g01.schema.gz?sig=2", "https://s3/x/dgraph.r9.u1123.0000/g01.gql_schema.gz?sig=3"];
+        let Progress::Ready(files) = s.on_response(&c, &status("Success", &urls), now()).unwrap() else { panic!() };
+        let names: Vec<&str> = files.iter().map(|d| d.filename.as_str()).collect();
+        assert_eq!(names, ["g01.json.gz", "g01.schema.gz", "g01.gql_schema.gz"]);
+        assert!(files.iter().all(|d| d.content_type == "application/gzip"));
+        let refs = s.references(&c);
+        assert_eq!(refs["task_id"], "0x9d2e");
+        assert_eq!(refs["status"], "Success");
+        assert_eq!(refs["files"][2], "g01.gql_schema.gz");
+    }
+
+    #[test]
+    fn failed_status_and_graphql_errors_fail_with_their_messages() {
+        let (c, mut s) = (cfg(false), DgraphState::default());
+        s.on_response(&c, &queued(), now()).unwrap();
+        assert_eq!(s.on_response(&c, &status("Failed", &[]), now()).unwrap(), Progress::Failed("Dgraph export task 0x9d2e failed".into()));
+        let mut s = DgraphState::default();
+        let err = HttpResponse::json(200, &json!({"errors": [{"message": "Only guardian of galaxy can export all namespaces"}], "data": null}));
+        assert_eq!(
+            s.on_response(&c, &err, now()).unwrap(),
+            Progress::Failed("Dgraph export failed: Only guardian of galaxy can export all namespaces".into())
+        );
+    }
+
+    #[test]
+    fn acl_logs_in_first_and_sends_the_access_token() {
+        let (c, mut s) = (cfg(true), DgraphState::default());
+        let login = s.next_request(&c, &creds()).unwrap();
+        assert_eq!(login.url, "http://127.0.0.1:9/backends/blue/admin");
+        assert_eq!(body(&login)["variables"], json!({"userId": "groot", "password": "password", "namespace": 0}));
+        let answer = ok(json!({"login": {"response": {"accessJWT": "acc-1", "refreshJWT": "ref-1"}}}));
+        assert_eq!(s.on_response(&c, &answer, now()).unwrap(), Progress::Pending { poll_after: Some(Duration::ZERO) });
+        let export = s.next_request(&c, &creds()).unwrap();
+        assert_eq!(export.header_value("x-dgraph-accesstoken"), Some("acc-1"));
+        assert!(!format!("{export:?}").contains("acc-1"), "the access token is redacted from Debug");
+    }
+
+    #[test]
+    fn expired_access_token_is_refreshed_then_the_password_is_used_if_refresh_fails() {
+        let (c, mut s) = (cfg(true), DgraphState::default());
+        s.on_response(&c, &ok(json!({"login": {"response": {"accessJWT": "acc-1", "refreshJWT": "ref-1"}}})), now()).unwrap();
+        s.on_response(&c, &queued(), now()).unwrap();
+        let expired = HttpResponse::json(200, &json!({"errors": [{"message": "Token is expired"}]}));
+        assert_eq!(s.on_response(&c, &expired, now()).unwrap(), Progress::Pending { poll_after: Some(Duration::ZERO) });
+        let refresh = s.next_request(&c, &creds()).unwrap();
+        assert_eq!(body(&refresh)["variables"], json!({"refreshToken": "ref-1"}));
+        let refused = HttpResponse::json(200, &json!({"data": {"login": null}, "errors": [{"message": "invalid refresh token"}]}));
+        assert_eq!(s.on_response(&c, &refused, now()).unwrap(), Progress::Pending { poll_after: Some(Duration::ZERO) });
+        let relogin = s.next_request(&c, &creds()).unwrap();
+        assert_eq!(body(&relogin)["variables"]["userId"], "groot");
+        s.on_response(&c, &ok(json!({"login": {"response": {"accessJWT": "acc-2", "refreshJWT": "ref-2"}}})), now()).unwrap();
+        let poll = s.next_request(&c, &creds()).unwrap();
+        assert_eq!(poll.header_value("x-dgraph-accesstoken"), Some("acc-2"));
+        assert!(body(&poll)["query"].as_str().unwrap().contains("exportStatus"), "resumes polling the same task");
+        let shown = crate::providers::redact(serde_json::to_value(&s).unwrap()).to_string();
+        assert!(!shown.contains("acc-2") && !shown.contains("ref-2"), "{shown}");
+    }
+
+    #[test]
+    fn wrong_password_fails_the_job() {
+        let (c, mut s) = (cfg(true), DgraphState::default());
+        let refused = HttpResponse::json(200, &json!({"data": {"login": null}, "errors": [{"message": "invalid username or password"}]}));
+        assert_eq!(s.on_response(&c, &refused, now()).unwrap(), Progress::Failed("Dgraph ACL login failed: invalid username or password".into()));
+    }
+
+    #[test]
+    fn legacy_synchronous_export_and_task_id_spelling_are_accepted() {
+        let (c, mut s) = (cfg(false), DgraphState::default());
+        let legacy = ok(json!({"export": {"signedUrls": ["https://s3/a/g01.rdf.gz"]}}));
+        assert!(matches!(s.on_response(&c, &legacy, now()).unwrap(), Progress::Ready(f) if f[0].filename == "g01.rdf.gz"));
+        let mut s = DgraphState::default();
+        let doc = ok(json!({"export": {"response": {"code": "Success", "message": "queued"}, "taskID": "0x1"}}));
+        s.on_response(&c, &doc, now()).unwrap();
+        assert_eq!(s.task_id.as_deref(), Some("0x1"));
+    }
+
+    #[test]
+    fn http_errors_are_classified() {
+        let (c, mut s) = (cfg(false), DgraphState::default());
+        let e = s.on_response(&c, &HttpResponse::json(401, &json!({})), now()).unwrap_err();
+        assert!(!e.is_retryable() && e.message().contains("refused the credentials"));
+        let e = s.on_response(&c, &HttpResponse::json(503, &json!({})), now()).unwrap_err();
+        assert!(e.is_retryable());
+        let html = HttpResponse { status: 200, headers: vec![], body: b"<html>502 Bad Gateway</html>".to_vec() };
+        let e = s.on_response(&c, &html, now()).unwrap_err();
+        assert!(!e.is_retryable() && e.message().contains("malformed"));
+        let empty = status("Success", &[]);
+        s.task_id = Some("0x1".into());
+        assert!(matches!(s.on_response(&c, &empty, now()).unwrap(), Progress::Failed(_)));
+    }
+}

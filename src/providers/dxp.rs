@@ -1,0 +1,341 @@
+//! Liferay DXP Cloud: copying a backup service backup (database and volume archives).
+//!
+//! Quirks the code relies on (see `provider-apis.md` §4):
+//! - Auth is HTTP Basic, or `dxpcloud-authorization: Bearer <user token>` (needed when SSO is on,
+//!   backup service ≥ 3.2.0), or `Authorization: Bearer <project master token>` (older services).
+//! - Which backup: a webhook may name one (`{"backup_id": "dxpcloud-…"}`); otherwise the newest
+//!   from `GET /backup/list`. That listing is undocumented ([3P]), so every plausible shape is
+//!   accepted: `{"backups": [...]}` or a bare array, ids under `backupId`, `id` or `backup_id`,
+//!   newest by `createdAt` when every item has one, else by the id's `YYYYMMDDHHmm` suffix, else
+//!   the last item; items whose `status` says they failed are passed over.
+//! - A backup id already copied for this source is skipped (the job ends `skipped`, not failed).
+//! - `GET /backup/download/{database,volume}/{id}` stream gzip / tar.gz bytes as-is; the volume
+//!   can be many gigabytes, so it goes through the multipart copy with flat memory.
+//! - From backup service 5.9.0 the REST API may be gone (CLI only): its 404 is reported as such.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use url::Url;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+
+use crate::error::StepError;
+use crate::http::{status_error, HttpRequest, HttpResponse};
+use crate::providers::{Credentials, Download, Progress, StepInput};
+
+/// A DXP source's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DxpConfig {
+    /// The backup service, e.g. `https://backup-<project>-<env>.lfr.cloud`.
+    pub api_base: Url,
+    /// How to authenticate.
+    pub auth: DxpAuth,
+}
+
+/// The backup service's three authentication modes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DxpAuth {
+    /// HTTP Basic with a user's email and password.
+    Basic {
+        /// The user (email).
+        user: String,
+        /// Name of the Worker secret holding the password.
+        password_secret: String,
+    },
+    /// `dxpcloud-authorization: Bearer <user token>` (SSO projects).
+    UserToken {
+        /// Name of the Worker secret holding the token.
+        secret: String,
+    },
+    /// `Authorization: Bearer <project master token>` (backup service < 3.2.0).
+    MasterToken {
+        /// Name of the Worker secret holding the token.
+        secret: String,
+    },
+}
+
+/// Progress of one DXP copy, persisted with the job.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DxpState {
+    /// The backup being copied.
+    pub backup_id: Option<String>,
+    /// True when the webhook named it; false when it was the newest listed.
+    pub requested: bool,
+    /// When the service says the backup was made, if it said.
+    pub created_at: Option<String>,
+    /// How many backups the listing showed.
+    pub listed: Option<usize>,
+}
+
+/// Adds the configured credentials to a request.
+pub fn authorize(cfg: &DxpConfig, req: HttpRequest, creds: &Credentials) -> Result<HttpRequest, StepError> {
+    Ok(match &cfg.auth {
+        DxpAuth::Basic { user, password_secret } => {
+            let pair = format!("{user}:{}", creds.get(password_secret)?.expose());
+            req.header("authorization", format!("Basic {}", STANDARD.encode(pair)))
+        }
+        DxpAuth::UserToken { secret } => req.header("dxpcloud-authorization", format!("Bearer {}", creds.get(secret)?.expose())),
+        DxpAuth::MasterToken { secret } => req.header("authorization", format!("Bearer {}", creds.get(secret)?.expose())),
+    })
+}
+
+fn endpoint(cfg: &DxpConfig, path: &[&str]) -> String {
+    let mut url = cfg.api_base.clone();
+    if let Ok(mut segs) = url.path_segments_mut() {
+        segs.pop_if_empty().extend(path);
+    }
+    url.to_string()
+}
+
+/// Backup ids are three dash-separated parts (`dxpcloud-<random>-<YYYYMMDDHHmm>`); anything
+/// else from a webhook body is refused.
+fn valid_backup_id(id: &str) -> bool {
+    (3..=200).contains(&id.len())
+        && id.split('-').count() >= 3
+        && id.split('-').all(|p| !p.is_empty())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl DxpState {
+    /// Decides without I/O once the backup is known (from the webhook or the listing).
+    pub fn advance(&mut self, cfg: &DxpConfig, input: &StepInput<'_>) -> Result<Option<Progress>, StepError> {
+        if self.backup_id.is_none() {
+            match input.params.get("backup_id") {
+                None | Some(Value::Null) => return Ok(None),
+                Some(Value::String(id)) if valid_backup_id(id) => {
+                    self.backup_id = Some(id.clone());
+                    self.requested = true;
+                }
+                Some(other) => {
+                    return Err(StepError::permanent(format!(
+                        "the webhook's backup_id {other} is not a DXP Cloud backup id (like dxpcloud-abcdef-202611230300)"
+                    )))
+                }
+            }
+        }
+        Ok(Some(self.decide(cfg, input)))
+    }
+
+    fn decide(&self, cfg: &DxpConfig, input: &StepInput<'_>) -> Progress {
+        let Some(id) = &self.backup_id else { return Progress::Pending { poll_after: None } };
+        if input.seen.contains(id) {
+            return Progress::Skip(format!("backup {id} was already copied for this source"));
+        }
+        Progress::Ready(vec![
+            Download::url(endpoint(cfg, &["backup", "download", "database", id]), "database.gz", "application/gzip", true),
+            Download::url(endpoint(cfg, &["backup", "download", "volume", id]), "volume.tgz", "application/gzip", true),
+        ])
+    }
+
+    /// `GET /backup/list`.
+    pub fn next_request(&self, cfg: &DxpConfig, creds: &Credentials) -> Result<HttpRequest, StepError> {
+        authorize(cfg, HttpRequest::get(endpoint(cfg, &["backup", "list"])).header("accept", "application/json"), creds)
+    }
+
+    /// Picks the newest backup from the listing.
+    pub fn on_response(&mut self, cfg: &DxpConfig, resp: &HttpResponse, input: &StepInput<'_>) -> Result<Progress, StepError> {
+        let message = || {
+            serde_json::from_slice::<Value>(&resp.body)
+                .ok()
+                .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_string))
+                .unwrap_or_else(|| resp.snippet(200))
+        };
+        match resp.status {
+            200..=299 => {}
+            401 | 403 => {
+                return Err(StepError::permanent(format!(
+                    "the DXP backup service refused the credentials (HTTP {}): {}",
+                    resp.status,
+                    message()
+                )))
+            }
+            404 | 410 => {
+                return Err(StepError::permanent(format!(
+                    "the DXP backup service has no backup list (HTTP {}): {} (from backup service 5.9.0 the REST API may be unavailable; name the backup in the webhook body as {{\"backup_id\": \"…\"}})",
+                    resp.status,
+                    message()
+                )))
+            }
+            _ => return Err(status_error(resp, input.now, format!("the DXP backup service answered HTTP {}: {}", resp.status, message()))),
+        }
+        let body: Value = serde_json::from_slice(&resp.body).map_err(|_| {
+            StepError::permanent(format!("the DXP backup list is malformed (HTTP {}): {}", resp.status, resp.snippet(200)))
+        })?;
+        let items = body
+            .get("backups")
+            .and_then(Value::as_array)
+            .or_else(|| body.as_array())
+            .ok_or_else(|| StepError::permanent("the DXP backup list has no \"backups\" array"))?;
+        self.listed = Some(items.len());
+        let Some((id, created)) = newest(items) else {
+            return Ok(Progress::Skip("the DXP backup service lists no successful backup".into()));
+        };
+        self.backup_id = Some(id);
+        self.created_at = created;
+        Ok(self.decide(cfg, input))
+    }
+
+    /// What the manifest records.
+    pub fn references(&self, cfg: &DxpConfig) -> Value {
+        json!({
+            "api_base": cfg.api_base.as_str(),
+            "backup_id": self.backup_id,
+            "requested": self.requested,
+            "created_at": self.created_at,
+        })
+    }
+}
+
+/// The newest successful backup of a listing: `(id, createdAt)`.
+fn newest(items: &[Value]) -> Option<(String, Option<String>)> {
+    let candidates: Vec<(String, Option<String>)> = items
+        .iter()
+        .filter(|item| {
+            let status = item.get("status").and_then(Value::as_str).unwrap_or("success").to_ascii_lowercase();
+            !(status.contains("fail") || status.contains("error") || status.contains("progress"))
+        })
+        .filter_map(|item| {
+            let id = ["backupId", "id", "backup_id"].iter().find_map(|k| item.get(*k).and_then(Value::as_str))?;
+            let created = ["createdAt", "created_at", "createdDate"].iter().find_map(|k| item.get(*k).and_then(Value::as_str));
+            Some((id.to_string(), created.map(str::to_string)))
+        })
+        .collect();
+    if candidates.iter().all(|(_, c)| c.as_deref().and_then(crate::time::Timestamp::parse_rfc3339).is_some()) {
+        return candidates
+            .into_iter()
+            .max_by_key(|(_, c)| c.as_deref().and_then(crate::time::Timestamp::parse_rfc3339));
+    }
+    let stamp = |id: &str| {
+        let last = id.rsplit('-').next().unwrap_or("");
+        (last.len() == 12 && last.bytes().all(|b| b.is_ascii_digit())).then(|| last.to_string())
+    };
+    if candidates.iter().all(|(id, _)| stamp(id).is_some()) {
+        return candidates.into_iter().max_by_key(|(id, _)| stamp(id));
+    }
+    candidates.into_iter().last()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::secret::Secret;
+    use crate::time::Timestamp;
+
+    fn source(auth: Value) -> crate::config::SourceConfig {
+        let mut v = json!({"name": "portal", "kind": "dxp", "schedule": "0 4 * * *", "api_base": "http://127.0.0.1:9/"});
+        for (k, x) in auth.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        Config::from_value(&json!([v])).unwrap().sources.remove(0)
+    }
+
+    fn cfg_of(s: &crate::config::SourceConfig) -> &DxpConfig {
+        match &s.provider {
+            crate::config::ProviderConfig::Dxp(c) => c,
+            _ => panic!(),
+        }
+    }
+
+    fn creds() -> Credentials {
+        let mut c = Credentials::new();
+        c.insert("PW", Secret::new("pa:ss"));
+        c.insert("TOKEN", Secret::new("tok"));
+        c
+    }
+
+    fn input<'a>(s: &'a crate::config::SourceConfig, c: &'a Credentials, params: &'a Value, seen: &'a [String]) -> StepInput<'a> {
+        StepInput { source: s, creds: c, now: Timestamp::from_secs(0), params, seen }
+    }
+
+    #[test]
+    fn each_auth_mode_sets_its_header() {
+        let c = creds();
+        let basic = source(json!({"user": "ops@acme.com", "password_secret": "PW"}));
+        let req = DxpState::default().next_request(cfg_of(&basic), &c).unwrap();
+        assert_eq!(req.url, "http://127.0.0.1:9/backup/list");
+        assert_eq!(req.header_value("authorization"), Some(format!("Basic {}", STANDARD.encode("ops@acme.com:pa:ss")).as_str()));
+        let user = source(json!({"user_token_secret": "TOKEN"}));
+        let req = DxpState::default().next_request(cfg_of(&user), &c).unwrap();
+        assert_eq!(req.header_value("dxpcloud-authorization"), Some("Bearer tok"));
+        assert!(req.header_value("authorization").is_none());
+        let master = source(json!({"master_token_secret": "TOKEN"}));
+        let req = DxpState::default().next_request(cfg_of(&master), &c).unwrap();
+        assert_eq!(req.header_value("authorization"), Some("Bearer tok"));
+    }
+
+    #[test]
+    fn webhook_backup_id_needs_no_listing_and_gives_both_archives() {
+        let s = source(json!({"user_token_secret": "TOKEN"}));
+        let c = creds();
+        let params = json!({"backup_id": "dxpcloud-lqgqnewltbexuewymq-201910031723"});
+        let mut state = DxpState::default();
+        let Some(Progress::Ready(files)) = state.advance(cfg_of(&s), &input(&s, &c, &params, &[])).unwrap() else { panic!() };
+        let names: Vec<&str> = files.iter().map(|f| f.filename.as_str()).collect();
+        assert_eq!(names, ["database.gz", "volume.tgz"]);
+        assert!(matches!(&files[1].origin, crate::providers::Origin::Url { secret_url, authenticated: true }
+            if secret_url == "http://127.0.0.1:9/backup/download/volume/dxpcloud-lqgqnewltbexuewymq-201910031723"));
+        assert!(state.requested);
+        assert_eq!(state.references(cfg_of(&s))["backup_id"], "dxpcloud-lqgqnewltbexuewymq-201910031723");
+    }
+
+    #[test]
+    fn a_bad_backup_id_in_the_webhook_is_refused() {
+        let s = source(json!({"user_token_secret": "TOKEN"}));
+        let c = creds();
+        for bad in [json!({"backup_id": "../../etc"}), json!({"backup_id": 7}), json!({"backup_id": "justone"})] {
+            let e = DxpState::default().advance(cfg_of(&s), &input(&s, &c, &bad, &[])).unwrap_err();
+            assert!(!e.is_retryable(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_already_copied_backup_is_skipped() {
+        let s = source(json!({"user_token_secret": "TOKEN"}));
+        let c = creds();
+        let params = json!({"backup_id": "dxpcloud-abc-202611230300"});
+        let seen = vec!["dxpcloud-abc-202611230300".to_string()];
+        let p = DxpState::default().advance(cfg_of(&s), &input(&s, &c, &params, &seen)).unwrap();
+        assert_eq!(p, Some(Progress::Skip("backup dxpcloud-abc-202611230300 was already copied for this source".into())));
+    }
+
+    #[test]
+    fn the_newest_listed_backup_is_chosen_whatever_the_shape() {
+        let s = source(json!({"user_token_secret": "TOKEN"}));
+        let c = creds();
+        let none = json!({});
+        let cases = [
+            json!({"backups": [{"backupId": "dxpcloud-a-202611210300"}, {"backupId": "dxpcloud-b-202611230300"}]}),
+            json!([{"backupId": "dxpcloud-b-202611230300"}, {"backupId": "dxpcloud-a-202611210300"}]),
+            json!({"backups": [{"id": "dxpcloud-b-202611230300", "createdAt": "2026-11-23T03:00:00Z"}, {"id": "dxpcloud-a-202611210300", "createdAt": "2026-11-21T03:00:00Z"}]}),
+            json!({"backups": [{"backupId": "dxpcloud-a-202611210300"}, {"backupId": "dxpcloud-b-202611230300"}, {"backupId": "dxpcloud-c-202611240300", "status": "failed"}]}),
+        ];
+        for list in cases {
+            let mut state = DxpState::default();
+            let p = state.on_response(cfg_of(&s), &HttpResponse::json(200, &list), &input(&s, &c, &none, &[])).unwrap();
+            assert!(matches!(p, Progress::Ready(_)), "{list}");
+            assert_eq!(state.backup_id.as_deref(), Some("dxpcloud-b-202611230300"), "{list}");
+            assert!(!state.requested);
+        }
+        let mut state = DxpState::default();
+        let p = state.on_response(cfg_of(&s), &HttpResponse::json(200, &json!({"backups": []})), &input(&s, &c, &none, &[])).unwrap();
+        assert!(matches!(p, Progress::Skip(_)));
+    }
+
+    #[test]
+    fn listing_errors_are_classified_with_the_services_message() {
+        let s = source(json!({"user_token_secret": "TOKEN"}));
+        let c = creds();
+        let none = json!({});
+        let inp = input(&s, &c, &none, &[]);
+        let e = DxpState::default().on_response(cfg_of(&s), &HttpResponse::json(401, &json!({"message": "Token expired"})), &inp).unwrap_err();
+        assert!(!e.is_retryable() && e.message().contains("Token expired"), "{}", e.message());
+        let e = DxpState::default().on_response(cfg_of(&s), &HttpResponse::json(404, &json!({"message": "use the lcp CLI"})), &inp).unwrap_err();
+        assert!(e.message().contains("5.9.0") && e.message().contains("use the lcp CLI"));
+        assert!(DxpState::default().on_response(cfg_of(&s), &HttpResponse::json(503, &json!({})), &inp).unwrap_err().is_retryable());
+        let html = HttpResponse { status: 200, headers: vec![], body: b"<html>502</html>".to_vec() };
+        let e = DxpState::default().on_response(cfg_of(&s), &html, &inp).unwrap_err();
+        assert!(e.message().contains("malformed"));
+    }
+}

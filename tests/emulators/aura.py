@@ -1,0 +1,1199 @@
+#!/usr/bin/env python3
+"""Local emulator of the Neo4j Aura management API and the Neo4j Query API
+(provider-apis.md §3.1–§3.5 and checklist §6.3).
+
+Run::
+
+    python3 tests/emulators/aura.py --port 0 --client-id ID --client-secret SECRET \\
+        --instance 2f49c2b3 --db-user neo4j --db-password PW \\
+        [--host 127.0.0.1] [--token-ttl 3600] [--nodes 10000 --rels 20000 --seed 1] \\
+        [--snapshot-polls 2] [--database neo4j] [--instance-name NAME] [--restore-polls 2]
+
+It prints one line ``READY <port>`` once it listens.  Both APIs share one server; their
+paths do not collide (``/oauth/token`` and ``/v1/...`` for management, ``/db/...`` for Cypher).
+
+Management API (``api.neo4j.io``)
+---------------------------------
+* ``POST /oauth/token`` — Basic ``client_id:client_secret``, form body
+  ``grant_type=client_credentials`` → 200 ``{access_token, expires_in, token_type:"bearer"}``.
+  Bad/missing credentials → 401, missing body → 404, another grant type → 403, a body that is
+  not form-encoded → 400.  The token is a JWT-shaped opaque string.
+* Every ``/v1`` call needs ``Authorization: Bearer``: an unknown token → 401, an **expired**
+  token → **403** (``{"errors":[...reason:"forbidden"]}`` or ``{"error":"Forbidden"}`` with the
+  ``error_variant`` switch).
+* ``GET /v1/tenants``, ``GET /v1/tenants/{id}``, ``GET /v1/instances[?tenantId=]``,
+  ``GET /v1/instances/{id}`` (unknown → 404 ``reason:"db-not-found"``).
+* ``POST /v1/instances/{id}/snapshots`` → **202** ``{data:{snapshot_id}}``;
+  ``GET /v1/instances/{id}/snapshots/{sid}`` walks ``Pending → InProgress → Completed`` across
+  polls (``snapshot_polls`` polls before ``Completed``) or ends ``Failed`` when ``snapshot_fail``
+  was set when the snapshot was created; ``GET /v1/instances/{id}/snapshots[?date=YYYY-MM-DD]``
+  lists the snapshots of that UTC day, **today** by default.
+* ``POST /v1/instances/{id}/snapshots/{sid}/restore`` → 202, the instance reports
+  ``restoring`` for ``restore_polls`` instance GETs and then ``running``; the instance's
+  database goes back to its content at snapshot time.  A conflicting operation answers 409
+  ``reason:"ongoing-database-operation"`` (message spelled as in Aura: "is current undergoing").
+* There is **no** snapshot export or download endpoint: every other path answers 404.
+* A sliding 60 s rate limit over ``/oauth`` and ``/v1`` (``rate_limit``, 125 by default) →
+  429 with ``Retry-After``.  Every response carries ``X-Request-Id``.
+
+Query API (``<id>.databases.neo4j.io``)
+---------------------------------------
+``POST /db/{database}/query/v2`` with Basic auth of the database user and a JSON body
+``{"statement", "parameters"?, "bookmarks"?}`` → **202** ``{data:{fields, values}, bookmarks}``.
+There is no Cypher engine: the statement is whitespace-normalised and matched against the
+fixed set in ``STATEMENTS`` below; anything else is a ``Neo.ClientError.Statement.SyntaxError``
+(status 202, or ``query_error_status``).  The ``--database`` database (``neo4j``) is seeded with
+a deterministic random graph; any other database name is created empty on first use.
+Element ids are ``4:<db uuid>:<n>`` for nodes and ``5:<db uuid>:<n>`` for relationships and
+are compared as strings (so ``...:10`` sorts before ``...:9``), exactly as ``ORDER BY id``
+does.  ``labels(n)`` lists labels in label-token creation order, not in statement order.
+
+Control API
+-----------
+``POST /__control`` merges JSON into the switches (unknown switch → 400),
+``POST /__control/reset`` restores the defaults, forgets tokens, snapshots, counters and the
+request log and puts every database back to its seeded state (non-seeded ones are dropped),
+``GET /__control/state`` reports switches and counters, ``GET /__control/graph?db=<name>``
+dumps a database as ``{nodes:[{id,labels,props}], relationships:[{id,type,start,end,props}]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import bisect
+import binascii
+import copy
+import datetime as dt
+import json
+import math
+import os
+import random
+import re
+import secrets
+import signal
+import sys
+import threading
+import time
+import traceback
+import uuid as uuidlib
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+REQUEST_LOG_SIZE = 500
+RATE_WINDOW = 60.0
+MALFORMED_BODY = b"<html>502 Bad Gateway</html>"
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+RE_TENANTS = re.compile(r"^/v1/tenants/?$")
+RE_TENANT = re.compile(r"^/v1/tenants/([^/]+)/?$")
+RE_INSTANCES = re.compile(r"^/v1/instances/?$")
+RE_INSTANCE = re.compile(r"^/v1/instances/([^/]+)/?$")
+RE_SNAPSHOTS = re.compile(r"^/v1/instances/([^/]+)/snapshots/?$")
+RE_SNAPSHOT = re.compile(r"^/v1/instances/([^/]+)/snapshots/([^/]+)/?$")
+RE_RESTORE = re.compile(r"^/v1/instances/([^/]+)/snapshots/([^/]+)/restore/?$")
+RE_QUERY = re.compile(r"^/db/([^/]+)/query/v2/?$")
+RE_INSTANCE_ID = re.compile(r"^[0-9a-f]{8}$")
+RE_DB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+CODE_UNAUTHORIZED = "Neo.ClientError.Security.Unauthorized"
+CODE_INVALID_FORMAT = "Neo.ClientError.Request.InvalidFormat"
+CODE_REQUEST_INVALID = "Neo.ClientError.Request.Invalid"
+CODE_SYNTAX = "Neo.ClientError.Statement.SyntaxError"
+CODE_PARAM_MISSING = "Neo.ClientError.Statement.ParameterMissing"
+CODE_ARGUMENT = "Neo.ClientError.Statement.ArgumentError"
+CODE_TYPE = "Neo.ClientError.Statement.TypeError"
+CODE_UNAVAILABLE = "Neo.TransientError.General.DatabaseUnavailable"
+MSG_UNAUTHORIZED = "The client is unauthorized due to authentication failure."
+
+FAIL_NEXT_DEFAULTS = {"status": 503, "retry_after": None, "body": None}
+
+
+# ----- replies ----------------------------------------------------------------------------
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: list = field(default_factory=list)
+
+
+def json_reply(status: int, payload, headers=()) -> Reply:
+    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return Reply(status, body, "application/json", list(headers))
+
+
+class ApiError(Exception):
+    """A management-API failure, answered as ``{"errors":[{message, reason, field?}]}``."""
+
+    def __init__(self, status: int, message: str, reason: str, headers=(), field_=None, payload=None):
+        super().__init__(message)
+        self.status, self.message, self.reason = status, message, reason
+        self.headers, self.field, self.payload = list(headers), field_, payload
+
+    def reply(self) -> Reply:
+        if self.payload is not None:
+            return json_reply(self.status, self.payload, self.headers)
+        error = {"message": self.message, "reason": self.reason}
+        if self.field:
+            error["field"] = self.field
+        return json_reply(self.status, {"errors": [error]}, self.headers)
+
+
+class CypherError(Exception):
+    """A Query API failure, answered as ``{"errors":[{code, message}]}``."""
+
+    def __init__(self, code: str, message: str, status: int | None = None, headers=()):
+        super().__init__(message)
+        self.code, self.message, self.status, self.headers = code, message, status, list(headers)
+
+
+def cypher_error_reply(status: int, code: str, message: str, headers=()) -> Reply:
+    return json_reply(status, {"errors": [{"code": code, "message": message}]}, headers)
+
+
+def rfc3339(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+# ----- property values --------------------------------------------------------------------
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "Boolean"
+    if isinstance(value, int):
+        return "Long"
+    if isinstance(value, float):
+        return "Double"
+    if isinstance(value, str):
+        return "String"
+    if isinstance(value, list):
+        return "List"
+    if isinstance(value, dict):
+        return "Map"
+    return "Null" if value is None else type(value).__name__
+
+
+def storable(value):
+    """Validate (and normalise) one non-null property value the way Neo4j does on SET.
+
+    Scalars: boolean, 64-bit integer, float, string.  Lists: homogeneous, non-null scalars;
+    integers mixed with floats are widened to floats [INF].  Anything else is a TypeError.
+    """
+    kind = _kind(value)
+    if kind == "Long" and not INT64_MIN <= value <= INT64_MAX:
+        raise CypherError(CODE_ARGUMENT, f"Integer value {value} is out of the 64-bit range")
+    if kind in ("Boolean", "Long", "Double", "String"):
+        return value
+    if kind == "List":
+        kinds = {_kind(item) for item in value}
+        if "Null" in kinds:
+            raise CypherError(CODE_TYPE, "Collections containing null values can not be stored in properties.")
+        if kinds & {"List", "Map"}:
+            raise CypherError(CODE_TYPE, "Collections containing collections can not be stored in properties."
+                              if "List" in kinds else
+                              "Property values can only be of primitive types or arrays thereof.")
+        for item in value:
+            storable(item)
+        if kinds == {"Long", "Double"}:
+            return [float(item) for item in value]
+        if len(kinds) > 1:
+            raise CypherError(CODE_TYPE, "Collections containing mixed types can not be stored in properties.")
+        return list(value)
+    raise CypherError(CODE_TYPE, "Property values can only be of primitive types or arrays thereof. "
+                      f"Encountered: {kind}.")
+
+
+def storable_map(props) -> dict:
+    """``SET x = <map>``: null entries are dropped, the rest must be storable."""
+    if props is None:
+        return {}  # [INF] treated as an empty map
+    if not isinstance(props, dict):
+        raise CypherError(CODE_TYPE, f"Expected a map but was {_kind(props)}")
+    return {key: storable(value) for key, value in props.items() if value is not None}
+
+
+def prop_key(value):
+    """A hashable key with Cypher equality (1 = 1.0, true <> 1) for the ``_ferry_id`` lookup."""
+    if isinstance(value, bool):
+        return ("b", value)
+    if isinstance(value, (int, float)):
+        return ("n", value)
+    if isinstance(value, str):
+        return ("s", value)
+    if isinstance(value, list):
+        return ("l", tuple(prop_key(item) for item in value))
+    return ("x", json.dumps(value, sort_keys=True))
+
+
+def row_get(row, key: str):
+    if row is None:
+        return None
+    if not isinstance(row, dict):
+        raise CypherError(CODE_TYPE, f"Type mismatch: expected a map but was {_kind(row)}")
+    return row.get(key)
+
+
+# ----- graph store ------------------------------------------------------------------------
+FERRY_KEY = "_ferry_id"
+
+
+class Node:
+    __slots__ = ("labels", "props")
+
+    def __init__(self, labels: tuple, props: dict):
+        self.labels, self.props = labels, props
+
+
+class Rel:
+    __slots__ = ("type", "start", "end", "props")
+
+    def __init__(self, type_: str, start: str, end: str, props: dict):
+        self.type, self.start, self.end, self.props = type_, start, end, props
+
+
+class Graph:
+    """One database.  Element ids are kept in string-sorted lists so ``id > $after`` is a bisect."""
+
+    def __init__(self, name: str, db_uuid: str, seeded: bool = False):
+        self.name, self.uuid, self.seeded = name, db_uuid, seeded
+        self.nodes: dict[str, Node] = {}
+        self.node_ids: list[str] = []
+        self.rels: dict[str, Rel] = {}
+        self.rel_ids: list[str] = []
+        self.next_node = 0
+        self.next_rel = 0
+        self.label_tokens: dict[str, int] = {}
+        self.ferry: dict[tuple, list[str]] = {}
+        self.dirty = False
+
+    # -- writes --
+    def _labels(self, labels) -> tuple:
+        for label in labels:
+            self.label_tokens.setdefault(label, len(self.label_tokens))
+        return tuple(sorted(set(labels), key=self.label_tokens.__getitem__))
+
+    def _index(self, node_id: str, props: dict):
+        if FERRY_KEY in props:
+            self.ferry.setdefault(prop_key(props[FERRY_KEY]), []).append(node_id)
+
+    def add_nodes(self, items) -> list[str]:
+        """items: iterable of (labels, props) with already validated props."""
+        new = []
+        for labels, props in items:
+            node_id = f"4:{self.uuid}:{self.next_node}"
+            self.next_node += 1
+            self.nodes[node_id] = Node(self._labels(labels), props)
+            self._index(node_id, props)
+            new.append(node_id)
+        if new:
+            self.node_ids.extend(new)
+            self.node_ids.sort()
+            self.dirty = True
+        return new
+
+    def add_rels(self, items) -> list[str]:
+        """items: iterable of (type, start id, end id, props)."""
+        new = []
+        for type_, start, end, props in items:
+            rel_id = f"5:{self.uuid}:{self.next_rel}"
+            self.next_rel += 1
+            self.rels[rel_id] = Rel(type_, start, end, props)
+            new.append(rel_id)
+        if new:
+            self.rel_ids.extend(new)
+            self.rel_ids.sort()
+            self.dirty = True
+        return new
+
+    def find_ferry(self, value) -> list[str]:
+        if value is None:
+            return []
+        return self.ferry.get(prop_key(value), [])
+
+    def remove_ferry_ids(self) -> int:
+        removed = 0
+        for ids in self.ferry.values():
+            for node_id in ids:
+                if self.nodes[node_id].props.pop(FERRY_KEY, None) is not None:
+                    removed += 1
+        self.ferry.clear()
+        if removed:
+            self.dirty = True
+        return removed
+
+    # -- reads --
+    @staticmethod
+    def _page(ids: list[str], after, limit: int) -> list[str]:
+        if not isinstance(after, str):
+            return []  # `elementId(x) > null` (or > a number) is null: no rows, as in Cypher
+        start = bisect.bisect_right(ids, after)
+        return ids[start:start + limit]
+
+    def node_page(self, after, limit: int) -> list:
+        return [[i, list(self.nodes[i].labels), self.nodes[i].props] for i in self._page(self.node_ids, after, limit)]
+
+    def rel_page(self, after, limit: int) -> list:
+        rows = []
+        for i in self._page(self.rel_ids, after, limit):
+            rel = self.rels[i]
+            rows.append([i, rel.type, rel.start, rel.end, rel.props])
+        return rows
+
+    def dump(self) -> dict:
+        return {
+            "nodes": [{"id": i, "labels": list(self.nodes[i].labels), "props": self.nodes[i].props}
+                      for i in self.node_ids],
+            "relationships": [{"id": i, "type": r.type, "start": r.start, "end": r.end, "props": r.props}
+                              for i in self.rel_ids for r in (self.rels[i],)],
+        }
+
+    def clone(self) -> "Graph":
+        other = Graph(self.name, self.uuid, self.seeded)
+        other.nodes = {i: Node(n.labels, dict(n.props)) for i, n in self.nodes.items()}
+        other.node_ids = list(self.node_ids)
+        other.rels = {i: Rel(r.type, r.start, r.end, dict(r.props)) for i, r in self.rels.items()}
+        other.rel_ids = list(self.rel_ids)
+        other.next_node, other.next_rel = self.next_node, self.next_rel
+        other.label_tokens = dict(self.label_tokens)
+        other.ferry = {k: list(v) for k, v in self.ferry.items()}
+        other.dirty = True
+        return other
+
+
+# ----- the seeded graph -------------------------------------------------------------------
+LABELS = ("Person", "Company", "City", "Product")
+REL_TYPES = ("KNOWS", "WORKS_AT", "LIVES_IN", "BOUGHT")
+NAMES = ("Ada", "Zoë", "José", "Łukasz", "François", "Søren", "李雷", "Ærøskøbing", "Göteborg",
+         "Привет", "O'Brien", 'Say "hi"', "emoji 🚀🎉", "tab\tand\nnewline", "back\\slash",
+         "Ünïcødé — dash", "ελληνικά", "日本語テキスト", "", "plain")
+WORDS = ("alpha", "beta", "gamma", "δέλτα", "ñandú", "😀", "x y", "")
+
+
+def _text(rng: random.Random) -> str:
+    return f"{rng.choice(NAMES)} {rng.randrange(100000)}".strip()
+
+
+def _props_for(label: str, rng: random.Random, index: int) -> dict:
+    if label == "Person":
+        props = {"name": _text(rng), "age": rng.randint(18, 95), "height": round(rng.uniform(1.4, 2.1), 3),
+                 "active": rng.random() < 0.5, "nicknames": [rng.choice(WORDS) for _ in range(rng.randrange(4))]}
+    elif label == "Company":
+        props = {"name": _text(rng), "founded": rng.randint(1800, 2024), "revenue": rng.uniform(-1e6, 1e12),
+                 "public": rng.random() < 0.3, "sectors": [rng.choice(WORDS) for _ in range(1 + rng.randrange(3))]}
+    elif label == "City":
+        props = {"name": _text(rng), "population": rng.randint(0, 30_000_000),
+                 "lat": rng.uniform(-90, 90), "lon": rng.uniform(-180, 180), "capital": rng.random() < 0.1,
+                 "zip_codes": [rng.randint(1000, 99999) for _ in range(rng.randrange(4))]}
+    else:
+        props = {"name": _text(rng), "price": round(rng.uniform(0, 5000), 2), "stock": rng.randint(-5, 10000),
+                 "discontinued": rng.random() < 0.2, "ratings": [round(rng.uniform(0, 5), 1) for _ in range(rng.randrange(5))],
+                 "flags": [rng.random() < 0.5 for _ in range(rng.randrange(3))]}
+    if index % 97 == 1:
+        props["big"] = rng.randint(2 ** 53 + 1, INT64_MAX)  # not exactly representable as a double
+    if index % 89 == 2:
+        props["tiny"] = rng.choice([1e-300, -0.0, 5e-324, 1.7976931348623157e308, 0.1 + 0.2])
+    return props
+
+
+def build_seeded(name: str, seed: int, nodes: int, rels: int) -> Graph:
+    rng = random.Random(f"aura-emulator:{seed}")
+    db_uuid = str(uuidlib.UUID(int=random.Random(f"aura-db:{seed}:{name}").getrandbits(128), version=4))
+    graph = Graph(name, db_uuid, seeded=True)
+    graph._labels(LABELS)  # token order Person, Company, City, Product
+    items = []
+    for i in range(nodes):
+        if i % 50 == 7:  # a few nodes without any label
+            labels = []
+            props = {"note": _text(rng), "flag": rng.random() < 0.5}
+            if i % 100 == 7:
+                props = {}
+        else:
+            primary = rng.choice(LABELS)
+            labels = [primary]
+            props = _props_for(primary, rng, i)
+            if i % 10 == 3:  # some nodes carry two labels
+                secondary = rng.choice([lbl for lbl in LABELS if lbl != primary])
+                labels.append(secondary)
+                props["since"] = rng.randint(1950, 2024)
+        items.append((labels, props))
+    node_ids = graph.add_nodes(items)
+    # the creation counter order, not the string order
+    by_counter = sorted(node_ids, key=lambda x: int(x.rsplit(":", 1)[1]))
+    rel_items = []
+    if by_counter:
+        for i in range(rels):
+            type_ = REL_TYPES[rng.randrange(len(REL_TYPES))]
+            start = by_counter[rng.randrange(len(by_counter))]
+            end = start if i % 101 == 13 else by_counter[rng.randrange(len(by_counter))]  # a few self loops
+            if i % 20 == 5:
+                props = {}
+            else:
+                props = {"since": rng.randint(1990, 2024), "weight": rng.uniform(0, 1),
+                         "verified": rng.random() < 0.5}
+                if rng.random() < 0.5:
+                    props["note"] = _text(rng)
+                if rng.random() < 0.3:
+                    props["tags"] = [rng.choice(WORDS) for _ in range(rng.randrange(3))]
+            rel_items.append((type_, start, end, props))
+    graph.add_rels(rel_items)
+    graph.dirty = False
+    return graph
+
+
+# ----- statements -------------------------------------------------------------------------
+TOKEN_RE = re.compile(r"`(?:[^`]|``)*`|'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|\s+|[A-Za-z0-9_$]+|.", re.S)
+
+
+def canonical(statement: str) -> str:
+    """Whitespace-normalise: drop whitespace except a single space between two word tokens
+    (identifiers, keywords, parameters, quoted names or strings).  Quoted text is kept as is."""
+    out, prev_word, space = [], False, False
+    for token in TOKEN_RE.findall(statement):
+        if token.isspace():
+            space = True
+            continue
+        word = token[0] in "`'\"_$" or token[0].isalnum()
+        if space and prev_word and word:
+            out.append(" ")
+        out.append(token)
+        prev_word, space = word, False
+    text = "".join(out)
+    return text[:-1] if text.endswith(";") else text
+
+
+LABEL_RE = r"`(?:[^`]|``)+`|[A-Za-z_][A-Za-z0-9_]*"
+PLACEHOLDERS = {
+    "__LABELS__": rf"(?-i:((?::(?:{LABEL_RE}))*))",
+    "__TYPE__": rf"(?-i:({LABEL_RE}))",
+    "__FERRY__": r"(?-i:(?:`_ferry_id`|_ferry_id))",
+}
+
+
+def template(text: str) -> re.Pattern:
+    pattern = re.escape(canonical(text))
+    for name, regex in PLACEHOLDERS.items():
+        pattern = pattern.replace(name, regex)
+    return re.compile(pattern, re.IGNORECASE)
+
+
+def unquote_name(name: str) -> str:
+    return name[1:-1].replace("``", "`") if name.startswith("`") else name
+
+
+STATEMENTS = [
+    ("nodes_page", template(
+        "MATCH (n) WHERE elementId(n) > $after RETURN elementId(n) AS id, labels(n) AS labels, "
+        "properties(n) AS props ORDER BY id LIMIT $limit")),
+    ("rels_page", template(
+        "MATCH ()-[r]->() WHERE elementId(r) > $after RETURN elementId(r) AS id, type(r) AS type, "
+        "elementId(startNode(r)) AS start, elementId(endNode(r)) AS end, properties(r) AS props "
+        "ORDER BY id LIMIT $limit")),
+    ("count_nodes", template("MATCH (n) RETURN count(n) AS nodes")),
+    ("count_rels", template("MATCH ()-[r]->() RETURN count(r) AS relationships")),
+    ("create_nodes", template(
+        "UNWIND $rows AS row CREATE (n__LABELS__) SET n = row.props, n.__FERRY__ = row.id")),
+    ("create_rels", template(
+        "UNWIND $rows AS row MATCH (a {__FERRY__: row.start}), (b {__FERRY__: row.end}) "
+        "CREATE (a)-[r:__TYPE__]->(b) SET r = row.props")),
+    ("cleanup", template("MATCH (n) WHERE n.__FERRY__ IS NOT NULL REMOVE n.__FERRY__")),
+]
+
+STATEMENT_TEXTS = {
+    "nodes_page": "MATCH (n) WHERE elementId(n) > $after RETURN elementId(n) AS id, labels(n) AS labels, properties(n) AS props ORDER BY id LIMIT $limit",
+    "rels_page": "MATCH ()-[r]->() WHERE elementId(r) > $after RETURN elementId(r) AS id, type(r) AS type, elementId(startNode(r)) AS start, elementId(endNode(r)) AS end, properties(r) AS props ORDER BY id LIMIT $limit",
+    "count_nodes": "MATCH (n) RETURN count(n) AS nodes",
+    "count_rels": "MATCH ()-[r]->() RETURN count(r) AS relationships",
+    "create_nodes": "UNWIND $rows AS row CREATE (n:`Label1`:`Label2`) SET n = row.props, n.`_ferry_id` = row.id",
+    "create_rels": "UNWIND $rows AS row MATCH (a {`_ferry_id`: row.start}), (b {`_ferry_id`: row.end}) CREATE (a)-[r:`TYPE`]->(b) SET r = row.props",
+    "cleanup": "MATCH (n) WHERE n.`_ferry_id` IS NOT NULL REMOVE n.`_ferry_id`",
+}
+
+
+def match_statement(statement: str):
+    text = canonical(statement)
+    for name, regex in STATEMENTS:
+        match = regex.fullmatch(text)
+        if match:
+            return name, match
+    return None, None
+
+
+def syntax_error(statement: str) -> CypherError:
+    shown = statement.strip().split()[0] if statement.strip() else ""
+    return CypherError(CODE_SYNTAX, f"Invalid input '{shown[:40]}': the Aura emulator only understands "
+                       "Ferry's fixed statements (line 1, column 1 (offset: 0))")
+
+
+def need(params: dict, *names):
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise CypherError(CODE_PARAM_MISSING, "Expected parameter(s): " + ", ".join(missing))
+
+
+def limit_param(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CypherError(CODE_ARGUMENT, f"LIMIT: Invalid input. '{json.dumps(value)}' is not a valid value. "
+                          "Must be a non-negative integer.")
+    return value
+
+
+def rows_param(value) -> list:
+    if value is None:
+        return []  # UNWIND null produces no rows
+    if not isinstance(value, list):
+        return [value]  # UNWIND of a scalar produces that one row
+    return value
+
+
+def run_statement(graph: Graph, name: str, match: re.Match, params: dict) -> tuple[list, list]:
+    """Execute one matched statement atomically; return (fields, values)."""
+    if name == "nodes_page":
+        need(params, "after", "limit")
+        return ["id", "labels", "props"], graph.node_page(params["after"], limit_param(params["limit"]))
+    if name == "rels_page":
+        need(params, "after", "limit")
+        return ["id", "type", "start", "end", "props"], graph.rel_page(params["after"], limit_param(params["limit"]))
+    if name == "count_nodes":
+        return ["nodes"], [[len(graph.nodes)]]
+    if name == "count_rels":
+        return ["relationships"], [[len(graph.rels)]]
+    if name == "create_nodes":
+        need(params, "rows")
+        labels = [unquote_name(x) for x in re.findall(LABEL_RE, match.group(1))]
+        if any(label == "" for label in labels):
+            raise CypherError(CODE_SYNTAX, "'' is not a valid token name. Token names cannot be empty")
+        items = []
+        for row in rows_param(params["rows"]):
+            props = storable_map(row_get(row, "props"))
+            ferry_id = row_get(row, "id")
+            if ferry_id is None:
+                props.pop(FERRY_KEY, None)
+            else:
+                props[FERRY_KEY] = storable(ferry_id)
+            items.append((labels, props))
+        graph.add_nodes(items)
+        return [], []
+    if name == "create_rels":
+        need(params, "rows")
+        type_ = unquote_name(match.group(1))
+        items = []
+        for row in rows_param(params["rows"]):
+            starts = graph.find_ferry(row_get(row, "start"))
+            ends = graph.find_ferry(row_get(row, "end"))
+            for start in starts:
+                for end in ends:
+                    items.append((type_, start, end, storable_map(row_get(row, "props"))))
+        graph.add_rels(items)
+        return [], []
+    if name == "cleanup":
+        graph.remove_ferry_ids()
+        return [], []
+    raise AssertionError(name)
+
+
+# ----- emulator state ---------------------------------------------------------------------
+@dataclass
+class Token:
+    value: str
+    expires: float        # time.monotonic() deadline
+    expired: bool = False
+
+
+@dataclass
+class Snapshot:
+    snapshot_id: str
+    instance_id: str
+    created: float        # wall clock (with clock_offset) for timestamp/date
+    fate: str             # "Completed" | "Failed"
+    polls_needed: int
+    data: Graph | None
+    polls: int = 0
+    status: str = "Pending"
+
+    def poll(self):
+        self.polls += 1
+        if self.status in ("Completed", "Failed"):
+            return
+        if self.polls > self.polls_needed:
+            self.status = self.fate
+        elif self.polls >= 2:
+            self.status = "InProgress"
+
+    def public(self) -> dict:
+        return {"snapshot_id": self.snapshot_id, "instance_id": self.instance_id, "profile": "AdHoc",
+                "status": self.status, "timestamp": rfc3339(self.created),
+                "exportable": self.status != "Failed"}
+
+
+@dataclass
+class Instance:
+    id: str
+    name: str
+    tenant_id: str
+    restoring_polls_left: int = 0
+
+    def status(self, override) -> str:
+        if override:
+            return str(override)
+        return "restoring" if self.restoring_polls_left > 0 else "running"
+
+    def public(self, override) -> dict:
+        return {"id": self.id, "name": self.name, "status": self.status(override), "tenant_id": self.tenant_id,
+                "cloud_provider": "gcp", "connection_url": f"neo4j+s://{self.id}.databases.neo4j.io",
+                "region": "europe-west1", "type": "enterprise-db", "memory": "8GB", "storage": "16GB"}
+
+
+SWITCH_TYPES = {
+    "token_ttl": "number", "expire_tokens_now": "bool", "snapshot_polls": "int", "snapshot_fail": "bool",
+    "rate_limit": "int?", "fail_next": "list", "malformed_next": "int", "query_error_next": "list",
+    "query_error_status": "int?", "error_variant": "bool", "restore_polls": "int",
+    "instance_status": "str?", "clock_offset": "number",
+}
+
+
+def check_switch(name: str, value):
+    kind = SWITCH_TYPES[name]
+    if kind.endswith("?") and value is None:
+        return
+    kind = kind.rstrip("?")
+    ok = {"bool": isinstance(value, bool),
+          "int": isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+          "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "str": isinstance(value, str),
+          "list": isinstance(value, list)}[kind]
+    if not ok:
+        raise ApiError(400, f"switch {name} must be {SWITCH_TYPES[name]}", "invalid-switch")
+    if name == "fail_next":
+        for item in value:
+            if not isinstance(item, dict) or set(item) - set(FAIL_NEXT_DEFAULTS):
+                raise ApiError(400, "fail_next items are {status, retry_after, body}", "invalid-switch")
+    if name == "query_error_next":
+        for item in value:
+            if not isinstance(item, (str, dict)):
+                raise ApiError(400, "query_error_next items are messages or {code, message}", "invalid-switch")
+
+
+class Emulator:
+    def __init__(self, args):
+        self.client_id, self.client_secret = args.client_id, args.client_secret
+        self.db_user, self.db_password = args.db_user, args.db_password
+        self.seed, self.node_count, self.rel_count = args.seed, args.nodes, args.rels
+        self.seeded_name = args.database.lower()
+        self.tenant_id = str(uuidlib.UUID(int=random.Random(f"aura-tenant:{args.seed}").getrandbits(128), version=4))
+        self.instance_specs = [(i, args.instance_name or f"Instance{n + 1:02d}") for n, i in enumerate(args.instance)]
+        self.defaults = {
+            "token_ttl": args.token_ttl, "expire_tokens_now": False, "snapshot_polls": args.snapshot_polls,
+            "snapshot_fail": False, "rate_limit": 125, "fail_next": [], "malformed_next": 0,
+            "query_error_next": [], "query_error_status": None, "error_variant": False,
+            "restore_polls": args.restore_polls, "instance_status": None, "clock_offset": 0,
+        }
+        self.lock = threading.RLock()
+        self.seeded = build_seeded(self.seeded_name, self.seed, self.node_count, self.rel_count)
+        self.dbs: dict[str, Graph] = {}
+        self._reset_state()
+
+    def _reset_state(self):
+        self.switches = copy.deepcopy(self.defaults)
+        self.tokens: dict[str, Token] = {}
+        self.token_requests = 0
+        self.snapshots: dict[str, Snapshot] = {}
+        self.requests = deque(maxlen=REQUEST_LOG_SIZE)
+        self.rate_hits: deque = deque()
+        self.query_count = 0
+        self.instances = {i: Instance(i, name, self.tenant_id) for i, name in self.instance_specs}
+        if self.seeded.dirty:
+            self.seeded = build_seeded(self.seeded_name, self.seed, self.node_count, self.rel_count)
+        self.dbs = {self.seeded_name: self.seeded}
+
+    # -- control --
+    def reset(self) -> dict:
+        with self.lock:
+            self._reset_state()
+            return {"switches": self.switches}
+
+    def update_switches(self, changes) -> dict:
+        if not isinstance(changes, dict):
+            raise ApiError(400, "control body must be a JSON object", "invalid-switch")
+        unknown = sorted(set(changes) - set(self.defaults))
+        if unknown:
+            raise ApiError(400, f"unknown switch(es): {', '.join(unknown)}", "invalid-switch")
+        for name, value in changes.items():
+            check_switch(name, value)
+        with self.lock:
+            self.switches.update(copy.deepcopy(changes))
+            if self.switches["expire_tokens_now"]:
+                for token in self.tokens.values():
+                    token.expired = True
+                self.switches["expire_tokens_now"] = False
+            return {"switches": self.switches}
+
+    def state(self) -> dict:
+        with self.lock:
+            return {"switches": self.switches, "token_requests": self.token_requests,
+                    "tokens": len(self.tokens),
+                    "snapshots": [{"snapshot_id": s.snapshot_id, "instance_id": s.instance_id,
+                                   "status": s.status, "polls": s.polls} for s in self.snapshots.values()],
+                    "instances": [i.public(self.switches["instance_status"]) for i in self.instances.values()],
+                    "databases": sorted(self.dbs),
+                    "requests": list(self.requests), "query_count": self.query_count}
+
+    def graph_dump(self, name: str):
+        with self.lock:
+            graph = self.dbs.get(name.lower())
+            return None if graph is None else json.loads(json.dumps(graph.dump()))
+
+    def record(self, method: str, path: str, status: int):
+        with self.lock:
+            self.requests.append({"method": method, "path": path, "status": status})
+
+    def now(self) -> float:
+        return time.time() + float(self.switches.get("clock_offset") or 0)
+
+    # -- gateway faults --
+    def pop_fail_next(self, kind: str) -> Reply | None:
+        with self.lock:
+            queue = self.switches.get("fail_next") or []
+            if not queue:
+                return None
+            spec = {**FAIL_NEXT_DEFAULTS, **queue.pop(0)}
+        status = int(spec["status"])
+        headers = [] if spec["retry_after"] is None else [("Retry-After", str(spec["retry_after"]))]
+        if spec["body"] is not None:
+            return Reply(status, str(spec["body"]).encode(), "text/html", headers)
+        message = f"Injected failure {status}"
+        if kind == "db":
+            return cypher_error_reply(status, CODE_UNAVAILABLE, message, headers)
+        return json_reply(status, {"errors": [{"message": message, "reason": "service-unavailable"}]}, headers)
+
+    def pop_malformed(self) -> Reply | None:
+        with self.lock:
+            if int(self.switches.get("malformed_next") or 0) <= 0:
+                return None
+            self.switches["malformed_next"] -= 1
+        return Reply(200, MALFORMED_BODY, "text/html")
+
+    def check_rate_limit(self):
+        with self.lock:
+            limit = self.switches.get("rate_limit")
+            if limit is None:
+                return
+            now = time.monotonic()
+            while self.rate_hits and self.rate_hits[0] <= now - RATE_WINDOW:
+                self.rate_hits.popleft()
+            if len(self.rate_hits) >= int(limit):
+                wait = (self.rate_hits[0] + RATE_WINDOW - now) if self.rate_hits else RATE_WINDOW
+                raise ApiError(429, "Too many requests", "too-many-requests",
+                               [("Retry-After", str(max(1, math.ceil(wait))))])
+            self.rate_hits.append(now)
+
+    # -- OAuth --
+    def issue_token(self, headers, body: bytes) -> Reply:
+        with self.lock:
+            self.token_requests += 1
+        auth = headers.get("Authorization", "")
+        scheme, _, value = auth.partition(" ")
+        creds = None
+        if scheme.lower() == "basic":
+            try:
+                creds = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                creds = None
+        if creds is None or not secrets.compare_digest(creds.encode(),
+                                                       f"{self.client_id}:{self.client_secret}".encode()):
+            raise ApiError(401, "Invalid credentials", "unauthorized")
+        if not body.strip():
+            raise ApiError(404, "Missing request body", "not-found")
+        content_type = headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type != "application/x-www-form-urlencoded":
+            raise ApiError(400, "Content-Type must be application/x-www-form-urlencoded", "invalid-request")
+        try:
+            form = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=True)
+        except (UnicodeDecodeError, ValueError):
+            form = {}
+        if form.get("grant_type") != ["client_credentials"]:
+            raise ApiError(403, "Invalid request body: grant_type must be client_credentials", "forbidden")
+        with self.lock:
+            ttl = float(self.switches["token_ttl"])
+            issued = int(self.now())
+            header = b64url(json.dumps({"alg": "RS256", "typ": "JWT", "kid": "aura-emulator"}).encode())
+            payload = b64url(json.dumps({"iss": "https://api.neo4j.io/", "sub": self.client_id, "iat": issued,
+                                         "exp": issued + int(ttl), "jti": secrets.token_hex(8)}).encode())
+            value = f"{header}.{payload}.{b64url(secrets.token_bytes(32))}"
+            self.tokens[value] = Token(value, time.monotonic() + ttl)
+        expires_in = int(ttl) if float(ttl).is_integer() else ttl
+        return json_reply(200, {"access_token": value, "expires_in": expires_in, "token_type": "bearer"},
+                          [("Cache-Control", "no-store")])
+
+    def authorise(self, headers):
+        auth = headers.get("Authorization", "")
+        scheme, _, value = auth.partition(" ")
+        with self.lock:
+            token = self.tokens.get(value.strip()) if scheme.lower() == "bearer" else None
+            if token is None:
+                raise ApiError(401, "Unauthorized", "unauthorized")
+            if token.expired or time.monotonic() >= token.expires:
+                if self.switches["error_variant"]:
+                    raise ApiError(403, "Forbidden", "forbidden", payload={"error": "Forbidden"})
+                raise ApiError(403, "Forbidden: token expired", "forbidden")
+
+    # -- management routes --
+    def instance(self, instance_id: str) -> Instance:
+        inst = self.instances.get(instance_id)
+        if inst is None:
+            raise ApiError(404, f"DB not found: {instance_id}", "db-not-found")
+        return inst
+
+    def route_v1(self, method: str, path: str, query: dict) -> Reply:
+        override = self.switches["instance_status"]
+        if RE_TENANTS.match(path):
+            self._method(method, "GET")
+            return json_reply(200, {"data": [{"id": self.tenant_id, "name": "ferry-test-tenant"}]})
+        m = RE_TENANT.match(path)
+        if m:
+            self._method(method, "GET")
+            if m.group(1) != self.tenant_id:
+                raise ApiError(404, f"Tenant not found: {m.group(1)}", "tenant-not-found")
+            return json_reply(200, {"data": {"id": self.tenant_id, "name": "ferry-test-tenant",
+                                             "instance_configurations": []}})
+        if RE_INSTANCES.match(path):
+            self._method(method, "GET")
+            tenant = query.get("tenantId", [None])[0]
+            data = [{"id": i.id, "name": i.name, "tenant_id": i.tenant_id, "cloud_provider": "gcp"}
+                    for i in self.instances.values() if tenant in (None, i.tenant_id)]
+            return json_reply(200, {"data": data})
+        m = RE_INSTANCE.match(path)
+        if m:
+            self._method(method, "GET")
+            inst = self.instance(m.group(1))
+            reply = json_reply(200, {"data": inst.public(override)})
+            if inst.restoring_polls_left > 0:
+                inst.restoring_polls_left -= 1
+            return reply
+        m = RE_SNAPSHOTS.match(path)
+        if m:
+            inst = self.instance(m.group(1))
+            if method == "POST":
+                return self.create_snapshot(inst, override)
+            self._method(method, "GET")
+            return self.list_snapshots(inst, query)
+        m = RE_SNAPSHOT.match(path)
+        if m:
+            self._method(method, "GET")
+            self.instance(m.group(1))
+            snap = self._snapshot(m.group(1), m.group(2))
+            snap.poll()
+            return json_reply(200, {"data": snap.public()})
+        m = RE_RESTORE.match(path)
+        if m:
+            self._method(method, "POST")
+            return self.restore_snapshot(self.instance(m.group(1)), m.group(2), override)
+        raise ApiError(404, "Not Found", "not-found")
+
+    @staticmethod
+    def _method(method: str, *allowed):
+        if method not in allowed:
+            raise ApiError(405, "Method not allowed", "method-not-allowed")
+
+    def _snapshot(self, instance_id: str, snapshot_id: str) -> Snapshot:
+        snap = self.snapshots.get(snapshot_id)
+        if snap is None or snap.instance_id != instance_id:
+            raise ApiError(404, "Snapshot not found", "snapshot-not-found")
+        return snap
+
+    @staticmethod
+    def _busy(inst: Instance, override):
+        status = inst.status(override)
+        if status != "running":
+            raise ApiError(409, f"The database is current undergoing an operation: {status}",
+                           "ongoing-database-operation")
+
+    def create_snapshot(self, inst: Instance, override) -> Reply:
+        self._busy(inst, override)
+        fate = "Failed" if self.switches["snapshot_fail"] else "Completed"
+        data = self.seeded.clone() if inst.id == self.instance_specs[0][0] else None
+        snap = Snapshot(str(uuidlib.uuid4()), inst.id, self.now(), fate,
+                        int(self.switches["snapshot_polls"]), data)
+        self.snapshots[snap.snapshot_id] = snap
+        return json_reply(202, {"data": {"snapshot_id": snap.snapshot_id}})
+
+    def list_snapshots(self, inst: Instance, query: dict) -> Reply:
+        date = query.get("date", [None])[0]
+        if date is None:
+            day = dt.datetime.fromtimestamp(self.now(), dt.timezone.utc).date()
+        else:
+            try:
+                if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", date):
+                    raise ValueError(date)
+                day = dt.date.fromisoformat(date)
+            except ValueError:
+                raise ApiError(400, "Invalid date format, expected YYYY-MM-DD", "invalid-request", field_="date")
+        data = [s.public() for s in self.snapshots.values() if s.instance_id == inst.id
+                and dt.datetime.fromtimestamp(s.created, dt.timezone.utc).date() == day]
+        return json_reply(200, {"data": data})
+
+    def restore_snapshot(self, inst: Instance, snapshot_id: str, override) -> Reply:
+        snap = self._snapshot(inst.id, snapshot_id)
+        self._busy(inst, override)
+        if snap.status != "Completed":
+            raise ApiError(400, f"Snapshot {snapshot_id} is not restorable (status {snap.status})",
+                           "snapshot-not-restorable")
+        if snap.data is not None:
+            self.seeded = snap.data.clone()
+            self.dbs[self.seeded_name] = self.seeded
+        inst.restoring_polls_left = max(0, int(self.switches["restore_polls"]))
+        return json_reply(202, {"data": inst.public(override)})
+
+    # -- Query API --
+    def check_db_auth(self, headers):
+        auth = headers.get("Authorization")
+        if auth is None or not auth.strip():
+            raise CypherError(CODE_UNAUTHORIZED, MSG_UNAUTHORIZED, 401, [("WWW-Authenticate", 'Basic realm="Neo4j"')])
+        scheme, _, value = auth.strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            raise CypherError(CODE_UNAUTHORIZED, MSG_UNAUTHORIZED, 401)
+        if scheme.lower() != "basic" or not value.strip():
+            raise CypherError(CODE_INVALID_FORMAT, "Invalid authentication header.", 401)
+        try:
+            creds = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise CypherError(CODE_INVALID_FORMAT, "Invalid authentication header.", 401)
+        user, sep, password = creds.partition(":")
+        if not sep:
+            raise CypherError(CODE_INVALID_FORMAT, "Invalid authentication header.", 401)
+        if not (secrets.compare_digest(user.encode(), self.db_user.encode())
+                and secrets.compare_digest(password.encode(), self.db_password.encode())):
+            raise CypherError(CODE_UNAUTHORIZED, MSG_UNAUTHORIZED, 401, [("WWW-Authenticate", 'Basic realm="Neo4j"')])
+
+    def query(self, database: str, headers, body: bytes) -> Reply:
+        self.check_db_auth(headers)
+        content_type = headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type not in ("application/json", "application/vnd.neo4j.query"):
+            raise CypherError(CODE_REQUEST_INVALID, f"Unsupported media type: {content_type or '(none)'}", 415)
+        accept = headers.get("Accept", "application/json").lower()
+        if not any(a.split(";")[0].strip() in ("application/json", "*/*", "application/*") for a in accept.split(",")):
+            raise CypherError(CODE_REQUEST_INVALID, "Not acceptable: only application/json is emulated "
+                              "(typed JSON is not)", 406)
+        try:
+            request = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise CypherError(CODE_REQUEST_INVALID, f"Bad Request: {exc}", 400)
+        if not isinstance(request, dict) or not isinstance(request.get("statement"), str):
+            raise CypherError(CODE_REQUEST_INVALID, "Bad Request: the body needs a string 'statement'", 400)
+        params = request.get("parameters") or {}
+        bookmarks = request.get("bookmarks", [])
+        if not isinstance(params, dict) or not isinstance(bookmarks, list) \
+                or not all(isinstance(b, str) for b in bookmarks):
+            raise CypherError(CODE_REQUEST_INVALID, "Bad Request: 'parameters' must be a map and "
+                              "'bookmarks' a list of strings", 400)
+        with self.lock:
+            self.query_count += 1
+            queued = self.switches.get("query_error_next") or []
+            if queued:
+                item = queued.pop(0)
+                if isinstance(item, dict):
+                    raise CypherError(item.get("code") or CODE_UNAVAILABLE, str(item.get("message", "")))
+                raise CypherError(CODE_UNAVAILABLE, str(item))
+            name, match = match_statement(request["statement"])
+            if name is None:
+                raise syntax_error(request["statement"])
+            key = database.lower()
+            if not RE_DB_NAME.match(key):
+                raise CypherError("Neo.ClientError.Database.DatabaseNotFound",
+                                  f"Database does not exist. Database name: '{database}'.")
+            graph = self.dbs.get(key)
+            if graph is None:
+                graph = self.dbs[key] = Graph(key, str(uuidlib.uuid4()))
+            fields, values = run_statement(graph, name, match, params)
+            payload = {"data": {"fields": fields, "values": values}, "bookmarks": [f"FB:{b64url(secrets.token_bytes(24))}"]}
+            return json_reply(202, payload)
+
+
+def _reject_constant(name):
+    raise ValueError(f"invalid JSON number {name}")
+
+
+# ----- HTTP -------------------------------------------------------------------------------
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "aura-emulator"
+    emulator: Emulator
+
+    def log_message(self, format, *args):  # noqa: A002
+        pass
+
+    def send_response(self, code, message=None):
+        self._status = code
+        super().send_response(code, message)
+
+    def read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline().strip():
+                        pass
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def write_reply(self, reply: Reply):
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.content_type)
+        self.send_header("Content-Length", str(len(reply.body)))
+        self.send_header("X-Request-Id", str(uuidlib.uuid4()))
+        for name, value in reply.headers:
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(reply.body)
+
+    def dispatch(self):
+        self._status = 0
+        split = urlsplit(self.path)
+        path, query = split.path, parse_qs(split.query)
+        try:
+            body = self.read_body()
+            self.write_reply(self.route(path, query, body))
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception:  # an emulator bug: loud, but keep serving
+            traceback.print_exc()
+            if not self._status:
+                self.write_reply(json_reply(500, {"errors": [{"message": "Aura emulator internal error",
+                                                              "reason": "internal-error"}]}))
+        finally:
+            if not path.startswith("/__control"):
+                self.emulator.record(self.command, path, self._status)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = dispatch
+
+    def route(self, path: str, query: dict, body: bytes) -> Reply:
+        emu = self.emulator
+        if path.startswith("/__control"):
+            return self.control(path, query, body)
+        if path == "/oauth/token" or path.startswith("/v1/") or path == "/v1":
+            try:
+                canned = emu.pop_fail_next("mgmt")
+                if canned is not None:
+                    return canned
+                if path != "/oauth/token":
+                    canned = emu.pop_malformed()
+                    if canned is not None:
+                        return canned
+                emu.check_rate_limit()
+                if path == "/oauth/token":
+                    emu._method(self.command, "POST")
+                    return emu.issue_token(self.headers, body)
+                emu.authorise(self.headers)
+                with emu.lock:
+                    return emu.route_v1(self.command, path, query)
+            except ApiError as exc:
+                return exc.reply()
+        if path.startswith("/db/"):
+            try:
+                canned = emu.pop_fail_next("db") or emu.pop_malformed()
+                if canned is not None:
+                    return canned
+                m = RE_QUERY.match(path)
+                if not m:
+                    raise CypherError(CODE_REQUEST_INVALID, "Not Found (explicit transactions are not emulated)", 404)
+                if self.command != "POST":
+                    raise CypherError(CODE_REQUEST_INVALID, "Method not allowed", 405)
+                return emu.query(m.group(1), self.headers, body)
+            except CypherError as exc:
+                status = exc.status
+                if status is None:
+                    status = emu.switches.get("query_error_status") or 202
+                return cypher_error_reply(int(status), exc.code, exc.message, exc.headers)
+        return json_reply(404, {"errors": [{"message": "Not Found", "reason": "not-found"}]})
+
+    def control(self, path: str, query: dict, body: bytes) -> Reply:
+        emu = self.emulator
+        try:
+            if path == "/__control/state" and self.command == "GET":
+                return json_reply(200, emu.state())
+            if path == "/__control/graph" and self.command == "GET":
+                name = query.get("db", [emu.seeded_name])[0]
+                dump = emu.graph_dump(name)
+                if dump is None:
+                    raise ApiError(404, f"no database {name}", "not-found")
+                return json_reply(200, dump)
+            if path == "/__control/reset" and self.command == "POST":
+                return json_reply(200, emu.reset())
+            if path == "/__control" and self.command == "POST":
+                try:
+                    changes = json.loads(body or b"{}")
+                except ValueError:
+                    raise ApiError(400, "control body must be JSON", "invalid-switch")
+                return json_reply(200, emu.update_switches(changes))
+            raise ApiError(404, "No such control endpoint", "not-found")
+        except ApiError as exc:
+            return exc.reply()
+
+
+# ----- startup ----------------------------------------------------------------------------
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Neo4j Aura management API + Query API emulator")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--client-id", required=True)
+    parser.add_argument("--client-secret", required=True)
+    parser.add_argument("--instance", action="append", required=True,
+                        help="an instance id, 8 lower-case hex characters (repeatable; the first one "
+                             "owns the seeded database)")
+    parser.add_argument("--instance-name", default=None)
+    parser.add_argument("--db-user", required=True)
+    parser.add_argument("--db-password", required=True)
+    parser.add_argument("--database", default="neo4j", help="name of the seeded database")
+    parser.add_argument("--token-ttl", type=float, default=3600.0)
+    parser.add_argument("--nodes", type=int, default=10000)
+    parser.add_argument("--rels", type=int, default=20000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--snapshot-polls", type=int, default=2)
+    parser.add_argument("--restore-polls", type=int, default=2)
+    args = parser.parse_args(argv)
+    for instance in args.instance:
+        if not RE_INSTANCE_ID.match(instance):
+            parser.error(f"--instance must be 8 lower-case hex characters, got {instance!r}")
+    if args.nodes < 0 or args.rels < 0:
+        parser.error("--nodes and --rels must be >= 0")
+    return args
+
+
+def make_server(argv) -> ThreadingHTTPServer:
+    args = parse_args(argv)
+    emulator = Emulator(args)
+    handler = type("BoundHandler", (Handler,), {"emulator": emulator})
+    server = ThreadingHTTPServer((args.host, args.port), handler)
+    server.daemon_threads = True
+    server.emulator = emulator
+    return server
+
+
+def main(argv=None):
+    server = make_server(sys.argv[1:] if argv is None else argv)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    print(f"READY {server.server_address[1]}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()

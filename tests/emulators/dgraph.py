@@ -1,0 +1,1246 @@
+#!/usr/bin/env python3
+"""Local emulator of Dgraph Cloud's backend admin API and the Cerebro management API
+(provider-apis.md §2, §6.2).
+
+Run::
+
+    python3 tests/emulators/dgraph.py --port 0 --admin-key KEY \\
+        [--acl --user-id groot --password PW] [--access-ttl 21600] [--url-ttl 172800] \\
+        [--groups 1] [--cerebro-email E --cerebro-password P --deployments name1,name2] \\
+        [--host 127.0.0.1]
+
+It prints one line ``READY <port>`` once it listens.
+
+What is emulated
+----------------
+* ``POST /admin`` (ACL ``login`` mutation, by password or by ``refreshToken``) and ``POST
+  /admin/slash`` (``export(format, namespace)``, ``exportStatus(exportId, taskId)`` and the
+  legacy synchronous ``export { signedUrls }``) of the default backend.  With ``--deployments
+  a,b`` the same pair is served under ``/backends/<name>/admin[/slash]``, one backend per name,
+  each with its own exports, tokens and admin key (its ``jwtToken``).
+* Every GraphQL call is ``POST {"query", "variables"}`` answered ``{"data", "errors"}`` with HTTP
+  200 for GraphQL errors.  Nothing parses GraphQL: the operation is recognised by its field name
+  after the first ``{`` and arguments are read from the field's argument list, resolving
+  ``$variables`` from ``variables`` (inline literals work too).
+* Authentication: ``X-Auth-Token`` or ``Dg-Auth`` must carry the backend's admin key on both
+  ``/admin`` and ``/admin/slash`` (also for ``login``).  With ``--acl``, ``/admin/slash`` also
+  requires ``X-Dgraph-AccessToken`` with a live ``accessJWT``.  Tokens are HS256 JWTs with
+  Dgraph's claims (``exp``, ``groups``, ``namespace``, ``userid``) but validity is decided by
+  the emulator's own table, so ``expire_tokens_now`` can revoke them.
+* The export task state machine: each ``exportStatus`` poll moves one step through
+  ``status_sequence`` (sampled when the export is created) and then stays on its last value.
+  ``signedUrls`` is filled only while the status is ``Success``.
+* Export files per Alpha group ``gNN`` in a folder ``dgraph.r<readTs>.u<MMDD.HHMM>``: the data
+  (``.json.gz``/``.rdf.gz``), ``.schema.gz`` and ``.gql_schema.gz``, produced from a built-in
+  dataset with Dgraph's exporter rules (worker/export.go), gzip level 1 ("BestSpeed").
+* ``GET /__signed/<token>/<folder>/<file>``: unauthenticated "presigned" downloads, valid
+  ``url_ttl`` seconds from the moment the export first reported ``Success``, then 403 with an
+  S3-style XML ``AccessDenied``.  Bytes are served exactly as stored: ``application/octet-stream``
+  with ``Content-Length`` and never a ``Content-Encoding``.
+* ``POST /cerebro/graphql`` (only with ``--cerebro-email``): the ``login`` query and the
+  ``deployments`` list behind ``Authorization: Bearer <token>``.
+
+Reproduced quirks (see the reference for the evidence)
+-------------------------------------------------------
+* Cerebro ``login`` is a query; bad credentials give ``{"data":{"login":null}}`` and no error.
+* ``export`` answers ``Export queued with ID <taskId>``; ``taskId`` is ``%#x`` hex.
+* ``namespace`` omitted exports the caller's namespace (core ``validateAndGetNs``); ``-1``
+  exports all namespaces and only a Galaxy guardian may ask for it; a Guardian of another
+  namespace asking for a foreign namespace gets core's ``not allowed to export namespace 0x..``.
+* Data files: the key order is Dgraph's (namespace, predicate *length*, predicate, uid);
+  one JSON object per posting (``"  {"uid":"0x1","namespace":"0x0",...}"``); language-tagged
+  values come before the untagged value of the same predicate; only ints and floats are bare
+  JSON numbers (booleans, datetimes and facets of those types are strings); facets sorted by
+  key; floats formatted like Go's ``FormatFloat(f, 'G', -1, 64)``; strings escaped like Go's
+  ``json.Marshal`` (``<`` -> ``\\u003c``).  Internal data (``dgraph.graphql.xid``,
+  ``dgraph.drop.op``, ``dgraph.graphql.p_query``, ``dgraph.type == "dgraph.graphql"``) is
+  skipped and ``dgraph.graphql.schema`` goes to the gql_schema file.  With ``--acl`` the
+  ACL nodes (``groot``, ``guardians``, the password hash) are exported too, as Dgraph does.
+* Schema files list only the predicates whose tablet the group serves (``dgraph.*`` live in
+  group 1, user predicates are spread over the groups) but every group repeats all types.
+* gql_schema files are ``[\\n{"Namespace":0,"Schema":"..."}\\n]\\n``; empty groups still get
+  ``[\\n\\n]\\n`` (and ``[\\n\\n]\\n`` / an empty file for JSON / RDF data).
+
+Fault switches live under ``/__control`` (``POST`` merges JSON into the switches, unknown names
+are a 400; ``POST /__control/reset`` restores the defaults and forgets exports and tokens; ``GET
+/__control/state`` reports switches, exports, recent requests and the download count; ``GET
+/__control/file/<taskId>/<file>`` returns a stored export file's raw bytes).  See
+``default_switches`` for the list.  ``status_sequence``, ``failing_backends`` and
+``extra_people`` are sampled when an export is created; the rest are read live.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import copy
+import decimal
+import gzip
+import hashlib
+import hmac
+import json
+import math
+import re
+import secrets
+import signal
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+REQUEST_LOG_SIZE = 500
+DEFAULT_BACKEND = "default"
+REFRESH_TTL = 30 * 24 * 3600
+CEREBRO_TTL = 3 * 3600
+MALFORMED_BODY = b"<html>502 Bad Gateway</html>"
+KNOWN_NAMESPACES_ACL = (0, 1)
+UINT64_MAX = 2**64 - 1
+
+RE_BACKEND = re.compile(r"^/backends/([^/]+)(/admin(?:/slash)?)/?$")
+RE_SIGNED = re.compile(r"^/__signed/([^/]+)/([^/]+)/([^/]+)$")
+RE_CONTROL_FILE = re.compile(r"^/__control/file/([^/]+)/([^/]+)$")
+
+
+# ----- small helpers ---------------------------------------------------------------------
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: list = field(default_factory=list)
+    op: str | None = None
+
+
+def json_reply(payload, status: int = 200, op: str | None = None) -> Reply:
+    return Reply(status, json.dumps(payload).encode(), "application/json", [], op)
+
+
+def gql_errors(messages, data=None, status: int = 200, op: str | None = None) -> Reply:
+    if isinstance(messages, str):
+        messages = [messages]
+    return json_reply({"data": data, "errors": [{"message": m} for m in messages]}, status, op)
+
+
+def xml_error(status: int, code: str, message: str) -> Reply:
+    body = ('<?xml version="1.0" encoding="UTF-8"?>\n'
+            f"<Error><Code>{code}</Code><Message>{message}</Message></Error>")
+    return Reply(status, body.encode(), "application/xml")
+
+
+class GqlError(Exception):
+    """A resolver error: answered as ``{"data": {field: null}, "errors": [{message}]}``."""
+
+    def __init__(self, message: str, field_name: str | None = None, status: int = 200):
+        super().__init__(message)
+        self.message, self.field_name, self.status = message, field_name, status
+
+
+def rfc3339(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def make_jwt(claims: dict, secret: bytes) -> str:
+    header = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
+    payload = b64url(json.dumps(claims, separators=(",", ":")).encode())
+    signing_input = f"{header}.{payload}".encode()
+    return f"{header}.{payload}.{b64url(hmac.new(secret, signing_input, hashlib.sha256).digest())}"
+
+
+def go_json_string(value: str) -> str:
+    """A string as Go's json.Marshal writes it (HTML-safe escaping, \\u00XX for controls)."""
+    out = ['"']
+    for ch in value:
+        code = ord(ch)
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\t":
+            out.append("\\t")
+        elif code < 0x20 or ch in "<>&" or code in (0x2028, 0x2029):
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def go_format_float_g(value: float) -> str:
+    """Go's strconv.FormatFloat(value, 'G', -1, 64)."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value == 0:
+        return "-0" if math.copysign(1.0, value) < 0 else "0"
+    sign, digits, exponent = decimal.Decimal(repr(value)).as_tuple()
+    digits = list(digits)
+    while len(digits) > 1 and digits[-1] == 0:
+        digits.pop()
+        exponent += 1
+    nd = len(digits)
+    dp = nd + exponent            # position of the decimal point
+    text = "".join(map(str, digits))
+    neg = "-" if sign else ""
+    exp = dp - 1
+    if exp < -4 or exp >= 6:      # shortest formatting uses eprec = 6
+        mantissa = text[0] + ("." + text[1:] if nd > 1 else "")
+        return f"{neg}{mantissa}E{'-' if exp < 0 else '+'}{abs(exp):02d}"
+    if dp <= 0:
+        return f"{neg}0.{'0' * -dp}{text}"
+    if dp >= nd:
+        return f"{neg}{text}{'0' * (dp - nd)}"
+    return f"{neg}{text[:dp]}.{text[dp:]}"
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    # Level 1 like Go's gzip.BestSpeed; mtime 0 and OS 255 like Go's gzip.Writer header.
+    return gzip.compress(data, compresslevel=1, mtime=0)
+
+
+# ----- the built-in dataset ----------------------------------------------------------------
+# Predicate schema: type, list, tokenizers, reverse, count, lang, upsert.
+@dataclass(frozen=True)
+class PredSchema:
+    type: str
+    is_list: bool = False
+    index: tuple = ()
+    reverse: bool = False
+    count: bool = False
+    lang: bool = False
+    upsert: bool = False
+
+    def line(self, ns: int, pred: str) -> str:
+        text = f"[{ns:#x}] <{pred}>:" + (f"[{self.type}]" if self.is_list else self.type)
+        if self.reverse:
+            text += " @reverse"
+        elif self.index:
+            text += f" @index({','.join(self.index)})"
+        if self.count:
+            text += " @count"
+        if self.lang:
+            text += " @lang"
+        if self.upsert:
+            text += " @upsert"
+        return text + " . \n"
+
+
+BASE_SCHEMA = {
+    "dgraph.type": PredSchema("string", is_list=True, index=("exact",)),
+    "dgraph.drop.op": PredSchema("string"),
+    "dgraph.graphql.xid": PredSchema("string", index=("exact",), upsert=True),
+    "dgraph.graphql.schema": PredSchema("string"),
+    "dgraph.graphql.p_query": PredSchema("string", index=("sha256",)),
+}
+ACL_SCHEMA = {
+    "dgraph.xid": PredSchema("string", index=("exact",), upsert=True),
+    "dgraph.acl.rule": PredSchema("uid", is_list=True),
+    "dgraph.password": PredSchema("password"),
+    "dgraph.user.group": PredSchema("uid", is_list=True, reverse=True),
+    "dgraph.rule.predicate": PredSchema("string", index=("exact",), upsert=True),
+    "dgraph.rule.permission": PredSchema("int"),
+}
+USER_SCHEMA = {
+    "name": PredSchema("string", index=("exact", "term"), lang=True),
+    "age": PredSchema("int", index=("int",)),
+    "friend": PredSchema("uid", is_list=True, reverse=True, count=True),
+    "score": PredSchema("float"),
+    "active": PredSchema("bool"),
+    "dob": PredSchema("datetime"),
+    "nickname": PredSchema("default"),
+    "bio": PredSchema("string"),
+    "email": PredSchema("string", index=("exact",), upsert=True),
+}
+BASE_TYPES = [
+    ("dgraph.graphql", ["dgraph.graphql.schema", "dgraph.graphql.xid"]),
+    ("dgraph.graphql.persisted_query", ["dgraph.graphql.p_query"]),
+]
+ACL_TYPES = [
+    ("dgraph.type.Rule", ["dgraph.rule.predicate", "dgraph.rule.permission"]),
+    ("dgraph.type.User", ["dgraph.xid", "dgraph.password", "dgraph.user.group"]),
+    ("dgraph.type.Group", ["dgraph.xid", "dgraph.acl.rule"]),
+]
+USER_TYPES = [
+    ("Person", ["name", "age", "email", "nickname", "dob", "score", "active", "bio", "friend", "~friend"]),
+]
+GQL_SCHEMA = (
+    "type Person {\n"
+    "\tname: String! @search(by: [exact, term]) @dgraph(pred: \"name\")\n"
+    "\tage: Int @search @dgraph(pred: \"age\")\n"
+    "\temail: String @id @dgraph(pred: \"email\")\n"
+    "\tfriends: [Person] @dgraph(pred: \"friend\")\n"
+    "}\n"
+    "# Tom & Jerry <cartoon> escaping check\n"
+)
+GQL_SCHEMA_NS1 = "type Note {\n\ttext: String\n}\n"
+PASSWORD_HASH = "$2a$10$y7Bqo3wH0eMh8T8yVZ0J3u2ONc0b9qkq2rYm0v6o8nQ2vXQ3r5h1K"
+
+
+@dataclass
+class Posting:
+    """One posting: a value (``type``/``value``, optional ``lang``) or a uid edge (``ref``)."""
+    type: str                      # string|default|int|float|bool|datetime|password|uid
+    value: object
+    lang: str | None = None
+    facets: tuple = ()             # ((key, type, value), ...)
+
+
+def value_posting(kind: str, value, lang=None) -> Posting:
+    return Posting(kind, value, lang)
+
+
+def edge(uid: int, facets=()) -> Posting:
+    return Posting("uid", uid, None, tuple(sorted(facets)))
+
+
+class Dataset:
+    """Posting lists keyed by (namespace, predicate, uid), plus schema and types per namespace."""
+
+    def __init__(self, acl: bool, extra_people: int = 0):
+        self.lists: dict[tuple, list] = {}
+        self.schema: dict[int, dict] = {}
+        self.types: dict[int, list] = {}
+        self.namespaces = list(KNOWN_NAMESPACES_ACL) if acl else [0]
+        next_uid = [1]
+
+        def new_uid() -> int:
+            next_uid[0] += 1
+            return next_uid[0] - 1
+
+        for ns in self.namespaces:
+            schema = dict(BASE_SCHEMA)
+            types = list(BASE_TYPES)
+            if acl:
+                schema.update(ACL_SCHEMA)
+                types += ACL_TYPES
+                guardians, groot = new_uid(), new_uid()
+                self.add(ns, "dgraph.xid", guardians, value_posting("string", "guardians"))
+                self.add(ns, "dgraph.type", guardians, value_posting("string", "dgraph.type.Group"))
+                self.add(ns, "dgraph.xid", groot, value_posting("string", "groot"))
+                self.add(ns, "dgraph.type", groot, value_posting("string", "dgraph.type.User"))
+                self.add(ns, "dgraph.password", groot, value_posting("password", PASSWORD_HASH))
+                self.add(ns, "dgraph.user.group", groot, edge(guardians))
+            schema.update(USER_SCHEMA)
+            types += USER_TYPES
+            self.schema[ns], self.types[ns] = schema, types
+            if ns == 0:
+                self._people_ns0(ns, new_uid, extra_people)
+                gql = GQL_SCHEMA
+            else:
+                dave = new_uid()
+                self.add(ns, "dgraph.type", dave, value_posting("string", "Person"))
+                self.add(ns, "name", dave, value_posting("string", "Dave"))
+                self.add(ns, "age", dave, value_posting("int", 52))
+                gql = GQL_SCHEMA_NS1
+            schema_node = new_uid()   # the GraphQL schema node: only its schema is exported
+            self.add(ns, "dgraph.graphql.schema", schema_node, value_posting("string", gql))
+            self.add(ns, "dgraph.graphql.xid", schema_node, value_posting("string", "dgraph.graphql.schema"))
+            self.add(ns, "dgraph.type", schema_node, value_posting("string", "dgraph.graphql"))
+            pq = new_uid()            # a persisted query: never exported
+            self.add(ns, "dgraph.graphql.p_query", pq, value_posting("string", "{ q(func: has(name)) { name } }"))
+            self.add(ns, "dgraph.type", pq, value_posting("string", "dgraph.graphql.persisted_query"))
+
+    def add(self, ns: int, pred: str, uid: int, posting: Posting):
+        self.lists.setdefault((ns, pred, uid), []).append(posting)
+
+    def _people_ns0(self, ns, new_uid, extra_people: int):
+        alice, bob, carol = new_uid(), new_uid(), new_uid()
+        for uid in (alice, bob, carol):
+            self.add(ns, "dgraph.type", uid, value_posting("string", "Person"))
+        self.add(ns, "name", alice, value_posting("string", "Alice"))
+        self.add(ns, "name", alice, value_posting("string", "Alicia", lang="es"))
+        self.add(ns, "age", alice, value_posting("int", 30))
+        self.add(ns, "email", alice, value_posting("string", "alice@example.com"))
+        self.add(ns, "nickname", alice, value_posting("default", "Ali"))
+        self.add(ns, "dob", alice, value_posting("datetime", "1994-03-04T00:00:00Z"))
+        self.add(ns, "score", alice, value_posting("float", 1.5))
+        self.add(ns, "active", alice, value_posting("bool", True))
+        self.add(ns, "bio", alice, value_posting("string", 'Says "hi" <b>&</b>\nline two\tтаб ✓'))
+        self.add(ns, "friend", alice, edge(bob, [("since", "datetime", "2006-01-02T15:04:05Z"),
+                                                 ("close", "bool", True)]))
+        self.add(ns, "friend", alice, edge(carol, [("weight", "float", 0.25), ("note", "string", 'met at "work"')]))
+        self.add(ns, "name", bob, value_posting("string", "Bob"))
+        self.add(ns, "age", bob, value_posting("int", 25))
+        self.add(ns, "score", bob, value_posting("float", 12345678.0))
+        self.add(ns, "active", bob, value_posting("bool", False))
+        self.add(ns, "friend", bob, edge(alice, [("since", "datetime", "2010-05-06T07:08:09Z"), ("rank", "int", 2)]))
+        self.add(ns, "name", carol, value_posting("string", "Zoë O'Brien"))
+        self.add(ns, "name", carol, value_posting("string", "Zoé", lang="fr"))
+        self.add(ns, "age", carol, value_posting("int", 41))
+        for i in range(extra_people):
+            uid = new_uid()
+            self.add(ns, "dgraph.type", uid, value_posting("string", "Person"))
+            self.add(ns, "name", uid, value_posting("string", f"Person {i:06d}"))
+            self.add(ns, "age", uid, value_posting("int", 18 + i % 70))
+            noise = hashlib.sha256(f"bio-{i}".encode()).hexdigest() * 4
+            self.add(ns, "bio", uid, value_posting("string", noise))
+            self.add(ns, "friend", uid, edge(alice, [("since", "datetime", "2020-01-01T00:00:00Z")]))
+
+
+def key_order(ns: int, pred: str) -> tuple:
+    """Badger key order: namespace, then the 2-byte predicate length, then the predicate bytes."""
+    raw = pred.encode()
+    return (ns, len(raw), raw)
+
+
+def group_of(pred: str, groups: int, user_preds: list) -> int:
+    """Which Alpha group serves the predicate's tablet: dgraph.* in group 1, others spread."""
+    if groups <= 1 or pred.startswith("dgraph."):
+        return 1
+    return (user_preds.index(pred) + 1) % groups + 1
+
+
+RDF_TYPES = {"string": "xs:string", "datetime": "xs:dateTime", "int": "xs:int", "float": "xs:float",
+             "bool": "xs:boolean", "password": "xs:password"}
+SKIPPED_PREDICATES = {"dgraph.graphql.xid", "dgraph.drop.op", "dgraph.graphql.p_query", "dgraph.cors",
+                      "dgraph.graphql.schema_created_at", "dgraph.graphql.schema_history",
+                      "dgraph.graphql.p_sha256hash"}
+
+
+def value_text(kind: str, value) -> str:
+    if kind == "bool":
+        return "true" if value else "false"
+    if kind == "float":
+        return go_format_float_g(float(value))
+    return str(value)
+
+
+def is_number(kind: str) -> bool:
+    return kind in ("int", "float")
+
+
+def posting_sort_key(p: Posting):
+    # Value postings: lang values are keyed by a fingerprint of the tag, the untagged value by
+    # MaxUint64, so tagged values come first; edges are sorted by target uid.
+    if p.type == "uid":
+        return (p.value, "")
+    return (UINT64_MAX, "") if p.lang is None else (0, p.lang)
+
+
+def to_rdf(ns: int, pred: str, uid: int, postings: list) -> str:
+    out = []
+    for p in postings:
+        line = f"<{uid:#x}> <{pred}> "
+        if p.type == "uid":
+            line += f"<{p.value:#x}>"
+        else:
+            line += go_json_string(value_text(p.type, p.value))
+            if p.lang is not None:
+                line += "@" + p.lang
+            elif p.type != "default":
+                line += f"^^<{RDF_TYPES[p.type]}>"
+        line += f" <{ns:#x}>"
+        if p.facets:
+            parts = []
+            for key, kind, value in p.facets:
+                text = value_text(kind, value)
+                parts.append(f"{key}={go_json_string(text) if kind == 'string' else text}")
+            line += " (" + ",".join(parts) + ")"
+        out.append(line + " .\n")
+    return "".join(out)
+
+
+def to_json(ns: int, pred: str, uid: int, postings: list) -> str:
+    start = f'  {{"uid":"{uid:#x}","namespace":"0x{ns:x}"'
+    objects = []
+    for p in postings:
+        text = start
+        facets = "".join(
+            f',"{pred}|{key}":' + (value_text(kind, value) if is_number(kind)
+                                   else go_json_string(value_text(kind, value)))
+            for key, kind, value in p.facets)
+        if p.type == "uid":
+            text += f',"{pred}":[{{"uid":"{p.value:#x}"{facets}}}]'
+        else:
+            text += f',"{pred}@{p.lang}":' if p.lang is not None else f',"{pred}":'
+            raw = value_text(p.type, p.value)
+            text += raw if is_number(p.type) else go_json_string(raw)
+            text += facets
+        objects.append(text + "}")
+    return ",\n".join(objects)
+
+
+def type_block(ns: int, name: str, fields: list) -> str:
+    lines = [f"[{ns:#x}] type <{name}> {{\n"]
+    for f in fields:
+        lines.append(f"\t<{f}>\n" if f.startswith("~") else f"\t{f}\n")
+    return "".join(lines) + "}\n"
+
+
+def build_export_files(dataset: Dataset, fmt: str, namespace: int, groups: int) -> dict:
+    """Return {file name: gzip bytes} for every group, as Dgraph's exportInternal writes them."""
+    namespaces = dataset.namespaces if namespace == -1 else [namespace]
+    user_preds = sorted(USER_SCHEMA, key=lambda p: key_order(0, p))
+    keys = sorted((k for k in dataset.lists if k[0] in namespaces),
+                  key=lambda k: key_order(k[0], k[1]) + (k[2],))
+    files = {}
+    for gid in range(1, groups + 1):
+        data_kvs, gql_kvs = [], []
+        for ns, pred, uid in keys:
+            if group_of(pred, groups, user_preds) != gid:
+                continue
+            postings = sorted(dataset.lists[(ns, pred, uid)], key=posting_sort_key)
+            if pred in SKIPPED_PREDICATES:
+                continue
+            if pred == "dgraph.graphql.schema":
+                gql_kvs.append("{" + f'"Namespace":{ns},"Schema":{go_json_string(postings[0].value)}' + "}")
+                continue
+            if pred == "dgraph.type" and len(postings) == 1 and postings[0].value == "dgraph.graphql":
+                continue
+            data_kvs.append(to_json(ns, pred, uid, postings) if fmt == "json" else to_rdf(ns, pred, uid, postings))
+        if fmt == "json":
+            data = "[\n" + ",\n".join(data_kvs) + "\n]\n"
+        else:
+            data = "".join(data_kvs)
+        gql = "[\n" + ",\n".join(gql_kvs) + "\n]\n"
+        schema_parts = []
+        for ns in namespaces:
+            for pred in sorted(dataset.schema.get(ns, {}), key=lambda p: key_order(ns, p)):
+                if group_of(pred, groups, user_preds) == gid:
+                    schema_parts.append((key_order(ns, pred), dataset.schema[ns][pred].line(ns, pred)))
+        schema_text = "".join(text for _, text in sorted(schema_parts))
+        type_parts = []
+        for ns in namespaces:
+            for name, fields in dataset.types.get(ns, []):
+                type_parts.append((key_order(ns, name), type_block(ns, name, fields)))
+        schema_text += "".join(text for _, text in sorted(type_parts))
+        files[f"g{gid:02d}.{fmt}.gz"] = gzip_bytes(data.encode())
+        files[f"g{gid:02d}.schema.gz"] = gzip_bytes(schema_text.encode())
+        files[f"g{gid:02d}.gql_schema.gz"] = gzip_bytes(gql.encode())
+    return files
+
+
+# ----- GraphQL "parsing" (field names and argument lists only) -----------------------------
+ARG_RE = re.compile(r'(\w+)\s*:\s*(\$\w+|"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|true|false|null|\w+)')
+UNSET = object()
+
+
+def selection_text(query: str) -> str:
+    """The query without its operation header (``mutation login($userId: String) ...``)."""
+    at = query.find("{")
+    return query[at:] if at >= 0 else query
+
+
+def find_field(query: str, name: str) -> re.Match | None:
+    return re.search(r"(?<![\w$])" + re.escape(name) + r"(?!\w)\s*(\(|\{)?", selection_text(query))
+
+
+def field_args(query: str, name: str, variables: dict) -> dict:
+    """Arguments of the field, with ``$var`` resolved; absent variables are left out."""
+    body = selection_text(query)
+    match = find_field(query, name)
+    if not match or match.group(1) != "(":
+        return {}
+    depth, i, in_string = 0, match.end() - 1, False
+    start = i + 1
+    while i < len(body):
+        ch = body[i]
+        if in_string:
+            if ch == "\\":
+                i += 1
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+            if depth == 0:
+                break
+        i += 1
+    args = {}
+    for arg_name, raw in ARG_RE.findall(body[start:i]):
+        if raw.startswith("$"):
+            if raw[1:] in variables:
+                args[arg_name] = variables[raw[1:]]
+        elif raw.startswith('"'):
+            args[arg_name] = json.loads(raw)
+        elif raw in ("true", "false", "null"):
+            args[arg_name] = {"true": True, "false": False, "null": None}[raw]
+        elif re.fullmatch(r"-?\d+", raw):
+            args[arg_name] = int(raw)
+        elif re.fullmatch(r"-?[\d.eE+-]+", raw):
+            args[arg_name] = float(raw)
+        else:
+            args[arg_name] = raw   # an enum literal
+    return args
+
+
+def detect_op(query: str) -> str | None:
+    if find_field(query, "exportStatus"):
+        return "exportStatus"
+    export = find_field(query, "export")
+    if export:
+        legacy = export.group(1) != "(" and "signedUrls" in query and "exportId" not in query \
+            and "taskId" not in query
+        return "legacy_export" if legacy else "export"
+    if find_field(query, "login"):
+        return "login"
+    if find_field(query, "deployments"):
+        return "deployments"
+    return None
+
+
+def int_arg(args: dict, name: str):
+    value = args.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise GqlError(f'Variable "${name}" got invalid value {json.dumps(value)}; '
+                       f"Int cannot represent non-integer value: {json.dumps(value)}")
+    return value
+
+
+def str_arg(args: dict, name: str, required: bool = False):
+    value = args.get(name)
+    if value is None:
+        if required:
+            raise GqlError(f'Variable "${name}" of required type "String!" was not provided.')
+        return None
+    if not isinstance(value, str):
+        raise GqlError(f'Variable "${name}" got invalid value {json.dumps(value)}; '
+                       f"String cannot represent a non string value: {json.dumps(value)}")
+    return value
+
+
+# ----- emulator state ------------------------------------------------------------------------
+@dataclass
+class Token:
+    kind: str           # access | refresh
+    user: str
+    namespace: int
+    deadline: float     # time.monotonic()
+    seq: int
+
+
+@dataclass
+class Export:
+    backend: str
+    export_id: str
+    task_id: str
+    format: str
+    namespace: int      # -1 = all namespaces
+    read_ts: int
+    folder: str
+    sequence: list
+    files: dict         # name -> gzip bytes (empty when the export is fated to fail)
+    created: float
+    last_updated: float
+    polls: int = 0
+    status: str = "Queued"
+    token: str | None = None
+    url_expires: float | None = None   # time.monotonic() deadline
+    urls: list = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"backend": self.backend, "exportId": self.export_id, "taskId": self.task_id,
+                "format": self.format, "namespace": self.namespace, "status": self.status,
+                "polls": self.polls, "folder": self.folder, "readTs": self.read_ts,
+                "sequence": self.sequence, "signedUrls": self.urls,
+                "files": [{"name": n, "size": len(b), "sha256": hashlib.sha256(b).hexdigest()}
+                          for n, b in self.files.items()]}
+
+
+class Backend:
+    def __init__(self, name: str, admin_key: str, url_path: str):
+        self.name = name
+        self.admin_key = admin_key
+        self.url_path = url_path          # "" for the default backend, "/backends/<name>" otherwise
+        self.uid = f"{secrets.randbits(24) | 1 << 23:#x}"
+        self.owner = str(uuid.uuid4())
+        self.jwt_secret = secrets.token_bytes(32)
+        self.reset()
+
+    def reset(self):
+        self.exports: dict[str, Export] = {}
+        self.tokens: dict[str, Token] = {}
+        self.read_ts = 10000 + secrets.randbelow(10000)
+
+
+class Emulator:
+    def __init__(self, args, defaults: dict):
+        self.args = args
+        self.defaults = defaults
+        self.lock = threading.RLock()
+        self.backends: dict[str, Backend] = {DEFAULT_BACKEND: Backend(DEFAULT_BACKEND, args.admin_key, "")}
+        for name in args.deployments:
+            key = make_jwt({"deployment": name, "iat": int(time.time()), "nonce": secrets.token_hex(8)},
+                           secrets.token_bytes(32))
+            self.backends[name] = Backend(name, key, f"/backends/{name}")
+        self.cerebro_secret = secrets.token_bytes(32)
+        self._reset_state()
+
+    def _reset_state(self):
+        self.switches = copy.deepcopy(self.defaults)
+        for backend in self.backends.values():
+            backend.reset()
+        self.signed: dict[str, Export] = {}
+        self.cerebro_tokens: dict[str, float] = {}
+        self.requests = deque(maxlen=REQUEST_LOG_SIZE)
+        self.downloads = 0
+        self.token_seq = 0
+        self.revoked_upto = 0            # access tokens with seq <= this are revoked
+        self.cerebro_revoked_at = -math.inf
+
+    # ----- control -------------------------------------------------------------------------
+    def reset(self) -> dict:
+        with self.lock:
+            self._reset_state()
+            return {"switches": self.switches}
+
+    def update_switches(self, changes) -> tuple[int, dict]:
+        if not isinstance(changes, dict):
+            return 400, {"error": "control body must be a JSON object"}
+        unknown = sorted(set(changes) - set(self.defaults))
+        if unknown:
+            return 400, {"error": f"unknown switch(es): {', '.join(unknown)}"}
+        problem = validate_switches(changes)
+        if problem:
+            return 400, {"error": problem}
+        with self.lock:
+            changes = copy.deepcopy(changes)
+            if changes.pop("expire_tokens_now", False):
+                self.revoked_upto = self.token_seq
+            if changes.pop("expire_cerebro_tokens_now", False):
+                self.cerebro_tokens.clear()
+            self.switches.update(changes)
+            return 200, {"switches": self.switches}
+
+    def state(self) -> dict:
+        with self.lock:
+            ordered = sorted((e for b in self.backends.values() for e in b.exports.values()),
+                             key=lambda e: e.created)
+            exports = [e.summary() for e in ordered]
+            return {"switches": self.switches, "exports": exports, "requests": list(self.requests),
+                    "downloads": self.downloads,
+                    "backends": [{"name": b.name, "adminKey": b.admin_key, "url_path": b.url_path}
+                                 for b in self.backends.values()]}
+
+    def find_export(self, task_id: str) -> Export | None:
+        for backend in self.backends.values():
+            if task_id in backend.exports:
+                return backend.exports[task_id]
+        return None
+
+    def record(self, method: str, path: str, status: int, op: str | None):
+        with self.lock:
+            self.requests.append({"method": method, "path": path, "status": status, "op": op,
+                                  "t": time.time()})
+
+    # ----- injected faults ---------------------------------------------------------------------
+    def pop_fault(self, slash: bool) -> Reply | None:
+        with self.lock:
+            queue = self.switches.get("fail_next") or []
+            if queue:
+                spec = {"status": 503, "retry_after": None, "body": None, **queue.pop(0)}
+                status = int(spec["status"])
+                headers = []
+                if spec["retry_after"] is not None:
+                    headers.append(("Retry-After", str(spec["retry_after"])))
+                if spec["body"] is not None:
+                    body = str(spec["body"]).encode()
+                    ctype = "application/json" if looks_like_json(body) else "text/html"
+                else:
+                    reason = {429: "Too Many Requests", 502: "Bad Gateway", 503: "Service Unavailable",
+                              504: "Gateway Timeout"}.get(status, "Error")
+                    body = f"<html><body><h1>{status} {reason}</h1></body></html>\n".encode()
+                    ctype = "text/html"
+                return Reply(status, body, ctype, headers, "fail_next")
+            if int(self.switches.get("malformed_next") or 0) > 0:
+                self.switches["malformed_next"] = int(self.switches["malformed_next"]) - 1
+                return Reply(200, MALFORMED_BODY, "text/html", [], "malformed_next")
+            errors = self.switches.get("graphql_error_next") or []
+            if slash and errors:
+                return gql_errors(str(errors.pop(0)), op="graphql_error_next")
+        return None
+
+    # ----- backend GraphQL ---------------------------------------------------------------------
+    def backend_graphql(self, backend: Backend, slash: bool, headers, body: bytes, host: str) -> Reply:
+        fault = self.pop_fault(slash)
+        if fault is not None:
+            return fault
+        key = headers.get("X-Auth-Token") or headers.get("Dg-Auth")
+        if not key or not hmac.compare_digest(key.encode(), backend.admin_key.encode()):
+            return gql_errors("Invalid X-Auth-Token", status=int(self.switches.get("auth_error_status") or 200),
+                              op="auth")
+        try:
+            request = json.loads(body or b"null")
+        except (ValueError, UnicodeDecodeError) as exc:
+            return gql_errors(f"Not a valid GraphQL request body: {exc}", status=400)
+        if not isinstance(request, dict) or not isinstance(request.get("query"), str):
+            return gql_errors("Not a valid GraphQL request body: no query string", status=400)
+        query = request["query"]
+        variables = request.get("variables") or {}
+        if not isinstance(variables, dict):
+            return gql_errors("Not a valid GraphQL request body: variables must be an object", status=400)
+        op = detect_op(query)
+        try:
+            if not slash:
+                if op == "login":
+                    return self.login(backend, field_args(query, "login", variables))
+                if op in ("export", "legacy_export"):
+                    # Core's /admin export takes `input: ExportInput!`, not Cloud's top-level args.
+                    raise GqlError('Unknown argument "format" on field "export" of type "Mutation". '
+                                   "(use /admin/slash for Cloud exports)")
+                raise GqlError(f"Cannot query field \"{op or '?'}\" on /admin in this emulator.")
+            if op == "login":
+                raise GqlError('Cannot query field "login" on type "Mutation".')
+            if op not in ("export", "legacy_export", "exportStatus"):
+                raise GqlError(f"Cannot query field \"{op or '?'}\" on /admin/slash in this emulator.")
+            caller_ns = self.check_access_token(backend, headers, op)
+            if op == "exportStatus":
+                return self.export_status(backend, field_args(query, "exportStatus", variables), host)
+            return self.start_export(backend, field_args(query, "export", variables), caller_ns, host,
+                                     legacy=(op == "legacy_export"))
+        except GqlError as exc:
+            name = exc.field_name or (op if op in ("login", "export", "exportStatus") else None)
+            if name == "legacy_export":
+                name = "export"
+            data = {name: None} if name else None
+            return gql_errors(exc.message, data=data, status=exc.status, op=op)
+
+    # ----- ACL ------------------------------------------------------------------------------------
+    def issue(self, backend: Backend, kind: str, user: str, ns: int, ttl: float) -> str:
+        self.token_seq += 1
+        now_wall = time.time()
+        claims = {"exp": int(now_wall + ttl), "namespace": ns, "userid": user}
+        if kind == "access":
+            claims["groups"] = ["guardians"]
+        claims = dict(sorted(claims.items()))
+        token = make_jwt(claims, backend.jwt_secret)
+        if token in backend.tokens:   # same second, same claims: keep tokens distinct
+            claims["jti"] = secrets.token_hex(4)
+            token = make_jwt(claims, backend.jwt_secret)
+        backend.tokens[token] = Token(kind, user, ns, time.monotonic() + ttl, self.token_seq)
+        return token
+
+    def login(self, backend: Backend, args: dict) -> Reply:
+        if not self.args.acl:
+            raise GqlError("ACL is disabled on this backend (start the emulator with --acl)", "login")
+        with self.lock:
+            refresh = args.get("refreshToken")
+            if refresh:
+                token = backend.tokens.get(refresh) if isinstance(refresh, str) else None
+                if token is None or token.kind != "refresh" or time.monotonic() > token.deadline:
+                    raise GqlError("invalid refresh token", "login")
+                user, ns = token.user, token.namespace
+            else:
+                user, password = args.get("userId"), args.get("password")
+                ns = args.get("namespace")
+                ns = 0 if ns is None else ns
+                ok = (isinstance(user, str) and isinstance(password, str) and user == self.args.user_id
+                      and hmac.compare_digest(password.encode(), self.args.password.encode())
+                      and isinstance(ns, int) and not isinstance(ns, bool) and ns in KNOWN_NAMESPACES_ACL)
+                if not ok:
+                    raise GqlError("invalid username or password", "login")
+            access = self.issue(backend, "access", user, ns, float(self.switches["access_ttl"]))
+            refresh_jwt = self.issue(backend, "refresh", user, ns, float(self.switches["refresh_ttl"]))
+        return json_reply({"data": {"login": {"response": {"accessJWT": access, "refreshJWT": refresh_jwt}}}},
+                          op="login")
+
+    def check_access_token(self, backend: Backend, headers, op: str) -> int:
+        """Return the caller's namespace (0 = Galaxy without ACL)."""
+        if not self.args.acl:
+            return 0
+        name = "export" if op == "legacy_export" else op
+        raw = headers.get("X-Dgraph-AccessToken")
+        if not raw:
+            raise GqlError("no accessJwt available", name)
+        with self.lock:
+            token = backend.tokens.get(raw)
+            if token is None or token.kind != "access":
+                raise GqlError("unable to parse jwt token:token signature is invalid", name)
+            if time.monotonic() > token.deadline or token.seq <= self.revoked_upto:
+                raise GqlError("Token is expired", name)
+            return token.namespace
+
+    # ----- export ---------------------------------------------------------------------------------
+    def start_export(self, backend: Backend, args: dict, caller_ns: int, host: str, legacy: bool) -> Reply:
+        fmt = str_arg(args, "format")
+        fmt = "json" if fmt is None or fmt == "" else fmt
+        if fmt.lower() not in ("json", "rdf"):
+            raise GqlError(f"invalid export format: {fmt}", "export")
+        fmt = fmt.lower()
+        requested = int_arg(args, "namespace")
+        if requested is None:
+            namespace = caller_ns
+        elif caller_ns == 0:
+            namespace = -1 if requested < 0 else requested
+        elif requested < 0:
+            raise GqlError("Only guardian of galaxy can export all namespaces", "export")
+        elif requested != caller_ns:
+            raise GqlError(f"not allowed to export namespace {requested:#x}", "export")
+        else:
+            namespace = requested
+        with self.lock:
+            sequence = [str(s) for s in self.switches["status_sequence"]]
+            if backend.name in (self.switches.get("failing_backends") or []):
+                sequence = [s for s in sequence if s not in ("Success", "Failed")] + ["Failed"]
+            if legacy:
+                sequence = ["Success"]
+            extra = int(self.switches.get("extra_people") or 0)
+            backend.read_ts += 3 + secrets.randbelow(20)
+            read_ts = backend.read_ts
+        now = time.time()
+        files = {}
+        if "Success" in sequence:
+            files = build_export_files(Dataset(self.args.acl, extra), fmt, namespace, self.args.groups)
+        task_id = f"{secrets.randbits(36) | 1 << 35:#x}"
+        export_id = (f"exports/{time.strftime('%Y-%m-%d', time.gmtime(now))}/"
+                     f"{secrets.randbits(28) | 1 << 24:#x}-{100000000 + secrets.randbelow(900000000)}")
+        folder = f"dgraph.r{read_ts}.u{time.strftime('%m%d.%H%M', time.gmtime(now))}"
+        export = Export(backend.name, export_id, task_id, fmt, namespace, read_ts, folder, sequence,
+                        files, now, now)
+        with self.lock:
+            backend.exports[task_id] = export
+            if legacy:
+                self._advance(export, host)
+                return json_reply({"data": {"export": {"signedUrls": list(export.urls)}}}, op="legacy_export")
+        return json_reply({"data": {"export": {
+            "response": {"code": "Success", "message": f"Export queued with ID {task_id}"},
+            "exportId": export_id, "taskId": task_id}}}, op="export")
+
+    def _advance(self, export: Export, host: str):
+        export.polls += 1
+        status = export.sequence[min(export.polls, len(export.sequence)) - 1]
+        if status != export.status or export.polls == 1:
+            export.last_updated = time.time()
+        export.status = status
+        if status == "Success" and export.token is None:
+            export.token = secrets.token_urlsafe(24)
+            export.url_expires = time.monotonic() + float(self.switches["url_ttl"])
+            self.signed[export.token] = export
+            query = ""
+            if self.switches.get("signed_url_query"):
+                query = ("?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=EMULATOR%2F20240101%2Fus-east-1"
+                         f"%2Fs3%2Faws4_request&X-Amz-Date=20240101T000000Z&X-Amz-Expires={int(float(self.switches['url_ttl']))}"
+                         f"&X-Amz-SignedHeaders=host&X-Amz-Signature={secrets.token_hex(32)}")
+            export.urls = [f"http://{host}/__signed/{export.token}/{export.folder}/{name}{query}"
+                           for name in export.files]
+
+    def export_status(self, backend: Backend, args: dict, host: str) -> Reply:
+        export_id = str_arg(args, "exportId", required=True)
+        task_id = str_arg(args, "taskId", required=True)
+        with self.lock:
+            export = backend.exports.get(task_id)
+            if export is None or export.export_id != export_id:
+                result = {"kind": "Unknown", "lastUpdated": rfc3339(time.time()), "signedUrls": [],
+                          "status": "Unknown"}
+            else:
+                self._advance(export, host)
+                result = {"kind": "Export", "lastUpdated": rfc3339(export.last_updated),
+                          "signedUrls": list(export.urls) if export.status == "Success" else [],
+                          "status": export.status}
+        return json_reply({"data": {"exportStatus": result}}, op="exportStatus")
+
+    # ----- downloads ------------------------------------------------------------------------------
+    def open_download(self, token: str, folder: str, name: str):
+        with self.lock:
+            export = self.signed.get(token)
+            if export is None or export.folder != folder or name not in export.files:
+                return xml_error(404, "NoSuchKey", "The specified key does not exist."), None
+            if time.monotonic() > export.url_expires:
+                return xml_error(403, "AccessDenied", "Request has expired"), None
+            fail = self.switches.get("download_fail_status")
+            if fail:
+                return xml_error(int(fail), "InternalError",
+                                 "We encountered an internal error. Please try again."), None
+            self.downloads += 1
+            return None, export.files[name]
+
+    # ----- Cerebro --------------------------------------------------------------------------------
+    def cerebro(self, headers, body: bytes, host: str) -> Reply:
+        try:
+            request = json.loads(body or b"null")
+        except (ValueError, UnicodeDecodeError) as exc:
+            return gql_errors(f"Not a valid GraphQL request body: {exc}", status=400)
+        if not isinstance(request, dict) or not isinstance(request.get("query"), str):
+            return gql_errors("Not a valid GraphQL request body: no query string", status=400)
+        query, variables = request["query"], request.get("variables") or {}
+        op = detect_op(query)
+        if op == "login":
+            args = field_args(query, "login", variables if isinstance(variables, dict) else {})
+            email, password = args.get("email"), args.get("password")
+            ok = (isinstance(email, str) and isinstance(password, str)
+                  and email.lower() == self.args.cerebro_email.lower()
+                  and hmac.compare_digest(password.encode(), (self.args.cerebro_password or "").encode()))
+            if not ok:
+                return json_reply({"data": {"login": None}}, op="cerebro_login")
+            with self.lock:
+                ttl = float(self.switches["cerebro_ttl"])
+                token = make_jwt({"email": email, "exp": int(time.time() + ttl), "iat": int(time.time()),
+                                  "jti": secrets.token_hex(8)}, self.cerebro_secret)
+                self.cerebro_tokens[token] = time.monotonic() + ttl
+            return json_reply({"data": {"login": {"token": token}}}, op="cerebro_login")
+        auth = headers.get("Authorization") or ""
+        bearer = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        with self.lock:
+            deadline = self.cerebro_tokens.get(bearer)
+            if deadline is None or time.monotonic() > deadline:
+                return gql_errors("unauthorized", status=int(self.switches.get("auth_error_status") or 200),
+                                  op="cerebro_auth")
+        if op == "deployments":
+            items = [{"uid": b.uid, "name": b.name, "zone": "us-east-1", "url": f"http://{host}{b.url_path}",
+                      "owner": b.owner, "jwtToken": b.admin_key, "deploymentMode": "graphql",
+                      "deploymentType": "dedicated", "lambdaScript": ""}
+                     for b in self.backends.values() if b.name != DEFAULT_BACKEND]
+            return json_reply({"data": {"deployments": items}}, op="deployments")
+        return gql_errors(f"Cannot query field \"{op or '?'}\" on Cerebro in this emulator.")
+
+
+def looks_like_json(body: bytes) -> bool:
+    try:
+        json.loads(body)
+        return True
+    except ValueError:
+        return False
+
+
+def validate_switches(changes: dict) -> str | None:
+    def is_str_list(value):
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+    if "status_sequence" in changes and (not is_str_list(changes["status_sequence"])
+                                         or not changes["status_sequence"]):
+        return "status_sequence must be a non-empty list of strings"
+    if "fail_next" in changes:
+        queue = changes["fail_next"]
+        if not isinstance(queue, list) or not all(isinstance(s, dict) for s in queue):
+            return "fail_next must be a list of objects"
+    for name in ("graphql_error_next", "failing_backends"):
+        if name in changes and not is_str_list(changes[name]):
+            return f"{name} must be a list of strings"
+    for name in ("malformed_next", "auth_error_status", "extra_people"):
+        if name in changes and (not isinstance(changes[name], int) or isinstance(changes[name], bool)
+                                or changes[name] < 0):
+            return f"{name} must be a non-negative integer"
+    for name in ("url_ttl", "access_ttl", "refresh_ttl", "cerebro_ttl"):
+        if name in changes and (not isinstance(changes[name], (int, float)) or isinstance(changes[name], bool)):
+            return f"{name} must be a number of seconds"
+    for name in ("expire_tokens_now", "expire_cerebro_tokens_now", "signed_url_query"):
+        if name in changes and not isinstance(changes[name], bool):
+            return f"{name} must be a boolean"
+    if changes.get("download_fail_status") is not None and not isinstance(changes["download_fail_status"], int):
+        return "download_fail_status must be an integer or null"
+    return None
+
+
+# ----- HTTP ---------------------------------------------------------------------------------------
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "dgraph-cloud-emulator"
+    emulator: Emulator
+
+    def log_message(self, format, *args):  # noqa: A002 - silence the default access log
+        pass
+
+    def send_response(self, code, message=None):
+        self._status = code
+        super().send_response(code, message)
+
+    def read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline().strip():
+                        pass
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def write_reply(self, reply: Reply):
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.content_type)
+        self.send_header("Content-Length", str(len(reply.body)))
+        for name, value in reply.headers:
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(reply.body)
+
+    def host(self) -> str:
+        host, port = self.server.server_address[:2]
+        return self.headers.get("Host") or f"{host}:{port}"
+
+    def dispatch(self):
+        self._status = 0
+        path = urlsplit(self.path).path
+        op = None
+        try:
+            body = self.read_body()   # always drain it, so keep-alive connections stay in sync
+            reply = self.route(path, body)
+            if reply is not None:
+                op = reply.op
+                self.write_reply(reply)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception:  # an emulator bug: make it loud but keep serving
+            traceback.print_exc()
+            if not self._status:
+                self.write_reply(gql_errors("Dgraph emulator internal error", status=500))
+        finally:
+            if not path.startswith("/__control"):
+                self.emulator.record(self.command, path, self._status, op)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = dispatch
+
+    def route(self, path: str, body: bytes) -> Reply | None:
+        emu = self.emulator
+        if path in ("/admin", "/admin/", "/admin/slash", "/admin/slash/"):
+            return self.graphql(emu.backends[DEFAULT_BACKEND], path.rstrip("/") == "/admin/slash", body)
+        match = RE_BACKEND.match(path)
+        if match:
+            backend = emu.backends.get(match.group(1))
+            if backend is None or backend.name == DEFAULT_BACKEND:
+                return gql_errors(f"no such backend: {match.group(1)}", status=404)
+            return self.graphql(backend, match.group(2) == "/admin/slash", body)
+        if path.rstrip("/") == "/cerebro/graphql" and emu.args.cerebro_email:
+            if self.command != "POST":
+                return gql_errors("method not allowed", status=405)
+            return emu.cerebro(self.headers, body, self.host())
+        if path.startswith("/__signed/"):
+            return self.download(path)
+        if path.startswith("/__control"):
+            return self.control(path, body)
+        if path == "/health" and self.command == "GET":
+            return json_reply([{"instance": "alpha", "status": "healthy"}])
+        return gql_errors("Not found", status=404)
+
+    def graphql(self, backend: Backend, slash: bool, body: bytes) -> Reply:
+        if self.command != "POST":
+            return gql_errors("Invalid request method: only POST is emulated", status=405)
+        return self.emulator.backend_graphql(backend, slash, self.headers, body, self.host())
+
+    def download(self, path: str) -> Reply:
+        match = RE_SIGNED.match(path)
+        if not match or self.command not in ("GET", "HEAD"):
+            return xml_error(404, "NoSuchKey", "The specified key does not exist.")
+        error, data = self.emulator.open_download(*match.groups())
+        if error is not None:
+            error.op = "download"
+            return error
+        etag = '"' + hashlib.md5(data).hexdigest() + '"'
+        return Reply(200, data, "application/octet-stream", [("ETag", etag), ("Accept-Ranges", "bytes")],
+                     "download")
+
+    def control(self, path: str, body: bytes) -> Reply:
+        emu = self.emulator
+        if path == "/__control/state" and self.command == "GET":
+            return json_reply(emu.state())
+        if path == "/__control/reset" and self.command == "POST":
+            return json_reply(emu.reset())
+        if path == "/__control" and self.command == "POST":
+            try:
+                changes = json.loads(body or b"{}")
+            except ValueError:
+                return json_reply({"error": "control body must be JSON"}, 400)
+            status, payload = emu.update_switches(changes)
+            return json_reply(payload, status)
+        match = RE_CONTROL_FILE.match(path)
+        if match and self.command == "GET":
+            with emu.lock:
+                export = emu.find_export(match.group(1))
+                data = export.files.get(match.group(2)) if export else None
+            if data is None:
+                return json_reply({"error": "no such export file"}, 404)
+            return Reply(200, data, "application/octet-stream")
+        return json_reply({"error": "no such control endpoint"}, 404)
+
+
+# ----- startup ------------------------------------------------------------------------------------
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Dgraph Cloud admin API and Cerebro emulator")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--admin-key", required=True)
+    parser.add_argument("--acl", action="store_true")
+    parser.add_argument("--user-id", default="groot")
+    parser.add_argument("--password", default="password")
+    parser.add_argument("--access-ttl", type=float, default=21600.0)
+    parser.add_argument("--url-ttl", type=float, default=172800.0)
+    parser.add_argument("--groups", type=int, default=1)
+    parser.add_argument("--cerebro-email")
+    parser.add_argument("--cerebro-password")
+    parser.add_argument("--deployments", default="")
+    args = parser.parse_args(argv)
+    args.deployments = [d.strip() for d in args.deployments.split(",") if d.strip()]
+    for name in args.deployments:
+        if name == DEFAULT_BACKEND or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+            parser.error(f"invalid deployment name {name!r}")
+    if len(set(args.deployments)) != len(args.deployments):
+        parser.error("duplicate deployment names")
+    if args.groups < 1:
+        parser.error("--groups must be >= 1")
+    if args.cerebro_email and args.cerebro_password is None:
+        parser.error("--cerebro-email needs --cerebro-password")
+    return args
+
+
+def default_switches(args) -> dict:
+    return {
+        "status_sequence": ["Queued", "Running", "Success"],
+        "fail_next": [],
+        "graphql_error_next": [],
+        "malformed_next": 0,
+        "url_ttl": args.url_ttl,
+        "access_ttl": args.access_ttl,
+        "refresh_ttl": REFRESH_TTL,
+        "cerebro_ttl": CEREBRO_TTL,
+        "expire_tokens_now": False,
+        "expire_cerebro_tokens_now": False,
+        "auth_error_status": 200,
+        "failing_backends": [],
+        "download_fail_status": None,
+        "extra_people": 0,
+        "signed_url_query": False,
+    }
+
+
+def make_server(argv) -> ThreadingHTTPServer:
+    args = parse_args(argv)
+    emulator = Emulator(args, default_switches(args))
+    handler = type("BoundHandler", (Handler,), {"emulator": emulator})
+    server = ThreadingHTTPServer((args.host, args.port), handler)
+    server.daemon_threads = True
+    server.emulator = emulator
+    return server
+
+
+def main(argv=None):
+    server = make_server(sys.argv[1:] if argv is None else argv)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    print(f"READY {server.server_address[1]}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()
