@@ -28,7 +28,22 @@ WRANGLER = ROOT / "node_modules" / ".bin" / "wrangler"
 API_TOKEN = "test-api-token-0123456789"
 WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 D1_TOKEN = "test-d1-token"
-TERMINAL = ("committed", "failed")
+TERMINAL = ("committed", "failed", "skipped")
+FERRY_WRANGLER_FLAGS = os.environ.get("FERRY_WRANGLER_FLAGS", "--inspector-port 0 --show-interactive-dev-session=false --log-level info").split()
+
+
+def raise_fd_limit() -> None:
+    """Local `wrangler dev` opens about one socket per body read of an outgoing fetch in its
+    helper processes (released slowly), so a long download can exhaust the usual descriptor
+    limit; raise it for the child where the machine allows."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for target in (1 << 20, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, max(target, hard)))
+            return
+        except (ValueError, OSError):
+            continue
 
 
 def free_port() -> int:
@@ -72,7 +87,7 @@ class Process:
         self.log = open(log, "ab")
         self.proc = subprocess.Popen(
             args, cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=raise_fd_limit,
         )
 
     def alive(self) -> bool:
@@ -100,31 +115,28 @@ class Process:
         return "\n".join([l for l in lines if not any(x in l for x in noise)][-n:])
 
 
-class D1Emulator:
-    """The D1 REST emulator (tests/emulators/d1.py) serving SQLite files as D1 databases."""
+class Emulator:
+    """A provider emulator from tests/emulators/, started on a free port."""
 
-    def __init__(self, workdir: Path, databases: dict[str, Path], account: str = "test-account", **opts):
-        self.account = account
-        self.databases = databases
-        args = [sys.executable, str(ROOT / "tests" / "emulators" / "d1.py"), "--port", "0",
-                "--account", account, "--token", D1_TOKEN]
-        for db_id, path in databases.items():
-            args += ["--database", f"{db_id}={path}"]
-        for k, v in opts.items():
-            args += [f"--{k.replace('_', '-')}", str(v)]
-        log = workdir / "d1-emulator.log"
-        self.process = Process(args, log)
-        deadline = time.time() + 15
+    script = ""
+
+    def __init__(self, workdir: Path, args: list[str], log_name: str, ready_timeout: float = 60):
+        self.workdir = workdir
+        log = workdir / log_name
+        cmd = [sys.executable, str(ROOT / "tests" / "emulators" / self.script), "--port", "0", *args]
+        self.process = Process(cmd, log)
+        deadline = time.time() + ready_timeout
         self.port = None
         while time.time() < deadline and self.port is None:
+            if not self.process.alive():
+                break
             for line in log.read_text().splitlines():
                 if line.startswith("READY "):
                     self.port = int(line.split()[1])
             time.sleep(0.05)
         if self.port is None:
-            raise RuntimeError("D1 emulator did not start:\n" + self.process.tail())
+            raise RuntimeError(f"{self.script} did not start:\n" + self.process.tail())
         self.url = f"http://127.0.0.1:{self.port}"
-        self.api_base = f"{self.url}/client/v4"
         self.http = Http(self.url)
 
     def control(self, **switches) -> None:
@@ -140,6 +152,86 @@ class D1Emulator:
 
     def stop(self) -> None:
         self.process.stop()
+
+
+class D1Emulator(Emulator):
+    """The D1 REST emulator serving SQLite files as D1 databases."""
+
+    script = "d1.py"
+
+    def __init__(self, workdir: Path, databases: dict[str, Path], account: str = "test-account", **opts):
+        self.account = account
+        self.databases = databases
+        args = ["--account", account, "--token", D1_TOKEN]
+        for db_id, path in databases.items():
+            args += ["--database", f"{db_id}={path}"]
+        for k, v in opts.items():
+            args += [f"--{k.replace('_', '-')}", str(v)]
+        super().__init__(workdir, args, "d1-emulator.log")
+        self.api_base = f"{self.url}/client/v4"
+
+
+DXP_USER, DXP_PASSWORD, DXP_USER_TOKEN, DXP_MASTER_TOKEN = "ops@example.com", "dxp-password", "dxp-user-token", "dxp-master-token"
+
+
+class DxpEmulator(Emulator):
+    """The Liferay DXP Cloud backup service emulator."""
+
+    script = "dxp.py"
+
+    def __init__(self, workdir: Path, volume_mib: float = 2, backups: int = 3, database_kib: int = 64):
+        args = ["--workdir", str(workdir / "dxp-artifacts"), "--user", DXP_USER, "--password", DXP_PASSWORD,
+                "--user-token", DXP_USER_TOKEN, "--master-token", DXP_MASTER_TOKEN, "--backups", str(backups),
+                "--volume-mib", str(volume_mib), "--database-kib", str(database_kib)]
+        super().__init__(workdir, args, "dxp-emulator.log", ready_timeout=120)
+
+    def backup(self, index: int = -1) -> dict:
+        return self.state()["backups"][index]
+
+
+def dxp_source(name: str, emulator: DxpEmulator, schedule: str = "0 0 1 1 *", auth: str = "user_token", **extra) -> dict:
+    source = {"name": name, "kind": "dxp", "schedule": schedule, "api_base": emulator.url,
+              "retry": {"max_attempts": 3, "base_ms": 200, "max_delay_ms": 1000}}
+    source.update({
+        "user_token": {"user_token_secret": "DXP_USER_TOKEN"},
+        "master_token": {"master_token_secret": "DXP_MASTER_TOKEN"},
+        "basic": {"user": DXP_USER, "password_secret": "DXP_PASSWORD"},
+    }[auth])
+    source.update(extra)
+    return source
+
+
+DXP_SECRETS = {"DXP_USER_TOKEN": DXP_USER_TOKEN, "DXP_MASTER_TOKEN": DXP_MASTER_TOKEN, "DXP_PASSWORD": DXP_PASSWORD}
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def d1_source(name: str, emulator: D1Emulator, database_id: str, schedule: str = "0 0 1 1 *", **extra) -> dict:
@@ -196,7 +288,7 @@ FERRY_SOURCES = {toml_string(raw)}
                    WRANGLER_LOG_PATH=str(self.workdir / "wrangler-logs"))
         args = [str(WRANGLER), "dev", "--config", str(self.workdir / "wrangler.toml"), "--ip", "127.0.0.1",
                 "--port", str(self.port), "--persist-to", str(self.persist), "--test-scheduled",
-                "--inspector-port", "0", "--show-interactive-dev-session=false", "--log-level", "info"]
+                *FERRY_WRANGLER_FLAGS]
         self.process = Process(args, self.workdir / "wrangler.log", cwd=self.workdir, env=env)
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -222,11 +314,25 @@ FERRY_SOURCES = {toml_string(raw)}
     def log(self) -> str:
         return self.process.tail(80) if self.process else ""
 
+    def workerd_pid(self) -> int:
+        """The workerd process running the Worker (wrangler's child)."""
+        assert self.process
+        # wrangler runs two workerd processes: its proxy, and the runtime with the inspector.
+        for pid in process_tree(self.process.proc.pid):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+                if b"workerd" in argv[0] and any(a.startswith(b"--inspector-addr") for a in argv):
+                    return pid
+            except OSError:
+                pass
+        raise RuntimeError("no workerd process under wrangler")
+
     # --- the HTTP API ---------------------------------------------------------------------
 
-    def api(self, path: str, token: str | None = API_TOKEN):
+    def api(self, path: str, token: str | None = API_TOKEN, timeout: float = 30):
         headers = {"authorization": f"Bearer {token}"} if token else {}
-        return self.http.request("GET", path, headers=headers)
+        return self.http.request("GET", path, headers=headers, timeout=timeout)
 
     def api_json(self, path: str):
         status, _, body = self.api(path)
@@ -267,16 +373,18 @@ FERRY_SOURCES = {toml_string(raw)}
         raise KeyError(name)
 
     def job(self, job_id: str) -> dict:
-        return self.api_json(f"/v1/jobs/{job_id}")
+        status, _, body = self.api(f"/v1/jobs/{job_id}", timeout=120)
+        assert status == 200, (job_id, status, body)
+        return json.loads(body)
 
-    def wait_job(self, job_id: str, phases=TERMINAL, timeout: float = 60) -> dict:
+    def wait_job(self, job_id: str, phases=TERMINAL, timeout: float = 60, interval: float = 0.2) -> dict:
         deadline = time.time() + timeout
         job = None
         while time.time() < deadline:
             job = self.job(job_id)
             if job["phase"] in phases:
                 return job
-            time.sleep(0.2)
+            time.sleep(interval)
         raise AssertionError(f"job {job_id} did not reach {phases}: {job}\n{self.log()}")
 
     def backups(self, source: str) -> list:

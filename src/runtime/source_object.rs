@@ -254,7 +254,12 @@ impl SourceObject {
                     let result = store::copy(&bucket, &self.storage(), &order, &job.id).await;
                     match result {
                         Ok(artifact) => {
-                            console_log!("job {}: stored {} ({} bytes, {} parts)", job.id, artifact.key, artifact.size, artifact.parts);
+                            // Wasm memory never shrinks, so its size is the peak this isolate needed.
+                            let wasm_mib = core::arch::wasm32::memory_size(0) as u64 * 65_536 >> 20;
+                            console_log!(
+                                "job {}: stored {} ({} bytes, {} parts; wasm memory {} MiB)",
+                                job.id, artifact.key, artifact.size, artifact.parts, wasm_mib
+                            );
                             Event::Copied(artifact)
                         }
                         Err(e) => Event::CopyFailed(e),

@@ -6,9 +6,10 @@
 //!   the hash in the object's custom metadata;
 //! - otherwise: a multipart upload of equal `part_size` parts (R2's rule: all but the last equal,
 //!   at least 5 MiB, at most 10,000) into a staging key. Custom metadata is fixed when a multipart
-//!   upload is created, before the hash is known, so the staged object is then copied inside R2
-//!   to its final key with the hash in its metadata, R2 re-verifying the hash on the way, and the
-//!   staging key is deleted.
+//!   upload is created, before the hash is known, so the staged object is then copied part by
+//!   part to its final key, whose upload carries the hash in its metadata; every part is read
+//!   back and hashed again, and the copy is kept only if that hash equals the download's. Then
+//!   the staging key is deleted.
 //!
 //! Every open multipart upload is recorded in the Durable Object's storage before its first part,
 //! so an attempt interrupted by a restart is aborted by the next one; any failure aborts it too.
@@ -17,7 +18,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use worker::{Bucket, Data, HttpMetadata, MultipartUpload, Object, Range, ResponseBody, Storage, UploadedPart};
+use worker::{Bucket, Data, HttpMetadata, MultipartUpload, Object, Range, Storage, UploadedPart};
 
 use super::net;
 use crate::config::MAX_PART_SIZE;
@@ -32,6 +33,8 @@ use crate::time::Timestamp;
 const OPEN_UPLOAD: &str = "open_upload";
 /// R2's limit on parts per upload.
 const MAX_PARTS: u64 = 10_000;
+/// Bytes processed between two yields to the event loop.
+const YIELD_EVERY: u64 = 1 << 20;
 
 /// A multipart upload that has been created and not yet completed or aborted.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,7 +112,13 @@ impl<'a> Transfer<'a> {
     /// Takes the next bytes of the artifact; uploads a part each time one is full.
     async fn push(&mut self, mut chunk: &[u8]) -> Result<(), StepError> {
         self.hasher.update(chunk);
+        let before = self.total;
         self.total += chunk.len() as u64;
+        if before / YIELD_EVERY != self.total / YIELD_EVERY {
+            // Hashing a fast stream can keep this object's thread busy for seconds; let queued
+            // requests (status queries) run in between.
+            worker::Delay::from(std::time::Duration::ZERO).await;
+        }
         while !chunk.is_empty() {
             if self.buf.capacity() == 0 {
                 self.buf.reserve_exact(self.part_size.min(chunk.len().max(1 << 20)));
@@ -285,17 +294,9 @@ pub(crate) async fn copy(bucket: &Bucket, storage: &Storage, order: &CopyOrder, 
     }
 }
 
-fn body_data(object: &Object) -> Result<Data, StepError> {
-    let body = object.body().ok_or_else(|| StepError::transient("R2 returned no body"))?;
-    Ok(match body.response_body().map_err(|e| r2_err("read", e))? {
-        ResponseBody::Stream(s) => Data::ReadableStream(s),
-        ResponseBody::Body(b) => Data::Bytes(b),
-        ResponseBody::Empty => Data::Empty,
-    })
-}
-
-/// Copies the staged object to its final key inside R2 (streams of known length, no wasm copy),
-/// with the hash in its metadata.
+/// Copies the staged object to its final key, part by part: each range is read back from R2
+/// (one part in memory), hashed again, and uploaded to a multipart upload created with the hash
+/// in its metadata. The re-read hash must equal the download's, so what R2 holds is verified.
 async fn copy_object(
     bucket: &Bucket,
     from: &str,
@@ -304,25 +305,6 @@ async fn copy_object(
     digest: Vec<u8>,
     metadata: HashMap<String, String>,
 ) -> Result<Object, StepError> {
-    if size <= MAX_PART_SIZE {
-        let staged = bucket
-            .get(from.to_string())
-            .execute()
-            .await
-            .map_err(|e| r2_err("get", e))?
-            .ok_or_else(|| StepError::transient("the staged object disappeared"))?;
-        return bucket
-            .put(order.key.clone(), body_data(&staged)?)
-            .http_metadata(content_type(order))
-            .custom_metadata(metadata)
-            .sha256(digest)
-            .execute()
-            .await
-            .map_err(|e| r2_err("put", e))?
-            .ok_or_else(|| StepError::transient("R2 put was refused by a precondition"));
-    }
-    // Beyond one request's limit: copy range by range into a multipart upload that carries the
-    // metadata from the start.
     let upload = bucket
         .create_multipart_upload(order.key.clone())
         .http_metadata(content_type(order))
@@ -330,11 +312,34 @@ async fn copy_object(
         .execute()
         .await
         .map_err(|e| r2_err("create multipart upload", e))?;
+    match copy_parts(bucket, from, order, size, &upload).await {
+        Ok((parts, reread)) if reread == digest => {
+            upload.complete(parts).await.map_err(|e| r2_err("complete multipart upload", e))
+        }
+        Ok(_) => {
+            let _ = upload.abort().await;
+            Err(StepError::transient(format!("{}: the bytes read back from R2 do not match the download's SHA-256", order.filename)))
+        }
+        Err(e) => {
+            let _ = upload.abort().await;
+            Err(e)
+        }
+    }
+}
+
+async fn copy_parts(
+    bucket: &Bucket,
+    from: &str,
+    order: &CopyOrder,
+    size: u64,
+    upload: &MultipartUpload,
+) -> Result<(Vec<UploadedPart>, Vec<u8>), StepError> {
+    let part_size = order.part_size.clamp(crate::config::MIN_PART_SIZE, MAX_PART_SIZE);
+    let mut hasher = Sha256::new();
     let mut parts = Vec::new();
     let mut offset = 0u64;
-    let mut number = 1u16;
     while offset < size {
-        let length = order.part_size.min(size - offset);
+        let length = part_size.min(size - offset);
         let piece = bucket
             .get(from.to_string())
             .range(Range::OffsetWithLength { offset, length })
@@ -342,17 +347,21 @@ async fn copy_object(
             .await
             .map_err(|e| r2_err("get range", e))?
             .ok_or_else(|| StepError::transient("the staged object disappeared"))?;
-        match upload.upload_part(number, body_data(&piece)?).await {
-            Ok(p) => parts.push(p),
-            Err(e) => {
-                let _ = upload.abort().await;
-                return Err(r2_err("upload part", e));
-            }
+        let bytes = piece
+            .body()
+            .ok_or_else(|| StepError::transient("R2 returned no body"))?
+            .bytes()
+            .await
+            .map_err(|e| r2_err("read range", e))?;
+        if bytes.len() as u64 != length {
+            return Err(StepError::transient(format!("R2 returned {} bytes of a {length}-byte range", bytes.len())));
         }
+        hasher.update(&bytes);
+        let number = parts.len() as u16 + 1;
+        parts.push(upload.upload_part(number, Data::Bytes(bytes)).await.map_err(|e| r2_err("upload part", e))?);
         offset += length;
-        number += 1;
     }
-    upload.complete(parts).await.map_err(|e| r2_err("complete multipart upload", e))
+    Ok((parts, hasher.finalize().to_vec()))
 }
 
 /// Writes a manifest, the commit marker, after every artifact is stored.

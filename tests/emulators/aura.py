@@ -67,7 +67,6 @@ import copy
 import datetime as dt
 import json
 import math
-import os
 import random
 import re
 import secrets
@@ -793,9 +792,11 @@ class Emulator:
             self.rate_hits.append(now)
 
     # -- OAuth --
-    def issue_token(self, headers, body: bytes) -> Reply:
+    def count_token_request(self):
         with self.lock:
             self.token_requests += 1
+
+    def issue_token(self, headers, body: bytes) -> Reply:
         auth = headers.get("Authorization", "")
         scheme, _, value = auth.partition(" ")
         creds = None
@@ -1081,6 +1082,8 @@ class Handler(BaseHTTPRequestHandler):
         if path.startswith("/__control"):
             return self.control(path, query, body)
         if path == "/oauth/token" or path.startswith("/v1/") or path == "/v1":
+            if path == "/oauth/token" and self.command == "POST":
+                emu.count_token_request()  # every attempt, whatever its answer
             try:
                 canned = emu.pop_fail_next("mgmt")
                 if canned is not None:

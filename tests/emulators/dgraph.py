@@ -75,7 +75,6 @@ import argparse
 import base64
 import copy
 import decimal
-import gzip
 import hashlib
 import hmac
 import json
@@ -83,11 +82,13 @@ import math
 import re
 import secrets
 import signal
+import struct
 import sys
 import threading
 import time
 import traceback
 import uuid
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -207,8 +208,12 @@ def go_format_float_g(value: float) -> str:
 
 
 def gzip_bytes(data: bytes) -> bytes:
-    # Level 1 like Go's gzip.BestSpeed; mtime 0 and OS 255 like Go's gzip.Writer header.
-    return gzip.compress(data, compresslevel=1, mtime=0)
+    """Gzip at level 1 (Go's gzip.BestSpeed) with the header Go's gzip.Writer writes:
+    no name, mtime 0, XFL 4 ("fastest"), OS 255 ("unknown")."""
+    deflate = zlib.compressobj(1, zlib.DEFLATED, -15)
+    body = deflate.compress(data) + deflate.flush()
+    trailer = struct.pack("<II", zlib.crc32(data) & 0xFFFFFFFF, len(data) & 0xFFFFFFFF)
+    return b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x04\xff" + body + trailer
 
 
 # ----- the built-in dataset ----------------------------------------------------------------
@@ -525,7 +530,6 @@ def build_export_files(dataset: Dataset, fmt: str, namespace: int, groups: int) 
 
 # ----- GraphQL "parsing" (field names and argument lists only) -----------------------------
 ARG_RE = re.compile(r'(\w+)\s*:\s*(\$\w+|"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|true|false|null|\w+)')
-UNSET = object()
 
 
 def selection_text(query: str) -> str:

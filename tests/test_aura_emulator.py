@@ -1,0 +1,663 @@
+"""Tests for the Neo4j Aura management API + Query API emulator (tests/emulators/aura.py).
+
+The emulator runs as a subprocess on a free port, exactly as the end-to-end tests use it;
+every request goes through urllib to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+
+EMULATOR = Path(__file__).resolve().parent / "emulators" / "aura.py"
+CLIENT_ID, CLIENT_SECRET = "test-client-id", "test-client-secret"
+INSTANCE = "2f49c2b3"
+DB_USER, DB_PASSWORD = "neo4j", "db-password-ü"
+NODES, RELS = 300, 600
+
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never use a proxy
+
+NODES_PAGE = ("MATCH (n) WHERE elementId(n) > $after RETURN elementId(n) AS id, labels(n) AS labels, "
+              "properties(n) AS props ORDER BY id LIMIT $limit")
+RELS_PAGE = ("MATCH ()-[r]->() WHERE elementId(r) > $after RETURN elementId(r) AS id, type(r) AS type, "
+             "elementId(startNode(r)) AS start, elementId(endNode(r)) AS end, properties(r) AS props "
+             "ORDER BY id LIMIT $limit")
+COUNT_NODES = "MATCH (n) RETURN count(n) AS nodes"
+COUNT_RELS = "MATCH ()-[r]->() RETURN count(r) AS relationships"
+CLEANUP = "MATCH (n) WHERE n.`_ferry_id` IS NOT NULL REMOVE n.`_ferry_id`"
+
+
+def quote(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
+
+
+def create_nodes_stmt(labels) -> str:
+    target = "n" + "".join(":" + quote(label) for label in labels)
+    return f"UNWIND $rows AS row CREATE ({target}) SET n = row.props, n.`_ferry_id` = row.id"
+
+
+def create_rels_stmt(type_: str) -> str:
+    return ("UNWIND $rows AS row MATCH (a {`_ferry_id`: row.start}), (b {`_ferry_id`: row.end}) "
+            f"CREATE (a)-[r:{quote(type_)}]->(b) SET r = row.props")
+
+
+# ----- process and HTTP helpers -----------------------------------------------------------------
+def start(*extra):
+    cmd = [sys.executable, str(EMULATOR), "--port", "0", "--client-id", CLIENT_ID,
+           "--client-secret", CLIENT_SECRET, "--instance", INSTANCE, "--db-user", DB_USER,
+           "--db-password", DB_PASSWORD, *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    match = re.fullmatch(r"READY (\d+)\n", line)
+    if not match:
+        proc.kill()
+        raise AssertionError(f"unexpected first line {line!r}")
+    return proc, f"http://127.0.0.1:{match.group(1)}"
+
+
+def stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def base():
+    proc, url = start("--nodes", str(NODES), "--rels", str(RELS), "--seed", "7", "--snapshot-polls", "2")
+    try:
+        yield url
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(autouse=True)
+def fresh(request):
+    if "base" in request.fixturenames:
+        status, _, _ = call(request.getfixturevalue("base"), "POST", "/__control/reset", b"{}")
+        assert status == 200
+
+
+class Resp:
+    def __init__(self, status, headers, body: bytes):
+        self.status, self.headers, self.raw = status, headers, body
+
+    def json(self):
+        return json.loads(self.raw)
+
+
+def call(base_url, method, path, body=None, headers=None, timeout=30):
+    req = urllib.request.Request(base_url + path, data=body, method=method, headers=headers or {})
+    try:
+        with OPENER.open(req, timeout=timeout) as resp:
+            return resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers, err.read()
+
+
+def http(base_url, method, path, body=None, headers=None) -> Resp:
+    return Resp(*call(base_url, method, path, body, headers))
+
+
+def control(base_url, **switches):
+    r = http(base_url, "POST", "/__control", json.dumps(switches).encode(), {"Content-Type": "application/json"})
+    assert r.status == 200, r.raw
+    return r.json()
+
+
+def state(base_url) -> dict:
+    return http(base_url, "GET", "/__control/state").json()
+
+
+def graph(base_url, db="neo4j") -> dict:
+    r = http(base_url, "GET", f"/__control/graph?db={db}")
+    assert r.status == 200, r.raw
+    return r.json()
+
+
+def basic(user, password) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def token_request(base_url, body=b"grant_type=client_credentials", auth=None, content_type=None) -> Resp:
+    headers = {"Authorization": auth or basic(CLIENT_ID, CLIENT_SECRET)}
+    if content_type is not False:
+        headers["Content-Type"] = content_type or "application/x-www-form-urlencoded"
+    return http(base_url, "POST", "/oauth/token", body, headers)
+
+
+def get_token(base_url) -> str:
+    r = token_request(base_url)
+    assert r.status == 200, r.raw
+    return r.json()["access_token"]
+
+
+def api(base_url, method, path, token, body=None) -> Resp:
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    return http(base_url, method, path, body, headers)
+
+
+def cypher(base_url, statement, parameters=None, db="neo4j", auth=None, **extra) -> Resp:
+    payload = {"statement": statement}
+    if parameters is not None:
+        payload["parameters"] = parameters
+    payload.update(extra)
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    if auth is not False:  # None: the database user; False: no Authorization header at all
+        headers["Authorization"] = basic(DB_USER, DB_PASSWORD) if auth is None else auth
+    return http(base_url, "POST", f"/db/{db}/query/v2", json.dumps(payload).encode(), headers)
+
+
+def ok(resp: Resp) -> dict:
+    assert resp.status == 202, (resp.status, resp.raw[:500])
+    body = resp.json()
+    assert "errors" not in body or not body["errors"], body
+    assert isinstance(body["bookmarks"], list) and body["bookmarks"][0].startswith("FB:")
+    return body["data"]
+
+
+def page_all(base_url, statement, db="neo4j", batch=1000, timings=None) -> list:
+    rows, after = [], ""
+    while True:
+        t0 = time.perf_counter()
+        data = ok(cypher(base_url, statement, {"after": after, "limit": batch}, db=db))
+        if timings is not None:
+            timings.append(time.perf_counter() - t0)
+        rows += data["values"]
+        if len(data["values"]) < batch:
+            return rows
+        after = data["values"][-1][0]
+
+
+# ----- management API: OAuth, tokens, envelope ---------------------------------------------------------
+def test_token_flow_and_errors(base):
+    r = token_request(base)
+    assert r.status == 200
+    body = r.json()
+    assert set(body) == {"access_token", "expires_in", "token_type"}
+    assert body["token_type"] == "bearer" and body["expires_in"] == 3600
+    assert body["access_token"].count(".") == 2  # JWT-shaped, opaque to clients
+    assert r.headers["X-Request-Id"]
+
+    assert token_request(base, auth=basic(CLIENT_ID, "wrong")).status == 401
+    assert token_request(base, auth="Basic !!!not-base64").status == 401
+    assert http(base, "POST", "/oauth/token", b"grant_type=client_credentials",
+                {"Content-Type": "application/x-www-form-urlencoded"}).status == 401  # no credentials
+    assert token_request(base, body=None).status == 404  # missing body
+    assert token_request(base, body=b"grant_type=password").status == 403  # invalid body
+    assert token_request(base, body=b"grant_type=client_credentials", content_type="application/json").status == 400
+    assert http(base, "GET", "/oauth/token").status == 405
+    assert state(base)["token_requests"] == 7  # the GET was not a token request
+    control(base, fail_next=[{"status": 503}])
+    assert token_request(base).status == 503
+    assert state(base)["token_requests"] == 8  # every POST /oauth/token counts, even a failed one
+
+
+def test_unknown_and_expired_tokens(base):
+    r = api(base, "GET", f"/v1/instances/{INSTANCE}", "not-a-token")
+    assert r.status == 401
+    assert r.json() == {"errors": [{"message": "Unauthorized", "reason": "unauthorized"}]}
+    assert http(base, "GET", f"/v1/instances/{INSTANCE}").status == 401  # no Authorization at all
+
+    token = get_token(base)
+    assert api(base, "GET", f"/v1/instances/{INSTANCE}", token).status == 200
+    control(base, expire_tokens_now=True)
+    assert state(base)["switches"]["expire_tokens_now"] is False  # one-shot
+    r = api(base, "GET", f"/v1/instances/{INSTANCE}", token)
+    assert r.status == 403  # expired → 403, not 401
+    assert r.json() == {"errors": [{"message": "Forbidden: token expired", "reason": "forbidden"}]}
+    control(base, error_variant=True)
+    r = api(base, "GET", f"/v1/instances/{INSTANCE}", token)
+    assert r.status == 403 and r.json() == {"error": "Forbidden"}
+
+    fresh_token = get_token(base)  # tokens issued after the one-shot are valid
+    assert api(base, "GET", f"/v1/instances/{INSTANCE}", fresh_token).status == 200
+
+
+def test_token_ttl_expiry(base):
+    control(base, token_ttl=0.4)
+    r = token_request(base)
+    token = r.json()["access_token"]
+    assert api(base, "GET", f"/v1/instances/{INSTANCE}", token).status == 200
+    time.sleep(0.5)
+    assert api(base, "GET", f"/v1/instances/{INSTANCE}", token).status == 403
+
+
+def test_rate_limit(base):
+    token = get_token(base)
+    control(base, rate_limit=5)  # the token request above counted too
+    statuses = [api(base, "GET", f"/v1/instances/{INSTANCE}", token).status for _ in range(4)]
+    assert statuses == [200] * 4
+    r = api(base, "GET", f"/v1/instances/{INSTANCE}", token)
+    assert r.status == 429
+    assert 1 <= int(r.headers["Retry-After"]) <= 60
+    assert r.headers["X-Request-Id"]
+    assert token_request(base).status == 429  # the limit is global over /oauth and /v1
+    assert cypher(base, COUNT_NODES).status == 202  # the Query API host is not limited
+    control(base, rate_limit=None)
+    assert api(base, "GET", f"/v1/instances/{INSTANCE}", token).status == 200
+
+
+def test_request_id_everywhere(base):
+    token = get_token(base)
+    responses = [api(base, "GET", f"/v1/instances/{INSTANCE}", token), api(base, "GET", "/v1/nope", token),
+                 http(base, "GET", "/nope"), cypher(base, COUNT_NODES), cypher(base, COUNT_NODES, auth="x"),
+                 http(base, "GET", "/__control/state")]
+    ids = [r.headers["X-Request-Id"] for r in responses]
+    assert all(ids) and len(set(ids)) == len(ids)
+
+
+# ----- management API: instances and snapshots ----------------------------------------------------------
+def test_instances(base):
+    token = get_token(base)
+    r = api(base, "GET", f"/v1/instances/{INSTANCE}", token)
+    assert r.status == 200
+    data = r.json()["data"]
+    assert data["id"] == INSTANCE and data["status"] == "running"
+    assert data["connection_url"] == f"neo4j+s://{INSTANCE}.databases.neo4j.io"
+    assert {"name", "tenant_id", "cloud_provider", "region", "type", "memory", "storage"} <= set(data)
+    assert re.fullmatch(r"[0-9a-f-]{36}", data["tenant_id"])
+
+    r = api(base, "GET", "/v1/instances/deadbeef", token)
+    assert r.status == 404
+    assert r.json() == {"errors": [{"message": "DB not found: deadbeef", "reason": "db-not-found"}]}
+
+    listed = api(base, "GET", "/v1/instances", token).json()["data"]
+    assert [i["id"] for i in listed] == [INSTANCE]
+    assert api(base, "GET", f"/v1/instances?tenantId={data['tenant_id']}", token).json()["data"] == listed
+    assert api(base, "GET", "/v1/instances?tenantId=other", token).json()["data"] == []
+    assert api(base, "GET", "/v1/tenants", token).json()["data"][0]["id"] == data["tenant_id"]
+    assert api(base, "DELETE", f"/v1/instances/{INSTANCE}", token).status == 405
+
+    control(base, instance_status="loading failed")
+    assert api(base, "GET", f"/v1/instances/{INSTANCE}", token).json()["data"]["status"] == "loading failed"
+    r = api(base, "POST", f"/v1/instances/{INSTANCE}/snapshots", token)
+    assert r.status == 409 and r.json()["errors"][0]["reason"] == "ongoing-database-operation"
+
+
+def test_snapshot_lifecycle(base):
+    token = get_token(base)
+    r = api(base, "POST", f"/v1/instances/{INSTANCE}/snapshots", token)
+    assert r.status == 202
+    sid = r.json()["data"]["snapshot_id"]
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", sid)
+    seen = []
+    for _ in range(4):
+        r = api(base, "GET", f"/v1/instances/{INSTANCE}/snapshots/{sid}", token)
+        assert r.status == 200
+        data = r.json()["data"]
+        seen.append(data["status"])
+    assert seen == ["Pending", "InProgress", "Completed", "Completed"]
+    assert set(data) == {"snapshot_id", "instance_id", "profile", "status", "timestamp", "exportable"}
+    assert data["instance_id"] == INSTANCE and data["profile"] == "AdHoc" and data["exportable"] is True
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", data["timestamp"])
+    assert state(base)["snapshots"] == [{"snapshot_id": sid, "instance_id": INSTANCE,
+                                         "status": "Completed", "polls": 4}]
+
+    today = data["timestamp"][:10]
+    listed = api(base, "GET", f"/v1/instances/{INSTANCE}/snapshots", token).json()["data"]
+    assert [s["snapshot_id"] for s in listed] == [sid]
+    assert api(base, "GET", f"/v1/instances/{INSTANCE}/snapshots?date={today}", token).json()["data"] == listed
+    assert api(base, "GET", f"/v1/instances/{INSTANCE}/snapshots?date=2001-01-01", token).json()["data"] == []
+    assert api(base, "GET", f"/v1/instances/{INSTANCE}/snapshots?date=yesterday", token).status == 400
+    # "today" moves on: the default list of the next day misses the snapshot
+    control(base, clock_offset=86400)
+    assert api(base, "GET", f"/v1/instances/{INSTANCE}/snapshots", token).json()["data"] == []
+    assert len(api(base, "GET", f"/v1/instances/{INSTANCE}/snapshots?date={today}", token).json()["data"]) == 1
+
+    r = api(base, "GET", f"/v1/instances/{INSTANCE}/snapshots/00000000-0000-4000-8000-000000000000", token)
+    assert r.status == 404
+    assert r.json() == {"errors": [{"message": "Snapshot not found", "reason": "snapshot-not-found"}]}
+    assert api(base, "POST", "/v1/instances/deadbeef/snapshots", token).status == 404
+
+
+def test_snapshot_failed_and_polls_switches(base):
+    token = get_token(base)
+    control(base, snapshot_fail=True, snapshot_polls=1)
+    sid = api(base, "POST", f"/v1/instances/{INSTANCE}/snapshots", token).json()["data"]["snapshot_id"]
+    seen = [api(base, "GET", f"/v1/instances/{INSTANCE}/snapshots/{sid}", token).json()["data"]["status"]
+            for _ in range(3)]
+    assert seen == ["Pending", "Failed", "Failed"]
+    control(base, snapshot_fail=False, snapshot_polls=0)
+    sid = api(base, "POST", f"/v1/instances/{INSTANCE}/snapshots", token).json()["data"]["snapshot_id"]
+    assert api(base, "GET", f"/v1/instances/{INSTANCE}/snapshots/{sid}", token).json()["data"]["status"] == "Completed"
+    control(base, snapshot_polls=4)
+    sid = api(base, "POST", f"/v1/instances/{INSTANCE}/snapshots", token).json()["data"]["snapshot_id"]
+    seen = [api(base, "GET", f"/v1/instances/{INSTANCE}/snapshots/{sid}", token).json()["data"]["status"]
+            for _ in range(5)]
+    assert seen == ["Pending", "InProgress", "InProgress", "InProgress", "Completed"]
+
+
+def test_no_export_endpoint(base):
+    token = get_token(base)
+    sid = api(base, "POST", f"/v1/instances/{INSTANCE}/snapshots", token).json()["data"]["snapshot_id"]
+    for _ in range(3):
+        api(base, "GET", f"/v1/instances/{INSTANCE}/snapshots/{sid}", token)
+    for suffix in ("export", "download", "export/download", "file", "backup"):
+        for method in ("GET", "POST"):
+            r = api(base, method, f"/v1/instances/{INSTANCE}/snapshots/{sid}/{suffix}", token)
+            assert r.status == 404, (method, suffix, r.status)
+    for path in (f"/v1/snapshots/{sid}/export", f"/v1/instances/{INSTANCE}/export", "/v2/instances",
+                 f"/v1beta5/instances/{INSTANCE}/snapshots/{sid}/export"):
+        assert api(base, "GET", path, token).status == 404
+
+
+def test_snapshot_restore(base):
+    token = get_token(base)
+    control(base, snapshot_polls=0)
+    sid = api(base, "POST", f"/v1/instances/{INSTANCE}/snapshots", token).json()["data"]["snapshot_id"]
+    assert api(base, "GET", f"/v1/instances/{INSTANCE}/snapshots/{sid}", token).json()["data"]["status"] == "Completed"
+    before = graph(base)
+    ok(cypher(base, create_nodes_stmt(["Extra"]), {"rows": [{"id": "x", "props": {"a": 1}}]}))
+    assert len(graph(base)["nodes"]) == NODES + 1
+    r = api(base, "POST", f"/v1/instances/{INSTANCE}/snapshots/{sid}/restore", token)
+    assert r.status == 202 and r.json()["data"]["status"] == "restoring"
+    r = api(base, "POST", f"/v1/instances/{INSTANCE}/snapshots", token)
+    assert r.status == 409
+    assert r.json()["errors"][0] == {"message": "The database is current undergoing an operation: restoring",
+                                     "reason": "ongoing-database-operation"}
+    statuses = [api(base, "GET", f"/v1/instances/{INSTANCE}", token).json()["data"]["status"] for _ in range(3)]
+    assert statuses == ["restoring", "restoring", "running"]
+    assert graph(base) == before
+
+
+# ----- Query API ---------------------------------------------------------------------------------------
+def test_query_api_auth(base):
+    r = cypher(base, COUNT_NODES, auth=False)
+    assert r.status == 401
+    assert r.headers["WWW-Authenticate"] == 'Basic realm="Neo4j"'
+    assert r.json() == {"errors": [{"code": "Neo.ClientError.Security.Unauthorized",
+                                    "message": "The client is unauthorized due to authentication failure."}]}
+    assert cypher(base, COUNT_NODES, auth=basic(DB_USER, "wrong")).status == 401
+    assert cypher(base, COUNT_NODES, auth=basic(CLIENT_ID, CLIENT_SECRET)).json()["errors"][0]["code"] == \
+        "Neo.ClientError.Security.Unauthorized"  # API credentials are not database credentials
+    for bad in ("Basic !!!", "Basic " + base64.b64encode(b"no-colon").decode(), "Basic", "Token abc"):
+        r = cypher(base, COUNT_NODES, auth=bad)
+        assert r.status == 401, bad
+        assert r.json()["errors"][0]["code"] == "Neo.ClientError.Request.InvalidFormat", bad
+    r = cypher(base, COUNT_NODES, auth="")
+    assert r.status == 401 and r.json()["errors"][0]["code"] == "Neo.ClientError.Security.Unauthorized"
+    assert state(base)["query_count"] == 0  # unauthenticated requests never reach the database
+
+
+def test_query_api_request_errors(base):
+    auth = {"Authorization": basic(DB_USER, DB_PASSWORD)}
+    r = http(base, "POST", "/db/neo4j/query/v2", b"{not json", {**auth, "Content-Type": "application/json"})
+    assert r.status == 400 and r.json()["errors"][0]["code"] == "Neo.ClientError.Request.Invalid"
+    r = http(base, "POST", "/db/neo4j/query/v2", b'{"statement":"a\nb"}', {**auth, "Content-Type": "application/json"})
+    assert r.status == 400  # a literal line break inside a JSON string is invalid
+    r = http(base, "POST", "/db/neo4j/query/v2", json.dumps({"statement": COUNT_NODES}).encode(),
+             {**auth, "Content-Type": "text/plain"})
+    assert r.status == 415
+    assert http(base, "GET", "/db/neo4j/query/v2", None, auth).status == 405
+    assert http(base, "POST", "/db/neo4j/query/v2/tx", b"{}", {**auth, "Content-Type": "application/json"}).status == 404
+
+
+def test_counts_and_paging_cover_graph(base):
+    assert ok(cypher(base, COUNT_NODES)) == {"fields": ["nodes"], "values": [[NODES]]}
+    assert ok(cypher(base, COUNT_RELS)) == {"fields": ["relationships"], "values": [[RELS]]}
+
+    data = ok(cypher(base, NODES_PAGE, {"after": "", "limit": 7}))
+    assert data["fields"] == ["id", "labels", "props"] and len(data["values"]) == 7
+    nodes = page_all(base, NODES_PAGE, batch=64)
+    ids = [row[0] for row in nodes]
+    assert len(ids) == NODES and len(set(ids)) == NODES
+    assert ids == sorted(ids)  # string order, as ORDER BY id does
+    assert all(re.fullmatch(r"4:[0-9a-f-]{36}:\d+", i) for i in ids)
+    assert ids != sorted(ids, key=lambda x: int(x.rsplit(":", 1)[1]))  # "...:10" < "...:9"
+
+    data = ok(cypher(base, RELS_PAGE, {"after": "", "limit": 5}))
+    assert data["fields"] == ["id", "type", "start", "end", "props"]
+    rels = page_all(base, RELS_PAGE, batch=100)
+    rel_ids = [row[0] for row in rels]
+    assert len(rel_ids) == RELS and len(set(rel_ids)) == RELS and rel_ids == sorted(rel_ids)
+    node_set = set(ids)
+    assert all(row[2] in node_set and row[3] in node_set for row in rels)
+
+    # the pages equal the control dump
+    dump = graph(base)
+    assert [[n["id"], n["labels"], n["props"]] for n in dump["nodes"]] == nodes
+    assert [[r["id"], r["type"], r["start"], r["end"], r["props"]] for r in dump["relationships"]] == rels
+
+    # the seeded graph has the promised variety
+    label_sets = Counter(tuple(row[1]) for row in nodes)
+    assert label_sets[()] >= 1
+    assert any(len(k) == 2 for k in label_sets)
+    assert {lbl for k in label_sets for lbl in k} == {"Person", "Company", "City", "Product"}
+    assert {row[1] for row in rels} == {"KNOWS", "WORKS_AT", "LIVES_IN", "BOUGHT"}
+    values = [v for row in nodes for v in row[2].values()] + [v for row in rels for v in row[4].values()]
+    kinds = {type(v).__name__ for v in values}
+    assert kinds == {"str", "int", "float", "bool", "list"}
+    assert any(isinstance(v, str) and any(ord(c) > 0xFFFF for c in v) for v in values)  # astral unicode
+    assert any(isinstance(v, int) and not isinstance(v, bool) and v > 2 ** 53 for v in values)
+    assert any(row[2] == row[3] for row in rels)  # a self loop
+
+    # $after past the end, null and missing
+    assert ok(cypher(base, NODES_PAGE, {"after": ids[-1], "limit": 10}))["values"] == []
+    assert ok(cypher(base, NODES_PAGE, {"after": None, "limit": 10}))["values"] == []
+    r = cypher(base, NODES_PAGE, {"limit": 10})
+    assert r.status == 202 and r.json()["errors"][0]["code"] == "Neo.ClientError.Statement.ParameterMissing"
+    r = cypher(base, NODES_PAGE, {"after": "", "limit": -1})
+    assert r.json()["errors"][0]["code"] == "Neo.ClientError.Statement.ArgumentError"
+
+
+def test_statement_whitespace_and_case_normalisation(base):
+    messy = ("match  (n)\n WHERE elementId( n ) >$after\tRETURN elementId(n) AS id,labels(n) AS labels ,"
+             " properties(n)  AS props\nORDER  BY id LIMIT $limit ;")
+    data = ok(cypher(base, messy, {"after": "", "limit": 3}))
+    assert data["fields"] == ["id", "labels", "props"] and len(data["values"]) == 3
+    assert ok(cypher(base, "  MATCH ( n )  RETURN  count( n )  AS  nodes "))["values"] == [[NODES]]
+
+
+def test_unknown_statement_errors(base):
+    for statement in ("MATCH (n) RETURN n", "MATCH (n) DETACH DELETE n", "RETURN 1", "",
+                      COUNT_NODES.replace("nodes", "total"), NODES_PAGE.replace("LIMIT $limit", "")):
+        r = cypher(base, statement, {"after": "", "limit": 1})
+        assert r.status == 202, statement
+        body = r.json()
+        assert body["errors"][0]["code"] == "Neo.ClientError.Statement.SyntaxError", statement
+        assert body["errors"][0]["message"].startswith("Invalid input"), statement
+        assert "data" not in body
+    control(base, query_error_status=400)
+    r = cypher(base, "MATCH (n) RETURN n")
+    assert r.status == 400 and r.json()["errors"][0]["code"] == "Neo.ClientError.Statement.SyntaxError"
+    assert graph(base)["nodes"].__len__() == NODES  # nothing was written
+
+
+def restore_into(base_url, source: dict, db: str, batch: int = 50):
+    by_labels = defaultdict(list)
+    for node in source["nodes"]:
+        by_labels[tuple(node["labels"])].append({"id": node["id"], "props": node["props"]})
+    for labels, rows in by_labels.items():
+        for i in range(0, len(rows), batch):
+            ok(cypher(base_url, create_nodes_stmt(labels), {"rows": rows[i:i + batch]}, db=db))
+    by_type = defaultdict(list)
+    for rel in source["relationships"]:
+        by_type[rel["type"]].append({"start": rel["start"], "end": rel["end"], "props": rel["props"]})
+    for type_, rows in by_type.items():
+        for i in range(0, len(rows), batch):
+            ok(cypher(base_url, create_rels_stmt(type_), {"rows": rows[i:i + batch]}, db=db))
+
+
+def assert_same_graph(source: dict, restored: dict, mapping: dict):
+    """mapping: restored node id → source node id."""
+    src_nodes = {n["id"]: n for n in source["nodes"]}
+    assert len(restored["nodes"]) == len(source["nodes"])
+    assert sorted(mapping.values()) == sorted(src_nodes)
+    for node in restored["nodes"]:
+        original = src_nodes[mapping[node["id"]]]
+        assert sorted(node["labels"]) == sorted(original["labels"])
+        assert node["props"] == original["props"]
+    src_rels = Counter((r["type"], r["start"], r["end"], json.dumps(r["props"], sort_keys=True))
+                       for r in source["relationships"])
+    got_rels = Counter((r["type"], mapping[r["start"]], mapping[r["end"]], json.dumps(r["props"], sort_keys=True))
+                       for r in restored["relationships"])
+    assert got_rels == src_rels
+
+
+def test_restore_round_trip(base):
+    source = {"nodes": [{"id": r[0], "labels": r[1], "props": r[2]} for r in page_all(base, NODES_PAGE, batch=100)],
+              "relationships": [{"id": r[0], "type": r[1], "start": r[2], "end": r[3], "props": r[4]}
+                                for r in page_all(base, RELS_PAGE, batch=100)]}
+    assert ok(cypher(base, COUNT_NODES, db="restored"))["values"] == [[0]]  # created empty on first use
+    restore_into(base, source, "restored")
+    with_ids = graph(base, "restored")
+    mapping = {n["id"]: n["props"]["_ferry_id"] for n in with_ids["nodes"]}
+    for node in with_ids["nodes"]:
+        del node["props"]["_ferry_id"]
+    assert_same_graph(source, with_ids, mapping)
+
+    assert ok(cypher(base, CLEANUP, db="restored")) == {"fields": [], "values": []}
+    restored = graph(base, "restored")
+    assert not any("_ferry_id" in n["props"] for n in restored["nodes"])
+    assert restored == with_ids  # cleanup touched nothing else
+    assert ok(cypher(base, COUNT_RELS, db="restored"))["values"] == [[RELS]]
+    assert graph(base) == source and len(source["nodes"]) == NODES  # the source is untouched
+    assert "restored" in state(base)["databases"]
+
+    control(base)
+    http(base, "POST", "/__control/reset", b"{}")
+    assert http(base, "GET", "/__control/graph?db=restored").status == 404  # reset drops it
+
+
+def test_restore_edge_cases(base):
+    db = "edge-cases"
+    rows = [{"id": "a", "props": {"s": "é🚀\n\"q\"", "i": -(2 ** 63), "f": 1.5, "b": False, "l": [1, 2],
+                                  "ls": [], "skip": None}},
+            {"id": "b", "props": {}},
+            {"id": "c"}]
+    ok(cypher(base, create_nodes_stmt(["We`ird Label", "B"]), {"rows": rows}, db=db))
+    ok(cypher(base, "UNWIND $rows AS row CREATE (n) SET n = row.props, n.`_ferry_id` = row.id",
+              {"rows": [{"id": "d", "props": {"x": 1}}]}, db=db))
+    ok(cypher(base, create_nodes_stmt(["B", "A"]), {"rows": [{"id": "e", "props": {}}]}, db=db))
+    ok(cypher(base, create_rels_stmt("HAS `TICK"), {"rows": [
+        {"start": "a", "end": "b", "props": {"w": 0.5}}, {"start": "a", "end": "a", "props": {}},
+        {"start": "a", "end": "missing", "props": {}}]}, db=db))
+    dump = graph(base, db)
+    by_ferry = {n["props"].get("_ferry_id"): n for n in dump["nodes"]}
+    assert by_ferry["a"]["labels"] == ["We`ird Label", "B"]
+    assert by_ferry["a"]["props"] == {"s": "é🚀\n\"q\"", "i": -(2 ** 63), "f": 1.5, "b": False, "l": [1, 2],
+                                      "ls": [], "_ferry_id": "a"}  # null entries are not stored
+    assert by_ferry["c"]["props"] == {"_ferry_id": "c"}
+    assert by_ferry["d"]["labels"] == []
+    assert by_ferry["e"]["labels"] == ["B", "A"]  # label-token order, not statement order
+    rels = dump["relationships"]
+    # the row whose end does not match creates nothing
+    assert [(r["type"], r["props"]) for r in rels] == [("HAS `TICK", {"w": 0.5}), ("HAS `TICK", {})]
+    assert any(r["start"] == r["end"] for r in rels)
+
+    # invalid property values fail the whole statement and write nothing
+    for props in ({"m": {"nested": 1}}, {"l": [1, None]}, {"l": ["a", 1]}, {"l": [[1]]}):
+        r = cypher(base, create_nodes_stmt(["X"]), {"rows": [{"id": "ok", "props": {"a": 1}}, {"id": "z", "props": props}]}, db=db)
+        assert r.status == 202 and r.json()["errors"][0]["code"] == "Neo.ClientError.Statement.TypeError", props
+    assert len(graph(base, db)["nodes"]) == 5
+    # mixed ints and floats are widened to floats
+    ok(cypher(base, create_nodes_stmt(["X"]), {"rows": [{"id": "w", "props": {"l": [1, 2.5]}}]}, db=db))
+    assert [n["props"]["l"] for n in graph(base, db)["nodes"] if n["labels"] == ["X"]] == [[1.0, 2.5]]
+    r = cypher(base, create_nodes_stmt(["X"]), {}, db=db)
+    assert r.json()["errors"][0]["code"] == "Neo.ClientError.Statement.ParameterMissing"
+
+
+# ----- fault switches ----------------------------------------------------------------------------------
+def test_fail_next(base):
+    token = get_token(base)
+    control(base, fail_next=[{"status": 503, "retry_after": "1"}, {"status": 500, "body": "raw oops"},
+                             {"status": 502}])
+    r = token_request(base)
+    assert r.status == 503 and r.headers["Retry-After"] == "1" and "errors" in r.json()
+    r = api(base, "GET", f"/v1/instances/{INSTANCE}", token)
+    assert r.status == 500 and r.raw == b"raw oops" and r.headers.get("Retry-After") is None
+    r = cypher(base, COUNT_NODES)
+    assert r.status == 502 and r.json()["errors"][0]["code"].startswith("Neo.TransientError")
+    assert state(base)["switches"]["fail_next"] == []
+    assert api(base, "GET", f"/v1/instances/{INSTANCE}", token).status == 200
+    assert cypher(base, COUNT_NODES).status == 202
+
+
+def test_malformed_next(base):
+    token = get_token(base)
+    control(base, malformed_next=2)
+    assert token_request(base).status == 200  # /oauth is not affected
+    r = api(base, "GET", f"/v1/instances/{INSTANCE}", token)
+    assert r.status == 200 and r.raw == b"<html>502 Bad Gateway</html>"
+    r = cypher(base, COUNT_NODES)
+    assert r.status == 200 and r.raw == b"<html>502 Bad Gateway</html>"
+    assert state(base)["switches"]["malformed_next"] == 0
+    assert api(base, "GET", f"/v1/instances/{INSTANCE}", token).json()["data"]["id"] == INSTANCE
+
+
+def test_query_error_next(base):
+    control(base, query_error_next=["database is restarting",
+                                    {"code": "Neo.TransientError.Transaction.DeadlockDetected", "message": "deadlock"}])
+    r = cypher(base, COUNT_NODES)
+    assert r.status == 202
+    assert r.json() == {"errors": [{"code": "Neo.TransientError.General.DatabaseUnavailable",
+                                    "message": "database is restarting"}]}
+    control(base, query_error_status=503)
+    r = cypher(base, create_nodes_stmt(["A"]), {"rows": [{"id": "1", "props": {}}]})
+    assert r.status == 503
+    assert r.json()["errors"][0] == {"code": "Neo.TransientError.Transaction.DeadlockDetected", "message": "deadlock"}
+    assert len(graph(base)["nodes"]) == NODES  # the failed write did not happen
+    assert ok(cypher(base, COUNT_NODES))["values"] == [[NODES]]
+    assert state(base)["query_count"] == 3
+
+
+def test_control_api(base):
+    r = http(base, "POST", "/__control", b'{"no_such_switch": 1}', {"Content-Type": "application/json"})
+    assert r.status == 400
+    r = http(base, "POST", "/__control", b'{"snapshot_polls": "two"}', {"Content-Type": "application/json"})
+    assert r.status == 400
+    switches = state(base)["switches"]
+    assert switches == {"token_ttl": 3600.0, "expire_tokens_now": False, "snapshot_polls": 2,
+                        "snapshot_fail": False, "rate_limit": 125, "fail_next": [], "malformed_next": 0,
+                        "query_error_next": [], "query_error_status": None, "error_variant": False,
+                        "restore_polls": 2, "instance_status": None, "clock_offset": 0}
+    before = graph(base)
+    get_token(base)
+    ok(cypher(base, create_nodes_stmt(["Tmp"]), {"rows": [{"id": "t", "props": {}}]}))
+    cypher(base, COUNT_NODES, db="scratch")
+    control(base, snapshot_fail=True, rate_limit=1000)
+    st = state(base)
+    assert st["token_requests"] == 1 and st["query_count"] == 2
+    assert {"method": "POST", "path": "/oauth/token", "status": 200} in st["requests"]
+    assert http(base, "POST", "/__control/reset", b"{}").status == 200
+    st = state(base)
+    assert st["switches"] == switches and st["token_requests"] == 0 and st["snapshots"] == []
+    assert st["requests"] == [] and st["query_count"] == 0 and st["databases"] == ["neo4j"]
+    assert graph(base) == before  # the seeded database is regenerated identically
+    assert http(base, "GET", "/__control/graph?db=nope").status == 404
+
+
+# ----- performance ---------------------------------------------------------------------------------------
+def test_paging_speed_on_large_graph():
+    t0 = time.perf_counter()
+    proc, url = start("--nodes", "10000", "--rels", "20000", "--seed", "1")
+    startup = time.perf_counter() - t0
+    try:
+        timings = []
+        t0 = time.perf_counter()
+        nodes = page_all(url, NODES_PAGE, batch=1000, timings=timings)
+        rels = page_all(url, RELS_PAGE, batch=1000, timings=timings)
+        total = time.perf_counter() - t0
+        assert len(nodes) == 10000 and len({r[0] for r in nodes}) == 10000
+        assert len(rels) == 20000 and len({r[0] for r in rels}) == 20000
+        print(f"\nstartup {startup:.2f}s, full paging {total:.2f}s over {len(timings)} queries, "
+              f"median {statistics.median(timings) * 1000:.1f} ms, max {max(timings) * 1000:.1f} ms")
+        assert statistics.median(timings) < 0.05
+        assert max(timings) < 0.1
+        assert total < 3
+        assert startup < 5
+    finally:
+        stop(proc)
