@@ -204,6 +204,41 @@ def dxp_source(name: str, emulator: DxpEmulator, schedule: str = "0 0 1 1 *", au
 DXP_SECRETS = {"DXP_USER_TOKEN": DXP_USER_TOKEN, "DXP_MASTER_TOKEN": DXP_MASTER_TOKEN, "DXP_PASSWORD": DXP_PASSWORD}
 
 
+DGRAPH_KEY, DGRAPH_PASSWORD = "dgraph-admin-key", "dgraph-groot-password"
+
+
+class DgraphEmulator(Emulator):
+    """The Dgraph Cloud backend (and Cerebro) emulator."""
+
+    script = "dgraph.py"
+
+    def __init__(self, workdir: Path, acl: bool = False, **opts):
+        args = ["--admin-key", DGRAPH_KEY]
+        if acl:
+            args += ["--acl", "--user-id", "groot", "--password", DGRAPH_PASSWORD]
+        for k, v in opts.items():
+            args += [f"--{k.replace('_', '-')}", str(v)]
+        super().__init__(workdir, args, f"dgraph-emulator{'-acl' if acl else ''}.log")
+
+    def file(self, task_id: str, name: str) -> bytes:
+        status, _, body = self.http.request("GET", f"/__control/file/{task_id}/{name}")
+        assert status == 200, (task_id, name, status)
+        return body
+
+
+def dgraph_source(name: str, emulator: DgraphEmulator, schedule: str = "0 0 1 1 *", acl: bool = False, **extra) -> dict:
+    source = {"name": name, "kind": "dgraph", "schedule": schedule, "endpoint": emulator.url,
+              "api_key_secret": "DGRAPH_KEY", "poll_interval_ms": 200,
+              "retry": {"max_attempts": 3, "base_ms": 200, "max_delay_ms": 1000}}
+    if acl:
+        source.update({"user_id": "groot", "password_secret": "DGRAPH_PASSWORD", "namespace": -1})
+    source.update(extra)
+    return source
+
+
+DGRAPH_SECRETS = {"DGRAPH_KEY": DGRAPH_KEY, "DGRAPH_PASSWORD": DGRAPH_PASSWORD}
+
+
 def process_tree(pid: int) -> list[int]:
     """`pid` and all its descendants (Linux /proc)."""
     children: dict[int, list[int]] = {}

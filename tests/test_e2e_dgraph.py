@@ -1,0 +1,133 @@
+"""End to end: Dgraph Cloud exports by the built Worker under `wrangler dev`."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import time
+
+import pytest
+
+from harness import DGRAPH_SECRETS, DgraphEmulator, Ferry, dgraph_source
+
+TICK = 1893466800000  # 2030-01-01T03:00:00Z
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    work = tmp_path_factory.mktemp("dgraph-e2e")
+    plain = DgraphEmulator(work)
+    acl = DgraphEmulator(work, acl=True)
+    sources = [
+        dgraph_source("graph", plain, schedule="0 3 * * *"),
+        dgraph_source("graph-rdf", plain, format="rdf"),
+        dgraph_source("graph-acl", acl, acl=True),
+        dgraph_source("graph-failing", plain),
+    ]
+    ferry = Ferry(work / "ferry", sources, secrets=DGRAPH_SECRETS)
+    yield {"ferry": ferry, "plain": plain, "acl": acl}
+    ferry.stop()
+    plain.stop()
+    acl.stop()
+
+
+@pytest.fixture(autouse=True)
+def clean(world):
+    world["plain"].reset()
+    world["acl"].reset()
+
+
+def check_dgraph_backup(ferry: Ferry, job: dict, emulator: DgraphEmulator, suffix: str) -> dict:
+    assert job["phase"] == "committed", job
+    (manifest,) = [m for m in ferry.backups(job["source"]) if m["job_id"] == job["id"]]
+    task_id = manifest["provider"]["task_id"]
+    (export,) = [e for e in emulator.state()["exports"] if e["taskId"] == task_id]
+    expected = {f["name"] for f in export["files"]}
+    assert {a["filename"] for a in manifest["artifacts"]} == expected
+    assert f"g01.{suffix}.gz" in expected and "g01.schema.gz" in expected and "g01.gql_schema.gz" in expected
+    for art in manifest["artifacts"]:
+        headers, body = ferry.artifact(art["key"])
+        assert body == emulator.file(task_id, art["filename"]), f"{art['filename']} differs"
+        assert art["sha256"] == hashlib.sha256(body).hexdigest() == headers["x-ferry-sha256"]
+        assert body[:2] == b"\x1f\x8b", "stored as the gzip Dgraph served"
+    data = gzip.decompress(ferry.artifact(next(a["key"] for a in manifest["artifacts"] if a["filename"] == f"g01.{suffix}.gz"))[1])
+    if suffix == "json":
+        assert isinstance(json.loads(data), list)
+    else:
+        assert data.decode().splitlines()[0].endswith(" .")
+    return manifest
+
+
+def test_scheduled_export_lands_every_file_byte_for_byte(world):
+    ferry, plain = world["ferry"], world["plain"]
+    ferry.scheduled("*/5 * * * *", at_ms=TICK)
+    deadline = time.time() + 30
+    while not ferry.source("graph")["last_job"] and time.time() < deadline:
+        time.sleep(0.2)
+    job = ferry.wait_job(ferry.source("graph")["last_job"]["id"])
+    manifest = check_dgraph_backup(ferry, job, plain, "json")
+    assert manifest["provider"]["status"] == "Success" and manifest["provider"]["format"] == "json"
+    assert ferry.source("graph-rdf")["last_job"] is None
+
+
+def test_webhook_rdf_export(world):
+    ferry, plain = world["ferry"], world["plain"]
+    status, _, payload = ferry.webhook("graph-rdf")
+    assert status == 202
+    check_dgraph_backup(ferry, ferry.wait_job(payload["job"]["id"]), plain, "rdf")
+
+
+def test_acl_login_and_refresh_when_the_access_token_expires_mid_export(world):
+    ferry, acl = world["ferry"], world["acl"]
+    acl.control(access_ttl=1, status_sequence=["Queued"] * 8 + ["Running", "Success"])
+    status, _, payload = ferry.webhook("graph-acl")
+    job = ferry.wait_job(payload["job"]["id"], timeout=90)
+    manifest = check_dgraph_backup(ferry, job, acl, "json")
+    assert manifest["provider"]["namespace"] == -1
+    logins = [r for r in acl.state()["requests"] if r.get("op") == "login"]
+    assert len(logins) >= 2, "the expired access token was refreshed"
+    assert job["provider"]["logins"] >= 2
+    text = json.dumps(job)
+    assert "secret_" not in text and "accessJWT" not in text
+
+
+def test_unknown_status_values_keep_polling(world):
+    ferry, plain = world["ferry"], world["plain"]
+    plain.control(status_sequence=["Queued", "Paused", "Running", "Success"])
+    status, _, payload = ferry.webhook("graph-failing")
+    check_dgraph_backup(ferry, ferry.wait_job(payload["job"]["id"]), plain, "json")
+
+
+def test_failed_export_fails_the_job_with_no_manifest(world):
+    ferry, plain = world["ferry"], world["plain"]
+    plain.control(status_sequence=["Queued", "Running", "Failed"])
+    status, _, payload = ferry.webhook("graph-failing")
+    job = ferry.wait_job(payload["job"]["id"])
+    assert job["phase"] == "failed" and "failed" in job["error"], job
+    assert not [m for m in ferry.backups("graph-failing") if m["job_id"] == job["id"]]
+
+
+def test_graphql_errors_fail_the_job_with_their_messages(world):
+    ferry, plain = world["ferry"], world["plain"]
+    plain.control(graphql_error_next=["Only guardian of galaxy can export all namespaces"])
+    status, _, payload = ferry.webhook("graph-failing")
+    job = ferry.wait_job(payload["job"]["id"])
+    assert job["phase"] == "failed"
+    assert job["error"] == "Dgraph export failed: Only guardian of galaxy can export all namespaces"
+
+
+def test_server_errors_are_retried(world):
+    ferry, plain = world["ferry"], world["plain"]
+    plain.control(fail_next=[{"status": 503}, {"status": 429, "retry_after": "1"}])
+    status, _, payload = ferry.webhook("graph-failing")
+    job = ferry.wait_job(payload["job"]["id"])
+    check_dgraph_backup(ferry, job, plain, "json")
+
+
+def test_malformed_answer_fails_clearly(world):
+    ferry, plain = world["ferry"], world["plain"]
+    plain.control(malformed_next=1)
+    status, _, payload = ferry.webhook("graph-failing")
+    job = ferry.wait_job(payload["job"]["id"])
+    assert job["phase"] == "failed" and "malformed" in job["error"], job
