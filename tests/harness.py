@@ -239,6 +239,40 @@ def dgraph_source(name: str, emulator: DgraphEmulator, schedule: str = "0 0 1 1 
 DGRAPH_SECRETS = {"DGRAPH_KEY": DGRAPH_KEY, "DGRAPH_PASSWORD": DGRAPH_PASSWORD}
 
 
+AURA_ID, AURA_SECRET, NEO4J_PASSWORD, AURA_INSTANCE = "aura-client-id", "aura-client-secret", "neo4j-password", "2f49c2b3"
+
+
+class AuraEmulator(Emulator):
+    """The Neo4j Aura API and Query API emulator."""
+
+    script = "aura.py"
+
+    def __init__(self, workdir: Path, nodes: int = 10000, rels: int = 20000, **opts):
+        args = ["--client-id", AURA_ID, "--client-secret", AURA_SECRET, "--instance", AURA_INSTANCE,
+                "--db-user", "neo4j", "--db-password", NEO4J_PASSWORD, "--nodes", str(nodes), "--rels", str(rels)]
+        for k, v in opts.items():
+            args += [f"--{k.replace('_', '-')}", str(v)]
+        super().__init__(workdir, args, "aura-emulator.log")
+
+    def graph(self, db: str = "neo4j") -> dict:
+        status, _, body = self.http.request("GET", f"/__control/graph?db={db}")
+        assert status == 200, body
+        return json.loads(body)
+
+
+def aura_source(name: str, emulator: AuraEmulator, mode: str = "both", schedule: str = "0 0 1 1 *", **extra) -> dict:
+    source = {"name": name, "kind": "aura", "schedule": schedule, "instance_id": AURA_INSTANCE,
+              "client_id_secret": "AURA_CLIENT_ID", "client_secret_secret": "AURA_CLIENT_SECRET",
+              "db_password_secret": "NEO4J_PASSWORD", "mode": mode, "api_base": emulator.url,
+              "query_api_base": emulator.url, "poll_interval_ms": 200,
+              "retry": {"max_attempts": 3, "base_ms": 200, "max_delay_ms": 1000}}
+    source.update(extra)
+    return source
+
+
+AURA_SECRETS = {"AURA_CLIENT_ID": AURA_ID, "AURA_CLIENT_SECRET": AURA_SECRET, "NEO4J_PASSWORD": NEO4J_PASSWORD}
+
+
 def process_tree(pid: int) -> list[int]:
     """`pid` and all its descendants (Linux /proc)."""
     children: dict[int, list[int]] = {}

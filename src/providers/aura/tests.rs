@@ -197,3 +197,21 @@ fn query_api_errors_are_failures_whatever_the_status() {
     let html = HttpResponse { status: 200, headers: vec![], body: b"<html>502 Bad Gateway</html>".to_vec() };
     assert!(query_rows(&html, t(0)).unwrap_err().message().contains("malformed"));
 }
+
+#[test]
+fn property_values_survive_the_export_exactly() {
+    // serde_json's default float parser can be off by one ulp; the export must not be.
+    let s = source("logical", 10);
+    let mut w = GraphExport::for_source(&s, &creds(), t(0)).unwrap().start();
+    let raw = br#"{"data":{"fields":["id","labels","props"],"values":[["4:a:1",["City"],{"lon":94.89924441094519,"big":9007199254740993,"neg":-0.0,"tiny":5e-324}]]},"bookmarks":[]}"#;
+    let resp = HttpResponse { status: 202, headers: vec![], body: raw.to_vec() };
+    w.on_response(&resp, t(0)).unwrap();
+    let mut out = w.take_output();
+    out.extend(w.finish().unwrap().0);
+    let mut text = String::new();
+    GzDecoder::new(&out[..]).read_to_string(&mut text).unwrap();
+    let node = text.lines().nth(1).unwrap();
+    assert!(node.contains("94.89924441094519"), "{node}");
+    assert!(node.contains("9007199254740993"), "{node}");
+    assert!(node.contains("5e-324"), "{node}");
+}

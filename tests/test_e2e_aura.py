@@ -1,0 +1,150 @@
+"""End to end: Neo4j Aura snapshots and logical exports by the built Worker under `wrangler dev`,
+and the logical export loaded back into an empty database through the restore tool."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from harness import AURA_SECRETS, NEO4J_PASSWORD, ROOT, AuraEmulator, Ferry, aura_source
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import aura_restore  # noqa: E402
+
+TICK = 1893466800000  # 2030-01-01T03:00:00Z
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    work = tmp_path_factory.mktemp("aura-e2e")
+    emulator = AuraEmulator(work, nodes=10000, rels=20000, snapshot_polls=2)
+    sources = [
+        aura_source("graph", emulator),
+        aura_source("graph-snapshots", emulator, mode="snapshot", schedule="0 3 * * *"),
+        aura_source("graph-logical", emulator, mode="logical"),
+        aura_source("graph-wrong-password", emulator, mode="logical", db_password_secret="WRONG_PASSWORD"),
+    ]
+    ferry = Ferry(work / "ferry", sources, secrets={**AURA_SECRETS, "WRONG_PASSWORD": "nope"})
+    yield {"ferry": ferry, "emulator": emulator, "work": work}
+    ferry.stop()
+    emulator.stop()
+
+
+@pytest.fixture(autouse=True)
+def clean(world):
+    world["emulator"].reset()
+
+
+def canonical(graph: dict) -> tuple[Counter, Counter]:
+    """Nodes and relationships compared by content, not by element id."""
+    key = {n["id"]: json.dumps([sorted(n["labels"]), n["props"]], sort_keys=True) for n in graph["nodes"]}
+    nodes = Counter(key.values())
+    rels = Counter(json.dumps([r["type"], key[r["start"]], key[r["end"]], r["props"]], sort_keys=True)
+                   for r in graph["relationships"])
+    return nodes, rels
+
+
+def test_both_mode_records_the_snapshot_and_exports_a_graph_that_restores_identically(world, tmp_path):
+    ferry, emulator = world["ferry"], world["emulator"]
+    status, _, payload = ferry.webhook("graph")
+    assert status == 202
+    job = ferry.wait_job(payload["job"]["id"], timeout=120)
+    assert job["phase"] == "committed", job
+    (manifest,) = [m for m in ferry.backups("graph") if m["job_id"] == job["id"]]
+    snapshot = manifest["provider"]["snapshot"]
+    assert snapshot["status"] == "Completed" and snapshot["snapshot_id"] and snapshot["timestamp"]
+    assert snapshot["snapshot_id"] in {s["snapshot_id"] for s in emulator.state()["snapshots"]}
+    (art,) = manifest["artifacts"]
+    assert art["filename"] == "graph.jsonl.gz"
+    assert art["details"] == {"format": "ferry-neo4j-jsonl", "nodes": 10000, "relationships": 20000}
+    headers, body = ferry.artifact(art["key"])
+    assert art["sha256"] == hashlib.sha256(body).hexdigest() == headers["x-ferry-sha256"]
+    lines = gzip.decompress(body).decode().splitlines()
+    assert json.loads(lines[0])["type"] == "header" and json.loads(lines[-1]) == {"type": "footer", "nodes": 10000, "relationships": 20000}
+    # Load it back into an empty database through the Query API and compare everything.
+    path = tmp_path / "graph.jsonl.gz"
+    path.write_bytes(body)
+    api = aura_restore.QueryApi(emulator.url, "restored", "neo4j", NEO4J_PASSWORD)
+    counts = aura_restore.restore(str(path), api, batch=1000, log=lambda *_: None)
+    assert counts == {"nodes": 10000, "relationships": 20000}
+    original, restored = emulator.graph("neo4j"), emulator.graph("restored")
+    assert len(restored["nodes"]) == 10000 and len(restored["relationships"]) == 20000
+    (nodes_a, rels_a), (nodes_b, rels_b) = canonical(original), canonical(restored)
+    for name, a, b in (("nodes", nodes_a, nodes_b), ("relationships", rels_a, rels_b)):
+        missing, extra = list((a - b).items())[:3], list((b - a).items())[:3]
+        assert not missing and not extra, f"{name} differ: missing {missing}, unexpected {extra}"
+    assert all("_ferry_id" not in n["props"] for n in restored["nodes"]), "the helper property is removed"
+
+
+def test_restore_refuses_an_incomplete_export(world, tmp_path):
+    truncated = tmp_path / "cut.jsonl.gz"
+    truncated.write_bytes(gzip.compress(b'{"type":"header","format":"ferry-neo4j-jsonl","version":1}\n{"type":"node","id":"a","labels":[],"properties":{}}\n'))
+    api = aura_restore.QueryApi(world["emulator"].url, "never", "neo4j", NEO4J_PASSWORD)
+    with pytest.raises(SystemExit, match="incomplete"):
+        aura_restore.restore(str(truncated), api, log=lambda *_: None)
+    assert api.statements == 0
+
+
+def test_scheduled_snapshot_only_backup_commits_a_manifest_without_files(world):
+    ferry = world["ferry"]
+    ferry.scheduled("*/5 * * * *", at_ms=TICK)
+    deadline = time.time() + 30
+    while not ferry.source("graph-snapshots")["last_job"] and time.time() < deadline:
+        time.sleep(0.2)
+    job = ferry.wait_job(ferry.source("graph-snapshots")["last_job"]["id"])
+    assert job["phase"] == "committed" and job["trigger"] == "cron", job
+    (manifest,) = ferry.backups("graph-snapshots")
+    assert manifest["artifacts"] == []
+    assert manifest["provider"]["mode"] == "snapshot"
+    assert manifest["provider"]["snapshot"]["status"] == "Completed"
+    assert ferry.source("graph")["last_job"] is None or ferry.source("graph")["last_job"]["trigger"] == "webhook"
+
+
+def test_expired_token_is_fetched_again(world):
+    ferry, emulator = world["ferry"], world["emulator"]
+    emulator.control(snapshot_polls=15)
+    status, _, payload = ferry.webhook("graph-snapshots")
+    job_id = payload["job"]["id"]
+    deadline = time.time() + 30
+    while not emulator.state()["snapshots"] and time.time() < deadline:
+        time.sleep(0.1)
+    emulator.control(expire_tokens_now=True)  # Aura answers an expired token with 403
+    job = ferry.wait_job(job_id, timeout=60)
+    assert job["phase"] == "committed", job
+    assert emulator.state()["token_requests"] >= 2
+    assert job["provider"]["token_fetches"] >= 2
+    assert "secret_" not in json.dumps(job)
+
+
+def test_failed_snapshot_fails_the_job_with_no_manifest(world):
+    ferry, emulator = world["ferry"], world["emulator"]
+    emulator.control(snapshot_fail=True)
+    status, _, payload = ferry.webhook("graph")
+    job = ferry.wait_job(payload["job"]["id"])
+    assert job["phase"] == "failed" and "snapshot" in job["error"] and "failed" in job["error"], job
+    assert not [m for m in ferry.backups("graph") if m["job_id"] == job["id"]]
+
+
+def test_wrong_database_password_fails_with_the_query_api_message(world):
+    ferry = world["ferry"]
+    status, _, payload = ferry.webhook("graph-wrong-password")
+    job = ferry.wait_job(payload["job"]["id"])
+    assert job["phase"] == "failed"
+    assert "Neo.ClientError.Security.Unauthorized" in job["error"], job["error"]
+    assert ferry.backups("graph-wrong-password") == []
+
+
+def test_transient_query_errors_are_retried(world):
+    ferry, emulator = world["ferry"], world["emulator"]
+    emulator.control(query_error_next=[{"code": "Neo.TransientError.General.DatabaseUnavailable", "message": "busy"}])
+    status, _, payload = ferry.webhook("graph-logical")
+    job = ferry.wait_job(payload["job"]["id"], timeout=120)
+    assert job["phase"] == "committed", job
+    (manifest,) = [m for m in ferry.backups("graph-logical") if m["job_id"] == job["id"]]
+    assert manifest["artifacts"][0]["details"]["nodes"] == 10000
