@@ -1,4 +1,8 @@
-"""The demo behind scripts/demo.sh: one backup of each sample source, then a listing of R2."""
+"""The demo behind scripts/demo.sh: one backup of a source of every kind, then a listing of R2.
+
+Stand-in providers are the emulators under tests/emulators/: D1 with a real SQLite database
+behind it, Dgraph Cloud, Neo4j Aura (a 2,000-node graph) and Liferay DXP Cloud.
+"""
 
 import sqlite3
 import sys
@@ -9,7 +13,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from harness import D1Emulator, Ferry, d1_source  # noqa: E402
+from harness import (  # noqa: E402
+    AURA_SECRETS, DGRAPH_SECRETS, DXP_SECRETS, AuraEmulator, D1Emulator, DgraphEmulator, DxpEmulator, Ferry,
+    aura_source, d1_source, dgraph_source, dxp_source,
+)
 
 
 def sample_database(path: Path) -> Path:
@@ -29,47 +36,69 @@ def sample_database(path: Path) -> Path:
     return path
 
 
+def wait(ferry: Ferry, job_id: str) -> dict:
+    last, job = None, {}
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        job = ferry.job(job_id)
+        if job["phase"] != last:
+            print(f"  {job['phase']}")
+            last = job["phase"]
+        if job["phase"] in ("committed", "failed", "skipped"):
+            break
+        time.sleep(0.3)
+    return job
+
+
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="ferry-demo-"))
     print(f"working directory: {work}")
-    emulator = D1Emulator(work, {"shop-db-uuid": sample_database(work / "shop.sqlite")})
-    print(f"D1 emulator on {emulator.url} (a real SQLite database behind it)")
-    sources = [d1_source("shop", emulator, "shop-db-uuid", schedule="0 3 * * *")]
-    ferry = Ferry(work / "ferry", sources)
-    print(f"Ferry under wrangler dev on {ferry.http.base} (state in {ferry.persist})")
+    d1 = D1Emulator(work, {"shop-db-uuid": sample_database(work / "shop.sqlite")})
+    dgraph = DgraphEmulator(work)
+    aura = AuraEmulator(work, nodes=2000, rels=4000, snapshot_polls=1)
+    dxp = DxpEmulator(work, volume_mib=12, backups=2)
+    emulators = [d1, dgraph, aura, dxp]
+    for e in emulators:
+        print(f"{e.script:10} emulator on {e.url}")
+    sources = [
+        d1_source("shop", d1, "shop-db-uuid", schedule="0 3 * * *"),
+        dgraph_source("catalog-graph", dgraph, schedule="15 3 * * *"),
+        aura_source("social-graph", aura, schedule="30 3 * * *"),
+        dxp_source("intranet", dxp, schedule="45 3 * * *"),
+    ]
+    ferry = Ferry(work / "ferry", sources, secrets={**DGRAPH_SECRETS, **AURA_SECRETS, **DXP_SECRETS})
+    print(f"Ferry under wrangler dev on {ferry.http.base} (state in {ferry.persist})\n")
     try:
         for source in sources:
             status, _, payload = ferry.webhook(source["name"])
             if status != 202:
                 print(f"{source['name']}: trigger refused: HTTP {status} {payload}")
                 return 1
-            job_id = payload["job"]["id"]
-            print(f"{source['name']}: started job {job_id} (signed webhook)")
-            last = None
-            deadline = time.time() + 120
-            while time.time() < deadline:
-                job = ferry.job(job_id)
-                if job["phase"] != last:
-                    print(f"  {job['phase']}")
-                    last = job["phase"]
-                if job["phase"] in ("committed", "failed"):
-                    break
-                time.sleep(0.2)
+            print(f"{source['name']} ({source['kind']}): job {payload['job']['id']} started by a signed webhook")
+            job = wait(ferry, payload["job"]["id"])
             if job["phase"] != "committed":
-                print(f"  failed: {job.get('error')}")
+                print(f"  {job['phase']}: {job.get('error') or job.get('note')}")
                 return 1
         print("\nWhat landed in R2 (bucket ferry-backups, local):")
         for source in sources:
             for manifest in ferry.backups(source["name"]):
-                folder = manifest["artifacts"][0]["key"].rsplit("/", 1)[0] + "/"
-                print(f"  {folder}  ({manifest['trigger']}, {manifest['started_at']} → {manifest['finished_at']})")
+                print(f"  {source['name']} ({manifest['kind']}), job {manifest['job_id']}, "
+                      f"{manifest['started_at']} → {manifest['finished_at']}")
+                snapshot = manifest["provider"].get("snapshot") if isinstance(manifest["provider"], dict) else None
+                if snapshot:
+                    print(f"    Aura snapshot {snapshot['snapshot_id']} {snapshot['status']} at {snapshot['timestamp']} (kept by Aura)")
                 for art in manifest["artifacts"]:
-                    print(f"    {art['key']}\n      size {art['size']} bytes, sha256 {art['sha256']}")
-                print(f"    {folder}manifest.json")
+                    extra = ""
+                    if art.get("details"):
+                        extra = f", {art['details']['nodes']} nodes, {art['details']['relationships']} relationships"
+                    print(f"    {art['key']}\n      {art['size']} bytes in {art['parts']} part(s), sha256 {art['sha256']}{extra}")
+                folder = manifest["artifacts"][0]["key"].rsplit("/", 1)[0] if manifest["artifacts"] else source["name"] + "/…"
+                print(f"    {folder}/manifest.json")
         return 0
     finally:
         ferry.stop()
-        emulator.stop()
+        for e in emulators:
+            e.stop()
 
 
 if __name__ == "__main__":
