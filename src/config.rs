@@ -15,7 +15,7 @@ use url::Url;
 
 use crate::providers::aura::{AuraConfig, AuraMode};
 use crate::providers::d1::{D1Config, DumpOptions};
-use crate::providers::dgraph::{DgraphAcl, DgraphConfig, DgraphFormat};
+use crate::providers::dgraph::{DgraphAccount, DgraphAcl, DgraphConfig, DgraphFormat};
 use crate::providers::dxp::{DxpAuth, DxpConfig};
 use crate::retry::RetryPolicy;
 use crate::schedule::Schedule;
@@ -82,7 +82,8 @@ impl SourceConfig {
         match &self.provider {
             ProviderConfig::D1(d1) => vec![d1.token_secret.as_str()],
             ProviderConfig::Dgraph(d) => {
-                let mut names = vec![d.api_key_secret.as_str()];
+                let mut names: Vec<&str> = d.api_key_secret.iter().map(String::as_str).collect();
+                names.extend(d.account.as_ref().map(|a| a.password_secret.as_str()));
                 names.extend(d.acl.as_ref().map(|a| a.password_secret.as_str()));
                 names
             }
@@ -347,8 +348,34 @@ fn default_url(f: &Fields<'_>, key: &str, url: &str) -> Result<Url, ConfigError>
 
 fn parse_dgraph(f: &mut Fields<'_>, api_base: Option<Url>) -> Result<DgraphConfig, ConfigError> {
     let endpoint = f.url("endpoint")?;
-    let endpoint = api_base.or(endpoint).ok_or_else(|| f.err("endpoint", "is required (the backend URL)"))?;
-    let api_key_secret = required_secret_name(f, "api_key_secret")?;
+    let endpoint = api_base.or(endpoint);
+    let api_key_secret = secret_name(f, "api_key_secret")?;
+    let cerebro_email = f.string("cerebro_email")?;
+    let cerebro_password_secret = secret_name(f, "cerebro_password_secret")?;
+    let cerebro_url = f.url("cerebro_url")?;
+    let account = match (cerebro_email, cerebro_password_secret) {
+        (Some(email), Some(password_secret)) => {
+            if endpoint.is_some() || api_key_secret.is_some() {
+                return Err(f.err("cerebro_email", "account mode (cerebro_email) backs up every backend: leave out endpoint and api_key_secret"));
+            }
+            let cerebro_url = match cerebro_url {
+                Some(u) => u,
+                None => default_url(f, "cerebro_url", DgraphAccount::DEFAULT_CEREBRO_URL)?,
+            };
+            Some(DgraphAccount { cerebro_url, email, password_secret })
+        }
+        (Some(_), None) => return Err(f.err("cerebro_password_secret", "is required with cerebro_email (account mode)")),
+        (None, Some(_)) => return Err(f.err("cerebro_email", "is required with cerebro_password_secret (account mode)")),
+        (None, None) => {
+            if endpoint.is_none() {
+                return Err(f.err("endpoint", "is required (the backend URL), or give cerebro_email and cerebro_password_secret for account mode"));
+            }
+            if api_key_secret.is_none() {
+                return Err(f.err("api_key_secret", "is required (the name of the secret holding an admin API key)"));
+            }
+            None
+        }
+    };
     let format = match f.string("format")?.as_deref() {
         None | Some("json") => DgraphFormat::Json,
         Some("rdf") => DgraphFormat::Rdf,
@@ -373,7 +400,7 @@ fn parse_dgraph(f: &mut Fields<'_>, api_base: Option<Url>) -> Result<DgraphConfi
         (Some(_), None) => return Err(f.err("password_secret", "is required with user_id (ACL login)")),
         (None, Some(_)) => return Err(f.err("user_id", "is required with password_secret (ACL login)")),
     };
-    Ok(DgraphConfig { endpoint, api_key_secret, format, namespace, acl })
+    Ok(DgraphConfig { endpoint, api_key_secret, account, format, namespace, acl })
 }
 
 fn parse_aura(f: &mut Fields<'_>, api_base: Option<Url>) -> Result<AuraConfig, ConfigError> {
@@ -596,6 +623,14 @@ mod tests {
         let e = source(json!({"name": "graph", "kind": "dgraph", "schedule": "0 4 * * *", "endpoint": "https://x.io",
             "api_key_secret": "K", "format": "csv"})).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("format"));
+        let s = source(json!({"name": "graph", "kind": "dgraph", "schedule": "0 4 * * *",
+            "cerebro_email": "ops@acme.com", "cerebro_password_secret": "CEREBRO_PW"})).unwrap();
+        let ProviderConfig::Dgraph(d) = &s.provider else { panic!() };
+        assert_eq!(d.account.as_ref().map(|a| a.cerebro_url.as_str()), Some("https://cerebro.cloud.dgraph.io/graphql"));
+        assert_eq!(s.secret_names(), vec!["CEREBRO_PW"]);
+        let e = source(json!({"name": "graph", "kind": "dgraph", "schedule": "0 4 * * *", "endpoint": "https://x.io",
+            "cerebro_email": "ops@acme.com", "cerebro_password_secret": "CEREBRO_PW"})).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("cerebro_email"));
     }
 
     #[test]

@@ -83,12 +83,15 @@ pub enum Phase {
     Failed,
     /// Nothing to back up (for example that backup was already copied); `note` says why.
     Skipped,
+    /// It discovered the work and queued one job per part of it (a Dgraph account's backends);
+    /// `children` lists them. Not a backup itself.
+    Dispatched,
 }
 
 impl Phase {
-    /// True for `Committed`, `Failed` and `Skipped`.
+    /// True once the job will do nothing more.
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Committed | Self::Failed | Self::Skipped)
+        matches!(self, Self::Committed | Self::Failed | Self::Skipped | Self::Dispatched)
     }
 }
 
@@ -131,6 +134,12 @@ pub struct Job {
     /// The trigger's parameters (a webhook's JSON body; `{}` for cron).
     #[serde(default)]
     pub params: serde_json::Value,
+    /// The job that queued this one (account mode).
+    #[serde(default)]
+    pub parent: Option<JobId>,
+    /// The jobs this one queued (account mode).
+    #[serde(default)]
+    pub children: Vec<JobId>,
     /// The provider's protocol state and references.
     pub provider: ProviderState,
     /// Files the provider produced, to copy in order.
@@ -178,6 +187,8 @@ pub enum Action {
         /// The job's R2 folder, with trailing slash.
         folder: String,
     },
+    /// Create one queued job per provider state (children of this job, which is over).
+    Spawn(Vec<ProviderState>),
     /// Nothing to do until this time: arm the alarm and feed back `Wake` then.
     Sleep(Timestamp),
     /// The job is over.
@@ -270,6 +281,8 @@ impl Job {
             error: None,
             note: None,
             params,
+            parent: None,
+            children: Vec::new(),
             provider: ProviderState::new(source),
             downloads: Vec::new(),
             artifacts: Vec::new(),
@@ -285,6 +298,14 @@ impl Job {
     /// credentials and are left out.
     pub fn public_json(&self) -> serde_json::Value {
         crate::providers::redact(serde_json::to_value(self).unwrap_or(serde_json::Value::Null))
+    }
+
+    /// A queued child of `parent` that exports the part described by `provider`.
+    pub fn child_of(parent: &Self, id: JobId, source: &SourceConfig, provider: ProviderState, now: Timestamp) -> Self {
+        let mut job = Self::with_params(id, source, parent.trigger, None, None, parent.params.clone(), now);
+        job.provider = provider;
+        job.parent = Some(parent.id.clone());
+        job
     }
 
     /// What this job copied that must not be copied again, once it committed.
@@ -365,7 +386,7 @@ impl Job {
                 Some(download) => self.copy(&download, cx),
                 None => self.commit(cx),
             },
-            Phase::Queued | Phase::Committed | Phase::Failed | Phase::Skipped => self.idle(cx.now),
+            Phase::Queued | Phase::Committed | Phase::Failed | Phase::Skipped | Phase::Dispatched => self.idle(cx.now),
         }
     }
 
@@ -441,6 +462,13 @@ impl Job {
                 self.finished_at = Some(cx.now);
                 self.next_step_at = None;
                 (self, Action::Done)
+            }
+            Progress::Spawn(children) => {
+                self.phase = Phase::Dispatched;
+                self.note = Some(format!("queued {} jobs, one per backend", children.len()));
+                self.finished_at = Some(cx.now);
+                self.next_step_at = None;
+                (self, Action::Spawn(children))
             }
         }
     }

@@ -43,6 +43,9 @@ pub struct Ledger {
     /// Dedupe keys of committed jobs (e.g. DXP backup ids), newest last.
     #[serde(default)]
     pub copied: Vec<String>,
+    /// Jobs waiting to run after the current one (a Dgraph account's backends), in order.
+    #[serde(default)]
+    pub queue: Vec<JobId>,
 }
 
 /// How many dedupe keys a source remembers.
@@ -89,9 +92,9 @@ impl Ledger {
                 return Admission::AlreadyServed(last);
             }
         }
-        match &self.current {
-            Some(job) => Admission::Busy(job.clone()),
-            None => Admission::Start,
+        match (&self.current, self.queue.first()) {
+            (Some(job), _) | (None, Some(job)) => Admission::Busy(job.clone()),
+            (None, None) => Admission::Start,
         }
     }
 
@@ -122,6 +125,24 @@ impl Ledger {
                 self.copied.drain(..excess);
             }
         }
+    }
+
+    /// Queues jobs to run after the current one.
+    pub fn enqueue(&mut self, jobs: &[JobId]) -> Vec<JobId> {
+        self.queue.extend(jobs.iter().cloned());
+        self.jobs.extend(jobs.iter().cloned());
+        let excess = self.jobs.len().saturating_sub(MAX_JOBS);
+        self.jobs.drain(..excess).collect()
+    }
+
+    /// Makes the next queued job current, if the source is free.
+    pub fn start_next(&mut self) -> Option<JobId> {
+        if self.current.is_some() || self.queue.is_empty() {
+            return None;
+        }
+        let next = self.queue.remove(0);
+        self.current = Some(next.clone());
+        Some(next)
     }
 
     /// The most recent job.
@@ -209,6 +230,23 @@ mod tests {
         l.record_start(&id(2), &webhook("b"), Timestamp::from_secs(0));
         l.record_finish(&id(2), Some("dxpcloud-abc-202611230000".into()));
         assert_eq!(l.copied, vec!["dxpcloud-abc-202611230000".to_string()]);
+    }
+
+    #[test]
+    fn queued_jobs_run_one_after_another_and_keep_the_source_busy() {
+        let mut l = Ledger::default();
+        l.record_start(&id(1), &webhook("a"), Timestamp::from_secs(0));
+        l.enqueue(&[id(2), id(3)]);
+        l.record_finish(&id(1), None);
+        assert_eq!(l.admit(&webhook("b")), Admission::Busy(id(2)), "queued work keeps the source busy");
+        assert_eq!(l.start_next(), Some(id(2)));
+        assert_eq!(l.start_next(), None, "one at a time");
+        l.record_finish(&id(2), None);
+        assert_eq!(l.start_next(), Some(id(3)));
+        l.record_finish(&id(3), None);
+        assert_eq!(l.start_next(), None);
+        assert_eq!(l.admit(&webhook("b")), Admission::Start);
+        assert_eq!(l.last_job(), Some(&id(3)));
     }
 
     #[test]

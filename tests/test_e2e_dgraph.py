@@ -131,3 +131,38 @@ def test_malformed_answer_fails_clearly(world):
     status, _, payload = ferry.webhook("graph-failing")
     job = ferry.wait_job(payload["job"]["id"])
     assert job["phase"] == "failed" and "malformed" in job["error"], job
+
+
+def test_account_mode_backs_up_every_backend_in_its_own_job_and_a_failure_stops_none(tmp_path):
+    cerebro = DgraphEmulator(tmp_path, cerebro_email="ops@example.com", cerebro_password="cerebro-pw",
+                             deployments="alpha,beta,gamma")
+    source = {"name": "account", "kind": "dgraph", "schedule": "0 0 1 1 *",
+              "cerebro_url": f"{cerebro.url}/cerebro/graphql", "cerebro_email": "ops@example.com",
+              "cerebro_password_secret": "CEREBRO_PASSWORD", "poll_interval_ms": 200,
+              "retry": {"max_attempts": 2, "base_ms": 200, "max_delay_ms": 500}}
+    ferry = Ferry(tmp_path / "ferry", [source], secrets={"CEREBRO_PASSWORD": "cerebro-pw"})
+    try:
+        cerebro.control(failing_backends=["beta"])
+        status, _, payload = ferry.webhook("account")
+        assert status == 202
+        parent = ferry.wait_job(payload["job"]["id"], phases=("dispatched", "failed"))
+        assert parent["phase"] == "dispatched", parent
+        assert len(parent["children"]) == 3
+        assert "secret_" not in json.dumps(parent)
+        children = [ferry.wait_job(c, timeout=90) for c in parent["children"]]
+        by_backend = {c["provider"]["backend"]["name"]: c for c in children}
+        assert by_backend["beta"]["phase"] == "failed", by_backend["beta"]
+        manifests = ferry.backups("account")
+        assert {m["provider"]["backend"]["name"] for m in manifests} == {"alpha", "gamma"}
+        for name in ("alpha", "gamma"):
+            job = by_backend[name]
+            assert job["parent"] == parent["id"]
+            manifest = check_dgraph_backup(ferry, job, cerebro, "json")
+            assert manifest["provider"]["endpoint"].endswith(f"/backends/{name}")
+        folders = {m["artifacts"][0]["key"].rsplit("/", 1)[0] for m in manifests}
+        assert len(folders) == 2, "each backend has its own folder"
+        assert ferry.source("account")["current_job_id"] is None
+        assert ferry.webhook("account")[0] == 202, "the source is free again"
+    finally:
+        ferry.stop()
+        cerebro.stop()

@@ -380,10 +380,10 @@ fn job_ids_parse_strictly() {
 
 #[test]
 fn phases_serialize_as_documented() {
-    let names: Vec<String> = [Phase::Queued, Phase::Exporting, Phase::Transferring, Phase::Committed, Phase::Failed, Phase::Skipped]
+    let names: Vec<String> = [Phase::Queued, Phase::Exporting, Phase::Transferring, Phase::Committed, Phase::Failed, Phase::Skipped, Phase::Dispatched]
         .iter()
         .map(|p| serde_json::to_value(p).unwrap().as_str().unwrap().to_string())
         .collect();
-    assert_eq!(names, ["queued", "exporting", "transferring", "committed", "failed", "skipped"]);
+    assert_eq!(names, ["queued", "exporting", "transferring", "committed", "failed", "skipped", "dispatched"]);
     assert_eq!(serde_json::to_value(Trigger::Cron).unwrap(), "cron");
 }

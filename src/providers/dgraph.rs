@@ -21,7 +21,7 @@ use url::Url;
 
 use crate::error::StepError;
 use crate::http::{status_error, HttpRequest, HttpResponse};
-use crate::providers::{error_messages, url_file_name, Credentials, Download, Progress};
+use crate::providers::{error_messages, url_file_name, Credentials, Download, Progress, ProviderState};
 use crate::time::Timestamp;
 
 /// How many ACL logins one job may make before giving up.
@@ -29,21 +29,54 @@ const MAX_LOGINS: u32 = 4;
 
 const LOGIN: &str = "mutation login($userId: String, $password: String, $namespace: Int, $refreshToken: String) { login(userId: $userId, password: $password, namespace: $namespace, refreshToken: $refreshToken) { response { accessJWT refreshJWT } } }";
 const EXPORT: &str = "mutation($format: String, $namespace: Int) { export(format: $format, namespace: $namespace) { response { code message } exportId taskId } }";
+const CEREBRO_LOGIN: &str = "query Login($email: String!, $password: String!) { login(email: $email, password: $password) { token } }";
+const DEPLOYMENTS: &str = "{ deployments { uid name zone url owner jwtToken deploymentMode deploymentType } }";
 const STATUS: &str = "query($exportId: String!, $taskId: String!) { exportStatus(exportId: $exportId, taskId: $taskId) { kind lastUpdated signedUrls status } }";
 
 /// A Dgraph source's settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DgraphConfig {
-    /// The backend's base URL (`https://<deployment>.cloud.dgraph.io`).
-    pub endpoint: Url,
-    /// Name of the Worker secret holding an admin API key.
-    pub api_key_secret: String,
+    /// The backend's base URL (`https://<deployment>.cloud.dgraph.io`); `None` in account mode.
+    pub endpoint: Option<Url>,
+    /// Name of the Worker secret holding an admin API key; `None` in account mode.
+    pub api_key_secret: Option<String>,
+    /// Account mode: back up every backend of a Dgraph Cloud account.
+    pub account: Option<DgraphAccount>,
     /// Export format.
     pub format: DgraphFormat,
     /// Namespace to export (`-1`: all, needs a Galaxy guardian); `None`: the user's own.
     pub namespace: Option<i64>,
     /// ACL login, for backends with ACL / multi-tenancy.
     pub acl: Option<DgraphAcl>,
+}
+
+/// Cerebro credentials for account mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DgraphAccount {
+    /// The management API (`https://cerebro.cloud.dgraph.io/graphql`).
+    pub cerebro_url: Url,
+    /// The account's email.
+    pub email: String,
+    /// Name of the Worker secret holding the account's password.
+    pub password_secret: String,
+}
+
+impl DgraphAccount {
+    /// The public Cerebro endpoint.
+    pub const DEFAULT_CEREBRO_URL: &'static str = "https://cerebro.cloud.dgraph.io/graphql";
+}
+
+/// One backend of an account, as Cerebro lists it; a child job exports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backend {
+    /// Deployment uid.
+    pub uid: String,
+    /// Deployment name.
+    pub name: String,
+    /// Base URL (Cerebro gives a bare host; `https://` is added).
+    pub url: String,
+    /// The deployment's `jwtToken`, its admin key (never shown).
+    pub secret_jwt: String,
 }
 
 /// A Guardian's credentials for ACL login.
@@ -79,6 +112,12 @@ impl DgraphFormat {
 /// Progress of one Dgraph export, persisted with the job.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DgraphState {
+    /// In account mode: the backend this (child) job exports.
+    #[serde(default)]
+    pub backend: Option<Backend>,
+    /// In account mode: the Cerebro session token (never shown).
+    #[serde(default)]
+    pub secret_cerebro_token: Option<String>,
     /// ACL access token (never shown).
     pub secret_access_jwt: Option<String>,
     /// ACL refresh token (never shown).
@@ -100,13 +139,15 @@ pub struct DgraphState {
 /// Which call the state asks for next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
+    CerebroLogin,
+    Deployments,
     Login,
     Export,
     Status,
 }
 
-fn admin_url(cfg: &DgraphConfig, slash: bool) -> String {
-    let mut url = cfg.endpoint.clone();
+fn admin_url(endpoint: &Url, slash: bool) -> String {
+    let mut url = endpoint.clone();
     if let Ok(mut segs) = url.path_segments_mut() {
         segs.pop_if_empty().push("admin");
         if slash {
@@ -117,8 +158,32 @@ fn admin_url(cfg: &DgraphConfig, slash: bool) -> String {
 }
 
 impl DgraphState {
+    /// The backend's URL: this child's backend, or the configured endpoint.
+    fn endpoint(&self, cfg: &DgraphConfig) -> Result<Url, StepError> {
+        match (&self.backend, &cfg.endpoint) {
+            (Some(b), _) => Url::parse(&b.url).map_err(|e| StepError::permanent(format!("backend {} has a bad url {:?}: {e}", b.name, b.url))),
+            (None, Some(url)) => Ok(url.clone()),
+            (None, None) => Err(StepError::permanent("no Dgraph endpoint configured")),
+        }
+    }
+
+    /// The admin key: this child's `jwtToken`, or the configured secret.
+    fn admin_key(&self, cfg: &DgraphConfig, creds: &Credentials) -> Result<String, StepError> {
+        match (&self.backend, &cfg.api_key_secret) {
+            (Some(b), _) => Ok(b.secret_jwt.clone()),
+            (None, Some(name)) => Ok(creds.get(name)?.expose().to_string()),
+            (None, None) => Err(StepError::permanent("no Dgraph admin key configured")),
+        }
+    }
+
     fn stage(&self, cfg: &DgraphConfig) -> Stage {
-        if cfg.acl.is_some() && self.secret_access_jwt.is_none() {
+        if cfg.account.is_some() && self.backend.is_none() {
+            if self.secret_cerebro_token.is_none() {
+                Stage::CerebroLogin
+            } else {
+                Stage::Deployments
+            }
+        } else if cfg.acl.is_some() && self.secret_access_jwt.is_none() {
             Stage::Login
         } else if self.task_id.is_none() {
             Stage::Export
@@ -129,8 +194,22 @@ impl DgraphState {
 
     /// The next GraphQL call.
     pub fn next_request(&self, cfg: &DgraphConfig, creds: &Credentials) -> Result<HttpRequest, StepError> {
-        let key = creds.get(&cfg.api_key_secret)?.expose().to_string();
-        let (url, body) = match self.stage(cfg) {
+        let stage = self.stage(cfg);
+        if let (Some(account), Stage::CerebroLogin | Stage::Deployments) = (&cfg.account, stage) {
+            return Ok(match stage {
+                Stage::CerebroLogin => HttpRequest::post_json(
+                    account.cerebro_url.as_str(),
+                    &json!({ "query": CEREBRO_LOGIN, "variables": {
+                        "email": account.email, "password": creds.get(&account.password_secret)?.expose() } }),
+                ),
+                _ => HttpRequest::post_json(account.cerebro_url.as_str(), &json!({ "query": DEPLOYMENTS }))
+                    .header("authorization", format!("Bearer {}", self.secret_cerebro_token.clone().unwrap_or_default())),
+            });
+        }
+        let key = self.admin_key(cfg, creds)?;
+        let endpoint = self.endpoint(cfg)?;
+        let (url, body) = match stage {
+            Stage::CerebroLogin | Stage::Deployments => return Err(StepError::permanent("no Dgraph account configured")),
             Stage::Login => {
                 let Some(acl) = &cfg.acl else { return Err(StepError::permanent("no ACL configured")) };
                 let variables = match &self.secret_refresh_jwt {
@@ -141,17 +220,17 @@ impl DgraphState {
                         "namespace": acl.login_namespace,
                     }),
                 };
-                (admin_url(cfg, false), json!({ "query": LOGIN, "variables": variables }))
+                (admin_url(&endpoint, false), json!({ "query": LOGIN, "variables": variables }))
             }
             Stage::Export => {
                 let mut variables = json!({ "format": cfg.format.as_str() });
                 if let Some(ns) = cfg.namespace {
                     variables["namespace"] = json!(ns);
                 }
-                (admin_url(cfg, true), json!({ "query": EXPORT, "variables": variables }))
+                (admin_url(&endpoint, true), json!({ "query": EXPORT, "variables": variables }))
             }
             Stage::Status => (
-                admin_url(cfg, true),
+                admin_url(&endpoint, true),
                 json!({ "query": STATUS, "variables": { "exportId": self.export_id.clone().unwrap_or_default(), "taskId": self.task_id } }),
             ),
         };
@@ -178,11 +257,15 @@ impl DgraphState {
             StepError::permanent(format!("Dgraph: received a malformed response (HTTP {}): {}", resp.status, resp.snippet(200)))
         })?;
         let stage = self.stage(cfg);
+        if matches!(stage, Stage::CerebroLogin | Stage::Deployments) {
+            return self.on_cerebro(stage, &body);
+        }
         if let Some(errors) = error_messages(&body) {
             return self.on_errors(cfg, stage, errors);
         }
         let data = body.get("data").filter(|d| d.is_object()).ok_or_else(|| malformed("no data"))?;
         match stage {
+            Stage::CerebroLogin | Stage::Deployments => Err(malformed("unexpected Cerebro stage")),
             Stage::Login => {
                 let response = data.pointer("/login/response").ok_or_else(|| malformed("login without response"))?;
                 let access = response.get("accessJWT").and_then(Value::as_str).ok_or_else(|| malformed("no accessJWT"))?;
@@ -233,6 +316,53 @@ impl DgraphState {
         }
     }
 
+    fn on_cerebro(&mut self, stage: Stage, body: &Value) -> Result<Progress, StepError> {
+        let errors = error_messages(body);
+        if stage == Stage::CerebroLogin {
+            let token = body.pointer("/data/login/token").and_then(Value::as_str);
+            return match token {
+                Some(t) => {
+                    self.secret_cerebro_token = Some(t.to_string());
+                    Ok(Progress::Pending { poll_after: Some(Duration::ZERO) })
+                }
+                None => Ok(Progress::Failed(format!(
+                    "Dgraph Cloud login failed: {}",
+                    errors.unwrap_or_else(|| "wrong email or password".into())
+                ))),
+            };
+        }
+        if let Some(errors) = errors {
+            if errors.to_ascii_lowercase().contains("unauthorized") && self.logins < MAX_LOGINS {
+                // The Cerebro session expired: log in again.
+                self.logins += 1;
+                self.secret_cerebro_token = None;
+                return Ok(Progress::Pending { poll_after: Some(Duration::ZERO) });
+            }
+            return Ok(Progress::Failed(format!("Dgraph Cloud deployments failed: {errors}")));
+        }
+        let list = body.pointer("/data/deployments").and_then(Value::as_array).ok_or_else(|| malformed("no deployments"))?;
+        let children: Vec<ProviderState> = list
+            .iter()
+            .filter_map(|d| {
+                let url = d.get("url").and_then(Value::as_str)?;
+                let url = if url.contains("://") { url.to_string() } else { format!("https://{url}") };
+                Some(ProviderState::Dgraph(DgraphState {
+                    backend: Some(Backend {
+                        uid: d.get("uid").and_then(Value::as_str).unwrap_or("").to_string(),
+                        name: d.get("name").and_then(Value::as_str).unwrap_or("").to_string(),
+                        url,
+                        secret_jwt: d.get("jwtToken").and_then(Value::as_str)?.to_string(),
+                    }),
+                    ..DgraphState::default()
+                }))
+            })
+            .collect();
+        if children.is_empty() {
+            return Ok(Progress::Skip("the Dgraph Cloud account has no backend to back up".into()));
+        }
+        Ok(Progress::Spawn(children))
+    }
+
     fn on_errors(&mut self, cfg: &DgraphConfig, stage: Stage, errors: String) -> Result<Progress, StepError> {
         let lower = errors.to_ascii_lowercase();
         let token_problem = ["expired", "unauthenticated", "accessjwt", "access token", "invalid jwt", "refresh token"]
@@ -250,6 +380,7 @@ impl DgraphState {
             }
         }
         let what = match stage {
+            Stage::CerebroLogin | Stage::Deployments => "Dgraph Cloud failed",
             Stage::Login => "Dgraph ACL login failed",
             Stage::Export => "Dgraph export failed",
             Stage::Status => "Dgraph export status failed",
@@ -278,7 +409,8 @@ impl DgraphState {
     /// What the manifest records.
     pub fn references(&self, cfg: &DgraphConfig) -> Value {
         json!({
-            "endpoint": cfg.endpoint.as_str(),
+            "endpoint": self.endpoint(cfg).ok().map(|u| u.to_string()),
+            "backend": self.backend.as_ref().map(|b| json!({ "uid": b.uid, "name": b.name })),
             "format": cfg.format,
             "namespace": cfg.namespace,
             "export_id": self.export_id,
@@ -300,8 +432,9 @@ mod tests {
 
     fn cfg(acl: bool) -> DgraphConfig {
         DgraphConfig {
-            endpoint: Url::parse("http://127.0.0.1:9/backends/blue").unwrap(),
-            api_key_secret: "KEY".into(),
+            endpoint: Some(Url::parse("http://127.0.0.1:9/backends/blue").unwrap()),
+            api_key_secret: Some("KEY".into()),
+            account: None,
             format: DgraphFormat::Json,
             namespace: Some(-1),
             acl: acl.then(|| DgraphAcl { user_id: "groot".into(), password_secret: "PW".into(), login_namespace: 0 }),
@@ -425,6 +558,40 @@ mod tests {
         let doc = ok(json!({"export": {"response": {"code": "Success", "message": "queued"}, "taskID": "0x1"}}));
         s.on_response(&c, &doc, now()).unwrap();
         assert_eq!(s.task_id.as_deref(), Some("0x1"));
+    }
+
+    #[test]
+    fn account_mode_logs_in_lists_deployments_and_spawns_one_job_per_backend() {
+        let mut c = cfg(false);
+        c.endpoint = None;
+        c.api_key_secret = None;
+        c.account = Some(DgraphAccount {
+            cerebro_url: Url::parse("http://127.0.0.1:9/cerebro/graphql").unwrap(),
+            email: "ops@acme.com".into(),
+            password_secret: "PW".into(),
+        });
+        let mut s = DgraphState::default();
+        let login = s.next_request(&c, &creds()).unwrap();
+        assert_eq!(login.url, "http://127.0.0.1:9/cerebro/graphql");
+        assert_eq!(body(&login)["variables"], json!({"email": "ops@acme.com", "password": "password"}));
+        s.on_response(&c, &ok(json!({"login": {"token": "cer-1"}})), now()).unwrap();
+        let list = s.next_request(&c, &creds()).unwrap();
+        assert_eq!(list.header_value("authorization"), Some("Bearer cer-1"));
+        let answer = ok(json!({"deployments": [
+            {"uid": "0x1", "name": "alpha", "url": "alpha.us-east-1.aws.cloud.dgraph.io", "jwtToken": "jwt-a"},
+            {"uid": "0x2", "name": "beta", "url": "http://127.0.0.1:9/backends/beta", "jwtToken": "jwt-b"}]}));
+        let Progress::Spawn(children) = s.on_response(&c, &answer, now()).unwrap() else { panic!() };
+        assert_eq!(children.len(), 2);
+        let ProviderState::Dgraph(alpha) = &children[0] else { panic!() };
+        let req = alpha.next_request(&c, &creds()).unwrap();
+        assert_eq!(req.url, "https://alpha.us-east-1.aws.cloud.dgraph.io/admin/slash");
+        assert_eq!(req.header_value("x-auth-token"), Some("jwt-a"));
+        assert_eq!(alpha.references(&c)["backend"]["name"], "alpha");
+        let shown = crate::providers::redact(serde_json::to_value(alpha).unwrap()).to_string();
+        assert!(!shown.contains("jwt-a"), "{shown}");
+        let mut bad = DgraphState::default();
+        let refused = ok(json!({"login": null}));
+        assert!(matches!(bad.on_response(&c, &refused, now()).unwrap(), Progress::Failed(m) if m.contains("login failed")));
     }
 
     #[test]

@@ -102,6 +102,8 @@ pub enum Progress {
     Failed(String),
     /// Nothing to back up this time (for example the newest backup was already copied).
     Skip(String),
+    /// This job only discovered work: run one job (and folder) per state, one after another.
+    Spawn(Vec<ProviderState>),
 }
 
 /// What a step may consult besides the source's config.

@@ -198,7 +198,11 @@ impl SourceObject {
     }
 
     async fn kick(&self) -> worker::Result<Response> {
-        let ledger = self.load_ledger().await?;
+        let mut ledger = self.load_ledger().await?;
+        if ledger.current.is_none() && ledger.start_next().is_some() {
+            let text = serde_json::to_string(&ledger).map_err(|e| worker::Error::RustError(e.to_string()))?;
+            self.storage().put(LEDGER, text).await?;
+        }
         if ledger.current.is_some() && self.storage().get_alarm().await?.is_none() {
             self.storage().set_alarm(Duration::from_millis(1)).await?;
             return Response::ok("re-armed the alarm of the job in flight");
@@ -269,6 +273,23 @@ impl SourceObject {
                     Ok(()) => Event::Committed,
                     Err(e) => Event::CommitFailed(e),
                 },
+                Action::Spawn(children) => {
+                    let now = super::now();
+                    let mut ids = Vec::with_capacity(children.len());
+                    for provider in children {
+                        let child = Job::child_of(&job, JobId::from_random(random_bytes()), &source, provider, now);
+                        self.save(&child, None).await?;
+                        ids.push(child.id.clone());
+                    }
+                    job.children = ids.clone();
+                    let evicted = ledger.enqueue(&ids);
+                    self.save(&job, Some(&ledger)).await?;
+                    if !evicted.is_empty() {
+                        self.storage().delete_multiple(evicted.iter().map(job_key).collect()).await?;
+                    }
+                    console_log!("job {}: queued {} jobs, one per backend", job.id, ids.len());
+                    break;
+                }
                 Action::Discard { folder } => {
                     match store::discard(&bucket, &self.storage(), &folder).await {
                         Ok(n) => console_log!("job {}: failed; removed {n} objects under {folder}", job.id),
@@ -287,6 +308,14 @@ impl SourceObject {
                 }
                 Action::Done => break,
             };
+        }
+        if let Some(next) = ledger.start_next() {
+            // Queued work (an account's next backend) runs now, in its own job and folder.
+            let text = serde_json::to_string(&ledger).map_err(|e| worker::Error::RustError(e.to_string()))?;
+            self.storage().put(LEDGER, text).await?;
+            self.storage().set_alarm(Duration::from_millis(1)).await?;
+            console_log!("job {} of {name} ended ({:?}); starting queued job {next}", job.id, job.phase);
+            return Ok(());
         }
         if let Some(error) = &job.error {
             console_error!("job {} of {name}: failed: {error}", job.id);
