@@ -4,9 +4,13 @@
 Measured side by side in one run, against the same DXP emulator and the same backup:
   1. a plain HTTP download of the volume archive (read and discarded): the floor;
   2. the same download while hashing with SHA-256 in Python: what checksumming alone costs;
-  3. a full Ferry backup of that backup under `wrangler dev`: download, SHA-256 in wasm,
-     multipart upload into local R2, re-read and re-hash of every part, the final copy, manifest.
-It prints each time and the ratios 3/1 and 3/2. Times are wall-clock on this machine, best of
+  3. a full Ferry backup of that backup under `wrangler dev` through the multipart path
+     (`--part-mib` parts): download, SHA-256 in wasm, multipart upload to a staging key, re-read
+     and re-hash of every part into the final key, manifest;
+  4. the same backup with parts larger than the file, so it takes the single-put path (the whole
+     file buffered once, one put verified by R2).
+It prints each time and the ratios 3/1, 3/2 and 3/4 (what staging and read-back verification
+cost). Times are wall-clock on this machine, best of
 `--runs`. Local R2 and `wrangler dev` are not the production platform: read the ratios as the
 shape of the cost, not as production throughput.
 
@@ -48,7 +52,7 @@ def ferry_backup(ferry: Ferry, source: str) -> float:
     start = time.perf_counter()
     status, _, payload = ferry.webhook(source, body=b"")
     assert status == 202, payload
-    job = ferry.wait_job(payload["job"]["id"], timeout=600, interval=0.5)
+    job = ferry.wait_job(payload["job"]["id"], timeout=600, interval=0.05)
     elapsed = time.perf_counter() - start
     assert job["phase"] == "committed", job
     return elapsed
@@ -65,23 +69,28 @@ def main() -> int:
     backup = emulator.backup(-1)
     volume_url = f"{emulator.url}/backup/download/volume/{backup['backupId']}"
     # One source per run: the same backup is never copied twice for a source.
+    big_part = max(int(args.mib) + 1, args.part_mib)
     sources = [dxp_source(f"bench-{i}", emulator, part_size_mib=args.part_mib) for i in range(args.runs)]
+    sources += [dxp_source(f"bench-single-{i}", emulator, part_size_mib=big_part) for i in range(args.runs)]
     ferry = Ferry(work / "ferry", sources, secrets=DXP_SECRETS)
     try:
-        plain, hashed, full = [], [], []
+        plain, hashed, full, single = [], [], [], []
         for i in range(args.runs):
             plain.append(download(volume_url, hash_it=False)[0])
             hashed.append(download(volume_url, hash_it=True)[0])
             full.append(ferry_backup(ferry, f"bench-{i}"))
+            single.append(ferry_backup(ferry, f"bench-single-{i}"))
         total = backup["volume"]["size"] + backup["database"]["size"]
         best = lambda xs: min(xs)  # noqa: E731
         print(f"artifact: {backup['volume']['size'] / 2**20:.1f} MiB volume (+ {backup['database']['size'] / 1024:.0f} KiB database), "
               f"{args.part_mib} MiB parts, best of {args.runs}")
         print(f"  plain download            {best(plain):7.2f} s   {backup['volume']['size'] / 2**20 / best(plain):7.1f} MiB/s")
         print(f"  download + sha256 (py)    {best(hashed):7.2f} s   {backup['volume']['size'] / 2**20 / best(hashed):7.1f} MiB/s")
-        print(f"  Ferry backup (both files) {best(full):7.2f} s   {total / 2**20 / best(full):7.1f} MiB/s")
+        print(f"  Ferry backup, multipart   {best(full):7.2f} s   {total / 2**20 / best(full):7.1f} MiB/s")
+        print(f"  Ferry backup, single put  {best(single):7.2f} s   {total / 2**20 / best(single):7.1f} MiB/s")
         print(f"ratio Ferry / plain download: {best(full) / best(plain):.1f}x")
         print(f"ratio Ferry / download+sha256: {best(full) / best(hashed):.1f}x")
+        print(f"ratio multipart (staged, re-read, verified) / single put: {best(full) / best(single):.2f}x")
         return 0
     finally:
         ferry.stop()
