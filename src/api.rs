@@ -118,7 +118,9 @@ mod tests {
     fn bearer_tokens_must_match_exactly() {
         let token = Secret::new("t0ken");
         assert!(bearer_ok(Some("Bearer t0ken"), &token));
-        for bad in [None, Some("t0ken"), Some("Bearer t0ke"), Some("Bearer t0ken2"), Some("Bearer "), Some("Basic t0ken")] {
+        for bad in
+            [None, Some("t0ken"), Some("Bearer t0ke"), Some("Bearer t0ken2"), Some("Bearer "), Some("Basic t0ken")]
+        {
             assert!(!bearer_ok(bad, &token), "{bad:?}");
         }
         assert!(!bearer_ok(Some("Bearer "), &Secret::new("")), "an unset token never matches");

@@ -111,16 +111,14 @@ impl Config {
         let owned;
         let value = match value {
             Value::String(s) => {
-                owned = serde_json::from_str::<Value>(s).map_err(|e| {
-                    ConfigError::top(format!("FERRY_SOURCES is not valid JSON: {e}"))
-                })?;
+                owned = serde_json::from_str::<Value>(s)
+                    .map_err(|e| ConfigError::top(format!("FERRY_SOURCES is not valid JSON: {e}")))?;
                 &owned
             }
             other => other,
         };
-        let items = value
-            .as_array()
-            .ok_or_else(|| ConfigError::top("FERRY_SOURCES must be an array of source tables"))?;
+        let items =
+            value.as_array().ok_or_else(|| ConfigError::top("FERRY_SOURCES must be an array of source tables"))?;
         let mut sources: Vec<SourceConfig> = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             let source = parse_source(i, item)?;
@@ -277,13 +275,17 @@ fn valid_secret_name(name: &str) -> bool {
 
 fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError> {
     let label = format!("#{}", index + 1);
-    let map = value
-        .as_object()
-        .ok_or_else(|| ConfigError { source_name: Some(label.clone()), field: None, problem: "must be a table".into() })?;
+    let map = value.as_object().ok_or_else(|| ConfigError {
+        source_name: Some(label.clone()),
+        field: None,
+        problem: "must be a table".into(),
+    })?;
     let mut f = Fields::new(label, "", map);
     let name = f.required_string("name")?;
     if !valid_name(&name) {
-        return Err(f.err("name", "must be 1-63 characters of a-z, 0-9, '-', '_' or '.', starting with a letter or digit"));
+        return Err(
+            f.err("name", "must be 1-63 characters of a-z, 0-9, '-', '_' or '.', starting with a letter or digit")
+        );
     }
     f.source = name.clone();
     let kind = f.required_string("kind")?;
@@ -298,8 +300,7 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
         _ => 1_000,
     };
     let poll_interval = Duration::from_millis(f.uint("poll_interval_ms", 100, 600_000)?.unwrap_or(default_poll));
-    let export_timeout =
-        Duration::from_secs(60 * f.uint("export_timeout_minutes", 1, 7 * 24 * 60)?.unwrap_or(6 * 60));
+    let export_timeout = Duration::from_secs(60 * f.uint("export_timeout_minutes", 1, 7 * 24 * 60)?.unwrap_or(6 * 60));
     let retry = match f.table("retry")? {
         None => RetryPolicy::default(),
         Some(m) => parse_retry(&f.source, m)?,
@@ -310,7 +311,9 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
         "dgraph" => ProviderConfig::Dgraph(parse_dgraph(&mut f, api_base)?),
         "aura" => ProviderConfig::Aura(parse_aura(&mut f, api_base)?),
         "dxp" => ProviderConfig::Dxp(parse_dxp(&mut f, api_base)?),
-        other => return Err(f.err("kind", format!("must be one of \"d1\", \"dgraph\", \"aura\", \"dxp\" (got {other:?})"))),
+        other => {
+            return Err(f.err("kind", format!("must be one of \"d1\", \"dgraph\", \"aura\", \"dxp\" (got {other:?})")))
+        }
     };
     f.finish()?;
     Ok(SourceConfig { name, schedule, part_size, retry, poll_interval, export_timeout, provider })
@@ -356,7 +359,10 @@ fn parse_dgraph(f: &mut Fields<'_>, api_base: Option<Url>) -> Result<DgraphConfi
     let account = match (cerebro_email, cerebro_password_secret) {
         (Some(email), Some(password_secret)) => {
             if endpoint.is_some() || api_key_secret.is_some() {
-                return Err(f.err("cerebro_email", "account mode (cerebro_email) backs up every backend: leave out endpoint and api_key_secret"));
+                return Err(f.err(
+                    "cerebro_email",
+                    "account mode (cerebro_email) backs up every backend: leave out endpoint and api_key_secret",
+                ));
             }
             let cerebro_url = match cerebro_url {
                 Some(u) => u,
@@ -364,11 +370,18 @@ fn parse_dgraph(f: &mut Fields<'_>, api_base: Option<Url>) -> Result<DgraphConfi
             };
             Some(DgraphAccount { cerebro_url, email, password_secret })
         }
-        (Some(_), None) => return Err(f.err("cerebro_password_secret", "is required with cerebro_email (account mode)")),
-        (None, Some(_)) => return Err(f.err("cerebro_email", "is required with cerebro_password_secret (account mode)")),
+        (Some(_), None) => {
+            return Err(f.err("cerebro_password_secret", "is required with cerebro_email (account mode)"))
+        }
+        (None, Some(_)) => {
+            return Err(f.err("cerebro_email", "is required with cerebro_password_secret (account mode)"))
+        }
         (None, None) => {
             if endpoint.is_none() {
-                return Err(f.err("endpoint", "is required (the backend URL), or give cerebro_email and cerebro_password_secret for account mode"));
+                return Err(f.err(
+                    "endpoint",
+                    "is required (the backend URL), or give cerebro_email and cerebro_password_secret for account mode",
+                ));
             }
             if api_key_secret.is_none() {
                 return Err(f.err("api_key_secret", "is required (the name of the secret holding an admin API key)"));
@@ -414,7 +427,9 @@ fn parse_aura(f: &mut Fields<'_>, api_base: Option<Url>) -> Result<AuraConfig, C
         None | Some("both") => AuraMode::Both,
         Some("snapshot") => AuraMode::Snapshot,
         Some("logical") => AuraMode::Logical,
-        Some(other) => return Err(f.err("mode", format!("must be \"snapshot\", \"logical\" or \"both\" (got {other:?})"))),
+        Some(other) => {
+            return Err(f.err("mode", format!("must be \"snapshot\", \"logical\" or \"both\" (got {other:?})")))
+        }
     };
     let api_base = match api_base {
         Some(u) => u,
@@ -422,7 +437,11 @@ fn parse_aura(f: &mut Fields<'_>, api_base: Option<Url>) -> Result<AuraConfig, C
     };
     let query_api_base = match f.url("query_api_base")? {
         Some(u) => u,
-        None => default_url(f, "query_api_base", &format!("https://{}.databases.neo4j.io", instance_id.to_ascii_lowercase()))?,
+        None => default_url(
+            f,
+            "query_api_base",
+            &format!("https://{}.databases.neo4j.io", instance_id.to_ascii_lowercase()),
+        )?,
     };
     let database = f.string("database")?.unwrap_or_else(|| "neo4j".into());
     let db_user = f.string("db_user")?.unwrap_or_else(|| "neo4j".into());
@@ -446,7 +465,9 @@ fn parse_aura(f: &mut Fields<'_>, api_base: Option<Url>) -> Result<AuraConfig, C
 }
 
 fn parse_dxp(f: &mut Fields<'_>, api_base: Option<Url>) -> Result<DxpConfig, ConfigError> {
-    let api_base = api_base.ok_or_else(|| f.err("api_base", "is required: the backup service URL, e.g. https://backup-<project>-<env>.lfr.cloud"))?;
+    let api_base = api_base.ok_or_else(|| {
+        f.err("api_base", "is required: the backup service URL, e.g. https://backup-<project>-<env>.lfr.cloud")
+    })?;
     let user = f.string("user")?;
     let password_secret = secret_name(f, "password_secret")?;
     let user_token_secret = secret_name(f, "user_token_secret")?;
@@ -473,7 +494,9 @@ fn parse_d1(f: &mut Fields<'_>, api_base: Option<Url>) -> Result<D1Config, Confi
     let database_id = f.required_string("database_id")?;
     let token_secret = f.required_string("token_secret")?;
     if !valid_secret_name(&token_secret) {
-        return Err(f.err("token_secret", "must be the name of a Worker secret (letters, digits, '_'), not the token itself"));
+        return Err(
+            f.err("token_secret", "must be the name of a Worker secret (letters, digits, '_'), not the token itself")
+        );
     }
     let dump_options = match f.table("dump_options")? {
         None => DumpOptions::default(),
@@ -495,13 +518,7 @@ fn parse_d1(f: &mut Fields<'_>, api_base: Option<Url>) -> Result<D1Config, Confi
         Some(url) => url,
         None => Url::parse(D1Config::DEFAULT_API_BASE).map_err(|e| f.err("api_base", e.to_string()))?,
     };
-    Ok(D1Config {
-        api_base,
-        account_id,
-        database_id,
-        token_secret,
-        dump_options,
-    })
+    Ok(D1Config { api_base, account_id, database_id, token_secret, dump_options })
 }
 
 #[cfg(test)]
@@ -561,7 +578,10 @@ mod tests {
         assert_eq!(s.part_size, 5 * 1024 * 1024);
         assert_eq!(s.poll_interval, Duration::from_millis(250));
         assert_eq!(s.export_timeout, Duration::from_secs(600));
-        assert_eq!(s.retry, RetryPolicy { max_attempts: 3, base: Duration::from_millis(10), max_delay: Duration::from_millis(100) });
+        assert_eq!(
+            s.retry,
+            RetryPolicy { max_attempts: 3, base: Duration::from_millis(10), max_delay: Duration::from_millis(100) }
+        );
         let ProviderConfig::D1(d) = &s.provider else { panic!() };
         assert_eq!(d.api_base.as_str(), "http://127.0.0.1:9000/client/v4");
         assert_eq!(d.dump_options.tables, vec!["users", "orders"]);
@@ -602,41 +622,49 @@ mod tests {
     #[test]
     fn parses_dgraph_sources_with_and_without_acl() {
         let s = source(json!({"name": "graph", "kind": "dgraph", "schedule": "0 4 * * *",
-            "endpoint": "https://blue-sky.us-east-1.aws.cloud.dgraph.io", "api_key_secret": "DGRAPH_KEY"})).unwrap();
+            "endpoint": "https://blue-sky.us-east-1.aws.cloud.dgraph.io", "api_key_secret": "DGRAPH_KEY"}))
+        .unwrap();
         let ProviderConfig::Dgraph(d) = &s.provider else { panic!() };
         assert_eq!(d.format, DgraphFormat::Json);
         assert_eq!(d.namespace, None);
         assert!(d.acl.is_none());
         assert_eq!(s.secret_names(), vec!["DGRAPH_KEY"]);
         let s = source(json!({"name": "graph", "kind": "dgraph", "schedule": "0 4 * * *", "endpoint": "https://x.io",
-            "api_key_secret": "K", "format": "rdf", "namespace": -1, "user_id": "groot", "password_secret": "P"})).unwrap();
+            "api_key_secret": "K", "format": "rdf", "namespace": -1, "user_id": "groot", "password_secret": "P"}))
+        .unwrap();
         let ProviderConfig::Dgraph(d) = &s.provider else { panic!() };
         assert_eq!(d.format, DgraphFormat::Rdf);
         assert_eq!(d.namespace, Some(-1));
         assert_eq!(d.acl.as_ref().map(|a| (a.user_id.as_str(), a.login_namespace)), Some(("groot", 0)));
         assert_eq!(s.secret_names(), vec!["K", "P"]);
         let e = source(json!({"name": "graph", "kind": "dgraph", "schedule": "0 4 * * *", "endpoint": "https://x.io",
-            "api_key_secret": "K", "user_id": "groot"})).unwrap_err();
+            "api_key_secret": "K", "user_id": "groot"}))
+        .unwrap_err();
         assert_eq!(e.field.as_deref(), Some("password_secret"));
-        let e = source(json!({"name": "graph", "kind": "dgraph", "schedule": "0 4 * * *", "api_key_secret": "K"})).unwrap_err();
+        let e = source(json!({"name": "graph", "kind": "dgraph", "schedule": "0 4 * * *", "api_key_secret": "K"}))
+            .unwrap_err();
         assert_eq!(e.field.as_deref(), Some("endpoint"));
         let e = source(json!({"name": "graph", "kind": "dgraph", "schedule": "0 4 * * *", "endpoint": "https://x.io",
-            "api_key_secret": "K", "format": "csv"})).unwrap_err();
+            "api_key_secret": "K", "format": "csv"}))
+        .unwrap_err();
         assert_eq!(e.field.as_deref(), Some("format"));
         let s = source(json!({"name": "graph", "kind": "dgraph", "schedule": "0 4 * * *",
-            "cerebro_email": "ops@acme.com", "cerebro_password_secret": "CEREBRO_PW"})).unwrap();
+            "cerebro_email": "ops@acme.com", "cerebro_password_secret": "CEREBRO_PW"}))
+        .unwrap();
         let ProviderConfig::Dgraph(d) = &s.provider else { panic!() };
         assert_eq!(d.account.as_ref().map(|a| a.cerebro_url.as_str()), Some("https://cerebro.cloud.dgraph.io/graphql"));
         assert_eq!(s.secret_names(), vec!["CEREBRO_PW"]);
         let e = source(json!({"name": "graph", "kind": "dgraph", "schedule": "0 4 * * *", "endpoint": "https://x.io",
-            "cerebro_email": "ops@acme.com", "cerebro_password_secret": "CEREBRO_PW"})).unwrap_err();
+            "cerebro_email": "ops@acme.com", "cerebro_password_secret": "CEREBRO_PW"}))
+        .unwrap_err();
         assert_eq!(e.field.as_deref(), Some("cerebro_email"));
     }
 
     #[test]
     fn parses_aura_sources_with_defaults_and_modes() {
         let s = source(json!({"name": "g", "kind": "aura", "schedule": "0 4 * * *", "instance_id": "2F49C2B3",
-            "client_id_secret": "AURA_ID", "client_secret_secret": "AURA_SECRET", "db_password_secret": "NEO_PW"})).unwrap();
+            "client_id_secret": "AURA_ID", "client_secret_secret": "AURA_SECRET", "db_password_secret": "NEO_PW"}))
+        .unwrap();
         let ProviderConfig::Aura(a) = &s.provider else { panic!() };
         assert_eq!(a.mode, AuraMode::Both);
         assert_eq!(a.instance_id, "2f49c2b3");
@@ -645,14 +673,17 @@ mod tests {
         assert_eq!((a.database.as_str(), a.db_user.as_str(), a.page_size), ("neo4j", "neo4j", 1000));
         assert_eq!(s.secret_names(), vec!["AURA_ID", "AURA_SECRET", "NEO_PW"]);
         let snap = source(json!({"name": "g", "kind": "aura", "schedule": "0 4 * * *", "instance_id": "2f49c2b3",
-            "client_id_secret": "A", "client_secret_secret": "B", "mode": "snapshot"})).unwrap();
+            "client_id_secret": "A", "client_secret_secret": "B", "mode": "snapshot"}))
+        .unwrap();
         let ProviderConfig::Aura(a) = &snap.provider else { panic!() };
         assert_eq!(a.mode, AuraMode::Snapshot);
         let e = source(json!({"name": "g", "kind": "aura", "schedule": "0 4 * * *", "instance_id": "2f49c2b3",
-            "client_id_secret": "A", "client_secret_secret": "B", "mode": "logical"})).unwrap_err();
+            "client_id_secret": "A", "client_secret_secret": "B", "mode": "logical"}))
+        .unwrap_err();
         assert_eq!(e.field.as_deref(), Some("db_password_secret"));
         let e = source(json!({"name": "g", "kind": "aura", "schedule": "0 4 * * *", "instance_id": "xyz",
-            "client_id_secret": "A", "client_secret_secret": "B", "mode": "snapshot"})).unwrap_err();
+            "client_id_secret": "A", "client_secret_secret": "B", "mode": "snapshot"}))
+        .unwrap_err();
         assert_eq!(e.field.as_deref(), Some("instance_id"));
     }
 

@@ -392,11 +392,12 @@ impl Job {
 
     fn copy(mut self, download: &Download, cx: &Context<'_>) -> (Self, Action) {
         let prepared = match &download.origin {
-            Origin::Url { secret_url, authenticated } => self
-                .provider
-                .download_request(cx.source, secret_url, *authenticated, cx.creds)
-                .map(CopySource::Http),
-            Origin::Graph => GraphExport::for_source(cx.source, cx.creds, cx.now).map(|g| CopySource::Graph(Box::new(g))),
+            Origin::Url { secret_url, authenticated } => {
+                self.provider.download_request(cx.source, secret_url, *authenticated, cx.creds).map(CopySource::Http)
+            }
+            Origin::Graph => {
+                GraphExport::for_source(cx.source, cx.creds, cx.now).map(|g| CopySource::Graph(Box::new(g)))
+            }
         };
         let source = match prepared {
             Ok(s) => s,
@@ -521,9 +522,9 @@ impl Job {
 
 fn humanize(d: Duration) -> String {
     let s = d.as_secs();
-    if s % 3600 == 0 {
+    if s.is_multiple_of(3600) {
         format!("{} h", s / 3600)
-    } else if s % 60 == 0 {
+    } else if s.is_multiple_of(60) {
         format!("{} min", s / 60)
     } else {
         format!("{s} s")

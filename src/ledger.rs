@@ -156,11 +156,21 @@ mod tests {
     use super::*;
 
     fn webhook(id: &str) -> TriggerRequest {
-        TriggerRequest { trigger: Trigger::Webhook, webhook_id: Some(id.into()), scheduled_for: None, params: serde_json::json!({}) }
+        TriggerRequest {
+            trigger: Trigger::Webhook,
+            webhook_id: Some(id.into()),
+            scheduled_for: None,
+            params: serde_json::json!({}),
+        }
     }
 
     fn cron(at: i64) -> TriggerRequest {
-        TriggerRequest { trigger: Trigger::Cron, webhook_id: None, scheduled_for: Some(Timestamp::from_secs(at)), params: serde_json::json!({}) }
+        TriggerRequest {
+            trigger: Trigger::Cron,
+            webhook_id: None,
+            scheduled_for: Some(Timestamp::from_secs(at)),
+            params: serde_json::json!({}),
+        }
     }
 
     fn id(n: u8) -> JobId {

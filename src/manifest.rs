@@ -88,10 +88,8 @@ pub fn folder_of(key: &str) -> Option<&str> {
 /// `taken`.
 pub fn object_name(filename: &str, taken: &[&str]) -> String {
     let last = filename.rsplit(['/', '\\']).next().unwrap_or("");
-    let mut name: String = last
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
-        .collect();
+    let mut name: String =
+        last.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' }).collect();
     name = name.trim_start_matches('.').to_string();
     if name.is_empty() {
         name = "artifact".into();

@@ -45,10 +45,7 @@ impl Schedule {
 
     /// The first fire time strictly after `t`.
     pub fn next_after(&self, t: Timestamp) -> Option<Timestamp> {
-        self.cron
-            .find_next_occurrence(&t.to_datetime(), false)
-            .ok()
-            .map(Timestamp::from_datetime)
+        self.cron.find_next_occurrence(&t.to_datetime(), false).ok().map(Timestamp::from_datetime)
     }
 
     /// The latest fire time at or before `t`.

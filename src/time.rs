@@ -86,8 +86,7 @@ impl Serialize for Timestamp {
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        Self::parse_rfc3339(&s)
-            .ok_or_else(|| serde::de::Error::custom(format!("not an RFC 3339 time: {s}")))
+        Self::parse_rfc3339(&s).ok_or_else(|| serde::de::Error::custom(format!("not an RFC 3339 time: {s}")))
     }
 }
 

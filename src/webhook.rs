@@ -208,7 +208,15 @@ mod tests {
     #[test]
     fn empty_and_truncated_signatures_are_refused() {
         let truncated = &VECTOR_SIG[..VECTOR_SIG.len() - 8];
-        for sig in ["v1,", "v1", ",", truncated, "v1,g0hM", "v1,!!!notbase64!!!", "v2,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="] {
+        for sig in [
+            "v1,",
+            "v1",
+            ",",
+            truncated,
+            "v1,g0hM",
+            "v1,!!!notbase64!!!",
+            "v2,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
+        ] {
             assert_eq!(
                 verify(&secret(), headers(sig, "1614265330"), VECTOR_BODY, now()),
                 Err(WebhookError::NoMatch),
@@ -229,10 +237,9 @@ mod tests {
     fn stale_and_future_timestamps_are_refused_at_the_tolerance_edge() {
         let s = secret();
         let sign_at = |ts: i64| s.sign(VECTOR_ID, ts, VECTOR_BODY).unwrap();
-        for (offset, expected) in [
-            (-TOLERANCE_SECS - 1, Err(WebhookError::TooOld)),
-            (TOLERANCE_SECS + 1, Err(WebhookError::TooNew)),
-        ] {
+        for (offset, expected) in
+            [(-TOLERANCE_SECS - 1, Err(WebhookError::TooOld)), (TOLERANCE_SECS + 1, Err(WebhookError::TooNew))]
+        {
             let ts = VECTOR_TS + offset;
             let sig = sign_at(ts);
             let got = verify(&s, headers(&sig, &ts.to_string()), VECTOR_BODY, now()).map(|_| ());
@@ -263,9 +270,14 @@ mod tests {
     fn malformed_timestamp_and_id_are_refused() {
         let s = secret();
         for ts in ["1614265330.5", "-1614265330", "abc", "16142653300000000"] {
-            assert_eq!(verify(&s, headers(VECTOR_SIG, ts), VECTOR_BODY, now()), Err(WebhookError::InvalidTimestamp), "{ts}");
+            assert_eq!(
+                verify(&s, headers(VECTOR_SIG, ts), VECTOR_BODY, now()),
+                Err(WebhookError::InvalidTimestamp),
+                "{ts}"
+            );
         }
-        let h = WebhookHeaders { id: Some("msg.with.dots"), timestamp: Some("1614265330"), signature: Some(VECTOR_SIG) };
+        let h =
+            WebhookHeaders { id: Some("msg.with.dots"), timestamp: Some("1614265330"), signature: Some(VECTOR_SIG) };
         assert_eq!(verify(&s, h, VECTOR_BODY, now()), Err(WebhookError::InvalidId));
     }
 
@@ -279,4 +291,3 @@ mod tests {
         assert_eq!(format!("{:?}", secret()), "WebhookSecret([redacted])");
     }
 }
-

@@ -72,20 +72,37 @@ impl Harness {
 }
 
 fn d1_active() -> HttpResponse {
-    HttpResponse::json(202, &json!({"success": true, "result": {"success": true, "type": "export", "at_bookmark": "bm-1", "status": "active", "messages": ["Generating db-1-bm-1.sql"]}}))
+    HttpResponse::json(
+        202,
+        &json!({"success": true, "result": {"success": true, "type": "export", "at_bookmark": "bm-1", "status": "active", "messages": ["Generating db-1-bm-1.sql"]}}),
+    )
 }
 
 fn d1_complete() -> HttpResponse {
-    HttpResponse::json(200, &json!({"success": true, "result": {"success": true, "type": "export", "at_bookmark": "bm-1", "status": "complete", "messages": [],
-        "result": {"filename": "db-1-bm-1.sql", "signed_url": "http://127.0.0.1:9/__signed/abc/db-1-bm-1.sql"}}}))
+    HttpResponse::json(
+        200,
+        &json!({"success": true, "result": {"success": true, "type": "export", "at_bookmark": "bm-1", "status": "complete", "messages": [],
+        "result": {"filename": "db-1-bm-1.sql", "signed_url": "http://127.0.0.1:9/__signed/abc/db-1-bm-1.sql"}}}),
+    )
 }
 
 fn d1_error(msg: &str) -> HttpResponse {
-    HttpResponse::json(200, &json!({"success": true, "result": {"success": true, "at_bookmark": "bm-1", "status": "error", "error": msg, "messages": []}}))
+    HttpResponse::json(
+        200,
+        &json!({"success": true, "result": {"success": true, "at_bookmark": "bm-1", "status": "error", "error": msg, "messages": []}}),
+    )
 }
 
 fn artifact(key: &str) -> Artifact {
-    Artifact { key: key.into(), filename: "db-1-bm-1.sql".into(), size: 42, sha256: "00".repeat(32), content_type: "application/sql".into(), parts: 1, details: None }
+    Artifact {
+        key: key.into(),
+        filename: "db-1-bm-1.sql".into(),
+        size: 42,
+        sha256: "00".repeat(32),
+        content_type: "application/sql".into(),
+        parts: 1,
+        details: None,
+    }
 }
 
 fn expect_send(a: Action) -> HttpRequest {
@@ -213,8 +230,9 @@ fn retries_give_up_after_max_attempts_with_the_last_message() {
 fn rate_limit_waits_for_retry_after() {
     let mut h = Harness::d1();
     expect_send(h.wake_when_due());
-    let limited = HttpResponse::json(429, &json!({"success": false, "errors": [{"code": 971, "message": "slow down"}]}))
-        .with_header("retry-after", "30");
+    let limited =
+        HttpResponse::json(429, &json!({"success": false, "errors": [{"code": 971, "message": "slow down"}]}))
+            .with_header("retry-after", "30");
     assert_eq!(h.feed(Event::Response(limited)), Action::Sleep(t0().plus(Duration::from_secs(30))));
 }
 
@@ -222,7 +240,10 @@ fn rate_limit_waits_for_retry_after() {
 fn permanent_error_fails_at_once_with_the_providers_message() {
     let mut h = Harness::d1();
     expect_send(h.wake_when_due());
-    let denied = HttpResponse::json(403, &json!({"success": false, "errors": [{"code": 10000, "message": "Authentication error"}]}));
+    let denied = HttpResponse::json(
+        403,
+        &json!({"success": false, "errors": [{"code": 10000, "message": "Authentication error"}]}),
+    );
     assert_eq!(h.feed(Event::Response(denied)), Action::Done);
     assert_eq!(h.job.phase, Phase::Failed);
     assert_eq!(h.job.error.as_deref(), Some("D1 API error (HTTP 403): 10000: Authentication error"));
@@ -380,10 +401,18 @@ fn job_ids_parse_strictly() {
 
 #[test]
 fn phases_serialize_as_documented() {
-    let names: Vec<String> = [Phase::Queued, Phase::Exporting, Phase::Transferring, Phase::Committed, Phase::Failed, Phase::Skipped, Phase::Dispatched]
-        .iter()
-        .map(|p| serde_json::to_value(p).unwrap().as_str().unwrap().to_string())
-        .collect();
+    let names: Vec<String> = [
+        Phase::Queued,
+        Phase::Exporting,
+        Phase::Transferring,
+        Phase::Committed,
+        Phase::Failed,
+        Phase::Skipped,
+        Phase::Dispatched,
+    ]
+    .iter()
+    .map(|p| serde_json::to_value(p).unwrap().as_str().unwrap().to_string())
+    .collect();
     assert_eq!(names, ["queued", "exporting", "transferring", "committed", "failed", "skipped", "dispatched"]);
     assert_eq!(serde_json::to_value(Trigger::Cron).unwrap(), "cron");
 }

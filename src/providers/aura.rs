@@ -231,7 +231,12 @@ impl AuraState {
     }
 
     /// Folds one answer in.
-    pub fn on_response(&mut self, cfg: &AuraConfig, resp: &HttpResponse, now: Timestamp) -> Result<Progress, StepError> {
+    pub fn on_response(
+        &mut self,
+        cfg: &AuraConfig,
+        resp: &HttpResponse,
+        now: Timestamp,
+    ) -> Result<Progress, StepError> {
         let stage = self.stage();
         if stage == Stage::Token {
             return self.on_token(resp, now);
@@ -250,11 +255,19 @@ impl AuraState {
             )));
         }
         if !(200..300).contains(&resp.status) {
-            return Err(status_error(resp, now, format!("the Aura API answered HTTP {}: {}", resp.status, aura_error(resp))));
+            return Err(status_error(
+                resp,
+                now,
+                format!("the Aura API answered HTTP {}: {}", resp.status, aura_error(resp)),
+            ));
         }
         self.auth_retries = 0;
         let body: Value = serde_json::from_slice(&resp.body).map_err(|_| {
-            StepError::permanent(format!("Aura API: received a malformed response (HTTP {}): {}", resp.status, resp.snippet(200)))
+            StepError::permanent(format!(
+                "Aura API: received a malformed response (HTTP {}): {}",
+                resp.status,
+                resp.snippet(200)
+            ))
         })?;
         let data = body.get("data").filter(|d| d.is_object()).ok_or_else(|| malformed("no data"))?;
         match stage {
@@ -295,9 +308,18 @@ impl AuraState {
                 )))
             }
             429 | 500..=599 => {
-                return Err(status_error(resp, now, format!("the Aura token endpoint answered HTTP {}: {}", resp.status, aura_error(resp))))
+                return Err(status_error(
+                    resp,
+                    now,
+                    format!("the Aura token endpoint answered HTTP {}: {}", resp.status, aura_error(resp)),
+                ))
             }
-            s => return Err(StepError::permanent(format!("the Aura token endpoint answered HTTP {s}: {}", aura_error(resp)))),
+            s => {
+                return Err(StepError::permanent(format!(
+                    "the Aura token endpoint answered HTTP {s}: {}",
+                    aura_error(resp)
+                )))
+            }
         }
         let body: Value = serde_json::from_slice(&resp.body).map_err(|_| malformed("token answer is not JSON"))?;
         let token = body.get("access_token").and_then(Value::as_str).ok_or_else(|| malformed("no access_token"))?;
@@ -426,7 +448,8 @@ impl GraphWriter {
             GraphPhase::Relationships => RELATIONSHIPS_QUERY,
             GraphPhase::Done => return None,
         };
-        let body = json!({ "statement": statement, "parameters": { "after": self.after, "limit": self.spec.page_size } });
+        let body =
+            json!({ "statement": statement, "parameters": { "after": self.after, "limit": self.spec.page_size } });
         Some(
             HttpRequest::post_json(self.spec.url.clone(), &body)
                 .header("accept", "application/json")
@@ -439,7 +462,8 @@ impl GraphWriter {
         let rows = query_rows(resp, now)?;
         let count = rows.len();
         for row in rows {
-            let id = row.get("id").and_then(Value::as_str).ok_or_else(|| query_malformed("a row without id"))?.to_string();
+            let id =
+                row.get("id").and_then(Value::as_str).ok_or_else(|| query_malformed("a row without id"))?.to_string();
             let props = row.get("props").cloned().unwrap_or_else(|| json!({}));
             match self.phase {
                 GraphPhase::Nodes => {
@@ -483,7 +507,10 @@ impl GraphWriter {
         if let Some(e) = self.error.take() {
             return Err(StepError::permanent(format!("compressing the graph export failed: {e}")));
         }
-        let rest = self.encoder.finish().map_err(|e| StepError::permanent(format!("compressing the graph export failed: {e}")))?;
+        let rest = self
+            .encoder
+            .finish()
+            .map_err(|e| StepError::permanent(format!("compressing the graph export failed: {e}")))?;
         let details = json!({ "format": "ferry-neo4j-jsonl", "nodes": nodes, "relationships": relationships });
         Ok((rest, details))
     }
@@ -492,7 +519,9 @@ impl GraphWriter {
 /// The rows of a Query API answer as objects keyed by field name.
 pub fn query_rows(resp: &HttpResponse, now: Timestamp) -> Result<Vec<serde_json::Map<String, Value>>, StepError> {
     let body: Option<Value> = serde_json::from_slice(&resp.body).ok();
-    if let Some(errors) = body.as_ref().and_then(|b| b.get("errors")).and_then(Value::as_array).filter(|e| !e.is_empty()) {
+    if let Some(errors) =
+        body.as_ref().and_then(|b| b.get("errors")).and_then(Value::as_array).filter(|e| !e.is_empty())
+    {
         let first = &errors[0];
         let code = first.get("code").and_then(Value::as_str).unwrap_or("");
         let message = first.get("message").and_then(Value::as_str).unwrap_or("(no message)");
@@ -506,7 +535,11 @@ pub fn query_rows(resp: &HttpResponse, now: Timestamp) -> Result<Vec<serde_json:
         });
     }
     if !(200..300).contains(&resp.status) {
-        return Err(status_error(resp, now, format!("the Neo4j Query API answered HTTP {}: {}", resp.status, resp.snippet(200))));
+        return Err(status_error(
+            resp,
+            now,
+            format!("the Neo4j Query API answered HTTP {}: {}", resp.status, resp.snippet(200)),
+        ));
     }
     let body = body.ok_or_else(|| query_malformed(&resp.snippet(200)))?;
     let fields: Vec<String> = body
@@ -516,7 +549,8 @@ pub fn query_rows(resp: &HttpResponse, now: Timestamp) -> Result<Vec<serde_json:
         .iter()
         .filter_map(|f| f.as_str().map(str::to_string))
         .collect();
-    let values = body.pointer("/data/values").and_then(Value::as_array).ok_or_else(|| query_malformed("no data.values"))?;
+    let values =
+        body.pointer("/data/values").and_then(Value::as_array).ok_or_else(|| query_malformed("no data.values"))?;
     Ok(values
         .iter()
         .filter_map(Value::as_array)

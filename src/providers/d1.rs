@@ -49,8 +49,7 @@ impl D1Config {
     pub fn export_url(&self) -> String {
         let mut url = self.api_base.clone();
         if let Ok(mut segs) = url.path_segments_mut() {
-            segs.pop_if_empty()
-                .extend(["accounts", &self.account_id, "d1", "database", &self.database_id, "export"]);
+            segs.pop_if_empty().extend(["accounts", &self.account_id, "d1", "database", &self.database_id, "export"]);
         }
         url.to_string()
     }
@@ -106,11 +105,7 @@ pub fn export_request(cfg: &D1Config, state: &D1State, token: &Secret) -> HttpRe
 pub fn on_export_response(state: &mut D1State, resp: &HttpResponse, now: Timestamp) -> Result<Progress, StepError> {
     let parsed: Option<Value> = serde_json::from_slice(&resp.body).ok();
     let Some(body) = parsed.filter(Value::is_object) else {
-        let message = format!(
-            "D1 API: received a malformed response (HTTP {}): {}",
-            resp.status,
-            resp.snippet(200)
-        );
+        let message = format!("D1 API: received a malformed response (HTTP {}): {}", resp.status, resp.snippet(200));
         return Err(if resp.status >= 500 || resp.status == 429 {
             status_error(resp, now, message)
         } else {
@@ -120,7 +115,11 @@ pub fn on_export_response(state: &mut D1State, resp: &HttpResponse, now: Timesta
     let ok = body.get("success").and_then(Value::as_bool).unwrap_or(false);
     if !ok || !(200..300).contains(&resp.status) {
         let message = format!("D1 API error (HTTP {}): {}", resp.status, envelope_errors(&body));
-        return Err(if (200..300).contains(&resp.status) { StepError::permanent(message) } else { status_error(resp, now, message) });
+        return Err(if (200..300).contains(&resp.status) {
+            StepError::permanent(message)
+        } else {
+            status_error(resp, now, message)
+        });
     }
     state.polls += 1;
     let result = body.get("result").filter(|r| r.is_object()).ok_or_else(|| malformed("no result"))?;
@@ -236,7 +235,10 @@ mod tests {
         assert_eq!(first.url, "http://127.0.0.1:9000/client/v4/accounts/acc/d1/database/db-1/export");
         assert_eq!(first.header_value("authorization"), Some("Bearer tok"));
         let body: Value = serde_json::from_slice(first.body.as_deref().unwrap()).unwrap();
-        assert_eq!(body, json!({"output_format": "polling", "dump_options": {"tables": ["users"], "no_data": false, "no_schema": false}}));
+        assert_eq!(
+            body,
+            json!({"output_format": "polling", "dump_options": {"tables": ["users"], "no_data": false, "no_schema": false}})
+        );
         on_export_response(&mut state, &active(&[]), now()).unwrap();
         let poll = export_request(&cfg(), &state, &token);
         let body: Value = serde_json::from_slice(poll.body.as_deref().unwrap()).unwrap();
@@ -254,10 +256,16 @@ mod tests {
     #[test]
     fn active_then_complete_yields_the_signed_url_and_accumulates_messages() {
         let mut s = D1State::default();
-        assert_eq!(on_export_response(&mut s, &active(&["Generating x.sql"]), now()).unwrap(), Progress::Pending { poll_after: None });
-        let done = HttpResponse::json(200, &json!({"success": true, "result": {"success": true, "type": "export",
+        assert_eq!(
+            on_export_response(&mut s, &active(&["Generating x.sql"]), now()).unwrap(),
+            Progress::Pending { poll_after: None }
+        );
+        let done = HttpResponse::json(
+            200,
+            &json!({"success": true, "result": {"success": true, "type": "export",
             "at_bookmark": "bm-1", "status": "complete", "messages": ["Uploaded part 2", "Finished uploading x.sql in 2 parts."],
-            "result": {"filename": "x.sql", "signed_url": "https://r2.example/x.sql?sig=1"}}}));
+            "result": {"filename": "x.sql", "signed_url": "https://r2.example/x.sql?sig=1"}}}),
+        );
         let p = on_export_response(&mut s, &done, now()).unwrap();
         assert_eq!(
             p,
@@ -272,9 +280,12 @@ mod tests {
     #[test]
     fn status_error_fails_with_d1_error_and_messages() {
         let mut s = D1State::default();
-        let resp = HttpResponse::json(200, &json!({"success": true, "result": {"success": true, "at_bookmark": "b",
+        let resp = HttpResponse::json(
+            200,
+            &json!({"success": true, "result": {"success": true, "at_bookmark": "b",
             "status": "error", "error": "D1 Export error: cannot export databases with Virtual Tables (fts5)",
-            "messages": ["Generating x.sql"]}}));
+            "messages": ["Generating x.sql"]}}),
+        );
         let Progress::Failed(msg) = on_export_response(&mut s, &resp, now()).unwrap() else { panic!() };
         assert!(msg.contains("cannot export databases with Virtual Tables (fts5)"), "{msg}");
         assert!(msg.contains("Generating x.sql"), "{msg}");
@@ -284,13 +295,17 @@ mod tests {
     fn polling_failure_shape_fails_the_export() {
         let mut s = D1State::default();
         let resp = HttpResponse::json(200, &json!({"success": true, "result": {"success": false, "error": "boom"}}));
-        assert_eq!(on_export_response(&mut s, &resp, now()).unwrap(), Progress::Failed("D1 export failed: boom".into()));
+        assert_eq!(
+            on_export_response(&mut s, &resp, now()).unwrap(),
+            Progress::Failed("D1 export failed: boom".into())
+        );
     }
 
     #[test]
     fn unknown_final_status_is_a_reset() {
         let mut s = D1State::default();
-        let resp = HttpResponse::json(200, &json!({"success": true, "result": {"at_bookmark": "b", "status": "cancelled"}}));
+        let resp =
+            HttpResponse::json(200, &json!({"success": true, "result": {"at_bookmark": "b", "status": "cancelled"}}));
         let Progress::Failed(msg) = on_export_response(&mut s, &resp, now()).unwrap() else { panic!() };
         assert!(msg.starts_with("D1 reset before export completed"), "{msg}");
     }
@@ -298,18 +313,29 @@ mod tests {
     #[test]
     fn rate_limit_is_transient_with_retry_after() {
         let mut s = D1State::default();
-        let resp = HttpResponse::json(429, &json!({"success": false, "errors": [{"code": 971, "message": "Please wait"}]}))
-            .with_header("Retry-After", "4");
+        let resp =
+            HttpResponse::json(429, &json!({"success": false, "errors": [{"code": 971, "message": "Please wait"}]}))
+                .with_header("Retry-After", "4");
         let err = on_export_response(&mut s, &resp, now()).unwrap_err();
-        assert_eq!(err, StepError::Transient { message: "D1 API error (HTTP 429): 971: Please wait".into(), retry_after: Some(Duration::from_secs(4)) });
+        assert_eq!(
+            err,
+            StepError::Transient {
+                message: "D1 API error (HTTP 429): 971: Please wait".into(),
+                retry_after: Some(Duration::from_secs(4))
+            }
+        );
     }
 
     #[test]
     fn server_errors_are_transient_and_client_errors_permanent() {
         let mut s = D1State::default();
-        let e503 = HttpResponse::json(503, &json!({"success": false, "errors": [{"code": 10000, "message": "overloaded"}]}));
+        let e503 =
+            HttpResponse::json(503, &json!({"success": false, "errors": [{"code": 10000, "message": "overloaded"}]}));
         assert!(on_export_response(&mut s, &e503, now()).unwrap_err().is_retryable());
-        let e403 = HttpResponse::json(403, &json!({"success": false, "errors": [{"code": 10000, "message": "Authentication error"}]}));
+        let e403 = HttpResponse::json(
+            403,
+            &json!({"success": false, "errors": [{"code": 10000, "message": "Authentication error"}]}),
+        );
         let err = on_export_response(&mut s, &e403, now()).unwrap_err();
         assert!(!err.is_retryable());
         assert_eq!(err.message(), "D1 API error (HTTP 403): 10000: Authentication error");
@@ -328,7 +354,11 @@ mod tests {
         let waf = HttpResponse { status: 403, headers: vec![], body: b"<html>Attention Required!</html>".to_vec() };
         let err = on_export_response(&mut s, &waf, now()).unwrap_err();
         assert!(!err.is_retryable());
-        assert!(err.message().contains("malformed response (HTTP 403): <html>Attention Required!</html>"), "{}", err.message());
+        assert!(
+            err.message().contains("malformed response (HTTP 403): <html>Attention Required!</html>"),
+            "{}",
+            err.message()
+        );
         let gateway = HttpResponse { status: 502, headers: vec![], body: b"<html>Bad gateway</html>".to_vec() };
         assert!(on_export_response(&mut s, &gateway, now()).unwrap_err().is_retryable());
     }
@@ -336,7 +366,10 @@ mod tests {
     #[test]
     fn complete_without_signed_url_is_malformed() {
         let mut s = D1State::default();
-        let resp = HttpResponse::json(200, &json!({"success": true, "result": {"at_bookmark": "b", "status": "complete", "result": {"filename": "x"}}}));
+        let resp = HttpResponse::json(
+            200,
+            &json!({"success": true, "result": {"at_bookmark": "b", "status": "complete", "result": {"filename": "x"}}}),
+        );
         let err = on_export_response(&mut s, &resp, now()).unwrap_err();
         assert!(err.message().contains("no signed_url"));
     }

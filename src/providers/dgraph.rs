@@ -29,7 +29,8 @@ const MAX_LOGINS: u32 = 4;
 
 const LOGIN: &str = "mutation login($userId: String, $password: String, $namespace: Int, $refreshToken: String) { login(userId: $userId, password: $password, namespace: $namespace, refreshToken: $refreshToken) { response { accessJWT refreshJWT } } }";
 const EXPORT: &str = "mutation($format: String, $namespace: Int) { export(format: $format, namespace: $namespace) { response { code message } exportId taskId } }";
-const CEREBRO_LOGIN: &str = "query Login($email: String!, $password: String!) { login(email: $email, password: $password) { token } }";
+const CEREBRO_LOGIN: &str =
+    "query Login($email: String!, $password: String!) { login(email: $email, password: $password) { token } }";
 const DEPLOYMENTS: &str = "{ deployments { uid name zone url owner jwtToken deploymentMode deploymentType } }";
 const STATUS: &str = "query($exportId: String!, $taskId: String!) { exportStatus(exportId: $exportId, taskId: $taskId) { kind lastUpdated signedUrls status } }";
 
@@ -161,7 +162,8 @@ impl DgraphState {
     /// The backend's URL: this child's backend, or the configured endpoint.
     fn endpoint(&self, cfg: &DgraphConfig) -> Result<Url, StepError> {
         match (&self.backend, &cfg.endpoint) {
-            (Some(b), _) => Url::parse(&b.url).map_err(|e| StepError::permanent(format!("backend {} has a bad url {:?}: {e}", b.name, b.url))),
+            (Some(b), _) => Url::parse(&b.url)
+                .map_err(|e| StepError::permanent(format!("backend {} has a bad url {:?}: {e}", b.name, b.url))),
             (None, Some(url)) => Ok(url.clone()),
             (None, None) => Err(StepError::permanent("no Dgraph endpoint configured")),
         }
@@ -202,14 +204,18 @@ impl DgraphState {
                     &json!({ "query": CEREBRO_LOGIN, "variables": {
                         "email": account.email, "password": creds.get(&account.password_secret)?.expose() } }),
                 ),
-                _ => HttpRequest::post_json(account.cerebro_url.as_str(), &json!({ "query": DEPLOYMENTS }))
-                    .header("authorization", format!("Bearer {}", self.secret_cerebro_token.clone().unwrap_or_default())),
+                _ => HttpRequest::post_json(account.cerebro_url.as_str(), &json!({ "query": DEPLOYMENTS })).header(
+                    "authorization",
+                    format!("Bearer {}", self.secret_cerebro_token.clone().unwrap_or_default()),
+                ),
             });
         }
         let key = self.admin_key(cfg, creds)?;
         let endpoint = self.endpoint(cfg)?;
         let (url, body) = match stage {
-            Stage::CerebroLogin | Stage::Deployments => return Err(StepError::permanent("no Dgraph account configured")),
+            Stage::CerebroLogin | Stage::Deployments => {
+                return Err(StepError::permanent("no Dgraph account configured"))
+            }
             Stage::Login => {
                 let Some(acl) = &cfg.acl else { return Err(StepError::permanent("no ACL configured")) };
                 let variables = match &self.secret_refresh_jwt {
@@ -242,7 +248,12 @@ impl DgraphState {
     }
 
     /// Folds one answer in.
-    pub fn on_response(&mut self, cfg: &DgraphConfig, resp: &HttpResponse, now: Timestamp) -> Result<Progress, StepError> {
+    pub fn on_response(
+        &mut self,
+        cfg: &DgraphConfig,
+        resp: &HttpResponse,
+        now: Timestamp,
+    ) -> Result<Progress, StepError> {
         if resp.status == 401 || resp.status == 403 {
             return Err(StepError::permanent(format!(
                 "Dgraph refused the credentials (HTTP {}): {}",
@@ -251,10 +262,18 @@ impl DgraphState {
             )));
         }
         if !(200..300).contains(&resp.status) {
-            return Err(status_error(resp, now, format!("Dgraph answered HTTP {}: {}", resp.status, resp.snippet(200))));
+            return Err(status_error(
+                resp,
+                now,
+                format!("Dgraph answered HTTP {}: {}", resp.status, resp.snippet(200)),
+            ));
         }
         let body: Value = serde_json::from_slice(&resp.body).map_err(|_| {
-            StepError::permanent(format!("Dgraph: received a malformed response (HTTP {}): {}", resp.status, resp.snippet(200)))
+            StepError::permanent(format!(
+                "Dgraph: received a malformed response (HTTP {}): {}",
+                resp.status,
+                resp.snippet(200)
+            ))
         })?;
         let stage = self.stage(cfg);
         if matches!(stage, Stage::CerebroLogin | Stage::Deployments) {
@@ -268,7 +287,8 @@ impl DgraphState {
             Stage::CerebroLogin | Stage::Deployments => Err(malformed("unexpected Cerebro stage")),
             Stage::Login => {
                 let response = data.pointer("/login/response").ok_or_else(|| malformed("login without response"))?;
-                let access = response.get("accessJWT").and_then(Value::as_str).ok_or_else(|| malformed("no accessJWT"))?;
+                let access =
+                    response.get("accessJWT").and_then(Value::as_str).ok_or_else(|| malformed("no accessJWT"))?;
                 self.secret_access_jwt = Some(access.to_string());
                 self.secret_refresh_jwt = response.get("refreshJWT").and_then(Value::as_str).map(str::to_string);
                 self.logins += 1;
@@ -340,7 +360,8 @@ impl DgraphState {
             }
             return Ok(Progress::Failed(format!("Dgraph Cloud deployments failed: {errors}")));
         }
-        let list = body.pointer("/data/deployments").and_then(Value::as_array).ok_or_else(|| malformed("no deployments"))?;
+        let list =
+            body.pointer("/data/deployments").and_then(Value::as_array).ok_or_else(|| malformed("no deployments"))?;
         let children: Vec<ProviderState> = list
             .iter()
             .filter_map(|d| {
@@ -461,11 +482,15 @@ mod tests {
     }
 
     fn queued() -> HttpResponse {
-        ok(json!({"export": {"response": {"code": "Success", "message": "Export queued with ID 0x9d2e"}, "exportId": "exports/2026-11-23/0x1-1", "taskId": "0x9d2e"}}))
+        ok(
+            json!({"export": {"response": {"code": "Success", "message": "Export queued with ID 0x9d2e"}, "exportId": "exports/2026-11-23/0x1-1", "taskId": "0x9d2e"}}),
+        )
     }
 
     fn status(s: &str, urls: &[&str]) -> HttpResponse {
-        ok(json!({"exportStatus": {"kind": "Export", "lastUpdated": "2026-11-23T00:00:00Z", "signedUrls": urls, "status": s}}))
+        ok(
+            json!({"exportStatus": {"kind": "Export", "lastUpdated": "2026-11-23T00:00:00Z", "signedUrls": urls, "status": s}}),
+        )
     }
 
     #[test]
@@ -484,7 +509,11 @@ mod tests {
         assert_eq!(s.on_response(&c, &status("Running", &[]), now()).unwrap(), Progress::Pending { poll_after: None });
         // Unknown values keep the job polling.
         assert_eq!(s.on_response(&c, &status("Paused", &[]), now()).unwrap(), Progress::Pending { poll_after: None });
-        let urls = ["https://s3/x/dgraph.r9.u1123.0000/g01.json.gz?sig=1", "https://s3/x/dgraph.r9.u1123.0000/g01.schema.gz?sig=2", "https://s3/x/dgraph.r9.u1123.0000/g01.gql_schema.gz?sig=3"];
+        let urls = [
+            "https://s3/x/dgraph.r9.u1123.0000/g01.json.gz?sig=1",
+            "https://s3/x/dgraph.r9.u1123.0000/g01.schema.gz?sig=2",
+            "https://s3/x/dgraph.r9.u1123.0000/g01.gql_schema.gz?sig=3",
+        ];
         let Progress::Ready(files) = s.on_response(&c, &status("Success", &urls), now()).unwrap() else { panic!() };
         let names: Vec<&str> = files.iter().map(|d| d.filename.as_str()).collect();
         assert_eq!(names, ["g01.json.gz", "g01.schema.gz", "g01.gql_schema.gz"]);
@@ -499,9 +528,15 @@ mod tests {
     fn failed_status_and_graphql_errors_fail_with_their_messages() {
         let (c, mut s) = (cfg(false), DgraphState::default());
         s.on_response(&c, &queued(), now()).unwrap();
-        assert_eq!(s.on_response(&c, &status("Failed", &[]), now()).unwrap(), Progress::Failed("Dgraph export task 0x9d2e failed".into()));
+        assert_eq!(
+            s.on_response(&c, &status("Failed", &[]), now()).unwrap(),
+            Progress::Failed("Dgraph export task 0x9d2e failed".into())
+        );
         let mut s = DgraphState::default();
-        let err = HttpResponse::json(200, &json!({"errors": [{"message": "Only guardian of galaxy can export all namespaces"}], "data": null}));
+        let err = HttpResponse::json(
+            200,
+            &json!({"errors": [{"message": "Only guardian of galaxy can export all namespaces"}], "data": null}),
+        );
         assert_eq!(
             s.on_response(&c, &err, now()).unwrap(),
             Progress::Failed("Dgraph export failed: Only guardian of galaxy can export all namespaces".into())
@@ -524,17 +559,22 @@ mod tests {
     #[test]
     fn expired_access_token_is_refreshed_then_the_password_is_used_if_refresh_fails() {
         let (c, mut s) = (cfg(true), DgraphState::default());
-        s.on_response(&c, &ok(json!({"login": {"response": {"accessJWT": "acc-1", "refreshJWT": "ref-1"}}})), now()).unwrap();
+        s.on_response(&c, &ok(json!({"login": {"response": {"accessJWT": "acc-1", "refreshJWT": "ref-1"}}})), now())
+            .unwrap();
         s.on_response(&c, &queued(), now()).unwrap();
         let expired = HttpResponse::json(200, &json!({"errors": [{"message": "Token is expired"}]}));
         assert_eq!(s.on_response(&c, &expired, now()).unwrap(), Progress::Pending { poll_after: Some(Duration::ZERO) });
         let refresh = s.next_request(&c, &creds()).unwrap();
         assert_eq!(body(&refresh)["variables"], json!({"refreshToken": "ref-1"}));
-        let refused = HttpResponse::json(200, &json!({"data": {"login": null}, "errors": [{"message": "invalid refresh token"}]}));
+        let refused = HttpResponse::json(
+            200,
+            &json!({"data": {"login": null}, "errors": [{"message": "invalid refresh token"}]}),
+        );
         assert_eq!(s.on_response(&c, &refused, now()).unwrap(), Progress::Pending { poll_after: Some(Duration::ZERO) });
         let relogin = s.next_request(&c, &creds()).unwrap();
         assert_eq!(body(&relogin)["variables"]["userId"], "groot");
-        s.on_response(&c, &ok(json!({"login": {"response": {"accessJWT": "acc-2", "refreshJWT": "ref-2"}}})), now()).unwrap();
+        s.on_response(&c, &ok(json!({"login": {"response": {"accessJWT": "acc-2", "refreshJWT": "ref-2"}}})), now())
+            .unwrap();
         let poll = s.next_request(&c, &creds()).unwrap();
         assert_eq!(poll.header_value("x-dgraph-accesstoken"), Some("acc-2"));
         assert!(body(&poll)["query"].as_str().unwrap().contains("exportStatus"), "resumes polling the same task");
@@ -545,15 +585,23 @@ mod tests {
     #[test]
     fn wrong_password_fails_the_job() {
         let (c, mut s) = (cfg(true), DgraphState::default());
-        let refused = HttpResponse::json(200, &json!({"data": {"login": null}, "errors": [{"message": "invalid username or password"}]}));
-        assert_eq!(s.on_response(&c, &refused, now()).unwrap(), Progress::Failed("Dgraph ACL login failed: invalid username or password".into()));
+        let refused = HttpResponse::json(
+            200,
+            &json!({"data": {"login": null}, "errors": [{"message": "invalid username or password"}]}),
+        );
+        assert_eq!(
+            s.on_response(&c, &refused, now()).unwrap(),
+            Progress::Failed("Dgraph ACL login failed: invalid username or password".into())
+        );
     }
 
     #[test]
     fn legacy_synchronous_export_and_task_id_spelling_are_accepted() {
         let (c, mut s) = (cfg(false), DgraphState::default());
         let legacy = ok(json!({"export": {"signedUrls": ["https://s3/a/g01.rdf.gz"]}}));
-        assert!(matches!(s.on_response(&c, &legacy, now()).unwrap(), Progress::Ready(f) if f[0].filename == "g01.rdf.gz"));
+        assert!(
+            matches!(s.on_response(&c, &legacy, now()).unwrap(), Progress::Ready(f) if f[0].filename == "g01.rdf.gz")
+        );
         let mut s = DgraphState::default();
         let doc = ok(json!({"export": {"response": {"code": "Success", "message": "queued"}, "taskID": "0x1"}}));
         s.on_response(&c, &doc, now()).unwrap();
@@ -591,7 +639,9 @@ mod tests {
         assert!(!shown.contains("jwt-a"), "{shown}");
         let mut bad = DgraphState::default();
         let refused = ok(json!({"login": null}));
-        assert!(matches!(bad.on_response(&c, &refused, now()).unwrap(), Progress::Failed(m) if m.contains("login failed")));
+        assert!(
+            matches!(bad.on_response(&c, &refused, now()).unwrap(), Progress::Failed(m) if m.contains("login failed"))
+        );
     }
 
     #[test]

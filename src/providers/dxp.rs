@@ -75,8 +75,12 @@ pub fn authorize(cfg: &DxpConfig, req: HttpRequest, creds: &Credentials) -> Resu
             let pair = format!("{user}:{}", creds.get(password_secret)?.expose());
             req.header("authorization", format!("Basic {}", STANDARD.encode(pair)))
         }
-        DxpAuth::UserToken { secret } => req.header("dxpcloud-authorization", format!("Bearer {}", creds.get(secret)?.expose())),
-        DxpAuth::MasterToken { secret } => req.header("authorization", format!("Bearer {}", creds.get(secret)?.expose())),
+        DxpAuth::UserToken { secret } => {
+            req.header("dxpcloud-authorization", format!("Bearer {}", creds.get(secret)?.expose()))
+        }
+        DxpAuth::MasterToken { secret } => {
+            req.header("authorization", format!("Bearer {}", creds.get(secret)?.expose()))
+        }
     })
 }
 
@@ -107,11 +111,9 @@ impl DxpState {
                     self.backup_id = Some(id.clone());
                     self.requested = true;
                 }
-                Some(other) => {
-                    return Err(StepError::permanent(format!(
-                        "the webhook's backup_id {other} is not a DXP Cloud backup id (like dxpcloud-abcdef-202611230300)"
-                    )))
-                }
+                Some(other) => return Err(StepError::permanent(format!(
+                    "the webhook's backup_id {other} is not a DXP Cloud backup id (like dxpcloud-abcdef-202611230300)"
+                ))),
             }
         }
         Ok(Some(self.decide(cfg, input)))
@@ -123,7 +125,12 @@ impl DxpState {
             return Progress::Skip(format!("backup {id} was already copied for this source"));
         }
         Progress::Ready(vec![
-            Download::url(endpoint(cfg, &["backup", "download", "database", id]), "database.gz", "application/gzip", true),
+            Download::url(
+                endpoint(cfg, &["backup", "download", "database", id]),
+                "database.gz",
+                "application/gzip",
+                true,
+            ),
             Download::url(endpoint(cfg, &["backup", "download", "volume", id]), "volume.tgz", "application/gzip", true),
         ])
     }
@@ -134,7 +141,12 @@ impl DxpState {
     }
 
     /// Picks the newest backup from the listing.
-    pub fn on_response(&mut self, cfg: &DxpConfig, resp: &HttpResponse, input: &StepInput<'_>) -> Result<Progress, StepError> {
+    pub fn on_response(
+        &mut self,
+        cfg: &DxpConfig,
+        resp: &HttpResponse,
+        input: &StepInput<'_>,
+    ) -> Result<Progress, StepError> {
         let message = || {
             serde_json::from_slice::<Value>(&resp.body)
                 .ok()
@@ -160,7 +172,11 @@ impl DxpState {
             _ => return Err(status_error(resp, input.now, format!("the DXP backup service answered HTTP {}: {}", resp.status, message()))),
         }
         let body: Value = serde_json::from_slice(&resp.body).map_err(|_| {
-            StepError::permanent(format!("the DXP backup list is malformed (HTTP {}): {}", resp.status, resp.snippet(200)))
+            StepError::permanent(format!(
+                "the DXP backup list is malformed (HTTP {}): {}",
+                resp.status,
+                resp.snippet(200)
+            ))
         })?;
         let items = body
             .get("backups")
@@ -197,7 +213,8 @@ fn newest(items: &[Value]) -> Option<(String, Option<String>)> {
         })
         .filter_map(|item| {
             let id = ["backupId", "id", "backup_id"].iter().find_map(|k| item.get(*k).and_then(Value::as_str))?;
-            let created = ["createdAt", "created_at", "createdDate"].iter().find_map(|k| item.get(*k).and_then(Value::as_str));
+            let created =
+                ["createdAt", "created_at", "createdDate"].iter().find_map(|k| item.get(*k).and_then(Value::as_str));
             Some((id.to_string(), created.map(str::to_string)))
         })
         .collect();
@@ -224,7 +241,8 @@ mod tests {
     use crate::time::Timestamp;
 
     fn source(auth: Value) -> crate::config::SourceConfig {
-        let mut v = json!({"name": "portal", "kind": "dxp", "schedule": "0 4 * * *", "api_base": "http://127.0.0.1:9/"});
+        let mut v =
+            json!({"name": "portal", "kind": "dxp", "schedule": "0 4 * * *", "api_base": "http://127.0.0.1:9/"});
         for (k, x) in auth.as_object().unwrap() {
             v[k] = x.clone();
         }
@@ -245,7 +263,12 @@ mod tests {
         c
     }
 
-    fn input<'a>(s: &'a crate::config::SourceConfig, c: &'a Credentials, params: &'a Value, seen: &'a [String]) -> StepInput<'a> {
+    fn input<'a>(
+        s: &'a crate::config::SourceConfig,
+        c: &'a Credentials,
+        params: &'a Value,
+        seen: &'a [String],
+    ) -> StepInput<'a> {
         StepInput { source: s, creds: c, now: Timestamp::from_secs(0), params, seen }
     }
 
@@ -255,7 +278,10 @@ mod tests {
         let basic = source(json!({"user": "ops@acme.com", "password_secret": "PW"}));
         let req = DxpState::default().next_request(cfg_of(&basic), &c).unwrap();
         assert_eq!(req.url, "http://127.0.0.1:9/backup/list");
-        assert_eq!(req.header_value("authorization"), Some(format!("Basic {}", STANDARD.encode("ops@acme.com:pa:ss")).as_str()));
+        assert_eq!(
+            req.header_value("authorization"),
+            Some(format!("Basic {}", STANDARD.encode("ops@acme.com:pa:ss")).as_str())
+        );
         let user = source(json!({"user_token_secret": "TOKEN"}));
         let req = DxpState::default().next_request(cfg_of(&user), &c).unwrap();
         assert_eq!(req.header_value("dxpcloud-authorization"), Some("Bearer tok"));
@@ -271,7 +297,9 @@ mod tests {
         let c = creds();
         let params = json!({"backup_id": "dxpcloud-lqgqnewltbexuewymq-201910031723"});
         let mut state = DxpState::default();
-        let Some(Progress::Ready(files)) = state.advance(cfg_of(&s), &input(&s, &c, &params, &[])).unwrap() else { panic!() };
+        let Some(Progress::Ready(files)) = state.advance(cfg_of(&s), &input(&s, &c, &params, &[])).unwrap() else {
+            panic!()
+        };
         let names: Vec<&str> = files.iter().map(|f| f.filename.as_str()).collect();
         assert_eq!(names, ["database.gz", "volume.tgz"]);
         assert!(matches!(&files[1].origin, crate::providers::Origin::Url { secret_url, authenticated: true }
@@ -297,7 +325,10 @@ mod tests {
         let params = json!({"backup_id": "dxpcloud-abc-202611230300"});
         let seen = vec!["dxpcloud-abc-202611230300".to_string()];
         let p = DxpState::default().advance(cfg_of(&s), &input(&s, &c, &params, &seen)).unwrap();
-        assert_eq!(p, Some(Progress::Skip("backup dxpcloud-abc-202611230300 was already copied for this source".into())));
+        assert_eq!(
+            p,
+            Some(Progress::Skip("backup dxpcloud-abc-202611230300 was already copied for this source".into()))
+        );
     }
 
     #[test]
@@ -319,7 +350,9 @@ mod tests {
             assert!(!state.requested);
         }
         let mut state = DxpState::default();
-        let p = state.on_response(cfg_of(&s), &HttpResponse::json(200, &json!({"backups": []})), &input(&s, &c, &none, &[])).unwrap();
+        let p = state
+            .on_response(cfg_of(&s), &HttpResponse::json(200, &json!({"backups": []})), &input(&s, &c, &none, &[]))
+            .unwrap();
         assert!(matches!(p, Progress::Skip(_)));
     }
 
@@ -329,11 +362,18 @@ mod tests {
         let c = creds();
         let none = json!({});
         let inp = input(&s, &c, &none, &[]);
-        let e = DxpState::default().on_response(cfg_of(&s), &HttpResponse::json(401, &json!({"message": "Token expired"})), &inp).unwrap_err();
+        let e = DxpState::default()
+            .on_response(cfg_of(&s), &HttpResponse::json(401, &json!({"message": "Token expired"})), &inp)
+            .unwrap_err();
         assert!(!e.is_retryable() && e.message().contains("Token expired"), "{}", e.message());
-        let e = DxpState::default().on_response(cfg_of(&s), &HttpResponse::json(404, &json!({"message": "use the lcp CLI"})), &inp).unwrap_err();
+        let e = DxpState::default()
+            .on_response(cfg_of(&s), &HttpResponse::json(404, &json!({"message": "use the lcp CLI"})), &inp)
+            .unwrap_err();
         assert!(e.message().contains("5.9.0") && e.message().contains("use the lcp CLI"));
-        assert!(DxpState::default().on_response(cfg_of(&s), &HttpResponse::json(503, &json!({})), &inp).unwrap_err().is_retryable());
+        assert!(DxpState::default()
+            .on_response(cfg_of(&s), &HttpResponse::json(503, &json!({})), &inp)
+            .unwrap_err()
+            .is_retryable());
         let html = HttpResponse { status: 200, headers: vec![], body: b"<html>502</html>".to_vec() };
         let e = DxpState::default().on_response(cfg_of(&s), &html, &inp).unwrap_err();
         assert!(e.message().contains("malformed"));

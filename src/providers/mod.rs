@@ -44,10 +44,9 @@ impl Credentials {
 
     /// The secret called `name`, or a permanent error naming it.
     pub fn get(&self, name: &str) -> Result<&Secret, StepError> {
-        self.0
-            .get(name)
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| StepError::permanent(format!("the Worker secret {name} is not set (wrangler secret put {name})")))
+        self.0.get(name).filter(|s| !s.is_empty()).ok_or_else(|| {
+            StepError::permanent(format!("the Worker secret {name} is not set (wrangler secret put {name})"))
+        })
     }
 }
 
@@ -159,7 +158,9 @@ impl ProviderState {
     pub fn next_request(&self, input: &StepInput<'_>) -> Result<HttpRequest, StepError> {
         let creds = input.creds;
         match (self, &input.source.provider) {
-            (Self::D1(state), ProviderConfig::D1(cfg)) => Ok(d1::export_request(cfg, state, creds.get(&cfg.token_secret)?)),
+            (Self::D1(state), ProviderConfig::D1(cfg)) => {
+                Ok(d1::export_request(cfg, state, creds.get(&cfg.token_secret)?))
+            }
             (Self::Dgraph(state), ProviderConfig::Dgraph(cfg)) => state.next_request(cfg, creds),
             (Self::Aura(state), ProviderConfig::Aura(cfg)) => state.next_request(cfg, creds),
             (Self::Dxp(state), ProviderConfig::Dxp(cfg)) => state.next_request(cfg, creds),
@@ -180,14 +181,22 @@ impl ProviderState {
     }
 
     /// The GET that fetches one finished file behind a URL.
-    pub fn download_request(&self, source: &SourceConfig, url: &str, authenticated: bool, creds: &Credentials) -> Result<HttpRequest, StepError> {
+    pub fn download_request(
+        &self,
+        source: &SourceConfig,
+        url: &str,
+        authenticated: bool,
+        creds: &Credentials,
+    ) -> Result<HttpRequest, StepError> {
         let req = HttpRequest::get(url.to_string());
         if !authenticated {
             return Ok(req);
         }
         match &source.provider {
             ProviderConfig::Dxp(cfg) => dxp::authorize(cfg, req, creds),
-            ProviderConfig::D1(cfg) => Ok(req.header("authorization", format!("Bearer {}", creds.get(&cfg.token_secret)?.expose()))),
+            ProviderConfig::D1(cfg) => {
+                Ok(req.header("authorization", format!("Bearer {}", creds.get(&cfg.token_secret)?.expose())))
+            }
             ProviderConfig::Dgraph(_) | ProviderConfig::Aura(_) => Ok(req),
         }
     }

@@ -78,7 +78,8 @@ async fn start_export(mut req: Request, env: &Env, name: &str) -> worker::Result
         return error(413, "webhook body is larger than 64 KiB");
     }
     let headers = req.headers();
-    let (id, ts, sig) = (headers.get("webhook-id")?, headers.get("webhook-timestamp")?, headers.get("webhook-signature")?);
+    let (id, ts, sig) =
+        (headers.get("webhook-id")?, headers.get("webhook-timestamp")?, headers.get("webhook-signature")?);
     let hdrs = WebhookHeaders { id: id.as_deref(), timestamp: ts.as_deref(), signature: sig.as_deref() };
     let verified = match verify(&key, hdrs, &body, now()) {
         Ok(v) => v,
@@ -168,9 +169,7 @@ async fn artifact(env: &Env, key: &str) -> worker::Result<Response> {
     let bucket = env.bucket(BUCKET)?;
     let manifest_key = manifest_key(folder);
     let listed = key == manifest_key
-        || store::read_manifest(&bucket, &manifest_key)
-            .await
-            .is_some_and(|m| m.artifacts.iter().any(|a| a.key == key));
+        || store::read_manifest(&bucket, &manifest_key).await.is_some_and(|m| m.artifacts.iter().any(|a| a.key == key));
     if !listed {
         return error(404, "no such backup file");
     }

@@ -10,7 +10,6 @@ mod net;
 mod source_object;
 mod store;
 
-
 use wasm_bindgen::JsValue;
 use worker::{console_error, console_log, event, Context, Env, Request, Response, ScheduleContext, ScheduledEvent};
 

@@ -11,8 +11,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use wasm_bindgen::JsValue;
 use worker::{
-    console_error, console_log, durable_object, DurableObject, Env, Method, Request, RequestInit, Response,
-    State, Storage,
+    console_error, console_log, durable_object, DurableObject, Env, Method, Request, RequestInit, Response, State,
+    Storage,
 };
 
 use super::{credentials, jitter, load_config, now, random_bytes, store, BUCKET, SOURCES};
@@ -31,6 +31,10 @@ const WATCHDOG: Duration = Duration::from_secs(15);
 
 fn job_key(id: &JobId) -> String {
     format!("job:{id}")
+}
+
+fn rust_err(e: impl std::fmt::Display) -> worker::Error {
+    worker::Error::RustError(e.to_string())
 }
 
 /// The Durable Object class (`SOURCES` binding).
@@ -59,15 +63,13 @@ impl DurableObject for SourceObject {
             }
             (Method::Get, "/status") => self.status().await,
             (Method::Post, "/kick") => self.kick().await,
-            (Method::Get, p) if p.starts_with("/job/") => {
-                match JobId::parse(&p["/job/".len()..]) {
-                    Some(id) => match self.load_job(&id).await? {
-                        Some(job) => Response::from_json(&job.public_json()),
-                        None => Response::error("no such job", 404),
-                    },
+            (Method::Get, p) if p.starts_with("/job/") => match JobId::parse(&p["/job/".len()..]) {
+                Some(id) => match self.load_job(&id).await? {
+                    Some(job) => Response::from_json(&job.public_json()),
                     None => Response::error("no such job", 404),
-                }
-            }
+                },
+                None => Response::error("no such job", 404),
+            },
             _ => Response::error("not found", 404),
         }
     }
@@ -111,16 +113,20 @@ impl SourceObject {
 
     async fn load_ledger(&self) -> worker::Result<Ledger> {
         match self.storage().get::<String>(LEDGER).await? {
-            Some(text) => serde_json::from_str(&text).map_err(|e| worker::Error::RustError(format!("ledger: {e}"))),
+            Some(text) => serde_json::from_str(&text).map_err(|e| rust_err(format!("ledger: {e}"))),
             None => Ok(Ledger::default()),
         }
     }
 
     async fn load_job(&self, id: &JobId) -> worker::Result<Option<Job>> {
         match self.storage().get::<String>(&job_key(id)).await? {
-            Some(text) => serde_json::from_str(&text).map(Some).map_err(|e| worker::Error::RustError(format!("job: {e}"))),
+            Some(text) => serde_json::from_str(&text).map(Some).map_err(|e| rust_err(format!("job: {e}"))),
             None => Ok(None),
         }
+    }
+
+    async fn save_ledger(&self, ledger: &Ledger) -> worker::Result<()> {
+        self.storage().put(LEDGER, serde_json::to_string(ledger).map_err(rust_err)?).await
     }
 
     /// Writes the job and the ledger together (one implicit transaction).
@@ -130,11 +136,11 @@ impl SourceObject {
         let set = |key: &str, text: String| {
             js_sys::Reflect::set(&entries, &JsValue::from_str(key), &JsValue::from_str(&text))
                 .map(|_| ())
-                .map_err(|_| worker::Error::RustError(format!("cannot stage {key}")))
+                .map_err(|_| rust_err(format!("cannot stage {key}")))
         };
-        set(&job_key(&job.id), serde_json::to_string(job).map_err(|e| worker::Error::RustError(e.to_string()))?)?;
+        set(&job_key(&job.id), serde_json::to_string(job).map_err(rust_err)?)?;
         if let Some(l) = ledger {
-            set(LEDGER, serde_json::to_string(l).map_err(|e| worker::Error::RustError(e.to_string()))?)?;
+            set(LEDGER, serde_json::to_string(l).map_err(rust_err)?)?;
         }
         self.storage().put_multiple_raw(entries).await
     }
@@ -200,8 +206,7 @@ impl SourceObject {
     async fn kick(&self) -> worker::Result<Response> {
         let mut ledger = self.load_ledger().await?;
         if ledger.current.is_none() && ledger.start_next().is_some() {
-            let text = serde_json::to_string(&ledger).map_err(|e| worker::Error::RustError(e.to_string()))?;
-            self.storage().put(LEDGER, text).await?;
+            self.save_ledger(&ledger).await?;
         }
         if ledger.current.is_some() && self.storage().get_alarm().await?.is_none() {
             self.storage().set_alarm(Duration::from_millis(1)).await?;
@@ -217,8 +222,7 @@ impl SourceObject {
         let Some(mut job) = self.load_job(&id).await? else {
             console_error!("job {id} has no record; releasing the source");
             ledger.record_finish(&id, None);
-            let text = serde_json::to_string(&ledger).map_err(|e| worker::Error::RustError(e.to_string()))?;
-            return self.storage().put(LEDGER, text).await;
+            return self.save_ledger(&ledger).await;
         };
         let name = job.source.clone();
         let source = match self.source_config(&name) {
@@ -259,10 +263,14 @@ impl SourceObject {
                     match result {
                         Ok(artifact) => {
                             // Wasm memory never shrinks, so its size is the peak this isolate needed.
-                            let wasm_mib = core::arch::wasm32::memory_size(0) as u64 * 65_536 >> 20;
+                            let wasm_mib = (core::arch::wasm32::memory_size(0) as u64 * 65_536) >> 20;
                             console_log!(
                                 "job {}: stored {} ({} bytes, {} parts; wasm memory {} MiB)",
-                                job.id, artifact.key, artifact.size, artifact.parts, wasm_mib
+                                job.id,
+                                artifact.key,
+                                artifact.size,
+                                artifact.parts,
+                                wasm_mib
                             );
                             Event::Copied(artifact)
                         }
@@ -311,8 +319,7 @@ impl SourceObject {
         }
         if let Some(next) = ledger.start_next() {
             // Queued work (an account's next backend) runs now, in its own job and folder.
-            let text = serde_json::to_string(&ledger).map_err(|e| worker::Error::RustError(e.to_string()))?;
-            self.storage().put(LEDGER, text).await?;
+            self.save_ledger(&ledger).await?;
             self.storage().set_alarm(Duration::from_millis(1)).await?;
             console_log!("job {} of {name} ended ({:?}); starting queued job {next}", job.id, job.phase);
             return Ok(());
@@ -346,7 +353,13 @@ fn stub_request(name: &str, method: Method, path: &str, body: Option<&Value>) ->
 }
 
 /// Sends a request to a source's object; returns its status and JSON body.
-pub(crate) async fn call(env: &Env, name: &str, method: Method, path: &str, body: Option<&Value>) -> worker::Result<(u16, Value)> {
+pub(crate) async fn call(
+    env: &Env,
+    name: &str,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+) -> worker::Result<(u16, Value)> {
     let stub = env.durable_object(SOURCES)?.get_by_name(name)?;
     let mut resp = stub.fetch_with_request(stub_request(name, method, path, body)?).await?;
     let status = resp.status_code();
@@ -356,9 +369,19 @@ pub(crate) async fn call(env: &Env, name: &str, method: Method, path: &str, body
 }
 
 /// Starts (or replays) a webhook job.
-pub(crate) async fn trigger_webhook(env: &Env, name: &str, webhook_id: &str, params: Value) -> worker::Result<(u16, Value)> {
-    let req = TriggerRequest { trigger: Trigger::Webhook, webhook_id: Some(webhook_id.to_string()), scheduled_for: None, params };
-    let body = serde_json::to_value(&req).map_err(|e| worker::Error::RustError(e.to_string()))?;
+pub(crate) async fn trigger_webhook(
+    env: &Env,
+    name: &str,
+    webhook_id: &str,
+    params: Value,
+) -> worker::Result<(u16, Value)> {
+    let req = TriggerRequest {
+        trigger: Trigger::Webhook,
+        webhook_id: Some(webhook_id.to_string()),
+        scheduled_for: None,
+        params,
+    };
+    let body = serde_json::to_value(&req).map_err(rust_err)?;
     call(env, name, Method::Post, "/trigger", Some(&body)).await
 }
 
@@ -369,7 +392,9 @@ pub(crate) async fn trigger_cron(env: &Env, name: &str, fire: Timestamp) -> Resu
     let (status, value) = call(env, name, Method::Post, "/trigger", Some(&body)).await.map_err(|e| e.to_string())?;
     match status {
         202 => Ok(format!("due at {fire}: started job {}", value["job"]["id"].as_str().unwrap_or("?"))),
-        409 => Ok(format!("due at {fire}: skipped, job {} is still in flight", value["job_id"].as_str().unwrap_or("?"))),
+        409 => {
+            Ok(format!("due at {fire}: skipped, job {} is still in flight", value["job_id"].as_str().unwrap_or("?")))
+        }
         200 => Ok(format!("due at {fire}: {}", value["skipped"].as_str().unwrap_or("skipped"))),
         _ => Err(format!("due at {fire}: HTTP {status}: {value}")),
     }

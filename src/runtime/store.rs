@@ -25,8 +25,8 @@ use crate::config::MAX_PART_SIZE;
 use crate::error::StepError;
 use crate::http::status_error;
 use crate::job::{CopyOrder, CopySource, JobId};
-use crate::providers::aura::GraphExport;
 use crate::manifest::{Artifact, Manifest};
+use crate::providers::aura::GraphExport;
 use crate::time::Timestamp;
 
 /// Durable Object storage key of the open multipart upload, if any.
@@ -202,7 +202,11 @@ impl<'a> Transfer<'a> {
             let staged = upload.complete(parts).await.map_err(|e| r2_err("complete multipart upload", e))?;
             let _ = self.storage.delete(OPEN_UPLOAD).await;
             if staged.size() != total {
-                return Err(StepError::transient(format!("R2 stored {} bytes of {total} for {}", staged.size(), order.filename)));
+                return Err(StepError::transient(format!(
+                    "R2 stored {} bytes of {total} for {}",
+                    staged.size(),
+                    order.filename
+                )));
             }
             let object = copy_object(self.bucket, &self.staging, order, total, digest, metadata).await?;
             let _ = self.bucket.delete(self.staging.clone()).await;
@@ -224,7 +228,11 @@ impl<'a> Transfer<'a> {
 }
 
 /// Streams a GET's body into the transfer.
-async fn download_into(t: &mut Transfer<'_>, request: &crate::http::HttpRequest, job: &JobId) -> Result<Artifact, StepError> {
+async fn download_into(
+    t: &mut Transfer<'_>,
+    request: &crate::http::HttpRequest,
+    job: &JobId,
+) -> Result<Artifact, StepError> {
     let order = t.order;
     let mut resp = net::send(request, net::HEADERS_TIMEOUT).await.map_err(StepError::transient)?;
     let status = resp.status_code();
@@ -276,7 +284,12 @@ async fn graph_into(t: &mut Transfer<'_>, spec: &GraphExport, job: &JobId) -> Re
 }
 
 /// Streams one artifact into R2 at `order.key`. On failure nothing of it is left behind.
-pub(crate) async fn copy(bucket: &Bucket, storage: &Storage, order: &CopyOrder, job: &JobId) -> Result<Artifact, StepError> {
+pub(crate) async fn copy(
+    bucket: &Bucket,
+    storage: &Storage,
+    order: &CopyOrder,
+    job: &JobId,
+) -> Result<Artifact, StepError> {
     abort_leftover(bucket, storage).await;
     let mut transfer = Transfer::new(bucket, storage, order);
     let _ = bucket.delete(transfer.staging.clone()).await;
@@ -318,7 +331,10 @@ async fn copy_object(
         }
         Ok(_) => {
             let _ = upload.abort().await;
-            Err(StepError::transient(format!("{}: the bytes read back from R2 do not match the download's SHA-256", order.filename)))
+            Err(StepError::transient(format!(
+                "{}: the bytes read back from R2 do not match the download's SHA-256",
+                order.filename
+            )))
         }
         Err(e) => {
             let _ = upload.abort().await;

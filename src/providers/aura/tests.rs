@@ -41,8 +41,11 @@ fn token(ttl: u64) -> HttpResponse {
 }
 
 fn snapshot(status: &str) -> HttpResponse {
-    HttpResponse::json(200, &json!({"data": {"snapshot_id": "afdb4e9d", "instance_id": "2f49c2b3", "profile": "AdHoc",
-        "status": status, "timestamp": "2026-11-23T04:00:10Z", "exportable": true}}))
+    HttpResponse::json(
+        200,
+        &json!({"data": {"snapshot_id": "afdb4e9d", "instance_id": "2f49c2b3", "profile": "AdHoc",
+        "status": status, "timestamp": "2026-11-23T04:00:10Z", "exportable": true}}),
+    )
 }
 
 #[test]
@@ -57,7 +60,10 @@ fn token_then_snapshot_then_polls_until_completed() {
     assert_eq!(req.body.as_deref(), Some(&b"grant_type=client_credentials"[..]));
     assert_eq!(st.on_response(c, &token(3600), t(0)).unwrap(), Progress::Pending { poll_after: Some(Duration::ZERO) });
     let create = st.next_request(c, &creds()).unwrap();
-    assert_eq!((create.method, create.url.as_str()), (crate::http::Method::Post, "http://127.0.0.1:9/v1/instances/2f49c2b3/snapshots"));
+    assert_eq!(
+        (create.method, create.url.as_str()),
+        (crate::http::Method::Post, "http://127.0.0.1:9/v1/instances/2f49c2b3/snapshots")
+    );
     assert_eq!(create.header_value("authorization"), Some("Bearer tok-1"));
     let created = HttpResponse::json(202, &json!({"data": {"snapshot_id": "afdb4e9d"}}));
     assert_eq!(st.on_response(c, &created, t(1)).unwrap(), Progress::Pending { poll_after: None });
@@ -79,7 +85,12 @@ fn token_then_snapshot_then_polls_until_completed() {
 fn snapshot_only_mode_commits_without_files_and_failed_snapshot_fails() {
     let s = source("snapshot", 1000);
     let c = cfg(&s);
-    let mut st = AuraState { secret_access_token: Some("tok".into()), token_expires_at: Some(t(3600)), snapshot_id: Some("afdb4e9d".into()), ..Default::default() };
+    let mut st = AuraState {
+        secret_access_token: Some("tok".into()),
+        token_expires_at: Some(t(3600)),
+        snapshot_id: Some("afdb4e9d".into()),
+        ..Default::default()
+    };
     assert_eq!(st.on_response(c, &snapshot("Completed"), t(1)).unwrap(), Progress::Ready(vec![]));
     let Progress::Failed(msg) = st.on_response(c, &snapshot("Failed"), t(1)).unwrap() else { panic!() };
     assert_eq!(msg, "Aura snapshot afdb4e9d of instance 2f49c2b3 failed");
@@ -124,14 +135,25 @@ fn expired_token_403_refetches_then_gives_up() {
 fn token_and_api_errors_are_classified() {
     let s = source("both", 1000);
     let c = cfg(&s);
-    let bad = HttpResponse::json(401, &json!({"errors": [{"message": "Invalid credentials", "reason": "unauthorized"}]}));
+    let bad =
+        HttpResponse::json(401, &json!({"errors": [{"message": "Invalid credentials", "reason": "unauthorized"}]}));
     let e = AuraState::default().on_response(c, &bad, t(0)).unwrap_err();
-    assert_eq!(e.message(), "the Aura API refused the client credentials (HTTP 401): Invalid credentials (unauthorized)");
+    assert_eq!(
+        e.message(),
+        "the Aura API refused the client credentials (HTTP 401): Invalid credentials (unauthorized)"
+    );
     let limited = HttpResponse::json(429, &json!({})).with_header("retry-after", "7");
     let e = AuraState::default().on_response(c, &limited, t(0)).unwrap_err();
-    assert_eq!(e, StepError::Transient { message: "the Aura token endpoint answered HTTP 429: {}".into(), retry_after: Some(Duration::from_secs(7)) });
+    assert_eq!(
+        e,
+        StepError::Transient {
+            message: "the Aura token endpoint answered HTTP 429: {}".into(),
+            retry_after: Some(Duration::from_secs(7))
+        }
+    );
     let mut st = AuraState { secret_access_token: Some("tok".into()), ..Default::default() };
-    let missing = HttpResponse::json(404, &json!({"errors": [{"message": "DB not found: 2f49c2b3", "reason": "db-not-found"}]}));
+    let missing =
+        HttpResponse::json(404, &json!({"errors": [{"message": "DB not found: 2f49c2b3", "reason": "db-not-found"}]}));
     let e = st.on_response(c, &missing, t(0)).unwrap_err();
     assert!(!e.is_retryable() && e.message().contains("DB not found: 2f49c2b3 (db-not-found)"), "{}", e.message());
     assert!(st.on_response(c, &HttpResponse::json(503, &json!({})), t(0)).unwrap_err().is_retryable());
@@ -181,18 +203,30 @@ fn graph_export_pages_nodes_then_relationships_into_gzip_json_lines() {
     assert_eq!(lines[0]["exported_at"], "1970-01-01T00:01:40.000Z");
     assert_eq!(lines[1], json!({"type": "node", "id": "4:a:1", "labels": ["Person"], "properties": {"name": "Ada"}}));
     assert_eq!(lines[3]["labels"], json!(["City", "Capital"]));
-    assert_eq!(lines[4], json!({"type": "relationship", "id": "5:a:1", "rel_type": "LIVES_IN", "start": "4:a:1", "end": "4:a:3", "properties": {"since": 2020}}));
+    assert_eq!(
+        lines[4],
+        json!({"type": "relationship", "id": "5:a:1", "rel_type": "LIVES_IN", "start": "4:a:1", "end": "4:a:3", "properties": {"since": 2020}})
+    );
     assert_eq!(lines[5], json!({"type": "footer", "nodes": 3, "relationships": 1}));
 }
 
 #[test]
 fn query_api_errors_are_failures_whatever_the_status() {
-    let auth = HttpResponse::json(401, &json!({"errors": [{"code": "Neo.ClientError.Security.Unauthorized", "message": "The client is unauthorized"}]}));
+    let auth = HttpResponse::json(
+        401,
+        &json!({"errors": [{"code": "Neo.ClientError.Security.Unauthorized", "message": "The client is unauthorized"}]}),
+    );
     let e = query_rows(&auth, t(0)).unwrap_err();
     assert!(!e.is_retryable() && e.message().contains("db_password_secret"));
-    let syntax = HttpResponse::json(202, &json!({"errors": [{"code": "Neo.ClientError.Statement.SyntaxError", "message": "Invalid input"}]}));
+    let syntax = HttpResponse::json(
+        202,
+        &json!({"errors": [{"code": "Neo.ClientError.Statement.SyntaxError", "message": "Invalid input"}]}),
+    );
     assert!(!query_rows(&syntax, t(0)).unwrap_err().is_retryable());
-    let transient = HttpResponse::json(202, &json!({"errors": [{"code": "Neo.TransientError.General.DatabaseUnavailable", "message": "busy"}]}));
+    let transient = HttpResponse::json(
+        202,
+        &json!({"errors": [{"code": "Neo.TransientError.General.DatabaseUnavailable", "message": "busy"}]}),
+    );
     assert!(query_rows(&transient, t(0)).unwrap_err().is_retryable());
     let html = HttpResponse { status: 200, headers: vec![], body: b"<html>502 Bad Gateway</html>".to_vec() };
     assert!(query_rows(&html, t(0)).unwrap_err().message().contains("malformed"));
