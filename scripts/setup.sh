@@ -30,9 +30,11 @@ if [ "$(worker-build --version 2>/dev/null | awk '{print $2}')" != "$WORKER_BUIL
     || cargo install worker-build --version "=$WORKER_BUILD_VERSION"
 fi
 
-if [ ! -x node_modules/.bin/wrangler ] || ! cmp -s package-lock.json node_modules/.package-lock.json 2>/dev/null; then
+lock_sum=$(sha256sum package-lock.json | cut -d' ' -f1)
+if [ ! -x node_modules/.bin/wrangler ] || [ "$(cat node_modules/.ferry-lock-sha256 2>/dev/null)" != "$lock_sum" ]; then
   say "installing npm tooling (wrangler, esbuild, binaryen) from package-lock.json"
   npm ci --no-audit --no-fund --loglevel=error
+  echo "$lock_sum" > node_modules/.ferry-lock-sha256
 fi
 
 if ! python3 -c 'import pytest' 2>/dev/null; then
