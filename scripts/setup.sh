@@ -24,7 +24,7 @@ if [ "$(wasm-bindgen --version 2>/dev/null | awk '{print $2}')" != "$bindgen_ver
   cargo install wasm-bindgen-cli --version "=$bindgen_version" --locked \
     || cargo install wasm-bindgen-cli --version "=$bindgen_version"
 fi
-if [ "$(worker-build --version 2>/dev/null | awk '{print $2}')" != "$WORKER_BUILD_VERSION" ]; then
+if [ "$(worker-build --version 2>/dev/null | awk '{print $NF}')" != "$WORKER_BUILD_VERSION" ]; then
   say "installing worker-build $WORKER_BUILD_VERSION (compiles once, a few minutes)"
   cargo install worker-build --version "=$WORKER_BUILD_VERSION" --locked \
     || cargo install worker-build --version "=$WORKER_BUILD_VERSION"
