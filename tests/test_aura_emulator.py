@@ -10,17 +10,15 @@ import base64
 import json
 import re
 import statistics
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import pytest
 
-EMULATOR = Path(__file__).resolve().parent / "emulators" / "aura.py"
+from emulators.common import start_emulator, stop_emulator
+
 CLIENT_ID, CLIENT_SECRET = "test-client-id", "test-client-secret"
 INSTANCE = "2f49c2b3"
 DB_USER, DB_PASSWORD = "neo4j", "db-password-ü"
@@ -54,24 +52,17 @@ def create_rels_stmt(type_: str) -> str:
 
 # ----- process and HTTP helpers -----------------------------------------------------------------
 def start(*extra):
-    cmd = [sys.executable, str(EMULATOR), "--port", "0", "--client-id", CLIENT_ID,
-           "--client-secret", CLIENT_SECRET, "--instance", INSTANCE, "--db-user", DB_USER,
-           "--db-password", DB_PASSWORD, *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    match = re.fullmatch(r"READY (\d+)\n", line)
-    if not match:
+    proc, port, line = start_emulator("aura.py", [
+        "--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET, "--instance", INSTANCE,
+        "--db-user", DB_USER, "--db-password", DB_PASSWORD, *extra])
+    if port is None:
         proc.kill()
         raise AssertionError(f"unexpected first line {line!r}")
-    return proc, f"http://127.0.0.1:{match.group(1)}"
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def stop(proc):
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_emulator(proc, wait_after_kill=False)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import sqlite3
-import subprocess
 import sys
 import time
 import urllib.error
@@ -23,10 +22,11 @@ from pathlib import Path
 
 import pytest
 
+from emulators.common import start_emulator, stop_emulator
+
 sys.path.insert(0, str(Path(__file__).resolve().parent / "emulators"))
 from d1_dump import DumpError, VIRTUAL_TABLE_ERROR, dump_sql, js_number_to_string, quote_string  # noqa: E402
 
-EMULATOR = Path(__file__).resolve().parent / "emulators" / "d1.py"
 ACCOUNT = "0123456789abcdef0123456789abcdef"
 TOKEN = "test-token-abc"
 MAIN_ID = "11111111-2222-3333-4444-555555555555"
@@ -98,23 +98,16 @@ def dbs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def server(dbs):
-    cmd = [sys.executable, str(EMULATOR), "--port", "0", "--account", ACCOUNT, "--token", TOKEN,
-           "--database", f"{MAIN_ID}={dbs['main']}", "--database", f"{FTS_ID}={dbs['fts']}",
-           "--database", f"{EMPTY_ID}={dbs['empty']}", "--database", f"{BIG_ID}={dbs['big']}",
-           "--active-polls", "2", "--cancel-after", "30", "--url-ttl", "3600"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    proc, port, line = start_emulator("d1.py", [
+        "--account", ACCOUNT, "--token", TOKEN,
+        "--database", f"{MAIN_ID}={dbs['main']}", "--database", f"{FTS_ID}={dbs['fts']}",
+        "--database", f"{EMPTY_ID}={dbs['empty']}", "--database", f"{BIG_ID}={dbs['big']}",
+        "--active-polls", "2", "--cancel-after", "30", "--url-ttl", "3600"])
     try:
-        line = proc.stdout.readline()
-        match = re.fullmatch(r"READY (\d+)\n", line)
-        assert match, f"unexpected first line {line!r}"
-        yield f"127.0.0.1:{match.group(1)}"
+        assert port is not None, f"unexpected first line {line!r}"
+        yield f"127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_emulator(proc)
 
 
 @pytest.fixture(autouse=True)

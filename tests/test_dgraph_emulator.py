@@ -11,16 +11,14 @@ import gzip
 import hashlib
 import json
 import re
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-EMULATOR = Path(__file__).resolve().parent / "emulators" / "dgraph.py"
+from emulators.common import start_emulator, stop_emulator
+
 ADMIN_KEY = "admin-key-plain-0123"
 ACL_KEY = "admin-key-acl-4567"
 ACL_PASSWORD = "s3cret-pw"
@@ -41,23 +39,11 @@ DEPLOYMENTS = "{ deployments { uid name zone url owner jwtToken deploymentMode d
 
 
 def start(args):
-    proc = subprocess.Popen([sys.executable, str(EMULATOR), "--port", "0", *args],
-                            stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    match = re.fullmatch(r"READY (\d+)\n", line)
-    if not match:
+    proc, port, line = start_emulator("dgraph.py", args)
+    if port is None:
         proc.kill()
         raise AssertionError(f"unexpected first line {line!r}")
-    return proc, f"127.0.0.1:{match.group(1)}"
-
-
-def stop(proc):
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    return proc, f"127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +52,7 @@ def plain():
     proc, addr = start(["--admin-key", ADMIN_KEY, "--cerebro-email", CEREBRO_EMAIL,
                         "--cerebro-password", CEREBRO_PASSWORD, "--deployments", "alpha,beta"])
     yield addr
-    stop(proc)
+    stop_emulator(proc)
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +61,7 @@ def acl():
     proc, addr = start(["--admin-key", ACL_KEY, "--acl", "--user-id", "groot", "--password", ACL_PASSWORD,
                         "--groups", "2", "--access-ttl", "21600"])
     yield addr
-    stop(proc)
+    stop_emulator(proc)
 
 
 @pytest.fixture(autouse=True)

@@ -16,8 +16,6 @@ import io
 import json
 import os
 import re
-import subprocess
-import sys
 import tarfile
 import time
 import urllib.error
@@ -28,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-EMULATOR = Path(__file__).resolve().parent / "emulators" / "dxp.py"
+from emulators.common import start_emulator, stop_emulator
+
 USER = "joe.bloggs@example.com"
 PASSWORD = "s3cret:with:colons"
 USER_TOKEN = "user-token-0123456789"
@@ -55,29 +54,22 @@ class Emu:
         self.base = f"http://127.0.0.1:{port}"
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_emulator(self.proc, timeout=10)
         self.proc.stdout.close()
 
 
 def start(workdir, *extra) -> Emu:
-    cmd = [sys.executable, str(EMULATOR), "--port", "0", "--workdir", str(workdir), "--user", USER,
-           "--password", PASSWORD, "--user-token", USER_TOKEN, "--master-token", MASTER_TOKEN, *extra]
     began = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
+    proc, port, line = start_emulator("dxp.py", [
+        "--workdir", str(workdir), "--user", USER, "--password", PASSWORD,
+        "--user-token", USER_TOKEN, "--master-token", MASTER_TOKEN, *extra])
     startup = time.monotonic() - began
-    match = re.fullmatch(r"READY (\d+)\n", line)
-    if not match:
+    if port is None:
         proc.kill()
         proc.wait()
         proc.stdout.close()
         pytest.fail(f"unexpected first line {line!r}")
-    return Emu(proc, int(match.group(1)), Path(workdir), startup)
+    return Emu(proc, port, Path(workdir), startup)
 
 
 @pytest.fixture(scope="session")

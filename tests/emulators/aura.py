@@ -67,19 +67,22 @@ import copy
 import datetime as dt
 import json
 import math
+import os
 import random
 import re
 import secrets
-import signal
 import sys
 import threading
 import time
 import traceback
 import uuid as uuidlib
 from collections import deque
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import BaseHandler, Reply, bind_server, serve_main  # noqa: E402
 
 REQUEST_LOG_SIZE = 500
 RATE_WINDOW = 60.0
@@ -111,14 +114,6 @@ FAIL_NEXT_DEFAULTS = {"status": 503, "retry_after": None, "body": None}
 
 
 # ----- replies ----------------------------------------------------------------------------
-@dataclass
-class Reply:
-    status: int
-    body: bytes
-    content_type: str = "application/json"
-    headers: list = field(default_factory=list)
-
-
 def json_reply(status: int, payload, headers=()) -> Reply:
     body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     return Reply(status, body, "application/json", list(headers))
@@ -1020,42 +1015,12 @@ def _reject_constant(name):
 
 
 # ----- HTTP -------------------------------------------------------------------------------
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class Handler(BaseHandler):
     server_version = "aura-emulator"
     emulator: Emulator
 
-    def log_message(self, format, *args):  # noqa: A002
-        pass
-
-    def send_response(self, code, message=None):
-        self._status = code
-        super().send_response(code, message)
-
-    def read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline().strip():
-                        pass
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length > 0 else b""
-
-    def write_reply(self, reply: Reply):
-        self.send_response(reply.status)
-        self.send_header("Content-Type", reply.content_type)
-        self.send_header("Content-Length", str(len(reply.body)))
-        self.send_header("X-Request-Id", str(uuidlib.uuid4()))
-        for name, value in reply.headers:
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(reply.body)
+    def reply_headers(self) -> list:
+        return [("X-Request-Id", str(uuidlib.uuid4()))]
 
     def dispatch(self):
         self._status = 0
@@ -1175,27 +1140,11 @@ def parse_args(argv):
 def make_server(argv) -> ThreadingHTTPServer:
     args = parse_args(argv)
     emulator = Emulator(args)
-    handler = type("BoundHandler", (Handler,), {"emulator": emulator})
-    server = ThreadingHTTPServer((args.host, args.port), handler)
-    server.daemon_threads = True
-    server.emulator = emulator
-    return server
+    return bind_server(Handler, emulator, (args.host, args.port))
 
 
 def main(argv=None):
-    server = make_server(sys.argv[1:] if argv is None else argv)
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    print(f"READY {server.server_address[1]}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    serve_main(make_server, argv)
 
 
 if __name__ == "__main__":

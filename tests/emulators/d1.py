@@ -64,7 +64,6 @@ import math
 import os
 import re
 import secrets
-import signal
 import sqlite3
 import sys
 import threading
@@ -72,12 +71,13 @@ import time
 import traceback
 from collections import deque
 from contextlib import closing
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import BaseHandler, Reply, bind_server, serve_main  # noqa: E402
 from d1_dump import DumpError, dump_sql  # noqa: E402
 
 API_PREFIX = "/client/v4"
@@ -104,14 +104,6 @@ class ApiError(Exception):
     def __init__(self, status: int, code: int, message: str, headers=()):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, list(headers)
-
-
-@dataclass
-class Reply:
-    status: int
-    body: bytes
-    content_type: str = "application/json"
-    headers: list = field(default_factory=list)
 
 
 def envelope(result, errors=(), success=True) -> dict:
@@ -525,47 +517,11 @@ def snapshot_dump(db: Database, options: dict):
         return None, f"D1 Export error: {exc}"
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class Handler(BaseHandler):
     server_version = "d1-emulator"
     emulator: Emulator  # set on the subclass built by make_server
 
     # ----- plumbing --------------------------------------------------------------
-    def log_message(self, format, *args):  # noqa: A002 - silence default access log
-        pass
-
-    def send_response(self, code, message=None):
-        self._status = code
-        super().send_response(code, message)
-
-    def read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline().strip():
-                        pass
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length > 0 else b""
-
-    def write_reply(self, reply: Reply):
-        self.send_response(reply.status)
-        self.send_header("Content-Type", reply.content_type)
-        self.send_header("Content-Length", str(len(reply.body)))
-        for name, value in reply.headers:
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(reply.body)
-
-    def host(self) -> str:
-        host, port = self.server.server_address[:2]
-        return self.headers.get("Host") or f"{host}:{port}"
-
     def dispatch(self):
         self._status = 0
         path = urlsplit(self.path).path
@@ -730,11 +686,7 @@ def make_server(argv) -> ThreadingHTTPServer:
         uuid, path = spec.split("=", 1)
         databases[uuid] = Database(uuid, path, created)
     emulator = Emulator(args.account, args.token, databases, default_switches(args))
-    handler = type("BoundHandler", (Handler,), {"emulator": emulator})
-    server = ThreadingHTTPServer((args.host, args.port), handler)
-    server.daemon_threads = True
-    server.emulator = emulator
-    return server
+    return bind_server(Handler, emulator, (args.host, args.port))
 
 
 def serve(argv):
@@ -746,19 +698,7 @@ def serve(argv):
 
 
 def main(argv=None):
-    server = make_server(sys.argv[1:] if argv is None else argv)
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    print(f"READY {server.server_address[1]}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    serve_main(make_server, argv)
 
 
 if __name__ == "__main__":

@@ -79,9 +79,9 @@ import hashlib
 import hmac
 import json
 import math
+import os
 import re
 import secrets
-import signal
 import struct
 import sys
 import threading
@@ -91,8 +91,11 @@ import uuid
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from urllib.parse import urlsplit
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import BaseHandler, Reply as BaseReply, bind_server, serve_main  # noqa: E402
 
 REQUEST_LOG_SIZE = 500
 DEFAULT_BACKEND = "default"
@@ -109,11 +112,9 @@ RE_CONTROL_FILE = re.compile(r"^/__control/file/([^/]+)/([^/]+)$")
 
 # ----- small helpers ---------------------------------------------------------------------
 @dataclass
-class Reply:
-    status: int
-    body: bytes
-    content_type: str = "application/json"
-    headers: list = field(default_factory=list)
+class Reply(BaseReply):
+    """A reply that also names the operation it answers, for the request log."""
+
     op: str | None = None
 
 
@@ -1046,45 +1047,9 @@ def validate_switches(changes: dict) -> str | None:
 
 
 # ----- HTTP ---------------------------------------------------------------------------------------
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class Handler(BaseHandler):
     server_version = "dgraph-cloud-emulator"
     emulator: Emulator
-
-    def log_message(self, format, *args):  # noqa: A002 - silence the default access log
-        pass
-
-    def send_response(self, code, message=None):
-        self._status = code
-        super().send_response(code, message)
-
-    def read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline().strip():
-                        pass
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length > 0 else b""
-
-    def write_reply(self, reply: Reply):
-        self.send_response(reply.status)
-        self.send_header("Content-Type", reply.content_type)
-        self.send_header("Content-Length", str(len(reply.body)))
-        for name, value in reply.headers:
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(reply.body)
-
-    def host(self) -> str:
-        host, port = self.server.server_address[:2]
-        return self.headers.get("Host") or f"{host}:{port}"
 
     def dispatch(self):
         self._status = 0
@@ -1223,27 +1188,11 @@ def default_switches(args) -> dict:
 def make_server(argv) -> ThreadingHTTPServer:
     args = parse_args(argv)
     emulator = Emulator(args, default_switches(args))
-    handler = type("BoundHandler", (Handler,), {"emulator": emulator})
-    server = ThreadingHTTPServer((args.host, args.port), handler)
-    server.daemon_threads = True
-    server.emulator = emulator
-    return server
+    return bind_server(Handler, emulator, (args.host, args.port))
 
 
 def main(argv=None):
-    server = make_server(sys.argv[1:] if argv is None else argv)
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    print(f"READY {server.server_address[1]}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    serve_main(make_server, argv)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,6 @@ import random
 import re
 import secrets
 import shutil
-import signal
 import string
 import sys
 import tarfile
@@ -71,10 +70,13 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import BaseHandler, Reply, bind_server, serve_main  # noqa: E402
 
 HOST = "127.0.0.1"
 CHUNK = 64 * 1024
@@ -111,14 +113,6 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, headers=()):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, list(headers)
-
-
-@dataclass
-class Reply:
-    status: int
-    body: bytes
-    content_type: str = "application/json"
-    headers: list = field(default_factory=list)
 
 
 def json_reply(status: int, payload, headers=()) -> Reply:
@@ -840,27 +834,9 @@ def validate_switch(key: str, value):
 
 
 # ----- HTTP ---------------------------------------------------------------------------------------
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class Handler(BaseHandler):
     server_version = "dxp-backup-emulator"
     emulator: Emulator  # set on the subclass built by make_server
-
-    def log_message(self, format, *args):  # noqa: A002 - silence the default access log
-        pass
-
-    def send_response(self, code, message=None):
-        self._status = code
-        super().send_response(code, message)
-
-    def write_reply(self, reply: Reply):
-        self.send_response(reply.status)
-        self.send_header("Content-Type", reply.content_type)
-        self.send_header("Content-Length", str(len(reply.body)))
-        for name, value in reply.headers:
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(reply.body)
 
     def dispatch(self):
         self._status = 0
@@ -1025,28 +1001,15 @@ def make_server(argv) -> ThreadingHTTPServer:
     backups = make_backups(args, workdir, dt.datetime.now(dt.timezone.utc))
     uploads = Path(tempfile.mkdtemp(prefix="uploads-", dir=workdir))
     emulator = Emulator(args, backups, uploads)
-    handler = type("BoundHandler", (Handler,), {"emulator": emulator})
-    server = ThreadingHTTPServer((HOST, args.port), handler)
-    server.daemon_threads = True
-    server.emulator = emulator
-    return server
+    return bind_server(Handler, emulator, (HOST, args.port))
+
+
+def remove_uploads(server):
+    shutil.rmtree(server.emulator.uploads_dir, ignore_errors=True)
 
 
 def main(argv=None):
-    server = make_server(sys.argv[1:] if argv is None else argv)
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    print(f"READY {server.server_address[1]}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-        shutil.rmtree(server.emulator.uploads_dir, ignore_errors=True)
+    serve_main(make_server, argv, cleanup=remove_uploads)
 
 
 if __name__ == "__main__":
