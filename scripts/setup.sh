@@ -32,8 +32,10 @@ fi
 
 lock_sum=$(sha256sum package-lock.json | cut -d' ' -f1)
 if [ ! -x node_modules/.bin/wrangler ] || [ "$(cat node_modules/.ferry-lock-sha256 2>/dev/null)" != "$lock_sum" ]; then
-  say "installing npm tooling (wrangler, esbuild, binaryen) from package-lock.json"
-  npm ci --no-audit --no-fund --loglevel=error
+  say "installing npm tooling (wrangler on Node 22, esbuild, binaryen) from package-lock.json"
+  # `npm install`, not `npm ci`: the registry these machines reach lacks workerd's macOS/Windows
+  # optional packages, so `npm ci` refuses any lockfile made here. Versions are exact pins.
+  npm install --no-audit --no-fund --loglevel=error
   echo "$lock_sum" > node_modules/.ferry-lock-sha256
 fi
 

