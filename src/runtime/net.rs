@@ -61,11 +61,16 @@ pub(crate) async fn send(req: &HttpRequest, timeout: Duration) -> Result<Respons
     outcome
 }
 
+/// A response's headers as lower-case name/value pairs.
+pub(crate) fn header_pairs(resp: &Response) -> Vec<(String, String)> {
+    resp.headers().entries().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect()
+}
+
 /// Sends an API request and reads its (small) answer.
 pub(crate) async fn exchange(req: &HttpRequest) -> Result<HttpResponse, String> {
     let mut resp = send(req, API_TIMEOUT).await?;
     let status = resp.status_code();
-    let headers: Vec<(String, String)> = resp.headers().entries().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
+    let headers = header_pairs(&resp);
     let mut stream = resp.stream().map_err(|e| format!("reading the answer from {}: {e}", host(&req.url)))?;
     let mut body = Vec::new();
     while let Some(chunk) = next_chunk(&mut stream, API_TIMEOUT).await? {

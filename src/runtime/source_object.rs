@@ -244,7 +244,9 @@ impl SourceObject {
             let cx = Context { now, jitter: jitter(), source: &source, creds: &creds, seen: &seen };
             let (next, action) = job.handle(event, &cx);
             job = next;
-            if job.phase.is_terminal() {
+            if matches!(action, Action::Spawn(_)) {
+                // Persisted below, together with its children, so a crash cannot lose them.
+            } else if job.phase.is_terminal() {
                 ledger.record_finish(&job.id, job.dedupe_key());
                 self.save(&job, Some(&ledger)).await?;
             } else {
@@ -289,7 +291,10 @@ impl SourceObject {
                         self.save(&child, None).await?;
                         ids.push(child.id.clone());
                     }
+                    // The children exist before the parent is recorded as over; a crash in
+                    // between re-runs the discovery instead of losing the backends.
                     job.children = ids.clone();
+                    ledger.record_finish(&job.id, None);
                     let evicted = ledger.enqueue(&ids);
                     self.save(&job, Some(&ledger)).await?;
                     if !evicted.is_empty() {

@@ -27,7 +27,6 @@ use crate::http::status_error;
 use crate::job::{CopyOrder, CopySource, JobId};
 use crate::manifest::{Artifact, Manifest};
 use crate::providers::aura::GraphExport;
-use crate::time::Timestamp;
 
 /// Durable Object storage key of the open multipart upload, if any.
 const OPEN_UPLOAD: &str = "open_upload";
@@ -208,7 +207,8 @@ impl<'a> Transfer<'a> {
                     order.filename
                 )));
             }
-            let object = copy_object(self.bucket, &self.staging, order, total, digest, metadata).await?;
+            let object =
+                copy_object(self.bucket, &self.staging, order, self.part_size as u64, total, digest, metadata).await?;
             let _ = self.bucket.delete(self.staging.clone()).await;
             (object.size(), count)
         };
@@ -241,8 +241,9 @@ async fn download_into(
         let first = net::next_chunk(&mut stream, net::IDLE_TIMEOUT).await.ok().flatten().unwrap_or_default();
         let text: String = String::from_utf8_lossy(&first).chars().take(200).collect();
         let message = format!("download of {} was refused (HTTP {status}): {}", order.filename, text.trim());
-        let http = crate::http::HttpResponse { status, headers: Vec::new(), body: Vec::new() };
-        return Err(status_error(&http, Timestamp::from_millis(0), message));
+        // Keep the real headers so a 429/503's Retry-After is honoured.
+        let http = crate::http::HttpResponse { status, headers: net::header_pairs(&resp), body: Vec::new() };
+        return Err(status_error(&http, super::now(), message));
     }
     // A length is only trustworthy for bytes received as sent (no transparent decoding).
     let encoded = resp.headers().get("content-encoding").ok().flatten().is_some_and(|e| e != "identity");
@@ -314,6 +315,7 @@ async fn copy_object(
     bucket: &Bucket,
     from: &str,
     order: &CopyOrder,
+    part_size: u64,
     size: u64,
     digest: Vec<u8>,
     metadata: HashMap<String, String>,
@@ -325,7 +327,7 @@ async fn copy_object(
         .execute()
         .await
         .map_err(|e| r2_err("create multipart upload", e))?;
-    match copy_parts(bucket, from, order, size, &upload).await {
+    match copy_parts(bucket, from, part_size, size, &upload).await {
         Ok((parts, reread)) if reread == digest => {
             upload.complete(parts).await.map_err(|e| r2_err("complete multipart upload", e))
         }
@@ -346,11 +348,10 @@ async fn copy_object(
 async fn copy_parts(
     bucket: &Bucket,
     from: &str,
-    order: &CopyOrder,
+    part_size: u64,
     size: u64,
     upload: &MultipartUpload,
 ) -> Result<(Vec<UploadedPart>, Vec<u8>), StepError> {
-    let part_size = order.part_size.clamp(crate::config::MIN_PART_SIZE, MAX_PART_SIZE);
     let mut hasher = Sha256::new();
     let mut parts = Vec::new();
     let mut offset = 0u64;
