@@ -367,14 +367,13 @@ impl Job {
                     let limit = humanize(cx.source.export_timeout);
                     return self.fail(format!("the export did not finish within {limit}"), cx.now);
                 }
-                let params = self.params.clone();
-                let input = cx.input(&params);
-                match self.provider.advance(&input) {
+                let decided = self.provider.advance(&cx.input(&self.params));
+                match decided {
                     Ok(Some(progress)) => return self.apply(progress, cx),
                     Ok(None) => {}
                     Err(e) => return self.step_failed(e, cx),
                 }
-                match self.provider.next_request(&input) {
+                match self.provider.next_request(&cx.input(&self.params)) {
                     Ok(req) => {
                         self.attempts += 1;
                         (self, Action::Send(req))
@@ -435,8 +434,8 @@ impl Job {
     }
 
     fn on_response(mut self, resp: &HttpResponse, cx: &Context<'_>) -> (Self, Action) {
-        let params = self.params.clone();
-        match self.provider.on_response(&cx.input(&params), resp) {
+        let answer = self.provider.on_response(&cx.input(&self.params), resp);
+        match answer {
             Ok(progress) => self.apply(progress, cx),
             Err(e) => self.step_failed(e, cx),
         }

@@ -40,7 +40,7 @@ use url::Url;
 use crate::config::{ProviderConfig, SourceConfig};
 use crate::error::StepError;
 use crate::http::{status_error, HttpRequest, HttpResponse};
-use crate::providers::{Credentials, Download, Origin, Progress};
+use crate::providers::{url_with_path, Credentials, Download, Origin, Progress};
 use crate::time::Timestamp;
 
 /// Refetch the token this long before it expires.
@@ -129,14 +129,6 @@ enum Stage {
     PollSnapshot,
 }
 
-fn api_url(base: &Url, path: &[&str]) -> String {
-    let mut url = base.clone();
-    if let Ok(mut segs) = url.path_segments_mut() {
-        segs.pop_if_empty().extend(path);
-    }
-    url.to_string()
-}
-
 /// Aura's error text: `errors[].message` (with `reason`) or the `{"error": …}` variant.
 fn aura_error(resp: &HttpResponse) -> String {
     let Ok(body) = serde_json::from_slice::<Value>(&resp.body) else { return resp.snippet(200) };
@@ -206,7 +198,7 @@ impl AuraState {
                 let secret = creds.get(&cfg.client_secret_secret)?.expose();
                 Ok(HttpRequest {
                     method: crate::http::Method::Post,
-                    url: api_url(&cfg.api_base, &["oauth", "token"]),
+                    url: url_with_path(&cfg.api_base, &["oauth", "token"]),
                     headers: vec![
                         ("authorization".into(), format!("Basic {}", STANDARD.encode(format!("{id}:{secret}")))),
                         ("content-type".into(), "application/x-www-form-urlencoded".into()),
@@ -220,7 +212,7 @@ impl AuraState {
                     None => vec!["v1", "instances", &cfg.instance_id, "snapshots"],
                     Some(sid) => vec!["v1", "instances", &cfg.instance_id, "snapshots", sid],
                 };
-                let url = api_url(&cfg.api_base, &path);
+                let url = url_with_path(&cfg.api_base, &path);
                 let req = match self.snapshot_id {
                     None => HttpRequest { method: crate::http::Method::Post, url, headers: Vec::new(), body: None },
                     Some(_) => HttpRequest::get(url),
@@ -386,7 +378,7 @@ impl GraphExport {
             .ok_or_else(|| StepError::permanent("db_password_secret is required for the logical export"))?;
         let pair = format!("{}:{}", cfg.db_user, creds.get(secret)?.expose());
         Ok(Self {
-            url: api_url(&cfg.query_api_base, &["db", &cfg.database, "query", "v2"]),
+            url: url_with_path(&cfg.query_api_base, &["db", &cfg.database, "query", "v2"]),
             authorization: format!("Basic {}", STANDARD.encode(pair)),
             database: cfg.database.clone(),
             page_size: cfg.page_size,

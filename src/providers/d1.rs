@@ -19,7 +19,7 @@ use url::Url;
 
 use crate::error::StepError;
 use crate::http::{status_error, HttpRequest, HttpResponse};
-use crate::providers::{Download, Progress};
+use crate::providers::{url_with_path, Download, Progress};
 use crate::secret::Secret;
 use crate::time::Timestamp;
 
@@ -47,11 +47,7 @@ impl D1Config {
 
     /// `…/accounts/{account_id}/d1/database/{database_id}/export`.
     pub fn export_url(&self) -> String {
-        let mut url = self.api_base.clone();
-        if let Ok(mut segs) = url.path_segments_mut() {
-            segs.pop_if_empty().extend(["accounts", &self.account_id, "d1", "database", &self.database_id, "export"]);
-        }
-        url.to_string()
+        url_with_path(&self.api_base, &["accounts", &self.account_id, "d1", "database", &self.database_id, "export"])
     }
 }
 

@@ -21,7 +21,7 @@ use url::Url;
 
 use crate::error::StepError;
 use crate::http::{status_error, HttpRequest, HttpResponse};
-use crate::providers::{error_messages, url_file_name, Credentials, Download, Progress, ProviderState};
+use crate::providers::{error_messages, url_file_name, url_with_path, Credentials, Download, Progress, ProviderState};
 use crate::time::Timestamp;
 
 /// How many ACL logins one job may make before giving up.
@@ -148,14 +148,7 @@ enum Stage {
 }
 
 fn admin_url(endpoint: &Url, slash: bool) -> String {
-    let mut url = endpoint.clone();
-    if let Ok(mut segs) = url.path_segments_mut() {
-        segs.pop_if_empty().push("admin");
-        if slash {
-            segs.push("slash");
-        }
-    }
-    url.to_string()
+    url_with_path(endpoint, if slash { &["admin", "slash"] } else { &["admin"] })
 }
 
 impl DgraphState {

@@ -22,7 +22,7 @@ use base64::Engine as _;
 
 use crate::error::StepError;
 use crate::http::{status_error, HttpRequest, HttpResponse};
-use crate::providers::{Credentials, Download, Progress, StepInput};
+use crate::providers::{url_with_path, Credentials, Download, Progress, StepInput};
 
 /// A DXP source's settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,11 +85,7 @@ pub fn authorize(cfg: &DxpConfig, req: HttpRequest, creds: &Credentials) -> Resu
 }
 
 fn endpoint(cfg: &DxpConfig, path: &[&str]) -> String {
-    let mut url = cfg.api_base.clone();
-    if let Ok(mut segs) = url.path_segments_mut() {
-        segs.pop_if_empty().extend(path);
-    }
-    url.to_string()
+    url_with_path(&cfg.api_base, path)
 }
 
 /// Backup ids are three dash-separated parts (`dxpcloud-<random>-<YYYYMMDDHHmm>`); anything
@@ -111,9 +107,11 @@ impl DxpState {
                     self.backup_id = Some(id.clone());
                     self.requested = true;
                 }
-                Some(other) => return Err(StepError::permanent(format!(
+                Some(other) => {
+                    return Err(StepError::permanent(format!(
                     "the webhook's backup_id {other} is not a DXP Cloud backup id (like dxpcloud-abcdef-202611230300)"
-                ))),
+                )))
+                }
             }
         }
         Ok(Some(self.decide(cfg, input)))

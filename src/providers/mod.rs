@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use url::Url;
 
 use crate::config::{ProviderConfig, SourceConfig};
 use crate::error::StepError;
@@ -254,6 +255,15 @@ pub(crate) fn error_messages(body: &Value) -> Option<String> {
         })
         .collect();
     (!messages.is_empty()).then(|| messages.join("; "))
+}
+
+/// `base` with `segments` appended, each percent-encoded, never doubling a trailing slash.
+pub(crate) fn url_with_path(base: &Url, segments: &[&str]) -> String {
+    let mut url = base.clone();
+    if let Ok(mut segs) = url.path_segments_mut() {
+        segs.pop_if_empty().extend(segments);
+    }
+    url.to_string()
 }
 
 /// The last path segment of a URL (without query), for file names.
