@@ -98,38 +98,38 @@ def restore(path: str, api: QueryApi, batch: int = 500, log=print) -> dict:
     if footer is None:
         raise SystemExit(f"{path} has no footer line: the export is incomplete, refusing to restore it")
 
-    pending: dict[tuple, list] = defaultdict(list)
-    counts = {"nodes": 0, "relationships": 0}
+    def load(kind: str, group_of, row_of, statement_of) -> int:
+        """Sends every `kind` line in batches, one statement per group (label set or type)."""
+        pending: dict = defaultdict(list)
+        count = 0
+        for _, item in read_lines(path):
+            if item.get("type") != kind:
+                continue
+            group = group_of(item)
+            pending[group].append(row_of(item))
+            count += 1
+            if len(pending[group]) >= batch:
+                api.run(statement_of(group), {"rows": pending.pop(group)})
+        for group, rows in pending.items():
+            api.run(statement_of(group), {"rows": rows})
+        return count
 
-    def flush(key, statement):
-        rows = pending.pop(key, [])
-        if rows:
-            api.run(statement, {"rows": rows})
-
-    # Pass 1: nodes (every node before any relationship that points at it).
-    for _, item in read_lines(path):
-        if item.get("type") != "node":
-            continue
-        key = ("node", tuple(item.get("labels") or ()))
-        pending[key].append({"id": item["id"], "props": item.get("properties") or {}})
-        counts["nodes"] += 1
-        if len(pending[key]) >= batch:
-            flush(key, node_statement(key[1]))
-    for key in list(pending):
-        flush(key, node_statement(key[1]))
+    # Every node before any relationship that points at it.
+    counts = {
+        "nodes": load(
+            "node",
+            lambda n: tuple(n.get("labels") or ()),
+            lambda n: {"id": n["id"], "props": n.get("properties") or {}},
+            node_statement,
+        )
+    }
     log(f"restored {counts['nodes']} nodes")
-
-    # Pass 2: relationships.
-    for _, item in read_lines(path):
-        if item.get("type") != "relationship":
-            continue
-        key = ("rel", item["rel_type"])
-        pending[key].append({"start": item["start"], "end": item["end"], "props": item.get("properties") or {}})
-        counts["relationships"] += 1
-        if len(pending[key]) >= batch:
-            flush(key, relationship_statement(key[1]))
-    for key in list(pending):
-        flush(key, relationship_statement(key[1]))
+    counts["relationships"] = load(
+        "relationship",
+        lambda r: r["rel_type"],
+        lambda r: {"start": r["start"], "end": r["end"], "props": r.get("properties") or {}},
+        relationship_statement,
+    )
     log(f"restored {counts['relationships']} relationships")
 
     api.run(CLEANUP)

@@ -282,36 +282,6 @@ def aura_source(name: str, emulator: AuraEmulator, mode: str = "both", schedule:
 AURA_SECRETS = {"AURA_CLIENT_ID": AURA_ID, "AURA_CLIENT_SECRET": AURA_SECRET, "NEO4J_PASSWORD": NEO4J_PASSWORD}
 
 
-def process_tree(pid: int) -> list[int]:
-    """`pid` and all its descendants (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry))
-            except (OSError, ValueError, IndexError):
-                pass
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
-def rss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def d1_source(name: str, emulator: D1Emulator, database_id: str, schedule: str = "0 0 1 1 *", **extra) -> dict:
     source = {
         "name": name, "kind": "d1", "schedule": schedule, "account_id": emulator.account,
@@ -391,20 +361,6 @@ FERRY_SOURCES = {toml_string(raw)}
     def log(self) -> str:
         return self.process.tail(80) if self.process else ""
 
-    def workerd_pid(self) -> int:
-        """The workerd process running the Worker (wrangler's child)."""
-        assert self.process
-        # wrangler runs two workerd processes: its proxy, and the runtime with the inspector.
-        for pid in process_tree(self.process.proc.pid):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
-                if b"workerd" in argv[0] and any(a.startswith(b"--inspector-addr") for a in argv):
-                    return pid
-            except OSError:
-                pass
-        raise RuntimeError("no workerd process under wrangler")
-
     # --- the HTTP API ---------------------------------------------------------------------
 
     def api(self, path: str, token: str | None = API_TOKEN, timeout: float = 30):
@@ -463,6 +419,22 @@ FERRY_SOURCES = {toml_string(raw)}
                 return job
             time.sleep(interval)
         raise AssertionError(f"job {job_id} did not reach {phases}: {job}\n{self.log()}")
+
+    def webhook_job(self, source: str, body: bytes = b"{}", timeout: float = 60) -> dict:
+        """Starts a job with a signed webhook (which must answer 202) and waits until it ends."""
+        status, _, payload = self.webhook(source, body=body)
+        assert status == 202, (source, status, payload)
+        return self.wait_job(payload["job"]["id"], timeout=timeout)
+
+    def wait_last_job(self, source: str, timeout: float = 60) -> dict:
+        """Waits for `source` to have a job (e.g. started by a cron run), then for it to end."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            last = self.source(source)["last_job"]
+            if last:
+                return self.wait_job(last["id"], timeout=timeout)
+            time.sleep(0.2)
+        raise AssertionError(f"no job for {source}")
 
     def backups(self, source: str) -> list:
         return self.api_json(f"/v1/sources/{source}/backups")["backups"]

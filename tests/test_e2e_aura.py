@@ -94,10 +94,7 @@ def test_restore_refuses_an_incomplete_export(world, tmp_path):
 def test_scheduled_snapshot_only_backup_commits_a_manifest_without_files(world):
     ferry = world["ferry"]
     ferry.scheduled("*/5 * * * *", at_ms=TICK)
-    deadline = time.time() + 30
-    while not ferry.source("graph-snapshots")["last_job"] and time.time() < deadline:
-        time.sleep(0.2)
-    job = ferry.wait_job(ferry.source("graph-snapshots")["last_job"]["id"])
+    job = ferry.wait_last_job("graph-snapshots")
     assert job["phase"] == "committed" and job["trigger"] == "cron", job
     (manifest,) = ferry.backups("graph-snapshots")
     assert manifest["artifacts"] == []
@@ -125,16 +122,14 @@ def test_expired_token_is_fetched_again(world):
 def test_failed_snapshot_fails_the_job_with_no_manifest(world):
     ferry, emulator = world["ferry"], world["emulator"]
     emulator.control(snapshot_fail=True)
-    status, _, payload = ferry.webhook("graph")
-    job = ferry.wait_job(payload["job"]["id"])
+    job = ferry.webhook_job("graph")
     assert job["phase"] == "failed" and "snapshot" in job["error"] and "failed" in job["error"], job
     assert not [m for m in ferry.backups("graph") if m["job_id"] == job["id"]]
 
 
 def test_wrong_database_password_fails_with_the_query_api_message(world):
     ferry = world["ferry"]
-    status, _, payload = ferry.webhook("graph-wrong-password")
-    job = ferry.wait_job(payload["job"]["id"])
+    job = ferry.webhook_job("graph-wrong-password")
     assert job["phase"] == "failed"
     assert "Neo.ClientError.Security.Unauthorized" in job["error"], job["error"]
     assert ferry.backups("graph-wrong-password") == []
@@ -143,8 +138,7 @@ def test_wrong_database_password_fails_with_the_query_api_message(world):
 def test_transient_query_errors_are_retried(world):
     ferry, emulator = world["ferry"], world["emulator"]
     emulator.control(query_error_next=[{"code": "Neo.TransientError.General.DatabaseUnavailable", "message": "busy"}])
-    status, _, payload = ferry.webhook("graph-logical")
-    job = ferry.wait_job(payload["job"]["id"], timeout=120)
+    job = ferry.webhook_job("graph-logical", timeout=120)
     assert job["phase"] == "committed", job
     (manifest,) = [m for m in ferry.backups("graph-logical") if m["job_id"] == job["id"]]
     assert manifest["artifacts"][0]["details"]["nodes"] == 10000

@@ -272,8 +272,7 @@ def test_export_error_leaves_a_failed_job_with_d1_message_and_no_manifest(world)
 
 def test_provider_permanent_error_fails_the_job_with_its_message(world):
     ferry = world["ferry"]
-    status, _, payload = ferry.webhook("locked-out")
-    job = ferry.wait_job(payload["job"]["id"])
+    job = ferry.webhook_job("locked-out")
     assert job["phase"] == "failed"
     assert "Authentication error" in job["error"] and "403" in job["error"], job["error"]
     assert ferry.backups("locked-out") == []
@@ -293,8 +292,7 @@ def test_transient_failures_are_retried_with_backoff(world):
 def test_download_failure_fails_the_job_without_a_half_written_backup(world):
     ferry, emulator = world["ferry"], world["emulator"]
     emulator.control(download_fail_status=403)
-    status, _, payload = ferry.webhook("failing")
-    job = ferry.wait_job(payload["job"]["id"])
+    job = ferry.webhook_job("failing")
     assert job["phase"] == "failed"
     assert "refused (HTTP 403)" in job["error"], job["error"]
     assert ferry.backups("failing") == []

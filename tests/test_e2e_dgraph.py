@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import time
 
 import pytest
 
@@ -62,10 +61,7 @@ def check_dgraph_backup(ferry: Ferry, job: dict, emulator: DgraphEmulator, suffi
 def test_scheduled_export_lands_every_file_byte_for_byte(world):
     ferry, plain = world["ferry"], world["plain"]
     ferry.scheduled("*/5 * * * *", at_ms=TICK)
-    deadline = time.time() + 30
-    while not ferry.source("graph")["last_job"] and time.time() < deadline:
-        time.sleep(0.2)
-    job = ferry.wait_job(ferry.source("graph")["last_job"]["id"])
+    job = ferry.wait_last_job("graph")
     manifest = check_dgraph_backup(ferry, job, plain, "json")
     assert manifest["provider"]["status"] == "Success" and manifest["provider"]["format"] == "json"
     assert ferry.source("graph-rdf")["last_job"] is None
@@ -81,8 +77,7 @@ def test_webhook_rdf_export(world):
 def test_acl_login_and_refresh_when_the_access_token_expires_mid_export(world):
     ferry, acl = world["ferry"], world["acl"]
     acl.control(access_ttl=1, status_sequence=["Queued"] * 8 + ["Running", "Success"])
-    status, _, payload = ferry.webhook("graph-acl")
-    job = ferry.wait_job(payload["job"]["id"], timeout=90)
+    job = ferry.webhook_job("graph-acl", timeout=90)
     manifest = check_dgraph_backup(ferry, job, acl, "json")
     assert manifest["provider"]["namespace"] == -1
     logins = [r for r in acl.state()["requests"] if r.get("op") == "login"]
@@ -102,8 +97,7 @@ def test_unknown_status_values_keep_polling(world):
 def test_failed_export_fails_the_job_with_no_manifest(world):
     ferry, plain = world["ferry"], world["plain"]
     plain.control(status_sequence=["Queued", "Running", "Failed"])
-    status, _, payload = ferry.webhook("graph-failing")
-    job = ferry.wait_job(payload["job"]["id"])
+    job = ferry.webhook_job("graph-failing")
     assert job["phase"] == "failed" and "failed" in job["error"], job
     assert not [m for m in ferry.backups("graph-failing") if m["job_id"] == job["id"]]
 
@@ -111,8 +105,7 @@ def test_failed_export_fails_the_job_with_no_manifest(world):
 def test_graphql_errors_fail_the_job_with_their_messages(world):
     ferry, plain = world["ferry"], world["plain"]
     plain.control(graphql_error_next=["Only guardian of galaxy can export all namespaces"])
-    status, _, payload = ferry.webhook("graph-failing")
-    job = ferry.wait_job(payload["job"]["id"])
+    job = ferry.webhook_job("graph-failing")
     assert job["phase"] == "failed"
     assert job["error"] == "Dgraph export failed: Only guardian of galaxy can export all namespaces"
 
@@ -120,16 +113,14 @@ def test_graphql_errors_fail_the_job_with_their_messages(world):
 def test_server_errors_are_retried(world):
     ferry, plain = world["ferry"], world["plain"]
     plain.control(fail_next=[{"status": 503}, {"status": 429, "retry_after": "1"}])
-    status, _, payload = ferry.webhook("graph-failing")
-    job = ferry.wait_job(payload["job"]["id"])
+    job = ferry.webhook_job("graph-failing")
     check_dgraph_backup(ferry, job, plain, "json")
 
 
 def test_malformed_answer_fails_clearly(world):
     ferry, plain = world["ferry"], world["plain"]
     plain.control(malformed_next=1)
-    status, _, payload = ferry.webhook("graph-failing")
-    job = ferry.wait_job(payload["job"]["id"])
+    job = ferry.webhook_job("graph-failing")
     assert job["phase"] == "failed" and "malformed" in job["error"], job
 
 

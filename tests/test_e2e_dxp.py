@@ -5,12 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import threading
 import time
 
 import pytest
 
-from harness import DXP_SECRETS, DxpEmulator, Ferry, dxp_source, rss_kib
+from harness import DXP_SECRETS, DxpEmulator, Ferry, dxp_source
 
 TICK = 1893466800000  # 2030-01-01T03:00:00Z
 
@@ -54,20 +53,10 @@ def check_dxp_backup(ferry: Ferry, job: dict, backup: dict) -> dict:
     return manifest
 
 
-def wait_for_last_job(ferry: Ferry, source: str, timeout: float = 60) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        last = ferry.source(source)["last_job"]
-        if last:
-            return ferry.wait_job(last["id"], timeout=timeout)
-        time.sleep(0.2)
-    raise AssertionError(f"no job for {source}")
-
-
 def test_scheduled_run_copies_the_newest_backup_byte_for_byte(world):
     ferry, emulator = world["ferry"], world["emulator"]
     ferry.scheduled("*/5 * * * *", at_ms=TICK)
-    job = wait_for_last_job(ferry, "portal")
+    job = ferry.wait_last_job("portal")
     assert job["trigger"] == "cron"
     manifest = check_dxp_backup(ferry, job, emulator.backup(-1))
     assert manifest["provider"]["requested"] is False
@@ -105,8 +94,7 @@ def test_webhook_names_the_backup_and_the_same_backup_is_never_copied_twice(worl
 def test_list_shape_variants_are_accepted(world):
     ferry, emulator = world["ferry"], world["emulator"]
     emulator.control(list_shape="newest_first")
-    status, _, payload = ferry.webhook("portal-master")
-    job = ferry.wait_job(payload["job"]["id"])
+    job = ferry.webhook_job("portal-master")
     if job["phase"] == "skipped":  # copied by an earlier test: the choice is what matters
         assert emulator.backup(-1)["backupId"] in job["note"]
     else:
@@ -116,8 +104,7 @@ def test_list_shape_variants_are_accepted(world):
 def test_refused_token_fails_the_job_with_the_services_message(world):
     ferry, emulator = world["ferry"], world["emulator"]
     emulator.control(expired_tokens=True)
-    status, _, payload = ferry.webhook("portal-failing")
-    job = ferry.wait_job(payload["job"]["id"])
+    job = ferry.webhook_job("portal-failing")
     assert job["phase"] == "failed"
     assert "Token expired" in job["error"] and "401" in job["error"], job["error"]
     assert ferry.backups("portal-failing") == []
@@ -126,8 +113,7 @@ def test_refused_token_fails_the_job_with_the_services_message(world):
 def test_truncated_download_is_retried_and_5xx_with_retry_after_honoured(world):
     ferry, emulator = world["ferry"], world["emulator"]
     emulator.control(fail_next=[{"status": 503, "retry_after": "1"}], truncate_after=100000, chunked=False)
-    status, _, payload = ferry.webhook("portal-failing")
-    job = ferry.wait_job(payload["job"]["id"], timeout=90)
+    job = ferry.webhook_job("portal-failing", timeout=90)
     assert job["phase"] == "committed", job
     check_dxp_backup(ferry, job, emulator.backup(-1))
 
@@ -135,8 +121,7 @@ def test_truncated_download_is_retried_and_5xx_with_retry_after_honoured(world):
 def test_rest_api_gone_fails_with_a_clear_message(world):
     ferry, emulator = world["ferry"], world["emulator"]
     emulator.control(rest_disabled=True)
-    status, _, payload = ferry.webhook("portal-failing")
-    job = ferry.wait_job(payload["job"]["id"])
+    job = ferry.webhook_job("portal-failing")
     assert job["phase"] == "failed"
     assert "5.9.0" in job["error"], job["error"]
 
