@@ -1023,9 +1023,9 @@ class Handler(BaseHandler):
         return [("X-Request-Id", str(uuidlib.uuid4()))]
 
     def dispatch(self):
-        self._status = 0
         split = urlsplit(self.path)
         path, query = split.path, parse_qs(split.query)
+        self.begin_request(path)
         try:
             body = self.read_body()
             self.write_reply(self.route(path, query, body))
@@ -1037,8 +1037,10 @@ class Handler(BaseHandler):
                 self.write_reply(json_reply(500, {"errors": [{"message": "Aura emulator internal error",
                                                               "reason": "internal-error"}]}))
         finally:
-            if not path.startswith("/__control"):
-                self.emulator.record(self.command, path, self._status)
+            self.finish_request()
+
+    def log_request_status(self, status: int) -> None:
+        self.emulator.record(self.command, self._path, status)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = dispatch
 

@@ -7,7 +7,7 @@ imported as ``emulators.<name>``); the tests import it as ``emulators.common``.
 
 * ``Reply``: one HTTP answer (status, body, content type, extra headers).
 * ``BaseHandler``: the request-handler plumbing (HTTP/1.1, no access log, the status code sent is
-  kept in ``self._status``, ``read_body`` with chunked decoding, ``write_reply`` for a ``Reply``,
+  kept in ``self._status`` and the request logged as that status line goes out, ``read_body`` with chunked decoding, ``write_reply`` for a ``Reply``,
   ``host()``).  An emulator's ``Handler`` adds ``server_version``, ``dispatch`` and its routes.
 * ``bind_server``: the ``ThreadingHTTPServer`` around a handler bound to one emulator.
 * ``serve_main``: the command-line serve loop: ``READY <port>`` on stdout, then serve until
@@ -46,9 +46,31 @@ class BaseHandler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - silence the default access log
         pass
 
+    def begin_request(self, path: str) -> None:
+        """Starts a request's bookkeeping; call first in ``dispatch``."""
+        self._status = 0
+        self._path = path
+        self._logged = False
+
     def send_response(self, code, message=None):
         self._status = code
         super().send_response(code, message)
+        # Log the request as its status line goes out, before any body: a client that holds
+        # the answer always finds its request in /__control/state.
+        self._log_once(code)
+
+    def finish_request(self) -> None:
+        """Logs a request that never sent a status line; call in ``dispatch``'s ``finally``."""
+        self._log_once(self._status)
+
+    def _log_once(self, status: int) -> None:
+        if getattr(self, "_logged", True) or self._path.startswith("/__control"):
+            return
+        self._logged = True
+        self.log_request_status(status)
+
+    def log_request_status(self, status: int) -> None:
+        """Records this request in the emulator's request log (each emulator overrides it)."""
 
     def read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":

@@ -523,8 +523,8 @@ class Handler(BaseHandler):
 
     # ----- plumbing --------------------------------------------------------------
     def dispatch(self):
-        self._status = 0
         path = urlsplit(self.path).path
+        self.begin_request(path)
         try:
             body = self.read_body()  # always drain it, so keep-alive connections stay in sync
             if path.startswith(API_PREFIX + "/"):
@@ -542,8 +542,10 @@ class Handler(BaseHandler):
             if not self._status:
                 self.write_reply(failure_reply(500, 10500, "D1 emulator internal error"))
         finally:
-            if not path.startswith("/__control"):
-                self.emulator.record_request(self.command, path, self._status)
+            self.finish_request()
+
+    def log_request_status(self, status: int) -> None:
+        self.emulator.record_request(self.command, self._path, status)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = dispatch
 

@@ -1052,14 +1052,14 @@ class Handler(BaseHandler):
     emulator: Emulator
 
     def dispatch(self):
-        self._status = 0
         path = urlsplit(self.path).path
-        op = None
+        self.begin_request(path)
+        self._op = None
         try:
             body = self.read_body()   # always drain it, so keep-alive connections stay in sync
             reply = self.route(path, body)
             if reply is not None:
-                op = reply.op
+                self._op = reply.op
                 self.write_reply(reply)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
@@ -1068,8 +1068,10 @@ class Handler(BaseHandler):
             if not self._status:
                 self.write_reply(gql_errors("Dgraph emulator internal error", status=500))
         finally:
-            if not path.startswith("/__control"):
-                self.emulator.record(self.command, path, self._status, op)
+            self.finish_request()
+
+    def log_request_status(self, status: int) -> None:
+        self.emulator.record(self.command, self._path, status, self._op)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = dispatch
 

@@ -839,8 +839,8 @@ class Handler(BaseHandler):
     emulator: Emulator  # set on the subclass built by make_server
 
     def dispatch(self):
-        self._status = 0
         path = unquote(urlsplit(self.path).path)
+        self.begin_request(path)
         reader = BodyReader(self.rfile, self.headers)
         try:
             if path.startswith("/__control"):
@@ -861,8 +861,10 @@ class Handler(BaseHandler):
                 self.write_reply(message_reply(500, "DXP emulator internal error"))
             self.close_connection = True
         finally:
-            if not path.startswith("/__control"):
-                self.emulator.record_request(self.command, path, self._status)
+            self.finish_request()
+
+    def log_request_status(self, status: int) -> None:
+        self.emulator.record_request(self.command, self._path, status)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = dispatch
 
