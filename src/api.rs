@@ -4,7 +4,7 @@
 //! compared in constant time; error bodies are JSON `{"error": …}` and never contain a secret.
 
 use hmac::digest::CtOutput;
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use percent_encoding::percent_decode_str;
 use serde_json::{json, Value};
 use sha2::Sha256;

@@ -19,11 +19,12 @@ use crate::providers::dgraph::{DgraphAccount, DgraphAcl, DgraphConfig, DgraphFor
 use crate::providers::dxp::{DxpAuth, DxpConfig};
 use crate::retry::RetryPolicy;
 use crate::schedule::Schedule;
+use crate::transfer::{TransferSettings, MEMORY_BUDGET};
 
 /// Smallest multipart part R2 accepts (every part but the last).
 pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
-/// Largest single request R2 accepts (a put or one part): 5 GiB − 5 MiB.
-pub const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024 - 5 * 1024 * 1024;
+/// Largest part Ferry buffers: (parts in flight + 1) parts must fit the isolate's memory budget.
+pub const MAX_PART_SIZE: u64 = 32 * 1024 * 1024;
 /// Default part size: big enough for few parts, small enough to buffer in a 128 MB isolate.
 pub const DEFAULT_PART_SIZE: u64 = 8 * 1024 * 1024;
 
@@ -41,8 +42,9 @@ pub struct SourceConfig {
     pub name: String,
     /// When scheduled backups run (UTC).
     pub schedule: Schedule,
-    /// Size of each multipart part when streaming artifacts into R2.
-    pub part_size: u64,
+    /// How copies into R2 are cut into parts and slices (`part_size_mib`, `parts_in_flight`,
+    /// `slice_max_mib`, `slice_max_seconds`, `max_stalled_slices`, `copy_timeout_minutes`).
+    pub transfer: TransferSettings,
     /// How transient failures are retried.
     pub retry: RetryPolicy,
     /// How long to wait between status polls of a running export.
@@ -291,8 +293,7 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
     let kind = f.required_string("kind")?;
     let schedule_text = f.required_string("schedule")?;
     let schedule = Schedule::parse(&schedule_text).map_err(|e| f.err("schedule", format!("is {e}")))?;
-    let part_size_mib = f.uint("part_size_mib", MIN_PART_SIZE >> 20, MAX_PART_SIZE >> 20)?;
-    let part_size = part_size_mib.map_or(DEFAULT_PART_SIZE, |m| m << 20);
+    let transfer = parse_transfer(&mut f)?;
     // D1 cancels an export that is not polled promptly; Aura's own CLI polls every 20 s.
     let default_poll = match kind.as_str() {
         "aura" => 10_000,
@@ -316,7 +317,41 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
         }
     };
     f.finish()?;
-    Ok(SourceConfig { name, schedule, part_size, retry, poll_interval, export_timeout, provider })
+    Ok(SourceConfig { name, schedule, transfer, retry, poll_interval, export_timeout, provider })
+}
+
+fn parse_transfer(f: &mut Fields<'_>) -> Result<TransferSettings, ConfigError> {
+    let d = TransferSettings::default();
+    let part_size = f.uint("part_size_mib", MIN_PART_SIZE >> 20, MAX_PART_SIZE >> 20)?.map_or(d.part_size, |m| m << 20);
+    let parts_in_flight = f.uint("parts_in_flight", 1, 16)?.map_or(d.parts_in_flight, |n| n as u32);
+    let slice_bytes = f.uint("slice_max_mib", MIN_PART_SIZE >> 20, 1 << 20)?.map_or(d.slice_bytes, |m| m << 20);
+    // An alarm may run 15 minutes of wall clock; a slice stays well inside that.
+    let slice_time = f.uint("slice_max_seconds", 1, 600)?.map_or(d.slice_time, Duration::from_secs);
+    let max_stalled_slices = f.uint("max_stalled_slices", 1, 1000)?.map_or(d.max_stalled_slices, |n| n as u32);
+    let copy_timeout =
+        f.uint("copy_timeout_minutes", 1, 7 * 24 * 60)?.map_or(d.copy_timeout, |m| Duration::from_secs(60 * m));
+    let settings = TransferSettings {
+        part_size,
+        parts_in_flight,
+        slice_bytes,
+        slice_time,
+        max_stalled_slices,
+        copy_timeout,
+        ..d
+    };
+    if settings.peak_memory() > MEMORY_BUDGET {
+        return Err(f.err(
+            "part_size_mib",
+            format!(
+                "and parts_in_flight need {} MiB of buffers ((parts_in_flight + 1) x part_size_mib + {} MiB), more \
+                 than the {} MiB a 128 MB isolate can spare; lower part_size_mib or parts_in_flight",
+                settings.peak_memory() >> 20,
+                crate::transfer::MEMORY_OVERHEAD >> 20,
+                MEMORY_BUDGET >> 20
+            ),
+        ));
+    }
+    Ok(settings)
 }
 
 fn parse_retry(source: &str, map: &Map<String, Value>) -> Result<RetryPolicy, ConfigError> {
@@ -550,7 +585,7 @@ mod tests {
         assert_eq!(s.name, "app-db");
         assert_eq!(s.kind(), "d1");
         assert_eq!(s.schedule.as_str(), "0 3 * * *");
-        assert_eq!(s.part_size, DEFAULT_PART_SIZE);
+        assert_eq!(s.transfer.part_size, DEFAULT_PART_SIZE);
         assert_eq!(s.secret_names(), vec!["D1_TOKEN"]);
         let ProviderConfig::D1(d) = &s.provider else { panic!() };
         assert_eq!(d.api_base.as_str(), "https://api.cloudflare.com/client/v4");
@@ -575,7 +610,7 @@ mod tests {
         }))]))
         .unwrap();
         let s = &c.sources[0];
-        assert_eq!(s.part_size, 5 * 1024 * 1024);
+        assert_eq!(s.transfer.part_size, 5 * 1024 * 1024);
         assert_eq!(s.poll_interval, Duration::from_millis(250));
         assert_eq!(s.export_timeout, Duration::from_secs(600));
         assert_eq!(
@@ -723,9 +758,32 @@ mod tests {
     }
 
     #[test]
+    fn buffers_that_cannot_fit_the_isolate_are_refused_naming_both_fields() {
+        let e = err(d1(json!({"part_size_mib": 32, "parts_in_flight": 3})));
+        assert_eq!(e.field.as_deref(), Some("part_size_mib"));
+        assert!(e.to_string().contains("parts_in_flight"), "{e}");
+        let ok = Config::from_value(&json!([d1(json!({"part_size_mib": 16, "parts_in_flight": 4}))])).unwrap();
+        assert_eq!(ok.sources[0].transfer.parts_in_flight, 4);
+    }
+
+    #[test]
+    fn slice_knobs_are_read_and_bounded() {
+        let c = Config::from_value(&json!([d1(json!({
+            "slice_max_mib": 5, "slice_max_seconds": 2, "max_stalled_slices": 3, "copy_timeout_minutes": 30
+        }))]))
+        .unwrap();
+        let t = c.sources[0].transfer;
+        assert_eq!((t.slice_bytes, t.slice_time.as_secs(), t.max_stalled_slices), (5 << 20, 2, 3));
+        assert_eq!(t.copy_timeout.as_secs(), 1800);
+        assert_eq!(err(d1(json!({"slice_max_seconds": 0}))).field.as_deref(), Some("slice_max_seconds"));
+        assert_eq!(err(d1(json!({"parts_in_flight": 0}))).field.as_deref(), Some("parts_in_flight"));
+    }
+
+    #[test]
     fn part_size_must_respect_r2_rules() {
         assert_eq!(err(d1(json!({"part_size_mib": 4}))).field.as_deref(), Some("part_size_mib"));
         assert_eq!(err(d1(json!({"part_size_mib": 6000}))).field.as_deref(), Some("part_size_mib"));
+        assert_eq!(err(d1(json!({"part_size_mib": 33}))).field.as_deref(), Some("part_size_mib"));
         assert_eq!(err(d1(json!({"part_size_mib": "8"}))).field.as_deref(), Some("part_size_mib"));
     }
 

@@ -23,6 +23,7 @@ use crate::manifest::{self, Artifact, Manifest};
 use crate::providers::aura::GraphExport;
 use crate::providers::{Credentials, Download, Origin, Progress, ProviderState, StepInput};
 use crate::time::Timestamp;
+use crate::transfer::{CopyState, TransferSettings};
 
 /// A job's id: 16 lower-case hex characters from the runtime's random source.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -146,6 +147,12 @@ pub struct Job {
     pub downloads: Vec<Download>,
     /// Files already stored in R2 (in `downloads` order).
     pub artifacts: Vec<Artifact>,
+    /// The copy in progress: the next file's resumable state, persisted after every part.
+    #[serde(default)]
+    pub copy: Option<CopyState>,
+    /// When the provider's files were ready and copying began.
+    #[serde(default)]
+    pub transfer_started_at: Option<Timestamp>,
 }
 
 /// Something that happened, fed into [`Job::handle`].
@@ -157,10 +164,13 @@ pub enum Event {
     Response(HttpResponse),
     /// The last [`Action::Send`] never got an answer (network error, timeout).
     Unreachable(String),
-    /// The last [`Action::Copy`] stored its file.
-    Copied(Artifact),
-    /// The last [`Action::Copy`] failed; nothing of it is left in R2.
-    CopyFailed(StepError),
+    /// The last [`Action::CopySlice`] ended, with the copy's state as it left it.
+    Sliced {
+        /// The copy's progress (also persisted by the runtime after every part).
+        state: CopyState,
+        /// How the slice ended.
+        outcome: SliceOutcome,
+    },
     /// The manifest of the last [`Action::Commit`] is stored.
     Committed,
     /// Writing the manifest failed.
@@ -172,8 +182,8 @@ pub enum Event {
 pub enum Action {
     /// Send this request, then feed back `Response` or `Unreachable`.
     Send(HttpRequest),
-    /// Stream a file into R2, then feed back `Copied` or `CopyFailed`.
-    Copy(CopyOrder),
+    /// Copy the next slice of a file into R2, then feed back `Sliced`.
+    CopySlice(Box<SliceOrder>),
     /// Write the manifest (last), then feed back `Committed` or `CommitFailed`.
     Commit {
         /// Where the manifest goes.
@@ -186,6 +196,8 @@ pub enum Action {
     Discard {
         /// The job's R2 folder, with trailing slash.
         folder: String,
+        /// The open multipart upload to abort, as `(key, upload_id)`.
+        upload: Option<(String, String)>,
     },
     /// Create one queued job per provider state (children of this job, which is over).
     Spawn(Vec<ProviderState>),
@@ -204,19 +216,30 @@ pub enum CopySource {
     Graph(Box<GraphExport>),
 }
 
-/// One file to stream from the provider into R2.
+/// One slice of a file's copy from the provider into R2.
 #[derive(Debug, Clone, PartialEq)]
-pub struct CopyOrder {
+pub struct SliceOrder {
     /// Where its bytes come from.
     pub source: CopySource,
-    /// Target key.
-    pub key: String,
+    /// Where the copy stands (the target key is `state.key`).
+    pub state: CopyState,
     /// The provider's file name.
     pub filename: String,
     /// Content type to store.
     pub content_type: String,
-    /// Multipart part size for this source.
-    pub part_size: u64,
+    /// Part size, parallelism and the slice's budget.
+    pub settings: TransferSettings,
+}
+
+/// How a slice ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SliceOutcome {
+    /// The slice used its budget; the copy goes on in the next one.
+    Paused,
+    /// Every byte is stored and the object is complete at its key.
+    Finished(Artifact),
+    /// The slice failed; the state keeps every part stored before the failure.
+    Failed(StepError),
 }
 
 /// The inputs of a transition besides the event.
@@ -286,6 +309,8 @@ impl Job {
             provider: ProviderState::new(source),
             downloads: Vec::new(),
             artifacts: Vec::new(),
+            copy: None,
+            transfer_started_at: None,
         }
     }
 
@@ -322,11 +347,7 @@ impl Job {
             (Phase::Exporting | Phase::Transferring, Event::Unreachable(msg)) => {
                 self.retry(StepError::transient(msg), cx)
             }
-            (Phase::Transferring, Event::Copied(artifact)) => {
-                self.artifacts.push(artifact);
-                self.step_succeeded(cx.now)
-            }
-            (Phase::Transferring, Event::CopyFailed(err)) => self.step_failed(err, cx),
+            (Phase::Transferring, Event::Sliced { state, outcome }) => self.on_slice(state, outcome, cx),
             (Phase::Transferring, Event::Committed) => {
                 self.phase = Phase::Committed;
                 self.next_step_at = None;
@@ -382,37 +403,103 @@ impl Job {
                 }
             }
             Phase::Transferring => match self.downloads.get(self.artifacts.len()).cloned() {
-                Some(download) => self.copy(&download, cx),
+                Some(download) => self.slice(&download, cx),
                 None => self.commit(cx),
             },
             Phase::Queued | Phase::Committed | Phase::Failed | Phase::Skipped | Phase::Dispatched => self.idle(cx.now),
         }
     }
 
-    fn copy(mut self, download: &Download, cx: &Context<'_>) -> (Self, Action) {
+    /// Orders the next slice of the current file's copy, unless the watchdog says stop.
+    fn slice(mut self, download: &Download, cx: &Context<'_>) -> (Self, Action) {
+        let settings = cx.source.transfer;
+        let mut state = match self.copy.take() {
+            Some(state) => state,
+            None => {
+                let taken: Vec<&str> = self.artifacts.iter().map(|a| a.key.rsplit('/').next().unwrap_or("")).collect();
+                let key = format!("{}{}", self.folder(), manifest::object_name(&download.filename, &taken));
+                CopyState::new(key, cx.now)
+            }
+        };
+        let copying_since = self.transfer_started_at.unwrap_or(state.started_at);
+        if cx.now.since(copying_since) > settings.copy_timeout {
+            let limit = humanize(settings.copy_timeout);
+            self.copy = Some(state);
+            return self.fail(format!("copying did not finish within {limit} (copy_timeout_minutes)"), cx.now);
+        }
+        if state.stalled >= settings.max_stalled_slices {
+            let n = state.stalled;
+            self.copy = Some(state);
+            return self.fail(
+                format!(
+                    "the copy of {} made no progress in {n} consecutive slices (no part stored); giving up \
+                     (max_stalled_slices)",
+                    download.filename
+                ),
+                cx.now,
+            );
+        }
+        if state.restarts > settings.max_restarts {
+            let why = state.last_restart.clone().unwrap_or_default();
+            self.copy = Some(state);
+            return self.fail(
+                format!("the copy of {} had to restart from zero more than {} times; last: {why}", download.filename, settings.max_restarts),
+                cx.now,
+            );
+        }
         let prepared = match &download.origin {
             Origin::Url { secret_url, authenticated } => {
                 self.provider.download_request(cx.source, secret_url, *authenticated, cx.creds).map(CopySource::Http)
             }
             Origin::Graph => {
-                GraphExport::for_source(cx.source, cx.creds, cx.now).map(|g| CopySource::Graph(Box::new(g)))
+                GraphExport::for_source(cx.source, cx.creds, state.started_at).map(|g| CopySource::Graph(Box::new(g)))
             }
         };
         let source = match prepared {
             Ok(s) => s,
-            Err(e) => return self.step_failed(e, cx),
+            Err(e) => {
+                self.copy = Some(state);
+                return self.step_failed(e, cx);
+            }
         };
-        let taken: Vec<&str> = self.artifacts.iter().map(|a| a.key.rsplit('/').next().unwrap_or("")).collect();
-        let key = format!("{}{}", self.folder(), manifest::object_name(&download.filename, &taken));
+        // Counted before the slice runs: a slice cut off without storing a part counts as stalled.
+        state.slices += 1;
+        state.stalled += 1;
         self.attempts += 1;
-        let order = CopyOrder {
+        self.copy = Some(state.clone());
+        let order = SliceOrder {
             source,
-            key,
+            state,
             filename: download.filename.clone(),
             content_type: download.content_type.clone(),
-            part_size: cx.source.part_size,
+            settings,
         };
-        (self, Action::Copy(order))
+        (self, Action::CopySlice(Box::new(order)))
+    }
+
+    fn on_slice(mut self, state: CopyState, outcome: SliceOutcome, cx: &Context<'_>) -> (Self, Action) {
+        let progressed = state.stalled == 0;
+        self.copy = Some(state);
+        match outcome {
+            SliceOutcome::Paused => {
+                self.retries = 0;
+                self.last_error = None;
+                self.next_step_at = Some(cx.now);
+                (self, Action::Sleep(cx.now))
+            }
+            SliceOutcome::Finished(artifact) => {
+                self.copy = None;
+                self.artifacts.push(artifact);
+                self.step_succeeded(cx.now)
+            }
+            SliceOutcome::Failed(err) => {
+                if progressed {
+                    // Parts were stored before the failure: the copy is moving, start counting anew.
+                    self.retries = 0;
+                }
+                self.step_failed(err, cx)
+            }
+        }
     }
 
     fn commit(mut self, cx: &Context<'_>) -> (Self, Action) {
@@ -452,6 +539,7 @@ impl Job {
             }
             Progress::Ready(downloads) => {
                 self.phase = Phase::Transferring;
+                self.transfer_started_at = Some(cx.now);
                 self.downloads = downloads;
                 self.step_succeeded(cx.now)
             }
@@ -514,7 +602,8 @@ impl Job {
         self.next_step_at = None;
         self.downloads.clear();
         self.artifacts.clear();
-        let action = if was_copying { Action::Discard { folder: self.folder() } } else { Action::Done };
+        let upload = self.copy.take().and_then(|c| c.upload_id.map(|id| (c.key, id)));
+        let action = if was_copying { Action::Discard { folder: self.folder(), upload } } else { Action::Done };
         (self, action)
     }
 }

@@ -12,6 +12,8 @@
 //! - [`job`]: the export job state machine, `(job, event, context) → (job, action)`.
 //! - [`ledger`]: a source's bookkeeping: single flight, webhook replay, cron idempotency.
 //! - [`providers`]: one module per provider protocol (`providers::d1`), behind one small enum.
+//! - [`transfer`]: sliced, resumable copies: the persisted state of a copy and how a resumed
+//!   download's answer is judged (`Range`, `If-Range`, validators).
 //! - [`manifest`]: the R2 layout and the manifest written last as the commit marker.
 //! - [`api`]: routes and auth checks of the HTTP API.
 //! - [`http`], [`error`], [`retry`], [`secret`], [`time`]: values shared by the above.
@@ -33,6 +35,7 @@ pub mod retry;
 pub mod schedule;
 pub mod secret;
 pub mod time;
+pub mod transfer;
 pub mod webhook;
 
 #[cfg(target_arch = "wasm32")]

@@ -29,6 +29,9 @@ pub struct Artifact {
     /// Multipart parts used (1 for a single put).
     #[serde(default = "one")]
     pub parts: u32,
+    /// Lower-case hex SHA-256 of each multipart part, in order (empty for a single put).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub part_sha256: Vec<String>,
     /// Provider-specific facts about the file (e.g. node and relationship counts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub details: Option<Value>,
@@ -161,6 +164,7 @@ mod tests {
                 sha256: "ab".into(),
                 content_type: "application/sql".into(),
                 parts: 1,
+                part_sha256: Vec::new(),
                 details: None,
             }],
         };

@@ -101,8 +101,19 @@ fn artifact(key: &str) -> Artifact {
         sha256: "00".repeat(32),
         content_type: "application/sql".into(),
         parts: 1,
+        part_sha256: Vec::new(),
         details: None,
     }
+}
+
+/// The runtime's answer when the ordered slice stored the whole file.
+fn copied(order: &SliceOrder) -> Event {
+    Event::Sliced { state: order.state.clone(), outcome: SliceOutcome::Finished(artifact(&order.state.key)) }
+}
+
+/// The runtime's answer when the slice in flight failed without storing a part.
+fn slice_failed(h: &Harness, err: StepError) -> Event {
+    Event::Sliced { state: h.job.copy.clone().expect("a copy in flight"), outcome: SliceOutcome::Failed(err) }
 }
 
 fn expect_send(a: Action) -> HttpRequest {
@@ -112,15 +123,15 @@ fn expect_send(a: Action) -> HttpRequest {
     }
 }
 
-fn expect_copy(a: Action) -> CopyOrder {
+fn expect_copy(a: Action) -> SliceOrder {
     match a {
-        Action::Copy(c) => c,
+        Action::CopySlice(c) => *c,
         other => panic!("expected Copy, got {other:?}"),
     }
 }
 
 /// Drives a D1 job from queued up to its copy order.
-fn to_copy(h: &mut Harness) -> CopyOrder {
+fn to_copy(h: &mut Harness) -> SliceOrder {
     let start = expect_send(h.wake_when_due());
     assert!(start.header_value("authorization").is_some());
     assert_eq!(h.feed(Event::Response(d1_active())), Action::Sleep(h.now.plus(Duration::from_secs(1))));
@@ -146,14 +157,14 @@ fn d1_job_runs_queued_exporting_transferring_committed() {
 
     h.feed(Event::Response(d1_complete()));
     let order = expect_copy(h.wake_when_due());
-    assert_eq!(order.key, "app-db/2026-11-23T100000Z-0123456789abcdef/db-1-bm-1.sql");
+    assert_eq!(order.state.key, "app-db/2026-11-23T100000Z-0123456789abcdef/db-1-bm-1.sql");
     let CopySource::Http(request) = &order.source else { panic!("expected a download") };
     assert_eq!(request.url, "http://127.0.0.1:9/__signed/abc/db-1-bm-1.sql");
     assert!(request.header_value("authorization").is_none(), "signed URLs take no auth");
-    assert_eq!(order.part_size, crate::config::DEFAULT_PART_SIZE);
+    assert_eq!(order.settings.part_size, crate::config::DEFAULT_PART_SIZE);
 
     h.advance(Duration::from_secs(3));
-    assert_eq!(h.feed(Event::Copied(artifact(&order.key))), Action::Sleep(h.now));
+    assert_eq!(h.feed(copied(&order)), Action::Sleep(h.now));
     let Action::Commit { key, manifest } = h.wake_when_due() else { panic!("expected commit") };
     assert_eq!(key, "app-db/2026-11-23T100000Z-0123456789abcdef/manifest.json");
     assert_eq!(manifest.source, "app-db");
@@ -162,7 +173,7 @@ fn d1_job_runs_queued_exporting_transferring_committed() {
     assert_eq!(manifest.started_at, t0());
     assert_eq!(manifest.finished_at, h.now);
     assert_eq!(manifest.provider["at_bookmark"], "bm-1");
-    assert_eq!(manifest.artifacts, vec![artifact(&order.key)]);
+    assert_eq!(manifest.artifacts, vec![artifact(&order.state.key)]);
 
     assert_eq!(h.feed(Event::Committed), Action::Done);
     assert_eq!(h.job.phase, Phase::Committed);
@@ -290,11 +301,17 @@ fn export_that_outlives_its_timeout_fails() {
 fn copy_failures_retry_then_fail_and_discard_the_folder() {
     let mut h = Harness::d1();
     to_copy(&mut h);
-    assert!(matches!(h.feed(Event::CopyFailed(StepError::transient("reset by peer"))), Action::Sleep(_)));
+    assert!(matches!(h.feed(slice_failed(&h, StepError::transient("reset by peer"))), Action::Sleep(_)));
     expect_copy(h.wake_when_due());
+    let mut state = h.job.copy.clone().unwrap();
+    state.upload_id = Some("upload-1".into());
+    let key = state.key.clone();
     assert_eq!(
-        h.feed(Event::CopyFailed(StepError::permanent("signed URL refused (HTTP 403)"))),
-        Action::Discard { folder: "app-db/2026-11-23T100000Z-0123456789abcdef/".into() }
+        h.feed(Event::Sliced { state, outcome: SliceOutcome::Failed(StepError::permanent("signed URL refused (HTTP 403)")) }),
+        Action::Discard {
+            folder: "app-db/2026-11-23T100000Z-0123456789abcdef/".into(),
+            upload: Some((key, "upload-1".into()))
+        }
     );
     assert_eq!(h.job.phase, Phase::Failed);
     assert_eq!(h.job.error.as_deref(), Some("signed URL refused (HTTP 403)"));
@@ -307,12 +324,12 @@ fn failure_after_some_files_landed_discards_them() {
     let order = to_copy(&mut h);
     // Pretend the provider produced two files.
     h.job.downloads.push(Download::url("http://x/2", "second.gz", "application/gzip", false));
-    h.feed(Event::Copied(artifact(&order.key)));
+    h.feed(copied(&order));
     let second = expect_copy(h.wake_when_due());
-    assert!(second.key.ends_with("/second.gz"));
+    assert!(second.state.key.ends_with("/second.gz"));
     let folder = h.job.folder();
-    assert!(order.key.starts_with(&folder));
-    assert_eq!(h.feed(Event::CopyFailed(StepError::permanent("gone"))), Action::Discard { folder });
+    assert!(order.state.key.starts_with(&folder));
+    assert_eq!(h.feed(slice_failed(&h, StepError::permanent("gone"))), Action::Discard { folder, upload: None });
     assert!(h.job.artifacts.is_empty(), "a failed job lists no artifacts");
 }
 
@@ -321,17 +338,17 @@ fn same_filenames_get_distinct_keys() {
     let mut h = Harness::d1();
     let order = to_copy(&mut h);
     h.job.downloads.push(Download::url("http://x/2", "db-1-bm-1.sql", "application/sql", false));
-    h.feed(Event::Copied(artifact(&order.key)));
+    h.feed(copied(&order));
     let second = expect_copy(h.wake_when_due());
-    assert_ne!(second.key, order.key);
-    assert!(second.key.ends_with("/2-db-1-bm-1.sql"), "{}", second.key);
+    assert_ne!(second.state.key, order.state.key);
+    assert!(second.state.key.ends_with("/2-db-1-bm-1.sql"), "{}", second.state.key);
 }
 
 #[test]
 fn commit_failures_are_retried() {
     let mut h = Harness::d1();
     let order = to_copy(&mut h);
-    h.feed(Event::Copied(artifact(&order.key)));
+    h.feed(copied(&order));
     assert!(matches!(h.wake_when_due(), Action::Commit { .. }));
     assert!(matches!(h.feed(Event::CommitFailed("R2 said 500".into())), Action::Sleep(_)));
     assert_eq!(h.job.phase, Phase::Transferring);
@@ -346,7 +363,9 @@ fn events_that_do_not_fit_the_phase_are_ignored() {
     // A copy result while exporting (a duplicate from before a restart) changes nothing.
     expect_send(h.wake_when_due());
     let before = h.job.clone();
-    assert!(matches!(h.feed(Event::Copied(artifact("x"))), Action::Sleep(_)));
+    let stray = crate::transfer::CopyState::new("x".into(), t0());
+    let finished = SliceOutcome::Finished(artifact("x"));
+    assert!(matches!(h.feed(Event::Sliced { state: stray, outcome: finished }), Action::Sleep(_)));
     assert_eq!(h.job.artifacts, before.artifacts);
     assert!(matches!(h.feed(Event::Committed), Action::Sleep(_)));
     assert_eq!(h.job.phase, Phase::Exporting);
@@ -369,12 +388,13 @@ fn d1_export_resumes_after_restart() {
     let body: Value = serde_json::from_slice(poll.body.as_deref().unwrap()).unwrap();
     assert_eq!(body["current_bookmark"], "bm-1", "resumes the same export task");
     h.feed(Event::Response(d1_complete()));
-    // Restart again mid-transfer: the copy is simply ordered again.
+    // Restart again mid-transfer: the next slice resumes the same copy, counted as one more.
     let order = expect_copy(h.wake_when_due());
     h.job = serde_json::from_str(&serde_json::to_string(&h.job).unwrap()).unwrap();
     let again = expect_copy(h.wake_when_due());
-    assert_eq!(again, order);
-    h.feed(Event::Copied(artifact(&order.key)));
+    assert_eq!(again.state.key, order.state.key);
+    assert_eq!((again.state.slices, again.state.stalled), (2, 2));
+    h.feed(copied(&order));
     assert!(matches!(h.wake_when_due(), Action::Commit { .. }));
     h.feed(Event::Committed);
     assert_eq!(h.job.phase, Phase::Committed);
@@ -415,4 +435,71 @@ fn phases_serialize_as_documented() {
     .collect();
     assert_eq!(names, ["queued", "exporting", "transferring", "committed", "failed", "skipped", "dispatched"]);
     assert_eq!(serde_json::to_value(Trigger::Cron).unwrap(), "cron");
+}
+
+#[test]
+fn a_copy_cut_off_again_and_again_fails_within_the_watchdog_and_frees_the_source() {
+    // Each wake orders a slice whose invocation dies: no Sliced event ever comes back.
+    let mut h = Harness::new(source(json!({"max_stalled_slices": 4})));
+    to_copy(&mut h);
+    h.job.copy.as_mut().unwrap().upload_id = Some("u-9".into());
+    let mut wakes = 1;
+    let action = loop {
+        h.advance(Duration::from_secs(15));
+        match h.feed(Event::Wake) {
+            Action::CopySlice(_) => wakes += 1,
+            other => break other,
+        }
+        assert!(wakes < 10_000, "the watchdog never fired");
+    };
+    assert_eq!(wakes, 4, "four slices without a part, then the job fails");
+    let Action::Discard { folder, upload } = action else { panic!("expected discard, got {action:?}") };
+    assert_eq!(folder, h.job.folder());
+    assert_eq!(upload.map(|u| u.1).as_deref(), Some("u-9"), "the open upload is aborted");
+    assert_eq!(h.job.phase, Phase::Failed);
+    assert!(h.job.error.as_deref().unwrap().contains("no progress in 4 consecutive slices"), "{:?}", h.job.error);
+    assert!(h.job.attempts < 10, "attempts stay bounded: {}", h.job.attempts);
+}
+
+#[test]
+fn slices_that_store_parts_keep_the_copy_alive() {
+    let mut h = Harness::new(source(json!({"max_stalled_slices": 2})));
+    let mut order = to_copy(&mut h);
+    for n in 1..=10u16 {
+        // The runtime stored one part in this slice, then paused at its budget.
+        let mut state = order.state.clone();
+        let hash = state.hash_state.clone();
+        state.record_part(crate::transfer::PartRecord { number: n, etag: format!("e{n}"), size: 5 << 20, sha256: String::new() }, hash);
+        assert_eq!(h.feed(Event::Sliced { state, outcome: SliceOutcome::Paused }), Action::Sleep(h.now));
+        order = expect_copy(h.wake_when_due());
+        assert_eq!(order.state.parts.len(), n as usize);
+        assert_eq!(order.state.stalled, 1);
+    }
+    assert_eq!(h.job.phase, Phase::Transferring);
+}
+
+#[test]
+fn too_many_restarts_from_zero_fail_the_job() {
+    let mut h = Harness::d1();
+    to_copy(&mut h);
+    let mut state = h.job.copy.clone().unwrap();
+    for _ in 0..4 {
+        state.restart("the source object changed: its ETag changed".into());
+    }
+    state.stalled = 0;
+    h.feed(Event::Sliced { state, outcome: SliceOutcome::Paused });
+    assert!(matches!(h.wake_when_due(), Action::Discard { .. }));
+    let error = h.job.error.clone().unwrap();
+    assert!(error.contains("restart from zero more than 3 times") && error.contains("ETag changed"), "{error}");
+}
+
+#[test]
+fn copying_past_copy_timeout_fails() {
+    let mut h = Harness::new(source(json!({"copy_timeout_minutes": 10})));
+    let order = to_copy(&mut h);
+    h.advance(Duration::from_secs(11 * 60));
+    let state = order.state.clone();
+    h.feed(Event::Sliced { state, outcome: SliceOutcome::Paused });
+    assert!(matches!(h.wake_when_due(), Action::Discard { .. }));
+    assert!(h.job.error.as_deref().unwrap().contains("within 10 min"), "{:?}", h.job.error);
 }

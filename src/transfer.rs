@@ -1,0 +1,546 @@
+//! Sliced, resumable copies: the pure half of the transfer engine.
+//!
+//! One artifact is copied in *slices*, each well inside one invocation's budgets (bytes and wall
+//! clock, see [`TransferSettings`]). After every part the runtime persists a [`CopyState`]: the
+//! multipart upload id, the parts stored so far (number, etag, size, SHA-256), the byte offset,
+//! the serialized SHA-256 state of the whole artifact up to that offset, and the source's
+//! validators. The next slice asks for `Range: bytes=<offset>-` with `If-Range`, and
+//! [`CopyState::check_response`] decides whether the answer continues the copy or restarts it
+//! from zero (a `200`, a changed validator, a range that does not start at the offset).
+//!
+//! Each byte is written once, straight to its final key; the whole-file SHA-256 (as `sha256sum`
+//! prints it) and the per-part hashes go into the manifest, which stays the commit marker.
+//! Nothing here does I/O: the runtime (`runtime::transfer`) performs the slice.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::digest::common::hazmat::{SerializableState, SerializedState};
+use sha2::{Digest, Sha256};
+
+use crate::error::StepError;
+use crate::http::HttpRequest;
+use crate::time::Timestamp;
+
+const MIB: u64 = 1024 * 1024;
+/// What an isolate may spend on buffered parts: 128 MB less room for the runtime, the JS heap's
+/// own needs and one download chunk.
+pub const MEMORY_BUDGET: u64 = 96 * MIB;
+/// Memory a copy needs besides its part buffers (chunks, compressor, bookkeeping).
+pub const MEMORY_OVERHEAD: u64 = 4 * MIB;
+/// R2's limit on parts per upload.
+pub const MAX_PARTS: u32 = 10_000;
+
+/// How a source's copies are cut into slices and pipelined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransferSettings {
+    /// Size of every multipart part but the last.
+    pub part_size: u64,
+    /// Parts uploading while the next one downloads.
+    pub parts_in_flight: u32,
+    /// Bytes one slice copies at most (it always stores at least one part).
+    pub slice_bytes: u64,
+    /// Wall-clock time one slice runs at most before it stops at the next part boundary.
+    pub slice_time: Duration,
+    /// Consecutive slices that may end without a new part before the job fails.
+    pub max_stalled_slices: u32,
+    /// Times an artifact may restart from zero (source replaced, ranges ignored) before failing.
+    pub max_restarts: u32,
+    /// How long copying all of a job's files may take.
+    pub copy_timeout: Duration,
+}
+
+impl Default for TransferSettings {
+    fn default() -> Self {
+        Self {
+            part_size: 8 * MIB,
+            parts_in_flight: 4,
+            slice_bytes: 1024 * MIB,
+            slice_time: Duration::from_secs(300),
+            max_stalled_slices: 5,
+            max_restarts: 3,
+            copy_timeout: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl TransferSettings {
+    /// The most memory a copy with these settings holds: parts in flight, the part being filled,
+    /// and a constant.
+    pub fn peak_memory(&self) -> u64 {
+        (u64::from(self.parts_in_flight) + 1) * self.part_size + MEMORY_OVERHEAD
+    }
+
+    /// True when a slice that has copied `bytes` for `elapsed` should stop at this part boundary.
+    pub fn slice_done(&self, bytes: u64, elapsed: Duration) -> bool {
+        bytes >= self.slice_bytes || elapsed >= self.slice_time
+    }
+}
+
+/// What identifies the bytes being copied, so a resumed slice can tell they did not change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Validators {
+    /// The `ETag` (strong or weak, as sent).
+    pub etag: Option<String>,
+    /// The `Last-Modified` date, as sent.
+    pub last_modified: Option<String>,
+    /// The full length, when the source said.
+    pub length: Option<u64>,
+}
+
+impl Validators {
+    fn from_headers(headers: &[(String, String)], length: Option<u64>) -> Self {
+        Self {
+            etag: header(headers, "etag").map(str::to_string),
+            last_modified: header(headers, "last-modified").map(str::to_string),
+            length,
+        }
+    }
+
+    /// The `If-Range` value: a strong ETag, else the date (a weak ETag may not be used).
+    fn if_range(&self) -> Option<&str> {
+        match &self.etag {
+            Some(e) if !e.starts_with("W/") => Some(e),
+            _ => self.last_modified.as_deref(),
+        }
+    }
+
+    /// Why `other` is not the same object, if it is not.
+    fn changed(&self, other: &Self) -> Option<String> {
+        if let (Some(a), Some(b)) = (&self.etag, &other.etag) {
+            if a != b {
+                return Some(format!("its ETag changed from {a} to {b}"));
+            }
+        }
+        if let (Some(a), Some(b)) = (&self.last_modified, &other.last_modified) {
+            if a != b {
+                return Some(format!("its Last-Modified changed from {a} to {b}"));
+            }
+        }
+        if let (Some(a), Some(b)) = (self.length, other.length) {
+            if a != b {
+                return Some(format!("its length changed from {a} to {b} bytes"));
+            }
+        }
+        None
+    }
+}
+
+/// One stored part of a multipart upload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartRecord {
+    /// Part number, from 1.
+    pub number: u16,
+    /// R2's etag of the part (needed to complete the upload).
+    pub etag: String,
+    /// Bytes in the part.
+    pub size: u64,
+    /// Lower-case hex SHA-256 of the part's bytes.
+    pub sha256: String,
+}
+
+/// Where a generated artifact (the Aura graph export) stopped between slices.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GraphCursor {
+    /// `nodes`, `relationships` or `done`.
+    pub phase: String,
+    /// The last element id read in this phase.
+    pub after: String,
+    /// Nodes written so far.
+    pub nodes: u64,
+    /// Relationships written so far.
+    pub relationships: u64,
+    /// Whether the header line has been written.
+    pub started: bool,
+}
+
+/// The persisted progress of one artifact's copy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyState {
+    /// The final R2 key.
+    pub key: String,
+    /// The open multipart upload, once one was created.
+    pub upload_id: Option<String>,
+    /// Parts stored, in order, each contiguous with the previous.
+    pub parts: Vec<PartRecord>,
+    /// Bytes stored in `parts`: where the next slice resumes.
+    pub offset: u64,
+    /// Hex of the serialized SHA-256 state over bytes `0..offset`.
+    pub hash_state: String,
+    /// What the source said about the object when the copy (re)started.
+    pub validators: Option<Validators>,
+    /// Slices started.
+    pub slices: u32,
+    /// Consecutive slices that stored no new part (the one running counts).
+    pub stalled: u32,
+    /// Times the copy went back to byte 0.
+    pub restarts: u32,
+    /// Why it last did.
+    pub last_restart: Option<String>,
+    /// Generated artifacts only: where the generator stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graph: Option<GraphCursor>,
+    /// Generated artifacts only: the R2 key holding bytes produced after `offset` that did not
+    /// fill a part yet, and how many.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail: Option<(String, u64)>,
+    /// When the copy of this artifact started.
+    pub started_at: Timestamp,
+}
+
+/// What a download's answer means for the copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// The body continues the copy at `offset` (a `206` from the offset, or a `200` at zero).
+    Continue,
+    /// The stored parts do not fit what the source now sends: start again from byte 0. The body
+    /// is the whole object from byte 0 when `body_from_zero`; otherwise ask again without a range.
+    StartOver {
+        /// Why, for the job's record.
+        reason: String,
+        /// Whether this response's body can be used as the restart.
+        body_from_zero: bool,
+    },
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim())
+}
+
+/// Parses `Content-Range: bytes a-b/total` (total may be `*`).
+pub fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = value.trim().strip_prefix("bytes")?.trim_start();
+    let (range, total) = rest.split_once('/')?;
+    let (a, b) = range.trim().split_once('-')?;
+    let (a, b) = (a.trim().parse::<u64>().ok()?, b.trim().parse::<u64>().ok()?);
+    if b < a {
+        return None;
+    }
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse::<u64>().ok()?),
+    };
+    if total.is_some_and(|t| b >= t) {
+        return None;
+    }
+    Some((a, b, total))
+}
+
+/// The length a response body declares, when it is trustworthy (no content coding applied).
+fn declared_length(headers: &[(String, String)]) -> Option<u64> {
+    let encoded = header(headers, "content-encoding").is_some_and(|e| !e.eq_ignore_ascii_case("identity"));
+    if encoded {
+        return None;
+    }
+    header(headers, "content-length").and_then(|v| v.parse::<u64>().ok())
+}
+
+/// A fresh SHA-256 state, hex-encoded.
+fn fresh_hash_state() -> String {
+    save_hasher(&Sha256::new())
+}
+
+/// Serializes a hasher's state (about 100 bytes) as hex.
+pub fn save_hasher(hasher: &Sha256) -> String {
+    hex::encode(hasher.serialize().as_slice())
+}
+
+/// Restores a hasher from [`save_hasher`]'s output.
+pub fn load_hasher(state: &str) -> Result<Sha256, StepError> {
+    let bad = || StepError::permanent("the copy's saved SHA-256 state is corrupt; the copy cannot resume");
+    let bytes = hex::decode(state).map_err(|_| bad())?;
+    let array = SerializedState::<Sha256>::try_from(bytes.as_slice()).map_err(|_| bad())?;
+    Sha256::deserialize(&array).map_err(|_| bad())
+}
+
+impl CopyState {
+    /// A copy of a new artifact to `key`, from byte 0.
+    pub fn new(key: String, now: Timestamp) -> Self {
+        Self {
+            key,
+            upload_id: None,
+            parts: Vec::new(),
+            offset: 0,
+            hash_state: fresh_hash_state(),
+            validators: None,
+            slices: 0,
+            stalled: 0,
+            restarts: 0,
+            last_restart: None,
+            graph: None,
+            tail: None,
+            started_at: now,
+        }
+    }
+
+    /// The download request for the next slice: the plain GET at zero, otherwise with
+    /// `Range: bytes=<offset>-` and, when the source gave a validator, `If-Range`.
+    pub fn range_request(&self, base: HttpRequest) -> HttpRequest {
+        let req = base.header("accept-encoding", "identity");
+        if self.offset == 0 {
+            return req;
+        }
+        let req = req.header("range", format!("bytes={}-", self.offset));
+        match self.validators.as_ref().and_then(Validators::if_range) {
+            Some(v) => req.header("if-range", v.to_string()),
+            None => req,
+        }
+    }
+
+    /// True when every byte is stored and only completing the upload is left.
+    pub fn all_stored(&self) -> bool {
+        self.offset > 0 && self.validators.as_ref().and_then(|v| v.length) == Some(self.offset)
+    }
+
+    /// Decides what a successful (2xx) download answer means, and records the validators when
+    /// the copy starts at zero.
+    pub fn check_response(&mut self, status: u16, headers: &[(String, String)]) -> Resume {
+        let declared = declared_length(headers);
+        let content_range = header(headers, "content-range").and_then(parse_content_range);
+        if self.offset == 0 {
+            let length = match (status, content_range) {
+                (206, Some((0, _, total))) => total,
+                (206, _) => {
+                    return Resume::StartOver {
+                        reason: "the source answered a plain request with a partial range".into(),
+                        body_from_zero: false,
+                    }
+                }
+                _ => declared,
+            };
+            self.validators = Some(Validators::from_headers(headers, length));
+            return Resume::Continue;
+        }
+        let known = self.validators.clone().unwrap_or_default();
+        match status {
+            206 => {
+                let Some((start, _, total)) = content_range else {
+                    return Resume::StartOver {
+                        reason: "the source sent a partial answer without a valid Content-Range".into(),
+                        body_from_zero: false,
+                    };
+                };
+                let now = Validators::from_headers(headers, total.or(known.length));
+                if let Some(why) = known.changed(&now) {
+                    return Resume::StartOver { reason: format!("the source object changed: {why}"), body_from_zero: false };
+                }
+                if start != self.offset {
+                    return Resume::StartOver {
+                        reason: format!("asked for bytes from {} but the source sent them from {start}", self.offset),
+                        body_from_zero: false,
+                    };
+                }
+                if known.length.is_none() {
+                    if let Some(v) = self.validators.as_mut() {
+                        v.length = total;
+                    }
+                }
+                Resume::Continue
+            }
+            _ => {
+                let now = Validators::from_headers(headers, declared);
+                let reason = match known.changed(&now) {
+                    Some(why) => format!("the source object changed: {why}"),
+                    None => format!("the source ignored the range request for bytes from {}", self.offset),
+                };
+                Resume::StartOver { reason, body_from_zero: true }
+            }
+        }
+    }
+
+    /// Goes back to byte 0; returns the multipart upload to abort, if one was open.
+    pub fn restart(&mut self, reason: String) -> Option<String> {
+        self.restarts += 1;
+        self.last_restart = Some(reason);
+        self.parts.clear();
+        self.offset = 0;
+        self.hash_state = fresh_hash_state();
+        self.validators = None;
+        self.graph = None;
+        self.tail = None;
+        self.upload_id.take()
+    }
+
+    /// Records a stored part (in order) and the hash state after it: progress.
+    pub fn record_part(&mut self, part: PartRecord, hash_state: String) {
+        self.offset += part.size;
+        self.parts.push(part);
+        self.hash_state = hash_state;
+        self.stalled = 0;
+    }
+
+    /// The next part number.
+    pub fn next_part_number(&self) -> u32 {
+        self.parts.len() as u32 + 1
+    }
+
+    /// An error when part `number` would pass R2's limit of parts per upload.
+    pub fn check_part_limit(&self, number: u32, filename: &str, part_size: u64) -> Result<(), StepError> {
+        if number > MAX_PARTS {
+            return Err(StepError::permanent(format!(
+                "{filename} needs more than {MAX_PARTS} parts of {} MiB; raise part_size_mib",
+                part_size / MIB
+            )));
+        }
+        Ok(())
+    }
+
+    /// The per-part hashes, in order, for the manifest.
+    pub fn part_hashes(&self) -> Vec<String> {
+        self.parts.iter().map(|p| p.sha256.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn started(len: u64) -> CopyState {
+        let mut s = CopyState::new("src/f/x.gz".into(), Timestamp::from_secs(0));
+        let r = s.check_response(200, &h(&[("etag", "\"v1\""), ("content-length", &len.to_string())]));
+        assert_eq!(r, Resume::Continue);
+        s.record_part(PartRecord { number: 1, etag: "e1".into(), size: 10, sha256: "aa".into() }, save_hasher(&Sha256::new()));
+        s
+    }
+
+    #[test]
+    fn first_request_has_no_range_and_asks_for_identity() {
+        let s = CopyState::new("k".into(), Timestamp::from_secs(0));
+        let r = s.range_request(HttpRequest::get("https://x/f"));
+        assert_eq!(r.header_value("range"), None);
+        assert_eq!(r.header_value("accept-encoding"), Some("identity"));
+    }
+
+    #[test]
+    fn resumed_request_asks_for_the_rest_with_if_range() {
+        let s = started(100);
+        let r = s.range_request(HttpRequest::get("https://x/f"));
+        assert_eq!(r.header_value("range"), Some("bytes=10-"));
+        assert_eq!(r.header_value("if-range"), Some("\"v1\""));
+    }
+
+    #[test]
+    fn weak_etags_fall_back_to_last_modified_for_if_range() {
+        let mut s = CopyState::new("k".into(), Timestamp::from_secs(0));
+        s.check_response(200, &h(&[("etag", "W/\"v\""), ("last-modified", "Sat, 28 Nov 2026 00:00:00 GMT")]));
+        s.record_part(PartRecord { number: 1, etag: "e".into(), size: 5, sha256: String::new() }, s.hash_state.clone());
+        let r = s.range_request(HttpRequest::get("https://x/f"));
+        assert_eq!(r.header_value("if-range"), Some("Sat, 28 Nov 2026 00:00:00 GMT"));
+    }
+
+    #[test]
+    fn a_206_from_the_offset_continues() {
+        let mut s = started(100);
+        let r = s.check_response(206, &h(&[("etag", "\"v1\""), ("content-range", "bytes 10-99/100")]));
+        assert_eq!(r, Resume::Continue);
+    }
+
+    #[test]
+    fn a_200_on_resume_restarts_with_that_body() {
+        let mut s = started(100);
+        match s.check_response(200, &h(&[("etag", "\"v1\""), ("content-length", "100")])) {
+            Resume::StartOver { reason, body_from_zero } => {
+                assert!(body_from_zero);
+                assert!(reason.contains("ignored the range"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_changed_etag_restarts() {
+        let mut s = started(100);
+        match s.check_response(206, &h(&[("etag", "\"v2\""), ("content-range", "bytes 10-99/100")])) {
+            Resume::StartOver { reason, body_from_zero } => {
+                assert!(!body_from_zero);
+                assert!(reason.contains("ETag changed"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        match s.check_response(200, &h(&[("etag", "\"v2\"")])) {
+            Resume::StartOver { reason, body_from_zero: true } => assert!(reason.contains("ETag"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_range_from_elsewhere_or_a_new_length_restarts() {
+        let mut s = started(100);
+        assert!(matches!(
+            s.check_response(206, &h(&[("etag", "\"v1\""), ("content-range", "bytes 0-99/100")])),
+            Resume::StartOver { body_from_zero: false, .. }
+        ));
+        assert!(matches!(
+            s.check_response(206, &h(&[("etag", "\"v1\""), ("content-range", "bytes 10-199/200")])),
+            Resume::StartOver { body_from_zero: false, .. }
+        ));
+        assert!(matches!(s.check_response(206, &h(&[("etag", "\"v1\"")])), Resume::StartOver { .. }));
+    }
+
+    #[test]
+    fn restart_clears_progress_and_hands_back_the_upload() {
+        let mut s = started(100);
+        s.upload_id = Some("u1".into());
+        assert_eq!(s.restart("because".into()), Some("u1".into()));
+        assert_eq!((s.offset, s.parts.len(), s.restarts), (0, 0, 1));
+        assert_eq!(s.last_restart.as_deref(), Some("because"));
+        assert_eq!(s.hash_state, CopyState::new("k".into(), Timestamp::from_secs(0)).hash_state);
+    }
+
+    #[test]
+    fn encoded_bodies_have_no_trusted_length() {
+        let mut s = CopyState::new("k".into(), Timestamp::from_secs(0));
+        s.check_response(200, &h(&[("content-encoding", "gzip"), ("content-length", "5")]));
+        assert_eq!(s.validators.unwrap().length, None);
+    }
+
+    #[test]
+    fn hash_state_round_trips_mid_stream() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut a = Sha256::new();
+        a.update(&data[..33_333]);
+        let saved = save_hasher(&a);
+        assert!(saved.len() < 300, "{}", saved.len());
+        let mut b = load_hasher(&saved).unwrap();
+        b.update(&data[33_333..]);
+        assert_eq!(b.finalize(), Sha256::digest(&data));
+        assert!(load_hasher("zz").is_err());
+        assert!(load_hasher("00").is_err());
+    }
+
+    #[test]
+    fn content_range_parsing() {
+        assert_eq!(parse_content_range("bytes 10-99/100"), Some((10, 99, Some(100))));
+        assert_eq!(parse_content_range("bytes 10-99/*"), Some((10, 99, None)));
+        assert_eq!(parse_content_range("bytes 10-99/50"), None);
+        assert_eq!(parse_content_range("bytes 99-10/100"), None);
+        assert_eq!(parse_content_range("items 1-2/3"), None);
+        assert_eq!(parse_content_range("bytes */100"), None);
+    }
+
+    #[test]
+    fn all_stored_once_the_offset_reaches_the_length() {
+        let mut s = started(10);
+        assert!(s.all_stored());
+        s.validators = None;
+        assert!(!s.all_stored());
+    }
+
+    #[test]
+    fn slices_end_on_bytes_or_time() {
+        let t = TransferSettings { slice_bytes: 100, slice_time: Duration::from_secs(10), ..Default::default() };
+        assert!(!t.slice_done(99, Duration::from_secs(9)));
+        assert!(t.slice_done(100, Duration::ZERO));
+        assert!(t.slice_done(0, Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn peak_memory_counts_parts_in_flight_plus_one() {
+        let t = TransferSettings { part_size: 8 * MIB, parts_in_flight: 4, ..Default::default() };
+        assert_eq!(t.peak_memory(), 40 * MIB + MEMORY_OVERHEAD);
+    }
+}
