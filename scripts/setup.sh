@@ -35,7 +35,13 @@ if [ ! -x node_modules/.bin/wrangler ] || [ "$(cat node_modules/.ferry-lock-sha2
   say "installing npm tooling (wrangler on Node 22, esbuild, binaryen) from package-lock.json"
   # `npm install`, not `npm ci`: the registry these machines reach lacks workerd's macOS/Windows
   # optional packages, so `npm ci` refuses any lockfile made here. Versions are exact pins.
-  npm install --no-audit --no-fund --loglevel=error
+  # npm adds the other platforms' optional entries back to the lockfile; keep the committed one
+  # so set-up leaves a fresh clone's tree clean.
+  saved_lock=$(mktemp)
+  cp package-lock.json "$saved_lock"
+  npm install --no-audit --no-fund --loglevel=error || { cp "$saved_lock" package-lock.json; exit 1; }
+  cp "$saved_lock" package-lock.json
+  rm -f "$saved_lock"
   echo "$lock_sum" > node_modules/.ferry-lock-sha256
 fi
 

@@ -110,7 +110,7 @@ def check_backup(ferry: Ferry, job: dict, expected: bytes) -> dict:
     assert body == expected, "artifact differs from the emulator's dump"
     digest = hashlib.sha256(body).hexdigest()
     assert art["sha256"] == digest
-    assert headers["x-ferry-sha256"] == digest, "sha256 in the object's custom metadata"
+    assert headers["x-ferry-sha256"] == digest, "the recorded sha256 is served with the file"
     assert art["size"] == len(expected)
     assert art["key"].startswith(f"{job['source']}/") and art["key"].endswith("/" + art["filename"])
     assert headers["content-type"] == "application/sql"

@@ -42,6 +42,7 @@ use crate::error::StepError;
 use crate::http::{status_error, HttpRequest, HttpResponse};
 use crate::providers::{url_with_path, Credentials, Download, Origin, Progress};
 use crate::time::Timestamp;
+use crate::transfer::GraphCursor;
 
 /// Refetch the token this long before it expires.
 const TOKEN_MARGIN: Duration = Duration::from_secs(60);
@@ -388,19 +389,33 @@ impl GraphExport {
 
     /// Starts writing the file.
     pub fn start(&self) -> GraphWriter {
+        self.resume(None)
+    }
+
+    /// Goes on from where an earlier slice stopped, in a new gzip member (a concatenation of
+    /// gzip members is one valid gzip file); the header is written only at the very start.
+    pub fn resume(&self, cursor: Option<&GraphCursor>) -> GraphWriter {
+        let cursor = cursor.cloned().unwrap_or_default();
+        let phase = match cursor.phase.as_str() {
+            "relationships" => GraphPhase::Relationships,
+            "done" => GraphPhase::Done,
+            _ => GraphPhase::Nodes,
+        };
         let mut writer = GraphWriter {
             spec: self.clone(),
-            phase: GraphPhase::Nodes,
-            after: String::new(),
-            nodes: 0,
-            relationships: 0,
+            phase,
+            after: cursor.after.clone(),
+            nodes: cursor.nodes,
+            relationships: cursor.relationships,
             encoder: GzEncoder::new(Vec::new(), Compression::default()),
             error: None,
         };
-        writer.line(&json!({
-            "type": "header", "format": "ferry-neo4j-jsonl", "version": 1,
-            "database": self.database, "exported_at": self.exported_at,
-        }));
+        if !cursor.started {
+            writer.line(&json!({
+                "type": "header", "format": "ferry-neo4j-jsonl", "version": 1,
+                "database": self.database, "exported_at": self.exported_at,
+            }));
+        }
         writer
     }
 }
@@ -490,6 +505,35 @@ impl GraphWriter {
     /// Compressed bytes produced so far (drained).
     pub fn take_output(&mut self) -> Vec<u8> {
         std::mem::take(self.encoder.get_mut())
+    }
+
+    /// Where the export stands, for the next slice.
+    pub fn cursor(&self) -> GraphCursor {
+        let phase = match self.phase {
+            GraphPhase::Nodes => "nodes",
+            GraphPhase::Relationships => "relationships",
+            GraphPhase::Done => "done",
+        };
+        GraphCursor {
+            phase: phase.into(),
+            after: self.after.clone(),
+            nodes: self.nodes,
+            relationships: self.relationships,
+            started: true,
+        }
+    }
+
+    /// Ends this slice's gzip member without the footer: its last bytes and where to go on.
+    pub fn end_member(self) -> Result<(Vec<u8>, GraphCursor), StepError> {
+        let cursor = self.cursor();
+        if let Some(e) = self.error {
+            return Err(StepError::permanent(format!("compressing the graph export failed: {e}")));
+        }
+        let rest = self
+            .encoder
+            .finish()
+            .map_err(|e| StepError::permanent(format!("compressing the graph export failed: {e}")))?;
+        Ok((rest, cursor))
     }
 
     /// Writes the footer and ends the gzip stream: the last bytes and the counts.

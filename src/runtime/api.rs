@@ -168,11 +168,17 @@ async fn artifact(env: &Env, key: &str) -> worker::Result<Response> {
     let Some(folder) = folder_of(key) else { return error(404, "no such backup file") };
     let bucket = env.bucket(BUCKET)?;
     let manifest_key = manifest_key(folder);
-    let listed = key == manifest_key
-        || store::read_manifest(&bucket, &manifest_key).await.is_some_and(|m| m.artifacts.iter().any(|a| a.key == key));
-    if !listed {
-        return error(404, "no such backup file");
-    }
+    // The manifest is the record of each file's SHA-256 (a multipart object's metadata is fixed
+    // before its hash is known).
+    let recorded = if key == manifest_key {
+        None
+    } else {
+        let manifest = store::read_manifest(&bucket, &manifest_key).await;
+        match manifest.and_then(|m| m.artifacts.into_iter().find(|a| a.key == key)) {
+            Some(a) => Some(a.sha256),
+            None => return error(404, "no such backup file"),
+        }
+    };
     let Some(object) = bucket.get(key.to_string()).execute().await? else {
         return error(404, "no such backup file");
     };
@@ -181,8 +187,8 @@ async fn artifact(env: &Env, key: &str) -> worker::Result<Response> {
     headers.set("content-type", &content_type)?;
     headers.set("content-length", &object.size().to_string())?;
     headers.set("etag", &object.http_etag())?;
-    if let Some(sha) = object.custom_metadata()?.get("sha256") {
-        headers.set("x-ferry-sha256", sha)?;
+    if let Some(sha) = recorded.or_else(|| object.custom_metadata().ok().and_then(|m| m.get("sha256").cloned())) {
+        headers.set("x-ferry-sha256", &sha)?;
     }
     let body = match object.body() {
         Some(b) => b.response_body()?,

@@ -2,13 +2,14 @@
 //!
 //! Entry points live here; the work is in `api` (the Worker's HTTP API), `source_object` (one
 //! Durable Object per source, running jobs from its alarm), `net` (outgoing fetch with timeouts)
-//! and `store` (streaming into R2). None of them decide anything the core can decide: they read
+//! `transfer` (one slice of a copy into R2) and `store` (manifests, listing, clean-up). None of them decide anything the core can decide: they read
 //! the clock, call `Job::handle`, and perform the action it returns.
 
 mod api;
 mod net;
 mod source_object;
 mod store;
+mod transfer;
 
 use wasm_bindgen::JsValue;
 use worker::{console_error, console_log, event, Context, Env, Request, Response, ScheduleContext, ScheduledEvent};

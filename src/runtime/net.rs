@@ -44,21 +44,30 @@ pub(crate) fn host(url: &str) -> String {
 
 /// Sends a request; the response body is not read. Errors are network failures and timeouts.
 pub(crate) async fn send(req: &HttpRequest, timeout: Duration) -> Result<Response, String> {
+    send_abortable(req, timeout).await.map(|(resp, _)| resp)
+}
+
+/// Sends a request and keeps its `AbortController`, so a download can be cut off early (a slice
+/// that used its budget stops reading and aborts the rest of the body).
+pub(crate) async fn send_abortable(req: &HttpRequest, timeout: Duration) -> Result<(Response, AbortController), String> {
     let request = to_request(req)?;
     let controller = AbortController::default();
     let signal = controller.signal();
     let fetch = Fetch::Request(request);
     let sending = Box::pin(fetch.send_with_signal(&signal));
     let delay = Box::pin(Delay::from(timeout));
-    let outcome = match select(sending, delay).await {
-        Either::Left((Ok(resp), _)) => Ok(resp),
-        Either::Left((Err(e), _)) => Err(format!("request to {} failed: {e}", host(&req.url))),
-        Either::Right(((), _)) => Err(format!("request to {} timed out after {} s", host(&req.url), timeout.as_secs())),
-    };
-    if outcome.is_err() {
-        controller.abort();
+    let outcome = select(sending, delay).await;
+    match outcome {
+        Either::Left((Ok(resp), _)) => Ok((resp, controller)),
+        Either::Left((Err(e), _)) => {
+            controller.abort();
+            Err(format!("request to {} failed: {e}", host(&req.url)))
+        }
+        Either::Right(((), _)) => {
+            controller.abort();
+            Err(format!("request to {} timed out after {} s", host(&req.url), timeout.as_secs()))
+        }
     }
-    outcome
 }
 
 /// A response's headers as lower-case name/value pairs.

@@ -15,7 +15,8 @@ use worker::{
     Storage,
 };
 
-use super::{credentials, jitter, load_config, now, random_bytes, store, BUCKET, SOURCES};
+use super::store::job_key;
+use super::{credentials, jitter, load_config, now, random_bytes, store, transfer, BUCKET, SOURCES};
 use crate::config::SourceConfig;
 use crate::job::{Action, Context, Event, Job, JobId, Trigger};
 use crate::ledger::{Admission, Ledger, TriggerRequest};
@@ -28,10 +29,6 @@ const MAX_INLINE_STEPS: u32 = 16;
 /// A safety alarm armed before every step and kept armed while it runs: if the isolate dies
 /// mid-step, the job resumes this soon after the object comes back.
 const WATCHDOG: Duration = Duration::from_secs(15);
-
-fn job_key(id: &JobId) -> String {
-    format!("job:{id}")
-}
 
 fn rust_err(e: impl std::fmt::Display) -> worker::Error {
     worker::Error::RustError(e.to_string())
@@ -238,6 +235,7 @@ impl SourceObject {
         let bucket = self.env.bucket(BUCKET)?;
         let mut event = Event::Wake;
         let mut steps = 0;
+        let mut sliced = false;
         let seen = ledger.copied.clone();
         loop {
             let now = now();
@@ -252,7 +250,7 @@ impl SourceObject {
             } else {
                 self.save(&job, None).await?;
             }
-            if matches!(action, Action::Send(_) | Action::Copy(_) | Action::Commit { .. }) {
+            if matches!(action, Action::Send(_) | Action::CopySlice(_) | Action::Commit { .. }) {
                 self.storage().set_alarm(now.plus(WATCHDOG).to_datetime()).await?;
             }
             event = match action {
@@ -260,24 +258,24 @@ impl SourceObject {
                     Ok(resp) => Event::Response(resp),
                     Err(e) => Event::Unreachable(e),
                 },
-                Action::Copy(order) => {
-                    let result = store::copy(&bucket, &self.storage(), &order, &job.id).await;
-                    match result {
-                        Ok(artifact) => {
-                            // Wasm memory never shrinks, so its size is the peak this isolate needed.
-                            let wasm_mib = (core::arch::wasm32::memory_size(0) as u64 * 65_536) >> 20;
-                            console_log!(
-                                "job {}: stored {} ({} bytes, {} parts; wasm memory {} MiB)",
-                                job.id,
-                                artifact.key,
-                                artifact.size,
-                                artifact.parts,
-                                wasm_mib
-                            );
-                            Event::Copied(artifact)
-                        }
-                        Err(e) => Event::CopyFailed(e),
+                Action::CopySlice(order) => {
+                    // One slice per invocation: each gets the platform's budgets afresh.
+                    sliced = true;
+                    let storage = self.storage();
+                    let event = transfer::run_slice(&bucket, &storage, &mut job, *order).await;
+                    if let Event::Sliced { outcome: crate::job::SliceOutcome::Finished(artifact), .. } = &event {
+                        // Wasm memory never shrinks, so its size is the peak this isolate needed.
+                        let wasm_mib = (core::arch::wasm32::memory_size(0) as u64 * 65_536) >> 20;
+                        console_log!(
+                            "job {}: stored {} ({} bytes, {} parts; wasm memory {} MiB)",
+                            job.id,
+                            artifact.key,
+                            artifact.size,
+                            artifact.parts,
+                            wasm_mib
+                        );
                     }
+                    event
                 }
                 Action::Commit { key, manifest } => match store::write_manifest(&bucket, &key, &manifest).await {
                     Ok(()) => Event::Committed,
@@ -303,8 +301,8 @@ impl SourceObject {
                     console_log!("job {}: queued {} jobs, one per backend", job.id, ids.len());
                     break;
                 }
-                Action::Discard { folder } => {
-                    match store::discard(&bucket, &self.storage(), &folder).await {
+                Action::Discard { folder, upload } => {
+                    match store::discard(&bucket, &folder, upload).await {
                         Ok(n) => console_log!("job {}: failed; removed {n} objects under {folder}", job.id),
                         Err(e) => console_error!("job {}: failed; cleaning {folder} failed: {e}", job.id),
                     }
@@ -312,7 +310,7 @@ impl SourceObject {
                 }
                 Action::Sleep(at) => {
                     steps += 1;
-                    if at <= now && steps < MAX_INLINE_STEPS {
+                    if at <= now && steps < MAX_INLINE_STEPS && !sliced {
                         Event::Wake
                     } else {
                         self.storage().set_alarm(at.max(now).to_datetime()).await?;

@@ -249,3 +249,51 @@ fn property_values_survive_the_export_exactly() {
     assert!(node.contains("9007199254740993"), "{node}");
     assert!(node.contains("5e-324"), "{node}");
 }
+
+#[test]
+fn a_sliced_graph_export_is_concatenated_gzip_members_with_the_same_lines() {
+    let s = source("logical", 2);
+    let spec = GraphExport::for_source(&s, &creds(), t(100)).unwrap();
+    let node_fields = ["id", "labels", "props"];
+    let rel_fields = ["id", "type", "start", "end", "props"];
+    let answers = [
+        page(&node_fields, vec![json!(["4:a:1", ["Person"], {"name": "Ada"}]), json!(["4:a:2", [], {}])]),
+        page(&node_fields, vec![json!(["4:a:3", ["City"], {"name": "Paris"}])]),
+        page(&rel_fields, vec![json!(["5:a:1", "LIVES_IN", "4:a:1", "4:a:3", {"since": 2020}])]),
+    ];
+    // Whole, in one writer.
+    let mut whole = spec.start();
+    let mut one = Vec::new();
+    for a in &answers {
+        whole.next_request().unwrap();
+        whole.on_response(a, t(101)).unwrap();
+        one.extend(whole.take_output());
+    }
+    one.extend(whole.finish().unwrap().0);
+    // One page per slice, the cursor persisted as JSON between slices.
+    let mut sliced = Vec::new();
+    let mut cursor: Option<GraphCursor> = None;
+    for a in &answers {
+        let mut w = spec.resume(cursor.as_ref());
+        let req = w.next_request().unwrap();
+        let body: Value = serde_json::from_slice(req.body.as_deref().unwrap()).unwrap();
+        assert_eq!(body["parameters"]["after"], json!(cursor.as_ref().map_or("", |c| c.after.as_str())));
+        w.on_response(a, t(101)).unwrap();
+        sliced.extend(w.take_output());
+        let (rest, next) = w.end_member().unwrap();
+        sliced.extend(rest);
+        cursor = Some(serde_json::from_str(&serde_json::to_string(&next).unwrap()).unwrap());
+    }
+    let w = spec.resume(cursor.as_ref());
+    assert!(w.next_request().is_none(), "every page was read");
+    let (rest, details) = w.finish().unwrap();
+    sliced.extend(rest);
+    assert_eq!(details, json!({"format": "ferry-neo4j-jsonl", "nodes": 3, "relationships": 1}));
+    let read_all = |bytes: &[u8]| {
+        let mut text = String::new();
+        flate2::read::MultiGzDecoder::new(bytes).read_to_string(&mut text).unwrap();
+        text
+    };
+    assert_eq!(read_all(&sliced), read_all(&one));
+    assert_eq!(read_all(&sliced).lines().count(), 6, "one header, four elements, one footer");
+}

@@ -1,0 +1,537 @@
+//! Performs one slice of a copy (the decisions are in `crate::transfer`).
+//!
+//! A slice downloads from the persisted offset (`Range`/`If-Range`), hashes every byte once into
+//! the whole-file SHA-256, cuts parts, and uploads up to `parts_in_flight` of them while the next
+//! one downloads. Each part is handed to R2 as a JS `Uint8Array`, so it is copied out of wasm
+//! memory once, and its own SHA-256 is computed by Web Crypto in native code. After every part
+//! the copy's state is persisted with the job, so a slice cut off anywhere resumes at the last
+//! stored part. The slice stops at a part boundary when its byte or time budget is used (or the
+//! runtime says the CPU budget is nearly spent); the next alarm runs the next slice.
+//!
+//! The Aura graph export is generated, not downloaded: each slice reads pages from the persisted
+//! cursor and ends one gzip member. Bytes that do not fill a part are parked in a small R2 object
+//! (`<key>.tail-<slice>`) and read back by the next slice; its state is persisted only at the end
+//! of the slice, so parts, cursor and tail always agree.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use js_sys::{Array, Function, Promise, Reflect, Uint8Array};
+use sha2::{Digest, Sha256};
+use wasm_bindgen::{JsCast, JsValue};
+use wasm_bindgen_futures::JsFuture;
+use worker::{Bucket, ByteStream, Data, HttpMetadata, Storage, UploadedPart};
+
+use super::{net, store};
+use crate::error::StepError;
+use crate::http::{status_error, HttpRequest, HttpResponse};
+use crate::job::{CopySource, Event, Job, SliceOrder, SliceOutcome};
+use crate::manifest::Artifact;
+use crate::providers::aura::GraphExport;
+use crate::transfer::{load_hasher, save_hasher, CopyState, PartRecord, Resume, TransferSettings};
+
+/// Bytes hashed between two yields to the event loop, so status requests are answered mid-copy.
+const YIELD_EVERY: u64 = 4 << 20;
+/// Query API pages one slice reads at most (each is a subrequest).
+const MAX_PAGES_PER_SLICE: u32 = 500;
+
+fn r2_err(what: &str, e: impl std::fmt::Display) -> StepError {
+    StepError::transient(format!("R2 {what} failed: {e}"))
+}
+
+fn js_text(e: &JsValue) -> String {
+    match e.dyn_ref::<js_sys::Error>() {
+        Some(err) => String::from(err.message()),
+        None => e.as_string().unwrap_or_else(|| format!("{e:?}")),
+    }
+}
+
+/// Calls `target[method](...args)`, returning what it returns (a promise for async methods, so
+/// the operation starts now, not when the future is first polled).
+fn call(target: &JsValue, method: &str, args: &[&JsValue]) -> Result<JsValue, String> {
+    let f: Function = Reflect::get(target, &JsValue::from_str(method))
+        .map_err(|e| js_text(&e))?
+        .dyn_into()
+        .map_err(|_| format!("{method} is not a function"))?;
+    let list = Array::new();
+    for a in args {
+        list.push(a);
+    }
+    f.apply(target, &list).map_err(|e| js_text(&e))
+}
+
+fn promise(value: JsValue) -> Result<JsFuture, String> {
+    value.dyn_into::<Promise>().map(JsFuture::from).map_err(|_| "expected a promise".to_string())
+}
+
+/// Starts uploading one part (R2's `resumeMultipartUpload(key, id).uploadPart(n, bytes)`).
+fn start_upload(bucket: &Bucket, key: &str, upload_id: &str, number: u16, bytes: &Uint8Array) -> Result<JsFuture, String> {
+    let upload = call(bucket.as_ref(), "resumeMultipartUpload", &[&JsValue::from_str(key), &JsValue::from_str(upload_id)])?;
+    promise(call(&upload, "uploadPart", &[&JsValue::from_f64(f64::from(number)), bytes])?)
+}
+
+/// Starts Web Crypto's SHA-256 of one part.
+fn start_digest(bytes: &Uint8Array) -> Result<JsFuture, String> {
+    let crypto = Reflect::get(&js_sys::global(), &JsValue::from_str("crypto")).map_err(|e| js_text(&e))?;
+    let subtle = Reflect::get(&crypto, &JsValue::from_str("subtle")).map_err(|e| js_text(&e))?;
+    promise(call(&subtle, "digest", &[&JsValue::from_str("SHA-256"), bytes])?)
+}
+
+/// A part handed to R2 whose upload has not been confirmed yet.
+struct InFlight {
+    number: u16,
+    size: u64,
+    hash_after: String,
+    upload: JsFuture,
+    digest: JsFuture,
+}
+
+/// Where a slice's bytes go: the whole-file hash, the part being filled, the parts in flight, and
+/// the copy's state (persisted with the job).
+struct Sink<'a> {
+    bucket: &'a Bucket,
+    storage: &'a Storage,
+    job: &'a mut Job,
+    state: CopyState,
+    settings: TransferSettings,
+    filename: String,
+    content_type: String,
+    hasher: Sha256,
+    buf: Vec<u8>,
+    inflight: VecDeque<InFlight>,
+    /// Downloads persist after every part; the graph export only at the end of a slice.
+    persist_each_part: bool,
+    /// Bytes taken in this slice.
+    pushed: u64,
+    started_ms: f64,
+    /// The budget was used at a part boundary: the slice ends there.
+    stopped: bool,
+}
+
+impl<'a> Sink<'a> {
+    fn part_size(&self) -> usize {
+        self.settings.part_size as usize
+    }
+
+    fn budget_used(&self) -> bool {
+        let elapsed = Duration::from_millis((js_sys::Date::now() - self.started_ms).max(0.0) as u64);
+        self.settings.slice_done(self.pushed, elapsed) || worker::signal::is_near_cpu_limit()
+    }
+
+    async fn persist(&mut self) -> Result<(), StepError> {
+        self.job.copy = Some(self.state.clone());
+        let text = serde_json::to_string(&*self.job).map_err(|e| StepError::permanent(e.to_string()))?;
+        self.storage.put(&store::job_key(&self.job.id), text).await.map_err(|e| r2_err("saving the copy's progress", e))
+    }
+
+    /// Takes bytes; uploads a part each time one is full. With `may_stop`, stops right after a
+    /// part when the slice's budget is used (`stopped`), leaving the rest of `data` untaken.
+    async fn push(&mut self, mut data: &[u8], may_stop: bool) -> Result<(), StepError> {
+        while !data.is_empty() {
+            if self.buf.capacity() == 0 {
+                self.buf.reserve_exact(self.part_size());
+            }
+            let take = (self.part_size() - self.buf.len()).min(data.len());
+            self.hasher.update(&data[..take]);
+            self.buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            let before = self.pushed;
+            self.pushed += take as u64;
+            if before / YIELD_EVERY != self.pushed / YIELD_EVERY {
+                worker::Delay::from(Duration::ZERO).await;
+            }
+            if self.buf.len() == self.part_size() {
+                self.send_part().await?;
+                if may_stop && self.budget_used() {
+                    self.stopped = true;
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of the artifact taken so far (stored, in flight, buffered).
+    fn position(&self) -> u64 {
+        self.state.offset + self.inflight.iter().map(|p| p.size).sum::<u64>() + self.buf.len() as u64
+    }
+
+    fn metadata(&self, sha256: Option<&str>) -> HashMap<String, String> {
+        let mut m = HashMap::from([
+            ("job_id".to_string(), self.job.id.to_string()),
+            ("filename".to_string(), self.filename.clone()),
+        ]);
+        if let Some(s) = sha256 {
+            m.insert("sha256".into(), s.to_string());
+        }
+        m
+    }
+
+    fn http_metadata(&self) -> HttpMetadata {
+        HttpMetadata { content_type: Some(self.content_type.clone()), ..HttpMetadata::default() }
+    }
+
+    /// The multipart upload, created (and persisted, so it can always be aborted) on first use.
+    async fn ensure_upload(&mut self) -> Result<String, StepError> {
+        if let Some(id) = &self.state.upload_id {
+            return Ok(id.clone());
+        }
+        let upload = self
+            .bucket
+            .create_multipart_upload(self.state.key.clone())
+            .http_metadata(self.http_metadata())
+            .custom_metadata(self.metadata(None))
+            .execute()
+            .await
+            .map_err(|e| r2_err("create multipart upload", e))?;
+        let id = upload.upload_id().await;
+        self.state.upload_id = Some(id.clone());
+        self.persist().await?;
+        Ok(id)
+    }
+
+    /// Hands the buffered bytes to R2 as the next part; waits while too many are in flight.
+    async fn send_part(&mut self) -> Result<(), StepError> {
+        let number = self.state.next_part_number() + self.inflight.len() as u32;
+        self.state.check_part_limit(number, &self.filename, self.settings.part_size)?;
+        let upload_id = self.ensure_upload().await?;
+        let bytes = Uint8Array::from(self.buf.as_slice());
+        let size = self.buf.len() as u64;
+        self.buf.clear();
+        let upload = start_upload(self.bucket, &self.state.key, &upload_id, number as u16, &bytes)
+            .map_err(|e| r2_err("upload part", e))?;
+        let digest = start_digest(&bytes).map_err(|e| StepError::transient(format!("hashing a part failed: {e}")))?;
+        self.inflight.push_back(InFlight { number: number as u16, size, hash_after: save_hasher(&self.hasher), upload, digest });
+        while self.inflight.len() > self.settings.parts_in_flight as usize {
+            self.settle_one().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the oldest part in flight and records it.
+    async fn settle_one(&mut self) -> Result<(), StepError> {
+        let Some(part) = self.inflight.pop_front() else { return Ok(()) };
+        let uploaded = part.upload.await.map_err(|e| r2_err(&format!("upload of part {}", part.number), js_text(&e)))?;
+        let etag = Reflect::get(&uploaded, &JsValue::from_str("etag"))
+            .ok()
+            .and_then(|v| v.as_string())
+            .ok_or_else(|| StepError::transient(format!("R2 returned no etag for part {}", part.number)))?;
+        let digest = part.digest.await.map_err(|e| StepError::transient(format!("hashing a part failed: {}", js_text(&e))))?;
+        let sha256 = hex::encode(Uint8Array::new(&digest).to_vec());
+        self.state.record_part(PartRecord { number: part.number, etag, size: part.size, sha256 }, part.hash_after);
+        if self.persist_each_part {
+            self.persist().await?;
+        }
+        Ok(())
+    }
+
+    async fn settle_all(&mut self) -> Result<(), StepError> {
+        while !self.inflight.is_empty() {
+            self.settle_one().await?;
+        }
+        Ok(())
+    }
+
+    /// Goes back to byte 0: aborts the upload, resets the hash, persists. Fails for good when the
+    /// source made the copy restart too often.
+    async fn restart(&mut self, reason: String) -> Result<(), StepError> {
+        self.inflight.clear();
+        self.buf.clear();
+        if let Some(id) = self.state.restart(reason.clone()) {
+            if let Ok(upload) = self.bucket.resume_multipart_upload(self.state.key.clone(), id) {
+                let _ = upload.abort().await;
+            }
+        }
+        self.hasher = Sha256::new();
+        worker::console_log!("job {}: {}: restarting from byte 0: {reason}", self.job.id, self.filename);
+        self.persist().await?;
+        if self.state.restarts > self.settings.max_restarts {
+            return Err(StepError::permanent(format!(
+                "the copy of {} had to restart from zero more than {} times; last: {reason}",
+                self.filename, self.settings.max_restarts
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stores what is left and completes the object at its key.
+    async fn finish(&mut self, details: Option<serde_json::Value>) -> Result<Artifact, StepError> {
+        let digest = self.hasher.clone().finalize();
+        let sha256 = hex::encode(digest);
+        if self.state.upload_id.is_none() {
+            // It never filled a part: one put, checked by R2 against the SHA-256.
+            let size = self.buf.len() as u64;
+            let body = std::mem::take(&mut self.buf);
+            let object = self
+                .bucket
+                .put(self.state.key.clone(), Data::Bytes(body))
+                .http_metadata(self.http_metadata())
+                .custom_metadata(self.metadata(Some(&sha256)))
+                .sha256(digest.to_vec())
+                .execute()
+                .await
+                .map_err(|e| r2_err("put", e))?
+                .ok_or_else(|| StepError::transient("R2 put was refused by a precondition"))?;
+            if object.size() != size {
+                return Err(StepError::transient(format!("R2 stored {} bytes of {size} for {}", object.size(), self.filename)));
+            }
+            self.state.offset = size;
+            return Ok(self.artifact(sha256, 1, Vec::new(), details));
+        }
+        if !self.buf.is_empty() || (self.state.parts.is_empty() && self.inflight.is_empty()) {
+            self.send_part().await?;
+        }
+        self.settle_all().await?;
+        self.persist().await?;
+        let Some(id) = self.state.upload_id.clone() else {
+            return Err(StepError::permanent("the multipart upload vanished"));
+        };
+        let parts: Vec<UploadedPart> = self.state.parts.iter().map(|p| UploadedPart::new(p.number, p.etag.clone())).collect();
+        let upload = self.bucket.resume_multipart_upload(self.state.key.clone(), id).map_err(|e| r2_err("resume upload", e))?;
+        let stored = match upload.complete(parts).await {
+            Ok(object) => object.size(),
+            // Completed already by a slice cut off before it could record that.
+            Err(e) => match self.bucket.head(self.state.key.clone()).await {
+                Ok(Some(object)) if object.size() == self.state.offset => object.size(),
+                _ => return Err(r2_err("complete multipart upload", e)),
+            },
+        };
+        if stored != self.state.offset {
+            return Err(StepError::transient(format!(
+                "R2 stored {stored} bytes of {} for {}",
+                self.state.offset, self.filename
+            )));
+        }
+        let hashes = self.state.part_hashes();
+        Ok(self.artifact(sha256, self.state.parts.len() as u32, hashes, details))
+    }
+
+    fn artifact(&self, sha256: String, parts: u32, part_sha256: Vec<String>, details: Option<serde_json::Value>) -> Artifact {
+        Artifact {
+            key: self.state.key.clone(),
+            filename: self.filename.clone(),
+            size: self.state.offset,
+            sha256,
+            content_type: self.content_type.clone(),
+            parts,
+            part_sha256,
+            details,
+        }
+    }
+}
+
+/// Runs one slice of `order` and returns the event that reports it.
+pub(crate) async fn run_slice(bucket: &Bucket, storage: &Storage, job: &mut Job, order: SliceOrder) -> Event {
+    let SliceOrder { source, state, filename, content_type, settings } = order;
+    let hasher = match load_hasher(&state.hash_state) {
+        Ok(h) => h,
+        Err(e) => return Event::Sliced { state, outcome: SliceOutcome::Failed(e) },
+    };
+    let at_start = state.clone();
+    let graph = matches!(source, CopySource::Graph(_));
+    let mut sink = Sink {
+        bucket,
+        storage,
+        job,
+        state,
+        settings,
+        filename,
+        content_type,
+        hasher,
+        buf: Vec::new(),
+        inflight: VecDeque::new(),
+        persist_each_part: !graph,
+        pushed: 0,
+        started_ms: js_sys::Date::now(),
+        stopped: false,
+    };
+    let result = match &source {
+        CopySource::Http(request) => http_slice(&mut sink, request).await,
+        CopySource::Graph(spec) => graph_slice(&mut sink, spec).await,
+    };
+    let outcome = match result {
+        Ok(outcome) => outcome,
+        Err(e) if graph => {
+            // Parts stored in a failed graph slice do not match the persisted cursor: go on from
+            // the slice's start (the same part numbers are simply uploaded again).
+            let upload_id = sink.state.upload_id.clone();
+            sink.state = CopyState { upload_id, ..at_start };
+            return Event::Sliced { state: sink.state, outcome: SliceOutcome::Failed(e) };
+        }
+        Err(e) => {
+            // Keep every part R2 confirmed, so the retry resumes after them.
+            while let Some(part) = sink.inflight.front() {
+                let number = part.number;
+                if sink.settle_one().await.is_err() {
+                    worker::console_log!("part {number} did not complete; the retry uploads it again");
+                    break;
+                }
+            }
+            sink.inflight.clear();
+            let _ = sink.persist().await;
+            SliceOutcome::Failed(e)
+        }
+    };
+    Event::Sliced { state: sink.state, outcome }
+}
+
+fn header<'h>(headers: &'h [(String, String)], name: &str) -> Option<&'h str> {
+    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// One slice of a download: from the persisted offset to the budget or the end.
+async fn http_slice(sink: &mut Sink<'_>, base: &HttpRequest) -> Result<SliceOutcome, StepError> {
+    // A restart whose answer cannot be used asks once more, from zero.
+    for _ in 0..2 {
+        if sink.state.all_stored() {
+            return sink.finish(None).await.map(SliceOutcome::Finished);
+        }
+        let request = sink.state.range_request(base.clone());
+        let (mut resp, controller) =
+            net::send_abortable(&request, net::HEADERS_TIMEOUT).await.map_err(StepError::transient)?;
+        let status = resp.status_code();
+        let headers = net::header_pairs(&resp);
+        let offset = sink.state.offset;
+        if status == 416 && offset > 0 {
+            controller.abort();
+            let total = header(&headers, "content-range")
+                .and_then(|v| v.trim().strip_prefix("bytes */"))
+                .and_then(|t| t.trim().parse::<u64>().ok());
+            if total == Some(offset) {
+                // Every byte was stored before the last slice was cut off.
+                if let Some(v) = sink.state.validators.as_mut() {
+                    v.length = total;
+                }
+                return sink.finish(None).await.map(SliceOutcome::Finished);
+            }
+            sink.restart(format!("the source refused the range from byte {offset} (HTTP 416)")).await?;
+            continue;
+        }
+        if !(200..300).contains(&status) {
+            let mut stream = resp.stream().map_err(|e| StepError::transient(e.to_string()))?;
+            let first = net::next_chunk(&mut stream, net::IDLE_TIMEOUT).await.ok().flatten().unwrap_or_default();
+            controller.abort();
+            let text: String = String::from_utf8_lossy(&first).chars().take(200).collect();
+            let message = format!("download of {} was refused (HTTP {status}): {}", sink.filename, text.trim());
+            let http = HttpResponse { status, headers, body: Vec::new() };
+            return Err(status_error(&http, super::now(), message));
+        }
+        match sink.state.check_response(status, &headers) {
+            Resume::Continue => {}
+            Resume::StartOver { reason, body_from_zero } => {
+                sink.restart(reason).await?;
+                if !body_from_zero {
+                    controller.abort();
+                    continue;
+                }
+                sink.state.check_response(status, &headers);
+            }
+        }
+        let stream = resp.stream().map_err(|e| StepError::transient(e.to_string()))?;
+        return pump(sink, stream, controller).await;
+    }
+    Err(StepError::transient(format!("the source of {} kept answering with ranges that do not fit", sink.filename)))
+}
+
+/// Streams a download's body into the sink until it ends or the slice's budget is used.
+async fn pump(sink: &mut Sink<'_>, mut stream: ByteStream, controller: worker::AbortController) -> Result<SliceOutcome, StepError> {
+    let expected = sink.state.validators.as_ref().and_then(|v| v.length);
+    loop {
+        let chunk = match net::next_chunk(&mut stream, net::IDLE_TIMEOUT).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(e) => {
+                controller.abort();
+                return Err(StepError::transient(format!("download of {}: {e}", sink.filename)));
+            }
+        };
+        sink.push(&chunk, true).await?;
+        if sink.stopped {
+            controller.abort();
+            sink.settle_all().await?;
+            if sink.state.all_stored() {
+                return sink.finish(None).await.map(SliceOutcome::Finished);
+            }
+            return Ok(SliceOutcome::Paused);
+        }
+    }
+    let got = sink.position();
+    if let Some(expected) = expected {
+        if got != expected {
+            return Err(StepError::transient(format!(
+                "download of {} ended after {got} of {expected} bytes",
+                sink.filename
+            )));
+        }
+    }
+    sink.finish(None).await.map(SliceOutcome::Finished)
+}
+
+/// One slice of the Aura graph export: pages from the cursor, one gzip member.
+async fn graph_slice(sink: &mut Sink<'_>, spec: &GraphExport) -> Result<SliceOutcome, StepError> {
+    let mut writer = spec.resume(sink.state.graph.as_ref());
+    let old_tail = sink.state.tail.clone();
+    if let Some((key, len)) = &old_tail {
+        let object = sink
+            .bucket
+            .get(key.clone())
+            .execute()
+            .await
+            .map_err(|e| r2_err("reading the export's tail", e))?
+            .ok_or_else(|| StepError::permanent(format!("the export's tail {key} is missing; the copy cannot resume")))?;
+        let bytes = object
+            .body()
+            .ok_or_else(|| StepError::transient("R2 returned no body for the export's tail"))?
+            .bytes()
+            .await
+            .map_err(|e| r2_err("reading the export's tail", e))?;
+        if bytes.len() as u64 != *len {
+            return Err(StepError::permanent(format!("the export's tail {key} has {} bytes, not {len}", bytes.len())));
+        }
+        sink.push(&bytes, false).await?;
+    }
+    let mut pages = 0u32;
+    let mut more = false;
+    while let Some(request) = writer.next_request() {
+        if pages > 0 && (pages >= MAX_PAGES_PER_SLICE || sink.budget_used()) {
+            more = true;
+            break;
+        }
+        let resp = net::exchange(&request).await.map_err(StepError::transient)?;
+        writer.on_response(&resp, super::now())?;
+        sink.push(&writer.take_output(), false).await?;
+        pages += 1;
+    }
+    if !more {
+        let (rest, details) = writer.finish()?;
+        sink.push(&rest, false).await?;
+        let artifact = sink.finish(Some(details)).await?;
+        if let Some((key, _)) = old_tail {
+            let _ = sink.bucket.delete(key).await;
+        }
+        return Ok(SliceOutcome::Finished(artifact));
+    }
+    let (rest, cursor) = writer.end_member()?;
+    sink.push(&rest, false).await?;
+    sink.settle_all().await?;
+    sink.state.tail = None;
+    if !sink.buf.is_empty() {
+        let key = format!("{}.tail-{}", sink.state.key, sink.state.slices);
+        let len = sink.buf.len() as u64;
+        sink.bucket
+            .put(key.clone(), Data::Bytes(sink.buf.clone()))
+            .execute()
+            .await
+            .map_err(|e| r2_err("parking the export's tail", e))?;
+        sink.state.tail = Some((key, len));
+    }
+    sink.state.graph = Some(cursor);
+    sink.state.stalled = 0;
+    sink.persist().await?;
+    if let Some((key, _)) = old_tail {
+        if sink.state.tail.as_ref().map(|t| &t.0) != Some(&key) {
+            let _ = sink.bucket.delete(key).await;
+        }
+    }
+    Ok(SliceOutcome::Paused)
+}
