@@ -43,7 +43,8 @@ pub struct SourceConfig {
     /// When scheduled backups run (UTC).
     pub schedule: Schedule,
     /// How copies into R2 are cut into parts and slices (`part_size_mib`, `parts_in_flight`,
-    /// `slice_max_mib`, `slice_max_seconds`, `max_stalled_slices`, `copy_timeout_minutes`).
+    /// `slice_max_mib`, `slice_max_seconds`, `slice_max_pages`, `max_stalled_slices`,
+    /// `copy_timeout_minutes`).
     pub transfer: TransferSettings,
     /// How transient failures are retried.
     pub retry: RetryPolicy,
@@ -327,6 +328,7 @@ fn parse_transfer(f: &mut Fields<'_>) -> Result<TransferSettings, ConfigError> {
     let slice_bytes = f.uint("slice_max_mib", MIN_PART_SIZE >> 20, 1 << 20)?.map_or(d.slice_bytes, |m| m << 20);
     // An alarm may run 15 minutes of wall clock; a slice stays well inside that.
     let slice_time = f.uint("slice_max_seconds", 1, 600)?.map_or(d.slice_time, Duration::from_secs);
+    let slice_pages = f.uint("slice_max_pages", 1, 5000)?.map_or(d.slice_pages, |n| n as u32);
     let max_stalled_slices = f.uint("max_stalled_slices", 1, 1000)?.map_or(d.max_stalled_slices, |n| n as u32);
     let copy_timeout =
         f.uint("copy_timeout_minutes", 1, 7 * 24 * 60)?.map_or(d.copy_timeout, |m| Duration::from_secs(60 * m));
@@ -335,6 +337,7 @@ fn parse_transfer(f: &mut Fields<'_>) -> Result<TransferSettings, ConfigError> {
         parts_in_flight,
         slice_bytes,
         slice_time,
+        slice_pages,
         max_stalled_slices,
         copy_timeout,
         ..d

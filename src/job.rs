@@ -153,6 +153,9 @@ pub struct Job {
     /// When the provider's files were ready and copying began.
     #[serde(default)]
     pub transfer_started_at: Option<Timestamp>,
+    /// Every time a copy went back to byte 0, with the file and the reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restarts: Vec<String>,
 }
 
 /// Something that happened, fed into [`Job::handle`].
@@ -311,6 +314,7 @@ impl Job {
             artifacts: Vec::new(),
             copy: None,
             transfer_started_at: None,
+            restarts: Vec::new(),
         }
     }
 
@@ -479,6 +483,12 @@ impl Job {
 
     fn on_slice(mut self, state: CopyState, outcome: SliceOutcome, cx: &Context<'_>) -> (Self, Action) {
         let progressed = state.stalled == 0;
+        let before = self.copy.as_ref().map_or(0, |c| c.restarts);
+        if state.restarts > before {
+            let file = self.downloads.get(self.artifacts.len()).map_or("?", |d| d.filename.as_str());
+            let why = state.last_restart.as_deref().unwrap_or("no reason given");
+            self.restarts.push(format!("{file}: restarted from byte 0 ({} of {}): {why}", state.restarts - before, state.restarts));
+        }
         self.copy = Some(state);
         match outcome {
             SliceOutcome::Paused => {

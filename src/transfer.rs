@@ -42,6 +42,8 @@ pub struct TransferSettings {
     pub slice_bytes: u64,
     /// Wall-clock time one slice runs at most before it stops at the next part boundary.
     pub slice_time: Duration,
+    /// Pages of a generated export (Aura Query API calls) one slice reads at most.
+    pub slice_pages: u32,
     /// Consecutive slices that may end without a new part before the job fails.
     pub max_stalled_slices: u32,
     /// Times an artifact may restart from zero (source replaced, ranges ignored) before failing.
@@ -57,6 +59,7 @@ impl Default for TransferSettings {
             parts_in_flight: 4,
             slice_bytes: 1024 * MIB,
             slice_time: Duration::from_secs(300),
+            slice_pages: 500,
             max_stalled_slices: 5,
             max_restarts: 3,
             copy_timeout: Duration::from_secs(24 * 3600),
@@ -177,6 +180,10 @@ pub struct CopyState {
     pub restarts: u32,
     /// Why it last did.
     pub last_restart: Option<String>,
+    /// The source answered a range request with the whole object: it does not honour ranges, so
+    /// slices of this copy run to the end (the artifact must fit one invocation).
+    #[serde(default)]
+    pub no_ranges: bool,
     /// Generated artifacts only: where the generator stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub graph: Option<GraphCursor>,
@@ -267,6 +274,7 @@ impl CopyState {
             stalled: 0,
             restarts: 0,
             last_restart: None,
+            no_ranges: false,
             graph: None,
             tail: None,
             started_at: now,
@@ -341,7 +349,10 @@ impl CopyState {
                 let now = Validators::from_headers(headers, declared);
                 let reason = match known.changed(&now) {
                     Some(why) => format!("the source object changed: {why}"),
-                    None => format!("the source ignored the range request for bytes from {}", self.offset),
+                    None => {
+                        self.no_ranges = true;
+                        format!("the source ignored the range request for bytes from {}", self.offset)
+                    }
                 };
                 Resume::StartOver { reason, body_from_zero: true }
             }
@@ -446,6 +457,7 @@ mod tests {
             Resume::StartOver { reason, body_from_zero } => {
                 assert!(body_from_zero);
                 assert!(reason.contains("ignored the range"), "{reason}");
+                assert!(s.no_ranges, "later slices run to the end");
             }
             other => panic!("{other:?}"),
         }
@@ -465,6 +477,7 @@ mod tests {
             Resume::StartOver { reason, body_from_zero: true } => assert!(reason.contains("ETag"), "{reason}"),
             other => panic!("{other:?}"),
         }
+        assert!(!s.no_ranges, "a replaced object says nothing about range support");
     }
 
     #[test]

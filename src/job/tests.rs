@@ -503,3 +503,17 @@ fn copying_past_copy_timeout_fails() {
     assert!(matches!(h.wake_when_due(), Action::Discard { .. }));
     assert!(h.job.error.as_deref().unwrap().contains("within 10 min"), "{:?}", h.job.error);
 }
+
+#[test]
+fn a_restart_from_zero_is_recorded_on_the_job() {
+    let mut h = Harness::d1();
+    let order = to_copy(&mut h);
+    let mut state = order.state.clone();
+    state.restart("the source ignored the range request for bytes from 5242880".into());
+    h.feed(Event::Sliced { state: state.clone(), outcome: SliceOutcome::Paused });
+    assert_eq!(h.job.restarts.len(), 1);
+    assert!(h.job.restarts[0].starts_with("db-1-bm-1.sql: restarted from byte 0"), "{:?}", h.job.restarts);
+    assert!(h.job.restarts[0].contains("ignored the range"));
+    h.feed(Event::Sliced { state, outcome: SliceOutcome::Finished(artifact("k")) });
+    assert_eq!(h.job.restarts.len(), 1, "the same restart is not counted twice");
+}

@@ -32,8 +32,6 @@ use crate::transfer::{load_hasher, save_hasher, CopyState, PartRecord, Resume, T
 
 /// Bytes hashed between two yields to the event loop, so status requests are answered mid-copy.
 const YIELD_EVERY: u64 = 4 << 20;
-/// Query API pages one slice reads at most (each is a subrequest).
-const MAX_PAGES_PER_SLICE: u32 = 500;
 
 fn r2_err(what: &str, e: impl std::fmt::Display) -> StepError {
     StepError::transient(format!("R2 {what} failed: {e}"))
@@ -118,9 +116,13 @@ impl<'a> Sink<'a> {
         self.settings.slice_done(self.pushed, elapsed) || worker::signal::is_near_cpu_limit()
     }
 
+    /// Saves the job with the copy's current state. The job in memory keeps the state the slice
+    /// was ordered with; the state machine gets the new one in the `Sliced` event.
     async fn persist(&mut self) -> Result<(), StepError> {
-        self.job.copy = Some(self.state.clone());
-        let text = serde_json::to_string(&*self.job).map_err(|e| StepError::permanent(e.to_string()))?;
+        let ordered = std::mem::replace(&mut self.job.copy, Some(self.state.clone()));
+        let text = serde_json::to_string(&*self.job);
+        self.job.copy = ordered;
+        let text = text.map_err(|e| StepError::permanent(e.to_string()))?;
         self.storage.put(&store::job_key(&self.job.id), text).await.map_err(|e| r2_err("saving the copy's progress", e))
     }
 
@@ -445,7 +447,9 @@ async fn pump(sink: &mut Sink<'_>, mut stream: ByteStream, controller: worker::A
                 return Err(StepError::transient(format!("download of {}: {e}", sink.filename)));
             }
         };
-        sink.push(&chunk, true).await?;
+        // A source that ignores ranges cannot resume: such a copy runs to the end.
+        let may_stop = !sink.state.no_ranges;
+        sink.push(&chunk, may_stop).await?;
         if sink.stopped {
             controller.abort();
             sink.settle_all().await?;
@@ -493,7 +497,7 @@ async fn graph_slice(sink: &mut Sink<'_>, spec: &GraphExport) -> Result<SliceOut
     let mut pages = 0u32;
     let mut more = false;
     while let Some(request) = writer.next_request() {
-        if pages > 0 && (pages >= MAX_PAGES_PER_SLICE || sink.budget_used()) {
+        if pages > 0 && (pages >= sink.settings.slice_pages || sink.budget_used()) {
             more = true;
             break;
         }
