@@ -25,6 +25,8 @@ pub enum Route {
     Artifact(String),
     /// `POST /v1/sources/{name}/exports` (signed webhook)
     StartExport(String),
+    /// `POST /v1/sources/{name}/verify` (signed webhook; body may name a backup)
+    StartVerify(String),
     /// `GET /` or `/healthz`: liveness, no auth.
     Health,
     /// Known path, wrong method.
@@ -48,6 +50,7 @@ pub fn route(method: &str, path: &str) -> Route {
         },
         ["v1", "sources", name, "backups"] => only(get, "GET", Route::Backups(decode(name))),
         ["v1", "sources", name, "exports"] => only(post, "POST", Route::StartExport(decode(name))),
+        ["v1", "sources", name, "verify"] => only(post, "POST", Route::StartVerify(decode(name))),
         ["v1", "backups", rest @ ..] if !rest.is_empty() && rest.iter().all(|s| !s.is_empty()) => {
             let key = rest.iter().map(|s| decode(s)).collect::<Vec<_>>().join("/");
             if key.split('/').any(|s| s == ".." || s == ".") {
@@ -96,6 +99,8 @@ mod tests {
         assert_eq!(route("GET", "/v1/jobs/nope"), Route::NotFound);
         assert_eq!(route("GET", "/v1/sources/app-db/backups"), Route::Backups("app-db".into()));
         assert_eq!(route("POST", "/v1/sources/app-db/exports"), Route::StartExport("app-db".into()));
+        assert_eq!(route("POST", "/v1/sources/app-db/verify"), Route::StartVerify("app-db".into()));
+        assert_eq!(route("GET", "/v1/sources/app-db/verify"), Route::MethodNotAllowed("POST"));
         assert_eq!(
             route("GET", "/v1/backups/app-db/2026-11-23T101500Z-0123456789abcdef/x%20y.sql"),
             Route::Artifact("app-db/2026-11-23T101500Z-0123456789abcdef/x y.sql".into())

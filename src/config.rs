@@ -42,6 +42,8 @@ pub struct SourceConfig {
     pub name: String,
     /// When scheduled backups run (UTC).
     pub schedule: Schedule,
+    /// When scheduled verifications of the newest backup run (UTC), if at all.
+    pub verify_schedule: Option<Schedule>,
     /// How copies into R2 are cut into parts and slices (`part_size_mib`, `parts_in_flight`,
     /// `slice_max_mib`, `slice_max_seconds`, `slice_max_pages`, `max_stalled_slices`,
     /// `copy_timeout_minutes`).
@@ -294,6 +296,10 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
     let kind = f.required_string("kind")?;
     let schedule_text = f.required_string("schedule")?;
     let schedule = Schedule::parse(&schedule_text).map_err(|e| f.err("schedule", format!("is {e}")))?;
+    let verify_schedule = match f.string("verify_schedule")? {
+        Some(text) => Some(Schedule::parse(&text).map_err(|e| f.err("verify_schedule", format!("is {e}")))?),
+        None => None,
+    };
     let transfer = parse_transfer(&mut f)?;
     // D1 cancels an export that is not polled promptly; Aura's own CLI polls every 20 s.
     let default_poll = match kind.as_str() {
@@ -318,7 +324,7 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
         }
     };
     f.finish()?;
-    Ok(SourceConfig { name, schedule, transfer, retry, poll_interval, export_timeout, provider })
+    Ok(SourceConfig { name, schedule, verify_schedule, transfer, retry, poll_interval, export_timeout, provider })
 }
 
 fn parse_transfer(f: &mut Fields<'_>) -> Result<TransferSettings, ConfigError> {
@@ -767,6 +773,14 @@ mod tests {
         assert!(e.to_string().contains("parts_in_flight"), "{e}");
         let ok = Config::from_value(&json!([d1(json!({"part_size_mib": 16, "parts_in_flight": 4}))])).unwrap();
         assert_eq!(ok.sources[0].transfer.parts_in_flight, 4);
+    }
+
+    #[test]
+    fn verify_schedule_is_optional_and_checked() {
+        let c = Config::from_value(&json!([d1(json!({"verify_schedule": "0 5 * * 0"}))])).unwrap();
+        assert_eq!(c.sources[0].verify_schedule.as_ref().map(|s| s.as_str().to_string()).as_deref(), Some("0 5 * * 0"));
+        assert!(Config::from_value(&json!([d1(json!({}))])).unwrap().sources[0].verify_schedule.is_none());
+        assert_eq!(err(d1(json!({"verify_schedule": "weekly"}))).field.as_deref(), Some("verify_schedule"));
     }
 
     #[test]

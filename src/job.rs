@@ -24,6 +24,7 @@ use crate::providers::aura::GraphExport;
 use crate::providers::{Credentials, Download, Origin, Progress, ProviderState, StepInput};
 use crate::time::Timestamp;
 use crate::transfer::{CopyState, TransferSettings};
+use crate::verify::{Verification, VerifyState};
 
 /// A job's id: 16 lower-case hex characters from the runtime's random source.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -68,6 +69,17 @@ pub enum Trigger {
     Webhook,
 }
 
+/// What a job does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    /// Export from the provider and copy into R2 (a backup).
+    #[default]
+    Export,
+    /// Read a committed backup back from R2 and check every hash (`verify` says which).
+    Verify,
+}
+
 /// Where a job is. Only `Committed` is a usable backup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -87,12 +99,16 @@ pub enum Phase {
     /// It discovered the work and queued one job per part of it (a Dgraph account's backends);
     /// `children` lists them. Not a backup itself.
     Dispatched,
+    /// A verify job is reading a backup back from R2.
+    Verifying,
+    /// A verify job found every file as its manifest says.
+    Verified,
 }
 
 impl Phase {
     /// True once the job will do nothing more.
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Committed | Self::Failed | Self::Skipped | Self::Dispatched)
+        matches!(self, Self::Committed | Self::Failed | Self::Skipped | Self::Dispatched | Self::Verified)
     }
 }
 
@@ -105,6 +121,9 @@ pub struct Job {
     pub source: String,
     /// Provider kind.
     pub kind: String,
+    /// What the job does (export, or verify a backup).
+    #[serde(default)]
+    pub task: Task,
     /// What started it.
     pub trigger: Trigger,
     /// The webhook delivery id, for webhook jobs.
@@ -156,9 +175,17 @@ pub struct Job {
     /// Every time a copy went back to byte 0, with the file and the reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub restarts: Vec<String>,
+    /// A verify job's progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifyState>,
+    /// A verify job's outcome, as recorded next to the backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<Verification>,
 }
 
 /// Something that happened, fed into [`Job::handle`].
+// One event per step, moved once: its size does not matter, boxing would only add noise.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// The alarm fired (or a trigger asked the job to proceed).
@@ -178,6 +205,15 @@ pub enum Event {
     Committed,
     /// Writing the manifest failed.
     CommitFailed(String),
+    /// The last [`Action::VerifySlice`] ended.
+    VerifySliced {
+        /// Where the verification stands.
+        state: VerifyState,
+        /// `Ok(true)` when every file was read, `Ok(false)` when the slice used its budget.
+        outcome: Result<bool, StepError>,
+    },
+    /// The verification record of the last [`Action::RecordVerification`] is stored.
+    Recorded,
 }
 
 /// What the runtime must do next.
@@ -204,6 +240,21 @@ pub enum Action {
     },
     /// Create one queued job per provider state (children of this job, which is over).
     Spawn(Vec<ProviderState>),
+    /// Read the next slice of a backup back from R2, then feed back `VerifySliced`.
+    VerifySlice {
+        /// Where the verification stands.
+        state: Box<VerifyState>,
+        /// The source's slice budget.
+        settings: TransferSettings,
+    },
+    /// Store a verification outcome next to its backup, then feed back `Recorded` (or
+    /// `CommitFailed`).
+    RecordVerification {
+        /// Where the record goes.
+        key: String,
+        /// What it says.
+        record: Verification,
+    },
     /// Nothing to do until this time: arm the alarm and feed back `Wake` then.
     Sleep(Timestamp),
     /// The job is over.
@@ -315,6 +366,9 @@ impl Job {
             copy: None,
             transfer_started_at: None,
             restarts: Vec::new(),
+            verify: None,
+            verification: None,
+            task: Task::Export,
         }
     }
 
@@ -327,6 +381,13 @@ impl Job {
     /// credentials and are left out.
     pub fn public_json(&self) -> serde_json::Value {
         crate::providers::redact(serde_json::to_value(self).unwrap_or(serde_json::Value::Null))
+    }
+
+    /// A job that verifies the backup whose manifest is `manifest_key` (the newest when `None`).
+    pub fn verify_of(mut self, manifest_key: Option<String>) -> Self {
+        self.task = Task::Verify;
+        self.verify = Some(VerifyState::new(manifest_key));
+        self
     }
 
     /// A queued child of `parent` that exports the part described by `provider`.
@@ -359,7 +420,11 @@ impl Job {
                 self.last_error = None;
                 (self, Action::Done)
             }
-            (Phase::Transferring, Event::CommitFailed(msg)) => self.retry(StepError::transient(msg), cx),
+            (Phase::Transferring | Phase::Verifying, Event::CommitFailed(msg)) => {
+                self.retry(StepError::transient(msg), cx)
+            }
+            (Phase::Verifying, Event::VerifySliced { state, outcome }) => self.on_verify_slice(state, outcome, cx),
+            (Phase::Verifying, Event::Recorded) => self.on_recorded(cx.now),
             // An answer that does not belong to the current phase (a duplicate delivery after a
             // restart): ignore it and carry on from the persisted state.
             (_, _) => self.idle(cx.now),
@@ -384,7 +449,10 @@ impl Job {
             }
         }
         if self.phase == Phase::Queued {
-            self.phase = Phase::Exporting;
+            self.phase = match self.task {
+                Task::Export => Phase::Exporting,
+                Task::Verify => Phase::Verifying,
+            };
         }
         match self.phase {
             Phase::Exporting => {
@@ -410,7 +478,10 @@ impl Job {
                 Some(download) => self.slice(&download, cx),
                 None => self.commit(cx),
             },
-            Phase::Queued | Phase::Committed | Phase::Failed | Phase::Skipped | Phase::Dispatched => self.idle(cx.now),
+            Phase::Verifying => self.verify_step(cx),
+            Phase::Queued | Phase::Committed | Phase::Failed | Phase::Skipped | Phase::Dispatched | Phase::Verified => {
+                self.idle(cx.now)
+            }
         }
     }
 
@@ -447,7 +518,10 @@ impl Job {
             let why = state.last_restart.clone().unwrap_or_default();
             self.copy = Some(state);
             return self.fail(
-                format!("the copy of {} had to restart from zero more than {} times; last: {why}", download.filename, settings.max_restarts),
+                format!(
+                    "the copy of {} had to restart from zero more than {} times; last: {why}",
+                    download.filename, settings.max_restarts
+                ),
                 cx.now,
             );
         }
@@ -487,7 +561,11 @@ impl Job {
         if state.restarts > before {
             let file = self.downloads.get(self.artifacts.len()).map_or("?", |d| d.filename.as_str());
             let why = state.last_restart.as_deref().unwrap_or("no reason given");
-            self.restarts.push(format!("{file}: restarted from byte 0 ({} of {}): {why}", state.restarts - before, state.restarts));
+            self.restarts.push(format!(
+                "{file}: restarted from byte 0 ({} of {}): {why}",
+                state.restarts - before,
+                state.restarts
+            ));
         }
         self.copy = Some(state);
         match outcome {
@@ -528,6 +606,57 @@ impl Job {
             artifacts: self.artifacts.clone(),
         };
         (self, Action::Commit { key: manifest::manifest_key(&folder), manifest: Box::new(manifest) })
+    }
+
+    /// The next verify step: a slice to read, or the record once every file was read.
+    fn verify_step(mut self, cx: &Context<'_>) -> (Self, Action) {
+        let mut state = self.verify.take().unwrap_or_else(|| VerifyState::new(None));
+        if state.done() {
+            let record = state.verification(&self.id, cx.now);
+            let key = crate::verify::verification_key(state.manifest_key.as_deref().unwrap_or_default());
+            self.verify = Some(state);
+            self.attempts += 1;
+            return (self, Action::RecordVerification { key, record });
+        }
+        state.slices += 1;
+        self.attempts += 1;
+        self.verify = Some(state.clone());
+        (self, Action::VerifySlice { state: Box::new(state), settings: cx.source.transfer })
+    }
+
+    fn on_verify_slice(
+        mut self,
+        state: VerifyState,
+        outcome: Result<bool, StepError>,
+        cx: &Context<'_>,
+    ) -> (Self, Action) {
+        let progressed = self.verify.as_ref().is_none_or(|v| v.bytes_read < state.bytes_read || v.index < state.index);
+        self.verify = Some(state);
+        match outcome {
+            Ok(_) => self.step_succeeded(cx.now),
+            Err(e) => {
+                if progressed {
+                    self.retries = 0;
+                }
+                self.step_failed(e, cx)
+            }
+        }
+    }
+
+    fn on_recorded(mut self, now: Timestamp) -> (Self, Action) {
+        let Some(state) = self.verify.clone() else { return self.idle(now) };
+        let record = state.verification(&self.id, now);
+        self.verification = Some(record.clone());
+        if record.mismatches.is_empty() {
+            self.phase = Phase::Verified;
+            self.finished_at = Some(now);
+            self.next_step_at = None;
+            self.retries = 0;
+            self.last_error = None;
+            return (self, Action::Done);
+        }
+        let backup = state.manifest_key.as_deref().and_then(crate::manifest::folder_of).unwrap_or("?").to_string();
+        self.fail(format!("backup {backup} failed verification: {}", record.mismatches.join("; ")), now)
     }
 
     fn on_response(mut self, resp: &HttpResponse, cx: &Context<'_>) -> (Self, Action) {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::job::{JobId, Trigger};
+use crate::job::{JobId, Task, Trigger};
 use crate::time::Timestamp;
 
 /// How many finished jobs a source keeps for `GET /v1/jobs/{id}`.
@@ -40,6 +40,9 @@ pub struct Ledger {
     pub webhooks: Vec<SeenWebhook>,
     /// The latest schedule fire time a cron job was started for.
     pub last_scheduled_for: Option<Timestamp>,
+    /// The latest `verify_schedule` fire time a verify job was started for.
+    #[serde(default)]
+    pub last_verify_scheduled_for: Option<Timestamp>,
     /// Dedupe keys of committed jobs (e.g. DXP backup ids), newest last.
     #[serde(default)]
     pub copied: Vec<String>,
@@ -63,6 +66,9 @@ pub struct TriggerRequest {
     /// Parameters from the webhook body (`{}` when none).
     #[serde(default)]
     pub params: serde_json::Value,
+    /// Export (a backup) or verify (check one).
+    #[serde(default)]
+    pub task: Task,
 }
 
 /// The ledger's decision on a trigger.
@@ -87,7 +93,11 @@ impl Ledger {
                 return Admission::Replay(seen.job.clone());
             }
         }
-        if let (Some(for_time), Some(last)) = (req.scheduled_for, self.last_scheduled_for) {
+        let last_served = match req.task {
+            Task::Export => self.last_scheduled_for,
+            Task::Verify => self.last_verify_scheduled_for,
+        };
+        if let (Some(for_time), Some(last)) = (req.scheduled_for, last_served) {
             if for_time <= last {
                 return Admission::AlreadyServed(last);
             }
@@ -106,7 +116,11 @@ impl Ledger {
             self.webhooks.push(SeenWebhook { id: id.clone(), job: job.clone(), at: now });
         }
         if let Some(t) = req.scheduled_for {
-            self.last_scheduled_for = Some(self.last_scheduled_for.map_or(t, |last| last.max(t)));
+            let served = match req.task {
+                Task::Export => &mut self.last_scheduled_for,
+                Task::Verify => &mut self.last_verify_scheduled_for,
+            };
+            *served = Some(served.map_or(t, |last| last.max(t)));
         }
         self.webhooks.retain(|w| now.since(w.at) <= WEBHOOK_MEMORY);
         let excess = self.jobs.len().saturating_sub(MAX_JOBS);
@@ -161,6 +175,7 @@ mod tests {
             webhook_id: Some(id.into()),
             scheduled_for: None,
             params: serde_json::json!({}),
+            task: Task::Export,
         }
     }
 
@@ -170,6 +185,7 @@ mod tests {
             webhook_id: None,
             scheduled_for: Some(Timestamp::from_secs(at)),
             params: serde_json::json!({}),
+            task: Task::Export,
         }
     }
 
@@ -265,5 +281,18 @@ mod tests {
         l.record_start(&id(1), &webhook("a"), Timestamp::from_secs(0));
         l.record_finish(&id(9), None);
         assert_eq!(l.current, Some(id(1)));
+    }
+
+    #[test]
+    fn verify_fire_times_are_served_apart_from_export_fire_times() {
+        let mut l = Ledger::default();
+        let verify = TriggerRequest { task: Task::Verify, ..cron(60) };
+        l.record_start(&id(1), &cron(60), Timestamp::from_secs(0));
+        l.record_finish(&id(1), None);
+        assert_eq!(l.admit(&verify), Admission::Start, "an export at 60 does not serve the verify at 60");
+        l.record_start(&id(2), &verify, Timestamp::from_secs(0));
+        l.record_finish(&id(2), None);
+        assert_eq!(l.admit(&verify), Admission::AlreadyServed(Timestamp::from_secs(60)));
+        assert_eq!(l.admit(&cron(120)), Admission::Start);
     }
 }

@@ -14,6 +14,7 @@
 //! - [`providers`]: one module per provider protocol (`providers::d1`), behind one small enum.
 //! - [`transfer`]: sliced, resumable copies: the persisted state of a copy and how a resumed
 //!   download's answer is judged (`Range`, `If-Range`, validators).
+//! - [`verify`]: the verify job's progress and outcome: read a backup back, re-hash, compare.
 //! - [`manifest`]: the R2 layout and the manifest written last as the commit marker.
 //! - [`api`]: routes and auth checks of the HTTP API.
 //! - [`http`], [`error`], [`retry`], [`secret`], [`time`]: values shared by the above.
@@ -36,6 +37,7 @@ pub mod schedule;
 pub mod secret;
 pub mod time;
 pub mod transfer;
+pub mod verify;
 pub mod webhook;
 
 #[cfg(target_arch = "wasm32")]

@@ -330,7 +330,10 @@ impl CopyState {
                 };
                 let now = Validators::from_headers(headers, total.or(known.length));
                 if let Some(why) = known.changed(&now) {
-                    return Resume::StartOver { reason: format!("the source object changed: {why}"), body_from_zero: false };
+                    return Resume::StartOver {
+                        reason: format!("the source object changed: {why}"),
+                        body_from_zero: false,
+                    };
                 }
                 if start != self.offset {
                     return Resume::StartOver {
@@ -414,7 +417,10 @@ mod tests {
         let mut s = CopyState::new("src/f/x.gz".into(), Timestamp::from_secs(0));
         let r = s.check_response(200, &h(&[("etag", "\"v1\""), ("content-length", &len.to_string())]));
         assert_eq!(r, Resume::Continue);
-        s.record_part(PartRecord { number: 1, etag: "e1".into(), size: 10, sha256: "aa".into() }, save_hasher(&Sha256::new()));
+        s.record_part(
+            PartRecord { number: 1, etag: "e1".into(), size: 10, sha256: "aa".into() },
+            save_hasher(&Sha256::new()),
+        );
         s
     }
 

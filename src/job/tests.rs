@@ -307,7 +307,10 @@ fn copy_failures_retry_then_fail_and_discard_the_folder() {
     state.upload_id = Some("upload-1".into());
     let key = state.key.clone();
     assert_eq!(
-        h.feed(Event::Sliced { state, outcome: SliceOutcome::Failed(StepError::permanent("signed URL refused (HTTP 403)")) }),
+        h.feed(Event::Sliced {
+            state,
+            outcome: SliceOutcome::Failed(StepError::permanent("signed URL refused (HTTP 403)"))
+        }),
         Action::Discard {
             folder: "app-db/2026-11-23T100000Z-0123456789abcdef/".into(),
             upload: Some((key, "upload-1".into()))
@@ -469,7 +472,10 @@ fn slices_that_store_parts_keep_the_copy_alive() {
         // The runtime stored one part in this slice, then paused at its budget.
         let mut state = order.state.clone();
         let hash = state.hash_state.clone();
-        state.record_part(crate::transfer::PartRecord { number: n, etag: format!("e{n}"), size: 5 << 20, sha256: String::new() }, hash);
+        state.record_part(
+            crate::transfer::PartRecord { number: n, etag: format!("e{n}"), size: 5 << 20, sha256: String::new() },
+            hash,
+        );
         assert_eq!(h.feed(Event::Sliced { state, outcome: SliceOutcome::Paused }), Action::Sleep(h.now));
         order = expect_copy(h.wake_when_due());
         assert_eq!(order.state.parts.len(), n as usize);
@@ -516,4 +522,74 @@ fn a_restart_from_zero_is_recorded_on_the_job() {
     assert!(h.job.restarts[0].contains("ignored the range"));
     h.feed(Event::Sliced { state, outcome: SliceOutcome::Finished(artifact("k")) });
     assert_eq!(h.job.restarts.len(), 1, "the same restart is not counted twice");
+}
+
+fn verify_job(manifest_key: Option<&str>) -> Harness {
+    let mut h = Harness::d1();
+    h.job = h.job.clone().verify_of(manifest_key.map(str::to_string));
+    h
+}
+
+#[test]
+fn a_verify_job_reads_in_slices_then_records_ok_and_ends_verified() {
+    let mut h = verify_job(Some("app-db/f/manifest.json"));
+    let Action::VerifySlice { state, .. } = h.wake_when_due() else { panic!("expected a verify slice") };
+    assert_eq!(h.job.phase, Phase::Verifying);
+    assert_eq!(state.manifest_key.as_deref(), Some("app-db/f/manifest.json"));
+    // The runtime read the manifest and one file, in two slices.
+    let mut state = *state;
+    let m = crate::manifest::Manifest {
+        source: "app-db".into(),
+        kind: "d1".into(),
+        job_id: JobId::new("0123456789abcdef"),
+        trigger: Trigger::Cron,
+        started_at: t0(),
+        finished_at: t0(),
+        provider: json!({}),
+        artifacts: vec![artifact("app-db/f/x.sql")],
+    };
+    state.resolve("app-db/f/manifest.json".into(), &m);
+    assert_eq!(h.feed(Event::VerifySliced { state: state.clone(), outcome: Ok(false) }), Action::Sleep(h.now));
+    let Action::VerifySlice { state: again, .. } = h.wake_when_due() else { panic!("expected a second slice") };
+    assert_eq!(again.slices, 2);
+    let mut done = *again;
+    done.index = 1;
+    h.feed(Event::VerifySliced { state: done, outcome: Ok(true) });
+    let Action::RecordVerification { key, record } = h.wake_when_due() else { panic!("expected the record") };
+    assert_eq!(key, "app-db/f/verification.json");
+    assert_eq!(record.outcome, "ok");
+    assert_eq!(h.feed(Event::Recorded), Action::Done);
+    assert_eq!(h.job.phase, Phase::Verified);
+    assert_eq!(h.job.verification.as_ref().map(|v| v.outcome.as_str()), Some("ok"));
+    let shown = h.job.public_json();
+    assert_eq!(shown["task"], "verify");
+    assert_eq!(shown["verify"]["manifest_key"], "app-db/f/manifest.json");
+}
+
+#[test]
+fn a_verify_mismatch_fails_the_job_naming_the_key_and_discards_nothing() {
+    let mut h = verify_job(None);
+    let Action::VerifySlice { state, .. } = h.wake_when_due() else { panic!() };
+    let mut state = *state;
+    state.manifest_key = Some("app-db/f/manifest.json".into());
+    state.resolved = true;
+    state.mismatches.push("app-db/f/x.sql: SHA-256 is 00, the manifest says 11".into());
+    h.feed(Event::VerifySliced { state, outcome: Ok(true) });
+    assert!(matches!(h.wake_when_due(), Action::RecordVerification { .. }));
+    assert_eq!(h.feed(Event::Recorded), Action::Done, "a failed verification deletes nothing");
+    assert_eq!(h.job.phase, Phase::Failed);
+    let error = h.job.error.clone().unwrap();
+    assert!(error.contains("app-db/f/") && error.contains("app-db/f/x.sql: SHA-256 is 00"), "{error}");
+}
+
+#[test]
+fn jobs_stored_before_tasks_existed_are_exports() {
+    let h = Harness::d1();
+    let mut v = serde_json::to_value(&h.job).unwrap();
+    v.as_object_mut().unwrap().remove("task");
+    let job: Job = serde_json::from_value(v).unwrap();
+    assert_eq!(job.task, Task::Export);
+    let round: Job = serde_json::from_str(&serde_json::to_string(&verify_job(Some("k")).job).unwrap()).unwrap();
+    assert_eq!(round.task, Task::Verify);
+    assert_eq!(round.verify.unwrap().manifest_key.as_deref(), Some("k"));
 }

@@ -12,7 +12,9 @@ use super::source_object::{call, trigger_webhook};
 use super::{load_config, now, secret, store, BUCKET};
 use crate::api::{bearer_ok, error_body, route, Route};
 use crate::config::Config;
+use crate::job::Task;
 use crate::manifest::{folder_of, is_manifest_key, manifest_key, Manifest};
+use crate::verify::{verification_key, Verification};
 use crate::webhook::{verify, WebhookError, WebhookHeaders, WebhookSecret};
 
 /// Largest webhook body accepted.
@@ -40,7 +42,8 @@ pub(crate) async fn handle(req: Request, env: &Env) -> worker::Result<Response> 
             resp.headers_mut().set("allow", allowed)?;
             Ok(resp)
         }
-        Route::StartExport(name) => start_export(req, env, &name).await,
+        Route::StartExport(name) => start_job(req, env, &name, Task::Export).await,
+        Route::StartVerify(name) => start_job(req, env, &name, Task::Verify).await,
         other => {
             let Some(token) = secret(env, "FERRY_API_TOKEN") else {
                 return error(503, "FERRY_API_TOKEN is not set: wrangler secret put FERRY_API_TOKEN");
@@ -65,7 +68,8 @@ pub(crate) async fn handle(req: Request, env: &Env) -> worker::Result<Response> 
     }
 }
 
-async fn start_export(mut req: Request, env: &Env, name: &str) -> worker::Result<Response> {
+/// A signed trigger: an export, or the verification of a backup.
+async fn start_job(mut req: Request, env: &Env, name: &str, task: Task) -> worker::Result<Response> {
     let Some(raw_secret) = secret(env, "FERRY_WEBHOOK_SECRET") else {
         return error(503, "FERRY_WEBHOOK_SECRET is not set: wrangler secret put FERRY_WEBHOOK_SECRET");
     };
@@ -101,7 +105,7 @@ async fn start_export(mut req: Request, env: &Env, name: &str) -> worker::Result
     if config.source(name).is_none() {
         return error(404, &format!("no source named {name:?}"));
     }
-    let (status, value) = trigger_webhook(env, name, verified.id(), params).await?;
+    let (status, value) = trigger_webhook(env, name, verified.id(), params, task).await?;
     let mut resp = json(status, &value)?;
     if value.get("replayed").and_then(Value::as_bool) == Some(true) {
         resp.headers_mut().set("idempotent-replayed", "true")?;
@@ -158,9 +162,18 @@ async fn list_backups(req: &Request, env: &Env, config: &Config, name: &str) -> 
     // Folder names start with the job's start time, so reverse key order is newest first.
     keys.sort_unstable_by(|a, b| b.cmp(a));
     keys.truncate(limit);
-    let manifests: Vec<Manifest> =
-        join_all(keys.iter().map(|k| store::read_manifest(&bucket, k))).await.into_iter().flatten().collect();
-    json(200, &json!({ "source": name, "backups": manifests }))
+    // Each backup with its last verification (`null` when it was never verified).
+    let backups: Vec<Value> =
+        join_all(keys.iter().map(|k| backup_with_verification(&bucket, k))).await.into_iter().flatten().collect();
+    json(200, &json!({ "source": name, "backups": backups }))
+}
+
+async fn backup_with_verification(bucket: &worker::Bucket, manifest_key: &str) -> Option<Value> {
+    let manifest: Manifest = store::read_manifest(bucket, manifest_key).await?;
+    let verification: Option<Verification> = store::read_json(bucket, &verification_key(manifest_key)).await;
+    let mut value = serde_json::to_value(manifest).ok()?;
+    value["verification"] = serde_json::to_value(verification).unwrap_or(Value::Null);
+    Some(value)
 }
 
 async fn artifact(env: &Env, key: &str) -> worker::Result<Response> {

@@ -49,7 +49,10 @@ pub(crate) async fn send(req: &HttpRequest, timeout: Duration) -> Result<Respons
 
 /// Sends a request and keeps its `AbortController`, so a download can be cut off early (a slice
 /// that used its budget stops reading and aborts the rest of the body).
-pub(crate) async fn send_abortable(req: &HttpRequest, timeout: Duration) -> Result<(Response, AbortController), String> {
+pub(crate) async fn send_abortable(
+    req: &HttpRequest,
+    timeout: Duration,
+) -> Result<(Response, AbortController), String> {
     let request = to_request(req)?;
     let controller = AbortController::default();
     let signal = controller.signal();

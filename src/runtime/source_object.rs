@@ -18,7 +18,7 @@ use worker::{
 use super::store::job_key;
 use super::{credentials, jitter, load_config, now, random_bytes, store, transfer, BUCKET, SOURCES};
 use crate::config::SourceConfig;
-use crate::job::{Action, Context, Event, Job, JobId, Trigger};
+use crate::job::{Action, Context, Event, Job, JobId, Task, Trigger};
 use crate::ledger::{Admission, Ledger, TriggerRequest};
 use crate::time::Timestamp;
 
@@ -154,10 +154,14 @@ impl SourceObject {
             Err(e) => return json_response(500, &json!({ "error": e })),
         };
         let mut ledger = self.load_ledger().await?;
+        let backup = match named_backup(&name, &req) {
+            Ok(b) => b,
+            Err(e) => return json_response(400, &json!({ "error": e })),
+        };
         match ledger.admit(&req) {
             Admission::Start => {
                 let now = now();
-                let job = Job::with_params(
+                let mut job = Job::with_params(
                     JobId::from_random(random_bytes()),
                     &source,
                     req.trigger,
@@ -166,6 +170,9 @@ impl SourceObject {
                     req.params.clone(),
                     now,
                 );
+                if req.task == Task::Verify {
+                    job = job.verify_of(backup);
+                }
                 let evicted = ledger.record_start(&job.id, &req, now);
                 self.save(&job, Some(&ledger)).await?;
                 if !evicted.is_empty() {
@@ -250,7 +257,14 @@ impl SourceObject {
             } else {
                 self.save(&job, None).await?;
             }
-            if matches!(action, Action::Send(_) | Action::CopySlice(_) | Action::Commit { .. }) {
+            if matches!(
+                action,
+                Action::Send(_)
+                    | Action::CopySlice(_)
+                    | Action::Commit { .. }
+                    | Action::VerifySlice { .. }
+                    | Action::RecordVerification { .. }
+            ) {
                 self.storage().set_alarm(now.plus(WATCHDOG).to_datetime()).await?;
             }
             event = match action {
@@ -277,6 +291,14 @@ impl SourceObject {
                     }
                     event
                 }
+                Action::VerifySlice { state, settings } => {
+                    sliced = true;
+                    super::verify::run_slice(&bucket, &job.source, *state, settings).await
+                }
+                Action::RecordVerification { key, record } => match store::put_json(&bucket, &key, &record).await {
+                    Ok(()) => Event::Recorded,
+                    Err(e) => Event::CommitFailed(e),
+                },
                 Action::Commit { key, manifest } => match store::write_manifest(&bucket, &key, &manifest).await {
                     Ok(()) => Event::Committed,
                     Err(e) => Event::CommitFailed(e),
@@ -339,6 +361,24 @@ impl SourceObject {
     }
 }
 
+/// The manifest key a verify trigger names (`{"backup": "<folder or manifest key>"}`), which must
+/// be one of this source's backups; `None` means the newest.
+fn named_backup(source: &str, req: &TriggerRequest) -> Result<Option<String>, String> {
+    if req.task != Task::Verify {
+        return Ok(None);
+    }
+    let Some(named) = req.params.get("backup") else { return Ok(None) };
+    let Some(text) = named.as_str() else {
+        return Err("\"backup\" must be a string: a backup's folder or manifest key".into());
+    };
+    let folder = text.strip_suffix(crate::manifest::MANIFEST_NAME).unwrap_or(text).trim_end_matches('/');
+    let key = crate::manifest::manifest_key(&format!("{folder}/"));
+    if !crate::manifest::is_manifest_key(&key) || !key.starts_with(&format!("{source}/")) {
+        return Err(format!("{text:?} is not a backup of {source:?} (expected {source}/<folder>/)"));
+    }
+    Ok(Some(key))
+}
+
 fn json_response(status: u16, body: &Value) -> worker::Result<Response> {
     Ok(Response::from_json(body)?.with_status(status))
 }
@@ -377,20 +417,23 @@ pub(crate) async fn trigger_webhook(
     name: &str,
     webhook_id: &str,
     params: Value,
+    task: Task,
 ) -> worker::Result<(u16, Value)> {
     let req = TriggerRequest {
         trigger: Trigger::Webhook,
         webhook_id: Some(webhook_id.to_string()),
         scheduled_for: None,
         params,
+        task,
     };
     let body = serde_json::to_value(&req).map_err(rust_err)?;
     call(env, name, Method::Post, "/trigger", Some(&body)).await
 }
 
-/// Starts the cron job serving `fire`; returns a line for the log.
-pub(crate) async fn trigger_cron(env: &Env, name: &str, fire: Timestamp) -> Result<String, String> {
-    let req = TriggerRequest { trigger: Trigger::Cron, webhook_id: None, scheduled_for: Some(fire), params: json!({}) };
+/// Starts the cron job (an export, or a verification) serving `fire`; returns a line for the log.
+pub(crate) async fn trigger_cron(env: &Env, name: &str, fire: Timestamp, task: Task) -> Result<String, String> {
+    let req =
+        TriggerRequest { trigger: Trigger::Cron, webhook_id: None, scheduled_for: Some(fire), params: json!({}), task };
     let body = serde_json::to_value(&req).map_err(|e| e.to_string())?;
     let (status, value) = call(env, name, Method::Post, "/trigger", Some(&body)).await.map_err(|e| e.to_string())?;
     match status {

@@ -16,7 +16,12 @@ pub(crate) fn job_key(id: &JobId) -> String {
 
 /// Writes a manifest, the commit marker, after every artifact is stored.
 pub(crate) async fn write_manifest(bucket: &Bucket, key: &str, manifest: &Manifest) -> Result<(), String> {
-    let body = serde_json::to_vec_pretty(manifest).map_err(|e| e.to_string())?;
+    put_json(bucket, key, manifest).await.map_err(|e| format!("{e} (manifest)"))
+}
+
+/// Stores a small JSON document with R2's SHA-256 check and the hash in its metadata.
+pub(crate) async fn put_json(bucket: &Bucket, key: &str, value: &impl serde::Serialize) -> Result<(), String> {
+    let body = serde_json::to_vec_pretty(value).map_err(|e| e.to_string())?;
     let digest = Sha256::digest(&body).to_vec();
     let metadata = HashMap::from([("sha256".to_string(), hex::encode(&digest))]);
     bucket
@@ -26,9 +31,16 @@ pub(crate) async fn write_manifest(bucket: &Bucket, key: &str, manifest: &Manife
         .sha256(digest)
         .execute()
         .await
-        .map_err(|e| format!("R2 put of the manifest failed: {e}"))?
-        .ok_or_else(|| "R2 refused the manifest put".to_string())?;
+        .map_err(|e| format!("R2 put of {key} failed: {e}"))?
+        .ok_or_else(|| format!("R2 refused the put of {key}"))?;
     Ok(())
+}
+
+/// Reads and parses a small JSON document; `None` when it is missing or unreadable.
+pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(bucket: &Bucket, key: &str) -> Option<T> {
+    let object = bucket.get(key.to_string()).execute().await.ok()??;
+    let bytes = object.body()?.bytes().await.ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// Every key under `prefix`, following R2's cursor.
@@ -67,7 +79,5 @@ pub(crate) async fn discard(bucket: &Bucket, folder: &str, upload: Option<(Strin
 
 /// Reads and parses one manifest.
 pub(crate) async fn read_manifest(bucket: &Bucket, key: &str) -> Option<Manifest> {
-    let object = bucket.get(key.to_string()).execute().await.ok()??;
-    let bytes = object.body()?.bytes().await.ok()?;
-    serde_json::from_slice(&bytes).ok()
+    read_json(bucket, key).await
 }

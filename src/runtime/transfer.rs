@@ -63,8 +63,15 @@ fn promise(value: JsValue) -> Result<JsFuture, String> {
 }
 
 /// Starts uploading one part (R2's `resumeMultipartUpload(key, id).uploadPart(n, bytes)`).
-fn start_upload(bucket: &Bucket, key: &str, upload_id: &str, number: u16, bytes: &Uint8Array) -> Result<JsFuture, String> {
-    let upload = call(bucket.as_ref(), "resumeMultipartUpload", &[&JsValue::from_str(key), &JsValue::from_str(upload_id)])?;
+fn start_upload(
+    bucket: &Bucket,
+    key: &str,
+    upload_id: &str,
+    number: u16,
+    bytes: &Uint8Array,
+) -> Result<JsFuture, String> {
+    let upload =
+        call(bucket.as_ref(), "resumeMultipartUpload", &[&JsValue::from_str(key), &JsValue::from_str(upload_id)])?;
     promise(call(&upload, "uploadPart", &[&JsValue::from_f64(f64::from(number)), bytes])?)
 }
 
@@ -119,7 +126,7 @@ impl<'a> Sink<'a> {
     /// Saves the job with the copy's current state. The job in memory keeps the state the slice
     /// was ordered with; the state machine gets the new one in the `Sliced` event.
     async fn persist(&mut self) -> Result<(), StepError> {
-        let ordered = std::mem::replace(&mut self.job.copy, Some(self.state.clone()));
+        let ordered = self.job.copy.replace(self.state.clone());
         let text = serde_json::to_string(&*self.job);
         self.job.copy = ordered;
         let text = text.map_err(|e| StepError::permanent(e.to_string()))?;
@@ -203,7 +210,13 @@ impl<'a> Sink<'a> {
         let upload = start_upload(self.bucket, &self.state.key, &upload_id, number as u16, &bytes)
             .map_err(|e| r2_err("upload part", e))?;
         let digest = start_digest(&bytes).map_err(|e| StepError::transient(format!("hashing a part failed: {e}")))?;
-        self.inflight.push_back(InFlight { number: number as u16, size, hash_after: save_hasher(&self.hasher), upload, digest });
+        self.inflight.push_back(InFlight {
+            number: number as u16,
+            size,
+            hash_after: save_hasher(&self.hasher),
+            upload,
+            digest,
+        });
         while self.inflight.len() > self.settings.parts_in_flight as usize {
             self.settle_one().await?;
         }
@@ -213,12 +226,14 @@ impl<'a> Sink<'a> {
     /// Waits for the oldest part in flight and records it.
     async fn settle_one(&mut self) -> Result<(), StepError> {
         let Some(part) = self.inflight.pop_front() else { return Ok(()) };
-        let uploaded = part.upload.await.map_err(|e| r2_err(&format!("upload of part {}", part.number), js_text(&e)))?;
+        let uploaded =
+            part.upload.await.map_err(|e| r2_err(&format!("upload of part {}", part.number), js_text(&e)))?;
         let etag = Reflect::get(&uploaded, &JsValue::from_str("etag"))
             .ok()
             .and_then(|v| v.as_string())
             .ok_or_else(|| StepError::transient(format!("R2 returned no etag for part {}", part.number)))?;
-        let digest = part.digest.await.map_err(|e| StepError::transient(format!("hashing a part failed: {}", js_text(&e))))?;
+        let digest =
+            part.digest.await.map_err(|e| StepError::transient(format!("hashing a part failed: {}", js_text(&e))))?;
         let sha256 = hex::encode(Uint8Array::new(&digest).to_vec());
         self.state.record_part(PartRecord { number: part.number, etag, size: part.size, sha256 }, part.hash_after);
         if self.persist_each_part {
@@ -275,7 +290,11 @@ impl<'a> Sink<'a> {
                 .map_err(|e| r2_err("put", e))?
                 .ok_or_else(|| StepError::transient("R2 put was refused by a precondition"))?;
             if object.size() != size {
-                return Err(StepError::transient(format!("R2 stored {} bytes of {size} for {}", object.size(), self.filename)));
+                return Err(StepError::transient(format!(
+                    "R2 stored {} bytes of {size} for {}",
+                    object.size(),
+                    self.filename
+                )));
             }
             self.state.offset = size;
             return Ok(self.artifact(sha256, 1, Vec::new(), details));
@@ -288,8 +307,10 @@ impl<'a> Sink<'a> {
         let Some(id) = self.state.upload_id.clone() else {
             return Err(StepError::permanent("the multipart upload vanished"));
         };
-        let parts: Vec<UploadedPart> = self.state.parts.iter().map(|p| UploadedPart::new(p.number, p.etag.clone())).collect();
-        let upload = self.bucket.resume_multipart_upload(self.state.key.clone(), id).map_err(|e| r2_err("resume upload", e))?;
+        let parts: Vec<UploadedPart> =
+            self.state.parts.iter().map(|p| UploadedPart::new(p.number, p.etag.clone())).collect();
+        let upload =
+            self.bucket.resume_multipart_upload(self.state.key.clone(), id).map_err(|e| r2_err("resume upload", e))?;
         let stored = match upload.complete(parts).await {
             Ok(object) => object.size(),
             // Completed already by a slice cut off before it could record that.
@@ -308,7 +329,13 @@ impl<'a> Sink<'a> {
         Ok(self.artifact(sha256, self.state.parts.len() as u32, hashes, details))
     }
 
-    fn artifact(&self, sha256: String, parts: u32, part_sha256: Vec<String>, details: Option<serde_json::Value>) -> Artifact {
+    fn artifact(
+        &self,
+        sha256: String,
+        parts: u32,
+        part_sha256: Vec<String>,
+        details: Option<serde_json::Value>,
+    ) -> Artifact {
         Artifact {
             key: self.state.key.clone(),
             filename: self.filename.clone(),
@@ -436,7 +463,11 @@ async fn http_slice(sink: &mut Sink<'_>, base: &HttpRequest) -> Result<SliceOutc
 }
 
 /// Streams a download's body into the sink until it ends or the slice's budget is used.
-async fn pump(sink: &mut Sink<'_>, mut stream: ByteStream, controller: worker::AbortController) -> Result<SliceOutcome, StepError> {
+async fn pump(
+    sink: &mut Sink<'_>,
+    mut stream: ByteStream,
+    controller: worker::AbortController,
+) -> Result<SliceOutcome, StepError> {
     let expected = sink.state.validators.as_ref().and_then(|v| v.length);
     loop {
         let chunk = match net::next_chunk(&mut stream, net::IDLE_TIMEOUT).await {
@@ -482,7 +513,9 @@ async fn graph_slice(sink: &mut Sink<'_>, spec: &GraphExport) -> Result<SliceOut
             .execute()
             .await
             .map_err(|e| r2_err("reading the export's tail", e))?
-            .ok_or_else(|| StepError::permanent(format!("the export's tail {key} is missing; the copy cannot resume")))?;
+            .ok_or_else(|| {
+                StepError::permanent(format!("the export's tail {key} is missing; the copy cannot resume"))
+            })?;
         let bytes = object
             .body()
             .ok_or_else(|| StepError::transient("R2 returned no body for the export's tail"))?
