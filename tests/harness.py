@@ -37,7 +37,7 @@ def tool_env(**extra) -> dict:
 API_TOKEN = "test-api-token-0123456789"
 WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 D1_TOKEN = "test-d1-token"
-TERMINAL = ("committed", "failed", "skipped")
+TERMINAL = ("committed", "failed", "skipped", "verified")
 FERRY_WRANGLER_FLAGS = os.environ.get("FERRY_WRANGLER_FLAGS", "--inspector-port 0 --show-interactive-dev-session=false --log-level info").split()
 
 
@@ -373,7 +373,7 @@ FERRY_SOURCES = {toml_string(raw)}
         return json.loads(body)
 
     def webhook(self, source: str, body: bytes = b"{}", msg_id: str | None = None, timestamp: int | None = None,
-                signature: str | None = None, headers: dict | None = None):
+                signature: str | None = None, headers: dict | None = None, action: str = "exports"):
         msg_id = msg_id or f"msg_{time.time_ns()}"
         timestamp = int(time.time()) if timestamp is None else timestamp
         signature = sign(body, msg_id, timestamp) if signature is None else signature
@@ -381,7 +381,7 @@ FERRY_SOURCES = {toml_string(raw)}
              "content-type": "application/json"}
         if headers is not None:
             h = headers
-        status, hdrs, raw = self.http.request("POST", f"/v1/sources/{urllib.parse.quote(source)}/exports", body, h)
+        status, hdrs, raw = self.http.request("POST", f"/v1/sources/{urllib.parse.quote(source)}/{action}", body, h)
         try:
             payload = json.loads(raw)
         except ValueError:
@@ -435,6 +435,20 @@ FERRY_SOURCES = {toml_string(raw)}
                 return self.wait_job(last["id"], timeout=timeout)
             time.sleep(0.2)
         raise AssertionError(f"no job for {source}")
+
+    def verify_job(self, source: str, body: bytes = b"{}", timeout: float = 60) -> dict:
+        """Starts a verify job with a signed request (which must answer 202) and waits until it ends."""
+        status, _, payload = self.webhook(source, body=body, action="verify")
+        assert status == 202, (source, status, payload)
+        return self.wait_job(payload["job"]["id"], timeout=timeout)
+
+    def r2_put(self, key: str, data: bytes) -> None:
+        """Overwrites an object in the local R2 bucket behind Ferry's back (wrangler's own CLI)."""
+        path = self.workdir / "r2-put.bin"
+        path.write_bytes(data)
+        subprocess.run([str(WRANGLER), "r2", "object", "put", f"ferry-backups/{key}", "--file", str(path), "--local",
+                        "--persist-to", str(self.persist), "--config", str(self.workdir / "wrangler.toml")],
+                       cwd=self.workdir, env=tool_env(), check=True, capture_output=True)
 
     def backups(self, source: str) -> list:
         return self.api_json(f"/v1/sources/{source}/backups")["backups"]

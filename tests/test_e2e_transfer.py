@@ -1,0 +1,183 @@
+"""End to end: the sliced, resumable copy engine under `wrangler dev`.
+
+Slices are forced tiny (one 5 MiB part per slice) so a 40 MiB DXP volume takes eight slices, each
+in its own alarm invocation; the runtime is SIGKILLed between slices, the source ignores ranges,
+replaces the object mid-copy, or never lets a part finish. The emulator's request log shows what
+each slice asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import pytest
+
+from harness import DXP_SECRETS, DxpEmulator, Ferry, dxp_source
+
+PART = 5 * 1024 * 1024
+ONE_PART_PER_SLICE = {"part_size_mib": 5, "slice_max_mib": 5, "parts_in_flight": 2}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    work = tmp_path_factory.mktemp("transfer-e2e")
+    emulator = DxpEmulator(work, volume_mib=40, backups=1)
+    yield {"emulator": emulator, "work": work}
+    emulator.stop()
+
+
+@pytest.fixture(autouse=True)
+def clean(world):
+    world["emulator"].reset()
+
+
+def volume_requests(emulator) -> list:
+    return [r for r in emulator.state()["requests"] if "/backup/download/volume/" in r["path"]]
+
+
+def wait_for_parts(ferry: Ferry, job_id: str, more_than: int, timeout: float = 60) -> int:
+    """Waits until the volume's copy has stored more than `more_than` parts; returns the count."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = ferry.job(job_id)
+        copy = job.get("copy") or {}
+        if job["phase"] in ("committed", "failed"):
+            raise AssertionError(f"the job ended before the kill: {job}")
+        if copy.get("key", "").endswith("volume.tgz") and len(copy.get("parts", [])) > more_than:
+            return len(copy["parts"])
+        time.sleep(0.1)
+    raise AssertionError(f"no new part within {timeout} s: {ferry.job(job_id)}")
+
+
+def check_volume(ferry: Ferry, job: dict, backup: dict) -> dict:
+    assert job["phase"] == "committed", job
+    (manifest,) = [m for m in ferry.backups(job["source"]) if m["job_id"] == job["id"]]
+    (art,) = [a for a in manifest["artifacts"] if a["filename"] == "volume.tgz"]
+    headers, body = ferry.artifact(art["key"])
+    assert len(body) == backup["volume"]["size"]
+    assert hashlib.sha256(body).hexdigest() == backup["volume"]["sha256"] == art["sha256"], "volume differs"
+    assert art["parts"] == len(art["part_sha256"]) == -(-len(body) // PART)
+    for i, part_hash in enumerate(art["part_sha256"]):
+        assert part_hash == hashlib.sha256(body[i * PART:(i + 1) * PART]).hexdigest(), f"part {i + 1}"
+    return art
+
+
+def test_copy_survives_five_kills_between_slices_and_resumes_from_the_persisted_offset(world):
+    emulator = world["emulator"]
+    ferry = Ferry(world["work"] / "kills", [dxp_source("killed", emulator, **ONE_PART_PER_SLICE)], secrets=DXP_SECRETS)
+    try:
+        emulator.control(throttle_kib_per_s=4096)  # about 1.3 s per 5 MiB slice
+        status, _, payload = ferry.webhook("killed")
+        assert status == 202, payload
+        job_id = payload["job"]["id"]
+        parts = 0
+        for _ in range(5):
+            parts = wait_for_parts(ferry, job_id, parts)
+            ferry.restart(kill=True)
+        emulator.control(throttle_kib_per_s=0)
+        job = ferry.wait_job(job_id, timeout=120)
+        art = check_volume(ferry, job, emulator.backup())
+        assert art["parts"] == 8
+
+        requests = [r for r in volume_requests(emulator) if r["status"] in (200, 206)]
+        assert requests[0]["range"] is None and requests[0]["status"] == 200
+        starts = []
+        for r in requests[1:]:
+            assert r["status"] == 206, r
+            assert r["range"].startswith("bytes=") and r["range"].endswith("-"), r
+            assert r["if_range"], "a resumed slice sends If-Range"
+            start = int(r["range"][len("bytes="):-1])
+            assert start % PART == 0 and start == r["served_start"], r
+            starts.append(start)
+        assert starts == sorted(starts), f"a slice went back to bytes already stored: {starts}"
+        assert len(set(starts)) == 7, f"one resumed request per stored part boundary: {starts}"
+        assert len(requests) >= 8
+    finally:
+        ferry.stop()
+
+
+def test_a_source_that_ignores_ranges_restarts_from_zero_and_still_commits(world):
+    emulator = world["emulator"]
+    ferry = Ferry(world["work"] / "norange", [dxp_source("norange", emulator, **ONE_PART_PER_SLICE)], secrets=DXP_SECRETS)
+    try:
+        emulator.control(ignore_range=True)
+        job = ferry.webhook_job("norange", timeout=120)
+        check_volume(ferry, job, emulator.backup())
+        assert any("ignored the range" in r for r in job.get("restarts", [])), job
+        answered_whole = [r for r in volume_requests(emulator) if r["range"] and r["status"] == 200]
+        assert answered_whole, "a range request was answered with the whole object"
+    finally:
+        ferry.stop()
+
+
+def test_an_object_replaced_mid_copy_restarts_from_zero(world):
+    emulator = world["emulator"]
+    ferry = Ferry(world["work"] / "etag", [dxp_source("replaced", emulator, **ONE_PART_PER_SLICE)], secrets=DXP_SECRETS)
+    try:
+        emulator.control(throttle_kib_per_s=4096)
+        status, _, payload = ferry.webhook("replaced")
+        job_id = payload["job"]["id"]
+        wait_for_parts(ferry, job_id, 0)
+        emulator.control(etag_generation=1, throttle_kib_per_s=0)
+        job = ferry.wait_job(job_id, timeout=120)
+        check_volume(ferry, job, emulator.backup())
+        assert any("ETag changed" in r for r in job.get("restarts", [])), job
+    finally:
+        ferry.stop()
+
+
+def test_a_copy_that_never_stores_a_part_fails_within_the_watchdog_and_frees_the_source(world):
+    emulator = world["emulator"]
+    source = dxp_source("stuck", emulator, max_stalled_slices=3, **ONE_PART_PER_SLICE)
+    source["retry"] = {"max_attempts": 50, "base_ms": 100, "max_delay_ms": 200}
+    ferry = Ferry(world["work"] / "stuck", [source], secrets=DXP_SECRETS)
+    try:
+        emulator.control(truncate_after_bytes=1024 * 1024)  # every download dies before a part is full
+        job = ferry.webhook_job("stuck", timeout=120)
+        assert job["phase"] == "failed", job
+        assert "no progress in 3 consecutive slices" in job["error"], job["error"]
+        assert ferry.backups("stuck") == []
+        emulator.control(truncate_after_bytes=0)
+        status, _, payload = ferry.webhook("stuck")
+        assert status == 202, payload
+        job = ferry.wait_job(payload["job"]["id"], timeout=120)
+        check_volume(ferry, job, emulator.backup())
+    finally:
+        ferry.stop()
+
+
+def test_verify_reads_a_backup_back_and_an_altered_object_fails_naming_its_key(world):
+    emulator = world["emulator"]
+    small = {"part_size_mib": 5, "slice_max_mib": 5}
+    ferry = Ferry(world["work"] / "verify", [dxp_source("checked", emulator, **small)], secrets=DXP_SECRETS)
+    try:
+        job = ferry.webhook_job("checked", timeout=120)
+        art = check_volume(ferry, job, emulator.backup())
+        (backup,) = ferry.backups("checked")
+        assert backup["verification"] is None, "never verified yet"
+
+        verified = ferry.verify_job("checked", timeout=120)
+        assert verified["phase"] == "verified", verified
+        assert verified["verify"]["slices"] >= 8, "40 MiB read back in 5 MiB slices"
+        (backup,) = ferry.backups("checked")
+        assert backup["verification"]["outcome"] == "ok"
+        assert backup["verification"]["job_id"] == verified["id"] and backup["verification"]["verified_at"]
+
+        headers, body = ferry.artifact(art["key"])
+        altered = bytearray(body)
+        altered[12345] ^= 0xFF
+        ferry.r2_put(art["key"], bytes(altered))
+        folder = art["key"].rsplit("/", 1)[0]
+        failed = ferry.verify_job("checked", body=json.dumps({"backup": folder}).encode(), timeout=120)
+        assert failed["phase"] == "failed", failed
+        assert art["key"] in failed["error"] and "SHA-256" in failed["error"], failed["error"]
+        (backup,) = ferry.backups("checked")
+        assert backup["verification"]["outcome"] == "mismatch"
+        assert backup["verification"]["mismatches"][0].startswith(art["key"])
+
+        status, _, payload = ferry.webhook("checked", body=b'{"backup": "someone-else/x"}', action="verify")
+        assert status == 400 and "not a backup of" in payload["error"], payload
+    finally:
+        ferry.stop()
