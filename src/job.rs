@@ -175,6 +175,13 @@ pub struct Job {
     /// Every time a copy went back to byte 0, with the file and the reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub restarts: Vec<String>,
+    /// A signed download URL expired mid-copy: the job is back in `exporting` only to ask the
+    /// provider for fresh URLs, then resumes the copy where it stopped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub renewing: bool,
+    /// Fresh download URLs obtained so far.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub renewals: u32,
     /// A verify job's progress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<VerifyState>,
@@ -294,6 +301,8 @@ pub enum SliceOutcome {
     Finished(Artifact),
     /// The slice failed; the state keeps every part stored before the failure.
     Failed(StepError),
+    /// The signed download URL was refused as expired (or revoked); the state is kept.
+    UrlExpired(String),
 }
 
 /// The inputs of a transition besides the event.
@@ -366,6 +375,8 @@ impl Job {
             copy: None,
             transfer_started_at: None,
             restarts: Vec::new(),
+            renewing: false,
+            renewals: 0,
             verify: None,
             verification: None,
             task: Task::Export,
@@ -456,7 +467,7 @@ impl Job {
         }
         match self.phase {
             Phase::Exporting => {
-                if cx.now.since(self.started_at) > cx.source.export_timeout {
+                if !self.renewing && cx.now.since(self.started_at) > cx.source.export_timeout {
                     let limit = humanize(cx.source.export_timeout);
                     return self.fail(format!("the export did not finish within {limit}"), cx.now);
                 }
@@ -580,6 +591,25 @@ impl Job {
                 self.artifacts.push(artifact);
                 self.step_succeeded(cx.now)
             }
+            SliceOutcome::UrlExpired(answer) => {
+                let file = self.downloads.get(self.artifacts.len()).map_or("?", |d| d.filename.as_str()).to_string();
+                if !self.provider.can_renew_urls() {
+                    return self.fail(
+                        format!(
+                            "the signed URL of {file} expired mid-copy and this export cannot issue a new one \
+                             ({answer}); the copy must fit the URL's lifetime"
+                        ),
+                        cx.now,
+                    );
+                }
+                if self.renewals >= MAX_RENEWALS {
+                    return self
+                        .fail(format!("the signed URL of {file} expired {MAX_RENEWALS} times ({answer})"), cx.now);
+                }
+                self.renewing = true;
+                self.phase = Phase::Exporting;
+                self.step_succeeded(cx.now)
+            }
             SliceOutcome::Failed(err) => {
                 if progressed {
                     // Parts were stored before the failure: the copy is moving, start counting anew.
@@ -676,6 +706,23 @@ impl Job {
                 self.next_step_at = Some(at);
                 (self, Action::Sleep(at))
             }
+            Progress::Ready(downloads) if self.renewing => {
+                // Same files, fresh URLs: the copy resumes at its persisted offset.
+                for d in &mut self.downloads {
+                    match downloads.iter().find(|fresh| fresh.filename == d.filename) {
+                        Some(fresh) => d.origin = fresh.origin.clone(),
+                        None => {
+                            let name = d.filename.clone();
+                            return self
+                                .fail(format!("the provider no longer lists {name} while renewing its URL"), cx.now);
+                        }
+                    }
+                }
+                self.renewing = false;
+                self.renewals += 1;
+                self.phase = Phase::Transferring;
+                self.step_succeeded(cx.now)
+            }
             Progress::Ready(downloads) => {
                 self.phase = Phase::Transferring;
                 self.transfer_started_at = Some(cx.now);
@@ -734,7 +781,7 @@ impl Job {
     }
 
     fn fail(mut self, message: String, now: Timestamp) -> (Self, Action) {
-        let was_copying = self.phase == Phase::Transferring;
+        let was_copying = self.phase == Phase::Transferring || self.transfer_started_at.is_some();
         self.phase = Phase::Failed;
         self.error = Some(message);
         self.finished_at = Some(now);
@@ -746,6 +793,13 @@ impl Job {
         (self, action)
     }
 }
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// How many times one job may ask the provider for fresh download URLs.
+pub const MAX_RENEWALS: u32 = 10;
 
 fn humanize(d: Duration) -> String {
     let s = d.as_secs();

@@ -405,6 +405,14 @@ impl CopyState {
     }
 }
 
+/// Whether a refused download of a *signed* URL means the URL expired (or was revoked): object
+/// stores answer `403` (S3: `AccessDenied`, "Request has expired"; R2 the same), some `400` with
+/// an expiry message. A URL that needs the provider's credentials is never "expired".
+pub fn signed_url_expired(status: u16, body_start: &str) -> bool {
+    let text = body_start.to_ascii_lowercase();
+    status == 403 || (status == 400 && (text.contains("expired") || text.contains("signature")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -529,6 +537,17 @@ mod tests {
         assert_eq!(b.finalize(), Sha256::digest(&data));
         assert!(load_hasher("zz").is_err());
         assert!(load_hasher("00").is_err());
+    }
+
+    #[test]
+    fn refused_signed_urls_count_as_expired() {
+        assert!(signed_url_expired(
+            403,
+            "<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
+        ));
+        assert!(signed_url_expired(400, "<Error><Code>ExpiredToken</Code></Error>"));
+        assert!(!signed_url_expired(400, "bad request"));
+        assert!(!signed_url_expired(404, "not found"));
     }
 
     #[test]

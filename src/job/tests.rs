@@ -593,3 +593,50 @@ fn jobs_stored_before_tasks_existed_are_exports() {
     assert_eq!(round.task, Task::Verify);
     assert_eq!(round.verify.unwrap().manifest_key.as_deref(), Some("k"));
 }
+
+#[test]
+fn an_expired_signed_url_is_renewed_from_the_same_export_and_the_copy_resumes() {
+    let mut h = Harness::d1();
+    let order = to_copy(&mut h);
+    let mut state = order.state.clone();
+    let hash = state.hash_state.clone();
+    state.record_part(
+        crate::transfer::PartRecord { number: 1, etag: "e1".into(), size: 5 << 20, sha256: String::new() },
+        hash,
+    );
+    state.upload_id = Some("u1".into());
+    let expired =
+        SliceOutcome::UrlExpired("download of db-1-bm-1.sql was refused (HTTP 403): Request has expired".into());
+    assert_eq!(h.feed(Event::Sliced { state: state.clone(), outcome: expired }), Action::Sleep(h.now));
+    assert_eq!(h.job.phase, Phase::Exporting);
+    assert!(h.job.renewing);
+    h.advance(Duration::from_secs(7 * 3600)); // long past export_timeout: renewing is not exporting
+    let poll = expect_send(h.wake_when_due());
+    let body: Value = serde_json::from_slice(poll.body.as_deref().unwrap()).unwrap();
+    assert_eq!(body["current_bookmark"], "bm-1", "asks the same export again");
+    let fresh = HttpResponse::json(
+        200,
+        &json!({"success": true, "result": {"success": true, "type": "export", "at_bookmark": "bm-1", "status": "complete", "messages": [],
+        "result": {"filename": "db-1-bm-1.sql", "signed_url": "http://127.0.0.1:9/__signed/fresh/db-1-bm-1.sql"}}}),
+    );
+    h.feed(Event::Response(fresh));
+    assert_eq!((h.job.phase, h.job.renewals, h.job.renewing), (Phase::Transferring, 1, false));
+    let resumed = expect_copy(h.wake_when_due());
+    let CopySource::Http(request) = &resumed.source else { panic!() };
+    assert!(request.url.contains("/fresh/"), "{}", request.url);
+    assert_eq!(resumed.state.offset, 5 << 20, "resumes at the persisted offset");
+    assert_eq!(resumed.state.upload_id.as_deref(), Some("u1"));
+}
+
+#[test]
+fn an_expired_url_that_cannot_be_renewed_fails_saying_so_and_discards() {
+    let mut h = Harness::d1();
+    to_copy(&mut h);
+    if let crate::providers::ProviderState::D1(d1) = &mut h.job.provider {
+        d1.at_bookmark = None;
+    }
+    let state = h.job.copy.clone().unwrap();
+    let action = h.feed(Event::Sliced { state, outcome: SliceOutcome::UrlExpired("HTTP 403".into()) });
+    assert!(matches!(action, Action::Discard { .. }), "{action:?}");
+    assert!(h.job.error.as_deref().unwrap().contains("expired mid-copy and this export cannot issue a new one"));
+}

@@ -214,6 +214,17 @@ impl ProviderState {
         redact(refs)
     }
 
+    /// Whether the provider can issue fresh download URLs for the same export when one expires
+    /// mid-copy: D1 answers the same bookmark's status with a new signed URL, Dgraph's
+    /// `exportStatus` lists new signed URLs for the task. DXP downloads are not signed.
+    pub fn can_renew_urls(&self) -> bool {
+        match self {
+            Self::D1(state) => state.at_bookmark.is_some(),
+            Self::Dgraph(state) => state.task_id.is_some(),
+            Self::Aura(_) | Self::Dxp(_) => false,
+        }
+    }
+
     /// What identifies the provider's artifact, so a source never copies it twice (DXP backup
     /// ids); `None` for providers that produce a fresh export every time.
     pub fn dedupe_key(&self) -> Option<String> {

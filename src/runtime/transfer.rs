@@ -410,6 +410,8 @@ fn header<'h>(headers: &'h [(String, String)], name: &str) -> Option<&'h str> {
 
 /// One slice of a download: from the persisted offset to the budget or the end.
 async fn http_slice(sink: &mut Sink<'_>, base: &HttpRequest) -> Result<SliceOutcome, StepError> {
+    // A URL that carries no credentials of ours is a signed URL, which can expire.
+    let signed = base.header_value("authorization").is_none() && base.headers.iter().all(|(k, _)| !k.contains("auth"));
     // A restart whose answer cannot be used asks once more, from zero.
     for _ in 0..2 {
         if sink.state.all_stored() {
@@ -442,6 +444,9 @@ async fn http_slice(sink: &mut Sink<'_>, base: &HttpRequest) -> Result<SliceOutc
             controller.abort();
             let text: String = String::from_utf8_lossy(&first).chars().take(200).collect();
             let message = format!("download of {} was refused (HTTP {status}): {}", sink.filename, text.trim());
+            if signed && crate::transfer::signed_url_expired(status, &text) {
+                return Ok(SliceOutcome::UrlExpired(message));
+            }
             let http = HttpResponse { status, headers, body: Vec::new() };
             return Err(status_error(&http, super::now(), message));
         }
