@@ -182,6 +182,10 @@ pub struct Job {
     /// Fresh download URLs obtained so far.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub renewals: u32,
+    /// The copy's offset when its URL was last renewed: refused again there, the URL was not
+    /// the problem.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewed_at_offset: Option<u64>,
     /// A verify job's progress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<VerifyState>,
@@ -377,6 +381,7 @@ impl Job {
             restarts: Vec::new(),
             renewing: false,
             renewals: 0,
+            renewed_at_offset: None,
             verify: None,
             verification: None,
             task: Task::Export,
@@ -516,10 +521,11 @@ impl Job {
         if state.stalled >= settings.max_stalled_slices {
             let n = state.stalled;
             self.copy = Some(state);
+            let last = self.last_error.as_deref().map(|e| format!("; last error: {e}")).unwrap_or_default();
             return self.fail(
                 format!(
                     "the copy of {} made no progress in {n} consecutive slices (no part stored); giving up \
-                     (max_stalled_slices)",
+                     (max_stalled_slices){last}",
                     download.filename
                 ),
                 cx.now,
@@ -602,11 +608,16 @@ impl Job {
                         cx.now,
                     );
                 }
+                let offset = self.copy.as_ref().map_or(0, |c| c.offset);
+                if self.renewed_at_offset == Some(offset) {
+                    return self.fail(format!("{answer} (a freshly issued URL was refused too)"), cx.now);
+                }
                 if self.renewals >= MAX_RENEWALS {
                     return self
                         .fail(format!("the signed URL of {file} expired {MAX_RENEWALS} times ({answer})"), cx.now);
                 }
                 self.renewing = true;
+                self.renewed_at_offset = Some(offset);
                 self.phase = Phase::Exporting;
                 self.step_succeeded(cx.now)
             }

@@ -626,6 +626,11 @@ fn an_expired_signed_url_is_renewed_from_the_same_export_and_the_copy_resumes() 
     assert!(request.url.contains("/fresh/"), "{}", request.url);
     assert_eq!(resumed.state.offset, 5 << 20, "resumes at the persisted offset");
     assert_eq!(resumed.state.upload_id.as_deref(), Some("u1"));
+    // The fresh URL is refused as well, with nothing stored since: not an expiry, a failure.
+    let refused = SliceOutcome::UrlExpired("download of db-1-bm-1.sql was refused (HTTP 403): denied".into());
+    assert!(matches!(h.feed(Event::Sliced { state: resumed.state, outcome: refused }), Action::Discard { .. }));
+    let error = h.job.error.clone().unwrap();
+    assert!(error.contains("refused (HTTP 403)") && error.contains("freshly issued URL was refused too"), "{error}");
 }
 
 #[test]
