@@ -405,12 +405,13 @@ impl CopyState {
     }
 }
 
-/// Whether a refused download of a *signed* URL means the URL expired (or was revoked): object
-/// stores answer `403` (S3: `AccessDenied`, "Request has expired"; R2 the same), some `400` with
-/// an expiry message. A URL that needs the provider's credentials is never "expired".
+/// Whether a refused download of a *signed* URL may mean the URL expired (or was revoked):
+/// object stores answer `403` (S3: `AccessDenied`, "Request has expired"; R2 the same), D1's
+/// expired URLs may answer `404`, some stores `400` with an expiry message. A URL that needs the
+/// provider's credentials is never "expired". A fresh URL refused the same way fails the job.
 pub fn signed_url_expired(status: u16, body_start: &str) -> bool {
     let text = body_start.to_ascii_lowercase();
-    status == 403 || (status == 400 && (text.contains("expired") || text.contains("signature")))
+    matches!(status, 403 | 404) || (status == 400 && (text.contains("expired") || text.contains("signature")))
 }
 
 #[cfg(test)]
@@ -547,7 +548,8 @@ mod tests {
         ));
         assert!(signed_url_expired(400, "<Error><Code>ExpiredToken</Code></Error>"));
         assert!(!signed_url_expired(400, "bad request"));
-        assert!(!signed_url_expired(404, "not found"));
+        assert!(signed_url_expired(404, "NoSuchKey"), "D1's expired URLs may answer 404");
+        assert!(!signed_url_expired(500, "oops"));
     }
 
     #[test]
