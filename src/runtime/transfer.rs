@@ -1,9 +1,11 @@
 //! Performs one slice of a copy (the decisions are in `crate::transfer`).
 //!
-//! A slice downloads from the persisted offset (`Range`/`If-Range`), hashes every byte once into
-//! the whole-file SHA-256, cuts parts, and uploads up to `parts_in_flight` of them while the next
-//! one downloads. Each part is handed to R2 as a JS `Uint8Array`, so it is copied out of wasm
-//! memory once, and its own SHA-256 is computed by Web Crypto in native code. After every part
+//! A slice downloads from the persisted offset (`Range`/`If-Range`) and uploads up to
+//! `parts_in_flight` parts while the next one downloads. Parts live in JS memory: the body is read
+//! with a BYOB reader (`readAtLeast`, about 1 MiB at a time) straight into the part's
+//! `Uint8Array`, so a read never crosses a part boundary; each read is copied once into a reused
+//! wasm buffer to feed the whole-file SHA-256, and the part goes to R2 and to Web Crypto (its own
+//! SHA-256, native code) without ever being copied back out of wasm. After every part
 //! the copy's state is persisted with the job, so a slice cut off anywhere resumes at the last
 //! stored part. The slice stops at a part boundary when its byte or time budget is used (or the
 //! runtime says the CPU budget is nearly spent); the next alarm runs the next slice.
@@ -20,7 +22,7 @@ use js_sys::{Array, Function, Promise, Reflect, Uint8Array};
 use sha2::{Digest, Sha256};
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
-use worker::{Bucket, ByteStream, Data, HttpMetadata, Storage, UploadedPart};
+use worker::{Bucket, Data, HttpMetadata, Storage, UploadedPart};
 
 use super::{net, store};
 use crate::error::StepError;
@@ -32,6 +34,32 @@ use crate::transfer::{load_hasher, save_hasher, CopyState, PartRecord, Resume, T
 
 /// Bytes hashed between two yields to the event loop, so status requests are answered mid-copy.
 const YIELD_EVERY: u64 = 4 << 20;
+/// Bytes one read asks for at least (less only at a part's end or the body's end).
+const READ_AT_LEAST: usize = 1 << 20;
+
+thread_local! {
+    /// The wasm-side copy of each read, for hashing: allocated once per isolate and reused, so
+    /// wasm memory stays flat across slices and artifacts.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Feeds a JS byte range to the hasher through the reused wasm buffer.
+fn hash_js(hasher: &mut Sha256, bytes: &Uint8Array) {
+    SCRATCH.with(|cell| {
+        let mut scratch = cell.borrow_mut();
+        let total = bytes.length() as usize;
+        let mut at = 0;
+        while at < total {
+            let n = (total - at).min(READ_AT_LEAST);
+            if scratch.len() < n {
+                scratch.resize(READ_AT_LEAST.max(n), 0);
+            }
+            bytes.subarray(at as u32, (at + n) as u32).copy_to(&mut scratch[..n]);
+            hasher.update(&scratch[..n]);
+            at += n;
+        }
+    });
+}
 
 fn r2_err(what: &str, e: impl std::fmt::Display) -> StepError {
     StepError::transient(format!("R2 {what} failed: {e}"))
@@ -102,15 +130,15 @@ struct Sink<'a> {
     filename: String,
     content_type: String,
     hasher: Sha256,
-    buf: Vec<u8>,
+    /// The part being filled (JS memory, `part_size` long) and how much of it is.
+    part: Uint8Array,
+    filled: usize,
     inflight: VecDeque<InFlight>,
     /// Downloads persist after every part; the graph export only at the end of a slice.
     persist_each_part: bool,
     /// Bytes taken in this slice.
     pushed: u64,
     started_ms: f64,
-    /// The budget was used at a part boundary: the slice ends there.
-    stopped: bool,
 }
 
 impl<'a> Sink<'a> {
@@ -133,36 +161,39 @@ impl<'a> Sink<'a> {
         self.storage.put(&store::job_key(&self.job.id), text).await.map_err(|e| r2_err("saving the copy's progress", e))
     }
 
-    /// Takes bytes; uploads a part each time one is full. With `may_stop`, stops right after a
-    /// part when the slice's budget is used (`stopped`), leaving the rest of `data` untaken.
-    async fn push(&mut self, mut data: &[u8], may_stop: bool) -> Result<(), StepError> {
+    /// Takes bytes produced in wasm (the graph export); uploads a part each time one is full.
+    async fn push(&mut self, mut data: &[u8]) -> Result<(), StepError> {
         while !data.is_empty() {
-            if self.buf.capacity() == 0 {
-                self.buf.reserve_exact(self.part_size());
-            }
-            let take = (self.part_size() - self.buf.len()).min(data.len());
+            let take = (self.part_size() - self.filled).min(data.len());
             self.hasher.update(&data[..take]);
-            self.buf.extend_from_slice(&data[..take]);
+            self.part.subarray(self.filled as u32, (self.filled + take) as u32).copy_from(&data[..take]);
+            self.filled += take;
             data = &data[take..];
-            let before = self.pushed;
-            self.pushed += take as u64;
-            if before / YIELD_EVERY != self.pushed / YIELD_EVERY {
-                worker::Delay::from(Duration::ZERO).await;
-            }
-            if self.buf.len() == self.part_size() {
+            self.took(take as u64).await;
+            if self.filled == self.part_size() {
                 self.send_part().await?;
-                if may_stop && self.budget_used() {
-                    self.stopped = true;
-                    return Ok(());
-                }
             }
         }
         Ok(())
     }
 
+    /// Accounts for `n` bytes taken in this slice, yielding to the event loop now and then.
+    async fn took(&mut self, n: u64) {
+        let before = self.pushed;
+        self.pushed += n;
+        if before / YIELD_EVERY != self.pushed / YIELD_EVERY {
+            worker::Delay::from(Duration::ZERO).await;
+        }
+    }
+
+    /// The bytes of the part being filled, copied into wasm (small files and the graph's tail).
+    fn filled_bytes(&self) -> Vec<u8> {
+        self.part.subarray(0, self.filled as u32).to_vec()
+    }
+
     /// Bytes of the artifact taken so far (stored, in flight, buffered).
     fn position(&self) -> u64 {
-        self.state.offset + self.inflight.iter().map(|p| p.size).sum::<u64>() + self.buf.len() as u64
+        self.state.offset + self.inflight.iter().map(|p| p.size).sum::<u64>() + self.filled as u64
     }
 
     fn metadata(&self, sha256: Option<&str>) -> HashMap<String, String> {
@@ -199,14 +230,15 @@ impl<'a> Sink<'a> {
         Ok(id)
     }
 
-    /// Hands the buffered bytes to R2 as the next part; waits while too many are in flight.
+    /// Hands the filled part to R2 as the next part; waits while too many are in flight.
     async fn send_part(&mut self) -> Result<(), StepError> {
         let number = self.state.next_part_number() + self.inflight.len() as u32;
         self.state.check_part_limit(number, &self.filename, self.settings.part_size)?;
         let upload_id = self.ensure_upload().await?;
-        let bytes = Uint8Array::from(self.buf.as_slice());
-        let size = self.buf.len() as u64;
-        self.buf.clear();
+        let bytes = self.part.subarray(0, self.filled as u32);
+        let size = self.filled as u64;
+        self.part = Uint8Array::new_with_length(self.settings.part_size as u32);
+        self.filled = 0;
         let upload = start_upload(self.bucket, &self.state.key, &upload_id, number as u16, &bytes)
             .map_err(|e| r2_err("upload part", e))?;
         let digest = start_digest(&bytes).map_err(|e| StepError::transient(format!("hashing a part failed: {e}")))?;
@@ -253,7 +285,7 @@ impl<'a> Sink<'a> {
     /// source made the copy restart too often.
     async fn restart(&mut self, reason: String) -> Result<(), StepError> {
         self.inflight.clear();
-        self.buf.clear();
+        self.filled = 0;
         if let Some(id) = self.state.restart(reason.clone()) {
             if let Ok(upload) = self.bucket.resume_multipart_upload(self.state.key.clone(), id) {
                 let _ = upload.abort().await;
@@ -277,8 +309,9 @@ impl<'a> Sink<'a> {
         let sha256 = hex::encode(digest);
         if self.state.upload_id.is_none() {
             // It never filled a part: one put, checked by R2 against the SHA-256.
-            let size = self.buf.len() as u64;
-            let body = std::mem::take(&mut self.buf);
+            let size = self.filled as u64;
+            let body = self.filled_bytes();
+            self.filled = 0;
             let object = self
                 .bucket
                 .put(self.state.key.clone(), Data::Bytes(body))
@@ -299,7 +332,7 @@ impl<'a> Sink<'a> {
             self.state.offset = size;
             return Ok(self.artifact(sha256, 1, Vec::new(), details));
         }
-        if !self.buf.is_empty() || (self.state.parts.is_empty() && self.inflight.is_empty()) {
+        if self.filled > 0 || (self.state.parts.is_empty() && self.inflight.is_empty()) {
             self.send_part().await?;
         }
         self.settle_all().await?;
@@ -367,12 +400,12 @@ pub(crate) async fn run_slice(bucket: &Bucket, storage: &Storage, job: &mut Job,
         filename,
         content_type,
         hasher,
-        buf: Vec::new(),
+        part: Uint8Array::new_with_length(settings.part_size as u32),
+        filled: 0,
         inflight: VecDeque::new(),
         persist_each_part: !graph,
         pushed: 0,
         started_ms: js_sys::Date::now(),
-        stopped: false,
     };
     let result = match &source {
         CopySource::Http(request) => http_slice(&mut sink, request).await,
@@ -461,38 +494,117 @@ async fn http_slice(sink: &mut Sink<'_>, base: &HttpRequest) -> Result<SliceOutc
                 sink.state.check_response(status, &headers);
             }
         }
-        let stream = resp.stream().map_err(|e| StepError::transient(e.to_string()))?;
-        return pump(sink, stream, controller).await;
+        let reader =
+            ByobReader::of(&resp).map_err(|e| StepError::transient(format!("reading {}: {e}", sink.filename)))?;
+        return pump(sink, reader, controller).await;
     }
     Err(StepError::transient(format!("the source of {} kept answering with ranges that do not fit", sink.filename)))
 }
 
-/// Streams a download's body into the sink until it ends or the slice's budget is used.
+/// A BYOB reader of a response body: each read fills the given view (at least
+/// [`READ_AT_LEAST`] bytes, or the view, or what is left) with no copy through wasm.
+struct ByobReader {
+    reader: JsValue,
+    at_least: bool,
+}
+
+impl ByobReader {
+    fn of(resp: &worker::Response) -> Result<Self, String> {
+        let worker::ResponseBody::Stream(stream) = resp.body() else {
+            return Err("the response has no body stream".into());
+        };
+        let options = js_sys::Object::new();
+        Reflect::set(&options, &JsValue::from_str("mode"), &JsValue::from_str("byob")).map_err(|e| js_text(&e))?;
+        let reader = call(stream.as_ref(), "getReader", &[&options])?;
+        let at_least = Reflect::get(&reader, &JsValue::from_str("readAtLeast")).is_ok_and(|f| f.is_function());
+        Ok(Self { reader, at_least })
+    }
+
+    /// Reads into `view`; returns the filled view (over the same, transferred, buffer) and
+    /// whether the body ended. Fails when nothing arrives within the idle timeout.
+    async fn read(&self, view: Uint8Array) -> Result<(Option<Uint8Array>, bool), String> {
+        let min = (view.length() as usize).min(READ_AT_LEAST);
+        let reading = if self.at_least {
+            call(&self.reader, "readAtLeast", &[&JsValue::from_f64(min as f64), &view])?
+        } else {
+            call(&self.reader, "read", &[&view])?
+        };
+        let reading = Box::pin(promise(reading)?);
+        let idle = Box::pin(worker::Delay::from(net::IDLE_TIMEOUT));
+        let result = match futures_util::future::select(reading, idle).await {
+            futures_util::future::Either::Left((r, _)) => {
+                r.map_err(|e| format!("the connection broke: {}", js_text(&e)))?
+            }
+            futures_util::future::Either::Right(_) => {
+                return Err(format!("no data received for {} s", net::IDLE_TIMEOUT.as_secs()))
+            }
+        };
+        let done = Reflect::get(&result, &JsValue::from_str("done")).map(|d| d.is_truthy()).unwrap_or(true);
+        let value =
+            Reflect::get(&result, &JsValue::from_str("value")).ok().and_then(|v| v.dyn_into::<Uint8Array>().ok());
+        Ok((value, done))
+    }
+}
+
+/// Reads a download's body into the sink until it ends or the slice's budget is used.
 async fn pump(
     sink: &mut Sink<'_>,
-    mut stream: ByteStream,
+    reader: ByobReader,
     controller: worker::AbortController,
 ) -> Result<SliceOutcome, StepError> {
     let expected = sink.state.validators.as_ref().and_then(|v| v.length);
+    // A source that ignores ranges cannot resume: such a copy runs to the end.
+    let may_stop = !sink.state.no_ranges;
     loop {
-        let chunk = match net::next_chunk(&mut stream, net::IDLE_TIMEOUT).await {
-            Ok(Some(chunk)) => chunk,
-            Ok(None) => break,
+        let view = sink.part.subarray(sink.filled as u32, sink.part_size() as u32);
+        let (value, done) = match reader.read(view).await {
+            Ok(r) => r,
             Err(e) => {
                 controller.abort();
+                // The part buffer was handed to the reader: start a fresh one.
+                sink.part = Uint8Array::new_with_length(sink.settings.part_size as u32);
+                sink.filled = 0;
                 return Err(StepError::transient(format!("download of {}: {e}", sink.filename)));
             }
         };
-        // A source that ignores ranges cannot resume: such a copy runs to the end.
-        let may_stop = !sink.state.no_ranges;
-        sink.push(&chunk, may_stop).await?;
-        if sink.stopped {
-            controller.abort();
-            sink.settle_all().await?;
-            if sink.state.all_stored() {
-                return sink.finish(None).await.map(SliceOutcome::Finished);
+        match value {
+            // The read transferred the part's buffer; the filled view sits at its old offset.
+            Some(filled) => {
+                sink.part = Uint8Array::new(&filled.buffer());
+                let n = filled.length() as usize;
+                if expected.is_some_and(|e| sink.position() + n as u64 > e) {
+                    controller.abort();
+                    return Err(StepError::transient(format!(
+                        "download of {} sent more than the {} bytes it announced",
+                        sink.filename,
+                        expected.unwrap_or_default()
+                    )));
+                }
+                hash_js(&mut sink.hasher, &filled);
+                sink.filled += n;
+                sink.took(n as u64).await;
             }
-            return Ok(SliceOutcome::Paused);
+            None if sink.filled == 0 => sink.part = Uint8Array::new_with_length(sink.settings.part_size as u32),
+            None => {
+                controller.abort();
+                sink.part = Uint8Array::new_with_length(sink.settings.part_size as u32);
+                sink.filled = 0;
+                return Err(StepError::transient(format!("reading {}: the reader returned no buffer", sink.filename)));
+            }
+        }
+        if done {
+            break;
+        }
+        if sink.filled == sink.part_size() {
+            sink.send_part().await?;
+            if may_stop && sink.budget_used() {
+                controller.abort();
+                sink.settle_all().await?;
+                if sink.state.all_stored() {
+                    return sink.finish(None).await.map(SliceOutcome::Finished);
+                }
+                return Ok(SliceOutcome::Paused);
+            }
         }
     }
     let got = sink.position();
@@ -530,7 +642,7 @@ async fn graph_slice(sink: &mut Sink<'_>, spec: &GraphExport) -> Result<SliceOut
         if bytes.len() as u64 != *len {
             return Err(StepError::permanent(format!("the export's tail {key} has {} bytes, not {len}", bytes.len())));
         }
-        sink.push(&bytes, false).await?;
+        sink.push(&bytes).await?;
     }
     let mut pages = 0u32;
     let mut more = false;
@@ -541,12 +653,12 @@ async fn graph_slice(sink: &mut Sink<'_>, spec: &GraphExport) -> Result<SliceOut
         }
         let resp = net::exchange(&request).await.map_err(StepError::transient)?;
         writer.on_response(&resp, super::now())?;
-        sink.push(&writer.take_output(), false).await?;
+        sink.push(&writer.take_output()).await?;
         pages += 1;
     }
     if !more {
         let (rest, details) = writer.finish()?;
-        sink.push(&rest, false).await?;
+        sink.push(&rest).await?;
         let artifact = sink.finish(Some(details)).await?;
         if let Some((key, _)) = old_tail {
             let _ = sink.bucket.delete(key).await;
@@ -554,14 +666,14 @@ async fn graph_slice(sink: &mut Sink<'_>, spec: &GraphExport) -> Result<SliceOut
         return Ok(SliceOutcome::Finished(artifact));
     }
     let (rest, cursor) = writer.end_member()?;
-    sink.push(&rest, false).await?;
+    sink.push(&rest).await?;
     sink.settle_all().await?;
     sink.state.tail = None;
-    if !sink.buf.is_empty() {
+    if sink.filled > 0 {
         let key = format!("{}.tail-{}", sink.state.key, sink.state.slices);
-        let len = sink.buf.len() as u64;
+        let len = sink.filled as u64;
         sink.bucket
-            .put(key.clone(), Data::Bytes(sink.buf.clone()))
+            .put(key.clone(), Data::Bytes(sink.filled_bytes()))
             .execute()
             .await
             .map_err(|e| r2_err("parking the export's tail", e))?;
