@@ -43,22 +43,22 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Feeds a JS byte range to the hasher through the reused wasm buffer.
-fn hash_js(hasher: &mut Sha256, bytes: &Uint8Array) {
+/// Copies a read (at most [`READ_AT_LEAST`] bytes) into the reused wasm buffer.
+fn stage(bytes: &Uint8Array) -> usize {
     SCRATCH.with(|cell| {
         let mut scratch = cell.borrow_mut();
-        let total = bytes.length() as usize;
-        let mut at = 0;
-        while at < total {
-            let n = (total - at).min(READ_AT_LEAST);
-            if scratch.len() < n {
-                scratch.resize(READ_AT_LEAST.max(n), 0);
-            }
-            bytes.subarray(at as u32, (at + n) as u32).copy_to(&mut scratch[..n]);
-            hasher.update(&scratch[..n]);
-            at += n;
+        let n = (bytes.length() as usize).min(READ_AT_LEAST);
+        if scratch.len() < READ_AT_LEAST {
+            scratch.resize(READ_AT_LEAST, 0);
         }
-    });
+        bytes.subarray(0, n as u32).copy_to(&mut scratch[..n]);
+        n
+    })
+}
+
+/// Hashes the first `n` bytes staged by [`stage`].
+fn hash_staged(hasher: &mut Sha256, n: usize) {
+    SCRATCH.with(|cell| hasher.update(&cell.borrow()[..n]));
 }
 
 fn r2_err(what: &str, e: impl std::fmt::Display) -> StepError {
@@ -520,23 +520,33 @@ impl ByobReader {
         Ok(Self { reader, at_least })
     }
 
-    /// Reads into `view`; returns the filled view (over the same, transferred, buffer) and
-    /// whether the body ended. Fails when nothing arrives within the idle timeout.
-    async fn read(&self, view: Uint8Array) -> Result<(Option<Uint8Array>, bool), String> {
-        let min = (view.length() as usize).min(READ_AT_LEAST);
+    /// Stops the download: the rest of the body is not wanted.
+    fn cancel(&self) {
+        // `cancel()` returns a promise that settles once the stream is torn down; nothing waits for it.
+        let _ = call(&self.reader, "cancel", &[]);
+    }
+
+    /// Starts reading into `view` (filled completely unless the body ends first).
+    fn start(&self, view: &Uint8Array) -> Result<JsFuture, String> {
         let reading = if self.at_least {
-            call(&self.reader, "readAtLeast", &[&JsValue::from_f64(min as f64), &view])?
+            call(&self.reader, "readAtLeast", &[&JsValue::from_f64(f64::from(view.length())), view])?
         } else {
-            call(&self.reader, "read", &[&view])?
+            call(&self.reader, "read", &[view])?
         };
-        let reading = Box::pin(promise(reading)?);
-        let idle = Box::pin(worker::Delay::from(net::IDLE_TIMEOUT));
-        let result = match futures_util::future::select(reading, idle).await {
-            futures_util::future::Either::Left((r, _)) => {
-                r.map_err(|e| format!("the connection broke: {}", js_text(&e)))?
-            }
-            futures_util::future::Either::Right(_) => {
-                return Err(format!("no data received for {} s", net::IDLE_TIMEOUT.as_secs()))
+        promise(reading)
+    }
+
+    /// Waits for a started read; returns the filled view (over the same, transferred, buffer)
+    /// and whether the body ended. Fails when nothing arrives within the idle timeout.
+    async fn wait(reading: JsFuture, idle: &mut IdleTimer) -> Result<(Option<Uint8Array>, bool), String> {
+        let mut reading = Box::pin(reading);
+        let result = loop {
+            match futures_util::future::select(reading.as_mut(), idle.timer.as_mut()).await {
+                futures_util::future::Either::Left((r, _)) => {
+                    idle.last_data_ms = js_sys::Date::now();
+                    break r.map_err(|e| format!("the connection broke: {}", js_text(&e)))?;
+                }
+                futures_util::future::Either::Right(_) => idle.rearm()?,
             }
         };
         let done = Reflect::get(&result, &JsValue::from_str("done")).map(|d| d.is_truthy()).unwrap_or(true);
@@ -544,6 +554,44 @@ impl ByobReader {
             Reflect::get(&result, &JsValue::from_str("value")).ok().and_then(|v| v.dyn_into::<Uint8Array>().ok());
         Ok((value, done))
     }
+}
+
+/// The download's idle timeout, as one timer re-armed only when it fires (not one per read).
+struct IdleTimer {
+    timer: std::pin::Pin<Box<worker::Delay>>,
+    last_data_ms: f64,
+}
+
+impl IdleTimer {
+    fn new() -> Self {
+        Self { timer: Box::pin(worker::Delay::from(net::IDLE_TIMEOUT)), last_data_ms: js_sys::Date::now() }
+    }
+
+    /// The timer fired: an error when no data came for the whole timeout, else wait the rest.
+    fn rearm(&mut self) -> Result<(), String> {
+        let quiet = Duration::from_millis((js_sys::Date::now() - self.last_data_ms).max(0.0) as u64);
+        if quiet >= net::IDLE_TIMEOUT {
+            return Err(format!("no data received for {} s", net::IDLE_TIMEOUT.as_secs()));
+        }
+        self.timer = Box::pin(worker::Delay::from(net::IDLE_TIMEOUT - quiet));
+        Ok(())
+    }
+}
+
+/// The view of the part that the next read fills: at most [`READ_AT_LEAST`] bytes, never past
+/// the part's end.
+fn next_view(sink: &Sink<'_>) -> Uint8Array {
+    let end = (sink.filled + READ_AT_LEAST).min(sink.part_size());
+    sink.part.subarray(sink.filled as u32, end as u32)
+}
+
+/// Ends a read that failed: stops the download and starts a fresh part buffer (the old one was
+/// handed to the reader).
+fn broken(sink: &mut Sink<'_>, reader: &ByobReader, e: String) -> StepError {
+    reader.cancel();
+    sink.part = Uint8Array::new_with_length(sink.settings.part_size as u32);
+    sink.filled = 0;
+    StepError::transient(format!("download of {}: {e}", sink.filename))
 }
 
 /// Reads a download's body into the sink until it ends or the slice's budget is used.
@@ -555,57 +603,51 @@ async fn pump(
     let expected = sink.state.validators.as_ref().and_then(|v| v.length);
     // A source that ignores ranges cannot resume: such a copy runs to the end.
     let may_stop = !sink.state.no_ranges;
-    loop {
-        let view = sink.part.subarray(sink.filled as u32, sink.part_size() as u32);
-        let (value, done) = match reader.read(view).await {
-            Ok(r) => r,
-            Err(e) => {
-                controller.abort();
-                // The part buffer was handed to the reader: start a fresh one.
-                sink.part = Uint8Array::new_with_length(sink.settings.part_size as u32);
-                sink.filled = 0;
-                return Err(StepError::transient(format!("download of {}: {e}", sink.filename)));
-            }
-        };
+    // Keep the fetch's controller alive for the whole read; cancelling the reader ends the fetch.
+    let _controller = controller;
+    let broke = |sink: &mut Sink<'_>, e: String| broken(sink, &reader, e);
+    let mut idle = IdleTimer::new();
+    let mut reading = Some(reader.start(&next_view(sink)).map_err(|e| broke(sink, e))?);
+    while let Some(pending) = reading.take() {
+        let (value, done) = ByobReader::wait(pending, &mut idle).await.map_err(|e| broke(sink, e))?;
+        let mut n = 0;
         match value {
             // The read transferred the part's buffer; the filled view sits at its old offset.
             Some(filled) => {
                 sink.part = Uint8Array::new(&filled.buffer());
-                let n = filled.length() as usize;
+                n = filled.length() as usize;
                 if expected.is_some_and(|e| sink.position() + n as u64 > e) {
-                    controller.abort();
-                    return Err(StepError::transient(format!(
-                        "download of {} sent more than the {} bytes it announced",
-                        sink.filename,
-                        expected.unwrap_or_default()
-                    )));
+                    let e = format!("it sent more than the {} bytes it announced", expected.unwrap_or_default());
+                    return Err(broke(sink, e));
                 }
-                hash_js(&mut sink.hasher, &filled);
+                stage(&filled);
                 sink.filled += n;
-                sink.took(n as u64).await;
             }
             None if sink.filled == 0 => sink.part = Uint8Array::new_with_length(sink.settings.part_size as u32),
-            None => {
-                controller.abort();
-                sink.part = Uint8Array::new_with_length(sink.settings.part_size as u32);
-                sink.filled = 0;
-                return Err(StepError::transient(format!("reading {}: the reader returned no buffer", sink.filename)));
+            None => return Err(broke(sink, "the reader returned no buffer".into())),
+        }
+        let boundary = sink.filled == sink.part_size();
+        if boundary || done {
+            // The part's hash state must include these bytes before the part is sent.
+            hash_staged(&mut sink.hasher, n);
+        }
+        if boundary {
+            sink.send_part().await?;
+            if may_stop && !done && sink.budget_used() {
+                reader.cancel();
+                sink.settle_all().await?;
+                return Ok(SliceOutcome::Paused);
             }
         }
         if done {
             break;
         }
-        if sink.filled == sink.part_size() {
-            sink.send_part().await?;
-            if may_stop && sink.budget_used() {
-                controller.abort();
-                sink.settle_all().await?;
-                if sink.state.all_stored() {
-                    return sink.finish(None).await.map(SliceOutcome::Finished);
-                }
-                return Ok(SliceOutcome::Paused);
-            }
+        reading = Some(reader.start(&next_view(sink)).map_err(|e| broke(sink, e))?);
+        if !boundary {
+            // Hash while the next read is in flight.
+            hash_staged(&mut sink.hasher, n);
         }
+        sink.took(n as u64).await;
     }
     let got = sink.position();
     if let Some(expected) = expected {
