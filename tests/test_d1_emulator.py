@@ -634,3 +634,35 @@ def test_dump_special_tables_and_ordering():
         "CREATE TRIGGER trg AFTER INSERT ON auto BEGIN SELECT 1; END;",
         "CREATE VIEW zview AS SELECT 1;",
     ]
+
+
+# ----- byte ranges on the signed URL ------------------------------------------------------------
+def test_signed_url_serves_ranges_and_if_range(server):
+    url = run_export(server)[-1].json()["result"]["result"]["signed_url"]
+    whole = download(url)
+    etag, size = whole.headers["ETag"], len(whole.body)
+    assert whole.headers["Accept-Ranges"] == "bytes" and whole.headers["Last-Modified"]
+    part = download(url, {"Range": "bytes=10-", "If-Range": etag})
+    assert part.status == 206 and part.body == whole.body[10:]
+    assert part.headers["Content-Range"] == f"bytes 10-{size - 1}/{size}"
+    assert download(url, {"Range": f"bytes={size}-"}).status == 416
+    control(server, body={"etag_generation": 1})
+    replaced = download(url, {"Range": "bytes=10-", "If-Range": etag})
+    assert replaced.status == 200 and replaced.body == whole.body and replaced.headers["ETag"] != etag
+    control(server, body={"ignore_range": True})
+    assert download(url, {"Range": "bytes=10-"}).status == 200
+    log = [r for r in control(server, "/__control/state")["requests"] if r["path"].startswith("/__signed/")]
+    assert (log[1]["range"], log[1]["if_range"], log[1]["served_start"], log[1]["status"]) == ("bytes=10-", etag, 10, 206)
+
+
+def test_a_renewed_signed_url_serves_the_same_object_with_the_same_etag(server):
+    control(server, body={"url_ttl": 0.4})
+    responses = run_export(server)
+    first = responses[-1].json()["result"]
+    etag = download(first["result"]["signed_url"]).headers["ETag"]
+    time.sleep(0.6)
+    assert download(first["result"]["signed_url"]).status == 403
+    again = export_call(server, bookmark=first["at_bookmark"]).json()["result"]
+    assert again["status"] == "complete" and again["result"]["signed_url"] != first["result"]["signed_url"]
+    resumed = download(again["result"]["signed_url"], {"Range": "bytes=5-", "If-Range": etag})
+    assert resumed.status == 206

@@ -515,3 +515,27 @@ def test_cerebro_token_expiry(plain):
     assert "errors" not in cerebro(plain, DEPLOYMENTS, bearer=token).json()
     time.sleep(1.2)
     assert error_messages(cerebro(plain, DEPLOYMENTS, bearer=token)) == ["unauthorized"]
+
+
+def test_expired_urls_are_renewed_by_the_next_status_poll_and_serve_ranges(plain):
+    control(plain, body={"url_ttl": 1})
+    export_id, task_id = started(export(plain))
+    st = status(plain, export_id, task_id)
+    while st["status"] != "Success":
+        st = status(plain, export_id, task_id)
+    url = st["signedUrls"][0]
+    whole = request(url)
+    etag, size = whole.headers["ETag"], len(whole.body)
+    part = request(url, headers={"Range": "bytes=3-", "If-Range": etag})
+    assert part.status == 206 and part.body == whole.body[3:]
+    assert part.headers["Content-Range"] == f"bytes 3-{size - 1}/{size}"
+    time.sleep(1.2)
+    assert request(url).status == 403
+    fresh = status(plain, export_id, task_id)["signedUrls"][0]
+    assert fresh != url and request(url).status == 403, "the old URL stays expired"
+    resumed = request(fresh, headers={"Range": "bytes=3-", "If-Range": etag})
+    assert resumed.status == 206 and resumed.body == whole.body[3:], "same object, same validators"
+    control(plain, body={"ignore_range": True})
+    assert request(fresh, headers={"Range": "bytes=3-"}).status == 200
+    log = [r for r in control(plain, "/__control/state")["requests"] if r["path"].startswith("/__signed/")]
+    assert log[1]["range"] == "bytes=3-" and log[1]["served_start"] == 3 and log[1]["status"] == 206

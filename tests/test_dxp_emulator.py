@@ -334,8 +334,10 @@ def test_downloads_are_byte_identical_to_state(emu):
     after = state(emu)
     assert after["downloads"] == 6
     assert after["bytes_sent"] == sum(b["database"]["size"] + b["volume"]["size"] for b in st["backups"])
-    assert after["requests"][-1] == {"method": "GET", "path": f"/backup/download/volume/{st['backups'][-1]['backupId']}",
-                                     "status": 200}
+    last = after["requests"][-1]
+    assert {k: last[k] for k in ("method", "path", "status")} == {
+        "method": "GET", "path": f"/backup/download/volume/{st['backups'][-1]['backupId']}", "status": 200}
+    assert (last["range"], last["served_start"], last["served_end"]) == (None, 0, st["backups"][-1]["volume"]["size"])
 
 
 def test_database_is_a_mysqldump_gzip(emu):
@@ -551,9 +553,11 @@ def test_control_api(emu):
     assert defaults == {"sso": False, "list_shape": "backups", "malformed_list": 0, "chunked": False,
                         "allow_post": False, "rest_disabled": False, "fail_next": [], "download_delay_ms": 0,
                         "truncate_after": None, "expired_tokens": False, "database_tgz": False,
-                        "include_failed": False}
+                        "include_failed": False, "truncate_after_bytes": 0, "ignore_range": False,
+                        "etag_generation": 0, "throttle_kib_per_s": 0}
     for bad in ({"nope": 1}, {"sso": "yes"}, {"list_shape": "xml"}, {"malformed_list": -1},
-                {"truncate_after": "10"}, {"fail_next": {"status": 503}}, {"fail_next": [{"status": 42}]}):
+                {"truncate_after": "10"}, {"ignore_range": 1}, {"etag_generation": -1}, {"throttle_kib_per_s": "x"},
+                {"truncate_after_bytes": None}, {"fail_next": {"status": 503}}, {"fail_next": [{"status": 42}]}):
         resp = call(emu, "/__control", "POST", {"Content-Type": "application/json"}, json.dumps(bad).encode())
         assert resp.status == 400, bad
     assert state(emu)["switches"] == defaults
@@ -622,3 +626,42 @@ def test_200_mib_volume_builds_fast_and_streams_with_flat_memory(tmp_path):
         assert state(again)["backups"][-1]["volume"] == info["volume"]
     finally:
         again.stop()
+
+
+# ----- byte ranges --------------------------------------------------------------------------------
+def test_downloads_serve_ranges_if_range_416_and_switches(emu):
+    backup_id = newest(emu)
+    path = f"/backup/download/volume/{backup_id}"
+    whole = call(emu, path, headers=basic())
+    etag, size = whole.headers["ETag"], len(whole.body)
+    assert whole.headers["Accept-Ranges"] == "bytes" and whole.headers["Last-Modified"]
+    mid = size // 3
+    part = call(emu, path, headers={**basic(), "Range": f"bytes={mid}-", "If-Range": etag})
+    assert part.status == 206 and part.body == whole.body[mid:]
+    assert part.headers["Content-Range"] == f"bytes {mid}-{size - 1}/{size}"
+    assert part.headers["Content-Length"] == str(size - mid)
+    bounded = call(emu, path, headers={**basic(), "Range": "bytes=10-19"})
+    assert bounded.status == 206 and bounded.body == whole.body[10:20]
+    past = call(emu, path, headers={**basic(), "Range": f"bytes={size}-"})
+    assert past.status == 416 and past.headers["Content-Range"] == f"bytes */{size}"
+    assert call(emu, path, headers={**basic(), "Range": "bytes=1-2,5-6"}).status == 200, "multi-range is ignored"
+    set_switches(emu, etag_generation=1)
+    replaced = call(emu, path, headers={**basic(), "Range": f"bytes={mid}-", "If-Range": etag})
+    assert replaced.status == 200 and replaced.body == whole.body and replaced.headers["ETag"] != etag
+    set_switches(emu, ignore_range=True)
+    assert call(emu, path, headers={**basic(), "Range": f"bytes={mid}-"}).status == 200
+    log = [r for r in state(emu)["requests"] if r["path"] == path]
+    assert (log[1]["range"], log[1]["if_range"], log[1]["served_start"], log[1]["served_end"], log[1]["sent"]) == (
+        f"bytes={mid}-", etag, mid, size, size - mid)
+
+
+def test_truncate_after_bytes_cuts_every_download_and_throttle_paces_it(emu):
+    path = f"/backup/download/database/{newest(emu)}"
+    set_switches(emu, truncate_after_bytes=1000)
+    for _ in range(2):
+        with pytest.raises((http.client.IncompleteRead, urllib.error.URLError, ConnectionError)):
+            call(emu, path, headers=basic())
+    set_switches(emu, truncate_after_bytes=0, throttle_kib_per_s=64)
+    began = time.monotonic()
+    body = call(emu, path, headers=basic()).body
+    assert time.monotonic() - began >= len(body) / (64 * 1024) * 0.8

@@ -25,7 +25,11 @@ What is emulated
 * ``GET /client/v4/accounts/{a}/d1/database/{id-or-name}`` (with ``fields=``) and
   ``GET /client/v4/accounts/{a}/d1/database`` (``name``, ``page``, ``per_page``).
 * ``GET /__signed/<token>/<filename>`` — the unauthenticated signed download URL,
-  valid ``url_ttl`` seconds from issue, then 403 with an S3-style XML error.
+  valid ``url_ttl`` seconds from issue, then 403 with an S3-style XML error.  A poll of
+  the same bookmark after that answers with a fresh URL (an assumption: the docs only
+  say a URL lasts one hour).  Downloads serve byte ranges (``common.serve_download``:
+  ``Range``/``If-Range``/206/416, switches ``ignore_range``, ``etag_generation``,
+  ``throttle_kib_per_s``) with ``ETag``/``Last-Modified`` of the export, not the URL.
 * The response envelope ``{success, errors, messages, result}``, integer error
   codes ≥ 1000, ``Authorization: Bearer`` or ``X-Auth-Email``+``X-Auth-Key``
   authentication, the ``Ratelimit``/``Ratelimit-Policy`` headers, and the
@@ -77,7 +81,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import BaseHandler, Reply, bind_server, serve_main  # noqa: E402
+from common import (BaseHandler, RANGE_SWITCHES, Reply, bind_server, range_switch_problem,  # noqa: E402
+                    serve_download, serve_main)
 from d1_dump import DumpError, dump_sql  # noqa: E402
 
 API_PREFIX = "/client/v4"
@@ -231,6 +236,10 @@ class Emulator:
             raise ApiError(400, 10400, "fail_next must be a list")
         if changes.get("rate_limit") is not None and not isinstance(changes["rate_limit"], dict):
             raise ApiError(400, 10400, "rate_limit must be an object or null")
+        for key, value in changes.items():
+            problem = range_switch_problem(key, value)
+            if problem:
+                raise ApiError(400, 10400, problem)
         with self.lock:
             self.switches.update(copy.deepcopy(changes))
             return {"switches": self.switches}
@@ -246,9 +255,11 @@ class Emulator:
                     "downloads": self.downloads,
                     "export_calls": self.export_calls}
 
-    def record_request(self, method: str, path: str, status: int):
+    def record_request(self, method: str, path: str, status: int) -> dict:
+        entry = {"method": method, "path": path, "status": status, "t": time.time()}
         with self.lock:
-            self.requests.append({"method": method, "path": path, "status": status, "t": time.time()})
+            self.requests.append(entry)
+        return entry
 
     # ----- API gatekeeping ---------------------------------------------------
     def check_rate_limit(self):
@@ -413,6 +424,10 @@ class Emulator:
     def _poll(self, task: Task, now: float, host: str) -> Reply:
         self._maybe_cancel(task, now)
         if task.status != "active":
+            if task.status == "complete" and self._url_expired(task, now):
+                # Assumed (the docs only say a URL lasts one hour): polling the same bookmark
+                # again after its URL expired answers with a fresh URL for the same dump.
+                self._issue_signed_url(task, now, host)
             return self._final_reply(task, task.take_new_lines(len(task.log)))
         task.polls += 1
         task.last_poll = now
@@ -430,6 +445,11 @@ class Emulator:
         if active_polls <= 1:
             return 1
         return 1 + (task.uploads * (task.polls - 1)) // (active_polls - 1)
+
+    def _url_expired(self, task: Task, now: float) -> bool:
+        token = (task.signed_url or "").split("/__signed/", 1)[-1].split("/", 1)[0]
+        obj = self.signed.get(token)
+        return obj is None or now > obj.expires
 
     def _issue_signed_url(self, task: Task, now: float, host: str):
         token = secrets.token_urlsafe(24)
@@ -469,7 +489,9 @@ class Emulator:
             if fail:
                 return xml_error(int(fail), "InternalError", "We encountered an internal error. Please try again."), None
             self.downloads += 1
-            return None, (obj.task.dump, dict(self.switches))
+            # The object's identity is its export (bookmark and file), not the URL: a renewed URL
+            # serves the same object with the same validators.
+            return None, (obj.task.dump, dict(self.switches), f"{obj.task.at_bookmark}/{obj.task.filename}")
 
 
 def parse_export_body(body: bytes) -> dict:
@@ -545,7 +567,7 @@ class Handler(BaseHandler):
             self.finish_request()
 
     def log_request_status(self, status: int) -> None:
-        self.emulator.record_request(self.command, self._path, status)
+        self._entry = self.emulator.record_request(self.command, self._path, status)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = dispatch
 
@@ -614,32 +636,15 @@ class Handler(BaseHandler):
         if error is not None:
             self.write_reply(error)
             return
-        dump, switches = opened
-        self.stream_dump(dump, switches)
+        dump, switches, identity = opened
+        self.stream_dump(dump, switches, identity)
 
-    def stream_dump(self, dump: bytes, switches: dict):
-        body = gzip.compress(dump) if switches.get("gzip") else dump
-        chunked = bool(switches.get("no_content_length"))
+    def stream_dump(self, dump: bytes, switches: dict, identity: str):
+        body = gzip.compress(dump, mtime=0) if switches.get("gzip") else dump
+        extra = [("Content-Encoding", "gzip")] if switches.get("gzip") else []
         delay = float(switches.get("download_delay_ms") or 0) / 1000.0
-        self.send_response(200)
-        self.send_header("Content-Type", "application/sql")
-        if switches.get("gzip"):
-            self.send_header("Content-Encoding", "gzip")
-        if chunked:
-            self.send_header("Transfer-Encoding", "chunked")
-        else:
-            self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command == "HEAD":
-            return
-        for offset in range(0, len(body), DOWNLOAD_CHUNK):
-            if offset and delay > 0:
-                time.sleep(delay)
-            chunk = body[offset:offset + DOWNLOAD_CHUNK]
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
-            self.wfile.flush()
-        if chunked:
-            self.wfile.write(b"0\r\n\r\n")
+        serve_download(self, body, len(body), identity, "application/sql", switches, extra_headers=extra,
+                       chunked=bool(switches.get("no_content_length")), delay_s=delay, chunk=DOWNLOAD_CHUNK)
 
 
 # ----- startup -------------------------------------------------------------------------
@@ -677,6 +682,7 @@ def default_switches(args) -> dict:
         "no_content_length": False,
         "download_delay_ms": 0,
         "download_fail_status": None,
+        **RANGE_SWITCHES,
     }
 
 

@@ -35,7 +35,9 @@ What is emulated
   dataset with Dgraph's exporter rules (worker/export.go), gzip level 1 ("BestSpeed").
 * ``GET /__signed/<token>/<folder>/<file>``: unauthenticated "presigned" downloads, valid
   ``url_ttl`` seconds from the moment the export first reported ``Success``, then 403 with an
-  S3-style XML ``AccessDenied``.  Bytes are served exactly as stored: ``application/octet-stream``
+  S3-style XML ``AccessDenied``; an ``exportStatus`` poll after that lists fresh URLs for the same
+  files.  Downloads serve byte ranges (see ``common.serve_download``: ``Range``/``If-Range``/206,
+  switches ``ignore_range``, ``etag_generation``, ``throttle_kib_per_s``).  Bytes are served exactly as stored: ``application/octet-stream``
   with ``Content-Length`` and never a ``Content-Encoding``.
 * ``POST /cerebro/graphql`` (only with ``--cerebro-email``): the ``login`` query and the
   ``deployments`` list behind ``Authorization: Bearer <token>``.
@@ -95,7 +97,8 @@ from http.server import ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import BaseHandler, Reply as BaseReply, bind_server, serve_main  # noqa: E402
+from common import (BaseHandler, RANGE_SWITCHES, Reply as BaseReply, bind_server,  # noqa: E402
+                    range_switch_problem, serve_download, serve_main)
 
 REQUEST_LOG_SIZE = 500
 DEFAULT_BACKEND = "default"
@@ -696,6 +699,7 @@ class Emulator:
         for backend in self.backends.values():
             backend.reset()
         self.signed: dict[str, Export] = {}
+        self.token_expires: dict[str, float] = {}
         self.cerebro_tokens: dict[str, float] = {}
         self.requests = deque(maxlen=REQUEST_LOG_SIZE)
         self.downloads = 0
@@ -743,10 +747,11 @@ class Emulator:
                 return backend.exports[task_id]
         return None
 
-    def record(self, method: str, path: str, status: int, op: str | None):
+    def record(self, method: str, path: str, status: int, op: str | None) -> dict:
+        entry = {"method": method, "path": path, "status": status, "op": op, "t": time.time()}
         with self.lock:
-            self.requests.append({"method": method, "path": path, "status": status, "op": op,
-                                  "t": time.time()})
+            self.requests.append(entry)
+        return entry
 
     # ----- injected faults ---------------------------------------------------------------------
     def pop_fault(self, slash: bool) -> Reply | None:
@@ -927,10 +932,14 @@ class Emulator:
         if status != export.status or export.polls == 1:
             export.last_updated = time.time()
         export.status = status
-        if status == "Success" and export.token is None:
+        expired = export.url_expires is not None and time.monotonic() > export.url_expires
+        if status == "Success" and (export.token is None or expired):
+            # A poll after the URLs expired gets fresh ones for the same files (presigning anew),
+            # so a client can renew a download mid-copy; the old URLs stay expired.
             export.token = secrets.token_urlsafe(24)
             export.url_expires = time.monotonic() + float(self.switches["url_ttl"])
             self.signed[export.token] = export
+            self.token_expires[export.token] = export.url_expires
             query = ""
             if self.switches.get("signed_url_query"):
                 query = ("?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=EMULATOR%2F20240101%2Fus-east-1"
@@ -960,7 +969,7 @@ class Emulator:
             export = self.signed.get(token)
             if export is None or export.folder != folder or name not in export.files:
                 return xml_error(404, "NoSuchKey", "The specified key does not exist."), None
-            if time.monotonic() > export.url_expires:
+            if time.monotonic() > self.token_expires.get(token, 0.0):
                 return xml_error(403, "AccessDenied", "Request has expired"), None
             fail = self.switches.get("download_fail_status")
             if fail:
@@ -1043,6 +1052,10 @@ def validate_switches(changes: dict) -> str | None:
             return f"{name} must be a boolean"
     if changes.get("download_fail_status") is not None and not isinstance(changes["download_fail_status"], int):
         return "download_fail_status must be an integer or null"
+    for key, value in changes.items():
+        problem = range_switch_problem(key, value)
+        if problem:
+            return problem
     return None
 
 
@@ -1071,7 +1084,7 @@ class Handler(BaseHandler):
             self.finish_request()
 
     def log_request_status(self, status: int) -> None:
-        self.emulator.record(self.command, self._path, status, self._op)
+        self._entry = self.emulator.record(self.command, self._path, status, self._op)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = dispatch
 
@@ -1110,9 +1123,14 @@ class Handler(BaseHandler):
         if error is not None:
             error.op = "download"
             return error
-        etag = '"' + hashlib.md5(data).hexdigest() + '"'
-        return Reply(200, data, "application/octet-stream", [("ETag", etag), ("Accept-Ranges", "bytes")],
-                     "download")
+        token, folder, name = match.groups()
+        with self.emulator.lock:
+            switches = dict(self.emulator.switches)
+        self._op = "download"
+        # The object's identity is its export folder and file, not the URL: a renewed URL serves the
+        # same object with the same validators.
+        serve_download(self, data, len(data), f"{folder}/{name}", "application/octet-stream", switches)
+        return None
 
     def control(self, path: str, body: bytes) -> Reply:
         emu = self.emulator
@@ -1184,6 +1202,7 @@ def default_switches(args) -> dict:
         "download_fail_status": None,
         "extra_people": 0,
         "signed_url_query": False,
+        **RANGE_SWITCHES,
     }
 
 

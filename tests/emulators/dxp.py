@@ -36,6 +36,10 @@ Documented quirks reproduced (as switches)
   ``database.gz`` (``filename="database.tgz"``).
 * Failed backups are listed and flagged (``include_failed``): a newest ``status:"failed"`` entry whose
   downloads are 404.
+* Downloads serve byte ranges (``common.serve_download``: ``Range``/``If-Range``/206/416 with
+  ``ETag``/``Last-Modified``) unless ``ignore_range`` (the service does not document ranges);
+  ``etag_generation`` makes a backup look replaced, ``throttle_kib_per_s`` paces downloads and
+  ``truncate_after_bytes`` cuts every download after that many bytes (``truncate_after``: once).
 * Variants of the undocumented list shape (``list_shape``) and a WAF-style HTML body with status 200
   (``malformed_list``).
 
@@ -76,7 +80,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import BaseHandler, Reply, bind_server, serve_main  # noqa: E402
+from common import (BaseHandler, RANGE_SWITCHES, Reply, bind_server, range_switch_problem,  # noqa: E402
+                    serve_download, serve_main)
 
 HOST = "127.0.0.1"
 CHUNK = 64 * 1024
@@ -106,6 +111,8 @@ DEFAULT_SWITCHES = {
     "expired_tokens": False,
     "database_tgz": False,
     "include_failed": False,
+    "truncate_after_bytes": 0,
+    **RANGE_SWITCHES,
 }
 
 
@@ -654,9 +661,11 @@ class Emulator:
                     "downloads": self.downloads,
                     "bytes_sent": self.bytes_sent}
 
-    def record_request(self, method: str, path: str, status: int):
+    def record_request(self, method: str, path: str, status: int) -> dict:
+        entry = {"method": method, "path": path, "status": status}
         with self.lock:
-            self.requests.append({"method": method, "path": path, "status": status})
+            self.requests.append(entry)
+        return entry
 
     def count_bytes(self, n: int):
         with self.lock:
@@ -814,6 +823,13 @@ def validate_switch(key: str, value):
     elif key == "download_delay_ms":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             bad("must be a non-negative number")
+    elif key in RANGE_SWITCHES:
+        problem = range_switch_problem(key, value)
+        if problem:
+            bad(problem.split(" ", 1)[1])
+    elif key == "truncate_after_bytes":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            bad("must be a non-negative integer (0: off)")
     elif key == "truncate_after":
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             bad("must be null or a non-negative integer")
@@ -864,7 +880,7 @@ class Handler(BaseHandler):
             self.finish_request()
 
     def log_request_status(self, status: int) -> None:
-        self.emulator.record_request(self.command, self._path, status)
+        self._entry = self.emulator.record_request(self.command, self._path, status)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = dispatch
 
@@ -918,40 +934,12 @@ class Handler(BaseHandler):
             artifact, filename = backup.database, "database.gz"
         chunked = bool(switches["chunked"])
         delay = float(switches["download_delay_ms"] or 0) / 1000.0
+        sticky = switches["truncate_after_bytes"]
+        cut = truncate if truncate is not None else (sticky or None)
         with open(artifact.path, "rb") as src:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/gzip")
-            self.send_header("Content-Disposition", f'attachment; filename="{filename}"')
-            if chunked:
-                self.send_header("Transfer-Encoding", "chunked")
-            else:
-                self.send_header("Content-Length", str(artifact.size))
-            self.end_headers()
-            if self.command == "HEAD":
-                return
-            sent = 0
-            first = True
-            while True:
-                want = CHUNK if truncate is None else min(CHUNK, truncate - sent)
-                data = src.read(want) if want > 0 else b""
-                if not data:
-                    break
-                if not first and delay > 0:
-                    time.sleep(delay)
-                first = False
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
-                sent += len(data)
-                emu.count_bytes(len(data))
-            if truncate is not None and sent < artifact.size:
-                self.close_connection = True
-                self.wfile.flush()
-                try:
-                    self.connection.shutdown(2)  # socket.SHUT_RDWR: the client sees a short body
-                except OSError:
-                    pass
-                return
-            if chunked:
-                self.wfile.write(b"0\r\n\r\n")
+            serve_download(self, src, artifact.size, f"{backup.backup_id}/{filename}", "application/gzip", switches,
+                           extra_headers=[("Content-Disposition", f'attachment; filename="{filename}"')],
+                           truncate_after=cut, chunked=chunked, delay_s=delay, on_bytes=emu.count_bytes)
 
     def handle_control(self, path: str, reader: BodyReader):
         emu = self.emulator
