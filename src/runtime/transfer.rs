@@ -622,6 +622,7 @@ async fn pump(
                 }
                 stage(&filled);
                 sink.filled += n;
+                sink.took(n as u64).await;
             }
             None if sink.filled == 0 => sink.part = Uint8Array::new_with_length(sink.settings.part_size as u32),
             None => return Err(broke(sink, "the reader returned no buffer".into())),
@@ -647,7 +648,6 @@ async fn pump(
             // Hash while the next read is in flight.
             hash_staged(&mut sink.hasher, n);
         }
-        sink.took(n as u64).await;
     }
     let got = sink.position();
     if let Some(expected) = expected {
