@@ -142,3 +142,37 @@ def test_transient_query_errors_are_retried(world):
     assert job["phase"] == "committed", job
     (manifest,) = [m for m in ferry.backups("graph-logical") if m["job_id"] == job["id"]]
     assert manifest["artifacts"][0]["details"]["nodes"] == 10000
+
+
+def test_a_sliced_export_killed_between_slices_restores_identically(world, tmp_path):
+    emulator = world["emulator"]
+    source = aura_source("graph-sliced", emulator, mode="logical", slice_max_pages=3)
+    ferry = Ferry(tmp_path / "ferry", [source], secrets=AURA_SECRETS)
+    try:
+        status, _, payload = ferry.webhook("graph-sliced")
+        assert status == 202, payload
+        job_id = payload["job"]["id"]
+        for _ in range(2):  # kill the runtime twice, once a slice has moved the cursor
+            deadline = time.time() + 60
+            seen = None
+            while time.time() < deadline:
+                copy = ferry.job(job_id).get("copy") or {}
+                cursor = (copy.get("graph") or {})
+                if cursor.get("after") and cursor != seen and seen is not None:
+                    break
+                seen = seen or (cursor if cursor.get("after") else None)
+                time.sleep(0.05)
+            ferry.restart(kill=True)
+        job = ferry.wait_job(job_id, timeout=180)
+        assert job["phase"] == "committed", job
+        (art,) = [m for m in ferry.backups("graph-sliced") if m["job_id"] == job_id][0]["artifacts"]
+        assert art["details"] == {"format": "ferry-neo4j-jsonl", "nodes": 10000, "relationships": 20000}
+        _, body = ferry.artifact(art["key"])
+        assert body.count(b"\x1f\x8b\x08") >= 5, "one gzip member per slice"
+        path = tmp_path / "graph.jsonl.gz"
+        path.write_bytes(body)
+        api = aura_restore.QueryApi(emulator.url, "restored-sliced", "neo4j", NEO4J_PASSWORD)
+        assert aura_restore.restore(str(path), api, batch=1000, log=lambda *_: None) == {"nodes": 10000, "relationships": 20000}
+        assert canonical(emulator.graph("neo4j")) == canonical(emulator.graph("restored-sliced"))
+    finally:
+        ferry.stop()

@@ -348,3 +348,25 @@ def test_malformed_config_names_the_field_and_runs_nothing(world, tmp_path):
         assert emulator.state()["export_calls"] == 0
     finally:
         ferry.stop()
+
+
+def test_a_signed_url_that_expires_mid_copy_is_renewed_and_the_copy_resumes(world, tmp_path):
+    emulator = world["emulator"]
+    source = d1_source("renewed", emulator, "big-uuid", part_size_mib=BIG_PART_MIB, slice_max_mib=BIG_PART_MIB)
+    ferry = Ferry(tmp_path / "ferry", [source])
+    try:
+        # One 5 MiB part per slice at 2 MiB/s, and URLs that last 4 s: each URL expires mid-copy.
+        emulator.control(url_ttl=4, throttle_kib_per_s=2048)
+        job = ferry.webhook_job("renewed", timeout=180)
+        assert job["renewals"] >= 1, job
+        check_backup(ferry, job, expected_dump(world["big"]))
+        downloads = [r for r in emulator.state()["requests"] if r["path"].startswith("/__signed/")]
+        assert any(r["status"] == 403 for r in downloads), "an expired URL was refused"
+        resumed = [r for r in downloads if r["status"] == 206]
+        tokens = {r["path"].split("/")[2] for r in resumed}
+        assert len(tokens) >= 2, "resumed on a fresh URL"
+        assert all(r["served_start"] % (BIG_PART_MIB << 20) == 0 for r in resumed)
+        starts = [r["served_start"] for r in resumed]
+        assert starts == sorted(starts), f"no stored part was downloaded again: {starts}"
+    finally:
+        ferry.stop()

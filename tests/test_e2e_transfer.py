@@ -17,6 +17,7 @@ import pytest
 from harness import DXP_SECRETS, DxpEmulator, Ferry, dxp_source
 
 PART = 5 * 1024 * 1024
+VERIFY_TICK = 1893470400000  # 2030-01-01T04:00:00Z
 ONE_PART_PER_SLICE = {"part_size_mib": 5, "slice_max_mib": 5, "parts_in_flight": 2}
 
 
@@ -150,7 +151,8 @@ def test_a_copy_that_never_stores_a_part_fails_within_the_watchdog_and_frees_the
 def test_verify_reads_a_backup_back_and_an_altered_object_fails_naming_its_key(world):
     emulator = world["emulator"]
     small = {"part_size_mib": 5, "slice_max_mib": 5}
-    ferry = Ferry(world["work"] / "verify", [dxp_source("checked", emulator, **small)], secrets=DXP_SECRETS)
+    source = dxp_source("checked", emulator, verify_schedule="0 4 * * *", **small)
+    ferry = Ferry(world["work"] / "verify", [source], secrets=DXP_SECRETS)
     try:
         job = ferry.webhook_job("checked", timeout=120)
         art = check_volume(ferry, job, emulator.backup())
@@ -163,6 +165,15 @@ def test_verify_reads_a_backup_back_and_an_altered_object_fails_naming_its_key(w
         (backup,) = ferry.backups("checked")
         assert backup["verification"]["outcome"] == "ok"
         assert backup["verification"]["job_id"] == verified["id"] and backup["verification"]["verified_at"]
+
+        ferry.scheduled("*/5 * * * *", at_ms=VERIFY_TICK)  # only verify_schedule is due at 04:00
+        deadline = time.time() + 60
+        while (ferry.source("checked")["last_job"] or {}).get("id") == verified["id"] and time.time() < deadline:
+            time.sleep(0.2)
+        scheduled = ferry.wait_job(ferry.source("checked")["last_job"]["id"], timeout=120)
+        assert scheduled["task"] == "verify" and scheduled["trigger"] == "cron", scheduled
+        assert scheduled["phase"] == "verified", scheduled
+        assert ferry.backups("checked")[0]["verification"]["job_id"] == scheduled["id"]
 
         headers, body = ferry.artifact(art["key"])
         altered = bytearray(body)
