@@ -61,8 +61,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from harness import (  # noqa: E402
     API_TOKEN, DXP_MASTER_TOKEN, DXP_PASSWORD, DXP_SECRETS, DXP_USER, DXP_USER_TOKEN,
-    FERRY_WRANGLER_FLAGS, NODE22_BIN, TERMINAL, WEBHOOK_SECRET, WRANGLER, Emulator, Ferry, Http,
-    Process, dxp_source, free_port, tool_env, toml_string,
+    FERRY_WRANGLER_FLAGS, NODE22_BIN, TERMINAL, WRANGLER, Emulator, Ferry, Http,
+    Process, dxp_source, free_port, tool_env,
 )
 
 MIB = 1 << 20
@@ -188,30 +188,8 @@ class BenchFerry(Ferry):
     and never building it."""
 
     def __init__(self, workdir: Path, sources: list, bundle: Path):
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.persist = workdir / "state"
-        self.secrets = {"FERRY_API_TOKEN": API_TOKEN, "FERRY_WEBHOOK_SECRET": WEBHOOK_SECRET, **DXP_SECRETS}
-        (workdir / "wrangler.toml").write_text(f"""name = "ferry-bench"
-main = {toml_string(str(bundle / "index.js"))}
-compatibility_date = "2026-05-01"
-[[r2_buckets]]
-binding = "BACKUPS"
-bucket_name = "ferry-backups"
-[durable_objects]
-bindings = [{{ name = "SOURCES", class_name = "SourceObject" }}]
-[[migrations]]
-tag = "v1"
-new_sqlite_classes = ["SourceObject"]
-[vars]
-FERRY_SOURCES = {toml_string(json.dumps(sources))}
-""")
-        (workdir / ".dev.vars").write_text("".join(f"{k}={json.dumps(v)}\n" for k, v in self.secrets.items()))
-        self.process = None
-        self.port = free_port()
-        self.http = Http(f"http://127.0.0.1:{self.port}")
         try:
-            self.start()
+            super().__init__(workdir, sources, secrets=DXP_SECRETS, bundle=bundle)
         except BaseException:
             self.stop()  # harness.Ferry.start leaves a process that never became ready running
             raise

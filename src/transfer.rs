@@ -56,7 +56,7 @@ impl Default for TransferSettings {
     fn default() -> Self {
         Self {
             part_size: 8 * MIB,
-            parts_in_flight: 4,
+            parts_in_flight: 2,
             slice_bytes: 1024 * MIB,
             slice_time: Duration::from_secs(300),
             slice_pages: 500,

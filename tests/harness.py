@@ -301,8 +301,12 @@ def toml_string(value: str) -> str:
 class Ferry:
     """The built Worker under ``wrangler dev``, configured with the given sources."""
 
-    def __init__(self, workdir: Path, sources: list | str, secrets: dict | None = None, crons=("*/5 * * * *",)):
-        ensure_built()
+    def __init__(self, workdir: Path, sources: list | str, secrets: dict | None = None, crons=("*/5 * * * *",),
+                 bundle: Path | None = None):
+        """``bundle``: the folder holding the built ``index.js`` (default: ``build/``, built if missing)."""
+        if bundle is None:
+            ensure_built()
+            bundle = ROOT / "build"
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.persist = workdir / "state"
@@ -310,7 +314,7 @@ class Ferry:
         self.secrets = {"FERRY_API_TOKEN": API_TOKEN, "FERRY_WEBHOOK_SECRET": WEBHOOK_SECRET, "D1_API_TOKEN": D1_TOKEN}
         self.secrets.update(secrets or {})
         (workdir / "wrangler.toml").write_text(f"""name = "ferry-test"
-main = {toml_string(str(ROOT / "build" / "index.js"))}
+main = {toml_string(str(bundle / "index.js"))}
 compatibility_date = "2026-05-01"
 [[r2_buckets]]
 binding = "BACKUPS"
