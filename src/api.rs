@@ -67,6 +67,21 @@ fn decode(segment: &str) -> String {
     percent_decode_str(segment).decode_utf8_lossy().into_owned()
 }
 
+/// The shortest `FERRY_API_TOKEN` accepted.
+pub const MIN_API_TOKEN_CHARS: usize = 32;
+
+/// Why the configured API token cannot be used, if it cannot: a short token is refused outright
+/// rather than protecting the API weakly.
+pub fn api_token_problem(token: &Secret) -> Option<String> {
+    let n = token.expose().chars().count();
+    (n < MIN_API_TOKEN_CHARS).then(|| {
+        format!(
+            "FERRY_API_TOKEN is too weak: {n} characters, at least {MIN_API_TOKEN_CHARS} are required \
+             (openssl rand -hex 32 | wrangler secret put FERRY_API_TOKEN)"
+        )
+    })
+}
+
 /// Checks `Authorization: Bearer <token>` against the configured token in constant time.
 pub fn bearer_ok(header: Option<&str>, token: &Secret) -> bool {
     if token.is_empty() {
@@ -129,5 +144,12 @@ mod tests {
             assert!(!bearer_ok(bad, &token), "{bad:?}");
         }
         assert!(!bearer_ok(Some("Bearer "), &Secret::new("")), "an unset token never matches");
+    }
+
+    #[test]
+    fn short_api_tokens_are_refused_naming_the_secret() {
+        let problem = api_token_problem(&Secret::new("short-token")).unwrap();
+        assert!(problem.contains("FERRY_API_TOKEN") && problem.contains("11 characters"), "{problem}");
+        assert!(api_token_problem(&Secret::new("x".repeat(32))).is_none());
     }
 }

@@ -420,7 +420,40 @@ impl Job {
     }
 
     /// The transition function: `(job, event, context) → (job, action)`.
-    pub fn handle(mut self, event: Event, cx: &Context<'_>) -> (Self, Action) {
+    pub fn handle(self, event: Event, cx: &Context<'_>) -> (Self, Action) {
+        let (mut job, action) = self.transition(event, cx);
+        if job.phase.is_terminal() {
+            job.forget_credentials();
+        }
+        (job, action)
+    }
+
+    /// A finished job keeps no live credential: every `secret_*` value (access tokens, JWTs,
+    /// signed download URLs) is blanked, so storage holds nothing that still opens the source.
+    pub fn forget_credentials(&mut self) {
+        fn blank(v: &mut serde_json::Value) {
+            match v {
+                serde_json::Value::Object(map) => {
+                    for (k, val) in map.iter_mut() {
+                        if k.starts_with("secret_") && val.is_string() {
+                            *val = serde_json::Value::String(String::new());
+                        } else {
+                            blank(val);
+                        }
+                    }
+                }
+                serde_json::Value::Array(items) => items.iter_mut().for_each(blank),
+                _ => {}
+            }
+        }
+        let Ok(mut value) = serde_json::to_value(&*self) else { return };
+        blank(&mut value);
+        if let Ok(job) = serde_json::from_value(value) {
+            *self = job;
+        }
+    }
+
+    fn transition(mut self, event: Event, cx: &Context<'_>) -> (Self, Action) {
         self.updated_at = cx.now;
         match (self.phase, event) {
             (_, Event::Wake) => self.wake(cx),
@@ -713,7 +746,7 @@ impl Job {
             Progress::Pending { poll_after } => {
                 self.retries = 0;
                 self.last_error = None;
-                let at = cx.now.plus(poll_after.unwrap_or(cx.source.poll_interval));
+                let at = cx.now.plus(self.capped(poll_after.unwrap_or(cx.source.poll_interval)));
                 self.next_step_at = Some(at);
                 (self, Action::Sleep(at))
             }
@@ -785,10 +818,21 @@ impl Job {
             StepError::Transient { retry_after, .. } => *retry_after,
             StepError::Permanent { .. } => None,
         };
-        let at = cx.now.plus(policy.delay_with_hint(self.retries, cx.jitter, hint));
+        let delay = self.capped(policy.delay_with_hint(self.retries, cx.jitter, hint));
+        let at = cx.now.plus(delay);
         self.last_error = Some(err.message().to_string());
         self.next_step_at = Some(at);
         (self, Action::Sleep(at))
+    }
+
+    /// A wait, shortened to the provider's limit on the gap between two polls while its export
+    /// runs (D1 cancels an export that is not polled continually), whatever the error or
+    /// `Retry-After` said. Past the cap the poll is sent anyway.
+    fn capped(&self, wait: Duration) -> Duration {
+        match (self.phase, self.provider.max_poll_gap()) {
+            (Phase::Exporting, Some(cap)) => wait.min(cap),
+            _ => wait,
+        }
     }
 
     fn fail(mut self, message: String, now: Timestamp) -> (Self, Action) {

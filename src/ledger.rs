@@ -123,8 +123,26 @@ impl Ledger {
             *served = Some(served.map_or(t, |last| last.max(t)));
         }
         self.webhooks.retain(|w| now.since(w.at) <= WEBHOOK_MEMORY);
-        let excess = self.jobs.len().saturating_sub(MAX_JOBS);
-        self.jobs.drain(..excess).collect()
+        self.evict()
+    }
+
+    /// Forgets the oldest finished jobs beyond [`MAX_JOBS`]; returns their ids so their records
+    /// can be deleted. The job in flight and queued jobs are never evicted, however many there are.
+    fn evict(&mut self) -> Vec<JobId> {
+        let mut excess = self.jobs.len().saturating_sub(MAX_JOBS);
+        let (current, queue) = (self.current.clone(), self.queue.clone());
+        let mut evicted = Vec::new();
+        self.jobs.retain(|id| {
+            let live = current.as_ref() == Some(id) || queue.contains(id);
+            if excess > 0 && !live {
+                excess -= 1;
+                evicted.push(id.clone());
+                false
+            } else {
+                true
+            }
+        });
+        evicted
     }
 
     /// Marks `job` as no longer in flight, remembering what it copied (`dedupe_key`).
@@ -145,8 +163,7 @@ impl Ledger {
     pub fn enqueue(&mut self, jobs: &[JobId]) -> Vec<JobId> {
         self.queue.extend(jobs.iter().cloned());
         self.jobs.extend(jobs.iter().cloned());
-        let excess = self.jobs.len().saturating_sub(MAX_JOBS);
-        self.jobs.drain(..excess).collect()
+        self.evict()
     }
 
     /// Makes the next queued job current, if the source is free.
@@ -294,5 +311,24 @@ mod tests {
         l.record_finish(&id(2), None);
         assert_eq!(l.admit(&verify), Admission::AlreadyServed(Timestamp::from_secs(60)));
         assert_eq!(l.admit(&cron(120)), Admission::Start);
+    }
+
+    #[test]
+    fn an_account_of_200_backends_keeps_every_queued_job_until_it_ran() {
+        let mut l = Ledger::default();
+        l.record_start(&id(0), &webhook("a"), Timestamp::from_secs(0));
+        let backends: Vec<JobId> = (0..200u32).map(|n| JobId::new(format!("{n:016x}"))).collect();
+        l.record_finish(&id(0), None);
+        let evicted = l.enqueue(&backends);
+        assert!(evicted.iter().all(|e| !backends.contains(e)), "a queued job was evicted");
+        let mut ran = Vec::new();
+        while let Some(next) = l.start_next() {
+            assert!(l.jobs.contains(&next), "the running job is still known");
+            ran.push(next.clone());
+            l.record_finish(&next, None);
+            l.evict();
+        }
+        assert_eq!(ran, backends, "each backend ran once, in order");
+        assert!(l.jobs.len() <= MAX_JOBS, "finished jobs are trimmed again once the queue drains");
     }
 }

@@ -22,6 +22,9 @@ type HmacSha256 = Hmac<Sha256>;
 /// How far a timestamp may be from now, either way.
 pub const TOLERANCE_SECS: i64 = 5 * 60;
 
+/// The shortest webhook key accepted, in bytes (Standard Webhooks suggests 24 to 64).
+pub const MIN_SECRET_BYTES: usize = 24;
+
 /// The HMAC key, decoded from `whsec_<base64>`.
 #[derive(Clone)]
 pub struct WebhookSecret(Vec<u8>);
@@ -40,6 +43,9 @@ impl WebhookSecret {
         let key = STANDARD.decode(b64).map_err(|_| WebhookError::BadSecret)?;
         if key.is_empty() {
             return Err(WebhookError::BadSecret);
+        }
+        if key.len() < MIN_SECRET_BYTES {
+            return Err(WebhookError::WeakSecret(key.len()));
         }
         Ok(Self(key))
     }
@@ -92,7 +98,8 @@ impl VerifiedWebhook {
     }
 }
 
-/// Why a webhook was refused. Every variant maps to 401 except [`WebhookError::BadSecret`].
+/// Why a webhook was refused. Every variant maps to 401 except [`WebhookError::BadSecret`] and
+/// [`WebhookError::WeakSecret`], which are the operator's configuration errors.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WebhookError {
     /// A required header is absent or empty.
@@ -116,6 +123,9 @@ pub enum WebhookError {
     /// The configured secret is not valid base64 (a server-side problem).
     #[error("FERRY_WEBHOOK_SECRET is not a valid whsec_<base64> secret")]
     BadSecret,
+    /// The configured secret is too short to resist guessing.
+    #[error("FERRY_WEBHOOK_SECRET is too weak: {0} bytes, at least 24 are required (echo \"whsec_$(openssl rand -base64 32)\")")]
+    WeakSecret(usize),
 }
 
 fn present(v: Option<&str>) -> Option<&str> {
@@ -285,6 +295,10 @@ mod tests {
     fn secret_must_be_base64_and_never_prints() {
         assert_eq!(WebhookSecret::parse(&Secret::new("whsec_***")).unwrap_err(), WebhookError::BadSecret);
         assert_eq!(WebhookSecret::parse(&Secret::new("whsec_")).unwrap_err(), WebhookError::BadSecret);
+        assert_eq!(WebhookSecret::parse(&Secret::new("whsec_AA==")).unwrap_err(), WebhookError::WeakSecret(1));
+        let weak = WebhookSecret::parse(&Secret::new("whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAA")).unwrap_err();
+        assert_eq!(weak, WebhookError::WeakSecret(21));
+        assert!(weak.to_string().contains("FERRY_WEBHOOK_SECRET") && weak.to_string().contains("24"), "{weak}");
         // The prefix is optional.
         let bare = WebhookSecret::parse(&Secret::new("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")).unwrap();
         assert_eq!(bare.sign(VECTOR_ID, VECTOR_TS, VECTOR_BODY).unwrap(), VECTOR_SIG);

@@ -34,7 +34,7 @@ def tool_env(**extra) -> dict:
     env = dict(os.environ, WRANGLER_SEND_METRICS="false", CI="true", **extra)
     env["PATH"] = f"{NODE22_BIN}{os.pathsep}{env.get('PATH', '')}"
     return env
-API_TOKEN = "test-api-token-0123456789"
+API_TOKEN = "test-api-token-0123456789abcdef0123456789"
 WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 D1_TOKEN = "test-d1-token"
 TERMINAL = ("committed", "failed", "skipped", "verified")

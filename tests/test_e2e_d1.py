@@ -370,3 +370,36 @@ def test_a_signed_url_that_expires_mid_copy_is_renewed_and_the_copy_resumes(worl
         assert starts == sorted(starts), f"no stored part was downloaded again: {starts}"
     finally:
         ferry.stop()
+
+
+def test_an_oversized_webhook_body_gets_413_and_starts_nothing(world):
+    import http.client
+    ferry = world["ferry"]
+    # Declared too large: refused on Content-Length alone.
+    status, _, payload = ferry.webhook("app-db", body=b'{"pad": "' + b"x" * (1 << 20) + b'"}')
+    assert status == 413, payload
+    # Not declared (chunked): read only up to the cap, then refused.
+    conn = http.client.HTTPConnection("127.0.0.1", ferry.port, timeout=30)
+    try:
+        chunks = (b'{"pad": "' + b"x" * 8192 for _ in range(64))
+        conn.request("POST", "/v1/sources/app-db/exports", body=chunks, encode_chunked=True,
+                     headers={"webhook-id": "msg_chunked", "webhook-timestamp": str(int(time.time())),
+                              "webhook-signature": "v1,AAAA", "Transfer-Encoding": "chunked"})
+        resp = conn.getresponse()
+        assert resp.status == 413, (resp.status, resp.read())
+    finally:
+        conn.close()
+    assert world["emulator"].state()["export_calls"] == 0, "nothing was started"
+
+
+def test_weak_secrets_are_refused_naming_the_secret(world, tmp_path):
+    ferry = Ferry(tmp_path / "ferry", [d1_source("app-db", world["emulator"], "app-uuid")],
+                  secrets={"FERRY_API_TOKEN": "short-token", "FERRY_WEBHOOK_SECRET": "whsec_AA=="})
+    try:
+        status, _, body = ferry.api("/v1/sources", token="short-token")
+        assert status == 503 and b"FERRY_API_TOKEN is too weak" in body, body
+        status, _, payload = ferry.webhook("app-db")
+        assert status == 500 and "FERRY_WEBHOOK_SECRET is too weak" in payload["error"], payload
+        assert world["emulator"].state()["export_calls"] == 0
+    finally:
+        ferry.stop()

@@ -410,7 +410,12 @@ fn public_json_hides_signed_urls() {
     let shown = h.job.public_json().to_string();
     assert!(!shown.contains("__signed"), "{shown}");
     assert!(shown.contains("db-1-bm-1.sql"));
-    assert!(!format!("{:?}", h.job).contains("tok"), "no secret in the job");
+    // The D1 token travels only in requests, whose Debug output redacts it.
+    let mut h = Harness::d1();
+    let start = expect_send(h.wake_when_due());
+    assert_eq!(start.header_value("authorization"), Some("Bearer tok"));
+    assert!(!format!("{start:?}").contains("Bearer tok"), "{start:?}");
+    assert!(!serde_json::to_string(&h.job).unwrap().contains("Bearer tok"), "the job never stores the token");
 }
 
 #[test]
@@ -644,4 +649,53 @@ fn an_expired_url_that_cannot_be_renewed_fails_saying_so_and_discards() {
     let action = h.feed(Event::Sliced { state, outcome: SliceOutcome::UrlExpired("HTTP 403".into()) });
     assert!(matches!(action, Action::Discard { .. }), "{action:?}");
     assert!(h.job.error.as_deref().unwrap().contains("expired mid-copy and this export cannot issue a new one"));
+}
+
+#[test]
+fn a_finished_job_keeps_no_live_credential() {
+    // Committed: the signed download URL the job held is gone from what is stored.
+    let mut h = Harness::d1();
+    let order = to_copy(&mut h);
+    assert!(serde_json::to_string(&h.job).unwrap().contains("__signed/abc"), "held while copying");
+    h.feed(copied(&order));
+    assert!(matches!(h.wake_when_due(), Action::Commit { .. }));
+    h.feed(Event::Committed);
+    let stored = serde_json::to_string(&h.job).unwrap();
+    assert!(!stored.contains("__signed/abc"), "{stored}");
+    // Failed: a provider's access token is gone too.
+    let mut h = Harness::d1();
+    let aura =
+        crate::providers::aura::AuraState { secret_access_token: Some("tok-live-123".into()), ..Default::default() };
+    h.job.provider = crate::providers::ProviderState::Aura(aura);
+    assert!(serde_json::to_string(&h.job).unwrap().contains("tok-live-123"));
+    h.job.phase = Phase::Exporting;
+    h.job.next_step_at = None;
+    h.feed(Event::Unreachable("x".into()));
+    h.job.retries = 99;
+    h.feed(Event::Unreachable("down".into()));
+    assert_eq!(h.job.phase, Phase::Failed);
+    assert!(!serde_json::to_string(&h.job).unwrap().contains("tok-live-123"));
+}
+
+#[test]
+fn an_active_d1_export_is_polled_within_the_cap_whatever_the_back_off_says() {
+    let mut h = Harness::new(source(json!({
+        "poll_interval_ms": 600000, "retry": {"max_attempts": 6, "base_ms": 60000, "max_delay_ms": 86400000}
+    })));
+    expect_send(h.wake_when_due());
+    h.feed(Event::Response(d1_active()));
+    let cap = crate::providers::d1::MAX_POLL_GAP;
+    assert_eq!(h.job.next_step_at, Some(h.now.plus(cap)), "poll_interval_ms is capped while exporting");
+    h.advance(cap);
+    expect_send(h.wake_when_due());
+    let limited =
+        HttpResponse::json(429, &json!({"success": false, "errors": [{"code": 971, "message": "slow down"}]}))
+            .with_header("Retry-After", "900");
+    h.feed(Event::Response(limited));
+    assert_eq!(h.job.phase, Phase::Exporting);
+    assert_eq!(h.job.next_step_at, Some(h.now.plus(cap)), "a 15-minute Retry-After is capped too");
+    h.advance(cap);
+    expect_send(h.wake_when_due());
+    h.feed(Event::Unreachable("timeout".into()));
+    assert_eq!(h.job.next_step_at, Some(h.now.plus(cap)), "and so is the generic back-off");
 }

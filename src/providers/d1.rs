@@ -88,6 +88,12 @@ impl D1State {
     }
 }
 
+/// The longest gap between two polls of an active export. D1 cancels an export that is not
+/// polled continually (after making the database unavailable while it ran), and the documented
+/// client (wrangler) polls about once a second, so neither a back-off, nor `Retry-After`, nor
+/// `poll_interval_ms` may stretch a gap past this.
+pub const MAX_POLL_GAP: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The next export call: start (no bookmark yet) or poll.
 pub fn export_request(cfg: &D1Config, state: &D1State, token: &Secret) -> HttpRequest {
     let mut body = json!({ "output_format": "polling", "dump_options": cfg.dump_options });

@@ -7,7 +7,8 @@
 //!   from `GET /backup/list`. That listing is undocumented ([3P]), so every plausible shape is
 //!   accepted: `{"backups": [...]}` or a bare array, ids under `backupId`, `id` or `backup_id`,
 //!   newest by `createdAt` when every item has one, else by the id's `YYYYMMDDHHmm` suffix, else
-//!   the last item; items whose `status` says they failed are passed over.
+//!   the last item; only items whose `status` says they completed ([`COMPLETED`], or no status at
+//!   all) are taken, and a listing where none has completed fails the job naming the statuses.
 //! - A backup id already copied for this source is skipped (the job ends `skipped`, not failed).
 //! - `GET /backup/download/{database,volume}/{id}` stream gzip / tar.gz bytes as-is; the volume
 //!   can be many gigabytes, so it goes through the multipart copy with flat memory.
@@ -183,7 +184,18 @@ impl DxpState {
             .ok_or_else(|| StepError::permanent("the DXP backup list has no \"backups\" array"))?;
         self.listed = Some(items.len());
         let Some((id, created)) = newest(items) else {
-            return Ok(Progress::Skip("the DXP backup service lists no successful backup".into()));
+            if items.is_empty() {
+                return Ok(Progress::Skip("the DXP backup service lists no backup".into()));
+            }
+            let mut seen: Vec<String> = items.iter().map(status_of).collect();
+            seen.sort();
+            seen.dedup();
+            return Ok(Progress::Failed(format!(
+                "none of the {} backups the DXP service lists has completed (statuses: {}; accepted: {})",
+                items.len(),
+                seen.join(", "),
+                COMPLETED.join(", ")
+            )));
         };
         self.backup_id = Some(id);
         self.created_at = created;
@@ -201,14 +213,29 @@ impl DxpState {
     }
 }
 
-/// The newest successful backup of a listing: `(id, createdAt)`.
+/// Backup statuses that say a backup completed; any other value (running, pending, started,
+/// in progress, failed, …) is passed over, so nothing half-written is ever downloaded. A listing
+/// item without a `status` field (older listing shapes have none) counts as completed.
+pub const COMPLETED: [&str; 6] = ["success", "succeeded", "successful", "completed", "complete", "done"];
+
+fn status_of(item: &Value) -> String {
+    match item.get("status") {
+        None | Some(Value::Null) => "(none)".into(),
+        Some(Value::String(s)) => s.trim().to_ascii_lowercase(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn completed(item: &Value) -> bool {
+    let status = status_of(item);
+    status == "(none)" || COMPLETED.contains(&status.as_str())
+}
+
+/// The newest completed backup of a listing: `(id, createdAt)`.
 fn newest(items: &[Value]) -> Option<(String, Option<String>)> {
     let candidates: Vec<(String, Option<String>)> = items
         .iter()
-        .filter(|item| {
-            let status = item.get("status").and_then(Value::as_str).unwrap_or("success").to_ascii_lowercase();
-            !(status.contains("fail") || status.contains("error") || status.contains("progress"))
-        })
+        .filter(|item| completed(item))
         .filter_map(|item| {
             let id = ["backupId", "id", "backup_id"].iter().find_map(|k| item.get(*k).and_then(Value::as_str))?;
             let created =
@@ -352,6 +379,33 @@ mod tests {
             .on_response(cfg_of(&s), &HttpResponse::json(200, &json!({"backups": []})), &input(&s, &c, &none, &[]))
             .unwrap();
         assert!(matches!(p, Progress::Skip(_)));
+    }
+
+    #[test]
+    fn only_completed_backups_are_taken_and_none_completed_fails_clearly() {
+        let s = source(json!({"user_token_secret": "TOKEN"}));
+        let c = creds();
+        let none = json!({});
+        let list = json!({"backups": [
+            {"backupId": "dxpcloud-a-202611210300", "status": "SUCCESS"},
+            {"backupId": "dxpcloud-b-202611230300", "status": "running"},
+            {"backupId": "dxpcloud-c-202611240300", "status": "pending"},
+            {"backupId": "dxpcloud-d-202611250300", "status": "started"},
+        ]});
+        let mut state = DxpState::default();
+        state.on_response(cfg_of(&s), &HttpResponse::json(200, &list), &input(&s, &c, &none, &[])).unwrap();
+        assert_eq!(
+            state.backup_id.as_deref(),
+            Some("dxpcloud-a-202611210300"),
+            "running/pending/started are passed over"
+        );
+        let unfinished = json!({"backups": [{"backupId": "dxpcloud-b-202611230300", "status": "in_progress"},
+                                            {"backupId": "dxpcloud-c-202611240300", "status": "queued"}]});
+        let p = DxpState::default()
+            .on_response(cfg_of(&s), &HttpResponse::json(200, &unfinished), &input(&s, &c, &none, &[]))
+            .unwrap();
+        let Progress::Failed(message) = p else { panic!("expected a failure, got {p:?}") };
+        assert!(message.contains("none of the 2 backups") && message.contains("in_progress, queued"), "{message}");
     }
 
     #[test]

@@ -214,6 +214,16 @@ impl ProviderState {
         redact(refs)
     }
 
+    /// The longest gap allowed between two polls of a running export, if the provider cancels
+    /// exports that are not polled continually: D1 does, once an export has its bookmark (see
+    /// [`d1::MAX_POLL_GAP`]).
+    pub fn max_poll_gap(&self) -> Option<Duration> {
+        match self {
+            Self::D1(state) if state.at_bookmark.is_some() => Some(d1::MAX_POLL_GAP),
+            Self::D1(_) | Self::Dgraph(_) | Self::Aura(_) | Self::Dxp(_) => None,
+        }
+    }
+
     /// Whether the provider can issue fresh download URLs for the same export when one expires
     /// mid-copy: D1 answers the same bookmark's status with a new signed URL, Dgraph's
     /// `exportStatus` lists new signed URLs for the task. DXP downloads are not signed.

@@ -10,7 +10,7 @@ use worker::{Env, Method, Request, Response, ResponseBody};
 
 use super::source_object::{call, trigger_webhook};
 use super::{load_config, now, secret, store, BUCKET};
-use crate::api::{bearer_ok, error_body, route, Route};
+use crate::api::{api_token_problem, bearer_ok, error_body, route, Route};
 use crate::config::Config;
 use crate::job::Task;
 use crate::manifest::{folder_of, is_manifest_key, manifest_key, Manifest};
@@ -48,6 +48,9 @@ pub(crate) async fn handle(req: Request, env: &Env) -> worker::Result<Response> 
             let Some(token) = secret(env, "FERRY_API_TOKEN") else {
                 return error(503, "FERRY_API_TOKEN is not set: wrangler secret put FERRY_API_TOKEN");
             };
+            if let Some(problem) = api_token_problem(&token) {
+                return error(503, &problem);
+            }
             if !bearer_ok(req.headers().get("authorization")?.as_deref(), &token) {
                 let mut resp = error(401, "missing or wrong bearer token")?;
                 resp.headers_mut().set("www-authenticate", "Bearer")?;
@@ -77,10 +80,15 @@ async fn start_job(mut req: Request, env: &Env, name: &str, task: Task) -> worke
         Ok(k) => k,
         Err(e) => return error(500, &e.to_string()),
     };
-    let body = req.bytes().await?;
-    if body.len() > MAX_WEBHOOK_BODY {
+    // Nothing is read whole before it is known to be small: a declared length over the cap is
+    // refused unread, and an undeclared one is read only up to the cap.
+    let declared = req.headers().get("content-length")?.and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_WEBHOOK_BODY as u64) {
         return error(413, "webhook body is larger than 64 KiB");
     }
+    let Some(body) = read_capped(&mut req, MAX_WEBHOOK_BODY).await? else {
+        return error(413, "webhook body is larger than 64 KiB");
+    };
     let headers = req.headers();
     let (id, ts, sig) =
         (headers.get("webhook-id")?, headers.get("webhook-timestamp")?, headers.get("webhook-signature")?);
@@ -111,6 +119,21 @@ async fn start_job(mut req: Request, env: &Env, name: &str, task: Task) -> worke
         resp.headers_mut().set("idempotent-replayed", "true")?;
     }
     Ok(resp)
+}
+
+/// The request body, or `None` as soon as it passes `cap` bytes (the rest is never read).
+async fn read_capped(req: &mut Request, cap: usize) -> worker::Result<Option<Vec<u8>>> {
+    use futures_util::StreamExt;
+    let Ok(mut stream) = req.stream() else { return Ok(Some(Vec::new())) };
+    let mut body = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        if body.len() + chunk.len() > cap {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
 }
 
 async fn list_sources(env: &Env, config: &Config) -> worker::Result<Response> {

@@ -356,7 +356,14 @@ impl SourceObject {
         } else {
             console_log!("job {} of {name}: {:?}", job.id, job.phase);
         }
-        self.storage().delete_alarm().await?;
+        // A trigger may have started the next job while this one's clean-up ran (R2 I/O): only
+        // clear the alarm when nothing is in flight or queued, else wake for that job.
+        let latest = self.load_ledger().await?;
+        if latest.current.is_some() || !latest.queue.is_empty() {
+            self.storage().set_alarm(Duration::from_millis(1)).await?;
+        } else {
+            self.storage().delete_alarm().await?;
+        }
         Ok(())
     }
 }
