@@ -395,8 +395,17 @@ impl Job {
 
     /// The job as shown by the HTTP API: signed URLs and access tokens (`secret_*` fields) are
     /// credentials and are left out.
+    ///
+    /// A copy in progress shows how many parts are stored (`parts_stored`) and the offset, not
+    /// every part's etag and hash: that list is the engine's, and can run to 10,000 entries.
     pub fn public_json(&self) -> serde_json::Value {
-        crate::providers::redact(serde_json::to_value(self).unwrap_or(serde_json::Value::Null))
+        let mut value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        if let Some(copy) = value.get_mut("copy").and_then(serde_json::Value::as_object_mut) {
+            let stored = copy.remove("parts").and_then(|p| p.as_array().map(Vec::len)).unwrap_or(0);
+            copy.insert("parts_stored".into(), stored.into());
+            copy.remove("hash_state");
+        }
+        crate::providers::redact(value)
     }
 
     /// A job that verifies the backup whose manifest is `manifest_key` (the newest when `None`).

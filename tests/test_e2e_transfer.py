@@ -46,8 +46,8 @@ def wait_for_parts(ferry: Ferry, job_id: str, more_than: int, timeout: float = 6
         copy = job.get("copy") or {}
         if job["phase"] in ("committed", "failed"):
             raise AssertionError(f"the job ended before the kill: {job}")
-        if copy.get("key", "").endswith("volume.tgz") and len(copy.get("parts", [])) > more_than:
-            return len(copy["parts"])
+        if copy.get("key", "").endswith("volume.tgz") and copy.get("parts_stored", 0) > more_than:
+            return copy["parts_stored"]
         time.sleep(0.1)
     raise AssertionError(f"no new part within {timeout} s: {ferry.job(job_id)}")
 

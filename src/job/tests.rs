@@ -699,3 +699,16 @@ fn an_active_d1_export_is_polled_within_the_cap_whatever_the_back_off_says() {
     h.feed(Event::Unreachable("timeout".into()));
     assert_eq!(h.job.next_step_at, Some(h.now.plus(cap)), "and so is the generic back-off");
 }
+
+#[test]
+fn the_api_shows_a_copys_progress_not_its_part_list() {
+    let mut h = Harness::d1();
+    to_copy(&mut h);
+    let copy = h.job.copy.as_mut().unwrap();
+    let hash = copy.hash_state.clone();
+    copy.record_part(crate::transfer::PartRecord { number: 1, etag: "etag-1".into(), size: 5 << 20, sha256: "ab".into() }, hash);
+    let shown = h.job.public_json();
+    assert_eq!(shown["copy"]["parts_stored"], 1);
+    assert_eq!(shown["copy"]["offset"], 5 << 20);
+    assert!(shown["copy"].get("parts").is_none() && !shown.to_string().contains("etag-1"));
+}

@@ -134,6 +134,8 @@ struct Sink<'a> {
     part: Uint8Array,
     filled: usize,
     inflight: VecDeque<InFlight>,
+    /// The job's JSON, rewritten in place at every persist.
+    json: Vec<u8>,
     /// Downloads persist after every part; the graph export only at the end of a slice.
     persist_each_part: bool,
     /// Bytes taken in this slice.
@@ -153,11 +155,20 @@ impl<'a> Sink<'a> {
 
     /// Saves the job with the copy's current state. The job in memory keeps the state the slice
     /// was ordered with; the state machine gets the new one in the `Sliced` event.
+    ///
+    /// The state is moved into the job for serialization (not cloned) and the JSON is written
+    /// into one reused buffer: the record grows with every part, and wasm memory must not.
     async fn persist(&mut self) -> Result<(), StepError> {
-        let ordered = self.job.copy.replace(self.state.clone());
-        let text = serde_json::to_string(&*self.job);
-        self.job.copy = ordered;
-        let text = text.map_err(|e| StepError::permanent(e.to_string()))?;
+        let placeholder = CopyState::new(String::new(), self.state.started_at);
+        let state = std::mem::replace(&mut self.state, placeholder);
+        let ordered = self.job.copy.replace(state);
+        self.json.clear();
+        let written = serde_json::to_writer(&mut self.json, &*self.job);
+        if let Some(state) = std::mem::replace(&mut self.job.copy, ordered) {
+            self.state = state;
+        }
+        written.map_err(|e| StepError::permanent(e.to_string()))?;
+        let text = std::str::from_utf8(&self.json).map_err(|e| StepError::permanent(e.to_string()))?;
         self.storage.put(&store::job_key(&self.job.id), text).await.map_err(|e| r2_err("saving the copy's progress", e))
     }
 
@@ -403,6 +414,7 @@ pub(crate) async fn run_slice(bucket: &Bucket, storage: &Storage, job: &mut Job,
         part: Uint8Array::new_with_length(settings.part_size as u32),
         filled: 0,
         inflight: VecDeque::new(),
+        json: Vec::new(),
         persist_each_part: !graph,
         pushed: 0,
         started_ms: js_sys::Date::now(),
