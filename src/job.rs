@@ -408,6 +408,17 @@ impl Job {
         crate::providers::redact(value)
     }
 
+    /// Stops the job for good from outside the state machine (its source was removed): it fails
+    /// with `reason`, and a job that began copying hands back its folder and open upload.
+    pub fn abandon(self, reason: String, now: Timestamp) -> (Self, Action) {
+        if self.phase.is_terminal() {
+            return (self, Action::Done);
+        }
+        let (mut job, action) = self.fail(reason, now);
+        job.forget_credentials();
+        (job, action)
+    }
+
     /// A job that verifies the backup whose manifest is `manifest_key` (the newest when `None`).
     pub fn verify_of(mut self, manifest_key: Option<String>) -> Self {
         self.task = Task::Verify;

@@ -414,6 +414,26 @@ pub fn signed_url_expired(status: u16, body_start: &str) -> bool {
     matches!(status, 403 | 404) || (status == 400 && (text.contains("expired") || text.contains("signature")))
 }
 
+/// Whether the first bytes of a file (at least two, unless it is shorter) can be what the
+/// provider's file must be: a `.gz`/`.tgz` starts with the gzip magic; a `.sql` dump is text, not
+/// an HTML page (a login page answered `200` after a redirect). `None` when it can.
+pub fn wrong_start(filename: &str, first: &[u8]) -> Option<String> {
+    let name = filename.to_ascii_lowercase();
+    if name.ends_with(".gz") || name.ends_with(".tgz") {
+        if first.len() >= 2 && first[..2] != [0x1f, 0x8b] {
+            let shown: String =
+                String::from_utf8_lossy(&first[..first.len().min(40)]).chars().filter(|c| !c.is_control()).collect();
+            return Some(format!("{filename} is not gzip data (it starts with {shown:?}); nothing was stored"));
+        }
+    } else if name.ends_with(".sql") {
+        let text = String::from_utf8_lossy(&first[..first.len().min(64)]).trim_start().to_ascii_lowercase();
+        if text.starts_with("<!doctype html") || text.starts_with("<html") {
+            return Some(format!("{filename} is an HTML page, not an SQL dump; nothing was stored"));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -550,6 +570,16 @@ mod tests {
         assert!(!signed_url_expired(400, "bad request"));
         assert!(signed_url_expired(404, "NoSuchKey"), "D1's expired URLs may answer 404");
         assert!(!signed_url_expired(500, "oops"));
+    }
+
+    #[test]
+    fn files_that_cannot_be_what_their_name_says_are_refused() {
+        assert!(wrong_start("volume.tgz", &[0x1f, 0x8b, 8, 0]).is_none());
+        let html = wrong_start("database.gz", b"<!DOCTYPE html><title>Sign in</title>").unwrap();
+        assert!(html.contains("database.gz is not gzip data") && html.contains("DOCTYPE"), "{html}");
+        assert!(wrong_start("db.sql", b"PRAGMA defer_foreign_keys=TRUE;").is_none());
+        assert!(wrong_start("db.sql", b"  <html><body>login</body></html>").is_some());
+        assert!(wrong_start("g01.json.gz", b"{").is_none(), "too short to judge");
     }
 
     #[test]

@@ -310,9 +310,20 @@ class Ferry:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.persist = workdir / "state"
-        raw = sources if isinstance(sources, str) else json.dumps(sources)
+        self.bundle, self.crons = bundle, crons
         self.secrets = {"FERRY_API_TOKEN": API_TOKEN, "FERRY_WEBHOOK_SECRET": WEBHOOK_SECRET, "D1_API_TOKEN": D1_TOKEN}
         self.secrets.update(secrets or {})
+        self.write_config(sources)
+        (workdir / ".dev.vars").write_text("".join(f"{k}={json.dumps(v)}\n" for k, v in self.secrets.items()))
+        self.process: Process | None = None
+        self.port = free_port()
+        self.http = Http(f"http://127.0.0.1:{self.port}")
+        self.start()
+
+    def write_config(self, sources: list | str) -> None:
+        """Writes wrangler.toml with these sources (takes effect at the next start)."""
+        raw = sources if isinstance(sources, str) else json.dumps(sources)
+        bundle, crons, workdir = self.bundle, self.crons, self.workdir
         (workdir / "wrangler.toml").write_text(f"""name = "ferry-test"
 main = {toml_string(str(bundle / "index.js"))}
 compatibility_date = "2026-05-01"
@@ -329,11 +340,6 @@ crons = {json.dumps(list(crons))}
 [vars]
 FERRY_SOURCES = {toml_string(raw)}
 """)
-        (workdir / ".dev.vars").write_text("".join(f"{k}={json.dumps(v)}\n" for k, v in self.secrets.items()))
-        self.process: Process | None = None
-        self.port = free_port()
-        self.http = Http(f"http://127.0.0.1:{self.port}")
-        self.start()
 
     def start(self) -> None:
         env = tool_env(WRANGLER_LOG_PATH=str(self.workdir / "wrangler-logs"))

@@ -553,7 +553,7 @@ def test_control_api(emu):
     assert defaults == {"sso": False, "list_shape": "backups", "malformed_list": 0, "chunked": False,
                         "allow_post": False, "rest_disabled": False, "fail_next": [], "download_delay_ms": 0,
                         "truncate_after": None, "expired_tokens": False, "database_tgz": False,
-                        "include_failed": False, "truncate_after_bytes": 0, "ignore_range": False,
+                        "include_failed": False, "truncate_after_bytes": 0, "html_downloads": False, "ignore_range": False,
                         "etag_generation": 0, "throttle_kib_per_s": 0}
     for bad in ({"nope": 1}, {"sso": "yes"}, {"list_shape": "xml"}, {"malformed_list": -1},
                 {"truncate_after": "10"}, {"ignore_range": 1}, {"etag_generation": -1}, {"throttle_kib_per_s": "x"},

@@ -173,3 +173,20 @@ def test_volume_streams_through_multipart_with_flat_memory(tmp_path):
     # Flat: the peak does not grow with the artifact, and stays at a few parts' worth.
     assert big_mem[1] == small_mem[1], f"wasm memory grew from {small_mem[1]} to {big_mem[1]} MiB with the artifact"
     assert big_mem[1] <= 8 * 5, f"wasm memory reached {big_mem[1]} MiB"
+
+
+def test_an_html_page_answered_200_is_not_stored_and_the_backup_is_copied_once_it_can_be(world, tmp_path):
+    emulator = world["emulator"]
+    ferry = Ferry(tmp_path / "ferry", [dxp_source("portal-html", emulator)], secrets=DXP_SECRETS)
+    try:
+        emulator.control(html_downloads=True)
+        job = ferry.webhook_job("portal-html")
+        assert job["phase"] == "failed", job
+        assert "database.gz is not gzip data" in job["error"] and "DOCTYPE" in job["error"], job["error"]
+        assert ferry.backups("portal-html") == []
+        emulator.control(html_downloads=False)
+        job = ferry.webhook_job("portal-html")
+        assert job["phase"] == "committed", "the backup id was not recorded as copied by the failed job"
+        check_dxp_backup(ferry, job, emulator.backup())
+    finally:
+        ferry.stop()

@@ -191,3 +191,34 @@ def test_verify_reads_a_backup_back_and_an_altered_object_fails_naming_its_key(w
         assert status == 400 and "not a backup of" in payload["error"], payload
     finally:
         ferry.stop()
+
+
+def test_a_job_whose_source_is_removed_fails_cleans_up_and_frees_the_source(world):
+    emulator = world["emulator"]
+    source = dxp_source("removed", emulator, **ONE_PART_PER_SLICE)
+    ferry = Ferry(world["work"] / "removed", [source], secrets=DXP_SECRETS)
+    try:
+        emulator.control(throttle_kib_per_s=2048)
+        status, _, payload = ferry.webhook("removed")
+        job_id = payload["job"]["id"]
+        wait_for_parts(ferry, job_id, 0)
+        ferry.stop(kill=True)
+        ferry.write_config([dxp_source("other", emulator)])  # "removed" is gone from the config
+        ferry.start()
+        deadline = time.time() + 60
+        before = len(volume_requests(emulator))
+        time.sleep(20)  # the job's alarm fires (the watchdog re-arms within 15 s) and stops it
+        assert len(volume_requests(emulator)) - before <= 1, "the removed source's copy went on"
+        ferry.stop()
+        ferry.write_config([source])  # back again: the job is findable, failed with a clear message
+        ferry.start()
+        job = ferry.job(job_id)
+        assert job["phase"] == "failed", job
+        assert "no longer configured" in job["error"], job["error"]
+        assert ferry.backups("removed") == []
+        emulator.control(throttle_kib_per_s=0)
+        status, _, payload = ferry.webhook("removed")
+        assert status == 202 and time.time() < deadline + 120, payload
+        check_volume(ferry, ferry.wait_job(payload["job"]["id"], timeout=120), emulator.backup())
+    finally:
+        ferry.stop()

@@ -706,9 +706,26 @@ fn the_api_shows_a_copys_progress_not_its_part_list() {
     to_copy(&mut h);
     let copy = h.job.copy.as_mut().unwrap();
     let hash = copy.hash_state.clone();
-    copy.record_part(crate::transfer::PartRecord { number: 1, etag: "etag-1".into(), size: 5 << 20, sha256: "ab".into() }, hash);
+    copy.record_part(
+        crate::transfer::PartRecord { number: 1, etag: "etag-1".into(), size: 5 << 20, sha256: "ab".into() },
+        hash,
+    );
     let shown = h.job.public_json();
     assert_eq!(shown["copy"]["parts_stored"], 1);
     assert_eq!(shown["copy"]["offset"], 5 << 20);
     assert!(shown["copy"].get("parts").is_none() && !shown.to_string().contains("etag-1"));
+}
+
+#[test]
+fn a_job_whose_source_was_removed_is_abandoned_with_its_upload() {
+    let mut h = Harness::d1();
+    to_copy(&mut h);
+    h.job.copy.as_mut().unwrap().upload_id = Some("u-7".into());
+    let (job, action) = h.job.clone().abandon("source \"app-db\" is no longer configured".into(), h.now);
+    assert_eq!(job.phase, Phase::Failed);
+    assert!(job.error.as_deref().unwrap().contains("no longer configured"));
+    let Action::Discard { upload, .. } = action else { panic!("expected discard, got {action:?}") };
+    assert_eq!(upload.map(|u| u.1).as_deref(), Some("u-7"));
+    let (again, action) = job.abandon("twice".into(), h.now);
+    assert_eq!((again.phase, action), (Phase::Failed, Action::Done), "a finished job stays as it ended");
 }

@@ -34,18 +34,24 @@ fn rust_err(e: impl std::fmt::Display) -> worker::Error {
     worker::Error::RustError(e.to_string())
 }
 
+/// How long a running step may hold the object before a later alarm stops waiting for it. An
+/// alarm invocation cannot legitimately run longer than 15 minutes, so a step still "running"
+/// after 16 is a future that will never resolve (a call without an answer).
+const BUSY_LEASE_MS: f64 = 16.0 * 60.0 * 1000.0;
+
 /// The Durable Object class (`SOURCES` binding).
 #[durable_object]
 pub struct SourceObject {
     state: State,
     env: Env,
-    /// In memory only: an instance that restarted is, rightly, not busy.
-    busy: Cell<bool>,
+    /// In memory only: when the step now running started (an instance that restarted is,
+    /// rightly, not busy). Held at most for [`BUSY_LEASE_MS`].
+    busy_since: Cell<Option<f64>>,
 }
 
 impl DurableObject for SourceObject {
     fn new(state: State, env: Env) -> Self {
-        Self { state, env, busy: Cell::new(false) }
+        Self { state, env, busy_since: Cell::new(None) }
     }
 
     async fn fetch(&self, mut req: Request) -> worker::Result<Response> {
@@ -72,14 +78,21 @@ impl DurableObject for SourceObject {
     }
 
     async fn alarm(&self) -> worker::Result<Response> {
-        if self.busy.replace(true) {
-            // A step is still running in this instance: keep the watchdog armed; the step
-            // re-arms the real alarm when it ends.
-            self.storage().set_alarm(WATCHDOG).await?;
-            return Response::ok("busy");
+        let started = js_sys::Date::now();
+        if let Some(since) = self.busy_since.get() {
+            if started - since < BUSY_LEASE_MS {
+                // A step is still running in this instance: keep the watchdog armed; the step
+                // re-arms the real alarm when it ends.
+                self.storage().set_alarm(WATCHDOG).await?;
+                return Response::ok("busy");
+            }
+            console_error!("a step has held this source for over 16 minutes; its lease expired, running again");
         }
+        self.busy_since.set(Some(started));
         let result = self.run().await;
-        self.busy.set(false);
+        if self.busy_since.get() == Some(started) {
+            self.busy_since.set(None);
+        }
         if let Err(e) = &result {
             console_error!("alarm: {e}");
             // Storage or R2 failed outside any step: try again shortly rather than lose the job.
@@ -229,14 +242,34 @@ impl SourceObject {
             return self.save_ledger(&ledger).await;
         };
         let name = job.source.clone();
-        let source = match self.source_config(&name) {
-            Ok(s) => s,
+        let config = match load_config(&self.env) {
+            Ok(c) => c,
             Err(e) => {
                 // Without a valid config nothing can run; check again in a minute.
                 console_error!("job {id}: {e}");
                 self.storage().set_alarm(Duration::from_secs(60)).await?;
                 return Ok(());
             }
+        };
+        let Some(source) = config.source(&name).cloned() else {
+            // The source was removed or renamed: stop its job for good, clean up, free the object.
+            let reason = format!(
+                "source {name:?} is no longer configured (removed or renamed); the job was stopped and its \
+                 unfinished files removed"
+            );
+            let (failed, action) = job.abandon(reason, now());
+            ledger.record_finish(&failed.id, None);
+            ledger.queue.clear();
+            self.save(&failed, Some(&ledger)).await?;
+            if let Action::Discard { folder, upload } = action {
+                let bucket = self.env.bucket(BUCKET)?;
+                if let Err(e) = store::discard(&bucket, &folder, upload).await {
+                    console_error!("job {id}: cleaning {folder} failed: {e}");
+                }
+            }
+            console_error!("job {id}: {}", failed.error.as_deref().unwrap_or_default());
+            self.storage().delete_alarm().await?;
+            return Ok(());
         };
         let creds = credentials(&self.env, &source.secret_names());
         let bucket = self.env.bucket(BUCKET)?;

@@ -316,6 +316,9 @@ impl<'a> Sink<'a> {
 
     /// Stores what is left and completes the object at its key.
     async fn finish(&mut self, details: Option<serde_json::Value>) -> Result<Artifact, StepError> {
+        if self.position() == 0 {
+            return Err(StepError::permanent(format!("{} is empty (0 bytes); nothing was stored", self.filename)));
+        }
         let digest = self.hasher.clone().finalize();
         let sha256 = hex::encode(digest);
         if self.state.upload_id.is_none() {
@@ -631,6 +634,13 @@ async fn pump(
                 if expected.is_some_and(|e| sink.position() + n as u64 > e) {
                     let e = format!("it sent more than the {} bytes it announced", expected.unwrap_or_default());
                     return Err(broke(sink, e));
+                }
+                if sink.position() == 0 {
+                    let first = filled.subarray(0, n.min(64) as u32).to_vec();
+                    if let Some(problem) = crate::transfer::wrong_start(&sink.filename, &first) {
+                        reader.cancel();
+                        return Err(StepError::permanent(problem));
+                    }
                 }
                 stage(&filled);
                 sink.filled += n;

@@ -39,7 +39,8 @@ Documented quirks reproduced (as switches)
 * Downloads serve byte ranges (``common.serve_download``: ``Range``/``If-Range``/206/416 with
   ``ETag``/``Last-Modified``) unless ``ignore_range`` (the service does not document ranges);
   ``etag_generation`` makes a backup look replaced, ``throttle_kib_per_s`` paces downloads and
-  ``truncate_after_bytes`` cuts every download after that many bytes (``truncate_after``: once).
+  ``truncate_after_bytes`` cuts every download after that many bytes (``truncate_after``: once);
+  ``html_downloads`` answers every download with a ``200 text/html`` login page (an SSO redirect).
 * Variants of the undocumented list shape (``list_shape``) and a WAF-style HTML body with status 200
   (``malformed_list``).
 
@@ -112,6 +113,7 @@ DEFAULT_SWITCHES = {
     "database_tgz": False,
     "include_failed": False,
     "truncate_after_bytes": 0,
+    "html_downloads": False,
     **RANGE_SWITCHES,
 }
 
@@ -811,7 +813,7 @@ def validate_switch(key: str, value):
         raise ApiError(400, f"{key}: {why}")
 
     if key in ("sso", "chunked", "allow_post", "rest_disabled", "expired_tokens", "database_tgz",
-               "include_failed"):
+               "include_failed", "html_downloads"):
         if not isinstance(value, bool):
             bad("must be a boolean")
     elif key == "list_shape":
@@ -921,6 +923,12 @@ class Handler(BaseHandler):
         emu = self.emulator
         with emu.lock:
             switches = copy.deepcopy(emu.switches)
+        if switches["html_downloads"]:
+            # What an SSO front end answers once a redirect has been followed: a login page, 200.
+            page = b"<!DOCTYPE html><html><head><title>Sign in - Liferay</title></head><body>Sign in</body></html>"
+            self.write_reply(Reply(200, page, "text/html; charset=utf-8"))
+            return
+        with emu.lock:
             truncate = switches["truncate_after"]
             if self.command != "HEAD":
                 if truncate is not None:
