@@ -396,13 +396,11 @@ impl Job {
     /// The job as shown by the HTTP API: signed URLs and access tokens (`secret_*` fields) are
     /// credentials and are left out.
     ///
-    /// A copy in progress shows how many parts are stored (`parts_stored`) and the offset, not
-    /// every part's etag and hash: that list is the engine's, and can run to 10,000 entries.
+    /// A copy in progress shows how many parts are stored (`parts_stored`) and the offset; its
+    /// hash state is the engine's.
     pub fn public_json(&self) -> serde_json::Value {
         let mut value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
         if let Some(copy) = value.get_mut("copy").and_then(serde_json::Value::as_object_mut) {
-            let stored = copy.remove("parts").and_then(|p| p.as_array().map(Vec::len)).unwrap_or(0);
-            copy.insert("parts_stored".into(), stored.into());
             copy.remove("hash_state");
         }
         crate::providers::redact(value)
@@ -562,7 +560,7 @@ impl Job {
             None => {
                 let taken: Vec<&str> = self.artifacts.iter().map(|a| a.key.rsplit('/').next().unwrap_or("")).collect();
                 let key = format!("{}{}", self.folder(), manifest::object_name(&download.filename, &taken));
-                CopyState::new(key, cx.now)
+                CopyState::new(key, self.artifacts.len() as u32, cx.now)
             }
         };
         let copying_since = self.transfer_started_at.unwrap_or(state.started_at);

@@ -129,6 +129,11 @@ impl Validators {
     }
 }
 
+/// The storage prefix of every part record of a job's copies (deleted when the job ends).
+pub fn job_parts_prefix(job: &str) -> String {
+    format!("part:{job}:")
+}
+
 /// One stored part of a multipart upload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartRecord {
@@ -164,8 +169,14 @@ pub struct CopyState {
     pub key: String,
     /// The open multipart upload, once one was created.
     pub upload_id: Option<String>,
-    /// Parts stored, in order, each contiguous with the previous.
-    pub parts: Vec<PartRecord>,
+    /// Which of the job's files this is (part records are keyed by it).
+    #[serde(default)]
+    pub file: u32,
+    /// Parts stored, each contiguous with the previous. Their records (etag, size, SHA-256) are
+    /// kept by the runtime apart from this state, one storage entry each under
+    /// [`CopyState::part_prefix`], so this state stays small however many parts there are.
+    #[serde(default)]
+    pub parts_stored: u32,
     /// Bytes stored in `parts`: where the next slice resumes.
     pub offset: u64,
     /// Hex of the serialized SHA-256 state over bytes `0..offset`.
@@ -262,11 +273,12 @@ pub fn load_hasher(state: &str) -> Result<Sha256, StepError> {
 
 impl CopyState {
     /// A copy of a new artifact to `key`, from byte 0.
-    pub fn new(key: String, now: Timestamp) -> Self {
+    pub fn new(key: String, file: u32, now: Timestamp) -> Self {
         Self {
             key,
+            file,
             upload_id: None,
-            parts: Vec::new(),
+            parts_stored: 0,
             offset: 0,
             hash_state: fresh_hash_state(),
             validators: None,
@@ -366,7 +378,7 @@ impl CopyState {
     pub fn restart(&mut self, reason: String) -> Option<String> {
         self.restarts += 1;
         self.last_restart = Some(reason);
-        self.parts.clear();
+        self.parts_stored = 0;
         self.offset = 0;
         self.hash_state = fresh_hash_state();
         self.validators = None;
@@ -375,17 +387,28 @@ impl CopyState {
         self.upload_id.take()
     }
 
-    /// Records a stored part (in order) and the hash state after it: progress.
-    pub fn record_part(&mut self, part: PartRecord, hash_state: String) {
+    /// Records a stored part (in order) and the hash state after it: progress. The caller keeps
+    /// the record itself under [`CopyState::part_key`].
+    pub fn record_part(&mut self, part: &PartRecord, hash_state: String) {
         self.offset += part.size;
-        self.parts.push(part);
+        self.parts_stored += 1;
         self.hash_state = hash_state;
         self.stalled = 0;
     }
 
     /// The next part number.
     pub fn next_part_number(&self) -> u32 {
-        self.parts.len() as u32 + 1
+        self.parts_stored + 1
+    }
+
+    /// The storage prefix of this copy's part records (a restart starts a fresh set).
+    pub fn part_prefix(&self, job: &str) -> String {
+        format!("{}{}:{}:", job_parts_prefix(job), self.file, self.restarts)
+    }
+
+    /// The storage key of part `number`'s record; keys sort in part order.
+    pub fn part_key(&self, job: &str, number: u16) -> String {
+        format!("{}{number:05}", self.part_prefix(job))
     }
 
     /// An error when part `number` would pass R2's limit of parts per upload.
@@ -399,9 +422,22 @@ impl CopyState {
         Ok(())
     }
 
-    /// The per-part hashes, in order, for the manifest.
-    pub fn part_hashes(&self) -> Vec<String> {
-        self.parts.iter().map(|p| p.sha256.clone()).collect()
+    /// Checks the part records read back for completion: exactly the parts stored, numbered
+    /// 1..=n in order, adding up to the offset.
+    pub fn check_parts(&self, records: &[PartRecord]) -> Result<(), StepError> {
+        let numbered = records.iter().enumerate().all(|(i, p)| usize::from(p.number) == i + 1);
+        let total: u64 = records.iter().map(|p| p.size).sum();
+        if records.len() as u32 != self.parts_stored || !numbered || total != self.offset {
+            return Err(StepError::permanent(format!(
+                "the records of {}'s parts do not add up ({} records for {} parts, {total} of {} bytes); the copy \
+                 cannot complete",
+                self.key,
+                records.len(),
+                self.parts_stored,
+                self.offset
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -443,11 +479,11 @@ mod tests {
     }
 
     fn started(len: u64) -> CopyState {
-        let mut s = CopyState::new("src/f/x.gz".into(), Timestamp::from_secs(0));
+        let mut s = CopyState::new("src/f/x.gz".into(), 0, Timestamp::from_secs(0));
         let r = s.check_response(200, &h(&[("etag", "\"v1\""), ("content-length", &len.to_string())]));
         assert_eq!(r, Resume::Continue);
         s.record_part(
-            PartRecord { number: 1, etag: "e1".into(), size: 10, sha256: "aa".into() },
+            &PartRecord { number: 1, etag: "e1".into(), size: 10, sha256: "aa".into() },
             save_hasher(&Sha256::new()),
         );
         s
@@ -455,7 +491,7 @@ mod tests {
 
     #[test]
     fn first_request_has_no_range_and_asks_for_identity() {
-        let s = CopyState::new("k".into(), Timestamp::from_secs(0));
+        let s = CopyState::new("k".into(), 0, Timestamp::from_secs(0));
         let r = s.range_request(HttpRequest::get("https://x/f"));
         assert_eq!(r.header_value("range"), None);
         assert_eq!(r.header_value("accept-encoding"), Some("identity"));
@@ -471,9 +507,12 @@ mod tests {
 
     #[test]
     fn weak_etags_fall_back_to_last_modified_for_if_range() {
-        let mut s = CopyState::new("k".into(), Timestamp::from_secs(0));
+        let mut s = CopyState::new("k".into(), 0, Timestamp::from_secs(0));
         s.check_response(200, &h(&[("etag", "W/\"v\""), ("last-modified", "Sat, 28 Nov 2026 00:00:00 GMT")]));
-        s.record_part(PartRecord { number: 1, etag: "e".into(), size: 5, sha256: String::new() }, s.hash_state.clone());
+        s.record_part(
+            &PartRecord { number: 1, etag: "e".into(), size: 5, sha256: String::new() },
+            s.hash_state.clone(),
+        );
         let r = s.range_request(HttpRequest::get("https://x/f"));
         assert_eq!(r.header_value("if-range"), Some("Sat, 28 Nov 2026 00:00:00 GMT"));
     }
@@ -534,14 +573,15 @@ mod tests {
         let mut s = started(100);
         s.upload_id = Some("u1".into());
         assert_eq!(s.restart("because".into()), Some("u1".into()));
-        assert_eq!((s.offset, s.parts.len(), s.restarts), (0, 0, 1));
+        assert_eq!((s.offset, s.parts_stored, s.restarts), (0, 0, 1));
+        assert_eq!(s.part_key("j1", 7), "part:j1:0:1:00007", "a restart starts a fresh set of records");
         assert_eq!(s.last_restart.as_deref(), Some("because"));
-        assert_eq!(s.hash_state, CopyState::new("k".into(), Timestamp::from_secs(0)).hash_state);
+        assert_eq!(s.hash_state, CopyState::new("k".into(), 0, Timestamp::from_secs(0)).hash_state);
     }
 
     #[test]
     fn encoded_bodies_have_no_trusted_length() {
-        let mut s = CopyState::new("k".into(), Timestamp::from_secs(0));
+        let mut s = CopyState::new("k".into(), 0, Timestamp::from_secs(0));
         s.check_response(200, &h(&[("content-encoding", "gzip"), ("content-length", "5")]));
         assert_eq!(s.validators.unwrap().length, None);
     }
@@ -580,6 +620,18 @@ mod tests {
         assert!(wrong_start("db.sql", b"PRAGMA defer_foreign_keys=TRUE;").is_none());
         assert!(wrong_start("db.sql", b"  <html><body>login</body></html>").is_some());
         assert!(wrong_start("g01.json.gz", b"{").is_none(), "too short to judge");
+    }
+
+    #[test]
+    fn part_records_must_add_up_before_completing() {
+        let mut s = started(100);
+        let rec = |n: u16, size: u64| PartRecord { number: n, etag: format!("e{n}"), size, sha256: String::new() };
+        assert!(s.check_parts(&[rec(1, 10)]).is_ok());
+        assert!(s.check_parts(&[]).is_err());
+        assert!(s.check_parts(&[rec(2, 10)]).is_err());
+        s.record_part(&rec(2, 5), s.hash_state.clone());
+        assert!(s.check_parts(&[rec(1, 10), rec(2, 5)]).is_ok());
+        assert!(s.check_parts(&[rec(1, 10), rec(2, 6)]).is_err());
     }
 
     #[test]

@@ -232,6 +232,15 @@ impl SourceObject {
         Response::ok(if ledger.current.is_some() { "job in flight" } else { "idle" })
     }
 
+    /// Deletes the part records of a job's copies once it has ended (best effort: a leftover is
+    /// only a small storage entry).
+    async fn forget_part_records(&self, id: &JobId) {
+        let prefix = crate::transfer::job_parts_prefix(id.as_str());
+        if let Err(e) = store::delete_prefix(&self.storage(), &prefix).await {
+            console_error!("job {id}: deleting its part records failed: {e}");
+        }
+    }
+
     /// Runs the job in flight until it sleeps or ends.
     async fn run(&self) -> worker::Result<()> {
         let mut ledger = self.load_ledger().await?;
@@ -261,6 +270,7 @@ impl SourceObject {
             ledger.record_finish(&failed.id, None);
             ledger.queue.clear();
             self.save(&failed, Some(&ledger)).await?;
+            self.forget_part_records(&failed.id).await;
             if let Action::Discard { folder, upload } = action {
                 let bucket = self.env.bucket(BUCKET)?;
                 if let Err(e) = store::discard(&bucket, &folder, upload).await {
@@ -287,6 +297,7 @@ impl SourceObject {
             } else if job.phase.is_terminal() {
                 ledger.record_finish(&job.id, job.dedupe_key());
                 self.save(&job, Some(&ledger)).await?;
+                self.forget_part_records(&job.id).await;
             } else {
                 self.save(&job, None).await?;
             }

@@ -81,3 +81,25 @@ pub(crate) async fn discard(bucket: &Bucket, folder: &str, upload: Option<(Strin
 pub(crate) async fn read_manifest(bucket: &Bucket, key: &str) -> Option<Manifest> {
     read_json(bucket, key).await
 }
+
+/// Every `(key, text)` entry of Durable Object storage under `prefix`, in key order.
+pub(crate) async fn list_texts(storage: &worker::Storage, prefix: &str) -> worker::Result<Vec<(String, String)>> {
+    let map = storage.list_with_options(worker::ListOptions::new().prefix(prefix)).await?;
+    let mut entries = Vec::new();
+    map.for_each(&mut |value, key| {
+        if let (Some(k), Some(v)) = (key.as_string(), value.as_string()) {
+            entries.push((k, v));
+        }
+    });
+    entries.sort();
+    Ok(entries)
+}
+
+/// Deletes every Durable Object storage entry under `prefix` (in batches of 128 keys).
+pub(crate) async fn delete_prefix(storage: &worker::Storage, prefix: &str) -> worker::Result<usize> {
+    let keys: Vec<String> = list_texts(storage, prefix).await?.into_iter().map(|(k, _)| k).collect();
+    for batch in keys.chunks(128) {
+        storage.delete_multiple(batch.to_vec()).await?;
+    }
+    Ok(keys.len())
+}

@@ -136,6 +136,8 @@ struct Sink<'a> {
     inflight: VecDeque<InFlight>,
     /// The job's JSON, rewritten in place at every persist.
     json: Vec<u8>,
+    /// Records of parts settled since the last persist.
+    pending_parts: Vec<PartRecord>,
     /// Downloads persist after every part; the graph export only at the end of a slice.
     persist_each_part: bool,
     /// Bytes taken in this slice.
@@ -158,8 +160,10 @@ impl<'a> Sink<'a> {
     ///
     /// The state is moved into the job for serialization (not cloned) and the JSON is written
     /// into one reused buffer: the record grows with every part, and wasm memory must not.
+    /// The records of parts settled since the last persist go in the same write, each under its
+    /// own key, so the job's record stays small however many parts there are.
     async fn persist(&mut self) -> Result<(), StepError> {
-        let placeholder = CopyState::new(String::new(), self.state.started_at);
+        let placeholder = CopyState::new(String::new(), self.state.file, self.state.started_at);
         let state = std::mem::replace(&mut self.state, placeholder);
         let ordered = self.job.copy.replace(state);
         self.json.clear();
@@ -169,7 +173,34 @@ impl<'a> Sink<'a> {
         }
         written.map_err(|e| StepError::permanent(e.to_string()))?;
         let text = std::str::from_utf8(&self.json).map_err(|e| StepError::permanent(e.to_string()))?;
-        self.storage.put(&store::job_key(&self.job.id), text).await.map_err(|e| r2_err("saving the copy's progress", e))
+        let entries = js_sys::Object::new();
+        let set = |key: &str, value: &str| {
+            Reflect::set(&entries, &JsValue::from_str(key), &JsValue::from_str(value))
+                .map(|_| ())
+                .map_err(|e| StepError::permanent(format!("staging {key}: {}", js_text(&e))))
+        };
+        set(&store::job_key(&self.job.id), text)?;
+        for part in &self.pending_parts {
+            let record = serde_json::to_string(part).map_err(|e| StepError::permanent(e.to_string()))?;
+            set(&self.state.part_key(self.job.id.as_str(), part.number), &record)?;
+        }
+        self.storage.put_multiple_raw(entries).await.map_err(|e| r2_err("saving the copy's progress", e))?;
+        self.pending_parts.clear();
+        Ok(())
+    }
+
+    /// Every part record of this copy, checked to add up, for completing the upload.
+    async fn part_records(&self) -> Result<Vec<PartRecord>, StepError> {
+        let prefix = self.state.part_prefix(self.job.id.as_str());
+        let entries =
+            store::list_texts(self.storage, &prefix).await.map_err(|e| r2_err("reading the part records", e))?;
+        let records: Vec<PartRecord> = entries
+            .iter()
+            .map(|(_, text)| serde_json::from_str(text))
+            .collect::<Result<_, _>>()
+            .map_err(|e| StepError::permanent(format!("a part record is unreadable: {e}")))?;
+        self.state.check_parts(&records)?;
+        Ok(records)
     }
 
     /// Takes bytes produced in wasm (the graph export); uploads a part each time one is full.
@@ -278,7 +309,9 @@ impl<'a> Sink<'a> {
         let digest =
             part.digest.await.map_err(|e| StepError::transient(format!("hashing a part failed: {}", js_text(&e))))?;
         let sha256 = hex::encode(Uint8Array::new(&digest).to_vec());
-        self.state.record_part(PartRecord { number: part.number, etag, size: part.size, sha256 }, part.hash_after);
+        let record = PartRecord { number: part.number, etag, size: part.size, sha256 };
+        self.state.record_part(&record, part.hash_after);
+        self.pending_parts.push(record);
         if self.persist_each_part {
             self.persist().await?;
         }
@@ -296,6 +329,7 @@ impl<'a> Sink<'a> {
     /// source made the copy restart too often.
     async fn restart(&mut self, reason: String) -> Result<(), StepError> {
         self.inflight.clear();
+        self.pending_parts.clear();
         self.filled = 0;
         if let Some(id) = self.state.restart(reason.clone()) {
             if let Ok(upload) = self.bucket.resume_multipart_upload(self.state.key.clone(), id) {
@@ -346,7 +380,7 @@ impl<'a> Sink<'a> {
             self.state.offset = size;
             return Ok(self.artifact(sha256, 1, Vec::new(), details));
         }
-        if self.filled > 0 || (self.state.parts.is_empty() && self.inflight.is_empty()) {
+        if self.filled > 0 || (self.state.parts_stored == 0 && self.inflight.is_empty()) {
             self.send_part().await?;
         }
         self.settle_all().await?;
@@ -354,8 +388,8 @@ impl<'a> Sink<'a> {
         let Some(id) = self.state.upload_id.clone() else {
             return Err(StepError::permanent("the multipart upload vanished"));
         };
-        let parts: Vec<UploadedPart> =
-            self.state.parts.iter().map(|p| UploadedPart::new(p.number, p.etag.clone())).collect();
+        let records = self.part_records().await?;
+        let parts: Vec<UploadedPart> = records.iter().map(|p| UploadedPart::new(p.number, p.etag.clone())).collect();
         let upload =
             self.bucket.resume_multipart_upload(self.state.key.clone(), id).map_err(|e| r2_err("resume upload", e))?;
         let stored = match upload.complete(parts).await {
@@ -372,8 +406,8 @@ impl<'a> Sink<'a> {
                 self.state.offset, self.filename
             )));
         }
-        let hashes = self.state.part_hashes();
-        Ok(self.artifact(sha256, self.state.parts.len() as u32, hashes, details))
+        let hashes = records.into_iter().map(|p| p.sha256).collect::<Vec<_>>();
+        Ok(self.artifact(sha256, self.state.parts_stored, hashes, details))
     }
 
     fn artifact(
@@ -418,6 +452,7 @@ pub(crate) async fn run_slice(bucket: &Bucket, storage: &Storage, job: &mut Job,
         filled: 0,
         inflight: VecDeque::new(),
         json: Vec::new(),
+        pending_parts: Vec::new(),
         persist_each_part: !graph,
         pushed: 0,
         started_ms: js_sys::Date::now(),
