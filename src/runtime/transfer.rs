@@ -163,6 +163,11 @@ impl<'a> Sink<'a> {
     /// The records of parts settled since the last persist go in the same write, each under its
     /// own key, so the job's record stays small however many parts there are.
     async fn persist(&mut self) -> Result<(), StepError> {
+        self.write_progress(true).await
+    }
+
+    /// Writes the pending part records, and the job with the copy's state when `with_job`.
+    async fn write_progress(&mut self, with_job: bool) -> Result<(), StepError> {
         let placeholder = CopyState::new(String::new(), self.state.file, self.state.started_at);
         let state = std::mem::replace(&mut self.state, placeholder);
         let ordered = self.job.copy.replace(state);
@@ -179,7 +184,9 @@ impl<'a> Sink<'a> {
                 .map(|_| ())
                 .map_err(|e| StepError::permanent(format!("staging {key}: {}", js_text(&e))))
         };
-        set(&store::job_key(&self.job.id), text)?;
+        if with_job {
+            set(&store::job_key(&self.job.id), text)?;
+        }
         for part in &self.pending_parts {
             let record = serde_json::to_string(part).map_err(|e| StepError::permanent(e.to_string()))?;
             set(&self.state.part_key(self.job.id.as_str(), part.number), &record)?;
@@ -194,8 +201,11 @@ impl<'a> Sink<'a> {
         let prefix = self.state.part_prefix(self.job.id.as_str());
         let entries =
             store::list_texts(self.storage, &prefix).await.map_err(|e| r2_err("reading the part records", e))?;
+        // Records past the stored count are leftovers of a slice whose state was not kept (a
+        // failed graph slice); the parts that count were written again under the same keys.
         let records: Vec<PartRecord> = entries
             .iter()
+            .take(self.state.parts_stored as usize)
             .map(|(_, text)| serde_json::from_str(text))
             .collect::<Result<_, _>>()
             .map_err(|e| StepError::permanent(format!("a part record is unreadable: {e}")))?;
@@ -384,7 +394,9 @@ impl<'a> Sink<'a> {
             self.send_part().await?;
         }
         self.settle_all().await?;
-        self.persist().await?;
+        // A generated file's state (its cursor) is only ever saved at the end of a slice: here
+        // only its part records are written, so a cut-off completion resumes consistently.
+        self.write_progress(self.persist_each_part).await?;
         let Some(id) = self.state.upload_id.clone() else {
             return Err(StepError::permanent("the multipart upload vanished"));
         };
