@@ -160,6 +160,9 @@ pub struct GraphCursor {
     pub relationships: u64,
     /// Whether the header line has been written.
     pub started: bool,
+    /// The page size in use, when it was lowered because a page was over the response cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_size: Option<u32>,
 }
 
 /// The persisted progress of one artifact's copy.

@@ -401,8 +401,12 @@ impl GraphExport {
             "done" => GraphPhase::Done,
             _ => GraphPhase::Nodes,
         };
+        let mut spec = self.clone();
+        if let Some(lowered) = cursor.page_size {
+            spec.page_size = lowered.clamp(1, self.page_size);
+        }
         let mut writer = GraphWriter {
-            spec: self.clone(),
+            spec,
             phase,
             after: cursor.after.clone(),
             nodes: cursor.nodes,
@@ -520,7 +524,20 @@ impl GraphWriter {
             nodes: self.nodes,
             relationships: self.relationships,
             started: true,
+            page_size: Some(self.spec.page_size),
         }
+    }
+
+    /// A page was over the Query API response cap: halve the page size and ask again, down to one
+    /// element a page. Returns the new size; fails naming `page_size` when one element is too big.
+    pub fn shrink_page(&mut self, why: &str) -> Result<u32, StepError> {
+        if self.spec.page_size <= 1 {
+            return Err(StepError::permanent(format!(
+                "a single graph element is over the Query API's response cap ({why}); page_size cannot help"
+            )));
+        }
+        self.spec.page_size = (self.spec.page_size / 2).max(1);
+        Ok(self.spec.page_size)
     }
 
     /// Ends this slice's gzip member without the footer: its last bytes and where to go on.

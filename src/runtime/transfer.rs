@@ -762,7 +762,16 @@ async fn graph_slice(sink: &mut Sink<'_>, spec: &GraphExport) -> Result<SliceOut
             more = true;
             break;
         }
-        let resp = net::exchange(&request).await.map_err(StepError::transient)?;
+        let resp = match net::exchange(&request).await {
+            Ok(resp) => resp,
+            Err(e) if e.contains("is larger than") => {
+                // Over the response cap: the same page again, half as large.
+                let size = writer.shrink_page(&e)?;
+                worker::console_log!("job {}: a graph page was too large ({e}); page size now {size}", sink.job.id);
+                continue;
+            }
+            Err(e) => return Err(StepError::transient(e)),
+        };
         writer.on_response(&resp, super::now())?;
         sink.push(&writer.take_output()).await?;
         pages += 1;

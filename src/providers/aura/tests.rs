@@ -297,3 +297,22 @@ fn a_sliced_graph_export_is_concatenated_gzip_members_with_the_same_lines() {
     assert_eq!(read_all(&sliced), read_all(&one));
     assert_eq!(read_all(&sliced).lines().count(), 6, "one header, four elements, one footer");
 }
+
+#[test]
+fn a_page_over_the_response_cap_halves_the_page_size_and_remembers_it() {
+    let s = source("logical", 1000);
+    let spec = GraphExport::for_source(&s, &creds(), t(100)).unwrap();
+    let mut w = spec.start();
+    let limit = |w: &GraphWriter| {
+        let body: Value = serde_json::from_slice(w.next_request().unwrap().body.as_deref().unwrap()).unwrap();
+        body["parameters"]["limit"].as_u64().unwrap()
+    };
+    assert_eq!(limit(&w), 1000);
+    assert_eq!(w.shrink_page("the answer is larger than 4194304 bytes").unwrap(), 500);
+    assert_eq!(limit(&w), 500, "the same page is asked again, smaller");
+    let cursor: GraphCursor = serde_json::from_str(&serde_json::to_string(&w.cursor()).unwrap()).unwrap();
+    assert_eq!(limit(&spec.resume(Some(&cursor))), 500, "later slices keep the lowered size");
+    let mut tiny = spec.resume(Some(&GraphCursor { page_size: Some(1), ..cursor }));
+    let err = tiny.shrink_page("the answer is larger than 4194304 bytes").unwrap_err();
+    assert!(!err.is_retryable() && err.message().contains("page_size"), "{}", err.message());
+}
