@@ -1,0 +1,118 @@
+//! Property tests: every parser of outside input refuses bad input with a typed error and never
+//! panics (a panic resets the whole wasm instance). Arbitrary and mutated inputs go to the config
+//! parser, webhook verification, API routing, the resume decisions on download answers and every
+//! provider's response parsing.
+
+use proptest::prelude::*;
+use serde_json::{json, Value};
+
+use ferry::api::route;
+use ferry::config::Config;
+use ferry::http::HttpResponse;
+use ferry::providers::{Credentials, ProviderState, StepInput};
+use ferry::secret::Secret;
+use ferry::time::Timestamp;
+use ferry::transfer::{parse_content_range, CopyState};
+use ferry::webhook::{verify, WebhookHeaders, WebhookSecret};
+
+/// Arbitrary JSON, a few levels deep.
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| json!(n)),
+        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+        ".{0,12}".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(3, 24, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            prop::collection::btree_map("[a-z_]{1,12}", inner, 0..6)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn sources() -> Vec<Value> {
+    vec![
+        json!({"name": "d", "kind": "d1", "schedule": "0 3 * * *", "account_id": "a", "database_id": "db", "token_secret": "T", "api_base": "http://127.0.0.1:9/client/v4"}),
+        json!({"name": "g", "kind": "dgraph", "schedule": "0 3 * * *", "endpoint": "http://127.0.0.1:9", "api_key_secret": "T"}),
+        json!({"name": "n", "kind": "aura", "schedule": "0 3 * * *", "instance_id": "2f49c2b3", "client_id_secret": "T", "client_secret_secret": "T", "db_password_secret": "T", "api_base": "http://127.0.0.1:9", "query_api_base": "http://127.0.0.1:9"}),
+        json!({"name": "x", "kind": "dxp", "schedule": "0 3 * * *", "api_base": "http://127.0.0.1:9", "user_token_secret": "T"}),
+    ]
+}
+
+/// Provider states part-way through their protocols, as well as fresh ones.
+fn states(kind: &str) -> Vec<Value> {
+    match kind {
+        "d1" => vec![json!({"kind": "d1", "at_bookmark": "b", "polls": 1, "filename": null, "messages": []})],
+        "dgraph" => vec![json!({"kind": "dgraph", "secret_access_jwt": null, "secret_refresh_jwt": null, "logins": 0,
+                                "export_id": "e", "task_id": "t", "status": "Running", "polls": 1, "files": []})],
+        _ => vec![],
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_config_parser_never_panics(value in json_value(), text in ".{0,200}") {
+        let _ = Config::from_value(&value);
+        let _ = Config::from_value(&Value::Array(vec![value.clone()]));
+        let _ = Config::from_value(&Value::String(text));
+        // Mutations of valid sources: each field replaced by arbitrary JSON.
+        for mut source in sources() {
+            let keys: Vec<String> = source.as_object().unwrap().keys().cloned().collect();
+            for k in keys {
+                source[k.as_str()] = value.clone();
+                let _ = Config::from_value(&Value::Array(vec![source.clone()]));
+            }
+        }
+    }
+
+    #[test]
+    fn webhook_verification_never_panics(id in ".{0,40}", ts in ".{0,20}", sig in ".{0,120}", body in prop::collection::vec(any::<u8>(), 0..256), secret in ".{0,60}") {
+        let key = WebhookSecret::parse(&Secret::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")).unwrap();
+        let headers = WebhookHeaders { id: Some(&id), timestamp: Some(&ts), signature: Some(&sig) };
+        prop_assert!(verify(&key, headers, &body, Timestamp::from_secs(1_700_000_000)).is_err());
+        let _ = WebhookSecret::parse(&Secret::new(secret));
+    }
+
+    #[test]
+    fn api_routing_never_panics(method in "[A-Z]{0,8}", path in ".{0,200}") {
+        let _ = route(&method, &path);
+    }
+
+    #[test]
+    fn download_answers_never_panic(status in 100u16..600, range in ".{0,60}", etag in ".{0,30}", len in ".{0,20}") {
+        let _ = parse_content_range(&range);
+        let headers = vec![("content-range".to_string(), range), ("etag".to_string(), etag), ("content-length".to_string(), len)];
+        let mut fresh = CopyState::new("k".into(), 0, Timestamp::from_secs(0));
+        let _ = fresh.check_response(status, &headers);
+        let mut resumed = CopyState::new("k".into(), 0, Timestamp::from_secs(0));
+        resumed.offset = 10;
+        let _ = resumed.check_response(status, &headers);
+    }
+
+    #[test]
+    fn provider_answers_never_panic(status in 100u16..600, body in json_value(), raw in prop::collection::vec(any::<u8>(), 0..300)) {
+        let mut creds = Credentials::new();
+        creds.insert("T", Secret::new("t"));
+        let params = json!({});
+        for source in sources() {
+            let config = Config::from_value(&Value::Array(vec![source.clone()])).unwrap();
+            let src = &config.sources[0];
+            let input = StepInput { source: src, creds: &creds, now: Timestamp::from_secs(1_700_000_000), params: &params, seen: &[] };
+            let mut all = vec![ProviderState::new(src)];
+            for s in states(src.kind()) {
+                all.push(serde_json::from_value(s).unwrap());
+            }
+            for state in all {
+                for payload in [body.to_string().into_bytes(), raw.clone()] {
+                    let resp = HttpResponse { status, headers: vec![("retry-after".into(), "x".into())], body: payload };
+                    let _ = state.clone().on_response(&input, &resp);
+                }
+            }
+        }
+    }
+}
