@@ -403,3 +403,28 @@ def test_weak_secrets_are_refused_naming_the_secret(world, tmp_path):
         assert world["emulator"].state()["export_calls"] == 0
     finally:
         ferry.stop()
+
+
+def test_one_delivery_starts_one_source_and_concurrent_triggers_start_one_export(world, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    emulator = world["emulator"]
+    sources = [d1_source("first", emulator, "app-uuid"), d1_source("second", emulator, "app-uuid")]
+    ferry = Ferry(tmp_path / "ferry", sources)
+    try:
+        # The same signed delivery replayed to every source starts one job, for the first.
+        ts = int(time.time())
+        status, _, payload = ferry.webhook("first", msg_id="msg_once", timestamp=ts)
+        assert status == 202, payload
+        status, _, payload = ferry.webhook("second", msg_id="msg_once", timestamp=ts)
+        assert status == 409 and "already delivered to source \"first\"" in payload["error"], payload
+        ferry.wait_job(ferry.source("first")["last_job"]["id"])
+        assert ferry.source("second")["last_job"] is None
+        tasks = len(emulator.state()["tasks"])
+        # 20 concurrent triggers of one source: exactly one is admitted, one export starts.
+        with ThreadPoolExecutor(max_workers=20) as pool:
+            answers = list(pool.map(lambda i: ferry.webhook("second", msg_id=f"msg_c{i}")[0], range(20)))
+        assert sorted(answers).count(202) == 1 and answers.count(409) == 19, answers
+        ferry.wait_job(ferry.source("second")["last_job"]["id"], timeout=120)
+        assert len(emulator.state()["tasks"]) - tasks == 1, "exactly one export was started at D1"
+    finally:
+        ferry.stop()

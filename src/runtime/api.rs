@@ -8,7 +8,7 @@ use futures_util::future::join_all;
 use serde_json::{json, Value};
 use worker::{Env, Method, Request, Response, ResponseBody};
 
-use super::source_object::{call, trigger_webhook};
+use super::source_object::{call, claim_delivery, trigger_webhook};
 use super::{load_config, now, secret, store, BUCKET};
 use crate::api::{api_token_problem, bearer_ok, error_body, route, Route};
 use crate::config::Config;
@@ -112,6 +112,17 @@ async fn start_job(mut req: Request, env: &Env, name: &str, task: Task) -> worke
     };
     if config.source(name).is_none() {
         return error(404, &format!("no source named {name:?}"));
+    }
+    // One signed delivery starts one source's job: replaying it to another source starts nothing.
+    if let Err(owner) = claim_delivery(env, verified.id(), name).await? {
+        return error(
+            409,
+            &format!(
+                "webhook-id {:?} was already delivered to source {owner:?}; each delivery starts one source's job \
+                 (send one delivery, with its own webhook-id, per source)",
+                verified.id()
+            ),
+        );
     }
     let (status, value) = trigger_webhook(env, name, verified.id(), params, task).await?;
     let mut resp = json(status, &value)?;

@@ -65,6 +65,10 @@ impl DurableObject for SourceObject {
                 self.trigger(body).await
             }
             (Method::Get, "/status") => self.status().await,
+            (Method::Post, "/claim") => {
+                let body: Value = req.json().await?;
+                self.claim(body).await
+            }
             (Method::Post, "/kick") => self.kick().await,
             (Method::Get, p) if p.starts_with("/job/") => match JobId::parse(&p["/job/".len()..]) {
                 Some(id) => match self.load_job(&id).await? {
@@ -209,6 +213,27 @@ impl SourceObject {
                 json_response(200, &json!({ "skipped": format!("the fire time {at} was already served") }))
             }
         }
+    }
+
+    /// On the one deliveries object: records which source a webhook delivery id started, so the
+    /// same signed delivery cannot start another source's job. Ids live for two days, far longer
+    /// than a signature's ±5 minute window.
+    async fn claim(&self, body: Value) -> worker::Result<Response> {
+        let (Some(id), Some(source)) = (body["id"].as_str(), body["source"].as_str()) else {
+            return Response::error("bad claim", 400);
+        };
+        let day = ((js_sys::Date::now() / 86_400_000.0) as i64).max(2);
+        for d in [day, day - 1] {
+            if let Some(owner) = self.storage().get::<String>(&format!("delivery:{d}:{id}")).await? {
+                if owner != source {
+                    return json_response(409, &json!({ "owner": owner }));
+                }
+                return json_response(200, &json!({ "owner": owner }));
+            }
+        }
+        self.storage().put(&format!("delivery:{day}:{id}"), source.to_string()).await?;
+        store::delete_prefix(&self.storage(), &format!("delivery:{}:", day - 2)).await?;
+        json_response(200, &json!({ "owner": source }))
     }
 
     async fn status(&self) -> worker::Result<Response> {
@@ -460,6 +485,21 @@ pub(crate) async fn call(
     let text = resp.text().await?;
     let value = serde_json::from_str(&text).unwrap_or_else(|_| json!({ "message": text }));
     Ok((status, value))
+}
+
+/// The Durable Object that remembers which source each webhook delivery started (its name cannot
+/// be a source's: source names never contain `~`).
+const DELIVERIES: &str = "~deliveries";
+
+/// Claims a verified delivery id for `source`; `Err(owner)` when another source already has it.
+pub(crate) async fn claim_delivery(env: &Env, webhook_id: &str, source: &str) -> worker::Result<Result<(), String>> {
+    let body = json!({ "id": webhook_id, "source": source });
+    let (status, value) = call(env, DELIVERIES, Method::Post, "/claim", Some(&body)).await?;
+    match status {
+        200 => Ok(Ok(())),
+        409 => Ok(Err(value["owner"].as_str().unwrap_or("another source").to_string())),
+        other => Err(rust_err(format!("the deliveries object answered HTTP {other}"))),
+    }
 }
 
 /// Starts (or replays) a webhook job.

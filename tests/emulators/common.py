@@ -7,25 +7,43 @@ imported as ``emulators.<name>``); the tests import it as ``emulators.common``.
 
 * ``Reply``: one HTTP answer (status, body, content type, extra headers).
 * ``BaseHandler``: the request-handler plumbing (HTTP/1.1, no access log, the status code sent is
-  kept in ``self._status`` and the request logged as that status line goes out, ``read_body`` with chunked decoding, ``write_reply`` for a ``Reply``,
-  ``host()``).  An emulator's ``Handler`` adds ``server_version``, ``dispatch`` and its routes.
+  kept in ``self._status`` and the request logged as that status line goes out, ``read_body`` with
+  chunked decoding, ``write_reply`` for a ``Reply``, ``host()``, ``mark_download()`` so a download's
+  log entry gets the range fields).  An emulator's ``Handler`` adds ``server_version``,
+  ``dispatch`` and its routes.
 * ``bind_server``: the ``ThreadingHTTPServer`` around a handler bound to one emulator.
 * ``serve_main``: the command-line serve loop: ``READY <port>`` on stdout, then serve until
   SIGTERM or Ctrl-C.
 * ``start_emulator`` / ``stop_emulator``: run an emulator script on a free port for a test.
+* ``serve_download``: one implementation of a download URL as an object store serves it (ranges,
+  ``If-Range``, validators, the ``RANGE_SWITCHES`` ``ignore_range``, ``etag_generation``,
+  ``throttle_kib_per_s`` and ``truncate_after_bytes``), streamed from bytes or a seekable file.
+* ``Presigner``: presigned ``/__signed/<token>/…`` URLs with ``X-Amz-Date``/``X-Amz-Expires``
+  and a checked signature, each with its own deadline (D1 and Dgraph); ``ttl_switch_changes``
+  validates ``signed_url_ttl_s`` and its alias ``url_ttl``.
+* The request log: ``REQUEST_LOG_SIZE`` entries; a download's entry has ``method``, ``path``,
+  ``status`` and the ``download_log_fields`` ``range``, ``if_range``, ``accept_encoding``,
+  ``served_start``, ``served_end`` (exclusive) and ``sent``; ``log_snapshot`` copies it safely.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import math
 import re
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timezone
+from email.utils import formatdate, parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlencode
 
 EMULATORS_DIR = Path(__file__).resolve().parent
 RE_READY = re.compile(r"READY (\d+)\n")
@@ -54,6 +72,13 @@ class BaseHandler(BaseHTTPRequestHandler):
         self._status = 0
         self._path = path
         self._logged = False
+        self._download = False
+
+    def mark_download(self) -> None:
+        """Marks this request as a download: its log entry gets the ``download_log_fields``
+        (``range``, ``if_range``, ``accept_encoding``, ``served_start``, ``served_end``, ``sent``)
+        whatever the answer, a refusal included.  Call before the status line goes out."""
+        self._download = True
 
     def send_response(self, code, message=None):
         self._status = code
@@ -71,6 +96,8 @@ class BaseHandler(BaseHTTPRequestHandler):
             return
         self._logged = True
         self.log_request_status(status)
+        if getattr(self, "_download", False) and isinstance(self._entry, dict):
+            self._entry.update(download_log_fields(self.headers))
 
     def log_request_status(self, status: int) -> None:
         """Records this request in the emulator's request log (each emulator overrides it)."""
@@ -163,18 +190,29 @@ def stop_emulator(process, timeout: float = 5, wait_after_kill: bool = True):
             process.wait()
 
 
-# ----- byte ranges on download URLs -----------------------------------------------------------------
-# Every download URL Ferry copies from (D1's and Dgraph's signed URLs, DXP's downloads) serves
-# ranges the way an object store does (RFC 9110): ``Range: bytes=N-`` / ``bytes=N-M`` -> 206 with
-# ``Content-Range``; a start at or past the end -> 416 ``bytes */TOTAL``; a malformed or multi-range
-# header is ignored (200, whole body); ``If-Range`` with a validator that does not match -> 200,
-# whole body.  Switches each emulator accepts:
-#   ignore_range (bool)        always 200 with the whole body (a server without range support)
-#   etag_generation (int)      part of ETag and Last-Modified: bump it and the object looks replaced
-#   throttle_kib_per_s (num)   pace every download (0: unlimited)
-RANGE_SWITCHES = {"ignore_range": False, "etag_generation": 0, "throttle_kib_per_s": 0}
-RE_BYTES_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
-_EPOCH = 1_795_000_000  # a fixed Last-Modified base (Nov 2026)
+# ----- download URLs: byte ranges, presigned URLs, request log ----------------------------------------
+# Every download URL Ferry copies from (D1's and Dgraph's signed URLs, DXP's downloads) is served by
+# ``serve_download``, the way an object store serves a GET (RFC 9110):
+#   * 200/206 carry a strong ``ETag`` (quoted), ``Last-Modified``, ``Accept-Ranges: bytes`` and
+#     ``Content-Length`` (unless the emulator's own chunked switch is on);
+#   * ``Range: bytes=N-`` / ``bytes=N-M`` / ``bytes=-N`` -> 206 with ``Content-Range: bytes N-M/TOTAL``;
+#     a start at or past the end -> 416 with ``Content-Range: bytes */TOTAL``; a malformed or
+#     multi-range header is ignored (200, whole body);
+#   * ``If-Range`` (an ETag, compared strongly, or an HTTP-date, compared to ``Last-Modified``) that
+#     does not match -> 200 with the whole body.
+# Switches every emulator accepts (``RANGE_SWITCHES``, validated by ``range_switch_problem``):
+#   ignore_range (bool, false)          always 200 with the whole body (a server without ranges)
+#   etag_generation (int >= 0, 0)       part of ETag and Last-Modified: bump it and the object looks
+#                                       replaced (the bytes stay the same)
+#   throttle_kib_per_s (number >= 0, 0) pace every download body at that rate (0: unlimited); read
+#                                       live, so changing it also re-paces downloads in flight
+#   truncate_after_bytes (int >= 0, 0)  every download sends its headers (the full Content-Length)
+#                                       but closes the connection after that many body bytes,
+#                                       counted from the start of the range served (0: off)
+RANGE_SWITCHES = {"ignore_range": False, "etag_generation": 0, "throttle_kib_per_s": 0, "truncate_after_bytes": 0}
+REQUEST_LOG_SIZE = 2000  # entries kept in each emulator's request log (/__control/state "requests")
+RE_BYTES_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
+_EPOCH = 1_795_000_000  # the Last-Modified of generation 0 (Nov 2026); each generation adds an hour
 
 
 def range_switch_problem(key: str, value):
@@ -184,16 +222,49 @@ def range_switch_problem(key: str, value):
     if key == "etag_generation" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         return "etag_generation must be a non-negative integer"
     if key == "throttle_kib_per_s" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-        return "throttle_kib_per_s must be a non-negative number"
+        return "throttle_kib_per_s must be a non-negative number (0: unlimited)"
+    if key == "truncate_after_bytes" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        return "truncate_after_bytes must be a non-negative integer (0: off)"
     return None
+
+
+def download_log_fields(headers) -> dict:
+    """The request-log fields of a download before anything is served: the ``Range``, ``If-Range``
+    and ``Accept-Encoding`` request headers as received (None when absent), no span, nothing sent."""
+    return {"range": headers.get("Range"), "if_range": headers.get("If-Range"),
+            "accept_encoding": headers.get("Accept-Encoding"),
+            "served_start": None, "served_end": None, "sent": 0}
+
+
+def log_snapshot(requests) -> list:
+    """Copies of the request-log entries (call with the emulator's lock held): entries of downloads
+    still in flight keep changing, and JSON-encoding a dict another thread updates is unsafe."""
+    return [dict(entry) for entry in requests]
 
 
 def validators(identity: str, switches: dict) -> tuple[str, str]:
     """The (ETag, Last-Modified) of an object named by ``identity`` under the current switches."""
-    from email.utils import formatdate
     generation = int(switches.get("etag_generation") or 0)
     digest = hashlib.sha256(f"{identity}:{generation}".encode()).hexdigest()[:32]
     return f'"{digest}"', formatdate(_EPOCH + generation * 3600, usegmt=True)
+
+
+def _http_date(value: str):
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
+def if_range_matches(value: str, etag: str, last_modified: str) -> bool:
+    """RFC 9110 §13.1.5: an entity tag matches only strongly (a weak ``W/"…"`` never does); a date
+    matches when it is exactly the ``Last-Modified``."""
+    value = value.strip()
+    if value.startswith(("W/", '"')):
+        return value == etag
+    when = _http_date(value)
+    return when is not None and when == _http_date(last_modified)
 
 
 def plan_range(headers, size: int, etag: str, last_modified: str, switches: dict):
@@ -201,56 +272,53 @@ def plan_range(headers, size: int, etag: str, last_modified: str, switches: dict
     header = headers.get("Range")
     if not header or switches.get("ignore_range"):
         return 200, 0, size
-    if_range = headers.get("If-Range")
-    if if_range is not None and if_range.strip() not in (etag, last_modified):
-        return 200, 0, size
     match = RE_BYTES_RANGE.match(header)
     if not match or (match.group(1) == "" and match.group(2) == ""):
-        return 200, 0, size
+        return 200, 0, size  # malformed, another unit or several ranges: ignored
     first, last = match.group(1), match.group(2)
+    if first != "" and last != "" and int(last) < int(first):
+        return 200, 0, size  # an invalid range-spec: the whole header is ignored
+    if_range = headers.get("If-Range")
+    if if_range is not None and not if_range_matches(if_range, etag, last_modified):
+        return 200, 0, size
     if first == "":  # suffix range: the last N bytes
         n = int(last)
-        if n == 0:
+        if n == 0 or size == 0:
             return 416, 0, 0
         return 206, max(0, size - n), size
     start = int(first)
     if start >= size:
         return 416, 0, 0
     end = size if last == "" else min(size, int(last) + 1)
-    if end <= start:
-        return 200, 0, size
     return 206, start, end
 
 
 def serve_download(handler, source, size: int, identity: str, content_type: str, switches: dict,
-                   extra_headers=(), truncate_after: int | None = None,
-                   chunked: bool = False, delay_s: float = 0.0, on_bytes=None, chunk: int = 64 * 1024) -> None:
+                   extra_headers=(), truncate_after: int | None = None, chunked: bool = False,
+                   delay_s: float = 0.0, on_bytes=None, chunk: int = 64 * 1024, live_switches=None) -> None:
     """Answers a GET/HEAD of a download with range support.
 
-    ``source`` is ``bytes`` or a binary file object (seekable; only the served range is read),
-    written ``chunk`` bytes at a time with ``delay_s`` between writes.
-    The request's log entry (``handler._entry``, set when the status line goes out by emulators
-    whose ``record_request`` returns it) gets ``range``, ``if_range``, ``accept_encoding``,
-    ``served_start``, ``served_end`` (exclusive) and ``sent`` (bytes actually written).  ``truncate_after`` cuts the body after that
-    many bytes (from the range's start) and closes the connection."""
+    ``source`` is ``bytes`` or a binary file object (seekable: it is seeked to the range's start and
+    only the served range is read), written ``chunk`` bytes at a time with ``delay_s`` between
+    writes.  ``identity`` names the object (not the URL): the same identity and ``etag_generation``
+    give the same validators.  ``switches`` is the emulator's switches as of the request;
+    ``live_switches`` (default: ``switches``) is read at every chunk for ``throttle_kib_per_s``.
+
+    The request's log entry (``handler._entry``, set when the status line goes out) gets the
+    ``download_log_fields`` and then ``served_start``/``served_end`` (exclusive; None for a 416) and
+    ``sent`` (object bytes actually written so far).  ``truncate_after`` (default: the
+    ``truncate_after_bytes`` switch, 0 = off) cuts the body after that many bytes, counted from the
+    range's start, and closes the connection; ``on_bytes(n)`` is called for every write."""
+    handler.mark_download()
+    live = switches if live_switches is None else live_switches
     etag, last_modified = validators(identity, switches)
     status, start, end = plan_range(handler.headers, size, etag, last_modified, switches)
-    fields = dict(range=handler.headers.get("Range"), if_range=handler.headers.get("If-Range"),
-                  accept_encoding=handler.headers.get("Accept-Encoding"),
-                  served_start=start if status != 416 else None, served_end=end if status != 416 else None, sent=0)
-
-    def logged() -> dict | None:
-        entry = getattr(handler, "_entry", None)
-        if isinstance(entry, dict):
-            entry.update(fields)
-            return entry
-        return None
+    served = {"served_start": start, "served_end": end} if status != 416 else {}
     common_headers = [("ETag", etag), ("Last-Modified", last_modified), ("Accept-Ranges", "bytes"), *extra_headers]
     if status == 416:
-        body = b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>InvalidRange</Code>" \
-               b"<Message>The requested range is not satisfiable</Message></Error>"
+        body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InvalidRange</Code>'
+                b"<Message>The requested range is not satisfiable</Message></Error>")
         handler.send_response(416)
-        logged()
         handler.send_header("Content-Type", "application/xml")
         handler.send_header("Content-Range", f"bytes */{size}")
         handler.send_header("Content-Length", str(len(body)))
@@ -261,7 +329,9 @@ def serve_download(handler, source, size: int, identity: str, content_type: str,
             handler.wfile.write(body)
         return
     handler.send_response(status)
-    entry = logged()
+    entry = handler._entry if isinstance(getattr(handler, "_entry", None), dict) else None
+    if entry is not None:
+        entry.update(served)
     handler.send_header("Content-Type", content_type)
     if status == 206:
         handler.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
@@ -274,24 +344,32 @@ def serve_download(handler, source, size: int, identity: str, content_type: str,
     handler.end_headers()
     if handler.command == "HEAD":
         return
-    if not isinstance(source, (bytes, bytearray)):
+    if truncate_after is None:
+        truncate_after = int(switches.get("truncate_after_bytes") or 0) or None
+    if not isinstance(source, (bytes, bytearray, memoryview)):
         source.seek(start)
     limit = end - start if truncate_after is None else min(end - start, truncate_after)
-    rate = float(switches.get("throttle_kib_per_s") or 0) * 1024
-    began = time.monotonic()
+    due = time.monotonic()  # when the bytes sent so far may have gone out at the throttled pace
     sent = 0
     while sent < limit:
         n = min(chunk, limit - sent)
-        data = source[start + sent:start + sent + n] if isinstance(source, (bytes, bytearray)) else source.read(n)
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            data = source[start + sent:start + sent + n]
+        else:
+            data = source.read(n)
         if not data:
             break
         if sent and delay_s > 0:
             time.sleep(delay_s)
+        rate = float(live.get("throttle_kib_per_s") or 0) * 1024
+        now = time.monotonic()
         if rate > 0:  # each chunk goes out no sooner than the pace allows for it
-            ahead = (sent + len(data)) / rate - (time.monotonic() - began)
-            if ahead > 0:
-                time.sleep(ahead)
-        handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+            due = max(due, now - 0.25) + len(data) / rate
+            if due > now:
+                time.sleep(due - now)
+        else:
+            due = now
+        handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), bytes(data)) if chunked else data)
         sent += len(data)
         if entry is not None:
             entry["sent"] = sent
@@ -301,9 +379,101 @@ def serve_download(handler, source, size: int, identity: str, content_type: str,
         handler.close_connection = True
         handler.wfile.flush()
         try:
-            handler.connection.shutdown(2)  # socket.SHUT_RDWR: the client sees a short body
+            handler.connection.shutdown(socket.SHUT_RDWR)  # the client sees a short body
         except OSError:
             pass
         return
     if chunked:
         handler.wfile.write(b"0\r\n\r\n")
+
+
+# ----- presigned URLs (D1, Dgraph) ---------------------------------------------------------------------
+AMZ_DATE = "%Y%m%dT%H%M%SZ"
+
+
+def s3_error_body(code: str, message: str) -> bytes:
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n'
+            f"<Error><Code>{code}</Code><Message>{message}</Message></Error>").encode()
+
+
+def ttl_switch_changes(changes: dict, ttl_key: str = "signed_url_ttl_s", alias: str = "url_ttl"):
+    """Validates the signed-URL lifetime switch and its older alias, and mirrors the one given into
+    the other so both always read the same.  Returns (changes, problem or None)."""
+    given = [k for k in (ttl_key, alias) if k in changes]
+    for key in given:
+        value = changes[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            return changes, f"{key} must be a non-negative number of seconds"
+    if len(given) == 2 and changes[ttl_key] != changes[alias]:
+        return changes, f"{ttl_key} and {alias} are the same switch: give one of them"
+    if given:
+        changes = {**changes, ttl_key: changes[given[0]], alias: changes[given[0]]}
+    return changes, None
+
+
+@dataclass
+class Presigned:
+    target: object      # what the URL serves (the emulator's export task)
+    issued: float       # time.time() of issue: X-Amz-Date
+    ttl: float          # seconds
+    deadline: float     # time.monotonic() after which the URL answers 403 "Request has expired"
+    signed: bool        # issued with the X-Amz-* query (checked on use)
+
+
+class Presigner:
+    """Issues and checks presigned download URLs ``http://<host>/__signed/<token>/<tail>``.
+
+    A URL carries, like an S3/R2 presigned GET, ``X-Amz-Algorithm``, ``X-Amz-Credential``,
+    ``X-Amz-Date`` (its issue time), ``X-Amz-Expires`` (its lifetime in whole seconds, rounded up),
+    ``X-Amz-SignedHeaders=host`` and ``X-Amz-Signature`` (an HMAC of the path, the date and the
+    expiry under a secret of the emulator).  On use: an unknown token is 404 ``NoSuchKey``; a
+    missing signature 403 ``AccessDenied``; a signature that does not match the path, date and
+    expiry (the query was altered) 403 ``SignatureDoesNotMatch``; a URL past its deadline 403
+    ``AccessDenied`` "Request has expired".  The deadline is kept exactly (fractional seconds), so a
+    test may use a TTL below a second.  Every ``issue`` mints a new token; older URLs stay valid
+    until their own deadline.  Not thread-safe: call with the emulator's lock held."""
+
+    def __init__(self, region: str = "auto"):
+        self.secret = secrets.token_bytes(32)
+        self.region = region
+        self.urls: dict[str, Presigned] = {}
+
+    def clear(self):
+        self.urls.clear()
+
+    def issue(self, target, host: str, tails, ttl_s: float, query: bool = True) -> list[str]:
+        token = secrets.token_urlsafe(24)
+        issued = time.time()
+        self.urls[token] = Presigned(target, issued, float(ttl_s), time.monotonic() + float(ttl_s), query)
+        return [self._url(host, f"/__signed/{token}/{tail}", issued, float(ttl_s), query) for tail in tails]
+
+    def _url(self, host: str, path: str, issued: float, ttl: float, query: bool) -> str:
+        if not query:
+            return f"http://{host}{path}"
+        date = time.strftime(AMZ_DATE, time.gmtime(issued))
+        expires = str(max(1, math.ceil(ttl)))
+        params = urlencode([("X-Amz-Algorithm", "AWS4-HMAC-SHA256"),
+                            ("X-Amz-Credential", f"EMULATOR/{date[:8]}/{self.region}/s3/aws4_request"),
+                            ("X-Amz-Date", date), ("X-Amz-Expires", expires), ("X-Amz-SignedHeaders", "host")])
+        return f"http://{host}{path}?{params}&X-Amz-Signature={self._sign(path, date, expires)}"
+
+    def _sign(self, path: str, date: str, expires: str) -> str:
+        return hmac.new(self.secret, f"GET\n{path}\n{date}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def lookup(self, token: str) -> Presigned | None:
+        return self.urls.get(token)
+
+    def refusal(self, entry: Presigned, path: str, query: str):
+        """(status, code, message) if the URL must be refused, else None."""
+        if entry.signed:
+            params = parse_qs(query, keep_blank_values=True)
+            date, expires, signature = (params.get(k, [""])[0] for k in ("X-Amz-Date", "X-Amz-Expires",
+                                                                        "X-Amz-Signature"))
+            if not signature:
+                return 403, "AccessDenied", "Access Denied"
+            if not hmac.compare_digest(signature, self._sign(path, date, expires)):
+                return 403, "SignatureDoesNotMatch", ("The request signature we calculated does not match "
+                                                      "the signature you provided.")
+        if time.monotonic() > entry.deadline:
+            return 403, "AccessDenied", "Request has expired"
+        return None

@@ -7,6 +7,8 @@ Run::
         --database DBID=/path/to/db.sqlite [--database ...] \\
         [--host 127.0.0.1] [--cancel-after 30] [--active-polls 2] [--url-ttl 3600] [--hold-ms 0]
 
+``--url-ttl`` is the default of the ``signed_url_ttl_s`` switch.
+
 It prints one line ``READY <port>`` once it listens.
 
 What is emulated
@@ -24,12 +26,20 @@ What is emulated
   task that is not polled within ``cancel_after`` seconds is cancelled.
 * ``GET /client/v4/accounts/{a}/d1/database/{id-or-name}`` (with ``fields=``) and
   ``GET /client/v4/accounts/{a}/d1/database`` (``name``, ``page``, ``per_page``).
-* ``GET /__signed/<token>/<filename>`` — the unauthenticated signed download URL,
-  valid ``url_ttl`` seconds from issue, then 403 with an S3-style XML error.  A poll of
-  the same bookmark after that answers with a fresh URL (an assumption: the docs only
-  say a URL lasts one hour).  Downloads serve byte ranges (``common.serve_download``:
-  ``Range``/``If-Range``/206/416, switches ``ignore_range``, ``etag_generation``,
-  ``throttle_kib_per_s``) with ``ETag``/``Last-Modified`` of the export, not the URL.
+* ``GET /__signed/<token>/<filename>?X-Amz-Algorithm=…&X-Amz-Credential=…&X-Amz-Date=<issue
+  time>&X-Amz-Expires=<ttl>&X-Amz-SignedHeaders=host&X-Amz-Signature=…`` — the unauthenticated
+  signed download URL (shaped like the R2 presigned GET it most likely is), valid
+  ``signed_url_ttl_s`` seconds from issue (exactly, fractions included), then **403**
+  ``application/xml`` ``<Error><Code>AccessDenied</Code><Message>Request has expired</Message>
+  </Error>``.  An altered query is 403 ``SignatureDoesNotMatch``, an unknown token or file 404
+  ``NoSuchKey`` (``common.Presigner``).  Every poll of a completed task's bookmark answers with a
+  fresh signed URL for the same dump (an assumption: the docs only say a URL lasts one hour), so
+  a client can renew an expired URL and resume; older URLs stay valid until their own expiry.
+* Downloads serve byte ranges like an object store (``common.serve_download``): ``ETag`` (strong)
+  and ``Last-Modified`` of the export (bookmark, file and encoding, not the URL: a renewed URL
+  has the same validators), ``Accept-Ranges: bytes``, ``Range`` → 206 with ``Content-Range``, past
+  the end → 416 ``bytes */TOTAL``, malformed/multi-range → 200 whole, ``If-Range`` mismatch →
+  200 whole.
 * The response envelope ``{success, errors, messages, result}``, integer error
   codes ≥ 1000, ``Authorization: Bearer`` or ``X-Auth-Email``+``X-Auth-Key``
   authentication, the ``Ratelimit``/``Ratelimit-Policy`` headers, and the
@@ -51,10 +61,27 @@ Documented quirks reproduced
 
 Fault switches live under ``/__control`` (``POST`` merges JSON into the switches,
 ``POST /__control/reset`` restores the defaults and forgets all tasks, ``GET
-/__control/state`` reports switches, tasks, recent requests and counters).  The
+/__control/state`` reports switches, tasks, the last 2000 requests and counters).  The
 outcome switches ``export_error`` and ``polling_failure`` are sampled when a task
 is created; the pacing switches (``active_polls``, ``cancel_after``, ...) are read
-live.
+live.  The download switches:
+
+* ``signed_url_ttl_s`` (seconds ≥ 0, default ``--url-ttl`` = 3600; ``url_ttl`` is the same
+  switch under its older name): the lifetime of each signed URL issued from now on.
+* ``ignore_range`` (bool): answer every download 200 with the whole body.
+* ``etag_generation`` (int ≥ 0): part of the ETag and Last-Modified; bump it and the dump looks
+  replaced (an ``If-Range`` with the old ETag gets a full 200; the bytes stay the same).
+* ``throttle_kib_per_s`` (number ≥ 0, 0 = unlimited): pace download bodies (read live).
+* ``truncate_after_bytes`` (int ≥ 0, 0 = off): every download declares its full
+  ``Content-Length`` but the connection closes after that many body bytes (from the range start).
+* ``download_delay_ms`` (a pause between 64 KiB chunks), ``download_fail_status`` (answer
+  downloads with that status), ``gzip`` (serve ``Content-Encoding: gzip``; another object, with
+  its own ETag), ``no_content_length`` (chunked).
+
+Each download's request-log entry has ``method``, ``path`` (no query), ``status``, ``t``,
+``range``, ``if_range``, ``accept_encoding`` (request headers as received, null when absent),
+``served_start``, ``served_end`` (the byte span served, end exclusive, null when nothing was) and
+``sent`` (body bytes actually written).
 """
 
 from __future__ import annotations
@@ -81,8 +108,9 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (BaseHandler, RANGE_SWITCHES, Reply, bind_server, range_switch_problem,  # noqa: E402
-                    serve_download, serve_main)
+from common import (BaseHandler, RANGE_SWITCHES, REQUEST_LOG_SIZE, Presigner, Reply, bind_server,  # noqa: E402
+                    log_snapshot, range_switch_problem, s3_error_body, serve_download, serve_main,
+                    ttl_switch_changes)
 from d1_dump import DumpError, dump_sql  # noqa: E402
 
 API_PREFIX = "/client/v4"
@@ -92,7 +120,6 @@ RATELIMIT_HEADERS = (
 )
 DOWNLOAD_CHUNK = 64 * 1024
 PART_SIZE = 5 * 1024 * 1024
-REQUEST_LOG_SIZE = 500
 
 RE_EXPORT = re.compile(r"^/client/v4/accounts/([^/]+)/d1/database/([^/]+)/export/?$")
 RE_DATABASE = re.compile(r"^/client/v4/accounts/([^/]+)/d1/database/([^/]+)/?$")
@@ -125,8 +152,7 @@ def failure_reply(status: int, code: int, message: str, headers=()) -> Reply:
 
 
 def xml_error(status: int, code: str, message: str) -> Reply:
-    body = f"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{message}</Message></Error>"
-    return Reply(status, body.encode(), "application/xml")
+    return Reply(status, s3_error_body(code, message), "application/xml")
 
 
 def fmt_seconds(value: float) -> str:
@@ -177,7 +203,8 @@ class Task:
     polls: int = 1
     delivered: int = 0             # log lines already sent
     status: str = "active"         # active | complete | error | polling_failure | cancelled
-    signed_url: str | None = None
+    signed_url: str | None = None  # the URL issued by the latest poll
+    gzipped: bytes | None = None   # the dump gzip-compressed, made on the first gzip download
 
     def take_new_lines(self, upto: int) -> list:
         upto = max(self.delivered, min(upto, len(self.log)))
@@ -190,12 +217,6 @@ class Task:
                 "status": self.status, "polls": self.polls, "filename": self.filename,
                 "dump_size": len(self.dump) if self.dump is not None else None,
                 "error": self.error if self.status != "complete" else None}
-
-
-@dataclass
-class SignedObject:
-    task: Task
-    expires: float  # time.monotonic() deadline
 
 
 class Emulator:
@@ -214,7 +235,7 @@ class Emulator:
     def _reset_state(self):
         self.switches = copy.deepcopy(self.defaults)
         self.tasks: dict[str, Task] = {}
-        self.signed: dict[str, SignedObject] = {}
+        self.presigner = Presigner()
         self.requests = deque(maxlen=REQUEST_LOG_SIZE)
         self.downloads = 0
         self.export_calls = 0
@@ -240,6 +261,9 @@ class Emulator:
             problem = range_switch_problem(key, value)
             if problem:
                 raise ApiError(400, 10400, problem)
+        changes, problem = ttl_switch_changes(changes)
+        if problem:
+            raise ApiError(400, 10400, problem)
         with self.lock:
             self.switches.update(copy.deepcopy(changes))
             return {"switches": self.switches}
@@ -251,7 +275,7 @@ class Emulator:
                 self._maybe_cancel(task, now)
             return {"switches": self.switches,
                     "tasks": [t.summary() for t in self.tasks.values()],
-                    "requests": list(self.requests),
+                    "requests": log_snapshot(self.requests),
                     "downloads": self.downloads,
                     "export_calls": self.export_calls}
 
@@ -424,10 +448,10 @@ class Emulator:
     def _poll(self, task: Task, now: float, host: str) -> Reply:
         self._maybe_cancel(task, now)
         if task.status != "active":
-            if task.status == "complete" and self._url_expired(task, now):
-                # Assumed (the docs only say a URL lasts one hour): polling the same bookmark
-                # again after its URL expired answers with a fresh URL for the same dump.
-                self._issue_signed_url(task, now, host)
+            if task.status == "complete":
+                # Assumed (the docs only say a URL lasts one hour): every poll of the same bookmark
+                # answers with a freshly signed URL for the same dump, so an expired one can be renewed.
+                self._issue_signed_url(task, host)
             return self._final_reply(task, task.take_new_lines(len(task.log)))
         task.polls += 1
         task.last_poll = now
@@ -436,7 +460,7 @@ class Emulator:
             return self._active_reply(task, task.take_new_lines(self._revealed(task, active_polls)))
         task.status = task.fate
         if task.fate == "complete":
-            self._issue_signed_url(task, now, host)
+            self._issue_signed_url(task, host)
         return self._final_reply(task, task.take_new_lines(len(task.log)))
 
     @staticmethod
@@ -446,15 +470,9 @@ class Emulator:
             return 1
         return 1 + (task.uploads * (task.polls - 1)) // (active_polls - 1)
 
-    def _url_expired(self, task: Task, now: float) -> bool:
-        token = (task.signed_url or "").split("/__signed/", 1)[-1].split("/", 1)[0]
-        obj = self.signed.get(token)
-        return obj is None or now > obj.expires
-
-    def _issue_signed_url(self, task: Task, now: float, host: str):
-        token = secrets.token_urlsafe(24)
-        self.signed[token] = SignedObject(task, now + float(self.switches.get("url_ttl", 3600)))
-        task.signed_url = f"http://{host}/__signed/{token}/{task.filename}"
+    def _issue_signed_url(self, task: Task, host: str):
+        ttl = float(self.switches.get("signed_url_ttl_s", 3600))
+        task.signed_url = self.presigner.issue(task, host, [task.filename], ttl)[0]
 
     @staticmethod
     def _active_reply(task: Task, lines: list) -> Reply:
@@ -477,21 +495,20 @@ class Emulator:
         return json_reply(200, envelope(result))
 
     # ----- signed download -----------------------------------------------------
-    def open_download(self, token: str, filename: str):
-        """Return (Reply-for-error, None) or (None, (body, switches))."""
+    def open_download(self, token: str, filename: str, path: str, query: str):
+        """Return (Reply-for-error, None) or (None, (task, switches))."""
         with self.lock:
-            obj = self.signed.get(token)
-            if obj is None or obj.task.filename != filename:
+            entry = self.presigner.lookup(token)
+            if entry is None or entry.target.filename != filename:
                 return xml_error(404, "NoSuchKey", "The specified key does not exist."), None
-            if time.monotonic() > obj.expires:
-                return xml_error(403, "AccessDenied", "Request has expired"), None
+            refusal = self.presigner.refusal(entry, path, query)
+            if refusal is not None:
+                return xml_error(*refusal), None
             fail = self.switches.get("download_fail_status")
             if fail:
                 return xml_error(int(fail), "InternalError", "We encountered an internal error. Please try again."), None
             self.downloads += 1
-            # The object's identity is its export (bookmark and file), not the URL: a renewed URL
-            # serves the same object with the same validators.
-            return None, (obj.task.dump, dict(self.switches), f"{obj.task.at_bookmark}/{obj.task.filename}")
+            return None, (entry.target, dict(self.switches))
 
 
 def parse_export_body(body: bytes) -> dict:
@@ -552,6 +569,7 @@ class Handler(BaseHandler):
             if path.startswith(API_PREFIX + "/"):
                 self.handle_api(path, body)
             elif path.startswith("/__signed/"):
+                self.mark_download()
                 self.handle_download(path)
             elif path.startswith("/__control"):
                 self.handle_control(path, body)
@@ -632,19 +650,29 @@ class Handler(BaseHandler):
         if not match or self.command not in ("GET", "HEAD"):
             self.write_reply(xml_error(404, "NoSuchKey", "The specified key does not exist."))
             return
-        error, opened = self.emulator.open_download(match.group(1), match.group(2))
+        error, opened = self.emulator.open_download(match.group(1), match.group(2), path,
+                                                    urlsplit(self.path).query)
         if error is not None:
             self.write_reply(error)
             return
-        dump, switches, identity = opened
-        self.stream_dump(dump, switches, identity)
+        task, switches = opened
+        self.stream_dump(task, switches)
 
-    def stream_dump(self, dump: bytes, switches: dict, identity: str):
-        body = gzip.compress(dump, mtime=0) if switches.get("gzip") else dump
-        extra = [("Content-Encoding", "gzip")] if switches.get("gzip") else []
+    def stream_dump(self, task: Task, switches: dict):
+        # The object's identity is its export (bookmark, file and encoding), not the URL: a renewed
+        # URL serves the same object with the same validators; the gzip encoding is another object.
+        identity = f"{task.at_bookmark}/{task.filename}"
+        body, extra = task.dump, []
+        if switches.get("gzip"):
+            with self.emulator.lock:
+                if task.gzipped is None:
+                    task.gzipped = gzip.compress(task.dump, mtime=0)
+                body = task.gzipped
+            identity, extra = identity + "+gzip", [("Content-Encoding", "gzip")]
         delay = float(switches.get("download_delay_ms") or 0) / 1000.0
         serve_download(self, body, len(body), identity, "application/sql", switches, extra_headers=extra,
-                       chunked=bool(switches.get("no_content_length")), delay_s=delay, chunk=DOWNLOAD_CHUNK)
+                       chunked=bool(switches.get("no_content_length")), delay_s=delay, chunk=DOWNLOAD_CHUNK,
+                       live_switches=self.emulator.switches)
 
 
 # ----- startup -------------------------------------------------------------------------
@@ -658,7 +686,8 @@ def parse_args(argv):
     parser.add_argument("--token", required=True)
     parser.add_argument("--cancel-after", type=float, default=30.0)
     parser.add_argument("--active-polls", type=int, default=2)
-    parser.add_argument("--url-ttl", type=float, default=3600.0)
+    parser.add_argument("--url-ttl", type=float, default=3600.0,
+                        help="seconds a signed URL stays valid (the signed_url_ttl_s switch's default)")
     parser.add_argument("--hold-ms", type=float, default=0.0)
     args = parser.parse_args(argv)
     for spec in args.database:
@@ -671,7 +700,8 @@ def default_switches(args) -> dict:
     return {
         "active_polls": args.active_polls,
         "cancel_after": args.cancel_after,
-        "url_ttl": args.url_ttl,
+        "signed_url_ttl_s": args.url_ttl,
+        "url_ttl": args.url_ttl,          # the older name of signed_url_ttl_s (kept in step with it)
         "hold_ms": args.hold_ms,
         "export_error": None,
         "polling_failure": None,

@@ -33,12 +33,21 @@ What is emulated
 * Export files per Alpha group ``gNN`` in a folder ``dgraph.r<readTs>.u<MMDD.HHMM>``: the data
   (``.json.gz``/``.rdf.gz``), ``.schema.gz`` and ``.gql_schema.gz``, produced from a built-in
   dataset with Dgraph's exporter rules (worker/export.go), gzip level 1 ("BestSpeed").
-* ``GET /__signed/<token>/<folder>/<file>``: unauthenticated "presigned" downloads, valid
-  ``url_ttl`` seconds from the moment the export first reported ``Success``, then 403 with an
-  S3-style XML ``AccessDenied``; an ``exportStatus`` poll after that lists fresh URLs for the same
-  files.  Downloads serve byte ranges (see ``common.serve_download``: ``Range``/``If-Range``/206,
-  switches ``ignore_range``, ``etag_generation``, ``throttle_kib_per_s``).  Bytes are served exactly as stored: ``application/octet-stream``
-  with ``Content-Length`` and never a ``Content-Encoding``.
+* ``GET /__signed/<token>/<folder>/<file>?X-Amz-Algorithm=…&X-Amz-Credential=…&X-Amz-Date=<issue
+  time>&X-Amz-Expires=<ttl>&X-Amz-SignedHeaders=host&X-Amz-Signature=…``: unauthenticated S3-style
+  presigned downloads (``common.Presigner``), valid ``signed_url_ttl_s`` seconds from issue
+  (exactly, fractions included), then **403** ``application/xml`` ``<Error><Code>AccessDenied
+  </Code><Message>Request has expired</Message></Error>``; an altered query is 403
+  ``SignatureDoesNotMatch``, an unknown token or file 404 ``NoSuchKey``.  Every ``exportStatus``
+  poll that answers ``Success`` signs the files anew (fresh URLs, a new ``X-Amz-Date``), so a
+  client can renew an expired URL and resume; older URLs stay valid until their own expiry.
+  With ``signed_url_query: false`` the URLs are bare paths (the token alone, same expiry).
+* Downloads serve byte ranges like an object store (``common.serve_download``): ``ETag`` (strong)
+  and ``Last-Modified`` of the file (export folder and name, not the URL: a renewed URL has the
+  same validators), ``Accept-Ranges: bytes``, ``Range`` → 206 with ``Content-Range``, past the end
+  → 416 ``bytes */TOTAL``, malformed/multi-range → 200 whole, ``If-Range`` mismatch → 200 whole.
+  Bytes are served exactly as stored: ``application/octet-stream`` with ``Content-Length`` and
+  never a ``Content-Encoding``.
 * ``POST /cerebro/graphql`` (only with ``--cerebro-email``): the ``login`` query and the
   ``deployments`` list behind ``Authorization: Bearer <token>``.
 
@@ -65,10 +74,27 @@ Reproduced quirks (see the reference for the evidence)
 
 Fault switches live under ``/__control`` (``POST`` merges JSON into the switches, unknown names
 are a 400; ``POST /__control/reset`` restores the defaults and forgets exports and tokens; ``GET
-/__control/state`` reports switches, exports, recent requests and the download count; ``GET
-/__control/file/<taskId>/<file>`` returns a stored export file's raw bytes).  See
+/__control/state`` reports switches, exports, the last 2000 requests and the download count;
+``GET /__control/file/<taskId>/<file>`` returns a stored export file's raw bytes).  See
 ``default_switches`` for the list.  ``status_sequence``, ``failing_backends`` and
-``extra_people`` are sampled when an export is created; the rest are read live.
+``extra_people`` are sampled when an export is created; the rest are read live.  The download
+switches:
+
+* ``signed_url_ttl_s`` (seconds ≥ 0, default ``--url-ttl`` = 172800, Dgraph's 48 h; ``url_ttl`` is
+  the same switch under its older name): the lifetime of each signed URL issued from now on.
+* ``signed_url_query`` (bool, default true): URLs carry the ``X-Amz-*`` query (checked on use).
+* ``ignore_range`` (bool): answer every download 200 with the whole body.
+* ``etag_generation`` (int ≥ 0): part of the ETag and Last-Modified; bump it and the files look
+  replaced (an ``If-Range`` with the old ETag gets a full 200; the bytes stay the same).
+* ``throttle_kib_per_s`` (number ≥ 0, 0 = unlimited): pace download bodies (read live).
+* ``truncate_after_bytes`` (int ≥ 0, 0 = off): every download declares its full
+  ``Content-Length`` but the connection closes after that many body bytes (from the range start).
+* ``download_fail_status`` (int or null): answer downloads with that status.
+
+Each download's request-log entry has ``method``, ``path`` (no query), ``status``, ``op``
+(``"download"`` once the URL was accepted), ``t``, ``range``, ``if_range``, ``accept_encoding``
+(request headers as received, null when absent), ``served_start``, ``served_end`` (the byte span
+served, end exclusive, null when nothing was) and ``sent`` (body bytes actually written).
 """
 
 from __future__ import annotations
@@ -97,10 +123,10 @@ from http.server import ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (BaseHandler, RANGE_SWITCHES, Reply as BaseReply, bind_server,  # noqa: E402
-                    range_switch_problem, serve_download, serve_main)
+from common import (BaseHandler, RANGE_SWITCHES, REQUEST_LOG_SIZE, Presigner, Reply as BaseReply,  # noqa: E402
+                    bind_server, log_snapshot, range_switch_problem, s3_error_body, serve_download, serve_main,
+                    ttl_switch_changes)
 
-REQUEST_LOG_SIZE = 500
 DEFAULT_BACKEND = "default"
 REFRESH_TTL = 30 * 24 * 3600
 CEREBRO_TTL = 3 * 3600
@@ -132,9 +158,7 @@ def gql_errors(messages, data=None, status: int = 200, op: str | None = None) ->
 
 
 def xml_error(status: int, code: str, message: str) -> Reply:
-    body = ('<?xml version="1.0" encoding="UTF-8"?>\n'
-            f"<Error><Code>{code}</Code><Message>{message}</Message></Error>")
-    return Reply(status, body.encode(), "application/xml")
+    return Reply(status, s3_error_body(code, message), "application/xml")
 
 
 class GqlError(Exception):
@@ -652,9 +676,7 @@ class Export:
     last_updated: float
     polls: int = 0
     status: str = "Queued"
-    token: str | None = None
-    url_expires: float | None = None   # time.monotonic() deadline
-    urls: list = field(default_factory=list)
+    urls: list = field(default_factory=list)   # the signed URLs issued by the latest poll
 
     def summary(self) -> dict:
         return {"backend": self.backend, "exportId": self.export_id, "taskId": self.task_id,
@@ -698,8 +720,7 @@ class Emulator:
         self.switches = copy.deepcopy(self.defaults)
         for backend in self.backends.values():
             backend.reset()
-        self.signed: dict[str, Export] = {}
-        self.token_expires: dict[str, float] = {}
+        self.presigner = Presigner(region="us-east-1")
         self.cerebro_tokens: dict[str, float] = {}
         self.requests = deque(maxlen=REQUEST_LOG_SIZE)
         self.downloads = 0
@@ -724,6 +745,7 @@ class Emulator:
             return 400, {"error": problem}
         with self.lock:
             changes = copy.deepcopy(changes)
+            changes, _ = ttl_switch_changes(changes)
             if changes.pop("expire_tokens_now", False):
                 self.revoked_upto = self.token_seq
             if changes.pop("expire_cerebro_tokens_now", False):
@@ -736,7 +758,7 @@ class Emulator:
             ordered = sorted((e for b in self.backends.values() for e in b.exports.values()),
                              key=lambda e: e.created)
             exports = [e.summary() for e in ordered]
-            return {"switches": self.switches, "exports": exports, "requests": list(self.requests),
+            return {"switches": self.switches, "exports": exports, "requests": log_snapshot(self.requests),
                     "downloads": self.downloads,
                     "backends": [{"name": b.name, "adminKey": b.admin_key, "url_path": b.url_path}
                                  for b in self.backends.values()]}
@@ -932,21 +954,12 @@ class Emulator:
         if status != export.status or export.polls == 1:
             export.last_updated = time.time()
         export.status = status
-        expired = export.url_expires is not None and time.monotonic() > export.url_expires
-        if status == "Success" and (export.token is None or expired):
-            # A poll after the URLs expired gets fresh ones for the same files (presigning anew),
-            # so a client can renew a download mid-copy; the old URLs stay expired.
-            export.token = secrets.token_urlsafe(24)
-            export.url_expires = time.monotonic() + float(self.switches["url_ttl"])
-            self.signed[export.token] = export
-            self.token_expires[export.token] = export.url_expires
-            query = ""
-            if self.switches.get("signed_url_query"):
-                query = ("?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=EMULATOR%2F20240101%2Fus-east-1"
-                         f"%2Fs3%2Faws4_request&X-Amz-Date=20240101T000000Z&X-Amz-Expires={int(float(self.switches['url_ttl']))}"
-                         f"&X-Amz-SignedHeaders=host&X-Amz-Signature={secrets.token_hex(32)}")
-            export.urls = [f"http://{host}/__signed/{export.token}/{export.folder}/{name}{query}"
-                           for name in export.files]
+        if status == "Success":
+            # Every Success poll presigns the files anew (fresh URLs for the same files), so a
+            # client can renew a download mid-copy; older URLs stay valid until their own expiry.
+            export.urls = self.presigner.issue(export, host, [f"{export.folder}/{name}" for name in export.files],
+                                               float(self.switches["signed_url_ttl_s"]),
+                                               query=bool(self.switches.get("signed_url_query")))
 
     def export_status(self, backend: Backend, args: dict, host: str) -> Reply:
         export_id = str_arg(args, "exportId", required=True)
@@ -964,13 +977,15 @@ class Emulator:
         return json_reply({"data": {"exportStatus": result}}, op="exportStatus")
 
     # ----- downloads ------------------------------------------------------------------------------
-    def open_download(self, token: str, folder: str, name: str):
+    def open_download(self, token: str, folder: str, name: str, path: str, query: str):
         with self.lock:
-            export = self.signed.get(token)
+            entry = self.presigner.lookup(token)
+            export = entry.target if entry is not None else None
             if export is None or export.folder != folder or name not in export.files:
                 return xml_error(404, "NoSuchKey", "The specified key does not exist."), None
-            if time.monotonic() > self.token_expires.get(token, 0.0):
-                return xml_error(403, "AccessDenied", "Request has expired"), None
+            refusal = self.presigner.refusal(entry, path, query)
+            if refusal is not None:
+                return xml_error(*refusal), None
             fail = self.switches.get("download_fail_status")
             if fail:
                 return xml_error(int(fail), "InternalError",
@@ -1044,12 +1059,15 @@ def validate_switches(changes: dict) -> str | None:
         if name in changes and (not isinstance(changes[name], int) or isinstance(changes[name], bool)
                                 or changes[name] < 0):
             return f"{name} must be a non-negative integer"
-    for name in ("url_ttl", "access_ttl", "refresh_ttl", "cerebro_ttl"):
+    for name in ("access_ttl", "refresh_ttl", "cerebro_ttl"):
         if name in changes and (not isinstance(changes[name], (int, float)) or isinstance(changes[name], bool)):
             return f"{name} must be a number of seconds"
     for name in ("expire_tokens_now", "expire_cerebro_tokens_now", "signed_url_query"):
         if name in changes and not isinstance(changes[name], bool):
             return f"{name} must be a boolean"
+    _, problem = ttl_switch_changes(changes)
+    if problem:
+        return problem
     if changes.get("download_fail_status") is not None and not isinstance(changes["download_fail_status"], int):
         return "download_fail_status must be an integer or null"
     for key, value in changes.items():
@@ -1103,6 +1121,7 @@ class Handler(BaseHandler):
                 return gql_errors("method not allowed", status=405)
             return emu.cerebro(self.headers, body, self.host())
         if path.startswith("/__signed/"):
+            self.mark_download()
             return self.download(path)
         if path.startswith("/__control"):
             return self.control(path, body)
@@ -1119,7 +1138,7 @@ class Handler(BaseHandler):
         match = RE_SIGNED.match(path)
         if not match or self.command not in ("GET", "HEAD"):
             return xml_error(404, "NoSuchKey", "The specified key does not exist.")
-        error, data = self.emulator.open_download(*match.groups())
+        error, data = self.emulator.open_download(*match.groups(), path, urlsplit(self.path).query)
         if error is not None:
             error.op = "download"
             return error
@@ -1129,7 +1148,8 @@ class Handler(BaseHandler):
         self._op = "download"
         # The object's identity is its export folder and file, not the URL: a renewed URL serves the
         # same object with the same validators.
-        serve_download(self, data, len(data), f"{folder}/{name}", "application/octet-stream", switches)
+        serve_download(self, data, len(data), f"{folder}/{name}", "application/octet-stream", switches,
+                       live_switches=self.emulator.switches)
         return None
 
     def control(self, path: str, body: bytes) -> Reply:
@@ -1166,7 +1186,8 @@ def parse_args(argv):
     parser.add_argument("--user-id", default="groot")
     parser.add_argument("--password", default="password")
     parser.add_argument("--access-ttl", type=float, default=21600.0)
-    parser.add_argument("--url-ttl", type=float, default=172800.0)
+    parser.add_argument("--url-ttl", type=float, default=172800.0,
+                        help="seconds a signed URL stays valid (the signed_url_ttl_s switch's default)")
     parser.add_argument("--groups", type=int, default=1)
     parser.add_argument("--cerebro-email")
     parser.add_argument("--cerebro-password")
@@ -1191,7 +1212,8 @@ def default_switches(args) -> dict:
         "fail_next": [],
         "graphql_error_next": [],
         "malformed_next": 0,
-        "url_ttl": args.url_ttl,
+        "signed_url_ttl_s": args.url_ttl,
+        "url_ttl": args.url_ttl,          # the older name of signed_url_ttl_s (kept in step with it)
         "access_ttl": args.access_ttl,
         "refresh_ttl": REFRESH_TTL,
         "cerebro_ttl": CEREBRO_TTL,
@@ -1201,7 +1223,7 @@ def default_switches(args) -> dict:
         "failing_backends": [],
         "download_fail_status": None,
         "extra_people": 0,
-        "signed_url_query": False,
+        "signed_url_query": True,
         **RANGE_SWITCHES,
     }
 
