@@ -6,6 +6,7 @@ tests use it; every request goes through urllib / http.client to 127.0.0.1.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import gzip
 import http.client
@@ -19,6 +20,7 @@ import urllib.error
 import urllib.request
 from contextlib import closing
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -202,17 +204,23 @@ def test_export_polls_active_then_complete(server):
                         [f"Finished uploading {filename} in 2 parts."]]
     final = bodies[-1]["result"]
     assert final["result"]["filename"] == filename
-    assert re.fullmatch(rf"http://{re.escape(server)}/__signed/[A-Za-z0-9_-]+/{re.escape(filename)}",
+    # Shaped like an R2 presigned GET: the issue time and lifetime are in the query.
+    assert re.fullmatch(rf"http://{re.escape(server)}/__signed/[A-Za-z0-9_-]+/{re.escape(filename)}"
+                        r"\?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=[^&]+&X-Amz-Date=\d{8}T\d{6}Z"
+                        r"&X-Amz-Expires=3600&X-Amz-SignedHeaders=host&X-Amz-Signature=[0-9a-f]{64}",
                         final["result"]["signed_url"])
     assert "error" not in final
     assert responses[0].headers["Ratelimit"] == '"default";r=50;t=30'
     assert responses[0].headers["Ratelimit-Policy"] == '"burst";q=100;w=60'
-    # Polling a completed task again keeps answering complete with the same URL and no new lines.
+    # Polling a completed task again keeps answering complete, with no new lines and a freshly
+    # signed URL for the same file; the first URL still works.
     again = export_call(server, bookmark=bookmark)
     assert again.status == 200
     assert again.json()["result"]["status"] == "complete"
     assert again.json()["result"]["messages"] == []
-    assert again.json()["result"]["result"] == final["result"]
+    renewed = again.json()["result"]["result"]
+    assert renewed["filename"] == filename and renewed["signed_url"] != final["result"]["signed_url"]
+    assert download(renewed["signed_url"]).body == download(final["result"]["signed_url"]).body
 
 
 def test_active_polls_switch_spreads_messages(server):
@@ -278,7 +286,7 @@ def test_download_headers_and_state(server):
     # Unknown token, or right token with a wrong filename.
     token_url = final["result"]["signed_url"]
     assert download(re.sub(r"/__signed/[^/]+/", "/__signed/nope/", token_url)).status == 404
-    assert download(token_url + "x").status == 404
+    assert download(token_url.replace(".sql?", ".sqlx?")).status == 404
 
 
 def test_signed_url_expires(server):
@@ -666,3 +674,226 @@ def test_a_renewed_signed_url_serves_the_same_object_with_the_same_etag(server):
     assert again["status"] == "complete" and again["result"]["signed_url"] != first["result"]["signed_url"]
     resumed = download(again["result"]["signed_url"], {"Range": "bytes=5-", "If-Range": etag})
     assert resumed.status == 206
+
+
+# ----- the signed URL as an object store serves it ------------------------------------------------
+def big_export(server) -> tuple[str, str]:
+    """Run an export of the ~300 KB database; return (signed_url, at_bookmark)."""
+    result = run_export(server, BIG_ID)[-1].json()["result"]
+    assert result["status"] == "complete", result
+    return result["result"]["signed_url"], result["at_bookmark"]
+
+
+def signed_downloads(server) -> list:
+    return [r for r in control(server, "/__control/state")["requests"] if r["path"].startswith("/__signed/")]
+
+
+def raw_range_get(url, headers):
+    """GET with http.client; returns (response, body, complete?) tolerating a cut-off body."""
+    host, target = re.match(r"http://([^/]+)(/.*)", url).groups()
+    conn = http.client.HTTPConnection(host, timeout=10)
+    try:
+        conn.request("GET", target, headers=headers)
+        resp = conn.getresponse()
+        try:
+            return resp, resp.read(), True
+        except http.client.IncompleteRead as exc:
+            return resp, exc.partial, False
+    finally:
+        conn.close()
+
+
+def test_every_download_carries_a_strong_etag_last_modified_accept_ranges_and_length(server):
+    url, _ = big_export(server)
+    whole = download(url)
+    assert whole.status == 200 and len(whole.body) > 250_000
+    assert re.fullmatch(r'"[0-9a-f]{32}"', whole.headers["ETag"])
+    assert email.utils.parsedate_to_datetime(whole.headers["Last-Modified"]).tzinfo is not None
+    assert whole.headers["Accept-Ranges"] == "bytes"
+    assert whole.headers["Content-Length"] == str(len(whole.body))
+    part = download(url, {"Range": "bytes=100-"})
+    assert part.status == 206
+    for name in ("ETag", "Last-Modified", "Accept-Ranges"):
+        assert part.headers[name] == whole.headers[name], name
+    assert part.headers["Content-Length"] == str(len(whole.body) - 100)
+
+
+def test_a_mid_file_range_gets_206_with_its_content_range_and_bytes(server):
+    url, _ = big_export(server)
+    body = download(url).body
+    size = len(body)
+    mid = size // 2 + 7
+    part = download(url, {"Range": f"bytes={mid}-"})
+    assert part.status == 206 and part.body == body[mid:]
+    assert part.headers["Content-Range"] == f"bytes {mid}-{size - 1}/{size}"
+    assert part.headers["Content-Length"] == str(size - mid)
+    bounded = download(url, {"Range": f"bytes={mid}-{mid + 99}"})
+    assert bounded.status == 206 and bounded.body == body[mid:mid + 100]
+    assert bounded.headers["Content-Range"] == f"bytes {mid}-{mid + 99}/{size}"
+    clamped = download(url, {"Range": f"bytes={size - 5}-{size + 1000}"})
+    assert clamped.status == 206 and clamped.body == body[-5:]
+    assert clamped.headers["Content-Range"] == f"bytes {size - 5}-{size - 1}/{size}"
+    suffix = download(url, {"Range": "bytes=-10"})
+    assert suffix.status == 206 and suffix.body == body[-10:]
+
+
+def test_a_range_starting_at_or_past_the_end_is_416_with_the_total(server):
+    url, _ = big_export(server)
+    size = len(download(url).body)
+    for start in (size, size + 1000):
+        resp = download(url, {"Range": f"bytes={start}-"})
+        assert resp.status == 416
+        assert resp.headers["Content-Range"] == f"bytes */{size}"
+        assert resp.headers["Content-Type"] == "application/xml" and b"InvalidRange" in resp.body
+
+
+def test_malformed_and_multi_range_headers_are_ignored_and_get_the_whole_body(server):
+    url, _ = big_export(server)
+    body = download(url).body
+    for header in ("bytes=1-2,5-6", "items=0-5", "bytes=abc-", "bytes=9-3", "bytes=-"):
+        resp = download(url, {"Range": header})
+        assert resp.status == 200 and resp.body == body, header
+        assert resp.headers.get("Content-Range") is None
+
+
+def test_if_range_matching_gets_206_and_after_etag_generation_changes_the_whole_body(server):
+    url, _ = big_export(server)
+    whole = download(url)
+    etag, modified = whole.headers["ETag"], whole.headers["Last-Modified"]
+    assert download(url, {"Range": "bytes=50-", "If-Range": etag}).status == 206
+    assert download(url, {"Range": "bytes=50-", "If-Range": modified}).status == 206
+    assert download(url, {"Range": "bytes=50-", "If-Range": "W/" + etag}).status == 200, "weak never matches"
+    control(server, body={"etag_generation": 1})
+    replaced = download(url, {"Range": "bytes=50-", "If-Range": etag})
+    assert replaced.status == 200 and replaced.body == whole.body
+    assert replaced.headers["ETag"] != etag and replaced.headers["Last-Modified"] != modified
+    assert download(url, {"Range": "bytes=50-", "If-Range": modified}).status == 200
+    again = download(url, {"Range": "bytes=50-", "If-Range": replaced.headers["ETag"]})
+    assert again.status == 206 and again.body == whole.body[50:]
+
+
+def test_ignore_range_answers_200_with_the_whole_body(server):
+    url, _ = big_export(server)
+    body = download(url).body
+    control(server, body={"ignore_range": True})
+    resp = download(url, {"Range": "bytes=1000-", "If-Range": download(url).headers["ETag"]})
+    assert resp.status == 200 and resp.body == body
+    assert resp.headers["Content-Length"] == str(len(body)) and resp.headers.get("Content-Range") is None
+    assert download(url, {"Range": f"bytes={len(body) + 5}-"}).status == 200, "no 416 either"
+
+
+def test_gzip_encoding_is_another_object_with_its_own_etag(server):
+    url, _ = big_export(server)
+    plain_etag = download(url).headers["ETag"]
+    control(server, body={"gzip": True})
+    encoded = download(url)
+    assert encoded.headers["Content-Encoding"] == "gzip" and encoded.headers["ETag"] != plain_etag
+    part = download(url, {"Range": "bytes=10-", "If-Range": encoded.headers["ETag"]})
+    assert part.status == 206 and part.body == encoded.body[10:]
+    assert download(url, {"Range": "bytes=10-", "If-Range": plain_etag}).status == 200
+
+
+def test_truncate_after_bytes_cuts_a_range_response_counted_from_its_start(server):
+    url, _ = big_export(server)
+    body = download(url).body
+    control(server, body={"truncate_after_bytes": 1000})
+    mid = len(body) // 3
+    resp, got, complete = raw_range_get(url, {"Range": f"bytes={mid}-"})
+    assert resp.status == 206 and resp.getheader("Content-Length") == str(len(body) - mid)
+    assert not complete and got == body[mid:mid + 1000]
+    resp, got, complete = raw_range_get(url, {})
+    assert resp.status == 200 and not complete and got == body[:1000]
+    log = signed_downloads(server)[-2:]
+    assert [(r["status"], r["served_start"], r["served_end"], r["sent"]) for r in log] == [
+        (206, mid, len(body), 1000), (200, 0, len(body), 1000)]
+    control(server, body={"truncate_after_bytes": 0})
+    assert raw_range_get(url, {})[2]
+
+
+def test_throttle_paces_every_download(server):
+    url, _ = big_export(server)
+    size = len(download(url).body)
+    control(server, body={"throttle_kib_per_s": 512})
+    began = time.monotonic()
+    part = download(url, {"Range": f"bytes={size // 2}-"})
+    took = time.monotonic() - began
+    assert part.status == 206
+    assert took >= (size - size // 2) / (512 * 1024) * 0.8, took
+
+
+def test_an_expired_signed_url_is_403_xml_and_the_next_poll_issues_a_working_one(server):
+    control(server, body={"signed_url_ttl_s": 0.5})
+    url, bookmark = big_export(server)
+    query = parse_qs(urlsplit(url).query)
+    issued = datetime.datetime.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.timezone.utc)
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - issued).total_seconds()) < 5
+    assert query["X-Amz-Expires"] == ["1"]  # the lifetime in whole seconds, rounded up
+    whole = download(url)
+    assert whole.status == 200
+    time.sleep(0.7)
+    expired = download(url, {"Range": "bytes=100-"})
+    assert expired.status == 403 and expired.headers["Content-Type"] == "application/xml"
+    assert b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>" in expired.body
+    control(server, body={"signed_url_ttl_s": 3600})
+    renewed = export_call(server, BIG_ID, bookmark=bookmark).json()["result"]
+    assert renewed["status"] == "complete"
+    fresh = renewed["result"]["signed_url"]
+    assert fresh != url and parse_qs(urlsplit(fresh).query)["X-Amz-Expires"] == ["3600"]
+    resumed = download(fresh, {"Range": "bytes=100-", "If-Range": whole.headers["ETag"]})
+    assert resumed.status == 206 and resumed.body == whole.body[100:], "same dump, same validators"
+    assert download(url).status == 403, "the old URL stays expired"
+
+
+def test_signed_url_ttl_s_is_validated_and_url_ttl_is_its_alias(server):
+    switches = control(server, "/__control/state")["switches"]
+    assert switches["signed_url_ttl_s"] == 3600 and switches["url_ttl"] == 3600
+    for bad in ({"signed_url_ttl_s": -1}, {"signed_url_ttl_s": "60"}, {"signed_url_ttl_s": True},
+                {"url_ttl": None}, {"signed_url_ttl_s": 5, "url_ttl": 6}):
+        assert request(f"http://{server}/__control", "POST", bad).status == 400, bad
+    assert control(server, body={"url_ttl": 7})["switches"]["signed_url_ttl_s"] == 7
+    assert control(server, body={"signed_url_ttl_s": 9})["switches"]["url_ttl"] == 9
+
+
+def test_an_altered_or_stripped_signed_url_is_refused(server):
+    url, _ = big_export(server)
+    tampered = download(url.replace("X-Amz-Expires=3600", "X-Amz-Expires=604800"))
+    assert tampered.status == 403 and b"<Code>SignatureDoesNotMatch</Code>" in tampered.body
+    stripped = download(url.split("?", 1)[0])
+    assert stripped.status == 403 and b"<Code>AccessDenied</Code>" in stripped.body
+    assert download(url).status == 200
+
+
+def test_request_log_records_range_if_range_and_the_span_served_of_every_download(server):
+    url, _ = big_export(server)
+    whole = download(url, {"Accept-Encoding": "gzip, br"})
+    size, etag = len(whole.body), whole.headers["ETag"]
+    download(url, {"Range": "bytes=10-", "If-Range": etag})
+    download(url, {"Range": "bytes=10-19"})
+    download(url, {"Range": f"bytes={size}-"})
+    download(url.replace("X-Amz-Expires=3600", "X-Amz-Expires=1"), {"Range": "bytes=5-"})
+    log = signed_downloads(server)
+    assert len(log) == 5
+    path = urlsplit(url).path
+    assert all(r["method"] == "GET" and r["path"] == path for r in log)
+    fields = [(r["status"], r["range"], r["if_range"], r["served_start"], r["served_end"], r["sent"]) for r in log]
+    assert fields == [
+        (200, None, None, 0, size, size),
+        (206, "bytes=10-", etag, 10, size, size - 10),
+        (206, "bytes=10-19", None, 10, 20, 10),
+        (416, f"bytes={size}-", None, None, None, 0),
+        (403, "bytes=5-", None, None, None, 0),
+    ]
+    assert log[0]["accept_encoding"] == "gzip, br" and log[1]["accept_encoding"] == "identity"
+
+
+def test_request_log_keeps_hundreds_of_downloads(server):
+    url, _ = big_export(server)
+    host, target = re.match(r"http://([^/]+)(/.*)", url).groups()
+    conn = http.client.HTTPConnection(host, timeout=10)
+    with closing(conn):
+        for n in range(250):
+            conn.request("GET", target, headers={"Range": f"bytes={n}-{n}"})
+            resp = conn.getresponse()
+            assert resp.status == 206 and len(resp.read()) == 1
+    log = signed_downloads(server)
+    assert len(log) == 250 and [r["served_start"] for r in log] == list(range(250))

@@ -9,11 +9,13 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import http.client
 import json
 import re
 import time
 import urllib.error
 import urllib.request
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -162,6 +164,15 @@ def error_messages(resp: Resp) -> list:
     return [e["message"] for e in resp.json().get("errors") or []]
 
 
+def file_name(url: str) -> str:
+    """The file a signed URL serves: its last path segment (the query is the signature)."""
+    return urlsplit(url).path.rsplit("/", 1)[1]
+
+
+def token_of(url: str) -> str:
+    return urlsplit(url).path.split("/")[2]
+
+
 # ----- export protocol -----------------------------------------------------------------------------
 def test_export_then_status_moves_one_step_per_poll(plain):
     resp = export(plain)
@@ -179,10 +190,16 @@ def test_export_then_status_moves_one_step_per_poll(plain):
         assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z", p["lastUpdated"])
     assert polls[0]["signedUrls"] == [] and polls[1]["signedUrls"] == []
     urls = polls[2]["signedUrls"]
-    assert len(urls) == 3 and polls[3]["signedUrls"] == urls == polls[4]["signedUrls"]
-    pattern = rf"http://{re.escape(plain)}/__signed/[A-Za-z0-9_-]+/dgraph\.r\d+\.u\d{{4}}\.\d{{4}}/(.+)"
+    pattern = (rf"http://{re.escape(plain)}/__signed/[A-Za-z0-9_-]+/dgraph\.r\d+\.u\d{{4}}\.\d{{4}}/([^?]+)"
+               r"\?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=[^&]+&X-Amz-Date=\d{8}T\d{6}Z"
+               r"&X-Amz-Expires=172800&X-Amz-SignedHeaders=host&X-Amz-Signature=[0-9a-f]{64}")
     names = [re.fullmatch(pattern, u).group(1) for u in urls]
     assert names == ["g01.json.gz", "g01.schema.gz", "g01.gql_schema.gz"]
+    # Every Success poll signs the same files anew: fresh tokens, same paths after the token.
+    later = [polls[3]["signedUrls"], polls[4]["signedUrls"]]
+    assert all([file_name(u) for u in us] == names for us in later)
+    assert len({token_of(us[0]) for us in [urls, *later]}) == 3
+    assert request(urls[0]).body == request(later[-1][0]).body
 
     state = control(plain, "/__control/state")
     [summary] = state["exports"]
@@ -198,7 +215,7 @@ def test_downloads_are_stored_gzip_bytes_in_dgraph_formats(plain):
     urls = seen[-1]["signedUrls"]
     files = {}
     for url in urls:
-        name = url.rsplit("/", 1)[1]
+        name = file_name(url)
         resp = request(url, headers={"Accept-Encoding": "gzip"})
         assert resp.status == 200
         assert resp.headers["Content-Type"] == "application/octet-stream"
@@ -252,7 +269,7 @@ def test_rdf_export_and_inline_literal_arguments(plain):
     for _ in range(3):
         st = status(plain, export_id, task_id)
     assert st["status"] == "Success"
-    names = [u.rsplit("/", 1)[1] for u in st["signedUrls"]]
+    names = [file_name(u) for u in st["signedUrls"]]
     assert names == ["g01.rdf.gz", "g01.schema.gz", "g01.gql_schema.gz"]
     text = gzip.decompress(request(st["signedUrls"][0]).body).decode()
     lines = text.splitlines()
@@ -375,7 +392,7 @@ def test_failed_and_unknown_status_values(plain):
 def test_legacy_synchronous_export(plain):
     resp = gql(plain, "/admin/slash", "mutation { export { signedUrls } }")
     urls = resp.json()["data"]["export"]["signedUrls"]
-    assert [u.rsplit("/", 1)[1] for u in urls] == ["g01.json.gz", "g01.schema.gz", "g01.gql_schema.gz"]
+    assert [file_name(u) for u in urls] == ["g01.json.gz", "g01.schema.gz", "g01.gql_schema.gz"]
     assert request(urls[0]).status == 200
 
 
@@ -440,7 +457,7 @@ def test_acl_access_ttl_expiry(acl):
 def test_acl_namespace_guard_and_groups(acl):
     galaxy = tokens(acl, namespace=0)["accessJWT"]
     task_id, seen = run_to_end(acl, namespace=-1, key=ACL_KEY, token=galaxy)
-    names = [u.rsplit("/", 1)[1] for u in seen[-1]["signedUrls"]]
+    names = [file_name(u) for u in seen[-1]["signedUrls"]]
     assert names == ["g01.json.gz", "g01.schema.gz", "g01.gql_schema.gz",
                      "g02.json.gz", "g02.schema.gz", "g02.gql_schema.gz"]
     rows = json.loads(gzip.decompress(request(seen[-1]["signedUrls"][0]).body))
@@ -539,3 +556,138 @@ def test_expired_urls_are_renewed_by_the_next_status_poll_and_serve_ranges(plain
     assert request(fresh, headers={"Range": "bytes=3-"}).status == 200
     log = [r for r in control(plain, "/__control/state")["requests"] if r["path"].startswith("/__signed/")]
     assert log[1]["range"] == "bytes=3-" and log[1]["served_start"] == 3 and log[1]["status"] == 206
+
+
+# ----- signed URLs as an object store serves them ---------------------------------------------------
+def big_data_url(server) -> tuple[str, str, str]:
+    """An export with 500 extra people; returns (data file URL, exportId, taskId)."""
+    control(server, body={"extra_people": 500})
+    export_id, task_id = started(export(server))
+    st = status(server, export_id, task_id)
+    while st["status"] != "Success":
+        st = status(server, export_id, task_id)
+    return st["signedUrls"][0], export_id, task_id
+
+
+def signed_downloads(server) -> list:
+    return [r for r in control(server, "/__control/state")["requests"] if r["path"].startswith("/__signed/")]
+
+
+def raw_get(url, headers):
+    """GET with http.client; returns (response, body, complete?) tolerating a cut-off body."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.netloc, timeout=10)
+    try:
+        conn.request("GET", f"{parts.path}?{parts.query}", headers=headers)
+        resp = conn.getresponse()
+        try:
+            return resp, resp.read(), True
+        except http.client.IncompleteRead as exc:
+            return resp, exc.partial, False
+    finally:
+        conn.close()
+
+
+def test_a_mid_file_range_gets_206_with_content_range_and_the_validators(plain):
+    url, _, _ = big_data_url(plain)
+    whole = request(url)
+    body, size = whole.body, len(whole.body)
+    assert size > 20_000
+    assert re.fullmatch(r'"[0-9a-f]{32}"', whole.headers["ETag"]) and whole.headers["Last-Modified"]
+    assert whole.headers["Accept-Ranges"] == "bytes" and whole.headers["Content-Length"] == str(size)
+    mid = size // 2 + 3
+    part = request(url, headers={"Range": f"bytes={mid}-"})
+    assert part.status == 206 and part.body == body[mid:]
+    assert part.headers["Content-Range"] == f"bytes {mid}-{size - 1}/{size}"
+    assert part.headers["Content-Length"] == str(size - mid)
+    assert part.headers["ETag"] == whole.headers["ETag"] and part.headers.get("Content-Encoding") is None
+    bounded = request(url, headers={"Range": f"bytes={mid}-{mid + 9}"})
+    assert bounded.status == 206 and bounded.body == body[mid:mid + 10]
+    assert bounded.headers["Content-Range"] == f"bytes {mid}-{mid + 9}/{size}"
+    assert request(url, headers={"Range": "bytes=0-1,4-5"}).body == body, "multi-range is ignored"
+
+
+def test_a_range_past_the_end_is_416_with_the_total(plain):
+    url, _, _ = big_data_url(plain)
+    size = len(request(url).body)
+    resp = request(url, headers={"Range": f"bytes={size}-"})
+    assert resp.status == 416 and resp.headers["Content-Range"] == f"bytes */{size}"
+
+
+def test_if_range_matches_until_etag_generation_changes_then_the_whole_file_comes(plain):
+    url, _, _ = big_data_url(plain)
+    whole = request(url)
+    etag = whole.headers["ETag"]
+    assert request(url, headers={"Range": "bytes=7-", "If-Range": etag}).status == 206
+    assert request(url, headers={"Range": "bytes=7-", "If-Range": whole.headers["Last-Modified"]}).status == 206
+    control(plain, body={"etag_generation": 3})
+    replaced = request(url, headers={"Range": "bytes=7-", "If-Range": etag})
+    assert replaced.status == 200 and replaced.body == whole.body and replaced.headers["ETag"] != etag
+
+
+def test_ignore_range_serves_the_whole_file(plain):
+    url, _, _ = big_data_url(plain)
+    body = request(url).body
+    control(plain, body={"ignore_range": True})
+    resp = request(url, headers={"Range": "bytes=7-"})
+    assert resp.status == 200 and resp.body == body and resp.headers.get("Content-Range") is None
+
+
+def test_truncate_after_bytes_cuts_a_range_from_its_start_and_throttle_paces(plain):
+    url, _, _ = big_data_url(plain)
+    body = request(url).body
+    control(plain, body={"truncate_after_bytes": 500})
+    resp, got, complete = raw_get(url, {"Range": "bytes=1000-"})
+    assert resp.status == 206 and resp.getheader("Content-Length") == str(len(body) - 1000)
+    assert not complete and got == body[1000:1500]
+    assert signed_downloads(plain)[-1]["sent"] == 500
+    control(plain, body={"truncate_after_bytes": 0, "throttle_kib_per_s": 64})
+    began = time.monotonic()
+    assert request(url, headers={"Range": "bytes=1000-"}).body == body[1000:]
+    assert time.monotonic() - began >= (len(body) - 1000) / (64 * 1024) * 0.8
+
+
+def test_an_expired_url_is_403_xml_and_the_next_success_poll_signs_fresh_ones(plain):
+    control(plain, body={"signed_url_ttl_s": 0.5})
+    assert control(plain, "/__control/state")["switches"]["url_ttl"] == 0.5
+    url, export_id, task_id = big_data_url(plain)
+    query = parse_qs(urlsplit(url).query)
+    assert query["X-Amz-Expires"] == ["1"] and re.fullmatch(r"\d{8}T\d{6}Z", query["X-Amz-Date"][0])
+    whole = request(url)
+    time.sleep(0.7)
+    expired = request(url, headers={"Range": "bytes=100-"})
+    assert expired.status == 403 and expired.headers["Content-Type"] == "application/xml"
+    assert b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>" in expired.body
+    control(plain, body={"signed_url_ttl_s": 60})
+    st = status(plain, export_id, task_id)
+    assert st["status"] == "Success"
+    fresh = st["signedUrls"][0]
+    assert fresh != url and file_name(fresh) == file_name(url) and token_of(fresh) != token_of(url)
+    resumed = request(fresh, headers={"Range": "bytes=100-", "If-Range": whole.headers["ETag"]})
+    assert resumed.status == 206 and resumed.body == whole.body[100:]
+    log = signed_downloads(plain)
+    assert (log[-2]["status"], log[-2]["range"], log[-2]["served_start"]) == (403, "bytes=100-", None)
+
+
+def test_an_altered_url_is_refused_and_signed_url_query_false_gives_bare_urls(plain):
+    url, _, _ = big_data_url(plain)
+    tampered = request(url.replace("X-Amz-Expires=172800", "X-Amz-Expires=604800"))
+    assert tampered.status == 403 and b"<Code>SignatureDoesNotMatch</Code>" in tampered.body
+    control(plain, body={"signed_url_query": False})
+    bare = big_data_url(plain)[0]
+    assert "?" not in bare and request(bare).status == 200
+
+
+def test_request_log_records_range_if_range_served_span_and_sent(plain):
+    url, _, _ = big_data_url(plain)
+    whole = request(url, headers={"Accept-Encoding": "gzip"})
+    size, etag = len(whole.body), whole.headers["ETag"]
+    request(url, headers={"Range": "bytes=40-", "If-Range": etag})
+    request(url, headers={"Range": f"bytes={size + 1}-"})
+    log = signed_downloads(plain)
+    assert [(r["method"], r["status"], r["op"], r["range"], r["if_range"], r["served_start"], r["served_end"],
+             r["sent"]) for r in log] == [
+        ("GET", 200, "download", None, None, 0, size, size),
+        ("GET", 206, "download", "bytes=40-", etag, 40, size, size - 40),
+        ("GET", 416, "download", f"bytes={size + 1}-", None, None, None, 0)]
+    assert log[0]["accept_encoding"] == "gzip" and log[0]["path"] == urlsplit(url).path

@@ -302,7 +302,8 @@ def serve_download(handler, source, size: int, identity: str, content_type: str,
     only the served range is read), written ``chunk`` bytes at a time with ``delay_s`` between
     writes.  ``identity`` names the object (not the URL): the same identity and ``etag_generation``
     give the same validators.  ``switches`` is the emulator's switches as of the request;
-    ``live_switches`` (default: ``switches``) is read at every chunk for ``throttle_kib_per_s``.
+    ``live_switches`` (a callable returning the emulator's current switches; default: ``switches``)
+    is read at every chunk for ``throttle_kib_per_s``.
 
     The request's log entry (``handler._entry``, set when the status line goes out) gets the
     ``download_log_fields`` and then ``served_start``/``served_end`` (exclusive; None for a 416) and
@@ -310,7 +311,7 @@ def serve_download(handler, source, size: int, identity: str, content_type: str,
     ``truncate_after_bytes`` switch, 0 = off) cuts the body after that many bytes, counted from the
     range's start, and closes the connection; ``on_bytes(n)`` is called for every write."""
     handler.mark_download()
-    live = switches if live_switches is None else live_switches
+    live = (lambda: switches) if live_switches is None else live_switches
     etag, last_modified = validators(identity, switches)
     status, start, end = plan_range(handler.headers, size, etag, last_modified, switches)
     served = {"served_start": start, "served_end": end} if status != 416 else {}
@@ -361,7 +362,7 @@ def serve_download(handler, source, size: int, identity: str, content_type: str,
             break
         if sent and delay_s > 0:
             time.sleep(delay_s)
-        rate = float(live.get("throttle_kib_per_s") or 0) * 1024
+        rate = float(live().get("throttle_kib_per_s") or 0) * 1024
         now = time.monotonic()
         if rate > 0:  # each chunk goes out no sooner than the pace allows for it
             due = max(due, now - 0.25) + len(data) / rate

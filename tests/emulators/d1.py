@@ -672,7 +672,7 @@ class Handler(BaseHandler):
         delay = float(switches.get("download_delay_ms") or 0) / 1000.0
         serve_download(self, body, len(body), identity, "application/sql", switches, extra_headers=extra,
                        chunked=bool(switches.get("no_content_length")), delay_s=delay, chunk=DOWNLOAD_CHUNK,
-                       live_switches=self.emulator.switches)
+                       live_switches=lambda: self.emulator.switches)
 
 
 # ----- startup -------------------------------------------------------------------------

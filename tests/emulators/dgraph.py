@@ -1149,7 +1149,7 @@ class Handler(BaseHandler):
         # The object's identity is its export folder and file, not the URL: a renewed URL serves the
         # same object with the same validators.
         serve_download(self, data, len(data), f"{folder}/{name}", "application/octet-stream", switches,
-                       live_switches=self.emulator.switches)
+                       live_switches=lambda: self.emulator.switches)
         return None
 
     def control(self, path: str, body: bytes) -> Reply:

@@ -9,6 +9,15 @@ Run::
 It builds (or reuses from ``DIR``) the backup artifacts, then prints one line ``READY <port>`` once it
 listens on 127.0.0.1.  Standard library only.
 
+Big volumes: ``--volume-mib N`` (a float) makes the newest backup's ``volume.tgz`` about N MiB
+(within ~16 KiB), e.g. ``--volume-mib 1024`` for 1 GiB or ``--volume-mib 6144`` for 6 GiB.  It is
+generated once in bounded memory (deterministic pseudo-random data, 1 MiB at a time, in a tar
+member gzip-compressed at level 0, i.e. stored deflate blocks) and cached in ``DIR`` under a name
+holding the seed and size, so later starts with the same options reuse it at once.  Building
+takes about 4-5 s per GiB on one core (measured: 1 GiB 4.4 s, 6 GiB 27 s, peak RSS ~31 MB) and
+needs that much free disk.  Downloads stream it from disk 64 KiB at a time (RSS stays flat) and a
+range request seeks straight to its start.
+
 What is emulated
 ----------------
 * Authentication, any one of: HTTP Basic ``EMAIL:PW``; ``dxpcloud-authorization: Bearer <UT>`` (the
@@ -36,18 +45,34 @@ Documented quirks reproduced (as switches)
   ``database.gz`` (``filename="database.tgz"``).
 * Failed backups are listed and flagged (``include_failed``): a newest ``status:"failed"`` entry whose
   downloads are 404.
-* Downloads serve byte ranges (``common.serve_download``: ``Range``/``If-Range``/206/416 with
-  ``ETag``/``Last-Modified``) unless ``ignore_range`` (the service does not document ranges);
-  ``etag_generation`` makes a backup look replaced, ``throttle_kib_per_s`` paces downloads and
-  ``truncate_after_bytes`` cuts every download after that many bytes (``truncate_after``: once);
-  ``html_downloads`` answers every download with a ``200 text/html`` login page (an SSO redirect).
+* Downloads serve byte ranges like an object store (``common.serve_download``): a strong ``ETag``
+  and ``Last-Modified`` of the artifact (backup id and file name), ``Accept-Ranges: bytes``,
+  ``Content-Length``; ``Range: bytes=N-``/``N-M`` → 206 with ``Content-Range``, past the end →
+  416 ``bytes */TOTAL``, malformed/multi-range → 200 whole, ``If-Range`` mismatch → 200 whole.
+  The service does not document ranges, hence ``ignore_range``.
+* ``html_downloads`` answers every download with a ``200 text/html`` login page (an SSO redirect).
 * Variants of the undocumented list shape (``list_shape``) and a WAF-style HTML body with status 200
   (``malformed_list``).
 
-Control API: ``POST /__control`` merges JSON into the switches (unknown key -> 400), ``POST
-/__control/reset`` restores the defaults (keeps the built artifacts, drops uploaded backups and
+Control API: ``POST /__control`` merges JSON into the switches (unknown key or bad value -> 400),
+``POST /__control/reset`` restores the defaults (keeps the built artifacts, drops uploaded backups and
 counters), ``GET /__control/state`` reports switches, backups (with each artifact's size, sha256 and
-path), the last 500 requests, ``downloads`` and ``bytes_sent``.
+path), the last 2000 requests, ``downloads`` and ``bytes_sent``.  The download switches:
+
+* ``ignore_range`` (bool): answer every download 200 with the whole body.
+* ``etag_generation`` (int ≥ 0): part of the ETag and Last-Modified; bump it and the backups look
+  replaced (an ``If-Range`` with the old ETag gets a full 200; the bytes stay the same).
+* ``throttle_kib_per_s`` (number ≥ 0, 0 = unlimited): pace download bodies (read live).
+* ``download_delay_ms`` (number ≥ 0): a pause between 64 KiB chunks (snapshot at request start).
+* ``truncate_after_bytes`` (int ≥ 0, 0 = off): every download declares its full ``Content-Length``
+  but the connection closes after that many body bytes, counted from the start of the range
+  served; ``truncate_after`` (int or null): the same for the next download only.
+* ``chunked`` (bool): no ``Content-Length``, chunked transfer coding (ranges still apply).
+
+Each download's request-log entry has ``method``, ``path``, ``status``, ``range``, ``if_range``,
+``accept_encoding`` (request headers as received, null when absent), ``served_start``,
+``served_end`` (the byte span served, end exclusive, null when nothing was) and ``sent`` (body
+bytes actually written); other requests log ``method``, ``path`` and ``status`` only.
 """
 
 from __future__ import annotations
@@ -81,15 +106,17 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (BaseHandler, RANGE_SWITCHES, Reply, bind_server, range_switch_problem,  # noqa: E402
-                    serve_download, serve_main)
+from common import (BaseHandler, RANGE_SWITCHES, REQUEST_LOG_SIZE, Reply, bind_server,  # noqa: E402
+                    log_snapshot, range_switch_problem, serve_download, serve_main)
 
 HOST = "127.0.0.1"
 CHUNK = 64 * 1024
 PRNG_BLOCK = 1024 * 1024
-REQUEST_LOG_SIZE = 500
 UPLOAD_INTERVAL_S = 60.0
 ARTIFACT_FORMAT = 1  # bump when the generated content changes, to invalidate cached artifacts
+VOLUME_FORMAT = 2    # the same for volumes (2: gzip level 0, fast enough for 6 GiB)
+VOLUME_GZIP_LEVEL = 0  # stored deflate blocks: the PRNG data does not compress at any level anyway
+STORED_BLOCK = 32768   # zlib's stored deflate blocks for tarfile's 16 KiB writes (5 header bytes each)
 OLD_VOLUME_BYTES = 16 * 1024  # PRNG file size of the volumes of every backup but the newest
 OLD_DATABASE_KIB = 8
 TAR_MTIME = 1_700_000_000
@@ -112,7 +139,6 @@ DEFAULT_SWITCHES = {
     "expired_tokens": False,
     "database_tgz": False,
     "include_failed": False,
-    "truncate_after_bytes": 0,
     "html_downloads": False,
     **RANGE_SWITCHES,
 }
@@ -209,13 +235,13 @@ class PrngReader:
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
-def build_cached(workdir: Path, name: str, builder) -> Artifact:
+def build_cached(workdir: Path, name: str, builder, fmt: int = ARTIFACT_FORMAT) -> Artifact:
     """Reuse ``workdir/name`` if its metadata sidecar matches, else build it atomically."""
     path = workdir / name
     meta = workdir / (name + ".json")
     try:
         info = json.loads(meta.read_text())
-        if info.get("format") == ARTIFACT_FORMAT and path.stat().st_size == info["size"]:
+        if info.get("format") == fmt and path.stat().st_size == info["size"]:
             return Artifact(str(path), info["size"], info["sha256"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -235,7 +261,7 @@ def build_cached(workdir: Path, name: str, builder) -> Artifact:
     art = Artifact(str(path), writer.size, writer.sha.hexdigest())
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.json.", dir=workdir)
     with os.fdopen(fd, "w") as out:
-        json.dump({"format": ARTIFACT_FORMAT, "size": art.size, "sha256": art.sha256}, out)
+        json.dump({"format": fmt, "size": art.size, "sha256": art.sha256}, out)
     os.replace(tmp, meta)
     return art
 
@@ -391,11 +417,12 @@ def build_volume(out, target_bytes: int, big_bytes: int | None, seed: str):
         text = (f"Liferay document {n} of backup {seed}\n" + rng.randbytes(200).hex() + "\n") * (n + 1)
         small.append((f"document_library/20097/20121/{101 + n}/1.0", text.encode()))
     if big_bytes is None:
-        overhead = 4096 + sum(len(data) // 2 for _, data in small)
-        big_bytes = max(1024, target_bytes - overhead)
+        # 14 tar headers, the small files and the end of the archive, then 5 bytes per stored block
+        overhead = 14 * 512 + sum(len(data) + 512 for _, data in small) + 1024 + 18
+        big_bytes = max(1024, int((target_bytes - overhead) * STORED_BLOCK / (STORED_BLOCK + 5)))
     dirs = ["document_library/", "document_library/20097/", "document_library/20097/20121/"]
     dirs += [f"document_library/20097/20121/{101 + n}/" for n in range(5)]
-    with gzip.GzipFile(filename="", mode="wb", compresslevel=1, fileobj=out, mtime=0) as gz:
+    with gzip.GzipFile(filename="", mode="wb", compresslevel=VOLUME_GZIP_LEVEL, fileobj=out, mtime=0) as gz:
         with tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar:
             for name in dirs:
                 tar.addfile(tar_info(name, directory=True))
@@ -447,11 +474,11 @@ def make_backups(args, workdir: Path, now: dt.datetime) -> list[Backup]:
         if newest:
             vol_name = f"volume-s{args.seed}-b{i}-m{args.volume_mib:g}.tgz"
             volume = build_cached(workdir, vol_name,
-                                  lambda out, s=seed: build_volume(out, volume_bytes, None, s))
+                                  lambda out, s=seed: build_volume(out, volume_bytes, None, s), VOLUME_FORMAT)
         else:
             vol_name = f"volume-s{args.seed}-b{i}-old{OLD_VOLUME_BYTES}.tgz"
             volume = build_cached(workdir, vol_name,
-                                  lambda out, s=seed: build_volume(out, 0, OLD_VOLUME_BYTES, s))
+                                  lambda out, s=seed: build_volume(out, 0, OLD_VOLUME_BYTES, s), VOLUME_FORMAT)
         legacy = build_cached(workdir, db_name[:-3] + ".tgz",
                               lambda out, p=database.path: build_database_tgz(out, p))
         kind = "Manual" if args.backups >= 3 and i == args.backups - 2 else "Auto"
@@ -659,7 +686,7 @@ class Emulator:
         with self.lock:
             return {"switches": copy.deepcopy(self.switches),
                     "backups": [b.state() for b in self.backups()],
-                    "requests": list(self.requests),
+                    "requests": log_snapshot(self.requests),
                     "downloads": self.downloads,
                     "bytes_sent": self.bytes_sent}
 
@@ -829,9 +856,6 @@ def validate_switch(key: str, value):
         problem = range_switch_problem(key, value)
         if problem:
             bad(problem.split(" ", 1)[1])
-    elif key == "truncate_after_bytes":
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            bad("must be a non-negative integer (0: off)")
     elif key == "truncate_after":
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             bad("must be null or a non-negative integer")
@@ -859,6 +883,8 @@ class Handler(BaseHandler):
     def dispatch(self):
         path = unquote(urlsplit(self.path).path)
         self.begin_request(path)
+        if RE_DOWNLOAD.match(path):
+            self.mark_download()
         reader = BodyReader(self.rfile, self.headers)
         try:
             if path.startswith("/__control"):
@@ -942,12 +968,12 @@ class Handler(BaseHandler):
             artifact, filename = backup.database, "database.gz"
         chunked = bool(switches["chunked"])
         delay = float(switches["download_delay_ms"] or 0) / 1000.0
-        sticky = switches["truncate_after_bytes"]
-        cut = truncate if truncate is not None else (sticky or None)
+        # truncate_after (once) wins over the truncate_after_bytes switch serve_download applies.
         with open(artifact.path, "rb") as src:
             serve_download(self, src, artifact.size, f"{backup.backup_id}/{filename}", "application/gzip", switches,
                            extra_headers=[("Content-Disposition", f'attachment; filename="{filename}"')],
-                           truncate_after=cut, chunked=chunked, delay_s=delay, on_bytes=emu.count_bytes)
+                           truncate_after=truncate, chunked=chunked, delay_s=delay, on_bytes=emu.count_bytes,
+                           live_switches=lambda: emu.switches)
 
     def handle_control(self, path: str, reader: BodyReader):
         emu = self.emulator
@@ -981,7 +1007,8 @@ def parse_args(argv):
     parser.add_argument("--user-token", required=True, help="accepted in dxpcloud-authorization: Bearer")
     parser.add_argument("--master-token", required=True, help="accepted in Authorization: Bearer")
     parser.add_argument("--backups", type=int, default=3)
-    parser.add_argument("--volume-mib", type=float, default=2.0)
+    parser.add_argument("--volume-mib", type=float, default=2.0,
+                        help="size of the newest backup's volume.tgz in MiB (e.g. 6144 for 6 GiB)")
     parser.add_argument("--database-kib", type=int, default=64)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
