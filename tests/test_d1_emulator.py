@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from emulators.common import start_emulator, stop_emulator
+from emulators.common import get_tolerating_cutoff, start_emulator, stop_emulator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "emulators"))
 from d1_dump import DumpError, VIRTUAL_TABLE_ERROR, dump_sql, js_number_to_string, quote_string  # noqa: E402
@@ -689,18 +689,7 @@ def signed_downloads(server) -> list:
 
 
 def raw_range_get(url, headers):
-    """GET with http.client; returns (response, body, complete?) tolerating a cut-off body."""
-    host, target = re.match(r"http://([^/]+)(/.*)", url).groups()
-    conn = http.client.HTTPConnection(host, timeout=10)
-    try:
-        conn.request("GET", target, headers=headers)
-        resp = conn.getresponse()
-        try:
-            return resp, resp.read(), True
-        except http.client.IncompleteRead as exc:
-            return resp, exc.partial, False
-    finally:
-        conn.close()
+    return get_tolerating_cutoff(url, headers)
 
 
 def test_every_download_carries_a_strong_etag_last_modified_accept_ranges_and_length(server):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
-import http.client
 import json
 import re
 import time
@@ -19,7 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from emulators.common import start_emulator, stop_emulator
+from emulators.common import get_tolerating_cutoff, start_emulator, stop_emulator
 
 ADMIN_KEY = "admin-key-plain-0123"
 ACL_KEY = "admin-key-acl-4567"
@@ -574,18 +573,7 @@ def signed_downloads(server) -> list:
 
 
 def raw_get(url, headers):
-    """GET with http.client; returns (response, body, complete?) tolerating a cut-off body."""
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.netloc, timeout=10)
-    try:
-        conn.request("GET", f"{parts.path}?{parts.query}", headers=headers)
-        resp = conn.getresponse()
-        try:
-            return resp, resp.read(), True
-        except http.client.IncompleteRead as exc:
-            return resp, exc.partial, False
-    finally:
-        conn.close()
+    return get_tolerating_cutoff(url, headers)
 
 
 def test_a_mid_file_range_gets_206_with_content_range_and_the_validators(plain):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from emulators.common import start_emulator, stop_emulator
+from emulators.common import get_tolerating_cutoff, start_emulator, stop_emulator
 
 USER = "joe.bloggs@example.com"
 PASSWORD = "s3cret:with:colons"
@@ -160,17 +160,8 @@ def stream(emu, path, method="GET", headers=None, sample=None):
 
 
 def raw_get(emu, path, headers=None):
-    """GET with http.client; returns (response, body, complete?) tolerating a cut-off body."""
-    conn = http.client.HTTPConnection("127.0.0.1", emu.port, timeout=30)
-    try:
-        conn.request("GET", path, headers=basic() if headers is None else headers)
-        resp = conn.getresponse()
-        try:
-            return resp, resp.read(), True
-        except http.client.IncompleteRead as exc:
-            return resp, exc.partial, False
-    finally:
-        conn.close()
+    """A download tolerating a cut-off body; Basic auth unless ``headers`` are given."""
+    return get_tolerating_cutoff(f"http://127.0.0.1:{emu.port}{path}", basic() if headers is None else headers, timeout=30)
 
 
 def multipart(fields) -> tuple[bytes, str]:

@@ -29,6 +29,7 @@ imported as ``emulators.<name>``); the tests import it as ``emulators.common``.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import hmac
 import math
 import re
@@ -43,7 +44,7 @@ from datetime import timezone
 from email.utils import formatdate, parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 EMULATORS_DIR = Path(__file__).resolve().parent
 RE_READY = re.compile(r"READY (\d+)\n")
@@ -167,6 +168,23 @@ def serve_main(make_server, argv=None, cleanup=None):
 
 
 # ----- tests --------------------------------------------------------------------------------------
+def get_tolerating_cutoff(url: str, headers: dict, timeout: float = 10) -> tuple:
+    """GET with http.client; returns ``(response, body, complete?)``, tolerating a cut-off body
+    (what the truncation switches produce), which urllib would turn into an exception."""
+    parts = urlsplit(url)
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    conn = http.client.HTTPConnection(parts.netloc, timeout=timeout)
+    try:
+        conn.request("GET", target, headers=headers)
+        resp = conn.getresponse()
+        try:
+            return resp, resp.read(), True
+        except http.client.IncompleteRead as exc:
+            return resp, exc.partial, False
+    finally:
+        conn.close()
+
+
 def start_emulator(script_name: str, args) -> tuple:
     """Run ``tests/emulators/<script_name> --port 0 <args>`` and read its first line.
 
