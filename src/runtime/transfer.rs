@@ -30,10 +30,18 @@ use crate::http::{status_error, HttpRequest, HttpResponse};
 use crate::job::{CopySource, Event, Job, SliceOrder, SliceOutcome};
 use crate::manifest::Artifact;
 use crate::providers::aura::GraphExport;
-use crate::transfer::{load_hasher, save_hasher, CopyState, PartRecord, Resume, TransferSettings};
+use crate::transfer::{header, load_hasher, save_hasher, CopyState, PartRecord, Resume, TransferSettings};
 
 /// Bytes hashed between two yields to the event loop, so status requests are answered mid-copy.
 const YIELD_EVERY: u64 = 4 << 20;
+
+/// Yields to the event loop when a count of bytes handled (copied or read back) went from
+/// `before` to `after` past a multiple of [`YIELD_EVERY`].
+pub(super) async fn yield_now_and_then(before: u64, after: u64) {
+    if before / YIELD_EVERY != after / YIELD_EVERY {
+        worker::Delay::from(Duration::ZERO).await;
+    }
+}
 /// Bytes one read asks for at least (less only at a part's end or the body's end).
 const READ_AT_LEAST: usize = 1 << 20;
 
@@ -61,7 +69,7 @@ fn hash_staged(hasher: &mut Sha256, n: usize) {
     SCRATCH.with(|cell| hasher.update(&cell.borrow()[..n]));
 }
 
-fn r2_err(what: &str, e: impl std::fmt::Display) -> StepError {
+pub(super) fn r2_err(what: &str, e: impl std::fmt::Display) -> StepError {
     StepError::transient(format!("R2 {what} failed: {e}"))
 }
 
@@ -233,9 +241,13 @@ impl<'a> Sink<'a> {
     async fn took(&mut self, n: u64) {
         let before = self.pushed;
         self.pushed += n;
-        if before / YIELD_EVERY != self.pushed / YIELD_EVERY {
-            worker::Delay::from(Duration::ZERO).await;
-        }
+        yield_now_and_then(before, self.pushed).await;
+    }
+
+    /// Starts a new, empty part buffer (the previous one was sent, or handed to a reader).
+    fn fresh_part(&mut self) {
+        self.part = Uint8Array::new_with_length(self.settings.part_size as u32);
+        self.filled = 0;
     }
 
     /// The bytes of the part being filled, copied into wasm (small files and the graph's tail).
@@ -289,8 +301,7 @@ impl<'a> Sink<'a> {
         let upload_id = self.ensure_upload().await?;
         let bytes = self.part.subarray(0, self.filled as u32);
         let size = self.filled as u64;
-        self.part = Uint8Array::new_with_length(self.settings.part_size as u32);
-        self.filled = 0;
+        self.fresh_part();
         let upload = start_upload(self.bucket, &self.state.key, &upload_id, number as u16, &bytes)
             .map_err(|e| r2_err("upload part", e))?;
         let digest = start_digest(&bytes).map_err(|e| StepError::transient(format!("hashing a part failed: {e}")))?;
@@ -499,10 +510,6 @@ pub(crate) async fn run_slice(bucket: &Bucket, storage: &Storage, job: &mut Job,
     Event::Sliced { state: sink.state, outcome }
 }
 
-fn header<'h>(headers: &'h [(String, String)], name: &str) -> Option<&'h str> {
-    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
-}
-
 /// One slice of a download: from the persisted offset to the budget or the end.
 async fn http_slice(sink: &mut Sink<'_>, base: &HttpRequest) -> Result<SliceOutcome, StepError> {
     // A URL that carries no credentials of ours is a signed URL, which can expire.
@@ -651,8 +658,7 @@ fn next_view(sink: &Sink<'_>) -> Uint8Array {
 /// handed to the reader).
 fn broken(sink: &mut Sink<'_>, reader: &ByobReader, e: String) -> StepError {
     reader.cancel();
-    sink.part = Uint8Array::new_with_length(sink.settings.part_size as u32);
-    sink.filled = 0;
+    sink.fresh_part();
     StepError::transient(format!("download of {}: {e}", sink.filename))
 }
 
@@ -693,7 +699,7 @@ async fn pump(
                 sink.filled += n;
                 sink.took(n as u64).await;
             }
-            None if sink.filled == 0 => sink.part = Uint8Array::new_with_length(sink.settings.part_size as u32),
+            None if sink.filled == 0 => sink.fresh_part(),
             None => return Err(broke(sink, "the reader returned no buffer".into())),
         }
         let boundary = sink.filled == sink.part_size();

@@ -8,18 +8,12 @@ use sha2::Digest;
 use worker::{Bucket, Range};
 
 use super::store;
+use super::transfer::{r2_err, yield_now_and_then};
 use crate::error::StepError;
 use crate::job::Event;
 use crate::manifest::is_manifest_key;
 use crate::transfer::TransferSettings;
 use crate::verify::VerifyState;
-
-/// Bytes hashed between two yields to the event loop.
-const YIELD_EVERY: u64 = 4 << 20;
-
-fn r2_err(what: &str, e: impl std::fmt::Display) -> StepError {
-    StepError::transient(format!("R2 {what} failed: {e}"))
-}
 
 /// Runs one slice and reports it.
 pub(crate) async fn run_slice(
@@ -92,9 +86,7 @@ async fn slice(
             let before = got;
             got += chunk.len() as u64;
             hasher.update(&chunk);
-            if before / YIELD_EVERY != got / YIELD_EVERY {
-                worker::Delay::from(Duration::ZERO).await;
-            }
+            yield_now_and_then(before, got).await;
         }
         if got != length {
             return Err(StepError::transient(format!("R2 returned {got} of {length} bytes of {}", file.key)));
