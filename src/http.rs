@@ -160,6 +160,63 @@ pub fn parse_retry_after(value: &str, now: Timestamp) -> Option<Duration> {
     Some(when.since(now))
 }
 
+/// How many redirects one request follows before it fails.
+pub const MAX_REDIRECTS: usize = 5;
+
+/// Whether a status is a redirect Ferry follows (with a `Location`).
+pub fn is_redirect(status: u16) -> bool {
+    matches!(status, 301 | 302 | 303 | 307 | 308)
+}
+
+/// The scheme, host and port of a URL: credentials are sent only within one origin.
+fn origin(url: &url::Url) -> (String, Option<String>, Option<u16>) {
+    (url.scheme().to_string(), url.host_str().map(str::to_string), url.port_or_known_default())
+}
+
+/// The request to send after `current` (which descends from `original`) was answered with the
+/// redirect `status` and `location`. Redirects are followed by Ferry, not by `fetch`, so that the
+/// provider's credentials go only to the provider's own origin: a hop to another origin drops
+/// every credential header (and they stay dropped, as in the Fetch standard). `303`, and `301`/
+/// `302` after a POST, continue as a GET without a body. The error says why a redirect cannot be
+/// followed, without echoing a signed query string.
+pub fn redirected(
+    original: &HttpRequest,
+    current: &HttpRequest,
+    status: u16,
+    location: Option<&str>,
+) -> Result<HttpRequest, String> {
+    let from = url::Url::parse(&current.url).map_err(|e| format!("the redirected URL is invalid ({e})"))?;
+    let location = location
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| format!("{} answered HTTP {status} without a Location", from.host_str().unwrap_or("?")))?;
+    let to = from
+        .join(location)
+        .map_err(|e| format!("{} redirected to an invalid URL ({e})", from.host_str().unwrap_or("?")))?;
+    if !matches!(to.scheme(), "http" | "https") || to.host_str().is_none() {
+        return Err(format!(
+            "{} redirected to a {}: URL, which Ferry does not follow",
+            from.host_str().unwrap_or("?"),
+            to.scheme()
+        ));
+    }
+    let same_origin = url::Url::parse(&original.url).is_ok_and(|o| origin(&o) == origin(&to));
+    let as_get = status == 303 || (matches!(status, 301 | 302) && current.method == Method::Post);
+    let headers = current
+        .headers
+        .iter()
+        .filter(|(k, _)| same_origin || !SENSITIVE.contains(&k.as_str()))
+        .filter(|(k, _)| !(as_get && k == "content-type"))
+        .cloned()
+        .collect();
+    Ok(HttpRequest {
+        method: if as_get { Method::Get } else { current.method },
+        url: to.to_string(),
+        headers,
+        body: if as_get { None } else { current.body.clone() },
+    })
+}
+
 /// The class of a non-success status: 429, 408 and 5xx are transient, other 4xx permanent.
 pub fn status_error(resp: &HttpResponse, now: Timestamp, message: String) -> StepError {
     match resp.status {
@@ -204,6 +261,63 @@ mod tests {
             status_error(&limited, now, "x".into()),
             StepError::Transient { message: "x".into(), retry_after: Some(Duration::from_secs(3)) }
         );
+    }
+
+    fn authed() -> HttpRequest {
+        HttpRequest::get("https://api.example.com/backup/download/db?x=1")
+            .header("dxpcloud-authorization", "Bearer user-token")
+            .header("authorization", "Basic abc")
+            .header("range", "bytes=10-")
+    }
+
+    #[test]
+    fn a_redirect_within_the_origin_keeps_credentials_and_resolves_relative_locations() {
+        let r = authed();
+        let next = redirected(&r, &r, 302, Some("/files/db.gz")).unwrap();
+        assert_eq!(next.url, "https://api.example.com/files/db.gz");
+        assert_eq!(next.header_value("dxpcloud-authorization"), Some("Bearer user-token"));
+        assert_eq!(next.header_value("range"), Some("bytes=10-"));
+    }
+
+    #[test]
+    fn a_redirect_to_another_origin_drops_every_credential_and_they_stay_dropped() {
+        let r = authed();
+        let away = redirected(&r, &r, 302, Some("https://storage.example.net/db.gz?sig=1")).unwrap();
+        assert_eq!(away.header_value("dxpcloud-authorization"), None);
+        assert_eq!(away.header_value("authorization"), None);
+        assert_eq!(away.header_value("range"), Some("bytes=10-"), "non-credential headers carry over");
+        let back = redirected(&r, &away, 307, Some("https://api.example.com/again")).unwrap();
+        assert_eq!(back.header_value("authorization"), None, "once dropped, never re-added");
+        // Another port or scheme is another origin.
+        for other in ["https://api.example.com:8443/x", "http://api.example.com/x"] {
+            let hop = redirected(&r, &r, 301, Some(other)).unwrap();
+            assert_eq!(hop.header_value("authorization"), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn see_other_and_post_redirects_continue_as_get_without_a_body() {
+        let post = HttpRequest::post_json("https://api.example.com/graphql", &serde_json::json!({"q": 1}));
+        for status in [301, 302, 303] {
+            let next = redirected(&post, &post, status, Some("/elsewhere")).unwrap();
+            assert_eq!(
+                (next.method, next.body.is_none(), next.header_value("content-type")),
+                (Method::Get, true, None)
+            );
+        }
+        let kept = redirected(&post, &post, 307, Some("/elsewhere")).unwrap();
+        assert_eq!((kept.method, kept.body.is_some()), (Method::Post, true));
+    }
+
+    #[test]
+    fn unusable_redirects_are_errors_that_name_the_host() {
+        let r = authed();
+        assert!(redirected(&r, &r, 302, None)
+            .unwrap_err()
+            .contains("api.example.com answered HTTP 302 without a Location"));
+        assert!(redirected(&r, &r, 302, Some("  ")).is_err());
+        assert!(redirected(&r, &r, 302, Some("ftp://x/y")).unwrap_err().contains("ftp"));
+        assert!(is_redirect(308) && !is_redirect(304) && !is_redirect(300));
     }
 
     #[test]

@@ -222,6 +222,8 @@ pub enum Resume {
         /// Whether this response's body can be used as the restart.
         body_from_zero: bool,
     },
+    /// The answer cannot be stored as the file: fail the job with this reason.
+    Refuse(String),
 }
 
 /// A header's trimmed value, by case-insensitive name.
@@ -248,13 +250,16 @@ pub fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
     Some((a, b, total))
 }
 
-/// The length a response body declares, when it is trustworthy (no content coding applied).
+/// The length a response body declares.
 fn declared_length(headers: &[(String, String)]) -> Option<u64> {
-    let encoded = header(headers, "content-encoding").is_some_and(|e| !e.eq_ignore_ascii_case("identity"));
-    if encoded {
-        return None;
-    }
     header(headers, "content-length").and_then(|v| v.parse::<u64>().ok())
+}
+
+/// The content coding of an answer, when it is not the identity Ferry asks for. `fetch` decodes
+/// such a body on the way in, so its bytes would not be the bytes the source sent, nor would its
+/// `Content-Length` describe them.
+fn content_coding(headers: &[(String, String)]) -> Option<&str> {
+    header(headers, "content-encoding").filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"))
 }
 
 /// A fresh SHA-256 state, hex-encoded.
@@ -319,6 +324,12 @@ impl CopyState {
     /// Decides what a successful (2xx) download answer means, and records the validators when
     /// the copy starts at zero.
     pub fn check_response(&mut self, status: u16, headers: &[(String, String)]) -> Resume {
+        if let Some(coding) = content_coding(headers) {
+            return Resume::Refuse(format!(
+                "the source answered with Content-Encoding: {coding} although Ferry asked for the identity \
+                 encoding; Ferry stores a file's bytes exactly as the source holds them, so nothing was stored"
+            ));
+        }
         let declared = declared_length(headers);
         let content_range = header(headers, "content-range").and_then(parse_content_range);
         if self.offset == 0 {
@@ -454,24 +465,68 @@ pub fn signed_url_expired(status: u16, body_start: &str) -> bool {
     matches!(status, 403 | 404) || (status == 400 && (text.contains("expired") || text.contains("signature")))
 }
 
-/// Whether the first bytes of a file (at least two, unless it is shorter) can be what the
-/// provider's file must be: a `.gz`/`.tgz` starts with the gzip magic; a `.sql` dump is text, not
-/// an HTML page (a login page answered `200` after a redirect). `None` when it can.
+/// The first line of every D1 SQL dump (provider-apis §1.4: an empty database exports exactly it).
+pub const D1_DUMP_START: &str = "PRAGMA defer_foreign_keys=TRUE;";
+
+/// Whether the first bytes of a file (the first read, or the whole file when it is shorter) can
+/// be what the provider's file must be: a `.gz`/`.tgz` starts with the gzip magic; a `.sql` (a
+/// D1 dump, the only provider file of that name) starts with [`D1_DUMP_START`], so a login page
+/// answered `200` after a redirect, or an error text, is never stored as a dump. `None` when it can.
 pub fn wrong_start(filename: &str, first: &[u8]) -> Option<String> {
     let name = filename.to_ascii_lowercase();
+    let shown = || -> String {
+        String::from_utf8_lossy(&first[..first.len().min(40)]).chars().filter(|c| !c.is_control()).collect()
+    };
     if name.ends_with(".gz") || name.ends_with(".tgz") {
         if first.len() >= 2 && first[..2] != [0x1f, 0x8b] {
-            let shown: String =
-                String::from_utf8_lossy(&first[..first.len().min(40)]).chars().filter(|c| !c.is_control()).collect();
-            return Some(format!("{filename} is not gzip data (it starts with {shown:?}); nothing was stored"));
+            return Some(format!("{filename} is not gzip data (it starts with {:?}); nothing was stored", shown()));
         }
     } else if name.ends_with(".sql") {
         let text = String::from_utf8_lossy(&first[..first.len().min(64)]).trim_start().to_ascii_lowercase();
         if text.starts_with("<!doctype html") || text.starts_with("<html") {
             return Some(format!("{filename} is an HTML page, not an SQL dump; nothing was stored"));
         }
+        if !text.starts_with(&D1_DUMP_START.to_ascii_lowercase()) {
+            return Some(format!(
+                "{filename} does not start with {D1_DUMP_START:?} as every D1 dump does (it starts with {:?}); \
+                 nothing was stored",
+                shown()
+            ));
+        }
     }
     None
+}
+
+/// Checks a gzip file streamed through it, to its end: every member's deflate stream complete and
+/// its trailer (CRC-32 and length) matching what was inflated. The copy runs it when the source
+/// declares no length for a `.gz`/`.tgz`, the one case where a cut-off body that ended cleanly
+/// could not otherwise be told from the whole file.
+pub struct GzipCheck {
+    decoder: flate2::write::MultiGzDecoder<std::io::Sink>,
+    seen: u64,
+}
+
+impl Default for GzipCheck {
+    fn default() -> Self {
+        Self { decoder: flate2::write::MultiGzDecoder::new(std::io::sink()), seen: 0 }
+    }
+}
+
+impl GzipCheck {
+    /// Feeds the next bytes of the file.
+    pub fn update(&mut self, bytes: &[u8]) -> Result<(), String> {
+        use std::io::Write;
+        self.seen += bytes.len() as u64;
+        self.decoder.write_all(bytes).map_err(|e| format!("is not valid gzip data near byte {}: {e}", self.seen))
+    }
+
+    /// Whether what was fed ends a complete gzip stream.
+    pub fn finish(mut self) -> Result<(), String> {
+        if self.seen == 0 {
+            return Err("is empty".into());
+        }
+        self.decoder.try_finish().map_err(|e| format!("ends before its gzip trailer after {} bytes ({e})", self.seen))
+    }
 }
 
 #[cfg(test)]
@@ -584,10 +639,52 @@ mod tests {
     }
 
     #[test]
-    fn encoded_bodies_have_no_trusted_length() {
+    fn a_content_encoded_answer_is_refused_not_stored_decoded() {
         let mut s = CopyState::new("k".into(), 0, Timestamp::from_secs(0));
-        s.check_response(200, &h(&[("content-encoding", "gzip"), ("content-length", "5")]));
-        assert_eq!(s.validators.unwrap().length, None);
+        let Resume::Refuse(why) = s.check_response(200, &h(&[("content-encoding", "gzip"), ("content-length", "5")]))
+        else {
+            panic!("an encoded body must be refused");
+        };
+        assert!(why.contains("Content-Encoding: gzip"), "{why}");
+        assert!(s.validators.is_none());
+        let mut s = CopyState::new("k".into(), 0, Timestamp::from_secs(0));
+        assert_eq!(
+            s.check_response(200, &h(&[("content-encoding", "identity"), ("content-length", "5")])),
+            Resume::Continue
+        );
+        assert_eq!(s.validators.unwrap().length, Some(5));
+    }
+
+    fn gzip_of(data: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(data).unwrap();
+        enc.finish().unwrap()
+    }
+
+    #[test]
+    fn gzip_check_accepts_whole_files_and_refuses_cut_or_damaged_ones() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 7 + i / 1000) as u8).collect();
+        let mut two_members = gzip_of(&data);
+        two_members.extend(gzip_of(b"second member"));
+        let feed = |bytes: &[u8]| -> Result<(), String> {
+            let mut check = GzipCheck::default();
+            for chunk in bytes.chunks(4096) {
+                check.update(chunk)?;
+            }
+            check.finish()
+        };
+        assert_eq!(feed(&two_members), Ok(()));
+        let whole = gzip_of(&data);
+        for cut in [whole.len() - 1, whole.len() - 8, whole.len() / 2, 10] {
+            let err = feed(&whole[..cut]).unwrap_err();
+            assert!(err.contains("ends before its gzip trailer") || err.contains("not valid"), "cut {cut}: {err}");
+        }
+        let mut bad_crc = whole.clone();
+        let at = bad_crc.len() - 6;
+        bad_crc[at] ^= 0xff;
+        assert!(feed(&bad_crc).is_err(), "a wrong CRC-32 is refused");
+        assert_eq!(feed(&[]), Err("is empty".into()));
     }
 
     #[test]
@@ -623,6 +720,9 @@ mod tests {
         assert!(html.contains("database.gz is not gzip data") && html.contains("DOCTYPE"), "{html}");
         assert!(wrong_start("db.sql", b"PRAGMA defer_foreign_keys=TRUE;").is_none());
         assert!(wrong_start("db.sql", b"  <html><body>login</body></html>").is_some());
+        assert!(wrong_start("db.sql", D1_DUMP_START.as_bytes()).is_none(), "an empty database's dump");
+        let text = wrong_start("db.sql", b"{\"error\":\"internal\"}").unwrap();
+        assert!(text.contains("does not start with") && text.contains("error"), "{text}");
         assert!(wrong_start("g01.json.gz", b"{").is_none(), "too short to judge");
     }
 

@@ -209,12 +209,13 @@ def test_a_job_whose_source_is_removed_fails_cleans_up_and_frees_the_source(worl
         before = len(volume_requests(emulator))
         time.sleep(20)  # the job's alarm fires (the watchdog re-arms within 15 s) and stops it
         assert len(volume_requests(emulator)) - before <= 1, "the removed source's copy went on"
-        ferry.stop()
-        ferry.write_config([source])  # back again: the job is findable, failed with a clear message
-        ferry.start()
+        # Still findable by id while its source is gone, failed with a clear message.
         job = ferry.job(job_id)
         assert job["phase"] == "failed", job
         assert "no longer configured" in job["error"], job["error"]
+        ferry.stop()
+        ferry.write_config([source])  # back again: nothing of the stopped copy remains
+        ferry.start()
         assert ferry.backups("removed") == []
         emulator.control(throttle_kib_per_s=0)
         status, _, payload = ferry.webhook("removed")

@@ -8,7 +8,7 @@ use futures_util::future::join_all;
 use serde_json::{json, Value};
 use worker::{Env, Method, Request, Response, ResponseBody};
 
-use super::source_object::{call, claim_delivery, trigger_webhook};
+use super::source_object::{call, claim_delivery, retired_sources, trigger_webhook};
 use super::{load_config, now, secret, store, BUCKET};
 use crate::api::{api_token_problem, bearer_ok, error_body, route, Route};
 use crate::config::Config;
@@ -170,7 +170,14 @@ async fn list_sources(env: &Env, config: &Config) -> worker::Result<Response> {
 
 async fn find_job(env: &Env, config: &Config, id: &str) -> worker::Result<Response> {
     let path = format!("/job/{id}");
-    let answers = join_all(config.sources.iter().map(|s| call(env, &s.name, Method::Get, &path, None))).await;
+    // Configured sources, and those removed from the config while a job of theirs ran.
+    let mut names: Vec<String> = config.sources.iter().map(|s| s.name.clone()).collect();
+    for name in retired_sources(env).await.unwrap_or_default() {
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    let answers = join_all(names.iter().map(|name| call(env, name, Method::Get, &path, None))).await;
     for answer in answers {
         if let Ok((200, job)) = answer {
             return json(200, &job);

@@ -1,15 +1,19 @@
 //! Outgoing HTTP with timeouts.
 //!
 //! `fetch` has no timeout of its own, so every request races an `AbortController` against a
-//! `Delay`; a download also gives up when no bytes arrive for a while.
+//! `Delay`; a download also gives up when no bytes arrive for a while. Redirects are followed
+//! here, not by `fetch` (`redirect: "manual"`), a bounded number of times, so that provider
+//! credentials never leave the provider's origin (see [`crate::http::redirected`]).
 
 use std::time::Duration;
 
 use futures_util::future::{select, Either};
 use futures_util::StreamExt;
-use worker::{AbortController, ByteStream, Delay, Fetch, Headers, Method, Request, RequestInit, Response};
+use worker::{
+    AbortController, ByteStream, Delay, Fetch, Headers, Method, Request, RequestInit, RequestRedirect, Response,
+};
 
-use crate::http::{HttpRequest, HttpResponse};
+use crate::http::{is_redirect, redirected, HttpRequest, HttpResponse, MAX_REDIRECTS};
 
 /// How long an API call may take end to end.
 pub(crate) const API_TIMEOUT: Duration = Duration::from_secs(60);
@@ -31,6 +35,7 @@ fn to_request(req: &HttpRequest) -> Result<Request, String> {
         crate::http::Method::Post => Method::Post,
     });
     init.with_headers(headers);
+    init.with_redirect(RequestRedirect::Manual);
     if let Some(body) = &req.body {
         init.with_body(Some(js_sys::Uint8Array::from(body.as_slice()).into()));
     }
@@ -47,12 +52,29 @@ pub(crate) async fn send(req: &HttpRequest, timeout: Duration) -> Result<Respons
     send_abortable(req, timeout).await.map(|(resp, _)| resp)
 }
 
-/// Sends a request and keeps its `AbortController`, so a download can be cut off early (a slice
-/// that used its budget stops reading and aborts the rest of the body).
+/// Sends a request, following up to [`MAX_REDIRECTS`] redirects, and keeps the final request's
+/// `AbortController`, so a download can be cut off early (a slice that used its budget stops
+/// reading and aborts the rest of the body). Each hop has `timeout` for its headers.
 pub(crate) async fn send_abortable(
     req: &HttpRequest,
     timeout: Duration,
 ) -> Result<(Response, AbortController), String> {
+    let mut current = req.clone();
+    for _ in 0..=MAX_REDIRECTS {
+        let (resp, controller) = send_once(&current, timeout).await?;
+        let status = resp.status_code();
+        if !is_redirect(status) {
+            return Ok((resp, controller));
+        }
+        let location = resp.headers().get("location").ok().flatten();
+        controller.abort();
+        current = redirected(req, &current, status, location.as_deref())?;
+    }
+    Err(format!("request to {} was redirected more than {MAX_REDIRECTS} times", host(&req.url)))
+}
+
+/// One request, no redirects followed.
+async fn send_once(req: &HttpRequest, timeout: Duration) -> Result<(Response, AbortController), String> {
     let request = to_request(req)?;
     let controller = AbortController::default();
     let signal = controller.signal();
@@ -70,6 +92,18 @@ pub(crate) async fn send_abortable(
             controller.abort();
             Err(format!("request to {} timed out after {} s", host(&req.url), timeout.as_secs()))
         }
+    }
+}
+
+/// Runs `fut` for at most `limit`: `None` when it did not finish in time (the future is then
+/// dropped). Every R2 and storage call runs inside one of these, so a call that never answers
+/// cannot hold a source forever.
+pub(crate) async fn within<F: std::future::Future>(limit: Duration, fut: F) -> Option<F::Output> {
+    let fut = Box::pin(fut);
+    let delay = Box::pin(Delay::from(limit));
+    match select(fut, delay).await {
+        Either::Left((value, _)) => Some(value),
+        Either::Right(((), _)) => None,
     }
 }
 

@@ -15,10 +15,12 @@ use worker::{
     Storage,
 };
 
+use super::net::within;
 use super::store::job_key;
 use super::{credentials, jitter, load_config, now, random_bytes, store, transfer, BUCKET, SOURCES};
 use crate::config::SourceConfig;
-use crate::job::{Action, Context, Event, Job, JobId, Task, Trigger};
+use crate::error::StepError;
+use crate::job::{Action, Context, Event, Job, JobId, SliceOutcome, Task, Trigger};
 use crate::ledger::{Admission, Ledger, TriggerRequest};
 use crate::time::Timestamp;
 
@@ -38,6 +40,25 @@ fn rust_err(e: impl std::fmt::Display) -> worker::Error {
 /// alarm invocation cannot legitimately run longer than 15 minutes, so a step still "running"
 /// after 16 is a future that will never resolve (a call without an answer).
 const BUSY_LEASE_MS: f64 = 16.0 * 60.0 * 1000.0;
+/// How long one storage read or write of the object may take.
+const STORAGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long writing a manifest or a verification record, or one clean-up, may take.
+const R2_STEP_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a slice may overrun its own time budget (the parts in flight settle) before it is
+/// given up and the copy goes on from what was persisted.
+const SLICE_GRACE: Duration = Duration::from_secs(180);
+
+/// Runs a storage or R2 call with a time limit; a call that does not answer is an error naming it.
+async fn bounded<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = worker::Result<T>>,
+) -> worker::Result<T> {
+    match super::net::within(limit, fut).await {
+        Some(result) => result,
+        None => Err(rust_err(format!("{what} did not answer within {} s", limit.as_secs()))),
+    }
+}
 
 /// The Durable Object class (`SOURCES` binding).
 #[durable_object]
@@ -70,6 +91,11 @@ impl DurableObject for SourceObject {
                 self.claim(body).await
             }
             (Method::Post, "/kick") => self.kick().await,
+            (Method::Post, "/retire") => {
+                let body: Value = req.json().await?;
+                self.retire(body).await
+            }
+            (Method::Get, "/retired") => json_response(200, &json!({ "sources": self.retired().await? })),
             (Method::Get, p) if p.starts_with("/job/") => match JobId::parse(&p["/job/".len()..]) {
                 Some(id) => match self.load_job(&id).await? {
                     Some(job) => Response::from_json(&job.public_json()),
@@ -126,21 +152,22 @@ impl SourceObject {
     }
 
     async fn load_ledger(&self) -> worker::Result<Ledger> {
-        match self.storage().get::<String>(LEDGER).await? {
+        match bounded(STORAGE_TIMEOUT, "reading the ledger", self.storage().get::<String>(LEDGER)).await? {
             Some(text) => serde_json::from_str(&text).map_err(|e| rust_err(format!("ledger: {e}"))),
             None => Ok(Ledger::default()),
         }
     }
 
     async fn load_job(&self, id: &JobId) -> worker::Result<Option<Job>> {
-        match self.storage().get::<String>(&job_key(id)).await? {
+        match bounded(STORAGE_TIMEOUT, "reading a job", self.storage().get::<String>(&job_key(id))).await? {
             Some(text) => serde_json::from_str(&text).map(Some).map_err(|e| rust_err(format!("job: {e}"))),
             None => Ok(None),
         }
     }
 
     async fn save_ledger(&self, ledger: &Ledger) -> worker::Result<()> {
-        self.storage().put(LEDGER, serde_json::to_string(ledger).map_err(rust_err)?).await
+        let text = serde_json::to_string(ledger).map_err(rust_err)?;
+        bounded(STORAGE_TIMEOUT, "saving the ledger", self.storage().put(LEDGER, text)).await
     }
 
     /// Writes the job and the ledger together (one implicit transaction).
@@ -156,7 +183,7 @@ impl SourceObject {
         if let Some(l) = ledger {
             set(LEDGER, serde_json::to_string(l).map_err(rust_err)?)?;
         }
-        self.storage().put_multiple_raw(entries).await
+        bounded(STORAGE_TIMEOUT, "saving the job", self.storage().put_multiple_raw(entries)).await
     }
 
     fn source_config(&self, name: &str) -> Result<SourceConfig, String> {
@@ -236,6 +263,24 @@ impl SourceObject {
         json_response(200, &json!({ "owner": source }))
     }
 
+    /// On the one registry of retired sources: remembers a source name whose job was stopped
+    /// because the source left the config, so its jobs stay findable by id.
+    async fn retire(&self, body: Value) -> worker::Result<Response> {
+        let Some(source) = body["source"].as_str() else { return Response::error("bad retire", 400) };
+        let mut names = self.retired().await?;
+        if !names.iter().any(|n| n == source) {
+            names.push(source.to_string());
+            let excess = names.len().saturating_sub(MAX_RETIRED);
+            names.drain(..excess);
+            self.storage().put(RETIRED_KEY, names).await?;
+        }
+        json_response(200, &json!({ "retired": source }))
+    }
+
+    async fn retired(&self) -> worker::Result<Vec<String>> {
+        Ok(self.storage().get::<Vec<String>>(RETIRED_KEY).await?.unwrap_or_default())
+    }
+
     async fn status(&self) -> worker::Result<Response> {
         let ledger = self.load_ledger().await?;
         let last = match ledger.last_job() {
@@ -303,6 +348,9 @@ impl SourceObject {
                 }
             }
             console_error!("job {id}: {}", failed.error.as_deref().unwrap_or_default());
+            if let Err(e) = retire_source(&self.env, &name).await {
+                console_error!("job {id}: recording {name:?} as retired failed: {e}");
+            }
             self.storage().delete_alarm().await?;
             return Ok(());
         };
@@ -345,8 +393,23 @@ impl SourceObject {
                     // One slice per invocation: each gets the platform's budgets afresh.
                     sliced = true;
                     let storage = self.storage();
-                    let event = transfer::run_slice(&bucket, &storage, &mut job, *order).await;
-                    if let Event::Sliced { outcome: crate::job::SliceOutcome::Finished(artifact), .. } = &event {
+                    let limit = order.settings.slice_time + SLICE_GRACE;
+                    let ordered = order.state.clone();
+                    let event = match within(limit, transfer::run_slice(&bucket, &storage, &mut job, *order)).await {
+                        Some(event) => event,
+                        None => {
+                            // A call inside the slice never answered. Go on from what the slice
+                            // persisted; the job's watchdog counts it like any failed slice.
+                            let persisted = self.load_job(&id).await?.and_then(|j| j.copy).unwrap_or(ordered);
+                            let message =
+                                format!("a slice did not finish within {} s; it was given up", limit.as_secs());
+                            Event::Sliced {
+                                state: persisted,
+                                outcome: SliceOutcome::Failed(StepError::transient(message)),
+                            }
+                        }
+                    };
+                    if let Event::Sliced { outcome: SliceOutcome::Finished(artifact), .. } = &event {
                         // Wasm memory never shrinks, so its size is the peak this isolate needed.
                         let wasm_mib = (core::arch::wasm32::memory_size(0) as u64 * 65_536) >> 20;
                         console_log!(
@@ -362,16 +425,33 @@ impl SourceObject {
                 }
                 Action::VerifySlice { state, settings } => {
                     sliced = true;
-                    super::verify::run_slice(&bucket, &job.source, *state, settings).await
+                    let limit = settings.slice_time + SLICE_GRACE;
+                    let ordered = (*state).clone();
+                    match within(limit, super::verify::run_slice(&bucket, &job.source, *state, settings)).await {
+                        Some(event) => event,
+                        None => Event::VerifySliced {
+                            state: ordered,
+                            outcome: Err(StepError::transient(format!(
+                                "a verify slice did not finish within {} s",
+                                limit.as_secs()
+                            ))),
+                        },
+                    }
                 }
-                Action::RecordVerification { key, record } => match store::put_json(&bucket, &key, &record).await {
-                    Ok(()) => Event::Recorded,
-                    Err(e) => Event::CommitFailed(e),
-                },
-                Action::Commit { key, manifest } => match store::write_manifest(&bucket, &key, &manifest).await {
-                    Ok(()) => Event::Committed,
-                    Err(e) => Event::CommitFailed(e),
-                },
+                Action::RecordVerification { key, record } => {
+                    match within(R2_STEP_TIMEOUT, store::put_json(&bucket, &key, &record)).await {
+                        Some(Ok(())) => Event::Recorded,
+                        Some(Err(e)) => Event::CommitFailed(e),
+                        None => Event::CommitFailed(timed_out("writing the verification record")),
+                    }
+                }
+                Action::Commit { key, manifest } => {
+                    match within(R2_STEP_TIMEOUT, store::write_manifest(&bucket, &key, &manifest)).await {
+                        Some(Ok(())) => Event::Committed,
+                        Some(Err(e)) => Event::CommitFailed(e),
+                        None => Event::CommitFailed(timed_out("writing the manifest")),
+                    }
+                }
                 Action::Spawn(children) => {
                     let now = super::now();
                     let mut ids = Vec::with_capacity(children.len());
@@ -393,9 +473,10 @@ impl SourceObject {
                     break;
                 }
                 Action::Discard { folder, upload } => {
-                    match store::discard(&bucket, &folder, upload).await {
-                        Ok(n) => console_log!("job {}: failed; removed {n} objects under {folder}", job.id),
-                        Err(e) => console_error!("job {}: failed; cleaning {folder} failed: {e}", job.id),
+                    match within(R2_STEP_TIMEOUT, store::discard(&bucket, &folder, upload)).await {
+                        Some(Ok(n)) => console_log!("job {}: failed; removed {n} objects under {folder}", job.id),
+                        Some(Err(e)) => console_error!("job {}: failed; cleaning {folder} failed: {e}", job.id),
+                        None => console_error!("job {}: failed; cleaning {folder} did not finish in time", job.id),
                     }
                     break;
                 }
@@ -435,6 +516,10 @@ impl SourceObject {
         }
         Ok(())
     }
+}
+
+fn timed_out(what: &str) -> String {
+    format!("{what} did not finish within {} s", R2_STEP_TIMEOUT.as_secs())
 }
 
 /// The manifest key a verify trigger names (`{"backup": "<folder or manifest key>"}`), which must
@@ -490,6 +575,28 @@ pub(crate) async fn call(
 /// The Durable Object that remembers which source each webhook delivery started (its name cannot
 /// be a source's: source names never contain `~`).
 const DELIVERIES: &str = "~deliveries";
+
+/// The Durable Object that lists sources removed from the config while a job of theirs ran.
+const RETIRED: &str = "~retired";
+const RETIRED_KEY: &str = "retired";
+/// How many retired source names are remembered.
+const MAX_RETIRED: usize = 1000;
+
+/// Records `source` as retired, so `GET /v1/jobs/{id}` still finds its jobs.
+async fn retire_source(env: &Env, source: &str) -> worker::Result<()> {
+    let (status, _) = call(env, RETIRED, Method::Post, "/retire", Some(&json!({ "source": source }))).await?;
+    if status == 200 {
+        Ok(())
+    } else {
+        Err(rust_err(format!("the retired-sources object answered HTTP {status}")))
+    }
+}
+
+/// Source names that left the config while one of their jobs ran.
+pub(crate) async fn retired_sources(env: &Env) -> worker::Result<Vec<String>> {
+    let (_, value) = call(env, RETIRED, Method::Get, "/retired", None).await?;
+    Ok(value["sources"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(str::to_string)).collect())
+}
 
 /// Claims a verified delivery id for `source`; `Err(owner)` when another source already has it.
 pub(crate) async fn claim_delivery(env: &Env, webhook_id: &str, source: &str) -> worker::Result<Result<(), String>> {

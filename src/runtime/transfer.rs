@@ -30,7 +30,7 @@ use crate::http::{status_error, HttpRequest, HttpResponse};
 use crate::job::{CopySource, Event, Job, SliceOrder, SliceOutcome};
 use crate::manifest::Artifact;
 use crate::providers::aura::GraphExport;
-use crate::transfer::{header, load_hasher, save_hasher, CopyState, PartRecord, Resume, TransferSettings};
+use crate::transfer::{header, load_hasher, save_hasher, CopyState, GzipCheck, PartRecord, Resume, TransferSettings};
 
 /// Bytes hashed between two yields to the event loop, so status requests are answered mid-copy.
 const YIELD_EVERY: u64 = 4 << 20;
@@ -64,9 +64,16 @@ fn stage(bytes: &Uint8Array) -> usize {
     })
 }
 
-/// Hashes the first `n` bytes staged by [`stage`].
-fn hash_staged(hasher: &mut Sha256, n: usize) {
-    SCRATCH.with(|cell| hasher.update(&cell.borrow()[..n]));
+/// Hashes the first `n` bytes staged by [`stage`], and feeds them to the gzip check if one runs.
+fn hash_staged(hasher: &mut Sha256, gzip: &mut Option<GzipCheck>, n: usize) -> Result<(), String> {
+    SCRATCH.with(|cell| {
+        let staged = &cell.borrow()[..n];
+        hasher.update(staged);
+        match gzip {
+            Some(check) => check.update(staged),
+            None => Ok(()),
+        }
+    })
 }
 
 pub(super) fn r2_err(what: &str, e: impl std::fmt::Display) -> StepError {
@@ -554,6 +561,10 @@ async fn http_slice(sink: &mut Sink<'_>, base: &HttpRequest) -> Result<SliceOutc
         }
         match sink.state.check_response(status, &headers) {
             Resume::Continue => {}
+            Resume::Refuse(reason) => {
+                controller.abort();
+                return Err(StepError::permanent(format!("download of {}: {reason}", sink.filename)));
+            }
             Resume::StartOver { reason, body_from_zero } => {
                 sink.restart(reason).await?;
                 if !body_from_zero {
@@ -671,6 +682,11 @@ async fn pump(
     let expected = sink.state.validators.as_ref().and_then(|v| v.length);
     // A source that ignores ranges cannot resume: such a copy runs to the end.
     let may_stop = !sink.state.no_ranges;
+    // Without a declared length, a body cut off cleanly would look whole: a gzip file is then
+    // checked to its trailer (when it streams from byte 0 to its end in this slice).
+    let name = sink.filename.to_ascii_lowercase();
+    let mut gzip = (expected.is_none() && sink.position() == 0 && (name.ends_with(".gz") || name.ends_with(".tgz")))
+        .then(GzipCheck::default);
     // Keep the fetch's controller alive for the whole read; cancelling the reader ends the fetch.
     let _controller = controller;
     let broke = |sink: &mut Sink<'_>, e: String| broken(sink, &reader, e);
@@ -705,7 +721,7 @@ async fn pump(
         let boundary = sink.filled == sink.part_size();
         if boundary || done {
             // The part's hash state must include these bytes before the part is sent.
-            hash_staged(&mut sink.hasher, n);
+            hash_staged(&mut sink.hasher, &mut gzip, n).map_err(|e| damaged(sink, &reader, e))?;
         }
         if boundary {
             sink.send_part().await?;
@@ -721,7 +737,7 @@ async fn pump(
         reading = Some(reader.start(&next_view(sink)).map_err(|e| broke(sink, e))?);
         if !boundary {
             // Hash while the next read is in flight.
-            hash_staged(&mut sink.hasher, n);
+            hash_staged(&mut sink.hasher, &mut gzip, n).map_err(|e| damaged(sink, &reader, e))?;
         }
     }
     let got = sink.position();
@@ -733,7 +749,18 @@ async fn pump(
             )));
         }
     }
+    if let Some(check) = gzip {
+        check
+            .finish()
+            .map_err(|e| StepError::permanent(format!("download of {} {e}; nothing was committed", sink.filename)))?;
+    }
     sink.finish(None).await.map(SliceOutcome::Finished)
+}
+
+/// A file that is not what it must be: the reader is cancelled and the job fails, naming why.
+fn damaged(sink: &Sink<'_>, reader: &ByobReader, e: String) -> StepError {
+    reader.cancel();
+    StepError::permanent(format!("download of {} {e}; nothing was committed", sink.filename))
 }
 
 /// One slice of the Aura graph export: pages from the cursor, one gzip member.
