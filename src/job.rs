@@ -172,6 +172,10 @@ pub struct Job {
     /// When the provider's files were ready and copying began.
     #[serde(default)]
     pub transfer_started_at: Option<Timestamp>,
+    /// What the job wants its reader to know that is not an error (a duplicate export that may
+    /// exist at the provider after an unanswered request).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// Every time a copy went back to byte 0, with the file and the reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub restarts: Vec<String>,
@@ -378,6 +382,7 @@ impl Job {
             artifacts: Vec::new(),
             copy: None,
             transfer_started_at: None,
+            warnings: Vec::new(),
             restarts: Vec::new(),
             renewing: false,
             renewals: 0,
@@ -477,6 +482,7 @@ impl Job {
             (_, Event::Wake) => self.wake(cx),
             (Phase::Exporting, Event::Response(resp)) => self.on_response(&resp, cx),
             (Phase::Exporting | Phase::Transferring, Event::Unreachable(msg)) => {
+                self.unanswered(cx);
                 self.retry(StepError::transient(msg), cx)
             }
             (Phase::Transferring, Event::Sliced { state, outcome }) => self.on_slice(state, outcome, cx),
@@ -755,7 +761,25 @@ impl Job {
         let answer = self.provider.on_response(&cx.input(&self.params), resp);
         match answer {
             Ok(progress) => self.apply(progress, cx),
-            Err(e) => self.step_failed(e, cx),
+            Err(e) => {
+                if e.is_retryable() {
+                    self.unanswered(cx);
+                }
+                self.step_failed(e, cx)
+            }
+        }
+    }
+
+    /// The last request got no usable answer: if it created something at the provider, the
+    /// provider decides how to avoid a duplicate, and the job records what it says.
+    fn unanswered(&mut self, cx: &Context<'_>) {
+        if self.phase != Phase::Exporting || self.renewing {
+            return;
+        }
+        if let Some(warning) = self.provider.create_unanswered(&cx.input(&self.params)) {
+            if !self.warnings.contains(&warning) {
+                self.warnings.push(warning);
+            }
         }
     }
 

@@ -40,6 +40,12 @@ impl Timestamp {
         Self(self.0.saturating_add(ms))
     }
 
+    /// This instant moved back by `d` (saturating).
+    pub fn minus(self, d: Duration) -> Self {
+        let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        Self(self.0.saturating_sub(ms))
+    }
+
     /// How long after `earlier` this instant is; zero when it is not later.
     pub fn since(self, earlier: Self) -> Duration {
         Duration::from_millis(u64::try_from(self.0 - earlier.0).unwrap_or(0))

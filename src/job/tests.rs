@@ -729,3 +729,23 @@ fn a_job_whose_source_was_removed_is_abandoned_with_its_upload() {
     let (again, action) = job.abandon("twice".into(), h.now);
     assert_eq!((again.phase, action), (Phase::Failed, Action::Done), "a finished job stays as it ended");
 }
+
+#[test]
+fn an_unanswered_first_export_call_says_a_duplicate_export_may_exist() {
+    let mut h = Harness::d1();
+    assert!(matches!(h.feed(Event::Wake), Action::Send(_)));
+    let action = h.feed(Event::Unreachable("request to api.cloudflare.com timed out after 60 s".into()));
+    assert!(matches!(action, Action::Sleep(_)), "{action:?}");
+    assert_eq!(h.job.warnings.len(), 1, "{:?}", h.job.warnings);
+    assert!(h.job.warnings[0].contains("second export"), "{}", h.job.warnings[0]);
+    assert!(h.job.public_json()["warnings"][0].as_str().unwrap().contains("second export"));
+    // Once D1 answered with a bookmark, a lost poll is not a create: nothing more is said.
+    assert!(matches!(h.wake_when_due(), Action::Send(_)));
+    h.feed(Event::Response(d1_active()));
+    assert!(matches!(h.wake_when_due(), Action::Send(_)));
+    h.feed(Event::Unreachable("reset".into()));
+    let error_503 = HttpResponse::json(503, &json!({"success": false, "errors": [{"code": 7500, "message": "busy"}]}));
+    assert!(matches!(h.wake_when_due(), Action::Send(_)));
+    h.feed(Event::Response(error_503));
+    assert_eq!(h.job.warnings.len(), 1);
+}

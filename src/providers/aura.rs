@@ -121,14 +121,26 @@ pub struct AuraState {
     pub snapshot_exportable: Option<bool>,
     /// Snapshot status polls answered.
     pub polls: u32,
+    /// When a snapshot POST went unanswered (a timeout or an error status): Aura may have taken
+    /// the snapshot anyway, so before creating again the job looks for it in the instance's list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_unanswered_at: Option<Timestamp>,
+    /// How the snapshot was found: `created`, or `found after an unanswered request`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_origin: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
     Token,
     CreateSnapshot,
+    FindSnapshot,
     PollSnapshot,
 }
+
+/// How far before an unanswered snapshot POST a listed snapshot may be stamped and still be the
+/// one that POST started (clocks differ).
+const FIND_SKEW: Duration = Duration::from_secs(120);
 
 /// Aura's error text: `errors[].message` (with `reason`) or the `{"error": …}` variant.
 fn aura_error(resp: &HttpResponse) -> String {
@@ -158,6 +170,8 @@ impl AuraState {
     fn stage(&self) -> Stage {
         if self.secret_access_token.is_none() {
             Stage::Token
+        } else if self.snapshot_id.is_none() && self.create_unanswered_at.is_some() {
+            Stage::FindSnapshot
         } else if self.snapshot_id.is_none() {
             Stage::CreateSnapshot
         } else {
@@ -207,6 +221,16 @@ impl AuraState {
                     body: Some(b"grant_type=client_credentials".to_vec()),
                 })
             }
+            Stage::FindSnapshot => {
+                let token = self.secret_access_token.clone().unwrap_or_default();
+                let mut url =
+                    Url::parse(&url_with_path(&cfg.api_base, &["v1", "instances", &cfg.instance_id, "snapshots"]))
+                        .map_err(|e| StepError::permanent(format!("the Aura API URL is invalid: {e}")))?;
+                // The list defaults to today (UTC): ask for the day of the unanswered request.
+                let day = self.create_unanswered_at.unwrap_or(Timestamp::from_secs(0)).to_datetime().format("%Y-%m-%d");
+                url.query_pairs_mut().append_pair("date", &day.to_string());
+                Ok(HttpRequest::get(url.to_string()).header("authorization", format!("Bearer {token}")))
+            }
             Stage::CreateSnapshot | Stage::PollSnapshot => {
                 let token = self.secret_access_token.clone().unwrap_or_default();
                 let path: Vec<&str> = match &self.snapshot_id {
@@ -255,6 +279,9 @@ impl AuraState {
             ));
         }
         self.auth_retries = 0;
+        if stage == Stage::FindSnapshot {
+            return self.on_snapshot_list(resp);
+        }
         let body: Value = serde_json::from_slice(&resp.body).map_err(|_| {
             StepError::permanent(format!(
                 "Aura API: received a malformed response (HTTP {}): {}",
@@ -264,10 +291,11 @@ impl AuraState {
         })?;
         let data = body.get("data").filter(|d| d.is_object()).ok_or_else(|| malformed("no data"))?;
         match stage {
-            Stage::Token => unreachable_stage(),
+            Stage::Token | Stage::FindSnapshot => unreachable_stage(),
             Stage::CreateSnapshot => {
                 let sid = data.get("snapshot_id").and_then(Value::as_str).ok_or_else(|| malformed("no snapshot_id"))?;
                 self.snapshot_id = Some(sid.to_string());
+                self.snapshot_origin = Some("created".into());
                 self.snapshot_status = Some("Pending".into());
                 Ok(Progress::Pending { poll_after: None })
             }
@@ -289,6 +317,43 @@ impl AuraState {
                 }
             }
         }
+    }
+
+    /// Records that the snapshot POST got no usable answer, so the next step looks for the
+    /// snapshot it may have started instead of taking another. Returns what the job should say.
+    pub fn create_unanswered(&mut self, now: Timestamp) -> Option<String> {
+        if self.snapshot_id.is_some() || self.stage() != Stage::CreateSnapshot {
+            return None;
+        }
+        self.create_unanswered_at = Some(now);
+        Some(
+            "a snapshot request got no answer; Aura may have taken it, so the instance's snapshots are checked \
+              before another is requested"
+                .into(),
+        )
+    }
+
+    /// The instance's snapshot list, after an unanswered POST: adopt an `AdHoc` snapshot taken
+    /// since then (the newest), or clear the mark so the next step requests one.
+    fn on_snapshot_list(&mut self, resp: &HttpResponse) -> Result<Progress, StepError> {
+        let body: Value = serde_json::from_slice(&resp.body).map_err(|_| malformed("snapshot list is not JSON"))?;
+        let list = body.get("data").and_then(Value::as_array).ok_or_else(|| malformed("snapshot list has no data"))?;
+        let since = self.create_unanswered_at.map(|t| t.minus(FIND_SKEW));
+        let taken = |s: &&Value| -> Option<Timestamp> {
+            let profile = s.get("profile").and_then(Value::as_str)?;
+            let at = Timestamp::parse_rfc3339(s.get("timestamp").and_then(Value::as_str)?)?;
+            (profile.eq_ignore_ascii_case("adhoc") && since.is_some_and(|since| at >= since)).then_some(at)
+        };
+        let found = list.iter().filter(|s| taken(s).is_some()).max_by_key(|s| taken(s));
+        self.create_unanswered_at = None;
+        if let Some(snapshot) = found {
+            if let Some(id) = snapshot.get("snapshot_id").and_then(Value::as_str) {
+                self.snapshot_id = Some(id.to_string());
+                self.snapshot_status = snapshot.get("status").and_then(Value::as_str).map(str::to_string);
+                self.snapshot_origin = Some("found after an unanswered request".into());
+            }
+        }
+        Ok(Progress::Pending { poll_after: Some(Duration::ZERO) })
     }
 
     fn on_token(&mut self, resp: &HttpResponse, now: Timestamp) -> Result<Progress, StepError> {
@@ -332,6 +397,7 @@ impl AuraState {
                 "timestamp": self.snapshot_timestamp,
                 "profile": self.snapshot_profile,
                 "exportable": self.snapshot_exportable,
+                "origin": self.snapshot_origin,
             })
         });
         json!({

@@ -76,6 +76,16 @@ pub struct D1State {
 }
 
 impl D1State {
+    /// The first export call (the one that starts an export) got no answer: D1 can only be asked
+    /// about an export by the bookmark that answer carries, so say that a retry may start a second.
+    pub fn create_unanswered(&self) -> Option<String> {
+        self.at_bookmark.is_none().then(|| {
+            "the request that starts the export got no answer; D1 can only be asked about an export by the \
+             bookmark that answer carries, so the retry may have started a second export of the database"
+                .to_string()
+        })
+    }
+
     /// What the manifest records about this export.
     pub fn references(&self, cfg: &D1Config) -> Value {
         json!({

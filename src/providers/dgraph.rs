@@ -171,6 +171,16 @@ impl DgraphState {
         }
     }
 
+    /// The `export` mutation got no answer: Dgraph Cloud offers no call to find an export without
+    /// the task id that answer carries, so say that a retry may start a second export.
+    pub fn create_unanswered(&self, cfg: &DgraphConfig) -> Option<String> {
+        (self.stage(cfg) == Stage::Export).then(|| {
+            "the export mutation got no answer; Dgraph Cloud can only be asked about an export by the task id \
+             that answer carries, so the retry may have started a second export"
+                .to_string()
+        })
+    }
+
     fn stage(&self, cfg: &DgraphConfig) -> Stage {
         if cfg.account.is_some() && self.backend.is_none() {
             if self.secret_cerebro_token.is_none() {

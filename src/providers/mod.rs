@@ -235,6 +235,20 @@ impl ProviderState {
         }
     }
 
+    /// Called when the last request went unanswered (a timeout, a lost connection or a retryable
+    /// error status). If that request creates something (D1's first export call, Dgraph's
+    /// `export` mutation, Aura's snapshot POST), the provider may have created it anyway: Aura
+    /// looks for the snapshot before asking again; D1 and Dgraph offer no way to find an export
+    /// without the answer, so the retry may start a second one. Returns what the job should say.
+    pub fn create_unanswered(&mut self, input: &StepInput<'_>) -> Option<String> {
+        match (self, &input.source.provider) {
+            (Self::Aura(state), _) => state.create_unanswered(input.now),
+            (Self::D1(state), _) => state.create_unanswered(),
+            (Self::Dgraph(state), ProviderConfig::Dgraph(cfg)) => state.create_unanswered(cfg),
+            _ => None,
+        }
+    }
+
     /// What identifies the provider's artifact, so a source never copies it twice (DXP backup
     /// ids); `None` for providers that produce a fresh export every time.
     pub fn dedupe_key(&self) -> Option<String> {

@@ -316,3 +316,61 @@ fn a_page_over_the_response_cap_halves_the_page_size_and_remembers_it() {
     let err = tiny.shrink_page("the answer is larger than 4194304 bytes").unwrap_err();
     assert!(!err.is_retryable() && err.message().contains("page_size"), "{}", err.message());
 }
+
+fn listed(items: Value) -> HttpResponse {
+    HttpResponse::json(200, &json!({ "data": items }))
+}
+
+/// A state whose token is fresh and whose snapshot POST went unanswered at `at`.
+fn unanswered_at(c: &AuraConfig, at: Timestamp) -> AuraState {
+    let mut st = AuraState::default();
+    st.on_response(c, &token(3600), at).unwrap();
+    assert!(st.create_unanswered(at).unwrap().contains("checked before another is requested"));
+    st
+}
+
+#[test]
+fn an_unanswered_snapshot_post_is_looked_up_and_adopted_instead_of_taken_twice() {
+    let s = source("snapshot", 1000);
+    let c = cfg(&s);
+    let at = Timestamp::parse_rfc3339("2026-11-23T04:00:05Z").unwrap();
+    let mut st = unanswered_at(c, at);
+    let find = st.next_request(c, &creds()).unwrap();
+    assert_eq!(find.method, crate::http::Method::Get, "no second POST");
+    assert_eq!(find.url, "http://127.0.0.1:9/v1/instances/2f49c2b3/snapshots?date=2026-11-23");
+    assert_eq!(find.header_value("authorization"), Some("Bearer tok-1"));
+    let list = listed(json!([
+        {"snapshot_id": "old-daily", "profile": "Scheduled", "status": "Completed", "timestamp": "2026-11-23T04:00:20Z"},
+        {"snapshot_id": "yesterday", "profile": "AdHoc", "status": "Completed", "timestamp": "2026-11-23T03:00:00Z"},
+        {"snapshot_id": "ours", "profile": "AdHoc", "status": "InProgress", "timestamp": "2026-11-23T04:00:06Z"},
+    ]));
+    assert_eq!(st.on_response(c, &list, at).unwrap(), Progress::Pending { poll_after: Some(Duration::ZERO) });
+    assert_eq!(st.snapshot_id.as_deref(), Some("ours"));
+    let poll = st.next_request(c, &creds()).unwrap();
+    assert_eq!(poll.url, "http://127.0.0.1:9/v1/instances/2f49c2b3/snapshots/ours");
+    assert_eq!(st.references(c)["snapshot"]["origin"], "found after an unanswered request");
+}
+
+#[test]
+fn when_no_snapshot_was_taken_the_lookup_leads_to_one_new_request() {
+    let s = source("snapshot", 1000);
+    let c = cfg(&s);
+    let at = Timestamp::parse_rfc3339("2026-11-23T04:00:05Z").unwrap();
+    let mut st = unanswered_at(c, at);
+    let stale = listed(json!([
+        {"snapshot_id": "early", "profile": "AdHoc", "status": "Completed", "timestamp": "2026-11-23T01:00:00Z"}
+    ]));
+    st.on_response(c, &stale, at).unwrap();
+    assert_eq!(st.snapshot_id, None);
+    let create = st.next_request(c, &creds()).unwrap();
+    assert_eq!(
+        (create.method, create.url.as_str()),
+        (crate::http::Method::Post, "http://127.0.0.1:9/v1/instances/2f49c2b3/snapshots")
+    );
+    // Not a create: an unanswered poll or token request asks nothing of the list.
+    st.snapshot_id = Some("x".into());
+    assert_eq!(st.create_unanswered(at), None);
+    let bad = listed(json!("not a list"));
+    let mut st = unanswered_at(c, at);
+    assert!(st.on_response(c, &bad, at).is_err(), "a malformed list is an error, never a panic");
+}
