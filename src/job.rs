@@ -172,6 +172,9 @@ pub struct Job {
     /// When the provider's files were ready and copying began.
     #[serde(default)]
     pub transfer_started_at: Option<Timestamp>,
+    /// Set on a cron job that serves fire times missed while the source was busy or no tick ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catch_up: Option<String>,
     /// What the job wants its reader to know that is not an error (a duplicate export that may
     /// exist at the provider after an unanswered request).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -382,6 +385,7 @@ impl Job {
             artifacts: Vec::new(),
             copy: None,
             transfer_started_at: None,
+            catch_up: None,
             warnings: Vec::new(),
             restarts: Vec::new(),
             renewing: false,

@@ -10,7 +10,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::job::{JobId, Task, Trigger};
+use crate::schedule::{Fires, Schedule};
 use crate::time::Timestamp;
+
+/// Most fire times counted into one catch-up (more are served by the same one job anyway).
+const MAX_COUNTED_FIRES: u32 = 10_000;
 
 /// How many finished jobs a source keeps for `GET /v1/jobs/{id}`.
 pub const MAX_JOBS: usize = 50;
@@ -49,6 +53,60 @@ pub struct Ledger {
     /// Jobs waiting to run after the current one (a Dgraph account's backends), in order.
     #[serde(default)]
     pub queue: Vec<JobId>,
+    /// The last cron tick this source processed: the next tick's window starts here, so a tick
+    /// Cloudflare skipped or delayed loses no fire time.
+    #[serde(default)]
+    pub last_tick: Option<Timestamp>,
+    /// Fire times that came due while the source was busy, waiting (coalesced) for it to be free.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missed: Vec<Missed>,
+}
+
+/// Fire times of one schedule that could not start a job when they came due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Missed {
+    /// Export (the `schedule`) or verify (the `verify_schedule`).
+    pub task: Task,
+    /// Which fire times.
+    pub fires: Fires,
+}
+
+/// What one cron tick means for a source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TickOutcome {
+    /// This tick, or a later one, was processed already.
+    AlreadyProcessed(Timestamp),
+    /// No fire time of the source fell since its last processed tick.
+    NotDue,
+    /// Start a job serving `fires.latest`; `catch_up` says why it serves more than this tick's
+    /// own fire time, when it does.
+    Start {
+        /// Export or verify.
+        task: Task,
+        /// The fire times it serves.
+        fires: Fires,
+        /// The note for the job, for a catch-up.
+        catch_up: Option<String>,
+    },
+    /// The source is busy: the due fire times wait, coalesced, and run when it is free.
+    Deferred {
+        /// The job in flight.
+        busy_with: JobId,
+        /// What waits.
+        missed: Missed,
+    },
+}
+
+/// The note of a catch-up job.
+fn catch_up_note(fires: &Fires, why: &str) -> String {
+    if fires.count == 1 {
+        format!("catch-up: the fire time {} {why}; this job serves it", fires.latest)
+    } else {
+        format!(
+            "catch-up: {} fire times from {} to {} {why}; this one job serves them all",
+            fires.count, fires.earliest, fires.latest
+        )
+    }
 }
 
 /// How many dedupe keys a source remembers.
@@ -106,6 +164,71 @@ impl Ledger {
             (Some(job), _) | (None, Some(job)) => Admission::Busy(job.clone()),
             (None, None) => Admission::Start,
         }
+    }
+
+    /// Processes the cron tick scheduled at `tick`, whose trigger last fired at `trigger_start`.
+    /// The window is `(last processed tick, tick]` (the trigger's own window the first time), so
+    /// missed or late ticks lose nothing; several fire times in it start one coalesced job. A
+    /// busy source keeps what is due in [`Ledger::missed`] for [`Ledger::take_catch_up`]. When both
+    /// schedules are due, the export runs and the verification waits for it.
+    pub fn tick(
+        &mut self,
+        tick: Timestamp,
+        trigger_start: Timestamp,
+        schedule: &Schedule,
+        verify_schedule: Option<&Schedule>,
+    ) -> TickOutcome {
+        if let Some(last) = self.last_tick.filter(|last| *last >= tick) {
+            return TickOutcome::AlreadyProcessed(last);
+        }
+        let start = self.last_tick.unwrap_or(trigger_start);
+        self.last_tick = Some(tick);
+        let due: Vec<Missed> = [
+            schedule.fires_between(start, tick, MAX_COUNTED_FIRES).map(|fires| Missed { task: Task::Export, fires }),
+            verify_schedule
+                .and_then(|v| v.fires_between(start, tick, MAX_COUNTED_FIRES))
+                .map(|fires| Missed { task: Task::Verify, fires }),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let Some(first) = due.first().copied() else { return TickOutcome::NotDue };
+        if let Some(busy_with) = self.current.clone().or_else(|| self.queue.first().cloned()) {
+            due.iter().for_each(|m| self.defer(*m));
+            return TickOutcome::Deferred { busy_with, missed: first };
+        }
+        due.iter().skip(1).for_each(|m| self.defer(*m));
+        let fires = first.fires;
+        let catch_up = if fires.earliest <= trigger_start {
+            Some(catch_up_note(&fires, "came due while no trigger ran (a missed or late tick)"))
+        } else if fires.count > 1 {
+            Some(catch_up_note(&fires, "came due since the last tick"))
+        } else {
+            None
+        };
+        TickOutcome::Start { task: first.task, fires, catch_up }
+    }
+
+    fn defer(&mut self, m: Missed) {
+        match self.missed.iter_mut().find(|x| x.task == m.task) {
+            Some(x) => {
+                x.fires.earliest = x.fires.earliest.min(m.fires.earliest);
+                x.fires.latest = x.fires.latest.max(m.fires.latest);
+                x.fires.count = x.fires.count.saturating_add(m.fires.count);
+            }
+            None => self.missed.push(m),
+        }
+    }
+
+    /// When the source is free: the fire times it missed while busy, as one job to start now
+    /// (exports first), with its note.
+    pub fn take_catch_up(&mut self) -> Option<(Task, Timestamp, String)> {
+        if self.current.is_some() || !self.queue.is_empty() || self.missed.is_empty() {
+            return None;
+        }
+        let at = self.missed.iter().position(|m| m.task == Task::Export).unwrap_or(0);
+        let m = self.missed.remove(at);
+        Some((m.task, m.fires.latest, catch_up_note(&m.fires, "came due while the source was busy")))
     }
 
     /// Records a started job; returns the ids of old jobs whose records can be deleted.
@@ -330,5 +453,89 @@ mod tests {
         }
         assert_eq!(ran, backends, "each backend ran once, in order");
         assert!(l.jobs.len() <= MAX_JOBS, "finished jobs are trimmed again once the queue drains");
+    }
+
+    fn at(s: &str) -> Timestamp {
+        Timestamp::parse_rfc3339(s).unwrap()
+    }
+
+    fn hourly() -> Schedule {
+        Schedule::parse("0 * * * *").unwrap()
+    }
+
+    #[test]
+    fn a_tick_starts_the_job_of_its_own_fire_time_once() {
+        let mut l = Ledger::default();
+        let out = l.tick(at("2026-11-28T10:00:00Z"), at("2026-11-28T09:55:00Z"), &hourly(), None);
+        let TickOutcome::Start { task, fires, catch_up } = out else { panic!("{out:?}") };
+        assert_eq!((task, fires.latest, fires.count, catch_up), (Task::Export, at("2026-11-28T10:00:00Z"), 1, None));
+        assert_eq!(
+            l.tick(at("2026-11-28T10:00:00Z"), at("2026-11-28T09:55:00Z"), &hourly(), None),
+            TickOutcome::AlreadyProcessed(at("2026-11-28T10:00:00Z")),
+            "the same tick delivered twice starts nothing"
+        );
+        assert_eq!(
+            l.tick(at("2026-11-28T10:05:00Z"), at("2026-11-28T10:00:00Z"), &hourly(), None),
+            TickOutcome::NotDue
+        );
+    }
+
+    #[test]
+    fn ticks_cloudflare_skipped_are_caught_up_by_one_coalesced_job_that_says_so() {
+        let mut l = Ledger::default();
+        l.tick(at("2026-11-28T07:55:00Z"), at("2026-11-28T07:50:00Z"), &hourly(), None);
+        // No tick ran from 07:55 until 11:05: fire times 08:00, 09:00, 10:00 and 11:00 were missed.
+        let out = l.tick(at("2026-11-28T11:05:00Z"), at("2026-11-28T11:00:00Z"), &hourly(), None);
+        let TickOutcome::Start { fires, catch_up, .. } = out else { panic!("{out:?}") };
+        assert_eq!(
+            (fires.earliest, fires.latest, fires.count),
+            (at("2026-11-28T08:00:00Z"), at("2026-11-28T11:00:00Z"), 4)
+        );
+        let note = catch_up.unwrap();
+        assert!(note.starts_with("catch-up: 4 fire times") && note.contains("missed or late tick"), "{note}");
+    }
+
+    #[test]
+    fn fire_times_due_while_busy_wait_and_run_as_one_catch_up_when_the_source_is_free() {
+        let mut l = Ledger::default();
+        l.record_start(&id(1), &webhook("long"), at("2026-11-28T09:30:00Z"));
+        for h in ["10", "11", "12"] {
+            let tick = at(&format!("2026-11-28T{h}:00:00Z"));
+            let out = l.tick(tick, tick.minus(std::time::Duration::from_secs(300)), &hourly(), None);
+            assert!(matches!(out, TickOutcome::Deferred { ref busy_with, .. } if *busy_with == id(1)), "{out:?}");
+        }
+        assert_eq!(l.take_catch_up(), None, "nothing starts while the job runs");
+        l.record_finish(&id(1), None);
+        let (task, fire, note) = l.take_catch_up().unwrap();
+        assert_eq!((task, fire), (Task::Export, at("2026-11-28T12:00:00Z")));
+        assert!(note.contains("3 fire times") && note.contains("busy"), "{note}");
+        assert_eq!(l.take_catch_up(), None, "served once");
+    }
+
+    #[test]
+    fn a_verification_due_with_an_export_waits_for_it_instead_of_being_dropped() {
+        let mut l = Ledger::default();
+        let daily_verify = Schedule::parse("0 10 * * *").unwrap();
+        let out = l.tick(at("2026-11-28T10:00:00Z"), at("2026-11-28T09:55:00Z"), &hourly(), Some(&daily_verify));
+        assert!(matches!(out, TickOutcome::Start { task: Task::Export, .. }), "{out:?}");
+        l.record_start(&id(1), &cron(0), at("2026-11-28T10:00:00Z"));
+        l.record_finish(&id(1), None);
+        let (task, fire, _) = l.take_catch_up().unwrap();
+        assert_eq!((task, fire), (Task::Verify, at("2026-11-28T10:00:00Z")));
+    }
+
+    #[test]
+    fn the_first_tick_uses_the_trigger_window_and_an_old_ledger_upgrades() {
+        let old: Ledger = serde_json::from_value(serde_json::json!({
+            "current": null, "jobs": [], "webhooks": [], "last_scheduled_for": "2026-11-28T09:00:00.000Z"
+        }))
+        .unwrap();
+        assert_eq!((old.last_tick, old.missed.len()), (None, 0));
+        let mut l = old;
+        assert_eq!(
+            l.tick(at("2026-11-28T09:30:00Z"), at("2026-11-28T09:25:00Z"), &hourly(), None),
+            TickOutcome::NotDue
+        );
+        assert_eq!(l.last_tick, Some(at("2026-11-28T09:30:00Z")));
     }
 }

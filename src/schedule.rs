@@ -56,6 +56,25 @@ impl Schedule {
         self.cron.find_previous_occurrence(&dt, true).ok().map(Timestamp::from_datetime)
     }
 
+    /// The fire times in `(after, until]`: the earliest, the latest and how many (counted up to
+    /// `cap`), or `None` when there is none.
+    pub fn fires_between(&self, after: Timestamp, until: Timestamp, cap: u32) -> Option<Fires> {
+        let latest = self.fires_in(after, until)?;
+        let earliest = self.next_after(after).filter(|t| *t <= latest).unwrap_or(latest);
+        let mut count = 1;
+        let mut t = earliest;
+        while count < cap {
+            match self.next_after(t) {
+                Some(next) if next <= latest => {
+                    count += 1;
+                    t = next;
+                }
+                _ => break,
+            }
+        }
+        Some(Fires { earliest, latest, count })
+    }
+
     /// The latest fire time in the half-open window `(after, until]`, if any.
     pub fn fires_in(&self, after: Timestamp, until: Timestamp) -> Option<Timestamp> {
         self.latest_at_or_before(until).filter(|fire| *fire > after)
@@ -79,6 +98,17 @@ impl FromStr for Schedule {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Self::parse(s)
     }
+}
+
+/// Fire times found in a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Fires {
+    /// The first.
+    pub earliest: Timestamp,
+    /// The last.
+    pub latest: Timestamp,
+    /// How many (at most the cap asked for).
+    pub count: u32,
 }
 
 /// The window a trigger run covers: `(start, end]`.

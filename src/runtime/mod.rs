@@ -16,7 +16,6 @@ use wasm_bindgen::JsValue;
 use worker::{console_error, console_log, event, Context, Env, Request, Response, ScheduleContext, ScheduledEvent};
 
 use crate::config::{Config, ConfigError};
-use crate::job::Task;
 use crate::providers::Credentials;
 use crate::schedule::Window;
 use crate::secret::Secret;
@@ -44,14 +43,10 @@ async fn scheduled(event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
     };
     let scheduled = Timestamp::from_millis(event.schedule() as i64);
     let window = Window::for_trigger(&event.cron(), scheduled);
+    // Each source decides what is due since the last tick it processed (the trigger's window is
+    // only the first one's), so late or skipped ticks and busy periods lose no fire time.
     for source in &config.sources {
-        let verify_due = source.verify_schedule.as_ref().and_then(|s| s.fires_in(window.start, window.end));
-        let outcome = match (source.schedule.fires_in(window.start, window.end), verify_due) {
-            (Some(fire), _) => source_object::trigger_cron(&env, &source.name, fire, Task::Export).await,
-            (None, Some(fire)) => source_object::trigger_cron(&env, &source.name, fire, Task::Verify).await,
-            // Not due: make sure a job in flight still has its alarm (recovers lost alarms).
-            (None, None) => source_object::kick(&env, &source.name).await,
-        };
+        let outcome = source_object::tick(&env, &source.name, scheduled, window.start).await;
         match outcome {
             Ok(line) => console_log!("cron {}: {}: {line}", event.cron(), source.name),
             Err(e) => console_error!("cron {}: {}: {e}", event.cron(), source.name),

@@ -21,7 +21,7 @@ use super::{credentials, jitter, load_config, now, random_bytes, store, transfer
 use crate::config::SourceConfig;
 use crate::error::StepError;
 use crate::job::{Action, Context, Event, Job, JobId, SliceOutcome, Task, Trigger};
-use crate::ledger::{Admission, Ledger, TriggerRequest};
+use crate::ledger::{Admission, Ledger, TickOutcome, TriggerRequest};
 use crate::time::Timestamp;
 
 const LEDGER: &str = "ledger";
@@ -90,7 +90,10 @@ impl DurableObject for SourceObject {
                 let body: Value = req.json().await?;
                 self.claim(body).await
             }
-            (Method::Post, "/kick") => self.kick().await,
+            (Method::Post, "/tick") => {
+                let body: Value = req.json().await?;
+                self.tick(body).await
+            }
             (Method::Post, "/retire") => {
                 let body: Value = req.json().await?;
                 self.retire(body).await
@@ -204,26 +207,7 @@ impl SourceObject {
         };
         match ledger.admit(&req) {
             Admission::Start => {
-                let now = now();
-                let mut job = Job::with_params(
-                    JobId::from_random(random_bytes()),
-                    &source,
-                    req.trigger,
-                    req.webhook_id.clone(),
-                    req.scheduled_for,
-                    req.params.clone(),
-                    now,
-                );
-                if req.task == Task::Verify {
-                    job = job.verify_of(backup);
-                }
-                let evicted = ledger.record_start(&job.id, &req, now);
-                self.save(&job, Some(&ledger)).await?;
-                if !evicted.is_empty() {
-                    let keys: Vec<String> = evicted.iter().map(job_key).collect();
-                    self.storage().delete_multiple(keys).await?;
-                }
-                self.storage().set_alarm(now.to_datetime()).await?;
+                let job = self.start(&mut ledger, &source, &req, backup, None).await?;
                 json_response(202, &json!({ "job": job.public_json() }))
             }
             Admission::Replay(id) => {
@@ -240,6 +224,96 @@ impl SourceObject {
                 json_response(200, &json!({ "skipped": format!("the fire time {at} was already served") }))
             }
         }
+    }
+
+    /// Creates the job `req` asks for, makes it current and arms its alarm; saves the ledger.
+    async fn start(
+        &self,
+        ledger: &mut Ledger,
+        source: &SourceConfig,
+        req: &TriggerRequest,
+        backup: Option<String>,
+        catch_up: Option<String>,
+    ) -> worker::Result<Job> {
+        let now = now();
+        let mut job = Job::with_params(
+            JobId::from_random(random_bytes()),
+            source,
+            req.trigger,
+            req.webhook_id.clone(),
+            req.scheduled_for,
+            req.params.clone(),
+            now,
+        );
+        if req.task == Task::Verify {
+            job = job.verify_of(backup);
+        }
+        job.catch_up = catch_up;
+        let evicted = ledger.record_start(&job.id, req, now);
+        self.save(&job, Some(ledger)).await?;
+        if !evicted.is_empty() {
+            let keys: Vec<String> = evicted.iter().map(job_key).collect();
+            self.storage().delete_multiple(keys).await?;
+        }
+        self.storage().set_alarm(now.to_datetime()).await?;
+        Ok(job)
+    }
+
+    /// Starts the catch-up job for fire times missed while the source was busy, if it is free.
+    async fn start_catch_up(&self, ledger: &mut Ledger, source: &SourceConfig) -> worker::Result<Option<Job>> {
+        let Some((task, fire, note)) = ledger.take_catch_up() else { return Ok(None) };
+        let req = TriggerRequest {
+            trigger: Trigger::Cron,
+            webhook_id: None,
+            scheduled_for: Some(fire),
+            params: json!({}),
+            task,
+        };
+        self.start(ledger, source, &req, None, Some(note)).await.map(Some)
+    }
+
+    /// A cron tick: starts what is due since the source's last processed tick (one coalesced job),
+    /// or keeps it for when the source is free; and makes sure a job in flight has its alarm.
+    async fn tick(&self, body: Value) -> worker::Result<Response> {
+        let (Some(tick), Some(trigger_start)) = (
+            body["tick"].as_str().and_then(Timestamp::parse_rfc3339),
+            body["trigger_start"].as_str().and_then(Timestamp::parse_rfc3339),
+        ) else {
+            return Response::error("bad tick", 400);
+        };
+        let Some(name) = self.source_name().await? else { return Response::error("unknown source", 400) };
+        let source = match self.source_config(&name) {
+            Ok(s) => s,
+            Err(e) => return json_response(500, &json!({ "error": e })),
+        };
+        let mut ledger = self.load_ledger().await?;
+        let outcome = ledger.tick(tick, trigger_start, &source.schedule, source.verify_schedule.as_ref());
+        let line = match outcome {
+            TickOutcome::Start { task, fires, catch_up } => {
+                let req = TriggerRequest {
+                    trigger: Trigger::Cron,
+                    webhook_id: None,
+                    scheduled_for: Some(fires.latest),
+                    params: json!({}),
+                    task,
+                };
+                let note = catch_up.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
+                let job = self.start(&mut ledger, &source, &req, None, catch_up.clone()).await?;
+                return json_response(
+                    202,
+                    &json!({ "line": format!("due at {}: started {task:?} job {}{note}", fires.latest, job.id) }),
+                );
+            }
+            TickOutcome::Deferred { busy_with, missed } => format!(
+                "due at {}: job {busy_with} is still in flight; it runs as a catch-up when that job ends",
+                missed.fires.latest
+            ),
+            TickOutcome::NotDue => "not due".to_string(),
+            TickOutcome::AlreadyProcessed(at) => format!("the tick at {at} was already processed"),
+        };
+        self.save_ledger(&ledger).await?;
+        let state = self.kick(&mut ledger).await?;
+        json_response(200, &json!({ "line": format!("{line} ({state})") }))
     }
 
     /// On the one deliveries object: records which source a webhook delivery id started, so the
@@ -290,16 +364,21 @@ impl SourceObject {
         json_response(200, &json!({ "current_job_id": ledger.current, "last_job": last }))
     }
 
-    async fn kick(&self) -> worker::Result<Response> {
-        let mut ledger = self.load_ledger().await?;
+    /// Makes sure work in flight or queued has its alarm (recovers lost alarms); says which.
+    async fn kick(&self, ledger: &mut Ledger) -> worker::Result<&'static str> {
         if ledger.current.is_none() && ledger.start_next().is_some() {
-            self.save_ledger(&ledger).await?;
+            self.save_ledger(ledger).await?;
+        }
+        if ledger.current.is_none() && !ledger.missed.is_empty() {
+            // A catch-up whose start was lost: the alarm starts it.
+            self.storage().set_alarm(Duration::from_millis(1)).await?;
+            return Ok("catch-up pending");
         }
         if ledger.current.is_some() && self.storage().get_alarm().await?.is_none() {
             self.storage().set_alarm(Duration::from_millis(1)).await?;
-            return Response::ok("re-armed the alarm of the job in flight");
+            return Ok("re-armed the alarm of the job in flight");
         }
-        Response::ok(if ledger.current.is_some() { "job in flight" } else { "idle" })
+        Ok(if ledger.current.is_some() { "job in flight" } else { "idle" })
     }
 
     /// Deletes the part records of a job's copies once it has ended (best effort: a leftover is
@@ -314,6 +393,15 @@ impl SourceObject {
     /// Runs the job in flight until it sleeps or ends.
     async fn run(&self) -> worker::Result<()> {
         let mut ledger = self.load_ledger().await?;
+        if ledger.current.is_none() && !ledger.missed.is_empty() {
+            // A catch-up is waiting for a free source (its start was lost): start it now.
+            if let Some(name) = self.source_name().await? {
+                if let Ok(source) = self.source_config(&name) {
+                    self.start_catch_up(&mut ledger, &source).await?;
+                }
+            }
+            return Ok(());
+        }
         let Some(id) = ledger.current.clone() else { return Ok(()) };
         let Some(mut job) = self.load_job(&id).await? else {
             console_error!("job {id} has no record; releasing the source");
@@ -368,6 +456,8 @@ impl SourceObject {
             if matches!(action, Action::Spawn(_)) {
                 // Persisted below, together with its children, so a crash cannot lose them.
             } else if job.phase.is_terminal() {
+                // Fresh: a tick may have recorded missed fire times while this job ran.
+                ledger = self.load_ledger().await?;
                 ledger.record_finish(&job.id, job.dedupe_key());
                 self.save(&job, Some(&ledger)).await?;
                 self.forget_part_records(&job.id).await;
@@ -463,6 +553,7 @@ impl SourceObject {
                     // The children exist before the parent is recorded as over; a crash in
                     // between re-runs the discovery instead of losing the backends.
                     job.children = ids.clone();
+                    ledger = self.load_ledger().await?;
                     ledger.record_finish(&job.id, None);
                     let evicted = ledger.enqueue(&ids);
                     self.save(&job, Some(&ledger)).await?;
@@ -492,11 +583,23 @@ impl SourceObject {
                 Action::Done => break,
             };
         }
+        // Fresh again: triggers and ticks may have written the ledger during the clean-up's I/O.
+        let mut ledger = self.load_ledger().await?;
         if let Some(next) = ledger.start_next() {
             // Queued work (an account's next backend) runs now, in its own job and folder.
             self.save_ledger(&ledger).await?;
             self.storage().set_alarm(Duration::from_millis(1)).await?;
             console_log!("job {} of {name} ended ({:?}); starting queued job {next}", job.id, job.phase);
+            return Ok(());
+        }
+        if let Some(next) = self.start_catch_up(&mut ledger, &source).await? {
+            console_log!(
+                "job {} of {name} ended ({:?}); started job {}: {}",
+                job.id,
+                job.phase,
+                next.id,
+                next.catch_up.as_deref().unwrap_or_default()
+            );
             return Ok(());
         }
         if let Some(error) = &job.error {
@@ -509,7 +612,7 @@ impl SourceObject {
         // A trigger may have started the next job while this one's clean-up ran (R2 I/O): only
         // clear the alarm when nothing is in flight or queued, else wake for that job.
         let latest = self.load_ledger().await?;
-        if latest.current.is_some() || !latest.queue.is_empty() {
+        if latest.current.is_some() || !latest.queue.is_empty() || !latest.missed.is_empty() {
             self.storage().set_alarm(Duration::from_millis(1)).await?;
         } else {
             self.storage().delete_alarm().await?;
@@ -628,24 +731,13 @@ pub(crate) async fn trigger_webhook(
     call(env, name, Method::Post, "/trigger", Some(&body)).await
 }
 
-/// Starts the cron job (an export, or a verification) serving `fire`; returns a line for the log.
-pub(crate) async fn trigger_cron(env: &Env, name: &str, fire: Timestamp, task: Task) -> Result<String, String> {
-    let req =
-        TriggerRequest { trigger: Trigger::Cron, webhook_id: None, scheduled_for: Some(fire), params: json!({}), task };
-    let body = serde_json::to_value(&req).map_err(|e| e.to_string())?;
-    let (status, value) = call(env, name, Method::Post, "/trigger", Some(&body)).await.map_err(|e| e.to_string())?;
+/// Delivers a cron tick to a source's object; returns a line for the log.
+pub(crate) async fn tick(env: &Env, name: &str, tick: Timestamp, trigger_start: Timestamp) -> Result<String, String> {
+    let body = json!({ "tick": tick, "trigger_start": trigger_start });
+    let (status, value) = call(env, name, Method::Post, "/tick", Some(&body)).await.map_err(|e| e.to_string())?;
+    let line = value["line"].as_str().or(value["error"].as_str()).unwrap_or("?").to_string();
     match status {
-        202 => Ok(format!("due at {fire}: started job {}", value["job"]["id"].as_str().unwrap_or("?"))),
-        409 => {
-            Ok(format!("due at {fire}: skipped, job {} is still in flight", value["job_id"].as_str().unwrap_or("?")))
-        }
-        200 => Ok(format!("due at {fire}: {}", value["skipped"].as_str().unwrap_or("skipped"))),
-        _ => Err(format!("due at {fire}: HTTP {status}: {value}")),
+        200 | 202 => Ok(line),
+        _ => Err(format!("tick at {tick}: HTTP {status}: {line}")),
     }
-}
-
-/// Re-arms a lost alarm of a job in flight.
-pub(crate) async fn kick(env: &Env, name: &str) -> Result<String, String> {
-    let (_, value) = call(env, name, Method::Post, "/kick", None).await.map_err(|e| e.to_string())?;
-    Ok(format!("not due ({})", value["message"].as_str().unwrap_or("ok")))
 }
