@@ -27,6 +27,8 @@ pub enum Route {
     StartExport(String),
     /// `POST /v1/sources/{name}/verify` (signed webhook; body may name a backup)
     StartVerify(String),
+    /// `GET /metrics` (bearer): Prometheus text exposition.
+    Metrics,
     /// `GET /` or `/healthz`: liveness, no auth.
     Health,
     /// Known path, wrong method.
@@ -44,6 +46,7 @@ pub fn route(method: &str, path: &str) -> Route {
     match segments.as_slice() {
         [""] | ["healthz"] => only(get, "GET", Route::Health),
         ["v1", "sources"] => only(get, "GET", Route::ListSources),
+        ["metrics"] => only(get, "GET", Route::Metrics),
         ["v1", "jobs", id] => match JobId::parse(id) {
             Some(id) => only(get, "GET", Route::Job(id)),
             None => Route::NotFound,
@@ -112,6 +115,8 @@ mod tests {
         assert_eq!(route("GET", "/v1/sources"), Route::ListSources);
         assert_eq!(route("GET", "/v1/jobs/0123456789abcdef"), Route::Job(JobId::new("0123456789abcdef")));
         assert_eq!(route("GET", "/v1/jobs/nope"), Route::NotFound);
+        assert_eq!(route("GET", "/metrics"), Route::Metrics);
+        assert_eq!(route("POST", "/metrics"), Route::MethodNotAllowed("GET"));
         assert_eq!(route("GET", "/v1/sources/app-db/backups"), Route::Backups("app-db".into()));
         assert_eq!(route("POST", "/v1/sources/app-db/exports"), Route::StartExport("app-db".into()));
         assert_eq!(route("POST", "/v1/sources/app-db/verify"), Route::StartVerify("app-db".into()));

@@ -69,6 +69,25 @@ pub enum Trigger {
     Webhook,
 }
 
+/// A running copy's progress, for the API and the dashboard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CopyProgress {
+    /// Bytes stored so far.
+    pub bytes_copied: u64,
+    /// All bytes to copy, when known.
+    pub bytes_total: Option<u64>,
+    /// Average rate since copying began.
+    pub bytes_per_second: Option<u64>,
+    /// Time left at that rate, when the total is known.
+    pub eta_seconds: Option<u64>,
+    /// The file being copied.
+    pub file: Option<String>,
+    /// Files stored.
+    pub files_done: usize,
+    /// Files to store.
+    pub files_total: usize,
+}
+
 /// What a job does.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -81,7 +100,7 @@ pub enum Task {
 }
 
 /// Where a job is. Only `Committed` is a usable backup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     /// Recorded, not started. Not a backup yet.
@@ -413,6 +432,41 @@ impl Job {
             copy.remove("hash_state");
         }
         crate::providers::redact(value)
+    }
+
+    /// How far the copy has come at `now`: bytes stored (finished files and the file in flight),
+    /// the total when it is known (the file in flight is the last one and its length was
+    /// declared), the average rate since copying began, and the time left at that rate.
+    pub fn progress(&self, now: Timestamp) -> Option<CopyProgress> {
+        if self.phase != Phase::Transferring {
+            return None;
+        }
+        let done: u64 = self.artifacts.iter().map(|a| a.size).sum();
+        let current = self.copy.as_ref();
+        let copied = done + current.map_or(0, |c| c.offset);
+        let files_total = self.downloads.len();
+        let last_file = files_total > 0 && self.artifacts.len() + 1 >= files_total;
+        let length = current.and_then(|c| c.validators.as_ref()).and_then(|v| v.length);
+        let total = match (last_file, length) {
+            (true, Some(len)) => Some(done + len),
+            _ if files_total > 0 && self.artifacts.len() == files_total => Some(done),
+            _ => None,
+        };
+        let elapsed = self.transfer_started_at.map(|t| now.since(t).as_secs_f64()).unwrap_or(0.0);
+        let rate = (elapsed >= 1.0 && copied > 0).then(|| copied as f64 / elapsed);
+        let eta = match (total, rate) {
+            (Some(total), Some(rate)) if rate > 0.0 => Some((total.saturating_sub(copied) as f64 / rate).ceil() as u64),
+            _ => None,
+        };
+        Some(CopyProgress {
+            bytes_copied: copied,
+            bytes_total: total,
+            bytes_per_second: rate.map(|r| r.round() as u64),
+            eta_seconds: eta,
+            file: current.map(|c| c.key.rsplit('/').next().unwrap_or_default().to_string()),
+            files_done: self.artifacts.len(),
+            files_total,
+        })
     }
 
     /// Stops the job for good from outside the state machine (its source was removed): it fails

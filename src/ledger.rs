@@ -5,11 +5,12 @@
 //! repeats a cron fire time already served. It is pure; the Durable Object persists it together
 //! with the job in one write.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::job::{JobId, Task, Trigger};
+use crate::job::{Job, JobId, Phase, Task, Trigger};
 use crate::schedule::{Fires, Schedule};
 use crate::time::Timestamp;
 
@@ -60,6 +61,76 @@ pub struct Ledger {
     /// Fire times that came due while the source was busy, waiting (coalesced) for it to be free.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub missed: Vec<Missed>,
+    /// The latest finished jobs, oldest first (health, metrics and the dashboard read them).
+    #[serde(default)]
+    pub history: Vec<JobSummary>,
+    /// How many jobs ended in each phase (`committed`, `failed`, …), since the first.
+    #[serde(default)]
+    pub outcomes: BTreeMap<Phase, u64>,
+    /// When Ferry first knew this source (its first tick or job).
+    #[serde(default)]
+    pub watched_since: Option<Timestamp>,
+}
+
+/// How many finished jobs [`Ledger::history`] keeps.
+pub const MAX_HISTORY: usize = 40;
+
+/// A finished job in a few fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSummary {
+    /// Its id.
+    pub id: JobId,
+    /// Export or verify.
+    pub task: Task,
+    /// Cron or webhook.
+    pub trigger: Trigger,
+    /// How it ended.
+    pub phase: Phase,
+    /// When it started.
+    pub started_at: Timestamp,
+    /// When it ended.
+    pub finished_at: Timestamp,
+    /// Bytes it stored (an export) or read back (a verification).
+    pub bytes: u64,
+    /// Why it failed, in the provider's words (cut to 500 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The backup folder it made or checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub folder: Option<String>,
+}
+
+impl JobSummary {
+    /// The summary of a finished job (`None` while it runs).
+    pub fn of(job: &Job) -> Option<Self> {
+        if !job.phase.is_terminal() {
+            return None;
+        }
+        let bytes = match job.task {
+            Task::Export => job.artifacts.iter().map(|a| a.size).sum(),
+            Task::Verify => job.verify.as_ref().map_or(0, |v| v.bytes_read),
+        };
+        let folder = match job.task {
+            Task::Export => (job.phase == Phase::Committed).then(|| job.folder()),
+            Task::Verify => job
+                .verify
+                .as_ref()
+                .and_then(|v| v.manifest_key.as_deref())
+                .and_then(crate::manifest::folder_of)
+                .map(str::to_string),
+        };
+        Some(Self {
+            id: job.id.clone(),
+            task: job.task,
+            trigger: job.trigger,
+            phase: job.phase,
+            started_at: job.started_at,
+            finished_at: job.finished_at.unwrap_or(job.updated_at),
+            bytes,
+            error: job.error.as_ref().map(|e| e.chars().take(500).collect()),
+            folder,
+        })
+    }
 }
 
 /// Fire times of one schedule that could not start a job when they came due.
@@ -183,6 +254,7 @@ impl Ledger {
         }
         let start = self.last_tick.unwrap_or(trigger_start);
         self.last_tick = Some(tick);
+        self.watched_since.get_or_insert(tick);
         let due: Vec<Missed> = [
             schedule.fires_between(start, tick, MAX_COUNTED_FIRES).map(|fires| Missed { task: Task::Export, fires }),
             verify_schedule
@@ -233,6 +305,7 @@ impl Ledger {
 
     /// Records a started job; returns the ids of old jobs whose records can be deleted.
     pub fn record_start(&mut self, job: &JobId, req: &TriggerRequest, now: Timestamp) -> Vec<JobId> {
+        self.watched_since.get_or_insert(now);
         self.current = Some(job.clone());
         self.jobs.push(job.clone());
         if let Some(id) = &req.webhook_id {
@@ -280,6 +353,23 @@ impl Ledger {
                 self.copied.drain(..excess);
             }
         }
+    }
+
+    /// Records how a job ended, for health, metrics and the dashboard (once per job).
+    pub fn remember(&mut self, job: &Job) {
+        let Some(summary) = JobSummary::of(job) else { return };
+        if self.history.iter().any(|h| h.id == summary.id) {
+            return;
+        }
+        *self.outcomes.entry(summary.phase).or_default() += 1;
+        self.history.push(summary);
+        let excess = self.history.len().saturating_sub(MAX_HISTORY);
+        self.history.drain(..excess);
+    }
+
+    /// The latest committed export.
+    pub fn last_backup(&self) -> Option<&JobSummary> {
+        self.history.iter().rev().find(|h| h.task == Task::Export && h.phase == Phase::Committed)
     }
 
     /// Queues jobs to run after the current one.

@@ -7,6 +7,7 @@
 //! whole protocol, state machine and policy is tested natively with `cargo test`.
 //!
 //! - [`config`]: the `FERRY_SOURCES` declaration, parsed strictly, errors naming source and field.
+//! - [`health`]: green, amber or red: the age of the newest backup against the schedule.
 //! - [`schedule`]: cron expressions (`croner`) and which sources are due in a trigger's window.
 //! - [`webhook`]: Standard Webhooks signature verification for on-demand exports.
 //! - [`job`]: the export job state machine, `(job, event, context) → (job, action)`.
@@ -15,6 +16,7 @@
 //! - [`transfer`]: sliced, resumable copies: the persisted state of a copy and how a resumed
 //!   download's answer is judged (`Range`, `If-Range`, validators).
 //! - [`verify`]: the verify job's progress and outcome: read a backup back, re-hash, compare.
+//! - [`status`]: one source's report (job in flight, progress, health, history) and [`metrics`].
 //! - [`manifest`]: the R2 layout and the manifest written last as the commit marker.
 //! - [`api`]: routes and auth checks of the HTTP API.
 //! - [`http`], [`error`], [`retry`], [`secret`], [`time`]: values shared by the above.
@@ -27,14 +29,17 @@
 pub mod api;
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod http;
 pub mod job;
 pub mod ledger;
 pub mod manifest;
+pub mod metrics;
 pub mod providers;
 pub mod retry;
 pub mod schedule;
 pub mod secret;
+pub mod status;
 pub mod time;
 pub mod transfer;
 pub mod verify;

@@ -749,3 +749,28 @@ fn an_unanswered_first_export_call_says_a_duplicate_export_may_exist() {
     h.feed(Event::Response(error_503));
     assert_eq!(h.job.warnings.len(), 1);
 }
+
+#[test]
+fn progress_reports_bytes_total_rate_and_eta_of_a_running_copy() {
+    let mut h = Harness::d1();
+    assert_eq!(h.job.progress(t0()), None, "nothing is copied before transferring");
+    h.job.phase = Phase::Transferring;
+    h.job.transfer_started_at = Some(t0());
+    h.job.downloads = vec![
+        Download::url("https://x/a", "a.sql", "application/sql", false),
+        Download::url("https://x/b", "b.sql", "application/sql", false),
+    ];
+    let mut first = artifact("app-db/f/a.sql");
+    first.size = 100;
+    h.job.artifacts = vec![first];
+    let mut copy = crate::transfer::CopyState::new("app-db/f/b.sql".into(), 1, t0());
+    copy.offset = 50;
+    h.job.copy = Some(copy.clone());
+    let p = h.job.progress(t0().plus(Duration::from_secs(10))).unwrap();
+    assert_eq!((p.bytes_copied, p.bytes_total, p.eta_seconds), (150, None, None), "length not declared yet");
+    assert_eq!((p.bytes_per_second, p.files_done, p.files_total, p.file.as_deref()), (Some(15), 1, 2, Some("b.sql")));
+    copy.validators = Some(crate::transfer::Validators { etag: None, last_modified: None, length: Some(200) });
+    h.job.copy = Some(copy);
+    let p = h.job.progress(t0().plus(Duration::from_secs(10))).unwrap();
+    assert_eq!((p.bytes_total, p.eta_seconds), (Some(300), Some(10)));
+}

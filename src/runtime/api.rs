@@ -6,7 +6,7 @@
 
 use futures_util::future::join_all;
 use serde_json::{json, Value};
-use worker::{Env, Method, Request, Response, ResponseBody};
+use worker::{console_error, Env, Method, Request, Response, ResponseBody};
 
 use super::source_object::{call, claim_delivery, retired_sources, trigger_webhook};
 use super::{load_config, now, secret, store, BUCKET};
@@ -14,6 +14,8 @@ use crate::api::{api_token_problem, bearer_ok, error_body, route, Route};
 use crate::config::Config;
 use crate::job::Task;
 use crate::manifest::{folder_of, is_manifest_key, manifest_key, Manifest};
+use crate::metrics::{render, SourceMetrics};
+use crate::status::SourceReport;
 use crate::verify::{verification_key, Verification};
 use crate::webhook::{verify, WebhookError, WebhookHeaders, WebhookSecret};
 
@@ -62,6 +64,7 @@ pub(crate) async fn handle(req: Request, env: &Env) -> worker::Result<Response> 
             };
             match other {
                 Route::ListSources => list_sources(env, &config).await,
+                Route::Metrics => metrics(env, &config).await,
                 Route::Job(id) => find_job(env, &config, id.as_str()).await,
                 Route::Backups(name) => list_backups(&req, env, &config, &name).await,
                 Route::Artifact(key) => artifact(env, &key).await,
@@ -152,20 +155,58 @@ async fn list_sources(env: &Env, config: &Config) -> worker::Result<Response> {
     let statuses = join_all(config.sources.iter().map(|s| call(env, &s.name, Method::Get, "/status", None))).await;
     let mut sources = Vec::new();
     for (source, status) in config.sources.iter().zip(statuses) {
-        let (current, last) = match status {
-            Ok((_, v)) => (v["current_job_id"].clone(), v["last_job"].clone()),
-            Err(e) => (Value::Null, json!({ "error": e.to_string() })),
-        };
-        sources.push(json!({
+        let mut entry = json!({
             "name": source.name,
             "kind": source.kind(),
             "schedule": source.schedule.as_str(),
+            "verify_schedule": source.verify_schedule.as_ref().map(|s| s.as_str()),
             "next_run": source.schedule.next_after(now),
-            "current_job_id": current,
-            "last_job": last,
-        }));
+        });
+        match status {
+            // The report: current_job_id, current_job, progress, last_job, health, history, outcomes.
+            Ok((200, Value::Object(report))) => {
+                if let Value::Object(map) = &mut entry {
+                    map.extend(report);
+                }
+            }
+            Ok((status, v)) => entry["error"] = json!(format!("the source's object answered HTTP {status}: {v}")),
+            Err(e) => entry["error"] = json!(e.to_string()),
+        }
+        sources.push(entry);
     }
     json(200, &json!({ "sources": sources }))
+}
+
+/// `GET /metrics`: every source's report, and its committed backups counted in R2.
+async fn metrics(env: &Env, config: &Config) -> worker::Result<Response> {
+    let bucket = env.bucket(BUCKET)?;
+    let reports = join_all(config.sources.iter().map(|s| call(env, &s.name, Method::Get, "/status", None))).await;
+    let counts = join_all(config.sources.iter().map(|s| {
+        let prefix = format!("{}/", s.name);
+        let bucket = &bucket;
+        async move {
+            store::list_keys(bucket, &prefix).await.ok().map(|keys| keys.iter().filter(|k| is_manifest_key(k)).count())
+        }
+    }))
+    .await;
+    let mut parsed = Vec::new();
+    for ((source, report), count) in config.sources.iter().zip(reports).zip(counts) {
+        match report {
+            Ok((200, value)) => match serde_json::from_value::<SourceReport>(value) {
+                Ok(r) => parsed.push((source, r, count)),
+                Err(e) => console_error!("metrics: {}: unreadable report: {e}", source.name),
+            },
+            Ok((status, _)) => console_error!("metrics: {}: its object answered HTTP {status}", source.name),
+            Err(e) => console_error!("metrics: {}: {e}", source.name),
+        }
+    }
+    let samples: Vec<SourceMetrics<'_>> = parsed
+        .iter()
+        .map(|(s, r, count)| SourceMetrics { name: &s.name, kind: s.kind(), report: r, backups_retained: *count })
+        .collect();
+    let mut resp = Response::ok(render(&samples))?;
+    resp.headers_mut().set("content-type", "text/plain; version=0.0.4; charset=utf-8")?;
+    Ok(resp)
 }
 
 async fn find_job(env: &Env, config: &Config, id: &str) -> worker::Result<Response> {

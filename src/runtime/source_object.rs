@@ -22,6 +22,7 @@ use crate::config::SourceConfig;
 use crate::error::StepError;
 use crate::job::{Action, Context, Event, Job, JobId, SliceOutcome, Task, Trigger};
 use crate::ledger::{Admission, Ledger, TickOutcome, TriggerRequest};
+use crate::status::SourceReport;
 use crate::time::Timestamp;
 
 const LEDGER: &str = "ledger";
@@ -101,7 +102,13 @@ impl DurableObject for SourceObject {
             (Method::Get, "/retired") => json_response(200, &json!({ "sources": self.retired().await? })),
             (Method::Get, p) if p.starts_with("/job/") => match JobId::parse(&p["/job/".len()..]) {
                 Some(id) => match self.load_job(&id).await? {
-                    Some(job) => Response::from_json(&job.public_json()),
+                    Some(job) => {
+                    let mut shown = job.public_json();
+                    if let Some(progress) = job.progress(now()) {
+                        shown["progress"] = serde_json::to_value(progress).map_err(rust_err)?;
+                    }
+                    Response::from_json(&shown)
+                }
                     None => Response::error("no such job", 404),
                 },
                 None => Response::error("no such job", 404),
@@ -358,10 +365,23 @@ impl SourceObject {
     async fn status(&self) -> worker::Result<Response> {
         let ledger = self.load_ledger().await?;
         let last = match ledger.last_job() {
-            Some(id) => self.load_job(id).await?.map(|j| j.public_json()),
+            Some(id) => self.load_job(id).await?,
             None => None,
         };
-        json_response(200, &json!({ "current_job_id": ledger.current, "last_job": last }))
+        let current = match &ledger.current {
+            Some(id) if last.as_ref().is_some_and(|j| &j.id == id) => last.clone(),
+            Some(id) => self.load_job(id).await?,
+            None => None,
+        };
+        let Some(name) = self.source_name().await? else { return Response::error("unknown source", 400) };
+        let source = match self.source_config(&name) {
+            Ok(s) => s,
+            Err(e) => return json_response(404, &json!({ "error": e })),
+        };
+        let report = SourceReport::new(&ledger, current.as_ref(), last.as_ref(), &source.schedule, None, now());
+        let mut body = serde_json::to_value(&report).map_err(rust_err)?;
+        body["current_job_id"] = json!(ledger.current);
+        json_response(200, &body)
     }
 
     /// Makes sure work in flight or queued has its alarm (recovers lost alarms); says which.
@@ -426,6 +446,7 @@ impl SourceObject {
             );
             let (failed, action) = job.abandon(reason, now());
             ledger.record_finish(&failed.id, None);
+            ledger.remember(&failed);
             ledger.queue.clear();
             self.save(&failed, Some(&ledger)).await?;
             self.forget_part_records(&failed.id).await;
@@ -459,6 +480,7 @@ impl SourceObject {
                 // Fresh: a tick may have recorded missed fire times while this job ran.
                 ledger = self.load_ledger().await?;
                 ledger.record_finish(&job.id, job.dedupe_key());
+                ledger.remember(&job);
                 self.save(&job, Some(&ledger)).await?;
                 self.forget_part_records(&job.id).await;
             } else {
@@ -555,6 +577,7 @@ impl SourceObject {
                     job.children = ids.clone();
                     ledger = self.load_ledger().await?;
                     ledger.record_finish(&job.id, None);
+                    ledger.remember(&job);
                     let evicted = ledger.enqueue(&ids);
                     self.save(&job, Some(&ledger)).await?;
                     if !evicted.is_empty() {

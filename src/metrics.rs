@@ -1,0 +1,181 @@
+//! `GET /metrics`: the sources' reports in the Prometheus text exposition format (0.0.4).
+//!
+//! Names follow Prometheus conventions: a `ferry_` prefix, base units in the name (`_seconds`,
+//! `_bytes`), `_total` on counters, and one `# HELP` and `# TYPE` line per family. Every sample
+//! carries the `source` label; values come from the reports only, never from a default.
+
+use std::fmt::Write as _;
+
+use crate::health::Light;
+use crate::job::{Phase, Task};
+use crate::status::SourceReport;
+
+/// One source as the metrics see it.
+pub struct SourceMetrics<'a> {
+    /// Its name.
+    pub name: &'a str,
+    /// Its provider kind.
+    pub kind: &'a str,
+    /// Its report.
+    pub report: &'a SourceReport,
+    /// Committed backups in R2 (manifests), when they could be counted.
+    pub backups_retained: Option<usize>,
+}
+
+struct Family {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    samples: Vec<(String, f64)>,
+}
+
+/// The exposition text for all sources.
+pub fn render(sources: &[SourceMetrics<'_>]) -> String {
+    let mut families = vec![
+        family("ferry_source_info", "gauge", "A source Ferry backs up (value 1), with its provider kind."),
+        family("ferry_source_healthy", "gauge", "1 when the source is green (backed up as scheduled), else 0."),
+        family("ferry_source_stale", "gauge", "1 when no committed backup is within the source's max_age."),
+        family(
+            "ferry_last_success_timestamp_seconds",
+            "gauge",
+            "When the newest committed backup finished (Unix time).",
+        ),
+        family("ferry_last_backup_size_bytes", "gauge", "Bytes stored by the newest committed backup."),
+        family("ferry_last_backup_duration_seconds", "gauge", "How long the newest committed backup took."),
+        family("ferry_jobs_total", "counter", "Finished jobs by outcome (committed, failed, skipped, verified, ...)."),
+        family("ferry_job_in_flight", "gauge", "1 while a job of the source runs."),
+        family("ferry_job_copied_bytes", "gauge", "Bytes the job in flight has stored so far."),
+        family("ferry_backups_retained", "gauge", "Committed backups of the source in R2."),
+        family(
+            "ferry_last_verification_timestamp_seconds",
+            "gauge",
+            "When the latest verification finished (Unix time).",
+        ),
+        family(
+            "ferry_last_verification_success",
+            "gauge",
+            "1 when the latest verification found every file intact, else 0.",
+        ),
+    ];
+    for s in sources {
+        let r = s.report;
+        let source = format!("source=\"{}\"", escape(s.name));
+        let mut put = |i: usize, labels: &str, value: f64| families[i].samples.push((labels.to_string(), value));
+        put(0, &format!("{source},kind=\"{}\"", escape(s.kind)), 1.0);
+        put(1, &source, if r.health.light == Light::Green { 1.0 } else { 0.0 });
+        put(2, &source, if r.health.is_stale() { 1.0 } else { 0.0 });
+        let last = r.history.iter().rev().find(|h| h.task == Task::Export && h.phase == Phase::Committed);
+        if let Some(last) = last {
+            put(3, &source, last.finished_at.millis() as f64 / 1000.0);
+            put(4, &source, last.bytes as f64);
+            put(5, &source, last.finished_at.since(last.started_at).as_secs_f64());
+        }
+        for (phase, n) in &r.outcomes {
+            let outcome = serde_json::to_value(phase).ok().and_then(|v| v.as_str().map(str::to_string));
+            put(6, &format!("{source},outcome=\"{}\"", outcome.unwrap_or_default()), *n as f64);
+        }
+        put(7, &source, if r.current_job.is_some() { 1.0 } else { 0.0 });
+        if let Some(p) = &r.progress {
+            put(8, &source, p.bytes_copied as f64);
+        }
+        if let Some(n) = s.backups_retained {
+            put(9, &source, n as f64);
+        }
+        let verify = r.history.iter().rev().find(|h| h.task == Task::Verify && h.phase.is_terminal());
+        if let Some(v) = verify {
+            put(10, &source, v.finished_at.millis() as f64 / 1000.0);
+            put(11, &source, if v.phase == Phase::Verified { 1.0 } else { 0.0 });
+        }
+    }
+    let mut out = String::new();
+    for f in families.iter().filter(|f| !f.samples.is_empty()) {
+        let _ = writeln!(out, "# HELP {} {}", f.name, f.help);
+        let _ = writeln!(out, "# TYPE {} {}", f.name, f.kind);
+        for (labels, value) in &f.samples {
+            let _ = writeln!(out, "{}{{{labels}}} {value}", f.name);
+        }
+    }
+    out
+}
+
+fn family(name: &'static str, kind: &'static str, help: &'static str) -> Family {
+    Family { name, kind, help, samples: Vec::new() }
+}
+
+/// A label value with `\`, `"` and newlines escaped as the format requires.
+fn escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::health::Health;
+    use crate::job::{JobId, Trigger};
+    use crate::ledger::JobSummary;
+    use crate::time::Timestamp;
+
+    fn summary(task: Task, phase: Phase, start: i64, end: i64, bytes: u64) -> JobSummary {
+        JobSummary {
+            id: JobId::new(format!("{start:016x}")),
+            task,
+            trigger: Trigger::Cron,
+            phase,
+            started_at: Timestamp::from_secs(start),
+            finished_at: Timestamp::from_secs(end),
+            bytes,
+            error: None,
+            folder: None,
+        }
+    }
+
+    fn report() -> SourceReport {
+        SourceReport {
+            current_job: None,
+            progress: None,
+            last_job: None,
+            health: Health {
+                light: Light::Green,
+                reason: "ok".into(),
+                max_age_seconds: 7200,
+                last_backup_at: Some(Timestamp::from_secs(1_000)),
+            },
+            history: vec![
+                summary(Task::Export, Phase::Committed, 900, 1_000, 4096),
+                summary(Task::Verify, Phase::Failed, 1_100, 1_150, 4096),
+            ],
+            outcomes: BTreeMap::from([(Phase::Committed, 3), (Phase::Failed, 1)]),
+        }
+    }
+
+    #[test]
+    fn every_family_has_help_and_type_and_samples_carry_the_source() {
+        let r = report();
+        let text = render(&[SourceMetrics { name: "app-db", kind: "d1", report: &r, backups_retained: Some(3) }]);
+        for line in [
+            "# TYPE ferry_jobs_total counter",
+            "ferry_source_info{source=\"app-db\",kind=\"d1\"} 1",
+            "ferry_source_healthy{source=\"app-db\"} 1",
+            "ferry_last_success_timestamp_seconds{source=\"app-db\"} 1000",
+            "ferry_last_backup_size_bytes{source=\"app-db\"} 4096",
+            "ferry_last_backup_duration_seconds{source=\"app-db\"} 100",
+            "ferry_jobs_total{source=\"app-db\",outcome=\"committed\"} 3",
+            "ferry_jobs_total{source=\"app-db\",outcome=\"failed\"} 1",
+            "ferry_job_in_flight{source=\"app-db\"} 0",
+            "ferry_backups_retained{source=\"app-db\"} 3",
+            "ferry_last_verification_success{source=\"app-db\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        let names: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).collect();
+        assert!(names.iter().all(|n| text.contains(&format!("# HELP {}", n.split(' ').next().unwrap()))));
+        assert!(!text.contains("ferry_job_copied_bytes"), "no sample, no family");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}
