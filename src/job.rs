@@ -326,7 +326,7 @@ pub struct Context<'a> {
 
 impl<'a> Context<'a> {
     fn input(&self, params: &'a serde_json::Value) -> StepInput<'a> {
-        StepInput { source: self.source, creds: self.creds, now: self.now, params, seen: self.seen }
+        StepInput { provider: &self.source.provider, creds: self.creds, now: self.now, params, seen: self.seen }
     }
 }
 
@@ -373,7 +373,7 @@ impl Job {
             params,
             parent: None,
             children: Vec::new(),
-            provider: ProviderState::new(source),
+            provider: ProviderState::new(&source.provider),
             downloads: Vec::new(),
             artifacts: Vec::new(),
             copy: None,
@@ -594,11 +594,12 @@ impl Job {
             );
         }
         let prepared = match &download.origin {
-            Origin::Url { secret_url, authenticated } => {
-                self.provider.download_request(cx.source, secret_url, *authenticated, cx.creds).map(CopySource::Http)
-            }
+            Origin::Url { secret_url, authenticated } => self
+                .provider
+                .download_request(&cx.source.provider, secret_url, *authenticated, cx.creds)
+                .map(CopySource::Http),
             Origin::Graph => {
-                GraphExport::for_source(cx.source, cx.creds, state.started_at).map(|g| CopySource::Graph(Box::new(g)))
+                cx.source.provider.graph_export(cx.creds, state.started_at).map(|g| CopySource::Graph(Box::new(g)))
             }
         };
         let source = match prepared {
@@ -694,7 +695,7 @@ impl Job {
             trigger: self.trigger,
             started_at: self.started_at,
             finished_at: now,
-            provider: self.provider.references(cx.source),
+            provider: self.provider.references(&cx.source.provider),
             artifacts: self.artifacts.clone(),
         };
         (self, Action::Commit { key: manifest::manifest_key(&folder), manifest: Box::new(manifest) })

@@ -6,7 +6,8 @@
 //! as a [`time::Timestamp`] argument, and requests go out as [`http::HttpRequest`] values, so the
 //! whole protocol, state machine and policy is tested natively with `cargo test`.
 //!
-//! - [`config`]: the `FERRY_SOURCES` declaration, parsed strictly, errors naming source and field.
+//! - [`config`]: the `FERRY_SOURCES` declaration, parsed strictly by serde, errors naming source
+//!   and field; [`fields`]: the serde helpers and checks its parts share.
 //! - [`schedule`]: cron expressions (`croner`) and which sources are due in a trigger's window.
 //! - [`webhook`]: Standard Webhooks signature verification for on-demand exports.
 //! - [`job`]: the export job state machine, `(job, event, context) → (job, action)`.
@@ -27,6 +28,7 @@
 pub mod api;
 pub mod config;
 pub mod error;
+pub mod fields;
 pub mod http;
 pub mod job;
 pub mod ledger;
