@@ -306,6 +306,9 @@ impl SourceObject {
             self.storage().delete_alarm().await?;
             return Ok(());
         };
+        // Every step runs with the settings the job started with (its snapshot); only the
+        // secrets' values are read fresh, by the names in that snapshot.
+        let source = job.settings(&source).clone();
         let creds = credentials(&self.env, &source.secret_names());
         let bucket = self.env.bucket(BUCKET)?;
         let mut event = Event::Wake;
