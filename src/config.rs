@@ -5,26 +5,30 @@
 //! an error that names the source and the field, and a Worker with a bad config refuses to run
 //! anything. Secrets are never in the config, only the *names* of the Worker secrets that hold
 //! them.
+//!
+//! A source table is read by serde in three parts, each a type that derives `Deserialize` with
+//! `deny_unknown_fields`: the general fields (here), the copy engine's ([`TransferSettings`]) and
+//! the provider's own, chosen by `kind` ([`ProviderConfig`], each provider module owning its
+//! type and checks). `serde_path_to_error` keeps the path of a bad field (`retry.max_delay_ms`).
+//! A [`SourceConfig`] also serializes: a job keeps a snapshot of the one it started with.
 
-use std::collections::BTreeSet;
 use std::fmt;
 use std::time::Duration;
 
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
-use url::Url;
+use serde_path_to_error::Segment;
 
-use crate::providers::aura::{AuraConfig, AuraMode};
-use crate::providers::d1::{D1Config, DumpOptions};
-use crate::providers::dgraph::{DgraphAccount, DgraphAcl, DgraphConfig, DgraphFormat};
-use crate::providers::dxp::{DxpAuth, DxpConfig};
+use crate::fields::{self, FieldError};
+use crate::providers::ProviderConfig;
 use crate::retry::RetryPolicy;
 use crate::schedule::Schedule;
-use crate::transfer::{TransferSettings, MEMORY_BUDGET};
+use crate::transfer::TransferSettings;
 
 /// Smallest multipart part R2 accepts (every part but the last).
-pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+pub const MIN_PART_SIZE: u64 = crate::transfer::MIN_PART_MIB << 20;
 /// Largest part Ferry buffers: (parts in flight + 1) parts must fit the isolate's memory budget.
-pub const MAX_PART_SIZE: u64 = 32 * 1024 * 1024;
+pub const MAX_PART_SIZE: u64 = crate::transfer::MAX_PART_MIB << 20;
 /// Default part size: big enough for few parts, small enough to buffer in a 128 MB isolate.
 pub const DEFAULT_PART_SIZE: u64 = 8 * 1024 * 1024;
 
@@ -35,14 +39,16 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
 }
 
-/// One database to back up.
-#[derive(Debug, Clone, PartialEq)]
+/// One database to back up, with every default filled in. Serialized (with a job, as the
+/// snapshot it runs with) in the config's own field names and units.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SourceConfig {
     /// Unique, URL- and key-safe name; the R2 prefix and the Durable Object name.
     pub name: String,
     /// When scheduled backups run (UTC).
     pub schedule: Schedule,
     /// When scheduled verifications of the newest backup run (UTC), if at all.
+    #[serde(default)]
     pub verify_schedule: Option<Schedule>,
     /// How copies into R2 are cut into parts and slices (`part_size_mib`, `parts_in_flight`,
     /// `slice_max_mib`, `slice_max_seconds`, `slice_max_pages`, `max_stalled_slices`,
@@ -51,57 +57,32 @@ pub struct SourceConfig {
     /// How transient failures are retried.
     pub retry: RetryPolicy,
     /// How long to wait between status polls of a running export.
+    #[serde(
+        rename = "poll_interval_ms",
+        serialize_with = "fields::ser_millis",
+        deserialize_with = "fields::millis::<_, 100, 600_000>"
+    )]
     pub poll_interval: Duration,
     /// How long an export may run before the job is failed.
+    #[serde(
+        rename = "export_timeout_minutes",
+        serialize_with = "fields::ser_minutes",
+        deserialize_with = "fields::minutes::<_, 1, 10_080>"
+    )]
     pub export_timeout: Duration,
     /// The provider and its settings.
     pub provider: ProviderConfig,
 }
 
-/// Provider-specific settings, one variant per `kind`.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ProviderConfig {
-    /// Cloudflare D1 (REST export).
-    D1(D1Config),
-    /// Dgraph Cloud (`/admin/slash` export).
-    Dgraph(DgraphConfig),
-    /// Neo4j Aura (snapshots and a logical export over the Query API).
-    Aura(AuraConfig),
-    /// Liferay DXP Cloud (backup service downloads).
-    Dxp(DxpConfig),
-}
-
 impl SourceConfig {
     /// The `kind` string of this source.
     pub fn kind(&self) -> &'static str {
-        match self.provider {
-            ProviderConfig::D1(_) => "d1",
-            ProviderConfig::Dgraph(_) => "dgraph",
-            ProviderConfig::Aura(_) => "aura",
-            ProviderConfig::Dxp(_) => "dxp",
-        }
+        self.provider.kind()
     }
 
     /// Names of the Worker secrets this source needs.
     pub fn secret_names(&self) -> Vec<&str> {
-        match &self.provider {
-            ProviderConfig::D1(d1) => vec![d1.token_secret.as_str()],
-            ProviderConfig::Dgraph(d) => {
-                let mut names: Vec<&str> = d.api_key_secret.iter().map(String::as_str).collect();
-                names.extend(d.account.as_ref().map(|a| a.password_secret.as_str()));
-                names.extend(d.acl.as_ref().map(|a| a.password_secret.as_str()));
-                names
-            }
-            ProviderConfig::Aura(a) => {
-                let mut names = vec![a.client_id_secret.as_str(), a.client_secret_secret.as_str()];
-                names.extend(a.db_password_secret.as_deref());
-                names
-            }
-            ProviderConfig::Dxp(d) => vec![match &d.auth {
-                DxpAuth::Basic { password_secret, .. } => password_secret.as_str(),
-                DxpAuth::UserToken { secret } | DxpAuth::MasterToken { secret } => secret.as_str(),
-            }],
-        }
+        self.provider.secret_names()
     }
 }
 
@@ -128,7 +109,7 @@ impl Config {
         for (i, item) in items.iter().enumerate() {
             let source = parse_source(i, item)?;
             if sources.iter().any(|s| s.name == source.name) {
-                return Err(ConfigError::field(&source.name, "name", "is used by another source"));
+                return Err(ConfigError::field(&source.name, FieldError::new("name", "is used by another source")));
             }
             sources.push(source);
         }
@@ -152,8 +133,8 @@ impl ConfigError {
         Self { source_name: None, field: None, problem: problem.into() }
     }
 
-    fn field(source: &str, field: &str, problem: impl Into<String>) -> Self {
-        Self { source_name: Some(source.to_string()), field: Some(field.to_string()), problem: problem.into() }
+    fn field(source: &str, e: FieldError) -> Self {
+        Self { source_name: Some(source.to_string()), field: Some(e.field), problem: e.problem }
     }
 }
 
@@ -170,101 +151,27 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// Reads fields of one table, remembering which were used so leftovers can be refused.
-struct Fields<'a> {
-    source: String,
-    prefix: &'static str,
-    map: &'a Map<String, Value>,
-    used: BTreeSet<&'static str>,
+/// The fields every kind shares, as written in the source table (besides `kind` and the
+/// transfer settings).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct General {
+    #[serde(deserialize_with = "source_name")]
+    name: String,
+    schedule: Schedule,
+    #[serde(default)]
+    verify_schedule: Option<Schedule>,
+    /// Per kind by default ([`ProviderConfig::default_poll_interval`]).
+    #[serde(default, deserialize_with = "fields::opt_millis::<_, 100, 600_000>")]
+    poll_interval_ms: Option<Duration>,
+    #[serde(default = "default_export_timeout", deserialize_with = "fields::minutes::<_, 1, 10_080>")]
+    export_timeout_minutes: Duration,
+    #[serde(default)]
+    retry: RetryPolicy,
 }
 
-impl<'a> Fields<'a> {
-    fn new(source: String, prefix: &'static str, map: &'a Map<String, Value>) -> Self {
-        Self { source, prefix, map, used: BTreeSet::new() }
-    }
-
-    fn path(&self, key: &str) -> String {
-        format!("{}{}", self.prefix, key)
-    }
-
-    fn err(&self, key: &str, problem: impl Into<String>) -> ConfigError {
-        ConfigError::field(&self.source, &self.path(key), problem)
-    }
-
-    fn raw(&mut self, key: &'static str) -> Option<&'a Value> {
-        self.used.insert(key);
-        self.map.get(key).filter(|v| !v.is_null())
-    }
-
-    fn string(&mut self, key: &'static str) -> Result<Option<String>, ConfigError> {
-        match self.raw(key) {
-            None => Ok(None),
-            Some(Value::String(s)) if s.trim().is_empty() => Err(self.err(key, "must not be empty")),
-            Some(Value::String(s)) => Ok(Some(s.trim().to_string())),
-            Some(_) => Err(self.err(key, "must be a string")),
-        }
-    }
-
-    fn required_string(&mut self, key: &'static str) -> Result<String, ConfigError> {
-        self.string(key)?.ok_or_else(|| self.err(key, "is required"))
-    }
-
-    fn bool(&mut self, key: &'static str) -> Result<Option<bool>, ConfigError> {
-        match self.raw(key) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(_) => Err(self.err(key, "must be true or false")),
-        }
-    }
-
-    fn uint(&mut self, key: &'static str, min: u64, max: u64) -> Result<Option<u64>, ConfigError> {
-        match self.raw(key) {
-            None => Ok(None),
-            Some(v) => match v.as_u64() {
-                Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
-                _ => Err(self.err(key, format!("must be a whole number from {min} to {max}"))),
-            },
-        }
-    }
-
-    fn strings(&mut self, key: &'static str) -> Result<Vec<String>, ConfigError> {
-        match self.raw(key) {
-            None => Ok(Vec::new()),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| match v.as_str() {
-                    Some(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
-                    _ => Err(self.err(key, "must be an array of non-empty strings")),
-                })
-                .collect(),
-            Some(_) => Err(self.err(key, "must be an array of strings")),
-        }
-    }
-
-    fn table(&mut self, key: &'static str) -> Result<Option<&'a Map<String, Value>>, ConfigError> {
-        match self.raw(key) {
-            None => Ok(None),
-            Some(Value::Object(m)) => Ok(Some(m)),
-            Some(_) => Err(self.err(key, "must be a table")),
-        }
-    }
-
-    fn url(&mut self, key: &'static str) -> Result<Option<Url>, ConfigError> {
-        let Some(s) = self.string(key)? else { return Ok(None) };
-        let url = Url::parse(&s).map_err(|e| self.err(key, format!("is not a valid URL ({e})")))?;
-        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-            return Err(self.err(key, "must be an http:// or https:// URL"));
-        }
-        Ok(Some(url))
-    }
-
-    /// Fails on any field that no reader asked for.
-    fn finish(self) -> Result<(), ConfigError> {
-        match self.map.keys().find(|k| !self.used.contains(k.as_str())) {
-            Some(k) => Err(self.err(k, "is not a known field")),
-            None => Ok(()),
-        }
-    }
+fn default_export_timeout() -> Duration {
+    Duration::from_secs(6 * 3600)
 }
 
 fn valid_name(name: &str) -> bool {
@@ -274,300 +181,135 @@ fn valid_name(name: &str) -> bool {
         && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-fn valid_secret_name(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+fn source_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = fields::text(d)?;
+    if !valid_name(&name) {
+        return Err(serde::de::Error::custom(
+            "must be 1-63 characters of a-z, 0-9, '-', '_' or '.', starting with a letter or digit",
+        ));
+    }
+    Ok(name)
+}
+
+/// `null` means absent, at any depth (TOML has no null; a JSON config may).
+fn without_nulls(map: &Map<String, Value>) -> Map<String, Value> {
+    map.iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| match v {
+            Value::Object(inner) => (k.clone(), Value::Object(without_nulls(inner))),
+            other => (k.clone(), other.clone()),
+        })
+        .collect()
 }
 
 fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError> {
-    let label = format!("#{}", index + 1);
-    let map = value.as_object().ok_or_else(|| ConfigError {
-        source_name: Some(label.clone()),
-        field: None,
-        problem: "must be a table".into(),
-    })?;
-    let mut f = Fields::new(label, "", map);
-    let name = f.required_string("name")?;
-    if !valid_name(&name) {
-        return Err(
-            f.err("name", "must be 1-63 characters of a-z, 0-9, '-', '_' or '.', starting with a letter or digit")
-        );
+    let mut label = format!("#{}", index + 1);
+    let Some(table) = value.as_object() else {
+        return Err(ConfigError { source_name: Some(label), field: None, problem: "must be a table".into() });
+    };
+    let mut table = without_nulls(table);
+    if let Some(name) = table.get("name").and_then(Value::as_str).map(str::trim).filter(|n| valid_name(n)) {
+        label = name.to_string();
     }
-    f.source = name.clone();
-    let kind = f.required_string("kind")?;
-    let schedule_text = f.required_string("schedule")?;
-    let schedule = Schedule::parse(&schedule_text).map_err(|e| f.err("schedule", format!("is {e}")))?;
-    let verify_schedule = match f.string("verify_schedule")? {
-        Some(text) => Some(Schedule::parse(&text).map_err(|e| f.err("verify_schedule", format!("is {e}")))?),
-        None => None,
+    let at = |e: FieldError| ConfigError::field(&label, e);
+    let kind = match table.remove("kind") {
+        None => return Err(at(FieldError::new("kind", "is required"))),
+        Some(Value::String(kind)) => kind.trim().to_string(),
+        Some(_) => return Err(at(FieldError::new("kind", "must be a string"))),
     };
-    let transfer = parse_transfer(&mut f)?;
-    // D1 cancels an export that is not polled promptly; Aura's own CLI polls every 20 s.
-    let default_poll = match kind.as_str() {
-        "aura" => 10_000,
-        "dgraph" => 2_000,
-        _ => 1_000,
-    };
-    let poll_interval = Duration::from_millis(f.uint("poll_interval_ms", 100, 600_000)?.unwrap_or(default_poll));
-    let export_timeout = Duration::from_secs(60 * f.uint("export_timeout_minutes", 1, 7 * 24 * 60)?.unwrap_or(6 * 60));
-    let retry = match f.table("retry")? {
-        None => RetryPolicy::default(),
-        Some(m) => parse_retry(&f.source, m)?,
-    };
-    let api_base = f.url("api_base")?;
-    let provider = match kind.as_str() {
-        "d1" => ProviderConfig::D1(parse_d1(&mut f, api_base)?),
-        "dgraph" => ProviderConfig::Dgraph(parse_dgraph(&mut f, api_base)?),
-        "aura" => ProviderConfig::Aura(parse_aura(&mut f, api_base)?),
-        "dxp" => ProviderConfig::Dxp(parse_dxp(&mut f, api_base)?),
-        other => {
-            return Err(f.err("kind", format!("must be one of \"d1\", \"dgraph\", \"aura\", \"dxp\" (got {other:?})")))
-        }
-    };
-    f.finish()?;
-    Ok(SourceConfig { name, schedule, verify_schedule, transfer, retry, poll_interval, export_timeout, provider })
-}
-
-fn parse_transfer(f: &mut Fields<'_>) -> Result<TransferSettings, ConfigError> {
-    let d = TransferSettings::default();
-    let part_size = f.uint("part_size_mib", MIN_PART_SIZE >> 20, MAX_PART_SIZE >> 20)?.map_or(d.part_size, |m| m << 20);
-    let parts_in_flight = f.uint("parts_in_flight", 1, 16)?.map_or(d.parts_in_flight, |n| n as u32);
-    let slice_bytes = f.uint("slice_max_mib", MIN_PART_SIZE >> 20, 1 << 20)?.map_or(d.slice_bytes, |m| m << 20);
-    // An alarm may run 15 minutes of wall clock; a slice stays well inside that.
-    let slice_time = f.uint("slice_max_seconds", 1, 600)?.map_or(d.slice_time, Duration::from_secs);
-    let slice_pages = f.uint("slice_max_pages", 1, 5000)?.map_or(d.slice_pages, |n| n as u32);
-    let max_stalled_slices = f.uint("max_stalled_slices", 1, 1000)?.map_or(d.max_stalled_slices, |n| n as u32);
-    let copy_timeout =
-        f.uint("copy_timeout_minutes", 1, 7 * 24 * 60)?.map_or(d.copy_timeout, |m| Duration::from_secs(60 * m));
-    let settings = TransferSettings {
-        part_size,
-        parts_in_flight,
-        slice_bytes,
-        slice_time,
-        slice_pages,
-        max_stalled_slices,
-        copy_timeout,
-        ..d
-    };
-    if settings.peak_memory() > MEMORY_BUDGET {
-        return Err(f.err(
-            "part_size_mib",
-            format!(
-                "and parts_in_flight need {} MiB of buffers ((parts_in_flight + 1) x part_size_mib + {} MiB), more \
-                 than the {} MiB a 128 MB isolate can spare; lower part_size_mib or parts_in_flight",
-                settings.peak_memory() >> 20,
-                crate::transfer::MEMORY_OVERHEAD >> 20,
-                MEMORY_BUDGET >> 20
-            ),
-        ));
+    // Each field goes to the part that declares it; the provider's part gets the rest, so an
+    // unknown field is reported by its `deny_unknown_fields`.
+    let (general_names, transfer_names) =
+        (fields::struct_fields::<General>(), fields::struct_fields::<TransferSettings>());
+    let (mut general, mut transfer) = (Map::new(), Map::new());
+    let mut provider = Map::new();
+    for (key, value) in table {
+        let part = if general_names.contains(&key.as_str()) {
+            &mut general
+        } else if transfer_names.contains(&key.as_str()) {
+            &mut transfer
+        } else {
+            &mut provider
+        };
+        part.insert(key, value);
     }
-    Ok(settings)
-}
-
-fn parse_retry(source: &str, map: &Map<String, Value>) -> Result<RetryPolicy, ConfigError> {
-    let mut f = Fields::new(source.to_string(), "retry.", map);
-    let d = RetryPolicy::default();
-    let max_attempts = f.uint("max_attempts", 0, 100)?.map_or(d.max_attempts, |n| n as u32);
-    let base = f.uint("base_ms", 1, 3_600_000)?.map_or(d.base, Duration::from_millis);
-    let max_delay = f.uint("max_delay_ms", 1, 86_400_000)?.map_or(d.max_delay, Duration::from_millis);
-    if max_delay < base {
-        return Err(f.err("max_delay_ms", "must not be smaller than retry.base_ms"));
-    }
-    f.finish()?;
-    Ok(RetryPolicy { max_attempts, base, max_delay })
-}
-
-fn secret_name(f: &mut Fields<'_>, key: &'static str) -> Result<Option<String>, ConfigError> {
-    match f.string(key)? {
-        Some(name) if !valid_secret_name(&name) => {
-            Err(f.err(key, "must be the name of a Worker secret (letters, digits, '_'), not the secret itself"))
-        }
-        other => Ok(other),
-    }
-}
-
-fn required_secret_name(f: &mut Fields<'_>, key: &'static str) -> Result<String, ConfigError> {
-    secret_name(f, key)?.ok_or_else(|| f.err(key, "is required"))
-}
-
-fn default_url(f: &Fields<'_>, key: &str, url: &str) -> Result<Url, ConfigError> {
-    Url::parse(url).map_err(|e| f.err(key, format!("is not a valid URL ({e})")))
-}
-
-fn parse_dgraph(f: &mut Fields<'_>, api_base: Option<Url>) -> Result<DgraphConfig, ConfigError> {
-    let endpoint = f.url("endpoint")?;
-    let endpoint = api_base.or(endpoint);
-    let api_key_secret = secret_name(f, "api_key_secret")?;
-    let cerebro_email = f.string("cerebro_email")?;
-    let cerebro_password_secret = secret_name(f, "cerebro_password_secret")?;
-    let cerebro_url = f.url("cerebro_url")?;
-    let account = match (cerebro_email, cerebro_password_secret) {
-        (Some(email), Some(password_secret)) => {
-            if endpoint.is_some() || api_key_secret.is_some() {
-                return Err(f.err(
-                    "cerebro_email",
-                    "account mode (cerebro_email) backs up every backend: leave out endpoint and api_key_secret",
-                ));
-            }
-            let cerebro_url = match cerebro_url {
-                Some(u) => u,
-                None => default_url(f, "cerebro_url", DgraphAccount::DEFAULT_CEREBRO_URL)?,
-            };
-            Some(DgraphAccount { cerebro_url, email, password_secret })
-        }
-        (Some(_), None) => {
-            return Err(f.err("cerebro_password_secret", "is required with cerebro_email (account mode)"))
-        }
-        (None, Some(_)) => {
-            return Err(f.err("cerebro_email", "is required with cerebro_password_secret (account mode)"))
-        }
-        (None, None) => {
-            if endpoint.is_none() {
-                return Err(f.err(
-                    "endpoint",
-                    "is required (the backend URL), or give cerebro_email and cerebro_password_secret for account mode",
-                ));
-            }
-            if api_key_secret.is_none() {
-                return Err(f.err("api_key_secret", "is required (the name of the secret holding an admin API key)"));
-            }
-            None
-        }
+    let general: General = read(general).map_err(at)?;
+    general.retry.check().map_err(|e| at(e.within("retry")))?;
+    let transfer: TransferSettings = read(transfer).map_err(at)?;
+    transfer.check().map_err(at)?;
+    let Some(provider) = ProviderConfig::from_fields(&kind, Value::Object(provider)) else {
+        let kinds: Vec<String> = ProviderConfig::KINDS.iter().map(|k| format!("{k:?}")).collect();
+        return Err(at(FieldError::new("kind", format!("must be one of {} (got {kind:?})", kinds.join(", ")))));
     };
-    let format = match f.string("format")?.as_deref() {
-        None | Some("json") => DgraphFormat::Json,
-        Some("rdf") => DgraphFormat::Rdf,
-        Some(other) => return Err(f.err("format", format!("must be \"json\" or \"rdf\" (got {other:?})"))),
-    };
-    let namespace = match f.raw("namespace") {
-        None => None,
-        Some(v) => match v.as_i64() {
-            Some(n) if n >= -1 => Some(n),
-            _ => return Err(f.err("namespace", "must be a namespace id, or -1 for every namespace")),
-        },
-    };
-    let user_id = f.string("user_id")?;
-    let password_secret = secret_name(f, "password_secret")?;
-    let login_namespace = match f.raw("login_namespace") {
-        None => 0,
-        Some(v) => v.as_i64().filter(|n| *n >= 0).ok_or_else(|| f.err("login_namespace", "must be a namespace id"))?,
-    };
-    let acl = match (user_id, password_secret) {
-        (Some(user_id), Some(password_secret)) => Some(DgraphAcl { user_id, password_secret, login_namespace }),
-        (None, None) => None,
-        (Some(_), None) => return Err(f.err("password_secret", "is required with user_id (ACL login)")),
-        (None, Some(_)) => return Err(f.err("user_id", "is required with password_secret (ACL login)")),
-    };
-    Ok(DgraphConfig { endpoint, api_key_secret, account, format, namespace, acl })
-}
-
-fn parse_aura(f: &mut Fields<'_>, api_base: Option<Url>) -> Result<AuraConfig, ConfigError> {
-    let instance_id = f.required_string("instance_id")?;
-    if instance_id.len() != 8 || !instance_id.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(f.err("instance_id", "must be the 8 hex characters of an Aura instance id"));
-    }
-    let client_id_secret = required_secret_name(f, "client_id_secret")?;
-    let client_secret_secret = required_secret_name(f, "client_secret_secret")?;
-    let mode = match f.string("mode")?.as_deref() {
-        None | Some("both") => AuraMode::Both,
-        Some("snapshot") => AuraMode::Snapshot,
-        Some("logical") => AuraMode::Logical,
-        Some(other) => {
-            return Err(f.err("mode", format!("must be \"snapshot\", \"logical\" or \"both\" (got {other:?})")))
-        }
-    };
-    let api_base = match api_base {
-        Some(u) => u,
-        None => default_url(f, "api_base", AuraConfig::DEFAULT_API_BASE)?,
-    };
-    let query_api_base = match f.url("query_api_base")? {
-        Some(u) => u,
-        None => default_url(
-            f,
-            "query_api_base",
-            &format!("https://{}.databases.neo4j.io", instance_id.to_ascii_lowercase()),
-        )?,
-    };
-    let database = f.string("database")?.unwrap_or_else(|| "neo4j".into());
-    let db_user = f.string("db_user")?.unwrap_or_else(|| "neo4j".into());
-    let db_password_secret = secret_name(f, "db_password_secret")?;
-    if mode != AuraMode::Snapshot && db_password_secret.is_none() {
-        return Err(f.err("db_password_secret", "is required for the logical export (mode \"logical\" or \"both\")"));
-    }
-    let page_size = f.uint("page_size", 1, 50_000)?.unwrap_or(1000) as u32;
-    Ok(AuraConfig {
-        api_base,
-        instance_id: instance_id.to_ascii_lowercase(),
-        client_id_secret,
-        client_secret_secret,
-        mode,
-        query_api_base,
-        database,
-        db_user,
-        db_password_secret,
-        page_size,
+    let mut provider = provider.map_err(|e| at(path_error(e)))?;
+    provider.check().map_err(at)?;
+    Ok(SourceConfig {
+        name: general.name,
+        schedule: general.schedule,
+        verify_schedule: general.verify_schedule,
+        transfer,
+        retry: general.retry,
+        poll_interval: general.poll_interval_ms.unwrap_or_else(|| provider.default_poll_interval()),
+        export_timeout: general.export_timeout_minutes,
+        provider,
     })
 }
 
-fn parse_dxp(f: &mut Fields<'_>, api_base: Option<Url>) -> Result<DxpConfig, ConfigError> {
-    let api_base = api_base.ok_or_else(|| {
-        f.err("api_base", "is required: the backup service URL, e.g. https://backup-<project>-<env>.lfr.cloud")
-    })?;
-    let user = f.string("user")?;
-    let password_secret = secret_name(f, "password_secret")?;
-    let user_token_secret = secret_name(f, "user_token_secret")?;
-    let master_token_secret = secret_name(f, "master_token_secret")?;
-    let auth = match (user, password_secret, user_token_secret, master_token_secret) {
-        (Some(user), Some(password_secret), None, None) => DxpAuth::Basic { user, password_secret },
-        (None, None, Some(secret), None) => DxpAuth::UserToken { secret },
-        (None, None, None, Some(secret)) => DxpAuth::MasterToken { secret },
-        (Some(_), None, None, None) => return Err(f.err("password_secret", "is required with user (Basic auth)")),
-        (None, Some(_), None, None) => return Err(f.err("user", "is required with password_secret (Basic auth)")),
-        (None, None, None, None) => {
-            return Err(f.err("user_token_secret", "or master_token_secret, or user with password_secret, is required"))
-        }
-        _ => return Err(f.err("user_token_secret", "conflicts with another auth mode: give exactly one of user+password_secret, user_token_secret, master_token_secret")),
-    };
-    Ok(DxpConfig { api_base, auth })
+fn read<T: for<'de> Deserialize<'de>>(part: Map<String, Value>) -> Result<T, FieldError> {
+    serde_path_to_error::deserialize(Value::Object(part)).map_err(path_error)
 }
 
-fn parse_d1(f: &mut Fields<'_>, api_base: Option<Url>) -> Result<D1Config, ConfigError> {
-    let account_id = f.required_string("account_id")?;
-    if account_id.len() > 32 {
-        return Err(f.err("account_id", "must be at most 32 characters"));
-    }
-    let database_id = f.required_string("database_id")?;
-    let token_secret = f.required_string("token_secret")?;
-    if !valid_secret_name(&token_secret) {
-        return Err(
-            f.err("token_secret", "must be the name of a Worker secret (letters, digits, '_'), not the token itself")
-        );
-    }
-    let dump_options = match f.table("dump_options")? {
-        None => DumpOptions::default(),
-        Some(m) => {
-            let mut d = Fields::new(f.source.clone(), "dump_options.", m);
-            let opts = DumpOptions {
-                tables: d.strings("tables")?,
-                no_data: d.bool("no_data")?.unwrap_or(false),
-                no_schema: d.bool("no_schema")?.unwrap_or(false),
-            };
-            if opts.no_data && opts.no_schema {
-                return Err(d.err("no_schema", "cannot be combined with no_data (the dump would be empty)"));
+/// A serde error as the field it is about and what is wrong with it.
+fn path_error(e: serde_path_to_error::Error<serde_json::Error>) -> FieldError {
+    let mut path = String::new();
+    for segment in e.path().iter() {
+        match segment {
+            Segment::Map { key } => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(key);
             }
-            d.finish()?;
-            opts
+            Segment::Seq { index } => path.push_str(&format!("[{index}]")),
+            Segment::Enum { .. } | Segment::Unknown => {}
         }
+    }
+    let message = e.into_inner().to_string();
+    let named = |prefix: &str| {
+        let rest = message.strip_prefix(prefix)?;
+        let name = &rest[..rest.find('`')?];
+        let own = path.rsplit('.').next() == Some(name);
+        Some(match (own, path.is_empty()) {
+            (true, _) => path.clone(),
+            (false, true) => name.to_string(),
+            (false, false) => format!("{path}.{name}"),
+        })
     };
-    let api_base = match api_base {
-        Some(url) => url,
-        None => Url::parse(D1Config::DEFAULT_API_BASE).map_err(|e| f.err("api_base", e.to_string()))?,
+    if let Some(field) = named("unknown field `") {
+        return FieldError::new(field, "is not a known field");
+    }
+    if let Some(field) = named("missing field `") {
+        return FieldError::new(field, "is required");
+    }
+    let problem = if ["must ", "is ", "cannot "].iter().any(|p| message.starts_with(p)) {
+        message
+    } else if message.starts_with("not ") {
+        format!("is {message}")
+    } else if message.starts_with("invalid ") || message.starts_with("unknown ") {
+        format!("has an {message}")
+    } else {
+        format!("is invalid: {message}")
     };
-    Ok(D1Config { api_base, account_id, database_id, token_secret, dump_options })
+    FieldError::new(path, problem)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::providers::aura::AuraMode;
+    use crate::providers::d1::DumpOptions;
+    use crate::providers::dgraph::DgraphFormat;
+    use crate::providers::dxp::DxpAuth;
     use serde_json::json;
 
     fn d1(extra: Value) -> Value {
@@ -597,7 +339,7 @@ mod tests {
         assert_eq!(s.transfer.part_size, DEFAULT_PART_SIZE);
         assert_eq!(s.secret_names(), vec!["D1_TOKEN"]);
         let ProviderConfig::D1(d) = &s.provider else { panic!() };
-        assert_eq!(d.api_base.as_str(), "https://api.cloudflare.com/client/v4");
+        assert_eq!(d.api_base.as_ref().unwrap().as_str(), "https://api.cloudflare.com/client/v4");
         assert_eq!(d.dump_options, DumpOptions::default());
     }
 
@@ -627,7 +369,7 @@ mod tests {
             RetryPolicy { max_attempts: 3, base: Duration::from_millis(10), max_delay: Duration::from_millis(100) }
         );
         let ProviderConfig::D1(d) = &s.provider else { panic!() };
-        assert_eq!(d.api_base.as_str(), "http://127.0.0.1:9000/client/v4");
+        assert_eq!(d.api_base.as_ref().unwrap().as_str(), "http://127.0.0.1:9000/client/v4");
         assert_eq!(d.dump_options.tables, vec!["users", "orders"]);
         assert!(d.dump_options.no_data && !d.dump_options.no_schema);
     }
@@ -671,7 +413,7 @@ mod tests {
         let ProviderConfig::Dgraph(d) = &s.provider else { panic!() };
         assert_eq!(d.format, DgraphFormat::Json);
         assert_eq!(d.namespace, None);
-        assert!(d.acl.is_none());
+        assert!(d.acl().is_none());
         assert_eq!(s.secret_names(), vec!["DGRAPH_KEY"]);
         let s = source(json!({"name": "graph", "kind": "dgraph", "schedule": "0 4 * * *", "endpoint": "https://x.io",
             "api_key_secret": "K", "format": "rdf", "namespace": -1, "user_id": "groot", "password_secret": "P"}))
@@ -679,7 +421,7 @@ mod tests {
         let ProviderConfig::Dgraph(d) = &s.provider else { panic!() };
         assert_eq!(d.format, DgraphFormat::Rdf);
         assert_eq!(d.namespace, Some(-1));
-        assert_eq!(d.acl.as_ref().map(|a| (a.user_id.as_str(), a.login_namespace)), Some(("groot", 0)));
+        assert_eq!(d.acl().map(|a| (a.user_id, a.login_namespace)), Some(("groot", 0)));
         assert_eq!(s.secret_names(), vec!["K", "P"]);
         let e = source(json!({"name": "graph", "kind": "dgraph", "schedule": "0 4 * * *", "endpoint": "https://x.io",
             "api_key_secret": "K", "user_id": "groot"}))
@@ -696,7 +438,7 @@ mod tests {
             "cerebro_email": "ops@acme.com", "cerebro_password_secret": "CEREBRO_PW"}))
         .unwrap();
         let ProviderConfig::Dgraph(d) = &s.provider else { panic!() };
-        assert_eq!(d.account.as_ref().map(|a| a.cerebro_url.as_str()), Some("https://cerebro.cloud.dgraph.io/graphql"));
+        assert_eq!(d.account().map(|a| a.cerebro_url.as_str()), Some("https://cerebro.cloud.dgraph.io/graphql"));
         assert_eq!(s.secret_names(), vec!["CEREBRO_PW"]);
         let e = source(json!({"name": "graph", "kind": "dgraph", "schedule": "0 4 * * *", "endpoint": "https://x.io",
             "cerebro_email": "ops@acme.com", "cerebro_password_secret": "CEREBRO_PW"}))
@@ -712,8 +454,8 @@ mod tests {
         let ProviderConfig::Aura(a) = &s.provider else { panic!() };
         assert_eq!(a.mode, AuraMode::Both);
         assert_eq!(a.instance_id, "2f49c2b3");
-        assert_eq!(a.api_base.as_str(), "https://api.neo4j.io/");
-        assert_eq!(a.query_api_base.as_str(), "https://2f49c2b3.databases.neo4j.io/");
+        assert_eq!(a.api_base.as_ref().unwrap().as_str(), "https://api.neo4j.io/");
+        assert_eq!(a.query_api_base.as_ref().unwrap().as_str(), "https://2f49c2b3.databases.neo4j.io/");
         assert_eq!((a.database.as_str(), a.db_user.as_str(), a.page_size), ("neo4j", "neo4j", 1000));
         assert_eq!(s.secret_names(), vec!["AURA_ID", "AURA_SECRET", "NEO_PW"]);
         let snap = source(json!({"name": "g", "kind": "aura", "schedule": "0 4 * * *", "instance_id": "2f49c2b3",
@@ -743,14 +485,14 @@ mod tests {
         };
         let s = with(json!({"user": "ops@acme.com", "password_secret": "DXP_PW"})).unwrap();
         let ProviderConfig::Dxp(d) = &s.provider else { panic!() };
-        assert_eq!(d.auth, DxpAuth::Basic { user: "ops@acme.com".into(), password_secret: "DXP_PW".into() });
+        assert_eq!(d.auth().unwrap(), DxpAuth::Basic { user: "ops@acme.com".into(), password_secret: "DXP_PW".into() });
         let s = with(json!({"user_token_secret": "DXP_TOKEN"})).unwrap();
         let ProviderConfig::Dxp(d) = &s.provider else { panic!() };
-        assert_eq!(d.auth, DxpAuth::UserToken { secret: "DXP_TOKEN".into() });
+        assert_eq!(d.auth().unwrap(), DxpAuth::UserToken { secret: "DXP_TOKEN".into() });
         assert_eq!(s.secret_names(), vec!["DXP_TOKEN"]);
         let s = with(json!({"master_token_secret": "LCP"})).unwrap();
         let ProviderConfig::Dxp(d) = &s.provider else { panic!() };
-        assert_eq!(d.auth, DxpAuth::MasterToken { secret: "LCP".into() });
+        assert_eq!(d.auth().unwrap(), DxpAuth::MasterToken { secret: "LCP".into() });
         assert_eq!(with(json!({})).unwrap_err().field.as_deref(), Some("user_token_secret"));
         assert_eq!(with(json!({"user": "u"})).unwrap_err().field.as_deref(), Some("password_secret"));
         assert!(with(json!({"user_token_secret": "A", "master_token_secret": "B"})).is_err());
@@ -852,5 +594,231 @@ mod tests {
     fn retry_max_delay_must_not_undercut_base() {
         let e = err(d1(json!({"retry": {"base_ms": 1000, "max_delay_ms": 10}})));
         assert_eq!(e.field.as_deref(), Some("retry.max_delay_ms"));
+    }
+
+    /// The source and the field of a serde error, as shown.
+    fn named(v: Value) -> (Option<String>, Option<String>, String) {
+        let e = err(v);
+        let shown = e.to_string();
+        (e.source_name, e.field, shown)
+    }
+
+    #[test]
+    fn serde_errors_name_the_source_and_the_field_in_the_general_fields() {
+        let (source, field, shown) = named(d1(json!({"part_size_mib": "8"})));
+        assert_eq!((source.as_deref(), field.as_deref()), (Some("app-db"), Some("part_size_mib")));
+        assert_eq!(
+            shown,
+            "invalid configuration: source \"app-db\": field \"part_size_mib\" has an invalid type: string \"8\", \
+             expected a whole number from 5 to 32"
+        );
+        let (_, field, shown) = named(d1(json!({"poll_interval_ms": true})));
+        assert_eq!(field.as_deref(), Some("poll_interval_ms"));
+        assert!(shown.contains("expected a whole number from 100 to 600000"), "{shown}");
+        let (_, field, _) = named(d1(json!({"verify_schedule": 3})));
+        assert_eq!(field.as_deref(), Some("verify_schedule"));
+        let (_, field, shown) = named(d1(json!({"export_timeout_minutes": 0})));
+        assert_eq!(field.as_deref(), Some("export_timeout_minutes"));
+        assert!(shown.ends_with("must be a whole number from 1 to 10080 (got 0)"), "{shown}");
+        let (_, field, shown) = named(d1(json!({"kind": 7})));
+        assert_eq!((field.as_deref(), shown.ends_with("must be a string")), (Some("kind"), true), "{shown}");
+        let (_, field, shown) = named(d1(json!({"kind": "mongo"})));
+        assert_eq!(field.as_deref(), Some("kind"));
+        assert!(shown.ends_with("must be one of \"d1\", \"dgraph\", \"aura\", \"dxp\" (got \"mongo\")"), "{shown}");
+        let mut no_schedule = d1(json!({}));
+        no_schedule.as_object_mut().unwrap().remove("schedule");
+        assert_eq!(named(no_schedule).1.as_deref(), Some("schedule"));
+        let mut no_kind = d1(json!({}));
+        no_kind.as_object_mut().unwrap().remove("kind");
+        let (_, field, shown) = named(no_kind);
+        assert_eq!((field.as_deref(), shown.ends_with("is required")), (Some("kind"), true));
+    }
+
+    #[test]
+    fn serde_errors_name_the_source_and_the_field_in_retry() {
+        let (source, field, shown) = named(d1(json!({"retry": {"attempts": 1}})));
+        assert_eq!((source.as_deref(), field.as_deref()), (Some("app-db"), Some("retry.attempts")));
+        assert!(shown.ends_with("field \"retry.attempts\" is not a known field"), "{shown}");
+        let (_, field, shown) = named(d1(json!({"retry": {"max_attempts": "x"}})));
+        assert_eq!(field.as_deref(), Some("retry.max_attempts"));
+        assert!(shown.contains("invalid type: string \"x\""), "{shown}");
+        let (_, field, shown) = named(d1(json!({"retry": {"base_ms": 0}})));
+        assert_eq!(field.as_deref(), Some("retry.base_ms"));
+        assert!(shown.ends_with("must be a whole number from 1 to 3600000 (got 0)"), "{shown}");
+        let (_, field, shown) = named(d1(json!({"retry": 3})));
+        assert_eq!(field.as_deref(), Some("retry"));
+        assert!(shown.ends_with("expected a table"), "{shown}");
+    }
+
+    #[test]
+    fn serde_errors_name_the_source_and_the_field_in_each_providers_fields() {
+        let base = |kind: &str, extra: Value| {
+            let mut v = json!({"name": format!("{kind}-src"), "kind": kind, "schedule": "0 4 * * *"});
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            v
+        };
+        let dgraph = |extra: Value| {
+            let mut v = base("dgraph", json!({"endpoint": "https://x.io", "api_key_secret": "K"}));
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            v
+        };
+        let aura = |extra: Value| {
+            let mut v = base(
+                "aura",
+                json!({"instance_id": "2f49c2b3", "client_id_secret": "A", "client_secret_secret": "B", "mode": "snapshot"}),
+            );
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            v
+        };
+        let dxp = |extra: Value| {
+            let mut v = base("dxp", json!({"api_base": "https://backup.lfr.cloud", "user_token_secret": "T"}));
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            v
+        };
+        let cases: Vec<(Value, &str, &str, &str)> = vec![
+            // D1: unknown, wrong type, missing, nested.
+            (d1(json!({"database": "x"})), "app-db", "database", "is not a known field"),
+            (
+                d1(json!({"database_id": 5})),
+                "app-db",
+                "database_id",
+                "has an invalid type: integer `5`, expected a string",
+            ),
+            (d1(json!({"database_id": "  "})), "app-db", "database_id", "must not be empty"),
+            (
+                d1(json!({"dump_options": {"no_data": "yes"}})),
+                "app-db",
+                "dump_options.no_data",
+                "has an invalid type: string \"yes\", expected a boolean",
+            ),
+            (
+                d1(json!({"dump_options": {"tables": [1]}})),
+                "app-db",
+                "dump_options.tables[0]",
+                "must be an array of non-empty strings",
+            ),
+            // Dgraph.
+            (dgraph(json!({"endpoint_url": "https://y.io"})), "dgraph-src", "endpoint_url", "is not a known field"),
+            (
+                dgraph(json!({"namespace": "all"})),
+                "dgraph-src",
+                "namespace",
+                "has an invalid type: string \"all\", expected i64",
+            ),
+            (
+                dgraph(json!({"format": "csv"})),
+                "dgraph-src",
+                "format",
+                "has an unknown variant `csv`, expected `json` or `rdf`",
+            ),
+            (dgraph(json!({"endpoint": "ftp://x"})), "dgraph-src", "endpoint", "must be an http:// or https:// URL"),
+            (
+                dgraph(json!({"namespace": -2})),
+                "dgraph-src",
+                "namespace",
+                "must be a namespace id, or -1 for every namespace",
+            ),
+            // Aura.
+            (aura(json!({"snapshot": true})), "aura-src", "snapshot", "is not a known field"),
+            (aura(json!({"page_size": 0})), "aura-src", "page_size", "must be a whole number from 1 to 50000 (got 0)"),
+            (
+                aura(json!({"page_size": "big"})),
+                "aura-src",
+                "page_size",
+                "has an invalid type: string \"big\", expected a whole number from 1 to 50000",
+            ),
+            (aura(json!({"client_secret_secret": null})), "aura-src", "client_secret_secret", "is required"),
+            (
+                aura(json!({"mode": "all"})),
+                "aura-src",
+                "mode",
+                "has an unknown variant `all`, expected one of `snapshot`, `logical`, `both`",
+            ),
+            // DXP.
+            (dxp(json!({"bucket": "b"})), "dxp-src", "bucket", "is not a known field"),
+            (
+                dxp(json!({"user": 1, "password_secret": "P", "user_token_secret": null})),
+                "dxp-src",
+                "user",
+                "has an invalid type: integer `1`, expected a string",
+            ),
+            (dxp(json!({"api_base": null})), "dxp-src", "api_base", "is required"),
+            (
+                dxp(json!({"user_token_secret": "not a name"})),
+                "dxp-src",
+                "user_token_secret",
+                "must be the name of a Worker secret (letters, digits, '_'), not the secret itself",
+            ),
+        ];
+        for (value, source, field, problem) in cases {
+            let e = err(value.clone());
+            assert_eq!(e.source_name.as_deref(), Some(source), "{value}");
+            assert_eq!(e.field.as_deref(), Some(field), "{value}: {e}");
+            assert_eq!(e.problem, problem, "{value}");
+        }
+    }
+
+    #[test]
+    fn a_source_config_round_trips_through_its_serialized_form() {
+        for v in [
+            d1(json!({"verify_schedule": "0 5 * * 0", "part_size_mib": 16, "slice_max_seconds": 30,
+                      "retry": {"max_attempts": 2, "base_ms": 5, "max_delay_ms": 50}, "dump_options": {"tables": ["a"]}})),
+            json!({"name": "g", "kind": "dgraph", "schedule": "0 4 * * *", "cerebro_email": "ops@acme.com",
+                   "cerebro_password_secret": "CEREBRO_PW"}),
+            json!({"name": "g", "kind": "dgraph", "schedule": "0 4 * * *", "api_base": "https://x.io",
+                   "api_key_secret": "K", "user_id": "groot", "password_secret": "P", "format": "rdf", "namespace": -1}),
+            json!({"name": "n", "kind": "aura", "schedule": "0 4 * * *", "instance_id": "2F49C2B3",
+                   "client_id_secret": "A", "client_secret_secret": "B", "db_password_secret": "C"}),
+            json!({"name": "x", "kind": "dxp", "schedule": "0 4 * * *", "api_base": "https://backup.lfr.cloud",
+                   "user": "ops@acme.com", "password_secret": "P"}),
+        ] {
+            let parsed = source(v).unwrap();
+            let stored = serde_json::to_value(&parsed).unwrap();
+            assert_eq!(stored["provider"]["kind"], parsed.kind());
+            let back: SourceConfig = serde_json::from_value(stored.clone()).unwrap();
+            assert_eq!(back, parsed, "{stored}");
+        }
+    }
+
+    #[test]
+    fn defaults_per_kind_are_kept() {
+        let poll = |v: Value| source(v).unwrap().poll_interval.as_millis();
+        assert_eq!(poll(d1(json!({}))), 1000);
+        assert_eq!(
+            poll(
+                json!({"name": "g", "kind": "dgraph", "schedule": "0 4 * * *", "endpoint": "https://x.io", "api_key_secret": "K"})
+            ),
+            2000
+        );
+        assert_eq!(
+            poll(json!({"name": "n", "kind": "aura", "schedule": "0 4 * * *", "instance_id": "2f49c2b3",
+                        "client_id_secret": "A", "client_secret_secret": "B", "mode": "snapshot"})),
+            10_000
+        );
+        assert_eq!(
+            poll(
+                json!({"name": "x", "kind": "dxp", "schedule": "0 4 * * *", "api_base": "https://b.io", "user_token_secret": "T"})
+            ),
+            1000
+        );
+        let s = source(d1(json!({}))).unwrap();
+        assert_eq!((s.export_timeout.as_secs(), s.retry), (6 * 3600, RetryPolicy::default()));
+        let s = source(json!({"name": "g", "kind": "dgraph", "schedule": "0 4 * * *", "endpoint": "https://e.io",
+                              "api_base": "https://override.io", "api_key_secret": "K"}))
+        .unwrap();
+        let ProviderConfig::Dgraph(d) = &s.provider else { panic!() };
+        assert_eq!(
+            d.endpoint.as_ref().map(url::Url::as_str),
+            Some("https://override.io/"),
+            "api_base overrides endpoint"
+        );
     }
 }

@@ -218,6 +218,20 @@ pub struct Job {
     /// A verify job's outcome, as recorded next to the backup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verification: Option<Verification>,
+    /// The source's settings when the job was created (secret *names*, never values). Every
+    /// step runs with these, so a config edited mid-job cannot send the old bookmark to another
+    /// database or describe the artifact with settings it was not made with. `None` for a job
+    /// stored before snapshots existed, or whose snapshot cannot be read: it runs with the
+    /// current config.
+    #[serde(default, deserialize_with = "snapshot", skip_serializing_if = "Option::is_none")]
+    pub config: Option<SourceConfig>,
+}
+
+/// Reads a job's config snapshot; one this version cannot read is dropped rather than making
+/// the whole job unreadable (the job then runs with the current config).
+fn snapshot<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SourceConfig>, D::Error> {
+    let value = Option::<serde_json::Value>::deserialize(d)?;
+    Ok(value.and_then(|v| serde_json::from_value(v).ok()))
 }
 
 /// Something that happened, fed into [`Job::handle`].
@@ -342,9 +356,10 @@ pub struct Context<'a> {
     pub now: Timestamp,
     /// A random number in `[0, 1)` for backoff jitter.
     pub jitter: f64,
-    /// The source's configuration.
+    /// The source's current configuration. A job runs with its own snapshot when it has one
+    /// ([`Job::settings`]); this is for jobs stored before snapshots existed.
     pub source: &'a SourceConfig,
-    /// The secrets the source names.
+    /// The secrets the source names (read fresh for every step).
     pub creds: &'a Credentials,
     /// Dedupe keys of what this source already copied.
     pub seen: &'a [String],
@@ -352,7 +367,7 @@ pub struct Context<'a> {
 
 impl<'a> Context<'a> {
     fn input(&self, params: &'a serde_json::Value) -> StepInput<'a> {
-        StepInput { source: self.source, creds: self.creds, now: self.now, params, seen: self.seen }
+        StepInput { provider: &self.source.provider, creds: self.creds, now: self.now, params, seen: self.seen }
     }
 }
 
@@ -399,7 +414,7 @@ impl Job {
             params,
             parent: None,
             children: Vec::new(),
-            provider: ProviderState::new(source),
+            provider: ProviderState::new(&source.provider),
             downloads: Vec::new(),
             artifacts: Vec::new(),
             copy: None,
@@ -413,7 +428,13 @@ impl Job {
             verify: None,
             verification: None,
             task: Task::Export,
+            config: Some(source.clone()),
         }
+    }
+
+    /// The settings this job runs with: its snapshot, or `current` for a job stored without one.
+    pub fn settings<'a>(&'a self, current: &'a SourceConfig) -> &'a SourceConfig {
+        self.config.as_ref().unwrap_or(current)
     }
 
     /// The job's R2 folder.
@@ -500,9 +521,12 @@ impl Job {
         (self.phase == Phase::Committed).then(|| self.provider.dedupe_key()).flatten()
     }
 
-    /// The transition function: `(job, event, context) → (job, action)`.
+    /// The transition function: `(job, event, context) → (job, action)`. The job runs with its
+    /// own snapshot of the source's settings, whatever the context's current config says.
     pub fn handle(self, event: Event, cx: &Context<'_>) -> (Self, Action) {
-        let (mut job, action) = self.transition(event, cx);
+        let snapshot = self.config.clone();
+        let cx = Context { source: snapshot.as_ref().unwrap_or(cx.source), ..*cx };
+        let (mut job, action) = self.transition(event, &cx);
         if job.phase.is_terminal() {
             job.forget_credentials();
         }
@@ -658,11 +682,12 @@ impl Job {
             );
         }
         let prepared = match &download.origin {
-            Origin::Url { secret_url, authenticated } => {
-                self.provider.download_request(cx.source, secret_url, *authenticated, cx.creds).map(CopySource::Http)
-            }
+            Origin::Url { secret_url, authenticated } => self
+                .provider
+                .download_request(&cx.source.provider, secret_url, *authenticated, cx.creds)
+                .map(CopySource::Http),
             Origin::Graph => {
-                GraphExport::for_source(cx.source, cx.creds, state.started_at).map(|g| CopySource::Graph(Box::new(g)))
+                cx.source.provider.graph_export(cx.creds, state.started_at).map(|g| CopySource::Graph(Box::new(g)))
             }
         };
         let source = match prepared {
@@ -758,7 +783,7 @@ impl Job {
             trigger: self.trigger,
             started_at: self.started_at,
             finished_at: now,
-            provider: self.provider.references(cx.source),
+            provider: self.provider.references(&cx.source.provider),
             artifacts: self.artifacts.clone(),
         };
         (self, Action::Commit { key: manifest::manifest_key(&folder), manifest: Box::new(manifest) })

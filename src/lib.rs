@@ -6,7 +6,8 @@
 //! as a [`time::Timestamp`] argument, and requests go out as [`http::HttpRequest`] values, so the
 //! whole protocol, state machine and policy is tested natively with `cargo test`.
 //!
-//! - [`config`]: the `FERRY_SOURCES` declaration, parsed strictly, errors naming source and field.
+//! - [`config`]: the `FERRY_SOURCES` declaration, parsed strictly by serde, errors naming source
+//!   and field; [`fields`]: the serde helpers and checks its parts share.
 //! - [`health`]: green, amber or red: the age of the newest backup against the schedule.
 //! - [`schedule`]: cron expressions (`croner`) and which sources are due in a trigger's window.
 //! - [`webhook`]: Standard Webhooks signature verification for on-demand exports.
@@ -29,6 +30,7 @@
 pub mod api;
 pub mod config;
 pub mod error;
+pub mod fields;
 pub mod health;
 pub mod http;
 pub mod job;

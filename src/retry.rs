@@ -6,14 +6,30 @@
 
 use std::time::Duration;
 
-/// How a job retries a step that failed transiently.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+use serde::{Deserialize, Serialize};
+
+use crate::fields::{self, FieldError};
+
+/// How a job retries a step that failed transiently: a source's `retry` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a table")]
 pub struct RetryPolicy {
     /// Retries allowed for one step before the job fails (0 = fail on the first error).
+    #[serde(deserialize_with = "fields::count::<_, 0, 100>")]
     pub max_attempts: u32,
     /// Delay before the first retry (before jitter).
+    #[serde(
+        rename = "base_ms",
+        serialize_with = "fields::ser_millis",
+        deserialize_with = "fields::millis::<_, 1, 3_600_000>"
+    )]
     pub base: Duration,
     /// Upper bound on any computed delay.
+    #[serde(
+        rename = "max_delay_ms",
+        serialize_with = "fields::ser_millis",
+        deserialize_with = "fields::millis::<_, 1, 86_400_000>"
+    )]
     pub max_delay: Duration,
 }
 
@@ -27,6 +43,14 @@ impl Default for RetryPolicy {
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(15 * 60);
 
 impl RetryPolicy {
+    /// What serde cannot check: the cap is not below the first delay.
+    pub fn check(&self) -> Result<(), FieldError> {
+        if self.max_delay < self.base {
+            return Err(FieldError::new("max_delay_ms", "must not be smaller than retry.base_ms"));
+        }
+        Ok(())
+    }
+
     /// Delay before retry number `retry` (1-based), given `jitter` in `[0, 1)`.
     pub fn delay(&self, retry: u32, jitter: f64) -> Duration {
         let exp = retry.saturating_sub(1).min(30);

@@ -14,8 +14,10 @@ use croner::Cron;
 
 use crate::time::Timestamp;
 
-/// A parsed 5-field cron expression (minute hour day-of-month month day-of-week), UTC.
-#[derive(Clone)]
+/// A parsed 5-field cron expression (minute hour day-of-month month day-of-week), UTC. It is
+/// read and written as the expression's text.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Schedule {
     expr: String,
     cron: Cron,
@@ -90,6 +92,19 @@ impl fmt::Debug for Schedule {
 impl PartialEq for Schedule {
     fn eq(&self, other: &Self) -> bool {
         self.expr == other.expr
+    }
+}
+
+impl TryFrom<String> for Schedule {
+    type Error = ScheduleError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::parse(&s)
+    }
+}
+
+impl From<Schedule> for String {
+    fn from(s: Schedule) -> Self {
+        s.expr
     }
 }
 

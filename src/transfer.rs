@@ -19,6 +19,7 @@ use sha2::digest::common::hazmat::{SerializableState, SerializedState};
 use sha2::{Digest, Sha256};
 
 use crate::error::StepError;
+use crate::fields::{self, FieldError};
 use crate::http::HttpRequest;
 use crate::time::Timestamp;
 
@@ -28,27 +29,59 @@ const MIB: u64 = 1024 * 1024;
 pub const MEMORY_BUDGET: u64 = 96 * MIB;
 /// Memory a copy needs besides its part buffers (chunks, compressor, bookkeeping).
 pub const MEMORY_OVERHEAD: u64 = 4 * MIB;
+/// Smallest part size in MiB: R2's minimum for every part but the last.
+pub const MIN_PART_MIB: u64 = 5;
+/// Largest part size in MiB Ferry buffers: (parts in flight + 1) parts must fit [`MEMORY_BUDGET`].
+pub const MAX_PART_MIB: u64 = 32;
 /// R2's limit on parts per upload.
 pub const MAX_PARTS: u32 = 10_000;
 
-/// How a source's copies are cut into slices and pipelined.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a source's copies are cut into slices and pipelined: the source's `part_size_mib`,
+/// `parts_in_flight`, `slice_max_*`, `max_stalled_slices` and `copy_timeout_minutes` fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct TransferSettings {
-    /// Size of every multipart part but the last.
+    /// Size of every multipart part but the last (R2 takes 5 MiB at least; more than 32 MiB
+    /// cannot be buffered, see [`MEMORY_BUDGET`]).
+    #[serde(
+        rename = "part_size_mib",
+        serialize_with = "fields::ser_mib",
+        deserialize_with = "fields::mib::<_, MIN_PART_MIB, MAX_PART_MIB>"
+    )]
     pub part_size: u64,
     /// Parts uploading while the next one downloads.
+    #[serde(deserialize_with = "fields::count::<_, 1, 16>")]
     pub parts_in_flight: u32,
     /// Bytes one slice copies at most (it always stores at least one part).
+    #[serde(
+        rename = "slice_max_mib",
+        serialize_with = "fields::ser_mib",
+        deserialize_with = "fields::mib::<_, MIN_PART_MIB, 1_048_576>"
+    )]
     pub slice_bytes: u64,
-    /// Wall-clock time one slice runs at most before it stops at the next part boundary.
+    /// Wall-clock time one slice runs at most before it stops at the next part boundary (an
+    /// alarm may run 15 minutes; a slice stays well inside that).
+    #[serde(
+        rename = "slice_max_seconds",
+        serialize_with = "fields::ser_secs",
+        deserialize_with = "fields::secs::<_, 1, 600>"
+    )]
     pub slice_time: Duration,
     /// Pages of a generated export (Aura Query API calls) one slice reads at most.
+    #[serde(rename = "slice_max_pages", deserialize_with = "fields::count::<_, 1, 5000>")]
     pub slice_pages: u32,
     /// Consecutive slices that may end without a new part before the job fails.
+    #[serde(deserialize_with = "fields::count::<_, 1, 1000>")]
     pub max_stalled_slices: u32,
     /// Times an artifact may restart from zero (source replaced, ranges ignored) before failing.
+    #[serde(skip)]
     pub max_restarts: u32,
     /// How long copying all of a job's files may take.
+    #[serde(
+        rename = "copy_timeout_minutes",
+        serialize_with = "fields::ser_minutes",
+        deserialize_with = "fields::minutes::<_, 1, 10_080>"
+    )]
     pub copy_timeout: Duration,
 }
 
@@ -68,6 +101,23 @@ impl Default for TransferSettings {
 }
 
 impl TransferSettings {
+    /// What serde cannot check: the buffers of a copy fit the isolate.
+    pub fn check(&self) -> Result<(), FieldError> {
+        if self.peak_memory() > MEMORY_BUDGET {
+            return Err(FieldError::new(
+                "part_size_mib",
+                format!(
+                    "and parts_in_flight need {} MiB of buffers ((parts_in_flight + 1) x part_size_mib + {} MiB), \
+                     more than the {} MiB a 128 MB isolate can spare; lower part_size_mib or parts_in_flight",
+                    self.peak_memory() >> 20,
+                    MEMORY_OVERHEAD >> 20,
+                    MEMORY_BUDGET >> 20
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The most memory a copy with these settings holds: parts in flight, the part being filled,
     /// and a constant.
     pub fn peak_memory(&self) -> u64 {

@@ -102,8 +102,8 @@ proptest! {
         for source in sources() {
             let config = Config::from_value(&Value::Array(vec![source.clone()])).unwrap();
             let src = &config.sources[0];
-            let input = StepInput { source: src, creds: &creds, now: Timestamp::from_secs(1_700_000_000), params: &params, seen: &[] };
-            let mut all = vec![ProviderState::new(src)];
+            let input = StepInput { provider: &src.provider, creds: &creds, now: Timestamp::from_secs(1_700_000_000), params: &params, seen: &[] };
+            let mut all = vec![ProviderState::new(&src.provider)];
             for s in states(src.kind()) {
                 all.push(serde_json::from_value(s).unwrap());
             }

@@ -774,3 +774,77 @@ fn progress_reports_bytes_total_rate_and_eta_of_a_running_copy() {
     let p = h.job.progress(t0().plus(Duration::from_secs(10))).unwrap();
     assert_eq!((p.bytes_total, p.eta_seconds), (Some(300), Some(10)));
 }
+
+/// The config after an edit: another database, other dump options, poll interval, part size
+/// and token secret than the job started with.
+fn edited_config() -> SourceConfig {
+    source(json!({
+        "database_id": "db-2", "dump_options": {"no_data": true}, "poll_interval_ms": 5000,
+        "part_size_mib": 16, "token_secret": "OTHER_TOKEN", "retry": {"max_attempts": 0}
+    }))
+}
+
+#[test]
+fn a_job_keeps_polling_the_database_it_started_with_after_the_config_changes() {
+    let mut h = Harness::new(source(json!({"dump_options": {"tables": ["users"]}})));
+    let start = expect_send(h.wake_when_due());
+    assert_eq!(start.url, "http://127.0.0.1:9/client/v4/accounts/acc/d1/database/db-1/export");
+    h.feed(Event::Response(d1_active()));
+    h.src = edited_config();
+    let poll = expect_send(h.wake_when_due());
+    assert_eq!(
+        poll.url, "http://127.0.0.1:9/client/v4/accounts/acc/d1/database/db-1/export",
+        "the old bookmark goes to the old database"
+    );
+    assert_eq!(poll.header_value("authorization"), Some("Bearer tok"), "the token named when the job started");
+    let body: Value = serde_json::from_slice(poll.body.as_deref().unwrap()).unwrap();
+    assert_eq!(body["current_bookmark"], "bm-1");
+    assert_eq!(body["dump_options"], json!({"tables": ["users"], "no_data": false, "no_schema": false}));
+    // The poll interval is the snapshot's (1 s), not the edited 5 s.
+    assert_eq!(h.feed(Event::Response(d1_active())), Action::Sleep(h.now.plus(Duration::from_secs(1))));
+    // A transient error is retried under the snapshot's retry policy (3 tries), not the edited 0.
+    expect_send(h.wake_when_due());
+    assert!(matches!(h.feed(Event::Unreachable("down".into())), Action::Sleep(_)));
+    assert_eq!(h.job.phase, Phase::Exporting);
+    expect_send(h.wake_when_due());
+    h.feed(Event::Response(d1_complete()));
+    let order = expect_copy(h.wake_when_due());
+    assert_eq!(order.settings.part_size, crate::config::DEFAULT_PART_SIZE, "the snapshot's part size");
+    h.feed(copied(&order));
+    let Action::Commit { manifest, .. } = h.wake_when_due() else { panic!("expected commit") };
+    assert_eq!(manifest.provider["database_id"], "db-1");
+    assert_eq!(manifest.provider["dump_options"], json!({"tables": ["users"], "no_data": false, "no_schema": false}));
+}
+
+#[test]
+fn the_snapshot_survives_storage_and_is_shown_without_secrets() {
+    let h = Harness::new(source(json!({"dump_options": {"tables": ["users"]}})));
+    let stored: Job = serde_json::from_str(&serde_json::to_string(&h.job).unwrap()).unwrap();
+    assert_eq!(stored, h.job);
+    assert_eq!(stored.config.as_ref(), Some(&h.src));
+    let shown = h.job.public_json();
+    assert_eq!(shown["config"]["provider"]["database_id"], "db-1");
+    assert_eq!(shown["config"]["provider"]["token_secret"], "D1_TOKEN", "the secret's name, never its value");
+    assert!(!shown.to_string().contains("\"tok\""));
+}
+
+#[test]
+fn a_job_stored_without_a_snapshot_uses_the_current_config() {
+    let mut h = Harness::d1();
+    let mut v = serde_json::to_value(&h.job).unwrap();
+    v.as_object_mut().unwrap().remove("config");
+    h.job = serde_json::from_value(v).unwrap();
+    assert_eq!(h.job.config, None);
+    h.src = source(json!({"database_id": "db-2"}));
+    let start = expect_send(h.wake_when_due());
+    assert_eq!(start.url, "http://127.0.0.1:9/client/v4/accounts/acc/d1/database/db-2/export");
+}
+
+#[test]
+fn an_unreadable_snapshot_falls_back_to_the_current_config() {
+    let h = Harness::d1();
+    let mut v = serde_json::to_value(&h.job).unwrap();
+    v["config"] = json!({"written by": "a future version"});
+    let job: Job = serde_json::from_value(v).unwrap();
+    assert_eq!(job.config, None);
+}

@@ -37,10 +37,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use url::Url;
 
-use crate::config::{ProviderConfig, SourceConfig};
 use crate::error::StepError;
+use crate::fields::{self, FieldError};
 use crate::http::{status_error, HttpRequest, HttpResponse};
-use crate::providers::{url_with_path, Credentials, Download, Origin, Progress};
+use crate::providers::{url_with_path, Credentials, Download, Origin, Progress, ProviderSettings};
 use crate::time::Timestamp;
 use crate::transfer::GraphCursor;
 
@@ -56,38 +56,98 @@ pub const NODES_QUERY: &str = "MATCH (n) WHERE elementId(n) > $after RETURN elem
 /// Relationship page query.
 pub const RELATIONSHIPS_QUERY: &str = "MATCH ()-[r]->() WHERE elementId(r) > $after RETURN elementId(r) AS id, type(r) AS type, elementId(startNode(r)) AS start, elementId(endNode(r)) AS end, properties(r) AS props ORDER BY id LIMIT $limit";
 
-/// An Aura source's settings.
-#[derive(Debug, Clone, PartialEq)]
+/// An Aura source's settings: its fields of the source table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AuraConfig {
-    /// The Aura API (`https://api.neo4j.io`).
-    pub api_base: Url,
-    /// The instance (8 hex characters).
+    /// The Aura API (default [`AuraConfig::DEFAULT_API_BASE`], filled in by the check).
+    #[serde(default, deserialize_with = "fields::opt_http_url")]
+    pub api_base: Option<Url>,
+    /// The instance (8 hex characters, lower-cased by the check).
+    #[serde(deserialize_with = "fields::text")]
     pub instance_id: String,
     /// Name of the Worker secret holding the Aura API client id.
+    #[serde(deserialize_with = "fields::secret_name")]
     pub client_id_secret: String,
     /// Name of the Worker secret holding the Aura API client secret.
+    #[serde(deserialize_with = "fields::secret_name")]
     pub client_secret_secret: String,
     /// What to back up.
+    #[serde(default)]
     pub mode: AuraMode,
-    /// The instance's Query API (`https://<instance>.databases.neo4j.io`).
-    pub query_api_base: Url,
+    /// The instance's Query API (default `https://<instance>.databases.neo4j.io`, filled in by
+    /// the check).
+    #[serde(default, deserialize_with = "fields::opt_http_url")]
+    pub query_api_base: Option<Url>,
     /// The database to export.
+    #[serde(default = "neo4j", deserialize_with = "fields::text")]
     pub database: String,
     /// The database user for the Query API.
+    #[serde(default = "neo4j", deserialize_with = "fields::text")]
     pub db_user: String,
     /// Name of the Worker secret holding that user's password.
+    #[serde(default, deserialize_with = "fields::opt_secret_name")]
     pub db_password_secret: Option<String>,
     /// Nodes or relationships per Query API page.
+    #[serde(default = "default_page_size", deserialize_with = "fields::count::<_, 1, 50_000>")]
     pub page_size: u32,
+}
+
+fn neo4j() -> String {
+    "neo4j".into()
+}
+
+fn default_page_size() -> u32 {
+    1000
 }
 
 impl AuraConfig {
     /// The public Aura API.
     pub const DEFAULT_API_BASE: &'static str = "https://api.neo4j.io";
+
+    fn api_base(&self) -> Result<&Url, StepError> {
+        self.api_base.as_ref().ok_or_else(|| StepError::permanent("Aura: no api_base configured"))
+    }
+}
+
+impl ProviderSettings for AuraConfig {
+    /// Aura's own CLI polls every 20 s.
+    fn default_poll_interval(&self) -> Duration {
+        Duration::from_secs(10)
+    }
+
+    fn check(&mut self) -> Result<(), FieldError> {
+        if self.instance_id.len() != 8 || !self.instance_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(FieldError::new("instance_id", "must be the 8 hex characters of an Aura instance id"));
+        }
+        self.instance_id.make_ascii_lowercase();
+        if self.mode != AuraMode::Snapshot && self.db_password_secret.is_none() {
+            return Err(FieldError::new(
+                "db_password_secret",
+                "is required for the logical export (mode \"logical\" or \"both\")",
+            ));
+        }
+        if self.api_base.is_none() {
+            self.api_base = Some(fields::constant_url(Self::DEFAULT_API_BASE, "api_base")?);
+        }
+        if self.query_api_base.is_none() {
+            let url = format!("https://{}.databases.neo4j.io", self.instance_id);
+            self.query_api_base = Some(
+                Url::parse(&url).map_err(|e| FieldError::new("query_api_base", format!("is not a valid URL ({e})")))?,
+            );
+        }
+        Ok(())
+    }
+
+    fn secret_names(&self) -> Vec<&str> {
+        let mut names = vec![self.client_id_secret.as_str(), self.client_secret_secret.as_str()];
+        names.extend(self.db_password_secret.as_deref());
+        names
+    }
 }
 
 /// What an Aura backup consists of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuraMode {
     /// Only an on-demand snapshot (kept by Aura, recorded in the manifest).
@@ -95,6 +155,7 @@ pub enum AuraMode {
     /// Only the logical export into R2.
     Logical,
     /// Both (the default).
+    #[default]
     Both,
 }
 
@@ -213,7 +274,7 @@ impl AuraState {
                 let secret = creds.get(&cfg.client_secret_secret)?.expose();
                 Ok(HttpRequest {
                     method: crate::http::Method::Post,
-                    url: url_with_path(&cfg.api_base, &["oauth", "token"]),
+                    url: url_with_path(cfg.api_base()?, &["oauth", "token"]),
                     headers: vec![
                         ("authorization".into(), format!("Basic {}", STANDARD.encode(format!("{id}:{secret}")))),
                         ("content-type".into(), "application/x-www-form-urlencoded".into()),
@@ -224,7 +285,7 @@ impl AuraState {
             Stage::FindSnapshot => {
                 let token = self.secret_access_token.clone().unwrap_or_default();
                 let mut url =
-                    Url::parse(&url_with_path(&cfg.api_base, &["v1", "instances", &cfg.instance_id, "snapshots"]))
+                    Url::parse(&url_with_path(cfg.api_base()?, &["v1", "instances", &cfg.instance_id, "snapshots"]))
                         .map_err(|e| StepError::permanent(format!("the Aura API URL is invalid: {e}")))?;
                 // The list defaults to today (UTC): ask for the day of the unanswered request.
                 let day = self.create_unanswered_at.unwrap_or(Timestamp::from_secs(0)).to_datetime().format("%Y-%m-%d");
@@ -237,7 +298,7 @@ impl AuraState {
                     None => vec!["v1", "instances", &cfg.instance_id, "snapshots"],
                     Some(sid) => vec!["v1", "instances", &cfg.instance_id, "snapshots", sid],
                 };
-                let url = url_with_path(&cfg.api_base, &path);
+                let url = url_with_path(cfg.api_base()?, &path);
                 let req = match self.snapshot_id {
                     None => HttpRequest { method: crate::http::Method::Post, url, headers: Vec::new(), body: None },
                     Some(_) => HttpRequest::get(url),
@@ -435,17 +496,19 @@ impl fmt::Debug for GraphExport {
 
 impl GraphExport {
     /// The export of an Aura source's database.
-    pub fn for_source(source: &SourceConfig, creds: &Credentials, now: Timestamp) -> Result<Self, StepError> {
-        let ProviderConfig::Aura(cfg) = &source.provider else {
-            return Err(StepError::permanent("only Aura sources have a graph to export"));
-        };
+    pub fn for_config(cfg: &AuraConfig, creds: &Credentials, now: Timestamp) -> Result<Self, StepError> {
         let secret = cfg
             .db_password_secret
             .as_deref()
             .ok_or_else(|| StepError::permanent("db_password_secret is required for the logical export"))?;
         let pair = format!("{}:{}", cfg.db_user, creds.get(secret)?.expose());
         Ok(Self {
-            url: url_with_path(&cfg.query_api_base, &["db", &cfg.database, "query", "v2"]),
+            url: url_with_path(
+                cfg.query_api_base
+                    .as_ref()
+                    .ok_or_else(|| StepError::permanent("Aura: no query_api_base configured"))?,
+                &["db", &cfg.database, "query", "v2"],
+            ),
             authorization: format!("Basic {}", STANDARD.encode(pair)),
             database: cfg.database.clone(),
             page_size: cfg.page_size,

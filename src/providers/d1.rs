@@ -13,31 +13,41 @@
 //!   malformed response.
 //! - While an export runs, the database serves no queries.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use url::Url;
 
 use crate::error::StepError;
+use crate::fields::{self, FieldError};
 use crate::http::{status_error, HttpRequest, HttpResponse};
-use crate::providers::{url_with_path, Download, Progress};
+use crate::providers::{url_with_path, Download, Progress, ProviderSettings};
 use crate::secret::Secret;
 use crate::time::Timestamp;
 
 /// Most log lines kept per job.
 const MAX_MESSAGES: usize = 200;
 
-/// A D1 source's settings.
-#[derive(Debug, Clone, PartialEq)]
+/// A D1 source's settings: its fields of the source table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct D1Config {
-    /// Base URL of the Cloudflare API (`…/client/v4`).
-    pub api_base: Url,
+    /// Base URL of the Cloudflare API (`…/client/v4`); the public API when not set (filled in
+    /// by [`ProviderSettings::check`]).
+    #[serde(default, deserialize_with = "fields::opt_http_url")]
+    pub api_base: Option<Url>,
     /// Cloudflare account id.
+    #[serde(deserialize_with = "fields::text")]
     pub account_id: String,
     /// Database UUID.
+    #[serde(deserialize_with = "fields::text")]
     pub database_id: String,
     /// Name of the Worker secret holding an API token with D1 Write.
+    #[serde(deserialize_with = "fields::secret_name")]
     pub token_secret: String,
     /// What the dump contains.
+    #[serde(default)]
     pub dump_options: DumpOptions,
 }
 
@@ -46,15 +56,45 @@ impl D1Config {
     pub const DEFAULT_API_BASE: &'static str = "https://api.cloudflare.com/client/v4";
 
     /// `…/accounts/{account_id}/d1/database/{database_id}/export`.
-    pub fn export_url(&self) -> String {
-        url_with_path(&self.api_base, &["accounts", &self.account_id, "d1", "database", &self.database_id, "export"])
+    pub fn export_url(&self) -> Result<String, StepError> {
+        let base = self.api_base.as_ref().ok_or_else(|| StepError::permanent("D1: no api_base configured"))?;
+        Ok(url_with_path(base, &["accounts", &self.account_id, "d1", "database", &self.database_id, "export"]))
+    }
+}
+
+impl ProviderSettings for D1Config {
+    /// D1 cancels an export that is not polled promptly.
+    fn default_poll_interval(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+
+    fn check(&mut self) -> Result<(), FieldError> {
+        if self.account_id.len() > 32 {
+            return Err(FieldError::new("account_id", "must be at most 32 characters"));
+        }
+        if self.dump_options.no_data && self.dump_options.no_schema {
+            return Err(FieldError::new(
+                "dump_options.no_schema",
+                "cannot be combined with no_data (the dump would be empty)",
+            ));
+        }
+        if self.api_base.is_none() {
+            self.api_base = Some(fields::constant_url(Self::DEFAULT_API_BASE, "api_base")?);
+        }
+        Ok(())
+    }
+
+    fn secret_names(&self) -> Vec<&str> {
+        vec![self.token_secret.as_str()]
     }
 }
 
 /// D1's `dump_options`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a table")]
 pub struct DumpOptions {
     /// Only these tables (empty = all). D1 applies the filter to index and view names too.
+    #[serde(deserialize_with = "fields::texts")]
     pub tables: Vec<String>,
     /// Schema only.
     pub no_data: bool,
@@ -105,12 +145,12 @@ impl D1State {
 pub const MAX_POLL_GAP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The next export call: start (no bookmark yet) or poll.
-pub fn export_request(cfg: &D1Config, state: &D1State, token: &Secret) -> HttpRequest {
+pub fn export_request(cfg: &D1Config, state: &D1State, token: &Secret) -> Result<HttpRequest, StepError> {
     let mut body = json!({ "output_format": "polling", "dump_options": cfg.dump_options });
     if let Some(bookmark) = &state.at_bookmark {
         body["current_bookmark"] = Value::String(bookmark.clone());
     }
-    HttpRequest::post_json(cfg.export_url(), &body).header("authorization", format!("Bearer {}", token.expose()))
+    Ok(HttpRequest::post_json(cfg.export_url()?, &body).header("authorization", format!("Bearer {}", token.expose())))
 }
 
 /// Folds one export answer into the state.
@@ -215,11 +255,10 @@ fn envelope_errors(body: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn cfg() -> D1Config {
         D1Config {
-            api_base: Url::parse("http://127.0.0.1:9000/client/v4/").unwrap(),
+            api_base: Some(Url::parse("http://127.0.0.1:9000/client/v4/").unwrap()),
             account_id: "acc".into(),
             database_id: "db-1".into(),
             token_secret: "T".into(),
@@ -243,7 +282,7 @@ mod tests {
     fn first_request_starts_without_bookmark_and_polls_send_it() {
         let token = Secret::new("tok");
         let mut state = D1State::default();
-        let first = export_request(&cfg(), &state, &token);
+        let first = export_request(&cfg(), &state, &token).unwrap();
         assert_eq!(first.url, "http://127.0.0.1:9000/client/v4/accounts/acc/d1/database/db-1/export");
         assert_eq!(first.header_value("authorization"), Some("Bearer tok"));
         let body: Value = serde_json::from_slice(first.body.as_deref().unwrap()).unwrap();
@@ -252,7 +291,7 @@ mod tests {
             json!({"output_format": "polling", "dump_options": {"tables": ["users"], "no_data": false, "no_schema": false}})
         );
         on_export_response(&mut state, &active(&[]), now()).unwrap();
-        let poll = export_request(&cfg(), &state, &token);
+        let poll = export_request(&cfg(), &state, &token).unwrap();
         let body: Value = serde_json::from_slice(poll.body.as_deref().unwrap()).unwrap();
         assert_eq!(body["current_bookmark"], "bm-1");
     }
@@ -260,9 +299,12 @@ mod tests {
     #[test]
     fn export_url_is_built_from_segments_without_double_slashes() {
         let mut c = cfg();
-        c.api_base = Url::parse("https://api.cloudflare.com/client/v4").unwrap();
+        c.api_base = Some(Url::parse("https://api.cloudflare.com/client/v4").unwrap());
         c.database_id = "a b/c".into();
-        assert_eq!(c.export_url(), "https://api.cloudflare.com/client/v4/accounts/acc/d1/database/a%20b%2Fc/export");
+        assert_eq!(
+            c.export_url().unwrap(),
+            "https://api.cloudflare.com/client/v4/accounts/acc/d1/database/a%20b%2Fc/export"
+        );
     }
 
     #[test]

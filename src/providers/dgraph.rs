@@ -20,8 +20,11 @@ use serde_json::{json, Value};
 use url::Url;
 
 use crate::error::StepError;
+use crate::fields::{self, FieldError};
 use crate::http::{status_error, HttpRequest, HttpResponse};
-use crate::providers::{error_messages, url_file_name, url_with_path, Credentials, Download, Progress, ProviderState};
+use crate::providers::{
+    error_messages, url_file_name, url_with_path, Credentials, Download, Progress, ProviderSettings, ProviderState,
+};
 use crate::time::Timestamp;
 
 /// How many ACL logins one job may make before giving up.
@@ -34,37 +37,146 @@ const CEREBRO_LOGIN: &str =
 const DEPLOYMENTS: &str = "{ deployments { uid name zone url owner jwtToken deploymentMode deploymentType } }";
 const STATUS: &str = "query($exportId: String!, $taskId: String!) { exportStatus(exportId: $exportId, taskId: $taskId) { kind lastUpdated signedUrls status } }";
 
-/// A Dgraph source's settings.
-#[derive(Debug, Clone, PartialEq)]
+/// A Dgraph source's settings: its fields of the source table. Either one backend (`endpoint`
+/// and `api_key_secret`) or, in account mode, every backend of a Dgraph Cloud account
+/// (`cerebro_email` and `cerebro_password_secret`); with ACL also a Guardian's login (`user_id`
+/// and `password_secret`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DgraphConfig {
+    /// The shared base-URL override: when set it is the backend (moved to `endpoint` by
+    /// [`ProviderSettings::check`]).
+    #[serde(default, deserialize_with = "fields::opt_http_url", skip_serializing_if = "Option::is_none")]
+    pub api_base: Option<Url>,
     /// The backend's base URL (`https://<deployment>.cloud.dgraph.io`); `None` in account mode.
+    #[serde(default, deserialize_with = "fields::opt_http_url")]
     pub endpoint: Option<Url>,
     /// Name of the Worker secret holding an admin API key; `None` in account mode.
+    #[serde(default, deserialize_with = "fields::opt_secret_name")]
     pub api_key_secret: Option<String>,
-    /// Account mode: back up every backend of a Dgraph Cloud account.
-    pub account: Option<DgraphAccount>,
+    /// Account mode: the account's email.
+    #[serde(default, deserialize_with = "fields::opt_text")]
+    pub cerebro_email: Option<String>,
+    /// Account mode: name of the Worker secret holding the account's password.
+    #[serde(default, deserialize_with = "fields::opt_secret_name")]
+    pub cerebro_password_secret: Option<String>,
+    /// Account mode: the management API (default [`DgraphConfig::DEFAULT_CEREBRO_URL`], filled
+    /// in by the check).
+    #[serde(default, deserialize_with = "fields::opt_http_url")]
+    pub cerebro_url: Option<Url>,
     /// Export format.
+    #[serde(default)]
     pub format: DgraphFormat,
     /// Namespace to export (`-1`: all, needs a Galaxy guardian); `None`: the user's own.
+    #[serde(default)]
     pub namespace: Option<i64>,
-    /// ACL login, for backends with ACL / multi-tenancy.
-    pub acl: Option<DgraphAcl>,
+    /// ACL login: the Guardian's `userId`.
+    #[serde(default, deserialize_with = "fields::opt_text")]
+    pub user_id: Option<String>,
+    /// ACL login: name of the Worker secret holding the password.
+    #[serde(default, deserialize_with = "fields::opt_secret_name")]
+    pub password_secret: Option<String>,
+    /// ACL login: the namespace to log in to (0: Galaxy).
+    #[serde(default)]
+    pub login_namespace: i64,
+}
+
+impl DgraphConfig {
+    /// The public Cerebro endpoint.
+    pub const DEFAULT_CEREBRO_URL: &'static str = "https://cerebro.cloud.dgraph.io/graphql";
+
+    /// The Cerebro credentials, in account mode.
+    pub fn account(&self) -> Option<DgraphAccount<'_>> {
+        Some(DgraphAccount {
+            cerebro_url: self.cerebro_url.as_ref()?,
+            email: self.cerebro_email.as_deref()?,
+            password_secret: self.cerebro_password_secret.as_deref()?,
+        })
+    }
+
+    /// The Guardian's login, for backends with ACL.
+    pub fn acl(&self) -> Option<DgraphAcl<'_>> {
+        Some(DgraphAcl {
+            user_id: self.user_id.as_deref()?,
+            password_secret: self.password_secret.as_deref()?,
+            login_namespace: self.login_namespace,
+        })
+    }
+}
+
+impl ProviderSettings for DgraphConfig {
+    fn default_poll_interval(&self) -> Duration {
+        Duration::from_secs(2)
+    }
+
+    fn check(&mut self) -> Result<(), FieldError> {
+        if let Some(base) = self.api_base.take() {
+            self.endpoint = Some(base);
+        }
+        match (&self.cerebro_email, &self.cerebro_password_secret) {
+            (Some(_), Some(_)) => {
+                if self.endpoint.is_some() || self.api_key_secret.is_some() {
+                    return Err(FieldError::new(
+                        "cerebro_email",
+                        "account mode (cerebro_email) backs up every backend: leave out endpoint and api_key_secret",
+                    ));
+                }
+                if self.cerebro_url.is_none() {
+                    self.cerebro_url = Some(fields::constant_url(Self::DEFAULT_CEREBRO_URL, "cerebro_url")?);
+                }
+            }
+            (Some(_), None) => {
+                return Err(FieldError::new("cerebro_password_secret", "is required with cerebro_email (account mode)"))
+            }
+            (None, Some(_)) => {
+                return Err(FieldError::new("cerebro_email", "is required with cerebro_password_secret (account mode)"))
+            }
+            (None, None) => {
+                if self.endpoint.is_none() {
+                    return Err(FieldError::new(
+                        "endpoint",
+                        "is required (the backend URL), or give cerebro_email and cerebro_password_secret for account \
+                         mode",
+                    ));
+                }
+                if self.api_key_secret.is_none() {
+                    return Err(FieldError::new(
+                        "api_key_secret",
+                        "is required (the name of the secret holding an admin API key)",
+                    ));
+                }
+            }
+        }
+        if self.namespace.is_some_and(|n| n < -1) {
+            return Err(FieldError::new("namespace", "must be a namespace id, or -1 for every namespace"));
+        }
+        if self.login_namespace < 0 {
+            return Err(FieldError::new("login_namespace", "must be a namespace id"));
+        }
+        match (&self.user_id, &self.password_secret) {
+            (Some(_), None) => Err(FieldError::new("password_secret", "is required with user_id (ACL login)")),
+            (None, Some(_)) => Err(FieldError::new("user_id", "is required with password_secret (ACL login)")),
+            _ => Ok(()),
+        }
+    }
+
+    fn secret_names(&self) -> Vec<&str> {
+        [&self.api_key_secret, &self.cerebro_password_secret, &self.password_secret]
+            .into_iter()
+            .filter_map(|name| name.as_deref())
+            .collect()
+    }
 }
 
 /// Cerebro credentials for account mode.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DgraphAccount {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DgraphAccount<'a> {
     /// The management API (`https://cerebro.cloud.dgraph.io/graphql`).
-    pub cerebro_url: Url,
+    pub cerebro_url: &'a Url,
     /// The account's email.
-    pub email: String,
+    pub email: &'a str,
     /// Name of the Worker secret holding the account's password.
-    pub password_secret: String,
-}
-
-impl DgraphAccount {
-    /// The public Cerebro endpoint.
-    pub const DEFAULT_CEREBRO_URL: &'static str = "https://cerebro.cloud.dgraph.io/graphql";
+    pub password_secret: &'a str,
 }
 
 /// One backend of an account, as Cerebro lists it; a child job exports it.
@@ -81,21 +193,22 @@ pub struct Backend {
 }
 
 /// A Guardian's credentials for ACL login.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DgraphAcl {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DgraphAcl<'a> {
     /// `userId`.
-    pub user_id: String,
+    pub user_id: &'a str,
     /// Name of the Worker secret holding the password.
-    pub password_secret: String,
+    pub password_secret: &'a str,
     /// Namespace to log in to (0: Galaxy).
     pub login_namespace: i64,
 }
 
 /// Export format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DgraphFormat {
     /// JSON (the default).
+    #[default]
     Json,
     /// RDF N-Quads.
     Rdf,
@@ -182,13 +295,13 @@ impl DgraphState {
     }
 
     fn stage(&self, cfg: &DgraphConfig) -> Stage {
-        if cfg.account.is_some() && self.backend.is_none() {
+        if cfg.account().is_some() && self.backend.is_none() {
             if self.secret_cerebro_token.is_none() {
                 Stage::CerebroLogin
             } else {
                 Stage::Deployments
             }
-        } else if cfg.acl.is_some() && self.secret_access_jwt.is_none() {
+        } else if cfg.acl().is_some() && self.secret_access_jwt.is_none() {
             Stage::Login
         } else if self.task_id.is_none() {
             Stage::Export
@@ -200,12 +313,12 @@ impl DgraphState {
     /// The next GraphQL call.
     pub fn next_request(&self, cfg: &DgraphConfig, creds: &Credentials) -> Result<HttpRequest, StepError> {
         let stage = self.stage(cfg);
-        if let (Some(account), Stage::CerebroLogin | Stage::Deployments) = (&cfg.account, stage) {
+        if let (Some(account), Stage::CerebroLogin | Stage::Deployments) = (cfg.account(), stage) {
             return Ok(match stage {
                 Stage::CerebroLogin => HttpRequest::post_json(
                     account.cerebro_url.as_str(),
                     &json!({ "query": CEREBRO_LOGIN, "variables": {
-                        "email": account.email, "password": creds.get(&account.password_secret)?.expose() } }),
+                        "email": account.email, "password": creds.get(account.password_secret)?.expose() } }),
                 ),
                 _ => HttpRequest::post_json(account.cerebro_url.as_str(), &json!({ "query": DEPLOYMENTS })).header(
                     "authorization",
@@ -220,12 +333,12 @@ impl DgraphState {
                 return Err(StepError::permanent("no Dgraph account configured"))
             }
             Stage::Login => {
-                let Some(acl) = &cfg.acl else { return Err(StepError::permanent("no ACL configured")) };
+                let Some(acl) = cfg.acl() else { return Err(StepError::permanent("no ACL configured")) };
                 let variables = match &self.secret_refresh_jwt {
                     Some(refresh) => json!({ "refreshToken": refresh }),
                     None => json!({
                         "userId": acl.user_id,
-                        "password": creds.get(&acl.password_secret)?.expose(),
+                        "password": creds.get(acl.password_secret)?.expose(),
                         "namespace": acl.login_namespace,
                     }),
                 };
@@ -392,7 +505,7 @@ impl DgraphState {
         let token_problem = ["expired", "unauthenticated", "accessjwt", "access token", "invalid jwt", "refresh token"]
             .iter()
             .any(|p| lower.contains(p));
-        if cfg.acl.is_some() && self.logins < MAX_LOGINS {
+        if cfg.acl().is_some() && self.logins < MAX_LOGINS {
             if stage == Stage::Login && self.secret_refresh_jwt.is_some() {
                 // The refresh token was refused: log in with the password instead.
                 self.secret_refresh_jwt = None;
@@ -458,10 +571,10 @@ mod tests {
         DgraphConfig {
             endpoint: Some(Url::parse("http://127.0.0.1:9/backends/blue").unwrap()),
             api_key_secret: Some("KEY".into()),
-            account: None,
-            format: DgraphFormat::Json,
             namespace: Some(-1),
-            acl: acl.then(|| DgraphAcl { user_id: "groot".into(), password_secret: "PW".into(), login_namespace: 0 }),
+            user_id: acl.then(|| "groot".into()),
+            password_secret: acl.then(|| "PW".into()),
+            ..DgraphConfig::default()
         }
     }
 
@@ -616,11 +729,9 @@ mod tests {
         let mut c = cfg(false);
         c.endpoint = None;
         c.api_key_secret = None;
-        c.account = Some(DgraphAccount {
-            cerebro_url: Url::parse("http://127.0.0.1:9/cerebro/graphql").unwrap(),
-            email: "ops@acme.com".into(),
-            password_secret: "PW".into(),
-        });
+        c.cerebro_url = Some(Url::parse("http://127.0.0.1:9/cerebro/graphql").unwrap());
+        c.cerebro_email = Some("ops@acme.com".into());
+        c.cerebro_password_secret = Some("PW".into());
         let mut s = DgraphState::default();
         let login = s.next_request(&c, &creds()).unwrap();
         assert_eq!(login.url, "http://127.0.0.1:9/cerebro/graphql");

@@ -14,6 +14,8 @@
 //!   can be many gigabytes, so it goes through the multipart copy with flat memory.
 //! - From backup service 5.9.0 the REST API may be gone (CLI only): its 404 is reported as such.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use url::Url;
@@ -22,16 +24,76 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 
 use crate::error::StepError;
+use crate::fields::{self, FieldError};
 use crate::http::{status_error, HttpRequest, HttpResponse};
-use crate::providers::{url_with_path, Credentials, Download, Progress, StepInput};
+use crate::providers::{url_with_path, Credentials, Download, Progress, ProviderSettings, StepInput};
 
-/// A DXP source's settings.
-#[derive(Debug, Clone, PartialEq)]
+/// A DXP source's settings: its fields of the source table, with exactly one of three ways to
+/// authenticate (see [`DxpAuth`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DxpConfig {
     /// The backup service, e.g. `https://backup-<project>-<env>.lfr.cloud`.
+    #[serde(deserialize_with = "fields::http_url")]
     pub api_base: Url,
-    /// How to authenticate.
-    pub auth: DxpAuth,
+    /// Basic auth: the user (email).
+    #[serde(default, deserialize_with = "fields::opt_text")]
+    pub user: Option<String>,
+    /// Basic auth: name of the Worker secret holding the password.
+    #[serde(default, deserialize_with = "fields::opt_secret_name")]
+    pub password_secret: Option<String>,
+    /// Name of the Worker secret holding a user token (SSO projects).
+    #[serde(default, deserialize_with = "fields::opt_secret_name")]
+    pub user_token_secret: Option<String>,
+    /// Name of the Worker secret holding the project master token (backup service < 3.2.0).
+    #[serde(default, deserialize_with = "fields::opt_secret_name")]
+    pub master_token_secret: Option<String>,
+}
+
+impl DxpConfig {
+    /// How to authenticate; `None` unless exactly one mode is configured.
+    pub fn auth(&self) -> Option<DxpAuth> {
+        Some(match (&self.user, &self.password_secret, &self.user_token_secret, &self.master_token_secret) {
+            (Some(user), Some(password_secret), None, None) => {
+                DxpAuth::Basic { user: user.clone(), password_secret: password_secret.clone() }
+            }
+            (None, None, Some(secret), None) => DxpAuth::UserToken { secret: secret.clone() },
+            (None, None, None, Some(secret)) => DxpAuth::MasterToken { secret: secret.clone() },
+            _ => return None,
+        })
+    }
+}
+
+impl ProviderSettings for DxpConfig {
+    fn default_poll_interval(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+
+    fn check(&mut self) -> Result<(), FieldError> {
+        if self.auth().is_some() {
+            return Ok(());
+        }
+        Err(match (&self.user, &self.password_secret, &self.user_token_secret, &self.master_token_secret) {
+            (Some(_), None, None, None) => FieldError::new("password_secret", "is required with user (Basic auth)"),
+            (None, Some(_), None, None) => FieldError::new("user", "is required with password_secret (Basic auth)"),
+            (None, None, None, None) => FieldError::new(
+                "user_token_secret",
+                "or master_token_secret, or user with password_secret, is required",
+            ),
+            _ => FieldError::new(
+                "user_token_secret",
+                "conflicts with another auth mode: give exactly one of user+password_secret, user_token_secret, \
+                 master_token_secret",
+            ),
+        })
+    }
+
+    fn secret_names(&self) -> Vec<&str> {
+        [&self.password_secret, &self.user_token_secret, &self.master_token_secret]
+            .into_iter()
+            .filter_map(|name| name.as_deref())
+            .collect()
+    }
 }
 
 /// The backup service's three authentication modes.
@@ -71,7 +133,8 @@ pub struct DxpState {
 
 /// Adds the configured credentials to a request.
 pub fn authorize(cfg: &DxpConfig, req: HttpRequest, creds: &Credentials) -> Result<HttpRequest, StepError> {
-    Ok(match &cfg.auth {
+    let auth = cfg.auth().ok_or_else(|| StepError::permanent("DXP: no single auth mode configured"))?;
+    Ok(match &auth {
         DxpAuth::Basic { user, password_secret } => {
             let pair = format!("{user}:{}", creds.get(password_secret)?.expose());
             req.header("authorization", format!("Basic {}", STANDARD.encode(pair)))
@@ -276,7 +339,7 @@ mod tests {
 
     fn cfg_of(s: &crate::config::SourceConfig) -> &DxpConfig {
         match &s.provider {
-            crate::config::ProviderConfig::Dxp(c) => c,
+            crate::providers::ProviderConfig::Dxp(c) => c,
             _ => panic!(),
         }
     }
@@ -294,7 +357,7 @@ mod tests {
         params: &'a Value,
         seen: &'a [String],
     ) -> StepInput<'a> {
-        StepInput { source: s, creds: c, now: Timestamp::from_secs(0), params, seen }
+        StepInput { provider: &s.provider, creds: c, now: Timestamp::from_secs(0), params, seen }
     }
 
     #[test]

@@ -9,6 +9,9 @@
 //!
 //! Provider state may hold short-lived credentials (access tokens) between steps; such fields
 //! are named `secret_*` and are removed from everything the API shows (see [`redact`]).
+//!
+//! Each provider module also owns its settings: a serde-derived config type with its own
+//! checks ([`ProviderSettings`]), registered by one line in [`ProviderConfig`].
 
 pub mod aura;
 pub mod d1;
@@ -22,11 +25,107 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use url::Url;
 
-use crate::config::{ProviderConfig, SourceConfig};
 use crate::error::StepError;
+use crate::fields::FieldError;
 use crate::http::{HttpRequest, HttpResponse};
 use crate::secret::Secret;
 use crate::time::Timestamp;
+
+/// What every provider's settings type offers the config besides its serde derive.
+pub trait ProviderSettings {
+    /// The poll interval when the source sets no `poll_interval_ms`.
+    fn default_poll_interval(&self) -> Duration;
+    /// The checks serde cannot express (fields that depend on each other), run once after the
+    /// fields are read; it may fill in defaults derived from other fields.
+    fn check(&mut self) -> Result<(), FieldError>;
+    /// Names of the Worker secrets the source needs (never their values).
+    fn secret_names(&self) -> Vec<&str>;
+}
+
+/// Declares [`ProviderConfig`]: one line per provider, `"kind" => Variant(module::Config)`.
+macro_rules! providers {
+    ($($(#[$doc:meta])* $kind:literal => $variant:ident($config:ty),)*) => {
+        /// A source's provider and its settings, one variant per `kind`. Stored with a job as its
+        /// snapshot, tagged by `kind`.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "kind")]
+        pub enum ProviderConfig {
+            $($(#[$doc])* #[serde(rename = $kind)] $variant($config),)*
+        }
+
+        impl ProviderConfig {
+            /// Every `kind`, in registration order.
+            pub const KINDS: &'static [&'static str] = &[$($kind),*];
+
+            /// Reads the provider's own fields of a source of `kind` (`None` for an unknown
+            /// kind); errors keep the path of the offending field.
+            pub fn from_fields(
+                kind: &str,
+                fields: Value,
+            ) -> Option<Result<Self, serde_path_to_error::Error<serde_json::Error>>> {
+                match kind {
+                    $($kind => Some(serde_path_to_error::deserialize(fields).map(Self::$variant)),)*
+                    _ => None,
+                }
+            }
+
+            /// The `kind` string.
+            pub fn kind(&self) -> &'static str {
+                match self {
+                    $(Self::$variant(_) => $kind,)*
+                }
+            }
+
+            fn settings(&self) -> &dyn ProviderSettings {
+                match self {
+                    $(Self::$variant(c) => c,)*
+                }
+            }
+
+            fn settings_mut(&mut self) -> &mut dyn ProviderSettings {
+                match self {
+                    $(Self::$variant(c) => c,)*
+                }
+            }
+        }
+    };
+}
+
+providers! {
+    /// Cloudflare D1 (REST export).
+    "d1" => D1(d1::D1Config),
+    /// Dgraph Cloud (`/admin/slash` export).
+    "dgraph" => Dgraph(dgraph::DgraphConfig),
+    /// Neo4j Aura (snapshots and a logical export over the Query API).
+    "aura" => Aura(aura::AuraConfig),
+    /// Liferay DXP Cloud (backup service downloads).
+    "dxp" => Dxp(dxp::DxpConfig),
+}
+
+impl ProviderConfig {
+    /// See [`ProviderSettings::default_poll_interval`].
+    pub fn default_poll_interval(&self) -> Duration {
+        self.settings().default_poll_interval()
+    }
+
+    /// See [`ProviderSettings::check`].
+    pub fn check(&mut self) -> Result<(), FieldError> {
+        self.settings_mut().check()
+    }
+
+    /// See [`ProviderSettings::secret_names`].
+    pub fn secret_names(&self) -> Vec<&str> {
+        self.settings().secret_names()
+    }
+
+    /// The logical export of an Aura source's graph, read at copy time.
+    pub fn graph_export(&self, creds: &Credentials, now: Timestamp) -> Result<aura::GraphExport, StepError> {
+        match self {
+            Self::Aura(cfg) => aura::GraphExport::for_config(cfg, creds, now),
+            _ => Err(StepError::permanent("only Aura sources have a graph to export")),
+        }
+    }
+}
 
 /// The Worker secrets a step may use, by secret name.
 #[derive(Debug, Clone, Default)]
@@ -106,11 +205,11 @@ pub enum Progress {
     Spawn(Vec<ProviderState>),
 }
 
-/// What a step may consult besides the source's config.
+/// What a step may consult besides the provider's state.
 #[derive(Debug, Clone, Copy)]
 pub struct StepInput<'a> {
-    /// The source's configuration.
-    pub source: &'a SourceConfig,
+    /// The provider's settings (the job's snapshot of them).
+    pub provider: &'a ProviderConfig,
     /// Its secrets.
     pub creds: &'a Credentials,
     /// Now.
@@ -136,9 +235,9 @@ pub enum ProviderState {
 }
 
 impl ProviderState {
-    /// Fresh state for a new job of `source`.
-    pub fn new(source: &SourceConfig) -> Self {
-        match &source.provider {
+    /// Fresh state for a new job of a source with these settings.
+    pub fn new(provider: &ProviderConfig) -> Self {
+        match provider {
             ProviderConfig::D1(_) => Self::D1(d1::D1State::default()),
             ProviderConfig::Dgraph(_) => Self::Dgraph(dgraph::DgraphState::default()),
             ProviderConfig::Aura(_) => Self::Aura(aura::AuraState::default()),
@@ -148,7 +247,7 @@ impl ProviderState {
 
     /// A decision that needs no request, if one is due now.
     pub fn advance(&mut self, input: &StepInput<'_>) -> Result<Option<Progress>, StepError> {
-        match (self, &input.source.provider) {
+        match (self, input.provider) {
             (Self::Aura(state), ProviderConfig::Aura(cfg)) => Ok(state.advance(cfg, input.now)),
             (Self::Dxp(state), ProviderConfig::Dxp(cfg)) => state.advance(cfg, input),
             _ => Ok(None),
@@ -158,10 +257,8 @@ impl ProviderState {
     /// The next request of the export protocol.
     pub fn next_request(&self, input: &StepInput<'_>) -> Result<HttpRequest, StepError> {
         let creds = input.creds;
-        match (self, &input.source.provider) {
-            (Self::D1(state), ProviderConfig::D1(cfg)) => {
-                Ok(d1::export_request(cfg, state, creds.get(&cfg.token_secret)?))
-            }
+        match (self, input.provider) {
+            (Self::D1(state), ProviderConfig::D1(cfg)) => d1::export_request(cfg, state, creds.get(&cfg.token_secret)?),
             (Self::Dgraph(state), ProviderConfig::Dgraph(cfg)) => state.next_request(cfg, creds),
             (Self::Aura(state), ProviderConfig::Aura(cfg)) => state.next_request(cfg, creds),
             (Self::Dxp(state), ProviderConfig::Dxp(cfg)) => state.next_request(cfg, creds),
@@ -172,7 +269,7 @@ impl ProviderState {
     /// Folds the answer to [`ProviderState::next_request`] into the state.
     pub fn on_response(&mut self, input: &StepInput<'_>, resp: &HttpResponse) -> Result<Progress, StepError> {
         let now = input.now;
-        match (self, &input.source.provider) {
+        match (self, input.provider) {
             (Self::D1(state), ProviderConfig::D1(_)) => d1::on_export_response(state, resp, now),
             (Self::Dgraph(state), ProviderConfig::Dgraph(cfg)) => state.on_response(cfg, resp, now),
             (Self::Aura(state), ProviderConfig::Aura(cfg)) => state.on_response(cfg, resp, now),
@@ -184,7 +281,7 @@ impl ProviderState {
     /// The GET that fetches one finished file behind a URL.
     pub fn download_request(
         &self,
-        source: &SourceConfig,
+        provider: &ProviderConfig,
         url: &str,
         authenticated: bool,
         creds: &Credentials,
@@ -193,7 +290,7 @@ impl ProviderState {
         if !authenticated {
             return Ok(req);
         }
-        match &source.provider {
+        match provider {
             ProviderConfig::Dxp(cfg) => dxp::authorize(cfg, req, creds),
             ProviderConfig::D1(cfg) => {
                 Ok(req.header("authorization", format!("Bearer {}", creds.get(&cfg.token_secret)?.expose())))
@@ -203,8 +300,8 @@ impl ProviderState {
     }
 
     /// The provider's references for the manifest (ids, bookmarks, filenames, snapshots).
-    pub fn references(&self, source: &SourceConfig) -> Value {
-        let refs = match (self, &source.provider) {
+    pub fn references(&self, provider: &ProviderConfig) -> Value {
+        let refs = match (self, provider) {
             (Self::D1(state), ProviderConfig::D1(cfg)) => state.references(cfg),
             (Self::Dgraph(state), ProviderConfig::Dgraph(cfg)) => state.references(cfg),
             (Self::Aura(state), ProviderConfig::Aura(cfg)) => state.references(cfg),
@@ -241,7 +338,7 @@ impl ProviderState {
     /// looks for the snapshot before asking again; D1 and Dgraph offer no way to find an export
     /// without the answer, so the retry may start a second one. Returns what the job should say.
     pub fn create_unanswered(&mut self, input: &StepInput<'_>) -> Option<String> {
-        match (self, &input.source.provider) {
+        match (self, input.provider) {
             (Self::Aura(state), _) => state.create_unanswered(input.now),
             (Self::D1(state), _) => state.create_unanswered(),
             (Self::Dgraph(state), ProviderConfig::Dgraph(cfg)) => state.create_unanswered(cfg),

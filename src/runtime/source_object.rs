@@ -103,12 +103,12 @@ impl DurableObject for SourceObject {
             (Method::Get, p) if p.starts_with("/job/") => match JobId::parse(&p["/job/".len()..]) {
                 Some(id) => match self.load_job(&id).await? {
                     Some(job) => {
-                    let mut shown = job.public_json();
-                    if let Some(progress) = job.progress(now()) {
-                        shown["progress"] = serde_json::to_value(progress).map_err(rust_err)?;
+                        let mut shown = job.public_json();
+                        if let Some(progress) = job.progress(now()) {
+                            shown["progress"] = serde_json::to_value(progress).map_err(rust_err)?;
+                        }
+                        Response::from_json(&shown)
                     }
-                    Response::from_json(&shown)
-                }
                     None => Response::error("no such job", 404),
                 },
                 None => Response::error("no such job", 404),
@@ -463,6 +463,9 @@ impl SourceObject {
             self.storage().delete_alarm().await?;
             return Ok(());
         };
+        // Every step runs with the settings the job started with (its snapshot); only the
+        // secrets' values are read fresh, by the names in that snapshot.
+        let source = job.settings(&source).clone();
         let creds = credentials(&self.env, &source.secret_names());
         let bucket = self.env.bucket(BUCKET)?;
         let mut event = Event::Wake;

@@ -3,7 +3,8 @@ use std::io::Read as _;
 use flate2::read::GzDecoder;
 
 use super::*;
-use crate::config::Config;
+use crate::config::{Config, SourceConfig};
+use crate::providers::ProviderConfig;
 use crate::secret::Secret;
 
 fn source(mode: &str, page_size: u32) -> SourceConfig {
@@ -172,7 +173,7 @@ fn gunzip_lines(bytes: &[u8]) -> Vec<Value> {
 #[test]
 fn graph_export_pages_nodes_then_relationships_into_gzip_json_lines() {
     let s = source("logical", 2);
-    let spec = GraphExport::for_source(&s, &creds(), t(100)).unwrap();
+    let spec = GraphExport::for_config(cfg(&s), &creds(), t(100)).unwrap();
     assert!(!format!("{spec:?}").contains("pw"), "no password in Debug");
     let mut w = spec.start();
     let mut out = Vec::new();
@@ -236,7 +237,7 @@ fn query_api_errors_are_failures_whatever_the_status() {
 fn property_values_survive_the_export_exactly() {
     // serde_json's default float parser can be off by one ulp; the export must not be.
     let s = source("logical", 10);
-    let mut w = GraphExport::for_source(&s, &creds(), t(0)).unwrap().start();
+    let mut w = GraphExport::for_config(cfg(&s), &creds(), t(0)).unwrap().start();
     let raw = br#"{"data":{"fields":["id","labels","props"],"values":[["4:a:1",["City"],{"lon":94.89924441094519,"big":9007199254740993,"neg":-0.0,"tiny":5e-324}]]},"bookmarks":[]}"#;
     let resp = HttpResponse { status: 202, headers: vec![], body: raw.to_vec() };
     w.on_response(&resp, t(0)).unwrap();
@@ -253,7 +254,7 @@ fn property_values_survive_the_export_exactly() {
 #[test]
 fn a_sliced_graph_export_is_concatenated_gzip_members_with_the_same_lines() {
     let s = source("logical", 2);
-    let spec = GraphExport::for_source(&s, &creds(), t(100)).unwrap();
+    let spec = GraphExport::for_config(cfg(&s), &creds(), t(100)).unwrap();
     let node_fields = ["id", "labels", "props"];
     let rel_fields = ["id", "type", "start", "end", "props"];
     let answers = [
@@ -301,7 +302,7 @@ fn a_sliced_graph_export_is_concatenated_gzip_members_with_the_same_lines() {
 #[test]
 fn a_page_over_the_response_cap_halves_the_page_size_and_remembers_it() {
     let s = source("logical", 1000);
-    let spec = GraphExport::for_source(&s, &creds(), t(100)).unwrap();
+    let spec = GraphExport::for_config(cfg(&s), &creds(), t(100)).unwrap();
     let mut w = spec.start();
     let limit = |w: &GraphWriter| {
         let body: Value = serde_json::from_slice(w.next_request().unwrap().body.as_deref().unwrap()).unwrap();
