@@ -17,6 +17,7 @@ use crate::providers::aura::{AuraConfig, AuraMode};
 use crate::providers::d1::{D1Config, DumpOptions};
 use crate::providers::dgraph::{DgraphAccount, DgraphAcl, DgraphConfig, DgraphFormat};
 use crate::providers::dxp::{DxpAuth, DxpConfig};
+use crate::retention::RetentionPolicy;
 use crate::retry::RetryPolicy;
 use crate::schedule::Schedule;
 use crate::transfer::{TransferSettings, MEMORY_BUDGET};
@@ -56,6 +57,8 @@ pub struct SourceConfig {
     pub export_timeout: Duration,
     /// The provider and its settings.
     pub provider: ProviderConfig,
+    /// Which backups to keep (`retention` table); `None` keeps every backup.
+    pub retention: Option<RetentionPolicy>,
 }
 
 /// Provider-specific settings, one variant per `kind`.
@@ -313,6 +316,11 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
         None => RetryPolicy::default(),
         Some(m) => parse_retry(&f.source, m)?,
     };
+    let retention = f
+        .raw("retention")
+        .map(RetentionPolicy::from_value)
+        .transpose()
+        .map_err(|e| f.err(&e.path("retention"), e.problem))?;
     let api_base = f.url("api_base")?;
     let provider = match kind.as_str() {
         "d1" => ProviderConfig::D1(parse_d1(&mut f, api_base)?),
@@ -324,7 +332,17 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
         }
     };
     f.finish()?;
-    Ok(SourceConfig { name, schedule, verify_schedule, transfer, retry, poll_interval, export_timeout, provider })
+    Ok(SourceConfig {
+        name,
+        schedule,
+        verify_schedule,
+        transfer,
+        retry,
+        poll_interval,
+        export_timeout,
+        provider,
+        retention,
+    })
 }
 
 fn parse_transfer(f: &mut Fields<'_>) -> Result<TransferSettings, ConfigError> {
@@ -781,6 +799,27 @@ mod tests {
         assert_eq!(c.sources[0].verify_schedule.as_ref().map(|s| s.as_str().to_string()).as_deref(), Some("0 5 * * 0"));
         assert!(Config::from_value(&json!([d1(json!({}))])).unwrap().sources[0].verify_schedule.is_none());
         assert_eq!(err(d1(json!({"verify_schedule": "weekly"}))).field.as_deref(), Some("verify_schedule"));
+    }
+
+    #[test]
+    fn retention_is_optional_and_its_errors_name_the_field_inside_it() {
+        assert!(Config::from_value(&json!([d1(json!({}))])).unwrap().sources[0].retention.is_none());
+        let c =
+            Config::from_value(&json!([d1(json!({"retention": {"keep_daily": 7, "keep_within": "30d"}}))])).unwrap();
+        let p = c.sources[0].retention.unwrap();
+        assert_eq!(
+            (p.keep_daily.map(|c| c.get()), p.keep_within.map(|w| w.to_string())),
+            (Some(7), Some("30d".into()))
+        );
+        let e = err(d1(json!({"retention": {"keep_daily": 7, "keep_within": "soon"}})));
+        assert_eq!(e.field.as_deref(), Some("retention.keep_within"));
+        assert!(e.to_string().contains("valid duration"), "{e}");
+        assert_eq!(
+            err(d1(json!({"retention": {"keep_forever": true}}))).field.as_deref(),
+            Some("retention.keep_forever")
+        );
+        assert_eq!(err(d1(json!({"retention": {}}))).field.as_deref(), Some("retention"));
+        assert_eq!(err(d1(json!({"retention": 7}))).field.as_deref(), Some("retention"));
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //!   download's answer is judged (`Range`, `If-Range`, validators).
 //! - [`verify`]: the verify job's progress and outcome: read a backup back, re-hash, compare.
 //! - [`manifest`]: the R2 layout and the manifest written last as the commit marker.
+//! - [`retention`]: which backups a source keeps (restic's `forget` rules, pins, verification)
+//!   and why; the plan the runtime applies, manifest first.
 //! - [`api`]: routes and auth checks of the HTTP API.
 //! - [`http`], [`error`], [`retry`], [`secret`], [`time`]: values shared by the above.
 //! - `runtime` (wasm32 only): the thin shell over `worker`. It executes the core's actions with
@@ -32,6 +34,7 @@ pub mod job;
 pub mod ledger;
 pub mod manifest;
 pub mod providers;
+pub mod retention;
 pub mod retry;
 pub mod schedule;
 pub mod secret;
