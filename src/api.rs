@@ -29,6 +29,15 @@ pub enum Route {
     StartVerify(String),
     /// `GET /metrics` (bearer): Prometheus text exposition.
     Metrics,
+    /// `GET /v1/sources/{name}/retention`: the retention plan, without deleting anything.
+    Retention(String),
+    /// `POST` (`pin: true`) or `DELETE` (`pin: false`) `/v1/backups/{source}/{folder}/pin`.
+    Pin {
+        /// The backup's folder, `{source}/{folder}/`.
+        folder: String,
+        /// Pin or unpin.
+        pin: bool,
+    },
     /// `GET /` or `/healthz`: liveness, no auth.
     Health,
     /// Known path, wrong method.
@@ -42,6 +51,7 @@ pub fn route(method: &str, path: &str) -> Route {
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let get = method.eq_ignore_ascii_case("GET") || method.eq_ignore_ascii_case("HEAD");
     let post = method.eq_ignore_ascii_case("POST");
+    let delete = method.eq_ignore_ascii_case("DELETE");
     let only = |ok: bool, allowed: &'static str, r: Route| if ok { r } else { Route::MethodNotAllowed(allowed) };
     match segments.as_slice() {
         [""] | ["healthz"] => only(get, "GET", Route::Health),
@@ -54,6 +64,18 @@ pub fn route(method: &str, path: &str) -> Route {
         ["v1", "sources", name, "backups"] => only(get, "GET", Route::Backups(decode(name))),
         ["v1", "sources", name, "exports"] => only(post, "POST", Route::StartExport(decode(name))),
         ["v1", "sources", name, "verify"] => only(post, "POST", Route::StartVerify(decode(name))),
+        ["v1", "sources", name, "retention"] => only(get, "GET", Route::Retention(decode(name))),
+        // `GET` of the same path is a file named `pin` (below).
+        ["v1", "backups", source, folder, "pin"] if !get => {
+            let (source, folder) = (decode(source), decode(folder));
+            if [&source, &folder].iter().any(|s| s.is_empty() || *s == "." || *s == ".." || s.contains('/')) {
+                Route::NotFound
+            } else if post || delete {
+                Route::Pin { folder: format!("{source}/{folder}/"), pin: post }
+            } else {
+                Route::MethodNotAllowed("GET, POST, DELETE")
+            }
+        }
         ["v1", "backups", rest @ ..] if !rest.is_empty() && rest.iter().all(|s| !s.is_empty()) => {
             let key = rest.iter().map(|s| decode(s)).collect::<Vec<_>>().join("/");
             if key.split('/').any(|s| s == ".." || s == ".") {
@@ -126,6 +148,22 @@ mod tests {
             Route::Artifact("app-db/2026-11-23T101500Z-0123456789abcdef/x y.sql".into())
         );
         assert_eq!(route("GET", "/"), Route::Health);
+        assert_eq!(route("GET", "/v1/sources/app-db/retention"), Route::Retention("app-db".into()));
+        let folder = "app-db/2026-11-23T101500Z-0123456789abcdef/".to_string();
+        let pin = "/v1/backups/app-db/2026-11-23T101500Z-0123456789abcdef/pin";
+        assert_eq!(route("POST", pin), Route::Pin { folder: folder.clone(), pin: true });
+        assert_eq!(route("DELETE", pin), Route::Pin { folder, pin: false });
+        assert_eq!(route("GET", pin), Route::Artifact("app-db/2026-11-23T101500Z-0123456789abcdef/pin".into()));
+    }
+
+    #[test]
+    fn pin_routes_refuse_odd_folders_and_methods() {
+        assert_eq!(route("POST", "/v1/sources/app-db/retention"), Route::MethodNotAllowed("GET"));
+        assert_eq!(route("PUT", "/v1/backups/app-db/f/pin"), Route::MethodNotAllowed("GET, POST, DELETE"));
+        assert_eq!(route("POST", "/v1/backups/app-db/../pin"), Route::NotFound);
+        assert_eq!(route("POST", "/v1/backups/app-db/a%2Fb/pin"), Route::NotFound);
+        assert_eq!(route("POST", "/v1/backups/app-db//pin"), Route::NotFound);
+        assert_eq!(route("POST", "/v1/backups/app-db/f/x/pin"), Route::MethodNotAllowed("GET"));
     }
 
     #[test]

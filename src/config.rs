@@ -21,6 +21,7 @@ use serde_path_to_error::Segment;
 
 use crate::fields::{self, FieldError};
 use crate::providers::ProviderConfig;
+use crate::retention::RetentionPolicy;
 use crate::retry::RetryPolicy;
 use crate::schedule::Schedule;
 use crate::transfer::TransferSettings;
@@ -72,6 +73,9 @@ pub struct SourceConfig {
     pub export_timeout: Duration,
     /// The provider and its settings.
     pub provider: ProviderConfig,
+    /// Which backups to keep (`retention` table); `None` keeps every backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionPolicy>,
 }
 
 impl SourceConfig {
@@ -217,6 +221,12 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
         Some(Value::String(kind)) => kind.trim().to_string(),
         Some(_) => return Err(at(FieldError::new("kind", "must be a string"))),
     };
+    let retention = match table.remove("retention") {
+        None => None,
+        Some(v) => {
+            Some(RetentionPolicy::from_value(&v).map_err(|e| at(FieldError::new(e.path("retention"), e.problem)))?)
+        }
+    };
     // Each field goes to the part that declares it; the provider's part gets the rest, so an
     // unknown field is reported by its `deny_unknown_fields`.
     let (general_names, transfer_names) =
@@ -252,6 +262,7 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
         poll_interval: general.poll_interval_ms.unwrap_or_else(|| provider.default_poll_interval()),
         export_timeout: general.export_timeout_minutes,
         provider,
+        retention,
     })
 }
 

@@ -782,6 +782,7 @@ impl Job {
             job_id: self.id.clone(),
             trigger: self.trigger,
             started_at: self.started_at,
+            scheduled_for: self.scheduled_for,
             finished_at: now,
             provider: self.provider.references(&cx.source.provider),
             artifacts: self.artifacts.clone(),

@@ -19,6 +19,8 @@
 //! - [`verify`]: the verify job's progress and outcome: read a backup back, re-hash, compare.
 //! - [`status`]: one source's report (job in flight, progress, health, history) and [`metrics`].
 //! - [`manifest`]: the R2 layout and the manifest written last as the commit marker.
+//! - [`retention`]: which backups a source keeps (restic's `forget` rules, pins, verification)
+//!   and why; the plan the runtime applies, manifest first.
 //! - [`api`]: routes and auth checks of the HTTP API.
 //! - [`http`], [`error`], [`retry`], [`secret`], [`time`]: values shared by the above.
 //! - `runtime` (wasm32 only): the thin shell over `worker`. It executes the core's actions with
@@ -38,6 +40,7 @@ pub mod ledger;
 pub mod manifest;
 pub mod metrics;
 pub mod providers;
+pub mod retention;
 pub mod retry;
 pub mod schedule;
 pub mod secret;

@@ -54,6 +54,10 @@ pub struct Manifest {
     pub trigger: Trigger,
     /// When the job started (also in the folder name).
     pub started_at: Timestamp,
+    /// The cron fire time the job served, for a scheduled backup: retention counts the backup at
+    /// this time (`crate::retention::backup_time`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_for: Option<Timestamp>,
     /// When the last artifact was stored.
     pub finished_at: Timestamp,
     /// The provider's references: ids, bookmarks, filenames.
@@ -155,6 +159,7 @@ mod tests {
             job_id: JobId::new("0123456789abcdef"),
             trigger: Trigger::Webhook,
             started_at: Timestamp::from_secs(1_795_429_500),
+            scheduled_for: None,
             finished_at: Timestamp::from_secs(1_795_429_510),
             provider: serde_json::json!({"at_bookmark": "b"}),
             artifacts: vec![Artifact {

@@ -177,6 +177,7 @@ mod tests {
             job_id: JobId::new("0123456789abcdef"),
             trigger: Trigger::Cron,
             started_at: Timestamp::from_secs(0),
+            scheduled_for: None,
             finished_at: Timestamp::from_secs(1),
             provider: serde_json::json!({}),
             artifacts: files

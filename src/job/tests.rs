@@ -549,6 +549,7 @@ fn a_verify_job_reads_in_slices_then_records_ok_and_ends_verified() {
         job_id: JobId::new("0123456789abcdef"),
         trigger: Trigger::Cron,
         started_at: t0(),
+        scheduled_for: None,
         finished_at: t0(),
         provider: json!({}),
         artifacts: vec![artifact("app-db/f/x.sql")],

@@ -9,12 +9,13 @@ use serde_json::{json, Value};
 use worker::{console_error, Env, Method, Request, Response, ResponseBody};
 
 use super::source_object::{call, claim_delivery, retired_sources, trigger_webhook};
-use super::{load_config, now, secret, store, BUCKET};
+use super::{load_config, now, retention, secret, store, BUCKET};
 use crate::api::{api_token_problem, bearer_ok, error_body, route, Route};
 use crate::config::Config;
 use crate::job::Task;
 use crate::manifest::{folder_of, is_manifest_key, manifest_key, Manifest};
 use crate::metrics::{render, SourceMetrics};
+use crate::retention::pin_key;
 use crate::status::SourceReport;
 use crate::verify::{verification_key, Verification};
 use crate::webhook::{verify, WebhookError, WebhookHeaders, WebhookSecret};
@@ -68,6 +69,8 @@ pub(crate) async fn handle(req: Request, env: &Env) -> worker::Result<Response> 
                 Route::Job(id) => find_job(env, &config, id.as_str()).await,
                 Route::Backups(name) => list_backups(&req, env, &config, &name).await,
                 Route::Artifact(key) => artifact(env, &key).await,
+                Route::Retention(name) => retention_plan(env, &config, &name).await,
+                Route::Pin { folder, pin } => set_pin(env, &folder, pin).await,
                 _ => error(404, "not found"),
             }
         }
@@ -239,23 +242,64 @@ async fn list_backups(req: &Request, env: &Env, config: &Config, name: &str) -> 
         .unwrap_or(BACKUPS_PAGE)
         .clamp(1, 1000);
     let bucket = env.bucket(BUCKET)?;
-    let mut keys: Vec<String> =
-        store::list_keys(&bucket, &format!("{name}/")).await?.into_iter().filter(|k| is_manifest_key(k)).collect();
+    let all = store::list_keys(&bucket, &format!("{name}/")).await?;
+    let present: std::collections::HashSet<&str> = all.iter().map(String::as_str).collect();
+    let mut keys: Vec<&String> = all.iter().filter(|k| is_manifest_key(k)).collect();
     // Folder names start with the job's start time, so reverse key order is newest first.
     keys.sort_unstable_by(|a, b| b.cmp(a));
     keys.truncate(limit);
-    // Each backup with its last verification (`null` when it was never verified).
-    let backups: Vec<Value> =
-        join_all(keys.iter().map(|k| backup_with_verification(&bucket, k))).await.into_iter().flatten().collect();
+    // Each backup with its last verification (`null` when it was never verified) and its pin.
+    let backups: Vec<Value> = join_all(keys.iter().map(|k| {
+        let pinned = folder_of(k).is_some_and(|folder| present.contains(pin_key(folder).as_str()));
+        backup_with_verification(&bucket, k, pinned)
+    }))
+    .await
+    .into_iter()
+    .flatten()
+    .collect();
     json(200, &json!({ "source": name, "backups": backups }))
 }
 
-async fn backup_with_verification(bucket: &worker::Bucket, manifest_key: &str) -> Option<Value> {
+async fn backup_with_verification(bucket: &worker::Bucket, manifest_key: &str, pinned: bool) -> Option<Value> {
     let manifest: Manifest = store::read_manifest(bucket, manifest_key).await?;
     let verification: Option<Verification> = store::read_json(bucket, &verification_key(manifest_key)).await;
     let mut value = serde_json::to_value(manifest).ok()?;
     value["verification"] = serde_json::to_value(verification).unwrap_or(Value::Null);
+    value["pinned"] = Value::Bool(pinned);
     Some(value)
+}
+
+/// `GET /v1/sources/{name}/retention`: what retention would keep (and why) and delete, now.
+async fn retention_plan(env: &Env, config: &Config, name: &str) -> worker::Result<Response> {
+    let Some(source) = config.source(name) else { return error(404, &format!("no source named {name:?}")) };
+    let bucket = env.bucket(BUCKET)?;
+    let now = now();
+    match retention::preview(&bucket, source, now).await {
+        Ok((plan, unreadable)) => json(
+            200,
+            &json!({
+                "source": name,
+                "policy": source.retention,
+                "verifies": source.verify_schedule.is_some(),
+                "planned_at": now,
+                "keep": plan.kept().count(),
+                "delete": plan.deleted().count(),
+                "backups": plan.backups,
+                "unreadable": unreadable,
+            }),
+        ),
+        Err(e) => error(500, &e),
+    }
+}
+
+/// `POST` / `DELETE /v1/backups/{source}/{folder}/pin`.
+async fn set_pin(env: &Env, folder: &str, pin: bool) -> worker::Result<Response> {
+    let bucket = env.bucket(BUCKET)?;
+    match retention::set_pin(&bucket, folder, pin, now()).await {
+        Ok(true) => json(200, &json!({ "backup": folder, "pinned": pin })),
+        Ok(false) => error(404, &format!("no backup {folder}")),
+        Err(e) => error(500, &e),
+    }
 }
 
 async fn artifact(env: &Env, key: &str) -> worker::Result<Response> {

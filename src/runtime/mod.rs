@@ -2,11 +2,13 @@
 //!
 //! Entry points live here; the work is in `api` (the Worker's HTTP API), `source_object` (one
 //! Durable Object per source, running jobs from its alarm), `net` (outgoing fetch with timeouts)
-//! `transfer` (one slice of a copy into R2) and `store` (manifests, listing, clean-up). None of them decide anything the core can decide: they read
+//! `transfer` (one slice of a copy into R2), `retention` (applying a retention plan, pins) and `store`
+//! (manifests, listing, clean-up). None of them decide anything the core can decide: they read
 //! the clock, call `Job::handle`, and perform the action it returns.
 
 mod api;
 mod net;
+mod retention;
 mod source_object;
 mod store;
 mod transfer;

@@ -20,13 +20,19 @@ use super::store::job_key;
 use super::{credentials, jitter, load_config, now, random_bytes, store, transfer, BUCKET, SOURCES};
 use crate::config::SourceConfig;
 use crate::error::StepError;
-use crate::job::{Action, Context, Event, Job, JobId, SliceOutcome, Task, Trigger};
+use crate::job::{Action, Context, Event, Job, JobId, Phase, SliceOutcome, Task, Trigger};
 use crate::ledger::{Admission, Ledger, TickOutcome, TriggerRequest};
 use crate::status::SourceReport;
 use crate::time::Timestamp;
 
 const LEDGER: &str = "ledger";
 const SOURCE: &str = "source";
+/// The UTC day (days since the epoch) of the latest tick that made a daily retention pass due.
+const RETENTION_DUE: &str = "retention_due";
+/// The UTC day whose daily retention pass has run.
+const RETENTION_DONE: &str = "retention_done";
+/// How long one retention pass (listing, reading manifests, deleting) may take.
+const RETENTION_TIMEOUT: Duration = Duration::from_secs(300);
 /// Steps run back to back in one alarm before yielding to a fresh alarm.
 const MAX_INLINE_STEPS: u32 = 16;
 /// A safety alarm armed before every step and kept armed while it runs: if the isolate dies
@@ -293,6 +299,7 @@ impl SourceObject {
             Ok(s) => s,
             Err(e) => return json_response(500, &json!({ "error": e })),
         };
+        let daily_pass = self.note_daily_pass(&source, tick).await?;
         let mut ledger = self.load_ledger().await?;
         let outcome = ledger.tick(tick, trigger_start, &source.schedule, source.verify_schedule.as_ref());
         let line = match outcome {
@@ -320,6 +327,10 @@ impl SourceObject {
         };
         self.save_ledger(&ledger).await?;
         let state = self.kick(&mut ledger).await?;
+        if daily_pass && self.storage().get_alarm().await?.is_none() {
+            // Idle: the alarm runs the day's retention pass (a job in flight runs it when it ends).
+            self.storage().set_alarm(Duration::from_millis(1)).await?;
+        }
         json_response(200, &json!({ "line": format!("{line} ({state})") }))
     }
 
@@ -401,6 +412,82 @@ impl SourceObject {
         Ok(if ledger.current.is_some() { "job in flight" } else { "idle" })
     }
 
+    /// Records that a tick at `tick` makes the day's retention pass due (at most one a UTC day, for
+    /// a source with a policy); returns whether a pass is pending.
+    async fn note_daily_pass(&self, source: &SourceConfig, tick: Timestamp) -> worker::Result<bool> {
+        if source.retention.is_none() {
+            return Ok(false);
+        }
+        let storage = self.storage();
+        let done = bounded(STORAGE_TIMEOUT, "reading the retention day", storage.get::<i64>(RETENTION_DONE)).await?;
+        let day = crate::retention::utc_day(tick);
+        if crate::retention::daily_pass_due(done, tick)
+            && bounded(STORAGE_TIMEOUT, "reading the retention day", storage.get::<i64>(RETENTION_DUE)).await?
+                != Some(day)
+        {
+            bounded(STORAGE_TIMEOUT, "noting the retention pass", storage.put(RETENTION_DUE, day)).await?;
+        }
+        self.daily_pass_pending().await
+    }
+
+    /// Whether a tick made a daily retention pass due that has not run.
+    async fn daily_pass_pending(&self) -> worker::Result<bool> {
+        let storage = self.storage();
+        let due = bounded(STORAGE_TIMEOUT, "reading the retention day", storage.get::<i64>(RETENTION_DUE)).await?;
+        let done = bounded(STORAGE_TIMEOUT, "reading the retention day", storage.get::<i64>(RETENTION_DONE)).await?;
+        Ok(due.is_some_and(|due| done.is_none_or(|done| due > done)))
+    }
+
+    /// Applies the source's retention policy (see `runtime::retention`). Never fails and never
+    /// holds a job for long: errors are logged, and the pass is bounded by [`RETENTION_TIMEOUT`].
+    /// Any pass serves the daily one that is due.
+    async fn retention_pass(&self, source: &SourceConfig, why: &str) {
+        let name = &source.name;
+        if source.retention.is_some() {
+            match self.env.bucket(BUCKET) {
+                Ok(bucket) => match within(RETENTION_TIMEOUT, super::retention::apply(&bucket, source, now())).await {
+                    Some(Ok(Some(a))) => {
+                        console_log!(
+                            "retention of {name} ({why}): kept {}, deleted {} {:?}{}{}{}",
+                            a.kept,
+                            a.deleted.len(),
+                            a.deleted,
+                            if a.pinned_meanwhile.is_empty() {
+                                String::new()
+                            } else {
+                                format!("; pinned meanwhile, kept: {:?}", a.pinned_meanwhile)
+                            },
+                            if a.unreadable.is_empty() {
+                                String::new()
+                            } else {
+                                format!("; unreadable manifests, kept: {:?}", a.unreadable)
+                            },
+                            if a.failed.is_empty() { String::new() } else { format!("; FAILED: {:?}", a.failed) },
+                        );
+                    }
+                    Some(Ok(None)) => {}
+                    Some(Err(e)) => console_error!("retention of {name} ({why}) failed: {e}"),
+                    None => console_error!(
+                        "retention of {name} ({why}) did not finish within {} s; the next pass goes on",
+                        RETENTION_TIMEOUT.as_secs()
+                    ),
+                },
+                Err(e) => console_error!("retention of {name} ({why}): no bucket: {e}"),
+            }
+        }
+        let storage = self.storage();
+        let settle = async {
+            if let Some(due) = storage.get::<i64>(RETENTION_DUE).await? {
+                storage.put(RETENTION_DONE, due).await?;
+                storage.delete(RETENTION_DUE).await?;
+            }
+            Ok::<(), worker::Error>(())
+        };
+        if let Err(e) = bounded(STORAGE_TIMEOUT, "recording the retention pass", settle).await {
+            console_error!("retention of {name}: recording the pass failed: {e}");
+        }
+    }
+
     /// Deletes the part records of a job's copies once it has ended (best effort: a leftover is
     /// only a small storage entry).
     async fn forget_part_records(&self, id: &JobId) {
@@ -422,7 +509,14 @@ impl SourceObject {
             }
             return Ok(());
         }
-        let Some(id) = ledger.current.clone() else { return Ok(()) };
+        let Some(id) = ledger.current.clone() else {
+            if self.daily_pass_pending().await? {
+                if let Some(source) = self.source_name().await?.and_then(|name| self.source_config(&name).ok()) {
+                    self.retention_pass(&source, "daily pass").await;
+                }
+            }
+            return Ok(());
+        };
         let Some(mut job) = self.load_job(&id).await? else {
             console_error!("job {id} has no record; releasing the source");
             ledger.record_finish(&id, None);
@@ -608,6 +702,11 @@ impl SourceObject {
                 }
                 Action::Done => break,
             };
+        }
+        if job.phase == Phase::Committed && job.task == Task::Export {
+            self.retention_pass(&source, "after a commit").await;
+        } else if self.daily_pass_pending().await? {
+            self.retention_pass(&source, "daily pass").await;
         }
         // Fresh again: triggers and ticks may have written the ledger during the clean-up's I/O.
         let mut ledger = self.load_ledger().await?;

@@ -1,0 +1,147 @@
+//! Applying a source's retention policy to R2, and pins. What to keep is decided by the core
+//! (`crate::retention::plan`); this module reads what the plan needs and deletes what it says.
+//!
+//! A backup is deleted manifest first: from that moment its folder is no longer a backup, so a
+//! deletion cut short leaves files that are never listed or served as one (and that the next
+//! attempt at the folder, or the orphan sweep, removes). A pin marker written since the listing
+//! is checked for right before the manifest goes, so a pin wins over a plan made just before it.
+
+use std::collections::HashSet;
+
+use futures_util::future::join_all;
+use serde::Serialize;
+use worker::Bucket;
+
+use super::store;
+use crate::config::SourceConfig;
+use crate::manifest::{folder_of, is_manifest_key, manifest_key};
+use crate::retention::{backup_time, pin_key, plan, BackupInfo, Pin, Plan};
+use crate::time::Timestamp;
+use crate::verify::{verification_key, Verification};
+
+/// How many manifests (and verification records) are read at once.
+const READS_AT_ONCE: usize = 32;
+
+/// A source's committed backups as the planner sees them.
+pub(crate) struct Backups {
+    /// Every backup whose manifest could be read.
+    pub infos: Vec<BackupInfo>,
+    /// Folders whose manifest could not be read: left out of the plan, so never deleted.
+    pub unreadable: Vec<String>,
+}
+
+/// Lists a source's backups: manifests (for their time), pin markers and, when the source
+/// verifies, their verification records.
+pub(crate) async fn backups(bucket: &Bucket, source: &str, verifies: bool) -> Result<Backups, String> {
+    let keys =
+        store::list_keys(bucket, &format!("{source}/")).await.map_err(|e| format!("listing {source}/ failed: {e}"))?;
+    let present: HashSet<&str> = keys.iter().map(String::as_str).collect();
+    let present = &present;
+    let manifests: Vec<&String> = keys.iter().filter(|k| is_manifest_key(k)).collect();
+    let mut found = Backups { infos: Vec::with_capacity(manifests.len()), unreadable: Vec::new() };
+    for chunk in manifests.chunks(READS_AT_ONCE) {
+        let read = join_all(chunk.iter().map(|key| async move {
+            let manifest = store::read_manifest(bucket, key).await;
+            let record = verification_key(key);
+            let verified = if verifies && present.contains(record.as_str()) {
+                store::read_json::<Verification>(bucket, &record).await.map(|v| v.outcome == "ok")
+            } else {
+                None
+            };
+            (key, manifest, verified)
+        }))
+        .await;
+        for (key, manifest, verified) in read {
+            let folder = folder_of(key).unwrap_or(key).to_string();
+            match manifest {
+                Some(m) => found.infos.push(BackupInfo {
+                    pinned: present.contains(pin_key(&folder).as_str()),
+                    folder,
+                    time: backup_time(&m),
+                    verified,
+                }),
+                None => found.unreadable.push(folder),
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The plan for a source as it stands (a source without a policy keeps everything), and the
+/// folders left out because their manifest could not be read.
+pub(crate) async fn preview(
+    bucket: &Bucket,
+    source: &SourceConfig,
+    now: Timestamp,
+) -> Result<(Plan, Vec<String>), String> {
+    let verifies = source.verify_schedule.is_some();
+    let found = backups(bucket, &source.name, verifies).await?;
+    let plan = match &source.retention {
+        Some(policy) => plan(policy, &found.infos, verifies, now),
+        None => Plan::keep_everything(&found.infos),
+    };
+    Ok((plan, found.unreadable))
+}
+
+/// What one application of a policy did.
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct Applied {
+    /// Backups that stay.
+    pub kept: usize,
+    /// Folders deleted.
+    pub deleted: Vec<String>,
+    /// Folders pinned after the plan was made, so kept.
+    pub pinned_meanwhile: Vec<String>,
+    /// Folders whose deletion failed, with why.
+    pub failed: Vec<String>,
+    /// Folders whose manifest could not be read (kept).
+    pub unreadable: Vec<String>,
+}
+
+/// Plans a source's retention and deletes what the plan says; `None` when it has no policy.
+pub(crate) async fn apply(bucket: &Bucket, source: &SourceConfig, now: Timestamp) -> Result<Option<Applied>, String> {
+    if source.retention.is_none() {
+        return Ok(None);
+    }
+    let (plan, unreadable) = preview(bucket, source, now).await?;
+    let mut applied = Applied { kept: plan.kept().count(), unreadable, ..Applied::default() };
+    for doomed in plan.deleted() {
+        match delete_backup(bucket, &doomed.folder).await {
+            Ok(true) => applied.deleted.push(doomed.folder.clone()),
+            Ok(false) => {
+                applied.kept += 1;
+                applied.pinned_meanwhile.push(doomed.folder.clone());
+            }
+            Err(e) => applied.failed.push(format!("{}: {e}", doomed.folder)),
+        }
+    }
+    Ok(Some(applied))
+}
+
+/// Deletes one backup, manifest first, then every other object of its folder; `Ok(false)` when
+/// it was pinned meanwhile (nothing is deleted).
+async fn delete_backup(bucket: &Bucket, folder: &str) -> Result<bool, String> {
+    let pin = pin_key(folder);
+    if bucket.head(pin.clone()).await.map_err(|e| format!("R2 head of {pin} failed: {e}"))?.is_some() {
+        return Ok(false);
+    }
+    let manifest = manifest_key(folder);
+    bucket.delete(manifest.clone()).await.map_err(|e| format!("R2 delete of {manifest} failed: {e}"))?;
+    store::discard(bucket, folder, None).await?;
+    Ok(true)
+}
+
+/// Pins (`pin`) or unpins a backup; `Ok(false)` when `folder` holds no committed backup.
+pub(crate) async fn set_pin(bucket: &Bucket, folder: &str, pin: bool, now: Timestamp) -> Result<bool, String> {
+    let manifest = manifest_key(folder);
+    if bucket.head(manifest.clone()).await.map_err(|e| format!("R2 head of {manifest} failed: {e}"))?.is_none() {
+        return Ok(false);
+    }
+    let key = pin_key(folder);
+    if pin {
+        store::put_json(bucket, &key, &Pin { pinned_at: now }).await?;
+    } else {
+        bucket.delete(key.clone()).await.map_err(|e| format!("R2 delete of {key} failed: {e}"))?;
+    }
+    Ok(true)
+}
