@@ -446,11 +446,15 @@ impl Job {
     /// credentials and are left out.
     ///
     /// A copy in progress shows how many parts are stored (`parts_stored`) and the offset; its
-    /// hash state is the engine's.
+    /// hash state is the engine's. The config snapshot shows the settings the job runs with,
+    /// without the `*_secret` fields that name the Worker secrets.
     pub fn public_json(&self) -> serde_json::Value {
         let mut value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
         if let Some(copy) = value.get_mut("copy").and_then(serde_json::Value::as_object_mut) {
             copy.remove("hash_state");
+        }
+        if let Some(provider) = value.pointer_mut("/config/provider").and_then(serde_json::Value::as_object_mut) {
+            provider.retain(|k, _| !k.ends_with("_secret"));
         }
         crate::providers::redact(value)
     }

@@ -428,3 +428,56 @@ def test_one_delivery_starts_one_source_and_concurrent_triggers_start_one_export
         assert len(emulator.state()["tasks"]) - tasks == 1, "exactly one export was started at D1"
     finally:
         ferry.stop()
+
+
+def test_a_job_keeps_the_database_and_dump_options_it_started_with_when_the_config_changes_mid_export(world, tmp_path):
+    emulator = world["emulator"]
+    started_with = d1_source("moving", emulator, "app-uuid", dump_options={"tables": ["users"]})
+    edited = d1_source("moving", emulator, "yearly-uuid", dump_options={"no_data": True})
+    ferry = Ferry(tmp_path / "ferry", [started_with])
+    try:
+        emulator.control(active_polls=1000)  # the export stays active until released below
+        status, _, payload = ferry.webhook("moving")
+        assert status == 202, payload
+        job_id = payload["job"]["id"]
+        deadline = time.time() + 30
+        while time.time() < deadline and (ferry.job(job_id)["provider"]["polls"] or 0) < 2:
+            time.sleep(0.2)
+        bookmark = ferry.job(job_id)["provider"]["at_bookmark"]
+        assert bookmark, "the export is running with its bookmark"
+        # Mid-export, the config now names another database and other dump options.
+        ferry.stop()
+        ferry.write_config([edited])
+        ferry.start()
+        assert ferry.source("moving")["current_job_id"] == job_id
+        polls = ferry.job(job_id)["provider"]["polls"]
+        deadline = time.time() + 30
+        while time.time() < deadline and ferry.job(job_id)["provider"]["polls"] < polls + 3:
+            time.sleep(0.2)
+        assert ferry.job(job_id)["phase"] == "exporting", "it kept polling after the restart"
+        emulator.control(active_polls=2)
+        job = ferry.wait_job(job_id, timeout=60)
+        expected = dump_sql_of(world["app"], tables=["users"])
+        manifest = check_backup(ferry, job, expected)
+        assert manifest["provider"]["database_id"] == "app-uuid"
+        assert manifest["provider"]["at_bookmark"] == bookmark
+        assert manifest["provider"]["dump_options"] == {"tables": ["users"], "no_data": False, "no_schema": False}
+        assert job["config"]["provider"]["database_id"] == "app-uuid", "the API shows the settings the job ran with"
+        state = emulator.state()
+        assert not [r for r in state["requests"] if "/database/yearly-uuid/" in r["path"]], \
+            "the other database never got a call, let alone a poll with the old bookmark"
+        assert [t["database_id"] for t in state["tasks"]] == ["app-uuid"]
+        # The next job runs with the edited config.
+        job = ferry.webhook_job("moving")
+        manifest = check_backup(ferry, job, dump_sql_of(world["small"], no_data=True))
+        assert manifest["provider"]["database_id"] == "yearly-uuid"
+    finally:
+        ferry.stop()
+
+
+def dump_sql_of(path: Path, **options) -> bytes:
+    db = sqlite3.connect(path)
+    try:
+        return dump_sql(db, **options).encode()
+    finally:
+        db.close()

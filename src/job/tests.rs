@@ -818,15 +818,17 @@ fn a_job_keeps_polling_the_database_it_started_with_after_the_config_changes() {
 }
 
 #[test]
-fn the_snapshot_survives_storage_and_is_shown_without_secrets() {
+fn the_snapshot_survives_storage_and_is_shown_without_secrets_or_their_names() {
     let h = Harness::new(source(json!({"dump_options": {"tables": ["users"]}})));
     let stored: Job = serde_json::from_str(&serde_json::to_string(&h.job).unwrap()).unwrap();
     assert_eq!(stored, h.job);
     assert_eq!(stored.config.as_ref(), Some(&h.src));
     let shown = h.job.public_json();
     assert_eq!(shown["config"]["provider"]["database_id"], "db-1");
-    assert_eq!(shown["config"]["provider"]["token_secret"], "D1_TOKEN", "the secret's name, never its value");
-    assert!(!shown.to_string().contains("\"tok\""));
+    assert_eq!(shown["config"]["provider"]["dump_options"]["tables"], json!(["users"]));
+    assert_eq!(shown["config"]["poll_interval_ms"], 1000);
+    assert!(shown["config"]["provider"].get("token_secret").is_none(), "no secret, nor its name: {shown}");
+    assert!(!shown.to_string().contains("D1_TOKEN") && !shown.to_string().contains("\"tok\""));
 }
 
 #[test]
