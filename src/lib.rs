@@ -16,6 +16,8 @@
 //!   download's answer is judged (`Range`, `If-Range`, validators).
 //! - [`verify`]: the verify job's progress and outcome: read a backup back, re-hash, compare.
 //! - [`manifest`]: the R2 layout and the manifest written last as the commit marker.
+//! - [`sweep`]: the daily orphan sweep: which open uploads to abort and which uncommitted folders
+//!   to delete, never a committed backup or a job in flight.
 //! - [`api`]: routes and auth checks of the HTTP API.
 //! - [`http`], [`error`], [`retry`], [`secret`], [`time`]: values shared by the above.
 //! - `runtime` (wasm32 only): the thin shell over `worker`. It executes the core's actions with
@@ -35,6 +37,7 @@ pub mod providers;
 pub mod retry;
 pub mod schedule;
 pub mod secret;
+pub mod sweep;
 pub mod time;
 pub mod transfer;
 pub mod verify;
