@@ -23,6 +23,8 @@ pub enum Route {
     Backups(String),
     /// `GET /v1/backups/{key…}`
     Artifact(String),
+    /// `GET /v1/sweeps/latest`: the report of the latest daily sweep.
+    LatestSweep,
     /// `POST /v1/sources/{name}/exports` (signed webhook)
     StartExport(String),
     /// `POST /v1/sources/{name}/verify` (signed webhook; body may name a backup)
@@ -44,6 +46,7 @@ pub fn route(method: &str, path: &str) -> Route {
     match segments.as_slice() {
         [""] | ["healthz"] => only(get, "GET", Route::Health),
         ["v1", "sources"] => only(get, "GET", Route::ListSources),
+        ["v1", "sweeps", "latest"] => only(get, "GET", Route::LatestSweep),
         ["v1", "jobs", id] => match JobId::parse(id) {
             Some(id) => only(get, "GET", Route::Job(id)),
             None => Route::NotFound,
@@ -121,6 +124,9 @@ mod tests {
             Route::Artifact("app-db/2026-11-23T101500Z-0123456789abcdef/x y.sql".into())
         );
         assert_eq!(route("GET", "/"), Route::Health);
+        assert_eq!(route("GET", "/v1/sweeps/latest"), Route::LatestSweep);
+        assert_eq!(route("POST", "/v1/sweeps/latest"), Route::MethodNotAllowed("GET"));
+        assert_eq!(route("GET", "/v1/sweeps"), Route::NotFound);
     }
 
     #[test]

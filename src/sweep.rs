@@ -55,6 +55,18 @@ pub fn utc_day(t: Timestamp) -> String {
     t.to_datetime().format("%Y-%m-%d").to_string()
 }
 
+/// The source name a top-level prefix of the bucket (`app-db/`) could belong to: the sweeper
+/// asks that source's object for its records even when the source is no longer configured.
+/// `None` for prefixes no source can have (`_ferry/`, anything not a valid source name).
+pub fn source_of_prefix(prefix: &str) -> Option<&str> {
+    let name = prefix.strip_suffix('/')?;
+    let bytes = name.as_bytes();
+    let valid = (1..=63).contains(&bytes.len())
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'));
+    valid.then_some(name)
+}
+
 /// One object of the bucket as listed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredObject {
@@ -516,7 +528,7 @@ pub struct Sweep {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Tick {
     /// Run (or go on with) this sweep.
-    Run(Sweep),
+    Run(Box<Sweep>),
     /// Today's sweep is over: nothing to do until the next UTC day.
     AlreadySwept(String),
 }
@@ -525,9 +537,9 @@ pub enum Tick {
 /// cron triggers; an unfinished sweep goes on first, even past midnight.
 pub fn tick(saved: Option<Sweep>, now: Timestamp) -> Tick {
     match saved {
-        Some(sweep) if sweep.stage != Stage::Done => Tick::Run(sweep),
+        Some(sweep) if sweep.stage != Stage::Done => Tick::Run(Box::new(sweep)),
         Some(sweep) if sweep.report.day == utc_day(now) => Tick::AlreadySwept(sweep.report.day),
-        _ => Tick::Run(Sweep { stage: Stage::Records, report: Report::new(now) }),
+        _ => Tick::Run(Box::new(Sweep { stage: Stage::Records, report: Report::new(now) })),
     }
 }
 

@@ -8,7 +8,7 @@ use futures_util::future::join_all;
 use serde_json::{json, Value};
 use worker::{Env, Method, Request, Response, ResponseBody};
 
-use super::source_object::{call, claim_delivery, trigger_webhook};
+use super::source_object::{call, claim_delivery, trigger_webhook, SWEEPER};
 use super::{load_config, now, secret, store, BUCKET};
 use crate::api::{api_token_problem, bearer_ok, error_body, route, Route};
 use crate::config::Config;
@@ -65,6 +65,10 @@ pub(crate) async fn handle(req: Request, env: &Env) -> worker::Result<Response> 
                 Route::Job(id) => find_job(env, &config, id.as_str()).await,
                 Route::Backups(name) => list_backups(&req, env, &config, &name).await,
                 Route::Artifact(key) => artifact(env, &key).await,
+                Route::LatestSweep => {
+                    let (status, value) = call(env, SWEEPER, Method::Get, "/sweeps/latest", None).await?;
+                    json(status, &value)
+                }
                 _ => error(404, "not found"),
             }
         }

@@ -311,8 +311,8 @@ fn at_most_one_sweep_starts_per_utc_day() {
     assert_eq!(sweep.report.day, "2026-03-04");
     assert_eq!(sweep.stage, Stage::Records);
     sweep.stage = Stage::Done;
-    assert_eq!(tick(Some(sweep.clone()), evening), Tick::AlreadySwept("2026-03-04".into()));
-    let Tick::Run(next) = tick(Some(sweep), next_day) else { panic!("a new day sweeps again") };
+    assert_eq!(tick(Some(*sweep.clone()), evening), Tick::AlreadySwept("2026-03-04".into()));
+    let Tick::Run(next) = tick(Some(*sweep), next_day) else { panic!("a new day sweeps again") };
     assert_eq!(next.report.day, "2026-03-05");
     assert_eq!(next.report.started_at, next_day);
 }
@@ -323,7 +323,7 @@ fn an_unfinished_sweep_goes_on_even_past_midnight() {
     let Tick::Run(mut sweep) = tick(None, day) else { panic!() };
     sweep.stage = Stage::Walk { after: Some("app/f/x".into()) };
     let later = Timestamp::parse_rfc3339("2026-03-05T00:10:00Z").unwrap();
-    assert_eq!(tick(Some(sweep.clone()), later), Tick::Run(sweep));
+    assert_eq!(tick(Some(*sweep.clone()), later), Tick::Run(sweep));
 }
 
 #[test]
@@ -383,4 +383,13 @@ fn reports_live_under_the_reserved_prefix_by_day() {
     assert_eq!(report_key("2026-03-04"), "_ferry/sweeps/2026-03-04.json");
     assert_eq!(utc_day(Timestamp::parse_rfc3339("2026-03-04T23:59:59.999Z").unwrap()), "2026-03-04");
     assert!(crate::manifest::parse_folder(REPORT_PREFIX).is_none());
+}
+
+#[test]
+fn only_prefixes_a_source_can_have_name_a_source() {
+    assert_eq!(source_of_prefix("app-db/"), Some("app-db"));
+    assert_eq!(source_of_prefix("a.b_c-1/"), Some("a.b_c-1"));
+    for other in ["_ferry/", "~sweeper/", "App/", "app", "/", "", "a/b/"] {
+        assert_eq!(source_of_prefix(other), None, "{other}");
+    }
 }
