@@ -43,7 +43,7 @@ pub const LEFTOVER_PREFIX: &str = "leftover:";
 
 /// Entries one report lists at most per kind (removed folders, aborted uploads, errors, kept);
 /// counts stay exact beyond it.
-pub const REPORT_LIST_CAP: usize = 1000;
+pub const REPORT_LIST_CAP: usize = 200;
 
 /// The report of the sweep of `day` (`YYYY-MM-DD`).
 pub fn report_key(day: &str) -> String {
