@@ -23,6 +23,8 @@ pub enum Route {
     Backups(String),
     /// `GET /v1/backups/{key…}`
     Artifact(String),
+    /// `GET /v1/sweeps/latest`: the report of the latest daily sweep.
+    LatestSweep,
     /// `POST /v1/sources/{name}/exports` (signed webhook)
     StartExport(String),
     /// `POST /v1/sources/{name}/verify` (signed webhook; body may name a backup)
@@ -57,6 +59,7 @@ pub fn route(method: &str, path: &str) -> Route {
         [""] | ["healthz"] => only(get, "GET", Route::Health),
         ["v1", "sources"] => only(get, "GET", Route::ListSources),
         ["metrics"] => only(get, "GET", Route::Metrics),
+        ["v1", "sweeps", "latest"] => only(get, "GET", Route::LatestSweep),
         ["v1", "jobs", id] => match JobId::parse(id) {
             Some(id) => only(get, "GET", Route::Job(id)),
             None => Route::NotFound,
@@ -164,6 +167,9 @@ mod tests {
         assert_eq!(route("POST", "/v1/backups/app-db/a%2Fb/pin"), Route::NotFound);
         assert_eq!(route("POST", "/v1/backups/app-db//pin"), Route::NotFound);
         assert_eq!(route("POST", "/v1/backups/app-db/f/x/pin"), Route::MethodNotAllowed("GET"));
+        assert_eq!(route("GET", "/v1/sweeps/latest"), Route::LatestSweep);
+        assert_eq!(route("POST", "/v1/sweeps/latest"), Route::MethodNotAllowed("GET"));
+        assert_eq!(route("GET", "/v1/sweeps"), Route::NotFound);
     }
 
     #[test]

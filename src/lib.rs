@@ -21,6 +21,8 @@
 //! - [`manifest`]: the R2 layout and the manifest written last as the commit marker.
 //! - [`retention`]: which backups a source keeps (restic's `forget` rules, pins, verification)
 //!   and why; the plan the runtime applies, manifest first.
+//! - [`sweep`]: the daily orphan sweep: which open uploads to abort and which uncommitted folders
+//!   to delete, never a committed backup or a job in flight.
 //! - [`api`]: routes and auth checks of the HTTP API.
 //! - [`http`], [`error`], [`retry`], [`secret`], [`time`]: values shared by the above.
 //! - `runtime` (wasm32 only): the thin shell over `worker`. It executes the core's actions with
@@ -45,6 +47,7 @@ pub mod retry;
 pub mod schedule;
 pub mod secret;
 pub mod status;
+pub mod sweep;
 pub mod time;
 pub mod transfer;
 pub mod verify;

@@ -90,6 +90,23 @@ pub fn folder_of(key: &str) -> Option<&str> {
     (!rest.is_empty()).then(|| &key[..=i])
 }
 
+/// The source and job id of a Ferry folder, `{source}/{YYYY-MM-DDTHHMMSSZ}-{job_id}/`; `None` for
+/// any other prefix (something Ferry did not write, or a reserved prefix such as `_ferry/`).
+pub fn parse_folder(folder: &str) -> Option<(&str, &str)> {
+    let inner = folder.strip_suffix('/')?;
+    let (source, name) = inner.split_once('/')?;
+    let (stamp, job_id) = name.split_at_checked(18)?;
+    let job_id = job_id.strip_prefix('-')?;
+    let stamp_ok = stamp.bytes().enumerate().all(|(i, b)| match i {
+        4 | 7 => b == b'-',
+        10 => b == b'T',
+        17 => b == b'Z',
+        _ => b.is_ascii_digit(),
+    });
+    let valid_source = source.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric());
+    (stamp_ok && valid_source && JobId::parse(job_id).is_some()).then_some((source, job_id))
+}
+
 /// A safe object name for a provider's file name: its last path segment, with anything but
 /// `A-Z a-z 0-9 . _ -` replaced, never hidden, never the manifest's name, never clashing with
 /// `taken`.
@@ -137,6 +154,24 @@ mod tests {
         assert_eq!(folder_of("a/f/"), None);
         assert_eq!(folder_of("a/dump.sql"), None);
         assert_eq!(folder_of("a/f/sub/x"), Some("a/f/"));
+    }
+
+    #[test]
+    fn parse_folder_accepts_only_the_layout() {
+        assert_eq!(parse_folder("app-db/2026-11-23T101500Z-0123456789abcdef/"), Some(("app-db", "0123456789abcdef")));
+        for other in [
+            "app-db/2026-11-23T101500Z-0123456789abcdef",
+            "app-db/2026-11-23T101500Z-0123456789ABCDEF/",
+            "app-db/2026-11-23T101500Z-0123/",
+            "app-db/2026-11-23 101500Z-0123456789abcdef/",
+            "_ferry/2026-11-23T101500Z-0123456789abcdef/",
+            "app-db/notes/",
+            "app-db/",
+            "",
+            "a/b/c/",
+        ] {
+            assert_eq!(parse_folder(other), None, "{other}");
+        }
     }
 
     #[test]

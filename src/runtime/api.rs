@@ -8,7 +8,7 @@ use futures_util::future::join_all;
 use serde_json::{json, Value};
 use worker::{console_error, Env, Method, Request, Response, ResponseBody};
 
-use super::source_object::{call, claim_delivery, retired_sources, trigger_webhook};
+use super::source_object::{call, claim_delivery, retired_sources, trigger_webhook, SWEEPER};
 use super::{load_config, now, retention, secret, store, BUCKET};
 use crate::api::{api_token_problem, bearer_ok, error_body, route, Route};
 use crate::config::Config;
@@ -71,6 +71,10 @@ pub(crate) async fn handle(req: Request, env: &Env) -> worker::Result<Response> 
                 Route::Artifact(key) => artifact(env, &key).await,
                 Route::Retention(name) => retention_plan(env, &config, &name).await,
                 Route::Pin { folder, pin } => set_pin(env, &folder, pin).await,
+                Route::LatestSweep => {
+                    let (status, value) = call(env, SWEEPER, Method::Get, "/sweeps/latest", None).await?;
+                    json(status, &value)
+                }
                 _ => error(404, "not found"),
             }
         }

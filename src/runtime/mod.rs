@@ -2,8 +2,9 @@
 //!
 //! Entry points live here; the work is in `api` (the Worker's HTTP API), `source_object` (one
 //! Durable Object per source, running jobs from its alarm), `net` (outgoing fetch with timeouts)
-//! `transfer` (one slice of a copy into R2), `retention` (applying a retention plan, pins) and `store`
-//! (manifests, listing, clean-up). None of them decide anything the core can decide: they read
+//! `transfer` (one slice of a copy into R2), `retention` (applying a retention plan, pins), `store`
+//! (manifests, listing, clean-up) and `sweeper` (the daily orphan sweep). None of them decide
+//! anything the core can decide: they read
 //! the clock, call `Job::handle`, and perform the action it returns.
 
 mod api;
@@ -11,6 +12,7 @@ mod net;
 mod retention;
 mod source_object;
 mod store;
+mod sweeper;
 mod transfer;
 mod verify;
 
@@ -53,6 +55,13 @@ async fn scheduled(event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
             Ok(line) => console_log!("cron {}: {}: {line}", event.cron(), source.name),
             Err(e) => console_error!("cron {}: {}: {e}", event.cron(), source.name),
         }
+    }
+    // After the sources were served: the daily sweep (at most once per UTC day, "now" being this
+    // tick's scheduled time). Its failures are in its report and never reach the backups.
+    let names: Vec<String> = config.sources.iter().map(|s| s.name.clone()).collect();
+    match source_object::sweep(&env, scheduled, &names).await {
+        Ok(line) => console_log!("cron {}: {line}", event.cron()),
+        Err(e) => console_error!("cron {}: sweep: {e}", event.cron()),
     }
 }
 

@@ -127,7 +127,8 @@ async fn delete_backup(bucket: &Bucket, folder: &str) -> Result<bool, String> {
     }
     let manifest = manifest_key(folder);
     bucket.delete(manifest.clone()).await.map_err(|e| format!("R2 delete of {manifest} failed: {e}"))?;
-    store::discard(bucket, folder, None).await?;
+    // A folder left half-deleted has no manifest: it is never listed, and the daily sweep ends it.
+    store::delete_all(bucket, folder).await?;
     Ok(true)
 }
 

@@ -23,6 +23,7 @@ use crate::error::StepError;
 use crate::job::{Action, Context, Event, Job, JobId, Phase, SliceOutcome, Task, Trigger};
 use crate::ledger::{Admission, Ledger, TickOutcome, TriggerRequest};
 use crate::status::SourceReport;
+use crate::sweep::{SourceRecords, LEFTOVER_PREFIX, UPLOAD_PREFIX};
 use crate::time::Timestamp;
 
 const LEDGER: &str = "ledger";
@@ -75,11 +76,14 @@ pub struct SourceObject {
     /// In memory only: when the step now running started (an instance that restarted is,
     /// rightly, not busy). Held at most for [`BUSY_LEASE_MS`].
     busy_since: Cell<Option<f64>>,
+    /// In memory only, on the sweeper object: a sweep tick is running (two cron triggers firing
+    /// together must not sweep twice).
+    sweeping: Cell<bool>,
 }
 
 impl DurableObject for SourceObject {
     fn new(state: State, env: Env) -> Self {
-        Self { state, env, busy_since: Cell::new(None) }
+        Self { state, env, busy_since: Cell::new(None), sweeping: Cell::new(false) }
     }
 
     async fn fetch(&self, mut req: Request) -> worker::Result<Response> {
@@ -106,6 +110,16 @@ impl DurableObject for SourceObject {
                 self.retire(body).await
             }
             (Method::Get, "/retired") => json_response(200, &json!({ "sources": self.retired().await? })),
+            (Method::Get, "/leftovers") => self.leftovers().await,
+            (Method::Post, "/leftovers/settle") => {
+                let body: Value = req.json().await?;
+                self.settle(body).await
+            }
+            (Method::Post, "/sweep") => {
+                let body: Value = req.json().await?;
+                self.sweep(body).await
+            }
+            (Method::Get, "/sweeps/latest") => super::sweeper::latest(&self.storage()).await,
             (Method::Get, p) if p.starts_with("/job/") => match JobId::parse(&p["/job/".len()..]) {
                 Some(id) => match self.load_job(&id).await? {
                     Some(job) => {
@@ -488,6 +502,52 @@ impl SourceObject {
         }
     }
 
+    /// What the sweeper needs from this source: its open uploads, its failed clean-ups, and the
+    /// jobs in flight or queued (whose folders and uploads it must not touch).
+    async fn leftovers(&self) -> worker::Result<Response> {
+        let ledger = self.load_ledger().await?;
+        fn parse<T: serde::de::DeserializeOwned>(entries: Vec<(String, String)>) -> Vec<T> {
+            entries.into_iter().filter_map(|(_, text)| serde_json::from_str(&text).ok()).collect()
+        }
+        let records = SourceRecords {
+            source: self.source_name().await?.unwrap_or_default(),
+            uploads: parse(store::list_texts(&self.storage(), UPLOAD_PREFIX).await?),
+            leftovers: parse(store::list_texts(&self.storage(), LEFTOVER_PREFIX).await?),
+            in_flight: ledger.current.iter().chain(ledger.queue.iter()).map(JobId::to_string).collect(),
+        };
+        Response::from_json(&records)
+    }
+
+    /// Forgets the records the sweeper settled (only upload and leftover records).
+    async fn settle(&self, body: Value) -> worker::Result<Response> {
+        let keys: Vec<String> = body["keys"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|k| k.starts_with(UPLOAD_PREFIX) || k.starts_with(LEFTOVER_PREFIX))
+            .collect();
+        for batch in keys.chunks(128) {
+            self.storage().delete_multiple(batch.to_vec()).await?;
+        }
+        json_response(200, &json!({ "settled": keys.len() }))
+    }
+
+    /// On the sweeper object: one cron tick of the daily sweep.
+    async fn sweep(&self, body: Value) -> worker::Result<Response> {
+        if self.sweeping.replace(true) {
+            return json_response(200, &json!({ "line": "a sweep tick is already running" }));
+        }
+        let now = Timestamp::from_millis(body["now"].as_i64().unwrap_or_else(|| super::now().millis()));
+        let sources: Vec<String> = body["sources"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+            .unwrap_or_default();
+        let line = super::sweeper::tick(&self.storage(), &self.env, now, sources).await;
+        self.sweeping.set(false);
+        json_response(200, &json!({ "line": line }))
+    }
+
     /// Deletes the part records of a job's copies once it has ended (best effort: a leftover is
     /// only a small storage entry).
     async fn forget_part_records(&self, id: &JobId) {
@@ -546,7 +606,7 @@ impl SourceObject {
             self.forget_part_records(&failed.id).await;
             if let Action::Discard { folder, upload } = action {
                 let bucket = self.env.bucket(BUCKET)?;
-                if let Err(e) = store::discard(&bucket, &folder, upload).await {
+                if let Err(e) = store::discard(&bucket, &self.storage(), &failed.id, &folder, upload).await {
                     console_error!("job {id}: cleaning {folder} failed: {e}");
                 }
             }
@@ -684,7 +744,8 @@ impl SourceObject {
                     break;
                 }
                 Action::Discard { folder, upload } => {
-                    match within(R2_STEP_TIMEOUT, store::discard(&bucket, &folder, upload)).await {
+                    let storage = self.storage();
+                    match within(R2_STEP_TIMEOUT, store::discard(&bucket, &storage, &job.id, &folder, upload)).await {
                         Some(Ok(n)) => console_log!("job {}: failed; removed {n} objects under {folder}", job.id),
                         Some(Err(e)) => console_error!("job {}: failed; cleaning {folder} failed: {e}", job.id),
                         None => console_error!("job {}: failed; cleaning {folder} did not finish in time", job.id),
@@ -864,5 +925,18 @@ pub(crate) async fn tick(env: &Env, name: &str, tick: Timestamp, trigger_start: 
     match status {
         200 | 202 => Ok(line),
         _ => Err(format!("tick at {tick}: HTTP {status}: {line}")),
+    }
+}
+
+/// The Durable Object that runs the daily sweep and keeps its state and latest report.
+pub(crate) const SWEEPER: &str = "~sweeper";
+
+/// Runs one cron tick of the daily sweep (at most one sweep per UTC day); returns a log line.
+pub(crate) async fn sweep(env: &Env, now: Timestamp, sources: &[String]) -> Result<String, String> {
+    let body = json!({ "now": now.millis(), "sources": sources });
+    let (status, value) = call(env, SWEEPER, Method::Post, "/sweep", Some(&body)).await.map_err(|e| e.to_string())?;
+    match status {
+        200 => Ok(value["line"].as_str().unwrap_or("?").to_string()),
+        _ => Err(format!("the sweeper answered HTTP {status}: {value}")),
     }
 }

@@ -4,10 +4,11 @@
 use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
-use worker::{Bucket, Data, HttpMetadata, Object};
+use worker::{console_error, Bucket, Data, HttpMetadata, Object, Storage};
 
 use crate::job::JobId;
 use crate::manifest::Manifest;
+use crate::sweep::{upload_storage_key, Leftover, OpenUpload};
 
 /// Durable Object storage key of a job's record.
 pub(crate) fn job_key(id: &JobId) -> String {
@@ -45,7 +46,12 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(bucket: &Bucket, k
 
 /// Every key under `prefix`, following R2's cursor.
 pub(crate) async fn list_keys(bucket: &Bucket, prefix: &str) -> worker::Result<Vec<String>> {
-    let mut keys = Vec::new();
+    Ok(list_objects(bucket, prefix).await?.iter().map(Object::key).collect())
+}
+
+/// Every object under `prefix` (key, size, upload time), following R2's cursor.
+pub(crate) async fn list_objects(bucket: &Bucket, prefix: &str) -> worker::Result<Vec<Object>> {
+    let mut objects = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
         let mut list = bucket.list().prefix(prefix.to_string()).limit(1000);
@@ -53,28 +59,114 @@ pub(crate) async fn list_keys(bucket: &Bucket, prefix: &str) -> worker::Result<V
             list = list.cursor(c);
         }
         let page = list.execute().await?;
-        keys.extend(page.objects().iter().map(Object::key));
+        objects.extend(page.objects());
         match (page.truncated(), page.cursor()) {
             (true, Some(c)) => cursor = Some(c),
             _ => break,
         }
     }
-    Ok(keys)
+    Ok(objects)
 }
 
 /// Deletes everything under a failed job's folder and aborts its open multipart upload.
-pub(crate) async fn discard(bucket: &Bucket, folder: &str, upload: Option<(String, String)>) -> Result<usize, String> {
+///
+/// Nothing that fails here is only logged: the folder is recorded as a leftover before the
+/// clean-up starts and forgotten only once it succeeded, and the upload's record goes only once
+/// R2 confirmed the abort, so whatever remains is the daily sweep's (`crate::sweep`).
+pub(crate) async fn discard(
+    bucket: &Bucket,
+    storage: &Storage,
+    job_id: &JobId,
+    folder: &str,
+    upload: Option<(String, String)>,
+) -> Result<usize, String> {
+    let leftover = Leftover {
+        key: folder.to_string(),
+        job_id: job_id.to_string(),
+        reason: "the failed job's clean-up did not finish".into(),
+        at: super::now(),
+    };
+    record_leftover(storage, &leftover).await;
+    let mut problems = Vec::new();
     if let Some((key, id)) = upload {
-        if let Ok(open) = bucket.resume_multipart_upload(key, id) {
-            // An upload that is already gone (completed or aborted) is fine.
-            let _ = open.abort().await;
+        if let Err(e) = abort_upload(bucket, storage, job_id.as_str(), &key, &id).await {
+            problems.push(e);
         }
     }
-    let keys = list_keys(bucket, folder).await.map_err(|e| e.to_string())?;
+    let removed = match delete_all(bucket, folder).await {
+        Ok(n) => n,
+        Err(e) => {
+            problems.push(e);
+            0
+        }
+    };
+    if !problems.is_empty() {
+        return Err(format!("{}; left for the daily sweep", problems.join("; ")));
+    }
+    if let Err(e) = storage.delete(&leftover.storage_key()).await {
+        console_error!("forgetting the leftover record of {folder} failed: {e}");
+    }
+    Ok(removed)
+}
+
+/// Deletes every object under `prefix`; returns how many.
+pub(crate) async fn delete_all(bucket: &Bucket, prefix: &str) -> Result<usize, String> {
+    let keys = list_keys(bucket, prefix).await.map_err(|e| format!("R2 list of {prefix} failed: {e}"))?;
     for batch in keys.chunks(1000) {
-        bucket.delete_multiple(batch.to_vec()).await.map_err(|e| e.to_string())?;
+        bucket.delete_multiple(batch.to_vec()).await.map_err(|e| format!("R2 delete under {prefix} failed: {e}"))?;
     }
     Ok(keys.len())
+}
+
+/// True for R2's answer to aborting an upload that no longer exists (completed or aborted).
+pub(crate) fn upload_gone(message: &str) -> bool {
+    ["NoSuchUpload", "10024", "does not exist"].iter().any(|m| message.contains(m))
+}
+
+/// Aborts a recorded multipart upload, then forgets its record. An upload already gone counts as
+/// aborted; any other error keeps the record (for the sweep) and is returned.
+pub(crate) async fn abort_upload(
+    bucket: &Bucket,
+    storage: &Storage,
+    job_id: &str,
+    key: &str,
+    upload_id: &str,
+) -> Result<(), String> {
+    let aborted = match bucket.resume_multipart_upload(key.to_string(), upload_id.to_string()) {
+        Ok(open) => open.abort().await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match aborted {
+        Err(e) if !upload_gone(&e) => Err(format!("R2 abort of the upload of {key} failed: {e}")),
+        _ => {
+            forget_upload(storage, job_id, upload_id).await;
+            Ok(())
+        }
+    }
+}
+
+/// Records a multipart upload as open (in its own storage entry), before any part is sent.
+pub(crate) fn upload_entry(upload: &OpenUpload) -> Result<(String, String), String> {
+    serde_json::to_string(upload).map(|text| (upload.storage_key(), text)).map_err(|e| e.to_string())
+}
+
+/// Forgets an upload once it is completed or aborted (best effort: a stale record only makes the
+/// sweep abort an upload that is already gone, which R2 refuses harmlessly).
+pub(crate) async fn forget_upload(storage: &Storage, job_id: &str, upload_id: &str) {
+    if let Err(e) = storage.delete(&upload_storage_key(job_id, upload_id)).await {
+        console_error!("forgetting the record of upload {upload_id} failed: {e}");
+    }
+}
+
+/// Records something a clean-up could not remove, for the daily sweep.
+pub(crate) async fn record_leftover(storage: &Storage, leftover: &Leftover) {
+    let written = match serde_json::to_string(leftover) {
+        Ok(text) => storage.put(&leftover.storage_key(), text).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = written {
+        console_error!("recording the leftover {} failed: {e}; the sweep finds it by age", leftover.key);
+    }
 }
 
 /// Reads and parses one manifest.

@@ -30,6 +30,7 @@ use crate::http::{status_error, HttpRequest, HttpResponse};
 use crate::job::{CopySource, Event, Job, SliceOrder, SliceOutcome};
 use crate::manifest::Artifact;
 use crate::providers::aura::GraphExport;
+use crate::sweep::{Leftover, OpenUpload};
 use crate::transfer::{header, load_hasher, save_hasher, CopyState, GzipCheck, PartRecord, Resume, TransferSettings};
 
 /// Bytes hashed between two yields to the event loop, so status requests are answered mid-copy.
@@ -153,6 +154,9 @@ struct Sink<'a> {
     json: Vec<u8>,
     /// Records of parts settled since the last persist.
     pending_parts: Vec<PartRecord>,
+    /// The record of a multipart upload just created, written with the next persist (which
+    /// comes before any part is sent).
+    pending_upload: Option<OpenUpload>,
     /// Downloads persist after every part; the graph export only at the end of a slice.
     persist_each_part: bool,
     /// Bytes taken in this slice.
@@ -206,8 +210,13 @@ impl<'a> Sink<'a> {
             let record = serde_json::to_string(part).map_err(|e| StepError::permanent(e.to_string()))?;
             set(&self.state.part_key(self.job.id.as_str(), part.number), &record)?;
         }
+        if let Some(upload) = &self.pending_upload {
+            let (key, record) = store::upload_entry(upload).map_err(StepError::permanent)?;
+            set(&key, &record)?;
+        }
         self.storage.put_multiple_raw(entries).await.map_err(|e| r2_err("saving the copy's progress", e))?;
         self.pending_parts.clear();
+        self.pending_upload = None;
         Ok(())
     }
 
@@ -282,7 +291,11 @@ impl<'a> Sink<'a> {
         HttpMetadata { content_type: Some(self.content_type.clone()), ..HttpMetadata::default() }
     }
 
-    /// The multipart upload, created (and persisted, so it can always be aborted) on first use.
+    /// The multipart upload, created on first use. Its id is persisted at once, before any part is
+    /// sent, both in the copy's state and in the source's list of open uploads (which the daily
+    /// sweep reads), so it can always be aborted. R2 cannot list open uploads: only a kill between
+    /// the creation and this one write can lose an id, and R2's default lifecycle rule aborts
+    /// such an upload after seven days.
     async fn ensure_upload(&mut self) -> Result<String, StepError> {
         if let Some(id) = &self.state.upload_id {
             return Ok(id.clone());
@@ -297,6 +310,12 @@ impl<'a> Sink<'a> {
             .map_err(|e| r2_err("create multipart upload", e))?;
         let id = upload.upload_id().await;
         self.state.upload_id = Some(id.clone());
+        self.pending_upload = Some(OpenUpload {
+            key: self.state.key.clone(),
+            upload_id: id.clone(),
+            job_id: self.job.id.to_string(),
+            created_at: super::now(),
+        });
         self.persist().await?;
         Ok(id)
     }
@@ -360,8 +379,11 @@ impl<'a> Sink<'a> {
         self.pending_parts.clear();
         self.filled = 0;
         if let Some(id) = self.state.restart(reason.clone()) {
-            if let Ok(upload) = self.bucket.resume_multipart_upload(self.state.key.clone(), id) {
-                let _ = upload.abort().await;
+            // A failed abort keeps the upload's record: the sweep aborts it once this job ends.
+            if let Err(e) =
+                store::abort_upload(self.bucket, self.storage, self.job.id.as_str(), &self.state.key, &id).await
+            {
+                worker::console_error!("job {}: {e}; left for the daily sweep", self.job.id);
             }
         }
         self.hasher = Sha256::new();
@@ -420,13 +442,21 @@ impl<'a> Sink<'a> {
         };
         let records = self.part_records().await?;
         let parts: Vec<UploadedPart> = records.iter().map(|p| UploadedPart::new(p.number, p.etag.clone())).collect();
-        let upload =
-            self.bucket.resume_multipart_upload(self.state.key.clone(), id).map_err(|e| r2_err("resume upload", e))?;
+        let upload = self
+            .bucket
+            .resume_multipart_upload(self.state.key.clone(), id.clone())
+            .map_err(|e| r2_err("resume upload", e))?;
         let stored = match upload.complete(parts).await {
-            Ok(object) => object.size(),
+            Ok(object) => {
+                store::forget_upload(self.storage, self.job.id.as_str(), &id).await;
+                object.size()
+            }
             // Completed already by a slice cut off before it could record that.
             Err(e) => match self.bucket.head(self.state.key.clone()).await {
-                Ok(Some(object)) if object.size() == self.state.offset => object.size(),
+                Ok(Some(object)) if object.size() == self.state.offset => {
+                    store::forget_upload(self.storage, self.job.id.as_str(), &id).await;
+                    object.size()
+                }
                 _ => return Err(r2_err("complete multipart upload", e)),
             },
         };
@@ -483,6 +513,7 @@ pub(crate) async fn run_slice(bucket: &Bucket, storage: &Storage, job: &mut Job,
         inflight: VecDeque::new(),
         json: Vec::new(),
         pending_parts: Vec::new(),
+        pending_upload: None,
         persist_each_part: !graph,
         pushed: 0,
         started_ms: js_sys::Date::now(),
@@ -814,7 +845,7 @@ async fn graph_slice(sink: &mut Sink<'_>, spec: &GraphExport) -> Result<SliceOut
         sink.push(&rest).await?;
         let artifact = sink.finish(Some(details)).await?;
         if let Some((key, _)) = old_tail {
-            let _ = sink.bucket.delete(key).await;
+            drop_tail(sink, key).await;
         }
         return Ok(SliceOutcome::Finished(artifact));
     }
@@ -837,8 +868,22 @@ async fn graph_slice(sink: &mut Sink<'_>, spec: &GraphExport) -> Result<SliceOut
     sink.persist().await?;
     if let Some((key, _)) = old_tail {
         if sink.state.tail.as_ref().map(|t| &t.0) != Some(&key) {
-            let _ = sink.bucket.delete(key).await;
+            drop_tail(sink, key).await;
         }
     }
     Ok(SliceOutcome::Paused)
+}
+
+/// Deletes a tail object the copy no longer needs; a failure is recorded for the daily sweep.
+async fn drop_tail(sink: &Sink<'_>, key: String) {
+    if let Err(e) = sink.bucket.delete(key.clone()).await {
+        worker::console_error!("job {}: deleting the staging object {key} failed: {e}", sink.job.id);
+        let leftover = Leftover {
+            key,
+            job_id: sink.job.id.to_string(),
+            reason: format!("deleting a staging object failed: {e}"),
+            at: super::now(),
+        };
+        store::record_leftover(sink.storage, &leftover).await;
+    }
 }

@@ -1,0 +1,327 @@
+//! The daily orphan sweep's I/O (the decisions are `crate::sweep`).
+//!
+//! It runs in one Durable Object of the `SOURCES` namespace named `~sweeper` (no source can have
+//! that name), called by every cron tick: the object keeps the sweep's state, so at most one sweep
+//! starts per UTC day whatever the triggers, and a bucket too large for one tick is walked over
+//! several (a bounded number of list pages each, resuming after the last folder judged). A tick
+//! asks each source's object for its records, aborts the uploads and deletes the objects the plan
+//! names, tells each source which records are settled, and writes the report to R2 under
+//! `_ferry/sweeps/` when the walk ends. Every failure goes into the report; none stops the sweep
+//! or a backup, and nothing here panics.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use futures_util::future::join_all;
+use serde_json::json;
+use worker::{Bucket, Env, Method, Response, Storage};
+
+use super::source_object::call;
+use super::{store, BUCKET};
+use crate::manifest::{folder_of, parse_folder};
+use crate::sweep::{
+    plan, report_key, source_of_prefix, split_at_folder, Plan, SourceRecords, Stage, StoredObject, Sweep, Tick,
+    REPORT_PREFIX,
+};
+use crate::time::Timestamp;
+
+/// Durable Object storage key of the sweep's state (and its latest report).
+const STATE: &str = "sweep";
+/// Objects per list page (R2's maximum).
+const PAGE: u32 = 1000;
+/// List pages one tick reads at most.
+const PAGES_PER_TICK: u32 = 10;
+/// A folder with more objects than this is not Ferry's: it is reported and skipped.
+const MAX_FOLDER_OBJECTS: usize = 5000;
+/// Keys per R2 `delete` call (its maximum).
+const DELETE_BATCH: usize = 1000;
+
+/// One cron tick of the sweep at `now`; returns a line for the log.
+pub(super) async fn tick(storage: &Storage, env: &Env, now: Timestamp, configured: Vec<String>) -> String {
+    let saved = match storage.get::<String>(STATE).await {
+        Ok(text) => text.and_then(|t| serde_json::from_str::<Sweep>(&t).ok()),
+        Err(e) => return format!("sweep: its state cannot be read: {e}"),
+    };
+    let mut sweep = match crate::sweep::tick(saved, now) {
+        Tick::AlreadySwept(day) => return format!("sweep: {day} was already swept"),
+        Tick::Run(sweep) => *sweep,
+    };
+    sweep.report.ticks += 1;
+    match env.bucket(BUCKET) {
+        Ok(bucket) => advance(storage, env, &bucket, &mut sweep, now, configured).await,
+        Err(e) => sweep.report.error(format!("the bucket binding is unavailable: {e}")),
+    }
+    save(storage, &mut sweep).await;
+    sweep.report.summary()
+}
+
+/// The latest sweep's report (complete or under way).
+pub(super) async fn latest(storage: &Storage) -> worker::Result<Response> {
+    match storage.get::<String>(STATE).await?.and_then(|t| serde_json::from_str::<Sweep>(&t).ok()) {
+        Some(sweep) => Response::from_json(&sweep.report),
+        None => Ok(Response::from_json(&json!({ "error": "no sweep has run yet" }))?.with_status(404)),
+    }
+}
+
+async fn save(storage: &Storage, sweep: &mut Sweep) {
+    let written = match serde_json::to_string(&*sweep) {
+        Ok(text) => storage.put(STATE, text).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = written {
+        worker::console_error!("sweep: saving its state failed: {e}");
+    }
+}
+
+async fn advance(
+    storage: &Storage,
+    env: &Env,
+    bucket: &Bucket,
+    sweep: &mut Sweep,
+    now: Timestamp,
+    configured: Vec<String>,
+) {
+    let (records, unreadable) = gather(env, bucket, configured, sweep).await;
+    if sweep.stage == Stage::Records {
+        sweep_records(env, bucket, &records, sweep).await;
+        sweep.stage = Stage::Walk { after: None };
+        save(storage, sweep).await;
+    }
+    if let Stage::Walk { after } = sweep.stage.clone() {
+        // Only the jobs in flight matter to the walk: records were handled above.
+        let in_flight: Vec<SourceRecords> = records
+            .iter()
+            .map(|r| SourceRecords { source: r.source.clone(), in_flight: r.in_flight.clone(), ..Default::default() })
+            .collect();
+        walk(storage, env, bucket, sweep, after, &in_flight, &unreadable).await;
+    }
+    if sweep.stage == Stage::Done {
+        sweep.report.complete = true;
+        sweep.report.finished_at = Some(now);
+        let key = report_key(&sweep.report.day);
+        if let Err(e) = store::put_json(bucket, &key, &sweep.report).await {
+            sweep.report.error(format!("writing the report failed: {e}"));
+        }
+        worker::console_log!("{}", sweep.report.summary());
+    }
+}
+
+/// Asks every source's object for its records: the configured sources and any source prefix in
+/// the bucket (a removed source's leftovers too). Returns the records and the sources whose
+/// records could not be read (their folders are not judged in this tick).
+async fn gather(
+    env: &Env,
+    bucket: &Bucket,
+    configured: Vec<String>,
+    sweep: &mut Sweep,
+) -> (Vec<SourceRecords>, BTreeSet<String>) {
+    let mut names: BTreeSet<String> = configured.into_iter().collect();
+    match top_level_prefixes(bucket).await {
+        Ok(prefixes) => names.extend(prefixes.iter().filter_map(|p| source_of_prefix(p)).map(str::to_string)),
+        Err(e) => sweep.report.error(format!("listing the bucket's sources failed: {e}")),
+    }
+    let answers = join_all(names.iter().map(|n| call(env, n, Method::Get, "/leftovers", None))).await;
+    let mut records = Vec::new();
+    let mut unreadable = BTreeSet::new();
+    for (name, answer) in names.into_iter().zip(answers) {
+        match answer.map_err(|e| e.to_string()).and_then(|(status, value)| match status {
+            200 => serde_json::from_value::<SourceRecords>(value).map_err(|e| e.to_string()),
+            _ => Err(format!("HTTP {status}: {value}")),
+        }) {
+            Ok(mut r) => {
+                r.source = name;
+                records.push(r);
+            }
+            Err(e) => {
+                sweep.report.error(format!("the records of source {name:?} could not be read ({e}); its folders wait"));
+                unreadable.insert(name);
+            }
+        }
+    }
+    (records, unreadable)
+}
+
+async fn top_level_prefixes(bucket: &Bucket) -> worker::Result<Vec<String>> {
+    let mut prefixes = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..PAGES_PER_TICK {
+        let mut list = bucket.list().delimiter("/").limit(PAGE);
+        if let Some(c) = cursor.take() {
+            list = list.cursor(c);
+        }
+        let page = list.execute().await?;
+        prefixes.extend(page.delimited_prefixes());
+        match (page.truncated(), page.cursor()) {
+            (true, Some(c)) => cursor = Some(c),
+            _ => break,
+        }
+    }
+    Ok(prefixes)
+}
+
+fn stored(object: &worker::Object) -> StoredObject {
+    StoredObject {
+        key: object.key(),
+        size: object.size(),
+        uploaded: Timestamp::from_millis(object.uploaded().as_millis() as i64),
+    }
+}
+
+/// The first stage: every recorded upload, and the folders of recorded failed clean-ups (listed
+/// whole, so the plan can see their manifests).
+async fn sweep_records(env: &Env, bucket: &Bucket, records: &[SourceRecords], sweep: &mut Sweep) {
+    let folders: BTreeSet<String> = records
+        .iter()
+        .flat_map(|r| r.leftovers.iter())
+        .filter_map(|l| if l.key.ends_with('/') { Some(l.key.as_str()) } else { folder_of(&l.key) })
+        .filter(|f| parse_folder(f).is_some())
+        .map(str::to_string)
+        .collect();
+    let mut objects = Vec::new();
+    let mut unlisted = BTreeSet::new();
+    for folder in &folders {
+        match store::list_objects(bucket, folder).await {
+            Ok(list) => objects.extend(list.iter().map(stored)),
+            Err(e) => {
+                sweep.report.error(format!("listing the recorded leftover {folder} failed: {e}"));
+                unlisted.insert(folder.clone());
+            }
+        }
+    }
+    // A leftover whose folder could not be listed stays recorded (the plan would take it as gone).
+    let input: Vec<SourceRecords> = records
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            r.leftovers.retain(|l| {
+                let folder = if l.key.ends_with('/') { Some(l.key.as_str()) } else { folder_of(&l.key) };
+                !folder.is_some_and(|f| unlisted.contains(f))
+            });
+            r
+        })
+        .collect();
+    let plan = plan(&objects, &input, sweep.report.started_at);
+    execute(env, bucket, &plan, sweep).await;
+}
+
+/// The second stage: the bucket in key order, a bounded number of pages per tick, judged a
+/// complete folder at a time.
+async fn walk(
+    storage: &Storage,
+    env: &Env,
+    bucket: &Bucket,
+    sweep: &mut Sweep,
+    mut after: Option<String>,
+    in_flight: &[SourceRecords],
+    unreadable: &BTreeSet<String>,
+) {
+    let mut pending: Vec<StoredObject> = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..PAGES_PER_TICK {
+        let mut list = bucket.list().limit(PAGE);
+        match (cursor.take(), &after) {
+            (Some(c), _) => list = list.cursor(c),
+            (None, Some(a)) => list = list.start_after(a.clone()),
+            (None, None) => {}
+        }
+        let page = match list.execute().await {
+            Ok(page) => page,
+            Err(e) => {
+                sweep.report.error(format!("listing the bucket failed: {e}; the walk goes on at the next tick"));
+                return;
+            }
+        };
+        let more = page.truncated();
+        cursor = page.cursor().filter(|_| more);
+        pending.extend(page.objects().iter().map(stored).filter(|o| {
+            let source = o.key.split('/').next().unwrap_or_default();
+            !o.key.starts_with(REPORT_PREFIX) && !unreadable.contains(source)
+        }));
+        let (complete, held) = split_at_folder(std::mem::take(&mut pending), more);
+        if let Some(last) = complete.last() {
+            after = Some(last.key.clone());
+        }
+        if !complete.is_empty() {
+            let plan = plan(&complete, in_flight, sweep.report.started_at);
+            execute(env, bucket, &plan, sweep).await;
+        }
+        pending = held;
+        if pending.len() > MAX_FOLDER_OBJECTS {
+            let folder = pending.last().and_then(|o| folder_of(&o.key)).unwrap_or_default().to_string();
+            sweep.report.error(format!("{folder} holds over {MAX_FOLDER_OBJECTS} objects: not Ferry's, not judged"));
+            // Past every key of that folder.
+            after = Some(format!("{folder}\u{10FFFF}"));
+            pending.clear();
+            cursor = None;
+        }
+        if !more {
+            sweep.stage = Stage::Done;
+            return;
+        }
+        sweep.stage = Stage::Walk { after: after.clone() };
+        save(storage, sweep).await;
+    }
+    // Out of pages for this tick: the held-back folder is listed again next time.
+    sweep.stage = Stage::Walk { after };
+}
+
+/// Performs a plan: aborts, deletions (batched), then tells each source what is settled.
+async fn execute(env: &Env, bucket: &Bucket, plan: &Plan, sweep: &mut Sweep) {
+    let report = &mut sweep.report;
+    report.judged(plan);
+    let mut settled: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (source, key) in &plan.settled {
+        settled.entry(source.clone()).or_default().push(key.clone());
+    }
+    for abort in &plan.abort {
+        let upload = &abort.upload;
+        let result = match bucket.resume_multipart_upload(upload.key.clone(), upload.upload_id.clone()) {
+            Ok(open) => open.abort().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok(()) => report.aborted(abort),
+            Err(e) if store::upload_gone(&e) => report.kept.push(crate::sweep::Kept {
+                key: format!("{} (upload {})", upload.key, upload.upload_id),
+                why: "already completed or aborted".into(),
+            }),
+            Err(e) => {
+                report.error(format!("aborting upload {} of {} failed: {e}", upload.upload_id, upload.key));
+                continue;
+            }
+        }
+        settled.entry(abort.source.clone()).or_default().push(upload.storage_key());
+    }
+    // All keys of the plan's removals, deleted in batches; a failed batch fails its folders.
+    let keys: Vec<(usize, &String)> =
+        plan.remove.iter().enumerate().flat_map(|(i, r)| r.keys.iter().map(move |k| (i, k))).collect();
+    let mut failed = BTreeSet::new();
+    for batch in keys.chunks(DELETE_BATCH) {
+        let list: Vec<String> = batch.iter().map(|(_, k)| (*k).clone()).collect();
+        if let Err(e) = bucket.delete_multiple(list).await {
+            let folders: BTreeSet<usize> = batch.iter().map(|(i, _)| *i).collect();
+            report.error(format!(
+                "deleting {} objects failed: {e}; their folders are left for the next sweep: {}",
+                batch.len(),
+                folders.iter().map(|i| plan.remove[*i].folder.as_str()).collect::<Vec<_>>().join(", ")
+            ));
+            failed.extend(folders);
+        }
+    }
+    for (i, removal) in plan.remove.iter().enumerate() {
+        if failed.contains(&i) {
+            continue;
+        }
+        report.removed(removal);
+        for (source, key) in &removal.settles {
+            settled.entry(source.clone()).or_default().push(key.clone());
+        }
+    }
+    for (source, keys) in settled {
+        let body = json!({ "keys": keys });
+        match call(env, &source, Method::Post, "/leftovers/settle", Some(&body)).await {
+            Ok((200, _)) => {}
+            Ok((status, value)) => report.error(format!("settling the records of {source:?}: HTTP {status}: {value}")),
+            Err(e) => report.error(format!("settling the records of {source:?} failed: {e}")),
+        }
+    }
+}
