@@ -47,11 +47,6 @@ pub(crate) fn host(url: &str) -> String {
     url::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_string)).unwrap_or_else(|| "?".into())
 }
 
-/// Sends a request; the response body is not read. Errors are network failures and timeouts.
-pub(crate) async fn send(req: &HttpRequest, timeout: Duration) -> Result<Response, String> {
-    send_abortable(req, timeout).await.map(|(resp, _)| resp)
-}
-
 /// Sends a request, following up to [`MAX_REDIRECTS`] redirects, and keeps the final request's
 /// `AbortController`, so a download can be cut off early (a slice that used its budget stops
 /// reading and aborts the rest of the body). Each hop has `timeout` for its headers.
@@ -59,12 +54,20 @@ pub(crate) async fn send_abortable(
     req: &HttpRequest,
     timeout: Duration,
 ) -> Result<(Response, AbortController), String> {
+    send_following(req, timeout).await.map(|(resp, controller, _)| (resp, controller))
+}
+
+/// [`send_abortable`], also handing back the request that got the final answer (after redirects).
+async fn send_following(
+    req: &HttpRequest,
+    timeout: Duration,
+) -> Result<(Response, AbortController, HttpRequest), String> {
     let mut current = req.clone();
     for _ in 0..=MAX_REDIRECTS {
         let (resp, controller) = send_once(&current, timeout).await?;
         let status = resp.status_code();
         if !is_redirect(status) {
-            return Ok((resp, controller));
+            return Ok((resp, controller, current));
         }
         let location = resp.headers().get("location").ok().flatten();
         controller.abort();
@@ -114,9 +117,17 @@ pub(crate) fn header_pairs(resp: &Response) -> Vec<(String, String)> {
 
 /// Sends an API request and reads its (small) answer.
 pub(crate) async fn exchange(req: &HttpRequest) -> Result<HttpResponse, String> {
-    let mut resp = send(req, API_TIMEOUT).await?;
+    let (mut resp, _controller, last) = send_following(req, API_TIMEOUT).await?;
     let status = resp.status_code();
     let headers = header_pairs(&resp);
+    let (from, to) = (host(&req.url), host(&last.url));
+    let html = headers.iter().any(|(k, v)| k == "content-type" && v.to_ascii_lowercase().contains("text/html"));
+    if from != to && html {
+        // An API call sent elsewhere that answers a web page: a sign-in page, a proxy's error.
+        return Err(format!(
+            "request to {from} was redirected to {to}, which answered with an HTML page (HTTP {status}), not the API"
+        ));
+    }
     let mut stream = resp.stream().map_err(|e| format!("reading the answer from {}: {e}", host(&req.url)))?;
     let mut body = Vec::new();
     while let Some(chunk) = next_chunk(&mut stream, API_TIMEOUT).await? {
