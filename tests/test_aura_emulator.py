@@ -614,7 +614,7 @@ def test_control_api(base):
     assert switches == {"token_ttl": 3600.0, "expire_tokens_now": False, "snapshot_polls": 2,
                         "snapshot_fail": False, "rate_limit": 125, "fail_next": [], "malformed_next": 0,
                         "query_error_next": [], "query_error_status": None, "error_variant": False,
-                        "restore_polls": 2, "instance_status": None, "clock_offset": 0}
+                        "restore_polls": 2, "instance_status": None, "clock_offset": 0, "faults": []}
     before = graph(base)
     get_token(base)
     ok(cypher(base, create_nodes_stmt(["Tmp"]), {"rows": [{"id": "t", "props": {}}]}))
@@ -622,7 +622,8 @@ def test_control_api(base):
     control(base, snapshot_fail=True, rate_limit=1000)
     st = state(base)
     assert st["token_requests"] == 1 and st["query_count"] == 2
-    assert {"method": "POST", "path": "/oauth/token", "status": 200} in st["requests"]
+    assert {"method": "POST", "path": "/oauth/token", "status": 200, "step": "token"} in \
+        [{k: v for k, v in r.items() if k != "t"} for r in st["requests"]]
     assert http(base, "POST", "/__control/reset", b"{}").status == 200
     st = state(base)
     assert st["switches"] == switches and st["token_requests"] == 0 and st["snapshots"] == []

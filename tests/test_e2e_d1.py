@@ -74,7 +74,7 @@ def world(tmp_path_factory):
         d1_source("app-db", emulator, "app-uuid"),
         d1_source("big", emulator, "big-uuid", part_size_mib=BIG_PART_MIB),
         d1_source("locked-out", emulator, "locked-uuid", token_secret="WRONG_D1_TOKEN"),
-        d1_source("busy", emulator, "busy-uuid"),
+        d1_source("busy", emulator, "busy-uuid", "17 4 * * *"),  # due only in BUSY_TICK's window
         d1_source("failing", emulator, "failing-uuid"),
         d1_source("flaky", emulator, "flaky-uuid"),
     ]
@@ -238,6 +238,11 @@ def test_unknown_source_is_404_after_the_signature_check(world):
     assert ferry.webhook("no-such-source", signature="v1,")[0] == 401
 
 
+# 2030-01-02T04:17:00Z: a tick of a one-minute trigger covers (04:16, 04:17], where only "busy"
+# ("17 4 * * *") is due; "*/5 * * * *" fires at 04:15 and 04:20, the other schedules elsewhere.
+BUSY_TICK = 1893557820000
+
+
 def test_second_trigger_during_a_running_job_gets_409(world):
     ferry, emulator = world["ferry"], world["emulator"]
     emulator.control(active_polls=100000)  # the export stays active
@@ -248,8 +253,26 @@ def test_second_trigger_during_a_running_job_gets_409(world):
     status, _, second = ferry.webhook("busy")
     assert status == 409, second
     assert second["job_id"] == job_id
-    # A cron tick that finds the source busy skips it as well.
+    # A cron tick that finds the source busy skips it as well: the object answers 409, the
+    # scheduled handler logs the skip, and no second export reaches D1.
     assert ferry.source("busy")["current_job_id"] == job_id
+    exports = lambda: [t for t in emulator.state()["tasks"] if t["database_id"] == "busy-uuid"]  # noqa: E731
+    assert len(exports()) == 1
+    ferry.scheduled("* * * * *", at_ms=BUSY_TICK)
+    line = f"cron * * * * *: busy: due at 2030-01-02T04:17:00.000Z: skipped, job {job_id} is still in flight"
+
+    def worker_log() -> str:  # the Worker's console output
+        return "".join(p.read_text(errors="replace") for p in (ferry.workdir / "wrangler-logs").glob("*.log"))
+
+    deadline = time.time() + 10
+    while line not in worker_log() and time.time() < deadline:
+        time.sleep(0.2)
+    assert line in worker_log(), "the scheduled run recorded the busy source as skipped"
+    time.sleep(1)
+    assert len(exports()) == 1, "the tick started no second export"
+    source = ferry.source("busy")
+    assert source["current_job_id"] == job_id and source["last_job"]["id"] == job_id
+    assert source["last_job"]["trigger"] == "webhook"
     emulator.control(active_polls=1)  # let it finish
     job = ferry.wait_job(job_id)
     assert job["phase"] == "committed"

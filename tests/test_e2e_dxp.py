@@ -24,6 +24,8 @@ def world(tmp_path_factory):
         dxp_source("portal-master", emulator, auth="master_token"),
         dxp_source("portal-picked", emulator),
         dxp_source("portal-failing", emulator),
+        dxp_source("portal-shapes", emulator),
+        dxp_source("portal-chunked", emulator),
     ]
     ferry = Ferry(work / "ferry", sources, secrets=DXP_SECRETS)
     yield {"ferry": ferry, "emulator": emulator}
@@ -94,11 +96,10 @@ def test_webhook_names_the_backup_and_the_same_backup_is_never_copied_twice(worl
 def test_list_shape_variants_are_accepted(world):
     ferry, emulator = world["ferry"], world["emulator"]
     emulator.control(list_shape="newest_first")
-    job = ferry.webhook_job("portal-master")
-    if job["phase"] == "skipped":  # copied by an earlier test: the choice is what matters
-        assert emulator.backup(-1)["backupId"] in job["note"]
-    else:
-        check_dxp_backup(ferry, job, emulator.backup(-1))
+    # A source that never copied anything: the newest backup is chosen (by its date, not by its
+    # place in the list) and committed.
+    job = ferry.webhook_job("portal-shapes")
+    check_dxp_backup(ferry, job, emulator.backup(-1))
 
 
 def test_refused_token_fails_the_job_with_the_services_message(world):
@@ -112,10 +113,28 @@ def test_refused_token_fails_the_job_with_the_services_message(world):
 
 def test_truncated_download_is_retried_and_5xx_with_retry_after_honoured(world):
     ferry, emulator = world["ferry"], world["emulator"]
-    emulator.control(fail_next=[{"status": 503, "retry_after": "1"}], truncate_after=100000, chunked=False)
+    cut = emulator.backup(-1)["database"]["size"] // 2  # database.gz is downloaded first
+    emulator.control(fail_next=[{"status": 503, "retry_after": "1"}], truncate_after=cut, chunked=False)
     job = ferry.webhook_job("portal-failing", timeout=90)
     assert job["phase"] == "committed", job
     check_dxp_backup(ferry, job, emulator.backup(-1))
+    first = [r for r in emulator.state()["requests"] if r.get("step") == "download"][0]
+    assert first["sent"] == cut < first["served_end"] - first["served_start"], "the first download was cut short"
+
+
+def test_truncated_chunked_download_is_retried_and_the_backup_is_byte_identical(world):
+    """A body without Content-Length cut off mid-way: only the broken connection tells it apart
+    from a complete one."""
+    ferry, emulator = world["ferry"], world["emulator"]
+    cut = emulator.backup(-1)["database"]["size"] // 3  # database.gz is downloaded first
+    emulator.control(chunked=True, faults=[{"step": "download", "fault": "truncate_chunked", "truncate_at": cut}])
+    job = ferry.webhook_job("portal-chunked", timeout=90)
+    assert job["phase"] == "committed", job["error"]
+    check_dxp_backup(ferry, job, emulator.backup(-1))
+    downloads = [r for r in emulator.state()["requests"] if r.get("step") == "download"]
+    assert downloads[0]["sent"] == cut and downloads[0]["served_end"] - downloads[0]["served_start"] > cut, \
+        "the first download was cut short"
+    assert len(downloads) >= 2, "it was asked again"
 
 
 def test_rest_api_gone_fails_with_a_clear_message(world):

@@ -55,6 +55,14 @@ Control API
 request log and puts every database back to its seeded state (non-seeded ones are dropped),
 ``GET /__control/state`` reports switches and counters, ``GET /__control/graph?db=<name>``
 dumps a database as ``{nodes:[{id,labels,props}], relationships:[{id,type,start,end,props}]}``.
+
+Injected faults (the ``faults`` switch, see ``common.py``): steps ``token`` (``POST /oauth/token``),
+``snapshot`` (``POST .../snapshots``, creating one), ``snapshot_status`` (``GET
+.../snapshots/{sid}``) and ``query`` (every Query API call).  ``provider_error`` answers, per
+step: 401 "Invalid credentials"; 409 ``ongoing-database-operation``; the snapshot turns
+``Failed`` (for good); a Query API error ``Neo.ClientError.Security.Forbidden`` (status 202, or
+``query_error_status``).  ``stuck`` at ``snapshot_status`` answers ``InProgress`` for as long as
+the fault is set.  Every request-log entry has ``t`` (wall clock) and its ``step``.
 """
 
 from __future__ import annotations
@@ -82,7 +90,8 @@ from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import BaseHandler, Reply, bind_server, serve_main  # noqa: E402
+from common import (API_FAULTS, BaseHandler, LoginOrigin, Reply, answer_fault, bind_server,  # noqa: E402
+                    fault_active, faults_problem, serve_main, take_fault, write_cut_reply)
 
 REQUEST_LOG_SIZE = 500
 RATE_WINDOW = 60.0
@@ -111,6 +120,20 @@ CODE_UNAVAILABLE = "Neo.TransientError.General.DatabaseUnavailable"
 MSG_UNAUTHORIZED = "The client is unauthorized due to authentication failure."
 
 FAIL_NEXT_DEFAULTS = {"status": 503, "retry_after": None, "body": None}
+# The provider steps faults can be injected at, and what each takes (common.py, "Injected faults").
+FAULT_STEPS = {
+    "token": API_FAULTS | {"provider_error"},
+    "snapshot": API_FAULTS | {"provider_error"},
+    "snapshot_status": API_FAULTS | {"provider_error", "stuck"},
+    "query": API_FAULTS | {"provider_error"},
+}
+PROVIDER_ERRORS = {
+    "token": "Invalid credentials",
+    "snapshot": "The database is current undergoing an operation: resuming",
+    "snapshot_status": "Failed",  # the snapshot's status (it carries no message)
+    "query": "Read operations are not allowed for user 'neo4j' with roles [PUBLIC].",
+}
+CODE_FORBIDDEN = "Neo.ClientError.Security.Forbidden"
 
 
 # ----- replies ----------------------------------------------------------------------------
@@ -685,7 +708,7 @@ class Emulator:
             "token_ttl": args.token_ttl, "expire_tokens_now": False, "snapshot_polls": args.snapshot_polls,
             "snapshot_fail": False, "rate_limit": 125, "fail_next": [], "malformed_next": 0,
             "query_error_next": [], "query_error_status": None, "error_variant": False,
-            "restore_polls": args.restore_polls, "instance_status": None, "clock_offset": 0,
+            "restore_polls": args.restore_polls, "instance_status": None, "clock_offset": 0, "faults": [],
         }
         self.lock = threading.RLock()
         self.seeded = build_seeded(self.seeded_name, self.seed, self.node_count, self.rel_count)
@@ -700,6 +723,7 @@ class Emulator:
         self.requests = deque(maxlen=REQUEST_LOG_SIZE)
         self.rate_hits: deque = deque()
         self.query_count = 0
+        self.faults_injected: list = []
         self.instances = {i: Instance(i, name, self.tenant_id) for i, name in self.instance_specs}
         if self.seeded.dirty:
             self.seeded = build_seeded(self.seeded_name, self.seed, self.node_count, self.rel_count)
@@ -709,6 +733,7 @@ class Emulator:
     def reset(self) -> dict:
         with self.lock:
             self._reset_state()
+            LoginOrigin.clear()
             return {"switches": self.switches}
 
     def update_switches(self, changes) -> dict:
@@ -718,7 +743,13 @@ class Emulator:
         if unknown:
             raise ApiError(400, f"unknown switch(es): {', '.join(unknown)}", "invalid-switch")
         for name, value in changes.items():
-            check_switch(name, value)
+            if name != "faults":
+                check_switch(name, value)
+        if "faults" in changes:
+            faults, problem = faults_problem(changes["faults"], FAULT_STEPS, PROVIDER_ERRORS)
+            if problem:
+                raise ApiError(400, problem, "invalid-switch")
+            changes = {**changes, "faults": faults}
         with self.lock:
             self.switches.update(copy.deepcopy(changes))
             if self.switches["expire_tokens_now"]:
@@ -735,16 +766,36 @@ class Emulator:
                                    "status": s.status, "polls": s.polls} for s in self.snapshots.values()],
                     "instances": [i.public(self.switches["instance_status"]) for i in self.instances.values()],
                     "databases": sorted(self.dbs),
-                    "requests": list(self.requests), "query_count": self.query_count}
+                    "requests": list(self.requests), "query_count": self.query_count,
+                    "faults_injected": [dict(f) for f in self.faults_injected],
+                    "login_requests": LoginOrigin.snapshot()}
 
     def graph_dump(self, name: str):
         with self.lock:
             graph = self.dbs.get(name.lower())
             return None if graph is None else json.loads(json.dumps(graph.dump()))
 
-    def record(self, method: str, path: str, status: int):
+    def record(self, method: str, path: str, status: int, step: str | None = None):
         with self.lock:
-            self.requests.append({"method": method, "path": path, "status": status})
+            self.requests.append({"method": method, "path": path, "status": status, "t": time.time(),
+                                  "step": step})
+
+    def take_fault(self, step: str | None) -> dict | None:
+        with self.lock:
+            return take_fault(self.switches, step, self.faults_injected)
+
+    @staticmethod
+    def step_of(method: str, path: str) -> str | None:
+        """The provider step of a request: ``token``, ``snapshot``, ``snapshot_status`` or ``query``."""
+        if path == "/oauth/token":
+            return "token"
+        if RE_SNAPSHOTS.match(path) and method == "POST":
+            return "snapshot"
+        if RE_SNAPSHOT.match(path) and method == "GET":
+            return "snapshot_status"
+        if path.startswith("/db/"):
+            return "query"
+        return None
 
     def now(self) -> float:
         return time.time() + float(self.switches.get("clock_offset") or 0)
@@ -845,7 +896,7 @@ class Emulator:
             raise ApiError(404, f"DB not found: {instance_id}", "db-not-found")
         return inst
 
-    def route_v1(self, method: str, path: str, query: dict) -> Reply:
+    def route_v1(self, method: str, path: str, query: dict, fault: dict | None = None) -> Reply:
         override = self.switches["instance_status"]
         if RE_TENANTS.match(path):
             self._method(method, "GET")
@@ -875,6 +926,8 @@ class Emulator:
         if m:
             inst = self.instance(m.group(1))
             if method == "POST":
+                if fault is not None and fault["fault"] == "provider_error":
+                    raise ApiError(409, fault["message"], "ongoing-database-operation")
                 return self.create_snapshot(inst, override)
             self._method(method, "GET")
             return self.list_snapshots(inst, query)
@@ -883,6 +936,13 @@ class Emulator:
             self._method(method, "GET")
             self.instance(m.group(1))
             snap = self._snapshot(m.group(1), m.group(2))
+            if fault_active(self.switches, "snapshot_status", "stuck", self.faults_injected):
+                snap.polls += 1
+                if snap.status == "Pending":
+                    snap.status = "InProgress"
+                return json_reply(200, {"data": {**snap.public(), "status": "InProgress"}})
+            if fault is not None and fault["fault"] == "provider_error":
+                snap.fate = snap.status = "Failed"
             snap.poll()
             return json_reply(200, {"data": snap.public()})
         m = RE_RESTORE.match(path)
@@ -966,8 +1026,12 @@ class Emulator:
                 and secrets.compare_digest(password.encode(), self.db_password.encode())):
             raise CypherError(CODE_UNAUTHORIZED, MSG_UNAUTHORIZED, 401, [("WWW-Authenticate", 'Basic realm="Neo4j"')])
 
-    def query(self, database: str, headers, body: bytes) -> Reply:
+    def query(self, database: str, headers, body: bytes, fault: dict | None = None) -> Reply:
         self.check_db_auth(headers)
+        if fault is not None and fault["fault"] == "provider_error":
+            with self.lock:
+                self.query_count += 1
+            raise CypherError(CODE_FORBIDDEN, fault["message"])
         content_type = headers.get("Content-Type", "").split(";")[0].strip().lower()
         if content_type not in ("application/json", "application/vnd.neo4j.query"):
             raise CypherError(CODE_REQUEST_INVALID, f"Unsupported media type: {content_type or '(none)'}", 415)
@@ -1028,7 +1092,16 @@ class Handler(BaseHandler):
         self.begin_request(path)
         try:
             body = self.read_body()
-            self.write_reply(self.route(path, query, body))
+            emu = self.emulator
+            self._step = emu.step_of(self.command, path)
+            fault = emu.take_fault(self._step)
+            if answer_fault(self, fault, self.fault_error_reply):
+                return
+            reply = self.route(path, query, body, fault)
+            if fault is not None and fault["fault"] in ("truncate", "truncate_chunked"):
+                write_cut_reply(self, reply, fault.get("truncate_at"), chunked=fault["fault"] == "truncate_chunked")
+            else:
+                self.write_reply(reply)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception:  # an emulator bug: loud, but keep serving
@@ -1040,11 +1113,20 @@ class Handler(BaseHandler):
             self.finish_request()
 
     def log_request_status(self, status: int) -> None:
-        self.emulator.record(self.command, self._path, status)
+        self.emulator.record(self.command, self._path, status, self._step)
+
+    def fault_error_reply(self, status: int, message: str, headers) -> Reply:
+        """An injected 5xx/429 in the shape of the API the step belongs to."""
+        if self._step == "query":
+            code = "Neo.TransientError.General.DatabaseUnavailable" if status >= 500 else \
+                "Neo.ClientError.Request.TooManyRequests"
+            return cypher_error_reply(status, code, message, headers)
+        reason = "too-many-requests" if status == 429 else "service-unavailable"
+        return json_reply(status, {"errors": [{"message": message, "reason": reason}]}, headers)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = dispatch
 
-    def route(self, path: str, query: dict, body: bytes) -> Reply:
+    def route(self, path: str, query: dict, body: bytes, fault: dict | None = None) -> Reply:
         emu = self.emulator
         if path.startswith("/__control"):
             return self.control(path, query, body)
@@ -1062,10 +1144,12 @@ class Handler(BaseHandler):
                 emu.check_rate_limit()
                 if path == "/oauth/token":
                     emu._method(self.command, "POST")
+                    if fault is not None and fault["fault"] == "provider_error":
+                        raise ApiError(401, fault["message"], "unauthorized")
                     return emu.issue_token(self.headers, body)
                 emu.authorise(self.headers)
                 with emu.lock:
-                    return emu.route_v1(self.command, path, query)
+                    return emu.route_v1(self.command, path, query, fault)
             except ApiError as exc:
                 return exc.reply()
         if path.startswith("/db/"):
@@ -1078,7 +1162,7 @@ class Handler(BaseHandler):
                     raise CypherError(CODE_REQUEST_INVALID, "Not Found (explicit transactions are not emulated)", 404)
                 if self.command != "POST":
                     raise CypherError(CODE_REQUEST_INVALID, "Method not allowed", 405)
-                return emu.query(m.group(1), self.headers, body)
+                return emu.query(m.group(1), self.headers, body, fault)
             except CypherError as exc:
                 status = exc.status
                 if status is None:

@@ -24,13 +24,21 @@ imported as ``emulators.<name>``); the tests import it as ``emulators.common``.
 * The request log: ``REQUEST_LOG_SIZE`` entries; a download's entry has ``method``, ``path``,
   ``status`` and the ``download_log_fields`` ``range``, ``if_range``, ``accept_encoding``,
   ``served_start``, ``served_end`` (exclusive) and ``sent``; ``log_snapshot`` copies it safely.
+* Injected faults (``faults`` switch, one mechanism for every emulator): ``faults_problem``
+  validates and completes the specs, ``take_fault`` / ``fault_active`` consume them per provider
+  step, ``answer_fault`` answers the request-level ones (status, hang, delay, redirect, expiry),
+  ``write_cut_reply`` cuts an API answer, and ``LoginOrigin`` is the second origin a
+  ``redirect_html`` fault sends the client to.  See "Injected faults" below.
 """
 
 from __future__ import annotations
 
+import copy
+import gzip
 import hashlib
 import http.client
 import hmac
+import threading
 import math
 import re
 import secrets
@@ -44,7 +52,7 @@ from datetime import timezone
 from email.utils import formatdate, parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 EMULATORS_DIR = Path(__file__).resolve().parent
 RE_READY = re.compile(r"READY (\d+)\n")
@@ -74,6 +82,7 @@ class BaseHandler(BaseHTTPRequestHandler):
         self._path = path
         self._logged = False
         self._download = False
+        self._step = None  # the provider step the request belongs to, once the route knows it
 
     def mark_download(self) -> None:
         """Marks this request as a download: its log entry gets the ``download_log_fields``
@@ -496,3 +505,273 @@ class Presigner:
         if time.monotonic() > entry.deadline:
             return 403, "AccessDenied", "Request has expired"
         return None
+
+
+# ----- injected faults ------------------------------------------------------------------------------
+# Every emulator takes the ``faults`` switch: a list of specs, each injecting one fault at one
+# provider *step* (the emulator names its steps, e.g. D1 ``export``/``poll``/``download``), once,
+# N times or every time.  ``POST /__control {"faults": [...]}`` replaces the list; reset empties it.
+# A spec is ``{"step", "fault", "times"?, ...}``; ``times`` is a whole number >= 1 (default 1) or
+# null for every matching request, and counts down as faults are injected (the state shows what is
+# left).  Faults (which steps take which is up to each emulator, see its ``FAULT_STEPS``):
+#   5xx                 answer ``status`` (default 503, 500-599) with the provider's error body;
+#                       ``retry_after`` (optional) adds a Retry-After header
+#   429                 answer 429 with ``Retry-After: retry_after`` (default 1 second)
+#   hang                never answer: hold the request ``hang_s`` seconds (default 90, longer than
+#                       any client timeout), then close the connection without a status line
+#   delay               answer normally, ``delay_s`` seconds late (default 1)
+#   truncate            answer normally but close the connection after ``truncate_at`` body bytes
+#                       (default: half the body), with the whole body's Content-Length
+#   truncate_chunked    the same with chunked transfer coding (no Content-Length)
+#   redirect_html       302 to another origin (``LoginOrigin``, another port) answering any request
+#                       200 text/html with a login page
+#   expire              (signed download URLs) 403 AccessDenied "Request has expired", as S3/R2 does
+#   content_encoding_gzip  (downloads) the body gzip-encoded once more and labelled
+#                       ``Content-Encoding: gzip``, as a misconfigured CDN would serve it
+#   provider_error      the provider's documented failure at that step (``message`` overrides the
+#                       emulator's default text, which the completed spec shows)
+#   stuck               (the export's status step) the export never completes: every poll answers
+#                       "still running"; ``times`` is ignored, the fault lasts until removed
+# Each injection is recorded in the emulator's ``faults_injected`` (step, fault, monotonic ``t``
+# and wall ``at``).
+FAULT_KINDS = ("5xx", "429", "hang", "delay", "truncate", "truncate_chunked", "redirect_html", "expire",
+               "content_encoding_gzip", "provider_error", "stuck")
+API_FAULTS = frozenset({"5xx", "429", "hang", "delay", "truncate", "truncate_chunked", "redirect_html"})
+DOWNLOAD_FAULTS = API_FAULTS | {"content_encoding_gzip"}
+SIGNED_DOWNLOAD_FAULTS = DOWNLOAD_FAULTS | {"expire"}
+DEFAULT_HANG_S = 90.0
+FAULT_SPEC_KEYS = {"step", "fault", "times", "status", "retry_after", "hang_s", "delay_s", "truncate_at", "message"}
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def faults_problem(value, steps: dict, messages: dict | None = None):
+    """Validates a ``faults`` switch value against ``steps`` (step name -> the set of faults it
+    takes).  Returns ``(completed specs, None)`` or ``(None, why)``; completing fills ``times``
+    and the defaults of ``status``, ``retry_after``, ``hang_s``, ``delay_s`` and the provider
+    error ``message`` (from ``messages``: step -> default text)."""
+    if not isinstance(value, list):
+        return None, "faults must be a list of {step, fault, times?, ...} objects"
+    done = []
+    for spec in value:
+        if not isinstance(spec, dict):
+            return None, "faults must be a list of objects"
+        extra = sorted(set(spec) - FAULT_SPEC_KEYS)
+        if extra:
+            return None, f"faults: unknown key(s) {', '.join(extra)}"
+        step, fault = spec.get("step"), spec.get("fault")
+        if step not in steps:
+            return None, f"faults: step must be one of {', '.join(sorted(steps))} (got {step!r})"
+        if fault not in FAULT_KINDS:
+            return None, f"faults: fault must be one of {', '.join(FAULT_KINDS)} (got {fault!r})"
+        if fault not in steps[step]:
+            return None, f"faults: the {step} step does not take {fault} (it takes {', '.join(sorted(steps[step]))})"
+        spec = copy.deepcopy(spec)
+        times = spec.get("times", 1)
+        if times is not None and (isinstance(times, bool) or not isinstance(times, int) or times < 1):
+            return None, "faults: times must be a whole number >= 1, or null for every time"
+        spec["times"] = times
+        if fault == "5xx":
+            status = spec.setdefault("status", 503)
+            if isinstance(status, bool) or not isinstance(status, int) or not 500 <= status <= 599:
+                return None, "faults: a 5xx status must be from 500 to 599"
+        if fault == "429":
+            spec.setdefault("retry_after", 1)
+        retry_after = spec.get("retry_after")
+        if retry_after is not None and not (isinstance(retry_after, str) or (_number(retry_after) and retry_after >= 0)):
+            return None, "faults: retry_after must be a number of seconds or a string (an HTTP-date)"
+        for key, default in (("hang_s", DEFAULT_HANG_S if fault == "hang" else None),
+                             ("delay_s", 1.0 if fault == "delay" else None)):
+            if default is not None:
+                spec.setdefault(key, default)
+            if spec.get(key) is not None and not (_number(spec[key]) and spec[key] >= 0):
+                return None, f"faults: {key} must be a number of seconds >= 0"
+        cut = spec.get("truncate_at")
+        if cut is not None and (isinstance(cut, bool) or not isinstance(cut, int) or cut < 0):
+            return None, "faults: truncate_at must be a whole number of bytes >= 0"
+        if fault == "provider_error":
+            spec.setdefault("message", (messages or {}).get(step))
+            if not isinstance(spec["message"], str) or not spec["message"]:
+                return None, "faults: message must be a non-empty string"
+        done.append(spec)
+    return done, None
+
+
+def take_fault(switches: dict, step: str, injected: list) -> dict | None:
+    """The first fault left for ``step`` (``stuck`` excluded, see ``fault_active``), counted down
+    and recorded in ``injected``; None when there is none.  Call with the emulator's lock held."""
+    if not step:
+        return None
+    for spec in switches.get("faults") or []:
+        if spec["step"] != step or spec["fault"] == "stuck":
+            continue
+        if spec["times"] is not None:
+            if spec["times"] < 1:
+                continue
+            spec["times"] -= 1
+        injected.append({"step": step, "fault": spec["fault"], "t": time.monotonic(), "at": time.time()})
+        return dict(spec)
+    return None
+
+
+def fault_active(switches: dict, step: str, fault: str, injected: list | None = None) -> bool:
+    """True while a ``fault`` spec for ``step`` is set (``stuck``: not consumed); recorded in
+    ``injected`` when given.  Call with the emulator's lock held."""
+    found = any(s["step"] == step and s["fault"] == fault for s in switches.get("faults") or [])
+    if found and injected is not None:
+        injected.append({"step": step, "fault": fault, "t": time.monotonic(), "at": time.time()})
+    return found
+
+
+def close_without_answer(handler) -> None:
+    """Ends the connection as a client sees a dead peer: nothing more is sent."""
+    handler.close_connection = True
+    try:
+        handler.wfile.flush()
+    except OSError:
+        pass
+    try:
+        handler.connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def write_cut_reply(handler, reply: Reply, cut_at: int | None = None, chunked: bool = False,
+                    extra_headers=()) -> None:
+    """Sends ``reply``'s status line and headers (the whole body's ``Content-Length``, or chunked
+    transfer coding), then only ``cut_at`` body bytes (default: half), then closes the connection:
+    the client sees a body that ends early."""
+    body = reply.body
+    cut = len(body) // 2 if cut_at is None else min(cut_at, len(body))
+    handler.send_response(reply.status)
+    handler.send_header("Content-Type", reply.content_type)
+    if chunked:
+        handler.send_header("Transfer-Encoding", "chunked")
+    else:
+        handler.send_header("Content-Length", str(len(body)))
+    for name, value in [*handler.reply_headers(), *extra_headers, *reply.headers]:
+        handler.send_header(name, value)
+    handler.end_headers()
+    if handler.command != "HEAD" and cut > 0:
+        handler.wfile.write(b"%x\r\n%s\r\n" % (cut, body[:cut]) if chunked else body[:cut])
+    close_without_answer(handler)
+
+
+def gzip_once_more(data: bytes) -> bytes:
+    """What a CDN that compresses on the fly sends for ``data`` (already gzip or not)."""
+    return gzip.compress(bytes(data), compresslevel=6, mtime=0)
+
+
+LOGIN_PAGE = (b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head>"
+              b"<body><form method=\"post\" action=\"/login\"><input name=\"user\"><input name=\"password\" "
+              b"type=\"password\"><button>Sign in</button></form></body></html>\n")
+
+
+class _LoginHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "login-origin"
+
+    def log_message(self, format, *args):  # noqa: A002
+        pass
+
+    def answer(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > 0:
+            self.rfile.read(length)
+        self.server.origin.record(self.command, self.path, self.headers)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(LOGIN_PAGE)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(LOGIN_PAGE)
+
+    do_GET = do_POST = do_HEAD = do_PUT = answer
+
+
+class LoginOrigin:
+    """The other origin a ``redirect_html`` fault sends a client to: a tiny HTTP server on another
+    port of 127.0.0.1 answering every request 200 ``text/html`` with a sign-in page (an SSO front
+    end).  It records each request's method, path and header *names* (lower-case), so a test can
+    tell whether credentials followed the redirect.  One per process, started on first use."""
+
+    _instance = None
+    _guard = threading.Lock()
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: list = []
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _LoginHandler)
+        self.server.daemon_threads = True
+        self.server.origin = self
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, name="login-origin", daemon=True).start()
+
+    @classmethod
+    def get(cls) -> "LoginOrigin":
+        with cls._guard:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    @classmethod
+    def snapshot(cls) -> list:
+        """The requests it received so far (none when it never started)."""
+        origin = cls._instance
+        if origin is None:
+            return []
+        with origin.lock:
+            return [dict(r) for r in origin.requests]
+
+    @classmethod
+    def clear(cls) -> None:
+        origin = cls._instance
+        if origin is not None:
+            with origin.lock:
+                origin.requests.clear()
+
+    def record(self, method: str, path: str, headers) -> None:
+        with self.lock:
+            self.requests.append({"method": method, "path": path, "t": time.time(),
+                                  "headers": sorted({k.lower() for k in headers.keys()})})
+
+    def url(self, from_path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/login?next={quote(from_path, safe='')}"
+
+
+def answer_fault(handler, spec: dict | None, error_reply) -> bool:
+    """Answers the request-level faults: ``5xx``, ``429`` (with ``error_reply(status, message,
+    headers)``, the provider's error shape), ``hang``, ``redirect_html`` and ``expire``; sleeps for
+    ``delay``.  Returns True when the request is answered (the route must not run)."""
+    if spec is None:
+        return False
+    fault = spec["fault"]
+    if fault == "delay":
+        time.sleep(float(spec["delay_s"]))
+        return False
+    headers = [] if spec.get("retry_after") is None else [("Retry-After", f"{spec['retry_after']:g}"
+                                                           if _number(spec["retry_after"]) else spec["retry_after"])]
+    if fault == "5xx":
+        handler.write_reply(error_reply(int(spec["status"]), "Injected server error", headers))
+    elif fault == "429":
+        handler.write_reply(error_reply(429, "Too many requests", headers))
+    elif fault == "hang":
+        time.sleep(float(spec["hang_s"]))
+        close_without_answer(handler)
+    elif fault == "redirect_html":
+        target = LoginOrigin.get().url(urlsplit(handler.path).path)
+        handler.write_reply(Reply(302, b"", "text/html", [("Location", target)]))
+    elif fault == "expire":
+        handler.write_reply(Reply(403, s3_error_body("AccessDenied", "Request has expired"), "application/xml"))
+    else:
+        return False
+    return True
+
+
+def s3_error_reply(status: int, message: str, headers=()) -> Reply:
+    """An object store's error answer for a download (S3/R2 XML)."""
+    code = {429: "SlowDown", 503: "SlowDown", 500: "InternalError"}.get(status, "InternalError")
+    return Reply(status, s3_error_body(code, message), "application/xml", list(headers))

@@ -78,6 +78,13 @@ live.  The download switches:
   downloads with that status), ``gzip`` (serve ``Content-Encoding: gzip``; another object, with
   its own ETag), ``no_content_length`` (chunked).
 
+Injected faults (``faults``, see ``common.py``): steps ``export`` (the first POST, no bookmark),
+``poll`` (a POST with ``current_bookmark``) and ``download`` (the signed URL).  ``provider_error``
+at ``export`` is a 4xx failure envelope; at ``poll`` the task ends 200 ``status:"error"`` with the
+message (default: the documented virtual-table refusal); ``stuck`` at ``poll`` keeps the task
+``active`` (and alive) for as long as the fault is set.  Every request-log entry names its
+``step``.
+
 Each download's request-log entry has ``method``, ``path`` (no query), ``status``, ``t``,
 ``range``, ``if_range``, ``accept_encoding`` (request headers as received, null when absent),
 ``served_start``, ``served_end`` (the byte span served, end exclusive, null when nothing was) and
@@ -108,9 +115,10 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (BaseHandler, RANGE_SWITCHES, REQUEST_LOG_SIZE, Presigner, Reply, bind_server,  # noqa: E402
-                    log_snapshot, range_switch_problem, s3_error_body, serve_download, serve_main,
-                    ttl_switch_changes)
+from common import (API_FAULTS, BaseHandler, RANGE_SWITCHES, REQUEST_LOG_SIZE, SIGNED_DOWNLOAD_FAULTS,  # noqa: E402
+                    LoginOrigin, Presigner, Reply, answer_fault, bind_server, fault_active, faults_problem,
+                    gzip_once_more, log_snapshot, range_switch_problem, s3_error_body, s3_error_reply,
+                    serve_download, serve_main, take_fault, ttl_switch_changes, write_cut_reply)
 from d1_dump import DumpError, dump_sql  # noqa: E402
 
 API_PREFIX = "/client/v4"
@@ -126,6 +134,18 @@ RE_DATABASE = re.compile(r"^/client/v4/accounts/([^/]+)/d1/database/([^/]+)/?$")
 RE_DATABASES = re.compile(r"^/client/v4/accounts/([^/]+)/d1/database/?$")
 RE_SIGNED = re.compile(r"^/__signed/([^/]+)/(.+)$")
 
+# The provider steps faults can be injected at, and what each takes (common.py, "Injected faults").
+FAULT_STEPS = {
+    "export": API_FAULTS | {"provider_error"},
+    "poll": API_FAULTS | {"provider_error", "stuck"},
+    "download": SIGNED_DOWNLOAD_FAULTS,
+}
+PROVIDER_ERRORS = {
+    # The export call refused with the failure envelope (the documented "4XX Poll failed").
+    "export": "Export failed: database is currently being imported",
+    # The task ends with status "error" (the documented refusal of virtual tables).
+    "poll": "D1 Export error: cannot export databases with Virtual Tables (fts5)",
+}
 FAIL_NEXT_DEFAULTS = {"status": 500, "retry_after": None, "body": None,
                       "code": 7500, "message": "Internal error (injected by the D1 emulator)"}
 
@@ -241,10 +261,12 @@ class Emulator:
         self.export_calls = 0
         self.api_calls = deque()
         self.blocked_until = 0.0
+        self.faults_injected: list = []
 
     def reset(self) -> dict:
         with self.lock:
             self._reset_state()
+            LoginOrigin.clear()
             return {"switches": self.switches}
 
     def update_switches(self, changes) -> dict:
@@ -264,6 +286,11 @@ class Emulator:
         changes, problem = ttl_switch_changes(changes)
         if problem:
             raise ApiError(400, 10400, problem)
+        if "faults" in changes:
+            faults, problem = faults_problem(changes["faults"], FAULT_STEPS, PROVIDER_ERRORS)
+            if problem:
+                raise ApiError(400, 10400, problem)
+            changes = {**changes, "faults": faults}
         with self.lock:
             self.switches.update(copy.deepcopy(changes))
             return {"switches": self.switches}
@@ -277,10 +304,16 @@ class Emulator:
                     "tasks": [t.summary() for t in self.tasks.values()],
                     "requests": log_snapshot(self.requests),
                     "downloads": self.downloads,
-                    "export_calls": self.export_calls}
+                    "export_calls": self.export_calls,
+                    "faults_injected": [dict(f) for f in self.faults_injected],
+                    "login_requests": LoginOrigin.snapshot()}
 
-    def record_request(self, method: str, path: str, status: int) -> dict:
-        entry = {"method": method, "path": path, "status": status, "t": time.time()}
+    def take_fault(self, step: str | None) -> dict | None:
+        with self.lock:
+            return take_fault(self.switches, step, self.faults_injected)
+
+    def record_request(self, method: str, path: str, status: int, step: str | None = None) -> dict:
+        entry = {"method": method, "path": path, "status": status, "t": time.time(), "step": step}
         with self.lock:
             self.requests.append(entry)
         return entry
@@ -378,7 +411,7 @@ class Emulator:
         return json_reply(200, reply)
 
     # ----- export --------------------------------------------------------------
-    def export(self, account: str, database_id: str, body: bytes, host: str) -> Reply:
+    def export(self, account: str, database_id: str, body: bytes, host: str, fault: dict | None = None) -> Reply:
         self.check_account(account)
         db = self.find_database(database_id)
         request = parse_export_body(body)
@@ -393,7 +426,7 @@ class Emulator:
             task = self.tasks.get(bookmark)
             if task is None or task.database_id != db.uuid:
                 raise ApiError(400, 7500, "Unknown export bookmark")
-            return self._poll(task, now, host)
+            return self._poll(task, now, host, fault)
 
     def _active_task(self, database_id: str, now: float) -> Task | None:
         for task in self.tasks.values():
@@ -445,8 +478,16 @@ class Emulator:
             task.status = "cancelled"
             task.error = f"Export cancelled: not polled for {fmt_seconds(cancel_after)} seconds"
 
-    def _poll(self, task: Task, now: float, host: str) -> Reply:
+    def _poll(self, task: Task, now: float, host: str, fault: dict | None = None) -> Reply:
         self._maybe_cancel(task, now)
+        if task.status == "active" and fault_active(self.switches, "poll", "stuck", self.faults_injected):
+            task.last_poll = now  # polled, so alive; it just never gets anywhere
+            return self._active_reply(task, [])
+        if task.status == "active" and fault is not None and fault["fault"] == "provider_error":
+            task.fate = task.status = "error"
+            task.error = fault["message"]
+            task.log = task.log[:task.delivered] + [fault["message"]]
+            return self._final_reply(task, task.take_new_lines(len(task.log)))
         if task.status != "active":
             if task.status == "complete":
                 # Assumed (the docs only say a URL lasts one hour): every poll of the same bookmark
@@ -585,21 +626,46 @@ class Handler(BaseHandler):
             self.finish_request()
 
     def log_request_status(self, status: int) -> None:
-        self._entry = self.emulator.record_request(self.command, self._path, status)
+        self._entry = self.emulator.record_request(self.command, self._path, status, self._step)
+
+    @staticmethod
+    def step_of(path: str, body: bytes) -> str | None:
+        """The provider step of an API request: ``export`` (no bookmark yet) or ``poll``."""
+        if not RE_EXPORT.match(path):
+            return None
+        try:
+            request = json.loads(body or b"null")
+        except (ValueError, UnicodeDecodeError):
+            return "export"
+        return "poll" if isinstance(request, dict) and request.get("current_bookmark") else "export"
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = dispatch
 
     # ----- routes ------------------------------------------------------------------
     def handle_api(self, path: str, body: bytes):
         emu = self.emulator
+        self._step = self.step_of(path, body) if self.command == "POST" else None
+        fault = emu.take_fault(self._step)
+
+        def error_reply(status, message, headers):
+            code = 10429 if status == 429 else 7500
+            return failure_reply(status, code, message, list(RATELIMIT_HEADERS) + headers)
+
+        if answer_fault(self, fault, error_reply):
+            return
         try:
-            reply = self.route_api(emu, path, body)
+            if fault is not None and fault["fault"] == "provider_error" and self._step == "export":
+                raise ApiError(400, 7500, fault["message"])
+            reply = self.route_api(emu, path, body, fault)
         except ApiError as exc:
             reply = failure_reply(exc.status, exc.code, exc.message, exc.headers)
         reply.headers = list(RATELIMIT_HEADERS) + reply.headers
+        if fault is not None and fault["fault"] in ("truncate", "truncate_chunked"):
+            write_cut_reply(self, reply, fault.get("truncate_at"), chunked=fault["fault"] == "truncate_chunked")
+            return
         self.write_reply(reply)
 
-    def route_api(self, emu: Emulator, path: str, body: bytes) -> Reply:
+    def route_api(self, emu: Emulator, path: str, body: bytes, fault: dict | None = None) -> Reply:
         query = parse_qs(urlsplit(self.path).query)
         export = RE_EXPORT.match(path)
         if export:
@@ -613,7 +679,7 @@ class Handler(BaseHandler):
             if canned is not None:
                 return canned
             emu.authorise(self.headers)
-            return emu.export(export.group(1), export.group(2), body, self.host())
+            return emu.export(export.group(1), export.group(2), body, self.host(), fault)
         database = RE_DATABASE.match(path)
         if database and self.command == "GET":
             emu.authorise(self.headers)
@@ -646,7 +712,13 @@ class Handler(BaseHandler):
         self.write_reply(reply)
 
     def handle_download(self, path: str):
+        self._step = "download"
         match = RE_SIGNED.match(path)
+        fault = None
+        if match and self.command in ("GET", "HEAD") and self.emulator.presigner.lookup(match.group(1)) is not None:
+            fault = self.emulator.take_fault("download")
+        if answer_fault(self, fault, s3_error_reply):
+            return
         if not match or self.command not in ("GET", "HEAD"):
             self.write_reply(xml_error(404, "NoSuchKey", "The specified key does not exist."))
             return
@@ -656,9 +728,9 @@ class Handler(BaseHandler):
             self.write_reply(error)
             return
         task, switches = opened
-        self.stream_dump(task, switches)
+        self.stream_dump(task, switches, fault)
 
-    def stream_dump(self, task: Task, switches: dict):
+    def stream_dump(self, task: Task, switches: dict, fault: dict | None = None):
         # The object's identity is its export (bookmark, file and encoding), not the URL: a renewed
         # URL serves the same object with the same validators; the gzip encoding is another object.
         identity = f"{task.at_bookmark}/{task.filename}"
@@ -670,8 +742,17 @@ class Handler(BaseHandler):
                 body = task.gzipped
             identity, extra = identity + "+gzip", [("Content-Encoding", "gzip")]
         delay = float(switches.get("download_delay_ms") or 0) / 1000.0
+        chunked, cut = bool(switches.get("no_content_length")), None
+        kind = fault["fault"] if fault is not None else None
+        if kind == "content_encoding_gzip":
+            body, identity, extra = gzip_once_more(body), identity + "+cdn-gzip", extra + [("Content-Encoding", "gzip")]
+        elif kind in ("truncate", "truncate_chunked"):
+            chunked = chunked or kind == "truncate_chunked"
+            cut = fault.get("truncate_at")
+            if cut is None:
+                cut = len(body) // 2
         serve_download(self, body, len(body), identity, "application/sql", switches, extra_headers=extra,
-                       chunked=bool(switches.get("no_content_length")), delay_s=delay, chunk=DOWNLOAD_CHUNK,
+                       truncate_after=cut, chunked=chunked, delay_s=delay, chunk=DOWNLOAD_CHUNK,
                        live_switches=lambda: self.emulator.switches)
 
 
@@ -712,6 +793,7 @@ def default_switches(args) -> dict:
         "no_content_length": False,
         "download_delay_ms": 0,
         "download_fail_status": None,
+        "faults": [],
         **RANGE_SWITCHES,
     }
 

@@ -91,6 +91,12 @@ switches:
   ``Content-Length`` but the connection closes after that many body bytes (from the range start).
 * ``download_fail_status`` (int or null): answer downloads with that status.
 
+Injected faults (``faults``, see ``common.py``): steps ``login`` (the ACL login on ``/admin``),
+``export`` (the export mutation), ``status`` (``exportStatus``) and ``download`` (a signed URL).
+``provider_error`` at ``export`` answers HTTP 200 with a GraphQL error carrying the message; at
+``status`` the export turns ``Failed`` (for good); ``stuck`` at ``status`` answers ``Running``,
+without URLs, for as long as the fault is set.  Every request-log entry names its ``step``.
+
 Each download's request-log entry has ``method``, ``path`` (no query), ``status``, ``op``
 (``"download"`` once the URL was accepted), ``t``, ``range``, ``if_range``, ``accept_encoding``
 (request headers as received, null when absent), ``served_start``, ``served_end`` (the byte span
@@ -123,9 +129,10 @@ from http.server import ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (BaseHandler, RANGE_SWITCHES, REQUEST_LOG_SIZE, Presigner, Reply as BaseReply,  # noqa: E402
-                    bind_server, log_snapshot, range_switch_problem, s3_error_body, serve_download, serve_main,
-                    ttl_switch_changes)
+from common import (API_FAULTS, BaseHandler, RANGE_SWITCHES, REQUEST_LOG_SIZE, SIGNED_DOWNLOAD_FAULTS,  # noqa: E402
+                    LoginOrigin, Presigner, Reply as BaseReply, answer_fault, bind_server, fault_active,
+                    faults_problem, gzip_once_more, log_snapshot, range_switch_problem, s3_error_body,
+                    s3_error_reply, serve_download, serve_main, take_fault, ttl_switch_changes, write_cut_reply)
 
 DEFAULT_BACKEND = "default"
 REFRESH_TTL = 30 * 24 * 3600
@@ -133,6 +140,19 @@ CEREBRO_TTL = 3 * 3600
 MALFORMED_BODY = b"<html>502 Bad Gateway</html>"
 KNOWN_NAMESPACES_ACL = (0, 1)
 UINT64_MAX = 2**64 - 1
+# The provider steps faults can be injected at, and what each takes (common.py, "Injected faults").
+FAULT_STEPS = {
+    "login": API_FAULTS | {"provider_error"},
+    "export": API_FAULTS | {"provider_error"},
+    "status": API_FAULTS | {"provider_error", "stuck"},
+    "download": SIGNED_DOWNLOAD_FAULTS,
+}
+PROVIDER_ERRORS = {
+    "login": "invalid username or password",
+    "export": "export failed: another export or backup is already running",
+    "status": "Failed",  # the export's status (exportStatus carries no message)
+}
+GATEWAY_REASONS = {429: "Too Many Requests", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
 RE_BACKEND = re.compile(r"^/backends/([^/]+)(/admin(?:/slash)?)/?$")
 RE_SIGNED = re.compile(r"^/__signed/([^/]+)/([^/]+)/([^/]+)$")
@@ -727,11 +747,13 @@ class Emulator:
         self.token_seq = 0
         self.revoked_upto = 0            # access tokens with seq <= this are revoked
         self.cerebro_revoked_at = -math.inf
+        self.faults_injected: list = []
 
     # ----- control -------------------------------------------------------------------------
     def reset(self) -> dict:
         with self.lock:
             self._reset_state()
+            LoginOrigin.clear()
             return {"switches": self.switches}
 
     def update_switches(self, changes) -> tuple[int, dict]:
@@ -743,6 +765,11 @@ class Emulator:
         problem = validate_switches(changes)
         if problem:
             return 400, {"error": problem}
+        if "faults" in changes:
+            faults, problem = faults_problem(changes["faults"], FAULT_STEPS, PROVIDER_ERRORS)
+            if problem:
+                return 400, {"error": problem}
+            changes = {**changes, "faults": faults}
         with self.lock:
             changes = copy.deepcopy(changes)
             changes, _ = ttl_switch_changes(changes)
@@ -760,6 +787,8 @@ class Emulator:
             exports = [e.summary() for e in ordered]
             return {"switches": self.switches, "exports": exports, "requests": log_snapshot(self.requests),
                     "downloads": self.downloads,
+                    "faults_injected": [dict(f) for f in self.faults_injected],
+                    "login_requests": LoginOrigin.snapshot(),
                     "backends": [{"name": b.name, "adminKey": b.admin_key, "url_path": b.url_path}
                                  for b in self.backends.values()]}
 
@@ -769,8 +798,29 @@ class Emulator:
                 return backend.exports[task_id]
         return None
 
-    def record(self, method: str, path: str, status: int, op: str | None) -> dict:
-        entry = {"method": method, "path": path, "status": status, "op": op, "t": time.time()}
+    def take_fault(self, step: str | None) -> dict | None:
+        with self.lock:
+            return take_fault(self.switches, step, self.faults_injected)
+
+    @staticmethod
+    def step_of(slash: bool, body: bytes) -> str | None:
+        """The provider step of a backend GraphQL call: ``login``, ``export`` or ``status``."""
+        try:
+            request = json.loads(body or b"null")
+        except (ValueError, UnicodeDecodeError):
+            return None
+        query = request.get("query") if isinstance(request, dict) else None
+        op = detect_op(query) if isinstance(query, str) else None
+        if op == "login" and not slash:
+            return "login"
+        if op in ("export", "legacy_export") and slash:
+            return "export"
+        if op == "exportStatus" and slash:
+            return "status"
+        return None
+
+    def record(self, method: str, path: str, status: int, op: str | None, step: str | None = None) -> dict:
+        entry = {"method": method, "path": path, "status": status, "op": op, "t": time.time(), "step": step}
         with self.lock:
             self.requests.append(entry)
         return entry
@@ -803,7 +853,8 @@ class Emulator:
         return None
 
     # ----- backend GraphQL ---------------------------------------------------------------------
-    def backend_graphql(self, backend: Backend, slash: bool, headers, body: bytes, host: str) -> Reply:
+    def backend_graphql(self, backend: Backend, slash: bool, headers, body: bytes, host: str,
+                        injected: dict | None = None) -> Reply:
         fault = self.pop_fault(slash)
         if fault is not None:
             return fault
@@ -822,6 +873,9 @@ class Emulator:
         if not isinstance(variables, dict):
             return gql_errors("Not a valid GraphQL request body: variables must be an object", status=400)
         op = detect_op(query)
+        if injected is not None and injected["fault"] == "provider_error" and injected["step"] in ("login", "export"):
+            name = "login" if injected["step"] == "login" else "export"
+            return gql_errors(injected["message"], data={name: None}, op="provider_error")
         try:
             if not slash:
                 if op == "login":
@@ -837,7 +891,7 @@ class Emulator:
                 raise GqlError(f"Cannot query field \"{op or '?'}\" on /admin/slash in this emulator.")
             caller_ns = self.check_access_token(backend, headers, op)
             if op == "exportStatus":
-                return self.export_status(backend, field_args(query, "exportStatus", variables), host)
+                return self.export_status(backend, field_args(query, "exportStatus", variables), host, injected)
             return self.start_export(backend, field_args(query, "export", variables), caller_ns, host,
                                      legacy=(op == "legacy_export"))
         except GqlError as exc:
@@ -961,7 +1015,7 @@ class Emulator:
                                                float(self.switches["signed_url_ttl_s"]),
                                                query=bool(self.switches.get("signed_url_query")))
 
-    def export_status(self, backend: Backend, args: dict, host: str) -> Reply:
+    def export_status(self, backend: Backend, args: dict, host: str, injected: dict | None = None) -> Reply:
         export_id = str_arg(args, "exportId", required=True)
         task_id = str_arg(args, "taskId", required=True)
         with self.lock:
@@ -969,7 +1023,14 @@ class Emulator:
             if export is None or export.export_id != export_id:
                 result = {"kind": "Unknown", "lastUpdated": rfc3339(time.time()), "signedUrls": [],
                           "status": "Unknown"}
+            elif fault_active(self.switches, "status", "stuck", self.faults_injected):
+                export.polls += 1
+                export.status = "Running"
+                result = {"kind": "Export", "lastUpdated": rfc3339(export.last_updated), "signedUrls": [],
+                          "status": "Running"}
             else:
+                if injected is not None and injected["fault"] == "provider_error":
+                    export.sequence = export.sequence[:export.polls] + ["Failed"]
                 self._advance(export, host)
                 result = {"kind": "Export", "lastUpdated": rfc3339(export.last_updated),
                           "signedUrls": list(export.urls) if export.status == "Success" else [],
@@ -1086,12 +1147,17 @@ class Handler(BaseHandler):
         path = urlsplit(self.path).path
         self.begin_request(path)
         self._op = None
+        self._cut = None
         try:
             body = self.read_body()   # always drain it, so keep-alive connections stay in sync
             reply = self.route(path, body)
             if reply is not None:
                 self._op = reply.op
-                self.write_reply(reply)
+                if self._cut is not None:
+                    write_cut_reply(self, reply, self._cut.get("truncate_at"),
+                                    chunked=self._cut["fault"] == "truncate_chunked")
+                else:
+                    self.write_reply(reply)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception:  # an emulator bug: make it loud but keep serving
@@ -1102,7 +1168,7 @@ class Handler(BaseHandler):
             self.finish_request()
 
     def log_request_status(self, status: int) -> None:
-        self._entry = self.emulator.record(self.command, self._path, status, self._op)
+        self._entry = self.emulator.record(self.command, self._path, status, self._op, self._step)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = dispatch
 
@@ -1129,15 +1195,34 @@ class Handler(BaseHandler):
             return json_reply([{"instance": "alpha", "status": "healthy"}])
         return gql_errors("Not found", status=404)
 
-    def graphql(self, backend: Backend, slash: bool, body: bytes) -> Reply:
+    def graphql(self, backend: Backend, slash: bool, body: bytes) -> Reply | None:
         if self.command != "POST":
             return gql_errors("Invalid request method: only POST is emulated", status=405)
-        return self.emulator.backend_graphql(backend, slash, self.headers, body, self.host())
+        emu = self.emulator
+        self._step = emu.step_of(slash, body)
+        fault = emu.take_fault(self._step)
 
-    def download(self, path: str) -> Reply:
+        def gateway_error(status, message, headers):
+            reason = GATEWAY_REASONS.get(status, "Error")
+            body = f"<html><body><h1>{status} {reason}</h1></body></html>\n".encode()
+            return Reply(status, body, "text/html", headers, "fault")
+
+        if answer_fault(self, fault, gateway_error):
+            return None
+        if fault is not None and fault["fault"] in ("truncate", "truncate_chunked"):
+            self._cut = fault
+        return emu.backend_graphql(backend, slash, self.headers, body, self.host(), fault)
+
+    def download(self, path: str) -> Reply | None:
+        self._step = "download"
         match = RE_SIGNED.match(path)
         if not match or self.command not in ("GET", "HEAD"):
             return xml_error(404, "NoSuchKey", "The specified key does not exist.")
+        fault = None
+        if self.emulator.presigner.lookup(match.group(1)) is not None:
+            fault = self.emulator.take_fault("download")
+        if answer_fault(self, fault, s3_error_reply):
+            return None
         error, data = self.emulator.open_download(*match.groups(), path, urlsplit(self.path).query)
         if error is not None:
             error.op = "download"
@@ -1148,8 +1233,17 @@ class Handler(BaseHandler):
         self._op = "download"
         # The object's identity is its export folder and file, not the URL: a renewed URL serves the
         # same object with the same validators.
-        serve_download(self, data, len(data), f"{folder}/{name}", "application/octet-stream", switches,
-                       live_switches=lambda: self.emulator.switches)
+        identity, extra, cut, chunked = f"{folder}/{name}", [], None, False
+        kind = fault["fault"] if fault is not None else None
+        if kind == "content_encoding_gzip":
+            data, identity, extra = gzip_once_more(data), identity + "+cdn-gzip", [("Content-Encoding", "gzip")]
+        elif kind in ("truncate", "truncate_chunked"):
+            chunked = kind == "truncate_chunked"
+            cut = fault.get("truncate_at")
+            if cut is None:
+                cut = len(data) // 2
+        serve_download(self, data, len(data), identity, "application/octet-stream", switches, extra_headers=extra,
+                       truncate_after=cut, chunked=chunked, live_switches=lambda: self.emulator.switches)
         return None
 
     def control(self, path: str, body: bytes) -> Reply:
@@ -1224,6 +1318,7 @@ def default_switches(args) -> dict:
         "download_fail_status": None,
         "extra_people": 0,
         "signed_url_query": True,
+        "faults": [],
         **RANGE_SWITCHES,
     }
 

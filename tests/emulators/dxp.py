@@ -69,6 +69,12 @@ path), the last 2000 requests, ``downloads`` and ``bytes_sent``.  The download s
   served; ``truncate_after`` (int or null): the same for the next download only.
 * ``chunked`` (bool): no ``Content-Length``, chunked transfer coding (ranges still apply).
 
+Injected faults (``faults``, see ``common.py``): steps ``list`` (``GET /backup/list``) and
+``download`` (either download).  ``provider_error`` at ``list`` lists every backup as
+``status:"failed"`` (the service flags failed backups; the message is unused); at ``download``
+it answers 401 ``{"message": "Token expired"}``.  There is no export to be ``stuck``: the service
+only offers backups it already made.  Every request-log entry has ``t`` and its ``step``.
+
 Each download's request-log entry has ``method``, ``path``, ``status``, ``range``, ``if_range``,
 ``accept_encoding`` (request headers as received, null when absent), ``served_start``,
 ``served_end`` (the byte span served, end exclusive, null when nothing was) and ``sent`` (body
@@ -106,8 +112,9 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (BaseHandler, RANGE_SWITCHES, REQUEST_LOG_SIZE, Reply, bind_server,  # noqa: E402
-                    log_snapshot, range_switch_problem, serve_download, serve_main)
+from common import (API_FAULTS, BaseHandler, DOWNLOAD_FAULTS, RANGE_SWITCHES, REQUEST_LOG_SIZE,  # noqa: E402
+                    LoginOrigin, Reply, answer_fault, bind_server, faults_problem, gzip_once_more, log_snapshot,
+                    range_switch_problem, serve_download, serve_main, take_fault, write_cut_reply)
 
 HOST = "127.0.0.1"
 CHUNK = 64 * 1024
@@ -125,6 +132,15 @@ LIST_SHAPES = ("backups", "array", "id_key", "newest_first")
 REST_DISABLED_MESSAGE = "The backup REST API is not available from backup service 5.9.0; use the lcp CLI"
 
 RE_DOWNLOAD = re.compile(r"^/backup/download/(database|volume)/([^/]+)/?$")
+# The provider steps faults can be injected at, and what each takes (common.py, "Injected faults").
+FAULT_STEPS = {
+    "list": API_FAULTS | {"provider_error"},
+    "download": DOWNLOAD_FAULTS | {"provider_error"},
+}
+PROVIDER_ERRORS = {
+    "list": "failed",  # every backup's status (the list carries no message)
+    "download": "Token expired",
+}
 
 DEFAULT_SWITCHES = {
     "sso": False,
@@ -140,6 +156,7 @@ DEFAULT_SWITCHES = {
     "database_tgz": False,
     "include_failed": False,
     "html_downloads": False,
+    "faults": [],
     **RANGE_SWITCHES,
 }
 
@@ -657,11 +674,13 @@ class Emulator:
         self.last_upload = None  # time.monotonic() of the last accepted upload
         self.upload_counter = 0
         self.failed_id = None
+        self.faults_injected: list = []
 
     def reset(self) -> dict:
         with self.lock:
             old = self.uploaded
             self._reset_state()
+            LoginOrigin.clear()
         for backup in old:
             shutil.rmtree(Path(backup.database.path).parent, ignore_errors=True)
         return {"switches": self.switches}
@@ -673,7 +692,13 @@ class Emulator:
         if unknown:
             raise ApiError(400, f"unknown switch(es): {', '.join(unknown)}")
         for key, value in changes.items():
-            validate_switch(key, value)
+            if key != "faults":
+                validate_switch(key, value)
+        if "faults" in changes:
+            faults, problem = faults_problem(changes["faults"], FAULT_STEPS, PROVIDER_ERRORS)
+            if problem:
+                raise ApiError(400, problem)
+            changes = {**changes, "faults": faults}
         with self.lock:
             self.switches.update(copy.deepcopy(changes))
             return {"switches": self.switches}
@@ -688,10 +713,16 @@ class Emulator:
                     "backups": [b.state() for b in self.backups()],
                     "requests": log_snapshot(self.requests),
                     "downloads": self.downloads,
-                    "bytes_sent": self.bytes_sent}
+                    "bytes_sent": self.bytes_sent,
+                    "faults_injected": [dict(f) for f in self.faults_injected],
+                    "login_requests": LoginOrigin.snapshot()}
 
-    def record_request(self, method: str, path: str, status: int) -> dict:
-        entry = {"method": method, "path": path, "status": status}
+    def take_fault(self, step: str | None) -> dict | None:
+        with self.lock:
+            return take_fault(self.switches, step, self.faults_injected)
+
+    def record_request(self, method: str, path: str, status: int, step: str | None = None) -> dict:
+        entry = {"method": method, "path": path, "status": status, "t": time.time(), "step": step}
         with self.lock:
             self.requests.append(entry)
         return entry
@@ -762,7 +793,7 @@ class Emulator:
         raise ApiError(404, "Backup not found")
 
     # ----- list ----------------------------------------------------------------------------------
-    def list_reply(self) -> Reply:
+    def list_reply(self, all_failed: bool = False) -> Reply:
         with self.lock:
             if int(self.switches["malformed_list"] or 0) > 0:
                 self.switches["malformed_list"] = int(self.switches["malformed_list"]) - 1
@@ -771,6 +802,8 @@ class Emulator:
             include_failed = self.switches["include_failed"]
         id_key = "id" if shape == "id_key" else "backupId"
         items = [b.listing(id_key) for b in self.backups()]
+        if all_failed:
+            items = [{**item, "status": "failed"} for item in items]
         if include_failed:
             items.append(self.failed_listing(id_key))
         if shape == "newest_first":
@@ -890,13 +923,24 @@ class Handler(BaseHandler):
             if path.startswith("/__control"):
                 self.handle_control(path, reader)
             else:
+                self._step = "list" if path.rstrip("/") == "/backup/list" else \
+                    "download" if RE_DOWNLOAD.match(path) else None
+                fault = self.emulator.take_fault(self._step)
+                if fault is not None:
+                    reader.drain()
+                if answer_fault(self, fault, message_reply):
+                    return
                 try:
-                    reply = self.route(path, reader)
+                    reply = self.route(path, reader, fault)
                 except ApiError as exc:
                     reply = message_reply(exc.status, exc.message, exc.headers)
                 if reply is not None:
                     reader.drain()  # keep keep-alive connections in sync
-                    self.write_reply(reply)
+                    if fault is not None and fault["fault"] in ("truncate", "truncate_chunked"):
+                        write_cut_reply(self, reply, fault.get("truncate_at"),
+                                        chunked=fault["fault"] == "truncate_chunked")
+                    else:
+                        self.write_reply(reply)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception:  # an emulator bug: make it loud but keep serving
@@ -908,11 +952,11 @@ class Handler(BaseHandler):
             self.finish_request()
 
     def log_request_status(self, status: int) -> None:
-        self._entry = self.emulator.record_request(self.command, self._path, status)
+        self._entry = self.emulator.record_request(self.command, self._path, status, self._step)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = dispatch
 
-    def route(self, path: str, reader: BodyReader) -> Reply | None:
+    def route(self, path: str, reader: BodyReader, fault: dict | None = None) -> Reply | None:
         emu = self.emulator
         if not path.startswith("/backup/"):
             raise ApiError(404, "Not found")
@@ -927,7 +971,7 @@ class Handler(BaseHandler):
         if path.rstrip("/") == "/backup/list":
             if self.command not in ("GET", "HEAD"):
                 raise ApiError(405, "Method not allowed", [("Allow", "GET")])
-            return emu.list_reply()
+            return emu.list_reply(all_failed=fault is not None and fault["fault"] == "provider_error")
         if path.rstrip("/") == "/backup/upload":
             if self.command != "POST":
                 raise ApiError(405, "Method not allowed", [("Allow", "POST")])
@@ -941,11 +985,13 @@ class Handler(BaseHandler):
                 raise ApiError(405, "Method not allowed", [("Allow", "GET, POST" if allow_post else "GET")])
             backup = emu.find(match.group(2))
             reader.drain()
-            self.stream(backup, match.group(1))
+            if fault is not None and fault["fault"] == "provider_error":
+                raise ApiError(401, fault["message"])
+            self.stream(backup, match.group(1), fault)
             return None
         raise ApiError(404, "Not found")
 
-    def stream(self, backup: Backup, kind: str):
+    def stream(self, backup: Backup, kind: str, fault: dict | None = None):
         emu = self.emulator
         with emu.lock:
             switches = copy.deepcopy(emu.switches)
@@ -968,10 +1014,24 @@ class Handler(BaseHandler):
             artifact, filename = backup.database, "database.gz"
         chunked = bool(switches["chunked"])
         delay = float(switches["download_delay_ms"] or 0) / 1000.0
+        identity = f"{backup.backup_id}/{filename}"
+        extra = [("Content-Disposition", f'attachment; filename="{filename}"')]
+        kind = fault["fault"] if fault is not None else None
+        if kind in ("truncate", "truncate_chunked"):
+            chunked = chunked or kind == "truncate_chunked"
+            truncate = fault.get("truncate_at")
+            if truncate is None:
+                truncate = artifact.size // 2
         # truncate_after (once) wins over the truncate_after_bytes switch serve_download applies.
         with open(artifact.path, "rb") as src:
-            serve_download(self, src, artifact.size, f"{backup.backup_id}/{filename}", "application/gzip", switches,
-                           extra_headers=[("Content-Disposition", f'attachment; filename="{filename}"')],
+            if kind == "content_encoding_gzip":
+                body = gzip_once_more(src.read())
+                serve_download(self, body, len(body), identity + "+cdn-gzip", "application/gzip", switches,
+                               extra_headers=extra + [("Content-Encoding", "gzip")], truncate_after=truncate,
+                               chunked=chunked, delay_s=delay, on_bytes=emu.count_bytes,
+                               live_switches=lambda: emu.switches)
+                return
+            serve_download(self, src, artifact.size, identity, "application/gzip", switches, extra_headers=extra,
                            truncate_after=truncate, chunked=chunked, delay_s=delay, on_bytes=emu.count_bytes,
                            live_switches=lambda: emu.switches)
 
