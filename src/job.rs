@@ -903,6 +903,10 @@ impl Job {
                 self.downloads = downloads;
                 self.step_succeeded(cx.now)
             }
+            Progress::Again => {
+                self.next_step_at = Some(cx.now);
+                (self, Action::Sleep(cx.now))
+            }
             Progress::Failed(message) => self.fail(message, cx.now),
             Progress::Skip(reason) => {
                 self.phase = Phase::Skipped;

@@ -253,13 +253,14 @@ def test_second_trigger_during_a_running_job_gets_409(world):
     status, _, second = ferry.webhook("busy")
     assert status == 409, second
     assert second["job_id"] == job_id
-    # A cron tick that finds the source busy skips it as well: the object answers 409, the
-    # scheduled handler logs the skip, and no second export reaches D1.
+    # A cron tick that finds the source busy starts nothing now: the scheduled handler logs that
+    # the fire time waits, no second export reaches D1, and once the job ends one catch-up runs.
     assert ferry.source("busy")["current_job_id"] == job_id
     exports = lambda: [t for t in emulator.state()["tasks"] if t["database_id"] == "busy-uuid"]  # noqa: E731
     assert len(exports()) == 1
     ferry.scheduled("* * * * *", at_ms=BUSY_TICK)
-    line = f"cron * * * * *: busy: due at 2030-01-02T04:17:00.000Z: skipped, job {job_id} is still in flight"
+    line = (f"cron * * * * *: busy: due at 2030-01-02T04:17:00.000Z: job {job_id} is still in flight; "
+            "it runs as a catch-up when that job ends")
 
     def worker_log() -> str:  # the Worker's console output
         return "".join(p.read_text(errors="replace") for p in (ferry.workdir / "wrangler-logs").glob("*.log"))
@@ -267,7 +268,7 @@ def test_second_trigger_during_a_running_job_gets_409(world):
     deadline = time.time() + 10
     while line not in worker_log() and time.time() < deadline:
         time.sleep(0.2)
-    assert line in worker_log(), "the scheduled run recorded the busy source as skipped"
+    assert line in worker_log(), "the scheduled run recorded that the busy source's fire time waits"
     time.sleep(1)
     assert len(exports()) == 1, "the tick started no second export"
     source = ferry.source("busy")
@@ -276,6 +277,13 @@ def test_second_trigger_during_a_running_job_gets_409(world):
     emulator.control(active_polls=1)  # let it finish
     job = ferry.wait_job(job_id)
     assert job["phase"] == "committed"
+    deadline = time.time() + 30
+    while ferry.source("busy")["last_job"]["id"] == job_id and time.time() < deadline:
+        time.sleep(0.2)
+    catch_up = ferry.wait_job(ferry.source("busy")["last_job"]["id"])
+    assert catch_up["phase"] == "committed" and catch_up["trigger"] == "cron", catch_up
+    assert catch_up["scheduled_for"] == "2030-01-02T04:17:00.000Z" and "busy" in catch_up["catch_up"], catch_up
+    assert len(exports()) == 2, "one catch-up export for the fire time that waited"
     assert ferry.source("busy")["current_job_id"] is None
     assert ferry.webhook("busy")[0] == 202, "the source is free again"
 

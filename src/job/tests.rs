@@ -851,3 +851,39 @@ fn an_unreadable_snapshot_falls_back_to_the_current_config() {
     let job: Job = serde_json::from_value(v).unwrap();
     assert_eq!(job.config, None);
 }
+
+#[test]
+fn a_snapshot_request_that_never_gets_an_answer_fails_within_the_retry_budget_despite_the_look_ups() {
+    let src = Config::from_value(&json!([{
+        "name": "graph", "kind": "aura", "schedule": "0 4 * * *", "instance_id": "2f49c2b3",
+        "client_id_secret": "AURA_ID", "client_secret_secret": "AURA_SECRET", "api_base": "http://127.0.0.1:9",
+        "mode": "snapshot", "retry": {"max_attempts": 3, "base_ms": 100, "max_delay_ms": 200}
+    }]))
+    .unwrap()
+    .sources
+    .remove(0);
+    let mut h = Harness::new(src);
+    h.creds.insert("AURA_ID", Secret::new("id"));
+    h.creds.insert("AURA_SECRET", Secret::new("secret"));
+    let (mut posts, mut lookups) = (0, 0);
+    for _ in 0..100 {
+        if h.job.phase.is_terminal() {
+            break;
+        }
+        let Action::Send(req) = h.wake_when_due() else { continue };
+        let event = if req.url.ends_with("/oauth/token") {
+            Event::Response(HttpResponse::json(200, &json!({"access_token": "t", "expires_in": 3600})))
+        } else if req.method == crate::http::Method::Post {
+            posts += 1;
+            Event::Unreachable("request to aura was redirected to sso, which answered with an HTML page".into())
+        } else {
+            lookups += 1;
+            Event::Response(HttpResponse::json(200, &json!({"data": []})))
+        };
+        h.feed(event);
+    }
+    assert_eq!(h.job.phase, Phase::Failed, "{:?}", h.job);
+    let error = h.job.error.clone().unwrap();
+    assert!(error.contains("HTML page") && error.contains("gave up after 4 tries"), "{error}");
+    assert_eq!((posts, lookups), (4, 3), "each unanswered POST is looked up once before the next");
+}

@@ -414,7 +414,7 @@ impl AuraState {
                 self.snapshot_origin = Some("found after an unanswered request".into());
             }
         }
-        Ok(Progress::Pending { poll_after: Some(Duration::ZERO) })
+        Ok(Progress::Again)
     }
 
     fn on_token(&mut self, resp: &HttpResponse, now: Timestamp) -> Result<Progress, StepError> {

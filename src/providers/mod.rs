@@ -190,6 +190,9 @@ impl Download {
 /// What a provider step means for the job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Progress {
+    /// A step that is not progress: take the next step now, but keep counting the retries of
+    /// the step it stands in for (a look-up after an unanswered create must not reset them).
+    Again,
     /// Not done; ask again after `poll_after` (or the source's poll interval).
     Pending {
         /// Provider-specific delay; `None` means the source's `poll_interval`.

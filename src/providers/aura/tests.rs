@@ -345,7 +345,7 @@ fn an_unanswered_snapshot_post_is_looked_up_and_adopted_instead_of_taken_twice()
         {"snapshot_id": "yesterday", "profile": "AdHoc", "status": "Completed", "timestamp": "2026-11-23T03:00:00Z"},
         {"snapshot_id": "ours", "profile": "AdHoc", "status": "InProgress", "timestamp": "2026-11-23T04:00:06Z"},
     ]));
-    assert_eq!(st.on_response(c, &list, at).unwrap(), Progress::Pending { poll_after: Some(Duration::ZERO) });
+    assert_eq!(st.on_response(c, &list, at).unwrap(), Progress::Again, "a look-up is not progress");
     assert_eq!(st.snapshot_id.as_deref(), Some("ours"));
     let poll = st.next_request(c, &creds()).unwrap();
     assert_eq!(poll.url, "http://127.0.0.1:9/v1/instances/2f49c2b3/snapshots/ours");
