@@ -1,10 +1,12 @@
 //! The thin shell over the Workers runtime (wasm32 only).
 //!
 //! Entry points live here; the work is in `api` (the Worker's HTTP API), `source_object` (one
-//! Durable Object per source, running jobs from its alarm), `net` (outgoing fetch with timeouts)
+//! Durable Object per source, running jobs from its alarm), `alerts` (the alert queue's producer
+//! and consumer, and the attempt record), `net` (outgoing fetch with timeouts)
 //! `transfer` (one slice of a copy into R2) and `store` (manifests, listing, clean-up). None of them decide anything the core can decide: they read
 //! the clock, call `Job::handle`, and perform the action it returns.
 
+mod alerts;
 mod api;
 mod net;
 mod source_object;
@@ -13,7 +15,9 @@ mod transfer;
 mod verify;
 
 use wasm_bindgen::JsValue;
-use worker::{console_error, console_log, event, Context, Env, Request, Response, ScheduleContext, ScheduledEvent};
+use worker::{
+    console_error, console_log, event, Context, Env, MessageBatch, Request, Response, ScheduleContext, ScheduledEvent,
+};
 
 use crate::config::{Config, ConfigError};
 use crate::providers::Credentials;
@@ -52,6 +56,14 @@ async fn scheduled(event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
             Err(e) => console_error!("cron {}: {}: {e}", event.cron(), source.name),
         }
     }
+}
+
+/// The `ALERTS` queue's consumer: delivers alerts. Every message is acknowledged or retried
+/// inside; the handler never returns an error (the glue would turn it into a panic).
+#[event(queue)]
+async fn deliver_alerts(batch: MessageBatch<String>, env: Env, _ctx: Context) -> worker::Result<()> {
+    alerts::consume(batch, &env).await;
+    Ok(())
 }
 
 /// Parses `FERRY_SOURCES` from the environment.
