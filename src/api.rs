@@ -40,6 +40,8 @@ pub enum Route {
         /// Pin or unpin.
         pin: bool,
     },
+    /// `GET /v1/alerts` (bearer): the destinations, recent delivery attempts, failure counts.
+    Alerts,
     /// `GET /` or `/healthz`: liveness, no auth.
     Health,
     /// Known path, wrong method.
@@ -60,6 +62,7 @@ pub fn route(method: &str, path: &str) -> Route {
         ["v1", "sources"] => only(get, "GET", Route::ListSources),
         ["metrics"] => only(get, "GET", Route::Metrics),
         ["v1", "sweeps", "latest"] => only(get, "GET", Route::LatestSweep),
+        ["v1", "alerts"] => only(get, "GET", Route::Alerts),
         ["v1", "jobs", id] => match JobId::parse(id) {
             Some(id) => only(get, "GET", Route::Job(id)),
             None => Route::NotFound,
@@ -141,6 +144,8 @@ mod tests {
         assert_eq!(route("GET", "/v1/jobs/0123456789abcdef"), Route::Job(JobId::new("0123456789abcdef")));
         assert_eq!(route("GET", "/v1/jobs/nope"), Route::NotFound);
         assert_eq!(route("GET", "/metrics"), Route::Metrics);
+        assert_eq!(route("GET", "/v1/alerts"), Route::Alerts);
+        assert_eq!(route("POST", "/v1/alerts"), Route::MethodNotAllowed("GET"));
         assert_eq!(route("POST", "/metrics"), Route::MethodNotAllowed("GET"));
         assert_eq!(route("GET", "/v1/sources/app-db/backups"), Route::Backups("app-db".into()));
         assert_eq!(route("POST", "/v1/sources/app-db/exports"), Route::StartExport("app-db".into()));

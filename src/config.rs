@@ -33,6 +33,9 @@ pub const MAX_PART_SIZE: u64 = crate::transfer::MAX_PART_MIB << 20;
 /// Default part size: big enough for few parts, small enough to buffer in a 128 MB isolate.
 pub const DEFAULT_PART_SIZE: u64 = 8 * 1024 * 1024;
 
+/// The largest `max_age_minutes`: a year and a day.
+pub const MAX_AGE_MINUTES: u64 = 366 * 24 * 60;
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -51,6 +54,16 @@ pub struct SourceConfig {
     /// When scheduled verifications of the newest backup run (UTC), if at all.
     #[serde(default)]
     pub verify_schedule: Option<Schedule>,
+    /// The age past which the newest committed backup is stale (`max_age_minutes`); `None`: two
+    /// periods of the schedule, at least an hour (see [`crate::health`]).
+    #[serde(
+        default,
+        rename = "max_age_minutes",
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "fields::ser_opt_minutes",
+        deserialize_with = "fields::opt_minutes::<_, 1, MAX_AGE_MINUTES>"
+    )]
+    pub max_age: Option<Duration>,
     /// How copies into R2 are cut into parts and slices (`part_size_mib`, `parts_in_flight`,
     /// `slice_max_mib`, `slice_max_seconds`, `slice_max_pages`, `max_stalled_slices`,
     /// `copy_timeout_minutes`).
@@ -165,6 +178,8 @@ struct General {
     schedule: Schedule,
     #[serde(default)]
     verify_schedule: Option<Schedule>,
+    #[serde(default, deserialize_with = "fields::opt_minutes::<_, 1, MAX_AGE_MINUTES>")]
+    max_age_minutes: Option<Duration>,
     /// Per kind by default ([`ProviderConfig::default_poll_interval`]).
     #[serde(default, deserialize_with = "fields::opt_millis::<_, 100, 600_000>")]
     poll_interval_ms: Option<Duration>,
@@ -178,7 +193,7 @@ fn default_export_timeout() -> Duration {
     Duration::from_secs(6 * 3600)
 }
 
-fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     let bytes = name.as_bytes();
     (1..=63).contains(&bytes.len())
         && bytes[0].is_ascii_alphanumeric()
@@ -257,6 +272,7 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
         name: general.name,
         schedule: general.schedule,
         verify_schedule: general.verify_schedule,
+        max_age: general.max_age_minutes,
         transfer,
         retry: general.retry,
         poll_interval: general.poll_interval_ms.unwrap_or_else(|| provider.default_poll_interval()),
@@ -271,7 +287,7 @@ fn read<T: for<'de> Deserialize<'de>>(part: Map<String, Value>) -> Result<T, Fie
 }
 
 /// A serde error as the field it is about and what is wrong with it.
-fn path_error(e: serde_path_to_error::Error<serde_json::Error>) -> FieldError {
+pub(crate) fn path_error(e: serde_path_to_error::Error<serde_json::Error>) -> FieldError {
     let mut path = String::new();
     for segment in e.path().iter() {
         match segment {
@@ -352,6 +368,21 @@ mod tests {
         let ProviderConfig::D1(d) = &s.provider else { panic!() };
         assert_eq!(d.api_base.as_ref().unwrap().as_str(), "https://api.cloudflare.com/client/v4");
         assert_eq!(d.dump_options, DumpOptions::default());
+        assert_eq!(s.max_age, None, "derived from the schedule");
+    }
+
+    #[test]
+    fn max_age_minutes_is_optional_whole_minutes_from_one() {
+        let c = Config::from_value(&json!([d1(json!({ "max_age_minutes": 90 }))])).unwrap();
+        assert_eq!(c.sources[0].max_age, Some(Duration::from_secs(90 * 60)));
+        for bad in [json!(0), json!(-5), json!("1h"), json!(1.5), json!(MAX_AGE_MINUTES + 1)] {
+            let e = err(d1(json!({ "max_age_minutes": bad })));
+            assert_eq!(
+                (e.source_name.as_deref(), e.field.as_deref()),
+                (Some("app-db"), Some("max_age_minutes")),
+                "{e}"
+            );
+        }
     }
 
     #[test]
@@ -780,8 +811,10 @@ mod tests {
     #[test]
     fn a_source_config_round_trips_through_its_serialized_form() {
         for v in [
-            d1(json!({"verify_schedule": "0 5 * * 0", "part_size_mib": 16, "slice_max_seconds": 30,
-                      "retry": {"max_attempts": 2, "base_ms": 5, "max_delay_ms": 50}, "dump_options": {"tables": ["a"]}})),
+            d1(
+                json!({"verify_schedule": "0 5 * * 0", "max_age_minutes": 720, "part_size_mib": 16, "slice_max_seconds": 30,
+                      "retry": {"max_attempts": 2, "base_ms": 5, "max_delay_ms": 50}, "dump_options": {"tables": ["a"]}}),
+            ),
             json!({"name": "g", "kind": "dgraph", "schedule": "0 4 * * *", "cerebro_email": "ops@acme.com",
                    "cerebro_password_secret": "CEREBRO_PW"}),
             json!({"name": "g", "kind": "dgraph", "schedule": "0 4 * * *", "api_base": "https://x.io",

@@ -230,6 +230,27 @@ pub fn minutes<'de, D: Deserializer<'de>, const MIN: u64, const MAX: u64>(d: D) 
     bounded::<D, MIN, MAX>(d).map(|m| Duration::from_secs(60 * m))
 }
 
+/// Optional [`minutes`].
+pub fn opt_minutes<'de, D: Deserializer<'de>, const MIN: u64, const MAX: u64>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
+    struct Min<const MIN: u64, const MAX: u64>(Duration);
+    impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Min<MIN, MAX> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            minutes::<D, MIN, MAX>(d).map(Min)
+        }
+    }
+    Option::<Min<MIN, MAX>>::deserialize(d).map(|o| o.map(|m| m.0))
+}
+
+/// An optional duration written back as minutes.
+pub fn ser_opt_minutes<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_u64(d.as_secs() / 60),
+        None => s.serialize_none(),
+    }
+}
+
 /// A duration written back as minutes.
 pub fn ser_minutes<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u64(d.as_secs() / 60)

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::alerts::{AlertEvent, AlertState};
+use crate::config::SourceConfig;
 use crate::job::{Job, JobId, Phase, Task, Trigger};
 use crate::schedule::{Fires, Schedule};
 use crate::time::Timestamp;
@@ -70,6 +72,9 @@ pub struct Ledger {
     /// When Ferry first knew this source (its first tick or job).
     #[serde(default)]
     pub watched_since: Option<Timestamp>,
+    /// Alert bookkeeping: the stale episode, whether it is failing, events waiting to be queued.
+    #[serde(default)]
+    pub alerts: AlertState,
 }
 
 /// How many finished jobs [`Ledger::history`] keeps.
@@ -355,16 +360,26 @@ impl Ledger {
         }
     }
 
-    /// Records how a job ended, for health, metrics and the dashboard (once per job).
+    /// Records how a job ended, for health, metrics and the dashboard, and the alert events it
+    /// raises (into [`AlertState::outbox`]); once per job.
     pub fn remember(&mut self, job: &Job) {
         let Some(summary) = JobSummary::of(job) else { return };
         if self.history.iter().any(|h| h.id == summary.id) {
             return;
         }
+        self.alerts.job_ended(&job.source, &job.kind, &summary);
         *self.outcomes.entry(summary.phase).or_default() += 1;
         self.history.push(summary);
         let excess = self.history.len().saturating_sub(MAX_HISTORY);
         self.history.drain(..excess);
+    }
+
+    /// At a cron tick at `at`: judges the source's health then and raises `stale` (into the
+    /// outbox) when it is red and no stale episode is under way. Judging at the tick's own time
+    /// keeps the decision a function of its inputs (a late or replayed tick judges its moment).
+    pub fn check_stale(&mut self, source: &SourceConfig, at: Timestamp) -> Option<AlertEvent> {
+        let health = crate::health::assess(&source.schedule, source.max_age, &self.history, self.watched_since, at);
+        self.alerts.ticked(&source.name, source.kind(), &health, at)
     }
 
     /// The latest committed export.
@@ -547,6 +562,52 @@ mod tests {
 
     fn at(s: &str) -> Timestamp {
         Timestamp::parse_rfc3339(s).unwrap()
+    }
+
+    fn d1_source(max_age_minutes: u64) -> SourceConfig {
+        let c = crate::config::Config::from_value(&serde_json::json!([{
+            "name": "app-db", "kind": "d1", "schedule": "0 3 * * *", "account_id": "a", "database_id": "d",
+            "token_secret": "T", "max_age_minutes": max_age_minutes
+        }]))
+        .unwrap();
+        c.sources[0].clone()
+    }
+
+    fn finished(id: JobId, phase: Phase, at: Timestamp) -> Job {
+        let mut job = Job::new(id, &d1_source(60), Trigger::Cron, None, None, at);
+        job.phase = phase;
+        job.finished_at = Some(at);
+        job.error = (phase == Phase::Failed).then(|| "no such database".to_string());
+        job
+    }
+
+    #[test]
+    fn a_job_remembered_twice_raises_its_alert_once() {
+        let mut l = Ledger::default();
+        let job = finished(id(1), Phase::Failed, at("2026-11-28T10:00:00Z"));
+        l.remember(&job);
+        l.remember(&job);
+        let kinds: Vec<_> = l.alerts.outbox.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, vec![crate::alerts::EventKind::Failed]);
+        assert_eq!(l.alerts.outbox[0].source, "app-db");
+        assert_eq!(l.alerts.outbox[0].source_kind, "d1");
+    }
+
+    #[test]
+    fn ticks_judge_staleness_at_their_own_time_against_max_age_minutes() {
+        let mut l = Ledger::default();
+        let source = d1_source(60);
+        l.remember(&finished(id(1), Phase::Committed, at("2026-11-28T10:00:00Z")));
+        l.alerts.outbox.clear();
+        assert_eq!(l.check_stale(&source, at("2026-11-28T10:59:00Z")), None);
+        let stale = l.check_stale(&source, at("2026-11-28T11:01:00Z")).unwrap();
+        assert!(stale.reason.as_deref().unwrap().contains("more than max_age (1 h 0 min)"), "{stale:?}");
+        assert_eq!(l.check_stale(&source, at("2026-11-28T11:06:00Z")), None, "once per episode");
+        l.remember(&finished(id(2), Phase::Committed, at("2026-11-28T11:10:00Z")));
+        assert_eq!(l.check_stale(&source, at("2026-11-28T11:15:00Z")), None, "fresh again");
+        assert!(l.check_stale(&source, at("2026-11-28T12:11:00Z")).is_some(), "a new episode");
+        let kinds: Vec<_> = l.alerts.outbox.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["stale", "committed", "recovered", "stale"]);
     }
 
     fn hourly() -> Schedule {

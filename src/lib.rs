@@ -10,7 +10,9 @@
 //!   and field; [`fields`]: the serde helpers and checks its parts share.
 //! - [`health`]: green, amber or red: the age of the newest backup against the schedule.
 //! - [`schedule`]: cron expressions (`croner`) and which sources are due in a trigger's window.
-//! - [`webhook`]: Standard Webhooks signature verification for on-demand exports.
+//! - [`webhook`]: Standard Webhooks signature verification for on-demand exports, and signing.
+//! - [`alerts`]: `FERRY_ALERTS` destinations, the events a job's end or a tick raises, the signed
+//!   webhook and Slack payloads, and the retry decision and record of each delivery attempt.
 //! - [`job`]: the export job state machine, `(job, event, context) → (job, action)`.
 //! - [`ledger`]: a source's bookkeeping: single flight, webhook replay, cron idempotency.
 //! - [`providers`]: one module per provider protocol (`providers::d1`), behind one small enum.
@@ -31,6 +33,7 @@
 #![warn(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod alerts;
 pub mod api;
 pub mod config;
 pub mod error;

@@ -4,6 +4,7 @@
 //! `_bytes`), `_total` on counters, and one `# HELP` and `# TYPE` line per family. Every sample
 //! carries the `source` label; values come from the reports only, never from a default.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use crate::health::Light;
@@ -98,6 +99,31 @@ pub fn render(sources: &[SourceMetrics<'_>]) -> String {
     out
 }
 
+/// The notification families: failed delivery attempts per destination, from the `~alerts`
+/// record (every configured destination appears, at 0 until one fails, as counters should).
+pub fn render_notifications(destinations: &[&str], failures: &BTreeMap<String, u64>) -> String {
+    let mut f = family(
+        "ferry_notification_failures_total",
+        "counter",
+        "Alert delivery attempts that failed (non-2xx, no answer, misconfigured, or not queued), by destination.",
+    );
+    let mut names: Vec<&str> = destinations.to_vec();
+    names.extend(failures.keys().map(String::as_str).filter(|n| !destinations.contains(n)));
+    for name in names {
+        let n = failures.get(name).copied().unwrap_or(0);
+        f.samples.push((format!("destination=\"{}\"", escape(name)), n as f64));
+    }
+    let mut out = String::new();
+    if !f.samples.is_empty() {
+        let _ = writeln!(out, "# HELP {} {}", f.name, f.help);
+        let _ = writeln!(out, "# TYPE {} {}", f.name, f.kind);
+        for (labels, value) in &f.samples {
+            let _ = writeln!(out, "{}{{{labels}}} {value}", f.name);
+        }
+    }
+    out
+}
+
 fn family(name: &'static str, kind: &'static str, help: &'static str) -> Family {
     Family { name, kind, help, samples: Vec::new() }
 }
@@ -172,6 +198,24 @@ mod tests {
         let names: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).collect();
         assert!(names.iter().all(|n| text.contains(&format!("# HELP {}", n.split(' ').next().unwrap()))));
         assert!(!text.contains("ferry_job_copied_bytes"), "no sample, no family");
+    }
+
+    #[test]
+    fn notification_failures_are_a_counter_per_destination_starting_at_zero() {
+        let failures = BTreeMap::from([("flaky".to_string(), 3), ("removed".to_string(), 1)]);
+        let text = render_notifications(&["ops", "flaky"], &failures);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "# HELP ferry_notification_failures_total Alert delivery attempts that failed (non-2xx, no answer, misconfigured, or not queued), by destination.",
+                "# TYPE ferry_notification_failures_total counter",
+                "ferry_notification_failures_total{destination=\"ops\"} 0",
+                "ferry_notification_failures_total{destination=\"flaky\"} 3",
+                "ferry_notification_failures_total{destination=\"removed\"} 1",
+            ]
+        );
+        assert_eq!(render_notifications(&[], &BTreeMap::new()), "", "no destinations, no family");
     }
 
     #[test]

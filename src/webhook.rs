@@ -1,4 +1,5 @@
-//! Standard Webhooks signature verification for on-demand exports.
+//! Standard Webhooks signatures: verification of on-demand exports, and signing of Ferry's own
+//! alert deliveries ([`signed_headers`]), with the same key parsing and the same HMAC.
 //!
 //! A request is accepted only when `webhook-signature` carries at least one `v1,<base64>` entry
 //! equal to HMAC-SHA256(secret, "{webhook-id}.{webhook-timestamp}.{raw body}") and the timestamp is
@@ -66,6 +67,23 @@ impl WebhookSecret {
         let tag = self.mac(id, &timestamp.to_string(), body)?.finalize().into_bytes();
         Ok(format!("v1,{}", STANDARD.encode(tag)))
     }
+}
+
+/// The three Standard Webhooks headers for a message Ferry sends: `webhook-id` (stable across
+/// retries of the same message), `webhook-timestamp` (this attempt's time, so the receiver's
+/// ±5 minute window holds on a late retry) and `webhook-signature`.
+pub fn signed_headers(
+    secret: &WebhookSecret,
+    id: &str,
+    at: Timestamp,
+    body: &[u8],
+) -> Result<Vec<(String, String)>, WebhookError> {
+    let signature = secret.sign(id, at.secs(), body)?;
+    Ok(vec![
+        ("webhook-id".into(), id.to_string()),
+        ("webhook-timestamp".into(), at.secs().to_string()),
+        ("webhook-signature".into(), signature),
+    ])
 }
 
 /// The three Standard Webhooks headers as received (any may be missing).
@@ -199,6 +217,23 @@ mod tests {
         let v = verify(&secret(), headers(VECTOR_SIG, "1614265330"), VECTOR_BODY, now()).unwrap();
         assert_eq!(v.id(), VECTOR_ID);
         assert_eq!(v.timestamp(), now());
+    }
+
+    #[test]
+    fn signed_headers_are_what_verify_accepts_and_match_the_published_vector() {
+        let h = signed_headers(&secret(), VECTOR_ID, now(), VECTOR_BODY).unwrap();
+        let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+        assert_eq!(
+            (get("webhook-id"), get("webhook-timestamp"), get("webhook-signature")),
+            (Some(VECTOR_ID), Some("1614265330"), Some(VECTOR_SIG))
+        );
+        let received = WebhookHeaders {
+            id: get("webhook-id"),
+            timestamp: get("webhook-timestamp"),
+            signature: get("webhook-signature"),
+        };
+        assert!(verify(&secret(), received, VECTOR_BODY, now()).is_ok());
+        assert_eq!(verify(&secret(), received, b"{}", now()), Err(WebhookError::NoMatch), "bound to the body");
     }
 
     #[test]

@@ -302,15 +302,17 @@ class Ferry:
     """The built Worker under ``wrangler dev``, configured with the given sources."""
 
     def __init__(self, workdir: Path, sources: list | str, secrets: dict | None = None, crons=("*/5 * * * *",),
-                 bundle: Path | None = None):
-        """``bundle``: the folder holding the built ``index.js`` (default: ``build/``, built if missing)."""
+                 bundle: Path | None = None, alerts: list | str | None = None):
+        """``bundle``: the folder holding the built ``index.js`` (default: ``build/``, built if missing).
+        ``alerts``: the ``FERRY_ALERTS`` destinations; with them, the ``ALERTS`` queue is bound and
+        consumed by the same Worker (as in the real wrangler.toml, with a 1 s batch timeout)."""
         if bundle is None:
             ensure_built()
             bundle = ROOT / "build"
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.persist = workdir / "state"
-        self.bundle, self.crons = bundle, crons
+        self.bundle, self.crons, self.alerts = bundle, crons, alerts
         self.secrets = {"FERRY_API_TOKEN": API_TOKEN, "FERRY_WEBHOOK_SECRET": WEBHOOK_SECRET, "D1_API_TOKEN": D1_TOKEN}
         self.secrets.update(secrets or {})
         self.write_config(sources)
@@ -324,6 +326,19 @@ class Ferry:
         """Writes wrangler.toml with these sources (takes effect at the next start)."""
         raw = sources if isinstance(sources, str) else json.dumps(sources)
         bundle, crons, workdir = self.bundle, self.crons, self.workdir
+        alerts = ""
+        if self.alerts is not None:
+            raw_alerts = self.alerts if isinstance(self.alerts, str) else json.dumps(self.alerts)
+            alerts = f"""FERRY_ALERTS = {toml_string(raw_alerts)}
+[[queues.producers]]
+queue = "ferry-alerts"
+binding = "ALERTS"
+[[queues.consumers]]
+queue = "ferry-alerts"
+max_batch_size = 10
+max_batch_timeout = 1
+max_retries = 100
+"""
         (workdir / "wrangler.toml").write_text(f"""name = "ferry-test"
 main = {toml_string(str(bundle / "index.js"))}
 compatibility_date = "2026-05-01"
@@ -339,7 +354,7 @@ new_sqlite_classes = ["SourceObject"]
 crons = {json.dumps(list(crons))}
 [vars]
 FERRY_SOURCES = {toml_string(raw)}
-""")
+{alerts}""")
 
     def start(self) -> None:
         env = tool_env(WRANGLER_LOG_PATH=str(self.workdir / "wrangler-logs"))

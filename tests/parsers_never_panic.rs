@@ -1,11 +1,13 @@
 //! Property tests: every parser of outside input refuses bad input with a typed error and never
 //! panics (a panic resets the whole wasm instance). Arbitrary and mutated inputs go to the config
-//! parser, webhook verification, API routing, the resume decisions on download answers and every
+//! parser, the alerts config parser and alert payloads, webhook verification, API routing, the resume decisions on download answers and every
 //! provider's response parsing.
 
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
+use ferry::alerts::payload::{slack_body, webhook_body};
+use ferry::alerts::AlertsConfig;
 use ferry::api::route;
 use ferry::config::Config;
 use ferry::http::HttpResponse;
@@ -68,6 +70,41 @@ proptest! {
                 let _ = Config::from_value(&Value::Array(vec![source.clone()]));
             }
         }
+    }
+
+    #[test]
+    fn the_alerts_config_parser_never_panics(value in json_value(), text in ".{0,200}") {
+        let _ = AlertsConfig::from_value(&value);
+        let _ = AlertsConfig::from_value(&Value::Array(vec![value.clone()]));
+        let _ = AlertsConfig::from_value(&Value::String(text));
+        let destinations = [
+            json!({"name": "ops", "kind": "webhook", "url": "https://h.io/x", "secret_secret": "K", "events": ["failed"],
+                   "sources": ["d"], "dashboard_url": "https://f.io/", "max_attempts": 3, "retry_delay_seconds": 5}),
+            json!({"name": "chat", "kind": "slack", "url_secret": "S", "events": ["stale", "recovered"]}),
+        ];
+        for mut d in destinations {
+            let keys: Vec<String> = d.as_object().unwrap().keys().cloned().collect();
+            for k in keys {
+                d[k.as_str()] = value.clone();
+                let _ = AlertsConfig::from_value(&Value::Array(vec![d.clone()]));
+            }
+        }
+    }
+
+    #[test]
+    fn alert_payloads_never_panic_whatever_the_source_and_error_text(source in ".{0,80}", error in "(?s).{0,4000}", kind in 0usize..5) {
+        let kinds = ["committed", "failed", "recovered", "stale", "verify_failed"];
+        let event = json!({"id": "msg_0", "kind": kinds[kind], "at": "2026-11-28T10:00:00.000Z", "source": source,
+            "source_kind": "d1", "reason": error, "recovered_from": ["failed"],
+            "job": {"id": "0123456789abcdef", "task": "export", "trigger": "cron", "phase": "failed",
+                    "started_at": "2026-11-28T10:00:00.000Z", "finished_at": "2026-11-28T10:00:00.000Z",
+                    "bytes": 1, "error": error, "folder": source}});
+        let event = serde_json::from_value(event).unwrap();
+        let slack = slack_body(&event, None);
+        for b in slack["blocks"].as_array().unwrap() {
+            prop_assert!(b["text"]["text"].as_str().unwrap().chars().count() <= 3000);
+        }
+        let _ = webhook_body(&event, None);
     }
 
     #[test]

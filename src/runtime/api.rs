@@ -14,7 +14,7 @@ use crate::api::{api_token_problem, bearer_ok, error_body, route, Route};
 use crate::config::Config;
 use crate::job::Task;
 use crate::manifest::{folder_of, is_manifest_key, manifest_key, Manifest};
-use crate::metrics::{render, SourceMetrics};
+use crate::metrics::{render, render_notifications, SourceMetrics};
 use crate::retention::pin_key;
 use crate::status::SourceReport;
 use crate::verify::{verification_key, Verification};
@@ -66,6 +66,7 @@ pub(crate) async fn handle(req: Request, env: &Env) -> worker::Result<Response> 
             match other {
                 Route::ListSources => list_sources(env, &config).await,
                 Route::Metrics => metrics(env, &config).await,
+                Route::Alerts => alerts(env).await,
                 Route::Job(id) => find_job(env, &config, id.as_str()).await,
                 Route::Backups(name) => list_backups(&req, env, &config, &name).await,
                 Route::Artifact(key) => artifact(env, &key).await,
@@ -211,9 +212,30 @@ async fn metrics(env: &Env, config: &Config) -> worker::Result<Response> {
         .iter()
         .map(|(s, r, count)| SourceMetrics { name: &s.name, kind: s.kind(), report: r, backups_retained: *count })
         .collect();
-    let mut resp = Response::ok(render(&samples))?;
+    let mut text = render(&samples);
+    // Alert delivery failures, per destination, from the attempt record (best effort: the
+    // sources' metrics are served even when the record cannot be read).
+    let destinations = super::alerts::load_alerts(env).map(|a| a.destinations).unwrap_or_default();
+    let names: Vec<&str> = destinations.iter().map(|d| d.name.as_str()).collect();
+    match super::alerts::attempt_log(env).await {
+        Ok(log) => text.push_str(&render_notifications(&names, &log.failures)),
+        Err(e) => console_error!("metrics: the alert record: {e}"),
+    }
+    let mut resp = Response::ok(text)?;
     resp.headers_mut().set("content-type", "text/plain; version=0.0.4; charset=utf-8")?;
     Ok(resp)
+}
+
+/// `GET /v1/alerts`: the destinations, their failure counts and the recent delivery attempts.
+async fn alerts(env: &Env) -> worker::Result<Response> {
+    let config = match super::alerts::load_alerts(env) {
+        Ok(c) => c,
+        Err(e) => return error(500, &e.to_string()),
+    };
+    match super::alerts::attempt_log(env).await {
+        Ok(log) => json(200, &super::alerts::view(&config, &log)),
+        Err(e) => error(503, &format!("the alert record cannot be read: {e}")),
+    }
 }
 
 async fn find_job(env: &Env, config: &Config, id: &str) -> worker::Result<Response> {

@@ -1,12 +1,14 @@
 //! The thin shell over the Workers runtime (wasm32 only).
 //!
 //! Entry points live here; the work is in `api` (the Worker's HTTP API), `source_object` (one
-//! Durable Object per source, running jobs from its alarm), `net` (outgoing fetch with timeouts)
-//! `transfer` (one slice of a copy into R2), `retention` (applying a retention plan, pins), `store`
-//! (manifests, listing, clean-up) and `sweeper` (the daily orphan sweep). None of them decide
-//! anything the core can decide: they read
+//! Durable Object per source, running jobs from its alarm), `alerts` (the alert queue's producer
+//! and consumer, and the attempt record), `net` (outgoing fetch with timeouts), `transfer` (one
+//! slice of a copy into R2), `retention` (applying a retention plan, pins), `store` (manifests,
+//! listing, clean-up) and `sweeper` (the daily orphan sweep). None of them decide anything the
+//! core can decide: they read
 //! the clock, call `Job::handle`, and perform the action it returns.
 
+mod alerts;
 mod api;
 mod net;
 mod retention;
@@ -17,7 +19,9 @@ mod transfer;
 mod verify;
 
 use wasm_bindgen::JsValue;
-use worker::{console_error, console_log, event, Context, Env, Request, Response, ScheduleContext, ScheduledEvent};
+use worker::{
+    console_error, console_log, event, Context, Env, MessageBatch, Request, Response, ScheduleContext, ScheduledEvent,
+};
 
 use crate::config::{Config, ConfigError};
 use crate::providers::Credentials;
@@ -63,6 +67,14 @@ async fn scheduled(event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
         Ok(line) => console_log!("cron {}: {line}", event.cron()),
         Err(e) => console_error!("cron {}: sweep: {e}", event.cron()),
     }
+}
+
+/// The `ALERTS` queue's consumer: delivers alerts. Every message is acknowledged or retried
+/// inside; the handler never returns an error (the glue would turn it into a panic).
+#[event(queue)]
+async fn deliver_alerts(batch: MessageBatch<String>, env: Env, _ctx: Context) -> worker::Result<()> {
+    alerts::consume(batch, &env).await;
+    Ok(())
 }
 
 /// Parses `FERRY_SOURCES` from the environment.

@@ -47,6 +47,18 @@ pub(crate) fn host(url: &str) -> String {
     url::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_string)).unwrap_or_else(|| "?".into())
 }
 
+/// The host and port of a URL (no path or query), to tell two origins apart in messages.
+fn authority(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(u) => match (u.host_str(), u.port()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_string(),
+            _ => "?".into(),
+        },
+        Err(_) => "?".into(),
+    }
+}
+
 /// Sends a request, following up to [`MAX_REDIRECTS`] redirects, and keeps the final request's
 /// `AbortController`, so a download can be cut off early (a slice that used its budget stops
 /// reading and aborts the rest of the body). Each hop has `timeout` for its headers.
@@ -120,7 +132,7 @@ pub(crate) async fn exchange(req: &HttpRequest) -> Result<HttpResponse, String> 
     let (mut resp, _controller, last) = send_following(req, API_TIMEOUT).await?;
     let status = resp.status_code();
     let headers = header_pairs(&resp);
-    let (from, to) = (host(&req.url), host(&last.url));
+    let (from, to) = (authority(&req.url), authority(&last.url));
     let html = headers.iter().any(|(k, v)| k == "content-type" && v.to_ascii_lowercase().contains("text/html"));
     if from != to && html {
         // An API call sent elsewhere that answers a web page: a sign-in page, a proxy's error.

@@ -55,6 +55,8 @@ const R2_STEP_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a slice may overrun its own time budget (the parts in flight settle) before it is
 /// given up and the copy goes on from what was persisted.
 const SLICE_GRACE: Duration = Duration::from_secs(180);
+/// How long handing a source's waiting alerts to the queue may take, in all.
+const ALERTS_FLUSH_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Runs a storage or R2 call with a time limit; a call that does not answer is an error naming it.
 async fn bounded<T>(
@@ -120,6 +122,8 @@ impl DurableObject for SourceObject {
                 self.sweep(body).await
             }
             (Method::Get, "/sweeps/latest") => super::sweeper::latest(&self.storage()).await,
+            // Only on the `~alerts` object: the record of alert delivery attempts.
+            (_, p) if p.starts_with("/alerts/") => super::alerts::object_request(&self.storage(), req).await,
             (Method::Get, p) if p.starts_with("/job/") => match JobId::parse(&p["/job/".len()..]) {
                 Some(id) => match self.load_job(&id).await? {
                     Some(job) => {
@@ -153,6 +157,8 @@ impl DurableObject for SourceObject {
         if self.busy_since.get() == Some(started) {
             self.busy_since.set(None);
         }
+        // A job that ended left its alerts in the outbox; the next job is already armed.
+        self.flush_alerts().await;
         if let Err(e) = &result {
             console_error!("alarm: {e}");
             // Storage or R2 failed outside any step: try again shortly rather than lose the job.
@@ -299,9 +305,42 @@ impl SourceObject {
         self.start(ledger, source, &req, None, Some(note)).await.map(Some)
     }
 
-    /// A cron tick: starts what is due since the source's last processed tick (one coalesced job),
-    /// or keeps it for when the source is free; and makes sure a job in flight has its alarm.
+    /// A cron tick (see [`Self::process_tick`]), then the alerts it raised or that still wait.
     async fn tick(&self, body: Value) -> worker::Result<Response> {
+        let response = self.process_tick(body).await;
+        self.flush_alerts().await;
+        response
+    }
+
+    /// Hands the ledger's waiting alert events to the queue, within a time limit. Failures are
+    /// logged (and recorded by `alerts::enqueue`), never returned: alerts cannot fail a job.
+    async fn flush_alerts(&self) {
+        match within(ALERTS_FLUSH_TIMEOUT, self.try_flush_alerts()).await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => console_error!("alerts: {e}"),
+            None => console_error!("alerts: queuing did not finish within {} s", ALERTS_FLUSH_TIMEOUT.as_secs()),
+        }
+    }
+
+    async fn try_flush_alerts(&self) -> worker::Result<()> {
+        let waiting = self.load_ledger().await?.alerts.outbox;
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        let done = super::alerts::enqueue(&self.env, &waiting).await;
+        if done.is_empty() {
+            return Ok(());
+        }
+        // Fresh: a trigger or tick may have written the ledger while the queue was called.
+        let mut ledger = self.load_ledger().await?;
+        ledger.alerts.sent(&done);
+        self.save_ledger(&ledger).await
+    }
+
+    /// A cron tick: raises `stale` when the source's health is red at the tick's time (once per
+    /// episode); starts what is due since the source's last processed tick (one coalesced job),
+    /// or keeps it for when the source is free; and makes sure a job in flight has its alarm.
+    async fn process_tick(&self, body: Value) -> worker::Result<Response> {
         let (Some(tick), Some(trigger_start)) = (
             body["tick"].as_str().and_then(Timestamp::parse_rfc3339),
             body["trigger_start"].as_str().and_then(Timestamp::parse_rfc3339),
@@ -316,6 +355,9 @@ impl SourceObject {
         let daily_pass = self.note_daily_pass(&source, tick).await?;
         let mut ledger = self.load_ledger().await?;
         let outcome = ledger.tick(tick, trigger_start, &source.schedule, source.verify_schedule.as_ref());
+        if let Some(stale) = ledger.check_stale(&source, tick) {
+            console_error!("{name}: stale: {}", stale.reason.as_deref().unwrap_or_default());
+        }
         let line = match outcome {
             TickOutcome::Start { task, fires, catch_up } => {
                 let req = TriggerRequest {
@@ -403,7 +445,8 @@ impl SourceObject {
             Ok(s) => s,
             Err(e) => return json_response(404, &json!({ "error": e })),
         };
-        let report = SourceReport::new(&ledger, current.as_ref(), last.as_ref(), &source.schedule, None, now());
+        let report =
+            SourceReport::new(&ledger, current.as_ref(), last.as_ref(), &source.schedule, source.max_age, now());
         let mut body = serde_json::to_value(&report).map_err(rust_err)?;
         body["current_job_id"] = json!(ledger.current);
         json_response(200, &body)
