@@ -44,6 +44,9 @@ pub struct SourceConfig {
     pub schedule: Schedule,
     /// When scheduled verifications of the newest backup run (UTC), if at all.
     pub verify_schedule: Option<Schedule>,
+    /// The age past which the newest committed backup is stale (`max_age_minutes`); `None`: two
+    /// periods of the schedule, at least an hour (see [`crate::health`]).
+    pub max_age: Option<Duration>,
     /// How copies into R2 are cut into parts and slices (`part_size_mib`, `parts_in_flight`,
     /// `slice_max_mib`, `slice_max_seconds`, `slice_max_pages`, `max_stalled_slices`,
     /// `copy_timeout_minutes`).
@@ -300,6 +303,7 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
         Some(text) => Some(Schedule::parse(&text).map_err(|e| f.err("verify_schedule", format!("is {e}")))?),
         None => None,
     };
+    let max_age = f.uint("max_age_minutes", 1, 366 * 24 * 60)?.map(|m| Duration::from_secs(60 * m));
     let transfer = parse_transfer(&mut f)?;
     // D1 cancels an export that is not polled promptly; Aura's own CLI polls every 20 s.
     let default_poll = match kind.as_str() {
@@ -324,7 +328,17 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
         }
     };
     f.finish()?;
-    Ok(SourceConfig { name, schedule, verify_schedule, transfer, retry, poll_interval, export_timeout, provider })
+    Ok(SourceConfig {
+        name,
+        schedule,
+        verify_schedule,
+        max_age,
+        transfer,
+        retry,
+        poll_interval,
+        export_timeout,
+        provider,
+    })
 }
 
 fn parse_transfer(f: &mut Fields<'_>) -> Result<TransferSettings, ConfigError> {
@@ -599,6 +613,17 @@ mod tests {
         let ProviderConfig::D1(d) = &s.provider else { panic!() };
         assert_eq!(d.api_base.as_str(), "https://api.cloudflare.com/client/v4");
         assert_eq!(d.dump_options, DumpOptions::default());
+        assert_eq!(s.max_age, None, "derived from the schedule");
+    }
+
+    #[test]
+    fn max_age_minutes_is_optional_and_bounded() {
+        let c = Config::from_value(&json!([d1(json!({ "max_age_minutes": 90 }))])).unwrap();
+        assert_eq!(c.sources[0].max_age, Some(Duration::from_secs(90 * 60)));
+        for bad in [json!(0), json!(-5), json!("1h"), json!(1.5)] {
+            let e = err(d1(json!({ "max_age_minutes": bad })));
+            assert_eq!(e.field.as_deref(), Some("max_age_minutes"), "{e}");
+        }
     }
 
     #[test]
