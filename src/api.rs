@@ -23,9 +23,9 @@ pub enum Route {
     Backups(String),
     /// `GET /v1/backups/{key…}`
     Artifact(String),
-    /// `POST /v1/sources/{name}/exports` (signed webhook)
+    /// `POST /v1/sources/{name}/exports` (signed webhook, or the API bearer token)
     StartExport(String),
-    /// `POST /v1/sources/{name}/verify` (signed webhook; body may name a backup)
+    /// `POST /v1/sources/{name}/verify` (signed webhook or bearer; body may name a backup)
     StartVerify(String),
     /// `GET /metrics` (bearer): Prometheus text exposition.
     Metrics,
@@ -101,6 +101,28 @@ fn digest(value: &str) -> Option<CtOutput<Hmac<Sha256>>> {
     Some(mac.finalize())
 }
 
+/// How a trigger (`POST /v1/sources/{name}/exports` or `/verify`) proves it may start a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TriggerAuth {
+    /// `Authorization: Bearer <FERRY_API_TOKEN>` (the dashboard's buttons): no delivery id, so
+    /// no replay; the source's single flight still applies.
+    Bearer,
+    /// A Standard Webhooks signature, whose `webhook-id` makes retries idempotent.
+    Webhook,
+}
+
+/// Which check a trigger gets: a request carrying any Standard Webhooks header is a webhook
+/// delivery (checked as one, whatever else it carries, so a signed sender keeps its replay
+/// semantics); otherwise one with an `Authorization` header is judged by the bearer token; a
+/// request with neither is a webhook without a signature, refused by the webhook check.
+pub fn trigger_auth(webhook_headers_present: bool, authorization: Option<&str>) -> TriggerAuth {
+    if !webhook_headers_present && authorization.is_some() {
+        TriggerAuth::Bearer
+    } else {
+        TriggerAuth::Webhook
+    }
+}
+
 /// A JSON error body.
 pub fn error_body(message: &str) -> Value {
     json!({ "error": message })
@@ -149,6 +171,15 @@ mod tests {
             assert!(!bearer_ok(bad, &token), "{bad:?}");
         }
         assert!(!bearer_ok(Some("Bearer "), &Secret::new("")), "an unset token never matches");
+    }
+
+    #[test]
+    fn a_trigger_with_webhook_headers_is_a_webhook_and_one_with_only_authorization_is_bearer() {
+        assert_eq!(trigger_auth(false, Some("Bearer t0ken")), TriggerAuth::Bearer);
+        assert_eq!(trigger_auth(false, Some("Basic x")), TriggerAuth::Bearer, "judged, and refused, as a bearer");
+        assert_eq!(trigger_auth(true, Some("Bearer t0ken")), TriggerAuth::Webhook);
+        assert_eq!(trigger_auth(true, None), TriggerAuth::Webhook);
+        assert_eq!(trigger_auth(false, None), TriggerAuth::Webhook, "refused for its missing signature");
     }
 
     #[test]
