@@ -29,7 +29,9 @@ pub enum Route {
     StartVerify(String),
     /// `GET /metrics` (bearer): Prometheus text exposition.
     Metrics,
-    /// `GET /` or `/healthz`: liveness, no auth.
+    /// `GET /`: the dashboard page, no auth (it holds no data; it reads the API with the token).
+    Dashboard,
+    /// `GET /healthz`: liveness, no auth.
     Health,
     /// Known path, wrong method.
     MethodNotAllowed(&'static str),
@@ -44,7 +46,8 @@ pub fn route(method: &str, path: &str) -> Route {
     let post = method.eq_ignore_ascii_case("POST");
     let only = |ok: bool, allowed: &'static str, r: Route| if ok { r } else { Route::MethodNotAllowed(allowed) };
     match segments.as_slice() {
-        [""] | ["healthz"] => only(get, "GET", Route::Health),
+        [""] => only(get, "GET", Route::Dashboard),
+        ["healthz"] => only(get, "GET", Route::Health),
         ["v1", "sources"] => only(get, "GET", Route::ListSources),
         ["metrics"] => only(get, "GET", Route::Metrics),
         ["v1", "jobs", id] => match JobId::parse(id) {
@@ -147,7 +150,10 @@ mod tests {
             route("GET", "/v1/backups/app-db/2026-11-23T101500Z-0123456789abcdef/x%20y.sql"),
             Route::Artifact("app-db/2026-11-23T101500Z-0123456789abcdef/x y.sql".into())
         );
-        assert_eq!(route("GET", "/"), Route::Health);
+        assert_eq!(route("GET", "/"), Route::Dashboard);
+        assert_eq!(route("HEAD", "/"), Route::Dashboard);
+        assert_eq!(route("GET", "/healthz"), Route::Health);
+        assert_eq!(route("POST", "/"), Route::MethodNotAllowed("GET"));
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! - [`status`]: one source's report (job in flight, progress, health, history) and [`metrics`].
 //! - [`manifest`]: the R2 layout and the manifest written last as the commit marker.
 //! - [`api`]: routes and auth checks of the HTTP API.
+//! - [`dashboard`]: the page served at `/` (inline HTML, CSS and JS) and its security headers.
 //! - [`http`], [`error`], [`retry`], [`secret`], [`time`]: values shared by the above.
 //! - `runtime` (wasm32 only): the thin shell over `worker`. It executes the core's actions with
 //!   `Fetch`, keeps each source's jobs in a Durable Object, arms alarms and streams into R2.
@@ -28,6 +29,7 @@
 
 pub mod api;
 pub mod config;
+pub mod dashboard;
 pub mod error;
 pub mod health;
 pub mod http;

@@ -1,9 +1,9 @@
-//! The Worker's HTTP API: status for operators, and triggers (signed webhooks or the API bearer
-//! token) for on-demand exports and verifications.
+//! The Worker's HTTP API: the dashboard page, status for operators, and triggers (signed webhooks
+//! or the API bearer token) for on-demand exports and verifications.
 //!
-//! Routing and checks come from the core (`crate::api`, `crate::webhook`); this module reads the
-//! request, calls the source objects and R2, and writes JSON. A bad signature or token is refused
-//! before anything else is touched.
+//! Routing and checks come from the core (`crate::api`, `crate::webhook`, `crate::dashboard`);
+//! this module reads the request, calls the source objects and R2, and writes JSON. A bad
+//! signature or token is refused before anything else is touched.
 
 use futures_util::future::join_all;
 use serde_json::{json, Value};
@@ -41,6 +41,7 @@ pub(crate) async fn handle(req: Request, env: &Env) -> worker::Result<Response> 
     let path = req.path();
     match route(&method, &path) {
         Route::Health => json(200, &json!({ "service": "ferry", "version": env!("CARGO_PKG_VERSION") })),
+        Route::Dashboard => dashboard(),
         Route::NotFound => error(404, "not found"),
         Route::MethodNotAllowed(allowed) => {
             let mut resp = error(405, &format!("use {allowed}"))?;
@@ -67,6 +68,15 @@ pub(crate) async fn handle(req: Request, env: &Env) -> worker::Result<Response> 
             }
         }
     }
+}
+
+/// The dashboard page, with its Content-Security-Policy and the other locking headers.
+fn dashboard() -> worker::Result<Response> {
+    let headers = worker::Headers::new();
+    for (name, value) in crate::dashboard::headers() {
+        headers.set(name, &value)?;
+    }
+    Ok(Response::ok(crate::dashboard::HTML)?.with_headers(headers))
 }
 
 /// The answer refusing a request without the right API bearer token (or when none usable is
