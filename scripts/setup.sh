@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything Ferry needs to build, run and test, idempotently: the wasm target,
 # worker-build and the wasm-bindgen CLI at the versions the lockfile pins, the npm tooling
-# (wrangler, esbuild, binaryen) and pytest. What is already there at the right version is skipped.
+# (wrangler, esbuild, binaryen), pytest, and for the dashboard's browser test Debian's chromium and
+# Playwright for Python. What is already there at the right version is skipped.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$FERRY_ROOT"
@@ -48,5 +49,19 @@ fi
 if ! python3 -c 'import pytest' 2>/dev/null; then
   say "installing pytest"
   python3 -m pip install --quiet 'pytest>=8,<9'
+fi
+# The dashboard's browser test drives Debian's Chromium with Playwright for Python: pip brings
+# Playwright's driver only; its own browser download (`playwright install`) is never used.
+if [ ! -x /usr/bin/chromium ]; then
+  say "installing Debian's chromium (for tests/test_e2e_dashboard.py)"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq chromium
+fi
+playwright_version=1.65.2
+if [ "$(python3 -c 'import importlib.metadata as m; print(m.version("playwright"))' 2>/dev/null)" != "$playwright_version" ]; then
+  say "installing playwright $playwright_version for Python"
+  python3 -m pip install --quiet "playwright==$playwright_version"
 fi
 say "toolchain ready"

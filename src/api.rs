@@ -25,9 +25,9 @@ pub enum Route {
     Artifact(String),
     /// `GET /v1/sweeps/latest`: the report of the latest daily sweep.
     LatestSweep,
-    /// `POST /v1/sources/{name}/exports` (signed webhook)
+    /// `POST /v1/sources/{name}/exports` (signed webhook, or the API bearer token)
     StartExport(String),
-    /// `POST /v1/sources/{name}/verify` (signed webhook; body may name a backup)
+    /// `POST /v1/sources/{name}/verify` (signed webhook or bearer; body may name a backup)
     StartVerify(String),
     /// `GET /metrics` (bearer): Prometheus text exposition.
     Metrics,
@@ -42,7 +42,9 @@ pub enum Route {
     },
     /// `GET /v1/alerts` (bearer): the destinations, recent delivery attempts, failure counts.
     Alerts,
-    /// `GET /` or `/healthz`: liveness, no auth.
+    /// `GET /`: the dashboard page, no auth (it holds no data; it reads the API with the token).
+    Dashboard,
+    /// `GET /healthz`: liveness, no auth.
     Health,
     /// Known path, wrong method.
     MethodNotAllowed(&'static str),
@@ -58,7 +60,8 @@ pub fn route(method: &str, path: &str) -> Route {
     let delete = method.eq_ignore_ascii_case("DELETE");
     let only = |ok: bool, allowed: &'static str, r: Route| if ok { r } else { Route::MethodNotAllowed(allowed) };
     match segments.as_slice() {
-        [""] | ["healthz"] => only(get, "GET", Route::Health),
+        [""] => only(get, "GET", Route::Dashboard),
+        ["healthz"] => only(get, "GET", Route::Health),
         ["v1", "sources"] => only(get, "GET", Route::ListSources),
         ["metrics"] => only(get, "GET", Route::Metrics),
         ["v1", "sweeps", "latest"] => only(get, "GET", Route::LatestSweep),
@@ -129,6 +132,28 @@ fn digest(value: &str) -> Option<CtOutput<Hmac<Sha256>>> {
     Some(mac.finalize())
 }
 
+/// How a trigger (`POST /v1/sources/{name}/exports` or `/verify`) proves it may start a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TriggerAuth {
+    /// `Authorization: Bearer <FERRY_API_TOKEN>` (the dashboard's buttons): no delivery id, so
+    /// no replay; the source's single flight still applies.
+    Bearer,
+    /// A Standard Webhooks signature, whose `webhook-id` makes retries idempotent.
+    Webhook,
+}
+
+/// Which check a trigger gets: a request carrying any Standard Webhooks header is a webhook
+/// delivery (checked as one, whatever else it carries, so a signed sender keeps its replay
+/// semantics); otherwise one with an `Authorization` header is judged by the bearer token; a
+/// request with neither is a webhook without a signature, refused by the webhook check.
+pub fn trigger_auth(webhook_headers_present: bool, authorization: Option<&str>) -> TriggerAuth {
+    if !webhook_headers_present && authorization.is_some() {
+        TriggerAuth::Bearer
+    } else {
+        TriggerAuth::Webhook
+    }
+}
+
 /// A JSON error body.
 pub fn error_body(message: &str) -> Value {
     json!({ "error": message })
@@ -155,7 +180,9 @@ mod tests {
             route("GET", "/v1/backups/app-db/2026-11-23T101500Z-0123456789abcdef/x%20y.sql"),
             Route::Artifact("app-db/2026-11-23T101500Z-0123456789abcdef/x y.sql".into())
         );
-        assert_eq!(route("GET", "/"), Route::Health);
+        assert_eq!(route("GET", "/"), Route::Dashboard);
+        assert_eq!(route("HEAD", "/"), Route::Dashboard);
+        assert_eq!(route("GET", "/healthz"), Route::Health);
         assert_eq!(route("GET", "/v1/sources/app-db/retention"), Route::Retention("app-db".into()));
         let folder = "app-db/2026-11-23T101500Z-0123456789abcdef/".to_string();
         let pin = "/v1/backups/app-db/2026-11-23T101500Z-0123456789abcdef/pin";
@@ -198,6 +225,15 @@ mod tests {
             assert!(!bearer_ok(bad, &token), "{bad:?}");
         }
         assert!(!bearer_ok(Some("Bearer "), &Secret::new("")), "an unset token never matches");
+    }
+
+    #[test]
+    fn a_trigger_with_webhook_headers_is_a_webhook_and_one_with_only_authorization_is_bearer() {
+        assert_eq!(trigger_auth(false, Some("Bearer t0ken")), TriggerAuth::Bearer);
+        assert_eq!(trigger_auth(false, Some("Basic x")), TriggerAuth::Bearer, "judged, and refused, as a bearer");
+        assert_eq!(trigger_auth(true, Some("Bearer t0ken")), TriggerAuth::Webhook);
+        assert_eq!(trigger_auth(true, None), TriggerAuth::Webhook);
+        assert_eq!(trigger_auth(false, None), TriggerAuth::Webhook, "refused for its missing signature");
     }
 
     #[test]

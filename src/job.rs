@@ -65,8 +65,10 @@ impl fmt::Display for JobId {
 pub enum Trigger {
     /// The source's cron schedule.
     Cron,
-    /// A signed `POST /v1/sources/{name}/exports`.
+    /// A signed `POST /v1/sources/{name}/exports` (or `/verify`).
     Webhook,
+    /// The same routes with the API bearer token (the dashboard's "Back up now" and "Verify now").
+    Api,
 }
 
 /// A running copy's progress, for the API and the dashboard.

@@ -87,7 +87,7 @@ pub struct JobSummary {
     pub id: JobId,
     /// Export or verify.
     pub task: Task,
-    /// Cron or webhook.
+    /// Cron, webhook or API.
     pub trigger: Trigger,
     /// How it ended.
     pub phase: Phase,
@@ -191,7 +191,7 @@ pub const MAX_COPIED: usize = 1000;
 /// A request to start a job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TriggerRequest {
-    /// Cron or webhook.
+    /// Cron, webhook or API.
     pub trigger: Trigger,
     /// The verified `webhook-id`, for webhooks.
     pub webhook_id: Option<String>,
@@ -457,6 +457,19 @@ mod tests {
         assert_eq!(l.admit(&webhook("a")), Admission::Replay(id(1)));
         l.record_finish(&id(1), None);
         assert_eq!(l.admit(&webhook("a")), Admission::Replay(id(1)));
+    }
+
+    #[test]
+    fn an_api_trigger_has_no_delivery_id_so_it_is_never_replayed_but_still_single_flight() {
+        let api = TriggerRequest { trigger: Trigger::Api, webhook_id: None, ..webhook("unused") };
+        let mut l = Ledger::default();
+        assert_eq!(l.admit(&api), Admission::Start);
+        l.record_start(&id(1), &api, Timestamp::from_secs(0));
+        assert!(l.webhooks.is_empty(), "nothing to replay by");
+        assert_eq!(l.admit(&api), Admission::Busy(id(1)));
+        assert_eq!(l.admit(&webhook("a")), Admission::Busy(id(1)));
+        l.record_finish(&id(1), None);
+        assert_eq!(l.admit(&api), Admission::Start, "a second press starts a second job");
     }
 
     #[test]

@@ -26,6 +26,7 @@
 //! - [`sweep`]: the daily orphan sweep: which open uploads to abort and which uncommitted folders
 //!   to delete, never a committed backup or a job in flight.
 //! - [`api`]: routes and auth checks of the HTTP API.
+//! - [`dashboard`]: the page served at `/` (inline HTML, CSS and JS) and its security headers.
 //! - [`http`], [`error`], [`retry`], [`secret`], [`time`]: values shared by the above.
 //! - `runtime` (wasm32 only): the thin shell over `worker`. It executes the core's actions with
 //!   `Fetch`, keeps each source's jobs in a Durable Object, arms alarms and streams into R2.
@@ -36,6 +37,7 @@
 pub mod alerts;
 pub mod api;
 pub mod config;
+pub mod dashboard;
 pub mod error;
 pub mod fields;
 pub mod health;

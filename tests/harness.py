@@ -367,7 +367,7 @@ FERRY_SOURCES = {toml_string(raw)}
             if not self.process.alive():
                 raise RuntimeError("wrangler dev exited:\n" + self.process.tail())
             try:
-                if self.http.request("GET", "/", timeout=2)[0] == 200:
+                if self.http.request("GET", "/healthz", timeout=2)[0] == 200:
                     return
             except OSError:
                 pass

@@ -443,6 +443,7 @@ fn phases_serialize_as_documented() {
     .collect();
     assert_eq!(names, ["queued", "exporting", "transferring", "committed", "failed", "skipped", "dispatched"]);
     assert_eq!(serde_json::to_value(Trigger::Cron).unwrap(), "cron");
+    assert_eq!(serde_json::to_value(Trigger::Api).unwrap(), "api");
 }
 
 #[test]

@@ -1,16 +1,17 @@
-//! The Worker's HTTP API: status for operators, signed webhooks for on-demand exports.
+//! The Worker's HTTP API: the dashboard page, status for operators, and triggers (signed webhooks
+//! or the API bearer token) for on-demand exports and verifications.
 //!
-//! Routing and checks come from the core (`crate::api`, `crate::webhook`); this module reads the
-//! request, calls the source objects and R2, and writes JSON. A bad signature is refused before
-//! anything else is touched.
+//! Routing and checks come from the core (`crate::api`, `crate::webhook`, `crate::dashboard`);
+//! this module reads the request, calls the source objects and R2, and writes JSON. A bad
+//! signature or token is refused before anything else is touched.
 
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 use worker::{console_error, Env, Method, Request, Response, ResponseBody};
 
-use super::source_object::{call, claim_delivery, retired_sources, trigger_webhook, SWEEPER};
+use super::source_object::{call, claim_delivery, retired_sources, trigger_api, trigger_webhook, SWEEPER};
 use super::{load_config, now, retention, secret, store, BUCKET};
-use crate::api::{api_token_problem, bearer_ok, error_body, route, Route};
+use crate::api::{api_token_problem, bearer_ok, error_body, route, trigger_auth, Route, TriggerAuth};
 use crate::config::Config;
 use crate::job::Task;
 use crate::manifest::{folder_of, is_manifest_key, manifest_key, Manifest};
@@ -22,6 +23,8 @@ use crate::webhook::{verify, WebhookError, WebhookHeaders, WebhookSecret};
 
 /// Largest webhook body accepted.
 const MAX_WEBHOOK_BODY: usize = 64 * 1024;
+const TOO_LARGE: &str = "webhook body is larger than 64 KiB";
+const NOT_AN_OBJECT: &str = "the webhook body must be empty or a JSON object";
 /// Default and largest page of `GET /v1/sources/{name}/backups`.
 const BACKUPS_PAGE: usize = 100;
 
@@ -39,6 +42,7 @@ pub(crate) async fn handle(req: Request, env: &Env) -> worker::Result<Response> 
     let path = req.path();
     match route(&method, &path) {
         Route::Health => json(200, &json!({ "service": "ferry", "version": env!("CARGO_PKG_VERSION") })),
+        Route::Dashboard => dashboard(),
         Route::NotFound => error(404, "not found"),
         Route::MethodNotAllowed(allowed) => {
             let mut resp = error(405, &format!("use {allowed}"))?;
@@ -48,16 +52,8 @@ pub(crate) async fn handle(req: Request, env: &Env) -> worker::Result<Response> 
         Route::StartExport(name) => start_job(req, env, &name, Task::Export).await,
         Route::StartVerify(name) => start_job(req, env, &name, Task::Verify).await,
         other => {
-            let Some(token) = secret(env, "FERRY_API_TOKEN") else {
-                return error(503, "FERRY_API_TOKEN is not set: wrangler secret put FERRY_API_TOKEN");
-            };
-            if let Some(problem) = api_token_problem(&token) {
-                return error(503, &problem);
-            }
-            if !bearer_ok(req.headers().get("authorization")?.as_deref(), &token) {
-                let mut resp = error(401, "missing or wrong bearer token")?;
-                resp.headers_mut().set("www-authenticate", "Bearer")?;
-                return Ok(resp);
+            if let Some(refused) = refuse_bearer(&req, env)? {
+                return Ok(refused);
             }
             let config = match load_config(env) {
                 Ok(c) => c,
@@ -82,8 +78,64 @@ pub(crate) async fn handle(req: Request, env: &Env) -> worker::Result<Response> 
     }
 }
 
-/// A signed trigger: an export, or the verification of a backup.
-async fn start_job(mut req: Request, env: &Env, name: &str, task: Task) -> worker::Result<Response> {
+/// The dashboard page, with its Content-Security-Policy and the other locking headers.
+fn dashboard() -> worker::Result<Response> {
+    let headers = worker::Headers::new();
+    for (name, value) in crate::dashboard::headers() {
+        headers.set(name, &value)?;
+    }
+    Ok(Response::ok(crate::dashboard::HTML)?.with_headers(headers))
+}
+
+/// The answer refusing a request without the right API bearer token (or when none usable is
+/// configured), or `None` when it has it.
+fn refuse_bearer(req: &Request, env: &Env) -> worker::Result<Option<Response>> {
+    let Some(token) = secret(env, "FERRY_API_TOKEN") else {
+        return error(503, "FERRY_API_TOKEN is not set: wrangler secret put FERRY_API_TOKEN").map(Some);
+    };
+    if let Some(problem) = api_token_problem(&token) {
+        return error(503, &problem).map(Some);
+    }
+    if bearer_ok(req.headers().get("authorization")?.as_deref(), &token) {
+        return Ok(None);
+    }
+    let mut resp = error(401, "missing or wrong bearer token")?;
+    resp.headers_mut().set("www-authenticate", "Bearer")?;
+    Ok(Some(resp))
+}
+
+/// A trigger, an export or the verification of a backup: signed as a webhook, or carrying the API
+/// bearer token (the dashboard's buttons).
+async fn start_job(req: Request, env: &Env, name: &str, task: Task) -> worker::Result<Response> {
+    let has_webhook_headers =
+        ["webhook-id", "webhook-timestamp", "webhook-signature"].iter().any(|h| req.headers().has(h).unwrap_or(false));
+    match trigger_auth(has_webhook_headers, req.headers().get("authorization")?.as_deref()) {
+        TriggerAuth::Webhook => start_webhook_job(req, env, name, task).await,
+        TriggerAuth::Bearer => start_api_job(req, env, name, task).await,
+    }
+}
+
+/// A trigger with the API bearer token: no delivery id, so nothing to replay; the source's single
+/// flight still answers 409 while a job runs.
+async fn start_api_job(mut req: Request, env: &Env, name: &str, task: Task) -> worker::Result<Response> {
+    if let Some(refused) = refuse_bearer(&req, env)? {
+        return Ok(refused);
+    }
+    let Some(body) = read_trigger_body(&mut req).await? else { return error(413, TOO_LARGE) };
+    let Some(params) = params_of(&body) else { return error(400, NOT_AN_OBJECT) };
+    let config = match load_config(env) {
+        Ok(c) => c,
+        Err(e) => return error(500, &e.to_string()),
+    };
+    if config.source(name).is_none() {
+        return error(404, &format!("no source named {name:?}"));
+    }
+    let (status, value) = trigger_api(env, name, params, task).await?;
+    json(status, &value)
+}
+
+/// A signed trigger.
+async fn start_webhook_job(mut req: Request, env: &Env, name: &str, task: Task) -> worker::Result<Response> {
     let Some(raw_secret) = secret(env, "FERRY_WEBHOOK_SECRET") else {
         return error(503, "FERRY_WEBHOOK_SECRET is not set: wrangler secret put FERRY_WEBHOOK_SECRET");
     };
@@ -91,15 +143,7 @@ async fn start_job(mut req: Request, env: &Env, name: &str, task: Task) -> worke
         Ok(k) => k,
         Err(e) => return error(500, &e.to_string()),
     };
-    // Nothing is read whole before it is known to be small: a declared length over the cap is
-    // refused unread, and an undeclared one is read only up to the cap.
-    let declared = req.headers().get("content-length")?.and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_WEBHOOK_BODY as u64) {
-        return error(413, "webhook body is larger than 64 KiB");
-    }
-    let Some(body) = read_capped(&mut req, MAX_WEBHOOK_BODY).await? else {
-        return error(413, "webhook body is larger than 64 KiB");
-    };
+    let Some(body) = read_trigger_body(&mut req).await? else { return error(413, TOO_LARGE) };
     let headers = req.headers();
     let (id, ts, sig) =
         (headers.get("webhook-id")?, headers.get("webhook-timestamp")?, headers.get("webhook-signature")?);
@@ -109,14 +153,7 @@ async fn start_job(mut req: Request, env: &Env, name: &str, task: Task) -> worke
         Err(WebhookError::BadSecret) => return error(500, &WebhookError::BadSecret.to_string()),
         Err(e) => return error(401, &format!("webhook signature refused: {e}")),
     };
-    let params = if body.is_empty() {
-        json!({})
-    } else {
-        match serde_json::from_slice::<Value>(&body) {
-            Ok(v) if v.is_object() => v,
-            _ => return error(400, "the webhook body must be empty or a JSON object"),
-        }
-    };
+    let Some(params) = params_of(&body) else { return error(400, NOT_AN_OBJECT) };
     let config = match load_config(env) {
         Ok(c) => c,
         Err(e) => return error(500, &e.to_string()),
@@ -141,6 +178,25 @@ async fn start_job(mut req: Request, env: &Env, name: &str, task: Task) -> worke
         resp.headers_mut().set("idempotent-replayed", "true")?;
     }
     Ok(resp)
+}
+
+/// A trigger's body, or `None` when it is over the cap. Nothing is read whole before it is known
+/// to be small: a declared length over the cap is refused unread, and an undeclared one is read
+/// only up to the cap.
+async fn read_trigger_body(req: &mut Request) -> worker::Result<Option<Vec<u8>>> {
+    let declared = req.headers().get("content-length")?.and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_WEBHOOK_BODY as u64) {
+        return Ok(None);
+    }
+    read_capped(req, MAX_WEBHOOK_BODY).await
+}
+
+/// A trigger's parameters: its body as a JSON object (`{}` when empty), `None` when it is not one.
+fn params_of(body: &[u8]) -> Option<Value> {
+    if body.is_empty() {
+        return Some(json!({}));
+    }
+    serde_json::from_slice::<Value>(body).ok().filter(Value::is_object)
 }
 
 /// The request body, or `None` as soon as it passes `cap` bytes (the rest is never read).

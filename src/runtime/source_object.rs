@@ -960,6 +960,13 @@ pub(crate) async fn trigger_webhook(
     call(env, name, Method::Post, "/trigger", Some(&body)).await
 }
 
+/// Starts a job asked for with the API bearer token (no delivery id: never a replay).
+pub(crate) async fn trigger_api(env: &Env, name: &str, params: Value, task: Task) -> worker::Result<(u16, Value)> {
+    let req = TriggerRequest { trigger: Trigger::Api, webhook_id: None, scheduled_for: None, params, task };
+    let body = serde_json::to_value(&req).map_err(rust_err)?;
+    call(env, name, Method::Post, "/trigger", Some(&body)).await
+}
+
 /// Delivers a cron tick to a source's object; returns a line for the log.
 pub(crate) async fn tick(env: &Env, name: &str, tick: Timestamp, trigger_start: Timestamp) -> Result<String, String> {
     let body = json!({ "tick": tick, "trigger_start": trigger_start });
