@@ -105,6 +105,9 @@ pub fn slack_body(event: &AlertEvent, dashboard: Option<&Url>) -> Value {
     let job = event.job.as_ref();
     let error = job.and_then(|j| j.error.as_deref()).map(|e| slack_escape(&cut(e, SLACK_ERROR_MAX)));
     let (icon, headline) = match event.kind {
+        EventKind::Failed if job.is_some_and(|j| j.task == crate::job::Task::Replicate) => {
+            (":x:", format!("Second copy (replica) of a backup of {source} ({kind}) failed"))
+        }
         EventKind::Failed => (":x:", format!("Backup of {source} ({kind}) failed")),
         EventKind::Committed => {
             let size = job.map(|j| human_bytes(j.bytes)).unwrap_or_default();
