@@ -496,10 +496,14 @@ impl Job {
         let done: u64 = self.artifacts.iter().map(|a| a.size).sum();
         let current = self.copy.as_ref();
         let copied = done + current.map_or(0, |c| c.offset);
-        let files_total = self.downloads.len();
+        let files_total = self.replica.as_ref().map_or(self.downloads.len(), |r| r.manifest.artifacts.len());
         let last_file = files_total > 0 && self.artifacts.len() + 1 >= files_total;
         let length = current.and_then(|c| c.validators.as_ref()).and_then(|v| v.length);
         let total = match (last_file, length) {
+            // A replica knows every size from the primary manifest.
+            _ if self.replica.is_some() => {
+                self.replica.as_ref().map(|r| r.manifest.artifacts.iter().map(|a| a.size).sum())
+            }
             (true, Some(len)) => Some(done + len),
             _ if files_total > 0 && self.artifacts.len() == files_total => Some(done),
             _ => None,

@@ -30,6 +30,7 @@ def world(tmp_path_factory):
         dxp_source("portal-tampered", emulator, replica=REPLICA, **SMALL),
         dxp_source("portal-kept", emulator, replica=REPLICA, retention={"keep_last": 1}, **SMALL),
         dxp_source("portal-single", emulator, **SMALL),
+        dxp_source("portal-unbound", emulator, replica={"bucket_binding": "BACKUPS_NOWHERE"}, **SMALL),
     ]
     ferry = Ferry(work / "ferry", sources, secrets=DXP_SECRETS)
     yield {"ferry": ferry, "emulator": emulator}
@@ -174,3 +175,18 @@ def test_a_source_without_a_replica_queues_no_replicate_job(world):
     assert export["phase"] == "committed" and export.get("children", []) == [], export
     folder = manifest_of(ferry, export)["artifacts"][0]["key"].rsplit("/", 1)[0] + "/"
     assert ferry.r2_get(folder + "manifest.json", bucket="ferry-backups-replica") is None
+
+
+def test_a_replica_whose_bucket_is_not_bound_fails_saying_so_and_frees_the_source(world):
+    ferry = world["ferry"]
+    status, _, payload = ferry.webhook("portal-unbound")
+    assert status == 202, payload
+    export = ferry.wait_job(payload["job"]["id"], timeout=240)
+    replica = ferry.wait_job(replica_of(ferry, export), timeout=60)
+    assert replica["phase"] == "failed", replica
+    assert "no R2 bucket is bound as BACKUPS_NOWHERE" in replica["error"], replica["error"]
+    assert ferry.job(export["id"])["phase"] == "committed"
+    deadline = time.time() + 30
+    while ferry.source("portal-unbound")["current_job_id"] is not None:
+        assert time.time() < deadline, "the source stayed busy"
+        time.sleep(0.2)

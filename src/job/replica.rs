@@ -166,6 +166,9 @@ mod tests {
         let (job, action) =
             step(job, &src, Event::Sliced { state: paused.clone(), outcome: SliceOutcome::Paused }, t0());
         assert_eq!(action, Action::Sleep(t0()));
+        let progress = job.progress(t0().plus(Duration::from_secs(5))).unwrap();
+        assert_eq!((progress.bytes_copied, progress.bytes_total), (5 << 20, Some((12 << 20) + 100)));
+        assert_eq!((progress.files_done, progress.files_total), (0, 2));
         let (job, action) = step(job, &src, Event::Wake, t0());
         assert_eq!(order(&action).state.offset, 5 << 20, "resumes where the last slice stopped");
         let done = order(&action).state.clone();
