@@ -9,9 +9,12 @@ back with wrangler's own R2 CLI.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -19,6 +22,37 @@ from harness import DXP_SECRETS, DxpEmulator, Ferry, dxp_source
 
 REPLICA = {"bucket_binding": "BACKUPS_REPLICA"}
 SMALL = {"part_size_mib": 5, "slice_max_mib": 5}
+HOOK_SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
+
+
+class Alerts:
+    """A webhook receiver keeping every alert Ferry delivers."""
+
+    def __init__(self):
+        self.payloads: list[dict] = []
+        received = self.payloads
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                received.append(json.loads(self.rfile.read(int(self.headers.get("content-length") or 0))))
+                self.send_response(204)
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait(self, predicate, timeout: float = 60) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for p in list(self.payloads):
+                if predicate(p):
+                    return p
+            time.sleep(0.2)
+        raise AssertionError(f"no such alert among {self.payloads}")
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +66,13 @@ def world(tmp_path_factory):
         dxp_source("portal-single", emulator, **SMALL),
         dxp_source("portal-unbound", emulator, replica={"bucket_binding": "BACKUPS_NOWHERE"}, **SMALL),
     ]
-    ferry = Ferry(work / "ferry", sources, secrets=DXP_SECRETS)
-    yield {"ferry": ferry, "emulator": emulator}
+    alerts = Alerts()
+    hook = {"name": "ops", "kind": "webhook", "url": alerts.url, "secret_secret": "HOOK_SECRET", "events": ["failed"]}
+    ferry = Ferry(work / "ferry", sources, secrets={**DXP_SECRETS, "HOOK_SECRET": HOOK_SECRET}, alerts=[hook])
+    yield {"ferry": ferry, "emulator": emulator, "alerts": alerts}
     ferry.stop()
     emulator.stop()
+    alerts.server.shutdown()
 
 
 @pytest.fixture(autouse=True)
@@ -140,9 +177,13 @@ def test_a_tampered_primary_object_fails_the_replica_naming_it_and_leaves_nothin
     folder = database["key"].rsplit("/", 1)[0] + "/"
     for name in ("database.gz", "volume.tgz", "manifest.json"):
         assert ferry.r2_get(folder + name, bucket="ferry-backups-replica") is None, f"{name} was left in the replica"
-    # The failure is the source's latest job, reported as a replicate job.
+    # The failure is the source's latest job, reported as a replicate job, and raised the same
+    # `failed` alert as a failed backup, saying it is the replica.
     last = ferry.source("portal-tampered")["last_job"]
     assert (last["id"], last["task"], last["phase"]) == (replica["id"], "replicate", "failed")
+    alert = world["alerts"].wait(lambda p: p["data"].get("job_id") == replica["id"])
+    assert alert["type"] == "ferry.backup.failed", alert
+    assert alert["data"]["task"] == "replicate" and database["key"] in alert["data"]["error"], alert
 
 
 def test_retention_applies_to_the_replica_bucket_too(world):
