@@ -21,6 +21,7 @@ use serde_path_to_error::Segment;
 
 use crate::fields::{self, FieldError};
 use crate::providers::ProviderConfig;
+use crate::replica::ReplicaConfig;
 use crate::retention::RetentionPolicy;
 use crate::retry::RetryPolicy;
 use crate::schedule::Schedule;
@@ -89,6 +90,9 @@ pub struct SourceConfig {
     /// Which backups to keep (`retention` table); `None` keeps every backup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<RetentionPolicy>,
+    /// Where a second copy of every committed backup goes (`replica` table); `None`: no copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<ReplicaConfig>,
 }
 
 impl SourceConfig {
@@ -242,6 +246,12 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
             Some(RetentionPolicy::from_value(&v).map_err(|e| at(FieldError::new(e.path("retention"), e.problem)))?)
         }
     };
+    let replica = match table.remove("replica") {
+        None => None,
+        Some(v) => Some(ReplicaConfig::from_value(&v).map_err(|e| {
+            at(if e.field.is_empty() { FieldError::new("replica", e.problem) } else { e.within("replica") })
+        })?),
+    };
     // Each field goes to the part that declares it; the provider's part gets the rest, so an
     // unknown field is reported by its `deny_unknown_fields`.
     let (general_names, transfer_names) =
@@ -279,6 +289,7 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
         export_timeout: general.export_timeout_minutes,
         provider,
         retention,
+        replica,
     })
 }
 
@@ -382,6 +393,23 @@ mod tests {
                 (Some("app-db"), Some("max_age_minutes")),
                 "{e}"
             );
+        }
+    }
+
+    #[test]
+    fn a_replica_table_is_optional_and_its_errors_name_the_field() {
+        let c = Config::from_value(&json!([d1(json!({}))])).unwrap();
+        assert_eq!(c.sources[0].replica, None);
+        let c = Config::from_value(&json!([d1(json!({ "replica": { "bucket_binding": "BACKUPS_EU" } }))])).unwrap();
+        assert_eq!(c.sources[0].replica.as_ref().map(|r| r.bucket_binding.as_str()), Some("BACKUPS_EU"));
+        for (bad, field) in [
+            (json!({ "bucket_binding": "BACKUPS" }), "replica.bucket_binding"),
+            (json!({ "bucket_binding": 5 }), "replica.bucket_binding"),
+            (json!({ "bucket_binding": "B", "extra": 1 }), "replica.extra"),
+            (json!("BACKUPS_EU"), "replica"),
+        ] {
+            let e = err(d1(json!({ "replica": bad })));
+            assert_eq!((e.source_name.as_deref(), e.field.as_deref()), (Some("app-db"), Some(field)), "{e}");
         }
     }
 

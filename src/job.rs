@@ -22,6 +22,7 @@ use crate::http::{HttpRequest, HttpResponse};
 use crate::manifest::{self, Artifact, Manifest};
 use crate::providers::aura::GraphExport;
 use crate::providers::{Credentials, Download, Origin, Progress, ProviderState, StepInput};
+use crate::replica::{ReplicaManifest, ReplicaState};
 use crate::time::Timestamp;
 use crate::transfer::{CopyState, TransferSettings};
 use crate::verify::{Verification, VerifyState};
@@ -99,6 +100,8 @@ pub enum Task {
     Export,
     /// Read a committed backup back from R2 and check every hash (`verify` says which).
     Verify,
+    /// Copy a committed backup into the source's replica bucket (`replica` says which).
+    Replicate,
 }
 
 /// Where a job is. Only `Committed` is a usable backup.
@@ -178,7 +181,7 @@ pub struct Job {
     /// The job that queued this one (account mode).
     #[serde(default)]
     pub parent: Option<JobId>,
-    /// The jobs this one queued (account mode).
+    /// The jobs this one queued (account mode; a committed export's replicate job).
     #[serde(default)]
     pub children: Vec<JobId>,
     /// The provider's protocol state and references.
@@ -227,6 +230,9 @@ pub struct Job {
     /// current config.
     #[serde(default, deserialize_with = "snapshot", skip_serializing_if = "Option::is_none")]
     pub config: Option<SourceConfig>,
+    /// A replicate job's backup: the primary manifest and the replica bucket's binding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<ReplicaState>,
 }
 
 /// Reads a job's config snapshot; one this version cannot read is dropped rather than making
@@ -308,6 +314,14 @@ pub enum Action {
         /// What it says.
         record: Verification,
     },
+    /// Write a replica's manifest (last) into the replica bucket, then feed back `Committed` or
+    /// `CommitFailed`.
+    CommitReplica {
+        /// Where the manifest goes (the primary manifest's key).
+        key: String,
+        /// What it says.
+        manifest: Box<ReplicaManifest>,
+    },
     /// Nothing to do until this time: arm the alarm and feed back `Wake` then.
     Sleep(Timestamp),
     /// The job is over.
@@ -321,6 +335,13 @@ pub enum CopySource {
     Http(HttpRequest),
     /// A graph Ferry reads page by page and writes itself.
     Graph(Box<GraphExport>),
+    /// An object of the primary R2 bucket (a replicate job), read by ranges.
+    R2 {
+        /// Its key.
+        key: String,
+        /// Its size as the primary manifest records it.
+        size: u64,
+    },
 }
 
 /// One slice of a file's copy from the provider into R2.
@@ -431,6 +452,7 @@ impl Job {
             verification: None,
             task: Task::Export,
             config: Some(source.clone()),
+            replica: None,
         }
     }
 
@@ -441,6 +463,9 @@ impl Job {
 
     /// The job's R2 folder.
     pub fn folder(&self) -> String {
+        if let Some(replica) = &self.replica {
+            return replica.folder();
+        }
         manifest::folder(&self.source, self.started_at, &self.id)
     }
 
@@ -471,10 +496,14 @@ impl Job {
         let done: u64 = self.artifacts.iter().map(|a| a.size).sum();
         let current = self.copy.as_ref();
         let copied = done + current.map_or(0, |c| c.offset);
-        let files_total = self.downloads.len();
+        let files_total = self.replica.as_ref().map_or(self.downloads.len(), |r| r.manifest.artifacts.len());
         let last_file = files_total > 0 && self.artifacts.len() + 1 >= files_total;
         let length = current.and_then(|c| c.validators.as_ref()).and_then(|v| v.length);
         let total = match (last_file, length) {
+            // A replica knows every size from the primary manifest.
+            _ if self.replica.is_some() => {
+                self.replica.as_ref().map(|r| r.manifest.artifacts.iter().map(|a| a.size).sum())
+            }
             (true, Some(len)) => Some(done + len),
             _ if files_total > 0 && self.artifacts.len() == files_total => Some(done),
             _ => None,
@@ -613,6 +642,10 @@ impl Job {
             self.phase = match self.task {
                 Task::Export => Phase::Exporting,
                 Task::Verify => Phase::Verifying,
+                Task::Replicate => {
+                    self.transfer_started_at = Some(cx.now);
+                    Phase::Transferring
+                }
             };
         }
         match self.phase {
@@ -635,6 +668,7 @@ impl Job {
                     Err(e) => self.step_failed(e, cx),
                 }
             }
+            Phase::Transferring if self.task == Task::Replicate => self.replica_step(cx),
             Phase::Transferring => match self.downloads.get(self.artifacts.len()).cloned() {
                 Some(download) => self.slice(&download, cx),
                 None => self.commit(cx),
@@ -657,35 +691,9 @@ impl Job {
                 CopyState::new(key, self.artifacts.len() as u32, cx.now)
             }
         };
-        let copying_since = self.transfer_started_at.unwrap_or(state.started_at);
-        if cx.now.since(copying_since) > settings.copy_timeout {
-            let limit = humanize(settings.copy_timeout);
+        if let Some(why) = self.copy_stopped(&state, &download.filename, cx) {
             self.copy = Some(state);
-            return self.fail(format!("copying did not finish within {limit} (copy_timeout_minutes)"), cx.now);
-        }
-        if state.stalled >= settings.max_stalled_slices {
-            let n = state.stalled;
-            self.copy = Some(state);
-            let last = self.last_error.as_deref().map(|e| format!("; last error: {e}")).unwrap_or_default();
-            return self.fail(
-                format!(
-                    "the copy of {} made no progress in {n} consecutive slices (no part stored); giving up \
-                     (max_stalled_slices){last}",
-                    download.filename
-                ),
-                cx.now,
-            );
-        }
-        if state.restarts > settings.max_restarts {
-            let why = state.last_restart.clone().unwrap_or_default();
-            self.copy = Some(state);
-            return self.fail(
-                format!(
-                    "the copy of {} had to restart from zero more than {} times; last: {why}",
-                    download.filename, settings.max_restarts
-                ),
-                cx.now,
-            );
+            return self.fail(why, cx.now);
         }
         let prepared = match &download.origin {
             Origin::Url { secret_url, authenticated } => self
@@ -718,6 +726,32 @@ impl Job {
         (self, Action::CopySlice(Box::new(order)))
     }
 
+    /// Why the copy must stop for good before its next slice (its watchdogs), if it must.
+    fn copy_stopped(&self, state: &CopyState, filename: &str, cx: &Context<'_>) -> Option<String> {
+        let settings = cx.source.transfer;
+        let copying_since = self.transfer_started_at.unwrap_or(state.started_at);
+        if cx.now.since(copying_since) > settings.copy_timeout {
+            let limit = humanize(settings.copy_timeout);
+            return Some(format!("copying did not finish within {limit} (copy_timeout_minutes)"));
+        }
+        if state.stalled >= settings.max_stalled_slices {
+            let n = state.stalled;
+            let last = self.last_error.as_deref().map(|e| format!("; last error: {e}")).unwrap_or_default();
+            return Some(format!(
+                "the copy of {filename} made no progress in {n} consecutive slices (no part stored); giving up \
+                 (max_stalled_slices){last}"
+            ));
+        }
+        if state.restarts > settings.max_restarts {
+            let why = state.last_restart.clone().unwrap_or_default();
+            return Some(format!(
+                "the copy of {filename} had to restart from zero more than {} times; last: {why}",
+                settings.max_restarts
+            ));
+        }
+        None
+    }
+
     fn on_slice(mut self, state: CopyState, outcome: SliceOutcome, cx: &Context<'_>) -> (Self, Action) {
         let progressed = state.stalled == 0;
         let before = self.copy.as_ref().map_or(0, |c| c.restarts);
@@ -739,6 +773,11 @@ impl Job {
                 (self, Action::Sleep(cx.now))
             }
             SliceOutcome::Finished(artifact) => {
+                if let Some(Err(why)) = self.replica.as_ref().map(|r| r.check(self.artifacts.len(), &artifact)) {
+                    // Its upload is complete: the folder's deletion removes the object.
+                    self.copy = None;
+                    return self.fail(why, cx.now);
+                }
                 self.copy = None;
                 self.artifacts.push(artifact);
                 self.step_succeeded(cx.now)
@@ -1003,5 +1042,6 @@ fn humanize(d: Duration) -> String {
     }
 }
 
+mod replica;
 #[cfg(test)]
 mod tests;

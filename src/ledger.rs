@@ -112,11 +112,11 @@ impl JobSummary {
             return None;
         }
         let bytes = match job.task {
-            Task::Export => job.artifacts.iter().map(|a| a.size).sum(),
+            Task::Export | Task::Replicate => job.artifacts.iter().map(|a| a.size).sum(),
             Task::Verify => job.verify.as_ref().map_or(0, |v| v.bytes_read),
         };
         let folder = match job.task {
-            Task::Export => (job.phase == Phase::Committed).then(|| job.folder()),
+            Task::Export | Task::Replicate => (job.phase == Phase::Committed).then(|| job.folder()),
             Task::Verify => job
                 .verify
                 .as_ref()
@@ -230,6 +230,7 @@ impl Ledger {
         let last_served = match req.task {
             Task::Export => self.last_scheduled_for,
             Task::Verify => self.last_verify_scheduled_for,
+            Task::Replicate => None,
         };
         if let (Some(for_time), Some(last)) = (req.scheduled_for, last_served) {
             if for_time <= last {
@@ -316,11 +317,13 @@ impl Ledger {
         if let Some(id) = &req.webhook_id {
             self.webhooks.push(SeenWebhook { id: id.clone(), job: job.clone(), at: now });
         }
-        if let Some(t) = req.scheduled_for {
-            let served = match req.task {
-                Task::Export => &mut self.last_scheduled_for,
-                Task::Verify => &mut self.last_verify_scheduled_for,
-            };
+        let served = match req.task {
+            Task::Export => Some(&mut self.last_scheduled_for),
+            Task::Verify => Some(&mut self.last_verify_scheduled_for),
+            // Queued by the runtime after a commit, never by a trigger.
+            Task::Replicate => None,
+        };
+        if let (Some(t), Some(served)) = (req.scheduled_for, served) {
             *served = Some(served.map_or(t, |last| last.max(t)));
         }
         self.webhooks.retain(|w| now.since(w.at) <= WEBHOOK_MEMORY);

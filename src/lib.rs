@@ -23,6 +23,8 @@
 //! - [`manifest`]: the R2 layout and the manifest written last as the commit marker.
 //! - [`retention`]: which backups a source keeps (restic's `forget` rules, pins, verification)
 //!   and why; the plan the runtime applies, manifest first.
+//! - [`replica`]: the second copy: a source's `replica` table, what a replicate job copies and
+//!   checks, and the replica's manifest.
 //! - [`sweep`]: the daily orphan sweep: which open uploads to abort and which uncommitted folders
 //!   to delete, never a committed backup or a job in flight.
 //! - [`api`]: routes and auth checks of the HTTP API.
@@ -47,6 +49,7 @@ pub mod ledger;
 pub mod manifest;
 pub mod metrics;
 pub mod providers;
+pub mod replica;
 pub mod retention;
 pub mod retry;
 pub mod schedule;

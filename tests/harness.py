@@ -345,6 +345,9 @@ compatibility_date = "2026-05-01"
 [[r2_buckets]]
 binding = "BACKUPS"
 bucket_name = "ferry-backups"
+[[r2_buckets]]
+binding = "BACKUPS_REPLICA"
+bucket_name = "ferry-backups-replica"
 [durable_objects]
 bindings = [{{ name = "SOURCES", class_name = "SourceObject" }}]
 [[migrations]]
@@ -474,6 +477,19 @@ FERRY_SOURCES = {toml_string(raw)}
         subprocess.run([str(WRANGLER), "r2", "object", "put", f"ferry-backups/{key}", "--file", str(path), "--local",
                         "--persist-to", str(self.persist), "--config", str(self.workdir / "wrangler.toml")],
                        cwd=self.workdir, env=tool_env(), check=True, capture_output=True)
+
+    def r2_get(self, key: str, bucket: str = "ferry-backups") -> bytes | None:
+        """An object of a local R2 bucket read behind Ferry's back (wrangler's own CLI); `None`
+        when there is no such object."""
+        path = self.workdir / "r2-get.bin"
+        path.unlink(missing_ok=True)
+        out = subprocess.run([str(WRANGLER), "r2", "object", "get", f"{bucket}/{key}", "--file", str(path), "--local",
+                              "--persist-to", str(self.persist), "--config", str(self.workdir / "wrangler.toml")],
+                             cwd=self.workdir, env=tool_env(), capture_output=True, text=True)
+        if out.returncode != 0 or not path.exists():
+            assert "not found" in (out.stdout + out.stderr).lower() or "does not exist" in (out.stdout + out.stderr).lower(), out.stdout + out.stderr
+            return None
+        return path.read_bytes()
 
     def backups(self, source: str) -> list:
         return self.api_json(f"/v1/sources/{source}/backups")["backups"]

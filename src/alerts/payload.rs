@@ -105,6 +105,9 @@ pub fn slack_body(event: &AlertEvent, dashboard: Option<&Url>) -> Value {
     let job = event.job.as_ref();
     let error = job.and_then(|j| j.error.as_deref()).map(|e| slack_escape(&cut(e, SLACK_ERROR_MAX)));
     let (icon, headline) = match event.kind {
+        EventKind::Failed if job.is_some_and(|j| j.task == crate::job::Task::Replicate) => {
+            (":x:", format!("Second copy (replica) of a backup of {source} ({kind}) failed"))
+        }
         EventKind::Failed => (":x:", format!("Backup of {source} ({kind}) failed")),
         EventKind::Committed => {
             let size = job.map(|j| human_bytes(j.bytes)).unwrap_or_default();
@@ -221,6 +224,25 @@ mod tests {
             folder: None,
         };
         s.job_ended("app-db", "d1", &job).remove(0)
+    }
+
+    #[test]
+    fn a_failed_second_copy_says_so_in_both_payloads() {
+        let mut s = AlertState::default();
+        let mut job = failed_event("x").job.unwrap();
+        job.task = Task::Replicate;
+        job.error = Some("replica of app-db/f/db.sql: SHA-256 differs".into());
+        let event = s.job_ended("app-db", "d1", &job).remove(0);
+        let now = Timestamp::from_secs(1_800_000_100);
+        let req = request(&destinations().destinations[0], &event, &Secret::new(KEY), now).unwrap();
+        let payload: Value = serde_json::from_slice(&req.body.unwrap()).unwrap();
+        assert_eq!(
+            (payload["type"].as_str(), payload["data"]["task"].as_str()),
+            (Some("ferry.backup.failed"), Some("replicate"))
+        );
+        let slack = slack_body(&event, None);
+        let text = slack["text"].as_str().unwrap();
+        assert!(text.contains("Second copy (replica) of a backup of app-db (d1) failed"), "{text}");
     }
 
     fn destinations() -> AlertsConfig {

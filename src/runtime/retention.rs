@@ -33,8 +33,27 @@ pub(crate) struct Backups {
 /// Lists a source's backups: manifests (for their time), pin markers and, when the source
 /// verifies, their verification records.
 pub(crate) async fn backups(bucket: &Bucket, source: &str, verifies: bool) -> Result<Backups, String> {
+    backups_with(bucket, None, source, verifies).await
+}
+
+/// [`backups`] of `bucket`, with the pin markers and verification records of `marks` too, when
+/// given (a replica's backups, whose pins and verifications are the primary's).
+async fn backups_with(
+    bucket: &Bucket,
+    marks: Option<&Bucket>,
+    source: &str,
+    verifies: bool,
+) -> Result<Backups, String> {
     let keys =
         store::list_keys(bucket, &format!("{source}/")).await.map_err(|e| format!("listing {source}/ failed: {e}"))?;
+    let marked = match marks {
+        Some(m) => {
+            store::list_keys(m, &format!("{source}/")).await.map_err(|e| format!("listing {source}/ failed: {e}"))?
+        }
+        None => Vec::new(),
+    };
+    let marked_set: HashSet<&str> = marked.iter().map(String::as_str).collect();
+    let marked_set = &marked_set;
     let present: HashSet<&str> = keys.iter().map(String::as_str).collect();
     let present = &present;
     let manifests: Vec<&String> = keys.iter().filter(|k| is_manifest_key(k)).collect();
@@ -43,10 +62,14 @@ pub(crate) async fn backups(bucket: &Bucket, source: &str, verifies: bool) -> Re
         let read = join_all(chunk.iter().map(|key| async move {
             let manifest = store::read_manifest(bucket, key).await;
             let record = verification_key(key);
-            let verified = if verifies && present.contains(record.as_str()) {
-                store::read_json::<Verification>(bucket, &record).await.map(|v| v.outcome == "ok")
-            } else {
-                None
+            let verified = match marks {
+                Some(m) if verifies && marked_set.contains(record.as_str()) => {
+                    store::read_json::<Verification>(m, &record).await.map(|v| v.outcome == "ok")
+                }
+                _ if verifies && present.contains(record.as_str()) => {
+                    store::read_json::<Verification>(bucket, &record).await.map(|v| v.outcome == "ok")
+                }
+                _ => None,
             };
             (key, manifest, verified)
         }))
@@ -55,7 +78,8 @@ pub(crate) async fn backups(bucket: &Bucket, source: &str, verifies: bool) -> Re
             let folder = folder_of(key).unwrap_or(key).to_string();
             match manifest {
                 Some(m) => found.infos.push(BackupInfo {
-                    pinned: present.contains(pin_key(&folder).as_str()),
+                    pinned: present.contains(pin_key(&folder).as_str())
+                        || marked_set.contains(pin_key(&folder).as_str()),
                     folder,
                     time: backup_time(&m),
                     verified,
@@ -100,13 +124,24 @@ pub(crate) struct Applied {
 
 /// Plans a source's retention and deletes what the plan says; `None` when it has no policy.
 pub(crate) async fn apply(bucket: &Bucket, source: &SourceConfig, now: Timestamp) -> Result<Option<Applied>, String> {
-    if source.retention.is_none() {
-        return Ok(None);
-    }
-    let (plan, unreadable) = preview(bucket, source, now).await?;
+    apply_to(bucket, None, source, now).await
+}
+
+/// [`apply`] to `bucket`, counting the pins and verification records of `marks` too (the
+/// primary bucket, when `bucket` is the replica's).
+pub(crate) async fn apply_to(
+    bucket: &Bucket,
+    marks: Option<&Bucket>,
+    source: &SourceConfig,
+    now: Timestamp,
+) -> Result<Option<Applied>, String> {
+    let Some(policy) = &source.retention else { return Ok(None) };
+    let verifies = source.verify_schedule.is_some();
+    let found = backups_with(bucket, marks, &source.name, verifies).await?;
+    let (plan, unreadable) = (plan(policy, &found.infos, verifies, now), found.unreadable);
     let mut applied = Applied { kept: plan.kept().count(), unreadable, ..Applied::default() };
     for doomed in plan.deleted() {
-        match delete_backup(bucket, &doomed.folder).await {
+        match delete_backup(bucket, marks, &doomed.folder).await {
             Ok(true) => applied.deleted.push(doomed.folder.clone()),
             Ok(false) => {
                 applied.kept += 1;
@@ -120,10 +155,12 @@ pub(crate) async fn apply(bucket: &Bucket, source: &SourceConfig, now: Timestamp
 
 /// Deletes one backup, manifest first, then every other object of its folder; `Ok(false)` when
 /// it was pinned meanwhile (nothing is deleted).
-async fn delete_backup(bucket: &Bucket, folder: &str) -> Result<bool, String> {
+async fn delete_backup(bucket: &Bucket, marks: Option<&Bucket>, folder: &str) -> Result<bool, String> {
     let pin = pin_key(folder);
-    if bucket.head(pin.clone()).await.map_err(|e| format!("R2 head of {pin} failed: {e}"))?.is_some() {
-        return Ok(false);
+    for b in std::iter::once(bucket).chain(marks) {
+        if b.head(pin.clone()).await.map_err(|e| format!("R2 head of {pin} failed: {e}"))?.is_some() {
+            return Ok(false);
+        }
     }
     let manifest = manifest_key(folder);
     bucket.delete(manifest.clone()).await.map_err(|e| format!("R2 delete of {manifest} failed: {e}"))?;

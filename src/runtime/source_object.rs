@@ -600,6 +600,47 @@ impl SourceObject {
         }
     }
 
+    /// Fails a job that cannot run at all (a replicate job whose bucket is not bound), touching
+    /// no bucket, and moves on to the source's next job.
+    async fn stop_unrunnable(&self, job: Job, reason: String) -> worker::Result<()> {
+        let (failed, _) = job.abandon(reason, now());
+        let mut ledger = self.load_ledger().await?;
+        ledger.record_finish(&failed.id, None);
+        ledger.remember(&failed);
+        ledger.start_next();
+        self.save(&failed, Some(&ledger)).await?;
+        self.forget_part_records(&failed.id).await;
+        console_error!("job {}: failed: {}", failed.id, failed.error.as_deref().unwrap_or_default());
+        if ledger.current.is_some() || !ledger.missed.is_empty() {
+            self.storage().set_alarm(Duration::from_millis(1)).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies the source's retention policy to its replica bucket, after a replica committed:
+    /// the same policy, planned from the replica's own manifests (so the copy outlives a lost
+    /// primary), with the primary's pins and verification records counting for both. Bounded and
+    /// never failing, like [`Self::retention_pass`].
+    async fn replica_retention_pass(&self, source: &SourceConfig, replica: &worker::Bucket, primary: &worker::Bucket) {
+        let name = &source.name;
+        let pass = super::retention::apply_to(replica, Some(primary), source, now());
+        match within(RETENTION_TIMEOUT, pass).await {
+            Some(Ok(Some(a))) => console_log!(
+                "retention of {name}'s replica: kept {}, deleted {} {:?}{}",
+                a.kept,
+                a.deleted.len(),
+                a.deleted,
+                if a.failed.is_empty() { String::new() } else { format!("; FAILED: {:?}", a.failed) },
+            ),
+            Some(Ok(None)) => {}
+            Some(Err(e)) => console_error!("retention of {name}'s replica failed: {e}"),
+            None => console_error!(
+                "retention of {name}'s replica did not finish within {} s; the next replica's pass goes on",
+                RETENTION_TIMEOUT.as_secs()
+            ),
+        }
+    }
+
     /// Runs the job in flight until it sleeps or ends.
     async fn run(&self) -> worker::Result<()> {
         let mut ledger = self.load_ledger().await?;
@@ -648,9 +689,15 @@ impl SourceObject {
             self.save(&failed, Some(&ledger)).await?;
             self.forget_part_records(&failed.id).await;
             if let Action::Discard { folder, upload } = action {
-                let bucket = self.env.bucket(BUCKET)?;
-                if let Err(e) = store::discard(&bucket, &self.storage(), &failed.id, &folder, upload).await {
-                    console_error!("job {id}: cleaning {folder} failed: {e}");
+                // A replicate job's folder is in its replica bucket: the primary's is a backup.
+                let binding = failed.replica.as_ref().map_or(BUCKET, |r| r.binding.as_str());
+                match self.env.bucket(binding) {
+                    Ok(bucket) => {
+                        if let Err(e) = store::discard(&bucket, &self.storage(), &failed.id, &folder, upload).await {
+                            console_error!("job {id}: cleaning {folder} failed: {e}");
+                        }
+                    }
+                    Err(e) => console_error!("job {id}: cleaning {folder}: no bucket {binding}: {e}"),
                 }
             }
             console_error!("job {id}: {}", failed.error.as_deref().unwrap_or_default());
@@ -664,7 +711,24 @@ impl SourceObject {
         // secrets' values are read fresh, by the names in that snapshot.
         let source = job.settings(&source).clone();
         let creds = credentials(&self.env, &source.secret_names());
-        let bucket = self.env.bucket(BUCKET)?;
+        let primary = self.env.bucket(BUCKET)?;
+        // Where the job writes: the primary bucket, or a replicate job's replica bucket.
+        let bucket = match &job.replica {
+            None => self.env.bucket(BUCKET)?,
+            Some(replica) => match self.env.bucket(&replica.binding) {
+                Ok(b) => b,
+                Err(e) => {
+                    let reason = format!(
+                        "no R2 bucket is bound as {} (the source's replica.bucket_binding): {e}; declare it in \
+                         wrangler.toml's [[r2_buckets]]",
+                        replica.binding
+                    );
+                    return self.stop_unrunnable(job, reason).await;
+                }
+            },
+        };
+        // The manifest the job just wrote, for the replicate job queued after it.
+        let mut committed: Option<(String, crate::manifest::Manifest)> = None;
         let mut event = Event::Wake;
         let mut steps = 0;
         let mut sliced = false;
@@ -677,11 +741,36 @@ impl SourceObject {
             if matches!(action, Action::Spawn(_)) {
                 // Persisted below, together with its children, so a crash cannot lose them.
             } else if job.phase.is_terminal() {
+                // The second copy, queued with the export's end in the same write (its record
+                // first, so the ledger never names a job that does not exist).
+                let replica = match (&committed, &source.replica) {
+                    (Some((key, manifest)), Some(r)) if job.phase == Phase::Committed && job.task == Task::Export => {
+                        let id = JobId::from_random(random_bytes());
+                        let replica =
+                            Job::replica_of(&job, id, &source, &r.bucket_binding, key.clone(), manifest.clone(), now);
+                        self.save(&replica, None).await?;
+                        Some(replica.id)
+                    }
+                    _ => None,
+                };
                 // Fresh: a tick may have recorded missed fire times while this job ran.
                 ledger = self.load_ledger().await?;
                 ledger.record_finish(&job.id, job.dedupe_key());
                 ledger.remember(&job);
+                let evicted = match &replica {
+                    Some(id) => {
+                        job.children.push(id.clone());
+                        ledger.enqueue(std::slice::from_ref(id))
+                    }
+                    None => Vec::new(),
+                };
                 self.save(&job, Some(&ledger)).await?;
+                if !evicted.is_empty() {
+                    self.storage().delete_multiple(evicted.iter().map(job_key).collect()).await?;
+                }
+                if let Some(id) = replica {
+                    console_log!("job {}: committed; queued replicate job {id}", job.id);
+                }
                 self.forget_part_records(&job.id).await;
             } else {
                 self.save(&job, None).await?;
@@ -691,6 +780,7 @@ impl SourceObject {
                 Action::Send(_)
                     | Action::CopySlice(_)
                     | Action::Commit { .. }
+                    | Action::CommitReplica { .. }
                     | Action::VerifySlice { .. }
                     | Action::RecordVerification { .. }
             ) {
@@ -707,7 +797,8 @@ impl SourceObject {
                     let storage = self.storage();
                     let limit = order.settings.slice_time + SLICE_GRACE;
                     let ordered = order.state.clone();
-                    let event = match within(limit, transfer::run_slice(&bucket, &storage, &mut job, *order)).await {
+                    let slice = transfer::run_slice(&bucket, &primary, &storage, &mut job, *order);
+                    let event = match within(limit, slice).await {
                         Some(event) => event,
                         None => {
                             // A call inside the slice never answered. Go on from what the slice
@@ -759,9 +850,19 @@ impl SourceObject {
                 }
                 Action::Commit { key, manifest } => {
                     match within(R2_STEP_TIMEOUT, store::write_manifest(&bucket, &key, &manifest)).await {
-                        Some(Ok(())) => Event::Committed,
+                        Some(Ok(())) => {
+                            committed = Some((key, *manifest));
+                            Event::Committed
+                        }
                         Some(Err(e)) => Event::CommitFailed(e),
                         None => Event::CommitFailed(timed_out("writing the manifest")),
+                    }
+                }
+                Action::CommitReplica { key, manifest } => {
+                    match within(R2_STEP_TIMEOUT, store::put_json(&bucket, &key, &manifest)).await {
+                        Some(Ok(())) => Event::Committed,
+                        Some(Err(e)) => Event::CommitFailed(format!("{e} (replica manifest)")),
+                        None => Event::CommitFailed(timed_out("writing the replica's manifest")),
                     }
                 }
                 Action::Spawn(children) => {
@@ -809,6 +910,8 @@ impl SourceObject {
         }
         if job.phase == Phase::Committed && job.task == Task::Export {
             self.retention_pass(&source, "after a commit").await;
+        } else if job.replica_committed() {
+            self.replica_retention_pass(&source, &bucket, &primary).await;
         } else if self.daily_pass_pending().await? {
             self.retention_pass(&source, "daily pass").await;
         }

@@ -490,8 +490,15 @@ impl<'a> Sink<'a> {
     }
 }
 
-/// Runs one slice of `order` and returns the event that reports it.
-pub(crate) async fn run_slice(bucket: &Bucket, storage: &Storage, job: &mut Job, order: SliceOrder) -> Event {
+/// Runs one slice of `order` into `bucket` and returns the event that reports it. `primary` is
+/// where a replica's bytes are read from (`CopySource::R2`).
+pub(crate) async fn run_slice(
+    bucket: &Bucket,
+    primary: &Bucket,
+    storage: &Storage,
+    job: &mut Job,
+    order: SliceOrder,
+) -> Event {
     let SliceOrder { source, state, filename, content_type, settings } = order;
     let hasher = match load_hasher(&state.hash_state) {
         Ok(h) => h,
@@ -521,6 +528,7 @@ pub(crate) async fn run_slice(bucket: &Bucket, storage: &Storage, job: &mut Job,
     let result = match &source {
         CopySource::Http(request) => http_slice(&mut sink, request).await,
         CopySource::Graph(spec) => graph_slice(&mut sink, spec).await,
+        CopySource::R2 { key, size } => r2_slice(&mut sink, primary, key, *size).await,
     };
     let outcome = match result {
         Ok(outcome) => outcome,
@@ -886,4 +894,77 @@ async fn drop_tail(sink: &Sink<'_>, key: String) {
         };
         store::record_leftover(sink.storage, &leftover).await;
     }
+}
+
+/// One slice of a replica: the primary object's bytes from the persisted offset, read with one
+/// ranged `get` of at most the slice's bytes (rounded up to whole parts, so a slice that does not
+/// reach the end stops at a part boundary). The object must still be the size its manifest
+/// says, and keep the ETag the copy started with; the whole file's SHA-256 is compared with the
+/// manifest by the job when the file is complete.
+async fn r2_slice(sink: &mut Sink<'_>, primary: &Bucket, key: &str, size: u64) -> Result<SliceOutcome, StepError> {
+    if sink.state.all_stored() {
+        // Every byte was stored before the last slice was cut off.
+        return sink.finish(None).await.map(SliceOutcome::Finished);
+    }
+    let head =
+        primary.head(key.to_string()).await.map_err(|e| r2_err("head", e))?.ok_or_else(|| {
+            StepError::permanent(format!("the primary object {key} is missing; nothing was replicated"))
+        })?;
+    if head.size() != size {
+        return Err(StepError::permanent(format!(
+            "the primary object {key} holds {} bytes, its manifest says {size}",
+            head.size()
+        )));
+    }
+    let etag = head.etag();
+    match &sink.state.validators {
+        Some(v) if v.etag.as_deref() != Some(etag.as_str()) => {
+            return Err(StepError::permanent(format!(
+                "the primary object {key} changed during the copy (its ETag was {}, now {etag})",
+                v.etag.as_deref().unwrap_or("?")
+            )));
+        }
+        Some(_) => {}
+        None => {
+            sink.state.validators =
+                Some(crate::transfer::Validators { etag: Some(etag), last_modified: None, length: Some(size) });
+        }
+    }
+    let offset = sink.state.offset;
+    let part = sink.settings.part_size;
+    let budget = sink.settings.slice_bytes.div_ceil(part).max(1) * part;
+    let length = (size - offset).min(budget);
+    let object = primary
+        .get(key.to_string())
+        .range(worker::Range::OffsetWithLength { offset, length })
+        .execute()
+        .await
+        .map_err(|e| r2_err("get", e))?
+        .ok_or_else(|| StepError::permanent(format!("the primary object {key} is missing; nothing was replicated")))?;
+    let body = object.body().ok_or_else(|| StepError::transient(format!("R2 returned no body for {key}")))?;
+    let mut stream = body.stream().map_err(|e| r2_err("read", e))?;
+    let mut got = 0u64;
+    while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
+        let chunk = chunk.map_err(|e| r2_err("read", e))?;
+        got += chunk.len() as u64;
+        if got > length {
+            return Err(StepError::transient(format!("R2 returned more than the {length} bytes asked of {key}")));
+        }
+        sink.push(&chunk).await?;
+        let elapsed = Duration::from_millis((js_sys::Date::now() - sink.started_ms).max(0.0) as u64);
+        if got < length && (elapsed >= sink.settings.slice_time || worker::signal::is_near_cpu_limit()) {
+            // Out of time: what is not in a stored part is read again by the next slice.
+            sink.settle_all().await?;
+            sink.filled = 0;
+            return Ok(SliceOutcome::Paused);
+        }
+    }
+    if got != length {
+        return Err(StepError::transient(format!("R2 returned {got} of {length} bytes of {key}")));
+    }
+    if sink.position() == size {
+        return sink.finish(None).await.map(SliceOutcome::Finished);
+    }
+    sink.settle_all().await?;
+    Ok(SliceOutcome::Paused)
 }

@@ -1,0 +1,268 @@
+//! The replicate job's steps (see [`crate::replica`]): a job whose `task` is `replicate` starts
+//! copying at once, one file of the primary manifest after another, each into the replica bucket
+//! at the same key, then writes the replica's manifest. The copy, its watchdogs, retries and
+//! the clean-up of a failure are the export's own (`Job::on_slice`, `Job::fail`); only where the
+//! bytes come from and what a finished file is checked against differ.
+
+use super::{Action, Context, CopySource, Job, JobId, Phase, SliceOrder, Task};
+use crate::config::SourceConfig;
+use crate::manifest::{self, Manifest};
+use crate::replica::ReplicaState;
+use crate::time::Timestamp;
+use crate::transfer::CopyState;
+
+impl Job {
+    /// A queued replicate job copying the backup `export` committed as `manifest` (at
+    /// `manifest_key`) into the bucket bound as `binding`.
+    pub fn replica_of(
+        export: &Job,
+        id: JobId,
+        source: &SourceConfig,
+        binding: &str,
+        manifest_key: String,
+        manifest: Manifest,
+        now: Timestamp,
+    ) -> Self {
+        let mut job = Self::new(id, source, export.trigger, None, None, now);
+        job.task = Task::Replicate;
+        job.parent = Some(export.id.clone());
+        job.replica = Some(ReplicaState { binding: binding.to_string(), manifest_key, manifest });
+        job
+    }
+
+    /// The next replicate step: a slice of the next file, or the replica's manifest once every
+    /// file is copied and checked.
+    pub(super) fn replica_step(mut self, cx: &Context<'_>) -> (Self, Action) {
+        let Some(replica) = self.replica.clone() else {
+            return self.fail("a replicate job without its backup (an unreadable record)".into(), cx.now);
+        };
+        let Some(file) = replica.file(self.artifacts.len()).cloned() else {
+            self.finished_at = Some(cx.now);
+            self.attempts += 1;
+            let key = manifest::manifest_key(&replica.folder());
+            let manifest = Box::new(replica.manifest(&self.id, cx.now));
+            return (self, Action::CommitReplica { key, manifest });
+        };
+        let mut state =
+            self.copy.take().unwrap_or_else(|| CopyState::new(file.key.clone(), self.artifacts.len() as u32, cx.now));
+        if let Some(why) = self.copy_stopped(&state, &file.key, cx) {
+            self.copy = Some(state);
+            return self.fail(why, cx.now);
+        }
+        state.slices += 1;
+        state.stalled += 1;
+        self.attempts += 1;
+        self.copy = Some(state.clone());
+        let order = SliceOrder {
+            source: CopySource::R2 { key: file.key.clone(), size: file.size },
+            state,
+            filename: file.filename.clone(),
+            content_type: file.content_type.clone(),
+            settings: cx.source.transfer,
+        };
+        (self, Action::CopySlice(Box::new(order)))
+    }
+
+    /// True for a replicate job that committed (its copy is whole in the replica bucket).
+    pub fn replica_committed(&self) -> bool {
+        self.task == Task::Replicate && self.phase == Phase::Committed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::super::{Event, SliceOutcome, Trigger};
+    use super::*;
+    use crate::config::Config;
+    use crate::error::StepError;
+    use crate::manifest::Artifact;
+    use crate::providers::Credentials;
+
+    const FOLDER: &str = "portal/2026-11-28T030000Z-00000000000000aa/";
+
+    fn source() -> SourceConfig {
+        let v = json!([{
+            "name": "portal", "kind": "d1", "schedule": "0 3 * * *", "account_id": "acc", "database_id": "db",
+            "token_secret": "T", "replica": { "bucket_binding": "BACKUPS_EU" },
+            "retry": {"max_attempts": 2, "base_ms": 1000, "max_delay_ms": 4000}, "max_stalled_slices": 3
+        }]);
+        Config::from_value(&v).unwrap().sources.remove(0)
+    }
+
+    fn file(name: &str, size: u64, sha: &str) -> Artifact {
+        Artifact {
+            key: format!("{FOLDER}{name}"),
+            filename: name.into(),
+            size,
+            sha256: sha.into(),
+            content_type: "application/gzip".into(),
+            parts: 1,
+            part_sha256: Vec::new(),
+            details: None,
+        }
+    }
+
+    fn t0() -> Timestamp {
+        Timestamp::parse_rfc3339("2026-11-28T03:10:00Z").unwrap()
+    }
+
+    /// A committed export of two files and the replicate job queued after it.
+    fn replicate() -> (Job, SourceConfig) {
+        let src = source();
+        let mut export = Job::new(JobId::new("00000000000000aa"), &src, Trigger::Cron, None, None, t0());
+        export.phase = Phase::Committed;
+        let manifest = Manifest {
+            source: "portal".into(),
+            kind: "dxp".into(),
+            job_id: export.id.clone(),
+            trigger: Trigger::Cron,
+            started_at: t0(),
+            scheduled_for: None,
+            finished_at: t0(),
+            provider: json!({}),
+            artifacts: vec![file("database.gz", 12 << 20, "aa"), file("volume.tgz", 100, "bb")],
+        };
+        let key = manifest::manifest_key(FOLDER);
+        let job = Job::replica_of(&export, JobId::new("00000000000000bb"), &src, "BACKUPS_EU", key, manifest, t0());
+        (job, src)
+    }
+
+    /// Steps the job as the runtime does, through its JSON record (a restart between any two
+    /// steps changes nothing).
+    fn step(job: Job, src: &SourceConfig, event: Event, now: Timestamp) -> (Job, Action) {
+        let creds = Credentials::new();
+        let cx = Context { now, jitter: 0.0, source: src, creds: &creds, seen: &[] };
+        let (job, action) = job.handle(event, &cx);
+        let stored: Job = serde_json::from_str(&serde_json::to_string(&job).unwrap()).unwrap();
+        assert_eq!(stored, job);
+        (stored, action)
+    }
+
+    fn order(action: &Action) -> &SliceOrder {
+        match action {
+            Action::CopySlice(order) => order,
+            other => panic!("expected a slice, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_replica_copies_every_file_from_the_primary_key_then_writes_its_manifest_last() {
+        let (job, src) = replicate();
+        assert_eq!((job.task, job.phase, job.folder()), (Task::Replicate, Phase::Queued, FOLDER.to_string()));
+        let (job, action) = step(job, &src, Event::Wake, t0());
+        assert_eq!(job.phase, Phase::Transferring);
+        let first = order(&action).clone();
+        assert_eq!(first.source, CopySource::R2 { key: format!("{FOLDER}database.gz"), size: 12 << 20 });
+        assert_eq!(first.state.key, format!("{FOLDER}database.gz"), "the same key as in the primary");
+        // Two slices of the first file: a pause resumes from the persisted state.
+        let mut paused = first.state.clone();
+        paused.offset = 5 << 20;
+        paused.parts_stored = 1;
+        paused.stalled = 0;
+        let (job, action) =
+            step(job, &src, Event::Sliced { state: paused.clone(), outcome: SliceOutcome::Paused }, t0());
+        assert_eq!(action, Action::Sleep(t0()));
+        let progress = job.progress(t0().plus(Duration::from_secs(5))).unwrap();
+        assert_eq!((progress.bytes_copied, progress.bytes_total), (5 << 20, Some((12 << 20) + 100)));
+        assert_eq!((progress.files_done, progress.files_total), (0, 2));
+        let (job, action) = step(job, &src, Event::Wake, t0());
+        assert_eq!(order(&action).state.offset, 5 << 20, "resumes where the last slice stopped");
+        let done = order(&action).state.clone();
+        let copied = file("database.gz", 12 << 20, "aa");
+        let (job, _) = step(job, &src, Event::Sliced { state: done, outcome: SliceOutcome::Finished(copied) }, t0());
+        let (job, action) = step(job, &src, Event::Wake, t0());
+        assert_eq!(order(&action).source, CopySource::R2 { key: format!("{FOLDER}volume.tgz"), size: 100 });
+        let state = order(&action).state.clone();
+        let copied = file("volume.tgz", 100, "bb");
+        let (job, _) = step(job, &src, Event::Sliced { state, outcome: SliceOutcome::Finished(copied) }, t0());
+        let later = t0().plus(Duration::from_secs(60));
+        let (job, action) = step(job, &src, Event::Wake, later);
+        let Action::CommitReplica { key, manifest } = action else { panic!("expected the manifest, got {action:?}") };
+        assert_eq!(key, format!("{FOLDER}manifest.json"));
+        assert_eq!(manifest.manifest, job.replica.as_ref().unwrap().manifest, "the primary manifest, unchanged");
+        assert_eq!(manifest.replica_of.manifest_key, format!("{FOLDER}manifest.json"));
+        assert_eq!(manifest.replica_of.replica_job_id, job.id);
+        assert_eq!(manifest.replica_of.replicated_at, later);
+        let written = serde_json::to_value(&*manifest).unwrap();
+        assert_eq!(written["artifacts"][1]["sha256"], "bb");
+        assert_eq!(written["replica_of"]["bucket_binding"], "BACKUPS");
+        let read: Manifest = serde_json::from_value(written).unwrap();
+        assert_eq!(read.artifacts.len(), 2, "a replica's manifest reads as a manifest");
+        let (job, action) = step(job, &src, Event::Committed, later);
+        assert_eq!((job.phase, action), (Phase::Committed, Action::Done));
+        assert!(job.replica_committed());
+        let summary = crate::ledger::JobSummary::of(&job).unwrap();
+        assert_eq!(
+            (summary.task, summary.bytes, summary.folder.as_deref()),
+            (Task::Replicate, (12 << 20) + 100, Some(FOLDER))
+        );
+    }
+
+    #[test]
+    fn a_file_that_does_not_match_the_primary_manifest_fails_the_job_naming_it_and_cleans_the_replica() {
+        let (job, src) = replicate();
+        let (job, action) = step(job, &src, Event::Wake, t0());
+        let mut state = order(&action).state.clone();
+        state.upload_id = Some("up-1".into());
+        let tampered = file("database.gz", 12 << 20, "cc");
+        let (job, action) = step(job, &src, Event::Sliced { state, outcome: SliceOutcome::Finished(tampered) }, t0());
+        assert_eq!(job.phase, Phase::Failed);
+        let error = job.error.clone().unwrap();
+        assert!(error.contains(&format!("replica of {FOLDER}database.gz")) && error.contains("SHA-256"), "{error}");
+        // The whole folder goes, in the replica bucket (the runtime's target); the completed
+        // upload is not aborted.
+        assert_eq!(action, Action::Discard { folder: FOLDER.into(), upload: None });
+        let summary = crate::ledger::JobSummary::of(&job).unwrap();
+        assert_eq!((summary.task, summary.phase), (Task::Replicate, Phase::Failed));
+    }
+
+    #[test]
+    fn a_size_that_differs_is_named_too() {
+        let (job, _) = replicate();
+        let r = job.replica.unwrap();
+        let e = r.check(1, &file("volume.tgz", 99, "bb")).unwrap_err();
+        assert_eq!(e, format!("replica of {FOLDER}volume.tgz: 99 bytes were copied, the primary manifest says 100"));
+    }
+
+    #[test]
+    fn a_failing_read_is_retried_then_fails_the_job_and_discards_what_it_wrote() {
+        let (job, src) = replicate();
+        let (mut job, mut action) = step(job, &src, Event::Wake, t0());
+        let mut now = t0();
+        for _ in 0..3 {
+            let mut state = order(&action).state.clone();
+            state.upload_id = Some("up-1".into());
+            let failed = SliceOutcome::Failed(StepError::transient("R2 get failed: network"));
+            let (j, a) = step(job, &src, Event::Sliced { state, outcome: failed }, now);
+            job = j;
+            if job.phase == Phase::Failed {
+                assert!(job.error.as_deref().unwrap().contains("R2 get failed: network"), "{:?}", job.error);
+                let upload = Some((format!("{FOLDER}database.gz"), "up-1".to_string()));
+                assert_eq!(a, Action::Discard { folder: FOLDER.into(), upload });
+                return;
+            }
+            let Action::Sleep(at) = a else { panic!("expected a retry, got {a:?}") };
+            now = at;
+            let (j, a) = step(job, &src, Event::Wake, now);
+            job = j;
+            action = a;
+        }
+        panic!("the job never gave up");
+    }
+
+    #[test]
+    fn a_missing_primary_object_fails_at_once() {
+        let (job, src) = replicate();
+        let (job, action) = step(job, &src, Event::Wake, t0());
+        let state = order(&action).state.clone();
+        let gone =
+            SliceOutcome::Failed(StepError::permanent(format!("the primary object {FOLDER}database.gz is missing")));
+        let (job, action) = step(job, &src, Event::Sliced { state, outcome: gone }, t0());
+        assert_eq!(job.phase, Phase::Failed);
+        assert!(matches!(action, Action::Discard { .. }));
+    }
+}

@@ -1,0 +1,165 @@
+//! The second copy: a committed backup copied into another R2 bucket.
+//!
+//! A source with a `replica` table (`replica = { bucket_binding = "BACKUPS_REPLICA" }`) gets, after
+//! every committed export, a replicate job queued as the source's next job. It copies each file
+//! of the backup from the primary bucket into the bucket bound as `bucket_binding`, at the same
+//! key, sliced and resumable like any copy (the bytes come from ranged R2 reads instead of a
+//! download), hashes what it wrote, and compares every file's size and SHA-256 with the primary
+//! manifest. Its own manifest, the primary's plus a [`ReplicaOf`] note, is written last, so a
+//! folder of the replica bucket is a backup exactly when the primary's was and every byte matched.
+//!
+//! A mismatch or a failure fails the replicate job (a `failed` alert, `task: "replicate"`) and
+//! deletes what it wrote; it never fails or undoes the primary backup.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::fields::FieldError;
+use crate::job::JobId;
+use crate::manifest::{Artifact, Manifest};
+use crate::time::Timestamp;
+
+/// The binding of the primary bucket, which a replica may not name.
+pub const PRIMARY_BINDING: &str = "BACKUPS";
+
+/// A source's `replica` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaConfig {
+    /// The Worker's R2 bucket binding that receives the second copy (declared in wrangler.toml).
+    pub bucket_binding: String,
+}
+
+impl ReplicaConfig {
+    /// Parses a `replica` table; errors name the field inside it (`bucket_binding`).
+    pub fn from_value(value: &Value) -> Result<Self, FieldError> {
+        if !value.is_object() {
+            return Err(FieldError::new("", "must be a table, e.g. { bucket_binding = \"BACKUPS_REPLICA\" }"));
+        }
+        let config: Self = serde_path_to_error::deserialize(value.clone()).map_err(crate::config::path_error)?;
+        let b = &config.bucket_binding;
+        let valid = b.bytes().next().is_some_and(|c| c.is_ascii_alphabetic() || c == b'_')
+            && b.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')
+            && b.len() <= 64;
+        if !valid {
+            return Err(FieldError::new(
+                "bucket_binding",
+                format!("must be a binding name (letters, digits and '_', not starting with a digit), got {b:?}"),
+            ));
+        }
+        if b == PRIMARY_BINDING {
+            return Err(FieldError::new(
+                "bucket_binding",
+                format!("must name a bucket other than the primary {PRIMARY_BINDING}"),
+            ));
+        }
+        Ok(config)
+    }
+}
+
+/// What a replicate job copies: one committed backup, as its primary manifest describes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaState {
+    /// The replica bucket's binding.
+    pub binding: String,
+    /// The primary manifest's key (the replica's manifest goes to the same key there).
+    pub manifest_key: String,
+    /// The primary manifest: the files to copy, in order, with their sizes and hashes.
+    pub manifest: Manifest,
+}
+
+impl ReplicaState {
+    /// The backup's folder (the same in both buckets).
+    pub fn folder(&self) -> String {
+        crate::manifest::folder_of(&self.manifest_key).unwrap_or_default().to_string()
+    }
+
+    /// The next file to copy once `done` files are copied.
+    pub fn file(&self, done: usize) -> Option<&Artifact> {
+        self.manifest.artifacts.get(done)
+    }
+
+    /// Checks a file as the replica holds it against the primary manifest.
+    pub fn check(&self, index: usize, copied: &Artifact) -> Result<(), String> {
+        let Some(expected) = self.file(index) else {
+            return Err(format!("the replica copied {} which the primary manifest does not list", copied.key));
+        };
+        if copied.key != expected.key {
+            return Err(format!("the replica wrote {} where {} was expected", copied.key, expected.key));
+        }
+        if copied.size != expected.size {
+            return Err(format!(
+                "replica of {}: {} bytes were copied, the primary manifest says {}",
+                expected.key, copied.size, expected.size
+            ));
+        }
+        if copied.sha256 != expected.sha256 {
+            return Err(format!(
+                "replica of {}: SHA-256 of the copied bytes is {}, the primary manifest says {} (the primary \
+                 object no longer matches its manifest)",
+                expected.key, copied.sha256, expected.sha256
+            ));
+        }
+        Ok(())
+    }
+
+    /// The replica's manifest: the primary's, with the note saying what it is a copy of.
+    pub fn manifest(&self, job: &JobId, now: Timestamp) -> ReplicaManifest {
+        ReplicaManifest {
+            manifest: self.manifest.clone(),
+            replica_of: ReplicaOf {
+                bucket_binding: PRIMARY_BINDING.to_string(),
+                manifest_key: self.manifest_key.clone(),
+                replica_job_id: job.clone(),
+                replicated_at: now,
+            },
+        }
+    }
+}
+
+/// The note a replica's manifest carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaOf {
+    /// The primary bucket's binding.
+    pub bucket_binding: String,
+    /// The primary manifest it copies.
+    pub manifest_key: String,
+    /// The replicate job.
+    pub replica_job_id: JobId,
+    /// When its manifest was written.
+    pub replicated_at: Timestamp,
+}
+
+/// A replica's manifest: every field of the primary's (so it reads as a [`Manifest`]) and
+/// `replica_of`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaManifest {
+    /// The primary manifest, unchanged.
+    #[serde(flatten)]
+    pub manifest: Manifest,
+    /// What it is a copy of.
+    pub replica_of: ReplicaOf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_replica_table_names_a_binding_other_than_the_primary() {
+        let c = ReplicaConfig::from_value(&json!({ "bucket_binding": "BACKUPS_EU" })).unwrap();
+        assert_eq!(c.bucket_binding, "BACKUPS_EU");
+        let e = ReplicaConfig::from_value(&json!({ "bucket_binding": "BACKUPS" })).unwrap_err();
+        assert_eq!(e.field, "bucket_binding");
+        assert!(e.problem.contains("other than the primary"), "{e:?}");
+        let e = ReplicaConfig::from_value(&json!({ "bucket_binding": "9-bad" })).unwrap_err();
+        assert_eq!(e.field, "bucket_binding");
+        let e = ReplicaConfig::from_value(&json!({ "bucket": "X" })).unwrap_err();
+        assert_eq!((e.field.as_str(), e.problem.as_str()), ("bucket", "is not a known field"));
+        let e = ReplicaConfig::from_value(&json!({})).unwrap_err();
+        assert_eq!((e.field.as_str(), e.problem.as_str()), ("bucket_binding", "is required"));
+        let e = ReplicaConfig::from_value(&json!("BACKUPS_EU")).unwrap_err();
+        assert!(e.problem.starts_with("must be a table"), "{e:?}");
+    }
+}

@@ -1,0 +1,233 @@
+"""End to end: the second copy (`replica`), by the built Worker under `wrangler dev`.
+
+A DXP source (two files per backup: `database.gz` of 6 MiB and `volume.tgz` of 24 MiB) copies
+with 5 MiB parts and 5 MiB slices, with `replica = { bucket_binding = "BACKUPS_REPLICA" }`. After
+the export commits, its replicate job (the export's child) copies every file from the primary
+bucket into the local `ferry-backups-replica` bucket; both buckets are read back behind Ferry's
+back with wrangler's own R2 CLI.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from harness import DXP_SECRETS, DxpEmulator, Ferry, dxp_source
+
+REPLICA = {"bucket_binding": "BACKUPS_REPLICA"}
+SMALL = {"part_size_mib": 5, "slice_max_mib": 5}
+HOOK_SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
+
+
+class Alerts:
+    """A webhook receiver keeping every alert Ferry delivers."""
+
+    def __init__(self):
+        self.payloads: list[dict] = []
+        received = self.payloads
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                received.append(json.loads(self.rfile.read(int(self.headers.get("content-length") or 0))))
+                self.send_response(204)
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait(self, predicate, timeout: float = 60) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for p in list(self.payloads):
+                if predicate(p):
+                    return p
+            time.sleep(0.2)
+        raise AssertionError(f"no such alert among {self.payloads}")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    work = tmp_path_factory.mktemp("replica-e2e")
+    emulator = DxpEmulator(work, volume_mib=24, backups=3, database_kib=6 * 1024)
+    sources = [
+        dxp_source("portal", emulator, replica=REPLICA, **SMALL),
+        dxp_source("portal-tampered", emulator, replica=REPLICA, **SMALL),
+        dxp_source("portal-kept", emulator, replica=REPLICA, retention={"keep_last": 1}, **SMALL),
+        dxp_source("portal-single", emulator, **SMALL),
+        dxp_source("portal-unbound", emulator, replica={"bucket_binding": "BACKUPS_NOWHERE"}, **SMALL),
+    ]
+    alerts = Alerts()
+    hook = {"name": "ops", "kind": "webhook", "url": alerts.url, "secret_secret": "HOOK_SECRET", "events": ["failed"]}
+    ferry = Ferry(work / "ferry", sources, secrets={**DXP_SECRETS, "HOOK_SECRET": HOOK_SECRET}, alerts=[hook])
+    yield {"ferry": ferry, "emulator": emulator, "alerts": alerts}
+    ferry.stop()
+    emulator.stop()
+    alerts.server.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def clean(world):
+    world["emulator"].reset()
+
+
+def replica_of(ferry: Ferry, export: dict) -> str:
+    assert export["phase"] == "committed", export
+    (child,) = export["children"]
+    return child
+
+
+def manifest_of(ferry: Ferry, export: dict) -> dict:
+    (manifest,) = [m for m in ferry.backups(export["source"]) if m["job_id"] == export["id"]]
+    return manifest
+
+
+def check_replica(ferry: Ferry, export: dict, replica: dict) -> dict:
+    """Every file of the export's backup is byte-identical in the replica bucket, and the
+    replica's manifest is the primary's with `replica_of`."""
+    assert replica["task"] == "replicate" and replica["phase"] == "committed", replica
+    manifest = manifest_of(ferry, export)
+    folder = manifest["artifacts"][0]["key"].rsplit("/", 1)[0] + "/"
+    raw = ferry.r2_get(folder + "manifest.json", bucket="ferry-backups-replica")
+    assert raw is not None, "the replica has its own manifest"
+    copy = json.loads(raw)
+    note = copy.pop("replica_of")
+    assert note["manifest_key"] == folder + "manifest.json" and note["replica_job_id"] == replica["id"], note
+    assert note["bucket_binding"] == "BACKUPS"
+    primary = json.loads(ferry.r2_get(folder + "manifest.json"))
+    assert copy == primary, "the replica's manifest is the primary's, plus replica_of"
+    assert len(copy["artifacts"]) == 2
+    for art in copy["artifacts"]:
+        mine = ferry.r2_get(art["key"], bucket="ferry-backups-replica")
+        theirs = ferry.r2_get(art["key"])
+        assert mine is not None, art["key"]
+        assert mine == theirs, f"{art['key']} differs between the buckets"
+        assert hashlib.sha256(mine).hexdigest() == art["sha256"] and len(mine) == art["size"]
+    return copy
+
+
+def test_a_replica_lands_byte_identical_in_the_second_bucket_with_its_own_manifest_after_a_kill(world):
+    ferry = world["ferry"]
+    status, _, payload = ferry.webhook("portal")
+    assert status == 202, payload
+    export = ferry.wait_job(payload["job"]["id"], timeout=240)
+    replica_id = replica_of(ferry, export)
+    # Kill the runtime once the replica stored a part of the volume and has more to copy
+    # (between two of its slices); it resumes after the parts it stored.
+    killed = None
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        job = ferry.job(replica_id)
+        copy = job.get("copy") or {}
+        if job["phase"] == "transferring" and copy.get("key", "").endswith("volume.tgz") and copy["parts_stored"] >= 1:
+            ferry.restart(kill=True)
+            killed = copy
+            break
+        assert job["phase"] in ("queued", "transferring"), job
+        time.sleep(0.02)
+    assert killed, "the replica was never seen between slices"
+    resumed = ferry.job(replica_id)
+    if resumed["phase"] == "transferring":
+        assert resumed["copy"]["parts_stored"] >= killed["parts_stored"], (killed, resumed["copy"])
+        assert resumed["copy"]["upload_id"] == killed["upload_id"], "the same upload goes on"
+    replica = ferry.wait_job(replica_id, timeout=240)
+    assert replica["parent"] == export["id"]
+    assert not replica.get("restarts"), replica["restarts"]
+    check_replica(ferry, export, replica)
+    # A trigger after the replica committed starts a job again (the replica held the source only
+    # while it ran).
+    history = ferry.source("portal")
+    assert history["current_job_id"] is None, history
+
+
+def test_a_tampered_primary_object_fails_the_replica_naming_it_and_leaves_nothing_in_the_second_bucket(world):
+    ferry, emulator = world["ferry"], world["emulator"]
+    emulator.control(throttle_kib_per_s=2048)  # the volume takes about 12 s
+    status, _, payload = ferry.webhook("portal-tampered")
+    assert status == 202, payload
+    export_id = payload["job"]["id"]
+    deadline = time.time() + 120
+    while True:
+        job = ferry.job(export_id)
+        if job["artifacts"]:
+            break
+        assert time.time() < deadline and job["phase"] not in ("committed", "failed"), job
+        time.sleep(0.1)
+    (database,) = job["artifacts"]
+    assert database["filename"] == "database.gz"
+    # The stored file is altered behind Ferry's back (same length) while the volume still copies.
+    original = ferry.r2_get(database["key"])
+    tampered = bytes([original[0] ^ 0xFF]) + original[1:]
+    ferry.r2_put(database["key"], tampered)
+    emulator.control(throttle_kib_per_s=0)
+    export = ferry.wait_job(export_id, timeout=240)
+    assert ferry.job(export_id)["phase"] == "committed", "the primary backup itself is untouched"
+    replica = ferry.wait_job(replica_of(ferry, export), timeout=240)
+    assert replica["phase"] == "failed", replica
+    assert database["key"] in replica["error"] and "SHA-256" in replica["error"], replica["error"]
+    folder = database["key"].rsplit("/", 1)[0] + "/"
+    for name in ("database.gz", "volume.tgz", "manifest.json"):
+        assert ferry.r2_get(folder + name, bucket="ferry-backups-replica") is None, f"{name} was left in the replica"
+    # The failure is the source's latest job, reported as a replicate job, and raised the same
+    # `failed` alert as a failed backup, saying it is the replica.
+    last = ferry.source("portal-tampered")["last_job"]
+    assert (last["id"], last["task"], last["phase"]) == (replica["id"], "replicate", "failed")
+    alert = world["alerts"].wait(lambda p: p["data"].get("job_id") == replica["id"])
+    assert alert["type"] == "ferry.backup.failed", alert
+    assert alert["data"]["task"] == "replicate" and database["key"] in alert["data"]["error"], alert
+
+
+def test_retention_applies_to_the_replica_bucket_too(world):
+    ferry, emulator = world["ferry"], world["emulator"]
+    folders = []
+    for index in (0, 1):
+        body = json.dumps({"backup_id": emulator.backup(index)["backupId"]}).encode()
+        status, _, payload = ferry.webhook("portal-kept", body=body)
+        assert status == 202, payload
+        export = ferry.wait_job(payload["job"]["id"], timeout=240)
+        replica = ferry.wait_job(replica_of(ferry, export), timeout=240)
+        check_replica(ferry, export, replica)
+        folders.append(manifest_of(ferry, export)["artifacts"][0]["key"].rsplit("/", 1)[0] + "/")
+    # keep_last = 1: the first backup is gone from both buckets, the second stays in both (each
+    # pass runs right after its commit, so it may still be under way).
+    deadline = time.time() + 60
+    while ferry.r2_get(folders[0] + "manifest.json", bucket="ferry-backups-replica") is not None:
+        assert time.time() < deadline, "the replica's retention pass never deleted the older backup"
+        time.sleep(0.5)
+    assert ferry.r2_get(folders[0] + "manifest.json") is None
+    assert ferry.r2_get(folders[0] + "volume.tgz", bucket="ferry-backups-replica") is None
+    assert ferry.r2_get(folders[1] + "manifest.json", bucket="ferry-backups-replica") is not None
+
+
+def test_a_source_without_a_replica_queues_no_replicate_job(world):
+    ferry = world["ferry"]
+    status, _, payload = ferry.webhook("portal-single")
+    assert status == 202, payload
+    export = ferry.wait_job(payload["job"]["id"], timeout=240)
+    assert export["phase"] == "committed" and export.get("children", []) == [], export
+    folder = manifest_of(ferry, export)["artifacts"][0]["key"].rsplit("/", 1)[0] + "/"
+    assert ferry.r2_get(folder + "manifest.json", bucket="ferry-backups-replica") is None
+
+
+def test_a_replica_whose_bucket_is_not_bound_fails_saying_so_and_frees_the_source(world):
+    ferry = world["ferry"]
+    status, _, payload = ferry.webhook("portal-unbound")
+    assert status == 202, payload
+    export = ferry.wait_job(payload["job"]["id"], timeout=240)
+    replica = ferry.wait_job(replica_of(ferry, export), timeout=60)
+    assert replica["phase"] == "failed", replica
+    assert "no R2 bucket is bound as BACKUPS_NOWHERE" in replica["error"], replica["error"]
+    assert ferry.job(export["id"])["phase"] == "committed"
+    deadline = time.time() + 30
+    while ferry.source("portal-unbound")["current_job_id"] is not None:
+        assert time.time() < deadline, "the source stayed busy"
+        time.sleep(0.2)
