@@ -114,6 +114,7 @@ impl JobSummary {
         let bytes = match job.task {
             Task::Export => job.artifacts.iter().map(|a| a.size).sum(),
             Task::Verify => job.verify.as_ref().map_or(0, |v| v.bytes_read),
+            Task::Restore | Task::Drill => 0,
         };
         let folder = match job.task {
             Task::Export => (job.phase == Phase::Committed).then(|| job.folder()),
@@ -123,6 +124,7 @@ impl JobSummary {
                 .and_then(|v| v.manifest_key.as_deref())
                 .and_then(crate::manifest::folder_of)
                 .map(str::to_string),
+            Task::Restore | Task::Drill => job.restore.as_ref().and_then(|r| r.dump.as_ref()).map(|d| d.folder.clone()),
         };
         Some(Self {
             id: job.id.clone(),
@@ -230,6 +232,7 @@ impl Ledger {
         let last_served = match req.task {
             Task::Export => self.last_scheduled_for,
             Task::Verify => self.last_verify_scheduled_for,
+            Task::Restore | Task::Drill => None,
         };
         if let (Some(for_time), Some(last)) = (req.scheduled_for, last_served) {
             if for_time <= last {
@@ -318,10 +321,13 @@ impl Ledger {
         }
         if let Some(t) = req.scheduled_for {
             let served = match req.task {
-                Task::Export => &mut self.last_scheduled_for,
-                Task::Verify => &mut self.last_verify_scheduled_for,
+                Task::Export => Some(&mut self.last_scheduled_for),
+                Task::Verify => Some(&mut self.last_verify_scheduled_for),
+                Task::Restore | Task::Drill => None,
             };
-            *served = Some(served.map_or(t, |last| last.max(t)));
+            if let Some(served) = served {
+                *served = Some(served.map_or(t, |last| last.max(t)));
+            }
         }
         self.webhooks.retain(|w| now.since(w.at) <= WEBHOOK_MEMORY);
         self.evict()

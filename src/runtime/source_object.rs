@@ -238,9 +238,17 @@ impl SourceObject {
             Ok(b) => b,
             Err(e) => return json_response(400, &json!({ "error": e })),
         };
+        // A restore or drill is checked (confirm field and all) before anything is touched.
+        let restore = match req.task {
+            Task::Restore | Task::Drill => match crate::restore::plan(req.task, &source, &req.params, backup.clone()) {
+                Ok(state) => Some(state),
+                Err(e) => return json_response(400, &json!({ "error": e })),
+            },
+            Task::Export | Task::Verify => None,
+        };
         match ledger.admit(&req) {
             Admission::Start => {
-                let job = self.start(&mut ledger, &source, &req, backup, None).await?;
+                let job = self.start(&mut ledger, &source, &req, backup, None, restore).await?;
                 json_response(202, &json!({ "job": job.public_json() }))
             }
             Admission::Replay(id) => {
@@ -267,6 +275,7 @@ impl SourceObject {
         req: &TriggerRequest,
         backup: Option<String>,
         catch_up: Option<String>,
+        restore: Option<crate::restore::RestoreState>,
     ) -> worker::Result<Job> {
         let now = now();
         let mut job = Job::with_params(
@@ -280,6 +289,9 @@ impl SourceObject {
         );
         if req.task == Task::Verify {
             job = job.verify_of(backup);
+        }
+        if let Some(state) = restore {
+            job = job.restore_of(req.task, state);
         }
         job.catch_up = catch_up;
         let evicted = ledger.record_start(&job.id, req, now);
@@ -302,7 +314,7 @@ impl SourceObject {
             params: json!({}),
             task,
         };
-        self.start(ledger, source, &req, None, Some(note)).await.map(Some)
+        self.start(ledger, source, &req, None, Some(note), None).await.map(Some)
     }
 
     /// A cron tick (see [`Self::process_tick`]), then the alerts it raised or that still wait.
@@ -368,7 +380,7 @@ impl SourceObject {
                     task,
                 };
                 let note = catch_up.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
-                let job = self.start(&mut ledger, &source, &req, None, catch_up.clone()).await?;
+                let job = self.start(&mut ledger, &source, &req, None, catch_up.clone(), None).await?;
                 return json_response(
                     202,
                     &json!({ "line": format!("due at {}: started {task:?} job {}{note}", fires.latest, job.id) }),
@@ -693,6 +705,7 @@ impl SourceObject {
                     | Action::Commit { .. }
                     | Action::VerifySlice { .. }
                     | Action::RecordVerification { .. }
+                    | Action::Restore(_)
             ) {
                 self.storage().set_alarm(now.plus(WATCHDOG).to_datetime()).await?;
             }
@@ -749,6 +762,10 @@ impl SourceObject {
                             ))),
                         },
                     }
+                }
+                Action::Restore(io) => {
+                    sliced = true;
+                    Event::RestoreIo(super::restore::perform(&bucket, &job.source, *io).await)
                 }
                 Action::RecordVerification { key, record } => {
                     match within(R2_STEP_TIMEOUT, store::put_json(&bucket, &key, &record)).await {
@@ -857,7 +874,7 @@ fn timed_out(what: &str) -> String {
 /// The manifest key a verify trigger names (`{"backup": "<folder or manifest key>"}`), which must
 /// be one of this source's backups; `None` means the newest.
 fn named_backup(source: &str, req: &TriggerRequest) -> Result<Option<String>, String> {
-    if req.task != Task::Verify {
+    if req.task == Task::Export {
         return Ok(None);
     }
     let Some(named) = req.params.get("backup") else { return Ok(None) };
