@@ -59,6 +59,8 @@ pub enum Mode {
 pub enum Step {
     /// Read the backup's manifest.
     ReadManifest,
+    /// Drills: read the dump back from R2 for its MD5 (a drill tests what R2 holds now).
+    Digest,
     /// Create the drill's scratch database.
     CreateScratch,
     /// Ask D1 for an upload URL (`init`).
@@ -135,6 +137,9 @@ pub struct RestoreState {
     /// What D1 answered at the end (the import's `result`, time travel's answer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<Value>,
+    /// Drills: how the dump in R2 differs from the one copied (MD5, size), when it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub altered: Option<String>,
     /// Notes for the reader (a time travel that fell back to an import).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
@@ -156,6 +161,11 @@ pub enum Io {
         size: u64,
         /// D1's upload URL.
         url: String,
+    },
+    /// Read the R2 object `key` whole (streamed) and give its MD5 and size.
+    Digest {
+        /// The dump's key.
+        key: String,
     },
     /// Write the drill's record.
     Record {
@@ -179,6 +189,13 @@ pub enum IoDone {
         etag: Option<String>,
         /// The start of the body, for an error.
         body: String,
+    },
+    /// The MD5 and size of what R2 holds.
+    Digest {
+        /// Lower-case hex MD5.
+        md5: String,
+        /// Bytes.
+        size: u64,
     },
     /// The record is stored.
     Recorded,
@@ -233,6 +250,7 @@ pub fn plan(task: Task, source: &SourceConfig, params: &Value, backup: Option<St
         failure: None,
         messages: Vec::new(),
         result: None,
+        altered: None,
         notes: Vec::new(),
     };
     match task {
@@ -340,6 +358,7 @@ impl RestoreState {
         let target = || self.target.as_deref().ok_or_else(|| StepError::permanent("no target database"));
         Ok(match self.step {
             Step::ReadManifest => Next::Io(Io::ReadManifest { key: self.manifest_key.clone() }),
+            Step::Digest => Next::Io(Io::Digest { key: dump()?.key.clone() }),
             Step::CreateScratch => Next::Send(authed(
                 HttpRequest::post_json(db_url(cfg, &[])?, &json!({ "name": Self::scratch_name(job) })),
                 token,
@@ -427,6 +446,7 @@ impl RestoreState {
             "scratch_database": self.target,
             "tables": tables,
             "error": self.failure,
+            "altered": self.altered,
         })
     }
 
@@ -437,7 +457,7 @@ impl RestoreState {
                 self.dump = Some(dump_of(&key, &manifest)?);
                 self.manifest_key = Some(key);
                 self.step = match self.mode {
-                    Mode::Drill => Step::CreateScratch,
+                    Mode::Drill => Step::Digest,
                     Mode::Import => Step::Init,
                     Mode::TimeTravel => self.time_travel_or_fallback(now)?,
                 };
@@ -461,6 +481,21 @@ impl RestoreState {
                     )));
                 }
                 self.step = Step::Ingest;
+                Ok(Answer::Continue)
+            }
+            (Step::Digest, IoDone::Digest { md5, size }) => {
+                let dump = self.dump.as_mut().ok_or_else(|| StepError::permanent("the manifest was not read"))?;
+                if dump.md5 != md5 || dump.size != size {
+                    self.altered = Some(format!(
+                        "the dump in R2 is not the one copied: {size} bytes with MD5 {md5}, the manifest records {} \
+                         bytes with MD5 {}",
+                        dump.size, dump.md5
+                    ));
+                    // The drill imports what R2 holds, so the counts show what a restore would lose.
+                    dump.md5 = md5;
+                    dump.size = size;
+                }
+                self.step = Step::CreateScratch;
                 Ok(Answer::Continue)
             }
             (Step::Record, IoDone::Recorded) => {
@@ -542,7 +577,7 @@ impl RestoreState {
                 self.step = Step::Done;
                 Ok(Answer::Continue)
             }
-            Step::ReadManifest | Step::Upload | Step::Record | Step::Done => {
+            Step::ReadManifest | Step::Digest | Step::Upload | Step::Record | Step::Done => {
                 Err(StepError::permanent(format!("an answer came at {step:?}, where none was asked for")))
             }
         }
@@ -629,7 +664,9 @@ impl RestoreState {
                 format!("table {t:?}: {got} rows restored, {n} in the backup")
             })
             .collect();
-        (!diffs.is_empty()).then(|| format!("drill of backup {} failed: {}", dump.folder, diffs.join("; ")))
+        let mut findings = diffs;
+        findings.extend(self.altered.clone());
+        (!findings.is_empty()).then(|| format!("drill of backup {} failed: {}", dump.folder, findings.join("; ")))
     }
 }
 

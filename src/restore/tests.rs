@@ -317,6 +317,8 @@ fn drill_to_counts(counts: &[(&str, u64)]) -> Harness {
     let mut h = Harness::new(Task::Drill, json!({}));
     assert_eq!(h.io(), Io::ReadManifest { key: None });
     h.manifest(manifest(counts, t0()));
+    assert_eq!(h.io(), Io::Digest { key: format!("{FOLDER}db.sql") });
+    h.feed(Event::RestoreIo(Ok(IoDone::Digest { md5: MD5.into(), size: 12_000_000 })));
     let create = h.request();
     assert!(create.url.ends_with("/accounts/acc/d1/database"), "{}", create.url);
     assert_eq!(body(&create), json!({"name": "ferry-drill-0123456789abcdef"}));
@@ -373,6 +375,8 @@ fn a_drill_whose_import_fails_still_deletes_the_scratch_database_and_records_why
     let mut h = Harness::new(Task::Drill, json!({}));
     h.io();
     h.manifest(manifest(&[("a", 1)], t0()));
+    h.io();
+    h.feed(Event::RestoreIo(Ok(IoDone::Digest { md5: MD5.into(), size: 12_000_000 })));
     h.request();
     h.answer(200, json!({"uuid": "scratch-1"}));
     h.request();
@@ -396,4 +400,26 @@ fn a_drill_that_cannot_delete_its_scratch_database_says_so() {
     h.feed(Event::RestoreIo(Ok(IoDone::Recorded)));
     h.wake();
     assert_eq!(h.job.phase, Phase::Failed);
+}
+
+#[test]
+fn a_drill_of_an_altered_dump_imports_what_r2_holds_and_fails_naming_the_table_and_the_change() {
+    let mut h = Harness::new(Task::Drill, json!({}));
+    h.io();
+    h.manifest(manifest(&[("a", 2), ("b", 5)], t0()));
+    h.io();
+    let other = "ffffffffffffffffffffffffffffffff";
+    h.feed(Event::RestoreIo(Ok(IoDone::Digest { md5: other.into(), size: 11_000_000 })));
+    h.request();
+    h.answer(200, json!({"uuid": "scratch-1"}));
+    let init = h.request();
+    assert_eq!(body(&init)["etag"], json!(other), "the import's etag is the MD5 of what R2 holds");
+    h.answer(200, json!({"status": "complete", "at_bookmark": "i", "result": {}}));
+    count(&mut h, "a", 2);
+    count(&mut h, "b", 0);
+    let record = delete_and_record(&mut h);
+    assert!(record["altered"].as_str().unwrap().contains(other));
+    h.wake();
+    let e = h.job.error.clone().unwrap();
+    assert!(e.contains("table \"b\": 0 rows restored, 5 in the backup") && e.contains("not the one copied"), "{e}");
 }

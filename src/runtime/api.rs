@@ -369,6 +369,10 @@ async fn backup_with_verification(bucket: &worker::Bucket, manifest_key: &str, p
     let verification: Option<Verification> = store::read_json(bucket, &verification_key(manifest_key)).await;
     let mut value = serde_json::to_value(manifest).ok()?;
     value["verification"] = serde_json::to_value(verification).unwrap_or(Value::Null);
+    // The latest restore drill's outcome (`null` when it was never drilled).
+    let drill_key =
+        format!("{}{}", crate::manifest::folder_of(manifest_key).unwrap_or_default(), crate::restore::DRILL_NAME);
+    value["drill"] = store::read_json::<Value>(bucket, &drill_key).await.unwrap_or(Value::Null);
     value["pinned"] = Value::Bool(pinned);
     Some(value)
 }

@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use js_sys::{Promise, Reflect};
+use md5::{Digest, Md5};
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
 use worker::{Bucket, Fetch, Headers, Method, Request, RequestInit};
@@ -50,6 +52,13 @@ pub(crate) async fn perform(bucket: &Bucket, source: &str, io: Io) -> Result<IoD
                 .await
                 .unwrap_or_else(|| Err(StepError::transient("reading the manifest timed out")))
         }
+        Io::Digest { key } => match net::within(UPLOAD_TIMEOUT, digest(bucket, &key)).await {
+            Some(result) => result,
+            None => Err(StepError::transient(format!(
+                "reading the dump back from R2 did not finish within {} min",
+                UPLOAD_TIMEOUT.as_secs() / 60
+            ))),
+        },
         Io::Record { key, record } => match net::within(R2_TIMEOUT, store::put_json(bucket, &key, &record)).await {
             Some(Ok(())) => Ok(IoDone::Recorded),
             Some(Err(e)) => Err(StepError::transient(e)),
@@ -63,6 +72,28 @@ pub(crate) async fn perform(bucket: &Bucket, source: &str, io: Io) -> Result<IoD
             ))),
         },
     }
+}
+
+/// The MD5 and size of the R2 object `key`, read as a stream.
+async fn digest(bucket: &Bucket, key: &str) -> Result<IoDone, StepError> {
+    let object = bucket
+        .get(key.to_string())
+        .execute()
+        .await
+        .map_err(|e| transient("R2 get", e))?
+        .ok_or_else(|| StepError::permanent(format!("the dump {key} is missing from R2")))?;
+    let body = object.body().ok_or_else(|| StepError::transient(format!("R2 returned no body for {key}")))?;
+    let mut stream = body.stream().map_err(|e| transient("R2 read", e))?;
+    let mut md5 = Md5::new();
+    let mut size = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| transient("R2 read", e))?;
+        let before = size;
+        size += chunk.len() as u64;
+        md5.update(&chunk);
+        super::transfer::yield_now_and_then(before, size).await;
+    }
+    Ok(IoDone::Digest { md5: hex::encode(md5.finalize()), size })
 }
 
 /// Streams the R2 object `key` (`size` bytes) to `url` with one `PUT`.
