@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import time
 import urllib.parse
 from contextlib import closing
 from pathlib import Path
@@ -40,7 +41,7 @@ def world(tmp_path_factory):
     dst = work / "dst.sqlite"
     sqlite3.connect(dst).close()
     emulator = D1Emulator(work, {"src-uuid": src, "dst-uuid": dst}, active_polls=1, cancel_after=30)
-    ferry = Ferry(work / "ferry", [d1_source("big", emulator, "src-uuid", part_size_mib=PART_MIB)])
+    ferry = Ferry(work / "ferry", [d1_source("big", emulator, "src-uuid", part_size_mib=PART_MIB, drill_schedule="0 4 * * *")])
     original = rows_of_path(src)
     dump = expected_dump(src)
     job = ferry.webhook_job("big", timeout=120)
@@ -148,6 +149,20 @@ def test_a_drill_passes_on_a_good_backup_and_deletes_its_scratch_database(world)
     record = drill_record(world)
     assert record["passed"] is True and record["job_id"] == job["id"]
     assert record["tables"]["users"] == {"backup": len(USERS), "restored": len(USERS)}
+
+
+def test_the_drill_schedule_starts_a_drill_at_its_fire_time(world):
+    ferry = world["ferry"]
+    ferry.scheduled("*/5 * * * *", at_ms=1893470400000)  # 2030-01-01T04:00:00Z: the drill is due, no export
+    deadline = time.time() + 30
+    last = ferry.source("big")["last_job"]
+    while time.time() < deadline and not (last["task"] == "drill" and last["trigger"] == "cron"):
+        time.sleep(0.2)
+        last = ferry.source("big")["last_job"]
+    job = ferry.wait_job(last["id"], timeout=120)
+    assert (job["task"], job["trigger"], job["phase"]) == ("drill", "cron", "restored"), job
+    assert job["scheduled_for"] == "2030-01-01T04:00:00.000Z"
+    assert drill_record(world)["job_id"] == job["id"]
 
 
 def test_a_drill_fails_naming_the_table_when_the_dump_in_r2_lost_its_rows(world):

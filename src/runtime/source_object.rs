@@ -290,6 +290,11 @@ impl SourceObject {
         if req.task == Task::Verify {
             job = job.verify_of(backup);
         }
+        // A scheduled drill (or its catch-up) plans itself: a drill needs no confirmation.
+        let restore = match restore {
+            None if req.task == Task::Drill => crate::restore::plan(req.task, source, &req.params, None).ok(),
+            other => other,
+        };
         if let Some(state) = restore {
             job = job.restore_of(req.task, state);
         }
@@ -366,7 +371,13 @@ impl SourceObject {
         };
         let daily_pass = self.note_daily_pass(&source, tick).await?;
         let mut ledger = self.load_ledger().await?;
-        let outcome = ledger.tick(tick, trigger_start, &source.schedule, source.verify_schedule.as_ref());
+        let outcome = ledger.tick_with_drills(
+            tick,
+            trigger_start,
+            &source.schedule,
+            source.verify_schedule.as_ref(),
+            source.drill_schedule.as_ref(),
+        );
         if let Some(stale) = ledger.check_stale(&source, tick) {
             console_error!("{name}: stale: {}", stale.reason.as_deref().unwrap_or_default());
         }
