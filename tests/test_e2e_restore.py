@@ -163,6 +163,8 @@ def test_the_drill_schedule_starts_a_drill_at_its_fire_time(world):
     assert (job["task"], job["trigger"], job["phase"]) == ("drill", "cron", "restored"), job
     assert job["scheduled_for"] == "2030-01-01T04:00:00.000Z"
     assert drill_record(world)["job_id"] == job["id"]
+    status, _, metrics = ferry.api("/metrics")
+    assert status == 200 and 'ferry_last_drill_success{source="big"} 1' in metrics.decode(), metrics
 
 
 def test_a_drill_fails_naming_the_table_when_the_dump_in_r2_lost_its_rows(world):
