@@ -29,6 +29,16 @@ pub enum Route {
     StartExport(String),
     /// `POST /v1/sources/{name}/verify` (signed webhook or bearer; body may name a backup)
     StartVerify(String),
+    /// `POST /v1/sources/{name}/drill` (signed webhook or bearer; body may name a backup): a
+    /// restore drill into a scratch database.
+    StartDrill(String),
+    /// `POST /v1/backups/{source}/{folder}/restore` (bearer): restore a committed backup.
+    Restore {
+        /// The source.
+        source: String,
+        /// The backup's folder, `{source}/{folder}/`.
+        folder: String,
+    },
     /// `GET /metrics` (bearer): Prometheus text exposition.
     Metrics,
     /// `GET /v1/sources/{name}/retention`: the retention plan, without deleting anything.
@@ -73,6 +83,17 @@ pub fn route(method: &str, path: &str) -> Route {
         ["v1", "sources", name, "backups"] => only(get, "GET", Route::Backups(decode(name))),
         ["v1", "sources", name, "exports"] => only(post, "POST", Route::StartExport(decode(name))),
         ["v1", "sources", name, "verify"] => only(post, "POST", Route::StartVerify(decode(name))),
+        ["v1", "sources", name, "drill"] => only(post, "POST", Route::StartDrill(decode(name))),
+        ["v1", "backups", source, folder, "restore"] if !get => {
+            let (source, folder) = (decode(source), decode(folder));
+            if [&source, &folder].iter().any(|s| s.is_empty() || *s == "." || *s == ".." || s.contains('/')) {
+                Route::NotFound
+            } else if post {
+                Route::Restore { folder: format!("{source}/{folder}/"), source }
+            } else {
+                Route::MethodNotAllowed("GET, POST")
+            }
+        }
         ["v1", "sources", name, "retention"] => only(get, "GET", Route::Retention(decode(name))),
         // `GET` of the same path is a file named `pin` (below).
         ["v1", "backups", source, folder, "pin"] if !get => {
@@ -176,6 +197,13 @@ mod tests {
         assert_eq!(route("POST", "/v1/sources/app-db/exports"), Route::StartExport("app-db".into()));
         assert_eq!(route("POST", "/v1/sources/app-db/verify"), Route::StartVerify("app-db".into()));
         assert_eq!(route("GET", "/v1/sources/app-db/verify"), Route::MethodNotAllowed("POST"));
+        assert_eq!(route("POST", "/v1/sources/app-db/drill"), Route::StartDrill("app-db".into()));
+        assert_eq!(
+            route("POST", "/v1/backups/app-db/2026-11-28T030000Z-0123456789abcdef/restore"),
+            Route::Restore { source: "app-db".into(), folder: "app-db/2026-11-28T030000Z-0123456789abcdef/".into() }
+        );
+        assert_eq!(route("POST", "/v1/backups/app-db/../restore"), Route::NotFound);
+        assert_eq!(route("DELETE", "/v1/backups/app-db/f/restore"), Route::MethodNotAllowed("GET, POST"));
         assert_eq!(
             route("GET", "/v1/backups/app-db/2026-11-23T101500Z-0123456789abcdef/x%20y.sql"),
             Route::Artifact("app-db/2026-11-23T101500Z-0123456789abcdef/x y.sql".into())

@@ -55,6 +55,9 @@ pub struct SourceConfig {
     /// When scheduled verifications of the newest backup run (UTC), if at all.
     #[serde(default)]
     pub verify_schedule: Option<Schedule>,
+    /// When scheduled restore drills of the newest backup run (UTC), if at all (D1 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill_schedule: Option<Schedule>,
     /// The age past which the newest committed backup is stale (`max_age_minutes`); `None`: two
     /// periods of the schedule, at least an hour (see [`crate::health`]).
     #[serde(
@@ -182,6 +185,8 @@ struct General {
     schedule: Schedule,
     #[serde(default)]
     verify_schedule: Option<Schedule>,
+    #[serde(default)]
+    drill_schedule: Option<Schedule>,
     #[serde(default, deserialize_with = "fields::opt_minutes::<_, 1, MAX_AGE_MINUTES>")]
     max_age_minutes: Option<Duration>,
     /// Per kind by default ([`ProviderConfig::default_poll_interval`]).
@@ -278,10 +283,14 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
     };
     let mut provider = provider.map_err(|e| at(path_error(e)))?;
     provider.check().map_err(at)?;
+    if general.drill_schedule.is_some() && !matches!(provider, ProviderConfig::D1(_)) {
+        return Err(at(FieldError::new("drill_schedule", "restore drills are implemented for D1 sources only")));
+    }
     Ok(SourceConfig {
         name: general.name,
         schedule: general.schedule,
         verify_schedule: general.verify_schedule,
+        drill_schedule: general.drill_schedule,
         max_age: general.max_age_minutes,
         transfer,
         retry: general.retry,
@@ -585,6 +594,17 @@ mod tests {
         assert!(e.to_string().contains("parts_in_flight"), "{e}");
         let ok = Config::from_value(&json!([d1(json!({"part_size_mib": 16, "parts_in_flight": 4}))])).unwrap();
         assert_eq!(ok.sources[0].transfer.parts_in_flight, 4);
+    }
+
+    #[test]
+    fn drill_schedule_is_optional_checked_and_d1_only() {
+        let c = Config::from_value(&json!([d1(json!({"drill_schedule": "0 6 * * 1"}))])).unwrap();
+        assert_eq!(c.sources[0].drill_schedule.as_ref().map(|s| s.as_str().to_string()).as_deref(), Some("0 6 * * 1"));
+        assert!(Config::from_value(&json!([d1(json!({}))])).unwrap().sources[0].drill_schedule.is_none());
+        assert_eq!(err(d1(json!({"drill_schedule": "weekly"}))).field.as_deref(), Some("drill_schedule"));
+        let aura = json!({"name": "g", "kind": "aura", "schedule": "0 4 * * *", "instance_id": "2f49c2b3",
+            "client_id_secret": "A", "client_secret_secret": "B", "mode": "snapshot", "drill_schedule": "0 6 * * 1"});
+        assert_eq!(err(aura).field.as_deref(), Some("drill_schedule"));
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub enum Method {
     Get,
     /// POST
     Post,
+    /// DELETE
+    Delete,
 }
 
 impl Method {
@@ -26,6 +28,7 @@ impl Method {
         match self {
             Self::Get => "GET",
             Self::Post => "POST",
+            Self::Delete => "DELETE",
         }
     }
 }
@@ -58,6 +61,11 @@ impl HttpRequest {
     /// A GET with no headers.
     pub fn get(url: impl Into<String>) -> Self {
         Self { method: Method::Get, url: url.into(), headers: Vec::new(), body: None }
+    }
+
+    /// A DELETE with no headers.
+    pub fn delete(url: impl Into<String>) -> Self {
+        Self { method: Method::Delete, url: url.into(), headers: Vec::new(), body: None }
     }
 
     /// A POST of a JSON value.

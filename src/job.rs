@@ -23,6 +23,7 @@ use crate::manifest::{self, Artifact, Manifest};
 use crate::providers::aura::GraphExport;
 use crate::providers::{Credentials, Download, Origin, Progress, ProviderState, StepInput};
 use crate::replica::{ReplicaManifest, ReplicaState};
+use crate::restore::{Answer, Io, IoDone, Next as RestoreNext, RestoreState};
 use crate::time::Timestamp;
 use crate::transfer::{CopyState, TransferSettings};
 use crate::verify::{Verification, VerifyState};
@@ -102,6 +103,10 @@ pub enum Task {
     Verify,
     /// Copy a committed backup into the source's replica bucket (`replica` says which).
     Replicate,
+    /// Restore a committed backup into a database (`restore` says how; see [`crate::restore`]).
+    Restore,
+    /// Restore the newest backup into a scratch database, compare, delete it.
+    Drill,
 }
 
 /// Where a job is. Only `Committed` is a usable backup.
@@ -127,12 +132,19 @@ pub enum Phase {
     Verifying,
     /// A verify job found every file as its manifest says.
     Verified,
+    /// A restore or drill job is talking to the provider or streaming a dump.
+    Restoring,
+    /// A restore finished, or a drill passed.
+    Restored,
 }
 
 impl Phase {
     /// True once the job will do nothing more.
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Committed | Self::Failed | Self::Skipped | Self::Dispatched | Self::Verified)
+        matches!(
+            self,
+            Self::Committed | Self::Failed | Self::Skipped | Self::Dispatched | Self::Verified | Self::Restored
+        )
     }
 }
 
@@ -223,6 +235,9 @@ pub struct Job {
     /// A verify job's outcome, as recorded next to the backup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verification: Option<Verification>,
+    /// A restore or drill job's state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreState>,
     /// The source's settings when the job was created (secret *names*, never values). Every
     /// step runs with these, so a config edited mid-job cannot send the old bookmark to another
     /// database or describe the artifact with settings it was not made with. `None` for a job
@@ -273,6 +288,8 @@ pub enum Event {
     },
     /// The verification record of the last [`Action::RecordVerification`] is stored.
     Recorded,
+    /// The last [`Action::Restore`] ended.
+    RestoreIo(Result<IoDone, StepError>),
 }
 
 /// What the runtime must do next.
@@ -299,6 +316,9 @@ pub enum Action {
     },
     /// Create one queued job per provider state (children of this job, which is over).
     Spawn(Vec<ProviderState>),
+    /// Perform a restore's R2 work (read a manifest, stream a dump to an upload URL, write a
+    /// drill's record), then feed back `RestoreIo`.
+    Restore(Box<Io>),
     /// Read the next slice of a backup back from R2, then feed back `VerifySliced`.
     VerifySlice {
         /// Where the verification stands.
@@ -450,6 +470,7 @@ impl Job {
             renewed_at_offset: None,
             verify: None,
             verification: None,
+            restore: None,
             task: Task::Export,
             config: Some(source.clone()),
             replica: None,
@@ -543,6 +564,13 @@ impl Job {
         self
     }
 
+    /// A job that restores (or drills) as `state` says; `task` is `Restore` or `Drill`.
+    pub fn restore_of(mut self, task: Task, state: RestoreState) -> Self {
+        self.task = task;
+        self.restore = Some(state);
+        self
+    }
+
     /// A queued child of `parent` that exports the part described by `provider`.
     pub fn child_of(parent: &Self, id: JobId, source: &SourceConfig, provider: ProviderState, now: Timestamp) -> Self {
         let mut job = Self::with_params(id, source, parent.trigger, None, None, parent.params.clone(), now);
@@ -615,6 +643,22 @@ impl Job {
             }
             (Phase::Verifying, Event::VerifySliced { state, outcome }) => self.on_verify_slice(state, outcome, cx),
             (Phase::Verifying, Event::Recorded) => self.on_recorded(cx.now),
+            (Phase::Restoring, Event::Response(resp)) => {
+                let answer = match self.restore.as_mut() {
+                    Some(state) => state.on_response(&resp, cx.now),
+                    None => Err(StepError::permanent("restore job without its state")),
+                };
+                self.on_restore(answer, cx)
+            }
+            (Phase::Restoring, Event::RestoreIo(done)) => {
+                let answer = match (self.restore.as_mut(), done) {
+                    (Some(state), Ok(done)) => state.on_io(done, cx.now),
+                    (_, Err(e)) => Err(e),
+                    (None, _) => Err(StepError::permanent("restore job without its state")),
+                };
+                self.on_restore(answer, cx)
+            }
+            (Phase::Restoring, Event::Unreachable(msg)) => self.restore_failed(StepError::transient(msg), cx),
             // An answer that does not belong to the current phase (a duplicate delivery after a
             // restart): ignore it and carry on from the persisted state.
             (_, _) => self.idle(cx.now),
@@ -646,6 +690,7 @@ impl Job {
                     self.transfer_started_at = Some(cx.now);
                     Phase::Transferring
                 }
+                Task::Restore | Task::Drill => Phase::Restoring,
             };
         }
         match self.phase {
@@ -674,9 +719,14 @@ impl Job {
                 None => self.commit(cx),
             },
             Phase::Verifying => self.verify_step(cx),
-            Phase::Queued | Phase::Committed | Phase::Failed | Phase::Skipped | Phase::Dispatched | Phase::Verified => {
-                self.idle(cx.now)
-            }
+            Phase::Restoring => self.restore_step(cx),
+            Phase::Queued
+            | Phase::Committed
+            | Phase::Failed
+            | Phase::Skipped
+            | Phase::Dispatched
+            | Phase::Verified
+            | Phase::Restored => self.idle(cx.now),
         }
     }
 
@@ -884,6 +934,72 @@ impl Job {
         }
         let backup = state.manifest_key.as_deref().and_then(crate::manifest::folder_of).unwrap_or("?").to_string();
         self.fail(format!("backup {backup} failed verification: {}", record.mismatches.join("; ")), now)
+    }
+
+    /// The next restore step: a request, R2 work, or the end.
+    fn restore_step(mut self, cx: &Context<'_>) -> (Self, Action) {
+        let Some(state) = self.restore.take() else {
+            return self.fail("restore job without its state".into(), cx.now);
+        };
+        let crate::providers::ProviderConfig::D1(cfg) = &cx.source.provider else {
+            return self.fail("restore is implemented for D1 sources only".into(), cx.now);
+        };
+        let next = cx.creds.get(&cfg.token_secret).and_then(|token| state.next(cfg, token, &self.id, cx.now));
+        self.restore = Some(state);
+        match next {
+            Ok(RestoreNext::Send(req)) => {
+                self.attempts += 1;
+                (self, Action::Send(req))
+            }
+            Ok(RestoreNext::Io(io)) => {
+                self.attempts += 1;
+                (self, Action::Restore(Box::new(io)))
+            }
+            Ok(RestoreNext::Finished(Ok(note))) => {
+                self.phase = Phase::Restored;
+                self.note = Some(note);
+                self.finished_at = Some(cx.now);
+                self.next_step_at = None;
+                self.retries = 0;
+                self.last_error = None;
+                (self, Action::Done)
+            }
+            Ok(RestoreNext::Finished(Err(message))) => self.fail(message, cx.now),
+            Err(e) => self.restore_failed(e, cx),
+        }
+    }
+
+    fn on_restore(mut self, answer: Result<Answer, StepError>, cx: &Context<'_>) -> (Self, Action) {
+        match answer {
+            Ok(Answer::Continue) => self.step_succeeded(cx.now),
+            Ok(Answer::Pending) => {
+                self.retries = 0;
+                self.last_error = None;
+                let at = cx.now.plus(cx.source.poll_interval);
+                self.next_step_at = Some(at);
+                (self, Action::Sleep(at))
+            }
+            Err(e) => self.restore_failed(e, cx),
+        }
+    }
+
+    /// A restore step failed: retried while the error is transient and tries are left; then a
+    /// drill deletes its scratch database and records the outcome before the job fails.
+    fn restore_failed(mut self, err: StepError, cx: &Context<'_>) -> (Self, Action) {
+        if err.is_retryable() && self.retries < cx.source.retry.max_attempts {
+            return self.retry(err, cx);
+        }
+        let message = if err.is_retryable() {
+            format!("{} (gave up after {} tries)", err.message(), self.retries + 1)
+        } else {
+            err.message().to_string()
+        };
+        if self.restore.as_mut().is_some_and(|s| s.fail_after_cleanup(message.clone())) {
+            let (mut job, action) = self.step_succeeded(cx.now);
+            job.last_error = Some(message);
+            return (job, action);
+        }
+        self.fail(message, cx.now)
     }
 
     fn on_response(mut self, resp: &HttpResponse, cx: &Context<'_>) -> (Self, Action) {

@@ -50,6 +50,9 @@ pub struct Ledger {
     /// The latest `verify_schedule` fire time a verify job was started for.
     #[serde(default)]
     pub last_verify_scheduled_for: Option<Timestamp>,
+    /// The latest `drill_schedule` fire time a drill was started for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_drill_scheduled_for: Option<Timestamp>,
     /// Dedupe keys of committed jobs (e.g. DXP backup ids), newest last.
     #[serde(default)]
     pub copied: Vec<String>,
@@ -114,6 +117,7 @@ impl JobSummary {
         let bytes = match job.task {
             Task::Export | Task::Replicate => job.artifacts.iter().map(|a| a.size).sum(),
             Task::Verify => job.verify.as_ref().map_or(0, |v| v.bytes_read),
+            Task::Restore | Task::Drill => 0,
         };
         let folder = match job.task {
             Task::Export | Task::Replicate => (job.phase == Phase::Committed).then(|| job.folder()),
@@ -123,6 +127,7 @@ impl JobSummary {
                 .and_then(|v| v.manifest_key.as_deref())
                 .and_then(crate::manifest::folder_of)
                 .map(str::to_string),
+            Task::Restore | Task::Drill => job.restore.as_ref().and_then(|r| r.dump.as_ref()).map(|d| d.folder.clone()),
         };
         Some(Self {
             id: job.id.clone(),
@@ -231,6 +236,8 @@ impl Ledger {
             Task::Export => self.last_scheduled_for,
             Task::Verify => self.last_verify_scheduled_for,
             Task::Replicate => None,
+            Task::Drill => self.last_drill_scheduled_for,
+            Task::Restore => None,
         };
         if let (Some(for_time), Some(last)) = (req.scheduled_for, last_served) {
             if for_time <= last {
@@ -255,6 +262,18 @@ impl Ledger {
         schedule: &Schedule,
         verify_schedule: Option<&Schedule>,
     ) -> TickOutcome {
+        self.tick_with_drills(tick, trigger_start, schedule, verify_schedule, None)
+    }
+
+    /// [`Ledger::tick`] with a `drill_schedule` too (restore drills, after exports and verifications).
+    pub fn tick_with_drills(
+        &mut self,
+        tick: Timestamp,
+        trigger_start: Timestamp,
+        schedule: &Schedule,
+        verify_schedule: Option<&Schedule>,
+        drill_schedule: Option<&Schedule>,
+    ) -> TickOutcome {
         if let Some(last) = self.last_tick.filter(|last| *last >= tick) {
             return TickOutcome::AlreadyProcessed(last);
         }
@@ -266,6 +285,9 @@ impl Ledger {
             verify_schedule
                 .and_then(|v| v.fires_between(start, tick, MAX_COUNTED_FIRES))
                 .map(|fires| Missed { task: Task::Verify, fires }),
+            drill_schedule
+                .and_then(|d| d.fires_between(start, tick, MAX_COUNTED_FIRES))
+                .map(|fires| Missed { task: Task::Drill, fires }),
         ]
         .into_iter()
         .flatten()
@@ -320,8 +342,9 @@ impl Ledger {
         let served = match req.task {
             Task::Export => Some(&mut self.last_scheduled_for),
             Task::Verify => Some(&mut self.last_verify_scheduled_for),
-            // Queued by the runtime after a commit, never by a trigger.
-            Task::Replicate => None,
+            Task::Drill => Some(&mut self.last_drill_scheduled_for),
+            // Queued by the runtime after a commit, or asked for by hand: no fire time to serve.
+            Task::Replicate | Task::Restore => None,
         };
         if let (Some(t), Some(served)) = (req.scheduled_for, served) {
             *served = Some(served.map_or(t, |last| last.max(t)));
@@ -689,6 +712,28 @@ mod tests {
         l.record_finish(&id(1), None);
         let (task, fire, _) = l.take_catch_up().unwrap();
         assert_eq!((task, fire), (Task::Verify, at("2026-11-28T10:00:00Z")));
+    }
+
+    #[test]
+    fn a_drill_schedule_starts_a_drill_once_per_fire_time_and_waits_behind_an_export() {
+        let mut l = Ledger::default();
+        let yearly = Schedule::parse("0 0 1 1 *").unwrap();
+        let drills = Schedule::parse("0 10 * * *").unwrap();
+        let out =
+            l.tick_with_drills(at("2026-11-28T10:00:00Z"), at("2026-11-28T09:55:00Z"), &yearly, None, Some(&drills));
+        let TickOutcome::Start { task, fires, .. } = out else { panic!("{out:?}") };
+        assert_eq!((task, fires.latest), (Task::Drill, at("2026-11-28T10:00:00Z")));
+        let req = TriggerRequest { task: Task::Drill, scheduled_for: Some(at("2026-11-28T10:00:00Z")), ..cron(0) };
+        l.record_start(&id(1), &req, at("2026-11-28T10:00:00Z"));
+        l.record_finish(&id(1), None);
+        assert_eq!(l.admit(&req), Admission::AlreadyServed(at("2026-11-28T10:00:00Z")), "one drill per fire time");
+        let out =
+            l.tick_with_drills(at("2026-11-29T10:00:00Z"), at("2026-11-29T09:55:00Z"), &hourly(), None, Some(&drills));
+        assert!(matches!(out, TickOutcome::Start { task: Task::Export, .. }), "{out:?}");
+        l.record_start(&id(2), &cron(0), at("2026-11-29T10:00:00Z"));
+        l.record_finish(&id(2), None);
+        let (task, fire, _) = l.take_catch_up().unwrap();
+        assert_eq!((task, fire), (Task::Drill, at("2026-11-29T10:00:00Z")));
     }
 
     #[test]

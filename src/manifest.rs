@@ -35,6 +35,13 @@ pub struct Artifact {
     /// Provider-specific facts about the file (e.g. node and relationship counts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub details: Option<Value>,
+    /// SQL dumps only: the lower-case hex MD5 of the bytes stored (D1's import `etag`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub md5: Option<String>,
+    /// SQL dumps only: rows per table, counted from the dump's `INSERT` statements while it was
+    /// copied (what a restore drill compares with).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row_counts: Option<std::collections::BTreeMap<String, u64>>,
 }
 
 fn one() -> u32 {
@@ -206,6 +213,8 @@ mod tests {
                 parts: 1,
                 part_sha256: Vec::new(),
                 details: None,
+                md5: None,
+                row_counts: None,
             }],
         };
         let v = serde_json::to_value(&m).unwrap();

@@ -32,7 +32,7 @@ struct Family {
 
 /// The exposition text for all sources.
 pub fn render(sources: &[SourceMetrics<'_>]) -> String {
-    let mut families = vec![
+    let mut families = [
         family("ferry_source_info", "gauge", "A source Ferry backs up (value 1), with its provider kind."),
         family("ferry_source_healthy", "gauge", "1 when the source is green (backed up as scheduled), else 0."),
         family("ferry_source_stale", "gauge", "1 when no committed backup is within the source's max_age."),
@@ -56,6 +56,12 @@ pub fn render(sources: &[SourceMetrics<'_>]) -> String {
             "ferry_last_verification_success",
             "gauge",
             "1 when the latest verification found every file intact, else 0.",
+        ),
+        family("ferry_last_drill_timestamp_seconds", "gauge", "When the latest restore drill finished (Unix time)."),
+        family(
+            "ferry_last_drill_success",
+            "gauge",
+            "1 when the latest restore drill restored every table's rows, else 0.",
         ),
     ];
     for s in sources {
@@ -86,6 +92,11 @@ pub fn render(sources: &[SourceMetrics<'_>]) -> String {
         if let Some(v) = verify {
             put(10, &source, v.finished_at.millis() as f64 / 1000.0);
             put(11, &source, if v.phase == Phase::Verified { 1.0 } else { 0.0 });
+        }
+        let drill = r.history.iter().rev().find(|h| h.task == Task::Drill && h.phase.is_terminal());
+        if let Some(d) = drill {
+            put(12, &source, d.finished_at.millis() as f64 / 1000.0);
+            put(13, &source, if d.phase == Phase::Restored { 1.0 } else { 0.0 });
         }
     }
     let mut out = String::new();
@@ -171,6 +182,8 @@ mod tests {
             history: vec![
                 summary(Task::Export, Phase::Committed, 900, 1_000, 4096),
                 summary(Task::Verify, Phase::Failed, 1_100, 1_150, 4096),
+                summary(Task::Drill, Phase::Failed, 1_200, 1_250, 0),
+                summary(Task::Drill, Phase::Restored, 1_300, 1_350, 0),
             ],
             outcomes: BTreeMap::from([(Phase::Committed, 3), (Phase::Failed, 1)]),
         }
@@ -192,6 +205,8 @@ mod tests {
             "ferry_job_in_flight{source=\"app-db\"} 0",
             "ferry_backups_retained{source=\"app-db\"} 3",
             "ferry_last_verification_success{source=\"app-db\"} 0",
+            "ferry_last_drill_timestamp_seconds{source=\"app-db\"} 1350",
+            "ferry_last_drill_success{source=\"app-db\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

@@ -255,6 +255,9 @@ pub struct CopyState {
     /// fill a part yet, and how many.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tail: Option<(String, u64)>,
+    /// SQL dumps only: the MD5 and row counts over bytes `0..offset` (see `crate::dump`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tally: Option<crate::dump::TallyState>,
     /// When the copy of this artifact started.
     pub started_at: Timestamp,
 }
@@ -348,6 +351,7 @@ impl CopyState {
             no_ranges: false,
             graph: None,
             tail: None,
+            tally: None,
             started_at: now,
         }
     }
@@ -449,6 +453,9 @@ impl CopyState {
         self.validators = None;
         self.graph = None;
         self.tail = None;
+        if self.tally.is_some() {
+            self.tally = Some(crate::dump::TallyState::fresh());
+        }
         self.upload_id.take()
     }
 

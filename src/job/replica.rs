@@ -103,6 +103,8 @@ mod tests {
             parts: 1,
             part_sha256: Vec::new(),
             details: None,
+            md5: None,
+            row_counts: None,
         }
     }
 

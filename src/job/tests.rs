@@ -103,6 +103,8 @@ fn artifact(key: &str) -> Artifact {
         parts: 1,
         part_sha256: Vec::new(),
         details: None,
+        md5: None,
+        row_counts: None,
     }
 }
 

@@ -51,6 +51,8 @@ pub(crate) async fn handle(req: Request, env: &Env) -> worker::Result<Response> 
         }
         Route::StartExport(name) => start_job(req, env, &name, Task::Export).await,
         Route::StartVerify(name) => start_job(req, env, &name, Task::Verify).await,
+        Route::StartDrill(name) => start_job(req, env, &name, Task::Drill).await,
+        Route::Restore { source, folder } => start_restore(req, env, &source, &folder).await,
         other => {
             if let Some(refused) = refuse_bearer(&req, env)? {
                 return Ok(refused);
@@ -131,6 +133,26 @@ async fn start_api_job(mut req: Request, env: &Env, name: &str, task: Task) -> w
         return error(404, &format!("no source named {name:?}"));
     }
     let (status, value) = trigger_api(env, name, params, task).await?;
+    json(status, &value)
+}
+
+/// `POST /v1/backups/{source}/{folder}/restore` with the API bearer token: the body says how
+/// (`target`, `mode`, `confirm`); the source's object checks it before anything is touched.
+async fn start_restore(mut req: Request, env: &Env, name: &str, folder: &str) -> worker::Result<Response> {
+    if let Some(refused) = refuse_bearer(&req, env)? {
+        return Ok(refused);
+    }
+    let Some(body) = read_trigger_body(&mut req).await? else { return error(413, TOO_LARGE) };
+    let Some(mut params) = params_of(&body) else { return error(400, NOT_AN_OBJECT) };
+    let config = match load_config(env) {
+        Ok(c) => c,
+        Err(e) => return error(500, &e.to_string()),
+    };
+    if config.source(name).is_none() {
+        return error(404, &format!("no source named {name:?}"));
+    }
+    params["backup"] = Value::String(folder.to_string());
+    let (status, value) = trigger_api(env, name, params, Task::Restore).await?;
     json(status, &value)
 }
 
@@ -347,6 +369,10 @@ async fn backup_with_verification(bucket: &worker::Bucket, manifest_key: &str, p
     let verification: Option<Verification> = store::read_json(bucket, &verification_key(manifest_key)).await;
     let mut value = serde_json::to_value(manifest).ok()?;
     value["verification"] = serde_json::to_value(verification).unwrap_or(Value::Null);
+    // The latest restore drill's outcome (`null` when it was never drilled).
+    let drill_key =
+        format!("{}{}", crate::manifest::folder_of(manifest_key).unwrap_or_default(), crate::restore::DRILL_NAME);
+    value["drill"] = store::read_json::<Value>(bucket, &drill_key).await.unwrap_or(Value::Null);
     value["pinned"] = Value::Bool(pinned);
     Some(value)
 }

@@ -11,6 +11,7 @@
 mod alerts;
 mod api;
 mod net;
+mod restore;
 mod retention;
 mod source_object;
 mod store;

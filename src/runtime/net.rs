@@ -33,6 +33,7 @@ fn to_request(req: &HttpRequest) -> Result<Request, String> {
     init.with_method(match req.method {
         crate::http::Method::Get => Method::Get,
         crate::http::Method::Post => Method::Post,
+        crate::http::Method::Delete => Method::Delete,
     });
     init.with_headers(headers);
     init.with_redirect(RequestRedirect::Manual);

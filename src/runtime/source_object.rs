@@ -238,9 +238,17 @@ impl SourceObject {
             Ok(b) => b,
             Err(e) => return json_response(400, &json!({ "error": e })),
         };
+        // A restore or drill is checked (confirm field and all) before anything is touched.
+        let restore = match req.task {
+            Task::Restore | Task::Drill => match crate::restore::plan(req.task, &source, &req.params, backup.clone()) {
+                Ok(state) => Some(state),
+                Err(e) => return json_response(400, &json!({ "error": e })),
+            },
+            Task::Export | Task::Verify | Task::Replicate => None,
+        };
         match ledger.admit(&req) {
             Admission::Start => {
-                let job = self.start(&mut ledger, &source, &req, backup, None).await?;
+                let job = self.start(&mut ledger, &source, &req, backup, None, restore).await?;
                 json_response(202, &json!({ "job": job.public_json() }))
             }
             Admission::Replay(id) => {
@@ -267,6 +275,7 @@ impl SourceObject {
         req: &TriggerRequest,
         backup: Option<String>,
         catch_up: Option<String>,
+        restore: Option<crate::restore::RestoreState>,
     ) -> worker::Result<Job> {
         let now = now();
         let mut job = Job::with_params(
@@ -280,6 +289,14 @@ impl SourceObject {
         );
         if req.task == Task::Verify {
             job = job.verify_of(backup);
+        }
+        // A scheduled drill (or its catch-up) plans itself: a drill needs no confirmation.
+        let restore = match restore {
+            None if req.task == Task::Drill => crate::restore::plan(req.task, source, &req.params, None).ok(),
+            other => other,
+        };
+        if let Some(state) = restore {
+            job = job.restore_of(req.task, state);
         }
         job.catch_up = catch_up;
         let evicted = ledger.record_start(&job.id, req, now);
@@ -302,7 +319,7 @@ impl SourceObject {
             params: json!({}),
             task,
         };
-        self.start(ledger, source, &req, None, Some(note)).await.map(Some)
+        self.start(ledger, source, &req, None, Some(note), None).await.map(Some)
     }
 
     /// A cron tick (see [`Self::process_tick`]), then the alerts it raised or that still wait.
@@ -354,7 +371,13 @@ impl SourceObject {
         };
         let daily_pass = self.note_daily_pass(&source, tick).await?;
         let mut ledger = self.load_ledger().await?;
-        let outcome = ledger.tick(tick, trigger_start, &source.schedule, source.verify_schedule.as_ref());
+        let outcome = ledger.tick_with_drills(
+            tick,
+            trigger_start,
+            &source.schedule,
+            source.verify_schedule.as_ref(),
+            source.drill_schedule.as_ref(),
+        );
         if let Some(stale) = ledger.check_stale(&source, tick) {
             console_error!("{name}: stale: {}", stale.reason.as_deref().unwrap_or_default());
         }
@@ -368,7 +391,7 @@ impl SourceObject {
                     task,
                 };
                 let note = catch_up.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
-                let job = self.start(&mut ledger, &source, &req, None, catch_up.clone()).await?;
+                let job = self.start(&mut ledger, &source, &req, None, catch_up.clone(), None).await?;
                 return json_response(
                     202,
                     &json!({ "line": format!("due at {}: started {task:?} job {}{note}", fires.latest, job.id) }),
@@ -783,6 +806,7 @@ impl SourceObject {
                     | Action::CommitReplica { .. }
                     | Action::VerifySlice { .. }
                     | Action::RecordVerification { .. }
+                    | Action::Restore(_)
             ) {
                 self.storage().set_alarm(now.plus(WATCHDOG).to_datetime()).await?;
             }
@@ -840,6 +864,10 @@ impl SourceObject {
                             ))),
                         },
                     }
+                }
+                Action::Restore(io) => {
+                    sliced = true;
+                    Event::RestoreIo(super::restore::perform(&bucket, &job.source, *io).await)
                 }
                 Action::RecordVerification { key, record } => {
                     match within(R2_STEP_TIMEOUT, store::put_json(&bucket, &key, &record)).await {
@@ -960,7 +988,7 @@ fn timed_out(what: &str) -> String {
 /// The manifest key a verify trigger names (`{"backup": "<folder or manifest key>"}`), which must
 /// be one of this source's backups; `None` means the newest.
 fn named_backup(source: &str, req: &TriggerRequest) -> Result<Option<String>, String> {
-    if req.task != Task::Verify {
+    if req.task == Task::Export {
         return Ok(None);
     }
     let Some(named) = req.params.get("backup") else { return Ok(None) };

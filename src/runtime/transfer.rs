@@ -25,6 +25,7 @@ use wasm_bindgen_futures::JsFuture;
 use worker::{Bucket, Data, HttpMetadata, Storage, UploadedPart};
 
 use super::{net, store};
+use crate::dump::{Tally, TallyState};
 use crate::error::StepError;
 use crate::http::{status_error, HttpRequest, HttpResponse};
 use crate::job::{CopySource, Event, Job, SliceOrder, SliceOutcome};
@@ -66,10 +67,18 @@ fn stage(bytes: &Uint8Array) -> usize {
 }
 
 /// Hashes the first `n` bytes staged by [`stage`], and feeds them to the gzip check if one runs.
-fn hash_staged(hasher: &mut Sha256, gzip: &mut Option<GzipCheck>, n: usize) -> Result<(), String> {
+fn hash_staged(
+    hasher: &mut Sha256,
+    tally: &mut Option<Tally>,
+    gzip: &mut Option<GzipCheck>,
+    n: usize,
+) -> Result<(), String> {
     SCRATCH.with(|cell| {
         let staged = &cell.borrow()[..n];
         hasher.update(staged);
+        if let Some(t) = tally {
+            t.update(staged);
+        }
         match gzip {
             Some(check) => check.update(staged),
             None => Ok(()),
@@ -131,6 +140,7 @@ struct InFlight {
     number: u16,
     size: u64,
     hash_after: String,
+    tally_after: Option<TallyState>,
     upload: JsFuture,
     digest: JsFuture,
 }
@@ -146,6 +156,8 @@ struct Sink<'a> {
     filename: String,
     content_type: String,
     hasher: Sha256,
+    /// SQL dumps only: the MD5 and row counter, fed with the same bytes as `hasher`.
+    tally: Option<Tally>,
     /// The part being filled (JS memory, `part_size` long) and how much of it is.
     part: Uint8Array,
     filled: usize,
@@ -242,6 +254,9 @@ impl<'a> Sink<'a> {
         while !data.is_empty() {
             let take = (self.part_size() - self.filled).min(data.len());
             self.hasher.update(&data[..take]);
+            if let Some(t) = self.tally.as_mut() {
+                t.update(&data[..take]);
+            }
             self.part.subarray(self.filled as u32, (self.filled + take) as u32).copy_from(&data[..take]);
             self.filled += take;
             data = &data[take..];
@@ -335,6 +350,7 @@ impl<'a> Sink<'a> {
             number: number as u16,
             size,
             hash_after: save_hasher(&self.hasher),
+            tally_after: self.tally.as_ref().map(Tally::save),
             upload,
             digest,
         });
@@ -358,6 +374,9 @@ impl<'a> Sink<'a> {
         let sha256 = hex::encode(Uint8Array::new(&digest).to_vec());
         let record = PartRecord { number: part.number, etag, size: part.size, sha256 };
         self.state.record_part(&record, part.hash_after);
+        if part.tally_after.is_some() {
+            self.state.tally = part.tally_after;
+        }
         self.pending_parts.push(record);
         if self.persist_each_part {
             self.persist().await?;
@@ -387,6 +406,9 @@ impl<'a> Sink<'a> {
             }
         }
         self.hasher = Sha256::new();
+        if self.tally.is_some() {
+            self.tally = Some(Tally::default());
+        }
         worker::console_log!("job {}: {}: restarting from byte 0: {reason}", self.job.id, self.filename);
         self.persist().await?;
         if self.state.restarts > self.settings.max_restarts {
@@ -477,7 +499,10 @@ impl<'a> Sink<'a> {
         part_sha256: Vec<String>,
         details: Option<serde_json::Value>,
     ) -> Artifact {
+        let (md5, row_counts) = self.tally.as_ref().map(Tally::finish).unzip();
         Artifact {
+            md5,
+            row_counts,
             key: self.state.key.clone(),
             filename: self.filename.clone(),
             size: self.state.offset,
@@ -504,6 +529,18 @@ pub(crate) async fn run_slice(
         Ok(h) => h,
         Err(e) => return Event::Sliced { state, outcome: SliceOutcome::Failed(e) },
     };
+    let mut state = state;
+    if state.tally.is_none() && state.offset == 0 && Tally::applies_to(&filename) {
+        state.tally = Some(TallyState::fresh());
+    }
+    let tally = match state.tally.as_ref().map(Tally::load) {
+        None => None,
+        Some(Some(t)) => Some(t),
+        Some(None) => {
+            let e = StepError::permanent("the copy's saved MD5 and row counts are corrupt; the copy cannot resume");
+            return Event::Sliced { state, outcome: SliceOutcome::Failed(e) };
+        }
+    };
     let at_start = state.clone();
     let graph = matches!(source, CopySource::Graph(_));
     let mut sink = Sink {
@@ -515,6 +552,7 @@ pub(crate) async fn run_slice(
         filename,
         content_type,
         hasher,
+        tally,
         part: Uint8Array::new_with_length(settings.part_size as u32),
         filled: 0,
         inflight: VecDeque::new(),
@@ -760,7 +798,7 @@ async fn pump(
         let boundary = sink.filled == sink.part_size();
         if boundary || done {
             // The part's hash state must include these bytes before the part is sent.
-            hash_staged(&mut sink.hasher, &mut gzip, n).map_err(|e| damaged(sink, &reader, e))?;
+            hash_staged(&mut sink.hasher, &mut sink.tally, &mut gzip, n).map_err(|e| damaged(sink, &reader, e))?;
         }
         if boundary {
             sink.send_part().await?;
@@ -776,7 +814,7 @@ async fn pump(
         reading = Some(reader.start(&next_view(sink)).map_err(|e| broke(sink, e))?);
         if !boundary {
             // Hash while the next read is in flight.
-            hash_staged(&mut sink.hasher, &mut gzip, n).map_err(|e| damaged(sink, &reader, e))?;
+            hash_staged(&mut sink.hasher, &mut sink.tally, &mut gzip, n).map_err(|e| damaged(sink, &reader, e))?;
         }
     }
     let got = sink.position();

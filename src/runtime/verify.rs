@@ -27,12 +27,12 @@ pub(crate) async fn run_slice(
 }
 
 /// The newest committed backup of `source`, by its manifest key (folders sort by start time).
-async fn newest_manifest(bucket: &Bucket, source: &str) -> Result<String, StepError> {
+pub(super) async fn newest_manifest(bucket: &Bucket, source: &str) -> Result<String, StepError> {
     let keys = store::list_keys(bucket, &format!("{source}/")).await.map_err(|e| r2_err("list", e))?;
     keys.into_iter()
         .filter(|k| is_manifest_key(k))
         .max()
-        .ok_or_else(|| StepError::permanent(format!("source {source:?} has no committed backup to verify")))
+        .ok_or_else(|| StepError::permanent(format!("source {source:?} has no committed backup")))
 }
 
 async fn slice(

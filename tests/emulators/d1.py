@@ -120,6 +120,9 @@ from common import (API_FAULTS, BaseHandler, RANGE_SWITCHES, REQUEST_LOG_SIZE, S
                     gzip_once_more, log_snapshot, range_switch_problem, s3_error_body, s3_error_reply,
                     serve_download, serve_main, take_fault, ttl_switch_changes, write_cut_reply)
 from d1_dump import DumpError, dump_sql  # noqa: E402
+import d1_restore  # noqa: E402
+from d1_restore import (RE_IMPORT, RE_QUERY, RE_TT_BOOKMARK, RE_TT_RESTORE, RE_UPLOAD,  # noqa: E402
+                        RESTORE_SWITCHES, RestoreMixin)
 
 API_PREFIX = "/client/v4"
 RATELIMIT_HEADERS = (
@@ -239,7 +242,7 @@ class Task:
                 "error": self.error if self.status != "complete" else None}
 
 
-class Emulator:
+class Emulator(RestoreMixin):
     """All emulator state; every method is called with HTTP-level inputs."""
 
     def __init__(self, account: str, token: str, databases: dict, defaults: dict):
@@ -262,6 +265,7 @@ class Emulator:
         self.api_calls = deque()
         self.blocked_until = 0.0
         self.faults_injected: list = []
+        self._reset_restore_state()
 
     def reset(self) -> dict:
         with self.lock:
@@ -306,7 +310,8 @@ class Emulator:
                     "downloads": self.downloads,
                     "export_calls": self.export_calls,
                     "faults_injected": [dict(f) for f in self.faults_injected],
-                    "login_requests": LoginOrigin.snapshot()}
+                    "login_requests": LoginOrigin.snapshot(),
+                    **self.restore_state()}
 
     def take_fault(self, step: str | None) -> dict | None:
         with self.lock:
@@ -452,6 +457,7 @@ class Emulator:
         bookmark = self._new_bookmark()
         filename = f"{db.uuid}-{bookmark}.sql"
         dump, error = snapshot_dump(db, options)
+        self.keep_snapshot(db, bookmark)
         fate = "complete"
         if error is None and self.switches.get("export_error"):
             error = str(self.switches["export_error"])
@@ -612,6 +618,10 @@ class Handler(BaseHandler):
             elif path.startswith("/__signed/"):
                 self.mark_download()
                 self.handle_download(path)
+            elif RE_UPLOAD.match(path) and self.command == "PUT":
+                self._step = "upload"
+                status, headers, payload = self.emulator.upload(RE_UPLOAD.match(path).group(1), self.headers, body)
+                self.write_reply(Reply(status, payload, "application/xml", headers))
             elif path.startswith("/__control"):
                 self.handle_control(path, body)
             else:
@@ -680,6 +690,9 @@ class Handler(BaseHandler):
                 return canned
             emu.authorise(self.headers)
             return emu.export(export.group(1), export.group(2), body, self.host(), fault)
+        restore = self.route_restore(emu, path, body, query)
+        if restore is not None:
+            return restore
         database = RE_DATABASE.match(path)
         if database and self.command == "GET":
             emu.authorise(self.headers)
@@ -691,6 +704,27 @@ class Handler(BaseHandler):
         if database or databases:
             raise ApiError(405, 10405, "Method not allowed")
         raise ApiError(404, 7000, "No route for that URI")
+
+    def route_restore(self, emu: Emulator, path: str, body: bytes, query: dict) -> Reply | None:
+        """Import, query, create, delete and time travel (d1_restore.py), or ``None``."""
+        def parsed():
+            try:
+                return json.loads(body or b"null")
+            except (ValueError, UnicodeDecodeError):
+                raise ApiError(400, 7400, "Malformed JSON in request body")
+        for pattern, method, call in (
+            (RE_IMPORT, "POST", lambda m: emu.import_call(m.group(1), m.group(2), parsed(), self.host())),
+            (RE_QUERY, "POST", lambda m: emu.query(m.group(1), m.group(2), parsed())),
+            (RE_TT_BOOKMARK, "GET", lambda m: emu.tt_bookmark(m.group(1), m.group(2))),
+            (RE_TT_RESTORE, "POST", lambda m: emu.tt_restore(m.group(1), m.group(2), query)),
+            (RE_DATABASES, "POST", lambda m: emu.create_database(m.group(1), parsed())),
+            (RE_DATABASE, "DELETE", lambda m: emu.delete_database(m.group(1), m.group(2))),
+        ):
+            match = pattern.match(path)
+            if match and self.command == method:
+                emu.authorise(self.headers)
+                return call(match)
+        return None
 
     def handle_control(self, path: str, body: bytes):
         emu = self.emulator
@@ -795,6 +829,7 @@ def default_switches(args) -> dict:
         "download_fail_status": None,
         "faults": [],
         **RANGE_SWITCHES,
+        **RESTORE_SWITCHES,
     }
 
 
@@ -820,6 +855,8 @@ def serve(argv):
 def main(argv=None):
     serve_main(make_server, argv)
 
+
+d1_restore.bind(ApiError=ApiError, Database=Database, envelope=envelope, json_reply=json_reply)
 
 if __name__ == "__main__":
     main()
