@@ -702,26 +702,7 @@ fn malformed(what: &str) -> StepError {
 
 fn envelope_errors(resp: &HttpResponse) -> String {
     let body: Value = serde_json::from_slice(&resp.body).unwrap_or(Value::Null);
-    let errors: Vec<String> = body
-        .get("errors")
-        .and_then(Value::as_array)
-        .map(|list| {
-            list.iter()
-                .map(|e| {
-                    let msg = e.get("message").and_then(Value::as_str).unwrap_or("(no message)");
-                    match e.get("code").and_then(Value::as_i64) {
-                        Some(code) => format!("{code}: {msg}"),
-                        None => msg.to_string(),
-                    }
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    if errors.is_empty() {
-        resp.snippet(200)
-    } else {
-        errors.join("; ")
-    }
+    crate::providers::d1::envelope_error_list(&body).unwrap_or_else(|| resp.snippet(200))
 }
 
 /// The `result` of a Cloudflare envelope, or the error in D1's words.

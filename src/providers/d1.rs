@@ -230,6 +230,11 @@ fn with_messages(error: String, messages: &[String]) -> String {
 
 /// `errors[]` of a Cloudflare envelope as one line: `7500: Unknown bookmark; …`.
 fn envelope_errors(body: &Value) -> String {
+    envelope_error_list(body).unwrap_or_else(|| "no error details".into())
+}
+
+/// `errors[]` of a Cloudflare envelope as one line, `None` when it lists none.
+pub(crate) fn envelope_error_list(body: &Value) -> Option<String> {
     let errors: Vec<String> = body
         .get("errors")
         .and_then(Value::as_array)
@@ -245,11 +250,7 @@ fn envelope_errors(body: &Value) -> String {
                 .collect()
         })
         .unwrap_or_default();
-    if errors.is_empty() {
-        "no error details".into()
-    } else {
-        errors.join("; ")
-    }
+    (!errors.is_empty()).then(|| errors.join("; "))
 }
 
 #[cfg(test)]

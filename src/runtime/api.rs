@@ -36,6 +36,15 @@ fn error(status: u16, message: &str) -> worker::Result<Response> {
     json(status, &error_body(message))
 }
 
+/// The answer when the config is invalid (500) or names no source `name` (404); `None` when it does.
+fn unknown_source(env: &Env, name: &str) -> worker::Result<Option<Response>> {
+    match load_config(env) {
+        Err(e) => error(500, &e.to_string()).map(Some),
+        Ok(config) if config.source(name).is_none() => error(404, &format!("no source named {name:?}")).map(Some),
+        Ok(_) => Ok(None),
+    }
+}
+
 /// Handles one request to the Worker.
 pub(crate) async fn handle(req: Request, env: &Env) -> worker::Result<Response> {
     let method = req.method().to_string();
@@ -125,12 +134,8 @@ async fn start_api_job(mut req: Request, env: &Env, name: &str, task: Task) -> w
     }
     let Some(body) = read_trigger_body(&mut req).await? else { return error(413, TOO_LARGE) };
     let Some(params) = params_of(&body) else { return error(400, NOT_AN_OBJECT) };
-    let config = match load_config(env) {
-        Ok(c) => c,
-        Err(e) => return error(500, &e.to_string()),
-    };
-    if config.source(name).is_none() {
-        return error(404, &format!("no source named {name:?}"));
+    if let Some(refused) = unknown_source(env, name)? {
+        return Ok(refused);
     }
     let (status, value) = trigger_api(env, name, params, task).await?;
     json(status, &value)
@@ -144,12 +149,8 @@ async fn start_restore(mut req: Request, env: &Env, name: &str, folder: &str) ->
     }
     let Some(body) = read_trigger_body(&mut req).await? else { return error(413, TOO_LARGE) };
     let Some(mut params) = params_of(&body) else { return error(400, NOT_AN_OBJECT) };
-    let config = match load_config(env) {
-        Ok(c) => c,
-        Err(e) => return error(500, &e.to_string()),
-    };
-    if config.source(name).is_none() {
-        return error(404, &format!("no source named {name:?}"));
+    if let Some(refused) = unknown_source(env, name)? {
+        return Ok(refused);
     }
     params["backup"] = Value::String(folder.to_string());
     let (status, value) = trigger_api(env, name, params, Task::Restore).await?;
@@ -176,12 +177,8 @@ async fn start_webhook_job(mut req: Request, env: &Env, name: &str, task: Task) 
         Err(e) => return error(401, &format!("webhook signature refused: {e}")),
     };
     let Some(params) = params_of(&body) else { return error(400, NOT_AN_OBJECT) };
-    let config = match load_config(env) {
-        Ok(c) => c,
-        Err(e) => return error(500, &e.to_string()),
-    };
-    if config.source(name).is_none() {
-        return error(404, &format!("no source named {name:?}"));
+    if let Some(refused) = unknown_source(env, name)? {
+        return Ok(refused);
     }
     // One signed delivery starts one source's job: replaying it to another source starts nothing.
     if let Err(owner) = claim_delivery(env, verified.id(), name).await? {
