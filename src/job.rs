@@ -23,7 +23,7 @@ use crate::manifest::{self, Artifact, Manifest};
 use crate::providers::aura::GraphExport;
 use crate::providers::{Credentials, Download, Origin, Progress, ProviderState, StepInput};
 use crate::replica::{ReplicaManifest, ReplicaState};
-use crate::restore::{Answer, Io, IoDone, Next as RestoreNext, RestoreState};
+use crate::restore::{Answer, Io, IoDone, Next as RestoreNext, RestoreCx, RestoreState};
 use crate::time::Timestamp;
 use crate::transfer::{CopyState, TransferSettings};
 use crate::verify::{Verification, VerifyState};
@@ -941,10 +941,7 @@ impl Job {
         let Some(state) = self.restore.take() else {
             return self.fail("restore job without its state".into(), cx.now);
         };
-        let crate::providers::ProviderConfig::D1(cfg) = &cx.source.provider else {
-            return self.fail("restore is implemented for D1 sources only".into(), cx.now);
-        };
-        let next = cx.creds.get(&cfg.token_secret).and_then(|token| state.next(cfg, token, &self.id, cx.now));
+        let next = state.next(&RestoreCx { source: cx.source, creds: cx.creds, job: &self.id, now: cx.now });
         self.restore = Some(state);
         match next {
             Ok(RestoreNext::Send(req)) => {
@@ -976,6 +973,13 @@ impl Job {
                 self.retries = 0;
                 self.last_error = None;
                 let at = cx.now.plus(cx.source.poll_interval);
+                self.next_step_at = Some(at);
+                (self, Action::Sleep(at))
+            }
+            Ok(Answer::WaitUntil(at)) => {
+                self.retries = 0;
+                self.last_error = None;
+                let at = at.max(cx.now);
                 self.next_step_at = Some(at);
                 (self, Action::Sleep(at))
             }

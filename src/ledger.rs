@@ -127,7 +127,7 @@ impl JobSummary {
                 .and_then(|v| v.manifest_key.as_deref())
                 .and_then(crate::manifest::folder_of)
                 .map(str::to_string),
-            Task::Restore | Task::Drill => job.restore.as_ref().and_then(|r| r.dump.as_ref()).map(|d| d.folder.clone()),
+            Task::Restore | Task::Drill => job.restore.as_ref().and_then(crate::restore::RestoreState::backup_folder),
         };
         Some(Self {
             id: job.id.clone(),

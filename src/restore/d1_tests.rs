@@ -10,6 +10,10 @@ use crate::config::Config;
 use crate::job::{Action, Context, Event, Job, Phase, Trigger};
 use crate::manifest::Artifact;
 use crate::providers::Credentials;
+use crate::secret::Secret;
+use crate::time::Timestamp;
+use crate::config::SourceConfig;
+use crate::http::{HttpRequest, HttpResponse};
 
 const FOLDER: &str = "app-db/2026-11-23T030000Z-00000000000000aa/";
 const MD5: &str = "0123456789abcdef0123456789abcdef";
@@ -177,17 +181,6 @@ fn time_travel_must_confirm_the_source_database_and_a_drill_takes_no_target() {
 }
 
 #[test]
-fn only_d1_sources_can_be_restored() {
-    let mut c = Config::from_value(&json!([{
-        "name": "g", "kind": "aura", "schedule": "0 3 * * *", "instance_id": "2f49c2b3", "client_id_secret": "A",
-        "client_secret_secret": "B", "mode": "snapshot"
-    }]))
-    .unwrap();
-    let err = plan(Task::Drill, &c.sources.remove(0), &json!({}), None).unwrap_err();
-    assert!(err.contains("D1 sources only"), "{err}");
-}
-
-#[test]
 fn an_import_streams_the_dump_to_d1_and_polls_until_complete() {
     let mut h = Harness::new(Task::Restore, import_params());
     assert_eq!(h.io(), Io::ReadManifest { key: Some(format!("{FOLDER}manifest.json")) });
@@ -297,7 +290,8 @@ fn a_refused_bookmark_with_a_target_falls_back_to_importing_into_it() {
     h.import("db-2");
     assert_eq!(h.wake(), Action::Done);
     assert_eq!(h.job.phase, Phase::Restored);
-    assert!(h.job.restore.as_ref().unwrap().notes[0].contains("expired"));
+    let Some(RestoreState::D1(state)) = h.job.restore.as_ref() else { panic!("a D1 restore") };
+    assert!(state.notes[0].contains("expired"));
 }
 
 #[test]
