@@ -91,6 +91,31 @@ def test_a_restore_without_the_matching_confirm_is_refused_and_touches_nothing(w
     assert world["ferry"].source("big")["last_job"]["task"] == "export", "no job was started"
 
 
+def test_a_folder_without_a_manifest_is_refused_and_touches_nothing(world):
+    ferry = world["ferry"]
+    before = ferry.source("big")["last_job"]["id"]
+    uncommitted = world["folder"].rstrip("/") + "x"
+    ferry.r2_put(f"{uncommitted}/db.sql", b"PRAGMA defer_foreign_keys=TRUE;\n")  # files, but no manifest
+    path = f"/v1/backups/{urllib.parse.quote(uncommitted, safe='/')}/restore"
+    status, answer = post(ferry, path, {"target": {"database_id": "dst-uuid"}, "confirm": "dst-uuid"})
+    assert status == 404, answer
+    assert "is not a committed backup" in answer["error"] and "manifest.json" in answer["error"]
+    assert ferry.source("big")["last_job"]["id"] == before, "no job was started"
+    assert world["emulator"].state()["imports"] == []
+
+
+def test_an_import_into_an_unknown_database_fails_clearly_and_imports_nothing(world):
+    ferry = world["ferry"]
+    status, answer = restore(world, {"target": {"database_id": "no-such-uuid"}, "confirm": "no-such-uuid"})
+    assert status == 202, answer
+    job = ferry.wait_job(answer["job"]["id"], timeout=60)
+    assert job["phase"] == "failed", job
+    assert "target database no-such-uuid does not exist" in job["error"], job["error"]
+    state = world["emulator"].state()
+    assert state["imports"] == []
+    assert not any(r["path"].endswith("/import") for r in state["requests"]), "nothing was sent to an import"
+
+
 def test_a_backup_larger_than_one_part_imports_into_a_named_database_row_for_row(world):
     ferry = world["ferry"]
     status, answer = restore(world, {"target": {"database_id": "dst-uuid"}, "confirm": "dst-uuid"})

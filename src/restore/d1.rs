@@ -60,6 +60,8 @@ pub enum Step {
     Digest,
     /// Create the drill's scratch database.
     CreateScratch,
+    /// Make sure the named target database exists before anything is sent to it.
+    CheckTarget,
     /// Ask D1 for an upload URL (`init`).
     Init,
     /// Stream the dump from R2 to the upload URL.
@@ -276,6 +278,7 @@ impl D1Restore {
                 HttpRequest::post_json(db_url(cfg, &[])?, &json!({ "name": Self::scratch_name(job) })),
                 token,
             )),
+            Step::CheckTarget => Next::Send(authed(HttpRequest::get(db_url(cfg, &[target()?])?), token)),
             Step::Init => Next::Send(authed(
                 HttpRequest::post_json(
                     db_url(cfg, &[target()?, "import"])?,
@@ -371,7 +374,7 @@ impl D1Restore {
                 self.manifest_key = Some(key);
                 self.step = match self.mode {
                     Mode::Drill => Step::Digest,
-                    Mode::Import => Step::Init,
+                    Mode::Import => Step::CheckTarget,
                     Mode::TimeTravel => self.time_travel_or_fallback(now)?,
                 };
                 Ok(Answer::Continue)
@@ -439,7 +442,7 @@ impl D1Restore {
             Some(t) => {
                 self.notes.push(format!("{why}; importing the dump into database {t} instead"));
                 self.mode = Mode::Import;
-                Ok(Step::Init)
+                Ok(Step::CheckTarget)
             }
             None => Err(StepError::permanent(format!(
                 "{why}: restore this backup by importing its dump into a named database instead \
@@ -456,8 +459,19 @@ impl D1Restore {
             self.step = self.fallback(why)?;
             return Ok(Answer::Continue);
         }
+        if step == Step::CheckTarget && resp.status == 404 {
+            let target = self.target.as_deref().unwrap_or("?");
+            return Err(StepError::permanent(format!(
+                "the target database {target} does not exist in this account (D1: {}); nothing was imported",
+                envelope_errors(resp)
+            )));
+        }
         let result = envelope(resp, now, step)?;
         match step {
+            Step::CheckTarget => {
+                self.step = Step::Init;
+                Ok(Answer::Continue)
+            }
             Step::CreateScratch => {
                 let uuid = result.get("uuid").and_then(Value::as_str).ok_or_else(|| malformed("create: no uuid"))?;
                 self.target = Some(uuid.to_string());
@@ -648,6 +662,7 @@ fn envelope_errors(resp: &HttpResponse) -> String {
 fn envelope(resp: &HttpResponse, now: Timestamp, step: Step) -> Result<Value, StepError> {
     let what = match step {
         Step::CreateScratch => "creating the scratch database",
+        Step::CheckTarget => "looking up the target database",
         Step::Init | Step::Ingest | Step::Poll => "import",
         Step::Count(_) => "counting rows",
         Step::DeleteScratch => "deleting the scratch database",

@@ -13,7 +13,7 @@ use crate::providers::Credentials;
 use crate::secret::Secret;
 use crate::time::Timestamp;
 use crate::config::SourceConfig;
-use crate::http::{HttpRequest, HttpResponse};
+use crate::http::{HttpRequest, HttpResponse, Method};
 
 const FOLDER: &str = "app-db/2026-11-23T030000Z-00000000000000aa/";
 const MD5: &str = "0123456789abcdef0123456789abcdef";
@@ -96,8 +96,18 @@ impl Harness {
         self.feed(Event::Wake)
     }
 
-    /// Wakes and expects a request; returns it.
+    /// Wakes and expects a request; returns it. The look-up of an import's target database is
+    /// answered on the way (it exists), except where a test asks for it with [`Self::raw_request`].
     fn request(&mut self) -> HttpRequest {
+        let req = self.raw_request();
+        if req.method == Method::Get && req.url.ends_with("/accounts/acc/d1/database/db-2") {
+            self.answer(200, json!({"uuid": "db-2", "name": "two"}));
+            return self.raw_request();
+        }
+        req
+    }
+
+    fn raw_request(&mut self) -> HttpRequest {
         match self.wake() {
             Action::Send(req) => req,
             other => panic!("expected a request, got {other:?}"),
@@ -416,4 +426,20 @@ fn a_drill_of_an_altered_dump_imports_what_r2_holds_and_fails_naming_the_table_a
     h.wake();
     let e = h.job.error.clone().unwrap();
     assert!(e.contains("table \"b\": 0 rows restored, 5 in the backup") && e.contains("not the one copied"), "{e}");
+}
+
+#[test]
+fn an_import_into_a_database_that_does_not_exist_fails_before_anything_is_sent_to_it() {
+    let mut h = Harness::new(Task::Restore, import_params());
+    let _ = h.io();
+    h.manifest(manifest(&[("a", 2)], t0()));
+    let lookup = h.raw_request();
+    assert_eq!((lookup.method, lookup.url.as_str()), (Method::Get, "http://127.0.0.1:9/client/v4/accounts/acc/d1/database/db-2"));
+    h.feed(Event::Response(HttpResponse::json(
+        404,
+        &json!({"success": false, "errors": [{"code": 7404, "message": "The database db-2 could not be found"}], "messages": [], "result": null}),
+    )));
+    assert_eq!(h.job.phase, Phase::Failed);
+    let error = h.job.error.clone().unwrap_or_default();
+    assert!(error.contains("target database db-2 does not exist") && error.contains("could not be found"), "{error}");
 }

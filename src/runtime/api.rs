@@ -152,6 +152,19 @@ async fn start_restore(mut req: Request, env: &Env, name: &str, folder: &str) ->
     if let Some(refused) = unknown_source(env, name)? {
         return Ok(refused);
     }
+    // Only a committed backup (its manifest written last) is restorable: anything else is refused
+    // here, before the source's object or the provider is touched.
+    let bucket = env.bucket(BUCKET)?;
+    if store::read_manifest(&bucket, &crate::manifest::manifest_key(folder)).await.is_none() {
+        return error(
+            404,
+            &format!(
+                "{folder} is not a committed backup: it has no readable {} (an unfinished, failed or deleted \
+                 backup cannot be restored; GET /v1/sources/{name}/backups lists the committed ones)",
+                crate::manifest::MANIFEST_NAME
+            ),
+        );
+    }
     params["backup"] = Value::String(folder.to_string());
     let (status, value) = trigger_api(env, name, params, Task::Restore).await?;
     json(status, &value)
