@@ -136,6 +136,12 @@ def test_the_dashboard_shows_each_state_and_back_up_now_runs_to_committed(world,
             "phase"] == "committed"
     failed = ferry.webhook_job("failing")
     assert failed["phase"] == "failed" and failed["error"], failed
+    # A failed restore drill recorded next to the stale source's backup, as a drill job writes it.
+    stale_folder = ferry.backups("stale")[0]["artifacts"][0]["key"].rsplit("/", 1)[0] + "/"
+    drill_error = 'drill of backup x failed: table "users": 0 rows restored, 40 in the backup'
+    ferry.r2_put(stale_folder + "drill.json", json.dumps({
+        "job_id": "00000000000000dd", "at": "2026-11-28T06:00:00.000Z", "passed": False,
+        "backup": stale_folder, "error": drill_error}).encode())
     slow.control(throttle_kib_per_s=512)
     status, _, payload = ferry.webhook("inflight")
     assert status == 202, payload
@@ -167,6 +173,12 @@ def test_the_dashboard_shows_each_state_and_back_up_now_runs_to_committed(world,
             expect(card("healthy").locator(".chart-box svg rect.size")).to_have_count(1)
             expect(card("healthy").locator(".backups-summary")).to_have_text("Backups (1)")
             expect(card("healthy").locator(".next-run")).to_contain_text("0 0 1 1 *")
+
+            # Restore drills: none for the healthy source; the stale source's failed drill, in its words.
+            expect(card("healthy").locator(".drill")).to_have_text("never drilled")
+            expect(card("stale").locator(".drill .bad")).to_have_text("failed")
+            expect(card("stale").locator(".drill .drill-error")).to_contain_text('table "users": 0 rows restored')
+            expect(card("stale").locator(".backup .drill-badge")).to_have_text("drill failed")
 
             # Failing: amber, the provider's words in the reason and under recent failures.
             words = failed["error"][:40]
