@@ -89,6 +89,9 @@ pub struct OpenUpload {
     pub job_id: String,
     /// When it was opened.
     pub created_at: Timestamp,
+    /// The binding of the bucket it is in when that is not the primary bucket (a replica's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
 }
 
 impl OpenUpload {
@@ -150,6 +153,10 @@ pub struct SourceRecords {
     /// Ids of its jobs in flight or queued: their folders and uploads are never touched.
     #[serde(default)]
     pub in_flight: Vec<String>,
+    /// Folders those jobs write that are not named after them (a replicate job writes its
+    /// backup's folder in the replica bucket): never touched either.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub in_flight_folders: Vec<String>,
 }
 
 /// Why a folder (or some of its objects) is removed.
@@ -234,7 +241,11 @@ pub struct Plan {
 pub fn plan(objects: &[StoredObject], sources: &[SourceRecords], now: Timestamp) -> Plan {
     let mut plan = Plan::default();
     let in_flight: BTreeSet<&str> = sources.iter().flat_map(|s| s.in_flight.iter().map(String::as_str)).collect();
-    let job_in_flight = |folder: &str| parse_folder(folder).is_some_and(|(_, job)| in_flight.contains(job));
+    let folders_in_flight: BTreeSet<&str> =
+        sources.iter().flat_map(|s| s.in_flight_folders.iter().map(String::as_str)).collect();
+    let job_in_flight = |folder: &str| {
+        folders_in_flight.contains(folder) || parse_folder(folder).is_some_and(|(_, job)| in_flight.contains(job))
+    };
 
     for source in sources {
         for upload in &source.uploads {
@@ -506,13 +517,29 @@ fn push_capped<T>(list: &mut Vec<T>, item: T, omitted: &mut u64) {
 pub enum Stage {
     /// Recorded uploads and leftovers are next.
     Records,
-    /// Walking the bucket; the next listing starts after this key.
+    /// Walking a bucket; the next listing starts after this key.
     Walk {
         /// The last key of the last complete folder judged.
         after: Option<String>,
+        /// The replica bucket's binding; the primary bucket when `None`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bucket: Option<String>,
     },
     /// Over.
     Done,
+}
+
+/// Where the sweep goes when the walk of `bucket` (the primary when `None`) is over: the next
+/// replica bucket in `replicas`' order, or the end.
+pub fn after_walk(bucket: Option<&str>, replicas: &[String]) -> Stage {
+    let mut sorted: Vec<&String> = replicas.iter().collect();
+    sorted.sort();
+    sorted.dedup();
+    let next = sorted.into_iter().find(|b| bucket.is_none_or(|current| b.as_str() > current));
+    match next {
+        Some(b) => Stage::Walk { after: None, bucket: Some(b.clone()) },
+        None => Stage::Done,
+    }
 }
 
 /// A day's sweep, persisted between ticks.

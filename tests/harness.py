@@ -470,11 +470,11 @@ FERRY_SOURCES = {toml_string(raw)}
         assert status == 202, (source, status, payload)
         return self.wait_job(payload["job"]["id"], timeout=timeout)
 
-    def r2_put(self, key: str, data: bytes) -> None:
-        """Overwrites an object in the local R2 bucket behind Ferry's back (wrangler's own CLI)."""
+    def r2_put(self, key: str, data: bytes, bucket: str = "ferry-backups") -> None:
+        """Overwrites an object in a local R2 bucket behind Ferry's back (wrangler's own CLI)."""
         path = self.workdir / "r2-put.bin"
         path.write_bytes(data)
-        subprocess.run([str(WRANGLER), "r2", "object", "put", f"ferry-backups/{key}", "--file", str(path), "--local",
+        subprocess.run([str(WRANGLER), "r2", "object", "put", f"{bucket}/{key}", "--file", str(path), "--local",
                         "--persist-to", str(self.persist), "--config", str(self.workdir / "wrangler.toml")],
                        cwd=self.workdir, env=tool_env(), check=True, capture_output=True)
 

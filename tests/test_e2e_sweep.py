@@ -182,3 +182,33 @@ def test_the_daily_sweep_removes_orphans_and_never_a_backup(world):
         assert f"sweep: {report['day']} was already swept" in logs
     finally:
         ferry.stop()
+
+
+def test_the_sweep_walks_each_replica_bucket_after_the_primary_and_keeps_the_replicas(world):
+    emulator = world["emulator"]
+    replica = {"bucket_binding": "BACKUPS_REPLICA"}
+    ferry = Ferry(world["work"] / "sweep-replica", [dxp_source("copied", emulator, replica=replica)],
+                  secrets=DXP_SECRETS)
+    try:
+        export = ferry.webhook_job("copied", timeout=120)
+        assert export["phase"] == "committed", export
+        (child,) = export["children"]
+        assert ferry.wait_job(child, timeout=120)["phase"] == "committed"
+        (manifest,) = ferry.backups("copied")
+        folder = manifest["artifacts"][0]["key"].rsplit("/", 1)[0] + "/"
+        replica_manifest = ferry.r2_get(folder + "manifest.json", bucket="ferry-backups-replica")
+        assert replica_manifest is not None
+        stray = "copied/2026-01-01T000000Z-00000000000000f2/"
+        ferry.r2_put(stray + "half.bin", b"z" * 2000, bucket="ferry-backups-replica")
+
+        sweep_day_ms = (int(time.time() * 1000) // DAY_MS + 2) * DAY_MS + 30 * 60 * 1000
+        report = fire(ferry, sweep_day_ms)
+        assert ferry.r2_get(stray + "half.bin", bucket="ferry-backups-replica") is None, "the stray replica folder went"
+        assert [r["folder"] for r in report["removed"]] == [stray], report
+        assert report["errors"] == [] and report["committed_folders"] == 2, "one backup in each bucket"
+        assert ferry.r2_get(folder + "manifest.json", bucket="ferry-backups-replica") == replica_manifest
+        for art in manifest["artifacts"]:
+            assert len(ferry.r2_get(art["key"], bucket="ferry-backups-replica")) == art["size"]
+            assert len(ferry.artifact(art["key"])[1]) == art["size"], "the primary backup is whole"
+    finally:
+        ferry.stop()

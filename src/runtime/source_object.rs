@@ -580,8 +580,23 @@ impl SourceObject {
             uploads: parse(store::list_texts(&self.storage(), UPLOAD_PREFIX).await?),
             leftovers: parse(store::list_texts(&self.storage(), LEFTOVER_PREFIX).await?),
             in_flight: ledger.current.iter().chain(ledger.queue.iter()).map(JobId::to_string).collect(),
+            in_flight_folders: self.replica_folders_in_flight(&ledger).await,
         };
         Response::from_json(&records)
+    }
+
+    /// The folders the replicate jobs in flight or queued write in their replica bucket (named
+    /// after the export, not after them).
+    async fn replica_folders_in_flight(&self, ledger: &Ledger) -> Vec<String> {
+        let mut folders = Vec::new();
+        for id in ledger.current.iter().chain(ledger.queue.iter()) {
+            if let Ok(Some(job)) = self.load_job(id).await {
+                if let Some(replica) = &job.replica {
+                    folders.push(replica.folder());
+                }
+            }
+        }
+        folders
     }
 
     /// Forgets the records the sweeper settled (only upload and leftover records).
@@ -609,7 +624,11 @@ impl SourceObject {
             .as_array()
             .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
             .unwrap_or_default();
-        let line = super::sweeper::tick(&self.storage(), &self.env, now, sources).await;
+        // Every replica bucket the config names is walked after the primary one.
+        let replicas: Vec<String> = load_config(&self.env)
+            .map(|c| c.sources.iter().filter_map(|s| s.replica.as_ref().map(|r| r.bucket_binding.clone())).collect())
+            .unwrap_or_default();
+        let line = super::sweeper::tick(&self.storage(), &self.env, now, sources, replicas).await;
         self.sweeping.set(false);
         json_response(200, &json!({ "line": line }))
     }

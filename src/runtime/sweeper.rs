@@ -36,7 +36,14 @@ const MAX_FOLDER_OBJECTS: usize = 5000;
 const DELETE_BATCH: usize = 1000;
 
 /// One cron tick of the sweep at `now`; returns a line for the log.
-pub(super) async fn tick(storage: &Storage, env: &Env, now: Timestamp, configured: Vec<String>) -> String {
+/// `replicas` are the replica buckets' bindings the config names: walked after the primary.
+pub(super) async fn tick(
+    storage: &Storage,
+    env: &Env,
+    now: Timestamp,
+    configured: Vec<String>,
+    replicas: Vec<String>,
+) -> String {
     let saved = match storage.get::<String>(STATE).await {
         Ok(text) => text.and_then(|t| serde_json::from_str::<Sweep>(&t).ok()),
         Err(e) => return format!("sweep: its state cannot be read: {e}"),
@@ -47,7 +54,7 @@ pub(super) async fn tick(storage: &Storage, env: &Env, now: Timestamp, configure
     };
     sweep.report.ticks += 1;
     match env.bucket(BUCKET) {
-        Ok(bucket) => advance(storage, env, &bucket, &mut sweep, now, configured).await,
+        Ok(bucket) => advance(storage, env, &bucket, &mut sweep, now, configured, &replicas).await,
         Err(e) => sweep.report.error(format!("the bucket binding is unavailable: {e}")),
     }
     save(storage, &mut sweep).await;
@@ -79,20 +86,44 @@ async fn advance(
     sweep: &mut Sweep,
     now: Timestamp,
     configured: Vec<String>,
+    replicas: &[String],
 ) {
     let (records, unreadable) = gather(env, bucket, configured, sweep).await;
     if sweep.stage == Stage::Records {
         sweep_records(env, bucket, &records, sweep).await;
-        sweep.stage = Stage::Walk { after: None };
+        sweep.stage = Stage::Walk { after: None, bucket: None };
         save(storage, sweep).await;
     }
-    if let Stage::Walk { after } = sweep.stage.clone() {
-        // Only the jobs in flight matter to the walk: records were handled above.
-        let in_flight: Vec<SourceRecords> = records
-            .iter()
-            .map(|r| SourceRecords { source: r.source.clone(), in_flight: r.in_flight.clone(), ..Default::default() })
-            .collect();
-        walk(storage, env, bucket, sweep, after, &in_flight, &unreadable).await;
+    // Only the jobs in flight matter to the walks: records were handled above.
+    let in_flight: Vec<SourceRecords> = records
+        .iter()
+        .map(|r| SourceRecords {
+            source: r.source.clone(),
+            in_flight: r.in_flight.clone(),
+            in_flight_folders: r.in_flight_folders.clone(),
+            ..Default::default()
+        })
+        .collect();
+    // The primary bucket, then each replica bucket, as far as this tick's pages go.
+    while let Stage::Walk { after, bucket: binding } = sweep.stage.clone() {
+        let replica;
+        let target = match &binding {
+            None => bucket,
+            Some(name) => match env.bucket(name) {
+                Ok(b) => {
+                    replica = b;
+                    &replica
+                }
+                Err(e) => {
+                    sweep.report.error(format!("the replica bucket binding {name} is unavailable: {e}"));
+                    sweep.stage = crate::sweep::after_walk(Some(name), replicas);
+                    continue;
+                }
+            },
+        };
+        if !walk(storage, env, target, sweep, after, binding.as_deref(), replicas, &in_flight, &unreadable).await {
+            break;
+        }
     }
     if sweep.stage == Stage::Done {
         sweep.report.complete = true;
@@ -203,17 +234,24 @@ async fn sweep_records(env: &Env, bucket: &Bucket, records: &[SourceRecords], sw
     execute(env, bucket, &plan, sweep).await;
 }
 
-/// The second stage: the bucket in key order, a bounded number of pages per tick, judged a
-/// complete folder at a time.
+/// The second stage: a bucket (`binding`, the primary when `None`) in key order, a bounded
+/// number of pages per tick, judged a complete folder at a time. `true` when the walk of that
+/// bucket ended (the stage moved on), `false` when this tick's pages ran out (or a listing
+/// failed) and it goes on at the next tick.
+#[allow(clippy::too_many_arguments)]
 async fn walk(
     storage: &Storage,
     env: &Env,
     bucket: &Bucket,
     sweep: &mut Sweep,
     mut after: Option<String>,
+    binding: Option<&str>,
+    replicas: &[String],
     in_flight: &[SourceRecords],
     unreadable: &BTreeSet<String>,
-) {
+) -> bool {
+    let walking = |after: Option<String>| Stage::Walk { after, bucket: binding.map(str::to_string) };
+    let name = binding.unwrap_or(BUCKET);
     let mut pending: Vec<StoredObject> = Vec::new();
     let mut cursor: Option<String> = None;
     for _ in 0..PAGES_PER_TICK {
@@ -226,8 +264,8 @@ async fn walk(
         let page = match list.execute().await {
             Ok(page) => page,
             Err(e) => {
-                sweep.report.error(format!("listing the bucket failed: {e}; the walk goes on at the next tick"));
-                return;
+                sweep.report.error(format!("listing {name} failed: {e}; the walk goes on at the next tick"));
+                return false;
             }
         };
         let more = page.truncated();
@@ -254,14 +292,15 @@ async fn walk(
             cursor = None;
         }
         if !more {
-            sweep.stage = Stage::Done;
-            return;
+            sweep.stage = crate::sweep::after_walk(binding, replicas);
+            return true;
         }
-        sweep.stage = Stage::Walk { after: after.clone() };
+        sweep.stage = walking(after.clone());
         save(storage, sweep).await;
     }
     // Out of pages for this tick: the held-back folder is listed again next time.
-    sweep.stage = Stage::Walk { after };
+    sweep.stage = walking(after);
+    false
 }
 
 /// Performs a plan: aborts, deletions (batched), then tells each source what is settled.
@@ -274,7 +313,16 @@ async fn execute(env: &Env, bucket: &Bucket, plan: &Plan, sweep: &mut Sweep) {
     }
     for abort in &plan.abort {
         let upload = &abort.upload;
-        let result = match bucket.resume_multipart_upload(upload.key.clone(), upload.upload_id.clone()) {
+        // A replica's upload is aborted in its own bucket.
+        let replica = match upload.bucket.as_deref().map(|b| env.bucket(b)) {
+            None => None,
+            Some(Ok(b)) => Some(b),
+            Some(Err(e)) => {
+                report.error(format!("upload {} of {}: its bucket is unavailable: {e}", upload.upload_id, upload.key));
+                continue;
+            }
+        };
+        let result = match replica.as_ref().unwrap_or(bucket).resume_multipart_upload(upload.key.clone(), upload.upload_id.clone()) {
             Ok(open) => open.abort().await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };

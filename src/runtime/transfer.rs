@@ -330,6 +330,7 @@ impl<'a> Sink<'a> {
             upload_id: id.clone(),
             job_id: self.job.id.to_string(),
             created_at: super::now(),
+            bucket: self.job.replica.as_ref().map(|r| r.binding.clone()),
         });
         self.persist().await?;
         Ok(id)

@@ -26,6 +26,7 @@ fn upload(source: &str, job: &str, id: &str) -> OpenUpload {
         upload_id: id.into(),
         job_id: job.into(),
         created_at: at(50),
+        bucket: None,
     }
 }
 
@@ -321,7 +322,7 @@ fn at_most_one_sweep_starts_per_utc_day() {
 fn an_unfinished_sweep_goes_on_even_past_midnight() {
     let day = Timestamp::parse_rfc3339("2026-03-04T23:50:00Z").unwrap();
     let Tick::Run(mut sweep) = tick(None, day) else { panic!() };
-    sweep.stage = Stage::Walk { after: Some("app/f/x".into()) };
+    sweep.stage = Stage::Walk { after: Some("app/f/x".into()), bucket: None };
     let later = Timestamp::parse_rfc3339("2026-03-05T00:10:00Z").unwrap();
     assert_eq!(tick(Some(*sweep.clone()), later), Tick::Run(sweep));
 }
@@ -373,7 +374,7 @@ fn report_lists_are_capped_but_counts_stay_exact() {
 
 #[test]
 fn sweep_state_round_trips_through_json() {
-    let sweep = Sweep { stage: Stage::Walk { after: Some("app/f/x".into()) }, report: Report::new(NOW) };
+    let sweep = Sweep { stage: Stage::Walk { after: Some("app/f/x".into()), bucket: None }, report: Report::new(NOW) };
     let text = serde_json::to_string(&sweep).unwrap();
     assert_eq!(serde_json::from_str::<Sweep>(&text).unwrap(), sweep);
 }
@@ -392,4 +393,28 @@ fn only_prefixes_a_source_can_have_name_a_source() {
     for other in ["_ferry/", "~sweeper/", "App/", "app", "/", "", "a/b/"] {
         assert_eq!(source_of_prefix(other), None, "{other}");
     }
+}
+
+#[test]
+fn a_folder_a_replicate_job_is_writing_is_untouched_though_named_after_its_export() {
+    // In the replica bucket the folder is named after the export (done long ago), while the
+    // replicate job writing it is the one in flight.
+    let objects = vec![obj(&format!("{}db.sql", folder("app", OLD_JOB)), 10, 40)];
+    let mut live = records("app");
+    live.in_flight = vec![LIVE_JOB.into()];
+    assert_eq!(removed_folders(&plan(&objects, &[live.clone()], NOW)), vec![folder("app", OLD_JOB).as_str()]);
+    live.in_flight_folders = vec![folder("app", OLD_JOB)];
+    let p = plan(&objects, &[live], NOW);
+    assert!(p.remove.is_empty(), "{p:?}");
+    assert_eq!(p.in_flight, 1);
+}
+
+#[test]
+fn the_walk_goes_from_the_primary_bucket_through_each_replica_bucket_once_in_order() {
+    let replicas = vec!["B_EU".to_string(), "A_US".to_string(), "B_EU".to_string()];
+    let walk = |b: &str| Stage::Walk { after: None, bucket: Some(b.into()) };
+    assert_eq!(after_walk(None, &replicas), walk("A_US"));
+    assert_eq!(after_walk(Some("A_US"), &replicas), walk("B_EU"));
+    assert_eq!(after_walk(Some("B_EU"), &replicas), Stage::Done);
+    assert_eq!(after_walk(None, &[]), Stage::Done);
 }
