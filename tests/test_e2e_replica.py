@@ -208,6 +208,36 @@ def test_retention_applies_to_the_replica_bucket_too(world):
     assert ferry.r2_get(folders[1] + "manifest.json", bucket="ferry-backups-replica") is not None
 
 
+def test_the_daily_retention_pass_thins_the_replica_bucket_too(world, tmp_path):
+    """Backups made before a policy existed are thinned in both buckets by the next day's pass."""
+    emulator = world["emulator"]
+    source = lambda **extra: dxp_source("portal-daily", emulator, schedule="0 0 1 1 *", replica=REPLICA, **SMALL, **extra)
+    ferry = Ferry(tmp_path / "ferry", [source()], secrets=DXP_SECRETS)
+    try:
+        folders = []
+        for index in (0, 1):
+            body = json.dumps({"backup_id": emulator.backup(index)["backupId"]}).encode()
+            export = ferry.webhook_job("portal-daily", body=body, timeout=240)
+            replica = ferry.wait_job(replica_of(ferry, export), timeout=240)
+            check_replica(ferry, export, replica)
+            folders.append(manifest_of(ferry, export)["artifacts"][0]["key"].rsplit("/", 1)[0] + "/")
+        ferry.stop()
+        ferry.write_config([source(retention={"keep_last": 1})])
+        ferry.start()
+        # A tick at which no backup is due: its daily pass applies the new policy to both buckets.
+        ferry.scheduled("*/5 * * * *", at_ms=int(time.time() * 1000) + 86_400_000)
+        deadline = time.time() + 60
+        while ferry.r2_get(folders[0] + "manifest.json", bucket="ferry-backups-replica") is not None:
+            assert time.time() < deadline, f"the daily pass never thinned the replica bucket\n{ferry.log()}"
+            time.sleep(0.5)
+        assert ferry.r2_get(folders[0] + "manifest.json") is None, "and the primary"
+        assert ferry.r2_get(folders[1] + "manifest.json", bucket="ferry-backups-replica") is not None
+        assert ferry.r2_get(folders[1] + "manifest.json") is not None
+        assert ferry.source("portal-daily")["last_job"]["task"] == "replicate", "the tick started no job"
+    finally:
+        ferry.stop()
+
+
 def test_a_source_without_a_replica_queues_no_replicate_job(world):
     ferry = world["ferry"]
     status, _, payload = ferry.webhook("portal-single")

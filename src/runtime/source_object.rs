@@ -520,9 +520,18 @@ impl SourceObject {
 
     /// Applies the source's retention policy (see `runtime::retention`). Never fails and never
     /// holds a job for long: errors are logged, and the pass is bounded by [`RETENTION_TIMEOUT`].
-    /// Any pass serves the daily one that is due.
-    async fn retention_pass(&self, source: &SourceConfig, why: &str) {
+    /// Any pass serves the daily one that is due. With `replica_too` (the daily pass) the replica
+    /// bucket gets its pass as well (otherwise it gets one after each replica commits).
+    async fn retention_pass(&self, source: &SourceConfig, why: &str, replica_too: bool) {
         let name = &source.name;
+        if let (true, Some(_), Some(replica)) = (replica_too, &source.retention, &source.replica) {
+            match (self.env.bucket(&replica.bucket_binding), self.env.bucket(BUCKET)) {
+                (Ok(copy), Ok(primary)) => self.replica_retention_pass(source, &copy, &primary).await,
+                (Err(e), _) | (_, Err(e)) => {
+                    console_error!("retention of {name}'s replica ({why}): no bucket {}: {e}", replica.bucket_binding)
+                }
+            }
+        }
         if source.retention.is_some() {
             match self.env.bucket(BUCKET) {
                 Ok(bucket) => match within(RETENTION_TIMEOUT, super::retention::apply(&bucket, source, now())).await {
@@ -698,7 +707,7 @@ impl SourceObject {
         let Some(id) = ledger.current.clone() else {
             if self.daily_pass_pending().await? {
                 if let Some(source) = self.source_name().await?.and_then(|name| self.source_config(&name).ok()) {
-                    self.retention_pass(&source, "daily pass").await;
+                    self.retention_pass(&source, "daily pass", true).await;
                 }
             }
             return Ok(());
@@ -956,11 +965,11 @@ impl SourceObject {
             };
         }
         if job.phase == Phase::Committed && job.task == Task::Export {
-            self.retention_pass(&source, "after a commit").await;
+            self.retention_pass(&source, "after a commit", false).await;
         } else if job.replica_committed() {
             self.replica_retention_pass(&source, &bucket, &primary).await;
         } else if self.daily_pass_pending().await? {
-            self.retention_pass(&source, "daily pass").await;
+            self.retention_pass(&source, "daily pass", true).await;
         }
         // Fresh again: triggers and ticks may have written the ledger during the clean-up's I/O.
         let mut ledger = self.load_ledger().await?;
