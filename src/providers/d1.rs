@@ -155,24 +155,7 @@ pub fn export_request(cfg: &D1Config, state: &D1State, token: &Secret) -> Result
 
 /// Folds one export answer into the state.
 pub fn on_export_response(state: &mut D1State, resp: &HttpResponse, now: Timestamp) -> Result<Progress, StepError> {
-    let parsed: Option<Value> = serde_json::from_slice(&resp.body).ok();
-    let Some(body) = parsed.filter(Value::is_object) else {
-        let message = format!("D1 API: received a malformed response (HTTP {}): {}", resp.status, resp.snippet(200));
-        return Err(if resp.status >= 500 || resp.status == 429 {
-            status_error(resp, now, message)
-        } else {
-            StepError::permanent(message)
-        });
-    };
-    let ok = body.get("success").and_then(Value::as_bool).unwrap_or(false);
-    if !ok || !(200..300).contains(&resp.status) {
-        let message = format!("D1 API error (HTTP {}): {}", resp.status, envelope_errors(&body));
-        return Err(if (200..300).contains(&resp.status) {
-            StepError::permanent(message)
-        } else {
-            status_error(resp, now, message)
-        });
-    }
+    let body = envelope(resp, now, None)?;
     state.polls += 1;
     let result = body.get("result").filter(|r| r.is_object()).ok_or_else(|| malformed("no result"))?;
     if let Some(lines) = result.get("messages").and_then(Value::as_array) {
@@ -214,6 +197,37 @@ pub fn on_export_response(state: &mut D1State, resp: &HttpResponse, now: Timesta
         ))),
         None => Err(malformed("no status")),
     }
+}
+
+/// A Cloudflare envelope's body, once its `success` and the HTTP status say it succeeded; else
+/// the error in D1's words (`errors[]`), retryable for 429 and 5xx. `what` names the call in the
+/// message (`D1 API error (import, HTTP 400): …`).
+pub(crate) fn envelope(resp: &HttpResponse, now: Timestamp, what: Option<&str>) -> Result<Value, StepError> {
+    let label = |status: String| what.map_or(status.clone(), |w| format!("{w}, {status}"));
+    let parsed: Option<Value> = serde_json::from_slice(&resp.body).ok();
+    let Some(body) = parsed.filter(Value::is_object) else {
+        let message = match what {
+            Some(w) => {
+                format!("D1 API ({w}): received a malformed response (HTTP {}): {}", resp.status, resp.snippet(200))
+            }
+            None => format!("D1 API: received a malformed response (HTTP {}): {}", resp.status, resp.snippet(200)),
+        };
+        return Err(if resp.status >= 500 || resp.status == 429 {
+            status_error(resp, now, message)
+        } else {
+            StepError::permanent(message)
+        });
+    };
+    let ok = body.get("success").and_then(Value::as_bool).unwrap_or(false);
+    if !ok || !(200..300).contains(&resp.status) {
+        let message = format!("D1 API error ({}): {}", label(format!("HTTP {}", resp.status)), envelope_errors(&body));
+        return Err(if (200..300).contains(&resp.status) {
+            StepError::permanent(message)
+        } else {
+            status_error(resp, now, message)
+        });
+    }
+    Ok(body)
 }
 
 fn malformed(what: &str) -> StepError {

@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 
 use super::{param_text, Answer, Io, IoDone, Next, RestoreCx, Restorer, DRILL_NAME};
 use crate::error::StepError;
-use crate::http::{status_error, HttpRequest, HttpResponse};
+use crate::http::{HttpRequest, HttpResponse};
 use crate::job::{JobId, Task};
 use crate::manifest::Manifest;
 use crate::providers::d1::D1Config;
@@ -669,28 +669,11 @@ fn envelope(resp: &HttpResponse, now: Timestamp, step: Step) -> Result<Value, St
         Step::TimeTravel => "time travel restore",
         _ => "request",
     };
-    let parsed: Option<Value> = serde_json::from_slice(&resp.body).ok();
-    let Some(body) = parsed.filter(Value::is_object) else {
-        if step == Step::DeleteScratch && (200..300).contains(&resp.status) {
-            return Ok(Value::Null);
-        }
-        let message =
-            format!("D1 API ({what}): received a malformed response (HTTP {}): {}", resp.status, resp.snippet(200));
-        return Err(if resp.status >= 500 || resp.status == 429 {
-            status_error(resp, now, message)
-        } else {
-            StepError::permanent(message)
-        });
-    };
-    let ok = body.get("success").and_then(Value::as_bool).unwrap_or(false);
-    if !ok || !(200..300).contains(&resp.status) {
-        let message = format!("D1 API error ({what}, HTTP {}): {}", resp.status, envelope_errors(resp));
-        return Err(if (200..300).contains(&resp.status) {
-            StepError::permanent(message)
-        } else {
-            status_error(resp, now, message)
-        });
+    // D1 may answer a delete with an empty body.
+    let is_json = serde_json::from_slice::<Value>(&resp.body).is_ok_and(|v| v.is_object());
+    if step == Step::DeleteScratch && !is_json && (200..300).contains(&resp.status) {
+        return Ok(Value::Null);
     }
+    let body = crate::providers::d1::envelope(resp, now, Some(what))?;
     Ok(body.get("result").cloned().unwrap_or(Value::Null))
 }
-

@@ -7,13 +7,13 @@ use serde_json::{json, Value};
 
 use super::*;
 use crate::config::Config;
+use crate::config::SourceConfig;
+use crate::http::{HttpRequest, HttpResponse, Method};
 use crate::job::{Action, Context, Event, Job, Phase, Trigger};
 use crate::manifest::Artifact;
 use crate::providers::Credentials;
 use crate::secret::Secret;
 use crate::time::Timestamp;
-use crate::config::SourceConfig;
-use crate::http::{HttpRequest, HttpResponse, Method};
 
 const FOLDER: &str = "app-db/2026-11-23T030000Z-00000000000000aa/";
 const MD5: &str = "0123456789abcdef0123456789abcdef";
@@ -434,7 +434,10 @@ fn an_import_into_a_database_that_does_not_exist_fails_before_anything_is_sent_t
     let _ = h.io();
     h.manifest(manifest(&[("a", 2)], t0()));
     let lookup = h.raw_request();
-    assert_eq!((lookup.method, lookup.url.as_str()), (Method::Get, "http://127.0.0.1:9/client/v4/accounts/acc/d1/database/db-2"));
+    assert_eq!(
+        (lookup.method, lookup.url.as_str()),
+        (Method::Get, "http://127.0.0.1:9/client/v4/accounts/acc/d1/database/db-2")
+    );
     h.feed(Event::Response(HttpResponse::json(
         404,
         &json!({"success": false, "errors": [{"code": 7404, "message": "The database db-2 could not be found"}], "messages": [], "result": null}),

@@ -322,7 +322,11 @@ async fn execute(env: &Env, bucket: &Bucket, plan: &Plan, sweep: &mut Sweep) {
                 continue;
             }
         };
-        let result = match replica.as_ref().unwrap_or(bucket).resume_multipart_upload(upload.key.clone(), upload.upload_id.clone()) {
+        let result = match replica
+            .as_ref()
+            .unwrap_or(bucket)
+            .resume_multipart_upload(upload.key.clone(), upload.upload_id.clone())
+        {
             Ok(open) => open.abort().await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
