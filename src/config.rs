@@ -55,7 +55,7 @@ pub struct SourceConfig {
     /// When scheduled verifications of the newest backup run (UTC), if at all.
     #[serde(default)]
     pub verify_schedule: Option<Schedule>,
-    /// When scheduled restore drills of the newest backup run (UTC), if at all (D1 only).
+    /// When scheduled restore drills of the newest backup run (UTC), if at all (D1 and Aura).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drill_schedule: Option<Schedule>,
     /// The age past which the newest committed backup is stale (`max_age_minutes`); `None`: two
@@ -283,8 +283,13 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
     };
     let mut provider = provider.map_err(|e| at(path_error(e)))?;
     provider.check().map_err(at)?;
-    if general.drill_schedule.is_some() && !matches!(provider, ProviderConfig::D1(_)) {
-        return Err(at(FieldError::new("drill_schedule", "restore drills are implemented for D1 sources only")));
+    if general.drill_schedule.is_some() && !matches!(provider, ProviderConfig::D1(_) | ProviderConfig::Aura(_)) {
+        return Err(at(FieldError::new("drill_schedule", "restore drills are implemented for D1 and Aura sources only")));
+    }
+    if let (Some(_), ProviderConfig::Aura(aura)) = (&general.drill_schedule, &provider) {
+        if aura.drill_database.is_none() {
+            return Err(at(FieldError::new("drill_database", "is required for drills (drill_schedule): the scratch database a drill loads into")));
+        }
     }
     Ok(SourceConfig {
         name: general.name,
@@ -597,14 +602,17 @@ mod tests {
     }
 
     #[test]
-    fn drill_schedule_is_optional_checked_and_d1_only() {
+    fn drill_schedule_is_optional_checked_and_for_d1_and_aura_only() {
         let c = Config::from_value(&json!([d1(json!({"drill_schedule": "0 6 * * 1"}))])).unwrap();
         assert_eq!(c.sources[0].drill_schedule.as_ref().map(|s| s.as_str().to_string()).as_deref(), Some("0 6 * * 1"));
         assert!(Config::from_value(&json!([d1(json!({}))])).unwrap().sources[0].drill_schedule.is_none());
         assert_eq!(err(d1(json!({"drill_schedule": "weekly"}))).field.as_deref(), Some("drill_schedule"));
         let aura = json!({"name": "g", "kind": "aura", "schedule": "0 4 * * *", "instance_id": "2f49c2b3",
             "client_id_secret": "A", "client_secret_secret": "B", "mode": "snapshot", "drill_schedule": "0 6 * * 1"});
-        assert_eq!(err(aura).field.as_deref(), Some("drill_schedule"));
+        assert_eq!(err(aura.clone()).field.as_deref(), Some("drill_database"), "a drill needs its scratch database");
+        let mut with_scratch = aura;
+        with_scratch["drill_database"] = json!("scratch");
+        assert!(Config::from_value(&json!([with_scratch])).unwrap().sources[0].drill_schedule.is_some());
     }
 
     #[test]

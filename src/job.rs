@@ -658,7 +658,12 @@ impl Job {
                 };
                 self.on_restore(answer, cx)
             }
-            (Phase::Restoring, Event::Unreachable(msg)) => self.restore_failed(StepError::transient(msg), cx),
+            (Phase::Restoring, Event::Unreachable(msg)) => {
+                if let Some(state) = self.restore.as_mut() {
+                    state.unanswered();
+                }
+                self.restore_failed(StepError::transient(msg), cx)
+            }
             // An answer that does not belong to the current phase (a duplicate delivery after a
             // restart): ignore it and carry on from the persisted state.
             (_, _) => self.idle(cx.now),

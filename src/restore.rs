@@ -4,12 +4,14 @@
 //! | provider | restore | drill |
 //! |---|---|---|
 //! | D1 ([`d1`]) | import a dump into a named database; Time Travel to the backup's bookmark | import into a scratch database, compare row counts per table |
+//! | Aura ([`aura`]) | the instance back to the backup's snapshot; the graph export loaded into an empty named database | load into `drill_database`, compare nodes per label and relationships per type |
 //!
 //! Anything that overwrites data needs a `confirm` field repeating the target's name, checked
 //! by [`plan`] before a job exists. Everything here is pure: requests go out as
 //! [`HttpRequest`]s and R2 work as [`Io`] orders the runtime performs (`runtime/restore.rs`).
 //! A provider's restore registers with one line in `restorers!`.
 
+pub mod aura;
 pub mod d1;
 
 use serde::{Deserialize, Serialize};
@@ -48,6 +50,8 @@ pub enum Io {
         /// The dump's key.
         key: String,
     },
+    /// One bounded step of scanning or loading an Aura graph export (`runtime/graph_load.rs`).
+    GraphLoad(Box<aura::GraphLoadOrder>),
     /// Write the drill's record.
     Record {
         /// Where.
@@ -80,6 +84,13 @@ pub enum IoDone {
     },
     /// The record is stored.
     Recorded,
+    /// Where a graph scan or load stands after a step, and the error that ended it early.
+    GraphLoaded {
+        /// The cursor, persisted whatever happened.
+        cursor: Box<aura::LoadCursor>,
+        /// Why the step stopped before its bound, if it failed.
+        error: Option<StepError>,
+    },
 }
 
 /// The next thing a restore does.
@@ -125,6 +136,9 @@ pub trait Restorer {
     fn on_response(&mut self, resp: &HttpResponse, now: Timestamp) -> Result<Answer, StepError>;
     /// Folds in what an R2 order gave.
     fn on_io(&mut self, done: IoDone, now: Timestamp) -> Result<Answer, StepError>;
+    /// The last request got no answer (or a 5xx): a request that may have acted is not sent
+    /// again blindly.
+    fn unanswered(&mut self) {}
     /// The restore failed with `message`: a drill cleans up and records the outcome first
     /// (`true`, the job goes on); anything else fails now (`false`).
     fn fail_after_cleanup(&mut self, _message: String) -> bool {
@@ -181,6 +195,7 @@ macro_rules! restorers {
 
 restorers! {
     "d1" => D1(d1::D1Restore),
+    "aura" => Aura(aura::AuraRestore),
 }
 
 impl RestoreState {
@@ -197,6 +212,11 @@ impl RestoreState {
     /// See [`Restorer::on_io`].
     pub fn on_io(&mut self, done: IoDone, now: Timestamp) -> Result<Answer, StepError> {
         self.machine_mut().on_io(done, now)
+    }
+
+    /// See [`Restorer::unanswered`].
+    pub fn unanswered(&mut self) {
+        self.machine_mut().unanswered()
     }
 
     /// See [`Restorer::fail_after_cleanup`].
@@ -216,7 +236,6 @@ pub(crate) fn param_text(params: &Value, pointer: &str) -> Option<String> {
 }
 
 /// Anything that overwrites `what` must repeat `name` in the request's `confirm` field.
-#[allow(dead_code)] // used by the providers registered next
 pub(crate) fn confirmed(params: &Value, name: &str, what: &str) -> Result<(), String> {
     if param_text(params, "/confirm").as_deref() == Some(name) {
         Ok(())
@@ -227,3 +246,5 @@ pub(crate) fn confirmed(params: &Value, name: &str, what: &str) -> Result<(), St
 
 #[cfg(test)]
 mod d1_tests;
+#[cfg(test)]
+mod aura_tests;

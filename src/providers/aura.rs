@@ -91,6 +91,10 @@ pub struct AuraConfig {
     /// Nodes or relationships per Query API page.
     #[serde(default = "default_page_size", deserialize_with = "fields::count::<_, 1, 50_000>")]
     pub page_size: u32,
+    /// A database on the same Query API that restore drills load into (emptied before and
+    /// after each drill); drills need it.
+    #[serde(default, deserialize_with = "fields::opt_text")]
+    pub drill_database: Option<String>,
 }
 
 fn neo4j() -> String {
@@ -105,7 +109,7 @@ impl AuraConfig {
     /// The public Aura API.
     pub const DEFAULT_API_BASE: &'static str = "https://api.neo4j.io";
 
-    fn api_base(&self) -> Result<&Url, StepError> {
+    pub(crate) fn api_base(&self) -> Result<&Url, StepError> {
         self.api_base.as_ref().ok_or_else(|| StepError::permanent("Aura: no api_base configured"))
     }
 }
@@ -126,6 +130,9 @@ impl ProviderSettings for AuraConfig {
                 "db_password_secret",
                 "is required for the logical export (mode \"logical\" or \"both\")",
             ));
+        }
+        if self.drill_database.as_deref().is_some_and(|d| d.eq_ignore_ascii_case(&self.database)) {
+            return Err(FieldError::new("drill_database", "must not be the backed-up database: a drill empties it"));
         }
         if self.api_base.is_none() {
             self.api_base = Some(fields::constant_url(Self::DEFAULT_API_BASE, "api_base")?);
@@ -204,7 +211,7 @@ enum Stage {
 const FIND_SKEW: Duration = Duration::from_secs(120);
 
 /// Aura's error text: `errors[].message` (with `reason`) or the `{"error": …}` variant.
-fn aura_error(resp: &HttpResponse) -> String {
+pub(crate) fn aura_error(resp: &HttpResponse) -> String {
     let Ok(body) = serde_json::from_slice::<Value>(&resp.body) else { return resp.snippet(200) };
     if let Some(list) = body.get("errors").and_then(Value::as_array) {
         let parts: Vec<String> = list
@@ -269,19 +276,7 @@ impl AuraState {
     /// The next Aura API call.
     pub fn next_request(&self, cfg: &AuraConfig, creds: &Credentials) -> Result<HttpRequest, StepError> {
         match self.stage() {
-            Stage::Token => {
-                let id = creds.get(&cfg.client_id_secret)?.expose();
-                let secret = creds.get(&cfg.client_secret_secret)?.expose();
-                Ok(HttpRequest {
-                    method: crate::http::Method::Post,
-                    url: url_with_path(cfg.api_base()?, &["oauth", "token"]),
-                    headers: vec![
-                        ("authorization".into(), format!("Basic {}", STANDARD.encode(format!("{id}:{secret}")))),
-                        ("content-type".into(), "application/x-www-form-urlencoded".into()),
-                    ],
-                    body: Some(b"grant_type=client_credentials".to_vec()),
-                })
-            }
+            Stage::Token => token_request(cfg, creds),
             Stage::FindSnapshot => {
                 let token = self.secret_access_token.clone().unwrap_or_default();
                 let mut url =
@@ -418,33 +413,9 @@ impl AuraState {
     }
 
     fn on_token(&mut self, resp: &HttpResponse, now: Timestamp) -> Result<Progress, StepError> {
-        match resp.status {
-            200..=299 => {}
-            401 => {
-                return Err(StepError::permanent(format!(
-                    "the Aura API refused the client credentials (HTTP 401): {}",
-                    aura_error(resp)
-                )))
-            }
-            429 | 500..=599 => {
-                return Err(status_error(
-                    resp,
-                    now,
-                    format!("the Aura token endpoint answered HTTP {}: {}", resp.status, aura_error(resp)),
-                ))
-            }
-            s => {
-                return Err(StepError::permanent(format!(
-                    "the Aura token endpoint answered HTTP {s}: {}",
-                    aura_error(resp)
-                )))
-            }
-        }
-        let body: Value = serde_json::from_slice(&resp.body).map_err(|_| malformed("token answer is not JSON"))?;
-        let token = body.get("access_token").and_then(Value::as_str).ok_or_else(|| malformed("no access_token"))?;
-        let lifetime = body.get("expires_in").and_then(Value::as_u64).unwrap_or(3600);
-        self.secret_access_token = Some(token.to_string());
-        self.token_expires_at = Some(now.plus(Duration::from_secs(lifetime)));
+        let (token, expires_at) = token_answer(resp, now)?;
+        self.secret_access_token = Some(token);
+        self.token_expires_at = Some(expires_at);
         self.token_fetches += 1;
         Ok(Progress::Pending { poll_after: Some(Duration::ZERO) })
     }
@@ -470,12 +441,77 @@ impl AuraState {
     }
 }
 
+/// `POST /oauth/token` with the source's client credentials (Basic) and a form body.
+pub(crate) fn token_request(cfg: &AuraConfig, creds: &Credentials) -> Result<HttpRequest, StepError> {
+    let id = creds.get(&cfg.client_id_secret)?.expose();
+    let secret = creds.get(&cfg.client_secret_secret)?.expose();
+    Ok(HttpRequest {
+        method: crate::http::Method::Post,
+        url: url_with_path(cfg.api_base()?, &["oauth", "token"]),
+        headers: vec![
+            ("authorization".into(), format!("Basic {}", STANDARD.encode(format!("{id}:{secret}")))),
+            ("content-type".into(), "application/x-www-form-urlencoded".into()),
+        ],
+        body: Some(b"grant_type=client_credentials".to_vec()),
+    })
+}
+
+/// The token endpoint's answer: the access token and when it expires, or the error in Aura's
+/// words (401: the client credentials are wrong, for good; 429 and 5xx: transient).
+pub(crate) fn token_answer(resp: &HttpResponse, now: Timestamp) -> Result<(String, Timestamp), StepError> {
+    match resp.status {
+        200..=299 => {}
+        401 => {
+            return Err(StepError::permanent(format!(
+                "the Aura API refused the client credentials (HTTP 401): {}",
+                aura_error(resp)
+            )))
+        }
+        429 | 500..=599 => {
+            return Err(status_error(
+                resp,
+                now,
+                format!("the Aura token endpoint answered HTTP {}: {}", resp.status, aura_error(resp)),
+            ))
+        }
+        s => {
+            return Err(StepError::permanent(format!(
+                "the Aura token endpoint answered HTTP {s}: {}",
+                aura_error(resp)
+            )))
+        }
+    }
+    let body: Value = serde_json::from_slice(&resp.body).map_err(|_| malformed("token answer is not JSON"))?;
+    let token = body.get("access_token").and_then(Value::as_str).ok_or_else(|| malformed("no access_token"))?;
+    let lifetime = body.get("expires_in").and_then(Value::as_u64).unwrap_or(3600);
+    Ok((token.to_string(), now.plus(Duration::from_secs(lifetime))))
+}
+
+/// Whether a token expiring at `expires` should be fetched again before a call at `now`.
+pub(crate) fn token_stale(expires: Option<Timestamp>, now: Timestamp) -> bool {
+    expires.is_none_or(|at| now.plus(TOKEN_MARGIN) >= at)
+}
+
 fn unreachable_stage() -> Result<Progress, StepError> {
     Err(StepError::permanent("internal: token answers are handled before this point"))
 }
 
 fn malformed(what: &str) -> StepError {
     StepError::permanent(format!("Aura API: received a malformed response ({what})"))
+}
+
+/// The Query API URL of `database` on the source's host and the `Authorization` header of the
+/// source's database user (whose password is in the Worker secret `password_secret`).
+pub(crate) fn query_endpoint(
+    cfg: &AuraConfig,
+    creds: &Credentials,
+    database: &str,
+    password_secret: &str,
+) -> Result<(String, String), StepError> {
+    let pair = format!("{}:{}", cfg.db_user, creds.get(password_secret)?.expose());
+    let base =
+        cfg.query_api_base.as_ref().ok_or_else(|| StepError::permanent("Aura: no query_api_base configured"))?;
+    Ok((url_with_path(base, &["db", database, "query", "v2"]), format!("Basic {}", STANDARD.encode(pair))))
 }
 
 /// What a logical export reads: where the Query API is and how to log in. Built at copy time.
@@ -501,15 +537,10 @@ impl GraphExport {
             .db_password_secret
             .as_deref()
             .ok_or_else(|| StepError::permanent("db_password_secret is required for the logical export"))?;
-        let pair = format!("{}:{}", cfg.db_user, creds.get(secret)?.expose());
+        let (url, authorization) = query_endpoint(cfg, creds, &cfg.database, secret)?;
         Ok(Self {
-            url: url_with_path(
-                cfg.query_api_base
-                    .as_ref()
-                    .ok_or_else(|| StepError::permanent("Aura: no query_api_base configured"))?,
-                &["db", &cfg.database, "query", "v2"],
-            ),
-            authorization: format!("Basic {}", STANDARD.encode(pair)),
+            url,
+            authorization,
             database: cfg.database.clone(),
             page_size: cfg.page_size,
             exported_at: now,

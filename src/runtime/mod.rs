@@ -10,6 +10,7 @@
 
 mod alerts;
 mod api;
+mod graph_load;
 mod net;
 mod restore;
 mod retention;

@@ -64,6 +64,7 @@ pub(crate) async fn perform(bucket: &Bucket, source: &str, io: Io) -> Result<IoD
             Some(Err(e)) => Err(StepError::transient(e)),
             None => Err(StepError::transient("writing the drill's record timed out")),
         },
+        Io::GraphLoad(_) => Err(StepError::permanent("internal: a graph load is performed by graph_load::run")),
         Io::Upload { key, size, url } => match net::within(UPLOAD_TIMEOUT, upload(bucket, &key, size, &url)).await {
             Some(result) => result,
             None => Err(StepError::transient(format!(

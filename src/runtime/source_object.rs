@@ -895,7 +895,12 @@ impl SourceObject {
                 }
                 Action::Restore(io) => {
                     sliced = true;
-                    Event::RestoreIo(super::restore::perform(&bucket, &job.source, *io).await)
+                    Event::RestoreIo(match *io {
+                        crate::restore::Io::GraphLoad(order) => {
+                            Ok(super::graph_load::run(&bucket, &self.storage(), *order).await)
+                        }
+                        io => super::restore::perform(&bucket, &job.source, io).await,
+                    })
                 }
                 Action::RecordVerification { key, record } => {
                     match within(R2_STEP_TIMEOUT, store::put_json(&bucket, &key, &record)).await {

@@ -344,6 +344,38 @@ class Graph:
             self.dirty = True
         return removed
 
+    def delete_nodes(self, limit: int) -> int:
+        """``DETACH DELETE`` of the first ``limit`` nodes (in element id order) and their relationships."""
+        doomed = set(self.node_ids[:limit])
+        if not doomed:
+            return 0
+        gone_rels = {i for i, r in self.rels.items() if r.start in doomed or r.end in doomed}
+        for i in gone_rels:
+            del self.rels[i]
+        self.rel_ids = [i for i in self.rel_ids if i not in gone_rels]
+        for i in doomed:
+            del self.nodes[i]
+        self.node_ids = [i for i in self.node_ids if i not in doomed]
+        for key in list(self.ferry):
+            self.ferry[key] = [i for i in self.ferry[key] if i not in doomed]
+            if not self.ferry[key]:
+                del self.ferry[key]
+        self.dirty = True
+        return len(doomed)
+
+    def label_counts(self) -> list:
+        counts: dict[str, int] = {}
+        for node in self.nodes.values():
+            for label in node.labels:
+                counts[label] = counts.get(label, 0) + 1
+        return [[label, n] for label, n in counts.items()]
+
+    def type_counts(self) -> list:
+        counts: dict[str, int] = {}
+        for rel in self.rels.values():
+            counts[rel.type] = counts.get(rel.type, 0) + 1
+        return [[t, n] for t, n in counts.items()]
+
     # -- reads --
     @staticmethod
     def _page(ids: list[str], after, limit: int) -> list[str]:
@@ -519,6 +551,9 @@ STATEMENTS = [
         "UNWIND $rows AS row MATCH (a {__FERRY__: row.start}), (b {__FERRY__: row.end}) "
         "CREATE (a)-[r:__TYPE__]->(b) SET r = row.props")),
     ("cleanup", template("MATCH (n) WHERE n.__FERRY__ IS NOT NULL REMOVE n.__FERRY__")),
+    ("delete_batch", template("MATCH (n) WITH n LIMIT $limit DETACH DELETE n RETURN count(n) AS deleted")),
+    ("label_counts", template("MATCH (n) UNWIND labels(n) AS label RETURN label, count(*) AS n")),
+    ("type_counts", template("MATCH ()-[r]->() RETURN type(r) AS type, count(r) AS n")),
 ]
 
 STATEMENT_TEXTS = {
@@ -529,6 +564,9 @@ STATEMENT_TEXTS = {
     "create_nodes": "UNWIND $rows AS row CREATE (n:`Label1`:`Label2`) SET n = row.props, n.`_ferry_id` = row.id",
     "create_rels": "UNWIND $rows AS row MATCH (a {`_ferry_id`: row.start}), (b {`_ferry_id`: row.end}) CREATE (a)-[r:`TYPE`]->(b) SET r = row.props",
     "cleanup": "MATCH (n) WHERE n.`_ferry_id` IS NOT NULL REMOVE n.`_ferry_id`",
+    "delete_batch": "MATCH (n) WITH n LIMIT $limit DETACH DELETE n RETURN count(n) AS deleted",
+    "label_counts": "MATCH (n) UNWIND labels(n) AS label RETURN label, count(*) AS n",
+    "type_counts": "MATCH ()-[r]->() RETURN type(r) AS type, count(r) AS n",
 }
 
 
@@ -611,6 +649,13 @@ def run_statement(graph: Graph, name: str, match: re.Match, params: dict) -> tup
     if name == "cleanup":
         graph.remove_ferry_ids()
         return [], []
+    if name == "delete_batch":
+        need(params, "limit")
+        return ["deleted"], [[graph.delete_nodes(limit_param(params["limit"]))]]
+    if name == "label_counts":
+        return ["label", "n"], graph.label_counts()
+    if name == "type_counts":
+        return ["type", "n"], graph.type_counts()
     raise AssertionError(name)
 
 

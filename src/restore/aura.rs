@@ -1,0 +1,1058 @@
+//! Neo4j Aura restores and drills, as a phase machine driven by the job engine.
+//!
+//! - **Snapshot** (`provider-apis.md` §3.2, §3.3): the instance goes back to the snapshot the
+//!   backup's manifest recorded: token → `POST /v1/instances/{id}/snapshots/{sid}/restore` (202,
+//!   the instance `restoring`) → poll `GET /v1/instances/{id}` until it is no longer `restoring`:
+//!   `running` is done, any other status fails naming it. The POST is never sent again blindly:
+//!   when it went unanswered (no answer, or a 5xx), the instance is read first, and a `restoring`
+//!   instance means the POST took effect. An instance seen `running` then gets the POST again:
+//!   restoring the same snapshot twice leaves the same data. `ongoing-database-operation` (Aura is
+//!   busy with another operation) fails the job at once, in Aura's words: retrying blindly could
+//!   restore over an operation the operator started.
+//! - **Logical** (§3.5): the backup's `graph.jsonl.gz` goes into a named, empty database on the
+//!   source's Query API (same host and database user as the export). A target holding any node is
+//!   refused before anything is written. The file is read twice, streamed out of R2 in bounded
+//!   steps (`runtime/graph_load.rs`): a *scan* checks it (header, nodes before relationships, a
+//!   footer whose totals match) and counts nodes per label and relationships per type; the *load*
+//!   sends the lines in chunks of `batch_size`, one statement per label set or type within a
+//!   chunk (those of `scripts/aura_restore.py`), then removes the helper property `_ferry_id`.
+//!   The cursor (lines done, statements of the current chunk sent) is persisted after every
+//!   statement, so a step cut short goes on where it stopped.
+//! - **Drill**: the source's `drill_database` is emptied (bounded `DETACH DELETE`s), the newest
+//!   backup (or the one named) is loaded into it as above, nodes per label and relationships per
+//!   type are counted in the database and compared with the counts the scan took from the file,
+//!   the database is emptied again (also when something failed) and the outcome is written next to
+//!   the backup as `drill.json`. A difference fails the drill, naming the label or type.
+//!
+//! Anything that overwrites data needs `confirm`: the instance id for a snapshot restore, the
+//! target database's name for a logical load.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::{param_text, Answer, Io, IoDone, Next, RestoreCx, Restorer, DRILL_NAME};
+use crate::error::StepError;
+use crate::http::{status_error, HttpRequest, HttpResponse};
+use crate::job::{JobId, Task};
+use crate::manifest::Manifest;
+use crate::providers::aura::{self as provider, AuraConfig, GRAPH_FILE};
+use crate::providers::{url_with_path, Credentials, ProviderConfig};
+use crate::secret::Secret;
+use crate::time::Timestamp;
+
+/// Graph elements per chunk of the load, unless the request says `batch_size`.
+pub const DEFAULT_BATCH: u32 = 500;
+/// Statements one load step sends at most, unless the request says `step_statements`.
+pub const DEFAULT_STEP_STATEMENTS: u32 = 40;
+/// How long one load or scan step may run.
+pub const STEP_TIME: Duration = Duration::from_secs(30);
+/// Nodes one delete statement removes at most while a drill empties its database.
+pub const DELETE_LIMIT: u32 = 5_000;
+/// Token refetches allowed after a 401/403 before the job fails.
+const MAX_AUTH_RETRIES: u32 = 2;
+/// How long an instance may stay `restoring` before the job gives up watching.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(4 * 3600);
+
+/// Counts a database's nodes.
+pub const COUNT_NODES: &str = "MATCH (n) RETURN count(n) AS nodes";
+/// Deletes up to `$limit` nodes with their relationships.
+pub const DELETE_BATCH: &str = "MATCH (n) WITH n LIMIT $limit DETACH DELETE n RETURN count(n) AS deleted";
+/// Nodes per label.
+pub const LABEL_COUNTS: &str = "MATCH (n) UNWIND labels(n) AS label RETURN label, count(*) AS n";
+/// Relationships per type.
+pub const TYPE_COUNTS: &str = "MATCH ()-[r]->() RETURN type(r) AS type, count(r) AS n";
+/// Removes the helper property the load connects relationships by.
+pub const CLEANUP: &str = "MATCH (n) WHERE n.`_ferry_id` IS NOT NULL REMOVE n.`_ferry_id`";
+
+/// A Cypher name in backticks, backticks doubled.
+fn quote(name: &str) -> String {
+    format!("`{}`", name.replace('`', "``"))
+}
+
+/// Creates nodes with these labels (labels cannot be parameters).
+pub fn node_statement(labels: &[String]) -> String {
+    let labels: String = labels.iter().map(|l| format!(":{}", quote(l))).collect();
+    format!("UNWIND $rows AS row CREATE (n{labels}) SET n = row.props, n.`_ferry_id` = row.id")
+}
+
+/// Creates relationships of this type between nodes found by `_ferry_id`.
+pub fn relationship_statement(rel_type: &str) -> String {
+    format!(
+        "UNWIND $rows AS row MATCH (a {{`_ferry_id`: row.start}}), (b {{`_ferry_id`: row.end}}) CREATE (a)-[r:{}]->(b) SET r = row.props",
+        quote(rel_type)
+    )
+}
+
+/// A Query API request.
+pub fn query(url: &str, authorization: &Secret, statement: &str, parameters: Value) -> HttpRequest {
+    HttpRequest::post_json(url.to_string(), &json!({ "statement": statement, "parameters": parameters }))
+        .header("accept", "application/json")
+        .header("authorization", authorization.expose().to_string())
+}
+
+// ----- the graph file: scan and load, pure ------------------------------------------------
+
+/// Where a scan or load of `graph.jsonl.gz` stands; persisted with the job (and, during a
+/// step, after every statement by the runtime).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadCursor {
+    /// `false` while scanning, `true` while loading.
+    pub loading: bool,
+    /// Lines (1-based count) fully handled in this pass.
+    pub lines_done: u64,
+    /// Statements of the chunk after `lines_done` already sent.
+    pub groups_done: u32,
+    /// Scan: nodes per label.
+    pub labels: BTreeMap<String, u64>,
+    /// Scan: relationships per type.
+    pub types: BTreeMap<String, u64>,
+    /// Scan: nodes.
+    pub nodes: u64,
+    /// Scan: relationships.
+    pub relationships: u64,
+    /// Scan: a relationship line was seen (no node may follow).
+    pub seen_relationship: bool,
+    /// Scan: the footer was seen.
+    pub footer: bool,
+    /// Load: nodes sent.
+    pub loaded_nodes: u64,
+    /// Load: relationships sent.
+    pub loaded_relationships: u64,
+    /// Load: statements sent.
+    pub statements: u64,
+    /// Load: every line was sent.
+    pub finished: bool,
+}
+
+impl LoadCursor {
+    /// Whether `self` is further along than `other` (the same pass, more done).
+    pub fn ahead_of(&self, other: &LoadCursor) -> bool {
+        (self.loading, self.finished, self.lines_done, self.groups_done)
+            > (other.loading, other.finished, other.lines_done, other.groups_done)
+    }
+}
+
+/// One statement of a chunk: the rows of one label set or one relationship type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Group {
+    /// The Cypher statement.
+    pub statement: String,
+    /// Its `$rows`.
+    pub rows: Vec<Value>,
+    /// Whether the rows are nodes.
+    pub nodes: bool,
+}
+
+enum Item {
+    Node(Vec<String>, Value),
+    Rel(String, Value),
+    Other,
+}
+
+/// Reads the graph file's lines and cuts the load into statements; the runtime feeds it lines
+/// and sends what it returns.
+#[derive(Debug)]
+pub struct GraphLoader {
+    /// Where it stands.
+    pub cursor: LoadCursor,
+    batch: usize,
+    line: u64,
+    chunk: Vec<(Vec<String>, Option<String>, Value)>,
+}
+
+fn bad(line: u64, what: impl std::fmt::Display) -> StepError {
+    StepError::permanent(format!("{GRAPH_FILE} line {line}: {what}; the backup cannot be loaded"))
+}
+
+fn parse(line: u64, text: &[u8]) -> Result<Option<Value>, StepError> {
+    if text.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice::<Value>(text).map(Some).map_err(|e| bad(line, format!("not JSON ({e})")))
+}
+
+fn item(line: u64, v: &Value) -> Result<Item, StepError> {
+    let id = || v.get("id").filter(|i| !i.is_null()).cloned().ok_or_else(|| bad(line, "an element without id"));
+    let props = v.get("properties").cloned().filter(Value::is_object).unwrap_or_else(|| json!({}));
+    match v.get("type").and_then(Value::as_str) {
+        Some("node") => {
+            let labels: Vec<String> = match v.get("labels") {
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .map(|l| l.as_str().map(str::to_string).ok_or_else(|| bad(line, "a label that is not text")))
+                    .collect::<Result<_, _>>()?,
+                Some(_) => return Err(bad(line, "labels is not a list")),
+            };
+            Ok(Item::Node(labels, json!({ "id": id()?, "props": props })))
+        }
+        Some("relationship") => {
+            let t = v.get("rel_type").and_then(Value::as_str).ok_or_else(|| bad(line, "a relationship without rel_type"))?;
+            let start = v.get("start").cloned().ok_or_else(|| bad(line, "a relationship without start"))?;
+            let end = v.get("end").cloned().ok_or_else(|| bad(line, "a relationship without end"))?;
+            Ok(Item::Rel(t.to_string(), json!({ "start": start, "end": end, "props": props })))
+        }
+        Some("header" | "footer") => Ok(Item::Other),
+        other => Err(bad(line, format!("unknown line type {other:?}"))),
+    }
+}
+
+impl GraphLoader {
+    /// Goes on from `cursor`, with chunks of `batch` elements.
+    pub fn new(cursor: LoadCursor, batch: u32) -> Self {
+        Self { cursor, batch: batch.max(1) as usize, line: 0, chunk: Vec::new() }
+    }
+
+    /// Whether this pass has nothing more to do.
+    pub fn done(&self) -> bool {
+        self.cursor.finished
+    }
+
+    /// One line of the file (without its newline). While loading, a full chunk comes back as
+    /// its statements: send those from `cursor.groups_done` on, calling [`Self::sent`] after
+    /// each, then [`Self::chunk_done`].
+    pub fn line(&mut self, text: &[u8]) -> Result<Option<Vec<Group>>, StepError> {
+        self.line += 1;
+        let n = self.line;
+        if n <= self.cursor.lines_done {
+            return Ok(None);
+        }
+        if !self.cursor.loading {
+            self.scan(n, text)?;
+            self.cursor.lines_done = n;
+            return Ok(None);
+        }
+        let Some(v) = parse(n, text)? else {
+            self.chunk.push((Vec::new(), None, Value::Null));
+            return Ok(self.full());
+        };
+        match item(n, &v)? {
+            Item::Node(labels, row) => self.chunk.push((labels, None, row)),
+            Item::Rel(t, row) => self.chunk.push((Vec::new(), Some(t), row)),
+            Item::Other => self.chunk.push((Vec::new(), None, Value::Null)),
+        }
+        Ok(self.full())
+    }
+
+    fn full(&self) -> Option<Vec<Group>> {
+        let elements = self.chunk.iter().filter(|(_, _, row)| !row.is_null()).count();
+        (elements >= self.batch).then(|| self.groups())
+    }
+
+    /// The chunk's statements: one per label set or type, in order of first appearance.
+    fn groups(&self) -> Vec<Group> {
+        let mut groups: Vec<(Option<&String>, &Vec<String>, Group)> = Vec::new();
+        for (labels, t, row) in &self.chunk {
+            if row.is_null() {
+                continue;
+            }
+            match groups.iter_mut().find(|(gt, gl, _)| *gt == t.as_ref() && (t.is_some() || *gl == labels)) {
+                Some((_, _, g)) => g.rows.push(row.clone()),
+                None => {
+                    let statement = match t {
+                        Some(t) => relationship_statement(t),
+                        None => node_statement(labels),
+                    };
+                    groups.push((t.as_ref(), labels, Group { statement, rows: vec![row.clone()], nodes: t.is_none() }));
+                }
+            }
+        }
+        groups.into_iter().map(|(_, _, g)| g).collect()
+    }
+
+    /// One statement of the current chunk was sent.
+    pub fn sent(&mut self) {
+        self.cursor.groups_done += 1;
+        self.cursor.statements += 1;
+    }
+
+    /// Every statement of the current chunk was sent.
+    pub fn chunk_done(&mut self, groups: &[Group]) {
+        for g in groups {
+            if g.nodes {
+                self.cursor.loaded_nodes += g.rows.len() as u64;
+            } else {
+                self.cursor.loaded_relationships += g.rows.len() as u64;
+            }
+        }
+        self.cursor.lines_done = self.line;
+        self.cursor.groups_done = 0;
+        self.chunk.clear();
+    }
+
+    /// The file ended. A scan checks the footer and hands over to the load (the next step reads
+    /// the file again); a load returns its last chunk's statements, if any.
+    pub fn end(&mut self) -> Result<Option<Vec<Group>>, StepError> {
+        if !self.cursor.loading {
+            if !self.cursor.footer {
+                return Err(StepError::permanent(format!(
+                    "{GRAPH_FILE} has no footer line after line {}: the export is incomplete, refusing to load it",
+                    self.cursor.lines_done
+                )));
+            }
+            self.cursor.loading = true;
+            self.cursor.lines_done = 0;
+            self.cursor.groups_done = 0;
+            return Ok(None);
+        }
+        if self.chunk.iter().any(|(_, _, row)| !row.is_null()) {
+            return Ok(Some(self.groups()));
+        }
+        self.cursor.lines_done = self.line;
+        self.chunk.clear();
+        self.cursor.finished = true;
+        Ok(None)
+    }
+
+    /// After `end` returned the last chunk and it was sent.
+    pub fn last_chunk_done(&mut self, groups: &[Group]) {
+        self.chunk_done(groups);
+        self.cursor.finished = true;
+    }
+
+    fn scan(&mut self, n: u64, text: &[u8]) -> Result<(), StepError> {
+        let Some(v) = parse(n, text)? else { return Ok(()) };
+        let c = &mut self.cursor;
+        if c.footer {
+            return Err(bad(n, "a line after the footer"));
+        }
+        let kind = v.get("type").and_then(Value::as_str);
+        if n == 1 {
+            if kind != Some("header") || v.get("format").and_then(Value::as_str) != Some("ferry-neo4j-jsonl") {
+                return Err(bad(n, "no ferry-neo4j-jsonl header"));
+            }
+            return Ok(());
+        }
+        match item(n, &v)? {
+            Item::Node(labels, _) => {
+                if c.seen_relationship {
+                    return Err(bad(n, "a node after the relationships"));
+                }
+                c.nodes += 1;
+                for l in labels {
+                    *c.labels.entry(l).or_default() += 1;
+                }
+            }
+            Item::Rel(t, _) => {
+                c.seen_relationship = true;
+                c.relationships += 1;
+                *c.types.entry(t).or_default() += 1;
+            }
+            Item::Other if kind == Some("footer") => {
+                let nodes = v.get("nodes").and_then(Value::as_u64);
+                let rels = v.get("relationships").and_then(Value::as_u64);
+                if nodes != Some(c.nodes) || rels != Some(c.relationships) {
+                    return Err(bad(
+                        n,
+                        format!(
+                            "the footer lists {} nodes and {} relationships, the file holds {} and {}",
+                            nodes.map_or("no".into(), |x| x.to_string()),
+                            rels.map_or("no".into(), |x| x.to_string()),
+                            c.nodes,
+                            c.relationships
+                        ),
+                    ));
+                }
+                c.footer = true;
+            }
+            Item::Other => return Err(bad(n, "a second header")),
+        }
+        Ok(())
+    }
+}
+
+/// What the runtime does for one step of a scan or load.
+#[derive(Clone, PartialEq)]
+pub struct GraphLoadOrder {
+    /// The graph file's R2 key.
+    pub key: String,
+    /// The target database's Query API URL.
+    pub url: String,
+    /// Its `Authorization` header.
+    pub authorization: Secret,
+    /// Elements per chunk.
+    pub batch: u32,
+    /// Statements this step sends at most.
+    pub max_statements: u32,
+    /// How long this step may run.
+    pub max_time: Duration,
+    /// Where the runtime keeps the cursor between statements (Durable Object storage).
+    pub record_key: String,
+    /// Where the pass stands.
+    pub cursor: LoadCursor,
+}
+
+impl std::fmt::Debug for GraphLoadOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GraphLoadOrder")
+            .field("key", &self.key)
+            .field("url", &self.url)
+            .field("batch", &self.batch)
+            .field("cursor", &self.cursor)
+            .finish_non_exhaustive()
+    }
+}
+
+// ----- the restore machine ----------------------------------------------------------------
+
+/// What a restore job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Restore the instance to the backup's snapshot.
+    Snapshot,
+    /// Load the logical export into an empty database.
+    Logical,
+    /// Load into the drill database, compare counts, empty it.
+    Drill,
+}
+
+/// Where a restore stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// Read the backup's manifest.
+    ReadManifest,
+    /// Ask Aura to restore the snapshot.
+    SnapshotRestore,
+    /// The restore POST went unanswered: read the instance before sending it again.
+    CheckInstance,
+    /// Poll the instance until it is no longer `restoring`.
+    PollInstance,
+    /// Count the target's nodes (it must be empty).
+    CountTarget,
+    /// Drills: delete the drill database's nodes, a batch at a time.
+    EmptyBefore,
+    /// Scan or load the graph file (`Io::GraphLoad` steps).
+    Load,
+    /// Remove `_ferry_id`.
+    Cleanup,
+    /// Drills: nodes per label.
+    CountLabels,
+    /// Drills: relationships per type.
+    CountTypes,
+    /// Drills: empty the drill database again.
+    EmptyAfter,
+    /// Drills: write the record.
+    Record,
+    /// Nothing more to do.
+    Done,
+}
+
+/// The backup, as its manifest describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupRef {
+    /// The backup's folder, with trailing slash.
+    pub folder: String,
+    /// The snapshot's id, when the backup took one.
+    pub snapshot_id: Option<String>,
+    /// The graph file's key, when the backup has one.
+    pub graph_key: Option<String>,
+}
+
+/// A restore's persisted state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuraRestore {
+    /// What it does.
+    pub mode: Mode,
+    /// The source's instance.
+    pub instance_id: String,
+    /// The backup's manifest key; the newest backup when `None` (drills).
+    pub manifest_key: Option<String>,
+    /// The database loaded into (logical: the target; drills: `drill_database`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    /// Elements per load chunk.
+    pub batch_size: u32,
+    /// Statements per load step.
+    pub step_statements: u32,
+    /// Where it stands.
+    pub step: Step,
+    /// The backup, once the manifest was read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupRef>,
+    /// The cached Aura API token (never shown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_access_token: Option<String>,
+    /// When it expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_expires_at: Option<Timestamp>,
+    /// Consecutive 401/403 answers.
+    #[serde(default)]
+    pub auth_retries: u32,
+    /// When Aura accepted the restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_started_at: Option<Timestamp>,
+    /// The instance's latest status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_status: Option<String>,
+    /// Instance polls answered.
+    #[serde(default)]
+    pub polls: u32,
+    /// The scan and load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<LoadCursor>,
+    /// Drills: nodes deleted from the drill database.
+    #[serde(default)]
+    pub deleted: u64,
+    /// Drills: nodes per label counted in the database.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub counted_labels: BTreeMap<String, u64>,
+    /// Drills: relationships per type counted in the database.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub counted_types: BTreeMap<String, u64>,
+    /// Why the drill failed; the database is emptied and the record written first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+    /// Notes for the reader.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+fn count_param(params: &Value, name: &str, default: u32, max: u32) -> Result<u32, String> {
+    match params.get(name) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v
+            .as_u64()
+            .filter(|n| (1..=u64::from(max)).contains(n))
+            .map(|n| n as u32)
+            .ok_or_else(|| format!("\"{name}\" must be a whole number from 1 to {max}")),
+    }
+}
+
+/// Checks a restore or drill request and makes the restore's state: `Err` is the 400 the caller
+/// gets (nothing was touched). `backup` is the manifest key the route named (drills: optional).
+pub fn plan(task: Task, cfg: &AuraConfig, params: &Value, backup: Option<String>) -> Result<AuraRestore, String> {
+    let target = param_text(params, "/target/database");
+    if params.get("target").is_some() && target.is_none() {
+        return Err("\"target\" must be {\"database\": \"<name of the database to load into>\"}".into());
+    }
+    let mut state = AuraRestore {
+        mode: Mode::Snapshot,
+        instance_id: cfg.instance_id.clone(),
+        manifest_key: backup,
+        database: None,
+        batch_size: count_param(params, "batch_size", DEFAULT_BATCH, 50_000)?,
+        step_statements: count_param(params, "step_statements", DEFAULT_STEP_STATEMENTS, 10_000)?,
+        step: Step::ReadManifest,
+        backup: None,
+        secret_access_token: None,
+        token_expires_at: None,
+        auth_retries: 0,
+        restore_started_at: None,
+        instance_status: None,
+        polls: 0,
+        load: None,
+        deleted: 0,
+        counted_labels: BTreeMap::new(),
+        counted_types: BTreeMap::new(),
+        failure: None,
+        notes: Vec::new(),
+    };
+    let needs_password = || {
+        cfg.db_password_secret.is_none().then(|| {
+            "db_password_secret is required to load a logical export through the Query API".to_string()
+        })
+    };
+    match task {
+        Task::Drill => {
+            if target.is_some() {
+                return Err("a drill loads into the source's drill_database; it takes no \"target\"".into());
+            }
+            let Some(scratch) = cfg.drill_database.clone() else {
+                return Err("an Aura drill needs drill_database in the source's configuration: a database on the \
+                            same Query API that the drill may empty and load into"
+                    .into());
+            };
+            if let Some(e) = needs_password() {
+                return Err(e);
+            }
+            state.mode = Mode::Drill;
+            state.database = Some(scratch);
+            Ok(state)
+        }
+        Task::Restore => {
+            if state.manifest_key.is_none() {
+                return Err("a restore needs the backup to restore (POST /v1/backups/{source}/{folder}/restore)".into());
+            }
+            match params.get("mode").and_then(Value::as_str) {
+                Some("snapshot") => {
+                    if target.is_some() {
+                        return Err("a snapshot restore goes back into the source instance; it takes no \"target\"".into());
+                    }
+                    super::confirmed(params, &cfg.instance_id, &format!("Aura instance {}", cfg.instance_id))?;
+                    Ok(state)
+                }
+                Some("logical") => {
+                    let Some(target) = target else {
+                        return Err("a logical load needs \"target\": {\"database\": \"<name>\"}, an empty database \
+                                    on the source's Query API"
+                            .into());
+                    };
+                    super::confirmed(params, &target, &format!("database {target}"))?;
+                    if let Some(e) = needs_password() {
+                        return Err(e);
+                    }
+                    state.mode = Mode::Logical;
+                    state.database = Some(target);
+                    Ok(state)
+                }
+                Some(other) => Err(format!("unknown \"mode\" {other:?}: use \"snapshot\" or \"logical\"")),
+                None => Err("an Aura restore needs \"mode\": \"snapshot\" (the instance goes back to the backup's \
+                             snapshot) or \"logical\" (the graph export is loaded into an empty database)"
+                    .into()),
+            }
+        }
+        Task::Export | Task::Verify | Task::Replicate => Err("not a restore".into()),
+    }
+}
+
+fn malformed(what: &str) -> StepError {
+    StepError::permanent(format!("Aura API: received a malformed response ({what})"))
+}
+
+fn instance_url(cfg: &AuraConfig, tail: &[&str]) -> Result<String, StepError> {
+    let mut segments = vec!["v1", "instances", cfg.instance_id.as_str()];
+    segments.extend_from_slice(tail);
+    Ok(url_with_path(cfg.api_base()?, &segments))
+}
+
+impl AuraRestore {
+    fn backup(&self) -> Result<&BackupRef, StepError> {
+        self.backup.as_ref().ok_or_else(|| StepError::permanent("the backup's manifest was not read"))
+    }
+
+    fn endpoint(&self, cfg: &AuraConfig, creds: &Credentials) -> Result<(String, Secret), StepError> {
+        let db = self.database.as_deref().ok_or_else(|| StepError::permanent("no target database"))?;
+        let secret = cfg
+            .db_password_secret
+            .as_deref()
+            .ok_or_else(|| StepError::permanent("db_password_secret is required to load a logical export"))?;
+        let (url, auth) = provider::query_endpoint(cfg, creds, db, secret)?;
+        Ok((url, Secret::new(auth)))
+    }
+
+    fn bearer(&self, req: HttpRequest) -> HttpRequest {
+        let token = self.secret_access_token.as_deref().unwrap_or_default();
+        req.header("authorization", format!("Bearer {token}")).header("content-type", "application/json")
+    }
+
+    fn next_with(&self, cfg: &AuraConfig, creds: &Credentials, job: &JobId, now: Timestamp) -> Result<Next, StepError> {
+        let api = matches!(self.step, Step::SnapshotRestore | Step::CheckInstance | Step::PollInstance);
+        if api && self.secret_access_token.is_none() {
+            return Ok(Next::Send(provider::token_request(cfg, creds)?));
+        }
+        let sid = || self.backup().and_then(|b| b.snapshot_id.clone().ok_or_else(|| StepError::permanent("no snapshot")));
+        Ok(match self.step {
+            Step::ReadManifest => Next::Io(Io::ReadManifest { key: self.manifest_key.clone() }),
+            Step::SnapshotRestore => Next::Send(self.bearer(HttpRequest {
+                method: crate::http::Method::Post,
+                url: instance_url(cfg, &["snapshots", &sid()?, "restore"])?,
+                headers: Vec::new(),
+                body: None,
+            })),
+            Step::CheckInstance | Step::PollInstance => Next::Send(self.bearer(HttpRequest::get(instance_url(cfg, &[])?))),
+            Step::CountTarget => {
+                let (url, auth) = self.endpoint(cfg, creds)?;
+                Next::Send(query(&url, &auth, COUNT_NODES, json!({})))
+            }
+            Step::EmptyBefore | Step::EmptyAfter => {
+                let (url, auth) = self.endpoint(cfg, creds)?;
+                Next::Send(query(&url, &auth, DELETE_BATCH, json!({ "limit": DELETE_LIMIT })))
+            }
+            Step::Cleanup => {
+                let (url, auth) = self.endpoint(cfg, creds)?;
+                Next::Send(query(&url, &auth, CLEANUP, json!({})))
+            }
+            Step::CountLabels => {
+                let (url, auth) = self.endpoint(cfg, creds)?;
+                Next::Send(query(&url, &auth, LABEL_COUNTS, json!({})))
+            }
+            Step::CountTypes => {
+                let (url, auth) = self.endpoint(cfg, creds)?;
+                Next::Send(query(&url, &auth, TYPE_COUNTS, json!({})))
+            }
+            Step::Load => {
+                let (url, authorization) = self.endpoint(cfg, creds)?;
+                let key = self
+                    .backup()?
+                    .graph_key
+                    .clone()
+                    .ok_or_else(|| StepError::permanent("the backup holds no graph export"))?;
+                Next::Io(Io::GraphLoad(Box::new(GraphLoadOrder {
+                    key,
+                    url,
+                    authorization,
+                    batch: self.batch_size,
+                    max_statements: self.step_statements,
+                    max_time: STEP_TIME,
+                    record_key: format!("graphload:{job}"),
+                    cursor: self.load.clone().unwrap_or_default(),
+                })))
+            }
+            Step::Record => Next::Io(Io::Record {
+                key: format!("{}{DRILL_NAME}", self.backup()?.folder),
+                record: self.drill_record(job, now),
+            }),
+            Step::Done => Next::Finished(match &self.failure {
+                Some(f) => Err(f.clone()),
+                None => Ok(self.summary(cfg)),
+            }),
+        })
+    }
+
+    fn summary(&self, cfg: &AuraConfig) -> String {
+        let folder = self.backup.as_ref().map_or("?", |b| b.folder.as_str());
+        let db = self.database.as_deref().unwrap_or("?");
+        let load = self.load.clone().unwrap_or_default();
+        match self.mode {
+            Mode::Snapshot => format!(
+                "restored instance {} to snapshot {} (backup {folder})",
+                cfg.instance_id,
+                self.backup.as_ref().and_then(|b| b.snapshot_id.as_deref()).unwrap_or("?")
+            ),
+            Mode::Logical => format!(
+                "loaded backup {folder} into database {db}: {} nodes, {} relationships in {} statements",
+                load.loaded_nodes, load.loaded_relationships, load.statements
+            ),
+            Mode::Drill => format!(
+                "drill of backup {folder} passed: {} nodes, {} relationships loaded into {db} and counted",
+                load.loaded_nodes, load.loaded_relationships
+            ),
+        }
+    }
+
+    /// What a drill writes next to the backup.
+    pub fn drill_record(&self, job: &JobId, now: Timestamp) -> Value {
+        let load = self.load.clone().unwrap_or_default();
+        let side = |expected: &BTreeMap<String, u64>, counted: &BTreeMap<String, u64>| -> BTreeMap<String, Value> {
+            expected
+                .keys()
+                .chain(counted.keys())
+                .map(|k| (k.clone(), json!({ "backup": expected.get(k), "restored": counted.get(k) })))
+                .collect()
+        };
+        json!({
+            "job_id": job,
+            "at": now,
+            "passed": self.failure.is_none(),
+            "backup": self.backup.as_ref().map(|b| b.folder.clone()),
+            "scratch_database": self.database,
+            "nodes": load.nodes,
+            "relationships": load.relationships,
+            "labels": side(&load.labels, &self.counted_labels),
+            "types": side(&load.types, &self.counted_types),
+            "error": self.failure,
+        })
+    }
+
+    fn fold(&mut self, done: IoDone) -> Result<Answer, StepError> {
+        match (self.step, done) {
+            (Step::ReadManifest, IoDone::Manifest(key, manifest)) => {
+                let backup = backup_of(&key, &manifest);
+                self.step = match self.mode {
+                    Mode::Snapshot => {
+                        if backup.snapshot_id.is_none() {
+                            return Err(StepError::permanent(format!(
+                                "backup {} records no Aura snapshot (it was taken with mode {:?}): restore its \
+                                 graph export with \"mode\": \"logical\" instead",
+                                backup.folder,
+                                manifest.provider.get("mode").and_then(Value::as_str).unwrap_or("logical")
+                            )));
+                        }
+                        Step::SnapshotRestore
+                    }
+                    Mode::Logical | Mode::Drill => {
+                        if backup.graph_key.is_none() {
+                            return Err(StepError::permanent(format!(
+                                "backup {} holds no {GRAPH_FILE} (it was taken with mode \"snapshot\"): restore its \
+                                 snapshot with \"mode\": \"snapshot\" instead",
+                                backup.folder
+                            )));
+                        }
+                        if self.mode == Mode::Drill {
+                            Step::EmptyBefore
+                        } else {
+                            Step::CountTarget
+                        }
+                    }
+                };
+                self.backup = Some(backup);
+                self.manifest_key = Some(key);
+                Ok(Answer::Continue)
+            }
+            (Step::Load, IoDone::GraphLoaded { cursor, error }) => {
+                let cursor = *cursor;
+                let finished = cursor.finished;
+                self.load = Some(cursor);
+                if let Some(e) = error {
+                    return Err(e);
+                }
+                if finished {
+                    self.step = Step::Cleanup;
+                }
+                Ok(Answer::Continue)
+            }
+            (Step::Record, IoDone::Recorded) => {
+                self.step = Step::Done;
+                Ok(Answer::Continue)
+            }
+            (step, done) => Err(StepError::permanent(format!("unexpected {done:?} at {step:?}"))),
+        }
+    }
+
+    /// Folds in an Aura API answer (token, restore, instance).
+    fn api_answer(&mut self, resp: &HttpResponse, now: Timestamp) -> Result<Answer, StepError> {
+        if self.secret_access_token.is_none() {
+            let (token, expires) = provider::token_answer(resp, now)?;
+            self.secret_access_token = Some(token);
+            self.token_expires_at = Some(expires);
+            return Ok(Answer::Continue);
+        }
+        if resp.status == 401 || resp.status == 403 {
+            if self.auth_retries < MAX_AUTH_RETRIES {
+                self.auth_retries += 1;
+                self.secret_access_token = None;
+                return Ok(Answer::Continue);
+            }
+            return Err(StepError::permanent(format!(
+                "the Aura API refused the token (HTTP {}): {}",
+                resp.status,
+                provider::aura_error(resp)
+            )));
+        }
+        if self.step == Step::SnapshotRestore && (resp.status >= 500 || resp.status == 429) {
+            // Aura may have acted on it: look at the instance before asking again.
+            self.unanswered_post();
+        }
+        if !(200..300).contains(&resp.status) {
+            let words = provider::aura_error(resp);
+            if words.contains("ongoing-database-operation") {
+                return Err(StepError::permanent(format!(
+                    "Aura refused the restore: the instance is busy with another operation (HTTP {}): {words}; try \
+                     again once it is running",
+                    resp.status
+                )));
+            }
+            return Err(status_error(resp, now, format!("the Aura API answered HTTP {}: {words}", resp.status)));
+        }
+        self.auth_retries = 0;
+        let body: Value = serde_json::from_slice(&resp.body).map_err(|_| malformed("not JSON"))?;
+        let status = body.pointer("/data/status").and_then(Value::as_str).map(str::to_string);
+        if provider::token_stale(self.token_expires_at, now) {
+            self.secret_access_token = None;
+        }
+        match self.step {
+            Step::SnapshotRestore => {
+                self.restore_started_at = Some(now);
+                self.instance_status = status;
+                self.step = Step::PollInstance;
+                Ok(Answer::Pending)
+            }
+            Step::CheckInstance => {
+                let status = status.ok_or_else(|| malformed("instance without status"))?;
+                self.instance_status = Some(status.clone());
+                if status == "restoring" {
+                    self.notes.push("the restore request went unanswered, but the instance is restoring: it took effect".into());
+                    self.restore_started_at = Some(now);
+                    self.step = Step::PollInstance;
+                    Ok(Answer::Pending)
+                } else {
+                    self.notes.push(format!(
+                        "the restore request went unanswered and the instance is {status}: asking again"
+                    ));
+                    self.step = Step::SnapshotRestore;
+                    Ok(Answer::Continue)
+                }
+            }
+            Step::PollInstance => {
+                let status = status.ok_or_else(|| malformed("instance without status"))?;
+                self.polls += 1;
+                self.instance_status = Some(status.clone());
+                match status.as_str() {
+                    "restoring" => {
+                        let started = self.restore_started_at.unwrap_or(now);
+                        if now.since(started) > RESTORE_TIMEOUT {
+                            return Err(StepError::permanent(format!(
+                                "instance {} is still restoring after {} h; Ferry stopped watching (the restore \
+                                 goes on in Aura)",
+                                self.instance_id,
+                                RESTORE_TIMEOUT.as_secs() / 3600
+                            )));
+                        }
+                        Ok(Answer::Pending)
+                    }
+                    "running" => {
+                        self.step = Step::Done;
+                        Ok(Answer::Continue)
+                    }
+                    other => Err(StepError::permanent(format!(
+                        "the snapshot restore of instance {} ended with the instance {other:?}",
+                        self.instance_id
+                    ))),
+                }
+            }
+            step => Err(StepError::permanent(format!("an Aura API answer came at {step:?}"))),
+        }
+    }
+
+    fn unanswered_post(&mut self) {
+        if self.step == Step::SnapshotRestore && self.secret_access_token.is_some() {
+            self.step = Step::CheckInstance;
+        }
+    }
+
+    /// Folds in a Query API answer.
+    fn query_answer(&mut self, resp: &HttpResponse, now: Timestamp) -> Result<Answer, StepError> {
+        let rows = provider::query_rows(resp, now)?;
+        let number = |row: &serde_json::Map<String, Value>, field: &str| -> Result<u64, StepError> {
+            row.get(field).and_then(Value::as_u64).ok_or_else(|| {
+                StepError::permanent(format!("Neo4j Query API: received a malformed response (no {field})"))
+            })
+        };
+        match self.step {
+            Step::CountTarget => {
+                let n = rows.first().map(|r| number(r, "nodes")).transpose()?.unwrap_or(0);
+                if n > 0 {
+                    let db = self.database.as_deref().unwrap_or("?");
+                    return Err(StepError::permanent(format!(
+                        "database {db} is not empty ({n} nodes): a logical load goes into an empty database; nothing \
+                         was written (empty it, or name another target)"
+                    )));
+                }
+                self.step = Step::Load;
+                Ok(Answer::Continue)
+            }
+            Step::EmptyBefore | Step::EmptyAfter => {
+                let n = rows.first().map(|r| number(r, "deleted")).transpose()?.unwrap_or(0);
+                self.deleted += n;
+                if n == 0 {
+                    self.step = match self.step {
+                        Step::EmptyBefore => Step::Load,
+                        _ => Step::Record,
+                    };
+                }
+                Ok(Answer::Continue)
+            }
+            Step::Cleanup => {
+                self.step = match self.mode {
+                    Mode::Drill => Step::CountLabels,
+                    _ => Step::Done,
+                };
+                Ok(Answer::Continue)
+            }
+            Step::CountLabels | Step::CountTypes => {
+                let (field, into) = match self.step {
+                    Step::CountLabels => ("label", &mut self.counted_labels),
+                    _ => ("type", &mut self.counted_types),
+                };
+                into.clear();
+                for row in &rows {
+                    let name = row.get(field).and_then(Value::as_str).ok_or_else(|| {
+                        StepError::permanent(format!("Neo4j Query API: received a malformed response (no {field})"))
+                    })?;
+                    into.insert(name.to_string(), number(row, "n")?);
+                }
+                if self.step == Step::CountLabels {
+                    self.step = Step::CountTypes;
+                } else {
+                    self.failure = self.compare();
+                    self.step = Step::EmptyAfter;
+                }
+                Ok(Answer::Continue)
+            }
+            step => Err(StepError::permanent(format!("a Query API answer came at {step:?}"))),
+        }
+    }
+
+    /// The drill's finding: `None` when every label and type has what the file holds.
+    fn compare(&self) -> Option<String> {
+        let load = self.load.as_ref()?;
+        let mut findings = Vec::new();
+        for (what, expected, counted) in
+            [("label", &load.labels, &self.counted_labels), ("type", &load.types, &self.counted_types)]
+        {
+            let kind = if what == "label" { "nodes" } else { "relationships" };
+            for name in expected.keys().chain(counted.keys().filter(|k| !expected.contains_key(*k))) {
+                let (want, got) = (expected.get(name).copied().unwrap_or(0), counted.get(name).copied().unwrap_or(0));
+                if want != got {
+                    findings.push(format!("{what} {name:?}: {got} {kind} restored, {want} in the backup"));
+                }
+            }
+        }
+        let folder = self.backup.as_ref().map_or("?", |b| b.folder.as_str());
+        (!findings.is_empty()).then(|| format!("drill of backup {folder} failed: {}", findings.join("; ")))
+    }
+
+    fn cleanup_first(&mut self, message: String) -> bool {
+        if self.mode != Mode::Drill || self.backup.is_none() {
+            return false;
+        }
+        match self.step {
+            Step::Record | Step::Done => false,
+            Step::EmptyAfter => {
+                let db = self.database.clone().unwrap_or_default();
+                let emptying = format!("emptying the drill database {db} failed: {message}");
+                self.failure = Some(match self.failure.take() {
+                    Some(prior) => format!("{prior}; {emptying}"),
+                    None => emptying,
+                });
+                self.step = Step::Record;
+                true
+            }
+            _ => {
+                self.failure = Some(message);
+                self.step = Step::EmptyAfter;
+                true
+            }
+        }
+    }
+}
+
+impl Restorer for AuraRestore {
+    fn next(&self, cx: &RestoreCx<'_>) -> Result<Next, StepError> {
+        let ProviderConfig::Aura(cfg) = &cx.source.provider else {
+            return Err(StepError::permanent("an Aura restore of a source that is no longer an Aura source"));
+        };
+        self.next_with(cfg, cx.creds, cx.job, cx.now)
+    }
+
+    fn on_response(&mut self, resp: &HttpResponse, now: Timestamp) -> Result<Answer, StepError> {
+        match self.step {
+            Step::SnapshotRestore | Step::CheckInstance | Step::PollInstance => {
+self.api_answer(resp, now)
+            }
+            _ => self.query_answer(resp, now),
+        }
+    }
+
+    fn on_io(&mut self, done: IoDone, _now: Timestamp) -> Result<Answer, StepError> {
+        self.fold(done)
+    }
+
+    fn unanswered(&mut self) {
+        self.unanswered_post();
+    }
+
+    fn fail_after_cleanup(&mut self, message: String) -> bool {
+        self.cleanup_first(message)
+    }
+
+    fn backup_folder(&self) -> Option<String> {
+        self.backup.as_ref().map(|b| b.folder.clone())
+    }
+}
+
+
+/// The backup's snapshot and graph file, from its manifest.
+fn backup_of(key: &str, manifest: &Manifest) -> BackupRef {
+    let folder = crate::manifest::folder_of(key).unwrap_or_default().to_string();
+    BackupRef {
+        folder,
+        snapshot_id: manifest.provider.pointer("/snapshot/snapshot_id").and_then(Value::as_str).map(str::to_string),
+        graph_key: manifest.artifacts.iter().find(|a| a.filename == GRAPH_FILE).map(|a| a.key.clone()),
+    }
+}

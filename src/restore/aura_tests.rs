@@ -1,0 +1,378 @@
+//! Aura snapshot restores, logical loads and drills, driven through the job state machine with
+//! canned Aura and Query API answers; the graph loader fed lines directly.
+
+use serde_json::{json, Value};
+
+use super::aura::{GraphLoader, LoadCursor, DELETE_BATCH, LABEL_COUNTS, TYPE_COUNTS};
+use super::*;
+use crate::config::{Config, SourceConfig};
+use crate::http::{HttpRequest, HttpResponse};
+use crate::job::{Action, Context, Event, Job, Phase, Trigger};
+use crate::manifest::Artifact;
+use crate::providers::Credentials;
+use crate::secret::Secret;
+use crate::time::Timestamp;
+
+const FOLDER: &str = "graph/2026-11-23T030000Z-00000000000000aa/";
+const SID: &str = "afdb4e9d-6ba6-4d45-b951-f82843dcbca6";
+
+fn source() -> SourceConfig {
+    Config::from_value(&json!([{
+        "name": "graph", "kind": "aura", "schedule": "0 3 * * *", "instance_id": "2f49c2b3",
+        "client_id_secret": "CID", "client_secret_secret": "CSEC", "db_password_secret": "PW",
+        "api_base": "http://aura.test", "query_api_base": "http://db.test", "drill_database": "scratch",
+        "retry": {"max_attempts": 2, "base_ms": 1000, "max_delay_ms": 8000}
+    }]))
+    .unwrap()
+    .sources
+    .remove(0)
+}
+
+fn t0() -> Timestamp {
+    Timestamp::parse_rfc3339("2026-11-23T10:00:00Z").unwrap()
+}
+
+fn manifest(snapshot: bool) -> Manifest {
+    Manifest {
+        source: "graph".into(),
+        kind: "aura".into(),
+        job_id: JobId::new("00000000000000aa"),
+        trigger: Trigger::Cron,
+        started_at: t0(),
+        scheduled_for: None,
+        finished_at: t0(),
+        provider: json!({"instance_id": "2f49c2b3", "mode": if snapshot { "both" } else { "logical" },
+            "snapshot": if snapshot { json!({"snapshot_id": SID, "status": "Completed"}) } else { Value::Null }}),
+        artifacts: vec![Artifact {
+            key: format!("{FOLDER}graph.jsonl.gz"),
+            filename: "graph.jsonl.gz".into(),
+            size: 100,
+            sha256: "s".into(),
+            content_type: "application/gzip".into(),
+            parts: 1,
+            part_sha256: vec![],
+            details: None,
+            md5: None,
+            row_counts: None,
+        }],
+    }
+}
+
+struct H {
+    job: Job,
+    src: SourceConfig,
+    creds: Credentials,
+    now: Timestamp,
+}
+
+impl H {
+    fn new(task: Task, params: Value) -> Result<Self, String> {
+        let src = source();
+        let backup = (task == Task::Restore).then(|| format!("{FOLDER}manifest.json"));
+        let state = plan(task, &src, &params, backup)?;
+        let job = Job::new(JobId::new("0123456789abcdef"), &src, Trigger::Api, None, None, t0()).restore_of(task, state);
+        let mut creds = Credentials::new();
+        for (k, v) in [("CID", "id"), ("CSEC", "sec"), ("PW", "pw")] {
+            creds.insert(k, Secret::new(v));
+        }
+        Ok(Self { job, src, creds, now: t0() })
+    }
+
+    fn feed(&mut self, event: Event) -> Action {
+        let cx = Context { now: self.now, jitter: 0.0, source: &self.src, creds: &self.creds, seen: &[] };
+        let (job, action) = self.job.clone().handle(event, &cx);
+        self.job = job;
+        action
+    }
+
+    fn wake(&mut self) -> Action {
+        if let Some(at) = self.job.next_step_at {
+            self.now = self.now.max(at);
+        }
+        self.feed(Event::Wake)
+    }
+
+    fn request(&mut self) -> HttpRequest {
+        match self.wake() {
+            Action::Send(req) => req,
+            other => panic!("expected a request, got {other:?}"),
+        }
+    }
+
+    fn io(&mut self) -> Io {
+        match self.wake() {
+            Action::Restore(io) => *io,
+            other => panic!("expected R2 work, got {other:?}"),
+        }
+    }
+
+    fn answer(&mut self, status: u16, body: Value) -> Action {
+        self.feed(Event::Response(HttpResponse::json(status, &body)))
+    }
+
+    fn manifest(&mut self, m: Manifest) {
+        assert!(matches!(self.io(), Io::ReadManifest { .. }));
+        self.feed(Event::RestoreIo(Ok(IoDone::Manifest(format!("{FOLDER}manifest.json"), Box::new(m)))));
+    }
+
+    fn token(&mut self) {
+        let req = self.request();
+        assert!(req.url.ends_with("/oauth/token"), "{}", req.url);
+        self.answer(200, json!({"access_token": "T", "expires_in": 3600, "token_type": "bearer"}));
+    }
+
+    fn rows(&mut self, fields: &[&str], values: Value) -> Action {
+        self.answer(202, json!({"data": {"fields": fields, "values": values}, "bookmarks": ["FB:x"]}))
+    }
+}
+
+fn statement(req: &HttpRequest) -> String {
+    let body: Value = serde_json::from_slice(req.body.as_deref().unwrap()).unwrap();
+    body["statement"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_snapshot_restore_needs_the_instance_id_in_confirm_and_a_mode() {
+    assert!(H::new(Task::Restore, json!({"mode": "snapshot"})).err().unwrap().contains("\"2f49c2b3\""));
+    assert!(H::new(Task::Restore, json!({"mode": "snapshot", "confirm": "neo4j"})).is_err());
+    assert!(H::new(Task::Restore, json!({"confirm": "2f49c2b3"})).err().unwrap().contains("\"mode\""));
+    assert!(H::new(Task::Restore, json!({"mode": "snapshot", "confirm": "2f49c2b3"})).is_ok());
+    let e = H::new(Task::Restore, json!({"mode": "logical", "target": {"database": "copy"}, "confirm": "neo4j"}));
+    assert!(e.err().unwrap().contains("\"copy\""));
+}
+
+#[test]
+fn a_snapshot_restore_posts_the_manifests_snapshot_and_polls_until_running() {
+    let mut h = H::new(Task::Restore, json!({"mode": "snapshot", "confirm": "2f49c2b3"})).unwrap();
+    h.manifest(manifest(true));
+    h.token();
+    let post = h.request();
+    assert_eq!(post.url, format!("http://aura.test/v1/instances/2f49c2b3/snapshots/{SID}/restore"));
+    assert_eq!(post.header_value("authorization"), Some("Bearer T"));
+    assert!(matches!(h.answer(202, json!({"data": {"id": "2f49c2b3", "status": "restoring"}})), Action::Sleep(_)));
+    let poll = h.request();
+    assert_eq!(poll.url, "http://aura.test/v1/instances/2f49c2b3");
+    assert!(matches!(h.answer(200, json!({"data": {"status": "restoring"}})), Action::Sleep(_)));
+    h.request();
+    h.answer(200, json!({"data": {"status": "running"}}));
+    assert!(matches!(h.wake(), Action::Done));
+    assert_eq!(h.job.phase, Phase::Restored);
+    assert!(h.job.note.as_deref().unwrap().contains(SID));
+}
+
+#[test]
+fn a_snapshot_restore_of_a_logical_only_backup_fails_saying_so() {
+    let mut h = H::new(Task::Restore, json!({"mode": "snapshot", "confirm": "2f49c2b3"})).unwrap();
+    h.manifest(manifest(false));
+    assert_eq!(h.job.phase, Phase::Failed);
+    assert!(h.job.error.as_deref().unwrap().contains("records no Aura snapshot"), "{:?}", h.job.error);
+}
+
+#[test]
+fn an_unanswered_restore_post_reads_the_instance_before_asking_again() {
+    let mut h = H::new(Task::Restore, json!({"mode": "snapshot", "confirm": "2f49c2b3"})).unwrap();
+    h.manifest(manifest(true));
+    h.token();
+    h.request();
+    h.feed(Event::Unreachable("timed out".into()));
+    let check = h.request();
+    assert_eq!((check.method, check.url.as_str()), (crate::http::Method::Get, "http://aura.test/v1/instances/2f49c2b3"));
+    h.answer(200, json!({"data": {"status": "restoring"}}));
+    let poll = h.request();
+    assert_eq!(poll.method, crate::http::Method::Get, "the POST is not sent again");
+    h.answer(200, json!({"data": {"status": "running"}}));
+    h.wake();
+    assert_eq!(h.job.phase, Phase::Restored);
+}
+
+#[test]
+fn a_failed_instance_status_and_a_busy_instance_fail_in_auras_words() {
+    let mut h = H::new(Task::Restore, json!({"mode": "snapshot", "confirm": "2f49c2b3"})).unwrap();
+    h.manifest(manifest(true));
+    h.token();
+    h.request();
+    h.answer(202, json!({"data": {"status": "restoring"}}));
+    h.request();
+    h.answer(200, json!({"data": {"status": "loading failed"}}));
+    assert_eq!(h.job.phase, Phase::Failed);
+    assert!(h.job.error.as_deref().unwrap().contains("\"loading failed\""));
+
+    let mut h = H::new(Task::Restore, json!({"mode": "snapshot", "confirm": "2f49c2b3"})).unwrap();
+    h.manifest(manifest(true));
+    h.token();
+    h.request();
+    h.answer(409, json!({"errors": [{"message": "The database is current undergoing an operation: resuming",
+        "reason": "ongoing-database-operation"}]}));
+    assert_eq!(h.job.phase, Phase::Failed);
+    assert!(h.job.error.as_deref().unwrap().contains("undergoing an operation: resuming"));
+}
+
+#[test]
+fn a_logical_load_refuses_a_target_that_is_not_empty() {
+    let mut h =
+        H::new(Task::Restore, json!({"mode": "logical", "target": {"database": "copy"}, "confirm": "copy"})).unwrap();
+    h.manifest(manifest(false));
+    let count = h.request();
+    assert_eq!(count.url, "http://db.test/db/copy/query/v2");
+    assert_eq!(statement(&count), "MATCH (n) RETURN count(n) AS nodes");
+    h.rows(&["nodes"], json!([[3]]));
+    assert_eq!(h.job.phase, Phase::Failed);
+    assert!(h.job.error.as_deref().unwrap().contains("not empty (3 nodes)"));
+}
+
+fn lines() -> Vec<String> {
+    vec![
+        json!({"type": "header", "format": "ferry-neo4j-jsonl", "version": 1}).to_string(),
+        json!({"type": "node", "id": "a", "labels": ["P"], "properties": {"x": 1}}).to_string(),
+        json!({"type": "node", "id": "b", "labels": ["C"], "properties": {}}).to_string(),
+        json!({"type": "node", "id": "c", "labels": ["P"], "properties": {}}).to_string(),
+        json!({"type": "relationship", "id": "r", "rel_type": "K", "start": "a", "end": "b", "properties": {}})
+            .to_string(),
+        json!({"type": "footer", "nodes": 3, "relationships": 1}).to_string(),
+    ]
+}
+
+/// Runs a whole scan and load through the loader; returns the statements sent.
+fn run_loader(lines: &[String], batch: u32) -> Result<(LoadCursor, Vec<(String, usize)>), StepError> {
+    let mut cursor = LoadCursor::default();
+    let mut sent = Vec::new();
+    for _ in 0..2 {
+        let mut loader = GraphLoader::new(cursor.clone(), batch);
+        for l in lines {
+            if let Some(groups) = loader.line(l.as_bytes())? {
+                for g in &groups {
+                    sent.push((g.statement.clone(), g.rows.len()));
+                    loader.sent();
+                }
+                loader.chunk_done(&groups);
+            }
+        }
+        if let Some(groups) = loader.end()? {
+            for g in &groups {
+                sent.push((g.statement.clone(), g.rows.len()));
+                loader.sent();
+            }
+            loader.last_chunk_done(&groups);
+        }
+        cursor = loader.cursor.clone();
+    }
+    Ok((cursor, sent))
+}
+
+#[test]
+fn the_loader_scans_then_sends_nodes_before_relationships_one_statement_per_label_set() {
+    let (cursor, sent) = run_loader(&lines(), 2).unwrap();
+    assert!(cursor.finished);
+    assert_eq!(cursor.labels, [("C".to_string(), 1), ("P".to_string(), 2)].into_iter().collect());
+    assert_eq!(cursor.types, [("K".to_string(), 1)].into_iter().collect());
+    assert_eq!((cursor.loaded_nodes, cursor.loaded_relationships), (3, 1));
+    let expected = vec![
+        (aura::node_statement(&["P".into()]), 1),
+        (aura::node_statement(&["C".into()]), 1),
+        (aura::node_statement(&["P".into()]), 1),
+        (aura::relationship_statement("K"), 1),
+    ];
+    assert_eq!(sent, expected);
+}
+
+#[test]
+fn a_file_without_footer_or_with_wrong_totals_or_out_of_order_is_refused_before_any_statement() {
+    let mut no_footer = lines();
+    no_footer.pop();
+    assert!(run_loader(&no_footer, 10).unwrap_err().message().contains("no footer"));
+    let mut wrong = lines();
+    *wrong.last_mut().unwrap() = json!({"type": "footer", "nodes": 2, "relationships": 1}).to_string();
+    assert!(run_loader(&wrong, 10).unwrap_err().message().contains("footer lists 2 nodes"));
+    let mut order = lines();
+    order.swap(3, 4);
+    assert!(run_loader(&order, 10).unwrap_err().message().contains("a node after the relationships"));
+}
+
+#[test]
+fn a_load_cut_short_mid_chunk_goes_on_with_the_next_statement_of_that_chunk() {
+    let (scanned, _) = {
+        let mut loader = GraphLoader::new(LoadCursor::default(), 10);
+        for l in lines() {
+            loader.line(l.as_bytes()).unwrap();
+        }
+        loader.end().unwrap();
+        (loader.cursor.clone(), ())
+    };
+    // Step 1: the only chunk is the file's end; send its first statement, then stop.
+    let mut loader = GraphLoader::new(scanned, 10);
+    for l in lines() {
+        assert!(loader.line(l.as_bytes()).unwrap().is_none());
+    }
+    let groups = loader.end().unwrap().unwrap();
+    assert_eq!(groups.len(), 3, "P, C, K");
+    loader.sent();
+    let saved = loader.cursor.clone();
+    assert_eq!(saved.groups_done, 1);
+    // Step 2 rebuilds the same chunk and sends the rest.
+    let mut loader = GraphLoader::new(saved, 10);
+    for l in lines() {
+        loader.line(l.as_bytes()).unwrap();
+    }
+    let again = loader.end().unwrap().unwrap();
+    assert_eq!(again, groups);
+    assert_eq!(loader.cursor.groups_done, 1, "the first statement is not sent again");
+}
+
+#[test]
+fn a_drill_empties_loads_compares_per_label_and_type_empties_again_and_records() {
+    let mut h = H::new(Task::Drill, json!({})).unwrap();
+    h.manifest(manifest(true));
+    let del = h.request();
+    assert_eq!((del.url.as_str(), statement(&del)), ("http://db.test/db/scratch/query/v2", DELETE_BATCH.to_string()));
+    h.rows(&["deleted"], json!([[5]]));
+    h.request();
+    h.rows(&["deleted"], json!([[0]]));
+    let Io::GraphLoad(order) = h.io() else { panic!("expected the load") };
+    assert_eq!(order.key, format!("{FOLDER}graph.jsonl.gz"));
+    let (cursor, _) = run_loader(&lines(), 500).unwrap();
+    h.feed(Event::RestoreIo(Ok(IoDone::GraphLoaded { cursor: Box::new(cursor), error: None })));
+    assert_eq!(statement(&h.request()), aura::CLEANUP);
+    h.rows(&[], json!([]));
+    assert_eq!(statement(&h.request()), LABEL_COUNTS);
+    h.rows(&["label", "n"], json!([["P", 2]]));
+    assert_eq!(statement(&h.request()), TYPE_COUNTS);
+    h.rows(&["type", "n"], json!([["K", 1]]));
+    assert_eq!(statement(&h.request()), DELETE_BATCH);
+    h.rows(&["deleted"], json!([[0]]));
+    let Io::Record { key, record } = h.io() else { panic!("expected the record") };
+    assert_eq!(key, format!("{FOLDER}drill.json"));
+    assert_eq!(record["passed"], json!(false));
+    assert_eq!(record["labels"]["C"], json!({"backup": 1, "restored": null}));
+    h.feed(Event::RestoreIo(Ok(IoDone::Recorded)));
+    h.wake();
+    assert_eq!(h.job.phase, Phase::Failed);
+    let error = h.job.error.clone().unwrap();
+    assert!(error.contains("label \"C\": 0 nodes restored, 1 in the backup"), "{error}");
+    assert!(!error.contains("\"P\""), "{error}");
+}
+
+#[test]
+fn a_drill_that_fails_while_loading_still_empties_the_database_and_records() {
+    let mut h = H::new(Task::Drill, json!({})).unwrap();
+    h.manifest(manifest(true));
+    h.request();
+    h.rows(&["deleted"], json!([[0]]));
+    h.io();
+    let err = StepError::permanent("graph.jsonl.gz has no footer line");
+    h.feed(Event::RestoreIo(Ok(IoDone::GraphLoaded { cursor: Box::default(), error: Some(err) })));
+    assert_eq!(statement(&h.request()), DELETE_BATCH);
+    h.rows(&["deleted"], json!([[0]]));
+    let Io::Record { record, .. } = h.io() else { panic!("expected the record") };
+    assert_eq!(record["passed"], json!(false));
+    assert!(record["error"].as_str().unwrap().contains("no footer"));
+}
+
+#[test]
+fn a_drill_needs_a_drill_database() {
+    let mut src = source();
+    if let crate::providers::ProviderConfig::Aura(cfg) = &mut src.provider {
+        cfg.drill_database = None;
+    }
+    let e = plan(Task::Drill, &src, &json!({}), None).unwrap_err();
+    assert!(e.contains("drill_database"), "{e}");
+}
