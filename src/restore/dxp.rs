@@ -287,6 +287,7 @@ impl DxpRestore {
         let earliest = since.minus(CLOCK_SKEW);
         items
             .iter()
+            .rev()
             .filter(|item| is_uploaded(item))
             .filter_map(|item| {
                 let id = item_id(item)?;
@@ -300,7 +301,7 @@ impl DxpRestore {
                 };
                 fresh.then(|| id.to_string())
             })
-            .last()
+            .next()
     }
 
     /// Clears an upload to go now, or waits out the minute since the last one.
