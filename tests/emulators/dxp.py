@@ -31,8 +31,10 @@ What is emulated
   streamed from disk in 64 KiB chunks, ``Content-Type: application/gzip``,
   ``Content-Disposition: attachment; filename="database.gz"`` / ``"volume.tgz"``.
 * ``POST /backup/upload`` -> ``multipart/form-data`` with both ``database`` and ``volume`` file fields,
-  at most one accepted upload per 60 s (a concurrent one is refused the same way); the upload is
-  streamed to disk and becomes a backup of type ``Uploaded``.
+  at most one accepted upload per 60 s (``upload_interval_s`` shortens it for tests; a concurrent
+  one is refused the same way: 429 with ``Retry-After``); the upload is streamed to disk and becomes
+  a backup of type ``Uploaded``, whose state entry also has ``upload``: ``content_length`` (null
+  when chunked), ``chunked`` and the parts' ``filenames``.
 * Backup ids ``dxpcloud-<18 lower-case letters>-<YYYYMMDDHHmm>``, one ``Auto`` backup a day at a time
   inside the default ``[5-55][0-1] * * *`` UTC schedule, the newest today.
 
@@ -69,8 +71,9 @@ path), the last 2000 requests, ``downloads`` and ``bytes_sent``.  The download s
   served; ``truncate_after`` (int or null): the same for the next download only.
 * ``chunked`` (bool): no ``Content-Length``, chunked transfer coding (ranges still apply).
 
-Injected faults (``faults``, see ``common.py``): steps ``list`` (``GET /backup/list``) and
-``download`` (either download).  ``provider_error`` at ``list`` lists every backup as
+Injected faults (``faults``, see ``common.py``): steps ``list`` (``GET /backup/list``),
+``download`` (either download) and ``upload`` (``POST /backup/upload``; ``provider_error`` there
+refuses it 400 with the documented GCS message, taking nothing).  ``provider_error`` at ``list`` lists every backup as
 ``status:"failed"`` (the service flags failed backups; the message is unused); at ``download``
 it answers 401 ``{"message": "Token expired"}``.  There is no export to be ``stuck``: the service
 only offers backups it already made.  Every request-log entry has ``t`` and its ``step``.
