@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | D1 ([`d1`]) | import a dump into a named database; Time Travel to the backup's bookmark | import into a scratch database, compare row counts per table |
 //! | Aura ([`aura`]) | the instance back to the backup's snapshot; the graph export loaded into an empty named database | load into `drill_database`, compare nodes per label and relationships per type |
+//! | DXP Cloud ([`dxp`]) | upload the database and volume archives to the backup service as a new `Uploaded` backup (overwrites nothing; restored from the console) | none |
 //!
 //! Anything that overwrites data needs a `confirm` field repeating the target's name, checked
 //! by [`plan`] before a job exists. Everything here is pure: requests go out as
@@ -13,6 +14,7 @@
 
 pub mod aura;
 pub mod d1;
+pub mod dxp;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -52,6 +54,15 @@ pub enum Io {
     },
     /// One bounded step of scanning or loading an Aura graph export (`runtime/graph_load.rs`).
     GraphLoad(Box<aura::GraphLoadOrder>),
+    /// Send `request` (its URL and headers; a `POST`) with a body made of `pieces` in order,
+    /// R2 objects streamed, never held whole; the body's length is known and sent as
+    /// `Content-Length` (a `multipart/form-data` upload).
+    PostPieces {
+        /// The request, without a body.
+        request: HttpRequest,
+        /// The body's pieces.
+        pieces: Vec<Piece>,
+    },
     /// Write the drill's record.
     Record {
         /// Where.
@@ -59,6 +70,30 @@ pub enum Io {
         /// What.
         record: Value,
     },
+}
+
+/// A piece of an [`Io::PostPieces`] body.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Piece {
+    /// These bytes.
+    Text(String),
+    /// The R2 object `key`, which must hold `size` bytes.
+    Object {
+        /// Its key.
+        key: String,
+        /// Its size.
+        size: u64,
+    },
+}
+
+impl Piece {
+    /// Its length in the body.
+    pub fn length(&self) -> u64 {
+        match self {
+            Self::Text(t) => t.len() as u64,
+            Self::Object { size, .. } => *size,
+        }
+    }
 }
 
 /// What an [`Io`] order gave.
@@ -91,6 +126,9 @@ pub enum IoDone {
         /// Why the step stopped before its bound, if it failed.
         error: Option<StepError>,
     },
+    /// The answer to an [`Io::PostPieces`] (its body cut to a few KiB), or why none came once
+    /// the request may have gone out (a failure before anything was sent is an `Err`).
+    Posted(Result<HttpResponse, String>),
 }
 
 /// The next thing a restore does.
@@ -196,6 +234,7 @@ macro_rules! restorers {
 restorers! {
     "d1" => D1(d1::D1Restore),
     "aura" => Aura(aura::AuraRestore),
+    "dxp" => Dxp(dxp::DxpRestore),
 }
 
 impl RestoreState {
@@ -248,3 +287,5 @@ pub(crate) fn confirmed(params: &Value, name: &str, what: &str) -> Result<(), St
 mod d1_tests;
 #[cfg(test)]
 mod aura_tests;
+#[cfg(test)]
+mod dxp_tests;

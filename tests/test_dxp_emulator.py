@@ -538,6 +538,35 @@ def test_upload_rules(emu):
     assert upload(emu, [("database", "database.gz", db), ("volume", "volume.tgz", vol)]).status == 200
 
 
+def test_upload_state_shows_how_it_came_and_the_interval_switch_shortens_the_minute(emu):
+    db = gzip.compress(b"-- uploaded dump\n")
+    vol = os.urandom(50_000)
+    set_switches(emu, upload_interval_s=1)
+    assert upload(emu, [("database", "database.gz", db), ("volume", "volume.tgz", vol)]).status == 200
+    info = state(emu)["backups"][-1]
+    body, _ = multipart([("database", "database.gz", db), ("volume", "volume.tgz", vol)])
+    assert info["type"] == "Uploaded"
+    assert info["upload"] == {"content_length": len(body), "chunked": False,
+                              "filenames": {"database": "database.gz", "volume": "volume.tgz"}}
+    assert info["database"]["sha256"] == hashlib.sha256(db).hexdigest()
+    assert sha_file(info["volume"]["path"]) == hashlib.sha256(vol).hexdigest()
+    again = upload(emu, [("database", "database.gz", db), ("volume", "volume.tgz", vol)])
+    assert again.status == 429 and again.headers["Retry-After"] == "1"
+    time.sleep(1.1)
+    assert upload(emu, [("database", "database.gz", db), ("volume", "volume.tgz", vol)]).status == 200
+
+
+def test_upload_fault_refuses_with_the_services_message_and_takes_nothing(emu):
+    db, vol = gzip.compress(b"x"), b"v" * 1000
+    set_switches(emu, faults=[{"step": "upload", "fault": "provider_error", "times": 1}])
+    resp = upload(emu, [("database", "database.gz", db), ("volume", "volume.tgz", vol)])
+    assert resp.status == 400 and "GCS enabled" in resp.json()["message"]
+    assert state(emu)["requests"][-1]["step"] == "upload"
+    assert len(backups(emu)) == 3
+    # Nothing was taken, so the minute did not start.
+    assert upload(emu, [("database", "database.gz", db), ("volume", "volume.tgz", vol)]).status == 200
+
+
 # ----- control API -------------------------------------------------------------------------------
 def test_control_api(emu):
     defaults = state(emu)["switches"]
@@ -545,10 +574,10 @@ def test_control_api(emu):
                         "allow_post": False, "rest_disabled": False, "fail_next": [], "download_delay_ms": 0,
                         "truncate_after": None, "expired_tokens": False, "database_tgz": False,
                         "include_failed": False, "truncate_after_bytes": 0, "html_downloads": False, "ignore_range": False,
-                        "etag_generation": 0, "throttle_kib_per_s": 0, "faults": []}
+                        "etag_generation": 0, "throttle_kib_per_s": 0, "upload_interval_s": 60.0, "faults": []}
     for bad in ({"nope": 1}, {"sso": "yes"}, {"list_shape": "xml"}, {"malformed_list": -1},
                 {"truncate_after": "10"}, {"ignore_range": 1}, {"etag_generation": -1}, {"throttle_kib_per_s": "x"},
-                {"truncate_after_bytes": None}, {"fail_next": {"status": 503}}, {"fail_next": [{"status": 42}]}):
+                {"truncate_after_bytes": None}, {"upload_interval_s": -1}, {"fail_next": {"status": 503}}, {"fail_next": [{"status": 42}]}):
         resp = call(emu, "/__control", "POST", {"Content-Type": "application/json"}, json.dumps(bad).encode())
         assert resp.status == 400, bad
     assert state(emu)["switches"] == defaults

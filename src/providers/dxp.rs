@@ -148,7 +148,8 @@ pub fn authorize(cfg: &DxpConfig, req: HttpRequest, creds: &Credentials) -> Resu
     })
 }
 
-fn endpoint(cfg: &DxpConfig, path: &[&str]) -> String {
+/// The backup service's URL for `path`.
+pub(crate) fn endpoint(cfg: &DxpConfig, path: &[&str]) -> String {
     url_with_path(&cfg.api_base, path)
 }
 
@@ -240,11 +241,8 @@ impl DxpState {
                 resp.snippet(200)
             ))
         })?;
-        let items = body
-            .get("backups")
-            .and_then(Value::as_array)
-            .or_else(|| body.as_array())
-            .ok_or_else(|| StepError::permanent("the DXP backup list has no \"backups\" array"))?;
+        let items =
+            list_items(&body).ok_or_else(|| StepError::permanent("the DXP backup list has no \"backups\" array"))?;
         self.listed = Some(items.len());
         let Some((id, created)) = newest(items) else {
             if items.is_empty() {
@@ -276,6 +274,17 @@ impl DxpState {
     }
 }
 
+/// The items of a `GET /backup/list` answer, whichever plausible shape it has
+/// (`{"backups": [...]}` or a bare array).
+pub(crate) fn list_items(body: &Value) -> Option<&Vec<Value>> {
+    body.get("backups").and_then(Value::as_array).or_else(|| body.as_array())
+}
+
+/// A listed backup's id, under `backupId`, `id` or `backup_id`.
+pub(crate) fn item_id(item: &Value) -> Option<&str> {
+    ["backupId", "id", "backup_id"].iter().find_map(|k| item.get(*k).and_then(Value::as_str))
+}
+
 /// Backup statuses that say a backup completed; any other value (running, pending, started,
 /// in progress, failed, …) is passed over, so nothing half-written is ever downloaded. A listing
 /// item without a `status` field (older listing shapes have none) counts as completed.
@@ -300,7 +309,7 @@ fn newest(items: &[Value]) -> Option<(String, Option<String>)> {
         .iter()
         .filter(|item| completed(item))
         .filter_map(|item| {
-            let id = ["backupId", "id", "backup_id"].iter().find_map(|k| item.get(*k).and_then(Value::as_str))?;
+            let id = item_id(item)?;
             let created =
                 ["createdAt", "created_at", "createdDate"].iter().find_map(|k| item.get(*k).and_then(Value::as_str));
             Some((id.to_string(), created.map(str::to_string)))

@@ -14,6 +14,8 @@ use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
 use worker::{Bucket, Fetch, Headers, Method, Request, RequestInit};
 
+mod pieces;
+
 use super::{net, store};
 use crate::error::StepError;
 use crate::restore::{Io, IoDone};
@@ -65,6 +67,7 @@ pub(crate) async fn perform(bucket: &Bucket, source: &str, io: Io) -> Result<IoD
             None => Err(StepError::transient("writing the drill's record timed out")),
         },
         Io::GraphLoad(_) => Err(StepError::permanent("internal: a graph load is performed by graph_load::run")),
+        Io::PostPieces { request, pieces } => pieces::post(bucket, request, pieces).await,
         Io::Upload { key, size, url } => match net::within(UPLOAD_TIMEOUT, upload(bucket, &key, size, &url)).await {
             Some(result) => result,
             None => Err(StepError::transient(format!(

@@ -31,8 +31,10 @@ What is emulated
   streamed from disk in 64 KiB chunks, ``Content-Type: application/gzip``,
   ``Content-Disposition: attachment; filename="database.gz"`` / ``"volume.tgz"``.
 * ``POST /backup/upload`` -> ``multipart/form-data`` with both ``database`` and ``volume`` file fields,
-  at most one accepted upload per 60 s (a concurrent one is refused the same way); the upload is
-  streamed to disk and becomes a backup of type ``Uploaded``.
+  at most one accepted upload per 60 s (``upload_interval_s`` shortens it for tests; a concurrent
+  one is refused the same way: 429 with ``Retry-After``); the upload is streamed to disk and becomes
+  a backup of type ``Uploaded``, whose state entry also has ``upload``: ``content_length`` (null
+  when chunked), ``chunked`` and the parts' ``filenames``.
 * Backup ids ``dxpcloud-<18 lower-case letters>-<YYYYMMDDHHmm>``, one ``Auto`` backup a day at a time
   inside the default ``[5-55][0-1] * * *`` UTC schedule, the newest today.
 
@@ -69,8 +71,9 @@ path), the last 2000 requests, ``downloads`` and ``bytes_sent``.  The download s
   served; ``truncate_after`` (int or null): the same for the next download only.
 * ``chunked`` (bool): no ``Content-Length``, chunked transfer coding (ranges still apply).
 
-Injected faults (``faults``, see ``common.py``): steps ``list`` (``GET /backup/list``) and
-``download`` (either download).  ``provider_error`` at ``list`` lists every backup as
+Injected faults (``faults``, see ``common.py``): steps ``list`` (``GET /backup/list``),
+``download`` (either download) and ``upload`` (``POST /backup/upload``; ``provider_error`` there
+refuses it 400 with the documented GCS message, taking nothing).  ``provider_error`` at ``list`` lists every backup as
 ``status:"failed"`` (the service flags failed backups; the message is unused); at ``download``
 it answers 401 ``{"message": "Token expired"}``.  There is no export to be ``stuck``: the service
 only offers backups it already made.  Every request-log entry has ``t`` and its ``step``.
@@ -136,10 +139,13 @@ RE_DOWNLOAD = re.compile(r"^/backup/download/(database|volume)/([^/]+)/?$")
 FAULT_STEPS = {
     "list": API_FAULTS | {"provider_error"},
     "download": DOWNLOAD_FAULTS | {"provider_error"},
+    "upload": API_FAULTS | {"provider_error"},
 }
 PROVIDER_ERRORS = {
     "list": "failed",  # every backup's status (the list carries no message)
     "download": "Token expired",
+    # The error the docs quote for projects whose document library is not on GCS.
+    "upload": "Project [portal] does not have GCS enabled for Document Library Store.",
 }
 
 DEFAULT_SWITCHES = {
@@ -156,6 +162,7 @@ DEFAULT_SWITCHES = {
     "database_tgz": False,
     "include_failed": False,
     "html_downloads": False,
+    "upload_interval_s": UPLOAD_INTERVAL_S,
     "faults": [],
     **RANGE_SWITCHES,
 }
@@ -196,6 +203,7 @@ class Backup:
     database_tgz: Artifact | None = None
     status: str = "success"
     uploaded: bool = False
+    upload: dict | None = None  # uploads only: how the request came (content_length, chunked, filenames)
 
     def listing(self, id_key: str = "backupId") -> dict:
         return {id_key: self.backup_id, "createdAt": rfc3339(self.created), "status": self.status,
@@ -206,6 +214,8 @@ class Backup:
                "status": self.status, "database": self.database.info(), "volume": self.volume.info()}
         if self.database_tgz is not None:
             out["database_tgz"] = self.database_tgz.info()
+        if self.upload is not None:
+            out["upload"] = dict(self.upload)
         return out
 
 
@@ -830,14 +840,16 @@ class Emulator:
             raise ApiError(400, "Expected multipart/form-data with the fields database and volume")
         with self.lock:
             now = time.monotonic()
-            if self.last_upload is not None and now - self.last_upload < UPLOAD_INTERVAL_S:
-                wait = max(1, int(UPLOAD_INTERVAL_S - (now - self.last_upload) + 0.999))
+            interval = float(self.switches["upload_interval_s"])
+            if self.last_upload is not None and now - self.last_upload < interval:
+                wait = max(1, int(interval - (now - self.last_upload) + 0.999))
                 reader.drain()
                 raise ApiError(429, "Only one backup upload is allowed per minute; "
                                f"try again in {wait} seconds", [("Retry-After", str(wait))])
             previous, self.last_upload = self.last_upload, now
             self.upload_counter += 1
             counter = self.upload_counter
+        declared = None if reader.chunked else reader.remaining
         folder = self.uploads_dir / f"upload-{counter}"
         folder.mkdir(parents=True, exist_ok=True)
         accepted = False
@@ -855,7 +867,9 @@ class Emulator:
             rng = random.Random()
             letters = "".join(rng.choice(string.ascii_lowercase) for _ in range(18))
             backup = Backup(f"dxpcloud-{letters}-{created:%Y%m%d%H%M}", created, "Uploaded",
-                            parts["database"][1], parts["volume"][1], uploaded=True)
+                            parts["database"][1], parts["volume"][1], uploaded=True,
+                            upload={"content_length": declared, "chunked": reader.chunked,
+                                    "filenames": {n: parts[n][0] for n in ("database", "volume")}})
             with self.lock:
                 self.uploaded.append(backup)
             accepted = True
@@ -882,6 +896,9 @@ def validate_switch(key: str, value):
     elif key == "malformed_list":
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             bad("must be a non-negative integer")
+    elif key == "upload_interval_s":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            bad("must be a non-negative number")
     elif key == "download_delay_ms":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             bad("must be a non-negative number")
@@ -924,7 +941,8 @@ class Handler(BaseHandler):
                 self.handle_control(path, reader)
             else:
                 self._step = "list" if path.rstrip("/") == "/backup/list" else \
-                    "download" if RE_DOWNLOAD.match(path) else None
+                    "download" if RE_DOWNLOAD.match(path) else \
+                    "upload" if path.rstrip("/") == "/backup/upload" else None
                 fault = self.emulator.take_fault(self._step)
                 if fault is not None:
                     reader.drain()
@@ -975,6 +993,8 @@ class Handler(BaseHandler):
         if path.rstrip("/") == "/backup/upload":
             if self.command != "POST":
                 raise ApiError(405, "Method not allowed", [("Allow", "POST")])
+            if fault is not None and fault["fault"] == "provider_error":
+                raise ApiError(400, fault["message"])
             return emu.upload(self.headers.get("Content-Type", ""), reader)
         match = RE_DOWNLOAD.match(path)
         if match:
