@@ -4,6 +4,7 @@
 //! | provider | restore | drill |
 //! |---|---|---|
 //! | D1 ([`d1`]) | import a dump into a named database; Time Travel to the backup's bookmark | import into a scratch database, compare row counts per table |
+//! | Dgraph ([`dgraph`]) | a dedicated backend goes back to Dgraph's own backup taken at or before the Ferry backup finished (`listBackups` → `restore` → `restoreStatus`); the exports Ferry holds load back with the live loader (gRPC, outside the Worker: `scripts/dgraph_live_load.py`) | none |
 //!
 //! Anything that overwrites data needs a `confirm` field repeating the target's name, checked
 //! by [`plan`] before a job exists. Everything here is pure: requests go out as
@@ -11,6 +12,7 @@
 //! A provider's restore registers with one line in `restorers!`.
 
 pub mod d1;
+pub mod dgraph;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -132,6 +134,11 @@ pub trait Restorer {
     }
     /// The backup folder restored (with trailing slash), once known.
     fn backup_folder(&self) -> Option<String>;
+    /// The last request got no answer (`message` says why): `Some(reason)` fails the job now,
+    /// for a request that must not be sent twice; `None` retries it.
+    fn unanswered(&mut self, _message: &str) -> Option<String> {
+        None
+    }
 }
 
 /// Declares [`RestoreState`]: one line per provider, `"kind" => Variant(module::State)`, where
@@ -181,6 +188,7 @@ macro_rules! restorers {
 
 restorers! {
     "d1" => D1(d1::D1Restore),
+    "dgraph" => Dgraph(dgraph::DgraphRestore),
 }
 
 impl RestoreState {
@@ -202,6 +210,11 @@ impl RestoreState {
     /// See [`Restorer::fail_after_cleanup`].
     pub fn fail_after_cleanup(&mut self, message: String) -> bool {
         self.machine_mut().fail_after_cleanup(message)
+    }
+
+    /// See [`Restorer::unanswered`].
+    pub fn unanswered(&mut self, message: &str) -> Option<String> {
+        self.machine_mut().unanswered(message)
     }
 
     /// See [`Restorer::backup_folder`].
@@ -227,3 +240,5 @@ pub(crate) fn confirmed(params: &Value, name: &str, what: &str) -> Result<(), St
 
 #[cfg(test)]
 mod d1_tests;
+#[cfg(test)]
+mod dgraph_tests;
