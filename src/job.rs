@@ -658,12 +658,11 @@ impl Job {
                 };
                 self.on_restore(answer, cx)
             }
-            (Phase::Restoring, Event::Unreachable(msg)) => {
-                if let Some(state) = self.restore.as_mut() {
-                    state.unanswered();
-                }
-                self.restore_failed(StepError::transient(msg), cx)
-            }
+            (Phase::Restoring, Event::Unreachable(msg)) => match self.restore.as_mut().and_then(|s| s.unanswered(&msg))
+            {
+                Some(reason) => self.restore_failed(StepError::permanent(reason), cx),
+                None => self.restore_failed(StepError::transient(msg), cx),
+            },
             // An answer that does not belong to the current phase (a duplicate delivery after a
             // restart): ignore it and carry on from the persisted state.
             (_, _) => self.idle(cx.now),

@@ -6,6 +6,7 @@
 //! | D1 ([`d1`]) | import a dump into a named database; Time Travel to the backup's bookmark | import into a scratch database, compare row counts per table |
 //! | Aura ([`aura`]) | the instance back to the backup's snapshot; the graph export loaded into an empty named database | load into `drill_database`, compare nodes per label and relationships per type |
 //! | DXP Cloud ([`dxp`]) | upload the database and volume archives to the backup service as a new `Uploaded` backup (overwrites nothing; restored from the console) | none |
+//! | Dgraph ([`dgraph`]) | a dedicated backend goes back to Dgraph's own backup taken at or before the Ferry backup finished (`listBackups` → `restore` → `restoreStatus`); the exports Ferry holds load back with the live loader (gRPC, outside the Worker: `scripts/dgraph_live_load.py`) | none |
 //!
 //! Anything that overwrites data needs a `confirm` field repeating the target's name, checked
 //! by [`plan`] before a job exists. Everything here is pure: requests go out as
@@ -15,6 +16,7 @@
 pub mod aura;
 pub mod d1;
 pub mod dxp;
+pub mod dgraph;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -174,9 +176,6 @@ pub trait Restorer {
     fn on_response(&mut self, resp: &HttpResponse, now: Timestamp) -> Result<Answer, StepError>;
     /// Folds in what an R2 order gave.
     fn on_io(&mut self, done: IoDone, now: Timestamp) -> Result<Answer, StepError>;
-    /// The last request got no answer (or a 5xx): a request that may have acted is not sent
-    /// again blindly.
-    fn unanswered(&mut self) {}
     /// The restore failed with `message`: a drill cleans up and records the outcome first
     /// (`true`, the job goes on); anything else fails now (`false`).
     fn fail_after_cleanup(&mut self, _message: String) -> bool {
@@ -184,6 +183,12 @@ pub trait Restorer {
     }
     /// The backup folder restored (with trailing slash), once known.
     fn backup_folder(&self) -> Option<String>;
+    /// The last request got no answer (`message` says why; also a 5xx): `Some(reason)` fails the
+    /// job now, for a request that must not be sent twice; `None` retries it (a machine may first
+    /// change its step, to look before asking again).
+    fn unanswered(&mut self, _message: &str) -> Option<String> {
+        None
+    }
 }
 
 /// Declares [`RestoreState`]: one line per provider, `"kind" => Variant(module::State)`, where
@@ -235,6 +240,7 @@ restorers! {
     "d1" => D1(d1::D1Restore),
     "aura" => Aura(aura::AuraRestore),
     "dxp" => Dxp(dxp::DxpRestore),
+    "dgraph" => Dgraph(dgraph::DgraphRestore),
 }
 
 impl RestoreState {
@@ -253,14 +259,14 @@ impl RestoreState {
         self.machine_mut().on_io(done, now)
     }
 
-    /// See [`Restorer::unanswered`].
-    pub fn unanswered(&mut self) {
-        self.machine_mut().unanswered()
-    }
-
     /// See [`Restorer::fail_after_cleanup`].
     pub fn fail_after_cleanup(&mut self, message: String) -> bool {
         self.machine_mut().fail_after_cleanup(message)
+    }
+
+    /// See [`Restorer::unanswered`].
+    pub fn unanswered(&mut self, message: &str) -> Option<String> {
+        self.machine_mut().unanswered(message)
     }
 
     /// See [`Restorer::backup_folder`].
@@ -289,3 +295,5 @@ mod d1_tests;
 mod aura_tests;
 #[cfg(test)]
 mod dxp_tests;
+#[cfg(test)]
+mod dgraph_tests;

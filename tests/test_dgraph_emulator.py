@@ -679,3 +679,119 @@ def test_request_log_records_range_if_range_served_span_and_sent(plain):
         ("GET", 206, "download", "bytes=40-", etag, 40, size, size - 40),
         ("GET", 416, "download", f"bytes={size + 1}-", None, None, None, 0)]
     assert log[0]["accept_encoding"] == "gzip" and log[0]["path"] == urlsplit(url).path
+
+
+# ----- Dgraph's own backups and restores (dedicated backends) -----------------------------------
+LIST_BACKUPS = "query { listBackups { response { type backupNum folder timestamp } errors { message } } }"
+RESTORE = ("mutation($uid: String!, $backupFolder: String, $backupNum: Int) { restore(uid: $uid, "
+           "backupFolder: $backupFolder, backupNum: $backupNum) { response { code message restoreId } "
+           "errors { message } } }")
+RESTORE_STATUS = "query($restoreId: Int!) { restoreStatus(restoreId: $restoreId) { response { status errors } } }"
+
+
+def backend_info(server, name="default") -> dict:
+    return next(b for b in control(server, "/__control/state")["backends"] if b["name"] == name)
+
+
+def data_file(server) -> bytes:
+    task_id, seen = run_to_end(server)
+    assert seen[-1]["status"] == "Success"
+    return request(f"http://{server}/__control/file/{task_id}/g01.json.gz").body
+
+
+def restore_via_api(server, uid, folder, num) -> dict:
+    resp = gql(server, "/admin/slash", RESTORE, {"uid": uid, "backupFolder": folder, "backupNum": num})
+    assert resp.status == 200, resp.body
+    return resp.json()["data"]["restore"]
+
+
+def test_backups_are_listed_as_nested_series_of_snapshots(plain):
+    full = control(plain, "/__control/backup", {"type": "full", "timestamp": "2026-11-16T00:00:00+0000"})
+    control(plain, "/__control/data", {"extra_people": 3})
+    inc = control(plain, "/__control/backup", {"timestamp": "2026-11-16T04:00:00+0000"})
+    assert (full["type"], full["backupNum"], inc["type"], inc["backupNum"]) == ("full", 1, "incremental", 2)
+    assert inc["folder"] == full["folder"]
+    second = control(plain, "/__control/backup", {"type": "full"})
+    resp = gql(plain, "/admin/slash", LIST_BACKUPS).json()
+    listed = resp["data"]["listBackups"]
+    assert listed["errors"] == []
+    assert listed["response"] == [
+        [{"type": "full", "backupNum": 1, "folder": full["folder"], "timestamp": "2026-11-16T00:00:00+0000"},
+         {"type": "incremental", "backupNum": 2, "folder": full["folder"], "timestamp": "2026-11-16T04:00:00+0000"}],
+        [{"type": "full", "backupNum": 1, "folder": second["folder"], "timestamp": second["timestamp"]}]]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+0000", second["timestamp"])
+    control(plain, "/__control/backup", {"type": "weekly"}, expect=400)
+
+
+def test_restore_puts_the_backups_data_back_once_status_reports_ok(plain):
+    before = data_file(plain)
+    backup = control(plain, "/__control/backup", {"type": "full"})
+    control(plain, "/__control/data", {"extra_people": 5})
+    changed = data_file(plain)
+    assert changed != before
+    uid = backend_info(plain)["uid"]
+    started_ = restore_via_api(plain, uid, backup["folder"], backup["backupNum"])
+    assert started_["errors"] is None
+    assert started_["response"]["code"] == "Success"
+    assert started_["response"]["message"] == "Restore operation started."
+    rid = started_["response"]["restoreId"]
+    assert isinstance(rid, int)
+    first = gql(plain, "/admin/slash", RESTORE_STATUS, {"restoreId": rid}).json()["data"]["restoreStatus"]
+    assert first["response"] == {"status": "InProgress", "errors": []}
+    assert data_file(plain) == changed, "the data changes only once the restore is done"
+    second = gql(plain, "/admin/slash", RESTORE_STATUS, {"restoreId": rid}).json()["data"]["restoreStatus"]
+    assert second["response"] == {"status": "OK", "errors": []}
+    assert data_file(plain) == before, "an export after the restore shows the backup's data"
+    (entry,) = control(plain, "/__control/state")["restores"]
+    assert (entry["uid"], entry["backupFolder"], entry["status"], entry["polls"]) == (uid, backup["folder"], "OK", 2)
+
+
+def test_restore_of_a_deployments_backup_into_another_backend_and_the_latest_by_default(plain):
+    alpha, beta = backend_info(plain, "alpha"), backend_info(plain, "beta")
+    control(plain, "/__control/data", {"backend": "alpha", "extra_people": 2})
+    control(plain, "/__control/backup", {"backend": "alpha", "type": "full"})
+    resp = gql(plain, "/backends/beta/admin/slash", RESTORE, {"uid": alpha["uid"], "backupFolder": "", "backupNum": 0},
+               key=beta["adminKey"]).json()["data"]["restore"]
+    rid = resp["response"]["restoreId"]
+    for _ in range(2):
+        gql(plain, "/backends/beta/admin/slash", RESTORE_STATUS, {"restoreId": rid}, key=beta["adminKey"])
+    assert backend_info(plain, "beta")["people"] == 2
+    assert backend_info(plain, "alpha")["people"] == 2
+
+
+def test_restore_refusals_and_status_errors(plain):
+    uid = backend_info(plain)["uid"]
+    assert restore_via_api(plain, "0x1", "", 0)["errors"] == [{"message": "no deployment with uid 0x1"}]
+    assert "has no backups" in restore_via_api(plain, uid, "", 0)["errors"][0]["message"]
+    backup = control(plain, "/__control/backup", {})
+    assert "not found" in restore_via_api(plain, uid, backup["folder"], 7)["errors"][0]["message"]
+    control(plain, body={"restore_errors": ["disk full"], "restore_status_sequence": ["OK"]})
+    control(plain, "/__control/data", {"extra_people": 4})
+    rid = restore_via_api(plain, uid, backup["folder"], 1)["response"]["restoreId"]
+    st = gql(plain, "/admin/slash", RESTORE_STATUS, {"restoreId": rid}).json()["data"]["restoreStatus"]
+    assert st["response"] == {"status": "ERR", "errors": ["disk full"]}
+    assert backend_info(plain)["people"] == 4, "a failed restore leaves the data"
+    control(plain, body={"restore_status_sequence": []}, expect=400)
+
+
+def test_non_dedicated_backends_reject_backup_operations(plain):
+    control(plain, body={"non_dedicated_backends": ["default", "beta"]})
+    assert backend_info(plain)["deploymentType"] == "shared"
+    listed = gql(plain, "/admin/slash", LIST_BACKUPS).json()
+    assert listed["data"]["listBackups"]["errors"][0]["message"].endswith("dedicated backends")
+    restored = restore_via_api(plain, backend_info(plain)["uid"], "", 0)
+    assert restored["response"] is None and "dedicated" in restored["errors"][0]["message"]
+    st = gql(plain, "/admin/slash", RESTORE_STATUS, {"restoreId": 1})
+    assert "dedicated" in error_messages(st)[0]
+    assert control(plain, "/__control/state")["restores"] == []
+    token = cerebro(plain, CEREBRO_LOGIN, {"email": CEREBRO_EMAIL, "password": CEREBRO_PASSWORD}).json()
+    listed = cerebro(plain, DEPLOYMENTS, bearer=token["data"]["login"]["token"]).json()["data"]["deployments"]
+    assert {d["name"]: d["deploymentType"] for d in listed} == {"alpha": "dedicated", "beta": "shared"}
+
+
+def test_backup_operations_need_the_acl_access_token(acl):
+    resp = gql(acl, "/admin/slash", LIST_BACKUPS, key=ACL_KEY)
+    assert error_messages(resp) == ["no accessJwt available"]
+    access = tokens(acl)["accessJWT"]
+    resp = gql(acl, "/admin/slash", LIST_BACKUPS, key=ACL_KEY, token=access).json()
+    assert resp["data"]["listBackups"] == {"response": [], "errors": []}

@@ -266,7 +266,7 @@ fn admin_url(endpoint: &Url, slash: bool) -> String {
 
 impl DgraphState {
     /// The backend's URL: this child's backend, or the configured endpoint.
-    fn endpoint(&self, cfg: &DgraphConfig) -> Result<Url, StepError> {
+    pub(crate) fn endpoint(&self, cfg: &DgraphConfig) -> Result<Url, StepError> {
         match (&self.backend, &cfg.endpoint) {
             (Some(b), _) => Url::parse(&b.url)
                 .map_err(|e| StepError::permanent(format!("backend {} has a bad url {:?}: {e}", b.name, b.url))),
@@ -276,7 +276,7 @@ impl DgraphState {
     }
 
     /// The admin key: this child's `jwtToken`, or the configured secret.
-    fn admin_key(&self, cfg: &DgraphConfig, creds: &Credentials) -> Result<String, StepError> {
+    pub(crate) fn admin_key(&self, cfg: &DgraphConfig, creds: &Credentials) -> Result<String, StepError> {
         match (&self.backend, &cfg.api_key_secret) {
             (Some(b), _) => Ok(b.secret_jwt.clone()),
             (None, Some(name)) => Ok(creds.get(name)?.expose().to_string()),
@@ -292,6 +292,39 @@ impl DgraphState {
              that answer carries, so the retry may have started a second export"
                 .to_string()
         })
+    }
+
+    /// Still signing in (Cerebro login and the deployments list in account mode, then the ACL
+    /// login): [`Self::next_request`] asks for that and [`Self::on_response`] folds it in.
+    pub(crate) fn signing_in(&self, cfg: &DgraphConfig) -> bool {
+        matches!(self.stage(cfg), Stage::CerebroLogin | Stage::Deployments | Stage::Login)
+    }
+
+    /// A GraphQL call to the backend's `/admin/slash`, with the admin key and (ACL) the access
+    /// token.
+    pub(crate) fn slash_call(
+        &self,
+        cfg: &DgraphConfig,
+        creds: &Credentials,
+        query: &str,
+        variables: Value,
+    ) -> Result<HttpRequest, StepError> {
+        let url = admin_url(&self.endpoint(cfg)?, true);
+        self.keyed(cfg, creds, url, &json!({ "query": query, "variables": variables }))
+    }
+
+    fn keyed(
+        &self,
+        cfg: &DgraphConfig,
+        creds: &Credentials,
+        url: String,
+        body: &Value,
+    ) -> Result<HttpRequest, StepError> {
+        let mut req = HttpRequest::post_json(url, body).header("x-auth-token", self.admin_key(cfg, creds)?);
+        if let Some(jwt) = &self.secret_access_jwt {
+            req = req.header("x-dgraph-accesstoken", jwt.clone());
+        }
+        Ok(req)
     }
 
     fn stage(&self, cfg: &DgraphConfig) -> Stage {
@@ -326,7 +359,6 @@ impl DgraphState {
                 ),
             });
         }
-        let key = self.admin_key(cfg, creds)?;
         let endpoint = self.endpoint(cfg)?;
         let (url, body) = match stage {
             Stage::CerebroLogin | Stage::Deployments => {
@@ -356,11 +388,7 @@ impl DgraphState {
                 json!({ "query": STATUS, "variables": { "exportId": self.export_id.clone().unwrap_or_default(), "taskId": self.task_id } }),
             ),
         };
-        let mut req = HttpRequest::post_json(url, &body).header("x-auth-token", key);
-        if let Some(jwt) = &self.secret_access_jwt {
-            req = req.header("x-dgraph-accesstoken", jwt.clone());
-        }
-        Ok(req)
+        self.keyed(cfg, creds, url, &body)
     }
 
     /// Folds one answer in.
@@ -370,27 +398,7 @@ impl DgraphState {
         resp: &HttpResponse,
         now: Timestamp,
     ) -> Result<Progress, StepError> {
-        if resp.status == 401 || resp.status == 403 {
-            return Err(StepError::permanent(format!(
-                "Dgraph refused the credentials (HTTP {}): {}",
-                resp.status,
-                resp.snippet(200)
-            )));
-        }
-        if !(200..300).contains(&resp.status) {
-            return Err(status_error(
-                resp,
-                now,
-                format!("Dgraph answered HTTP {}: {}", resp.status, resp.snippet(200)),
-            ));
-        }
-        let body: Value = serde_json::from_slice(&resp.body).map_err(|_| {
-            StepError::permanent(format!(
-                "Dgraph: received a malformed response (HTTP {}): {}",
-                resp.status,
-                resp.snippet(200)
-            ))
-        })?;
+        let body = graphql_body(resp, now)?;
         let stage = self.stage(cfg);
         if matches!(stage, Stage::CerebroLogin | Stage::Deployments) {
             return self.on_cerebro(stage, &body);
@@ -500,21 +508,29 @@ impl DgraphState {
         Ok(Progress::Spawn(children))
     }
 
-    fn on_errors(&mut self, cfg: &DgraphConfig, stage: Stage, errors: String) -> Result<Progress, StepError> {
+    /// GraphQL `errors` of an admin call that say the ACL access token expired or was refused:
+    /// the token is dropped so that the next call logs in again (`true`), while logins are left.
+    pub(crate) fn token_refused(&mut self, cfg: &DgraphConfig, errors: &str) -> bool {
         let lower = errors.to_ascii_lowercase();
         let token_problem = ["expired", "unauthenticated", "accessjwt", "access token", "invalid jwt", "refresh token"]
             .iter()
             .any(|p| lower.contains(p));
-        if cfg.acl().is_some() && self.logins < MAX_LOGINS {
-            if stage == Stage::Login && self.secret_refresh_jwt.is_some() {
-                // The refresh token was refused: log in with the password instead.
-                self.secret_refresh_jwt = None;
-                return Ok(Progress::Pending { poll_after: Some(Duration::ZERO) });
-            }
-            if stage != Stage::Login && token_problem {
-                self.secret_access_jwt = None;
-                return Ok(Progress::Pending { poll_after: Some(Duration::ZERO) });
-            }
+        if cfg.acl().is_some() && self.logins < MAX_LOGINS && token_problem {
+            self.secret_access_jwt = None;
+            return true;
+        }
+        false
+    }
+
+    fn on_errors(&mut self, cfg: &DgraphConfig, stage: Stage, errors: String) -> Result<Progress, StepError> {
+        if cfg.acl().is_some() && self.logins < MAX_LOGINS && stage == Stage::Login && self.secret_refresh_jwt.is_some()
+        {
+            // The refresh token was refused: log in with the password instead.
+            self.secret_refresh_jwt = None;
+            return Ok(Progress::Pending { poll_after: Some(Duration::ZERO) });
+        }
+        if stage != Stage::Login && self.token_refused(cfg, &errors) {
+            return Ok(Progress::Pending { poll_after: Some(Duration::ZERO) });
         }
         let what = match stage {
             Stage::CerebroLogin | Stage::Deployments => "Dgraph Cloud failed",
@@ -560,6 +576,29 @@ impl DgraphState {
 
 fn malformed(what: &str) -> StepError {
     StepError::permanent(format!("Dgraph: received a malformed response ({what})"))
+}
+
+/// The JSON body of a GraphQL answer: refused credentials (401/403) fail, other HTTP errors are
+/// classified by status, and a body that is not JSON is malformed. GraphQL `errors` come with
+/// HTTP 200 and are left to the caller.
+pub(crate) fn graphql_body(resp: &HttpResponse, now: Timestamp) -> Result<Value, StepError> {
+    if resp.status == 401 || resp.status == 403 {
+        return Err(StepError::permanent(format!(
+            "Dgraph refused the credentials (HTTP {}): {}",
+            resp.status,
+            resp.snippet(200)
+        )));
+    }
+    if !(200..300).contains(&resp.status) {
+        return Err(status_error(resp, now, format!("Dgraph answered HTTP {}: {}", resp.status, resp.snippet(200))));
+    }
+    serde_json::from_slice(&resp.body).map_err(|_| {
+        StepError::permanent(format!(
+            "Dgraph: received a malformed response (HTTP {}): {}",
+            resp.status,
+            resp.snippet(200)
+        ))
+    })
 }
 
 #[cfg(test)]

@@ -1033,8 +1033,9 @@ self.api_answer(resp, now)
         self.fold(done)
     }
 
-    fn unanswered(&mut self) {
+    fn unanswered(&mut self, _message: &str) -> Option<String> {
         self.unanswered_post();
+        None
     }
 
     fn fail_after_cleanup(&mut self, message: String) -> bool {

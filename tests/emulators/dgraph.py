@@ -48,6 +48,24 @@ What is emulated
   → 416 ``bytes */TOTAL``, malformed/multi-range → 200 whole, ``If-Range`` mismatch → 200 whole.
   Bytes are served exactly as stored: ``application/octet-stream`` with ``Content-Length`` and
   never a ``Content-Encoding``.
+* Dgraph's own backups and restores on ``/admin/slash`` (dedicated backends only; a backend named
+  in the ``non_dedicated_backends`` switch, ``default`` for the default one, is ``shared``: its
+  ``listBackups`` and ``restore`` answer an in-payload ``errors`` and ``restoreStatus`` a top-level
+  GraphQL error, all with ``NON_DEDICATED_MESSAGE``).  A backend's data is the built-in dataset
+  plus ``extra_people`` people (the switch, or the backend's own value once set by ``POST
+  /__control/data {"backend", "extra_people"}`` or by a restore).  ``POST /__control/backup
+  {"backend", "type", "timestamp"}`` takes a backup of that data now (``full`` starts a series
+  with a new folder, ``incremental`` adds to the newest; ``timestamp`` defaults to now, written
+  ``2021-04-15T18:00:58+0000``).  ``listBackups`` answers the series as nested arrays of ``{type,
+  backupNum, folder, timestamp}`` with ``errors: []``; ``restore(uid, backupFolder, backupNum)``
+  restores the backup of the deployment with that ``uid`` (``""``/``0``: the newest) into the
+  backend called, answering ``{errors: null, response: {code: "Success", message: "Restore
+  operation started.", restoreId}}``; each ``restoreStatus(restoreId)`` poll moves one step through
+  ``restore_status_sequence`` (default ``InProgress`` then ``OK``) and the backend's data becomes
+  the backup's when ``OK`` is first reported, unless ``restore_errors`` (sampled at ``restore``)
+  is non-empty: then that poll answers ``status: "ERR"`` with those errors and the data stays.
+  ``GET /__control/state`` lists each backend's ``uid``, ``deploymentType``, ``people`` and
+  ``backups``, and every ``restores`` entry.  Fault step ``restore`` is the restore mutation.
 * ``POST /cerebro/graphql`` (only with ``--cerebro-email``): the ``login`` query and the
   ``deployments`` list behind ``Authorization: Bearer <token>``.
 
@@ -138,6 +156,7 @@ DEFAULT_BACKEND = "default"
 REFRESH_TTL = 30 * 24 * 3600
 CEREBRO_TTL = 3 * 3600
 MALFORMED_BODY = b"<html>502 Bad Gateway</html>"
+NON_DEDICATED_MESSAGE = "Backups and restores are only available for dedicated backends"
 KNOWN_NAMESPACES_ACL = (0, 1)
 UINT64_MAX = 2**64 - 1
 # The provider steps faults can be injected at, and what each takes (common.py, "Injected faults").
@@ -145,6 +164,7 @@ FAULT_STEPS = {
     "login": API_FAULTS | {"provider_error"},
     "export": API_FAULTS | {"provider_error"},
     "status": API_FAULTS | {"provider_error", "stuck"},
+    "restore": API_FAULTS,
     "download": SIGNED_DOWNLOAD_FAULTS,
 }
 PROVIDER_ERRORS = {
@@ -633,6 +653,11 @@ def field_args(query: str, name: str, variables: dict) -> dict:
 
 
 def detect_op(query: str) -> str | None:
+    for name in ("listBackups", "restoreStatus"):
+        if find_field(query, name):
+            return name
+    if find_field(query, "restore"):
+        return "restore"
     if find_field(query, "exportStatus"):
         return "exportStatus"
     export = find_field(query, "export")
@@ -721,6 +746,27 @@ class Backend:
         self.exports: dict[str, Export] = {}
         self.tokens: dict[str, Token] = {}
         self.read_ts = 10000 + secrets.randbelow(10000)
+        self.people: int | None = None    # the dataset a restore put back (None: the extra_people switch)
+        self.series: list[list[dict]] = []  # Dgraph's own backups: series of {type, backupNum, folder, timestamp}
+        self.restores: dict[int, dict] = {}
+
+
+@dataclass
+class Restore:
+    restore_id: int
+    target: str         # the backend restored into
+    source_uid: str
+    folder: str
+    num: int
+    people: int         # the dataset of the backup restored
+    sequence: list
+    errors: list
+    polls: int = 0
+    status: str = "InProgress"
+
+    def summary(self) -> dict:
+        return {"restoreId": self.restore_id, "backend": self.target, "uid": self.source_uid,
+                "backupFolder": self.folder, "backupNum": self.num, "status": self.status, "polls": self.polls}
 
 
 class Emulator:
@@ -748,6 +794,7 @@ class Emulator:
         self.revoked_upto = 0            # access tokens with seq <= this are revoked
         self.cerebro_revoked_at = -math.inf
         self.faults_injected: list = []
+        self.restore_seq = 0
 
     # ----- control -------------------------------------------------------------------------
     def reset(self) -> dict:
@@ -789,8 +836,121 @@ class Emulator:
                     "downloads": self.downloads,
                     "faults_injected": [dict(f) for f in self.faults_injected],
                     "login_requests": LoginOrigin.snapshot(),
-                    "backends": [{"name": b.name, "adminKey": b.admin_key, "url_path": b.url_path}
-                                 for b in self.backends.values()]}
+                    "backends": [{"name": b.name, "adminKey": b.admin_key, "url_path": b.url_path, "uid": b.uid,
+                                  "deploymentType": self.deployment_type(b), "people": self.people_of(b),
+                                  "backups": copy.deepcopy(b.series)}
+                                 for b in self.backends.values()],
+                    "restores": [r.summary() for b in self.backends.values() for r in b.restores.values()]}
+
+    # ----- the dataset and Dgraph's own backups (dedicated backends) ----------------------------------
+    def deployment_type(self, backend: Backend) -> str:
+        return "shared" if backend.name in (self.switches.get("non_dedicated_backends") or []) else "dedicated"
+
+    def people_of(self, backend: Backend) -> int:
+        """The backend's dataset: the built-in one plus this many extra people."""
+        if backend.people is not None:
+            return backend.people
+        return int(self.switches.get("extra_people") or 0)
+
+    def take_backup(self, changes) -> tuple[int, dict]:
+        """``POST /__control/backup {"backend", "type", "timestamp"}``: Dgraph takes a backup of the
+        backend's dataset as it is now: ``full`` starts a series, ``incremental`` (the default once a
+        series exists) adds to the newest one."""
+        if not isinstance(changes, dict):
+            return 400, {"error": "backup body must be a JSON object"}
+        with self.lock:
+            backend = self.backends.get(changes.get("backend") or DEFAULT_BACKEND)
+            if backend is None:
+                return 404, {"error": "no such backend"}
+            kind = changes.get("type") or ("incremental" if backend.series else "full")
+            if kind not in ("full", "incremental") or (kind == "incremental" and not backend.series):
+                return 400, {"error": "type must be full or incremental (after a full one)"}
+            stamp = changes.get("timestamp") or time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime())
+            if not isinstance(stamp, str):
+                return 400, {"error": "timestamp must be a string"}
+            if kind == "full":
+                folder = f"{time.strftime('%Y', time.gmtime())}-{len(backend.series) + 1:02d}"
+                backend.series.append([])
+            else:
+                folder = backend.series[-1][0]["folder"]
+            entry = {"type": kind, "backupNum": len(backend.series[-1]) + 1, "folder": folder, "timestamp": stamp,
+                     "people": self.people_of(backend)}
+            backend.series[-1].append(entry)
+            return 200, dict(entry)
+
+    def set_data(self, changes) -> tuple[int, dict]:
+        """``POST /__control/data {"backend", "extra_people"}``: change one backend's data."""
+        if not isinstance(changes, dict) or not isinstance(changes.get("extra_people"), int) \
+                or isinstance(changes.get("extra_people"), bool) or changes["extra_people"] < 0:
+            return 400, {"error": "data body must be {\"backend\": name, \"extra_people\": n >= 0}"}
+        with self.lock:
+            backend = self.backends.get(changes.get("backend") or DEFAULT_BACKEND)
+            if backend is None:
+                return 404, {"error": "no such backend"}
+            backend.people = changes["extra_people"]
+            return 200, {"backend": backend.name, "people": backend.people}
+
+    def dedicated_only(self, backend: Backend, name: str) -> Reply | None:
+        if self.deployment_type(backend) == "dedicated":
+            return None
+        message = NON_DEDICATED_MESSAGE
+        if name == "restoreStatus":
+            return gql_errors(message, data={name: None}, op=name)
+        return json_reply({"data": {name: {"response": None, "errors": [{"message": message}]}}}, op=name)
+
+    def list_backups(self, backend: Backend) -> Reply:
+        with self.lock:
+            response = [[{k: v for k, v in b.items() if k != "people"} for b in series] for series in backend.series]
+        return json_reply({"data": {"listBackups": {"response": response, "errors": []}}}, op="listBackups")
+
+    def start_restore(self, backend: Backend, args: dict) -> Reply:
+        uid = str_arg(args, "uid", required=True)
+        folder = str_arg(args, "backupFolder") or ""
+        num = int_arg(args, "backupNum") or 0
+
+        def refused(message):
+            return json_reply({"data": {"restore": {"response": None, "errors": [{"message": message}]}}},
+                              op="restore")
+
+        with self.lock:
+            source = next((b for b in self.backends.values() if b.uid == uid), None)
+            if source is None:
+                return refused(f"no deployment with uid {uid}")
+            backups = [b for series in source.series for b in series]
+            if not backups:
+                return refused(f"deployment {uid} has no backups")
+            if folder == "" and num == 0:
+                chosen = backups[-1]
+            else:
+                chosen = next((b for b in backups if b["folder"] == folder and b["backupNum"] == num), None)
+                if chosen is None:
+                    return refused(f"backup {folder} #{num} of deployment {uid} not found")
+            self.restore_seq += 1
+            restore = Restore(self.restore_seq, backend.name, uid, chosen["folder"], chosen["backupNum"],
+                              chosen["people"], [str(s) for s in self.switches["restore_status_sequence"]],
+                              [str(e) for e in self.switches.get("restore_errors") or []])
+            backend.restores[restore.restore_id] = restore
+        return json_reply({"data": {"restore": {"errors": None, "response": {
+            "code": "Success", "message": "Restore operation started.", "restoreId": restore.restore_id}}}},
+            op="restore")
+
+    def restore_status(self, backend: Backend, args: dict) -> Reply:
+        restore_id = int_arg(args, "restoreId")
+        with self.lock:
+            restore = backend.restores.get(restore_id)
+            if restore is None:
+                return json_reply({"data": {"restoreStatus": {"response": {
+                    "status": "UNKNOWN", "errors": [f"no restore with id {restore_id}"]}}}}, op="restoreStatus")
+            restore.polls += 1
+            status = restore.sequence[min(restore.polls, len(restore.sequence)) - 1]
+            errors = []
+            if status == "OK" and restore.errors:
+                status, errors = "ERR", list(restore.errors)
+            elif status == "OK" and restore.status != "OK":
+                backend.people = restore.people   # the backend's data is now the backup's
+            restore.status = status
+        return json_reply({"data": {"restoreStatus": {"response": {"status": status, "errors": errors}}}},
+                          op="restoreStatus")
 
     def find_export(self, task_id: str) -> Export | None:
         for backend in self.backends.values():
@@ -817,6 +977,8 @@ class Emulator:
             return "export"
         if op == "exportStatus" and slash:
             return "status"
+        if op == "restore" and slash:
+            return "restore"
         return None
 
     def record(self, method: str, path: str, status: int, op: str | None, step: str | None = None) -> dict:
@@ -887,15 +1049,25 @@ class Emulator:
                 raise GqlError(f"Cannot query field \"{op or '?'}\" on /admin in this emulator.")
             if op == "login":
                 raise GqlError('Cannot query field "login" on type "Mutation".')
-            if op not in ("export", "legacy_export", "exportStatus"):
+            if op not in ("export", "legacy_export", "exportStatus", "listBackups", "restore", "restoreStatus"):
                 raise GqlError(f"Cannot query field \"{op or '?'}\" on /admin/slash in this emulator.")
             caller_ns = self.check_access_token(backend, headers, op)
+            if op in ("listBackups", "restore", "restoreStatus"):
+                refused = self.dedicated_only(backend, op)
+                if refused is not None:
+                    return refused
+                if op == "listBackups":
+                    return self.list_backups(backend)
+                if op == "restore":
+                    return self.start_restore(backend, field_args(query, "restore", variables))
+                return self.restore_status(backend, field_args(query, "restoreStatus", variables))
             if op == "exportStatus":
                 return self.export_status(backend, field_args(query, "exportStatus", variables), host, injected)
             return self.start_export(backend, field_args(query, "export", variables), caller_ns, host,
                                      legacy=(op == "legacy_export"))
         except GqlError as exc:
-            name = exc.field_name or (op if op in ("login", "export", "exportStatus") else None)
+            name = exc.field_name or (op if op in ("login", "export", "exportStatus", "listBackups", "restore",
+                                                   "restoreStatus") else None)
             if name == "legacy_export":
                 name = "export"
             data = {name: None} if name else None
@@ -980,7 +1152,7 @@ class Emulator:
                 sequence = [s for s in sequence if s not in ("Success", "Failed")] + ["Failed"]
             if legacy:
                 sequence = ["Success"]
-            extra = int(self.switches.get("extra_people") or 0)
+            extra = self.people_of(backend)
             backend.read_ts += 3 + secrets.randbelow(20)
             read_ts = backend.read_ts
         now = time.time()
@@ -1088,7 +1260,7 @@ class Emulator:
         if op == "deployments":
             items = [{"uid": b.uid, "name": b.name, "zone": "us-east-1", "url": f"http://{host}{b.url_path}",
                       "owner": b.owner, "jwtToken": b.admin_key, "deploymentMode": "graphql",
-                      "deploymentType": "dedicated", "lambdaScript": ""}
+                      "deploymentType": self.deployment_type(b), "lambdaScript": ""}
                      for b in self.backends.values() if b.name != DEFAULT_BACKEND]
             return json_reply({"data": {"deployments": items}}, op="deployments")
         return gql_errors(f"Cannot query field \"{op or '?'}\" on Cerebro in this emulator.")
@@ -1113,7 +1285,10 @@ def validate_switches(changes: dict) -> str | None:
         queue = changes["fail_next"]
         if not isinstance(queue, list) or not all(isinstance(s, dict) for s in queue):
             return "fail_next must be a list of objects"
-    for name in ("graphql_error_next", "failing_backends"):
+    if "restore_status_sequence" in changes and (not is_str_list(changes["restore_status_sequence"])
+                                                 or not changes["restore_status_sequence"]):
+        return "restore_status_sequence must be a non-empty list of strings"
+    for name in ("graphql_error_next", "failing_backends", "non_dedicated_backends", "restore_errors"):
         if name in changes and not is_str_list(changes[name]):
             return f"{name} must be a list of strings"
     for name in ("malformed_next", "auth_error_status", "extra_people"):
@@ -1252,6 +1427,14 @@ class Handler(BaseHandler):
             return json_reply(emu.state())
         if path == "/__control/reset" and self.command == "POST":
             return json_reply(emu.reset())
+        if path in ("/__control/backup", "/__control/data") and self.command == "POST":
+            try:
+                changes = json.loads(body or b"{}")
+            except ValueError:
+                return json_reply({"error": "control body must be JSON"}, 400)
+            act = emu.take_backup if path.endswith("/backup") else emu.set_data
+            status, payload = act(changes)
+            return json_reply(payload, status)
         if path == "/__control" and self.command == "POST":
             try:
                 changes = json.loads(body or b"{}")
@@ -1317,6 +1500,9 @@ def default_switches(args) -> dict:
         "failing_backends": [],
         "download_fail_status": None,
         "extra_people": 0,
+        "non_dedicated_backends": [],
+        "restore_status_sequence": ["InProgress", "OK"],
+        "restore_errors": [],
         "signed_url_query": True,
         "faults": [],
         **RANGE_SWITCHES,
