@@ -23,6 +23,9 @@
 //! - [`manifest`]: the R2 layout and the manifest written last as the commit marker.
 //! - [`retention`]: which backups a source keeps (restic's `forget` rules, pins, verification)
 //!   and why; the plan the runtime applies, manifest first.
+//! - [`restore`]: restore and drill jobs, one phase machine per provider (D1 import, Time
+//!   Travel and drills; Aura snapshot restore, graph load and drills; DXP upload; Dgraph restore
+//!   of its own backups); [`dump`]: the MD5 and row counts of a D1 dump recorded while copying.
 //! - [`replica`]: the second copy: a source's `replica` table, what a replicate job copies and
 //!   checks, and the replica's manifest.
 //! - [`sweep`]: the daily orphan sweep: which open uploads to abort and which uncommitted folders

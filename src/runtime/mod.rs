@@ -4,7 +4,9 @@
 //! Durable Object per source, running jobs from its alarm), `alerts` (the alert queue's producer
 //! and consumer, and the attempt record), `net` (outgoing fetch with timeouts), `transfer` (one
 //! slice of a copy into R2), `retention` (applying a retention plan, pins), `store` (manifests,
-//! listing, clean-up) and `sweeper` (the daily orphan sweep). None of them decide anything the
+//! listing, clean-up), `sweeper` (the daily orphan sweep), `restore` (a restore's R2 work and
+//! streamed uploads) and `graph_load` (a step of loading an Aura graph export). None of them
+//! decide anything the
 //! core can decide: they read
 //! the clock, call `Job::handle`, and perform the action it returns.
 
