@@ -4,7 +4,7 @@
 //! - Auth is HTTP Basic, or `dxpcloud-authorization: Bearer <user token>` (needed when SSO is on,
 //!   backup service ≥ 3.2.0), or `Authorization: Bearer <project master token>` (older services).
 //! - Which backup: a webhook may name one (`{"backup_id": "dxpcloud-…"}`); otherwise the newest
-//!   from `GET /backup/list`. That listing is undocumented ([3P]), so every plausible shape is
+//!   from `GET /backup/list`. That listing is undocumented (`[3P]`), so every plausible shape is
 //!   accepted: `{"backups": [...]}` or a bare array, ids under `backupId`, `id` or `backup_id`,
 //!   newest by `createdAt` when every item has one, else by the id's `YYYYMMDDHHmm` suffix, else
 //!   the last item; only items whose `status` says they completed ([`COMPLETED`], or no status at
