@@ -15,9 +15,12 @@
 //!   steps (`runtime/graph_load.rs`): a *scan* checks it (header, nodes before relationships, a
 //!   footer whose totals match) and counts nodes per label and relationships per type; the *load*
 //!   sends the lines in chunks of `batch_size`, one statement per label set or type within a
-//!   chunk (those of `scripts/aura_restore.py`), then removes the helper property `_ferry_id`.
-//!   The cursor (lines done, statements of the current chunk sent) is persisted after every
-//!   statement, so a step cut short goes on where it stopped.
+//!   chunk, then removes the helper property `_ferry_id` (bounded batches, nodes then
+//!   relationships). The cursor (lines done, statements of the current chunk sent) is persisted
+//!   after every statement, so a step cut short goes on where it stopped. Every statement is
+//!   idempotent: nodes and relationships are `MERGE`d on a `_ferry_id` holding their id in the
+//!   export, so a statement Neo4j ran whose answer was lost (the runtime killed, a timeout) is
+//!   sent again without duplicating anything.
 //! - **Drill**: the source's `drill_database` is emptied (bounded `DETACH DELETE`s), the newest
 //!   backup (or the one named) is loaded into it as above, nodes per label and relationships per
 //!   type are counted in the database and compared with the counts the scan took from the file,
@@ -64,24 +67,33 @@ pub const DELETE_BATCH: &str = "MATCH (n) WITH n LIMIT $limit DETACH DELETE n RE
 pub const LABEL_COUNTS: &str = "MATCH (n) UNWIND labels(n) AS label RETURN label, count(*) AS n";
 /// Relationships per type.
 pub const TYPE_COUNTS: &str = "MATCH ()-[r]->() RETURN type(r) AS type, count(r) AS n";
-/// Removes the helper property the load connects relationships by.
-pub const CLEANUP: &str = "MATCH (n) WHERE n.`_ferry_id` IS NOT NULL REMOVE n.`_ferry_id`";
+/// Removes the helper property the load keys nodes by, from up to `$limit` nodes.
+pub const CLEANUP_NODES: &str =
+    "MATCH (n) WHERE n.`_ferry_id` IS NOT NULL WITH n LIMIT $limit REMOVE n.`_ferry_id` RETURN count(n) AS cleaned";
+/// Removes the helper property the load keys relationships by, from up to `$limit` of them.
+pub const CLEANUP_RELATIONSHIPS: &str = "MATCH ()-[r]->() WHERE r.`_ferry_id` IS NOT NULL WITH r LIMIT $limit REMOVE \
+                                         r.`_ferry_id` RETURN count(r) AS cleaned";
+/// Elements one cleanup statement handles at most.
+pub const CLEANUP_LIMIT: u32 = 10_000;
 
 /// A Cypher name in backticks, backticks doubled.
 fn quote(name: &str) -> String {
     format!("`{}`", name.replace('`', "``"))
 }
 
-/// Creates nodes with these labels (labels cannot be parameters).
+/// Makes nodes with these labels (labels cannot be parameters), keyed by `_ferry_id` (the
+/// export's element id): `MERGE` finds the node a statement sent before made, so sending it again
+/// (its answer was lost) changes nothing. `+=` keeps `_ferry_id`, which `=` would drop.
 pub fn node_statement(labels: &[String]) -> String {
     let labels: String = labels.iter().map(|l| format!(":{}", quote(l))).collect();
-    format!("UNWIND $rows AS row CREATE (n{labels}) SET n = row.props, n.`_ferry_id` = row.id")
+    format!("UNWIND $rows AS row MERGE (n{labels} {{`_ferry_id`: row.id}}) SET n += row.props")
 }
 
-/// Creates relationships of this type between nodes found by `_ferry_id`.
+/// Makes relationships of this type between nodes found by `_ferry_id`, themselves keyed by a
+/// `_ferry_id` (the export's relationship id), so a statement sent twice makes each once.
 pub fn relationship_statement(rel_type: &str) -> String {
     format!(
-        "UNWIND $rows AS row MATCH (a {{`_ferry_id`: row.start}}), (b {{`_ferry_id`: row.end}}) CREATE (a)-[r:{}]->(b) SET r = row.props",
+        "UNWIND $rows AS row MATCH (a {{`_ferry_id`: row.start}}), (b {{`_ferry_id`: row.end}}) MERGE (a)-[r:{} {{`_ferry_id`: row.id}}]->(b) SET r += row.props",
         quote(rel_type)
     )
 }
@@ -190,10 +202,13 @@ fn item(line: u64, v: &Value) -> Result<Item, StepError> {
             Ok(Item::Node(labels, json!({ "id": id()?, "props": props })))
         }
         Some("relationship") => {
-            let t = v.get("rel_type").and_then(Value::as_str).ok_or_else(|| bad(line, "a relationship without rel_type"))?;
+            let t = v
+                .get("rel_type")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad(line, "a relationship without rel_type"))?;
             let start = v.get("start").cloned().ok_or_else(|| bad(line, "a relationship without start"))?;
             let end = v.get("end").cloned().ok_or_else(|| bad(line, "a relationship without end"))?;
-            Ok(Item::Rel(t.to_string(), json!({ "start": start, "end": end, "props": props })))
+            Ok(Item::Rel(t.to_string(), json!({ "id": id()?, "start": start, "end": end, "props": props })))
         }
         Some("header" | "footer") => Ok(Item::Other),
         other => Err(bad(line, format!("unknown line type {other:?}"))),
@@ -428,8 +443,10 @@ pub enum Step {
     EmptyBefore,
     /// Scan or load the graph file (`Io::GraphLoad` steps).
     Load,
-    /// Remove `_ferry_id`.
+    /// Remove `_ferry_id` from nodes, a batch at a time.
     Cleanup,
+    /// Remove `_ferry_id` from relationships, a batch at a time.
+    CleanupRelationships,
     /// Drills: nodes per label.
     CountLabels,
     /// Drills: relationships per type.
@@ -553,9 +570,9 @@ pub fn plan(task: Task, cfg: &AuraConfig, params: &Value, backup: Option<String>
         notes: Vec::new(),
     };
     let needs_password = || {
-        cfg.db_password_secret.is_none().then(|| {
-            "db_password_secret is required to load a logical export through the Query API".to_string()
-        })
+        cfg.db_password_secret
+            .is_none()
+            .then(|| "db_password_secret is required to load a logical export through the Query API".to_string())
     };
     match task {
         Task::Drill => {
@@ -581,7 +598,9 @@ pub fn plan(task: Task, cfg: &AuraConfig, params: &Value, backup: Option<String>
             match params.get("mode").and_then(Value::as_str) {
                 Some("snapshot") => {
                     if target.is_some() {
-                        return Err("a snapshot restore goes back into the source instance; it takes no \"target\"".into());
+                        return Err(
+                            "a snapshot restore goes back into the source instance; it takes no \"target\"".into()
+                        );
                     }
                     super::confirmed(params, &cfg.instance_id, &format!("Aura instance {}", cfg.instance_id))?;
                     Ok(state)
@@ -645,7 +664,8 @@ impl AuraRestore {
         if api && self.secret_access_token.is_none() {
             return Ok(Next::Send(provider::token_request(cfg, creds)?));
         }
-        let sid = || self.backup().and_then(|b| b.snapshot_id.clone().ok_or_else(|| StepError::permanent("no snapshot")));
+        let sid =
+            || self.backup().and_then(|b| b.snapshot_id.clone().ok_or_else(|| StepError::permanent("no snapshot")));
         Ok(match self.step {
             Step::ReadManifest => Next::Io(Io::ReadManifest { key: self.manifest_key.clone() }),
             Step::SnapshotRestore => Next::Send(self.bearer(HttpRequest {
@@ -654,7 +674,9 @@ impl AuraRestore {
                 headers: Vec::new(),
                 body: None,
             })),
-            Step::CheckInstance | Step::PollInstance => Next::Send(self.bearer(HttpRequest::get(instance_url(cfg, &[])?))),
+            Step::CheckInstance | Step::PollInstance => {
+                Next::Send(self.bearer(HttpRequest::get(instance_url(cfg, &[])?)))
+            }
             Step::CountTarget => {
                 let (url, auth) = self.endpoint(cfg, creds)?;
                 Next::Send(query(&url, &auth, COUNT_NODES, json!({})))
@@ -663,9 +685,10 @@ impl AuraRestore {
                 let (url, auth) = self.endpoint(cfg, creds)?;
                 Next::Send(query(&url, &auth, DELETE_BATCH, json!({ "limit": DELETE_LIMIT })))
             }
-            Step::Cleanup => {
+            Step::Cleanup | Step::CleanupRelationships => {
                 let (url, auth) = self.endpoint(cfg, creds)?;
-                Next::Send(query(&url, &auth, CLEANUP, json!({})))
+                let statement = if self.step == Step::Cleanup { CLEANUP_NODES } else { CLEANUP_RELATIONSHIPS };
+                Next::Send(query(&url, &auth, statement, json!({ "limit": CLEANUP_LIMIT })))
             }
             Step::CountLabels => {
                 let (url, auth) = self.endpoint(cfg, creds)?;
@@ -856,7 +879,9 @@ impl AuraRestore {
                 let status = status.ok_or_else(|| malformed("instance without status"))?;
                 self.instance_status = Some(status.clone());
                 if status == "restoring" {
-                    self.notes.push("the restore request went unanswered, but the instance is restoring: it took effect".into());
+                    self.notes.push(
+                        "the restore request went unanswered, but the instance is restoring: it took effect".into(),
+                    );
                     self.restore_started_at = Some(now);
                     self.step = Step::PollInstance;
                     Ok(Answer::Pending)
@@ -937,11 +962,15 @@ impl AuraRestore {
                 }
                 Ok(Answer::Continue)
             }
-            Step::Cleanup => {
-                self.step = match self.mode {
-                    Mode::Drill => Step::CountLabels,
-                    _ => Step::Done,
-                };
+            Step::Cleanup | Step::CleanupRelationships => {
+                let n = rows.first().map(|r| number(r, "cleaned")).transpose()?.unwrap_or(0);
+                if n == 0 {
+                    self.step = match (self.step, self.mode) {
+                        (Step::Cleanup, _) => Step::CleanupRelationships,
+                        (_, Mode::Drill) => Step::CountLabels,
+                        _ => Step::Done,
+                    };
+                }
                 Ok(Answer::Continue)
             }
             Step::CountLabels | Step::CountTypes => {
@@ -1022,9 +1051,7 @@ impl Restorer for AuraRestore {
 
     fn on_response(&mut self, resp: &HttpResponse, now: Timestamp) -> Result<Answer, StepError> {
         match self.step {
-            Step::SnapshotRestore | Step::CheckInstance | Step::PollInstance => {
-self.api_answer(resp, now)
-            }
+            Step::SnapshotRestore | Step::CheckInstance | Step::PollInstance => self.api_answer(resp, now),
             _ => self.query_answer(resp, now),
         }
     }
@@ -1045,7 +1072,6 @@ self.api_answer(resp, now)
         self.backup.as_ref().map(|b| b.folder.clone())
     }
 }
-
 
 /// The backup's snapshot and graph file, from its manifest.
 fn backup_of(key: &str, manifest: &Manifest) -> BackupRef {

@@ -70,7 +70,8 @@ impl H {
         let src = source();
         let backup = (task == Task::Restore).then(|| format!("{FOLDER}manifest.json"));
         let state = plan(task, &src, &params, backup)?;
-        let job = Job::new(JobId::new("0123456789abcdef"), &src, Trigger::Api, None, None, t0()).restore_of(task, state);
+        let job =
+            Job::new(JobId::new("0123456789abcdef"), &src, Trigger::Api, None, None, t0()).restore_of(task, state);
         let mut creds = Credentials::new();
         for (k, v) in [("CID", "id"), ("CSEC", "sec"), ("PW", "pw")] {
             creds.insert(k, Secret::new(v));
@@ -176,7 +177,10 @@ fn an_unanswered_restore_post_reads_the_instance_before_asking_again() {
     h.request();
     h.feed(Event::Unreachable("timed out".into()));
     let check = h.request();
-    assert_eq!((check.method, check.url.as_str()), (crate::http::Method::Get, "http://aura.test/v1/instances/2f49c2b3"));
+    assert_eq!(
+        (check.method, check.url.as_str()),
+        (crate::http::Method::Get, "http://aura.test/v1/instances/2f49c2b3")
+    );
     h.answer(200, json!({"data": {"status": "restoring"}}));
     let poll = h.request();
     assert_eq!(poll.method, crate::http::Method::Get, "the POST is not sent again");
@@ -201,8 +205,11 @@ fn a_failed_instance_status_and_a_busy_instance_fail_in_auras_words() {
     h.manifest(manifest(true));
     h.token();
     h.request();
-    h.answer(409, json!({"errors": [{"message": "The database is current undergoing an operation: resuming",
-        "reason": "ongoing-database-operation"}]}));
+    h.answer(
+        409,
+        json!({"errors": [{"message": "The database is current undergoing an operation: resuming",
+        "reason": "ongoing-database-operation"}]}),
+    );
     assert_eq!(h.job.phase, Phase::Failed);
     assert!(h.job.error.as_deref().unwrap().contains("undergoing an operation: resuming"));
 }
@@ -331,8 +338,13 @@ fn a_drill_empties_loads_compares_per_label_and_type_empties_again_and_records()
     assert_eq!(order.key, format!("{FOLDER}graph.jsonl.gz"));
     let (cursor, _) = run_loader(&lines(), 500).unwrap();
     h.feed(Event::RestoreIo(Ok(IoDone::GraphLoaded { cursor: Box::new(cursor), error: None })));
-    assert_eq!(statement(&h.request()), aura::CLEANUP);
-    h.rows(&[], json!([]));
+    let cleanup = h.request();
+    assert_eq!(statement(&cleanup), aura::CLEANUP_NODES);
+    h.rows(&["cleaned"], json!([[3]]));
+    assert_eq!(statement(&h.request()), aura::CLEANUP_NODES, "again until nothing is left");
+    h.rows(&["cleaned"], json!([[0]]));
+    assert_eq!(statement(&h.request()), aura::CLEANUP_RELATIONSHIPS);
+    h.rows(&["cleaned"], json!([[0]]));
     assert_eq!(statement(&h.request()), LABEL_COUNTS);
     h.rows(&["label", "n"], json!([["P", 2]]));
     assert_eq!(statement(&h.request()), TYPE_COUNTS);
@@ -375,4 +387,26 @@ fn a_drill_needs_a_drill_database() {
     }
     let e = plan(Task::Drill, &src, &json!({}), None).unwrap_err();
     assert!(e.contains("drill_database"), "{e}");
+}
+
+#[test]
+fn load_statements_merge_on_the_export_id_so_sending_one_again_duplicates_nothing() {
+    let nodes = aura::node_statement(&["P".into(), "We`ird".into()]);
+    assert_eq!(nodes, "UNWIND $rows AS row MERGE (n:`P`:`We``ird` {`_ferry_id`: row.id}) SET n += row.props");
+    assert!(!nodes.contains("CREATE") && !nodes.contains("SET n ="), "= would drop _ferry_id");
+    let rels = aura::relationship_statement("K");
+    assert!(rels.contains("MERGE (a)-[r:`K` {`_ferry_id`: row.id}]->(b) SET r += row.props"), "{rels}");
+    // The rows carry the ids the statements merge on.
+    let mut scan = GraphLoader::new(LoadCursor::default(), 10);
+    for l in lines() {
+        scan.line(l.as_bytes()).unwrap();
+    }
+    scan.end().unwrap();
+    let mut loader = GraphLoader::new(scan.cursor, 10);
+    for l in lines() {
+        loader.line(l.as_bytes()).unwrap();
+    }
+    let groups = loader.end().unwrap().unwrap();
+    assert_eq!(groups[0].rows[0], json!({"id": "a", "props": {"x": 1}}));
+    assert_eq!(groups[2].rows[0], json!({"id": "r", "start": "a", "end": "b", "props": {}}));
 }

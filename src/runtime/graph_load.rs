@@ -5,8 +5,9 @@
 //!
 //! Memory holds one R2 chunk, one line and one chunk of statements, never the file. The cursor is
 //! written to Durable Object storage after every statement, so a step cut short (the isolate
-//! killed, a timeout) goes on after the last statement that was answered; only the moment between
-//! an answer and that write is not covered.
+//! killed, a timeout) goes on after the last statement that was answered. A statement that ran but
+//! whose answer (or the cursor's write) was lost is sent again: the statements `MERGE` on
+//! `_ferry_id`, so that changes nothing.
 
 use std::io::Write as _;
 use std::time::Duration;
