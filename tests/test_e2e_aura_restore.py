@@ -185,21 +185,31 @@ def test_a_drill_passes_and_leaves_the_drill_database_empty(world):
     assert emulator.graph("scratch") == {"nodes": [], "relationships": []}
 
 
-def test_a_drill_of_an_altered_export_fails_and_still_empties_the_drill_database(world):
+def test_a_drill_of_an_altered_export_fails_naming_the_label_and_still_empties_the_drill_database(world):
+    """The export loses its Company nodes and their relationships, with a footer rewritten to match:
+    the file is consistent, but the counts the manifest recorded at backup time are not met."""
     ferry, emulator = world["ferry"], world["emulator"]
-    key = next(a["key"] for a in world["manifest"]["artifacts"] if a["filename"] == "graph.jsonl.gz")
-    _, body = ferry.artifact(key)
-    lines = gzip.decompress(body).decode().splitlines()
-    kept = [line for line in lines if not (json.loads(line).get("type") == "node"
-                                           and "Company" in json.loads(line)["labels"])]
-    assert len(kept) < len(lines)
+    (art,) = [a for a in world["manifest"]["artifacts"] if a["filename"] == "graph.jsonl.gz"]
+    companies = art["details"]["labels"]["Company"]
+    assert companies > 0
+    _, body = ferry.artifact(art["key"])
+    lines = [json.loads(line) for line in gzip.decompress(body).decode().splitlines()]
+    gone = {e["id"] for e in lines if e["type"] == "node" and "Company" in e["labels"]}
+    kept = [e for e in lines if not (e["id"] in gone if e["type"] == "node" else
+                                     e["type"] == "relationship" and (e["start"] in gone or e["end"] in gone))]
+    nodes = sum(1 for e in kept if e["type"] == "node")
+    rels = sum(1 for e in kept if e["type"] == "relationship")
+    kept[-1] = {"type": "footer", "nodes": nodes, "relationships": rels}
+    assert nodes == 300 - len(gone) and rels < 600
     try:
-        ferry.r2_put(key, gzip.compress(("\n".join(kept) + "\n").encode()))
+        ferry.r2_put(art["key"], gzip.compress(("\n".join(json.dumps(e) for e in kept) + "\n").encode()))
         job = drill(world)
         assert job["phase"] == "failed", job
-        assert "the footer lists 300 nodes" in job["error"], job["error"]
+        assert f'label "Company": 0 nodes restored, {companies} in the backup' in job["error"], job["error"]
+        assert "footer" not in job["error"], "the file itself is consistent"
         record = drill_record(world)
-        assert record["passed"] is False and "footer" in record["error"]
+        assert record["passed"] is False and record["backup_counts_from"] == "manifest"
+        assert record["labels"]["Company"] == {"backup": companies, "restored": None}
         assert emulator.graph("scratch") == {"nodes": [], "relationships": []}
     finally:
-        ferry.r2_put(key, body)
+        ferry.r2_put(art["key"], body)

@@ -23,7 +23,9 @@
 //!   sent again without duplicating anything.
 //! - **Drill**: the source's `drill_database` is emptied (bounded `DETACH DELETE`s), the newest
 //!   backup (or the one named) is loaded into it as above, nodes per label and relationships per
-//!   type are counted in the database and compared with the counts the scan took from the file,
+//!   type are counted in the database and compared with the counts the manifest recorded when the
+//!   export was written (backups from before those were recorded: the counts the scan took from
+//!   the file), so an export altered in R2, even with a consistent footer, fails naming the label,
 //!   the database is emptied again (also when something failed) and the outcome is written next to
 //!   the backup as `drill.json`. A difference fails the drill, naming the label or type.
 //!
@@ -468,6 +470,12 @@ pub struct BackupRef {
     pub snapshot_id: Option<String>,
     /// The graph file's key, when the backup has one.
     pub graph_key: Option<String>,
+    /// Nodes per label the export wrote, as its manifest recorded them (older backups: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, u64>>,
+    /// Relationships per type the export wrote, as its manifest recorded them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub types: Option<BTreeMap<String, u64>>,
 }
 
 /// A restore's persisted state.
@@ -748,9 +756,20 @@ impl AuraRestore {
         }
     }
 
+    /// What the drill compares the database with: the counts the manifest recorded when the
+    /// export was written, or (older backups without them) the counts the scan read from the file.
+    fn expected(&self) -> (BTreeMap<String, u64>, BTreeMap<String, u64>, &'static str) {
+        let load = self.load.clone().unwrap_or_default();
+        match self.backup.as_ref().map(|b| (&b.labels, &b.types)) {
+            Some((Some(labels), Some(types))) => (labels.clone(), types.clone(), "manifest"),
+            _ => (load.labels, load.types, "file"),
+        }
+    }
+
     /// What a drill writes next to the backup.
     pub fn drill_record(&self, job: &JobId, now: Timestamp) -> Value {
         let load = self.load.clone().unwrap_or_default();
+        let (labels, types, counts_from) = self.expected();
         let side = |expected: &BTreeMap<String, u64>, counted: &BTreeMap<String, u64>| -> BTreeMap<String, Value> {
             expected
                 .keys()
@@ -766,8 +785,9 @@ impl AuraRestore {
             "scratch_database": self.database,
             "nodes": load.nodes,
             "relationships": load.relationships,
-            "labels": side(&load.labels, &self.counted_labels),
-            "types": side(&load.types, &self.counted_types),
+            "labels": side(&labels, &self.counted_labels),
+            "types": side(&types, &self.counted_types),
+            "backup_counts_from": counts_from,
             "error": self.failure,
         })
     }
@@ -997,12 +1017,12 @@ impl AuraRestore {
         }
     }
 
-    /// The drill's finding: `None` when every label and type has what the file holds.
+    /// The drill's finding: `None` when every label and type has what the backup holds.
     fn compare(&self) -> Option<String> {
-        let load = self.load.as_ref()?;
+        self.load.as_ref()?;
+        let (labels, types, _) = self.expected();
         let mut findings = Vec::new();
-        for (what, expected, counted) in
-            [("label", &load.labels, &self.counted_labels), ("type", &load.types, &self.counted_types)]
+        for (what, expected, counted) in [("label", &labels, &self.counted_labels), ("type", &types, &self.counted_types)]
         {
             let kind = if what == "label" { "nodes" } else { "relationships" };
             for name in expected.keys().chain(counted.keys().filter(|k| !expected.contains_key(*k))) {
@@ -1076,9 +1096,16 @@ impl Restorer for AuraRestore {
 /// The backup's snapshot and graph file, from its manifest.
 fn backup_of(key: &str, manifest: &Manifest) -> BackupRef {
     let folder = crate::manifest::folder_of(key).unwrap_or_default().to_string();
+    let graph = manifest.artifacts.iter().find(|a| a.filename == GRAPH_FILE);
+    let counts = |field: &str| -> Option<BTreeMap<String, u64>> {
+        let details = graph?.details.as_ref()?;
+        serde_json::from_value(details.get(field)?.clone()).ok()
+    };
     BackupRef {
         folder,
         snapshot_id: manifest.provider.pointer("/snapshot/snapshot_id").and_then(Value::as_str).map(str::to_string),
-        graph_key: manifest.artifacts.iter().find(|a| a.filename == GRAPH_FILE).map(|a| a.key.clone()),
+        graph_key: graph.map(|a| a.key.clone()),
+        labels: counts("labels"),
+        types: counts("types"),
     }
 }

@@ -410,3 +410,57 @@ fn load_statements_merge_on_the_export_id_so_sending_one_again_duplicates_nothin
     assert_eq!(groups[0].rows[0], json!({"id": "a", "props": {"x": 1}}));
     assert_eq!(groups[2].rows[0], json!({"id": "r", "start": "a", "end": "b", "props": {}}));
 }
+
+/// Runs a drill whose load read `lines()` (P: 2, C: 1; K: 1) and whose database counts what the
+/// file holds; returns the record and the job's error.
+fn drill_with(m: Manifest) -> (Value, Option<String>) {
+    let mut h = H::new(Task::Drill, json!({})).unwrap();
+    h.manifest(m);
+    h.request();
+    h.rows(&["deleted"], json!([[0]]));
+    h.io();
+    let (cursor, _) = run_loader(&lines(), 500).unwrap();
+    h.feed(Event::RestoreIo(Ok(IoDone::GraphLoaded { cursor: Box::new(cursor), error: None })));
+    h.request();
+    h.rows(&["cleaned"], json!([[0]]));
+    h.request();
+    h.rows(&["cleaned"], json!([[0]]));
+    assert_eq!(statement(&h.request()), LABEL_COUNTS);
+    h.rows(&["label", "n"], json!([["P", 2], ["C", 1]]));
+    h.request();
+    h.rows(&["type", "n"], json!([["K", 1]]));
+    h.request();
+    h.rows(&["deleted"], json!([[0]]));
+    let Io::Record { record, .. } = h.io() else { panic!("expected the record") };
+    h.feed(Event::RestoreIo(Ok(IoDone::Recorded)));
+    h.wake();
+    (record, h.job.error.clone())
+}
+
+#[test]
+fn a_drill_compares_with_the_counts_the_manifest_recorded_so_an_altered_file_fails_naming_the_label() {
+    // The manifest says the export wrote a label Q the file no longer holds (its footer rewritten).
+    let mut m = manifest(true);
+    m.artifacts[0].details = Some(json!({"format": "ferry-neo4j-jsonl", "nodes": 5, "relationships": 2,
+        "labels": {"P": 2, "C": 1, "Q": 2}, "types": {"K": 1, "L": 1}}));
+    let (record, error) = drill_with(m);
+    let error = error.expect("the drill fails");
+    assert!(error.contains("label \"Q\": 0 nodes restored, 2 in the backup"), "{error}");
+    assert!(error.contains("type \"L\": 0 relationships restored, 1 in the backup"), "{error}");
+    assert!(!error.contains("\"P\""), "{error}");
+    assert_eq!(record["backup_counts_from"], json!("manifest"));
+    assert_eq!(record["labels"]["Q"], json!({"backup": 2, "restored": null}));
+    // The same file with the counts matching: passes.
+    let mut m = manifest(true);
+    m.artifacts[0].details = Some(json!({"nodes": 3, "relationships": 1, "labels": {"P": 2, "C": 1}, "types": {"K": 1}}));
+    let (record, error) = drill_with(m);
+    assert_eq!((error, record["passed"].clone()), (None, json!(true)));
+}
+
+#[test]
+fn a_drill_of_a_backup_without_recorded_counts_compares_with_the_file() {
+    let (record, error) = drill_with(manifest(true));
+    assert_eq!(error, None);
+    assert_eq!(record["backup_counts_from"], json!("file"));
+    assert_eq!(record["labels"]["P"], json!({"backup": 2, "restored": 2}));
+}
