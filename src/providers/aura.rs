@@ -510,8 +510,7 @@ pub(crate) fn query_endpoint(
     password_secret: &str,
 ) -> Result<(String, String), StepError> {
     let pair = format!("{}:{}", cfg.db_user, creds.get(password_secret)?.expose());
-    let base =
-        cfg.query_api_base.as_ref().ok_or_else(|| StepError::permanent("Aura: no query_api_base configured"))?;
+    let base = cfg.query_api_base.as_ref().ok_or_else(|| StepError::permanent("Aura: no query_api_base configured"))?;
     Ok((url_with_path(base, &["db", database, "query", "v2"]), format!("Basic {}", STANDARD.encode(pair))))
 }
 
@@ -539,13 +538,7 @@ impl GraphExport {
             .as_deref()
             .ok_or_else(|| StepError::permanent("db_password_secret is required for the logical export"))?;
         let (url, authorization) = query_endpoint(cfg, creds, &cfg.database, secret)?;
-        Ok(Self {
-            url,
-            authorization,
-            database: cfg.database.clone(),
-            page_size: cfg.page_size,
-            exported_at: now,
-        })
+        Ok(Self { url, authorization, database: cfg.database.clone(), page_size: cfg.page_size, exported_at: now })
     }
 
     /// Starts writing the file.

@@ -139,6 +139,13 @@ pub struct LoadCursor {
     pub statements: u64,
     /// Load: every line was sent.
     pub finished: bool,
+    /// Where the next step starts reading: the compressed offset of a gzip member's start (the
+    /// export is one member per export slice) before which every line is done.
+    #[serde(default)]
+    pub resume_offset: u64,
+    /// Lines before `resume_offset`; the lines of that member done are `lines_done - resume_line`.
+    #[serde(default)]
+    pub resume_line: u64,
 }
 
 impl LoadCursor {
@@ -175,6 +182,9 @@ pub struct GraphLoader {
     batch: usize,
     line: u64,
     chunk: Vec<(Vec<String>, Option<String>, Value)>,
+    /// Member boundaries seen (offset, lines before it) not yet behind `lines_done`: at most one
+    /// per line of the current chunk.
+    boundaries: Vec<(u64, u64)>,
 }
 
 fn bad(line: u64, what: impl std::fmt::Display) -> StepError {
@@ -220,7 +230,37 @@ fn item(line: u64, v: &Value) -> Result<Item, StepError> {
 impl GraphLoader {
     /// Goes on from `cursor`, with chunks of `batch` elements.
     pub fn new(cursor: LoadCursor, batch: u32) -> Self {
-        Self { cursor, batch: batch.max(1) as usize, line: 0, chunk: Vec::new() }
+        let line = cursor.resume_line;
+        Self { cursor, batch: batch.max(1) as usize, line, chunk: Vec::new(), boundaries: Vec::new() }
+    }
+
+    /// Where the runtime starts reading the file (a member's start, `0` at first): the loader
+    /// counts lines from there.
+    pub fn read_from(&self) -> u64 {
+        self.cursor.resume_offset
+    }
+
+    /// A gzip member ended at compressed offset `offset`, after every line fed so far (no line
+    /// runs on into the next member): a later step may start reading there once those lines are
+    /// done.
+    pub fn member_end(&mut self, offset: u64) {
+        match self.boundaries.last_mut() {
+            Some(last) if last.1 == self.line => *last = (offset, self.line),
+            _ => self.boundaries.push((offset, self.line)),
+        }
+        self.promote();
+    }
+
+    /// Moves the resume point to the last boundary whose lines are all done.
+    fn promote(&mut self) {
+        let done = self.boundaries.iter().take_while(|(_, line)| *line <= self.cursor.lines_done).count();
+        if let Some(&(offset, line)) = done.checked_sub(1).and_then(|i| self.boundaries.get(i)) {
+            if line >= self.cursor.resume_line {
+                self.cursor.resume_offset = offset;
+                self.cursor.resume_line = line;
+            }
+        }
+        self.boundaries.drain(..done);
     }
 
     /// Whether this pass has nothing more to do.
@@ -240,6 +280,7 @@ impl GraphLoader {
         if !self.cursor.loading {
             self.scan(n, text)?;
             self.cursor.lines_done = n;
+            self.promote();
             return Ok(None);
         }
         let Some(v) = parse(n, text)? else {
@@ -298,6 +339,7 @@ impl GraphLoader {
         self.cursor.lines_done = self.line;
         self.cursor.groups_done = 0;
         self.chunk.clear();
+        self.promote();
     }
 
     /// The file ended. A scan checks the footer and hands over to the load (the next step reads
@@ -313,6 +355,9 @@ impl GraphLoader {
             self.cursor.loading = true;
             self.cursor.lines_done = 0;
             self.cursor.groups_done = 0;
+            self.cursor.resume_offset = 0;
+            self.cursor.resume_line = 0;
+            self.boundaries.clear();
             return Ok(None);
         }
         if self.chunk.iter().any(|(_, _, row)| !row.is_null()) {
@@ -378,6 +423,139 @@ impl GraphLoader {
             Item::Other => return Err(bad(n, "a second header")),
         }
         Ok(())
+    }
+}
+
+/// What [`MemberLines::next_piece`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    /// One line, without its newline.
+    Line(Vec<u8>),
+    /// A gzip member ended at this compressed offset (absolute in the file) and no line runs on
+    /// into the next member: reading may start there. Not reported for the file's last member.
+    MemberEnd(u64),
+    /// Feed the next compressed bytes (or say the input ended).
+    NeedInput,
+    /// The input ended and every line was returned.
+    Done,
+}
+
+/// Decodes a concatenation of gzip members, one member at a time, into lines, knowing the
+/// compressed offset where each member ends, so a later read can start at a member's start (an
+/// R2 ranged read) instead of inflating the file from its beginning. Memory: the compressed
+/// chunk fed, one decoder's output (at most its 32 KiB buffer per write) and one line.
+pub struct MemberLines {
+    decoder: flate2::write::GzDecoder<Vec<u8>>,
+    /// Compressed offset of the current member's start.
+    member_start: u64,
+    /// Compressed bytes of the current member the decoder took.
+    consumed: u64,
+    input: Vec<u8>,
+    input_pos: usize,
+    input_ended: bool,
+    finished: bool,
+    out: Vec<u8>,
+    out_pos: usize,
+    line: Vec<u8>,
+    pending_end: Option<u64>,
+    max_line: usize,
+}
+
+impl MemberLines {
+    /// Reads from compressed offset `start` (a member's start), lines up to `max_line` bytes.
+    pub fn new(start: u64, max_line: usize) -> Self {
+        Self {
+            decoder: flate2::write::GzDecoder::new(Vec::new()),
+            member_start: start,
+            consumed: 0,
+            input: Vec::new(),
+            input_pos: 0,
+            input_ended: false,
+            finished: false,
+            out: Vec::new(),
+            out_pos: 0,
+            line: Vec::new(),
+            pending_end: None,
+            max_line,
+        }
+    }
+
+    /// The next compressed bytes, after [`Piece::NeedInput`].
+    pub fn feed(&mut self, chunk: Vec<u8>) {
+        self.input = chunk;
+        self.input_pos = 0;
+    }
+
+    /// The compressed input ended, after [`Piece::NeedInput`].
+    pub fn end_input(&mut self) {
+        self.input_ended = true;
+    }
+
+    fn corrupt(e: std::io::Error) -> StepError {
+        StepError::permanent(format!("{GRAPH_FILE} is not valid gzip ({e}); the backup cannot be loaded"))
+    }
+
+    /// The next line or member boundary, or what it needs.
+    pub fn next_piece(&mut self) -> Result<Piece, StepError> {
+        loop {
+            let rest = &self.out[self.out_pos..];
+            if let Some(i) = rest.iter().position(|b| *b == b'\n') {
+                let mut line = std::mem::take(&mut self.line);
+                line.extend_from_slice(&rest[..i]);
+                self.out_pos += i + 1;
+                return Ok(Piece::Line(line));
+            }
+            self.line.extend_from_slice(rest);
+            self.out.clear();
+            self.out_pos = 0;
+            if self.line.len() > self.max_line {
+                return Err(StepError::permanent(format!(
+                    "{GRAPH_FILE} has a line over {} MiB; the backup cannot be loaded",
+                    self.max_line >> 20
+                )));
+            }
+            if let Some(offset) = self.pending_end.take() {
+                if self.line.is_empty() {
+                    return Ok(Piece::MemberEnd(offset));
+                }
+                continue;
+            }
+            if self.input_pos < self.input.len() {
+                let n =
+                    std::io::Write::write(&mut self.decoder, &self.input[self.input_pos..]).map_err(Self::corrupt)?;
+                if n == 0 {
+                    // The member is complete (trailer included): check it, take its last output.
+                    self.decoder.try_finish().map_err(Self::corrupt)?;
+                    self.out = std::mem::take(self.decoder.get_mut());
+                    self.member_start += self.consumed;
+                    self.consumed = 0;
+                    self.pending_end = Some(self.member_start);
+                    self.decoder = flate2::write::GzDecoder::new(Vec::new());
+                } else {
+                    self.input_pos += n;
+                    self.consumed += n as u64;
+                    self.out = std::mem::take(self.decoder.get_mut());
+                }
+                continue;
+            }
+            if !self.input_ended {
+                self.input = Vec::new();
+                self.input_pos = 0;
+                return Ok(Piece::NeedInput);
+            }
+            if !self.finished {
+                self.finished = true;
+                if self.consumed > 0 {
+                    self.decoder.try_finish().map_err(Self::corrupt)?;
+                    self.out = std::mem::take(self.decoder.get_mut());
+                }
+                continue;
+            }
+            if !self.line.is_empty() {
+                return Ok(Piece::Line(std::mem::take(&mut self.line)));
+            }
+            return Ok(Piece::Done);
+        }
     }
 }
 
@@ -1022,7 +1200,8 @@ impl AuraRestore {
         self.load.as_ref()?;
         let (labels, types, _) = self.expected();
         let mut findings = Vec::new();
-        for (what, expected, counted) in [("label", &labels, &self.counted_labels), ("type", &types, &self.counted_types)]
+        for (what, expected, counted) in
+            [("label", &labels, &self.counted_labels), ("type", &types, &self.counted_types)]
         {
             let kind = if what == "label" { "nodes" } else { "relationships" };
             for name in expected.keys().chain(counted.keys().filter(|k| !expected.contains_key(*k))) {
