@@ -284,11 +284,17 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
     let mut provider = provider.map_err(|e| at(path_error(e)))?;
     provider.check().map_err(at)?;
     if general.drill_schedule.is_some() && !matches!(provider, ProviderConfig::D1(_) | ProviderConfig::Aura(_)) {
-        return Err(at(FieldError::new("drill_schedule", "restore drills are implemented for D1 and Aura sources only")));
+        return Err(at(FieldError::new(
+            "drill_schedule",
+            "restore drills are implemented for D1 and Aura sources only",
+        )));
     }
     if let (Some(_), ProviderConfig::Aura(aura)) = (&general.drill_schedule, &provider) {
         if aura.drill_database.is_none() {
-            return Err(at(FieldError::new("drill_database", "is required for drills (drill_schedule): the scratch database a drill loads into")));
+            return Err(at(FieldError::new(
+                "drill_database",
+                "is required for drills (drill_schedule): the scratch database a drill loads into",
+            )));
         }
     }
     Ok(SourceConfig {

@@ -213,6 +213,12 @@ pub struct GraphCursor {
     /// The page size in use, when it was lowered because a page was over the response cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub page_size: Option<u32>,
+    /// Nodes written so far per label (the manifest records them; drills compare with them).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, u64>,
+    /// Relationships written so far per type.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub types: std::collections::BTreeMap<String, u64>,
 }
 
 /// The persisted progress of one artifact's copy.

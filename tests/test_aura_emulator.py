@@ -10,6 +10,7 @@ import base64
 import json
 import re
 import statistics
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -614,7 +615,8 @@ def test_control_api(base):
     assert switches == {"token_ttl": 3600.0, "expire_tokens_now": False, "snapshot_polls": 2,
                         "snapshot_fail": False, "rate_limit": 125, "fail_next": [], "malformed_next": 0,
                         "query_error_next": [], "query_error_status": None, "error_variant": False,
-                        "restore_polls": 2, "instance_status": None, "clock_offset": 0, "faults": []}
+                        "restore_polls": 2, "instance_status": None, "clock_offset": 0, "faults": [],
+                        "query_reply_delay_s": 0}
     before = graph(base)
     get_token(base)
     ok(cypher(base, create_nodes_stmt(["Tmp"]), {"rows": [{"id": "t", "props": {}}]}))
@@ -692,3 +694,109 @@ def test_bounded_detach_delete_empties_a_database_batch_by_batch(base):
     ok(cypher(base, create_nodes_stmt(["B"]), {"rows": [{"id": 0, "props": {}}, {"id": 1, "props": {}}]}, db=db))
     ok(cypher(base, create_rels_stmt("S"), {"rows": [{"start": 0, "end": 1, "props": {}}]}, db=db))
     assert len(graph(base, db)["relationships"]) == 1
+
+
+def merge_nodes_stmt(labels) -> str:
+    target = "n" + "".join(":" + quote(label) for label in labels)
+    return f"UNWIND $rows AS row MERGE ({target} {{`_ferry_id`: row.id}}) SET n += row.props"
+
+
+def merge_rels_stmt(type_: str) -> str:
+    return ("UNWIND $rows AS row MATCH (a {`_ferry_id`: row.start}), (b {`_ferry_id`: row.end}) "
+            f"MERGE (a)-[r:{quote(type_)} {{`_ferry_id`: row.id}}]->(b) SET r += row.props")
+
+
+CLEAN_NODES = ("MATCH (n) WHERE n.`_ferry_id` IS NOT NULL WITH n LIMIT $limit REMOVE n.`_ferry_id` "
+               "RETURN count(n) AS cleaned")
+CLEAN_RELS = ("MATCH ()-[r]->() WHERE r.`_ferry_id` IS NOT NULL WITH r LIMIT $limit REMOVE r.`_ferry_id` "
+              "RETURN count(r) AS cleaned")
+
+
+def test_merge_statements_sent_twice_change_nothing_the_second_time(base):
+    db = "merged"
+    nodes = [{"id": "n1", "props": {"name": "Ada", "n": 1}}, {"id": "n2", "props": {"name": "Zoë"}}]
+    rels = [{"id": "r1", "start": "n1", "end": "n2", "props": {"since": 2020}},
+            {"id": "r2", "start": "n1", "end": "n2", "props": {}}]  # parallel relationships stay two
+    for _ in range(2):
+        ok(cypher(base, merge_nodes_stmt(["Person", "Admin"]), {"rows": nodes}, db=db))
+        ok(cypher(base, merge_rels_stmt("KNOWS"), {"rows": rels}, db=db))
+    g = graph(base, db)
+    assert [(sorted(n["labels"]), n["props"]) for n in g["nodes"]] == [
+        (["Admin", "Person"], {"_ferry_id": "n1", "name": "Ada", "n": 1}),
+        (["Admin", "Person"], {"_ferry_id": "n2", "name": "Zoë"})]
+    assert [(r["type"], r["props"]) for r in g["relationships"]] == [
+        ("KNOWS", {"_ferry_id": "r1", "since": 2020}), ("KNOWS", {"_ferry_id": "r2"})]
+    assert state(base)["merge_matches"] == 4, "the second round found all four elements"
+
+
+def test_merge_matches_label_subsets_type_and_endpoints_and_sets_with_plus_equals(base):
+    db = "merge-semantics"
+    ok(cypher(base, merge_nodes_stmt(["A", "B"]), {"rows": [{"id": 1, "props": {"x": 1, "y": 2}}]}, db=db))
+    # A node with a superset of the labels matches (Cypher MERGE); += keeps _ferry_id and x, null removes y.
+    ok(cypher(base, merge_nodes_stmt(["A"]), {"rows": [{"id": 1.0, "props": {"y": None, "z": "new"}}]}, db=db))
+    # Another label the node lacks: a new node.
+    ok(cypher(base, merge_nodes_stmt(["C"]), {"rows": [{"id": 1, "props": {}}]}, db=db))
+    # Rows see the nodes earlier rows of the same statement made.
+    ok(cypher(base, merge_nodes_stmt([]), {"rows": [{"id": "u", "props": {"k": 1}}, {"id": "u", "props": {"k": 2}}]},
+              db=db))
+    g = graph(base, db)
+    assert [(n["labels"], n["props"]) for n in g["nodes"]] == [
+        (["A", "B"], {"_ferry_id": 1, "x": 1, "z": "new"}), (["C"], {"_ferry_id": 1}), ([], {"_ferry_id": "u", "k": 2})]
+    # Endpoints with _ferry_id 1 are two nodes: MATCH gives two starts; another type is another relationship.
+    ok(cypher(base, merge_rels_stmt("R"), {"rows": [{"id": "r", "start": 1, "end": "u", "props": {}}]}, db=db))
+    ok(cypher(base, merge_rels_stmt("R"), {"rows": [{"id": "r", "start": 1, "end": "u", "props": {"p": 1}}]}, db=db))
+    ok(cypher(base, merge_rels_stmt("S"), {"rows": [{"id": "r", "start": 1, "end": "u", "props": {}}]}, db=db))
+    ok(cypher(base, merge_rels_stmt("R"), {"rows": [{"id": "r", "start": "u", "end": 1, "props": {}}]}, db=db))
+    rels = graph(base, db)["relationships"]
+    assert Counter((r["type"], r["props"].get("p"), r["start"] == g["nodes"][2]["id"]) for r in rels) == Counter(
+        [("R", 1, False), ("R", 1, False), ("S", None, False), ("S", None, False), ("R", None, True), ("R", None, True)])
+    # Endpoints that do not exist: no rows, nothing made, and a null id is then no error.
+    ok(cypher(base, merge_rels_stmt("R"), {"rows": [{"id": None, "start": "nope", "end": "u", "props": {}}]}, db=db))
+    assert len(graph(base, db)["relationships"]) == 6
+    # A null id where MERGE runs is Neo4j's SemanticError, and the statement changes nothing.
+    before = graph(base, db)
+    for stmt, rows in ((merge_nodes_stmt(["A"]), [{"id": "fresh", "props": {}}, {"id": None, "props": {}}]),
+                       (merge_rels_stmt("R"), [{"id": "new", "start": 1, "end": "u", "props": {}},
+                                               {"id": None, "start": 1, "end": "u", "props": {}}])):
+        resp = cypher(base, stmt, {"rows": rows}, db=db)
+        assert resp.json()["errors"][0]["code"] == "Neo.ClientError.Statement.SemanticError"
+        assert "null property value" in resp.json()["errors"][0]["message"]
+    assert graph(base, db) == before
+
+
+def test_bounded_cleanup_removes_ferry_ids_from_nodes_and_relationships(base):
+    db = "cleaned"
+    ok(cypher(base, merge_nodes_stmt(["P"]), {"rows": [{"id": i, "props": {"i": i}} for i in range(5)]}, db=db))
+    ok(cypher(base, merge_rels_stmt("K"), {"rows": [{"id": f"r{i}", "start": i, "end": i + 1, "props": {"w": i}}
+                                                    for i in range(4)]}, db=db))
+    counts = []
+    while True:
+        data = ok(cypher(base, CLEAN_NODES, {"limit": 2}, db=db))
+        assert data["fields"] == ["cleaned"]
+        counts.append(data["values"][0][0])
+        if counts[-1] == 0:
+            break
+    assert counts == [2, 2, 1, 0]
+    assert ok(cypher(base, CLEAN_RELS, {"limit": 3}, db=db))["values"] == [[3]]
+    assert ok(cypher(base, CLEAN_RELS, {"limit": 3}, db=db))["values"] == [[1]]
+    assert ok(cypher(base, CLEAN_RELS, {"limit": 3}, db=db))["values"] == [[0]]
+    g = graph(base, db)
+    assert sorted(n["props"]["i"] for n in g["nodes"]) == [0, 1, 2, 3, 4]
+    assert all(set(n["props"]) == {"i"} for n in g["nodes"])
+    assert sorted(r["props"]["w"] for r in g["relationships"]) == [0, 1, 2, 3]
+    assert all(set(r["props"]) == {"w"} for r in g["relationships"])
+
+
+def test_query_reply_delay_runs_the_statement_before_answering_late(base):
+    control(base, query_reply_delay_s=0.5)
+    started = time.time()
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (cypher(base, merge_nodes_stmt(["L"]), {"rows": [{"id": 1, "props": {}}]},
+                                                     db="late"), done.set()))
+    thread.start()
+    deadline = time.time() + 5
+    while time.time() < deadline and http(base, "GET", "/__control/graph?db=late").status != 200:
+        time.sleep(0.02)
+    assert len(graph(base, "late")["nodes"]) == 1 and not done.is_set(), "ran, not yet answered"
+    thread.join(5)
+    assert done.is_set() and time.time() - started >= 0.5

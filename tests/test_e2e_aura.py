@@ -50,6 +50,17 @@ def canonical(graph: dict) -> tuple[Counter, Counter]:
     return nodes, rels
 
 
+def expected_details(emulator) -> dict:
+    """The artifact's details: totals, nodes per label and relationships per type of the seeded graph."""
+    graph = emulator.graph("neo4j")
+    labels, types = Counter(), Counter()
+    for node in graph["nodes"]:
+        labels.update(node["labels"])
+    types.update(r["type"] for r in graph["relationships"])
+    return {"format": "ferry-neo4j-jsonl", "nodes": 10000, "relationships": 20000,
+            "labels": dict(labels), "types": dict(types)}
+
+
 def test_both_mode_records_the_snapshot_and_exports_a_graph_that_restores_identically(world, tmp_path):
     ferry, emulator = world["ferry"], world["emulator"]
     status, _, payload = ferry.webhook("graph")
@@ -62,7 +73,8 @@ def test_both_mode_records_the_snapshot_and_exports_a_graph_that_restores_identi
     assert snapshot["snapshot_id"] in {s["snapshot_id"] for s in emulator.state()["snapshots"]}
     (art,) = manifest["artifacts"]
     assert art["filename"] == "graph.jsonl.gz"
-    assert art["details"] == {"format": "ferry-neo4j-jsonl", "nodes": 10000, "relationships": 20000}
+    assert art["details"] == expected_details(emulator)
+    assert sum(art["details"]["labels"].values()) >= 10000 and len(art["details"]["types"]) == 4
     headers, body = ferry.artifact(art["key"])
     assert art["sha256"] == hashlib.sha256(body).hexdigest() == headers["x-ferry-sha256"]
     lines = gzip.decompress(body).decode().splitlines()
@@ -166,7 +178,7 @@ def test_a_sliced_export_killed_between_slices_restores_identically(world, tmp_p
         job = ferry.wait_job(job_id, timeout=180)
         assert job["phase"] == "committed", job
         (art,) = [m for m in ferry.backups("graph-sliced") if m["job_id"] == job_id][0]["artifacts"]
-        assert art["details"] == {"format": "ferry-neo4j-jsonl", "nodes": 10000, "relationships": 20000}
+        assert art["details"] == expected_details(emulator), "the per-label counts survived the kills"
         _, body = ferry.artifact(art["key"])
         assert body.count(b"\x1f\x8b\x08") >= 5, "one gzip member per slice"
         path = tmp_path / "graph.jsonl.gz"

@@ -25,6 +25,7 @@
 //! Properties are the Query API's plain JSON values (temporal and spatial values arrive as
 //! strings and are restored as strings).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write as _;
 use std::time::Duration;
@@ -509,8 +510,7 @@ pub(crate) fn query_endpoint(
     password_secret: &str,
 ) -> Result<(String, String), StepError> {
     let pair = format!("{}:{}", cfg.db_user, creds.get(password_secret)?.expose());
-    let base =
-        cfg.query_api_base.as_ref().ok_or_else(|| StepError::permanent("Aura: no query_api_base configured"))?;
+    let base = cfg.query_api_base.as_ref().ok_or_else(|| StepError::permanent("Aura: no query_api_base configured"))?;
     Ok((url_with_path(base, &["db", database, "query", "v2"]), format!("Basic {}", STANDARD.encode(pair))))
 }
 
@@ -538,13 +538,7 @@ impl GraphExport {
             .as_deref()
             .ok_or_else(|| StepError::permanent("db_password_secret is required for the logical export"))?;
         let (url, authorization) = query_endpoint(cfg, creds, &cfg.database, secret)?;
-        Ok(Self {
-            url,
-            authorization,
-            database: cfg.database.clone(),
-            page_size: cfg.page_size,
-            exported_at: now,
-        })
+        Ok(Self { url, authorization, database: cfg.database.clone(), page_size: cfg.page_size, exported_at: now })
     }
 
     /// Starts writing the file.
@@ -571,6 +565,8 @@ impl GraphExport {
             after: cursor.after.clone(),
             nodes: cursor.nodes,
             relationships: cursor.relationships,
+            labels: cursor.labels.clone(),
+            types: cursor.types.clone(),
             encoder: GzEncoder::new(Vec::new(), Compression::default()),
             error: None,
         };
@@ -599,6 +595,8 @@ pub struct GraphWriter {
     after: String,
     nodes: u64,
     relationships: u64,
+    labels: BTreeMap<String, u64>,
+    types: BTreeMap<String, u64>,
     encoder: GzEncoder<Vec<u8>>,
     error: Option<String>,
 }
@@ -639,10 +637,16 @@ impl GraphWriter {
             match self.phase {
                 GraphPhase::Nodes => {
                     let labels = row.get("labels").cloned().unwrap_or_else(|| json!([]));
+                    for label in labels.as_array().into_iter().flatten().filter_map(Value::as_str) {
+                        *self.labels.entry(label.to_string()).or_default() += 1;
+                    }
                     self.line(&json!({ "type": "node", "id": id, "labels": labels, "properties": props }));
                     self.nodes += 1;
                 }
                 GraphPhase::Relationships => {
+                    if let Some(t) = row.get("type").and_then(Value::as_str) {
+                        *self.types.entry(t.to_string()).or_default() += 1;
+                    }
                     self.line(&json!({
                         "type": "relationship", "id": id, "rel_type": row.get("type"),
                         "start": row.get("start"), "end": row.get("end"), "properties": props,
@@ -685,6 +689,8 @@ impl GraphWriter {
             relationships: self.relationships,
             started: true,
             page_size: Some(self.spec.page_size),
+            labels: self.labels.clone(),
+            types: self.types.clone(),
         }
     }
 
@@ -713,7 +719,8 @@ impl GraphWriter {
         Ok((rest, cursor))
     }
 
-    /// Writes the footer and ends the gzip stream: the last bytes and the counts.
+    /// Writes the footer and ends the gzip stream: the last bytes and the counts (the artifact's
+    /// `details`: totals, nodes per label, relationships per type).
     pub fn finish(mut self) -> Result<(Vec<u8>, Value), StepError> {
         let (nodes, relationships) = (self.nodes, self.relationships);
         self.line(&json!({ "type": "footer", "nodes": nodes, "relationships": relationships }));
@@ -724,7 +731,10 @@ impl GraphWriter {
             .encoder
             .finish()
             .map_err(|e| StepError::permanent(format!("compressing the graph export failed: {e}")))?;
-        let details = json!({ "format": "ferry-neo4j-jsonl", "nodes": nodes, "relationships": relationships });
+        let details = json!({
+            "format": "ferry-neo4j-jsonl", "nodes": nodes, "relationships": relationships,
+            "labels": self.labels, "types": self.types,
+        });
         Ok((rest, details))
     }
 }

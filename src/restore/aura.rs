@@ -15,12 +15,17 @@
 //!   steps (`runtime/graph_load.rs`): a *scan* checks it (header, nodes before relationships, a
 //!   footer whose totals match) and counts nodes per label and relationships per type; the *load*
 //!   sends the lines in chunks of `batch_size`, one statement per label set or type within a
-//!   chunk (those of `scripts/aura_restore.py`), then removes the helper property `_ferry_id`.
-//!   The cursor (lines done, statements of the current chunk sent) is persisted after every
-//!   statement, so a step cut short goes on where it stopped.
+//!   chunk, then removes the helper property `_ferry_id` (bounded batches, nodes then
+//!   relationships). The cursor (lines done, statements of the current chunk sent) is persisted
+//!   after every statement, so a step cut short goes on where it stopped. Every statement is
+//!   idempotent: nodes and relationships are `MERGE`d on a `_ferry_id` holding their id in the
+//!   export, so a statement Neo4j ran whose answer was lost (the runtime killed, a timeout) is
+//!   sent again without duplicating anything.
 //! - **Drill**: the source's `drill_database` is emptied (bounded `DETACH DELETE`s), the newest
 //!   backup (or the one named) is loaded into it as above, nodes per label and relationships per
-//!   type are counted in the database and compared with the counts the scan took from the file,
+//!   type are counted in the database and compared with the counts the manifest recorded when the
+//!   export was written (backups from before those were recorded: the counts the scan took from
+//!   the file), so an export altered in R2, even with a consistent footer, fails naming the label,
 //!   the database is emptied again (also when something failed) and the outcome is written next to
 //!   the backup as `drill.json`. A difference fails the drill, naming the label or type.
 //!
@@ -64,24 +69,33 @@ pub const DELETE_BATCH: &str = "MATCH (n) WITH n LIMIT $limit DETACH DELETE n RE
 pub const LABEL_COUNTS: &str = "MATCH (n) UNWIND labels(n) AS label RETURN label, count(*) AS n";
 /// Relationships per type.
 pub const TYPE_COUNTS: &str = "MATCH ()-[r]->() RETURN type(r) AS type, count(r) AS n";
-/// Removes the helper property the load connects relationships by.
-pub const CLEANUP: &str = "MATCH (n) WHERE n.`_ferry_id` IS NOT NULL REMOVE n.`_ferry_id`";
+/// Removes the helper property the load keys nodes by, from up to `$limit` nodes.
+pub const CLEANUP_NODES: &str =
+    "MATCH (n) WHERE n.`_ferry_id` IS NOT NULL WITH n LIMIT $limit REMOVE n.`_ferry_id` RETURN count(n) AS cleaned";
+/// Removes the helper property the load keys relationships by, from up to `$limit` of them.
+pub const CLEANUP_RELATIONSHIPS: &str = "MATCH ()-[r]->() WHERE r.`_ferry_id` IS NOT NULL WITH r LIMIT $limit REMOVE \
+                                         r.`_ferry_id` RETURN count(r) AS cleaned";
+/// Elements one cleanup statement handles at most.
+pub const CLEANUP_LIMIT: u32 = 10_000;
 
 /// A Cypher name in backticks, backticks doubled.
 fn quote(name: &str) -> String {
     format!("`{}`", name.replace('`', "``"))
 }
 
-/// Creates nodes with these labels (labels cannot be parameters).
+/// Makes nodes with these labels (labels cannot be parameters), keyed by `_ferry_id` (the
+/// export's element id): `MERGE` finds the node a statement sent before made, so sending it again
+/// (its answer was lost) changes nothing. `+=` keeps `_ferry_id`, which `=` would drop.
 pub fn node_statement(labels: &[String]) -> String {
     let labels: String = labels.iter().map(|l| format!(":{}", quote(l))).collect();
-    format!("UNWIND $rows AS row CREATE (n{labels}) SET n = row.props, n.`_ferry_id` = row.id")
+    format!("UNWIND $rows AS row MERGE (n{labels} {{`_ferry_id`: row.id}}) SET n += row.props")
 }
 
-/// Creates relationships of this type between nodes found by `_ferry_id`.
+/// Makes relationships of this type between nodes found by `_ferry_id`, themselves keyed by a
+/// `_ferry_id` (the export's relationship id), so a statement sent twice makes each once.
 pub fn relationship_statement(rel_type: &str) -> String {
     format!(
-        "UNWIND $rows AS row MATCH (a {{`_ferry_id`: row.start}}), (b {{`_ferry_id`: row.end}}) CREATE (a)-[r:{}]->(b) SET r = row.props",
+        "UNWIND $rows AS row MATCH (a {{`_ferry_id`: row.start}}), (b {{`_ferry_id`: row.end}}) MERGE (a)-[r:{} {{`_ferry_id`: row.id}}]->(b) SET r += row.props",
         quote(rel_type)
     )
 }
@@ -125,6 +139,13 @@ pub struct LoadCursor {
     pub statements: u64,
     /// Load: every line was sent.
     pub finished: bool,
+    /// Where the next step starts reading: the compressed offset of a gzip member's start (the
+    /// export is one member per export slice) before which every line is done.
+    #[serde(default)]
+    pub resume_offset: u64,
+    /// Lines before `resume_offset`; the lines of that member done are `lines_done - resume_line`.
+    #[serde(default)]
+    pub resume_line: u64,
 }
 
 impl LoadCursor {
@@ -161,6 +182,9 @@ pub struct GraphLoader {
     batch: usize,
     line: u64,
     chunk: Vec<(Vec<String>, Option<String>, Value)>,
+    /// Member boundaries seen (offset, lines before it) not yet behind `lines_done`: at most one
+    /// per line of the current chunk.
+    boundaries: Vec<(u64, u64)>,
 }
 
 fn bad(line: u64, what: impl std::fmt::Display) -> StepError {
@@ -190,10 +214,13 @@ fn item(line: u64, v: &Value) -> Result<Item, StepError> {
             Ok(Item::Node(labels, json!({ "id": id()?, "props": props })))
         }
         Some("relationship") => {
-            let t = v.get("rel_type").and_then(Value::as_str).ok_or_else(|| bad(line, "a relationship without rel_type"))?;
+            let t = v
+                .get("rel_type")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad(line, "a relationship without rel_type"))?;
             let start = v.get("start").cloned().ok_or_else(|| bad(line, "a relationship without start"))?;
             let end = v.get("end").cloned().ok_or_else(|| bad(line, "a relationship without end"))?;
-            Ok(Item::Rel(t.to_string(), json!({ "start": start, "end": end, "props": props })))
+            Ok(Item::Rel(t.to_string(), json!({ "id": id()?, "start": start, "end": end, "props": props })))
         }
         Some("header" | "footer") => Ok(Item::Other),
         other => Err(bad(line, format!("unknown line type {other:?}"))),
@@ -203,7 +230,37 @@ fn item(line: u64, v: &Value) -> Result<Item, StepError> {
 impl GraphLoader {
     /// Goes on from `cursor`, with chunks of `batch` elements.
     pub fn new(cursor: LoadCursor, batch: u32) -> Self {
-        Self { cursor, batch: batch.max(1) as usize, line: 0, chunk: Vec::new() }
+        let line = cursor.resume_line;
+        Self { cursor, batch: batch.max(1) as usize, line, chunk: Vec::new(), boundaries: Vec::new() }
+    }
+
+    /// Where the runtime starts reading the file (a member's start, `0` at first): the loader
+    /// counts lines from there.
+    pub fn read_from(&self) -> u64 {
+        self.cursor.resume_offset
+    }
+
+    /// A gzip member ended at compressed offset `offset`, after every line fed so far (no line
+    /// runs on into the next member): a later step may start reading there once those lines are
+    /// done.
+    pub fn member_end(&mut self, offset: u64) {
+        match self.boundaries.last_mut() {
+            Some(last) if last.1 == self.line => *last = (offset, self.line),
+            _ => self.boundaries.push((offset, self.line)),
+        }
+        self.promote();
+    }
+
+    /// Moves the resume point to the last boundary whose lines are all done.
+    fn promote(&mut self) {
+        let done = self.boundaries.iter().take_while(|(_, line)| *line <= self.cursor.lines_done).count();
+        if let Some(&(offset, line)) = done.checked_sub(1).and_then(|i| self.boundaries.get(i)) {
+            if line >= self.cursor.resume_line {
+                self.cursor.resume_offset = offset;
+                self.cursor.resume_line = line;
+            }
+        }
+        self.boundaries.drain(..done);
     }
 
     /// Whether this pass has nothing more to do.
@@ -223,6 +280,7 @@ impl GraphLoader {
         if !self.cursor.loading {
             self.scan(n, text)?;
             self.cursor.lines_done = n;
+            self.promote();
             return Ok(None);
         }
         let Some(v) = parse(n, text)? else {
@@ -281,6 +339,7 @@ impl GraphLoader {
         self.cursor.lines_done = self.line;
         self.cursor.groups_done = 0;
         self.chunk.clear();
+        self.promote();
     }
 
     /// The file ended. A scan checks the footer and hands over to the load (the next step reads
@@ -296,6 +355,9 @@ impl GraphLoader {
             self.cursor.loading = true;
             self.cursor.lines_done = 0;
             self.cursor.groups_done = 0;
+            self.cursor.resume_offset = 0;
+            self.cursor.resume_line = 0;
+            self.boundaries.clear();
             return Ok(None);
         }
         if self.chunk.iter().any(|(_, _, row)| !row.is_null()) {
@@ -364,6 +426,139 @@ impl GraphLoader {
     }
 }
 
+/// What [`MemberLines::next_piece`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    /// One line, without its newline.
+    Line(Vec<u8>),
+    /// A gzip member ended at this compressed offset (absolute in the file) and no line runs on
+    /// into the next member: reading may start there. Not reported for the file's last member.
+    MemberEnd(u64),
+    /// Feed the next compressed bytes (or say the input ended).
+    NeedInput,
+    /// The input ended and every line was returned.
+    Done,
+}
+
+/// Decodes a concatenation of gzip members, one member at a time, into lines, knowing the
+/// compressed offset where each member ends, so a later read can start at a member's start (an
+/// R2 ranged read) instead of inflating the file from its beginning. Memory: the compressed
+/// chunk fed, one decoder's output (at most its 32 KiB buffer per write) and one line.
+pub struct MemberLines {
+    decoder: flate2::write::GzDecoder<Vec<u8>>,
+    /// Compressed offset of the current member's start.
+    member_start: u64,
+    /// Compressed bytes of the current member the decoder took.
+    consumed: u64,
+    input: Vec<u8>,
+    input_pos: usize,
+    input_ended: bool,
+    finished: bool,
+    out: Vec<u8>,
+    out_pos: usize,
+    line: Vec<u8>,
+    pending_end: Option<u64>,
+    max_line: usize,
+}
+
+impl MemberLines {
+    /// Reads from compressed offset `start` (a member's start), lines up to `max_line` bytes.
+    pub fn new(start: u64, max_line: usize) -> Self {
+        Self {
+            decoder: flate2::write::GzDecoder::new(Vec::new()),
+            member_start: start,
+            consumed: 0,
+            input: Vec::new(),
+            input_pos: 0,
+            input_ended: false,
+            finished: false,
+            out: Vec::new(),
+            out_pos: 0,
+            line: Vec::new(),
+            pending_end: None,
+            max_line,
+        }
+    }
+
+    /// The next compressed bytes, after [`Piece::NeedInput`].
+    pub fn feed(&mut self, chunk: Vec<u8>) {
+        self.input = chunk;
+        self.input_pos = 0;
+    }
+
+    /// The compressed input ended, after [`Piece::NeedInput`].
+    pub fn end_input(&mut self) {
+        self.input_ended = true;
+    }
+
+    fn corrupt(e: std::io::Error) -> StepError {
+        StepError::permanent(format!("{GRAPH_FILE} is not valid gzip ({e}); the backup cannot be loaded"))
+    }
+
+    /// The next line or member boundary, or what it needs.
+    pub fn next_piece(&mut self) -> Result<Piece, StepError> {
+        loop {
+            let rest = &self.out[self.out_pos..];
+            if let Some(i) = rest.iter().position(|b| *b == b'\n') {
+                let mut line = std::mem::take(&mut self.line);
+                line.extend_from_slice(&rest[..i]);
+                self.out_pos += i + 1;
+                return Ok(Piece::Line(line));
+            }
+            self.line.extend_from_slice(rest);
+            self.out.clear();
+            self.out_pos = 0;
+            if self.line.len() > self.max_line {
+                return Err(StepError::permanent(format!(
+                    "{GRAPH_FILE} has a line over {} MiB; the backup cannot be loaded",
+                    self.max_line >> 20
+                )));
+            }
+            if let Some(offset) = self.pending_end.take() {
+                if self.line.is_empty() {
+                    return Ok(Piece::MemberEnd(offset));
+                }
+                continue;
+            }
+            if self.input_pos < self.input.len() {
+                let n =
+                    std::io::Write::write(&mut self.decoder, &self.input[self.input_pos..]).map_err(Self::corrupt)?;
+                if n == 0 {
+                    // The member is complete (trailer included): check it, take its last output.
+                    self.decoder.try_finish().map_err(Self::corrupt)?;
+                    self.out = std::mem::take(self.decoder.get_mut());
+                    self.member_start += self.consumed;
+                    self.consumed = 0;
+                    self.pending_end = Some(self.member_start);
+                    self.decoder = flate2::write::GzDecoder::new(Vec::new());
+                } else {
+                    self.input_pos += n;
+                    self.consumed += n as u64;
+                    self.out = std::mem::take(self.decoder.get_mut());
+                }
+                continue;
+            }
+            if !self.input_ended {
+                self.input = Vec::new();
+                self.input_pos = 0;
+                return Ok(Piece::NeedInput);
+            }
+            if !self.finished {
+                self.finished = true;
+                if self.consumed > 0 {
+                    self.decoder.try_finish().map_err(Self::corrupt)?;
+                    self.out = std::mem::take(self.decoder.get_mut());
+                }
+                continue;
+            }
+            if !self.line.is_empty() {
+                return Ok(Piece::Line(std::mem::take(&mut self.line)));
+            }
+            return Ok(Piece::Done);
+        }
+    }
+}
+
 /// What the runtime does for one step of a scan or load.
 #[derive(Clone, PartialEq)]
 pub struct GraphLoadOrder {
@@ -428,8 +623,10 @@ pub enum Step {
     EmptyBefore,
     /// Scan or load the graph file (`Io::GraphLoad` steps).
     Load,
-    /// Remove `_ferry_id`.
+    /// Remove `_ferry_id` from nodes, a batch at a time.
     Cleanup,
+    /// Remove `_ferry_id` from relationships, a batch at a time.
+    CleanupRelationships,
     /// Drills: nodes per label.
     CountLabels,
     /// Drills: relationships per type.
@@ -451,6 +648,12 @@ pub struct BackupRef {
     pub snapshot_id: Option<String>,
     /// The graph file's key, when the backup has one.
     pub graph_key: Option<String>,
+    /// Nodes per label the export wrote, as its manifest recorded them (older backups: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, u64>>,
+    /// Relationships per type the export wrote, as its manifest recorded them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub types: Option<BTreeMap<String, u64>>,
 }
 
 /// A restore's persisted state.
@@ -553,9 +756,9 @@ pub fn plan(task: Task, cfg: &AuraConfig, params: &Value, backup: Option<String>
         notes: Vec::new(),
     };
     let needs_password = || {
-        cfg.db_password_secret.is_none().then(|| {
-            "db_password_secret is required to load a logical export through the Query API".to_string()
-        })
+        cfg.db_password_secret
+            .is_none()
+            .then(|| "db_password_secret is required to load a logical export through the Query API".to_string())
     };
     match task {
         Task::Drill => {
@@ -581,7 +784,9 @@ pub fn plan(task: Task, cfg: &AuraConfig, params: &Value, backup: Option<String>
             match params.get("mode").and_then(Value::as_str) {
                 Some("snapshot") => {
                     if target.is_some() {
-                        return Err("a snapshot restore goes back into the source instance; it takes no \"target\"".into());
+                        return Err(
+                            "a snapshot restore goes back into the source instance; it takes no \"target\"".into()
+                        );
                     }
                     super::confirmed(params, &cfg.instance_id, &format!("Aura instance {}", cfg.instance_id))?;
                     Ok(state)
@@ -645,7 +850,8 @@ impl AuraRestore {
         if api && self.secret_access_token.is_none() {
             return Ok(Next::Send(provider::token_request(cfg, creds)?));
         }
-        let sid = || self.backup().and_then(|b| b.snapshot_id.clone().ok_or_else(|| StepError::permanent("no snapshot")));
+        let sid =
+            || self.backup().and_then(|b| b.snapshot_id.clone().ok_or_else(|| StepError::permanent("no snapshot")));
         Ok(match self.step {
             Step::ReadManifest => Next::Io(Io::ReadManifest { key: self.manifest_key.clone() }),
             Step::SnapshotRestore => Next::Send(self.bearer(HttpRequest {
@@ -654,7 +860,9 @@ impl AuraRestore {
                 headers: Vec::new(),
                 body: None,
             })),
-            Step::CheckInstance | Step::PollInstance => Next::Send(self.bearer(HttpRequest::get(instance_url(cfg, &[])?))),
+            Step::CheckInstance | Step::PollInstance => {
+                Next::Send(self.bearer(HttpRequest::get(instance_url(cfg, &[])?)))
+            }
             Step::CountTarget => {
                 let (url, auth) = self.endpoint(cfg, creds)?;
                 Next::Send(query(&url, &auth, COUNT_NODES, json!({})))
@@ -663,9 +871,10 @@ impl AuraRestore {
                 let (url, auth) = self.endpoint(cfg, creds)?;
                 Next::Send(query(&url, &auth, DELETE_BATCH, json!({ "limit": DELETE_LIMIT })))
             }
-            Step::Cleanup => {
+            Step::Cleanup | Step::CleanupRelationships => {
                 let (url, auth) = self.endpoint(cfg, creds)?;
-                Next::Send(query(&url, &auth, CLEANUP, json!({})))
+                let statement = if self.step == Step::Cleanup { CLEANUP_NODES } else { CLEANUP_RELATIONSHIPS };
+                Next::Send(query(&url, &auth, statement, json!({ "limit": CLEANUP_LIMIT })))
             }
             Step::CountLabels => {
                 let (url, auth) = self.endpoint(cfg, creds)?;
@@ -725,9 +934,20 @@ impl AuraRestore {
         }
     }
 
+    /// What the drill compares the database with: the counts the manifest recorded when the
+    /// export was written, or (older backups without them) the counts the scan read from the file.
+    fn expected(&self) -> (BTreeMap<String, u64>, BTreeMap<String, u64>, &'static str) {
+        let load = self.load.clone().unwrap_or_default();
+        match self.backup.as_ref().map(|b| (&b.labels, &b.types)) {
+            Some((Some(labels), Some(types))) => (labels.clone(), types.clone(), "manifest"),
+            _ => (load.labels, load.types, "file"),
+        }
+    }
+
     /// What a drill writes next to the backup.
     pub fn drill_record(&self, job: &JobId, now: Timestamp) -> Value {
         let load = self.load.clone().unwrap_or_default();
+        let (labels, types, counts_from) = self.expected();
         let side = |expected: &BTreeMap<String, u64>, counted: &BTreeMap<String, u64>| -> BTreeMap<String, Value> {
             expected
                 .keys()
@@ -743,8 +963,9 @@ impl AuraRestore {
             "scratch_database": self.database,
             "nodes": load.nodes,
             "relationships": load.relationships,
-            "labels": side(&load.labels, &self.counted_labels),
-            "types": side(&load.types, &self.counted_types),
+            "labels": side(&labels, &self.counted_labels),
+            "types": side(&types, &self.counted_types),
+            "backup_counts_from": counts_from,
             "error": self.failure,
         })
     }
@@ -856,7 +1077,9 @@ impl AuraRestore {
                 let status = status.ok_or_else(|| malformed("instance without status"))?;
                 self.instance_status = Some(status.clone());
                 if status == "restoring" {
-                    self.notes.push("the restore request went unanswered, but the instance is restoring: it took effect".into());
+                    self.notes.push(
+                        "the restore request went unanswered, but the instance is restoring: it took effect".into(),
+                    );
                     self.restore_started_at = Some(now);
                     self.step = Step::PollInstance;
                     Ok(Answer::Pending)
@@ -937,11 +1160,15 @@ impl AuraRestore {
                 }
                 Ok(Answer::Continue)
             }
-            Step::Cleanup => {
-                self.step = match self.mode {
-                    Mode::Drill => Step::CountLabels,
-                    _ => Step::Done,
-                };
+            Step::Cleanup | Step::CleanupRelationships => {
+                let n = rows.first().map(|r| number(r, "cleaned")).transpose()?.unwrap_or(0);
+                if n == 0 {
+                    self.step = match (self.step, self.mode) {
+                        (Step::Cleanup, _) => Step::CleanupRelationships,
+                        (_, Mode::Drill) => Step::CountLabels,
+                        _ => Step::Done,
+                    };
+                }
                 Ok(Answer::Continue)
             }
             Step::CountLabels | Step::CountTypes => {
@@ -968,12 +1195,13 @@ impl AuraRestore {
         }
     }
 
-    /// The drill's finding: `None` when every label and type has what the file holds.
+    /// The drill's finding: `None` when every label and type has what the backup holds.
     fn compare(&self) -> Option<String> {
-        let load = self.load.as_ref()?;
+        self.load.as_ref()?;
+        let (labels, types, _) = self.expected();
         let mut findings = Vec::new();
         for (what, expected, counted) in
-            [("label", &load.labels, &self.counted_labels), ("type", &load.types, &self.counted_types)]
+            [("label", &labels, &self.counted_labels), ("type", &types, &self.counted_types)]
         {
             let kind = if what == "label" { "nodes" } else { "relationships" };
             for name in expected.keys().chain(counted.keys().filter(|k| !expected.contains_key(*k))) {
@@ -1022,9 +1250,7 @@ impl Restorer for AuraRestore {
 
     fn on_response(&mut self, resp: &HttpResponse, now: Timestamp) -> Result<Answer, StepError> {
         match self.step {
-            Step::SnapshotRestore | Step::CheckInstance | Step::PollInstance => {
-self.api_answer(resp, now)
-            }
+            Step::SnapshotRestore | Step::CheckInstance | Step::PollInstance => self.api_answer(resp, now),
             _ => self.query_answer(resp, now),
         }
     }
@@ -1047,13 +1273,19 @@ self.api_answer(resp, now)
     }
 }
 
-
 /// The backup's snapshot and graph file, from its manifest.
 fn backup_of(key: &str, manifest: &Manifest) -> BackupRef {
     let folder = crate::manifest::folder_of(key).unwrap_or_default().to_string();
+    let graph = manifest.artifacts.iter().find(|a| a.filename == GRAPH_FILE);
+    let counts = |field: &str| -> Option<BTreeMap<String, u64>> {
+        let details = graph?.details.as_ref()?;
+        serde_json::from_value(details.get(field)?.clone()).ok()
+    };
     BackupRef {
         folder,
         snapshot_id: manifest.provider.pointer("/snapshot/snapshot_id").and_then(Value::as_str).map(str::to_string),
-        graph_key: manifest.artifacts.iter().find(|a| a.filename == GRAPH_FILE).map(|a| a.key.clone()),
+        graph_key: graph.map(|a| a.key.clone()),
+        labels: counts("labels"),
+        types: counts("types"),
     }
 }

@@ -70,7 +70,8 @@ impl H {
         let src = source();
         let backup = (task == Task::Restore).then(|| format!("{FOLDER}manifest.json"));
         let state = plan(task, &src, &params, backup)?;
-        let job = Job::new(JobId::new("0123456789abcdef"), &src, Trigger::Api, None, None, t0()).restore_of(task, state);
+        let job =
+            Job::new(JobId::new("0123456789abcdef"), &src, Trigger::Api, None, None, t0()).restore_of(task, state);
         let mut creds = Credentials::new();
         for (k, v) in [("CID", "id"), ("CSEC", "sec"), ("PW", "pw")] {
             creds.insert(k, Secret::new(v));
@@ -176,7 +177,10 @@ fn an_unanswered_restore_post_reads_the_instance_before_asking_again() {
     h.request();
     h.feed(Event::Unreachable("timed out".into()));
     let check = h.request();
-    assert_eq!((check.method, check.url.as_str()), (crate::http::Method::Get, "http://aura.test/v1/instances/2f49c2b3"));
+    assert_eq!(
+        (check.method, check.url.as_str()),
+        (crate::http::Method::Get, "http://aura.test/v1/instances/2f49c2b3")
+    );
     h.answer(200, json!({"data": {"status": "restoring"}}));
     let poll = h.request();
     assert_eq!(poll.method, crate::http::Method::Get, "the POST is not sent again");
@@ -201,8 +205,11 @@ fn a_failed_instance_status_and_a_busy_instance_fail_in_auras_words() {
     h.manifest(manifest(true));
     h.token();
     h.request();
-    h.answer(409, json!({"errors": [{"message": "The database is current undergoing an operation: resuming",
-        "reason": "ongoing-database-operation"}]}));
+    h.answer(
+        409,
+        json!({"errors": [{"message": "The database is current undergoing an operation: resuming",
+        "reason": "ongoing-database-operation"}]}),
+    );
     assert_eq!(h.job.phase, Phase::Failed);
     assert!(h.job.error.as_deref().unwrap().contains("undergoing an operation: resuming"));
 }
@@ -331,8 +338,13 @@ fn a_drill_empties_loads_compares_per_label_and_type_empties_again_and_records()
     assert_eq!(order.key, format!("{FOLDER}graph.jsonl.gz"));
     let (cursor, _) = run_loader(&lines(), 500).unwrap();
     h.feed(Event::RestoreIo(Ok(IoDone::GraphLoaded { cursor: Box::new(cursor), error: None })));
-    assert_eq!(statement(&h.request()), aura::CLEANUP);
-    h.rows(&[], json!([]));
+    let cleanup = h.request();
+    assert_eq!(statement(&cleanup), aura::CLEANUP_NODES);
+    h.rows(&["cleaned"], json!([[3]]));
+    assert_eq!(statement(&h.request()), aura::CLEANUP_NODES, "again until nothing is left");
+    h.rows(&["cleaned"], json!([[0]]));
+    assert_eq!(statement(&h.request()), aura::CLEANUP_RELATIONSHIPS);
+    h.rows(&["cleaned"], json!([[0]]));
     assert_eq!(statement(&h.request()), LABEL_COUNTS);
     h.rows(&["label", "n"], json!([["P", 2]]));
     assert_eq!(statement(&h.request()), TYPE_COUNTS);
@@ -375,4 +387,278 @@ fn a_drill_needs_a_drill_database() {
     }
     let e = plan(Task::Drill, &src, &json!({}), None).unwrap_err();
     assert!(e.contains("drill_database"), "{e}");
+}
+
+#[test]
+fn load_statements_merge_on_the_export_id_so_sending_one_again_duplicates_nothing() {
+    let nodes = aura::node_statement(&["P".into(), "We`ird".into()]);
+    assert_eq!(nodes, "UNWIND $rows AS row MERGE (n:`P`:`We``ird` {`_ferry_id`: row.id}) SET n += row.props");
+    assert!(!nodes.contains("CREATE") && !nodes.contains("SET n ="), "= would drop _ferry_id");
+    let rels = aura::relationship_statement("K");
+    assert!(rels.contains("MERGE (a)-[r:`K` {`_ferry_id`: row.id}]->(b) SET r += row.props"), "{rels}");
+    // The rows carry the ids the statements merge on.
+    let mut scan = GraphLoader::new(LoadCursor::default(), 10);
+    for l in lines() {
+        scan.line(l.as_bytes()).unwrap();
+    }
+    scan.end().unwrap();
+    let mut loader = GraphLoader::new(scan.cursor, 10);
+    for l in lines() {
+        loader.line(l.as_bytes()).unwrap();
+    }
+    let groups = loader.end().unwrap().unwrap();
+    assert_eq!(groups[0].rows[0], json!({"id": "a", "props": {"x": 1}}));
+    assert_eq!(groups[2].rows[0], json!({"id": "r", "start": "a", "end": "b", "props": {}}));
+}
+
+/// Runs a drill whose load read `lines()` (P: 2, C: 1; K: 1) and whose database counts what the
+/// file holds; returns the record and the job's error.
+fn drill_with(m: Manifest) -> (Value, Option<String>) {
+    let mut h = H::new(Task::Drill, json!({})).unwrap();
+    h.manifest(m);
+    h.request();
+    h.rows(&["deleted"], json!([[0]]));
+    h.io();
+    let (cursor, _) = run_loader(&lines(), 500).unwrap();
+    h.feed(Event::RestoreIo(Ok(IoDone::GraphLoaded { cursor: Box::new(cursor), error: None })));
+    h.request();
+    h.rows(&["cleaned"], json!([[0]]));
+    h.request();
+    h.rows(&["cleaned"], json!([[0]]));
+    assert_eq!(statement(&h.request()), LABEL_COUNTS);
+    h.rows(&["label", "n"], json!([["P", 2], ["C", 1]]));
+    h.request();
+    h.rows(&["type", "n"], json!([["K", 1]]));
+    h.request();
+    h.rows(&["deleted"], json!([[0]]));
+    let Io::Record { record, .. } = h.io() else { panic!("expected the record") };
+    h.feed(Event::RestoreIo(Ok(IoDone::Recorded)));
+    h.wake();
+    (record, h.job.error.clone())
+}
+
+#[test]
+fn a_drill_compares_with_the_counts_the_manifest_recorded_so_an_altered_file_fails_naming_the_label() {
+    // The manifest says the export wrote a label Q the file no longer holds (its footer rewritten).
+    let mut m = manifest(true);
+    m.artifacts[0].details = Some(json!({"format": "ferry-neo4j-jsonl", "nodes": 5, "relationships": 2,
+        "labels": {"P": 2, "C": 1, "Q": 2}, "types": {"K": 1, "L": 1}}));
+    let (record, error) = drill_with(m);
+    let error = error.expect("the drill fails");
+    assert!(error.contains("label \"Q\": 0 nodes restored, 2 in the backup"), "{error}");
+    assert!(error.contains("type \"L\": 0 relationships restored, 1 in the backup"), "{error}");
+    assert!(!error.contains("\"P\""), "{error}");
+    assert_eq!(record["backup_counts_from"], json!("manifest"));
+    assert_eq!(record["labels"]["Q"], json!({"backup": 2, "restored": null}));
+    // The same file with the counts matching: passes.
+    let mut m = manifest(true);
+    m.artifacts[0].details =
+        Some(json!({"nodes": 3, "relationships": 1, "labels": {"P": 2, "C": 1}, "types": {"K": 1}}));
+    let (record, error) = drill_with(m);
+    assert_eq!((error, record["passed"].clone()), (None, json!(true)));
+}
+
+#[test]
+fn a_drill_of_a_backup_without_recorded_counts_compares_with_the_file() {
+    let (record, error) = drill_with(manifest(true));
+    assert_eq!(error, None);
+    assert_eq!(record["backup_counts_from"], json!("file"));
+    assert_eq!(record["labels"]["P"], json!({"backup": 2, "restored": 2}));
+}
+
+// ----- reading the export member by member ---------------------------------------------------
+
+use super::aura::{MemberLines, Piece};
+use std::io::Write as _;
+
+/// A concatenation of gzip members, one per text; returns the bytes and each member's end offset.
+fn members(texts: &[&str]) -> (Vec<u8>, Vec<u64>) {
+    let mut bytes = Vec::new();
+    let mut ends = Vec::new();
+    for t in texts {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(t.as_bytes()).unwrap();
+        bytes.extend(e.finish().unwrap());
+        ends.push(bytes.len() as u64);
+    }
+    (bytes, ends)
+}
+
+/// Everything `MemberLines` reports reading `data[from..]` in chunks of `chunk` bytes.
+fn pieces(data: &[u8], from: u64, chunk: usize) -> Result<Vec<Piece>, StepError> {
+    let mut lines = MemberLines::new(from, 1 << 20);
+    let mut input = data[from as usize..].chunks(chunk);
+    let mut out = Vec::new();
+    loop {
+        match lines.next_piece()? {
+            Piece::NeedInput => match input.next() {
+                Some(c) => lines.feed(c.to_vec()),
+                None => lines.end_input(),
+            },
+            Piece::Done => return Ok(out),
+            p => out.push(p),
+        }
+    }
+}
+
+fn text_lines(p: &[Piece]) -> Vec<String> {
+    p.iter()
+        .filter_map(|p| match p {
+            Piece::Line(l) => Some(String::from_utf8(l.clone()).unwrap()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn member_boundaries_are_found_exactly_and_reading_from_one_gives_exactly_the_lines_after_it() {
+    let texts = ["h\na1\na2\n", "b1\n", "", "c1\nc2\nc3\n", "d1\n"];
+    let (data, ends) = members(&texts);
+    let all: Vec<String> = texts.concat().lines().map(str::to_string).collect();
+    for chunk in [1, 2, 3, 7, 16, 64, data.len()] {
+        let got = pieces(&data, 0, chunk).unwrap();
+        assert_eq!(text_lines(&got), all, "chunk {chunk}");
+        let found: Vec<u64> = got
+            .iter()
+            .filter_map(|p| match p {
+                Piece::MemberEnd(o) => Some(*o),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(found, ends[..ends.len() - 1].to_vec(), "every member end but the file's, chunk {chunk}");
+        // Each boundary comes after exactly the lines of the members before it.
+        let mut before = 0;
+        for p in &got {
+            match p {
+                Piece::Line(_) => before += 1,
+                Piece::MemberEnd(o) => {
+                    let i = ends.iter().position(|e| e == o).unwrap();
+                    assert_eq!(before, texts[..=i].concat().lines().count());
+                    let rest = text_lines(&pieces(&data, *o, chunk).unwrap());
+                    assert_eq!(rest, all[before..].to_vec(), "resumed at {o}");
+                }
+                _ => unreachable!(),
+            }
+        }
+    }
+}
+
+#[test]
+fn a_line_running_on_into_the_next_member_is_whole_and_no_boundary_is_offered_inside_it() {
+    let (data, ends) = members(&["x1\nx2-part", "-rest\ny1\n", "z1"]);
+    let got = pieces(&data, 0, 5).unwrap();
+    assert_eq!(text_lines(&got), ["x1", "x2-part-rest", "y1", "z1"]);
+    assert!(got.contains(&Piece::MemberEnd(ends[1])));
+    assert!(!got.contains(&Piece::MemberEnd(ends[0])), "x2 runs on into the second member");
+}
+
+#[test]
+fn corrupt_or_truncated_gzip_is_refused() {
+    let (mut data, ends) = members(&["a\n", "b\n"]);
+    let crc = ends[0] as usize - 8;
+    data[crc] ^= 0xff;
+    assert!(pieces(&data, 0, 4).unwrap_err().message().contains("not valid gzip"));
+    let (data, _) = members(&["a\n", "b\n"]);
+    assert!(pieces(&data[..data.len() - 3], 0, 4).is_err(), "cut inside the last trailer");
+    assert!(pieces(&[0x1f, 0x8b, 0x08, 0, 0, 0], 0, 4).is_err());
+    assert_eq!(pieces(&[], 0, 4).unwrap(), vec![], "an empty read ends cleanly");
+}
+
+/// One runtime step: reads from the loader's member, sends at most `max` statements (recorded in
+/// `sent`), returns the compressed bytes it read.
+fn step(data: &[u8], loader: &mut GraphLoader, max: usize, sent: &mut Vec<(String, Vec<Value>)>) -> usize {
+    let from = loader.read_from();
+    let mut lines = MemberLines::new(from, 1 << 20);
+    let mut input = data[from as usize..].chunks(7);
+    let mut read = 0;
+    let mut budget = 0;
+    let mut send = |loader: &mut GraphLoader, groups: &[aura::Group], budget: &mut usize| -> bool {
+        while (loader.cursor.groups_done as usize) < groups.len() {
+            if *budget >= max {
+                return false;
+            }
+            let g = &groups[loader.cursor.groups_done as usize];
+            sent.push((g.statement.clone(), g.rows.clone()));
+            loader.sent();
+            *budget += 1;
+        }
+        true
+    };
+    loop {
+        match lines.next_piece().unwrap() {
+            Piece::Line(l) => {
+                if let Some(groups) = loader.line(&l).unwrap() {
+                    if !send(loader, &groups, &mut budget) {
+                        return read;
+                    }
+                    loader.chunk_done(&groups);
+                    if budget >= max {
+                        return read;
+                    }
+                }
+            }
+            Piece::MemberEnd(o) => loader.member_end(o),
+            Piece::NeedInput => match input.next() {
+                Some(c) => {
+                    read += c.len();
+                    lines.feed(c.to_vec());
+                }
+                None => lines.end_input(),
+            },
+            Piece::Done => break,
+        }
+    }
+    if let Some(groups) = loader.end().unwrap() {
+        if send(loader, &groups, &mut budget) {
+            loader.last_chunk_done(&groups);
+        }
+    }
+    read
+}
+
+#[test]
+fn a_load_resumed_from_member_boundaries_sends_exactly_what_a_load_in_one_go_sends_reading_less() {
+    // An export of 40 nodes and 30 relationships, one member per 7 lines (as export slices make).
+    let mut all = vec![json!({"type": "header", "format": "ferry-neo4j-jsonl", "version": 1}).to_string()];
+    for i in 0..40 {
+        let label = ["P", "C", "Q"][i % 3];
+        all.push(json!({"type": "node", "id": format!("n{i}"), "labels": [label], "properties": {"i": i}}).to_string());
+    }
+    for i in 0..30 {
+        all.push(
+            json!({"type": "relationship", "id": format!("r{i}"), "rel_type": (["K", "L"][i % 2]),
+                   "start": format!("n{i}"), "end": format!("n{}", i + 1), "properties": {}})
+            .to_string(),
+        );
+    }
+    all.push(json!({"type": "footer", "nodes": 40, "relationships": 30}).to_string());
+    let texts: Vec<String> = all.chunks(7).map(|c| c.iter().map(|l| format!("{l}\n")).collect()).collect();
+    let (data, _) = members(&texts.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // In one go.
+    let mut whole = Vec::new();
+    let mut loader = GraphLoader::new(LoadCursor::default(), 4);
+    while !loader.done() {
+        step(&data, &mut loader, usize::MAX, &mut whole);
+        loader = GraphLoader::new(loader.cursor.clone(), 4);
+    }
+    // Two statements a step, the cursor persisted as JSON between steps.
+    let mut resumed = Vec::new();
+    let mut cursor = LoadCursor::default();
+    let (mut steps, mut reads, mut offsets) = (0, Vec::new(), Vec::new());
+    while !cursor.finished {
+        let mut loader = GraphLoader::new(cursor.clone(), 4);
+        offsets.push(loader.read_from());
+        reads.push(step(&data, &mut loader, 2, &mut resumed));
+        cursor = serde_json::from_str(&serde_json::to_string(&loader.cursor).unwrap()).unwrap();
+        assert!(cursor.resume_line <= cursor.lines_done);
+        steps += 1;
+        assert!(steps < 200);
+    }
+    assert_eq!(resumed, whole, "the same statements with the same rows, none twice");
+    assert!(cursor.loaded_nodes == 40 && cursor.loaded_relationships == 30);
+    let load_offsets: Vec<u64> = offsets.iter().copied().skip_while(|o| *o > 0).skip_while(|o| *o == 0).collect();
+    assert!(load_offsets.windows(2).all(|w| w[0] <= w[1]) && load_offsets.len() > 5, "{offsets:?}");
+    let last = *reads.last().unwrap();
+    assert!(last < data.len() / 3, "the last step read {last} of {} bytes", data.len());
 }

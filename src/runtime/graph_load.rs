@@ -1,24 +1,27 @@
 //! Performs one bounded step of scanning or loading an Aura graph export (the decisions are in
-//! `crate::restore::aura`): streams `graph.jsonl.gz` out of R2, inflates it (every gzip member),
-//! skips the lines the cursor says are done, and sends the statements the loader cuts, at most
-//! `max_statements` of them or for `max_time`, whichever comes first.
+//! `crate::restore::aura`): streams `graph.jsonl.gz` out of R2 from the gzip member the cursor
+//! names (a ranged read: the export is one member per export slice, so a step does not inflate
+//! what earlier steps did), inflates it member by member (`MemberLines`, which reports where each
+//! member ends), skips the lines of that member the cursor says are done, and sends the
+//! statements the loader cuts, at most `max_statements` of them or for `max_time`, whichever
+//! comes first.
 //!
-//! Memory holds one R2 chunk, one line and one chunk of statements, never the file. The cursor is
+//! Memory holds one R2 chunk, one inflated buffer, one line and one chunk of statements, never
+//! the file. The cursor is
 //! written to Durable Object storage after every statement, so a step cut short (the isolate
-//! killed, a timeout) goes on after the last statement that was answered; only the moment between
-//! an answer and that write is not covered.
+//! killed, a timeout) goes on after the last statement that was answered. A statement that ran but
+//! whose answer (or the cursor's write) was lost is sent again: the statements `MERGE` on
+//! `_ferry_id`, so that changes nothing.
 
-use std::io::Write as _;
 use std::time::Duration;
 
-use flate2::write::MultiGzDecoder;
 use futures_util::StreamExt;
-use worker::{Bucket, Storage};
+use worker::{Bucket, Range, Storage};
 
 use super::net;
 use crate::error::StepError;
 use crate::providers::aura::query_rows;
-use crate::restore::aura::{query, GraphLoadOrder, GraphLoader, Group, LoadCursor};
+use crate::restore::aura::{query, GraphLoadOrder, GraphLoader, Group, LoadCursor, MemberLines, Piece};
 use crate::restore::IoDone;
 
 /// The longest line accepted (one node or relationship with its properties).
@@ -100,56 +103,45 @@ async fn step(
     }
     let mut budget =
         Budget { started: super::now(), max_time: order.max_time, statements: 0, max_statements: order.max_statements };
-    let object = bucket
-        .get(order.key.clone())
+    // Start at the member the cursor names: the lines before it are done and not read again.
+    let from = loader.read_from();
+    let mut get = bucket.get(order.key.clone());
+    if from > 0 {
+        get = get.range(Range::OffsetToEnd { offset: from });
+    }
+    let object = get
         .execute()
         .await
         .map_err(|e| StepError::transient(format!("R2 get failed: {e}")))?
         .ok_or_else(|| StepError::permanent(format!("the graph export {} is missing from R2", order.key)))?;
     let body = object.body().ok_or_else(|| StepError::transient(format!("R2 returned no body for {}", order.key)))?;
     let mut stream = body.stream().map_err(|e| StepError::transient(format!("R2 read failed: {e}")))?;
-    let mut decoder = MultiGzDecoder::new(Vec::new());
-    let mut line: Vec<u8> = Vec::new();
+    let mut lines = MemberLines::new(from, MAX_LINE);
     let mut read = 0u64;
-    let inflate = |e: std::io::Error| StepError::permanent(format!("{} is not valid gzip: {e}", order.key));
     loop {
-        let chunk = match stream.next().await {
-            Some(chunk) => chunk.map_err(|e| StepError::transient(format!("R2 read failed: {e}")))?,
-            None => {
-                decoder.try_finish().map_err(inflate)?;
-                Vec::new()
+        match lines.next_piece()? {
+            Piece::Line(line) => {
+                if !feed(storage, order, loader, &line, &mut budget).await? {
+                    return Ok(());
+                }
             }
-        };
-        let last = chunk.is_empty();
-        let before = read;
-        read += chunk.len() as u64;
-        if !last {
-            decoder.write_all(&chunk).map_err(inflate)?;
+            Piece::MemberEnd(offset) => loader.member_end(offset),
+            Piece::NeedInput => match stream.next().await {
+                Some(chunk) => {
+                    let chunk = chunk.map_err(|e| StepError::transient(format!("R2 read failed: {e}")))?;
+                    let before = read;
+                    read += chunk.len() as u64;
+                    lines.feed(chunk);
+                    super::transfer::yield_now_and_then(before, read).await;
+                    if !loader.cursor.loading && budget.spent() {
+                        save(storage, order, &loader.cursor).await;
+                        return Ok(());
+                    }
+                }
+                None => lines.end_input(),
+            },
+            Piece::Done => break,
         }
-        let out = std::mem::take(decoder.get_mut());
-        let mut rest: &[u8] = &out;
-        while let Some(i) = rest.iter().position(|b| *b == b'\n') {
-            line.extend_from_slice(&rest[..i]);
-            rest = &rest[i + 1..];
-            if !feed(storage, order, loader, &line, &mut budget).await? {
-                return Ok(());
-            }
-            line.clear();
-        }
-        line.extend_from_slice(rest);
-        if line.len() > MAX_LINE {
-            return Err(StepError::permanent(format!("{} has a line over {} MiB", order.key, MAX_LINE >> 20)));
-        }
-        if last {
-            break;
-        }
-        super::transfer::yield_now_and_then(before, read).await;
-        if !loader.cursor.loading && budget.spent() {
-            return Ok(());
-        }
-    }
-    if !line.is_empty() && !feed(storage, order, loader, &line, &mut budget).await? {
-        return Ok(());
     }
     if let Some(groups) = loader.end()? {
         if send_groups(storage, order, loader, &groups, &mut budget).await? {

@@ -47,6 +47,14 @@ a deterministic random graph; any other database name is created empty on first 
 Element ids are ``4:<db uuid>:<n>`` for nodes and ``5:<db uuid>:<n>`` for relationships and
 are compared as strings (so ``...:10`` sorts before ``...:9``), exactly as ``ORDER BY id``
 does.  ``labels(n)`` lists labels in label-token creation order, not in statement order.
+The load statements come in two forms: ``CREATE`` (``scripts/aura_restore.py``) and the
+idempotent ``MERGE`` keyed on ``_ferry_id`` (Ferry's restores), with Cypher's MERGE semantics:
+a node matches when it has at least the statement's labels and that ``_ferry_id``, a
+relationship when it has the type, the two matched endpoints and that ``_ferry_id``; otherwise
+it is created; ``SET x += row.props`` then adds the properties (a null removes one).  Rows
+are merged in order, so a later row sees what an earlier one made.  ``GET /__control/state``
+counts ``merge_matches`` (MERGEs that found their element: a statement sent again).  The
+``query_reply_delay_s`` switch runs every statement at once but answers that many seconds late.
 
 Control API
 -----------
@@ -116,6 +124,7 @@ CODE_SYNTAX = "Neo.ClientError.Statement.SyntaxError"
 CODE_PARAM_MISSING = "Neo.ClientError.Statement.ParameterMissing"
 CODE_ARGUMENT = "Neo.ClientError.Statement.ArgumentError"
 CODE_TYPE = "Neo.ClientError.Statement.TypeError"
+CODE_MERGE_NULL = "Neo.ClientError.Statement.SemanticError"
 CODE_UNAVAILABLE = "Neo.TransientError.General.DatabaseUnavailable"
 MSG_UNAUTHORIZED = "The client is unauthorized due to authentication failure."
 
@@ -235,6 +244,15 @@ def storable_map(props) -> dict:
     return {key: storable(value) for key, value in props.items() if value is not None}
 
 
+def add_map(props) -> dict:
+    """``SET x += <map>``: null entries stay (they remove the property), the rest must be storable."""
+    if props is None:
+        return {}
+    if not isinstance(props, dict):
+        raise CypherError(CODE_TYPE, f"Expected a map but was {_kind(props)}")
+    return {key: None if value is None else storable(value) for key, value in props.items()}
+
+
 def prop_key(value):
     """A hashable key with Cypher equality (1 = 1.0, true <> 1) for the ``_ferry_id`` lookup."""
     if isinstance(value, bool):
@@ -287,6 +305,9 @@ class Graph:
         self.next_rel = 0
         self.label_tokens: dict[str, int] = {}
         self.ferry: dict[tuple, list[str]] = {}
+        # (type, start, end, _ferry_id key) -> relationship ids, for MERGE of relationships
+        self.rel_ferry: dict[tuple, list[str]] = {}
+        self.merge_matches = 0  # MERGEs that found the element (a statement sent again)
         self.dirty = False
 
     # -- writes --
@@ -321,12 +342,133 @@ class Graph:
             rel_id = f"5:{self.uuid}:{self.next_rel}"
             self.next_rel += 1
             self.rels[rel_id] = Rel(type_, start, end, props)
+            self._rel_index(rel_id)
             new.append(rel_id)
         if new:
             self.rel_ids.extend(new)
             self.rel_ids.sort()
             self.dirty = True
         return new
+
+    def _rel_index(self, rel_id: str):
+        rel = self.rels[rel_id]
+        if FERRY_KEY in rel.props:
+            key = (rel.type, rel.start, rel.end, prop_key(rel.props[FERRY_KEY]))
+            self.rel_ferry.setdefault(key, []).append(rel_id)
+
+    def _rel_unindex(self, rel_id: str):
+        rel = self.rels[rel_id]
+        if FERRY_KEY in rel.props:
+            key = (rel.type, rel.start, rel.end, prop_key(rel.props[FERRY_KEY]))
+            ids = [i for i in self.rel_ferry.get(key, []) if i != rel_id]
+            if ids:
+                self.rel_ferry[key] = ids
+            else:
+                self.rel_ferry.pop(key, None)
+
+    def _node_unindex(self, node_id: str):
+        props = self.nodes[node_id].props
+        if FERRY_KEY in props:
+            key = prop_key(props[FERRY_KEY])
+            ids = [i for i in self.ferry.get(key, []) if i != node_id]
+            if ids:
+                self.ferry[key] = ids
+            else:
+                self.ferry.pop(key, None)
+
+    def _add_to(self, props: dict, update: dict):
+        """``SET x += map``: null entries remove the property, the others are set."""
+        for key, value in update.items():
+            if value is None:
+                props.pop(key, None)
+            else:
+                props[key] = value
+
+    def merge_nodes(self, labels, rows) -> None:
+        """``UNWIND $rows AS row MERGE (n:L… {_ferry_id: row.id}) SET n += row.props``, row by row
+        (a row sees the nodes earlier rows made): a node with at least these labels and that
+        ``_ferry_id`` is updated, else one is created with the labels and ``_ferry_id``."""
+        wanted = set(labels)
+        new = []
+        for key, update in rows:
+            found = [i for i in self.find_ferry(key) if wanted <= set(self.nodes[i].labels)]
+            if found:
+                self.merge_matches += len(found)
+            else:
+                node_id = f"4:{self.uuid}:{self.next_node}"
+                self.next_node += 1
+                self.nodes[node_id] = Node(self._labels(labels), {FERRY_KEY: key})
+                self._index(node_id, self.nodes[node_id].props)
+                new.append(node_id)
+                found = [node_id]
+            for node_id in found:
+                self._node_unindex(node_id)
+                self._add_to(self.nodes[node_id].props, update)
+                self._index(node_id, self.nodes[node_id].props)
+        if new:
+            self.node_ids.extend(new)
+            self.node_ids.sort()
+        self.dirty = True
+
+    def merge_rels(self, type_: str, rows) -> None:
+        """``UNWIND $rows AS row MATCH (a {_ferry_id: row.start}), (b {_ferry_id: row.end})
+        MERGE (a)-[r:T {_ferry_id: row.id}]->(b) SET r += row.props``: for every matched pair, a
+        relationship of that type from a to b with that ``_ferry_id`` is updated, else created."""
+        new = []
+        for start_key, end_key, key, update in rows:
+            for start in list(self.find_ferry(start_key)):
+                for end in list(self.find_ferry(end_key)):
+                    if key is None:
+                        raise CypherError(CODE_MERGE_NULL, "Cannot merge the following relationship because of "
+                                          f"null property value for '{FERRY_KEY}': (a)-[:{type_} {{{FERRY_KEY}: null}}]->(b)")
+                    found = list(self.rel_ferry.get((type_, start, end, prop_key(key)), []))
+                    if found:
+                        self.merge_matches += len(found)
+                    else:
+                        rel_id = f"5:{self.uuid}:{self.next_rel}"
+                        self.next_rel += 1
+                        self.rels[rel_id] = Rel(type_, start, end, {FERRY_KEY: key})
+                        self._rel_index(rel_id)
+                        new.append(rel_id)
+                        found = [rel_id]
+                    for rel_id in found:
+                        self._rel_unindex(rel_id)
+                        self._add_to(self.rels[rel_id].props, update)
+                        self._rel_index(rel_id)
+        if new:
+            self.rel_ids.extend(new)
+            self.rel_ids.sort()
+        self.dirty = True
+
+    def clean_nodes(self, limit: int) -> int:
+        """Removes ``_ferry_id`` from up to ``limit`` nodes that have it."""
+        done = 0
+        while self.ferry and done < limit:
+            key = next(iter(self.ferry))
+            ids = self.ferry[key]
+            while ids and done < limit:
+                self.nodes[ids.pop()].props.pop(FERRY_KEY, None)
+                done += 1
+            if not ids:
+                del self.ferry[key]
+        if done:
+            self.dirty = True
+        return done
+
+    def clean_rels(self, limit: int) -> int:
+        """Removes ``_ferry_id`` from up to ``limit`` relationships that have it."""
+        done = 0
+        while self.rel_ferry and done < limit:
+            key = next(iter(self.rel_ferry))
+            ids = self.rel_ferry[key]
+            while ids and done < limit:
+                self.rels[ids.pop()].props.pop(FERRY_KEY, None)
+                done += 1
+            if not ids:
+                del self.rel_ferry[key]
+        if done:
+            self.dirty = True
+        return done
 
     def find_ferry(self, value) -> list[str]:
         if value is None:
@@ -351,6 +493,7 @@ class Graph:
             return 0
         gone_rels = {i for i, r in self.rels.items() if r.start in doomed or r.end in doomed}
         for i in gone_rels:
+            self._rel_unindex(i)
             del self.rels[i]
         self.rel_ids = [i for i in self.rel_ids if i not in gone_rels]
         for i in doomed:
@@ -411,6 +554,7 @@ class Graph:
         other.next_node, other.next_rel = self.next_node, self.next_rel
         other.label_tokens = dict(self.label_tokens)
         other.ferry = {k: list(v) for k, v in self.ferry.items()}
+        other.rel_ferry = {k: list(v) for k, v in self.rel_ferry.items()}
         other.dirty = True
         return other
 
@@ -551,6 +695,15 @@ STATEMENTS = [
         "UNWIND $rows AS row MATCH (a {__FERRY__: row.start}), (b {__FERRY__: row.end}) "
         "CREATE (a)-[r:__TYPE__]->(b) SET r = row.props")),
     ("cleanup", template("MATCH (n) WHERE n.__FERRY__ IS NOT NULL REMOVE n.__FERRY__")),
+    ("merge_nodes", template("UNWIND $rows AS row MERGE (n__LABELS__ {__FERRY__: row.id}) SET n += row.props")),
+    ("merge_rels", template(
+        "UNWIND $rows AS row MATCH (a {__FERRY__: row.start}), (b {__FERRY__: row.end}) "
+        "MERGE (a)-[r:__TYPE__ {__FERRY__: row.id}]->(b) SET r += row.props")),
+    ("clean_nodes", template(
+        "MATCH (n) WHERE n.__FERRY__ IS NOT NULL WITH n LIMIT $limit REMOVE n.__FERRY__ RETURN count(n) AS cleaned")),
+    ("clean_rels", template(
+        "MATCH ()-[r]->() WHERE r.__FERRY__ IS NOT NULL WITH r LIMIT $limit REMOVE r.__FERRY__ "
+        "RETURN count(r) AS cleaned")),
     ("delete_batch", template("MATCH (n) WITH n LIMIT $limit DETACH DELETE n RETURN count(n) AS deleted")),
     ("label_counts", template("MATCH (n) UNWIND labels(n) AS label RETURN label, count(*) AS n")),
     ("type_counts", template("MATCH ()-[r]->() RETURN type(r) AS type, count(r) AS n")),
@@ -564,6 +717,10 @@ STATEMENT_TEXTS = {
     "create_nodes": "UNWIND $rows AS row CREATE (n:`Label1`:`Label2`) SET n = row.props, n.`_ferry_id` = row.id",
     "create_rels": "UNWIND $rows AS row MATCH (a {`_ferry_id`: row.start}), (b {`_ferry_id`: row.end}) CREATE (a)-[r:`TYPE`]->(b) SET r = row.props",
     "cleanup": "MATCH (n) WHERE n.`_ferry_id` IS NOT NULL REMOVE n.`_ferry_id`",
+    "merge_nodes": "UNWIND $rows AS row MERGE (n:`Label1`:`Label2` {`_ferry_id`: row.id}) SET n += row.props",
+    "merge_rels": "UNWIND $rows AS row MATCH (a {`_ferry_id`: row.start}), (b {`_ferry_id`: row.end}) MERGE (a)-[r:`TYPE` {`_ferry_id`: row.id}]->(b) SET r += row.props",
+    "clean_nodes": "MATCH (n) WHERE n.`_ferry_id` IS NOT NULL WITH n LIMIT $limit REMOVE n.`_ferry_id` RETURN count(n) AS cleaned",
+    "clean_rels": "MATCH ()-[r]->() WHERE r.`_ferry_id` IS NOT NULL WITH r LIMIT $limit REMOVE r.`_ferry_id` RETURN count(r) AS cleaned",
     "delete_batch": "MATCH (n) WITH n LIMIT $limit DETACH DELETE n RETURN count(n) AS deleted",
     "label_counts": "MATCH (n) UNWIND labels(n) AS label RETURN label, count(*) AS n",
     "type_counts": "MATCH ()-[r]->() RETURN type(r) AS type, count(r) AS n",
@@ -649,6 +806,39 @@ def run_statement(graph: Graph, name: str, match: re.Match, params: dict) -> tup
     if name == "cleanup":
         graph.remove_ferry_ids()
         return [], []
+    if name == "merge_nodes":
+        need(params, "rows")
+        labels = [unquote_name(x) for x in re.findall(LABEL_RE, match.group(1))]
+        if any(label == "" for label in labels):
+            raise CypherError(CODE_SYNTAX, "'' is not a valid token name. Token names cannot be empty")
+        rows = []  # checked first: a failing statement changes nothing
+        for row in rows_param(params["rows"]):
+            key = row_get(row, "id")
+            if key is None:
+                raise CypherError(CODE_MERGE_NULL, "Cannot merge the following node because of null property "
+                                  f"value for '{FERRY_KEY}': (n{''.join(':' + x for x in labels)} {{{FERRY_KEY}: null}})")
+            rows.append((storable(key), add_map(row_get(row, "props"))))
+        graph.merge_nodes(labels, rows)
+        return [], []
+    if name == "merge_rels":
+        need(params, "rows")
+        type_ = unquote_name(match.group(1))
+        rows = []
+        for row in rows_param(params["rows"]):
+            key = row_get(row, "id")
+            rows.append((row_get(row, "start"), row_get(row, "end"), None if key is None else storable(key),
+                         add_map(row_get(row, "props"))))
+        for start, end, key, _ in rows:  # checked first (MERGE only runs where both ends matched)
+            if key is None and graph.find_ferry(start) and graph.find_ferry(end):
+                raise CypherError(CODE_MERGE_NULL, "Cannot merge the following relationship because of null "
+                                  f"property value for '{FERRY_KEY}': (a)-[:{type_} {{{FERRY_KEY}: null}}]->(b)")
+        graph.merge_rels(type_, rows)
+        return [], []
+    if name in ("clean_nodes", "clean_rels"):
+        need(params, "limit")
+        limit = limit_param(params["limit"])
+        cleaned = graph.clean_nodes(limit) if name == "clean_nodes" else graph.clean_rels(limit)
+        return ["cleaned"], [[cleaned]]
     if name == "delete_batch":
         need(params, "limit")
         return ["deleted"], [[graph.delete_nodes(limit_param(params["limit"]))]]
@@ -715,7 +905,7 @@ SWITCH_TYPES = {
     "token_ttl": "number", "expire_tokens_now": "bool", "snapshot_polls": "int", "snapshot_fail": "bool",
     "rate_limit": "int?", "fail_next": "list", "malformed_next": "int", "query_error_next": "list",
     "query_error_status": "int?", "error_variant": "bool", "restore_polls": "int",
-    "instance_status": "str?", "clock_offset": "number",
+    "instance_status": "str?", "clock_offset": "number", "query_reply_delay_s": "number",
 }
 
 
@@ -754,6 +944,7 @@ class Emulator:
             "snapshot_fail": False, "rate_limit": 125, "fail_next": [], "malformed_next": 0,
             "query_error_next": [], "query_error_status": None, "error_variant": False,
             "restore_polls": args.restore_polls, "instance_status": None, "clock_offset": 0, "faults": [],
+            "query_reply_delay_s": 0,
         }
         self.lock = threading.RLock()
         self.seeded = build_seeded(self.seeded_name, self.seed, self.node_count, self.rel_count)
@@ -812,6 +1003,7 @@ class Emulator:
                     "instances": [i.public(self.switches["instance_status"]) for i in self.instances.values()],
                     "databases": sorted(self.dbs),
                     "requests": list(self.requests), "query_count": self.query_count,
+                    "merge_matches": sum(g.merge_matches for g in self.dbs.values()),
                     "faults_injected": [dict(f) for f in self.faults_injected],
                     "login_requests": LoginOrigin.snapshot()}
 
@@ -1116,7 +1308,10 @@ class Emulator:
                 graph = self.dbs[key] = Graph(key, str(uuidlib.uuid4()))
             fields, values = run_statement(graph, name, match, params)
             payload = {"data": {"fields": fields, "values": values}, "bookmarks": [f"FB:{b64url(secrets.token_bytes(24))}"]}
-            return json_reply(202, payload)
+            delay = float(self.switches["query_reply_delay_s"])
+        if delay > 0:
+            time.sleep(delay)  # the statement ran; its answer is late (a client may be gone by then)
+        return json_reply(202, payload)
 
 
 def _reject_constant(name):

@@ -197,7 +197,11 @@ fn graph_export_pages_nodes_then_relationships_into_gzip_json_lines() {
     assert!(w.next_request().is_none());
     let (rest, details) = w.finish().unwrap();
     out.extend(rest);
-    assert_eq!(details, json!({"format": "ferry-neo4j-jsonl", "nodes": 3, "relationships": 1}));
+    assert_eq!(
+        details,
+        json!({"format": "ferry-neo4j-jsonl", "nodes": 3, "relationships": 1,
+               "labels": {"Person": 1, "City": 1, "Capital": 1}, "types": {"LIVES_IN": 1}})
+    );
     let lines = gunzip_lines(&out);
     assert_eq!(lines.len(), 6);
     assert_eq!(lines[0]["type"], "header");
@@ -289,7 +293,12 @@ fn a_sliced_graph_export_is_concatenated_gzip_members_with_the_same_lines() {
     assert!(w.next_request().is_none(), "every page was read");
     let (rest, details) = w.finish().unwrap();
     sliced.extend(rest);
-    assert_eq!(details, json!({"format": "ferry-neo4j-jsonl", "nodes": 3, "relationships": 1}));
+    assert_eq!(
+        details,
+        json!({"format": "ferry-neo4j-jsonl", "nodes": 3, "relationships": 1,
+               "labels": {"Person": 1, "City": 1}, "types": {"LIVES_IN": 1}}),
+        "the per-label and per-type counts went across slices with the cursor"
+    );
     let read_all = |bytes: &[u8]| {
         let mut text = String::new();
         flate2::read::MultiGzDecoder::new(bytes).read_to_string(&mut text).unwrap();
