@@ -15,8 +15,8 @@
 
 pub mod aura;
 pub mod d1;
-pub mod dxp;
 pub mod dgraph;
+pub mod dxp;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -290,10 +290,10 @@ pub(crate) fn confirmed(params: &Value, name: &str, what: &str) -> Result<(), St
 }
 
 #[cfg(test)]
-mod d1_tests;
-#[cfg(test)]
 mod aura_tests;
 #[cfg(test)]
-mod dxp_tests;
+mod d1_tests;
 #[cfg(test)]
 mod dgraph_tests;
+#[cfg(test)]
+mod dxp_tests;
