@@ -296,4 +296,6 @@ mod d1_tests;
 #[cfg(test)]
 mod dgraph_tests;
 #[cfg(test)]
+mod driver;
+#[cfg(test)]
 mod dxp_tests;

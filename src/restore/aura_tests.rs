@@ -4,13 +4,12 @@
 use serde_json::{json, Value};
 
 use super::aura::{GraphLoader, LoadCursor, DELETE_BATCH, LABEL_COUNTS, TYPE_COUNTS};
+use super::driver::Driver;
 use super::*;
 use crate::config::{Config, SourceConfig};
 use crate::http::{HttpRequest, HttpResponse};
-use crate::job::{Action, Context, Event, Job, Phase, Trigger};
+use crate::job::{Action, Event, Phase, Trigger};
 use crate::manifest::Artifact;
-use crate::providers::Credentials;
-use crate::secret::Secret;
 use crate::time::Timestamp;
 
 const FOLDER: &str = "graph/2026-11-23T030000Z-00000000000000aa/";
@@ -58,53 +57,26 @@ fn manifest(snapshot: bool) -> Manifest {
     }
 }
 
-struct H {
-    job: Job,
-    src: SourceConfig,
-    creds: Credentials,
-    now: Timestamp,
+struct H(Driver);
+
+impl std::ops::Deref for H {
+    type Target = Driver;
+    fn deref(&self) -> &Driver {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for H {
+    fn deref_mut(&mut self) -> &mut Driver {
+        &mut self.0
+    }
 }
 
 impl H {
     fn new(task: Task, params: Value) -> Result<Self, String> {
-        let src = source();
         let backup = (task == Task::Restore).then(|| format!("{FOLDER}manifest.json"));
-        let state = plan(task, &src, &params, backup)?;
-        let job =
-            Job::new(JobId::new("0123456789abcdef"), &src, Trigger::Api, None, None, t0()).restore_of(task, state);
-        let mut creds = Credentials::new();
-        for (k, v) in [("CID", "id"), ("CSEC", "sec"), ("PW", "pw")] {
-            creds.insert(k, Secret::new(v));
-        }
-        Ok(Self { job, src, creds, now: t0() })
-    }
-
-    fn feed(&mut self, event: Event) -> Action {
-        let cx = Context { now: self.now, jitter: 0.0, source: &self.src, creds: &self.creds, seen: &[] };
-        let (job, action) = self.job.clone().handle(event, &cx);
-        self.job = job;
-        action
-    }
-
-    fn wake(&mut self) -> Action {
-        if let Some(at) = self.job.next_step_at {
-            self.now = self.now.max(at);
-        }
-        self.feed(Event::Wake)
-    }
-
-    fn request(&mut self) -> HttpRequest {
-        match self.wake() {
-            Action::Send(req) => req,
-            other => panic!("expected a request, got {other:?}"),
-        }
-    }
-
-    fn io(&mut self) -> Io {
-        match self.wake() {
-            Action::Restore(io) => *io,
-            other => panic!("expected R2 work, got {other:?}"),
-        }
+        let secrets = [("CID", "id"), ("CSEC", "sec"), ("PW", "pw")];
+        Driver::start(task, source(), &params, backup, &secrets, t0()).map(Self)
     }
 
     fn answer(&mut self, status: u16, body: Value) -> Action {

@@ -5,14 +5,13 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use super::driver::Driver;
 use super::*;
 use crate::config::Config;
 use crate::config::SourceConfig;
 use crate::http::{HttpRequest, HttpResponse, Method};
-use crate::job::{Action, Context, Event, Job, Phase, Trigger};
+use crate::job::{Action, Event, Phase, Trigger};
 use crate::manifest::Artifact;
-use crate::providers::Credentials;
-use crate::secret::Secret;
 use crate::time::Timestamp;
 
 const FOLDER: &str = "app-db/2026-11-23T030000Z-00000000000000aa/";
@@ -59,11 +58,19 @@ fn manifest(counts: &[(&str, u64)], finished: Timestamp) -> Manifest {
     }
 }
 
-struct Harness {
-    job: Job,
-    src: SourceConfig,
-    creds: Credentials,
-    now: Timestamp,
+struct Harness(Driver);
+
+impl std::ops::Deref for Harness {
+    type Target = Driver;
+    fn deref(&self) -> &Driver {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Harness {
+    fn deref_mut(&mut self) -> &mut Driver {
+        &mut self.0
+    }
 }
 
 impl Harness {
@@ -72,28 +79,8 @@ impl Harness {
     }
 
     fn try_new(task: Task, params: Value) -> Result<Self, String> {
-        let src = source(json!({}));
         let backup = (task == Task::Restore).then(|| format!("{FOLDER}manifest.json"));
-        let state = plan(task, &src, &params, backup)?;
-        let job =
-            Job::new(JobId::new("0123456789abcdef"), &src, Trigger::Api, None, None, t0()).restore_of(task, state);
-        let mut creds = Credentials::new();
-        creds.insert("D1_TOKEN", Secret::new("tok"));
-        Ok(Self { job, src, creds, now: t0() })
-    }
-
-    fn feed(&mut self, event: Event) -> Action {
-        let cx = Context { now: self.now, jitter: 0.0, source: &self.src, creds: &self.creds, seen: &[] };
-        let (job, action) = self.job.clone().handle(event, &cx);
-        self.job = job;
-        action
-    }
-
-    fn wake(&mut self) -> Action {
-        if let Some(at) = self.job.next_step_at {
-            self.now = self.now.max(at);
-        }
-        self.feed(Event::Wake)
+        Driver::start(task, source(json!({})), &params, backup, &[("D1_TOKEN", "tok")], t0()).map(Self)
     }
 
     /// Wakes and expects a request; returns it. The look-up of an import's target database is
@@ -108,10 +95,7 @@ impl Harness {
     }
 
     fn raw_request(&mut self) -> HttpRequest {
-        match self.wake() {
-            Action::Send(req) => req,
-            other => panic!("expected a request, got {other:?}"),
-        }
+        self.0.request()
     }
 
     fn answer(&mut self, status: u16, result: Value) -> Action {
@@ -119,13 +103,6 @@ impl Harness {
             status,
             &json!({"success": (200..300).contains(&status), "errors": [], "messages": [], "result": result}),
         )))
-    }
-
-    fn io(&mut self) -> Io {
-        match self.wake() {
-            Action::Restore(io) => *io,
-            other => panic!("expected R2 work, got {other:?}"),
-        }
     }
 
     fn manifest(&mut self, m: Manifest) {

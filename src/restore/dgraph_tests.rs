@@ -3,12 +3,11 @@
 
 use serde_json::{json, Value};
 
+use super::driver::Driver;
 use super::*;
 use crate::config::{Config, SourceConfig};
 use crate::http::{HttpRequest, HttpResponse};
-use crate::job::{Action, Context, Event, Job, Phase, Trigger};
-use crate::providers::Credentials;
-use crate::secret::Secret;
+use crate::job::{Action, Event, Phase, Trigger};
 use crate::time::Timestamp;
 
 const FOLDER: &str = "graph/2026-11-23T030000Z-00000000000000aa/";
@@ -57,11 +56,19 @@ fn body(req: &HttpRequest) -> Value {
     serde_json::from_slice(req.body.as_deref().unwrap()).unwrap()
 }
 
-struct Harness {
-    job: Job,
-    src: SourceConfig,
-    creds: Credentials,
-    now: Timestamp,
+struct Harness(Driver);
+
+impl std::ops::Deref for Harness {
+    type Target = Driver;
+    fn deref(&self) -> &Driver {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Harness {
+    fn deref_mut(&mut self) -> &mut Driver {
+        &mut self.0
+    }
 }
 
 impl Harness {
@@ -70,36 +77,9 @@ impl Harness {
     }
 
     fn try_new(fields: Value, params: Value) -> Result<Self, String> {
-        let src = source(fields);
-        let state = plan(Task::Restore, &src, &params, Some(format!("{FOLDER}manifest.json")))?;
-        let job = Job::new(JobId::new("0123456789abcdef"), &src, Trigger::Api, None, None, t("2026-11-23T10:00:00Z"))
-            .restore_of(Task::Restore, state);
-        let mut creds = Credentials::new();
-        creds.insert("DGRAPH_KEY", Secret::new("admin-key"));
-        creds.insert("CEREBRO_PW", Secret::new("cerebro-pw"));
-        creds.insert("PW", Secret::new("acl-pw"));
-        Ok(Self { job, src, creds, now: t("2026-11-23T10:00:00Z") })
-    }
-
-    fn feed(&mut self, event: Event) -> Action {
-        let cx = Context { now: self.now, jitter: 0.0, source: &self.src, creds: &self.creds, seen: &[] };
-        let (job, action) = self.job.clone().handle(event, &cx);
-        self.job = job;
-        action
-    }
-
-    fn wake(&mut self) -> Action {
-        if let Some(at) = self.job.next_step_at {
-            self.now = self.now.max(at);
-        }
-        self.feed(Event::Wake)
-    }
-
-    fn request(&mut self) -> HttpRequest {
-        match self.wake() {
-            Action::Send(req) => req,
-            other => panic!("expected a request, got {other:?}"),
-        }
+        let secrets = [("DGRAPH_KEY", "admin-key"), ("CEREBRO_PW", "cerebro-pw"), ("PW", "acl-pw")];
+        let backup = Some(format!("{FOLDER}manifest.json"));
+        Driver::start(Task::Restore, source(fields), &params, backup, &secrets, t("2026-11-23T10:00:00Z")).map(Self)
     }
 
     fn answer(&mut self, payload: Value) -> Action {

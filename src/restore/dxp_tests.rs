@@ -5,14 +5,13 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use super::driver::Driver;
 use super::dxp::{boundary, UPLOAD_INTERVAL};
 use super::*;
 use crate::config::{Config, SourceConfig};
 use crate::http::{HttpRequest, HttpResponse};
-use crate::job::{Action, Context, Event, Job, Phase, Trigger};
+use crate::job::{Action, Event, Phase, Trigger};
 use crate::manifest::Artifact;
-use crate::providers::Credentials;
-use crate::secret::Secret;
 use crate::time::Timestamp;
 
 const FOLDER: &str = "portal/2026-11-23T030000Z-00000000000000aa/";
@@ -73,35 +72,25 @@ fn listed(uploaded: bool) -> Value {
     json!({ "backups": items })
 }
 
-struct Harness {
-    job: Job,
-    src: SourceConfig,
-    creds: Credentials,
-    now: Timestamp,
+struct Harness(Driver);
+
+impl std::ops::Deref for Harness {
+    type Target = Driver;
+    fn deref(&self) -> &Driver {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Harness {
+    fn deref_mut(&mut self) -> &mut Driver {
+        &mut self.0
+    }
 }
 
 impl Harness {
     fn new() -> Self {
-        let src = source();
-        let state = plan(Task::Restore, &src, &json!({}), Some(format!("{FOLDER}manifest.json"))).unwrap();
-        let job = Job::new(JobId::new(JOB), &src, Trigger::Api, None, None, t0()).restore_of(Task::Restore, state);
-        let mut creds = Credentials::new();
-        creds.insert("TOKEN", Secret::new("tok"));
-        Self { job, src, creds, now: t0() }
-    }
-
-    fn feed(&mut self, event: Event) -> Action {
-        let cx = Context { now: self.now, jitter: 0.0, source: &self.src, creds: &self.creds, seen: &[] };
-        let (job, action) = self.job.clone().handle(event, &cx);
-        self.job = job;
-        action
-    }
-
-    fn wake(&mut self) -> Action {
-        if let Some(at) = self.job.next_step_at {
-            self.now = self.now.max(at);
-        }
-        self.feed(Event::Wake)
+        let backup = Some(format!("{FOLDER}manifest.json"));
+        Self(Driver::start(Task::Restore, source(), &json!({}), backup, &[("TOKEN", "tok")], t0()).unwrap())
     }
 
     fn list_request(&mut self) {
