@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 
 use super::aura::{GraphLoader, LoadCursor, DELETE_BATCH, LABEL_COUNTS, TYPE_COUNTS};
-use super::driver::Driver;
+use super::driver::{driven, Driver};
 use super::*;
 use crate::config::{Config, SourceConfig};
 use crate::http::{HttpRequest, HttpResponse};
@@ -57,20 +57,7 @@ fn manifest(snapshot: bool) -> Manifest {
     }
 }
 
-struct H(Driver);
-
-impl std::ops::Deref for H {
-    type Target = Driver;
-    fn deref(&self) -> &Driver {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for H {
-    fn deref_mut(&mut self) -> &mut Driver {
-        &mut self.0
-    }
-}
+driven!(H);
 
 impl H {
     fn new(task: Task, params: Value) -> Result<Self, String> {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::driver::Driver;
+use super::driver::{driven, Driver};
 use super::*;
 use crate::config::Config;
 use crate::config::SourceConfig;
@@ -58,20 +58,7 @@ fn manifest(counts: &[(&str, u64)], finished: Timestamp) -> Manifest {
     }
 }
 
-struct Harness(Driver);
-
-impl std::ops::Deref for Harness {
-    type Target = Driver;
-    fn deref(&self) -> &Driver {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Harness {
-    fn deref_mut(&mut self) -> &mut Driver {
-        &mut self.0
-    }
-}
+driven!(Harness);
 
 impl Harness {
     fn new(task: Task, params: Value) -> Self {

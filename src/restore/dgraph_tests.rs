@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use super::driver::Driver;
+use super::driver::{driven, Driver};
 use super::*;
 use crate::config::{Config, SourceConfig};
 use crate::http::{HttpRequest, HttpResponse};
@@ -56,20 +56,7 @@ fn body(req: &HttpRequest) -> Value {
     serde_json::from_slice(req.body.as_deref().unwrap()).unwrap()
 }
 
-struct Harness(Driver);
-
-impl std::ops::Deref for Harness {
-    type Target = Driver;
-    fn deref(&self) -> &Driver {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Harness {
-    fn deref_mut(&mut self) -> &mut Driver {
-        &mut self.0
-    }
-}
+driven!(Harness);
 
 impl Harness {
     fn new(fields: Value, params: Value) -> Self {

@@ -11,6 +11,27 @@ use crate::secret::Secret;
 use crate::time::Timestamp;
 use serde_json::Value;
 
+/// Declares `struct $name(Driver)` that derefs to the driver, for a provider's own helpers.
+macro_rules! driven {
+    ($name:ident) => {
+        struct $name(super::driver::Driver);
+
+        impl std::ops::Deref for $name {
+            type Target = super::driver::Driver;
+            fn deref(&self) -> &super::driver::Driver {
+                &self.0
+            }
+        }
+
+        impl std::ops::DerefMut for $name {
+            fn deref_mut(&mut self) -> &mut super::driver::Driver {
+                &mut self.0
+            }
+        }
+    };
+}
+pub(super) use driven;
+
 /// The job under test and what it runs with.
 pub(super) struct Driver {
     pub job: Job,

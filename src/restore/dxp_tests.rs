@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::driver::Driver;
+use super::driver::{driven, Driver};
 use super::dxp::{boundary, UPLOAD_INTERVAL};
 use super::*;
 use crate::config::{Config, SourceConfig};
@@ -72,20 +72,7 @@ fn listed(uploaded: bool) -> Value {
     json!({ "backups": items })
 }
 
-struct Harness(Driver);
-
-impl std::ops::Deref for Harness {
-    type Target = Driver;
-    fn deref(&self) -> &Driver {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Harness {
-    fn deref_mut(&mut self) -> &mut Driver {
-        &mut self.0
-    }
-}
+driven!(Harness);
 
 impl Harness {
     fn new() -> Self {
