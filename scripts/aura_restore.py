@@ -6,18 +6,27 @@ Usage::
     python3 scripts/aura_restore.py graph.jsonl.gz --url https://<instance>.databases.neo4j.io \\
         --database neo4j --user neo4j --password-env NEO4J_PASSWORD [--batch 500]
 
-How it works (plain Cypher, so it runs against Aura or any Neo4j ≥ 5 with the Query API):
+How it works (plain Cypher, so it runs against Aura or any Neo4j ≥ 5 with the Query API), with
+the statements Ferry's own restore sends: every node is loaded under one temporary label,
+``_FerryImport``, whose ``_ferry_id`` is unique, so each lookup is an index lookup however large
+the graph (APOC's Cypher export calls this a "unique import label"):
 
-1. Nodes are sent in ``UNWIND $rows AS row CREATE (n:`L1`:`L2`) SET n = row.props,
-   n.`_ferry_id` = row.id`` batches, one statement per label set (labels cannot be parameters).
-2. Relationships follow in ``UNWIND … MATCH (a {`_ferry_id`: row.start}), (b {`_ferry_id`:
-   row.end}) CREATE (a)-[r:`TYPE`]->(b) SET r = row.props`` batches, one per type.
-3. ``MATCH (n) WHERE n.`_ferry_id` IS NOT NULL REMOVE n.`_ferry_id``` removes the helper property.
+1. ``CREATE CONSTRAINT `ferry_import_id` IF NOT EXISTS FOR (n:`_FerryImport`) REQUIRE
+   n.`_ferry_id` IS UNIQUE`` (returns once its index is online).
+2. Nodes are sent in ``UNWIND $rows AS row MERGE (n:`_FerryImport` {`_ferry_id`: row.id}) SET
+   n:`L1`:`L2`, n += row.props`` batches, one statement per label set (labels cannot be
+   parameters).
+3. Relationships follow in ``UNWIND … MATCH (a:`_FerryImport` {`_ferry_id`: row.start}),
+   (b:`_FerryImport` {`_ferry_id`: row.end}) MERGE (a)-[r:`TYPE` {`_ferry_id`: row.id}]->(b) SET
+   r += row.props`` batches, one per type.
+4. The label and the helper property come off in bounded batches (``MATCH (n:`_FerryImport`)
+   WITH n LIMIT $limit REMOVE n:`_FerryImport`, n.`_ferry_id` ...`` until none is left, then
+   ``_ferry_id`` off relationships), and the constraint is dropped.
 
-The file is read as a stream and batches are bounded, so memory stays flat. A file without its
-footer line is refused: it is not a complete export. For large graphs, create an index on
-``_ferry_id`` first (``CREATE INDEX FOR (n:Label) ON (n._ferry_id)`` per label) to speed up step 2.
-Only the Python standard library is needed.
+``MERGE`` makes a batch sent twice harmless. The file is read as a stream and batches are
+bounded, so memory stays flat. A file without its footer line, or with a node labelled
+``_FerryImport``, is refused before anything is written. Only the Python standard library is
+needed.
 """
 
 from __future__ import annotations
@@ -40,17 +49,28 @@ def quote(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
 
 
+IMPORT_LABEL = "_FerryImport"
+CREATE_CONSTRAINT = ("CREATE CONSTRAINT `ferry_import_id` IF NOT EXISTS FOR (n:`_FerryImport`) "
+                     "REQUIRE n.`_ferry_id` IS UNIQUE")
+DROP_CONSTRAINT = "DROP CONSTRAINT `ferry_import_id` IF EXISTS"
+CLEANUP_NODES = ("MATCH (n:`_FerryImport`) WITH n LIMIT $limit REMOVE n:`_FerryImport`, n.`_ferry_id` "
+                 "RETURN count(n) AS cleaned")
+CLEANUP_RELATIONSHIPS = ("MATCH ()-[r]->() WHERE r.`_ferry_id` IS NOT NULL WITH r LIMIT $limit "
+                         "REMOVE r.`_ferry_id` RETURN count(r) AS cleaned")
+CLEANUP_LIMIT = 10000
+
+
 def node_statement(labels: tuple[str, ...]) -> str:
     label_text = "".join(":" + quote(label) for label in labels)
-    return f"UNWIND $rows AS row CREATE (n{label_text}) SET n = row.props, n.`_ferry_id` = row.id"
+    set_labels = f"n{label_text}, " if label_text else ""
+    return (f"UNWIND $rows AS row MERGE (n:{quote(IMPORT_LABEL)} {{`_ferry_id`: row.id}}) "
+            f"SET {set_labels}n += row.props")
 
 
 def relationship_statement(rel_type: str) -> str:
-    return ("UNWIND $rows AS row MATCH (a {`_ferry_id`: row.start}), (b {`_ferry_id`: row.end}) "
-            f"CREATE (a)-[r:{quote(rel_type)}]->(b) SET r = row.props")
-
-
-CLEANUP = "MATCH (n) WHERE n.`_ferry_id` IS NOT NULL REMOVE n.`_ferry_id`"
+    return ("UNWIND $rows AS row MATCH (a:`_FerryImport` {`_ferry_id`: row.start}), "
+            "(b:`_FerryImport` {`_ferry_id`: row.end}) "
+            f"MERGE (a)-[r:{quote(rel_type)} {{`_ferry_id`: row.id}}]->(b) SET r += row.props")
 
 
 class QueryApi:
@@ -92,11 +112,14 @@ def restore(path: str, api: QueryApi, batch: int = 500, log=print) -> dict:
         raise SystemExit(f"{path} is not a {FORMAT} export")
     # Check completeness before writing anything.
     footer = None
-    for _, item in read_lines(path):
+    for number, item in read_lines(path):
         if item.get("type") == "footer":
             footer = item
+        if item.get("type") == "node" and IMPORT_LABEL in (item.get("labels") or ()):
+            raise SystemExit(f"{path} line {number}: a node labelled {IMPORT_LABEL}, the label the load goes through")
     if footer is None:
         raise SystemExit(f"{path} has no footer line: the export is incomplete, refusing to restore it")
+    api.run(CREATE_CONSTRAINT)
 
     def load(kind: str, group_of, row_of, statement_of) -> int:
         """Sends every `kind` line in batches, one statement per group (label set or type)."""
@@ -127,12 +150,15 @@ def restore(path: str, api: QueryApi, batch: int = 500, log=print) -> dict:
     counts["relationships"] = load(
         "relationship",
         lambda r: r["rel_type"],
-        lambda r: {"start": r["start"], "end": r["end"], "props": r.get("properties") or {}},
+        lambda r: {"id": r["id"], "start": r["start"], "end": r["end"], "props": r.get("properties") or {}},
         relationship_statement,
     )
     log(f"restored {counts['relationships']} relationships")
 
-    api.run(CLEANUP)
+    for cleanup in (CLEANUP_NODES, CLEANUP_RELATIONSHIPS):
+        while api.run(cleanup, {"limit": CLEANUP_LIMIT})["data"]["values"][0][0]:
+            pass
+    api.run(DROP_CONSTRAINT)
     if counts != {"nodes": footer["nodes"], "relationships": footer["relationships"]}:
         raise SystemExit(f"restored {counts}, but the footer lists {footer}")
     return counts

@@ -800,3 +800,130 @@ def test_query_reply_delay_runs_the_statement_before_answering_late(base):
     assert len(graph(base, "late")["nodes"]) == 1 and not done.is_set(), "ran, not yet answered"
     thread.join(5)
     assert done.is_set() and time.time() - started >= 0.5
+
+
+# ----- loads through a unique import label, and schema commands -------------------------------------
+IMPORT = "_FerryImport"
+CREATE_CONSTRAINT = ("CREATE CONSTRAINT `ferry_import_id` IF NOT EXISTS FOR (n:`_FerryImport`) "
+                     "REQUIRE n.`_ferry_id` IS UNIQUE")
+DROP_CONSTRAINT = "DROP CONSTRAINT `ferry_import_id` IF EXISTS"
+CLEAN_IMPORT = ("MATCH (n:`_FerryImport`) WITH n LIMIT $limit REMOVE n:`_FerryImport`, n.`_ferry_id` "
+                "RETURN count(n) AS cleaned")
+
+
+def import_nodes_stmt(labels) -> str:
+    set_labels = f"n{''.join(':' + quote(label) for label in labels)}, " if labels else ""
+    return f"UNWIND $rows AS row MERGE (n:`{IMPORT}` {{`_ferry_id`: row.id}}) SET {set_labels}n += row.props"
+
+
+def import_rels_stmt(type_: str) -> str:
+    return (f"UNWIND $rows AS row MATCH (a:`{IMPORT}` {{`_ferry_id`: row.start}}), "
+            f"(b:`{IMPORT}` {{`_ferry_id`: row.end}}) "
+            f"MERGE (a)-[r:{quote(type_)} {{`_ferry_id`: row.id}}]->(b) SET r += row.props")
+
+
+def database(base_url, db) -> dict:
+    r = http(base_url, "GET", f"/__control/database?db={db}")
+    assert r.status == 200, r.raw
+    return r.json()
+
+
+def error_code(resp: Resp) -> str:
+    assert resp.status == 202, resp.raw
+    return resp.json()["errors"][0]["code"]
+
+
+def test_constraints_and_indexes_are_recorded_idempotent_with_if_not_exists_and_errors_without(base):
+    db = "schema"
+    ok(cypher(base, CREATE_CONSTRAINT, db=db))
+    ok(cypher(base, CREATE_CONSTRAINT, db=db))  # IF NOT EXISTS: a no-op the second time
+    assert database(base, db)["schema"] == [
+        {"name": "ferry_import_id", "kind": "constraint", "label": IMPORT, "property": "_ferry_id"}]
+    without = CREATE_CONSTRAINT.replace(" IF NOT EXISTS", "")
+    assert error_code(cypher(base, without, db=db)) == "Neo.ClientError.Schema.EquivalentSchemaRuleAlreadyExists"
+    other_name = without.replace("ferry_import_id", "another")
+    assert error_code(cypher(base, other_name, db=db)) == "Neo.ClientError.Schema.EquivalentSchemaRuleAlreadyExists"
+    # An index on the same label and property cannot sit beside the constraint, IF NOT EXISTS or not.
+    index = "CREATE INDEX idx IF NOT EXISTS FOR (n:`_FerryImport`) ON (n.`_ferry_id`)"
+    assert error_code(cypher(base, index, db=db)) == "Neo.ClientError.Schema.ConstraintAlreadyExists"
+    # Dropping: an error for a missing rule unless IF EXISTS; a constraint is not dropped as an index.
+    assert error_code(cypher(base, "DROP INDEX `ferry_import_id`", db=db)) == "Neo.DatabaseError.Schema.IndexDropFailed"
+    ok(cypher(base, DROP_CONSTRAINT, db=db))
+    assert database(base, db)["schema"] == []
+    ok(cypher(base, DROP_CONSTRAINT, db=db))
+    missing = cypher(base, "DROP CONSTRAINT `ferry_import_id`", db=db)
+    assert error_code(missing) == "Neo.DatabaseError.Schema.ConstraintDropFailed"
+    # Plain indexes follow the same rules.
+    ok(cypher(base, index, db=db))
+    ok(cypher(base, index, db=db))
+    assert error_code(cypher(base, index.replace(" IF NOT EXISTS", ""), db=db)) == \
+        "Neo.ClientError.Schema.EquivalentSchemaRuleAlreadyExists"
+    assert error_code(cypher(base, CREATE_CONSTRAINT, db=db)) == "Neo.ClientError.Schema.IndexAlreadyExists"
+    ok(cypher(base, "DROP INDEX idx IF EXISTS", db=db))
+    assert database(base, db)["schema"] == []
+    assert database(base, db)["statements"][:2] == ["create_constraint_if_not_exists"] * 2, "only what ran is logged"
+
+
+def test_a_uniqueness_constraint_is_refused_over_duplicates_and_refuses_a_duplicate_create(base):
+    db = "unique"
+    ok(cypher(base, create_nodes_stmt([IMPORT]), {"rows": [{"id": "x", "props": {}}, {"id": "x", "props": {}}]}, db=db))
+    resp = cypher(base, CREATE_CONSTRAINT, db=db)
+    assert error_code(resp) == "Neo.ClientError.Schema.ConstraintCreationFailed"
+    assert database(base, db)["schema"] == []
+    db = "unique2"
+    ok(cypher(base, CREATE_CONSTRAINT, db=db))
+    ok(cypher(base, create_nodes_stmt([IMPORT]), {"rows": [{"id": "x", "props": {}}]}, db=db))
+    rows = [{"id": "y", "props": {}}, {"id": "x", "props": {}}]
+    resp = cypher(base, create_nodes_stmt(["Other", IMPORT]), {"rows": rows}, db=db)
+    assert error_code(resp) == "Neo.ClientError.Schema.ConstraintValidationFailed"
+    assert len(graph(base, db)["nodes"]) == 1, "the failing statement made nothing"
+
+
+def test_a_load_through_the_import_label_merges_sets_labels_and_cleans_up_without_scanning(base):
+    db = "imported"
+    ok(cypher(base, CREATE_CONSTRAINT, db=db))
+    nodes = [{"id": "a", "props": {"name": "Ada"}}, {"id": "b", "props": {}}]
+    for _ in range(2):  # a statement sent again finds what it made
+        ok(cypher(base, import_nodes_stmt(["Person", "Admin"]), {"rows": nodes}, db=db))
+        ok(cypher(base, import_nodes_stmt([]), {"rows": [{"id": "c", "props": {"k": 1}}]}, db=db))
+        ok(cypher(base, import_rels_stmt("KNOWS"), {"rows": [{"id": "r", "start": "a", "end": "c", "props": {"w": 1}}]},
+                  db=db))
+    g = graph(base, db)
+    assert [(sorted(n["labels"]), n["props"]) for n in g["nodes"]] == [
+        (sorted([IMPORT, "Person", "Admin"]), {"_ferry_id": "a", "name": "Ada"}),
+        (sorted([IMPORT, "Person", "Admin"]), {"_ferry_id": "b"}),
+        ([IMPORT], {"_ferry_id": "c", "k": 1})]
+    assert [(r["type"], r["props"], r["start"], r["end"]) for r in g["relationships"]] == [
+        ("KNOWS", {"_ferry_id": "r", "w": 1}, g["nodes"][0]["id"], g["nodes"][2]["id"])]
+    assert state(base)["merge_matches"] == 4
+    # Endpoints are matched under the label only: a node with that _ferry_id but not the label is not one.
+    ok(cypher(base, create_nodes_stmt(["Stray"]), {"rows": [{"id": "s", "props": {}}]}, db=db))
+    ok(cypher(base, import_rels_stmt("KNOWS"), {"rows": [{"id": "r2", "start": "a", "end": "s", "props": {}}]}, db=db))
+    assert len(graph(base, db)["relationships"]) == 1
+    assert database(base, db)["scans"] == 0, "every lookup was served by the constraint's index"
+    counts = []
+    while not counts or counts[-1]:
+        counts.append(ok(cypher(base, CLEAN_IMPORT, {"limit": 2}, db=db))["values"][0][0])
+    assert counts == [2, 1, 0]
+    ok(cypher(base, DROP_CONSTRAINT, db=db))
+    g = graph(base, db)
+    assert [(sorted(n["labels"]), n["props"]) for n in g["nodes"]] == [
+        (["Admin", "Person"], {"name": "Ada"}), (["Admin", "Person"], {}), ([], {"k": 1}),
+        (["Stray"], {"_ferry_id": "s"})]
+    assert database(base, db)["schema"] == []
+
+
+def test_lookups_without_an_index_count_as_scans(base):
+    db = "scanned"
+    ok(cypher(base, import_nodes_stmt(["P"]), {"rows": [{"id": 1, "props": {}}, {"id": 2, "props": {}}]}, db=db))
+    assert database(base, db)["scans"] == 2, "no constraint yet: each MERGE reads the label"
+    ok(cypher(base, merge_rels_stmt("K"), {"rows": [{"id": "r", "start": 1, "end": 2, "props": {}}]}, db=db))
+    assert database(base, db)["scans"] == 4, "unlabelled endpoints read every node"
+    ok(cypher(base, "CREATE INDEX i FOR (n:`_FerryImport`) ON (n.`_ferry_id`)", db=db))
+    ok(cypher(base, import_rels_stmt("K"), {"rows": [{"id": "r", "start": 1, "end": 2, "props": {}}]}, db=db))
+    ok(cypher(base, merge_rels_stmt("K"), {"rows": [{"id": "r", "start": 1, "end": 2, "props": {}}]}, db=db))
+    assert database(base, db)["scans"] == 6, "an index on the label serves labelled lookups only"
+    assert state(base)["ferry_scans"] == 6
+    assert database(base, db)["statements"] == ["merge_nodes_set_labels", "merge_rels", "create_index",
+                                                "merge_labelled_rels", "merge_rels"]
+    assert http(base, "GET", "/__control/database?db=nowhere").status == 404

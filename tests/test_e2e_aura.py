@@ -91,7 +91,13 @@ def test_both_mode_records_the_snapshot_and_exports_a_graph_that_restores_identi
     for name, a, b in (("nodes", nodes_a, nodes_b), ("relationships", rels_a, rels_b)):
         missing, extra = list((a - b).items())[:3], list((b - a).items())[:3]
         assert not missing and not extra, f"{name} differ: missing {missing}, unexpected {extra}"
-    assert all("_ferry_id" not in n["props"] for n in restored["nodes"]), "the helper property is removed"
+    assert all("_ferry_id" not in e["props"] for e in restored["nodes"] + restored["relationships"]), \
+        "the helper property is removed"
+    assert all("_FerryImport" not in n["labels"] for n in restored["nodes"]), "the import label is removed"
+    status, _, raw = emulator.http.request("GET", "/__control/database?db=restored")
+    info = json.loads(raw)
+    assert status == 200 and info["schema"] == [] and info["scans"] == 0, "index lookups only, constraint dropped"
+    assert info["statements"][0] == "create_constraint_if_not_exists"
 
 
 def test_restore_refuses_an_incomplete_export(world, tmp_path):

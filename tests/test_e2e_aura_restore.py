@@ -58,6 +58,38 @@ def requests_since(world, n: int) -> list:
     return world["emulator"].state()["requests"][n:]
 
 
+def database(emulator, db: str) -> dict:
+    status, _, body = emulator.http.request("GET", f"/__control/database?db={db}")
+    assert status == 200, body
+    return json.loads(body)
+
+
+NODE_LOADS = ("merge_nodes", "merge_nodes_set_labels")
+LOADS = NODE_LOADS + ("merge_labelled_rels",)
+
+
+def assert_loaded_through_the_import_label(emulator, db: str, since: int = 0):
+    """The import constraint was made before the first node statement and dropped after the last
+    statement that needs it; every lookup was an index lookup; nothing of the load is left.
+    ``since``: the statements run in that database before the job (by the test itself)."""
+    info = database(emulator, db)
+    names = info["statements"][since:]
+    assert "merge_rels" not in names and "clean_nodes" not in names, "the statements keyed by the import label"
+    creates = [i for i, n in enumerate(names) if n == "create_constraint_if_not_exists"]
+    drops = [i for i, n in enumerate(names) if n == "drop_constraint_if_exists"]
+    loads = [i for i, n in enumerate(names) if n in LOADS]
+    cleans = [i for i, n in enumerate(names) if n == "clean_label"]
+    assert creates and drops and loads and cleans, names
+    assert creates[0] < min(i for i, n in enumerate(names) if n in NODE_LOADS), "the constraint came first"
+    assert drops[-1] == len(names) - 1, "the drop is the load's (or drill's) last statement"
+    assert drops[0] > max(loads + cleans), "dropped after the last load and cleanup statement"
+    assert info["schema"] == [], "the constraint is gone"
+    assert since or info["scans"] == 0, "every node lookup was served by the constraint's index"
+    g = emulator.graph(db)
+    assert not any("_FerryImport" in n["labels"] for n in g["nodes"])
+    assert not any("_ferry_id" in e["props"] for e in g["nodes"] + g["relationships"])
+
+
 def test_refusals_touch_nothing(world):
     emulator = world["emulator"]
     before = len(emulator.state()["requests"])
@@ -105,7 +137,7 @@ def test_a_logical_load_in_tiny_batches_across_many_alarm_steps_equals_the_origi
     copy = emulator.graph("copy")
     assert len(copy["nodes"]) == 300 and len(copy["relationships"]) == 600
     assert canonical(copy) == canonical(world["original"])
-    assert not any("_ferry_id" in e["props"] for e in copy["nodes"] + copy["relationships"])
+    assert_loaded_through_the_import_label(emulator, "copy")
     assert emulator.state()["merge_matches"] == merges_before, \
         "steps resumed from gzip members sent no element twice (no line read again as new)"
 
@@ -153,7 +185,7 @@ def test_killing_the_runtime_while_statements_are_unanswered_duplicates_nothing(
     copy = emulator.graph("killed")
     assert len(copy["nodes"]) == 300 and len(copy["relationships"]) == 600
     assert canonical(copy) == canonical(world["original"])
-    assert not any("_ferry_id" in e["props"] for e in copy["nodes"] + copy["relationships"])
+    assert_loaded_through_the_import_label(emulator, "killed")
 
 
 def test_a_logical_load_into_a_database_that_is_not_empty_fails_and_writes_nothing(world):
@@ -183,6 +215,8 @@ def test_a_drill_passes_and_leaves_the_drill_database_empty(world):
     emulator = world["emulator"]
     api = aura_restore.QueryApi(emulator.url, "scratch", "neo4j", NEO4J_PASSWORD)
     api.run(aura_restore.node_statement(("Leftover",)), {"rows": [{"id": "l", "props": {}}]})
+    since = len(database(emulator, "scratch")["statements"])
+    scans = database(emulator, "scratch")["scans"]
     job = drill(world)
     assert job["phase"] == "restored", job
     record = drill_record(world)
@@ -190,7 +224,13 @@ def test_a_drill_passes_and_leaves_the_drill_database_empty(world):
     persons = sum(1 for n in world["original"]["nodes"] if "Person" in n["labels"])
     assert record["labels"]["Person"] == {"backup": persons, "restored": persons}
     assert "Leftover" not in record["labels"], "the drill database was emptied first"
+    assert "_FerryImport" not in record["labels"], "the import label was gone before counting"
+    assert set(record["labels"]) == {label for n in world["original"]["nodes"] for label in n["labels"]}
     assert emulator.graph("scratch") == {"nodes": [], "relationships": []}
+    names = database(emulator, "scratch")["statements"]
+    assert names.index("label_counts") > max(i for i, n in enumerate(names) if n == "clean_label")
+    assert database(emulator, "scratch")["scans"] == scans, "the drill's load looked nodes up by index only"
+    assert_loaded_through_the_import_label(emulator, "scratch", since)
 
 
 def test_a_drill_of_an_altered_export_fails_naming_the_label_and_still_empties_the_drill_database(world):
@@ -219,5 +259,7 @@ def test_a_drill_of_an_altered_export_fails_naming_the_label_and_still_empties_t
         assert record["passed"] is False and record["backup_counts_from"] == "manifest"
         assert record["labels"]["Company"] == {"backup": companies, "restored": None}
         assert emulator.graph("scratch") == {"nodes": [], "relationships": []}
+        assert database(emulator, "scratch")["schema"] == [], "a failed drill drops the constraint too"
+        assert database(emulator, "scratch")["statements"][-1] == "drop_constraint_if_exists"
     finally:
         ferry.r2_put(art["key"], body)

@@ -15,19 +15,39 @@
 //!   steps (`runtime/graph_load.rs`): a *scan* checks it (header, nodes before relationships, a
 //!   footer whose totals match) and counts nodes per label and relationships per type; the *load*
 //!   sends the lines in chunks of `batch_size`, one statement per label set or type within a
-//!   chunk, then removes the helper property `_ferry_id` (bounded batches, nodes then
-//!   relationships). The cursor (lines done, statements of the current chunk sent) is persisted
-//!   after every statement, so a step cut short goes on where it stopped. Every statement is
-//!   idempotent: nodes and relationships are `MERGE`d on a `_ferry_id` holding their id in the
-//!   export, so a statement Neo4j ran whose answer was lost (the runtime killed, a timeout) is
-//!   sent again without duplicating anything.
+//!   chunk, then cleans up in bounded batches (nodes, then relationships). The cursor (lines
+//!   done, statements of the current chunk sent) is persisted after every statement, so a step cut
+//!   short goes on where it stopped. Every statement is idempotent: nodes and relationships are
+//!   `MERGE`d on a `_ferry_id` holding their id in the export, so a statement Neo4j ran whose
+//!   answer was lost (the runtime killed, a timeout) is sent again without duplicating anything.
+//! - **Lookups by index** (the "unique import label" of APOC's Cypher export): a `MERGE` on
+//!   labels the target has no index for scans those labels, and a relationship's endpoints matched
+//!   by property alone scan every node: quadratic on a large graph. So before loading, Ferry makes
+//!   `_ferry_id` unique on one temporary label, `_FerryImport`
+//!   (`CREATE CONSTRAINT ferry_import_id IF NOT EXISTS ...`); every node is `MERGE`d under that
+//!   label and given its own labels with `SET n:L1:L2`, relationships match their endpoints under
+//!   it; both are lookups in the constraint's index. The cleanup takes the label and
+//!   `_ferry_id` off nodes (`MATCH (n:_FerryImport) WITH n LIMIT $limit REMOVE ...` until none is
+//!   left, found by the label's token index), then `_ferry_id` off relationships, and the
+//!   constraint is dropped (`DROP CONSTRAINT ferry_import_id IF EXISTS`), so the target ends with
+//!   nothing of Ferry's. A constraint rather than a plain index: `CREATE CONSTRAINT` returns once
+//!   its index is online (`CREATE INDEX` returns while the index still populates, and statements
+//!   planned meanwhile would scan), and it guarantees one node per export id whatever happens.
+//!   Both are schema commands, which Neo4j runs only in an implicit transaction: the Query API's
+//!   `/query/v2` is one (no `/tx`). A logical load that fails leaves its constraint (harmless:
+//!   the next load's `IF NOT EXISTS` keeps it, its end drops it; or `DROP CONSTRAINT
+//!   ferry_import_id`). An export with a node labelled `_FerryImport` is refused by the scan. A
+//!   load begun before Ferry loaded this way (its persisted cursor says so) goes on with the
+//!   statements it began with (keyed by `_ferry_id` alone) and their cleanup.
 //! - **Drill**: the source's `drill_database` is emptied (bounded `DETACH DELETE`s), the newest
-//!   backup (or the one named) is loaded into it as above, nodes per label and relationships per
-//!   type are counted in the database and compared with the counts the manifest recorded when the
-//!   export was written (backups from before those were recorded: the counts the scan took from
-//!   the file), so an export altered in R2, even with a consistent footer, fails naming the label,
-//!   the database is emptied again (also when something failed) and the outcome is written next to
-//!   the backup as `drill.json`. A difference fails the drill, naming the label or type.
+//!   backup (or the one named) is loaded into it as above and cleaned up (so no node carries the
+//!   import label when counted), nodes per label and relationships per type are counted in the
+//!   database and compared with the counts the manifest recorded when the export was written
+//!   (backups from before those were recorded: the counts the scan took from the file), so an
+//!   export altered in R2, even with a consistent footer, fails naming the label; the database is
+//!   emptied again and the import constraint dropped (both also when something failed) and the
+//!   outcome is written next to the backup as `drill.json`. A difference fails the drill, naming
+//!   the label or type.
 //!
 //! Anything that overwrites data needs `confirm`: the instance id for a snapshot restore, the
 //! target database's name for a logical load.
@@ -69,8 +89,22 @@ pub const DELETE_BATCH: &str = "MATCH (n) WITH n LIMIT $limit DETACH DELETE n RE
 pub const LABEL_COUNTS: &str = "MATCH (n) UNWIND labels(n) AS label RETURN label, count(*) AS n";
 /// Relationships per type.
 pub const TYPE_COUNTS: &str = "MATCH ()-[r]->() RETURN type(r) AS type, count(r) AS n";
-/// Removes the helper property the load keys nodes by, from up to `$limit` nodes.
-pub const CLEANUP_NODES: &str =
+/// The label every node carries while it is loaded, so nodes are found by an indexed lookup (a
+/// "unique import label", as APOC's Cypher export calls it) whatever their own labels.
+pub const IMPORT_LABEL: &str = "_FerryImport";
+/// Makes `_ferry_id` unique on the import label before anything is loaded; its index serves every
+/// `MERGE` and endpoint `MATCH` of the load. `IF NOT EXISTS`: a step sent again changes nothing.
+pub const CREATE_IMPORT_CONSTRAINT: &str =
+    "CREATE CONSTRAINT `ferry_import_id` IF NOT EXISTS FOR (n:`_FerryImport`) REQUIRE n.`_ferry_id` IS UNIQUE";
+/// Drops that constraint (and its index) once the load is cleaned up.
+pub const DROP_IMPORT_CONSTRAINT: &str = "DROP CONSTRAINT `ferry_import_id` IF EXISTS";
+/// Takes the import label and the helper property off up to `$limit` loaded nodes (found by the
+/// label's token index, not by reading every node).
+pub const CLEANUP_NODES: &str = "MATCH (n:`_FerryImport`) WITH n LIMIT $limit REMOVE n:`_FerryImport`, n.`_ferry_id` \
+                                 RETURN count(n) AS cleaned";
+/// Removes the helper property from up to `$limit` nodes: the cleanup of a load begun before
+/// Ferry loaded through the import label (its cursor says so), which goes on as it began.
+pub const LEGACY_CLEANUP_NODES: &str =
     "MATCH (n) WHERE n.`_ferry_id` IS NOT NULL WITH n LIMIT $limit REMOVE n.`_ferry_id` RETURN count(n) AS cleaned";
 /// Removes the helper property the load keys relationships by, from up to `$limit` of them.
 pub const CLEANUP_RELATIONSHIPS: &str = "MATCH ()-[r]->() WHERE r.`_ferry_id` IS NOT NULL WITH r LIMIT $limit REMOVE \
@@ -83,17 +117,40 @@ fn quote(name: &str) -> String {
     format!("`{}`", name.replace('`', "``"))
 }
 
-/// Makes nodes with these labels (labels cannot be parameters), keyed by `_ferry_id` (the
-/// export's element id): `MERGE` finds the node a statement sent before made, so sending it again
-/// (its answer was lost) changes nothing. `+=` keeps `_ferry_id`, which `=` would drop.
+/// Makes nodes keyed by `_ferry_id` (the export's element id) under the import label, then gives
+/// them their own labels (labels cannot be parameters): the `MERGE` is an index lookup on the
+/// import constraint, and finds the node a statement sent before made, so sending it again (its
+/// answer was lost) changes nothing. `+=` keeps `_ferry_id`, which `=` would drop.
 pub fn node_statement(labels: &[String]) -> String {
+    let labels: String = labels.iter().map(|l| format!(":{}", quote(l))).collect();
+    let set_labels = if labels.is_empty() { String::new() } else { format!("n{labels}, ") };
+    format!(
+        "UNWIND $rows AS row MERGE (n:{} {{`_ferry_id`: row.id}}) SET {set_labels}n += row.props",
+        quote(IMPORT_LABEL)
+    )
+}
+
+/// Makes relationships of this type between nodes found by `_ferry_id` under the import label
+/// (two index lookups), themselves keyed by a `_ferry_id` (the export's relationship id), so a
+/// statement sent twice makes each once.
+pub fn relationship_statement(rel_type: &str) -> String {
+    let import = quote(IMPORT_LABEL);
+    format!(
+        "UNWIND $rows AS row MATCH (a:{import} {{`_ferry_id`: row.start}}), (b:{import} {{`_ferry_id`: row.end}}) \
+         MERGE (a)-[r:{} {{`_ferry_id`: row.id}}]->(b) SET r += row.props",
+        quote(rel_type)
+    )
+}
+
+/// The node statement of a load begun before Ferry loaded through the import label: it goes on
+/// with the statements it began with, so its relationships find every node it made.
+pub fn legacy_node_statement(labels: &[String]) -> String {
     let labels: String = labels.iter().map(|l| format!(":{}", quote(l))).collect();
     format!("UNWIND $rows AS row MERGE (n{labels} {{`_ferry_id`: row.id}}) SET n += row.props")
 }
 
-/// Makes relationships of this type between nodes found by `_ferry_id`, themselves keyed by a
-/// `_ferry_id` (the export's relationship id), so a statement sent twice makes each once.
-pub fn relationship_statement(rel_type: &str) -> String {
+/// The relationship statement of such a load (endpoints found by `_ferry_id` alone).
+pub fn legacy_relationship_statement(rel_type: &str) -> String {
     format!(
         "UNWIND $rows AS row MATCH (a {{`_ferry_id`: row.start}}), (b {{`_ferry_id`: row.end}}) MERGE (a)-[r:{} {{`_ferry_id`: row.id}}]->(b) SET r += row.props",
         quote(rel_type)
@@ -146,6 +203,10 @@ pub struct LoadCursor {
     /// Lines before `resume_offset`; the lines of that member done are `lines_done - resume_line`.
     #[serde(default)]
     pub resume_line: u64,
+    /// The load keys nodes by `_ferry_id` under [`IMPORT_LABEL`] (set when the scan hands over).
+    /// `false` on a load begun before Ferry did: it goes on with the statements it began with.
+    #[serde(default)]
+    pub import_label: bool,
 }
 
 impl LoadCursor {
@@ -310,9 +371,11 @@ impl GraphLoader {
             match groups.iter_mut().find(|(gt, gl, _)| *gt == t.as_ref() && (t.is_some() || *gl == labels)) {
                 Some((_, _, g)) => g.rows.push(row.clone()),
                 None => {
-                    let statement = match t {
-                        Some(t) => relationship_statement(t),
-                        None => node_statement(labels),
+                    let statement = match (t, self.cursor.import_label) {
+                        (Some(t), true) => relationship_statement(t),
+                        (None, true) => node_statement(labels),
+                        (Some(t), false) => legacy_relationship_statement(t),
+                        (None, false) => legacy_node_statement(labels),
                     };
                     groups.push((t.as_ref(), labels, Group { statement, rows: vec![row.clone()], nodes: t.is_none() }));
                 }
@@ -353,6 +416,7 @@ impl GraphLoader {
                 )));
             }
             self.cursor.loading = true;
+            self.cursor.import_label = true;
             self.cursor.lines_done = 0;
             self.cursor.groups_done = 0;
             self.cursor.resume_offset = 0;
@@ -392,6 +456,9 @@ impl GraphLoader {
             Item::Node(labels, _) => {
                 if c.seen_relationship {
                     return Err(bad(n, "a node after the relationships"));
+                }
+                if labels.iter().any(|l| l == IMPORT_LABEL) {
+                    return Err(bad(n, format!("a node labelled {IMPORT_LABEL}, the label Ferry loads through")));
                 }
                 c.nodes += 1;
                 for l in labels {
@@ -621,9 +688,11 @@ pub enum Step {
     CountTarget,
     /// Drills: delete the drill database's nodes, a batch at a time.
     EmptyBefore,
+    /// Make `_ferry_id` unique on the import label (the index every load statement looks up).
+    CreateConstraint,
     /// Scan or load the graph file (`Io::GraphLoad` steps).
     Load,
-    /// Remove `_ferry_id` from nodes, a batch at a time.
+    /// Remove the import label and `_ferry_id` from nodes, a batch at a time.
     Cleanup,
     /// Remove `_ferry_id` from relationships, a batch at a time.
     CleanupRelationships,
@@ -633,6 +702,9 @@ pub enum Step {
     CountTypes,
     /// Drills: empty the drill database again.
     EmptyAfter,
+    /// Drop the import constraint: after the cleanup (logical loads), after emptying (drills,
+    /// also when they failed).
+    DropConstraint,
     /// Drills: write the record.
     Record,
     /// Nothing more to do.
@@ -871,9 +943,20 @@ impl AuraRestore {
                 let (url, auth) = self.endpoint(cfg, creds)?;
                 Next::Send(query(&url, &auth, DELETE_BATCH, json!({ "limit": DELETE_LIMIT })))
             }
+            Step::CreateConstraint | Step::DropConstraint => {
+                let (url, auth) = self.endpoint(cfg, creds)?;
+                let statement =
+                    if self.step == Step::CreateConstraint { CREATE_IMPORT_CONSTRAINT } else { DROP_IMPORT_CONSTRAINT };
+                Next::Send(query(&url, &auth, statement, json!({})))
+            }
             Step::Cleanup | Step::CleanupRelationships => {
                 let (url, auth) = self.endpoint(cfg, creds)?;
-                let statement = if self.step == Step::Cleanup { CLEANUP_NODES } else { CLEANUP_RELATIONSHIPS };
+                let legacy = self.load.as_ref().is_some_and(|c| !c.import_label);
+                let statement = match (self.step, legacy) {
+                    (Step::Cleanup, false) => CLEANUP_NODES,
+                    (Step::Cleanup, true) => LEGACY_CLEANUP_NODES,
+                    _ => CLEANUP_RELATIONSHIPS,
+                };
                 Next::Send(query(&url, &auth, statement, json!({ "limit": CLEANUP_LIMIT })))
             }
             Step::CountLabels => {
@@ -1146,7 +1229,7 @@ impl AuraRestore {
                          was written (empty it, or name another target)"
                     )));
                 }
-                self.step = Step::Load;
+                self.step = Step::CreateConstraint;
                 Ok(Answer::Continue)
             }
             Step::EmptyBefore | Step::EmptyAfter => {
@@ -1154,10 +1237,18 @@ impl AuraRestore {
                 self.deleted += n;
                 if n == 0 {
                     self.step = match self.step {
-                        Step::EmptyBefore => Step::Load,
-                        _ => Step::Record,
+                        Step::EmptyBefore => Step::CreateConstraint,
+                        _ => Step::DropConstraint,
                     };
                 }
+                Ok(Answer::Continue)
+            }
+            Step::CreateConstraint => {
+                self.step = Step::Load;
+                Ok(Answer::Continue)
+            }
+            Step::DropConstraint => {
+                self.step = if self.mode == Mode::Drill { Step::Record } else { Step::Done };
                 Ok(Answer::Continue)
             }
             Step::Cleanup | Step::CleanupRelationships => {
@@ -1166,7 +1257,7 @@ impl AuraRestore {
                     self.step = match (self.step, self.mode) {
                         (Step::Cleanup, _) => Step::CleanupRelationships,
                         (_, Mode::Drill) => Step::CountLabels,
-                        _ => Step::Done,
+                        _ => Step::DropConstraint,
                     };
                 }
                 Ok(Answer::Continue)
@@ -1221,9 +1312,10 @@ impl AuraRestore {
         }
         match self.step {
             Step::Record | Step::Done => false,
-            Step::EmptyAfter => {
+            Step::EmptyAfter | Step::DropConstraint => {
                 let db = self.database.clone().unwrap_or_default();
-                let emptying = format!("emptying the drill database {db} failed: {message}");
+                let what = if self.step == Step::EmptyAfter { "emptying" } else { "dropping the import constraint of" };
+                let emptying = format!("{what} the drill database {db} failed: {message}");
                 self.failure = Some(match self.failure.take() {
                     Some(prior) => format!("{prior}; {emptying}"),
                     None => emptying,

@@ -3,7 +3,9 @@
 
 use serde_json::{json, Value};
 
-use super::aura::{GraphLoader, LoadCursor, DELETE_BATCH, LABEL_COUNTS, TYPE_COUNTS};
+use super::aura::{
+    GraphLoader, LoadCursor, CREATE_IMPORT_CONSTRAINT, DELETE_BATCH, DROP_IMPORT_CONSTRAINT, LABEL_COUNTS, TYPE_COUNTS,
+};
 use super::driver::{driven, Driver};
 use super::*;
 use crate::config::{Config, SourceConfig};
@@ -293,6 +295,8 @@ fn a_drill_empties_loads_compares_per_label_and_type_empties_again_and_records()
     h.rows(&["deleted"], json!([[5]]));
     h.request();
     h.rows(&["deleted"], json!([[0]]));
+    assert_eq!(statement(&h.request()), CREATE_IMPORT_CONSTRAINT, "the constraint before the first node");
+    h.rows(&[], json!([]));
     let Io::GraphLoad(order) = h.io() else { panic!("expected the load") };
     assert_eq!(order.key, format!("{FOLDER}graph.jsonl.gz"));
     let (cursor, _) = run_loader(&lines(), 500).unwrap();
@@ -310,6 +314,8 @@ fn a_drill_empties_loads_compares_per_label_and_type_empties_again_and_records()
     h.rows(&["type", "n"], json!([["K", 1]]));
     assert_eq!(statement(&h.request()), DELETE_BATCH);
     h.rows(&["deleted"], json!([[0]]));
+    assert_eq!(statement(&h.request()), DROP_IMPORT_CONSTRAINT);
+    h.rows(&[], json!([]));
     let Io::Record { key, record } = h.io() else { panic!("expected the record") };
     assert_eq!(key, format!("{FOLDER}drill.json"));
     assert_eq!(record["passed"], json!(false));
@@ -328,11 +334,15 @@ fn a_drill_that_fails_while_loading_still_empties_the_database_and_records() {
     h.manifest(manifest(true));
     h.request();
     h.rows(&["deleted"], json!([[0]]));
+    h.request();
+    h.rows(&[], json!([]));
     h.io();
     let err = StepError::permanent("graph.jsonl.gz has no footer line");
     h.feed(Event::RestoreIo(Ok(IoDone::GraphLoaded { cursor: Box::default(), error: Some(err) })));
     assert_eq!(statement(&h.request()), DELETE_BATCH);
     h.rows(&["deleted"], json!([[0]]));
+    assert_eq!(statement(&h.request()), DROP_IMPORT_CONSTRAINT, "the constraint goes too");
+    h.rows(&[], json!([]));
     let Io::Record { record, .. } = h.io() else { panic!("expected the record") };
     assert_eq!(record["passed"], json!(false));
     assert!(record["error"].as_str().unwrap().contains("no footer"));
@@ -349,12 +359,20 @@ fn a_drill_needs_a_drill_database() {
 }
 
 #[test]
-fn load_statements_merge_on_the_export_id_so_sending_one_again_duplicates_nothing() {
+fn load_statements_merge_on_the_export_id_under_the_import_label_so_sending_one_again_duplicates_nothing() {
     let nodes = aura::node_statement(&["P".into(), "We`ird".into()]);
-    assert_eq!(nodes, "UNWIND $rows AS row MERGE (n:`P`:`We``ird` {`_ferry_id`: row.id}) SET n += row.props");
+    assert_eq!(
+        nodes,
+        "UNWIND $rows AS row MERGE (n:`_FerryImport` {`_ferry_id`: row.id}) SET n:`P`:`We``ird`, n += row.props"
+    );
     assert!(!nodes.contains("CREATE") && !nodes.contains("SET n ="), "= would drop _ferry_id");
     let rels = aura::relationship_statement("K");
-    assert!(rels.contains("MERGE (a)-[r:`K` {`_ferry_id`: row.id}]->(b) SET r += row.props"), "{rels}");
+    assert_eq!(
+        rels,
+        "UNWIND $rows AS row MATCH (a:`_FerryImport` {`_ferry_id`: row.start}), (b:`_FerryImport` {`_ferry_id`: \
+         row.end}) MERGE (a)-[r:`K` {`_ferry_id`: row.id}]->(b) SET r += row.props",
+        "endpoints found in the import label's index, the relationship keyed by its own id"
+    );
     // The rows carry the ids the statements merge on.
     let mut scan = GraphLoader::new(LoadCursor::default(), 10);
     for l in lines() {
@@ -377,6 +395,8 @@ fn drill_with(m: Manifest) -> (Value, Option<String>) {
     h.manifest(m);
     h.request();
     h.rows(&["deleted"], json!([[0]]));
+    h.request();
+    h.rows(&[], json!([]));
     h.io();
     let (cursor, _) = run_loader(&lines(), 500).unwrap();
     h.feed(Event::RestoreIo(Ok(IoDone::GraphLoaded { cursor: Box::new(cursor), error: None })));
@@ -390,6 +410,8 @@ fn drill_with(m: Manifest) -> (Value, Option<String>) {
     h.rows(&["type", "n"], json!([["K", 1]]));
     h.request();
     h.rows(&["deleted"], json!([[0]]));
+    assert_eq!(statement(&h.request()), DROP_IMPORT_CONSTRAINT);
+    h.rows(&[], json!([]));
     let Io::Record { record, .. } = h.io() else { panic!("expected the record") };
     h.feed(Event::RestoreIo(Ok(IoDone::Recorded)));
     h.wake();
@@ -620,4 +642,157 @@ fn a_load_resumed_from_member_boundaries_sends_exactly_what_a_load_in_one_go_sen
     assert!(load_offsets.windows(2).all(|w| w[0] <= w[1]) && load_offsets.len() > 5, "{offsets:?}");
     let last = *reads.last().unwrap();
     assert!(last < data.len() / 3, "the last step read {last} of {} bytes", data.len());
+}
+
+// ----- the import label and its constraint ----------------------------------------------------
+
+#[test]
+fn a_node_without_labels_is_merged_under_the_import_label_alone() {
+    let nodes = aura::node_statement(&[]);
+    assert_eq!(nodes, "UNWIND $rows AS row MERGE (n:`_FerryImport` {`_ferry_id`: row.id}) SET n += row.props");
+    let mut file = lines();
+    file.insert(1, json!({"type": "node", "id": "z", "labels": [], "properties": {"y": 2}}).to_string());
+    file.insert(2, json!({"type": "node", "id": "w", "properties": {}}).to_string());
+    *file.last_mut().unwrap() = json!({"type": "footer", "nodes": 5, "relationships": 1}).to_string();
+    let (cursor, sent) = run_loader(&file, 10).unwrap();
+    assert_eq!(sent[0], (nodes, 2), "both unlabelled nodes in one statement");
+    assert_eq!(cursor.loaded_nodes, 5);
+}
+
+#[test]
+fn an_export_with_a_node_labelled_with_the_import_label_is_refused_by_the_scan() {
+    let mut file = lines();
+    file[2] = json!({"type": "node", "id": "b", "labels": ["C", "_FerryImport"], "properties": {}}).to_string();
+    let e = run_loader(&file, 10).unwrap_err();
+    assert!(e.message().contains("line 3: a node labelled _FerryImport"), "{}", e.message());
+}
+
+#[test]
+fn a_logical_load_makes_the_import_constraint_before_loading_and_drops_it_after_the_cleanup() {
+    let mut h =
+        H::new(Task::Restore, json!({"mode": "logical", "target": {"database": "copy"}, "confirm": "copy"})).unwrap();
+    h.manifest(manifest(false));
+    h.request();
+    h.rows(&["nodes"], json!([[0]]));
+    let create = h.request();
+    assert_eq!(
+        (create.url.as_str(), statement(&create)),
+        ("http://db.test/db/copy/query/v2", CREATE_IMPORT_CONSTRAINT.into())
+    );
+    h.rows(&[], json!([]));
+    let Io::GraphLoad(order) = h.io() else { panic!("the load comes after the constraint") };
+    assert_eq!(order.cursor, LoadCursor::default());
+    let (cursor, _) = run_loader(&lines(), 500).unwrap();
+    assert!(cursor.import_label, "the scan hands over to a load through the import label");
+    h.feed(Event::RestoreIo(Ok(IoDone::GraphLoaded { cursor: Box::new(cursor), error: None })));
+    let cleanup = h.request();
+    assert_eq!(statement(&cleanup), aura::CLEANUP_NODES);
+    let body: Value = serde_json::from_slice(cleanup.body.as_deref().unwrap()).unwrap();
+    assert_eq!(body["parameters"], json!({"limit": aura::CLEANUP_LIMIT}), "bounded batches");
+    h.rows(&["cleaned"], json!([[3]]));
+    assert_eq!(statement(&h.request()), aura::CLEANUP_NODES);
+    h.rows(&["cleaned"], json!([[0]]));
+    assert_eq!(statement(&h.request()), aura::CLEANUP_RELATIONSHIPS);
+    h.rows(&["cleaned"], json!([[0]]));
+    assert_eq!(statement(&h.request()), DROP_IMPORT_CONSTRAINT, "dropped once nothing carries the label");
+    h.rows(&[], json!([]));
+    assert!(matches!(h.wake(), Action::Done));
+    assert_eq!(h.job.phase, Phase::Restored, "{:?}", h.job.error);
+    assert!(h.job.note.as_deref().unwrap().contains("3 nodes, 1 relationships"));
+}
+
+#[test]
+fn the_cleanup_removes_the_import_label_with_the_helper_property_in_bounded_batches() {
+    assert_eq!(
+        aura::CLEANUP_NODES,
+        "MATCH (n:`_FerryImport`) WITH n LIMIT $limit REMOVE n:`_FerryImport`, n.`_ferry_id` RETURN count(n) AS cleaned"
+    );
+    assert_eq!(
+        CREATE_IMPORT_CONSTRAINT,
+        "CREATE CONSTRAINT `ferry_import_id` IF NOT EXISTS FOR (n:`_FerryImport`) REQUIRE n.`_ferry_id` IS UNIQUE"
+    );
+    assert_eq!(DROP_IMPORT_CONSTRAINT, "DROP CONSTRAINT `ferry_import_id` IF EXISTS");
+}
+
+#[test]
+fn a_drill_that_cannot_make_the_constraint_still_empties_drops_and_records() {
+    let mut h = H::new(Task::Drill, json!({})).unwrap();
+    h.manifest(manifest(true));
+    h.request();
+    h.rows(&["deleted"], json!([[0]]));
+    assert_eq!(statement(&h.request()), CREATE_IMPORT_CONSTRAINT);
+    h.answer(202, json!({"errors": [{"code": "Neo.ClientError.Schema.ConstraintCreationFailed", "message": "no"}]}));
+    assert_eq!(statement(&h.request()), DELETE_BATCH);
+    h.rows(&["deleted"], json!([[0]]));
+    assert_eq!(statement(&h.request()), DROP_IMPORT_CONSTRAINT);
+    h.rows(&[], json!([]));
+    let Io::Record { record, .. } = h.io() else { panic!("expected the record") };
+    assert!(record["error"].as_str().unwrap().contains("ConstraintCreationFailed"), "{record}");
+}
+
+#[test]
+fn a_drill_whose_constraint_cannot_be_dropped_records_that_once_instead_of_emptying_again() {
+    let mut h = H::new(Task::Drill, json!({})).unwrap();
+    h.manifest(manifest(true));
+    let (cursor, _) = run_loader(&lines(), 500).unwrap();
+    h.request();
+    h.rows(&["deleted"], json!([[0]]));
+    h.request();
+    h.rows(&[], json!([]));
+    h.io();
+    h.feed(Event::RestoreIo(Ok(IoDone::GraphLoaded { cursor: Box::new(cursor), error: None })));
+    for _ in 0..2 {
+        h.request();
+        h.rows(&["cleaned"], json!([[0]]));
+    }
+    h.request();
+    h.rows(&["label", "n"], json!([["P", 2], ["C", 1]]));
+    h.request();
+    h.rows(&["type", "n"], json!([["K", 1]]));
+    h.request();
+    h.rows(&["deleted"], json!([[3]]));
+    h.request();
+    h.rows(&["deleted"], json!([[0]]));
+    assert_eq!(statement(&h.request()), DROP_IMPORT_CONSTRAINT);
+    h.answer(202, json!({"errors": [{"code": "Neo.ClientError.Schema.ConstraintDropFailed", "message": "gone"}]}));
+    let Io::Record { record, .. } = h.io() else { panic!("straight to the record, not emptying again") };
+    assert_eq!(record["passed"], json!(false));
+    let error = record["error"].as_str().unwrap();
+    assert!(error.starts_with("dropping the import constraint of the drill database scratch failed"), "{error}");
+    h.feed(Event::RestoreIo(Ok(IoDone::Recorded)));
+    h.wake();
+    assert_eq!(h.job.phase, Phase::Failed);
+}
+
+#[test]
+fn a_load_begun_before_the_import_label_goes_on_with_its_own_statements_and_cleanup() {
+    // A cursor persisted mid-load by an earlier Ferry: no `import_label` field.
+    let (mut scanned, _) = run_loader(&lines(), 2).unwrap();
+    scanned.finished = false;
+    scanned.lines_done = 0;
+    let mut old = serde_json::to_value(&scanned).unwrap();
+    old.as_object_mut().unwrap().remove("import_label");
+    let cursor: LoadCursor = serde_json::from_value(old).unwrap();
+    assert!(!cursor.import_label);
+    let mut loader = GraphLoader::new(cursor, 10);
+    for l in lines() {
+        loader.line(l.as_bytes()).unwrap();
+    }
+    let groups = loader.end().unwrap().unwrap();
+    assert_eq!(groups[0].statement, aura::legacy_node_statement(&["P".into()]));
+    assert_eq!(groups[2].statement, aura::legacy_relationship_statement("K"));
+    assert!(!groups[0].statement.contains("_FerryImport"));
+    loader.last_chunk_done(&groups);
+
+    // Its cleanup removes `_ferry_id` from every node, as it did.
+    let mut h =
+        H::new(Task::Restore, json!({"mode": "logical", "target": {"database": "copy"}, "confirm": "copy"})).unwrap();
+    h.manifest(manifest(false));
+    h.request();
+    h.rows(&["nodes"], json!([[0]]));
+    h.request();
+    h.rows(&[], json!([]));
+    h.io();
+    h.feed(Event::RestoreIo(Ok(IoDone::GraphLoaded { cursor: Box::new(loader.cursor), error: None })));
+    assert_eq!(statement(&h.request()), aura::LEGACY_CLEANUP_NODES);
 }

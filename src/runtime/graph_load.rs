@@ -11,7 +11,8 @@
 //! written to Durable Object storage after every statement, so a step cut short (the isolate
 //! killed, a timeout) goes on after the last statement that was answered. A statement that ran but
 //! whose answer (or the cursor's write) was lost is sent again: the statements `MERGE` on
-//! `_ferry_id`, so that changes nothing.
+//! `_ferry_id` (under the import label, an index lookup; see the module doc of
+//! `crate::restore::aura`), so that changes nothing.
 
 use std::time::Duration;
 

@@ -56,6 +56,22 @@ are merged in order, so a later row sees what an earlier one made.  ``GET /__con
 counts ``merge_matches`` (MERGEs that found their element: a statement sent again).  The
 ``query_reply_delay_s`` switch runs every statement at once but answers that many seconds late.
 
+Ferry loads through a "unique import label": ``MERGE (n:`_FerryImport` {`_ferry_id`: row.id})
+SET n:`L1`:`L2`, n += row.props`` (``SET n:L`` adds labels), relationships between endpoints
+matched as ``(a:`_FerryImport` {`_ferry_id`: row.start})``, cleanup by ``MATCH
+(n:`_FerryImport`) WITH n LIMIT $limit REMOVE n:`_FerryImport`, n.`_ferry_id` ...``.  Schema
+commands are kept per database: ``CREATE CONSTRAINT name [IF NOT EXISTS] FOR (n:L) REQUIRE
+n.p IS UNIQUE``, ``CREATE INDEX name [IF NOT EXISTS] FOR (n:L) ON (n.p)``, ``DROP CONSTRAINT
+name [IF EXISTS]``, ``DROP INDEX name [IF EXISTS]``, with Neo4j 5's rules (``IF NOT EXISTS``
+makes an existing rule of that name, or an equivalent one, a no-op; without it, an error; a
+constraint is refused over data that breaks it, and ``CREATE`` of a node that would break one
+fails; ``DROP`` of a missing rule is an error unless ``IF EXISTS``).  Constraints are not
+checked when ``SET n:L`` gives a node a constrained label.  Every node lookup by ``_ferry_id``
+that no index on one of the looked-up labels serves (an unlabelled endpoint match reads every
+node) counts as a scan: ``GET /__control/state`` sums them as ``ferry_scans``, and ``GET
+/__control/database?db=<name>`` answers ``{schema: [{name, kind, label, property}],
+statements: [<name of each statement run, in order>], scans}`` for one database.
+
 Control API
 -----------
 ``POST /__control`` merges JSON into the switches (unknown switch → 400),
@@ -102,6 +118,7 @@ from common import (API_FAULTS, BaseHandler, LoginOrigin, Reply, answer_fault, b
                     fault_active, faults_problem, serve_main, take_fault, write_cut_reply)
 
 REQUEST_LOG_SIZE = 500
+STATEMENT_LOG_SIZE = 50000
 RATE_WINDOW = 60.0
 MALFORMED_BODY = b"<html>502 Bad Gateway</html>"
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
@@ -126,6 +143,13 @@ CODE_ARGUMENT = "Neo.ClientError.Statement.ArgumentError"
 CODE_TYPE = "Neo.ClientError.Statement.TypeError"
 CODE_MERGE_NULL = "Neo.ClientError.Statement.SemanticError"
 CODE_UNAVAILABLE = "Neo.TransientError.General.DatabaseUnavailable"
+CODE_EQUIVALENT_SCHEMA = "Neo.ClientError.Schema.EquivalentSchemaRuleAlreadyExists"
+CODE_CONSTRAINT_EXISTS = "Neo.ClientError.Schema.ConstraintAlreadyExists"
+CODE_INDEX_EXISTS = "Neo.ClientError.Schema.IndexAlreadyExists"
+CODE_CONSTRAINT_CREATION = "Neo.ClientError.Schema.ConstraintCreationFailed"
+CODE_CONSTRAINT_VALIDATION = "Neo.ClientError.Schema.ConstraintValidationFailed"
+CODE_CONSTRAINT_DROP = "Neo.DatabaseError.Schema.ConstraintDropFailed"
+CODE_INDEX_DROP = "Neo.DatabaseError.Schema.IndexDropFailed"
 MSG_UNAUTHORIZED = "The client is unauthorized due to authentication failure."
 
 FAIL_NEXT_DEFAULTS = {"status": 503, "retry_after": None, "body": None}
@@ -308,6 +332,10 @@ class Graph:
         # (type, start, end, _ferry_id key) -> relationship ids, for MERGE of relationships
         self.rel_ferry: dict[tuple, list[str]] = {}
         self.merge_matches = 0  # MERGEs that found the element (a statement sent again)
+        # name -> {"name", "kind": "constraint" (uniqueness) | "index" (range), "label", "property"}
+        self.schema: dict[str, dict] = {}
+        self.scans = 0  # node lookups by property that no index served (each would scan)
+        self.log: deque = deque(maxlen=STATEMENT_LOG_SIZE)  # names of the statements run, in order
         self.dirty = False
 
     # -- writes --
@@ -384,13 +412,98 @@ class Graph:
             else:
                 props[key] = value
 
-    def merge_nodes(self, labels, rows) -> None:
-        """``UNWIND $rows AS row MERGE (n:L… {_ferry_id: row.id}) SET n += row.props``, row by row
-        (a row sees the nodes earlier rows made): a node with at least these labels and that
-        ``_ferry_id`` is updated, else one is created with the labels and ``_ferry_id``."""
+    # -- schema --
+    def indexed(self, labels, prop: str = FERRY_KEY) -> bool:
+        """Whether a lookup of nodes with these labels by ``prop`` is served by an index (an index or
+        a uniqueness constraint's index on one of the labels and that property)."""
+        return any(e["label"] in labels and e["property"] == prop for e in self.schema.values())
+
+    def _lookups(self, labels, n: int = 1):
+        if not self.indexed(labels):
+            self.scans += n
+
+    def create_schema(self, kind: str, name: str, label: str, prop: str, if_not_exists: bool) -> None:
+        """``CREATE CONSTRAINT name [IF NOT EXISTS] FOR (n:L) REQUIRE n.p IS UNIQUE`` or ``CREATE INDEX
+        name [IF NOT EXISTS] FOR (n:L) ON (n.p)``, with Neo4j 5's rules: ``IF NOT EXISTS`` makes a rule
+        of the same name or an equivalent one a no-op; without it either is an error; a constraint
+        and an index on the same label and property exclude each other (with or without it); a
+        constraint is refused when the data already breaks it."""
+        wanted = {"name": name, "kind": kind, "label": label, "property": prop}
+        same_name = self.schema.get(name)
+        same_schema = [e for e in self.schema.values() if (e["label"], e["property"]) == (label, prop)]
+        shown = f"(:{label} {{{prop}}})"
+        if same_name is not None:
+            if if_not_exists:
+                return
+            if {**same_name, "name": name} == wanted:
+                raise CypherError(CODE_EQUIVALENT_SCHEMA, f"An equivalent {kind} already exists, '{name}'.")
+            if same_name["kind"] == "constraint":
+                raise CypherError(CODE_CONSTRAINT_EXISTS, f"There already exists a constraint called '{name}'.")
+            raise CypherError(CODE_INDEX_EXISTS, f"There already exists an index called '{name}'.")
+        for other in same_schema:
+            if other["kind"] == kind:
+                if if_not_exists:
+                    return
+                raise CypherError(CODE_EQUIVALENT_SCHEMA,
+                                  f"An equivalent {kind} already exists, '{other['name']}' on {shown}.")
+            if kind == "constraint":
+                raise CypherError(CODE_INDEX_EXISTS, f"There already exists an index {shown}. A constraint cannot "
+                                  "be created until the index has been dropped.")
+            raise CypherError(CODE_CONSTRAINT_EXISTS, f"There is a uniqueness constraint on {shown}, so an index "
+                              "is already created that matches this.")
+        if kind == "constraint":
+            seen: dict = {}
+            for node_id in self.node_ids:
+                node = self.nodes[node_id]
+                if label in node.labels and prop in node.props:
+                    other = seen.setdefault(prop_key(node.props[prop]), node_id)
+                    if other != node_id:
+                        raise CypherError(CODE_CONSTRAINT_CREATION, f"Unable to create Constraint( name='{name}', "
+                                          f"type='UNIQUENESS', schema={shown} ): Both Node({other}) and "
+                                          f"Node({node_id}) have the label `{label}` and property `{prop}` = "
+                                          f"{json.dumps(node.props[prop])}")
+        self.schema[name] = wanted
+        self.dirty = True
+
+    def drop_schema(self, kind: str, name: str, if_exists: bool) -> None:
+        """``DROP CONSTRAINT name [IF EXISTS]`` / ``DROP INDEX name [IF EXISTS]``: a name that is not
+        a rule of that kind is an error without ``IF EXISTS``, a no-op with it."""
+        rule = self.schema.get(name)
+        if rule is None or rule["kind"] != kind:
+            if if_exists:
+                return
+            if kind == "constraint":
+                raise CypherError(CODE_CONSTRAINT_DROP, f"Unable to drop constraint `{name}`: No such constraint "
+                                  f"{name}.")
+            raise CypherError(CODE_INDEX_DROP, f"Unable to drop index called `{name}`: No such index {name}.")
+        del self.schema[name]
+        self.dirty = True
+
+    def check_unique(self, items) -> None:
+        """Raises before nodes ``items`` (labels, props) are created if they would break a uniqueness
+        constraint, with each other or with the nodes there."""
+        for rule in self.schema.values():
+            if rule["kind"] != "constraint":
+                continue
+            label, prop = rule["label"], rule["property"]
+            taken = {prop_key(n.props[prop]) for n in self.nodes.values() if label in n.labels and prop in n.props}
+            for labels, props in items:
+                if label in labels and prop in props:
+                    key = prop_key(props[prop])
+                    if key in taken:
+                        raise CypherError(CODE_CONSTRAINT_VALIDATION, f"Node already exists with label `{label}` "
+                                          f"and property `{prop}` = {json.dumps(props[prop])}")
+                    taken.add(key)
+
+    def merge_nodes(self, labels, rows, set_labels=()) -> None:
+        """``UNWIND $rows AS row MERGE (n:L… {_ferry_id: row.id}) [SET n:S…,] SET n += row.props``,
+        row by row (a row sees the nodes earlier rows made): a node with at least these labels and
+        that ``_ferry_id`` is updated, else one is created with the labels and ``_ferry_id``; then it
+        gets the labels ``set_labels`` (``SET n:S…`` adds labels, keeping those it has)."""
         wanted = set(labels)
         new = []
         for key, update in rows:
+            self._lookups(wanted)
             found = [i for i in self.find_ferry(key) if wanted <= set(self.nodes[i].labels)]
             if found:
                 self.merge_matches += len(found)
@@ -402,22 +515,27 @@ class Graph:
                 new.append(node_id)
                 found = [node_id]
             for node_id in found:
+                node = self.nodes[node_id]
+                if set_labels:
+                    node.labels = self._labels(node.labels + tuple(set_labels))
                 self._node_unindex(node_id)
-                self._add_to(self.nodes[node_id].props, update)
-                self._index(node_id, self.nodes[node_id].props)
+                self._add_to(node.props, update)
+                self._index(node_id, node.props)
         if new:
             self.node_ids.extend(new)
             self.node_ids.sort()
         self.dirty = True
 
-    def merge_rels(self, type_: str, rows) -> None:
-        """``UNWIND $rows AS row MATCH (a {_ferry_id: row.start}), (b {_ferry_id: row.end})
-        MERGE (a)-[r:T {_ferry_id: row.id}]->(b) SET r += row.props``: for every matched pair, a
-        relationship of that type from a to b with that ``_ferry_id`` is updated, else created."""
+    def merge_rels(self, type_: str, rows, endpoint_label: str | None = None) -> None:
+        """``UNWIND $rows AS row MATCH (a[:E] {_ferry_id: row.start}), (b[:E] {_ferry_id: row.end})
+        MERGE (a)-[r:T {_ferry_id: row.id}]->(b) SET r += row.props``: for every matched pair (nodes
+        with that ``_ferry_id``, and the label E when given), a relationship of that type from a to b
+        with that ``_ferry_id`` is updated, else created."""
         new = []
         for start_key, end_key, key, update in rows:
-            for start in list(self.find_ferry(start_key)):
-                for end in list(self.find_ferry(end_key)):
+            self._lookups(() if endpoint_label is None else (endpoint_label,), 2)
+            for start in list(self.find_ferry(start_key, endpoint_label)):
+                for end in list(self.find_ferry(end_key, endpoint_label)):
                     if key is None:
                         raise CypherError(CODE_MERGE_NULL, "Cannot merge the following relationship because of "
                                           f"null property value for '{FERRY_KEY}': (a)-[:{type_} {{{FERRY_KEY}: null}}]->(b)")
@@ -470,10 +588,29 @@ class Graph:
             self.dirty = True
         return done
 
-    def find_ferry(self, value) -> list[str]:
+    def find_ferry(self, value, label: str | None = None) -> list[str]:
         if value is None:
             return []
-        return self.ferry.get(prop_key(value), [])
+        found = self.ferry.get(prop_key(value), [])
+        return found if label is None else [i for i in found if label in self.nodes[i].labels]
+
+    def clean_label(self, match_label: str, remove_label: str, limit: int) -> int:
+        """``MATCH (n:M) WITH n LIMIT $limit REMOVE n:R, n._ferry_id RETURN count(n)``: the first
+        ``limit`` nodes with label M (element id order) lose label R and ``_ferry_id``."""
+        done = 0
+        for node_id in self.node_ids:
+            if done >= limit:
+                break
+            node = self.nodes[node_id]
+            if match_label not in node.labels:
+                continue
+            node.labels = tuple(label for label in node.labels if label != remove_label)
+            self._node_unindex(node_id)
+            node.props.pop(FERRY_KEY, None)
+            done += 1
+        if done:
+            self.dirty = True
+        return done
 
     def remove_ferry_ids(self) -> int:
         removed = 0
@@ -555,6 +692,7 @@ class Graph:
         other.label_tokens = dict(self.label_tokens)
         other.ferry = {k: list(v) for k, v in self.ferry.items()}
         other.rel_ferry = {k: list(v) for k, v in self.rel_ferry.items()}
+        other.schema = copy.deepcopy(self.schema)
         other.dirty = True
         return other
 
@@ -665,6 +803,9 @@ PLACEHOLDERS = {
     "__LABELS__": rf"(?-i:((?::(?:{LABEL_RE}))*))",
     "__TYPE__": rf"(?-i:({LABEL_RE}))",
     "__FERRY__": r"(?-i:(?:`_ferry_id`|_ferry_id))",
+    "__SETLABELS__": rf"(?-i:((?::(?:{LABEL_RE}))+))",
+    "__NAME__": rf"(?-i:({LABEL_RE}))",
+    "__PROP__": rf"(?-i:({LABEL_RE}))",
 }
 
 
@@ -696,6 +837,22 @@ STATEMENTS = [
         "CREATE (a)-[r:__TYPE__]->(b) SET r = row.props")),
     ("cleanup", template("MATCH (n) WHERE n.__FERRY__ IS NOT NULL REMOVE n.__FERRY__")),
     ("merge_nodes", template("UNWIND $rows AS row MERGE (n__LABELS__ {__FERRY__: row.id}) SET n += row.props")),
+    ("merge_nodes_set_labels", template(
+        "UNWIND $rows AS row MERGE (n__LABELS__ {__FERRY__: row.id}) SET n__SETLABELS__, n += row.props")),
+    ("merge_labelled_rels", template(
+        "UNWIND $rows AS row MATCH (a:__TYPE__ {__FERRY__: row.start}), (b:__TYPE__ {__FERRY__: row.end}) "
+        "MERGE (a)-[r:__TYPE__ {__FERRY__: row.id}]->(b) SET r += row.props")),
+    ("clean_label", template(
+        "MATCH (n:__TYPE__) WITH n LIMIT $limit REMOVE n:__TYPE__, n.__FERRY__ RETURN count(n) AS cleaned")),
+    ("create_constraint", template("CREATE CONSTRAINT __NAME__ FOR (n:__TYPE__) REQUIRE n.__PROP__ IS UNIQUE")),
+    ("create_constraint_if_not_exists", template(
+        "CREATE CONSTRAINT __NAME__ IF NOT EXISTS FOR (n:__TYPE__) REQUIRE n.__PROP__ IS UNIQUE")),
+    ("create_index", template("CREATE INDEX __NAME__ FOR (n:__TYPE__) ON (n.__PROP__)")),
+    ("create_index_if_not_exists", template("CREATE INDEX __NAME__ IF NOT EXISTS FOR (n:__TYPE__) ON (n.__PROP__)")),
+    ("drop_constraint", template("DROP CONSTRAINT __NAME__")),
+    ("drop_constraint_if_exists", template("DROP CONSTRAINT __NAME__ IF EXISTS")),
+    ("drop_index", template("DROP INDEX __NAME__")),
+    ("drop_index_if_exists", template("DROP INDEX __NAME__ IF EXISTS")),
     ("merge_rels", template(
         "UNWIND $rows AS row MATCH (a {__FERRY__: row.start}), (b {__FERRY__: row.end}) "
         "MERGE (a)-[r:__TYPE__ {__FERRY__: row.id}]->(b) SET r += row.props")),
@@ -719,6 +876,17 @@ STATEMENT_TEXTS = {
     "cleanup": "MATCH (n) WHERE n.`_ferry_id` IS NOT NULL REMOVE n.`_ferry_id`",
     "merge_nodes": "UNWIND $rows AS row MERGE (n:`Label1`:`Label2` {`_ferry_id`: row.id}) SET n += row.props",
     "merge_rels": "UNWIND $rows AS row MATCH (a {`_ferry_id`: row.start}), (b {`_ferry_id`: row.end}) MERGE (a)-[r:`TYPE` {`_ferry_id`: row.id}]->(b) SET r += row.props",
+    "merge_nodes_set_labels": "UNWIND $rows AS row MERGE (n:`_FerryImport` {`_ferry_id`: row.id}) SET n:`Label1`:`Label2`, n += row.props",
+    "merge_labelled_rels": "UNWIND $rows AS row MATCH (a:`_FerryImport` {`_ferry_id`: row.start}), (b:`_FerryImport` {`_ferry_id`: row.end}) MERGE (a)-[r:`TYPE` {`_ferry_id`: row.id}]->(b) SET r += row.props",
+    "clean_label": "MATCH (n:`_FerryImport`) WITH n LIMIT $limit REMOVE n:`_FerryImport`, n.`_ferry_id` RETURN count(n) AS cleaned",
+    "create_constraint": "CREATE CONSTRAINT `ferry_import_id` FOR (n:`_FerryImport`) REQUIRE n.`_ferry_id` IS UNIQUE",
+    "create_constraint_if_not_exists": "CREATE CONSTRAINT `ferry_import_id` IF NOT EXISTS FOR (n:`_FerryImport`) REQUIRE n.`_ferry_id` IS UNIQUE",
+    "create_index": "CREATE INDEX `ferry_import_id` FOR (n:`_FerryImport`) ON (n.`_ferry_id`)",
+    "create_index_if_not_exists": "CREATE INDEX `ferry_import_id` IF NOT EXISTS FOR (n:`_FerryImport`) ON (n.`_ferry_id`)",
+    "drop_constraint": "DROP CONSTRAINT `ferry_import_id`",
+    "drop_constraint_if_exists": "DROP CONSTRAINT `ferry_import_id` IF EXISTS",
+    "drop_index": "DROP INDEX `ferry_import_id`",
+    "drop_index_if_exists": "DROP INDEX `ferry_import_id` IF EXISTS",
     "clean_nodes": "MATCH (n) WHERE n.`_ferry_id` IS NOT NULL WITH n LIMIT $limit REMOVE n.`_ferry_id` RETURN count(n) AS cleaned",
     "clean_rels": "MATCH ()-[r]->() WHERE r.`_ferry_id` IS NOT NULL WITH r LIMIT $limit REMOVE r.`_ferry_id` RETURN count(r) AS cleaned",
     "delete_batch": "MATCH (n) WITH n LIMIT $limit DETACH DELETE n RETURN count(n) AS deleted",
@@ -789,6 +957,7 @@ def run_statement(graph: Graph, name: str, match: re.Match, params: dict) -> tup
             else:
                 props[FERRY_KEY] = storable(ferry_id)
             items.append((labels, props))
+        graph.check_unique(items)
         graph.add_nodes(items)
         return [], []
     if name == "create_rels":
@@ -796,6 +965,7 @@ def run_statement(graph: Graph, name: str, match: re.Match, params: dict) -> tup
         type_ = unquote_name(match.group(1))
         items = []
         for row in rows_param(params["rows"]):
+            graph._lookups((), 2)  # unlabelled: every node is read
             starts = graph.find_ferry(row_get(row, "start"))
             ends = graph.find_ferry(row_get(row, "end"))
             for start in starts:
@@ -806,10 +976,11 @@ def run_statement(graph: Graph, name: str, match: re.Match, params: dict) -> tup
     if name == "cleanup":
         graph.remove_ferry_ids()
         return [], []
-    if name == "merge_nodes":
+    if name in ("merge_nodes", "merge_nodes_set_labels"):
         need(params, "rows")
         labels = [unquote_name(x) for x in re.findall(LABEL_RE, match.group(1))]
-        if any(label == "" for label in labels):
+        set_labels = [] if name == "merge_nodes" else [unquote_name(x) for x in re.findall(LABEL_RE, match.group(2))]
+        if any(label == "" for label in labels + set_labels):
             raise CypherError(CODE_SYNTAX, "'' is not a valid token name. Token names cannot be empty")
         rows = []  # checked first: a failing statement changes nothing
         for row in rows_param(params["rows"]):
@@ -818,21 +989,42 @@ def run_statement(graph: Graph, name: str, match: re.Match, params: dict) -> tup
                 raise CypherError(CODE_MERGE_NULL, "Cannot merge the following node because of null property "
                                   f"value for '{FERRY_KEY}': (n{''.join(':' + x for x in labels)} {{{FERRY_KEY}: null}})")
             rows.append((storable(key), add_map(row_get(row, "props"))))
-        graph.merge_nodes(labels, rows)
+        graph.merge_nodes(labels, rows, set_labels)
         return [], []
-    if name == "merge_rels":
+    if name in ("merge_rels", "merge_labelled_rels"):
         need(params, "rows")
-        type_ = unquote_name(match.group(1))
+        endpoint_label = None
+        if name == "merge_labelled_rels":
+            endpoint_label, other = unquote_name(match.group(1)), unquote_name(match.group(2))
+            if endpoint_label != other:
+                raise syntax_error("MATCH: the emulator only knows one label for both endpoints")
+            type_ = unquote_name(match.group(3))
+        else:
+            type_ = unquote_name(match.group(1))
         rows = []
         for row in rows_param(params["rows"]):
             key = row_get(row, "id")
             rows.append((row_get(row, "start"), row_get(row, "end"), None if key is None else storable(key),
                          add_map(row_get(row, "props"))))
         for start, end, key, _ in rows:  # checked first (MERGE only runs where both ends matched)
-            if key is None and graph.find_ferry(start) and graph.find_ferry(end):
+            if key is None and graph.find_ferry(start, endpoint_label) and graph.find_ferry(end, endpoint_label):
                 raise CypherError(CODE_MERGE_NULL, "Cannot merge the following relationship because of null "
                                   f"property value for '{FERRY_KEY}': (a)-[:{type_} {{{FERRY_KEY}: null}}]->(b)")
-        graph.merge_rels(type_, rows)
+        graph.merge_rels(type_, rows, endpoint_label)
+        return [], []
+    if name == "clean_label":
+        need(params, "limit")
+        cleaned = graph.clean_label(unquote_name(match.group(1)), unquote_name(match.group(2)),
+                                    limit_param(params["limit"]))
+        return ["cleaned"], [[cleaned]]
+    if name.startswith("create_constraint") or name.startswith("create_index"):
+        label, prop = unquote_name(match.group(2)), unquote_name(match.group(3))
+        kind = "constraint" if name.startswith("create_constraint") else "index"
+        graph.create_schema(kind, unquote_name(match.group(1)), label, prop, name.endswith("_if_not_exists"))
+        return [], []
+    if name.startswith("drop_"):
+        kind = "constraint" if name.startswith("drop_constraint") else "index"
+        graph.drop_schema(kind, unquote_name(match.group(1)), name.endswith("_if_exists"))
         return [], []
     if name in ("clean_nodes", "clean_rels"):
         need(params, "limit")
@@ -1004,8 +1196,17 @@ class Emulator:
                     "databases": sorted(self.dbs),
                     "requests": list(self.requests), "query_count": self.query_count,
                     "merge_matches": sum(g.merge_matches for g in self.dbs.values()),
+                    "ferry_scans": sum(g.scans for g in self.dbs.values()),
                     "faults_injected": [dict(f) for f in self.faults_injected],
                     "login_requests": LoginOrigin.snapshot()}
+
+    def database_info(self, name: str):
+        with self.lock:
+            graph = self.dbs.get(name.lower())
+            if graph is None:
+                return None
+            return {"schema": sorted((dict(e) for e in graph.schema.values()), key=lambda e: e["name"]),
+                    "statements": list(graph.log), "scans": graph.scans}
 
     def graph_dump(self, name: str):
         with self.lock:
@@ -1307,6 +1508,7 @@ class Emulator:
             if graph is None:
                 graph = self.dbs[key] = Graph(key, str(uuidlib.uuid4()))
             fields, values = run_statement(graph, name, match, params)
+            graph.log.append(name)
             payload = {"data": {"fields": fields, "values": values}, "bookmarks": [f"FB:{b64url(secrets.token_bytes(24))}"]}
             delay = float(self.switches["query_reply_delay_s"])
         if delay > 0:
@@ -1421,6 +1623,12 @@ class Handler(BaseHandler):
                 if dump is None:
                     raise ApiError(404, f"no database {name}", "not-found")
                 return json_reply(200, dump)
+            if path == "/__control/database" and self.command == "GET":
+                name = query.get("db", [emu.seeded_name])[0]
+                info = emu.database_info(name)
+                if info is None:
+                    raise ApiError(404, f"no database {name}", "not-found")
+                return json_reply(200, info)
             if path == "/__control/reset" and self.command == "POST":
                 return json_reply(200, emu.reset())
             if path == "/__control" and self.command == "POST":
