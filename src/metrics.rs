@@ -61,7 +61,7 @@ pub fn render(sources: &[SourceMetrics<'_>]) -> String {
         family(
             "ferry_last_drill_success",
             "gauge",
-            "1 when the latest restore drill restored every table's rows, else 0.",
+            "1 when the latest restore drill passed (D1: every table's rows; Aura: every label's and type's count), else 0.",
         ),
     ];
     for s in sources {
