@@ -131,6 +131,23 @@ pub struct DxpState {
     pub listed: Option<usize>,
 }
 
+/// The service's words in an answer: its `message`, else the body's start.
+pub(crate) fn message_of(resp: &HttpResponse) -> String {
+    serde_json::from_slice::<Value>(&resp.body)
+        .ok()
+        .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_else(|| resp.snippet(200))
+}
+
+/// A 401 or 403: the credentials are wrong, and asking again will not help.
+pub(crate) fn credentials_refused(resp: &HttpResponse) -> StepError {
+    StepError::permanent(format!(
+        "the DXP backup service refused the credentials (HTTP {}): {}",
+        resp.status,
+        message_of(resp)
+    ))
+}
+
 /// Adds the configured credentials to a request.
 pub fn authorize(cfg: &DxpConfig, req: HttpRequest, creds: &Credentials) -> Result<HttpRequest, StepError> {
     let auth = cfg.auth().ok_or_else(|| StepError::permanent("DXP: no single auth mode configured"))?;
@@ -210,29 +227,17 @@ impl DxpState {
         resp: &HttpResponse,
         input: &StepInput<'_>,
     ) -> Result<Progress, StepError> {
-        let message = || {
-            serde_json::from_slice::<Value>(&resp.body)
-                .ok()
-                .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_string))
-                .unwrap_or_else(|| resp.snippet(200))
-        };
         match resp.status {
             200..=299 => {}
-            401 | 403 => {
-                return Err(StepError::permanent(format!(
-                    "the DXP backup service refused the credentials (HTTP {}): {}",
-                    resp.status,
-                    message()
-                )))
-            }
+            401 | 403 => return Err(credentials_refused(resp)),
             404 | 410 => {
                 return Err(StepError::permanent(format!(
                     "the DXP backup service has no backup list (HTTP {}): {} (from backup service 5.9.0 the REST API may be unavailable; name the backup in the webhook body as {{\"backup_id\": \"…\"}})",
                     resp.status,
-                    message()
+                    message_of(resp)
                 )))
             }
-            _ => return Err(status_error(resp, input.now, format!("the DXP backup service answered HTTP {}: {}", resp.status, message()))),
+            _ => return Err(status_error(resp, input.now, format!("the DXP backup service answered HTTP {}: {}", resp.status, message_of(resp)))),
         }
         let body: Value = serde_json::from_slice(&resp.body).map_err(|_| {
             StepError::permanent(format!(

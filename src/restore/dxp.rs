@@ -32,7 +32,9 @@ use crate::error::StepError;
 use crate::http::{status_error, HttpRequest, HttpResponse, Method};
 use crate::job::{JobId, Task};
 use crate::manifest::Manifest;
-use crate::providers::dxp::{authorize, endpoint, item_id, list_items, DxpConfig, DxpState};
+use crate::providers::dxp::{
+    authorize, credentials_refused, endpoint, item_id, list_items, message_of, DxpConfig, DxpState,
+};
 use crate::providers::{Credentials, ProviderConfig};
 use crate::time::Timestamp;
 
@@ -237,26 +239,12 @@ fn archives_of(key: &str, manifest: &Manifest) -> Result<Archives, StepError> {
     Ok(Archives { folder, database: archive(database), volume: archive(volume) })
 }
 
-/// The service's words in an answer: its `message`, else the body's start.
-fn message_of(resp: &HttpResponse) -> String {
-    serde_json::from_slice::<Value>(&resp.body)
-        .ok()
-        .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_string))
-        .unwrap_or_else(|| resp.snippet(200))
-}
-
 /// A listing's items; `Ok(Err(why))` when the list is unavailable (absent, malformed); `Err` for
 /// refused credentials (permanent) and the service's busy answers (transient).
 fn listing(resp: &HttpResponse, now: Timestamp) -> Result<Result<Vec<Value>, String>, StepError> {
     match resp.status {
         200..=299 => {}
-        401 | 403 => {
-            return Err(StepError::permanent(format!(
-                "the DXP backup service refused the credentials (HTTP {}): {}",
-                resp.status,
-                message_of(resp)
-            )))
-        }
+        401 | 403 => return Err(credentials_refused(resp)),
         408 | 429 | 500..=599 => {
             return Err(status_error(
                 resp,
