@@ -44,6 +44,32 @@ pub struct Artifact {
     pub row_counts: Option<std::collections::BTreeMap<String, u64>>,
 }
 
+#[cfg(test)]
+impl Artifact {
+    /// A stored file as tests describe one: a single part, and no per-part hashes, details, MD5
+    /// or row counts (set them with struct update syntax).
+    pub fn sample(
+        key: impl Into<String>,
+        filename: impl Into<String>,
+        size: u64,
+        sha256: impl Into<String>,
+        content_type: &str,
+    ) -> Self {
+        Self {
+            key: key.into(),
+            filename: filename.into(),
+            size,
+            sha256: sha256.into(),
+            content_type: content_type.into(),
+            parts: 1,
+            part_sha256: Vec::new(),
+            details: None,
+            md5: None,
+            row_counts: None,
+        }
+    }
+}
+
 fn one() -> u32 {
     1
 }
@@ -204,18 +230,7 @@ mod tests {
             scheduled_for: None,
             finished_at: Timestamp::from_secs(1_795_429_510),
             provider: serde_json::json!({"at_bookmark": "b"}),
-            artifacts: vec![Artifact {
-                key: "app-db/f/x.sql".into(),
-                filename: "x.sql".into(),
-                size: 3,
-                sha256: "ab".into(),
-                content_type: "application/sql".into(),
-                parts: 1,
-                part_sha256: Vec::new(),
-                details: None,
-                md5: None,
-                row_counts: None,
-            }],
+            artifacts: vec![Artifact::sample("app-db/f/x.sql", "x.sql", 3, "ab", "application/sql")],
         };
         let v = serde_json::to_value(&m).unwrap();
         for field in ["source", "kind", "job_id", "trigger", "started_at", "finished_at", "provider", "artifacts"] {

@@ -182,17 +182,8 @@ mod tests {
             provider: serde_json::json!({}),
             artifacts: files
                 .iter()
-                .map(|(k, body)| Artifact {
-                    key: (*k).into(),
-                    filename: (*k).into(),
-                    size: body.len() as u64,
-                    sha256: hex::encode(Sha256::digest(body)),
-                    content_type: "application/gzip".into(),
-                    parts: 1,
-                    part_sha256: Vec::new(),
-                    details: None,
-                    md5: None,
-                    row_counts: None,
+                .map(|(k, body)| {
+                    Artifact::sample(*k, *k, body.len() as u64, hex::encode(Sha256::digest(body)), "application/gzip")
                 })
                 .collect(),
         }

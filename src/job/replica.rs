@@ -94,18 +94,7 @@ mod tests {
     }
 
     fn file(name: &str, size: u64, sha: &str) -> Artifact {
-        Artifact {
-            key: format!("{FOLDER}{name}"),
-            filename: name.into(),
-            size,
-            sha256: sha.into(),
-            content_type: "application/gzip".into(),
-            parts: 1,
-            part_sha256: Vec::new(),
-            details: None,
-            md5: None,
-            row_counts: None,
-        }
+        Artifact::sample(format!("{FOLDER}{name}"), name, size, sha, "application/gzip")
     }
 
     fn t0() -> Timestamp {

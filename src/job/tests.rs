@@ -94,18 +94,7 @@ fn d1_error(msg: &str) -> HttpResponse {
 }
 
 fn artifact(key: &str) -> Artifact {
-    Artifact {
-        key: key.into(),
-        filename: "db-1-bm-1.sql".into(),
-        size: 42,
-        sha256: "00".repeat(32),
-        content_type: "application/sql".into(),
-        parts: 1,
-        part_sha256: Vec::new(),
-        details: None,
-        md5: None,
-        row_counts: None,
-    }
+    Artifact::sample(key, "db-1-bm-1.sql", 42, "00".repeat(32), "application/sql")
 }
 
 /// The runtime's answer when the ordered slice stored the whole file.

@@ -44,18 +44,13 @@ fn manifest(snapshot: bool) -> Manifest {
         finished_at: t0(),
         provider: json!({"instance_id": "2f49c2b3", "mode": if snapshot { "both" } else { "logical" },
             "snapshot": if snapshot { json!({"snapshot_id": SID, "status": "Completed"}) } else { Value::Null }}),
-        artifacts: vec![Artifact {
-            key: format!("{FOLDER}graph.jsonl.gz"),
-            filename: "graph.jsonl.gz".into(),
-            size: 100,
-            sha256: "s".into(),
-            content_type: "application/gzip".into(),
-            parts: 1,
-            part_sha256: vec![],
-            details: None,
-            md5: None,
-            row_counts: None,
-        }],
+        artifacts: vec![Artifact::sample(
+            format!("{FOLDER}graph.jsonl.gz"),
+            "graph.jsonl.gz",
+            100,
+            "s",
+            "application/gzip",
+        )],
     }
 }
 

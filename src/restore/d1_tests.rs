@@ -44,16 +44,10 @@ fn manifest(counts: &[(&str, u64)], finished: Timestamp) -> Manifest {
         finished_at: finished,
         provider: json!({"database_id": "db-1", "at_bookmark": "bm-1"}),
         artifacts: vec![Artifact {
-            key: format!("{FOLDER}db.sql"),
-            filename: "db.sql".into(),
-            size: 12_000_000,
-            sha256: "s".into(),
-            content_type: "application/sql".into(),
             parts: 3,
-            part_sha256: vec![],
-            details: None,
             md5: Some(MD5.into()),
             row_counts: Some(counts.iter().map(|(t, n)| (t.to_string(), *n)).collect()),
+            ..Artifact::sample(format!("{FOLDER}db.sql"), "db.sql", 12_000_000, "s", "application/sql")
         }],
     }
 }

@@ -32,18 +32,7 @@ fn t0() -> Timestamp {
 }
 
 fn artifact(name: &str, size: u64) -> Artifact {
-    Artifact {
-        key: format!("{FOLDER}{name}"),
-        filename: name.into(),
-        size,
-        sha256: "s".into(),
-        content_type: "application/gzip".into(),
-        parts: 2,
-        part_sha256: vec![],
-        details: None,
-        md5: None,
-        row_counts: None,
-    }
+    Artifact { parts: 2, ..Artifact::sample(format!("{FOLDER}{name}"), name, size, "s", "application/gzip") }
 }
 
 fn manifest(artifacts: Vec<Artifact>) -> Manifest {
