@@ -395,6 +395,17 @@ FERRY_SOURCES = {toml_string(raw)}
         headers = {"authorization": f"Bearer {token}"} if token else {}
         return self.http.request("GET", path, headers=headers, timeout=timeout)
 
+    def api_post(self, path: str, body: dict, token: str = API_TOKEN) -> tuple[int, dict]:
+        """POSTs `body` as JSON with the bearer token; the status and the JSON answer."""
+        headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
+        status, _, raw = self.http.request("POST", path, json.dumps(body).encode(), headers)
+        return status, json.loads(raw)
+
+    def restore(self, folder: str, body: dict, token: str = API_TOKEN) -> tuple[int, dict]:
+        """`POST /v1/backups/{folder}/restore` (folder as `<source>/<stamp>-<job>`, slash or not)."""
+        path = f"/v1/backups/{urllib.parse.quote(folder.rstrip('/'), safe='/')}/restore"
+        return self.api_post(path, body, token)
+
     def api_json(self, path: str):
         status, _, body = self.api(path)
         assert status == 200, (path, status, body)

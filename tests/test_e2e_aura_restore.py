@@ -6,11 +6,10 @@ from __future__ import annotations
 import gzip
 import json
 import time
-import urllib.parse
 
 import pytest
 
-from harness import API_TOKEN, AURA_INSTANCE, AURA_SECRETS, NEO4J_PASSWORD, AuraEmulator, Ferry, aura_source
+from harness import AURA_INSTANCE, AURA_SECRETS, NEO4J_PASSWORD, AuraEmulator, Ferry, aura_source
 from test_e2e_aura import canonical
 
 import sys
@@ -39,14 +38,8 @@ def world(tmp_path_factory):
     emulator.stop()
 
 
-def post(ferry: Ferry, path: str, body: dict):
-    headers = {"authorization": f"Bearer {API_TOKEN}", "content-type": "application/json"}
-    status, _, raw = ferry.http.request("POST", path, json.dumps(body).encode(), headers)
-    return status, json.loads(raw)
-
-
 def restore(world, body: dict):
-    return post(world["ferry"], f"/v1/backups/{urllib.parse.quote(world['folder'].rstrip('/'), safe='/')}/restore", body)
+    return world["ferry"].restore(world["folder"], body)
 
 
 def node_count(emulator, db: str) -> int:
@@ -201,7 +194,7 @@ def test_a_logical_load_into_a_database_that_is_not_empty_fails_and_writes_nothi
 
 
 def drill(world) -> dict:
-    status, answer = post(world["ferry"], "/v1/sources/graph/drill", {"batch_size": 100})
+    status, answer = world["ferry"].api_post("/v1/sources/graph/drill", {"batch_size": 100})
     assert status == 202, answer
     return world["ferry"].wait_job(answer["job"]["id"], timeout=120)
 

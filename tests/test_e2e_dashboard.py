@@ -14,7 +14,6 @@ import json
 import os
 import re
 import time
-import urllib.parse
 
 import pytest
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.parse
 
 import pytest
 
-from harness import API_TOKEN, DGRAPH_SECRETS, DgraphEmulator, Ferry, dgraph_source
+from harness import DGRAPH_SECRETS, DgraphEmulator, Ferry, dgraph_source
 
 
 def stamp(offset_s: float) -> str:
@@ -48,12 +47,6 @@ def world(tmp_path_factory):
     shared.stop()
 
 
-def post(ferry: Ferry, path: str, body: dict):
-    headers = {"authorization": f"Bearer {API_TOKEN}", "content-type": "application/json"}
-    status, _, raw = ferry.http.request("POST", path, json.dumps(body).encode(), headers)
-    return status, json.loads(raw)
-
-
 def backup(ferry: Ferry, source: str) -> tuple[dict, str]:
     job = ferry.webhook_job(source, timeout=90)
     assert job["phase"] == "committed", job
@@ -63,7 +56,7 @@ def backup(ferry: Ferry, source: str) -> tuple[dict, str]:
 
 
 def restore(ferry: Ferry, folder: str, body: dict):
-    return post(ferry, f"/v1/backups/{urllib.parse.quote(folder, safe='/')}/restore", body)
+    return ferry.restore(folder, body)
 
 
 def stored(ferry: Ferry, manifest: dict) -> dict:

@@ -9,11 +9,10 @@ upload streams multi-part objects out of R2 into one request of known length.
 from __future__ import annotations
 
 import json
-import urllib.parse
 
 import pytest
 
-from harness import API_TOKEN, DXP_SECRETS, DxpEmulator, Ferry, dxp_source
+from harness import DXP_SECRETS, DxpEmulator, Ferry, dxp_source
 
 PART_MIB = 5
 
@@ -39,11 +38,7 @@ def clean(world):
 
 
 def restore(world, body: dict, folder: str | None = None):
-    folder = (folder or world["folder"]).rstrip("/")
-    headers = {"authorization": f"Bearer {API_TOKEN}", "content-type": "application/json"}
-    path = f"/v1/backups/{urllib.parse.quote(folder, safe='/')}/restore"
-    status, _, raw = world["ferry"].http.request("POST", path, json.dumps(body).encode(), headers)
-    return status, json.loads(raw)
+    return world["ferry"].restore(folder or world["folder"], body)
 
 
 def restored(world, body: dict | None = None, timeout: float = 120) -> dict:
@@ -124,6 +119,5 @@ def test_drills_and_targets_are_refused_before_anything_starts(world):
     assert status == 400 and "target" in answer["error"]
     status, answer = restore(world, {"mode": "overwrite"})
     assert status == 400 and "upload" in answer["error"]
-    headers = {"authorization": f"Bearer {API_TOKEN}", "content-type": "application/json"}
-    status, _, raw = world["ferry"].http.request("POST", "/v1/sources/portal/drill", b"{}", headers)
-    assert status == 400 and "no restore drill" in json.loads(raw)["error"]
+    status, answer = world["ferry"].api_post("/v1/sources/portal/drill", {})
+    assert status == 400 and "no restore drill" in answer["error"]

@@ -12,13 +12,12 @@ import hashlib
 import json
 import sqlite3
 import time
-import urllib.parse
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-from harness import API_TOKEN, D1Emulator, Ferry, d1_source
+from harness import D1Emulator, Ferry, d1_source
 from test_e2e_d1 import expected_dump, make_big_db, rows_of
 
 PART_MIB = 5
@@ -58,15 +57,8 @@ def rows_of_path(path: Path) -> dict:
         return rows_of(db)
 
 
-def post(ferry: Ferry, path: str, body: dict, token: str = API_TOKEN):
-    headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
-    status, _, raw = ferry.http.request("POST", path, json.dumps(body).encode(), headers)
-    return status, json.loads(raw)
-
-
 def restore(world, body: dict):
-    return post(world["ferry"], f"/v1/backups/{urllib.parse.quote(world['folder'].rstrip('/'), safe='/')}/restore",
-                body)
+    return world["ferry"].restore(world["folder"], body)
 
 
 def test_the_manifest_records_the_dumps_md5_and_rows_per_table_counted_while_copying(world):
@@ -83,7 +75,7 @@ def test_a_restore_without_the_matching_confirm_is_refused_and_touches_nothing(w
         status, answer = restore(world, body)
         assert status == 400, answer
         assert "confirm" in answer["error"]
-    status, _ = post(world["ferry"], f"/v1/backups/{world['folder']}restore", {}, token="wrong")
+    status, _ = world["ferry"].restore(world["folder"], {}, token="wrong")
     assert status == 401
     state = world["emulator"].state()
     assert state["imports"] == [] and not any("/time_travel/" in r["path"] for r in state["requests"])
@@ -96,8 +88,7 @@ def test_a_folder_without_a_manifest_is_refused_and_touches_nothing(world):
     before = ferry.source("big")["last_job"]["id"]
     uncommitted = world["folder"].rstrip("/") + "x"
     ferry.r2_put(f"{uncommitted}/db.sql", b"PRAGMA defer_foreign_keys=TRUE;\n")  # files, but no manifest
-    path = f"/v1/backups/{urllib.parse.quote(uncommitted, safe='/')}/restore"
-    status, answer = post(ferry, path, {"target": {"database_id": "dst-uuid"}, "confirm": "dst-uuid"})
+    status, answer = ferry.restore(uncommitted, {"target": {"database_id": "dst-uuid"}, "confirm": "dst-uuid"})
     assert status == 404, answer
     assert "is not a committed backup" in answer["error"] and "manifest.json" in answer["error"]
     assert ferry.source("big")["last_job"]["id"] == before, "no job was started"
@@ -153,7 +144,7 @@ def test_time_travel_past_the_window_fails_saying_to_import_instead(world):
 
 
 def drill(world) -> dict:
-    status, answer = post(world["ferry"], "/v1/sources/big/drill", {})
+    status, answer = world["ferry"].api_post("/v1/sources/big/drill", {})
     assert status == 202, answer
     return world["ferry"].wait_job(answer["job"]["id"], timeout=120)
 
