@@ -75,6 +75,17 @@ impl Harness {
         req
     }
 
+    /// An import of an empty dump, up to the moment D1's upload URL is handed to the runtime.
+    fn at_the_upload() -> Self {
+        let mut h = Self::new(Task::Restore, import_params());
+        h.io();
+        h.manifest(manifest(&[], t0()));
+        h.request();
+        h.answer(200, json!({"upload_url": "https://r2.example/up", "filename": "f.sql"}));
+        h.io();
+        h
+    }
+
     fn raw_request(&mut self) -> HttpRequest {
         self.0.request()
     }
@@ -163,12 +174,7 @@ fn an_import_streams_the_dump_to_d1_and_polls_until_complete() {
 
 #[test]
 fn an_upload_whose_etag_is_not_the_md5_fails_naming_both() {
-    let mut h = Harness::new(Task::Restore, import_params());
-    h.io();
-    h.manifest(manifest(&[], t0()));
-    h.request();
-    h.answer(200, json!({"upload_url": "https://r2.example/up", "filename": "f.sql"}));
-    h.io();
+    let mut h = Harness::at_the_upload();
     let a = h.feed(Event::RestoreIo(Ok(IoDone::Uploaded { status: 200, etag: None, body: String::new() })));
     assert_eq!(a, Action::Done);
     assert_eq!(h.job.phase, Phase::Failed);
@@ -203,12 +209,7 @@ fn a_backup_without_an_md5_cannot_be_imported() {
 
 #[test]
 fn a_transient_upload_failure_is_retried() {
-    let mut h = Harness::new(Task::Restore, import_params());
-    h.io();
-    h.manifest(manifest(&[], t0()));
-    h.request();
-    h.answer(200, json!({"upload_url": "https://r2.example/up", "filename": "f.sql"}));
-    h.io();
+    let mut h = Harness::at_the_upload();
     let a = h.feed(Event::RestoreIo(Err(StepError::transient("connection reset"))));
     assert!(matches!(a, Action::Sleep(_)));
     assert_eq!(h.job.phase, Phase::Restoring);
