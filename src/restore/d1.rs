@@ -670,8 +670,8 @@ fn envelope(resp: &HttpResponse, now: Timestamp, step: Step) -> Result<Value, St
         _ => "request",
     };
     // D1 may answer a delete with an empty body.
-    let is_json = serde_json::from_slice::<Value>(&resp.body).is_ok_and(|v| v.is_object());
-    if step == Step::DeleteScratch && !is_json && (200..300).contains(&resp.status) {
+    let not_json = || !serde_json::from_slice::<Value>(&resp.body).is_ok_and(|v| v.is_object());
+    if step == Step::DeleteScratch && (200..300).contains(&resp.status) && not_json() {
         return Ok(Value::Null);
     }
     let body = crate::providers::d1::envelope(resp, now, Some(what))?;
