@@ -172,6 +172,10 @@ pub struct RestoreCx<'a> {
 pub trait Restorer {
     /// The next request or R2 order.
     fn next(&self, cx: &RestoreCx<'_>) -> Result<Next, StepError>;
+    /// The request [`Restorer::next`] just named goes out, and the job is persisted with this
+    /// state first: a machine marks a request that must not be sent again blindly after a restart
+    /// that lost its answer (Aura: an instance create).
+    fn sending(&mut self, _job: &JobId) {}
     /// Folds in the provider's answer to the last request.
     fn on_response(&mut self, resp: &HttpResponse, now: Timestamp) -> Result<Answer, StepError>;
     /// Folds in what an R2 order gave.
@@ -247,6 +251,11 @@ impl RestoreState {
     /// See [`Restorer::next`].
     pub fn next(&self, cx: &RestoreCx<'_>) -> Result<Next, StepError> {
         self.machine().next(cx)
+    }
+
+    /// See [`Restorer::sending`].
+    pub fn sending(&mut self, job: &JobId) {
+        self.machine_mut().sending(job)
     }
 
     /// See [`Restorer::on_response`].
