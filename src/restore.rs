@@ -4,7 +4,7 @@
 //! | provider | restore | drill |
 //! |---|---|---|
 //! | D1 ([`d1`]) | import a dump into a named database; Time Travel to the backup's bookmark | import into a scratch database, compare row counts per table |
-//! | Aura ([`aura`]) | the instance back to the backup's snapshot; the graph export loaded into an empty named database | load into `drill_database`, compare nodes per label and relationships per type |
+//! | Aura ([`aura`]) | the instance back to the backup's snapshot; the graph export loaded into an empty named database | load into a scratch instance created for the drill (then deleted), a spare instance or `drill_database`, compare nodes per label and relationships per type |
 //! | DXP Cloud ([`dxp`]) | upload the database and volume archives to the backup service as a new `Uploaded` backup (overwrites nothing; restored from the console) | none |
 //! | Dgraph ([`dgraph`]) | a dedicated backend goes back to Dgraph's own backup taken at or before the Ferry backup finished (`listBackups` → `restore` → `restoreStatus`); the exports Ferry holds load back with the live loader (gRPC, outside the Worker: `scripts/dgraph_live_load.py`) | none |
 //!
