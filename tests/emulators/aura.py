@@ -1227,6 +1227,8 @@ class Emulator:
         self.faults_injected: list = []
         self.instances = {i: Instance(i, name, self.tenant_id) for i, name in self.instance_specs}
         self.instances_gone: list[str] = []  # ids of created instances deleted and gone, in order
+        self.instances_created: list[str] = []  # ids of instances POST /v1/instances made, in order
+        self.instance_deletes: list[str] = []  # ids of every DELETE /v1/instances/{id} Aura accepted
         if self.seeded.dirty:
             self.seeded = build_seeded(self.seeded_name, self.seed, self.node_count, self.rel_count)
         self.dbs = {self.seeded_name: self.seeded}
@@ -1262,6 +1264,7 @@ class Emulator:
 
     def state(self) -> dict:
         with self.lock:
+            self._purge_gone()
             return {"switches": self.switches, "token_requests": self.token_requests,
                     "tokens": len(self.tokens),
                     "snapshots": [{"snapshot_id": s.snapshot_id, "instance_id": s.instance_id,
@@ -1270,6 +1273,8 @@ class Emulator:
                                    "restore_pending": i.restore_lag_left > 0, "created": i.created}
                                   for i in self.instances.values()],
                     "instances_gone": list(self.instances_gone),
+                    "instances_created": list(self.instances_created),
+                    "instance_deletes": list(self.instance_deletes),
                     "databases": sorted(self.dbs),
                     "requests": list(self.requests), "query_count": self.query_count,
                     "merge_matches": sum(g.merge_matches for g in self.dbs.values()),
@@ -1586,6 +1591,7 @@ class Emulator:
         inst.server = server
         inst.connection_url = f"neo4j://{self.host}:{server.server_address[1]}"
         self.instances[new_id] = inst
+        self.instances_created.append(new_id)
         data = {"id": inst.id, "connection_url": inst.connection_url, "username": "neo4j", "password": inst.password,
                 "tenant_id": inst.tenant_id, "cloud_provider": inst.cloud_provider, "region": inst.region,
                 "type": inst.type, "name": inst.name}
@@ -1598,6 +1604,7 @@ class Emulator:
             raise ApiError(409, f"The database is current undergoing an operation: {status}",
                            "ongoing-database-operation")
         inst.gone_at = time.monotonic() + float(self.switches["destroy_seconds"])
+        self.instance_deletes.append(inst.id)
         return json_reply(202, {"data": inst.public(override)})
 
     def _purge_gone(self):
