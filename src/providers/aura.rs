@@ -98,7 +98,7 @@ pub struct AuraConfig {
     pub drill_database: Option<String>,
     /// Drills into a scratch instance created for each drill (see [`super::aura_drill`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub drill_scratch: Option<super::aura_drill::ScratchSettings>,
+    pub drill_scratch: Option<Box<super::aura_drill::ScratchSettings>>,
     /// Drills into this spare instance.
     #[serde(default, deserialize_with = "fields::opt_text", skip_serializing_if = "Option::is_none")]
     pub drill_instance: Option<String>,

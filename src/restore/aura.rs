@@ -839,7 +839,7 @@ pub struct AuraRestore {
     pub drill_target: Option<DrillTarget>,
     /// Drills into a scratch instance: its life.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scratch: Option<Scratch>,
+    pub scratch: Option<Box<Scratch>>,
 }
 
 fn default_restoring_wait() -> u32 {
@@ -869,7 +869,7 @@ pub struct Scratch {
     pub username: Option<String>,
     /// `drill_scratch` as the job started with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub settings: Option<drill::ScratchSettings>,
+    pub settings: Option<Box<drill::ScratchSettings>>,
     /// Its generated password (never shown; blanked when the job ends).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_password: Option<String>,
@@ -944,7 +944,8 @@ pub fn plan(task: Task, cfg: &AuraConfig, params: &Value, backup: Option<String>
             let target = drill::drill_target(cfg)?;
             state.database = Some(match &target {
                 DrillTarget::Scratch => {
-                    state.scratch = Some(Scratch { settings: cfg.drill_scratch.clone(), ..Scratch::default() });
+                    state.scratch =
+                        Some(Box::new(Scratch { settings: cfg.drill_scratch.clone(), ..Scratch::default() }));
                     drill::SCRATCH_DATABASE.to_string()
                 }
                 DrillTarget::Spare { .. } => {
@@ -1071,15 +1072,15 @@ impl AuraRestore {
     }
 
     fn scratch_settings(&self) -> Result<drill::ScratchSettings, StepError> {
-        self.scratch()?.settings.clone().ok_or_else(|| StepError::permanent("no drill_scratch settings"))
+        self.scratch()?.settings.as_deref().cloned().ok_or_else(|| StepError::permanent("no drill_scratch settings"))
     }
 
     fn scratch(&self) -> Result<&Scratch, StepError> {
-        self.scratch.as_ref().ok_or_else(|| StepError::permanent("no scratch instance"))
+        self.scratch.as_deref().ok_or_else(|| StepError::permanent("no scratch instance"))
     }
 
     fn scratch_mut(&mut self) -> Result<&mut Scratch, StepError> {
-        self.scratch.as_mut().ok_or_else(|| StepError::permanent("no scratch instance"))
+        self.scratch.as_deref_mut().ok_or_else(|| StepError::permanent("no scratch instance"))
     }
 
     fn bearer(&self, req: HttpRequest) -> HttpRequest {
