@@ -94,7 +94,8 @@ Control API
 ``POST /__control`` merges JSON into the switches (unknown switch → 400),
 ``POST /__control/reset`` restores the defaults, forgets tokens, snapshots, counters and the
 request log and puts every database back to its seeded state (non-seeded ones are dropped),
-``GET /__control/state`` reports switches and counters, ``GET /__control/graph?db=<name>``
+``GET /__control/state`` reports switches and counters (with ``instances_created``,
+``instance_deletes`` and ``instances_gone``: instance ids in order), ``GET /__control/graph?db=<name>``
 (``&instance=<id>`` for a created instance's database) dumps a database as ``{nodes:[{id,labels,props}], relationships:[{id,type,start,end,props}]}``.
 
 Injected faults (the ``faults`` switch, see ``common.py``): steps ``token`` (``POST /oauth/token``),
