@@ -290,10 +290,10 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
         )));
     }
     if let (Some(_), ProviderConfig::Aura(aura)) = (&general.drill_schedule, &provider) {
-        if aura.drill_database.is_none() {
+        if let Err(why) = crate::providers::aura_drill::drill_target(aura) {
             return Err(at(FieldError::new(
-                "drill_database",
-                "is required for drills (drill_schedule): the scratch database a drill loads into",
+                "drill_scratch",
+                format!("is required for drills (drill_schedule): {why}"),
             )));
         }
     }
@@ -615,7 +615,10 @@ mod tests {
         assert_eq!(err(d1(json!({"drill_schedule": "weekly"}))).field.as_deref(), Some("drill_schedule"));
         let aura = json!({"name": "g", "kind": "aura", "schedule": "0 4 * * *", "instance_id": "2f49c2b3",
             "client_id_secret": "A", "client_secret_secret": "B", "mode": "snapshot", "drill_schedule": "0 6 * * 1"});
-        assert_eq!(err(aura.clone()).field.as_deref(), Some("drill_database"), "a drill needs its scratch database");
+        assert_eq!(err(aura.clone()).field.as_deref(), Some("drill_scratch"), "a drill needs somewhere to load");
+        let mut with_instance = aura.clone();
+        with_instance["drill_scratch"] = json!({"memory": "1GB"});
+        assert!(Config::from_value(&json!([with_instance])).unwrap().sources[0].drill_schedule.is_some());
         let mut with_scratch = aura;
         with_scratch["drill_database"] = json!("scratch");
         assert!(Config::from_value(&json!([with_scratch])).unwrap().sources[0].drill_schedule.is_some());

@@ -942,10 +942,13 @@ impl Job {
 
     /// The next restore step: a request, R2 work, or the end.
     fn restore_step(mut self, cx: &Context<'_>) -> (Self, Action) {
-        let Some(state) = self.restore.take() else {
+        let Some(mut state) = self.restore.take() else {
             return self.fail("restore job without its state".into(), cx.now);
         };
         let next = state.next(&RestoreCx { source: cx.source, creds: cx.creds, job: &self.id, now: cx.now });
+        if matches!(next, Ok(RestoreNext::Send(_))) {
+            state.sending(&self.id);
+        }
         self.restore = Some(state);
         match next {
             Ok(RestoreNext::Send(req)) => {

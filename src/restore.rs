@@ -4,7 +4,7 @@
 //! | provider | restore | drill |
 //! |---|---|---|
 //! | D1 ([`d1`]) | import a dump into a named database; Time Travel to the backup's bookmark | import into a scratch database, compare row counts per table |
-//! | Aura ([`aura`]) | the instance back to the backup's snapshot; the graph export loaded into an empty named database | load into `drill_database`, compare nodes per label and relationships per type |
+//! | Aura ([`aura`]) | the instance back to the backup's snapshot; the graph export loaded into an empty named database | load into a scratch instance created for the drill (then deleted), a spare instance or `drill_database`, compare nodes per label and relationships per type |
 //! | DXP Cloud ([`dxp`]) | upload the database and volume archives to the backup service as a new `Uploaded` backup (overwrites nothing; restored from the console) | none |
 //! | Dgraph ([`dgraph`]) | a dedicated backend goes back to Dgraph's own backup taken at or before the Ferry backup finished (`listBackups` → `restore` → `restoreStatus`); the exports Ferry holds load back with the live loader (gRPC, outside the Worker: `scripts/dgraph_live_load.py`) | none |
 //!
@@ -172,6 +172,10 @@ pub struct RestoreCx<'a> {
 pub trait Restorer {
     /// The next request or R2 order.
     fn next(&self, cx: &RestoreCx<'_>) -> Result<Next, StepError>;
+    /// The request [`Restorer::next`] just named goes out, and the job is persisted with this
+    /// state first: a machine marks a request that must not be sent again blindly after a restart
+    /// that lost its answer (Aura: an instance create).
+    fn sending(&mut self, _job: &JobId) {}
     /// Folds in the provider's answer to the last request.
     fn on_response(&mut self, resp: &HttpResponse, now: Timestamp) -> Result<Answer, StepError>;
     /// Folds in what an R2 order gave.
@@ -247,6 +251,11 @@ impl RestoreState {
     /// See [`Restorer::next`].
     pub fn next(&self, cx: &RestoreCx<'_>) -> Result<Next, StepError> {
         self.machine().next(cx)
+    }
+
+    /// See [`Restorer::sending`].
+    pub fn sending(&mut self, job: &JobId) {
+        self.machine_mut().sending(job)
     }
 
     /// See [`Restorer::on_response`].

@@ -152,4 +152,15 @@ proptest! {
             }
         }
     }
+
+    #[test]
+    fn aura_instance_answers_never_panic(body in json_value(), url in ".{0,80}", name in ".{0,30}") {
+        use ferry::providers::aura_drill::{created, named, query_api_base};
+        let _ = created(&body);
+        let _ = named(&body, &name);
+        if let Ok(base) = query_api_base(&url) {
+            prop_assert!(base.starts_with("http://") || base.starts_with("https://"), "{base}");
+        }
+        let _ = created(&json!({"data": {"id": "aaaabbbb", "connection_url": url, "username": "u", "password": "p"}}));
+    }
 }

@@ -271,7 +271,7 @@ def test_instances(base):
     assert api(base, "GET", f"/v1/instances?tenantId={data['tenant_id']}", token).json()["data"] == listed
     assert api(base, "GET", "/v1/instances?tenantId=other", token).json()["data"] == []
     assert api(base, "GET", "/v1/tenants", token).json()["data"][0]["id"] == data["tenant_id"]
-    assert api(base, "DELETE", f"/v1/instances/{INSTANCE}", token).status == 405
+    assert api(base, "PUT", f"/v1/instances/{INSTANCE}", token).status == 405
 
     control(base, instance_status="loading failed")
     assert api(base, "GET", f"/v1/instances/{INSTANCE}", token).json()["data"]["status"] == "loading failed"
@@ -363,6 +363,74 @@ def test_snapshot_restore(base):
     statuses = [api(base, "GET", f"/v1/instances/{INSTANCE}", token).json()["data"]["status"] for _ in range(3)]
     assert statuses == ["restoring", "restoring", "running"]
     assert graph(base) == before
+
+
+def test_a_restore_status_that_lags_the_post_reports_running_before_restoring(base):
+    """Aura's instance status may lag the restore POST: the restore has not begun while it still
+    says ``running`` (statuses: aura-cli response.go)."""
+    token = get_token(base)
+    control(base, snapshot_polls=0, restore_lag_polls=2, restore_polls=1)
+    sid = api(base, "POST", f"/v1/instances/{INSTANCE}/snapshots", token).json()["data"]["snapshot_id"]
+    api(base, "GET", f"/v1/instances/{INSTANCE}/snapshots/{sid}", token)
+    before = graph(base)
+    ok(cypher(base, create_nodes_stmt(["Extra"]), {"rows": [{"id": "x", "props": {}}]}))
+    r = api(base, "POST", f"/v1/instances/{INSTANCE}/snapshots/{sid}/restore", token)
+    assert r.status == 202 and r.json()["data"]["status"] == "running"
+    done = lambda: [i for i in state(base)["instances"] if i["id"] == INSTANCE][0]  # noqa: E731
+    assert done()["restore_pending"] and done()["restores_done"] == 0
+    statuses = [api(base, "GET", f"/v1/instances/{INSTANCE}", token).json()["data"]["status"] for _ in range(4)]
+    assert statuses == ["running", "running", "restoring", "running"]
+    assert done()["restores_done"] == 1 and not done()["restore_pending"]
+    assert graph(base) == before
+
+
+def create_body(**over) -> bytes:
+    tenant = over.pop("tenant_id")
+    body = {"version": "5", "region": "europe-west1", "memory": "1GB", "name": "ferry-drill-x",
+            "type": "professional-db", "tenant_id": tenant, "cloud_provider": "gcp", **over}
+    return json.dumps(body).encode()
+
+
+def test_instances_are_created_with_their_own_query_api_listed_and_deleted(base):
+    token = get_token(base)
+    tenant = api(base, "GET", "/v1/tenants", token).json()["data"][0]["id"]
+    control(base, create_seconds=0.4, destroy_seconds=0.3, instance_quota=2)
+    for field, value in (("memory", "3GB"), ("type", "invalid-db"), ("cloud_provider", "ibm"), ("version", "6")):
+        r = api(base, "POST", "/v1/instances", token, create_body(tenant_id=tenant, **{field: value}))
+        assert r.status == 400 and r.json()["errors"][0]["field"] == field, r.raw
+    r = api(base, "POST", "/v1/instances", token, create_body(tenant_id=tenant))
+    assert r.status == 202, r.raw
+    data = r.json()["data"]
+    assert set(data) == {"id", "connection_url", "username", "password", "tenant_id", "cloud_provider", "region",
+                         "type", "name"}
+    new, password = data["id"], data["password"]
+    assert re.fullmatch(r"[0-9a-f]{8}", new) and data["username"] == "neo4j" and data["name"] == "ferry-drill-x"
+    assert "password" not in api(base, "GET", f"/v1/instances/{new}", token).json()["data"], "shown only once"
+    host = "http://" + data["connection_url"].split("://", 1)[1]
+    assert api(base, "GET", f"/v1/instances/{new}", token).json()["data"]["status"] == "creating"
+    assert cypher(host, COUNT_NODES, auth=basic("neo4j", password)).status == 503, "not serving while creating"
+    r = api(base, "DELETE", f"/v1/instances/{new}", token)
+    assert r.status == 409 and r.json()["errors"][0]["reason"] == "ongoing-database-operation"
+    r = api(base, "POST", "/v1/instances", token, create_body(tenant_id=tenant))
+    assert r.status == 400 and r.json()["errors"][0]["reason"] == "instance-quota-reached", "two of two"
+    time.sleep(0.5)
+    assert api(base, "GET", f"/v1/instances/{new}", token).json()["data"]["status"] == "running"
+    assert ok(cypher(host, COUNT_NODES, auth=basic("neo4j", password)))["values"] == [[0]], "its own, empty"
+    assert cypher(host, COUNT_NODES, auth=basic(DB_USER, DB_PASSWORD)).status == 401, "its own user"
+    ok(cypher(host, create_nodes_stmt(["Own"]), {"rows": [{"id": "o", "props": {}}]}, auth=basic("neo4j", password)))
+    assert len(http(base, "GET", f"/__control/graph?db=neo4j&instance={new}").json()["nodes"]) == 1
+    assert len(graph(base)["nodes"]) == NODES, "the source instance's database is another"
+    assert http(host, "GET", "/v1/instances").status == 404, "an instance host serves no management API"
+    listed = api(base, "GET", "/v1/instances", token).json()["data"]
+    assert {"id": new, "name": "ferry-drill-x", "tenant_id": tenant, "cloud_provider": "gcp"} in listed
+    r = api(base, "DELETE", f"/v1/instances/{new}", token)
+    assert r.status == 202 and r.json()["data"]["status"] == "destroying"
+    assert api(base, "DELETE", f"/v1/instances/{new}", token).status == 409
+    time.sleep(0.4)
+    r = api(base, "GET", f"/v1/instances/{new}", token)
+    assert r.status == 404 and r.json()["errors"][0]["reason"] == "db-not-found"
+    assert new not in [i["id"] for i in api(base, "GET", "/v1/instances", token).json()["data"]]
+    assert state(base)["instances_gone"] == [new]
 
 
 # ----- Query API ---------------------------------------------------------------------------------------
@@ -616,7 +684,8 @@ def test_control_api(base):
                         "snapshot_fail": False, "rate_limit": 125, "fail_next": [], "malformed_next": 0,
                         "query_error_next": [], "query_error_status": None, "error_variant": False,
                         "restore_polls": 2, "instance_status": None, "clock_offset": 0, "faults": [],
-                        "query_reply_delay_s": 0}
+                        "query_reply_delay_s": 0, "restore_lag_polls": 0, "create_seconds": 1.0,
+                        "destroy_seconds": 0.5, "instance_quota": None, "create_reply_delay_s": 0}
     before = graph(base)
     get_token(base)
     ok(cypher(base, create_nodes_stmt(["Tmp"]), {"rows": [{"id": "t", "props": {}}]}))

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import time
 
 import pytest
 
-from harness import AURA_INSTANCE, AURA_SECRETS, NEO4J_PASSWORD, AuraEmulator, Ferry, aura_source
+from harness import (AURA_ID, AURA_INSTANCE, AURA_SECRET, AURA_SECRETS, NEO4J_PASSWORD, AuraEmulator, Ferry,
+                     aura_source)
 from test_e2e_aura import canonical
 
 import sys
@@ -18,22 +20,65 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import aura_restore  # noqa: E402
 
 
+def mgmt(emulator, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    """A call to the emulator's Aura API with a fresh token."""
+    auth = base64.b64encode(f"{AURA_ID}:{AURA_SECRET}".encode()).decode()
+    status, _, raw = emulator.http.request("POST", "/oauth/token", b"grant_type=client_credentials", {
+        "Authorization": f"Basic {auth}", "Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 200, raw
+    token = json.loads(raw)["access_token"]
+    status, _, raw = emulator.http.request(method, path, None if body is None else json.dumps(body).encode(), {
+        "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    return status, json.loads(raw)
+
+
+def make_spare(emulator) -> dict:
+    """A spare instance made as a user would (POST /v1/instances), once it is running."""
+    tenant = mgmt(emulator, "GET", "/v1/tenants")[1]["data"][0]["id"]
+    status, answer = mgmt(emulator, "POST", "/v1/instances", {
+        "version": "5", "region": "europe-west1", "memory": "1GB", "name": "spare", "type": "professional-db",
+        "tenant_id": tenant, "cloud_provider": "gcp"})
+    assert status == 202, answer
+    spare = answer["data"]
+    deadline = time.time() + 20
+    while mgmt(emulator, "GET", f"/v1/instances/{spare['id']}")[1]["data"]["status"] != "running":
+        assert time.time() < deadline
+        time.sleep(0.1)
+    return spare
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     work = tmp_path_factory.mktemp("aura-restore-e2e")
     emulator = AuraEmulator(work, nodes=300, rels=600, snapshot_polls=1, restore_polls=2)
+    emulator.control(create_seconds=0.5, destroy_seconds=0.3)
+    spare = make_spare(emulator)
     # Pages of 50 elements, one page per export slice: the export is about 18 gzip members, and
     # the load steps resume from a member's start with a ranged read.
     source = aura_source("graph", emulator, drill_database="scratch", page_size=50, slice_max_pages=1)
-    ferry = Ferry(work / "ferry", [source], secrets=AURA_SECRETS)
+    # Drills into a scratch instance made for each drill, and into the spare instance.
+    scratch = aura_source("graph-scratch", emulator, mode="logical", drill_scratch={"memory": "1GB"})
+    spare_src = aura_source("graph-spare", emulator, mode="logical", drill_instance=spare["id"],
+                            drill_password_secret="SPARE_PASSWORD",
+                            drill_query_api_base="http://" + spare["connection_url"].split("://", 1)[1])
+    ferry = Ferry(work / "ferry", [source, scratch, spare_src],
+                  secrets={**AURA_SECRETS, "SPARE_PASSWORD": spare["password"]})
     original = emulator.graph("neo4j")
-    job = ferry.webhook_job("graph", timeout=120)
-    assert job["phase"] == "committed", job
+    started = {}
+    for name in ("graph", "graph-scratch", "graph-spare"):
+        status, _, payload = ferry.webhook(name)
+        assert status == 202, payload
+        started[name] = payload["job"]["id"]
+    for name, job_id in started.items():
+        job = ferry.wait_job(job_id, timeout=180)
+        assert job["phase"] == "committed", job
+    job = ferry.job(started["graph"])
     (manifest,) = [m for m in ferry.backups("graph") if m["job_id"] == job["id"]]
     _, body = ferry.artifact(manifest["artifacts"][0]["key"])
     assert body.count(b"\x1f\x8b\x08") >= 10, "one gzip member per export slice"
     folder = manifest["artifacts"][0]["key"].rsplit("/", 1)[0] + "/"
-    yield {"ferry": ferry, "emulator": emulator, "original": original, "manifest": manifest, "folder": folder}
+    yield {"ferry": ferry, "emulator": emulator, "original": original, "manifest": manifest, "folder": folder,
+           "spare": spare}
     ferry.stop()
     emulator.stop()
 
@@ -193,14 +238,22 @@ def test_a_logical_load_into_a_database_that_is_not_empty_fails_and_writes_nothi
     assert emulator.graph("busy") == before
 
 
-def drill(world) -> dict:
-    status, answer = world["ferry"].api_post("/v1/sources/graph/drill", {"batch_size": 100})
+def start_drill(world, source: str = "graph") -> str:
+    status, answer = world["ferry"].api_post(f"/v1/sources/{source}/drill", {"batch_size": 100})
     assert status == 202, answer
-    return world["ferry"].wait_job(answer["job"]["id"], timeout=120)
+    return answer["job"]["id"]
 
 
-def drill_record(world) -> dict:
-    (backup,) = [b for b in world["ferry"].backups("graph") if b["job_id"] == world["manifest"]["job_id"]]
+def drill(world, source: str = "graph") -> dict:
+    return world["ferry"].wait_job(start_drill(world, source), timeout=120)
+
+
+def drill_record(world, source: str = "graph") -> dict:
+    backups = world["ferry"].backups(source)
+    if source == "graph":
+        (backup,) = [b for b in backups if b["job_id"] == world["manifest"]["job_id"]]
+    else:
+        backup = backups[0]
     return backup["drill"]
 
 
@@ -226,11 +279,10 @@ def test_a_drill_passes_and_leaves_the_drill_database_empty(world):
     assert_loaded_through_the_import_label(emulator, "scratch", since)
 
 
-def test_a_drill_of_an_altered_export_fails_naming_the_label_and_still_empties_the_drill_database(world):
-    """The export loses its Company nodes and their relationships, with a footer rewritten to match:
-    the file is consistent, but the counts the manifest recorded at backup time are not met."""
-    ferry, emulator = world["ferry"], world["emulator"]
-    (art,) = [a for a in world["manifest"]["artifacts"] if a["filename"] == "graph.jsonl.gz"]
+def altered_export(ferry, manifest: dict) -> tuple[dict, bytes, bytes, int]:
+    """The export without its Company nodes and their relationships, with a footer rewritten to
+    match: (artifact, original bytes, altered bytes, Company nodes the manifest counted)."""
+    (art,) = [a for a in manifest["artifacts"] if a["filename"] == "graph.jsonl.gz"]
     companies = art["details"]["labels"]["Company"]
     assert companies > 0
     _, body = ferry.artifact(art["key"])
@@ -242,8 +294,16 @@ def test_a_drill_of_an_altered_export_fails_naming_the_label_and_still_empties_t
     rels = sum(1 for e in kept if e["type"] == "relationship")
     kept[-1] = {"type": "footer", "nodes": nodes, "relationships": rels}
     assert nodes == 300 - len(gone) and rels < 600
+    return art, body, gzip.compress(("\n".join(json.dumps(e) for e in kept) + "\n").encode()), companies
+
+
+def test_a_drill_of_an_altered_export_fails_naming_the_label_and_still_empties_the_drill_database(world):
+    """The export loses its Company nodes and their relationships, with a footer rewritten to match:
+    the file is consistent, but the counts the manifest recorded at backup time are not met."""
+    ferry, emulator = world["ferry"], world["emulator"]
+    art, body, altered, companies = altered_export(ferry, world["manifest"])
     try:
-        ferry.r2_put(art["key"], gzip.compress(("\n".join(json.dumps(e) for e in kept) + "\n").encode()))
+        ferry.r2_put(art["key"], altered)
         job = drill(world)
         assert job["phase"] == "failed", job
         assert f'label "Company": 0 nodes restored, {companies} in the backup' in job["error"], job["error"]
@@ -256,3 +316,126 @@ def test_a_drill_of_an_altered_export_fails_naming_the_label_and_still_empties_t
         assert database(emulator, "scratch")["statements"][-1] == "drop_constraint_if_exists"
     finally:
         ferry.r2_put(art["key"], body)
+
+
+# ----- item 13: a restore whose status lags the POST ----------------------------------------------------
+
+def instance_state(emulator, instance: str) -> dict:
+    (inst,) = [i for i in emulator.state()["instances"] if i["id"] == instance]
+    return inst
+
+
+def test_a_snapshot_restore_whose_status_lags_the_post_waits_for_restoring(world):
+    """Aura answers the restore POST while the instance still says `running`: the restore has not
+    begun, and the job may not end before it did."""
+    ferry, emulator = world["ferry"], world["emulator"]
+    done_before = instance_state(emulator, AURA_INSTANCE)["restores_done"]
+    emulator.control(restore_lag_polls=2)
+    try:
+        status, answer = restore(world, {"mode": "snapshot", "confirm": AURA_INSTANCE})
+        assert status == 202, answer
+        job = ferry.wait_job(answer["job"]["id"], timeout=60)
+    finally:
+        emulator.control(restore_lag_polls=0)
+    assert job["phase"] == "restored", job
+    inst = instance_state(emulator, AURA_INSTANCE)
+    assert not inst["restore_pending"], "the job ended before the restore began"
+    assert inst["restores_done"] == done_before + 1, "the job ended before the restore finished"
+    assert "never reported" not in job["note"], job["note"]
+
+
+# ----- item 15: drills into a scratch instance and into a spare instance ---------------------------------
+
+def scratch_name(job_id: str) -> str:
+    return f"ferry-drill-{job_id}"
+
+
+def wait_gone(emulator, instance: str, timeout: float = 10) -> None:
+    deadline = time.time() + timeout
+    while instance in [i["id"] for i in emulator.state()["instances"]]:
+        assert time.time() < deadline, f"instance {instance} was not deleted"
+        time.sleep(0.1)
+    assert instance in emulator.state()["instances_gone"]
+
+
+def created_instances(emulator) -> list:
+    return [i for i in emulator.state()["instances"] if i["created"]]
+
+
+def test_a_drill_into_a_scratch_instance_passes_and_deletes_the_instance(world):
+    ferry, emulator = world["ferry"], world["emulator"]
+    before = emulator.state()
+    job = drill(world, "graph-scratch")
+    assert job["phase"] == "restored", job
+    record = drill_record(world, "graph-scratch")
+    assert record["passed"] is True and record["job_id"] == job["id"], record
+    scratch = record["drill_instance"]
+    assert scratch["kind"] == "scratch" and scratch["name"] == scratch_name(job["id"])
+    assert scratch["deleted"] == [scratch["id"]]
+    persons = sum(1 for n in world["original"]["nodes"] if "Person" in n["labels"])
+    assert record["labels"]["Person"] == {"backup": persons, "restored": persons}
+    after = emulator.state()
+    assert after["instances_created"][len(before["instances_created"]):] == [scratch["id"]], "created once"
+    assert after["instance_deletes"][len(before["instance_deletes"]):] == [scratch["id"]], "deleted once, only it"
+    wait_gone(emulator, scratch["id"])
+    assert "secret_password" not in json.dumps(ferry.job(job["id"])), "the scratch password is never shown"
+
+
+def test_a_scratch_drill_of_an_altered_backup_fails_naming_the_label_and_still_deletes_the_instance(world):
+    ferry, emulator = world["ferry"], world["emulator"]
+    (manifest,) = ferry.backups("graph-scratch")[:1]
+    art, body, altered, companies = altered_export(ferry, manifest)
+    try:
+        ferry.r2_put(art["key"], altered)
+        job = drill(world, "graph-scratch")
+    finally:
+        ferry.r2_put(art["key"], body)
+    assert job["phase"] == "failed", job
+    assert f'label "Company": 0 nodes restored, {companies} in the backup' in job["error"], job["error"]
+    record = drill_record(world, "graph-scratch")
+    assert record["passed"] is False and record["drill_instance"]["deleted"] == [record["drill_instance"]["id"]]
+    wait_gone(emulator, record["drill_instance"]["id"])
+    assert created_instances(emulator) == [i for i in created_instances(emulator) if i["id"] == world["spare"]["id"]]
+
+
+def test_a_scratch_drill_killed_after_the_create_post_finds_its_instance_again_and_deletes_it(world):
+    """The runtime is killed while Aura holds the create's answer: the instance exists, its
+    password is lost with the answer. After the restart the drill finds it by name, deletes it,
+    creates another and passes; nothing is left behind."""
+    ferry, emulator = world["ferry"], world["emulator"]
+    created_before = len(emulator.state()["instances_created"])
+    emulator.control(create_reply_delay_s=4)
+    try:
+        job_id = start_drill(world, "graph-scratch")
+        deadline = time.time() + 60
+        while not [i for i in created_instances(emulator) if i["name"] == scratch_name(job_id)]:
+            assert time.time() < deadline, "the create never came"
+            time.sleep(0.05)
+        (first,) = [i["id"] for i in created_instances(emulator) if i["name"] == scratch_name(job_id)]
+        ferry.restart(kill=True)
+    finally:
+        emulator.control(create_reply_delay_s=0)
+    job = ferry.wait_job(job_id, timeout=120)
+    assert job["phase"] == "restored", job
+    record = drill_record(world, "graph-scratch")
+    second = record["drill_instance"]["id"]
+    assert second != first and sorted(record["drill_instance"]["deleted"]) == sorted([first, second]), record
+    assert emulator.state()["instances_created"][created_before:] == [first, second], \
+        "created again only after the first was found and deleted"
+    wait_gone(emulator, first)
+    wait_gone(emulator, second)
+    assert not [i for i in created_instances(emulator) if i["name"].startswith("ferry-drill-")], "no leak"
+
+
+def test_a_drill_into_a_spare_instance_passes(world):
+    emulator, spare = world["emulator"], world["spare"]
+    job = drill(world, "graph-spare")
+    assert job["phase"] == "restored", job
+    record = drill_record(world, "graph-spare")
+    assert record["passed"] is True and record["drill_instance"] == {"kind": "spare", "id": spare["id"]}, record
+    status, _, raw = emulator.http.request("GET", f"/__control/graph?db=neo4j&instance={spare['id']}")
+    assert status == 200 and json.loads(raw) == {"nodes": [], "relationships": []}, "emptied after the drill"
+    status, _, raw = emulator.http.request("GET", f"/__control/database?db=neo4j&instance={spare['id']}")
+    names = json.loads(raw)["statements"]
+    assert "label_counts" in names and names[-1] == "drop_constraint_if_exists", names
+    assert spare["id"] in [i["id"] for i in emulator.state()["instances"]], "a spare instance is never deleted"

@@ -92,10 +92,25 @@ pub struct AuraConfig {
     /// Nodes or relationships per Query API page.
     #[serde(default = "default_page_size", deserialize_with = "fields::count::<_, 1, 50_000>")]
     pub page_size: u32,
-    /// A database on the same Query API that restore drills load into (emptied before and
-    /// after each drill); drills need it.
+    /// The database restore drills load into (emptied before and after each drill): on the
+    /// source's Query API, or with `drill_instance` on that instance's (default `neo4j` there).
     #[serde(default, deserialize_with = "fields::opt_text")]
     pub drill_database: Option<String>,
+    /// Drills into a scratch instance created for each drill (see [`super::aura_drill`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill_scratch: Option<Box<super::aura_drill::ScratchSettings>>,
+    /// Drills into this spare instance.
+    #[serde(default, deserialize_with = "fields::opt_text", skip_serializing_if = "Option::is_none")]
+    pub drill_instance: Option<String>,
+    /// Name of the Worker secret holding the spare instance's database password.
+    #[serde(default, deserialize_with = "fields::opt_secret_name", skip_serializing_if = "Option::is_none")]
+    pub drill_password_secret: Option<String>,
+    /// The spare instance's database user (default `neo4j`).
+    #[serde(default, deserialize_with = "fields::opt_text", skip_serializing_if = "Option::is_none")]
+    pub drill_db_user: Option<String>,
+    /// The spare instance's Query API (default `https://<drill_instance>.databases.neo4j.io`).
+    #[serde(default, deserialize_with = "fields::opt_http_url", skip_serializing_if = "Option::is_none")]
+    pub drill_query_api_base: Option<Url>,
 }
 
 fn neo4j() -> String {
@@ -132,9 +147,7 @@ impl ProviderSettings for AuraConfig {
                 "is required for the logical export (mode \"logical\" or \"both\")",
             ));
         }
-        if self.drill_database.as_deref().is_some_and(|d| d.eq_ignore_ascii_case(&self.database)) {
-            return Err(FieldError::new("drill_database", "must not be the backed-up database: a drill empties it"));
-        }
+        super::aura_drill::check(self)?;
         if self.api_base.is_none() {
             self.api_base = Some(fields::constant_url(Self::DEFAULT_API_BASE, "api_base")?);
         }
@@ -150,6 +163,7 @@ impl ProviderSettings for AuraConfig {
     fn secret_names(&self) -> Vec<&str> {
         let mut names = vec![self.client_id_secret.as_str(), self.client_secret_secret.as_str()];
         names.extend(self.db_password_secret.as_deref());
+        names.extend(self.drill_password_secret.as_deref());
         names
     }
 }

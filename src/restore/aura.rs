@@ -3,7 +3,12 @@
 //! - **Snapshot** (`provider-apis.md` §3.2, §3.3): the instance goes back to the snapshot the
 //!   backup's manifest recorded: token → `POST /v1/instances/{id}/snapshots/{sid}/restore` (202,
 //!   the instance `restoring`) → poll `GET /v1/instances/{id}` until it is no longer `restoring`:
-//!   `running` is done, any other status fails naming it. The POST is never sent again blindly:
+//!   `running` is done, any other status fails naming it. Aura's status may lag the POST (it
+//!   answers 202 and still reports `running` before the restore begins; statuses: aura-cli
+//!   `api/response.go`, polled as aura-cli `api/poll.go` does), so `running` means done only
+//!   once `restoring` was seen, or after the request's `restoring_wait_seconds` (default 600)
+//!   without it (a restore quicker than one poll interval), noted on the job. The POST is never
+//!   sent again blindly:
 //!   when it went unanswered (no answer, or a 5xx), the instance is read first, and a `restoring`
 //!   instance means the POST took effect. An instance seen `running` then gets the POST again:
 //!   restoring the same snapshot twice leaves the same data. `ongoing-database-operation` (Aura is
@@ -39,7 +44,19 @@
 //!   ferry_import_id`). An export with a node labelled `_FerryImport` is refused by the scan. A
 //!   load begun before Ferry loaded this way (its persisted cursor says so) goes on with the
 //!   statements it began with (keyed by `_ferry_id` alone) and their cleanup.
-//! - **Drill**: the source's `drill_database` is emptied (bounded `DETACH DELETE`s), the newest
+//! - **Drill** (where: `providers/aura_drill.rs`): into a **scratch instance**, every tier: the
+//!   source instance is read (`GET /v1/instances/{id}`: tenant, cloud provider, region, type,
+//!   memory), an instance `ferry-drill-<job id>` is created (`POST /v1/instances`; the answer
+//!   carries its `connection_url` and generated password, kept as `secret_password` until the
+//!   job ends), awaited until `running`, loaded and counted as below, and deleted
+//!   (`DELETE /v1/instances/{id}`; a 409 while it is busy is retried until
+//!   `drill_scratch.create_timeout_minutes`), also when a step failed. The create is marked sent
+//!   before it goes out ([`Restorer::sending`]): after a lost answer (a restart, a timeout, a
+//!   5xx) the instance is looked for by name in `GET /v1/instances`; one found is deleted (its
+//!   password is shown only in the lost answer), and once it is gone from the list the create is
+//!   sent again, at most [`MAX_CREATES`] times. Into a **spare instance** (`drill_instance`) or a
+//!   second database of the source (`drill_database`), as follows: the database is emptied
+//!   (bounded `DETACH DELETE`s), the newest
 //!   backup (or the one named) is loaded into it as above and cleaned up (so no node carries the
 //!   import label when counted), nodes per label and relationships per type are counted in the
 //!   database and compared with the counts the manifest recorded when the export was written
@@ -64,6 +81,7 @@ use crate::http::{status_error, HttpRequest, HttpResponse};
 use crate::job::{JobId, Task};
 use crate::manifest::Manifest;
 use crate::providers::aura::{self as provider, AuraConfig, GRAPH_FILE};
+use crate::providers::aura_drill::{self as drill, DrillTarget};
 use crate::providers::{url_with_path, Credentials, ProviderConfig};
 use crate::secret::Secret;
 use crate::time::Timestamp;
@@ -80,6 +98,12 @@ pub const DELETE_LIMIT: u32 = 5_000;
 const MAX_AUTH_RETRIES: u32 = 2;
 /// How long an instance may stay `restoring` before the job gives up watching.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(4 * 3600);
+/// How long after the restore POST `running` is not yet taken as done while `restoring` was
+/// never seen (Aura's status lags the POST), unless the request says `restoring_wait_seconds`.
+pub const DEFAULT_RESTORING_WAIT_SECONDS: u32 = 600;
+/// Scratch instance creates a drill sends at most (each after the last one's answer was lost and
+/// the instance it may have made was deleted).
+pub const MAX_CREATES: u32 = 3;
 
 /// Counts a database's nodes.
 pub const COUNT_NODES: &str = "MATCH (n) RETURN count(n) AS nodes";
@@ -684,6 +708,24 @@ pub enum Step {
     CheckInstance,
     /// Poll the instance until it is no longer `restoring`.
     PollInstance,
+    /// Scratch drills: read the source instance's details (what the scratch instance copies).
+    ReadSourceInstance,
+    /// Scratch drills: create the scratch instance.
+    CreateInstance,
+    /// Scratch drills: the create went out; its answer comes here. Woken here (the answer was
+    /// lost to a restart), the instance is looked for by name first.
+    CreateSent,
+    /// Scratch drills: look for instances of the scratch name (after a lost create answer, or to
+    /// clean up after a failure).
+    FindScratch,
+    /// Scratch drills: delete an instance found by name (its password is unknown).
+    DeleteOrphan,
+    /// Scratch drills: wait until no instance of the scratch name is listed, then create.
+    WaitOrphanGone,
+    /// Scratch drills: poll the scratch instance until it is `running`.
+    WaitRunning,
+    /// Scratch drills: delete the scratch instance (also after a failure).
+    DeleteScratch,
     /// Count the target's nodes (it must be empty).
     CountTarget,
     /// Drills: delete the drill database's nodes, a batch at a time.
@@ -785,6 +827,64 @@ pub struct AuraRestore {
     /// Notes for the reader.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// Snapshot restores: the instance was seen `restoring` after the POST.
+    #[serde(default)]
+    pub seen_restoring: bool,
+    /// Snapshot restores: how long `running` without `restoring` is waited out after the POST.
+    #[serde(default = "default_restoring_wait")]
+    pub restoring_wait_seconds: u32,
+    /// Drills: where the backup is loaded (absent: a drill begun before there was a choice, into
+    /// `drill_database`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill_target: Option<DrillTarget>,
+    /// Drills into a scratch instance: its life.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scratch: Option<Box<Scratch>>,
+}
+
+fn default_restoring_wait() -> u32 {
+    DEFAULT_RESTORING_WAIT_SECONDS
+}
+
+/// A drill's scratch instance, from its create to its delete.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Scratch {
+    /// `ferry-drill-<job id>` (set when the first request goes out).
+    #[serde(default)]
+    pub name: String,
+    /// The create body, from the settings and the source instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_body: Option<Value>,
+    /// Creates sent.
+    #[serde(default)]
+    pub creates: u32,
+    /// The instance, once the create answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Its Query API (from `connection_url`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_api_base: Option<String>,
+    /// Its database user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// `drill_scratch` as the job started with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<Box<drill::ScratchSettings>>,
+    /// Its generated password (never shown; blanked when the job ends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_password: Option<String>,
+    /// When the create answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<Timestamp>,
+    /// Instances of the scratch name found after a lost create answer, still to delete.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub orphans: Vec<String>,
+    /// Instances deleted (the DELETE accepted, or already gone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deleted: Vec<String>,
+    /// When the first delete (or wait for one) of the current instance began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleting_since: Option<Timestamp>,
 }
 
 fn count_param(params: &Value, name: &str, default: u32, max: u32) -> Result<u32, String> {
@@ -826,6 +926,10 @@ pub fn plan(task: Task, cfg: &AuraConfig, params: &Value, backup: Option<String>
         counted_types: BTreeMap::new(),
         failure: None,
         notes: Vec::new(),
+        seen_restoring: false,
+        restoring_wait_seconds: count_param(params, "restoring_wait_seconds", DEFAULT_RESTORING_WAIT_SECONDS, 86_400)?,
+        drill_target: None,
+        scratch: None,
     };
     let needs_password = || {
         cfg.db_password_secret
@@ -837,16 +941,25 @@ pub fn plan(task: Task, cfg: &AuraConfig, params: &Value, backup: Option<String>
             if target.is_some() {
                 return Err("a drill loads into the source's drill_database; it takes no \"target\"".into());
             }
-            let Some(scratch) = cfg.drill_database.clone() else {
-                return Err("an Aura drill needs drill_database in the source's configuration: a database on the \
-                            same Query API that the drill may empty and load into"
-                    .into());
-            };
-            if let Some(e) = needs_password() {
-                return Err(e);
-            }
+            let target = drill::drill_target(cfg)?;
+            state.database = Some(match &target {
+                DrillTarget::Scratch => {
+                    state.scratch =
+                        Some(Box::new(Scratch { settings: cfg.drill_scratch.clone(), ..Scratch::default() }));
+                    drill::SCRATCH_DATABASE.to_string()
+                }
+                DrillTarget::Spare { .. } => {
+                    cfg.drill_database.clone().unwrap_or_else(|| drill::SCRATCH_DATABASE.to_string())
+                }
+                DrillTarget::Database => {
+                    if let Some(e) = needs_password() {
+                        return Err(e);
+                    }
+                    cfg.drill_database.clone().unwrap_or_default()
+                }
+            });
             state.mode = Mode::Drill;
-            state.database = Some(scratch);
+            state.drill_target = Some(target);
             Ok(state)
         }
         Task::Restore => {
@@ -904,6 +1017,35 @@ impl AuraRestore {
 
     fn endpoint(&self, cfg: &AuraConfig, creds: &Credentials) -> Result<(String, Secret), StepError> {
         let db = self.database.as_deref().ok_or_else(|| StepError::permanent("no target database"))?;
+        let at = |base: &str, user: &str, password: &str| -> Result<(String, Secret), StepError> {
+            let base = url::Url::parse(base)
+                .map_err(|e| StepError::permanent(format!("the drill's Query API {base:?} is not a URL ({e})")))?;
+            let pair = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("{user}:{password}"));
+            Ok((url_with_path(&base, &["db", db, "query", "v2"]), Secret::new(format!("Basic {pair}"))))
+        };
+        match &self.drill_target {
+            Some(DrillTarget::Scratch) => {
+                let s = self.scratch.as_ref().ok_or_else(|| StepError::permanent("no scratch instance"))?;
+                let (Some(base), Some(user), Some(password)) = (&s.query_api_base, &s.username, &s.secret_password)
+                else {
+                    return Err(StepError::permanent("the scratch instance's Query API is not known"));
+                };
+                return at(base, user, password);
+            }
+            Some(DrillTarget::Spare { .. }) => {
+                let base = cfg
+                    .drill_query_api_base
+                    .as_ref()
+                    .ok_or_else(|| StepError::permanent("Aura: no drill_query_api_base configured"))?;
+                let secret = cfg
+                    .drill_password_secret
+                    .as_deref()
+                    .ok_or_else(|| StepError::permanent("drill_password_secret is required with drill_instance"))?;
+                let user = cfg.drill_db_user.as_deref().unwrap_or("neo4j");
+                return at(base.as_str(), user, creds.get(secret)?.expose());
+            }
+            Some(DrillTarget::Database) | None => {}
+        }
         let secret = cfg
             .db_password_secret
             .as_deref()
@@ -912,14 +1054,42 @@ impl AuraRestore {
         Ok((url, Secret::new(auth)))
     }
 
+    fn is_api_step(&self) -> bool {
+        matches!(
+            self.step,
+            Step::SnapshotRestore
+                | Step::CheckInstance
+                | Step::PollInstance
+                | Step::ReadSourceInstance
+                | Step::CreateInstance
+                | Step::CreateSent
+                | Step::FindScratch
+                | Step::DeleteOrphan
+                | Step::WaitOrphanGone
+                | Step::WaitRunning
+                | Step::DeleteScratch
+        )
+    }
+
+    fn scratch_settings(&self) -> Result<drill::ScratchSettings, StepError> {
+        self.scratch()?.settings.as_deref().cloned().ok_or_else(|| StepError::permanent("no drill_scratch settings"))
+    }
+
+    fn scratch(&self) -> Result<&Scratch, StepError> {
+        self.scratch.as_deref().ok_or_else(|| StepError::permanent("no scratch instance"))
+    }
+
+    fn scratch_mut(&mut self) -> Result<&mut Scratch, StepError> {
+        self.scratch.as_deref_mut().ok_or_else(|| StepError::permanent("no scratch instance"))
+    }
+
     fn bearer(&self, req: HttpRequest) -> HttpRequest {
         let token = self.secret_access_token.as_deref().unwrap_or_default();
         req.header("authorization", format!("Bearer {token}")).header("content-type", "application/json")
     }
 
     fn next_with(&self, cfg: &AuraConfig, creds: &Credentials, job: &JobId, now: Timestamp) -> Result<Next, StepError> {
-        let api = matches!(self.step, Step::SnapshotRestore | Step::CheckInstance | Step::PollInstance);
-        if api && self.secret_access_token.is_none() {
+        if self.is_api_step() && self.secret_access_token.is_none() {
             return Ok(Next::Send(provider::token_request(cfg, creds)?));
         }
         let sid =
@@ -932,8 +1102,35 @@ impl AuraRestore {
                 headers: Vec::new(),
                 body: None,
             })),
-            Step::CheckInstance | Step::PollInstance => {
+            Step::CheckInstance | Step::PollInstance | Step::ReadSourceInstance => {
                 Next::Send(self.bearer(HttpRequest::get(instance_url(cfg, &[])?)))
+            }
+            Step::CreateInstance => {
+                let s = self.scratch()?;
+                if s.creates >= MAX_CREATES {
+                    return Err(StepError::permanent(format!(
+                        "the drill's scratch instance was created {MAX_CREATES} times without an answer; giving up"
+                    )));
+                }
+                let body = s.create_body.as_ref().ok_or_else(|| StepError::permanent("no create body"))?;
+                Next::Send(
+                    self.bearer(HttpRequest::post_json(url_with_path(cfg.api_base()?, &["v1", "instances"]), body)),
+                )
+            }
+            Step::CreateSent | Step::FindScratch | Step::WaitOrphanGone => {
+                Next::Send(self.bearer(HttpRequest::get(url_with_path(cfg.api_base()?, &["v1", "instances"]))))
+            }
+            Step::DeleteOrphan | Step::WaitRunning | Step::DeleteScratch => {
+                let s = self.scratch()?;
+                let id = match self.step {
+                    Step::DeleteOrphan => s.orphans.first(),
+                    _ => s.id.as_ref(),
+                }
+                .ok_or_else(|| StepError::permanent("no scratch instance id"))?;
+                let url = url_with_path(cfg.api_base()?, &["v1", "instances", id]);
+                let method =
+                    if self.step == Step::WaitRunning { crate::http::Method::Get } else { crate::http::Method::Delete };
+                Next::Send(self.bearer(HttpRequest { method, url, headers: Vec::new(), body: None }))
             }
             Step::CountTarget => {
                 let (url, auth) = self.endpoint(cfg, creds)?;
@@ -998,9 +1195,14 @@ impl AuraRestore {
 
     fn summary(&self, cfg: &AuraConfig) -> String {
         let folder = self.backup.as_ref().map_or("?", |b| b.folder.as_str());
-        let db = self.database.as_deref().unwrap_or("?");
+        let db = self.where_loaded();
+        let db = db.as_str();
         let load = self.load.clone().unwrap_or_default();
-        match self.mode {
+        let mut note = self.notes.join("; ");
+        if !note.is_empty() {
+            note = format!(" ({note})");
+        }
+        let summary = match self.mode {
             Mode::Snapshot => format!(
                 "restored instance {} to snapshot {} (backup {folder})",
                 cfg.instance_id,
@@ -1014,6 +1216,28 @@ impl AuraRestore {
                 "drill of backup {folder} passed: {} nodes, {} relationships loaded into {db} and counted",
                 load.loaded_nodes, load.loaded_relationships
             ),
+        };
+        if self.mode == Mode::Logical {
+            summary
+        } else {
+            format!("{summary}{note}")
+        }
+    }
+
+    /// Where a drill or load went, for its note and record.
+    fn where_loaded(&self) -> String {
+        let db = self.database.as_deref().unwrap_or("?");
+        match (&self.drill_target, &self.scratch) {
+            (Some(DrillTarget::Scratch), Some(s)) => format!(
+                "database {db} of the scratch instance {} ({}, {})",
+                s.id.as_deref().unwrap_or("?"),
+                s.name,
+                if s.id.as_ref().is_some_and(|id| s.deleted.contains(id)) { "deleted" } else { "not deleted" }
+            ),
+            (Some(DrillTarget::Spare { instance_id }), _) => {
+                format!("database {db} of the spare instance {instance_id}")
+            }
+            _ => db.to_string(),
         }
     }
 
@@ -1044,6 +1268,12 @@ impl AuraRestore {
             "passed": self.failure.is_none(),
             "backup": self.backup.as_ref().map(|b| b.folder.clone()),
             "scratch_database": self.database,
+            "drill_instance": match (&self.drill_target, &self.scratch) {
+                (Some(DrillTarget::Scratch), Some(s)) => json!({"kind": "scratch", "id": s.id, "name": s.name,
+                    "deleted": s.deleted}),
+                (Some(DrillTarget::Spare { instance_id }), _) => json!({"kind": "spare", "id": instance_id}),
+                _ => Value::Null,
+            },
             "nodes": load.nodes,
             "relationships": load.relationships,
             "labels": side(&labels, &self.counted_labels),
@@ -1077,7 +1307,9 @@ impl AuraRestore {
                                 backup.folder
                             )));
                         }
-                        if self.mode == Mode::Drill {
+                        if self.drill_target == Some(DrillTarget::Scratch) {
+                            Step::ReadSourceInstance
+                        } else if self.mode == Mode::Drill {
                             Step::EmptyBefore
                         } else {
                             Step::CountTarget
@@ -1108,7 +1340,7 @@ impl AuraRestore {
         }
     }
 
-    /// Folds in an Aura API answer (token, restore, instance).
+    /// Folds in an Aura API answer (token, restore, instance, scratch instance).
     fn api_answer(&mut self, resp: &HttpResponse, now: Timestamp) -> Result<Answer, StepError> {
         if self.secret_access_token.is_none() {
             let (token, expires) = provider::token_answer(resp, now)?;
@@ -1128,20 +1360,30 @@ impl AuraRestore {
                 provider::aura_error(resp)
             )));
         }
-        if self.step == Step::SnapshotRestore && (resp.status >= 500 || resp.status == 429) {
-            // Aura may have acted on it: look at the instance before asking again.
+        if resp.status >= 500 || resp.status == 429 {
+            // Aura may have acted on it: look before asking again.
             self.unanswered_post();
+        }
+        if matches!(self.step, Step::DeleteScratch | Step::DeleteOrphan) && !(200..300).contains(&resp.status) {
+            if let Some(answer) = self.delete_refused(resp, now)? {
+                return Ok(answer);
+            }
         }
         if !(200..300).contains(&resp.status) {
             let words = provider::aura_error(resp);
-            if words.contains("ongoing-database-operation") {
+            if self.step == Step::SnapshotRestore && words.contains("ongoing-database-operation") {
                 return Err(StepError::permanent(format!(
                     "Aura refused the restore: the instance is busy with another operation (HTTP {}): {words}; try \
                      again once it is running",
                     resp.status
                 )));
             }
-            return Err(status_error(resp, now, format!("the Aura API answered HTTP {}: {words}", resp.status)));
+            let what = match self.step {
+                Step::CreateSent => "creating the drill's scratch instance failed: ",
+                Step::WaitRunning => "reading the drill's scratch instance failed: ",
+                _ => "",
+            };
+            return Err(status_error(resp, now, format!("{what}the Aura API answered HTTP {}: {words}", resp.status)));
         }
         self.auth_retries = 0;
         let body: Value = serde_json::from_slice(&resp.body).map_err(|_| malformed("not JSON"))?;
@@ -1152,6 +1394,7 @@ impl AuraRestore {
         match self.step {
             Step::SnapshotRestore => {
                 self.restore_started_at = Some(now);
+                self.seen_restoring |= status.as_deref() == Some("restoring");
                 self.instance_status = status;
                 self.step = Step::PollInstance;
                 Ok(Answer::Pending)
@@ -1164,6 +1407,7 @@ impl AuraRestore {
                         "the restore request went unanswered, but the instance is restoring: it took effect".into(),
                     );
                     self.restore_started_at = Some(now);
+                    self.seen_restoring = true;
                     self.step = Step::PollInstance;
                     Ok(Answer::Pending)
                 } else {
@@ -1178,9 +1422,10 @@ impl AuraRestore {
                 let status = status.ok_or_else(|| malformed("instance without status"))?;
                 self.polls += 1;
                 self.instance_status = Some(status.clone());
+                let started = self.restore_started_at.unwrap_or(now);
                 match status.as_str() {
                     "restoring" => {
-                        let started = self.restore_started_at.unwrap_or(now);
+                        self.seen_restoring = true;
                         if now.since(started) > RESTORE_TIMEOUT {
                             return Err(StepError::permanent(format!(
                                 "instance {} is still restoring after {} h; Ferry stopped watching (the restore \
@@ -1190,6 +1435,20 @@ impl AuraRestore {
                             )));
                         }
                         Ok(Answer::Pending)
+                    }
+                    "running" if !self.seen_restoring => {
+                        // Aura's status lags the POST: `running` may be from before the restore.
+                        let waited = now.since(started);
+                        if waited < Duration::from_secs(u64::from(self.restoring_wait_seconds)) {
+                            return Ok(Answer::Pending);
+                        }
+                        self.notes.push(format!(
+                            "Aura never reported the instance restoring; it was running {} s after the restore \
+                             request, which is taken as done (restoring_wait_seconds)",
+                            waited.as_secs()
+                        ));
+                        self.step = Step::Done;
+                        Ok(Answer::Continue)
                     }
                     "running" => {
                         self.step = Step::Done;
@@ -1201,13 +1460,157 @@ impl AuraRestore {
                     ))),
                 }
             }
+            Step::ReadSourceInstance => {
+                let data = body.get("data").cloned().unwrap_or(Value::Null);
+                let settings = self.scratch_settings()?;
+                let name = self.scratch()?.name.clone();
+                let create = drill::create_body(&settings, &data, &name)?;
+                self.scratch_mut()?.create_body = Some(create);
+                self.step = Step::CreateInstance;
+                Ok(Answer::Continue)
+            }
+            Step::CreateSent => {
+                let made = drill::created(&body)?;
+                let s = self.scratch_mut()?;
+                s.id = Some(made.id.clone());
+                s.query_api_base = Some(made.query_api_base);
+                s.username = Some(made.username);
+                s.secret_password = Some(made.password);
+                s.created_at = Some(now);
+                self.notes.push(format!("created the scratch instance {} ({})", made.id, self.scratch()?.name));
+                self.step = Step::WaitRunning;
+                Ok(Answer::Pending)
+            }
+            Step::FindScratch | Step::WaitOrphanGone => {
+                let name = self.scratch()?.name.clone();
+                let found = drill::named(&body, &name)?;
+                let failing = self.failure.is_some();
+                let deleted = &self.scratch()?.deleted;
+                let to_delete: Vec<String> = found.iter().filter(|id| !deleted.contains(id)).cloned().collect();
+                if self.step == Step::WaitOrphanGone {
+                    if found.is_empty() {
+                        self.step = Step::CreateInstance;
+                        return Ok(Answer::Continue);
+                    }
+                    return self.deleting_for_too_long(now).map(|()| Answer::Pending);
+                }
+                if to_delete.is_empty() {
+                    self.step = match (failing, found.is_empty()) {
+                        (true, _) => Step::Record,
+                        (false, true) => Step::CreateInstance,
+                        (false, false) => Step::WaitOrphanGone,
+                    };
+                    return Ok(Answer::Continue);
+                }
+                self.scratch_mut()?.orphans = to_delete.clone();
+                self.notes.push(format!(
+                    "the answer to creating the scratch instance was lost; found {} by its name {name}: deleting \
+                     (Aura shows an instance's password only in that answer){}",
+                    to_delete.join(", "),
+                    if failing { "" } else { ", then creating it again" }
+                ));
+                self.step = Step::DeleteOrphan;
+                Ok(Answer::Continue)
+            }
+            Step::DeleteOrphan | Step::DeleteScratch => {
+                self.deleted_now();
+                Ok(Answer::Continue)
+            }
+            Step::WaitRunning => {
+                let status = status.ok_or_else(|| malformed("instance without status"))?;
+                match status.as_str() {
+                    "running" => {
+                        self.step = Step::CreateConstraint;
+                        Ok(Answer::Continue)
+                    }
+                    "creating" => {
+                        let s = self.scratch()?;
+                        let since = s.created_at.unwrap_or(now);
+                        let limit = self.scratch_settings()?.create_timeout_minutes;
+                        if now.since(since) > limit {
+                            return Err(StepError::permanent(format!(
+                                "the drill's scratch instance {} was still creating after {} min \
+                                 (drill_scratch.create_timeout_minutes)",
+                                s.id.as_deref().unwrap_or("?"),
+                                limit.as_secs() / 60
+                            )));
+                        }
+                        Ok(Answer::Pending)
+                    }
+                    other => Err(StepError::permanent(format!(
+                        "the drill's scratch instance {} is {other:?}, not running",
+                        self.scratch()?.id.as_deref().unwrap_or("?")
+                    ))),
+                }
+            }
             step => Err(StepError::permanent(format!("an Aura API answer came at {step:?}"))),
         }
     }
 
+    /// A delete that Aura did not accept: gone already (404) or being destroyed counts as done;
+    /// busy (409: creating, another operation) is asked again later, within the create timeout.
+    fn delete_refused(&mut self, resp: &HttpResponse, now: Timestamp) -> Result<Option<Answer>, StepError> {
+        let words = provider::aura_error(resp);
+        if resp.status == 404 || (resp.status == 409 && words.contains("destroying")) {
+            self.deleted_now();
+            return Ok(Some(Answer::Continue));
+        }
+        if resp.status == 409 {
+            if self.scratch()?.deleting_since.is_none() {
+                self.scratch_mut()?.deleting_since = Some(now);
+            }
+            self.deleting_for_too_long(now)?;
+            return Ok(Some(Answer::Pending));
+        }
+        Ok(None)
+    }
+
+    fn deleting_for_too_long(&mut self, now: Timestamp) -> Result<(), StepError> {
+        let limit = self.scratch_settings()?.create_timeout_minutes;
+        let s = self.scratch_mut()?;
+        let since = *s.deleting_since.get_or_insert(now);
+        if now.since(since) > limit {
+            return Err(StepError::permanent(format!(
+                "deleting the drill's scratch instance did not go through within {} min \
+                 (drill_scratch.create_timeout_minutes)",
+                limit.as_secs() / 60
+            )));
+        }
+        Ok(())
+    }
+
+    /// The instance the current delete step is about is deleted (or gone).
+    fn deleted_now(&mut self) {
+        let step = self.step;
+        let failing = self.failure.is_some();
+        let Some(s) = self.scratch.as_mut() else { return };
+        s.deleting_since = None;
+        if step == Step::DeleteOrphan {
+            if !s.orphans.is_empty() {
+                let id = s.orphans.remove(0);
+                s.deleted.push(id);
+            }
+            if s.orphans.is_empty() {
+                self.step = if failing { Step::Record } else { Step::WaitOrphanGone };
+            }
+        } else {
+            if let Some(id) = s.id.clone() {
+                if !s.deleted.contains(&id) {
+                    s.deleted.push(id);
+                }
+            }
+            self.step = Step::Record;
+        }
+    }
+
     fn unanswered_post(&mut self) {
-        if self.step == Step::SnapshotRestore && self.secret_access_token.is_some() {
-            self.step = Step::CheckInstance;
+        if self.secret_access_token.is_none() {
+            return;
+        }
+        match self.step {
+            Step::SnapshotRestore => self.step = Step::CheckInstance,
+            Step::CreateSent => self.step = Step::FindScratch,
+            _ => {}
         }
     }
 
@@ -1278,7 +1681,7 @@ impl AuraRestore {
                     self.step = Step::CountTypes;
                 } else {
                     self.failure = self.compare();
-                    self.step = Step::EmptyAfter;
+                    self.step = if self.scratch.is_some() { Step::DeleteScratch } else { Step::EmptyAfter };
                 }
                 Ok(Answer::Continue)
             }
@@ -1310,6 +1713,35 @@ impl AuraRestore {
         if self.mode != Mode::Drill || self.backup.is_none() {
             return false;
         }
+        if let Some(s) = &self.scratch {
+            let (id, created) = (s.id.clone(), s.creates > 0);
+            match self.step {
+                Step::Record | Step::Done => return false,
+                Step::DeleteScratch | Step::DeleteOrphan | Step::WaitOrphanGone | Step::FindScratch
+                    if self.failure.is_some() || self.step == Step::DeleteScratch =>
+                {
+                    let what = match (&id, self.step) {
+                        (Some(id), Step::DeleteScratch) => format!("the scratch instance {id}"),
+                        _ => format!("the instances named {}", s.name),
+                    };
+                    let cleanup = format!("deleting {what} failed: {message}; delete it in the Aura console");
+                    self.failure = Some(match self.failure.take() {
+                        Some(prior) => format!("{prior}; {cleanup}"),
+                        None => cleanup,
+                    });
+                    self.step = Step::Record;
+                }
+                _ => {
+                    self.failure = Some(message);
+                    self.step = match (id, created) {
+                        (Some(_), _) => Step::DeleteScratch,
+                        (None, true) => Step::FindScratch,
+                        (None, false) => Step::Record,
+                    };
+                }
+            }
+            return true;
+        }
         match self.step {
             Step::Record | Step::Done => false,
             Step::EmptyAfter | Step::DropConstraint => {
@@ -1340,10 +1772,30 @@ impl Restorer for AuraRestore {
         self.next_with(cfg, cx.creds, cx.job, cx.now)
     }
 
+    fn sending(&mut self, job: &JobId) {
+        let token = self.secret_access_token.is_some();
+        if let Some(s) = self.scratch.as_mut() {
+            if s.name.is_empty() {
+                s.name = drill::scratch_name(&job.to_string());
+            }
+            // Persisted before the request goes out: woken at `CreateSent`, the create's answer
+            // was lost, and the instance is looked for by name instead of created again.
+            match self.step {
+                Step::CreateInstance if token => {
+                    s.creates += 1;
+                    self.step = Step::CreateSent;
+                }
+                Step::CreateSent if token => self.step = Step::FindScratch,
+                _ => {}
+            }
+        }
+    }
+
     fn on_response(&mut self, resp: &HttpResponse, now: Timestamp) -> Result<Answer, StepError> {
-        match self.step {
-            Step::SnapshotRestore | Step::CheckInstance | Step::PollInstance => self.api_answer(resp, now),
-            _ => self.query_answer(resp, now),
+        if self.is_api_step() {
+            self.api_answer(resp, now)
+        } else {
+            self.query_answer(resp, now)
         }
     }
 

@@ -791,3 +791,275 @@ fn a_load_begun_before_the_import_label_goes_on_with_its_own_statements_and_clea
     h.feed(Event::RestoreIo(Ok(IoDone::GraphLoaded { cursor: Box::new(loader.cursor), error: None })));
     assert_eq!(statement(&h.request()), aura::LEGACY_CLEANUP_NODES);
 }
+
+// ----- snapshot restores whose status lags the POST ------------------------------------------
+
+fn snapshot_restore_posted(params: Value, post_status: &str) -> H {
+    let mut h = H::new(Task::Restore, params).unwrap();
+    h.manifest(manifest(true));
+    h.token();
+    h.request();
+    assert!(matches!(h.answer(202, json!({"data": {"status": post_status}})), Action::Sleep(_)));
+    h
+}
+
+fn poll(h: &mut H, status: &str) -> Action {
+    let req = h.request();
+    assert_eq!((req.method, req.url.as_str()), (crate::http::Method::Get, "http://aura.test/v1/instances/2f49c2b3"));
+    h.answer(200, json!({"data": {"status": status}}))
+}
+
+#[test]
+fn a_snapshot_restore_whose_status_lags_the_post_is_not_done_at_the_first_running() {
+    // Aura answers the POST and still reports `running` before the restore begins.
+    let mut h = snapshot_restore_posted(json!({"mode": "snapshot", "confirm": "2f49c2b3"}), "running");
+    for _ in 0..2 {
+        assert!(matches!(poll(&mut h, "running"), Action::Sleep(_)), "running before restoring is not done");
+        assert_eq!(h.job.phase, Phase::Restoring);
+    }
+    assert!(matches!(poll(&mut h, "restoring"), Action::Sleep(_)));
+    poll(&mut h, "running");
+    assert!(matches!(h.wake(), Action::Done));
+    assert_eq!(h.job.phase, Phase::Restored, "{:?}", h.job.error);
+    assert!(!h.job.note.as_deref().unwrap().contains("never reported"), "{:?}", h.job.note);
+}
+
+#[test]
+fn running_without_restoring_is_taken_as_done_only_after_the_restoring_wait_and_says_so() {
+    let params = json!({"mode": "snapshot", "confirm": "2f49c2b3", "restoring_wait_seconds": 35});
+    let mut h = snapshot_restore_posted(params, "running");
+    let start = h.now;
+    while h.job.phase == Phase::Restoring && h.now.since(start) < std::time::Duration::from_secs(120) {
+        poll(&mut h, "running");
+        if h.job.phase == Phase::Restoring && h.now.since(start) < std::time::Duration::from_secs(35) {
+            assert!(h.job.next_step_at.is_some(), "still waiting for restoring");
+        }
+        if matches!(h.job.restore, Some(RestoreState::Aura(ref a)) if a.step == aura::Step::Done) {
+            h.wake();
+        }
+    }
+    assert_eq!(h.job.phase, Phase::Restored, "{:?}", h.job.error);
+    assert!(h.now.since(start) >= std::time::Duration::from_secs(35), "not before the wait");
+    assert!(h.job.note.as_deref().unwrap().contains("never reported the instance restoring"), "{:?}", h.job.note);
+    let e = H::new(Task::Restore, json!({"mode": "snapshot", "confirm": "2f49c2b3", "restoring_wait_seconds": 0}));
+    assert!(e.err().unwrap().contains("restoring_wait_seconds"));
+}
+
+// ----- drills into a scratch instance -------------------------------------------------------
+
+const SCRATCH: &str = "5c7a7c11";
+
+fn scratch_source() -> SourceConfig {
+    let mut src = source();
+    if let crate::providers::ProviderConfig::Aura(cfg) = &mut src.provider {
+        cfg.drill_database = None;
+        cfg.drill_scratch =
+            Some(serde_json::from_value(json!({"memory": "1GB", "create_timeout_minutes": 5})).unwrap());
+    }
+    src
+}
+
+fn scratch_drill() -> H {
+    let secrets = [("CID", "id"), ("CSEC", "sec"), ("PW", "pw")];
+    let mut h = H(Driver::start(Task::Drill, scratch_source(), &json!({}), None, &secrets, t0()).unwrap());
+    h.manifest(manifest(true));
+    h.token();
+    let read = h.request();
+    assert_eq!((read.method, read.url.as_str()), (crate::http::Method::Get, "http://aura.test/v1/instances/2f49c2b3"));
+    h.answer(
+        200,
+        json!({"data": {"id": "2f49c2b3", "status": "running", "tenant_id": "T1", "cloud_provider": "aws",
+        "region": "us-east-1", "type": "professional-db", "memory": "8GB", "name": "prod"}}),
+    );
+    h
+}
+
+fn created_answer() -> Value {
+    json!({"data": {"id": SCRATCH, "connection_url": format!("neo4j+s://{SCRATCH}.databases.neo4j.io"),
+        "username": "neo4j", "password": "generated-pw", "tenant_id": "T1", "cloud_provider": "aws",
+        "region": "us-east-1", "type": "professional-db", "name": "ferry-drill-0123456789abcdef"}})
+}
+
+fn expect_create(h: &mut H) {
+    let create = h.request();
+    assert_eq!((create.method, create.url.as_str()), (crate::http::Method::Post, "http://aura.test/v1/instances"));
+    let body: Value = serde_json::from_slice(create.body.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        body,
+        json!({"version": "5", "region": "us-east-1", "memory": "1GB", "name": "ferry-drill-0123456789abcdef",
+            "type": "professional-db", "tenant_id": "T1", "cloud_provider": "aws"}),
+        "the source's tenant, region, type and provider; the configured memory"
+    );
+}
+
+/// From the create answer to the first statement on the scratch instance's Query API.
+fn until_running(h: &mut H) {
+    assert!(matches!(h.answer(202, created_answer()), Action::Sleep(_)));
+    for status in ["creating", "running"] {
+        let get = h.request();
+        assert_eq!(get.url, format!("http://aura.test/v1/instances/{SCRATCH}"));
+        h.answer(200, json!({"data": {"id": SCRATCH, "status": status}}));
+    }
+}
+
+fn expect_delete(h: &mut H) {
+    let del = h.request();
+    assert_eq!(
+        (del.method, del.url.as_str()),
+        (crate::http::Method::Delete, format!("http://aura.test/v1/instances/{SCRATCH}").as_str())
+    );
+    h.answer(202, json!({"data": {"id": SCRATCH, "status": "destroying"}}));
+}
+
+fn basic(user: &str, pw: &str) -> String {
+    format!("Basic {}", base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("{user}:{pw}")))
+}
+
+#[test]
+fn a_scratch_drill_creates_an_instance_like_the_source_loads_it_counts_and_deletes_it() {
+    let mut h = scratch_drill();
+    expect_create(&mut h);
+    until_running(&mut h);
+    let create = h.request();
+    assert_eq!(create.url, format!("https://{SCRATCH}.databases.neo4j.io/db/neo4j/query/v2"), "its own Query API");
+    assert_eq!(create.header_value("authorization"), Some(basic("neo4j", "generated-pw").as_str()));
+    assert_eq!(statement(&create), CREATE_IMPORT_CONSTRAINT, "a new instance is empty: nothing to delete first");
+    h.rows(&[], json!([]));
+    let Io::GraphLoad(order) = h.io() else { panic!("expected the load") };
+    assert!(order.url.starts_with(&format!("https://{SCRATCH}.")));
+    let (cursor, _) = run_loader(&lines(), 500).unwrap();
+    h.feed(Event::RestoreIo(Ok(IoDone::GraphLoaded { cursor: Box::new(cursor), error: None })));
+    for _ in 0..2 {
+        h.request();
+        h.rows(&["cleaned"], json!([[0]]));
+    }
+    assert_eq!(statement(&h.request()), LABEL_COUNTS);
+    h.rows(&["label", "n"], json!([["P", 2], ["C", 1]]));
+    assert_eq!(statement(&h.request()), TYPE_COUNTS);
+    h.rows(&["type", "n"], json!([["K", 1]]));
+    expect_delete(&mut h);
+    let Io::Record { record, .. } = h.io() else { panic!("expected the record") };
+    assert_eq!(record["passed"], json!(true), "{record}");
+    assert_eq!(record["drill_instance"]["id"], json!(SCRATCH));
+    assert_eq!(record["drill_instance"]["deleted"], json!([SCRATCH]));
+    assert!(!record.to_string().contains("generated-pw"));
+    h.feed(Event::RestoreIo(Ok(IoDone::Recorded)));
+    h.wake();
+    assert_eq!(h.job.phase, Phase::Restored, "{:?}", h.job.error);
+    let note = h.job.note.clone().unwrap();
+    assert!(note.contains(&format!("scratch instance {SCRATCH} (ferry-drill-0123456789abcdef, deleted)")), "{note}");
+    assert!(!h.job.public_json().to_string().contains("generated-pw"), "the password is never shown");
+    assert!(!serde_json::to_string(&h.job).unwrap().contains("generated-pw"), "and forgotten at the end");
+}
+
+#[test]
+fn a_scratch_drill_that_fails_after_the_create_still_deletes_the_instance_and_records() {
+    let mut h = scratch_drill();
+    expect_create(&mut h);
+    until_running(&mut h);
+    h.request();
+    h.rows(&[], json!([]));
+    h.io();
+    let err = StepError::permanent("graph.jsonl.gz has no footer line");
+    h.feed(Event::RestoreIo(Ok(IoDone::GraphLoaded { cursor: Box::default(), error: Some(err) })));
+    expect_delete(&mut h);
+    let Io::Record { record, .. } = h.io() else { panic!("expected the record") };
+    assert_eq!(record["passed"], json!(false));
+    assert!(record["error"].as_str().unwrap().contains("no footer"));
+    assert_eq!(record["drill_instance"]["deleted"], json!([SCRATCH]));
+    h.feed(Event::RestoreIo(Ok(IoDone::Recorded)));
+    h.wake();
+    assert_eq!(h.job.phase, Phase::Failed);
+}
+
+#[test]
+fn a_scratch_drill_woken_after_a_lost_create_answer_finds_the_instance_by_name_deletes_it_and_creates_again() {
+    let mut h = scratch_drill();
+    expect_create(&mut h);
+    // The runtime dies with the create in flight: the persisted job wakes with no answer.
+    let lookup = h.request();
+    assert_eq!(
+        (lookup.method, lookup.url.as_str()),
+        (crate::http::Method::Get, "http://aura.test/v1/instances"),
+        "the create is not sent again blindly"
+    );
+    h.answer(
+        200,
+        json!({"data": [{"id": "2f49c2b3", "name": "prod", "tenant_id": "T1", "cloud_provider": "aws"},
+        {"id": "0dd0dd00", "name": "ferry-drill-0123456789abcdef", "tenant_id": "T1", "cloud_provider": "aws"}]}),
+    );
+    let del = h.request();
+    assert_eq!((del.method, del.url.as_str()), (crate::http::Method::Delete, "http://aura.test/v1/instances/0dd0dd00"));
+    h.answer(202, json!({"data": {"id": "0dd0dd00", "status": "destroying"}}));
+    let wait = h.request();
+    assert_eq!(wait.url, "http://aura.test/v1/instances");
+    h.answer(200, json!({"data": [{"id": "0dd0dd00", "name": "ferry-drill-0123456789abcdef"}]}));
+    assert_eq!(h.request().url, "http://aura.test/v1/instances", "until it is gone");
+    h.answer(200, json!({"data": []}));
+    expect_create(&mut h);
+    until_running(&mut h);
+    let note = serde_json::to_string(&h.job.restore).unwrap();
+    assert!(note.contains("found 0dd0dd00 by its name"), "{note}");
+}
+
+#[test]
+fn a_create_that_gets_a_5xx_is_looked_for_before_it_is_sent_again_and_a_drill_failing_then_cleans_up() {
+    let mut h = scratch_drill();
+    expect_create(&mut h);
+    h.answer(503, json!({"errors": [{"message": "unavailable", "reason": "service-unavailable"}]}));
+    let lookup = h.request();
+    assert_eq!((lookup.method, lookup.url.as_str()), (crate::http::Method::Get, "http://aura.test/v1/instances"));
+    h.answer(200, json!({"data": []}));
+    expect_create(&mut h);
+    // Refused for good (the tenant's quota): the drill fails in Aura's words and records it.
+    h.answer(
+        400,
+        json!({"errors": [{"message": "Your tenant has reached its limit of 1 instances", "reason": "instance-quota-reached"}]}),
+    );
+    let lookup = h.request();
+    assert_eq!(lookup.url, "http://aura.test/v1/instances", "anything of its name is cleaned up");
+    h.answer(200, json!({"data": []}));
+    let Io::Record { record, .. } = h.io() else { panic!("expected the record") };
+    let error = record["error"].as_str().unwrap();
+    assert!(error.contains("creating the drill's scratch instance failed") && error.contains("limit of 1"), "{error}");
+    h.feed(Event::RestoreIo(Ok(IoDone::Recorded)));
+    h.wake();
+    assert_eq!(h.job.phase, Phase::Failed);
+}
+
+#[test]
+fn a_delete_refused_while_the_scratch_instance_is_busy_is_asked_again() {
+    let mut h = scratch_drill();
+    expect_create(&mut h);
+    assert!(matches!(h.answer(202, created_answer()), Action::Sleep(_)));
+    h.request();
+    // Still creating when Aura refuses it (stuck): the drill fails and deletes.
+    h.answer(200, json!({"data": {"id": SCRATCH, "status": "loading failed"}}));
+    let del = h.request();
+    assert_eq!(del.method, crate::http::Method::Delete);
+    let busy = json!({"errors": [{"message": "The database is current undergoing an operation: creating",
+        "reason": "ongoing-database-operation"}]});
+    assert!(matches!(h.answer(409, busy), Action::Sleep(_)), "asked again later");
+    assert_eq!(h.request().method, crate::http::Method::Delete);
+    h.answer(404, json!({"errors": [{"message": "DB not found", "reason": "db-not-found"}]}));
+    let Io::Record { record, .. } = h.io() else { panic!("expected the record") };
+    assert!(record["error"].as_str().unwrap().contains("\"loading failed\""), "{record}");
+    assert_eq!(record["drill_instance"]["deleted"], json!([SCRATCH]));
+}
+
+#[test]
+fn a_drill_into_a_spare_instance_empties_and_loads_its_database_with_its_own_credentials() {
+    let mut src = source();
+    if let crate::providers::ProviderConfig::Aura(cfg) = &mut src.provider {
+        cfg.drill_database = None;
+        cfg.drill_instance = Some("aaaabbbb".into());
+        cfg.drill_password_secret = Some("SPW".into());
+        cfg.drill_query_api_base = Some(url::Url::parse("http://spare.test").unwrap());
+    }
+    let secrets = [("CID", "id"), ("CSEC", "sec"), ("PW", "pw"), ("SPW", "spare-pw")];
+    let mut h = H(Driver::start(Task::Drill, src, &json!({}), None, &secrets, t0()).unwrap());
+    h.manifest(manifest(true));
+    let del = h.request();
+    assert_eq!((del.url.as_str(), statement(&del)), ("http://spare.test/db/neo4j/query/v2", DELETE_BATCH.to_string()));
+    assert_eq!(del.header_value("authorization"), Some(basic("neo4j", "spare-pw").as_str()));
+}

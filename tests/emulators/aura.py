@@ -32,6 +32,23 @@ Management API (``api.neo4j.io``)
   ``restoring`` for ``restore_polls`` instance GETs and then ``running``; the instance's
   database goes back to its content at snapshot time.  A conflicting operation answers 409
   ``reason:"ongoing-database-operation"`` (message spelled as in Aura: "is current undergoing").
+  With ``restore_lag_polls`` > 0 the instance's status lags the POST: that many instance GETs
+  still report ``running`` (the restore has not begun), then the snapshot's data goes back and
+  the instance reports ``restoring`` for ``restore_polls`` GETs; ``restores_done`` in the state
+  counts restores that ended.
+* ``POST /v1/instances`` (aura-cli ``instance create``: body ``{version, region, memory, name, type,
+  tenant_id, cloud_provider}``) → **202** ``{data:{id, connection_url, username, password,
+  tenant_id, cloud_provider, region, type, name}}``; the password is shown only in this answer.
+  The instance is ``creating`` for ``create_seconds``, then ``running``; each created instance
+  has its own Query API (an HTTP server of its own, the host of its ``connection_url``
+  ``neo4j://127.0.0.1:<port>``) with one empty database ``neo4j`` and user ``neo4j``.  Past the
+  tenant's ``instance_quota`` (every instance counts until it is gone) the create is refused
+  (400 ``reason:"instance-quota-reached"``).  ``create_reply_delay_s`` creates at once but
+  answers that many seconds late (a client may be gone by then).
+* ``DELETE /v1/instances/{id}`` → **202** ``{data:{…, status:"destroying"}}``; the instance is
+  ``destroying`` for ``destroy_seconds``, then gone (404 ``db-not-found``, out of the list).  An
+  instance busy with another operation (``creating``, ``restoring``, ``destroying``) answers
+  409 ``ongoing-database-operation``.
 * There is **no** snapshot export or download endpoint: every other path answers 404.
 * A sliding 60 s rate limit over ``/oauth`` and ``/v1`` (``rate_limit``, 125 by default) →
   429 with ``Retry-After``.  Every response carries ``X-Request-Id``.
@@ -77,8 +94,9 @@ Control API
 ``POST /__control`` merges JSON into the switches (unknown switch → 400),
 ``POST /__control/reset`` restores the defaults, forgets tokens, snapshots, counters and the
 request log and puts every database back to its seeded state (non-seeded ones are dropped),
-``GET /__control/state`` reports switches and counters, ``GET /__control/graph?db=<name>``
-dumps a database as ``{nodes:[{id,labels,props}], relationships:[{id,type,start,end,props}]}``.
+``GET /__control/state`` reports switches and counters (with ``instances_created``,
+``instance_deletes`` and ``instances_gone``: instance ids in order), ``GET /__control/graph?db=<name>``
+(``&instance=<id>`` for a created instance's database) dumps a database as ``{nodes:[{id,labels,props}], relationships:[{id,type,start,end,props}]}``.
 
 Injected faults (the ``faults`` switch, see ``common.py``): steps ``token`` (``POST /oauth/token``),
 ``snapshot`` (``POST .../snapshots``, creating one), ``snapshot_status`` (``GET
@@ -1075,22 +1093,71 @@ class Snapshot:
                 "exportable": self.status != "Failed"}
 
 
+# Instance statuses: aura-cli neo4j-cli/aura/internal/api/response.go (InstanceStatus*): creating,
+# destroying, running, ..., restoring; aura-cli's PollInstance waits while the status is the one it
+# started from ("creating" after a create), as Ferry does.
 @dataclass
 class Instance:
     id: str
     name: str
     tenant_id: str
     restoring_polls_left: int = 0
+    cloud_provider: str = "gcp"
+    region: str = "europe-west1"
+    type: str = "enterprise-db"
+    memory: str = "8GB"
+    connection_url: str = ""
+    ready_at: float = 0.0               # time.monotonic(): "creating" until then
+    gone_at: float | None = None        # "destroying" until then, then gone
+    restore_lag_left: int = 0           # instance GETs still "running" after a restore POST
+    pending_restore: "Snapshot | None" = None
+    restores_done: int = 0
+    created: bool = False               # made through POST /v1/instances
+    password: str = ""
+    server: object = None               # its own Query API (created instances)
+    dbs: dict | None = None
 
     def status(self, override) -> str:
         if override:
             return str(override)
+        if self.gone_at is not None:
+            return "destroying"
+        if time.monotonic() < self.ready_at:
+            return "creating"
+        if self.restore_lag_left > 0:
+            return "running"  # Aura's status lags the restore POST: the restore has not begun
         return "restoring" if self.restoring_polls_left > 0 else "running"
 
     def public(self, override) -> dict:
+        url = self.connection_url or f"neo4j+s://{self.id}.databases.neo4j.io"
         return {"id": self.id, "name": self.name, "status": self.status(override), "tenant_id": self.tenant_id,
-                "cloud_provider": "gcp", "connection_url": f"neo4j+s://{self.id}.databases.neo4j.io",
-                "region": "europe-west1", "type": "enterprise-db", "memory": "8GB", "storage": "16GB"}
+                "cloud_provider": self.cloud_provider, "connection_url": url,
+                "region": self.region, "type": self.type, "memory": self.memory, "storage": "16GB"}
+
+
+# aura-cli create.go / create_test.go: the values `instance create` accepts.
+INSTANCE_TYPES = ("free-db", "professional-db", "business-critical", "enterprise-db", "professional-ds",
+                  "enterprise-ds")
+INSTANCE_MEMORY = ("1GB", "2GB", "4GB", "8GB", "16GB", "24GB", "32GB", "48GB", "64GB", "128GB", "192GB", "256GB",
+                   "384GB", "512GB")
+CLOUD_PROVIDERS = ("gcp", "aws", "azure")
+
+
+class InstanceQueryView:
+    """What a created instance's own Query API server sees as its emulator: the instance's
+    databases and user, everything else (lock, switches, request log, faults) shared."""
+
+    query = None  # set below: the emulator's Query API, run over this instance's databases
+    check_db_auth = None
+
+    def __init__(self, emulator: "Emulator", inst: Instance):
+        self._emulator = emulator
+        self.instance = inst
+        self.dbs = inst.dbs
+        self.db_user, self.db_password = "neo4j", inst.password
+
+    def __getattr__(self, name):
+        return getattr(self._emulator, name)
 
 
 SWITCH_TYPES = {
@@ -1098,6 +1165,8 @@ SWITCH_TYPES = {
     "rate_limit": "int?", "fail_next": "list", "malformed_next": "int", "query_error_next": "list",
     "query_error_status": "int?", "error_variant": "bool", "restore_polls": "int",
     "instance_status": "str?", "clock_offset": "number", "query_reply_delay_s": "number",
+    "restore_lag_polls": "int", "create_seconds": "number", "destroy_seconds": "number",
+    "instance_quota": "int?", "create_reply_delay_s": "number",
 }
 
 
@@ -1130,13 +1199,16 @@ class Emulator:
         self.seed, self.node_count, self.rel_count = args.seed, args.nodes, args.rels
         self.seeded_name = args.database.lower()
         self.tenant_id = str(uuidlib.UUID(int=random.Random(f"aura-tenant:{args.seed}").getrandbits(128), version=4))
+        self.host = args.host
+        self.instances: dict[str, Instance] = {}
         self.instance_specs = [(i, args.instance_name or f"Instance{n + 1:02d}") for n, i in enumerate(args.instance)]
         self.defaults = {
             "token_ttl": args.token_ttl, "expire_tokens_now": False, "snapshot_polls": args.snapshot_polls,
             "snapshot_fail": False, "rate_limit": 125, "fail_next": [], "malformed_next": 0,
             "query_error_next": [], "query_error_status": None, "error_variant": False,
             "restore_polls": args.restore_polls, "instance_status": None, "clock_offset": 0, "faults": [],
-            "query_reply_delay_s": 0,
+            "query_reply_delay_s": 0, "restore_lag_polls": 0, "create_seconds": 1.0, "destroy_seconds": 0.5,
+            "instance_quota": None, "create_reply_delay_s": 0,
         }
         self.lock = threading.RLock()
         self.seeded = build_seeded(self.seeded_name, self.seed, self.node_count, self.rel_count)
@@ -1144,6 +1216,8 @@ class Emulator:
         self._reset_state()
 
     def _reset_state(self):
+        for inst in getattr(self, "instances", {}).values():
+            self._stop_instance_server(inst)
         self.switches = copy.deepcopy(self.defaults)
         self.tokens: dict[str, Token] = {}
         self.token_requests = 0
@@ -1153,6 +1227,9 @@ class Emulator:
         self.query_count = 0
         self.faults_injected: list = []
         self.instances = {i: Instance(i, name, self.tenant_id) for i, name in self.instance_specs}
+        self.instances_gone: list[str] = []  # ids of created instances deleted and gone, in order
+        self.instances_created: list[str] = []  # ids of instances POST /v1/instances made, in order
+        self.instance_deletes: list[str] = []  # ids of every DELETE /v1/instances/{id} Aura accepted
         if self.seeded.dirty:
             self.seeded = build_seeded(self.seeded_name, self.seed, self.node_count, self.rel_count)
         self.dbs = {self.seeded_name: self.seeded}
@@ -1188,11 +1265,17 @@ class Emulator:
 
     def state(self) -> dict:
         with self.lock:
+            self._purge_gone()
             return {"switches": self.switches, "token_requests": self.token_requests,
                     "tokens": len(self.tokens),
                     "snapshots": [{"snapshot_id": s.snapshot_id, "instance_id": s.instance_id,
                                    "status": s.status, "polls": s.polls} for s in self.snapshots.values()],
-                    "instances": [i.public(self.switches["instance_status"]) for i in self.instances.values()],
+                    "instances": [{**i.public(self.switches["instance_status"]), "restores_done": i.restores_done,
+                                   "restore_pending": i.restore_lag_left > 0, "created": i.created}
+                                  for i in self.instances.values()],
+                    "instances_gone": list(self.instances_gone),
+                    "instances_created": list(self.instances_created),
+                    "instance_deletes": list(self.instance_deletes),
                     "databases": sorted(self.dbs),
                     "requests": list(self.requests), "query_count": self.query_count,
                     "merge_matches": sum(g.merge_matches for g in self.dbs.values()),
@@ -1200,17 +1283,23 @@ class Emulator:
                     "faults_injected": [dict(f) for f in self.faults_injected],
                     "login_requests": LoginOrigin.snapshot()}
 
-    def database_info(self, name: str):
+    def _dbs_of(self, instance: str | None) -> dict:
+        if instance is None:
+            return self.dbs
+        inst = self.instances.get(instance)
+        return inst.dbs if inst is not None and inst.dbs is not None else {}
+
+    def database_info(self, name: str, instance: str | None = None):
         with self.lock:
-            graph = self.dbs.get(name.lower())
+            graph = self._dbs_of(instance).get(name.lower())
             if graph is None:
                 return None
             return {"schema": sorted((dict(e) for e in graph.schema.values()), key=lambda e: e["name"]),
                     "statements": list(graph.log), "scans": graph.scans}
 
-    def graph_dump(self, name: str):
+    def graph_dump(self, name: str, instance: str | None = None):
         with self.lock:
-            graph = self.dbs.get(name.lower())
+            graph = self._dbs_of(instance).get(name.lower())
             return None if graph is None else json.loads(json.dumps(graph.dump()))
 
     def record(self, method: str, path: str, status: int, step: str | None = None):
@@ -1334,7 +1423,7 @@ class Emulator:
             raise ApiError(404, f"DB not found: {instance_id}", "db-not-found")
         return inst
 
-    def route_v1(self, method: str, path: str, query: dict, fault: dict | None = None) -> Reply:
+    def route_v1(self, method: str, path: str, query: dict, fault: dict | None = None, body: bytes = b"") -> Reply:
         override = self.switches["instance_status"]
         if RE_TENANTS.match(path):
             self._method(method, "GET")
@@ -1346,19 +1435,31 @@ class Emulator:
                 raise ApiError(404, f"Tenant not found: {m.group(1)}", "tenant-not-found")
             return json_reply(200, {"data": {"id": self.tenant_id, "name": "ferry-test-tenant",
                                              "instance_configurations": []}})
+        self._purge_gone()
         if RE_INSTANCES.match(path):
+            if method == "POST":
+                return self.create_instance(body)
             self._method(method, "GET")
             tenant = query.get("tenantId", [None])[0]
-            data = [{"id": i.id, "name": i.name, "tenant_id": i.tenant_id, "cloud_provider": "gcp"}
+            # aura-cli `instance list`: id, name, tenant_id, cloud_provider of each instance.
+            data = [{"id": i.id, "name": i.name, "tenant_id": i.tenant_id, "cloud_provider": i.cloud_provider}
                     for i in self.instances.values() if tenant in (None, i.tenant_id)]
             return json_reply(200, {"data": data})
         m = RE_INSTANCE.match(path)
         if m:
+            if method == "DELETE":
+                return self.delete_instance(self.instance(m.group(1)), override)
             self._method(method, "GET")
             inst = self.instance(m.group(1))
             reply = json_reply(200, {"data": inst.public(override)})
-            if inst.restoring_polls_left > 0:
+            if inst.restore_lag_left > 0:
+                inst.restore_lag_left -= 1
+                if inst.restore_lag_left == 0:
+                    self._apply_restore(inst)
+            elif inst.restoring_polls_left > 0:
                 inst.restoring_polls_left -= 1
+                if inst.restoring_polls_left == 0:
+                    inst.restores_done += 1
             return reply
         m = RE_SNAPSHOTS.match(path)
         if m:
@@ -1437,11 +1538,88 @@ class Emulator:
         if snap.status != "Completed":
             raise ApiError(400, f"Snapshot {snapshot_id} is not restorable (status {snap.status})",
                            "snapshot-not-restorable")
-        if snap.data is not None:
+        inst.pending_restore = snap
+        inst.restore_lag_left = max(0, int(self.switches["restore_lag_polls"]))
+        if inst.restore_lag_left == 0:
+            self._apply_restore(inst)
+        return json_reply(202, {"data": inst.public(override)})
+
+    def _apply_restore(self, inst: Instance):
+        """The restore begins: the data goes back, the instance reports ``restoring``."""
+        snap, inst.pending_restore = inst.pending_restore, None
+        if snap is not None and snap.data is not None:
             self.seeded = snap.data.clone()
             self.dbs[self.seeded_name] = self.seeded
         inst.restoring_polls_left = max(0, int(self.switches["restore_polls"]))
+        if inst.restoring_polls_left == 0:
+            inst.restores_done += 1
+
+    # -- instances created and deleted through the API --
+    def create_instance(self, body: bytes) -> Reply:
+        """``POST /v1/instances``, checked as aura-cli's ``instance create`` checks its flags."""
+        try:
+            req = json.loads(body or b"null")
+        except ValueError:
+            raise ApiError(400, "Invalid request body", "invalid-request")
+        if not isinstance(req, dict):
+            raise ApiError(400, "Invalid request body", "invalid-request")
+        for name in ("name", "type", "tenant_id", "version", "memory", "region", "cloud_provider"):
+            if not isinstance(req.get(name), str) or not req[name].strip():
+                raise ApiError(400, f"{name} is required", "invalid-request", field_=name)
+        checks = (("type", INSTANCE_TYPES), ("memory", INSTANCE_MEMORY), ("cloud_provider", CLOUD_PROVIDERS),
+                  ("version", ("4", "5")))
+        for name, allowed in checks:
+            if req[name] not in allowed:
+                raise ApiError(400, f"{name} must be one of {', '.join(allowed)}", "invalid-request", field_=name)
+        if req["tenant_id"] != self.tenant_id:
+            raise ApiError(404, f"Tenant not found: {req['tenant_id']}", "tenant-not-found")
+        quota = self.switches["instance_quota"]
+        if quota is not None and sum(1 for i in self.instances.values() if i.tenant_id == self.tenant_id) >= quota:
+            # The reason string is the emulator's: Aura documents the limit ("You can only create one
+            # AuraDB Free instance per account", Aura docs "Creating an instance"), not its error body.
+            raise ApiError(400, f"Your tenant has reached its limit of {quota} instances", "instance-quota-reached")
+        while True:
+            new_id = secrets.token_hex(4)
+            if new_id not in self.instances:
+                break
+        inst = Instance(new_id, req["name"], self.tenant_id, cloud_provider=req["cloud_provider"],
+                        region=req["region"], type=req["type"], memory=req["memory"], created=True,
+                        ready_at=time.monotonic() + float(self.switches["create_seconds"]),
+                        password=secrets.token_urlsafe(24), dbs={"neo4j": Graph("neo4j", str(uuidlib.uuid4()))})
+        view = InstanceQueryView(self, inst)
+        server = bind_server(InstanceHandler, view, (self.host, 0))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        inst.server = server
+        inst.connection_url = f"neo4j://{self.host}:{server.server_address[1]}"
+        self.instances[new_id] = inst
+        self.instances_created.append(new_id)
+        data = {"id": inst.id, "connection_url": inst.connection_url, "username": "neo4j", "password": inst.password,
+                "tenant_id": inst.tenant_id, "cloud_provider": inst.cloud_provider, "region": inst.region,
+                "type": inst.type, "name": inst.name}
+        return json_reply(202, {"data": data})
+
+    def delete_instance(self, inst: Instance, override) -> Reply:
+        """``DELETE /v1/instances/{id}`` (aura-cli delete.go): 202, then ``destroying`` until gone."""
+        status = inst.status(override)
+        if status != "running":
+            raise ApiError(409, f"The database is current undergoing an operation: {status}",
+                           "ongoing-database-operation")
+        inst.gone_at = time.monotonic() + float(self.switches["destroy_seconds"])
+        self.instance_deletes.append(inst.id)
         return json_reply(202, {"data": inst.public(override)})
+
+    def _purge_gone(self):
+        now = time.monotonic()
+        for inst in [i for i in self.instances.values() if i.gone_at is not None and i.gone_at <= now]:
+            del self.instances[inst.id]
+            self.instances_gone.append(inst.id)
+            self._stop_instance_server(inst)
+
+    @staticmethod
+    def _stop_instance_server(inst: Instance):
+        if inst.server is not None:
+            server, inst.server = inst.server, None
+            threading.Thread(target=lambda: (server.shutdown(), server.server_close()), daemon=True).start()
 
     # -- Query API --
     def check_db_auth(self, headers):
@@ -1591,7 +1769,11 @@ class Handler(BaseHandler):
                     return emu.issue_token(self.headers, body)
                 emu.authorise(self.headers)
                 with emu.lock:
-                    return emu.route_v1(self.command, path, query, fault)
+                    reply = emu.route_v1(self.command, path, query, fault, body)
+                delay = float(emu.switches["create_reply_delay_s"])
+                if delay > 0 and self.command == "POST" and RE_INSTANCES.match(path):
+                    time.sleep(delay)  # the instance exists; its answer is late (a client may be gone by then)
+                return reply
             except ApiError as exc:
                 return exc.reply()
         if path.startswith("/db/"):
@@ -1619,13 +1801,13 @@ class Handler(BaseHandler):
                 return json_reply(200, emu.state())
             if path == "/__control/graph" and self.command == "GET":
                 name = query.get("db", [emu.seeded_name])[0]
-                dump = emu.graph_dump(name)
+                dump = emu.graph_dump(name, query.get("instance", [None])[0])
                 if dump is None:
                     raise ApiError(404, f"no database {name}", "not-found")
                 return json_reply(200, dump)
             if path == "/__control/database" and self.command == "GET":
                 name = query.get("db", [emu.seeded_name])[0]
-                info = emu.database_info(name)
+                info = emu.database_info(name, query.get("instance", [None])[0])
                 if info is None:
                     raise ApiError(404, f"no database {name}", "not-found")
                 return json_reply(200, info)
@@ -1640,6 +1822,23 @@ class Handler(BaseHandler):
             raise ApiError(404, "No such control endpoint", "not-found")
         except ApiError as exc:
             return exc.reply()
+
+
+class InstanceHandler(Handler):
+    """A created instance's own host: its Query API only (no management API, no control API)."""
+
+    def route(self, path: str, query: dict, body: bytes, fault: dict | None = None) -> Reply:
+        inst = self.emulator.instance
+        if not path.startswith("/db/"):
+            return json_reply(404, {"errors": [{"message": "Not Found", "reason": "not-found"}]})
+        if inst.status(None) != "running":
+            # Not serving yet (creating) or any more (destroying).
+            return cypher_error_reply(503, CODE_UNAVAILABLE, f"Instance {inst.id} is {inst.status(None)}")
+        return super().route(path, query, body, fault)
+
+
+InstanceQueryView.query = Emulator.query
+InstanceQueryView.check_db_auth = Emulator.check_db_auth
 
 
 # ----- startup ----------------------------------------------------------------------------
