@@ -5,12 +5,13 @@
 //! (stale), and in between, or when the latest backup or verification failed, amber. The dashboard,
 //! `GET /v1/sources`, the metrics and the `stale` alert all read this one judgement.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::job::{Phase, Task};
-use crate::ledger::JobSummary;
+use crate::ledger::{JobSummary, MemberJobs};
 use crate::schedule::Schedule;
 use crate::time::Timestamp;
 
@@ -112,6 +113,53 @@ pub fn assess(
     judge(Light::Green, format!("the newest committed backup is {} old", human(age)))
 }
 
+/// Judges a source as a whole and, in account mode (a Dgraph account's backends), each member
+/// on its own: a member's judgement reads its own latest exports (`members`) with the source's
+/// jobs that belong to no member (the discovery jobs, verifications). The source's judgement is
+/// then its worst member's, naming that member: one backend's commit cannot turn the source
+/// green while another's backups are missing or old. Without members it is [`assess`] of the
+/// history.
+pub fn assess_source(
+    schedule: &Schedule,
+    max_age: Option<Duration>,
+    history: &[JobSummary],
+    members: &BTreeMap<String, MemberJobs>,
+    watched_since: Option<Timestamp>,
+    now: Timestamp,
+) -> (Health, BTreeMap<String, Health>) {
+    if members.is_empty() {
+        return (assess(schedule, max_age, history, watched_since, now), BTreeMap::new());
+    }
+    let shared: Vec<&JobSummary> = history.iter().filter(|h| h.member.is_none()).collect();
+    let judged: BTreeMap<String, Health> = members
+        .iter()
+        .map(|(member, latest)| {
+            let mut own: Vec<JobSummary> = shared.iter().map(|h| (*h).clone()).collect();
+            for job in [&latest.last_committed, &latest.last_finished].into_iter().flatten() {
+                if !own.iter().any(|h| h.id == job.id) {
+                    own.push(job.clone());
+                }
+            }
+            own.sort_by_key(|h| h.finished_at);
+            (member.clone(), assess(schedule, max_age, &own, watched_since, now))
+        })
+        .collect();
+    let worst = judged
+        .iter()
+        .max_by_key(|(_, h)| (severity(h.light), std::cmp::Reverse(h.last_backup_at)))
+        .map(|(member, h)| Health { reason: format!("backend {member}: {}", h.reason), ..h.clone() });
+    let source = worst.unwrap_or_else(|| assess(schedule, max_age, history, watched_since, now));
+    (source, judged)
+}
+
+fn severity(light: Light) -> u8 {
+    match light {
+        Light::Green => 0,
+        Light::Amber => 1,
+        Light::Red => 2,
+    }
+}
+
 /// A duration in the largest whole unit that fits: `3 d 4 h`, `5 h 10 min`, `42 s`.
 pub fn human(d: Duration) -> String {
     let s = d.as_secs();
@@ -143,6 +191,7 @@ mod tests {
             bytes: 10,
             error: error.map(str::to_string),
             folder: None,
+            member: None,
         }
     }
 
@@ -204,6 +253,75 @@ mod tests {
         let old = assess(&daily(), None, &[], Some(at("2026-11-20T01:00:00Z")), now);
         assert_eq!(old.light, Light::Red);
         assert_eq!(old.last_backup_at, None);
+    }
+
+    fn member_job(member: &str, phase: Phase, finished: &str, error: Option<&str>) -> JobSummary {
+        JobSummary {
+            id: JobId::new(format!("{:016x}", finished.len() * 13 + member.len() * 7 + phase as usize)),
+            member: Some(member.into()),
+            ..job(Task::Export, phase, finished, error)
+        }
+    }
+
+    fn members(latest: &[(&str, Option<JobSummary>, Option<JobSummary>)]) -> BTreeMap<String, MemberJobs> {
+        latest
+            .iter()
+            .map(|(m, committed, finished)| {
+                let jobs = MemberJobs { last_committed: committed.clone(), last_finished: finished.clone() };
+                (m.to_string(), jobs)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn in_account_mode_one_backends_commit_does_not_turn_the_source_green() {
+        let now = at("2026-11-28T05:00:00Z");
+        let fresh = member_job("alpha", Phase::Committed, "2026-11-28T03:05:00Z", None);
+        let old = member_job("beta", Phase::Committed, "2026-11-25T03:05:00Z", None);
+        let history = [old.clone(), fresh.clone()];
+        let latest = members(&[("alpha", Some(fresh.clone()), Some(fresh)), ("beta", Some(old.clone()), Some(old))]);
+        let (source, each) = assess_source(&daily(), None, &history, &latest, None, now);
+        assert_eq!(each["alpha"].light, Light::Green);
+        assert_eq!(each["beta"].light, Light::Red);
+        assert_eq!(source.light, Light::Red, "the worst member's");
+        assert!(source.is_stale() && source.reason.starts_with("backend beta: "), "{}", source.reason);
+        assert_eq!(source.last_backup_at, Some(at("2026-11-25T03:05:00Z")));
+    }
+
+    #[test]
+    fn in_account_mode_a_backends_failed_export_makes_the_source_amber_naming_it() {
+        let now = at("2026-11-28T05:00:00Z");
+        let alpha = member_job("alpha", Phase::Committed, "2026-11-28T03:05:00Z", None);
+        let beta_ok = member_job("beta", Phase::Committed, "2026-11-28T03:06:00Z", None);
+        let beta_failed = member_job("beta", Phase::Failed, "2026-11-28T04:06:00Z", Some("Dgraph export failed: x"));
+        // The history is short and holds only alpha's latest job: beta is judged by its own record.
+        let history = [alpha.clone()];
+        let latest =
+            members(&[("alpha", Some(alpha.clone()), Some(alpha)), ("beta", Some(beta_ok), Some(beta_failed))]);
+        let (source, each) = assess_source(&daily(), None, &history, &latest, None, now);
+        assert_eq!(each["alpha"].light, Light::Green);
+        assert_eq!(each["beta"].light, Light::Amber);
+        assert_eq!(source.reason, "backend beta: the last backup failed: Dgraph export failed: x");
+    }
+
+    #[test]
+    fn in_account_mode_a_failed_discovery_counts_against_every_backend() {
+        let now = at("2026-11-28T05:00:00Z");
+        let alpha = member_job("alpha", Phase::Committed, "2026-11-28T03:05:00Z", None);
+        let login = job(Task::Export, Phase::Failed, "2026-11-28T04:00:00Z", Some("Dgraph Cloud login failed: no"));
+        let latest = members(&[("alpha", Some(alpha.clone()), Some(alpha.clone()))]);
+        let (source, each) = assess_source(&daily(), None, &[alpha, login], &latest, None, now);
+        assert_eq!(each["alpha"].light, Light::Amber);
+        assert!(source.reason.contains("Dgraph Cloud login failed"), "{}", source.reason);
+    }
+
+    #[test]
+    fn without_members_the_source_is_one_series() {
+        let now = at("2026-11-28T05:00:00Z");
+        let history = [job(Task::Export, Phase::Committed, "2026-11-28T03:05:00Z", None)];
+        let (source, each) = assess_source(&daily(), None, &history, &BTreeMap::new(), None, now);
+        assert_eq!(source, assess(&daily(), None, &history, None, now));
+        assert!(each.is_empty());
     }
 
     #[test]

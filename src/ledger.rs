@@ -78,6 +78,20 @@ pub struct Ledger {
     /// Alert bookkeeping: the stale episode, whether it is failing, events waiting to be queued.
     #[serde(default)]
     pub alerts: AlertState,
+    /// In account mode, each member's latest export jobs (a Dgraph account's backends), by
+    /// member: health, staleness and metrics judge every member on its own, and the history is
+    /// too short to hold them for a large account.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub members: BTreeMap<String, MemberJobs>,
+}
+
+/// One member's latest export jobs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberJobs {
+    /// Its latest export that committed or failed.
+    pub last_finished: Option<JobSummary>,
+    /// Its latest committed export.
+    pub last_committed: Option<JobSummary>,
 }
 
 /// How many finished jobs [`Ledger::history`] keeps.
@@ -106,6 +120,9 @@ pub struct JobSummary {
     /// The backup folder it made or checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub folder: Option<String>,
+    /// In account mode, the member (a Dgraph account's backend) an export backed up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
 }
 
 impl JobSummary {
@@ -139,6 +156,7 @@ impl JobSummary {
             bytes,
             error: job.error.as_ref().map(|e| e.chars().take(500).collect()),
             folder,
+            member: if job.task == Task::Export { job.provider.member() } else { None },
         })
     }
 }
@@ -395,16 +413,43 @@ impl Ledger {
         }
         self.alerts.job_ended(&job.source, &job.kind, &summary);
         *self.outcomes.entry(summary.phase).or_default() += 1;
+        if let (Some(member), Task::Export, Phase::Committed | Phase::Failed) =
+            (&summary.member, summary.task, summary.phase)
+        {
+            let latest = self.members.entry(member.clone()).or_default();
+            if summary.phase == Phase::Committed {
+                latest.last_committed = Some(summary.clone());
+            }
+            latest.last_finished = Some(summary.clone());
+        }
         self.history.push(summary);
         let excess = self.history.len().saturating_sub(MAX_HISTORY);
         self.history.drain(..excess);
     }
 
+    /// Keeps the members an account lists now (a discovery found them) and forgets the others
+    /// (a backend deleted from the account no longer counts towards the source's health).
+    pub fn keep_members(&mut self, listed: &[String]) {
+        self.members.retain(|m, _| listed.contains(m));
+    }
+
+    /// The source's health at `now` and, in account mode, each member's (see
+    /// [`crate::health::assess_source`]).
+    pub fn health(
+        &self,
+        schedule: &Schedule,
+        max_age: Option<Duration>,
+        now: Timestamp,
+    ) -> (crate::health::Health, BTreeMap<String, crate::health::Health>) {
+        crate::health::assess_source(schedule, max_age, &self.history, &self.members, self.watched_since, now)
+    }
+
     /// At a cron tick at `at`: judges the source's health then and raises `stale` (into the
     /// outbox) when it is red and no stale episode is under way. Judging at the tick's own time
     /// keeps the decision a function of its inputs (a late or replayed tick judges its moment).
+    /// In account mode the source is stale when one of its members is.
     pub fn check_stale(&mut self, source: &SourceConfig, at: Timestamp) -> Option<AlertEvent> {
-        let health = crate::health::assess(&source.schedule, source.max_age, &self.history, self.watched_since, at);
+        let (health, _) = self.health(&source.schedule, source.max_age, at);
         self.alerts.ticked(&source.name, source.kind(), &health, at)
     }
 
@@ -618,6 +663,44 @@ mod tests {
         job.finished_at = Some(at);
         job.error = (phase == Phase::Failed).then(|| "no such database".to_string());
         job
+    }
+
+    fn backend_job(n: u8, backend: &str, phase: Phase, at: Timestamp) -> Job {
+        let mut job = finished(id(n), phase, at);
+        job.provider = crate::providers::ProviderState::Dgraph(crate::providers::dgraph::DgraphState {
+            backend: Some(crate::providers::dgraph::Backend {
+                uid: format!("0x{n}"),
+                name: backend.into(),
+                url: format!("https://{backend}.example"),
+                secret_jwt: "jwt".into(),
+            }),
+            ..Default::default()
+        });
+        job
+    }
+
+    #[test]
+    fn in_account_mode_each_backend_keeps_its_latest_jobs_past_the_history_and_stale_names_it() {
+        let mut l = Ledger::default();
+        let source = d1_source(60);
+        l.remember(&backend_job(1, "beta", Phase::Committed, at("2026-11-28T09:00:00Z")));
+        l.remember(&backend_job(2, "beta", Phase::Failed, at("2026-11-28T09:30:00Z")));
+        for n in 0..(MAX_HISTORY as u8 + 5) {
+            l.remember(&backend_job(10 + n, "alpha", Phase::Committed, at("2026-11-28T10:50:00Z")));
+        }
+        assert!(l.history.iter().all(|h| h.member.as_deref() == Some("alpha")), "beta fell out of the history");
+        let beta = &l.members["beta"];
+        assert_eq!(beta.last_committed.as_ref().map(|h| h.id.clone()), Some(id(1)));
+        assert_eq!(beta.last_finished.as_ref().map(|h| h.phase), Some(Phase::Failed));
+        // alpha committed 11 minutes ago; beta's newest backup is two hours old: the source is stale.
+        l.alerts.outbox.clear();
+        let stale = l.check_stale(&source, at("2026-11-28T11:01:00Z")).expect("stale");
+        assert!(stale.reason.as_deref().unwrap().starts_with("backend beta: "), "{stale:?}");
+        // A backend the account no longer lists stops counting.
+        l.keep_members(&["alpha".to_string()]);
+        assert_eq!(l.members.keys().collect::<Vec<_>>(), ["alpha"]);
+        let (health, _) = l.health(&source.schedule, source.max_age, at("2026-11-28T11:00:00Z"));
+        assert_eq!(health.light, crate::health::Light::Green);
     }
 
     #[test]

@@ -63,6 +63,12 @@ pub fn render(sources: &[SourceMetrics<'_>]) -> String {
             "gauge",
             "1 when the latest restore drill passed (D1: every table's rows; Aura: every label's and type's count), else 0.",
         ),
+        family(
+            "ferry_member_healthy",
+            "gauge",
+            "Account mode: 1 when the member (a Dgraph account's backend) is green, else 0.",
+        ),
+        family("ferry_member_stale", "gauge", "Account mode: 1 when no committed backup of the member is within max_age."),
     ];
     for s in sources {
         let r = s.report;
@@ -71,11 +77,28 @@ pub fn render(sources: &[SourceMetrics<'_>]) -> String {
         put(0, &format!("{source},kind=\"{}\"", escape(s.kind)), 1.0);
         put(1, &source, if r.health.light == Light::Green { 1.0 } else { 0.0 });
         put(2, &source, if r.health.is_stale() { 1.0 } else { 0.0 });
+        // In account mode every member is its own series: its newest backup carries its label,
+        // and no source-wide "newest backup" (one member's) stands for the others.
         let last = r.history.iter().rev().find(|h| h.task == Task::Export && h.phase == Phase::Committed);
-        if let Some(last) = last {
-            put(3, &source, last.finished_at.millis() as f64 / 1000.0);
-            put(4, &source, last.bytes as f64);
-            put(5, &source, last.finished_at.since(last.started_at).as_secs_f64());
+        let newest: Vec<(String, &crate::ledger::JobSummary)> = if r.members.is_empty() {
+            last.map(|l| (source.clone(), l)).into_iter().collect()
+        } else {
+            r.members
+                .iter()
+                .filter_map(|(m, status)| {
+                    status.last_backup.as_ref().map(|l| (format!("{source},member=\"{}\"", escape(m)), l))
+                })
+                .collect()
+        };
+        for (labels, last) in newest {
+            put(3, &labels, last.finished_at.millis() as f64 / 1000.0);
+            put(4, &labels, last.bytes as f64);
+            put(5, &labels, last.finished_at.since(last.started_at).as_secs_f64());
+        }
+        for (m, status) in &r.members {
+            let labels = format!("{source},member=\"{}\"", escape(m));
+            put(14, &labels, if status.health.light == Light::Green { 1.0 } else { 0.0 });
+            put(15, &labels, if status.health.is_stale() { 1.0 } else { 0.0 });
         }
         for (phase, n) in &r.outcomes {
             let outcome = serde_json::to_value(phase).ok().and_then(|v| v.as_str().map(str::to_string));
@@ -165,6 +188,7 @@ mod tests {
             bytes,
             error: None,
             folder: None,
+            member: None,
         }
     }
 
@@ -186,6 +210,7 @@ mod tests {
                 summary(Task::Drill, Phase::Restored, 1_300, 1_350, 0),
             ],
             outcomes: BTreeMap::from([(Phase::Committed, 3), (Phase::Failed, 1)]),
+            members: BTreeMap::new(),
         }
     }
 
@@ -213,6 +238,41 @@ mod tests {
         let names: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).collect();
         assert!(names.iter().all(|n| text.contains(&format!("# HELP {}", n.split(' ').next().unwrap()))));
         assert!(!text.contains("ferry_job_copied_bytes"), "no sample, no family");
+    }
+
+    #[test]
+    fn in_account_mode_each_backend_is_its_own_series_labelled_by_member() {
+        let mut r = report();
+        let member = |light, at: i64, bytes| crate::status::MemberStatus {
+            health: Health {
+                light,
+                reason: "r".into(),
+                max_age_seconds: 7200,
+                last_backup_at: Some(Timestamp::from_secs(at)),
+            },
+            last_backup: Some(summary(Task::Export, Phase::Committed, at - 10, at, bytes)),
+        };
+        r.members = BTreeMap::from([
+            ("alpha".to_string(), member(Light::Green, 5_000, 10)),
+            ("beta".to_string(), member(Light::Red, 1_000, 20)),
+        ]);
+        r.health.light = Light::Red;
+        let text = render(&[SourceMetrics { name: "acct", kind: "dgraph", report: &r, backups_retained: Some(4) }]);
+        for line in [
+            "ferry_source_healthy{source=\"acct\"} 0",
+            "ferry_member_healthy{source=\"acct\",member=\"alpha\"} 1",
+            "ferry_member_healthy{source=\"acct\",member=\"beta\"} 0",
+            "ferry_member_stale{source=\"acct\",member=\"beta\"} 1",
+            "ferry_last_success_timestamp_seconds{source=\"acct\",member=\"alpha\"} 5000",
+            "ferry_last_success_timestamp_seconds{source=\"acct\",member=\"beta\"} 1000",
+            "ferry_last_backup_size_bytes{source=\"acct\",member=\"beta\"} 20",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        assert!(
+            !text.contains("ferry_last_success_timestamp_seconds{source=\"acct\"}"),
+            "no source-wide newest backup stands for one member"
+        );
     }
 
     #[test]

@@ -18,6 +18,10 @@
 //! verifies (it has a `verify_schedule`), every backup whose replacement has not passed
 //! verification (the newest backup verified `ok`, and everything newer).
 //!
+//! In account mode (a Dgraph account's backends) every member is its own series: the rules, the
+//! newest-backup and the verification protections apply to each member's backups apart, so one
+//! backend's backups never push another's out.
+//!
 //! [`plan`] is pure: backups and "now" are arguments, nothing is read or deleted here. The
 //! runtime lists the source's manifests, builds [`BackupInfo`]s, calls [`plan`] and deletes
 //! what the plan says (manifest first); `GET /v1/sources/{name}/retention` shows the same plan.
@@ -390,6 +394,8 @@ pub struct BackupInfo {
     /// Its last verification: `Some(true)` for `ok`, `Some(false)` for a mismatch, `None` when it
     /// was never verified.
     pub verified: Option<bool>,
+    /// In account mode, the member it belongs to ([`member`]): each member is its own series.
+    pub member: Option<String>,
 }
 
 /// The time retention counts a backup at: the cron fire time it serves when it was scheduled,
@@ -397,6 +403,15 @@ pub struct BackupInfo {
 /// however long its job waited (a catch-up, a busy source), so periods follow the schedule.
 pub fn backup_time(manifest: &Manifest) -> Timestamp {
     manifest.scheduled_for.unwrap_or(manifest.started_at)
+}
+
+/// In account mode, the member a backup belongs to (a Dgraph account's backend, as its manifest's
+/// references name it); `None` for a source of one database.
+pub fn member(manifest: &Manifest) -> Option<String> {
+    match manifest.kind.as_str() {
+        "dgraph" => crate::providers::dgraph::member_of(&manifest.provider),
+        _ => None,
+    }
 }
 
 /// The calendar periods of the period rules.
@@ -515,6 +530,9 @@ pub struct Decision {
     pub action: Action,
     /// Every rule and protection that keeps it (empty when it goes).
     pub reasons: Vec<Reason>,
+    /// In account mode, the member whose series it was judged in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
 }
 
 /// What happens to a backup.
@@ -554,6 +572,7 @@ impl Plan {
                 time: b.time,
                 action: Action::Keep,
                 reasons: vec![Reason::NoPolicy],
+                member: b.member.clone(),
             })
             .collect();
         Self { backups }
@@ -568,7 +587,20 @@ fn newest_first(backups: &[BackupInfo]) -> Vec<&BackupInfo> {
 
 /// Decides, for every backup, whether it is kept and why. `verifies` says whether the source has
 /// a `verify_schedule`; `now` only decides which backups are "in the future" for `keep_within`.
+/// Each member's backups (account mode) are planned as a series of their own.
 pub fn plan(policy: &RetentionPolicy, backups: &[BackupInfo], verifies: bool, now: Timestamp) -> Plan {
+    let mut series: std::collections::BTreeMap<Option<&str>, Vec<BackupInfo>> = std::collections::BTreeMap::new();
+    for b in backups {
+        series.entry(b.member.as_deref()).or_default().push(b.clone());
+    }
+    let mut decisions: Vec<Decision> =
+        series.values().flat_map(|one| plan_series(policy, one, verifies, now).backups).collect();
+    decisions.sort_by(|a, b| b.time.cmp(&a.time).then_with(|| b.folder.cmp(&a.folder)));
+    Plan { backups: decisions }
+}
+
+/// [`plan`] of one series.
+fn plan_series(policy: &RetentionPolicy, backups: &[BackupInfo], verifies: bool, now: Timestamp) -> Plan {
     let order = newest_first(backups);
     let n = order.len();
     let mut reasons: Vec<Vec<Reason>> = vec![Vec::new(); n];
@@ -633,6 +665,7 @@ pub fn plan(policy: &RetentionPolicy, backups: &[BackupInfo], verifies: bool, no
             time: b.time,
             action: if reasons.is_empty() { Action::Delete } else { Action::Keep },
             reasons,
+            member: b.member.clone(),
         })
         .collect();
     Plan { backups }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::health::{assess, Health};
+use crate::health::Health;
 use crate::job::{CopyProgress, Job, Phase};
 use crate::ledger::{JobSummary, Ledger};
 use crate::schedule::Schedule;
@@ -28,6 +28,19 @@ pub struct SourceReport {
     pub history: Vec<JobSummary>,
     /// Finished jobs by how they ended, since the first.
     pub outcomes: BTreeMap<Phase, u64>,
+    /// In account mode, each member (a Dgraph account's backend) on its own: its health and its
+    /// newest committed backup. `health` is then the worst member's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub members: BTreeMap<String, MemberStatus>,
+}
+
+/// One member of an account-mode source.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberStatus {
+    /// Green, amber or red, and why, for this member alone.
+    pub health: Health,
+    /// Its newest committed backup.
+    pub last_backup: Option<JobSummary>,
 }
 
 impl SourceReport {
@@ -40,13 +53,22 @@ impl SourceReport {
         max_age: Option<std::time::Duration>,
         now: Timestamp,
     ) -> Self {
+        let (health, judged) = ledger.health(schedule, max_age, now);
+        let members = judged
+            .into_iter()
+            .map(|(member, health)| {
+                let last_backup = ledger.members.get(&member).and_then(|m| m.last_committed.clone());
+                (member, MemberStatus { health, last_backup })
+            })
+            .collect();
         Self {
             current_job: current.map(Job::public_json),
             progress: current.and_then(|j| j.progress(now)),
             last_job: last.map(Job::public_json),
-            health: assess(schedule, max_age, &ledger.history, ledger.watched_since, now),
+            health,
             history: ledger.history.clone(),
             outcomes: ledger.outcomes.clone(),
+            members,
         }
     }
 }

@@ -592,6 +592,96 @@ impl GzipCheck {
     }
 }
 
+/// Everything one copy computes over its bytes, in stream order: the whole file's SHA-256, a SQL
+/// dump's MD5 and row tally, and the gzip check when one runs.
+///
+/// Bytes that live outside wasm memory (a read's JS buffer) are copied into this copy's own
+/// staging buffer and hashed in the same synchronous call ([`Digests::absorb_with`]). No other
+/// copy can reach the buffer, and there is no point between the copy and the hashing where
+/// anything else runs: two copies sharing an isolate (Durable Objects of one class may) can
+/// never hash each other's bytes.
+pub struct Digests {
+    hasher: Sha256,
+    tally: Option<crate::dump::Tally>,
+    gzip: Option<GzipCheck>,
+    staging: Vec<u8>,
+}
+
+impl Digests {
+    /// The digests of a copy resumed with this hasher and tally.
+    pub fn new(hasher: Sha256, tally: Option<crate::dump::Tally>) -> Self {
+        Self { hasher, tally, gzip: None, staging: Vec::new() }
+    }
+
+    /// Also checks the bytes as one gzip stream from here on.
+    pub fn check_gzip(&mut self) {
+        self.gzip = Some(GzipCheck::default());
+    }
+
+    /// The gzip check, when one runs, to be finished at the file's end.
+    pub fn take_gzip(&mut self) -> Option<GzipCheck> {
+        self.gzip.take()
+    }
+
+    /// Feeds the next bytes of the file (already in wasm memory).
+    pub fn absorb(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.hasher.update(bytes);
+        if let Some(t) = self.tally.as_mut() {
+            t.update(bytes);
+        }
+        match self.gzip.as_mut() {
+            Some(check) => check.update(bytes),
+            None => Ok(()),
+        }
+    }
+
+    /// Feeds the next `len` bytes of the file, which `fill` copies into this copy's own staging
+    /// buffer (from JS memory), and hashes them before returning.
+    pub fn absorb_with(&mut self, len: usize, fill: impl FnOnce(&mut [u8])) -> Result<(), String> {
+        let mut staging = std::mem::take(&mut self.staging);
+        if staging.len() < len {
+            staging.resize(len, 0);
+        }
+        fill(&mut staging[..len]);
+        let fed = self.absorb(&staging[..len]);
+        self.staging = staging;
+        fed
+    }
+
+    /// The SHA-256 state so far, as [`save_hasher`] writes it.
+    pub fn saved_hasher(&self) -> String {
+        save_hasher(&self.hasher)
+    }
+
+    /// The MD5 and row tally so far, for a SQL dump.
+    pub fn saved_tally(&self) -> Option<crate::dump::TallyState> {
+        self.tally.as_ref().map(crate::dump::Tally::save)
+    }
+
+    /// Back to byte 0 (the copy restarts).
+    pub fn reset(&mut self) {
+        self.hasher = Sha256::new();
+        if self.tally.is_some() {
+            self.tally = Some(crate::dump::Tally::default());
+        }
+        if self.gzip.is_some() {
+            self.gzip = Some(GzipCheck::default());
+        }
+    }
+
+    /// The whole file's SHA-256 so far.
+    pub fn sha256(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(&self.hasher.clone().finalize());
+        out
+    }
+
+    /// A SQL dump's MD5 and rows per table so far.
+    pub fn tally(&self) -> Option<(String, std::collections::BTreeMap<String, u64>)> {
+        self.tally.as_ref().map(crate::dump::Tally::finish)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -831,5 +921,76 @@ mod tests {
     fn peak_memory_counts_parts_in_flight_plus_one() {
         let t = TransferSettings { part_size: 8 * MIB, parts_in_flight: 4, ..Default::default() };
         assert_eq!(t.peak_memory(), 40 * MIB + MEMORY_OVERHEAD);
+    }
+
+    /// A source's bytes as a copy would read them: `reads` chunks of distinct content.
+    fn reads_of(tag: u8, reads: usize, size: usize) -> Vec<Vec<u8>> {
+        (0..reads).map(|i| (0..size).map(|j| tag ^ (i as u8).wrapping_mul(31) ^ (j as u8)).collect()).collect()
+    }
+
+    #[test]
+    fn copies_sharing_a_thread_each_hash_exactly_their_own_bytes() {
+        // Four copies take turns read by read, as Durable Objects sharing an isolate interleave:
+        // each stages a read into its own buffer and hashes it in the same call.
+        let sources: Vec<Vec<Vec<u8>>> =
+            (0..4u8).map(|tag| reads_of(tag.wrapping_mul(67), 6, 1000 + tag as usize)).collect();
+        let mut copies: Vec<Digests> =
+            (0..4).map(|i| Digests::new(Sha256::new(), (i % 2 == 0).then(crate::dump::Tally::default))).collect();
+        for read in 0..6 {
+            for (copy, source) in copies.iter_mut().zip(&sources) {
+                let bytes = &source[read];
+                copy.absorb_with(bytes.len(), |staged| staged.copy_from_slice(bytes)).unwrap();
+            }
+        }
+        for (i, (copy, source)) in copies.iter().zip(&sources).enumerate() {
+            let whole: Vec<u8> = source.concat();
+            assert_eq!(copy.sha256().to_vec(), Sha256::digest(&whole).to_vec(), "copy {i}");
+            if i % 2 == 0 {
+                let mut tally = crate::dump::Tally::default();
+                tally.update(&whole);
+                assert_eq!(copy.tally(), Some(tally.finish()), "copy {i}");
+            } else {
+                assert_eq!(copy.tally(), None);
+            }
+        }
+    }
+
+    #[test]
+    fn a_shorter_read_after_a_longer_one_hashes_only_its_own_length() {
+        let mut copy = Digests::new(Sha256::new(), None);
+        copy.absorb_with(8, |staged| staged.copy_from_slice(b"abcdefgh")).unwrap();
+        copy.absorb_with(2, |staged| staged.copy_from_slice(b"ij")).unwrap();
+        assert_eq!(copy.sha256().to_vec(), Sha256::digest(b"abcdefghij").to_vec());
+    }
+
+    #[test]
+    fn saved_digests_resume_as_one_stream_and_a_reset_starts_from_zero() {
+        let mut first = Digests::new(Sha256::new(), Some(crate::dump::Tally::default()));
+        first.absorb(b"INSERT INTO \"t\" VALUES(1);\n").unwrap();
+        let tally = first.saved_tally().and_then(|t| crate::dump::Tally::load(&t));
+        let mut resumed = Digests::new(load_hasher(&first.saved_hasher()).unwrap(), tally);
+        resumed.absorb_with(27, |staged| staged.copy_from_slice(b"INSERT INTO \"t\" VALUES(2);\n")).unwrap();
+        let whole = b"INSERT INTO \"t\" VALUES(1);\nINSERT INTO \"t\" VALUES(2);\n";
+        assert_eq!(resumed.sha256().to_vec(), Sha256::digest(whole).to_vec());
+        assert_eq!(resumed.tally().unwrap().1.get("t"), Some(&2));
+        resumed.reset();
+        assert_eq!(resumed.sha256().to_vec(), Sha256::digest(b"").to_vec());
+        assert_eq!(resumed.tally().unwrap().1.get("t"), None);
+    }
+
+    #[test]
+    fn digests_run_the_gzip_check_on_the_bytes_they_hash() {
+        let file = gzip_of(b"hello gzip");
+        let mut whole = Digests::new(Sha256::new(), None);
+        whole.check_gzip();
+        whole.absorb_with(file.len(), |staged| staged.copy_from_slice(&file)).unwrap();
+        assert_eq!(whole.take_gzip().map(GzipCheck::finish), Some(Ok(())));
+        let mut cut = Digests::new(Sha256::new(), None);
+        cut.check_gzip();
+        cut.absorb_with(file.len() - 4, |staged| staged.copy_from_slice(&file[..file.len() - 4])).unwrap();
+        assert!(cut.take_gzip().unwrap().finish().is_err());
+        let mut plain = Digests::new(Sha256::new(), None);
+        plain.absorb(b"not gzip").unwrap();
+        assert!(plain.take_gzip().is_none(), "no check unless asked");
     }
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import time
 
 import pytest
 
@@ -124,13 +125,24 @@ def test_malformed_answer_fails_clearly(world):
     assert job["phase"] == "failed" and "malformed" in job["error"], job
 
 
+def account_round(ferry: Ferry) -> tuple[dict, dict]:
+    """Backs up the account once: the dispatching job and its children by backend."""
+    status, _, payload = ferry.webhook("account")
+    assert status == 202
+    parent = ferry.wait_job(payload["job"]["id"], phases=("dispatched", "failed"))
+    assert parent["phase"] == "dispatched", parent
+    children = [ferry.wait_job(c, timeout=90) for c in parent["children"]]
+    return parent, {c["provider"]["backend"]["name"]: c for c in children}
+
+
 def test_account_mode_backs_up_every_backend_in_its_own_job_and_a_failure_stops_none(tmp_path):
     cerebro = DgraphEmulator(tmp_path, cerebro_email="ops@example.com", cerebro_password="cerebro-pw",
                              deployments="alpha,beta,gamma")
+    # Retention and health are per backend: with keep_last = 1 every backend keeps its own newest.
     source = {"name": "account", "kind": "dgraph", "schedule": "0 0 1 1 *",
               "cerebro_url": f"{cerebro.url}/cerebro/graphql", "cerebro_email": "ops@example.com",
               "cerebro_password_secret": "CEREBRO_PASSWORD", "poll_interval_ms": 200,
-              "retry": {"max_attempts": 2, "base_ms": 200, "max_delay_ms": 500}}
+              "retry": {"max_attempts": 2, "base_ms": 200, "max_delay_ms": 500}, "retention": {"keep_last": 1}}
     ferry = Ferry(tmp_path / "ferry", [source], secrets={"CEREBRO_PASSWORD": "cerebro-pw"})
     try:
         cerebro.control(failing_backends=["beta"])
@@ -152,8 +164,36 @@ def test_account_mode_backs_up_every_backend_in_its_own_job_and_a_failure_stops_
             assert manifest["provider"]["endpoint"].endswith(f"/backends/{name}")
         folders = {m["artifacts"][0]["key"].rsplit("/", 1)[0] for m in manifests}
         assert len(folders) == 2, "each backend has its own folder"
-        assert ferry.source("account")["current_job_id"] is None
-        assert ferry.webhook("account")[0] == 202, "the source is free again"
+        assert {m["member"] for m in manifests} == {"alpha", "gamma"}, "the listing names each backup's backend"
+        report = ferry.source("account")
+        assert report["current_job_id"] is None
+        # One backend failed: the source is not green though two others just committed.
+        assert report["health"]["light"] == "amber", report["health"]
+        assert report["health"]["reason"].startswith("backend beta: "), report["health"]
+        assert {m: v["health"]["light"] for m, v in report["members"].items()} == \
+            {"alpha": "green", "beta": "amber", "gamma": "green"}
+
+        # The source is free again; a second round where every backend commits.
+        cerebro.control(failing_backends=[])
+        _, second = account_round(ferry)
+        assert all(c["phase"] == "committed" for c in second.values()), second
+        newest = {name: c["id"] for name, c in second.items()}
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            kept = {m["member"]: m["job_id"] for m in ferry.backups("account")}
+            if kept == newest and len(ferry.backups("account")) == 3:
+                break
+            time.sleep(0.5)
+        kept = [(m["member"], m["job_id"]) for m in ferry.backups("account")]
+        assert sorted(kept) == sorted(newest.items()), "each backend keeps its own newest backup, none another's"
+        plan = ferry.api_json("/v1/sources/account/retention")
+        assert {d["member"] for d in plan["backups"]} == {"alpha", "beta", "gamma"}, plan
+        report = ferry.source("account")
+        assert report["health"]["light"] == "green", report["health"]
+        status, _, metrics = ferry.api("/metrics")
+        assert status == 200
+        for name in ("alpha", "beta", "gamma"):
+            assert f'ferry_member_healthy{{source="account",member="{name}"}} 1' in metrics.decode()
     finally:
         ferry.stop()
         cerebro.stop()

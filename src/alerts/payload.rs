@@ -222,6 +222,7 @@ mod tests {
             bytes: 0,
             error: Some(error.to_string()),
             folder: None,
+            member: None,
         };
         s.job_ended("app-db", "d1", &job).remove(0)
     }

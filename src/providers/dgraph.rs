@@ -559,6 +559,12 @@ impl DgraphState {
         Ok(Progress::Ready(downloads))
     }
 
+    /// In account mode, the backend this child job exports, by name (by uid when Cerebro gave
+    /// no name): the member whose own series its backup belongs to.
+    pub fn member(&self) -> Option<String> {
+        self.backend.as_ref().map(|b| if b.name.is_empty() { b.uid.clone() } else { b.name.clone() })
+    }
+
     /// What the manifest records.
     pub fn references(&self, cfg: &DgraphConfig) -> Value {
         json!({
@@ -572,6 +578,14 @@ impl DgraphState {
             "files": self.files,
         })
     }
+}
+
+/// The member a manifest's references ([`DgraphState::references`]) name: the backend's name, or
+/// its uid when it has none; `None` for a source of one backend.
+pub fn member_of(references: &Value) -> Option<String> {
+    let backend = references.get("backend")?;
+    let name = backend.get("name").and_then(Value::as_str).filter(|n| !n.is_empty());
+    name.or_else(|| backend.get("uid").and_then(Value::as_str).filter(|u| !u.is_empty())).map(str::to_string)
 }
 
 fn malformed(what: &str) -> StepError {
@@ -788,6 +802,8 @@ mod tests {
         assert_eq!(req.url, "https://alpha.us-east-1.aws.cloud.dgraph.io/admin/slash");
         assert_eq!(req.header_value("x-auth-token"), Some("jwt-a"));
         assert_eq!(alpha.references(&c)["backend"]["name"], "alpha");
+        assert_eq!(alpha.member().as_deref(), Some("alpha"));
+        assert_eq!(member_of(&alpha.references(&c)).as_deref(), Some("alpha"), "the manifest names its member");
         let shown = crate::providers::redact(serde_json::to_value(alpha).unwrap()).to_string();
         assert!(!shown.contains("jwt-a"), "{shown}");
         let mut bad = DgraphState::default();

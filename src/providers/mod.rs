@@ -249,6 +249,15 @@ impl ProviderState {
         }
     }
 
+    /// In account mode, the member this job backs up (a Dgraph account's backend): its own
+    /// series for retention, health and metrics. `None` for a source of one database.
+    pub fn member(&self) -> Option<String> {
+        match self {
+            Self::Dgraph(state) => state.member(),
+            _ => None,
+        }
+    }
+
     /// A decision that needs no request, if one is due now.
     pub fn advance(&mut self, input: &StepInput<'_>) -> Result<Option<Progress>, StepError> {
         match (self, input.provider) {

@@ -10,7 +10,7 @@ fn at(s: &str) -> Timestamp {
 }
 
 fn backup(folder: &str, time: &str) -> BackupInfo {
-    BackupInfo { folder: folder.into(), time: at(time), pinned: false, verified: None }
+    BackupInfo { folder: folder.into(), time: at(time), pinned: false, verified: None, member: None }
 }
 
 fn policy(v: serde_json::Value) -> RetentionPolicy {
@@ -375,6 +375,7 @@ fn histories() -> impl Strategy<Value = Vec<BackupInfo>> {
                 time: Timestamp::from_millis(BASE_MS + slot * HOUR_MS / 2),
                 pinned,
                 verified,
+                member: None,
             })
             .collect()
     })
@@ -458,7 +459,7 @@ proptest! {
         let history: Vec<BackupInfo> = times
             .into_iter()
             .enumerate()
-            .map(|(i, (t, pinned, verified))| BackupInfo { folder: format!("{i}"), time: Timestamp::from_millis(t), pinned, verified })
+            .map(|(i, (t, pinned, verified))| BackupInfo { folder: format!("{i}"), time: Timestamp::from_millis(t), pinned, verified, member: None })
             .collect();
         let plan = plan(&policy, &history, verifies, Timestamp::from_millis(now));
         prop_assert!(serde_json::to_string(&plan).is_ok());
@@ -470,4 +471,55 @@ proptest! {
         let _ = KeepWithin::parse(&format!("P{text}"));
         let _ = RetentionPolicy::from_value(&json!({"keep_within": text, "keep_daily": n}));
     }
+}
+
+fn member_backup(member: &str, day: u32) -> BackupInfo {
+    BackupInfo {
+        member: Some(member.into()),
+        ..backup(&format!("account/2027-05-{day:02}T020000Z-{member}/"), &format!("2027-05-{day:02}T02:00:00Z"))
+    }
+}
+
+#[test]
+fn in_account_mode_each_backend_keeps_its_own_backups() {
+    // Two backends of one Dgraph account, backed up every day by one source: with keep_daily = 2
+    // each keeps its own two newest days, not one backup per day between them.
+    let backups: Vec<BackupInfo> =
+        (1..=5).flat_map(|day| [member_backup("alpha", day), member_backup("beta", day)]).collect();
+    let plan = plan(&policy(json!({"keep_daily": 2})), &backups, false, at(NOW));
+    let kept_of = |m: &str| -> Vec<String> {
+        plan.kept().filter(|d| d.member.as_deref() == Some(m)).map(|d| d.folder.clone()).collect()
+    };
+    assert_eq!(
+        kept_of("alpha"),
+        ["account/2027-05-05T020000Z-alpha/", "account/2027-05-04T020000Z-alpha/"],
+        "{:?}",
+        kept(&plan)
+    );
+    assert_eq!(kept_of("beta"), ["account/2027-05-05T020000Z-beta/", "account/2027-05-04T020000Z-beta/"]);
+    assert_eq!(deleted(&plan).len(), 6);
+    assert!(plan.backups.windows(2).all(|w| w[0].time >= w[1].time), "newest first across members");
+}
+
+#[test]
+fn in_account_mode_every_backend_keeps_its_newest_backup_whatever_the_rules() {
+    // A backend backed up last a week ago is not pushed out by another's newer backups.
+    let backups = vec![member_backup("alpha", 20), member_backup("alpha", 21), member_backup("beta", 14)];
+    let plan = plan(&policy(json!({"keep_last": 1})), &backups, false, at(NOW));
+    let kept = kept(&plan);
+    assert_eq!(kept["account/2027-05-14T020000Z-beta/"], ["newest", "last"]);
+    assert_eq!(deleted(&plan), ["account/2027-05-20T020000Z-alpha/"]);
+}
+
+#[test]
+fn in_account_mode_a_backends_unverified_replacement_protects_only_its_own_series() {
+    let mut alpha_old = member_backup("alpha", 1);
+    alpha_old.verified = Some(true);
+    let mut beta_new = member_backup("beta", 3);
+    beta_new.verified = Some(true);
+    let alpha_new = member_backup("alpha", 2);
+    let plan = plan(&policy(json!({"keep_last": 1})), &[alpha_old, alpha_new, beta_new], true, at(NOW));
+    // alpha's newest is not verified: alpha's verified one stays, whatever beta's verification.
+    assert!(deleted(&plan).is_empty(), "{:?}", kept(&plan));
+    assert!(kept(&plan)["account/2027-05-01T020000Z-alpha/"].contains(&"replacement not verified".to_string()));
 }

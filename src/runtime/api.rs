@@ -377,7 +377,10 @@ async fn list_backups(req: &Request, env: &Env, config: &Config, name: &str) -> 
 async fn backup_with_verification(bucket: &worker::Bucket, manifest_key: &str, pinned: bool) -> Option<Value> {
     let manifest: Manifest = store::read_manifest(bucket, manifest_key).await?;
     let verification: Option<Verification> = store::read_json(bucket, &verification_key(manifest_key)).await;
+    // In account mode, the member (a Dgraph account's backend) whose series it is.
+    let member = crate::retention::member(&manifest);
     let mut value = serde_json::to_value(manifest).ok()?;
+    value["member"] = serde_json::to_value(member).unwrap_or(Value::Null);
     value["verification"] = serde_json::to_value(verification).unwrap_or(Value::Null);
     // The latest restore drill's outcome (`null` when it was never drilled).
     let drill_key =

@@ -15,7 +15,7 @@ use worker::Bucket;
 use super::store;
 use crate::config::SourceConfig;
 use crate::manifest::{folder_of, is_manifest_key, manifest_key};
-use crate::retention::{backup_time, pin_key, plan, BackupInfo, Pin, Plan};
+use crate::retention::{backup_time, member, pin_key, plan, BackupInfo, Pin, Plan};
 use crate::time::Timestamp;
 use crate::verify::{verification_key, Verification};
 
@@ -83,6 +83,7 @@ async fn backups_with(
                     folder,
                     time: backup_time(&m),
                     verified,
+                    member: member(&m),
                 }),
                 None => found.unreadable.push(folder),
             }

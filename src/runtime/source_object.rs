@@ -928,6 +928,7 @@ impl SourceObject {
                 }
                 Action::Spawn(children) => {
                     let now = super::now();
+                    let members: Vec<String> = children.iter().filter_map(|c| c.member()).collect();
                     let mut ids = Vec::with_capacity(children.len());
                     for provider in children {
                         let child = Job::child_of(&job, JobId::from_random(random_bytes()), &source, provider, now);
@@ -940,6 +941,7 @@ impl SourceObject {
                     ledger = self.load_ledger().await?;
                     ledger.record_finish(&job.id, None);
                     ledger.remember(&job);
+                    ledger.keep_members(&members);
                     let evicted = ledger.enqueue(&ids);
                     self.save(&job, Some(&ledger)).await?;
                     if !evicted.is_empty() {

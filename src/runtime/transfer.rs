@@ -3,8 +3,9 @@
 //! A slice downloads from the persisted offset (`Range`/`If-Range`) and uploads up to
 //! `parts_in_flight` parts while the next one downloads. Parts live in JS memory: the body is read
 //! with a BYOB reader (`readAtLeast`, about 1 MiB at a time) straight into the part's
-//! `Uint8Array`, so a read never crosses a part boundary; each read is copied once into a reused
-//! wasm buffer to feed the whole-file SHA-256, and the part goes to R2 and to Web Crypto (its own
+//! `Uint8Array`, so a read never crosses a part boundary; each read is copied once into the copy's
+//! own wasm buffer and hashed in the same synchronous call (`crate::transfer::Digests`: no other
+//! copy in the isolate can touch those bytes, nothing runs between the copy and the hash), and the part goes to R2 and to Web Crypto (its own
 //! SHA-256, native code) without ever being copied back out of wasm. After every part
 //! the copy's state is persisted with the job, so a slice cut off anywhere resumes at the last
 //! stored part. The slice stops at a part boundary when its byte or time budget is used (or the
@@ -19,7 +20,6 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use js_sys::{Array, Function, Promise, Reflect, Uint8Array};
-use sha2::{Digest, Sha256};
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
 use worker::{Bucket, Data, HttpMetadata, Storage, UploadedPart};
@@ -32,7 +32,7 @@ use crate::job::{CopySource, Event, Job, SliceOrder, SliceOutcome};
 use crate::manifest::Artifact;
 use crate::providers::aura::GraphExport;
 use crate::sweep::{Leftover, OpenUpload};
-use crate::transfer::{header, load_hasher, save_hasher, CopyState, GzipCheck, PartRecord, Resume, TransferSettings};
+use crate::transfer::{header, load_hasher, CopyState, Digests, PartRecord, Resume, TransferSettings};
 
 /// Bytes hashed between two yields to the event loop, so status requests are answered mid-copy.
 const YIELD_EVERY: u64 = 4 << 20;
@@ -46,45 +46,6 @@ pub(super) async fn yield_now_and_then(before: u64, after: u64) {
 }
 /// Bytes one read asks for at least (less only at a part's end or the body's end).
 const READ_AT_LEAST: usize = 1 << 20;
-
-thread_local! {
-    /// The wasm-side copy of each read, for hashing: allocated once per isolate and reused, so
-    /// wasm memory stays flat across slices and artifacts.
-    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Copies a read (at most [`READ_AT_LEAST`] bytes) into the reused wasm buffer.
-fn stage(bytes: &Uint8Array) -> usize {
-    SCRATCH.with(|cell| {
-        let mut scratch = cell.borrow_mut();
-        let n = (bytes.length() as usize).min(READ_AT_LEAST);
-        if scratch.len() < READ_AT_LEAST {
-            scratch.resize(READ_AT_LEAST, 0);
-        }
-        bytes.subarray(0, n as u32).copy_to(&mut scratch[..n]);
-        n
-    })
-}
-
-/// Hashes the first `n` bytes staged by [`stage`], and feeds them to the gzip check if one runs.
-fn hash_staged(
-    hasher: &mut Sha256,
-    tally: &mut Option<Tally>,
-    gzip: &mut Option<GzipCheck>,
-    n: usize,
-) -> Result<(), String> {
-    SCRATCH.with(|cell| {
-        let staged = &cell.borrow()[..n];
-        hasher.update(staged);
-        if let Some(t) = tally {
-            t.update(staged);
-        }
-        match gzip {
-            Some(check) => check.update(staged),
-            None => Ok(()),
-        }
-    })
-}
 
 pub(super) fn r2_err(what: &str, e: impl std::fmt::Display) -> StepError {
     StepError::transient(format!("R2 {what} failed: {e}"))
@@ -155,9 +116,9 @@ struct Sink<'a> {
     settings: TransferSettings,
     filename: String,
     content_type: String,
-    hasher: Sha256,
-    /// SQL dumps only: the MD5 and row counter, fed with the same bytes as `hasher`.
-    tally: Option<Tally>,
+    /// The whole file's SHA-256, a SQL dump's MD5 and row tally, the gzip check: this copy's
+    /// own, fed synchronously as bytes arrive (see `Digests`).
+    digests: Digests,
     /// The part being filled (JS memory, `part_size` long) and how much of it is.
     part: Uint8Array,
     filled: usize,
@@ -253,10 +214,7 @@ impl<'a> Sink<'a> {
     async fn push(&mut self, mut data: &[u8]) -> Result<(), StepError> {
         while !data.is_empty() {
             let take = (self.part_size() - self.filled).min(data.len());
-            self.hasher.update(&data[..take]);
-            if let Some(t) = self.tally.as_mut() {
-                t.update(&data[..take]);
-            }
+            self.digests.absorb(&data[..take]).map_err(StepError::permanent)?;
             self.part.subarray(self.filled as u32, (self.filled + take) as u32).copy_from(&data[..take]);
             self.filled += take;
             data = &data[take..];
@@ -350,8 +308,8 @@ impl<'a> Sink<'a> {
         self.inflight.push_back(InFlight {
             number: number as u16,
             size,
-            hash_after: save_hasher(&self.hasher),
-            tally_after: self.tally.as_ref().map(Tally::save),
+            hash_after: self.digests.saved_hasher(),
+            tally_after: self.digests.saved_tally(),
             upload,
             digest,
         });
@@ -406,10 +364,7 @@ impl<'a> Sink<'a> {
                 worker::console_error!("job {}: {e}; left for the daily sweep", self.job.id);
             }
         }
-        self.hasher = Sha256::new();
-        if self.tally.is_some() {
-            self.tally = Some(Tally::default());
-        }
+        self.digests.reset();
         worker::console_log!("job {}: {}: restarting from byte 0: {reason}", self.job.id, self.filename);
         self.persist().await?;
         if self.state.restarts > self.settings.max_restarts {
@@ -426,7 +381,7 @@ impl<'a> Sink<'a> {
         if self.position() == 0 {
             return Err(StepError::permanent(format!("{} is empty (0 bytes); nothing was stored", self.filename)));
         }
-        let digest = self.hasher.clone().finalize();
+        let digest = self.digests.sha256();
         let sha256 = hex::encode(digest);
         if self.state.upload_id.is_none() {
             // It never filled a part: one put, checked by R2 against the SHA-256.
@@ -500,7 +455,7 @@ impl<'a> Sink<'a> {
         part_sha256: Vec<String>,
         details: Option<serde_json::Value>,
     ) -> Artifact {
-        let (md5, row_counts) = self.tally.as_ref().map(Tally::finish).unzip();
+        let (md5, row_counts) = self.digests.tally().unzip();
         Artifact {
             md5,
             row_counts,
@@ -552,8 +507,7 @@ pub(crate) async fn run_slice(
         settings,
         filename,
         content_type,
-        hasher,
-        tally,
+        digests: Digests::new(hasher, tally),
         part: Uint8Array::new_with_length(settings.part_size as u32),
         filled: 0,
         inflight: VecDeque::new(),
@@ -763,8 +717,9 @@ async fn pump(
     // Without a declared length, a body cut off cleanly would look whole: a gzip file is then
     // checked to its trailer (when it streams from byte 0 to its end in this slice).
     let name = sink.filename.to_ascii_lowercase();
-    let mut gzip = (expected.is_none() && sink.position() == 0 && (name.ends_with(".gz") || name.ends_with(".tgz")))
-        .then(GzipCheck::default);
+    if expected.is_none() && sink.position() == 0 && (name.ends_with(".gz") || name.ends_with(".tgz")) {
+        sink.digests.check_gzip();
+    }
     // Keep the fetch's controller alive for the whole read; cancelling the reader ends the fetch.
     let _controller = controller;
     let broke = |sink: &mut Sink<'_>, e: String| broken(sink, &reader, e);
@@ -772,12 +727,11 @@ async fn pump(
     let mut reading = Some(reader.start(&next_view(sink)).map_err(|e| broke(sink, e))?);
     while let Some(pending) = reading.take() {
         let (value, done) = ByobReader::wait(pending, &mut idle).await.map_err(|e| broke(sink, e))?;
-        let mut n = 0;
         match value {
             // The read transferred the part's buffer; the filled view sits at its old offset.
             Some(filled) => {
                 sink.part = Uint8Array::new(&filled.buffer());
-                n = filled.length() as usize;
+                let n = filled.length() as usize;
                 if expected.is_some_and(|e| sink.position() + n as u64 > e) {
                     let e = format!("it sent more than the {} bytes it announced", expected.unwrap_or_default());
                     return Err(broke(sink, e));
@@ -789,7 +743,10 @@ async fn pump(
                         return Err(StepError::permanent(problem));
                     }
                 }
-                stage(&filled);
+                // Hashed now, into this copy's own digests, before anything can run in between.
+                sink.digests
+                    .absorb_with(n, |staged| filled.subarray(0, n as u32).copy_to(staged))
+                    .map_err(|e| damaged(sink, &reader, e))?;
                 sink.filled += n;
                 sink.took(n as u64).await;
             }
@@ -797,10 +754,6 @@ async fn pump(
             None => return Err(broke(sink, "the reader returned no buffer".into())),
         }
         let boundary = sink.filled == sink.part_size();
-        if boundary || done {
-            // The part's hash state must include these bytes before the part is sent.
-            hash_staged(&mut sink.hasher, &mut sink.tally, &mut gzip, n).map_err(|e| damaged(sink, &reader, e))?;
-        }
         if boundary {
             sink.send_part().await?;
             if may_stop && !done && sink.budget_used() {
@@ -813,10 +766,6 @@ async fn pump(
             break;
         }
         reading = Some(reader.start(&next_view(sink)).map_err(|e| broke(sink, e))?);
-        if !boundary {
-            // Hash while the next read is in flight.
-            hash_staged(&mut sink.hasher, &mut sink.tally, &mut gzip, n).map_err(|e| damaged(sink, &reader, e))?;
-        }
     }
     let got = sink.position();
     if let Some(expected) = expected {
@@ -827,7 +776,7 @@ async fn pump(
             )));
         }
     }
-    if let Some(check) = gzip {
+    if let Some(check) = sink.digests.take_gzip() {
         check
             .finish()
             .map_err(|e| StepError::permanent(format!("download of {} {e}; nothing was committed", sink.filename)))?;
