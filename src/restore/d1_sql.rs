@@ -15,8 +15,12 @@
 //!   placeholder cut between two pieces is still replaced. Types are as in the dump: the value
 //!   reaches its column exactly as the literal would have.
 //! - **Objects that refer to ones created later fail** with "no such table" (workers-sdk#5683,
-//!   workerd#2471): the dump writes indexes, triggers and views `ORDER BY type`, so an
-//!   `INSTEAD OF` trigger comes before its view. Indexes, views and triggers are held back until
+//!   workerd#2471): the dump writes each table's rows right after its `CREATE TABLE`, in
+//!   `sqlite_schema` order, so a child's rows come before its parent table exists, and D1 (foreign
+//!   keys on) refuses them even deferred; and it writes indexes, triggers and views
+//!   `ORDER BY type`, so an `INSTEAD OF` trigger comes before its view. So the input is read
+//!   twice: the first pass writes only the `CREATE TABLE`s, the second everything else. Indexes,
+//!   views and triggers are held back until
 //!   every table (and every extra artifact appended after the dump) is in: then indexes, views in
 //!   an order where a view follows the views it names, and triggers last. Held back means kept in
 //!   the persisted state, at most [`MAX_DEFERRED`] bytes.
@@ -117,6 +121,9 @@ pub struct RewriteState {
     /// Drop each object before creating it.
     #[serde(default)]
     pub replace: bool,
+    /// The second pass (every statement but `CREATE TABLE`); the first writes only the tables.
+    #[serde(default)]
+    pub second_pass: bool,
     /// The opening `PRAGMA` was written.
     #[serde(default)]
     pub begun: bool,
@@ -647,7 +654,13 @@ impl RewriteState {
             self.begun = true;
             self.emit(out, "PRAGMA defer_foreign_keys=TRUE;");
         }
-        match classify(stmt) {
+        let kind = classify(stmt);
+        // First pass: the tables only, so that no row refers to a table not created yet (with
+        // foreign keys on, even a deferred reference needs its parent table to exist).
+        if !self.second_pass && !matches!(kind, Kind::Table(_)) {
+            return Ok(());
+        }
+        match kind {
             Kind::DeferForeignKeys => Ok(()),
             Kind::Deferred(object, name) => {
                 let held: usize = self.deferred.iter().map(|d| d.sql.len()).sum();
@@ -657,6 +670,7 @@ impl RewriteState {
                 self.deferred.push(Deferred { object, name, sql: stmt.to_string() });
                 Ok(())
             }
+            Kind::Table(_) if self.second_pass => Ok(()),
             Kind::Table(name) => {
                 if name.eq_ignore_ascii_case(PIECES) {
                     return Err(RewriteError::ReservedName);
@@ -720,6 +734,11 @@ impl RewriteState {
         self.emit(out, &format!("DELETE FROM {pieces};"));
         self.split_rows += 1;
         Ok(())
+    }
+
+    /// Ends the first pass (the tables): from now on every other statement is written.
+    pub fn start_second_pass(&mut self) {
+        self.second_pass = true;
     }
 
     /// Writes what was held back, in an order D1 accepts: indexes, views (each after the views
@@ -803,6 +822,7 @@ pub struct Input {
 
 /// A staged import in progress: the rewritten dump is written to R2 as numbered chunks, step by
 /// step, with the MD5 of everything written so far (D1's import needs it before the upload).
+/// Every input is read twice ([`RewriteState::second_pass`]): tables, then the rest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Staging {
     /// What goes in, in order.
@@ -900,6 +920,11 @@ impl Staging {
                     self.input += 1;
                     self.offset = 0;
                 }
+            }
+            _ if !self.rewrite.second_pass => {
+                self.rewrite.start_second_pass();
+                self.input = 0;
+                self.offset = 0;
             }
             _ => {
                 self.rewrite.finish(&mut out);

@@ -7,11 +7,14 @@ use super::*;
 fn rewrite(dump: &str, replace: bool) -> Vec<String> {
     let mut state = RewriteState::new(replace);
     let mut out = Vec::new();
-    let mut rest = dump.as_bytes();
-    while !rest.is_empty() {
-        let end = statement_end(rest).unwrap_or(rest.len());
-        state.statement(std::str::from_utf8(&rest[..end]).unwrap(), &mut out).unwrap();
-        rest = &rest[end..];
+    for _pass in 0..2 {
+        let mut rest = dump.as_bytes();
+        while !rest.is_empty() {
+            let end = statement_end(rest).unwrap_or(rest.len());
+            state.statement(std::str::from_utf8(&rest[..end]).unwrap(), &mut out).unwrap();
+            rest = &rest[end..];
+        }
+        state.start_second_pass();
     }
     state.finish(&mut out);
     String::from_utf8(out).unwrap().lines().map(str::to_string).collect()
@@ -135,10 +138,11 @@ fn several_long_values_in_one_row_each_get_their_own_slot() {
 fn an_oversized_statement_that_cannot_be_split_is_refused_naming_its_table() {
     let numbers = vec!["1"; 60_000].join(",");
     let mut state = RewriteState::new(false);
-    let err = state.statement(&format!("INSERT INTO \"wide\" VALUES({numbers});"), &mut Vec::new()).unwrap_err();
-    assert!(err.to_string().contains("\"wide\""), "{err}");
     let err = state.statement(&format!("CREATE TABLE x(a CHECK (a IN ({numbers})));"), &mut Vec::new()).unwrap_err();
     assert!(matches!(err, RewriteError::TooLong { .. }), "{err}");
+    state.start_second_pass();
+    let err = state.statement(&format!("INSERT INTO \"wide\" VALUES({numbers});"), &mut Vec::new()).unwrap_err();
+    assert!(err.to_string().contains("\"wide\""), "{err}");
 }
 
 #[test]
@@ -167,6 +171,26 @@ fn indexes_views_and_triggers_come_after_every_table_views_in_dependency_order_t
             "CREATE VIEW v_inner AS SELECT a FROM t;",
             "CREATE VIEW v_outer AS SELECT * FROM v_inner;",
             "CREATE TRIGGER tr INSTEAD OF INSERT ON v_outer BEGIN INSERT INTO t VALUES(new.a); END;",
+        ]
+    );
+}
+
+#[test]
+fn every_table_is_created_before_any_row_so_a_childs_rows_may_come_before_its_parent_table() {
+    // D1's dump: each table's rows right after it, in `sqlite_schema` order.
+    let dump = "PRAGMA defer_foreign_keys=TRUE;\n\
+        CREATE TABLE child(id INTEGER PRIMARY KEY, p REFERENCES parent(id));\n\
+        INSERT INTO \"child\" (\"id\",\"p\") VALUES(1,5);\n\
+        CREATE TABLE parent(id INTEGER PRIMARY KEY);\n\
+        INSERT INTO \"parent\" (\"id\") VALUES(5);";
+    assert_eq!(
+        rewrite(dump, false),
+        [
+            "PRAGMA defer_foreign_keys=TRUE;",
+            "CREATE TABLE child(id INTEGER PRIMARY KEY, p REFERENCES parent(id));",
+            "CREATE TABLE parent(id INTEGER PRIMARY KEY);",
+            "INSERT INTO \"child\" (\"id\",\"p\") VALUES(1,5);",
+            "INSERT INTO \"parent\" (\"id\") VALUES(5);",
         ]
     );
 }
@@ -204,6 +228,7 @@ fn replace_drops_each_object_of_the_dump_just_before_creating_it() {
 #[test]
 fn too_much_held_back_schema_is_refused() {
     let mut state = RewriteState::new(false);
+    state.start_second_pass();
     let view = format!("CREATE VIEW v AS SELECT '{}';", "x".repeat(90_000));
     let mut result = Ok(());
     for _ in 0..(MAX_DEFERRED / 90_000 + 1) {
@@ -235,7 +260,7 @@ fn stage(inputs: &[&str], step_bytes: u64) -> (Vec<u8>, Staging) {
 }
 
 #[test]
-fn staging_in_small_steps_gives_the_same_file_and_md5_as_one_step_and_appends_extra_inputs_before_the_schema() {
+fn staging_in_small_steps_gives_the_same_file_and_md5_as_one_step_and_extra_inputs_follow_the_dump() {
     let dump = "PRAGMA defer_foreign_keys=TRUE;\nCREATE TABLE t(a);\nINSERT INTO \"t\" (\"a\") VALUES('x;y');\n\
         CREATE VIEW v AS SELECT * FROM t;\nINSERT INTO \"t\" (\"a\") VALUES(2);";
     let extra = "CREATE VIRTUAL TABLE f USING fts5(a);\nINSERT INTO \"f\" (\"a\") VALUES('z');";
@@ -247,8 +272,10 @@ fn staging_in_small_steps_gives_the_same_file_and_md5_as_one_step_and_appends_ex
     assert_eq!(st.size(), small.len() as u64);
     assert!(st.chunks.len() > st_big.chunks.len());
     let text = String::from_utf8(small).unwrap();
-    let f = text.find("CREATE VIRTUAL TABLE f").unwrap();
-    assert!(f < text.find("CREATE VIEW v").unwrap() && text.find("VALUES(2)").unwrap() < f);
+    let at = |s: &str| text.find(s).unwrap();
+    // Tables of every input first, then rows (the extra input's after the dump's), then the view.
+    assert!(at("CREATE VIRTUAL TABLE f") < at("VALUES('x;y')"));
+    assert!(at("VALUES(2)") < at("VALUES('z')") && at("VALUES('z')") < at("CREATE VIEW v"));
     assert_eq!(st.chunk_key(3), "job/00003.sql");
 }
 
