@@ -141,6 +141,10 @@ def test_objects_that_refer_to_ones_created_later_fail_with_no_such_table(env):
     assert result["status"] == "error" and "no such table: main.v" in result["error"], result
     _, result = import_file(env["host"], DST_ID, b"CREATE INDEX i ON t2(a);\nCREATE TABLE t2(a);")
     assert result["status"] == "error" and "no such table: main.t2" in result["error"], result
+    child_first = (b"PRAGMA defer_foreign_keys=TRUE;\nCREATE TABLE c(p REFERENCES pa(id));\nINSERT INTO c VALUES(1);\n"
+                   b"CREATE TABLE pa(id INTEGER PRIMARY KEY);\nINSERT INTO pa VALUES(1);")
+    _, result = import_file(env["host"], DST_ID, child_first)
+    assert result["status"] == "error" and "no such table: main.pa" in result["error"], result
 
 
 def test_foreign_keys_are_enforced_unless_deferred(env):

@@ -105,9 +105,12 @@ def test_the_dump_as_d1_wrote_it_is_refused_by_d1s_import(world):
     sqlite3.connect(scratch).close()
     error, _ = d1r.RestoreMixin._execute(None, type("Db", (), {"path": str(scratch)})(), dump)
     assert error and "statement too long" in error, error
-    short = "\n".join(l for l in lines if len(l.encode()) < 100_000).encode()
-    error, _ = d1r.RestoreMixin._execute(None, type("Db", (), {"path": str(scratch)})(), short)
-    assert error and "no such table: main.names" in error, error
+    short = [l for l in lines if len(l.encode()) < 100_000]
+    error, _ = d1r.RestoreMixin._execute(None, type("Db", (), {"path": str(scratch)})(), "\n".join(short).encode())
+    assert error and "no such table: main.parent" in error, "a child's row before its parent table: " + error
+    no_child = "\n".join(l for l in short if not l.startswith('INSERT INTO "child"')).encode()
+    error, _ = d1r.RestoreMixin._execute(None, type("Db", (), {"path": str(scratch)})(), no_child)
+    assert error and "no such table: main.names" in error, "the trigger before its view: " + error
 
 
 def test_a_restore_into_an_empty_database_is_equal_value_for_value_and_type_for_type(world):

@@ -245,11 +245,12 @@ class RestoreMixin:
         """Runs the SQL into the database, all or nothing; returns (error or None, statements).
 
         Statements run one at a time in file order, as D1's import does, with foreign keys
-        enforced (D1 enforces them by default; a dump's ``PRAGMA defer_foreign_keys=TRUE`` defers
-        the checks to the end). So objects that refer to ones created later fail with SQLite's own
-        "no such table" (an index or a trigger before its table, an ``INSTEAD OF`` trigger before
-        its view: workers-sdk#5683, workerd#2471), and a statement over 100,000 bytes fails with
-        D1's "statement too long: SQLITE_TOOBIG" (workerd#3049).
+        enforced (D1 enforces them by default, D1 docs "Foreign keys"; a dump's
+        ``PRAGMA defer_foreign_keys=TRUE`` defers the checks to the end). So objects that refer to
+        ones created later fail with SQLite's own "no such table" (workers-sdk#5683,
+        workerd#2471): an index or a trigger before its table, an ``INSTEAD OF`` trigger before its
+        view, a child table's row before its parent table exists (deferred or not). A statement
+        over 100,000 bytes fails with D1's "statement too long: SQLITE_TOOBIG" (workerd#3049).
         """
         try:
             text = data.decode("utf-8")
