@@ -459,27 +459,41 @@ fn parse_insert(stmt: &str) -> Option<(&str, Vec<&str>)> {
     Some((head, top_level_split(&body[open + 1..close])))
 }
 
+/// The bytes of `s`, with their positions, that are outside quotes (`'…'`, `"…"`, `` `…` ``,
+/// `[…]`; a doubled quote closes and opens again).
+fn unquoted(s: &str) -> impl Iterator<Item = (usize, u8)> + '_ {
+    let mut quote: Option<u8> = None;
+    s.bytes().enumerate().filter(move |&(_, b)| match quote {
+        Some(q) => {
+            if b == q {
+                quote = None;
+            }
+            false
+        }
+        None => {
+            quote = match b {
+                b'\'' | b'"' | b'`' => Some(b),
+                b'[' => Some(b']'),
+                _ => return true,
+            };
+            false
+        }
+    })
+}
+
 /// The `)` matching the `(` at `open`, outside quotes.
 fn matching_paren(s: &str, open: usize) -> Option<usize> {
-    let bytes = s.as_bytes();
     let mut depth = 0usize;
-    let mut quote: Option<u8> = None;
-    for (i, &b) in bytes.iter().enumerate().skip(open) {
-        match quote {
-            Some(q) if b == q => quote = None,
-            Some(_) => {}
-            None => match b {
-                b'\'' | b'"' | b'`' => quote = Some(b),
-                b'[' => quote = Some(b']'),
-                b'(' => depth += 1,
-                b')' => {
-                    depth = depth.checked_sub(1)?;
-                    if depth == 0 {
-                        return Some(i);
-                    }
+    for (i, b) in unquoted(s).skip_while(|&(i, _)| i < open) {
+        match b {
+            b'(' => depth += 1,
+            b')' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some(i);
                 }
-                _ => {}
-            },
+            }
+            _ => {}
         }
     }
     None
@@ -489,23 +503,16 @@ fn matching_paren(s: &str, open: usize) -> Option<usize> {
 fn top_level_split(s: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let mut depth = 0usize;
-    let mut quote: Option<u8> = None;
     let mut start = 0;
-    for (i, &b) in s.as_bytes().iter().enumerate() {
-        match quote {
-            Some(q) if b == q => quote = None,
-            Some(_) => {}
-            None => match b {
-                b'\'' | b'"' | b'`' => quote = Some(b),
-                b'[' => quote = Some(b']'),
-                b'(' => depth += 1,
-                b')' => depth = depth.saturating_sub(1),
-                b',' if depth == 0 => {
-                    out.push(&s[start..i]);
-                    start = i + 1;
-                }
-                _ => {}
-            },
+    for (i, b) in unquoted(s) {
+        match b {
+            b'(' => depth += 1,
+            b')' => depth = depth.saturating_sub(1),
+            b',' if depth == 0 => {
+                out.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
         }
     }
     out.push(&s[start..]);
