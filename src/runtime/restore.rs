@@ -70,8 +70,9 @@ pub(crate) async fn perform(bucket: &Bucket, source: &str, io: Io) -> Result<IoD
         }
         Io::DeleteObjects { keys } => {
             let work = async {
-                for key in keys {
-                    bucket.delete(key.clone()).await.map_err(|e| transient(&format!("R2 delete {key}"), e))?;
+                // R2 deletes at most 1,000 keys per call: one subrequest per 1,000 chunks.
+                for batch in keys.chunks(1000) {
+                    bucket.delete_multiple(batch.to_vec()).await.map_err(|e| transient("R2 delete", e))?;
                 }
                 Ok(IoDone::Deleted)
             };
