@@ -879,8 +879,8 @@ fn dump_of(key: &str, manifest: &Manifest) -> Result<DumpRef, StepError> {
     };
     let md5 = artifact.md5.clone().ok_or_else(|| {
         StepError::permanent(format!(
-            "backup {folder} records no MD5 of its dump (it was made before Ferry recorded one); D1's import needs \
-             it: take a new backup"
+            "backup {folder} records no MD5 of its dump (it was made before Ferry recorded one), so what R2 holds \
+             cannot be checked against it: take a new backup"
         ))
     })?;
     Ok(DumpRef {
