@@ -20,6 +20,8 @@ pub enum Method {
     Post,
     /// DELETE
     Delete,
+    /// PUT (a D1 import's upload)
+    Put,
 }
 
 impl Method {
@@ -29,6 +31,7 @@ impl Method {
             Self::Get => "GET",
             Self::Post => "POST",
             Self::Delete => "DELETE",
+            Self::Put => "PUT",
         }
     }
 }
@@ -66,6 +69,11 @@ impl HttpRequest {
     /// A DELETE with no headers.
     pub fn delete(url: impl Into<String>) -> Self {
         Self { method: Method::Delete, url: url.into(), headers: Vec::new(), body: None }
+    }
+
+    /// A PUT with no headers (its body is sent by the runtime).
+    pub fn put(url: impl Into<String>) -> Self {
+        Self { method: Method::Put, url: url.into(), headers: Vec::new(), body: None }
     }
 
     /// A POST of a JSON value.

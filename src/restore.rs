@@ -15,6 +15,7 @@
 
 pub mod aura;
 pub mod d1;
+pub mod d1_sql;
 pub mod dgraph;
 pub mod dxp;
 
@@ -40,14 +41,18 @@ pub enum Io {
         /// The manifest's key.
         key: Option<String>,
     },
-    /// Stream the R2 object `key` (`size` bytes) with `PUT` to `url`.
-    Upload {
-        /// The dump's key.
-        key: String,
-        /// Its size.
-        size: u64,
-        /// D1's upload URL.
-        url: String,
+    /// One bounded step of staging a rewritten D1 dump ([`d1_sql::Staging::step`]): read the
+    /// range [`d1_sql::Staging::next_read`] names, step, write the chunk it gives.
+    Stage {
+        /// Where the staging stands.
+        staging: Box<d1_sql::Staging>,
+        /// Bytes of input the step reads at most (the source's part size).
+        step_bytes: u64,
+    },
+    /// Delete these R2 objects (a staged import's chunks); missing ones count as deleted.
+    DeleteObjects {
+        /// Their keys.
+        keys: Vec<String>,
     },
     /// Read the R2 object `key` whole (streamed) and give its MD5 and size.
     Digest {
@@ -56,7 +61,8 @@ pub enum Io {
     },
     /// One bounded step of scanning or loading an Aura graph export (`runtime/graph_load.rs`).
     GraphLoad(Box<aura::GraphLoadOrder>),
-    /// Send `request` (its URL and headers; a `POST`) with a body made of `pieces` in order,
+    /// Send `request` (its method, URL and headers: a `POST`, or D1's `PUT`) with a body made of
+    /// `pieces` in order,
     /// R2 objects streamed, never held whole; the body's length is known and sent as
     /// `Content-Length` (a `multipart/form-data` upload).
     PostPieces {
@@ -103,15 +109,10 @@ impl Piece {
 pub enum IoDone {
     /// The manifest and its key.
     Manifest(String, Box<Manifest>),
-    /// The upload's answer: its status and the `ETag` header.
-    Uploaded {
-        /// HTTP status.
-        status: u16,
-        /// The `ETag` header, quotes and all.
-        etag: Option<String>,
-        /// The start of the body, for an error.
-        body: String,
-    },
+    /// Where the staging stands after a step (its chunk is written).
+    Staged(Box<d1_sql::Staging>),
+    /// The objects are deleted.
+    Deleted,
     /// The MD5 and size of what R2 holds.
     Digest {
         /// Lower-case hex MD5.

@@ -122,6 +122,42 @@ def test_transaction_statements_are_refused(env):
     assert result["error"] == "cannot start a transaction within a transaction"
 
 
+def test_a_statement_over_100000_bytes_is_too_long_and_one_at_the_cap_is_not(env):
+    head = b"INSERT INTO t VALUES('"
+    at_cap = head + b"x" * (100_000 - len(head) - 3) + b"');"
+    assert len(at_cap) == 100_000
+    _, result = import_file(env["host"], DST_ID, b"CREATE TABLE t(a);\n" + at_cap)
+    assert result["status"] == "complete", result
+    over = at_cap.replace(b"');", b"x');")
+    _, result = import_file(env["host"], DST_ID, b"INSERT INTO t VALUES(1);\n" + over)
+    assert result["status"] == "error" and "statement too long" in result["error"], result
+    assert len(rows(env["dst"], "t")) == 1, "nothing of the failed import stays"
+
+
+def test_objects_that_refer_to_ones_created_later_fail_with_no_such_table(env):
+    trigger_first = (b"CREATE TABLE t(a);\nCREATE TRIGGER tr INSTEAD OF INSERT ON v BEGIN INSERT INTO t "
+                     b"VALUES(new.a); END;\nCREATE VIEW v AS SELECT a FROM t;")
+    _, result = import_file(env["host"], DST_ID, trigger_first)
+    assert result["status"] == "error" and "no such table: main.v" in result["error"], result
+    _, result = import_file(env["host"], DST_ID, b"CREATE INDEX i ON t2(a);\nCREATE TABLE t2(a);")
+    assert result["status"] == "error" and "no such table: main.t2" in result["error"], result
+    child_first = (b"PRAGMA defer_foreign_keys=TRUE;\nCREATE TABLE c(p REFERENCES pa(id));\nINSERT INTO c VALUES(1);\n"
+                   b"CREATE TABLE pa(id INTEGER PRIMARY KEY);\nINSERT INTO pa VALUES(1);")
+    _, result = import_file(env["host"], DST_ID, child_first)
+    assert result["status"] == "error" and "no such table: main.pa" in result["error"], result
+
+
+def test_foreign_keys_are_enforced_unless_deferred(env):
+    schema = (b"CREATE TABLE child(id INTEGER PRIMARY KEY, p INTEGER REFERENCES parent(id));\n"
+              b"CREATE TABLE parent(id INTEGER PRIMARY KEY);\n")
+    rows_sql = b"INSERT INTO child VALUES(1, 5);\nINSERT INTO parent VALUES(5);"
+    _, result = import_file(env["host"], DST_ID, schema + rows_sql)
+    assert result["status"] == "error" and "FOREIGN KEY constraint failed" in result["error"], result
+    _, result = import_file(env["host"], DST_ID, b"PRAGMA defer_foreign_keys=TRUE;\n" + schema + rows_sql)
+    assert result["status"] == "complete", result
+    assert rows(env["dst"], "child") == [(1, 5)]
+
+
 def test_an_upload_without_content_length_is_refused(env):
     data = b"CREATE TABLE x(a);"
     status, _, init = call(env["host"], "POST", f"{BASE}/{DST_ID}/import",

@@ -49,6 +49,15 @@ pub struct D1Config {
     /// What the dump contains.
     #[serde(default)]
     pub dump_options: DumpOptions,
+    /// Days of Time Travel history D1 keeps for this account: 30 on Workers Paid, 7 on Free (D1
+    /// limits). The default, 7, holds on every plan; a restore of an older backup imports its
+    /// dump instead of sending D1 a bookmark it may no longer have.
+    #[serde(default = "default_time_travel_days", deserialize_with = "fields::count::<_, 1, 30>")]
+    pub time_travel_days: u32,
+}
+
+fn default_time_travel_days() -> u32 {
+    7
 }
 
 impl D1Config {
@@ -278,6 +287,7 @@ mod tests {
             database_id: "db-1".into(),
             token_secret: "T".into(),
             dump_options: DumpOptions { tables: vec!["users".into()], no_data: false, no_schema: false },
+            time_travel_days: 7,
         }
     }
 

@@ -1,20 +1,35 @@
 //! D1 restores and drills, as a phase machine driven by the job engine.
 //!
-//! - **Import** (`provider-apis.md` §1.5): a committed backup's dump goes into a named target
-//!   database: `init` with the dump's MD5 (recorded in the manifest while the dump was copied)
-//!   as `etag` → `PUT` the dump, streamed out of R2, to `upload_url` → `ingest` → `poll` until
-//!   `complete`. D1 blocks the target database while it imports.
+//! - **Import** (`provider-apis.md` §1.5; the protocol of `cloudflare-typescript`
+//!   `src/resources/d1/database.ts` `import` and wrangler's `d1/execute.ts`): a committed
+//!   backup's dump goes into a named target database. The target must be empty (its
+//!   `sqlite_schema` is read first) unless the request says `"replace": true`. The dump is first
+//!   rewritten into one D1 accepts ([`super::d1_sql`]: oversized `INSERT`s split, indexes, views
+//!   and triggers after every table, with `replace` each object dropped just before it is
+//!   created) and staged in R2 as numbered chunks, in bounded steps of the source's
+//!   `part_size_mib`, the MD5 computed as they are written: D1's `init` needs it up front. Then
+//!   `init` with that MD5 as `etag` → `PUT` the chunks, streamed out of R2 as one body, to
+//!   `upload_url` → `ingest` → `poll` until `complete`; the staged chunks are deleted at the end,
+//!   also when the import failed. D1 blocks the target database while it imports, and an import
+//!   that fails leaves it as it was.
+//! - **Extra SQL artifacts**: any artifact of the backup whose `details.d1_import` is
+//!   `"after_dump"` (virtual tables' rows, exact big integers, written by the export) is staged
+//!   right after the dump, before the held-back indexes, views and triggers
+//!   ([`extra_inputs`] is the one place that decides it).
 //! - **Time travel** (§1.6): the source database goes back to the `at_bookmark` its backup's
-//!   manifest recorded. Past D1's window D1 refuses the bookmark: the restore then imports the dump
-//!   into the named target database when one was given, and otherwise fails saying so.
+//!   manifest recorded, only when the manifest's `database_id` is the source's and the backup is
+//!   within `time_travel_days` (7 by default: D1 keeps 30 days on Workers Paid, 7 on Free).
+//!   Otherwise, or when D1 refuses the bookmark, the restore imports the dump into the named
+//!   target database when one was given (and confirmed), and fails saying so when not.
 //! - **Drill**: a scratch database `ferry-drill-<job id>` is created, the newest backup (or the
 //!   one named) is imported into it, every table's row count is compared with the counts recorded
 //!   while the dump was copied, the scratch database is deleted (also when something failed), and
 //!   the outcome is written next to the backup as `drill.json`. A difference fails the drill,
 //!   naming the table.
 //!
-//! Anything that overwrites data needs a `confirm` field repeating the target's database id,
-//! checked by [`plan`] before a job exists.
+//! Anything that overwrites data needs `confirm` to name every database it may write (a string,
+//! or a list when there are two: Time Travel with an import fallback), checked by [`plan`] before
+//! a job exists.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -22,11 +37,12 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::{param_text, Answer, Io, IoDone, Next, RestoreCx, Restorer, DRILL_NAME};
+use super::d1_sql::{Input, Staging};
+use super::{param_text, Answer, Io, IoDone, Next, Piece, RestoreCx, Restorer, DRILL_NAME};
 use crate::error::StepError;
 use crate::http::{HttpRequest, HttpResponse};
 use crate::job::{JobId, Task};
-use crate::manifest::Manifest;
+use crate::manifest::{Artifact, Manifest};
 use crate::providers::d1::D1Config;
 use crate::providers::{url_with_path, ProviderConfig};
 
@@ -34,9 +50,13 @@ use crate::secret::Secret;
 use crate::time::Timestamp;
 /// Most D1 log lines kept per restore.
 const MAX_MESSAGES: usize = 100;
-/// D1 keeps Time Travel history for at most 30 days (Paid; 7 on Free): an older bookmark is
-/// certainly past the window.
-const TIME_TRAVEL_WINDOW: Duration = Duration::from_secs(30 * 86_400);
+/// What an extra SQL artifact's `details.d1_import` says to be imported after the dump.
+pub const AFTER_DUMP: &str = "after_dump";
+/// Where a restore stages its rewritten dump, under its own folder.
+const STAGING_DIR: &str = "restore-staging/";
+/// What a target database may hold and still count as empty: SQLite's and D1's own tables.
+const USER_OBJECTS: &str = "SELECT type, name FROM sqlite_schema WHERE name NOT LIKE 'sqlite\\_%' ESCAPE '\\' \
+     AND name NOT LIKE '\\_cf\\_%' ESCAPE '\\' ORDER BY name LIMIT 20";
 
 /// What a restore job does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +82,11 @@ pub enum Step {
     CreateScratch,
     /// Make sure the named target database exists before anything is sent to it.
     CheckTarget,
+    /// Read what the target database holds: an import goes only into an empty one, unless
+    /// `replace`.
+    Inspect,
+    /// Rewrite the dump into one D1 accepts and stage it in R2, one bounded step at a time.
+    Stage,
     /// Ask D1 for an upload URL (`init`).
     Init,
     /// Stream the dump from R2 to the upload URL.
@@ -70,6 +95,8 @@ pub enum Step {
     Ingest,
     /// Ask D1 how the import goes (`poll`).
     Poll,
+    /// Delete the staged chunks (after the import, or after a failure).
+    Cleanup,
     /// Count the rows of the n-th table of the manifest's counts.
     Count(usize),
     /// Delete the drill's scratch database.
@@ -99,6 +126,12 @@ pub struct DumpRef {
     pub at_bookmark: Option<String>,
     /// When the backup finished.
     pub finished_at: Timestamp,
+    /// The database the backup was taken of, as its manifest records it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_id: Option<String>,
+    /// Extra SQL artifacts imported right after the dump, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra: Vec<Input>,
 }
 
 /// A restore's persisted state.
@@ -142,6 +175,38 @@ pub struct D1Restore {
     /// Notes for the reader (a time travel that fell back to an import).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// Drop the dump's objects before creating them (`"replace": true`); without it a target
+    /// that holds anything is refused.
+    #[serde(default)]
+    pub replace: bool,
+    /// The databases `confirm` named (an import fallback must be among them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub confirmed: Vec<String>,
+    /// The source database, which Time Travel restores in place.
+    #[serde(default)]
+    pub source_database: String,
+    /// Days of Time Travel history (the source's `time_travel_days`).
+    #[serde(default = "default_window_days")]
+    pub window_days: u32,
+    /// The staged import, once begun.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staging: Option<Staging>,
+}
+
+fn default_window_days() -> u32 {
+    7
+}
+
+/// The ids `confirm` names: a string, or a list of strings.
+fn confirmations(params: &Value) -> Vec<String> {
+    match params.get("confirm") {
+        Some(Value::String(s)) => vec![s.trim().to_string()],
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).map(|s| s.trim().to_string()).collect(),
+        _ => Vec::new(),
+    }
+    .into_iter()
+    .filter(|s| !s.is_empty())
+    .collect()
 }
 
 /// Checks a restore or drill request and makes the restore's state: `Err` is the 400 the caller
@@ -151,7 +216,12 @@ pub fn plan(task: Task, cfg: &D1Config, params: &Value, backup: Option<String>) 
     if params.get("target").is_some() && target.is_none() {
         return Err("\"target\" must be {\"database_id\": \"<uuid of the database to import into>\"}".into());
     }
-    let confirm = param_text(params, "/confirm");
+    let confirmed = confirmations(params);
+    let replace = match params.get("replace") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err("\"replace\" must be true or false".into()),
+    };
     let mut state = D1Restore {
         mode: Mode::Import,
         manifest_key: backup,
@@ -167,11 +237,19 @@ pub fn plan(task: Task, cfg: &D1Config, params: &Value, backup: Option<String>) 
         result: None,
         altered: None,
         notes: Vec::new(),
+        replace,
+        confirmed: confirmed.clone(),
+        source_database: cfg.database_id.clone(),
+        window_days: cfg.time_travel_days,
+        staging: None,
     };
+    let names = |id: &str| confirmed.iter().any(|c| c == id);
     match task {
         Task::Drill => {
-            if target.is_some() {
-                return Err("a drill imports into a scratch database of its own; it takes no \"target\"".into());
+            if target.is_some() || replace {
+                return Err(
+                    "a drill imports into a scratch database of its own; it takes no \"target\" or \"replace\"".into(),
+                );
             }
             state.mode = Mode::Drill;
             state.target = None;
@@ -190,7 +268,7 @@ pub fn plan(task: Task, cfg: &D1Config, params: &Value, backup: Option<String>) 
                                 .into(),
                         );
                     };
-                    if confirm.as_deref() != Some(target.as_str()) {
+                    if !names(&target) {
                         return Err(format!(
                             "importing overwrites data in database {target}: repeat its id in \"confirm\" to go on"
                         ));
@@ -198,15 +276,23 @@ pub fn plan(task: Task, cfg: &D1Config, params: &Value, backup: Option<String>) 
                     Ok(state)
                 }
                 "time_travel" => {
-                    if confirm.as_deref() != Some(cfg.database_id.as_str()) {
+                    let source = cfg.database_id.as_str();
+                    // Each database the job may write is named twice: Time Travel writes the
+                    // source, its import fallback writes the target.
+                    let expected = match &target {
+                        Some(t) if t != source => format!("\"confirm\": [{source:?}, {t:?}]"),
+                        _ => format!("\"confirm\": {source:?}"),
+                    };
+                    if !names(source) {
                         return Err(format!(
-                            "time travel overwrites the source database {}: repeat its id in \"confirm\" to go on{}",
-                            cfg.database_id,
-                            if target.is_some() {
-                                " (an import fallback into the target is confirmed by the same field)"
-                            } else {
-                                ""
-                            }
+                            "time travel overwrites the source database {source} in place: name it in \"confirm\" \
+                             to go on ({expected})"
+                        ));
+                    }
+                    if let Some(t) = target.as_deref().filter(|t| !names(t)) {
+                        return Err(format!(
+                            "past D1's Time Travel window this restore falls back to importing into database {t}, \
+                             which overwrites it: name it in \"confirm\" too ({expected})"
                         ));
                     }
                     state.mode = Mode::TimeTravel;
@@ -230,15 +316,26 @@ fn authed(req: HttpRequest, token: &Secret) -> HttpRequest {
     req.header("authorization", format!("Bearer {}", token.expose()))
 }
 
-/// `"name"` with embedded quotes doubled.
-fn quoted(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 impl D1Restore {
-    /// The restore failed with `message`: a drill deletes its scratch database and records the
-    /// outcome first (`true`, the job goes on); anything else fails now (`false`).
+    /// The restore failed with `message`: staged chunks are deleted first, and a drill deletes its
+    /// scratch database and records the outcome (`true`, the job goes on); anything else fails
+    /// now (`false`).
     fn cleanup_first(&mut self, message: String) -> bool {
+        if self.step == Step::Cleanup {
+            // The chunks stay for the daily sweep (they are under the job's own folder).
+            self.notes.push(format!("deleting the staged import failed ({message}); the daily sweep removes it"));
+            self.staging = None;
+            self.step = self.after_cleanup();
+            return true;
+        }
+        if self.staging.is_some() && !matches!(self.step, Step::Record | Step::Done) {
+            self.failure = Some(match self.failure.take() {
+                Some(prior) => format!("{prior}; {message}"),
+                None => message,
+            });
+            self.step = Step::Cleanup;
+            return true;
+        }
         if self.mode != Mode::Drill || self.dump.is_none() {
             return false;
         }
@@ -262,13 +359,55 @@ impl D1Restore {
         }
     }
 
+    /// What follows the staged chunks' deletion.
+    fn after_cleanup(&mut self) -> Step {
+        match (&self.failure, self.mode) {
+            (Some(_), Mode::Drill) if self.target.is_some() => Step::DeleteScratch,
+            (Some(_), Mode::Drill) => Step::Record,
+            (Some(_), _) => Step::Done,
+            (None, Mode::Drill) if self.dump.as_ref().is_some_and(|d| d.row_counts.is_empty()) => {
+                self.failure = self.compare();
+                Step::DeleteScratch
+            }
+            (None, Mode::Drill) => Step::Count(0),
+            (None, _) => Step::Done,
+        }
+    }
+
     /// The drill's scratch database's name.
     pub fn scratch_name(job: &JobId) -> String {
         format!("ferry-drill-{job}")
     }
 
+    /// The staging in progress, or a fresh one: the dump, then the extra artifacts, under a
+    /// folder of the job's own (Ferry's layout, stamped with when staging began, so the daily
+    /// sweep removes what a lost job left).
+    fn staging_or_new(&self, source: &str, job: &JobId, now: Timestamp) -> Result<Staging, StepError> {
+        if let Some(s) = &self.staging {
+            return Ok(s.clone());
+        }
+        let dump = self.dump.as_ref().ok_or_else(|| StepError::permanent("the backup's manifest was not read"))?;
+        let mut inputs = vec![Input { key: dump.key.clone(), size: dump.size }];
+        inputs.extend(dump.extra.iter().cloned());
+        let prefix = format!("{}{STAGING_DIR}", crate::manifest::folder(source, now, job));
+        Ok(Staging::new(inputs, prefix, self.replace))
+    }
+
+    /// The staged file's MD5 (D1's `etag`), once staged.
+    fn staged_md5(&self) -> Result<String, StepError> {
+        let staging = self.staging.as_ref().filter(|s| s.done).ok_or_else(|| StepError::permanent("nothing staged"))?;
+        staging.final_md5().map_err(|e| StepError::permanent(e.to_string()))
+    }
+
     /// The next request or R2 order.
-    fn next_with(&self, cfg: &D1Config, token: &Secret, job: &JobId, now: Timestamp) -> Result<Next, StepError> {
+    fn next_with(
+        &self,
+        cfg: &D1Config,
+        token: &Secret,
+        job: &JobId,
+        now: Timestamp,
+        source: &crate::config::SourceConfig,
+    ) -> Result<Next, StepError> {
         let dump = || self.dump.as_ref().ok_or_else(|| StepError::permanent("the backup's manifest was not read"));
         let target = || self.target.as_deref().ok_or_else(|| StepError::permanent("no target database"));
         Ok(match self.step {
@@ -279,21 +418,38 @@ impl D1Restore {
                 token,
             )),
             Step::CheckTarget => Next::Send(authed(HttpRequest::get(db_url(cfg, &[target()?])?), token)),
+            Step::Inspect => Next::Send(authed(
+                HttpRequest::post_json(db_url(cfg, &[target()?, "query"])?, &json!({ "sql": USER_OBJECTS })),
+                token,
+            )),
+            Step::Stage => Next::Io(Io::Stage {
+                staging: Box::new(self.staging_or_new(&source.name, job, now)?),
+                step_bytes: source.transfer.part_size,
+            }),
             Step::Init => Next::Send(authed(
                 HttpRequest::post_json(
                     db_url(cfg, &[target()?, "import"])?,
-                    &json!({ "action": "init", "etag": dump()?.md5 }),
+                    &json!({ "action": "init", "etag": self.staged_md5()? }),
                 ),
                 token,
             )),
             Step::Upload => {
                 let url = self.secret_upload_url.clone().ok_or_else(|| StepError::permanent("no upload URL"))?;
-                Next::Io(Io::Upload { key: dump()?.key.clone(), size: dump()?.size, url })
+                let staging = self.staging.as_ref().ok_or_else(|| StepError::permanent("nothing staged"))?;
+                let pieces = staging
+                    .chunks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, size)| Piece::Object { key: staging.chunk_key(i), size: *size })
+                    .collect();
+                // The presigned URL carries its own authorization: no token goes with it.
+                let request = HttpRequest::put(url).header("content-type", "application/sql");
+                Next::Io(Io::PostPieces { request, pieces })
             }
             Step::Ingest => Next::Send(authed(
                 HttpRequest::post_json(
                     db_url(cfg, &[target()?, "import"])?,
-                    &json!({ "action": "ingest", "etag": dump()?.md5, "filename": self.import_filename }),
+                    &json!({ "action": "ingest", "etag": self.staged_md5()?, "filename": self.import_filename }),
                 ),
                 token,
             )),
@@ -308,13 +464,21 @@ impl D1Restore {
                 let Some(table) = dump()?.row_counts.keys().nth(i) else {
                     return Err(StepError::permanent("no such table to count"));
                 };
-                let sql = format!("SELECT count(*) AS n FROM {}", quoted(table));
+                let sql = format!("SELECT count(*) AS n FROM {}", super::d1_sql::quote_name(table));
                 Next::Send(authed(
                     HttpRequest::post_json(db_url(cfg, &[target()?, "query"])?, &json!({ "sql": sql })),
                     token,
                 ))
             }
             Step::DeleteScratch => Next::Send(authed(HttpRequest::delete(db_url(cfg, &[target()?])?), token)),
+            Step::Cleanup => Next::Io(Io::DeleteObjects {
+                keys: self
+                    .staging
+                    .as_ref()
+                    // One past the last recorded chunk: a step may have written it before it was recorded.
+                    .map(|s| (0..=s.chunks.len()).map(|i| s.chunk_key(i)).collect())
+                    .unwrap_or_default(),
+            }),
             Step::TimeTravel => {
                 let bookmark = dump()?.at_bookmark.clone().unwrap_or_default();
                 let mut url = url::Url::parse(&db_url(cfg, &[&cfg.database_id, "time_travel", "restore"])?)
@@ -379,7 +543,32 @@ impl D1Restore {
                 };
                 Ok(Answer::Continue)
             }
-            (Step::Upload, IoDone::Uploaded { status, etag, body }) => {
+            (Step::Stage, IoDone::Staged(staging)) => {
+                if staging.done {
+                    self.notes.push(format!(
+                        "the rewritten dump was staged in {} ({} chunks, {} bytes, {} statements) and is deleted \
+                         after the import",
+                        staging.prefix,
+                        staging.chunks.len(),
+                        staging.size(),
+                        staging.rewrite.written
+                    ));
+                    if staging.rewrite.split_rows > 0 {
+                        self.notes.push(format!(
+                            "{} rows over D1's {}-byte statement limit were imported in pieces",
+                            staging.rewrite.split_rows,
+                            super::d1_sql::D1_MAX_STATEMENT
+                        ));
+                    }
+                    self.step = Step::Init;
+                }
+                self.staging = Some(*staging);
+                Ok(Answer::Continue)
+            }
+            (Step::Upload, IoDone::Posted(answer)) => {
+                // Sending the same file again is harmless: a lost answer is retried.
+                let resp = answer.map_err(StepError::transient)?;
+                let (status, body) = (resp.status, resp.snippet(300));
                 if status != 200 {
                     let msg = format!("uploading the dump to D1 was refused (HTTP {status}): {body}");
                     return Err(if status >= 500 || status == 429 {
@@ -388,15 +577,21 @@ impl D1Restore {
                         StepError::permanent(msg)
                     });
                 }
-                let md5 = self.dump.as_ref().map(|d| d.md5.clone()).unwrap_or_default();
+                let md5 = self.staged_md5()?;
+                let etag = resp.header("etag").map(str::to_string);
                 let got = etag.as_deref().map(|e| e.trim().trim_start_matches("W/").trim_matches('"').to_string());
                 if got.as_deref() != Some(md5.as_str()) {
                     return Err(StepError::permanent(format!(
-                        "D1's upload answered ETag {:?}, not the dump's MD5 {md5}: the upload is not the dump",
+                        "D1's upload answered ETag {:?}, not the staged dump's MD5 {md5}: the upload is not the dump",
                         etag.unwrap_or_default()
                     )));
                 }
                 self.step = Step::Ingest;
+                Ok(Answer::Continue)
+            }
+            (Step::Cleanup, IoDone::Deleted) => {
+                self.staging = None;
+                self.step = self.after_cleanup();
                 Ok(Answer::Continue)
             }
             (Step::Digest, IoDone::Digest { md5, size }) => {
@@ -428,10 +623,25 @@ impl D1Restore {
         if dump.at_bookmark.is_none() {
             return self.fallback("the backup's manifest records no at_bookmark".into());
         }
-        if now.since(dump.finished_at) > TIME_TRAVEL_WINDOW {
+        // Time Travel restores a database in place: only the database the bookmark is of.
+        match dump.database_id.as_deref() {
+            Some(id) if id == self.source_database => {}
+            Some(id) => {
+                let why = format!(
+                    "the backup was taken of database {id}, not of the source database {}: its bookmark \
+                     cannot restore that database",
+                    self.source_database
+                );
+                return self.fallback(why);
+            }
+            None => return self.fallback("the backup's manifest does not record its database_id".into()),
+        }
+        let window = Duration::from_secs(u64::from(self.window_days) * 86_400);
+        if now.since(dump.finished_at) > window {
             return self.fallback(format!(
-                "the backup finished at {}, more than 30 days ago, past D1's Time Travel window",
-                dump.finished_at
+                "the backup finished at {}, more than {} days ago, past D1's Time Travel window \
+                 (time_travel_days = {}; D1 keeps 30 days on Workers Paid, 7 on Free)",
+                dump.finished_at, self.window_days, self.window_days
             ));
         }
         Ok(Step::TimeTravel)
@@ -439,6 +649,9 @@ impl D1Restore {
 
     fn fallback(&mut self, why: String) -> Result<Step, StepError> {
         match &self.target {
+            Some(t) if !self.confirmed.contains(t) => Err(StepError::permanent(format!(
+                "{why}; the import into database {t} it would fall back to was not confirmed"
+            ))),
             Some(t) => {
                 self.notes.push(format!("{why}; importing the dump into database {t} instead"));
                 self.mode = Mode::Import;
@@ -469,13 +682,44 @@ impl D1Restore {
         let result = envelope(resp, now, step)?;
         match step {
             Step::CheckTarget => {
-                self.step = Step::Init;
+                self.step = Step::Inspect;
+                Ok(Answer::Continue)
+            }
+            Step::Inspect => {
+                let rows = result
+                    .pointer("/0/results")
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| malformed("query: no result[0].results"))?;
+                let objects: Vec<String> = rows
+                    .iter()
+                    .map(|r| {
+                        let field = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
+                        format!("{} {:?}", field("type"), field("name"))
+                    })
+                    .collect();
+                let target = self.target.clone().unwrap_or_default();
+                if !objects.is_empty() {
+                    if !self.replace {
+                        return Err(StepError::permanent(format!(
+                            "database {target} is not empty (it holds {}): import into an empty database, or \
+                             add \"replace\": true to drop the backup's tables, views, indexes and triggers \
+                             there first (its other objects stay); nothing was imported",
+                            objects.join(", ")
+                        )));
+                    }
+                    self.notes.push(format!(
+                        "database {target} held {}: the backup's objects were dropped and created again in the \
+                         same import",
+                        objects.join(", ")
+                    ));
+                }
+                self.step = Step::Stage;
                 Ok(Answer::Continue)
             }
             Step::CreateScratch => {
                 let uuid = result.get("uuid").and_then(Value::as_str).ok_or_else(|| malformed("create: no uuid"))?;
                 self.target = Some(uuid.to_string());
-                self.step = Step::Init;
+                self.step = Step::Stage;
                 Ok(Answer::Continue)
             }
             Step::Init | Step::Ingest | Step::Poll => self.on_import(&result, step),
@@ -504,9 +748,13 @@ impl D1Restore {
                 self.step = Step::Done;
                 Ok(Answer::Continue)
             }
-            Step::ReadManifest | Step::Digest | Step::Upload | Step::Record | Step::Done => {
-                Err(StepError::permanent(format!("an answer came at {step:?}, where none was asked for")))
-            }
+            Step::ReadManifest
+            | Step::Digest
+            | Step::Stage
+            | Step::Upload
+            | Step::Cleanup
+            | Step::Record
+            | Step::Done => Err(StepError::permanent(format!("an answer came at {step:?}, where none was asked for"))),
         }
     }
 
@@ -539,14 +787,7 @@ impl D1Restore {
             }
             Some("complete") => {
                 self.result = result.get("result").cloned();
-                self.step = match self.mode {
-                    Mode::Drill => Step::Count(0),
-                    _ => Step::Done,
-                };
-                if self.mode == Mode::Drill && self.dump.as_ref().is_some_and(|d| d.row_counts.is_empty()) {
-                    self.failure = self.compare();
-                    self.step = Step::DeleteScratch;
-                }
+                self.step = if self.staging.is_some() { Step::Cleanup } else { self.after_cleanup() };
                 Ok(Answer::Continue)
             }
             Some("error") => {
@@ -603,7 +844,7 @@ impl Restorer for D1Restore {
             return Err(StepError::permanent("a D1 restore of a source that is no longer a D1 source"));
         };
         let token = cx.creds.get(&cfg.token_secret)?;
-        self.next_with(cfg, token, cx.job, cx.now)
+        self.next_with(cfg, token, cx.job, cx.now, cx.source)
     }
 
     fn on_response(&mut self, resp: &HttpResponse, now: Timestamp) -> Result<Answer, StepError> {
@@ -626,7 +867,11 @@ impl Restorer for D1Restore {
 /// The dump of a D1 backup, from its manifest.
 fn dump_of(key: &str, manifest: &Manifest) -> Result<DumpRef, StepError> {
     let folder = crate::manifest::folder_of(key).unwrap_or_default().to_string();
-    let sql: Vec<_> = manifest.artifacts.iter().filter(|a| crate::dump::Tally::applies_to(&a.filename)).collect();
+    let sql: Vec<_> = manifest
+        .artifacts
+        .iter()
+        .filter(|a| crate::dump::Tally::applies_to(&a.filename) && !imported_after_dump(a))
+        .collect();
     let artifact = match sql.as_slice() {
         [one] => *one,
         [] => return Err(StepError::permanent(format!("backup {folder} holds no .sql dump to restore"))),
@@ -634,8 +879,8 @@ fn dump_of(key: &str, manifest: &Manifest) -> Result<DumpRef, StepError> {
     };
     let md5 = artifact.md5.clone().ok_or_else(|| {
         StepError::permanent(format!(
-            "backup {folder} records no MD5 of its dump (it was made before Ferry recorded one); D1's import needs \
-             it: take a new backup"
+            "backup {folder} records no MD5 of its dump (it was made before Ferry recorded one), so what R2 holds \
+             cannot be checked against it: take a new backup"
         ))
     })?;
     Ok(DumpRef {
@@ -646,7 +891,26 @@ fn dump_of(key: &str, manifest: &Manifest) -> Result<DumpRef, StepError> {
         row_counts: artifact.row_counts.clone().unwrap_or_default(),
         at_bookmark: manifest.provider.get("at_bookmark").and_then(Value::as_str).map(str::to_string),
         finished_at: manifest.finished_at,
+        database_id: manifest.provider.get("database_id").and_then(Value::as_str).map(str::to_string),
+        extra: extra_inputs(manifest),
     })
+}
+
+/// Whether an artifact is SQL to import after the dump (`details.d1_import = "after_dump"`).
+fn imported_after_dump(artifact: &Artifact) -> bool {
+    artifact.details.as_ref().and_then(|d| d.get("d1_import")).and_then(Value::as_str) == Some(AFTER_DUMP)
+}
+
+/// The hook for SQL a backup carries besides D1's dump (virtual tables' rows, exact big
+/// integers): every artifact marked [`AFTER_DUMP`], in manifest order, is staged right after the
+/// dump and before the held-back indexes, views and triggers, through the same rewriter.
+pub fn extra_inputs(manifest: &Manifest) -> Vec<Input> {
+    manifest
+        .artifacts
+        .iter()
+        .filter(|a| imported_after_dump(a))
+        .map(|a| Input { key: a.key.clone(), size: a.size })
+        .collect()
 }
 
 fn malformed(what: &str) -> StepError {
@@ -663,6 +927,7 @@ fn envelope(resp: &HttpResponse, now: Timestamp, step: Step) -> Result<Value, St
     let what = match step {
         Step::CreateScratch => "creating the scratch database",
         Step::CheckTarget => "looking up the target database",
+        Step::Inspect => "reading what the target database holds",
         Step::Init | Step::Ingest | Step::Poll => "import",
         Step::Count(_) => "counting rows",
         Step::DeleteScratch => "deleting the scratch database",

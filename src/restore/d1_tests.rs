@@ -12,10 +12,32 @@ use crate::config::SourceConfig;
 use crate::http::{HttpRequest, HttpResponse, Method};
 use crate::job::{Action, Event, Phase, Trigger};
 use crate::manifest::Artifact;
+use crate::restore::d1_sql::{Input, Staging};
 use crate::time::Timestamp;
 
 const FOLDER: &str = "app-db/2026-11-23T030000Z-00000000000000aa/";
 const MD5: &str = "0123456789abcdef0123456789abcdef";
+/// What R2 holds as the backup's dump in these tests.
+const DUMP: &str = "PRAGMA defer_foreign_keys=TRUE;\nCREATE TABLE a(x);\nINSERT INTO \"a\" (\"x\") VALUES(1);\n\
+    CREATE VIEW v AS SELECT * FROM a;\nINSERT INTO \"a\" (\"x\") VALUES(2);";
+/// Where this job stages its rewritten dump.
+const STAGED: &str = "app-db/2026-11-23T100000Z-0123456789abcdef/restore-staging/";
+
+/// `DUMP` as the restore stages it (rewritten), with `replace` or not.
+fn staging(replace: bool) -> Staging {
+    let input = Input { key: format!("{FOLDER}db.sql"), size: DUMP.len() as u64 };
+    let mut st = Staging::new(vec![input], STAGED.into(), replace);
+    while !st.done {
+        let data = st.next_read(8 << 20).map(|(_, off, len)| &DUMP.as_bytes()[off as usize..(off + len) as usize]);
+        st.step(data, 8 << 20).unwrap();
+    }
+    st
+}
+
+/// The MD5 of `DUMP` as staged.
+fn staged_md5(replace: bool) -> String {
+    staging(replace).final_md5().unwrap()
+}
 
 fn source(kind_fields: Value) -> SourceConfig {
     let mut v = json!({
@@ -47,7 +69,7 @@ fn manifest(counts: &[(&str, u64)], finished: Timestamp) -> Manifest {
             parts: 3,
             md5: Some(MD5.into()),
             row_counts: Some(counts.iter().map(|(t, n)| (t.to_string(), *n)).collect()),
-            ..Artifact::sample(format!("{FOLDER}db.sql"), "db.sql", 12_000_000, "s", "application/sql")
+            ..Artifact::sample(format!("{FOLDER}db.sql"), "db.sql", DUMP.len() as u64, "s", "application/sql")
         }],
     }
 }
@@ -64,18 +86,45 @@ impl Harness {
         Driver::start(task, source(json!({})), &params, backup, &[("D1_TOKEN", "tok")], t0()).map(Self)
     }
 
-    /// Wakes and expects a request; returns it. The look-up of an import's target database is
-    /// answered on the way (it exists), except where a test asks for it with [`Self::raw_request`].
+    /// Wakes and expects a request; returns it. The look-up of an import's target database and
+    /// the read of what it holds are answered on the way (it exists and is empty), and the
+    /// staging is run (see [`Self::stage`]), except where a test asks with
+    /// [`Self::raw_request`].
     fn request(&mut self) -> HttpRequest {
-        let req = self.raw_request();
-        if req.method == Method::Get && req.url.ends_with("/accounts/acc/d1/database/db-2") {
-            self.answer(200, json!({"uuid": "db-2", "name": "two"}));
-            return self.raw_request();
+        loop {
+            match self.wake() {
+                Action::Send(req)
+                    if req.method == Method::Get && req.url.ends_with("/accounts/acc/d1/database/db-2") =>
+                {
+                    self.answer(200, json!({"uuid": "db-2", "name": "two"}));
+                }
+                Action::Send(req)
+                    if req.url.ends_with("/query") && body(&req)["sql"].as_str().unwrap().contains("sqlite_schema") =>
+                {
+                    self.answer(200, json!([{"results": [], "success": true, "meta": {}}]));
+                }
+                Action::Restore(io) => match *io {
+                    Io::Stage { staging, step_bytes } => self.stage_step(*staging, step_bytes),
+                    other => panic!("expected a request, got {other:?}"),
+                },
+                Action::Send(req) => return req,
+                other => panic!("expected a request, got {other:?}"),
+            }
         }
-        req
     }
 
-    /// An import of an empty dump, up to the moment D1's upload URL is handed to the runtime.
+    /// Performs one staging order as the runtime would, with `DUMP` as the dump in R2.
+    fn stage_step(&mut self, mut staging: Staging, step_bytes: u64) {
+        assert_eq!(staging.prefix, STAGED);
+        let data = staging.next_read(step_bytes).map(|(key, off, len)| {
+            assert_eq!(key, format!("{FOLDER}db.sql"));
+            &DUMP.as_bytes()[off as usize..(off + len) as usize]
+        });
+        staging.step(data, step_bytes).unwrap();
+        self.feed(Event::RestoreIo(Ok(IoDone::Staged(Box::new(staging)))));
+    }
+
+    /// An import of the dump, up to the moment D1's upload URL is handed to the runtime.
     fn at_the_upload() -> Self {
         let mut h = Self::new(Task::Restore, import_params());
         h.io();
@@ -84,6 +133,14 @@ impl Harness {
         h.answer(200, json!({"upload_url": "https://r2.example/up", "filename": "f.sql"}));
         h.io();
         h
+    }
+
+    /// The staged chunks are deleted.
+    fn cleanup(&mut self) {
+        let Io::DeleteObjects { keys } = self.io() else { panic!("expected the staged chunks' deletion") };
+        let chunks = staging(self.replace()).chunks.len();
+        assert_eq!(keys, (0..=chunks).map(|i| format!("{STAGED}{i:05}.sql")).collect::<Vec<_>>());
+        self.feed(Event::RestoreIo(Ok(IoDone::Deleted)));
     }
 
     fn raw_request(&mut self) -> HttpRequest {
@@ -101,29 +158,48 @@ impl Harness {
         self.feed(Event::RestoreIo(Ok(IoDone::Manifest(format!("{FOLDER}manifest.json"), Box::new(m)))));
     }
 
-    /// init → upload → ingest (active) → poll (complete), checking each request.
+    /// stage → init → upload → ingest (active) → poll (complete) → clean-up, checking each step.
     fn import(&mut self, target: &str) {
+        let staged = staging(self.replace());
+        let md5 = staged.final_md5().unwrap();
         let init = self.request();
         assert!(init.url.ends_with(&format!("/accounts/acc/d1/database/{target}/import")), "{}", init.url);
-        assert_eq!(body(&init), json!({"action": "init", "etag": MD5}));
+        assert_eq!(body(&init), json!({"action": "init", "etag": md5}));
         self.answer(200, json!({"upload_url": "https://r2.example/up?sig=1", "filename": "f.sql"}));
-        let Io::Upload { key, size, url } = self.io() else { panic!("expected the upload") };
-        assert_eq!(
-            (key.as_str(), size, url.as_str()),
-            (&*format!("{FOLDER}db.sql"), 12_000_000, "https://r2.example/up?sig=1")
-        );
-        self.feed(Event::RestoreIo(Ok(IoDone::Uploaded {
-            status: 200,
-            etag: Some(format!("\"{MD5}\"")),
-            body: String::new(),
-        })));
+        let Io::PostPieces { request, pieces } = self.io() else { panic!("expected the upload") };
+        assert_eq!((request.method, request.url.as_str()), (Method::Put, "https://r2.example/up?sig=1"));
+        assert!(request.header_value("authorization").is_none(), "the token never goes to the upload URL");
+        let chunks: Vec<Piece> = staged
+            .chunks
+            .iter()
+            .enumerate()
+            .map(|(i, size)| Piece::Object { key: staged.chunk_key(i), size: *size })
+            .collect();
+        assert_eq!(pieces, chunks);
+        self.uploaded(&md5);
         let ingest = self.request();
-        assert_eq!(body(&ingest), json!({"action": "ingest", "etag": MD5, "filename": "f.sql"}));
+        assert_eq!(body(&ingest), json!({"action": "ingest", "etag": md5, "filename": "f.sql"}));
         let slept = self.answer(202, json!({"status": "active", "at_bookmark": "imp-1", "messages": ["Importing"]}));
         assert!(matches!(slept, Action::Sleep(_)));
         let poll = self.request();
         assert_eq!(body(&poll), json!({"action": "poll", "current_bookmark": "imp-1"}));
         self.answer(200, json!({"status": "complete", "at_bookmark": "imp-1", "result": {"final_bookmark": "f", "num_queries": 9, "meta": {}}}));
+        self.cleanup();
+    }
+
+    fn replace(&self) -> bool {
+        matches!(self.job.restore.as_ref(), Some(RestoreState::D1(s)) if s.replace)
+    }
+
+    /// The upload's answer, with this `ETag`.
+    fn uploaded(&mut self, etag: &str) -> Action {
+        let resp = HttpResponse::json(200, &json!(null)).with_header("etag", &format!("\"{etag}\""));
+        self.feed(Event::RestoreIo(Ok(IoDone::Posted(Ok(resp)))))
+    }
+
+    fn state(&self) -> &d1::D1Restore {
+        let Some(RestoreState::D1(state)) = self.job.restore.as_ref() else { panic!("a D1 restore") };
+        state
     }
 }
 
@@ -173,12 +249,15 @@ fn an_import_streams_the_dump_to_d1_and_polls_until_complete() {
 }
 
 #[test]
-fn an_upload_whose_etag_is_not_the_md5_fails_naming_both() {
+fn an_upload_whose_etag_is_not_the_md5_fails_naming_both_after_deleting_the_staged_chunks() {
     let mut h = Harness::at_the_upload();
-    let a = h.feed(Event::RestoreIo(Ok(IoDone::Uploaded { status: 200, etag: None, body: String::new() })));
-    assert_eq!(a, Action::Done);
+    h.uploaded("ffffffffffffffffffffffffffffffff");
+    assert_eq!(h.job.phase, Phase::Restoring, "the staged chunks are deleted first");
+    h.cleanup();
+    assert_eq!(h.wake(), Action::Done);
     assert_eq!(h.job.phase, Phase::Failed);
-    assert!(h.job.error.as_deref().unwrap().contains(MD5), "{:?}", h.job.error);
+    let md5 = staged_md5(false);
+    assert!(h.job.error.as_deref().unwrap().contains(&md5), "{:?}", h.job.error);
 }
 
 #[test]
@@ -191,6 +270,8 @@ fn an_import_error_fails_in_d1s_words_with_its_messages() {
         200,
         json!({"status": "error", "at_bookmark": "x", "error": "near \"x\": syntax error", "messages": ["Importing"]}),
     );
+    h.cleanup();
+    h.wake();
     assert_eq!(h.job.phase, Phase::Failed);
     let e = h.job.error.clone().unwrap();
     assert!(e.contains("D1 import failed: near \"x\": syntax error") && e.contains("Importing"), "{e}");
@@ -213,7 +294,7 @@ fn a_transient_upload_failure_is_retried() {
     let a = h.feed(Event::RestoreIo(Err(StepError::transient("connection reset"))));
     assert!(matches!(a, Action::Sleep(_)));
     assert_eq!(h.job.phase, Phase::Restoring);
-    assert!(matches!(h.io(), Io::Upload { .. }), "the upload is tried again");
+    assert!(matches!(h.io(), Io::PostPieces { .. }), "the upload is tried again");
 }
 
 #[test]
@@ -247,7 +328,7 @@ fn a_refused_bookmark_without_a_target_fails_saying_to_import_instead() {
 fn a_refused_bookmark_with_a_target_falls_back_to_importing_into_it() {
     let mut h = Harness::new(
         Task::Restore,
-        json!({"mode": "time_travel", "confirm": "db-1", "target": {"database_id": "db-2"}}),
+        json!({"mode": "time_travel", "confirm": ["db-1", "db-2"], "target": {"database_id": "db-2"}}),
     );
     h.io();
     h.manifest(manifest(&[], t0()));
@@ -267,7 +348,7 @@ fn a_refused_bookmark_with_a_target_falls_back_to_importing_into_it() {
 fn a_backup_older_than_the_window_imports_without_asking_d1() {
     let mut h = Harness::new(
         Task::Restore,
-        json!({"mode": "time_travel", "confirm": "db-1", "target": {"database_id": "db-2"}}),
+        json!({"mode": "time_travel", "confirm": ["db-1", "db-2"], "target": {"database_id": "db-2"}}),
     );
     h.io();
     h.manifest(manifest(&[], t0().minus(Duration::from_secs(31 * 86_400))));
@@ -281,7 +362,7 @@ fn drill_to_counts(counts: &[(&str, u64)]) -> Harness {
     assert_eq!(h.io(), Io::ReadManifest { key: None });
     h.manifest(manifest(counts, t0()));
     assert_eq!(h.io(), Io::Digest { key: format!("{FOLDER}db.sql") });
-    h.feed(Event::RestoreIo(Ok(IoDone::Digest { md5: MD5.into(), size: 12_000_000 })));
+    h.feed(Event::RestoreIo(Ok(IoDone::Digest { md5: MD5.into(), size: DUMP.len() as u64 })));
     let create = h.request();
     assert!(create.url.ends_with("/accounts/acc/d1/database"), "{}", create.url);
     assert_eq!(body(&create), json!({"name": "ferry-drill-0123456789abcdef"}));
@@ -339,12 +420,13 @@ fn a_drill_whose_import_fails_still_deletes_the_scratch_database_and_records_why
     h.io();
     h.manifest(manifest(&[("a", 1)], t0()));
     h.io();
-    h.feed(Event::RestoreIo(Ok(IoDone::Digest { md5: MD5.into(), size: 12_000_000 })));
+    h.feed(Event::RestoreIo(Ok(IoDone::Digest { md5: MD5.into(), size: DUMP.len() as u64 })));
     h.request();
     h.answer(200, json!({"uuid": "scratch-1"}));
     h.request();
     h.answer(400, json!(null));
     assert_eq!(h.job.phase, Phase::Restoring, "the failure waits for the clean-up");
+    h.cleanup();
     let record = delete_and_record(&mut h);
     assert_eq!(record["passed"], json!(false));
     assert!(record["error"].as_str().unwrap().contains("HTTP 400"), "{record}");
@@ -372,12 +454,13 @@ fn a_drill_of_an_altered_dump_imports_what_r2_holds_and_fails_naming_the_table_a
     h.manifest(manifest(&[("a", 2), ("b", 5)], t0()));
     h.io();
     let other = "ffffffffffffffffffffffffffffffff";
-    h.feed(Event::RestoreIo(Ok(IoDone::Digest { md5: other.into(), size: 11_000_000 })));
+    h.feed(Event::RestoreIo(Ok(IoDone::Digest { md5: other.into(), size: DUMP.len() as u64 })));
     h.request();
     h.answer(200, json!({"uuid": "scratch-1"}));
     let init = h.request();
-    assert_eq!(body(&init)["etag"], json!(other), "the import's etag is the MD5 of what R2 holds");
+    assert_eq!(body(&init)["etag"], json!(staged_md5(false)), "the import's etag is the MD5 of what was staged");
     h.answer(200, json!({"status": "complete", "at_bookmark": "i", "result": {}}));
+    h.cleanup();
     count(&mut h, "a", 2);
     count(&mut h, "b", 0);
     let record = delete_and_record(&mut h);
@@ -404,4 +487,161 @@ fn an_import_into_a_database_that_does_not_exist_fails_before_anything_is_sent_t
     assert_eq!(h.job.phase, Phase::Failed);
     let error = h.job.error.clone().unwrap_or_default();
     assert!(error.contains("target database db-2 does not exist") && error.contains("could not be found"), "{error}");
+}
+
+#[test]
+fn an_import_into_a_database_that_holds_objects_is_refused_naming_them_and_imports_nothing() {
+    let mut h = Harness::new(Task::Restore, import_params());
+    h.io();
+    h.manifest(manifest(&[("a", 2)], t0()));
+    h.raw_request();
+    h.answer(200, json!({"uuid": "db-2", "name": "two"}));
+    let inspect = h.raw_request();
+    assert!(inspect.url.ends_with("/database/db-2/query"), "{}", inspect.url);
+    assert!(body(&inspect)["sql"].as_str().unwrap().contains("sqlite_schema"));
+    h.answer(
+        200,
+        json!([{"results": [{"type": "table", "name": "users"}, {"type": "view", "name": "v"}], "success": true}]),
+    );
+    assert_eq!(h.job.phase, Phase::Failed);
+    let e = h.job.error.clone().unwrap();
+    assert!(
+        e.contains("database db-2 is not empty")
+            && e.contains("table \"users\", view \"v\"")
+            && e.contains("\"replace\": true"),
+        "{e}"
+    );
+}
+
+#[test]
+fn replace_true_imports_into_a_non_empty_database_dropping_the_dumps_objects_first() {
+    let mut params = import_params();
+    params["replace"] = json!(true);
+    let mut h = Harness::new(Task::Restore, params);
+    h.io();
+    h.manifest(manifest(&[("a", 2)], t0()));
+    h.raw_request();
+    h.answer(200, json!({"uuid": "db-2"}));
+    h.raw_request();
+    h.answer(200, json!([{"results": [{"type": "table", "name": "a"}], "success": true}]));
+    assert!(h.state().replace);
+    h.import("db-2");
+    assert_eq!(h.wake(), Action::Done);
+    assert_eq!(h.job.phase, Phase::Restored);
+    assert!(h.state().notes.iter().any(|n| n.contains("held table \"a\"")), "{:?}", h.state().notes);
+    assert_ne!(staged_md5(true), staged_md5(false), "the staged file drops the objects first");
+    assert!(Harness::try_new(
+        Task::Restore,
+        json!({"target": {"database_id": "db-2"}, "confirm": "db-2", "replace": "yes"})
+    )
+    .err()
+    .unwrap()
+    .contains("\"replace\""));
+}
+
+#[test]
+fn a_time_travel_with_an_import_fallback_must_name_both_databases_in_confirm() {
+    let tt = |confirm: Value| {
+        Harness::try_new(
+            Task::Restore,
+            json!({"mode": "time_travel", "confirm": confirm, "target": {"database_id": "db-2"}}),
+        )
+    };
+    let only_source = tt(json!("db-1")).err().unwrap();
+    assert!(
+        only_source.contains("importing into database db-2") && only_source.contains(r#"["db-1", "db-2"]"#),
+        "{only_source}"
+    );
+    let only_target = tt(json!("db-2")).err().unwrap();
+    assert!(
+        only_target.contains("source database db-1") && only_target.contains(r#"["db-1", "db-2"]"#),
+        "{only_target}"
+    );
+    assert!(tt(json!(["db-2", "db-1"])).is_ok());
+    assert!(Harness::try_new(Task::Restore, json!({"mode": "time_travel", "confirm": ["db-1"]})).is_ok());
+    assert!(Harness::try_new(Task::Restore, json!({"target": {"database_id": "db-2"}, "confirm": ["db-2"]})).is_ok());
+}
+
+fn ten_day_old_time_travel(time_travel_days: Option<u32>) -> Harness {
+    let src = match time_travel_days {
+        Some(d) => source(json!({ "time_travel_days": d })),
+        None => source(json!({})),
+    };
+    let params = json!({"mode": "time_travel", "confirm": ["db-1", "db-2"], "target": {"database_id": "db-2"}});
+    let backup = Some(format!("{FOLDER}manifest.json"));
+    let mut h = Harness(Driver::start(Task::Restore, src, &params, backup, &[("D1_TOKEN", "tok")], t0()).unwrap());
+    h.io();
+    h.manifest(manifest(&[], t0().minus(Duration::from_secs(10 * 86_400))));
+    h
+}
+
+#[test]
+fn the_time_travel_window_is_seven_days_unless_the_source_says_thirty() {
+    let mut free = ten_day_old_time_travel(None);
+    free.import("db-2");
+    assert!(free.state().notes[0].contains("more than 7 days ago"), "{:?}", free.state().notes);
+    let mut paid = ten_day_old_time_travel(Some(30));
+    let req = paid.request();
+    assert!(req.url.contains("/database/db-1/time_travel/restore?bookmark=bm-1"), "{}", req.url);
+    let err = Config::from_value(&json!([{
+        "name": "x", "kind": "d1", "schedule": "0 3 * * *", "account_id": "acc", "database_id": "db-1",
+        "token_secret": "T", "time_travel_days": 31
+    }]))
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("time_travel_days"), "{err}");
+}
+
+#[test]
+fn time_travel_never_sends_a_bookmark_of_another_database() {
+    let mut h = Harness::new(Task::Restore, json!({"mode": "time_travel", "confirm": "db-1"}));
+    h.io();
+    let mut m = manifest(&[], t0());
+    m.provider = json!({"database_id": "db-0", "at_bookmark": "bm-1"});
+    h.manifest(m);
+    assert_eq!(h.job.phase, Phase::Failed, "no request was sent");
+    let e = h.job.error.clone().unwrap();
+    assert!(e.contains("taken of database db-0, not of the source database db-1"), "{e}");
+}
+
+#[test]
+fn sql_artifacts_marked_after_dump_are_staged_after_the_dump_in_manifest_order() {
+    let mut h = Harness::new(Task::Restore, import_params());
+    h.io();
+    let mut m = manifest(&[("a", 2)], t0());
+    m.artifacts.push(Artifact {
+        details: Some(json!({"d1_import": "after_dump"})),
+        ..Artifact::sample(format!("{FOLDER}virtual_tables.sql"), "virtual_tables.sql", 40, "s", "application/sql")
+    });
+    h.manifest(m);
+    h.raw_request();
+    h.answer(200, json!({"uuid": "db-2"}));
+    h.raw_request();
+    h.answer(200, json!([{"results": []}]));
+    let Io::Stage { staging, step_bytes } = h.io() else { panic!("expected staging") };
+    assert_eq!(step_bytes, 8 << 20, "a step reads at most the source's part size");
+    let keys: Vec<&str> = staging.inputs.iter().map(|i| i.key.as_str()).collect();
+    assert_eq!(keys, [format!("{FOLDER}db.sql"), format!("{FOLDER}virtual_tables.sql")]);
+}
+
+#[test]
+fn a_failed_staging_step_fails_the_import_after_deleting_what_was_staged() {
+    let mut h = Harness::new(Task::Restore, import_params());
+    h.io();
+    h.manifest(manifest(&[("a", 2)], t0()));
+    h.raw_request();
+    h.answer(200, json!({"uuid": "db-2"}));
+    h.raw_request();
+    h.answer(200, json!([{"results": []}]));
+    let Io::Stage { staging, step_bytes } = h.io() else { panic!("expected staging") };
+    h.stage_step(*staging, step_bytes);
+    assert!(matches!(h.io(), Io::Stage { .. }));
+    h.feed(Event::RestoreIo(Err(StepError::permanent("no statement ends within 6291456 bytes"))));
+    let Io::DeleteObjects { keys } = h.io() else { panic!("expected the clean-up") };
+    assert_eq!(keys, [format!("{STAGED}00000.sql"), format!("{STAGED}00001.sql")]);
+    h.feed(Event::RestoreIo(Ok(IoDone::Deleted)));
+    h.wake();
+    assert_eq!(h.job.phase, Phase::Failed);
+    assert!(h.job.error.clone().unwrap().contains("no statement ends"));
 }

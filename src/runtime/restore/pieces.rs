@@ -1,5 +1,6 @@
-//! Performs [`Io::PostPieces`](crate::restore::Io::PostPieces): one `POST` whose body is text
-//! pieces and R2 objects in order (a `multipart/form-data` upload), streamed, never held whole.
+//! Performs [`Io::PostPieces`](crate::restore::Io::PostPieces): one `POST` (or D1's `PUT`) whose
+//! body is text pieces and R2 objects in order (a `multipart/form-data` upload, a staged dump),
+//! streamed, never held whole.
 //!
 //! Every R2 object is opened (and its size checked against the order) before anything is sent,
 //! so a missing or altered object fails with nothing sent. The body's total length is known, so
@@ -128,10 +129,13 @@ async fn send(request: &HttpRequest, total: u64, sources: Vec<Source>) -> Result
     }
     headers.set("content-length", &total.to_string()).map_err(|e| format!("headers: {e}"))?;
     let mut init = RequestInit::new();
-    init.with_method(Method::Post)
-        .with_headers(headers)
-        .with_redirect(RequestRedirect::Manual)
-        .with_body(Some(readable));
+    init.with_method(match request.method {
+        crate::http::Method::Put => Method::Put,
+        _ => Method::Post,
+    })
+    .with_headers(headers)
+    .with_redirect(RequestRedirect::Manual)
+    .with_body(Some(readable));
     let req = Request::new_with_init(&request.url, &init).map_err(|e| format!("the upload request: {e}"))?;
     let controller = AbortController::default();
     let signal = controller.signal();
