@@ -616,7 +616,7 @@ def test_control_api(base):
                         "snapshot_fail": False, "rate_limit": 125, "fail_next": [], "malformed_next": 0,
                         "query_error_next": [], "query_error_status": None, "error_variant": False,
                         "restore_polls": 2, "instance_status": None, "clock_offset": 0, "faults": [],
-                        "query_reply_delay_s": 0}
+                        "query_reply_delay_s": 0, "explain_scan": False}
     before = graph(base)
     get_token(base)
     ok(cypher(base, create_nodes_stmt(["Tmp"]), {"rows": [{"id": "t", "props": {}}]}))
