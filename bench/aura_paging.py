@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -40,28 +38,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from harness import AURA_SECRETS, NEO4J_PASSWORD, AuraEmulator, Ferry, aura_source  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from transfer import machine  # noqa: E402  (the same machine lines as the transfer benchmark)
+
 LEGACY_NODES = ("MATCH (n) WHERE elementId(n) > $after RETURN elementId(n) AS id, labels(n) AS labels, "
                 "properties(n) AS props ORDER BY id LIMIT $limit")
-
-
-def machine() -> list[str]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    mem = "unknown"
-    try:
-        kb = int(next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")).split()[1])
-        mem = f"{kb / 1024 / 1024:.1f} GiB"
-    except (OSError, StopIteration, ValueError):
-        pass
-    return [f"machine:  {cpu}, {os.cpu_count()} cores ({usable} usable), {mem} RAM",
-            f"os:       {platform.system()} {platform.release()} {platform.machine()}, Python {platform.python_version()}"]
 
 
 def legacy_rows_touched(emulator: AuraEmulator, page_size: int) -> tuple[int, float]:
@@ -83,6 +64,7 @@ def legacy_rows_touched(emulator: AuraEmulator, page_size: int) -> tuple[int, fl
 
 
 def run(size: int, args, work: Path) -> dict:
+    (work / f"emu-{size}").mkdir(parents=True, exist_ok=True)
     emulator = AuraEmulator(work / f"emu-{size}", nodes=size, rels=2 * size)
     ferry = None
     try:

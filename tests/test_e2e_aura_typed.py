@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections import Counter
 
 import sys
 
 import pytest
 
 from harness import AURA_SECRETS, NEO4J_PASSWORD, ROOT, AuraEmulator, Ferry, aura_source
+from test_e2e_aura import canonical  # nodes and relationships by content (here: typed properties)
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import aura_restore  # noqa: E402
@@ -106,15 +106,6 @@ def typed_graph(emulator, db: str) -> dict:
     return json.loads(body)
 
 
-def by_content(graph: dict) -> tuple[Counter, Counter]:
-    """Nodes and relationships by labels, type and typed properties, not by element id."""
-    key = {n["id"]: json.dumps([sorted(n["labels"]), n["props"]], sort_keys=True) for n in graph["nodes"]}
-    nodes = Counter(key.values())
-    rels = Counter(json.dumps([r["type"], key[r["start"]], key[r["end"]], r["props"]], sort_keys=True)
-                   for r in graph["relationships"])
-    return nodes, rels
-
-
 def backup(world, source: str) -> tuple[dict, dict]:
     ferry = world["ferry"]
     job = ferry.webhook_job(source, timeout=120)
@@ -143,7 +134,7 @@ def test_every_cypher_value_type_round_trips_type_for_type_through_backup_and_lo
     job = load(world, manifest, "hostile-copy", batch_size=2)
     assert job["phase"] == "restored", job
     original, restored = typed_graph(emulator, "hostile"), typed_graph(emulator, "hostile-copy")
-    assert by_content(restored) == by_content(original)
+    assert canonical(restored) == canonical(original)
     value = next(n for n in restored["nodes"] if "date" in n["props"])["props"]
     assert {k: value[k]["$type"] for k in ("date", "zoned", "offset", "cartesian_3d", "bytes", "nan")} == {
         "date": "Date", "zoned": "ZonedDateTime", "offset": "OffsetDateTime", "cartesian_3d": "Point",
@@ -161,7 +152,7 @@ def test_every_cypher_value_type_round_trips_type_for_type_through_backup_and_lo
     api = aura_restore.QueryApi(emulator.url, "hostile-script", "neo4j", NEO4J_PASSWORD)
     assert aura_restore.restore(str(path), api, batch=2, log=notes.append) == {"nodes": 4, "relationships": 3}
     assert any("_ferry_id_2" in n for n in notes), notes
-    assert by_content(typed_graph(emulator, "hostile-script")) == by_content(original)
+    assert canonical(typed_graph(emulator, "hostile-script")) == canonical(original)
 
 
 def test_pages_read_only_the_ids_they_ask_for_and_the_plan_is_checked_once_per_phase(world):
