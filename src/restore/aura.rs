@@ -18,7 +18,8 @@
 //!   chunk, then cleans up in bounded batches (nodes, then relationships). The cursor (lines
 //!   done, statements of the current chunk sent) is persisted after every statement, so a step cut
 //!   short goes on where it stopped. Every statement is idempotent: nodes and relationships are
-//!   `MERGE`d on a `_ferry_id` holding their id in the export, so a statement Neo4j ran whose
+//!   `MERGE`d on a helper property (`_ferry_id` here; each load's own name, see below) holding
+//!   their id in the export, so a statement Neo4j ran whose
 //!   answer was lost (the runtime killed, a timeout) is sent again without duplicating anything.
 //! - **Lookups by index** (the "unique import label" of APOC's Cypher export): a `MERGE` on
 //!   labels the target has no index for scans those labels, and a relationship's endpoints matched
