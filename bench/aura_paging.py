@@ -36,7 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from harness import AURA_SECRETS, NEO4J_PASSWORD, AuraEmulator, Ferry, aura_source  # noqa: E402
+from harness import (AURA_ID, AURA_INSTANCE, AURA_SECRET, AURA_SECRETS, NEO4J_PASSWORD, AuraEmulator,  # noqa: E402
+                     Emulator, Ferry, aura_source)
 
 sys.path.insert(0, str(ROOT / "bench"))
 from transfer import machine  # noqa: E402  (the same machine lines as the transfer benchmark)
@@ -63,9 +64,19 @@ def legacy_rows_touched(emulator: AuraEmulator, page_size: int) -> tuple[int, fl
     return emulator.state()["rows_touched"] - before, time.monotonic() - started
 
 
+class SeededAura(AuraEmulator):
+    """The Aura emulator with a start-up wait that fits seeding a large graph (about a minute per
+    million elements here)."""
+
+    def __init__(self, workdir: Path, nodes: int, rels: int, ready_timeout: float):
+        args = ["--client-id", AURA_ID, "--client-secret", AURA_SECRET, "--instance", AURA_INSTANCE,
+                "--db-user", "neo4j", "--db-password", NEO4J_PASSWORD, "--nodes", str(nodes), "--rels", str(rels)]
+        Emulator.__init__(self, workdir, args, "aura-emulator.log", ready_timeout=ready_timeout)
+
+
 def run(size: int, args, work: Path) -> dict:
     (work / f"emu-{size}").mkdir(parents=True, exist_ok=True)
-    emulator = AuraEmulator(work / f"emu-{size}", nodes=size, rels=2 * size)
+    emulator = SeededAura(work / f"emu-{size}", size, 2 * size, ready_timeout=60 + size / 2000)
     ferry = None
     try:
         source = aura_source("graph", emulator, mode="logical", page_size=args.page_size)
@@ -106,7 +117,7 @@ def main(argv=None) -> int:
         for size in sizes:
             try:
                 r = run(size, args, Path(tmp))
-            except (AssertionError, TimeoutError, OSError) as exc:
+            except (AssertionError, RuntimeError, TimeoutError, OSError) as exc:
                 print(f"{size:>9} did not finish: {exc}")
                 break
             elements = 3 * size
