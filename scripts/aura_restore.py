@@ -27,6 +27,12 @@ the graph (APOC's Cypher export calls this a "unique import label"):
 bounded, so memory stays flat. A file without its footer line, or with a node labelled
 ``_FerryImport``, is refused before anything is written. Only the Python standard library is
 needed.
+
+The helper property is ``_ferry_id`` unless the graph itself has a property of that name; then it
+is ``_ferry_id_<n>``, a name no element of the file has (and the constraint
+``ferry_import_id_<n>``). A version 2 file (typed JSON, Ferry's exports since typed values) is
+sent with ``Content-Type: application/vnd.neo4j.query``, every parameter typed, so dates stay
+dates, points points and byte arrays bytes; a version 1 file (plain JSON) is sent as plain JSON.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import base64
 import gzip
 import json
 import os
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -50,27 +57,71 @@ def quote(name: str) -> str:
 
 
 IMPORT_LABEL = "_FerryImport"
-CREATE_CONSTRAINT = ("CREATE CONSTRAINT `ferry_import_id` IF NOT EXISTS FOR (n:`_FerryImport`) "
-                     "REQUIRE n.`_ferry_id` IS UNIQUE")
-DROP_CONSTRAINT = "DROP CONSTRAINT `ferry_import_id` IF EXISTS"
-CLEANUP_NODES = ("MATCH (n:`_FerryImport`) WITH n LIMIT $limit REMOVE n:`_FerryImport`, n.`_ferry_id` "
-                 "RETURN count(n) AS cleaned")
-CLEANUP_RELATIONSHIPS = ("MATCH ()-[r]->() WHERE r.`_ferry_id` IS NOT NULL WITH r LIMIT $limit "
-                         "REMOVE r.`_ferry_id` RETURN count(r) AS cleaned")
+HELPER = "_ferry_id"
+TYPED_JSON = "application/vnd.neo4j.query"
 CLEANUP_LIMIT = 10000
 
 
+class Helper:
+    """The property the load keys elements by, and the constraint that indexes it."""
+
+    def __init__(self, prop: str = HELPER):
+        self.prop = prop
+        self.constraint = "ferry_import_id" + prop[len(HELPER):]
+
+    def create_constraint(self) -> str:
+        return (f"CREATE CONSTRAINT {quote(self.constraint)} IF NOT EXISTS FOR (n:{quote(IMPORT_LABEL)}) "
+                f"REQUIRE n.{quote(self.prop)} IS UNIQUE")
+
+    def drop_constraint(self) -> str:
+        return f"DROP CONSTRAINT {quote(self.constraint)} IF EXISTS"
+
+    def cleanup_nodes(self) -> str:
+        return (f"MATCH (n:{quote(IMPORT_LABEL)}) WITH n LIMIT $limit REMOVE n:{quote(IMPORT_LABEL)}, "
+                f"n.{quote(self.prop)} RETURN count(n) AS cleaned")
+
+    def cleanup_relationships(self) -> str:
+        helper = quote(self.prop)
+        return (f"MATCH ()-[r]->() WHERE r.{helper} IS NOT NULL WITH r LIMIT $limit "
+                f"REMOVE r.{helper} RETURN count(r) AS cleaned")
+
+    def node_statement(self, labels: tuple[str, ...]) -> str:
+        label_text = "".join(":" + quote(label) for label in labels)
+        set_labels = f"n{label_text}, " if label_text else ""
+        return (f"UNWIND $rows AS row MERGE (n:{quote(IMPORT_LABEL)} {{{quote(self.prop)}: row.id}}) "
+                f"SET {set_labels}n += row.props")
+
+    def relationship_statement(self, rel_type: str) -> str:
+        import_, helper = quote(IMPORT_LABEL), quote(self.prop)
+        return (f"UNWIND $rows AS row MATCH (a:{import_} {{{helper}: row.start}}), "
+                f"(b:{import_} {{{helper}: row.end}}) "
+                f"MERGE (a)-[r:{quote(rel_type)} {{{helper}: row.id}}]->(b) SET r += row.props")
+
+
+def choose_helper(keys) -> Helper:
+    """``_ferry_id``, or when the graph has a property of that name, ``_ferry_id_<n>`` past every
+    ``_ferry_id_<digits>`` it has: a name no element of the file uses."""
+    if HELPER not in keys:
+        return Helper()
+    used = [int(k[len(HELPER) + 1:]) for k in keys if re.fullmatch(re.escape(HELPER) + r"_\d+", k)]
+    return Helper(f"{HELPER}_{max(used, default=0) + 1}")
+
+
 def node_statement(labels: tuple[str, ...]) -> str:
-    label_text = "".join(":" + quote(label) for label in labels)
-    set_labels = f"n{label_text}, " if label_text else ""
-    return (f"UNWIND $rows AS row MERGE (n:{quote(IMPORT_LABEL)} {{`_ferry_id`: row.id}}) "
-            f"SET {set_labels}n += row.props")
+    return Helper().node_statement(labels)
 
 
 def relationship_statement(rel_type: str) -> str:
-    return ("UNWIND $rows AS row MATCH (a:`_FerryImport` {`_ferry_id`: row.start}), "
-            "(b:`_FerryImport` {`_ferry_id`: row.end}) "
-            f"MERGE (a)-[r:{quote(rel_type)} {{`_ferry_id`: row.id}}]->(b) SET r += row.props")
+    return Helper().relationship_statement(rel_type)
+
+
+def typed_rows(rows: list) -> dict:
+    """Rows of a version 2 file as typed JSON: ids are Strings, props the file's typed values."""
+    def row(fields: dict) -> dict:
+        value = {k: ({"$type": "Map", "_value": v} if k == "props" else {"$type": "String", "_value": v})
+                 for k, v in fields.items()}
+        return {"$type": "Map", "_value": value}
+    return {"$type": "List", "_value": [row(r) for r in rows]}
 
 
 class QueryApi:
@@ -81,9 +132,10 @@ class QueryApi:
                         "accept": "application/json"}
         self.statements = 0
 
-    def run(self, statement: str, parameters: dict | None = None) -> dict:
+    def run(self, statement: str, parameters: dict | None = None, typed: bool = False) -> dict:
         body = json.dumps({"statement": statement, "parameters": parameters or {}}).encode()
-        req = urllib.request.Request(self.endpoint, data=body, method="POST", headers=self.headers)
+        headers = {**self.headers, "content-type": TYPED_JSON} if typed else self.headers
+        req = urllib.request.Request(self.endpoint, data=body, method="POST", headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=120) as resp:
                 answer = json.loads(resp.read())
@@ -110,16 +162,28 @@ def restore(path: str, api: QueryApi, batch: int = 500, log=print) -> dict:
     header = next(read_lines(path), (0, {}))[1]
     if header.get("type") != "header" or header.get("format") != FORMAT:
         raise SystemExit(f"{path} is not a {FORMAT} export")
-    # Check completeness before writing anything.
+    version = header.get("version", 1)
+    if version not in (1, 2):
+        raise SystemExit(f"{path} is format version {version}, which this tool does not know")
+    typed = version == 2
+    # Check completeness (and see which helper names the graph uses) before writing anything.
     footer = None
+    keys: set = set()
     for number, item in read_lines(path):
         if item.get("type") == "footer":
             footer = item
         if item.get("type") == "node" and IMPORT_LABEL in (item.get("labels") or ()):
             raise SystemExit(f"{path} line {number}: a node labelled {IMPORT_LABEL}, the label the load goes through")
+        keys.update(k for k in (item.get("properties") or {}) if k.startswith(HELPER))
     if footer is None:
         raise SystemExit(f"{path} has no footer line: the export is incomplete, refusing to restore it")
-    api.run(CREATE_CONSTRAINT)
+    helper = choose_helper(keys)
+    if helper.prop != HELPER:
+        log(f"the graph has {HELPER} properties: the load keys elements by {helper.prop}")
+    api.run(helper.create_constraint())
+
+    def send(statement: str, rows: list):
+        api.run(statement, {"rows": typed_rows(rows) if typed else rows}, typed=typed)
 
     def load(kind: str, group_of, row_of, statement_of) -> int:
         """Sends every `kind` line in batches, one statement per group (label set or type)."""
@@ -132,9 +196,9 @@ def restore(path: str, api: QueryApi, batch: int = 500, log=print) -> dict:
             pending[group].append(row_of(item))
             count += 1
             if len(pending[group]) >= batch:
-                api.run(statement_of(group), {"rows": pending.pop(group)})
+                send(statement_of(group), pending.pop(group))
         for group, rows in pending.items():
-            api.run(statement_of(group), {"rows": rows})
+            send(statement_of(group), rows)
         return count
 
     # Every node before any relationship that points at it.
@@ -143,7 +207,7 @@ def restore(path: str, api: QueryApi, batch: int = 500, log=print) -> dict:
             "node",
             lambda n: tuple(n.get("labels") or ()),
             lambda n: {"id": n["id"], "props": n.get("properties") or {}},
-            node_statement,
+            helper.node_statement,
         )
     }
     log(f"restored {counts['nodes']} nodes")
@@ -151,14 +215,14 @@ def restore(path: str, api: QueryApi, batch: int = 500, log=print) -> dict:
         "relationship",
         lambda r: r["rel_type"],
         lambda r: {"id": r["id"], "start": r["start"], "end": r["end"], "props": r.get("properties") or {}},
-        relationship_statement,
+        helper.relationship_statement,
     )
     log(f"restored {counts['relationships']} relationships")
 
-    for cleanup in (CLEANUP_NODES, CLEANUP_RELATIONSHIPS):
+    for cleanup in (helper.cleanup_nodes(), helper.cleanup_relationships()):
         while api.run(cleanup, {"limit": CLEANUP_LIMIT})["data"]["values"][0][0]:
             pass
-    api.run(DROP_CONSTRAINT)
+    api.run(helper.drop_constraint())
     if counts != {"nodes": footer["nodes"], "relationships": footer["relationships"]}:
         raise SystemExit(f"restored {counts}, but the footer lists {footer}")
     return counts

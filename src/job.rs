@@ -818,6 +818,11 @@ impl Job {
                 state.restarts
             ));
         }
+        for warning in state.graph.iter().flat_map(|g| g.warnings.iter()) {
+            if !self.warnings.contains(warning) {
+                self.warnings.push(warning.clone());
+            }
+        }
         self.copy = Some(state);
         match outcome {
             SliceOutcome::Paused => {

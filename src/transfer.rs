@@ -219,6 +219,26 @@ pub struct GraphCursor {
     /// Relationships written so far per type.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub types: std::collections::BTreeMap<String, u64>,
+    /// Where the phase's paging by internal id ranges stands (exports in typed JSON, format 2).
+    /// `None` on an export begun by element id paging (format 1), which goes on that way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_range: Option<IdRange>,
+    /// Warnings for the job (a paging statement planned as a scan); the job lists them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// Paging one phase of a graph export by internal id ranges: `id(x) IN range(next, next + size - 1)`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdRange {
+    /// The first id of the next page.
+    pub next: u64,
+    /// The highest id in the phase, once asked (`max(id(x))`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u64>,
+    /// Whether the phase's page statement was `EXPLAIN`ed.
+    #[serde(default)]
+    pub explained: bool,
 }
 
 /// The persisted progress of one artifact's copy.

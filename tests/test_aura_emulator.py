@@ -685,7 +685,8 @@ def test_control_api(base):
                         "query_error_next": [], "query_error_status": None, "error_variant": False,
                         "restore_polls": 2, "instance_status": None, "clock_offset": 0, "faults": [],
                         "query_reply_delay_s": 0, "restore_lag_polls": 0, "create_seconds": 1.0,
-                        "destroy_seconds": 0.5, "instance_quota": None, "create_reply_delay_s": 0}
+                        "destroy_seconds": 0.5, "instance_quota": None, "create_reply_delay_s": 0,
+                        "explain_scan": False}
     before = graph(base)
     get_token(base)
     ok(cypher(base, create_nodes_stmt(["Tmp"]), {"rows": [{"id": "t", "props": {}}]}))
@@ -996,3 +997,60 @@ def test_lookups_without_an_index_count_as_scans(base):
     assert database(base, db)["statements"] == ["merge_nodes_set_labels", "merge_rels", "create_index",
                                                 "merge_labelled_rels", "merge_rels"]
     assert http(base, "GET", "/__control/database?db=nowhere").status == 404
+
+
+# ----- typed JSON, id-range pages, EXPLAIN (Query API docs: "Result formats", "Profile queries") ------
+TYPED = "application/vnd.neo4j.query"
+NODES_BY_ID = ("MATCH (n) WHERE id(n) IN range($from, $to) RETURN elementId(n) AS id, labels(n) AS labels, "
+               "properties(n) AS props")
+
+
+def typed_cypher(base_url, statement, parameters, db="neo4j") -> Resp:
+    headers = {"Content-Type": TYPED, "Accept": TYPED, "Authorization": basic(DB_USER, DB_PASSWORD)}
+    return http(base_url, "POST", f"/db/{db}/query/v2", json.dumps({"statement": statement,
+                                                                    "parameters": parameters}).encode(), headers)
+
+
+def t(kind, value):
+    return {"$type": kind, "_value": value}
+
+
+def test_typed_json_parameters_are_all_or_nothing_and_values_come_back_with_their_types(base):
+    r = typed_cypher(base, create_nodes_stmt(["T"]), {"rows": [{"id": "x", "props": {}}]}, db="typed")
+    assert r.status == 400 and r.json()["errors"][0]["code"] == "Neo.ClientError.Request.Invalid", r.raw
+    props = {"d": t("Date", "2015-03-26"), "z": t("ZonedDateTime", "2015-11-21T21:40:32.142Z[Antarctica/Troll]"),
+             "p": t("Point", "SRID=9157;POINT Z (1 2 3)"), "b": t("Base64", "A2+/"), "f": t("Float", "NaN"),
+             "i": t("Integer", "9007199254740993"), "l": t("List", [t("Duration", "P14DT16H12M")])}
+    rows = t("List", [t("Map", {"id": t("String", "x"), "props": t("Map", props)})])
+    ok(typed_cypher(base, create_nodes_stmt(["T"]), {"rows": rows}, db="typed"))
+    r = typed_cypher(base, NODES_BY_ID, {"from": t("Integer", "0"), "to": t("Integer", "0")}, db="typed")
+    assert r.headers.get("content-type", "").startswith(TYPED)
+    (row,) = ok(r)["values"]
+    got = row[2]["_value"]
+    assert got["p"] == t("Point", "SRID=9157;POINT Z (1.0 2.0 3.0)"), "the server writes Double.toString"
+    assert {k: got[k] for k in ("d", "z", "b", "f", "i", "l")} == {k: props[k] for k in ("d", "z", "b", "f", "i", "l")}
+    plain = ok(cypher(base, NODES_BY_ID, {"from": 0, "to": 0}, db="typed"))["values"][0][2]
+    assert plain["d"] == "2015-03-26" and plain["b"] == "A2+/" and plain["f"] == "NaN", "plain JSON: strings"
+    for bad in (t("Date", "26/03/2015"), t("Point", "SRID=4326;POINT Z (1 2 3)"), t("Integer", 5), t("Float", "nan")):
+        r = typed_cypher(base, create_nodes_stmt(["T"]), {"rows": t("List", [t("Map", {"id": t("String", "y"),
+                                                                                      "props": t("Map", {"v": bad})})])},
+                         db="typed")
+        assert r.json()["errors"], bad
+
+
+def test_id_range_pages_read_only_their_ids_and_element_id_pages_read_the_whole_graph(base):
+    ok(cypher(base, NODES_BY_ID, {"from": 10, "to": 19}))
+    assert state(base)["page_touched_max"] == 10
+    ok(cypher(base, NODES_PAGE, {"after": "", "limit": 10}))
+    assert state(base)["page_touched_max"] == NODES, "elementId > $after ORDER BY id scans every node"
+    plan = typed_cypher(base, "EXPLAIN " + NODES_BY_ID, {"from": t("Integer", "0"), "to": t("Integer", "9")}).json()
+    ops = []
+    stack = [plan["queryPlan"]]
+    while stack:
+        node = stack.pop()
+        ops.append(node["operatorType"])
+        stack += node["children"]
+    assert "NodeByIdSeek@neo4j" in ops and plan["data"]["values"] == []
+    control(base, explain_scan=True)
+    plan = typed_cypher(base, "EXPLAIN " + NODES_BY_ID, {"from": t("Integer", "0"), "to": t("Integer", "9")}).json()
+    assert "AllNodesScan" in json.dumps(plan["queryPlan"])

@@ -176,9 +176,10 @@ def test_a_sliced_export_killed_between_slices_restores_identically(world, tmp_p
             while time.time() < deadline:
                 copy = ferry.job(job_id).get("copy") or {}
                 cursor = (copy.get("graph") or {})
-                if cursor.get("after") and cursor != seen and seen is not None:
+                moved = cursor.get("nodes") or cursor.get("relationships")
+                if moved and cursor != seen and seen is not None:
                     break
-                seen = seen or (cursor if cursor.get("after") else None)
+                seen = seen or (cursor if moved else None)
                 time.sleep(0.05)
             ferry.restart(kill=True)
         job = ferry.wait_job(job_id, timeout=180)

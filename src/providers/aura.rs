@@ -11,19 +11,38 @@
 //!   data itself is copied by the logical export.
 //! - The Query API (`POST /db/{db}/query/v2`, Basic auth with a *database* user) answers 202 even
 //!   when a statement failed: any non-empty `errors` array is a failure, whatever the status.
-//!   Element ids are only promised stable within a transaction; the export pages by element id
-//!   with bounded queries, which is exact for a graph that is not written to during the export.
+//!   Element ids are only promised stable within a transaction; the export is exact for a graph
+//!   that is not written to during the export.
+//! - **Typed JSON.** Plain JSON (the default) turns temporal values into strings, points into WKT
+//!   strings and byte arrays into base64 strings (Query API docs, "Result formats"), so a load of
+//!   plain JSON writes strings where dates were. The export asks for typed JSON (`Accept` and
+//!   `Content-Type: application/vnd.neo4j.query`): every value comes as `{"$type", "_value"}`
+//!   (`Integer` and `Float` as strings, so integers beyond 2^53 and NaN or ±Infinity survive;
+//!   `Date`, `Time`, `LocalTime`, `OffsetDateTime`, `ZonedDateTime`, `LocalDateTime`, `Duration`,
+//!   `Point` as WKT with its SRID, `Base64`, `List`, `Map`). The file keeps each property's typed
+//!   value exactly as the Query API wrote it, and the load sends it back typed.
+//! - **Paging by internal id ranges.** Nothing indexes element ids, so `elementId(n) > $after
+//!   ORDER BY … LIMIT` scans and sorts the whole graph for every page (AllNodesScan, Filter, Top):
+//!   an export cost the square of the graph's size. Pages are `id(n) IN range($from, $to)`
+//!   instead, which Neo4j plans as a `NodeByIdSeek` (`DirectedRelationshipByIdSeek` for
+//!   relationships): one store read per id asked for (Cypher manual, "Execution plan
+//!   operators"). The phase first asks `max(id(n))` (one scan per export) and steps through
+//!   `[0, max]` `page_size` ids at a time; ids freed by deletions are holes, so a page may hold
+//!   fewer elements, never more. Each phase `EXPLAIN`s its page statement once (the Query API
+//!   answers `queryPlan`, "Profile queries" page), and a plan that scans (and sorts) becomes a
+//!   warning on the job. `id()` is deprecated in Neo4j 5 but still served; element ids stay the
+//!   export's ids.
 //!
 //! # The export format (`graph.jsonl.gz`)
 //! One JSON object per line, gzip-compressed:
-//! - first `{"type":"header","format":"ferry-neo4j-jsonl","version":1,"database":…,"exported_at":…}`;
-//! - every node `{"type":"node","id":…,"labels":[…],"properties":{…}}`;
+//! - first `{"type":"header","format":"ferry-neo4j-jsonl","version":2,"values":"typed-json","database":…,"exported_at":…}`;
+//! - every node `{"type":"node","id":…,"labels":[…],"properties":{"k":{"$type":…,"_value":…}}}`;
 //! - every relationship `{"type":"relationship","id":…,"rel_type":…,"start":…,"end":…,"properties":{…}}`;
 //! - last `{"type":"footer","nodes":N,"relationships":M}`: a file without it is incomplete.
 //!
 //! Ids are the source database's element ids, used only to connect relationships on restore.
-//! Properties are the Query API's plain JSON values (temporal and spatial values arrive as
-//! strings and are restored as strings).
+//! Version 1 files (written before typed JSON) hold the plain JSON values; they still load, as
+//! plain JSON.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -43,7 +62,7 @@ use crate::fields::{self, FieldError};
 use crate::http::{status_error, HttpRequest, HttpResponse};
 use crate::providers::{url_with_path, Credentials, Download, Origin, Progress, ProviderSettings};
 use crate::time::Timestamp;
-use crate::transfer::GraphCursor;
+use crate::transfer::{GraphCursor, IdRange};
 
 /// Refetch the token this long before it expires.
 const TOKEN_MARGIN: Duration = Duration::from_secs(60);
@@ -52,10 +71,23 @@ const MAX_AUTH_RETRIES: u32 = 2;
 /// The export's file name in the backup folder.
 pub const GRAPH_FILE: &str = "graph.jsonl.gz";
 
-/// Node page query: bounded, ordered by element id, resumable from the last id seen.
-pub const NODES_QUERY: &str = "MATCH (n) WHERE elementId(n) > $after RETURN elementId(n) AS id, labels(n) AS labels, properties(n) AS props ORDER BY id LIMIT $limit";
-/// Relationship page query.
-pub const RELATIONSHIPS_QUERY: &str = "MATCH ()-[r]->() WHERE elementId(r) > $after RETURN elementId(r) AS id, type(r) AS type, elementId(startNode(r)) AS start, elementId(endNode(r)) AS end, properties(r) AS props ORDER BY id LIMIT $limit";
+/// The export's format version: 2 is typed JSON paged by id ranges; 1 was plain JSON.
+pub const FORMAT_VERSION: u64 = 2;
+/// The Query API's typed JSON media type (request parameters and results).
+pub const TYPED_JSON: &str = "application/vnd.neo4j.query";
+/// Node page: the nodes whose internal id is in `[$from, $to]`, read by id seeks.
+pub const NODES_QUERY: &str =
+    "MATCH (n) WHERE id(n) IN range($from, $to) RETURN elementId(n) AS id, labels(n) AS labels, properties(n) AS props";
+/// Relationship page, by id seeks.
+pub const RELATIONSHIPS_QUERY: &str = "MATCH ()-[r]->() WHERE id(r) IN range($from, $to) RETURN elementId(r) AS id, type(r) AS type, elementId(startNode(r)) AS start, elementId(endNode(r)) AS end, properties(r) AS props";
+/// The highest node id (once per export).
+pub const MAX_NODE_ID: &str = "MATCH (n) RETURN max(id(n)) AS max";
+/// The highest relationship id.
+pub const MAX_RELATIONSHIP_ID: &str = "MATCH ()-[r]->() RETURN max(id(r)) AS max";
+/// The node page of an export begun before (format 1): by element id, which scans every page.
+pub const LEGACY_NODES_QUERY: &str = "MATCH (n) WHERE elementId(n) > $after RETURN elementId(n) AS id, labels(n) AS labels, properties(n) AS props ORDER BY id LIMIT $limit";
+/// The relationship page of such an export.
+pub const LEGACY_RELATIONSHIPS_QUERY: &str = "MATCH ()-[r]->() WHERE elementId(r) > $after RETURN elementId(r) AS id, type(r) AS type, elementId(startNode(r)) AS start, elementId(endNode(r)) AS end, properties(r) AS props ORDER BY id LIMIT $limit";
 
 /// An Aura source's settings: its fields of the source table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -561,7 +593,9 @@ impl GraphExport {
     }
 
     /// Goes on from where an earlier slice stopped, in a new gzip member (a concatenation of
-    /// gzip members is one valid gzip file); the header is written only at the very start.
+    /// gzip members is one valid gzip file); the header is written only at the very start. An
+    /// export begun by element id paging (its cursor has no id range) goes on that way, in plain
+    /// JSON, so its file stays one format.
     pub fn resume(&self, cursor: Option<&GraphCursor>) -> GraphWriter {
         let cursor = cursor.cloned().unwrap_or_default();
         let phase = match cursor.phase.as_str() {
@@ -573,20 +607,23 @@ impl GraphExport {
         if let Some(lowered) = cursor.page_size {
             spec.page_size = lowered.clamp(1, self.page_size);
         }
+        let ids = if cursor.started { cursor.id_range.clone() } else { Some(IdRange::default()) };
         let mut writer = GraphWriter {
             spec,
             phase,
             after: cursor.after.clone(),
+            ids,
             nodes: cursor.nodes,
             relationships: cursor.relationships,
             labels: cursor.labels.clone(),
             types: cursor.types.clone(),
+            warnings: cursor.warnings.clone(),
             encoder: GzEncoder::new(Vec::new(), Compression::default()),
             error: None,
         };
         if !cursor.started {
             writer.line(&json!({
-                "type": "header", "format": "ferry-neo4j-jsonl", "version": 1,
+                "type": "header", "format": "ferry-neo4j-jsonl", "version": FORMAT_VERSION, "values": "typed-json",
                 "database": self.database, "exported_at": self.exported_at,
             }));
         }
@@ -601,18 +638,122 @@ enum GraphPhase {
     Done,
 }
 
+/// What the next request of a phase paged by id ranges asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ask {
+    /// `EXPLAIN` of the page statement.
+    Plan,
+    /// `max(id(x))`.
+    Max,
+    /// The page `[from, to]`.
+    Page(u64, u64),
+}
+
 /// The running export: pages through nodes then relationships and gzips JSON Lines as it goes,
 /// so memory holds one page and the compressor's window, however large the graph.
 pub struct GraphWriter {
     spec: GraphExport,
     phase: GraphPhase,
     after: String,
+    /// `None`: an export begun by element id paging (format 1).
+    ids: Option<IdRange>,
     nodes: u64,
     relationships: u64,
     labels: BTreeMap<String, u64>,
     types: BTreeMap<String, u64>,
+    warnings: Vec<String>,
     encoder: GzEncoder<Vec<u8>>,
     error: Option<String>,
+}
+
+/// A Query API request in typed JSON both ways (`Content-Type` and `Accept`), as the docs'
+/// "Result formats" page has it; every parameter must then be typed.
+pub fn typed_query(url: &str, authorization: &str, statement: &str, parameters: Value) -> HttpRequest {
+    HttpRequest {
+        method: crate::http::Method::Post,
+        url: url.to_string(),
+        headers: vec![
+            ("content-type".into(), TYPED_JSON.into()),
+            ("accept".into(), TYPED_JSON.into()),
+            ("authorization".into(), authorization.to_string()),
+        ],
+        body: Some(json!({ "statement": statement, "parameters": parameters }).to_string().into_bytes()),
+    }
+}
+
+/// A typed-JSON Integer (its value is a string).
+pub fn typed_integer(n: u64) -> Value {
+    json!({ "$type": "Integer", "_value": n.to_string() })
+}
+
+/// The text of a typed-JSON String.
+fn typed_text(v: &Value) -> Option<&str> {
+    (v.get("$type")? == "String").then(|| v.get("_value")?.as_str())?
+}
+
+/// The items of a typed-JSON List.
+fn typed_list(v: &Value) -> Option<&Vec<Value>> {
+    (v.get("$type")? == "List").then(|| v.get("_value")?.as_array())?
+}
+
+/// A typed-JSON Integer that is a whole number from 0 up, or Null.
+fn typed_count(v: &Value) -> Result<Option<u64>, StepError> {
+    match v.get("$type").and_then(Value::as_str) {
+        Some("Null") => Ok(None),
+        Some("Integer") => v
+            .get("_value")
+            .and_then(Value::as_str)
+            .and_then(|t| t.parse::<u64>().ok())
+            .map(Some)
+            .ok_or_else(|| query_malformed("an id that is not a whole number")),
+        _ => Err(query_malformed("max(id) is neither Integer nor Null")),
+    }
+}
+
+/// A typed-JSON Map whose every entry is itself typed: the properties, kept exactly as sent.
+fn typed_properties(v: Option<&Value>) -> Result<Value, StepError> {
+    let Some(v) = v else { return Ok(json!({})) };
+    let map = (v.get("$type").and_then(Value::as_str) == Some("Map"))
+        .then(|| v.get("_value").and_then(Value::as_object))
+        .flatten()
+        .ok_or_else(|| query_malformed("properties that are not a typed Map"))?;
+    if map.values().any(|p| p.get("$type").and_then(Value::as_str).is_none() || p.get("_value").is_none()) {
+        return Err(query_malformed("a property without $type and _value"));
+    }
+    Ok(Value::Object(map.clone()))
+}
+
+/// Operators that read a whole store or index, and those that sort.
+fn is_scan(op: &str) -> bool {
+    op.contains("Scan")
+}
+
+fn is_sort(op: &str) -> bool {
+    op.contains("Sort") || op.ends_with("Top")
+}
+
+/// The warning an `EXPLAIN` answer calls for: a page statement planned as a full scan (with or
+/// without a sort) reads the whole graph for every page. `None` when it seeks.
+pub fn plan_warning(body: &Value, what: &str) -> Option<String> {
+    let mut ops = Vec::new();
+    let mut stack: Vec<(&Value, usize)> = body.get("queryPlan").map(|p| (p, 0)).into_iter().collect();
+    while let Some((node, depth)) = stack.pop() {
+        if let Some(op) = node.get("operatorType").and_then(Value::as_str) {
+            ops.push(op.split('@').next().unwrap_or(op).to_string());
+        }
+        if depth < 64 {
+            for child in node.get("children").and_then(Value::as_array).into_iter().flatten() {
+                stack.push((child, depth + 1));
+            }
+        }
+    }
+    let scan = ops.iter().find(|op| is_scan(op))?;
+    let sort = ops.iter().find(|op| is_sort(op)).map(|s| format!(" and a {s}")).unwrap_or_default();
+    Some(format!(
+        "the {what} page statement is planned with a {scan}{sort} (EXPLAIN: {}): every page reads the whole graph, \
+         so this export takes time growing with the square of the graph's size",
+        ops.join(" <- ")
+    ))
 }
 
 impl GraphWriter {
@@ -624,24 +765,151 @@ impl GraphWriter {
         }
     }
 
-    /// The next page query, or `None` when every page has been read.
+    fn ask(&self, ids: &IdRange) -> Ask {
+        if !ids.explained {
+            Ask::Plan
+        } else if let Some(max) = ids.max {
+            let last = ids.next.saturating_add(u64::from(self.spec.page_size) - 1).min(max);
+            Ask::Page(ids.next, last)
+        } else {
+            Ask::Max
+        }
+    }
+
+    /// The next query, or `None` when every page has been read.
     pub fn next_request(&self) -> Option<HttpRequest> {
-        let statement = match self.phase {
-            GraphPhase::Nodes => NODES_QUERY,
-            GraphPhase::Relationships => RELATIONSHIPS_QUERY,
+        let (page, max) = match self.phase {
+            GraphPhase::Nodes => (NODES_QUERY, MAX_NODE_ID),
+            GraphPhase::Relationships => (RELATIONSHIPS_QUERY, MAX_RELATIONSHIP_ID),
             GraphPhase::Done => return None,
+        };
+        let Some(ids) = &self.ids else { return Some(self.legacy_request()) };
+        let (statement, parameters) = match self.ask(ids) {
+            Ask::Plan => (
+                format!("EXPLAIN {page}"),
+                json!({ "from": typed_integer(0), "to": typed_integer(u64::from(self.spec.page_size) - 1) }),
+            ),
+            Ask::Max => (max.to_string(), json!({})),
+            Ask::Page(from, to) => (page.to_string(), json!({ "from": typed_integer(from), "to": typed_integer(to) })),
+        };
+        Some(typed_query(&self.spec.url, &self.spec.authorization, &statement, parameters))
+    }
+
+    fn legacy_request(&self) -> HttpRequest {
+        let statement = match self.phase {
+            GraphPhase::Relationships => LEGACY_RELATIONSHIPS_QUERY,
+            _ => LEGACY_NODES_QUERY,
         };
         let body =
             json!({ "statement": statement, "parameters": { "after": self.after, "limit": self.spec.page_size } });
-        Some(
-            HttpRequest::post_json(self.spec.url.clone(), &body)
-                .header("accept", "application/json")
-                .header("authorization", self.spec.authorization.clone()),
-        )
+        HttpRequest::post_json(self.spec.url.clone(), &body)
+            .header("accept", "application/json")
+            .header("authorization", self.spec.authorization.clone())
     }
 
-    /// Writes one page's rows.
+    fn next_phase(&mut self) {
+        self.phase = match self.phase {
+            GraphPhase::Nodes => GraphPhase::Relationships,
+            GraphPhase::Relationships | GraphPhase::Done => GraphPhase::Done,
+        };
+        self.after.clear();
+        if self.ids.is_some() {
+            self.ids = Some(IdRange::default());
+        }
+    }
+
+    /// Folds in one answer: a plan, the highest id, or a page whose rows are written.
     pub fn on_response(&mut self, resp: &HttpResponse, now: Timestamp) -> Result<(), StepError> {
+        let Some(ids) = self.ids.clone() else { return self.on_legacy_page(resp, now) };
+        let body = query_body(resp, now)?;
+        match self.ask(&ids) {
+            Ask::Plan => {
+                let what = if self.phase == GraphPhase::Nodes { "node" } else { "relationship" };
+                if let Some(warning) = plan_warning(&body, what) {
+                    if !self.warnings.contains(&warning) {
+                        self.warnings.push(warning);
+                    }
+                }
+                self.ids = Some(IdRange { explained: true, ..ids });
+                Ok(())
+            }
+            Ask::Max => {
+                let rows = rows_of(&body)?;
+                let max = match rows.first().and_then(|r| r.get("max")) {
+                    Some(v) => typed_count(v)?,
+                    None => None,
+                };
+                match max {
+                    Some(max) => self.ids = Some(IdRange { max: Some(max), ..ids }),
+                    None => self.next_phase(),
+                }
+                Ok(())
+            }
+            Ask::Page(from, to) => {
+                for row in rows_of(&body)? {
+                    self.typed_row(&row)?;
+                }
+                let next = to.saturating_add(1);
+                if ids.max.is_some_and(|max| next > max) || to < from {
+                    self.next_phase();
+                } else {
+                    self.ids = Some(IdRange { next, ..ids });
+                }
+                self.take_error()
+            }
+        }
+    }
+
+    fn take_error(&mut self) -> Result<(), StepError> {
+        match self.error.take() {
+            Some(e) => Err(StepError::permanent(format!("compressing the graph export failed: {e}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// One row of a typed page: the element with its typed properties.
+    fn typed_row(&mut self, row: &serde_json::Map<String, Value>) -> Result<(), StepError> {
+        let text = |field: &str| -> Result<String, StepError> {
+            row.get(field)
+                .and_then(typed_text)
+                .map(str::to_string)
+                .ok_or_else(|| query_malformed(&format!("a row whose {field} is not a String")))
+        };
+        let id = text("id")?;
+        let props = typed_properties(row.get("props"))?;
+        match self.phase {
+            GraphPhase::Nodes => {
+                let labels: Vec<String> = row
+                    .get("labels")
+                    .and_then(typed_list)
+                    .ok_or_else(|| query_malformed("a row whose labels are not a List"))?
+                    .iter()
+                    .map(|l| {
+                        typed_text(l).map(str::to_string).ok_or_else(|| query_malformed("a label that is not a String"))
+                    })
+                    .collect::<Result<_, _>>()?;
+                for label in &labels {
+                    *self.labels.entry(label.clone()).or_default() += 1;
+                }
+                self.line(&json!({ "type": "node", "id": id, "labels": labels, "properties": props }));
+                self.nodes += 1;
+            }
+            GraphPhase::Relationships => {
+                let rel_type = text("type")?;
+                *self.types.entry(rel_type.clone()).or_default() += 1;
+                self.line(&json!({
+                    "type": "relationship", "id": id, "rel_type": rel_type,
+                    "start": text("start")?, "end": text("end")?, "properties": props,
+                }));
+                self.relationships += 1;
+            }
+            GraphPhase::Done => {}
+        }
+        Ok(())
+    }
+
+    /// A page of an export begun by element id paging, in plain JSON.
+    fn on_legacy_page(&mut self, resp: &HttpResponse, now: Timestamp) -> Result<(), StepError> {
         let rows = query_rows(resp, now)?;
         let count = rows.len();
         for row in rows {
@@ -672,16 +940,14 @@ impl GraphWriter {
             self.after = id;
         }
         if count < self.spec.page_size as usize {
-            self.phase = match self.phase {
-                GraphPhase::Nodes => GraphPhase::Relationships,
-                GraphPhase::Relationships | GraphPhase::Done => GraphPhase::Done,
-            };
-            self.after.clear();
+            self.next_phase();
         }
-        match self.error.take() {
-            Some(e) => Err(StepError::permanent(format!("compressing the graph export failed: {e}"))),
-            None => Ok(()),
-        }
+        self.take_error()
+    }
+
+    /// What the export warns about so far (the job lists it).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// Compressed bytes produced so far (drained).
@@ -705,6 +971,8 @@ impl GraphWriter {
             page_size: Some(self.spec.page_size),
             labels: self.labels.clone(),
             types: self.types.clone(),
+            id_range: self.ids.clone(),
+            warnings: self.warnings.clone(),
         }
     }
 
@@ -753,8 +1021,8 @@ impl GraphWriter {
     }
 }
 
-/// The rows of a Query API answer as objects keyed by field name.
-pub fn query_rows(resp: &HttpResponse, now: Timestamp) -> Result<Vec<serde_json::Map<String, Value>>, StepError> {
+/// A Query API answer's body, once its `errors` (whatever the status) and status are checked.
+pub fn query_body(resp: &HttpResponse, now: Timestamp) -> Result<Value, StepError> {
     let body: Option<Value> = serde_json::from_slice(&resp.body).ok();
     if let Some(errors) =
         body.as_ref().and_then(|b| b.get("errors")).and_then(Value::as_array).filter(|e| !e.is_empty())
@@ -778,7 +1046,11 @@ pub fn query_rows(resp: &HttpResponse, now: Timestamp) -> Result<Vec<serde_json:
             format!("the Neo4j Query API answered HTTP {}: {}", resp.status, resp.snippet(200)),
         ));
     }
-    let body = body.ok_or_else(|| query_malformed(&resp.snippet(200)))?;
+    body.ok_or_else(|| query_malformed(&resp.snippet(200)))
+}
+
+/// The rows of an answer's body as objects keyed by field name.
+fn rows_of(body: &Value) -> Result<Vec<serde_json::Map<String, Value>>, StepError> {
     let fields: Vec<String> = body
         .pointer("/data/fields")
         .and_then(Value::as_array)
@@ -793,6 +1065,11 @@ pub fn query_rows(resp: &HttpResponse, now: Timestamp) -> Result<Vec<serde_json:
         .filter_map(Value::as_array)
         .map(|row| fields.iter().cloned().zip(row.iter().cloned()).collect())
         .collect())
+}
+
+/// The rows of a Query API answer as objects keyed by field name.
+pub fn query_rows(resp: &HttpResponse, now: Timestamp) -> Result<Vec<serde_json::Map<String, Value>>, StepError> {
+    rows_of(&query_body(resp, now)?)
 }
 
 fn query_malformed(what: &str) -> StepError {

@@ -23,7 +23,8 @@
 //!   chunk, then cleans up in bounded batches (nodes, then relationships). The cursor (lines
 //!   done, statements of the current chunk sent) is persisted after every statement, so a step cut
 //!   short goes on where it stopped. Every statement is idempotent: nodes and relationships are
-//!   `MERGE`d on a `_ferry_id` holding their id in the export, so a statement Neo4j ran whose
+//!   `MERGE`d on a helper property (`_ferry_id` here; each load's own name, see below) holding
+//!   their id in the export, so a statement Neo4j ran whose
 //!   answer was lost (the runtime killed, a timeout) is sent again without duplicating anything.
 //! - **Lookups by index** (the "unique import label" of APOC's Cypher export): a `MERGE` on
 //!   labels the target has no index for scans those labels, and a relationship's endpoints matched
@@ -44,6 +45,15 @@
 //!   ferry_import_id`). An export with a node labelled `_FerryImport` is refused by the scan. A
 //!   load begun before Ferry loaded this way (its persisted cursor says so) goes on with the
 //!   statements it began with (keyed by `_ferry_id` alone) and their cleanup.
+//! - **The helper property is the load's own.** A source graph may have any property, a
+//!   `_ferry_id` included, so each load keys its elements by a property named after its job,
+//!   `_ferry_<job id>`, indexed by a constraint of the same job (`ferry_import_<job id>`); the
+//!   scan refuses, before anything is loaded, a file that has a property of that name. Loads begun
+//!   before (their state says so) go on with `_ferry_id` and `ferry_import_id`.
+//! - **Typed values.** A version 2 file holds each property in the Query API's typed JSON; its
+//!   rows are sent with `Content-Type: application/vnd.neo4j.query`, every parameter typed, so
+//!   Neo4j stores a date as a date, a point as a point, bytes as bytes. A version 1 file (plain
+//!   JSON) loads as plain JSON, as it always did.
 //! - **Drill** (where: `providers/aura_drill.rs`): into a **scratch instance**, every tier: the
 //!   source instance is read (`GET /v1/instances/{id}`: tenant, cloud provider, region, type,
 //!   memory), an instance `ferry-drill-<job id>` is created (`POST /v1/instances`; the answer
@@ -136,34 +146,101 @@ pub const CLEANUP_RELATIONSHIPS: &str = "MATCH ()-[r]->() WHERE r.`_ferry_id` IS
 /// Elements one cleanup statement handles at most.
 pub const CLEANUP_LIMIT: u32 = 10_000;
 
+/// The property a load keys its elements by, and the constraint that makes it unique under the
+/// import label (and so indexed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Helper {
+    /// The helper property.
+    pub property: String,
+    /// The constraint's name.
+    pub constraint: String,
+}
+
+impl Helper {
+    /// `_ferry_id` and `ferry_import_id`: loads begun before helpers were per job, and
+    /// `scripts/aura_restore.py` when its file has no such property.
+    pub fn legacy() -> Self {
+        Self { property: "_ferry_id".into(), constraint: "ferry_import_id".into() }
+    }
+
+    /// The helper of one job: a name no source graph has (the scan checks it).
+    pub fn for_job(job: &JobId) -> Self {
+        Self { property: format!("_ferry_{job}"), constraint: format!("ferry_import_{job}") }
+    }
+
+    /// Makes the helper unique on the import label before anything is loaded; its index serves
+    /// every `MERGE` and endpoint `MATCH` of the load. `IF NOT EXISTS`: sent again, it changes
+    /// nothing.
+    pub fn create_constraint(&self) -> String {
+        format!(
+            "CREATE CONSTRAINT {} IF NOT EXISTS FOR (n:{}) REQUIRE n.{} IS UNIQUE",
+            quote(&self.constraint),
+            quote(IMPORT_LABEL),
+            quote(&self.property)
+        )
+    }
+
+    /// Drops that constraint (and its index) once the load is cleaned up.
+    pub fn drop_constraint(&self) -> String {
+        format!("DROP CONSTRAINT {} IF EXISTS", quote(&self.constraint))
+    }
+
+    /// Takes the import label and the helper off up to `$limit` loaded nodes (found by the
+    /// label's token index, not by reading every node).
+    pub fn cleanup_nodes(&self) -> String {
+        let (import, helper) = (quote(IMPORT_LABEL), quote(&self.property));
+        format!("MATCH (n:{import}) WITH n LIMIT $limit REMOVE n:{import}, n.{helper} RETURN count(n) AS cleaned")
+    }
+
+    /// Removes the helper from up to `$limit` relationships.
+    pub fn cleanup_relationships(&self) -> String {
+        let helper = quote(&self.property);
+        format!(
+            "MATCH ()-[r]->() WHERE r.{helper} IS NOT NULL WITH r LIMIT $limit REMOVE r.{helper} RETURN count(r) AS \
+             cleaned"
+        )
+    }
+
+    /// Makes nodes keyed by the helper (the export's element id) under the import label, then
+    /// gives them their own labels (labels cannot be parameters): the `MERGE` is an index lookup
+    /// on the import constraint and finds the node a statement sent before made, so sending it
+    /// again (its answer was lost) changes nothing. `+=` keeps the helper, which `=` would drop.
+    pub fn node_statement(&self, labels: &[String]) -> String {
+        let labels: String = labels.iter().map(|l| format!(":{}", quote(l))).collect();
+        let set_labels = if labels.is_empty() { String::new() } else { format!("n{labels}, ") };
+        format!(
+            "UNWIND $rows AS row MERGE (n:{} {{{}: row.id}}) SET {set_labels}n += row.props",
+            quote(IMPORT_LABEL),
+            quote(&self.property)
+        )
+    }
+
+    /// Makes relationships of this type between nodes found by the helper under the import label
+    /// (two index lookups), themselves keyed by the helper (the export's relationship id), so a
+    /// statement sent twice makes each once.
+    pub fn relationship_statement(&self, rel_type: &str) -> String {
+        let (import, helper) = (quote(IMPORT_LABEL), quote(&self.property));
+        format!(
+            "UNWIND $rows AS row MATCH (a:{import} {{{helper}: row.start}}), (b:{import} {{{helper}: row.end}}) \
+             MERGE (a)-[r:{} {{{helper}: row.id}}]->(b) SET r += row.props",
+            quote(rel_type)
+        )
+    }
+}
+
 /// A Cypher name in backticks, backticks doubled.
 fn quote(name: &str) -> String {
     format!("`{}`", name.replace('`', "``"))
 }
 
-/// Makes nodes keyed by `_ferry_id` (the export's element id) under the import label, then gives
-/// them their own labels (labels cannot be parameters): the `MERGE` is an index lookup on the
-/// import constraint, and finds the node a statement sent before made, so sending it again (its
-/// answer was lost) changes nothing. `+=` keeps `_ferry_id`, which `=` would drop.
+/// The node statement with the legacy helper `_ferry_id` ([`Helper::node_statement`]).
 pub fn node_statement(labels: &[String]) -> String {
-    let labels: String = labels.iter().map(|l| format!(":{}", quote(l))).collect();
-    let set_labels = if labels.is_empty() { String::new() } else { format!("n{labels}, ") };
-    format!(
-        "UNWIND $rows AS row MERGE (n:{} {{`_ferry_id`: row.id}}) SET {set_labels}n += row.props",
-        quote(IMPORT_LABEL)
-    )
+    Helper::legacy().node_statement(labels)
 }
 
-/// Makes relationships of this type between nodes found by `_ferry_id` under the import label
-/// (two index lookups), themselves keyed by a `_ferry_id` (the export's relationship id), so a
-/// statement sent twice makes each once.
+/// The relationship statement with the legacy helper ([`Helper::relationship_statement`]).
 pub fn relationship_statement(rel_type: &str) -> String {
-    let import = quote(IMPORT_LABEL);
-    format!(
-        "UNWIND $rows AS row MATCH (a:{import} {{`_ferry_id`: row.start}}), (b:{import} {{`_ferry_id`: row.end}}) \
-         MERGE (a)-[r:{} {{`_ferry_id`: row.id}}]->(b) SET r += row.props",
-        quote(rel_type)
-    )
+    Helper::legacy().relationship_statement(rel_type)
 }
 
 /// The node statement of a load begun before Ferry loaded through the import label: it goes on
@@ -186,6 +263,25 @@ pub fn query(url: &str, authorization: &Secret, statement: &str, parameters: Val
     HttpRequest::post_json(url.to_string(), &json!({ "statement": statement, "parameters": parameters }))
         .header("accept", "application/json")
         .header("authorization", authorization.expose().to_string())
+}
+
+/// The request that sends one statement of the load: typed JSON for a version 2 file's rows
+/// (every parameter typed, `$rows` a typed List of typed Maps), plain JSON for a version 1 file.
+pub fn load_request(url: &str, authorization: &Secret, group: &Group) -> HttpRequest {
+    if group.typed {
+        let rows = json!({ "$type": "List", "_value": group.rows });
+        provider::typed_query(url, authorization.expose(), &group.statement, json!({ "rows": rows }))
+    } else {
+        query(url, authorization, &group.statement, json!({ "rows": group.rows }))
+    }
+}
+
+fn typed_string(v: &Value) -> Value {
+    json!({ "$type": "String", "_value": v })
+}
+
+fn typed_map(v: Value) -> Value {
+    json!({ "$type": "Map", "_value": v })
 }
 
 // ----- the graph file: scan and load, pure ------------------------------------------------
@@ -231,6 +327,9 @@ pub struct LoadCursor {
     /// `false` on a load begun before Ferry did: it goes on with the statements it began with.
     #[serde(default)]
     pub import_label: bool,
+    /// The file is version 2: properties in typed JSON, sent typed (set by the scan's header).
+    #[serde(default)]
+    pub typed: bool,
 }
 
 impl LoadCursor {
@@ -250,6 +349,8 @@ pub struct Group {
     pub rows: Vec<Value>,
     /// Whether the rows are nodes.
     pub nodes: bool,
+    /// Whether the rows are typed JSON (sent with `Content-Type: application/vnd.neo4j.query`).
+    pub typed: bool,
 }
 
 enum Item {
@@ -270,6 +371,7 @@ pub struct GraphLoader {
     /// Member boundaries seen (offset, lines before it) not yet behind `lines_done`: at most one
     /// per line of the current chunk.
     boundaries: Vec<(u64, u64)>,
+    helper: Helper,
 }
 
 fn bad(line: u64, what: impl std::fmt::Display) -> StepError {
@@ -283,9 +385,22 @@ fn parse(line: u64, text: &[u8]) -> Result<Option<Value>, StepError> {
     serde_json::from_slice::<Value>(text).map(Some).map_err(|e| bad(line, format!("not JSON ({e})")))
 }
 
-fn item(line: u64, v: &Value) -> Result<Item, StepError> {
-    let id = || v.get("id").filter(|i| !i.is_null()).cloned().ok_or_else(|| bad(line, "an element without id"));
+/// One line as a load row: plain JSON (version 1), or typed JSON whose ids are Strings and whose
+/// properties are the file's typed values (version 2).
+fn item(line: u64, v: &Value, typed: bool) -> Result<Item, StepError> {
+    let id = |field: &str| -> Result<Value, StepError> {
+        let value = v.get(field).filter(|i| !i.is_null()).cloned();
+        match (value, typed) {
+            (Some(id @ Value::String(_)), true) => Ok(typed_string(&id)),
+            (Some(_), true) => Err(bad(line, format!("{field} is not text"))),
+            (Some(id), false) => Ok(id),
+            (None, _) if field == "id" => Err(bad(line, "an element without id")),
+            (None, _) => Err(bad(line, format!("a relationship without {field}"))),
+        }
+    };
     let props = v.get("properties").cloned().filter(Value::is_object).unwrap_or_else(|| json!({}));
+    let row = |fields: Value| if typed { typed_map(fields) } else { fields };
+    let props = if typed { typed_map(props) } else { props };
     match v.get("type").and_then(Value::as_str) {
         Some("node") => {
             let labels: Vec<String> = match v.get("labels") {
@@ -296,16 +411,15 @@ fn item(line: u64, v: &Value) -> Result<Item, StepError> {
                     .collect::<Result<_, _>>()?,
                 Some(_) => return Err(bad(line, "labels is not a list")),
             };
-            Ok(Item::Node(labels, json!({ "id": id()?, "props": props })))
+            Ok(Item::Node(labels, row(json!({ "id": id("id")?, "props": props }))))
         }
         Some("relationship") => {
             let t = v
                 .get("rel_type")
                 .and_then(Value::as_str)
                 .ok_or_else(|| bad(line, "a relationship without rel_type"))?;
-            let start = v.get("start").cloned().ok_or_else(|| bad(line, "a relationship without start"))?;
-            let end = v.get("end").cloned().ok_or_else(|| bad(line, "a relationship without end"))?;
-            Ok(Item::Rel(t.to_string(), json!({ "id": id()?, "start": start, "end": end, "props": props })))
+            let (start, end) = (id("start")?, id("end")?);
+            Ok(Item::Rel(t.to_string(), row(json!({ "id": id("id")?, "start": start, "end": end, "props": props }))))
         }
         Some("header" | "footer") => Ok(Item::Other),
         other => Err(bad(line, format!("unknown line type {other:?}"))),
@@ -313,10 +427,17 @@ fn item(line: u64, v: &Value) -> Result<Item, StepError> {
 }
 
 impl GraphLoader {
-    /// Goes on from `cursor`, with chunks of `batch` elements.
+    /// Goes on from `cursor`, with chunks of `batch` elements, keyed by the legacy helper.
     pub fn new(cursor: LoadCursor, batch: u32) -> Self {
         let line = cursor.resume_line;
-        Self { cursor, batch: batch.max(1) as usize, line, chunk: Vec::new(), boundaries: Vec::new() }
+        let helper = Helper::legacy();
+        Self { cursor, batch: batch.max(1) as usize, line, chunk: Vec::new(), boundaries: Vec::new(), helper }
+    }
+
+    /// Keys the load by `helper` (the scan refuses a file that has a property of its name).
+    pub fn with_helper(mut self, helper: Helper) -> Self {
+        self.helper = helper;
+        self
     }
 
     /// Where the runtime starts reading the file (a member's start, `0` at first): the loader
@@ -372,7 +493,7 @@ impl GraphLoader {
             self.chunk.push((Vec::new(), None, Value::Null));
             return Ok(self.full());
         };
-        match item(n, &v)? {
+        match item(n, &v, self.cursor.typed)? {
             Item::Node(labels, row) => self.chunk.push((labels, None, row)),
             Item::Rel(t, row) => self.chunk.push((Vec::new(), Some(t), row)),
             Item::Other => self.chunk.push((Vec::new(), None, Value::Null)),
@@ -396,12 +517,14 @@ impl GraphLoader {
                 Some((_, _, g)) => g.rows.push(row.clone()),
                 None => {
                     let statement = match (t, self.cursor.import_label) {
-                        (Some(t), true) => relationship_statement(t),
-                        (None, true) => node_statement(labels),
+                        (Some(t), true) => self.helper.relationship_statement(t),
+                        (None, true) => self.helper.node_statement(labels),
                         (Some(t), false) => legacy_relationship_statement(t),
                         (None, false) => legacy_node_statement(labels),
                     };
-                    groups.push((t.as_ref(), labels, Group { statement, rows: vec![row.clone()], nodes: t.is_none() }));
+                    let group =
+                        Group { statement, rows: vec![row.clone()], nodes: t.is_none(), typed: self.cursor.typed };
+                    groups.push((t.as_ref(), labels, group));
                 }
             }
         }
@@ -474,9 +597,28 @@ impl GraphLoader {
             if kind != Some("header") || v.get("format").and_then(Value::as_str) != Some("ferry-neo4j-jsonl") {
                 return Err(bad(n, "no ferry-neo4j-jsonl header"));
             }
+            c.typed = match v.get("version").and_then(Value::as_u64).unwrap_or(1) {
+                1 => false,
+                2 if v.get("values").and_then(Value::as_str) == Some("typed-json") => true,
+                version => return Err(bad(n, format!("format version {version}, which this Ferry does not know"))),
+            };
             return Ok(());
         }
-        match item(n, &v)? {
+        if let Some(props) = v.get("properties").and_then(Value::as_object) {
+            if props.contains_key(&self.helper.property) {
+                return Err(bad(
+                    n,
+                    format!(
+                        "a property named {:?}, the helper property this load keys elements by",
+                        self.helper.property
+                    ),
+                ));
+            }
+            if c.typed && props.values().any(|p| p.get("$type").and_then(Value::as_str).is_none()) {
+                return Err(bad(n, "a property that is not typed JSON ({\"$type\", \"_value\"}) in a version 2 file"));
+            }
+        }
+        match item(n, &v, c.typed)? {
             Item::Node(labels, _) => {
                 if c.seen_relationship {
                     return Err(bad(n, "a node after the relationships"));
@@ -669,6 +811,8 @@ pub struct GraphLoadOrder {
     pub record_key: String,
     /// Where the pass stands.
     pub cursor: LoadCursor,
+    /// The property the load keys elements by.
+    pub helper: Helper,
 }
 
 impl std::fmt::Debug for GraphLoadOrder {
@@ -678,6 +822,7 @@ impl std::fmt::Debug for GraphLoadOrder {
             .field("url", &self.url)
             .field("batch", &self.batch)
             .field("cursor", &self.cursor)
+            .field("helper", &self.helper)
             .finish_non_exhaustive()
     }
 }
@@ -840,6 +985,10 @@ pub struct AuraRestore {
     /// Drills into a scratch instance: its life.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scratch: Option<Box<Scratch>>,
+    /// The load keys elements by a helper named after its job ([`Helper::for_job`]); `false` in a
+    /// restore planned before, which goes on with `_ferry_id`.
+    #[serde(default)]
+    pub job_helper: bool,
 }
 
 fn default_restoring_wait() -> u32 {
@@ -930,6 +1079,7 @@ pub fn plan(task: Task, cfg: &AuraConfig, params: &Value, backup: Option<String>
         restoring_wait_seconds: count_param(params, "restoring_wait_seconds", DEFAULT_RESTORING_WAIT_SECONDS, 86_400)?,
         drill_target: None,
         scratch: None,
+        job_helper: true,
     };
     let needs_password = || {
         cfg.db_password_secret
@@ -1083,6 +1233,17 @@ impl AuraRestore {
         self.scratch.as_deref_mut().ok_or_else(|| StepError::permanent("no scratch instance"))
     }
 
+    /// The property this restore's load keys elements by: the job's own, or `_ferry_id` for a
+    /// restore planned before (or a load begun before the import label, keyed by `_ferry_id`).
+    pub fn helper(&self, job: &JobId) -> Helper {
+        let legacy_load = self.load.as_ref().is_some_and(|c| c.loading && !c.import_label);
+        if self.job_helper && !legacy_load {
+            Helper::for_job(job)
+        } else {
+            Helper::legacy()
+        }
+    }
+
     fn bearer(&self, req: HttpRequest) -> HttpRequest {
         let token = self.secret_access_token.as_deref().unwrap_or_default();
         req.header("authorization", format!("Bearer {token}")).header("content-type", "application/json")
@@ -1142,19 +1303,24 @@ impl AuraRestore {
             }
             Step::CreateConstraint | Step::DropConstraint => {
                 let (url, auth) = self.endpoint(cfg, creds)?;
-                let statement =
-                    if self.step == Step::CreateConstraint { CREATE_IMPORT_CONSTRAINT } else { DROP_IMPORT_CONSTRAINT };
-                Next::Send(query(&url, &auth, statement, json!({})))
+                let helper = self.helper(job);
+                let statement = if self.step == Step::CreateConstraint {
+                    helper.create_constraint()
+                } else {
+                    helper.drop_constraint()
+                };
+                Next::Send(query(&url, &auth, &statement, json!({})))
             }
             Step::Cleanup | Step::CleanupRelationships => {
                 let (url, auth) = self.endpoint(cfg, creds)?;
                 let legacy = self.load.as_ref().is_some_and(|c| !c.import_label);
+                let helper = self.helper(job);
                 let statement = match (self.step, legacy) {
-                    (Step::Cleanup, false) => CLEANUP_NODES,
-                    (Step::Cleanup, true) => LEGACY_CLEANUP_NODES,
-                    _ => CLEANUP_RELATIONSHIPS,
+                    (Step::Cleanup, false) => helper.cleanup_nodes(),
+                    (Step::Cleanup, true) => LEGACY_CLEANUP_NODES.to_string(),
+                    _ => helper.cleanup_relationships(),
                 };
-                Next::Send(query(&url, &auth, statement, json!({ "limit": CLEANUP_LIMIT })))
+                Next::Send(query(&url, &auth, &statement, json!({ "limit": CLEANUP_LIMIT })))
             }
             Step::CountLabels => {
                 let (url, auth) = self.endpoint(cfg, creds)?;
@@ -1180,6 +1346,7 @@ impl AuraRestore {
                     max_time: STEP_TIME,
                     record_key: format!("graphload:{job}"),
                     cursor: self.load.clone().unwrap_or_default(),
+                    helper: self.helper(job),
                 })))
             }
             Step::Record => Next::Io(Io::Record {

@@ -12,6 +12,7 @@ use crate::config::{Config, SourceConfig};
 use crate::http::{HttpRequest, HttpResponse};
 use crate::job::{Action, Event, Phase, Trigger};
 use crate::manifest::Artifact;
+use crate::secret::Secret;
 use crate::time::Timestamp;
 
 const FOLDER: &str = "graph/2026-11-23T030000Z-00000000000000aa/";
@@ -76,6 +77,11 @@ impl H {
         let req = self.request();
         assert!(req.url.ends_with("/oauth/token"), "{}", req.url);
         self.answer(200, json!({"access_token": "T", "expires_in": 3600, "token_type": "bearer"}));
+    }
+
+    /// The helper property and constraint of this job's load.
+    fn helper(&self) -> aura::Helper {
+        aura::Helper::for_job(&self.job.id)
     }
 
     fn rows(&mut self, fields: &[&str], values: Value) -> Action {
@@ -290,18 +296,18 @@ fn a_drill_empties_loads_compares_per_label_and_type_empties_again_and_records()
     h.rows(&["deleted"], json!([[5]]));
     h.request();
     h.rows(&["deleted"], json!([[0]]));
-    assert_eq!(statement(&h.request()), CREATE_IMPORT_CONSTRAINT, "the constraint before the first node");
+    assert_eq!(statement(&h.request()), h.helper().create_constraint(), "the constraint before the first node");
     h.rows(&[], json!([]));
     let Io::GraphLoad(order) = h.io() else { panic!("expected the load") };
     assert_eq!(order.key, format!("{FOLDER}graph.jsonl.gz"));
     let (cursor, _) = run_loader(&lines(), 500).unwrap();
     h.feed(Event::RestoreIo(Ok(IoDone::GraphLoaded { cursor: Box::new(cursor), error: None })));
     let cleanup = h.request();
-    assert_eq!(statement(&cleanup), aura::CLEANUP_NODES);
+    assert_eq!(statement(&cleanup), h.helper().cleanup_nodes());
     h.rows(&["cleaned"], json!([[3]]));
-    assert_eq!(statement(&h.request()), aura::CLEANUP_NODES, "again until nothing is left");
+    assert_eq!(statement(&h.request()), h.helper().cleanup_nodes(), "again until nothing is left");
     h.rows(&["cleaned"], json!([[0]]));
-    assert_eq!(statement(&h.request()), aura::CLEANUP_RELATIONSHIPS);
+    assert_eq!(statement(&h.request()), h.helper().cleanup_relationships());
     h.rows(&["cleaned"], json!([[0]]));
     assert_eq!(statement(&h.request()), LABEL_COUNTS);
     h.rows(&["label", "n"], json!([["P", 2]]));
@@ -309,7 +315,7 @@ fn a_drill_empties_loads_compares_per_label_and_type_empties_again_and_records()
     h.rows(&["type", "n"], json!([["K", 1]]));
     assert_eq!(statement(&h.request()), DELETE_BATCH);
     h.rows(&["deleted"], json!([[0]]));
-    assert_eq!(statement(&h.request()), DROP_IMPORT_CONSTRAINT);
+    assert_eq!(statement(&h.request()), h.helper().drop_constraint());
     h.rows(&[], json!([]));
     let Io::Record { key, record } = h.io() else { panic!("expected the record") };
     assert_eq!(key, format!("{FOLDER}drill.json"));
@@ -336,7 +342,7 @@ fn a_drill_that_fails_while_loading_still_empties_the_database_and_records() {
     h.feed(Event::RestoreIo(Ok(IoDone::GraphLoaded { cursor: Box::default(), error: Some(err) })));
     assert_eq!(statement(&h.request()), DELETE_BATCH);
     h.rows(&["deleted"], json!([[0]]));
-    assert_eq!(statement(&h.request()), DROP_IMPORT_CONSTRAINT, "the constraint goes too");
+    assert_eq!(statement(&h.request()), h.helper().drop_constraint(), "the constraint goes too");
     h.rows(&[], json!([]));
     let Io::Record { record, .. } = h.io() else { panic!("expected the record") };
     assert_eq!(record["passed"], json!(false));
@@ -405,7 +411,7 @@ fn drill_with(m: Manifest) -> (Value, Option<String>) {
     h.rows(&["type", "n"], json!([["K", 1]]));
     h.request();
     h.rows(&["deleted"], json!([[0]]));
-    assert_eq!(statement(&h.request()), DROP_IMPORT_CONSTRAINT);
+    assert_eq!(statement(&h.request()), h.helper().drop_constraint());
     h.rows(&[], json!([]));
     let Io::Record { record, .. } = h.io() else { panic!("expected the record") };
     h.feed(Event::RestoreIo(Ok(IoDone::Recorded)));
@@ -672,7 +678,7 @@ fn a_logical_load_makes_the_import_constraint_before_loading_and_drops_it_after_
     let create = h.request();
     assert_eq!(
         (create.url.as_str(), statement(&create)),
-        ("http://db.test/db/copy/query/v2", CREATE_IMPORT_CONSTRAINT.into())
+        ("http://db.test/db/copy/query/v2", h.helper().create_constraint())
     );
     h.rows(&[], json!([]));
     let Io::GraphLoad(order) = h.io() else { panic!("the load comes after the constraint") };
@@ -681,15 +687,15 @@ fn a_logical_load_makes_the_import_constraint_before_loading_and_drops_it_after_
     assert!(cursor.import_label, "the scan hands over to a load through the import label");
     h.feed(Event::RestoreIo(Ok(IoDone::GraphLoaded { cursor: Box::new(cursor), error: None })));
     let cleanup = h.request();
-    assert_eq!(statement(&cleanup), aura::CLEANUP_NODES);
+    assert_eq!(statement(&cleanup), h.helper().cleanup_nodes());
     let body: Value = serde_json::from_slice(cleanup.body.as_deref().unwrap()).unwrap();
     assert_eq!(body["parameters"], json!({"limit": aura::CLEANUP_LIMIT}), "bounded batches");
     h.rows(&["cleaned"], json!([[3]]));
-    assert_eq!(statement(&h.request()), aura::CLEANUP_NODES);
+    assert_eq!(statement(&h.request()), h.helper().cleanup_nodes());
     h.rows(&["cleaned"], json!([[0]]));
-    assert_eq!(statement(&h.request()), aura::CLEANUP_RELATIONSHIPS);
+    assert_eq!(statement(&h.request()), h.helper().cleanup_relationships());
     h.rows(&["cleaned"], json!([[0]]));
-    assert_eq!(statement(&h.request()), DROP_IMPORT_CONSTRAINT, "dropped once nothing carries the label");
+    assert_eq!(statement(&h.request()), h.helper().drop_constraint(), "dropped once nothing carries the label");
     h.rows(&[], json!([]));
     assert!(matches!(h.wake(), Action::Done));
     assert_eq!(h.job.phase, Phase::Restored, "{:?}", h.job.error);
@@ -715,11 +721,11 @@ fn a_drill_that_cannot_make_the_constraint_still_empties_drops_and_records() {
     h.manifest(manifest(true));
     h.request();
     h.rows(&["deleted"], json!([[0]]));
-    assert_eq!(statement(&h.request()), CREATE_IMPORT_CONSTRAINT);
+    assert_eq!(statement(&h.request()), h.helper().create_constraint());
     h.answer(202, json!({"errors": [{"code": "Neo.ClientError.Schema.ConstraintCreationFailed", "message": "no"}]}));
     assert_eq!(statement(&h.request()), DELETE_BATCH);
     h.rows(&["deleted"], json!([[0]]));
-    assert_eq!(statement(&h.request()), DROP_IMPORT_CONSTRAINT);
+    assert_eq!(statement(&h.request()), h.helper().drop_constraint());
     h.rows(&[], json!([]));
     let Io::Record { record, .. } = h.io() else { panic!("expected the record") };
     assert!(record["error"].as_str().unwrap().contains("ConstraintCreationFailed"), "{record}");
@@ -748,7 +754,7 @@ fn a_drill_whose_constraint_cannot_be_dropped_records_that_once_instead_of_empty
     h.rows(&["deleted"], json!([[3]]));
     h.request();
     h.rows(&["deleted"], json!([[0]]));
-    assert_eq!(statement(&h.request()), DROP_IMPORT_CONSTRAINT);
+    assert_eq!(statement(&h.request()), h.helper().drop_constraint());
     h.answer(202, json!({"errors": [{"code": "Neo.ClientError.Schema.ConstraintDropFailed", "message": "gone"}]}));
     let Io::Record { record, .. } = h.io() else { panic!("straight to the record, not emptying again") };
     assert_eq!(record["passed"], json!(false));
@@ -923,7 +929,7 @@ fn a_scratch_drill_creates_an_instance_like_the_source_loads_it_counts_and_delet
     let create = h.request();
     assert_eq!(create.url, format!("https://{SCRATCH}.databases.neo4j.io/db/neo4j/query/v2"), "its own Query API");
     assert_eq!(create.header_value("authorization"), Some(basic("neo4j", "generated-pw").as_str()));
-    assert_eq!(statement(&create), CREATE_IMPORT_CONSTRAINT, "a new instance is empty: nothing to delete first");
+    assert_eq!(statement(&create), h.helper().create_constraint(), "a new instance is empty: nothing to delete first");
     h.rows(&[], json!([]));
     let Io::GraphLoad(order) = h.io() else { panic!("expected the load") };
     assert!(order.url.starts_with(&format!("https://{SCRATCH}.")));
@@ -1062,4 +1068,134 @@ fn a_drill_into_a_spare_instance_empties_and_loads_its_database_with_its_own_cre
     let del = h.request();
     assert_eq!((del.url.as_str(), statement(&del)), ("http://spare.test/db/neo4j/query/v2", DELETE_BATCH.to_string()));
     assert_eq!(del.header_value("authorization"), Some(basic("neo4j", "spare-pw").as_str()));
+}
+
+// ----- typed values and the load's own helper property ----------------------------------------
+
+fn typed_lines() -> Vec<String> {
+    let date = json!({"$type": "Date", "_value": "2015-03-26"});
+    let point = json!({"$type": "Point", "_value": "SRID=4979;POINT Z (1.0 2.0 3.0)"});
+    let own = json!({"$type": "String", "_value": "the source's own"});
+    vec![
+        json!({"type": "header", "format": "ferry-neo4j-jsonl", "version": 2, "values": "typed-json"}).to_string(),
+        json!({"type": "node", "id": "4:x:0", "labels": ["P"], "properties": {"d": date, "_ferry_id": own}})
+            .to_string(),
+        json!({"type": "node", "id": "4:x:1", "labels": [], "properties": {}}).to_string(),
+        json!({"type": "relationship", "id": "5:x:0", "rel_type": "K", "start": "4:x:0", "end": "4:x:1",
+               "properties": {"at": point}})
+        .to_string(),
+        json!({"type": "footer", "nodes": 2, "relationships": 1}).to_string(),
+    ]
+}
+
+/// Scans then loads `file` keyed by `helper`; the chunk's statements.
+fn load_all(file: &[String], helper: &aura::Helper) -> Result<Vec<aura::Group>, StepError> {
+    let mut scan = GraphLoader::new(LoadCursor::default(), 10).with_helper(helper.clone());
+    for l in file {
+        scan.line(l.as_bytes())?;
+    }
+    scan.end()?;
+    let mut loader = GraphLoader::new(scan.cursor, 10).with_helper(helper.clone());
+    for l in file {
+        loader.line(l.as_bytes())?;
+    }
+    Ok(loader.end()?.unwrap_or_default())
+}
+
+#[test]
+fn a_version_2_file_is_loaded_with_typed_rows_in_typed_json_requests() {
+    let helper = aura::Helper::for_job(&JobId::new("0123456789abcdef"));
+    let groups = load_all(&typed_lines(), &helper).unwrap();
+    assert!(groups.iter().all(|g| g.typed));
+    assert_eq!(
+        groups[0].rows[0],
+        json!({"$type": "Map", "_value": {
+            "id": {"$type": "String", "_value": "4:x:0"},
+            "props": {"$type": "Map", "_value": {"d": {"$type": "Date", "_value": "2015-03-26"},
+                                                  "_ferry_id": {"$type": "String", "_value": "the source's own"}}}}}),
+        "the file's typed values go out as they are, the source's _ferry_id among them"
+    );
+    assert_eq!(groups[2].rows[0]["_value"]["start"], json!({"$type": "String", "_value": "4:x:0"}));
+    let req = aura::load_request("http://db.test/db/copy/query/v2", &Secret::new("Basic x"), &groups[0]);
+    assert_eq!(req.header_value("content-type"), Some("application/vnd.neo4j.query"));
+    let body: Value = serde_json::from_slice(req.body.as_deref().unwrap()).unwrap();
+    assert_eq!(body["parameters"]["rows"]["$type"], "List", "every parameter typed");
+    assert_eq!(body["parameters"]["rows"]["_value"][0], groups[0].rows[0]);
+    assert_eq!(body["statement"], helper.node_statement(&["P".into()]));
+    assert!(body["statement"].as_str().unwrap().contains("`_ferry_0123456789abcdef`: row.id"));
+}
+
+#[test]
+fn a_version_1_file_still_loads_as_plain_json() {
+    let groups = load_all(&lines(), &aura::Helper::legacy()).unwrap();
+    assert!(groups.iter().all(|g| !g.typed));
+    assert_eq!(groups[0].rows[0], json!({"id": "a", "props": {"x": 1}}));
+    let req = aura::load_request("http://db.test/db/copy/query/v2", &Secret::new("Basic x"), &groups[0]);
+    assert_eq!(req.header_value("content-type"), Some("application/json"));
+    let body: Value = serde_json::from_slice(req.body.as_deref().unwrap()).unwrap();
+    assert_eq!(body["parameters"]["rows"], json!([{"id": "a", "props": {"x": 1}}, {"id": "c", "props": {}}]));
+}
+
+#[test]
+fn a_file_with_a_property_named_like_the_helper_or_of_an_unknown_version_is_refused_by_the_scan() {
+    let helper = aura::Helper::for_job(&JobId::new("0123456789abcdef"));
+    let mut file = typed_lines();
+    file[3] = file[3].replace("\"at\"", "\"_ferry_0123456789abcdef\"");
+    let e = load_all(&file, &helper).unwrap_err();
+    assert!(e.message().contains("line 4: a property named \"_ferry_0123456789abcdef\""), "{}", e.message());
+    // With the legacy helper, a source `_ferry_id` is refused before loading, not overwritten.
+    let e = load_all(&typed_lines(), &aura::Helper::legacy()).unwrap_err();
+    assert!(e.message().contains("\"_ferry_id\", the helper property"), "{}", e.message());
+    let mut newer = typed_lines();
+    newer[0] = json!({"type": "header", "format": "ferry-neo4j-jsonl", "version": 3}).to_string();
+    assert!(load_all(&newer, &helper).unwrap_err().message().contains("format version 3"));
+    let mut untyped = typed_lines();
+    untyped[2] = json!({"type": "node", "id": "4:x:1", "labels": [], "properties": {"d": "2015-03-26"}}).to_string();
+    assert!(load_all(&untyped, &helper).unwrap_err().message().contains("not typed JSON"));
+}
+
+#[test]
+fn a_load_keys_elements_by_a_helper_named_after_its_job_from_constraint_to_cleanup() {
+    let mut h =
+        H::new(Task::Restore, json!({"mode": "logical", "target": {"database": "copy"}, "confirm": "copy"})).unwrap();
+    let helper = aura::Helper::for_job(&h.job.id);
+    assert_eq!(helper.property, format!("_ferry_{}", h.job.id));
+    h.manifest(manifest(false));
+    h.request();
+    h.rows(&["nodes"], json!([[0]]));
+    let create = statement(&h.request());
+    assert_eq!(
+        create,
+        format!(
+            "CREATE CONSTRAINT `ferry_import_{0}` IF NOT EXISTS FOR (n:`_FerryImport`) REQUIRE n.`_ferry_{0}` IS UNIQUE",
+            h.job.id
+        )
+    );
+    h.rows(&[], json!([]));
+    let Io::GraphLoad(order) = h.io() else { panic!("the load") };
+    assert_eq!(order.helper, helper, "the runtime's loader keys by the job's helper");
+    let (cursor, _) = run_loader(&lines(), 500).unwrap();
+    h.feed(Event::RestoreIo(Ok(IoDone::GraphLoaded { cursor: Box::new(cursor), error: None })));
+    assert!(statement(&h.request()).contains(&format!("n.`_ferry_{}`", h.job.id)));
+    h.rows(&["cleaned"], json!([[0]]));
+    assert!(statement(&h.request()).contains(&format!("r.`_ferry_{}`", h.job.id)));
+    h.rows(&["cleaned"], json!([[0]]));
+    assert_eq!(statement(&h.request()), format!("DROP CONSTRAINT `ferry_import_{}` IF EXISTS", h.job.id));
+}
+
+#[test]
+fn a_restore_planned_before_job_helpers_goes_on_with_ferry_id() {
+    let state = plan(
+        Task::Restore,
+        &source(),
+        &json!({"mode": "logical", "target": {"database": "copy"}, "confirm": "copy"}),
+        Some(format!("{FOLDER}manifest.json")),
+    )
+    .unwrap();
+    let RestoreState::Aura(state) = state else { panic!("an Aura restore") };
+    let mut old = serde_json::to_value(&state).unwrap();
+    old.as_object_mut().unwrap().remove("job_helper");
+    let old: aura::AuraRestore = serde_json::from_value(old).unwrap();
+    assert_eq!(old.helper(&JobId::new("0123456789abcdef")), aura::Helper::legacy());
+    assert_eq!(state.helper(&JobId::new("0123456789abcdef")).property, "_ferry_0123456789abcdef");
 }

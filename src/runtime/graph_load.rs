@@ -10,9 +10,9 @@
 //! the file. The cursor is
 //! written to Durable Object storage after every statement, so a step cut short (the isolate
 //! killed, a timeout) goes on after the last statement that was answered. A statement that ran but
-//! whose answer (or the cursor's write) was lost is sent again: the statements `MERGE` on
-//! `_ferry_id` (under the import label, an index lookup; see the module doc of
-//! `crate::restore::aura`), so that changes nothing.
+//! whose answer (or the cursor's write) was lost is sent again: the statements `MERGE` on the
+//! load's helper property (under the import label, an index lookup; see the module doc of
+//! `crate::restore::aura`), so that changes nothing. A version 2 file's rows go out in typed JSON.
 
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ use worker::{Bucket, Range, Storage};
 use super::net;
 use crate::error::StepError;
 use crate::providers::aura::query_rows;
-use crate::restore::aura::{query, GraphLoadOrder, GraphLoader, Group, LoadCursor, MemberLines, Piece};
+use crate::restore::aura::{load_request, GraphLoadOrder, GraphLoader, Group, LoadCursor, MemberLines, Piece};
 use crate::restore::IoDone;
 
 /// The longest line accepted (one node or relationship with its properties).
@@ -39,7 +39,7 @@ pub(crate) async fn run(bucket: &Bucket, storage: &Storage, order: GraphLoadOrde
             }
         }
     }
-    let mut loader = GraphLoader::new(cursor, order.batch);
+    let mut loader = GraphLoader::new(cursor, order.batch).with_helper(order.helper.clone());
     let limit = order.max_time + Duration::from_secs(60);
     let error = match net::within(limit, step(bucket, storage, &order, &mut loader)).await {
         Some(Ok(())) => None,
@@ -77,7 +77,7 @@ async fn send_groups(
             return Ok(false);
         }
         let group = &groups[loader.cursor.groups_done as usize];
-        let req = query(&order.url, &order.authorization, &group.statement, serde_json::json!({ "rows": group.rows }));
+        let req = load_request(&order.url, &order.authorization, group);
         let resp = net::exchange(&req).await.map_err(|e| StepError::transient(format!("Query API: {e}")))?;
         query_rows(&resp, super::now())?;
         loader.sent();

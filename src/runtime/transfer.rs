@@ -837,6 +837,8 @@ async fn graph_slice(sink: &mut Sink<'_>, spec: &GraphExport) -> Result<SliceOut
         pages += 1;
     }
     if !more {
+        // The finished export's warnings reach the job through the cursor.
+        sink.state.graph = Some(writer.cursor());
         let (rest, details) = writer.finish()?;
         sink.push(&rest).await?;
         let artifact = sink.finish(Some(details)).await?;

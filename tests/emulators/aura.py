@@ -231,6 +231,199 @@ def b64url(data: bytes) -> str:
 
 
 # ----- property values --------------------------------------------------------------------
+# Values are kept as Python values: bool, int (64-bit), float (NaN and ±Infinity included), str,
+# bytes (Cypher ByteArray), list, dict, and ``Typed`` for the temporal and spatial types, whose
+# canonical text is what the Query API writes for them.
+@dataclass(frozen=True)
+class Typed:
+    """A temporal or spatial value: its typed-JSON ``$type`` and its ``_value`` text."""
+    type: str
+    text: str
+
+
+# Typed JSON (``Accept``/``Content-Type: application/vnd.neo4j.query``): Query API docs,
+# "Result formats" page, section "JSON with type information" (neo4j/docs-query-api
+# modules/ROOT/pages/result-formats.adoc; now the "Typed JSON" page), and the server that writes
+# it (neo4j/neo4j community/server/.../queryapi/response/format/DefaultResponseModule.java and
+# CypherTypes.java): every value is ``{"$type": T, "_value": V}``; Integer and Float values are
+# strings (Long.toString / Double.toString, so "NaN", "Infinity" and "-Infinity"), Boolean a
+# JSON boolean, Null null, Base64 the bytes in standard base64, temporals their ISO-8601 text,
+# a DateTime ``OffsetDateTime`` when its zone is an offset and ``ZonedDateTime`` (offset and
+# ``[zone id]``) when it is a named zone, Point its WKT ``SRID=<srid>;POINT (x y)`` or
+# ``SRID=<srid>;POINT Z (x y z)``.
+TYPED_MIME = "application/vnd.neo4j.query"
+TYPED_MIMES = (TYPED_MIME, "application/vnd.neo4j.query.v1.0", "application/vnd.neo4j.query.v1.1")
+_FRACTION = r"(?:\.\d{1,9})?"
+_LOCAL_TIME = rf"\d{{2}}:\d{{2}}(?::\d{{2}}{_FRACTION})?"
+_OFFSET = r"(?:Z|[+-]\d{2}:\d{2}(?::\d{2})?)"
+_DATE = r"[+-]?\d{4,9}-\d{2}-\d{2}"
+TEMPORAL_PATTERNS = {
+    "Date": re.compile(rf"{_DATE}"),                                        # ISO_LOCAL_DATE
+    "Time": re.compile(rf"{_LOCAL_TIME}{_OFFSET}"),                          # ISO_OFFSET_TIME
+    "LocalTime": re.compile(_LOCAL_TIME),                                    # ISO_LOCAL_TIME
+    "LocalDateTime": re.compile(rf"{_DATE}T{_LOCAL_TIME}"),                  # ISO_LOCAL_DATE_TIME
+    "OffsetDateTime": re.compile(rf"{_DATE}T{_LOCAL_TIME}{_OFFSET}"),        # ISO_OFFSET_DATE_TIME
+    "ZonedDateTime": re.compile(rf"{_DATE}T{_LOCAL_TIME}{_OFFSET}\[[A-Za-z0-9_/+-]+\]"),  # ISO_ZONED_DATE_TIME
+    # DurationValue.toString: P[nY][nM][nD][T[nH][nM][n[.f]S]], components may be negative.
+    "Duration": re.compile(r"P(?=-?\d)(?:-?\d+Y)?(?:-?\d+M)?(?:-?\d+W)?(?:-?\d+D)?"
+                           r"(?:T(?=-?\d)(?:-?\d+H)?(?:-?\d+M)?(?:-?\d+(?:\.\d{1,9})?S)?)?|PT0S"),
+}
+# Point CRSs (Cypher manual, "Spatial values"): SRID -> dimensions.
+POINT_SRIDS = {7203: 2, 9157: 3, 4326: 2, 4979: 3}
+# The server's own WKT reader (CypherTypes.WKT_PATTERN).
+RE_WKT = re.compile(r"SRID=(\d+);\s*POINT\s*Z?\s*\(\s*(\S+)\s+(\S+)\s*(\S+)?\)")
+RE_JAVA_INTEGER = re.compile(r"[+-]?\d+")
+RE_JAVA_DOUBLE = re.compile(r"[+-]?(?:NaN|Infinity|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)[dDfF]?")
+
+
+def java_double(x: float) -> str:
+    """``Double.toString``: shortest digits, decimal from 1e-3 to 1e7, else ``d.dddE±n``."""
+    if math.isnan(x):
+        return "NaN"
+    if math.isinf(x):
+        return "Infinity" if x > 0 else "-Infinity"
+    if x == 0:
+        return "-0.0" if math.copysign(1.0, x) < 0 else "0.0"
+    sign = "-" if x < 0 else ""
+    digits, exponent = _shortest(abs(x))
+    if 1e-3 <= abs(x) < 1e7:
+        point = exponent + 1
+        if point <= 0:
+            return f"{sign}0.{'0' * -point}{digits}"
+        whole, frac = digits[:point].ljust(point, "0"), digits[point:] or "0"
+        return f"{sign}{whole}.{frac}"
+    return f"{sign}{digits[0]}.{digits[1:] or '0'}E{exponent}"
+
+
+def _shortest(x: float) -> tuple[str, int]:
+    mantissa, _, exp = f"{x!r}".partition("e") if "e" in repr(x) else (repr(x), "", "0")
+    whole, _, frac = mantissa.partition(".")
+    digits = (whole + frac).lstrip("0")
+    exponent = int(exp) + len(whole.lstrip("0")) - 1 if whole.strip("0") else int(exp) - (len(frac) - len(frac.lstrip("0"))) - 1
+    return digits.rstrip("0") or "0", exponent
+
+
+def point_text(srid: int, coords: list[float]) -> str:
+    """How the server writes a point (CypherTypes.serializePoint)."""
+    text = " ".join(java_double(c) for c in coords)
+    return f"SRID={srid};POINT{' Z ' if len(coords) == 3 else ' '}({text})"
+
+
+def bad_typed(path: str, why: str) -> CypherError:
+    return CypherError(CODE_REQUEST_INVALID, f"Bad Request: typed JSON parameter {path}: {why}", 400)
+
+
+def from_typed(value, path: str = "parameters"):
+    """A typed-JSON value of a request (``Content-Type: application/vnd.neo4j.query``). Typing is
+    all or nothing: a bare JSON value where a ``{"$type", "_value"}`` object is expected is a Bad
+    Request, as with the server's typed reader (TypedJsonQueryRequestCypherValuesDeserializer)."""
+    if not isinstance(value, dict) or set(value) != {"$type", "_value"}:
+        raise bad_typed(path, f"expected {{\"$type\", \"_value\"}}, got {json.dumps(value)[:60]}")
+    kind, raw = value["$type"], value["_value"]
+    if kind == "Null":
+        if raw is not None:
+            raise bad_typed(path, "Null takes null")
+        return None
+    if kind == "Boolean":
+        if not isinstance(raw, bool):
+            raise bad_typed(path, "Boolean takes true or false")
+        return raw
+    if kind == "List":
+        if not isinstance(raw, list):
+            raise bad_typed(path, "List takes an array")
+        return [from_typed(item, f"{path}[{i}]") for i, item in enumerate(raw)]
+    if kind == "Map":
+        if not isinstance(raw, dict):
+            raise bad_typed(path, "Map takes an object")
+        return {k: from_typed(v, f"{path}.{k}") for k, v in raw.items()}
+    if not isinstance(raw, str):
+        raise bad_typed(path, f"{kind} takes a string")
+    if kind == "Integer":
+        if not RE_JAVA_INTEGER.fullmatch(raw) or not INT64_MIN <= int(raw) <= INT64_MAX:
+            raise bad_typed(path, f"{raw!r} is not a 64-bit Integer")
+        return int(raw)
+    if kind == "Float":
+        if not RE_JAVA_DOUBLE.fullmatch(raw):
+            raise bad_typed(path, f"{raw!r} is not a Float")
+        text = raw.rstrip("dDfF")
+        return float(text.replace("Infinity", "inf"))
+    if kind == "String":
+        return raw
+    if kind == "Base64":
+        try:
+            return base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            raise bad_typed(path, "Base64 takes standard base64")
+    if kind in TEMPORAL_PATTERNS:
+        if not TEMPORAL_PATTERNS[kind].fullmatch(raw):
+            raise bad_typed(path, f"{raw!r} is not a {kind}")
+        return Typed(kind, raw)
+    if kind == "Point":
+        m = RE_WKT.fullmatch(raw)
+        if not m:
+            raise bad_typed(path, f"{raw!r} is not a WKT point")
+        srid = int(m.group(1))
+        try:
+            coords = [float(c) for c in m.groups()[1:] if c]
+        except ValueError:
+            raise bad_typed(path, f"{raw!r} is not a WKT point")
+        if POINT_SRIDS.get(srid) != len(coords):
+            raise CypherError(CODE_ARGUMENT, f"Unknown coordinate reference system or dimension: SRID={srid}, "
+                              f"{len(coords)} coordinates")
+        return Typed("Point", point_text(srid, coords))
+    raise bad_typed(path, f"unknown $type {kind!r}")
+
+
+def to_typed(value):
+    """A stored value as the Query API's typed JSON writes it."""
+    if value is None:
+        return {"$type": "Null", "_value": None}
+    if isinstance(value, bool):
+        return {"$type": "Boolean", "_value": value}
+    if isinstance(value, int):
+        return {"$type": "Integer", "_value": str(value)}
+    if isinstance(value, float):
+        return {"$type": "Float", "_value": java_double(value)}
+    if isinstance(value, str):
+        return {"$type": "String", "_value": value}
+    if isinstance(value, bytes):
+        return {"$type": "Base64", "_value": base64.b64encode(value).decode()}
+    if isinstance(value, Typed):
+        return {"$type": value.type, "_value": value.text}
+    if isinstance(value, list):
+        return {"$type": "List", "_value": [to_typed(v) for v in value]}
+    if isinstance(value, dict):
+        return {"$type": "Map", "_value": {k: to_typed(v) for k, v in value.items()}}
+    raise AssertionError(type(value))
+
+
+_PLAIN_AS_IS = (str, int, bool, type(None))
+
+
+def to_plain(value):
+    """A stored value as plain JSON writes it (Query API docs, "Result formats", plain JSON: temporal,
+    spatial and binary values are strings; Jackson writes NaN and infinities as strings). Values
+    that need nothing are returned as they are (no copy): this runs for every row of a page."""
+    kind = type(value)
+    if kind in _PLAIN_AS_IS:
+        return value
+    if kind is float:
+        return value if math.isfinite(value) else java_double(value)
+    if kind is dict:
+        if all(type(v) in _PLAIN_AS_IS for v in value.values()):
+            return value
+        return {k: to_plain(v) for k, v in value.items()}
+    if kind is list:
+        if all(type(v) in _PLAIN_AS_IS for v in value):
+            return value
+        return [to_plain(v) for v in value]
+    if kind is bytes:
+        return base64.b64encode(value).decode()
+    if kind is Typed:
+        return value.text
+    return value
+
+
 def _kind(value) -> str:
     if isinstance(value, bool):
         return "Boolean"
@@ -240,6 +433,10 @@ def _kind(value) -> str:
         return "Double"
     if isinstance(value, str):
         return "String"
+    if isinstance(value, bytes):
+        return "ByteArray"
+    if isinstance(value, Typed):
+        return "DateTime" if value.type in ("OffsetDateTime", "ZonedDateTime") else value.type
     if isinstance(value, list):
         return "List"
     if isinstance(value, dict):
@@ -247,24 +444,29 @@ def _kind(value) -> str:
     return "Null" if value is None else type(value).__name__
 
 
+SCALAR_KINDS = {"Boolean", "Long", "Double", "String", "Date", "Time", "LocalTime", "DateTime", "LocalDateTime",
+                "Duration", "Point"}
+
+
 def storable(value):
     """Validate (and normalise) one non-null property value the way Neo4j does on SET.
 
-    Scalars: boolean, 64-bit integer, float, string.  Lists: homogeneous, non-null scalars;
-    integers mixed with floats are widened to floats [INF].  Anything else is a TypeError.
+    Scalars: boolean, 64-bit integer, float, string, byte array, the temporal types and points.
+    Lists: homogeneous, non-null scalars (not byte arrays); integers mixed with floats are widened
+    to floats [INF].  Maps, and anything else, are a TypeError (Cypher manual, "Property values").
     """
     kind = _kind(value)
     if kind == "Long" and not INT64_MIN <= value <= INT64_MAX:
         raise CypherError(CODE_ARGUMENT, f"Integer value {value} is out of the 64-bit range")
-    if kind in ("Boolean", "Long", "Double", "String"):
+    if kind in SCALAR_KINDS or kind == "ByteArray":
         return value
     if kind == "List":
         kinds = {_kind(item) for item in value}
         if "Null" in kinds:
             raise CypherError(CODE_TYPE, "Collections containing null values can not be stored in properties.")
-        if kinds & {"List", "Map"}:
+        if kinds & {"List", "Map", "ByteArray"}:
             raise CypherError(CODE_TYPE, "Collections containing collections can not be stored in properties."
-                              if "List" in kinds else
+                              if kinds & {"List", "ByteArray"} else
                               "Property values can only be of primitive types or arrays thereof.")
         for item in value:
             storable(item)
@@ -296,16 +498,20 @@ def add_map(props) -> dict:
 
 
 def prop_key(value):
-    """A hashable key with Cypher equality (1 = 1.0, true <> 1) for the ``_ferry_id`` lookup."""
+    """A hashable key with Cypher equality (1 = 1.0, true <> 1) for the helper-property lookup."""
     if isinstance(value, bool):
         return ("b", value)
     if isinstance(value, (int, float)):
         return ("n", value)
     if isinstance(value, str):
         return ("s", value)
+    if isinstance(value, bytes):
+        return ("y", value)
+    if isinstance(value, Typed):
+        return ("t", value.type, value.text)
     if isinstance(value, list):
         return ("l", tuple(prop_key(item) for item in value))
-    return ("x", json.dumps(value, sort_keys=True))
+    return ("x", json.dumps(to_plain(value), sort_keys=True))
 
 
 def row_get(row, key: str):
@@ -317,7 +523,7 @@ def row_get(row, key: str):
 
 
 # ----- graph store ------------------------------------------------------------------------
-FERRY_KEY = "_ferry_id"
+FERRY_KEY = "_ferry_id"  # the helper property of aura_restore.py and of older Ferry loads
 
 
 class Node:
@@ -346,9 +552,14 @@ class Graph:
         self.next_node = 0
         self.next_rel = 0
         self.label_tokens: dict[str, int] = {}
-        self.ferry: dict[tuple, list[str]] = {}
-        # (type, start, end, _ferry_id key) -> relationship ids, for MERGE of relationships
-        self.rel_ferry: dict[tuple, list[str]] = {}
+        # The load's helper property (``_ferry_id`` or another name a statement uses): property
+        # name -> value key -> node ids; and -> (type, start, end, value key) -> relationship ids.
+        self.ferry: dict[str, dict[tuple, list[str]]] = {}
+        self.rel_ferry: dict[str, dict[tuple, list[str]]] = {}
+        self.touched = 0  # rows each statement read (an id seek reads one; a scan reads every node)
+        # Whether a value plain JSON cannot carry as is (a temporal, a point, bytes, NaN) may be
+        # stored: only typed parameters make one, so plain pages of other databases skip the check.
+        self.special = False
         self.merge_matches = 0  # MERGEs that found the element (a statement sent again)
         # name -> {"name", "kind": "constraint" (uniqueness) | "index" (range), "label", "property"}
         self.schema: dict[str, dict] = {}
@@ -362,9 +573,22 @@ class Graph:
             self.label_tokens.setdefault(label, len(self.label_tokens))
         return tuple(sorted(set(labels), key=self.label_tokens.__getitem__))
 
+    def helper(self, name: str) -> str:
+        """Starts keeping a lookup of nodes and relationships by the helper property ``name``."""
+        if name not in self.ferry:
+            self.ferry[name] = {}
+            self.rel_ferry[name] = {}
+            for node_id, node in self.nodes.items():
+                if name in node.props:
+                    self.ferry[name].setdefault(prop_key(node.props[name]), []).append(node_id)
+            for rel_id in self.rels:
+                self._rel_index(rel_id, (name,))
+        return name
+
     def _index(self, node_id: str, props: dict):
-        if FERRY_KEY in props:
-            self.ferry.setdefault(prop_key(props[FERRY_KEY]), []).append(node_id)
+        for name, index in self.ferry.items():
+            if name in props:
+                index.setdefault(prop_key(props[name]), []).append(node_id)
 
     def add_nodes(self, items) -> list[str]:
         """items: iterable of (labels, props) with already validated props."""
@@ -396,31 +620,34 @@ class Graph:
             self.dirty = True
         return new
 
-    def _rel_index(self, rel_id: str):
+    def _rel_index(self, rel_id: str, names=None):
         rel = self.rels[rel_id]
-        if FERRY_KEY in rel.props:
-            key = (rel.type, rel.start, rel.end, prop_key(rel.props[FERRY_KEY]))
-            self.rel_ferry.setdefault(key, []).append(rel_id)
+        for name in self.rel_ferry if names is None else names:
+            if name in rel.props:
+                key = (rel.type, rel.start, rel.end, prop_key(rel.props[name]))
+                self.rel_ferry[name].setdefault(key, []).append(rel_id)
 
     def _rel_unindex(self, rel_id: str):
         rel = self.rels[rel_id]
-        if FERRY_KEY in rel.props:
-            key = (rel.type, rel.start, rel.end, prop_key(rel.props[FERRY_KEY]))
-            ids = [i for i in self.rel_ferry.get(key, []) if i != rel_id]
-            if ids:
-                self.rel_ferry[key] = ids
-            else:
-                self.rel_ferry.pop(key, None)
+        for name, index in self.rel_ferry.items():
+            if name in rel.props:
+                key = (rel.type, rel.start, rel.end, prop_key(rel.props[name]))
+                ids = [i for i in index.get(key, []) if i != rel_id]
+                if ids:
+                    index[key] = ids
+                else:
+                    index.pop(key, None)
 
     def _node_unindex(self, node_id: str):
         props = self.nodes[node_id].props
-        if FERRY_KEY in props:
-            key = prop_key(props[FERRY_KEY])
-            ids = [i for i in self.ferry.get(key, []) if i != node_id]
-            if ids:
-                self.ferry[key] = ids
-            else:
-                self.ferry.pop(key, None)
+        for name, index in self.ferry.items():
+            if name in props:
+                key = prop_key(props[name])
+                ids = [i for i in index.get(key, []) if i != node_id]
+                if ids:
+                    index[key] = ids
+                else:
+                    index.pop(key, None)
 
     def _add_to(self, props: dict, update: dict):
         """``SET x += map``: null entries remove the property, the others are set."""
@@ -436,8 +663,8 @@ class Graph:
         a uniqueness constraint's index on one of the labels and that property)."""
         return any(e["label"] in labels and e["property"] == prop for e in self.schema.values())
 
-    def _lookups(self, labels, n: int = 1):
-        if not self.indexed(labels):
+    def _lookups(self, labels, n: int = 1, prop: str = FERRY_KEY):
+        if not self.indexed(labels, prop):
             self.scans += n
 
     def create_schema(self, kind: str, name: str, label: str, prop: str, if_not_exists: bool) -> None:
@@ -513,22 +740,24 @@ class Graph:
                                           f"and property `{prop}` = {json.dumps(props[prop])}")
                     taken.add(key)
 
-    def merge_nodes(self, labels, rows, set_labels=()) -> None:
-        """``UNWIND $rows AS row MERGE (n:L… {_ferry_id: row.id}) [SET n:S…,] SET n += row.props``,
-        row by row (a row sees the nodes earlier rows made): a node with at least these labels and
-        that ``_ferry_id`` is updated, else one is created with the labels and ``_ferry_id``; then it
-        gets the labels ``set_labels`` (``SET n:S…`` adds labels, keeping those it has)."""
+    def merge_nodes(self, labels, rows, set_labels=(), name: str = FERRY_KEY) -> None:
+        """``UNWIND $rows AS row MERGE (n:L… {<h>: row.id}) [SET n:S…,] SET n += row.props``, row by
+        row (a row sees the nodes earlier rows made), ``<h>`` the statement's helper property: a
+        node with at least these labels and that helper value is updated, else one is created with
+        the labels and the helper; then it gets the labels ``set_labels`` (``SET n:S…`` adds
+        labels, keeping those it has)."""
+        self.helper(name)
         wanted = set(labels)
         new = []
         for key, update in rows:
-            self._lookups(wanted)
-            found = [i for i in self.find_ferry(key) if wanted <= set(self.nodes[i].labels)]
+            self._lookups(wanted, 1, name)
+            found = [i for i in self.find_ferry(key, None, name) if wanted <= set(self.nodes[i].labels)]
             if found:
                 self.merge_matches += len(found)
             else:
                 node_id = f"4:{self.uuid}:{self.next_node}"
                 self.next_node += 1
-                self.nodes[node_id] = Node(self._labels(labels), {FERRY_KEY: key})
+                self.nodes[node_id] = Node(self._labels(labels), {name: key})
                 self._index(node_id, self.nodes[node_id].props)
                 new.append(node_id)
                 found = [node_id]
@@ -544,26 +773,27 @@ class Graph:
             self.node_ids.sort()
         self.dirty = True
 
-    def merge_rels(self, type_: str, rows, endpoint_label: str | None = None) -> None:
-        """``UNWIND $rows AS row MATCH (a[:E] {_ferry_id: row.start}), (b[:E] {_ferry_id: row.end})
-        MERGE (a)-[r:T {_ferry_id: row.id}]->(b) SET r += row.props``: for every matched pair (nodes
-        with that ``_ferry_id``, and the label E when given), a relationship of that type from a to b
-        with that ``_ferry_id`` is updated, else created."""
+    def merge_rels(self, type_: str, rows, endpoint_label: str | None = None, name: str = FERRY_KEY) -> None:
+        """``UNWIND $rows AS row MATCH (a[:E] {<h>: row.start}), (b[:E] {<h>: row.end}) MERGE
+        (a)-[r:T {<h>: row.id}]->(b) SET r += row.props``: for every matched pair (nodes with that
+        helper value, and the label E when given), a relationship of that type from a to b with
+        that helper value is updated, else created."""
+        self.helper(name)
         new = []
         for start_key, end_key, key, update in rows:
-            self._lookups(() if endpoint_label is None else (endpoint_label,), 2)
-            for start in list(self.find_ferry(start_key, endpoint_label)):
-                for end in list(self.find_ferry(end_key, endpoint_label)):
+            self._lookups(() if endpoint_label is None else (endpoint_label,), 2, name)
+            for start in list(self.find_ferry(start_key, endpoint_label, name)):
+                for end in list(self.find_ferry(end_key, endpoint_label, name)):
                     if key is None:
                         raise CypherError(CODE_MERGE_NULL, "Cannot merge the following relationship because of "
-                                          f"null property value for '{FERRY_KEY}': (a)-[:{type_} {{{FERRY_KEY}: null}}]->(b)")
-                    found = list(self.rel_ferry.get((type_, start, end, prop_key(key)), []))
+                                          f"null property value for '{name}': (a)-[:{type_} {{{name}: null}}]->(b)")
+                    found = list(self.rel_ferry[name].get((type_, start, end, prop_key(key)), []))
                     if found:
                         self.merge_matches += len(found)
                     else:
                         rel_id = f"5:{self.uuid}:{self.next_rel}"
                         self.next_rel += 1
-                        self.rels[rel_id] = Rel(type_, start, end, {FERRY_KEY: key})
+                        self.rels[rel_id] = Rel(type_, start, end, {name: key})
                         self._rel_index(rel_id)
                         new.append(rel_id)
                         found = [rel_id]
@@ -576,45 +806,53 @@ class Graph:
             self.rel_ids.sort()
         self.dirty = True
 
-    def clean_nodes(self, limit: int) -> int:
-        """Removes ``_ferry_id`` from up to ``limit`` nodes that have it."""
+    def clean_nodes(self, limit: int, name: str = FERRY_KEY) -> int:
+        """Removes the helper property ``name`` from up to ``limit`` nodes that have it."""
+        index = self.ferry.get(self.helper(name), {})
         done = 0
-        while self.ferry and done < limit:
-            key = next(iter(self.ferry))
-            ids = self.ferry[key]
+        while index and done < limit:
+            key = next(iter(index))
+            ids = index[key]
             while ids and done < limit:
-                self.nodes[ids.pop()].props.pop(FERRY_KEY, None)
+                node_id = ids.pop()
+                self._node_unindex(node_id)
+                self.nodes[node_id].props.pop(name, None)
+                self._index(node_id, self.nodes[node_id].props)
                 done += 1
             if not ids:
-                del self.ferry[key]
+                index.pop(key, None)
         if done:
             self.dirty = True
         return done
 
-    def clean_rels(self, limit: int) -> int:
-        """Removes ``_ferry_id`` from up to ``limit`` relationships that have it."""
+    def clean_rels(self, limit: int, name: str = FERRY_KEY) -> int:
+        """Removes the helper property ``name`` from up to ``limit`` relationships that have it."""
+        index = self.rel_ferry.get(self.helper(name), {})
         done = 0
-        while self.rel_ferry and done < limit:
-            key = next(iter(self.rel_ferry))
-            ids = self.rel_ferry[key]
+        while index and done < limit:
+            key = next(iter(index))
+            ids = index[key]
             while ids and done < limit:
-                self.rels[ids.pop()].props.pop(FERRY_KEY, None)
+                rel_id = ids.pop()
+                self._rel_unindex(rel_id)
+                self.rels[rel_id].props.pop(name, None)
+                self._rel_index(rel_id)
                 done += 1
             if not ids:
-                del self.rel_ferry[key]
+                index.pop(key, None)
         if done:
             self.dirty = True
         return done
 
-    def find_ferry(self, value, label: str | None = None) -> list[str]:
+    def find_ferry(self, value, label: str | None = None, name: str = FERRY_KEY) -> list[str]:
         if value is None:
             return []
-        found = self.ferry.get(prop_key(value), [])
+        found = self.ferry.get(self.helper(name), {}).get(prop_key(value), [])
         return found if label is None else [i for i in found if label in self.nodes[i].labels]
 
-    def clean_label(self, match_label: str, remove_label: str, limit: int) -> int:
-        """``MATCH (n:M) WITH n LIMIT $limit REMOVE n:R, n._ferry_id RETURN count(n)``: the first
-        ``limit`` nodes with label M (element id order) lose label R and ``_ferry_id``."""
+    def clean_label(self, match_label: str, remove_label: str, limit: int, name: str = FERRY_KEY) -> int:
+        """``MATCH (n:M) WITH n LIMIT $limit REMOVE n:R, n.<h> RETURN count(n)``: the first
+        ``limit`` nodes with label M (element id order) lose label R and the helper property."""
         done = 0
         for node_id in self.node_ids:
             if done >= limit:
@@ -624,19 +862,20 @@ class Graph:
                 continue
             node.labels = tuple(label for label in node.labels if label != remove_label)
             self._node_unindex(node_id)
-            node.props.pop(FERRY_KEY, None)
+            node.props.pop(name, None)
+            self._index(node_id, node.props)
             done += 1
         if done:
             self.dirty = True
         return done
 
-    def remove_ferry_ids(self) -> int:
+    def remove_ferry_ids(self, name: str = FERRY_KEY) -> int:
         removed = 0
-        for ids in self.ferry.values():
+        for ids in self.ferry.get(self.helper(name), {}).values():
             for node_id in ids:
-                if self.nodes[node_id].props.pop(FERRY_KEY, None) is not None:
+                if self.nodes[node_id].props.pop(name, None) is not None:
                     removed += 1
-        self.ferry.clear()
+        self.ferry[name] = {}
         if removed:
             self.dirty = True
         return removed
@@ -652,12 +891,9 @@ class Graph:
             del self.rels[i]
         self.rel_ids = [i for i in self.rel_ids if i not in gone_rels]
         for i in doomed:
+            self._node_unindex(i)
             del self.nodes[i]
         self.node_ids = [i for i in self.node_ids if i not in doomed]
-        for key in list(self.ferry):
-            self.ferry[key] = [i for i in self.ferry[key] if i not in doomed]
-            if not self.ferry[key]:
-                del self.ferry[key]
         self.dirty = True
         return len(doomed)
 
@@ -675,8 +911,12 @@ class Graph:
         return [[t, n] for t, n in counts.items()]
 
     # -- reads --
-    @staticmethod
-    def _page(ids: list[str], after, limit: int) -> list[str]:
+    def _page(self, ids: list[str], after, limit: int) -> list[str]:
+        """``WHERE elementId(x) > $after ... ORDER BY id LIMIT $limit``: nothing indexes element ids,
+        so Neo4j reads every element, filters and sorts them (AllNodesScan, Filter, Top): each page
+        touches the whole graph (Cypher manual, "Execution plan operators": AllNodesScan "is likely
+        to encounter performance problems on a non-trivial database")."""
+        self.touched += len(ids)
         if not isinstance(after, str):
             return []  # `elementId(x) > null` (or > a number) is null: no rows, as in Cypher
         start = bisect.bisect_right(ids, after)
@@ -692,13 +932,60 @@ class Graph:
             rows.append([i, rel.type, rel.start, rel.end, rel.props])
         return rows
 
-    def dump(self) -> dict:
+    def _seek(self, prefix: str, table: dict, first, last) -> list[str]:
+        """``WHERE id(x) IN range($from, $to)``: one NodeByIdSeek (DirectedRelationshipByIdSeek) per
+        id of the range (Cypher manual, "Execution plan operators": NodeByIdSeek "reads one or more
+        nodes by id from the node store"), so a page reads the ids it asks for, never the graph.
+        ``id(x)`` is the number after the last colon of the element id here."""
+        for value in (first, last):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise CypherError(CODE_TYPE, f"Type mismatch: range() expected Integer but was {_kind(value)}")
+        if last - first >= 1_000_000:
+            raise CypherError(CODE_ARGUMENT, "the emulator seeks at most 1,000,000 ids per statement")
+        self.touched += max(0, last - first + 1)
+        found = []
+        for n in range(max(first, 0), last + 1):
+            key = f"{prefix}:{self.uuid}:{n}"
+            if key in table:
+                found.append(key)
+        return found
+
+    def nodes_by_id(self, first, last) -> list:
+        return [[i, list(self.nodes[i].labels), self.nodes[i].props] for i in self._seek("4", self.nodes, first, last)]
+
+    def rels_by_id(self, first, last) -> list:
+        rows = []
+        for i in self._seek("5", self.rels, first, last):
+            rel = self.rels[i]
+            rows.append([i, rel.type, rel.start, rel.end, rel.props])
+        return rows
+
+    def max_id(self, table: dict):
+        """``RETURN max(id(x))``: an AllNodesScan (or relationship scan) with an aggregation."""
+        self.touched += len(table)
+        return max((int(i.rsplit(":", 1)[1]) for i in table), default=None)
+
+    def dump(self, typed: bool = False) -> dict:
+        value = to_typed if typed else to_plain
+        props = (lambda p: {k: value(v) for k, v in p.items()})
         return {
-            "nodes": [{"id": i, "labels": list(self.nodes[i].labels), "props": self.nodes[i].props}
+            "nodes": [{"id": i, "labels": list(self.nodes[i].labels), "props": props(self.nodes[i].props)}
                       for i in self.node_ids],
-            "relationships": [{"id": i, "type": r.type, "start": r.start, "end": r.end, "props": r.props}
+            "relationships": [{"id": i, "type": r.type, "start": r.start, "end": r.end, "props": props(r.props)}
                               for i in self.rel_ids for r in (self.rels[i],)],
         }
+
+    def load(self, dump: dict) -> None:
+        """Adds a typed dump (``nodes: [{labels, props}]``, ``relationships: [{type, start, end,
+        props}]`` with start and end indexes into ``nodes`` and props in typed JSON): the test
+        fixtures' way to seed any value type."""
+        self.special = True
+        items = [(n.get("labels", []), storable_map(from_typed({"$type": "Map", "_value": n.get("props", {})})))
+                 for n in dump.get("nodes", [])]
+        ids = self.add_nodes(items)
+        self.add_rels([(r["type"], ids[r["start"]], ids[r["end"]],
+                        storable_map(from_typed({"$type": "Map", "_value": r.get("props", {})})))
+                       for r in dump.get("relationships", [])])
 
     def clone(self) -> "Graph":
         other = Graph(self.name, self.uuid, self.seeded)
@@ -708,9 +995,10 @@ class Graph:
         other.rel_ids = list(self.rel_ids)
         other.next_node, other.next_rel = self.next_node, self.next_rel
         other.label_tokens = dict(self.label_tokens)
-        other.ferry = {k: list(v) for k, v in self.ferry.items()}
-        other.rel_ferry = {k: list(v) for k, v in self.rel_ferry.items()}
+        other.ferry = {n: {k: list(v) for k, v in index.items()} for n, index in self.ferry.items()}
+        other.rel_ferry = {n: {k: list(v) for k, v in index.items()} for n, index in self.rel_ferry.items()}
         other.schema = copy.deepcopy(self.schema)
+        other.special = self.special
         other.dirty = True
         return other
 
@@ -820,18 +1108,28 @@ LABEL_RE = r"`(?:[^`]|``)+`|[A-Za-z_][A-Za-z0-9_]*"
 PLACEHOLDERS = {
     "__LABELS__": rf"(?-i:((?::(?:{LABEL_RE}))*))",
     "__TYPE__": rf"(?-i:({LABEL_RE}))",
-    "__FERRY__": r"(?-i:(?:`_ferry_id`|_ferry_id))",
     "__SETLABELS__": rf"(?-i:((?::(?:{LABEL_RE}))+))",
     "__NAME__": rf"(?-i:({LABEL_RE}))",
     "__PROP__": rf"(?-i:({LABEL_RE}))",
 }
 
 
+# The load's helper property: any name (Ferry picks one per load, aura_restore.py one its file
+# does not use), the same one wherever a statement names it.
+FERRY_FIRST = rf"(?-i:(?P<ferry>{LABEL_RE}))"
+FERRY_AGAIN = r"(?P=ferry)"
+
+
 def template(text: str) -> re.Pattern:
     pattern = re.escape(canonical(text))
+    pattern = pattern.replace("__FERRY__", FERRY_FIRST, 1).replace("__FERRY__", FERRY_AGAIN)
     for name, regex in PLACEHOLDERS.items():
         pattern = pattern.replace(name, regex)
     return re.compile(pattern, re.IGNORECASE)
+
+
+def helper_of(match: re.Match) -> str:
+    return unquote_name(match.group("ferry"))
 
 
 def unquote_name(name: str) -> str:
@@ -846,6 +1144,14 @@ STATEMENTS = [
         "MATCH ()-[r]->() WHERE elementId(r) > $after RETURN elementId(r) AS id, type(r) AS type, "
         "elementId(startNode(r)) AS start, elementId(endNode(r)) AS end, properties(r) AS props "
         "ORDER BY id LIMIT $limit")),
+    ("nodes_by_id", template(
+        "MATCH (n) WHERE id(n) IN range($from, $to) RETURN elementId(n) AS id, labels(n) AS labels, "
+        "properties(n) AS props")),
+    ("rels_by_id", template(
+        "MATCH ()-[r]->() WHERE id(r) IN range($from, $to) RETURN elementId(r) AS id, type(r) AS type, "
+        "elementId(startNode(r)) AS start, elementId(endNode(r)) AS end, properties(r) AS props")),
+    ("max_node_id", template("MATCH (n) RETURN max(id(n)) AS max")),
+    ("max_rel_id", template("MATCH ()-[r]->() RETURN max(id(r)) AS max")),
     ("count_nodes", template("MATCH (n) RETURN count(n) AS nodes")),
     ("count_rels", template("MATCH ()-[r]->() RETURN count(r) AS relationships")),
     ("create_nodes", template(
@@ -887,6 +1193,10 @@ STATEMENTS = [
 STATEMENT_TEXTS = {
     "nodes_page": "MATCH (n) WHERE elementId(n) > $after RETURN elementId(n) AS id, labels(n) AS labels, properties(n) AS props ORDER BY id LIMIT $limit",
     "rels_page": "MATCH ()-[r]->() WHERE elementId(r) > $after RETURN elementId(r) AS id, type(r) AS type, elementId(startNode(r)) AS start, elementId(endNode(r)) AS end, properties(r) AS props ORDER BY id LIMIT $limit",
+    "nodes_by_id": "MATCH (n) WHERE id(n) IN range($from, $to) RETURN elementId(n) AS id, labels(n) AS labels, properties(n) AS props",
+    "rels_by_id": "MATCH ()-[r]->() WHERE id(r) IN range($from, $to) RETURN elementId(r) AS id, type(r) AS type, elementId(startNode(r)) AS start, elementId(endNode(r)) AS end, properties(r) AS props",
+    "max_node_id": "MATCH (n) RETURN max(id(n)) AS max",
+    "max_rel_id": "MATCH ()-[r]->() RETURN max(id(r)) AS max",
     "count_nodes": "MATCH (n) RETURN count(n) AS nodes",
     "count_rels": "MATCH ()-[r]->() RETURN count(r) AS relationships",
     "create_nodes": "UNWIND $rows AS row CREATE (n:`Label1`:`Label2`) SET n = row.props, n.`_ferry_id` = row.id",
@@ -957,6 +1267,15 @@ def run_statement(graph: Graph, name: str, match: re.Match, params: dict) -> tup
     if name == "rels_page":
         need(params, "after", "limit")
         return ["id", "type", "start", "end", "props"], graph.rel_page(params["after"], limit_param(params["limit"]))
+    if name in ("nodes_by_id", "rels_by_id"):
+        need(params, "from", "to")
+        seek = graph.nodes_by_id if name == "nodes_by_id" else graph.rels_by_id
+        fields = ["id", "labels", "props"] if name == "nodes_by_id" else ["id", "type", "start", "end", "props"]
+        return fields, seek(params["from"], params["to"])
+    if name == "max_node_id":
+        return ["max"], [[graph.max_id(graph.nodes)]]
+    if name == "max_rel_id":
+        return ["max"], [[graph.max_id(graph.rels)]]
     if name == "count_nodes":
         return ["nodes"], [[len(graph.nodes)]]
     if name == "count_rels":
@@ -967,37 +1286,40 @@ def run_statement(graph: Graph, name: str, match: re.Match, params: dict) -> tup
         if any(label == "" for label in labels):
             raise CypherError(CODE_SYNTAX, "'' is not a valid token name. Token names cannot be empty")
         items = []
+        helper = graph.helper(helper_of(match))
         for row in rows_param(params["rows"]):
             props = storable_map(row_get(row, "props"))
             ferry_id = row_get(row, "id")
             if ferry_id is None:
-                props.pop(FERRY_KEY, None)
+                props.pop(helper, None)
             else:
-                props[FERRY_KEY] = storable(ferry_id)
+                props[helper] = storable(ferry_id)
             items.append((labels, props))
         graph.check_unique(items)
         graph.add_nodes(items)
         return [], []
     if name == "create_rels":
         need(params, "rows")
-        type_ = unquote_name(match.group(1))
+        type_ = unquote_name(match.group(2))
+        helper = helper_of(match)
         items = []
         for row in rows_param(params["rows"]):
-            graph._lookups((), 2)  # unlabelled: every node is read
-            starts = graph.find_ferry(row_get(row, "start"))
-            ends = graph.find_ferry(row_get(row, "end"))
+            graph._lookups((), 2, helper)  # unlabelled: every node is read
+            starts = graph.find_ferry(row_get(row, "start"), None, helper)
+            ends = graph.find_ferry(row_get(row, "end"), None, helper)
             for start in starts:
                 for end in ends:
                     items.append((type_, start, end, storable_map(row_get(row, "props"))))
         graph.add_rels(items)
         return [], []
     if name == "cleanup":
-        graph.remove_ferry_ids()
+        graph.remove_ferry_ids(helper_of(match))
         return [], []
     if name in ("merge_nodes", "merge_nodes_set_labels"):
         need(params, "rows")
         labels = [unquote_name(x) for x in re.findall(LABEL_RE, match.group(1))]
-        set_labels = [] if name == "merge_nodes" else [unquote_name(x) for x in re.findall(LABEL_RE, match.group(2))]
+        set_labels = [] if name == "merge_nodes" else [unquote_name(x) for x in re.findall(LABEL_RE, match.group(3))]
+        helper = helper_of(match)
         if any(label == "" for label in labels + set_labels):
             raise CypherError(CODE_SYNTAX, "'' is not a valid token name. Token names cannot be empty")
         rows = []  # checked first: a failing statement changes nothing
@@ -1005,35 +1327,37 @@ def run_statement(graph: Graph, name: str, match: re.Match, params: dict) -> tup
             key = row_get(row, "id")
             if key is None:
                 raise CypherError(CODE_MERGE_NULL, "Cannot merge the following node because of null property "
-                                  f"value for '{FERRY_KEY}': (n{''.join(':' + x for x in labels)} {{{FERRY_KEY}: null}})")
+                                  f"value for '{helper}': (n{''.join(':' + x for x in labels)} {{{helper}: null}})")
             rows.append((storable(key), add_map(row_get(row, "props"))))
-        graph.merge_nodes(labels, rows, set_labels)
+        graph.merge_nodes(labels, rows, set_labels, helper)
         return [], []
     if name in ("merge_rels", "merge_labelled_rels"):
         need(params, "rows")
         endpoint_label = None
+        helper = helper_of(match)
         if name == "merge_labelled_rels":
-            endpoint_label, other = unquote_name(match.group(1)), unquote_name(match.group(2))
+            endpoint_label, other = unquote_name(match.group(1)), unquote_name(match.group(3))
             if endpoint_label != other:
                 raise syntax_error("MATCH: the emulator only knows one label for both endpoints")
-            type_ = unquote_name(match.group(3))
+            type_ = unquote_name(match.group(4))
         else:
-            type_ = unquote_name(match.group(1))
+            type_ = unquote_name(match.group(2))
         rows = []
         for row in rows_param(params["rows"]):
             key = row_get(row, "id")
             rows.append((row_get(row, "start"), row_get(row, "end"), None if key is None else storable(key),
                          add_map(row_get(row, "props"))))
         for start, end, key, _ in rows:  # checked first (MERGE only runs where both ends matched)
-            if key is None and graph.find_ferry(start, endpoint_label) and graph.find_ferry(end, endpoint_label):
+            if key is None and graph.find_ferry(start, endpoint_label, helper) \
+                    and graph.find_ferry(end, endpoint_label, helper):
                 raise CypherError(CODE_MERGE_NULL, "Cannot merge the following relationship because of null "
-                                  f"property value for '{FERRY_KEY}': (a)-[:{type_} {{{FERRY_KEY}: null}}]->(b)")
-        graph.merge_rels(type_, rows, endpoint_label)
+                                  f"property value for '{helper}': (a)-[:{type_} {{{helper}: null}}]->(b)")
+        graph.merge_rels(type_, rows, endpoint_label, helper)
         return [], []
     if name == "clean_label":
         need(params, "limit")
         cleaned = graph.clean_label(unquote_name(match.group(1)), unquote_name(match.group(2)),
-                                    limit_param(params["limit"]))
+                                    limit_param(params["limit"]), helper_of(match))
         return ["cleaned"], [[cleaned]]
     if name.startswith("create_constraint") or name.startswith("create_index"):
         label, prop = unquote_name(match.group(2)), unquote_name(match.group(3))
@@ -1047,7 +1371,8 @@ def run_statement(graph: Graph, name: str, match: re.Match, params: dict) -> tup
     if name in ("clean_nodes", "clean_rels"):
         need(params, "limit")
         limit = limit_param(params["limit"])
-        cleaned = graph.clean_nodes(limit) if name == "clean_nodes" else graph.clean_rels(limit)
+        helper = helper_of(match)
+        cleaned = graph.clean_nodes(limit, helper) if name == "clean_nodes" else graph.clean_rels(limit, helper)
         return ["cleaned"], [[cleaned]]
     if name == "delete_batch":
         need(params, "limit")
@@ -1167,6 +1492,7 @@ SWITCH_TYPES = {
     "instance_status": "str?", "clock_offset": "number", "query_reply_delay_s": "number",
     "restore_lag_polls": "int", "create_seconds": "number", "destroy_seconds": "number",
     "instance_quota": "int?", "create_reply_delay_s": "number",
+    "explain_scan": "bool",
 }
 
 
@@ -1208,7 +1534,7 @@ class Emulator:
             "query_error_next": [], "query_error_status": None, "error_variant": False,
             "restore_polls": args.restore_polls, "instance_status": None, "clock_offset": 0, "faults": [],
             "query_reply_delay_s": 0, "restore_lag_polls": 0, "create_seconds": 1.0, "destroy_seconds": 0.5,
-            "instance_quota": None, "create_reply_delay_s": 0,
+            "instance_quota": None, "create_reply_delay_s": 0, "explain_scan": False,
         }
         self.lock = threading.RLock()
         self.seeded = build_seeded(self.seeded_name, self.seed, self.node_count, self.rel_count)
@@ -1225,6 +1551,9 @@ class Emulator:
         self.requests = deque(maxlen=REQUEST_LOG_SIZE)
         self.rate_hits: deque = deque()
         self.query_count = 0
+        self.rows_touched = 0
+        self.page_touched_max = 0
+        self.page_statements = 0
         self.faults_injected: list = []
         self.instances = {i: Instance(i, name, self.tenant_id) for i, name in self.instance_specs}
         self.instances_gone: list[str] = []  # ids of created instances deleted and gone, in order
@@ -1280,6 +1609,8 @@ class Emulator:
                     "requests": list(self.requests), "query_count": self.query_count,
                     "merge_matches": sum(g.merge_matches for g in self.dbs.values()),
                     "ferry_scans": sum(g.scans for g in self.dbs.values()),
+                    "rows_touched": self.rows_touched, "page_touched_max": self.page_touched_max,
+                    "page_statements": self.page_statements,
                     "faults_injected": [dict(f) for f in self.faults_injected],
                     "login_requests": LoginOrigin.snapshot()}
 
@@ -1297,10 +1628,27 @@ class Emulator:
             return {"schema": sorted((dict(e) for e in graph.schema.values()), key=lambda e: e["name"]),
                     "statements": list(graph.log), "scans": graph.scans}
 
-    def graph_dump(self, name: str, instance: str | None = None):
+    def graph_dump(self, name: str, instance: str | None = None, typed: bool = False):
         with self.lock:
             graph = self._dbs_of(instance).get(name.lower())
-            return None if graph is None else json.loads(json.dumps(graph.dump()))
+            return None if graph is None else json.loads(json.dumps(graph.dump(typed)))
+
+    def graph_load(self, name: str, body: bytes) -> dict:
+        """Seeds database ``name`` (created empty if new) with a typed dump (``Graph.load``)."""
+        try:
+            dump = json.loads(body or b"{}")
+        except ValueError:
+            raise ApiError(400, "graph body must be JSON", "invalid-request")
+        key = name.lower()
+        with self.lock:
+            graph = self.dbs.get(key)
+            if graph is None:
+                graph = self.dbs[key] = Graph(key, str(uuidlib.uuid4()))
+            try:
+                graph.load(dump)
+            except (CypherError, KeyError, IndexError, TypeError) as exc:
+                raise ApiError(400, f"bad graph: {exc}", "invalid-request")
+            return {"nodes": len(graph.nodes), "relationships": len(graph.rels)}
 
     def record(self, method: str, path: str, status: int, step: str | None = None):
         with self.lock:
@@ -1648,13 +1996,17 @@ class Emulator:
             with self.lock:
                 self.query_count += 1
             raise CypherError(CODE_FORBIDDEN, fault["message"])
+        # Query API docs, "Result formats": Content-Type application/json (plain parameters) or
+        # application/vnd.neo4j.query (typed parameters); Accept application/json (the default) or
+        # application/vnd.neo4j.query (typed results).
         content_type = headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if content_type not in ("application/json", "application/vnd.neo4j.query"):
+        if content_type not in ("application/json",) + TYPED_MIMES:
             raise CypherError(CODE_REQUEST_INVALID, f"Unsupported media type: {content_type or '(none)'}", 415)
-        accept = headers.get("Accept", "application/json").lower()
-        if not any(a.split(";")[0].strip() in ("application/json", "*/*", "application/*") for a in accept.split(",")):
-            raise CypherError(CODE_REQUEST_INVALID, "Not acceptable: only application/json is emulated "
-                              "(typed JSON is not)", 406)
+        accepted = [a.split(";")[0].strip() for a in headers.get("Accept", "application/json").lower().split(",")]
+        typed_out = any(a in TYPED_MIMES for a in accepted)
+        if not typed_out and not any(a in ("application/json", "*/*", "application/*") for a in accepted):
+            raise CypherError(CODE_REQUEST_INVALID, "Not acceptable: application/json or "
+                              "application/vnd.neo4j.query", 406)
         try:
             request = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
         except (UnicodeDecodeError, ValueError) as exc:
@@ -1667,6 +2019,8 @@ class Emulator:
                 or not all(isinstance(b, str) for b in bookmarks):
             raise CypherError(CODE_REQUEST_INVALID, "Bad Request: 'parameters' must be a map and "
                               "'bookmarks' a list of strings", 400)
+        if content_type in TYPED_MIMES:
+            params = {k: from_typed(v, f"parameters.{k}") for k, v in params.items()}
         with self.lock:
             self.query_count += 1
             queued = self.switches.get("query_error_next") or []
@@ -1675,9 +2029,13 @@ class Emulator:
                 if isinstance(item, dict):
                     raise CypherError(item.get("code") or CODE_UNAVAILABLE, str(item.get("message", "")))
                 raise CypherError(CODE_UNAVAILABLE, str(item))
-            name, match = match_statement(request["statement"])
+            statement = request["statement"]
+            explain = re.match(r"\s*EXPLAIN\s+", statement, re.IGNORECASE)
+            if explain:
+                statement = statement[explain.end():]
+            name, match = match_statement(statement)
             if name is None:
-                raise syntax_error(request["statement"])
+                raise syntax_error(statement)
             key = database.lower()
             if not RE_DB_NAME.match(key):
                 raise CypherError("Neo.ClientError.Database.DatabaseNotFound",
@@ -1685,13 +2043,73 @@ class Emulator:
             graph = self.dbs.get(key)
             if graph is None:
                 graph = self.dbs[key] = Graph(key, str(uuidlib.uuid4()))
-            fields, values = run_statement(graph, name, match, params)
-            graph.log.append(name)
-            payload = {"data": {"fields": fields, "values": values}, "bookmarks": [f"FB:{b64url(secrets.token_bytes(24))}"]}
+            if explain:
+                # Query API docs, "Profile queries": EXPLAIN returns the plan without running the
+                # statement, as ``queryPlan`` {operatorType, arguments, identifiers, children}
+                # (neo4j/neo4j DriverResultSerializer.writeQueryPlan, Fieldnames.QUERY_PLAN_KEY).
+                fields = STATEMENT_FIELDS.get(name, [])
+                payload = {"data": {"fields": fields, "values": []},
+                           "queryPlan": query_plan(name, bool(self.switches["explain_scan"])),
+                           "bookmarks": [f"FB:{b64url(secrets.token_bytes(24))}"]}
+                graph.log.append("explain_" + name)
+            else:
+                if content_type in TYPED_MIMES:
+                    graph.special = True
+                before = graph.touched
+                fields, values = run_statement(graph, name, match, params)
+                touched = graph.touched - before
+                self.rows_touched += touched
+                if name in PAGE_STATEMENTS:
+                    self.page_statements += 1
+                    self.page_touched_max = max(self.page_touched_max, touched)
+                graph.log.append(name)
+                if typed_out:
+                    values = [[to_typed(v) for v in row] for row in values]
+                elif graph.special:
+                    values = [[to_plain(v) for v in row] for row in values]
+                payload = {"data": {"fields": fields, "values": values},
+                           "bookmarks": [f"FB:{b64url(secrets.token_bytes(24))}"]}
             delay = float(self.switches["query_reply_delay_s"])
         if delay > 0:
             time.sleep(delay)  # the statement ran; its answer is late (a client may be gone by then)
-        return json_reply(202, payload)
+        reply = json_reply(202, payload)
+        if typed_out:
+            reply = Reply(reply.status, reply.body, TYPED_MIME, reply.headers)
+        return reply
+
+
+# The page statements, whose rows touched per statement the state reports (``page_touched_max``).
+PAGE_STATEMENTS = ("nodes_page", "rels_page", "nodes_by_id", "rels_by_id")
+STATEMENT_FIELDS = {
+    "nodes_page": ["id", "labels", "props"], "nodes_by_id": ["id", "labels", "props"],
+    "rels_page": ["id", "type", "start", "end", "props"], "rels_by_id": ["id", "type", "start", "end", "props"],
+    "max_node_id": ["max"], "max_rel_id": ["max"],
+}
+
+
+def plan(operator: str, details: str, identifiers: list, *children) -> dict:
+    return {"operatorType": f"{operator}@neo4j", "arguments": {"Details": details, "planner": "COST"},
+            "identifiers": identifiers, "children": list(children)}
+
+
+def query_plan(name: str, scan: bool) -> dict:
+    """The plan Neo4j 5 gives each statement (Cypher manual, "Execution plan operators"): a page by
+    ``id(x) IN range(...)`` is an id seek; a page by ``elementId(x) > $after ORDER BY id LIMIT``
+    scans every element, filters and sorts (Top); ``max(id(x))`` scans once. The ``explain_scan``
+    switch makes the id pages plan as a scan (a server whose planner does not seek)."""
+    if name in ("nodes_by_id", "rels_by_id") and not scan:
+        seek = "NodeByIdSeek" if name == "nodes_by_id" else "DirectedRelationshipByIdSeek"
+        var = "n" if name == "nodes_by_id" else "r"
+        return plan("ProduceResults", "id, labels, props", [var],
+                    plan("Projection", "elementId(...) AS id", [var], plan(seek, f"{var} WHERE id({var}) IN range($from, $to)", [var])))
+    nodes = name.startswith("nodes") or name in ("max_node_id", "count_nodes")
+    scan_op = plan("AllNodesScan", "n", ["n"]) if nodes else plan("DirectedAllRelationshipsScan", "()-[r]->()", ["r"])
+    if name in ("nodes_page", "rels_page"):
+        return plan("ProduceResults", "id", ["id"], plan("Top", "id ASC LIMIT $limit", ["id"],
+                                                         plan("Filter", "elementId(x) > $after", ["id"], scan_op)))
+    if name in ("nodes_by_id", "rels_by_id"):
+        return plan("ProduceResults", "id", ["id"], plan("Filter", "id(x) IN range($from, $to)", ["id"], scan_op))
+    return plan("ProduceResults", "", [], plan("EagerAggregation", "", [], scan_op))
 
 
 def _reject_constant(name):
@@ -1799,9 +2217,11 @@ class Handler(BaseHandler):
         try:
             if path == "/__control/state" and self.command == "GET":
                 return json_reply(200, emu.state())
+            if path == "/__control/graph" and self.command == "POST":
+                return json_reply(200, emu.graph_load(query.get("db", [emu.seeded_name])[0], body))
             if path == "/__control/graph" and self.command == "GET":
                 name = query.get("db", [emu.seeded_name])[0]
-                dump = emu.graph_dump(name, query.get("instance", [None])[0])
+                dump = emu.graph_dump(name, query.get("instance", [None])[0], query.get("typed", ["0"])[0] == "1")
                 if dump is None:
                     raise ApiError(404, f"no database {name}", "not-found")
                 return json_reply(200, dump)

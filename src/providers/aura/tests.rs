@@ -170,31 +170,99 @@ fn gunzip_lines(bytes: &[u8]) -> Vec<Value> {
     text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
+fn ty(kind: &str, value: Value) -> Value {
+    json!({"$type": kind, "_value": value})
+}
+
+fn s(v: &str) -> Value {
+    ty("String", json!(v))
+}
+
+/// A typed node row: id, labels, props (already typed).
+fn node_row(id: &str, labels: &[&str], props: Value) -> Value {
+    json!([s(id), ty("List", labels.iter().map(|l| s(l)).collect()), ty("Map", props)])
+}
+
+fn rel_row(id: &str, t: &str, start: &str, end: &str, props: Value) -> Value {
+    json!([s(id), s(t), s(start), s(end), ty("Map", props)])
+}
+
+const NODE_FIELDS: [&str; 3] = ["id", "labels", "props"];
+const REL_FIELDS: [&str; 5] = ["id", "type", "start", "end", "props"];
+
+fn seek_plan(op: &str) -> HttpResponse {
+    HttpResponse::json(
+        202,
+        &json!({"data": {"fields": NODE_FIELDS, "values": []}, "bookmarks": [],
+                "queryPlan": {"operatorType": "ProduceResults@neo4j", "arguments": {}, "identifiers": ["n"],
+                   "children": [{"operatorType": format!("{op}@neo4j"), "arguments": {}, "identifiers": ["n"], "children": []}]}}),
+    )
+}
+
+fn max(n: Option<u64>) -> HttpResponse {
+    let v = n.map_or(json!({"$type": "Null", "_value": null}), typed_integer);
+    page(&["max"], vec![json!([v])])
+}
+
+fn request_body(req: &HttpRequest) -> Value {
+    serde_json::from_slice(req.body.as_deref().unwrap()).unwrap()
+}
+
+/// Node ids 0..=2 and relationship ids 0..=0, pages of 2 ids: the answers in order.
+fn small_graph_answers() -> Vec<HttpResponse> {
+    vec![
+        seek_plan("NodeByIdSeek"),
+        max(Some(2)),
+        page(
+            &NODE_FIELDS,
+            vec![node_row("4:a:0", &["Person"], json!({"name": s("Ada")})), node_row("4:a:1", &[], json!({}))],
+        ),
+        page(
+            &NODE_FIELDS,
+            vec![node_row(
+                "4:a:2",
+                &["City", "Capital"],
+                json!({"name": s("Paris"), "pop": ty("Float", json!("2.1"))}),
+            )],
+        ),
+        seek_plan("DirectedRelationshipByIdSeek"),
+        max(Some(0)),
+        page(
+            &REL_FIELDS,
+            vec![rel_row("5:a:0", "LIVES_IN", "4:a:0", "4:a:2", json!({"since": ty("Integer", json!("2020"))}))],
+        ),
+    ]
+}
+
 #[test]
-fn graph_export_pages_nodes_then_relationships_into_gzip_json_lines() {
-    let s = source("logical", 2);
-    let spec = GraphExport::for_config(cfg(&s), &creds(), t(100)).unwrap();
+fn graph_export_explains_then_pages_id_ranges_up_to_the_highest_id_in_typed_json() {
+    let src = source("logical", 2);
+    let spec = GraphExport::for_config(cfg(&src), &creds(), t(100)).unwrap();
     assert!(!format!("{spec:?}").contains("pw"), "no password in Debug");
     let mut w = spec.start();
     let mut out = Vec::new();
-    let node_fields = ["id", "labels", "props"];
-    let rel_fields = ["id", "type", "start", "end", "props"];
-    let answers = [
-        page(&node_fields, vec![json!(["4:a:1", ["Person"], {"name": "Ada"}]), json!(["4:a:2", [], {}])]),
-        page(&node_fields, vec![json!(["4:a:3", ["City", "Capital"], {"name": "Paris", "pop": 2.1}])]),
-        page(&rel_fields, vec![json!(["5:a:1", "LIVES_IN", "4:a:1", "4:a:3", {"since": 2020}])]),
+    let expected = [
+        (format!("EXPLAIN {NODES_QUERY}"), json!({"from": typed_integer(0), "to": typed_integer(1)})),
+        (MAX_NODE_ID.to_string(), json!({})),
+        (NODES_QUERY.to_string(), json!({"from": typed_integer(0), "to": typed_integer(1)})),
+        (NODES_QUERY.to_string(), json!({"from": typed_integer(2), "to": typed_integer(2)})),
+        (format!("EXPLAIN {RELATIONSHIPS_QUERY}"), json!({"from": typed_integer(0), "to": typed_integer(1)})),
+        (MAX_RELATIONSHIP_ID.to_string(), json!({})),
+        (RELATIONSHIPS_QUERY.to_string(), json!({"from": typed_integer(0), "to": typed_integer(0)})),
     ];
-    let expected_after = ["", "4:a:2", ""];
-    for (answer, after) in answers.iter().zip(expected_after) {
+    for (answer, (statement, parameters)) in small_graph_answers().iter().zip(expected) {
         let req = w.next_request().unwrap();
         assert_eq!(req.url, "http://127.0.0.1:9/db/neo4j/query/v2");
         assert_eq!(req.header_value("authorization"), Some(format!("Basic {}", STANDARD.encode("neo4j:pw")).as_str()));
-        let body: Value = serde_json::from_slice(req.body.as_deref().unwrap()).unwrap();
-        assert_eq!(body["parameters"], json!({"after": after, "limit": 2}));
+        assert_eq!(req.header_value("content-type"), Some(TYPED_JSON), "typed parameters");
+        assert_eq!(req.header_value("accept"), Some(TYPED_JSON), "typed results");
+        let body = request_body(&req);
+        assert_eq!((body["statement"].as_str().unwrap(), &body["parameters"]), (statement.as_str(), &parameters));
         w.on_response(answer, t(101)).unwrap();
         out.extend(w.take_output());
     }
     assert!(w.next_request().is_none());
+    assert!(w.warnings().is_empty(), "seeks warn nothing");
     let (rest, details) = w.finish().unwrap();
     out.extend(rest);
     assert_eq!(
@@ -204,15 +272,87 @@ fn graph_export_pages_nodes_then_relationships_into_gzip_json_lines() {
     );
     let lines = gunzip_lines(&out);
     assert_eq!(lines.len(), 6);
-    assert_eq!(lines[0]["type"], "header");
+    assert_eq!(
+        (&lines[0]["type"], &lines[0]["version"], &lines[0]["values"]),
+        (&json!("header"), &json!(2), &json!("typed-json"))
+    );
     assert_eq!(lines[0]["exported_at"], "1970-01-01T00:01:40.000Z");
-    assert_eq!(lines[1], json!({"type": "node", "id": "4:a:1", "labels": ["Person"], "properties": {"name": "Ada"}}));
+    assert_eq!(
+        lines[1],
+        json!({"type": "node", "id": "4:a:0", "labels": ["Person"], "properties": {"name": s("Ada")}})
+    );
     assert_eq!(lines[3]["labels"], json!(["City", "Capital"]));
     assert_eq!(
         lines[4],
-        json!({"type": "relationship", "id": "5:a:1", "rel_type": "LIVES_IN", "start": "4:a:1", "end": "4:a:3", "properties": {"since": 2020}})
+        json!({"type": "relationship", "id": "5:a:0", "rel_type": "LIVES_IN", "start": "4:a:0", "end": "4:a:2",
+               "properties": {"since": ty("Integer", json!("2020"))}})
     );
     assert_eq!(lines[5], json!({"type": "footer", "nodes": 3, "relationships": 1}));
+}
+
+#[test]
+fn an_empty_graph_asks_the_highest_id_and_pages_nothing() {
+    let src = source("logical", 2);
+    let mut w = GraphExport::for_config(cfg(&src), &creds(), t(0)).unwrap().start();
+    for answer in [seek_plan("NodeByIdSeek"), max(None), seek_plan("DirectedRelationshipByIdSeek"), max(None)] {
+        w.next_request().unwrap();
+        w.on_response(&answer, t(0)).unwrap();
+    }
+    assert!(w.next_request().is_none());
+    assert_eq!(w.finish().unwrap().1["nodes"], 0);
+}
+
+#[test]
+fn a_paging_plan_that_scans_and_sorts_becomes_one_warning_naming_the_operators() {
+    let src = source("logical", 2);
+    let mut w = GraphExport::for_config(cfg(&src), &creds(), t(0)).unwrap().start();
+    let scan = HttpResponse::json(
+        202,
+        &json!({"data": {"fields": [], "values": []}, "queryPlan": {"operatorType": "ProduceResults@neo4j",
+            "children": [{"operatorType": "Top@neo4j", "children": [{"operatorType": "Filter@neo4j",
+                "children": [{"operatorType": "AllNodesScan@neo4j", "children": []}]}]}]}}),
+    );
+    w.next_request().unwrap();
+    w.on_response(&scan, t(0)).unwrap();
+    let warning = &w.warnings()[0];
+    assert!(
+        warning.contains("node page statement") && warning.contains("AllNodesScan") && warning.contains("Top"),
+        "{warning}"
+    );
+    assert!(warning.contains("square"), "{warning}");
+    let cursor: GraphCursor = serde_json::from_str(&serde_json::to_string(&w.cursor()).unwrap()).unwrap();
+    assert_eq!(cursor.warnings.len(), 1, "the warning goes with the cursor to the job");
+    assert!(plan_warning(&json!({"queryPlan": {"operatorType": "NodeByIdSeek@neo4j"}}), "node").is_none());
+    assert!(plan_warning(&json!({}), "node").is_none(), "no plan, no claim");
+}
+
+#[test]
+fn typed_values_are_written_exactly_as_the_query_api_typed_them() {
+    let src = source("logical", 10);
+    let mut w = GraphExport::for_config(cfg(&src), &creds(), t(0)).unwrap().start();
+    for answer in [seek_plan("NodeByIdSeek"), max(Some(0))] {
+        w.next_request().unwrap();
+        w.on_response(&answer, t(0)).unwrap();
+    }
+    let props = json!({
+        "d": ty("Date", json!("2015-03-26")), "z": ty("ZonedDateTime", json!("2015-11-21T21:40:32.142+01:00[Europe/Berlin]")),
+        "o": ty("OffsetDateTime", json!("2024-01-01T21:40:32-01:00")), "p": ty("Point", json!("SRID=4979;POINT Z (1.0 2.0 3.0)")),
+        "b": ty("Base64", json!("A2+/")), "big": ty("Integer", json!("9007199254740993")), "nan": ty("Float", json!("NaN")),
+        "l": ty("List", json!([ty("Duration", json!("P14DT16H12M"))])),
+    });
+    w.next_request().unwrap();
+    w.on_response(&page(&NODE_FIELDS, vec![node_row("4:a:0", &["V"], props.clone())]), t(0)).unwrap();
+    let mut out = w.take_output();
+    out.extend(w.finish().unwrap().0);
+    assert_eq!(gunzip_lines(&out)[1]["properties"], props);
+    // A plain value where a typed one belongs is a malformed answer, not a silent string.
+    let mut w = GraphExport::for_config(cfg(&src), &creds(), t(0)).unwrap().start();
+    for answer in [seek_plan("NodeByIdSeek"), max(Some(0))] {
+        w.next_request().unwrap();
+        w.on_response(&answer, t(0)).unwrap();
+    }
+    let plain = page(&NODE_FIELDS, vec![json!(["4:a:0", ["V"], {"d": "2015-03-26"}])]);
+    assert!(w.on_response(&plain, t(0)).unwrap_err().message().contains("malformed"));
 }
 
 #[test]
@@ -238,34 +378,39 @@ fn query_api_errors_are_failures_whatever_the_status() {
 }
 
 #[test]
-fn property_values_survive_the_export_exactly() {
+fn an_export_begun_by_element_id_paging_goes_on_that_way_in_plain_json() {
+    // A format 1 cursor persisted before this version: started, no id range.
+    let cursor =
+        GraphCursor { phase: "nodes".into(), after: "4:a:2".into(), nodes: 2, started: true, ..GraphCursor::default() };
+    let src = source("logical", 10);
+    let mut w = GraphExport::for_config(cfg(&src), &creds(), t(0)).unwrap().resume(Some(&cursor));
+    let req = w.next_request().unwrap();
+    assert_eq!(req.header_value("content-type"), Some("application/json"));
+    let body = request_body(&req);
+    assert_eq!(body["statement"], LEGACY_NODES_QUERY);
+    assert_eq!(body["parameters"], json!({"after": "4:a:2", "limit": 10}));
     // serde_json's default float parser can be off by one ulp; the export must not be.
-    let s = source("logical", 10);
-    let mut w = GraphExport::for_config(cfg(&s), &creds(), t(0)).unwrap().start();
-    let raw = br#"{"data":{"fields":["id","labels","props"],"values":[["4:a:1",["City"],{"lon":94.89924441094519,"big":9007199254740993,"neg":-0.0,"tiny":5e-324}]]},"bookmarks":[]}"#;
-    let resp = HttpResponse { status: 202, headers: vec![], body: raw.to_vec() };
-    w.on_response(&resp, t(0)).unwrap();
+    let raw = br#"{"data":{"fields":["id","labels","props"],"values":[["4:a:3",["City"],{"lon":94.89924441094519,"big":9007199254740993,"tiny":5e-324}]]},"bookmarks":[]}"#;
+    w.on_response(&HttpResponse { status: 202, headers: vec![], body: raw.to_vec() }, t(0)).unwrap();
+    assert_eq!(w.cursor().id_range, None, "it stays a format 1 export");
+    let req = w.next_request().unwrap();
+    assert_eq!(request_body(&req)["statement"], LEGACY_RELATIONSHIPS_QUERY, "a short page ends the phase");
     let mut out = w.take_output();
     out.extend(w.finish().unwrap().0);
     let mut text = String::new();
     GzDecoder::new(&out[..]).read_to_string(&mut text).unwrap();
-    let node = text.lines().nth(1).unwrap();
-    assert!(node.contains("94.89924441094519"), "{node}");
-    assert!(node.contains("9007199254740993"), "{node}");
-    assert!(node.contains("5e-324"), "{node}");
+    let node = text.lines().next().unwrap();
+    assert!(
+        node.contains("94.89924441094519") && node.contains("9007199254740993") && node.contains("5e-324"),
+        "{node}"
+    );
 }
 
 #[test]
 fn a_sliced_graph_export_is_concatenated_gzip_members_with_the_same_lines() {
-    let s = source("logical", 2);
-    let spec = GraphExport::for_config(cfg(&s), &creds(), t(100)).unwrap();
-    let node_fields = ["id", "labels", "props"];
-    let rel_fields = ["id", "type", "start", "end", "props"];
-    let answers = [
-        page(&node_fields, vec![json!(["4:a:1", ["Person"], {"name": "Ada"}]), json!(["4:a:2", [], {}])]),
-        page(&node_fields, vec![json!(["4:a:3", ["City"], {"name": "Paris"}])]),
-        page(&rel_fields, vec![json!(["5:a:1", "LIVES_IN", "4:a:1", "4:a:3", {"since": 2020}])]),
-    ];
+    let src = source("logical", 2);
+    let spec = GraphExport::for_config(cfg(&src), &creds(), t(100)).unwrap();
+    let answers = small_graph_answers();
     // Whole, in one writer.
     let mut whole = spec.start();
     let mut one = Vec::new();
@@ -275,20 +420,24 @@ fn a_sliced_graph_export_is_concatenated_gzip_members_with_the_same_lines() {
         one.extend(whole.take_output());
     }
     one.extend(whole.finish().unwrap().0);
-    // One page per slice, the cursor persisted as JSON between slices.
+    // One request per slice, the cursor persisted as JSON between slices.
     let mut sliced = Vec::new();
     let mut cursor: Option<GraphCursor> = None;
+    let mut asked = Vec::new();
     for a in &answers {
         let mut w = spec.resume(cursor.as_ref());
-        let req = w.next_request().unwrap();
-        let body: Value = serde_json::from_slice(req.body.as_deref().unwrap()).unwrap();
-        assert_eq!(body["parameters"]["after"], json!(cursor.as_ref().map_or("", |c| c.after.as_str())));
+        asked.push(request_body(&w.next_request().unwrap()));
         w.on_response(a, t(101)).unwrap();
         sliced.extend(w.take_output());
         let (rest, next) = w.end_member().unwrap();
         sliced.extend(rest);
         cursor = Some(serde_json::from_str(&serde_json::to_string(&next).unwrap()).unwrap());
     }
+    assert_eq!(
+        asked.iter().filter(|b| b["statement"].as_str().unwrap().starts_with("EXPLAIN")).count(),
+        2,
+        "one plan per phase"
+    );
     let w = spec.resume(cursor.as_ref());
     assert!(w.next_request().is_none(), "every page was read");
     let (rest, details) = w.finish().unwrap();
@@ -296,7 +445,7 @@ fn a_sliced_graph_export_is_concatenated_gzip_members_with_the_same_lines() {
     assert_eq!(
         details,
         json!({"format": "ferry-neo4j-jsonl", "nodes": 3, "relationships": 1,
-               "labels": {"Person": 1, "City": 1}, "types": {"LIVES_IN": 1}}),
+               "labels": {"Person": 1, "City": 1, "Capital": 1}, "types": {"LIVES_IN": 1}}),
         "the per-label and per-type counts went across slices with the cursor"
     );
     let read_all = |bytes: &[u8]| {
@@ -309,19 +458,24 @@ fn a_sliced_graph_export_is_concatenated_gzip_members_with_the_same_lines() {
 }
 
 #[test]
-fn a_page_over_the_response_cap_halves_the_page_size_and_remembers_it() {
-    let s = source("logical", 1000);
-    let spec = GraphExport::for_config(cfg(&s), &creds(), t(100)).unwrap();
+fn a_page_over_the_response_cap_halves_the_id_range_and_remembers_it() {
+    let src = source("logical", 1000);
+    let spec = GraphExport::for_config(cfg(&src), &creds(), t(100)).unwrap();
     let mut w = spec.start();
-    let limit = |w: &GraphWriter| {
-        let body: Value = serde_json::from_slice(w.next_request().unwrap().body.as_deref().unwrap()).unwrap();
-        body["parameters"]["limit"].as_u64().unwrap()
+    for answer in [seek_plan("NodeByIdSeek"), max(Some(1_000_000))] {
+        w.next_request().unwrap();
+        w.on_response(&answer, t(0)).unwrap();
+    }
+    let range = |w: &GraphWriter| {
+        let p = request_body(&w.next_request().unwrap())["parameters"].clone();
+        let n = |k: &str| p[k]["_value"].as_str().unwrap().parse::<u64>().unwrap();
+        (n("from"), n("to"))
     };
-    assert_eq!(limit(&w), 1000);
+    assert_eq!(range(&w), (0, 999));
     assert_eq!(w.shrink_page("the answer is larger than 4194304 bytes").unwrap(), 500);
-    assert_eq!(limit(&w), 500, "the same page is asked again, smaller");
+    assert_eq!(range(&w), (0, 499), "the same page is asked again, smaller");
     let cursor: GraphCursor = serde_json::from_str(&serde_json::to_string(&w.cursor()).unwrap()).unwrap();
-    assert_eq!(limit(&spec.resume(Some(&cursor))), 500, "later slices keep the lowered size");
+    assert_eq!(range(&spec.resume(Some(&cursor))), (0, 499), "later slices keep the lowered size");
     let mut tiny = spec.resume(Some(&GraphCursor { page_size: Some(1), ..cursor }));
     let err = tiny.shrink_page("the answer is larger than 4194304 bytes").unwrap_err();
     assert!(!err.is_retryable() && err.message().contains("page_size"), "{}", err.message());
