@@ -20,6 +20,8 @@ pub enum Method {
     Post,
     /// DELETE
     Delete,
+    /// HEAD (a download's headers without its body)
+    Head,
 }
 
 impl Method {
@@ -29,6 +31,7 @@ impl Method {
             Self::Get => "GET",
             Self::Post => "POST",
             Self::Delete => "DELETE",
+            Self::Head => "HEAD",
         }
     }
 }
@@ -61,6 +64,11 @@ impl HttpRequest {
     /// A GET with no headers.
     pub fn get(url: impl Into<String>) -> Self {
         Self { method: Method::Get, url: url.into(), headers: Vec::new(), body: None }
+    }
+
+    /// A HEAD with no headers.
+    pub fn head(url: impl Into<String>) -> Self {
+        Self { method: Method::Head, url: url.into(), headers: Vec::new(), body: None }
     }
 
     /// A DELETE with no headers.

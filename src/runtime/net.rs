@@ -34,6 +34,7 @@ fn to_request(req: &HttpRequest) -> Result<Request, String> {
         crate::http::Method::Get => Method::Get,
         crate::http::Method::Post => Method::Post,
         crate::http::Method::Delete => Method::Delete,
+        crate::http::Method::Head => Method::Head,
     });
     init.with_headers(headers);
     init.with_redirect(RequestRedirect::Manual);
