@@ -142,6 +142,10 @@ pub(crate) async fn exchange(req: &HttpRequest) -> Result<HttpResponse, String> 
             "request to {from} was redirected to {to}, which answered with an HTML page (HTTP {status}), not the API"
         ));
     }
+    if req.method == crate::http::Method::Head {
+        // A HEAD's answer has no body to read (`fetch` gives it none).
+        return Ok(HttpResponse { status, headers, body: Vec::new() });
+    }
     let mut stream = resp.stream().map_err(|e| format!("reading the answer from {}: {e}", host(&req.url)))?;
     let mut body = Vec::new();
     while let Some(chunk) = next_chunk(&mut stream, API_TIMEOUT).await? {
