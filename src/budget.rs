@@ -37,6 +37,10 @@ use crate::http::{parse_retry_after, HttpRequest};
 use crate::providers::{Credentials, ProviderConfig};
 use crate::time::Timestamp;
 
+/// How much longer than the window a grant is counted: the request it allowed may reach
+/// Cloudflare a little later than it was granted.
+const MARGIN: Duration = Duration::from_secs(1);
+
 /// The budget's sizes; the defaults are Cloudflare's documented limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BudgetPolicy {
@@ -147,9 +151,9 @@ impl Budget {
     }
 
     fn forget_old(&mut self, policy: &BudgetPolicy, now: Timestamp) {
-        // A grant counted in second `s` may have been made as late as `s + 1`: it stays in the
-        // window through second `s + window`.
-        let horizon = now.minus(self.window(policy)).secs();
+        // A grant counted in second `s` may have been made as late as `s + 1` and reach
+        // Cloudflare later still: it is held through second `s + window + 1`.
+        let horizon = now.minus(self.window(policy)).minus(MARGIN).secs();
         self.grants.retain(|(second, _)| *second >= horizon);
         if self.reported.is_some_and(|r| now >= r.reset_at) {
             self.reported = None;
@@ -209,7 +213,8 @@ impl Budget {
                 break;
             }
             over = over.saturating_sub(*n);
-            at = at.max(Timestamp::from_secs(*second).plus(self.window(policy)).plus(Duration::from_secs(1)));
+            at = at
+                .max(Timestamp::from_secs(*second).plus(self.window(policy)).plus(MARGIN).plus(Duration::from_secs(1)));
         }
         if let Some(r) = self.reported {
             if r.remaining.saturating_sub(r.granted_since) <= floor {

@@ -528,7 +528,7 @@ def test_sources_on_one_token_share_its_rate_limit_and_every_backup_still_commit
         assert status == 202, payload
         ids.append(payload["job"]["id"])
     jobs = [ferry.wait_job(job_id, timeout=120) for job_id in ids]
-    assert [j["phase"] for j in jobs] == ["committed"] * 4, jobs
+    assert [j["phase"] for j in jobs] == ["committed"] * 4, [(j["source"], j["error"]) for j in jobs]
     counts = emulator.state()["rate_limit_state"]
     assert counts["blocked_hits"] == 0, "no call reached the emulator during a block"
     assert counts["rate_limited"] == 0, "the limit was never crossed"

@@ -40,19 +40,21 @@ async fn load(storage: &Storage) -> worker::Result<Budget> {
 }
 
 /// The budget object's requests (paths under `/budget/`, routed by the source object's `fetch`).
+/// The body is read first: between loading the budget and storing it there is no await but
+/// storage's, so the object's input gate keeps concurrent requests from reading a stale count.
 pub(crate) async fn object_request(storage: &Storage, mut req: Request) -> worker::Result<Response> {
     let policy = BudgetPolicy::default();
-    let now = super::now();
     let path = req.path();
+    let method = req.method();
+    let body: Value = if method == Method::Post { req.json().await? } else { Value::Null };
     let mut budget = load(storage).await?;
-    let answer = match (req.method(), path.as_str()) {
+    let now = super::now();
+    let answer = match (method, path.as_str()) {
         (Method::Post, "/budget/acquire") => {
-            let body: Value = req.json().await?;
             let need: Need = serde_json::from_value(body["need"].clone()).unwrap_or(Need::Start);
             serde_json::to_value(budget.decide(&policy, need, now)).map_err(rust_err)?
         }
         (Method::Post, "/budget/observe") => {
-            let body: Value = req.json().await?;
             let status = body["status"].as_u64().and_then(|s| u16::try_from(s).ok()).unwrap_or(0);
             let headers: Vec<(String, String)> = serde_json::from_value(body["headers"].clone()).unwrap_or_default();
             budget.observe(&policy, status, &headers, now);
