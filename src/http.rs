@@ -22,6 +22,8 @@ pub enum Method {
     Delete,
     /// PUT (a D1 import's upload)
     Put,
+    /// HEAD (a download's headers without its body)
+    Head,
 }
 
 impl Method {
@@ -32,6 +34,7 @@ impl Method {
             Self::Post => "POST",
             Self::Delete => "DELETE",
             Self::Put => "PUT",
+            Self::Head => "HEAD",
         }
     }
 }
@@ -64,6 +67,11 @@ impl HttpRequest {
     /// A GET with no headers.
     pub fn get(url: impl Into<String>) -> Self {
         Self { method: Method::Get, url: url.into(), headers: Vec::new(), body: None }
+    }
+
+    /// A HEAD with no headers.
+    pub fn head(url: impl Into<String>) -> Self {
+        Self { method: Method::Head, url: url.into(), headers: Vec::new(), body: None }
     }
 
     /// A DELETE with no headers.

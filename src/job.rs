@@ -290,6 +290,10 @@ pub enum Event {
     Recorded,
     /// The last [`Action::Restore`] ended.
     RestoreIo(Result<IoDone, StepError>),
+    /// The last [`Action::Send`] was held back by the API token's request budget
+    /// ([`crate::budget`]): nothing was sent; the same step is taken again at this time, and no
+    /// retry is counted.
+    Throttled(Timestamp),
 }
 
 /// What the runtime must do next.
@@ -663,6 +667,10 @@ impl Job {
                 Some(reason) => self.restore_failed(StepError::permanent(reason), cx),
                 None => self.restore_failed(StepError::transient(msg), cx),
             },
+            (phase, Event::Throttled(until)) if !phase.is_terminal() => {
+                self.next_step_at = Some(until);
+                (self, Action::Sleep(until))
+            }
             // An answer that does not belong to the current phase (a duplicate delivery after a
             // restart): ignore it and carry on from the persisted state.
             (_, _) => self.idle(cx.now),

@@ -15,6 +15,7 @@
 //!   webhook and Slack payloads, and the retry decision and record of each delivery attempt.
 //! - [`job`]: the export job state machine, `(job, event, context) → (job, action)`.
 //! - [`ledger`]: a source's bookkeeping: single flight, webhook replay, cron idempotency.
+//! - [`budget`]: the Cloudflare API's request budget per API token: grant, or wait until when.
 //! - [`providers`]: one module per provider protocol (`providers::d1`), behind one small enum.
 //! - [`transfer`]: sliced, resumable copies: the persisted state of a copy and how a resumed
 //!   download's answer is judged (`Range`, `If-Range`, validators).
@@ -41,6 +42,7 @@
 
 pub mod alerts;
 pub mod api;
+pub mod budget;
 pub mod config;
 pub mod dashboard;
 pub mod dump;

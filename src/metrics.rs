@@ -147,8 +147,38 @@ pub fn render_notifications(destinations: &[&str], failures: &BTreeMap<String, u
         let n = failures.get(name).copied().unwrap_or(0);
         f.samples.push((format!("destination=\"{}\"", escape(name)), n as f64));
     }
+    exposition(&[f])
+}
+
+/// The Cloudflare API request budget of each token (see [`crate::budget`]), labelled by the
+/// short hash of the token (never the token): what is left now, the limit in force, whether
+/// every call is blocked, and the 429s Cloudflare answered.
+pub fn render_budgets(budgets: &[(String, crate::budget::BudgetView)]) -> String {
+    let mut families = [
+        family("ferry_api_budget_remaining", "gauge", "Cloudflare API requests left to this token now."),
+        family("ferry_api_budget_limit", "gauge", "Cloudflare API requests allowed to this token per window."),
+        family("ferry_api_budget_blocked", "gauge", "1 while Cloudflare blocks every call of this token (a 429)."),
+        family("ferry_api_budget_throttled_total", "counter", "Cloudflare API answers 429 to this token."),
+    ];
+    for (id, view) in budgets {
+        let label = format!("token=\"{}\"", escape(crate::budget::short_id(id)));
+        let values = [
+            f64::from(view.remaining),
+            f64::from(view.limit),
+            if view.blocked_until.is_some() { 1.0 } else { 0.0 },
+            f64::from(view.throttled),
+        ];
+        for (f, value) in families.iter_mut().zip(values) {
+            f.samples.push((label.clone(), value));
+        }
+    }
+    exposition(&families)
+}
+
+/// The text of some families (those with samples).
+fn exposition(families: &[Family]) -> String {
     let mut out = String::new();
-    if !f.samples.is_empty() {
+    for f in families.iter().filter(|f| !f.samples.is_empty()) {
         let _ = writeln!(out, "# HELP {} {}", f.name, f.help);
         let _ = writeln!(out, "# TYPE {} {}", f.name, f.kind);
         for (labels, value) in &f.samples {
@@ -170,6 +200,26 @@ fn escape(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+
+    #[test]
+    fn each_tokens_budget_is_shown_by_its_short_hash() {
+        let id = crate::budget::token_id("cf-secret-token");
+        let view = crate::budget::BudgetView {
+            remaining: 37,
+            limit: 1200,
+            blocked_until: Some(crate::time::Timestamp::from_secs(9)),
+            throttled: 2,
+        };
+        let text = super::render_budgets(&[(id.clone(), view)]);
+        let short = &id[..8];
+        assert!(text.contains(&format!("ferry_api_budget_remaining{{token=\"{short}\"}} 37\n")), "{text}");
+        assert!(text.contains(&format!("ferry_api_budget_limit{{token=\"{short}\"}} 1200\n")), "{text}");
+        assert!(text.contains(&format!("ferry_api_budget_blocked{{token=\"{short}\"}} 1\n")), "{text}");
+        assert!(text.contains(&format!("ferry_api_budget_throttled_total{{token=\"{short}\"}} 2\n")), "{text}");
+        assert!(text.contains("# TYPE ferry_api_budget_remaining gauge"));
+        assert!(!text.contains("cf-secret-token") && !text.contains(&id), "neither the token nor its full hash");
+        assert_eq!(super::render_budgets(&[]), "");
+    }
 
     use super::*;
     use crate::health::Health;

@@ -1,6 +1,7 @@
 //! Property tests: every parser of outside input refuses bad input with a typed error and never
 //! panics (a panic resets the whole wasm instance). Arbitrary and mutated inputs go to the config
-//! parser, the alerts config parser and alert payloads, webhook verification, API routing, the resume decisions on download answers and every
+//! parser, the alerts config parser and alert payloads, webhook verification, API routing, the
+//! API budget's reading of rate-limit headers, the resume decisions on download answers and every
 //! provider's response parsing.
 
 use proptest::prelude::*;
@@ -9,6 +10,7 @@ use serde_json::{json, Value};
 use ferry::alerts::payload::{slack_body, webhook_body};
 use ferry::alerts::AlertsConfig;
 use ferry::api::route;
+use ferry::budget::{Budget, BudgetPolicy, Decision, Need};
 use ferry::config::Config;
 use ferry::http::HttpResponse;
 use ferry::providers::{Credentials, ProviderState, StepInput};
@@ -113,6 +115,22 @@ proptest! {
         let headers = WebhookHeaders { id: Some(&id), timestamp: Some(&ts), signature: Some(&sig) };
         prop_assert!(verify(&key, headers, &body, Timestamp::from_secs(1_700_000_000)).is_err());
         let _ = WebhookSecret::parse(&Secret::new(secret));
+    }
+
+    #[test]
+    fn rate_limit_headers_never_panic_and_a_wait_always_ends_later(status in 100u16..600, retry in ".{0,40}", remaining in ".{0,20}", reset in ".{0,40}", ietf in ".{0,60}", policy in ".{0,60}", secs in 0i64..4_000_000_000) {
+        let now = Timestamp::from_secs(secs);
+        let headers = vec![("retry-after".to_string(), retry), ("x-ratelimit-remaining".to_string(), remaining),
+            ("x-ratelimit-reset".to_string(), reset), ("ratelimit".to_string(), ietf), ("ratelimit-policy".to_string(), policy)];
+        let rules = BudgetPolicy::default();
+        let mut budget = Budget::default();
+        budget.observe(&rules, status, &headers, now);
+        for need in [Need::Poll, Need::Start] {
+            if let Decision::Wait { until } = budget.decide(&rules, need, now) {
+                prop_assert!(until > now);
+            }
+        }
+        let _ = budget.view(&rules, now);
     }
 
     #[test]

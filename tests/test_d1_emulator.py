@@ -210,8 +210,10 @@ def test_export_polls_active_then_complete(server):
                         r"&X-Amz-Expires=3600&X-Amz-SignedHeaders=host&X-Amz-Signature=[0-9a-f]{64}",
                         final["result"]["signed_url"])
     assert "error" not in final
-    assert responses[0].headers["Ratelimit"] == '"default";r=50;t=30'
-    assert responses[0].headers["Ratelimit-Policy"] == '"burst";q=100;w=60'
+    # The documented limit (1,200 per 5 minutes per token) in both header forms.
+    assert responses[0].headers["x-ratelimit-limit"] == "1200"
+    assert responses[0].headers["Ratelimit-Policy"] == '"default";q=1200;w=300'
+    assert re.fullmatch(r'"default";r=\d+;t=300', responses[0].headers["Ratelimit"])
     # Polling a completed task again keeps answering complete, with no new lines and a freshly
     # signed URL for the same file; the first URL still works.
     again = export_call(server, bookmark=bookmark)
@@ -391,6 +393,26 @@ def test_rate_limit_blocks_every_call(server):
     assert request(get_url, headers=auth_headers()).status == 429  # every call is blocked
     time.sleep(1.1)
     assert request(get_url, headers=auth_headers()).status == 200
+
+
+def test_rate_limit_is_per_token_and_every_answer_says_what_is_left(server):
+    control(server, body={"rate_limit": {"limit": 3, "window": 30, "block": 30}})
+    answers = [export_call(server) for _ in range(3)]
+    assert [a.headers["x-ratelimit-remaining"] for a in answers] == ["2", "1", "0"]
+    assert all(a.headers["x-ratelimit-limit"] == "3" for a in answers)
+    assert answers[0].headers["Ratelimit"] == '"default";r=2;t=30'
+    assert answers[0].headers["Ratelimit-Policy"] == '"default";q=3;w=30'
+    reset = email.utils.parsedate_to_datetime(answers[2].headers["x-ratelimit-reset"])
+    assert 25 <= reset.timestamp() - time.time() <= 32, "when the oldest call leaves the window"
+    # Another token has a count of its own (the emulator refuses it, but counts it first).
+    other = request(f"http://{server}/client/v4/accounts/{ACCOUNT}/d1/database/{MAIN_ID}",
+                    headers={"Authorization": "Bearer someone-else"})
+    assert other.status == 403 and other.headers["x-ratelimit-remaining"] == "2"
+    limited = export_call(server)
+    assert limited.status == 429 and limited.headers["x-ratelimit-remaining"] == "0"
+    assert export_call(server).status == 429
+    counts = control(server, "/__control/state")["rate_limit_state"]
+    assert counts == {"calls": 5, "rate_limited": 1, "blocked_hits": 1}
 
 
 def test_rate_limit_http_date(server):

@@ -388,6 +388,21 @@ def test_failed_and_unknown_status_values(plain):
     assert len(seen[-1]["signedUrls"]) == 3
 
 
+def test_export_answer_forms_follow_the_selection_the_docs_example_or_neither(plain):
+    control(plain, body={"export_answer_form": "docs_example"})
+    data = export(plain).json()["data"]
+    # Dgraph Cloud's docs: data.export is the export id, response and taskID sit beside it.
+    assert set(data) == {"export", "response", "taskID"} and isinstance(data["export"], str)
+    assert data["response"]["message"] == f"Export queued with ID {data['taskID']}"
+    assert status(plain, data["export"], data["taskID"])["status"] == "Queued"
+    control(plain, body={"export_answer_form": "unrecognised"})
+    answer = export(plain).json()["data"]["export"]
+    assert list(answer) == ["response"] and answer["response"]["code"] == "Success"
+    assert re.fullmatch(r"Export queued with ID 0x[0-9a-f]+", answer["response"]["message"])
+    assert len(control(plain, "/__control/state")["exports"]) == 2, "queued even when unrecognised"
+    control(plain, body={"export_answer_form": "other"}, expect=400)
+
+
 def test_legacy_synchronous_export(plain):
     resp = gql(plain, "/admin/slash", "mutation { export { signedUrls } }")
     urls = resp.json()["data"]["export"]["signedUrls"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -512,3 +513,30 @@ def dump_sql_of(path: Path, **options) -> bytes:
         return dump_sql(db, **options).encode()
     finally:
         db.close()
+
+
+def test_sources_on_one_token_share_its_rate_limit_and_every_backup_still_commits(world):
+    """Cloudflare allows 1,200 API calls per 5 minutes per token and then blocks every call for
+    5 minutes; here the emulator scales that down to 12 calls per 6 s (then a 30 s block), and
+    four D1 sources on one token back up at once (about 20 calls)."""
+    ferry, emulator = world["ferry"], world["emulator"]
+    emulator.control(rate_limit={"limit": 12, "window": 6, "block": 30}, active_polls=4)
+    names = ["app-db", "yearly", "failing", "flaky"]
+    ids = []
+    for name in names:
+        status, _, payload = ferry.webhook(name)
+        assert status == 202, payload
+        ids.append(payload["job"]["id"])
+    jobs = [ferry.wait_job(job_id, timeout=120) for job_id in ids]
+    assert [j["phase"] for j in jobs] == ["committed"] * 4, [(j["source"], j["error"]) for j in jobs]
+    counts = emulator.state()["rate_limit_state"]
+    assert counts["blocked_hits"] == 0, "no call reached the emulator during a block"
+    assert counts["rate_limited"] == 0, "the limit was never crossed"
+    assert counts["calls"] > 12, f"more calls than one window allows: the budget spread them ({counts})"
+    status, _, text = ferry.api("/metrics")
+    text = text.decode()
+    assert status == 200
+    tokens = re.findall(r'^ferry_api_budget_remaining\{token="([0-9a-f]{8})"\} \d+$', text, re.M)
+    assert tokens, text
+    assert any(f'ferry_api_budget_limit{{token="{t}"}} 12' in text for t in tokens), text
+    assert D1_TOKEN not in text

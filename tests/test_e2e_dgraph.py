@@ -95,6 +95,23 @@ def test_unknown_status_values_keep_polling(world):
     check_dgraph_backup(ferry, ferry.wait_job(payload["job"]["id"]), plain, "json")
 
 
+def test_the_export_answer_printed_in_dgraph_clouds_docs_is_followed_to_a_backup(world):
+    ferry, plain = world["ferry"], world["plain"]
+    plain.control(export_answer_form="docs_example")
+    job = ferry.webhook_job("graph-failing")
+    manifest = check_dgraph_backup(ferry, job, plain, "json")
+    (export,) = plain.state()["exports"]
+    assert manifest["provider"]["export_id"] == export["exportId"]
+
+
+def test_an_export_answer_without_a_task_id_fails_the_job_and_queues_no_second_export(world):
+    ferry, plain = world["ferry"], world["plain"]
+    plain.control(export_answer_form="unrecognised")
+    job = ferry.webhook_job("graph-failing")
+    assert job["phase"] == "failed" and "does not recognise" in job["error"], job
+    assert len(plain.state()["exports"]) == 1, "the export mutation was sent once"
+
+
 def test_failed_export_fails_the_job_with_no_manifest(world):
     ferry, plain = world["ferry"], world["plain"]
     plain.control(status_sequence=["Queued", "Running", "Failed"])

@@ -26,6 +26,7 @@ def world(tmp_path_factory):
         dxp_source("portal-failing", emulator),
         dxp_source("portal-shapes", emulator),
         dxp_source("portal-chunked", emulator),
+        dxp_source("portal-legacy", emulator),
     ]
     ferry = Ferry(work / "ferry", sources, secrets=DXP_SECRETS)
     yield {"ferry": ferry, "emulator": emulator}
@@ -102,13 +103,36 @@ def test_list_shape_variants_are_accepted(world):
     check_dxp_backup(ferry, job, emulator.backup(-1))
 
 
-def test_refused_token_fails_the_job_with_the_services_message(world):
+def test_an_expired_user_token_fails_the_job_naming_the_secret_to_renew(world):
     ferry, emulator = world["ferry"], world["emulator"]
     emulator.control(expired_tokens=True)
     job = ferry.webhook_job("portal-failing")
     assert job["phase"] == "failed"
     assert "Token expired" in job["error"] and "401" in job["error"], job["error"]
+    assert "user token in the Worker secret DXP_USER_TOKEN has expired" in job["error"], job["error"]
+    assert "wrangler secret put DXP_USER_TOKEN" in job["error"], job["error"]
     assert ferry.backups("portal-failing") == []
+    # A webhook naming the backup skips the listing: the HEAD that names the archive is refused
+    # (a HEAD answer has no body, so the service's words are missing: "may have expired").
+    body = ('{"backup_id": "%s"}' % emulator.backup(0)["backupId"]).encode()
+    job = ferry.webhook_job("portal-failing", body=body)
+    assert job["phase"] == "failed", job
+    assert "user token in the Worker secret DXP_USER_TOKEN was refused (it may have expired" in job["error"], job
+    assert "wrangler secret put DXP_USER_TOKEN" in job["error"], job
+
+
+def test_a_service_before_4_2_serves_database_tgz_and_it_is_stored_under_that_name(world):
+    ferry, emulator = world["ferry"], world["emulator"]
+    emulator.control(database_tgz=True)
+    job = ferry.webhook_job("portal-legacy")
+    assert job["phase"] == "committed", job
+    (manifest,) = ferry.backups("portal-legacy")
+    by_name = {a["filename"]: a for a in manifest["artifacts"]}
+    assert set(by_name) == {"database.tgz", "volume.tgz"}, by_name
+    served = emulator.backup(-1)["database_tgz"]
+    headers, body = ferry.artifact(by_name["database.tgz"]["key"])
+    assert hashlib.sha256(body).hexdigest() == served["sha256"] == by_name["database.tgz"]["sha256"]
+    assert manifest["provider"]["database_file"] == "database.tgz"
 
 
 def test_truncated_download_is_retried_and_5xx_with_retry_after_honoured(world):

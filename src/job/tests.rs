@@ -879,3 +879,18 @@ fn a_snapshot_request_that_never_gets_an_answer_fails_within_the_retry_budget_de
     assert!(error.contains("HTML page") && error.contains("gave up after 4 tries"), "{error}");
     assert_eq!((posts, lookups), (4, 3), "each unanswered POST is looked up once before the next");
 }
+
+#[test]
+fn a_request_held_back_by_the_api_budget_is_sent_again_at_its_time_without_counting_a_retry() {
+    let mut h = Harness::d1();
+    let Action::Send(first) = h.feed(Event::Wake) else { panic!("expected the export call") };
+    let until = h.now.plus(Duration::from_secs(42));
+    assert_eq!(h.feed(Event::Throttled(until)), Action::Sleep(until));
+    assert_eq!((h.job.phase, h.job.retries, h.job.next_step_at), (Phase::Exporting, 0, Some(until)));
+    assert!(h.job.warnings.is_empty(), "nothing was sent, so no duplicate export can exist");
+    assert_eq!(h.wake_when_due(), Action::Send(first), "the same call, at the budget's time");
+    assert_eq!(h.now, until);
+    // A finished job ignores it.
+    h.job.phase = Phase::Failed;
+    assert_eq!(h.feed(Event::Throttled(until)), Action::Done);
+}

@@ -7,9 +7,12 @@
 //! - The admin key goes in `X-Auth-Token`; with ACL the access JWT in `X-Dgraph-AccessToken`.
 //!   ACL `login` is a *mutation* on `/admin` (not `/admin/slash`).
 //! - `exportStatus.status` is `Queued`/`Running` → `Success`/`Failed`; an unknown value is treated
-//!   as still running until the source's export timeout. The documented example says `taskID`
-//!   where the selection says `taskId`: both are accepted, as is the legacy synchronous answer
-//!   `export { signedUrls }`.
+//!   as still running until the source's export timeout.
+//! - The `export` answer comes in more than one documented form: as the selection asks
+//!   (`export { response exportId taskId }`), as Dgraph Cloud's docs print it (`export` is the
+//!   export id string, with `response` and `taskID` beside it), and the legacy synchronous
+//!   `export { signedUrls }`. All are accepted; an answer without a task id fails the job rather
+//!   than sending the mutation again (the export may be queued, and cannot be found without it).
 //! - Files are gzip served as-is from signed URLs (48 h, no auth) and are stored byte for byte,
 //!   named after the URL's last path segment (`g01.json.gz`, `g01.schema.gz`, …).
 
@@ -79,11 +82,30 @@ pub struct DgraphConfig {
     /// ACL login: the namespace to log in to (0: Galaxy).
     #[serde(default)]
     pub login_namespace: i64,
+    /// How long a restore may wait for `restoreStatus` to say `OK`, counted from the `restore`
+    /// mutation's answer (`restore_timeout_minutes`, 1–10,080; default
+    /// [`DgraphConfig::DEFAULT_RESTORE_TIMEOUT`]). Dgraph documents no status but `OK`.
+    #[serde(
+        default,
+        rename = "restore_timeout_minutes",
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "fields::ser_opt_minutes",
+        deserialize_with = "fields::opt_minutes::<_, 1, 10_080>"
+    )]
+    pub restore_timeout: Option<Duration>,
 }
 
 impl DgraphConfig {
     /// The public Cerebro endpoint.
     pub const DEFAULT_CEREBRO_URL: &'static str = "https://cerebro.cloud.dgraph.io/graphql";
+
+    /// A restore's deadline when the source sets no `restore_timeout_minutes`: 6 h.
+    pub const DEFAULT_RESTORE_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
+    /// How long a restore may wait for `OK`.
+    pub fn restore_timeout(&self) -> Duration {
+        self.restore_timeout.unwrap_or(Self::DEFAULT_RESTORE_TIMEOUT)
+    }
 
     /// The Cerebro credentials, in account mode.
     pub fn account(&self) -> Option<DgraphAccount<'_>> {
@@ -418,26 +440,7 @@ impl DgraphState {
                 self.logins += 1;
                 Ok(Progress::Pending { poll_after: Some(Duration::ZERO) })
             }
-            Stage::Export => {
-                let export = data.get("export").ok_or_else(|| malformed("no export"))?;
-                if let Some(urls) = export.get("signedUrls").and_then(Value::as_array) {
-                    // The legacy synchronous form: the files are ready at once.
-                    self.status = Some("Success".into());
-                    self.task_id = Some(String::new());
-                    return self.ready(urls);
-                }
-                let code = export.pointer("/response/code").and_then(Value::as_str).unwrap_or("Success");
-                if code != "Success" {
-                    let message = export.pointer("/response/message").and_then(Value::as_str).unwrap_or(code);
-                    return Ok(Progress::Failed(format!("Dgraph export was not queued: {message}")));
-                }
-                let task = export.get("taskId").or_else(|| export.get("taskID")).and_then(Value::as_str);
-                let task = task.ok_or_else(|| malformed("export without taskId"))?;
-                self.task_id = Some(task.to_string());
-                self.export_id = export.get("exportId").and_then(Value::as_str).map(str::to_string);
-                self.status = Some("Queued".into());
-                Ok(Progress::Pending { poll_after: None })
-            }
+            Stage::Export => Ok(self.on_export(data)),
             Stage::Status => {
                 let status = data.get("exportStatus").ok_or_else(|| malformed("no exportStatus"))?;
                 self.polls += 1;
@@ -458,6 +461,47 @@ impl DgraphState {
                 }
             }
         }
+    }
+
+    /// The `export` mutation's answer, in any documented form: the selection's
+    /// `export { response exportId taskId }`; the form Dgraph Cloud's docs print, where `export` is
+    /// the export id as a string with `response` and `taskID` beside it; or the legacy synchronous
+    /// `export { signedUrls }`. Any other answer fails the job: the export may be queued at Dgraph
+    /// all the same, and without its task id Ferry can neither follow it nor find it, so it never
+    /// sends the mutation a second time.
+    fn on_export(&mut self, data: &Value) -> Progress {
+        let export = data.get("export");
+        if let Some(urls) = export.and_then(|e| e.get("signedUrls")).and_then(Value::as_array) {
+            // The legacy synchronous form: the files are ready at once.
+            self.status = Some("Success".into());
+            self.task_id = Some(String::new());
+            return self.ready(urls).unwrap_or_else(|e| Progress::Failed(e.message().to_string()));
+        }
+        let (holder, export_id) = match export {
+            Some(object @ Value::Object(_)) => (object, object.get("exportId")),
+            Some(Value::String(_)) => (data, export),
+            _ => (data, None),
+        };
+        let field = |name: &str| holder.get(name).or_else(|| data.get(name));
+        let response = field("response");
+        let code = response.and_then(|r| r.get("code")).and_then(Value::as_str);
+        if let Some(code) = code.filter(|c| *c != "Success") {
+            let message = response.and_then(|r| r.get("message")).and_then(Value::as_str).unwrap_or(code);
+            return Progress::Failed(format!("Dgraph export was not queued: {message}"));
+        }
+        let task = ["taskId", "taskID"].iter().find_map(|k| field(k)).and_then(Value::as_str).filter(|t| !t.is_empty());
+        let Some(task) = task else {
+            let shown: String = data.to_string().chars().take(300).collect();
+            return Progress::Failed(format!(
+                "Dgraph answered the export mutation in a form Ferry does not recognise (no taskId): {shown}. The \
+                 export may be queued at Dgraph all the same; Dgraph Cloud can only be asked about an export by its \
+                 task id, so Ferry does not send the mutation again. Check the backend's exports before the next run"
+            ));
+        };
+        self.task_id = Some(task.to_string());
+        self.export_id = export_id.and_then(Value::as_str).map(str::to_string);
+        self.status = Some("Queued".into());
+        Progress::Pending { poll_after: None }
     }
 
     fn on_cerebro(&mut self, stage: Stage, body: &Value) -> Result<Progress, StepError> {
@@ -775,6 +819,49 @@ mod tests {
         let doc = ok(json!({"export": {"response": {"code": "Success", "message": "queued"}, "taskID": "0x1"}}));
         s.on_response(&c, &doc, now()).unwrap();
         assert_eq!(s.task_id.as_deref(), Some("0x1"));
+    }
+
+    #[test]
+    fn the_answer_printed_in_dgraph_clouds_docs_is_followed_by_its_task_and_export_id() {
+        let (c, mut s) = (cfg(false), DgraphState::default());
+        let docs = ok(json!({
+            "export": "exports/2011-12-08/0x18986fd-558223708",
+            "response": {"code": "Success", "message": "Export queued with ID 0x9d2e13e8a"},
+            "taskID": "0x9d2e13e8a"
+        }));
+        assert_eq!(s.on_response(&c, &docs, now()).unwrap(), Progress::Pending { poll_after: None });
+        assert_eq!(s.task_id.as_deref(), Some("0x9d2e13e8a"));
+        assert_eq!(s.export_id.as_deref(), Some("exports/2011-12-08/0x18986fd-558223708"));
+        let poll = s.next_request(&c, &creds()).unwrap();
+        assert_eq!(
+            body(&poll)["variables"],
+            json!({"exportId": "exports/2011-12-08/0x18986fd-558223708", "taskId": "0x9d2e13e8a"})
+        );
+        let refused = ok(json!({"export": "", "response": {"code": "Failure", "message": "export already running"}}));
+        assert_eq!(
+            DgraphState::default().on_response(&c, &refused, now()).unwrap(),
+            Progress::Failed("Dgraph export was not queued: export already running".into())
+        );
+    }
+
+    #[test]
+    fn an_export_answer_without_a_task_id_fails_the_job_and_never_sends_the_export_again() {
+        let c = cfg(false);
+        for answer in [
+            json!({"export": {"response": {"code": "Success", "message": "Export queued"}}}),
+            json!({"export": null}),
+            json!({"export": "exports/2026-11-23/0x1-1"}),
+            json!({"export": {"taskId": ""}}),
+        ] {
+            let mut s = DgraphState::default();
+            let progress = s.on_response(&c, &ok(answer.clone()), now()).unwrap();
+            let Progress::Failed(message) = progress else { panic!("{answer}: {progress:?}") };
+            assert!(
+                message.contains("does not recognise") && message.contains("not send the mutation again"),
+                "{message}"
+            );
+            assert!(s.task_id.is_none());
+        }
     }
 
     #[test]

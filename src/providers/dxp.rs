@@ -12,6 +12,11 @@
 //! - A backup id already copied for this source is skipped (the job ends `skipped`, not failed).
 //! - `GET /backup/download/{database,volume}/{id}` stream gzip / tar.gz bytes as-is; the volume
 //!   can be many gigabytes, so it goes through the multipart copy with flat memory.
+//! - The database archive is `database.gz` from backup service 4.2 and `database.tgz` before
+//!   (Liferay, "Downloading and Uploading Backups"): a `HEAD` of its download reads the name the
+//!   service serves (`Content-Disposition`), and the archive is stored under it.
+//! - A user token is the browser's `access_token` and expires: its 401 fails the job naming the
+//!   Worker secret to renew.
 //! - From backup service 5.9.0 the REST API may be gone (CLI only): its 404 is reported as such.
 
 use std::time::Duration;
@@ -129,6 +134,10 @@ pub struct DxpState {
     pub created_at: Option<String>,
     /// How many backups the listing showed.
     pub listed: Option<usize>,
+    /// The database archive's name as the service serves it (a `HEAD` of its download):
+    /// `database.gz`, or `database.tgz` from a backup service before 4.2.
+    #[serde(default)]
+    pub database_file: Option<String>,
 }
 
 /// The service's words in an answer: its `message`, else the body's start.
@@ -139,13 +148,91 @@ pub(crate) fn message_of(resp: &HttpResponse) -> String {
         .unwrap_or_else(|| resp.snippet(200))
 }
 
-/// A 401 or 403: the credentials are wrong, and asking again will not help.
-pub(crate) fn credentials_refused(resp: &HttpResponse) -> StepError {
-    StepError::permanent(format!(
-        "the DXP backup service refused the credentials (HTTP {}): {}",
-        resp.status,
-        message_of(resp)
-    ))
+/// A 401 or 403: the credentials are wrong or expired, and asking again will not help. The
+/// message names the Worker secret to renew. A user token is the browser's `access_token` cookie
+/// (Liferay Cloud, "Authentication"): it expires, and the service's 401 then says so (its exact
+/// words are undocumented; any 401 to a user token is reported as possibly expired).
+pub(crate) fn credentials_refused(cfg: Option<&DxpConfig>, resp: &HttpResponse) -> StepError {
+    let said = message_of(resp);
+    let status = resp.status;
+    let text = match cfg.and_then(DxpConfig::auth) {
+        Some(DxpAuth::UserToken { secret }) if status == 401 => {
+            let what = if said.to_ascii_lowercase().contains("expired") {
+                "has expired"
+            } else {
+                "was refused (it may have expired or been revoked)"
+            };
+            format!(
+                "the DXP user token in the Worker secret {secret} {what} (HTTP 401: {said}). Renew it: sign in to \
+                 the Liferay Cloud console, copy the access_token cookie and run wrangler secret put {secret}. \
+                 User tokens expire, so for unattended backups use user and password_secret (HTTP Basic) where \
+                 SSO is off"
+            )
+        }
+        Some(DxpAuth::UserToken { secret }) => {
+            format!(
+                "the DXP backup service refused the user token in the Worker secret {secret} (HTTP {status}): {said}"
+            )
+        }
+        Some(DxpAuth::MasterToken { secret }) => format!(
+            "the DXP backup service refused the project master token in the Worker secret {secret} (HTTP {status}): \
+             {said}"
+        ),
+        Some(DxpAuth::Basic { user, password_secret }) => format!(
+            "the DXP backup service refused {user} with the password in the Worker secret {password_secret} (HTTP \
+             {status}): {said}"
+        ),
+        None => format!("the DXP backup service refused the credentials (HTTP {status}): {said}"),
+    };
+    StepError::permanent(text)
+}
+
+/// The database archive's name when the service names none: backup service 4.2 and later serve
+/// `database.gz` (Liferay, "Downloading and Uploading Backups").
+pub const DEFAULT_DATABASE_FILE: &str = "database.gz";
+
+/// The database archive's name as the service serves it, from a `Content-Disposition`
+/// (`attachment; filename="database.tgz"` from a backup service before 4.2): kept when it is a
+/// plain `database…` name ending `.gz` or `.tgz`, otherwise `database` with the served extension;
+/// [`DEFAULT_DATABASE_FILE`] when there is no usable name.
+pub fn database_file_name(headers: &[(String, String)]) -> String {
+    let served = crate::transfer::header(headers, "content-disposition").and_then(disposition_filename);
+    let Some(served) = served else { return DEFAULT_DATABASE_FILE.to_string() };
+    let base = served.rsplit(['/', '\\']).next().unwrap_or_default();
+    let lower = base.to_ascii_lowercase();
+    let ext = if lower.ends_with(".tgz") || lower.ends_with(".tar.gz") {
+        ".tgz"
+    } else if lower.ends_with(".gz") {
+        ".gz"
+    } else {
+        return DEFAULT_DATABASE_FILE.to_string();
+    };
+    let plain = base.len() <= 100
+        && lower.starts_with("database")
+        && base.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if plain {
+        base.to_string()
+    } else {
+        format!("database{ext}")
+    }
+}
+
+/// The `filename` (or `filename*=UTF-8''…`) parameter of a `Content-Disposition`.
+fn disposition_filename(value: &str) -> Option<String> {
+    let mut plain = None;
+    for param in value.split(';').skip(1) {
+        let (key, raw) = param.split_once('=')?;
+        let raw = raw.trim();
+        match key.trim().to_ascii_lowercase().as_str() {
+            "filename*" => {
+                let encoded = raw.split_once("''").map_or(raw, |(_, v)| v);
+                return percent_encoding::percent_decode_str(encoded).decode_utf8().ok().map(|s| s.into_owned());
+            }
+            "filename" => plain = Some(raw.trim_matches('"').to_string()),
+            _ => {}
+        }
+    }
+    plain.filter(|name| !name.is_empty())
 }
 
 /// Adds the configured credentials to a request.
@@ -196,40 +283,46 @@ impl DxpState {
                 }
             }
         }
-        Ok(Some(self.decide(cfg, input)))
+        Ok(self.decide(cfg, input))
     }
 
-    fn decide(&self, cfg: &DxpConfig, input: &StepInput<'_>) -> Progress {
-        let Some(id) = &self.backup_id else { return Progress::Pending { poll_after: None } };
+    /// Skip a backup already copied; copy it once the database archive's name is known; `None`
+    /// while a request is still needed (the listing, or the `HEAD` that names the archive).
+    fn decide(&self, cfg: &DxpConfig, input: &StepInput<'_>) -> Option<Progress> {
+        let id = self.backup_id.as_ref()?;
         if input.seen.contains(id) {
-            return Progress::Skip(format!("backup {id} was already copied for this source"));
+            return Some(Progress::Skip(format!("backup {id} was already copied for this source")));
         }
-        Progress::Ready(vec![
-            Download::url(
-                endpoint(cfg, &["backup", "download", "database", id]),
-                "database.gz",
-                "application/gzip",
-                true,
-            ),
+        let database = self.database_file.as_deref()?;
+        Some(Progress::Ready(vec![
+            Download::url(endpoint(cfg, &["backup", "download", "database", id]), database, "application/gzip", true),
             Download::url(endpoint(cfg, &["backup", "download", "volume", id]), "volume.tgz", "application/gzip", true),
-        ])
+        ]))
     }
 
-    /// `GET /backup/list`.
+    /// `GET /backup/list`, then a `HEAD` of the chosen backup's database download, whose
+    /// `Content-Disposition` names the archive as the service serves it.
     pub fn next_request(&self, cfg: &DxpConfig, creds: &Credentials) -> Result<HttpRequest, StepError> {
-        authorize(cfg, HttpRequest::get(endpoint(cfg, &["backup", "list"])).header("accept", "application/json"), creds)
+        let req = match &self.backup_id {
+            None => HttpRequest::get(endpoint(cfg, &["backup", "list"])).header("accept", "application/json"),
+            Some(id) => HttpRequest::head(endpoint(cfg, &["backup", "download", "database", id])),
+        };
+        authorize(cfg, req, creds)
     }
 
-    /// Picks the newest backup from the listing.
+    /// Picks the newest backup from the listing, or reads the database archive's name.
     pub fn on_response(
         &mut self,
         cfg: &DxpConfig,
         resp: &HttpResponse,
         input: &StepInput<'_>,
     ) -> Result<Progress, StepError> {
+        if let Some(id) = self.backup_id.clone() {
+            return self.on_probe(cfg, &id, resp, input);
+        }
         match resp.status {
             200..=299 => {}
-            401 | 403 => return Err(credentials_refused(resp)),
+            401 | 403 => return Err(credentials_refused(Some(cfg), resp)),
             404 | 410 => {
                 return Err(StepError::permanent(format!(
                     "the DXP backup service has no backup list (HTTP {}): {} (from backup service 5.9.0 the REST API may be unavailable; name the backup in the webhook body as {{\"backup_id\": \"…\"}})",
@@ -265,7 +358,39 @@ impl DxpState {
         };
         self.backup_id = Some(id);
         self.created_at = created;
-        Ok(self.decide(cfg, input))
+        Ok(self.decide(cfg, input).unwrap_or(Progress::Pending { poll_after: Some(Duration::ZERO) }))
+    }
+
+    /// The `HEAD` of the database download: its name as served; a service that offers no `HEAD`
+    /// (405, 501) leaves the documented `database.gz`.
+    fn on_probe(
+        &mut self,
+        cfg: &DxpConfig,
+        id: &str,
+        resp: &HttpResponse,
+        input: &StepInput<'_>,
+    ) -> Result<Progress, StepError> {
+        self.database_file = Some(match resp.status {
+            200..=299 => database_file_name(&resp.headers),
+            405 | 501 => DEFAULT_DATABASE_FILE.to_string(),
+            401 | 403 => return Err(credentials_refused(Some(cfg), resp)),
+            404 | 410 => {
+                return Err(StepError::permanent(format!(
+                    "the DXP backup service has no database download for backup {id} (HTTP {}): {} (from backup \
+                     service 5.9.0 the REST API may be unavailable: lcp backup download is the supported path)",
+                    resp.status,
+                    message_of(resp)
+                )))
+            }
+            _ => {
+                return Err(status_error(
+                    resp,
+                    input.now,
+                    format!("the DXP backup service answered HTTP {}: {}", resp.status, message_of(resp)),
+                ))
+            }
+        });
+        Ok(self.decide(cfg, input).unwrap_or(Progress::Pending { poll_after: None }))
     }
 
     /// What the manifest records.
@@ -275,6 +400,7 @@ impl DxpState {
             "backup_id": self.backup_id,
             "requested": self.requested,
             "created_at": self.created_at,
+            "database_file": self.database_file,
         })
     }
 }
@@ -399,7 +525,13 @@ mod tests {
         let c = creds();
         let params = json!({"backup_id": "dxpcloud-lqgqnewltbexuewymq-201910031723"});
         let mut state = DxpState::default();
-        let Some(Progress::Ready(files)) = state.advance(cfg_of(&s), &input(&s, &c, &params, &[])).unwrap() else {
+        let inp = input(&s, &c, &params, &[]);
+        assert_eq!(state.advance(cfg_of(&s), &inp).unwrap(), None, "the archive's name is asked for first");
+        let head = state.next_request(cfg_of(&s), &c).unwrap();
+        assert_eq!(head.method, crate::http::Method::Head);
+        assert_eq!(head.url, "http://127.0.0.1:9/backup/download/database/dxpcloud-lqgqnewltbexuewymq-201910031723");
+        assert_eq!(head.header_value("dxpcloud-authorization"), Some("Bearer tok"));
+        let Progress::Ready(files) = state.on_response(cfg_of(&s), &served("database.gz"), &inp).unwrap() else {
             panic!()
         };
         let names: Vec<&str> = files.iter().map(|f| f.filename.as_str()).collect();
@@ -408,6 +540,73 @@ mod tests {
             if secret_url == "http://127.0.0.1:9/backup/download/volume/dxpcloud-lqgqnewltbexuewymq-201910031723"));
         assert!(state.requested);
         assert_eq!(state.references(cfg_of(&s))["backup_id"], "dxpcloud-lqgqnewltbexuewymq-201910031723");
+    }
+
+    fn served(name: &str) -> HttpResponse {
+        HttpResponse {
+            status: 200,
+            headers: vec![("content-disposition".into(), format!("attachment; filename=\"{name}\""))],
+            body: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_database_archive_is_stored_under_the_name_the_service_serves() {
+        let s = source(json!({"user_token_secret": "TOKEN"}));
+        let c = creds();
+        let none = json!({});
+        let inp = input(&s, &c, &none, &[]);
+        let list = HttpResponse::json(200, &json!({"backups": [{"backupId": "dxpcloud-b-202611230300"}]}));
+        let mut state = DxpState::default();
+        let p = state.on_response(cfg_of(&s), &list, &inp).unwrap();
+        assert_eq!(p, Progress::Pending { poll_after: Some(Duration::ZERO) });
+        assert_eq!(state.next_request(cfg_of(&s), &c).unwrap().method, crate::http::Method::Head);
+        // A backup service before 4.2 serves database.tgz.
+        let Progress::Ready(files) = state.on_response(cfg_of(&s), &served("database.tgz"), &inp).unwrap() else {
+            panic!()
+        };
+        assert_eq!(files[0].filename, "database.tgz");
+        assert_eq!(state.references(cfg_of(&s))["database_file"], "database.tgz");
+        let name = |value: &str| database_file_name(&[("content-disposition".into(), value.into())]);
+        assert_eq!(name("attachment; filename=database.gz"), "database.gz");
+        assert_eq!(name("attachment; filename*=UTF-8''database.tgz"), "database.tgz");
+        assert_eq!(name("attachment; filename=\"../../lportal.tar.gz\""), "database.tgz");
+        assert_eq!(name("attachment; filename=\"dump.sql\""), "database.gz");
+        assert_eq!(name("inline"), "database.gz");
+        assert_eq!(database_file_name(&[]), "database.gz");
+        // A service that offers no HEAD keeps the documented name.
+        let mut state = DxpState { backup_id: Some("dxpcloud-b-202611230300".into()), ..DxpState::default() };
+        let no_head = HttpResponse { status: 405, headers: vec![], body: Vec::new() };
+        let Progress::Ready(files) = state.on_response(cfg_of(&s), &no_head, &inp).unwrap() else { panic!() };
+        assert_eq!(files[0].filename, "database.gz");
+    }
+
+    #[test]
+    fn an_expired_user_token_fails_naming_the_secret_to_renew() {
+        let c = creds();
+        let none = json!({});
+        let expired = HttpResponse::json(401, &json!({"message": "Token expired"}));
+        let s = source(json!({"user_token_secret": "TOKEN"}));
+        let inp = input(&s, &c, &none, &[]);
+        for mut state in
+            [DxpState::default(), DxpState { backup_id: Some("dxpcloud-b-1".into()), ..DxpState::default() }]
+        {
+            let e = state.on_response(cfg_of(&s), &expired, &inp).unwrap_err();
+            let m = e.message();
+            assert!(!e.is_retryable());
+            assert!(m.contains("user token in the Worker secret TOKEN has expired (HTTP 401: Token expired)"), "{m}");
+            assert!(m.contains("wrangler secret put TOKEN") && m.contains("password_secret"), "{m}");
+        }
+        let refused = HttpResponse::json(401, &json!({"message": "Unauthorized"}));
+        let m = DxpState::default().on_response(cfg_of(&s), &refused, &inp).unwrap_err().message().to_string();
+        assert!(m.contains("TOKEN was refused (it may have expired"), "{m}");
+        let basic = source(json!({"user": "ops@acme.com", "password_secret": "PW"}));
+        let m = DxpState::default()
+            .on_response(cfg_of(&basic), &refused, &input(&basic, &c, &none, &[]))
+            .unwrap_err()
+            .message()
+            .to_string();
+        assert!(m.contains("refused ops@acme.com with the password in the Worker secret PW (HTTP 401)"), "{m}");
     }
 
     #[test]
@@ -447,7 +646,7 @@ mod tests {
         for list in cases {
             let mut state = DxpState::default();
             let p = state.on_response(cfg_of(&s), &HttpResponse::json(200, &list), &input(&s, &c, &none, &[])).unwrap();
-            assert!(matches!(p, Progress::Ready(_)), "{list}");
+            assert!(matches!(p, Progress::Pending { .. }), "{list}");
             assert_eq!(state.backup_id.as_deref(), Some("dxpcloud-b-202611230300"), "{list}");
             assert!(!state.requested);
         }

@@ -15,7 +15,9 @@
 //!    job fails listing what exists (nothing was touched: listing is a read);
 //! 4. `restore(uid, backupFolder, backupNum)`, `uid` being the source deployment's;
 //! 5. poll `restoreStatus(restoreId)` until `OK`; a non-empty `errors` fails the job with those
-//!    messages, any other status keeps polling until the source's `export_timeout`.
+//!    messages; any other status (only `OK` is documented) keeps polling until the restore's
+//!    deadline, `restore_timeout_minutes` after Dgraph accepted it (default 6 h), then the job
+//!    fails saying the restore may still be running.
 //!
 //! A restore replaces all data of the backend: the request must repeat the deployment's uid, or
 //! the name the configuration uses for the backend (the source's name; in account mode the
@@ -468,7 +470,7 @@ impl DgraphRestore {
                     self.step = Step::Done;
                     Ok(Answer::Continue)
                 } else {
-                    // Any other status: still restoring, until the source's export_timeout.
+                    // Any other status: still restoring, until restore_timeout_minutes.
                     Ok(Answer::Pending)
                 }
             }
@@ -510,14 +512,17 @@ impl Restorer for DgraphRestore {
             }
             _ => {
                 let started = self.restore_started_at.unwrap_or(cx.now);
-                let budget = cx.source.export_timeout;
+                let budget = cfg.restore_timeout();
                 if cx.now.since(started) > budget {
                     return Ok(Next::Finished(Err(format!(
-                        "Dgraph restore {} did not report OK within {} min (the source's export_timeout); last \
-                         status {:?}. It may still be running on the backend",
+                        "Dgraph restore {} did not report OK within {} min (the source's restore_timeout_minutes); \
+                         last status {:?}, after {} polls. Dgraph documents no status but OK, so Ferry stops \
+                         waiting: the restore may still be running on the backend, check its data before \
+                         restoring again",
                         self.restore_id.unwrap_or_default(),
                         budget.as_secs() / 60,
-                        self.status.as_deref().unwrap_or("?")
+                        self.status.as_deref().unwrap_or("?"),
+                        self.polls
                     ))));
                 }
                 self.auth.slash_call(cfg, cx.creds, RESTORE_STATUS, json!({ "restoreId": self.restore_id }))?

@@ -260,8 +260,9 @@ fn an_unanswered_restore_mutation_is_never_sent_again() {
 }
 
 #[test]
-fn unknown_statuses_keep_polling_until_the_export_timeout() {
-    let mut h = Harness::new(json!({}), json!({"confirm": UID, "deployment_uid": UID}));
+fn unknown_statuses_keep_polling_until_the_restore_deadline_then_fail_naming_it() {
+    // export_timeout_minutes is 60: the restore's own deadline, 30 min, is what counts.
+    let mut h = Harness::new(json!({"restore_timeout_minutes": 30}), json!({"confirm": UID, "deployment_uid": UID}));
     h.read_manifest(manifest(t("2026-11-23T03:00:00Z"), Value::Null));
     h.request();
     h.data(series());
@@ -271,10 +272,25 @@ fn unknown_statuses_keep_polling_until_the_export_timeout() {
         h.request();
         assert!(matches!(h.data(status(s, json!([]))), Action::Sleep(_)));
     }
-    h.now = h.now.plus(std::time::Duration::from_secs(61 * 60));
+    h.now = h.now.plus(std::time::Duration::from_secs(29 * 60));
+    h.request();
+    assert!(matches!(h.data(status("Paused", json!([]))), Action::Sleep(_)), "still within the deadline");
+    h.now = h.now.plus(std::time::Duration::from_secs(2 * 60));
     assert!(matches!(h.wake(), Action::Done));
+    assert_eq!(h.job.phase, Phase::Failed);
     let err = h.job.error.clone().unwrap();
-    assert!(err.contains("did not report OK within 60 min") && err.contains("\"Paused\""), "{err}");
+    assert!(err.contains("did not report OK within 30 min (the source's restore_timeout_minutes)"), "{err}");
+    assert!(err.contains("\"Paused\"") && err.contains("may still be running"), "{err}");
+}
+
+#[test]
+fn a_restore_deadline_defaults_to_six_hours_and_is_checked_as_a_field() {
+    let crate::providers::ProviderConfig::Dgraph(cfg) = source(json!({})).provider else { panic!() };
+    assert_eq!(cfg.restore_timeout(), std::time::Duration::from_secs(6 * 3600));
+    let bad = json!([{"name": "graph", "kind": "dgraph", "schedule": "0 3 * * *",
+        "endpoint": "http://127.0.0.1:9/", "api_key_secret": "K", "restore_timeout_minutes": 0}]);
+    let err = Config::from_value(&bad).unwrap_err().to_string();
+    assert!(err.contains("restore_timeout_minutes"), "{err}");
 }
 
 #[test]

@@ -244,7 +244,7 @@ fn archives_of(key: &str, manifest: &Manifest) -> Result<Archives, StepError> {
 fn listing(resp: &HttpResponse, now: Timestamp) -> Result<Result<Vec<Value>, String>, StepError> {
     match resp.status {
         200..=299 => {}
-        401 | 403 => return Err(credentials_refused(resp)),
+        401 | 403 => return Err(credentials_refused(None, resp)),
         408 | 429 | 500..=599 => {
             return Err(status_error(
                 resp,

@@ -309,6 +309,11 @@ async fn metrics(env: &Env, config: &Config) -> worker::Result<Response> {
         Ok(log) => text.push_str(&render_notifications(&names, &log.failures)),
         Err(e) => console_error!("metrics: the alert record: {e}"),
     }
+    // The Cloudflare API request budget of each token the D1 sources use.
+    let names: Vec<&str> = config.sources.iter().flat_map(|s| s.secret_names()).collect();
+    let creds = super::credentials(env, &names);
+    let budgets = super::budget::views(env, &crate::budget::token_ids(config, &creds)).await;
+    text.push_str(&crate::metrics::render_budgets(&budgets));
     let mut resp = Response::ok(text)?;
     resp.headers_mut().set("content-type", "text/plain; version=0.0.4; charset=utf-8")?;
     Ok(resp)

@@ -1,6 +1,7 @@
 //! The thin shell over the Workers runtime (wasm32 only).
 //!
-//! Entry points live here; the work is in `api` (the Worker's HTTP API), `source_object` (one
+//! Entry points live here; the work is in `api` (the Worker's HTTP API), `budget` (the Cloudflare
+//! API's request budget per token, and the hook its requests pass through), `source_object` (one
 //! Durable Object per source, running jobs from its alarm), `alerts` (the alert queue's producer
 //! and consumer, and the attempt record), `net` (outgoing fetch with timeouts), `transfer` (one
 //! slice of a copy into R2), `retention` (applying a retention plan, pins), `store` (manifests,
@@ -12,6 +13,7 @@
 
 mod alerts;
 mod api;
+mod budget;
 mod graph_load;
 mod net;
 mod restore;

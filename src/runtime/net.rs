@@ -35,6 +35,7 @@ fn to_request(req: &HttpRequest) -> Result<Request, String> {
         crate::http::Method::Post => Method::Post,
         crate::http::Method::Delete => Method::Delete,
         crate::http::Method::Put => Method::Put,
+        crate::http::Method::Head => Method::Head,
     });
     init.with_headers(headers);
     init.with_redirect(RequestRedirect::Manual);
@@ -141,6 +142,10 @@ pub(crate) async fn exchange(req: &HttpRequest) -> Result<HttpResponse, String> 
         return Err(format!(
             "request to {from} was redirected to {to}, which answered with an HTML page (HTTP {status}), not the API"
         ));
+    }
+    if req.method == crate::http::Method::Head {
+        // A HEAD's answer has no body to read (`fetch` gives it none).
+        return Ok(HttpResponse { status, headers, body: Vec::new() });
     }
     let mut stream = resp.stream().map_err(|e| format!("reading the answer from {}: {e}", host(&req.url)))?;
     let mut body = Vec::new();

@@ -122,6 +122,8 @@ impl DurableObject for SourceObject {
                 self.sweep(body).await
             }
             (Method::Get, "/sweeps/latest") => super::sweeper::latest(&self.storage()).await,
+            // Only on a `~budget-…` object: one API token's request budget.
+            (_, p) if p.starts_with("/budget/") => super::budget::object_request(&self.storage(), req).await,
             // Only on the `~alerts` object: the record of alert delivery attempts.
             (_, p) if p.starts_with("/alerts/") => super::alerts::object_request(&self.storage(), req).await,
             (Method::Get, p) if p.starts_with("/job/") => match JobId::parse(&p["/job/".len()..]) {
@@ -839,10 +841,12 @@ impl SourceObject {
                 self.storage().set_alarm(now.plus(WATCHDOG).to_datetime()).await?;
             }
             event = match action {
-                Action::Send(req) => match super::net::exchange(&req).await {
-                    Ok(resp) => Event::Response(resp),
-                    Err(e) => Event::Unreachable(e),
-                },
+                Action::Send(req) => {
+                    // A poll of a running export goes first: D1 cancels an export left unpolled.
+                    let polling = job.phase == Phase::Exporting && job.provider.max_poll_gap().is_some();
+                    let need = if polling { crate::budget::Need::Poll } else { crate::budget::Need::Start };
+                    super::budget::send(&self.env, &source, &creds, need, &req).await
+                }
                 Action::CopySlice(order) => {
                     // One slice per invocation: each gets the platform's budgets afresh.
                     sliced = true;

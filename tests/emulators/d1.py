@@ -43,8 +43,9 @@ What is emulated
 * The response envelope ``{success, errors, messages, result}``, integer error
   codes ≥ 1000, ``Authorization: Bearer`` or ``X-Auth-Email``+``X-Auth-Key``
   authentication, the ``Ratelimit``/``Ratelimit-Policy`` headers, and the
-  documented "exceed the limit → 429 and block every call" rate limiting, scaled
-  down through the ``rate_limit`` switch.
+  documented "exceed the limit → 429 and block every call" rate limiting per token (1,200 per
+  5 minutes, or what the ``rate_limit`` switch sets), with ``x-ratelimit-limit``,
+  ``x-ratelimit-remaining`` and ``x-ratelimit-reset`` on every answer.
 
 Documented quirks reproduced
 ----------------------------
@@ -125,10 +126,13 @@ from d1_restore import (RE_IMPORT, RE_QUERY, RE_TT_BOOKMARK, RE_TT_RESTORE, RE_U
                         RESTORE_SWITCHES, RestoreMixin)
 
 API_PREFIX = "/client/v4"
+# The limits page's example values, sent with injected fault answers (which count no call).
 RATELIMIT_HEADERS = (
     ("Ratelimit", '"default";r=50;t=30'),
     ("Ratelimit-Policy", '"burst";q=100;w=60'),
 )
+# Cloudflare's documented limit: 1,200 requests per 5 minutes per token, then a 5-minute block.
+DOCUMENTED_RATE_LIMIT = {"limit": 1200, "window": 300, "block": 300}
 DOWNLOAD_CHUNK = 64 * 1024
 PART_SIZE = 5 * 1024 * 1024
 
@@ -262,8 +266,11 @@ class Emulator(RestoreMixin):
         self.requests = deque(maxlen=REQUEST_LOG_SIZE)
         self.downloads = 0
         self.export_calls = 0
-        self.api_calls = deque()
-        self.blocked_until = 0.0
+        self.api_calls: dict[str, deque] = {}       # caller token -> call times in the window
+        self.blocked_until: dict[str, float] = {}   # caller token -> end of its block
+        self.api_calls_total = 0                    # calls counted while rate_limit is set
+        self.rate_limited = 0                       # 429s that started a block
+        self.blocked_hits = 0                       # calls that arrived during a block
         self.faults_injected: list = []
         self._reset_restore_state()
 
@@ -309,6 +316,8 @@ class Emulator(RestoreMixin):
                     "requests": log_snapshot(self.requests),
                     "downloads": self.downloads,
                     "export_calls": self.export_calls,
+                    "rate_limit_state": {"calls": self.api_calls_total, "rate_limited": self.rate_limited,
+                                         "blocked_hits": self.blocked_hits},
                     "faults_injected": [dict(f) for f in self.faults_injected],
                     "login_requests": LoginOrigin.snapshot(),
                     **self.restore_state()}
@@ -324,32 +333,52 @@ class Emulator(RestoreMixin):
         return entry
 
     # ----- API gatekeeping ---------------------------------------------------
-    def check_rate_limit(self):
-        """Count one API call; raise 429 once the scaled-down limit is exceeded."""
+    def check_rate_limit(self, headers) -> list:
+        """Count one API call of the caller's token and return the answer's rate-limit headers, or
+        raise 429 once the scaled-down limit is exceeded.
+
+        Cloudflare's API allows 1,200 requests per 5 minutes per user or account token, and once
+        that is exceeded "all API calls for the next five minutes will be blocked, receiving a HTTP
+        429 response" (developers.cloudflare.com/fundamentals/api/reference/limits/).  The limit,
+        window and block are the ``rate_limit`` switch (``{"limit", "window", "block"}``, seconds),
+        so tests can make them tiny (unset: the documented 1,200 / 300 s / 300 s); every caller token (``Authorization: Bearer`` or
+        ``X-Auth-Key``) has its own count.  Every answer carries the limits page's headers:
+        ``x-ratelimit-limit``, ``x-ratelimit-remaining``, ``x-ratelimit-reset`` (an RFC 1123 date:
+        when the oldest call of the sliding window leaves it, or the block ends) and the IETF
+        draft's ``Ratelimit: "default";r=<remaining>;t=<seconds>`` and ``Ratelimit-Policy:
+        "default";q=<limit>;w=<window>`` (changelog 2025-09-03).  A call during a block is
+        refused and counted in ``rate_limit_state.blocked_hits``."""
+        key = api_key_of(headers)
         with self.lock:
-            rule = self.switches.get("rate_limit")
-            if not rule:
-                return
+            rule = self.switches.get("rate_limit") or DOCUMENTED_RATE_LIMIT
             now = time.monotonic()
+            limit = int(rule.get("limit", 1200))
             window = float(rule.get("window", 300))
             block = float(rule.get("block", 300))
-            if now < self.blocked_until:
-                raise self._rate_limited(self.blocked_until - now, rule)
-            self.api_calls.append(now)
-            while self.api_calls and self.api_calls[0] <= now - window:
-                self.api_calls.popleft()
-            if len(self.api_calls) > int(rule.get("limit", 1200)):
-                self.blocked_until = now + block
-                self.api_calls.clear()
-                raise self._rate_limited(block, rule)
+            calls = self.api_calls.setdefault(key, deque())
+            while calls and calls[0] <= now - window:
+                calls.popleft()
+            blocked = self.blocked_until.get(key, 0.0)
+            if now < blocked:
+                self.blocked_hits += 1
+                raise self._rate_limited(blocked - now, rule, limit_headers(0, limit, window, blocked - now))
+            calls.append(now)
+            self.api_calls_total += 1
+            if len(calls) > limit:
+                self.blocked_until[key] = now + block
+                self.rate_limited += 1
+                calls.clear()
+                raise self._rate_limited(block, rule, limit_headers(0, limit, window, block))
+            reset_in = calls[0] + window - now if len(calls) >= limit else window
+            return limit_headers(limit - len(calls), limit, window, reset_in)
 
-    def _rate_limited(self, remaining: float, rule: dict) -> ApiError:
+    def _rate_limited(self, remaining: float, rule: dict, headers: list) -> ApiError:
         if rule.get("retry_after_http_date") or self.switches.get("retry_after_http_date"):
             retry_after = email.utils.formatdate(time.time() + math.ceil(remaining), usegmt=True)
         else:
             retry_after = str(max(1, math.ceil(remaining)))
         return ApiError(429, 10429, "Rate limited. Please wait and consider throttling your request speed",
-                        [("Retry-After", retry_after)])
+                        headers + [("Retry-After", retry_after)])
 
     def pop_fail_next(self) -> Reply | None:
         with self.lock:
@@ -558,6 +587,22 @@ class Emulator(RestoreMixin):
             return None, (entry.target, dict(self.switches))
 
 
+def api_key_of(headers) -> str:
+    """Whose count a call is on: the bearer token or the global API key, as presented."""
+    auth = headers.get("Authorization", "")
+    if auth.startswith("Bearer "):
+        return auth[7:].strip()
+    return headers.get("X-Auth-Key") or ""
+
+
+def limit_headers(remaining: int, limit: int, window: float, reset_in: float) -> list:
+    reset_s = max(1, math.ceil(reset_in))
+    return [("x-ratelimit-limit", str(limit)), ("x-ratelimit-remaining", str(max(0, remaining))),
+            ("x-ratelimit-reset", email.utils.formatdate(time.time() + reset_s, usegmt=True)),
+            ("Ratelimit", f'"default";r={max(0, remaining)};t={reset_s}'),
+            ("Ratelimit-Policy", f'"default";q={limit};w={math.ceil(window)}')]
+
+
 def parse_export_body(body: bytes) -> dict:
     try:
         request = json.loads(body or b"null")
@@ -663,13 +708,14 @@ class Handler(BaseHandler):
 
         if answer_fault(self, fault, error_reply):
             return
+        self._rate_headers = []
         try:
             if fault is not None and fault["fault"] == "provider_error" and self._step == "export":
                 raise ApiError(400, 7500, fault["message"])
             reply = self.route_api(emu, path, body, fault)
         except ApiError as exc:
             reply = failure_reply(exc.status, exc.code, exc.message, exc.headers)
-        reply.headers = list(RATELIMIT_HEADERS) + reply.headers
+        reply.headers = self._rate_headers + reply.headers
         if fault is not None and fault["fault"] in ("truncate", "truncate_chunked"):
             write_cut_reply(self, reply, fault.get("truncate_at"), chunked=fault["fault"] == "truncate_chunked")
             return
@@ -681,7 +727,11 @@ class Handler(BaseHandler):
         if export:
             with emu.lock:
                 emu.export_calls += 1
-        emu.check_rate_limit()
+        try:
+            self._rate_headers = emu.check_rate_limit(self.headers)
+        except ApiError:
+            self._rate_headers = []
+            raise
         if export:
             if self.command != "POST":
                 raise ApiError(405, 10405, "Method not allowed")

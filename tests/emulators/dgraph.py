@@ -72,7 +72,11 @@ What is emulated
 Reproduced quirks (see the reference for the evidence)
 -------------------------------------------------------
 * Cerebro ``login`` is a query; bad credentials give ``{"data":{"login":null}}`` and no error.
-* ``export`` answers ``Export queued with ID <taskId>``; ``taskId`` is ``%#x`` hex.
+* ``export`` answers ``Export queued with ID <taskId>``; ``taskId`` is ``%#x`` hex.  The switch
+  ``export_answer_form`` picks the answer's shape: ``selection`` (default, ``data.export =
+  {response, exportId, taskId}``), ``docs_example`` (Dgraph Cloud's documented example:
+  ``data.export`` is the export id string, with ``data.response`` and ``data.taskID`` beside it)
+  or ``unrecognised`` (``data.export = {response}`` with no task id; the export is queued anyway).
 * ``namespace`` omitted exports the caller's namespace (core ``validateAndGetNs``); ``-1``
   exports all namespaces and only a Galaxy guardian may ask for it; a Guardian of another
   namespace asking for a foreign namespace gets core's ``not allowed to export namespace 0x..``.
@@ -153,6 +157,9 @@ from common import (API_FAULTS, BaseHandler, RANGE_SWITCHES, REQUEST_LOG_SIZE, S
                     s3_error_reply, serve_download, serve_main, take_fault, ttl_switch_changes, write_cut_reply)
 
 DEFAULT_BACKEND = "default"
+# How the export mutation answers (switch ``export_answer_form``): as its selection set asks
+# (``selection``), as Dgraph Cloud's docs print it (``docs_example``), or in a form neither shows.
+EXPORT_ANSWER_FORMS = ("selection", "docs_example", "unrecognised")
 REFRESH_TTL = 30 * 24 * 3600
 CEREBRO_TTL = 3 * 3600
 MALFORMED_BODY = b"<html>502 Bad Gateway</html>"
@@ -1170,9 +1177,20 @@ class Emulator:
             if legacy:
                 self._advance(export, host)
                 return json_reply({"data": {"export": {"signedUrls": list(export.urls)}}}, op="legacy_export")
+        response = {"code": "Success", "message": f"Export queued with ID {task_id}"}
+        with self.lock:
+            form = self.switches["export_answer_form"]
+        if form == "docs_example":
+            # The answer as Dgraph Cloud's own docs show it ("Export data from Dgraph Cloud",
+            # dgraph-io/cloud-docs, and dgraph-docs' cloud pages): `data.export` is the export id
+            # as a string, with `response` and `taskID` (capital D) beside it, not inside it.
+            return json_reply({"data": {"export": export_id, "response": response, "taskID": task_id}}, op="export")
+        if form == "unrecognised":
+            # An answer in neither documented form (no task id anywhere): the export was queued
+            # all the same, so a client that sends the mutation again starts a second export.
+            return json_reply({"data": {"export": {"response": response}}}, op="export")
         return json_reply({"data": {"export": {
-            "response": {"code": "Success", "message": f"Export queued with ID {task_id}"},
-            "exportId": export_id, "taskId": task_id}}}, op="export")
+            "response": response, "exportId": export_id, "taskId": task_id}}}, op="export")
 
     def _advance(self, export: Export, host: str):
         export.polls += 1
@@ -1288,6 +1306,8 @@ def validate_switches(changes: dict) -> str | None:
     if "restore_status_sequence" in changes and (not is_str_list(changes["restore_status_sequence"])
                                                  or not changes["restore_status_sequence"]):
         return "restore_status_sequence must be a non-empty list of strings"
+    if "export_answer_form" in changes and changes["export_answer_form"] not in EXPORT_ANSWER_FORMS:
+        return f"export_answer_form must be one of {', '.join(EXPORT_ANSWER_FORMS)}"
     for name in ("graphql_error_next", "failing_backends", "non_dedicated_backends", "restore_errors"):
         if name in changes and not is_str_list(changes[name]):
             return f"{name} must be a list of strings"
@@ -1504,6 +1524,7 @@ def default_switches(args) -> dict:
         "restore_status_sequence": ["InProgress", "OK"],
         "restore_errors": [],
         "signed_url_query": True,
+        "export_answer_form": "selection",
         "faults": [],
         **RANGE_SWITCHES,
     }

@@ -72,7 +72,8 @@ path), the last 2000 requests, ``downloads`` and ``bytes_sent``.  The download s
 * ``chunked`` (bool): no ``Content-Length``, chunked transfer coding (ranges still apply).
 
 Injected faults (``faults``, see ``common.py``): steps ``list`` (``GET /backup/list``),
-``download`` (either download) and ``upload`` (``POST /backup/upload``; ``provider_error`` there
+``download`` (either download's GET; a HEAD of a download is logged as step ``probe`` and takes no
+fault) and ``upload`` (``POST /backup/upload``; ``provider_error`` there
 refuses it 400 with the documented GCS message, taking nothing).  ``provider_error`` at ``list`` lists every backup as
 ``status:"failed"`` (the service flags failed backups; the message is unused); at ``download``
 it answers 401 ``{"message": "Token expired"}``.  There is no export to be ``stuck``: the service
@@ -768,6 +769,10 @@ class Emulator:
             scheme, _, token = user_header.strip().partition(" ")
             if scheme.lower() == "bearer" and token.strip():
                 if expired:
+                    # A user token is the browser's access_token cookie and expires (Liferay Cloud,
+                    # "Authentication": learn.liferay.com/liferay-cloud/latest/en/infrastructure-
+                    # and-operations/security/authentication.html). The service's exact words on
+                    # expiry are undocumented; this 401 body is the emulator's stand-in.
                     refusals.append("Token expired")
                 elif secrets.compare_digest(token.strip().encode(), self.user_token.encode()):
                     return
@@ -940,8 +945,10 @@ class Handler(BaseHandler):
             if path.startswith("/__control"):
                 self.handle_control(path, reader)
             else:
+                # A HEAD of a download (a client reading the archive's name) is step "probe": it
+                # serves no bytes, so the download faults and counters are left to the GETs.
                 self._step = "list" if path.rstrip("/") == "/backup/list" else \
-                    "download" if RE_DOWNLOAD.match(path) else \
+                    ("probe" if self.command == "HEAD" else "download") if RE_DOWNLOAD.match(path) else \
                     "upload" if path.rstrip("/") == "/backup/upload" else None
                 fault = self.emulator.take_fault(self._step)
                 if fault is not None:
@@ -1029,6 +1036,9 @@ class Handler(BaseHandler):
         if kind == "volume":
             artifact, filename = backup.volume, "volume.tgz"
         elif switches["database_tgz"] and backup.database_tgz is not None:
+            # Backup service < 4.2 serves the database as a .tgz wrapping database.gz, 4.2 and later
+            # as database.gz (Liferay, "Downloading and Uploading Backups"). The name travels in
+            # Content-Disposition, on GET and on HEAD alike.
             artifact, filename = backup.database_tgz, "database.tgz"
         else:
             artifact, filename = backup.database, "database.gz"
