@@ -142,6 +142,13 @@ pub struct D1Restore {
     /// Notes for the reader (a time travel that fell back to an import).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// The backup's query artifact (virtual tables, exact integers; see
+    /// `providers::d1::query`), imported after the dump.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra: Option<DumpRef>,
+    /// Whether the import under way is that artifact's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub importing_extra: bool,
 }
 
 /// Checks a restore or drill request and makes the restore's state: `Err` is the 400 the caller
@@ -167,6 +174,8 @@ pub fn plan(task: Task, cfg: &D1Config, params: &Value, backup: Option<String>) 
         result: None,
         altered: None,
         notes: Vec::new(),
+        extra: None,
+        importing_extra: false,
     };
     match task {
         Task::Drill => {
@@ -270,6 +279,14 @@ impl D1Restore {
     /// The next request or R2 order.
     fn next_with(&self, cfg: &D1Config, token: &Secret, job: &JobId, now: Timestamp) -> Result<Next, StepError> {
         let dump = || self.dump.as_ref().ok_or_else(|| StepError::permanent("the backup's manifest was not read"));
+        // The file being imported: the dump, then the query artifact.
+        let file = || {
+            if self.importing_extra {
+                self.extra.as_ref().ok_or_else(|| StepError::permanent("no query artifact"))
+            } else {
+                dump()
+            }
+        };
         let target = || self.target.as_deref().ok_or_else(|| StepError::permanent("no target database"));
         Ok(match self.step {
             Step::ReadManifest => Next::Io(Io::ReadManifest { key: self.manifest_key.clone() }),
@@ -282,18 +299,18 @@ impl D1Restore {
             Step::Init => Next::Send(authed(
                 HttpRequest::post_json(
                     db_url(cfg, &[target()?, "import"])?,
-                    &json!({ "action": "init", "etag": dump()?.md5 }),
+                    &json!({ "action": "init", "etag": file()?.md5 }),
                 ),
                 token,
             )),
             Step::Upload => {
                 let url = self.secret_upload_url.clone().ok_or_else(|| StepError::permanent("no upload URL"))?;
-                Next::Io(Io::Upload { key: dump()?.key.clone(), size: dump()?.size, url })
+                Next::Io(Io::Upload { key: file()?.key.clone(), size: file()?.size, url })
             }
             Step::Ingest => Next::Send(authed(
                 HttpRequest::post_json(
                     db_url(cfg, &[target()?, "import"])?,
-                    &json!({ "action": "ingest", "etag": dump()?.md5, "filename": self.import_filename }),
+                    &json!({ "action": "ingest", "etag": file()?.md5, "filename": self.import_filename }),
                 ),
                 token,
             )),
@@ -371,6 +388,7 @@ impl D1Restore {
         match (self.step, done) {
             (Step::ReadManifest, IoDone::Manifest(key, manifest)) => {
                 self.dump = Some(dump_of(&key, &manifest)?);
+                self.extra = query_export_of(&key, &manifest);
                 self.manifest_key = Some(key);
                 self.step = match self.mode {
                     Mode::Drill => Step::Digest,
@@ -388,7 +406,8 @@ impl D1Restore {
                         StepError::permanent(msg)
                     });
                 }
-                let md5 = self.dump.as_ref().map(|d| d.md5.clone()).unwrap_or_default();
+                let file = if self.importing_extra { self.extra.as_ref() } else { self.dump.as_ref() };
+                let md5 = file.map(|d| d.md5.clone()).unwrap_or_default();
                 let got = etag.as_deref().map(|e| e.trim().trim_start_matches("W/").trim_matches('"').to_string());
                 if got.as_deref() != Some(md5.as_str()) {
                     return Err(StepError::permanent(format!(
@@ -537,6 +556,15 @@ impl D1Restore {
                 self.step = Step::Poll;
                 Ok(Answer::Pending)
             }
+            Some("complete") if !self.importing_extra && self.extra.is_some() => {
+                // The dump is in: now the query artifact, through the same init/upload/ingest/poll.
+                self.importing_extra = true;
+                self.secret_upload_url = None;
+                self.import_filename = None;
+                self.import_bookmark = None;
+                self.step = Step::Init;
+                Ok(Answer::Continue)
+            }
             Some("complete") => {
                 self.result = result.get("result").cloned();
                 self.step = match self.mode {
@@ -626,7 +654,11 @@ impl Restorer for D1Restore {
 /// The dump of a D1 backup, from its manifest.
 fn dump_of(key: &str, manifest: &Manifest) -> Result<DumpRef, StepError> {
     let folder = crate::manifest::folder_of(key).unwrap_or_default().to_string();
-    let sql: Vec<_> = manifest.artifacts.iter().filter(|a| crate::dump::Tally::applies_to(&a.filename)).collect();
+    let sql: Vec<_> = manifest
+        .artifacts
+        .iter()
+        .filter(|a| crate::dump::Tally::applies_to(&a.filename) && !crate::providers::d1::query::is_query_export(a))
+        .collect();
     let artifact = match sql.as_slice() {
         [one] => *one,
         [] => return Err(StepError::permanent(format!("backup {folder} holds no .sql dump to restore"))),
@@ -645,6 +677,20 @@ fn dump_of(key: &str, manifest: &Manifest) -> Result<DumpRef, StepError> {
         md5,
         row_counts: artifact.row_counts.clone().unwrap_or_default(),
         at_bookmark: manifest.provider.get("at_bookmark").and_then(Value::as_str).map(str::to_string),
+        finished_at: manifest.finished_at,
+    })
+}
+
+/// The backup's query artifact, when it has one with the MD5 an import needs.
+fn query_export_of(key: &str, manifest: &Manifest) -> Option<DumpRef> {
+    let artifact = manifest.artifacts.iter().find(|a| crate::providers::d1::query::is_query_export(a))?;
+    Some(DumpRef {
+        folder: crate::manifest::folder_of(key).unwrap_or_default().to_string(),
+        key: artifact.key.clone(),
+        size: artifact.size,
+        md5: artifact.md5.clone()?,
+        row_counts: BTreeMap::new(),
+        at_bookmark: None,
         finished_at: manifest.finished_at,
     })
 }

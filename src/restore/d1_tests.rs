@@ -405,3 +405,33 @@ fn an_import_into_a_database_that_does_not_exist_fails_before_anything_is_sent_t
     let error = h.job.error.clone().unwrap_or_default();
     assert!(error.contains("target database db-2 does not exist") && error.contains("could not be found"), "{error}");
 }
+
+#[test]
+fn an_import_applies_the_query_artifact_after_the_dump() {
+    const EXTRA_MD5: &str = "fedcba9876543210fedcba9876543210";
+    let mut h = Harness::new(Task::Restore, import_params());
+    h.io();
+    let mut m = manifest(&[], t0());
+    let name = crate::providers::d1::query::FILENAME;
+    m.artifacts.insert(
+        0,
+        Artifact {
+            md5: Some(EXTRA_MD5.into()),
+            details: Some(json!({"role": crate::providers::d1::query::ROLE})),
+            ..Artifact::sample(format!("{FOLDER}{name}"), name, 300, "s", "application/sql")
+        },
+    );
+    h.manifest(m);
+    h.import("db-2");
+    let init = h.request();
+    assert_eq!(body(&init), json!({"action": "init", "etag": EXTRA_MD5}), "then the query artifact");
+    h.answer(200, json!({"upload_url": "https://r2.example/up2", "filename": "g.sql"}));
+    let Io::Upload { key, size, .. } = h.io() else { panic!("expected the upload") };
+    assert_eq!((key, size), (format!("{FOLDER}{name}"), 300));
+    h.feed(Event::RestoreIo(Ok(IoDone::Uploaded { status: 200, etag: Some(EXTRA_MD5.into()), body: String::new() })));
+    let ingest = h.request();
+    assert_eq!(body(&ingest), json!({"action": "ingest", "etag": EXTRA_MD5, "filename": "g.sql"}));
+    h.answer(200, json!({"status": "complete", "at_bookmark": "imp-2", "result": {"num_queries": 3}}));
+    h.wake();
+    assert_eq!(h.job.phase, Phase::Restored);
+}
