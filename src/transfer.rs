@@ -237,29 +237,6 @@ impl Generator for crate::providers::aura::GraphWriter {
     }
 }
 
-impl Generator for crate::providers::d1::query::QueryWriter {
-    fn next_request(&self) -> Option<HttpRequest> {
-        Self::next_request(self)
-    }
-    fn on_response(&mut self, resp: &crate::http::HttpResponse, now: Timestamp) -> Result<(), StepError> {
-        Self::on_response(self, resp, now)
-    }
-    fn take_output(&mut self) -> Vec<u8> {
-        Self::take_output(self)
-    }
-    fn shrink_page(&mut self, why: &str) -> Result<u32, StepError> {
-        Self::shrink_page(self, why)
-    }
-    fn end_slice(self: Box<Self>, state: &mut CopyState) -> Result<Vec<u8>, StepError> {
-        let (rest, cursor) = (*self).end_slice();
-        state.query = Some(cursor);
-        Ok(rest)
-    }
-    fn finish(self: Box<Self>) -> Result<(Vec<u8>, serde_json::Value), StepError> {
-        Ok((*self).finish())
-    }
-}
-
 /// Where a generated artifact (the Aura graph export) stopped between slices.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GraphCursor {

@@ -321,7 +321,8 @@ pub fn on_response(
         }
         Stage::Export => return on_export_response(state, resp, now),
     }
-    Ok(Progress::Again)
+    // A step done (its retries start anew): the next query at once.
+    Ok(Progress::Pending { poll_after: Some(Duration::ZERO) })
 }
 
 /// The longest gap between two polls of an active export. D1 cancels an export that is not
@@ -506,7 +507,10 @@ mod tests {
         let req = next_request(cfg, &s, &token).unwrap();
         assert!(req.url.ends_with("/accounts/acc/d1/database/db-1/query"), "{}", req.url);
         assert!(sql_of(&req).contains("FROM sqlite_schema"));
-        assert_eq!(on_response(cfg, &mut s, &answer(schema), now()).unwrap(), Progress::Again);
+        assert_eq!(
+            on_response(cfg, &mut s, &answer(schema), now()).unwrap(),
+            Progress::Pending { poll_after: Some(Duration::ZERO) }
+        );
         assert_eq!(sql_of(&next_request(cfg, &s, &token).unwrap()), "PRAGMA table_list");
         on_response(cfg, &mut s, &answer(table_list), now()).unwrap();
         let mut windows = windows.iter();
@@ -521,6 +525,18 @@ mod tests {
             on_response(cfg, &mut s, &answer(reply), now()).unwrap();
         }
         s
+    }
+
+    /// The export's answers, active then complete; the files it hands over.
+    fn exported(s: &mut D1State) -> Vec<Download> {
+        on_export_response(s, &active(&[]), now()).unwrap();
+        let done = HttpResponse::json(
+            200,
+            &json!({"success": true, "result": {"at_bookmark": "bm-1", "status": "complete",
+            "result": {"filename": "x.sql", "signed_url": "https://r2.example/x.sql"}}}),
+        );
+        let Progress::Ready(files) = on_export_response(s, &done, now()).unwrap() else { panic!() };
+        files
     }
 
     fn fts_schema() -> Value {
@@ -569,13 +585,7 @@ mod tests {
         assert_eq!(refs["paths"]["query_tables"], json!(["docs"]));
         assert_eq!(refs["paths"]["dump_tables"][0], "nums");
         // The completed export hands over the query artifact first, then the dump.
-        on_export_response(&mut s, &active(&[]), now()).unwrap();
-        let done = HttpResponse::json(
-            200,
-            &json!({"success": true, "result": {"at_bookmark": "bm-1", "status": "complete",
-            "result": {"filename": "x.sql", "signed_url": "https://r2.example/x.sql"}}}),
-        );
-        let Progress::Ready(files) = on_export_response(&mut s, &done, now()).unwrap() else { panic!() };
+        let files = exported(&mut s);
         assert_eq!(files.iter().map(|f| f.filename.as_str()).collect::<Vec<_>>(), ["ferry_query_export.sql", "x.sql"]);
         assert_eq!(files[0].origin, crate::providers::Origin::D1Query);
     }
@@ -592,13 +602,7 @@ mod tests {
             serde_json::from_slice(next_request(&c, &s, &Secret::new("tok")).unwrap().body.as_deref().unwrap())
                 .unwrap();
         assert_eq!(body["dump_options"]["tables"], json!(["users"]));
-        on_export_response(&mut s, &active(&[]), now()).unwrap();
-        let done = HttpResponse::json(
-            200,
-            &json!({"success": true, "result": {"at_bookmark": "bm-1", "status": "complete",
-            "result": {"filename": "x.sql", "signed_url": "https://r2.example/x.sql"}}}),
-        );
-        let Progress::Ready(files) = on_export_response(&mut s, &done, now()).unwrap() else { panic!() };
+        let files = exported(&mut s);
         assert_eq!(files.len(), 1);
     }
 

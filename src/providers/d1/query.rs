@@ -28,6 +28,7 @@ use serde_json::{json, Map, Value};
 use crate::error::StepError;
 use crate::http::{HttpRequest, HttpResponse};
 use crate::time::Timestamp;
+use crate::transfer::Generator;
 
 use super::DumpOptions;
 
@@ -551,8 +552,45 @@ impl QueryWriter {
         }
     }
 
+    /// Where it stands, for the next slice, with the bytes not taken yet.
+    pub fn end_slice(mut self) -> (Vec<u8>, QueryCursor) {
+        self.cursor.page_rows = Some(self.spec.page_rows);
+        (std::mem::take(&mut self.out), self.cursor)
+    }
+
+    /// The last bytes and the artifact's `details`: its role, rows per virtual table, exact values
+    /// per column.
+    pub fn finish(mut self) -> (Vec<u8>, Value) {
+        let big: Vec<&String> = self.cursor.exact.keys().collect();
+        let mut warnings = Vec::new();
+        if !big.is_empty() {
+            warnings.push(format!(
+                "integers beyond 2^53 in {}: D1's export rounds them; their exact values are in {FILENAME}, which a \
+                 restore applies after the dump",
+                big.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            ));
+        }
+        let details = json!({
+            "role": ROLE,
+            "statements": self.cursor.statements,
+            "virtual_tables": self.spec.items.iter().filter_map(|i| match i {
+                Item::Virtual(v) => Some(json!({
+                    "name": v.name,
+                    "content": v.content,
+                    "rows": self.cursor.rows.get(&v.name).copied().unwrap_or(0),
+                })),
+                Item::Patch { .. } => None,
+            }).collect::<Vec<_>>(),
+            "exact_integers": self.cursor.exact,
+            "warnings": warnings,
+        });
+        (std::mem::take(&mut self.out), details)
+    }
+}
+
+impl Generator for QueryWriter {
     /// The next query, or `None` when everything is written.
-    pub fn next_request(&self) -> Option<HttpRequest> {
+    fn next_request(&self) -> Option<HttpRequest> {
         let item = self.spec.items.get(self.cursor.item)?;
         let (table, columns) = match item {
             Item::Virtual(v) => (&v.name, None),
@@ -603,7 +641,7 @@ impl QueryWriter {
     }
 
     /// Writes one answer.
-    pub fn on_response(&mut self, resp: &HttpResponse, now: Timestamp) -> Result<(), StepError> {
+    fn on_response(&mut self, resp: &HttpResponse, now: Timestamp) -> Result<(), StepError> {
         let Some(item) = self.spec.items.get(self.cursor.item).cloned() else { return Ok(()) };
         let rows = rows(resp, now, "reading a table D1's export cannot carry")?;
         match (item, self.cursor.columns.clone()) {
@@ -678,12 +716,12 @@ impl QueryWriter {
     }
 
     /// Bytes written so far (drained).
-    pub fn take_output(&mut self) -> Vec<u8> {
+    fn take_output(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.out)
     }
 
     /// A page was over the response cap: halve the page size, down to one row.
-    pub fn shrink_page(&mut self, why: &str) -> Result<u32, StepError> {
+    fn shrink_page(&mut self, why: &str) -> Result<u32, StepError> {
         if self.spec.page_rows <= 1 {
             return Err(StepError::permanent(format!(
                 "a single row read through the D1 query API is over the response cap ({why})"
@@ -693,39 +731,14 @@ impl QueryWriter {
         Ok(self.spec.page_rows)
     }
 
-    /// Where it stands, for the next slice, with the bytes not taken yet.
-    pub fn end_slice(mut self) -> (Vec<u8>, QueryCursor) {
-        self.cursor.page_rows = Some(self.spec.page_rows);
-        (std::mem::take(&mut self.out), self.cursor)
+    fn end_slice(self: Box<Self>, state: &mut crate::transfer::CopyState) -> Result<Vec<u8>, StepError> {
+        let (rest, cursor) = (*self).end_slice();
+        state.query = Some(cursor);
+        Ok(rest)
     }
 
-    /// The last bytes and the artifact's `details`: its role, rows per virtual table, exact values
-    /// per column.
-    pub fn finish(mut self) -> (Vec<u8>, Value) {
-        let big: Vec<&String> = self.cursor.exact.keys().collect();
-        let mut warnings = Vec::new();
-        if !big.is_empty() {
-            warnings.push(format!(
-                "integers beyond 2^53 in {}: D1's export rounds them; their exact values are in {FILENAME}, which a \
-                 restore applies after the dump",
-                big.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
-            ));
-        }
-        let details = json!({
-            "role": ROLE,
-            "statements": self.cursor.statements,
-            "virtual_tables": self.spec.items.iter().filter_map(|i| match i {
-                Item::Virtual(v) => Some(json!({
-                    "name": v.name,
-                    "content": v.content,
-                    "rows": self.cursor.rows.get(&v.name).copied().unwrap_or(0),
-                })),
-                Item::Patch { .. } => None,
-            }).collect::<Vec<_>>(),
-            "exact_integers": self.cursor.exact,
-            "warnings": warnings,
-        });
-        (std::mem::take(&mut self.out), details)
+    fn finish(self: Box<Self>) -> Result<(Vec<u8>, Value), StepError> {
+        Ok((*self).finish())
     }
 }
 

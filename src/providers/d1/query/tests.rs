@@ -1,4 +1,5 @@
 use super::*;
+use crate::transfer::Generator;
 
 fn obj(kind: &str, name: &str, tbl: &str, sql: Option<&str>) -> SchemaObject {
     SchemaObject { kind: kind.into(), name: name.into(), tbl_name: tbl.into(), sql: sql.map(str::to_string) }
