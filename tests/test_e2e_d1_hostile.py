@@ -125,6 +125,7 @@ def test_the_query_artifact_captures_virtual_tables_and_exact_integers_and_the_j
     assert {v["name"]: (v["content"], v["rows"]) for v in details["virtual_tables"]} == {
         "notes": ("rows", 3), "articles_fts": ("external", 0)}
     assert details["exact_integers"] == {"nums.v": 3, "ids.big": 2}
+    assert backup["manifest"]["provider"]["paths"]["exact_integer_columns"] == ["ids.big", "nums.v"]
     text = backup["files"]["ferry_query_export.sql"].decode()
     assert "INSERT INTO \"articles_fts\"(\"articles_fts\") VALUES('rebuild');" in text
     assert f'UPDATE "nums" SET "v" = {MAX} WHERE rowid = 3;' in text, text

@@ -89,7 +89,7 @@ pub struct ScanTable {
     /// Its columns, once read (`PRAGMA table_info`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub columns: Option<Vec<String>>,
-    /// Values found so far per column.
+    /// Per column: the scan windows that found integers beyond 2^53 in it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub big: BTreeMap<String, u64>,
     /// Whether its rowid is a column (`INTEGER PRIMARY KEY`), so the dump carries it. Otherwise the
@@ -130,7 +130,7 @@ impl QueryPlan {
         self.scan_at >= self.scan.len()
     }
 
-    /// `table.column` → values found beyond 2^53.
+    /// `table.column` → scan windows that found integers beyond 2^53 in it.
     pub fn big_columns(&self) -> BTreeMap<String, u64> {
         self.scan.iter().flat_map(|t| t.big.iter().map(move |(c, n)| (format!("{}.{c}", t.name), *n))).collect()
     }
@@ -145,7 +145,7 @@ impl QueryPlan {
         json!({
             "dump_tables": self.dump_tables,
             "query_tables": self.virtual_tables.iter().map(|v| &v.name).collect::<Vec<_>>(),
-            "exact_integers": self.big_columns(),
+            "exact_integer_columns": self.big_columns().into_keys().collect::<Vec<_>>(),
             "export": self.export,
         })
     }
