@@ -11,9 +11,9 @@
 //! runtime says the CPU budget is nearly spent); the next alarm runs the next slice.
 //!
 //! The Aura graph export and D1's query artifact are generated, not downloaded: each slice reads
-//! pages from the persisted cursor (the graph's ends one gzip member). Bytes that do not fill a part are parked in a small R2 object
-//! (`<key>.tail-<slice>`) and read back by the next slice; its state is persisted only at the end
-//! of the slice, so parts, cursor and tail always agree.
+//! pages from the persisted cursor (a graph slice ends one gzip member). Bytes that do not fill a
+//! part are parked in a small R2 object (`<key>.tail-<slice>`) and read back by the next slice;
+//! its state is persisted only at the end of the slice, so parts, cursor and tail always agree.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
