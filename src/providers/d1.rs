@@ -17,7 +17,7 @@
 //! - While an export of the database runs (another client's, or ours whose first answer was
 //!   lost), D1 refuses a new one ("Cannot start a new export until that completes or times out")
 //!   and every query ("Currently processing a long-running export"), `workers-sdk#9578`, `#9519`:
-//!   Ferry says so and tries again [`BUSY_RETRY`] later, never in a tight loop.
+//!   Ferry says so and tries again `busy_retry_seconds` later, never in a tight loop.
 //! - Before exporting, the schema is read through the query API: virtual tables (which D1 refuses
 //!   to export) and integers beyond 2^53 (which its export rounds) go through [`query`].
 
@@ -65,6 +65,13 @@ pub struct D1Config {
     /// Rows one query looks at when scanning a table for integers beyond 2^53 (default 10,000).
     #[serde(default = "default_scan_window_rows", deserialize_with = "fields::count::<_, 1, 1_000_000>")]
     pub scan_window_rows: u32,
+    /// Seconds to wait before asking again a database busy with another export (default 120).
+    #[serde(default = "default_busy_retry_seconds", deserialize_with = "fields::count::<_, 1, 3_600>")]
+    pub busy_retry_seconds: u32,
+}
+
+fn default_busy_retry_seconds() -> u32 {
+    120
 }
 
 fn default_query_page_rows() -> u32 {
@@ -241,21 +248,20 @@ fn query_download() -> Download {
 /// query until it completes or times out (`workers-sdk#9578`, `#9519`).
 const BUSY_MARKERS: [&str; 2] = ["Cannot start a new export", "Currently processing a long-running export"];
 
-/// How long Ferry waits before asking a database busy with another export again.
-pub const BUSY_RETRY: Duration = Duration::from_secs(120);
-
-/// The retryable error for an answer saying another export of the database is running.
-fn busy(resp: &HttpResponse) -> Option<StepError> {
+/// The retryable error for an answer saying another export of the database is running: asked
+/// again `busy_retry_seconds` later.
+fn busy(cfg: &D1Config, resp: &HttpResponse) -> Option<StepError> {
     let text = String::from_utf8_lossy(&resp.body);
+    let wait = Duration::from_secs(u64::from(cfg.busy_retry_seconds));
     BUSY_MARKERS.iter().any(|m| text.contains(m)).then(|| StepError::Transient {
         message: format!(
             "D1 is running another export of this database (another client's, or one of Ferry's whose answer was \
              lost) and refuses a new export and every query until it completes or times out; Ferry tries again in \
              {} s. D1 said: {}",
-            BUSY_RETRY.as_secs(),
+            wait.as_secs(),
             resp.snippet(300)
         ),
-        retry_after: Some(BUSY_RETRY),
+        retry_after: Some(wait),
     })
 }
 
@@ -286,7 +292,7 @@ pub fn on_response(
     resp: &HttpResponse,
     now: Timestamp,
 ) -> Result<Progress, StepError> {
-    if let Some(e) = busy(resp) {
+    if let Some(e) = busy(cfg, resp) {
         return Err(e);
     }
     match state.stage() {
@@ -475,6 +481,7 @@ mod tests {
             dump_options: DumpOptions { tables: vec!["users".into()], no_data: false, no_schema: false },
             query_page_rows: 500,
             scan_window_rows: 2,
+            busy_retry_seconds: 120,
         }
     }
 
@@ -658,7 +665,7 @@ mod tests {
                 D1State { plan: Some(query::QueryPlan { export: true, ..Default::default() }), ..Default::default() };
             let err = on_response(&cfg(), &mut s, &resp, now()).unwrap_err();
             let StepError::Transient { message, retry_after } = &err else { panic!("{err:?}") };
-            assert_eq!(*retry_after, Some(BUSY_RETRY));
+            assert_eq!(*retry_after, Some(Duration::from_secs(120)));
             assert!(message.contains("running another export of this database"), "{message}");
             assert!(message.contains("Cannot start a new export"), "{message}");
         }
