@@ -313,7 +313,7 @@ def gather(ferry: Ferry, emu, case: Case, db: Path, followup: bool = True, timeo
         if followup:
             # D1 refuses queries and exports until an export the failed job left behind is cancelled
             # for want of polls (workers-sdk#9578): let the emulator cancel it soon.
-            emu.control(faults=[], **({"cancel_after": 2} if case.provider == "d1" else {}))
+            emu.control(faults=[], **({"cancel_after": 8} if case.provider == "d1" else {}))
             body = b"{}"
             if case.provider == "dxp":  # the newest backup may be copied already: name the oldest
                 body = json.dumps({"backup_id": emu.backup(0)["backupId"]}).encode()
