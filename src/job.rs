@@ -359,6 +359,8 @@ pub enum CopySource {
     Http(HttpRequest),
     /// A graph Ferry reads page by page and writes itself.
     Graph(Box<GraphExport>),
+    /// D1 tables and values Ferry reads page by page through the query API and writes as SQL.
+    D1Query(Box<crate::providers::d1::query::QueryExport>),
     /// An object of the primary R2 bucket (a replicate job), read by ranges.
     R2 {
         /// Its key.
@@ -765,6 +767,9 @@ impl Job {
             Origin::Graph => {
                 cx.source.provider.graph_export(cx.creds, state.started_at).map(|g| CopySource::Graph(Box::new(g)))
             }
+            Origin::D1Query => {
+                self.provider.query_export(&cx.source.provider, cx.creds).map(|q| CopySource::D1Query(Box::new(q)))
+            }
         };
         let source = match prepared {
             Ok(s) => s,
@@ -846,6 +851,7 @@ impl Job {
                     return self.fail(why, cx.now);
                 }
                 self.copy = None;
+                self.note_all(crate::providers::artifact_warnings(&artifact));
                 self.artifacts.push(artifact);
                 self.step_succeeded(cx.now)
             }
@@ -1079,6 +1085,7 @@ impl Job {
                 self.step_succeeded(cx.now)
             }
             Progress::Ready(downloads) => {
+                self.note_all(self.provider.notes());
                 self.phase = Phase::Transferring;
                 self.transfer_started_at = Some(cx.now);
                 self.downloads = downloads;
@@ -1102,6 +1109,15 @@ impl Job {
                 self.finished_at = Some(cx.now);
                 self.next_step_at = None;
                 (self, Action::Spawn(children))
+            }
+        }
+    }
+
+    /// Adds warnings the job does not carry yet.
+    fn note_all(&mut self, warnings: Vec<String>) {
+        for warning in warnings {
+            if !self.warnings.contains(&warning) {
+                self.warnings.push(warning);
             }
         }
     }

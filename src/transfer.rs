@@ -197,6 +197,52 @@ pub struct PartRecord {
     pub sha256: String,
 }
 
+/// A file Ferry writes itself from paged API reads (the Aura graph export, D1's query artifact):
+/// what one slice of its copy drives. Every method is pure; the runtime sends the requests.
+pub trait Generator {
+    /// The next page's request, or `None` when every page has been read.
+    fn next_request(&self) -> Option<HttpRequest>;
+    /// Writes one page's answer.
+    fn on_response(&mut self, resp: &crate::http::HttpResponse, now: Timestamp) -> Result<(), StepError>;
+    /// Bytes produced so far (drained).
+    fn take_output(&mut self) -> Vec<u8>;
+    /// A page was over the response cap: smaller pages from now on; the new size.
+    fn shrink_page(&mut self, why: &str) -> Result<u32, StepError>;
+    /// Ends this slice: the bytes not taken yet, and the cursor stored into `state`.
+    fn end_slice(self: Box<Self>, state: &mut CopyState) -> Result<Vec<u8>, StepError>;
+    /// Ends the file: its last bytes and the artifact's `details`.
+    fn finish(self: Box<Self>) -> Result<(Vec<u8>, serde_json::Value), StepError>;
+    /// Before [`Generator::finish`]: what of the finished file the job reads from `state` (the
+    /// graph export's warnings travel in its cursor). Nothing by default.
+    fn record_end(&self, _state: &mut CopyState) {}
+}
+
+impl Generator for crate::providers::aura::GraphWriter {
+    fn next_request(&self) -> Option<HttpRequest> {
+        Self::next_request(self)
+    }
+    fn on_response(&mut self, resp: &crate::http::HttpResponse, now: Timestamp) -> Result<(), StepError> {
+        Self::on_response(self, resp, now)
+    }
+    fn take_output(&mut self) -> Vec<u8> {
+        Self::take_output(self)
+    }
+    fn shrink_page(&mut self, why: &str) -> Result<u32, StepError> {
+        Self::shrink_page(self, why)
+    }
+    fn end_slice(self: Box<Self>, state: &mut CopyState) -> Result<Vec<u8>, StepError> {
+        let (rest, cursor) = self.end_member()?;
+        state.graph = Some(cursor);
+        Ok(rest)
+    }
+    fn finish(self: Box<Self>) -> Result<(Vec<u8>, serde_json::Value), StepError> {
+        Self::finish(*self)
+    }
+    fn record_end(&self, state: &mut CopyState) {
+        state.graph = Some(self.cursor());
+    }
+}
+
 /// Where a generated artifact (the Aura graph export) stopped between slices.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GraphCursor {
@@ -277,6 +323,9 @@ pub struct CopyState {
     /// Generated artifacts only: where the generator stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub graph: Option<GraphCursor>,
+    /// D1's generated query artifact only: where its writer stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<crate::providers::d1::query::QueryCursor>,
     /// Generated artifacts only: the R2 key holding bytes produced after `offset` that did not
     /// fill a part yet, and how many.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -376,6 +425,7 @@ impl CopyState {
             last_restart: None,
             no_ranges: false,
             graph: None,
+            query: None,
             tail: None,
             tally: None,
             started_at: now,
@@ -478,6 +528,7 @@ impl CopyState {
         self.hash_state = fresh_hash_state();
         self.validators = None;
         self.graph = None;
+        self.query = None;
         self.tail = None;
         if self.tally.is_some() {
             self.tally = Some(crate::dump::TallyState::fresh());

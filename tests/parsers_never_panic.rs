@@ -13,10 +13,11 @@ use ferry::api::route;
 use ferry::budget::{Budget, BudgetPolicy, Decision, Need};
 use ferry::config::Config;
 use ferry::http::HttpResponse;
+use ferry::providers::d1::query::{plan, Content, QueryPlan, ScanTable, VirtualTable};
 use ferry::providers::{Credentials, ProviderState, StepInput};
 use ferry::secret::Secret;
 use ferry::time::Timestamp;
-use ferry::transfer::{parse_content_range, CopyState};
+use ferry::transfer::{parse_content_range, CopyState, Generator};
 use ferry::webhook::{verify, WebhookHeaders, WebhookSecret};
 
 /// Arbitrary JSON, a few levels deep.
@@ -49,7 +50,19 @@ fn sources() -> Vec<Value> {
 /// Provider states part-way through their protocols, as well as fresh ones.
 fn states(kind: &str) -> Vec<Value> {
     match kind {
-        "d1" => vec![json!({"kind": "d1", "at_bookmark": "b", "polls": 1, "filename": null, "messages": []})],
+        "d1" => {
+            let plan = |columns: Value| {
+                json!({"export": true, "dump_tables": [], "scan_at": 0, "schema": true, "data": true,
+                "virtual_tables": [], "scan": [{"name": "t", "columns": columns}]})
+            };
+            vec![
+                json!({"kind": "d1", "at_bookmark": "b", "polls": 1, "filename": null, "messages": []}),
+                json!({"kind": "d1", "polls": 0, "filename": null, "messages": [],
+                       "schema": [{"type": "table", "name": "t", "tbl_name": "t", "sql": "CREATE TABLE t(a)"}]}),
+                json!({"kind": "d1", "polls": 0, "filename": null, "messages": [], "plan": plan(Value::Null)}),
+                json!({"kind": "d1", "polls": 0, "filename": null, "messages": [], "plan": plan(json!(["a", "b"]))}),
+            ]
+        }
         "dgraph" => vec![json!({"kind": "dgraph", "secret_access_jwt": null, "secret_refresh_jwt": null, "logins": 0,
                                 "export_id": "e", "task_id": "t", "status": "Running", "polls": 1, "files": []})],
         _ => vec![],
@@ -180,5 +193,28 @@ proptest! {
             prop_assert!(base.starts_with("http://") || base.starts_with("https://"), "{base}");
         }
         let _ = created(&json!({"data": {"id": "aaaabbbb", "connection_url": url, "username": "u", "password": "p"}}));
+    }
+
+    #[test]
+    fn d1_query_export_answers_and_schemas_never_panic(status in 100u16..600, body in json_value(), raw in prop::collection::vec(any::<u8>(), 0..300), sql in ".{0,120}", name in ".{0,12}") {
+        let config = Config::from_value(&Value::Array(vec![sources()[0].clone()])).unwrap();
+        let ferry::providers::ProviderConfig::D1(cfg) = &config.sources[0].provider else { unreachable!() };
+        let objects = vec![ferry::providers::d1::query::SchemaObject { kind: "table".into(), name: name.clone(), tbl_name: name.clone(), sql: Some(sql.clone()) }];
+        let _ = plan(&objects, &[name.clone()].into(), &Default::default());
+        let mut p = QueryPlan { export: true, schema: true, data: true, ..Default::default() };
+        for content in [Content::Rows, Content::External, Content::Contentless] {
+            p.virtual_tables.push(VirtualTable { name: name.clone(), sql: sql.clone(), content });
+        }
+        p.scan.push(ScanTable { name: name.clone(), columns: None, big: [("c".to_string(), 1)].into(), rowid_alias: false });
+        let spec = cfg.query_export(&p, &Secret::new("t")).unwrap();
+        for payload in [body.to_string().into_bytes(), raw.clone()] {
+            let resp = HttpResponse { status, headers: vec![], body: payload };
+            let mut writer = spec.resume(None);
+            for _ in 0..4 {
+                let _ = writer.next_request();
+                let _ = writer.on_response(&resp, Timestamp::from_secs(1_700_000_000));
+            }
+            let _ = writer.finish();
+        }
     }
 }

@@ -233,14 +233,59 @@ def test_active_polls_switch_spreads_messages(server):
     assert len(lines) == len(set(lines)) == 4  # every line exactly once
 
 
-def test_start_while_active_returns_same_task(server):
+def query_call(server, sql, db_id=MAIN_ID):
+    url = f"http://{server}/client/v4/accounts/{ACCOUNT}/d1/database/{db_id}/query"
+    return request(url, "POST", {"sql": sql}, auth_headers())
+
+
+def test_a_second_export_while_one_runs_is_refused(server):
+    # workers-sdk#9578: "Cannot start a new export until that completes or times out".
     first = export_call(server).json()["result"]
     second = export_call(server)
-    assert second.status == 202
-    assert second.json()["result"]["at_bookmark"] == first["at_bookmark"]
-    assert second.json()["result"]["messages"] == []
+    assert second.status == 200
+    result = second.json()["result"]
+    assert result["status"] == "error" and "Cannot start a new export until that completes or times out" in result["error"]
+    assert "at_bookmark" not in result
     tasks = control(server, "/__control/state")["tasks"]
-    assert len(tasks) == 1 and tasks[0]["status"] == "active"
+    assert len(tasks) == 1 and tasks[0]["status"] == "active" and tasks[0]["at_bookmark"] == first["at_bookmark"]
+
+
+def test_queries_are_refused_while_an_export_runs_and_served_after(server):
+    export_call(server)
+    refused = query_call(server, "SELECT 1 AS one")
+    assert refused.status == 400
+    assert "Currently processing a long-running export" in refused.json()["errors"][0]["message"]
+    assert query_call(server, "SELECT 1 AS one", db_id=EMPTY_ID).status == 200, "other databases are served"
+    control(server, body={"cancel_after": 0})
+    time.sleep(0.05)
+    served = query_call(server, "SELECT 1 AS one")
+    assert served.status == 200 and served.json()["result"][0]["results"] == [{"one": 1}]
+
+
+@pytest.mark.skipif(not fts5_available(), reason="this sqlite3 build lacks fts5")
+def test_a_virtual_table_refusal_blocks_queries_and_exports_until_it_times_out(server):
+    # workers-sdk#9519: after the refusal every query gets "Currently processing a long-running export".
+    control(server, body={"refused_export_block_s": 1})
+    assert run_export(server, FTS_ID)[-1].json()["result"]["error"] == VIRTUAL_TABLE_ERROR
+    assert "long-running export" in query_call(server, "SELECT 1", db_id=FTS_ID).json()["errors"][0]["message"]
+    again = export_call(server, FTS_ID).json()["result"]
+    assert again["status"] == "error" and "Cannot start a new export" in again["error"]
+    time.sleep(1.1)
+    assert query_call(server, "SELECT 1", db_id=FTS_ID).status == 200
+    table_list = query_call(server, "PRAGMA table_list", db_id=FTS_ID).json()["result"][0]["results"]
+    assert {r["name"]: r["type"] for r in table_list if r["name"].startswith("docs")}["docs_data"] == "shadow"
+
+
+def test_query_answers_round_integers_beyond_2_pow_53_as_a_javascript_number_does(server):
+    row = query_call(server, "SELECT 9007199254740993 AS v, -9007199254740993 AS w, 9007199254740992 AS e, "
+                             "CAST(9223372036854775807 AS TEXT) AS t").json()["result"][0]["results"][0]
+    assert row == {"v": 9007199254740992, "w": -9007199254740992, "e": 9007199254740992, "t": "9223372036854775807"}
+
+
+def test_the_status_of_a_running_export_can_be_one_d1_does_not_document(server):
+    control(server, body={"active_status": "queued"})
+    responses = run_export(server)
+    assert [r.json()["result"]["status"] for r in responses] == ["queued", "queued", "complete"]
 
 
 def test_download_matches_dump_and_restores(server, dbs, tmp_path):
@@ -387,7 +432,7 @@ def test_malformed_body(server):
 def test_rate_limit_blocks_every_call(server):
     control(server, body={"rate_limit": {"limit": 3, "window": 10, "block": 1}})
     get_url = f"http://{server}/client/v4/accounts/{ACCOUNT}/d1/database/{MAIN_ID}"
-    assert [export_call(server).status for _ in range(3)] == [202, 202, 202]
+    assert [export_call(server).status for _ in range(3)] == [202, 200, 200]  # one export; two refused
     limited = export_call(server)
     assert limited.status == 429 and limited.headers["Retry-After"] == "1"
     assert request(get_url, headers=auth_headers()).status == 429  # every call is blocked

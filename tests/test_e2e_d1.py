@@ -258,6 +258,9 @@ def test_second_trigger_during_a_running_job_gets_409(world):
     # the fire time waits, no second export reaches D1, and once the job ends one catch-up runs.
     assert ferry.source("busy")["current_job_id"] == job_id
     exports = lambda: [t for t in emulator.state()["tasks"] if t["database_id"] == "busy-uuid"]  # noqa: E731
+    deadline = time.time() + 10
+    while not exports() and time.time() < deadline:  # the schema is read before the export starts
+        time.sleep(0.1)
     assert len(exports()) == 1
     ferry.scheduled("* * * * *", at_ms=BUSY_TICK)
     line = (f"cron * * * * *: busy: due at 2030-01-02T04:17:00.000Z: job {job_id} is still in flight; "

@@ -41,7 +41,15 @@ struct Harness {
 
 impl Harness {
     fn new(src: SourceConfig) -> Self {
-        let job = Job::new(JobId::new("0123456789abcdef"), &src, Trigger::Webhook, Some("msg_1".into()), None, t0());
+        let mut job =
+            Job::new(JobId::new("0123456789abcdef"), &src, Trigger::Webhook, Some("msg_1".into()), None, t0());
+        if let ProviderState::D1(state) = &mut job.provider {
+            // Schema read, nothing to scan: the export call is next (the inspection before it is
+            // tested in `providers::d1`).
+            let plan =
+                crate::providers::d1::query::QueryPlan { export: true, schema: true, data: true, ..Default::default() };
+            state.plan = Some(plan);
+        }
         Self { job, src, creds: creds(), now: t0(), jitter: 0.0 }
     }
 

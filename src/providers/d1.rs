@@ -12,6 +12,16 @@
 //! - Success is decided by the envelope's `success`, and a non-JSON body (a WAF page) is a
 //!   malformed response.
 //! - While an export runs, the database serves no queries.
+//! - A status other than `complete` and `error` is polled again, as wrangler does
+//!   (`workers-sdk` `packages/wrangler/src/d1/export.ts`), until `export_timeout_minutes`.
+//! - While an export of the database runs (another client's, or ours whose first answer was
+//!   lost), D1 refuses a new one ("Cannot start a new export until that completes or times out")
+//!   and every query ("Currently processing a long-running export"), `workers-sdk#9578`, `#9519`:
+//!   Ferry says so and tries again `busy_retry_seconds` later, never in a tight loop.
+//! - Before exporting, the schema is read through the query API: virtual tables (which D1 refuses
+//!   to export) and integers beyond 2^53 (which its export rounds) go through [`query`].
+
+pub mod query;
 
 use std::time::Duration;
 
@@ -54,6 +64,27 @@ pub struct D1Config {
     /// dump instead of sending D1 a bookmark it may no longer have.
     #[serde(default = "default_time_travel_days", deserialize_with = "fields::count::<_, 1, 30>")]
     pub time_travel_days: u32,
+    /// Rows per query API page when reading a virtual table or exact integers (default 500).
+    #[serde(default = "default_query_page_rows", deserialize_with = "fields::count::<_, 1, 100_000>")]
+    pub query_page_rows: u32,
+    /// Rows one query looks at when scanning a table for integers beyond 2^53 (default 10,000).
+    #[serde(default = "default_scan_window_rows", deserialize_with = "fields::count::<_, 1, 1_000_000>")]
+    pub scan_window_rows: u32,
+    /// Seconds to wait before asking again a database busy with another export (default 120).
+    #[serde(default = "default_busy_retry_seconds", deserialize_with = "fields::count::<_, 1, 3_600>")]
+    pub busy_retry_seconds: u32,
+}
+
+fn default_busy_retry_seconds() -> u32 {
+    120
+}
+
+fn default_query_page_rows() -> u32 {
+    500
+}
+
+fn default_scan_window_rows() -> u32 {
+    10_000
 }
 
 fn default_time_travel_days() -> u32 {
@@ -69,6 +100,21 @@ impl D1Config {
         let base = self.api_base.as_ref().ok_or_else(|| StepError::permanent("D1: no api_base configured"))?;
         Ok(url_with_path(base, &["accounts", &self.account_id, "d1", "database", &self.database_id, "export"]))
     }
+
+    /// `…/accounts/{account_id}/d1/database/{database_id}/query`.
+    pub fn query_url(&self) -> Result<String, StepError> {
+        let base = self.api_base.as_ref().ok_or_else(|| StepError::permanent("D1: no api_base configured"))?;
+        Ok(url_with_path(base, &["accounts", &self.account_id, "d1", "database", &self.database_id, "query"]))
+    }
+
+    /// The query artifact of a backup whose plan is `plan`.
+    pub fn query_export(&self, plan: &query::QueryPlan, token: &Secret) -> Result<query::QueryExport, StepError> {
+        Ok(query::QueryExport::new(self.query_url()?, bearer(token), plan, self.query_page_rows))
+    }
+}
+
+fn bearer(token: &Secret) -> String {
+    format!("Bearer {}", token.expose())
 }
 
 impl ProviderSettings for D1Config {
@@ -122,13 +168,63 @@ pub struct D1State {
     pub filename: Option<String>,
     /// D1's log lines, accumulated across polls.
     pub messages: Vec<String>,
+    /// `sqlite_schema` as read before exporting, until the plan is made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<Vec<query::SchemaObject>>,
+    /// What goes through the export and what through the query API (`None` for a job stored
+    /// before plans existed, which exports as configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<query::QueryPlan>,
+}
+
+/// Which call comes next.
+enum Stage<'a> {
+    Schema,
+    TableList,
+    Columns(&'a str),
+    Scan(&'a query::ScanTable),
+    Export,
 }
 
 impl D1State {
+    fn stage(&self) -> Stage<'_> {
+        if self.at_bookmark.is_some() {
+            return Stage::Export;
+        }
+        match (&self.schema, &self.plan) {
+            (None, None) => Stage::Schema,
+            (Some(_), None) => Stage::TableList,
+            (_, Some(plan)) => match plan.scan.get(plan.scan_at) {
+                Some(table) if table.columns.is_none() => Stage::Columns(&table.name),
+                Some(table) => Stage::Scan(table),
+                None => Stage::Export,
+            },
+        }
+    }
+
+    /// Whether the export call is next (the schema is read and scanned).
+    pub fn ready_to_export(&self) -> bool {
+        matches!(self.stage(), Stage::Export)
+    }
+
+    /// A decision without a request: when every selected table is virtual, no export is sent (D1
+    /// would refuse it, and an empty table list means every table) and only the query artifact
+    /// is copied.
+    pub fn advance(&self) -> Option<Progress> {
+        let plan = self.plan.as_ref()?;
+        (self.ready_to_export() && !plan.export && self.at_bookmark.is_none())
+            .then(|| Progress::Ready(vec![query_download()]))
+    }
+
+    /// What the job should say about the plan (tables that cannot be captured or checked).
+    pub fn notes(&self) -> Vec<String> {
+        self.plan.as_ref().map(|p| p.notes.clone()).unwrap_or_default()
+    }
+
     /// The first export call (the one that starts an export) got no answer: D1 can only be asked
     /// about an export by the bookmark that answer carries, so say that a retry may start a second.
     pub fn create_unanswered(&self) -> Option<String> {
-        self.at_bookmark.is_none().then(|| {
+        (self.at_bookmark.is_none() && self.ready_to_export()).then(|| {
             "the request that starts the export got no answer; D1 can only be asked about an export by the \
              bookmark that answer carries, so the retry may have started a second export of the database"
                 .to_string()
@@ -143,8 +239,105 @@ impl D1State {
             "at_bookmark": self.at_bookmark,
             "filename": self.filename,
             "dump_options": cfg.dump_options,
+            "paths": self.plan.as_ref().map(query::QueryPlan::references),
         })
     }
+}
+
+/// The generated query artifact, copied before the dump (closest to the export's moment).
+fn query_download() -> Download {
+    Download {
+        filename: query::FILENAME.to_string(),
+        content_type: "application/sql".to_string(),
+        origin: crate::providers::Origin::D1Query,
+    }
+}
+
+/// Answers that mean an export of the database is running: D1 refuses a new export and every
+/// query until it completes or times out (`workers-sdk#9578`, `#9519`).
+const BUSY_MARKERS: [&str; 2] = ["Cannot start a new export", "Currently processing a long-running export"];
+
+/// The retryable error for an answer saying another export of the database is running: asked
+/// again `busy_retry_seconds` later.
+fn busy(cfg: &D1Config, resp: &HttpResponse) -> Option<StepError> {
+    let text = String::from_utf8_lossy(&resp.body);
+    let wait = Duration::from_secs(u64::from(cfg.busy_retry_seconds));
+    BUSY_MARKERS.iter().any(|m| text.contains(m)).then(|| StepError::Transient {
+        message: format!(
+            "D1 is running another export of this database (another client's, or one of Ferry's whose answer was \
+             lost) and refuses a new export and every query until it completes or times out; Ferry tries again in \
+             {} s. D1 said: {}",
+            wait.as_secs(),
+            resp.snippet(300)
+        ),
+        retry_after: Some(wait),
+    })
+}
+
+fn query_request(cfg: &D1Config, token: &Secret, sql: &str) -> Result<HttpRequest, StepError> {
+    Ok(HttpRequest::post_json(cfg.query_url()?, &json!({ "sql": sql })).header("authorization", bearer(token)))
+}
+
+/// The next call: the schema, the scan for integers beyond 2^53, then the export (start or poll).
+pub fn next_request(cfg: &D1Config, state: &D1State, token: &Secret) -> Result<HttpRequest, StepError> {
+    match state.stage() {
+        Stage::Schema => query_request(cfg, token, "SELECT type, name, tbl_name, sql FROM sqlite_schema"),
+        Stage::TableList => query_request(cfg, token, "PRAGMA table_list"),
+        Stage::Columns(table) => query_request(cfg, token, &format!("PRAGMA table_info({})", query::ident(table))),
+        Stage::Scan(table) => {
+            let plan = state.plan.as_ref().ok_or_else(|| StepError::permanent("D1: scan without a plan"))?;
+            let columns = table.columns.as_deref().unwrap_or_default();
+            let sql = query::scan_sql(&table.name, columns, plan.scan_after.as_deref(), cfg.scan_window_rows);
+            query_request(cfg, token, &sql)
+        }
+        Stage::Export => export_request(cfg, state, token),
+    }
+}
+
+/// Folds the answer to [`next_request`] into the state.
+pub fn on_response(
+    cfg: &D1Config,
+    state: &mut D1State,
+    resp: &HttpResponse,
+    now: Timestamp,
+) -> Result<Progress, StepError> {
+    if let Some(e) = busy(cfg, resp) {
+        return Err(e);
+    }
+    match state.stage() {
+        Stage::Schema => {
+            let rows = query::rows(resp, now, "reading sqlite_schema")?;
+            state.schema = Some(query::schema_objects(&rows));
+        }
+        Stage::TableList => {
+            let rows = query::rows(resp, now, "PRAGMA table_list")?;
+            let objects = state.schema.take().unwrap_or_default();
+            state.plan = Some(query::plan(&objects, &query::shadow_names(&rows), &cfg.dump_options));
+        }
+        Stage::Columns(_) => {
+            let rows = query::rows(resp, now, "PRAGMA table_info")?;
+            let columns = query::column_names(&rows);
+            if let Some(plan) = state.plan.as_mut() {
+                let at = plan.scan_at;
+                if columns.is_empty() {
+                    // Dropped since the schema was read: nothing to scan.
+                    plan.scan_at += 1;
+                } else if let Some(table) = plan.scan.get_mut(at) {
+                    table.columns = Some(columns);
+                    table.rowid_alias = query::rowid_alias(&rows);
+                }
+            }
+        }
+        Stage::Scan(_) => {
+            let rows = query::rows(resp, now, "scanning for integers beyond 2^53")?;
+            if let Some(plan) = state.plan.as_mut() {
+                query::on_scan(plan, &rows, cfg.scan_window_rows)?;
+            }
+        }
+        Stage::Export => return on_export_response(state, resp, now),
+    }
+    // A step done (its retries start anew): the next query at once.
+    Ok(Progress::Pending { poll_after: Some(Duration::ZERO) })
 }
 
 /// The longest gap between two polls of an active export. D1 cancels an export that is not
@@ -153,9 +346,14 @@ impl D1State {
 /// `poll_interval_ms` may stretch a gap past this.
 pub const MAX_POLL_GAP: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The next export call: start (no bookmark yet) or poll.
-pub fn export_request(cfg: &D1Config, state: &D1State, token: &Secret) -> Result<HttpRequest, StepError> {
-    let mut body = json!({ "output_format": "polling", "dump_options": cfg.dump_options });
+/// The next export call: start (no bookmark yet) or poll. With virtual tables, the plan's explicit
+/// table list replaces the configured one.
+fn export_request(cfg: &D1Config, state: &D1State, token: &Secret) -> Result<HttpRequest, StepError> {
+    let mut options = cfg.dump_options.clone();
+    if let Some(plan) = state.plan.as_ref().filter(|p| !p.dump_tables.is_empty()) {
+        options.tables = plan.dump_tables.clone();
+    }
+    let mut body = json!({ "output_format": "polling", "dump_options": options });
     if let Some(bookmark) = &state.at_bookmark {
         body["current_bookmark"] = Value::String(bookmark.clone());
     }
@@ -163,7 +361,7 @@ pub fn export_request(cfg: &D1Config, state: &D1State, token: &Secret) -> Result
 }
 
 /// Folds one export answer into the state.
-pub fn on_export_response(state: &mut D1State, resp: &HttpResponse, now: Timestamp) -> Result<Progress, StepError> {
+fn on_export_response(state: &mut D1State, resp: &HttpResponse, now: Timestamp) -> Result<Progress, StepError> {
     let body = envelope(resp, now, None)?;
     state.polls += 1;
     let result = body.get("result").filter(|r| r.is_object()).ok_or_else(|| malformed("no result"))?;
@@ -194,16 +392,19 @@ pub fn on_export_response(state: &mut D1State, resp: &HttpResponse, now: Timesta
                 .filter(|f| !f.is_empty())
                 .map_or_else(|| "dump.sql".to_string(), str::to_string);
             state.filename = Some(filename.clone());
-            Ok(Progress::Ready(vec![Download::url(url, filename, "application/sql", false)]))
+            let mut files = Vec::new();
+            if state.plan.as_ref().is_some_and(query::QueryPlan::needs_artifact) {
+                files.push(query_download());
+            }
+            files.push(Download::url(url, filename, "application/sql", false));
+            Ok(Progress::Ready(files))
         }
         Some("error") => {
             let error = result.get("error").and_then(Value::as_str).unwrap_or("export failed");
             Ok(Progress::Failed(with_messages(format!("D1 export failed: {error}"), &state.messages)))
         }
-        Some(other) => Ok(Progress::Failed(with_messages(
-            format!("D1 reset before export completed (status {other:?})"),
-            &state.messages,
-        ))),
+        // Wrangler polls on anything but `complete` and `error`; the export timeout bounds it.
+        Some(_) => Ok(Progress::Pending { poll_after: None }),
         None => Err(malformed("no status")),
     }
 }
@@ -288,7 +489,217 @@ mod tests {
             token_secret: "T".into(),
             dump_options: DumpOptions { tables: vec!["users".into()], no_data: false, no_schema: false },
             time_travel_days: 7,
+            query_page_rows: 500,
+            scan_window_rows: 2,
+            busy_retry_seconds: 120,
         }
+    }
+
+    fn all_tables() -> D1Config {
+        D1Config { dump_options: DumpOptions::default(), ..cfg() }
+    }
+
+    fn answer(rows: Value) -> HttpResponse {
+        HttpResponse::json(
+            200,
+            &json!({"success": true, "errors": [], "messages": [], "result": [{"results": rows, "success": true, "meta": {}}]}),
+        )
+    }
+
+    fn sql_of(req: &HttpRequest) -> String {
+        let body: Value = serde_json::from_slice(req.body.as_deref().unwrap()).unwrap();
+        body["sql"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// Runs the schema inspection and scan against canned answers; returns the state, ready to export.
+    fn inspected(
+        cfg: &D1Config,
+        schema: Value,
+        table_list: Value,
+        columns: &[(&str, Value)],
+        windows: &[Value],
+    ) -> D1State {
+        let token = Secret::new("tok");
+        let mut s = D1State::default();
+        let req = next_request(cfg, &s, &token).unwrap();
+        assert!(req.url.ends_with("/accounts/acc/d1/database/db-1/query"), "{}", req.url);
+        assert!(sql_of(&req).contains("FROM sqlite_schema"));
+        assert_eq!(
+            on_response(cfg, &mut s, &answer(schema), now()).unwrap(),
+            Progress::Pending { poll_after: Some(Duration::ZERO) }
+        );
+        assert_eq!(sql_of(&next_request(cfg, &s, &token).unwrap()), "PRAGMA table_list");
+        on_response(cfg, &mut s, &answer(table_list), now()).unwrap();
+        let mut windows = windows.iter();
+        while !s.ready_to_export() {
+            let sql = sql_of(&next_request(cfg, &s, &token).unwrap());
+            let reply = if let Some(rest) = sql.strip_prefix("PRAGMA table_info(") {
+                let name = rest.trim_end_matches(')').trim_matches('"').to_string();
+                columns.iter().find(|(t, _)| *t == name).map(|(_, c)| c.clone()).unwrap_or(json!([]))
+            } else {
+                windows.next().cloned().unwrap_or_else(|| json!([{"n": 0, "last": null}]))
+            };
+            on_response(cfg, &mut s, &answer(reply), now()).unwrap();
+        }
+        s
+    }
+
+    /// The export's answers, active then complete; the files it hands over.
+    fn exported(s: &mut D1State) -> Vec<Download> {
+        on_export_response(s, &active(&[]), now()).unwrap();
+        let done = HttpResponse::json(
+            200,
+            &json!({"success": true, "result": {"at_bookmark": "bm-1", "status": "complete",
+            "result": {"filename": "x.sql", "signed_url": "https://r2.example/x.sql"}}}),
+        );
+        let Progress::Ready(files) = on_export_response(s, &done, now()).unwrap() else { panic!() };
+        files
+    }
+
+    fn fts_schema() -> Value {
+        json!([
+            {"type": "table", "name": "_cf_KV", "tbl_name": "_cf_KV", "sql": "CREATE TABLE _cf_KV (key TEXT PRIMARY KEY, value BLOB) WITHOUT ROWID"},
+            {"type": "table", "name": "docs", "tbl_name": "docs", "sql": "CREATE VIRTUAL TABLE docs USING fts5(title, body)"},
+            {"type": "table", "name": "docs_data", "tbl_name": "docs_data", "sql": "CREATE TABLE 'docs_data'(id INTEGER PRIMARY KEY, block BLOB)"},
+            {"type": "table", "name": "docs_config", "tbl_name": "docs_config", "sql": "CREATE TABLE 'docs_config'(k PRIMARY KEY, v) WITHOUT ROWID"},
+            {"type": "table", "name": "nums", "tbl_name": "nums", "sql": "CREATE TABLE nums (id INTEGER PRIMARY KEY AUTOINCREMENT, big INTEGER, note TEXT)"},
+            {"type": "table", "name": "sqlite_sequence", "tbl_name": "sqlite_sequence", "sql": "CREATE TABLE sqlite_sequence(name,seq)"},
+            {"type": "index", "name": "nums_big", "tbl_name": "nums", "sql": "CREATE INDEX nums_big ON nums(big)"},
+            {"type": "index", "name": "sqlite_autoindex_docs_config_1", "tbl_name": "docs_config", "sql": null},
+            {"type": "view", "name": "big_nums", "tbl_name": "big_nums", "sql": "CREATE VIEW big_nums AS SELECT * FROM nums"},
+            {"type": "trigger", "name": "nums_touch", "tbl_name": "nums", "sql": "CREATE TRIGGER nums_touch AFTER INSERT ON nums BEGIN SELECT 1; END"}
+        ])
+    }
+
+    fn fts_table_list() -> Value {
+        json!([
+            {"schema": "main", "name": "docs", "type": "virtual", "ncol": 2, "wr": 0, "strict": 0},
+            {"schema": "main", "name": "docs_data", "type": "shadow", "ncol": 2, "wr": 0, "strict": 0},
+            {"schema": "main", "name": "docs_config", "type": "shadow", "ncol": 2, "wr": 1, "strict": 0},
+            {"schema": "main", "name": "nums", "type": "table", "ncol": 3, "wr": 0, "strict": 0},
+            {"schema": "main", "name": "_cf_KV", "type": "table", "ncol": 2, "wr": 1, "strict": 0},
+            {"schema": "temp", "name": "sqlite_temp_schema", "type": "table", "ncol": 5, "wr": 0, "strict": 0}
+        ])
+    }
+
+    fn nums_columns() -> Value {
+        json!([{"cid": 0, "name": "id"}, {"cid": 1, "name": "big"}, {"cid": 2, "name": "note"}])
+    }
+
+    #[test]
+    fn virtual_tables_and_their_shadow_tables_are_left_out_of_the_export_by_an_explicit_list() {
+        let c = all_tables();
+        let mut s = inspected(&c, fts_schema(), fts_table_list(), &[("nums", nums_columns())], &[]);
+        let req = next_request(&c, &s, &Secret::new("tok")).unwrap();
+        assert!(req.url.ends_with("/export"));
+        let body: Value = serde_json::from_slice(req.body.as_deref().unwrap()).unwrap();
+        assert_eq!(
+            body["dump_options"]["tables"],
+            json!(["nums", "sqlite_sequence", "nums_big", "big_nums", "nums_touch"]),
+            "every table, index, view and trigger but the virtual table, its shadow tables and D1's own"
+        );
+        let refs = s.references(&c);
+        assert_eq!(refs["paths"]["query_tables"], json!(["docs"]));
+        assert_eq!(refs["paths"]["dump_tables"][0], "nums");
+        // The completed export hands over the query artifact first, then the dump.
+        let files = exported(&mut s);
+        assert_eq!(files.iter().map(|f| f.filename.as_str()).collect::<Vec<_>>(), ["ferry_query_export.sql", "x.sql"]);
+        assert_eq!(files[0].origin, crate::providers::Origin::D1Query);
+    }
+
+    #[test]
+    fn without_virtual_tables_or_big_integers_the_export_is_as_configured_with_no_query_artifact() {
+        let c = cfg();
+        let schema = json!([{"type": "table", "name": "users", "tbl_name": "users", "sql": "CREATE TABLE users (id INTEGER PRIMARY KEY, n INTEGER)"}]);
+        let list = json!([{"schema": "main", "name": "users", "type": "table"}]);
+        let cols = json!([{"name": "id"}, {"name": "n"}]);
+        let mut s =
+            inspected(&c, schema, list, &[("users", cols)], &[json!([{"n": 1, "last": "1", "f0": 0, "f1": 0}])]);
+        let body: Value =
+            serde_json::from_slice(next_request(&c, &s, &Secret::new("tok")).unwrap().body.as_deref().unwrap())
+                .unwrap();
+        assert_eq!(body["dump_options"]["tables"], json!(["users"]));
+        let files = exported(&mut s);
+        assert_eq!(files.len(), 1);
+    }
+
+    #[test]
+    fn columns_holding_integers_beyond_2_pow_53_are_found_in_bounded_windows_before_the_export() {
+        let c = all_tables();
+        // Windows of 2 rows: the first full with a big value in `big`, the second short.
+        let windows = [
+            json!([{"n": 2, "last": "9", "f0": 0, "f1": 1, "f2": 0}]),
+            json!([{"n": 1, "last": "12", "f0": 0, "f1": 0, "f2": 0}]),
+        ];
+        let token = Secret::new("tok");
+        let s = inspected(&c, fts_schema(), fts_table_list(), &[("nums", nums_columns())], &windows);
+        let plan = s.plan.as_ref().unwrap();
+        assert_eq!(plan.big_columns(), [("nums.big".to_string(), 1)].into_iter().collect());
+        assert!(plan.needs_artifact());
+        // The scan's second window started after the first one's last rowid.
+        let mut probe = D1State {
+            plan: Some(query::QueryPlan { scan_at: 0, scan_after: Some("9".into()), ..plan.clone() }),
+            ..Default::default()
+        };
+        probe.plan.as_mut().unwrap().scan[0].big.clear();
+        let sql = sql_of(&next_request(&c, &probe, &token).unwrap());
+        assert!(sql.contains("WHERE rowid > 9 ORDER BY rowid LIMIT 2"), "{sql}");
+    }
+
+    #[test]
+    fn when_every_selected_table_is_virtual_no_export_is_sent() {
+        let c = D1Config { dump_options: DumpOptions { tables: vec!["docs".into()], ..Default::default() }, ..cfg() };
+        let s = inspected(&c, fts_schema(), fts_table_list(), &[], &[]);
+        assert_eq!(
+            s.advance(),
+            Some(Progress::Ready(vec![query_download()])),
+            "an empty table list would ask D1 for every table, virtual ones included"
+        );
+    }
+
+    #[test]
+    fn an_export_already_running_is_said_and_retried_minutes_later() {
+        for resp in [
+            HttpResponse::json(
+                200,
+                &json!({"success": true, "result": {"success": true, "status": "error",
+                "error": "D1 Export error: Currently processing a long-running export. Cannot start a new export until that completes or times out."}}),
+            ),
+            HttpResponse::json(
+                409,
+                &json!({"success": false, "errors": [{"code": 7500,
+                "message": "Cannot start a new export until that completes or times out"}]}),
+            ),
+        ] {
+            let mut s =
+                D1State { plan: Some(query::QueryPlan { export: true, ..Default::default() }), ..Default::default() };
+            let err = on_response(&cfg(), &mut s, &resp, now()).unwrap_err();
+            let StepError::Transient { message, retry_after } = &err else { panic!("{err:?}") };
+            assert_eq!(*retry_after, Some(Duration::from_secs(120)));
+            assert!(message.contains("running another export of this database"), "{message}");
+            assert!(message.contains("Cannot start a new export"), "{message}");
+        }
+    }
+
+    #[test]
+    fn a_query_refused_during_another_export_is_retried_later() {
+        let resp = HttpResponse::json(
+            400,
+            &json!({"success": false, "errors": [{"code": 7500,
+            "message": "D1_ERROR: Currently processing a long-running export."}]}),
+        );
+        let mut s = D1State::default();
+        let err = on_response(&cfg(), &mut s, &resp, now()).unwrap_err();
+        assert!(err.is_retryable());
+        assert!(s.schema.is_none() && s.plan.is_none());
+    }
+
+    #[test]
+    fn only_the_export_start_warns_of_a_second_export_when_unanswered() {
+        assert_eq!(D1State::default().create_unanswered(), None, "a schema query creates nothing");
+        let ready =
+            D1State { plan: Some(query::QueryPlan { export: true, ..Default::default() }), ..Default::default() };
+        assert!(ready.create_unanswered().is_some());
     }
 
     fn now() -> Timestamp {
@@ -381,12 +792,14 @@ mod tests {
     }
 
     #[test]
-    fn unknown_final_status_is_a_reset() {
+    fn an_unknown_status_keeps_polling_as_wrangler_does() {
         let mut s = D1State::default();
-        let resp =
-            HttpResponse::json(200, &json!({"success": true, "result": {"at_bookmark": "b", "status": "cancelled"}}));
-        let Progress::Failed(msg) = on_export_response(&mut s, &resp, now()).unwrap() else { panic!() };
-        assert!(msg.starts_with("D1 reset before export completed"), "{msg}");
+        for status in ["queued", "cancelled", "retrying"] {
+            let resp =
+                HttpResponse::json(200, &json!({"success": true, "result": {"at_bookmark": "b", "status": status}}));
+            assert_eq!(on_export_response(&mut s, &resp, now()).unwrap(), Progress::Pending { poll_after: None });
+        }
+        assert_eq!(s.at_bookmark.as_deref(), Some("b"));
     }
 
     #[test]

@@ -164,6 +164,9 @@ pub enum Origin {
     },
     /// The Neo4j graph, read through the Query API and written by Ferry as gzip JSON Lines.
     Graph,
+    /// What D1's export cannot carry (virtual tables, exact integers beyond 2^53), read through
+    /// D1's query API and written by Ferry as SQL (see [`d1::query`]).
+    D1Query,
 }
 
 /// A finished export file to copy into R2.
@@ -263,6 +266,7 @@ impl ProviderState {
         match (self, input.provider) {
             (Self::Aura(state), ProviderConfig::Aura(cfg)) => Ok(state.advance(cfg, input.now)),
             (Self::Dxp(state), ProviderConfig::Dxp(cfg)) => state.advance(cfg, input),
+            (Self::D1(state), ProviderConfig::D1(_)) => Ok(state.advance()),
             _ => Ok(None),
         }
     }
@@ -271,7 +275,7 @@ impl ProviderState {
     pub fn next_request(&self, input: &StepInput<'_>) -> Result<HttpRequest, StepError> {
         let creds = input.creds;
         match (self, input.provider) {
-            (Self::D1(state), ProviderConfig::D1(cfg)) => d1::export_request(cfg, state, creds.get(&cfg.token_secret)?),
+            (Self::D1(state), ProviderConfig::D1(cfg)) => d1::next_request(cfg, state, creds.get(&cfg.token_secret)?),
             (Self::Dgraph(state), ProviderConfig::Dgraph(cfg)) => state.next_request(cfg, creds),
             (Self::Aura(state), ProviderConfig::Aura(cfg)) => state.next_request(cfg, creds),
             (Self::Dxp(state), ProviderConfig::Dxp(cfg)) => state.next_request(cfg, creds),
@@ -283,11 +287,35 @@ impl ProviderState {
     pub fn on_response(&mut self, input: &StepInput<'_>, resp: &HttpResponse) -> Result<Progress, StepError> {
         let now = input.now;
         match (self, input.provider) {
-            (Self::D1(state), ProviderConfig::D1(_)) => d1::on_export_response(state, resp, now),
+            (Self::D1(state), ProviderConfig::D1(cfg)) => d1::on_response(cfg, state, resp, now),
             (Self::Dgraph(state), ProviderConfig::Dgraph(cfg)) => state.on_response(cfg, resp, now),
             (Self::Aura(state), ProviderConfig::Aura(cfg)) => state.on_response(cfg, resp, now),
             (Self::Dxp(state), ProviderConfig::Dxp(cfg)) => state.on_response(cfg, resp, input),
             _ => Err(mismatch()),
+        }
+    }
+
+    /// The D1 query artifact of this export (see [`d1::query`]), read at copy time.
+    pub fn query_export(
+        &self,
+        provider: &ProviderConfig,
+        creds: &Credentials,
+    ) -> Result<d1::query::QueryExport, StepError> {
+        match (self, provider) {
+            (Self::D1(state), ProviderConfig::D1(cfg)) => {
+                let plan =
+                    state.plan.as_ref().ok_or_else(|| StepError::permanent("D1: a query artifact without its plan"))?;
+                cfg.query_export(plan, creds.get(&cfg.token_secret)?)
+            }
+            _ => Err(StepError::permanent("only D1 sources have a query artifact")),
+        }
+    }
+
+    /// What the job should say once the export is ready (tables the provider cannot capture).
+    pub fn notes(&self) -> Vec<String> {
+        match self {
+            Self::D1(state) => state.notes(),
+            Self::Dgraph(_) | Self::Aura(_) | Self::Dxp(_) => Vec::new(),
         }
     }
 
@@ -371,6 +399,17 @@ impl ProviderState {
 
 fn mismatch() -> StepError {
     StepError::permanent("the job's provider state does not match the source's kind (was the source's kind changed?)")
+}
+
+/// The warnings a generated artifact's `details` carry (`details.warnings`), for its job.
+pub fn artifact_warnings(artifact: &crate::manifest::Artifact) -> Vec<String> {
+    artifact
+        .details
+        .as_ref()
+        .and_then(|d| d.get("warnings"))
+        .and_then(Value::as_array)
+        .map(|list| list.iter().filter_map(Value::as_str).map(str::to_string).collect())
+        .unwrap_or_default()
 }
 
 /// Removes every `secret_*` field, at any depth, from a JSON value shown to users.

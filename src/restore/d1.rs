@@ -896,9 +896,12 @@ fn dump_of(key: &str, manifest: &Manifest) -> Result<DumpRef, StepError> {
     })
 }
 
-/// Whether an artifact is SQL to import after the dump (`details.d1_import = "after_dump"`).
+/// Whether an artifact is SQL to import after the dump: marked `details.d1_import =
+/// "after_dump"`, or the export's query artifact (virtual tables, exact integers;
+/// `providers::d1::query`).
 fn imported_after_dump(artifact: &Artifact) -> bool {
     artifact.details.as_ref().and_then(|d| d.get("d1_import")).and_then(Value::as_str) == Some(AFTER_DUMP)
+        || crate::providers::d1::query::is_query_export(artifact)
 }
 
 /// The hook for SQL a backup carries besides D1's dump (virtual tables' rows, exact big

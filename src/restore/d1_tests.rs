@@ -645,3 +645,26 @@ fn a_failed_staging_step_fails_the_import_after_deleting_what_was_staged() {
     assert_eq!(h.job.phase, Phase::Failed);
     assert!(h.job.error.clone().unwrap().contains("no statement ends"));
 }
+
+#[test]
+fn the_exports_query_artifact_is_staged_after_the_dump_wherever_the_manifest_lists_it() {
+    let mut h = Harness::new(Task::Restore, import_params());
+    h.io();
+    let mut m = manifest(&[("a", 2)], t0());
+    let name = crate::providers::d1::query::FILENAME;
+    m.artifacts.insert(
+        0,
+        Artifact {
+            details: Some(json!({"role": crate::providers::d1::query::ROLE})),
+            ..Artifact::sample(format!("{FOLDER}{name}"), name, 300, "s", "application/sql")
+        },
+    );
+    h.manifest(m);
+    h.raw_request();
+    h.answer(200, json!({"uuid": "db-2"}));
+    h.raw_request();
+    h.answer(200, json!([{"results": []}]));
+    let Io::Stage { staging, .. } = h.io() else { panic!("expected staging") };
+    let keys: Vec<&str> = staging.inputs.iter().map(|i| i.key.as_str()).collect();
+    assert_eq!(keys, [format!("{FOLDER}db.sql"), format!("{FOLDER}{name}")], "the dump first, then the query artifact");
+}

@@ -11,10 +11,10 @@
 //! stored part. The slice stops at a part boundary when its byte or time budget is used (or the
 //! runtime says the CPU budget is nearly spent); the next alarm runs the next slice.
 //!
-//! The Aura graph export is generated, not downloaded: each slice reads pages from the persisted
-//! cursor and ends one gzip member. Bytes that do not fill a part are parked in a small R2 object
-//! (`<key>.tail-<slice>`) and read back by the next slice; its state is persisted only at the end
-//! of the slice, so parts, cursor and tail always agree.
+//! The Aura graph export and D1's query artifact are generated, not downloaded: each slice reads
+//! pages from the persisted cursor (a graph slice ends one gzip member). Bytes that do not fill a
+//! part are parked in a small R2 object (`<key>.tail-<slice>`) and read back by the next slice;
+//! its state is persisted only at the end of the slice, so parts, cursor and tail always agree.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -30,9 +30,8 @@ use crate::error::StepError;
 use crate::http::{status_error, HttpRequest, HttpResponse};
 use crate::job::{CopySource, Event, Job, SliceOrder, SliceOutcome};
 use crate::manifest::Artifact;
-use crate::providers::aura::GraphExport;
 use crate::sweep::{Leftover, OpenUpload};
-use crate::transfer::{header, load_hasher, CopyState, Digests, PartRecord, Resume, TransferSettings};
+use crate::transfer::{header, load_hasher, CopyState, Digests, Generator, PartRecord, Resume, TransferSettings};
 
 /// Bytes hashed between two yields to the event loop, so status requests are answered mid-copy.
 const YIELD_EVERY: u64 = 4 << 20;
@@ -498,7 +497,7 @@ pub(crate) async fn run_slice(
         }
     };
     let at_start = state.clone();
-    let graph = matches!(source, CopySource::Graph(_));
+    let graph = matches!(source, CopySource::Graph(_) | CopySource::D1Query(_));
     let mut sink = Sink {
         bucket,
         storage,
@@ -520,7 +519,14 @@ pub(crate) async fn run_slice(
     };
     let result = match &source {
         CopySource::Http(request) => http_slice(&mut sink, request).await,
-        CopySource::Graph(spec) => graph_slice(&mut sink, spec).await,
+        CopySource::Graph(spec) => {
+            let writer = Box::new(spec.resume(sink.state.graph.as_ref()));
+            generated_slice(&mut sink, writer).await
+        }
+        CopySource::D1Query(spec) => {
+            let writer = Box::new(spec.resume(sink.state.query.as_ref()));
+            generated_slice(&mut sink, writer).await
+        }
         CopySource::R2 { key, size } => r2_slice(&mut sink, primary, key, *size).await,
     };
     let outcome = match result {
@@ -790,9 +796,9 @@ fn damaged(sink: &Sink<'_>, reader: &ByobReader, e: String) -> StepError {
     StepError::permanent(format!("download of {} {e}; nothing was committed", sink.filename))
 }
 
-/// One slice of the Aura graph export: pages from the cursor, one gzip member.
-async fn graph_slice(sink: &mut Sink<'_>, spec: &GraphExport) -> Result<SliceOutcome, StepError> {
-    let mut writer = spec.resume(sink.state.graph.as_ref());
+/// One slice of a generated file (the Aura graph export, one gzip member; D1's query artifact):
+/// pages from the cursor.
+async fn generated_slice(sink: &mut Sink<'_>, mut writer: Box<dyn Generator>) -> Result<SliceOutcome, StepError> {
     let old_tail = sink.state.tail.clone();
     if let Some((key, len)) = &old_tail {
         let object = sink
@@ -827,7 +833,7 @@ async fn graph_slice(sink: &mut Sink<'_>, spec: &GraphExport) -> Result<SliceOut
             Err(e) if e.contains("is larger than") => {
                 // Over the response cap: the same page again, half as large.
                 let size = writer.shrink_page(&e)?;
-                worker::console_log!("job {}: a graph page was too large ({e}); page size now {size}", sink.job.id);
+                worker::console_log!("job {}: a page was too large ({e}); page size now {size}", sink.job.id);
                 continue;
             }
             Err(e) => return Err(StepError::transient(e)),
@@ -838,7 +844,7 @@ async fn graph_slice(sink: &mut Sink<'_>, spec: &GraphExport) -> Result<SliceOut
     }
     if !more {
         // The finished export's warnings reach the job through the cursor.
-        sink.state.graph = Some(writer.cursor());
+        writer.record_end(&mut sink.state);
         let (rest, details) = writer.finish()?;
         sink.push(&rest).await?;
         let artifact = sink.finish(Some(details)).await?;
@@ -847,7 +853,8 @@ async fn graph_slice(sink: &mut Sink<'_>, spec: &GraphExport) -> Result<SliceOut
         }
         return Ok(SliceOutcome::Finished(artifact));
     }
-    let (rest, cursor) = writer.end_member()?;
+    let mut saved = sink.state.clone();
+    let rest = writer.end_slice(&mut saved)?;
     sink.push(&rest).await?;
     sink.settle_all().await?;
     sink.state.tail = None;
@@ -861,7 +868,8 @@ async fn graph_slice(sink: &mut Sink<'_>, spec: &GraphExport) -> Result<SliceOut
             .map_err(|e| r2_err("parking the export's tail", e))?;
         sink.state.tail = Some((key, len));
     }
-    sink.state.graph = Some(cursor);
+    sink.state.graph = saved.graph;
+    sink.state.query = saved.query;
     sink.state.stalled = 0;
     sink.persist().await?;
     if let Some((key, _)) = old_tail {

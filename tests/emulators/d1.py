@@ -22,8 +22,18 @@ What is emulated
   PollingFailure shape).  ``messages`` carries only the log lines that are new
   since the previous poll ("Generating <f>", "Uploaded part 2", "Uploaded part 1",
   ..., "Finished uploading <f> in N parts.").  One export per database at a time:
-  a call without a bookmark while a task is active returns that task.  An active
-  task that is not polled within ``cancel_after`` seconds is cancelled.
+  a call without a bookmark while a task is active is refused with 200 ``status:"error"``,
+  "Cannot start a new export until that completes or times out" (``workers-sdk#9578``; the
+  answer's shape is assumed, the text is the issue's).  An active task that is not polled
+  within ``cancel_after`` seconds is cancelled.
+* While an export of a database is active, and for ``refused_export_block_s`` seconds after
+  D1 refused one for its virtual tables, every query of that database is refused with
+  "D1_ERROR: Currently processing a long-running export." (D1 docs: "your D1 will be
+  unavailable to serve queries" while exporting; ``workers-sdk#9519``: after the virtual-table
+  refusal the database answers every query so until the export times out), and so is a new
+  export (``#9578``).
+* ``POST …/query`` answers pass integers through a JavaScript number, as D1's query API (a
+  Worker) does: beyond 2^53 they come back rounded (the dump does the same, ``d1_dump.py``).
 * ``GET /client/v4/accounts/{a}/d1/database/{id-or-name}`` (with ``fields=``) and
   ``GET /client/v4/accounts/{a}/d1/database`` (``name``, ``page``, ``per_page``).
 * ``GET /__signed/<token>/<filename>?X-Amz-Algorithm=…&X-Amz-Credential=…&X-Amz-Date=<issue
@@ -79,6 +89,9 @@ live.  The download switches:
   downloads with that status), ``gzip`` (serve ``Content-Encoding: gzip``; another object, with
   its own ETag), ``no_content_length`` (chunked).
 
+Export switches: ``refused_export_block_s`` (seconds a virtual-table refusal keeps the database
+busy, default 30) and ``active_status`` (the status a running export reports, default ``active``).
+
 Injected faults (``faults``, see ``common.py``): steps ``export`` (the first POST, no bookmark),
 ``poll`` (a POST with ``current_bookmark``) and ``download`` (the signed URL).  ``provider_error``
 at ``export`` is a 4xx failure envelope; at ``poll`` the task ends 200 ``status:"error"`` with the
@@ -120,7 +133,7 @@ from common import (API_FAULTS, BaseHandler, RANGE_SWITCHES, REQUEST_LOG_SIZE, S
                     LoginOrigin, Presigner, Reply, answer_fault, bind_server, fault_active, faults_problem,
                     gzip_once_more, log_snapshot, range_switch_problem, s3_error_body, s3_error_reply,
                     serve_download, serve_main, take_fault, ttl_switch_changes, write_cut_reply)
-from d1_dump import DumpError, dump_sql  # noqa: E402
+from d1_dump import VIRTUAL_TABLE_ERROR, DumpError, dump_sql  # noqa: E402
 import d1_restore  # noqa: E402
 from d1_restore import (RE_IMPORT, RE_QUERY, RE_TT_BOOKMARK, RE_TT_RESTORE, RE_UPLOAD,  # noqa: E402
                         RESTORE_SWITCHES, RestoreMixin)
@@ -231,6 +244,7 @@ class Task:
     delivered: int = 0             # log lines already sent
     status: str = "active"         # active | complete | error | polling_failure | cancelled
     signed_url: str | None = None  # the URL issued by the latest poll
+    refused_until: float = 0.0     # a virtual-table refusal blocks the database until then
     gzipped: bytes | None = None   # the dump gzip-compressed, made on the first gzip download
 
     def take_new_lines(self, upto: int) -> list:
@@ -462,18 +476,22 @@ class Emulator(RestoreMixin):
                 raise ApiError(400, 7500, "Unknown export bookmark")
             return self._poll(task, now, host, fault)
 
-    def _active_task(self, database_id: str, now: float) -> Task | None:
+    def export_blocking(self, database_id: str, now: float) -> Task | None:
+        """The export that keeps the database from serving queries and new exports, if any."""
         for task in self.tasks.values():
             self._maybe_cancel(task, now)
-            if task.database_id == database_id and task.status == "active":
+            if task.database_id == database_id and (task.status == "active" or now < task.refused_until):
                 return task
         return None
 
     def _start_or_join(self, db: Database, options: dict, now: float) -> Reply:
-        task = self._active_task(db.uuid, now)
-        if task is not None:
-            task.last_poll = now
-            return self._active_reply(task, task.take_new_lines(task.delivered))
+        if self.export_blocking(db.uuid, now) is not None:
+            # workers-sdk#9578: a second export is refused while one runs (or a refused one has
+            # not timed out yet); the text is the issue's, the 200 status:"error" shape assumed.
+            result = {"success": True, "type": "export", "status": "error", "messages": [],
+                      "error": "D1 Export error: Currently processing a long-running export. "
+                               "Cannot start a new export until that completes or times out."}
+            return json_reply(200, envelope(result))
         task = self._create_task(db, options, now)
         self.tasks[task.at_bookmark] = task
         return self._active_reply(task, task.take_new_lines(1))
@@ -504,8 +522,24 @@ class Emulator(RestoreMixin):
             log += [f"Uploaded part {n}" for n in order]
             uploads = parts
             log.append(f"Finished uploading {filename} in {parts} parts.")
-        return Task(db.uuid, bookmark, filename, fate, error, dump, log, uploads,
-                    created=now, last_poll=now)
+        task = Task(db.uuid, bookmark, filename, fate, error, dump, log, uploads, created=now, last_poll=now)
+        if error == VIRTUAL_TABLE_ERROR:
+            # workers-sdk#9519: the refused export keeps the database busy until it times out.
+            task.refused_until = now + float(self.switches.get("refused_export_block_s", 30))
+        return task
+
+    def query(self, account: str, ident: str, body: dict):
+        self.check_account(account)
+        with self.lock:
+            db = self.find_database(ident)
+            if self.export_blocking(db.uuid, time.monotonic()) is not None:
+                # D1 docs (export API): "your D1 will be unavailable to serve queries" while it
+                # exports; workers-sdk#9519 quotes the error every query then gets.
+                raise ApiError(400, 7500, "D1_ERROR: Currently processing a long-running export.")
+        reply = super().query(account, ident, body)
+        # D1's query API runs in a Worker: integers reach JSON through a JavaScript number.
+        payload = json.loads(reply.body)
+        return json_reply(reply.status, _through_js_numbers(payload), reply.headers)
 
     def _maybe_cancel(self, task: Task, now: float):
         cancel_after = float(self.switches.get("cancel_after", 30))
@@ -550,10 +584,12 @@ class Emulator(RestoreMixin):
         ttl = float(self.switches.get("signed_url_ttl_s", 3600))
         task.signed_url = self.presigner.issue(task, host, [task.filename], ttl)[0]
 
-    @staticmethod
-    def _active_reply(task: Task, lines: list) -> Reply:
+    def _active_reply(self, task: Task, lines: list) -> Reply:
+        # ``active_status``: the status a running export reports. The API reference names only
+        # active/complete/error, but wrangler (packages/wrangler/src/d1/export.ts) keeps polling on
+        # any status but complete and error, so a client must too.
         result = {"success": True, "type": "export", "at_bookmark": task.at_bookmark,
-                  "status": "active", "messages": lines}
+                  "status": self.switches.get("active_status") or "active", "messages": lines}
         return json_reply(202, envelope(result))
 
     @staticmethod
@@ -601,6 +637,17 @@ def limit_headers(remaining: int, limit: int, window: float, reset_in: float) ->
             ("x-ratelimit-reset", email.utils.formatdate(time.time() + reset_s, usegmt=True)),
             ("Ratelimit", f'"default";r={max(0, remaining)};t={reset_s}'),
             ("Ratelimit-Policy", f'"default";q={limit};w={math.ceil(window)}')]
+def _through_js_numbers(value):
+    """``value`` with every integer rounded as a JavaScript number (a double) rounds it."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if abs(value) <= 2 ** 53 else int(float(value))
+    if isinstance(value, list):
+        return [_through_js_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _through_js_numbers(v) for k, v in value.items()}
+    return value
 
 
 def parse_export_body(body: bytes) -> dict:
@@ -878,6 +925,8 @@ def default_switches(args) -> dict:
         "download_delay_ms": 0,
         "download_fail_status": None,
         "faults": [],
+        "refused_export_block_s": 30,
+        "active_status": "active",
         **RANGE_SWITCHES,
         **RESTORE_SWITCHES,
     }
