@@ -192,6 +192,7 @@ mod tests {
             error: error.map(str::to_string),
             folder: None,
             member: None,
+            warnings: Vec::new(),
         }
     }
 

@@ -123,7 +123,15 @@ pub struct JobSummary {
     /// In account mode, the member (a Dgraph account's backend) an export backed up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub member: Option<String>,
+    /// What the job warned of (a table whose big integers D1's export rounds, a paging plan
+    /// that scans): at most [`MAX_SUMMARY_WARNINGS`], each cut to 500 characters, so alerts and
+    /// the dashboard say it without reading the job.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
+
+/// Warnings a job's summary keeps at most.
+pub const MAX_SUMMARY_WARNINGS: usize = 10;
 
 impl JobSummary {
     /// The summary of a finished job (`None` while it runs).
@@ -157,6 +165,7 @@ impl JobSummary {
             error: job.error.as_ref().map(|e| e.chars().take(500).collect()),
             folder,
             member: if job.task == Task::Export { job.provider.member() } else { None },
+            warnings: job.warnings.iter().take(MAX_SUMMARY_WARNINGS).map(|w| w.chars().take(500).collect()).collect(),
         })
     }
 }
@@ -663,6 +672,20 @@ mod tests {
         job.finished_at = Some(at);
         job.error = (phase == Phase::Failed).then(|| "no such database".to_string());
         job
+    }
+
+    #[test]
+    fn a_finished_jobs_summary_carries_its_warnings_bounded() {
+        let mut job = finished(id(1), Phase::Committed, at("2026-11-28T09:00:00Z"));
+        assert!(JobSummary::of(&job).unwrap().warnings.is_empty());
+        job.warnings = (0..12).map(|i| format!("warning {i}: {}", "x".repeat(600))).collect();
+        let summary = JobSummary::of(&job).unwrap();
+        assert_eq!(summary.warnings.len(), MAX_SUMMARY_WARNINGS);
+        assert!(summary.warnings.iter().all(|w| w.chars().count() == 500));
+        assert!(summary.warnings[0].starts_with("warning 0: "));
+        let mut running = job.clone();
+        running.phase = Phase::Exporting;
+        assert!(JobSummary::of(&running).is_none(), "a job in flight has no summary");
     }
 
     fn backend_job(n: u8, backend: &str, phase: Phase, at: Timestamp) -> Job {

@@ -239,6 +239,7 @@ mod tests {
             error: None,
             folder: None,
             member: None,
+            warnings: Vec::new(),
         }
     }
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import D1_TOKEN, D1Emulator, Ferry, d1_source
+from harness import API_TOKEN, D1_TOKEN, D1Emulator, Ferry, d1_source
 
 BIG = 2 ** 53 + 1
 MAX = 2 ** 63 - 1
@@ -190,3 +190,25 @@ def test_an_export_status_d1_does_not_document_is_polled_on_until_it_completes(w
     job = world["ferry"].webhook_job("plain", timeout=60)
     assert job["phase"] == "committed", job
     assert job["provider"]["polls"] >= 3
+
+
+def test_the_rounded_columns_are_named_in_the_sources_history_and_on_the_dashboard(world, backup):
+    ferry = world["ferry"]
+    (summary,) = [h for h in ferry.source("hostile")["history"] if h["id"] == backup["job"]["id"]]
+    assert any("nums.v" in w and "ids.big" in w for w in summary.get("warnings", [])), summary
+    from test_e2e_dashboard import CHROMIUM, CHROMIUM_ARGS, browser_tools
+
+    sync_api = browser_tools()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(ferry.http.base + "/")
+            page.fill("#token", API_TOKEN)
+            page.click("#login button[type=submit]")
+            warnings = page.locator('article.card[data-source="hostile"] .warnings')
+            sync_api.expect(warnings).to_be_visible(timeout=10_000)
+            sync_api.expect(warnings.locator(".warning-item").first).to_contain_text("nums.v")
+            sync_api.expect(page.locator('article.card[data-source="plain"] .warnings')).to_be_hidden()
+        finally:
+            browser.close()

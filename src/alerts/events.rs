@@ -244,6 +244,7 @@ mod tests {
             error: (phase == Phase::Failed).then(|| "D1 API error (HTTP 400): no such database".to_string()),
             folder: (phase == Phase::Committed).then(|| format!("app-db/f{n}/")),
             member: None,
+            warnings: Vec::new(),
         }
     }
 

@@ -57,6 +57,9 @@ pub fn webhook_body(event: &AlertEvent, dashboard: Option<&Url>) -> Value {
         put("bytes", json!(job.bytes));
         put("error", json!(job.error));
         put("folder", json!(job.folder));
+        if !job.warnings.is_empty() {
+            put("warnings", json!(job.warnings));
+        }
     }
     put("reason", json!(event.reason));
     put("max_age_seconds", json!(event.max_age_seconds));
@@ -131,6 +134,13 @@ pub fn slack_body(event: &AlertEvent, dashboard: Option<&Url>) -> Value {
     }
     if let Some(reason) = &event.reason {
         blocks.push(section(slack_escape(reason)));
+    }
+    let warnings: Vec<String> = job
+        .map(|j| j.warnings.iter().map(|w| format!("• {}", slack_escape(&cut(w, 300)))).collect())
+        .unwrap_or_default();
+    if !warnings.is_empty() {
+        text.push_str(&format!(" ({} warning{})", warnings.len(), if warnings.len() == 1 { "" } else { "s" }));
+        blocks.push(section(format!("*Warnings:*\n{}", warnings.join("\n"))));
     }
     let mut details = Vec::new();
     if let Some(j) = job {
@@ -223,6 +233,7 @@ mod tests {
             error: Some(error.to_string()),
             folder: None,
             member: None,
+            warnings: Vec::new(),
         };
         s.job_ended("app-db", "d1", &job).remove(0)
     }
@@ -244,6 +255,29 @@ mod tests {
         let slack = slack_body(&event, None);
         let text = slack["text"].as_str().unwrap();
         assert!(text.contains("Second copy (replica) of a backup of app-db (d1) failed"), "{text}");
+    }
+
+    #[test]
+    fn a_committed_backup_with_warnings_names_them_in_both_payloads() {
+        let mut s = AlertState::default();
+        let mut job = failed_event("x").job.unwrap();
+        job.phase = Phase::Committed;
+        job.error = None;
+        job.warnings = vec!["integers beyond 2^53 in ledger.amount: D1's export rounds them".into()];
+        let event = s.job_ended("app-db", "d1", &job).remove(0);
+        let payload = webhook_body(&event, None);
+        assert_eq!(payload["type"], "ferry.backup.committed");
+        assert_eq!(
+            payload["data"]["warnings"],
+            json!(["integers beyond 2^53 in ledger.amount: D1's export rounds them"])
+        );
+        let slack = slack_body(&event, None);
+        assert!(slack["text"].as_str().unwrap().ends_with("(1 warning)"), "{slack}");
+        assert!(slack.to_string().contains("ledger.amount"), "{slack}");
+        job.warnings.clear();
+        let quiet = s.job_ended("app-db", "d1", &job).remove(0);
+        assert!(webhook_body(&quiet, None)["data"].get("warnings").is_none(), "no warnings, no field");
+        assert!(!slack_body(&quiet, None).to_string().contains("Warnings"));
     }
 
     fn destinations() -> AlertsConfig {
