@@ -50,8 +50,7 @@ use crate::secret::Secret;
 use crate::time::Timestamp;
 /// Most D1 log lines kept per restore.
 const MAX_MESSAGES: usize = 100;
-/// What an extra SQL artifact's `details.d1_import` says to be imported after the dump.
-pub const AFTER_DUMP: &str = "after_dump";
+pub use crate::providers::d1::query::AFTER_DUMP;
 /// Where a restore stages its rewritten dump, under its own folder.
 const STAGING_DIR: &str = "restore-staging/";
 /// What a target database may hold and still count as empty: SQLite's and D1's own tables.
@@ -896,12 +895,10 @@ fn dump_of(key: &str, manifest: &Manifest) -> Result<DumpRef, StepError> {
     })
 }
 
-/// Whether an artifact is SQL to import after the dump: marked `details.d1_import =
-/// "after_dump"`, or the export's query artifact (virtual tables, exact integers;
-/// `providers::d1::query`).
+/// Whether an artifact is SQL to import after the dump (`details.d1_import = "after_dump"`, as
+/// the export's query artifact is marked).
 fn imported_after_dump(artifact: &Artifact) -> bool {
     artifact.details.as_ref().and_then(|d| d.get("d1_import")).and_then(Value::as_str) == Some(AFTER_DUMP)
-        || crate::providers::d1::query::is_query_export(artifact)
 }
 
 /// The hook for SQL a backup carries besides D1's dump (virtual tables' rows, exact big

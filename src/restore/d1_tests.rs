@@ -655,7 +655,10 @@ fn the_exports_query_artifact_is_staged_after_the_dump_wherever_the_manifest_lis
     m.artifacts.insert(
         0,
         Artifact {
-            details: Some(json!({"role": crate::providers::d1::query::ROLE})),
+            details: Some(json!({
+                "role": crate::providers::d1::query::ROLE,
+                "d1_import": crate::providers::d1::query::AFTER_DUMP,
+            })),
             ..Artifact::sample(format!("{FOLDER}{name}"), name, 300, "s", "application/sql")
         },
     );

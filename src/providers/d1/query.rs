@@ -36,13 +36,11 @@ use super::DumpOptions;
 pub const FILENAME: &str = "ferry_query_export.sql";
 /// The `role` its manifest `details` carry, so a restore tells it from the dump.
 pub const ROLE: &str = "d1_query_export";
+/// What an extra SQL artifact's `details.d1_import` says: import it after the dump. The query
+/// artifact carries it; a restore stages every artifact so marked right after the dump.
+pub const AFTER_DUMP: &str = "after_dump";
 /// 2^53: integers beyond it in magnitude do not survive a JavaScript number.
 const EXACT_LIMIT: &str = "9007199254740992";
-
-/// Whether a backup's artifact is the query artifact (not the dump).
-pub fn is_query_export(artifact: &crate::manifest::Artifact) -> bool {
-    artifact.details.as_ref().and_then(|d| d.get("role")).and_then(Value::as_str) == Some(ROLE)
-}
 
 /// One row of `sqlite_schema`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -572,6 +570,7 @@ impl QueryWriter {
         }
         let details = json!({
             "role": ROLE,
+            "d1_import": AFTER_DUMP,
             "statements": self.cursor.statements,
             "virtual_tables": self.spec.items.iter().filter_map(|i| match i {
                 Item::Virtual(v) => Some(json!({
