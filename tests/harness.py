@@ -481,22 +481,33 @@ FERRY_SOURCES = {toml_string(raw)}
         assert status == 202, (source, status, payload)
         return self.wait_job(payload["job"]["id"], timeout=timeout)
 
+    def _r2_cli(self, verb: str, target: str, path: Path) -> subprocess.CompletedProcess:
+        """Runs `wrangler r2 object <verb>` on the local persisted bucket. The running Worker
+        holds the same SQLite files, so the CLI can meet `SQLITE_BUSY` (`database is locked`);
+        that is the local store's contention, not an answer, so it is tried again."""
+        for attempt in range(8):
+            out = subprocess.run([str(WRANGLER), "r2", "object", verb, target, "--file", str(path), "--local",
+                                  "--persist-to", str(self.persist), "--config", str(self.workdir / "wrangler.toml")],
+                                 cwd=self.workdir, env=tool_env(), capture_output=True, text=True)
+            text = out.stdout + out.stderr
+            if out.returncode == 0 or ("SQLITE_BUSY" not in text and "database is locked" not in text):
+                return out
+            time.sleep(0.5 * (attempt + 1))
+        return out
+
     def r2_put(self, key: str, data: bytes, bucket: str = "ferry-backups") -> None:
         """Overwrites an object in a local R2 bucket behind Ferry's back (wrangler's own CLI)."""
         path = self.workdir / "r2-put.bin"
         path.write_bytes(data)
-        subprocess.run([str(WRANGLER), "r2", "object", "put", f"{bucket}/{key}", "--file", str(path), "--local",
-                        "--persist-to", str(self.persist), "--config", str(self.workdir / "wrangler.toml")],
-                       cwd=self.workdir, env=tool_env(), check=True, capture_output=True)
+        out = self._r2_cli("put", f"{bucket}/{key}", path)
+        assert out.returncode == 0, out.stdout + out.stderr
 
     def r2_get(self, key: str, bucket: str = "ferry-backups") -> bytes | None:
         """An object of a local R2 bucket read behind Ferry's back (wrangler's own CLI); `None`
         when there is no such object."""
         path = self.workdir / "r2-get.bin"
         path.unlink(missing_ok=True)
-        out = subprocess.run([str(WRANGLER), "r2", "object", "get", f"{bucket}/{key}", "--file", str(path), "--local",
-                              "--persist-to", str(self.persist), "--config", str(self.workdir / "wrangler.toml")],
-                             cwd=self.workdir, env=tool_env(), capture_output=True, text=True)
+        out = self._r2_cli("get", f"{bucket}/{key}", path)
         if out.returncode != 0 or not path.exists():
             assert "not found" in (out.stdout + out.stderr).lower() or "does not exist" in (out.stdout + out.stderr).lower(), out.stdout + out.stderr
             return None
