@@ -22,6 +22,6 @@ pub mod delivery;
 pub mod events;
 pub mod payload;
 
-pub use config::{AlertsConfig, AlertsConfigError, Destination, DestinationKind};
-pub use delivery::{AttemptLog, Decision, DeliveryPolicy, Outcome};
+pub use config::{AlertsConfig, AlertsConfigError, Destination};
+pub use delivery::{AttemptLog, Decision, DeliveryPolicy, DestinationKind, Outcome};
 pub use events::{AlertEvent, AlertState, Delivery, EventKind};

@@ -9,7 +9,7 @@ use percent_encoding::percent_decode_str;
 use serde_json::{json, Value};
 use sha2::Sha256;
 
-use crate::job::JobId;
+use crate::identity::JobId;
 use crate::secret::Secret;
 
 /// What a request asks for.

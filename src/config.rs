@@ -17,9 +17,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
-use serde_path_to_error::Segment;
 
-use crate::fields::{self, FieldError};
+use crate::fields::{self, path_error, valid_name, FieldError};
 use crate::providers::ProviderConfig;
 use crate::replica::ReplicaConfig;
 use crate::retention::RetentionPolicy;
@@ -202,13 +201,6 @@ fn default_export_timeout() -> Duration {
     Duration::from_secs(6 * 3600)
 }
 
-pub(crate) fn valid_name(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    (1..=63).contains(&bytes.len())
-        && bytes[0].is_ascii_alphanumeric()
-        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
-}
-
 fn source_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let name = fields::text(d)?;
     if !valid_name(&name) {
@@ -290,7 +282,7 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
         )));
     }
     if let (Some(_), ProviderConfig::Aura(aura)) = (&general.drill_schedule, &provider) {
-        if let Err(why) = crate::providers::aura_drill::drill_target(aura) {
+        if let Err(why) = crate::providers::aura::drill::drill_target(aura) {
             return Err(at(FieldError::new(
                 "drill_scratch",
                 format!("is required for drills (drill_schedule): {why}"),
@@ -315,50 +307,6 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
 
 fn read<T: for<'de> Deserialize<'de>>(part: Map<String, Value>) -> Result<T, FieldError> {
     serde_path_to_error::deserialize(Value::Object(part)).map_err(path_error)
-}
-
-/// A serde error as the field it is about and what is wrong with it.
-pub(crate) fn path_error(e: serde_path_to_error::Error<serde_json::Error>) -> FieldError {
-    let mut path = String::new();
-    for segment in e.path().iter() {
-        match segment {
-            Segment::Map { key } => {
-                if !path.is_empty() {
-                    path.push('.');
-                }
-                path.push_str(key);
-            }
-            Segment::Seq { index } => path.push_str(&format!("[{index}]")),
-            Segment::Enum { .. } | Segment::Unknown => {}
-        }
-    }
-    let message = e.into_inner().to_string();
-    let named = |prefix: &str| {
-        let rest = message.strip_prefix(prefix)?;
-        let name = &rest[..rest.find('`')?];
-        let own = path.rsplit('.').next() == Some(name);
-        Some(match (own, path.is_empty()) {
-            (true, _) => path.clone(),
-            (false, true) => name.to_string(),
-            (false, false) => format!("{path}.{name}"),
-        })
-    };
-    if let Some(field) = named("unknown field `") {
-        return FieldError::new(field, "is not a known field");
-    }
-    if let Some(field) = named("missing field `") {
-        return FieldError::new(field, "is required");
-    }
-    let problem = if ["must ", "is ", "cannot "].iter().any(|p| message.starts_with(p)) {
-        message
-    } else if message.starts_with("not ") {
-        format!("is {message}")
-    } else if message.starts_with("invalid ") || message.starts_with("unknown ") {
-        format!("has an {message}")
-    } else {
-        format!("is invalid: {message}")
-    };
-    FieldError::new(path, problem)
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serializer};
+use serde_path_to_error::Segment;
 use url::Url;
 
 /// A problem with one field, before the config names the source.
@@ -254,6 +255,59 @@ pub fn ser_opt_minutes<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::O
 /// A duration written back as minutes.
 pub fn ser_minutes<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u64(d.as_secs() / 60)
+}
+
+/// Whether `name` is a valid name for a source or an alert destination: 1-63 characters of
+/// a-z, 0-9, `-`, `_` or `.`, starting with a letter or digit.
+pub(crate) fn valid_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    (1..=63).contains(&bytes.len())
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// A serde error as the field it is about and what is wrong with it.
+pub(crate) fn path_error(e: serde_path_to_error::Error<serde_json::Error>) -> FieldError {
+    let mut path = String::new();
+    for segment in e.path().iter() {
+        match segment {
+            Segment::Map { key } => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(key);
+            }
+            Segment::Seq { index } => path.push_str(&format!("[{index}]")),
+            Segment::Enum { .. } | Segment::Unknown => {}
+        }
+    }
+    let message = e.into_inner().to_string();
+    let named = |prefix: &str| {
+        let rest = message.strip_prefix(prefix)?;
+        let name = &rest[..rest.find('`')?];
+        let own = path.rsplit('.').next() == Some(name);
+        Some(match (own, path.is_empty()) {
+            (true, _) => path.clone(),
+            (false, true) => name.to_string(),
+            (false, false) => format!("{path}.{name}"),
+        })
+    };
+    if let Some(field) = named("unknown field `") {
+        return FieldError::new(field, "is not a known field");
+    }
+    if let Some(field) = named("missing field `") {
+        return FieldError::new(field, "is required");
+    }
+    let problem = if ["must ", "is ", "cannot "].iter().any(|p| message.starts_with(p)) {
+        message
+    } else if message.starts_with("not ") {
+        format!("is {message}")
+    } else if message.starts_with("invalid ") || message.starts_with("unknown ") {
+        format!("has an {message}")
+    } else {
+        format!("is invalid: {message}")
+    };
+    FieldError::new(path, problem)
 }
 
 #[cfg(test)]

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::job::{Phase, Task};
-use crate::ledger::{JobSummary, MemberJobs};
+use crate::history::{JobSummary, MemberJobs};
+use crate::identity::Task;
+use crate::job::Phase;
 use crate::schedule::Schedule;
 use crate::time::Timestamp;
 
@@ -174,7 +175,7 @@ pub fn human(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::{JobId, Trigger};
+    use crate::identity::{JobId, Trigger};
 
     fn at(s: &str) -> Timestamp {
         Timestamp::parse_rfc3339(s).unwrap()

@@ -8,17 +8,22 @@
 //!
 //! - [`config`]: the `FERRY_SOURCES` declaration, parsed strictly by serde, errors naming source
 //!   and field; [`fields`]: the serde helpers and checks its parts share.
-//! - [`health`]: green, amber or red: the age of the newest backup against the schedule.
+//! - [`identity`]: the names every module shares for a job (`JobId`, `Trigger`, `Task`); it sits
+//!   at the bottom of the module graph, which has no circles (`tests/module_graph.rs` checks it).
+//! - [`health`]: green, amber or red: the age of the newest backup against the schedule, judged
+//!   from [`history`], the few fields a source keeps of each finished job.
 //! - [`schedule`]: cron expressions (`croner`) and which sources are due in a trigger's window.
 //! - [`webhook`]: Standard Webhooks signature verification for on-demand exports, and signing.
 //! - [`alerts`]: `FERRY_ALERTS` destinations, the events a job's end or a tick raises, the signed
 //!   webhook and Slack payloads, and the retry decision and record of each delivery attempt.
-//! - [`job`]: the export job state machine, `(job, event, context) → (job, action)`.
+//! - [`job`]: the job engine, `(job, event, context) → (job, action)`; it sits above the tasks it
+//!   runs (verify, replicate, restore) and the providers.
 //! - [`ledger`]: a source's bookkeeping: single flight, webhook replay, cron idempotency.
 //! - [`budget`]: the Cloudflare API's request budget per API token: grant, or wait until when.
 //! - [`providers`]: one module per provider protocol (`providers::d1`), behind one small enum.
 //! - [`transfer`]: sliced, resumable copies: the persisted state of a copy and how a resumed
-//!   download's answer is judged (`Range`, `If-Range`, validators).
+//!   download's answer is judged (`Range`, `If-Range`, validators); a file Ferry writes itself
+//!   (the Aura graph, D1's query artifact) is a `Generator` its provider implements.
 //! - [`verify`]: the verify job's progress and outcome: read a backup back, re-hash, compare.
 //! - [`status`]: one source's report (job in flight, progress, health, history) and [`metrics`].
 //! - [`manifest`]: the R2 layout and the manifest written last as the commit marker.
@@ -49,7 +54,9 @@ pub mod dump;
 pub mod error;
 pub mod fields;
 pub mod health;
+pub mod history;
 pub mod http;
+pub mod identity;
 pub mod job;
 pub mod ledger;
 pub mod manifest;

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::job::{JobId, Trigger};
+use crate::identity::{JobId, Trigger};
 use crate::time::Timestamp;
 
 /// Name of the commit marker in each backup folder.

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use crate::health::Light;
-use crate::job::{Phase, Task};
+use crate::identity::Task;
+use crate::job::Phase;
 use crate::status::SourceReport;
 
 /// One source as the metrics see it.
@@ -80,7 +81,7 @@ pub fn render(sources: &[SourceMetrics<'_>]) -> String {
         // In account mode every member is its own series: its newest backup carries its label,
         // and no source-wide "newest backup" (one member's) stands for the others.
         let last = r.history.iter().rev().find(|h| h.task == Task::Export && h.phase == Phase::Committed);
-        let newest: Vec<(String, &crate::ledger::JobSummary)> = if r.members.is_empty() {
+        let newest: Vec<(String, &crate::history::JobSummary)> = if r.members.is_empty() {
             last.map(|l| (source.clone(), l)).into_iter().collect()
         } else {
             r.members
@@ -223,8 +224,8 @@ mod tests {
 
     use super::*;
     use crate::health::Health;
-    use crate::job::{JobId, Trigger};
-    use crate::ledger::JobSummary;
+    use crate::history::JobSummary;
+    use crate::identity::{JobId, Trigger};
     use crate::time::Timestamp;
 
     fn summary(task: Task, phase: Phase, start: i64, end: i64, bytes: u64) -> JobSummary {

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::fields::FieldError;
-use crate::job::JobId;
+use crate::identity::JobId;
 use crate::manifest::{Artifact, Manifest};
 use crate::time::Timestamp;
 
@@ -36,7 +36,7 @@ impl ReplicaConfig {
         if !value.is_object() {
             return Err(FieldError::new("", "must be a table, e.g. { bucket_binding = \"BACKUPS_REPLICA\" }"));
         }
-        let config: Self = serde_path_to_error::deserialize(value.clone()).map_err(crate::config::path_error)?;
+        let config: Self = serde_path_to_error::deserialize(value.clone()).map_err(crate::fields::path_error)?;
         let b = &config.bucket_binding;
         let valid = b.bytes().next().is_some_and(|c| c.is_ascii_alphabetic() || c == b'_')
             && b.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')

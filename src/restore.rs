@@ -25,7 +25,7 @@ use serde_json::Value;
 use crate::config::SourceConfig;
 use crate::error::StepError;
 use crate::http::{HttpRequest, HttpResponse};
-use crate::job::{JobId, Task};
+use crate::identity::{JobId, Task};
 use crate::manifest::Manifest;
 use crate::providers::{Credentials, ProviderConfig};
 use crate::time::Timestamp;

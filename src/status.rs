@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::health::Health;
+use crate::history::JobSummary;
 use crate::job::{CopyProgress, Job, Phase};
-use crate::ledger::{JobSummary, Ledger};
+use crate::ledger::Ledger;
 use crate::schedule::Schedule;
 use crate::time::Timestamp;
 

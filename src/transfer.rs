@@ -217,76 +217,6 @@ pub trait Generator {
     fn record_end(&self, _state: &mut CopyState) {}
 }
 
-impl Generator for crate::providers::aura::GraphWriter {
-    fn next_request(&self) -> Option<HttpRequest> {
-        Self::next_request(self)
-    }
-    fn on_response(&mut self, resp: &crate::http::HttpResponse, now: Timestamp) -> Result<(), StepError> {
-        Self::on_response(self, resp, now)
-    }
-    fn take_output(&mut self) -> Vec<u8> {
-        Self::take_output(self)
-    }
-    fn shrink_page(&mut self, why: &str) -> Result<u32, StepError> {
-        Self::shrink_page(self, why)
-    }
-    fn end_slice(self: Box<Self>, state: &mut CopyState) -> Result<Vec<u8>, StepError> {
-        let (rest, cursor) = self.end_member()?;
-        state.graph = Some(cursor);
-        Ok(rest)
-    }
-    fn finish(self: Box<Self>) -> Result<(Vec<u8>, serde_json::Value), StepError> {
-        Self::finish(*self)
-    }
-    fn record_end(&self, state: &mut CopyState) {
-        state.graph = Some(self.cursor());
-    }
-}
-
-/// Where a generated artifact (the Aura graph export) stopped between slices.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GraphCursor {
-    /// `nodes`, `relationships` or `done`.
-    pub phase: String,
-    /// The last element id read in this phase.
-    pub after: String,
-    /// Nodes written so far.
-    pub nodes: u64,
-    /// Relationships written so far.
-    pub relationships: u64,
-    /// Whether the header line has been written.
-    pub started: bool,
-    /// The page size in use, when it was lowered because a page was over the response cap.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub page_size: Option<u32>,
-    /// Nodes written so far per label (the manifest records them; drills compare with them).
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub labels: std::collections::BTreeMap<String, u64>,
-    /// Relationships written so far per type.
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub types: std::collections::BTreeMap<String, u64>,
-    /// Where the phase's paging by internal id ranges stands (exports in typed JSON, format 2).
-    /// `None` on an export begun by element id paging (format 1), which goes on that way.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id_range: Option<IdRange>,
-    /// Warnings for the job (a paging statement planned as a scan); the job lists them.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub warnings: Vec<String>,
-}
-
-/// Paging one phase of a graph export by internal id ranges: `id(x) IN range(next, next + size - 1)`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IdRange {
-    /// The first id of the next page.
-    pub next: u64,
-    /// The highest id in the phase, once asked (`max(id(x))`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max: Option<u64>,
-    /// Whether the phase's page statement was `EXPLAIN`ed.
-    #[serde(default)]
-    pub explained: bool,
-}
-
 /// The persisted progress of one artifact's copy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CopyState {
@@ -320,12 +250,14 @@ pub struct CopyState {
     /// slices of this copy run to the end (the artifact must fit one invocation).
     #[serde(default)]
     pub no_ranges: bool,
-    /// Generated artifacts only: where the generator stopped.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub graph: Option<GraphCursor>,
-    /// D1's generated query artifact only: where its writer stopped.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub query: Option<crate::providers::d1::query::QueryCursor>,
+    /// Generated artifacts only: where the generator stopped, in the generator's own type (see
+    /// [`CopyState::cursor_as`]); states saved before named it `graph` or `query`.
+    #[serde(default, alias = "graph", alias = "query", skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<serde_json::Value>,
+    /// Generated artifacts only: what the generator warned of (a paging plan that scans); the
+    /// job lists them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// Generated artifacts only: the R2 key holding bytes produced after `offset` that did not
     /// fill a part yet, and how many.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -424,12 +356,31 @@ impl CopyState {
             restarts: 0,
             last_restart: None,
             no_ranges: false,
-            graph: None,
-            query: None,
+            cursor: None,
+            warnings: Vec::new(),
             tail: None,
             tally: None,
             started_at: now,
         }
+    }
+
+    /// The generator's cursor, read back as the type it was stored as; `None` before the first
+    /// slice ended. A cursor that does not read back is a permanent error, never a silent
+    /// restart from the beginning of a file whose first parts are already stored.
+    pub fn cursor_as<T: serde::de::DeserializeOwned>(&self) -> Result<Option<T>, StepError> {
+        self.cursor
+            .clone()
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| StepError::permanent(format!("the saved cursor of {} does not read back: {e}", self.key)))
+    }
+
+    /// Stores the generator's cursor.
+    pub fn set_cursor<T: Serialize>(&mut self, cursor: &T) -> Result<(), StepError> {
+        let value = serde_json::to_value(cursor)
+            .map_err(|e| StepError::permanent(format!("the cursor of {} does not serialize: {e}", self.key)))?;
+        self.cursor = Some(value);
+        Ok(())
     }
 
     /// The download request for the next slice: the plain GET at zero, otherwise with
@@ -527,8 +478,8 @@ impl CopyState {
         self.offset = 0;
         self.hash_state = fresh_hash_state();
         self.validators = None;
-        self.graph = None;
-        self.query = None;
+        self.cursor = None;
+        self.warnings.clear();
         self.tail = None;
         if self.tally.is_some() {
             self.tally = Some(crate::dump::TallyState::fresh());
@@ -756,6 +707,27 @@ impl Digests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cursor_saved_under_its_old_field_names_reads_back_as_its_generators_type() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Cursor {
+            after: String,
+        }
+        let mut state = CopyState::new("src/f/graph.jsonl.gz".into(), 0, Timestamp::from_secs(0));
+        state.set_cursor(&Cursor { after: "4:x:9".into() }).unwrap();
+        let saved = serde_json::to_value(&state).unwrap();
+        for old_name in ["graph", "query"] {
+            let mut old = saved.clone();
+            let cursor = old.as_object_mut().unwrap().remove("cursor").unwrap();
+            old[old_name] = cursor;
+            let back: CopyState = serde_json::from_value(old).unwrap();
+            assert_eq!(back.cursor_as::<Cursor>().unwrap(), Some(Cursor { after: "4:x:9".into() }));
+        }
+        state.cursor = Some(serde_json::json!("not a cursor"));
+        let err = state.cursor_as::<Cursor>().unwrap_err();
+        assert!(!err.is_retryable() && err.message().contains("does not read back"), "{err}");
+    }
 
     fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::StepError;
-use crate::job::JobId;
+use crate::identity::JobId;
 use crate::manifest::Manifest;
 use crate::time::Timestamp;
 use crate::transfer::{load_hasher, save_hasher};
@@ -167,7 +167,7 @@ pub fn verification_key(manifest_key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::Trigger;
+    use crate::identity::Trigger;
     use crate::manifest::Artifact;
 
     fn manifest(files: &[(&str, &[u8])]) -> Manifest {

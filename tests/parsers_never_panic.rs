@@ -186,7 +186,7 @@ proptest! {
 
     #[test]
     fn aura_instance_answers_never_panic(body in json_value(), url in ".{0,80}", name in ".{0,30}") {
-        use ferry::providers::aura_drill::{created, named, query_api_base};
+        use ferry::providers::aura::drill::{created, named, query_api_base};
         let _ = created(&body);
         let _ = named(&body, &name);
         if let Ok(base) = query_api_base(&url) {

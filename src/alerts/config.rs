@@ -16,10 +16,11 @@ use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 use url::Url;
 
-use super::delivery::DeliveryPolicy;
+use super::delivery::{DeliveryPolicy, DestinationKind};
 use super::events::{AlertEvent, Delivery, EventKind};
-use crate::config::{path_error, valid_name, Config};
+use crate::config::Config;
 use crate::fields::{self, FieldError};
+use crate::fields::{path_error, valid_name};
 
 /// The most attempts a destination may ask for; the queue consumer's `max_retries` in
 /// `wrangler.toml` (100) stays above it, so Ferry, not the queue, decides when to give up.
@@ -34,16 +35,6 @@ pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(30);
 pub struct AlertsConfig {
     /// The destinations.
     pub destinations: Vec<Destination>,
-}
-
-/// How a destination is reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DestinationKind {
-    /// A generic HTTPS endpoint; each delivery is signed with Standard Webhooks.
-    Webhook,
-    /// A Slack incoming webhook.
-    Slack,
 }
 
 /// Where a destination's messages go.

@@ -21,8 +21,17 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::config::DestinationKind;
 use crate::time::Timestamp;
+
+/// How a destination is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DestinationKind {
+    /// A generic HTTPS endpoint; each delivery is signed with Standard Webhooks.
+    Webhook,
+    /// A Slack incoming webhook.
+    Slack,
+}
 
 /// The longest delay a queued message can be retried after (Cloudflare Queues: 12 hours).
 pub const MAX_DELAY: Duration = Duration::from_secs(12 * 3600);

@@ -20,8 +20,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::health::Health;
-use crate::job::{Phase, Task};
-use crate::ledger::JobSummary;
+use crate::history::JobSummary;
+use crate::identity::Task;
+use crate::job::Phase;
 use crate::time::Timestamp;
 
 /// Events kept at most while they wait to be queued; the oldest are dropped beyond this.
@@ -230,7 +231,7 @@ impl AlertState {
 mod tests {
     use super::*;
     use crate::health::Light;
-    use crate::job::{JobId, Trigger};
+    use crate::identity::{JobId, Trigger};
 
     fn job(n: u8, task: Task, phase: Phase) -> JobSummary {
         JobSummary {

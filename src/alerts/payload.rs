@@ -108,7 +108,7 @@ pub fn slack_body(event: &AlertEvent, dashboard: Option<&Url>) -> Value {
     let job = event.job.as_ref();
     let error = job.and_then(|j| j.error.as_deref()).map(|e| slack_escape(&cut(e, SLACK_ERROR_MAX)));
     let (icon, headline) = match event.kind {
-        EventKind::Failed if job.is_some_and(|j| j.task == crate::job::Task::Replicate) => {
+        EventKind::Failed if job.is_some_and(|j| j.task == crate::identity::Task::Replicate) => {
             (":x:", format!("Second copy (replica) of a backup of {source} ({kind}) failed"))
         }
         EventKind::Failed => (":x:", format!("Backup of {source} ({kind}) failed")),
@@ -214,8 +214,9 @@ mod tests {
     use crate::alerts::config::AlertsConfig;
     use crate::alerts::events::AlertState;
     use crate::health::{Health, Light};
-    use crate::job::{JobId, Phase, Task, Trigger};
-    use crate::ledger::JobSummary;
+    use crate::history::JobSummary;
+    use crate::identity::{JobId, Task, Trigger};
+    use crate::job::Phase;
     use crate::webhook::{verify, WebhookHeaders};
 
     const KEY: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";

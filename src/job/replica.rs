@@ -186,7 +186,7 @@ mod tests {
         let (job, action) = step(job, &src, Event::Committed, later);
         assert_eq!((job.phase, action), (Phase::Committed, Action::Done));
         assert!(job.replica_committed());
-        let summary = crate::ledger::JobSummary::of(&job).unwrap();
+        let summary = crate::history::JobSummary::of(&job).unwrap();
         assert_eq!(
             (summary.task, summary.bytes, summary.folder.as_deref()),
             (Task::Replicate, (12 << 20) + 100, Some(FOLDER))
@@ -207,7 +207,7 @@ mod tests {
         // The whole folder goes, in the replica bucket (the runtime's target); the completed
         // upload is not aborted.
         assert_eq!(action, Action::Discard { folder: FOLDER.into(), upload: None });
-        let summary = crate::ledger::JobSummary::of(&job).unwrap();
+        let summary = crate::history::JobSummary::of(&job).unwrap();
         assert_eq!((summary.task, summary.phase), (Task::Replicate, Phase::Failed));
     }
 

@@ -62,7 +62,9 @@ use crate::fields::{self, FieldError};
 use crate::http::{status_error, HttpRequest, HttpResponse};
 use crate::providers::{url_with_path, Credentials, Download, Origin, Progress, ProviderSettings};
 use crate::time::Timestamp;
-use crate::transfer::{GraphCursor, IdRange};
+use crate::transfer::{CopyState, Generator};
+
+pub mod drill;
 
 /// Refetch the token this long before it expires.
 const TOKEN_MARGIN: Duration = Duration::from_secs(60);
@@ -128,9 +130,9 @@ pub struct AuraConfig {
     /// source's Query API, or with `drill_instance` on that instance's (default `neo4j` there).
     #[serde(default, deserialize_with = "fields::opt_text")]
     pub drill_database: Option<String>,
-    /// Drills into a scratch instance created for each drill (see [`super::aura_drill`]).
+    /// Drills into a scratch instance created for each drill (see [`drill`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub drill_scratch: Option<Box<super::aura_drill::ScratchSettings>>,
+    pub drill_scratch: Option<Box<drill::ScratchSettings>>,
     /// Drills into this spare instance.
     #[serde(default, deserialize_with = "fields::opt_text", skip_serializing_if = "Option::is_none")]
     pub drill_instance: Option<String>,
@@ -179,7 +181,7 @@ impl ProviderSettings for AuraConfig {
                 "is required for the logical export (mode \"logical\" or \"both\")",
             ));
         }
-        super::aura_drill::check(self)?;
+        drill::check(self)?;
         if self.api_base.is_none() {
             self.api_base = Some(fields::constant_url(Self::DEFAULT_API_BASE, "api_base")?);
         }
@@ -1074,6 +1076,77 @@ pub fn query_rows(resp: &HttpResponse, now: Timestamp) -> Result<Vec<serde_json:
 
 fn query_malformed(what: &str) -> StepError {
     StepError::permanent(format!("Neo4j Query API: received a malformed response ({what})"))
+}
+
+/// Where a generated artifact (the Aura graph export) stopped between slices.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GraphCursor {
+    /// `nodes`, `relationships` or `done`.
+    pub phase: String,
+    /// The last element id read in this phase.
+    pub after: String,
+    /// Nodes written so far.
+    pub nodes: u64,
+    /// Relationships written so far.
+    pub relationships: u64,
+    /// Whether the header line has been written.
+    pub started: bool,
+    /// The page size in use, when it was lowered because a page was over the response cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_size: Option<u32>,
+    /// Nodes written so far per label (the manifest records them; drills compare with them).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, u64>,
+    /// Relationships written so far per type.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub types: std::collections::BTreeMap<String, u64>,
+    /// Where the phase's paging by internal id ranges stands (exports in typed JSON, format 2).
+    /// `None` on an export begun by element id paging (format 1), which goes on that way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_range: Option<IdRange>,
+    /// Warnings for the job (a paging statement planned as a scan); the job lists them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// Paging one phase of a graph export by internal id ranges: `id(x) IN range(next, next + size - 1)`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdRange {
+    /// The first id of the next page.
+    pub next: u64,
+    /// The highest id in the phase, once asked (`max(id(x))`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u64>,
+    /// Whether the phase's page statement was `EXPLAIN`ed.
+    #[serde(default)]
+    pub explained: bool,
+}
+
+impl Generator for GraphWriter {
+    fn next_request(&self) -> Option<HttpRequest> {
+        Self::next_request(self)
+    }
+    fn on_response(&mut self, resp: &crate::http::HttpResponse, now: Timestamp) -> Result<(), StepError> {
+        Self::on_response(self, resp, now)
+    }
+    fn take_output(&mut self) -> Vec<u8> {
+        Self::take_output(self)
+    }
+    fn shrink_page(&mut self, why: &str) -> Result<u32, StepError> {
+        Self::shrink_page(self, why)
+    }
+    fn end_slice(self: Box<Self>, state: &mut CopyState) -> Result<Vec<u8>, StepError> {
+        let (rest, cursor) = self.end_member()?;
+        state.warnings = cursor.warnings.clone();
+        state.set_cursor(&cursor)?;
+        Ok(rest)
+    }
+    fn finish(self: Box<Self>) -> Result<(Vec<u8>, serde_json::Value), StepError> {
+        Self::finish(*self)
+    }
+    fn record_end(&self, state: &mut CopyState) {
+        state.warnings = self.cursor().warnings;
+    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,6 @@
 //! checks ([`ProviderSettings`]), registered by one line in [`ProviderConfig`].
 
 pub mod aura;
-pub mod aura_drill;
 pub mod d1;
 pub mod dgraph;
 pub mod dxp;

@@ -54,7 +54,7 @@
 //!   rows are sent with `Content-Type: application/vnd.neo4j.query`, every parameter typed, so
 //!   Neo4j stores a date as a date, a point as a point, bytes as bytes. A version 1 file (plain
 //!   JSON) loads as plain JSON, as it always did.
-//! - **Drill** (where: `providers/aura_drill.rs`): into a **scratch instance**, every tier: the
+//! - **Drill** (where: `providers/aura/drill.rs`): into a **scratch instance**, every tier: the
 //!   source instance is read (`GET /v1/instances/{id}`: tenant, cloud provider, region, type,
 //!   memory), an instance `ferry-drill-<job id>` is created (`POST /v1/instances`; the answer
 //!   carries its `connection_url` and generated password, kept as `secret_password` until the
@@ -88,10 +88,10 @@ use serde_json::{json, Value};
 use super::{param_text, Answer, Io, IoDone, Next, RestoreCx, Restorer, DRILL_NAME};
 use crate::error::StepError;
 use crate::http::{status_error, HttpRequest, HttpResponse};
-use crate::job::{JobId, Task};
+use crate::identity::{JobId, Task};
 use crate::manifest::Manifest;
+use crate::providers::aura::drill::{self as drill, DrillTarget};
 use crate::providers::aura::{self as provider, AuraConfig, GRAPH_FILE};
-use crate::providers::aura_drill::{self as drill, DrillTarget};
 use crate::providers::{url_with_path, Credentials, ProviderConfig};
 use crate::secret::Secret;
 use crate::time::Timestamp;

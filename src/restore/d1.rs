@@ -41,7 +41,7 @@ use super::d1_sql::{Input, Staging};
 use super::{param_text, Answer, Io, IoDone, Next, Piece, RestoreCx, Restorer, DRILL_NAME};
 use crate::error::StepError;
 use crate::http::{HttpRequest, HttpResponse};
-use crate::job::{JobId, Task};
+use crate::identity::{JobId, Task};
 use crate::manifest::{Artifact, Manifest};
 use crate::providers::d1::D1Config;
 use crate::providers::{url_with_path, ProviderConfig};

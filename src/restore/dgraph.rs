@@ -37,7 +37,7 @@ use serde_json::{json, Value};
 use super::{param_text, Answer, Io, IoDone, Next, RestoreCx, Restorer};
 use crate::error::StepError;
 use crate::http::HttpResponse;
-use crate::job::Task;
+use crate::identity::Task;
 use crate::manifest::Manifest;
 use crate::providers::dgraph::{graphql_body, DgraphConfig, DgraphState};
 use crate::providers::{error_messages, Progress, ProviderState};

@@ -7,7 +7,8 @@ use super::driver::{driven, Driver};
 use super::*;
 use crate::config::{Config, SourceConfig};
 use crate::http::{HttpRequest, HttpResponse};
-use crate::job::{Action, Event, Phase, Trigger};
+use crate::identity::Trigger;
+use crate::job::{Action, Event, Phase};
 use crate::time::Timestamp;
 
 const FOLDER: &str = "graph/2026-11-23T030000Z-00000000000000aa/";

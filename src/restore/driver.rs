@@ -4,7 +4,8 @@
 
 use crate::config::SourceConfig;
 use crate::http::HttpRequest;
-use crate::job::{Action, Context, Event, Job, JobId, Task, Trigger};
+use crate::identity::{JobId, Task, Trigger};
+use crate::job::{Action, Context, Event, Job};
 use crate::providers::Credentials;
 use crate::restore::{plan, Io};
 use crate::secret::Secret;

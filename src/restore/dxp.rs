@@ -30,7 +30,7 @@ use sha2::{Digest, Sha256};
 use super::{param_text, Answer, Io, IoDone, Next, Piece, RestoreCx, Restorer};
 use crate::error::StepError;
 use crate::http::{status_error, HttpRequest, HttpResponse, Method};
-use crate::job::{JobId, Task};
+use crate::identity::{JobId, Task};
 use crate::manifest::Manifest;
 use crate::providers::dxp::{
     authorize, credentials_refused, endpoint, item_id, list_items, message_of, DxpConfig, DxpState,

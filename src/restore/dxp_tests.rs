@@ -10,7 +10,8 @@ use super::dxp::{boundary, UPLOAD_INTERVAL};
 use super::*;
 use crate::config::{Config, SourceConfig};
 use crate::http::{HttpRequest, HttpResponse};
-use crate::job::{Action, Event, Phase, Trigger};
+use crate::identity::Trigger;
+use crate::job::{Action, Event, Phase};
 use crate::manifest::Artifact;
 use crate::time::Timestamp;
 

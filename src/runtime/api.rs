@@ -13,7 +13,7 @@ use super::source_object::{call, claim_delivery, retired_sources, trigger_api, t
 use super::{load_config, now, retention, secret, store, BUCKET};
 use crate::api::{api_token_problem, bearer_ok, error_body, route, trigger_auth, Route, TriggerAuth};
 use crate::config::Config;
-use crate::job::Task;
+use crate::identity::Task;
 use crate::manifest::{folder_of, is_manifest_key, manifest_key, Manifest};
 use crate::metrics::{render, render_notifications, SourceMetrics};
 use crate::retention::pin_key;

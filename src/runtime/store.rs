@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use sha2::{Digest, Sha256};
 use worker::{console_error, Bucket, Data, HttpMetadata, Object, Storage};
 
-use crate::job::JobId;
+use crate::identity::JobId;
 use crate::manifest::Manifest;
 use crate::sweep::{upload_storage_key, Leftover, OpenUpload};
 

@@ -519,14 +519,14 @@ pub(crate) async fn run_slice(
     };
     let result = match &source {
         CopySource::Http(request) => http_slice(&mut sink, request).await,
-        CopySource::Graph(spec) => {
-            let writer = Box::new(spec.resume(sink.state.graph.as_ref()));
-            generated_slice(&mut sink, writer).await
-        }
-        CopySource::D1Query(spec) => {
-            let writer = Box::new(spec.resume(sink.state.query.as_ref()));
-            generated_slice(&mut sink, writer).await
-        }
+        CopySource::Graph(spec) => match sink.state.cursor_as() {
+            Ok(cursor) => generated_slice(&mut sink, Box::new(spec.resume(cursor.as_ref()))).await,
+            Err(e) => Err(e),
+        },
+        CopySource::D1Query(spec) => match sink.state.cursor_as() {
+            Ok(cursor) => generated_slice(&mut sink, Box::new(spec.resume(cursor.as_ref()))).await,
+            Err(e) => Err(e),
+        },
         CopySource::R2 { key, size } => r2_slice(&mut sink, primary, key, *size).await,
     };
     let outcome = match result {
@@ -868,8 +868,8 @@ async fn generated_slice(sink: &mut Sink<'_>, mut writer: Box<dyn Generator>) ->
             .map_err(|e| r2_err("parking the export's tail", e))?;
         sink.state.tail = Some((key, len));
     }
-    sink.state.graph = saved.graph;
-    sink.state.query = saved.query;
+    sink.state.cursor = saved.cursor;
+    sink.state.warnings = saved.warnings;
     sink.state.stalled = 0;
     sink.persist().await?;
     if let Some((key, _)) = old_tail {

@@ -732,7 +732,7 @@ impl Generator for QueryWriter {
 
     fn end_slice(self: Box<Self>, state: &mut crate::transfer::CopyState) -> Result<Vec<u8>, StepError> {
         let (rest, cursor) = (*self).end_slice();
-        state.query = Some(cursor);
+        state.set_cursor(&cursor)?;
         Ok(rest)
     }
 

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use url::Url;
 
-use super::aura::AuraConfig;
+use super::AuraConfig;
 use crate::error::StepError;
 use crate::fields::{self, FieldError};
 
