@@ -27,7 +27,9 @@ prints both peak wasm memories and whether they are equal.
 Usage (the Worker must be built first: bash scripts/build.sh):
   python3 bench/transfer.py [--size-mib 1024] [--runs 3] [--parts-in-flight 1,2,4,6]
                             [--part-size-mib N] [--slice-max-mib N] [--slice-max-seconds N]
-                            [--big | --big-only] [--keep]
+                            [--big | --big-only] [--keep] [--baseline OTHER/build]
+``--baseline`` runs Ferry once more from another checkout's build/ (e.g. the previous commit,
+built in a git worktree) in the same run, and prints this build's time over it.
 The Ferry source fields part_size_mib, parts_in_flight, slice_max_mib and slice_max_seconds are
 sent only when given here, so the script also runs against an engine that does not know them.
 Volumes are built once and cached (``--cache-dir``, default ~/.cache/ferry-bench). Every process
@@ -535,20 +537,22 @@ def machine() -> list[str]:
     ]
 
 
-def snapshot_build(work: Path) -> tuple[Path, str]:
-    """Copies build/ so that a rebuild during the run cannot change what is measured."""
-    build = ROOT / "build"
+def snapshot_build(work: Path, build: Path = ROOT / "build", name: str = "bundle") -> tuple[Path, str]:
+    """Copies a build/ folder so that a rebuild during the run cannot change what is measured;
+    the checkout it came from is the git work tree around it."""
     if not (build / "index.js").exists():
-        sys.exit("build/index.js is missing: build the Worker first (bash scripts/build.sh)")
-    bundle = work / "bundle"
+        sys.exit(f"{build}/index.js is missing: build the Worker first (bash scripts/build.sh)")
+    bundle = work / name
     shutil.copytree(build, bundle)
     wasm = sorted(bundle.rglob("*.wasm"))
     digest = hashlib.sha256(wasm[0].read_bytes()).hexdigest()[:12] if wasm else "no wasm"
     built = dt.datetime.fromtimestamp((build / "index.js").stat().st_mtime, dt.timezone.utc)
-    git = command_output(["git", "rev-parse", "--short", "HEAD"])
+    checkout = build.resolve().parent
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=checkout).stdout.strip() or "unknown"
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"],
-                           capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    return bundle, (f"build/ from {built:%Y-%m-%d %H:%M UTC}, wasm sha256 {digest}…; checkout {git}"
+                           capture_output=True, text=True, cwd=checkout).stdout.strip()
+    return bundle, (f"{build} from {built:%Y-%m-%d %H:%M UTC}, wasm sha256 {digest}…; checkout {git}"
                     + (" with uncommitted changes in src/" if dirty else ""))
 
 
@@ -580,6 +584,10 @@ def main() -> int:
     p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ferry-bench",
                    help="where the emulator's volumes are built and kept (default ~/.cache/ferry-bench)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, R2 state) for debugging")
+    p.add_argument("--baseline", type=Path, metavar="BUILD_DIR",
+                   help="another checkout's build/ folder (for example the previous commit's, built in a git "
+                        "worktree): Ferry is run once more on it in the same run, and this build's time is "
+                        "compared with it")
     args = p.parse_args()
     if args.runs < 1:
         p.error("--runs must be >= 1")
@@ -597,9 +605,13 @@ def main() -> int:
         bundle, build_info = snapshot_build(work)
         print("\n".join(machine()))
         print(f"build:    {build_info}")
+        baseline = None
+        if args.baseline:
+            baseline, baseline_info = snapshot_build(work, args.baseline, "baseline-bundle")
+            print(f"baseline: {baseline_info}")
         pif_values = args.parts_in_flight or [None]
         if not args.big_only:
-            failed |= main_comparison(args, work, bundle, pif_values, cleanup)
+            failed |= main_comparison(args, work, bundle, pif_values, cleanup, baseline)
         if args.big or args.big_only:
             failed |= big_check(args, work, bundle, pif_values[0], cleanup)
         return 1 if failed else 0
@@ -614,7 +626,8 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def main_comparison(args, work: Path, bundle: Path, pif_values: list, cleanup: Cleanup) -> bool:
+def main_comparison(args, work: Path, bundle: Path, pif_values: list, cleanup: Cleanup,
+                    baseline: Path | None = None) -> bool:
     print(f"source:   DXP emulator, one backup, volume of {args.size_mib} MiB (building it if not cached in {args.cache_dir})",
           flush=True)
     emu = cleanup.add(DxpSource(work, args.cache_dir, args.size_mib))
@@ -634,6 +647,12 @@ def main_comparison(args, work: Path, bundle: Path, pif_values: list, cleanup: C
         rows.append(row)
         if not args.keep:
             shutil.rmtree(work / f"ferry-{i}", ignore_errors=True)
+    base_row = None
+    if baseline is not None:
+        fields = ferry_fields(args, pif_values[0])
+        base_row = run_ferry(emu, work / "ferry-baseline", baseline, fields, args.runs, cleanup, args.timeout,
+                             label=f"Ferry baseline, {describe(fields)}")
+        rows.append(base_row)
     cleanup.discard(emu)
     emu.stop()
 
@@ -654,6 +673,13 @@ def main_comparison(args, work: Path, bundle: Path, pif_values: list, cleanup: C
         print(f"ratio Ferry / plain download ({row.label[7:]}): {best / floor:.1f}x")
     if js_best and floor:
         print(f"ratio JS Worker / plain download: {js_best / floor:.1f}x")
+    if base_row is not None:
+        this, before = ferry_rows[0].best(), base_row.best()
+        if this is None or before is None:
+            print("ratio this build / baseline: n/a (a side failed)")
+        else:
+            print(f"ratio this build / baseline: {this / before:.2f}x  (best vs best; <= 1.0 is no slower)"
+                  + (f"; baseline / JS Worker {before / js_best:.2f}x" if js_best else ""))
     print("Ferry is timed from the signed webhook to the job seen committed (polled every ~100 ms), and copies"
           " database.gz besides the volume; the JS Worker from its request to its answer. Status latency: GET"
           " /v1/jobs/{id} while the job was transferring.")

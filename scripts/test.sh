@@ -11,4 +11,4 @@ cargo test --locked
 echo "== wasm build (worker-build --release)"
 bash scripts/build.sh
 echo "== emulator and end-to-end tests (pytest)"
-python3 -m pytest -q -p no:cacheprovider tests "$@"
+python3 -m pytest -q -p no:cacheprovider --durations=30 tests "$@"
