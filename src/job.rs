@@ -1100,6 +1100,14 @@ impl Job {
                 self.attempts += 1;
                 (self, Action::Send(req))
             }
+            Ok(RestoreNext::Io(Io::Record { .. })) if self.cancelled.is_some() => {
+                // A cancelled drill found nothing about the backup: no record goes next to it.
+                let answer = match self.restore.as_mut() {
+                    Some(state) => state.on_io(IoDone::Recorded, cx.now),
+                    None => Err(StepError::permanent("restore job without its state")),
+                };
+                self.on_restore(answer, cx)
+            }
             Ok(RestoreNext::Io(io)) => {
                 self.attempts += 1;
                 (self, Action::Restore(Box::new(io)))
