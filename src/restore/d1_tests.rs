@@ -414,8 +414,8 @@ fn a_drill_with_a_missing_row_fails_naming_the_table_after_cleaning_up() {
     assert!(e.contains("table \"b\": 0 rows restored, 5 in the backup") && !e.contains("\"a\""), "{e}");
 }
 
-#[test]
-fn a_drill_whose_import_fails_still_deletes_the_scratch_database_and_records_why() {
+/// A drill of a one-table backup, up to its scratch database's creation.
+fn drill_with_scratch() -> Harness {
     let mut h = Harness::new(Task::Drill, json!({}));
     h.io();
     h.manifest(manifest(&[("a", 1)], t0()));
@@ -423,6 +423,12 @@ fn a_drill_whose_import_fails_still_deletes_the_scratch_database_and_records_why
     h.feed(Event::RestoreIo(Ok(IoDone::Digest { md5: MD5.into(), size: DUMP.len() as u64 })));
     h.request();
     h.answer(200, json!({"uuid": "scratch-1"}));
+    h
+}
+
+#[test]
+fn a_drill_whose_import_fails_still_deletes_the_scratch_database_and_records_why() {
+    let mut h = drill_with_scratch();
     h.request();
     h.answer(400, json!(null));
     assert_eq!(h.job.phase, Phase::Restoring, "the failure waits for the clean-up");
@@ -737,13 +743,7 @@ fn an_import_cancelled_while_d1_says_active_deletes_the_staged_chunks_and_ends_c
 
 #[test]
 fn a_drill_cancelled_after_its_scratch_database_exists_deletes_it_and_ends_cancelled() {
-    let mut h = Harness::new(Task::Drill, json!({}));
-    h.io();
-    h.manifest(manifest(&[("a", 1)], t0()));
-    h.io();
-    h.feed(Event::RestoreIo(Ok(IoDone::Digest { md5: MD5.into(), size: DUMP.len() as u64 })));
-    h.request();
-    h.answer(200, json!({"uuid": "scratch-1"}));
+    let mut h = drill_with_scratch();
     h.feed(Event::Cancel { by: "api".into(), reason: None });
     let del = h.request();
     assert_eq!(del.method, crate::http::Method::Delete);
