@@ -19,6 +19,8 @@ pub enum Route {
     ListSources,
     /// `GET /v1/jobs/{id}`
     Job(JobId),
+    /// `POST /v1/jobs/{id}/cancel` (bearer): stop the job at its next step, cleaning up.
+    CancelJob(JobId),
     /// `GET /v1/sources/{name}/backups`
     Backups(String),
     /// `GET /v1/backups/{key…}`
@@ -78,6 +80,10 @@ pub fn route(method: &str, path: &str) -> Route {
         ["v1", "alerts"] => only(get, "GET", Route::Alerts),
         ["v1", "jobs", id] => match JobId::parse(id) {
             Some(id) => only(get, "GET", Route::Job(id)),
+            None => Route::NotFound,
+        },
+        ["v1", "jobs", id, "cancel"] => match JobId::parse(id) {
+            Some(id) => only(post, "POST", Route::CancelJob(id)),
             None => Route::NotFound,
         },
         ["v1", "sources", name, "backups"] => only(get, "GET", Route::Backups(decode(name))),
@@ -175,6 +181,30 @@ pub fn trigger_auth(webhook_headers_present: bool, authorization: Option<&str>) 
     }
 }
 
+/// A cancel request's body: empty, or `{"reason": "<why>"}`. The bearer token names no person,
+/// so the request is recorded as made `by` `"api"`; the reason is the caller's own words, cut to
+/// [`MAX_CANCEL_REASON`](crate::job::MAX_CANCEL_REASON) characters. `Err` is the 400's message.
+pub fn cancel_request(body: &[u8]) -> Result<(String, Option<String>), String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(("api".into(), None));
+    }
+    let value: Value =
+        serde_json::from_slice(body).map_err(|_| "the body must be empty or a JSON object".to_string())?;
+    let Value::Object(map) = value else { return Err("the body must be empty or a JSON object".into()) };
+    if let Some(field) = map.keys().find(|k| k.as_str() != "reason") {
+        return Err(format!("unknown field {field:?}: a cancel takes only \"reason\""));
+    }
+    let reason = match map.get("reason") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(r)) => {
+            let r: String = r.trim().chars().filter(|c| !c.is_control()).take(crate::job::MAX_CANCEL_REASON).collect();
+            (!r.is_empty()).then_some(r)
+        }
+        Some(_) => return Err("field \"reason\" must be a string".into()),
+    };
+    Ok(("api".into(), reason))
+}
+
 /// A JSON error body.
 pub fn error_body(message: &str) -> Value {
     json!({ "error": message })
@@ -241,6 +271,22 @@ mod tests {
         assert_eq!(route("GET", "/v1/backups/a//b"), Route::NotFound);
         assert_eq!(route("GET", "/v1/backups/a/../b"), Route::NotFound);
         assert_eq!(route("GET", "/v1/backups/a/%2E%2E/b"), Route::NotFound);
+    }
+
+    #[test]
+    fn cancel_routes_and_bodies() {
+        let id = JobId::new("0123456789abcdef");
+        assert_eq!(route("POST", "/v1/jobs/0123456789abcdef/cancel"), Route::CancelJob(id));
+        assert_eq!(route("GET", "/v1/jobs/0123456789abcdef/cancel"), Route::MethodNotAllowed("POST"));
+        assert_eq!(route("POST", "/v1/jobs/nope/cancel"), Route::NotFound);
+        assert_eq!(cancel_request(b""), Ok(("api".into(), None)));
+        assert_eq!(cancel_request(br#"{"reason": " wrong backup "}"#), Ok(("api".into(), Some("wrong backup".into()))));
+        let long = format!(r#"{{"reason": "{}"}}"#, "x".repeat(5000));
+        assert_eq!(cancel_request(long.as_bytes()).unwrap().1.unwrap().len(), crate::job::MAX_CANCEL_REASON);
+        assert!(cancel_request(br#"{"reason": 5}"#).unwrap_err().contains("\"reason\""));
+        assert!(cancel_request(br#"{"why": "x"}"#).unwrap_err().contains("\"why\""));
+        assert!(cancel_request(b"[1]").is_err());
+        assert!(cancel_request(b"\xff").is_err());
     }
 
     #[test]

@@ -95,6 +95,69 @@ pub struct SourceConfig {
     /// Where a second copy of every committed backup goes (`replica` table); `None`: no copy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replica: Option<ReplicaConfig>,
+    /// How long a job of each task may run before it is stopped (`deadline_seconds` table).
+    #[serde(default, rename = "deadline_seconds", skip_serializing_if = "Deadlines::is_default")]
+    pub deadlines: Deadlines,
+}
+
+/// The largest per-task deadline: 30 days.
+pub const MAX_DEADLINE_SECONDS: u64 = 30 * 24 * 3600;
+
+/// Per-task deadlines, in seconds (`deadline_seconds = { restore = 7200 }`): how long a job of
+/// that task may run, from the moment it leaves the queue, before it is stopped like a cancel
+/// (what it started is cleaned up) and fails naming its deadline. An absent task takes its
+/// default ([`Deadlines::of`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deadlines {
+    /// A backup: default `export_timeout_minutes + copy_timeout_minutes + 1 h` (31 h).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "opt_deadline")]
+    pub export: Option<u64>,
+    /// A verification: default 24 h.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "opt_deadline")]
+    pub verify: Option<u64>,
+    /// A second copy: default `copy_timeout_minutes + 1 h` (25 h).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "opt_deadline")]
+    pub replicate: Option<u64>,
+    /// A restore: default 48 h.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "opt_deadline")]
+    pub restore: Option<u64>,
+    /// A restore drill: default 24 h.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "opt_deadline")]
+    pub drill: Option<u64>,
+}
+
+impl Deadlines {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The deadline of a job of `task` on `source`, and the field that sets it.
+    pub fn of(&self, task: crate::identity::Task, source: &SourceConfig) -> (Duration, &'static str) {
+        use crate::identity::Task;
+        const HOUR: Duration = Duration::from_secs(3600);
+        let (set, default, field) = match task {
+            Task::Export => {
+                (self.export, source.export_timeout + source.transfer.copy_timeout + HOUR, "deadline_seconds.export")
+            }
+            Task::Verify => (self.verify, 24 * HOUR, "deadline_seconds.verify"),
+            Task::Replicate => (self.replicate, source.transfer.copy_timeout + HOUR, "deadline_seconds.replicate"),
+            Task::Restore => (self.restore, 48 * HOUR, "deadline_seconds.restore"),
+            Task::Drill => (self.drill, 24 * HOUR, "deadline_seconds.drill"),
+        };
+        (set.map_or(default, Duration::from_secs), field)
+    }
+}
+
+/// An optional deadline: whole seconds from 1 to [`MAX_DEADLINE_SECONDS`].
+fn opt_deadline<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    struct Secs(u64);
+    impl<'de> Deserialize<'de> for Secs {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            fields::secs::<D, 1, MAX_DEADLINE_SECONDS>(d).map(|s| Secs(s.as_secs()))
+        }
+    }
+    Option::<Secs>::deserialize(d).map(|o| o.map(|s| s.0))
 }
 
 impl SourceConfig {
@@ -195,6 +258,8 @@ struct General {
     export_timeout_minutes: Duration,
     #[serde(default)]
     retry: RetryPolicy,
+    #[serde(default)]
+    deadline_seconds: Deadlines,
 }
 
 fn default_export_timeout() -> Duration {
@@ -282,11 +347,24 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
         )));
     }
     if let (Some(_), ProviderConfig::Aura(aura)) = (&general.drill_schedule, &provider) {
-        if let Err(why) = crate::providers::aura::drill::drill_target(aura) {
-            return Err(at(FieldError::new(
-                "drill_scratch",
-                format!("is required for drills (drill_schedule): {why}"),
-            )));
+        match crate::providers::aura::drill::drill_target(aura) {
+            Err(why) => {
+                return Err(at(FieldError::new(
+                    "drill_scratch",
+                    format!("is required for drills (drill_schedule): {why}"),
+                )))
+            }
+            // A drill into a second database of the instance loads through the Query API with
+            // the database user's password (the same rule as `restore::aura::plan`; a test there
+            // checks that every drill config accepted here plans).
+            Ok(crate::providers::aura::drill::DrillTarget::Database) if aura.db_password_secret.is_none() => {
+                return Err(at(FieldError::new(
+                    "db_password_secret",
+                    "is required for drills into drill_database (drill_schedule): the drill loads the backup \
+                     through the Query API as db_user",
+                )))
+            }
+            Ok(_) => {}
         }
     }
     Ok(SourceConfig {
@@ -302,6 +380,7 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
         provider,
         retention,
         replica,
+        deadlines: general.deadline_seconds,
     })
 }
 
@@ -512,6 +591,46 @@ mod tests {
     }
 
     #[test]
+    fn an_aura_drill_into_drill_database_without_db_password_secret_is_refused_naming_the_field() {
+        let aura = json!({"name": "g", "kind": "aura", "schedule": "0 4 * * *", "instance_id": "2f49c2b3",
+            "client_id_secret": "A", "client_secret_secret": "B", "mode": "snapshot",
+            "drill_schedule": "0 6 * * 1", "drill_database": "drill"});
+        let e = err(aura.clone());
+        assert_eq!((e.source_name.as_deref(), e.field.as_deref()), (Some("g"), Some("db_password_secret")), "{e}");
+        assert!(e.to_string().contains("drill_database"), "{e}");
+        let mut with_password = aura;
+        with_password["db_password_secret"] = json!("NEO4J_PASSWORD");
+        assert!(Config::from_value(&json!([with_password])).is_ok());
+    }
+
+    #[test]
+    fn deadlines_are_optional_bounded_per_task_and_named_when_wrong() {
+        use crate::identity::Task;
+        let s = &Config::from_value(&json!([d1(json!({}))])).unwrap().sources[0];
+        assert_eq!(s.deadlines, Deadlines::default());
+        assert_eq!(s.deadlines.of(Task::Export, s), (Duration::from_secs(31 * 3600), "deadline_seconds.export"));
+        assert_eq!(s.deadlines.of(Task::Restore, s).0, Duration::from_secs(48 * 3600));
+        assert_eq!(s.deadlines.of(Task::Drill, s).0, Duration::from_secs(24 * 3600));
+        assert_eq!(s.deadlines.of(Task::Verify, s).0, Duration::from_secs(24 * 3600));
+        assert_eq!(s.deadlines.of(Task::Replicate, s).0, Duration::from_secs(25 * 3600));
+        let c = Config::from_value(&json!([d1(json!({"deadline_seconds": {"restore": 20, "drill": 30}}))])).unwrap();
+        let s = &c.sources[0];
+        assert_eq!(s.deadlines.of(Task::Restore, s), (Duration::from_secs(20), "deadline_seconds.restore"));
+        assert_eq!(s.deadlines.of(Task::Drill, s).0, Duration::from_secs(30));
+        // A job's snapshot keeps them.
+        let back: SourceConfig = serde_json::from_value(serde_json::to_value(s).unwrap()).unwrap();
+        assert_eq!(back.deadlines, s.deadlines);
+        assert_eq!(
+            err(d1(json!({"deadline_seconds": {"restore": 0}}))).field.as_deref(),
+            Some("deadline_seconds.restore")
+        );
+        assert_eq!(
+            err(d1(json!({"deadline_seconds": {"backup": 10}}))).field.as_deref(),
+            Some("deadline_seconds.backup")
+        );
+    }
+
+    #[test]
     fn parses_dxp_sources_with_exactly_one_auth_mode() {
         let base = json!({"name": "portal", "kind": "dxp", "schedule": "0 4 * * *", "api_base": "https://backup-acme-prd.lfr.cloud"});
         let with = |extra: Value| {
@@ -569,6 +688,7 @@ mod tests {
         assert!(Config::from_value(&json!([with_instance])).unwrap().sources[0].drill_schedule.is_some());
         let mut with_scratch = aura;
         with_scratch["drill_database"] = json!("scratch");
+        with_scratch["db_password_secret"] = json!("NEO4J_PASSWORD");
         assert!(Config::from_value(&json!([with_scratch])).unwrap().sources[0].drill_schedule.is_some());
     }
 

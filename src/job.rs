@@ -75,6 +75,9 @@ pub enum Phase {
     Restoring,
     /// A restore finished, or a drill passed.
     Restored,
+    /// Stopped on request (`POST /v1/jobs/{id}/cancel`) after cleaning up what it started;
+    /// `cancelled` says who asked and why. Never a backup.
+    Cancelled,
 }
 
 impl Phase {
@@ -82,7 +85,13 @@ impl Phase {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            Self::Committed | Self::Failed | Self::Skipped | Self::Dispatched | Self::Verified | Self::Restored
+            Self::Committed
+                | Self::Failed
+                | Self::Skipped
+                | Self::Dispatched
+                | Self::Verified
+                | Self::Restored
+                | Self::Cancelled
         )
     }
 }
@@ -187,7 +196,39 @@ pub struct Job {
     /// A replicate job's backup: the primary manifest and the replica bucket's binding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replica: Option<ReplicaState>,
+    /// When the job left the queue: its task's deadline counts from here (`started_at` for a
+    /// job stored before this existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_since: Option<Timestamp>,
+    /// Who asked to cancel the job, and why; it then ends `cancelled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled: Option<Cancellation>,
+    /// Since when the job is cleaning up before it stops (after a cancel or its deadline): it
+    /// takes no new work, and a clean-up running past [`CLEANUP_LIMIT`] is given up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopping_since: Option<Timestamp>,
 }
+
+/// A cancel request, as recorded on the job. The API bearer token names no person, so `by` says
+/// which door the request came through (`"api"`), and `reason` is the caller's own words.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cancellation {
+    /// Who asked: `"api"` (the bearer token, also the dashboard's button).
+    pub by: String,
+    /// Why, as the caller said (at most [`MAX_CANCEL_REASON`] characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When the job took the request.
+    pub at: Timestamp,
+}
+
+/// The longest cancel `reason` kept.
+pub const MAX_CANCEL_REASON: usize = 200;
+
+/// How long a stopping job (cancelled, or past its deadline) may spend cleaning up before it is
+/// given up: what is left (staged objects, a scratch database named after the job) is the daily
+/// sweep's.
+pub const CLEANUP_LIMIT: Duration = Duration::from_secs(15 * 60);
 
 /// Reads a job's config snapshot; one this version cannot read is dropped rather than making
 /// the whole job unreadable (the job then runs with the current config).
@@ -229,6 +270,13 @@ pub enum Event {
     Recorded,
     /// The last [`Action::Restore`] ended.
     RestoreIo(Result<IoDone, StepError>),
+    /// Stop the job at this step: clean up what it started, then end `cancelled`.
+    Cancel {
+        /// Who asked (see [`Cancellation::by`]).
+        by: String,
+        /// Why, as the caller said.
+        reason: Option<String>,
+    },
     /// The last [`Action::Send`] was held back by the API token's request budget
     /// ([`crate::budget`]): nothing was sent; the same step is taken again at this time, and no
     /// retry is counted.
@@ -419,6 +467,9 @@ impl Job {
             task: Task::Export,
             config: Some(source.clone()),
             replica: None,
+            running_since: None,
+            cancelled: None,
+            stopping_since: None,
         }
     }
 
@@ -516,6 +567,37 @@ impl Job {
         self
     }
 
+    /// A job of `task` (`Restore` or `Drill`) as its plan came out: the restore's state, or why
+    /// it cannot be planned. One that cannot is still a job of its task (never an export): it
+    /// fails at its first step with the reason.
+    pub fn planned(mut self, task: Task, plan: Result<RestoreState, String>) -> Self {
+        match plan {
+            Ok(state) => self.restore_of(task, state),
+            Err(reason) => {
+                self.task = task;
+                self.restore = None;
+                let what = if task == Task::Drill { "the drill" } else { "the restore" };
+                self.error = Some(format!("{what} could not start: {reason}"));
+                self
+            }
+        }
+    }
+
+    /// Whether a cancel request can be taken: `Err` (the API's 409) once the job has ended.
+    pub fn cancellable(&self) -> Result<(), String> {
+        if self.phase.is_terminal() {
+            let phase = serde_json::to_value(self.phase).ok().and_then(|v| v.as_str().map(str::to_string));
+            return Err(format!("job {} has already ended ({})", self.id, phase.unwrap_or_default()));
+        }
+        Ok(())
+    }
+
+    /// When this job's task deadline falls, and the field that sets it.
+    pub fn deadline(&self, source: &SourceConfig) -> (Timestamp, Duration, &'static str) {
+        let (limit, field) = source.deadlines.of(self.task, source);
+        (self.running_since.unwrap_or(self.started_at).plus(limit), limit, field)
+    }
+
     /// A queued child of `parent` that exports the part described by `provider`.
     pub fn child_of(parent: &Self, id: JobId, source: &SourceConfig, provider: ProviderState, now: Timestamp) -> Self {
         let mut job = Self::with_params(id, source, parent.trigger, None, None, parent.params.clone(), now);
@@ -538,6 +620,20 @@ impl Job {
         if job.phase.is_terminal() {
             job.forget_credentials();
         }
+        // No sleep outlasts the task's deadline (or a stopping job's clean-up limit): the job
+        // wakes then and is stopped.
+        let action = match action {
+            Action::Sleep(at) if !job.phase.is_terminal() => {
+                let limit = match job.stopping_since {
+                    Some(since) => since.plus(CLEANUP_LIMIT),
+                    None => job.deadline(cx.source).0,
+                };
+                let at = at.min(limit.max(cx.now));
+                job.next_step_at = Some(at);
+                Action::Sleep(at)
+            }
+            other => other,
+        };
         (job, action)
     }
 
@@ -608,6 +704,7 @@ impl Job {
                 Some(reason) => self.restore_failed(StepError::permanent(reason), cx),
                 None => self.restore_failed(StepError::transient(msg), cx),
             },
+            (phase, Event::Cancel { by, reason }) if !phase.is_terminal() => self.cancel(by, reason, cx),
             (phase, Event::Throttled(until)) if !phase.is_terminal() => {
                 self.next_step_at = Some(until);
                 (self, Action::Sleep(until))
@@ -630,12 +727,40 @@ impl Job {
         if self.phase.is_terminal() {
             return (self, Action::Done);
         }
+        if let Some(since) = self.stopping_since {
+            if cx.now.since(since) > CLEANUP_LIMIT {
+                let message = self.error.clone().or_else(|| self.last_error.clone()).unwrap_or_default();
+                let limit = humanize(CLEANUP_LIMIT);
+                // Nothing more is sent: the staged objects and a scratch database named after the
+                // job are the daily sweep's.
+                self.stopping_since = None;
+                self.restore = None;
+                return self
+                    .fail(format!("{message}; its clean-up did not finish within {limit} and was given up"), cx.now);
+            }
+        } else if !self.phase.is_terminal() && self.phase != Phase::Queued {
+            let (due, limit, field) = self.deadline(cx.source);
+            if cx.now >= due {
+                let task = serde_json::to_value(self.task).ok().and_then(|v| v.as_str().map(str::to_string));
+                let message = format!(
+                    "the {} job did not finish within its deadline of {} ({field})",
+                    task.unwrap_or_default(),
+                    humanize(limit)
+                );
+                return self.stop(message, cx);
+            }
+        }
         if let Some(at) = self.next_step_at {
             if at > cx.now {
                 return (self, Action::Sleep(at));
             }
         }
         if self.phase == Phase::Queued {
+            if let Some(reason) = self.error.take() {
+                // A restore or drill that could not be planned ([`Job::planned`]).
+                return self.fail(reason, cx.now);
+            }
+            self.running_since = Some(cx.now);
             self.phase = match self.task {
                 Task::Export => Phase::Exporting,
                 Task::Verify => Phase::Verifying,
@@ -679,7 +804,8 @@ impl Job {
             | Phase::Skipped
             | Phase::Dispatched
             | Phase::Verified
-            | Phase::Restored => self.idle(cx.now),
+            | Phase::Restored
+            | Phase::Cancelled => self.idle(cx.now),
         }
     }
 
@@ -913,6 +1039,14 @@ impl Job {
                 self.attempts += 1;
                 (self, Action::Send(req))
             }
+            Ok(RestoreNext::Io(Io::Record { .. })) if self.cancelled.is_some() => {
+                // A cancelled drill found nothing about the backup: no record goes next to it.
+                let answer = match self.restore.as_mut() {
+                    Some(state) => state.on_io(IoDone::Recorded, cx.now),
+                    None => Err(StepError::permanent("restore job without its state")),
+                };
+                self.on_restore(answer, cx)
+            }
             Ok(RestoreNext::Io(io)) => {
                 self.attempts += 1;
                 (self, Action::Restore(Box::new(io)))
@@ -1105,9 +1239,47 @@ impl Job {
         }
     }
 
+    /// A cancel request: recorded, then the job stops at this step as [`Job::stop`] says and ends
+    /// `cancelled`. A second request while it cleans up changes nothing.
+    fn cancel(mut self, by: String, reason: Option<String>, cx: &Context<'_>) -> (Self, Action) {
+        if self.cancelled.is_some() {
+            return self.idle(cx.now);
+        }
+        let reason = reason.map(|r| r.chars().take(MAX_CANCEL_REASON).collect::<String>());
+        let message = match &reason {
+            Some(r) => format!("cancelled by {by}: {r}"),
+            None => format!("cancelled by {by}"),
+        };
+        self.cancelled = Some(Cancellation { by, reason, at: cx.now });
+        if self.stopping_since.is_some() {
+            // Already cleaning up after its deadline: it ends `cancelled` when that is done.
+            return self.idle(cx.now);
+        }
+        self.stop(message, cx)
+    }
+
+    /// Stops the job with `message` (a cancel, or its deadline): it takes no new work and cleans
+    /// up what it started. A restore or drill runs its own clean-up steps first (staged objects
+    /// deleted, a drill's scratch database or instance deleted, its record written), then ends;
+    /// any other job ends now, a copy's open upload aborted and its folder deleted.
+    fn stop(mut self, message: String, cx: &Context<'_>) -> (Self, Action) {
+        if self.phase == Phase::Restoring {
+            if let Some(state) = self.restore.as_mut() {
+                if state.fail_after_cleanup(message.clone()) {
+                    self.stopping_since = Some(cx.now);
+                    let (mut job, action) = self.step_succeeded(cx.now);
+                    job.last_error = Some(message);
+                    return (job, action);
+                }
+            }
+        }
+        self.fail(message, cx.now)
+    }
+
     fn fail(mut self, message: String, now: Timestamp) -> (Self, Action) {
         let was_copying = self.phase == Phase::Transferring || self.transfer_started_at.is_some();
-        self.phase = Phase::Failed;
+        self.phase = if self.cancelled.is_some() { Phase::Cancelled } else { Phase::Failed };
+        self.stopping_since = None;
         self.error = Some(message);
         self.finished_at = Some(now);
         self.next_step_at = None;

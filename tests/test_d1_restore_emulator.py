@@ -232,3 +232,25 @@ def test_at_most_ten_restores_per_ten_minutes(env):
     path = f"{BASE}/{SRC_ID}/time_travel/restore?bookmark={b['result']['bookmark']}"
     statuses = [call(env["host"], "POST", path)[0] for _ in range(11)]
     assert statuses == [200] * 10 + [429]
+
+
+def test_a_stuck_import_stays_active_and_blocks_the_database_until_the_switch_is_cleared(env):
+    host, data = env["host"], b"CREATE TABLE x(a);"
+    call(host, "POST", "/__control", {"import_stuck": True})
+    etag = hashlib.md5(data).hexdigest()
+    _, _, init = call(host, "POST", f"{BASE}/{DST_ID}/import", {"action": "init", "etag": etag})
+    call(host, "PUT", urlsplit(init["result"]["upload_url"]).path, raw=data, headers={"Content-Length": str(len(data))})
+    _, _, answer = call(host, "POST", f"{BASE}/{DST_ID}/import",
+                        {"action": "ingest", "etag": etag, "filename": init["result"]["filename"]})
+    bookmark = answer["result"]["at_bookmark"]
+    for _ in range(5):
+        status, _, answer = call(host, "POST", f"{BASE}/{DST_ID}/import", {"action": "poll", "current_bookmark": bookmark})
+        assert (status, answer["result"]["status"]) == (202, "active"), answer
+    status, _, _ = call(host, "POST", f"{BASE}/{DST_ID}/query", {"sql": "SELECT 1"})
+    assert status == 503, "D1 blocks the database while it imports"
+    call(host, "POST", "/__control", {"import_stuck": False})
+    for _ in range(3):  # then the usual import_active_polls
+        status, _, answer = call(host, "POST", f"{BASE}/{DST_ID}/import", {"action": "poll", "current_bookmark": bookmark})
+        if answer["result"]["status"] != "active":
+            break
+    assert (status, answer["result"]["status"]) == (200, "complete"), answer

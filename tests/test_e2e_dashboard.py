@@ -164,6 +164,9 @@ def test_the_dashboard_shows_each_state_and_back_up_now_runs_to_committed(world,
             expect(card("inflight")).to_be_visible(timeout=10_000)
             assert page.evaluate("sessionStorage.getItem('ferry.apiToken')") == API_TOKEN
             assert page.evaluate("localStorage.length") == 0 and API_TOKEN not in page.url
+            # No source here has a drill: no "Drill now" (test_e2e_cancel.py clicks one that has).
+            expect(card("healthy").locator(".drill-now")).to_be_hidden()
+            expect(card("inflight").locator(".cancel-job")).to_be_visible()
 
             # Healthy: green, with the word, its backup in the chart and its files listed.
             expect(card("healthy")).to_have_attribute("data-light", "green")

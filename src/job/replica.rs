@@ -256,4 +256,19 @@ mod tests {
         assert_eq!(job.phase, Phase::Failed);
         assert!(matches!(action, Action::Discard { .. }));
     }
+
+    #[test]
+    fn a_replicate_job_cancelled_mid_copy_aborts_its_upload_and_cleans_the_replica_folder() {
+        let (job, src) = replicate();
+        let (job, action) = step(job, &src, Event::Wake, t0());
+        let mut state = order(&action).state.clone();
+        state.upload_id = Some("up-1".into());
+        state.stalled = 0;
+        let (job, _) = step(job, &src, Event::Sliced { state, outcome: SliceOutcome::Paused }, t0());
+        let cancel = Event::Cancel { by: "api".into(), reason: None };
+        let (job, action) = step(job, &src, cancel, t0());
+        assert_eq!(job.phase, Phase::Cancelled);
+        let upload = Some((format!("{FOLDER}database.gz"), "up-1".to_string()));
+        assert_eq!(action, Action::Discard { folder: FOLDER.into(), upload });
+    }
 }

@@ -902,3 +902,179 @@ fn a_request_held_back_by_the_api_budget_is_sent_again_at_its_time_without_count
     h.job.phase = Phase::Failed;
     assert_eq!(h.feed(Event::Throttled(until)), Action::Done);
 }
+
+fn cancel(reason: Option<&str>) -> Event {
+    Event::Cancel { by: "api".into(), reason: reason.map(str::to_string) }
+}
+
+fn assert_cancelled(h: &Harness, reason: &str) {
+    assert_eq!(h.job.phase, Phase::Cancelled);
+    assert!(h.job.phase.is_terminal(), "the source is free for its next job");
+    let c = h.job.cancelled.clone().expect("who cancelled is recorded");
+    assert_eq!((c.by.as_str(), c.at), ("api", h.now));
+    let error = h.job.error.clone().unwrap();
+    assert!(error.starts_with("cancelled by api") && error.contains(reason), "{error}");
+    assert!(h.job.cancellable().is_err(), "an ended job cannot be cancelled again");
+}
+
+#[test]
+fn a_queued_job_cancelled_ends_at_once_without_touching_anything() {
+    let mut h = Harness::d1();
+    assert!(h.job.cancellable().is_ok());
+    assert_eq!(h.feed(cancel(Some("not now"))), Action::Done);
+    assert_cancelled(&h, "not now");
+    assert_eq!(h.job.attempts, 0, "nothing was sent");
+    assert_eq!(h.feed(Event::Wake), Action::Done);
+}
+
+#[test]
+fn an_export_cancelled_while_the_provider_exports_ends_with_nothing_to_delete() {
+    let mut h = Harness::d1();
+    expect_send(h.wake_when_due());
+    h.feed(Event::Response(d1_active()));
+    assert_eq!(h.feed(cancel(None)), Action::Done);
+    assert_cancelled(&h, "cancelled by api");
+    assert_eq!(h.job.cancelled.as_ref().unwrap().reason, None);
+}
+
+#[test]
+fn an_export_cancelled_mid_copy_aborts_its_open_upload_and_deletes_its_folder() {
+    let mut h = Harness::d1();
+    let order = to_copy(&mut h);
+    let mut state = order.state.clone();
+    state.upload_id = Some("up-1".into());
+    state.parts_stored = 2;
+    state.stalled = 0;
+    h.feed(Event::Sliced { state, outcome: SliceOutcome::Paused });
+    let key = order.state.key.clone();
+    let action = h.feed(cancel(Some("wrong database")));
+    assert_eq!(
+        action,
+        Action::Discard {
+            folder: "app-db/2026-11-23T100000Z-0123456789abcdef/".into(),
+            upload: Some((key, "up-1".into()))
+        }
+    );
+    assert_cancelled(&h, "wrong database");
+    assert!(h.job.artifacts.is_empty() && h.job.downloads.is_empty(), "nothing is listed as a backup");
+}
+
+#[test]
+fn an_export_cancelled_while_its_manifest_is_written_deletes_its_folder() {
+    let mut h = Harness::d1();
+    let order = to_copy(&mut h);
+    h.feed(copied(&order));
+    assert!(matches!(h.wake_when_due(), Action::Commit { .. }));
+    let Action::Discard { folder, upload: None } = h.feed(cancel(None)) else {
+        panic!("expected the folder's deletion")
+    };
+    assert_eq!(folder, "app-db/2026-11-23T100000Z-0123456789abcdef/");
+    assert_eq!(h.job.phase, Phase::Cancelled);
+}
+
+#[test]
+fn a_verify_job_cancelled_mid_read_ends_without_a_record() {
+    let mut h = verify_job(None);
+    assert!(matches!(h.wake_when_due(), Action::VerifySlice { .. }));
+    assert_eq!(h.feed(cancel(Some("later"))), Action::Done, "no verification record is written");
+    assert_cancelled(&h, "later");
+    assert!(h.job.verification.is_none());
+}
+
+#[test]
+fn a_cancel_after_the_job_ended_changes_nothing() {
+    let mut h = Harness::d1();
+    let order = to_copy(&mut h);
+    h.feed(copied(&order));
+    h.wake_when_due();
+    h.feed(Event::Committed);
+    let before = h.job.clone();
+    assert_eq!(h.feed(cancel(None)), Action::Done);
+    assert_eq!((h.job.phase, &h.job.cancelled), (Phase::Committed, &None));
+    assert_eq!(h.job.artifacts, before.artifacts);
+    let refused = h.job.cancellable().unwrap_err();
+    assert!(refused.contains("already ended (committed)"), "{refused}");
+}
+
+#[test]
+fn an_export_past_its_task_deadline_fails_naming_the_deadline() {
+    // The export timeout is 6 h; the task's own deadline is shorter here.
+    let mut h = Harness::new(source(json!({"deadline_seconds": {"export": 5}})));
+    expect_send(h.wake_when_due());
+    for _ in 0..4 {
+        h.feed(Event::Response(d1_active()));
+        expect_send(h.wake_when_due());
+    }
+    h.feed(Event::Response(d1_active()));
+    assert_eq!(h.wake_when_due(), Action::Done);
+    assert_eq!(h.job.phase, Phase::Failed);
+    let e = h.job.error.clone().unwrap();
+    assert!(e.contains("deadline of 5 s (deadline_seconds.export)"), "{e}");
+    assert_eq!(h.job.cancelled, None);
+}
+
+#[test]
+fn a_wait_never_outlasts_the_task_deadline() {
+    let mut h = Harness::new(source(json!({"deadline_seconds": {"export": 30}})));
+    expect_send(h.wake_when_due());
+    let until = t0().plus(Duration::from_secs(3600));
+    assert_eq!(h.feed(Event::Throttled(until)), Action::Sleep(t0().plus(Duration::from_secs(30))));
+    assert_eq!(h.wake_when_due(), Action::Done);
+    assert!(h.job.error.as_deref().unwrap().contains("deadline_seconds.export"), "{:?}", h.job.error);
+}
+
+#[test]
+fn the_deadline_counts_from_when_the_job_left_the_queue() {
+    let mut h = Harness::new(source(json!({"deadline_seconds": {"export": 10}})));
+    h.advance(Duration::from_secs(600));
+    expect_send(h.wake_when_due());
+    assert_eq!(h.job.running_since, Some(h.now));
+    assert_eq!(h.job.phase, Phase::Exporting);
+}
+
+#[test]
+fn a_drill_that_cannot_be_planned_fails_as_a_drill_job_with_the_reason() {
+    let mut h = Harness::d1();
+    h.job = h.job.clone().planned(Task::Drill, Err("db_password_secret is required".into()));
+    assert_eq!(h.job.task, Task::Drill);
+    assert_eq!(h.wake_when_due(), Action::Done);
+    assert_eq!((h.job.task, h.job.phase), (Task::Drill, Phase::Failed));
+    assert_eq!(h.job.error.as_deref(), Some("the drill could not start: db_password_secret is required"));
+    assert_eq!(h.job.attempts, 0, "nothing was exported");
+}
+
+#[test]
+fn every_drill_config_the_parser_accepts_can_be_planned() {
+    let aura = |extra: Value| {
+        let mut v = json!({"name": "g", "kind": "aura", "schedule": "0 4 * * *", "instance_id": "2f49c2b3",
+            "client_id_secret": "A", "client_secret_secret": "B", "drill_schedule": "0 6 * * 1"});
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v
+    };
+    let candidates = [
+        source(json!({"drill_schedule": "0 6 * * 1"})),
+        Config::from_value(&json!([aura(json!({"mode": "snapshot", "drill_scratch": {"memory": "1GB"}}))]))
+            .unwrap()
+            .sources
+            .remove(0),
+        Config::from_value(&json!([aura(json!({"mode": "snapshot", "drill_instance": "5c7a7c11",
+            "drill_password_secret": "SPARE"}))]))
+        .unwrap()
+        .sources
+        .remove(0),
+        Config::from_value(&json!([aura(
+            json!({"mode": "both", "db_password_secret": "PW", "drill_database": "drill"})
+        )]))
+        .unwrap()
+        .sources
+        .remove(0),
+    ];
+    for src in candidates {
+        assert!(crate::restore::plan(Task::Drill, &src, &json!({}), None).is_ok(), "{}", src.name);
+    }
+    for refused in [aura(json!({"mode": "snapshot", "drill_database": "drill"})), aura(json!({"mode": "snapshot"}))] {
+        assert!(Config::from_value(&json!([refused])).is_err());
+    }
+}

@@ -415,8 +415,8 @@ fn a_drill_with_a_missing_row_fails_naming_the_table_after_cleaning_up() {
     assert!(e.contains("table \"b\": 0 rows restored, 5 in the backup") && !e.contains("\"a\""), "{e}");
 }
 
-#[test]
-fn a_drill_whose_import_fails_still_deletes_the_scratch_database_and_records_why() {
+/// A drill of a one-table backup, up to its scratch database's creation.
+fn drill_with_scratch() -> Harness {
     let mut h = Harness::new(Task::Drill, json!({}));
     h.io();
     h.manifest(manifest(&[("a", 1)], t0()));
@@ -424,6 +424,12 @@ fn a_drill_whose_import_fails_still_deletes_the_scratch_database_and_records_why
     h.feed(Event::RestoreIo(Ok(IoDone::Digest { md5: MD5.into(), size: DUMP.len() as u64 })));
     h.request();
     h.answer(200, json!({"uuid": "scratch-1"}));
+    h
+}
+
+#[test]
+fn a_drill_whose_import_fails_still_deletes_the_scratch_database_and_records_why() {
+    let mut h = drill_with_scratch();
     h.request();
     h.answer(400, json!(null));
     assert_eq!(h.job.phase, Phase::Restoring, "the failure waits for the clean-up");
@@ -671,4 +677,100 @@ fn the_exports_query_artifact_is_staged_after_the_dump_wherever_the_manifest_lis
     let Io::Stage { staging, .. } = h.io() else { panic!("expected staging") };
     let keys: Vec<&str> = staging.inputs.iter().map(|i| i.key.as_str()).collect();
     assert_eq!(keys, [format!("{FOLDER}db.sql"), format!("{FOLDER}{name}")], "the dump first, then the query artifact");
+}
+
+/// An import with `deadline_seconds.restore = 60`, up to D1's first `active` answer to ingest.
+fn import_that_stays_active() -> Harness {
+    let src = source(json!({"deadline_seconds": {"restore": 60}}));
+    let backup = Some(format!("{FOLDER}manifest.json"));
+    let mut h =
+        Driver::start(Task::Restore, src, &import_params(), backup, &[("D1_TOKEN", "tok")], t0()).map(Harness).unwrap();
+    h.io();
+    h.manifest(manifest(&[("a", 2)], t0()));
+    h.request();
+    h.answer(200, json!({"upload_url": "https://r2.example/up?sig=1", "filename": "f.sql"}));
+    h.io();
+    h.uploaded(&staged_md5(false));
+    h.request();
+    h.answer(202, json!({"status": "active", "at_bookmark": "imp-1", "messages": []}));
+    h
+}
+
+#[test]
+fn an_import_that_stays_active_past_the_restore_deadline_fails_naming_it_after_deleting_the_staged_chunks() {
+    let mut h = import_that_stays_active();
+    let mut polls = 0;
+    loop {
+        match h.wake() {
+            Action::Send(poll) => {
+                assert_eq!(body(&poll)["action"], json!("poll"));
+                polls += 1;
+                assert!(polls < 100, "polled forever");
+                h.answer(202, json!({"status": "active", "at_bookmark": "imp-1", "messages": []}));
+            }
+            Action::Sleep(_) => {}
+            Action::Restore(io) => {
+                assert!(matches!(*io, Io::DeleteObjects { .. }), "expected the staged chunks' deletion, got {io:?}");
+                h.feed(Event::RestoreIo(Ok(IoDone::Deleted)));
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(h.wake(), Action::Done);
+    assert_eq!(h.job.phase, Phase::Failed);
+    let e = h.job.error.clone().unwrap();
+    assert!(
+        e.contains("the restore job did not finish within its deadline of 1 min (deadline_seconds.restore)"),
+        "{e}"
+    );
+    assert!(h.now <= t0().plus(Duration::from_secs(62)), "stopped at its deadline, not later: {}", h.now);
+}
+
+#[test]
+fn an_import_cancelled_while_d1_says_active_deletes_the_staged_chunks_and_ends_cancelled() {
+    let mut h = import_that_stays_active();
+    let by = Event::Cancel { by: "api".into(), reason: Some("wrong backup".into()) };
+    assert!(matches!(h.feed(by), Action::Sleep(_)), "the clean-up runs first");
+    assert_eq!(h.job.phase, Phase::Restoring);
+    let again = Event::Cancel { by: "api".into(), reason: Some("again".into()) };
+    h.feed(again);
+    assert_eq!(h.job.cancelled.as_ref().unwrap().reason.as_deref(), Some("wrong backup"), "the first request counts");
+    h.cleanup();
+    assert_eq!(h.wake(), Action::Done);
+    assert_eq!(h.job.phase, Phase::Cancelled);
+    assert_eq!(h.job.error.as_deref(), Some("cancelled by api: wrong backup"));
+}
+
+#[test]
+fn a_drill_cancelled_after_its_scratch_database_exists_deletes_it_and_ends_cancelled() {
+    let mut h = drill_with_scratch();
+    h.feed(Event::Cancel { by: "api".into(), reason: None });
+    let del = h.request();
+    assert_eq!(del.method, crate::http::Method::Delete);
+    assert!(del.url.ends_with("/database/scratch-1"), "{}", del.url);
+    h.answer(200, Value::Null);
+    assert!(matches!(h.wake(), Action::Sleep(_)), "a cancel is no finding about the backup: no drill record");
+    assert_eq!(h.wake(), Action::Done);
+    assert_eq!(h.job.phase, Phase::Cancelled);
+}
+
+#[test]
+fn a_restore_cancelled_before_its_manifest_was_read_ends_at_once() {
+    let mut h = Harness::new(Task::Restore, import_params());
+    assert!(matches!(h.io(), Io::ReadManifest { .. }));
+    assert_eq!(h.feed(Event::Cancel { by: "api".into(), reason: None }), Action::Done);
+    assert_eq!(h.job.phase, Phase::Cancelled);
+}
+
+#[test]
+fn a_clean_up_that_never_ends_is_given_up_after_the_clean_up_limit() {
+    let mut h = import_that_stays_active();
+    h.feed(Event::Cancel { by: "api".into(), reason: None });
+    assert!(matches!(h.io(), Io::DeleteObjects { .. }));
+    // The deletion never answers; the runtime's watchdog wakes the job.
+    h.now = h.now.plus(crate::job::CLEANUP_LIMIT + Duration::from_secs(1));
+    assert_eq!(h.feed(Event::Wake), Action::Done);
+    assert_eq!(h.job.phase, Phase::Cancelled);
+    assert!(h.job.error.as_deref().unwrap().contains("clean-up did not finish within 15 min"), "{:?}", h.job.error);
 }

@@ -62,6 +62,7 @@ pub(crate) async fn handle(req: Request, env: &Env) -> worker::Result<Response> 
         Route::StartVerify(name) => start_job(req, env, &name, Task::Verify).await,
         Route::StartDrill(name) => start_job(req, env, &name, Task::Drill).await,
         Route::Restore { source, folder } => start_restore(req, env, &source, &folder).await,
+        Route::CancelJob(id) => cancel_job(req, env, id.as_str()).await,
         other => {
             if let Some(refused) = refuse_bearer(&req, env)? {
                 return Ok(refused);
@@ -256,6 +257,7 @@ async fn list_sources(env: &Env, config: &Config) -> worker::Result<Response> {
             "kind": source.kind(),
             "schedule": source.schedule.as_str(),
             "verify_schedule": source.verify_schedule.as_ref().map(|s| s.as_str()),
+            "drill_schedule": source.drill_schedule.as_ref().map(|s| s.as_str()),
             "next_run": source.schedule.next_after(now),
         });
         match status {
@@ -332,6 +334,35 @@ async fn alerts(env: &Env) -> worker::Result<Response> {
 }
 
 async fn find_job(env: &Env, config: &Config, id: &str) -> worker::Result<Response> {
+    match job_owner(env, config, id).await? {
+        Some((_, job)) => json(200, &job),
+        None => error(404, &format!("no job {id}")),
+    }
+}
+
+/// `POST /v1/jobs/{id}/cancel` (bearer; body empty or `{"reason": …}`): the job's source object
+/// records the request (404 unknown, 409 ended, 202 taken) and stops the job at its next step.
+async fn cancel_job(mut req: Request, env: &Env, id: &str) -> worker::Result<Response> {
+    if let Some(refused) = refuse_bearer(&req, env)? {
+        return Ok(refused);
+    }
+    let Some(body) = read_trigger_body(&mut req).await? else { return error(413, TOO_LARGE) };
+    let (by, reason) = match crate::api::cancel_request(&body) {
+        Ok(r) => r,
+        Err(e) => return error(400, &e),
+    };
+    let config = match load_config(env) {
+        Ok(c) => c,
+        Err(e) => return error(500, &e.to_string()),
+    };
+    let Some((name, _)) = job_owner(env, &config, id).await? else { return error(404, &format!("no job {id}")) };
+    let body = json!({ "job_id": id, "by": by, "reason": reason });
+    let (status, value) = call(env, &name, Method::Post, "/cancel", Some(&body)).await?;
+    json(status, &value)
+}
+
+/// The source whose object holds job `id`, and the job as the API shows it.
+async fn job_owner(env: &Env, config: &Config, id: &str) -> worker::Result<Option<(String, Value)>> {
     let path = format!("/job/{id}");
     // Configured sources, and those removed from the config while a job of theirs ran.
     let mut names: Vec<String> = config.sources.iter().map(|s| s.name.clone()).collect();
@@ -341,12 +372,12 @@ async fn find_job(env: &Env, config: &Config, id: &str) -> worker::Result<Respon
         }
     }
     let answers = join_all(names.iter().map(|name| call(env, name, Method::Get, &path, None))).await;
-    for answer in answers {
+    for (name, answer) in names.into_iter().zip(answers) {
         if let Ok((200, job)) = answer {
-            return json(200, &job);
+            return Ok(Some((name, job)));
         }
     }
-    error(404, &format!("no job {id}"))
+    Ok(None)
 }
 
 async fn list_backups(req: &Request, env: &Env, config: &Config, name: &str) -> worker::Result<Response> {

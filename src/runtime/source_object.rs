@@ -112,6 +112,10 @@ impl DurableObject for SourceObject {
                 let body: Value = req.json().await?;
                 self.retire(body).await
             }
+            (Method::Post, "/cancel") => {
+                let body: Value = req.json().await?;
+                self.cancel(body).await
+            }
             (Method::Get, "/retired") => json_response(200, &json!({ "sources": self.retired().await? })),
             (Method::Get, "/leftovers") => self.leftovers().await,
             (Method::Post, "/leftovers/settle") => {
@@ -293,14 +297,15 @@ impl SourceObject {
         if req.task == Task::Verify {
             job = job.verify_of(backup);
         }
-        // A scheduled drill (or its catch-up) plans itself: a drill needs no confirmation.
-        let restore = match restore {
-            None if req.task == Task::Drill => crate::restore::plan(req.task, source, &req.params, None).ok(),
-            other => other,
+        // A scheduled drill (or its catch-up) plans itself: a drill needs no confirmation. One
+        // that cannot be planned is still a drill job, and fails as one with the reason.
+        job = match restore {
+            Some(state) => job.restore_of(req.task, state),
+            None if matches!(req.task, Task::Drill | Task::Restore) => {
+                job.planned(req.task, crate::restore::plan(req.task, source, &req.params, None))
+            }
+            None => job,
         };
-        if let Some(state) = restore {
-            job = job.restore_of(req.task, state);
-        }
         job.catch_up = catch_up;
         let evicted = ledger.record_start(&job.id, req, now);
         self.save(&job, Some(ledger)).await?;
@@ -435,6 +440,35 @@ impl SourceObject {
         self.storage().put(&format!("delivery:{day}:{id}"), source.to_string()).await?;
         store::delete_prefix(&self.storage(), &format!("delivery:{}:", day - 2)).await?;
         json_response(200, &json!({ "owner": source }))
+    }
+
+    /// `POST /v1/jobs/{id}/cancel`, on the job's source: 404 for an unknown job, 409 for one that
+    /// has ended; otherwise the request is recorded next to the job (never in its record, which
+    /// a running step rewrites) and the job is woken: it stops at its next step.
+    async fn cancel(&self, body: Value) -> worker::Result<Response> {
+        let Some(id) = body["job_id"].as_str().and_then(JobId::parse) else {
+            return Response::error("bad cancel", 400);
+        };
+        let Some(job) = self.load_job(&id).await? else {
+            return json_response(404, &json!({ "error": format!("no job {id}") }));
+        };
+        if let Err(e) = job.cancellable() {
+            return json_response(409, &json!({ "error": e, "job_id": id }));
+        }
+        let request = json!({ "by": body["by"], "reason": body["reason"] }).to_string();
+        bounded(STORAGE_TIMEOUT, "recording the cancel", self.storage().put(&cancel_key(&id), request)).await?;
+        self.storage().set_alarm(Duration::from_millis(1)).await?;
+        json_response(202, &json!({ "job_id": id, "cancelling": true, "phase": job.phase }))
+    }
+
+    /// The cancel request waiting for job `id`, as the event that stops it.
+    async fn pending_cancel(&self, id: &JobId) -> worker::Result<Option<Event>> {
+        let (storage, key) = (self.storage(), cancel_key(id));
+        let read = bounded(STORAGE_TIMEOUT, "reading a cancel request", storage.get::<String>(&key)).await?;
+        let Some(text) = read else { return Ok(None) };
+        let v: Value = serde_json::from_str(&text).unwrap_or_default();
+        let by = v["by"].as_str().unwrap_or("api").to_string();
+        Ok(Some(Event::Cancel { by, reason: v["reason"].as_str().map(str::to_string) }))
     }
 
     /// On the one registry of retired sources: remembers a source name whose job was stopped
@@ -789,6 +823,12 @@ impl SourceObject {
         let seen = ledger.copied.clone();
         loop {
             let now = now();
+            if matches!(event, Event::Wake) && job.cancelled.is_none() {
+                // A cancel request stops the job at this step.
+                if let Some(cancel) = self.pending_cancel(&job.id).await? {
+                    event = cancel;
+                }
+            }
             let cx = Context { now, jitter: jitter(), source: &source, creds: &creds, seen: &seen };
             let (next, action) = job.handle(event, &cx);
             job = next;
@@ -826,6 +866,9 @@ impl SourceObject {
                     console_log!("job {}: committed; queued replicate job {id}", job.id);
                 }
                 self.forget_part_records(&job.id).await;
+                if let Err(e) = self.storage().delete(&cancel_key(&job.id)).await {
+                    console_error!("job {}: forgetting its cancel request failed: {e}", job.id);
+                }
             } else {
                 self.save(&job, None).await?;
             }
@@ -966,7 +1009,8 @@ impl SourceObject {
                 }
                 Action::Sleep(at) => {
                     steps += 1;
-                    if at <= now && steps < MAX_INLINE_STEPS && !sliced {
+                    let cancelled = job.cancelled.is_none() && self.pending_cancel(&job.id).await?.is_some();
+                    if (at <= now && steps < MAX_INLINE_STEPS && !sliced) || cancelled {
                         Event::Wake
                     } else {
                         self.storage().set_alarm(at.max(now).to_datetime()).await?;
@@ -1019,6 +1063,11 @@ impl SourceObject {
         }
         Ok(())
     }
+}
+
+/// Where a cancel request for job `id` waits until the job takes it.
+fn cancel_key(id: &JobId) -> String {
+    format!("cancel:{id}")
 }
 
 fn timed_out(what: &str) -> String {

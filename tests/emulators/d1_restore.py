@@ -57,6 +57,14 @@ def bind(**names):
 
 RESTORE_SWITCHES = {
     "import_active_polls": 1,
+    # An import that never ends: every poll answers 202 ``active`` and the database stays blocked
+    # while the switch is set. D1 documents that "imports block the D1 for their duration" and
+    # answers 202 while the task is "currently running" (API reference, database ``import``;
+    # provider-apis.md §1.5); its import API offers ``init``, ``ingest`` and ``poll`` and no
+    # action that stops an import (cloudflare-typescript ``src/resources/d1/database.ts``,
+    # ``DatabaseImportParams``), and wrangler's ``d1/execute.ts`` polls while ``active`` with no
+    # deadline of its own. A client that does not bound its wait polls forever.
+    "import_stuck": False,
     "upload_etag": None,          # None | "omit" | "corrupt"
     "expired_bookmarks": [],
 }
@@ -287,6 +295,11 @@ class RestoreMixin:
 
     def _import_poll(self, task):
         if task["status"] == "active":
+            if self.switches.get("import_stuck"):
+                task["stuck_polls"] = task.get("stuck_polls", 0) + 1
+                lines, task["messages"] = task["messages"], []
+                return self._import_reply(202, {"success": True, "type": "import", "status": "active",
+                                                "at_bookmark": task["at_bookmark"], "messages": lines})
             if task["polls_left"] > 0:
                 task["polls_left"] -= 1
                 lines, task["messages"] = task["messages"], []
