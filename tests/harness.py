@@ -37,7 +37,7 @@ def tool_env(**extra) -> dict:
 API_TOKEN = "test-api-token-0123456789abcdef0123456789"
 WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 D1_TOKEN = "test-d1-token"
-TERMINAL = ("committed", "failed", "skipped", "verified", "restored")
+TERMINAL = ("committed", "failed", "skipped", "verified", "restored", "cancelled")
 FERRY_WRANGLER_FLAGS = os.environ.get("FERRY_WRANGLER_FLAGS", "--inspector-port 0 --show-interactive-dev-session=false --log-level info").split()
 
 
