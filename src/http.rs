@@ -209,8 +209,10 @@ fn origin_text(url: &url::Url) -> String {
 /// redirect `status` and `location`. Redirects are followed by Ferry, not by `fetch`, so that the
 /// provider's credentials go only to the provider's own origin: a hop to another origin drops
 /// every credential header (and they stay dropped, as in the Fetch standard). `303`, and `301`/
-/// `302` after a POST, continue as a GET without a body. The error says why a redirect cannot be
-/// followed, without echoing a signed query string.
+/// `302` after a POST, continue as a GET without a body. A hop that would re-send a body to
+/// another origin (a `307`/`308`, or a `301`/`302` of a PUT) is refused, naming both origins: a
+/// body may hold credentials (Dgraph's logins carry the password). The error says why a redirect
+/// cannot be followed, without echoing a signed query string.
 pub fn redirected(
     original: &HttpRequest,
     current: &HttpRequest,
