@@ -197,12 +197,22 @@ fn origin(url: &url::Url) -> (String, Option<String>, Option<u16>) {
     (url.scheme().to_string(), url.host_str().map(str::to_string), url.port_or_known_default())
 }
 
+/// `scheme://host:port` of a URL, without its path or query (which may be signed).
+fn origin_text(url: &url::Url) -> String {
+    match url.port_or_known_default() {
+        Some(port) => format!("{}://{}:{port}", url.scheme(), url.host_str().unwrap_or("?")),
+        None => format!("{}://{}", url.scheme(), url.host_str().unwrap_or("?")),
+    }
+}
+
 /// The request to send after `current` (which descends from `original`) was answered with the
 /// redirect `status` and `location`. Redirects are followed by Ferry, not by `fetch`, so that the
 /// provider's credentials go only to the provider's own origin: a hop to another origin drops
 /// every credential header (and they stay dropped, as in the Fetch standard). `303`, and `301`/
-/// `302` after a POST, continue as a GET without a body. The error says why a redirect cannot be
-/// followed, without echoing a signed query string.
+/// `302` after a POST, continue as a GET without a body. A hop that would re-send a body to
+/// another origin (a `307`/`308`, or a `301`/`302` of a PUT) is refused, naming both origins: a
+/// body may hold credentials (Dgraph's logins carry the password). The error says why a redirect
+/// cannot be followed, without echoing a signed query string.
 pub fn redirected(
     original: &HttpRequest,
     current: &HttpRequest,
@@ -226,6 +236,18 @@ pub fn redirected(
     }
     let same_origin = url::Url::parse(&original.url).is_ok_and(|o| origin(&o) == origin(&to));
     let as_get = status == 303 || (matches!(status, 301 | 302) && current.method == Method::Post);
+    if !same_origin && !as_get && current.body.is_some() {
+        // A 307/308 (or a 301/302 of a PUT) re-sends the body (RFC 9110 §15.4.8, §15.4.9), and
+        // Ferry's bodies can hold credentials (Dgraph's logins carry the password): none goes to
+        // another origin, whatever it holds.
+        return Err(format!(
+            "{} answered HTTP {status} redirecting a {} with a body to another origin, {}; Ferry does not \
+             re-send a request body (it may hold credentials) to another origin",
+            origin_text(&from),
+            current.method.as_str(),
+            origin_text(&to)
+        ));
+    }
     let headers = current
         .headers
         .iter()
@@ -331,6 +353,34 @@ mod tests {
         }
         let kept = redirected(&post, &post, 307, Some("/elsewhere")).unwrap();
         assert_eq!((kept.method, kept.body.is_some()), (Method::Post, true));
+    }
+
+    #[test]
+    fn a_body_is_never_re_sent_to_another_origin() {
+        let login = HttpRequest::post_json(
+            "https://blue-surf.cloud.dgraph.io/admin",
+            &serde_json::json!({"variables": {"password": "hunter2"}}),
+        );
+        for status in [307, 308] {
+            let e = redirected(&login, &login, status, Some("https://evil.example.net:8443/admin?sig=x")).unwrap_err();
+            assert!(e.contains("https://blue-surf.cloud.dgraph.io:443"), "{e}");
+            assert!(e.contains("https://evil.example.net:8443"), "{e}");
+            assert!(!e.contains("hunter2") && !e.contains("sig=x"), "{e}");
+            // Another port of the same host is another origin too.
+            assert!(redirected(&login, &login, status, Some("https://blue-surf.cloud.dgraph.io:444/admin")).is_err());
+            // Within the origin the body follows, as the standard says.
+            let same = redirected(&login, &login, status, Some("/admin/v2")).unwrap();
+            assert_eq!(same.body, login.body);
+        }
+        // A PUT keeps its body on a 301/302 too: refused as well.
+        let mut put = HttpRequest::put("https://api.example.com/upload");
+        put.body = Some(b"data".to_vec());
+        assert!(redirected(&put, &put, 302, Some("https://other.example.com/u")).is_err());
+        // A body-less request, or one that continues as a GET without its body, still follows.
+        let get = authed();
+        assert!(redirected(&get, &get, 307, Some("https://storage.example.net/db.gz")).is_ok());
+        let away = redirected(&login, &login, 303, Some("https://other.example.com/done")).unwrap();
+        assert_eq!((away.method, away.body), (Method::Get, None));
     }
 
     #[test]

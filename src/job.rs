@@ -277,6 +277,8 @@ pub enum Event {
         /// Why, as the caller said.
         reason: Option<String>,
     },
+    /// The last [`Action::ProbeReplica`] ended: what the probe showed, or why it could not run.
+    ReplicaProbed(Result<crate::replica::ProbeAnswer, StepError>),
     /// The last [`Action::Send`] was held back by the API token's request budget
     /// ([`crate::budget`]): nothing was sent; the same step is taken again at this time, and no
     /// retry is counted.
@@ -333,6 +335,9 @@ pub enum Action {
         /// What it says.
         manifest: Box<ReplicaManifest>,
     },
+    /// Prove the replica bucket is not the primary one (see [`crate::replica::ReplicaProbe`]),
+    /// then feed back `ReplicaProbed`.
+    ProbeReplica(crate::replica::ReplicaProbe),
     /// Nothing to do until this time: arm the alarm and feed back `Wake` then.
     Sleep(Timestamp),
     /// The job is over.
@@ -672,6 +677,7 @@ impl Job {
                 self.retry(StepError::transient(msg), cx)
             }
             (Phase::Transferring, Event::Sliced { state, outcome }) => self.on_slice(state, outcome, cx),
+            (Phase::Transferring, Event::ReplicaProbed(answer)) => self.on_probe(answer, cx),
             (Phase::Transferring, Event::Committed) => {
                 self.phase = Phase::Committed;
                 self.next_step_at = None;
@@ -1286,7 +1292,11 @@ impl Job {
         self.downloads.clear();
         self.artifacts.clear();
         let upload = self.copy.take().and_then(|c| c.upload_id.map(|id| (c.key, id)));
-        let action = if was_copying { Action::Discard { folder: self.folder(), upload } } else { Action::Done };
+        // A replicate job cleans up only in a bucket proven not to be the primary: its folder
+        // there is the primary's backup.
+        let may_clean = self.replica.as_ref().is_none_or(|r| r.identity == crate::replica::Identity::Distinct);
+        let action =
+            if was_copying && may_clean { Action::Discard { folder: self.folder(), upload } } else { Action::Done };
         (self, action)
     }
 }

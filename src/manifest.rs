@@ -140,9 +140,33 @@ pub fn parse_folder(folder: &str) -> Option<(&str, &str)> {
     (stamp_ok && valid_source && JobId::parse(job_id).is_some()).then_some((source, job_id))
 }
 
+/// The names of Ferry's own records in a backup folder: the manifest (the commit marker), the
+/// pin (`crate::retention::PIN_NAME`), the last verification (`crate::verify::VERIFICATION_NAME`)
+/// and the last drill (`crate::restore::DRILL_NAME`). No provider file is ever stored under one
+/// of them ([`object_name`]).
+pub const RECORD_NAMES: [&str; 4] = [MANIFEST_NAME, "pin.json", "verification.json", "drill.json"];
+
+/// The marker that sets a provider's file apart from Ferry's records: a file whose (safe) name is
+/// a record name, or already starts with the marker, is stored with the marker in front.
+pub const RESERVED_MARKER: &str = "artifact-";
+
+/// The stored name of a (safe) provider file name: itself, unless it is one of
+/// [`RECORD_NAMES`] or starts with [`RESERVED_MARKER`], when the marker is put in front.
+/// Injective, and its image never meets a record name (no record name starts with the marker),
+/// so a provider file can neither pin a backup nor be overwritten by a verification or a drill.
+pub fn reserve(name: &str) -> String {
+    if RECORD_NAMES.contains(&name) || name.starts_with(RESERVED_MARKER) {
+        format!("{RESERVED_MARKER}{name}")
+    } else {
+        name.to_string()
+    }
+}
+
 /// A safe object name for a provider's file name: its last path segment, with anything but
-/// `A-Z a-z 0-9 . _ -` replaced, never hidden, never the manifest's name, never clashing with
-/// `taken`.
+/// `A-Z a-z 0-9 . _ -` replaced, never hidden, never one of Ferry's [`RECORD_NAMES`] (see
+/// [`reserve`]), never clashing with `taken` (the names already stored in the folder). The
+/// manifest keeps the provider's own name next to the key (`Artifact::filename`), which restores
+/// and downloads use.
 pub fn object_name(filename: &str, taken: &[&str]) -> String {
     let last = filename.rsplit(['/', '\\']).next().unwrap_or("");
     let mut name: String =
@@ -154,16 +178,13 @@ pub fn object_name(filename: &str, taken: &[&str]) -> String {
     if name.len() > 200 {
         name.truncate(200);
     }
-    if name == MANIFEST_NAME {
-        name = format!("artifact-{name}");
-    }
-    let base = name.clone();
+    let mut stored = reserve(&name);
     let mut n = 2;
-    while taken.contains(&name.as_str()) {
-        name = format!("{n}-{base}");
+    while taken.contains(&stored.as_str()) {
+        stored = reserve(&format!("{n}-{name}"));
         n += 1;
     }
-    name
+    stored
 }
 
 #[cfg(test)]
@@ -215,8 +236,61 @@ mod tests {
         assert_eq!(object_name(".hidden", &[]), "hidden");
         assert_eq!(object_name("", &[]), "artifact");
         assert_eq!(object_name("manifest.json", &[]), "artifact-manifest.json");
+        assert_eq!(object_name("x/manifest.json", &["artifact-manifest.json"]), "2-manifest.json");
         assert_eq!(object_name("x.gz", &["x.gz"]), "2-x.gz");
         assert_eq!(object_name("x.gz", &["x.gz", "2-x.gz"]), "3-x.gz");
+    }
+
+    #[test]
+    fn no_provider_file_is_stored_under_a_record_name() {
+        for record in RECORD_NAMES {
+            assert_eq!(object_name(record, &[]), format!("artifact-{record}"));
+            assert_eq!(object_name(&format!("dir/{record}"), &[]), format!("artifact-{record}"));
+        }
+        // A provider name that already looks escaped is escaped again, so the two stay apart.
+        assert_eq!(object_name("artifact-pin.json", &[]), "artifact-artifact-pin.json");
+        assert_eq!(object_name("artifact-x.gz", &[]), "artifact-artifact-x.gz");
+        assert_eq!(object_name("artifact", &[]), "artifact");
+    }
+
+    #[test]
+    fn every_record_name_the_crate_writes_is_reserved() {
+        for written in
+            [MANIFEST_NAME, crate::retention::PIN_NAME, crate::verify::VERIFICATION_NAME, crate::restore::DRILL_NAME]
+        {
+            assert!(RECORD_NAMES.contains(&written), "{written}");
+        }
+        assert!(RECORD_NAMES.iter().all(|r| !r.starts_with(RESERVED_MARKER)));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn reserve_is_injective_and_never_a_record_name(
+            a in "(artifact-){0,2}(pin|manifest|drill|verification|x)?[.a-z_-]{0,6}(\\.json)?",
+            b in "(artifact-){0,2}(pin|manifest|drill|verification|x)?[.a-z_-]{0,6}(\\.json)?",
+        ) {
+            let (ra, rb) = (reserve(&a), reserve(&b));
+            proptest::prop_assert!(!RECORD_NAMES.contains(&ra.as_str()), "{} -> {}", a, ra);
+            proptest::prop_assert_eq!(a == b, ra == rb, "{} -> {}, {} -> {}", a, ra, b, rb);
+        }
+
+        #[test]
+        fn a_folders_stored_names_are_distinct_and_never_record_names(
+            names in proptest::collection::vec(
+                "(artifact-|[0-9]-|dir/|\\.)?(pin|manifest|drill|verification|g01|a b)?[.?_-]{0,2}(\\.json|\\.gz)?",
+                0..12,
+            ),
+        ) {
+            let mut stored: Vec<String> = Vec::new();
+            for name in &names {
+                let taken: Vec<&str> = stored.iter().map(String::as_str).collect();
+                let next = object_name(name, &taken);
+                proptest::prop_assert!(!RECORD_NAMES.contains(&next.as_str()), "{} -> {}", name, next);
+                proptest::prop_assert!(!taken.contains(&next.as_str()), "{} -> {} clashes", name, next);
+                proptest::prop_assert!(!next.contains('/') && !next.starts_with('.'), "{}", next);
+                stored.push(next);
+            }
+        }
     }
 
     #[test]

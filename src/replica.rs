@@ -10,6 +10,13 @@
 //!
 //! A mismatch or a failure fails the replicate job (a `failed` alert, `task: "replicate"`) and
 //! deletes what it wrote; it never fails or undoes the primary backup.
+//!
+//! A binding's name says nothing about its bucket: two bindings can name one bucket. So before it
+//! writes anything, a replicate job proves the replica is another bucket ([`Identity`]): it writes
+//! a probe object through the replica's binding, looks for it through the primary's, and deletes
+//! it ([`ReplicaProbe`], [`judge_probe`]). Seen through both, the two are one bucket: the job
+//! fails naming the binding, and touches nothing else. Only a job whose replica was proven
+//! distinct ever cleans up a folder after a failure (`Job::fail`).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -21,6 +28,60 @@ use crate::time::Timestamp;
 
 /// The binding of the primary bucket, which a replica may not name.
 pub const PRIMARY_BINDING: &str = "BACKUPS";
+
+/// Where the probe objects go: under the reserved `_ferry/` prefix, which no source folder can be
+/// (`crate::manifest::parse_folder`) and the sweep leaves alone.
+pub const PROBE_PREFIX: &str = "_ferry/replica-probe/";
+
+/// What a replicate job knows about its replica bucket being another bucket than the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Identity {
+    /// Not proven yet (a job recorded before the probe existed reads as this too): nothing may be
+    /// written to, or deleted from, the replica bucket.
+    #[default]
+    Unproven,
+    /// A probe written through the replica's binding was not seen through the primary's.
+    Distinct,
+}
+
+/// One probe of the replica bucket's identity, for the runtime to execute: write `token` at `key`
+/// through the replica's binding, read `key` through the primary's, delete it through the
+/// replica's, and hand what the primary read gave to [`judge_probe`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaProbe {
+    /// The probe object's key (unique to the job and the attempt).
+    pub key: String,
+    /// The probe object's body.
+    pub token: String,
+}
+
+/// What a probe showed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeAnswer {
+    /// The probe was not seen through the primary's binding: the buckets are distinct.
+    Distinct,
+    /// The probe written through the replica's binding was read back through the primary's.
+    SameBucket,
+}
+
+/// Judges a probe from what reading its key through the primary's binding gave (`None`: no such
+/// object). Only the probe's own token counts as seen.
+pub fn judge_probe(probe: &ReplicaProbe, primary_read: Option<&[u8]>) -> ProbeAnswer {
+    match primary_read {
+        Some(body) if body == probe.token.as_bytes() => ProbeAnswer::SameBucket,
+        _ => ProbeAnswer::Distinct,
+    }
+}
+
+/// The reason a replicate job fails when its replica is the primary bucket.
+pub fn same_bucket_reason(binding: &str) -> String {
+    format!(
+        "the replica bucket bound as {binding} is the primary bucket {PRIMARY_BINDING} (a probe object written \
+         through {binding} was read back through {PRIMARY_BINDING}); bind replica.bucket_binding to another \
+         bucket in wrangler.toml's [[r2_buckets]]. Nothing was written or deleted"
+    )
+}
 
 /// A source's `replica` table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,12 +127,23 @@ pub struct ReplicaState {
     pub manifest_key: String,
     /// The primary manifest: the files to copy, in order, with their sizes and hashes.
     pub manifest: Manifest,
+    /// Whether the replica bucket was proven to be another bucket than the primary.
+    #[serde(default)]
+    pub identity: Identity,
 }
 
 impl ReplicaState {
     /// The backup's folder (the same in both buckets).
     pub fn folder(&self) -> String {
         crate::manifest::folder_of(&self.manifest_key).unwrap_or_default().to_string()
+    }
+
+    /// The probe of attempt `attempt` of job `job`.
+    pub fn probe(&self, job: &JobId, attempt: u32) -> ReplicaProbe {
+        ReplicaProbe {
+            key: format!("{PROBE_PREFIX}{job}-{attempt}"),
+            token: format!("ferry replica probe: job {job}, attempt {attempt}, binding {}", self.binding),
+        }
     }
 
     /// The next file to copy once `done` files are copied.
@@ -161,5 +233,16 @@ mod tests {
         assert_eq!((e.field.as_str(), e.problem.as_str()), ("bucket_binding", "is required"));
         let e = ReplicaConfig::from_value(&json!("BACKUPS_EU")).unwrap_err();
         assert!(e.problem.starts_with("must be a table"), "{e:?}");
+    }
+
+    #[test]
+    fn a_probe_read_back_through_the_primary_means_one_bucket() {
+        let probe = ReplicaProbe { key: format!("{PROBE_PREFIX}j-1"), token: "t-1".into() };
+        assert_eq!(judge_probe(&probe, Some(b"t-1")), ProbeAnswer::SameBucket);
+        assert_eq!(judge_probe(&probe, None), ProbeAnswer::Distinct);
+        assert_eq!(judge_probe(&probe, Some(b"t-0")), ProbeAnswer::Distinct, "only the probe's own token counts");
+        assert!(crate::manifest::parse_folder(PROBE_PREFIX).is_none(), "never a source's folder");
+        let reason = same_bucket_reason("BACKUPS_EU");
+        assert!(reason.contains("BACKUPS_EU") && reason.contains("primary bucket BACKUPS"), "{reason}");
     }
 }

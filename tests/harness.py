@@ -302,10 +302,12 @@ class Ferry:
     """The built Worker under ``wrangler dev``, configured with the given sources."""
 
     def __init__(self, workdir: Path, sources: list | str, secrets: dict | None = None, crons=("*/5 * * * *",),
-                 bundle: Path | None = None, alerts: list | str | None = None):
+                 bundle: Path | None = None, alerts: list | str | None = None, r2_aliases: dict | None = None):
         """``bundle``: the folder holding the built ``index.js`` (default: ``build/``, built if missing).
         ``alerts``: the ``FERRY_ALERTS`` destinations; with them, the ``ALERTS`` queue is bound and
-        consumed by the same Worker (as in the real wrangler.toml, with a 1 s batch timeout)."""
+        consumed by the same Worker (as in the real wrangler.toml, with a 1 s batch timeout).
+        ``r2_aliases``: more R2 bindings, ``{binding: bucket_name}`` (e.g. a second binding to
+        ``ferry-backups``)."""
         if bundle is None:
             ensure_built()
             bundle = ROOT / "build"
@@ -313,6 +315,7 @@ class Ferry:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.persist = workdir / "state"
         self.bundle, self.crons, self.alerts = bundle, crons, alerts
+        self.r2_aliases = dict(r2_aliases or {})
         self.secrets = {"FERRY_API_TOKEN": API_TOKEN, "FERRY_WEBHOOK_SECRET": WEBHOOK_SECRET, "D1_API_TOKEN": D1_TOKEN}
         self.secrets.update(secrets or {})
         self.write_config(sources)
@@ -326,6 +329,8 @@ class Ferry:
         """Writes wrangler.toml with these sources (takes effect at the next start)."""
         raw = sources if isinstance(sources, str) else json.dumps(sources)
         bundle, crons, workdir = self.bundle, self.crons, self.workdir
+        aliases = "".join(f"[[r2_buckets]]\nbinding = {toml_string(b)}\nbucket_name = {toml_string(n)}\n"
+                          for b, n in self.r2_aliases.items())
         alerts = ""
         if self.alerts is not None:
             raw_alerts = self.alerts if isinstance(self.alerts, str) else json.dumps(self.alerts)
@@ -348,7 +353,7 @@ bucket_name = "ferry-backups"
 [[r2_buckets]]
 binding = "BACKUPS_REPLICA"
 bucket_name = "ferry-backups-replica"
-[durable_objects]
+{aliases}[durable_objects]
 bindings = [{{ name = "SOURCES", class_name = "SourceObject" }}]
 [[migrations]]
 tag = "v1"

@@ -460,6 +460,19 @@ def test_acl_login_and_token_errors(acl):
     assert bad_refresh.json() == {"data": {"login": None}, "errors": [{"message": "invalid refresh token"}]}
 
 
+def test_a_redirect_307_fault_sends_the_login_with_its_body_to_another_origin(acl):
+    control(acl, body={"faults": [{"step": "login", "fault": "redirect_307"}]})
+    moved = login(acl, userId="groot", password=ACL_PASSWORD, namespace=0)
+    assert moved.status == 307
+    location = moved.headers["Location"]
+    assert urlsplit(location).port != int(acl.rsplit(":", 1)[1])
+    # A client that follows it as RFC 9110 says re-sends the POST and its body there.
+    request(location, "POST", {"variables": {"password": ACL_PASSWORD}})
+    (seen,) = control(acl, "/__control/state")["login_requests"]
+    assert seen["method"] == "POST" and seen["body_bytes"] > 0
+    assert login(acl, userId="groot", password=ACL_PASSWORD, namespace=0).status == 200, "once, then normal"
+
+
 def test_acl_access_ttl_expiry(acl):
     control(acl, body={"access_ttl": 1})
     access = tokens(acl)["accessJWT"]

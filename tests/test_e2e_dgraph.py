@@ -135,6 +135,38 @@ def test_server_errors_are_retried(world):
     check_dgraph_backup(ferry, job, plain, "json")
 
 
+def test_a_login_redirected_to_another_origin_never_carries_the_password_there(world):
+    ferry, acl = world["ferry"], world["acl"]
+    acl.control(faults=[{"step": "login", "fault": "redirect_307", "times": None}])
+    job = ferry.webhook_job("graph-acl")
+    assert job["phase"] == "failed", job
+    assert f"{acl.url} answered HTTP 307" in job["error"] and "to another origin, http://127.0.0.1:" in job["error"], \
+        job["error"]
+    assert acl.state()["login_requests"] == [], "nothing, and no password, reached the other origin"
+    assert DGRAPH_SECRETS["DGRAPH_PASSWORD"] not in json.dumps(job)
+
+
+def test_provider_files_named_like_ferrys_records_neither_pin_the_backup_nor_are_overwritten(world):
+    ferry, plain = world["ferry"], world["plain"]
+    records = {"pin.json": "not a pin", "verification.json": "not a verification", "drill.json": "not a drill",
+               "manifest.json": "not a manifest"}
+    plain.control(extra_export_files=records)
+    job = ferry.webhook_job("graph-failing")
+    manifest = check_dgraph_backup(ferry, job, plain, "json")
+    stored = {a["filename"]: a["key"].rsplit("/", 1)[1] for a in manifest["artifacts"]}
+    for name in records:
+        assert stored[name] == f"artifact-{name}", stored
+    (backup,) = [b for b in ferry.backups("graph-failing") if b["job_id"] == job["id"]]
+    assert backup["pinned"] is False and backup["verification"] is None and backup["drill"] is None, backup
+    folder = manifest["artifacts"][0]["key"].rsplit("/", 1)[0]
+    verified = ferry.verify_job("graph-failing", body=json.dumps({"backup": folder}).encode())
+    assert verified["phase"] == "verified", verified
+    (backup,) = [b for b in ferry.backups("graph-failing") if b["job_id"] == job["id"]]
+    assert backup["verification"]["outcome"] == "ok", backup
+    # The verification record went beside the provider's file of that name, not over it.
+    check_dgraph_backup(ferry, job, plain, "json")
+
+
 def test_malformed_answer_fails_clearly(world):
     ferry, plain = world["ferry"], world["plain"]
     plain.control(malformed_next=1)

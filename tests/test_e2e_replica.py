@@ -65,10 +65,13 @@ def world(tmp_path_factory):
         dxp_source("portal-kept", emulator, replica=REPLICA, retention={"keep_last": 1}, **SMALL),
         dxp_source("portal-single", emulator, **SMALL),
         dxp_source("portal-unbound", emulator, replica={"bucket_binding": "BACKUPS_NOWHERE"}, **SMALL),
+        # A second binding to the primary's own bucket: its name passes, its bucket must not.
+        dxp_source("portal-aliased", emulator, replica={"bucket_binding": "BACKUPS_ALIAS"}, **SMALL),
     ]
     alerts = Alerts()
     hook = {"name": "ops", "kind": "webhook", "url": alerts.url, "secret_secret": "HOOK_SECRET", "events": ["failed"]}
-    ferry = Ferry(work / "ferry", sources, secrets={**DXP_SECRETS, "HOOK_SECRET": HOOK_SECRET}, alerts=[hook])
+    ferry = Ferry(work / "ferry", sources, secrets={**DXP_SECRETS, "HOOK_SECRET": HOOK_SECRET}, alerts=[hook],
+                  r2_aliases={"BACKUPS_ALIAS": "ferry-backups"})
     yield {"ferry": ferry, "emulator": emulator, "alerts": alerts}
     ferry.stop()
     emulator.stop()
@@ -261,3 +264,20 @@ def test_a_replica_whose_bucket_is_not_bound_fails_saying_so_and_frees_the_sourc
     while ferry.source("portal-unbound")["current_job_id"] is not None:
         assert time.time() < deadline, "the source stayed busy"
         time.sleep(0.2)
+
+
+def test_a_replica_bound_to_the_primary_bucket_fails_naming_it_and_leaves_the_primary_backup_whole(world):
+    ferry = world["ferry"]
+    export = ferry.webhook_job("portal-aliased", timeout=240)
+    replica = ferry.wait_job(replica_of(ferry, export), timeout=60)
+    assert replica["phase"] == "failed", replica
+    assert "BACKUPS_ALIAS is the primary bucket BACKUPS" in replica["error"], replica["error"]
+    assert ferry.job(export["id"])["phase"] == "committed"
+    manifest = manifest_of(ferry, export)
+    folder = manifest["artifacts"][0]["key"].rsplit("/", 1)[0] + "/"
+    stored = json.loads(ferry.r2_get(folder + "manifest.json"))
+    assert "replica_of" not in stored and stored == {k: v for k, v in manifest.items() if k in stored}, stored
+    for art in manifest["artifacts"]:
+        body = ferry.r2_get(art["key"])
+        assert body is not None and hashlib.sha256(body).hexdigest() == art["sha256"], art["key"]
+    assert ferry.r2_get(f"_ferry/replica-probe/{replica['id']}-1") is None, "the probe was deleted"

@@ -6,8 +6,9 @@
 
 use super::{Action, Context, CopySource, Job, JobId, Phase, SliceOrder, Task};
 use crate::config::SourceConfig;
+use crate::error::StepError;
 use crate::manifest::{self, Manifest};
-use crate::replica::ReplicaState;
+use crate::replica::{same_bucket_reason, Identity, ProbeAnswer, ReplicaState};
 use crate::time::Timestamp;
 use crate::transfer::CopyState;
 
@@ -26,7 +27,8 @@ impl Job {
         let mut job = Self::new(id, source, export.trigger, None, None, now);
         job.task = Task::Replicate;
         job.parent = Some(export.id.clone());
-        job.replica = Some(ReplicaState { binding: binding.to_string(), manifest_key, manifest });
+        job.replica =
+            Some(ReplicaState { binding: binding.to_string(), manifest_key, manifest, identity: Identity::Unproven });
         job
     }
 
@@ -36,6 +38,12 @@ impl Job {
         let Some(replica) = self.replica.clone() else {
             return self.fail("a replicate job without its backup (an unreadable record)".into(), cx.now);
         };
+        if replica.identity == Identity::Unproven {
+            // Before anything is written: is the replica another bucket at all?
+            self.attempts += 1;
+            let probe = replica.probe(&self.id, self.attempts);
+            return (self, Action::ProbeReplica(probe));
+        }
         let Some(file) = replica.file(self.artifacts.len()).cloned() else {
             self.finished_at = Some(cx.now);
             self.attempts += 1;
@@ -61,6 +69,26 @@ impl Job {
             settings: cx.source.transfer,
         };
         (self, Action::CopySlice(Box::new(order)))
+    }
+
+    /// Folds in what the replica's probe showed: one bucket fails the job (and nothing is
+    /// cleaned, [`Job::fail`]); distinct buckets let the copy begin; a probe that could not run is
+    /// retried like any step.
+    pub(super) fn on_probe(mut self, answer: Result<ProbeAnswer, StepError>, cx: &Context<'_>) -> (Self, Action) {
+        let Some(replica) = self.replica.as_mut() else {
+            return self.fail("a replicate job without its backup (an unreadable record)".into(), cx.now);
+        };
+        match answer {
+            Ok(ProbeAnswer::Distinct) => {
+                replica.identity = Identity::Distinct;
+                self.step_succeeded(cx.now)
+            }
+            Ok(ProbeAnswer::SameBucket) => {
+                let reason = same_bucket_reason(&replica.binding);
+                self.fail(reason, cx.now)
+            }
+            Err(e) => self.step_failed(e, cx),
+        }
     }
 
     /// True for a replicate job that committed (its copy is whole in the replica bucket).
@@ -133,6 +161,16 @@ mod tests {
         (stored, action)
     }
 
+    /// Wakes a queued replicate job and answers its probe: the replica is another bucket.
+    fn start(job: Job, src: &SourceConfig) -> (Job, Action) {
+        let (job, action) = step(job, src, Event::Wake, t0());
+        assert!(matches!(action, Action::ProbeReplica(_)), "the probe goes first, got {action:?}");
+        let (job, action) = step(job, src, Event::ReplicaProbed(Ok(ProbeAnswer::Distinct)), t0());
+        assert_eq!(action, Action::Sleep(t0()));
+        assert_eq!(job.replica.as_ref().map(|r| r.identity), Some(Identity::Distinct));
+        step(job, src, Event::Wake, t0())
+    }
+
     fn order(action: &Action) -> &SliceOrder {
         match action {
             Action::CopySlice(order) => order,
@@ -144,7 +182,7 @@ mod tests {
     fn a_replica_copies_every_file_from_the_primary_key_then_writes_its_manifest_last() {
         let (job, src) = replicate();
         assert_eq!((job.task, job.phase, job.folder()), (Task::Replicate, Phase::Queued, FOLDER.to_string()));
-        let (job, action) = step(job, &src, Event::Wake, t0());
+        let (job, action) = start(job, &src);
         assert_eq!(job.phase, Phase::Transferring);
         let first = order(&action).clone();
         assert_eq!(first.source, CopySource::R2 { key: format!("{FOLDER}database.gz"), size: 12 << 20 });
@@ -196,7 +234,7 @@ mod tests {
     #[test]
     fn a_file_that_does_not_match_the_primary_manifest_fails_the_job_naming_it_and_cleans_the_replica() {
         let (job, src) = replicate();
-        let (job, action) = step(job, &src, Event::Wake, t0());
+        let (job, action) = start(job, &src);
         let mut state = order(&action).state.clone();
         state.upload_id = Some("up-1".into());
         let tampered = file("database.gz", 12 << 20, "cc");
@@ -222,7 +260,7 @@ mod tests {
     #[test]
     fn a_failing_read_is_retried_then_fails_the_job_and_discards_what_it_wrote() {
         let (job, src) = replicate();
-        let (mut job, mut action) = step(job, &src, Event::Wake, t0());
+        let (mut job, mut action) = start(job, &src);
         let mut now = t0();
         for _ in 0..3 {
             let mut state = order(&action).state.clone();
@@ -248,7 +286,7 @@ mod tests {
     #[test]
     fn a_missing_primary_object_fails_at_once() {
         let (job, src) = replicate();
-        let (job, action) = step(job, &src, Event::Wake, t0());
+        let (job, action) = start(job, &src);
         let state = order(&action).state.clone();
         let gone =
             SliceOutcome::Failed(StepError::permanent(format!("the primary object {FOLDER}database.gz is missing")));
@@ -260,7 +298,7 @@ mod tests {
     #[test]
     fn a_replicate_job_cancelled_mid_copy_aborts_its_upload_and_cleans_the_replica_folder() {
         let (job, src) = replicate();
-        let (job, action) = step(job, &src, Event::Wake, t0());
+        let (job, action) = start(job, &src);
         let mut state = order(&action).state.clone();
         state.upload_id = Some("up-1".into());
         state.stalled = 0;
@@ -270,5 +308,59 @@ mod tests {
         assert_eq!(job.phase, Phase::Cancelled);
         let upload = Some((format!("{FOLDER}database.gz"), "up-1".to_string()));
         assert_eq!(action, Action::Discard { folder: FOLDER.into(), upload });
+    }
+
+    #[test]
+    fn a_replica_bound_to_the_primary_bucket_fails_before_any_write_and_deletes_nothing() {
+        let (job, src) = replicate();
+        let (job, action) = step(job, &src, Event::Wake, t0());
+        let Action::ProbeReplica(probe) = action else { panic!("expected the probe, got {action:?}") };
+        assert!(probe.key.starts_with(crate::replica::PROBE_PREFIX) && probe.key.contains(job.id.as_str()));
+        let seen = crate::replica::judge_probe(&probe, Some(probe.token.as_bytes()));
+        let (job, action) = step(job, &src, Event::ReplicaProbed(Ok(seen)), t0());
+        assert_eq!(job.phase, Phase::Failed);
+        let error = job.error.clone().unwrap();
+        assert!(error.contains("BACKUPS_EU is the primary bucket BACKUPS"), "{error}");
+        assert_eq!(action, Action::Done, "no clean-up: the folder there is the primary's backup");
+    }
+
+    #[test]
+    fn a_probe_that_keeps_failing_fails_the_job_without_deleting_anything() {
+        let (job, src) = replicate();
+        let (mut job, _) = step(job, &src, Event::Wake, t0());
+        let mut now = t0();
+        let mut probes = Vec::new();
+        loop {
+            let failed = Event::ReplicaProbed(Err(StepError::transient("R2 put failed: network")));
+            let (j, a) = step(job, &src, failed, now);
+            job = j;
+            if job.phase == Phase::Failed {
+                assert_eq!(a, Action::Done);
+                assert!(job.error.as_deref().unwrap().contains("R2 put failed"), "{:?}", job.error);
+                break;
+            }
+            let Action::Sleep(at) = a else { panic!("expected a retry, got {a:?}") };
+            now = at;
+            let (j, a) = step(job, &src, Event::Wake, now);
+            job = j;
+            let Action::ProbeReplica(probe) = a else { panic!("expected the probe again, got {a:?}") };
+            probes.push(probe.key);
+        }
+        probes.dedup();
+        assert_eq!(probes.len(), 2, "each attempt probes with its own key");
+        // Stopped from outside before the probe: nothing to clean either.
+        let (job, _) = replicate();
+        let (job, _) = step(job, &src, Event::Wake, t0());
+        assert_eq!(job.abandon("source removed".into(), t0()).1, Action::Done);
+    }
+
+    #[test]
+    fn a_replicate_job_recorded_before_the_probe_existed_probes_first() {
+        let (job, src) = replicate();
+        let mut record = serde_json::to_value(&job).unwrap();
+        record["replica"].as_object_mut().unwrap().remove("identity");
+        let old: Job = serde_json::from_value(record).unwrap();
+        let (_, action) = step(old, &src, Event::Wake, t0());
+        assert!(matches!(action, Action::ProbeReplica(_)), "{action:?}");
     }
 }

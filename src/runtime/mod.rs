@@ -5,7 +5,8 @@
 //! Durable Object per source, running jobs from its alarm), `alerts` (the alert queue's producer
 //! and consumer, and the attempt record), `net` (outgoing fetch with timeouts), `transfer` (one
 //! slice of a copy into R2), `retention` (applying a retention plan, pins), `store` (manifests,
-//! listing, clean-up), `sweeper` (the daily orphan sweep), `restore` (a restore's R2 work and
+//! listing, clean-up), `replica` (the replica bucket's identity probe), `sweeper` (the daily
+//! orphan sweep), `restore` (a restore's R2 work and
 //! streamed uploads) and `graph_load` (a step of loading an Aura graph export). None of them
 //! decide anything the
 //! core can decide: they read
@@ -16,6 +17,7 @@ mod api;
 mod budget;
 mod graph_load;
 mod net;
+mod replica;
 mod restore;
 mod retention;
 mod source_object;

@@ -3,7 +3,8 @@
 //! `fetch` has no timeout of its own, so every request races an `AbortController` against a
 //! `Delay`; a download also gives up when no bytes arrive for a while. Redirects are followed
 //! here, not by `fetch` (`redirect: "manual"`), a bounded number of times, so that provider
-//! credentials never leave the provider's origin (see [`crate::http::redirected`]).
+//! credentials never leave the provider's origin, in headers or in a body (see
+//! [`crate::http::redirected`]).
 
 use std::time::Duration;
 

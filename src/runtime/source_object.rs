@@ -881,6 +881,7 @@ impl SourceObject {
                     | Action::VerifySlice { .. }
                     | Action::RecordVerification { .. }
                     | Action::Restore(_)
+                    | Action::ProbeReplica(_)
             ) {
                 self.storage().set_alarm(now.plus(WATCHDOG).to_datetime()).await?;
             }
@@ -972,6 +973,15 @@ impl SourceObject {
                         Some(Ok(())) => Event::Committed,
                         Some(Err(e)) => Event::CommitFailed(format!("{e} (replica manifest)")),
                         None => Event::CommitFailed(timed_out("writing the replica's manifest")),
+                    }
+                }
+                Action::ProbeReplica(probe) => {
+                    // `bucket` is the replica's binding here (a replicate job's only writer).
+                    match within(R2_STEP_TIMEOUT, super::replica::probe(&bucket, &primary, &probe)).await {
+                        Some(answer) => Event::ReplicaProbed(answer),
+                        None => {
+                            Event::ReplicaProbed(Err(StepError::transient(timed_out("probing the replica bucket"))))
+                        }
                     }
                 }
                 Action::Spawn(children) => {

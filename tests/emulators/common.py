@@ -525,6 +525,11 @@ class Presigner:
 #   truncate_chunked    the same with chunked transfer coding (no Content-Length)
 #   redirect_html       302 to another origin (``LoginOrigin``, another port) answering any request
 #                       200 text/html with a login page
+#   redirect_307        307 to the same other origin (``LoginOrigin``), which records whether a body
+#                       reached it: a 307 keeps the method and the body (RFC 9110 §15.4.8,
+#                       https://www.rfc-editor.org/rfc/rfc9110#section-15.4.8; the Fetch standard,
+#                       https://fetch.spec.whatwg.org/#http-redirect-fetch, re-sends the body and
+#                       drops only the Authorization header on a cross-origin hop)
 #   expire              (signed download URLs) 403 AccessDenied "Request has expired", as S3/R2 does
 #   content_encoding_gzip  (downloads) the body gzip-encoded once more and labelled
 #                       ``Content-Encoding: gzip``, as a misconfigured CDN would serve it
@@ -535,7 +540,7 @@ class Presigner:
 # Each injection is recorded in the emulator's ``faults_injected`` (step, fault, monotonic ``t``
 # and wall ``at``).
 FAULT_KINDS = ("5xx", "429", "hang", "delay", "truncate", "truncate_chunked", "redirect_html", "expire",
-               "content_encoding_gzip", "provider_error", "stuck")
+               "content_encoding_gzip", "provider_error", "stuck", "redirect_307")
 API_FAULTS = frozenset({"5xx", "429", "hang", "delay", "truncate", "truncate_chunked", "redirect_html"})
 DOWNLOAD_FAULTS = API_FAULTS | {"content_encoding_gzip"}
 SIGNED_DOWNLOAD_FAULTS = DOWNLOAD_FAULTS | {"expire"}
@@ -678,9 +683,8 @@ class _LoginHandler(BaseHTTPRequestHandler):
 
     def answer(self):
         length = int(self.headers.get("Content-Length") or 0)
-        if length > 0:
-            self.rfile.read(length)
-        self.server.origin.record(self.command, self.path, self.headers)
+        body = self.rfile.read(length) if length > 0 else b""
+        self.server.origin.record(self.command, self.path, self.headers, len(body))
         self.send_response(200)
         self.send_header("Content-Type", "text/html; charset=utf-8")
         self.send_header("Content-Length", str(len(LOGIN_PAGE)))
@@ -733,9 +737,9 @@ class LoginOrigin:
             with origin.lock:
                 origin.requests.clear()
 
-    def record(self, method: str, path: str, headers) -> None:
+    def record(self, method: str, path: str, headers, body_bytes: int = 0) -> None:
         with self.lock:
-            self.requests.append({"method": method, "path": path, "t": time.time(),
+            self.requests.append({"method": method, "path": path, "t": time.time(), "body_bytes": body_bytes,
                                   "headers": sorted({k.lower() for k in headers.keys()})})
 
     def url(self, from_path: str) -> str:
@@ -764,6 +768,9 @@ def answer_fault(handler, spec: dict | None, error_reply) -> bool:
     elif fault == "redirect_html":
         target = LoginOrigin.get().url(urlsplit(handler.path).path)
         handler.write_reply(Reply(302, b"", "text/html", [("Location", target)]))
+    elif fault == "redirect_307":
+        target = LoginOrigin.get().url(urlsplit(handler.path).path)
+        handler.write_reply(Reply(307, b"", "text/html", [("Location", target)]))
     elif fault == "expire":
         handler.write_reply(Reply(403, s3_error_body("AccessDenied", "Request has expired"), "application/xml"))
     else:

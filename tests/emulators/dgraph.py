@@ -112,8 +112,11 @@ switches:
 * ``truncate_after_bytes`` (int ≥ 0, 0 = off): every download declares its full
   ``Content-Length`` but the connection closes after that many body bytes (from the range start).
 * ``download_fail_status`` (int or null): answer downloads with that status.
+* ``extra_export_files`` (object, default ``{}``): more files the next exports' folders hold,
+  ``{name: text}``, served gzip-compressed under that name (sampled when an export is created).
 
-Injected faults (``faults``, see ``common.py``): steps ``login`` (the ACL login on ``/admin``),
+Injected faults (``faults``, see ``common.py``): steps ``login`` (the ACL login on ``/admin``; it
+also takes ``redirect_307``, to another origin that records whether the body reached it),
 ``export`` (the export mutation), ``status`` (``exportStatus``) and ``download`` (a signed URL).
 ``provider_error`` at ``export`` answers HTTP 200 with a GraphQL error carrying the message; at
 ``status`` the export turns ``Failed`` (for good); ``stuck`` at ``status`` answers ``Running``,
@@ -168,7 +171,9 @@ KNOWN_NAMESPACES_ACL = (0, 1)
 UINT64_MAX = 2**64 - 1
 # The provider steps faults can be injected at, and what each takes (common.py, "Injected faults").
 FAULT_STEPS = {
-    "login": API_FAULTS | {"provider_error"},
+    # ``redirect_307``: a front end that sends the ACL login (its password in the body) to another
+    # origin with a 307, which keeps the body (common.py, "Injected faults").
+    "login": API_FAULTS | {"provider_error", "redirect_307"},
     "export": API_FAULTS | {"provider_error"},
     "status": API_FAULTS | {"provider_error", "stuck"},
     "restore": API_FAULTS,
@@ -1166,6 +1171,11 @@ class Emulator:
         files = {}
         if "Success" in sequence:
             files = build_export_files(Dataset(self.args.acl, extra), fmt, namespace, self.args.groups)
+            # exportStatus signs a URL for every object of the export's folder, named by its key
+            # ("Export data", https://dgraph.io/docs/cloud/admin/import-export/): a file the
+            # folder also holds comes back under its own name, whatever that is.
+            for name, text in (self.switches.get("extra_export_files") or {}).items():
+                files[name] = gzip_bytes(text.encode())
         task_id = f"{secrets.randbits(36) | 1 << 35:#x}"
         export_id = (f"exports/{time.strftime('%Y-%m-%d', time.gmtime(now))}/"
                      f"{secrets.randbits(28) | 1 << 24:#x}-{100000000 + secrets.randbelow(900000000)}")
@@ -1308,6 +1318,11 @@ def validate_switches(changes: dict) -> str | None:
         return "restore_status_sequence must be a non-empty list of strings"
     if "export_answer_form" in changes and changes["export_answer_form"] not in EXPORT_ANSWER_FORMS:
         return f"export_answer_form must be one of {', '.join(EXPORT_ANSWER_FORMS)}"
+    extra_files = changes.get("extra_export_files")
+    if extra_files is not None and (not isinstance(extra_files, dict) or not all(
+            isinstance(k, str) and re.fullmatch(r"[A-Za-z0-9._-]{1,100}", k) and isinstance(v, str)
+            for k, v in extra_files.items())):
+        return "extra_export_files must be an object of file name ([A-Za-z0-9._-]) to text"
     for name in ("graphql_error_next", "failing_backends", "non_dedicated_backends", "restore_errors"):
         if name in changes and not is_str_list(changes[name]):
             return f"{name} must be a list of strings"
@@ -1525,6 +1540,7 @@ def default_switches(args) -> dict:
         "restore_errors": [],
         "signed_url_query": True,
         "export_answer_form": "selection",
+        "extra_export_files": {},
         "faults": [],
         **RANGE_SWITCHES,
     }
