@@ -340,6 +340,7 @@ pub fn on_response(
                 } else if let Some(table) = plan.scan.get_mut(at) {
                     table.columns = Some(columns);
                     table.rowid_alias = query::rowid_alias(&rows);
+                    table.key = query::rowid_key(&rows);
                 }
             }
         }

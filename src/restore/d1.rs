@@ -1021,8 +1021,17 @@ fn dump_of(key: &str, manifest: &Manifest) -> Result<DumpRef, StepError> {
         .iter()
         .filter(|a| crate::dump::Tally::applies_to(&a.filename) && !imported_after_dump(a))
         .collect();
+    let mut extra = extra_inputs(manifest);
     let artifact = match sql.as_slice() {
         [one] => *one,
+        // Every table was virtual: no export was sent, and the query artifact is the whole backup.
+        [] if !extra.is_empty() => {
+            extra.remove(0);
+            let Some(first) = manifest.artifacts.iter().find(|a| imported_after_dump(a)) else {
+                return Err(StepError::permanent(format!("backup {folder} holds no .sql dump to restore")));
+            };
+            first
+        }
         [] => return Err(StepError::permanent(format!("backup {folder} holds no .sql dump to restore"))),
         _ => return Err(StepError::permanent(format!("backup {folder} holds more than one .sql dump"))),
     };
@@ -1041,7 +1050,7 @@ fn dump_of(key: &str, manifest: &Manifest) -> Result<DumpRef, StepError> {
         at_bookmark: manifest.provider.get("at_bookmark").and_then(Value::as_str).map(str::to_string),
         finished_at: manifest.finished_at,
         database_id: manifest.provider.get("database_id").and_then(Value::as_str).map(str::to_string),
-        extra: extra_inputs(manifest),
+        extra,
         checks: drill_checks(manifest),
     })
 }

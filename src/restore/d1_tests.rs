@@ -869,3 +869,28 @@ fn a_drill_fails_naming_table_and_column_when_a_big_integer_differs() {
         "{e}"
     );
 }
+
+#[test]
+fn a_backup_of_only_virtual_tables_restores_from_its_query_artifact_alone() {
+    let mut h = Harness::new(Task::Restore, import_params());
+    h.io();
+    let mut m = manifest(&[], t0());
+    let name = crate::providers::d1::query::FILENAME;
+    m.artifacts = vec![Artifact {
+        md5: Some(MD5.into()),
+        details: Some(json!({
+            "role": crate::providers::d1::query::ROLE,
+            "d1_import": crate::providers::d1::query::AFTER_DUMP,
+        })),
+        ..Artifact::sample(format!("{FOLDER}{name}"), name, 300, "s", "application/sql")
+    }];
+    h.manifest(m);
+    assert_eq!(h.job.phase, Phase::Restoring, "{:?}", h.job.error);
+    h.raw_request();
+    h.answer(200, json!({"uuid": "db-2"}));
+    h.raw_request();
+    h.answer(200, json!([{"results": []}]));
+    let Io::Stage { staging, .. } = h.io() else { panic!("expected staging") };
+    let keys: Vec<&str> = staging.inputs.iter().map(|i| i.key.as_str()).collect();
+    assert_eq!(keys, [format!("{FOLDER}{name}")]);
+}

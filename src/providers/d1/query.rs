@@ -95,6 +95,9 @@ pub struct ScanTable {
     /// order: a patch then names the row by its position.
     #[serde(default)]
     pub rowid_alias: bool,
+    /// The `INTEGER PRIMARY KEY` column (the rowid's alias), when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// What goes through the export and what through the query API, decided before exporting.
@@ -277,6 +280,7 @@ pub fn plan(objects: &[SchemaObject], shadows: &BTreeSet<String>, options: &Dump
                     columns: None,
                     big: BTreeMap::new(),
                     rowid_alias: false,
+                    key: None,
                 });
             }
         }
@@ -333,6 +337,17 @@ pub fn shadow_names(rows: &[Map<String, Value>]) -> BTreeSet<String> {
         .collect()
 }
 
+/// The `INTEGER PRIMARY KEY` column (the rowid's alias) of a `PRAGMA table_info` answer.
+pub fn rowid_key(rows: &[Map<String, Value>]) -> Option<String> {
+    if !rowid_alias(rows) {
+        return None;
+    }
+    rows.iter()
+        .find(|r| r.get("pk").and_then(Value::as_i64).unwrap_or(0) > 0)
+        .and_then(|r| r.get("name").and_then(Value::as_str))
+        .map(str::to_string)
+}
+
 /// Whether a `PRAGMA table_info` answer shows an `INTEGER PRIMARY KEY` (the rowid's alias).
 pub fn rowid_alias(rows: &[Map<String, Value>]) -> bool {
     let keys: Vec<&Map<String, Value>> =
@@ -382,6 +397,16 @@ pub fn on_scan(plan: &mut QueryPlan, rows: &[Map<String, Value>], window: u32) -
     }
     let last = row.get("last").and_then(Value::as_str).filter(|l| is_integer(l)).map(str::to_string);
     if n < u64::from(window) || last.is_none() {
+        if let Some(key) = table.key.as_ref().filter(|k| table.big.contains_key(*k)) {
+            // The row is named by its key, which D1's export rounds: no patch can find it.
+            let note = format!(
+                "table {} column {key}: its INTEGER PRIMARY KEY holds integers beyond 2^53, which D1's export \
+                 rounds; Ferry cannot restore those keys exactly (nor patch other columns of their rows), and a \
+                 drill fails naming the table",
+                table.name
+            );
+            plan.notes.push(note);
+        }
         plan.scan_at += 1;
         plan.scan_after = None;
     } else {

@@ -263,3 +263,30 @@ fn the_artifact_records_what_a_drill_reads_back_and_the_same_answers_give_the_sa
         ["table \"nums\" column \"v\": 3 integers beyond 2^53 restored, 3 in the backup, with other values"]
     );
 }
+
+#[test]
+fn an_integer_primary_key_beyond_2_53_is_named_in_the_notes_by_table_and_column() {
+    let info =
+        |rows: Value| rows.as_array().unwrap().iter().map(|r| r.as_object().unwrap().clone()).collect::<Vec<_>>();
+    let keyed = info(json!([{"name": "id", "type": "INTEGER", "pk": 1}, {"name": "v", "type": "", "pk": 0}]));
+    assert_eq!(rowid_key(&keyed).as_deref(), Some("id"));
+    assert_eq!(rowid_key(&info(json!([{"name": "k", "type": "TEXT", "pk": 1}]))), None);
+    let mut plan = hostile_plan();
+    plan.scan[1].big.clear();
+    plan.scan_at = 1;
+    plan.scan[1].columns = Some(vec!["id".into(), "v".into()]);
+    plan.scan[1].key = Some("id".into());
+    on_scan(
+        &mut plan,
+        &[json!({"n": 1, "last": "9007199254740993", "f0": 1, "f1": 0}).as_object().unwrap().clone()],
+        10,
+    )
+    .unwrap();
+    assert!(
+        plan.notes
+            .iter()
+            .any(|n| n.starts_with("table nums column id: its INTEGER PRIMARY KEY holds integers beyond 2^53")),
+        "{:?}",
+        plan.notes
+    );
+}
