@@ -236,7 +236,7 @@ def test_a_drill_of_the_hostile_backup_reads_back_virtual_rows_and_exact_integer
     job = drill(world["ferry"])
     assert job["phase"] == "restored", job
     state = job["restore"]
-    assert len(state["checked"]) == 2 and "read back value for value" in job["note"], job
+    assert len(state["checked"]) == 3 and "read back value for value" in job["note"], job
     queries = [sql for db, sql in world["emulator"].state()["queries"] if db.startswith("ferry-drill-")]
     assert any('CAST("v" AS TEXT)' in q and 'FROM "nums"' in q for q in queries), queries
     assert any('quote("subject")' in q and 'FROM "notes"' in q for q in queries), queries
