@@ -21,11 +21,14 @@
 //!   within `time_travel_days` (7 by default: D1 keeps 30 days on Workers Paid, 7 on Free).
 //!   Otherwise, or when D1 refuses the bookmark, the restore imports the dump into the named
 //!   target database when one was given (and confirmed), and fails saying so when not.
-//! - **Drill**: a scratch database `ferry-drill-<job id>` is created, the newest backup (or the
-//!   one named) is imported into it, every table's row count is compared with the counts recorded
-//!   while the dump was copied, the scratch database is deleted (also when something failed), and
-//!   the outcome is written next to the backup as `drill.json`. A difference fails the drill,
-//!   naming the table.
+//! - **Drill**: a scratch database `ferry-drill-<job id>` is created (its name recorded before the
+//!   create goes out, so a lost answer or D1's 7502 "name taken" leads to a look-up by that name,
+//!   never a second database), the newest backup (or the one named) is imported into it, every
+//!   table's row count is compared with the counts recorded while the dump was copied, what the
+//!   backup read through the query API (virtual tables' rows, integers beyond 2^53) is read back a
+//!   page per step and compared print for print ([`DrillCheck`]), the scratch database is deleted
+//!   (also when something failed), and the outcome is written next to the backup as `drill.json`.
+//!   A difference fails the drill, naming the table (and column).
 //!
 //! Anything that overwrites data needs `confirm` to name every database it may write (a string,
 //! or a list when there are two: Time Travel with an import fallback), checked by [`plan`] before
@@ -1011,6 +1014,48 @@ impl Restorer for D1Restore {
     fn backup_folder(&self) -> Option<String> {
         self.dump.as_ref().map(|d| d.folder.clone())
     }
+}
+
+/// How old a scratch database of no job in flight must be before the daily sweep deletes it: a
+/// drill may be creating one while the sweep reads which jobs are in flight.
+pub const SCRATCH_GRACE: Duration = Duration::from_secs(3600);
+
+/// The daily sweep's question to a D1 source's account: its databases named like a drill's
+/// scratch database (`GET …/d1/database?name=ferry-drill-`, a name search as in
+/// `cloudflare-typescript` `database.list`).
+pub fn scratch_list_request(cfg: &D1Config, token: &Secret) -> Result<HttpRequest, StepError> {
+    let mut url = url::Url::parse(&db_url(cfg, &[])?).map_err(|e| StepError::permanent(e.to_string()))?;
+    url.query_pairs_mut().append_pair("name", "ferry-drill-").append_pair("per_page", "100");
+    Ok(authed(HttpRequest::get(url.to_string()), token))
+}
+
+/// The deletion of a leftover scratch database.
+pub fn scratch_delete_request(cfg: &D1Config, token: &Secret, uuid: &str) -> Result<HttpRequest, StepError> {
+    Ok(authed(HttpRequest::delete(db_url(cfg, &[uuid])?), token))
+}
+
+/// From the listing's answer: the scratch databases (`ferry-drill-<job id>`, uuid and name) whose
+/// job is not in flight (`live`: job ids) and that were created over [`SCRATCH_GRACE`] ago. A
+/// drill deletes its own; these are what a lost job left. Anything else is never named.
+pub fn scratch_leftovers(
+    resp: &HttpResponse,
+    live: &std::collections::BTreeSet<String>,
+    now: Timestamp,
+) -> Result<Vec<(String, String)>, StepError> {
+    let body = crate::providers::d1::envelope(resp, now, Some("listing scratch databases"))?;
+    let listed = body.get("result").and_then(Value::as_array).cloned().unwrap_or_default();
+    Ok(listed
+        .iter()
+        .filter_map(|db| {
+            let name = db.get("name").and_then(Value::as_str)?;
+            let uuid = db.get("uuid").and_then(Value::as_str)?;
+            let job = name.strip_prefix("ferry-drill-")?;
+            let ours = job.len() == 16 && job.bytes().all(|b| b.is_ascii_hexdigit());
+            let created = db.get("created_at").and_then(Value::as_str).and_then(Timestamp::parse_rfc3339);
+            let old = created.is_some_and(|c| now.since(c) > SCRATCH_GRACE);
+            (ours && old && !live.contains(job)).then(|| (uuid.to_string(), name.to_string()))
+        })
+        .collect())
 }
 
 /// The dump of a D1 backup, from its manifest.

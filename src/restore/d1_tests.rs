@@ -894,3 +894,29 @@ fn a_backup_of_only_virtual_tables_restores_from_its_query_artifact_alone() {
     let keys: Vec<&str> = staging.inputs.iter().map(|i| i.key.as_str()).collect();
     assert_eq!(keys, [format!("{FOLDER}{name}")]);
 }
+
+#[test]
+fn the_sweep_deletes_only_old_scratch_databases_of_jobs_no_longer_in_flight() {
+    let src = source(json!({}));
+    let crate::providers::ProviderConfig::D1(cfg) = &src.provider else { panic!("d1") };
+    let token = crate::secret::Secret::new("tok");
+    use super::d1::{scratch_delete_request, scratch_leftovers, scratch_list_request};
+    let list = scratch_list_request(cfg, &token).unwrap();
+    assert!(list.url.ends_with("/accounts/acc/d1/database?name=ferry-drill-&per_page=100"), "{}", list.url);
+    let listed = HttpResponse::json(
+        200,
+        &json!({"success": true, "errors": [], "result": [
+            {"uuid": "u-ended", "name": "ferry-drill-00000000000000e1", "created_at": "2026-11-23T07:00:00.000Z"},
+            {"uuid": "u-live", "name": "ferry-drill-00000000000000f2", "created_at": "2026-11-23T07:00:00.000Z"},
+            {"uuid": "u-young", "name": "ferry-drill-00000000000000e3", "created_at": "2026-11-23T09:30:00.000Z"},
+            {"uuid": "u-theirs", "name": "ferry-drill-backup-of-prod", "created_at": "2026-11-01T00:00:00.000Z"},
+            {"uuid": "u-app", "name": "app", "created_at": "2026-11-01T00:00:00.000Z"},
+        ]}),
+    );
+    let live = ["00000000000000f2".to_string()].into_iter().collect();
+    let gone = scratch_leftovers(&listed, &live, t0()).unwrap();
+    assert_eq!(gone, [("u-ended".to_string(), "ferry-drill-00000000000000e1".to_string())]);
+    let del = scratch_delete_request(cfg, &token, "u-ended").unwrap();
+    assert_eq!(del.method, Method::Delete);
+    assert!(del.url.ends_with("/accounts/acc/d1/database/u-ended"), "{}", del.url);
+}
