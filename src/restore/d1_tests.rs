@@ -651,24 +651,9 @@ fn the_exports_query_artifact_is_staged_after_the_dump_wherever_the_manifest_lis
     let mut h = Harness::new(Task::Restore, import_params());
     h.io();
     let mut m = manifest(&[("a", 2)], t0());
+    m.artifacts.insert(0, query_artifact(300, json!({})));
     let name = crate::providers::d1::query::FILENAME;
-    m.artifacts.insert(
-        0,
-        Artifact {
-            details: Some(json!({
-                "role": crate::providers::d1::query::ROLE,
-                "d1_import": crate::providers::d1::query::AFTER_DUMP,
-            })),
-            ..Artifact::sample(format!("{FOLDER}{name}"), name, 300, "s", "application/sql")
-        },
-    );
-    h.manifest(m);
-    h.raw_request();
-    h.answer(200, json!({"uuid": "db-2"}));
-    h.raw_request();
-    h.answer(200, json!([{"results": []}]));
-    let Io::Stage { staging, .. } = h.io() else { panic!("expected staging") };
-    let keys: Vec<&str> = staging.inputs.iter().map(|i| i.key.as_str()).collect();
+    let keys = staged_keys(&mut h, m);
     assert_eq!(keys, [format!("{FOLDER}db.sql"), format!("{FOLDER}{name}")], "the dump first, then the query artifact");
 }
 
@@ -753,19 +738,14 @@ fn print_of(values: &[&str]) -> crate::providers::d1::query::Fingerprint {
 /// integers beyond 2^53 of `nums.v`.
 fn manifest_with_checks() -> Manifest {
     let mut m = manifest(&[("nums", 3)], t0());
-    let name = crate::providers::d1::query::FILENAME;
-    m.artifacts.push(Artifact {
-        details: Some(json!({
-            "role": crate::providers::d1::query::ROLE,
-            "d1_import": crate::providers::d1::query::AFTER_DUMP,
-            "drill_checks": [
-                {"table": "notes", "kind": "rows", "columns": ["a"], "prints": [print_of(&["1, 'x'", "2, 'y'"])]},
-                {"table": "nums", "kind": "exact", "columns": ["v"],
-                 "prints": [print_of(&["9007199254740993", "9223372036854775807"])]},
-            ],
-        })),
-        ..Artifact::sample(format!("{FOLDER}{name}"), name, QUERY_SQL.len() as u64, "s", "application/sql")
-    });
+    m.artifacts.push(query_artifact(
+        QUERY_SQL.len() as u64,
+        json!({"drill_checks": [
+            {"table": "notes", "kind": "rows", "columns": ["a"], "prints": [print_of(&["1, 'x'", "2, 'y'"])]},
+            {"table": "nums", "kind": "exact", "columns": ["v"],
+             "prints": [print_of(&["9007199254740993", "9223372036854775807"])]},
+        ]}),
+    ));
     m
 }
 
@@ -875,24 +855,9 @@ fn a_backup_of_only_virtual_tables_restores_from_its_query_artifact_alone() {
     let mut h = Harness::new(Task::Restore, import_params());
     h.io();
     let mut m = manifest(&[], t0());
-    let name = crate::providers::d1::query::FILENAME;
-    m.artifacts = vec![Artifact {
-        md5: Some(MD5.into()),
-        details: Some(json!({
-            "role": crate::providers::d1::query::ROLE,
-            "d1_import": crate::providers::d1::query::AFTER_DUMP,
-        })),
-        ..Artifact::sample(format!("{FOLDER}{name}"), name, 300, "s", "application/sql")
-    }];
-    h.manifest(m);
-    assert_eq!(h.job.phase, Phase::Restoring, "{:?}", h.job.error);
-    h.raw_request();
-    h.answer(200, json!({"uuid": "db-2"}));
-    h.raw_request();
-    h.answer(200, json!([{"results": []}]));
-    let Io::Stage { staging, .. } = h.io() else { panic!("expected staging") };
-    let keys: Vec<&str> = staging.inputs.iter().map(|i| i.key.as_str()).collect();
-    assert_eq!(keys, [format!("{FOLDER}{name}")]);
+    m.artifacts = vec![Artifact { md5: Some(MD5.into()), ..query_artifact(300, json!({})) }];
+    let keys = staged_keys(&mut h, m);
+    assert_eq!(keys, [format!("{FOLDER}{}", crate::providers::d1::query::FILENAME)]);
 }
 
 #[test]
@@ -919,4 +884,30 @@ fn the_sweep_deletes_only_old_scratch_databases_of_jobs_no_longer_in_flight() {
     let del = scratch_delete_request(cfg, &token, "u-ended").unwrap();
     assert_eq!(del.method, Method::Delete);
     assert!(del.url.ends_with("/accounts/acc/d1/database/u-ended"), "{}", del.url);
+}
+
+/// The query artifact of a backup in these tests, with `details` added to its role and marker.
+fn query_artifact(size: u64, details: Value) -> Artifact {
+    let name = crate::providers::d1::query::FILENAME;
+    let mut all = json!({
+        "role": crate::providers::d1::query::ROLE,
+        "d1_import": crate::providers::d1::query::AFTER_DUMP,
+    });
+    for (k, v) in details.as_object().into_iter().flatten() {
+        all[k] = v.clone();
+    }
+    Artifact { details: Some(all), ..Artifact::sample(format!("{FOLDER}{name}"), name, size, "s", "application/sql") }
+}
+
+/// An import of `m` into an existing, empty database, up to its first staging order: the keys
+/// it stages, in order.
+fn staged_keys(h: &mut Harness, m: Manifest) -> Vec<String> {
+    h.manifest(m);
+    assert_eq!(h.job.phase, Phase::Restoring, "{:?}", h.job.error);
+    h.raw_request();
+    h.answer(200, json!({"uuid": "db-2"}));
+    h.raw_request();
+    h.answer(200, json!([{"results": []}]));
+    let Io::Stage { staging, .. } = h.io() else { panic!("expected staging") };
+    staging.inputs.iter().map(|i| i.key.clone()).collect()
 }
