@@ -89,15 +89,24 @@ def world(tmp_path_factory):
         db.commit()
     target = work / "target.sqlite"
     sqlite3.connect(target).close()
+    only_virtual, virtual_target = work / "only-virtual.sqlite", work / "virtual-target.sqlite"
+    with closing(sqlite3.connect(only_virtual)) as db:
+        db.execute("CREATE VIRTUAL TABLE words USING fts5(w)")
+        db.executemany("INSERT INTO words (rowid, w) VALUES (?, ?)", [(1, "alpha"), (7, "beta gamma")])
+        db.commit()
+    sqlite3.connect(virtual_target).close()
     emulator = D1Emulator(work, {"hostile-uuid": hostile, "plain-uuid": plain, "busy-uuid": plain,
-                                 "target-uuid": target}, active_polls=2, cancel_after=30)
+                                 "target-uuid": target, "virtual-uuid": only_virtual,
+                                 "vtarget-uuid": virtual_target}, active_polls=2, cancel_after=30)
     sources = [
         d1_source("hostile", emulator, "hostile-uuid", query_page_rows=2, scan_window_rows=2),
+        d1_source("virtual", emulator, "virtual-uuid"),
         d1_source("plain", emulator, "plain-uuid"),
         d1_source("busy", emulator, "busy-uuid"),
     ]
     ferry = Ferry(work / "ferry", sources)
-    yield {"ferry": ferry, "emulator": emulator, "work": work, "hostile": hostile, "target": target}
+    yield {"ferry": ferry, "emulator": emulator, "work": work, "hostile": hostile, "target": target,
+           "virtual_target": virtual_target}
     ferry.stop()
     emulator.stop()
 
@@ -295,3 +304,23 @@ def test_a_drill_whose_scratch_create_answer_is_lost_adopts_the_database_and_lea
     assert state["faults_injected"] and state["created"].count(name) == 1, state["created"]
     assert name in state["deleted"] and scratch_databases(emulator) == []
     assert any("adopted it" in n for n in job["restore"]["notes"]), job["restore"]["notes"]
+
+
+def test_a_database_of_only_virtual_tables_is_backed_up_restored_and_drilled_from_its_query_artifact(world):
+    ferry = world["ferry"]
+    job = ferry.webhook_job("virtual", timeout=120)
+    assert job["phase"] == "committed", job
+    (manifest,) = [m for m in ferry.backups("virtual") if m["job_id"] == job["id"]]
+    assert [a["filename"] for a in manifest["artifacts"]] == ["ferry_query_export.sql"], "no dump: no export sent"
+    folder = manifest["artifacts"][0]["key"].rsplit("/", 1)[0]
+    status, answer = ferry.restore(folder, {"target": {"database_id": "vtarget-uuid"}, "confirm": "vtarget-uuid"})
+    assert status == 202, answer
+    restored = ferry.wait_job(answer["job"]["id"], timeout=120)
+    assert restored["phase"] == "restored", restored
+    with closing(sqlite3.connect(world["virtual_target"])) as db:
+        assert db.execute("SELECT rowid, w FROM words ORDER BY rowid").fetchall() == [(1, "alpha"), (7, "beta gamma")]
+        assert db.execute("SELECT rowid FROM words WHERE words MATCH 'gamma'").fetchall() == [(7,)]
+    status, answer = ferry.api_post("/v1/sources/virtual/drill", {})
+    assert status == 202, answer
+    drilled = ferry.wait_job(answer["job"]["id"], timeout=120)
+    assert drilled["phase"] == "restored" and len(drilled["restore"]["checked"]) == 1, drilled
