@@ -23,6 +23,7 @@ import pytest
 
 from harness import API_TOKEN, D1_TOKEN, D1Emulator, Ferry, d1_source
 
+LOST_SCRATCH = "ferry-drill-00000000000000ab"
 BIG = 2 ** 53 + 1
 MAX = 2 ** 63 - 1
 LONG_TEXT = ("it's a 'quoted'\nline;\r\n" * 70_000)[:1_500_000]
@@ -95,9 +96,11 @@ def world(tmp_path_factory):
         db.executemany("INSERT INTO words (rowid, w) VALUES (?, ?)", [(1, "alpha"), (7, "beta gamma")])
         db.commit()
     sqlite3.connect(virtual_target).close()
+    lost = work / f"{LOST_SCRATCH}.sqlite"  # what a drill whose job was lost left behind
+    sqlite3.connect(lost).close()
     emulator = D1Emulator(work, {"hostile-uuid": hostile, "plain-uuid": plain, "busy-uuid": plain,
                                  "target-uuid": target, "virtual-uuid": only_virtual,
-                                 "vtarget-uuid": virtual_target}, active_polls=2, cancel_after=30)
+                                 "vtarget-uuid": virtual_target, "lost-uuid": lost}, active_polls=2, cancel_after=30)
     sources = [
         d1_source("hostile", emulator, "hostile-uuid", query_page_rows=2, scan_window_rows=2),
         d1_source("virtual", emulator, "virtual-uuid"),
@@ -238,7 +241,7 @@ def drill(ferry) -> dict:
 
 
 def scratch_databases(emulator) -> list:
-    return [n for n in emulator.state()["databases"].values() if n.startswith("ferry-drill-")]
+    return [n for n in emulator.state()["databases"].values() if n.startswith("ferry-drill-") and n != LOST_SCRATCH]
 
 
 def test_a_drill_of_the_hostile_backup_reads_back_virtual_rows_and_exact_integers_and_passes(world, backup):
@@ -324,3 +327,17 @@ def test_a_database_of_only_virtual_tables_is_backed_up_restored_and_drilled_fro
     assert status == 202, answer
     drilled = ferry.wait_job(answer["job"]["id"], timeout=120)
     assert drilled["phase"] == "restored" and len(drilled["restore"]["checked"]) == 1, drilled
+
+
+def test_the_daily_sweep_deletes_the_scratch_database_of_a_lost_drill_and_nothing_else(world):
+    """Runs last in the module: the sweep fires two days ahead, where the leftover is old."""
+    from test_e2e_sweep import DAY_MS, fire
+
+    emulator = world["emulator"]
+    before = set(emulator.state()["databases"].values())
+    assert LOST_SCRATCH in before
+    report = fire(world["ferry"], (int(time.time() * 1000) // DAY_MS + 2) * DAY_MS + 30 * 60 * 1000)
+    assert report["errors"] == [], report
+    state = emulator.state()
+    assert LOST_SCRATCH in state["deleted"], state["deleted"]
+    assert set(state["databases"].values()) == before - {LOST_SCRATCH}
