@@ -65,6 +65,43 @@ impl Default for BudgetPolicy {
     }
 }
 
+/// The sizes a source sets for its token's budget (D1's `api_budget_requests` and
+/// `api_budget_window_seconds`), sent with every request to the budget's object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sizes {
+    /// Requests allowed per window.
+    pub limit: u32,
+    /// The window, in seconds.
+    pub window_s: u64,
+}
+
+impl Default for Sizes {
+    fn default() -> Self {
+        let p = BudgetPolicy::default();
+        Self { limit: p.limit, window_s: p.window.as_secs() }
+    }
+}
+
+impl Sizes {
+    /// A source's sizes: its own for D1 (whose defaults are Cloudflare's 1,200 per 5 minutes),
+    /// Cloudflare's for any other kind.
+    pub fn of(provider: &ProviderConfig) -> Self {
+        match provider {
+            ProviderConfig::D1(cfg) => {
+                Self { limit: cfg.api_budget_requests, window_s: u64::from(cfg.api_budget_window_seconds) }
+            }
+            _ => Self::default(),
+        }
+    }
+}
+
+impl BudgetPolicy {
+    /// Cloudflare's policy with a source's limit and window (zero is taken as one).
+    pub fn with_sizes(sizes: Sizes) -> Self {
+        Self { limit: sizes.limit.max(1), window: Duration::from_secs(sizes.window_s.max(1)), ..Self::default() }
+    }
+}
+
 /// What a request is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -118,6 +155,9 @@ pub struct Budget {
     /// Requests refused by Cloudflare with 429 (counted for `/metrics`).
     #[serde(default)]
     pub throttled: u32,
+    /// The sizes the latest request came with (what `/metrics` shows the budget by).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sizes: Option<Sizes>,
 }
 
 /// What `/metrics` shows of a budget.

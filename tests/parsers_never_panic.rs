@@ -205,7 +205,7 @@ proptest! {
         for content in [Content::Rows, Content::External, Content::Contentless] {
             p.virtual_tables.push(VirtualTable { name: name.clone(), sql: sql.clone(), content });
         }
-        p.scan.push(ScanTable { name: name.clone(), columns: None, big: [("c".to_string(), 1)].into(), rowid_alias: false });
+        p.scan.push(ScanTable { name: name.clone(), columns: None, big: [("c".to_string(), 1)].into(), rowid_alias: false, key: None });
         let spec = cfg.query_export(&p, &Secret::new("t")).unwrap();
         for payload in [body.to_string().into_bytes(), raw.clone()] {
             let resp = HttpResponse { status, headers: vec![], body: payload };

@@ -254,3 +254,33 @@ def test_a_stuck_import_stays_active_and_blocks_the_database_until_the_switch_is
         if answer["result"]["status"] != "active":
             break
     assert (status, answer["result"]["status"]) == (200, "complete"), answer
+
+
+def test_a_create_whose_answer_is_lost_made_the_database_and_a_second_is_refused_7502(env):
+    """The ``create`` fault step: ``truncate`` creates the database and cuts the answer."""
+    status, _, _ = call(env["host"], "POST", "/__control", {"faults": [{"step": "create", "fault": "truncate"}]})
+    assert status == 200
+    conn = http.client.HTTPConnection(env["host"], timeout=30)
+    conn.request("POST", BASE, body=json.dumps({"name": "ferry-drill-lost"}),
+                 headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    try:
+        resp.read()
+        cut = False
+    except http.client.IncompleteRead:
+        cut = True
+    conn.close()
+    assert cut, "the answer was lost"
+    status, _, again = call(env["host"], "POST", BASE, {"name": "ferry-drill-lost"})
+    assert status == 400 and again["errors"][0]["code"] == 7502, again
+    status, _, listed = call(env["host"], "GET", f"{BASE}?name=ferry-drill-lost")
+    assert status == 200 and [d["name"] for d in listed["result"]] == ["ferry-drill-lost"]
+
+
+def test_query_answers_round_integers_beyond_2_53_as_a_javascript_number_would(env):
+    sql = "SELECT 9007199254740993 AS big, CAST(9007199254740993 AS TEXT) AS exact, 9007199254740992 AS edge"
+    status, _, q = call(env["host"], "POST", f"{BASE}/{SRC_ID}/query", {"sql": sql})
+    assert status == 200
+    (row,) = q["result"][0]["results"]
+    assert row["big"] != 9007199254740993 and row["big"] == 9007199254740992
+    assert row["exact"] == "9007199254740993" and row["edge"] == 9007199254740992

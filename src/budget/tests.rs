@@ -216,3 +216,36 @@ fn only_requests_to_the_cloudflare_api_of_a_d1_source_spend_the_budget() {
     assert!(cloudflare_token(&config.sources[1].provider, &api, &creds).is_none());
     assert!(cloudflare_token(d1, &api, &Credentials::new()).is_none(), "no token, nothing to count");
 }
+
+fn d1_source(extra: serde_json::Value) -> Result<Config, String> {
+    let mut v = json!({"name": "app", "kind": "d1", "schedule": "0 3 * * *", "account_id": "acc",
+        "database_id": "db", "token_secret": "D1_TOKEN"});
+    for (k, val) in extra.as_object().unwrap() {
+        v[k] = val.clone();
+    }
+    Config::from_value(&json!([v])).map_err(|e| e.to_string())
+}
+
+#[test]
+fn a_d1_source_sets_its_tokens_budget_sizes_and_the_default_is_cloudflares_1200_per_5_minutes() {
+    let default = d1_source(json!({})).unwrap();
+    assert_eq!(Sizes::of(&default.sources[0].provider), Sizes { limit: 1200, window_s: 300 });
+    assert_eq!(BudgetPolicy::with_sizes(Sizes::default()), BudgetPolicy::default());
+    let own = d1_source(json!({"api_budget_requests": 3, "api_budget_window_seconds": 60})).unwrap();
+    let sizes = Sizes::of(&own.sources[0].provider);
+    assert_eq!(sizes, Sizes { limit: 3, window_s: 60 });
+    // The budget holds requests to those sizes: three a minute, then a wait into the next minute.
+    let policy = BudgetPolicy { poll_reserve_percent: 0, ..BudgetPolicy::with_sizes(sizes) };
+    let mut b = Budget::default();
+    assert_eq!(grants(&mut b, &policy, Need::Poll, t(0)), 3);
+    let Decision::Wait { until } = b.decide(&policy, Need::Poll, t(1)) else { panic!("a wait") };
+    assert!(until > t(59) && until <= t(62), "{until:?}");
+}
+
+#[test]
+fn bad_budget_sizes_are_refused_naming_the_field() {
+    let e = d1_source(json!({"api_budget_requests": 0})).unwrap_err();
+    assert!(e.contains("field \"api_budget_requests\""), "{e}");
+    let e = d1_source(json!({"api_budget_window_seconds": "5m"})).unwrap_err();
+    assert!(e.contains("field \"api_budget_window_seconds\""), "{e}");
+}

@@ -73,6 +73,21 @@ pub struct D1Config {
     /// Seconds to wait before asking again a database busy with another export (default 120).
     #[serde(default = "default_busy_retry_seconds", deserialize_with = "fields::count::<_, 1, 3_600>")]
     pub busy_retry_seconds: u32,
+    /// Cloudflare API requests the token's budget grants per window (default 1,200: Cloudflare's
+    /// documented limit per user or token, developers.cloudflare.com/fundamentals/api/reference/limits/).
+    #[serde(default = "default_api_budget_requests", deserialize_with = "fields::count::<_, 1, 1_000_000>")]
+    pub api_budget_requests: u32,
+    /// The budget's window in seconds (default 300: Cloudflare's 5 minutes).
+    #[serde(default = "default_api_budget_window_seconds", deserialize_with = "fields::count::<_, 1, 86_400>")]
+    pub api_budget_window_seconds: u32,
+}
+
+fn default_api_budget_requests() -> u32 {
+    1200
+}
+
+fn default_api_budget_window_seconds() -> u32 {
+    300
 }
 
 fn default_busy_retry_seconds() -> u32 {
@@ -325,6 +340,7 @@ pub fn on_response(
                 } else if let Some(table) = plan.scan.get_mut(at) {
                     table.columns = Some(columns);
                     table.rowid_alias = query::rowid_alias(&rows);
+                    table.key = query::rowid_key(&rows);
                 }
             }
         }
@@ -492,6 +508,8 @@ mod tests {
             query_page_rows: 500,
             scan_window_rows: 2,
             busy_retry_seconds: 120,
+            api_budget_requests: 1200,
+            api_budget_window_seconds: 300,
         }
     }
 

@@ -21,11 +21,14 @@
 //!   within `time_travel_days` (7 by default: D1 keeps 30 days on Workers Paid, 7 on Free).
 //!   Otherwise, or when D1 refuses the bookmark, the restore imports the dump into the named
 //!   target database when one was given (and confirmed), and fails saying so when not.
-//! - **Drill**: a scratch database `ferry-drill-<job id>` is created, the newest backup (or the
-//!   one named) is imported into it, every table's row count is compared with the counts recorded
-//!   while the dump was copied, the scratch database is deleted (also when something failed), and
-//!   the outcome is written next to the backup as `drill.json`. A difference fails the drill,
-//!   naming the table.
+//! - **Drill**: a scratch database `ferry-drill-<job id>` is created (its name recorded before the
+//!   create goes out, so a lost answer or D1's 7502 "name taken" leads to a look-up by that name,
+//!   never a second database), the newest backup (or the one named) is imported into it, every
+//!   table's row count is compared with the counts recorded while the dump was copied, what the
+//!   backup read through the query API (virtual tables' rows, integers beyond 2^53) is read back a
+//!   page per step and compared print for print ([`DrillCheck`]), the scratch database is deleted
+//!   (also when something failed), and the outcome is written next to the backup as `drill.json`.
+//!   A difference fails the drill, naming the table (and column).
 //!
 //! Anything that overwrites data needs `confirm` to name every database it may write (a string,
 //! or a list when there are two: Time Travel with an import fallback), checked by [`plan`] before
@@ -43,6 +46,7 @@ use crate::error::StepError;
 use crate::http::{HttpRequest, HttpResponse};
 use crate::identity::{JobId, Task};
 use crate::manifest::{Artifact, Manifest};
+use crate::providers::d1::query::{CheckProgress, DrillCheck, Fingerprint};
 use crate::providers::d1::D1Config;
 use crate::providers::{url_with_path, ProviderConfig};
 
@@ -98,6 +102,11 @@ pub enum Step {
     Cleanup,
     /// Count the rows of the n-th table of the manifest's counts.
     Count(usize),
+    /// Read back one page of the n-th of the backup's query checks (virtual tables' rows, exact
+    /// integers beyond 2^53) from the scratch database.
+    Check(usize),
+    /// Find the scratch database by its name: a create whose answer was lost made it already.
+    FindScratch,
     /// Delete the drill's scratch database.
     DeleteScratch,
     /// Restore the source database to the bookmark.
@@ -131,6 +140,9 @@ pub struct DumpRef {
     /// Extra SQL artifacts imported right after the dump, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra: Vec<Input>,
+    /// What the backup read through the query API, for a drill to read back and compare.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<DrillCheck>,
 }
 
 /// A restore's persisted state.
@@ -159,6 +171,12 @@ pub struct D1Restore {
     /// Rows counted in the scratch database, per table.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub counted: BTreeMap<String, u64>,
+    /// The read-back of the query check under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checking: Option<CheckProgress>,
+    /// The scratch database's prints, per query check read back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checked: Vec<Vec<Fingerprint>>,
     /// Why the drill failed; the scratch database is deleted and the record written first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
@@ -190,7 +208,25 @@ pub struct D1Restore {
     /// The staged import, once begun.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staging: Option<Staging>,
+    /// Rows per query API page when a drill reads back its checks (the source's
+    /// `query_page_rows`).
+    #[serde(default = "default_page_rows")]
+    pub page_rows: u32,
+    /// Drills: the scratch database's name, recorded before its create goes out, so a lost
+    /// answer is followed by a look-up by that name, never a blind second create.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scratch: Option<String>,
+    /// Look-ups of the scratch database by name so far.
+    #[serde(default)]
+    pub lookups: u32,
 }
+
+fn default_page_rows() -> u32 {
+    500
+}
+
+/// Look-ups of a scratch database by its name before a drill gives up.
+const MAX_LOOKUPS: u32 = 3;
 
 fn default_window_days() -> u32 {
     7
@@ -231,6 +267,8 @@ pub fn plan(task: Task, cfg: &D1Config, params: &Value, backup: Option<String>) 
         import_filename: None,
         import_bookmark: None,
         counted: BTreeMap::new(),
+        checking: None,
+        checked: Vec::new(),
         failure: None,
         messages: Vec::new(),
         result: None,
@@ -241,6 +279,9 @@ pub fn plan(task: Task, cfg: &D1Config, params: &Value, backup: Option<String>) 
         source_database: cfg.database_id.clone(),
         window_days: cfg.time_travel_days,
         staging: None,
+        page_rows: cfg.query_page_rows.max(1),
+        scratch: None,
+        lookups: 0,
     };
     let names = |id: &str| confirmed.iter().any(|c| c == id);
     match task {
@@ -364,13 +405,20 @@ impl D1Restore {
             (Some(_), Mode::Drill) if self.target.is_some() => Step::DeleteScratch,
             (Some(_), Mode::Drill) => Step::Record,
             (Some(_), _) => Step::Done,
-            (None, Mode::Drill) if self.dump.as_ref().is_some_and(|d| d.row_counts.is_empty()) => {
-                self.failure = self.compare();
-                Step::DeleteScratch
-            }
+            (None, Mode::Drill) if self.dump.as_ref().is_some_and(|d| d.row_counts.is_empty()) => self.after_counts(),
             (None, Mode::Drill) => Step::Count(0),
             (None, _) => Step::Done,
         }
+    }
+
+    /// What follows the row counts: the query checks, one by one, then the comparison.
+    fn after_counts(&mut self) -> Step {
+        if self.dump.as_ref().is_some_and(|d| !d.checks.is_empty()) {
+            self.checking = Some(CheckProgress::default());
+            return Step::Check(0);
+        }
+        self.failure = self.compare();
+        Step::DeleteScratch
     }
 
     /// The drill's scratch database's name.
@@ -416,6 +464,22 @@ impl D1Restore {
                 HttpRequest::post_json(db_url(cfg, &[])?, &json!({ "name": Self::scratch_name(job) })),
                 token,
             )),
+            Step::FindScratch => {
+                let mut url = url::Url::parse(&db_url(cfg, &[])?).map_err(|e| StepError::permanent(e.to_string()))?;
+                url.query_pairs_mut().append_pair("name", &Self::scratch_name(job));
+                Next::Send(authed(HttpRequest::get(url.to_string()), token))
+            }
+            Step::Check(i) => {
+                let Some(check) = dump()?.checks.get(i) else {
+                    return Err(StepError::permanent("no such check to read back"));
+                };
+                let progress = self.checking.clone().unwrap_or_default();
+                let sql = check.next_sql(&progress, self.page_rows);
+                Next::Send(authed(
+                    HttpRequest::post_json(db_url(cfg, &[target()?, "query"])?, &json!({ "sql": sql })),
+                    token,
+                ))
+            }
             Step::CheckTarget => Next::Send(authed(HttpRequest::get(db_url(cfg, &[target()?])?), token)),
             Step::Inspect => Next::Send(authed(
                 HttpRequest::post_json(db_url(cfg, &[target()?, "query"])?, &json!({ "sql": USER_OBJECTS })),
@@ -506,8 +570,10 @@ impl D1Restore {
                 format!("restored the source database to bookmark {b} (backup {folder})")
             }
             Mode::Drill => format!(
-                "drill of backup {folder} passed: {} tables, row counts equal; scratch database deleted",
-                self.counted.len()
+                "drill of backup {folder} passed: {} tables, row counts equal; {} read back value for value \
+                 (virtual tables' rows, integers beyond 2^53); scratch database deleted",
+                self.counted.len(),
+                self.checked.len()
             ),
         }
     }
@@ -517,6 +583,17 @@ impl D1Restore {
         let expected = self.dump.as_ref().map(|d| d.row_counts.clone()).unwrap_or_default();
         let tables: BTreeMap<&String, Value> =
             expected.iter().map(|(t, n)| (t, json!({ "backup": n, "restored": self.counted.get(t) }))).collect();
+        let checks: Vec<Value> = self
+            .dump
+            .iter()
+            .flat_map(|d| d.checks.iter().enumerate())
+            .map(|(i, c)| {
+                json!({
+                    "table": c.table, "kind": c.kind, "columns": c.columns,
+                    "backup": c.prints, "restored": self.checked.get(i),
+                })
+            })
+            .collect();
         json!({
             "job_id": job,
             "at": now,
@@ -524,6 +601,7 @@ impl D1Restore {
             "backup": self.dump.as_ref().map(|d| d.folder.clone()),
             "scratch_database": self.target,
             "tables": tables,
+            "checks": checks,
             "error": self.failure,
             "altered": self.altered,
         })
@@ -671,6 +749,13 @@ impl D1Restore {
             self.step = self.fallback(why)?;
             return Ok(Answer::Continue);
         }
+        if step == Step::CreateScratch && name_taken(resp) {
+            // D1 answers 7502 "A database with that name already exists" (workers-sdk#2143): an
+            // earlier create of this drill arrived and its answer was lost. Find it by its name.
+            self.lookups += 1;
+            self.step = Step::FindScratch;
+            return Ok(Answer::Continue);
+        }
         if step == Step::CheckTarget && resp.status == 404 {
             let target = self.target.as_deref().unwrap_or("?");
             return Err(StepError::permanent(format!(
@@ -730,12 +815,58 @@ impl D1Restore {
                 let table = self.dump.as_ref().and_then(|d| d.row_counts.keys().nth(i).cloned()).unwrap_or_default();
                 self.counted.insert(table, n);
                 let tables = self.dump.as_ref().map_or(0, |d| d.row_counts.len());
-                if i + 1 < tables {
-                    self.step = Step::Count(i + 1);
+                self.step = if i + 1 < tables { Step::Count(i + 1) } else { self.after_counts() };
+                Ok(Answer::Continue)
+            }
+            Step::Check(i) => {
+                let rows = result
+                    .pointer("/0/results")
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| malformed("query: no result[0].results"))?;
+                let rows: Vec<serde_json::Map<String, Value>> =
+                    rows.iter().filter_map(Value::as_object).cloned().collect();
+                let check = self.dump.as_ref().and_then(|d| d.checks.get(i).cloned());
+                let check = check.ok_or_else(|| StepError::permanent("no such check to read back"))?;
+                let mut progress = self.checking.take().unwrap_or_default();
+                let finished = check.fold(&mut progress, &rows, self.page_rows)?;
+                if !finished {
+                    self.checking = Some(progress);
+                    return Ok(Answer::Continue);
+                }
+                self.checked.push(progress.prints);
+                let total = self.dump.as_ref().map_or(0, |d| d.checks.len());
+                if i + 1 < total {
+                    self.checking = Some(CheckProgress::default());
+                    self.step = Step::Check(i + 1);
                 } else {
                     self.failure = self.compare();
                     self.step = Step::DeleteScratch;
                 }
+                Ok(Answer::Continue)
+            }
+            Step::FindScratch => {
+                let name = self.scratch.clone().unwrap_or_default();
+                let found = result
+                    .as_array()
+                    .and_then(|dbs| dbs.iter().find(|d| d.get("name").and_then(Value::as_str) == Some(name.as_str())))
+                    .and_then(|d| d.get("uuid").and_then(Value::as_str));
+                let Some(found) = found else {
+                    // The create never arrived: ask again, a few times at most.
+                    if self.lookups >= MAX_LOOKUPS {
+                        return Err(StepError::permanent(format!(
+                            "the scratch database {name} could not be created: D1 answered that the name is taken \
+                             or did not answer, and listing databases by that name finds none ({} look-ups)",
+                            self.lookups
+                        )));
+                    }
+                    self.step = Step::CreateScratch;
+                    return Ok(Answer::Continue);
+                };
+                self.target = Some(found.to_string());
+                self.notes.push(format!(
+                    "the scratch database {name} was created by an earlier request whose answer was lost; the drill                      adopted it ({found})"
+                ));
+                self.step = Step::Stage;
                 Ok(Answer::Continue)
             }
             Step::DeleteScratch => {
@@ -832,6 +963,12 @@ impl D1Restore {
             })
             .collect();
         let mut findings = diffs;
+        for (i, check) in dump.checks.iter().enumerate() {
+            match self.checked.get(i) {
+                Some(got) => findings.extend(check.finding(got)),
+                None => findings.push(format!("table {:?}: not read back", check.table)),
+            }
+        }
         findings.extend(self.altered.clone());
         (!findings.is_empty()).then(|| format!("drill of backup {} failed: {}", dump.folder, findings.join("; ")))
     }
@@ -854,13 +991,71 @@ impl Restorer for D1Restore {
         self.fold(done, now)
     }
 
+    fn sending(&mut self, job: &JobId) {
+        if self.step == Step::CreateScratch {
+            self.scratch = Some(Self::scratch_name(job));
+        }
+    }
+
     fn fail_after_cleanup(&mut self, message: String) -> bool {
         self.cleanup_first(message)
+    }
+
+    fn unanswered(&mut self, _message: &str) -> Option<String> {
+        // The create may have arrived: look for the scratch database by its name before asking
+        // again (a second create would find the name taken).
+        if self.step == Step::CreateScratch && self.scratch.is_some() {
+            self.lookups += 1;
+            self.step = Step::FindScratch;
+        }
+        None
     }
 
     fn backup_folder(&self) -> Option<String> {
         self.dump.as_ref().map(|d| d.folder.clone())
     }
+}
+
+/// How old a scratch database of no job in flight must be before the daily sweep deletes it: a
+/// drill may be creating one while the sweep reads which jobs are in flight.
+pub const SCRATCH_GRACE: Duration = Duration::from_secs(3600);
+
+/// The daily sweep's question to a D1 source's account: its databases named like a drill's
+/// scratch database (`GET …/d1/database?name=ferry-drill-`, a name search as in
+/// `cloudflare-typescript` `database.list`).
+pub fn scratch_list_request(cfg: &D1Config, token: &Secret) -> Result<HttpRequest, StepError> {
+    let mut url = url::Url::parse(&db_url(cfg, &[])?).map_err(|e| StepError::permanent(e.to_string()))?;
+    url.query_pairs_mut().append_pair("name", "ferry-drill-").append_pair("per_page", "100");
+    Ok(authed(HttpRequest::get(url.to_string()), token))
+}
+
+/// The deletion of a leftover scratch database.
+pub fn scratch_delete_request(cfg: &D1Config, token: &Secret, uuid: &str) -> Result<HttpRequest, StepError> {
+    Ok(authed(HttpRequest::delete(db_url(cfg, &[uuid])?), token))
+}
+
+/// From the listing's answer: the scratch databases (`ferry-drill-<job id>`, uuid and name) whose
+/// job is not in flight (`live`: job ids) and that were created over [`SCRATCH_GRACE`] ago. A
+/// drill deletes its own; these are what a lost job left. Anything else is never named.
+pub fn scratch_leftovers(
+    resp: &HttpResponse,
+    live: &std::collections::BTreeSet<String>,
+    now: Timestamp,
+) -> Result<Vec<(String, String)>, StepError> {
+    let body = crate::providers::d1::envelope(resp, now, Some("listing scratch databases"))?;
+    let listed = body.get("result").and_then(Value::as_array).cloned().unwrap_or_default();
+    Ok(listed
+        .iter()
+        .filter_map(|db| {
+            let name = db.get("name").and_then(Value::as_str)?;
+            let uuid = db.get("uuid").and_then(Value::as_str)?;
+            let job = name.strip_prefix("ferry-drill-")?;
+            let ours = job.len() == 16 && job.bytes().all(|b| b.is_ascii_hexdigit());
+            let created = db.get("created_at").and_then(Value::as_str).and_then(Timestamp::parse_rfc3339);
+            let old = created.is_some_and(|c| now.since(c) > SCRATCH_GRACE);
+            (ours && old && !live.contains(job)).then(|| (uuid.to_string(), name.to_string()))
+        })
+        .collect())
 }
 
 /// The dump of a D1 backup, from its manifest.
@@ -871,8 +1066,17 @@ fn dump_of(key: &str, manifest: &Manifest) -> Result<DumpRef, StepError> {
         .iter()
         .filter(|a| crate::dump::Tally::applies_to(&a.filename) && !imported_after_dump(a))
         .collect();
+    let mut extra = extra_inputs(manifest);
     let artifact = match sql.as_slice() {
         [one] => *one,
+        // Every table was virtual: no export was sent, and the query artifact is the whole backup.
+        [] if !extra.is_empty() => {
+            extra.remove(0);
+            let Some(first) = manifest.artifacts.iter().find(|a| imported_after_dump(a)) else {
+                return Err(StepError::permanent(format!("backup {folder} holds no .sql dump to restore")));
+            };
+            first
+        }
         [] => return Err(StepError::permanent(format!("backup {folder} holds no .sql dump to restore"))),
         _ => return Err(StepError::permanent(format!("backup {folder} holds more than one .sql dump"))),
     };
@@ -891,8 +1095,22 @@ fn dump_of(key: &str, manifest: &Manifest) -> Result<DumpRef, StepError> {
         at_bookmark: manifest.provider.get("at_bookmark").and_then(Value::as_str).map(str::to_string),
         finished_at: manifest.finished_at,
         database_id: manifest.provider.get("database_id").and_then(Value::as_str).map(str::to_string),
-        extra: extra_inputs(manifest),
+        extra,
+        checks: drill_checks(manifest),
     })
+}
+
+/// What the backup's query artifact says a drill must read back (`details.drill_checks`; none in
+/// a backup made before Ferry recorded them).
+fn drill_checks(manifest: &Manifest) -> Vec<DrillCheck> {
+    manifest
+        .artifacts
+        .iter()
+        .filter(|a| imported_after_dump(a))
+        .filter_map(|a| a.details.as_ref()?.get("drill_checks").cloned())
+        .filter_map(|v| serde_json::from_value::<Vec<DrillCheck>>(v).ok())
+        .flatten()
+        .collect()
 }
 
 /// Whether an artifact is SQL to import after the dump (`details.d1_import = "after_dump"`, as
@@ -913,6 +1131,21 @@ pub fn extra_inputs(manifest: &Manifest) -> Vec<Input> {
         .collect()
 }
 
+/// Whether D1 refused a create because the name is taken: code 7502, "A database with that
+/// name already exists" (wrangler maps the code to that message, workers-sdk#2143).
+fn name_taken(resp: &HttpResponse) -> bool {
+    if !(400..500).contains(&resp.status) {
+        return false;
+    }
+    let body: Value = serde_json::from_slice(&resp.body).unwrap_or(Value::Null);
+    body.get("errors").and_then(Value::as_array).is_some_and(|errors| {
+        errors.iter().any(|e| {
+            e.get("code").and_then(Value::as_u64) == Some(7502)
+                || e.get("message").and_then(Value::as_str).is_some_and(|m| m.contains("already exists"))
+        })
+    })
+}
+
 fn malformed(what: &str) -> StepError {
     StepError::permanent(format!("D1 API: received a malformed response ({what})"))
 }
@@ -930,6 +1163,8 @@ fn envelope(resp: &HttpResponse, now: Timestamp, step: Step) -> Result<Value, St
         Step::Inspect => "reading what the target database holds",
         Step::Init | Step::Ingest | Step::Poll => "import",
         Step::Count(_) => "counting rows",
+        Step::Check(_) => "reading back what the backup read through the query API",
+        Step::FindScratch => "finding the scratch database by its name",
         Step::DeleteScratch => "deleting the scratch database",
         Step::TimeTravel => "time travel restore",
         _ => "request",

@@ -658,25 +658,265 @@ fn the_exports_query_artifact_is_staged_after_the_dump_wherever_the_manifest_lis
     let mut h = Harness::new(Task::Restore, import_params());
     h.io();
     let mut m = manifest(&[("a", 2)], t0());
+    m.artifacts.insert(0, query_artifact(300, json!({})));
     let name = crate::providers::d1::query::FILENAME;
-    m.artifacts.insert(
-        0,
-        Artifact {
-            details: Some(json!({
-                "role": crate::providers::d1::query::ROLE,
-                "d1_import": crate::providers::d1::query::AFTER_DUMP,
-            })),
-            ..Artifact::sample(format!("{FOLDER}{name}"), name, 300, "s", "application/sql")
-        },
-    );
+    let keys = staged_keys(&mut h, m);
+    assert_eq!(keys, [format!("{FOLDER}db.sql"), format!("{FOLDER}{name}")], "the dump first, then the query artifact");
+}
+
+/// A drill up to its scratch database's create.
+fn drill_to_create(m: Manifest) -> Harness {
+    drill_to_create_on(source(json!({})), m)
+}
+
+fn drill_to_create_on(src: SourceConfig, m: Manifest) -> Harness {
+    let mut h = Harness(Driver::start(Task::Drill, src, &json!({}), None, &[("D1_TOKEN", "tok")], t0()).unwrap());
+    h.io();
     h.manifest(m);
+    h.io();
+    h.feed(Event::RestoreIo(Ok(IoDone::Digest { md5: MD5.into(), size: DUMP.len() as u64 })));
+    let create = h.request();
+    assert_eq!(body(&create), json!({"name": "ferry-drill-0123456789abcdef"}));
+    h
+}
+
+/// The look-up of the scratch database by its name, answered with `found`.
+fn look_up_scratch(h: &mut Harness, found: Value) {
+    let list = h.request();
+    assert_eq!(list.method, Method::Get);
+    assert!(list.url.ends_with("/accounts/acc/d1/database?name=ferry-drill-0123456789abcdef"), "{}", list.url);
+    h.answer(200, found);
+}
+
+#[test]
+fn a_drill_whose_create_answer_is_lost_finds_its_scratch_database_by_name_and_deletes_it() {
+    let mut h = drill_to_create(manifest(&[("a", 1)], t0()));
+    h.feed(Event::Unreachable("connection closed before the answer's end".into()));
+    look_up_scratch(
+        &mut h,
+        json!([{"uuid": "other", "name": "ferry-drill-0123456789abcdef0"},
+               {"uuid": "scratch-1", "name": "ferry-drill-0123456789abcdef"}]),
+    );
+    h.import("scratch-1");
+    count(&mut h, "a", 1);
+    let record = delete_and_record(&mut h);
+    assert_eq!(record["passed"], json!(true), "{record}");
+    assert_eq!(h.wake(), Action::Done);
+    assert_eq!(h.job.phase, Phase::Restored);
+    assert!(h.state().notes.iter().any(|n| n.contains("adopted it (scratch-1)")), "{:?}", h.state().notes);
+}
+
+#[test]
+fn a_drill_whose_create_is_refused_as_name_taken_adopts_the_database_of_that_name() {
+    let mut h = drill_to_create(manifest(&[("a", 1)], t0()));
+    // cloudflare-typescript `database.create`; the code wrangler names (workers-sdk#2143).
+    h.feed(Event::Response(HttpResponse::json(
+        400,
+        &json!({"success": false, "result": null, "messages": [],
+                "errors": [{"code": 7502, "message": "A database with that name already exists"}]}),
+    )));
+    look_up_scratch(&mut h, json!([{"uuid": "scratch-1", "name": "ferry-drill-0123456789abcdef"}]));
+    h.import("scratch-1");
+    count(&mut h, "a", 1);
+    delete_and_record(&mut h);
+    h.wake();
+    assert_eq!(h.job.phase, Phase::Restored);
+}
+
+#[test]
+fn a_lost_create_that_never_arrived_is_sent_again_after_the_look_up_finds_nothing() {
+    let mut h = drill_to_create(manifest(&[("a", 1)], t0()));
+    h.feed(Event::Unreachable("timed out".into()));
+    look_up_scratch(&mut h, json!([]));
+    let again = h.request();
+    assert_eq!(body(&again), json!({"name": "ferry-drill-0123456789abcdef"}));
+    h.answer(200, json!({"uuid": "scratch-1"}));
+    h.import("scratch-1");
+}
+
+/// The prints of `values`, in order.
+fn print_of(values: &[&str]) -> crate::providers::d1::query::Fingerprint {
+    let mut p = crate::providers::d1::query::Fingerprint::default();
+    values.iter().for_each(|v| p.add(v));
+    p
+}
+
+/// A backup whose query artifact recorded a virtual table `notes(a)` with rows 1 and 2 and the
+/// integers beyond 2^53 of `nums.v`.
+fn manifest_with_checks() -> Manifest {
+    let mut m = manifest(&[("nums", 3)], t0());
+    m.artifacts.push(query_artifact(
+        QUERY_SQL.len() as u64,
+        json!({"drill_checks": [
+            {"table": "notes", "kind": "rows", "columns": ["a"], "prints": [print_of(&["1, 'x'", "2, 'y'"])]},
+            {"table": "nums", "kind": "exact", "columns": ["v"],
+             "prints": [print_of(&["9007199254740993", "9223372036854775807"])]},
+        ]}),
+    ));
+    m
+}
+
+/// What R2 holds as the query artifact in the drills with checks.
+const QUERY_SQL: &str = "INSERT INTO \"notes\"(rowid, \"a\") VALUES(1, 'x');\n";
+
+/// Runs a drill of [`manifest_with_checks`] whose scratch database answers `notes_pages` and
+/// `nums_pages`; the job's error, if it failed.
+fn drill_with_checks(notes_pages: &[Value], nums_pages: &[Value]) -> (Option<String>, Value) {
+    let mut h = drill_to_create_on(source(json!({"query_page_rows": 2})), manifest_with_checks());
+    h.answer(200, json!({"uuid": "scratch-1"}));
+    // The rewritten dump and the query artifact, staged into one import.
+    loop {
+        match h.wake() {
+            Action::Restore(io) => {
+                let Io::Stage { mut staging, step_bytes } = *io else { panic!("expected staging") };
+                let data = staging.next_read(step_bytes).map(|(key, off, len)| {
+                    let text = if key.ends_with("db.sql") { DUMP } else { QUERY_SQL };
+                    &text.as_bytes()[off as usize..(off + len) as usize]
+                });
+                staging.step(data, step_bytes).unwrap();
+                h.feed(Event::RestoreIo(Ok(IoDone::Staged(staging))));
+            }
+            Action::Send(init) => {
+                assert!(init.url.ends_with("/scratch-1/import"), "{}", init.url);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    h.answer(200, json!({"status": "complete", "at_bookmark": "i", "result": {}}));
+    h.cleanup_any();
+    count(&mut h, "nums", 3);
+    for page in notes_pages {
+        let req = h.request();
+        let sql = body(&req)["sql"].as_str().unwrap().to_string();
+        assert!(
+            sql.contains("quote(\"a\") AS v0") && sql.contains("FROM \"notes\"") && sql.contains("LIMIT 2"),
+            "{sql}"
+        );
+        h.answer(200, json!([{"results": page, "success": true}]));
+    }
+    for page in nums_pages {
+        let req = h.request();
+        let sql = body(&req)["sql"].as_str().unwrap().to_string();
+        assert!(sql.contains("CAST(\"v\" AS TEXT)") && sql.contains("FROM \"nums\""), "{sql}");
+        h.answer(200, json!([{"results": page, "success": true}]));
+    }
+    let record = delete_and_record(&mut h);
+    h.wake();
+    (h.job.error.clone(), record)
+}
+
+impl Harness {
+    /// The staged chunks are deleted, whatever they were.
+    fn cleanup_any(&mut self) {
+        let Io::DeleteObjects { .. } = self.io() else { panic!("expected the staged chunks' deletion") };
+        self.feed(Event::RestoreIo(Ok(IoDone::Deleted)));
+    }
+}
+
+#[test]
+fn a_drill_reads_back_virtual_rows_and_exact_integers_page_by_page_and_passes_when_equal() {
+    let notes = [json!([{"r": "1", "v0": "'x'"}, {"r": "2", "v0": "'y'"}]), json!([])];
+    let nums = [
+        json!([{"r": "2", "k": 2, "n": 1, "v0": "9007199254740993"}, {"r": "4", "k": 4, "n": 2, "v0": null}]),
+        json!([{"r": "5", "k": 5, "n": 1, "v0": "9223372036854775807"}]),
+        json!([]),
+    ];
+    let (error, record) = drill_with_checks(&notes, &nums);
+    assert_eq!(error, None, "{record}");
+    assert_eq!(record["checks"][1]["restored"], record["checks"][1]["backup"], "{record}");
+}
+
+#[test]
+fn a_drill_fails_naming_the_virtual_table_whose_rows_are_missing() {
+    let (error, _) = drill_with_checks(
+        &[json!([{"r": "1", "v0": "'x'"}])],
+        &[
+            json!([{"r": "5", "k": 5, "n": 1, "v0": "9007199254740993"}, {"r": "6", "k": 6, "n": 2, "v0": "9223372036854775807"}]),
+            json!([]),
+        ],
+    );
+    let e = error.unwrap();
+    assert!(e.contains("virtual table \"notes\": 1 rows restored, 2 in the backup") && !e.contains("\"nums\""), "{e}");
+}
+
+#[test]
+fn a_drill_fails_naming_table_and_column_when_a_big_integer_differs() {
+    let (error, _) = drill_with_checks(
+        &[json!([{"r": "1", "v0": "'x'"}, {"r": "2", "v0": "'y'"}]), json!([])],
+        &[
+            json!([{"r": "5", "k": 5, "n": 1, "v0": "9007199254740993"}, {"r": "6", "k": 6, "n": 2, "v0": "9223372036854775806"}]),
+            json!([]),
+        ],
+    );
+    let e = error.unwrap();
+    assert!(
+        e.contains("table \"nums\" column \"v\": 2 integers beyond 2^53 restored, 2 in the backup, with other values")
+            && !e.contains("notes"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_backup_of_only_virtual_tables_restores_from_its_query_artifact_alone() {
+    let mut h = Harness::new(Task::Restore, import_params());
+    h.io();
+    let mut m = manifest(&[], t0());
+    m.artifacts = vec![Artifact { md5: Some(MD5.into()), ..query_artifact(300, json!({})) }];
+    let keys = staged_keys(&mut h, m);
+    assert_eq!(keys, [format!("{FOLDER}{}", crate::providers::d1::query::FILENAME)]);
+}
+
+#[test]
+fn the_sweep_deletes_only_old_scratch_databases_of_jobs_no_longer_in_flight() {
+    let src = source(json!({}));
+    let crate::providers::ProviderConfig::D1(cfg) = &src.provider else { panic!("d1") };
+    let token = crate::secret::Secret::new("tok");
+    use super::d1::{scratch_delete_request, scratch_leftovers, scratch_list_request};
+    let list = scratch_list_request(cfg, &token).unwrap();
+    assert!(list.url.ends_with("/accounts/acc/d1/database?name=ferry-drill-&per_page=100"), "{}", list.url);
+    let listed = HttpResponse::json(
+        200,
+        &json!({"success": true, "errors": [], "result": [
+            {"uuid": "u-ended", "name": "ferry-drill-00000000000000e1", "created_at": "2026-11-23T07:00:00.000Z"},
+            {"uuid": "u-live", "name": "ferry-drill-00000000000000f2", "created_at": "2026-11-23T07:00:00.000Z"},
+            {"uuid": "u-young", "name": "ferry-drill-00000000000000e3", "created_at": "2026-11-23T09:30:00.000Z"},
+            {"uuid": "u-theirs", "name": "ferry-drill-backup-of-prod", "created_at": "2026-11-01T00:00:00.000Z"},
+            {"uuid": "u-app", "name": "app", "created_at": "2026-11-01T00:00:00.000Z"},
+        ]}),
+    );
+    let live = ["00000000000000f2".to_string()].into_iter().collect();
+    let gone = scratch_leftovers(&listed, &live, t0()).unwrap();
+    assert_eq!(gone, [("u-ended".to_string(), "ferry-drill-00000000000000e1".to_string())]);
+    let del = scratch_delete_request(cfg, &token, "u-ended").unwrap();
+    assert_eq!(del.method, Method::Delete);
+    assert!(del.url.ends_with("/accounts/acc/d1/database/u-ended"), "{}", del.url);
+}
+
+/// The query artifact of a backup in these tests, with `details` added to its role and marker.
+fn query_artifact(size: u64, details: Value) -> Artifact {
+    let name = crate::providers::d1::query::FILENAME;
+    let mut all = json!({
+        "role": crate::providers::d1::query::ROLE,
+        "d1_import": crate::providers::d1::query::AFTER_DUMP,
+    });
+    for (k, v) in details.as_object().into_iter().flatten() {
+        all[k] = v.clone();
+    }
+    Artifact { details: Some(all), ..Artifact::sample(format!("{FOLDER}{name}"), name, size, "s", "application/sql") }
+}
+
+/// An import of `m` into an existing, empty database, up to its first staging order: the keys
+/// it stages, in order.
+fn staged_keys(h: &mut Harness, m: Manifest) -> Vec<String> {
+    h.manifest(m);
+    assert_eq!(h.job.phase, Phase::Restoring, "{:?}", h.job.error);
     h.raw_request();
     h.answer(200, json!({"uuid": "db-2"}));
     h.raw_request();
     h.answer(200, json!([{"results": []}]));
     let Io::Stage { staging, .. } = h.io() else { panic!("expected staging") };
-    let keys: Vec<&str> = staging.inputs.iter().map(|i| i.key.as_str()).collect();
-    assert_eq!(keys, [format!("{FOLDER}db.sql"), format!("{FOLDER}{name}")], "the dump first, then the query artifact");
+    staging.inputs.iter().map(|i| i.key.clone()).collect()
 }
 
 /// An import with `deadline_seconds.restore = 60`, up to D1's first `active` answer to ingest.

@@ -13,7 +13,7 @@ use worker::{console_error, Env, Method, Request, Response, Storage};
 
 use super::net;
 use super::source_object::call;
-use crate::budget::{cloudflare_token, token_id, Budget, BudgetPolicy, BudgetView, Decision, Need};
+use crate::budget::{cloudflare_token, token_id, Budget, BudgetPolicy, BudgetView, Decision, Need, Sizes};
 use crate::config::SourceConfig;
 use crate::http::HttpRequest;
 use crate::job::Event;
@@ -43,11 +43,15 @@ async fn load(storage: &Storage) -> worker::Result<Budget> {
 /// The body is read first: between loading the budget and storing it there is no await but
 /// storage's, so the object's input gate keeps concurrent requests from reading a stale count.
 pub(crate) async fn object_request(storage: &Storage, mut req: Request) -> worker::Result<Response> {
-    let policy = BudgetPolicy::default();
     let path = req.path();
     let method = req.method();
     let body: Value = if method == Method::Post { req.json().await? } else { Value::Null };
     let mut budget = load(storage).await?;
+    // The sizes of the source asking (its own config); a view uses the latest ones.
+    if let Ok(sizes) = serde_json::from_value::<Sizes>(body["sizes"].clone()) {
+        budget.sizes = Some(sizes);
+    }
+    let policy = BudgetPolicy::with_sizes(budget.sizes.unwrap_or_default());
     let now = super::now();
     let answer = match (method, path.as_str()) {
         (Method::Post, "/budget/acquire") => {
@@ -80,7 +84,8 @@ pub(crate) async fn send(
         return answered(net::exchange(req).await);
     };
     let name = object_name(&id);
-    match call(env, &name, Method::Post, "/budget/acquire", Some(&json!({ "need": need }))).await {
+    let sizes = Sizes::of(&source.provider);
+    match call(env, &name, Method::Post, "/budget/acquire", Some(&json!({ "need": need, "sizes": sizes }))).await {
         Ok((200, value)) => {
             if let Ok(Decision::Wait { until }) = serde_json::from_value::<Decision>(value) {
                 return Event::Throttled(until);
@@ -93,7 +98,7 @@ pub(crate) async fn send(
     if let Ok(resp) = &result {
         let headers: Vec<(String, String)> =
             resp.headers.iter().filter(|(k, _)| RATE_HEADERS.contains(&k.as_str())).cloned().collect();
-        let body = json!({ "status": resp.status, "headers": headers });
+        let body = json!({ "status": resp.status, "headers": headers, "sizes": sizes });
         if let Err(e) = call(env, &name, Method::Post, "/budget/observe", Some(&body)).await {
             console_error!("the API budget could not be told an answer: {e}");
         }

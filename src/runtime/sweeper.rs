@@ -91,6 +91,9 @@ async fn advance(
     let (records, unreadable) = gather(env, bucket, configured, sweep).await;
     if sweep.stage == Stage::Records {
         sweep_records(env, bucket, &records, sweep).await;
+        if unreadable.is_empty() {
+            sweep_scratch(env, &records, sweep, now).await;
+        }
         sweep.stage = Stage::Walk { after: None, bucket: None };
         save(storage, sweep).await;
     }
@@ -133,6 +136,50 @@ async fn advance(
             sweep.report.error(format!("writing the report failed: {e}"));
         }
         worker::console_log!("{}", sweep.report.summary());
+    }
+}
+
+/// Deletes the D1 scratch databases drills lost track of (`ferry-drill-<job>` of no job in
+/// flight; the decision is `crate::restore::d1::scratch_leftovers`), once per account and token.
+async fn sweep_scratch(env: &Env, records: &[SourceRecords], sweep: &mut Sweep, now: Timestamp) {
+    use crate::providers::ProviderConfig;
+    use crate::restore::d1;
+    let Ok(config) = super::load_config(env) else { return };
+    let live: BTreeSet<String> = records.iter().flat_map(|r| r.in_flight.iter().cloned()).collect();
+    let mut asked = BTreeSet::new();
+    for source in &config.sources {
+        let ProviderConfig::D1(cfg) = &source.provider else { continue };
+        let account = (cfg.api_base.as_ref().map(|u| u.to_string()), cfg.account_id.clone(), cfg.token_secret.clone());
+        if !asked.insert(account) {
+            continue;
+        }
+        let creds = super::credentials(env, &[cfg.token_secret.as_str()]);
+        let Ok(token) = creds.get(&cfg.token_secret) else { continue };
+        let gone = match d1::scratch_list_request(cfg, token) {
+            Ok(req) => match super::budget::send(env, source, &creds, crate::budget::Need::Start, &req).await {
+                crate::job::Event::Response(resp) => {
+                    d1::scratch_leftovers(&resp, &live, now).map_err(|e| e.to_string())
+                }
+                other => Err(format!("{other:?}")),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        let gone = match gone {
+            Ok(gone) => gone,
+            Err(e) => {
+                sweep.report.error(format!("listing D1 scratch databases of source {:?} failed: {e}", source.name));
+                continue;
+            }
+        };
+        for (uuid, name) in gone {
+            let Ok(req) = d1::scratch_delete_request(cfg, token, &uuid) else { continue };
+            match super::budget::send(env, source, &creds, crate::budget::Need::Start, &req).await {
+                crate::job::Event::Response(r) if (200..300).contains(&r.status) => {
+                    worker::console_log!("sweep: deleted the D1 scratch database {name} ({uuid}) a drill left");
+                }
+                other => sweep.report.error(format!("deleting the D1 scratch database {name} failed: {other:?}")),
+            }
+        }
     }
 }
 

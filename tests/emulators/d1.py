@@ -93,7 +93,8 @@ Export switches: ``refused_export_block_s`` (seconds a virtual-table refusal kee
 busy, default 30) and ``active_status`` (the status a running export reports, default ``active``).
 
 Injected faults (``faults``, see ``common.py``): steps ``export`` (the first POST, no bookmark),
-``poll`` (a POST with ``current_bookmark``) and ``download`` (the signed URL).  ``provider_error``
+``poll`` (a POST with ``current_bookmark``), ``create`` (``POST …/d1/database``) and ``download``
+(the signed URL).  ``provider_error``
 at ``export`` is a 4xx failure envelope; at ``poll`` the task ends 200 ``status:"error"`` with the
 message (default: the documented virtual-table refusal); ``stuck`` at ``poll`` keeps the task
 ``active`` (and alive) for as long as the fault is set.  Every request-log entry names its
@@ -159,6 +160,11 @@ FAULT_STEPS = {
     "export": API_FAULTS | {"provider_error"},
     "poll": API_FAULTS | {"provider_error", "stuck"},
     "download": SIGNED_DOWNLOAD_FAULTS,
+    # POST …/d1/database {name}: a ``truncate`` fault creates the database and loses the answer; a
+    # second create of the name is then refused 400 code 7502 "A database with that name already
+    # exists" (the code wrangler names so, workers-sdk#2143; cloudflare-typescript
+    # ``src/resources/d1/database.ts`` ``create``), and ``GET …/d1/database?name=`` finds it.
+    "create": API_FAULTS,
 }
 PROVIDER_ERRORS = {
     # The export call refused with the failure envelope (the documented "4XX Poll failed").
@@ -732,7 +738,10 @@ class Handler(BaseHandler):
 
     @staticmethod
     def step_of(path: str, body: bytes) -> str | None:
-        """The provider step of an API request: ``export`` (no bookmark yet) or ``poll``."""
+        """The provider step of an API request: ``export`` (no bookmark yet), ``poll`` or
+        ``create`` (a new database)."""
+        if RE_DATABASES.match(path):
+            return "create"
         if not RE_EXPORT.match(path):
             return None
         try:

@@ -95,6 +95,17 @@ def copy_sqlite(src: str, dst: str):
         a.backup(b)
 
 
+def js_number(value):
+    """A value as D1's JSON answer carries it: an integer beyond 2^53 goes through a JavaScript
+    Number and comes back rounded (D1 Worker API docs, "Type conversion": INTEGER -> Number, "BigInts
+    are not currently supported ... JavaScript integers are safe up to Number.MAX_SAFE_INTEGER";
+    provider-apis.md §1: "Numbers are limited to JavaScript's 52-bit precision").  Exact values
+    need ``CAST(x AS TEXT)``."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2 ** 53:
+        return float(value)
+    return value
+
+
 class RestoreMixin:
     """Mixed into the D1 ``Emulator``: uses its ``lock``, ``databases``, ``switches``,
     ``check_account``, ``find_database`` and ``_new_bookmark``."""
@@ -136,7 +147,9 @@ class RestoreMixin:
             raise ApiError(400, 7400, "name: must be lower-case letters, digits, - and _")
         with self.lock:
             if any(d.name == name for d in self.databases.values()):
-                raise ApiError(400, 7502, f"A database with name {name} already exists")
+                # Code 7502 (workers-sdk#2143: wrangler turns it into "A database with that name
+                # already exists"); a create whose answer was lost meets it when sent again.
+                raise ApiError(400, 7502, "A database with that name already exists")
             first = next(iter(self.databases.values()), None)
             folder = Path(first.path).parent if first else Path(os.environ.get("TMPDIR", "/tmp"))
             path = str(folder / f"{name}.sqlite")
@@ -173,7 +186,7 @@ class RestoreMixin:
                 with closing(sqlite3.connect(db.path)) as conn:
                     conn.row_factory = sqlite3.Row
                     cur = conn.execute(body["sql"], params)
-                    rows = [dict(r) for r in cur.fetchall()]
+                    rows = [{k: js_number(v) for k, v in dict(r).items()} for r in cur.fetchall()]
                     conn.commit()
                     changes = conn.total_changes
             except sqlite3.Error as exc:

@@ -224,3 +224,69 @@ fn a_page_over_the_response_cap_is_asked_again_smaller() {
     assert_eq!(w.shrink_page("x").unwrap(), 1);
     assert!(w.shrink_page("x").is_err());
 }
+
+#[test]
+fn the_artifact_records_what_a_drill_reads_back_and_the_same_answers_give_the_same_prints() {
+    let spec = export(&hostile_plan(), 2);
+    let (_, details, _) = run(&spec, &hostile_answers(), true);
+    let checks: Vec<DrillCheck> = serde_json::from_value(details["drill_checks"].clone()).unwrap();
+    assert_eq!(
+        checks.iter().map(|c| (c.table.as_str(), c.kind)).collect::<Vec<_>>(),
+        [("notes", CheckKind::Rows), ("nums", CheckKind::Exact)]
+    );
+    assert_eq!(checks[0].columns, ["title", "body"]);
+    assert_eq!((checks[0].prints[0].count, checks[1].prints[0].count), (3, 3));
+    assert!(details["drill_checks"][0]["prints"][0]["fnv64"].as_str().unwrap().len() == 16, "hex, not a number");
+    // The drill asks the restored database the same questions, in pages of its own size.
+    let answers = hostile_answers();
+    let mut notes = CheckProgress::default();
+    assert!(checks[0].next_sql(&notes, 2).ends_with("FROM \"notes\" ORDER BY rowid LIMIT 2"));
+    let rows = |v: &Value| v.as_array().unwrap().iter().map(|r| r.as_object().unwrap().clone()).collect::<Vec<_>>();
+    assert!(!checks[0].fold(&mut notes, &rows(&answers[1]), 2).unwrap());
+    assert!(checks[0].next_sql(&notes, 2).contains("WHERE rowid > 2"));
+    assert!(checks[0].fold(&mut notes, &rows(&answers[2]), 2).unwrap());
+    assert!(checks[0].finding(&notes.prints).is_empty());
+    let mut nums = CheckProgress::default();
+    for a in &answers[3..] {
+        checks[1].fold(&mut nums, &rows(a), 2).unwrap();
+    }
+    assert!(checks[1].finding(&nums.prints).is_empty());
+    // One value other than the backup's is named by table and column.
+    let mut changed = CheckProgress::default();
+    let mut wrong = answers[4].clone();
+    wrong[1]["v0"] = json!("9223372036854775806");
+    for a in [&answers[3], &wrong, &answers[5]] {
+        checks[1].fold(&mut changed, &rows(a), 2).unwrap();
+    }
+    assert_eq!(
+        checks[1].finding(&changed.prints),
+        ["table \"nums\" column \"v\": 3 integers beyond 2^53 restored, 3 in the backup, with other values"]
+    );
+}
+
+#[test]
+fn an_integer_primary_key_beyond_2_53_is_named_in_the_notes_by_table_and_column() {
+    let info =
+        |rows: Value| rows.as_array().unwrap().iter().map(|r| r.as_object().unwrap().clone()).collect::<Vec<_>>();
+    let keyed = info(json!([{"name": "id", "type": "INTEGER", "pk": 1}, {"name": "v", "type": "", "pk": 0}]));
+    assert_eq!(rowid_key(&keyed).as_deref(), Some("id"));
+    assert_eq!(rowid_key(&info(json!([{"name": "k", "type": "TEXT", "pk": 1}]))), None);
+    let mut plan = hostile_plan();
+    plan.scan[1].big.clear();
+    plan.scan_at = 1;
+    plan.scan[1].columns = Some(vec!["id".into(), "v".into()]);
+    plan.scan[1].key = Some("id".into());
+    on_scan(
+        &mut plan,
+        &[json!({"n": 1, "last": "9007199254740993", "f0": 1, "f1": 0}).as_object().unwrap().clone()],
+        10,
+    )
+    .unwrap();
+    assert!(
+        plan.notes
+            .iter()
+            .any(|n| n.starts_with("table nums column id: its INTEGER PRIMARY KEY holds integers beyond 2^53")),
+        "{:?}",
+        plan.notes
+    );
+}
