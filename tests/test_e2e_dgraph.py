@@ -112,6 +112,14 @@ def test_an_export_answer_without_a_task_id_fails_the_job_and_queues_no_second_e
     assert len(plain.state()["exports"]) == 1, "the export mutation was sent once"
 
 
+def test_a_gateway_error_answering_the_export_fails_the_job_quoting_it_and_queues_no_second_export(world):
+    ferry, plain = world["ferry"], world["plain"]
+    plain.control(export_answer_form="gateway_timeout")
+    job = ferry.webhook_job("graph-failing")
+    assert job["phase"] == "failed" and "HTTP 504" in job["error"] and "Gateway Time-out" in job["error"], job
+    assert len(plain.state()["exports"]) == 1, "the export mutation was sent once"
+
+
 def test_failed_export_fails_the_job_with_no_manifest(world):
     ferry, plain = world["ferry"], world["plain"]
     plain.control(status_sequence=["Queued", "Running", "Failed"])
