@@ -899,7 +899,10 @@ mod tests {
             let answer = HttpResponse { status, headers: vec![], body: page.clone() };
             let progress = s.on_response(&c, &answer, now()).unwrap_or_else(|e| panic!("{status}: {e:?}"));
             let Progress::Failed(message) = progress else { panic!("{status}: {progress:?}") };
-            assert!(message.contains(&format!("HTTP {status}")) && message.contains("504 Gateway Time-out"), "{message}");
+            assert!(
+                message.contains(&format!("HTTP {status}")) && message.contains("504 Gateway Time-out"),
+                "{message}"
+            );
             assert!(message.contains("not send the mutation again"), "{message}");
             assert!(s.task_id.is_none());
         }
