@@ -272,6 +272,10 @@ pub struct GraphCursor {
     /// Warnings for the job (a paging statement planned as a scan); the job lists them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// The digests of the typed values written so far, per label and type (the Aura export's
+    /// `providers::aura::digest::ValueDigests`, which drills compare with the restored graph).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<serde_json::Value>,
 }
 
 /// Paging one phase of a graph export by internal id ranges: `id(x) IN range(next, next + size - 1)`.

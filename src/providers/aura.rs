@@ -608,6 +608,7 @@ impl GraphExport {
             spec.page_size = lowered.clamp(1, self.page_size);
         }
         let ids = if cursor.started { cursor.id_range.clone() } else { Some(IdRange::default()) };
+        let typed = ids.is_some();
         let mut writer = GraphWriter {
             spec,
             phase,
@@ -617,6 +618,13 @@ impl GraphExport {
             relationships: cursor.relationships,
             labels: cursor.labels.clone(),
             types: cursor.types.clone(),
+            // Kept from the start of a typed export only: one begun before they were kept has
+            // none, rather than digests of part of its graph.
+            values: match (cursor.started, &cursor.values) {
+                (false, _) => typed.then(digest::ValueDigests::default),
+                (true, Some(v)) => serde_json::from_value(v.clone()).ok(),
+                (true, None) => None,
+            },
             warnings: cursor.warnings.clone(),
             encoder: GzEncoder::new(Vec::new(), Compression::default()),
             error: None,
@@ -661,6 +669,9 @@ pub struct GraphWriter {
     relationships: u64,
     labels: BTreeMap<String, u64>,
     types: BTreeMap<String, u64>,
+    /// Digests of the typed values written (typed exports only; `None` on an export begun before
+    /// they were kept, or in plain JSON).
+    values: Option<digest::ValueDigests>,
     warnings: Vec<String>,
     encoder: GzEncoder<Vec<u8>>,
     error: Option<String>,
@@ -891,12 +902,18 @@ impl GraphWriter {
                 for label in &labels {
                     *self.labels.entry(label.clone()).or_default() += 1;
                 }
+                if let (Some(values), Value::Object(map)) = (self.values.as_mut(), &props) {
+                    values.add_node(&labels, map);
+                }
                 self.line(&json!({ "type": "node", "id": id, "labels": labels, "properties": props }));
                 self.nodes += 1;
             }
             GraphPhase::Relationships => {
                 let rel_type = text("type")?;
                 *self.types.entry(rel_type.clone()).or_default() += 1;
+                if let (Some(values), Value::Object(map)) = (self.values.as_mut(), &props) {
+                    values.add_relationship(&rel_type, map);
+                }
                 self.line(&json!({
                     "type": "relationship", "id": id, "rel_type": rel_type,
                     "start": text("start")?, "end": text("end")?, "properties": props,
@@ -973,6 +990,7 @@ impl GraphWriter {
             types: self.types.clone(),
             id_range: self.ids.clone(),
             warnings: self.warnings.clone(),
+            values: self.values.as_ref().and_then(|v| serde_json::to_value(v).ok()),
         }
     }
 
@@ -1013,10 +1031,13 @@ impl GraphWriter {
             .encoder
             .finish()
             .map_err(|e| StepError::permanent(format!("compressing the graph export failed: {e}")))?;
-        let details = json!({
+        let mut details = json!({
             "format": "ferry-neo4j-jsonl", "nodes": nodes, "relationships": relationships,
             "labels": self.labels, "types": self.types,
         });
+        if let Some(values) = &self.values {
+            details["values"] = serde_json::to_value(values).unwrap_or(Value::Null);
+        }
         Ok((rest, details))
     }
 }
@@ -1078,3 +1099,5 @@ fn query_malformed(what: &str) -> StepError {
 
 #[cfg(test)]
 mod tests;
+
+pub mod digest;
