@@ -698,17 +698,17 @@ pub fn typed_integer(n: u64) -> Value {
 }
 
 /// The text of a typed-JSON String.
-fn typed_text(v: &Value) -> Option<&str> {
+pub(crate) fn typed_text(v: &Value) -> Option<&str> {
     (v.get("$type")? == "String").then(|| v.get("_value")?.as_str())?
 }
 
 /// The items of a typed-JSON List.
-fn typed_list(v: &Value) -> Option<&Vec<Value>> {
+pub(crate) fn typed_list(v: &Value) -> Option<&Vec<Value>> {
     (v.get("$type")? == "List").then(|| v.get("_value")?.as_array())?
 }
 
 /// A typed-JSON Integer that is a whole number from 0 up, or Null.
-fn typed_count(v: &Value) -> Result<Option<u64>, StepError> {
+pub(crate) fn typed_count(v: &Value) -> Result<Option<u64>, StepError> {
     match v.get("$type").and_then(Value::as_str) {
         Some("Null") => Ok(None),
         Some("Integer") => v
@@ -722,7 +722,7 @@ fn typed_count(v: &Value) -> Result<Option<u64>, StepError> {
 }
 
 /// A typed-JSON Map whose every entry is itself typed: the properties, kept exactly as sent.
-fn typed_properties(v: Option<&Value>) -> Result<Value, StepError> {
+pub(crate) fn typed_properties(v: Option<&Value>) -> Result<Value, StepError> {
     let Some(v) = v else { return Ok(json!({})) };
     let map = (v.get("$type").and_then(Value::as_str) == Some("Map"))
         .then(|| v.get("_value").and_then(Value::as_object))
