@@ -77,7 +77,7 @@ pub fn render(sources: &[SourceMetrics<'_>]) -> String {
         family(
             "ferry_last_drill_success",
             "gauge",
-            "1 when the latest restore drill passed (D1: every table's rows; Aura: every label's and type's count), else 0.",
+            "1 when the latest restore drill passed (D1: every table's rows; Aura: every label's and type's count and typed values), else 0.",
         ),
         family(
             "ferry_member_healthy",
