@@ -389,27 +389,40 @@ fn load_statements_merge_on_the_export_id_under_the_import_label_so_sending_one_
     assert_eq!(groups[2].rows[0], json!({"id": "r", "start": "a", "end": "b", "props": {}}));
 }
 
-/// Runs a drill whose load read `lines()` (P: 2, C: 1; K: 1) and whose database counts what the
-/// file holds; returns the record and the job's error.
-fn drill_with(m: Manifest) -> (Value, Option<String>) {
-    let mut h = H::new(Task::Drill, json!({})).unwrap();
+/// A drill of `m` (request `params`) that emptied its database, made its constraint, loaded
+/// `file` and cleaned up: the next request counts the labels.
+fn loaded_drill(m: Manifest, file: &[String], params: Value) -> H {
+    let mut h = H::new(Task::Drill, params).unwrap();
     h.manifest(m);
     h.request();
     h.rows(&["deleted"], json!([[0]]));
     h.request();
     h.rows(&[], json!([]));
     h.io();
-    let (cursor, _) = run_loader(&lines(), 500).unwrap();
+    let (cursor, _) = run_loader(file, 500).unwrap();
     h.feed(Event::RestoreIo(Ok(IoDone::GraphLoaded { cursor: Box::new(cursor), error: None })));
-    h.request();
-    h.rows(&["cleaned"], json!([[0]]));
-    h.request();
-    h.rows(&["cleaned"], json!([[0]]));
+    for _ in 0..2 {
+        h.request();
+        h.rows(&["cleaned"], json!([[0]]));
+    }
+    h
+}
+
+/// Runs a drill whose load read `lines()` (P: 2, C: 1; K: 1) and whose database counts what the
+/// file holds; returns the record and the job's error.
+fn drill_with(m: Manifest) -> (Value, Option<String>) {
+    let mut h = loaded_drill(m, &lines(), json!({}));
     assert_eq!(statement(&h.request()), LABEL_COUNTS);
     h.rows(&["label", "n"], json!([["P", 2], ["C", 1]]));
     h.request();
     h.rows(&["type", "n"], json!([["K", 1]]));
-    h.request();
+    finish_drill(&mut h)
+}
+
+/// A drill that compared: it empties its database, drops its constraint and records; returns the
+/// record and the job's error.
+fn finish_drill(h: &mut H) -> (Value, Option<String>) {
+    assert_eq!(statement(&h.request()), DELETE_BATCH);
     h.rows(&["deleted"], json!([[0]]));
     assert_eq!(statement(&h.request()), h.helper().drop_constraint());
     h.rows(&[], json!([]));
@@ -1234,19 +1247,7 @@ fn typed_manifest() -> Manifest {
 /// Runs a drill of `m` whose load read `drill_lines()` and whose database holds `born` (for Ada)
 /// when read back; returns the record, the job's error and the read-back requests' statements.
 fn typed_drill(m: Manifest, born: Value) -> (Value, Option<String>, Vec<String>) {
-    let mut h = H::new(Task::Drill, json!({"batch_size": 1})).unwrap();
-    h.manifest(m);
-    h.request();
-    h.rows(&["deleted"], json!([[0]]));
-    h.request();
-    h.rows(&[], json!([]));
-    h.io();
-    let (cursor, _) = run_loader(&drill_lines(), 500).unwrap();
-    h.feed(Event::RestoreIo(Ok(IoDone::GraphLoaded { cursor: Box::new(cursor), error: None })));
-    for _ in 0..2 {
-        h.request();
-        h.rows(&["cleaned"], json!([[0]]));
-    }
+    let mut h = loaded_drill(m, &drill_lines(), json!({"batch_size": 1}));
     assert_eq!(statement(&h.request()), LABEL_COUNTS);
     h.rows(&["label", "n"], json!([["P", 2]]));
     assert_eq!(statement(&h.request()), TYPE_COUNTS);
@@ -1291,14 +1292,8 @@ fn typed_drill(m: Manifest, born: Value) -> (Value, Option<String>, Vec<String>)
         read.push(statement(&req));
         typed_rows(&mut h, &fields, rows);
     }
-    assert_eq!(statement(&h.request()), DELETE_BATCH);
-    h.rows(&["deleted"], json!([[0]]));
-    assert_eq!(statement(&h.request()), h.helper().drop_constraint());
-    h.rows(&[], json!([]));
-    let Io::Record { record, .. } = h.io() else { panic!("expected the record") };
-    h.feed(Event::RestoreIo(Ok(IoDone::Recorded)));
-    h.wake();
-    (record, h.job.error.clone(), read)
+    let (record, error) = finish_drill(&mut h);
+    (record, error, read)
 }
 
 #[test]
