@@ -210,6 +210,79 @@ pub fn error_body(message: &str) -> Value {
     json!({ "error": message })
 }
 
+/// A request refused with this HTTP status and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// 400 or 404.
+    pub status: u16,
+    /// What is wrong, naming the parameter or the member.
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(status: u16, message: String) -> Self {
+        Self { status, message }
+    }
+}
+
+/// Whether `source` is in account mode: a Dgraph account (`cerebro_email`) whose backends are
+/// its members, each its own series.
+pub fn account_mode(source: &crate::config::SourceConfig) -> bool {
+    matches!(&source.provider, crate::providers::ProviderConfig::Dgraph(cfg) if cfg.account().is_some())
+}
+
+/// Manifests `/metrics` reads at most per account-mode source to count each member's backups;
+/// past this the count stays source-wide (each read is a subrequest).
+pub const MEMBER_COUNT_READS: usize = 500;
+
+/// The longest member name `?member=` takes (a Dgraph deployment's name or uid).
+pub const MAX_MEMBER_NAME: usize = 256;
+
+/// The `member` filter of `GET /v1/sources/{name}/backups` (`values`: every `member` query
+/// value). Only a source in account mode (a Dgraph account's backends) has members; a name that
+/// is empty, too long, holds control characters or is given twice is a 400 naming `member`.
+pub fn member_filter(source: &str, account_mode: bool, values: &[String]) -> Result<Option<String>, Refusal> {
+    let bad = |why: &str| Err(Refusal::new(400, format!("invalid query parameter \"member\": {why}")));
+    let value = match values {
+        [] => return Ok(None),
+        [one] => one,
+        _ => return bad("given more than once"),
+    };
+    if value.is_empty() {
+        return bad("empty (name a backend of the account)");
+    }
+    if value.chars().count() > MAX_MEMBER_NAME {
+        return bad(&format!("longer than {MAX_MEMBER_NAME} characters"));
+    }
+    if value.chars().any(char::is_control) {
+        return bad("holds control characters");
+    }
+    if !account_mode {
+        return bad(&format!(
+            "source {source:?} is not in account mode, so its backups have no member (only a Dgraph account's \
+             backends do)"
+        ));
+    }
+    Ok(Some(value.clone()))
+}
+
+/// After a listing filtered by `member` found `matched` backups: when it found none and the
+/// member is not one the source judges now (`known`, its health's members), the member is
+/// unknown: a 404 naming it. A backend with no backup yet, or one the account no longer lists but
+/// whose backups remain, is known.
+pub fn unknown_member(source: &str, member: &str, matched: usize, known: &[String]) -> Option<Refusal> {
+    if matched > 0 || known.iter().any(|k| k == member) {
+        return None;
+    }
+    let listed = if known.is_empty() { "none yet".to_string() } else { known.join(", ") };
+    Some(Refusal::new(
+        404,
+        format!(
+            "source {source:?} has no member named {member:?} (no backup of it, and not among its members: {listed})"
+        ),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,6 +381,50 @@ mod tests {
         assert_eq!(trigger_auth(true, Some("Bearer t0ken")), TriggerAuth::Webhook);
         assert_eq!(trigger_auth(true, None), TriggerAuth::Webhook);
         assert_eq!(trigger_auth(false, None), TriggerAuth::Webhook, "refused for its missing signature");
+    }
+
+    #[test]
+    fn the_member_filter_takes_one_valid_name_of_an_account_mode_source() {
+        let one = |v: &str| vec![v.to_string()];
+        assert_eq!(member_filter("acct", true, &[]), Ok(None), "no filter");
+        assert_eq!(member_filter("acct", true, &one("beta")), Ok(Some("beta".into())));
+        assert_eq!(member_filter("acct", true, &one("0x1f")), Ok(Some("0x1f".into())), "a uid names one too");
+        for (values, why) in [
+            (one(""), "empty"),
+            (one(&"b".repeat(MAX_MEMBER_NAME + 1)), "longer than"),
+            (one("be\nta"), "control characters"),
+            (vec!["alpha".into(), "beta".into()], "more than once"),
+        ] {
+            let refused = member_filter("acct", true, &values).unwrap_err();
+            assert_eq!(refused.status, 400);
+            assert!(refused.message.contains("\"member\"") && refused.message.contains(why), "{refused:?}");
+        }
+        let refused = member_filter("app-db", false, &one("beta")).unwrap_err();
+        assert_eq!(refused.status, 400);
+        assert!(refused.message.contains("not in account mode") && refused.message.contains("app-db"), "{refused:?}");
+    }
+
+    #[test]
+    fn only_a_dgraph_account_source_is_in_account_mode() {
+        let config = crate::config::Config::from_value(&json!([
+            {"name": "acct", "kind": "dgraph", "schedule": "0 3 * * *", "cerebro_email": "ops@acme.com",
+             "cerebro_password_secret": "PW"},
+            {"name": "one", "kind": "dgraph", "schedule": "0 3 * * *", "endpoint": "https://blue.example",
+             "api_key_secret": "KEY"},
+        ]))
+        .unwrap();
+        assert!(account_mode(&config.sources[0]));
+        assert!(!account_mode(&config.sources[1]));
+    }
+
+    #[test]
+    fn an_unknown_member_is_a_404_naming_it_and_a_known_one_without_backups_is_not() {
+        let known = vec!["alpha".to_string(), "beta".to_string()];
+        let refused = unknown_member("acct", "zeta", 0, &known).unwrap();
+        assert_eq!(refused.status, 404);
+        assert!(refused.message.contains("\"zeta\"") && refused.message.contains("alpha, beta"), "{refused:?}");
+        assert_eq!(unknown_member("acct", "beta", 0, &known), None, "a member without a backup yet");
+        assert_eq!(unknown_member("acct", "gone", 2, &known), None, "a former backend whose backups remain");
     }
 
     #[test]

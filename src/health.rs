@@ -142,7 +142,9 @@ pub fn assess_source(
                 }
             }
             own.sort_by_key(|h| h.finished_at);
-            (member.clone(), assess(schedule, max_age, &own, watched_since, now))
+            // A member is watched from its own first job (older ledgers: the source's start).
+            let since = latest.first_seen.or(watched_since);
+            (member.clone(), assess(schedule, max_age, &own, since, now))
         })
         .collect();
     let worst = judged
@@ -269,7 +271,8 @@ mod tests {
         latest
             .iter()
             .map(|(m, committed, finished)| {
-                let jobs = MemberJobs { last_committed: committed.clone(), last_finished: finished.clone() };
+                let jobs =
+                    MemberJobs { last_committed: committed.clone(), last_finished: finished.clone(), first_seen: None };
                 (m.to_string(), jobs)
             })
             .collect()

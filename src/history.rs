@@ -14,6 +14,10 @@ pub struct MemberJobs {
     pub last_finished: Option<JobSummary>,
     /// Its latest committed export.
     pub last_committed: Option<JobSummary>,
+    /// When its first job started: a backend that joined the account later is judged young
+    /// (amber, not red, without a backup) from here, not from the source's start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_seen: Option<Timestamp>,
 }
 
 /// A finished job in a few fields.

@@ -346,6 +346,7 @@ impl Ledger {
             (&summary.member, summary.task, summary.phase)
         {
             let latest = self.members.entry(member.clone()).or_default();
+            latest.first_seen.get_or_insert(summary.started_at);
             if summary.phase == Phase::Committed {
                 latest.last_committed = Some(summary.clone());
             }
@@ -644,6 +645,27 @@ mod tests {
         assert_eq!(l.members.keys().collect::<Vec<_>>(), ["alpha"]);
         let (health, _) = l.health(&source.schedule, source.max_age, at("2026-11-28T11:00:00Z"));
         assert_eq!(health.light, crate::health::Light::Green);
+    }
+
+    #[test]
+    fn a_new_backends_grace_counts_from_its_first_job_not_from_the_sources_start() {
+        let mut l = Ledger { watched_since: Some(at("2026-11-01T00:00:00Z")), ..Ledger::default() };
+        let source = d1_source(60);
+        l.remember(&backend_job(1, "alpha", Phase::Committed, at("2026-11-28T10:00:00Z")));
+        // A backend the account lists from today on: its first backup failed.
+        l.remember(&backend_job(2, "delta", Phase::Failed, at("2026-11-28T10:05:00Z")));
+        let (health, members) = l.health(&source.schedule, source.max_age, at("2026-11-28T10:30:00Z"));
+        assert_eq!(members["delta"].light, crate::health::Light::Amber, "{:?}", members["delta"]);
+        assert!(members["delta"].reason.starts_with("no backup yet"), "{:?}", members["delta"]);
+        assert_eq!(health.light, crate::health::Light::Amber);
+        assert!(l.check_stale(&source, at("2026-11-28T10:30:00Z")).is_none(), "not stale within its grace");
+        // Past max_age since its first job, still without a backup: red, and stale.
+        let (_, members) = l.health(&source.schedule, source.max_age, at("2026-11-28T11:10:00Z"));
+        assert_eq!(members["delta"].light, crate::health::Light::Red, "{:?}", members["delta"]);
+        // A later job does not move the start of the grace.
+        l.remember(&backend_job(3, "delta", Phase::Failed, at("2026-11-28T11:00:00Z")));
+        let (_, members) = l.health(&source.schedule, source.max_age, at("2026-11-28T11:10:00Z"));
+        assert_eq!(members["delta"].light, crate::health::Light::Red, "{:?}", members["delta"]);
     }
 
     #[test]

@@ -22,6 +22,18 @@ pub struct SourceMetrics<'a> {
     pub report: &'a SourceReport,
     /// Committed backups in R2 (manifests), when they could be counted.
     pub backups_retained: Option<usize>,
+    /// In account mode, the committed backups of each member (a Dgraph account's backends), when
+    /// their manifests could be read ([`count_by_member`]); `None` otherwise.
+    pub retained_by_member: Option<BTreeMap<String, usize>>,
+}
+
+/// Committed backups per member, from each backup's member (`None`: a backup of no member).
+pub fn count_by_member(members: impl IntoIterator<Item = Option<String>>) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for member in members.into_iter().flatten() {
+        *counts.entry(member).or_insert(0) += 1;
+    }
+    counts
 }
 
 struct Family {
@@ -47,7 +59,11 @@ pub fn render(sources: &[SourceMetrics<'_>]) -> String {
         family("ferry_jobs_total", "counter", "Finished jobs by outcome (committed, failed, skipped, verified, ...)."),
         family("ferry_job_in_flight", "gauge", "1 while a job of the source runs."),
         family("ferry_job_copied_bytes", "gauge", "Bytes the job in flight has stored so far."),
-        family("ferry_backups_retained", "gauge", "Committed backups of the source in R2."),
+        family(
+            "ferry_backups_retained",
+            "gauge",
+            "Committed backups of the source in R2 (account mode: of each member, labelled member).",
+        ),
         family(
             "ferry_last_verification_timestamp_seconds",
             "gauge",
@@ -62,7 +78,7 @@ pub fn render(sources: &[SourceMetrics<'_>]) -> String {
         family(
             "ferry_last_drill_success",
             "gauge",
-            "1 when the latest restore drill passed (D1: every table's rows; Aura: every label's and type's count), else 0.",
+            "1 when the latest restore drill passed (D1: every table's rows; Aura: every label's and type's count and typed values), else 0.",
         ),
         family(
             "ferry_member_healthy",
@@ -109,8 +125,18 @@ pub fn render(sources: &[SourceMetrics<'_>]) -> String {
         if let Some(p) = &r.progress {
             put(8, &source, p.bytes_copied as f64);
         }
-        if let Some(n) = s.backups_retained {
-            put(9, &source, n as f64);
+        // In account mode each member's backups are counted apart (a member the health judges
+        // but with none in R2 counts 0); a count that could not be broken down stays source-wide.
+        match (&s.retained_by_member, s.backups_retained) {
+            (Some(by_member), _) if !r.members.is_empty() || !by_member.is_empty() => {
+                let names: std::collections::BTreeSet<&String> = r.members.keys().chain(by_member.keys()).collect();
+                for m in names {
+                    let labels = format!("{source},member=\"{}\"", escape(m));
+                    put(9, &labels, by_member.get(m).copied().unwrap_or(0) as f64);
+                }
+            }
+            (_, Some(n)) => put(9, &source, n as f64),
+            (_, None) => {}
         }
         let verify = r.history.iter().rev().find(|h| h.task == Task::Verify && h.phase.is_terminal());
         if let Some(v) = verify {
@@ -269,7 +295,13 @@ mod tests {
     #[test]
     fn every_family_has_help_and_type_and_samples_carry_the_source() {
         let r = report();
-        let text = render(&[SourceMetrics { name: "app-db", kind: "d1", report: &r, backups_retained: Some(3) }]);
+        let text = render(&[SourceMetrics {
+            name: "app-db",
+            kind: "d1",
+            report: &r,
+            backups_retained: Some(3),
+            retained_by_member: None,
+        }]);
         for line in [
             "# TYPE ferry_jobs_total counter",
             "ferry_source_info{source=\"app-db\",kind=\"d1\"} 1",
@@ -309,7 +341,15 @@ mod tests {
             ("beta".to_string(), member(Light::Red, 1_000, 20)),
         ]);
         r.health.light = Light::Red;
-        let text = render(&[SourceMetrics { name: "acct", kind: "dgraph", report: &r, backups_retained: Some(4) }]);
+        r.members.insert("gamma".to_string(), member(Light::Amber, 900, 0));
+        let by_member = count_by_member([Some("alpha".into()), None, Some("beta".into()), Some("alpha".into())]);
+        let text = render(&[SourceMetrics {
+            name: "acct",
+            kind: "dgraph",
+            report: &r,
+            backups_retained: Some(4),
+            retained_by_member: Some(by_member),
+        }]);
         for line in [
             "ferry_source_healthy{source=\"acct\"} 0",
             "ferry_member_healthy{source=\"acct\",member=\"alpha\"} 1",
@@ -318,6 +358,9 @@ mod tests {
             "ferry_last_success_timestamp_seconds{source=\"acct\",member=\"alpha\"} 5000",
             "ferry_last_success_timestamp_seconds{source=\"acct\",member=\"beta\"} 1000",
             "ferry_last_backup_size_bytes{source=\"acct\",member=\"beta\"} 20",
+            "ferry_backups_retained{source=\"acct\",member=\"alpha\"} 2",
+            "ferry_backups_retained{source=\"acct\",member=\"beta\"} 1",
+            "ferry_backups_retained{source=\"acct\",member=\"gamma\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
@@ -325,6 +368,7 @@ mod tests {
             !text.contains("ferry_last_success_timestamp_seconds{source=\"acct\"}"),
             "no source-wide newest backup stands for one member"
         );
+        assert!(!text.contains("ferry_backups_retained{source=\"acct\"}"), "counted per member, not source-wide");
     }
 
     #[test]

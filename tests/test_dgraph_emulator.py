@@ -400,6 +400,10 @@ def test_export_answer_forms_follow_the_selection_the_docs_example_or_neither(pl
     assert list(answer) == ["response"] and answer["response"]["code"] == "Success"
     assert re.fullmatch(r"Export queued with ID 0x[0-9a-f]+", answer["response"]["message"])
     assert len(control(plain, "/__control/state")["exports"]) == 2, "queued even when unrecognised"
+    control(plain, body={"export_answer_form": "gateway_timeout"})
+    answer = export(plain)
+    assert answer.status == 504 and b"Gateway Time-out" in answer.body
+    assert len(control(plain, "/__control/state")["exports"]) == 3, "queued behind the gateway's 504"
     control(plain, body={"export_answer_form": "other"}, expect=400)
 
 

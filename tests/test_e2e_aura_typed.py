@@ -1,5 +1,5 @@
 """End to end: Neo4j values keep their Cypher types through a Ferry backup and Ferry's logical
-load (typed JSON), pages cost what they read (id ranges, EXPLAINed once), a source property named
+load (typed JSON), a drill compares them value for value and type for type, pages cost what they read (id ranges, EXPLAINed once), a source property named
 `_ferry_id` is data like any other, and an export written before typed JSON (format 1) still
 loads. One Worker and one emulator for the module."""
 
@@ -91,7 +91,7 @@ def world(tmp_path_factory):
     assert status == 200, body
     sources = [
         # Pages of two ids: the hostile graph is read in several id ranges.
-        aura_source("typed", emulator, mode="logical", database="hostile", page_size=2),
+        aura_source("typed", emulator, mode="logical", database="hostile", page_size=2, drill_database="typed-drill"),
         aura_source("graph", emulator, mode="logical", page_size=50),
     ]
     ferry = Ferry(work / "ferry", sources, secrets=AURA_SECRETS)
@@ -207,3 +207,44 @@ def test_an_export_written_before_typed_json_still_loads_as_plain_json(world):
     assert node["props"] == {"n": typed("Integer", "9007199254740993"), "s": typed("String", "2015-03-26"),
                              "f": typed("Float", "1.5"), "l": tlist("Integer", ["1", "2"])}
     assert [r["props"] for r in g["relationships"]] == [{"w": typed("Float", "0.25")}]
+
+
+def drill(world, source: str) -> dict:
+    status, answer = world["ferry"].api_post(f"/v1/sources/{source}/drill", {"batch_size": 2})
+    assert status == 202, answer
+    return world["ferry"].wait_job(answer["job"]["id"], timeout=120)
+
+
+def test_a_drill_of_the_typed_graph_compares_every_value_type_for_type_and_passes(world):
+    ferry, emulator = world["ferry"], world["emulator"]
+    _, manifest = backup(world, "typed")
+    assert set(manifest["artifacts"][0]["details"]["values"]["labels"]) == {"Value", "Other"}
+    job = drill(world, "typed")
+    assert job["phase"] == "restored", job
+    record = ferry.backups("typed")[0]["drill"]
+    assert record["job_id"] == job["id"] and record["passed"] is True, record
+    assert record["values_compared"] is True and record["backup_values_from"] == "manifest", record
+    assert emulator.graph("typed-drill") == {"nodes": [], "relationships": []}
+
+
+def test_a_drill_of_a_typed_backup_whose_date_became_a_string_in_r2_fails_naming_the_label_and_property(world):
+    """One property's type changed in the file (a Date turned into a String of the same text), the
+    counts and the footer still matching: only comparing values type for type can catch it."""
+    ferry = world["ferry"]
+    _, manifest = backup(world, "typed")
+    (art,) = [a for a in manifest["artifacts"] if a["filename"] == "graph.jsonl.gz"]
+    _, body = ferry.artifact(art["key"])
+    lines = [json.loads(line) for line in gzip.decompress(body).decode().splitlines()]
+    node = next(e for e in lines if e["type"] == "node" and "date" in e["properties"])
+    assert node["labels"] == ["Value"] and node["properties"]["date"] == typed("Date", "2015-03-26")
+    node["properties"]["date"] = typed("String", "2015-03-26")
+    try:
+        ferry.r2_put(art["key"], gzip.compress(("\n".join(json.dumps(e) for e in lines) + "\n").encode()))
+        job = drill(world, "typed")
+        assert job["phase"] == "failed", job
+        assert 'label "Value"' in job["error"] and '(property "date")' in job["error"], job["error"]
+        assert "nodes restored" not in job["error"], "the counts matched"
+        record = ferry.backups("typed")[0]["drill"]
+        assert record["passed"] is False and record["values_compared"] is True, record
+    finally:
+        ferry.r2_put(art["key"], body)

@@ -112,6 +112,14 @@ def test_an_export_answer_without_a_task_id_fails_the_job_and_queues_no_second_e
     assert len(plain.state()["exports"]) == 1, "the export mutation was sent once"
 
 
+def test_a_gateway_error_answering_the_export_fails_the_job_quoting_it_and_queues_no_second_export(world):
+    ferry, plain = world["ferry"], world["plain"]
+    plain.control(export_answer_form="gateway_timeout")
+    job = ferry.webhook_job("graph-failing")
+    assert job["phase"] == "failed" and "HTTP 504" in job["error"] and "Gateway Time-out" in job["error"], job
+    assert len(plain.state()["exports"]) == 1, "the export mutation was sent once"
+
+
 def test_failed_export_fails_the_job_with_no_manifest(world):
     ferry, plain = world["ferry"], world["plain"]
     plain.control(status_sequence=["Queued", "Running", "Failed"])
@@ -221,6 +229,15 @@ def test_account_mode_backs_up_every_backend_in_its_own_job_and_a_failure_stops_
         assert report["health"]["reason"].startswith("backend beta: "), report["health"]
         assert {m: v["health"]["light"] for m, v in report["members"].items()} == \
             {"alpha": "green", "beta": "amber", "gamma": "green"}
+        # The listing filtered by backend: its own backups; a known backend without any gets none,
+        # an unknown one is a 404 naming it, an empty name a 400 naming the parameter.
+        only = ferry.api_json("/v1/sources/account/backups?member=alpha")
+        assert [m["job_id"] for m in only["backups"]] == [by_backend["alpha"]["id"]], only
+        assert ferry.api_json("/v1/sources/account/backups?member=beta")["backups"] == []
+        status, _, body = ferry.api("/v1/sources/account/backups?member=zeta")
+        assert status == 404 and "zeta" in json.loads(body)["error"], body
+        status, _, body = ferry.api("/v1/sources/account/backups?member=")
+        assert status == 400 and '"member"' in json.loads(body)["error"], body
 
         # The source is free again; a second round where every backend commits.
         cerebro.control(failing_backends=[])
@@ -243,6 +260,7 @@ def test_account_mode_backs_up_every_backend_in_its_own_job_and_a_failure_stops_
         assert status == 200
         for name in ("alpha", "beta", "gamma"):
             assert f'ferry_member_healthy{{source="account",member="{name}"}} 1' in metrics.decode()
+            assert f'ferry_backups_retained{{source="account",member="{name}"}} 1' in metrics.decode()
     finally:
         ferry.stop()
         cerebro.stop()

@@ -101,6 +101,15 @@ def test_an_upload_refused_by_the_service_fails_the_job_with_its_message(world):
     assert len(upload_requests(world)) == 1, "a refusal is not retried"
 
 
+def test_an_expired_user_token_fails_the_restore_naming_the_secret_to_renew(world):
+    world["emulator"].control(expired_tokens=True)
+    job = restored(world)
+    assert job["phase"] == "failed", job
+    assert "user token in the Worker secret DXP_USER_TOKEN has expired (HTTP 401: Token expired)" in job["error"], job
+    assert "wrangler secret put DXP_USER_TOKEN" in job["error"], job
+    assert not upload_requests(world) and not uploaded(world)
+
+
 def test_a_backup_without_a_volume_fails_clearly_without_uploading(world):
     ferry, manifest = world["ferry"], dict(world["manifest"])
     folder = "portal/2026-01-01T000000Z-00000000000000ff/"

@@ -5,8 +5,8 @@
 //! decided twice nor lost to a crash between deciding and sending:
 //! - every export that ends `failed` raises one `failed`, with the provider's error text;
 //! - every export that ends `committed` raises one `committed`;
-//! - every replicate job (the second copy) that ends `failed` raises one `failed` too, its
-//!   `job.task` being `replicate`; it does not make the exports count as failing;
+//! - every replicate job (the second copy) or restore that ends `failed` raises one `failed` too,
+//!   its `job.task` being `replicate` or `restore`; it does not make the exports count as failing;
 //! - a verify job that ends `failed` raises one `verify_failed`;
 //! - a tick whose health is red (no committed backup within `max_age`) raises `stale` once per
 //!   episode: the episode starts there and ends with the next committed backup;
@@ -183,7 +183,9 @@ impl AlertState {
             }
             // A second copy that failed is reported like a failed backup (`job.task` says
             // `replicate`), without marking the source's exports as failing.
-            (Task::Replicate, Phase::Failed) => raised.push(of_job(EventKind::Failed)),
+            // So is a restore that failed (`job.task` says `restore`): refused credentials, a
+            // refused upload, a target that cannot be written.
+            (Task::Replicate | Task::Restore, Phase::Failed) => raised.push(of_job(EventKind::Failed)),
             (Task::Verify, Phase::Failed) => {
                 raised.push(of_job(EventKind::VerifyFailed));
                 self.verify_failing = true;
@@ -274,6 +276,15 @@ mod tests {
             kinds(&s.job_ended("app-db", "d1", &job(3, Task::Export, Phase::Committed))),
             vec![EventKind::Committed]
         );
+    }
+
+    #[test]
+    fn a_failed_restore_raises_failed_naming_the_task_and_leaves_the_exports_healthy() {
+        let mut s = AlertState::default();
+        let raised = s.job_ended("portal", "dxp", &job(1, Task::Restore, Phase::Failed));
+        assert_eq!(kinds(&raised), vec![EventKind::Failed]);
+        assert_eq!(raised[0].job.as_ref().map(|j| j.task), Some(Task::Restore));
+        assert!(!s.failing, "a restore is not a backup: the exports are not failing");
     }
 
     #[test]

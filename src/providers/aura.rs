@@ -64,6 +64,7 @@ use crate::providers::{url_with_path, Credentials, Download, Origin, Progress, P
 use crate::time::Timestamp;
 use crate::transfer::{CopyState, Generator};
 
+pub mod digest;
 pub mod drill;
 
 /// Refetch the token this long before it expires.
@@ -610,6 +611,7 @@ impl GraphExport {
             spec.page_size = lowered.clamp(1, self.page_size);
         }
         let ids = if cursor.started { cursor.id_range.clone() } else { Some(IdRange::default()) };
+        let typed = ids.is_some();
         let mut writer = GraphWriter {
             spec,
             phase,
@@ -619,6 +621,13 @@ impl GraphExport {
             relationships: cursor.relationships,
             labels: cursor.labels.clone(),
             types: cursor.types.clone(),
+            // Kept from the start of a typed export only: one begun before they were kept has
+            // none, rather than digests of part of its graph.
+            values: match (cursor.started, &cursor.values) {
+                (false, _) => typed.then(digest::ValueDigests::default),
+                (true, Some(v)) => serde_json::from_value(v.clone()).ok(),
+                (true, None) => None,
+            },
             warnings: cursor.warnings.clone(),
             encoder: GzEncoder::new(Vec::new(), Compression::default()),
             error: None,
@@ -663,6 +672,9 @@ pub struct GraphWriter {
     relationships: u64,
     labels: BTreeMap<String, u64>,
     types: BTreeMap<String, u64>,
+    /// Digests of the typed values written (typed exports only; `None` on an export begun before
+    /// they were kept, or in plain JSON).
+    values: Option<digest::ValueDigests>,
     warnings: Vec<String>,
     encoder: GzEncoder<Vec<u8>>,
     error: Option<String>,
@@ -689,17 +701,17 @@ pub fn typed_integer(n: u64) -> Value {
 }
 
 /// The text of a typed-JSON String.
-fn typed_text(v: &Value) -> Option<&str> {
+pub(crate) fn typed_text(v: &Value) -> Option<&str> {
     (v.get("$type")? == "String").then(|| v.get("_value")?.as_str())?
 }
 
 /// The items of a typed-JSON List.
-fn typed_list(v: &Value) -> Option<&Vec<Value>> {
+pub(crate) fn typed_list(v: &Value) -> Option<&Vec<Value>> {
     (v.get("$type")? == "List").then(|| v.get("_value")?.as_array())?
 }
 
 /// A typed-JSON Integer that is a whole number from 0 up, or Null.
-fn typed_count(v: &Value) -> Result<Option<u64>, StepError> {
+pub(crate) fn typed_count(v: &Value) -> Result<Option<u64>, StepError> {
     match v.get("$type").and_then(Value::as_str) {
         Some("Null") => Ok(None),
         Some("Integer") => v
@@ -713,7 +725,7 @@ fn typed_count(v: &Value) -> Result<Option<u64>, StepError> {
 }
 
 /// A typed-JSON Map whose every entry is itself typed: the properties, kept exactly as sent.
-fn typed_properties(v: Option<&Value>) -> Result<Value, StepError> {
+pub(crate) fn typed_properties(v: Option<&Value>) -> Result<Value, StepError> {
     let Some(v) = v else { return Ok(json!({})) };
     let map = (v.get("$type").and_then(Value::as_str) == Some("Map"))
         .then(|| v.get("_value").and_then(Value::as_object))
@@ -893,12 +905,18 @@ impl GraphWriter {
                 for label in &labels {
                     *self.labels.entry(label.clone()).or_default() += 1;
                 }
+                if let (Some(values), Value::Object(map)) = (self.values.as_mut(), &props) {
+                    values.add_node(&labels, map);
+                }
                 self.line(&json!({ "type": "node", "id": id, "labels": labels, "properties": props }));
                 self.nodes += 1;
             }
             GraphPhase::Relationships => {
                 let rel_type = text("type")?;
                 *self.types.entry(rel_type.clone()).or_default() += 1;
+                if let (Some(values), Value::Object(map)) = (self.values.as_mut(), &props) {
+                    values.add_relationship(&rel_type, map);
+                }
                 self.line(&json!({
                     "type": "relationship", "id": id, "rel_type": rel_type,
                     "start": text("start")?, "end": text("end")?, "properties": props,
@@ -975,6 +993,7 @@ impl GraphWriter {
             types: self.types.clone(),
             id_range: self.ids.clone(),
             warnings: self.warnings.clone(),
+            values: self.values.as_ref().and_then(|v| serde_json::to_value(v).ok()),
         }
     }
 
@@ -1015,10 +1034,13 @@ impl GraphWriter {
             .encoder
             .finish()
             .map_err(|e| StepError::permanent(format!("compressing the graph export failed: {e}")))?;
-        let details = json!({
+        let mut details = json!({
             "format": "ferry-neo4j-jsonl", "nodes": nodes, "relationships": relationships,
             "labels": self.labels, "types": self.types,
         });
+        if let Some(values) = &self.values {
+            details["values"] = serde_json::to_value(values).unwrap_or(Value::Null);
+        }
         Ok((rest, details))
     }
 }
@@ -1107,6 +1129,10 @@ pub struct GraphCursor {
     /// Warnings for the job (a paging statement planned as a scan); the job lists them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// The digests of the typed values written so far, per label and type
+    /// ([`digest::ValueDigests`], which drills compare with the restored graph).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<serde_json::Value>,
 }
 
 /// Paging one phase of a graph export by internal id ranges: `id(x) IN range(next, next + size - 1)`.

@@ -420,8 +420,13 @@ impl DgraphState {
         resp: &HttpResponse,
         now: Timestamp,
     ) -> Result<Progress, StepError> {
-        let body = graphql_body(resp, now)?;
         let stage = self.stage(cfg);
+        if stage == Stage::Export {
+            if let Some(failed) = unrecognised_export_answer(resp) {
+                return Ok(failed);
+            }
+        }
+        let body = graphql_body(resp, now)?;
         if matches!(stage, Stage::CerebroLogin | Stage::Deployments) {
             return self.on_cerebro(stage, &body);
         }
@@ -630,6 +635,27 @@ pub fn member_of(references: &Value) -> Option<String> {
     let backend = references.get("backend")?;
     let name = backend.get("name").and_then(Value::as_str).filter(|n| !n.is_empty());
     name.or_else(|| backend.get("uid").and_then(Value::as_str).filter(|u| !u.is_empty())).map(str::to_string)
+}
+
+/// An HTTP answer to the `export` mutation that Ferry would otherwise retry, but that does not say
+/// the request went unhandled: a 500, a gateway's 502 or 504 (RFC 9110 §15.6.3, §15.6.5: the
+/// request was forwarded and may have been acted on), a 408. (A 503, RFC 9110 §15.6.4, and a 429,
+/// RFC 6585 §4, say it was not handled, so asking again is safe; other 4xx are refusals and fail
+/// the job as they always did.) The export may be queued all the same, and Dgraph Cloud offers no way to find it
+/// without the task id such an answer lacks, so the job fails quoting the answer (bounded) instead
+/// of sending the mutation a second time (RFC 9110 §9.2.2: a non-idempotent request is not retried
+/// blindly). `None` for answers the ordinary path reads.
+fn unrecognised_export_answer(resp: &HttpResponse) -> Option<Progress> {
+    if !(resp.status == 408 || (500..600).contains(&resp.status)) || resp.status == 503 {
+        return None;
+    }
+    let status = resp.status;
+    let shown = resp.snippet(300);
+    Some(Progress::Failed(format!(
+        "Dgraph's export mutation was answered HTTP {status}, not by Dgraph: {shown}. The export may be queued at \
+         Dgraph all the same; Dgraph Cloud can only be asked about an export by the task id this answer lacks, so \
+         Ferry does not send the mutation again. Check the backend's exports before the next run"
+    )))
 }
 
 fn malformed(what: &str) -> StepError {
@@ -862,6 +888,38 @@ mod tests {
             );
             assert!(s.task_id.is_none());
         }
+    }
+
+    #[test]
+    fn an_export_mutation_answered_by_a_gateway_error_fails_quoting_it_and_is_never_sent_again() {
+        let c = cfg(false);
+        let page = b"<html><head><title>504 Gateway Time-out</title></head></html>".to_vec();
+        for status in [500, 502, 504, 408] {
+            let mut s = DgraphState::default();
+            let answer = HttpResponse { status, headers: vec![], body: page.clone() };
+            let progress = s.on_response(&c, &answer, now()).unwrap_or_else(|e| panic!("{status}: {e:?}"));
+            let Progress::Failed(message) = progress else { panic!("{status}: {progress:?}") };
+            assert!(
+                message.contains(&format!("HTTP {status}")) && message.contains("504 Gateway Time-out"),
+                "{message}"
+            );
+            assert!(message.contains("not send the mutation again"), "{message}");
+            assert!(s.task_id.is_none());
+        }
+        // The quote is bounded however long the page.
+        let long = HttpResponse { status: 502, headers: vec![], body: vec![b'x'; 100_000] };
+        let Ok(Progress::Failed(message)) = DgraphState::default().on_response(&c, &long, now()) else { panic!() };
+        assert!(message.len() < 1_000, "{}", message.len());
+        // 429 and 503 say the request was not handled (RFC 6585 §4, RFC 9110 §15.6.4): retried.
+        for status in [429, 503] {
+            let e = DgraphState::default().on_response(&c, &HttpResponse::json(status, &json!({})), now()).unwrap_err();
+            assert!(e.is_retryable(), "{status}");
+        }
+        // Once the export is queued, a status poll's gateway error is retried as before.
+        let mut polling = DgraphState::default();
+        polling.on_response(&c, &queued(), now()).unwrap();
+        let e = polling.on_response(&c, &HttpResponse { status: 504, headers: vec![], body: page }, now()).unwrap_err();
+        assert!(e.is_retryable());
     }
 
     #[test]

@@ -101,8 +101,9 @@ impl ProviderSettings for DxpConfig {
     }
 }
 
-/// The backup service's three authentication modes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The backup service's three authentication modes (names only, never a secret's value).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
 pub enum DxpAuth {
     /// HTTP Basic with a user's email and password.
     Basic {
@@ -152,10 +153,10 @@ pub(crate) fn message_of(resp: &HttpResponse) -> String {
 /// message names the Worker secret to renew. A user token is the browser's `access_token` cookie
 /// (Liferay Cloud, "Authentication"): it expires, and the service's 401 then says so (its exact
 /// words are undocumented; any 401 to a user token is reported as possibly expired).
-pub(crate) fn credentials_refused(cfg: Option<&DxpConfig>, resp: &HttpResponse) -> StepError {
+pub(crate) fn credentials_refused(auth: Option<DxpAuth>, resp: &HttpResponse) -> StepError {
     let said = message_of(resp);
     let status = resp.status;
-    let text = match cfg.and_then(DxpConfig::auth) {
+    let text = match auth {
         Some(DxpAuth::UserToken { secret }) if status == 401 => {
             let what = if said.to_ascii_lowercase().contains("expired") {
                 "has expired"
@@ -322,7 +323,7 @@ impl DxpState {
         }
         match resp.status {
             200..=299 => {}
-            401 | 403 => return Err(credentials_refused(Some(cfg), resp)),
+            401 | 403 => return Err(credentials_refused(cfg.auth(), resp)),
             404 | 410 => {
                 return Err(StepError::permanent(format!(
                     "the DXP backup service has no backup list (HTTP {}): {} (from backup service 5.9.0 the REST API may be unavailable; name the backup in the webhook body as {{\"backup_id\": \"…\"}})",
@@ -373,7 +374,7 @@ impl DxpState {
         self.database_file = Some(match resp.status {
             200..=299 => database_file_name(&resp.headers),
             405 | 501 => DEFAULT_DATABASE_FILE.to_string(),
-            401 | 403 => return Err(credentials_refused(Some(cfg), resp)),
+            401 | 403 => return Err(credentials_refused(cfg.auth(), resp)),
             404 | 410 => {
                 return Err(StepError::permanent(format!(
                     "the DXP backup service has no database download for backup {id} (HTTP {}): {} (from backup \

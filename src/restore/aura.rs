@@ -91,6 +91,7 @@ use crate::http::{status_error, HttpRequest, HttpResponse};
 use crate::identity::{JobId, Task};
 use crate::manifest::Manifest;
 use crate::providers::aura::drill::{self as drill, DrillTarget};
+use crate::providers::aura::digest::ValueDigests;
 use crate::providers::aura::{self as provider, AuraConfig, GRAPH_FILE};
 use crate::providers::{url_with_path, Credentials, ProviderConfig};
 use crate::secret::Secret;
@@ -330,6 +331,10 @@ pub struct LoadCursor {
     /// The file is version 2: properties in typed JSON, sent typed (set by the scan's header).
     #[serde(default)]
     pub typed: bool,
+    /// Scan of a version 2 file: the digests of its typed values (what a drill compares the
+    /// restored graph with when the manifest recorded none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<ValueDigests>,
 }
 
 impl LoadCursor {
@@ -602,6 +607,7 @@ impl GraphLoader {
                 2 if v.get("values").and_then(Value::as_str) == Some("typed-json") => true,
                 version => return Err(bad(n, format!("format version {version}, which this Ferry does not know"))),
             };
+            c.values = c.typed.then(ValueDigests::default);
             return Ok(());
         }
         if let Some(props) = v.get("properties").and_then(Value::as_object) {
@@ -618,8 +624,12 @@ impl GraphLoader {
                 return Err(bad(n, "a property that is not typed JSON ({\"$type\", \"_value\"}) in a version 2 file"));
             }
         }
+        let props = v.get("properties").and_then(Value::as_object);
         match item(n, &v, c.typed)? {
             Item::Node(labels, _) => {
+                if let Some(values) = c.values.as_mut() {
+                    values.add_node(&labels, props.unwrap_or(&serde_json::Map::new()));
+                }
                 if c.seen_relationship {
                     return Err(bad(n, "a node after the relationships"));
                 }
@@ -632,6 +642,9 @@ impl GraphLoader {
                 }
             }
             Item::Rel(t, _) => {
+                if let Some(values) = c.values.as_mut() {
+                    values.add_relationship(&t, props.unwrap_or(&serde_json::Map::new()));
+                }
                 c.seen_relationship = true;
                 c.relationships += 1;
                 *c.types.entry(t).or_default() += 1;
@@ -887,6 +900,11 @@ pub enum Step {
     CountLabels,
     /// Drills: relationships per type.
     CountTypes,
+    /// Drills of typed backups: read the nodes back page by page in typed JSON, folding their
+    /// values into digests.
+    ReadNodes,
+    /// Drills of typed backups: the same for relationships, then compare the digests.
+    ReadRelationships,
     /// Drills: empty the drill database again.
     EmptyAfter,
     /// Drop the import constraint: after the cleanup (logical loads), after emptying (drills,
@@ -913,6 +931,9 @@ pub struct BackupRef {
     /// Relationships per type the export wrote, as its manifest recorded them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub types: Option<BTreeMap<String, u64>>,
+    /// The digests of the typed values the export wrote, as its manifest recorded them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<ValueDigests>,
 }
 
 /// A restore's persisted state.
@@ -989,6 +1010,18 @@ pub struct AuraRestore {
     /// restore planned before, which goes on with `_ferry_id`.
     #[serde(default)]
     pub job_helper: bool,
+    /// Drills of typed backups: the restored graph read back, as digests of its typed values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_values: Option<ValueDigests>,
+    /// Drills reading back: the highest id of the phase, once asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_max: Option<u64>,
+    /// Drills reading back: the first id of the next page.
+    #[serde(default)]
+    pub read_next: u64,
+    /// Drills of typed backups: the restored graph's values were read back and compared.
+    #[serde(default)]
+    pub values_compared: bool,
 }
 
 fn default_restoring_wait() -> u32 {
@@ -1080,6 +1113,10 @@ pub fn plan(task: Task, cfg: &AuraConfig, params: &Value, backup: Option<String>
         drill_target: None,
         scratch: None,
         job_helper: true,
+        restored_values: None,
+        read_max: None,
+        read_next: 0,
+        values_compared: false,
     };
     let needs_password = || {
         cfg.db_password_secret
@@ -1330,6 +1367,23 @@ impl AuraRestore {
                 let (url, auth) = self.endpoint(cfg, creds)?;
                 Next::Send(query(&url, &auth, TYPE_COUNTS, json!({})))
             }
+            Step::ReadNodes | Step::ReadRelationships => {
+                // The export's own statements (id seeks, typed JSON), a page of `batch_size` ids.
+                let (url, auth) = self.endpoint(cfg, creds)?;
+                let nodes = self.step == Step::ReadNodes;
+                let (statement, parameters) = match self.read_max {
+                    None => (if nodes { provider::MAX_NODE_ID } else { provider::MAX_RELATIONSHIP_ID }, json!({})),
+                    Some(max) => {
+                        let to = self.read_next.saturating_add(u64::from(self.batch_size.max(1)) - 1).min(max);
+                        let page = if nodes { provider::NODES_QUERY } else { provider::RELATIONSHIPS_QUERY };
+                        (
+                            page,
+                            json!({ "from": provider::typed_integer(self.read_next), "to": provider::typed_integer(to) }),
+                        )
+                    }
+                };
+                Next::Send(provider::typed_query(&url, auth.expose(), statement, parameters))
+            }
             Step::Load => {
                 let (url, authorization) = self.endpoint(cfg, creds)?;
                 let key = self
@@ -1380,8 +1434,10 @@ impl AuraRestore {
                 load.loaded_nodes, load.loaded_relationships, load.statements
             ),
             Mode::Drill => format!(
-                "drill of backup {folder} passed: {} nodes, {} relationships loaded into {db} and counted",
-                load.loaded_nodes, load.loaded_relationships
+                "drill of backup {folder} passed: {} nodes, {} relationships loaded into {db} and counted{}",
+                load.loaded_nodes,
+                load.loaded_relationships,
+                if self.values_compared { ", every value compared type for type" } else { "" }
             ),
         };
         if self.mode == Mode::Logical {
@@ -1446,6 +1502,10 @@ impl AuraRestore {
             "labels": side(&labels, &self.counted_labels),
             "types": side(&types, &self.counted_types),
             "backup_counts_from": counts_from,
+            // Typed backups: whether every label's and type's values and types were read back and
+            // compared with the backup's digests, and where those came from (manifest or file).
+            "values_compared": self.values_compared,
+            "backup_values_from": self.expected_values().map(|(_, from)| from),
             "error": self.failure,
         })
     }
@@ -1848,12 +1908,116 @@ impl AuraRestore {
                     self.step = Step::CountTypes;
                 } else {
                     self.failure = self.compare();
-                    self.step = if self.scratch.is_some() { Step::DeleteScratch } else { Step::EmptyAfter };
+                    if self.failure.is_none() && self.expected_values().is_some() {
+                        // The counts match: read the graph back to compare values and types.
+                        self.restored_values = Some(ValueDigests::default());
+                        self.read_max = None;
+                        self.read_next = 0;
+                        self.step = Step::ReadNodes;
+                    } else {
+                        self.step = self.after_compare();
+                    }
                 }
+                Ok(Answer::Continue)
+            }
+            Step::ReadNodes | Step::ReadRelationships => {
+                self.read_back(&rows)?;
                 Ok(Answer::Continue)
             }
             step => Err(StepError::permanent(format!("a Query API answer came at {step:?}"))),
         }
+    }
+
+    /// Where a drill goes once it compared: delete its scratch instance, or empty its database.
+    fn after_compare(&self) -> Step {
+        if self.scratch.is_some() {
+            Step::DeleteScratch
+        } else {
+            Step::EmptyAfter
+        }
+    }
+
+    /// The digests of the typed values the drill compares the restored graph with: those the
+    /// manifest recorded when the export was written, else (older typed backups) those the scan
+    /// took from the file; `None` for a plain JSON (version 1) file, whose values are not typed.
+    fn expected_values(&self) -> Option<(&ValueDigests, &'static str)> {
+        let load = self.load.as_ref().filter(|l| l.typed)?;
+        match self.backup.as_ref().and_then(|b| b.values.as_ref()) {
+            Some(values) => Some((values, "manifest")),
+            None => load.values.as_ref().map(|v| (v, "file")),
+        }
+    }
+
+    /// One answer of the read-back: the phase's highest id, or a page of typed rows folded into
+    /// the digests. The last page of the relationships compares them.
+    fn read_back(&mut self, rows: &[serde_json::Map<String, Value>]) -> Result<(), StepError> {
+        let nodes = self.step == Step::ReadNodes;
+        let Some(max) = self.read_max else {
+            let max = match rows.first().and_then(|r| r.get("max")) {
+                Some(v) => provider::typed_count(v)?,
+                None => None,
+            };
+            match max {
+                Some(max) => self.read_max = Some(max),
+                None => self.read_phase_done(nodes),
+            }
+            return Ok(());
+        };
+        let malformed =
+            |what: &str| StepError::permanent(format!("Neo4j Query API: received a malformed response ({what})"));
+        let values = self.restored_values.get_or_insert_with(ValueDigests::default);
+        for row in rows {
+            let props = provider::typed_properties(row.get("props"))?;
+            let props = props.as_object().ok_or_else(|| malformed("properties that are not a Map"))?;
+            if nodes {
+                let labels: Vec<String> = row
+                    .get("labels")
+                    .and_then(provider::typed_list)
+                    .ok_or_else(|| malformed("a row whose labels are not a List"))?
+                    .iter()
+                    .map(|l| {
+                        provider::typed_text(l)
+                            .map(str::to_string)
+                            .ok_or_else(|| malformed("a label that is not a String"))
+                    })
+                    .collect::<Result<_, _>>()?;
+                values.add_node(&labels, props);
+            } else {
+                let rel_type = row
+                    .get("type")
+                    .and_then(provider::typed_text)
+                    .ok_or_else(|| malformed("a row whose type is not a String"))?;
+                values.add_relationship(rel_type, props);
+            }
+        }
+        let to = self.read_next.saturating_add(u64::from(self.batch_size.max(1)) - 1).min(max);
+        if to >= max {
+            self.read_phase_done(nodes);
+        } else {
+            self.read_next = to + 1;
+        }
+        Ok(())
+    }
+
+    fn read_phase_done(&mut self, nodes: bool) {
+        self.read_max = None;
+        self.read_next = 0;
+        if nodes {
+            self.step = Step::ReadRelationships;
+        } else {
+            self.failure = self.compare_values();
+            self.values_compared = true;
+            self.step = self.after_compare();
+        }
+    }
+
+    /// The read-back's finding: `None` when every label's and type's typed values are the
+    /// backup's.
+    fn compare_values(&self) -> Option<String> {
+        let (expected, _) = self.expected_values()?;
+        let found = expected.differences(self.restored_values.as_ref()?, 5);
+        let folder = self.backup.as_ref().map_or("?", |b| b.folder.as_str());
+        (!found.is_empty()).then(|| format!("drill of backup {folder} failed: {}", found.join("; ")))
     }
 
     /// The drill's finding: `None` when every label and type has what the backup holds.
@@ -1998,5 +2162,8 @@ fn backup_of(key: &str, manifest: &Manifest) -> BackupRef {
         graph_key: graph.map(|a| a.key.clone()),
         labels: counts("labels"),
         types: counts("types"),
+        values: graph
+            .and_then(|a| a.details.as_ref()?.get("values").cloned())
+            .and_then(|v| serde_json::from_value(v).ok()),
     }
 }

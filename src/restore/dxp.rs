@@ -33,7 +33,7 @@ use crate::http::{status_error, HttpRequest, HttpResponse, Method};
 use crate::identity::{JobId, Task};
 use crate::manifest::Manifest;
 use crate::providers::dxp::{
-    authorize, credentials_refused, endpoint, item_id, list_items, message_of, DxpConfig, DxpState,
+    authorize, credentials_refused, endpoint, item_id, list_items, message_of, DxpAuth, DxpConfig, DxpState,
 };
 use crate::providers::{Credentials, ProviderConfig};
 use crate::time::Timestamp;
@@ -125,6 +125,10 @@ pub struct DxpRestore {
     /// Notes for the reader.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// How the source authenticates (secret names only), so that a refused credential is named
+    /// as the backup path names it (an expired user token, the secret to renew).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<DxpAuth>,
 }
 
 /// Checks a restore request: `Err` is the 400 the caller gets (nothing was touched).
@@ -164,6 +168,7 @@ pub fn plan(task: Task, cfg: &DxpConfig, params: &Value, backup: Option<String>)
         confirm_looks: 0,
         backup_id: None,
         notes: Vec::new(),
+        auth: cfg.auth(),
     })
 }
 
@@ -241,10 +246,14 @@ fn archives_of(key: &str, manifest: &Manifest) -> Result<Archives, StepError> {
 
 /// A listing's items; `Ok(Err(why))` when the list is unavailable (absent, malformed); `Err` for
 /// refused credentials (permanent) and the service's busy answers (transient).
-fn listing(resp: &HttpResponse, now: Timestamp) -> Result<Result<Vec<Value>, String>, StepError> {
+fn listing(
+    resp: &HttpResponse,
+    auth: Option<&DxpAuth>,
+    now: Timestamp,
+) -> Result<Result<Vec<Value>, String>, StepError> {
     match resp.status {
         200..=299 => {}
-        401 | 403 => return Err(credentials_refused(None, resp)),
+        401 | 403 => return Err(credentials_refused(auth.cloned(), resp)),
         408 | 429 | 500..=599 => {
             return Err(status_error(
                 resp,
@@ -308,7 +317,7 @@ impl DxpRestore {
 
     /// The listing before an upload.
     fn on_check(&mut self, resp: &HttpResponse, now: Timestamp) -> Result<Answer, StepError> {
-        match listing(resp, now)? {
+        match listing(resp, self.auth.as_ref(), now)? {
             Ok(items) => {
                 self.list_unavailable = None;
                 if let Some(since) = self.in_doubt_since {
@@ -403,6 +412,10 @@ impl DxpRestore {
                     format!("the DXP backup service answered the upload with HTTP {}: {message}", resp.status),
                 ))
             }
+            401 | 403 => {
+                self.in_doubt_since = None;
+                Err(credentials_refused(self.auth.clone(), &resp))
+            }
             status => {
                 self.in_doubt_since = None;
                 Err(StepError::permanent(format!(
@@ -415,7 +428,7 @@ impl DxpRestore {
     /// The listing after an accepted upload: best effort, never fails the restore.
     fn on_confirm(&mut self, resp: &HttpResponse, now: Timestamp) -> Answer {
         let since = self.last_upload_at.unwrap_or(now);
-        match listing(resp, now) {
+        match listing(resp, self.auth.as_ref(), now) {
             Ok(Ok(items)) => {
                 let named =
                     self.backup_id.clone().filter(|id| items.iter().any(|item| item_id(item) == Some(id.as_str())));

@@ -309,3 +309,37 @@ fn an_upload_interrupted_by_a_reset_is_looked_for_before_it_is_sent_again() {
     h.wake();
     assert_eq!(h.job.phase, Phase::Restored);
 }
+
+#[test]
+fn an_expired_user_token_fails_the_restore_naming_the_secret_as_a_backup_does() {
+    let expired = || HttpResponse::json(401, &json!({"message": "Token expired"}));
+    // At the listing before the upload.
+    let mut h = Harness::new();
+    assert!(matches!(h.wake(), Action::Restore(io) if matches!(*io, Io::ReadManifest { .. })));
+    h.feed(Event::RestoreIo(Ok(IoDone::Manifest(format!("{FOLDER}manifest.json"), Box::new(both())))));
+    h.list_request();
+    h.answer(expired());
+    assert_eq!(h.job.phase, Phase::Failed);
+    let listing = h.job.error.clone().unwrap();
+    let backup = crate::providers::dxp::credentials_refused(
+        match &source().provider {
+            crate::providers::ProviderConfig::Dxp(cfg) => cfg.auth(),
+            _ => None,
+        },
+        &expired(),
+    );
+    assert!(listing.contains(backup.message()), "the backup path's words: {listing}");
+    assert!(
+        listing.contains("user token in the Worker secret TOKEN has expired (HTTP 401: Token expired)"),
+        "{listing}"
+    );
+    // At the upload itself.
+    let mut h = Harness::new();
+    h.ready(both());
+    h.upload();
+    h.posted(Ok(HttpResponse::json(401, &json!({"message": "Unauthorized"}))));
+    assert_eq!(h.job.phase, Phase::Failed);
+    let upload = h.job.error.clone().unwrap();
+    assert!(upload.contains("user token in the Worker secret TOKEN was refused (it may have expired"), "{upload}");
+    assert!(upload.contains("wrangler secret put TOKEN"), "{upload}");
+}

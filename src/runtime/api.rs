@@ -11,11 +11,14 @@ use worker::{console_error, Env, Method, Request, Response, ResponseBody};
 
 use super::source_object::{call, claim_delivery, retired_sources, trigger_api, trigger_webhook, SWEEPER};
 use super::{load_config, now, retention, secret, store, BUCKET};
-use crate::api::{api_token_problem, bearer_ok, error_body, route, trigger_auth, Route, TriggerAuth};
+use crate::api::{
+    account_mode, api_token_problem, bearer_ok, error_body, member_filter, route, trigger_auth, unknown_member, Route,
+    TriggerAuth, MEMBER_COUNT_READS,
+};
 use crate::config::Config;
 use crate::identity::Task;
 use crate::manifest::{folder_of, is_manifest_key, manifest_key, Manifest};
-use crate::metrics::{render, render_notifications, SourceMetrics};
+use crate::metrics::{count_by_member, render, render_notifications, SourceMetrics};
 use crate::retention::pin_key;
 use crate::status::SourceReport;
 use crate::verify::{verification_key, Verification};
@@ -279,11 +282,21 @@ async fn list_sources(env: &Env, config: &Config) -> worker::Result<Response> {
 async fn metrics(env: &Env, config: &Config) -> worker::Result<Response> {
     let bucket = env.bucket(BUCKET)?;
     let reports = join_all(config.sources.iter().map(|s| call(env, &s.name, Method::Get, "/status", None))).await;
+    // Each source's committed backups; in account mode also each member's, from the manifests
+    // (at most MEMBER_COUNT_READS of them, else the count stays source-wide).
     let counts = join_all(config.sources.iter().map(|s| {
         let prefix = format!("{}/", s.name);
         let bucket = &bucket;
+        let by_member = account_mode(s);
         async move {
-            store::list_keys(bucket, &prefix).await.ok().map(|keys| keys.iter().filter(|k| is_manifest_key(k)).count())
+            let keys = store::list_keys(bucket, &prefix).await.ok()?;
+            let manifests: Vec<&String> = keys.iter().filter(|k| is_manifest_key(k)).collect();
+            if !by_member || manifests.len() > MEMBER_COUNT_READS {
+                return Some((manifests.len(), None));
+            }
+            let read = join_all(manifests.iter().map(|k| store::read_manifest(bucket, k))).await;
+            let members = read.into_iter().flatten().map(|m| crate::retention::member(&m));
+            Some((manifests.len(), Some(count_by_member(members))))
         }
     }))
     .await;
@@ -300,7 +313,13 @@ async fn metrics(env: &Env, config: &Config) -> worker::Result<Response> {
     }
     let samples: Vec<SourceMetrics<'_>> = parsed
         .iter()
-        .map(|(s, r, count)| SourceMetrics { name: &s.name, kind: s.kind(), report: r, backups_retained: *count })
+        .map(|(s, r, count)| SourceMetrics {
+            name: &s.name,
+            kind: s.kind(),
+            report: r,
+            backups_retained: count.as_ref().map(|c| c.0),
+            retained_by_member: count.as_ref().and_then(|c| c.1.clone()),
+        })
         .collect();
     let mut text = render(&samples);
     // Alert delivery failures, per destination, from the attempt record (best effort: the
@@ -381,40 +400,75 @@ async fn job_owner(env: &Env, config: &Config, id: &str) -> worker::Result<Optio
 }
 
 async fn list_backups(req: &Request, env: &Env, config: &Config, name: &str) -> worker::Result<Response> {
-    if config.source(name).is_none() {
-        return error(404, &format!("no source named {name:?}"));
-    }
-    let limit = req
-        .url()?
+    let Some(source) = config.source(name) else { return error(404, &format!("no source named {name:?}")) };
+    let url = req.url()?;
+    let limit = url
         .query_pairs()
         .find(|(k, _)| k == "limit")
         .and_then(|(_, v)| v.parse::<usize>().ok())
         .unwrap_or(BACKUPS_PAGE)
         .clamp(1, 1000);
+    let members: Vec<String> = url.query_pairs().filter(|(k, _)| k == "member").map(|(_, v)| v.into_owned()).collect();
+    let member = match member_filter(name, account_mode(source), &members) {
+        Ok(member) => member,
+        Err(refused) => return error(refused.status, &refused.message),
+    };
     let bucket = env.bucket(BUCKET)?;
     let all = store::list_keys(&bucket, &format!("{name}/")).await?;
     let present: std::collections::HashSet<&str> = all.iter().map(String::as_str).collect();
     let mut keys: Vec<&String> = all.iter().filter(|k| is_manifest_key(k)).collect();
     // Folder names start with the job's start time, so reverse key order is newest first.
     keys.sort_unstable_by(|a, b| b.cmp(a));
-    keys.truncate(limit);
-    // Each backup with its last verification (`null` when it was never verified) and its pin.
-    let backups: Vec<Value> = join_all(keys.iter().map(|k| {
-        let pinned = folder_of(k).is_some_and(|folder| present.contains(pin_key(folder).as_str()));
-        backup_with_verification(&bucket, k, pinned)
-    }))
-    .await
-    .into_iter()
-    .flatten()
-    .collect();
-    json(200, &json!({ "source": name, "backups": backups }))
+    let pinned = |k: &str| folder_of(k).is_some_and(|folder| present.contains(pin_key(folder).as_str()));
+    // Each backup with its last verification (`null` when it was never verified) and its pin;
+    // with `?member=`, only that member's, read newest first a page at a time until the page is
+    // full.
+    let mut backups: Vec<Value> = Vec::new();
+    for chunk in keys.chunks(limit) {
+        let found =
+            join_all(chunk.iter().map(|k| backup_with_verification(&bucket, k, pinned(k), member.as_deref()))).await;
+        backups.extend(found.into_iter().flatten());
+        if member.is_none() || backups.len() >= limit {
+            break;
+        }
+    }
+    backups.truncate(limit);
+    if let (Some(member), true) = (&member, backups.is_empty()) {
+        // No backup of it: it must be one of the members the source judges now.
+        let known: Vec<String> = match call(env, name, Method::Get, "/status", None).await {
+            Ok((200, report)) => report
+                .get("members")
+                .and_then(Value::as_object)
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        if let Some(refused) = unknown_member(name, member, 0, &known) {
+            return error(refused.status, &refused.message);
+        }
+    }
+    let mut answer = json!({ "source": name, "backups": backups });
+    if let Some(member) = member {
+        answer["member"] = Value::String(member);
+    }
+    json(200, &answer)
 }
 
-async fn backup_with_verification(bucket: &worker::Bucket, manifest_key: &str, pinned: bool) -> Option<Value> {
+/// A backup's manifest with its verification, drill and pin; `None` when it cannot be read, or
+/// when `only` names a member it does not belong to.
+async fn backup_with_verification(
+    bucket: &worker::Bucket,
+    manifest_key: &str,
+    pinned: bool,
+    only: Option<&str>,
+) -> Option<Value> {
     let manifest: Manifest = store::read_manifest(bucket, manifest_key).await?;
-    let verification: Option<Verification> = store::read_json(bucket, &verification_key(manifest_key)).await;
     // In account mode, the member (a Dgraph account's backend) whose series it is.
     let member = crate::retention::member(&manifest);
+    if only.is_some_and(|wanted| member.as_deref() != Some(wanted)) {
+        return None;
+    }
+    let verification: Option<Verification> = store::read_json(bucket, &verification_key(manifest_key)).await;
     let mut value = serde_json::to_value(manifest).ok()?;
     value["member"] = serde_json::to_value(member).unwrap_or(Value::Null);
     value["verification"] = serde_json::to_value(verification).unwrap_or(Value::Null);

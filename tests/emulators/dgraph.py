@@ -76,7 +76,9 @@ Reproduced quirks (see the reference for the evidence)
   ``export_answer_form`` picks the answer's shape: ``selection`` (default, ``data.export =
   {response, exportId, taskId}``), ``docs_example`` (Dgraph Cloud's documented example:
   ``data.export`` is the export id string, with ``data.response`` and ``data.taskID`` beside it)
-  or ``unrecognised`` (``data.export = {response}`` with no task id; the export is queued anyway).
+  or ``unrecognised`` (``data.export = {response}`` with no task id; the export is queued anyway),
+  or ``gateway_timeout`` (the export is queued, then a gateway in front answers ``504`` with its
+  own HTML page instead of Dgraph's JSON).
 * ``namespace`` omitted exports the caller's namespace (core ``validateAndGetNs``); ``-1``
   exports all namespaces and only a Galaxy guardian may ask for it; a Guardian of another
   namespace asking for a foreign namespace gets core's ``not allowed to export namespace 0x..``.
@@ -162,7 +164,7 @@ from common import (API_FAULTS, BaseHandler, RANGE_SWITCHES, REQUEST_LOG_SIZE, S
 DEFAULT_BACKEND = "default"
 # How the export mutation answers (switch ``export_answer_form``): as its selection set asks
 # (``selection``), as Dgraph Cloud's docs print it (``docs_example``), or in a form neither shows.
-EXPORT_ANSWER_FORMS = ("selection", "docs_example", "unrecognised")
+EXPORT_ANSWER_FORMS = ("selection", "docs_example", "unrecognised", "gateway_timeout")
 REFRESH_TTL = 30 * 24 * 3600
 CEREBRO_TTL = 3 * 3600
 MALFORMED_BODY = b"<html>502 Bad Gateway</html>"
@@ -1199,6 +1201,14 @@ class Emulator:
             # An answer in neither documented form (no task id anywhere): the export was queued
             # all the same, so a client that sends the mutation again starts a second export.
             return json_reply({"data": {"export": {"response": response}}}, op="export")
+        if form == "gateway_timeout":
+            # The export is queued, but the answer that reaches the client is a gateway's: RFC 9110
+            # §15.6.5 (504: the gateway "did not receive a timely response" from the server it
+            # forwarded the request to, which may have acted on it all the same) and §9.2.2 (a
+            # non-idempotent request such as this POST is not to be retried blindly). A gateway's
+            # error page is not Dgraph's GraphQL JSON, and carries no task id.
+            page = b"<html><head><title>504 Gateway Time-out</title></head><body><h1>504 Gateway Time-out</h1></body></html>\n"
+            return Reply(504, page, "text/html", [], "export")
         return json_reply({"data": {"export": {
             "response": response, "exportId": export_id, "taskId": task_id}}}, op="export")
 

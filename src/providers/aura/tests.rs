@@ -170,6 +170,26 @@ fn gunzip_lines(bytes: &[u8]) -> Vec<Value> {
     text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
+/// The digests of a graph file's typed values, folded line by line.
+fn digests_of_file(bytes: &[u8]) -> digest::ValueDigests {
+    let mut text = String::new();
+    flate2::read::MultiGzDecoder::new(bytes).read_to_string(&mut text).unwrap();
+    let mut d = digest::ValueDigests::default();
+    for line in text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()) {
+        let props = line["properties"].as_object().cloned().unwrap_or_default();
+        match line["type"].as_str() {
+            Some("node") => {
+                let labels: Vec<String> =
+                    line["labels"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_string()).collect();
+                d.add_node(&labels, &props);
+            }
+            Some("relationship") => d.add_relationship(line["rel_type"].as_str().unwrap(), &props),
+            _ => {}
+        }
+    }
+    d
+}
+
 fn ty(kind: &str, value: Value) -> Value {
     json!({"$type": kind, "_value": value})
 }
@@ -263,8 +283,10 @@ fn graph_export_explains_then_pages_id_ranges_up_to_the_highest_id_in_typed_json
     }
     assert!(w.next_request().is_none());
     assert!(w.warnings().is_empty(), "seeks warn nothing");
-    let (rest, details) = w.finish().unwrap();
+    let (rest, mut details) = w.finish().unwrap();
     out.extend(rest);
+    let values = details.as_object_mut().unwrap().remove("values").expect("the typed values' digests");
+    assert_eq!(values, serde_json::to_value(digests_of_file(&out)).unwrap(), "digests of exactly what was written");
     assert_eq!(
         details,
         json!({"format": "ferry-neo4j-jsonl", "nodes": 3, "relationships": 1,
@@ -440,8 +462,10 @@ fn a_sliced_graph_export_is_concatenated_gzip_members_with_the_same_lines() {
     );
     let w = spec.resume(cursor.as_ref());
     assert!(w.next_request().is_none(), "every page was read");
-    let (rest, details) = w.finish().unwrap();
+    let (rest, mut details) = w.finish().unwrap();
     sliced.extend(rest);
+    let values = details.as_object_mut().unwrap().remove("values").expect("the typed values' digests");
+    assert_eq!(values, serde_json::to_value(digests_of_file(&sliced)).unwrap(), "digests went across slices");
     assert_eq!(
         details,
         json!({"format": "ferry-neo4j-jsonl", "nodes": 3, "relationships": 1,
