@@ -59,7 +59,7 @@ const SLICE_GRACE: Duration = Duration::from_secs(180);
 const ALERTS_FLUSH_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Runs a storage or R2 call with a time limit; a call that does not answer is an error naming it.
-async fn bounded<T>(
+pub(super) async fn bounded<T>(
     limit: Duration,
     what: &str,
     fut: impl std::future::Future<Output = worker::Result<T>>,
@@ -78,14 +78,11 @@ pub struct SourceObject {
     /// In memory only: when the step now running started (an instance that restarted is,
     /// rightly, not busy). Held at most for [`BUSY_LEASE_MS`].
     busy_since: Cell<Option<f64>>,
-    /// In memory only, on the sweeper object: a sweep tick is running (two cron triggers firing
-    /// together must not sweep twice).
-    sweeping: Cell<bool>,
 }
 
 impl DurableObject for SourceObject {
     fn new(state: State, env: Env) -> Self {
-        Self { state, env, busy_since: Cell::new(None), sweeping: Cell::new(false) }
+        Self { state, env, busy_since: Cell::new(None) }
     }
 
     async fn fetch(&self, mut req: Request) -> worker::Result<Response> {
@@ -625,11 +622,9 @@ impl SourceObject {
         json_response(200, &json!({ "settled": keys.len() }))
     }
 
-    /// On the sweeper object: one cron tick of the daily sweep.
+    /// On the sweeper object: one cron tick of the daily sweep (under the sweeper's lease, see
+    /// `runtime::sweeper::tick`).
     async fn sweep(&self, body: Value) -> worker::Result<Response> {
-        if self.sweeping.replace(true) {
-            return json_response(200, &json!({ "line": "a sweep tick is already running" }));
-        }
         let now = Timestamp::from_millis(body["now"].as_i64().unwrap_or_else(|| super::now().millis()));
         let sources: Vec<String> = body["sources"]
             .as_array()
@@ -640,7 +635,6 @@ impl SourceObject {
             .map(|c| c.sources.iter().filter_map(|s| s.replica.as_ref().map(|r| r.bucket_binding.clone())).collect())
             .unwrap_or_default();
         let line = super::sweeper::tick(&self.storage(), &self.env, now, sources, replicas).await;
-        self.sweeping.set(false);
         json_response(200, &json!({ "line": line }))
     }
 
