@@ -49,6 +49,9 @@ pub const DEFAULT_STEP_SUBREQUESTS: u32 = 500;
 /// The smallest step budget: one unit of the costliest work plus its overhead.
 pub const MIN_STEP_SUBREQUESTS: u32 = 5;
 
+/// Backups a listing page shows when the request gives no `limit` (at most
+/// [`StepBudget::listing_page`]).
+pub const DEFAULT_LISTING_PAGE: usize = 100;
 /// R2 calls the listing makes per backup it shows: its manifest, verification and drill records.
 pub const LISTING_PER_BACKUP: u32 = 3;
 /// Subrequests of a listing besides its backups: the call to the source's object (the index).
