@@ -9,7 +9,7 @@ fn entry(i: usize) -> IndexEntry {
         folder: format!("app/{:08}-{:016x}/", i, i),
         time: Timestamp::from_millis(BASE_MS + i as i64 * HOUR_MS),
         bytes: 10,
-        member: (i % 2 == 0).then(|| "even".to_string()),
+        member: i.is_multiple_of(2).then(|| "even".to_string()),
         pinned: false,
         verified: None,
     }

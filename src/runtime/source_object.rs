@@ -681,7 +681,9 @@ impl SourceObject {
         let replicas: Vec<String> = load_config(&self.env)
             .map(|c| c.sources.iter().filter_map(|s| s.replica.as_ref().map(|r| r.bucket_binding.clone())).collect())
             .unwrap_or_default();
-        let line = super::sweeper::tick(&self.storage(), &self.env, now, sources, replicas).await;
+        let storage = self.storage();
+        let tick = super::sweeper::tick(&storage, &self.env, now, sources, replicas);
+        let line = super::sweeper::leased(&storage, tick).await;
         json_response(200, &json!({ "line": line }))
     }
 

@@ -42,16 +42,9 @@ const MAX_FOLDER_OBJECTS: usize = 5000;
 /// Keys per R2 `delete` call (its maximum).
 const DELETE_BATCH: usize = 1000;
 
-/// One cron tick of the sweep at `now` (the tick's scheduled time), under the sweeper's lease;
-/// returns a line for the log. `replicas` are the replica buckets' bindings the config names:
-/// walked after the primary.
-pub(super) async fn tick(
-    storage: &Storage,
-    env: &Env,
-    now: Timestamp,
-    configured: Vec<String>,
-    replicas: Vec<String>,
-) -> String {
+/// Runs `tick` (a sweep tick) under the sweeper's lease, for at most [`TICK_LIMIT`]; returns its
+/// line for the log, or why it did not run.
+pub(super) async fn leased(storage: &Storage, tick: impl std::future::Future<Output = String>) -> String {
     let holder = hex::encode(super::random_bytes());
     let stored = match bounded(CALL_TIMEOUT, "reading the sweeper's lease", storage.get::<Lease>(LEASE_KEY)).await {
         Ok(lease) => lease,
@@ -71,7 +64,7 @@ pub(super) async fn tick(
     if let Err(e) = bounded(CALL_TIMEOUT, "taking the sweeper's lease", storage.put(LEASE_KEY, &lease)).await {
         return format!("sweep: taking its lease failed: {e}");
     }
-    let line = match super::net::within(TICK_LIMIT, leased_tick(storage, env, now, configured, replicas)).await {
+    let line = match super::net::within(TICK_LIMIT, tick).await {
         Some(line) => line,
         None => format!("sweep: the tick stopped after {} s; the next tick goes on", TICK_LIMIT.as_secs()),
     };
@@ -94,7 +87,10 @@ pub(super) async fn tick(
     line
 }
 
-async fn leased_tick(
+/// One cron tick of the sweep at `now` (the tick's scheduled time; run it [`leased`]); returns a
+/// line for the log. `replicas` are the replica buckets' bindings the config names: walked after
+/// the primary.
+pub(super) async fn tick(
     storage: &Storage,
     env: &Env,
     now: Timestamp,
