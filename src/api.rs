@@ -231,10 +231,6 @@ pub fn account_mode(source: &crate::config::SourceConfig) -> bool {
     matches!(&source.provider, crate::providers::ProviderConfig::Dgraph(cfg) if cfg.account().is_some())
 }
 
-/// Manifests `/metrics` reads at most per account-mode source to count each member's backups;
-/// past this the count stays source-wide (each read is a subrequest).
-pub const MEMBER_COUNT_READS: usize = 500;
-
 /// The longest member name `?member=` takes (a Dgraph deployment's name or uid).
 pub const MAX_MEMBER_NAME: usize = 256;
 

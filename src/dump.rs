@@ -181,6 +181,38 @@ impl Tally {
     }
 }
 
+/// Bytes one step of a drill's MD5 read-back reads at most (a step also stops early when the
+/// invocation nears its CPU limit): the MD5 of a whole dump advances in bounded, persisted steps.
+pub const DIGEST_STEP_BYTES: u64 = 256 * 1024 * 1024;
+
+/// How far a stepped MD5 of an R2 object has read, persisted between steps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Md5Progress {
+    /// Bytes read so far.
+    pub offset: u64,
+    /// Hex of the serialized MD5 state over them.
+    pub md5_state: String,
+}
+
+impl Md5Progress {
+    /// Before the first byte.
+    pub fn start() -> Self {
+        Self::after(&Md5::default(), 0)
+    }
+
+    /// The progress after `offset` bytes hashed into `md5`.
+    pub fn after(md5: &Md5, offset: u64) -> Self {
+        Self { offset, md5_state: hex::encode(md5.serialize().as_slice()) }
+    }
+
+    /// The MD5 state to go on from; `None` when the saved state is corrupt.
+    pub fn resume(&self) -> Option<Md5> {
+        let bytes = hex::decode(&self.md5_state).ok()?;
+        let array = SerializedState::<Md5>::try_from(bytes.as_slice()).ok()?;
+        Md5::deserialize(&array).ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -295,5 +327,20 @@ mod tests {
             let cut = cut.min(bytes.len());
             prop_assert_eq!(counts(&[&bytes[..cut], &bytes[cut..]]), want);
         }
+    }
+
+    #[test]
+    fn an_md5_read_in_steps_equals_the_md5_read_whole() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 31 % 251) as u8).collect();
+        let whole = hex::encode(Md5::digest(&data));
+        let mut progress = Md5Progress::start();
+        for chunk in data.chunks(777) {
+            let mut md5 = progress.resume().expect("state");
+            md5.update(chunk);
+            progress = Md5Progress::after(&md5, progress.offset + chunk.len() as u64);
+        }
+        assert_eq!(progress.offset, data.len() as u64);
+        assert_eq!(hex::encode(progress.resume().expect("state").finalize()), whole);
+        assert!(Md5Progress { offset: 0, md5_state: "zz".into() }.resume().is_none());
     }
 }

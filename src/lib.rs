@@ -34,6 +34,8 @@
 //!   of its own backups); [`dump`]: the MD5 and row counts of a D1 dump recorded while copying.
 //! - [`replica`]: the second copy: a source's `replica` table, what a replicate job copies and
 //!   checks, and the replica's manifest.
+//! - [`index`]: the per-source backup index (Durable Object storage) and the per-invocation
+//!   limits (subrequests, CPU) every listing, retention pass and rebuild step stays within.
 //! - [`sweep`]: the daily orphan sweep: which open uploads to abort and which uncommitted folders
 //!   to delete, never a committed backup or a job in flight.
 //! - [`api`]: routes and auth checks of the HTTP API.
@@ -57,6 +59,7 @@ pub mod health;
 pub mod history;
 pub mod http;
 pub mod identity;
+pub mod index;
 pub mod job;
 pub mod ledger;
 pub mod manifest;

@@ -54,10 +54,15 @@ pub enum Io {
         /// Their keys.
         keys: Vec<String>,
     },
-    /// Read the R2 object `key` whole (streamed) and give its MD5 and size.
+    /// Read the R2 object `key` from `from.offset`, at most `step_bytes` (streamed), and give its
+    /// MD5 and size when it ended, or how far it got ([`IoDone::DigestPart`]).
     Digest {
         /// The dump's key.
         key: String,
+        /// Where the previous steps stopped.
+        from: crate::dump::Md5Progress,
+        /// Bytes this step reads at most.
+        step_bytes: u64,
     },
     /// One bounded step of scanning or loading an Aura graph export (`runtime/graph_load.rs`).
     GraphLoad(Box<aura::GraphLoadOrder>),
@@ -120,6 +125,8 @@ pub enum IoDone {
         /// Bytes.
         size: u64,
     },
+    /// A step of [`Io::Digest`] read this far; the next step goes on from here.
+    DigestPart(crate::dump::Md5Progress),
     /// The record is stored.
     Recorded,
     /// Where a graph scan or load stands after a step, and the error that ended it early.

@@ -570,5 +570,63 @@ pub fn tick(saved: Option<Sweep>, now: Timestamp) -> Tick {
     }
 }
 
+/// How long one cron tick of the sweep may work before it stops and saves where it stands (the
+/// rest waits for the next tick). Below [`LEASE`], so a tick is over before its lease can expire.
+pub const TICK_LIMIT: Duration = Duration::from_secs(10 * 60);
+
+/// How long a tick's lease on the sweeper lasts. A cron invocation has 15 minutes of wall clock,
+/// and every call of a tick is raced against [`CALL_TIMEOUT`] and the tick against
+/// [`TICK_LIMIT`], so a lease still held past this is a tick that died: the next tick takes over.
+pub const LEASE: Duration = Duration::from_secs(12 * 60);
+
+/// How long one R2 call (list, abort, delete, put) or one call to a source's object may take
+/// within a sweep before it counts as failed (reported; the sweep goes on).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The sweeper's lease: which tick holds it and until when. Persisted in the sweeper's object, so
+/// a tick that never ended (a call without an answer, an isolate that died) blocks later ticks only
+/// until `expires_at`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// A random token naming the tick that holds it.
+    pub holder: String,
+    /// When it was taken.
+    pub taken_at: Timestamp,
+    /// When it lapses.
+    pub expires_at: Timestamp,
+}
+
+/// What a tick asking for the lease gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseClaim {
+    /// Free: the tick holds this lease.
+    Granted(Lease),
+    /// The previous holder's lease had expired: the tick holds this new one.
+    TakenOver {
+        /// The new lease.
+        lease: Lease,
+        /// The lapsed one (its tick never ended).
+        expired: Lease,
+    },
+    /// Another tick holds a live lease: this tick does nothing.
+    Held(Lease),
+}
+
+/// Decides whether the tick `holder` may sweep at `now` (wall clock), given the stored lease.
+pub fn claim_lease(current: Option<Lease>, holder: &str, now: Timestamp) -> LeaseClaim {
+    let lease = Lease { holder: holder.to_string(), taken_at: now, expires_at: now.plus(LEASE) };
+    match current {
+        None => LeaseClaim::Granted(lease),
+        Some(held) if now < held.expires_at => LeaseClaim::Held(held),
+        Some(expired) => LeaseClaim::TakenOver { lease, expired },
+    }
+}
+
+/// What stays stored once the tick `holder` ends: nothing when it still held the lease, the other
+/// tick's lease otherwise (a tick whose lease was taken over never releases its successor's).
+pub fn release_lease(current: Option<Lease>, holder: &str) -> Option<Lease> {
+    current.filter(|l| l.holder != holder)
+}
+
 #[cfg(test)]
 mod tests;

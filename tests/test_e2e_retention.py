@@ -11,6 +11,11 @@ tick, so every manifest records its fire time (`scheduled_for`), the time retent
    no object left in any folder without a manifest. A pinned backup survives.
 3. The 40th backup's commit applies the policy again: the newest survives and a new plan
    deletes nothing.
+
+The Worker runs with a tiny step budget (`FERRY_STEP_SUBREQUESTS`): a listing page shows
+`STEP_PAGE` backups at most and says where the next one starts, the backup index is rebuilt from
+R2 a few folders per request, and retention deletes a couple of backups per alarm step, so every
+answer above is reached over many bounded steps.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ LAST_DAY = 353
 POLICY = {"keep_last": 2, "keep_daily": 3, "keep_weekly": 4, "keep_monthly": 4, "keep_yearly": 2,
           "keep_within": "2d"}
 PINNED_INDEX = 4  # the backup of day 36 (2025-02-06): no rule keeps it
+# 9 subrequests per step: (9 - 1) / 3 = 2 backups per listing page, 2 folders per index rebuild
+# step, 9 / 4 = 2 deletions per retention step (crate::index).
+STEP_BUDGET = "9"
+STEP_PAGE = 2
 
 
 def ms(dt: datetime) -> int:
@@ -83,9 +92,31 @@ def request(ferry: Ferry, method: str, path: str):
     return status, json.loads(body)
 
 
+def api_json_ready(ferry: Ferry, path: str) -> dict:
+    """GETs `path`, again while the source's backup index is being rebuilt (503)."""
+    deadline = time.time() + 60
+    while True:
+        status, _, body = ferry.api(path)
+        if status != 503 or time.time() > deadline:
+            assert status == 200, (path, status, body)
+            return json.loads(body)
+        time.sleep(0.05)
+
+
 def folders(ferry: Ferry) -> dict:
-    """folder → manifest, for every committed backup listed by the API."""
-    listed = ferry.api_json(f"/v1/sources/{SOURCE}/backups?limit=1000")["backups"]
+    """folder → manifest, for every committed backup listed by the API, page after page: each
+    page holds at most what one step's budget allows, whatever `limit` asks."""
+    listed, before, pages = [], None, 0
+    while True:
+        query = "limit=1000" + (f"&before={urllib.parse.quote(before)}" if before else "")
+        page = api_json_ready(ferry, f"/v1/sources/{SOURCE}/backups?{query}")
+        assert len(page["backups"]) <= STEP_PAGE, page
+        listed += page["backups"]
+        pages += 1
+        before = page["next"]
+        if before is None:
+            break
+    assert pages >= len(listed) // STEP_PAGE, pages
     return {m["artifacts"][0]["key"].rsplit("/", 1)[0] + "/": m for m in listed}
 
 
@@ -149,14 +180,18 @@ def as_backups(listed: dict) -> list:
 
 
 def test_forty_backups_over_a_year_are_thinned_exactly_as_the_plan_promised(emulator, tmp_path):
-    ferry = Ferry(tmp_path / "ferry", [source(emulator)])
+    ferry = Ferry(tmp_path / "ferry", [source(emulator)], secrets={"FERRY_STEP_SUBREQUESTS": STEP_BUDGET})
     try:
         # 1. No retention table: 39 backups over the year, all kept.
         for day in DAYS:
             backup_at(ferry, YEAR + timedelta(days=day))
         listed = folders(ferry)
         assert len(listed) == len(DAYS)
-        plan = ferry.api_json(f"/v1/sources/{SOURCE}/retention")
+        newest_first = sorted(listed, reverse=True)  # folder names start with the start time
+        first = api_json_ready(ferry, f"/v1/sources/{SOURCE}/backups?limit=1000")
+        assert [m["job_id"] for m in first["backups"]] == [listed[f]["job_id"] for f in newest_first[:STEP_PAGE]]
+        assert first["next"] == newest_first[STEP_PAGE - 1], first["next"]
+        plan = api_json_ready(ferry, f"/v1/sources/{SOURCE}/retention")
         assert plan["policy"] is None and plan["delete"] == 0 and plan["keep"] == len(DAYS), plan
         assert all(b["reasons"] == ["no retention policy"] for b in plan["backups"])
         order = sorted(listed, key=lambda f: listed[f]["scheduled_for"])
@@ -175,7 +210,7 @@ def test_forty_backups_over_a_year_are_thinned_exactly_as_the_plan_promised(emul
         ferry.stop()
         ferry.write_config([source(emulator, retention=POLICY)])
         ferry.start()
-        plan = ferry.api_json(f"/v1/sources/{SOURCE}/retention")
+        plan = api_json_ready(ferry, f"/v1/sources/{SOURCE}/retention")
         assert plan["policy"] == POLICY and plan["verifies"] is False, plan
         promised = {b["folder"]: b["reasons"] for b in plan["backups"] if b["action"] == "keep"}
         doomed = {b["folder"] for b in plan["backups"] if b["action"] == "delete"}
@@ -198,9 +233,9 @@ def test_forty_backups_over_a_year_are_thinned_exactly_as_the_plan_promised(emul
         # 3. The 40th backup: its commit applies the policy again.
         newest = backup_at(ferry, YEAR + timedelta(days=LAST_DAY))
         deadline = time.time() + 30
-        while time.time() < deadline and ferry.api_json(f"/v1/sources/{SOURCE}/retention")["delete"]:
+        while time.time() < deadline and api_json_ready(ferry, f"/v1/sources/{SOURCE}/retention")["delete"]:
             time.sleep(0.2)
-        plan = ferry.api_json(f"/v1/sources/{SOURCE}/retention")
+        plan = api_json_ready(ferry, f"/v1/sources/{SOURCE}/retention")
         assert plan["delete"] == 0, plan
         remaining = folders(ferry)
         assert set(remaining) == {b["folder"] for b in plan["backups"]}

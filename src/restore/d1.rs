@@ -219,6 +219,9 @@ pub struct D1Restore {
     /// Look-ups of the scratch database by name so far.
     #[serde(default)]
     pub lookups: u32,
+    /// Drills: how far the stepped MD5 of the dump in R2 has read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<crate::dump::Md5Progress>,
 }
 
 fn default_page_rows() -> u32 {
@@ -282,6 +285,7 @@ pub fn plan(task: Task, cfg: &D1Config, params: &Value, backup: Option<String>) 
         page_rows: cfg.query_page_rows.max(1),
         scratch: None,
         lookups: 0,
+        digest: None,
     };
     let names = |id: &str| confirmed.iter().any(|c| c == id);
     match task {
@@ -459,7 +463,11 @@ impl D1Restore {
         let target = || self.target.as_deref().ok_or_else(|| StepError::permanent("no target database"));
         Ok(match self.step {
             Step::ReadManifest => Next::Io(Io::ReadManifest { key: self.manifest_key.clone() }),
-            Step::Digest => Next::Io(Io::Digest { key: dump()?.key.clone() }),
+            Step::Digest => Next::Io(Io::Digest {
+                key: dump()?.key.clone(),
+                from: self.digest.clone().unwrap_or_else(crate::dump::Md5Progress::start),
+                step_bytes: crate::dump::DIGEST_STEP_BYTES,
+            }),
             Step::CreateScratch => Next::Send(authed(
                 HttpRequest::post_json(db_url(cfg, &[])?, &json!({ "name": Self::scratch_name(job) })),
                 token,
@@ -671,7 +679,12 @@ impl D1Restore {
                 self.step = self.after_cleanup();
                 Ok(Answer::Continue)
             }
+            (Step::Digest, IoDone::DigestPart(progress)) => {
+                self.digest = Some(progress);
+                Ok(Answer::Continue)
+            }
             (Step::Digest, IoDone::Digest { md5, size }) => {
+                self.digest = None;
                 let dump = self.dump.as_mut().ok_or_else(|| StepError::permanent("the manifest was not read"))?;
                 if dump.md5 != md5 || dump.size != size {
                     self.altered = Some(format!(

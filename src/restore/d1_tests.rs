@@ -362,7 +362,13 @@ fn drill_to_counts(counts: &[(&str, u64)]) -> Harness {
     let mut h = Harness::new(Task::Drill, json!({}));
     assert_eq!(h.io(), Io::ReadManifest { key: None });
     h.manifest(manifest(counts, t0()));
-    assert_eq!(h.io(), Io::Digest { key: format!("{FOLDER}db.sql") });
+    let start = crate::dump::Md5Progress::start();
+    let step_bytes = crate::dump::DIGEST_STEP_BYTES;
+    assert_eq!(h.io(), Io::Digest { key: format!("{FOLDER}db.sql"), from: start.clone(), step_bytes });
+    // The MD5 of the dump in R2 is read back in bounded steps, each going on where the last stopped.
+    let halfway = crate::dump::Md5Progress { offset: 5, md5_state: start.md5_state.clone() };
+    h.feed(Event::RestoreIo(Ok(IoDone::DigestPart(halfway.clone()))));
+    assert_eq!(h.io(), Io::Digest { key: format!("{FOLDER}db.sql"), from: halfway, step_bytes });
     h.feed(Event::RestoreIo(Ok(IoDone::Digest { md5: MD5.into(), size: DUMP.len() as u64 })));
     let create = h.request();
     assert!(create.url.ends_with("/accounts/acc/d1/database"), "{}", create.url);

@@ -13,13 +13,12 @@ use super::source_object::{call, claim_delivery, retired_sources, trigger_api, t
 use super::{load_config, now, retention, secret, store, BUCKET};
 use crate::api::{
     account_mode, api_token_problem, bearer_ok, error_body, member_filter, route, trigger_auth, unknown_member, Route,
-    TriggerAuth, MEMBER_COUNT_READS,
+    TriggerAuth,
 };
 use crate::config::Config;
 use crate::identity::Task;
-use crate::manifest::{folder_of, is_manifest_key, manifest_key, Manifest};
-use crate::metrics::{count_by_member, render, render_notifications, SourceMetrics};
-use crate::retention::pin_key;
+use crate::manifest::{folder_of, manifest_key, Manifest};
+use crate::metrics::{render, render_notifications, SourceMetrics};
 use crate::status::SourceReport;
 use crate::verify::{verification_key, Verification};
 use crate::webhook::{verify, WebhookError, WebhookHeaders, WebhookSecret};
@@ -28,8 +27,6 @@ use crate::webhook::{verify, WebhookError, WebhookHeaders, WebhookSecret};
 const MAX_WEBHOOK_BODY: usize = 64 * 1024;
 const TOO_LARGE: &str = "webhook body is larger than 64 KiB";
 const NOT_AN_OBJECT: &str = "the webhook body must be empty or a JSON object";
-/// Default and largest page of `GET /v1/sources/{name}/backups`.
-const BACKUPS_PAGE: usize = 100;
 
 fn json(status: u16, body: &Value) -> worker::Result<Response> {
     Ok(Response::from_json(body)?.with_status(status))
@@ -280,23 +277,17 @@ async fn list_sources(env: &Env, config: &Config) -> worker::Result<Response> {
 
 /// `GET /metrics`: every source's report, and its committed backups counted in R2.
 async fn metrics(env: &Env, config: &Config) -> worker::Result<Response> {
-    let bucket = env.bucket(BUCKET)?;
     let reports = join_all(config.sources.iter().map(|s| call(env, &s.name, Method::Get, "/status", None))).await;
-    // Each source's committed backups; in account mode also each member's, from the manifests
-    // (at most MEMBER_COUNT_READS of them, else the count stays source-wide).
-    let counts = join_all(config.sources.iter().map(|s| {
-        let prefix = format!("{}/", s.name);
-        let bucket = &bucket;
-        let by_member = account_mode(s);
-        async move {
-            let keys = store::list_keys(bucket, &prefix).await.ok()?;
-            let manifests: Vec<&String> = keys.iter().filter(|k| is_manifest_key(k)).collect();
-            if !by_member || manifests.len() > MEMBER_COUNT_READS {
-                return Some((manifests.len(), None));
+    // Counted by each source's backup index: one call per source, whatever the number of
+    // backups; in account mode also each member's.
+    let counts = join_all(config.sources.iter().map(|s| async move {
+        match call(env, &s.name, Method::Get, "/index/count", None).await {
+            Ok((200, value)) => {
+                let count = value["count"].as_u64()? as usize;
+                let members = if account_mode(s) { serde_json::from_value(value["members"].clone()).ok() } else { None };
+                Some((count, members))
             }
-            let read = join_all(manifests.iter().map(|k| store::read_manifest(bucket, k))).await;
-            let members = read.into_iter().flatten().map(|m| crate::retention::member(&m));
-            Some((manifests.len(), Some(count_by_member(members))))
+            _ => None,
         }
     }))
     .await;
@@ -399,40 +390,53 @@ async fn job_owner(env: &Env, config: &Config, id: &str) -> worker::Result<Optio
     Ok(None)
 }
 
+/// `GET /v1/sources/{name}/backups[?limit=N&before=F]`: a page of committed backups, newest
+/// first, read from the source's backup index (`runtime::index`): one call to its object, then
+/// [`crate::index::LISTING_PER_BACKUP`] R2 reads per backup shown, the page capped by the step
+/// budget (`crate::index::StepBudget::listing_page`). `next` is the `before` of the next page.
 async fn list_backups(req: &Request, env: &Env, config: &Config, name: &str) -> worker::Result<Response> {
     let Some(source) = config.source(name) else { return error(404, &format!("no source named {name:?}")) };
     let url = req.url()?;
-    let limit = url
-        .query_pairs()
-        .find(|(k, _)| k == "limit")
-        .and_then(|(_, v)| v.parse::<usize>().ok())
-        .unwrap_or(BACKUPS_PAGE)
-        .clamp(1, 1000);
     let members: Vec<String> = url.query_pairs().filter(|(k, _)| k == "member").map(|(_, v)| v.into_owned()).collect();
     let member = match member_filter(name, account_mode(source), &members) {
         Ok(member) => member,
         Err(refused) => return error(refused.status, &refused.message),
     };
-    let bucket = env.bucket(BUCKET)?;
-    let all = store::list_keys(&bucket, &format!("{name}/")).await?;
-    let present: std::collections::HashSet<&str> = all.iter().map(String::as_str).collect();
-    let mut keys: Vec<&String> = all.iter().filter(|k| is_manifest_key(k)).collect();
-    // Folder names start with the job's start time, so reverse key order is newest first.
-    keys.sort_unstable_by(|a, b| b.cmp(a));
-    let pinned = |k: &str| folder_of(k).is_some_and(|folder| present.contains(pin_key(folder).as_str()));
-    // Each backup with its last verification (`null` when it was never verified) and its pin;
-    // with `?member=`, only that member's, read newest first a page at a time until the page is
-    // full.
-    let mut backups: Vec<Value> = Vec::new();
-    for chunk in keys.chunks(limit) {
-        let found =
-            join_all(chunk.iter().map(|k| backup_with_verification(&bucket, k, pinned(k), member.as_deref()))).await;
-        backups.extend(found.into_iter().flatten());
-        if member.is_none() || backups.len() >= limit {
-            break;
+    let mut index = worker::Url::parse("https://source/index").map_err(|e| worker::Error::RustError(e.to_string()))?;
+    {
+        let mut query = index.query_pairs_mut();
+        for (k, v) in url.query_pairs() {
+            if matches!(k.as_ref(), "limit" | "before") {
+                query.append_pair(&k, &v);
+            }
+        }
+        if let Some(member) = &member {
+            query.append_pair("member", member);
         }
     }
-    backups.truncate(limit);
+    let path = match index.query() {
+        Some(q) => format!("/index?{q}"),
+        None => "/index".to_string(),
+    };
+    let (status, value) = call(env, name, Method::Get, &path, None).await?;
+    if status != 200 {
+        let mut resp = json(status, &value)?;
+        if status == 503 {
+            resp.headers_mut().set("retry-after", "1")?;
+        }
+        return Ok(resp);
+    }
+    let entries: Vec<crate::index::IndexEntry> = serde_json::from_value(value["entries"].clone()).unwrap_or_default();
+    let bucket = env.bucket(BUCKET)?;
+    // Each backup with its last verification (`null` when it was never verified) and its pin;
+    // the index already kept only the member's entries when `?member=` names one.
+    let keys: Vec<(String, bool)> = entries.iter().map(|e| (manifest_key(&e.folder), e.pinned)).collect();
+    let backups: Vec<Value> =
+        join_all(keys.iter().map(|(k, pinned)| backup_with_verification(&bucket, k, *pinned, member.as_deref())))
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
     if let (Some(member), true) = (&member, backups.is_empty()) {
         // No backup of it: it must be one of the members the source judges now.
         let known: Vec<String> = match call(env, name, Method::Get, "/status", None).await {
@@ -447,7 +451,7 @@ async fn list_backups(req: &Request, env: &Env, config: &Config, name: &str) -> 
             return error(refused.status, &refused.message);
         }
     }
-    let mut answer = json!({ "source": name, "backups": backups });
+    let mut answer = json!({ "source": name, "backups": backups, "next": value["next"] });
     if let Some(member) = member {
         answer["member"] = Value::String(member);
     }
@@ -480,34 +484,38 @@ async fn backup_with_verification(
     Some(value)
 }
 
-/// `GET /v1/sources/{name}/retention`: what retention would keep (and why) and delete, now.
+/// `GET /v1/sources/{name}/retention`: what retention would keep (and why) and delete, now,
+/// planned by the source's object from its backup index (no R2 read).
 async fn retention_plan(env: &Env, config: &Config, name: &str) -> worker::Result<Response> {
     let Some(source) = config.source(name) else { return error(404, &format!("no source named {name:?}")) };
-    let bucket = env.bucket(BUCKET)?;
-    let now = now();
-    match retention::preview(&bucket, source, now).await {
-        Ok((plan, unreadable)) => json(
-            200,
-            &json!({
-                "source": name,
-                "policy": source.retention,
-                "verifies": source.verify_schedule.is_some(),
-                "planned_at": now,
-                "keep": plan.kept().count(),
-                "delete": plan.deleted().count(),
-                "backups": plan.backups,
-                "unreadable": unreadable,
-            }),
-        ),
-        Err(e) => error(500, &e),
+    let (status, mut value) = call(env, name, Method::Get, "/index/plan", None).await?;
+    if status != 200 {
+        return json(status, &value);
     }
+    value["source"] = json!(name);
+    value["policy"] = json!(source.retention);
+    value["verifies"] = json!(source.verify_schedule.is_some());
+    // Folders without a readable manifest are not in the index, so never planned for deletion.
+    value["unreadable"] = json!([]);
+    json(200, &value)
 }
 
 /// `POST` / `DELETE /v1/backups/{source}/{folder}/pin`.
 async fn set_pin(env: &Env, folder: &str, pin: bool) -> worker::Result<Response> {
     let bucket = env.bucket(BUCKET)?;
     match retention::set_pin(&bucket, folder, pin, now()).await {
-        Ok(true) => json(200, &json!({ "backup": folder, "pinned": pin })),
+        Ok(true) => {
+            // The marker in R2 is the truth (retention checks it before deleting); the index follows.
+            let source = folder.split('/').next().unwrap_or_default();
+            let body = json!({ "folder": folder, "pinned": pin });
+            match call(env, source, Method::Post, "/index/pin", Some(&body)).await {
+                Ok((200, _)) => json(200, &json!({ "backup": folder, "pinned": pin })),
+                Ok((status, value)) => {
+                    error(500, &format!("the pin is stored, but the backup index answered {status}: {value}"))
+                }
+                Err(e) => error(500, &format!("the pin is stored, but updating the backup index failed: {e}")),
+            }
+        }
         Ok(false) => error(404, &format!("no backup {folder}")),
         Err(e) => error(500, &e),
     }

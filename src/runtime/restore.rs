@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use md5::{Digest, Md5};
+use md5::Digest;
 use worker::{Bucket, Range};
 
 mod pieces;
@@ -48,13 +48,15 @@ pub(crate) async fn perform(bucket: &Bucket, source: &str, io: Io) -> Result<IoD
                 .await
                 .unwrap_or_else(|| Err(StepError::transient("reading the manifest timed out")))
         }
-        Io::Digest { key } => match net::within(UPLOAD_TIMEOUT, digest(bucket, &key)).await {
-            Some(result) => result,
-            None => Err(StepError::transient(format!(
-                "reading the dump back from R2 did not finish within {} min",
-                UPLOAD_TIMEOUT.as_secs() / 60
-            ))),
-        },
+        Io::Digest { key, from, step_bytes } => {
+            match net::within(UPLOAD_TIMEOUT, digest(bucket, &key, from, step_bytes)).await {
+                Some(result) => result,
+                None => Err(StepError::transient(format!(
+                    "reading the dump back from R2 did not finish within {} min",
+                    UPLOAD_TIMEOUT.as_secs() / 60
+                ))),
+            }
+        }
         Io::Record { key, record } => match net::within(R2_TIMEOUT, store::put_json(bucket, &key, &record)).await {
             Some(Ok(())) => Ok(IoDone::Recorded),
             Some(Err(e)) => Err(StepError::transient(e)),
@@ -83,24 +85,48 @@ pub(crate) async fn perform(bucket: &Bucket, source: &str, io: Io) -> Result<IoD
     }
 }
 
-/// The MD5 and size of the R2 object `key`, read as a stream.
-async fn digest(bucket: &Bucket, key: &str) -> Result<IoDone, StepError> {
-    let object = bucket
-        .get(key.to_string())
+/// One step of the MD5 of the R2 object `key`: from `from.offset`, at most `step_bytes` (and
+/// less once the invocation nears its CPU limit), streamed; the MD5 and size once the object
+/// ends, else how far it got.
+async fn digest(
+    bucket: &Bucket,
+    key: &str,
+    from: crate::dump::Md5Progress,
+    step_bytes: u64,
+) -> Result<IoDone, StepError> {
+    let mut md5 = from.resume().ok_or_else(|| StepError::permanent("the saved MD5 state of the drill is corrupt"))?;
+    let mut get = bucket.get(key.to_string());
+    if from.offset > 0 {
+        get = get.range(Range::OffsetWithLength { offset: from.offset, length: step_bytes });
+    }
+    let object = get
         .execute()
         .await
         .map_err(|e| transient("R2 get", e))?
         .ok_or_else(|| StepError::permanent(format!("the dump {key} is missing from R2")))?;
+    let total = object.size();
     let body = object.body().ok_or_else(|| StepError::transient(format!("R2 returned no body for {key}")))?;
     let mut stream = body.stream().map_err(|e| transient("R2 read", e))?;
-    let mut md5 = Md5::new();
-    let mut size = 0u64;
+    let mut size = from.offset;
+    let mut read = 0u64;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| transient("R2 read", e))?;
+        let take = chunk.len().min(usize::try_from(step_bytes - read).unwrap_or(usize::MAX));
         let before = size;
-        size += chunk.len() as u64;
-        md5.update(&chunk);
+        md5.update(&chunk[..take]);
+        size += take as u64;
+        read += take as u64;
+        if size >= total {
+            break;
+        }
+        if read >= step_bytes || worker::signal::is_near_cpu_limit() {
+            // The rest in the next step (a fresh invocation), from here.
+            return Ok(IoDone::DigestPart(crate::dump::Md5Progress::after(&md5, size)));
+        }
         super::transfer::yield_now_and_then(before, size).await;
+    }
+    if size != total {
+        return Err(StepError::transient(format!("R2 ended the read of {key} at byte {size} of {total}")));
     }
     Ok(IoDone::Digest { md5: hex::encode(md5.finalize()), size })
 }

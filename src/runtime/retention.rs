@@ -15,7 +15,7 @@ use worker::Bucket;
 use super::store;
 use crate::config::SourceConfig;
 use crate::manifest::{folder_of, is_manifest_key, manifest_key};
-use crate::retention::{backup_time, member, pin_key, plan, BackupInfo, Pin, Plan};
+use crate::retention::{backup_time, member, pin_key, plan, BackupInfo, Pin};
 use crate::time::Timestamp;
 use crate::verify::{verification_key, Verification};
 
@@ -30,14 +30,9 @@ pub(crate) struct Backups {
     pub unreadable: Vec<String>,
 }
 
-/// Lists a source's backups: manifests (for their time), pin markers and, when the source
-/// verifies, their verification records.
-pub(crate) async fn backups(bucket: &Bucket, source: &str, verifies: bool) -> Result<Backups, String> {
-    backups_with(bucket, None, source, verifies).await
-}
-
-/// [`backups`] of `bucket`, with the pin markers and verification records of `marks` too, when
-/// given (a replica's backups, whose pins and verifications are the primary's).
+/// Lists the backups of `bucket` from R2 (a replica's: its own manifests, so the copy outlives a
+/// lost primary), with the pin markers and verification records of `marks` too, when given (a
+/// replica's pins and verifications are the primary's).
 async fn backups_with(
     bucket: &Bucket,
     marks: Option<&Bucket>,
@@ -92,22 +87,6 @@ async fn backups_with(
     Ok(found)
 }
 
-/// The plan for a source as it stands (a source without a policy keeps everything), and the
-/// folders left out because their manifest could not be read.
-pub(crate) async fn preview(
-    bucket: &Bucket,
-    source: &SourceConfig,
-    now: Timestamp,
-) -> Result<(Plan, Vec<String>), String> {
-    let verifies = source.verify_schedule.is_some();
-    let found = backups(bucket, &source.name, verifies).await?;
-    let plan = match &source.retention {
-        Some(policy) => plan(policy, &found.infos, verifies, now),
-        None => Plan::keep_everything(&found.infos),
-    };
-    Ok((plan, found.unreadable))
-}
-
 /// What one application of a policy did.
 #[derive(Debug, Default, Serialize)]
 pub(crate) struct Applied {
@@ -121,34 +100,77 @@ pub(crate) struct Applied {
     pub failed: Vec<String>,
     /// Folders whose manifest could not be read (kept).
     pub unreadable: Vec<String>,
+    /// The plan deletes more than one step may: the next step goes on.
+    pub more: bool,
+    /// The index is being rebuilt from R2: nothing was planned in this step.
+    pub rebuilding: bool,
 }
 
-/// Plans a source's retention and deletes what the plan says; `None` when it has no policy.
-pub(crate) async fn apply(bucket: &Bucket, source: &SourceConfig, now: Timestamp) -> Result<Option<Applied>, String> {
-    apply_to(bucket, None, source, now).await
+/// One step of a source's retention on the primary bucket, planned from the source's backup
+/// index (`runtime::index`, no R2 read), deleting at most what `budget` allows
+/// (`crate::index::deletions_now`); `None` when the source has no policy. While the index is
+/// being rebuilt the step advances the rebuild instead, and deletes nothing.
+pub(crate) async fn apply(
+    bucket: &Bucket,
+    storage: &worker::Storage,
+    source: &SourceConfig,
+    now: Timestamp,
+    budget: crate::index::StepBudget,
+) -> Result<Option<Applied>, String> {
+    let Some(policy) = &source.retention else { return Ok(None) };
+    if super::index::advance(storage, bucket, &source.name, budget).await? != crate::index::IndexState::Ready {
+        return Ok(Some(Applied { more: true, rebuilding: true, ..Applied::default() }));
+    }
+    let entries = super::index::all(storage).await.map_err(|e| format!("reading the backup index: {e}"))?;
+    let infos: Vec<BackupInfo> = entries.iter().map(crate::index::IndexEntry::info).collect();
+    let plan = plan(policy, &infos, source.verify_schedule.is_some(), now);
+    let doomed: Vec<String> = plan.deleted().map(|d| d.folder.clone()).collect();
+    let (now_, more) = crate::index::deletions_now(doomed, budget, false);
+    let mut applied = Applied { kept: plan.kept().count(), more, ..Applied::default() };
+    for folder in now_ {
+        match delete_backup(bucket, None, &folder).await {
+            Ok(true) => {
+                super::index::forget(storage, &folder).await;
+                applied.deleted.push(folder);
+            }
+            Ok(false) => {
+                applied.kept += 1;
+                if let Err(e) = super::index::record_pin(storage, &folder, true).await {
+                    worker::console_error!("backup index: recording the pin of {folder} failed: {e}");
+                }
+                applied.pinned_meanwhile.push(folder);
+            }
+            Err(e) => applied.failed.push(format!("{folder}: {e}")),
+        }
+    }
+    Ok(Some(applied))
 }
 
-/// [`apply`] to `bucket`, counting the pins and verification records of `marks` too (the
-/// primary bucket, when `bucket` is the replica's).
+/// Retention of a replica bucket, counting the pins and verification records of `marks` (the
+/// primary bucket): planned from the replica's own manifests, deleting at most what `budget`
+/// allows per step (`more` says the next step goes on).
 pub(crate) async fn apply_to(
     bucket: &Bucket,
     marks: Option<&Bucket>,
     source: &SourceConfig,
     now: Timestamp,
+    budget: crate::index::StepBudget,
 ) -> Result<Option<Applied>, String> {
     let Some(policy) = &source.retention else { return Ok(None) };
     let verifies = source.verify_schedule.is_some();
     let found = backups_with(bucket, marks, &source.name, verifies).await?;
     let (plan, unreadable) = (plan(policy, &found.infos, verifies, now), found.unreadable);
-    let mut applied = Applied { kept: plan.kept().count(), unreadable, ..Applied::default() };
-    for doomed in plan.deleted() {
-        match delete_backup(bucket, marks, &doomed.folder).await {
-            Ok(true) => applied.deleted.push(doomed.folder.clone()),
+    let doomed: Vec<String> = plan.deleted().map(|d| d.folder.clone()).collect();
+    let (now_, more) = crate::index::deletions_now(doomed, budget, marks.is_some());
+    let mut applied = Applied { kept: plan.kept().count(), unreadable, more, ..Applied::default() };
+    for folder in now_ {
+        match delete_backup(bucket, marks, &folder).await {
+            Ok(true) => applied.deleted.push(folder),
             Ok(false) => {
                 applied.kept += 1;
-                applied.pinned_meanwhile.push(doomed.folder.clone());
+                applied.pinned_meanwhile.push(folder);
             }
-            Err(e) => applied.failed.push(format!("{}: {e}", doomed.folder)),
+            Err(e) => applied.failed.push(format!("{folder}: {e}")),
         }
     }
     Ok(Some(applied))

@@ -33,6 +33,9 @@ const SOURCE: &str = "source";
 const RETENTION_DUE: &str = "retention_due";
 /// The UTC day whose daily retention pass has run.
 const RETENTION_DONE: &str = "retention_done";
+/// Set while a retention pass has more steps to run (each alarm invocation runs one bounded
+/// step, `crate::index::StepBudget`).
+const RETENTION_MORE: &str = "retention_more";
 /// How long one retention pass (listing, reading manifests, deleting) may take.
 const RETENTION_TIMEOUT: Duration = Duration::from_secs(300);
 /// Steps run back to back in one alarm before yielding to a fresh alarm.
@@ -60,7 +63,7 @@ const SLICE_GRACE: Duration = Duration::from_secs(180);
 const ALERTS_FLUSH_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Runs a storage or R2 call with a time limit; a call that does not answer is an error naming it.
-async fn bounded<T>(
+pub(super) async fn bounded<T>(
     limit: Duration,
     what: &str,
     fut: impl std::future::Future<Output = worker::Result<T>>,
@@ -79,14 +82,11 @@ pub struct SourceObject {
     /// In memory only: when the step now running started (an instance that restarted is,
     /// rightly, not busy). Held at most for [`BUSY_LEASE_MS`].
     busy_since: Cell<Option<f64>>,
-    /// In memory only, on the sweeper object: a sweep tick is running (two cron triggers firing
-    /// together must not sweep twice).
-    sweeping: Cell<bool>,
 }
 
 impl DurableObject for SourceObject {
     fn new(state: State, env: Env) -> Self {
-        Self { state, env, busy_since: Cell::new(None), sweeping: Cell::new(false) }
+        Self { state, env, busy_since: Cell::new(None) }
     }
 
     async fn fetch(&self, mut req: Request) -> worker::Result<Response> {
@@ -127,6 +127,11 @@ impl DurableObject for SourceObject {
                 self.sweep(body).await
             }
             (Method::Get, "/sweeps/latest") => super::sweeper::latest(&self.storage()).await,
+            // The source's backup index (`runtime::index`).
+            (_, p) if p == "/index" || p.starts_with("/index/") => {
+                let name = self.source_name().await?.unwrap_or_default();
+                super::index::object_request(&self.storage(), &self.env, &name, req).await
+            }
             // Only on a `~budget-…` object: one API token's request budget.
             (_, p) if p.starts_with("/budget/") => super::budget::object_request(&self.storage(), req).await,
             // Only on the `~alerts` object: the record of alert delivery attempts.
@@ -552,7 +557,21 @@ impl SourceObject {
         let storage = self.storage();
         let due = bounded(STORAGE_TIMEOUT, "reading the retention day", storage.get::<i64>(RETENTION_DUE)).await?;
         let done = bounded(STORAGE_TIMEOUT, "reading the retention day", storage.get::<i64>(RETENTION_DONE)).await?;
-        Ok(due.is_some_and(|due| done.is_none_or(|done| due > done)))
+        let more = bounded(STORAGE_TIMEOUT, "reading the retention step", storage.get::<bool>(RETENTION_MORE)).await?;
+        Ok(more == Some(true) || due.is_some_and(|due| done.is_none_or(|done| due > done)))
+    }
+
+    /// Leaves a retention pass to the next alarm invocation, a step of its own within its own
+    /// per-invocation limits.
+    async fn defer_retention(&self) {
+        let storage = self.storage();
+        let defer = async {
+            storage.put(RETENTION_MORE, true).await?;
+            storage.set_alarm(Duration::from_millis(1)).await
+        };
+        if let Err(e) = bounded(STORAGE_TIMEOUT, "deferring the retention pass", defer).await {
+            console_error!("retention: deferring the pass failed: {e}; the daily pass runs it");
+        }
     }
 
     /// Applies the source's retention policy (see `runtime::retention`). Never fails and never
@@ -561,9 +580,17 @@ impl SourceObject {
     /// bucket gets its pass as well (otherwise it gets one after each replica commits).
     async fn retention_pass(&self, source: &SourceConfig, why: &str, replica_too: bool) {
         let name = &source.name;
+        let budget = match super::index::budget(&self.env) {
+            Ok(b) => b,
+            Err(e) => {
+                console_error!("retention of {name} ({why}): not run: {e}");
+                return;
+            }
+        };
+        let mut more = false;
         if let (true, Some(_), Some(replica)) = (replica_too, &source.retention, &source.replica) {
             match (self.env.bucket(&replica.bucket_binding), self.env.bucket(BUCKET)) {
-                (Ok(copy), Ok(primary)) => self.replica_retention_pass(source, &copy, &primary).await,
+                (Ok(copy), Ok(primary)) => more |= self.replica_retention_pass(source, &copy, &primary).await,
                 (Err(e), _) | (_, Err(e)) => {
                     console_error!("retention of {name}'s replica ({why}): no bucket {}: {e}", replica.bucket_binding)
                 }
@@ -571,10 +598,20 @@ impl SourceObject {
         }
         if source.retention.is_some() {
             match self.env.bucket(BUCKET) {
-                Ok(bucket) => match within(RETENTION_TIMEOUT, super::retention::apply(&bucket, source, now())).await {
+                Ok(bucket) => match within(
+                    RETENTION_TIMEOUT,
+                    super::retention::apply(&bucket, &self.storage(), source, now(), budget),
+                )
+                .await
+                {
+                    Some(Ok(Some(a))) if a.rebuilding => {
+                        more = true;
+                        console_log!("retention of {name} ({why}): the backup index is being rebuilt; the pass waits");
+                    }
                     Some(Ok(Some(a))) => {
+                        more |= a.more;
                         console_log!(
-                            "retention of {name} ({why}): kept {}, deleted {} {:?}{}{}{}",
+                            "retention of {name} ({why}): kept {}, deleted {} {:?}{}{}{}{}",
                             a.kept,
                             a.deleted.len(),
                             a.deleted,
@@ -589,6 +626,7 @@ impl SourceObject {
                                 format!("; unreadable manifests, kept: {:?}", a.unreadable)
                             },
                             if a.failed.is_empty() { String::new() } else { format!("; FAILED: {:?}", a.failed) },
+                            if a.more { "; more in the next step" } else { "" },
                         );
                     }
                     Some(Ok(None)) => {}
@@ -601,8 +639,14 @@ impl SourceObject {
                 Err(e) => console_error!("retention of {name} ({why}): no bucket: {e}"),
             }
         }
+        if more {
+            // The next alarm invocation runs the next step; the day's pass is not over.
+            self.defer_retention().await;
+            return;
+        }
         let storage = self.storage();
         let settle = async {
+            storage.delete(RETENTION_MORE).await?;
             if let Some(due) = storage.get::<i64>(RETENTION_DUE).await? {
                 storage.put(RETENTION_DONE, due).await?;
                 storage.delete(RETENTION_DUE).await?;
@@ -660,11 +704,9 @@ impl SourceObject {
         json_response(200, &json!({ "settled": keys.len() }))
     }
 
-    /// On the sweeper object: one cron tick of the daily sweep.
+    /// On the sweeper object: one cron tick of the daily sweep (under the sweeper's lease, see
+    /// `runtime::sweeper::tick`).
     async fn sweep(&self, body: Value) -> worker::Result<Response> {
-        if self.sweeping.replace(true) {
-            return json_response(200, &json!({ "line": "a sweep tick is already running" }));
-        }
         let now = Timestamp::from_millis(body["now"].as_i64().unwrap_or_else(|| super::now().millis()));
         let sources: Vec<String> = body["sources"]
             .as_array()
@@ -674,8 +716,9 @@ impl SourceObject {
         let replicas: Vec<String> = load_config(&self.env)
             .map(|c| c.sources.iter().filter_map(|s| s.replica.as_ref().map(|r| r.bucket_binding.clone())).collect())
             .unwrap_or_default();
-        let line = super::sweeper::tick(&self.storage(), &self.env, now, sources, replicas).await;
-        self.sweeping.set(false);
+        let storage = self.storage();
+        let tick = super::sweeper::tick(&storage, &self.env, now, sources, replicas);
+        let line = super::sweeper::leased(&storage, tick).await;
         json_response(200, &json!({ "line": line }))
     }
 
@@ -709,17 +752,34 @@ impl SourceObject {
     /// the same policy, planned from the replica's own manifests (so the copy outlives a lost
     /// primary), with the primary's pins and verification records counting for both. Bounded and
     /// never failing, like [`Self::retention_pass`].
-    async fn replica_retention_pass(&self, source: &SourceConfig, replica: &worker::Bucket, primary: &worker::Bucket) {
+    /// Returns whether more deletions wait for a next step.
+    async fn replica_retention_pass(
+        &self,
+        source: &SourceConfig,
+        replica: &worker::Bucket,
+        primary: &worker::Bucket,
+    ) -> bool {
         let name = &source.name;
-        let pass = super::retention::apply_to(replica, Some(primary), source, now());
+        let budget = match super::index::budget(&self.env) {
+            Ok(b) => b,
+            Err(e) => {
+                console_error!("retention of {name}'s replica: not run: {e}");
+                return false;
+            }
+        };
+        let pass = super::retention::apply_to(replica, Some(primary), source, now(), budget);
         match within(RETENTION_TIMEOUT, pass).await {
-            Some(Ok(Some(a))) => console_log!(
-                "retention of {name}'s replica: kept {}, deleted {} {:?}{}",
-                a.kept,
-                a.deleted.len(),
-                a.deleted,
-                if a.failed.is_empty() { String::new() } else { format!("; FAILED: {:?}", a.failed) },
-            ),
+            Some(Ok(Some(a))) => {
+                console_log!(
+                    "retention of {name}'s replica: kept {}, deleted {} {:?}{}{}",
+                    a.kept,
+                    a.deleted.len(),
+                    a.deleted,
+                    if a.failed.is_empty() { String::new() } else { format!("; FAILED: {:?}", a.failed) },
+                    if a.more { "; more in the next step" } else { "" },
+                );
+                return a.more;
+            }
             Some(Ok(None)) => {}
             Some(Err(e)) => console_error!("retention of {name}'s replica failed: {e}"),
             None => console_error!(
@@ -727,6 +787,7 @@ impl SourceObject {
                 RETENTION_TIMEOUT.as_secs()
             ),
         }
+        false
     }
 
     /// Runs the job in flight until it sleeps or ends.
@@ -953,7 +1014,10 @@ impl SourceObject {
                 }
                 Action::RecordVerification { key, record } => {
                     match within(R2_STEP_TIMEOUT, store::put_json(&bucket, &key, &record)).await {
-                        Some(Ok(())) => Event::Recorded,
+                        Some(Ok(())) => {
+                            super::index::record_verification(&self.storage(), &key, &record).await;
+                            Event::Recorded
+                        }
                         Some(Err(e)) => Event::CommitFailed(e),
                         None => Event::CommitFailed(timed_out("writing the verification record")),
                     }
@@ -961,6 +1025,7 @@ impl SourceObject {
                 Action::Commit { key, manifest } => {
                     match within(R2_STEP_TIMEOUT, store::write_manifest(&bucket, &key, &manifest)).await {
                         Some(Ok(())) => {
+                            super::index::record_commit(&self.storage(), &key, &manifest).await;
                             committed = Some((key, *manifest));
                             Event::Committed
                         }
@@ -1031,11 +1096,16 @@ impl SourceObject {
             };
         }
         if job.phase == Phase::Committed && job.task == Task::Export {
-            self.retention_pass(&source, "after a commit", false).await;
+            // In an alarm invocation of its own: this one has spent subrequests on the job.
+            if source.retention.is_some() {
+                self.defer_retention().await;
+            }
         } else if job.replica_committed() {
-            self.replica_retention_pass(&source, &bucket, &primary).await;
+            if self.replica_retention_pass(&source, &bucket, &primary).await {
+                self.defer_retention().await;
+            }
         } else if self.daily_pass_pending().await? {
-            self.retention_pass(&source, "daily pass", true).await;
+            self.defer_retention().await;
         }
         // Fresh again: triggers and ticks may have written the ledger during the clean-up's I/O.
         let mut ledger = self.load_ledger().await?;
@@ -1067,6 +1137,9 @@ impl SourceObject {
         // clear the alarm when nothing is in flight or queued, else wake for that job.
         let latest = self.load_ledger().await?;
         if latest.current.is_some() || !latest.queue.is_empty() || !latest.missed.is_empty() {
+            self.storage().set_alarm(Duration::from_millis(1)).await?;
+        } else if self.daily_pass_pending().await? {
+            // A retention pass waits (after a commit, or more steps): the next alarm runs it.
             self.storage().set_alarm(Duration::from_millis(1)).await?;
         } else {
             self.storage().delete_alarm().await?;

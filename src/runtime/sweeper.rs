@@ -8,6 +8,11 @@
 //! names, tells each source which records are settled, and writes the report to R2 under
 //! `_ferry/sweeps/` when the walk ends. Every failure goes into the report; none stops the sweep
 //! or a backup, and nothing here panics.
+//!
+//! A tick holds the sweeper's lease (`crate::sweep::claim_lease`, stored in the object) instead
+//! of an in-memory flag: every R2 call and every call to a source's object is raced against
+//! [`CALL_TIMEOUT`], the tick's work against [`TICK_LIMIT`], and a lease that a dead tick never
+//! released lapses after [`crate::sweep::LEASE`], so one hung call cannot block later sweeps.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -15,17 +20,19 @@ use futures_util::future::join_all;
 use serde_json::json;
 use worker::{Bucket, Env, Method, Response, Storage};
 
-use super::source_object::call;
+use super::source_object::{bounded, call};
 use super::{store, BUCKET};
 use crate::manifest::{folder_of, parse_folder};
 use crate::sweep::{
-    plan, report_key, source_of_prefix, split_at_folder, Plan, SourceRecords, Stage, StoredObject, Sweep, Tick,
-    REPORT_PREFIX,
+    claim_lease, plan, release_lease, report_key, source_of_prefix, split_at_folder, Lease, LeaseClaim, Plan,
+    SourceRecords, Stage, StoredObject, Sweep, Tick, CALL_TIMEOUT, REPORT_PREFIX, TICK_LIMIT,
 };
 use crate::time::Timestamp;
 
 /// Durable Object storage key of the sweep's state (and its latest report).
 const STATE: &str = "sweep";
+/// Durable Object storage key of the sweeper's lease.
+const LEASE_KEY: &str = "sweep_lease";
 /// Objects per list page (R2's maximum).
 const PAGE: u32 = 1000;
 /// List pages one tick reads at most.
@@ -35,8 +42,54 @@ const MAX_FOLDER_OBJECTS: usize = 5000;
 /// Keys per R2 `delete` call (its maximum).
 const DELETE_BATCH: usize = 1000;
 
-/// One cron tick of the sweep at `now`; returns a line for the log.
-/// `replicas` are the replica buckets' bindings the config names: walked after the primary.
+/// Runs `tick` (a sweep tick) under the sweeper's lease, for at most [`TICK_LIMIT`]; returns its
+/// line for the log, or why it did not run.
+pub(super) async fn leased(storage: &Storage, tick: impl std::future::Future<Output = String>) -> String {
+    let holder = hex::encode(super::random_bytes());
+    let stored = match bounded(CALL_TIMEOUT, "reading the sweeper's lease", storage.get::<Lease>(LEASE_KEY)).await {
+        Ok(lease) => lease,
+        Err(e) => return format!("sweep: its lease cannot be read: {e}"),
+    };
+    // The lease runs on the wall clock, not on the tick's scheduled time.
+    let taken_over = match claim_lease(stored, &holder, super::now()) {
+        LeaseClaim::Held(lease) => {
+            return format!("sweep: a tick holding the lease until {} is still running", lease.expires_at)
+        }
+        LeaseClaim::Granted(lease) => Ok(lease),
+        LeaseClaim::TakenOver { lease, expired } => Err((lease, expired)),
+    };
+    let lease = match &taken_over {
+        Ok(lease) | Err((lease, _)) => lease.clone(),
+    };
+    if let Err(e) = bounded(CALL_TIMEOUT, "taking the sweeper's lease", storage.put(LEASE_KEY, &lease)).await {
+        return format!("sweep: taking its lease failed: {e}");
+    }
+    let line = match super::net::within(TICK_LIMIT, tick).await {
+        Some(line) => line,
+        None => format!("sweep: the tick stopped after {} s; the next tick goes on", TICK_LIMIT.as_secs()),
+    };
+    let line = match taken_over {
+        Err((_, expired)) => {
+            format!("{line} (took over the lease of a tick that never ended, taken at {})", expired.taken_at)
+        }
+        Ok(_) => line,
+    };
+    let release = async {
+        let current = storage.get::<Lease>(LEASE_KEY).await?;
+        match release_lease(current, &holder) {
+            None => storage.delete(LEASE_KEY).await.map(|_| ()),
+            Some(_) => Ok(()),
+        }
+    };
+    if let Err(e) = bounded(CALL_TIMEOUT, "releasing the sweeper's lease", release).await {
+        worker::console_error!("sweep: releasing its lease failed ({e}); it lapses at {}", lease.expires_at);
+    }
+    line
+}
+
+/// One cron tick of the sweep at `now` (the tick's scheduled time; run it [`leased`]); returns a
+/// line for the log. `replicas` are the replica buckets' bindings the config names: walked after
+/// the primary.
 pub(super) async fn tick(
     storage: &Storage,
     env: &Env,
@@ -44,7 +97,7 @@ pub(super) async fn tick(
     configured: Vec<String>,
     replicas: Vec<String>,
 ) -> String {
-    let saved = match storage.get::<String>(STATE).await {
+    let saved = match bounded(CALL_TIMEOUT, "reading the sweep's state", storage.get::<String>(STATE)).await {
         Ok(text) => text.and_then(|t| serde_json::from_str::<Sweep>(&t).ok()),
         Err(e) => return format!("sweep: its state cannot be read: {e}"),
     };
@@ -71,7 +124,9 @@ pub(super) async fn latest(storage: &Storage) -> worker::Result<Response> {
 
 async fn save(storage: &Storage, sweep: &mut Sweep) {
     let written = match serde_json::to_string(&*sweep) {
-        Ok(text) => storage.put(STATE, text).await.map_err(|e| e.to_string()),
+        Ok(text) => {
+            bounded(CALL_TIMEOUT, "saving the sweep's state", storage.put(STATE, text)).await.map_err(|e| e.to_string())
+        }
         Err(e) => Err(e.to_string()),
     };
     if let Err(e) = written {
@@ -132,7 +187,11 @@ async fn advance(
         sweep.report.complete = true;
         sweep.report.finished_at = Some(now);
         let key = report_key(&sweep.report.day);
-        if let Err(e) = store::put_json(bucket, &key, &sweep.report).await {
+        let written = match super::net::within(CALL_TIMEOUT, store::put_json(bucket, &key, &sweep.report)).await {
+            Some(result) => result,
+            None => Err(format!("R2 put of {key} did not answer within {} s", CALL_TIMEOUT.as_secs())),
+        };
+        if let Err(e) = written {
             sweep.report.error(format!("writing the report failed: {e}"));
         }
         worker::console_log!("{}", sweep.report.summary());
@@ -197,7 +256,12 @@ async fn gather(
         Ok(prefixes) => names.extend(prefixes.iter().filter_map(|p| source_of_prefix(p)).map(str::to_string)),
         Err(e) => sweep.report.error(format!("listing the bucket's sources failed: {e}")),
     }
-    let answers = join_all(names.iter().map(|n| call(env, n, Method::Get, "/leftovers", None))).await;
+    let answers = join_all(
+        names
+            .iter()
+            .map(|n| bounded(CALL_TIMEOUT, "a source's records", call(env, n, Method::Get, "/leftovers", None))),
+    )
+    .await;
     let mut records = Vec::new();
     let mut unreadable = BTreeSet::new();
     for (name, answer) in names.into_iter().zip(answers) {
@@ -226,7 +290,7 @@ async fn top_level_prefixes(bucket: &Bucket) -> worker::Result<Vec<String>> {
         if let Some(c) = cursor.take() {
             list = list.cursor(c);
         }
-        let page = list.execute().await?;
+        let page = bounded(CALL_TIMEOUT, "listing the bucket's sources", list.execute()).await?;
         prefixes.extend(page.delimited_prefixes());
         match (page.truncated(), page.cursor()) {
             (true, Some(c)) => cursor = Some(c),
@@ -257,7 +321,7 @@ async fn sweep_records(env: &Env, bucket: &Bucket, records: &[SourceRecords], sw
     let mut objects = Vec::new();
     let mut unlisted = BTreeSet::new();
     for folder in &folders {
-        match store::list_objects(bucket, folder).await {
+        match bounded(CALL_TIMEOUT, "listing a recorded leftover", store::list_objects(bucket, folder)).await {
             Ok(list) => objects.extend(list.iter().map(stored)),
             Err(e) => {
                 sweep.report.error(format!("listing the recorded leftover {folder} failed: {e}"));
@@ -308,7 +372,7 @@ async fn walk(
             (None, Some(a)) => list = list.start_after(a.clone()),
             (None, None) => {}
         }
-        let page = match list.execute().await {
+        let page = match bounded(CALL_TIMEOUT, "an R2 list page", list.execute()).await {
             Ok(page) => page,
             Err(e) => {
                 sweep.report.error(format!("listing {name} failed: {e}; the walk goes on at the next tick"));
@@ -374,7 +438,7 @@ async fn execute(env: &Env, bucket: &Bucket, plan: &Plan, sweep: &mut Sweep) {
             .unwrap_or(bucket)
             .resume_multipart_upload(upload.key.clone(), upload.upload_id.clone())
         {
-            Ok(open) => open.abort().await.map_err(|e| e.to_string()),
+            Ok(open) => bounded(CALL_TIMEOUT, "an R2 abort", open.abort()).await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         match result {
@@ -396,7 +460,7 @@ async fn execute(env: &Env, bucket: &Bucket, plan: &Plan, sweep: &mut Sweep) {
     let mut failed = BTreeSet::new();
     for batch in keys.chunks(DELETE_BATCH) {
         let list: Vec<String> = batch.iter().map(|(_, k)| (*k).clone()).collect();
-        if let Err(e) = bucket.delete_multiple(list).await {
+        if let Err(e) = bounded(CALL_TIMEOUT, "an R2 delete", bucket.delete_multiple(list)).await {
             let folders: BTreeSet<usize> = batch.iter().map(|(i, _)| *i).collect();
             report.error(format!(
                 "deleting {} objects failed: {e}; their folders are left for the next sweep: {}",
@@ -417,7 +481,8 @@ async fn execute(env: &Env, bucket: &Bucket, plan: &Plan, sweep: &mut Sweep) {
     }
     for (source, keys) in settled {
         let body = json!({ "keys": keys });
-        match call(env, &source, Method::Post, "/leftovers/settle", Some(&body)).await {
+        let settle = call(env, &source, Method::Post, "/leftovers/settle", Some(&body));
+        match bounded(CALL_TIMEOUT, "settling a source's records", settle).await {
             Ok((200, _)) => {}
             Ok((status, value)) => report.error(format!("settling the records of {source:?}: HTTP {status}: {value}")),
             Err(e) => report.error(format!("settling the records of {source:?} failed: {e}")),

@@ -418,3 +418,45 @@ fn the_walk_goes_from_the_primary_bucket_through_each_replica_bucket_once_in_ord
     assert_eq!(after_walk(Some("B_EU"), &replicas), Stage::Done);
     assert_eq!(after_walk(None, &[]), Stage::Done);
 }
+
+#[test]
+fn a_free_sweeper_grants_the_lease_until_now_plus_the_lease_length() {
+    let LeaseClaim::Granted(lease) = claim_lease(None, "t1", NOW) else { panic!("not granted") };
+    assert_eq!((lease.holder.as_str(), lease.taken_at, lease.expires_at), ("t1", NOW, NOW.plus(LEASE)));
+    assert!(TICK_LIMIT < LEASE, "a tick is cut before its lease lapses");
+    assert!(CALL_TIMEOUT < TICK_LIMIT);
+}
+
+#[test]
+fn a_live_lease_is_not_taken_over() {
+    let LeaseClaim::Granted(held) = claim_lease(None, "t1", NOW) else { panic!() };
+    let just_before = held.expires_at.minus(Duration::from_millis(1));
+    assert_eq!(claim_lease(Some(held.clone()), "t2", NOW), LeaseClaim::Held(held.clone()));
+    assert_eq!(claim_lease(Some(held.clone()), "t2", just_before), LeaseClaim::Held(held));
+}
+
+#[test]
+fn an_expired_lease_is_taken_over_by_the_next_tick() {
+    // A tick whose call never answered holds the lease; it lapses and the next tick sweeps.
+    let LeaseClaim::Granted(hung) = claim_lease(None, "hung", NOW) else { panic!() };
+    let later = hung.expires_at;
+    match claim_lease(Some(hung.clone()), "next", later) {
+        LeaseClaim::TakenOver { lease, expired } => {
+            assert_eq!(expired, hung);
+            assert_eq!((lease.holder.as_str(), lease.expires_at), ("next", later.plus(LEASE)));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_tick_releases_only_its_own_lease() {
+    let LeaseClaim::Granted(mine) = claim_lease(None, "mine", NOW) else { panic!() };
+    assert_eq!(release_lease(Some(mine.clone()), "mine"), None);
+    // Taken over meanwhile: the late tick leaves its successor's lease alone.
+    let LeaseClaim::TakenOver { lease: theirs, .. } = claim_lease(Some(mine), "theirs", NOW.plus(LEASE)) else {
+        panic!()
+    };
+    assert_eq!(release_lease(Some(theirs.clone()), "mine"), Some(theirs));
+    assert_eq!(release_lease(None, "mine"), None);
+}
