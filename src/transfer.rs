@@ -177,6 +177,16 @@ pub fn progress_batches(records: Vec<(String, String)>, job: Option<(String, Str
     storage_batches(all)
 }
 
+/// Puts into `artifacts` the part hashes `from` lists for the same keys (a replica's manifest
+/// takes the primary manifest's, which its job's record does not keep).
+pub fn copy_part_hashes(artifacts: &mut [crate::manifest::Artifact], from: &[crate::manifest::Artifact]) {
+    for artifact in artifacts {
+        if let Some(source) = from.iter().find(|f| f.key == artifact.key) {
+            artifact.part_sha256.clone_from(&source.part_sha256);
+        }
+    }
+}
+
 /// The SHA-256 of each part of a finished copy, from its part records as listed under
 /// `part:{job}:{file}:` (keys `…:{restarts}:{number}`, each a [`PartRecord`]): the newest set
 /// (a restart starts a fresh one; an older set may remain if its clean-up failed), its first
