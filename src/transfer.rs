@@ -1092,6 +1092,22 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_manifest_takes_the_primary_manifests_part_hashes_by_key() {
+        use crate::manifest::Artifact;
+        let with = |key: &str, hashes: &[&str]| Artifact {
+            parts: hashes.len().max(1) as u32,
+            part_sha256: hashes.iter().map(|h| h.to_string()).collect(),
+            ..Artifact::sample(key, "f", 10, "ab", "application/gzip")
+        };
+        let mut replica = vec![with("s/f/a.gz", &[]), with("s/f/b.gz", &[]), with("s/f/c.gz", &[])];
+        let primary = vec![with("s/f/b.gz", &["b1", "b2"]), with("s/f/a.gz", &["a1"])];
+        copy_part_hashes(&mut replica, &primary);
+        assert_eq!(replica[0].part_sha256, vec!["a1"]);
+        assert_eq!(replica[1].part_sha256, vec!["b1", "b2"]);
+        assert!(replica[2].part_sha256.is_empty(), "a file the primary does not list keeps none");
+    }
+
+    #[test]
     fn final_part_hashes_come_from_the_newest_set_of_records() {
         let rec = |gen: u32, n: u16, sha: &str| {
             let r = PartRecord { number: n, etag: "e".into(), size: 5, sha256: sha.into() };
