@@ -35,6 +35,19 @@ pub const MIN_PART_MIB: u64 = 5;
 pub const MAX_PART_MIB: u64 = 32;
 /// R2's limit on parts per upload.
 pub const MAX_PARTS: u32 = 10_000;
+/// How long a slice may overrun its own time budget (the parts in flight settle) before it is
+/// given up and the copy goes on from what was persisted.
+pub const SLICE_GRACE: Duration = Duration::from_secs(180);
+/// The wall clock one Durable Object alarm invocation may run: 15 minutes (Cloudflare docs,
+/// Workers "Limits", the wall-time table: "DO alarm: 15 min").
+pub const INVOCATION_WALL_CLOCK: Duration = Duration::from_secs(15 * 60);
+/// What a slice leaves of [`INVOCATION_WALL_CLOCK`] for the step's own bookkeeping (persisting
+/// the outcome, arming the next alarm).
+pub const INVOCATION_MARGIN: Duration = Duration::from_secs(30);
+/// Keys one Durable Object storage call may take (`put`, `get` or `delete` of many keys): 128
+/// (Cloudflare docs, Durable Objects Storage API: `get`/`put`/`delete` of an array or object
+/// take up to 128 keys; miniflare's `durable-objects/src/storage.ts` enforces `MAX_KEYS = 128`).
+pub const STORAGE_KEYS_PER_CALL: usize = 128;
 
 /// How a source's copies are cut into slices and pipelined: the source's `part_size_mib`,
 /// `parts_in_flight`, `slice_max_*`, `max_stalled_slices` and `copy_timeout_minutes` fields.
@@ -128,6 +141,78 @@ impl TransferSettings {
     pub fn slice_done(&self, bytes: u64, elapsed: Duration) -> bool {
         bytes >= self.slice_bytes || elapsed >= self.slice_time
     }
+
+    /// How long the runtime lets one slice run before it gives the slice up. A slice that can
+    /// stop at a part boundary gets its time budget plus [`SLICE_GRACE`]; a copy that cannot
+    /// resume (`no_ranges`: the source ignores ranges or cannot say where the object ends) runs
+    /// to its end in one invocation, so it gets the invocation's own ceiling.
+    pub fn slice_limit(&self, no_ranges: bool) -> Duration {
+        let ceiling = INVOCATION_WALL_CLOCK.saturating_sub(INVOCATION_MARGIN);
+        if no_ranges {
+            ceiling
+        } else {
+            (self.slice_time + SLICE_GRACE).min(ceiling)
+        }
+    }
+}
+
+/// Cuts `items` into the calls a Durable Object storage batch may take, each of at most
+/// [`STORAGE_KEYS_PER_CALL`] keys, in order.
+pub fn storage_batches<T>(items: Vec<T>) -> Vec<Vec<T>> {
+    let mut batches = Vec::with_capacity(items.len().div_ceil(STORAGE_KEYS_PER_CALL));
+    let mut items = items.into_iter().peekable();
+    while items.peek().is_some() {
+        batches.push(items.by_ref().take(STORAGE_KEYS_PER_CALL).collect());
+    }
+    batches
+}
+
+/// The storage writes of a copy's progress, in order: the part records (and any other entries)
+/// first, the job's own record in the last call. Every call stays within
+/// [`STORAGE_KEYS_PER_CALL`], and the job never names a part whose record was not written
+/// before it (records past the job's count are leftovers, overwritten when written again).
+pub fn progress_batches(records: Vec<(String, String)>, job: Option<(String, String)>) -> Vec<Vec<(String, String)>> {
+    let mut all = records;
+    all.extend(job);
+    storage_batches(all)
+}
+
+/// Puts into `artifacts` the part hashes `from` lists for the same keys (a replica's manifest
+/// takes the primary manifest's, which its job's record does not keep).
+pub fn copy_part_hashes(artifacts: &mut [crate::manifest::Artifact], from: &[crate::manifest::Artifact]) {
+    for artifact in artifacts {
+        if let Some(source) = from.iter().find(|f| f.key == artifact.key) {
+            artifact.part_sha256.clone_from(&source.part_sha256);
+        }
+    }
+}
+
+/// The SHA-256 of each part of a finished copy, from its part records as listed under
+/// `part:{job}:{file}:` (keys `…:{restarts}:{number}`, each a [`PartRecord`]): the newest set
+/// (a restart starts a fresh one; an older set may remain if its clean-up failed), its first
+/// `parts` records, which must be numbered 1..=`parts`.
+pub fn final_part_hashes(entries: &[(String, String)], parts: u32) -> Result<Vec<String>, StepError> {
+    let generation = |key: &str| -> Option<u32> { key.rsplit(':').nth(1).and_then(|g| g.parse().ok()) };
+    let newest = entries.iter().filter_map(|(k, _)| generation(k)).max();
+    let mut records: Vec<PartRecord> = Vec::new();
+    for (key, text) in entries {
+        if generation(key) != newest || newest.is_none() {
+            continue;
+        }
+        let record: PartRecord = serde_json::from_str(text)
+            .map_err(|e| StepError::permanent(format!("the part record {key} is unreadable: {e}")))?;
+        records.push(record);
+    }
+    records.sort_by_key(|r| r.number);
+    records.truncate(parts as usize);
+    let numbered = records.iter().enumerate().all(|(i, p)| usize::from(p.number) == i + 1);
+    if records.len() != parts as usize || !numbered {
+        return Err(StepError::permanent(format!(
+            "{} part records were found for a file of {parts} parts; its manifest cannot list their SHA-256",
+            records.len()
+        )));
+    }
+    Ok(records.into_iter().map(|r| r.sha256).collect())
 }
 
 /// What identifies the bytes being copied, so a resumed slice can tell they did not change.
@@ -246,8 +331,9 @@ pub struct CopyState {
     pub restarts: u32,
     /// Why it last did.
     pub last_restart: Option<String>,
-    /// The source answered a range request with the whole object: it does not honour ranges, so
-    /// slices of this copy run to the end (the artifact must fit one invocation).
+    /// The copy cannot resume: the source answered a range request with the whole object, said
+    /// `Accept-Ranges: none`, or cannot say where the object ends. Slices of this copy run to the
+    /// end, with the invocation's whole wall clock ([`TransferSettings::slice_limit`]).
     #[serde(default)]
     pub no_ranges: bool,
     /// Generated artifacts only: where the generator stopped, in the generator's own type (see
@@ -425,6 +511,11 @@ impl CopyState {
                 _ => declared,
             };
             self.validators = Some(Validators::from_headers(headers, length));
+            // RFC 9110 §14.3: a server that supports no range requests for the resource may say
+            // `Accept-Ranges: none`; such a copy cannot resume, so it runs to its end now.
+            if header(headers, "accept-ranges").is_some_and(|v| v.eq_ignore_ascii_case("none")) {
+                self.no_ranges = true;
+            }
             return Resume::Continue;
         }
         let known = self.validators.clone().unwrap_or_default();
@@ -450,6 +541,19 @@ impl CopyState {
                     };
                 }
                 if known.length.is_none() {
+                    if total.is_none() {
+                        // Neither the first answer nor this one says where the object ends: a
+                        // body cut off cleanly would look whole. Copy it again from zero, to its
+                        // end in one go.
+                        self.no_ranges = true;
+                        return Resume::StartOver {
+                            reason: format!(
+                                "the source sent bytes from {} without saying the object's length (Content-Range                                  total \"*\"), so the rest could not be checked to its end",
+                                self.offset
+                            ),
+                            body_from_zero: false,
+                        };
+                    }
                     if let Some(v) = self.validators.as_mut() {
                         v.length = total;
                     }
@@ -468,6 +572,46 @@ impl CopyState {
                 Resume::StartOver { reason, body_from_zero: true }
             }
         }
+    }
+
+    /// Decides what `416 Range Not Satisfiable` to `Range: bytes=<offset>-` means: `Ok` when it
+    /// proves every byte was stored (`Content-Range: bytes */<offset>` of the same object, whose
+    /// length is then recorded), else why the copy must restart from zero (the object is now
+    /// shorter or longer, or was replaced: a length other than the one it started with, or a
+    /// changed or unconfirmed validator).
+    pub fn check_unsatisfiable(&mut self, headers: &[(String, String)]) -> Result<(), String> {
+        let offset = self.offset;
+        let refused = format!("the source refused the range from byte {offset} (HTTP 416)");
+        let total = header(headers, "content-range")
+            .and_then(|v| v.strip_prefix("bytes */"))
+            .and_then(|t| t.trim().parse::<u64>().ok());
+        let Some(total) = total else {
+            return Err(format!("{refused} without saying the object's length"));
+        };
+        if total != offset {
+            return Err(format!("{refused}: the object now holds {total} bytes"));
+        }
+        let known = self.validators.clone().unwrap_or_default();
+        if let Some(length) = known.length {
+            if length != total {
+                return Err(format!(
+                    "{refused}: the object held {length} bytes when the copy started and now {total}; it was replaced"
+                ));
+            }
+        }
+        let now = Validators::from_headers(headers, Some(total));
+        if let Some(why) = known.changed(&now) {
+            return Err(format!("{refused}: the source object changed: {why}"));
+        }
+        let confirmed = (known.etag.is_some() && known.etag == now.etag)
+            || (known.last_modified.is_some() && known.last_modified == now.last_modified);
+        if known.length.is_none() && !confirmed {
+            return Err(format!("{refused}: nothing shows it is still the object the copy started on"));
+        }
+        if let Some(v) = self.validators.as_mut() {
+            v.length = Some(total);
+        }
+        Ok(())
     }
 
     /// Goes back to byte 0; returns the multipart upload to abort, if one was open.
@@ -821,6 +965,143 @@ mod tests {
             Resume::StartOver { body_from_zero: false, .. }
         ));
         assert!(matches!(s.check_response(206, &h(&[("etag", "\"v1\"")])), Resume::StartOver { .. }));
+    }
+
+    /// A copy at `offset` after a first answer with these validators.
+    fn resumed_at(offset: u64, etag: Option<&str>, length: Option<u64>) -> CopyState {
+        let mut s = CopyState::new("k".into(), 0, Timestamp::from_secs(0));
+        s.offset = offset;
+        s.parts_stored = 1;
+        s.validators = Some(Validators { etag: etag.map(str::to_string), last_modified: None, length });
+        s
+    }
+
+    #[test]
+    fn a_416_at_the_offset_completes_only_the_same_object_of_that_length() {
+        // The object was 100 bytes; 60 are stored; it now holds 60: a shorter replacement.
+        let mut s = resumed_at(60, Some("\"v1\""), Some(100));
+        let why = s.check_unsatisfiable(&h(&[("content-range", "bytes */60"), ("etag", "\"v1\"")])).unwrap_err();
+        assert!(why.contains("held 100 bytes") && why.contains("replaced"), "{why}");
+        assert_eq!(s.validators.as_ref().and_then(|v| v.length), Some(100), "nothing recorded");
+        // Unsized first answer: the same ETag proves the object; another one or none does not.
+        let mut s = resumed_at(60, Some("\"v1\""), None);
+        assert_eq!(s.check_unsatisfiable(&h(&[("content-range", "bytes */60"), ("etag", "\"v1\"")])), Ok(()));
+        assert_eq!(s.validators.as_ref().and_then(|v| v.length), Some(60));
+        assert!(s.all_stored());
+        let mut s = resumed_at(60, Some("\"v1\""), None);
+        let why = s.check_unsatisfiable(&h(&[("content-range", "bytes */60"), ("etag", "\"v2\"")])).unwrap_err();
+        assert!(why.contains("ETag changed"), "{why}");
+        let mut s = resumed_at(60, Some("\"v1\""), None);
+        assert!(s.check_unsatisfiable(&h(&[("content-range", "bytes */60")])).is_err(), "unconfirmed");
+        let mut s = resumed_at(60, None, None);
+        assert!(s.check_unsatisfiable(&h(&[("content-range", "bytes */60")])).is_err(), "nothing identifies it");
+        // Another length, or none said.
+        let mut s = resumed_at(60, Some("\"v1\""), None);
+        let why = s.check_unsatisfiable(&h(&[("content-range", "bytes */40"), ("etag", "\"v1\"")])).unwrap_err();
+        assert!(why.contains("now holds 40 bytes"), "{why}");
+        assert!(s.check_unsatisfiable(&h(&[("content-range", "bytes */*")])).is_err());
+        assert!(s.check_unsatisfiable(&[]).is_err());
+    }
+
+    #[test]
+    fn a_206_of_unknown_total_after_an_unsized_200_restarts_and_runs_to_the_end() {
+        let mut s = resumed_at(10, Some("\"v1\""), None);
+        match s.check_response(206, &h(&[("etag", "\"v1\""), ("content-range", "bytes 10-99/*")])) {
+            Resume::StartOver { reason, body_from_zero: false } => assert!(reason.contains("length"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(s.no_ranges, "the copy again from zero cannot stop before its end");
+        // A total, or a length known from the first answer, is checked at the end: it continues.
+        let mut s = resumed_at(10, Some("\"v1\""), None);
+        assert_eq!(
+            s.check_response(206, &h(&[("etag", "\"v1\""), ("content-range", "bytes 10-99/100")])),
+            Resume::Continue
+        );
+        assert_eq!(s.validators.as_ref().and_then(|v| v.length), Some(100));
+        let mut s = resumed_at(10, Some("\"v1\""), Some(100));
+        assert_eq!(
+            s.check_response(206, &h(&[("etag", "\"v1\""), ("content-range", "bytes 10-99/*")])),
+            Resume::Continue
+        );
+    }
+
+    #[test]
+    fn accept_ranges_none_makes_the_copy_run_to_its_end_from_the_first_answer() {
+        let mut s = CopyState::new("k".into(), 0, Timestamp::from_secs(0));
+        let r = s.check_response(200, &h(&[("accept-ranges", "none"), ("content-length", "100")]));
+        assert_eq!(r, Resume::Continue);
+        assert!(s.no_ranges);
+        let mut s = CopyState::new("k".into(), 0, Timestamp::from_secs(0));
+        s.check_response(200, &h(&[("accept-ranges", "bytes"), ("content-length", "100")]));
+        assert!(!s.no_ranges);
+    }
+
+    #[test]
+    fn a_copy_that_cannot_resume_gets_the_invocations_ceiling_not_the_slice_budget() {
+        let t = TransferSettings { slice_time: Duration::from_secs(300), ..Default::default() };
+        assert_eq!(t.slice_limit(false), Duration::from_secs(300) + SLICE_GRACE);
+        assert_eq!(t.slice_limit(true), INVOCATION_WALL_CLOCK - INVOCATION_MARGIN);
+        assert!(t.slice_limit(true) > Duration::from_secs(14 * 60), "close to the 15 minutes an alarm may run");
+        let tiny = TransferSettings { slice_time: Duration::from_secs(1), ..Default::default() };
+        assert_eq!(tiny.slice_limit(true), t.slice_limit(true), "whatever the slice budget");
+        let longest = TransferSettings { slice_time: Duration::from_secs(600), ..Default::default() };
+        assert!(longest.slice_limit(false) <= longest.slice_limit(true), "never past the invocation");
+    }
+
+    #[test]
+    fn storage_writes_go_in_calls_of_at_most_128_keys_with_the_job_last() {
+        let records: Vec<(String, String)> = (1..=300).map(|n| (format!("part:j:0:0:{n:05}"), "{}".into())).collect();
+        let batches = progress_batches(records, Some(("job:j".into(), "{}".into())));
+        assert_eq!(batches.iter().map(Vec::len).collect::<Vec<_>>(), vec![128, 128, 45]);
+        assert!(batches.iter().all(|b| b.len() <= STORAGE_KEYS_PER_CALL));
+        let last = batches.last().unwrap();
+        assert_eq!(last.last().unwrap().0, "job:j", "the job is written after every record it counts");
+        assert_eq!(batches.iter().flatten().filter(|(k, _)| k == "job:j").count(), 1);
+        assert_eq!(batches.iter().flatten().count(), 301);
+        assert_eq!(progress_batches(Vec::new(), Some(("job:j".into(), String::new()))).len(), 1);
+        assert!(storage_batches(Vec::<u8>::new()).is_empty());
+        assert_eq!(storage_batches((0..256).collect::<Vec<u32>>()).len(), 2);
+    }
+
+    #[test]
+    fn a_replica_manifest_takes_the_primary_manifests_part_hashes_by_key() {
+        use crate::manifest::Artifact;
+        let with = |key: &str, hashes: &[&str]| Artifact {
+            parts: hashes.len().max(1) as u32,
+            part_sha256: hashes.iter().map(|h| h.to_string()).collect(),
+            ..Artifact::sample(key, "f", 10, "ab", "application/gzip")
+        };
+        let mut replica = vec![with("s/f/a.gz", &[]), with("s/f/b.gz", &[]), with("s/f/c.gz", &[])];
+        let primary = vec![with("s/f/b.gz", &["b1", "b2"]), with("s/f/a.gz", &["a1"])];
+        copy_part_hashes(&mut replica, &primary);
+        assert_eq!(replica[0].part_sha256, vec!["a1"]);
+        assert_eq!(replica[1].part_sha256, vec!["b1", "b2"]);
+        assert!(replica[2].part_sha256.is_empty(), "a file the primary does not list keeps none");
+    }
+
+    #[test]
+    fn final_part_hashes_come_from_the_newest_set_of_records() {
+        let rec = |gen: u32, n: u16, sha: &str| {
+            let r = PartRecord { number: n, etag: "e".into(), size: 5, sha256: sha.into() };
+            (format!("part:j:0:{gen}:{n:05}"), serde_json::to_string(&r).unwrap())
+        };
+        let entries = vec![
+            rec(0, 1, "old1"),
+            rec(0, 2, "old2"),
+            rec(0, 3, "old3"),
+            rec(1, 1, "a"),
+            rec(1, 2, "b"),
+            rec(1, 3, "x"),
+        ];
+        assert_eq!(
+            final_part_hashes(&entries, 2).unwrap(),
+            vec!["a".to_string(), "b".into()],
+            "a leftover past the count"
+        );
+        assert!(final_part_hashes(&entries, 4).is_err(), "a missing record");
+        assert!(final_part_hashes(&[rec(0, 2, "b")], 1).is_err(), "numbered from 1");
+        assert!(final_part_hashes(&[("part:j:0:0:00001".into(), "{".into())], 1).is_err());
+        assert_eq!(final_part_hashes(&[], 0).unwrap(), Vec::<String>::new());
     }
 
     #[test]

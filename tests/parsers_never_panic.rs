@@ -17,7 +17,7 @@ use ferry::providers::d1::query::{plan, Content, QueryPlan, ScanTable, VirtualTa
 use ferry::providers::{Credentials, ProviderState, StepInput};
 use ferry::secret::Secret;
 use ferry::time::Timestamp;
-use ferry::transfer::{parse_content_range, CopyState, Generator};
+use ferry::transfer::{parse_content_range, CopyState, Generator, Resume};
 use ferry::webhook::{verify, WebhookHeaders, WebhookSecret};
 
 /// Arbitrary JSON, a few levels deep.
@@ -160,6 +160,42 @@ proptest! {
         let mut resumed = CopyState::new("k".into(), 0, Timestamp::from_secs(0));
         resumed.offset = 10;
         let _ = resumed.check_response(status, &headers);
+        let _ = resumed.check_unsatisfiable(&headers);
+    }
+
+    /// A resumed copy (10 bytes stored of an object whose first answer said `"v1"`, and 100 bytes
+    /// when `sized`) continues only on a 206 from its offset, of the same object, of the length it
+    /// started with (or, when it never learnt one, a stated total); a 416 completes it only for
+    /// `bytes */10` of that same object. Anything else is refused (restart or failure).
+    #[test]
+    fn download_answers_that_do_not_continue_the_copy_are_refused(
+        sized in any::<bool>(), status in prop::sample::select(vec![200u16, 206, 416]),
+        start in 0u64..20, end in 0u64..120, total in prop::option::of(0u64..120),
+        etag in prop::option::of(prop::sample::select(vec!["\"v1\"", "\"v2\"", "W/\"v1\""])),
+    ) {
+        let mut copy = CopyState::new("k".into(), 0, Timestamp::from_secs(0));
+        let first = if sized { vec![("etag".to_string(), "\"v1\"".to_string()), ("content-length".to_string(), "100".to_string())] }
+            else { vec![("etag".to_string(), "\"v1\"".to_string())] };
+        prop_assert_eq!(copy.check_response(200, &first), Resume::Continue);
+        copy.offset = 10;
+        copy.parts_stored = 1;
+        let shown = total.map_or("*".to_string(), |t| t.to_string());
+        let mut headers = vec![("content-range".to_string(), if status == 416 { format!("bytes */{shown}") } else { format!("bytes {start}-{end}/{shown}") })];
+        if let Some(e) = etag {
+            headers.push(("etag".to_string(), e.to_string()));
+        }
+        // A 206 answers `If-Range: "v1"` only when that validator held (RFC 9110 §13.1.5): one
+        // without an ETag is the same object; another ETag is not.
+        let same = etag.is_none_or(|e| e == "\"v1\"");
+        if status == 416 {
+            let done = copy.clone().check_unsatisfiable(&headers).is_ok();
+            prop_assert!(!done || (total == Some(10) && etag == Some("\"v1\"") && !sized), "416 {:?} completed a copy it does not prove", headers);
+        } else {
+            let went_on = copy.check_response(status, &headers) == Resume::Continue;
+            let fits = status == 206 && start == 10 && same && end >= start
+                && if sized { total.is_none_or(|t| t == 100 && end < t) } else { total.is_some_and(|t| end < t) };
+            prop_assert_eq!(went_on, fits, "{} {:?}", status, headers);
+        }
     }
 
     #[test]

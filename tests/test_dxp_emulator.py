@@ -574,10 +574,11 @@ def test_control_api(emu):
                         "allow_post": False, "rest_disabled": False, "fail_next": [], "download_delay_ms": 0,
                         "truncate_after": None, "expired_tokens": False, "database_tgz": False,
                         "include_failed": False, "truncate_after_bytes": 0, "html_downloads": False, "ignore_range": False,
-                        "etag_generation": 0, "throttle_kib_per_s": 0, "upload_interval_s": 60.0, "faults": []}
+                        "etag_generation": 0, "throttle_kib_per_s": 0, "accept_ranges_none": False, "no_validators": False,
+                        "replaced_size": 0, "upload_interval_s": 60.0, "faults": []}
     for bad in ({"nope": 1}, {"sso": "yes"}, {"list_shape": "xml"}, {"malformed_list": -1},
                 {"truncate_after": "10"}, {"ignore_range": 1}, {"etag_generation": -1}, {"throttle_kib_per_s": "x"},
-                {"truncate_after_bytes": None}, {"upload_interval_s": -1}, {"fail_next": {"status": 503}}, {"fail_next": [{"status": 42}]}):
+                {"truncate_after_bytes": None}, {"replaced_size": -1}, {"no_validators": 1}, {"upload_interval_s": -1}, {"fail_next": {"status": 503}}, {"fail_next": [{"status": 42}]}):
         resp = call(emu, "/__control", "POST", {"Content-Type": "application/json"}, json.dumps(bad).encode())
         assert resp.status == 400, bad
     assert state(emu)["switches"] == defaults

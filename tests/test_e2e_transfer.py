@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import urllib.request
 
 import pytest
 
-from harness import DXP_SECRETS, DxpEmulator, Ferry, dxp_source
+from harness import DXP_SECRETS, DXP_USER_TOKEN, DxpEmulator, Ferry, dxp_source
 
 PART = 5 * 1024 * 1024
 VERIFY_TICK = 1893470400000  # 2030-01-01T04:00:00Z
@@ -223,3 +224,62 @@ def test_a_job_whose_source_is_removed_fails_cleans_up_and_frees_the_source(worl
         check_volume(ferry, ferry.wait_job(payload["job"]["id"], timeout=120), emulator.backup())
     finally:
         ferry.stop()
+
+
+def served_volume(emulator) -> bytes:
+    """The volume as the emulator serves it now (after any replacement)."""
+    url = f"{emulator.url}/backup/download/volume/{emulator.backup()['backupId']}"
+    req = urllib.request.Request(url, headers={"dxpcloud-authorization": f"Bearer {DXP_USER_TOKEN}"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return resp.read()
+
+
+@pytest.fixture(scope="module")
+def lean(world):
+    """One Worker for the copies that cannot resume and the object replaced by a shorter one."""
+    emulator = world["emulator"]
+    sources = [dxp_source("whole", emulator, slice_max_seconds=1, **ONE_PART_PER_SLICE),
+               dxp_source("shrunk", emulator, **ONE_PART_PER_SLICE)]
+    ferry = Ferry(world["work"] / "lean", sources, secrets=DXP_SECRETS)
+    yield ferry
+    ferry.stop()
+
+
+def test_a_source_that_supports_no_ranges_is_copied_in_one_slice_past_the_slice_budget(world, lean):
+    emulator = world["emulator"]
+    # 60 MiB at 8 MiB/s: about 7.5 s, many times the 1 s and 5 MiB a slice may take.
+    emulator.control(accept_ranges_none=True, throttle_kib_per_s=8192)
+    started = time.time()
+    job = lean.webhook_job("whole", timeout=120)
+    assert time.time() - started > 5, "the source was throttled"
+    check_volume(lean, job, emulator.backup())
+    assert job.get("restarts", []) == [], f"the copy restarted: {job.get('restarts')}"
+    volume = [r for r in volume_requests(emulator) if r["status"] in (200, 206)]
+    assert [(r["status"], r["range"]) for r in volume] == [(200, None)], "one download, from zero to the end"
+
+
+def test_an_object_replaced_by_one_as_long_as_the_copied_bytes_is_copied_again_not_committed_cut(world, lean):
+    emulator = world["emulator"]
+    # No validators, so no If-Range: the resumed range is served from whatever object is there now.
+    emulator.control(no_validators=True, throttle_kib_per_s=4096)
+    status, _, payload = lean.webhook("shrunk")
+    assert status == 202, payload
+    job_id = payload["job"]["id"]
+    wait_for_parts(lean, job_id, 1)
+    emulator.control(throttle_kib_per_s=1)  # the part in flight cannot finish: the offset holds
+    time.sleep(1)
+    offset = lean.job(job_id)["copy"]["offset"]
+    lean.restart(kill=True)  # the resumed request asks for bytes from `offset`
+    emulator.control(replaced_size=offset, throttle_kib_per_s=0)
+    job = lean.wait_job(job_id, timeout=120)
+    assert job["phase"] == "committed", job
+    replaced = served_volume(emulator)
+    assert len(replaced) == offset
+    (manifest,) = [m for m in lean.backups("shrunk") if m["job_id"] == job_id]
+    (art,) = [a for a in manifest["artifacts"] if a["filename"] == "volume.tgz"]
+    _, body = lean.artifact(art["key"])
+    assert hashlib.sha256(body).hexdigest() == art["sha256"] == hashlib.sha256(replaced).hexdigest(), \
+        "the backup holds the old object's first bytes, not the object the source now serves"
+    assert any("416" in r for r in job.get("restarts", [])), job.get("restarts")
+    refused = [r for r in volume_requests(emulator) if r["status"] == 416]
+    assert refused and refused[0]["range"] == f"bytes={offset}-", refused

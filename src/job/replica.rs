@@ -27,6 +27,10 @@ impl Job {
         let mut job = Self::new(id, source, export.trigger, None, None, now);
         job.task = Task::Replicate;
         job.parent = Some(export.id.clone());
+        // The primary manifest's part hashes are read back from it when the replica's manifest
+        // is written: the job's record stays small whatever the part count.
+        let mut manifest = manifest;
+        manifest.artifacts.iter_mut().for_each(|a| a.part_sha256.clear());
         job.replica =
             Some(ReplicaState { binding: binding.to_string(), manifest_key, manifest, identity: Identity::Unproven });
         job

@@ -1078,3 +1078,28 @@ fn every_drill_config_the_parser_accepts_can_be_planned() {
         assert!(Config::from_value(&json!([refused])).is_err());
     }
 }
+
+/// The job's stored record after its file finished with `parts` parts (and the replicate job
+/// that copies the backup), as the runtime serializes them.
+fn records_after_a_copy_of(parts: u32) -> (usize, usize) {
+    let mut h = Harness::d1();
+    let order = to_copy(&mut h);
+    let mut stored = artifact(&order.state.key);
+    stored.parts = parts;
+    stored.part_sha256 = (0..parts).map(|i| format!("{i:064x}")).collect();
+    h.feed(Event::Sliced { state: order.state.clone(), outcome: SliceOutcome::Finished(stored) });
+    let export = serde_json::to_vec(&h.job).unwrap().len();
+    let Action::Commit { key, manifest } = h.wake_when_due() else { panic!("expected commit") };
+    assert!(manifest.artifacts[0].part_sha256.is_empty(), "the runtime fills them from the part records");
+    let replica = Job::replica_of(&h.job, JobId::new("00000000000000bb"), &h.src, "BACKUPS_EU", key, *manifest, h.now);
+    (export, serde_json::to_vec(&replica).unwrap().len())
+}
+
+#[test]
+fn a_jobs_record_stays_small_whatever_the_part_count() {
+    let (export_one, replica_one) = records_after_a_copy_of(1);
+    let (export_many, replica_many) = records_after_a_copy_of(10_000);
+    assert!(export_many <= export_one + 8, "the export's record grew: {export_one} -> {export_many} bytes");
+    assert!(replica_many <= replica_one + 8, "the replica's record grew: {replica_one} -> {replica_many} bytes");
+    assert!(export_many < 8 * 1024 && replica_many < 8 * 1024, "{export_many} and {replica_many} bytes");
+}

@@ -126,6 +126,28 @@ pub(crate) async fn within<F: std::future::Future>(limit: Duration, fut: F) -> O
     }
 }
 
+/// Runs `fut` until it finishes or has run for `limit`, which `fut` itself may raise while it
+/// runs (a copy that turns out unable to resume gets the invocation's ceiling): `None` when it
+/// did not finish in time (the future is then dropped).
+pub(crate) async fn within_limit<F: std::future::Future>(
+    limit: &std::cell::Cell<Duration>,
+    fut: F,
+) -> Option<F::Output> {
+    let started = js_sys::Date::now();
+    let mut fut = Box::pin(fut);
+    loop {
+        let elapsed = Duration::from_millis((js_sys::Date::now() - started).max(0.0) as u64);
+        let left = limit.get().saturating_sub(elapsed);
+        if left.is_zero() {
+            return None;
+        }
+        match select(fut, Box::pin(Delay::from(left))).await {
+            Either::Left((value, _)) => return Some(value),
+            Either::Right(((), pending)) => fut = pending,
+        }
+    }
+}
+
 /// A response's headers as lower-case name/value pairs.
 pub(crate) fn header_pairs(resp: &Response) -> Vec<(String, String)> {
     resp.headers().entries().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect()

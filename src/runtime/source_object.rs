@@ -56,9 +56,6 @@ const BUSY_LEASE_MS: f64 = 16.0 * 60.0 * 1000.0;
 const STORAGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long writing a manifest or a verification record, or one clean-up, may take.
 const R2_STEP_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long a slice may overrun its own time budget (the parts in flight settle) before it is
-/// given up and the copy goes on from what was persisted.
-const SLICE_GRACE: Duration = Duration::from_secs(180);
 /// How long handing a source's waiting alerts to the queue may take, in all.
 const ALERTS_FLUSH_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -220,18 +217,13 @@ impl SourceObject {
 
     /// Writes the job and the ledger together (one implicit transaction).
     async fn save(&self, job: &Job, ledger: Option<&Ledger>) -> worker::Result<()> {
-        // A plain JS object of JSON strings: `putMultiple` ignores a JS `Map`.
-        let entries = js_sys::Object::new();
-        let set = |key: &str, text: String| {
-            js_sys::Reflect::set(&entries, &JsValue::from_str(key), &JsValue::from_str(&text))
-                .map(|_| ())
-                .map_err(|_| rust_err(format!("cannot stage {key}")))
-        };
-        set(&job_key(&job.id), serde_json::to_string(job).map_err(rust_err)?)?;
+        let mut entries = vec![(job_key(&job.id), serde_json::to_string(job).map_err(rust_err)?)];
         if let Some(l) = ledger {
-            set(LEDGER, serde_json::to_string(l).map_err(rust_err)?)?;
+            entries.push((LEDGER.to_string(), serde_json::to_string(l).map_err(rust_err)?));
         }
-        bounded(STORAGE_TIMEOUT, "saving the job", self.storage().put_multiple_raw(entries)).await
+        // Two keys: one call, so the job and the ledger change together.
+        let batches = crate::transfer::storage_batches(entries);
+        bounded(STORAGE_TIMEOUT, "saving the job", store::put_batches(&self.storage(), batches)).await
     }
 
     fn source_config(&self, name: &str) -> Result<SourceConfig, String> {
@@ -315,8 +307,7 @@ impl SourceObject {
         let evicted = ledger.record_start(&job.id, req, now);
         self.save(&job, Some(ledger)).await?;
         if !evicted.is_empty() {
-            let keys: Vec<String> = evicted.iter().map(job_key).collect();
-            self.storage().delete_multiple(keys).await?;
+            store::delete_keys(&self.storage(), evicted.iter().map(job_key).collect()).await?;
         }
         self.storage().set_alarm(now.to_datetime()).await?;
         Ok(job)
@@ -698,9 +689,7 @@ impl SourceObject {
             .into_iter()
             .filter(|k| k.starts_with(UPLOAD_PREFIX) || k.starts_with(LEFTOVER_PREFIX))
             .collect();
-        for batch in keys.chunks(128) {
-            self.storage().delete_multiple(batch.to_vec()).await?;
-        }
+        store::delete_keys(&self.storage(), keys.clone()).await?;
         json_response(200, &json!({ "settled": keys.len() }))
     }
 
@@ -921,7 +910,7 @@ impl SourceObject {
                 };
                 self.save(&job, Some(&ledger)).await?;
                 if !evicted.is_empty() {
-                    self.storage().delete_multiple(evicted.iter().map(job_key).collect()).await?;
+                    store::delete_keys(&self.storage(), evicted.iter().map(job_key).collect()).await?;
                 }
                 if let Some(id) = replica {
                     console_log!("job {}: committed; queued replicate job {id}", job.id);
@@ -957,17 +946,18 @@ impl SourceObject {
                     // One slice per invocation: each gets the platform's budgets afresh.
                     sliced = true;
                     let storage = self.storage();
-                    let limit = order.settings.slice_time + SLICE_GRACE;
+                    // The slice raises its own limit once its copy turns out unable to resume.
+                    let limit = std::cell::Cell::new(order.settings.slice_limit(order.state.no_ranges));
                     let ordered = order.state.clone();
-                    let slice = transfer::run_slice(&bucket, &primary, &storage, &mut job, *order);
-                    let event = match within(limit, slice).await {
+                    let slice = transfer::run_slice(&bucket, &primary, &storage, &mut job, *order, &limit);
+                    let event = match super::net::within_limit(&limit, slice).await {
                         Some(event) => event,
                         None => {
                             // A call inside the slice never answered. Go on from what the slice
                             // persisted; the job's watchdog counts it like any failed slice.
                             let persisted = self.load_job(&id).await?.and_then(|j| j.copy).unwrap_or(ordered);
                             let message =
-                                format!("a slice did not finish within {} s; it was given up", limit.as_secs());
+                                format!("a slice did not finish within {} s; it was given up", limit.get().as_secs());
                             Event::Sliced {
                                 state: persisted,
                                 outcome: SliceOutcome::Failed(StepError::transient(message)),
@@ -990,7 +980,7 @@ impl SourceObject {
                 }
                 Action::VerifySlice { state, settings } => {
                     sliced = true;
-                    let limit = settings.slice_time + SLICE_GRACE;
+                    let limit = settings.slice_limit(false);
                     let ordered = (*state).clone();
                     match within(limit, super::verify::run_slice(&bucket, &job.source, *state, settings)).await {
                         Some(event) => event,
@@ -1022,8 +1012,14 @@ impl SourceObject {
                         None => Event::CommitFailed(timed_out("writing the verification record")),
                     }
                 }
-                Action::Commit { key, manifest } => {
-                    match within(R2_STEP_TIMEOUT, store::write_manifest(&bucket, &key, &manifest)).await {
+                Action::Commit { key, mut manifest } => {
+                    let storage = self.storage();
+                    let written = async {
+                        // The job's record keeps no part hashes: its copies' part records have them.
+                        store::fill_part_hashes(&storage, job.id.as_str(), &mut manifest).await?;
+                        store::write_manifest(&bucket, &key, &manifest).await
+                    };
+                    match within(R2_STEP_TIMEOUT, written).await {
                         Some(Ok(())) => {
                             super::index::record_commit(&self.storage(), &key, &manifest).await;
                             committed = Some((key, *manifest));
@@ -1033,8 +1029,17 @@ impl SourceObject {
                         None => Event::CommitFailed(timed_out("writing the manifest")),
                     }
                 }
-                Action::CommitReplica { key, manifest } => {
-                    match within(R2_STEP_TIMEOUT, store::put_json(&bucket, &key, &manifest)).await {
+                Action::CommitReplica { key, mut manifest } => {
+                    let primary_key = manifest.replica_of.manifest_key.clone();
+                    let written = async {
+                        // The job's record keeps no part hashes: the primary manifest has them.
+                        let Some(copied) = store::read_manifest(&primary, &primary_key).await else {
+                            return Err(format!("the primary manifest {primary_key} could not be read"));
+                        };
+                        crate::transfer::copy_part_hashes(&mut manifest.manifest.artifacts, &copied.artifacts);
+                        store::put_json(&bucket, &key, &manifest).await
+                    };
+                    match within(R2_STEP_TIMEOUT, written).await {
                         Some(Ok(())) => Event::Committed,
                         Some(Err(e)) => Event::CommitFailed(format!("{e} (replica manifest)")),
                         None => Event::CommitFailed(timed_out("writing the replica's manifest")),
@@ -1068,7 +1073,7 @@ impl SourceObject {
                     let evicted = ledger.enqueue(&ids);
                     self.save(&job, Some(&ledger)).await?;
                     if !evicted.is_empty() {
-                        self.storage().delete_multiple(evicted.iter().map(job_key).collect()).await?;
+                        store::delete_keys(&self.storage(), evicted.iter().map(job_key).collect()).await?;
                     }
                     console_log!("job {}: queued {} jobs, one per backend", job.id, ids.len());
                     break;

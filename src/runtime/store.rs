@@ -187,11 +187,70 @@ pub(crate) async fn list_texts(storage: &worker::Storage, prefix: &str) -> worke
     Ok(entries)
 }
 
-/// Deletes every Durable Object storage entry under `prefix` (in batches of 128 keys).
+/// Deletes every Durable Object storage entry under `prefix`.
 pub(crate) async fn delete_prefix(storage: &worker::Storage, prefix: &str) -> worker::Result<usize> {
     let keys: Vec<String> = list_texts(storage, prefix).await?.into_iter().map(|(k, _)| k).collect();
-    for batch in keys.chunks(128) {
-        storage.delete_multiple(batch.to_vec()).await?;
+    let n = keys.len();
+    delete_keys(storage, keys).await?;
+    Ok(n)
+}
+
+/// Deletes Durable Object storage keys, in calls within the platform's keys-per-call limit
+/// (`crate::transfer::storage_batches`).
+pub(crate) async fn delete_keys(storage: &worker::Storage, keys: Vec<String>) -> worker::Result<()> {
+    for batch in crate::transfer::storage_batches(keys) {
+        within_key_limit(batch.len())?;
+        storage.delete_multiple(batch).await?;
     }
-    Ok(keys.len())
+    Ok(())
+}
+
+/// Writes Durable Object storage entries (JSON texts), in order, in calls within the
+/// platform's keys-per-call limit: `batches` comes from `crate::transfer::progress_batches` or
+/// `storage_batches`.
+pub(crate) async fn put_batches(storage: &worker::Storage, batches: Vec<Vec<(String, String)>>) -> worker::Result<()> {
+    for batch in batches {
+        within_key_limit(batch.len())?;
+        let entries = js_sys::Object::new();
+        for (key, text) in &batch {
+            js_sys::Reflect::set(
+                &entries,
+                &wasm_bindgen::JsValue::from_str(key),
+                &wasm_bindgen::JsValue::from_str(text),
+            )
+            .map_err(|_| worker::Error::RustError(format!("cannot stage {key}")))?;
+        }
+        storage.put_multiple_raw(entries).await?;
+    }
+    Ok(())
+}
+
+/// The runtime's own check that a multi-key storage call stays within the platform's limit.
+fn within_key_limit(keys: usize) -> worker::Result<()> {
+    if keys > crate::transfer::STORAGE_KEYS_PER_CALL {
+        return Err(worker::Error::RustError(format!(
+            "a storage call of {keys} keys passes the limit of {} per call",
+            crate::transfer::STORAGE_KEYS_PER_CALL
+        )));
+    }
+    Ok(())
+}
+
+/// Fills the part hashes of a job's finished files into its manifest, from the copies' part
+/// records (file `i` of the manifest is file `i` of the job; a single put has no records).
+pub(crate) async fn fill_part_hashes(
+    storage: &worker::Storage,
+    job_id: &str,
+    manifest: &mut Manifest,
+) -> Result<(), String> {
+    for (i, artifact) in manifest.artifacts.iter_mut().enumerate() {
+        let prefix = format!("{}{i}:", crate::transfer::job_parts_prefix(job_id));
+        let entries = list_texts(storage, &prefix).await.map_err(|e| format!("reading the part records: {e}"))?;
+        if entries.is_empty() {
+            continue;
+        }
+        artifact.part_sha256 = crate::transfer::final_part_hashes(&entries, artifact.parts)
+            .map_err(|e| format!("{}: {e}", artifact.key))?;
+    }
+    Ok(())
 }

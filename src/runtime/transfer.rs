@@ -16,6 +16,7 @@
 //! part are parked in a small R2 object (`<key>.tail-<slice>`) and read back by the next slice;
 //! its state is persisted only at the end of the slice, so parts, cursor and tail always agree.
 
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
@@ -31,7 +32,7 @@ use crate::http::{status_error, HttpRequest, HttpResponse};
 use crate::job::{CopySource, Event, Job, SliceOrder, SliceOutcome};
 use crate::manifest::Artifact;
 use crate::sweep::{Leftover, OpenUpload};
-use crate::transfer::{header, load_hasher, CopyState, Digests, Generator, PartRecord, Resume, TransferSettings};
+use crate::transfer::{load_hasher, CopyState, Digests, Generator, PartRecord, Resume, TransferSettings};
 
 /// Bytes hashed between two yields to the event loop, so status requests are answered mid-copy.
 const YIELD_EVERY: u64 = 4 << 20;
@@ -134,6 +135,9 @@ struct Sink<'a> {
     /// Bytes taken in this slice.
     pushed: u64,
     started_ms: f64,
+    /// How long the runtime lets this slice run: raised to the invocation's ceiling once the copy
+    /// turns out unable to resume (`TransferSettings::slice_limit`).
+    limit: &'a Cell<Duration>,
 }
 
 impl<'a> Sink<'a> {
@@ -169,24 +173,18 @@ impl<'a> Sink<'a> {
         }
         written.map_err(|e| StepError::permanent(e.to_string()))?;
         let text = std::str::from_utf8(&self.json).map_err(|e| StepError::permanent(e.to_string()))?;
-        let entries = js_sys::Object::new();
-        let set = |key: &str, value: &str| {
-            Reflect::set(&entries, &JsValue::from_str(key), &JsValue::from_str(value))
-                .map(|_| ())
-                .map_err(|e| StepError::permanent(format!("staging {key}: {}", js_text(&e))))
-        };
-        if with_job {
-            set(&store::job_key(&self.job.id), text)?;
-        }
+        let mut records = Vec::with_capacity(self.pending_parts.len() + 1);
         for part in &self.pending_parts {
             let record = serde_json::to_string(part).map_err(|e| StepError::permanent(e.to_string()))?;
-            set(&self.state.part_key(self.job.id.as_str(), part.number), &record)?;
+            records.push((self.state.part_key(self.job.id.as_str(), part.number), record));
         }
         if let Some(upload) = &self.pending_upload {
-            let (key, record) = store::upload_entry(upload).map_err(StepError::permanent)?;
-            set(&key, &record)?;
+            records.push(store::upload_entry(upload).map_err(StepError::permanent)?);
         }
-        self.storage.put_multiple_raw(entries).await.map_err(|e| r2_err("saving the copy's progress", e))?;
+        let job = with_job.then(|| (store::job_key(&self.job.id), text.to_string()));
+        // A graph slice settles all its parts at its end: more records than one call may take.
+        let batches = crate::transfer::progress_batches(records, job);
+        store::put_batches(self.storage, batches).await.map_err(|e| r2_err("saving the copy's progress", e))?;
         self.pending_parts.clear();
         self.pending_upload = None;
         Ok(())
@@ -478,6 +476,7 @@ pub(crate) async fn run_slice(
     storage: &Storage,
     job: &mut Job,
     order: SliceOrder,
+    limit: &Cell<Duration>,
 ) -> Event {
     let SliceOrder { source, state, filename, content_type, settings } = order;
     let hasher = match load_hasher(&state.hash_state) {
@@ -516,6 +515,7 @@ pub(crate) async fn run_slice(
         persist_each_part: !graph,
         pushed: 0,
         started_ms: js_sys::Date::now(),
+        limit,
     };
     let result = match &source {
         CopySource::Http(request) => http_slice(&mut sink, request).await,
@@ -572,17 +572,11 @@ async fn http_slice(sink: &mut Sink<'_>, base: &HttpRequest) -> Result<SliceOutc
         let offset = sink.state.offset;
         if status == 416 && offset > 0 {
             controller.abort();
-            let total = header(&headers, "content-range")
-                .and_then(|v| v.trim().strip_prefix("bytes */"))
-                .and_then(|t| t.trim().parse::<u64>().ok());
-            if total == Some(offset) {
+            match sink.state.check_unsatisfiable(&headers) {
                 // Every byte was stored before the last slice was cut off.
-                if let Some(v) = sink.state.validators.as_mut() {
-                    v.length = total;
-                }
-                return sink.finish(None).await.map(SliceOutcome::Finished);
+                Ok(()) => return sink.finish(None).await.map(SliceOutcome::Finished),
+                Err(reason) => sink.restart(reason).await?,
             }
-            sink.restart(format!("the source refused the range from byte {offset} (HTTP 416)")).await?;
             continue;
         }
         if !(200..300).contains(&status) {
@@ -612,6 +606,8 @@ async fn http_slice(sink: &mut Sink<'_>, base: &HttpRequest) -> Result<SliceOutc
                 sink.state.check_response(status, &headers);
             }
         }
+        // A copy that cannot resume runs to its end: it gets the invocation's whole wall clock.
+        sink.limit.set(sink.settings.slice_limit(sink.state.no_ranges));
         let reader =
             ByobReader::of(&resp).map_err(|e| StepError::transient(format!("reading {}: {e}", sink.filename)))?;
         return pump(sink, reader, controller).await;

@@ -236,7 +236,20 @@ def stop_emulator(process, timeout: float = 5, wait_after_kill: bool = True):
 #   truncate_after_bytes (int >= 0, 0)  every download sends its headers (the full Content-Length)
 #                                       but closes the connection after that many body bytes,
 #                                       counted from the start of the range served (0: off)
-RANGE_SWITCHES = {"ignore_range": False, "etag_generation": 0, "throttle_kib_per_s": 0, "truncate_after_bytes": 0}
+#   accept_ranges_none (bool, false)    a server that supports no ranges for the object and says so:
+#                                       `Accept-Ranges: none` on every answer, ranges ignored (RFC
+#                                       9110 §14.3: such a server "MAY send Accept-Ranges: none")
+#   no_validators (bool, false)         no ETag and no Last-Modified (RFC 9110 §8.8.2/§8.8.3: an origin
+#                                       "SHOULD" send them, it need not); without them a client
+#                                       sends no If-Range, so a range of a replaced object is
+#                                       served from the new object
+#   replaced_size (int >= 0, 0)         the object was replaced by a different one of this many bytes
+#                                       (its first 64 bytes as before, every later byte changed; a
+#                                       new ETag unless no_validators): a range from its end or
+#                                       past it is answered 416 `bytes */replaced_size` (0: off)
+RANGE_SWITCHES = {"ignore_range": False, "etag_generation": 0, "throttle_kib_per_s": 0, "truncate_after_bytes": 0,
+                  "accept_ranges_none": False, "no_validators": False, "replaced_size": 0}
+_REPLACED = bytes((b ^ 0x5A) for b in range(256))  # how a replaced object's bytes differ
 REQUEST_LOG_SIZE = 2000  # entries kept in each emulator's request log (/__control/state "requests")
 RE_BYTES_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
 _EPOCH = 1_795_000_000  # the Last-Modified of generation 0 (Nov 2026); each generation adds an hour
@@ -244,8 +257,10 @@ _EPOCH = 1_795_000_000  # the Last-Modified of generation 0 (Nov 2026); each gen
 
 def range_switch_problem(key: str, value):
     """Why a range switch value is invalid, or None (also None for keys that are not range switches)."""
-    if key == "ignore_range" and not isinstance(value, bool):
-        return "ignore_range must be a boolean"
+    if key in ("ignore_range", "accept_ranges_none", "no_validators") and not isinstance(value, bool):
+        return f"{key} must be a boolean"
+    if key == "replaced_size" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        return "replaced_size must be a non-negative integer (0: off)"
     if key == "etag_generation" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         return "etag_generation must be a non-negative integer"
     if key == "throttle_kib_per_s" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
@@ -297,7 +312,7 @@ def if_range_matches(value: str, etag: str, last_modified: str) -> bool:
 def plan_range(headers, size: int, etag: str, last_modified: str, switches: dict):
     """(status, start, end) to serve: 200 whole, 206 [start, end), or 416."""
     header = headers.get("Range")
-    if not header or switches.get("ignore_range"):
+    if not header or switches.get("ignore_range") or switches.get("accept_ranges_none"):
         return 200, 0, size
     match = RE_BYTES_RANGE.match(header)
     if not match or (match.group(1) == "" and match.group(2) == ""):
@@ -339,10 +354,24 @@ def serve_download(handler, source, size: int, identity: str, content_type: str,
     range's start, and closes the connection; ``on_bytes(n)`` is called for every write."""
     handler.mark_download()
     live = (lambda: switches) if live_switches is None else live_switches
+    replaced = int(switches.get("replaced_size") or 0)
+    if replaced:
+        # Another object now: the old one's first 64 bytes (so it still looks like its kind of file),
+        # every later byte changed, cut (or padded) to its new size.
+        if not isinstance(source, (bytes, bytearray, memoryview)):
+            source.seek(0)
+            source = source.read(min(size, replaced))
+        old = bytes(source[:min(size, replaced)])
+        source = old[:64] + old[64:].translate(_REPLACED) + b"\x00" * (replaced - len(old))
+        size, identity = replaced, f"{identity}+replaced-{replaced}"
     etag, last_modified = validators(identity, switches)
+    if switches.get("no_validators"):
+        etag = last_modified = None
     status, start, end = plan_range(handler.headers, size, etag, last_modified, switches)
     served = {"served_start": start, "served_end": end} if status != 416 else {}
-    common_headers = [("ETag", etag), ("Last-Modified", last_modified), ("Accept-Ranges", "bytes"), *extra_headers]
+    ranges = "none" if switches.get("accept_ranges_none") else "bytes"
+    common_headers = [(k, v) for k, v in (("ETag", etag), ("Last-Modified", last_modified)) if v is not None]
+    common_headers += [("Accept-Ranges", ranges), *extra_headers]
     if status == 416:
         body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InvalidRange</Code>'
                 b"<Message>The requested range is not satisfiable</Message></Error>")
