@@ -284,7 +284,8 @@ async fn metrics(env: &Env, config: &Config) -> worker::Result<Response> {
         match call(env, &s.name, Method::Get, "/index/count", None).await {
             Ok((200, value)) => {
                 let count = value["count"].as_u64()? as usize;
-                let members = if account_mode(s) { serde_json::from_value(value["members"].clone()).ok() } else { None };
+                let members =
+                    if account_mode(s) { serde_json::from_value(value["members"].clone()).ok() } else { None };
                 Some((count, members))
             }
             _ => None,
