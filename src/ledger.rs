@@ -388,6 +388,23 @@ impl Ledger {
         self.history.iter().rev().find(|h| h.task == Task::Export && h.phase == Phase::Committed)
     }
 
+    /// Closes the source's book on `job`, which has ended: the source is free, the job's end is
+    /// remembered (history, outcome counts, alerts), and the job that follows it (its replicate
+    /// job, whose record the shell stored first) is queued and named among its children. The
+    /// shell then writes the job and the ledger in one call, and deletes the records of the jobs
+    /// returned (evicted from a full queue).
+    pub fn close(&mut self, job: &mut Job, follow_up: Option<&JobId>) -> Vec<JobId> {
+        self.record_finish(&job.id, job.dedupe_key());
+        self.remember(job);
+        match follow_up {
+            Some(id) => {
+                job.children.push(id.clone());
+                self.enqueue(std::slice::from_ref(id))
+            }
+            None => Vec::new(),
+        }
+    }
+
     /// Queues jobs to run after the current one.
     pub fn enqueue(&mut self, jobs: &[JobId]) -> Vec<JobId> {
         self.queue.extend(jobs.iter().cloned());
@@ -593,6 +610,32 @@ mod tests {
         job.finished_at = Some(at);
         job.error = (phase == Phase::Failed).then(|| "no such database".to_string());
         job
+    }
+
+    #[test]
+    fn closing_a_job_frees_the_source_remembers_it_and_queues_its_follow_up_as_its_child() {
+        let mut l = Ledger::default();
+        l.enqueue(&[id(1)]);
+        assert_eq!(l.start_next(), Some(id(1)));
+        let mut job = finished(id(1), Phase::Committed, at("2026-11-28T09:00:00Z"));
+        assert_eq!(l.close(&mut job, Some(&id(2))), Vec::<JobId>::new());
+        assert_eq!(l.current, None, "the source is free");
+        assert_eq!(l.history.last().map(|h| &h.id), Some(&id(1)));
+        assert_eq!((l.queue.clone(), job.children.clone()), (vec![id(2)], vec![id(2)]));
+        assert_eq!(l.start_next(), Some(id(2)), "the replicate job runs next");
+        let mut replica = finished(id(2), Phase::Failed, at("2026-11-28T09:05:00Z"));
+        l.close(&mut replica, None);
+        assert!(l.queue.is_empty() && l.current.is_none() && replica.children.is_empty());
+        // A full book: the follow-up evicts the oldest finished job, whose record the shell deletes.
+        let last = MAX_JOBS as u8;
+        for n in 3..=last {
+            assert!(l.enqueue(&[id(n)]).is_empty());
+            l.start_next();
+            let mut job = finished(id(n), Phase::Committed, at("2026-11-28T10:00:00Z"));
+            let follow_up = id(last + 1);
+            let evicted = l.close(&mut job, (n == last).then_some(&follow_up));
+            assert_eq!(evicted, if n == last { vec![id(1)] } else { vec![] }, "job {n}");
+        }
     }
 
     #[test]

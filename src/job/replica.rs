@@ -36,6 +36,22 @@ impl Job {
         job
     }
 
+    /// The replicate job that follows this job's end, if any: only a committed export, whose
+    /// manifest was just written at `committed`, of a source with a `replica` table. The shell
+    /// stores it before the ledger names it ([`crate::ledger::Ledger::close`]).
+    pub fn replica_after(
+        &self,
+        committed: Option<&(String, Manifest)>,
+        source: &SourceConfig,
+        id: JobId,
+        now: Timestamp,
+    ) -> Option<Job> {
+        let (key, manifest) = committed?;
+        let replica = source.replica.as_ref()?;
+        (self.phase == Phase::Committed && self.task == Task::Export)
+            .then(|| Job::replica_of(self, id, source, &replica.bucket_binding, key.clone(), manifest.clone(), now))
+    }
+
     /// The next replicate step: a slice of the next file, or the replica's manifest once every
     /// file is copied and checked.
     pub(super) fn replica_step(mut self, cx: &Context<'_>) -> (Self, Action) {
@@ -163,6 +179,33 @@ mod tests {
         let stored: Job = serde_json::from_str(&serde_json::to_string(&job).unwrap()).unwrap();
         assert_eq!(stored, job);
         (stored, action)
+    }
+
+    #[test]
+    fn only_a_committed_export_of_a_source_with_a_replica_is_followed_by_a_replicate_job() {
+        let (replicate_job, src) = replicate();
+        let key = replicate_job.replica.as_ref().unwrap().manifest_key.clone();
+        let manifest = replicate_job.replica.as_ref().unwrap().manifest.clone();
+        let committed = Some((key.clone(), manifest));
+        let mut export = Job::new(JobId::new("00000000000000aa"), &src, Trigger::Cron, None, None, t0());
+        export.phase = Phase::Committed;
+        let id = || JobId::new("00000000000000cc");
+        let follow = export.replica_after(committed.as_ref(), &src, id(), t0()).expect("a replicate job");
+        assert_eq!((follow.task, follow.parent.as_ref()), (Task::Replicate, Some(&export.id)));
+        assert_eq!(
+            follow.replica.as_ref().map(|r| (r.binding.as_str(), r.manifest_key.as_str())),
+            Some(("BACKUPS_EU", key.as_str()))
+        );
+        assert_eq!(export.replica_after(None, &src, id(), t0()), None, "nothing was committed");
+        let mut failed = export.clone();
+        failed.phase = Phase::Failed;
+        assert_eq!(failed.replica_after(committed.as_ref(), &src, id(), t0()), None);
+        let mut copy = export.clone();
+        copy.task = Task::Replicate;
+        assert_eq!(copy.replica_after(committed.as_ref(), &src, id(), t0()), None, "a replica is not copied again");
+        let mut plain = src.clone();
+        plain.replica = None;
+        assert_eq!(export.replica_after(committed.as_ref(), &plain, id(), t0()), None);
     }
 
     /// Wakes a queued replicate job and answers its probe: the replica is another bucket.

@@ -885,29 +885,17 @@ impl SourceObject {
             if matches!(action, Action::Spawn(_)) {
                 // Persisted below, together with its children, so a crash cannot lose them.
             } else if job.phase.is_terminal() {
-                // The second copy, queued with the export's end in the same write (its record
-                // first, so the ledger never names a job that does not exist).
-                let replica = match (&committed, &source.replica) {
-                    (Some((key, manifest)), Some(r)) if job.phase == Phase::Committed && job.task == Task::Export => {
-                        let id = JobId::from_random(random_bytes());
-                        let replica =
-                            Job::replica_of(&job, id, &source, &r.bucket_binding, key.clone(), manifest.clone(), now);
-                        self.save(&replica, None).await?;
-                        Some(replica.id)
-                    }
-                    _ => None,
-                };
+                // The core decides what follows (the second copy of a committed export) and how
+                // the book closes; the shell stores the follow-up's record first, so the ledger
+                // never names a job that does not exist, then the job with the ledger in one write.
+                let follow_up = job.replica_after(committed.as_ref(), &source, JobId::from_random(random_bytes()), now);
+                if let Some(next) = &follow_up {
+                    self.save(next, None).await?;
+                }
                 // Fresh: a tick may have recorded missed fire times while this job ran.
                 ledger = self.load_ledger().await?;
-                ledger.record_finish(&job.id, job.dedupe_key());
-                ledger.remember(&job);
-                let evicted = match &replica {
-                    Some(id) => {
-                        job.children.push(id.clone());
-                        ledger.enqueue(std::slice::from_ref(id))
-                    }
-                    None => Vec::new(),
-                };
+                let replica = follow_up.map(|next| next.id);
+                let evicted = ledger.close(&mut job, replica.as_ref());
                 self.save(&job, Some(&ledger)).await?;
                 if !evicted.is_empty() {
                     store::delete_keys(&self.storage(), evicted.iter().map(job_key).collect()).await?;
