@@ -90,6 +90,38 @@ pub struct Ledger {
 /// How many finished jobs [`Ledger::history`] keeps.
 pub const MAX_HISTORY: usize = 40;
 
+/// What a source's alarm does once its job ended ([`Ledger::alarm_after_end`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlarmAfterEnd {
+    /// Wake again at once: there is work.
+    WakeNow,
+    /// Clear it: the source is idle until a trigger or a tick.
+    Clear,
+}
+
+/// What retention does after a job ended ([`retention_after`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetentionAfterEnd {
+    /// A committed export of a source with `retention`: a pass in an alarm invocation of its
+    /// own (this one has spent subrequests on the job).
+    Defer,
+    /// A committed replicate job: thin the replica now, deferring the rest if it needs more steps.
+    ReplicaPass,
+    /// Anything else: defer the daily pass if it is due.
+    DailyIfDue,
+}
+
+/// What retention does after `job` ended.
+pub fn retention_after(job: &Job, source: &SourceConfig) -> Option<RetentionAfterEnd> {
+    if job.phase == Phase::Committed && job.task == Task::Export {
+        source.retention.is_some().then_some(RetentionAfterEnd::Defer)
+    } else if job.replica_committed() {
+        Some(RetentionAfterEnd::ReplicaPass)
+    } else {
+        Some(RetentionAfterEnd::DailyIfDue)
+    }
+}
+
 /// Fire times of one schedule that could not start a job when they came due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Missed {
@@ -388,6 +420,17 @@ impl Ledger {
         self.history.iter().rev().find(|h| h.task == Task::Export && h.phase == Phase::Committed)
     }
 
+    /// What the source's alarm does once its job ended and nothing else started in this
+    /// invocation: wake again at once while a job is in flight, queued or missed (a trigger may
+    /// have written them during the clean-up's I/O) or a retention pass waits, else clear it.
+    pub fn alarm_after_end(&self, retention_waits: bool) -> AlarmAfterEnd {
+        if self.current.is_some() || !self.queue.is_empty() || !self.missed.is_empty() || retention_waits {
+            AlarmAfterEnd::WakeNow
+        } else {
+            AlarmAfterEnd::Clear
+        }
+    }
+
     /// Closes the source's book on `job`, which has ended: the source is free, the job's end is
     /// remembered (history, outcome counts, alerts), and the job that follows it (its replicate
     /// job, whose record the shell stored first) is queued and named among its children. The
@@ -636,6 +679,29 @@ mod tests {
             let evicted = l.close(&mut job, (n == last).then_some(&follow_up));
             assert_eq!(evicted, if n == last { vec![id(1)] } else { vec![] }, "job {n}");
         }
+    }
+
+    #[test]
+    fn after_a_jobs_end_retention_runs_in_its_own_invocation_and_the_alarm_clears_only_when_idle() {
+        let mut with_retention = d1_source(60);
+        with_retention.retention =
+            Some(serde_json::from_value(serde_json::json!({"keep_last": 3})).expect("a retention policy"));
+        let committed = finished(id(1), Phase::Committed, at("2026-11-28T09:00:00Z"));
+        assert_eq!(retention_after(&committed, &with_retention), Some(RetentionAfterEnd::Defer));
+        assert_eq!(retention_after(&committed, &d1_source(60)), None, "no retention table: nothing is deleted");
+        let failed = finished(id(2), Phase::Failed, at("2026-11-28T09:00:00Z"));
+        assert_eq!(retention_after(&failed, &with_retention), Some(RetentionAfterEnd::DailyIfDue));
+        let mut replica = committed.clone();
+        replica.task = Task::Replicate;
+        assert_eq!(retention_after(&replica, &d1_source(60)), Some(RetentionAfterEnd::ReplicaPass));
+
+        let mut l = Ledger::default();
+        assert_eq!(l.alarm_after_end(false), AlarmAfterEnd::Clear);
+        assert_eq!(l.alarm_after_end(true), AlarmAfterEnd::WakeNow, "a retention pass waits");
+        l.enqueue(&[id(3)]);
+        assert_eq!(l.alarm_after_end(false), AlarmAfterEnd::WakeNow, "a queued job");
+        l.start_next();
+        assert_eq!(l.alarm_after_end(false), AlarmAfterEnd::WakeNow, "a job in flight");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::config::SourceConfig;
 use crate::error::StepError;
 use crate::identity::{JobId, Task, Trigger};
 use crate::job::{Action, Context, Event, Job, Phase, SliceOutcome};
-use crate::ledger::{Admission, Ledger, TickOutcome, TriggerRequest};
+use crate::ledger::{Admission, AlarmAfterEnd, Ledger, RetentionAfterEnd, TickOutcome, TriggerRequest};
 use crate::status::SourceReport;
 use crate::sweep::{SourceRecords, LEFTOVER_PREFIX, UPLOAD_PREFIX};
 use crate::time::Timestamp;
@@ -1088,17 +1088,19 @@ impl SourceObject {
                 Action::Done => break,
             };
         }
-        if job.phase == Phase::Committed && job.task == Task::Export {
-            // In an alarm invocation of its own: this one has spent subrequests on the job.
-            if source.retention.is_some() {
-                self.defer_retention().await;
+        match crate::ledger::retention_after(&job, &source) {
+            Some(RetentionAfterEnd::Defer) => self.defer_retention().await,
+            Some(RetentionAfterEnd::ReplicaPass) => {
+                if self.replica_retention_pass(&source, &bucket, &primary).await {
+                    self.defer_retention().await;
+                }
             }
-        } else if job.replica_committed() {
-            if self.replica_retention_pass(&source, &bucket, &primary).await {
-                self.defer_retention().await;
+            Some(RetentionAfterEnd::DailyIfDue) => {
+                if self.daily_pass_pending().await? {
+                    self.defer_retention().await;
+                }
             }
-        } else if self.daily_pass_pending().await? {
-            self.defer_retention().await;
+            None => {}
         }
         // Fresh again: triggers and ticks may have written the ledger during the clean-up's I/O.
         let mut ledger = self.load_ledger().await?;
@@ -1129,13 +1131,10 @@ impl SourceObject {
         // A trigger may have started the next job while this one's clean-up ran (R2 I/O): only
         // clear the alarm when nothing is in flight or queued, else wake for that job.
         let latest = self.load_ledger().await?;
-        if latest.current.is_some() || !latest.queue.is_empty() || !latest.missed.is_empty() {
-            self.storage().set_alarm(Duration::from_millis(1)).await?;
-        } else if self.daily_pass_pending().await? {
-            // A retention pass waits (after a commit, or more steps): the next alarm runs it.
-            self.storage().set_alarm(Duration::from_millis(1)).await?;
-        } else {
-            self.storage().delete_alarm().await?;
+        // A retention pass may wait (after a commit, or more steps): the next alarm runs it.
+        match latest.alarm_after_end(self.daily_pass_pending().await?) {
+            AlarmAfterEnd::WakeNow => self.storage().set_alarm(Duration::from_millis(1)).await?,
+            AlarmAfterEnd::Clear => self.storage().delete_alarm().await?,
         }
         Ok(())
     }
