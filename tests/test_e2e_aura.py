@@ -186,7 +186,7 @@ def test_a_sliced_export_killed_between_slices_restores_identically(world, tmp_p
             seen = None
             while time.time() < deadline:
                 copy = ferry.job(job_id).get("copy") or {}
-                cursor = (copy.get("graph") or {})
+                cursor = copy.get("cursor") or {}  # the graph writer's cursor
                 moved = cursor.get("nodes") or cursor.get("relationships")
                 if moved and cursor != seen and seen is not None:
                     break
