@@ -62,24 +62,27 @@ impl JobSummary {
         if !job.phase.is_terminal() {
             return None;
         }
-        let bytes = match job.task {
-            Task::Export | Task::Replicate => job.artifacts.iter().map(|a| a.size).sum(),
-            Task::Verify => job.verify.as_ref().map_or(0, |v| v.bytes_read),
-            Task::Restore | Task::Drill => 0,
+        use crate::job::Work;
+        let bytes = match &job.work {
+            Work::Export(_) | Work::Replicate(_) => job.artifacts().iter().map(|a| a.size).sum(),
+            Work::Verify(v) => v.verify.as_ref().map_or(0, |v| v.bytes_read),
+            Work::Restore(_) | Work::Drill(_) => 0,
         };
-        let folder = match job.task {
-            Task::Export | Task::Replicate => (job.phase == Phase::Committed).then(|| job.folder()),
-            Task::Verify => job
+        let folder = match &job.work {
+            Work::Export(_) | Work::Replicate(_) => (job.phase == Phase::Committed).then(|| job.folder()),
+            Work::Verify(v) => v
                 .verify
                 .as_ref()
                 .and_then(|v| v.manifest_key.as_deref())
                 .and_then(crate::manifest::folder_of)
                 .map(str::to_string),
-            Task::Restore | Task::Drill => job.restore.as_ref().and_then(crate::restore::RestoreState::backup_folder),
+            Work::Restore(r) | Work::Drill(r) => {
+                r.restore.as_ref().and_then(crate::restore::RestoreState::backup_folder)
+            }
         };
         Some(Self {
             id: job.id.clone(),
-            task: job.task,
+            task: job.task(),
             trigger: job.trigger,
             phase: job.phase,
             started_at: job.started_at,
@@ -87,7 +90,7 @@ impl JobSummary {
             bytes,
             error: job.error.as_ref().map(|e| e.chars().take(500).collect()),
             folder,
-            member: if job.task == Task::Export { job.provider.member() } else { None },
+            member: job.provider().and_then(|p| p.member()),
             warnings: job.warnings.iter().take(MAX_SUMMARY_WARNINGS).map(|w| w.chars().take(500).collect()).collect(),
         })
     }

@@ -1,16 +1,31 @@
-//! The export job: one backup of one source, as a state machine.
+//! The job engine: one job of one source, as a state machine.
 //!
-//! A job moves `queued → exporting → transferring → committed | failed`. Its transition function
-//! [`Job::handle`] takes the job, one [`Event`] and a [`Context`] (now, a random number for jitter,
-//! the source's config and credentials) and returns the next job and one [`Action`] for the
-//! runtime to perform: send a request, copy a file into R2, write the manifest, sleep until a
-//! time, or nothing. The runtime persists the job after every step, so a job resumes wherever it
-//! was after the Worker or its Durable Object restarts; a spurious or repeated wake-up is a no-op.
+//! Every job is an [`Envelope`] (id, source, task, trigger, phase, times, tries, error, warnings:
+//! what every task shares) and its task's own state, a [`Work`]. Each task is its own machine in
+//! its own module, with its own state type:
+//!
+//! - [`export`]: a backup: `queued → exporting → transferring → committed | failed`;
+//! - [`verify`]: read a committed backup back and check every hash: `verifying → verified`;
+//! - [`replica`]: copy a committed backup into the replica bucket: `transferring → committed`;
+//! - [`restore`]: a restore or a drill, driven by its provider's phase machine: `restoring →
+//!   restored`.
+//!
+//! Exports and replicate jobs copy files with the same sliced, resumable engine ([`copying`]).
+//!
+//! The transition function [`Job::handle`] takes the job, one [`Event`] and a [`Context`] (now, a
+//! random number for jitter, the source's config and credentials) and returns the next job and
+//! one [`Action`] for the runtime to perform: send a request, copy a file into R2, write the
+//! manifest, sleep until a time, or nothing. The engine here owns what every task shares: the
+//! queue, the task's deadline, retries with backoff, cancel and the clean-up of a failure; it
+//! hands every other step and event to the task's module ([`tasks!`] registers them). The
+//! runtime persists the job after every step, so a job resumes wherever it was after the Worker
+//! or its Durable Object restarts; a spurious or repeated wake-up is a no-op.
 //!
 //! Only `committed` is a backup. `failed` carries the provider's own message, and a job that
 //! fails after it began copying hands its folder back for deletion, so a failure never leaves
 //! something that looks like a backup.
 
+use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -20,15 +35,19 @@ use crate::error::StepError;
 use crate::http::{HttpRequest, HttpResponse};
 use crate::manifest::{self, Artifact, Manifest};
 use crate::providers::aura::GraphExport;
-use crate::providers::{Credentials, Download, Origin, Progress, ProviderState, StepInput};
-use crate::replica::{ReplicaManifest, ReplicaState};
-use crate::restore::{Answer, Io, IoDone, Next as RestoreNext, RestoreCx, RestoreState};
+use crate::providers::{Credentials, ProviderState, StepInput};
+use crate::replica::ReplicaManifest;
+use crate::restore::{Io, IoDone};
 use crate::time::Timestamp;
 use crate::transfer::{CopyState, TransferSettings};
 use crate::verify::{Verification, VerifyState};
 
 pub use crate::identity::{JobId, Task, Trigger};
-
+pub use copying::Copying;
+pub use export::Export;
+pub use replica::Replicate;
+pub use restore::Restoring;
+pub use verify::Verifying;
 /// A running copy's progress, for the API and the dashboard.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CopyProgress {
@@ -96,18 +115,42 @@ impl Phase {
     }
 }
 
-/// One export job, as persisted in the source's Durable Object.
+/// One job, as persisted in the source's Durable Object: the envelope every task shares and the
+/// task's own state. Both are stored flat in one JSON object, `task` naming the task (a job
+/// stored without it is an export), as the HTTP API shows it. The envelope's fields read
+/// through the job (`job.phase`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
+    /// What every job has.
+    #[serde(flatten)]
+    pub head: Envelope,
+    /// What the job does, with that task's own state.
+    #[serde(flatten)]
+    pub work: Work,
+}
+
+impl Deref for Job {
+    type Target = Envelope;
+    fn deref(&self) -> &Envelope {
+        &self.head
+    }
+}
+
+impl DerefMut for Job {
+    fn deref_mut(&mut self) -> &mut Envelope {
+        &mut self.head
+    }
+}
+
+/// What every job has, whatever its task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
     /// Id.
     pub id: JobId,
     /// Source name.
     pub source: String,
     /// Provider kind.
     pub kind: String,
-    /// What the job does (export, or verify a backup).
-    #[serde(default)]
-    pub task: Task,
     /// What started it.
     pub trigger: Trigger,
     /// The webhook delivery id, for webhook jobs.
@@ -132,30 +175,18 @@ pub struct Job {
     pub last_error: Option<String>,
     /// Why the job failed.
     pub error: Option<String>,
-    /// Why the job was skipped.
+    /// Why the job was skipped, or what a finished restore says.
     #[serde(default)]
     pub note: Option<String>,
     /// The trigger's parameters (a webhook's JSON body; `{}` for cron).
     #[serde(default)]
     pub params: serde_json::Value,
-    /// The job that queued this one (account mode).
+    /// The job that queued this one (an account's export; a replicate job's export).
     #[serde(default)]
     pub parent: Option<JobId>,
     /// The jobs this one queued (account mode; a committed export's replicate job).
     #[serde(default)]
     pub children: Vec<JobId>,
-    /// The provider's protocol state and references.
-    pub provider: ProviderState,
-    /// Files the provider produced, to copy in order.
-    pub downloads: Vec<Download>,
-    /// Files already stored in R2 (in `downloads` order).
-    pub artifacts: Vec<Artifact>,
-    /// The copy in progress: the next file's resumable state, persisted after every part.
-    #[serde(default)]
-    pub copy: Option<CopyState>,
-    /// When the provider's files were ready and copying began.
-    #[serde(default)]
-    pub transfer_started_at: Option<Timestamp>,
     /// Set on a cron job that serves fire times missed while the source was busy or no tick ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub catch_up: Option<String>,
@@ -163,29 +194,6 @@ pub struct Job {
     /// exist at the provider after an unanswered request).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
-    /// Every time a copy went back to byte 0, with the file and the reason.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub restarts: Vec<String>,
-    /// A signed download URL expired mid-copy: the job is back in `exporting` only to ask the
-    /// provider for fresh URLs, then resumes the copy where it stopped.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub renewing: bool,
-    /// Fresh download URLs obtained so far.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub renewals: u32,
-    /// The copy's offset when its URL was last renewed: refused again there, the URL was not
-    /// the problem.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub renewed_at_offset: Option<u64>,
-    /// A verify job's progress.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub verify: Option<VerifyState>,
-    /// A verify job's outcome, as recorded next to the backup.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub verification: Option<Verification>,
-    /// A restore or drill job's state.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub restore: Option<RestoreState>,
     /// The source's settings when the job was created (secret *names*, never values). Every
     /// step runs with these, so a config edited mid-job cannot send the old bookmark to another
     /// database or describe the artifact with settings it was not made with. `None` for a job
@@ -193,9 +201,6 @@ pub struct Job {
     /// current config.
     #[serde(default, deserialize_with = "snapshot", skip_serializing_if = "Option::is_none")]
     pub config: Option<SourceConfig>,
-    /// A replicate job's backup: the primary manifest and the replica bucket's binding.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replica: Option<ReplicaState>,
     /// When the job left the queue: its task's deadline counts from here (`started_at` for a
     /// job stored before this existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -207,6 +212,84 @@ pub struct Job {
     /// takes no new work, and a clean-up running past [`CLEANUP_LIMIT`] is given up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopping_since: Option<Timestamp>,
+}
+
+/// The tasks a job can have, one line each: the [`Task`] that names it, and the module whose
+/// machine runs it. Each module has a state type (serialized flat into the job) and
+///
+/// - `START`: the phase the job enters when it leaves the queue;
+/// - `step(job, cx)`: the job's next step once it is due (a wake-up in a running phase);
+/// - `on_event(job, event, cx)`: any other event (an answer, a slice's end, a commit).
+///
+/// A task's state is read and changed through the accessors [`Work`] gets for it.
+macro_rules! tasks {
+    ($($task:ident => $module:ident :: $state:ident),+ $(,)?) => {
+        /// What a job does, with that task's own state (see each module).
+        #[derive(Debug, Clone, PartialEq, Serialize)]
+        #[serde(tag = "task", rename_all = "snake_case")]
+        pub enum Work {
+            $(
+                #[doc = concat!("[`Task::", stringify!($task), "`], run by [`", stringify!($module), "`].")]
+                $task($module::$state),
+            )+
+        }
+
+        impl Work {
+            /// Which task this is.
+            pub fn task(&self) -> Task {
+                match self {
+                    $(Self::$task(_) => Task::$task,)+
+                }
+            }
+        }
+
+        impl Job {
+            fn start_phase(&self) -> Phase {
+                match self.work.task() {
+                    $(Task::$task => $module::START,)+
+                }
+            }
+
+            fn task_step(self, cx: &Context<'_>) -> (Self, Action) {
+                match self.work.task() {
+                    $(Task::$task => $module::step(self, cx),)+
+                }
+            }
+
+            fn task_event(self, event: Event, cx: &Context<'_>) -> (Self, Action) {
+                match self.work.task() {
+                    $(Task::$task => $module::on_event(self, event, cx),)+
+                }
+            }
+        }
+
+        /// A job's task state, read from its flat record: `task` says which (an export when it
+        /// is missing, as jobs were stored before other tasks existed).
+        impl<'de> Deserialize<'de> for Work {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                use serde::de::Error;
+                let mut map = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
+                let task = match map.remove("task") {
+                    Some(value) => Task::deserialize(value).map_err(D::Error::custom)?,
+                    None => Task::Export,
+                };
+                let value = serde_json::Value::Object(map);
+                match task {
+                    $(Task::$task => {
+                        $module::$state::deserialize(value).map(Self::$task).map_err(D::Error::custom)
+                    })+
+                }
+            }
+        }
+    };
+}
+
+tasks! {
+    Export => export::Export,
+    Verify => verify::Verifying,
+    Replicate => replica::Replicate,
+    Restore => restore::Restoring,
+    Drill => restore::Restoring,
 }
 
 /// A cancel request, as recorded on the job. The API bearer token names no person, so `by` says
@@ -413,7 +496,7 @@ impl<'a> Context<'a> {
 }
 
 impl Job {
-    /// A new job, due at once.
+    /// A new export job, due at once.
     pub fn new(
         id: JobId,
         source: &SourceConfig,
@@ -425,7 +508,7 @@ impl Job {
         Self::with_params(id, source, trigger, webhook_id, scheduled_for, serde_json::json!({}), now)
     }
 
-    /// A new job with trigger parameters (a webhook's JSON body), due at once.
+    /// A new export job with trigger parameters (a webhook's JSON body), due at once.
     pub fn with_params(
         id: JobId,
         source: &SourceConfig,
@@ -435,7 +518,7 @@ impl Job {
         params: serde_json::Value,
         now: Timestamp,
     ) -> Self {
-        Self {
+        let head = Envelope {
             id,
             source: source.name.clone(),
             kind: source.kind().to_string(),
@@ -455,27 +538,19 @@ impl Job {
             params,
             parent: None,
             children: Vec::new(),
-            provider: ProviderState::new(&source.provider),
-            downloads: Vec::new(),
-            artifacts: Vec::new(),
-            copy: None,
-            transfer_started_at: None,
             catch_up: None,
             warnings: Vec::new(),
-            restarts: Vec::new(),
-            renewing: false,
-            renewals: 0,
-            renewed_at_offset: None,
-            verify: None,
-            verification: None,
-            restore: None,
-            task: Task::Export,
             config: Some(source.clone()),
-            replica: None,
             running_since: None,
             cancelled: None,
             stopping_since: None,
-        }
+        };
+        Self { head, work: Work::Export(Export::new(ProviderState::new(&source.provider))) }
+    }
+
+    /// What the job does.
+    pub fn task(&self) -> Task {
+        self.work.task()
     }
 
     /// The settings this job runs with: its snapshot, or `current` for a job stored without one.
@@ -483,12 +558,42 @@ impl Job {
         self.config.as_ref().unwrap_or(current)
     }
 
-    /// The job's R2 folder.
+    /// The job's R2 folder (a replicate job's is its backup's, in the replica bucket).
     pub fn folder(&self) -> String {
-        if let Some(replica) = &self.replica {
-            return replica.folder();
+        if let Work::Replicate(r) = &self.work {
+            if let Some(replica) = &r.replica {
+                return replica.folder();
+            }
         }
         manifest::folder(&self.source, self.started_at, &self.id)
+    }
+
+    /// The copy of an export or a replicate job.
+    pub fn copying(&self) -> Option<&Copying> {
+        match &self.work {
+            Work::Export(e) => Some(&e.copying),
+            Work::Replicate(r) => Some(&r.copying),
+            Work::Verify(_) | Work::Restore(_) | Work::Drill(_) => None,
+        }
+    }
+
+    /// The copy of an export or a replicate job, to change.
+    pub fn copying_mut(&mut self) -> Option<&mut Copying> {
+        match &mut self.work {
+            Work::Export(e) => Some(&mut e.copying),
+            Work::Replicate(r) => Some(&mut r.copying),
+            Work::Verify(_) | Work::Restore(_) | Work::Drill(_) => None,
+        }
+    }
+
+    /// The files this job stored so far (an export's or a replicate job's).
+    pub fn artifacts(&self) -> &[Artifact] {
+        self.copying().map_or(&[], |c| c.artifacts.as_slice())
+    }
+
+    /// The file being copied, as the copy left it.
+    pub fn copy(&self) -> Option<&CopyState> {
+        self.copying().and_then(|c| c.copy.as_ref())
     }
 
     /// The job as shown by the HTTP API: signed URLs and access tokens (`secret_*` fields) are
@@ -508,43 +613,20 @@ impl Job {
         crate::providers::redact(value)
     }
 
-    /// How far the copy has come at `now`: bytes stored (finished files and the file in flight),
-    /// the total when it is known (the file in flight is the last one and its length was
-    /// declared), the average rate since copying began, and the time left at that rate.
+    /// How far the copy has come at `now` (see [`Copying::progress`]); `None` unless copying.
     pub fn progress(&self, now: Timestamp) -> Option<CopyProgress> {
         if self.phase != Phase::Transferring {
             return None;
         }
-        let done: u64 = self.artifacts.iter().map(|a| a.size).sum();
-        let current = self.copy.as_ref();
-        let copied = done + current.map_or(0, |c| c.offset);
-        let files_total = self.replica.as_ref().map_or(self.downloads.len(), |r| r.manifest.artifacts.len());
-        let last_file = files_total > 0 && self.artifacts.len() + 1 >= files_total;
-        let length = current.and_then(|c| c.validators.as_ref()).and_then(|v| v.length);
-        let total = match (last_file, length) {
-            // A replica knows every size from the primary manifest.
-            _ if self.replica.is_some() => {
-                self.replica.as_ref().map(|r| r.manifest.artifacts.iter().map(|a| a.size).sum())
+        match &self.work {
+            Work::Export(e) => Some(e.copying.progress(e.downloads.len(), None, now)),
+            Work::Replicate(r) => {
+                let files = r.replica.as_ref().map_or(&[][..], |r| r.manifest.artifacts.as_slice());
+                // A replica knows every size from the primary manifest.
+                Some(r.copying.progress(files.len(), Some(files.iter().map(|a| a.size).sum()), now))
             }
-            (true, Some(len)) => Some(done + len),
-            _ if files_total > 0 && self.artifacts.len() == files_total => Some(done),
-            _ => None,
-        };
-        let elapsed = self.transfer_started_at.map(|t| now.since(t).as_secs_f64()).unwrap_or(0.0);
-        let rate = (elapsed >= 1.0 && copied > 0).then(|| copied as f64 / elapsed);
-        let eta = match (total, rate) {
-            (Some(total), Some(rate)) if rate > 0.0 => Some((total.saturating_sub(copied) as f64 / rate).ceil() as u64),
-            _ => None,
-        };
-        Some(CopyProgress {
-            bytes_copied: copied,
-            bytes_total: total,
-            bytes_per_second: rate.map(|r| r.round() as u64),
-            eta_seconds: eta,
-            file: current.map(|c| c.key.rsplit('/').next().unwrap_or_default().to_string()),
-            files_done: self.artifacts.len(),
-            files_total,
-        })
+            Work::Verify(_) | Work::Restore(_) | Work::Drill(_) => None,
+        }
     }
 
     /// Stops the job for good from outside the state machine (its source was removed): it fails
@@ -558,36 +640,6 @@ impl Job {
         (job, action)
     }
 
-    /// A job that verifies the backup whose manifest is `manifest_key` (the newest when `None`).
-    pub fn verify_of(mut self, manifest_key: Option<String>) -> Self {
-        self.task = Task::Verify;
-        self.verify = Some(VerifyState::new(manifest_key));
-        self
-    }
-
-    /// A job that restores (or drills) as `state` says; `task` is `Restore` or `Drill`.
-    pub fn restore_of(mut self, task: Task, state: RestoreState) -> Self {
-        self.task = task;
-        self.restore = Some(state);
-        self
-    }
-
-    /// A job of `task` (`Restore` or `Drill`) as its plan came out: the restore's state, or why
-    /// it cannot be planned. One that cannot is still a job of its task (never an export): it
-    /// fails at its first step with the reason.
-    pub fn planned(mut self, task: Task, plan: Result<RestoreState, String>) -> Self {
-        match plan {
-            Ok(state) => self.restore_of(task, state),
-            Err(reason) => {
-                self.task = task;
-                self.restore = None;
-                let what = if task == Task::Drill { "the drill" } else { "the restore" };
-                self.error = Some(format!("{what} could not start: {reason}"));
-                self
-            }
-        }
-    }
-
     /// Whether a cancel request can be taken: `Err` (the API's 409) once the job has ended.
     pub fn cancellable(&self) -> Result<(), String> {
         if self.phase.is_terminal() {
@@ -599,21 +651,8 @@ impl Job {
 
     /// When this job's task deadline falls, and the field that sets it.
     pub fn deadline(&self, source: &SourceConfig) -> (Timestamp, Duration, &'static str) {
-        let (limit, field) = source.deadlines.of(self.task, source);
+        let (limit, field) = source.deadlines.of(self.task(), source);
         (self.running_since.unwrap_or(self.started_at).plus(limit), limit, field)
-    }
-
-    /// A queued child of `parent` that exports the part described by `provider`.
-    pub fn child_of(parent: &Self, id: JobId, source: &SourceConfig, provider: ProviderState, now: Timestamp) -> Self {
-        let mut job = Self::with_params(id, source, parent.trigger, None, None, parent.params.clone(), now);
-        job.provider = provider;
-        job.parent = Some(parent.id.clone());
-        job
-    }
-
-    /// What this job copied that must not be copied again, once it committed.
-    pub fn dedupe_key(&self) -> Option<String> {
-        (self.phase == Phase::Committed).then(|| self.provider.dedupe_key()).flatten()
     }
 
     /// The transition function: `(job, event, context) → (job, action)`. The job runs with its
@@ -667,60 +706,24 @@ impl Job {
         }
     }
 
+    /// What the engine handles for every task (a wake-up, a cancel, the API budget's wait);
+    /// every other event is the task's.
     fn transition(mut self, event: Event, cx: &Context<'_>) -> (Self, Action) {
         self.updated_at = cx.now;
         match (self.phase, event) {
             (_, Event::Wake) => self.wake(cx),
-            (Phase::Exporting, Event::Response(resp)) => self.on_response(&resp, cx),
-            (Phase::Exporting | Phase::Transferring, Event::Unreachable(msg)) => {
-                self.unanswered(cx);
-                self.retry(StepError::transient(msg), cx)
-            }
-            (Phase::Transferring, Event::Sliced { state, outcome }) => self.on_slice(state, outcome, cx),
-            (Phase::Transferring, Event::ReplicaProbed(answer)) => self.on_probe(answer, cx),
-            (Phase::Transferring, Event::Committed) => {
-                self.phase = Phase::Committed;
-                self.next_step_at = None;
-                self.retries = 0;
-                self.last_error = None;
-                (self, Action::Done)
-            }
-            (Phase::Transferring | Phase::Verifying, Event::CommitFailed(msg)) => {
-                self.retry(StepError::transient(msg), cx)
-            }
-            (Phase::Verifying, Event::VerifySliced { state, outcome }) => self.on_verify_slice(state, outcome, cx),
-            (Phase::Verifying, Event::Recorded) => self.on_recorded(cx.now),
-            (Phase::Restoring, Event::Response(resp)) => {
-                let answer = match self.restore.as_mut() {
-                    Some(state) => state.on_response(&resp, cx.now),
-                    None => Err(StepError::permanent("restore job without its state")),
-                };
-                self.on_restore(answer, cx)
-            }
-            (Phase::Restoring, Event::RestoreIo(done)) => {
-                let answer = match (self.restore.as_mut(), done) {
-                    (Some(state), Ok(done)) => state.on_io(done, cx.now),
-                    (_, Err(e)) => Err(e),
-                    (None, _) => Err(StepError::permanent("restore job without its state")),
-                };
-                self.on_restore(answer, cx)
-            }
-            (Phase::Restoring, Event::Unreachable(msg)) => match self.restore.as_mut().and_then(|s| s.unanswered(&msg))
-            {
-                Some(reason) => self.restore_failed(StepError::permanent(reason), cx),
-                None => self.restore_failed(StepError::transient(msg), cx),
-            },
             (phase, Event::Cancel { by, reason }) if !phase.is_terminal() => self.cancel(by, reason, cx),
             (phase, Event::Throttled(until)) if !phase.is_terminal() => {
                 self.next_step_at = Some(until);
                 (self, Action::Sleep(until))
             }
-            // An answer that does not belong to the current phase (a duplicate delivery after a
-            // restart): ignore it and carry on from the persisted state.
-            (_, _) => self.idle(cx.now),
+            (phase, _) if phase.is_terminal() => (self, Action::Done),
+            (_, event) => self.task_event(event, cx),
         }
     }
 
+    /// Nothing to do for this event (one that does not belong to the current phase, such as a
+    /// duplicate delivery after a restart): carry on from the persisted state.
     fn idle(self, now: Timestamp) -> (Self, Action) {
         if self.phase.is_terminal() {
             return (self, Action::Done);
@@ -740,14 +743,14 @@ impl Job {
                 // Nothing more is sent: the staged objects and a scratch database named after the
                 // job are the daily sweep's.
                 self.stopping_since = None;
-                self.restore = None;
+                restore::give_up(&mut self);
                 return self
                     .fail(format!("{message}; its clean-up did not finish within {limit} and was given up"), cx.now);
             }
-        } else if !self.phase.is_terminal() && self.phase != Phase::Queued {
+        } else if self.phase != Phase::Queued {
             let (due, limit, field) = self.deadline(cx.source);
             if cx.now >= due {
-                let task = serde_json::to_value(self.task).ok().and_then(|v| v.as_str().map(str::to_string));
+                let task = serde_json::to_value(self.task()).ok().and_then(|v| v.as_str().map(str::to_string));
                 let message = format!(
                     "the {} job did not finish within its deadline of {} ({field})",
                     task.unwrap_or_default(),
@@ -767,434 +770,14 @@ impl Job {
                 return self.fail(reason, cx.now);
             }
             self.running_since = Some(cx.now);
-            self.phase = match self.task {
-                Task::Export => Phase::Exporting,
-                Task::Verify => Phase::Verifying,
-                Task::Replicate => {
-                    self.transfer_started_at = Some(cx.now);
-                    Phase::Transferring
-                }
-                Task::Restore | Task::Drill => Phase::Restoring,
-            };
-        }
-        match self.phase {
-            Phase::Exporting => {
-                if !self.renewing && cx.now.since(self.started_at) > cx.source.export_timeout {
-                    let limit = humanize(cx.source.export_timeout);
-                    return self.fail(format!("the export did not finish within {limit}"), cx.now);
-                }
-                let decided = self.provider.advance(&cx.input(&self.params));
-                match decided {
-                    Ok(Some(progress)) => return self.apply(progress, cx),
-                    Ok(None) => {}
-                    Err(e) => return self.step_failed(e, cx),
-                }
-                match self.provider.next_request(&cx.input(&self.params)) {
-                    Ok(req) => {
-                        self.attempts += 1;
-                        (self, Action::Send(req))
-                    }
-                    Err(e) => self.step_failed(e, cx),
+            self.phase = self.start_phase();
+            if self.phase == Phase::Transferring {
+                if let Some(copying) = self.copying_mut() {
+                    copying.transfer_started_at = Some(cx.now);
                 }
             }
-            Phase::Transferring if self.task == Task::Replicate => self.replica_step(cx),
-            Phase::Transferring => match self.downloads.get(self.artifacts.len()).cloned() {
-                Some(download) => self.slice(&download, cx),
-                None => self.commit(cx),
-            },
-            Phase::Verifying => self.verify_step(cx),
-            Phase::Restoring => self.restore_step(cx),
-            Phase::Queued
-            | Phase::Committed
-            | Phase::Failed
-            | Phase::Skipped
-            | Phase::Dispatched
-            | Phase::Verified
-            | Phase::Restored
-            | Phase::Cancelled => self.idle(cx.now),
         }
-    }
-
-    /// Orders the next slice of the current file's copy, unless the watchdog says stop.
-    fn slice(mut self, download: &Download, cx: &Context<'_>) -> (Self, Action) {
-        let settings = cx.source.transfer;
-        let mut state = match self.copy.take() {
-            Some(state) => state,
-            None => {
-                let taken: Vec<&str> = self.artifacts.iter().map(|a| a.key.rsplit('/').next().unwrap_or("")).collect();
-                let key = format!("{}{}", self.folder(), manifest::object_name(&download.filename, &taken));
-                CopyState::new(key, self.artifacts.len() as u32, cx.now)
-            }
-        };
-        if let Some(why) = self.copy_stopped(&state, &download.filename, cx) {
-            self.copy = Some(state);
-            return self.fail(why, cx.now);
-        }
-        let prepared = match &download.origin {
-            Origin::Url { secret_url, authenticated } => self
-                .provider
-                .download_request(&cx.source.provider, secret_url, *authenticated, cx.creds)
-                .map(CopySource::Http),
-            Origin::Graph => {
-                cx.source.provider.graph_export(cx.creds, state.started_at).map(|g| CopySource::Graph(Box::new(g)))
-            }
-            Origin::D1Query => {
-                self.provider.query_export(&cx.source.provider, cx.creds).map(|q| CopySource::D1Query(Box::new(q)))
-            }
-        };
-        let source = match prepared {
-            Ok(s) => s,
-            Err(e) => {
-                self.copy = Some(state);
-                return self.step_failed(e, cx);
-            }
-        };
-        // Counted before the slice runs: a slice cut off without storing a part counts as stalled.
-        state.slices += 1;
-        state.stalled += 1;
-        self.attempts += 1;
-        self.copy = Some(state.clone());
-        let order = SliceOrder {
-            source,
-            state,
-            filename: download.filename.clone(),
-            content_type: download.content_type.clone(),
-            settings,
-        };
-        (self, Action::CopySlice(Box::new(order)))
-    }
-
-    /// Why the copy must stop for good before its next slice (its watchdogs), if it must.
-    fn copy_stopped(&self, state: &CopyState, filename: &str, cx: &Context<'_>) -> Option<String> {
-        let settings = cx.source.transfer;
-        let copying_since = self.transfer_started_at.unwrap_or(state.started_at);
-        if cx.now.since(copying_since) > settings.copy_timeout {
-            let limit = humanize(settings.copy_timeout);
-            return Some(format!("copying did not finish within {limit} (copy_timeout_minutes)"));
-        }
-        if state.stalled >= settings.max_stalled_slices {
-            let n = state.stalled;
-            let last = self.last_error.as_deref().map(|e| format!("; last error: {e}")).unwrap_or_default();
-            return Some(format!(
-                "the copy of {filename} made no progress in {n} consecutive slices (no part stored); giving up \
-                 (max_stalled_slices){last}"
-            ));
-        }
-        if state.restarts > settings.max_restarts {
-            let why = state.last_restart.clone().unwrap_or_default();
-            return Some(format!(
-                "the copy of {filename} had to restart from zero more than {} times; last: {why}",
-                settings.max_restarts
-            ));
-        }
-        None
-    }
-
-    fn on_slice(mut self, state: CopyState, outcome: SliceOutcome, cx: &Context<'_>) -> (Self, Action) {
-        let progressed = state.stalled == 0;
-        let before = self.copy.as_ref().map_or(0, |c| c.restarts);
-        if state.restarts > before {
-            let file = self.downloads.get(self.artifacts.len()).map_or("?", |d| d.filename.as_str());
-            let why = state.last_restart.as_deref().unwrap_or("no reason given");
-            self.restarts.push(format!(
-                "{file}: restarted from byte 0 ({} of {}): {why}",
-                state.restarts - before,
-                state.restarts
-            ));
-        }
-        for warning in &state.warnings {
-            if !self.warnings.contains(warning) {
-                self.warnings.push(warning.clone());
-            }
-        }
-        self.copy = Some(state);
-        match outcome {
-            SliceOutcome::Paused => {
-                self.retries = 0;
-                self.last_error = None;
-                self.next_step_at = Some(cx.now);
-                (self, Action::Sleep(cx.now))
-            }
-            SliceOutcome::Finished(artifact) => {
-                if let Some(Err(why)) = self.replica.as_ref().map(|r| r.check(self.artifacts.len(), &artifact)) {
-                    // Its upload is complete: the folder's deletion removes the object.
-                    self.copy = None;
-                    return self.fail(why, cx.now);
-                }
-                self.copy = None;
-                self.note_all(crate::providers::artifact_warnings(&artifact));
-                // The part hashes stay in the copy's part records (`CopyState::part_key`), out of
-                // the job's record, which stays small whatever the part count; the runtime puts
-                // them into the manifest when it writes it.
-                let mut artifact = artifact;
-                artifact.part_sha256 = Vec::new();
-                self.artifacts.push(artifact);
-                self.step_succeeded(cx.now)
-            }
-            SliceOutcome::UrlExpired(answer) => {
-                let file = self.downloads.get(self.artifacts.len()).map_or("?", |d| d.filename.as_str()).to_string();
-                if !self.provider.can_renew_urls() {
-                    return self.fail(
-                        format!(
-                            "the signed URL of {file} expired mid-copy and this export cannot issue a new one \
-                             ({answer}); the copy must fit the URL's lifetime"
-                        ),
-                        cx.now,
-                    );
-                }
-                let offset = self.copy.as_ref().map_or(0, |c| c.offset);
-                if self.renewed_at_offset == Some(offset) {
-                    return self.fail(format!("{answer} (a freshly issued URL was refused too)"), cx.now);
-                }
-                if self.renewals >= MAX_RENEWALS {
-                    return self
-                        .fail(format!("the signed URL of {file} expired {MAX_RENEWALS} times ({answer})"), cx.now);
-                }
-                self.renewing = true;
-                self.renewed_at_offset = Some(offset);
-                self.phase = Phase::Exporting;
-                self.step_succeeded(cx.now)
-            }
-            SliceOutcome::Failed(err) => {
-                if progressed {
-                    // Parts were stored before the failure: the copy is moving, start counting anew.
-                    self.retries = 0;
-                }
-                self.step_failed(err, cx)
-            }
-        }
-    }
-
-    fn commit(mut self, cx: &Context<'_>) -> (Self, Action) {
-        let now = cx.now;
-        let folder = self.folder();
-        self.finished_at = Some(now);
-        self.attempts += 1;
-        let manifest = Manifest {
-            source: self.source.clone(),
-            kind: self.kind.clone(),
-            job_id: self.id.clone(),
-            trigger: self.trigger,
-            started_at: self.started_at,
-            scheduled_for: self.scheduled_for,
-            finished_at: now,
-            provider: self.provider.references(&cx.source.provider),
-            artifacts: self.artifacts.clone(),
-        };
-        (self, Action::Commit { key: manifest::manifest_key(&folder), manifest: Box::new(manifest) })
-    }
-
-    /// The next verify step: a slice to read, or the record once every file was read.
-    fn verify_step(mut self, cx: &Context<'_>) -> (Self, Action) {
-        let mut state = self.verify.take().unwrap_or_else(|| VerifyState::new(None));
-        if state.done() {
-            let record = state.verification(&self.id, cx.now);
-            let key = crate::verify::verification_key(state.manifest_key.as_deref().unwrap_or_default());
-            self.verify = Some(state);
-            self.attempts += 1;
-            return (self, Action::RecordVerification { key, record });
-        }
-        state.slices += 1;
-        self.attempts += 1;
-        self.verify = Some(state.clone());
-        (self, Action::VerifySlice { state: Box::new(state), settings: cx.source.transfer })
-    }
-
-    fn on_verify_slice(
-        mut self,
-        state: VerifyState,
-        outcome: Result<bool, StepError>,
-        cx: &Context<'_>,
-    ) -> (Self, Action) {
-        let progressed = self.verify.as_ref().is_none_or(|v| v.bytes_read < state.bytes_read || v.index < state.index);
-        self.verify = Some(state);
-        match outcome {
-            Ok(_) => self.step_succeeded(cx.now),
-            Err(e) => {
-                if progressed {
-                    self.retries = 0;
-                }
-                self.step_failed(e, cx)
-            }
-        }
-    }
-
-    fn on_recorded(mut self, now: Timestamp) -> (Self, Action) {
-        let Some(state) = self.verify.clone() else { return self.idle(now) };
-        let record = state.verification(&self.id, now);
-        self.verification = Some(record.clone());
-        if record.mismatches.is_empty() {
-            self.phase = Phase::Verified;
-            self.finished_at = Some(now);
-            self.next_step_at = None;
-            self.retries = 0;
-            self.last_error = None;
-            return (self, Action::Done);
-        }
-        let backup = state.manifest_key.as_deref().and_then(crate::manifest::folder_of).unwrap_or("?").to_string();
-        self.fail(format!("backup {backup} failed verification: {}", record.mismatches.join("; ")), now)
-    }
-
-    /// The next restore step: a request, R2 work, or the end.
-    fn restore_step(mut self, cx: &Context<'_>) -> (Self, Action) {
-        let Some(mut state) = self.restore.take() else {
-            return self.fail("restore job without its state".into(), cx.now);
-        };
-        let next = state.next(&RestoreCx { source: cx.source, creds: cx.creds, job: &self.id, now: cx.now });
-        if matches!(next, Ok(RestoreNext::Send(_))) {
-            state.sending(&self.id);
-        }
-        self.restore = Some(state);
-        match next {
-            Ok(RestoreNext::Send(req)) => {
-                self.attempts += 1;
-                (self, Action::Send(req))
-            }
-            Ok(RestoreNext::Io(Io::Record { .. })) if self.cancelled.is_some() => {
-                // A cancelled drill found nothing about the backup: no record goes next to it.
-                let answer = match self.restore.as_mut() {
-                    Some(state) => state.on_io(IoDone::Recorded, cx.now),
-                    None => Err(StepError::permanent("restore job without its state")),
-                };
-                self.on_restore(answer, cx)
-            }
-            Ok(RestoreNext::Io(io)) => {
-                self.attempts += 1;
-                (self, Action::Restore(Box::new(io)))
-            }
-            Ok(RestoreNext::Finished(Ok(note))) => {
-                self.phase = Phase::Restored;
-                self.note = Some(note);
-                self.finished_at = Some(cx.now);
-                self.next_step_at = None;
-                self.retries = 0;
-                self.last_error = None;
-                (self, Action::Done)
-            }
-            Ok(RestoreNext::Finished(Err(message))) => self.fail(message, cx.now),
-            Err(e) => self.restore_failed(e, cx),
-        }
-    }
-
-    fn on_restore(mut self, answer: Result<Answer, StepError>, cx: &Context<'_>) -> (Self, Action) {
-        match answer {
-            Ok(Answer::Continue) => self.step_succeeded(cx.now),
-            Ok(Answer::Pending) => {
-                self.retries = 0;
-                self.last_error = None;
-                let at = cx.now.plus(cx.source.poll_interval);
-                self.next_step_at = Some(at);
-                (self, Action::Sleep(at))
-            }
-            Ok(Answer::WaitUntil(at)) => {
-                self.retries = 0;
-                self.last_error = None;
-                let at = at.max(cx.now);
-                self.next_step_at = Some(at);
-                (self, Action::Sleep(at))
-            }
-            Err(e) => self.restore_failed(e, cx),
-        }
-    }
-
-    /// A restore step failed: retried while the error is transient and tries are left; then a
-    /// drill deletes its scratch database and records the outcome before the job fails.
-    fn restore_failed(mut self, err: StepError, cx: &Context<'_>) -> (Self, Action) {
-        if err.is_retryable() && self.retries < cx.source.retry.max_attempts {
-            return self.retry(err, cx);
-        }
-        let message = if err.is_retryable() {
-            format!("{} (gave up after {} tries)", err.message(), self.retries + 1)
-        } else {
-            err.message().to_string()
-        };
-        if self.restore.as_mut().is_some_and(|s| s.fail_after_cleanup(message.clone())) {
-            let (mut job, action) = self.step_succeeded(cx.now);
-            job.last_error = Some(message);
-            return (job, action);
-        }
-        self.fail(message, cx.now)
-    }
-
-    fn on_response(mut self, resp: &HttpResponse, cx: &Context<'_>) -> (Self, Action) {
-        let answer = self.provider.on_response(&cx.input(&self.params), resp);
-        match answer {
-            Ok(progress) => self.apply(progress, cx),
-            Err(e) => {
-                if e.is_retryable() {
-                    self.unanswered(cx);
-                }
-                self.step_failed(e, cx)
-            }
-        }
-    }
-
-    /// The last request got no usable answer: if it created something at the provider, the
-    /// provider decides how to avoid a duplicate, and the job records what it says.
-    fn unanswered(&mut self, cx: &Context<'_>) {
-        if self.phase != Phase::Exporting || self.renewing {
-            return;
-        }
-        if let Some(warning) = self.provider.create_unanswered(&cx.input(&self.params)) {
-            if !self.warnings.contains(&warning) {
-                self.warnings.push(warning);
-            }
-        }
-    }
-
-    fn apply(mut self, progress: Progress, cx: &Context<'_>) -> (Self, Action) {
-        match progress {
-            Progress::Pending { poll_after } => {
-                self.retries = 0;
-                self.last_error = None;
-                let at = cx.now.plus(self.capped(poll_after.unwrap_or(cx.source.poll_interval)));
-                self.next_step_at = Some(at);
-                (self, Action::Sleep(at))
-            }
-            Progress::Ready(downloads) if self.renewing => {
-                // Same files, fresh URLs: the copy resumes at its persisted offset.
-                for d in &mut self.downloads {
-                    match downloads.iter().find(|fresh| fresh.filename == d.filename) {
-                        Some(fresh) => d.origin = fresh.origin.clone(),
-                        None => {
-                            let name = d.filename.clone();
-                            return self
-                                .fail(format!("the provider no longer lists {name} while renewing its URL"), cx.now);
-                        }
-                    }
-                }
-                self.renewing = false;
-                self.renewals += 1;
-                self.phase = Phase::Transferring;
-                self.step_succeeded(cx.now)
-            }
-            Progress::Ready(downloads) => {
-                self.note_all(self.provider.notes());
-                self.phase = Phase::Transferring;
-                self.transfer_started_at = Some(cx.now);
-                self.downloads = downloads;
-                self.step_succeeded(cx.now)
-            }
-            Progress::Again => {
-                self.next_step_at = Some(cx.now);
-                (self, Action::Sleep(cx.now))
-            }
-            Progress::Failed(message) => self.fail(message, cx.now),
-            Progress::Skip(reason) => {
-                self.phase = Phase::Skipped;
-                self.note = Some(reason);
-                self.finished_at = Some(cx.now);
-                self.next_step_at = None;
-                (self, Action::Done)
-            }
-            Progress::Spawn(children) => {
-                self.phase = Phase::Dispatched;
-                self.note = Some(format!("queued {} jobs, one per backend", children.len()));
-                self.finished_at = Some(cx.now);
-                self.next_step_at = None;
-                (self, Action::Spawn(children))
-            }
-        }
+        self.task_step(cx)
     }
 
     /// Adds warnings the job does not carry yet.
@@ -1206,11 +789,30 @@ impl Job {
         }
     }
 
+    /// The step went well: the next one is due now.
     fn step_succeeded(mut self, now: Timestamp) -> (Self, Action) {
         self.retries = 0;
         self.last_error = None;
         self.next_step_at = Some(now);
         (self, Action::Sleep(now))
+    }
+
+    /// The job waits for something outside (a provider still working) until `at`: not a failure.
+    fn wait_until(mut self, at: Timestamp) -> (Self, Action) {
+        self.retries = 0;
+        self.last_error = None;
+        self.next_step_at = Some(at);
+        (self, Action::Sleep(at))
+    }
+
+    /// The job reached its task's successful end in `phase`.
+    fn succeed(mut self, phase: Phase, now: Timestamp) -> (Self, Action) {
+        self.phase = phase;
+        self.finished_at.get_or_insert(now);
+        self.next_step_at = None;
+        self.retries = 0;
+        self.last_error = None;
+        (self, Action::Done)
     }
 
     fn step_failed(self, err: StepError, cx: &Context<'_>) -> (Self, Action) {
@@ -1244,8 +846,8 @@ impl Job {
     /// runs (D1 cancels an export that is not polled continually), whatever the error or
     /// `Retry-After` said. Past the cap the poll is sent anyway.
     fn capped(&self, wait: Duration) -> Duration {
-        match (self.phase, self.provider.max_poll_gap()) {
-            (Phase::Exporting, Some(cap)) => wait.min(cap),
+        match (&self.work, self.phase) {
+            (Work::Export(e), Phase::Exporting) => e.provider.max_poll_gap().map_or(wait, |cap| wait.min(cap)),
             _ => wait,
         }
     }
@@ -1274,44 +876,70 @@ impl Job {
     /// deleted, a drill's scratch database or instance deleted, its record written), then ends;
     /// any other job ends now, a copy's open upload aborted and its folder deleted.
     fn stop(mut self, message: String, cx: &Context<'_>) -> (Self, Action) {
-        if self.phase == Phase::Restoring {
-            if let Some(state) = self.restore.as_mut() {
-                if state.fail_after_cleanup(message.clone()) {
-                    self.stopping_since = Some(cx.now);
-                    let (mut job, action) = self.step_succeeded(cx.now);
-                    job.last_error = Some(message);
-                    return (job, action);
-                }
-            }
+        if self.phase == Phase::Restoring && restore::clean_up_first(&mut self, &message) {
+            self.stopping_since = Some(cx.now);
+            let (mut job, action) = self.step_succeeded(cx.now);
+            job.last_error = Some(message);
+            return (job, action);
         }
         self.fail(message, cx.now)
     }
 
+    /// The job fails with `message` (ends `cancelled` when a cancel asked for it). A job that
+    /// began copying forgets its files and hands back its folder and open upload for deletion.
     fn fail(mut self, message: String, now: Timestamp) -> (Self, Action) {
-        let was_copying = self.phase == Phase::Transferring || self.transfer_started_at.is_some();
+        let copying = self.phase == Phase::Transferring;
         self.phase = if self.cancelled.is_some() { Phase::Cancelled } else { Phase::Failed };
         self.stopping_since = None;
         self.error = Some(message);
         self.finished_at = Some(now);
         self.next_step_at = None;
-        self.downloads.clear();
-        self.artifacts.clear();
-        let upload = self.copy.take().and_then(|c| c.upload_id.map(|id| (c.key, id)));
         // A replicate job cleans up only in a bucket proven not to be the primary: its folder
         // there is the primary's backup.
-        let may_clean = self.replica.as_ref().is_none_or(|r| r.identity == crate::replica::Identity::Distinct);
+        let may_clean = match &self.work {
+            Work::Replicate(r) => r.replica.as_ref().is_some_and(|r| r.identity == crate::replica::Identity::Distinct),
+            _ => true,
+        };
+        if let Work::Export(e) = &mut self.work {
+            e.downloads.clear();
+        }
+        let Some(copy) = self.copying_mut() else { return (self, Action::Done) };
+        let was_copying = copying || copy.transfer_started_at.is_some();
+        copy.artifacts.clear();
+        let upload = copy.copy.take().and_then(|c| c.upload_id.map(|id| (c.key, id)));
         let action =
             if was_copying && may_clean { Action::Discard { folder: self.folder(), upload } } else { Action::Done };
         (self, action)
     }
 }
 
+#[cfg(test)]
+impl Job {
+    /// The export's state, to set up a test (panics for another task).
+    pub(crate) fn export_mut(&mut self) -> &mut Export {
+        match &mut self.work {
+            Work::Export(e) => e,
+            other => panic!("not an export: {:?}", other.task()),
+        }
+    }
+
+    /// The export's state, read by a test (panics for another task).
+    pub(crate) fn export(&self) -> &Export {
+        match &self.work {
+            Work::Export(e) => e,
+            other => panic!("not an export: {:?}", other.task()),
+        }
+    }
+
+    /// The copy's state, to set up a test (panics for a task that does not copy).
+    pub(crate) fn copying_for_test(&mut self) -> &mut Copying {
+        self.copying_mut().expect("a copying task")
+    }
+}
+
 fn is_zero(n: &u32) -> bool {
     *n == 0
 }
-
-/// How many times one job may ask the provider for fresh download URLs.
-pub const MAX_RENEWALS: u32 = 10;
 
 fn humanize(d: Duration) -> String {
     let s = d.as_secs();
@@ -1324,6 +952,10 @@ fn humanize(d: Duration) -> String {
     }
 }
 
-mod replica;
+mod copying;
+pub mod export;
+pub mod replica;
+pub mod restore;
 #[cfg(test)]
 mod tests;
+pub mod verify;

@@ -113,7 +113,7 @@ pub enum RetentionAfterEnd {
 
 /// What retention does after `job` ended.
 pub fn retention_after(job: &Job, source: &SourceConfig) -> Option<RetentionAfterEnd> {
-    if job.phase == Phase::Committed && job.task == Task::Export {
+    if job.phase == Phase::Committed && job.task() == Task::Export {
         source.retention.is_some().then_some(RetentionAfterEnd::Defer)
     } else if job.replica_committed() {
         Some(RetentionAfterEnd::ReplicaPass)
@@ -692,7 +692,8 @@ mod tests {
         let failed = finished(id(2), Phase::Failed, at("2026-11-28T09:00:00Z"));
         assert_eq!(retention_after(&failed, &with_retention), Some(RetentionAfterEnd::DailyIfDue));
         let mut replica = committed.clone();
-        replica.task = Task::Replicate;
+        replica.work =
+            crate::job::Work::Replicate(crate::job::Replicate { replica: None, copying: Default::default() });
         assert_eq!(retention_after(&replica, &d1_source(60)), Some(RetentionAfterEnd::ReplicaPass));
 
         let mut l = Ledger::default();
@@ -720,7 +721,7 @@ mod tests {
 
     fn backend_job(n: u8, backend: &str, phase: Phase, at: Timestamp) -> Job {
         let mut job = finished(id(n), phase, at);
-        job.provider = crate::providers::ProviderState::Dgraph(crate::providers::dgraph::DgraphState {
+        job.export_mut().provider = crate::providers::ProviderState::Dgraph(crate::providers::dgraph::DgraphState {
             backend: Some(crate::providers::dgraph::Backend {
                 uid: format!("0x{n}"),
                 name: backend.into(),

@@ -1,16 +1,85 @@
-//! The replicate job's steps (see [`crate::replica`]): a job whose `task` is `replicate` starts
-//! copying at once, one file of the primary manifest after another, each into the replica bucket
-//! at the same key, then writes the replica's manifest. The copy, its watchdogs, retries and
-//! the clean-up of a failure are the export's own (`Job::on_slice`, `Job::fail`); only where the
-//! bytes come from and what a finished file is checked against differ.
+//! The replicate task (see [`crate::replica`]): a job whose task is `replicate` starts copying
+//! at once (`queued → transferring → committed | failed`), one file of the primary manifest
+//! after another, each into the replica bucket at the same key, then writes the replica's
+//! manifest. Before the first write it proves the replica is another bucket. The copy, its
+//! watchdogs, retries and the clean-up of a failure are the export's own ([`super::copying`],
+//! [`Job::fail`]); only where the bytes come from and what a finished file is checked against
+//! differ.
 
-use super::{Action, Context, CopySource, Job, JobId, Phase, SliceOrder, Task};
+use serde::{Deserialize, Serialize};
+
+use super::copying::NextFile;
+use super::{Action, Context, CopySource, Copying, Event, Job, JobId, Phase, StepError, Task, Work};
 use crate::config::SourceConfig;
-use crate::error::StepError;
 use crate::manifest::{self, Manifest};
 use crate::replica::{same_bucket_reason, Identity, ProbeAnswer, ReplicaState};
 use crate::time::Timestamp;
-use crate::transfer::CopyState;
+
+/// A replicate job's own state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Replicate {
+    /// The backup it copies: the primary manifest and the replica bucket's binding (`None` only
+    /// for an unreadable record, which fails).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<ReplicaState>,
+    /// Its copy into the replica bucket.
+    #[serde(flatten)]
+    pub copying: Copying,
+}
+
+impl Replicate {
+    /// Checks a finished file against the primary manifest's record of it.
+    pub(super) fn check(&self, index: usize, artifact: &crate::manifest::Artifact) -> Result<(), String> {
+        match &self.replica {
+            Some(replica) => replica.check(index, artifact),
+            None => Err("a replicate job without its backup (an unreadable record)".into()),
+        }
+    }
+}
+
+/// A replicate job starts copying at once.
+pub(super) const START: Phase = Phase::Transferring;
+
+/// The next replicate step: the probe, a slice of the next file, or the replica's manifest once
+/// every file is copied and checked.
+pub(super) fn step(mut job: Job, cx: &Context<'_>) -> (Job, Action) {
+    if job.phase != Phase::Transferring {
+        return job.idle(cx.now);
+    }
+    let Some(replica) = job.replica().cloned() else {
+        return job.fail("a replicate job without its backup (an unreadable record)".into(), cx.now);
+    };
+    if replica.identity == Identity::Unproven {
+        // Before anything is written: is the replica another bucket at all?
+        job.attempts += 1;
+        let probe = replica.probe(&job.id, job.attempts);
+        return (job, Action::ProbeReplica(probe));
+    }
+    let Some(file) = replica.file(job.artifacts().len()).cloned() else {
+        job.finished_at = Some(cx.now);
+        job.attempts += 1;
+        let key = manifest::manifest_key(&replica.folder());
+        let manifest = Box::new(replica.manifest(&job.id, cx.now));
+        return (job, Action::CommitReplica { key, manifest });
+    };
+    let next =
+        NextFile { key: file.key.clone(), filename: file.filename.clone(), content_type: file.content_type.clone() };
+    let source =
+        |_: &Job, _: &crate::transfer::CopyState| Ok(CopySource::R2 { key: file.key.clone(), size: file.size });
+    job.slice(next, source, cx)
+}
+
+/// A replicate job's events: the probe's answer, the copy's slices, the commit.
+pub(super) fn on_event(job: Job, event: Event, cx: &Context<'_>) -> (Job, Action) {
+    match (job.phase, event) {
+        (Phase::Transferring, Event::ReplicaProbed(answer)) => on_probe(job, answer, cx),
+        (Phase::Transferring, Event::Unreachable(msg)) => job.retry(StepError::transient(msg), cx),
+        (Phase::Transferring, Event::Sliced { state, outcome }) => job.on_slice(state, outcome, cx),
+        (Phase::Transferring, Event::Committed) => job.succeed(Phase::Committed, cx.now),
+        (Phase::Transferring, Event::CommitFailed(msg)) => job.retry(StepError::transient(msg), cx),
+        (_, _) => job.idle(cx.now),
+    }
+}
 
 impl Job {
     /// A queued replicate job copying the backup `export` committed as `manifest` (at
@@ -25,14 +94,14 @@ impl Job {
         now: Timestamp,
     ) -> Self {
         let mut job = Self::new(id, source, export.trigger, None, None, now);
-        job.task = Task::Replicate;
         job.parent = Some(export.id.clone());
         // The primary manifest's part hashes are read back from it when the replica's manifest
         // is written: the job's record stays small whatever the part count.
         let mut manifest = manifest;
         manifest.artifacts.iter_mut().for_each(|a| a.part_sha256.clear());
-        job.replica =
-            Some(ReplicaState { binding: binding.to_string(), manifest_key, manifest, identity: Identity::Unproven });
+        let replica =
+            ReplicaState { binding: binding.to_string(), manifest_key, manifest, identity: Identity::Unproven };
+        job.work = Work::Replicate(Replicate { replica: Some(replica), copying: Copying::default() });
         job
     }
 
@@ -48,72 +117,41 @@ impl Job {
     ) -> Option<Job> {
         let (key, manifest) = committed?;
         let replica = source.replica.as_ref()?;
-        (self.phase == Phase::Committed && self.task == Task::Export)
+        (self.phase == Phase::Committed && self.task() == Task::Export)
             .then(|| Job::replica_of(self, id, source, &replica.bucket_binding, key.clone(), manifest.clone(), now))
     }
 
-    /// The next replicate step: a slice of the next file, or the replica's manifest once every
-    /// file is copied and checked.
-    pub(super) fn replica_step(mut self, cx: &Context<'_>) -> (Self, Action) {
-        let Some(replica) = self.replica.clone() else {
-            return self.fail("a replicate job without its backup (an unreadable record)".into(), cx.now);
-        };
-        if replica.identity == Identity::Unproven {
-            // Before anything is written: is the replica another bucket at all?
-            self.attempts += 1;
-            let probe = replica.probe(&self.id, self.attempts);
-            return (self, Action::ProbeReplica(probe));
-        }
-        let Some(file) = replica.file(self.artifacts.len()).cloned() else {
-            self.finished_at = Some(cx.now);
-            self.attempts += 1;
-            let key = manifest::manifest_key(&replica.folder());
-            let manifest = Box::new(replica.manifest(&self.id, cx.now));
-            return (self, Action::CommitReplica { key, manifest });
-        };
-        let mut state =
-            self.copy.take().unwrap_or_else(|| CopyState::new(file.key.clone(), self.artifacts.len() as u32, cx.now));
-        if let Some(why) = self.copy_stopped(&state, &file.key, cx) {
-            self.copy = Some(state);
-            return self.fail(why, cx.now);
-        }
-        state.slices += 1;
-        state.stalled += 1;
-        self.attempts += 1;
-        self.copy = Some(state.clone());
-        let order = SliceOrder {
-            source: CopySource::R2 { key: file.key.clone(), size: file.size },
-            state,
-            filename: file.filename.clone(),
-            content_type: file.content_type.clone(),
-            settings: cx.source.transfer,
-        };
-        (self, Action::CopySlice(Box::new(order)))
-    }
-
-    /// Folds in what the replica's probe showed: one bucket fails the job (and nothing is
-    /// cleaned, [`Job::fail`]); distinct buckets let the copy begin; a probe that could not run is
-    /// retried like any step.
-    pub(super) fn on_probe(mut self, answer: Result<ProbeAnswer, StepError>, cx: &Context<'_>) -> (Self, Action) {
-        let Some(replica) = self.replica.as_mut() else {
-            return self.fail("a replicate job without its backup (an unreadable record)".into(), cx.now);
-        };
-        match answer {
-            Ok(ProbeAnswer::Distinct) => {
-                replica.identity = Identity::Distinct;
-                self.step_succeeded(cx.now)
-            }
-            Ok(ProbeAnswer::SameBucket) => {
-                let reason = same_bucket_reason(&replica.binding);
-                self.fail(reason, cx.now)
-            }
-            Err(e) => self.step_failed(e, cx),
+    /// A replicate job's backup and bucket.
+    pub fn replica(&self) -> Option<&ReplicaState> {
+        match &self.work {
+            Work::Replicate(r) => r.replica.as_ref(),
+            _ => None,
         }
     }
 
     /// True for a replicate job that committed (its copy is whole in the replica bucket).
     pub fn replica_committed(&self) -> bool {
-        self.task == Task::Replicate && self.phase == Phase::Committed
+        self.task() == Task::Replicate && self.phase == Phase::Committed
+    }
+}
+
+/// Folds in what the replica's probe showed: one bucket fails the job (and nothing is cleaned,
+/// [`Job::fail`]); distinct buckets let the copy begin; a probe that could not run is retried
+/// like any step.
+fn on_probe(mut job: Job, answer: Result<ProbeAnswer, StepError>, cx: &Context<'_>) -> (Job, Action) {
+    let Work::Replicate(Replicate { replica: Some(replica), .. }) = &mut job.work else {
+        return job.fail("a replicate job without its backup (an unreadable record)".into(), cx.now);
+    };
+    match answer {
+        Ok(ProbeAnswer::Distinct) => {
+            replica.identity = Identity::Distinct;
+            job.step_succeeded(cx.now)
+        }
+        Ok(ProbeAnswer::SameBucket) => {
+            let reason = same_bucket_reason(&replica.binding);
+            job.fail(reason, cx.now)
+        }
+        Err(e) => job.step_failed(e, cx),
     }
 }
 
@@ -184,24 +222,25 @@ mod tests {
     #[test]
     fn only_a_committed_export_of_a_source_with_a_replica_is_followed_by_a_replicate_job() {
         let (replicate_job, src) = replicate();
-        let key = replicate_job.replica.as_ref().unwrap().manifest_key.clone();
-        let manifest = replicate_job.replica.as_ref().unwrap().manifest.clone();
+        let key = replicate_job.replica().unwrap().manifest_key.clone();
+        let manifest = replicate_job.replica().unwrap().manifest.clone();
         let committed = Some((key.clone(), manifest));
         let mut export = Job::new(JobId::new("00000000000000aa"), &src, Trigger::Cron, None, None, t0());
         export.phase = Phase::Committed;
         let id = || JobId::new("00000000000000cc");
         let follow = export.replica_after(committed.as_ref(), &src, id(), t0()).expect("a replicate job");
-        assert_eq!((follow.task, follow.parent.as_ref()), (Task::Replicate, Some(&export.id)));
+        assert_eq!((follow.task(), follow.parent.as_ref()), (Task::Replicate, Some(&export.id)));
         assert_eq!(
-            follow.replica.as_ref().map(|r| (r.binding.as_str(), r.manifest_key.as_str())),
+            follow.replica().map(|r| (r.binding.as_str(), r.manifest_key.as_str())),
             Some(("BACKUPS_EU", key.as_str()))
         );
         assert_eq!(export.replica_after(None, &src, id(), t0()), None, "nothing was committed");
         let mut failed = export.clone();
         failed.phase = Phase::Failed;
         assert_eq!(failed.replica_after(committed.as_ref(), &src, id(), t0()), None);
-        let mut copy = export.clone();
-        copy.task = Task::Replicate;
+        let copy = Job::replica_of(&export, id(), &src, "REPLICA", "k".into(), committed.clone().unwrap().1, t0());
+        let mut copy = copy;
+        copy.phase = Phase::Committed;
         assert_eq!(copy.replica_after(committed.as_ref(), &src, id(), t0()), None, "a replica is not copied again");
         let mut plain = src.clone();
         plain.replica = None;
@@ -214,11 +253,11 @@ mod tests {
         assert!(matches!(action, Action::ProbeReplica(_)), "the probe goes first, got {action:?}");
         let (job, action) = step(job, src, Event::ReplicaProbed(Ok(ProbeAnswer::Distinct)), t0());
         assert_eq!(action, Action::Sleep(t0()));
-        assert_eq!(job.replica.as_ref().map(|r| r.identity), Some(Identity::Distinct));
+        assert_eq!(job.replica().map(|r| r.identity), Some(Identity::Distinct));
         step(job, src, Event::Wake, t0())
     }
 
-    fn order(action: &Action) -> &SliceOrder {
+    fn order(action: &Action) -> &super::super::SliceOrder {
         match action {
             Action::CopySlice(order) => order,
             other => panic!("expected a slice, got {other:?}"),
@@ -228,7 +267,7 @@ mod tests {
     #[test]
     fn a_replica_copies_every_file_from_the_primary_key_then_writes_its_manifest_last() {
         let (job, src) = replicate();
-        assert_eq!((job.task, job.phase, job.folder()), (Task::Replicate, Phase::Queued, FOLDER.to_string()));
+        assert_eq!((job.task(), job.phase, job.folder()), (Task::Replicate, Phase::Queued, FOLDER.to_string()));
         let (job, action) = start(job, &src);
         assert_eq!(job.phase, Phase::Transferring);
         let first = order(&action).clone();
@@ -259,7 +298,7 @@ mod tests {
         let (job, action) = step(job, &src, Event::Wake, later);
         let Action::CommitReplica { key, manifest } = action else { panic!("expected the manifest, got {action:?}") };
         assert_eq!(key, format!("{FOLDER}manifest.json"));
-        assert_eq!(manifest.manifest, job.replica.as_ref().unwrap().manifest, "the primary manifest, unchanged");
+        assert_eq!(manifest.manifest, job.replica().unwrap().manifest, "the primary manifest, unchanged");
         assert_eq!(manifest.replica_of.manifest_key, format!("{FOLDER}manifest.json"));
         assert_eq!(manifest.replica_of.replica_job_id, job.id);
         assert_eq!(manifest.replica_of.replicated_at, later);
@@ -299,7 +338,7 @@ mod tests {
     #[test]
     fn a_size_that_differs_is_named_too() {
         let (job, _) = replicate();
-        let r = job.replica.unwrap();
+        let r = job.replica().cloned().unwrap();
         let e = r.check(1, &file("volume.tgz", 99, "bb")).unwrap_err();
         assert_eq!(e, format!("replica of {FOLDER}volume.tgz: 99 bytes were copied, the primary manifest says 100"));
     }

@@ -6,6 +6,7 @@ use serde_json::{json, Value};
 
 use super::*;
 use crate::config::Config;
+use crate::providers::Download;
 use crate::secret::Secret;
 
 fn source(extra: Value) -> SourceConfig {
@@ -43,7 +44,7 @@ impl Harness {
     fn new(src: SourceConfig) -> Self {
         let mut job =
             Job::new(JobId::new("0123456789abcdef"), &src, Trigger::Webhook, Some("msg_1".into()), None, t0());
-        if let ProviderState::D1(state) = &mut job.provider {
+        if let ProviderState::D1(state) = &mut job.export_mut().provider {
             // Schema read, nothing to scan: the export call is next (the inspection before it is
             // tested in `providers::d1`).
             let plan =
@@ -112,7 +113,7 @@ fn copied(order: &SliceOrder) -> Event {
 
 /// The runtime's answer when the slice in flight failed without storing a part.
 fn slice_failed(h: &Harness, err: StepError) -> Event {
-    Event::Sliced { state: h.job.copy.clone().expect("a copy in flight"), outcome: SliceOutcome::Failed(err) }
+    Event::Sliced { state: h.job.copy().cloned().expect("a copy in flight"), outcome: SliceOutcome::Failed(err) }
 }
 
 fn expect_send(a: Action) -> HttpRequest {
@@ -302,7 +303,7 @@ fn copy_failures_retry_then_fail_and_discard_the_folder() {
     to_copy(&mut h);
     assert!(matches!(h.feed(slice_failed(&h, StepError::transient("reset by peer"))), Action::Sleep(_)));
     expect_copy(h.wake_when_due());
-    let mut state = h.job.copy.clone().unwrap();
+    let mut state = h.job.copy().cloned().unwrap();
     state.upload_id = Some("upload-1".into());
     let key = state.key.clone();
     assert_eq!(
@@ -317,7 +318,7 @@ fn copy_failures_retry_then_fail_and_discard_the_folder() {
     );
     assert_eq!(h.job.phase, Phase::Failed);
     assert_eq!(h.job.error.as_deref(), Some("signed URL refused (HTTP 403)"));
-    assert!(h.job.downloads.is_empty());
+    assert!(h.job.export().downloads.is_empty());
 }
 
 #[test]
@@ -325,21 +326,21 @@ fn failure_after_some_files_landed_discards_them() {
     let mut h = Harness::d1();
     let order = to_copy(&mut h);
     // Pretend the provider produced two files.
-    h.job.downloads.push(Download::url("http://x/2", "second.gz", "application/gzip", false));
+    h.job.export_mut().downloads.push(Download::url("http://x/2", "second.gz", "application/gzip", false));
     h.feed(copied(&order));
     let second = expect_copy(h.wake_when_due());
     assert!(second.state.key.ends_with("/second.gz"));
     let folder = h.job.folder();
     assert!(order.state.key.starts_with(&folder));
     assert_eq!(h.feed(slice_failed(&h, StepError::permanent("gone"))), Action::Discard { folder, upload: None });
-    assert!(h.job.artifacts.is_empty(), "a failed job lists no artifacts");
+    assert!(h.job.artifacts().is_empty(), "a failed job lists no artifacts");
 }
 
 #[test]
 fn same_filenames_get_distinct_keys() {
     let mut h = Harness::d1();
     let order = to_copy(&mut h);
-    h.job.downloads.push(Download::url("http://x/2", "db-1-bm-1.sql", "application/sql", false));
+    h.job.export_mut().downloads.push(Download::url("http://x/2", "db-1-bm-1.sql", "application/sql", false));
     h.feed(copied(&order));
     let second = expect_copy(h.wake_when_due());
     assert_ne!(second.state.key, order.state.key);
@@ -368,7 +369,7 @@ fn events_that_do_not_fit_the_phase_are_ignored() {
     let stray = crate::transfer::CopyState::new("x".into(), 0, t0());
     let finished = SliceOutcome::Finished(artifact("x"));
     assert!(matches!(h.feed(Event::Sliced { state: stray, outcome: finished }), Action::Sleep(_)));
-    assert_eq!(h.job.artifacts, before.artifacts);
+    assert_eq!(h.job.artifacts(), before.artifacts());
     assert!(matches!(h.feed(Event::Committed), Action::Sleep(_)));
     assert_eq!(h.job.phase, Phase::Exporting);
     // A response after the job failed is ignored too.
@@ -450,7 +451,7 @@ fn a_copy_cut_off_again_and_again_fails_within_the_watchdog_and_frees_the_source
     // Each wake orders a slice whose invocation dies: no Sliced event ever comes back.
     let mut h = Harness::new(source(json!({"max_stalled_slices": 4})));
     to_copy(&mut h);
-    h.job.copy.as_mut().unwrap().upload_id = Some("u-9".into());
+    h.job.copying_for_test().copy.as_mut().unwrap().upload_id = Some("u-9".into());
     let mut wakes = 1;
     let action = loop {
         h.advance(Duration::from_secs(15));
@@ -493,7 +494,7 @@ fn slices_that_store_parts_keep_the_copy_alive() {
 fn too_many_restarts_from_zero_fail_the_job() {
     let mut h = Harness::d1();
     to_copy(&mut h);
-    let mut state = h.job.copy.clone().unwrap();
+    let mut state = h.job.copy().cloned().unwrap();
     for _ in 0..4 {
         state.restart("the source object changed: its ETag changed".into());
     }
@@ -522,11 +523,15 @@ fn a_restart_from_zero_is_recorded_on_the_job() {
     let mut state = order.state.clone();
     state.restart("the source ignored the range request for bytes from 5242880".into());
     h.feed(Event::Sliced { state: state.clone(), outcome: SliceOutcome::Paused });
-    assert_eq!(h.job.restarts.len(), 1);
-    assert!(h.job.restarts[0].starts_with("db-1-bm-1.sql: restarted from byte 0"), "{:?}", h.job.restarts);
-    assert!(h.job.restarts[0].contains("ignored the range"));
+    assert_eq!(h.job.copying().unwrap().restarts.len(), 1);
+    assert!(
+        h.job.copying().unwrap().restarts[0].starts_with("db-1-bm-1.sql: restarted from byte 0"),
+        "{:?}",
+        h.job.copying().unwrap().restarts
+    );
+    assert!(h.job.copying().unwrap().restarts[0].contains("ignored the range"));
     h.feed(Event::Sliced { state, outcome: SliceOutcome::Finished(artifact("k")) });
-    assert_eq!(h.job.restarts.len(), 1, "the same restart is not counted twice");
+    assert_eq!(h.job.copying().unwrap().restarts.len(), 1, "the same restart is not counted twice");
 }
 
 fn verify_job(manifest_key: Option<&str>) -> Harness {
@@ -566,7 +571,7 @@ fn a_verify_job_reads_in_slices_then_records_ok_and_ends_verified() {
     assert_eq!(record.outcome, "ok");
     assert_eq!(h.feed(Event::Recorded), Action::Done);
     assert_eq!(h.job.phase, Phase::Verified);
-    assert_eq!(h.job.verification.as_ref().map(|v| v.outcome.as_str()), Some("ok"));
+    assert_eq!(h.job.verification().map(|v| v.outcome.as_str()), Some("ok"));
     let shown = h.job.public_json();
     assert_eq!(shown["task"], "verify");
     assert_eq!(shown["verify"]["manifest_key"], "app-db/f/manifest.json");
@@ -594,10 +599,70 @@ fn jobs_stored_before_tasks_existed_are_exports() {
     let mut v = serde_json::to_value(&h.job).unwrap();
     v.as_object_mut().unwrap().remove("task");
     let job: Job = serde_json::from_value(v).unwrap();
-    assert_eq!(job.task, Task::Export);
+    assert_eq!(job.task(), Task::Export);
     let round: Job = serde_json::from_str(&serde_json::to_string(&verify_job(Some("k")).job).unwrap()).unwrap();
-    assert_eq!(round.task, Task::Verify);
-    assert_eq!(round.verify.unwrap().manifest_key.as_deref(), Some("k"));
+    assert_eq!(round.task(), Task::Verify);
+    assert_eq!(round.verify_state().unwrap().manifest_key.as_deref(), Some("k"));
+}
+
+/// The keys of a job's stored record.
+fn keys(job: &Job) -> Vec<String> {
+    serde_json::to_value(job).unwrap().as_object().unwrap().keys().cloned().collect()
+}
+
+#[test]
+fn each_task_stores_only_its_own_state_flat_next_to_the_envelope() {
+    let export = Harness::d1().job;
+    let verify = verify_job(Some("k")).job;
+    let drill = Harness::d1().job.planned(Task::Drill, Err("no drill target".into()));
+    let envelope = ["id", "source", "kind", "trigger", "phase", "started_at", "updated_at", "attempts", "retries"];
+    for job in [&export, &verify, &drill] {
+        let keys = keys(job);
+        for field in envelope.iter().chain(["task"].iter()) {
+            assert!(keys.contains(&field.to_string()), "{:?} lacks {field}: {keys:?}", job.task());
+        }
+    }
+    let v = serde_json::to_value(&export).unwrap();
+    assert_eq!(v["task"], "export");
+    for field in ["provider", "downloads", "artifacts"] {
+        assert!(v.get(field).is_some(), "an export stores {field}");
+    }
+    let v = serde_json::to_value(&verify).unwrap();
+    assert_eq!(v["task"], "verify");
+    assert_eq!(v["verify"]["manifest_key"], "k");
+    for field in ["provider", "downloads", "artifacts", "copy", "restore", "replica"] {
+        assert!(v.get(field).is_none(), "a verify job has no {field}: {v}");
+    }
+    let v = serde_json::to_value(&drill).unwrap();
+    assert_eq!(v["task"], "drill");
+    for field in ["provider", "downloads", "artifacts", "copy", "verify", "replica"] {
+        assert!(v.get(field).is_none(), "a drill has no {field}: {v}");
+    }
+    for job in [export, verify, drill] {
+        let back: Job = serde_json::from_value(serde_json::to_value(&job).unwrap()).unwrap();
+        assert_eq!(back, job, "a record reads back as it was written");
+    }
+}
+
+#[test]
+fn a_record_stored_when_every_job_carried_every_field_reads_back_as_its_task() {
+    // Before tasks had their own state, a verify job was stored with an export's empty fields too.
+    let mut old = serde_json::to_value(Harness::d1().job).unwrap();
+    let state = serde_json::to_value(crate::verify::VerifyState::new(Some("app-db/f/manifest.json".into()))).unwrap();
+    old["task"] = json!("verify");
+    old["verify"] = state;
+    old["downloads"] = json!([]);
+    old["artifacts"] = json!([]);
+    let job: Job = serde_json::from_value(old).unwrap();
+    assert_eq!(job.task(), Task::Verify);
+    assert_eq!(job.verify_state().and_then(|v| v.manifest_key.as_deref()), Some("app-db/f/manifest.json"));
+    assert!(job.provider().is_none() && job.artifacts().is_empty());
+    let v = serde_json::to_value(&job).unwrap();
+    assert!(v.get("provider").is_none() && v.get("downloads").is_none(), "written back without them: {v}");
+    let mut unknown = serde_json::to_value(Harness::d1().job).unwrap();
+    unknown["task"] = json!("defragment");
+    let err = serde_json::from_value::<Job>(unknown).unwrap_err().to_string();
+    assert!(err.contains("defragment"), "an unknown task is named: {err}");
 }
 
 #[test]
@@ -615,7 +680,7 @@ fn an_expired_signed_url_is_renewed_from_the_same_export_and_the_copy_resumes() 
         SliceOutcome::UrlExpired("download of db-1-bm-1.sql was refused (HTTP 403): Request has expired".into());
     assert_eq!(h.feed(Event::Sliced { state: state.clone(), outcome: expired }), Action::Sleep(h.now));
     assert_eq!(h.job.phase, Phase::Exporting);
-    assert!(h.job.renewing);
+    assert!(h.job.export().renewing);
     h.advance(Duration::from_secs(7 * 3600)); // long past export_timeout: renewing is not exporting
     let poll = expect_send(h.wake_when_due());
     let body: Value = serde_json::from_slice(poll.body.as_deref().unwrap()).unwrap();
@@ -626,7 +691,7 @@ fn an_expired_signed_url_is_renewed_from_the_same_export_and_the_copy_resumes() 
         "result": {"filename": "db-1-bm-1.sql", "signed_url": "http://127.0.0.1:9/__signed/fresh/db-1-bm-1.sql"}}}),
     );
     h.feed(Event::Response(fresh));
-    assert_eq!((h.job.phase, h.job.renewals, h.job.renewing), (Phase::Transferring, 1, false));
+    assert_eq!((h.job.phase, h.job.export().renewals, h.job.export().renewing), (Phase::Transferring, 1, false));
     let resumed = expect_copy(h.wake_when_due());
     let CopySource::Http(request) = &resumed.source else { panic!() };
     assert!(request.url.contains("/fresh/"), "{}", request.url);
@@ -643,10 +708,10 @@ fn an_expired_signed_url_is_renewed_from_the_same_export_and_the_copy_resumes() 
 fn an_expired_url_that_cannot_be_renewed_fails_saying_so_and_discards() {
     let mut h = Harness::d1();
     to_copy(&mut h);
-    if let crate::providers::ProviderState::D1(d1) = &mut h.job.provider {
+    if let crate::providers::ProviderState::D1(d1) = &mut h.job.export_mut().provider {
         d1.at_bookmark = None;
     }
-    let state = h.job.copy.clone().unwrap();
+    let state = h.job.copy().cloned().unwrap();
     let action = h.feed(Event::Sliced { state, outcome: SliceOutcome::UrlExpired("HTTP 403".into()) });
     assert!(matches!(action, Action::Discard { .. }), "{action:?}");
     assert!(h.job.error.as_deref().unwrap().contains("expired mid-copy and this export cannot issue a new one"));
@@ -667,7 +732,7 @@ fn a_finished_job_keeps_no_live_credential() {
     let mut h = Harness::d1();
     let aura =
         crate::providers::aura::AuraState { secret_access_token: Some("tok-live-123".into()), ..Default::default() };
-    h.job.provider = crate::providers::ProviderState::Aura(aura);
+    h.job.export_mut().provider = crate::providers::ProviderState::Aura(aura);
     assert!(serde_json::to_string(&h.job).unwrap().contains("tok-live-123"));
     h.job.phase = Phase::Exporting;
     h.job.next_step_at = None;
@@ -705,7 +770,7 @@ fn an_active_d1_export_is_polled_within_the_cap_whatever_the_back_off_says() {
 fn the_api_shows_a_copys_progress_not_its_part_list() {
     let mut h = Harness::d1();
     to_copy(&mut h);
-    let copy = h.job.copy.as_mut().unwrap();
+    let copy = h.job.copying_for_test().copy.as_mut().unwrap();
     let hash = copy.hash_state.clone();
     copy.record_part(
         &crate::transfer::PartRecord { number: 1, etag: "etag-1".into(), size: 5 << 20, sha256: "ab".into() },
@@ -721,7 +786,7 @@ fn the_api_shows_a_copys_progress_not_its_part_list() {
 fn a_job_whose_source_was_removed_is_abandoned_with_its_upload() {
     let mut h = Harness::d1();
     to_copy(&mut h);
-    h.job.copy.as_mut().unwrap().upload_id = Some("u-7".into());
+    h.job.copying_for_test().copy.as_mut().unwrap().upload_id = Some("u-7".into());
     let (job, action) = h.job.clone().abandon("source \"app-db\" is no longer configured".into(), h.now);
     assert_eq!(job.phase, Phase::Failed);
     assert!(job.error.as_deref().unwrap().contains("no longer configured"));
@@ -756,22 +821,22 @@ fn progress_reports_bytes_total_rate_and_eta_of_a_running_copy() {
     let mut h = Harness::d1();
     assert_eq!(h.job.progress(t0()), None, "nothing is copied before transferring");
     h.job.phase = Phase::Transferring;
-    h.job.transfer_started_at = Some(t0());
-    h.job.downloads = vec![
+    h.job.copying_for_test().transfer_started_at = Some(t0());
+    h.job.export_mut().downloads = vec![
         Download::url("https://x/a", "a.sql", "application/sql", false),
         Download::url("https://x/b", "b.sql", "application/sql", false),
     ];
     let mut first = artifact("app-db/f/a.sql");
     first.size = 100;
-    h.job.artifacts = vec![first];
+    h.job.copying_for_test().artifacts = vec![first];
     let mut copy = crate::transfer::CopyState::new("app-db/f/b.sql".into(), 1, t0());
     copy.offset = 50;
-    h.job.copy = Some(copy.clone());
+    h.job.copying_for_test().copy = Some(copy.clone());
     let p = h.job.progress(t0().plus(Duration::from_secs(10))).unwrap();
     assert_eq!((p.bytes_copied, p.bytes_total, p.eta_seconds), (150, None, None), "length not declared yet");
     assert_eq!((p.bytes_per_second, p.files_done, p.files_total, p.file.as_deref()), (Some(15), 1, 2, Some("b.sql")));
     copy.validators = Some(crate::transfer::Validators { etag: None, last_modified: None, length: Some(200) });
-    h.job.copy = Some(copy);
+    h.job.copying_for_test().copy = Some(copy);
     let p = h.job.progress(t0().plus(Duration::from_secs(10))).unwrap();
     assert_eq!((p.bytes_total, p.eta_seconds), (Some(300), Some(10)));
 }
@@ -956,7 +1021,7 @@ fn an_export_cancelled_mid_copy_aborts_its_open_upload_and_deletes_its_folder() 
         }
     );
     assert_cancelled(&h, "wrong database");
-    assert!(h.job.artifacts.is_empty() && h.job.downloads.is_empty(), "nothing is listed as a backup");
+    assert!(h.job.artifacts().is_empty() && h.job.export().downloads.is_empty(), "nothing is listed as a backup");
 }
 
 #[test]
@@ -978,7 +1043,7 @@ fn a_verify_job_cancelled_mid_read_ends_without_a_record() {
     assert!(matches!(h.wake_when_due(), Action::VerifySlice { .. }));
     assert_eq!(h.feed(cancel(Some("later"))), Action::Done, "no verification record is written");
     assert_cancelled(&h, "later");
-    assert!(h.job.verification.is_none());
+    assert!(h.job.verification().is_none());
 }
 
 #[test]
@@ -991,7 +1056,7 @@ fn a_cancel_after_the_job_ended_changes_nothing() {
     let before = h.job.clone();
     assert_eq!(h.feed(cancel(None)), Action::Done);
     assert_eq!((h.job.phase, &h.job.cancelled), (Phase::Committed, &None));
-    assert_eq!(h.job.artifacts, before.artifacts);
+    assert_eq!(h.job.artifacts(), before.artifacts());
     let refused = h.job.cancellable().unwrap_err();
     assert!(refused.contains("already ended (committed)"), "{refused}");
 }
@@ -1036,9 +1101,9 @@ fn the_deadline_counts_from_when_the_job_left_the_queue() {
 fn a_drill_that_cannot_be_planned_fails_as_a_drill_job_with_the_reason() {
     let mut h = Harness::d1();
     h.job = h.job.clone().planned(Task::Drill, Err("db_password_secret is required".into()));
-    assert_eq!(h.job.task, Task::Drill);
+    assert_eq!(h.job.task(), Task::Drill);
     assert_eq!(h.wake_when_due(), Action::Done);
-    assert_eq!((h.job.task, h.job.phase), (Task::Drill, Phase::Failed));
+    assert_eq!((h.job.task(), h.job.phase), (Task::Drill, Phase::Failed));
     assert_eq!(h.job.error.as_deref(), Some("the drill could not start: db_password_secret is required"));
     assert_eq!(h.job.attempts, 0, "nothing was exported");
 }

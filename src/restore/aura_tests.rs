@@ -854,7 +854,7 @@ fn running_without_restoring_is_taken_as_done_only_after_the_restoring_wait_and_
         if h.job.phase == Phase::Restoring && h.now.since(start) < std::time::Duration::from_secs(35) {
             assert!(h.job.next_step_at.is_some(), "still waiting for restoring");
         }
-        if matches!(h.job.restore, Some(RestoreState::Aura(ref a)) if a.step == aura::Step::Done) {
+        if matches!(h.job.restore_state(), Some(RestoreState::Aura(a)) if a.step == aura::Step::Done) {
             h.wake();
         }
     }
@@ -1018,7 +1018,7 @@ fn a_scratch_drill_woken_after_a_lost_create_answer_finds_the_instance_by_name_d
     h.answer(200, json!({"data": []}));
     expect_create(&mut h);
     until_running(&mut h);
-    let note = serde_json::to_string(&h.job.restore).unwrap();
+    let note = serde_json::to_string(&h.job.restore_state()).unwrap();
     assert!(note.contains("found 0dd0dd00 by its name"), "{note}");
 }
 

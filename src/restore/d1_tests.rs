@@ -189,7 +189,7 @@ impl Harness {
     }
 
     fn replace(&self) -> bool {
-        matches!(self.job.restore.as_ref(), Some(RestoreState::D1(s)) if s.replace)
+        matches!(self.job.restore_state(), Some(RestoreState::D1(s)) if s.replace)
     }
 
     /// The upload's answer, with this `ETag`.
@@ -199,7 +199,7 @@ impl Harness {
     }
 
     fn state(&self) -> &d1::D1Restore {
-        let Some(RestoreState::D1(state)) = self.job.restore.as_ref() else { panic!("a D1 restore") };
+        let Some(RestoreState::D1(state)) = self.job.restore_state() else { panic!("a D1 restore") };
         state
     }
 }
@@ -341,7 +341,7 @@ fn a_refused_bookmark_with_a_target_falls_back_to_importing_into_it() {
     h.import("db-2");
     assert_eq!(h.wake(), Action::Done);
     assert_eq!(h.job.phase, Phase::Restored);
-    let Some(RestoreState::D1(state)) = h.job.restore.as_ref() else { panic!("a D1 restore") };
+    let Some(RestoreState::D1(state)) = h.job.restore_state() else { panic!("a D1 restore") };
     assert!(state.notes[0].contains("expired"));
 }
 

@@ -107,7 +107,7 @@ impl Harness {
     }
 
     fn uploads_sent(&self) -> Option<Timestamp> {
-        match &self.job.restore {
+        match self.job.restore_state() {
             Some(RestoreState::Dxp(s)) => s.last_upload_at,
             _ => None,
         }

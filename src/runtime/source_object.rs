@@ -672,7 +672,7 @@ impl SourceObject {
         let mut folders = Vec::new();
         for id in ledger.current.iter().chain(ledger.queue.iter()) {
             if let Ok(Some(job)) = self.load_job(id).await {
-                if let Some(replica) = &job.replica {
+                if let Some(replica) = job.replica() {
                     folders.push(replica.folder());
                 }
             }
@@ -828,7 +828,7 @@ impl SourceObject {
             self.forget_part_records(&failed.id).await;
             if let Action::Discard { folder, upload } = action {
                 // A replicate job's folder is in its replica bucket: the primary's is a backup.
-                let binding = failed.replica.as_ref().map_or(BUCKET, |r| r.binding.as_str());
+                let binding = failed.replica().map_or(BUCKET, |r| r.binding.as_str());
                 match self.env.bucket(binding) {
                     Ok(bucket) => {
                         if let Err(e) = store::discard(&bucket, &self.storage(), &failed.id, &folder, upload).await {
@@ -851,7 +851,7 @@ impl SourceObject {
         let creds = credentials(&self.env, &source.secret_names());
         let primary = self.env.bucket(BUCKET)?;
         // Where the job writes: the primary bucket, or a replicate job's replica bucket.
-        let bucket = match &job.replica {
+        let bucket = match job.replica() {
             None => self.env.bucket(BUCKET)?,
             Some(replica) => match self.env.bucket(&replica.binding) {
                 Ok(b) => b,
@@ -894,7 +894,7 @@ impl SourceObject {
                 }
                 // Fresh: a tick may have recorded missed fire times while this job ran.
                 ledger = self.load_ledger().await?;
-                let replica = follow_up.map(|next| next.id);
+                let replica = follow_up.map(|next| next.head.id);
                 let evicted = ledger.close(&mut job, replica.as_ref());
                 self.save(&job, Some(&ledger)).await?;
                 if !evicted.is_empty() {
@@ -926,7 +926,8 @@ impl SourceObject {
             event = match action {
                 Action::Send(req) => {
                     // A poll of a running export goes first: D1 cancels an export left unpolled.
-                    let polling = job.phase == Phase::Exporting && job.provider.max_poll_gap().is_some();
+                    let polling =
+                        job.phase == Phase::Exporting && job.provider().is_some_and(|p| p.max_poll_gap().is_some());
                     let need = if polling { crate::budget::Need::Poll } else { crate::budget::Need::Start };
                     super::budget::send(&self.env, &source, &creds, need, &req).await
                 }
@@ -943,7 +944,8 @@ impl SourceObject {
                         None => {
                             // A call inside the slice never answered. Go on from what the slice
                             // persisted; the job's watchdog counts it like any failed slice.
-                            let persisted = self.load_job(&id).await?.and_then(|j| j.copy).unwrap_or(ordered);
+                            let persisted =
+                                self.load_job(&id).await?.and_then(|j| j.copy().cloned()).unwrap_or(ordered);
                             let message =
                                 format!("a slice did not finish within {} s; it was given up", limit.get().as_secs());
                             Event::Sliced {

@@ -164,12 +164,17 @@ impl<'a> Sink<'a> {
     /// Writes the pending part records, and the job with the copy's state when `with_job`.
     async fn write_progress(&mut self, with_job: bool) -> Result<(), StepError> {
         let placeholder = CopyState::new(String::new(), self.state.file, self.state.started_at);
+        let Some(copying) = self.job.copying_mut() else {
+            return Err(StepError::permanent("only an export or a replicate job copies files"));
+        };
         let state = std::mem::replace(&mut self.state, placeholder);
-        let ordered = self.job.copy.replace(state);
+        let ordered = copying.copy.replace(state);
         self.json.clear();
         let written = serde_json::to_writer(&mut self.json, &*self.job);
-        if let Some(state) = std::mem::replace(&mut self.job.copy, ordered) {
-            self.state = state;
+        if let Some(copying) = self.job.copying_mut() {
+            if let Some(state) = std::mem::replace(&mut copying.copy, ordered) {
+                self.state = state;
+            }
         }
         written.map_err(|e| StepError::permanent(e.to_string()))?;
         let text = std::str::from_utf8(&self.json).map_err(|e| StepError::permanent(e.to_string()))?;
@@ -285,7 +290,7 @@ impl<'a> Sink<'a> {
             upload_id: id.clone(),
             job_id: self.job.id.to_string(),
             created_at: super::now(),
-            bucket: self.job.replica.as_ref().map(|r| r.binding.clone()),
+            bucket: self.job.replica().map(|r| r.binding.clone()),
         });
         self.persist().await?;
         Ok(id)
