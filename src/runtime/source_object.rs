@@ -1092,17 +1092,11 @@ impl SourceObject {
         }
         match crate::ledger::retention_after(&job, &source) {
             Some(RetentionAfterEnd::Defer) => self.defer_retention().await,
-            Some(RetentionAfterEnd::ReplicaPass) => {
-                if self.replica_retention_pass(&source, &bucket, &primary).await {
-                    self.defer_retention().await;
-                }
+            Some(RetentionAfterEnd::ReplicaPass) if self.replica_retention_pass(&source, &bucket, &primary).await => {
+                self.defer_retention().await
             }
-            Some(RetentionAfterEnd::DailyIfDue) => {
-                if self.daily_pass_pending().await? {
-                    self.defer_retention().await;
-                }
-            }
-            None => {}
+            Some(RetentionAfterEnd::DailyIfDue) if self.daily_pass_pending().await? => self.defer_retention().await,
+            Some(RetentionAfterEnd::ReplicaPass | RetentionAfterEnd::DailyIfDue) | None => {}
         }
         // Fresh again: triggers and ticks may have written the ledger during the clean-up's I/O.
         let mut ledger = self.load_ledger().await?;
