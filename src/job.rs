@@ -427,7 +427,50 @@ pub enum Action {
     Done,
 }
 
-/// Where the bytes of a copy come from.
+/// Steps taken back to back in one invocation before the job yields to a fresh alarm.
+pub const MAX_INLINE_STEPS: u32 = 16;
+
+impl Action {
+    /// Whether performing it does I/O that may never return (a request, a slice, an R2 write):
+    /// the runtime arms a watchdog alarm first, so a step cut off mid-way is taken again from
+    /// the persisted job.
+    pub fn may_hang(&self) -> bool {
+        match self {
+            Self::Send(_)
+            | Self::CopySlice(_)
+            | Self::Commit { .. }
+            | Self::CommitReplica { .. }
+            | Self::VerifySlice { .. }
+            | Self::RecordVerification { .. }
+            | Self::Restore(_)
+            | Self::ProbeReplica(_) => true,
+            Self::Discard { .. } | Self::Spawn(_) | Self::Sleep(_) | Self::Done => false,
+        }
+    }
+}
+
+/// What the runtime does with a [`Action::Sleep`] ([`after_sleep`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterSleep {
+    /// Take the next step in this invocation.
+    StepNow,
+    /// Arm the alarm for this time and end the invocation.
+    Alarm(Timestamp),
+}
+
+/// Whether the job's next step, due `at`, runs in this invocation: when it is due, fewer than
+/// [`MAX_INLINE_STEPS`] steps ran (`steps`, this one included) and no slice ran (each slice
+/// gets an invocation's budgets afresh); at once whenever a cancel request waits. Otherwise the
+/// alarm wakes it, never in the past.
+pub fn after_sleep(at: Timestamp, now: Timestamp, steps: u32, sliced: bool, cancel_waiting: bool) -> AfterSleep {
+    if cancel_waiting || (at <= now && steps < MAX_INLINE_STEPS && !sliced) {
+        AfterSleep::StepNow
+    } else {
+        AfterSleep::Alarm(at.max(now))
+    }
+}
+
+/// Where the bytes of a copy come from./// Where the bytes of a copy come from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CopySource {
     /// The body of this GET.
@@ -566,6 +609,24 @@ impl Job {
             }
         }
         manifest::folder(&self.source, self.started_at, &self.id)
+    }
+
+    /// The R2 binding the job writes into: a replicate job's replica bucket, else the primary
+    /// (`None`). A failed job's folder is cleaned there, and only there.
+    pub fn bucket_binding(&self) -> Option<&str> {
+        self.replica().map(|r| r.binding.as_str())
+    }
+
+    /// What the job's next request asks of the API token's budget ([`crate::budget`]): a poll of
+    /// a running export that its provider cancels when left unpolled (D1) may use the whole
+    /// window; anything else leaves room for such polls.
+    pub fn budget_need(&self) -> crate::budget::Need {
+        let polled = self.phase == Phase::Exporting && self.provider().is_some_and(|p| p.max_poll_gap().is_some());
+        if polled {
+            crate::budget::Need::Poll
+        } else {
+            crate::budget::Need::Start
+        }
     }
 
     /// The copy of an export or a replicate job.

@@ -99,6 +99,17 @@ pub enum AlarmAfterEnd {
     Clear,
 }
 
+/// What a source's alarm works on when it fires ([`Ledger::on_alarm`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AlarmWork {
+    /// Start the missed fire time waiting for a free source (its start was lost).
+    CatchUp,
+    /// Take the next step of the job in flight.
+    Job(JobId),
+    /// Nothing in flight: run the daily retention pass if one is due.
+    RetentionIfDue,
+}
+
 /// What retention does after a job ended ([`retention_after`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetentionAfterEnd {
@@ -431,6 +442,37 @@ impl Ledger {
         }
     }
 
+    /// What the source's alarm works on: a catch-up waiting for a free source first, then the
+    /// job in flight, else a retention pass if one is due.
+    pub fn on_alarm(&self) -> AlarmWork {
+        match &self.current {
+            None if !self.missed.is_empty() => AlarmWork::CatchUp,
+            None => AlarmWork::RetentionIfDue,
+            Some(id) => AlarmWork::Job(id.clone()),
+        }
+    }
+
+    /// Closes the book on `job`, which discovered an account's members (`members`) and queued
+    /// one child job each (`children`, whose records the shell stored first): the job is over
+    /// and remembered, its children are named on it and queued, and members the account no
+    /// longer lists stop counting. Returns the jobs evicted from a full queue, as
+    /// [`Ledger::close`] does.
+    pub fn dispatched(&mut self, job: &mut Job, children: &[JobId], members: &[String]) -> Vec<JobId> {
+        job.children = children.to_vec();
+        self.record_finish(&job.id, None);
+        self.remember(job);
+        self.keep_members(members);
+        self.enqueue(children)
+    }
+
+    /// Closes the book on `job`, stopped because its source is no longer configured: the source
+    /// is free, the job remembered, and nothing queued behind it runs.
+    pub fn abandoned(&mut self, job: &Job) {
+        self.record_finish(&job.id, None);
+        self.remember(job);
+        self.queue.clear();
+    }
+
     /// Closes the source's book on `job`, which has ended: the source is free, the job's end is
     /// remembered (history, outcome counts, alerts), and the job that follows it (its replicate
     /// job, whose record the shell stored first) is queued and named among its children. The
@@ -636,6 +678,51 @@ mod tests {
 
     fn at(s: &str) -> Timestamp {
         Timestamp::parse_rfc3339(s).unwrap()
+    }
+
+    #[test]
+    fn the_alarm_starts_a_waiting_catch_up_first_then_the_job_in_flight_else_a_due_retention_pass() {
+        let mut l = Ledger::default();
+        assert_eq!(l.on_alarm(), AlarmWork::RetentionIfDue, "an idle source");
+        l.record_start(&id(1), &webhook("a"), Timestamp::from_secs(0));
+        assert_eq!(l.on_alarm(), AlarmWork::Job(id(1)));
+        let fires = Fires { earliest: Timestamp::from_secs(60), latest: Timestamp::from_secs(60), count: 1 };
+        l.missed.push(Missed { task: Task::Export, fires });
+        assert_eq!(l.on_alarm(), AlarmWork::Job(id(1)), "a missed fire time waits for the job in flight");
+        l.record_finish(&id(1), None);
+        assert_eq!(l.on_alarm(), AlarmWork::CatchUp, "then it starts");
+    }
+
+    #[test]
+    fn a_dispatching_job_ends_with_its_children_named_and_queued_and_unlisted_members_forgotten() {
+        let mut l = Ledger::default();
+        l.remember(&backend_job(7, "gone", Phase::Committed, at("2026-11-28T03:00:00Z")));
+        assert!(l.members.contains_key("gone"));
+        let mut parent = Job::new(id(1), &d1_source(60), Trigger::Cron, None, None, at("2026-11-29T03:00:00Z"));
+        l.record_start(&id(1), &cron(60), at("2026-11-29T03:00:00Z"));
+        parent.phase = Phase::Dispatched;
+        parent.finished_at = Some(at("2026-11-29T03:00:05Z"));
+        let evicted = l.dispatched(&mut parent, &[id(2), id(3)], &["alpha".to_string()]);
+        assert!(evicted.is_empty());
+        assert_eq!(parent.children, vec![id(2), id(3)], "the parent names its children");
+        assert_eq!(l.current, None, "the source is free for the first child");
+        assert_eq!(l.queue, vec![id(2), id(3)]);
+        assert_eq!(l.history.last().map(|h| (h.id.clone(), h.phase)), Some((id(1), Phase::Dispatched)));
+        assert!(!l.members.contains_key("gone"), "a member the account no longer lists stops counting");
+        assert_eq!(l.start_next(), Some(id(2)));
+    }
+
+    #[test]
+    fn a_job_abandoned_with_its_source_frees_the_source_and_runs_nothing_queued_behind_it() {
+        let mut l = Ledger::default();
+        l.record_start(&id(1), &webhook("a"), Timestamp::from_secs(0));
+        l.enqueue(&[id(2)]);
+        let mut job = finished(id(1), Phase::Failed, at("2026-11-28T09:00:00Z"));
+        job.error = Some("source \"app-db\" is no longer configured".into());
+        l.abandoned(&job);
+        assert_eq!((l.current.clone(), l.queue.clone()), (None, vec![]));
+        assert_eq!(l.history.last().map(|h| h.id.clone()), Some(id(1)), "its end is remembered");
+        assert_eq!(l.start_next(), None);
     }
 
     fn d1_source(max_age_minutes: u64) -> SourceConfig {

@@ -1168,3 +1168,40 @@ fn a_jobs_record_stays_small_whatever_the_part_count() {
     assert!(replica_many <= replica_one + 8, "the replica's record grew: {replica_one} -> {replica_many} bytes");
     assert!(export_many < 8 * 1024 && replica_many < 8 * 1024, "{export_many} and {replica_many} bytes");
 }
+
+#[test]
+fn the_next_step_runs_in_this_invocation_only_when_due_within_the_step_cap_and_after_no_slice() {
+    let now = t0();
+    let later = now.plus(Duration::from_secs(5));
+    assert_eq!(after_sleep(now, now, 1, false, false), AfterSleep::StepNow);
+    assert_eq!(after_sleep(later, now, 1, false, false), AfterSleep::Alarm(later), "not due yet");
+    assert_eq!(after_sleep(now, now, MAX_INLINE_STEPS, false, false), AfterSleep::Alarm(now), "the step cap");
+    assert_eq!(after_sleep(now, now, 1, true, false), AfterSleep::Alarm(now), "a slice had this invocation");
+    assert_eq!(after_sleep(later, now, MAX_INLINE_STEPS, true, true), AfterSleep::StepNow, "a cancel waits");
+    let past = Timestamp::from_secs(0);
+    assert_eq!(after_sleep(past, now, 99, false, false), AfterSleep::Alarm(now), "never an alarm in the past");
+}
+
+#[test]
+fn every_action_with_io_arms_the_watchdog_and_no_other() {
+    let mut h = Harness::d1();
+    let send = h.wake_when_due();
+    assert!(matches!(send, Action::Send(_)) && send.may_hang());
+    assert!(!Action::Sleep(t0()).may_hang() && !Action::Done.may_hang());
+    assert!(!Action::Discard { folder: "f/".into(), upload: None }.may_hang(), "the clean-up has its own timeout");
+    let order = to_copy(&mut Harness::d1());
+    assert!(Action::CopySlice(Box::new(order)).may_hang());
+}
+
+#[test]
+fn a_polled_d1_export_asks_the_budget_for_a_poll_and_everything_else_for_a_start() {
+    let mut h = Harness::d1();
+    assert_eq!(h.job.budget_need(), crate::budget::Need::Start, "queued");
+    let _ = h.wake_when_due();
+    let _ = h.feed(Event::Response(d1_active()));
+    assert_eq!(h.job.phase, Phase::Exporting);
+    assert_eq!(h.job.budget_need(), crate::budget::Need::Poll, "the export runs: its polls come first");
+    let verify = verify_job(None).job;
+    assert_eq!(verify.budget_need(), crate::budget::Need::Start);
+    assert_eq!(h.job.bucket_binding(), None, "an export writes into the primary bucket");
+}

@@ -21,8 +21,8 @@ use super::{credentials, jitter, load_config, now, random_bytes, store, transfer
 use crate::config::SourceConfig;
 use crate::error::StepError;
 use crate::identity::{JobId, Task, Trigger};
-use crate::job::{Action, Context, Event, Job, Phase, SliceOutcome};
-use crate::ledger::{Admission, AlarmAfterEnd, Ledger, RetentionAfterEnd, TickOutcome, TriggerRequest};
+use crate::job::{after_sleep, Action, AfterSleep, Context, Event, Job, SliceOutcome};
+use crate::ledger::{Admission, AlarmAfterEnd, AlarmWork, Ledger, RetentionAfterEnd, TickOutcome, TriggerRequest};
 use crate::status::SourceReport;
 use crate::sweep::{SourceRecords, LEFTOVER_PREFIX, UPLOAD_PREFIX};
 use crate::time::Timestamp;
@@ -38,8 +38,6 @@ const RETENTION_DONE: &str = "retention_done";
 const RETENTION_MORE: &str = "retention_more";
 /// How long one retention pass (listing, reading manifests, deleting) may take.
 const RETENTION_TIMEOUT: Duration = Duration::from_secs(300);
-/// Steps run back to back in one alarm before yielding to a fresh alarm.
-const MAX_INLINE_STEPS: u32 = 16;
 /// A safety alarm armed before every step and kept armed while it runs: if the isolate dies
 /// mid-step, the job resumes this soon after the object comes back.
 const WATCHDOG: Duration = Duration::from_secs(15);
@@ -782,22 +780,23 @@ impl SourceObject {
     /// Runs the job in flight until it sleeps or ends.
     async fn run(&self) -> worker::Result<()> {
         let mut ledger = self.load_ledger().await?;
-        if ledger.current.is_none() && !ledger.missed.is_empty() {
-            // A catch-up is waiting for a free source (its start was lost): start it now.
-            if let Some(name) = self.source_name().await? {
-                if let Ok(source) = self.source_config(&name) {
+        let id = match ledger.on_alarm() {
+            AlarmWork::Job(id) => id,
+            AlarmWork::CatchUp => {
+                // A catch-up is waiting for a free source (its start was lost): start it now.
+                if let Some(source) = self.source_name().await?.and_then(|name| self.source_config(&name).ok()) {
                     self.start_catch_up(&mut ledger, &source).await?;
                 }
+                return Ok(());
             }
-            return Ok(());
-        }
-        let Some(id) = ledger.current.clone() else {
-            if self.daily_pass_pending().await? {
-                if let Some(source) = self.source_name().await?.and_then(|name| self.source_config(&name).ok()) {
-                    self.retention_pass(&source, "daily pass", true).await;
+            AlarmWork::RetentionIfDue => {
+                if self.daily_pass_pending().await? {
+                    if let Some(source) = self.source_name().await?.and_then(|name| self.source_config(&name).ok()) {
+                        self.retention_pass(&source, "daily pass", true).await;
+                    }
                 }
+                return Ok(());
             }
-            return Ok(());
         };
         let Some(mut job) = self.load_job(&id).await? else {
             console_error!("job {id} has no record; releasing the source");
@@ -821,14 +820,12 @@ impl SourceObject {
                  unfinished files removed"
             );
             let (failed, action) = job.abandon(reason, now());
-            ledger.record_finish(&failed.id, None);
-            ledger.remember(&failed);
-            ledger.queue.clear();
+            ledger.abandoned(&failed);
             self.save(&failed, Some(&ledger)).await?;
             self.forget_part_records(&failed.id).await;
             if let Action::Discard { folder, upload } = action {
                 // A replicate job's folder is in its replica bucket: the primary's is a backup.
-                let binding = failed.replica().map_or(BUCKET, |r| r.binding.as_str());
+                let binding = failed.bucket_binding().unwrap_or(BUCKET);
                 match self.env.bucket(binding) {
                     Ok(bucket) => {
                         if let Err(e) = store::discard(&bucket, &self.storage(), &failed.id, &folder, upload).await {
@@ -851,15 +848,14 @@ impl SourceObject {
         let creds = credentials(&self.env, &source.secret_names());
         let primary = self.env.bucket(BUCKET)?;
         // Where the job writes: the primary bucket, or a replicate job's replica bucket.
-        let bucket = match job.replica() {
+        let bucket = match job.bucket_binding() {
             None => self.env.bucket(BUCKET)?,
-            Some(replica) => match self.env.bucket(&replica.binding) {
+            Some(binding) => match self.env.bucket(binding) {
                 Ok(b) => b,
                 Err(e) => {
                     let reason = format!(
-                        "no R2 bucket is bound as {} (the source's replica.bucket_binding): {e}; declare it in \
-                         wrangler.toml's [[r2_buckets]]",
-                        replica.binding
+                        "no R2 bucket is bound as {binding} (the source's replica.bucket_binding): {e}; declare it \
+                         in wrangler.toml's [[r2_buckets]]"
                     );
                     return self.stop_unrunnable(job, reason).await;
                 }
@@ -910,27 +906,11 @@ impl SourceObject {
             } else {
                 self.save(&job, None).await?;
             }
-            if matches!(
-                action,
-                Action::Send(_)
-                    | Action::CopySlice(_)
-                    | Action::Commit { .. }
-                    | Action::CommitReplica { .. }
-                    | Action::VerifySlice { .. }
-                    | Action::RecordVerification { .. }
-                    | Action::Restore(_)
-                    | Action::ProbeReplica(_)
-            ) {
+            if action.may_hang() {
                 self.storage().set_alarm(now.plus(WATCHDOG).to_datetime()).await?;
             }
             event = match action {
-                Action::Send(req) => {
-                    // A poll of a running export goes first: D1 cancels an export left unpolled.
-                    let polling =
-                        job.phase == Phase::Exporting && job.provider().is_some_and(|p| p.max_poll_gap().is_some());
-                    let need = if polling { crate::budget::Need::Poll } else { crate::budget::Need::Start };
-                    super::budget::send(&self.env, &source, &creds, need, &req).await
-                }
+                Action::Send(req) => super::budget::send(&self.env, &source, &creds, job.budget_need(), &req).await,
                 Action::CopySlice(order) => {
                     // One slice per invocation: each gets the platform's budgets afresh.
                     sliced = true;
@@ -1055,12 +1035,8 @@ impl SourceObject {
                     }
                     // The children exist before the parent is recorded as over; a crash in
                     // between re-runs the discovery instead of losing the backends.
-                    job.children = ids.clone();
                     ledger = self.load_ledger().await?;
-                    ledger.record_finish(&job.id, None);
-                    ledger.remember(&job);
-                    ledger.keep_members(&members);
-                    let evicted = ledger.enqueue(&ids);
+                    let evicted = ledger.dispatched(&mut job, &ids, &members);
                     self.save(&job, Some(&ledger)).await?;
                     if !evicted.is_empty() {
                         store::delete_keys(&self.storage(), evicted.iter().map(job_key).collect()).await?;
@@ -1079,12 +1055,13 @@ impl SourceObject {
                 }
                 Action::Sleep(at) => {
                     steps += 1;
-                    let cancelled = job.cancelled.is_none() && self.pending_cancel(&job.id).await?.is_some();
-                    if (at <= now && steps < MAX_INLINE_STEPS && !sliced) || cancelled {
-                        Event::Wake
-                    } else {
-                        self.storage().set_alarm(at.max(now).to_datetime()).await?;
-                        return Ok(());
+                    let cancel_waiting = job.cancelled.is_none() && self.pending_cancel(&job.id).await?.is_some();
+                    match after_sleep(at, now, steps, sliced, cancel_waiting) {
+                        AfterSleep::StepNow => Event::Wake,
+                        AfterSleep::Alarm(at) => {
+                            self.storage().set_alarm(at.to_datetime()).await?;
+                            return Ok(());
+                        }
                     }
                 }
                 Action::Done => break,
