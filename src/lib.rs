@@ -16,8 +16,9 @@
 //! - [`webhook`]: Standard Webhooks signature verification for on-demand exports, and signing.
 //! - [`alerts`]: `FERRY_ALERTS` destinations, the events a job's end or a tick raises, the signed
 //!   webhook and Slack payloads, and the retry decision and record of each delivery attempt.
-//! - [`job`]: the job engine, `(job, event, context) → (job, action)`; it sits above the tasks it
-//!   runs (verify, replicate, restore) and the providers.
+//! - [`job`]: the job engine, `(job, event, context) → (job, action)`: an envelope every job
+//!   shares and one state machine per task (export, verify, replicate, restore and drill), each in
+//!   its own module; it sits above what the tasks use (providers, verify, replica, restore).
 //! - [`ledger`]: a source's bookkeeping: single flight, webhook replay, cron idempotency.
 //! - [`budget`]: the Cloudflare API's request budget per API token: grant, or wait until when.
 //! - [`providers`]: one module per provider protocol (`providers::d1`), behind one small enum.
