@@ -1,12 +1,22 @@
 //! Sliced, resumable copies: the pure half of the transfer engine.
 //!
 //! One artifact is copied in *slices*, each well inside one invocation's budgets (bytes and wall
-//! clock, see [`TransferSettings`]). After every part the runtime persists a [`CopyState`]: the
-//! multipart upload id, the parts stored so far (number, etag, size, SHA-256), the byte offset,
-//! the serialized SHA-256 state of the whole artifact up to that offset, and the source's
-//! validators. The next slice asks for `Range: bytes=<offset>-` with `If-Range`, and
-//! [`CopyState::check_response`] decides whether the answer continues the copy or restarts it
-//! from zero (a `200`, a changed validator, a range that does not start at the offset).
+//! clock, see [`TransferSettings`]). A copy's [`CopyState`] holds the multipart upload id, the
+//! parts stored so far (their records, number, etag, size, SHA-256, kept apart), the byte
+//! offset, the serialized SHA-256 state of the whole artifact up to that offset, the source's
+//! validators and, for a generated file, the page cursor and the parked tail. A download's next
+//! slice asks for `Range: bytes=<offset>-` with `If-Range`, and [`CopyState::check_response`]
+//! decides whether the answer continues the copy or restarts it from zero (a `200`, a changed
+//! validator, a range that does not start at the offset).
+//!
+//! One rule says when that state is saved: exactly at the copy's *resume points*, the moments
+//! where offset, hash state, parts and (for a generated file) cursor and tail all agree, so a
+//! slice cut off anywhere resumes from the last state saved. Which moments those are is a
+//! property of the source ([`ResumePoints`], read off the order by `crate::resume`): every
+//! settled part of a download or a replica, only a slice's end for a generated file. [`ResumePoints::save_at`] answers, for each [`Moment`] the
+//! runtime reaches (upload created, part settled, restart, slice paused, file finished, slice
+//! failed), what it writes ([`Save`]), and [`ResumePoints::after_failure`] where a failed slice
+//! leaves the copy. The runtime only executes those answers.
 //!
 //! Each byte is written once, straight to its final key; the whole-file SHA-256 (as `sha256sum`
 //! prints it) and the per-part hashes go into the manifest, which stays the commit marker.
@@ -685,6 +695,104 @@ impl CopyState {
     }
 }
 
+/// When a copy saves its state, as one rule: exactly at its *resume points*, the moments where
+/// the offset, the hash state, the stored parts and (for a generated file) the cursor and the
+/// parked tail all agree, so a slice cut off anywhere resumes from the last state saved. Which
+/// moments are resume points is a property of the copy's source: how its bytes are read, from
+/// an offset or from a page cursor (`crate::resume::resume_points` reads it off the order's
+/// `CopySource`). The runtime asks [`ResumePoints::save_at`] what to write at each [`Moment`] it
+/// reaches, and [`ResumePoints::after_failure`] where a failed slice leaves the copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumePoints {
+    /// A download or a replica: the bytes are read from an offset, so every settled part is a
+    /// resume point (the offset and the hash state move with the parts).
+    EveryPart,
+    /// A generated file (the Aura graph export, D1's query artifact): it goes on from a page
+    /// cursor, which agrees with the stored parts only at the end of a slice, once the bytes that
+    /// do not fill a part are parked in the tail object (`<key>.tail-<slice>`).
+    SliceEnd,
+}
+
+/// A moment of a slice at which the runtime asks [`ResumePoints::save_at`] what to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moment {
+    /// A multipart upload was just created; no part of it has been sent.
+    UploadCreated,
+    /// R2 confirmed a part and the copy's state counts it.
+    PartSettled,
+    /// The copy went back to byte 0 (its upload aborted).
+    Restarted,
+    /// The slice used its budget: every part sent is settled and, for a generated file, the tail
+    /// is parked and the cursor is in the state.
+    SlicePaused,
+    /// Every byte of the file is in a settled part; the upload is about to be completed from the
+    /// stored part records.
+    FileFinished,
+    /// The slice failed; for a copy that keeps them, the parts R2 confirmed are settled.
+    SliceFailed,
+}
+
+/// What the runtime writes at a [`Moment`], in one write cut by [`progress_batches`]: the
+/// records waiting since the last write (the parts settled, an upload just created) first, then,
+/// at a resume point, the job with the copy's state. The job never goes without the records
+/// before it, so the state it stores never counts a part whose record is not stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Save {
+    /// Nothing now: waiting records stay in memory until the next write.
+    Nothing,
+    /// The waiting records only: the stored state stays at the last resume point. Records past
+    /// its count are leftovers, rewritten under the same keys when those parts are sent again.
+    Records,
+    /// The waiting records, then the job with the copy's state: a new resume point is stored.
+    RecordsAndState,
+}
+
+impl ResumePoints {
+    /// What to write at `moment`: the job with the copy's state exactly when the moment is a
+    /// resume point, the waiting records whenever the runtime needs them stored.
+    pub fn save_at(self, moment: Moment) -> Save {
+        match (self, moment) {
+            // No part is settled into an upload before it exists, so at its creation the state
+            // is the last resume point with the new id: saved before any part is sent, with the
+            // upload's record (the daily sweep aborts what a job leaves open).
+            (_, Moment::UploadCreated) => Save::RecordsAndState,
+            // Byte 0 with no cursor and no tail agrees with every source.
+            (_, Moment::Restarted) => Save::RecordsAndState,
+            (Self::EveryPart, Moment::PartSettled | Moment::FileFinished | Moment::SliceFailed) => {
+                Save::RecordsAndState
+            }
+            // Its last settled part saved it already.
+            (Self::EveryPart, Moment::SlicePaused) => Save::Nothing,
+            // Mid-slice the state counts parts the stored cursor has not produced yet.
+            (Self::SliceEnd, Moment::PartSettled) => Save::Nothing,
+            (Self::SliceEnd, Moment::SlicePaused) => Save::RecordsAndState,
+            // Completing the upload reads the part records back; the cursor still names the
+            // slice's start, so a completion cut off goes on from there.
+            (Self::SliceEnd, Moment::FileFinished) => Save::Records,
+            // Its parts do not agree with the stored cursor: they are sent again.
+            (Self::SliceEnd, Moment::SliceFailed) => Save::Nothing,
+        }
+    }
+
+    /// Whether a failed slice first waits for its parts in flight, so that each one R2 confirms
+    /// is kept (a download's or a replica's resume point); a generated file's would be sent
+    /// again anyway.
+    pub fn settles_parts_after_failure(self) -> bool {
+        self == Self::EveryPart
+    }
+
+    /// The state a failed slice leaves, where the next slice goes on: `now` (every part R2
+    /// confirmed) for a copy saved at every part; for a generated file the state the slice
+    /// started with, keeping the upload (saved when it was created), whose same part numbers
+    /// are simply sent again.
+    pub fn after_failure(self, at_start: CopyState, now: CopyState) -> CopyState {
+        match self {
+            Self::EveryPart => now,
+            Self::SliceEnd => CopyState { upload_id: now.upload_id, ..at_start },
+        }
+    }
+}
+
 /// Whether a refused download of a *signed* URL may mean the URL expired (or was revoked):
 /// object stores answer `403` (S3: `AccessDenied`, "Request has expired"; R2 the same), D1's
 /// expired URLs may answer `404`, some stores `400` with an expiry message. A URL that needs the
@@ -847,6 +955,9 @@ impl Digests {
         self.tally.as_ref().map(crate::dump::Tally::finish)
     }
 }
+
+#[cfg(test)]
+mod resume_tests;
 
 #[cfg(test)]
 mod tests {

@@ -6,15 +6,21 @@
 //! `Uint8Array`, so a read never crosses a part boundary; each read is copied once into the copy's
 //! own wasm buffer and hashed in the same synchronous call (`crate::transfer::Digests`: no other
 //! copy in the isolate can touch those bytes, nothing runs between the copy and the hash), and the part goes to R2 and to Web Crypto (its own
-//! SHA-256, native code) without ever being copied back out of wasm. After every part
-//! the copy's state is persisted with the job, so a slice cut off anywhere resumes at the last
-//! stored part. The slice stops at a part boundary when its byte or time budget is used (or the
-//! runtime says the CPU budget is nearly spent); the next alarm runs the next slice.
+//! SHA-256, native code) without ever being copied back out of wasm. The slice stops at a part
+//! boundary when its byte or time budget is used (or the runtime says the CPU budget is nearly
+//! spent); the next alarm runs the next slice.
 //!
 //! The Aura graph export and D1's query artifact are generated, not downloaded: each slice reads
-//! pages from the persisted cursor (a graph slice ends one gzip member). Bytes that do not fill a
-//! part are parked in a small R2 object (`<key>.tail-<slice>`) and read back by the next slice;
-//! its state is persisted only at the end of the slice, so parts, cursor and tail always agree.
+//! pages from the saved cursor (a graph slice ends one gzip member). Bytes that do not fill a
+//! part are parked in a small R2 object (`<key>.tail-<slice>`) and read back by the next slice.
+//!
+//! When the copy's state is saved is one rule of the core (`crate::transfer::ResumePoints`): at
+//! the copy's resume points only, where parts, offset, hash state and (for a generated file)
+//! cursor and tail agree: every settled part of a download or a replica, a slice's end for a
+//! generated file. This shell has no rule of its own: at each moment it reaches (upload created,
+//! part settled, restart, slice paused, file finished, slice failed) it asks
+//! `ResumePoints::save_at` what to write and writes it ([`Sink::save_at`]), and a failed slice
+//! leaves the state `ResumePoints::after_failure` gives.
 
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
@@ -32,7 +38,9 @@ use crate::http::{status_error, HttpRequest, HttpResponse};
 use crate::job::{CopySource, Event, Job, SliceOrder, SliceOutcome};
 use crate::manifest::Artifact;
 use crate::sweep::{Leftover, OpenUpload};
-use crate::transfer::{load_hasher, CopyState, Digests, Generator, PartRecord, Resume, TransferSettings};
+use crate::transfer::{
+    load_hasher, CopyState, Digests, Generator, Moment, PartRecord, Resume, ResumePoints, Save, TransferSettings,
+};
 
 /// Bytes hashed between two yields to the event loop, so status requests are answered mid-copy.
 const YIELD_EVERY: u64 = 4 << 20;
@@ -107,7 +115,7 @@ struct InFlight {
 }
 
 /// Where a slice's bytes go: the whole-file hash, the part being filled, the parts in flight, and
-/// the copy's state (persisted with the job).
+/// the copy's state (saved with the job at its resume points).
 struct Sink<'a> {
     bucket: &'a Bucket,
     storage: &'a Storage,
@@ -123,15 +131,15 @@ struct Sink<'a> {
     part: Uint8Array,
     filled: usize,
     inflight: VecDeque<InFlight>,
-    /// The job's JSON, rewritten in place at every persist.
+    /// The job's JSON, rewritten in place at every write.
     json: Vec<u8>,
-    /// Records of parts settled since the last persist.
+    /// Records of parts settled since the last write.
     pending_parts: Vec<PartRecord>,
-    /// The record of a multipart upload just created, written with the next persist (which
-    /// comes before any part is sent).
+    /// The record of a multipart upload just created, written with the next write (the core
+    /// saves at the upload's creation, before any part is sent).
     pending_upload: Option<OpenUpload>,
-    /// Downloads persist after every part; the graph export only at the end of a slice.
-    persist_each_part: bool,
+    /// When the copy's state is saved: the core's rule for this copy's source.
+    points: ResumePoints,
     /// Bytes taken in this slice.
     pushed: u64,
     started_ms: f64,
@@ -150,18 +158,24 @@ impl<'a> Sink<'a> {
         self.settings.slice_done(self.pushed, elapsed) || worker::signal::is_near_cpu_limit()
     }
 
-    /// Saves the job with the copy's current state. The job in memory keeps the state the slice
-    /// was ordered with; the state machine gets the new one in the `Sliced` event.
+    /// Writes what the core's rule says the copy saves at `moment`: nothing, the pending
+    /// records, or the pending records then the job with the copy's state (a resume point).
+    async fn save_at(&mut self, moment: Moment) -> Result<(), StepError> {
+        match self.points.save_at(moment) {
+            Save::Nothing => Ok(()),
+            Save::Records => self.write_progress(false).await,
+            Save::RecordsAndState => self.write_progress(true).await,
+        }
+    }
+
+    /// Writes the pending records (parts settled, an upload just created), and the job with the
+    /// copy's current state when `with_job`. The job in memory keeps the state the slice was
+    /// ordered with; the state machine gets the new one in the `Sliced` event.
     ///
     /// The state is moved into the job for serialization (not cloned) and the JSON is written
     /// into one reused buffer: the record grows with every part, and wasm memory must not.
-    /// The records of parts settled since the last persist go in the same write, each under its
-    /// own key, so the job's record stays small however many parts there are.
-    async fn persist(&mut self) -> Result<(), StepError> {
-        self.write_progress(true).await
-    }
-
-    /// Writes the pending part records, and the job with the copy's state when `with_job`.
+    /// The records go in the same write, each under its own key, before the job, so the job's
+    /// record stays small however many parts there are.
     async fn write_progress(&mut self, with_job: bool) -> Result<(), StepError> {
         let placeholder = CopyState::new(String::new(), self.state.file, self.state.started_at);
         let Some(copying) = self.job.copying_mut() else {
@@ -187,7 +201,8 @@ impl<'a> Sink<'a> {
             records.push(store::upload_entry(upload).map_err(StepError::permanent)?);
         }
         let job = with_job.then(|| (store::job_key(&self.job.id), text.to_string()));
-        // A graph slice settles all its parts at its end: more records than one call may take.
+        // A copy saved at its slice's end writes all of the slice's records: more than one call
+        // may take.
         let batches = crate::transfer::progress_batches(records, job);
         store::put_batches(self.storage, batches).await.map_err(|e| r2_err("saving the copy's progress", e))?;
         self.pending_parts.clear();
@@ -200,8 +215,9 @@ impl<'a> Sink<'a> {
         let prefix = self.state.part_prefix(self.job.id.as_str());
         let entries =
             store::list_texts(self.storage, &prefix).await.map_err(|e| r2_err("reading the part records", e))?;
-        // Records past the stored count are leftovers of a slice whose state was not kept (a
-        // failed graph slice); the parts that count were written again under the same keys.
+        // Records past the stored count are leftovers of a slice whose state was not saved (a
+        // generated file's failed or cut-off slice); the parts that count were written again
+        // under the same keys.
         let records: Vec<PartRecord> = entries
             .iter()
             .take(self.state.parts_stored as usize)
@@ -266,7 +282,7 @@ impl<'a> Sink<'a> {
         HttpMetadata { content_type: Some(self.content_type.clone()), ..HttpMetadata::default() }
     }
 
-    /// The multipart upload, created on first use. Its id is persisted at once, before any part is
+    /// The multipart upload, created on first use. Its id is saved at once, before any part is
     /// sent, both in the copy's state and in the source's list of open uploads (which the daily
     /// sweep reads), so it can always be aborted. R2 cannot list open uploads: only a kill between
     /// the creation and this one write can lose an id, and R2's default lifecycle rule aborts
@@ -292,7 +308,7 @@ impl<'a> Sink<'a> {
             created_at: super::now(),
             bucket: self.job.replica().map(|r| r.binding.clone()),
         });
-        self.persist().await?;
+        self.save_at(Moment::UploadCreated).await?;
         Ok(id)
     }
 
@@ -339,10 +355,7 @@ impl<'a> Sink<'a> {
             self.state.tally = part.tally_after;
         }
         self.pending_parts.push(record);
-        if self.persist_each_part {
-            self.persist().await?;
-        }
-        Ok(())
+        self.save_at(Moment::PartSettled).await
     }
 
     async fn settle_all(&mut self) -> Result<(), StepError> {
@@ -352,7 +365,7 @@ impl<'a> Sink<'a> {
         Ok(())
     }
 
-    /// Goes back to byte 0: aborts the upload, resets the hash, persists. Fails for good when the
+    /// Goes back to byte 0: aborts the upload, resets the hash, saves. Fails for good when the
     /// source made the copy restart too often.
     async fn restart(&mut self, reason: String) -> Result<(), StepError> {
         self.inflight.clear();
@@ -368,7 +381,7 @@ impl<'a> Sink<'a> {
         }
         self.digests.reset();
         worker::console_log!("job {}: {}: restarting from byte 0: {reason}", self.job.id, self.filename);
-        self.persist().await?;
+        self.save_at(Moment::Restarted).await?;
         if self.state.restarts > self.settings.max_restarts {
             return Err(StepError::permanent(format!(
                 "the copy of {} had to restart from zero more than {} times; last: {reason}",
@@ -414,9 +427,9 @@ impl<'a> Sink<'a> {
             self.send_part().await?;
         }
         self.settle_all().await?;
-        // A generated file's state (its cursor) is only ever saved at the end of a slice: here
-        // only its part records are written, so a cut-off completion resumes consistently.
-        self.write_progress(self.persist_each_part).await?;
+        // Completing reads the part records back: they are stored now (a generated file's state
+        // stays at its slice's start, so a completion cut off goes on from there).
+        self.save_at(Moment::FileFinished).await?;
         let Some(id) = self.state.upload_id.clone() else {
             return Err(StepError::permanent("the multipart upload vanished"));
         };
@@ -501,7 +514,7 @@ pub(crate) async fn run_slice(
         }
     };
     let at_start = state.clone();
-    let graph = matches!(source, CopySource::Graph(_) | CopySource::D1Query(_));
+    let points = crate::resume::resume_points(&source);
     let mut sink = Sink {
         bucket,
         storage,
@@ -517,7 +530,7 @@ pub(crate) async fn run_slice(
         json: Vec::new(),
         pending_parts: Vec::new(),
         pending_upload: None,
-        persist_each_part: !graph,
+        points,
         pushed: 0,
         started_ms: js_sys::Date::now(),
         limit,
@@ -536,24 +549,20 @@ pub(crate) async fn run_slice(
     };
     let outcome = match result {
         Ok(outcome) => outcome,
-        Err(e) if graph => {
-            // Parts stored in a failed graph slice do not match the persisted cursor: go on from
-            // the slice's start (the same part numbers are simply uploaded again).
-            let upload_id = sink.state.upload_id.clone();
-            sink.state = CopyState { upload_id, ..at_start };
-            return Event::Sliced { state: sink.state, outcome: SliceOutcome::Failed(e) };
-        }
         Err(e) => {
-            // Keep every part R2 confirmed, so the retry resumes after them.
-            while let Some(part) = sink.inflight.front() {
-                let number = part.number;
-                if sink.settle_one().await.is_err() {
-                    worker::console_log!("part {number} did not complete; the retry uploads it again");
-                    break;
+            if points.settles_parts_after_failure() {
+                // Keep every part R2 confirmed, so the retry resumes after them.
+                while let Some(part) = sink.inflight.front() {
+                    let number = part.number;
+                    if sink.settle_one().await.is_err() {
+                        worker::console_log!("part {number} did not complete; the retry uploads it again");
+                        break;
+                    }
                 }
             }
             sink.inflight.clear();
-            let _ = sink.persist().await;
+            let _ = sink.save_at(Moment::SliceFailed).await;
+            sink.state = points.after_failure(at_start, sink.state);
             SliceOutcome::Failed(e)
         }
     };
@@ -766,6 +775,7 @@ async fn pump(
             if may_stop && !done && sink.budget_used() {
                 reader.cancel();
                 sink.settle_all().await?;
+                sink.save_at(Moment::SlicePaused).await?;
                 return Ok(SliceOutcome::Paused);
             }
         }
@@ -872,7 +882,7 @@ async fn generated_slice(sink: &mut Sink<'_>, mut writer: Box<dyn Generator>) ->
     sink.state.cursor = saved.cursor;
     sink.state.warnings = saved.warnings;
     sink.state.stalled = 0;
-    sink.persist().await?;
+    sink.save_at(Moment::SlicePaused).await?;
     if let Some((key, _)) = old_tail {
         if sink.state.tail.as_ref().map(|t| &t.0) != Some(&key) {
             drop_tail(sink, key).await;
@@ -955,6 +965,7 @@ async fn r2_slice(sink: &mut Sink<'_>, primary: &Bucket, key: &str, size: u64) -
             // Out of time: what is not in a stored part is read again by the next slice.
             sink.settle_all().await?;
             sink.filled = 0;
+            sink.save_at(Moment::SlicePaused).await?;
             return Ok(SliceOutcome::Paused);
         }
     }
@@ -965,5 +976,6 @@ async fn r2_slice(sink: &mut Sink<'_>, primary: &Bucket, key: &str, size: u64) -
         return sink.finish(None).await.map(SliceOutcome::Finished);
     }
     sink.settle_all().await?;
+    sink.save_at(Moment::SlicePaused).await?;
     Ok(SliceOutcome::Paused)
 }
