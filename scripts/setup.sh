@@ -3,9 +3,22 @@
 # worker-build and the wasm-bindgen CLI at the versions the lockfile pins, the npm tooling
 # (wrangler, esbuild, binaryen), pytest, and for the dashboard's browser test Debian's chromium and
 # Playwright for Python. What is already there at the right version is skipped.
+#
+#   bash scripts/setup.sh          everything: build, demo and tests (scripts/test.sh, CI)
+#   bash scripts/setup.sh --demo   only what scripts/demo.sh needs: the wasm target, worker-build,
+#                                  wasm-bindgen and the npm tooling. The demo's emulators and
+#                                  harness are plain Python (standard library only), so pytest,
+#                                  chromium and Playwright are skipped.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$FERRY_ROOT"
+
+demo_only=false
+case "${1:-}" in
+  "") ;;
+  --demo) demo_only=true ;;
+  *) echo "usage: bash scripts/setup.sh [--demo]" >&2; exit 2 ;;
+esac
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
@@ -44,6 +57,11 @@ if [ ! -x node_modules/.bin/wrangler ] || [ "$(cat node_modules/.ferry-lock-sha2
   cp "$saved_lock" package-lock.json
   rm -f "$saved_lock"
   echo "$lock_sum" > node_modules/.ferry-lock-sha256
+fi
+
+if $demo_only; then
+  say "toolchain ready for the demo (pytest, chromium and Playwright, for tests only, skipped)"
+  exit 0
 fi
 
 if ! python3 -c 'import pytest' 2>/dev/null; then
