@@ -39,7 +39,7 @@ use crate::providers::{Credentials, ProviderState, StepInput};
 use crate::replica::ReplicaManifest;
 use crate::restore::{Io, IoDone};
 use crate::time::Timestamp;
-use crate::transfer::{CopyState, TransferSettings};
+use crate::transfer::{CopyState, ResumePoints, TransferSettings};
 use crate::verify::{Verification, VerifyState};
 
 pub use crate::identity::{JobId, Task, Trigger};
@@ -486,6 +486,19 @@ pub enum CopySource {
         /// Its size as the primary manifest records it.
         size: u64,
     },
+}
+
+impl CopySource {
+    /// The resume points of a copy from this source ([`ResumePoints`]: when its state is saved):
+    /// every settled part for bytes read from an offset (a download, a replica's ranged reads of
+    /// the primary object), only a slice's end for a file Ferry generates page by page from a
+    /// cursor (the Aura graph export, D1's query artifact).
+    pub fn resume_points(&self) -> ResumePoints {
+        match self {
+            Self::Http(_) | Self::R2 { .. } => ResumePoints::EveryPart,
+            Self::Graph(_) | Self::D1Query(_) => ResumePoints::SliceEnd,
+        }
+    }
 }
 
 /// One slice of a file's copy from the provider into R2.

@@ -68,7 +68,6 @@ pub mod metrics;
 pub mod providers;
 pub mod replica;
 pub mod restore;
-pub mod resume;
 pub mod retention;
 pub mod retry;
 pub mod schedule;

@@ -12,7 +12,7 @@
 //! One rule says when that state is saved: exactly at the copy's *resume points*, the moments
 //! where offset, hash state, parts and (for a generated file) cursor and tail all agree, so a
 //! slice cut off anywhere resumes from the last state saved. Which moments those are is a
-//! property of the source ([`ResumePoints`], read off the order by `crate::resume`): every
+//! property of the source ([`ResumePoints`], read off the order by `CopySource::resume_points`): every
 //! settled part of a download or a replica, only a slice's end for a generated file. [`ResumePoints::save_at`] answers, for each [`Moment`] the
 //! runtime reaches (upload created, part settled, restart, slice paused, file finished, slice
 //! failed), what it writes ([`Save`]), and [`ResumePoints::after_failure`] where a failed slice
@@ -699,7 +699,7 @@ impl CopyState {
 /// the offset, the hash state, the stored parts and (for a generated file) the cursor and the
 /// parked tail all agree, so a slice cut off anywhere resumes from the last state saved. Which
 /// moments are resume points is a property of the copy's source: how its bytes are read, from
-/// an offset or from a page cursor (`crate::resume::resume_points` reads it off the order's
+/// an offset or from a page cursor (`CopySource::resume_points` in `crate::job` reads it off the order's
 /// `CopySource`). The runtime asks [`ResumePoints::save_at`] what to write at each [`Moment`] it
 /// reaches, and [`ResumePoints::after_failure`] where a failed slice leaves the copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -514,7 +514,7 @@ pub(crate) async fn run_slice(
         }
     };
     let at_start = state.clone();
-    let points = crate::resume::resume_points(&source);
+    let points = source.resume_points();
     let mut sink = Sink {
         bucket,
         storage,

@@ -10,7 +10,6 @@ use serde_json::json;
 
 use super::*;
 use crate::job::CopySource;
-use crate::resume::resume_points;
 
 const JOB: &str = "j1";
 /// Bytes in every part but the last.
@@ -512,4 +511,8 @@ fn a_long_generated_slice_writes_its_records_in_calls_of_at_most_128_keys_with_t
     assert!(copy.at(Moment::SlicePaused));
     assert_eq!(copy.storage.calls, calls + 3, "300 records and the job: 128 + 128 + 45 keys");
     assert_eq!(copy.storage.state(), copy.state);
+}
+
+fn resume_points(source: &CopySource) -> ResumePoints {
+    source.resume_points()
 }
