@@ -152,13 +152,24 @@ def start_emulator(provider: str, work: Path, db: Path, d1_cancel_after: float =
     return DxpEmulator(work, volume_mib=0.2, backups=2, database_kib=16)
 
 
+# Requests per 5 minutes the fault suite's D1 sources may send together on their one token.
+FAULT_SUITE_BUDGET = 100_000
+
+
 def make_source(provider: str, name: str, emu, export_minutes: int = 2, copy_minutes: int = 2) -> dict:
     common = {"poll_interval_ms": 100, "retry": {"max_attempts": 3, "base_ms": 100, "max_delay_ms": 500},
               "export_timeout_minutes": export_minutes, "copy_timeout_minutes": copy_minutes,
               "part_size_mib": 5, "slice_max_mib": 5}
     if provider == "d1":
         # D1 refuses a new export while an abandoned one (a lost start answer) runs: ask again soon.
-        return d1_source(name, emu, "notes-uuid", busy_retry_seconds=7, **common)
+        # Every D1 source here shares one API token, hence one request budget (crate::budget),
+        # and dozens of them poll every 100 ms, some for minutes: far past Cloudflare's 1,200
+        # requests per 5 minutes, so the budget would hold polls back until D1 cancels the export
+        # (the flake "not polled for 10 seconds"). Each emulator counts its calls (and resets the
+        # count per case), so it never reaches its own limit; the budget has its own tests
+        # (src/budget/tests.rs, tests/test_e2e_d1.py).
+        return d1_source(name, emu, "notes-uuid", busy_retry_seconds=7, api_budget_requests=FAULT_SUITE_BUDGET,
+                         **common)
     if provider == "dgraph":
         return dgraph_source(name, emu, **common)
     if provider == "aura":
