@@ -17,7 +17,7 @@
 //! one [`Action`] for the runtime to perform: send a request, copy a file into R2, write the
 //! manifest, sleep until a time, or nothing. The engine here owns what every task shares: the
 //! queue, the task's deadline, retries with backoff, cancel and the clean-up of a failure; it
-//! hands every other step and event to the task's module ([`tasks!`] registers them). The
+//! hands every other step and event to the task's module (`tasks!` registers them). The
 //! runtime persists the job after every step, so a job resumes wherever it was after the Worker
 //! or its Durable Object restarts; a spurious or repeated wake-up is a no-op.
 //!
