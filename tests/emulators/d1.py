@@ -910,6 +910,9 @@ def parse_args(argv):
     parser.add_argument("--url-ttl", type=float, default=3600.0,
                         help="seconds a signed URL stays valid (the signed_url_ttl_s switch's default)")
     parser.add_argument("--hold-ms", type=float, default=0.0)
+    parser.add_argument("--rate-limit", type=int, default=None, metavar="CALLS",
+                        help="calls per token per 300 s before the 300 s block (the rate_limit switch's "
+                             "limit; unset: the documented 1,200)")
     args = parser.parse_args(argv)
     for spec in args.database:
         if "=" not in spec:
@@ -927,7 +930,7 @@ def default_switches(args) -> dict:
         "export_error": None,
         "polling_failure": None,
         "fail_next": [],
-        "rate_limit": None,
+        "rate_limit": None if args.rate_limit is None else {"limit": args.rate_limit, "window": 300, "block": 300},
         "retry_after_http_date": False,
         "gzip": False,
         "no_content_length": False,
