@@ -952,11 +952,17 @@ impl Job {
     fn stop(mut self, message: String, cx: &Context<'_>) -> (Self, Action) {
         if self.phase == Phase::Restoring && restore::clean_up_first(&mut self, &message) {
             self.stopping_since = Some(cx.now);
-            let (mut job, action) = self.step_succeeded(cx.now);
-            job.last_error = Some(message);
-            return (job, action);
+            return self.cleaning_up(message, cx.now);
         }
         self.fail(message, cx.now)
+    }
+
+    /// A restore runs its clean-up steps before it ends with `message` (kept as its last error
+    /// meanwhile): the first is due now.
+    fn cleaning_up(self, message: String, now: Timestamp) -> (Self, Action) {
+        let (mut job, action) = self.step_succeeded(now);
+        job.last_error = Some(message);
+        (job, action)
     }
 
     /// The job fails with `message` (ends `cancelled` when a cancel asked for it). A job that

@@ -175,9 +175,7 @@ fn failed(mut job: Job, err: StepError, cx: &Context<'_>) -> (Job, Action) {
         err.message().to_string()
     };
     if clean_up_first(&mut job, &message) {
-        let (mut job, action) = job.step_succeeded(cx.now);
-        job.last_error = Some(message);
-        return (job, action);
+        return job.cleaning_up(message, cx.now);
     }
     job.fail(message, cx.now)
 }
