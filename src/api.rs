@@ -228,7 +228,7 @@ impl Refusal {
 /// Whether `source` is in account mode: a Dgraph account (`cerebro_email`) whose backends are
 /// its members, each its own series.
 pub fn account_mode(source: &crate::config::SourceConfig) -> bool {
-    matches!(&source.provider, crate::providers::ProviderConfig::Dgraph(cfg) if cfg.account().is_some())
+    source.provider.whole_account()
 }
 
 /// The longest member name `?member=` takes (a Dgraph deployment's name or uid).

@@ -114,6 +114,17 @@ pub fn assess(
     judge(Light::Green, format!("the newest committed backup is {} old", human(age)))
 }
 
+/// What a source's health is judged against.
+#[derive(Debug, Clone, Copy)]
+pub struct Watch<'a> {
+    /// The source's schedule.
+    pub schedule: &'a Schedule,
+    /// Its `max_age`, if set.
+    pub max_age: Option<Duration>,
+    /// What a member is called in the reason (`backend`, `database`).
+    pub member_noun: &'a str,
+}
+
 /// Judges a source as a whole and, in account mode (a Dgraph account's backends), each member
 /// on its own: a member's judgement reads its own latest exports (`members`) with the source's
 /// jobs that belong to no member (the discovery jobs, verifications). The source's judgement is
@@ -121,13 +132,13 @@ pub fn assess(
 /// green while another's backups are missing or old. Without members it is [`assess`] of the
 /// history.
 pub fn assess_source(
-    schedule: &Schedule,
-    max_age: Option<Duration>,
+    watch: &Watch<'_>,
     history: &[JobSummary],
     members: &BTreeMap<String, MemberJobs>,
     watched_since: Option<Timestamp>,
     now: Timestamp,
 ) -> (Health, BTreeMap<String, Health>) {
+    let Watch { schedule, max_age, member_noun } = *watch;
     if members.is_empty() {
         return (assess(schedule, max_age, history, watched_since, now), BTreeMap::new());
     }
@@ -150,7 +161,7 @@ pub fn assess_source(
     let worst = judged
         .iter()
         .max_by_key(|(_, h)| (severity(h.light), std::cmp::Reverse(h.last_backup_at)))
-        .map(|(member, h)| Health { reason: format!("backend {member}: {}", h.reason), ..h.clone() });
+        .map(|(member, h)| Health { reason: format!("{member_noun} {member}: {}", h.reason), ..h.clone() });
     let source = worst.unwrap_or_else(|| assess(schedule, max_age, history, watched_since, now));
     (source, judged)
 }
@@ -285,7 +296,13 @@ mod tests {
         let old = member_job("beta", Phase::Committed, "2026-11-25T03:05:00Z", None);
         let history = [old.clone(), fresh.clone()];
         let latest = members(&[("alpha", Some(fresh.clone()), Some(fresh)), ("beta", Some(old.clone()), Some(old))]);
-        let (source, each) = assess_source(&daily(), None, &history, &latest, None, now);
+        let (source, each) = assess_source(
+            &Watch { schedule: &daily(), max_age: None, member_noun: "backend" },
+            &history,
+            &latest,
+            None,
+            now,
+        );
         assert_eq!(each["alpha"].light, Light::Green);
         assert_eq!(each["beta"].light, Light::Red);
         assert_eq!(source.light, Light::Red, "the worst member's");
@@ -303,7 +320,13 @@ mod tests {
         let history = [alpha.clone()];
         let latest =
             members(&[("alpha", Some(alpha.clone()), Some(alpha)), ("beta", Some(beta_ok), Some(beta_failed))]);
-        let (source, each) = assess_source(&daily(), None, &history, &latest, None, now);
+        let (source, each) = assess_source(
+            &Watch { schedule: &daily(), max_age: None, member_noun: "backend" },
+            &history,
+            &latest,
+            None,
+            now,
+        );
         assert_eq!(each["alpha"].light, Light::Green);
         assert_eq!(each["beta"].light, Light::Amber);
         assert_eq!(source.reason, "backend beta: the last backup failed: Dgraph export failed: x");
@@ -315,7 +338,13 @@ mod tests {
         let alpha = member_job("alpha", Phase::Committed, "2026-11-28T03:05:00Z", None);
         let login = job(Task::Export, Phase::Failed, "2026-11-28T04:00:00Z", Some("Dgraph Cloud login failed: no"));
         let latest = members(&[("alpha", Some(alpha.clone()), Some(alpha.clone()))]);
-        let (source, each) = assess_source(&daily(), None, &[alpha, login], &latest, None, now);
+        let (source, each) = assess_source(
+            &Watch { schedule: &daily(), max_age: None, member_noun: "backend" },
+            &[alpha, login],
+            &latest,
+            None,
+            now,
+        );
         assert_eq!(each["alpha"].light, Light::Amber);
         assert!(source.reason.contains("Dgraph Cloud login failed"), "{}", source.reason);
     }
@@ -324,7 +353,13 @@ mod tests {
     fn without_members_the_source_is_one_series() {
         let now = at("2026-11-28T05:00:00Z");
         let history = [job(Task::Export, Phase::Committed, "2026-11-28T03:05:00Z", None)];
-        let (source, each) = assess_source(&daily(), None, &history, &BTreeMap::new(), None, now);
+        let (source, each) = assess_source(
+            &Watch { schedule: &daily(), max_age: None, member_noun: "backend" },
+            &history,
+            &BTreeMap::new(),
+            None,
+            now,
+        );
         assert_eq!(source, assess(&daily(), None, &history, None, now));
         assert!(each.is_empty());
     }

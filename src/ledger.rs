@@ -410,11 +410,15 @@ impl Ledger {
     /// [`crate::health::assess_source`]).
     pub fn health(
         &self,
-        schedule: &Schedule,
-        max_age: Option<Duration>,
+        source: &SourceConfig,
         now: Timestamp,
     ) -> (crate::health::Health, BTreeMap<String, crate::health::Health>) {
-        crate::health::assess_source(schedule, max_age, &self.history, &self.members, self.watched_since, now)
+        let watch = crate::health::Watch {
+            schedule: &source.schedule,
+            max_age: source.max_age,
+            member_noun: source.provider.member_noun(),
+        };
+        crate::health::assess_source(&watch, &self.history, &self.members, self.watched_since, now)
     }
 
     /// At a cron tick at `at`: judges the source's health then and raises `stale` (into the
@@ -422,7 +426,7 @@ impl Ledger {
     /// keeps the decision a function of its inputs (a late or replayed tick judges its moment).
     /// In account mode the source is stale when one of its members is.
     pub fn check_stale(&mut self, source: &SourceConfig, at: Timestamp) -> Option<AlertEvent> {
-        let (health, _) = self.health(&source.schedule, source.max_age, at);
+        let (health, _) = self.health(source, at);
         self.alerts.ticked(&source.name, source.kind(), &health, at)
     }
 
@@ -836,11 +840,11 @@ mod tests {
         // alpha committed 11 minutes ago; beta's newest backup is two hours old: the source is stale.
         l.alerts.outbox.clear();
         let stale = l.check_stale(&source, at("2026-11-28T11:01:00Z")).expect("stale");
-        assert!(stale.reason.as_deref().unwrap().starts_with("backend beta: "), "{stale:?}");
+        assert!(stale.reason.as_deref().unwrap().starts_with("database beta: "), "{stale:?}");
         // A backend the account no longer lists stops counting.
         l.keep_members(&["alpha".to_string()]);
         assert_eq!(l.members.keys().collect::<Vec<_>>(), ["alpha"]);
-        let (health, _) = l.health(&source.schedule, source.max_age, at("2026-11-28T11:00:00Z"));
+        let (health, _) = l.health(&source, at("2026-11-28T11:00:00Z"));
         assert_eq!(health.light, crate::health::Light::Green);
     }
 
@@ -851,17 +855,17 @@ mod tests {
         l.remember(&backend_job(1, "alpha", Phase::Committed, at("2026-11-28T10:00:00Z")));
         // A backend the account lists from today on: its first backup failed.
         l.remember(&backend_job(2, "delta", Phase::Failed, at("2026-11-28T10:05:00Z")));
-        let (health, members) = l.health(&source.schedule, source.max_age, at("2026-11-28T10:30:00Z"));
+        let (health, members) = l.health(&source, at("2026-11-28T10:30:00Z"));
         assert_eq!(members["delta"].light, crate::health::Light::Amber, "{:?}", members["delta"]);
         assert!(members["delta"].reason.starts_with("no backup yet"), "{:?}", members["delta"]);
         assert_eq!(health.light, crate::health::Light::Amber);
         assert!(l.check_stale(&source, at("2026-11-28T10:30:00Z")).is_none(), "not stale within its grace");
         // Past max_age since its first job, still without a backup: red, and stale.
-        let (_, members) = l.health(&source.schedule, source.max_age, at("2026-11-28T11:10:00Z"));
+        let (_, members) = l.health(&source, at("2026-11-28T11:10:00Z"));
         assert_eq!(members["delta"].light, crate::health::Light::Red, "{:?}", members["delta"]);
         // A later job does not move the start of the grace.
         l.remember(&backend_job(3, "delta", Phase::Failed, at("2026-11-28T11:00:00Z")));
-        let (_, members) = l.health(&source.schedule, source.max_age, at("2026-11-28T11:10:00Z"));
+        let (_, members) = l.health(&source, at("2026-11-28T11:10:00Z"));
         assert_eq!(members["delta"].light, crate::health::Light::Red, "{:?}", members["delta"]);
     }
 

@@ -405,11 +405,12 @@ pub fn backup_time(manifest: &Manifest) -> Timestamp {
     manifest.scheduled_for.unwrap_or(manifest.started_at)
 }
 
-/// In account mode, the member a backup belongs to (a Dgraph account's backend, as its manifest's
-/// references name it); `None` for a source of one database.
+/// In account mode, the member a backup belongs to (a Dgraph account's backend, a D1 account's
+/// database, as its manifest's references name it); `None` for a source of one database.
 pub fn member(manifest: &Manifest) -> Option<String> {
     match manifest.kind.as_str() {
         "dgraph" => crate::providers::dgraph::member_of(&manifest.provider),
+        "d1" => crate::providers::d1::member_of(&manifest.provider),
         _ => None,
     }
 }

@@ -11,7 +11,6 @@ use crate::health::Health;
 use crate::history::JobSummary;
 use crate::job::{CopyProgress, Job, Phase};
 use crate::ledger::Ledger;
-use crate::schedule::Schedule;
 use crate::time::Timestamp;
 
 /// One source's report.
@@ -50,11 +49,10 @@ impl SourceReport {
         ledger: &Ledger,
         current: Option<&Job>,
         last: Option<&Job>,
-        schedule: &Schedule,
-        max_age: Option<std::time::Duration>,
+        source: &crate::config::SourceConfig,
         now: Timestamp,
     ) -> Self {
-        let (health, judged) = ledger.health(schedule, max_age, now);
+        let (health, judged) = ledger.health(source, now);
         let members = judged
             .into_iter()
             .map(|(member, health)| {

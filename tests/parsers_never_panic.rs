@@ -242,7 +242,7 @@ proptest! {
             p.virtual_tables.push(VirtualTable { name: name.clone(), sql: sql.clone(), content });
         }
         p.scan.push(ScanTable { name: name.clone(), columns: None, big: [("c".to_string(), 1)].into(), rowid_alias: false, key: None });
-        let spec = cfg.query_export(&p, &Secret::new("t")).unwrap();
+        let spec = cfg.query_export("db", &p, &Secret::new("t")).unwrap();
         for payload in [body.to_string().into_bytes(), raw.clone()] {
             let resp = HttpResponse { status, headers: vec![], body: payload };
             let mut writer = spec.resume(None);

@@ -50,9 +50,14 @@ pub struct D1Config {
     /// Cloudflare account id.
     #[serde(deserialize_with = "fields::text")]
     pub account_id: String,
-    /// Database UUID.
+    /// Database UUID; or, for every database of the account (whole-account mode), `"*"` or a
+    /// pattern of database names where `*` stands for any text (`"prod-*"`).
     #[serde(deserialize_with = "fields::text")]
     pub database_id: String,
+    /// Whole-account mode: databases asked for per page of the list call (`per_page`, 10 to
+    /// 10,000; default 1,000, the API's own).
+    #[serde(default = "default_list_page_size", deserialize_with = "fields::count::<_, 10, 10_000>")]
+    pub list_page_size: u32,
     /// Name of the Worker secret holding an API token with D1 Write.
     #[serde(deserialize_with = "fields::secret_name")]
     pub token_secret: String,
@@ -80,6 +85,10 @@ pub struct D1Config {
     /// The budget's window in seconds (default 300: Cloudflare's 5 minutes).
     #[serde(default = "default_api_budget_window_seconds", deserialize_with = "fields::count::<_, 1, 86_400>")]
     pub api_budget_window_seconds: u32,
+}
+
+fn default_list_page_size() -> u32 {
+    1000
 }
 
 fn default_api_budget_requests() -> u32 {
@@ -110,22 +119,73 @@ impl D1Config {
     /// The public Cloudflare API.
     pub const DEFAULT_API_BASE: &'static str = "https://api.cloudflare.com/client/v4";
 
-    /// `…/accounts/{account_id}/d1/database/{database_id}/export`.
-    pub fn export_url(&self) -> Result<String, StepError> {
+    /// Whole-account mode: `database_id` is `*` or a pattern of names, and each database of the
+    /// account it matches is a member backed up by a job of its own.
+    pub fn whole_account(&self) -> bool {
+        self.database_id.contains('*')
+    }
+
+    /// Whether a database called `name` is one this source backs up in whole-account mode.
+    pub fn selects(&self, name: &str) -> bool {
+        wildcard_match(&self.database_id, name)
+    }
+
+    /// `…/accounts/{account_id}/d1/database/{database}/{tail}`.
+    fn database_url(&self, database: &str, tail: &str) -> Result<String, StepError> {
         let base = self.api_base.as_ref().ok_or_else(|| StepError::permanent("D1: no api_base configured"))?;
-        Ok(url_with_path(base, &["accounts", &self.account_id, "d1", "database", &self.database_id, "export"]))
+        if self.whole_account() && database == self.database_id {
+            return Err(StepError::permanent("D1: a whole-account source names no database of its own"));
+        }
+        Ok(url_with_path(base, &["accounts", &self.account_id, "d1", "database", database, tail]))
+    }
+
+    /// `…/accounts/{account_id}/d1/database/{database_id}/export`.
+    pub fn export_url(&self, database: &str) -> Result<String, StepError> {
+        self.database_url(database, "export")
     }
 
     /// `…/accounts/{account_id}/d1/database/{database_id}/query`.
-    pub fn query_url(&self) -> Result<String, StepError> {
-        let base = self.api_base.as_ref().ok_or_else(|| StepError::permanent("D1: no api_base configured"))?;
-        Ok(url_with_path(base, &["accounts", &self.account_id, "d1", "database", &self.database_id, "query"]))
+    pub fn query_url(&self, database: &str) -> Result<String, StepError> {
+        self.database_url(database, "query")
     }
 
-    /// The query artifact of a backup whose plan is `plan`.
-    pub fn query_export(&self, plan: &query::QueryPlan, token: &Secret) -> Result<query::QueryExport, StepError> {
-        Ok(query::QueryExport::new(self.query_url()?, bearer(token), plan, self.query_page_rows))
+    /// `…/accounts/{account_id}/d1/database?page=…&per_page=…`: one page of the account's list.
+    fn list_url(&self, page: u32) -> Result<String, StepError> {
+        let base = self.api_base.as_ref().ok_or_else(|| StepError::permanent("D1: no api_base configured"))?;
+        let mut url = Url::parse(&url_with_path(base, &["accounts", &self.account_id, "d1", "database"]))
+            .map_err(|e| StepError::permanent(format!("D1: bad list URL: {e}")))?;
+        url.query_pairs_mut()
+            .append_pair("page", &page.to_string())
+            .append_pair("per_page", &self.list_page_size.to_string());
+        Ok(url.to_string())
     }
+
+    /// The query artifact of a backup of `database` whose plan is `plan`.
+    pub fn query_export(
+        &self,
+        database: &str,
+        plan: &query::QueryPlan,
+        token: &Secret,
+    ) -> Result<query::QueryExport, StepError> {
+        Ok(query::QueryExport::new(self.query_url(database)?, bearer(token), plan, self.query_page_rows))
+    }
+}
+
+/// Whether `name` matches `pattern`, where each `*` stands for any text (possibly none) and every
+/// other character for itself.
+fn wildcard_match(pattern: &str, name: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = name.strip_prefix(first) else { return false };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else { return rest.is_empty() };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
 }
 
 fn bearer(token: &Secret) -> String {
@@ -139,6 +199,9 @@ impl ProviderSettings for D1Config {
     }
 
     fn check(&mut self) -> Result<(), FieldError> {
+        if self.whole_account() && self.database_id.contains(['/', '?', '#']) {
+            return Err(FieldError::new("database_id", "a pattern of database names cannot hold '/', '?' or '#'"));
+        }
         if self.account_id.len() > 32 {
             return Err(FieldError::new("account_id", "must be at most 32 characters"));
         }
@@ -157,6 +220,10 @@ impl ProviderSettings for D1Config {
     fn secret_names(&self) -> Vec<&str> {
         vec![self.token_secret.as_str()]
     }
+
+    fn whole_account(&self) -> bool {
+        D1Config::whole_account(self)
+    }
 }
 
 /// D1's `dump_options`.
@@ -172,9 +239,37 @@ pub struct DumpOptions {
     pub no_schema: bool,
 }
 
+/// One database of the account, as the list call names it: a member of a whole-account source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Database {
+    /// Its UUID.
+    pub uuid: String,
+    /// Its name: the member's name (folders, retention, health, metrics, alerts).
+    pub name: String,
+}
+
+/// Whole-account mode: the list of the account's databases, read page by page.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listing {
+    /// The next page to ask for.
+    pub page: u32,
+    /// The databases the pattern selects, so far.
+    pub found: Vec<Database>,
+}
+
+/// Most pages of the account's database list one discovery reads (10,000 per page at most: far
+/// beyond any account).
+const MAX_LIST_PAGES: u32 = 1000;
+
 /// Progress of one D1 export, persisted with the job.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct D1State {
+    /// Whole-account mode: the database this (child) job exports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<Database>,
+    /// Whole-account mode: the discovery job's reading of the database list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listing: Option<Listing>,
     /// The time-travel bookmark of the export (constant for the task).
     pub at_bookmark: Option<String>,
     /// Export calls answered so far.
@@ -194,6 +289,7 @@ pub struct D1State {
 
 /// Which call comes next.
 enum Stage<'a> {
+    List(u32),
     Schema,
     TableList,
     Columns(&'a str),
@@ -202,6 +298,28 @@ enum Stage<'a> {
 }
 
 impl D1State {
+    /// The state of a child job that backs up `database` of a whole-account source.
+    pub fn member(database: Database) -> Self {
+        Self { database: Some(database), ..Self::default() }
+    }
+
+    /// The UUID of the database this job exports: its member's, or the configured one.
+    pub fn database_id<'a>(&'a self, cfg: &'a D1Config) -> &'a str {
+        self.database.as_ref().map_or(cfg.database_id.as_str(), |d| d.uuid.as_str())
+    }
+
+    /// Whole-account mode: the name of the database this child job backs up.
+    pub fn member_name(&self) -> Option<String> {
+        self.database.as_ref().map(|d| d.name.clone())
+    }
+
+    fn stage_for(&self, cfg: &D1Config) -> Stage<'_> {
+        if cfg.whole_account() && self.database.is_none() {
+            return Stage::List(self.listing.as_ref().map_or(1, |l| l.page));
+        }
+        self.stage()
+    }
+
     fn stage(&self) -> Stage<'_> {
         if self.at_bookmark.is_some() {
             return Stage::Export;
@@ -250,7 +368,8 @@ impl D1State {
     pub fn references(&self, cfg: &D1Config) -> Value {
         json!({
             "account_id": cfg.account_id,
-            "database_id": cfg.database_id,
+            "database_id": self.database_id(cfg),
+            "database": self.database,
             "at_bookmark": self.at_bookmark,
             "filename": self.filename,
             "dump_options": cfg.dump_options,
@@ -289,21 +408,25 @@ fn busy(cfg: &D1Config, resp: &HttpResponse) -> Option<StepError> {
     })
 }
 
-fn query_request(cfg: &D1Config, token: &Secret, sql: &str) -> Result<HttpRequest, StepError> {
-    Ok(HttpRequest::post_json(cfg.query_url()?, &json!({ "sql": sql })).header("authorization", bearer(token)))
+fn query_request(cfg: &D1Config, state: &D1State, token: &Secret, sql: &str) -> Result<HttpRequest, StepError> {
+    let url = cfg.query_url(state.database_id(cfg))?;
+    Ok(HttpRequest::post_json(url, &json!({ "sql": sql })).header("authorization", bearer(token)))
 }
 
-/// The next call: the schema, the scan for integers beyond 2^53, then the export (start or poll).
+/// The next call: in whole-account mode the account's database list; else the schema, the scan
+/// for integers beyond 2^53, then the export (start or poll).
 pub fn next_request(cfg: &D1Config, state: &D1State, token: &Secret) -> Result<HttpRequest, StepError> {
-    match state.stage() {
-        Stage::Schema => query_request(cfg, token, "SELECT type, name, tbl_name, sql FROM sqlite_schema"),
-        Stage::TableList => query_request(cfg, token, "PRAGMA table_list"),
-        Stage::Columns(table) => query_request(cfg, token, &format!("PRAGMA table_info({})", query::ident(table))),
+    let query_request = |sql: &str| query_request(cfg, state, token, sql);
+    match state.stage_for(cfg) {
+        Stage::List(page) => Ok(HttpRequest::get(cfg.list_url(page)?).header("authorization", bearer(token))),
+        Stage::Schema => query_request("SELECT type, name, tbl_name, sql FROM sqlite_schema"),
+        Stage::TableList => query_request("PRAGMA table_list"),
+        Stage::Columns(table) => query_request(&format!("PRAGMA table_info({})", query::ident(table))),
         Stage::Scan(table) => {
             let plan = state.plan.as_ref().ok_or_else(|| StepError::permanent("D1: scan without a plan"))?;
             let columns = table.columns.as_deref().unwrap_or_default();
             let sql = query::scan_sql(&table.name, columns, plan.scan_after.as_deref(), cfg.scan_window_rows);
-            query_request(cfg, token, &sql)
+            query_request(&sql)
         }
         Stage::Export => export_request(cfg, state, token),
     }
@@ -319,7 +442,8 @@ pub fn on_response(
     if let Some(e) = busy(cfg, resp) {
         return Err(e);
     }
-    match state.stage() {
+    match state.stage_for(cfg) {
+        Stage::List(page) => return on_list(cfg, state, page, resp, now),
         Stage::Schema => {
             let rows = query::rows(resp, now, "reading sqlite_schema")?;
             state.schema = Some(query::schema_objects(&rows));
@@ -356,6 +480,49 @@ pub fn on_response(
     Ok(Progress::Pending { poll_after: Some(Duration::ZERO) })
 }
 
+/// Folds in one page of the account's database list: the databases the pattern selects are kept,
+/// and once a page comes back short (as wrangler pages: a full page means ask for the next), the
+/// discovery hands over one child job per database, in the list's order.
+fn on_list(
+    cfg: &D1Config,
+    state: &mut D1State,
+    page: u32,
+    resp: &HttpResponse,
+    now: Timestamp,
+) -> Result<Progress, StepError> {
+    let body = envelope(resp, now, Some("listing the account's databases"))?;
+    let items =
+        body.get("result").and_then(Value::as_array).ok_or_else(|| malformed("a database list without result"))?;
+    let listing = state.listing.get_or_insert_with(|| Listing { page, found: Vec::new() });
+    for item in items {
+        let (Some(uuid), Some(name)) =
+            (item.get("uuid").and_then(Value::as_str), item.get("name").and_then(Value::as_str))
+        else {
+            return Err(malformed("a listed database without uuid or name"));
+        };
+        let known = listing.found.iter().any(|d| d.uuid == uuid);
+        if cfg.selects(name) && !known {
+            listing.found.push(Database { uuid: uuid.to_string(), name: name.to_string() });
+        }
+    }
+    let full = u32::try_from(items.len()).is_ok_and(|n| n >= cfg.list_page_size);
+    if full && page < MAX_LIST_PAGES {
+        listing.page = page + 1;
+        return Ok(Progress::Pending { poll_after: Some(Duration::ZERO) });
+    }
+    let found = std::mem::take(&mut listing.found);
+    if found.is_empty() {
+        return Ok(Progress::Skip(format!("no database of the account matches {:?}", cfg.database_id)));
+    }
+    Ok(Progress::Spawn(found.into_iter().map(|d| crate::providers::ProviderState::D1(D1State::member(d))).collect()))
+}
+
+/// The member a manifest's references ([`D1State::references`]) name: the database's name, in
+/// whole-account mode; `None` for a source of one database.
+pub fn member_of(references: &Value) -> Option<String> {
+    references.pointer("/database/name").and_then(Value::as_str).filter(|n| !n.is_empty()).map(str::to_string)
+}
+
 /// The longest gap between two polls of an active export. D1 cancels an export that is not
 /// polled continually (after making the database unavailable while it ran), and the documented
 /// client (wrangler) polls about once a second, so neither a back-off, nor `Retry-After`, nor
@@ -373,7 +540,7 @@ fn export_request(cfg: &D1Config, state: &D1State, token: &Secret) -> Result<Htt
     if let Some(bookmark) = &state.at_bookmark {
         body["current_bookmark"] = Value::String(bookmark.clone());
     }
-    Ok(HttpRequest::post_json(cfg.export_url()?, &body).header("authorization", format!("Bearer {}", token.expose())))
+    Ok(HttpRequest::post_json(cfg.export_url(state.database_id(cfg))?, &body).header("authorization", bearer(token)))
 }
 
 /// Folds one export answer into the state.
@@ -502,6 +669,7 @@ mod tests {
             api_base: Some(Url::parse("http://127.0.0.1:9000/client/v4/").unwrap()),
             account_id: "acc".into(),
             database_id: "db-1".into(),
+            list_page_size: 1000,
             token_secret: "T".into(),
             dump_options: DumpOptions { tables: vec!["users".into()], no_data: false, no_schema: false },
             time_travel_days: 7,
@@ -756,7 +924,7 @@ mod tests {
         c.api_base = Some(Url::parse("https://api.cloudflare.com/client/v4").unwrap());
         c.database_id = "a b/c".into();
         assert_eq!(
-            c.export_url().unwrap(),
+            c.export_url(&c.database_id).unwrap(),
             "https://api.cloudflare.com/client/v4/accounts/acc/d1/database/a%20b%2Fc/export"
         );
     }
@@ -890,5 +1058,109 @@ mod tests {
         on_export_response(&mut s, &active(&["new"]), now()).unwrap();
         assert_eq!(s.messages.len(), MAX_MESSAGES);
         assert_eq!(s.messages.last().map(String::as_str), Some("new"));
+    }
+
+    fn whole_account(pattern: &str) -> D1Config {
+        D1Config { database_id: pattern.into(), list_page_size: 10, ..all_tables() }
+    }
+
+    fn listed(names: &[&str]) -> HttpResponse {
+        let result: Vec<Value> = names
+            .iter()
+            .map(|n| json!({"uuid": format!("uuid-{n}"), "name": n, "created_at": "2026-12-01T00:00:00Z", "version": "production"}))
+            .collect();
+        HttpResponse::json(
+            200,
+            &json!({"success": true, "errors": [], "messages": [], "result": result,
+                    "result_info": {"page": 1, "per_page": 10, "count": names.len(), "total_count": 99}}),
+        )
+    }
+
+    #[test]
+    fn database_patterns_match_names_where_a_star_stands_for_any_text() {
+        for (pattern, name, expected) in [
+            ("*", "anything", true),
+            ("*", "", true),
+            ("prod-*", "prod-orders", true),
+            ("prod-*", "prod-", true),
+            ("prod-*", "staging-orders", false),
+            ("*-eu", "orders-eu", true),
+            ("*-eu", "orders-eu-2", false),
+            ("a*b*c", "aXbYc", true),
+            ("a*b*c", "abc", true),
+            ("a*b*c", "acb", false),
+            ("ab*ab", "ab", false),
+            ("ab*ab", "abab", true),
+        ] {
+            assert_eq!(wildcard_match(pattern, name), expected, "{pattern:?} against {name:?}");
+        }
+    }
+
+    #[test]
+    fn a_whole_account_source_reads_every_page_of_the_list_and_spawns_one_job_per_matching_database() {
+        let c = whole_account("prod-*");
+        assert!(c.whole_account());
+        let token = Secret::new("tok");
+        let mut s = D1State::default();
+        let req = next_request(&c, &s, &token).unwrap();
+        assert_eq!(req.url, "http://127.0.0.1:9000/client/v4/accounts/acc/d1/database?page=1&per_page=10");
+        assert_eq!(req.method, crate::http::Method::Get);
+        let first: Vec<String> =
+            (0..10).map(|i| if i % 3 == 0 { format!("dev-{i}") } else { format!("prod-{i}") }).collect();
+        let first: Vec<&str> = first.iter().map(String::as_str).collect();
+        // A full page: the next is asked for at once.
+        assert_eq!(
+            on_response(&c, &mut s, &listed(&first), now()).unwrap(),
+            Progress::Pending { poll_after: Some(Duration::ZERO) }
+        );
+        assert!(next_request(&c, &s, &token).unwrap().url.ends_with("?page=2&per_page=10"));
+        let Progress::Spawn(children) = on_response(&c, &mut s, &listed(&["prod-late", "other"]), now()).unwrap()
+        else {
+            panic!("a short page ends the list")
+        };
+        let members: Vec<String> = children.iter().filter_map(crate::providers::ProviderState::member).collect();
+        assert_eq!(members, ["prod-1", "prod-2", "prod-4", "prod-5", "prod-7", "prod-8", "prod-late"]);
+        // Each child exports its own database, and its manifest names it as the member.
+        let crate::providers::ProviderState::D1(child) = &children[6] else { panic!() };
+        let req = next_request(&c, child, &token).unwrap();
+        assert!(req.url.ends_with("/accounts/acc/d1/database/uuid-prod-late/query"), "{}", req.url);
+        let refs = child.references(&c);
+        assert_eq!(refs["database_id"], "uuid-prod-late");
+        assert_eq!(member_of(&refs).as_deref(), Some("prod-late"));
+        assert_eq!(member_of(&D1State::default().references(&cfg())), None, "a source of one database has no member");
+    }
+
+    #[test]
+    fn a_whole_account_source_whose_pattern_matches_nothing_skips_naming_it() {
+        let c = whole_account("prod-*");
+        let mut s = D1State::default();
+        assert_eq!(
+            on_response(&c, &mut s, &listed(&["dev-1"]), now()).unwrap(),
+            Progress::Skip("no database of the account matches \"prod-*\"".into())
+        );
+    }
+
+    #[test]
+    fn a_refused_or_malformed_list_is_an_error_naming_the_call() {
+        let c = whole_account("*");
+        let mut s = D1State::default();
+        let refused = HttpResponse::json(
+            403,
+            &json!({"success": false, "errors": [{"code": 10000, "message": "Authentication error"}], "messages": [], "result": null}),
+        );
+        let e = on_response(&c, &mut s, &refused, now()).unwrap_err();
+        assert!(
+            e.to_string().contains("listing the account's databases") && e.to_string().contains("Authentication error"),
+            "{e}"
+        );
+        let nameless = HttpResponse::json(200, &json!({"success": true, "errors": [], "result": [{"uuid": "u"}]}));
+        assert!(on_response(&c, &mut s, &nameless, now()).unwrap_err().to_string().contains("without uuid or name"));
+    }
+
+    #[test]
+    fn a_whole_account_source_never_sends_its_pattern_as_a_database_id() {
+        let c = whole_account("*");
+        let e = c.export_url(&c.database_id).unwrap_err();
+        assert!(e.to_string().contains("names no database"), "{e}");
     }
 }

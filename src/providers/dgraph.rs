@@ -188,6 +188,10 @@ impl ProviderSettings for DgraphConfig {
             .filter_map(|name| name.as_deref())
             .collect()
     }
+
+    fn whole_account(&self) -> bool {
+        self.account().is_some()
+    }
 }
 
 /// Cerebro credentials for account mode.

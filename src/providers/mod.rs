@@ -40,6 +40,12 @@ pub trait ProviderSettings {
     fn check(&mut self) -> Result<(), FieldError>;
     /// Names of the Worker secrets the source needs (never their values).
     fn secret_names(&self) -> Vec<&str>;
+    /// Whether the source backs up every database of an account (Dgraph's account mode, D1's
+    /// `database_id = "*"`): each is a member with its own job, folder, retention, health,
+    /// alerts and metrics.
+    fn whole_account(&self) -> bool {
+        false
+    }
 }
 
 /// Declares [`ProviderConfig`]: one line per provider, `"kind" => Variant(module::Config)`.
@@ -116,6 +122,21 @@ impl ProviderConfig {
     /// See [`ProviderSettings::secret_names`].
     pub fn secret_names(&self) -> Vec<&str> {
         self.settings().secret_names()
+    }
+
+    /// See [`ProviderSettings::whole_account`].
+    pub fn whole_account(&self) -> bool {
+        self.settings().whole_account()
+    }
+
+    /// What one member of a whole-account source is called in messages.
+    pub fn member_noun(&self) -> &'static str {
+        match self {
+            Self::Dgraph(_) => "backend",
+            Self::D1(_) => "database",
+            Self::Aura(_) => "instance",
+            Self::Dxp(_) => "member",
+        }
     }
 
     /// The logical export of an Aura source's graph, read at copy time.
@@ -251,12 +272,14 @@ impl ProviderState {
         }
     }
 
-    /// In account mode, the member this job backs up (a Dgraph account's backend): its own
-    /// series for retention, health and metrics. `None` for a source of one database.
+    /// In account mode, the member this job backs up (a Dgraph account's backend, a D1
+    /// account's database): its own series for retention, health and metrics. `None` for a
+    /// source of one database.
     pub fn member(&self) -> Option<String> {
         match self {
             Self::Dgraph(state) => state.member(),
-            _ => None,
+            Self::D1(state) => state.member_name(),
+            Self::Aura(_) | Self::Dxp(_) => None,
         }
     }
 
@@ -304,7 +327,7 @@ impl ProviderState {
             (Self::D1(state), ProviderConfig::D1(cfg)) => {
                 let plan =
                     state.plan.as_ref().ok_or_else(|| StepError::permanent("D1: a query artifact without its plan"))?;
-                cfg.query_export(plan, creds.get(&cfg.token_secret)?)
+                cfg.query_export(state.database_id(cfg), plan, creds.get(&cfg.token_secret)?)
             }
             _ => Err(StepError::permanent("only D1 sources have a query artifact")),
         }

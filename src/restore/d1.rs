@@ -319,6 +319,19 @@ pub fn plan(task: Task, cfg: &D1Config, params: &Value, backup: Option<String>) 
                     }
                     Ok(state)
                 }
+                "time_travel" if cfg.whole_account() => {
+                    // Which database the backup is of is read from its manifest: it must be
+                    // confirmed then, before anything is written (`time_travel_or_fallback`).
+                    if confirmed.is_empty() {
+                        return Err(
+                            "time travel overwrites the backup's database in place: name its id in \"confirm\" \
+                                    to go on"
+                                .into(),
+                        );
+                    }
+                    state.mode = Mode::TimeTravel;
+                    Ok(state)
+                }
                 "time_travel" => {
                     let source = cfg.database_id.as_str();
                     // Each database the job may write is named twice: Time Travel writes the
@@ -552,7 +565,7 @@ impl D1Restore {
             }),
             Step::TimeTravel => {
                 let bookmark = dump()?.at_bookmark.clone().unwrap_or_default();
-                let mut url = url::Url::parse(&db_url(cfg, &[&cfg.database_id, "time_travel", "restore"])?)
+                let mut url = url::Url::parse(&db_url(cfg, &[&self.source_database, "time_travel", "restore"])?)
                     .map_err(|e| StepError::permanent(e.to_string()))?;
                 url.query_pairs_mut().append_pair("bookmark", &bookmark);
                 Next::Send(authed(HttpRequest::post_json(url.to_string(), &json!({})), token))
@@ -715,6 +728,16 @@ impl D1Restore {
         }
         // Time Travel restores a database in place: only the database the bookmark is of.
         match dump.database_id.as_deref() {
+            // A whole-account source: the backup's own database, once it is confirmed.
+            Some(id) if self.source_database.contains('*') => {
+                if !self.confirmed.iter().any(|c| c == id) {
+                    return Err(StepError::permanent(format!(
+                        "time travel overwrites database {id}, the one this backup was taken of, in place: name it \
+                         in \"confirm\" to go on"
+                    )));
+                }
+                self.source_database = id.to_string();
+            }
             Some(id) if id == self.source_database => {}
             Some(id) => {
                 let why = format!(

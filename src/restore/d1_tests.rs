@@ -1020,3 +1020,33 @@ fn a_clean_up_that_never_ends_is_given_up_after_the_clean_up_limit() {
     assert_eq!(h.job.phase, Phase::Cancelled);
     assert!(h.job.error.as_deref().unwrap().contains("clean-up did not finish within 15 min"), "{:?}", h.job.error);
 }
+
+/// A time travel of a whole-account source (`database_id = "*"`), confirming `confirm`.
+fn whole_account_time_travel(confirm: &str) -> Harness {
+    let params = json!({"mode": "time_travel", "confirm": confirm});
+    let backup = Some(format!("{FOLDER}manifest.json"));
+    let src = source(json!({ "database_id": "*" }));
+    let mut h = Harness(Driver::start(Task::Restore, src, &params, backup, &[("D1_TOKEN", "tok")], t0()).unwrap());
+    h.io();
+    h.manifest(manifest(&[], t0()));
+    h
+}
+
+#[test]
+fn a_whole_account_time_travel_restores_the_database_the_backup_was_taken_of_once_it_is_confirmed() {
+    let mut h = whole_account_time_travel("db-1");
+    let req = h.request();
+    assert!(req.url.ends_with("/accounts/acc/d1/database/db-1/time_travel/restore?bookmark=bm-1"), "{}", req.url);
+
+    let mut other = whole_account_time_travel("db-9");
+    assert_eq!(other.wake(), Action::Done, "refused before any request");
+    assert_eq!(other.job.phase, Phase::Failed);
+    let e = other.job.error.clone().unwrap();
+    assert!(e.contains("database db-1") && e.contains("confirm"), "{e}");
+
+    let params = json!({"mode": "time_travel"});
+    let backup = Some(format!("{FOLDER}manifest.json"));
+    let refused = Driver::start(Task::Restore, source(json!({ "database_id": "*" })), &params, backup, &[], t0());
+    let e = refused.err().unwrap();
+    assert!(e.contains("name its id in \"confirm\""), "{e}");
+}

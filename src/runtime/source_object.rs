@@ -499,8 +499,7 @@ impl SourceObject {
             Ok(s) => s,
             Err(e) => return json_response(404, &json!({ "error": e })),
         };
-        let report =
-            SourceReport::new(&ledger, current.as_ref(), last.as_ref(), &source.schedule, source.max_age, now());
+        let report = SourceReport::new(&ledger, current.as_ref(), last.as_ref(), &source, now());
         let mut body = serde_json::to_value(&report).map_err(rust_err)?;
         body["current_job_id"] = json!(ledger.current);
         json_response(200, &body)

@@ -72,9 +72,11 @@ Documented quirks reproduced
 
 Fault switches live under ``/__control`` (``POST`` merges JSON into the switches,
 ``POST /__control/reset`` restores the defaults and forgets all tasks, ``GET
-/__control/state`` reports switches, tasks, the last 2000 requests and counters).  The
-outcome switches ``export_error`` and ``polling_failure`` are sampled when a task
-is created; the pacing switches (``active_polls``, ``cancel_after``, ...) are read
+/__control/state`` reports switches, tasks, the last 2000 requests and counters; ``POST
+/__control/databases`` ``{"uuid", "path"}`` adds a database to the account, as creating one in
+the dashboard would).  The
+outcome switches ``export_error``, ``export_errors`` (``{database_id: message}``: one database's
+exports fail, the others' do not) and ``polling_failure`` are sampled when a task is created; the pacing switches (``active_polls``, ``cancel_after``, ...) are read
 live.  The download switches:
 
 * ``signed_url_ttl_s`` (seconds ≥ 0, default ``--url-ttl`` = 3600; ``url_ttl`` is the same
@@ -293,6 +295,14 @@ class Emulator(RestoreMixin):
         self.blocked_hits = 0                       # calls that arrived during a block
         self.faults_injected: list = []
         self._reset_restore_state()
+
+    def add_database(self, uuid: str, path: str) -> dict:
+        created = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+        with self.lock:
+            if uuid in self.databases:
+                raise ApiError(409, 7409, f"a database {uuid} exists already")
+            self.databases[uuid] = Database(uuid, path, created)
+            return self.databases[uuid].info()
 
     def reset(self) -> dict:
         with self.lock:
@@ -514,6 +524,8 @@ class Emulator(RestoreMixin):
         fate = "complete"
         if error is None and self.switches.get("export_error"):
             error = str(self.switches["export_error"])
+        if error is None and db.uuid in (self.switches.get("export_errors") or {}):
+            error = str(self.switches["export_errors"][db.uuid])
         if error is not None:
             fate = "error"
         elif self.switches.get("polling_failure"):
@@ -839,6 +851,13 @@ class Handler(BaseHandler):
                 reply = json_reply(200, emu.state())
             elif path == "/__control/reset" and self.command == "POST":
                 reply = json_reply(200, emu.reset())
+            elif path == "/__control/databases" and self.command == "POST":
+                try:
+                    spec = json.loads(body or b"{}")
+                    uuid, db_path = str(spec["uuid"]), str(spec["path"])
+                except (ValueError, KeyError, TypeError):
+                    raise ApiError(400, 10400, 'control body must be {"uuid": ..., "path": ...}')
+                reply = json_reply(200, emu.add_database(uuid, db_path))
             elif path == "/__control" and self.command == "POST":
                 try:
                     changes = json.loads(body or b"{}")
@@ -928,6 +947,7 @@ def default_switches(args) -> dict:
         "url_ttl": args.url_ttl,          # the older name of signed_url_ttl_s (kept in step with it)
         "hold_ms": args.hold_ms,
         "export_error": None,
+        "export_errors": {},
         "polling_failure": None,
         "fail_next": [],
         "rate_limit": None if args.rate_limit is None else {"limit": args.rate_limit, "window": 300, "block": 300},
