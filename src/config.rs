@@ -868,8 +868,18 @@ mod tests {
                 "has an invalid type: integer `5`, expected a string",
             ),
             (d1(json!({"database_id": "  "})), "app-db", "database_id", "must not be empty"),
-            (d1(json!({"database_id": "prod/*"})), "app-db", "database_id", "a pattern of database names cannot hold '/', '?' or '#'"),
-            (d1(json!({"database_id": "*", "list_page_size": 5})), "app-db", "list_page_size", "must be a whole number from 10 to 10000 (got 5)"),
+            (
+                d1(json!({"database_id": "prod/*"})),
+                "app-db",
+                "database_id",
+                "a pattern of database names cannot hold '/', '?' or '#'",
+            ),
+            (
+                d1(json!({"database_id": "*", "list_page_size": 5})),
+                "app-db",
+                "list_page_size",
+                "must be a whole number from 10 to 10000 (got 5)",
+            ),
             (
                 d1(json!({"dump_options": {"no_data": "yes"}})),
                 "app-db",

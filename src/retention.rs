@@ -411,6 +411,7 @@ pub fn member(manifest: &Manifest) -> Option<String> {
     match manifest.kind.as_str() {
         "dgraph" => crate::providers::dgraph::member_of(&manifest.provider),
         "d1" => crate::providers::d1::member_of(&manifest.provider),
+        "aura" => crate::providers::aura::member_of(&manifest.provider),
         _ => None,
     }
 }

@@ -256,9 +256,13 @@ class AuraEmulator(Emulator):
 
     script = "aura.py"
 
-    def __init__(self, workdir: Path, nodes: int = 10000, rels: int = 20000, **opts):
-        args = ["--client-id", AURA_ID, "--client-secret", AURA_SECRET, "--instance", AURA_INSTANCE,
+    def __init__(self, workdir: Path, nodes: int = 10000, rels: int = 20000, instances: tuple = (AURA_INSTANCE,),
+                 **opts):
+        """``instances``: the tenant's instances at start (ids), all served by this Query API."""
+        args = ["--client-id", AURA_ID, "--client-secret", AURA_SECRET,
                 "--db-user", "neo4j", "--db-password", NEO4J_PASSWORD, "--nodes", str(nodes), "--rels", str(rels)]
+        for instance in instances:
+            args += ["--instance", instance]
         for k, v in opts.items():
             args += [f"--{k.replace('_', '-')}", str(v)]
         super().__init__(workdir, args, "aura-emulator.log")

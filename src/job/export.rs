@@ -145,9 +145,9 @@ fn slice(job: Job, download: Download, cx: &Context<'_>) -> (Job, Action) {
             Origin::Url { secret_url, authenticated } => provider
                 .download_request(&cx.source.provider, secret_url, *authenticated, cx.creds)
                 .map(CopySource::Http),
-            Origin::Graph => {
-                cx.source.provider.graph_export(cx.creds, state.started_at).map(|g| CopySource::Graph(Box::new(g)))
-            }
+            Origin::Graph => provider
+                .graph_export(&cx.source.provider, cx.creds, state.started_at)
+                .map(|g| CopySource::Graph(Box::new(g))),
             Origin::D1Query => {
                 provider.query_export(&cx.source.provider, cx.creds).map(|q| CopySource::D1Query(Box::new(q)))
             }

@@ -99,9 +99,18 @@ pub struct AuraConfig {
     /// The Aura API (default [`AuraConfig::DEFAULT_API_BASE`], filled in by the check).
     #[serde(default, deserialize_with = "fields::opt_http_url")]
     pub api_base: Option<Url>,
-    /// The instance (8 hex characters, lower-cased by the check).
+    /// The instance (8 hex characters, lower-cased by the check); or, for every instance of a
+    /// tenant (whole-tenant mode), `"*"` or a pattern of instance names where `*` stands for any
+    /// text (`"prod-*"`).
     #[serde(deserialize_with = "fields::text")]
     pub instance_id: String,
+    /// Whole-tenant mode: the tenant (project) whose instances are backed up.
+    #[serde(default, deserialize_with = "fields::opt_text", skip_serializing_if = "Option::is_none")]
+    pub tenant_id: Option<String>,
+    /// Whole-tenant mode: each instance's database password is in the Worker secret of this
+    /// prefix followed by the instance id in capitals (`AURA_PASSWORD_` → `AURA_PASSWORD_2F49C2B3`).
+    #[serde(default, deserialize_with = "fields::opt_secret_name", skip_serializing_if = "Option::is_none")]
+    pub db_password_secret_prefix: Option<String>,
     /// Name of the Worker secret holding the Aura API client id.
     #[serde(deserialize_with = "fields::secret_name")]
     pub client_id_secret: String,
@@ -163,6 +172,45 @@ impl AuraConfig {
     pub(crate) fn api_base(&self) -> Result<&Url, StepError> {
         self.api_base.as_ref().ok_or_else(|| StepError::permanent("Aura: no api_base configured"))
     }
+
+    /// Whole-tenant mode: `instance_id` is `*` or a pattern of names, and each instance of the
+    /// tenant it matches is a member backed up by a job of its own.
+    pub fn whole_tenant(&self) -> bool {
+        self.instance_id.contains('*')
+    }
+
+    /// The checks of whole-tenant mode (in place of the one instance's).
+    fn check_whole_tenant(&mut self) -> Result<(), FieldError> {
+        if self.tenant_id.is_none() {
+            return Err(FieldError::new(
+                "tenant_id",
+                "is required with instance_id = \"*\" or a pattern (whole-tenant mode)",
+            ));
+        }
+        if self.db_password_secret.is_some() {
+            return Err(FieldError::new(
+                "db_password_secret",
+                "names one instance's password: in whole-tenant mode give db_password_secret_prefix",
+            ));
+        }
+        if self.mode != AuraMode::Snapshot && self.db_password_secret_prefix.is_none() {
+            return Err(FieldError::new(
+                "db_password_secret_prefix",
+                "is required for the logical export of every instance (mode \"logical\" or \"both\")",
+            ));
+        }
+        let drills = [self.drill_scratch.is_some(), self.drill_instance.is_some(), self.drill_database.is_some()];
+        if drills.into_iter().any(|d| d) {
+            return Err(FieldError::new(
+                "instance_id",
+                "a whole-tenant source takes no drill settings: drill an instance from a source that names it",
+            ));
+        }
+        if self.api_base.is_none() {
+            self.api_base = Some(fields::constant_url(Self::DEFAULT_API_BASE, "api_base")?);
+        }
+        Ok(())
+    }
 }
 
 impl ProviderSettings for AuraConfig {
@@ -172,6 +220,17 @@ impl ProviderSettings for AuraConfig {
     }
 
     fn check(&mut self) -> Result<(), FieldError> {
+        if self.whole_tenant() {
+            return self.check_whole_tenant();
+        }
+        for (field, set) in [
+            ("tenant_id", self.tenant_id.is_some()),
+            ("db_password_secret_prefix", self.db_password_secret_prefix.is_some()),
+        ] {
+            if set {
+                return Err(FieldError::new(field, "is for whole-tenant mode only (instance_id = \"*\" or a pattern)"));
+            }
+        }
         if self.instance_id.len() != 8 || !self.instance_id.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(FieldError::new("instance_id", "must be the 8 hex characters of an Aura instance id"));
         }
@@ -201,6 +260,10 @@ impl ProviderSettings for AuraConfig {
         names.extend(self.drill_password_secret.as_deref());
         names
     }
+
+    fn whole_account(&self) -> bool {
+        self.whole_tenant()
+    }
 }
 
 /// What an Aura backup consists of.
@@ -216,9 +279,21 @@ pub enum AuraMode {
     Both,
 }
 
+/// One instance of the tenant, as `GET /v1/instances` lists it: a member of a whole-tenant source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    /// Its id: the member's name (stable, unique in the tenant; names need not be).
+    pub id: String,
+    /// Its name.
+    pub name: String,
+}
+
 /// Progress of one Aura job, persisted with the job.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuraState {
+    /// Whole-tenant mode: the instance this (child) job backs up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<Instance>,
     /// The cached bearer token (never shown).
     pub secret_access_token: Option<String>,
     /// When that token expires.
@@ -251,6 +326,7 @@ pub struct AuraState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
     Token,
+    ListInstances,
     CreateSnapshot,
     FindSnapshot,
     PollSnapshot,
@@ -285,6 +361,40 @@ pub(crate) fn aura_error(resp: &HttpResponse) -> String {
 }
 
 impl AuraState {
+    /// The settings this job backs up with: the source's, or in whole-tenant mode the source's
+    /// for this child's instance (its id, its Query API unless the source names one for all, and
+    /// its password's secret, the prefix and the id in capitals).
+    pub fn member_config<'a>(&self, cfg: &'a AuraConfig) -> std::borrow::Cow<'a, AuraConfig> {
+        let Some(instance) = &self.instance else { return std::borrow::Cow::Borrowed(cfg) };
+        let mut own = cfg.clone();
+        own.instance_id = instance.id.clone();
+        if own.query_api_base.is_none() {
+            own.query_api_base = Url::parse(&format!("https://{}.databases.neo4j.io", instance.id)).ok();
+        }
+        if let Some(prefix) = &cfg.db_password_secret_prefix {
+            own.db_password_secret = Some(format!("{prefix}{}", instance.id.to_ascii_uppercase()));
+        }
+        std::borrow::Cow::Owned(own)
+    }
+
+    /// Whole-tenant mode: the instance this child job backs up, by id.
+    pub fn member(&self) -> Option<String> {
+        self.instance.as_ref().map(|i| i.id.clone())
+    }
+
+    /// Whether this is the discovery job of a whole-tenant source.
+    fn discovers(&self, cfg: &AuraConfig) -> bool {
+        cfg.whole_tenant() && self.instance.is_none()
+    }
+
+    fn stage_for(&self, cfg: &AuraConfig) -> Stage {
+        match self.stage() {
+            Stage::Token => Stage::Token,
+            _ if self.discovers(cfg) => Stage::ListInstances,
+            stage => stage,
+        }
+    }
+
     fn stage(&self) -> Stage {
         if self.secret_access_token.is_none() {
             Stage::Token
@@ -311,7 +421,7 @@ impl AuraState {
     /// Decides without I/O: a logical-only backup goes straight to the copy, and a token about
     /// to expire is dropped so the next request fetches a fresh one.
     pub fn advance(&mut self, cfg: &AuraConfig, now: Timestamp) -> Option<Progress> {
-        if cfg.mode == AuraMode::Logical {
+        if cfg.mode == AuraMode::Logical && !self.discovers(cfg) {
             return Some(Progress::Ready(Self::files(cfg)));
         }
         if let Some(expires) = self.token_expires_at {
@@ -325,8 +435,17 @@ impl AuraState {
 
     /// The next Aura API call.
     pub fn next_request(&self, cfg: &AuraConfig, creds: &Credentials) -> Result<HttpRequest, StepError> {
-        match self.stage() {
+        let stage = self.stage_for(cfg);
+        let cfg = &*self.member_config(cfg);
+        match stage {
             Stage::Token => token_request(cfg, creds),
+            Stage::ListInstances => {
+                let token = self.secret_access_token.clone().unwrap_or_default();
+                let mut url = Url::parse(&url_with_path(cfg.api_base()?, &["v1", "instances"]))
+                    .map_err(|e| StepError::permanent(format!("the Aura API URL is invalid: {e}")))?;
+                url.query_pairs_mut().append_pair("tenantId", cfg.tenant_id.as_deref().unwrap_or_default());
+                Ok(HttpRequest::get(url.to_string()).header("authorization", format!("Bearer {token}")))
+            }
             Stage::FindSnapshot => {
                 let token = self.secret_access_token.clone().unwrap_or_default();
                 let mut url =
@@ -360,7 +479,8 @@ impl AuraState {
         resp: &HttpResponse,
         now: Timestamp,
     ) -> Result<Progress, StepError> {
-        let stage = self.stage();
+        let stage = self.stage_for(cfg);
+        let cfg = &*self.member_config(cfg);
         if stage == Stage::Token {
             return self.on_token(resp, now);
         }
@@ -388,6 +508,9 @@ impl AuraState {
         if stage == Stage::FindSnapshot {
             return self.on_snapshot_list(resp);
         }
+        if stage == Stage::ListInstances {
+            return self.on_instance_list(cfg, resp);
+        }
         let body: Value = serde_json::from_slice(&resp.body).map_err(|_| {
             StepError::permanent(format!(
                 "Aura API: received a malformed response (HTTP {}): {}",
@@ -397,7 +520,7 @@ impl AuraState {
         })?;
         let data = body.get("data").filter(|d| d.is_object()).ok_or_else(|| malformed("no data"))?;
         match stage {
-            Stage::Token | Stage::FindSnapshot => unreachable_stage(),
+            Stage::Token | Stage::FindSnapshot | Stage::ListInstances => unreachable_stage(),
             Stage::CreateSnapshot => {
                 let sid = data.get("snapshot_id").and_then(Value::as_str).ok_or_else(|| malformed("no snapshot_id"))?;
                 self.snapshot_id = Some(sid.to_string());
@@ -423,6 +546,40 @@ impl AuraState {
                 }
             }
         }
+    }
+
+    /// The tenant's instances: one child job per instance the pattern selects (by name), each
+    /// handed this job's token so that it need not fetch one.
+    fn on_instance_list(&mut self, cfg: &AuraConfig, resp: &HttpResponse) -> Result<Progress, StepError> {
+        let body: Value = serde_json::from_slice(&resp.body).map_err(|_| malformed("instance list is not JSON"))?;
+        let list = body.get("data").and_then(Value::as_array).ok_or_else(|| malformed("instance list has no data"))?;
+        let mut children = Vec::new();
+        for item in list {
+            let Some(id) = item.get("id").and_then(Value::as_str) else {
+                return Err(malformed("a listed instance without id"));
+            };
+            let name = item.get("name").and_then(Value::as_str).unwrap_or_default();
+            let tenant = item.get("tenant_id").and_then(Value::as_str);
+            if tenant.is_some_and(|t| Some(t) != cfg.tenant_id.as_deref())
+                || !crate::providers::name_matches(&cfg.instance_id, name)
+            {
+                continue;
+            }
+            children.push(crate::providers::ProviderState::Aura(AuraState {
+                instance: Some(Instance { id: id.to_ascii_lowercase(), name: name.to_string() }),
+                secret_access_token: self.secret_access_token.clone(),
+                token_expires_at: self.token_expires_at,
+                ..AuraState::default()
+            }));
+        }
+        if children.is_empty() {
+            return Ok(Progress::Skip(format!(
+                "no instance of tenant {} matches {:?}",
+                cfg.tenant_id.as_deref().unwrap_or("?"),
+                cfg.instance_id
+            )));
+        }
+        Ok(Progress::Spawn(children))
     }
 
     /// Records that the snapshot POST got no usable answer, so the next step looks for the
@@ -482,13 +639,21 @@ impl AuraState {
                 "origin": self.snapshot_origin,
             })
         });
+        let cfg = &*self.member_config(cfg);
         json!({
             "instance_id": cfg.instance_id,
+            "instance": self.instance,
             "mode": cfg.mode,
             "database": cfg.database,
             "snapshot": snapshot,
         })
     }
+}
+
+/// The member a manifest's references ([`AuraState::references`]) name: the instance's id, in
+/// whole-tenant mode; `None` for a source of one instance.
+pub fn member_of(references: &Value) -> Option<String> {
+    references.pointer("/instance/id").and_then(Value::as_str).filter(|n| !n.is_empty()).map(str::to_string)
 }
 
 /// `POST /oauth/token` with the source's client credentials (Basic) and a form body.

@@ -127,7 +127,7 @@ impl D1Config {
 
     /// Whether a database called `name` is one this source backs up in whole-account mode.
     pub fn selects(&self, name: &str) -> bool {
-        wildcard_match(&self.database_id, name)
+        crate::providers::name_matches(&self.database_id, name)
     }
 
     /// `…/accounts/{account_id}/d1/database/{database}/{tail}`.
@@ -169,23 +169,6 @@ impl D1Config {
     ) -> Result<query::QueryExport, StepError> {
         Ok(query::QueryExport::new(self.query_url(database)?, bearer(token), plan, self.query_page_rows))
     }
-}
-
-/// Whether `name` matches `pattern`, where each `*` stands for any text (possibly none) and every
-/// other character for itself.
-fn wildcard_match(pattern: &str, name: &str) -> bool {
-    let mut parts = pattern.split('*');
-    let first = parts.next().unwrap_or("");
-    let Some(mut rest) = name.strip_prefix(first) else { return false };
-    let parts: Vec<&str> = parts.collect();
-    let Some((last, middle)) = parts.split_last() else { return rest.is_empty() };
-    for part in middle {
-        match rest.find(part) {
-            Some(at) => rest = &rest[at + part.len()..],
-            None => return false,
-        }
-    }
-    rest.len() >= last.len() && rest.ends_with(last)
 }
 
 fn bearer(token: &Secret) -> String {
@@ -1092,7 +1075,7 @@ mod tests {
             ("ab*ab", "ab", false),
             ("ab*ab", "abab", true),
         ] {
-            assert_eq!(wildcard_match(pattern, name), expected, "{pattern:?} against {name:?}");
+            assert_eq!(crate::providers::name_matches(pattern, name), expected, "{pattern:?} against {name:?}");
         }
     }
 

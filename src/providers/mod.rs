@@ -138,14 +138,6 @@ impl ProviderConfig {
             Self::Dxp(_) => "member",
         }
     }
-
-    /// The logical export of an Aura source's graph, read at copy time.
-    pub fn graph_export(&self, creds: &Credentials, now: Timestamp) -> Result<aura::GraphExport, StepError> {
-        match self {
-            Self::Aura(cfg) => aura::GraphExport::for_config(cfg, creds, now),
-            _ => Err(StepError::permanent("only Aura sources have a graph to export")),
-        }
-    }
 }
 
 /// The Worker secrets a step may use, by secret name.
@@ -279,7 +271,8 @@ impl ProviderState {
         match self {
             Self::Dgraph(state) => state.member(),
             Self::D1(state) => state.member_name(),
-            Self::Aura(_) | Self::Dxp(_) => None,
+            Self::Aura(state) => state.member(),
+            Self::Dxp(_) => None,
         }
     }
 
@@ -314,6 +307,33 @@ impl ProviderState {
             (Self::Aura(state), ProviderConfig::Aura(cfg)) => state.on_response(cfg, resp, now),
             (Self::Dxp(state), ProviderConfig::Dxp(cfg)) => state.on_response(cfg, resp, input),
             _ => Err(mismatch()),
+        }
+    }
+
+    /// The logical export of an Aura source's graph (its member's, in whole-tenant mode), read
+    /// at copy time.
+    pub fn graph_export(
+        &self,
+        provider: &ProviderConfig,
+        creds: &Credentials,
+        now: Timestamp,
+    ) -> Result<aura::GraphExport, StepError> {
+        match (self, provider) {
+            (Self::Aura(state), ProviderConfig::Aura(cfg)) => {
+                aura::GraphExport::for_config(&state.member_config(cfg), creds, now)
+            }
+            _ => Err(StepError::permanent("only Aura sources have a graph to export")),
+        }
+    }
+
+    /// The Worker secrets this job needs besides its source's ([`ProviderSettings::secret_names`]):
+    /// in Aura's whole-tenant mode, its instance's database password.
+    pub fn member_secret_names(&self, provider: &ProviderConfig) -> Vec<String> {
+        match (self, provider) {
+            (Self::Aura(state), ProviderConfig::Aura(cfg)) if state.instance.is_some() => {
+                state.member_config(cfg).db_password_secret.iter().cloned().collect()
+            }
+            _ => Vec::new(),
         }
     }
 
@@ -470,6 +490,23 @@ pub(crate) fn url_with_path(base: &Url, segments: &[&str]) -> String {
         segs.pop_if_empty().extend(segments);
     }
     url.to_string()
+}
+
+/// Whether `name` matches `pattern`, where each `*` stands for any text (possibly none) and every
+/// other character for itself.
+pub(crate) fn name_matches(pattern: &str, name: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = name.strip_prefix(first) else { return false };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else { return rest.is_empty() };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
 }
 
 /// The last path segment of a URL (without query), for file names.

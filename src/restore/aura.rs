@@ -1083,6 +1083,12 @@ fn count_param(params: &Value, name: &str, default: u32, max: u32) -> Result<u32
 /// Checks a restore or drill request and makes the restore's state: `Err` is the 400 the caller
 /// gets (nothing was touched). `backup` is the manifest key the route named (drills: optional).
 pub fn plan(task: Task, cfg: &AuraConfig, params: &Value, backup: Option<String>) -> Result<AuraRestore, String> {
+    if cfg.whole_tenant() {
+        return Err("a whole-tenant source has no instance or Query API of its own to restore or drill into: load \
+                    the backup's graph.jsonl.gz with scripts/aura_restore.py, or restore its snapshot in the Aura \
+                    console (the manifest names the instance and the snapshot)"
+            .into());
+    }
     let target = param_text(params, "/target/database");
     if params.get("target").is_some() && target.is_none() {
         return Err("\"target\" must be {\"database\": \"<name of the database to load into>\"}".into());

@@ -844,7 +844,9 @@ impl SourceObject {
         // Every step runs with the settings the job started with (its snapshot); only the
         // secrets' values are read fresh, by the names in that snapshot.
         let source = job.settings(&source).clone();
-        let creds = credentials(&self.env, &source.secret_names());
+        let mut names: Vec<String> = source.secret_names().into_iter().map(str::to_string).collect();
+        names.extend(job.provider().map(|p| p.member_secret_names(&source.provider)).unwrap_or_default());
+        let creds = credentials(&self.env, &names.iter().map(String::as_str).collect::<Vec<_>>());
         let primary = self.env.bucket(BUCKET)?;
         // Where the job writes: the primary bucket, or a replicate job's replica bucket.
         let bucket = match job.bucket_binding() {

@@ -36,7 +36,9 @@ fn graph() -> CopySource {
     .unwrap();
     let mut creds = crate::providers::Credentials::new();
     creds.insert("NEO_PW", crate::secret::Secret::new("pw"));
-    let export = config.sources[0].provider.graph_export(&creds, Timestamp::from_secs(0)).unwrap();
+    let provider = &config.sources[0].provider;
+    let state = crate::providers::ProviderState::new(provider);
+    let export = state.graph_export(provider, &creds, Timestamp::from_secs(0)).unwrap();
     CopySource::Graph(Box::new(export))
 }
 

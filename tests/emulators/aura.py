@@ -92,6 +92,8 @@ statements: [<name of each statement run, in order>], scans}`` for one database.
 Control API
 -----------
 ``POST /__control`` merges JSON into the switches (unknown switch → 400),
+``POST /__control/instances`` ``{"id", "name"}`` adds an instance to the tenant, served like the
+``--instance`` ones by this server's Query API (as if created in the console between two runs),
 ``POST /__control/reset`` restores the defaults, forgets tokens, snapshots, counters and the
 request log and puts every database back to its seeded state (non-seeded ones are dropped),
 ``GET /__control/state`` reports switches and counters (with ``instances_created``,
@@ -2233,6 +2235,20 @@ class Handler(BaseHandler):
                 return json_reply(200, info)
             if path == "/__control/reset" and self.command == "POST":
                 return json_reply(200, emu.reset())
+            if path == "/__control/instances" and self.command == "POST":
+                try:
+                    spec = json.loads(body or b"{}")
+                    inst_id, name = str(spec["id"]), str(spec["name"])
+                except (ValueError, KeyError, TypeError):
+                    raise ApiError(400, 'control body must be {"id": ..., "name": ...}', "invalid-switch")
+                if not RE_INSTANCE_ID.match(inst_id):
+                    raise ApiError(400, "id must be 8 lower-case hex characters", "invalid-switch")
+                with emu.lock:
+                    if inst_id in emu.instances:
+                        raise ApiError(409, f"instance {inst_id} exists already", "conflict")
+                    emu.instance_specs.append((inst_id, name))
+                    emu.instances[inst_id] = Instance(inst_id, name, emu.tenant_id)
+                    return json_reply(200, emu.instances[inst_id].public(None))
             if path == "/__control" and self.command == "POST":
                 try:
                     changes = json.loads(body or b"{}")

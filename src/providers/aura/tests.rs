@@ -562,3 +562,98 @@ fn when_no_snapshot_was_taken_the_lookup_leads_to_one_new_request() {
     let mut st = unanswered_at(c, at);
     assert!(st.on_response(c, &bad, at).is_err(), "a malformed list is an error, never a panic");
 }
+
+fn whole_tenant(extra: Value) -> SourceConfig {
+    let mut v = json!({
+        "name": "tenant", "kind": "aura", "schedule": "0 4 * * *", "instance_id": "prod-*", "tenant_id": "t-1",
+        "client_id_secret": "AURA_ID", "client_secret_secret": "AURA_SECRET", "db_password_secret_prefix": "NEO_PW_",
+        "api_base": "http://127.0.0.1:9",
+    });
+    for (k, val) in extra.as_object().unwrap() {
+        v[k] = val.clone();
+    }
+    Config::from_value(&json!([v])).unwrap().sources.remove(0)
+}
+
+#[test]
+fn a_whole_tenant_source_lists_the_tenants_instances_and_spawns_one_job_per_matching_instance() {
+    let s = whole_tenant(json!({}));
+    let c = cfg(&s);
+    assert!(s.provider.whole_account());
+    let mut st = AuraState::default();
+    assert_eq!(st.advance(c, t(0)), None, "the discovery copies nothing itself");
+    st.on_response(c, &token(3600), t(0)).unwrap();
+    let list = st.next_request(c, &creds()).unwrap();
+    assert_eq!(
+        (list.method, list.url.as_str()),
+        (crate::http::Method::Get, "http://127.0.0.1:9/v1/instances?tenantId=t-1")
+    );
+    let answer = HttpResponse::json(
+        200,
+        &json!({"data": [
+            {"id": "AAAA0001", "name": "prod-orders", "tenant_id": "t-1", "cloud_provider": "gcp"},
+            {"id": "aaaa0002", "name": "staging", "tenant_id": "t-1", "cloud_provider": "gcp"},
+            {"id": "aaaa0003", "name": "prod-users", "tenant_id": "t-1", "cloud_provider": "aws"},
+            {"id": "aaaa0004", "name": "prod-elsewhere", "tenant_id": "t-2", "cloud_provider": "aws"}
+        ]}),
+    );
+    let Progress::Spawn(children) = st.on_response(c, &answer, t(1)).unwrap() else { panic!("spawns") };
+    let members: Vec<String> = children.iter().filter_map(crate::providers::ProviderState::member).collect();
+    assert_eq!(members, ["aaaa0001", "aaaa0003"], "by id, the tenant's instances whose names match");
+    let crate::providers::ProviderState::Aura(child) = &children[1] else { panic!() };
+    // The child starts with the discovery's token, snapshots its own instance and exports its own
+    // Query API with its own password.
+    let snap = child.next_request(c, &creds()).unwrap();
+    assert_eq!(snap.url, "http://127.0.0.1:9/v1/instances/aaaa0003/snapshots");
+    assert_eq!(snap.header_value("authorization"), Some("Bearer tok-1"));
+    let mut with_pw = creds();
+    with_pw.insert("NEO_PW_AAAA0003", Secret::new("pw-3"));
+    let state = crate::providers::ProviderState::Aura(child.clone());
+    let export = state.graph_export(&s.provider, &with_pw, t(2)).unwrap();
+    assert_eq!(
+        format!("{export:?}"),
+        "GraphExport { url: \"https://aaaa0003.databases.neo4j.io/db/neo4j/query/v2\", database: \"neo4j\", .. }"
+    );
+    let missing = state.graph_export(&s.provider, &creds(), t(2)).unwrap_err();
+    assert!(missing.to_string().contains("NEO_PW_AAAA0003"), "{missing}");
+    assert_eq!(state.member_secret_names(&s.provider), ["NEO_PW_AAAA0003"], "read for this job only");
+    let refs = child.references(c);
+    assert_eq!(refs["instance_id"], "aaaa0003");
+    assert_eq!(member_of(&refs).as_deref(), Some("aaaa0003"));
+    assert_eq!(member_of(&AuraState::default().references(cfg(&source("both", 10)))), None);
+}
+
+#[test]
+fn a_whole_tenant_source_needs_its_tenant_and_a_password_prefix_and_takes_no_drill() {
+    let err = |extra: Value| {
+        let mut v = json!({
+            "name": "tenant", "kind": "aura", "schedule": "0 4 * * *", "instance_id": "*",
+            "client_id_secret": "AURA_ID", "client_secret_secret": "AURA_SECRET",
+        });
+        for (k, val) in extra.as_object().unwrap() {
+            v[k] = val.clone();
+        }
+        Config::from_value(&json!([v])).unwrap_err().to_string()
+    };
+    assert!(err(json!({"db_password_secret_prefix": "P_"})).contains("\"tenant_id\""));
+    assert!(err(json!({"tenant_id": "t"})).contains("\"db_password_secret_prefix\""));
+    assert!(err(json!({"tenant_id": "t", "db_password_secret": "PW"})).contains("\"db_password_secret\""));
+    assert!(err(json!({"tenant_id": "t", "mode": "snapshot", "drill_database": "d"})).contains("no drill settings"));
+    let ok = whole_tenant(json!({"mode": "snapshot", "db_password_secret_prefix": null}));
+    assert!(cfg(&ok).whole_tenant());
+    let one = err(json!({"instance_id": "2f49c2b3", "tenant_id": "t", "db_password_secret": "PW"}));
+    assert!(one.contains("\"tenant_id\"") && one.contains("whole-tenant mode only"), "{one}");
+}
+
+#[test]
+fn a_whole_tenant_source_whose_pattern_matches_nothing_skips_naming_it() {
+    let s = whole_tenant(json!({}));
+    let c = cfg(&s);
+    let mut st = AuraState::default();
+    st.on_response(c, &token(3600), t(0)).unwrap();
+    let none = HttpResponse::json(200, &json!({"data": [{"id": "aaaa0002", "name": "staging", "tenant_id": "t-1"}]}));
+    assert_eq!(
+        st.on_response(c, &none, t(1)).unwrap(),
+        Progress::Skip("no instance of tenant t-1 matches \"prod-*\"".into())
+    );
+}
