@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs everything Ferry needs to build, run and test, idempotently: the wasm target,
 # worker-build and the wasm-bindgen CLI at the versions the lockfile pins, the npm tooling
-# (wrangler, esbuild, binaryen), pytest, and for the dashboard's browser test Debian's chromium and
-# Playwright for Python. What is already there at the right version is skipped.
+# (wrangler, esbuild, binaryen), pytest, for the dashboard's browser test Debian's chromium and
+# Playwright for Python, and Debian's age for the encryption interop tests. What is already there
+# at the right version is skipped.
 #
 #   bash scripts/setup.sh          everything: build, demo and tests (scripts/test.sh, CI)
 #   bash scripts/setup.sh --demo   only what scripts/demo.sh needs: the wasm target, worker-build,
 #                                  wasm-bindgen and the npm tooling. The demo's emulators and
 #                                  harness are plain Python (standard library only), so pytest,
-#                                  chromium and Playwright are skipped.
+#                                  chromium, Playwright and age are skipped.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$FERRY_ROOT"
@@ -60,7 +61,7 @@ if [ ! -x node_modules/.bin/wrangler ] || [ "$(cat node_modules/.ferry-lock-sha2
 fi
 
 if $demo_only; then
-  say "toolchain ready for the demo (pytest, chromium and Playwright, for tests only, skipped)"
+  say "toolchain ready for the demo (pytest, chromium, Playwright and age, for tests only, skipped)"
   exit 0
 fi
 
@@ -76,6 +77,15 @@ if [ ! -x /usr/bin/chromium ]; then
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+fi
+# The encryption interop tests (src/encryption/tests.rs, run by `cargo test`) check Ferry's files
+# against Debian's age and age-keygen.
+if [ ! -x /usr/bin/age ] || [ ! -x /usr/bin/age-keygen ]; then
+  say "installing Debian's age (for the encryption interop tests)"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq age
 fi
 playwright_version=1.65.2
 if [ "$(python3 -c 'import importlib.metadata as m; print(m.version("playwright"))' 2>/dev/null)" != "$playwright_version" ]; then

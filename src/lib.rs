@@ -41,6 +41,8 @@
 //!   to delete, never a committed backup or a job in flight.
 //! - [`api`]: routes and auth checks of the HTTP API.
 //! - [`dashboard`]: the page served at `/` (inline HTML, CSS and JS) and its security headers.
+//! - [`encryption`]: client-side encryption in the standard age v1 format (X25519 recipients):
+//!   header, streaming and resumable STREAM payload, so `age -d` opens any encrypted backup.
 //! - [`http`], [`error`], [`retry`], [`secret`], [`time`]: values shared by the above.
 //! - `runtime` (wasm32 only): the thin shell over `worker`. It executes the core's actions with
 //!   `Fetch`, keeps each source's jobs in a Durable Object, arms alarms and streams into R2.
@@ -54,6 +56,7 @@ pub mod budget;
 pub mod config;
 pub mod dashboard;
 pub mod dump;
+pub mod encryption;
 pub mod error;
 pub mod fields;
 pub mod health;

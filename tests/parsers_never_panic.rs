@@ -1,8 +1,8 @@
 //! Property tests: every parser of outside input refuses bad input with a typed error and never
 //! panics (a panic resets the whole wasm instance). Arbitrary and mutated inputs go to the config
 //! parser, the alerts config parser and alert payloads, webhook verification, API routing, the
-//! API budget's reading of rate-limit headers, the resume decisions on download answers and every
-//! provider's response parsing.
+//! API budget's reading of rate-limit headers, the resume decisions on download answers, every
+//! provider's response parsing and the age decryptor (headers, payloads, keys, lengths).
 
 use proptest::prelude::*;
 use serde_json::{json, Value};
@@ -12,6 +12,7 @@ use ferry::alerts::AlertsConfig;
 use ferry::api::route;
 use ferry::budget::{Budget, BudgetPolicy, Decision, Need};
 use ferry::config::Config;
+use ferry::encryption::{self, Decryptor, Encryptor, Envelope, Identity, Recipient};
 use ferry::http::HttpResponse;
 use ferry::providers::d1::query::{plan, Content, QueryPlan, ScanTable, VirtualTable};
 use ferry::providers::{Credentials, ProviderState, StepInput};
@@ -252,5 +253,67 @@ proptest! {
             }
             let _ = writer.finish();
         }
+    }
+
+    #[test]
+    fn the_age_decryptor_never_panics(
+        bytes in prop::collection::vec(any::<u8>(), 0..600),
+        lines in prop::collection::vec(prop_oneof![
+            "-> X25519 [A-Za-z0-9+/]{0,50}", "-> [ -~]{0,24}", "[A-Za-z0-9+/=]{0,70}", "--- [A-Za-z0-9+/]{0,50}", "---", "(?s).{0,20}",
+        ], 0..6),
+        plaintext in prop::collection::vec(any::<u8>(), 0..300),
+        cuts in prop::collection::vec(1usize..200, 1..8),
+        flip in any::<usize>(),
+        mask in any::<u8>(),
+        numbers in (any::<u64>(), any::<u64>()),
+        key_text in ".{0,100}",
+    ) {
+        let identity = Identity::from_secret_bytes([7; 32]);
+        let ids = [identity.clone()];
+        // Arbitrary bytes, and arbitrary header text after the version line.
+        let mut text = b"age-encryption.org/v1\n".to_vec();
+        text.extend_from_slice(lines.join("\n").as_bytes());
+        text.extend_from_slice(&bytes);
+        for input in [&bytes, &text] {
+            let _ = Decryptor::open(&ids, input);
+            let _ = encryption::decrypt(&ids, input);
+        }
+        // A real file, one byte flipped (or none), pushed in arbitrary slices.
+        let envelope = Envelope::new(&[identity.to_recipient()], &[1; 16], &[[2; 32]], &[3; 16]).unwrap();
+        let mut file = encryption::encrypt(&envelope, &plaintext).unwrap();
+        let len = file.len();
+        if mask != 0 {
+            file[flip % len] ^= mask;
+        }
+        if let Ok(Some(mut decryptor)) = Decryptor::open(&ids, &file) {
+            let mut rest = &file[decryptor.header_len() as usize..];
+            let mut out = Vec::new();
+            let mut failed = false;
+            for cut in cuts.iter().cycle() {
+                if rest.is_empty() { break; }
+                let (now, later) = rest.split_at((*cut).min(rest.len()));
+                rest = later;
+                match decryptor.push(now) { Ok(p) => out.extend(p), Err(_) => { failed = true; break; } }
+            }
+            match decryptor.finish() { Ok(p) => out.extend(p), Err(_) => failed = true }
+            if mask == 0 { prop_assert!(!failed && out == plaintext); }
+        } else {
+            prop_assert!(mask != 0, "an intact file's header must open");
+        }
+        // Payload bytes straight into a resumed decryptor, at any chunk.
+        let mut resumed = Decryptor::resume(envelope.payload_key().clone(), numbers.0, numbers.1);
+        let _ = resumed.push(&bytes);
+        let _ = resumed.finish();
+        let _ = (resumed.ciphertext_offset(), resumed.plaintext_offset());
+        // Lengths, resume points and keys.
+        let _ = encryption::plaintext_len(numbers.0, numbers.1);
+        let _ = encryption::ciphertext_len(numbers.0, numbers.1);
+        let _ = encryption::resume_point(numbers.0, numbers.1);
+        let (mut encryptor, _) = Encryptor::resume(&envelope, numbers.1 % 2_000);
+        let _ = encryptor.push(&plaintext);
+        let _ = encryptor.finish();
+        let _ = key_text.parse::<Recipient>();
+        let _ = key_text.parse::<Identity>();
+        let _ = Identity::parse_key_file(&key_text);
     }
 }
