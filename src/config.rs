@@ -98,6 +98,11 @@ pub struct SourceConfig {
     /// How long a job of each task may run before it is stopped (`deadline_seconds` table).
     #[serde(default, rename = "deadline_seconds", skip_serializing_if = "Deadlines::is_default")]
     pub deadlines: Deadlines,
+    /// The age recipients (`age1…`) every artifact of the source is encrypted to before it
+    /// leaves the Worker (`age_recipients`); empty: artifacts are stored as the provider serves
+    /// them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub age_recipients: Vec<crate::encryption::Recipient>,
 }
 
 /// The largest per-task deadline: 30 days.
@@ -260,6 +265,8 @@ struct General {
     retry: RetryPolicy,
     #[serde(default)]
     deadline_seconds: Deadlines,
+    #[serde(default)]
+    age_recipients: Vec<crate::encryption::Recipient>,
 }
 
 fn default_export_timeout() -> Duration {
@@ -381,6 +388,7 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
         retention,
         replica,
         deadlines: general.deadline_seconds,
+        age_recipients: general.age_recipients,
     })
 }
 

@@ -479,6 +479,16 @@ pub enum CopySource {
     Graph(Box<GraphExport>),
     /// D1 tables and values Ferry reads page by page through the query API and writes as SQL.
     D1Query(Box<crate::providers::d1::query::QueryExport>),
+    /// Any of the others' bytes, encrypted to the source's age recipients on the way
+    /// ([`crate::transfer::sealed`]).
+    Sealed {
+        /// Where the plaintext comes from (a download or a generated file).
+        plain: Box<CopySource>,
+        /// Who can read the file.
+        recipients: Vec<crate::encryption::Recipient>,
+        /// Whether the plaintext is a SQL dump whose MD5 and row counts are recorded.
+        tally: bool,
+    },
     /// An object of the primary R2 bucket (a replicate job), read by ranges.
     R2 {
         /// Its key.
@@ -496,7 +506,7 @@ impl CopySource {
     pub fn resume_points(&self) -> ResumePoints {
         match self {
             Self::Http(_) | Self::R2 { .. } => ResumePoints::EveryPart,
-            Self::Graph(_) | Self::D1Query(_) => ResumePoints::SliceEnd,
+            Self::Graph(_) | Self::D1Query(_) | Self::Sealed { .. } => ResumePoints::SliceEnd,
         }
     }
 }

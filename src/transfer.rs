@@ -246,7 +246,7 @@ impl Validators {
     }
 
     /// The `If-Range` value: a strong ETag, else the date (a weak ETag may not be used).
-    fn if_range(&self) -> Option<&str> {
+    pub(crate) fn if_range(&self) -> Option<&str> {
         match &self.etag {
             Some(e) if !e.starts_with("W/") => Some(e),
             _ => self.last_modified.as_deref(),
@@ -254,7 +254,7 @@ impl Validators {
     }
 
     /// Why `other` is not the same object, if it is not.
-    fn changed(&self, other: &Self) -> Option<String> {
+    pub(crate) fn changed(&self, other: &Self) -> Option<String> {
         if let (Some(a), Some(b)) = (&self.etag, &other.etag) {
             if a != b {
                 return Some(format!("its ETag changed from {a} to {b}"));
@@ -955,6 +955,8 @@ impl Digests {
         self.tally.as_ref().map(crate::dump::Tally::finish)
     }
 }
+
+pub mod sealed;
 
 #[cfg(test)]
 mod resume_tests;

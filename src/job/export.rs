@@ -15,6 +15,7 @@ use crate::http::HttpResponse;
 use crate::manifest::{self, Manifest};
 use crate::providers::{Download, Origin, Progress, ProviderState};
 use crate::time::Timestamp;
+use crate::transfer::sealed;
 
 /// How many times one job may ask the provider for fresh download URLs.
 pub const MAX_RENEWALS: u32 = 10;
@@ -137,9 +138,16 @@ impl Job {
 /// Orders the next slice of `download`'s copy.
 fn slice(job: Job, download: Download, cx: &Context<'_>) -> (Job, Action) {
     let taken: Vec<&str> = job.artifacts().iter().map(|a| a.key.rsplit('/').next().unwrap_or("")).collect();
-    let key = format!("{}{}", job.folder(), manifest::object_name(&download.filename, &taken));
-    let file = NextFile { key, filename: download.filename.clone(), content_type: download.content_type.clone() };
-    let source = |job: &Job, state: &crate::transfer::CopyState| {
+    let recipients = &cx.source.age_recipients;
+    // An encrypted file is stored as `<name>.age`, an age file whatever it holds.
+    let (filename, content_type) = match recipients.is_empty() {
+        true => (download.filename.clone(), download.content_type.clone()),
+        false => (format!("{}{}", download.filename, sealed::SUFFIX), sealed::CONTENT_TYPE.to_string()),
+    };
+    let key = format!("{}{}", job.folder(), manifest::object_name(&filename, &taken));
+    let file = NextFile { key, filename, content_type };
+    let tally = crate::dump::Tally::applies_to(&download.filename);
+    let plain = |job: &Job, state: &crate::transfer::CopyState| {
         let provider = job.provider().ok_or_else(|| StepError::permanent("an export without its provider"))?;
         match &download.origin {
             Origin::Url { secret_url, authenticated } => provider
@@ -152,6 +160,13 @@ fn slice(job: Job, download: Download, cx: &Context<'_>) -> (Job, Action) {
                 provider.query_export(&cx.source.provider, cx.creds).map(|q| CopySource::D1Query(Box::new(q)))
             }
         }
+    };
+    let source = |job: &Job, state: &crate::transfer::CopyState| {
+        let plain = plain(job, state)?;
+        Ok(match recipients.is_empty() {
+            true => plain,
+            false => CopySource::Sealed { plain: Box::new(plain), recipients: recipients.clone(), tally },
+        })
     };
     job.slice(file, source, cx)
 }

@@ -72,6 +72,11 @@ pub(super) fn on_event(mut job: Job, event: Event, cx: &Context<'_>) -> (Job, Ac
             };
             on_answer(job, answer, cx)
         }
+        (Phase::Restoring, Event::RestoreIo(Ok(IoDone::Manifest(key, manifest))))
+            if manifest.artifacts.iter().any(crate::transfer::sealed::is_encrypted) =>
+        {
+            failed(job, StepError::permanent(encrypted_backup(&key)), cx)
+        }
         (Phase::Restoring, Event::RestoreIo(done)) => {
             let answer = match (state_mut(&mut job), done) {
                 (Some(state), Ok(done)) => state.on_io(done, now),
@@ -178,4 +183,13 @@ fn failed(mut job: Job, err: StepError, cx: &Context<'_>) -> (Job, Action) {
         return job.cleaning_up(message, cx.now);
     }
     job.fail(message, cx.now)
+}
+
+/// Why a restore or drill of an encrypted backup stops before it touches anything.
+fn encrypted_backup(manifest_key: &str) -> String {
+    format!(
+        "backup {manifest_key} is encrypted with age (its files end in .age) and Ferry's restores and drills do not \
+         decrypt yet: nothing was touched. Decrypt each file with `age -d -i key.txt <file>.age > <file>` and \
+         restore it by hand (see the README's \"Encrypted backups\")"
+    )
 }

@@ -1205,3 +1205,30 @@ fn a_polled_d1_export_asks_the_budget_for_a_poll_and_everything_else_for_a_start
     assert_eq!(verify.budget_need(), crate::budget::Need::Start);
     assert_eq!(h.job.bucket_binding(), None, "an export writes into the primary bucket");
 }
+
+#[test]
+fn a_source_with_age_recipients_copies_each_file_encrypted_as_name_dot_age() {
+    let recipient = crate::encryption::Identity::from_secret_bytes([3u8; 32]).to_recipient().to_string();
+    let mut h = Harness::new(source(json!({ "age_recipients": [recipient] })));
+    let order = to_copy(&mut h);
+    assert!(order.filename.ends_with(".sql.age") && order.state.key.ends_with(".sql.age"), "{}", order.filename);
+    assert_eq!(order.content_type, "application/octet-stream");
+    let CopySource::Sealed { plain, recipients, tally } = &order.source else { panic!("{:?}", order.source) };
+    assert!(matches!(**plain, CopySource::Http(_)), "the plaintext is the provider's download");
+    assert_eq!(recipients.len(), 1);
+    assert!(*tally, "the dump's MD5 and row counts are taken of its plaintext");
+    assert_eq!(order.source.resume_points(), crate::transfer::ResumePoints::SliceEnd);
+    // Without recipients the file is stored as the provider serves it.
+    let plain_order = to_copy(&mut Harness::d1());
+    assert!(matches!(plain_order.source, CopySource::Http(_)) && plain_order.filename.ends_with(".sql"));
+}
+
+#[test]
+fn a_bad_age_recipient_is_a_config_error_naming_the_field() {
+    let v = json!([{
+        "name": "app-db", "kind": "d1", "schedule": "0 3 * * *", "account_id": "acc", "database_id": "db-1",
+        "token_secret": "D1_TOKEN", "age_recipients": ["AGE-SECRET-KEY-1QQQQ"]
+    }]);
+    let e = Config::from_value(&v).unwrap_err().to_string();
+    assert!(e.contains("age_recipients") && e.contains("secret key"), "{e}");
+}

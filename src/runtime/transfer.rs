@@ -546,6 +546,12 @@ pub(crate) async fn run_slice(
             Err(e) => Err(e),
         },
         CopySource::R2 { key, size } => r2_slice(&mut sink, primary, key, *size).await,
+        CopySource::Sealed { plain, recipients, tally } => {
+            match sealed_source(&sink.state, plain, recipients, *tally) {
+                Ok(writer) => generated_slice(&mut sink, writer).await,
+                Err(e) => Err(e),
+            }
+        }
     };
     let outcome = match result {
         Ok(outcome) => outcome,
@@ -567,6 +573,47 @@ pub(crate) async fn run_slice(
         }
     };
     Event::Sliced { state: sink.state, outcome }
+}
+
+/// The generator of an encrypted copy's slice: resumed from its cursor, or (the first slice) a
+/// new age file whose keys come from the platform's random source.
+fn sealed_source(
+    state: &CopyState,
+    plain: &CopySource,
+    recipients: &[crate::encryption::Recipient],
+    tally: bool,
+) -> Result<Box<dyn Generator>, StepError> {
+    use crate::transfer::sealed::{self, Plain, SealCursor, Sealed};
+    let cursor: Option<SealCursor> = state.cursor_as()?;
+    let inner = cursor.as_ref().and_then(|c| c.inner.as_ref());
+    fn read<T: serde::de::DeserializeOwned>(
+        value: Option<&serde_json::Value>,
+        key: &str,
+    ) -> Result<Option<T>, StepError> {
+        value
+            .cloned()
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| StepError::permanent(format!("the saved cursor of {key} does not read back: {e}")))
+    }
+    let plain = match plain {
+        CopySource::Http(request) => Plain::Download(request.clone()),
+        CopySource::Graph(spec) => Plain::Generated(Box::new(spec.resume(read(inner, &state.key)?.as_ref()))),
+        CopySource::D1Query(spec) => Plain::Generated(Box::new(spec.resume(read(inner, &state.key)?.as_ref()))),
+        CopySource::R2 { .. } | CopySource::Sealed { .. } => {
+            return Err(StepError::permanent("only a provider's files are encrypted"))
+        }
+    };
+    let envelope = match cursor {
+        Some(_) => None,
+        None => {
+            let mut random = vec![0u8; sealed::random_len(recipients.len())];
+            getrandom::fill(&mut random)
+                .map_err(|e| StepError::transient(format!("no random bytes for the file's keys: {e}")))?;
+            Some(sealed::envelope(recipients, &random)?)
+        }
+    };
+    Ok(Box::new(Sealed::new(plain, envelope.as_ref(), cursor, tally)?))
 }
 
 /// One slice of a download: from the persisted offset to the budget or the end.

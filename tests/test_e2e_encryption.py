@@ -1,0 +1,90 @@
+"""End to end: a source with `age_recipients` stores every artifact as an age file, encrypted in
+the Worker under `wrangler dev` as it is copied in slices, that Debian's `age` decrypts to the
+provider's exact bytes; verify needs no key; a restore stops before touching anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import D1Emulator, Ferry, d1_source
+from test_e2e_d1 import expected_dump, make_big_db
+
+PART_MIB = 5
+
+
+def age_key(work: Path) -> tuple[Path, str]:
+    """A key made by Debian's age-keygen, and its recipient."""
+    if not shutil.which("age") or not shutil.which("age-keygen"):
+        pytest.fail("Debian's age is missing: bash scripts/setup.sh installs it")
+    key = work / "key.txt"
+    subprocess.run(["age-keygen", "-o", str(key)], check=True, capture_output=True)
+    recipient = next(line.split(": ", 1)[1] for line in key.read_text().splitlines() if line.startswith("# public key:"))
+    return key, recipient.strip()
+
+
+def test_an_encrypted_backup_killed_between_slices_commits_one_age_file_that_age_decrypts(tmp_path):
+    key, recipient = age_key(tmp_path)
+    big = make_big_db(tmp_path / "big.sqlite", mib=3 * PART_MIB + 2)
+    expected = expected_dump(big)
+    emulator = D1Emulator(tmp_path, {"big-uuid": big}, active_polls=1, cancel_after=60)
+    # Two 2 MiB pages per slice: the 17 MiB dump takes several slices.
+    source = d1_source("sealed", emulator, "big-uuid", part_size_mib=PART_MIB, slice_max_pages=2,
+                       age_recipients=[recipient])
+    ferry = Ferry(tmp_path / "ferry", [source])
+    try:
+        emulator.control(download_delay_ms=20)
+        status, _, payload = ferry.webhook("sealed")
+        assert status == 202, payload
+        job_id = payload["job"]["id"]
+        ferry.wait_job(job_id, phases=("transferring",), timeout=60)
+        deadline = time.time() + 60
+        while emulator.state()["downloads"] < 3 and time.time() < deadline:
+            time.sleep(0.1)
+        assert emulator.state()["downloads"] >= 3, "a few pages read before the kill"
+        ferry.stop(kill=True)
+        emulator.control(download_delay_ms=0)
+        ferry.start()
+        job = ferry.wait_job(job_id, timeout=180)
+        assert job["phase"] == "committed", job
+        assert '"secret_' not in str(job), "no key material is shown"
+
+        (manifest,) = ferry.backups("sealed")
+        (art,) = manifest["artifacts"]
+        assert art["filename"].endswith(".sql.age") and art["key"].endswith(".sql.age"), art
+        _, body = ferry.artifact(art["key"])
+        assert art["size"] == len(body) and art["sha256"] == hashlib.sha256(body).hexdigest(), \
+            "the manifest records what R2 holds: the encrypted file"
+        assert art["parts"] >= 3
+        assert body.startswith(b"age-encryption.org/v1\n")
+        assert expected not in body and b"INSERT INTO" not in body, "nothing of the dump is readable in R2"
+        encrypted = tmp_path / "dump.sql.age"
+        encrypted.write_bytes(body)
+        plain = subprocess.run(["age", "-d", "-i", str(key), str(encrypted)], check=True, capture_output=True).stdout
+        assert plain == expected, "age decrypts the file to the provider's exact dump"
+        inside = art["details"]["encryption"]["plaintext"]
+        assert inside["size"] == len(expected) and inside["sha256"] == hashlib.sha256(expected).hexdigest()
+        assert inside["md5"] == hashlib.md5(expected).hexdigest()
+        assert inside["row_counts"]["blobs"] > 0
+        assert emulator.state()["downloads"] > 4, "the copy read the dump by range pages, and again after the kill"
+
+        # Verify re-reads R2 and needs no key.
+        verified = ferry.verify_job("sealed")
+        assert verified["phase"] == "verified", verified
+
+        # A restore stops before touching anything, saying what to do instead.
+        folder = art["key"].rsplit("/", 1)[0]
+        status, answer = ferry.restore(folder, {"target": {"database_id": "big-uuid"}, "confirm": "big-uuid"})
+        assert status == 202, answer
+        restore = ferry.wait_job(answer["job"]["id"], timeout=60)
+        assert restore["phase"] == "failed" and "encrypted with age" in restore["error"], restore
+        assert "age -d" in restore["error"]
+    finally:
+        ferry.stop()
+        emulator.stop()
