@@ -103,6 +103,11 @@ pub struct SourceConfig {
     /// them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub age_recipients: Vec<crate::encryption::Recipient>,
+    /// The name of the Worker secret holding the age identity (`AGE-SECRET-KEY-1…`, or an
+    /// `age-keygen` key file) that restores and drills decrypt encrypted backups with
+    /// (`age_identity_secret`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub age_identity_secret: Option<String>,
 }
 
 /// The largest per-task deadline: 30 days.
@@ -173,7 +178,9 @@ impl SourceConfig {
 
     /// Names of the Worker secrets this source needs.
     pub fn secret_names(&self) -> Vec<&str> {
-        self.provider.secret_names()
+        let mut names = self.provider.secret_names();
+        names.extend(self.age_identity_secret.as_deref());
+        names
     }
 }
 
@@ -267,6 +274,8 @@ struct General {
     deadline_seconds: Deadlines,
     #[serde(default)]
     age_recipients: Vec<crate::encryption::Recipient>,
+    #[serde(default, deserialize_with = "fields::opt_secret_name")]
+    age_identity_secret: Option<String>,
 }
 
 fn default_export_timeout() -> Duration {
@@ -389,6 +398,7 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
         replica,
         deadlines: general.deadline_seconds,
         age_recipients: general.age_recipients,
+        age_identity_secret: general.age_identity_secret,
     })
 }
 

@@ -502,6 +502,72 @@ pub fn plaintext_len(header_len: u64, ciphertext_len: u64) -> Result<u64, AgeErr
     Ok(payload - chunks * TAG_SIZE)
 }
 
+/// What of an age file to read for a range of its plaintext (random access, chunk by chunk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// The file offset to read from: the start of the first chunk needed.
+    pub cipher_from: u64,
+    /// Bytes to read from there: the chunks needed, and one byte more when the last of them is
+    /// not the file's last chunk (that byte says it is not, so it opens as a middle chunk).
+    pub cipher_len: u64,
+    /// Index of the first chunk read.
+    pub first_chunk: u64,
+    /// Whether the read reaches the file's end (its last chunk is the file's last).
+    pub reaches_end: bool,
+    /// Plaintext bytes of the first chunk before the range.
+    pub skip: u64,
+    /// Plaintext bytes of the range (less than asked when the file ends first).
+    pub take: u64,
+}
+
+/// The [`Window`] of plaintext `[from, from + len)` in an age file of `cipher_size` bytes whose
+/// header is `header_len` bytes long.
+pub fn window(header_len: u64, cipher_size: u64, from: u64, len: u64) -> Result<Window, AgeError> {
+    let total = plaintext_len(header_len, cipher_size)?;
+    let end = from.saturating_add(len).min(total);
+    if end <= from {
+        // Nothing to read: at or past the end.
+        return Ok(Window { cipher_from: 0, cipher_len: 0, first_chunk: 0, reaches_end: false, skip: 0, take: 0 });
+    }
+    let last_of_file = total.saturating_sub(1) / CHUNK_SIZE;
+    let first = from / CHUNK_SIZE;
+    let last = (end - 1) / CHUNK_SIZE;
+    let reaches_end = last >= last_of_file;
+    let cipher_from = header_len + first * ENCRYPTED_CHUNK_SIZE;
+    let cipher_to =
+        if reaches_end { cipher_size } else { (header_len + (last + 1) * ENCRYPTED_CHUNK_SIZE + 1).min(cipher_size) };
+    Ok(Window {
+        cipher_from,
+        cipher_len: cipher_to.saturating_sub(cipher_from),
+        first_chunk: first,
+        reaches_end,
+        skip: from - first * CHUNK_SIZE,
+        take: end - from,
+    })
+}
+
+/// The plaintext range a [`Window`] was made for, from the `bytes` it names (read from the file),
+/// each chunk authenticated as it opens.
+pub fn read_window(key: &PayloadKey, header_len: u64, window: &Window, bytes: &[u8]) -> Result<Vec<u8>, AgeError> {
+    if window.take == 0 {
+        return Ok(Vec::new());
+    }
+    if bytes.len() as u64 != window.cipher_len {
+        return Err(AgeError::Truncated(format!("read {} bytes of {}", bytes.len(), window.cipher_len)));
+    }
+    let mut decryptor = Decryptor::resume(key.clone(), header_len, window.first_chunk);
+    let mut plain = decryptor.push(bytes)?;
+    if window.reaches_end {
+        plain.extend(decryptor.finish()?);
+    }
+    let skip = usize::try_from(window.skip).map_err(|_| AgeError::InvalidLength("skip".into()))?;
+    let take = usize::try_from(window.take).map_err(|_| AgeError::InvalidLength("take".into()))?;
+    plain
+        .get(skip..skip.saturating_add(take))
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| AgeError::Truncated(format!("the chunks read hold {} bytes, not {}", plain.len(), skip + take)))
+}
+
 /// Drops up to `skip` bytes from the front of `out[start..]`, counting them off `skip`.
 fn drop_skipped(out: &mut Vec<u8>, start: usize, skip: &mut u64) {
     if *skip == 0 {

@@ -48,6 +48,8 @@ pub enum Io {
         staging: Box<d1_sql::Staging>,
         /// Bytes of input the step reads at most (the source's part size).
         step_bytes: u64,
+        /// The age identity an encrypted input is read with (never persisted).
+        identity: Option<crate::secret::Secret>,
     },
     /// Delete these R2 objects (a staged import's chunks); missing ones count as deleted.
     DeleteObjects {
@@ -63,6 +65,11 @@ pub enum Io {
         from: crate::dump::Md5Progress,
         /// Bytes this step reads at most.
         step_bytes: u64,
+        /// An encrypted dump: the size of the age file and of its plaintext; the MD5 is of the
+        /// plaintext, read with `identity`.
+        sealed: Option<(u64, u64)>,
+        /// The age identity (never persisted).
+        identity: Option<crate::secret::Secret>,
     },
     /// One bounded step of scanning or loading an Aura graph export (`runtime/graph_load.rs`).
     GraphLoad(Box<aura::GraphLoadOrder>),

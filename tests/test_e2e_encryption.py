@@ -1,6 +1,7 @@
 """End to end: a source with `age_recipients` stores every artifact as an age file, encrypted in
 the Worker under `wrangler dev` as it is copied in slices, that Debian's `age` decrypts to the
-provider's exact bytes; verify needs no key; a restore stops before touching anything.
+provider's exact bytes; verify needs no key; a restore and a drill decrypt as they stream, with
+the identity held as a Worker secret, and stop before touching anything without it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
+import sqlite3
+from contextlib import closing
+
 from harness import D1Emulator, Ferry, d1_source
-from test_e2e_d1 import expected_dump, make_big_db
+from test_e2e_d1 import expected_dump, make_app_db, make_big_db, rows_of
 
 PART_MIB = 5
 
@@ -29,15 +33,23 @@ def age_key(work: Path) -> tuple[Path, str]:
     return key, recipient.strip()
 
 
-def test_an_encrypted_backup_killed_between_slices_commits_one_age_file_that_age_decrypts(tmp_path):
+def test_an_encrypted_backup_killed_between_slices_is_one_age_file_that_age_decrypts_and_ferry_restores_and_drills(
+        tmp_path):
     key, recipient = age_key(tmp_path)
     big = make_big_db(tmp_path / "big.sqlite", mib=3 * PART_MIB + 2)
     expected = expected_dump(big)
-    emulator = D1Emulator(tmp_path, {"big-uuid": big}, active_polls=1, cancel_after=60)
+    small = make_app_db(tmp_path / "small.sqlite")
+    target = tmp_path / "target.sqlite"
+    sqlite3.connect(target).close()
+    emulator = D1Emulator(tmp_path, {"big-uuid": big, "small-uuid": small, "target-uuid": target},
+                          active_polls=1, cancel_after=60)
     # Two 2 MiB pages per slice: the 17 MiB dump takes several slices.
     source = d1_source("sealed", emulator, "big-uuid", part_size_mib=PART_MIB, slice_max_pages=2,
-                       age_recipients=[recipient])
-    ferry = Ferry(tmp_path / "ferry", [source])
+                       age_recipients=[recipient], age_identity_secret="FERRY_AGE_IDENTITY",
+                       drill_schedule="0 4 * * *")
+    keyless = d1_source("keyless", emulator, "small-uuid", age_recipients=[recipient])
+    identity = next(line for line in key.read_text().splitlines() if line.startswith("AGE-SECRET-KEY-1"))
+    ferry = Ferry(tmp_path / "ferry", [source, keyless], secrets={"FERRY_AGE_IDENTITY": identity})
     try:
         emulator.control(download_delay_ms=20)
         status, _, payload = ferry.webhook("sealed")
@@ -78,13 +90,35 @@ def test_an_encrypted_backup_killed_between_slices_commits_one_age_file_that_age
         verified = ferry.verify_job("sealed")
         assert verified["phase"] == "verified", verified
 
-        # A restore stops before touching anything, saying what to do instead.
+        # A restore decrypts as it streams: the empty target gets every row of the source back.
         folder = art["key"].rsplit("/", 1)[0]
-        status, answer = ferry.restore(folder, {"target": {"database_id": "big-uuid"}, "confirm": "big-uuid"})
+        status, answer = ferry.restore(folder, {"target": {"database_id": "target-uuid"}, "confirm": "target-uuid"})
         assert status == 202, answer
-        restore = ferry.wait_job(answer["job"]["id"], timeout=60)
-        assert restore["phase"] == "failed" and "encrypted with age" in restore["error"], restore
-        assert "age -d" in restore["error"]
+        restore = ferry.wait_job(answer["job"]["id"], timeout=180)
+        assert restore["phase"] == "restored", restore
+        with closing(sqlite3.connect(big)) as a, closing(sqlite3.connect(target)) as b:
+            assert rows_of(b) == rows_of(a), "the restored database equals the source, row for row"
+
+        # A drill of the encrypted backup reads its plaintext's MD5, imports it into a scratch
+        # database and counts every table's rows.
+        status, answer = ferry.api_post("/v1/sources/sealed/drill", {})
+        assert status == 202, answer
+        drill = ferry.wait_job(answer["job"]["id"], timeout=180)
+        assert drill["phase"] == "restored", drill
+
+        # A source without an identity cannot read its encrypted backup: the restore stops before
+        # touching the target, naming the setting.
+        keyless_job = ferry.webhook_job("keyless", timeout=120)
+        assert keyless_job["phase"] == "committed", keyless_job
+        (small_backup,) = ferry.backups("keyless")
+        imports_before = len(emulator.state()["imports"])
+        status, answer = ferry.restore(small_backup["artifacts"][0]["key"].rsplit("/", 1)[0],
+                                       {"target": {"database_id": "target-uuid"}, "confirm": "target-uuid",
+                                        "replace": True})
+        assert status == 202, answer
+        refused = ferry.wait_job(answer["job"]["id"], timeout=60)
+        assert refused["phase"] == "failed" and "age_identity_secret" in refused["error"], refused
+        assert len(emulator.state()["imports"]) == imports_before, "nothing was imported"
     finally:
         ferry.stop()
         emulator.stop()

@@ -744,3 +744,38 @@ fn ferry_refuses_altered_truncated_and_foreign_age_files() {
     let (_, strangers, _) = keygen(&TempDir::new("stranger"));
     assert_eq!(decrypt(&strangers, &file), Err(AgeError::NoMatchingIdentity));
 }
+
+#[test]
+fn any_plaintext_range_reads_back_from_its_window_of_the_file() {
+    let identity = Identity::from_secret_bytes([9u8; 32]);
+    let recipient = identity.to_recipient();
+    for len in [0usize, 1, 65_535, 65_536, 65_537, 200_000, 262_144] {
+        let plain: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+        let envelope = Envelope::new(&[recipient], &[1u8; 16], &[[2u8; 32]], &[3u8; 16]).unwrap();
+        let file = encrypt(&envelope, &plain).unwrap();
+        let opened = Decryptor::open(std::slice::from_ref(&identity), &file).unwrap().unwrap();
+        let header_len = opened.header_len();
+        for (from, want) in [
+            (0u64, 10u64),
+            (0, 1 << 30),
+            (5, 65_536),
+            (65_535, 2),
+            (65_536, 65_536),
+            (131_000, 70_000),
+            (len as u64, 5),
+        ] {
+            let w = window(header_len, file.len() as u64, from, want).unwrap();
+            let bytes = &file[w.cipher_from as usize..(w.cipher_from + w.cipher_len) as usize];
+            let got = read_window(opened.payload_key(), header_len, &w, bytes).unwrap();
+            let start = (from as usize).min(len);
+            let end = (from + want).min(len as u64) as usize;
+            assert_eq!(got, plain[start..end.max(start)], "len {len}, from {from}, want {want}");
+            // A byte flipped inside the window is refused.
+            if w.cipher_len > 20 && !got.is_empty() {
+                let mut bad = bytes.to_vec();
+                bad[10] ^= 1;
+                assert!(read_window(opened.payload_key(), header_len, &w, &bad).is_err());
+            }
+        }
+    }
+}

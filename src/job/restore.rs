@@ -73,9 +73,11 @@ pub(super) fn on_event(mut job: Job, event: Event, cx: &Context<'_>) -> (Job, Ac
             on_answer(job, answer, cx)
         }
         (Phase::Restoring, Event::RestoreIo(Ok(IoDone::Manifest(key, manifest))))
-            if manifest.artifacts.iter().any(crate::transfer::sealed::is_encrypted) =>
+            if manifest.artifacts.iter().any(crate::transfer::sealed::is_encrypted)
+                && encrypted_backup(&key, cx.source).is_some() =>
         {
-            failed(job, StepError::permanent(encrypted_backup(&key)), cx)
+            let why = encrypted_backup(&key, cx.source).unwrap_or_default();
+            failed(job, StepError::permanent(why), cx)
         }
         (Phase::Restoring, Event::RestoreIo(done)) => {
             let answer = match (state_mut(&mut job), done) {
@@ -185,11 +187,22 @@ fn failed(mut job: Job, err: StepError, cx: &Context<'_>) -> (Job, Action) {
     job.fail(message, cx.now)
 }
 
-/// Why a restore or drill of an encrypted backup stops before it touches anything.
-fn encrypted_backup(manifest_key: &str) -> String {
-    format!(
-        "backup {manifest_key} is encrypted with age (its files end in .age) and Ferry's restores and drills do not \
-         decrypt yet: nothing was touched. Decrypt each file with `age -d -i key.txt <file>.age > <file>` and \
-         restore it by hand (see the README's \"Encrypted backups\")"
-    )
+/// Why a restore or drill of an encrypted backup stops before it touches anything, if it must:
+/// only D1's restores and drills decrypt, with the identity the source names.
+fn encrypted_backup(manifest_key: &str, source: &crate::config::SourceConfig) -> Option<String> {
+    if !matches!(source.provider, crate::providers::ProviderConfig::D1(_)) {
+        return Some(format!(
+            "backup {manifest_key} is encrypted with age (its files end in .age), and restores and drills of {} \
+             backups do not decrypt yet: nothing was touched. Decrypt each file with `age -d -i key.txt <file>.age \
+             > <file>` and restore it by hand (see the README's \"Encrypted backups\")",
+            source.kind()
+        ));
+    }
+    source.age_identity_secret.is_none().then(|| {
+        format!(
+            "backup {manifest_key} is encrypted with age and the source names no identity to decrypt it with: \
+             nothing was touched. Put the age identity (AGE-SECRET-KEY-1…) in a Worker secret (wrangler secret \
+             put FERRY_AGE_IDENTITY) and name it in the source's age_identity_secret"
+        )
+    })
 }

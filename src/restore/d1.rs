@@ -124,8 +124,11 @@ pub struct DumpRef {
     pub folder: String,
     /// The dump's R2 key.
     pub key: String,
-    /// Its size in bytes.
+    /// Its size in bytes (of its plaintext, when it is encrypted).
     pub size: u64,
+    /// An encrypted dump: the size of the age file R2 holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<u64>,
     /// Its MD5, the import's `etag`.
     pub md5: String,
     /// Rows per table recorded while it was copied.
@@ -451,7 +454,7 @@ impl D1Restore {
             return Ok(s.clone());
         }
         let dump = self.dump.as_ref().ok_or_else(|| StepError::permanent("the backup's manifest was not read"))?;
-        let mut inputs = vec![Input { key: dump.key.clone(), size: dump.size }];
+        let mut inputs = vec![Input { key: dump.key.clone(), size: dump.size, sealed: dump.sealed }];
         inputs.extend(dump.extra.iter().cloned());
         let prefix = format!("{}{STAGING_DIR}", crate::manifest::folder(source, now, job));
         Ok(Staging::new(inputs, prefix, self.replace))
@@ -468,18 +471,26 @@ impl D1Restore {
         &self,
         cfg: &D1Config,
         token: &Secret,
+        creds: &crate::providers::Credentials,
         job: &JobId,
         now: Timestamp,
         source: &crate::config::SourceConfig,
     ) -> Result<Next, StepError> {
         let dump = || self.dump.as_ref().ok_or_else(|| StepError::permanent("the backup's manifest was not read"));
         let target = || self.target.as_deref().ok_or_else(|| StepError::permanent("no target database"));
+        // An encrypted backup's files are read with the source's age identity.
+        let identity = match (self.dump.as_ref().and_then(|d| d.sealed), &source.age_identity_secret) {
+            (Some(_), Some(name)) => Some(creds.get(name)?),
+            _ => None,
+        };
         Ok(match self.step {
             Step::ReadManifest => Next::Io(Io::ReadManifest { key: self.manifest_key.clone() }),
             Step::Digest => Next::Io(Io::Digest {
                 key: dump()?.key.clone(),
                 from: self.digest.clone().unwrap_or_else(crate::dump::Md5Progress::start),
                 step_bytes: crate::dump::DIGEST_STEP_BYTES,
+                sealed: dump()?.sealed.map(|cipher_size| (cipher_size, self.dump.as_ref().map_or(0, |d| d.size))),
+                identity: identity.cloned(),
             }),
             Step::CreateScratch => Next::Send(authed(
                 HttpRequest::post_json(db_url(cfg, &[])?, &json!({ "name": Self::scratch_name(job) })),
@@ -509,6 +520,7 @@ impl D1Restore {
             Step::Stage => Next::Io(Io::Stage {
                 staging: Box::new(self.staging_or_new(&source.name, job, now)?),
                 step_bytes: source.transfer.part_size,
+                identity: identity.cloned(),
             }),
             Step::Init => Next::Send(authed(
                 HttpRequest::post_json(
@@ -1016,7 +1028,7 @@ impl Restorer for D1Restore {
             return Err(StepError::permanent("a D1 restore of a source that is no longer a D1 source"));
         };
         let token = cx.creds.get(&cfg.token_secret)?;
-        self.next_with(cfg, token, cx.job, cx.now, cx.source)
+        self.next_with(cfg, token, cx.creds, cx.job, cx.now, cx.source)
     }
 
     fn on_response(&mut self, resp: &HttpResponse, now: Timestamp) -> Result<Answer, StepError> {
@@ -1100,7 +1112,7 @@ fn dump_of(key: &str, manifest: &Manifest) -> Result<DumpRef, StepError> {
     let sql: Vec<_> = manifest
         .artifacts
         .iter()
-        .filter(|a| crate::dump::Tally::applies_to(&a.filename) && !imported_after_dump(a))
+        .filter(|a| crate::dump::Tally::applies_to(plain_name(a)) && !imported_after_dump(a))
         .collect();
     let mut extra = extra_inputs(manifest);
     let artifact = match sql.as_slice() {
@@ -1116,7 +1128,8 @@ fn dump_of(key: &str, manifest: &Manifest) -> Result<DumpRef, StepError> {
         [] => return Err(StepError::permanent(format!("backup {folder} holds no .sql dump to restore"))),
         _ => return Err(StepError::permanent(format!("backup {folder} holds more than one .sql dump"))),
     };
-    let md5 = artifact.md5.clone().ok_or_else(|| {
+    let inside = Inside::of(artifact);
+    let md5 = inside.md5.clone().ok_or_else(|| {
         StepError::permanent(format!(
             "backup {folder} records no MD5 of its dump (it was made before Ferry recorded one), so what R2 holds \
              cannot be checked against it: take a new backup"
@@ -1125,15 +1138,53 @@ fn dump_of(key: &str, manifest: &Manifest) -> Result<DumpRef, StepError> {
     Ok(DumpRef {
         folder,
         key: artifact.key.clone(),
-        size: artifact.size,
+        size: inside.size,
+        sealed: inside.sealed,
         md5,
-        row_counts: artifact.row_counts.clone().unwrap_or_default(),
+        row_counts: inside.row_counts.unwrap_or_default(),
         at_bookmark: manifest.provider.get("at_bookmark").and_then(Value::as_str).map(str::to_string),
         finished_at: manifest.finished_at,
         database_id: manifest.provider.get("database_id").and_then(Value::as_str).map(str::to_string),
         extra,
         checks: drill_checks(manifest),
     })
+}
+
+/// What an artifact holds, for a restore: its plaintext when it is encrypted
+/// (`details.encryption.plaintext`), else what R2 holds.
+struct Inside {
+    size: u64,
+    sealed: Option<u64>,
+    md5: Option<String>,
+    row_counts: Option<BTreeMap<String, u64>>,
+}
+
+impl Inside {
+    fn of(artifact: &Artifact) -> Self {
+        let plain = artifact.details.as_ref().and_then(|d| d.pointer("/encryption/plaintext"));
+        match plain {
+            None => Self {
+                size: artifact.size,
+                sealed: None,
+                md5: artifact.md5.clone(),
+                row_counts: artifact.row_counts.clone(),
+            },
+            Some(p) => Self {
+                size: p.get("size").and_then(Value::as_u64).unwrap_or_default(),
+                sealed: Some(artifact.size),
+                md5: p.get("md5").and_then(Value::as_str).map(str::to_string),
+                row_counts: p.get("row_counts").cloned().and_then(|v| serde_json::from_value(v).ok()),
+            },
+        }
+    }
+}
+
+/// An artifact's file name as the provider named it (an encrypted one is stored as `<name>.age`).
+fn plain_name(artifact: &Artifact) -> &str {
+    match crate::transfer::sealed::is_encrypted(artifact) {
+        true => artifact.filename.strip_suffix(crate::transfer::sealed::SUFFIX).unwrap_or(&artifact.filename),
+        false => &artifact.filename,
+    }
 }
 
 /// What the backup's query artifact says a drill must read back (`details.drill_checks`; none in
@@ -1163,7 +1214,10 @@ pub fn extra_inputs(manifest: &Manifest) -> Vec<Input> {
         .artifacts
         .iter()
         .filter(|a| imported_after_dump(a))
-        .map(|a| Input { key: a.key.clone(), size: a.size })
+        .map(|a| {
+            let inside = Inside::of(a);
+            Input { key: a.key.clone(), size: inside.size, sealed: inside.sealed }
+        })
         .collect()
 }
 

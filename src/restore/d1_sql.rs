@@ -823,8 +823,12 @@ fn view_order(views: Vec<Deferred>) -> Vec<Deferred> {
 pub struct Input {
     /// Its R2 key.
     pub key: String,
-    /// Its size.
+    /// Its size (of its plaintext, when it is encrypted).
     pub size: u64,
+    /// An encrypted (age) artifact: the size of the file R2 holds; it is read by
+    /// [`crate::encryption::window`]s and decrypted as it is read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<u64>,
 }
 
 /// A staged import in progress: the rewritten dump is written to R2 as numbered chunks, step by

@@ -240,7 +240,11 @@ fn too_much_held_back_schema_is_refused() {
 /// Stages `inputs` (held in memory) step by step, each step resuming from a state that went
 /// through JSON; returns the chunks joined, and the final state.
 fn stage(inputs: &[&str], step_bytes: u64) -> (Vec<u8>, Staging) {
-    let list = inputs.iter().enumerate().map(|(i, s)| Input { key: format!("in{i}"), size: s.len() as u64 }).collect();
+    let list = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Input { key: format!("in{i}"), size: s.len() as u64, sealed: None })
+        .collect();
     let mut st = Staging::new(list, "job/".into(), false);
     let mut all = Vec::new();
     for _ in 0..10_000 {
@@ -281,7 +285,7 @@ fn staging_in_small_steps_gives_the_same_file_and_md5_as_one_step_and_extra_inpu
 
 #[test]
 fn a_statement_longer_than_a_step_may_read_is_refused_naming_where_it_starts() {
-    let mut st = Staging::new(vec![Input { key: "k".into(), size: 100 }], "p/".into(), false);
+    let mut st = Staging::new(vec![Input { key: "k".into(), size: 100, sealed: None }], "p/".into(), false);
     let err = st.step(Some(b"INSERT INTO t VALUES('no end"), 5).unwrap_err();
     assert_eq!(err, RewriteError::Unterminated { key: "k".into(), offset: 0 });
 }
@@ -291,7 +295,7 @@ proptest! {
 
     #[test]
     fn arbitrary_bytes_never_panic_in_any_steps(data in proptest::collection::vec(any::<u8>(), 0..600), step in 1u64..80) {
-        let mut st = Staging::new(vec![Input { key: "k".into(), size: data.len() as u64 }], "p/".into(), true);
+        let mut st = Staging::new(vec![Input { key: "k".into(), size: data.len() as u64, sealed: None }], "p/".into(), true);
         for _ in 0..1_000 {
             if st.done { break; }
             let read = st.next_read(step).map(|(_, off, len)| &data[off as usize..(off + len) as usize]);

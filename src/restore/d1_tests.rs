@@ -26,7 +26,7 @@ const STAGED: &str = "app-db/2026-11-23T100000Z-0123456789abcdef/restore-staging
 
 /// `DUMP` as the restore stages it (rewritten), with `replace` or not.
 fn staging(replace: bool) -> Staging {
-    let input = Input { key: format!("{FOLDER}db.sql"), size: DUMP.len() as u64 };
+    let input = Input { key: format!("{FOLDER}db.sql"), size: DUMP.len() as u64, sealed: None };
     let mut st = Staging::new(vec![input], STAGED.into(), replace);
     while !st.done {
         let data = st.next_read(8 << 20).map(|(_, off, len)| &DUMP.as_bytes()[off as usize..(off + len) as usize]);
@@ -105,7 +105,7 @@ impl Harness {
                     self.answer(200, json!([{"results": [], "success": true, "meta": {}}]));
                 }
                 Action::Restore(io) => match *io {
-                    Io::Stage { staging, step_bytes } => self.stage_step(*staging, step_bytes),
+                    Io::Stage { staging, step_bytes, .. } => self.stage_step(*staging, step_bytes),
                     other => panic!("expected a request, got {other:?}"),
                 },
                 Action::Send(req) => return req,
@@ -364,11 +364,17 @@ fn drill_to_counts(counts: &[(&str, u64)]) -> Harness {
     h.manifest(manifest(counts, t0()));
     let start = crate::dump::Md5Progress::start();
     let step_bytes = crate::dump::DIGEST_STEP_BYTES;
-    assert_eq!(h.io(), Io::Digest { key: format!("{FOLDER}db.sql"), from: start.clone(), step_bytes });
+    assert_eq!(
+        h.io(),
+        Io::Digest { key: format!("{FOLDER}db.sql"), from: start.clone(), step_bytes, sealed: None, identity: None }
+    );
     // The MD5 of the dump in R2 is read back in bounded steps, each going on where the last stopped.
     let halfway = crate::dump::Md5Progress { offset: 5, md5_state: start.md5_state.clone() };
     h.feed(Event::RestoreIo(Ok(IoDone::DigestPart(halfway.clone()))));
-    assert_eq!(h.io(), Io::Digest { key: format!("{FOLDER}db.sql"), from: halfway, step_bytes });
+    assert_eq!(
+        h.io(),
+        Io::Digest { key: format!("{FOLDER}db.sql"), from: halfway, step_bytes, sealed: None, identity: None }
+    );
     h.feed(Event::RestoreIo(Ok(IoDone::Digest { md5: MD5.into(), size: DUMP.len() as u64 })));
     let create = h.request();
     assert!(create.url.ends_with("/accounts/acc/d1/database"), "{}", create.url);
@@ -632,7 +638,7 @@ fn sql_artifacts_marked_after_dump_are_staged_after_the_dump_in_manifest_order()
     h.answer(200, json!({"uuid": "db-2"}));
     h.raw_request();
     h.answer(200, json!([{"results": []}]));
-    let Io::Stage { staging, step_bytes } = h.io() else { panic!("expected staging") };
+    let Io::Stage { staging, step_bytes, .. } = h.io() else { panic!("expected staging") };
     assert_eq!(step_bytes, 8 << 20, "a step reads at most the source's part size");
     let keys: Vec<&str> = staging.inputs.iter().map(|i| i.key.as_str()).collect();
     assert_eq!(keys, [format!("{FOLDER}db.sql"), format!("{FOLDER}virtual_tables.sql")]);
@@ -647,7 +653,7 @@ fn a_failed_staging_step_fails_the_import_after_deleting_what_was_staged() {
     h.answer(200, json!({"uuid": "db-2"}));
     h.raw_request();
     h.answer(200, json!([{"results": []}]));
-    let Io::Stage { staging, step_bytes } = h.io() else { panic!("expected staging") };
+    let Io::Stage { staging, step_bytes, .. } = h.io() else { panic!("expected staging") };
     h.stage_step(*staging, step_bytes);
     assert!(matches!(h.io(), Io::Stage { .. }));
     h.feed(Event::RestoreIo(Err(StepError::permanent("no statement ends within 6291456 bytes"))));
@@ -774,7 +780,7 @@ fn drill_with_checks(notes_pages: &[Value], nums_pages: &[Value]) -> (Option<Str
     loop {
         match h.wake() {
             Action::Restore(io) => {
-                let Io::Stage { mut staging, step_bytes } = *io else { panic!("expected staging") };
+                let Io::Stage { mut staging, step_bytes, .. } = *io else { panic!("expected staging") };
                 let data = staging.next_read(step_bytes).map(|(key, off, len)| {
                     let text = if key.ends_with("db.sql") { DUMP } else { QUERY_SQL };
                     &text.as_bytes()[off as usize..(off + len) as usize]
