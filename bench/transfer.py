@@ -27,9 +27,12 @@ prints both peak wasm memories and whether they are equal.
 Usage (the Worker must be built first: bash scripts/build.sh):
   python3 bench/transfer.py [--size-mib 1024] [--runs 3] [--parts-in-flight 1,2,4,6]
                             [--part-size-mib N] [--slice-max-mib N] [--slice-max-seconds N]
-                            [--big | --big-only] [--keep] [--baseline OTHER/build]
+                            [--big | --big-only] [--keep] [--baseline OTHER/build] [--encrypt]
 ``--baseline`` runs Ferry once more from another checkout's build/ (e.g. the previous commit,
 built in a git worktree) in the same run, and prints this build's time over it.
+``--encrypt`` runs Ferry once more with every file encrypted to an age recipient (a key made by
+``age-keygen``), checks each file by decrypting it with Debian's ``age``, and prints encrypted /
+unencrypted.
 The Ferry source fields part_size_mib, parts_in_flight, slice_max_mib and slice_max_seconds are
 sent only when given here, so the script also runs against an engine that does not know them.
 Volumes are built once and cached (``--cache-dir``, default ~/.cache/ferry-bench). Every process
@@ -334,6 +337,43 @@ def verify_ferry(ferry: BenchFerry, source: str, job: dict, emu: DxpSource) -> s
     return f"ok, {parts} parts"
 
 
+def verify_sealed(ferry: BenchFerry, source: str, job: dict, emu: DxpSource, key_file: Path) -> str:
+    """An encrypted backup: each file, read back from R2 and decrypted by Debian's `age`, is the
+    emulator's file; the manifest records the encrypted bytes and the plaintext inside."""
+    (manifest,) = [m for m in ferry.backups(source) if m["job_id"] == job["id"]]
+    by_name = {a["filename"]: a for a in manifest["artifacts"]}
+    for name, expected in (("volume.tgz", emu.backup["volume"]), ("database.gz", emu.backup["database"])):
+        art = by_name[name + ".age"]
+        url = f"{ferry.http.base}/v1/backups/{urllib.parse.quote(art['key'])}"
+        req = urllib.request.Request(url, headers={"authorization": f"Bearer {API_TOKEN}"})
+        age = subprocess.Popen(["age", "-d", "-i", str(key_file)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        sealed, plain, size = hashlib.sha256(), hashlib.sha256(), 0
+
+        def drain():
+            nonlocal size
+            while chunk := age.stdout.read(1 << 20):
+                plain.update(chunk)
+                size += len(chunk)
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            while chunk := resp.read(1 << 20):
+                sealed.update(chunk)
+                age.stdin.write(chunk)
+        age.stdin.close()
+        reader.join()
+        if age.wait() != 0:
+            raise AssertionError(f"{name}.age: age -d failed")
+        if (size, plain.hexdigest()) != (expected["size"], expected["sha256"]):
+            raise AssertionError(f"{name}.age decrypts to {size} bytes sha256 {plain.hexdigest()}, not the source's")
+        if art["sha256"] != sealed.hexdigest():
+            raise AssertionError(f"{name}.age: the manifest's sha256 is not the encrypted file's")
+        if art["details"]["encryption"]["plaintext"]["sha256"] != expected["sha256"]:
+            raise AssertionError(f"{name}.age: the manifest's plaintext sha256 is not the source's")
+    return "ok, age -d"
+
+
 def verify_js(js: JsWorker, key: str, emu: DxpSource) -> str:
     _, size, sha, _ = stream(f"{js.http.base}/?key={urllib.parse.quote(key)}", {}, hash_it=True)
     if (size, sha) != (emu.volume["size"], emu.volume["sha256"]):
@@ -401,7 +441,7 @@ def describe(fields: dict) -> str:
 
 
 def run_ferry(emu: DxpSource, work: Path, bundle: Path, fields: dict, runs: int, cleanup: Cleanup,
-              timeout: float, label: str | None = None) -> Row:
+              timeout: float, label: str | None = None, key_file: Path | None = None) -> Row:
     """`runs` backups of the same backup (one source each: a source never copies a backup twice) in
     one fresh `wrangler dev`, so the peak wasm memory logged is this configuration's."""
     total = emu.backup["volume"]["size"] + emu.backup["database"]["size"]
@@ -440,7 +480,10 @@ def run_ferry(emu: DxpSource, work: Path, bundle: Path, fields: dict, runs: int,
             else:
                 run.seconds = sampler.ended_at - start
                 try:
-                    run.verified = verify_ferry(ferry, name, job, emu)
+                    if key_file is not None:
+                        run.verified = verify_sealed(ferry, name, job, emu, key_file)
+                    else:
+                        run.verified = verify_ferry(ferry, name, job, emu)
                 except Exception as e:
                     run.error = f"verification failed: {e}"
             run.wasm_mib, matches = wasm_peak(ferry, matches)
@@ -583,6 +626,8 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed for one copy (default 3600)")
     p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ferry-bench",
                    help="where the emulator's volumes are built and kept (default ~/.cache/ferry-bench)")
+    p.add_argument("--encrypt", action="store_true",
+                   help="also run Ferry with age_recipients (needs Debian's age) and print encrypted / unencrypted")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, R2 state) for debugging")
     p.add_argument("--baseline", type=Path, metavar="BUILD_DIR",
                    help="another checkout's build/ folder (for example the previous commit's, built in a git "
@@ -647,6 +692,18 @@ def main_comparison(args, work: Path, bundle: Path, pif_values: list, cleanup: C
         rows.append(row)
         if not args.keep:
             shutil.rmtree(work / f"ferry-{i}", ignore_errors=True)
+    sealed_row = None
+    if args.encrypt:
+        # The same copy with every file encrypted to an age recipient, side by side in this run.
+        key_file = work / "age-key.txt"
+        subprocess.run(["age-keygen", "-o", str(key_file)], check=True, capture_output=True)
+        recipient = next(line.split(": ", 1)[1].strip() for line in key_file.read_text().splitlines()
+                         if line.startswith("# public key:"))
+        fields = {**ferry_fields(args, pif_values[0]), "age_recipients": [recipient]}
+        sealed_row = run_ferry(emu, work / "ferry-sealed", bundle, fields, args.runs, cleanup, args.timeout,
+                               label=f"Ferry encrypted (age), {describe(ferry_fields(args, pif_values[0]))}",
+                               key_file=key_file)
+        rows.append(sealed_row)
     base_row = None
     if baseline is not None:
         fields = ferry_fields(args, pif_values[0])
@@ -673,6 +730,13 @@ def main_comparison(args, work: Path, bundle: Path, pif_values: list, cleanup: C
         print(f"ratio Ferry / plain download ({row.label[7:]}): {best / floor:.1f}x")
     if js_best and floor:
         print(f"ratio JS Worker / plain download: {js_best / floor:.1f}x")
+    if sealed_row is not None:
+        this, sealed = ferry_rows[0].best(), sealed_row.best()
+        if this is None or sealed is None:
+            print("ratio encrypted / unencrypted Ferry: n/a (a side failed)")
+        else:
+            print(f"ratio encrypted / unencrypted Ferry: {sealed / this:.2f}x  (best vs best; the cost of age "
+                  "encryption in the Worker, each file checked with age -d)")
     if base_row is not None:
         this, before = ferry_rows[0].best(), base_row.best()
         if this is None or before is None:
