@@ -270,6 +270,15 @@ mod tests {
         assert_eq!(old.last_backup_at, None);
     }
 
+    /// Judges a Dgraph account's backends, daily, without `max_age`.
+    fn assess_backends(
+        history: &[JobSummary],
+        latest: &BTreeMap<String, MemberJobs>,
+        now: Timestamp,
+    ) -> (Health, BTreeMap<String, Health>) {
+        assess_source(&Watch { schedule: &daily(), max_age: None, member_noun: "backend" }, history, latest, None, now)
+    }
+
     fn member_job(member: &str, phase: Phase, finished: &str, error: Option<&str>) -> JobSummary {
         JobSummary {
             id: JobId::new(format!("{:016x}", finished.len() * 13 + member.len() * 7 + phase as usize)),
@@ -296,13 +305,7 @@ mod tests {
         let old = member_job("beta", Phase::Committed, "2026-11-25T03:05:00Z", None);
         let history = [old.clone(), fresh.clone()];
         let latest = members(&[("alpha", Some(fresh.clone()), Some(fresh)), ("beta", Some(old.clone()), Some(old))]);
-        let (source, each) = assess_source(
-            &Watch { schedule: &daily(), max_age: None, member_noun: "backend" },
-            &history,
-            &latest,
-            None,
-            now,
-        );
+        let (source, each) = assess_backends(&history, &latest, now);
         assert_eq!(each["alpha"].light, Light::Green);
         assert_eq!(each["beta"].light, Light::Red);
         assert_eq!(source.light, Light::Red, "the worst member's");
@@ -320,13 +323,7 @@ mod tests {
         let history = [alpha.clone()];
         let latest =
             members(&[("alpha", Some(alpha.clone()), Some(alpha)), ("beta", Some(beta_ok), Some(beta_failed))]);
-        let (source, each) = assess_source(
-            &Watch { schedule: &daily(), max_age: None, member_noun: "backend" },
-            &history,
-            &latest,
-            None,
-            now,
-        );
+        let (source, each) = assess_backends(&history, &latest, now);
         assert_eq!(each["alpha"].light, Light::Green);
         assert_eq!(each["beta"].light, Light::Amber);
         assert_eq!(source.reason, "backend beta: the last backup failed: Dgraph export failed: x");
@@ -338,13 +335,7 @@ mod tests {
         let alpha = member_job("alpha", Phase::Committed, "2026-11-28T03:05:00Z", None);
         let login = job(Task::Export, Phase::Failed, "2026-11-28T04:00:00Z", Some("Dgraph Cloud login failed: no"));
         let latest = members(&[("alpha", Some(alpha.clone()), Some(alpha.clone()))]);
-        let (source, each) = assess_source(
-            &Watch { schedule: &daily(), max_age: None, member_noun: "backend" },
-            &[alpha, login],
-            &latest,
-            None,
-            now,
-        );
+        let (source, each) = assess_backends(&[alpha, login], &latest, now);
         assert_eq!(each["alpha"].light, Light::Amber);
         assert!(source.reason.contains("Dgraph Cloud login failed"), "{}", source.reason);
     }
@@ -353,13 +344,7 @@ mod tests {
     fn without_members_the_source_is_one_series() {
         let now = at("2026-11-28T05:00:00Z");
         let history = [job(Task::Export, Phase::Committed, "2026-11-28T03:05:00Z", None)];
-        let (source, each) = assess_source(
-            &Watch { schedule: &daily(), max_age: None, member_noun: "backend" },
-            &history,
-            &BTreeMap::new(),
-            None,
-            now,
-        );
+        let (source, each) = assess_backends(&history, &BTreeMap::new(), now);
         assert_eq!(source, assess(&daily(), None, &history, None, now));
         assert!(each.is_empty());
     }

@@ -160,17 +160,7 @@ async fn stage(
             let opener = Opener::new(bucket, &key, sealed.unwrap_or_default(), identity).await?;
             Some(opener.read(offset, length).await?)
         }
-        Some((key, offset, length)) => {
-            let object = bucket
-                .get(key.clone())
-                .range(Range::OffsetWithLength { offset, length })
-                .execute()
-                .await
-                .map_err(|e| transient("R2 get", e))?
-                .ok_or_else(|| StepError::permanent(format!("{key} is missing from R2")))?;
-            let body = object.body().ok_or_else(|| StepError::transient(format!("R2 returned no body for {key}")))?;
-            Some(body.bytes().await.map_err(|e| transient("R2 read", e))?)
-        }
+        Some((key, offset, length)) => Some(read_range(bucket, &key, offset, length).await?),
         None => None,
     };
     let out = staging.step(data.as_deref(), step_bytes).map_err(|e| StepError::permanent(e.to_string()))?;
