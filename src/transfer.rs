@@ -310,6 +310,12 @@ pub trait Generator {
     /// Before [`Generator::finish`]: what of the finished file the job reads from `state` (the
     /// graph export's warnings travel in its cursor). Nothing by default.
     fn record_end(&self, _state: &mut CopyState) {}
+    /// Whether `resp` refuses a signed URL that expired (an encrypted download's page): the
+    /// slice then ends as a pause would, and the job asks the provider for a fresh URL. `None`
+    /// by default.
+    fn expired(&self, _resp: &crate::http::HttpResponse) -> Option<String> {
+        None
+    }
 }
 
 /// The persisted progress of one artifact's copy.

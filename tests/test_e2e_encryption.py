@@ -106,6 +106,19 @@ def test_an_encrypted_backup_killed_between_slices_is_one_age_file_that_age_decr
         drill = ferry.wait_job(answer["job"]["id"], timeout=180)
         assert drill["phase"] == "restored", drill
 
+        # A signed URL that expires mid-copy is renewed and the encrypted copy goes on from where
+        # it was: still one age file of the exact dump.
+        emulator.control(signed_url_ttl_s=2, download_delay_ms=20)
+        renewed = ferry.webhook_job("sealed", timeout=240)
+        emulator.control(signed_url_ttl_s=3600, download_delay_ms=0)
+        assert renewed["phase"] == "committed", renewed
+        assert renewed["renewals"] >= 1, renewed
+        (again,) = [m for m in ferry.backups("sealed") if m["job_id"] == renewed["id"]]
+        _, body = ferry.artifact(again["artifacts"][0]["key"])
+        encrypted.write_bytes(body)
+        plain = subprocess.run(["age", "-d", "-i", str(key), str(encrypted)], check=True, capture_output=True).stdout
+        assert plain == expected
+
         # A source without an identity cannot read its encrypted backup: the restore stops before
         # touching the target, naming the setting.
         keyless_job = ferry.webhook_job("keyless", timeout=120)

@@ -881,6 +881,7 @@ async fn generated_slice(sink: &mut Sink<'_>, mut writer: Box<dyn Generator>) ->
     }
     let mut pages = 0u32;
     let mut more = false;
+    let mut expired = None;
     while let Some(request) = writer.next_request() {
         if pages > 0 && (pages >= sink.settings.slice_pages || sink.budget_used()) {
             more = true;
@@ -896,6 +897,12 @@ async fn generated_slice(sink: &mut Sink<'_>, mut writer: Box<dyn Generator>) ->
             }
             Err(e) => return Err(StepError::transient(e)),
         };
+        if let Some(answer) = writer.expired(&resp) {
+            // Ends like a pause (what was read is kept); the job renews the URL, then goes on.
+            expired = Some(answer);
+            more = true;
+            break;
+        }
         writer.on_response(&resp, super::now())?;
         sink.push(&writer.take_output()).await?;
         pages += 1;
@@ -935,7 +942,7 @@ async fn generated_slice(sink: &mut Sink<'_>, mut writer: Box<dyn Generator>) ->
             drop_tail(sink, key).await;
         }
     }
-    Ok(SliceOutcome::Paused)
+    Ok(expired.map_or(SliceOutcome::Paused, SliceOutcome::UrlExpired))
 }
 
 /// Deletes a tail object the copy no longer needs; a failure is recorded for the daily sweep.

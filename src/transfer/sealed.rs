@@ -328,6 +328,17 @@ impl Generator for Sealed {
             inner.record_end(state);
         }
     }
+
+    fn expired(&self, resp: &HttpResponse) -> Option<String> {
+        // Only a signed URL (a GET without credentials) expires; a refused credential is not it.
+        let Plain::Download(base) = &self.plain else { return None };
+        if base.header_value("authorization").is_some() {
+            return None;
+        }
+        let text: String = String::from_utf8_lossy(&resp.body).chars().take(200).collect();
+        super::signed_url_expired(resp.status, &text)
+            .then(|| format!("a download page was refused (HTTP {}): {}", resp.status, text.trim()))
+    }
 }
 
 /// The length a 416's `Content-Range: bytes */<length>` gives.

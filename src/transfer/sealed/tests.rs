@@ -247,3 +247,20 @@ fn a_generated_file_is_encrypted_across_slices_keeping_its_cursor_warnings_and_d
     }
     assert_eq!(decrypt(&[id], &file).unwrap(), expected);
 }
+
+#[test]
+fn an_expired_signed_url_is_told_apart_from_other_refusals() {
+    let env = envelope_for(&identity());
+    let g = Sealed::new(Plain::Download(HttpRequest::get("https://x/f")), Some(&env), None, false).unwrap();
+    let expired = HttpResponse {
+        status: 403,
+        headers: vec![],
+        body: b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>".to_vec(),
+    };
+    assert!(g.expired(&expired).unwrap().contains("Request has expired"));
+    let busy = HttpResponse { status: 503, headers: vec![], body: b"busy".to_vec() };
+    assert_eq!(g.expired(&busy), None);
+    let authed = HttpRequest::get("https://x/f").header("authorization", "Bearer t");
+    let g = Sealed::new(Plain::Download(authed), Some(&env), None, false).unwrap();
+    assert_eq!(g.expired(&expired), None, "a download with credentials has no signed URL to renew");
+}
