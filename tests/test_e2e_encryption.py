@@ -135,3 +135,42 @@ def test_an_encrypted_backup_killed_between_slices_is_one_age_file_that_age_decr
     finally:
         ferry.stop()
         emulator.stop()
+
+
+def test_an_encrypted_aura_graph_export_across_slices_opens_with_age_and_ferrys_drill_loads_it(tmp_path):
+    import gzip
+    import json
+
+    from harness import AURA_SECRETS, AuraEmulator, aura_source
+
+    key, recipient = age_key(tmp_path)
+    identity = next(line for line in key.read_text().splitlines() if line.startswith("AGE-SECRET-KEY-1"))
+    emulator = AuraEmulator(tmp_path, nodes=120, rels=200, snapshot_polls=1)
+    # Pages of 20 elements, one page per slice: the encrypted file is written over many slices,
+    # the inner export's cursor carried in the encrypted copy's.
+    source = aura_source("graph", emulator, mode="logical", drill_database="scratch", page_size=20,
+                         slice_max_pages=1, age_recipients=[recipient], age_identity_secret="FERRY_AGE_IDENTITY")
+    ferry = Ferry(tmp_path / "ferry", [source], secrets={**AURA_SECRETS, "FERRY_AGE_IDENTITY": identity})
+    try:
+        job = ferry.webhook_job("graph", timeout=180)
+        assert job["phase"] == "committed", job
+        (manifest,) = ferry.backups("graph")
+        (art,) = manifest["artifacts"]
+        assert art["filename"] == "graph.jsonl.gz.age"
+        assert art["details"]["labels"], "the export's own details are kept next to details.encryption"
+        _, body = ferry.artifact(art["key"])
+        encrypted = tmp_path / "graph.jsonl.gz.age"
+        encrypted.write_bytes(body)
+        plain = subprocess.run(["age", "-d", "-i", str(key), str(encrypted)], check=True, capture_output=True).stdout
+        assert hashlib.sha256(plain).hexdigest() == art["details"]["encryption"]["plaintext"]["sha256"]
+        lines = gzip.decompress(plain).decode().splitlines()
+        assert json.loads(lines[-1]) == {"type": "footer", "nodes": 120, "relationships": 200}
+
+        status, answer = ferry.api_post("/v1/sources/graph/drill", {})
+        assert status == 202, answer
+        drill = ferry.wait_job(answer["job"]["id"], timeout=180)
+        assert drill["phase"] == "restored", drill
+        assert emulator.graph("scratch") == {"nodes": [], "relationships": []}, "the drill emptied its database"
+    finally:
+        ferry.stop()
+        emulator.stop()

@@ -188,9 +188,11 @@ fn failed(mut job: Job, err: StepError, cx: &Context<'_>) -> (Job, Action) {
 }
 
 /// Why a restore or drill of an encrypted backup stops before it touches anything, if it must:
-/// only D1's restores and drills decrypt, with the identity the source names.
+/// D1's restores and drills and Aura's logical loads and drills decrypt, with the identity the
+/// source names.
 fn encrypted_backup(manifest_key: &str, source: &crate::config::SourceConfig) -> Option<String> {
-    if !matches!(source.provider, crate::providers::ProviderConfig::D1(_)) {
+    use crate::providers::ProviderConfig;
+    if !matches!(source.provider, ProviderConfig::D1(_) | ProviderConfig::Aura(_)) {
         return Some(format!(
             "backup {manifest_key} is encrypted with age (its files end in .age), and restores and drills of {} \
              backups do not decrypt yet: nothing was touched. Decrypt each file with `age -d -i key.txt <file>.age \

@@ -826,6 +826,9 @@ pub struct GraphLoadOrder {
     pub cursor: LoadCursor,
     /// The property the load keys elements by.
     pub helper: Helper,
+    /// An encrypted graph file: the size of the age file and the identity it is read with
+    /// (never persisted).
+    pub sealed: Option<(u64, Secret)>,
 }
 
 impl std::fmt::Debug for GraphLoadOrder {
@@ -934,6 +937,9 @@ pub struct BackupRef {
     /// The digests of the typed values the export wrote, as its manifest recorded them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub values: Option<ValueDigests>,
+    /// An encrypted graph file (`graph.jsonl.gz.age`): the size of the age file R2 holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graph_sealed: Option<u64>,
 }
 
 /// A restore's persisted state.
@@ -1292,7 +1298,14 @@ impl AuraRestore {
         req.header("authorization", format!("Bearer {token}")).header("content-type", "application/json")
     }
 
-    fn next_with(&self, cfg: &AuraConfig, creds: &Credentials, job: &JobId, now: Timestamp) -> Result<Next, StepError> {
+    fn next_with(
+        &self,
+        cfg: &AuraConfig,
+        creds: &Credentials,
+        identity: Option<&Secret>,
+        job: &JobId,
+        now: Timestamp,
+    ) -> Result<Next, StepError> {
         if self.is_api_step() && self.secret_access_token.is_none() {
             return Ok(Next::Send(provider::token_request(cfg, creds)?));
         }
@@ -1407,6 +1420,15 @@ impl AuraRestore {
                     record_key: format!("graphload:{job}"),
                     cursor: self.load.clone().unwrap_or_default(),
                     helper: self.helper(job),
+                    sealed: match (self.backup()?.graph_sealed, identity) {
+                        (Some(size), Some(identity)) => Some((size, identity.clone())),
+                        (Some(_), None) => {
+                            return Err(StepError::permanent(
+                                "the graph export is encrypted and the source names no age_identity_secret",
+                            ))
+                        }
+                        (None, _) => None,
+                    },
                 })))
             }
             Step::Record => Next::Io(Io::Record {
@@ -2106,7 +2128,13 @@ impl Restorer for AuraRestore {
         let ProviderConfig::Aura(cfg) = &cx.source.provider else {
             return Err(StepError::permanent("an Aura restore of a source that is no longer an Aura source"));
         };
-        self.next_with(cfg, cx.creds, cx.job, cx.now)
+        // An encrypted backup's graph file is read with the source's age identity.
+        let sealed = self.backup.as_ref().is_some_and(|b| b.graph_sealed.is_some());
+        let identity = match (&cx.source.age_identity_secret, sealed) {
+            (Some(name), true) => Some(cx.creds.get(name)?),
+            _ => None,
+        };
+        self.next_with(cfg, cx.creds, identity, cx.job, cx.now)
     }
 
     fn sending(&mut self, job: &JobId) {
@@ -2157,7 +2185,11 @@ impl Restorer for AuraRestore {
 /// The backup's snapshot and graph file, from its manifest.
 fn backup_of(key: &str, manifest: &Manifest) -> BackupRef {
     let folder = crate::manifest::folder_of(key).unwrap_or_default().to_string();
-    let graph = manifest.artifacts.iter().find(|a| a.filename == GRAPH_FILE);
+    let sealed_name = format!("{GRAPH_FILE}{}", crate::transfer::sealed::SUFFIX);
+    let graph = manifest
+        .artifacts
+        .iter()
+        .find(|a| a.filename == GRAPH_FILE || (crate::transfer::sealed::is_encrypted(a) && a.filename == sealed_name));
     let counts = |field: &str| -> Option<BTreeMap<String, u64>> {
         let details = graph?.details.as_ref()?;
         serde_json::from_value(details.get(field)?.clone()).ok()
@@ -2171,5 +2203,6 @@ fn backup_of(key: &str, manifest: &Manifest) -> BackupRef {
         values: graph
             .and_then(|a| a.details.as_ref()?.get("values").cloned())
             .and_then(|v| serde_json::from_value(v).ok()),
+        graph_sealed: graph.filter(|a| crate::transfer::sealed::is_encrypted(a)).map(|a| a.size),
     }
 }

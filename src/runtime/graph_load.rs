@@ -106,17 +106,7 @@ async fn step(
         Budget { started: super::now(), max_time: order.max_time, statements: 0, max_statements: order.max_statements };
     // Start at the member the cursor names: the lines before it are done and not read again.
     let from = loader.read_from();
-    let mut get = bucket.get(order.key.clone());
-    if from > 0 {
-        get = get.range(Range::OffsetToEnd { offset: from });
-    }
-    let object = get
-        .execute()
-        .await
-        .map_err(|e| StepError::transient(format!("R2 get failed: {e}")))?
-        .ok_or_else(|| StepError::permanent(format!("the graph export {} is missing from R2", order.key)))?;
-    let body = object.body().ok_or_else(|| StepError::transient(format!("R2 returned no body for {}", order.key)))?;
-    let mut stream = body.stream().map_err(|e| StepError::transient(format!("R2 read failed: {e}")))?;
+    let mut input = Input::open(bucket, order, from).await?;
     let mut lines = MemberLines::new(from, MAX_LINE);
     let mut read = 0u64;
     loop {
@@ -127,9 +117,8 @@ async fn step(
                 }
             }
             Piece::MemberEnd(offset) => loader.member_end(offset),
-            Piece::NeedInput => match stream.next().await {
+            Piece::NeedInput => match input.next().await? {
                 Some(chunk) => {
-                    let chunk = chunk.map_err(|e| StepError::transient(format!("R2 read failed: {e}")))?;
                     let before = read;
                     read += chunk.len() as u64;
                     lines.feed(chunk);
@@ -151,6 +140,52 @@ async fn step(
     }
     save(storage, order, &loader.cursor).await;
     Ok(())
+}
+
+/// Bytes of an encrypted graph file a read decrypts at once.
+const SEALED_READ: u64 = 1024 * 1024;
+
+/// Where a step reads the graph file from: R2's stream of the object from an offset, or, for an
+/// encrypted file, its plaintext decrypted window by window.
+enum Input<'a> {
+    Stream(worker::ByteStream),
+    Sealed { opener: super::restore::Opener<'a>, at: u64 },
+}
+
+impl<'a> Input<'a> {
+    async fn open(bucket: &'a Bucket, order: &'a GraphLoadOrder, from: u64) -> Result<Input<'a>, StepError> {
+        if let Some((size, identity)) = &order.sealed {
+            let opener = super::restore::Opener::new(bucket, &order.key, *size, Some(identity)).await?;
+            return Ok(Self::Sealed { opener, at: from });
+        }
+        let mut get = bucket.get(order.key.clone());
+        if from > 0 {
+            get = get.range(Range::OffsetToEnd { offset: from });
+        }
+        let object = get
+            .execute()
+            .await
+            .map_err(|e| StepError::transient(format!("R2 get failed: {e}")))?
+            .ok_or_else(|| StepError::permanent(format!("the graph export {} is missing from R2", order.key)))?;
+        let body =
+            object.body().ok_or_else(|| StepError::transient(format!("R2 returned no body for {}", order.key)))?;
+        Ok(Self::Stream(body.stream().map_err(|e| StepError::transient(format!("R2 read failed: {e}")))?))
+    }
+
+    /// The next bytes, `None` at the end.
+    async fn next(&mut self) -> Result<Option<Vec<u8>>, StepError> {
+        match self {
+            Self::Stream(stream) => match stream.next().await {
+                Some(chunk) => Ok(Some(chunk.map_err(|e| StepError::transient(format!("R2 read failed: {e}")))?)),
+                None => Ok(None),
+            },
+            Self::Sealed { opener, at } => {
+                let plain = opener.read(*at, SEALED_READ).await?;
+                *at += plain.len() as u64;
+                Ok((!plain.is_empty()).then_some(plain))
+            }
+        }
+    }
 }
 
 /// One line: `false` when the step's budget is spent (the cursor says where to go on).

@@ -174,7 +174,7 @@ async fn stage(
 /// An encrypted (age) object of R2, opened with the source's identity: its header read and its
 /// payload key derived, so that any range of its plaintext can be read
 /// ([`crate::encryption::window`]), each chunk authenticated as it is opened.
-struct Opener<'a> {
+pub(super) struct Opener<'a> {
     bucket: &'a Bucket,
     key: &'a str,
     size: u64,
@@ -183,7 +183,12 @@ struct Opener<'a> {
 }
 
 impl<'a> Opener<'a> {
-    async fn new(bucket: &'a Bucket, key: &'a str, size: u64, identity: Option<&Secret>) -> Result<Self, StepError> {
+    pub(super) async fn new(
+        bucket: &'a Bucket,
+        key: &'a str,
+        size: u64,
+        identity: Option<&Secret>,
+    ) -> Result<Self, StepError> {
         use crate::encryption::{Decryptor, Identity, MAX_HEADER_LEN};
         let identity = identity.ok_or_else(|| {
             StepError::permanent(format!("{key} is encrypted and the source names no age_identity_secret to read it"))
@@ -213,7 +218,7 @@ impl<'a> Opener<'a> {
     }
 
     /// Plaintext bytes `[from, from + len)` (fewer at the end).
-    async fn read(&self, from: u64, len: u64) -> Result<Vec<u8>, StepError> {
+    pub(super) async fn read(&self, from: u64, len: u64) -> Result<Vec<u8>, StepError> {
         let bad = |e: crate::encryption::AgeError| StepError::permanent(format!("{}: {e}", self.key));
         let window = crate::encryption::window(self.header_len, self.size, from, len).map_err(bad)?;
         if window.take == 0 {
