@@ -350,6 +350,19 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
     general.retry.check().map_err(|e| at(e.within("retry")))?;
     let transfer: TransferSettings = read(transfer).map_err(at)?;
     transfer.check().map_err(at)?;
+    let sealed_peak = transfer.peak_memory() + crate::transfer::sealed::MEMORY;
+    if !general.age_recipients.is_empty() && sealed_peak > crate::transfer::MEMORY_BUDGET {
+        return Err(at(FieldError::new(
+            "part_size_mib",
+            format!(
+                "and parts_in_flight need {} MiB with encryption (age_recipients adds {} MiB of pages and \
+                 ciphertext), more than the {} MiB a 128 MB isolate can spare; lower part_size_mib or parts_in_flight",
+                sealed_peak >> 20,
+                crate::transfer::sealed::MEMORY >> 20,
+                crate::transfer::MEMORY_BUDGET >> 20
+            ),
+        )));
+    }
     let Some(provider) = ProviderConfig::from_fields(&kind, Value::Object(provider)) else {
         let kinds: Vec<String> = ProviderConfig::KINDS.iter().map(|k| format!("{k:?}")).collect();
         return Err(at(FieldError::new("kind", format!("must be one of {} (got {kind:?})", kinds.join(", ")))));

@@ -1224,11 +1224,24 @@ fn a_source_with_age_recipients_copies_each_file_encrypted_as_name_dot_age() {
 }
 
 #[test]
-fn a_bad_age_recipient_is_a_config_error_naming_the_field() {
+fn a_bad_age_recipient_or_an_encrypted_copy_over_the_memory_budget_is_a_config_error_naming_the_field() {
     let v = json!([{
         "name": "app-db", "kind": "d1", "schedule": "0 3 * * *", "account_id": "acc", "database_id": "db-1",
         "token_secret": "D1_TOKEN", "age_recipients": ["AGE-SECRET-KEY-1QQQQ"]
     }]);
     let e = Config::from_value(&v).unwrap_err().to_string();
     assert!(e.contains("age_recipients") && e.contains("secret key"), "{e}");
+    let recipient = crate::encryption::Identity::from_secret_bytes([3u8; 32]).to_recipient().to_string();
+    let mut big = v.clone();
+    big[0]["age_recipients"] = json!([recipient]);
+    big[0]["part_size_mib"] = json!(32);
+    big[0]["parts_in_flight"] = json!(1);
+    assert!(Config::from_value(&big).is_ok(), "64 MiB of parts fit without encryption's pages");
+    let e = Config::from_value(&json!([{
+        "name": "app-db", "kind": "d1", "schedule": "0 3 * * *", "account_id": "acc", "database_id": "db-1",
+        "token_secret": "D1_TOKEN", "age_recipients": [recipient], "part_size_mib": 24, "parts_in_flight": 2
+    }]))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("\"part_size_mib\"") && e.contains("encryption"), "{e}");
 }

@@ -28,8 +28,12 @@ use crate::time::Timestamp;
 pub const SUFFIX: &str = ".age";
 /// The content type an encrypted artifact is stored with.
 pub const CONTENT_TYPE: &str = "application/octet-stream";
-/// Bytes a download page asks for (its answer must fit the API body cap of 4 MiB).
-pub const DOWNLOAD_PAGE: u64 = 2 * 1024 * 1024;
+/// Bytes a download page asks for: the API body cap (4 MiB), so a GiB takes 256 requests.
+pub const DOWNLOAD_PAGE: u64 = 4 * 1024 * 1024;
+/// What an encrypted copy holds in wasm memory besides the copy's part buffers: a page as read,
+/// its plaintext and ciphertext on the way, and what waits to be pushed (measured peak: 25 MiB
+/// with 4 MiB pages, `bench/transfer.py --encrypt`).
+pub const MEMORY: u64 = 7 * DOWNLOAD_PAGE;
 /// The smallest page a download's page size is halved to.
 const MIN_PAGE: u64 = 64 * 1024;
 
