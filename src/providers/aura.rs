@@ -560,7 +560,10 @@ impl AuraState {
             };
             let name = item.get("name").and_then(Value::as_str).unwrap_or_default();
             let tenant = item.get("tenant_id").and_then(Value::as_str);
-            if tenant.is_some_and(|t| Some(t) != cfg.tenant_id.as_deref())
+            // Ferry's own drill instances (`ferry-drill-<job>`) live for one drill: never a member.
+            let scratch = name.starts_with(drill::SCRATCH_PREFIX);
+            if scratch
+                || tenant.is_some_and(|t| Some(t) != cfg.tenant_id.as_deref())
                 || !crate::providers::name_matches(&cfg.instance_id, name)
             {
                 continue;

@@ -484,7 +484,9 @@ fn on_list(
             return Err(malformed("a listed database without uuid or name"));
         };
         let known = listing.found.iter().any(|d| d.uuid == uuid);
-        if cfg.selects(name) && !known {
+        // Ferry's own drill databases (`ferry-drill-<job>`) live for one drill: never a member.
+        let scratch = name.starts_with(crate::restore::d1::SCRATCH_PREFIX);
+        if cfg.selects(name) && !known && !scratch {
             listing.found.push(Database { uuid: uuid.to_string(), name: name.to_string() });
         }
     }
@@ -1145,5 +1147,18 @@ mod tests {
         let c = whole_account("*");
         let e = c.export_url(&c.database_id).unwrap_err();
         assert!(e.to_string().contains("names no database"), "{e}");
+    }
+
+    #[test]
+    fn ferrys_own_drill_databases_are_never_members_of_a_whole_account() {
+        let c = whole_account("*");
+        let mut s = D1State::default();
+        let Progress::Spawn(children) =
+            on_response(&c, &mut s, &listed(&["orders", "ferry-drill-0123456789abcdef"]), now()).unwrap()
+        else {
+            panic!("spawns")
+        };
+        let members: Vec<String> = children.iter().filter_map(crate::providers::ProviderState::member).collect();
+        assert_eq!(members, ["orders"]);
     }
 }

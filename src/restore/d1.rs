@@ -443,7 +443,7 @@ impl D1Restore {
 
     /// The drill's scratch database's name.
     pub fn scratch_name(job: &JobId) -> String {
-        format!("ferry-drill-{job}")
+        format!("{SCRATCH_PREFIX}{job}")
     }
 
     /// The staging in progress, or a fresh one: the dump, then the extra artifacts, under a
@@ -1081,6 +1081,9 @@ pub fn scratch_list_request(cfg: &D1Config, token: &Secret) -> Result<HttpReques
 pub fn scratch_delete_request(cfg: &D1Config, token: &Secret, uuid: &str) -> Result<HttpRequest, StepError> {
     Ok(authed(HttpRequest::delete(db_url(cfg, &[uuid])?), token))
 }
+
+/// The name every drill's scratch database starts with.
+pub const SCRATCH_PREFIX: &str = "ferry-drill-";
 
 /// From the listing's answer: the scratch databases (`ferry-drill-<job id>`, uuid and name) whose
 /// job is not in flight (`live`: job ids) and that were created over [`SCRATCH_GRACE`] ago. A

@@ -175,7 +175,8 @@ impl Sealed {
                         resp.body.len()
                     )));
                 }
-                self.read_all = total.is_some_and(|t| end + 1 >= t);
+                // Without a total (`bytes a-b/*`), a page shorter than asked is the last.
+                self.read_all = total.map_or((resp.body.len() as u64) < self.page, |t| end + 1 >= t);
                 total
             }
             // At the end: an object whose length is a multiple of the page, or an empty one.

@@ -192,8 +192,11 @@ pub fn drill_target(cfg: &AuraConfig) -> Result<DrillTarget, String> {
 
 /// The scratch instance's name: found again by it after a lost create answer.
 pub fn scratch_name(job_id: &str) -> String {
-    format!("ferry-drill-{job_id}")
+    format!("{SCRATCH_PREFIX}{job_id}")
 }
+
+/// The name every drill's scratch instance starts with.
+pub const SCRATCH_PREFIX: &str = "ferry-drill-";
 
 fn malformed(what: &str) -> StepError {
     StepError::permanent(format!("Aura API: received a malformed response ({what})"))

@@ -657,3 +657,19 @@ fn a_whole_tenant_source_whose_pattern_matches_nothing_skips_naming_it() {
         Progress::Skip("no instance of tenant t-1 matches \"prod-*\"".into())
     );
 }
+
+#[test]
+fn ferrys_own_drill_instances_are_never_members_of_a_whole_tenant() {
+    let s = whole_tenant(json!({"instance_id": "*"}));
+    let c = cfg(&s);
+    let mut st = AuraState::default();
+    st.on_response(c, &token(3600), t(0)).unwrap();
+    let list = HttpResponse::json(
+        200,
+        &json!({"data": [{"id": "aaaa0001", "name": "orders", "tenant_id": "t-1"},
+                         {"id": "aaaa0009", "name": "ferry-drill-0123456789abcdef", "tenant_id": "t-1"}]}),
+    );
+    let Progress::Spawn(children) = st.on_response(c, &list, t(1)).unwrap() else { panic!("spawns") };
+    let members: Vec<String> = children.iter().filter_map(crate::providers::ProviderState::member).collect();
+    assert_eq!(members, ["aaaa0001"]);
+}

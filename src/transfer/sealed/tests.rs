@@ -264,3 +264,22 @@ fn an_expired_signed_url_is_told_apart_from_other_refusals() {
     let g = Sealed::new(Plain::Download(authed), Some(&env), None, false).unwrap();
     assert_eq!(g.expired(&expired), None, "a download with credentials has no signed URL to renew");
 }
+
+#[test]
+fn a_range_server_that_gives_no_total_ends_at_the_first_short_page() {
+    let data = plaintext(150_000);
+    let env = envelope_for(&identity());
+    let mut g = Sealed::new(Plain::Download(HttpRequest::get("https://x/f")), Some(&env), None, false).unwrap();
+    g.page = 100_000;
+    let mut file = Vec::new();
+    while let Some(req) = g.next_request() {
+        let mut resp = serve(&data, &req, "\"v1\"");
+        let range = resp.header("content-range").unwrap().rsplit_once('/').unwrap().0.to_string();
+        resp.headers[0].1 = format!("{range}/*");
+        g.on_response(&resp, Timestamp::from_secs(1)).unwrap();
+        file.extend(g.take_output());
+    }
+    let (rest, _) = Box::new(g).finish().unwrap();
+    file.extend(rest);
+    assert_eq!(decrypt(&[identity()], &file).unwrap(), data);
+}
