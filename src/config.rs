@@ -192,6 +192,13 @@ impl Config {
 
     /// Parses `FERRY_SOURCES`: an array of source tables, or a JSON string holding one.
     pub fn from_value(value: &Value) -> Result<Self, ConfigError> {
+        Self::with_defaults(value, None)
+    }
+
+    /// `FERRY_SOURCES` with `FERRY_DEFAULTS`: a table of fields every source shares (its
+    /// `age_recipients`, `retention`, `retry`, part sizes, …), which a source that does not set
+    /// a field takes. A default of a field only some kinds have is refused, naming it.
+    pub fn with_defaults(value: &Value, defaults: Option<&Value>) -> Result<Self, ConfigError> {
         let owned;
         let value = match value {
             Value::String(s) => {
@@ -201,11 +208,22 @@ impl Config {
             }
             other => other,
         };
+        let defaults = shared_defaults(defaults)?;
         let items =
             value.as_array().ok_or_else(|| ConfigError::top("FERRY_SOURCES must be an array of source tables"))?;
         let mut sources: Vec<SourceConfig> = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
-            let source = parse_source(i, item)?;
+            let item = match (item, &defaults) {
+                (Value::Object(table), Some(defaults)) => {
+                    let mut table = table.clone();
+                    for (k, v) in defaults {
+                        table.entry(k.clone()).or_insert_with(|| v.clone());
+                    }
+                    Value::Object(table)
+                }
+                _ => item.clone(),
+            };
+            let source = parse_source(i, &item)?;
             if sources.iter().any(|s| s.name == source.name) {
                 return Err(ConfigError::field(&source.name, FieldError::new("name", "is used by another source")));
             }
@@ -413,6 +431,32 @@ fn parse_source(index: usize, value: &Value) -> Result<SourceConfig, ConfigError
         age_recipients: general.age_recipients,
         age_identity_secret: general.age_identity_secret,
     })
+}
+
+/// `FERRY_DEFAULTS` (a table, or its JSON text), checked to hold only fields every source has.
+fn shared_defaults(defaults: Option<&Value>) -> Result<Option<Map<String, Value>>, ConfigError> {
+    let parsed;
+    let table = match defaults {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) => {
+            parsed = serde_json::from_str::<Value>(s)
+                .map_err(|e| ConfigError::top(format!("FERRY_DEFAULTS is not valid JSON: {e}")))?;
+            &parsed
+        }
+        Some(other) => other,
+    };
+    let table = table.as_object().ok_or_else(|| ConfigError::top("FERRY_DEFAULTS must be a table"))?;
+    let shared = [fields::struct_fields::<General>(), fields::struct_fields::<TransferSettings>()].concat();
+    for key in table.keys() {
+        let per_source = matches!(key.as_str(), "name" | "schedule" | "kind");
+        let shared = shared.contains(&key.as_str()) || matches!(key.as_str(), "retention" | "replica");
+        if per_source || !shared {
+            return Err(ConfigError::top(format!(
+                "FERRY_DEFAULTS: \"{key}\" is not a field every source has; set it on the sources instead"
+            )));
+        }
+    }
+    Ok(Some(without_nulls(table)))
 }
 
 fn read<T: for<'de> Deserialize<'de>>(part: Map<String, Value>) -> Result<T, FieldError> {
@@ -1040,5 +1084,30 @@ mod tests {
             Some("https://override.io/"),
             "api_base overrides endpoint"
         );
+    }
+
+    #[test]
+    fn ferry_defaults_give_every_source_the_shared_fields_it_does_not_set() {
+        let recipient = crate::encryption::Identity::from_secret_bytes([5u8; 32]).to_recipient().to_string();
+        let sources = json!([
+            {"name": "a", "kind": "d1", "schedule": "0 3 * * *", "account_id": "acc", "database_id": "db",
+             "token_secret": "D1_TOKEN"},
+            {"name": "b", "kind": "d1", "schedule": "0 3 * * *", "account_id": "acc", "database_id": "db",
+             "token_secret": "D1_TOKEN", "age_recipients": [], "retention": {"keep_last": 2}}
+        ]);
+        let defaults =
+            json!({"age_recipients": [recipient], "age_identity_secret": "AGE_ID", "retention": {"keep_last": 5}});
+        let config = Config::with_defaults(&sources, Some(&defaults)).unwrap();
+        assert_eq!(config.sources[0].age_recipients.len(), 1, "a takes the default recipients");
+        assert_eq!(config.sources[0].age_identity_secret.as_deref(), Some("AGE_ID"));
+        assert!(config.sources[0].secret_names().contains(&"AGE_ID"));
+        assert!(config.sources[1].age_recipients.is_empty(), "b's own (empty) list wins");
+        assert_ne!(config.sources[0].retention, config.sources[1].retention);
+        let text = Value::String(defaults.to_string());
+        assert_eq!(Config::with_defaults(&sources, Some(&text)).unwrap(), config, "the JSON text reads the same");
+        for bad in [json!({"token_secret": "X"}), json!({"name": "x"}), json!({"schedule": "0 1 * * *"}), json!([1])] {
+            let e = Config::with_defaults(&sources, Some(&bad)).unwrap_err().to_string();
+            assert!(e.contains("FERRY_DEFAULTS"), "{e}");
+        }
     }
 }

@@ -306,19 +306,21 @@ class Ferry:
     """The built Worker under ``wrangler dev``, configured with the given sources."""
 
     def __init__(self, workdir: Path, sources: list | str, secrets: dict | None = None, crons=("*/5 * * * *",),
-                 bundle: Path | None = None, alerts: list | str | None = None, r2_aliases: dict | None = None):
+                 bundle: Path | None = None, alerts: list | str | None = None, r2_aliases: dict | None = None,
+                 defaults: dict | None = None):
         """``bundle``: the folder holding the built ``index.js`` (default: ``build/``, built if missing).
         ``alerts``: the ``FERRY_ALERTS`` destinations; with them, the ``ALERTS`` queue is bound and
         consumed by the same Worker (as in the real wrangler.toml, with a 1 s batch timeout).
         ``r2_aliases``: more R2 bindings, ``{binding: bucket_name}`` (e.g. a second binding to
-        ``ferry-backups``)."""
+        ``ferry-backups``). ``defaults``: ``FERRY_DEFAULTS``, the fields every source takes unless it
+        sets them."""
         if bundle is None:
             ensure_built()
             bundle = ROOT / "build"
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.persist = workdir / "state"
-        self.bundle, self.crons, self.alerts = bundle, crons, alerts
+        self.bundle, self.crons, self.alerts, self.defaults = bundle, crons, alerts, defaults
         self.r2_aliases = dict(r2_aliases or {})
         self.secrets = {"FERRY_API_TOKEN": API_TOKEN, "FERRY_WEBHOOK_SECRET": WEBHOOK_SECRET, "D1_API_TOKEN": D1_TOKEN}
         self.secrets.update(secrets or {})
@@ -335,6 +337,7 @@ class Ferry:
         bundle, crons, workdir = self.bundle, self.crons, self.workdir
         aliases = "".join(f"[[r2_buckets]]\nbinding = {toml_string(b)}\nbucket_name = {toml_string(n)}\n"
                           for b, n in self.r2_aliases.items())
+        defaults = "" if self.defaults is None else f"FERRY_DEFAULTS = {toml_string(json.dumps(self.defaults))}\n"
         alerts = ""
         if self.alerts is not None:
             raw_alerts = self.alerts if isinstance(self.alerts, str) else json.dumps(self.alerts)
@@ -366,7 +369,7 @@ new_sqlite_classes = ["SourceObject"]
 crons = {json.dumps(list(crons))}
 [vars]
 FERRY_SOURCES = {toml_string(raw)}
-{alerts}""")
+{defaults}{alerts}""")
 
     def start(self) -> None:
         env = tool_env(WRANGLER_LOG_PATH=str(self.workdir / "wrangler-logs"))

@@ -45,11 +45,12 @@ def test_an_encrypted_backup_killed_between_slices_is_one_age_file_that_age_decr
                           active_polls=1, cancel_after=60)
     # Two 2 MiB pages per slice: the 17 MiB dump takes several slices.
     source = d1_source("sealed", emulator, "big-uuid", part_size_mib=PART_MIB, slice_max_pages=2,
-                       age_recipients=[recipient], age_identity_secret="FERRY_AGE_IDENTITY",
-                       drill_schedule="0 4 * * *")
-    keyless = d1_source("keyless", emulator, "small-uuid", age_recipients=[recipient])
+                       age_identity_secret="FERRY_AGE_IDENTITY", drill_schedule="0 4 * * *")
+    keyless = d1_source("keyless", emulator, "small-uuid")
     identity = next(line for line in key.read_text().splitlines() if line.startswith("AGE-SECRET-KEY-1"))
-    ferry = Ferry(tmp_path / "ferry", [source, keyless], secrets={"FERRY_AGE_IDENTITY": identity})
+    # Both sources take their recipients from FERRY_DEFAULTS.
+    ferry = Ferry(tmp_path / "ferry", [source, keyless], secrets={"FERRY_AGE_IDENTITY": identity},
+                  defaults={"age_recipients": [recipient]})
     try:
         emulator.control(download_delay_ms=20)
         status, _, payload = ferry.webhook("sealed")

@@ -86,21 +86,28 @@ async fn deliver_alerts(batch: MessageBatch<String>, env: Env, _ctx: Context) ->
     Ok(())
 }
 
-/// Parses `FERRY_SOURCES` from the environment.
+/// Parses `FERRY_SOURCES` (with `FERRY_DEFAULTS`, the fields every source takes unless it sets
+/// them) from the environment.
 pub(crate) fn load_config(env: &Env) -> Result<Config, ConfigError> {
-    let raw = js_sys::Reflect::get(env.as_ref(), &JsValue::from_str("FERRY_SOURCES")).unwrap_or(JsValue::UNDEFINED);
+    let sources = var_value(env, "FERRY_SOURCES")?.unwrap_or_else(|| serde_json::Value::Array(Vec::new()));
+    let defaults = var_value(env, "FERRY_DEFAULTS")?;
+    Config::with_defaults(&sources, defaults.as_ref())
+}
+
+/// A `[vars]` entry as JSON (a TOML table, or its JSON text as a string); `None` when unset.
+fn var_value(env: &Env, name: &str) -> Result<Option<serde_json::Value>, ConfigError> {
+    let raw = js_sys::Reflect::get(env.as_ref(), &JsValue::from_str(name)).unwrap_or(JsValue::UNDEFINED);
     if raw.is_undefined() || raw.is_null() {
-        return Config::from_value(&serde_json::Value::Array(Vec::new()));
+        return Ok(None);
     }
-    let value: serde_json::Value = match raw.as_string() {
-        Some(s) => serde_json::Value::String(s),
-        None => serde_wasm_bindgen::from_value(raw).map_err(|e| ConfigError {
+    match raw.as_string() {
+        Some(s) => Ok(Some(serde_json::Value::String(s))),
+        None => serde_wasm_bindgen::from_value(raw).map(Some).map_err(|e| ConfigError {
             source_name: None,
             field: None,
-            problem: format!("FERRY_SOURCES could not be read: {e}"),
-        })?,
-    };
-    Config::from_value(&value)
+            problem: format!("{name} could not be read: {e}"),
+        }),
+    }
 }
 
 /// A Worker secret, or `None` when it is not set.
