@@ -1,5 +1,6 @@
 """`wrangler deploy --dry-run` bundles the real wrangler.toml (it runs the build command)."""
 
+import re
 import subprocess
 
 from harness import ROOT, WRANGLER, tool_env
@@ -15,3 +16,7 @@ def test_deploy_dry_run_bundles_the_real_config(tmp_path):
     assert "--dry-run: exiting now." in out.stdout, out.stdout
     assert (tmp_path / "dist" / "index.js").exists()
     assert any(p.suffix == ".wasm" for p in (tmp_path / "dist").iterdir())
+    # Cloudflare's limit on a Worker is 10 MiB gzipped (3 MiB on Free); Ferry keeps under 1.5 MiB.
+    match = re.search(r"gzip: ([0-9.]+) KiB", out.stdout)
+    assert match, out.stdout
+    assert float(match.group(1)) < 1.5 * 1024, f"the bundle is {match.group(1)} KiB gzipped, over 1.5 MiB"
