@@ -613,7 +613,10 @@ fn sealed_source(
             Some(sealed::envelope(recipients, &random)?)
         }
     };
-    Ok(Box::new(Sealed::new(plain, envelope.as_ref(), cursor, tally)?))
+    // The provider's file name: the object's name without `.age`.
+    let name = state.key.rsplit('/').next().unwrap_or_default();
+    let name = name.strip_suffix(sealed::SUFFIX).unwrap_or(name);
+    Ok(Box::new(Sealed::new(plain, envelope.as_ref(), cursor, tally)?.checking_start(name)))
 }
 
 /// One slice of a download: from the persisted offset to the budget or the end.

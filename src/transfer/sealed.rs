@@ -104,6 +104,9 @@ pub struct Sealed {
     /// A download: every byte was read.
     read_all: bool,
     output: Vec<u8>,
+    /// The provider's file name, whose first bytes a download's first page is checked against
+    /// ([`super::wrong_start`]: a login page is never encrypted and stored as a dump).
+    plain_name: Option<String>,
 }
 
 impl Sealed {
@@ -140,7 +143,14 @@ impl Sealed {
             page: page.max(MIN_PAGE),
             read_all: false,
             output: Vec::new(),
+            plain_name: None,
         })
+    }
+
+    /// Checks a download's first bytes as the provider's file `name` must start.
+    pub fn checking_start(mut self, name: &str) -> Self {
+        self.plain_name = Some(name.to_string());
+        self
     }
 
     /// Takes plaintext: hashed as it is, then encrypted into the output.
@@ -216,6 +226,11 @@ impl Sealed {
                          starts over"
                     )));
                 }
+            }
+        }
+        if let (0, Some(name)) = (offset, &self.plain_name) {
+            if let Some(why) = super::wrong_start(name, &resp.body) {
+                return Err(StepError::permanent(why));
             }
         }
         let body = resp.body.clone();

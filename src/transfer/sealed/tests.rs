@@ -283,3 +283,16 @@ fn a_range_server_that_gives_no_total_ends_at_the_first_short_page() {
     file.extend(rest);
     assert_eq!(decrypt(&[identity()], &file).unwrap(), data);
 }
+
+#[test]
+fn a_login_page_served_for_a_dump_is_refused_before_anything_is_encrypted() {
+    let env = envelope_for(&identity());
+    let mut g = Sealed::new(Plain::Download(HttpRequest::get("https://x/d.sql")), Some(&env), None, true)
+        .unwrap()
+        .checking_start("d.sql");
+    let page = b"<!DOCTYPE html><html><body>Sign in</body></html>".to_vec();
+    let e =
+        g.on_response(&HttpResponse { status: 200, headers: vec![], body: page }, Timestamp::from_secs(1)).unwrap_err();
+    assert!(e.to_string().contains("HTML page"), "{e}");
+    assert!(g.take_output().is_empty(), "nothing was encrypted");
+}
