@@ -36,6 +36,10 @@ use crate::providers::{url_with_path, Download, Progress, ProviderSettings};
 use crate::secret::Secret;
 use crate::time::Timestamp;
 
+/// The name every drill's scratch database starts with (`ferry-drill-<job>`, see
+/// `restore::d1`): never a member of a whole-account source.
+pub const SCRATCH_PREFIX: &str = "ferry-drill-";
+
 /// Most log lines kept per job.
 const MAX_MESSAGES: usize = 200;
 
@@ -485,7 +489,7 @@ fn on_list(
         };
         let known = listing.found.iter().any(|d| d.uuid == uuid);
         // Ferry's own drill databases (`ferry-drill-<job>`) live for one drill: never a member.
-        let scratch = name.starts_with(crate::restore::d1::SCRATCH_PREFIX);
+        let scratch = name.starts_with(SCRATCH_PREFIX);
         if cfg.selects(name) && !known && !scratch {
             listing.found.push(Database { uuid: uuid.to_string(), name: name.to_string() });
         }

@@ -443,7 +443,7 @@ impl D1Restore {
 
     /// The drill's scratch database's name.
     pub fn scratch_name(job: &JobId) -> String {
-        format!("{SCRATCH_PREFIX}{job}")
+        format!("{}{job}", crate::providers::d1::SCRATCH_PREFIX)
     }
 
     /// The staging in progress, or a fresh one: the dump, then the extra artifacts, under a
@@ -1073,7 +1073,7 @@ pub const SCRATCH_GRACE: Duration = Duration::from_secs(3600);
 /// `cloudflare-typescript` `database.list`).
 pub fn scratch_list_request(cfg: &D1Config, token: &Secret) -> Result<HttpRequest, StepError> {
     let mut url = url::Url::parse(&db_url(cfg, &[])?).map_err(|e| StepError::permanent(e.to_string()))?;
-    url.query_pairs_mut().append_pair("name", "ferry-drill-").append_pair("per_page", "100");
+    url.query_pairs_mut().append_pair("name", crate::providers::d1::SCRATCH_PREFIX).append_pair("per_page", "100");
     Ok(authed(HttpRequest::get(url.to_string()), token))
 }
 
@@ -1081,9 +1081,6 @@ pub fn scratch_list_request(cfg: &D1Config, token: &Secret) -> Result<HttpReques
 pub fn scratch_delete_request(cfg: &D1Config, token: &Secret, uuid: &str) -> Result<HttpRequest, StepError> {
     Ok(authed(HttpRequest::delete(db_url(cfg, &[uuid])?), token))
 }
-
-/// The name every drill's scratch database starts with.
-pub const SCRATCH_PREFIX: &str = "ferry-drill-";
 
 /// From the listing's answer: the scratch databases (`ferry-drill-<job id>`, uuid and name) whose
 /// job is not in flight (`live`: job ids) and that were created over [`SCRATCH_GRACE`] ago. A
@@ -1100,7 +1097,7 @@ pub fn scratch_leftovers(
         .filter_map(|db| {
             let name = db.get("name").and_then(Value::as_str)?;
             let uuid = db.get("uuid").and_then(Value::as_str)?;
-            let job = name.strip_prefix("ferry-drill-")?;
+            let job = name.strip_prefix(crate::providers::d1::SCRATCH_PREFIX)?;
             let ours = job.len() == 16 && job.bytes().all(|b| b.is_ascii_hexdigit());
             let created = db.get("created_at").and_then(Value::as_str).and_then(Timestamp::parse_rfc3339);
             let old = created.is_some_and(|c| now.since(c) > SCRATCH_GRACE);
