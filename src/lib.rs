@@ -21,10 +21,13 @@
 //!   its own module; it sits above what the tasks use (providers, verify, replica, restore).
 //! - [`ledger`]: a source's bookkeeping: single flight, webhook replay, cron idempotency.
 //! - [`budget`]: the Cloudflare API's request budget per API token: grant, or wait until when.
-//! - [`providers`]: one module per provider protocol (`providers::d1`), behind one small enum.
+//! - [`providers`]: one module per provider protocol (`providers::d1`), behind one small enum;
+//!   a whole-account source (a Dgraph account, a D1 account, an Aura tenant) discovers its
+//!   members and spawns one job per member.
 //! - [`transfer`]: sliced, resumable copies: the persisted state of a copy and how a resumed
 //!   download's answer is judged (`Range`, `If-Range`, validators); a file Ferry writes itself
-//!   (the Aura graph, D1's query artifact) is a `Generator` its provider implements.
+//!   (the Aura graph, D1's query artifact) is a `Generator` its provider implements; an
+//!   encrypted copy is one too (`transfer::sealed`), wrapping a download or another generator.
 //! - [`verify`]: the verify job's progress and outcome: read a backup back, re-hash, compare.
 //! - [`status`]: one source's report (job in flight, progress, health, history) and [`metrics`].
 //! - [`manifest`]: the R2 layout and the manifest written last as the commit marker.
@@ -42,7 +45,8 @@
 //! - [`api`]: routes and auth checks of the HTTP API.
 //! - [`dashboard`]: the page served at `/` (inline HTML, CSS and JS) and its security headers.
 //! - [`encryption`]: client-side encryption in the standard age v1 format (X25519 recipients):
-//!   header, streaming and resumable STREAM payload, so `age -d` opens any encrypted backup.
+//!   header, streaming and resumable STREAM payload, so `age -d` opens any encrypted backup;
+//!   restores read any plaintext range of such a file by its window of whole chunks.
 //! - [`http`], [`error`], [`retry`], [`secret`], [`time`]: values shared by the above.
 //! - `runtime` (wasm32 only): the thin shell over `worker`. It executes the core's actions with
 //!   `Fetch`, keeps each source's jobs in a Durable Object, arms alarms and streams into R2.
