@@ -28,8 +28,12 @@ Usage (the Worker must be built first: bash scripts/build.sh):
   python3 bench/transfer.py [--size-mib 1024] [--runs 3] [--parts-in-flight 1,2,4,6]
                             [--part-size-mib N] [--slice-max-mib N] [--slice-max-seconds N]
                             [--big | --big-only] [--keep] [--baseline OTHER/build] [--encrypt]
+                            [--sealed-kill-only]
 ``--baseline`` runs Ferry once more from another checkout's build/ (e.g. the previous commit,
 built in a git worktree) in the same run, and prints this build's time over it.
+``--sealed-kill-only`` copies the volume encrypted in slices of ``--slice-max-mib`` (default 128),
+kills the Worker after three slices, starts it again and checks the committed age file with
+``age -d``.
 ``--encrypt`` runs Ferry once more with every file encrypted to an age recipient (a key made by
 ``age-keygen``), checks each file by decrypting it with Debian's ``age``, and prints encrypted /
 unencrypted.
@@ -628,6 +632,9 @@ def main() -> int:
                    help="where the emulator's volumes are built and kept (default ~/.cache/ferry-bench)")
     p.add_argument("--encrypt", action="store_true",
                    help="also run Ferry with age_recipients (needs Debian's age) and print encrypted / unencrypted")
+    p.add_argument("--sealed-kill-only", action="store_true",
+                   help="only: an encrypted --size-mib copy in slices of --slice-max-mib (default 128), the Worker "
+                        "killed after 3 slices and started again; the one age file checked with age -d")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, R2 state) for debugging")
     p.add_argument("--baseline", type=Path, metavar="BUILD_DIR",
                    help="another checkout's build/ folder (for example the previous commit's, built in a git "
@@ -655,6 +662,8 @@ def main() -> int:
             baseline, baseline_info = snapshot_build(work, args.baseline, "baseline-bundle")
             print(f"baseline: {baseline_info}")
         pif_values = args.parts_in_flight or [None]
+        if args.sealed_kill_only:
+            return 1 if sealed_kill_check(args, work, bundle, cleanup) else 0
         if not args.big_only:
             failed |= main_comparison(args, work, bundle, pif_values, cleanup, baseline)
         if args.big or args.big_only:
@@ -748,6 +757,55 @@ def main_comparison(args, work: Path, bundle: Path, pif_values: list, cleanup: C
           " database.gz besides the volume; the JS Worker from its request to its answer. Status latency: GET"
           " /v1/jobs/{id} while the job was transferring.")
     return any(r.best() is None or any(run.error for run in r.runs) for r in rows)
+
+
+def sealed_kill_check(args, work: Path, bundle: Path, cleanup: Cleanup) -> bool:
+    """An encrypted copy of the --size-mib volume, cut in slices, the Worker killed (SIGKILL) once
+    it has run three of them and started again: the job must commit one age file that Debian's
+    `age -d` decrypts to the source's exact bytes. Returns True when it failed."""
+    emu = cleanup.add(DxpSource(work, args.cache_dir, args.size_mib))
+    key_file = work / "age-key.txt"
+    subprocess.run(["age-keygen", "-o", str(key_file)], check=True, capture_output=True)
+    recipient = next(line.split(": ", 1)[1].strip() for line in key_file.read_text().splitlines()
+                     if line.startswith("# public key:"))
+    slice_mib = args.slice_max_mib or 128
+    source = dxp_source("sealed-kill", emu, auth="master_token", age_recipients=[recipient], slice_max_mib=slice_mib)
+    ferry = cleanup.add(BenchFerry(work / "ferry-sealed-kill", [source], bundle))
+    try:
+        start = time.perf_counter()
+        status, _, payload = ferry.webhook("sealed-kill", body=b"{}")
+        if status != 202:
+            print(f"sealed kill check: webhook answered {status}: {payload}")
+            return True
+        job_id = payload["job"]["id"]
+        deadline = time.time() + args.timeout
+        slices = 0
+        while time.time() < deadline:
+            job = ferry.job(job_id)
+            slices = (job.get("copy") or {}).get("slices", 0)
+            if slices >= 3 or job["phase"] in ("committed", "failed"):
+                break
+            time.sleep(0.5)
+        offset = (job.get("copy") or {}).get("offset", 0)
+        print(f"  killing the Worker after {slices} slices ({offset / MIB:.0f} MiB of the age file stored)", flush=True)
+        ferry.stop(kill=True)
+        ferry.start()
+        job = ferry.wait_job(job_id, timeout=args.timeout)
+        seconds = time.perf_counter() - start
+        if job["phase"] != "committed":
+            print(f"sealed kill check: FAILED, job {job['phase']}: {job.get('error')}")
+            return True
+        verified = verify_sealed(ferry, "sealed-kill", job, emu, key_file)
+        (manifest,) = [m for m in ferry.backups("sealed-kill") if m["job_id"] == job["id"]]
+        volume = next(a for a in manifest["artifacts"] if a["filename"] == "volume.tgz.age")
+        print(f"sealed kill check: committed in {seconds:.1f} s (kill and restart included), {volume['parts']} parts, "
+              f"{volume['size']} bytes encrypted for {emu.volume['size']} plaintext; {verified}: one valid age file")
+        return False
+    finally:
+        cleanup.discard(ferry)
+        ferry.stop()
+        cleanup.discard(emu)
+        emu.stop()
 
 
 def big_check(args, work: Path, bundle: Path, pif, cleanup: Cleanup) -> bool:
