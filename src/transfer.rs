@@ -470,8 +470,17 @@ impl CopyState {
     /// slice ended. A cursor that does not read back is a permanent error, never a silent
     /// restart from the beginning of a file whose first parts are already stored.
     pub fn cursor_as<T: serde::de::DeserializeOwned>(&self) -> Result<Option<T>, StepError> {
-        self.cursor
-            .clone()
+        self.read_cursor(self.cursor.as_ref())
+    }
+
+    /// A cursor of this copy held elsewhere (an encrypted copy keeps its inner generator's inside
+    /// its own), read back as [`CopyState::cursor_as`] reads the copy's.
+    pub fn read_cursor<T: serde::de::DeserializeOwned>(
+        &self,
+        value: Option<&serde_json::Value>,
+    ) -> Result<Option<T>, StepError> {
+        value
+            .cloned()
             .map(serde_json::from_value)
             .transpose()
             .map_err(|e| StepError::permanent(format!("the saved cursor of {} does not read back: {e}", self.key)))

@@ -72,14 +72,12 @@ pub(super) fn on_event(mut job: Job, event: Event, cx: &Context<'_>) -> (Job, Ac
             };
             on_answer(job, answer, cx)
         }
-        (Phase::Restoring, Event::RestoreIo(Ok(IoDone::Manifest(key, manifest))))
-            if manifest.artifacts.iter().any(crate::transfer::sealed::is_encrypted)
-                && encrypted_backup(&key, cx.source).is_some() =>
-        {
-            let why = encrypted_backup(&key, cx.source).unwrap_or_default();
-            failed(job, StepError::permanent(why), cx)
-        }
         (Phase::Restoring, Event::RestoreIo(done)) => {
+            if let Ok(IoDone::Manifest(key, manifest)) = &done {
+                if let Some(why) = encrypted_backup(key, manifest, cx.source) {
+                    return failed(job, StepError::permanent(why), cx);
+                }
+            }
             let answer = match (state_mut(&mut job), done) {
                 (Some(state), Ok(done)) => state.on_io(done, now),
                 (_, Err(e)) => Err(e),
@@ -190,8 +188,15 @@ fn failed(mut job: Job, err: StepError, cx: &Context<'_>) -> (Job, Action) {
 /// Why a restore or drill of an encrypted backup stops before it touches anything, if it must:
 /// D1's restores and drills and Aura's logical loads and drills decrypt, with the identity the
 /// source names.
-fn encrypted_backup(manifest_key: &str, source: &crate::config::SourceConfig) -> Option<String> {
+fn encrypted_backup(
+    manifest_key: &str,
+    manifest: &crate::manifest::Manifest,
+    source: &crate::config::SourceConfig,
+) -> Option<String> {
     use crate::providers::ProviderConfig;
+    if !manifest.artifacts.iter().any(crate::transfer::sealed::is_encrypted) {
+        return None;
+    }
     if !matches!(source.provider, ProviderConfig::D1(_) | ProviderConfig::Aura(_)) {
         return Some(format!(
             "backup {manifest_key} is encrypted with age (its files end in .age), and restores and drills of {} \

@@ -485,13 +485,16 @@ impl D1Restore {
         };
         Ok(match self.step {
             Step::ReadManifest => Next::Io(Io::ReadManifest { key: self.manifest_key.clone() }),
-            Step::Digest => Next::Io(Io::Digest {
-                key: dump()?.key.clone(),
-                from: self.digest.clone().unwrap_or_else(crate::dump::Md5Progress::start),
-                step_bytes: crate::dump::DIGEST_STEP_BYTES,
-                sealed: dump()?.sealed.map(|cipher_size| (cipher_size, self.dump.as_ref().map_or(0, |d| d.size))),
-                identity: identity.cloned(),
-            }),
+            Step::Digest => {
+                let dump = dump()?;
+                Next::Io(Io::Digest {
+                    key: dump.key.clone(),
+                    from: self.digest.clone().unwrap_or_else(crate::dump::Md5Progress::start),
+                    step_bytes: crate::dump::DIGEST_STEP_BYTES,
+                    sealed: dump.sealed.map(|cipher_size| (cipher_size, dump.size)),
+                    identity: identity.cloned(),
+                })
+            }
             Step::CreateScratch => Next::Send(authed(
                 HttpRequest::post_json(db_url(cfg, &[])?, &json!({ "name": Self::scratch_name(job) })),
                 token,

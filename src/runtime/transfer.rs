@@ -586,20 +586,10 @@ fn sealed_source(
     use crate::transfer::sealed::{self, Plain, SealCursor, Sealed};
     let cursor: Option<SealCursor> = state.cursor_as()?;
     let inner = cursor.as_ref().and_then(|c| c.inner.as_ref());
-    fn read<T: serde::de::DeserializeOwned>(
-        value: Option<&serde_json::Value>,
-        key: &str,
-    ) -> Result<Option<T>, StepError> {
-        value
-            .cloned()
-            .map(serde_json::from_value)
-            .transpose()
-            .map_err(|e| StepError::permanent(format!("the saved cursor of {key} does not read back: {e}")))
-    }
     let plain = match plain {
         CopySource::Http(request) => Plain::Download(request.clone()),
-        CopySource::Graph(spec) => Plain::Generated(Box::new(spec.resume(read(inner, &state.key)?.as_ref()))),
-        CopySource::D1Query(spec) => Plain::Generated(Box::new(spec.resume(read(inner, &state.key)?.as_ref()))),
+        CopySource::Graph(spec) => Plain::Generated(Box::new(spec.resume(state.read_cursor(inner)?.as_ref()))),
+        CopySource::D1Query(spec) => Plain::Generated(Box::new(spec.resume(state.read_cursor(inner)?.as_ref()))),
         CopySource::R2 { .. } | CopySource::Sealed { .. } => {
             return Err(StepError::permanent("only a provider's files are encrypted"))
         }

@@ -237,6 +237,12 @@ impl Sealed {
         self.feed(&body)
     }
 
+    /// The plaintext's source, taken out for the slice's or the file's end (an empty download
+    /// takes its place).
+    fn take_plain(&mut self) -> Plain {
+        std::mem::replace(&mut self.plain, Plain::Download(HttpRequest::get(String::new())))
+    }
+
     fn cursor(&self, inner: Option<Value>) -> SealCursor {
         SealCursor {
             encryptor: self.encryptor.clone(),
@@ -302,7 +308,7 @@ impl Generator for Sealed {
     }
 
     fn end_slice(mut self: Box<Self>, state: &mut CopyState) -> Result<Vec<u8>, StepError> {
-        let plain = std::mem::replace(&mut self.plain, Plain::Download(HttpRequest::get(String::new())));
+        let plain = self.take_plain();
         let inner = match plain {
             Plain::Download(_) => None,
             Plain::Generated(inner) => {
@@ -319,7 +325,7 @@ impl Generator for Sealed {
     }
 
     fn finish(mut self: Box<Self>) -> Result<(Vec<u8>, Value), StepError> {
-        let plain = std::mem::replace(&mut self.plain, Plain::Download(HttpRequest::get(String::new())));
+        let plain = self.take_plain();
         let inner_details = match plain {
             Plain::Download(_) => None,
             Plain::Generated(inner) => {
