@@ -206,9 +206,6 @@ impl AuraConfig {
                 "a whole-tenant source takes no drill settings: drill an instance from a source that names it",
             ));
         }
-        if self.api_base.is_none() {
-            self.api_base = Some(fields::constant_url(Self::DEFAULT_API_BASE, "api_base")?);
-        }
         Ok(())
     }
 }
@@ -220,6 +217,9 @@ impl ProviderSettings for AuraConfig {
     }
 
     fn check(&mut self) -> Result<(), FieldError> {
+        if self.api_base.is_none() {
+            self.api_base = Some(fields::constant_url(Self::DEFAULT_API_BASE, "api_base")?);
+        }
         if self.whole_tenant() {
             return self.check_whole_tenant();
         }
@@ -242,9 +242,6 @@ impl ProviderSettings for AuraConfig {
             ));
         }
         drill::check(self)?;
-        if self.api_base.is_none() {
-            self.api_base = Some(fields::constant_url(Self::DEFAULT_API_BASE, "api_base")?);
-        }
         if self.query_api_base.is_none() {
             let url = format!("https://{}.databases.neo4j.io", self.instance_id);
             self.query_api_base = Some(

@@ -1066,26 +1066,6 @@ mod tests {
     }
 
     #[test]
-    fn database_patterns_match_names_where_a_star_stands_for_any_text() {
-        for (pattern, name, expected) in [
-            ("*", "anything", true),
-            ("*", "", true),
-            ("prod-*", "prod-orders", true),
-            ("prod-*", "prod-", true),
-            ("prod-*", "staging-orders", false),
-            ("*-eu", "orders-eu", true),
-            ("*-eu", "orders-eu-2", false),
-            ("a*b*c", "aXbYc", true),
-            ("a*b*c", "abc", true),
-            ("a*b*c", "acb", false),
-            ("ab*ab", "ab", false),
-            ("ab*ab", "abab", true),
-        ] {
-            assert_eq!(crate::providers::name_matches(pattern, name), expected, "{pattern:?} against {name:?}");
-        }
-    }
-
-    #[test]
     fn a_whole_account_source_reads_every_page_of_the_list_and_spawns_one_job_per_matching_database() {
         let c = whole_account("prod-*");
         assert!(c.whole_account());

@@ -538,4 +538,24 @@ mod tests {
         assert_eq!(error_messages(&json!({"errors": []})), None);
         assert_eq!(error_messages(&json!({"data": 1})), None);
     }
+
+    #[test]
+    fn database_patterns_match_names_where_a_star_stands_for_any_text() {
+        for (pattern, name, expected) in [
+            ("*", "anything", true),
+            ("*", "", true),
+            ("prod-*", "prod-orders", true),
+            ("prod-*", "prod-", true),
+            ("prod-*", "staging-orders", false),
+            ("*-eu", "orders-eu", true),
+            ("*-eu", "orders-eu-2", false),
+            ("a*b*c", "aXbYc", true),
+            ("a*b*c", "abc", true),
+            ("a*b*c", "acb", false),
+            ("ab*ab", "ab", false),
+            ("ab*ab", "abab", true),
+        ] {
+            assert_eq!(name_matches(pattern, name), expected, "{pattern:?} against {name:?}");
+        }
+    }
 }
