@@ -69,6 +69,14 @@ if ! python3 -c 'import pytest' 2>/dev/null; then
   say "installing pytest"
   python3 -m pip install --quiet 'pytest>=8,<9'
 fi
+# The S3-compatible replica tests run moto's server (tests/s3_server.py), which checks SigV4
+# signatures and IAM policies; its [server] extra brings flask and flask-cors.
+moto_version=5.2.1
+if [ "$(python3 -c 'import importlib.metadata as m; print(m.version("moto"))' 2>/dev/null)" != "$moto_version" ] \
+    || ! python3 -c 'import flask, flask_cors' 2>/dev/null; then
+  say "installing moto[server] $moto_version (S3 server for the replica tests)"
+  python3 -m pip install --quiet "moto[server]==$moto_version"
+fi
 # The dashboard's browser test drives Debian's Chromium with Playwright for Python: pip brings
 # Playwright's driver only; its own browser download (`playwright install`) is never used.
 if [ ! -x /usr/bin/chromium ]; then

@@ -180,6 +180,7 @@ impl SourceConfig {
     pub fn secret_names(&self) -> Vec<&str> {
         let mut names = self.provider.secret_names();
         names.extend(self.age_identity_secret.as_deref());
+        names.extend(self.replica.as_ref().and_then(ReplicaConfig::secret_name));
         names
     }
 }
@@ -523,7 +524,7 @@ mod tests {
         let c = Config::from_value(&json!([d1(json!({}))])).unwrap();
         assert_eq!(c.sources[0].replica, None);
         let c = Config::from_value(&json!([d1(json!({ "replica": { "bucket_binding": "BACKUPS_EU" } }))])).unwrap();
-        assert_eq!(c.sources[0].replica.as_ref().map(|r| r.bucket_binding.as_str()), Some("BACKUPS_EU"));
+        assert_eq!(c.sources[0].replica.as_ref().and_then(|r| r.bucket_binding()).as_deref(), Some("BACKUPS_EU"));
         for (bad, field) in [
             (json!({ "bucket_binding": "BACKUPS" }), "replica.bucket_binding"),
             (json!({ "bucket_binding": 5 }), "replica.bucket_binding"),

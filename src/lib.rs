@@ -38,6 +38,7 @@
 //!   of its own backups); [`dump`]: the MD5 and row counts of a D1 dump recorded while copying.
 //! - [`replica`]: the second copy: a source's `replica` table, what a replicate job copies and
 //!   checks, and the replica's manifest.
+//! - [`s3`]: an S3-compatible store (AWS, B2, MinIO…): SigV4-signed requests, its XML answers.
 //! - [`index`]: the per-source backup index (Durable Object storage) and the per-invocation
 //!   limits (subrequests, CPU) every listing, retention pass and rebuild step stays within.
 //! - [`sweep`]: the daily orphan sweep: which open uploads to abort and which uncommitted folders
@@ -77,6 +78,7 @@ pub mod replica;
 pub mod restore;
 pub mod retention;
 pub mod retry;
+pub mod s3;
 pub mod schedule;
 pub mod secret;
 pub mod status;

@@ -24,6 +24,7 @@ use serde_json::Value;
 use crate::fields::FieldError;
 use crate::identity::JobId;
 use crate::manifest::{Artifact, Manifest};
+use crate::s3::S3Config;
 use crate::time::Timestamp;
 
 /// The binding of the primary bucket, which a replica may not name.
@@ -76,6 +77,13 @@ pub fn judge_probe(probe: &ReplicaProbe, primary_read: Option<&[u8]>) -> ProbeAn
 
 /// The reason a replicate job fails when its replica is the primary bucket.
 pub fn same_bucket_reason(binding: &str) -> String {
+    if binding.starts_with(crate::s3::LABEL_SCHEME) {
+        return format!(
+            "the replica {binding} is the primary bucket {PRIMARY_BINDING} (a probe object written through its S3 \
+             endpoint was read back through {PRIMARY_BINDING}); point replica.endpoint and replica.bucket at another \
+             bucket. Nothing was written or deleted"
+        );
+    }
     format!(
         "the replica bucket bound as {binding} is the primary bucket {PRIMARY_BINDING} (a probe object written \
          through {binding} was read back through {PRIMARY_BINDING}); bind replica.bucket_binding to another \
@@ -83,22 +91,59 @@ pub fn same_bucket_reason(binding: &str) -> String {
     )
 }
 
-/// A source's `replica` table.
+/// A source's `replica` table: another R2 bucket bound to the Worker, or a bucket of an
+/// S3-compatible service outside Cloudflare.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ReplicaConfig {
+    /// `{ bucket_binding = "BACKUPS_REPLICA" }`: the Worker's R2 bucket binding that receives the
+    /// second copy (declared in wrangler.toml).
+    R2 {
+        /// The binding's name.
+        bucket_binding: String,
+    },
+    /// `{ endpoint, region, bucket, credentials_secret }`: an S3-compatible bucket
+    /// ([`crate::s3::S3Config`]).
+    S3(S3Config),
+}
+
+/// The fields of an R2 replica table.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ReplicaConfig {
-    /// The Worker's R2 bucket binding that receives the second copy (declared in wrangler.toml).
-    pub bucket_binding: String,
+struct R2Table {
+    bucket_binding: String,
 }
 
 impl ReplicaConfig {
-    /// Parses a `replica` table; errors name the field inside it (`bucket_binding`).
+    /// Parses a `replica` table; errors name the field inside it (`bucket_binding`, `endpoint`, …).
+    /// A table with `bucket_binding` names an R2 binding; one with `endpoint` an S3-compatible
+    /// bucket.
     pub fn from_value(value: &Value) -> Result<Self, FieldError> {
-        if !value.is_object() {
-            return Err(FieldError::new("", "must be a table, e.g. { bucket_binding = \"BACKUPS_REPLICA\" }"));
+        let Some(table) = value.as_object() else {
+            return Err(FieldError::new(
+                "",
+                "must be a table, e.g. { bucket_binding = \"BACKUPS_REPLICA\" } or { endpoint = \"https://…\", region \
+                 = \"…\", bucket = \"…\", credentials_secret = \"…\" }",
+            ));
+        };
+        match (table.contains_key("bucket_binding"), table.contains_key("endpoint")) {
+            (true, true) => {
+                return Err(FieldError::new(
+                    "endpoint",
+                    "cannot be set with bucket_binding: a replica is an R2 binding or an S3-compatible bucket",
+                ))
+            }
+            (false, true) => return S3Config::from_value(value).map(Self::S3),
+            _ => {}
         }
-        let config: Self = serde_path_to_error::deserialize(value.clone()).map_err(crate::fields::path_error)?;
-        let b = &config.bucket_binding;
+        if table.is_empty() {
+            return Err(FieldError::new(
+                "bucket_binding",
+                "is required (or endpoint, region, bucket and credentials_secret for an S3-compatible bucket)",
+            ));
+        }
+        let R2Table { bucket_binding: b } =
+            serde_path_to_error::deserialize(value.clone()).map_err(crate::fields::path_error)?;
         let valid = b.bytes().next().is_some_and(|c| c.is_ascii_alphabetic() || c == b'_')
             && b.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')
             && b.len() <= 64;
@@ -114,7 +159,31 @@ impl ReplicaConfig {
                 format!("must name a bucket other than the primary {PRIMARY_BINDING}"),
             ));
         }
-        Ok(config)
+        Ok(Self::R2 { bucket_binding: b })
+    }
+
+    /// The replica's name in jobs, records and messages: the R2 binding, or the S3 bucket's label.
+    pub fn name(&self) -> String {
+        match self {
+            Self::R2 { bucket_binding } => bucket_binding.clone(),
+            Self::S3(config) => config.label(),
+        }
+    }
+
+    /// The R2 binding, for an R2 replica.
+    pub fn bucket_binding(&self) -> Option<String> {
+        match self {
+            Self::R2 { bucket_binding } => Some(bucket_binding.clone()),
+            Self::S3(_) => None,
+        }
+    }
+
+    /// The Worker secret holding the replica's key pair, for an S3 replica.
+    pub fn secret_name(&self) -> Option<&str> {
+        match self {
+            Self::R2 { .. } => None,
+            Self::S3(config) => Some(&config.credentials_secret),
+        }
     }
 }
 
@@ -221,7 +290,8 @@ mod tests {
     #[test]
     fn a_replica_table_names_a_binding_other_than_the_primary() {
         let c = ReplicaConfig::from_value(&json!({ "bucket_binding": "BACKUPS_EU" })).unwrap();
-        assert_eq!(c.bucket_binding, "BACKUPS_EU");
+        assert_eq!(c.bucket_binding().as_deref(), Some("BACKUPS_EU"));
+        assert_eq!(c.name(), "BACKUPS_EU");
         let e = ReplicaConfig::from_value(&json!({ "bucket_binding": "BACKUPS" })).unwrap_err();
         assert_eq!(e.field, "bucket_binding");
         assert!(e.problem.contains("other than the primary"), "{e:?}");
@@ -230,9 +300,41 @@ mod tests {
         let e = ReplicaConfig::from_value(&json!({ "bucket": "X" })).unwrap_err();
         assert_eq!((e.field.as_str(), e.problem.as_str()), ("bucket", "is not a known field"));
         let e = ReplicaConfig::from_value(&json!({})).unwrap_err();
-        assert_eq!((e.field.as_str(), e.problem.as_str()), ("bucket_binding", "is required"));
+        assert_eq!(e.field, "bucket_binding");
+        assert!(e.problem.starts_with("is required (or endpoint"), "{e:?}");
         let e = ReplicaConfig::from_value(&json!("BACKUPS_EU")).unwrap_err();
         assert!(e.problem.starts_with("must be a table"), "{e:?}");
+    }
+
+    #[test]
+    fn a_replica_table_with_an_endpoint_is_an_s3_bucket_named_by_its_label() {
+        let table = json!({
+            "endpoint": "https://s3.eu-central-1.amazonaws.com",
+            "region": "eu-central-1",
+            "bucket": "ferry-copy",
+            "credentials_secret": "REPLICA_S3_KEYS",
+        });
+        let c = ReplicaConfig::from_value(&table).unwrap();
+        assert!(matches!(&c, ReplicaConfig::S3(s) if s.bucket == "ferry-copy"), "{c:?}");
+        assert_eq!(c.bucket_binding(), None, "no R2 binding");
+        assert_eq!(c.secret_name(), Some("REPLICA_S3_KEYS"));
+        assert!(c.name().starts_with(crate::s3::LABEL_SCHEME) && c.name().contains("ferry-copy"), "{}", c.name());
+        // The snapshot a job keeps reads back as the same replica.
+        let back: ReplicaConfig = serde_json::from_value(serde_json::to_value(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        let r2 = ReplicaConfig::from_value(&json!({ "bucket_binding": "BACKUPS_EU" })).unwrap();
+        let back: ReplicaConfig = serde_json::from_value(serde_json::to_value(&r2).unwrap()).unwrap();
+        assert_eq!(back, r2);
+        // Errors name the field inside the table.
+        let mut missing = table.clone();
+        missing.as_object_mut().unwrap().remove("region");
+        assert_eq!(ReplicaConfig::from_value(&missing).unwrap_err().field, "region");
+        let mut both = table.clone();
+        both["bucket_binding"] = json!("BACKUPS_EU");
+        assert_eq!(ReplicaConfig::from_value(&both).unwrap_err().field, "endpoint", "one kind of replica at a time");
+        // The same-bucket reason says what to change for each kind.
+        let reason = same_bucket_reason(&c.name());
+        assert!(reason.contains("replica.endpoint") && reason.contains("primary bucket BACKUPS"), "{reason}");
     }
 
     #[test]

@@ -317,3 +317,110 @@ proptest! {
         let _ = Identity::parse_key_file(&key_text);
     }
 }
+
+/// Fragments of S3's XML answers, to build documents close to real ones.
+fn s3_xml() -> impl Strategy<Value = String> {
+    let fragment = prop_oneof![
+        Just("<ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">".to_string()),
+        Just("</ListBucketResult>".to_string()),
+        Just("<Contents>".to_string()),
+        Just("</Contents>".to_string()),
+        Just("<Key>".to_string()),
+        Just("</Key>".to_string()),
+        Just("<Size>".to_string()),
+        Just("</Size>".to_string()),
+        Just("<CommonPrefixes><Prefix>".to_string()),
+        Just("</Prefix></CommonPrefixes>".to_string()),
+        Just("<IsTruncated>true</IsTruncated>".to_string()),
+        Just("<NextContinuationToken>".to_string()),
+        Just("</NextContinuationToken>".to_string()),
+        Just("<InitiateMultipartUploadResult><UploadId>".to_string()),
+        Just("</UploadId></InitiateMultipartUploadResult>".to_string()),
+        Just("<CompleteMultipartUploadResult/>".to_string()),
+        Just("<Error><Code>".to_string()),
+        Just("</Code><Message>".to_string()),
+        Just("</Message></Error>".to_string()),
+        Just("<?xml version=\"1.0\" encoding=\"UTF-8\"?>".to_string()),
+        Just("<![CDATA[".to_string()),
+        Just("]]>".to_string()),
+        Just("<!-- c -->".to_string()),
+        "&(amp|lt|gt|quot|apos|#[0-9]{0,8}|#x[0-9a-fA-F]{0,8}|[a-z]{0,6});?",
+        "[0-9]{0,25}",
+        "[ -~]{0,12}",
+        "(?s).{0,6}",
+    ];
+    prop::collection::vec(fragment, 0..40).prop_map(|parts| parts.concat())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn s3_answers_never_panic(
+        xml in s3_xml(),
+        raw in prop::collection::vec(any::<u8>(), 0..400),
+        status in 100u16..600,
+        cut in any::<usize>(),
+    ) {
+        let cut = cut % (xml.len() + 1);
+        let truncated = xml.as_bytes()[..cut].to_vec();
+        for body in [xml.as_bytes(), &raw[..], &truncated[..]] {
+            let _ = ferry::s3::parse_list(body);
+            let _ = ferry::s3::parse_upload_id(body);
+            let _ = ferry::s3::check_complete(status, body);
+            let e = ferry::s3::error_of(status, body);
+            prop_assert_eq!(e.status, status);
+            prop_assert!(!e.code.is_empty());
+            let _ = e.to_string();
+            if (500..600).contains(&status) || status == 429 {
+                let permanent = ["SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "NoSuchBucket"];
+                prop_assert_eq!(e.retryable, !permanent.contains(&e.code.as_str()));
+            }
+        }
+        if let Ok(page) = ferry::s3::parse_list(xml.as_bytes()) {
+            prop_assert!(page.next.as_deref().is_none_or(|t| !t.is_empty()));
+        }
+    }
+
+    #[test]
+    fn s3_config_keys_and_signing_never_panic(
+        value in json_value(),
+        text in ".{0,120}",
+        key in ".{0,300}",
+        id in ".{0,60}",
+        meta in prop::collection::vec((".{0,20}", "(?s).{0,40}"), 0..4),
+        content_type in "(?s).{0,40}",
+        hash in ".{0,70}",
+        number in any::<u16>(),
+        len in any::<u64>(),
+        millis in any::<i64>(),
+        virtual_ in any::<bool>(),
+    ) {
+        let _ = ferry::s3::S3Config::from_value(&value);
+        let _ = ferry::s3::S3Keys::parse("REPLICA_S3_KEYS", &text);
+        let config = ferry::s3::S3Config::from_value(&json!({
+            "endpoint": "http://minio.local:9000", "region": "us-east-1", "bucket": "ferry-copy",
+            "credentials_secret": "K", "addressing": if virtual_ { "virtual" } else { "path" },
+        })).unwrap();
+        let keys = ferry::s3::S3Keys::parse("K", "AKIDTEST:secret/+key").unwrap();
+        let c = ferry::s3::S3Client::new(&config, &keys);
+        let now = Timestamp::from_millis(millis);
+        let metadata: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let requests = [
+            c.put_object(&key, key.as_bytes().to_vec(), &content_type, &metadata, now),
+            c.get_object(&key, now),
+            c.get_object_range(&key, len / 2, len, now),
+            c.head_object(&key, now),
+            c.delete_object(&key, now),
+            c.create_multipart_upload(&key, &content_type, &metadata, now),
+            c.upload_part(&key, &id, number, &hash, len, now),
+            c.complete_multipart_upload(&key, &id, &[(number, id.clone()), (1, hash.clone())], now),
+            c.abort_multipart_upload(&key, &id, now),
+            c.list_objects(&key, Some(&id), Some(&hash), 1000, now),
+        ];
+        // Whatever the text, every request of a key S3 accepts (up to 1024 bytes) is signed.
+        for r in &requests {
+            prop_assert!(r.header_value("authorization").is_some(), "unsigned: {:?}", r);
+        }
+    }
+}

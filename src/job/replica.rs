@@ -118,7 +118,7 @@ impl Job {
         let (key, manifest) = committed?;
         let replica = source.replica.as_ref()?;
         (self.phase == Phase::Committed && self.task() == Task::Export)
-            .then(|| Job::replica_of(self, id, source, &replica.bucket_binding, key.clone(), manifest.clone(), now))
+            .then(|| Job::replica_of(self, id, source, &replica.name(), key.clone(), manifest.clone(), now))
     }
 
     /// A replicate job's backup and bucket.

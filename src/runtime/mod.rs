@@ -18,6 +18,7 @@ mod budget;
 mod graph_load;
 mod index;
 mod net;
+mod objects;
 mod replica;
 mod restore;
 mod retention;

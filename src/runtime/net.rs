@@ -166,8 +166,8 @@ pub(crate) async fn exchange(req: &HttpRequest) -> Result<HttpResponse, String> 
             "request to {from} was redirected to {to}, which answered with an HTML page (HTTP {status}), not the API"
         ));
     }
-    if req.method == crate::http::Method::Head {
-        // A HEAD's answer has no body to read (`fetch` gives it none).
+    if req.method == crate::http::Method::Head || matches!(status, 204 | 205 | 304) {
+        // A HEAD's answer, and a 204's (an S3 delete's), have no body to read (`fetch` gives them none).
         return Ok(HttpResponse { status, headers, body: Vec::new() });
     }
     let mut stream = resp.stream().map_err(|e| format!("reading the answer from {}: {e}", host(&req.url)))?;

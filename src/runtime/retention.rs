@@ -12,6 +12,7 @@ use futures_util::future::join_all;
 use serde::Serialize;
 use worker::Bucket;
 
+use super::objects::Objects;
 use super::store;
 use crate::config::SourceConfig;
 use crate::manifest::{folder_of, is_manifest_key, manifest_key};
@@ -34,8 +35,8 @@ pub(crate) struct Backups {
 /// lost primary), with the pin markers and verification records of `marks` too, when given (a
 /// replica's pins and verifications are the primary's).
 async fn backups_with(
-    bucket: &Bucket,
-    marks: Option<&Bucket>,
+    bucket: &Objects,
+    marks: Option<&Objects>,
     source: &str,
     verifies: bool,
 ) -> Result<Backups, String> {
@@ -128,7 +129,7 @@ pub(crate) async fn apply(
     let (now_, more) = crate::index::deletions_now(doomed, budget, false);
     let mut applied = Applied { kept: plan.kept().count(), more, ..Applied::default() };
     for folder in now_ {
-        match delete_backup(bucket, None, &folder).await {
+        match delete_backup(&Objects::from(bucket), None, &folder).await {
             Ok(true) => {
                 super::index::forget(storage, &folder).await;
                 applied.deleted.push(folder);
@@ -150,8 +151,8 @@ pub(crate) async fn apply(
 /// primary bucket): planned from the replica's own manifests, deleting at most what `budget`
 /// allows per step (`more` says the next step goes on).
 pub(crate) async fn apply_to(
-    bucket: &Bucket,
-    marks: Option<&Bucket>,
+    bucket: &Objects,
+    marks: Option<&Objects>,
     source: &SourceConfig,
     now: Timestamp,
     budget: crate::index::StepBudget,
@@ -178,15 +179,15 @@ pub(crate) async fn apply_to(
 
 /// Deletes one backup, manifest first, then every other object of its folder; `Ok(false)` when
 /// it was pinned meanwhile (nothing is deleted).
-async fn delete_backup(bucket: &Bucket, marks: Option<&Bucket>, folder: &str) -> Result<bool, String> {
+async fn delete_backup(bucket: &Objects, marks: Option<&Objects>, folder: &str) -> Result<bool, String> {
     let pin = pin_key(folder);
     for b in std::iter::once(bucket).chain(marks) {
-        if b.head(pin.clone()).await.map_err(|e| format!("R2 head of {pin} failed: {e}"))?.is_some() {
+        if b.head(&pin).await.map_err(|e| e.message().to_string())?.is_some() {
             return Ok(false);
         }
     }
     let manifest = manifest_key(folder);
-    bucket.delete(manifest.clone()).await.map_err(|e| format!("R2 delete of {manifest} failed: {e}"))?;
+    bucket.delete(&manifest).await.map_err(|e| e.message().to_string())?;
     // A folder left half-deleted has no manifest: it is never listed, and the daily sweep ends it.
     store::delete_all(bucket, folder).await?;
     Ok(true)

@@ -16,6 +16,7 @@ use worker::{
 };
 
 use super::net::within;
+use super::objects::Objects;
 use super::store::job_key;
 use super::{credentials, jitter, load_config, now, random_bytes, store, transfer, BUCKET, SOURCES};
 use crate::config::SourceConfig;
@@ -577,11 +578,10 @@ impl SourceObject {
         };
         let mut more = false;
         if let (true, Some(_), Some(replica)) = (replica_too, &source.retention, &source.replica) {
-            match (self.env.bucket(&replica.bucket_binding), self.env.bucket(BUCKET)) {
+            match (super::objects::replica(&self.env, replica), self.env.bucket(BUCKET)) {
                 (Ok(copy), Ok(primary)) => more |= self.replica_retention_pass(source, &copy, &primary).await,
-                (Err(e), _) | (_, Err(e)) => {
-                    console_error!("retention of {name}'s replica ({why}): no bucket {}: {e}", replica.bucket_binding)
-                }
+                (Err(e), _) => console_error!("retention of {name}'s replica ({why}): {e}"),
+                (_, Err(e)) => console_error!("retention of {name}'s replica ({why}): no bucket {BUCKET}: {e}"),
             }
         }
         if source.retention.is_some() {
@@ -698,9 +698,10 @@ impl SourceObject {
             .as_array()
             .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
             .unwrap_or_default();
-        // Every replica bucket the config names is walked after the primary one.
+        // Every R2 replica bucket the config names is walked after the primary one (an S3
+        // replica's uploads are aborted by their records; its folders are not walked).
         let replicas: Vec<String> = load_config(&self.env)
-            .map(|c| c.sources.iter().filter_map(|s| s.replica.as_ref().map(|r| r.bucket_binding.clone())).collect())
+            .map(|c| c.sources.iter().filter_map(|s| s.replica.as_ref().and_then(|r| r.bucket_binding())).collect())
             .unwrap_or_default();
         let storage = self.storage();
         let tick = super::sweeper::tick(&storage, &self.env, now, sources, replicas);
@@ -739,12 +740,7 @@ impl SourceObject {
     /// primary), with the primary's pins and verification records counting for both. Bounded and
     /// never failing, like [`Self::retention_pass`].
     /// Returns whether more deletions wait for a next step.
-    async fn replica_retention_pass(
-        &self,
-        source: &SourceConfig,
-        replica: &worker::Bucket,
-        primary: &worker::Bucket,
-    ) -> bool {
+    async fn replica_retention_pass(&self, source: &SourceConfig, replica: &Objects, primary: &worker::Bucket) -> bool {
         let name = &source.name;
         let budget = match super::index::budget(&self.env) {
             Ok(b) => b,
@@ -753,7 +749,8 @@ impl SourceObject {
                 return false;
             }
         };
-        let pass = super::retention::apply_to(replica, Some(primary), source, now(), budget);
+        let marks = Objects::from(primary);
+        let pass = super::retention::apply_to(replica, Some(&marks), source, now(), budget);
         match within(RETENTION_TIMEOUT, pass).await {
             Some(Ok(Some(a))) => {
                 console_log!(
@@ -824,14 +821,23 @@ impl SourceObject {
             self.forget_part_records(&failed.id).await;
             if let Action::Discard { folder, upload } = action {
                 // A replicate job's folder is in its replica bucket: the primary's is a backup.
-                let binding = failed.bucket_binding().unwrap_or(BUCKET);
-                match self.env.bucket(binding) {
+                let snapshot = failed.config.as_ref().and_then(|c| c.replica.as_ref());
+                let target = match (failed.bucket_binding(), snapshot) {
+                    (None, _) => {
+                        self.env.bucket(BUCKET).map(Objects::R2).map_err(|e| format!("no bucket {BUCKET}: {e}"))
+                    }
+                    (Some(name), Some(replica)) if replica.name() == name => {
+                        super::objects::replica(&self.env, replica)
+                    }
+                    (Some(name), _) => super::objects::named(&self.env, name),
+                };
+                match target {
                     Ok(bucket) => {
                         if let Err(e) = store::discard(&bucket, &self.storage(), &failed.id, &folder, upload).await {
                             console_error!("job {id}: cleaning {folder} failed: {e}");
                         }
                     }
-                    Err(e) => console_error!("job {id}: cleaning {folder}: no bucket {binding}: {e}"),
+                    Err(e) => console_error!("job {id}: cleaning {folder}: {e}"),
                 }
             }
             console_error!("job {id}: {}", failed.error.as_deref().unwrap_or_default());
@@ -848,19 +854,20 @@ impl SourceObject {
         names.extend(job.provider().map(|p| p.member_secret_names(&source.provider)).unwrap_or_default());
         let creds = credentials(&self.env, &names.iter().map(String::as_str).collect::<Vec<_>>());
         let primary = self.env.bucket(BUCKET)?;
-        // Where the job writes: the primary bucket, or a replicate job's replica bucket.
-        let bucket = match job.bucket_binding() {
-            None => self.env.bucket(BUCKET)?,
-            Some(binding) => match self.env.bucket(binding) {
-                Ok(b) => b,
-                Err(e) => {
-                    let reason = format!(
-                        "no R2 bucket is bound as {binding} (the source's replica.bucket_binding): {e}; declare it \
-                         in wrangler.toml's [[r2_buckets]]"
-                    );
-                    return self.stop_unrunnable(job, reason).await;
+        // Where the job writes: the primary bucket, or a replicate job's replica bucket (as the
+        // job's settings describe it).
+        let target = match job.bucket_binding() {
+            None => Objects::R2(primary.clone()),
+            Some(name) => {
+                let opened = match &source.replica {
+                    Some(replica) if replica.name() == name => super::objects::replica(&self.env, replica),
+                    _ => super::objects::named(&self.env, name),
+                };
+                match opened {
+                    Ok(objects) => objects,
+                    Err(reason) => return self.stop_unrunnable(job, reason).await,
                 }
-            },
+            }
         };
         // The manifest the job just wrote, for the replicate job queued after it.
         let mut committed: Option<(String, crate::manifest::Manifest)> = None;
@@ -919,7 +926,7 @@ impl SourceObject {
                     // The slice raises its own limit once its copy turns out unable to resume.
                     let limit = std::cell::Cell::new(order.settings.slice_limit(order.state.no_ranges));
                     let ordered = order.state.clone();
-                    let slice = transfer::run_slice(&bucket, &primary, &storage, &mut job, *order, &limit);
+                    let slice = transfer::run_slice(&target, &primary, &storage, &mut job, *order, &limit);
                     let event = match super::net::within_limit(&limit, slice).await {
                         Some(event) => event,
                         None => {
@@ -953,7 +960,7 @@ impl SourceObject {
                     sliced = true;
                     let limit = settings.slice_limit(false);
                     let ordered = (*state).clone();
-                    match within(limit, super::verify::run_slice(&bucket, &job.source, *state, settings)).await {
+                    match within(limit, super::verify::run_slice(&primary, &job.source, *state, settings)).await {
                         Some(event) => event,
                         None => Event::VerifySliced {
                             state: ordered,
@@ -968,13 +975,13 @@ impl SourceObject {
                     sliced = true;
                     Event::RestoreIo(match *io {
                         crate::restore::Io::GraphLoad(order) => {
-                            Ok(super::graph_load::run(&bucket, &self.storage(), *order).await)
+                            Ok(super::graph_load::run(&primary, &self.storage(), *order).await)
                         }
-                        io => super::restore::perform(&bucket, &job.source, io).await,
+                        io => super::restore::perform(&primary, &job.source, io).await,
                     })
                 }
                 Action::RecordVerification { key, record } => {
-                    match within(R2_STEP_TIMEOUT, store::put_json(&bucket, &key, &record)).await {
+                    match within(R2_STEP_TIMEOUT, store::put_json(&primary, &key, &record)).await {
                         Some(Ok(())) => {
                             super::index::record_verification(&self.storage(), &key, &record).await;
                             Event::Recorded
@@ -988,7 +995,7 @@ impl SourceObject {
                     let written = async {
                         // The job's record keeps no part hashes: its copies' part records have them.
                         store::fill_part_hashes(&storage, job.id.as_str(), &mut manifest).await?;
-                        store::write_manifest(&bucket, &key, &manifest).await
+                        store::write_manifest(&target, &key, &manifest).await
                     };
                     match within(R2_STEP_TIMEOUT, written).await {
                         Some(Ok(())) => {
@@ -1008,7 +1015,7 @@ impl SourceObject {
                             return Err(format!("the primary manifest {primary_key} could not be read"));
                         };
                         crate::transfer::copy_part_hashes(&mut manifest.manifest.artifacts, &copied.artifacts);
-                        store::put_json(&bucket, &key, &manifest).await
+                        store::put_json(&target, &key, &manifest).await
                     };
                     match within(R2_STEP_TIMEOUT, written).await {
                         Some(Ok(())) => Event::Committed,
@@ -1018,7 +1025,7 @@ impl SourceObject {
                 }
                 Action::ProbeReplica(probe) => {
                     // `bucket` is the replica's binding here (a replicate job's only writer).
-                    match within(R2_STEP_TIMEOUT, super::replica::probe(&bucket, &primary, &probe)).await {
+                    match within(R2_STEP_TIMEOUT, super::replica::probe(&target, &primary, &probe)).await {
                         Some(answer) => Event::ReplicaProbed(answer),
                         None => {
                             Event::ReplicaProbed(Err(StepError::transient(timed_out("probing the replica bucket"))))
@@ -1047,7 +1054,7 @@ impl SourceObject {
                 }
                 Action::Discard { folder, upload } => {
                     let storage = self.storage();
-                    match within(R2_STEP_TIMEOUT, store::discard(&bucket, &storage, &job.id, &folder, upload)).await {
+                    match within(R2_STEP_TIMEOUT, store::discard(&target, &storage, &job.id, &folder, upload)).await {
                         Some(Ok(n)) => console_log!("job {}: failed; removed {n} objects under {folder}", job.id),
                         Some(Err(e)) => console_error!("job {}: failed; cleaning {folder} failed: {e}", job.id),
                         None => console_error!("job {}: failed; cleaning {folder} did not finish in time", job.id),
@@ -1070,7 +1077,7 @@ impl SourceObject {
         }
         match crate::ledger::retention_after(&job, &source) {
             Some(RetentionAfterEnd::Defer) => self.defer_retention().await,
-            Some(RetentionAfterEnd::ReplicaPass) if self.replica_retention_pass(&source, &bucket, &primary).await => {
+            Some(RetentionAfterEnd::ReplicaPass) if self.replica_retention_pass(&source, &target, &primary).await => {
                 self.defer_retention().await
             }
             Some(RetentionAfterEnd::DailyIfDue) if self.daily_pass_pending().await? => self.defer_retention().await,

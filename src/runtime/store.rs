@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
-use worker::{console_error, Bucket, Data, HttpMetadata, Object, Storage};
+use worker::{console_error, Bucket, Object, Storage};
+
+use super::objects::Objects;
 
 use crate::identity::JobId;
 use crate::manifest::Manifest;
@@ -16,37 +18,32 @@ pub(crate) fn job_key(id: &JobId) -> String {
 }
 
 /// Writes a manifest, the commit marker, after every artifact is stored.
-pub(crate) async fn write_manifest(bucket: &Bucket, key: &str, manifest: &Manifest) -> Result<(), String> {
+pub(crate) async fn write_manifest(bucket: impl Into<Objects>, key: &str, manifest: &Manifest) -> Result<(), String> {
     put_json(bucket, key, manifest).await.map_err(|e| format!("{e} (manifest)"))
 }
 
-/// Stores a small JSON document with R2's SHA-256 check and the hash in its metadata.
-pub(crate) async fn put_json(bucket: &Bucket, key: &str, value: &impl serde::Serialize) -> Result<(), String> {
+/// Stores a small JSON document with the store's SHA-256 check and the hash in its metadata.
+pub(crate) async fn put_json(
+    objects: impl Into<Objects>,
+    key: &str,
+    value: &impl serde::Serialize,
+) -> Result<(), String> {
     let body = serde_json::to_vec_pretty(value).map_err(|e| e.to_string())?;
-    let digest = Sha256::digest(&body).to_vec();
-    let metadata = HashMap::from([("sha256".to_string(), hex::encode(&digest))]);
-    bucket
-        .put(key.to_string(), Data::Bytes(body))
-        .http_metadata(HttpMetadata { content_type: Some("application/json".into()), ..HttpMetadata::default() })
-        .custom_metadata(metadata)
-        .sha256(digest)
-        .execute()
-        .await
-        .map_err(|e| format!("R2 put of {key} failed: {e}"))?
-        .ok_or_else(|| format!("R2 refused the put of {key}"))?;
+    let digest: [u8; 32] = Sha256::digest(&body).into();
+    let metadata = HashMap::from([("sha256".to_string(), hex::encode(digest))]);
+    objects.into().put(key, body, "application/json", &metadata, digest).await.map_err(|e| e.message().to_string())?;
     Ok(())
 }
 
 /// Reads and parses a small JSON document; `None` when it is missing or unreadable.
-pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(bucket: &Bucket, key: &str) -> Option<T> {
-    let object = bucket.get(key.to_string()).execute().await.ok()??;
-    let bytes = object.body()?.bytes().await.ok()?;
+pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(objects: impl Into<Objects>, key: &str) -> Option<T> {
+    let bytes = objects.into().get(key).await.ok()??;
     serde_json::from_slice(&bytes).ok()
 }
 
 /// Every key under `prefix`, following R2's cursor.
-pub(crate) async fn list_keys(bucket: &Bucket, prefix: &str) -> worker::Result<Vec<String>> {
-    Ok(list_objects(bucket, prefix).await?.iter().map(Object::key).collect())
+pub(crate) async fn list_keys(objects: impl Into<Objects>, prefix: &str) -> Result<Vec<String>, String> {
+    objects.into().list(prefix).await.map_err(|e| e.message().to_string())
 }
 
 /// Every object under `prefix` (key, size, upload time), following R2's cursor.
@@ -74,7 +71,7 @@ pub(crate) async fn list_objects(bucket: &Bucket, prefix: &str) -> worker::Resul
 /// clean-up starts and forgotten only once it succeeded, and the upload's record goes only once
 /// R2 confirmed the abort, so whatever remains is the daily sweep's (`crate::sweep`).
 pub(crate) async fn discard(
-    bucket: &Bucket,
+    bucket: &Objects,
     storage: &Storage,
     job_id: &JobId,
     folder: &str,
@@ -110,11 +107,10 @@ pub(crate) async fn discard(
 }
 
 /// Deletes every object under `prefix`; returns how many.
-pub(crate) async fn delete_all(bucket: &Bucket, prefix: &str) -> Result<usize, String> {
-    let keys = list_keys(bucket, prefix).await.map_err(|e| format!("R2 list of {prefix} failed: {e}"))?;
-    for batch in keys.chunks(1000) {
-        bucket.delete_multiple(batch.to_vec()).await.map_err(|e| format!("R2 delete under {prefix} failed: {e}"))?;
-    }
+pub(crate) async fn delete_all(objects: impl Into<Objects>, prefix: &str) -> Result<usize, String> {
+    let objects = objects.into();
+    let keys = objects.list(prefix).await.map_err(|e| e.message().to_string())?;
+    objects.delete_keys(&keys).await.map_err(|e| e.message().to_string())?;
     Ok(keys.len())
 }
 
@@ -126,23 +122,15 @@ pub(crate) fn upload_gone(message: &str) -> bool {
 /// Aborts a recorded multipart upload, then forgets its record. An upload already gone counts as
 /// aborted; any other error keeps the record (for the sweep) and is returned.
 pub(crate) async fn abort_upload(
-    bucket: &Bucket,
+    objects: &Objects,
     storage: &Storage,
     job_id: &str,
     key: &str,
     upload_id: &str,
 ) -> Result<(), String> {
-    let aborted = match bucket.resume_multipart_upload(key.to_string(), upload_id.to_string()) {
-        Ok(open) => open.abort().await.map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    match aborted {
-        Err(e) if !upload_gone(&e) => Err(format!("R2 abort of the upload of {key} failed: {e}")),
-        _ => {
-            forget_upload(storage, job_id, upload_id).await;
-            Ok(())
-        }
-    }
+    objects.abort(key, upload_id).await?;
+    forget_upload(storage, job_id, upload_id).await;
+    Ok(())
 }
 
 /// Records a multipart upload as open (in its own storage entry), before any part is sent.
@@ -170,7 +158,7 @@ pub(crate) async fn record_leftover(storage: &Storage, leftover: &Leftover) {
 }
 
 /// Reads and parses one manifest.
-pub(crate) async fn read_manifest(bucket: &Bucket, key: &str) -> Option<Manifest> {
+pub(crate) async fn read_manifest(bucket: impl Into<Objects>, key: &str) -> Option<Manifest> {
     read_json(bucket, key).await
 }
 

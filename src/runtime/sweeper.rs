@@ -20,6 +20,7 @@ use futures_util::future::join_all;
 use serde_json::json;
 use worker::{Bucket, Env, Method, Response, Storage};
 
+use super::objects::Objects;
 use super::source_object::{bounded, call};
 use super::{store, BUCKET};
 use crate::manifest::{folder_of, parse_folder};
@@ -425,21 +426,19 @@ async fn execute(env: &Env, bucket: &Bucket, plan: &Plan, sweep: &mut Sweep) {
     for abort in &plan.abort {
         let upload = &abort.upload;
         // A replica's upload is aborted in its own bucket.
-        let replica = match upload.bucket.as_deref().map(|b| env.bucket(b)) {
-            None => None,
-            Some(Ok(b)) => Some(b),
+        let target = match upload.bucket.as_deref().map(|b| super::objects::named(env, b)) {
+            None => Objects::from(bucket),
+            Some(Ok(b)) => b,
             Some(Err(e)) => {
                 report.error(format!("upload {} of {}: its bucket is unavailable: {e}", upload.upload_id, upload.key));
                 continue;
             }
         };
-        let result = match replica
-            .as_ref()
-            .unwrap_or(bucket)
-            .resume_multipart_upload(upload.key.clone(), upload.upload_id.clone())
-        {
-            Ok(open) => bounded(CALL_TIMEOUT, "an R2 abort", open.abort()).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+        let result = match super::net::within(CALL_TIMEOUT, target.abort(&upload.key, &upload.upload_id)).await {
+            Some(Ok(true)) => Ok(()),
+            Some(Ok(false)) => Err("NoSuchUpload".to_string()),
+            Some(Err(e)) => Err(e),
+            None => Err(format!("an abort did not answer within {} s", CALL_TIMEOUT.as_secs())),
         };
         match result {
             Ok(()) => report.aborted(abort),

@@ -24,13 +24,16 @@
 
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
+
+use sha2::Digest as _;
 use std::time::Duration;
 
-use js_sys::{Array, Function, Promise, Reflect, Uint8Array};
+use js_sys::{Reflect, Uint8Array};
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
-use worker::{Bucket, Data, HttpMetadata, Storage, UploadedPart};
+use worker::{Bucket, Storage};
 
+use super::objects::{call, js_text, promise, start_digest, Objects};
 use super::{net, store};
 use crate::dump::{Tally, TallyState};
 use crate::error::StepError;
@@ -59,51 +62,6 @@ pub(super) fn r2_err(what: &str, e: impl std::fmt::Display) -> StepError {
     StepError::transient(format!("R2 {what} failed: {e}"))
 }
 
-fn js_text(e: &JsValue) -> String {
-    match e.dyn_ref::<js_sys::Error>() {
-        Some(err) => String::from(err.message()),
-        None => e.as_string().unwrap_or_else(|| format!("{e:?}")),
-    }
-}
-
-/// Calls `target[method](...args)`, returning what it returns (a promise for async methods, so
-/// the operation starts now, not when the future is first polled).
-fn call(target: &JsValue, method: &str, args: &[&JsValue]) -> Result<JsValue, String> {
-    let f: Function = Reflect::get(target, &JsValue::from_str(method))
-        .map_err(|e| js_text(&e))?
-        .dyn_into()
-        .map_err(|_| format!("{method} is not a function"))?;
-    let list = Array::new();
-    for a in args {
-        list.push(a);
-    }
-    f.apply(target, &list).map_err(|e| js_text(&e))
-}
-
-fn promise(value: JsValue) -> Result<JsFuture, String> {
-    value.dyn_into::<Promise>().map(JsFuture::from).map_err(|_| "expected a promise".to_string())
-}
-
-/// Starts uploading one part (R2's `resumeMultipartUpload(key, id).uploadPart(n, bytes)`).
-fn start_upload(
-    bucket: &Bucket,
-    key: &str,
-    upload_id: &str,
-    number: u16,
-    bytes: &Uint8Array,
-) -> Result<JsFuture, String> {
-    let upload =
-        call(bucket.as_ref(), "resumeMultipartUpload", &[&JsValue::from_str(key), &JsValue::from_str(upload_id)])?;
-    promise(call(&upload, "uploadPart", &[&JsValue::from_f64(f64::from(number)), bytes])?)
-}
-
-/// Starts Web Crypto's SHA-256 of one part.
-fn start_digest(bytes: &Uint8Array) -> Result<JsFuture, String> {
-    let crypto = Reflect::get(&js_sys::global(), &JsValue::from_str("crypto")).map_err(|e| js_text(&e))?;
-    let subtle = Reflect::get(&crypto, &JsValue::from_str("subtle")).map_err(|e| js_text(&e))?;
-    promise(call(&subtle, "digest", &[&JsValue::from_str("SHA-256"), bytes])?)
-}
-
 /// A part handed to R2 whose upload has not been confirmed yet.
 struct InFlight {
     number: u16,
@@ -117,7 +75,7 @@ struct InFlight {
 /// Where a slice's bytes go: the whole-file hash, the part being filled, the parts in flight, and
 /// the copy's state (saved with the job at its resume points).
 struct Sink<'a> {
-    bucket: &'a Bucket,
+    bucket: &'a Objects,
     storage: &'a Storage,
     job: &'a mut Job,
     state: CopyState,
@@ -278,10 +236,6 @@ impl<'a> Sink<'a> {
         m
     }
 
-    fn http_metadata(&self) -> HttpMetadata {
-        HttpMetadata { content_type: Some(self.content_type.clone()), ..HttpMetadata::default() }
-    }
-
     /// The multipart upload, created on first use. Its id is saved at once, before any part is
     /// sent, both in the copy's state and in the source's list of open uploads (which the daily
     /// sweep reads), so it can always be aborted. R2 cannot list open uploads: only a kill between
@@ -291,15 +245,7 @@ impl<'a> Sink<'a> {
         if let Some(id) = &self.state.upload_id {
             return Ok(id.clone());
         }
-        let upload = self
-            .bucket
-            .create_multipart_upload(self.state.key.clone())
-            .http_metadata(self.http_metadata())
-            .custom_metadata(self.metadata(None))
-            .execute()
-            .await
-            .map_err(|e| r2_err("create multipart upload", e))?;
-        let id = upload.upload_id().await;
+        let id = self.bucket.create_upload(&self.state.key, &self.content_type, &self.metadata(None)).await?;
         self.state.upload_id = Some(id.clone());
         self.pending_upload = Some(OpenUpload {
             key: self.state.key.clone(),
@@ -320,8 +266,7 @@ impl<'a> Sink<'a> {
         let bytes = self.part.subarray(0, self.filled as u32);
         let size = self.filled as u64;
         self.fresh_part();
-        let upload = start_upload(self.bucket, &self.state.key, &upload_id, number as u16, &bytes)
-            .map_err(|e| r2_err("upload part", e))?;
+        let upload = self.bucket.start_part(&self.state.key, &upload_id, number as u16, &bytes)?;
         let digest = start_digest(&bytes).map_err(|e| StepError::transient(format!("hashing a part failed: {e}")))?;
         self.inflight.push_back(InFlight {
             number: number as u16,
@@ -340,12 +285,7 @@ impl<'a> Sink<'a> {
     /// Waits for the oldest part in flight and records it.
     async fn settle_one(&mut self) -> Result<(), StepError> {
         let Some(part) = self.inflight.pop_front() else { return Ok(()) };
-        let uploaded =
-            part.upload.await.map_err(|e| r2_err(&format!("upload of part {}", part.number), js_text(&e)))?;
-        let etag = Reflect::get(&uploaded, &JsValue::from_str("etag"))
-            .ok()
-            .and_then(|v| v.as_string())
-            .ok_or_else(|| StepError::transient(format!("R2 returned no etag for part {}", part.number)))?;
+        let etag = Objects::part_answer(part.number, part.upload.await)?;
         let digest =
             part.digest.await.map_err(|e| StepError::transient(format!("hashing a part failed: {}", js_text(&e))))?;
         let sha256 = hex::encode(Uint8Array::new(&digest).to_vec());
@@ -403,20 +343,13 @@ impl<'a> Sink<'a> {
             let size = self.filled as u64;
             let body = self.filled_bytes();
             self.filled = 0;
-            let object = self
+            let stored = self
                 .bucket
-                .put(self.state.key.clone(), Data::Bytes(body))
-                .http_metadata(self.http_metadata())
-                .custom_metadata(self.metadata(Some(&sha256)))
-                .sha256(digest.to_vec())
-                .execute()
-                .await
-                .map_err(|e| r2_err("put", e))?
-                .ok_or_else(|| StepError::transient("R2 put was refused by a precondition"))?;
-            if object.size() != size {
+                .put(&self.state.key, body, &self.content_type, &self.metadata(Some(&sha256)), digest)
+                .await?;
+            if stored != size {
                 return Err(StepError::transient(format!(
-                    "R2 stored {} bytes of {size} for {}",
-                    object.size(),
+                    "{stored} bytes of {size} were stored for {}",
                     self.filename
                 )));
             }
@@ -434,28 +367,12 @@ impl<'a> Sink<'a> {
             return Err(StepError::permanent("the multipart upload vanished"));
         };
         let records = self.part_records().await?;
-        let parts: Vec<UploadedPart> = records.iter().map(|p| UploadedPart::new(p.number, p.etag.clone())).collect();
-        let upload = self
-            .bucket
-            .resume_multipart_upload(self.state.key.clone(), id.clone())
-            .map_err(|e| r2_err("resume upload", e))?;
-        let stored = match upload.complete(parts).await {
-            Ok(object) => {
-                store::forget_upload(self.storage, self.job.id.as_str(), &id).await;
-                object.size()
-            }
-            // Completed already by a slice cut off before it could record that.
-            Err(e) => match self.bucket.head(self.state.key.clone()).await {
-                Ok(Some(object)) if object.size() == self.state.offset => {
-                    store::forget_upload(self.storage, self.job.id.as_str(), &id).await;
-                    object.size()
-                }
-                _ => return Err(r2_err("complete multipart upload", e)),
-            },
-        };
+        let parts: Vec<(u16, String)> = records.iter().map(|p| (p.number, p.etag.clone())).collect();
+        let stored = self.bucket.complete(&self.state.key, &id, parts, self.state.offset).await?;
+        store::forget_upload(self.storage, self.job.id.as_str(), &id).await;
         if stored != self.state.offset {
             return Err(StepError::transient(format!(
-                "R2 stored {stored} bytes of {} for {}",
+                "{stored} bytes of {} were stored for {}",
                 self.state.offset, self.filename
             )));
         }
@@ -489,7 +406,7 @@ impl<'a> Sink<'a> {
 /// Runs one slice of `order` into `bucket` and returns the event that reports it. `primary` is
 /// where a replica's bytes are read from (`CopySource::R2`).
 pub(crate) async fn run_slice(
-    bucket: &Bucket,
+    bucket: &Objects,
     primary: &Bucket,
     storage: &Storage,
     job: &mut Job,
@@ -852,21 +769,9 @@ fn damaged(sink: &Sink<'_>, reader: &ByobReader, e: String) -> StepError {
 async fn generated_slice(sink: &mut Sink<'_>, mut writer: Box<dyn Generator>) -> Result<SliceOutcome, StepError> {
     let old_tail = sink.state.tail.clone();
     if let Some((key, len)) = &old_tail {
-        let object = sink
-            .bucket
-            .get(key.clone())
-            .execute()
-            .await
-            .map_err(|e| r2_err("reading the export's tail", e))?
-            .ok_or_else(|| {
-                StepError::permanent(format!("the export's tail {key} is missing; the copy cannot resume"))
-            })?;
-        let bytes = object
-            .body()
-            .ok_or_else(|| StepError::transient("R2 returned no body for the export's tail"))?
-            .bytes()
-            .await
-            .map_err(|e| r2_err("reading the export's tail", e))?;
+        let bytes = sink.bucket.get(key).await?.ok_or_else(|| {
+            StepError::permanent(format!("the export's tail {key} is missing; the copy cannot resume"))
+        })?;
         if bytes.len() as u64 != *len {
             return Err(StepError::permanent(format!("the export's tail {key} has {} bytes, not {len}", bytes.len())));
         }
@@ -919,11 +824,9 @@ async fn generated_slice(sink: &mut Sink<'_>, mut writer: Box<dyn Generator>) ->
     if sink.filled > 0 {
         let key = format!("{}.tail-{}", sink.state.key, sink.state.slices);
         let len = sink.filled as u64;
-        sink.bucket
-            .put(key.clone(), Data::Bytes(sink.filled_bytes()))
-            .execute()
-            .await
-            .map_err(|e| r2_err("parking the export's tail", e))?;
+        let bytes = sink.filled_bytes();
+        let digest: [u8; 32] = sha2::Sha256::digest(&bytes).into();
+        sink.bucket.put(&key, bytes, "application/octet-stream", &HashMap::new(), digest).await?;
         sink.state.tail = Some((key, len));
     }
     sink.state.cursor = saved.cursor;
@@ -940,12 +843,12 @@ async fn generated_slice(sink: &mut Sink<'_>, mut writer: Box<dyn Generator>) ->
 
 /// Deletes a tail object the copy no longer needs; a failure is recorded for the daily sweep.
 async fn drop_tail(sink: &Sink<'_>, key: String) {
-    if let Err(e) = sink.bucket.delete(key.clone()).await {
+    if let Err(e) = sink.bucket.delete(&key).await {
         worker::console_error!("job {}: deleting the staging object {key} failed: {e}", sink.job.id);
         let leftover = Leftover {
             key,
             job_id: sink.job.id.to_string(),
-            reason: format!("deleting a staging object failed: {e}"),
+            reason: format!("deleting a staging object failed: {}", e.message()),
             at: super::now(),
         };
         store::record_leftover(sink.storage, &leftover).await;
