@@ -1,8 +1,10 @@
-//! The second copy: a committed backup copied into another R2 bucket.
+//! The second copy: a committed backup copied into another R2 bucket, or a bucket of an
+//! S3-compatible service outside Cloudflare ([`crate::s3`]).
 //!
-//! A source with a `replica` table (`replica = { bucket_binding = "BACKUPS_REPLICA" }`) gets, after
-//! every committed export, a replicate job queued as the source's next job. It copies each file
-//! of the backup from the primary bucket into the bucket bound as `bucket_binding`, at the same
+//! A source with a `replica` table (`replica = { bucket_binding = "BACKUPS_REPLICA" }`, or
+//! `{ endpoint, region, bucket, credentials_secret }`) gets, after every committed export, a
+//! replicate job queued as the source's next job. It copies each file of the backup from the
+//! primary bucket into the replica bucket (named in jobs by [`ReplicaConfig::name`]), at the same
 //! key, sliced and resumable like any copy (the bytes come from ranged R2 reads instead of a
 //! download), hashes what it wrote, and compares every file's size and SHA-256 with the primary
 //! manifest. Its own manifest, the primary's plus a [`ReplicaOf`] note, is written last, so a

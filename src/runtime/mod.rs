@@ -4,7 +4,8 @@
 //! API's request budget per token, and the hook its requests pass through), `source_object` (one
 //! Durable Object per source, running jobs from its alarm), `alerts` (the alert queue's producer
 //! and consumer, and the attempt record), `net` (outgoing fetch with timeouts), `transfer` (one
-//! slice of a copy into R2), `retention` (applying a retention plan, pins), `index` (each
+//! slice of a copy into R2 or an S3-compatible bucket), `objects` (the calls both kinds of bucket
+//! offer), `retention` (applying a retention plan, pins), `index` (each
 //! source's backup index), `store` (manifests, listing, clean-up), `replica` (the replica
 //! bucket's identity probe), `sweeper` (the daily orphan sweep), `restore` (a restore's R2 work and
 //! streamed uploads) and `graph_load` (a step of loading an Aura graph export). None of them
