@@ -525,16 +525,16 @@ fn header_value(value: &str) -> String {
 }
 
 /// The `content-type` and `x-amz-meta-*` headers of an object. A metadata name is lowercased,
-/// and any character other than a letter, digit, `-` or `_` becomes `-`; of two names that end up
+/// and any character other than a letter, digit or `-` becomes `-` (`job_id` goes as
+/// `x-amz-meta-job-id`: many HTTP servers and proxies drop a header whose name has `_`, and the
+/// signature, which covers it, then fails); of two names that end up
 /// the same, the later value wins (one header each: the runtime sets headers, it does not append);
 /// values go through [`header_value`].
 fn object_headers(content_type: &str, metadata: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut headers = vec![("content-type".to_string(), header_value(content_type))];
     for (name, value) in metadata {
-        let name: String = name
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c.to_ascii_lowercase() } else { '-' })
-            .collect();
+        let name: String =
+            name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
         let name = format!("x-amz-meta-{name}");
         let value = header_value(value);
         match headers.iter_mut().find(|(k, _)| *k == name) {

@@ -118,6 +118,43 @@ def check_replica(ferry: Ferry, export: dict, replica: dict) -> dict:
     return copy
 
 
+def tamper_first_file(ferry: Ferry, emulator: DxpEmulator, source: str) -> tuple[str, dict]:
+    """Starts an export of `source` and, once its first file (`database.gz`) is stored and while
+    the volume still copies, alters that file in the primary bucket behind Ferry's back (same
+    length). Returns the export's id and the altered file's artifact."""
+    emulator.control(throttle_kib_per_s=2048)  # the volume takes about 12 s
+    status, _, payload = ferry.webhook(source)
+    assert status == 202, payload
+    export_id = payload["job"]["id"]
+    deadline = time.time() + 120
+    while True:
+        job = ferry.job(export_id)
+        if job["artifacts"]:
+            break
+        assert time.time() < deadline and job["phase"] not in ("committed", "failed"), job
+        time.sleep(0.1)
+    (database,) = job["artifacts"]
+    assert database["filename"] == "database.gz"
+    original = ferry.r2_get(database["key"])
+    ferry.r2_put(database["key"], bytes([original[0] ^ 0xFF]) + original[1:])
+    emulator.control(throttle_kib_per_s=0)
+    return export_id, database
+
+
+def between_volume_parts(ferry: Ferry, replica_id: str, timeout: float = 120) -> dict | None:
+    """Polls a replicate job until it has stored a part of the volume and has more to copy (between
+    two of its slices); its copy state then, or `None` if it was never seen so."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = ferry.job(replica_id)
+        copy = job.get("copy") or {}
+        if job["phase"] == "transferring" and copy.get("key", "").endswith("volume.tgz") and copy["parts_stored"] >= 1:
+            return copy
+        assert job["phase"] in ("queued", "transferring"), job.get("error") or job
+        time.sleep(0.02)
+    return None
+
+
 def test_a_replica_lands_byte_identical_in_the_second_bucket_with_its_own_manifest_after_a_kill(world):
     ferry = world["ferry"]
     status, _, payload = ferry.webhook("portal")
@@ -126,18 +163,9 @@ def test_a_replica_lands_byte_identical_in_the_second_bucket_with_its_own_manife
     replica_id = replica_of(ferry, export)
     # Kill the runtime once the replica stored a part of the volume and has more to copy
     # (between two of its slices); it resumes after the parts it stored.
-    killed = None
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        job = ferry.job(replica_id)
-        copy = job.get("copy") or {}
-        if job["phase"] == "transferring" and copy.get("key", "").endswith("volume.tgz") and copy["parts_stored"] >= 1:
-            ferry.restart(kill=True)
-            killed = copy
-            break
-        assert job["phase"] in ("queued", "transferring"), job
-        time.sleep(0.02)
+    killed = between_volume_parts(ferry, replica_id)
     assert killed, "the replica was never seen between slices"
+    ferry.restart(kill=True)
     resumed = ferry.job(replica_id)
     if resumed["phase"] == "transferring":
         assert resumed["copy"]["parts_stored"] >= killed["parts_stored"], (killed, resumed["copy"])
@@ -153,25 +181,8 @@ def test_a_replica_lands_byte_identical_in_the_second_bucket_with_its_own_manife
 
 
 def test_a_tampered_primary_object_fails_the_replica_naming_it_and_leaves_nothing_in_the_second_bucket(world):
-    ferry, emulator = world["ferry"], world["emulator"]
-    emulator.control(throttle_kib_per_s=2048)  # the volume takes about 12 s
-    status, _, payload = ferry.webhook("portal-tampered")
-    assert status == 202, payload
-    export_id = payload["job"]["id"]
-    deadline = time.time() + 120
-    while True:
-        job = ferry.job(export_id)
-        if job["artifacts"]:
-            break
-        assert time.time() < deadline and job["phase"] not in ("committed", "failed"), job
-        time.sleep(0.1)
-    (database,) = job["artifacts"]
-    assert database["filename"] == "database.gz"
-    # The stored file is altered behind Ferry's back (same length) while the volume still copies.
-    original = ferry.r2_get(database["key"])
-    tampered = bytes([original[0] ^ 0xFF]) + original[1:]
-    ferry.r2_put(database["key"], tampered)
-    emulator.control(throttle_kib_per_s=0)
+    ferry = world["ferry"]
+    export_id, database = tamper_first_file(ferry, world["emulator"], "portal-tampered")
     export = ferry.wait_job(export_id, timeout=240)
     assert ferry.job(export_id)["phase"] == "committed", "the primary backup itself is untouched"
     replica = ferry.wait_job(replica_of(ferry, export), timeout=240)

@@ -17,6 +17,7 @@ import pytest
 
 from harness import DXP_SECRETS, DxpEmulator, Ferry, dxp_source
 from s3_server import S3Server
+from test_e2e_replica import between_volume_parts, manifest_of, replica_of, tamper_first_file
 from test_e2e_sweep import DAY_MS, do_keys, fire, lose_job_record
 
 SMALL = {"part_size_mib": 5, "slice_max_mib": 5}
@@ -55,17 +56,6 @@ def clean(world):
     world["emulator"].reset()
 
 
-def replica_of(export: dict) -> str:
-    assert export["phase"] == "committed", export
-    (child,) = export["children"]
-    return child
-
-
-def manifest_of(ferry: Ferry, export: dict) -> dict:
-    (manifest,) = [m for m in ferry.backups(export["source"]) if m["job_id"] == export["id"]]
-    return manifest
-
-
 def folder_of(manifest: dict) -> str:
     return manifest["artifacts"][0]["key"].rsplit("/", 1)[0] + "/"
 
@@ -94,20 +84,11 @@ def test_an_s3_replica_lands_byte_identical_with_its_own_manifest_after_a_kill_b
     status, _, payload = ferry.webhook("portal")
     assert status == 202, payload
     export = ferry.wait_job(payload["job"]["id"], timeout=240)
-    replica_id = replica_of(export)
+    replica_id = replica_of(ferry, export)
     # Kill the runtime once the replica stored a part of the volume in S3 and has more to copy.
-    killed = None
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        job = ferry.job(replica_id)
-        copy = job.get("copy") or {}
-        if job["phase"] == "transferring" and copy.get("key", "").endswith("volume.tgz") and copy["parts_stored"] >= 1:
-            ferry.restart(kill=True)
-            killed = copy
-            break
-        assert job["phase"] in ("queued", "transferring"), job.get("error")
-        time.sleep(0.02)
+    killed = between_volume_parts(ferry, replica_id)
     assert killed, "the replica was never seen between slices"
+    ferry.restart(kill=True)
     resumed = ferry.job(replica_id)
     if resumed["phase"] == "transferring":
         assert resumed["copy"]["parts_stored"] >= killed["parts_stored"], (killed, resumed["copy"])
@@ -123,7 +104,7 @@ def test_an_s3_replica_lands_byte_identical_with_its_own_manifest_after_a_kill_b
 def test_a_wrong_secret_is_refused_by_the_s3_service_and_fails_the_replica_saying_so(world):
     ferry, s3 = world["ferry"], world["s3"]
     export = ferry.webhook_job("portal-wrong-secret", timeout=240)
-    replica = ferry.wait_job(replica_of(export), timeout=60)
+    replica = ferry.wait_job(replica_of(ferry, export), timeout=60)
     assert replica["phase"] == "failed", replica
     assert "SignatureDoesNotMatch" in replica["error"], replica["error"]
     assert "S3_WRONG_KEYS" not in replica["error"] or "XXXX" not in replica["error"], "the secret never shows"
@@ -132,25 +113,10 @@ def test_a_wrong_secret_is_refused_by_the_s3_service_and_fails_the_replica_sayin
 
 
 def test_a_tampered_primary_fails_the_s3_replica_naming_the_file_and_leaves_nothing_there(world):
-    ferry, emulator, s3 = world["ferry"], world["emulator"], world["s3"]
-    emulator.control(throttle_kib_per_s=2048)  # the volume takes about 12 s
-    status, _, payload = ferry.webhook("portal-tampered")
-    assert status == 202, payload
-    export_id = payload["job"]["id"]
-    deadline = time.time() + 120
-    while True:
-        job = ferry.job(export_id)
-        if job["artifacts"]:
-            break
-        assert time.time() < deadline and job["phase"] not in ("committed", "failed"), job
-        time.sleep(0.1)
-    (database,) = job["artifacts"]
-    # The stored file is altered behind Ferry's back (same length) while the volume still copies.
-    original = ferry.r2_get(database["key"])
-    ferry.r2_put(database["key"], bytes([original[0] ^ 0xFF]) + original[1:])
-    emulator.control(throttle_kib_per_s=0)
+    ferry, s3 = world["ferry"], world["s3"]
+    export_id, database = tamper_first_file(ferry, world["emulator"], "portal-tampered")
     export = ferry.wait_job(export_id, timeout=240)
-    replica = ferry.wait_job(replica_of(export), timeout=240)
+    replica = ferry.wait_job(replica_of(ferry, export), timeout=240)
     assert replica["phase"] == "failed", replica
     assert database["key"] in replica["error"] and "SHA-256" in replica["error"], replica["error"]
     folder = database["key"].rsplit("/", 1)[0] + "/"
@@ -165,7 +131,7 @@ def test_retention_applies_to_the_s3_replica_too(world):
     for index in (0, 1):
         body = json.dumps({"backup_id": emulator.backup(index)["backupId"]}).encode()
         export = ferry.webhook_job("portal-kept", body=body, timeout=240)
-        ferry.wait_job(replica_of(export), timeout=240)
+        ferry.wait_job(replica_of(ferry, export), timeout=240)
         folders.append(folder_of(manifest_of(ferry, export)))
     # keep_last = 1: once the second replica committed, the first backup goes from S3 too.
     deadline = time.time() + 60
@@ -181,19 +147,10 @@ def test_the_daily_sweep_aborts_an_s3_replicas_upload_its_job_left_open(world):
     leaves its S3 multipart upload open; the sweep two days later aborts it in the S3 bucket."""
     ferry, s3 = world["ferry"], world["s3"]
     export = ferry.webhook_job("portal-swept", timeout=240)
-    replica_id = replica_of(export)
-    open_copy = None
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        job = ferry.job(replica_id)
-        copy = job.get("copy") or {}
-        if job["phase"] == "transferring" and copy.get("key", "").endswith("volume.tgz") and copy["parts_stored"] >= 1:
-            ferry.stop(kill=True)
-            open_copy = copy
-            break
-        assert job["phase"] in ("queued", "transferring"), job.get("error")
-        time.sleep(0.02)
+    replica_id = replica_of(ferry, export)
+    open_copy = between_volume_parts(ferry, replica_id)
     assert open_copy, "the replica was never seen between slices"
+    ferry.stop(kill=True)
     upload = (open_copy["key"], open_copy["upload_id"])
     assert do_keys(ferry, f"upload:{replica_id}:") == [f"upload:{replica_id}:{open_copy['upload_id']}"]
     lose_job_record(ferry, replica_id)

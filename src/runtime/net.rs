@@ -155,7 +155,19 @@ pub(crate) fn header_pairs(resp: &Response) -> Vec<(String, String)> {
 
 /// Sends an API request and reads its (small) answer.
 pub(crate) async fn exchange(req: &HttpRequest) -> Result<HttpResponse, String> {
-    let (mut resp, _controller, last) = send_following(req, API_TIMEOUT).await?;
+    let (resp, _controller, last) = send_following(req, API_TIMEOUT).await?;
+    read_answer(req, resp, &last).await
+}
+
+/// Sends a request whose signature binds it to its URL (S3's) and reads its (small) answer,
+/// following no redirect: a 3xx is the answer (S3's `PermanentRedirect` names the endpoint to use).
+pub(crate) async fn exchange_here(req: &HttpRequest) -> Result<HttpResponse, String> {
+    let (resp, _controller) = send_once(req, API_TIMEOUT).await?;
+    read_answer(req, resp, req).await
+}
+
+/// Reads the answer `resp` to `req`, which `last` (after redirects) got.
+async fn read_answer(req: &HttpRequest, mut resp: Response, last: &HttpRequest) -> Result<HttpResponse, String> {
     let status = resp.status_code();
     let headers = header_pairs(&resp);
     let (from, to) = (authority(&req.url), authority(&last.url));

@@ -74,7 +74,8 @@ impl Objects {
 
     /// Sends one S3 request; a non-2xx answer other than `allowed` is the error S3 gave.
     async fn s3_exchange(what: &str, key: &str, req: HttpRequest, allowed: &[u16]) -> Result<HttpResponse, StepError> {
-        let resp = net::exchange(&req).await.map_err(|e| StepError::transient(format!("S3 {what} of {key}: {e}")))?;
+        let resp =
+            net::exchange_here(&req).await.map_err(|e| StepError::transient(format!("S3 {what} of {key}: {e}")))?;
         if (200..300).contains(&resp.status) || allowed.contains(&resp.status) {
             return Ok(resp);
         }
@@ -106,8 +107,7 @@ impl Objects {
                 Ok(object.size())
             }
             Self::S3(b) => {
-                let meta = s3_metadata(metadata);
-                let meta: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                let meta: Vec<(&str, &str)> = metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
                 let req = Self::client(b).put_object(key, body, content_type, &meta, super::now());
                 Self::s3_exchange("put", key, req, &[]).await?;
                 Ok(len)
@@ -235,8 +235,7 @@ impl Objects {
                 Ok(upload.upload_id().await)
             }
             Self::S3(b) => {
-                let meta = s3_metadata(metadata);
-                let meta: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                let meta: Vec<(&str, &str)> = metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
                 let req = Self::client(b).create_multipart_upload(key, content_type, &meta, super::now());
                 let resp = Self::s3_exchange("create multipart upload", key, req, &[]).await?;
                 crate::s3::parse_upload_id(&resp.body).map_err(|e| s3("create multipart upload", key, e))
@@ -328,9 +327,13 @@ impl Objects {
             Self::S3(b) => {
                 let req = Self::client(b).complete_multipart_upload(key, upload_id, &parts, super::now());
                 match Self::s3_exchange("complete multipart upload", key, req, &[]).await {
-                    Ok(resp) => crate::s3::check_complete(resp.status, &resp.body)
-                        .map_err(|e| s3("complete multipart upload", key, e))
-                        .map(|()| expected),
+                    Ok(resp) => match crate::s3::check_complete(resp.status, &resp.body) {
+                        // The answer does not say the size: the object's own does.
+                        Ok(()) => self.head(key).await?.ok_or_else(|| {
+                            StepError::transient(format!("S3 completed the upload of {key}, but has no such object"))
+                        }),
+                        Err(e) => Err(s3("complete multipart upload", key, e)),
+                    },
                     Err(e) => Err(e),
                 }
             }
@@ -368,14 +371,6 @@ impl Objects {
             }
         }
     }
-}
-
-/// Metadata names as S3 headers take them: `x-amz-meta-job-id`, not `job_id` (an underscore in a
-/// header name is dropped by many HTTP servers and proxies, which then refuse the signature).
-fn s3_metadata(metadata: &HashMap<String, String>) -> Vec<(String, String)> {
-    let mut pairs: Vec<(String, String)> = metadata.iter().map(|(k, v)| (k.replace('_', "-"), v.clone())).collect();
-    pairs.sort();
-    pairs
 }
 
 /// The bucket of a replica: an R2 binding, or an S3-compatible bucket whose key pair is read from
