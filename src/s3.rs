@@ -421,6 +421,20 @@ impl<'a> S3Client<'a> {
         max_keys: u32,
         now: Timestamp,
     ) -> HttpRequest {
+        self.list_objects_after(prefix, delimiter, continuation, None, max_keys, now)
+    }
+
+    /// [`Self::list_objects`] of the keys after `start_after` (`start-after`, ignored by S3 once a
+    /// continuation token is given): a walk of the bucket that resumes after the last key it judged.
+    pub fn list_objects_after(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        continuation: Option<&str>,
+        start_after: Option<&str>,
+        max_keys: u32,
+        now: Timestamp,
+    ) -> HttpRequest {
         let base = match self.config.addressing {
             Addressing::Path => self.config.bucket_base(),
             Addressing::Virtual => format!("{}/", self.config.bucket_base()),
@@ -433,6 +447,9 @@ impl<'a> S3Client<'a> {
             url.push_str(&format!("&continuation-token={}", utf8_percent_encode(token, QUERY)));
         }
         url.push_str(&format!("&max-keys={max_keys}"));
+        if let Some(after) = start_after {
+            url.push_str(&format!("&start-after={}", utf8_percent_encode(after, QUERY)));
+        }
         self.signed(Method::Get, url, Vec::new(), Payload::Bytes(&[]), now)
     }
 
@@ -708,6 +725,8 @@ pub struct ListedObject {
     pub key: String,
     /// The size in bytes.
     pub size: u64,
+    /// When it was written (`LastModified`), when the answer says and it reads as RFC 3339.
+    pub last_modified: Option<Timestamp>,
 }
 
 /// One page of a ListObjectsV2 answer.
@@ -727,6 +746,7 @@ pub fn parse_list(body: &[u8]) -> Result<ListPage, S3Error> {
     let mut page = ListPage::default();
     let mut key: Option<String> = None;
     let mut size: Option<u64> = None;
+    let mut last_modified: Option<Timestamp> = None;
     let mut truncated = false;
     let mut token = None;
     let root = walk(body, |node| {
@@ -734,14 +754,20 @@ pub fn parse_list(body: &[u8]) -> Result<ListPage, S3Error> {
             Node::Open(["ListBucketResult", "Contents"]) => {
                 key = None;
                 size = None;
+                last_modified = None;
             }
             Node::Close(["ListBucketResult", "Contents", "Key"], text) => key = Some(text.to_string()),
             Node::Close(["ListBucketResult", "Contents", "Size"], text) => {
                 size =
                     Some(text.trim().parse().map_err(|_| format!("an object's Size is not a whole number: {text:?}"))?);
             }
+            Node::Close(["ListBucketResult", "Contents", "LastModified"], text) => {
+                last_modified = Timestamp::parse_rfc3339(text.trim());
+            }
             Node::Close(["ListBucketResult", "Contents"], _) => match (key.take(), size.take()) {
-                (Some(key), Some(size)) => page.objects.push(ListedObject { key, size }),
+                (Some(key), Some(size)) => {
+                    page.objects.push(ListedObject { key, size, last_modified: last_modified.take() })
+                }
                 _ => return Err("an object (Contents) lacks its Key or Size".into()),
             },
             Node::Close(["ListBucketResult", "CommonPrefixes", "Prefix"], text) => {

@@ -160,9 +160,22 @@ def test_the_daily_sweep_aborts_an_s3_replicas_upload_its_job_left_open(world):
         assert time.time() < deadline, "the job without a record is released"
         time.sleep(0.5)
     assert upload in s3.open_uploads(), "the S3 upload is still open"
+    # A stray folder of a source in the S3 bucket (no manifest), and what the killed job stored.
+    stray = "portal-swept/2026-01-01T000000Z-00000000000000f1/"
+    s3.put(stray + "stray.bin", b"x" * 1000)
+    folder = open_copy["key"].rsplit("/", 1)[0] + "/"
+    leftovers = s3.keys(folder)
+    assert leftovers, "the killed job's first file is in its folder"
+    committed = [k for k in s3.keys() if k.endswith("/manifest.json")]
+    backups = [k for k in s3.keys() if any(k.startswith(m.rsplit("/", 1)[0] + "/") for m in committed)]
     now_ms = int(time.time() * 1000)
     report = fire(ferry, (now_ms // DAY_MS + 2) * DAY_MS + 30 * 60 * 1000)
     assert upload not in s3.open_uploads(), "the sweep aborted the upload in the S3 bucket"
+    # The walk of the S3 bucket removed the stray folder and the killed job's, and kept every backup.
+    assert s3.keys(stray) == [] and s3.keys(folder) == [], s3.keys()
+    assert set(backups) <= set(s3.keys()), "every replica with a manifest is whole"
+    removed = {r["folder"] for r in report["removed"]}
+    assert {stray, folder} <= removed, report
     aborted = [a for a in report["uploads_aborted"] if a["upload_id"] == open_copy["upload_id"]]
     assert aborted and aborted[0]["job_id"] == replica_id, report
     assert do_keys(ferry, f"upload:{replica_id}:") == [], "its record is settled"

@@ -16,6 +16,8 @@ use crate::error::StepError;
 use crate::http::{HttpRequest, HttpResponse};
 use crate::replica::ReplicaConfig;
 use crate::s3::{S3Client, S3Config, S3Error, S3Keys};
+use crate::sweep::StoredObject;
+use crate::time::Timestamp;
 
 /// Keys listed per S3 request (the API's own maximum).
 const S3_PAGE: u32 = 1000;
@@ -212,6 +214,52 @@ impl Objects {
                         None => return Ok(objects),
                     }
                 }
+            }
+        }
+    }
+
+    /// One page of a walk of the whole bucket in key order: from `cursor` (the previous page's),
+    /// else after the key `after`. Returns the objects (an S3 object whose age is not given
+    /// counts as written `now`, so it is never old enough to go) and the next page's cursor, if
+    /// there is a next page.
+    pub(crate) async fn walk_page(
+        &self,
+        after: Option<&str>,
+        cursor: Option<String>,
+        limit: u32,
+        now: Timestamp,
+    ) -> Result<(Vec<StoredObject>, Option<String>), StepError> {
+        match self {
+            Self::R2(bucket) => {
+                let mut list = bucket.list().limit(limit);
+                match (cursor, after) {
+                    (Some(c), _) => list = list.cursor(c),
+                    (None, Some(a)) => list = list.start_after(a.to_string()),
+                    (None, None) => {}
+                }
+                let page = list.execute().await.map_err(|e| r2("list", "the bucket", e))?;
+                let objects = page
+                    .objects()
+                    .iter()
+                    .map(|o| StoredObject {
+                        key: o.key(),
+                        size: o.size(),
+                        uploaded: Timestamp::from_millis(o.uploaded().as_millis() as i64),
+                    })
+                    .collect();
+                Ok((objects, page.cursor().filter(|_| page.truncated())))
+            }
+            Self::S3(b) => {
+                let after = if cursor.is_some() { None } else { after };
+                let req = Self::client(b).list_objects_after("", None, cursor.as_deref(), after, limit, super::now());
+                let resp = Self::s3_exchange("list", "the bucket", req, &[]).await?;
+                let page = crate::s3::parse_list(&resp.body).map_err(|e| s3("list", "the bucket", e))?;
+                let objects = page
+                    .objects
+                    .into_iter()
+                    .map(|o| StoredObject { key: o.key, size: o.size, uploaded: o.last_modified.unwrap_or(now) })
+                    .collect();
+                Ok((objects, page.next))
             }
         }
     }

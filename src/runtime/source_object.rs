@@ -698,10 +698,9 @@ impl SourceObject {
             .as_array()
             .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
             .unwrap_or_default();
-        // Every R2 replica bucket the config names is walked after the primary one (an S3
-        // replica's uploads are aborted by their records; its folders are not walked).
+        // Every replica bucket the config names (R2 or S3) is walked after the primary one.
         let replicas: Vec<String> = load_config(&self.env)
-            .map(|c| c.sources.iter().filter_map(|s| s.replica.as_ref().and_then(|r| r.bucket_binding())).collect())
+            .map(|c| c.sources.iter().filter_map(|s| s.replica.as_ref().map(|r| r.name())).collect())
             .unwrap_or_default();
         let storage = self.storage();
         let tick = super::sweeper::tick(&storage, &self.env, now, sources, replicas);

@@ -165,22 +165,18 @@ async fn advance(
         .collect();
     // The primary bucket, then each replica bucket, as far as this tick's pages go.
     while let Stage::Walk { after, bucket: binding } = sweep.stage.clone() {
-        let replica;
         let target = match &binding {
-            None => bucket,
-            Some(name) => match env.bucket(name) {
-                Ok(b) => {
-                    replica = b;
-                    &replica
-                }
+            None => Objects::from(bucket),
+            Some(name) => match super::objects::named(env, name) {
+                Ok(b) => b,
                 Err(e) => {
-                    sweep.report.error(format!("the replica bucket binding {name} is unavailable: {e}"));
+                    sweep.report.error(format!("the replica bucket {name} is unavailable: {e}"));
                     sweep.stage = crate::sweep::after_walk(Some(name), replicas);
                     continue;
                 }
             },
         };
-        if !walk(storage, env, target, sweep, after, binding.as_deref(), replicas, &in_flight, &unreadable).await {
+        if !walk(storage, env, &target, sweep, after, binding.as_deref(), replicas, &in_flight, &unreadable).await {
             break;
         }
     }
@@ -343,7 +339,7 @@ async fn sweep_records(env: &Env, bucket: &Bucket, records: &[SourceRecords], sw
         })
         .collect();
     let plan = plan(&objects, &input, sweep.report.started_at);
-    execute(env, bucket, &plan, sweep).await;
+    execute(env, &Objects::from(bucket), &plan, sweep).await;
 }
 
 /// The second stage: a bucket (`binding`, the primary when `None`) in key order, a bounded
@@ -354,7 +350,7 @@ async fn sweep_records(env: &Env, bucket: &Bucket, records: &[SourceRecords], sw
 async fn walk(
     storage: &Storage,
     env: &Env,
-    bucket: &Bucket,
+    bucket: &Objects,
     sweep: &mut Sweep,
     mut after: Option<String>,
     binding: Option<&str>,
@@ -367,22 +363,24 @@ async fn walk(
     let mut pending: Vec<StoredObject> = Vec::new();
     let mut cursor: Option<String> = None;
     for _ in 0..PAGES_PER_TICK {
-        let mut list = bucket.list().limit(PAGE);
-        match (cursor.take(), &after) {
-            (Some(c), _) => list = list.cursor(c),
-            (None, Some(a)) => list = list.start_after(a.clone()),
-            (None, None) => {}
-        }
-        let page = match bounded(CALL_TIMEOUT, "an R2 list page", list.execute()).await {
-            Ok(page) => page,
-            Err(e) => {
+        let listing = bucket.walk_page(after.as_deref(), cursor.take(), PAGE, sweep.report.started_at);
+        let (objects, next) = match super::net::within(CALL_TIMEOUT, listing).await {
+            Some(Ok(page)) => page,
+            Some(Err(e)) => {
                 sweep.report.error(format!("listing {name} failed: {e}; the walk goes on at the next tick"));
                 return false;
             }
+            None => {
+                sweep.report.error(format!(
+                    "listing {name} did not answer within {} s; the walk goes on at the next tick",
+                    CALL_TIMEOUT.as_secs()
+                ));
+                return false;
+            }
         };
-        let more = page.truncated();
-        cursor = page.cursor().filter(|_| more);
-        pending.extend(page.objects().iter().map(stored).filter(|o| {
+        let more = next.is_some();
+        cursor = next;
+        pending.extend(objects.into_iter().filter(|o| {
             let source = o.key.split('/').next().unwrap_or_default();
             !o.key.starts_with(REPORT_PREFIX) && !unreadable.contains(source)
         }));
@@ -416,7 +414,7 @@ async fn walk(
 }
 
 /// Performs a plan: aborts, deletions (batched), then tells each source what is settled.
-async fn execute(env: &Env, bucket: &Bucket, plan: &Plan, sweep: &mut Sweep) {
+async fn execute(env: &Env, bucket: &Objects, plan: &Plan, sweep: &mut Sweep) {
     let report = &mut sweep.report;
     report.judged(plan);
     let mut settled: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -427,7 +425,7 @@ async fn execute(env: &Env, bucket: &Bucket, plan: &Plan, sweep: &mut Sweep) {
         let upload = &abort.upload;
         // A replica's upload is aborted in its own bucket.
         let target = match upload.bucket.as_deref().map(|b| super::objects::named(env, b)) {
-            None => Objects::from(bucket),
+            None => bucket.clone(),
             Some(Ok(b)) => b,
             Some(Err(e)) => {
                 report.error(format!("upload {} of {}: its bucket is unavailable: {e}", upload.upload_id, upload.key));
@@ -459,7 +457,11 @@ async fn execute(env: &Env, bucket: &Bucket, plan: &Plan, sweep: &mut Sweep) {
     let mut failed = BTreeSet::new();
     for batch in keys.chunks(DELETE_BATCH) {
         let list: Vec<String> = batch.iter().map(|(_, k)| (*k).clone()).collect();
-        if let Err(e) = bounded(CALL_TIMEOUT, "an R2 delete", bucket.delete_multiple(list)).await {
+        let deleted = match super::net::within(CALL_TIMEOUT, bucket.delete_keys(&list)).await {
+            Some(result) => result.map_err(|e| e.message().to_string()),
+            None => Err(format!("a delete did not answer within {} s", CALL_TIMEOUT.as_secs())),
+        };
+        if let Err(e) = deleted {
             let folders: BTreeSet<usize> = batch.iter().map(|(i, _)| *i).collect();
             report.error(format!(
                 "deleting {} objects failed: {e}; their folders are left for the next sweep: {}",

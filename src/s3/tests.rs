@@ -572,21 +572,43 @@ const LIST_WITH_PREFIXES: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
 </ListBucketResult>"#;
 
 #[test]
+fn a_walk_resumes_after_a_key_with_start_after() {
+    let (config, keys) = (local_bucket(), local_keys());
+    let c = S3Client::new(&config, &keys);
+    let url = c.list_objects_after("", None, None, Some("app db/x"), 1000, NOW).url;
+    assert!(url.ends_with("&max-keys=1000&start-after=app%20db%2Fx"), "{url}");
+    assert!(!c.list_objects("", None, None, 1000, NOW).url.contains("start-after"));
+}
+
+fn at(rfc3339: &str) -> Timestamp {
+    Timestamp::parse_rfc3339(rfc3339).unwrap()
+}
+
+#[test]
 fn parse_list_reads_objects_prefixes_and_the_next_token() {
     let page = parse_list(LIST_TRUNCATED.as_bytes()).unwrap();
     assert_eq!(
         page,
         ListPage {
             objects: vec![
-                ListedObject { key: "my-image.jpg".into(), size: 434_234 },
-                ListedObject { key: "R&D/a <b> ☺.txt".into(), size: 0 },
+                ListedObject {
+                    key: "my-image.jpg".into(),
+                    size: 434_234,
+                    last_modified: Some(at("2009-10-12T17:50:30.000Z"))
+                },
+                ListedObject {
+                    key: "R&D/a <b> ☺.txt".into(),
+                    size: 0,
+                    last_modified: Some(at("2009-10-12T17:50:30.000Z"))
+                },
             ],
             common_prefixes: vec![],
             next: Some("1ueGcxLPRx1Tr/XYExHnhbYLgveDs2J/wm36Hy4vbOwM=".into()),
         }
     );
     let page = parse_list(LIST_WITH_PREFIXES.as_bytes()).unwrap();
-    assert_eq!(page.objects, [ListedObject { key: "photos/2006/".into(), size: 0 }]);
+    let modified = Some(at("2016-04-30T23:51:29.000Z"));
+    assert_eq!(page.objects, [ListedObject { key: "photos/2006/".into(), size: 0, last_modified: modified }]);
     assert_eq!(page.common_prefixes, ["photos/2006/February/", "photos/2006/January/"]);
     assert_eq!(page.next, None);
     // An empty bucket; keys keep their spaces; CDATA is text.
