@@ -155,14 +155,14 @@ def between_volume_parts(ferry: Ferry, replica_id: str, timeout: float = 120) ->
     return None
 
 
-def test_a_replica_lands_byte_identical_in_the_second_bucket_with_its_own_manifest_after_a_kill(world):
-    ferry = world["ferry"]
-    status, _, payload = ferry.webhook("portal")
+def replicate_killed_between_slices(ferry: Ferry, source: str) -> tuple[dict, dict]:
+    """Backs up `source` and kills the runtime once its replica stored a part of the volume and
+    has more to copy (between two of its slices); the replica resumes after the parts it stored,
+    in the same upload, without restarting. Returns the export and the ended replica."""
+    status, _, payload = ferry.webhook(source)
     assert status == 202, payload
     export = ferry.wait_job(payload["job"]["id"], timeout=240)
     replica_id = replica_of(ferry, export)
-    # Kill the runtime once the replica stored a part of the volume and has more to copy
-    # (between two of its slices); it resumes after the parts it stored.
     killed = between_volume_parts(ferry, replica_id)
     assert killed, "the replica was never seen between slices"
     ferry.restart(kill=True)
@@ -173,6 +173,12 @@ def test_a_replica_lands_byte_identical_in_the_second_bucket_with_its_own_manife
     replica = ferry.wait_job(replica_id, timeout=240)
     assert replica["parent"] == export["id"]
     assert not replica.get("restarts"), replica["restarts"]
+    return export, replica
+
+
+def test_a_replica_lands_byte_identical_in_the_second_bucket_with_its_own_manifest_after_a_kill(world):
+    ferry = world["ferry"]
+    export, replica = replicate_killed_between_slices(ferry, "portal")
     check_replica(ferry, export, replica)
     # A trigger after the replica committed starts a job again (the replica held the source only
     # while it ran).

@@ -17,7 +17,8 @@ import pytest
 
 from harness import DXP_SECRETS, DxpEmulator, Ferry, dxp_source
 from s3_server import S3Server
-from test_e2e_replica import between_volume_parts, manifest_of, replica_of, tamper_first_file
+from test_e2e_replica import (between_volume_parts, manifest_of, replica_of, replicate_killed_between_slices,
+                              tamper_first_file)
 from test_e2e_sweep import DAY_MS, do_keys, fire, lose_job_record
 
 SMALL = {"part_size_mib": 5, "slice_max_mib": 5}
@@ -80,21 +81,9 @@ def check_replica(world, export: dict, replica: dict) -> None:
 
 
 def test_an_s3_replica_lands_byte_identical_with_its_own_manifest_after_a_kill_between_slices(world):
-    ferry = world["ferry"]
-    status, _, payload = ferry.webhook("portal")
-    assert status == 202, payload
-    export = ferry.wait_job(payload["job"]["id"], timeout=240)
-    replica_id = replica_of(ferry, export)
-    # Kill the runtime once the replica stored a part of the volume in S3 and has more to copy.
-    killed = between_volume_parts(ferry, replica_id)
-    assert killed, "the replica was never seen between slices"
-    ferry.restart(kill=True)
-    resumed = ferry.job(replica_id)
-    if resumed["phase"] == "transferring":
-        assert resumed["copy"]["parts_stored"] >= killed["parts_stored"], (killed, resumed["copy"])
-        assert resumed["copy"]["upload_id"] == killed["upload_id"], "the same S3 upload goes on"
-    replica = ferry.wait_job(replica_id, timeout=240)
-    assert not replica.get("restarts"), replica["restarts"]
+    # The runtime is killed once the replica stored a part of the volume in S3; the same S3
+    # upload goes on.
+    export, replica = replicate_killed_between_slices(world["ferry"], "portal")
     check_replica(world, export, replica)
     # Every request Ferry sent was signed and accepted: the server refused none.
     refused = [r for r in world["s3"].requests_log() if r[2] in (401, 403)]

@@ -188,32 +188,23 @@ impl Objects {
 
     /// The key of every object under `prefix`, following the listing's cursor.
     pub(crate) async fn list(&self, prefix: &str) -> Result<Vec<String>, StepError> {
-        let mut objects = Vec::new();
+        let b = match self {
+            Self::R2(bucket) => {
+                let listed = super::store::list_objects(bucket, prefix).await.map_err(|e| r2("list", prefix, e))?;
+                return Ok(listed.iter().map(worker::Object::key).collect());
+            }
+            Self::S3(b) => b,
+        };
+        let mut keys = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
-            match self {
-                Self::R2(bucket) => {
-                    let mut list = bucket.list().prefix(prefix.to_string()).limit(1000);
-                    if let Some(c) = cursor.take() {
-                        list = list.cursor(c);
-                    }
-                    let page = list.execute().await.map_err(|e| r2("list", prefix, e))?;
-                    objects.extend(page.objects().iter().map(|o| o.key()));
-                    match (page.truncated(), page.cursor()) {
-                        (true, Some(c)) => cursor = Some(c),
-                        _ => return Ok(objects),
-                    }
-                }
-                Self::S3(b) => {
-                    let req = Self::client(b).list_objects(prefix, None, cursor.as_deref(), S3_PAGE, super::now());
-                    let resp = Self::s3_exchange("list", prefix, req, &[]).await?;
-                    let page = crate::s3::parse_list(&resp.body).map_err(|e| s3("list", prefix, e))?;
-                    objects.extend(page.objects.into_iter().map(|o| o.key));
-                    match page.next {
-                        Some(next) => cursor = Some(next),
-                        None => return Ok(objects),
-                    }
-                }
+            let req = Self::client(b).list_objects(prefix, None, cursor.as_deref(), S3_PAGE, super::now());
+            let resp = Self::s3_exchange("list", prefix, req, &[]).await?;
+            let page = crate::s3::parse_list(&resp.body).map_err(|e| s3("list", prefix, e))?;
+            keys.extend(page.objects.into_iter().map(|o| o.key));
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => return Ok(keys),
             }
         }
     }
@@ -238,16 +229,7 @@ impl Objects {
                     (None, None) => {}
                 }
                 let page = list.execute().await.map_err(|e| r2("list", "the bucket", e))?;
-                let objects = page
-                    .objects()
-                    .iter()
-                    .map(|o| StoredObject {
-                        key: o.key(),
-                        size: o.size(),
-                        uploaded: Timestamp::from_millis(o.uploaded().as_millis() as i64),
-                    })
-                    .collect();
-                Ok((objects, page.cursor().filter(|_| page.truncated())))
+                Ok((page.objects().iter().map(stored).collect(), page.cursor().filter(|_| page.truncated())))
             }
             Self::S3(b) => {
                 let after = if cursor.is_some() { None } else { after };
@@ -292,14 +274,15 @@ impl Objects {
     }
 
     /// Starts sending one part (its bytes stay in JS memory) and returns at once: the future
-    /// resolves to the part's ETag. An S3 part is signed with its SHA-256 (Web Crypto), so the
-    /// service refuses bytes altered on the way.
+    /// resolves to the part's ETag. An S3 part is signed with its SHA-256 (`digest`, the part's
+    /// Web Crypto digest under way), so the service refuses bytes altered on the way.
     pub(crate) fn start_part(
         &self,
         key: &str,
         upload_id: &str,
         number: u16,
         bytes: &Uint8Array,
+        digest: &js_sys::Promise,
     ) -> Result<JsFuture, StepError> {
         let fail = |e: String| StepError::transient(format!("upload of part {number} of {key}: {e}"));
         match self {
@@ -315,7 +298,7 @@ impl Objects {
                 promise(started).map_err(fail)
             }
             Self::S3(b) => {
-                let digest = start_digest(bytes).map_err(fail)?;
+                let digest = JsFuture::from(digest.clone());
                 let (b, key, upload_id, bytes) = ((**b).clone(), key.to_string(), upload_id.to_string(), bytes.clone());
                 let sending = async move {
                     let digest = digest.await?;
@@ -421,6 +404,15 @@ impl Objects {
     }
 }
 
+/// An R2 object as the sweep judges it.
+pub(crate) fn stored(object: &worker::Object) -> StoredObject {
+    StoredObject {
+        key: object.key(),
+        size: object.size(),
+        uploaded: Timestamp::from_millis(object.uploaded().as_millis() as i64),
+    }
+}
+
 /// The bucket of a replica: an R2 binding, or an S3-compatible bucket whose key pair is read from
 /// the Worker secret its config names.
 pub(crate) fn replica(env: &worker::Env, replica: &ReplicaConfig) -> Result<Objects, String> {
@@ -454,6 +446,15 @@ pub(crate) fn named(env: &worker::Env, name: &str) -> Result<Objects, String> {
             .bucket(name)
             .map(Objects::R2)
             .map_err(|e| format!("no replica bucket {name} is configured or bound: {e}")),
+    }
+}
+
+/// The bucket of the replica called `name` as a job's settings describe it (`snapshot`, when it
+/// is still that replica), else as [`named`] finds it.
+pub(crate) fn named_as(env: &worker::Env, name: &str, snapshot: Option<&ReplicaConfig>) -> Result<Objects, String> {
+    match snapshot {
+        Some(config) if config.name() == name => replica(env, config),
+        _ => named(env, name),
     }
 }
 
@@ -504,9 +505,12 @@ pub(super) fn promise(value: JsValue) -> Result<JsFuture, String> {
     value.dyn_into::<js_sys::Promise>().map(JsFuture::from).map_err(|_| "expected a promise".to_string())
 }
 
-/// Starts Web Crypto's SHA-256 of some bytes.
-pub(crate) fn start_digest(bytes: &Uint8Array) -> Result<JsFuture, String> {
+/// Starts Web Crypto's SHA-256 of some bytes: a promise, so one digest can be awaited by more
+/// than one reader (an S3 part's signature and its record).
+pub(crate) fn start_digest(bytes: &Uint8Array) -> Result<js_sys::Promise, String> {
     let crypto = Reflect::get(&js_sys::global(), &JsValue::from_str("crypto")).map_err(|e| js_text(&e))?;
     let subtle = Reflect::get(&crypto, &JsValue::from_str("subtle")).map_err(|e| js_text(&e))?;
-    promise(call(&subtle, "digest", &[&JsValue::from_str("SHA-256"), bytes])?)
+    call(&subtle, "digest", &[&JsValue::from_str("SHA-256"), bytes])?
+        .dyn_into::<js_sys::Promise>()
+        .map_err(|_| "expected a promise".to_string())
 }

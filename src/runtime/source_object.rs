@@ -821,14 +821,9 @@ impl SourceObject {
             if let Action::Discard { folder, upload } = action {
                 // A replicate job's folder is in its replica bucket: the primary's is a backup.
                 let snapshot = failed.config.as_ref().and_then(|c| c.replica.as_ref());
-                let target = match (failed.bucket_binding(), snapshot) {
-                    (None, _) => {
-                        self.env.bucket(BUCKET).map(Objects::R2).map_err(|e| format!("no bucket {BUCKET}: {e}"))
-                    }
-                    (Some(name), Some(replica)) if replica.name() == name => {
-                        super::objects::replica(&self.env, replica)
-                    }
-                    (Some(name), _) => super::objects::named(&self.env, name),
+                let target = match failed.bucket_binding() {
+                    None => self.env.bucket(BUCKET).map(Objects::R2).map_err(|e| format!("no bucket {BUCKET}: {e}")),
+                    Some(name) => super::objects::named_as(&self.env, name, snapshot),
                 };
                 match target {
                     Ok(bucket) => {
@@ -857,16 +852,10 @@ impl SourceObject {
         // job's settings describe it).
         let target = match job.bucket_binding() {
             None => Objects::R2(primary.clone()),
-            Some(name) => {
-                let opened = match &source.replica {
-                    Some(replica) if replica.name() == name => super::objects::replica(&self.env, replica),
-                    _ => super::objects::named(&self.env, name),
-                };
-                match opened {
-                    Ok(objects) => objects,
-                    Err(reason) => return self.stop_unrunnable(job, reason).await,
-                }
-            }
+            Some(name) => match super::objects::named_as(&self.env, name, source.replica.as_ref()) {
+                Ok(objects) => objects,
+                Err(reason) => return self.stop_unrunnable(job, reason).await,
+            },
         };
         // The manifest the job just wrote, for the replicate job queued after it.
         let mut committed: Option<(String, crate::manifest::Manifest)> = None;

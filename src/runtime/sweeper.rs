@@ -20,7 +20,7 @@ use futures_util::future::join_all;
 use serde_json::json;
 use worker::{Bucket, Env, Method, Response, Storage};
 
-use super::objects::Objects;
+use super::objects::{stored, Objects};
 use super::source_object::{bounded, call};
 use super::{store, BUCKET};
 use crate::manifest::{folder_of, parse_folder};
@@ -295,14 +295,6 @@ async fn top_level_prefixes(bucket: &Bucket) -> worker::Result<Vec<String>> {
         }
     }
     Ok(prefixes)
-}
-
-fn stored(object: &worker::Object) -> StoredObject {
-    StoredObject {
-        key: object.key(),
-        size: object.size(),
-        uploaded: Timestamp::from_millis(object.uploaded().as_millis() as i64),
-    }
 }
 
 /// The first stage: every recorded upload, and the folders of recorded failed clean-ups (listed

@@ -266,8 +266,9 @@ impl<'a> Sink<'a> {
         let bytes = self.part.subarray(0, self.filled as u32);
         let size = self.filled as u64;
         self.fresh_part();
-        let upload = self.bucket.start_part(&self.state.key, &upload_id, number as u16, &bytes)?;
         let digest = start_digest(&bytes).map_err(|e| StepError::transient(format!("hashing a part failed: {e}")))?;
+        let upload = self.bucket.start_part(&self.state.key, &upload_id, number as u16, &bytes, &digest)?;
+        let digest = JsFuture::from(digest);
         self.inflight.push_back(InFlight {
             number: number as u16,
             size,
